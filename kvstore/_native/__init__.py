@@ -1,0 +1,68 @@
+"""The hot kernels: compiled (from ``_ext/*.pyx``) when importable, pure Python otherwise.
+
+One API whichever is in use (the pure twins in ``*_py.py`` define it):
+
+- hashing: ``xxh64``, ``jump_consistent_hash``, ``shard_of``, ``shard_of_many``
+- log records: ``crc32c``, ``encode_record``, ``encode_batch``, ``decode_record``,
+  ``decode_batch``, ``append_log``, ``slot_key``, ``key_slot``,
+  ``RECORD_HEADER_SIZE``, ``FORMAT_VERSION``
+- quorum: ``QuorumTally``, ``PromiseTally``, ``majority``
+
+``KVSTORE_PURE=1`` in the environment forces the pure-Python reference (as
+msgpack-python does); ``IMPLEMENTATION`` says which one was chosen and
+``pure`` always holds the reference modules, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+from kvstore._native import hashing_py, logcodec_py, quorum_py
+
+pure = SimpleNamespace(hashing=hashing_py, logcodec=logcodec_py, quorum=quorum_py)
+
+IMPLEMENTATION = "pure"
+NATIVE_IMPORT_ERROR: str | None = None
+
+if os.environ.get("KVSTORE_PURE", "") not in ("", "0"):
+    NATIVE_IMPORT_ERROR = "KVSTORE_PURE is set"
+    _hashing, _logcodec, _quorum = hashing_py, logcodec_py, quorum_py
+else:
+    try:
+        from kvstore._native import _hashing, _logcodec, _quorum  # type: ignore[attr-defined]
+        IMPLEMENTATION = "native"
+    except ImportError as e:  # not built (e.g. a source checkout without build_ext)
+        NATIVE_IMPORT_ERROR = str(e)
+        _hashing, _logcodec, _quorum = hashing_py, logcodec_py, quorum_py
+
+native = (SimpleNamespace(hashing=_hashing, logcodec=_logcodec, quorum=_quorum)
+          if IMPLEMENTATION == "native" else None)
+
+xxh64 = _hashing.xxh64
+jump_consistent_hash = _hashing.jump_consistent_hash
+shard_of = _hashing.shard_of
+shard_of_many = _hashing.shard_of_many
+
+crc32c = _logcodec.crc32c
+encode_record = _logcodec.encode_record
+encode_batch = _logcodec.encode_batch
+decode_record = _logcodec.decode_record
+decode_batch = _logcodec.decode_batch
+append_log = _logcodec.append_log
+slot_key = logcodec_py.slot_key
+key_slot = logcodec_py.key_slot
+RECORD_HEADER_SIZE = logcodec_py.RECORD_HEADER_SIZE
+FORMAT_VERSION = logcodec_py.FORMAT_VERSION
+
+QuorumTally = _quorum.QuorumTally
+PromiseTally = _quorum.PromiseTally
+majority = quorum_py.majority
+
+__all__ = [
+    "IMPLEMENTATION", "NATIVE_IMPORT_ERROR", "pure", "native",
+    "xxh64", "jump_consistent_hash", "shard_of", "shard_of_many",
+    "crc32c", "encode_record", "encode_batch", "decode_record", "decode_batch",
+    "append_log", "slot_key", "key_slot", "RECORD_HEADER_SIZE", "FORMAT_VERSION",
+    "QuorumTally", "PromiseTally", "majority",
+]

@@ -1,0 +1,60 @@
+"""The error classes of the public contract (shared/API.md section 2).
+
+Every failure a user can see is one of these. Internals translate third-party
+errors (lmdb, zmq, msgpack) at one choke point with ``raise ... from e`` so the
+message says what happened and, where it can, how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class KVError(Exception):
+    """Base of every kvstore error."""
+
+
+class InvalidArgument(KVError, ValueError):
+    """Wrong type, empty or oversized key, oversized value, malformed config, misuse."""
+
+
+class TransactionConflict(KVError):
+    """A transaction lost to a concurrent one; nothing of it was applied."""
+
+
+class Unavailable(KVError):
+    """No quorum or no reachable server. The outcome of a write that raised it is unknown."""
+
+
+class Timeout(Unavailable):
+    """The call's deadline passed. The outcome of a write that raised it is unknown."""
+
+
+class StorageError(KVError):
+    """The disk refused: full, read-only, corrupt, or the directory is held by another process."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CorruptRecord(StorageError):
+    """A log record failed validation (truncated, torn, bit-flipped, wrong version).
+
+    ``slot`` and ``offset`` locate the bad record where they are known.
+    """
+
+    def __init__(self, message: str, slot: int | None = None, offset: int | None = None,
+                 path: str | None = None) -> None:
+        super().__init__(message, path)
+        self.slot = slot
+        self.offset = offset
+
+
+__all__ = [
+    "KVError",
+    "InvalidArgument",
+    "TransactionConflict",
+    "Unavailable",
+    "Timeout",
+    "StorageError",
+    "CorruptRecord",
+]
