@@ -1,0 +1,60 @@
+"""kvstore: a strongly consistent key-value store, embedded (LMDB) or replicated (Multi-Paxos).
+
+    import kvstore
+    with kvstore.open("data/dir") as db:
+        db.put(b"k", b"v")
+        assert db.get(b"k") == b"v"
+
+The public surface is ``shared/API.md``: ``open``, ``connect``, ``KV``, ``Txn``,
+the errors, ``MAX_KEY_SIZE`` and ``MAX_VALUE_SIZE``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kvstore.api import KV, Txn
+from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError, Timeout,
+                            TransactionConflict, Unavailable)
+from kvstore.keys import MAX_KEY_SIZE, MAX_VALUE_SIZE
+
+__version__ = "0.1.0"
+
+
+def open(path: str | os.PathLike, *, node_id: str | None = None, cluster: str | None = None,
+         shards: int | None = None, map_size: int | None = None) -> KV:
+    """Open (creating if needed) the store in directory ``path``.
+
+    ``shards`` fixes the number of shards when the directory is created (default 1)
+    and must match afterwards. ``map_size`` is the initial LMDB map size in bytes;
+    the map grows on demand either way.
+    """
+    if node_id is not None or cluster is not None:
+        raise InvalidArgument(
+            "an embedded replica of a cluster (node_id=, cluster=) is not available in this "
+            "version; open the directory alone with kvstore.open(path)")
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}")
+    from kvstore.embedded import EmbeddedKV
+    return EmbeddedKV(path, shards=shards, map_size=map_size)
+
+
+def connect(addresses, timeout: float = 5.0) -> KV:
+    """A client of running ``kvstore-server`` nodes (not in this version)."""
+    raise Unavailable(
+        "kvstore.connect() needs the networked server, which this version does not ship yet; "
+        "use kvstore.open(path) for an embedded store")
+
+
+def status() -> dict:
+    """What this installation runs: version and the kernel implementation in use."""
+    from kvstore import _native
+    return {"version": __version__, "implementation": _native.IMPLEMENTATION,
+            "native_import_error": _native.NATIVE_IMPORT_ERROR}
+
+
+__all__ = [
+    "open", "connect", "status", "KV", "Txn", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
+    "KVError", "InvalidArgument", "TransactionConflict", "Unavailable", "Timeout",
+    "StorageError", "CorruptRecord", "__version__",
+]

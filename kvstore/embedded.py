@@ -1,0 +1,426 @@
+"""The embedded store: ``kvstore.open(dir)``, one replica in this process.
+
+Writes flow the way they do in a cluster: each command becomes part of a log
+entry of its shard, the entry is appended to the shard's log (checksummed
+record, ``kvstore._native``), applied in slot order, and the applied slot is
+written in the same LMDB transaction. A single replica is its own quorum, so
+"committed" means "in that transaction, fsync'd". Concurrent writers share one
+such transaction (``GroupCommitter``): many commands per entry, one entry per
+shard per commit, one fsync per commit.
+
+Reads go straight to an LMDB read transaction (DESIGN.md, performance rules):
+on a single replica the applied state is the committed state.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import threading
+import weakref
+from typing import Sequence
+
+from kvstore import _native
+from kvstore.api import KV, Txn
+from kvstore.codec import (KIND_COMMANDS, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES,
+                           encode_commands)
+from kvstore.errors import InvalidArgument, KVError, TransactionConflict
+from kvstore.groupcommit import GroupCommitter, Request
+from kvstore.keys import (check_key, check_limit, check_optional_value, check_value,
+                          scan_range)
+from kvstore.storage import Storage
+from kvstore.storage.environment import (META_APPLIED, META_COMMIT, META_LOG_FIRST, pack_u64,
+                                         unpack_u64)
+from kvstore.storage.state import (REVISION_SIZE, apply_command, apply_writes,
+                                   reads_still_valid, revision_of, scan_rows)
+
+#: Log entries kept behind the applied point; older ones are compacted away
+#: (a single replica has nobody to catch up, the state itself is the snapshot).
+LOG_KEEP_ENTRIES = 10_000
+#: How often (in slots) compaction runs; it deletes at most this many records.
+LOG_COMPACT_EVERY = 1024
+_BALLOT = 0  # a single replica never needs a higher ballot than its first
+
+
+class _MultiShardTxn:
+    """A transaction spanning shards: validated and applied as one, in one LMDB commit."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: dict) -> None:
+        self.parts = parts  # shard -> (reads, ranges, writes)
+
+
+class EmbeddedKV(KV):
+    """``kvstore.open(path)``: a durable, thread-safe, transactional store in this process."""
+
+    def __init__(self, path: str | os.PathLike, *, shards: int | None = None,
+                 map_size: int | None = None) -> None:
+        self._storage = Storage(path, shards=shards, map_size=map_size)
+        self.path = self._storage.path
+        self._nshards = self._storage.nshards
+        self._tables = self._storage.shards
+        self._data = [t.data for t in self._tables]
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._committer = GroupCommitter(self._commit_batch)
+        self._applied = self._storage.read(
+            lambda txn: [self._storage.meta_int(txn, s, META_APPLIED) for s in
+                         range(self._nshards)])
+        self._log_first = self._storage.read(
+            lambda txn: [self._storage.meta_int(txn, s, META_LOG_FIRST, 1) for s in
+                         range(self._nshards)])
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KVError(f"the store at {self.path} is closed")
+
+    def _shard(self, key: bytes) -> int:
+        n = self._nshards
+        return 0 if n == 1 else _native.shard_of(key, n)
+
+    def _submit(self, payload) -> object:
+        self._check_open()
+        return self._committer.submit(Request(payload))
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get(self, key):
+        if self._closed:
+            self._check_open()
+        key = check_key(key)
+        db = self._data[0 if self._nshards == 1 else _native.shard_of(key, self._nshards)]
+        storage = self._storage
+        txn = storage.begin_read()
+        try:
+            raw = txn.get(key, db=db)
+        finally:
+            storage.end_read(txn)
+        return None if raw is None else raw[REVISION_SIZE:]
+
+    def scan(self, prefix=b"", start=None, end=None, limit=None):
+        self._check_open()
+        lo, hi = scan_range(prefix, start, end)
+        limit = check_limit(limit)
+        if hi is not None and hi <= lo:
+            return []
+
+        def read(txn):
+            per_shard = [scan_rows(txn, db, lo, hi, limit) for db in self._data]
+            merged = per_shard[0] if len(per_shard) == 1 else heapq.merge(*per_shard)
+            out = []
+            for key, raw in merged:
+                if limit is not None and len(out) >= limit:
+                    break
+                out.append((key, raw[REVISION_SIZE:]))
+            return out
+
+        return self._storage.read(read)
+
+    # -- single-key writes -------------------------------------------------------------------
+
+    def put(self, key, value) -> None:
+        key = check_key(key)
+        value = check_value(value)
+        self._submit((self._shard(key), (OP_PUT, key, value)))
+
+    def delete(self, key) -> bool:
+        key = check_key(key)
+        return self._submit((self._shard(key), (OP_DELETE, key)))
+
+    def cas(self, key, expected, new) -> bool:
+        key = check_key(key)
+        expected = check_optional_value(expected, "expected")
+        new = check_optional_value(new, "new")
+        return self._submit((self._shard(key), (OP_CAS, key, expected, new)))
+
+    # -- transactions ---------------------------------------------------------------------
+
+    def transaction(self) -> "EmbeddedTxn":
+        self._check_open()
+        return EmbeddedTxn(self)
+
+    def _commit_txn(self, reads: dict, ranges: dict, writes: dict) -> bool:
+        """Submit a transaction's read and write sets; True if it committed."""
+        parts: dict[int, tuple[list, list, list]] = {}
+
+        def part(shard):
+            p = parts.get(shard)
+            if p is None:
+                p = parts[shard] = ([], [], [])
+            return p
+
+        for shard, shard_reads in reads.items():
+            part(shard)[0].extend(shard_reads.items())
+        for shard, shard_ranges in ranges.items():
+            part(shard)[1].extend(shard_ranges)
+        for key, value in writes.items():
+            part(self._shard(key))[2].append((key, value))
+        if not any(p[2] for p in parts.values()):
+            return True  # read-only: its snapshot already is a serializable view
+        if len(parts) == 1:
+            (shard, (r, g, w)), = parts.items()
+            return self._submit((shard, (OP_TXN, r, g, w)))
+        return self._submit(_MultiShardTxn(parts))
+
+    # -- the commit path -----------------------------------------------------------------
+
+    def _commit_batch(self, batch: Sequence[Request]) -> None:
+        """Append one log entry per touched shard, apply it, and commit: one fsync."""
+        if self._storage.env is None:
+            raise KVError(f"the store at {self.path} is closed")
+        results = self._storage.write(lambda txn: self._apply_batch(txn, batch))
+        for request, result in zip(batch, results):
+            request.result = result
+        for shard, slot in results.slots:
+            self._applied[shard] = slot
+
+    def _apply_batch(self, txn, batch: Sequence[Request]) -> "_BatchResults":
+        applied = self._applied
+        data = self._data
+        entries: dict[int, list] = {}
+        results = _BatchResults()
+        for request in batch:
+            payload = request.payload
+            if payload is None:  # a barrier (close waits behind in-flight commits)
+                results.append(None)
+            elif type(payload) is tuple:
+                shard, command = payload
+                commands = entries.get(shard)
+                if commands is None:
+                    commands = entries[shard] = []
+                commands.append(command)
+                results.append(apply_command(txn, data[shard], applied[shard] + 1, command))
+            else:
+                results.append(self._apply_multi_shard(txn, payload, entries))
+        for shard, commands in entries.items():
+            slot = applied[shard] + 1
+            tables = self._tables[shard]
+            record = _native.encode_record(slot, _BALLOT, KIND_COMMANDS,
+                                           encode_commands(commands))
+            _native.append_log(txn, tables.log, [(slot, record)])
+            encoded = pack_u64(slot)
+            txn.put(META_APPLIED, encoded, db=tables.meta)
+            txn.put(META_COMMIT, encoded, db=tables.meta)
+            if slot % LOG_COMPACT_EVERY == 0:
+                self._compact_log(txn, shard, slot)
+            results.slots.append((shard, slot))
+        return results
+
+    def _apply_multi_shard(self, txn, payload: _MultiShardTxn, entries: dict) -> bool:
+        data, applied = self._data, self._applied
+        for shard, (reads, ranges, _writes) in payload.parts.items():
+            if not reads_still_valid(txn, data[shard], reads, ranges):
+                return False
+        for shard, (_reads, _ranges, writes) in payload.parts.items():
+            if writes:
+                apply_writes(txn, data[shard], applied[shard] + 1, writes)
+                entries.setdefault(shard, []).append((OP_TXN_WRITES, writes))
+        return True
+
+    def _compact_log(self, txn, shard: int, slot: int) -> None:
+        tables = self._tables[shard]
+        first = unpack_u64(txn.get(META_LOG_FIRST, db=tables.meta), 1)
+        keep_from = slot - LOG_KEEP_ENTRIES
+        if keep_from <= first:
+            return
+        cursor = txn.cursor(tables.log)
+        try:
+            if cursor.set_range(_native.slot_key(first)):
+                while _native.key_slot(cursor.key()) < keep_from:
+                    if not cursor.delete():
+                        break
+        finally:
+            cursor.close()
+        txn.put(META_LOG_FIRST, pack_u64(keep_from), db=tables.meta)
+
+    # -- introspection --------------------------------------------------------------------
+
+    def status(self) -> dict:
+        self._check_open()
+
+        def read(txn):
+            shards = []
+            for s, tables in enumerate(self._tables):
+                applied = self._storage.meta_int(txn, s, META_APPLIED)
+                shards.append({
+                    "shard": s,
+                    "leader": "local",
+                    "commit_index": self._storage.meta_int(txn, s, META_COMMIT),
+                    "applied_index": applied,
+                    "log_first": self._storage.meta_int(txn, s, META_LOG_FIRST, 1),
+                    "keys": txn.stat(tables.data)["entries"],
+                    "replicas": {"local": applied},
+                })
+            return shards
+
+        shards = self._storage.read(read)
+        return {
+            "mode": "embedded",
+            "path": self.path,
+            "implementation": _native.IMPLEMENTATION,
+            "nodes": [{"id": "local", "address": None, "state": "up",
+                       "role": "leader", "path": self.path}],
+            "shards": shards,
+            "disk_bytes": self._storage.disk_usage(),
+            "map_size": self._storage.map_size,
+        }
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        # Wait for an in-flight commit by queueing behind it: submit a no-op batch.
+        try:
+            self._committer.submit(Request(None))
+        finally:
+            self._storage.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<kvstore.EmbeddedKV {self.path!r} shards={self._nshards} {state}>"
+
+
+class _BatchResults(list):
+    """Per-request results of one batch, plus the ``(shard, slot)`` entries it wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slots: list[tuple[int, int]] = []
+
+
+class EmbeddedTxn(Txn):
+    """Optimistic, serializable: reads come from one LMDB snapshot (taken at the first
+    read) plus this transaction's own writes; at commit the keys and ranges it read are
+    checked unchanged, in the same commit that applies its writes, or it raises
+    ``TransactionConflict`` and nothing of it is applied.
+
+    A ``Txn`` belongs to the thread that made it.
+    """
+
+    def __init__(self, store: EmbeddedKV) -> None:
+        self._store = store
+        self._snapshot = None
+        self._finalizer = None
+        self._reads: dict[int, dict[bytes, int]] = {}
+        self._ranges: dict[int, list] = {}
+        self._writes: dict[bytes, bytes | None] = {}
+        self._state = "new"  # new -> open -> committed | discarded
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> "EmbeddedTxn":
+        if self._state != "new":
+            raise InvalidArgument(f"this transaction is {self._state}; start a new one with "
+                                  f"db.transaction()")
+        self._state = "open"
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._state != "open":
+            return
+        if exc_type is not None:
+            self._finish("discarded")
+            return
+        self.commit()
+
+    def commit(self) -> None:
+        """Commit now (the context manager does this on a clean exit)."""
+        self._check_usable()
+        try:
+            ok = self._store._commit_txn(self._reads, self._ranges, self._writes)
+        finally:
+            self._finish("committed")
+        if not ok:
+            self._state = "discarded"
+            raise TransactionConflict(
+                "a concurrent write changed what this transaction read; nothing of it was "
+                "applied (run_transaction retries automatically)")
+
+    def discard(self) -> None:
+        """Drop every write of this transaction."""
+        if self._state in ("new", "open"):
+            self._finish("discarded")
+
+    def _finish(self, state: str) -> None:
+        self._state = state
+        if self._finalizer is not None:
+            self._finalizer()  # ends the snapshot's read transaction
+            self._finalizer = None
+        self._snapshot = None
+
+    def _check_usable(self) -> None:
+        if self._state == "open":
+            self._store._check_open()
+            return
+        if self._state == "new":
+            raise InvalidArgument("use the transaction inside 'with db.transaction() as txn:'")
+        raise InvalidArgument(f"this transaction is already {self._state}; start a new one")
+
+    def _view(self):
+        if self._snapshot is None:
+            storage = self._store._storage
+            self._snapshot = storage.begin_read()
+            self._finalizer = weakref.finalize(self, storage.end_read, self._snapshot)
+        return self._snapshot
+
+    # -- operations ------------------------------------------------------------------------
+
+    def get(self, key):
+        self._check_usable()
+        key = check_key(key)
+        if key in self._writes:
+            return self._writes[key]
+        return self._read(key)
+
+    def _read(self, key: bytes) -> bytes | None:
+        store = self._store
+        shard = store._shard(key)
+        raw = self._view().get(key, db=store._data[shard])
+        shard_reads = self._reads.setdefault(shard, {})
+        shard_reads.setdefault(key, revision_of(raw))
+        return None if raw is None else raw[REVISION_SIZE:]
+
+    def put(self, key, value) -> None:
+        self._check_usable()
+        self._writes[check_key(key)] = check_value(value)
+
+    def delete(self, key) -> bool:
+        self._check_usable()
+        key = check_key(key)
+        existed = (self._writes[key] if key in self._writes else self._read(key)) is not None
+        self._writes[key] = None
+        return existed
+
+    def scan(self, prefix=b"", start=None, end=None, limit=None):
+        self._check_usable()
+        lo, hi = scan_range(prefix, start, end)
+        limit = check_limit(limit)
+        if (hi is not None and hi <= lo) or limit == 0:
+            return []
+        local = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
+        # Enough underlying rows that local deletes cannot starve the limit.
+        fetch = None if limit is None else limit + sum(1 for v in local.values() if v is None)
+        view = self._view()
+        merged: dict[bytes, bytes | None] = {}
+        seen_hi = hi  # every shard's rows are complete below this bound
+        for shard, db in enumerate(self._store._data):
+            rows = scan_rows(view, db, lo, hi, fetch)
+            covered_hi = hi
+            if fetch is not None and len(rows) == fetch:
+                covered_hi = rows[-1][0] + b"\x00"  # this shard was read only up to here
+                if seen_hi is None or covered_hi < seen_hi:
+                    seen_hi = covered_hi
+            self._ranges.setdefault(shard, []).append(
+                (lo, covered_hi, [(k, revision_of(raw)) for k, raw in rows]))
+            for k, raw in rows:
+                merged[k] = raw[REVISION_SIZE:]
+        merged.update(local)
+        # A shard cut at ``seen_hi`` alone holds >= limit live rows below it, so
+        # the first ``limit`` results all lie below it.
+        out = [(k, v) for k, v in sorted(merged.items())
+               if v is not None and (seen_hi is None or k < seen_hi)]
+        return out if limit is None else out[:limit]

@@ -1,0 +1,103 @@
+"""Checking and normalising keys and values at the public surface.
+
+Everything a user passes goes through here before anything is written, so bad
+input raises ``InvalidArgument`` and changes nothing.
+"""
+
+from __future__ import annotations
+
+from kvstore.errors import InvalidArgument
+
+#: LMDB's key limit (its default build); keys are stored as LMDB keys as they are.
+MAX_KEY_SIZE = 511
+#: Values up to 4 MiB: one log record carries a batch of them, and a cluster
+#: sends it in one message, so a bound keeps a single write from stalling others.
+MAX_VALUE_SIZE = 4 * 1024 * 1024
+
+
+def _type_name(obj: object) -> str:
+    return type(obj).__name__
+
+
+def check_key(key: object, what: str = "key") -> bytes:
+    """``key`` as bytes, or ``InvalidArgument`` saying what is wrong with it."""
+    if type(key) is bytes:
+        n = len(key)
+        if 0 < n <= MAX_KEY_SIZE:
+            return key  # the fast path: most calls end here
+    elif isinstance(key, str):
+        key = key.encode("utf-8")
+    elif isinstance(key, (bytearray, memoryview)):
+        key = bytes(key)
+    else:
+        raise InvalidArgument(f"{what} must be bytes or str, not {_type_name(key)}")
+    if not key:
+        raise InvalidArgument(f"{what} must not be empty")
+    if len(key) > MAX_KEY_SIZE:
+        raise InvalidArgument(
+            f"{what} is {len(key)} bytes; the largest allowed is MAX_KEY_SIZE = {MAX_KEY_SIZE}")
+    return key
+
+
+def check_value(value: object, what: str = "value") -> bytes:
+    """``value`` as bytes (empty allowed), or ``InvalidArgument``."""
+    if type(value) is not bytes:
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        elif isinstance(value, (bytearray, memoryview)):
+            value = bytes(value)
+        else:
+            raise InvalidArgument(f"{what} must be bytes or str, not {_type_name(value)}")
+    if len(value) > MAX_VALUE_SIZE:
+        raise InvalidArgument(
+            f"{what} is {len(value)} bytes; the largest allowed is "
+            f"MAX_VALUE_SIZE = {MAX_VALUE_SIZE}")
+    return value
+
+
+def check_optional_value(value: object, what: str) -> bytes | None:
+    """``None`` or a checked value (``cas`` arguments)."""
+    return None if value is None else check_value(value, what)
+
+
+def check_bound(bound: object, what: str) -> bytes | None:
+    """A scan bound: ``None`` or bytes/str (may be empty, may exceed no limit but the key's)."""
+    if bound is None:
+        return None
+    if isinstance(bound, str):
+        return bound.encode("utf-8")
+    if isinstance(bound, (bytes, bytearray, memoryview)):
+        return bytes(bound)
+    raise InvalidArgument(f"{what} must be bytes, str or None, not {_type_name(bound)}")
+
+
+def check_limit(limit: object) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise InvalidArgument(f"limit must be an int or None, not {_type_name(limit)}")
+    if limit < 0:
+        raise InvalidArgument(f"limit must be >= 0, got {limit}")
+    return limit
+
+
+def prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with ``prefix`` (None: no bound)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def scan_range(prefix: object, start: object, end: object) -> tuple[bytes, bytes | None]:
+    """The ``[lo, hi)`` key range of a scan: the prefix's range narrowed by start and end."""
+    prefix_b = check_bound(prefix, "prefix") or b""
+    lo = prefix_b
+    hi = prefix_end(prefix_b) if prefix_b else None
+    start_b = check_bound(start, "start")
+    end_b = check_bound(end, "end")
+    if start_b is not None and start_b > lo:
+        lo = start_b
+    if end_b is not None and (hi is None or end_b < hi):
+        hi = end_b
+    return lo, hi

@@ -1,0 +1,113 @@
+"""The applied key-value state of a shard: apply commands, read values, validate reads.
+
+Each data-table value is the 8-byte big-endian revision that wrote it followed
+by the user's value. A shard's revision is the slot of the log entry that
+wrote it, so revisions only grow, and a reader (which sees whole entries, as
+LMDB commits them atomically) can name exactly the version it read.
+
+These functions work inside an LMDB transaction handed to them; they do no
+commits, so the caller writes the applied slot in the same transaction
+(safety rule 4).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable
+
+from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES
+from kvstore.errors import CorruptRecord
+
+REVISION = struct.Struct(">Q")
+REVISION_SIZE = REVISION.size
+_pack_revision = REVISION.pack
+_unpack_revision = REVISION.unpack_from
+
+
+def stored(revision: int, value: bytes) -> bytes:
+    """The data-table value for ``value`` written at ``revision``."""
+    return _pack_revision(revision) + value
+
+
+def revision_of(raw: bytes | None) -> int:
+    """Revision of a stored value; 0 for an absent key."""
+    return 0 if raw is None else _unpack_revision(raw)[0]
+
+
+def scan_rows(txn, db, lo: bytes, hi: bytes | None, limit: int | None) -> list[tuple[bytes, bytes]]:
+    """Stored ``(key, raw)`` rows with ``lo <= key < hi``, in key order, at most ``limit``."""
+    rows: list[tuple[bytes, bytes]] = []
+    if limit == 0:
+        return rows
+    cursor = txn.cursor(db)
+    try:
+        if not cursor.set_range(lo):
+            return rows
+        for key, raw in cursor.iternext():
+            if hi is not None and key >= hi:
+                break
+            rows.append((key, raw))
+            if limit is not None and len(rows) >= limit:
+                break
+    finally:
+        cursor.close()
+    return rows
+
+
+def reads_still_valid(txn, db, reads: Iterable, ranges: Iterable) -> bool:
+    """True if every key read and every range scanned is as the transaction saw it."""
+    get = txn.get
+    for key, revision in reads:
+        if revision_of(get(key, db=db)) != revision:
+            return False
+    for lo, hi, seen in ranges:
+        rows = scan_rows(txn, db, lo, hi, None)
+        if len(rows) != len(seen):
+            return False
+        for (key, raw), (seen_key, seen_revision) in zip(rows, seen):
+            if key != seen_key or revision_of(raw) != seen_revision:
+                return False
+    return True
+
+
+def apply_writes(txn, db, revision: int, writes: Iterable) -> None:
+    """Write a transaction's ``(key, value or None)`` list at ``revision``."""
+    put, delete = txn.put, txn.delete
+    prefix = _pack_revision(revision)
+    for key, value in writes:
+        if value is None:
+            delete(key, db=db)
+        else:
+            put(key, prefix + value, db=db)
+
+
+def apply_command(txn, db, revision: int, command) -> object:
+    """Apply one command (see ``kvstore.codec``) at ``revision``; its result."""
+    op = command[0]
+    if op == OP_PUT:
+        txn.put(command[1], _pack_revision(revision) + command[2], db=db)
+        return None
+    if op == OP_DELETE:
+        return txn.delete(command[1], db=db)
+    if op == OP_CAS:
+        _, key, expected, new = command
+        raw = txn.get(key, db=db)
+        current = None if raw is None else raw[REVISION_SIZE:]
+        if current != expected:
+            return False
+        if new is None:
+            if raw is not None:
+                txn.delete(key, db=db)
+        else:
+            txn.put(key, _pack_revision(revision) + new, db=db)
+        return True
+    if op == OP_TXN:
+        _, reads, ranges, writes = command
+        if not reads_still_valid(txn, db, reads, ranges):
+            return False
+        apply_writes(txn, db, revision, writes)
+        return True
+    if op == OP_TXN_WRITES:
+        apply_writes(txn, db, revision, command[1])
+        return True
+    raise CorruptRecord(f"unknown command op {op!r} at revision {revision}")
