@@ -34,6 +34,8 @@ from kvstore.errors import InvalidArgument, StorageError
 
 FORMAT_VERSION = 1
 LOCK_FILE = "kvstore.lock"
+TABLES_PER_SHARD = 4
+MAX_SHARDS = 256
 DEFAULT_MAP_SIZE = 1 << 30
 #: How long growing the map may wait for open read snapshots to finish.
 GROW_WAIT_SECONDS = 60.0
@@ -100,8 +102,8 @@ class Storage:
     def __init__(self, path: str, shards: int | None = None, map_size: int | None = None,
                  sync: bool = True) -> None:
         if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int)
-                                   or not 1 <= shards <= 1024):
-            raise InvalidArgument(f"shards must be an int in 1..1024, got {shards!r}")
+                                   or not 1 <= shards <= MAX_SHARDS):
+            raise InvalidArgument(f"shards must be an int in 1..{MAX_SHARDS}, got {shards!r}")
         self.path = os.path.abspath(os.fspath(path))
         self._lock_fd = -1
         self._env = None
@@ -112,8 +114,14 @@ class Storage:
         self._prepare_directory()
         self._lock_directory()
         try:
-            self._open_env(map_size or DEFAULT_MAP_SIZE, sync)
+            self._open_env(map_size or DEFAULT_MAP_SIZE, sync, shards or 1)
             self.nshards = self._load_format(shards)
+            if self.nshards > (shards or 1):
+                # LMDB's begin() costs grow with max_dbs, so the environment is
+                # opened for exactly the tables it has: reopen for more shards.
+                self._env.close()
+                self._open_env(map_size or DEFAULT_MAP_SIZE, sync, self.nshards)
+                self._format_db = self._open_table(b"kvstore")
             self.shards = [self._open_shard(i) for i in range(self.nshards)]
         except BaseException:
             self.close()
@@ -152,14 +160,14 @@ class Storage:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
-    def _open_env(self, map_size: int, sync: bool) -> None:
+    def _open_env(self, map_size: int, sync: bool, nshards: int) -> None:
         data_file = os.path.join(self.path, "data.mdb")
         if os.path.exists(data_file):
             map_size = max(map_size, os.path.getsize(data_file) * 2)
         try:
             self._env = lmdb.open(
-                self.path, map_size=map_size, subdir=True, max_dbs=4 * 1024 + 2,
-                max_readers=1024, sync=sync, metasync=sync, readahead=False, lock=True)
+                self.path, map_size=map_size, subdir=True, max_dbs=TABLES_PER_SHARD * nshards + 1,
+                max_readers=256, sync=sync, metasync=sync, readahead=False, lock=True)
         except (lmdb.Error, OSError) as e:
             raise translate(e, self.path, "opening the LMDB environment") from e
         self.map_size = self._env.info()["map_size"]

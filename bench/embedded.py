@@ -1,0 +1,214 @@
+"""Embedded store against raw LMDB doing the same work, in the same run.
+
+16-byte keys, 128-byte values. Each kvstore figure sits beside raw ``lmdb``
+doing the equivalent: a write transaction committed with fsync per put, a read
+transaction per get, a cursor walk for a prefix scan. Prints a table of ops/s
+and ratios and writes the figures as JSON (``bench/results/embedded.json``).
+
+    python bench/embedded.py            # full run (about a minute)
+    python bench/embedded.py --quick    # smoke run
+
+Goals (issue 2): get >= 0.6x raw LMDB, 1-thread put >= 0.8x raw LMDB put,
+8-thread put >= 5x raw LMDB 1-thread put (what group commit buys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import lmdb
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import kvstore  # noqa: E402
+
+KEY_SIZE = 16
+VALUE_SIZE = 128
+
+
+def key(i: int) -> bytes:
+    return b"key-%012d" % i
+
+
+def raw_env(path: str) -> lmdb.Environment:
+    return lmdb.open(path, map_size=1 << 32, sync=True, metasync=True, readahead=False)
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def put_threads(put, threads: int, n_per_thread: int, base: int, value: bytes) -> float:
+    """ops/s of ``put(key, value)`` from ``threads`` threads started together."""
+    barrier = threading.Barrier(threads + 1)
+
+    def work(t: int) -> None:
+        barrier.wait()
+        first = base + t * n_per_thread
+        for i in range(first, first + n_per_thread):
+            put(key(i), value)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for w in workers:
+        w.join()
+    return rate(threads * n_per_thread, time.perf_counter() - t0)
+
+
+def run(args) -> dict:
+    tmp = tempfile.mkdtemp(prefix="kvstore-bench-", dir=args.dir)
+    value = random.Random(1).randbytes(VALUE_SIZE)
+    results: dict = {"config": {"key_size": KEY_SIZE, "value_size": VALUE_SIZE,
+                                "shards": args.shards, "puts": args.puts,
+                                "keys": args.keys, "gets": args.gets,
+                                "implementation": kvstore.status()["implementation"]},
+                     "rows": []}
+    try:
+        db = kvstore.open(os.path.join(tmp, "kv"), shards=args.shards)
+        env = raw_env(os.path.join(tmp, "raw"))
+
+        def raw_put(k: bytes, v: bytes) -> None:
+            with env.begin(write=True) as txn:
+                txn.put(k, v)
+
+        def row(name: str, ours: float, raw: float, goal: float | None, note: str) -> None:
+            results["rows"].append({"name": name, "kvstore_ops": ours, "raw_lmdb_ops": raw,
+                                    "ratio": ours / raw, "goal": goal, "note": note})
+            print(f"  {name}: kvstore {ours:,.0f}/s, raw {raw:,.0f}/s, ratio {ours / raw:.2f}",
+                  file=sys.stderr)
+
+        n = args.puts
+        # Interleave rounds so both sides see the same disk weather.
+        ours_1 = raw_1 = 0.0
+        for r in range(args.rounds):
+            ours_1 += put_threads(db.put, 1, n, r * n, value)
+            raw_1 += put_threads(raw_put, 1, n, r * n, value)
+        ours_1, raw_1 = ours_1 / args.rounds, raw_1 / args.rounds
+        row("put, 1 thread (durable)", ours_1, raw_1, 0.8,
+            "raw: one write txn + fsync per put")
+
+        base = args.rounds * n
+        ours_8 = put_threads(db.put, 8, n, base, value)
+        raw_8 = put_threads(raw_put, 8, n // 2, base, value)
+        row("put, 8 threads vs raw 1 thread", ours_8, raw_1, 5.0,
+            f"group commit; raw LMDB with 8 threads does {raw_8:,.0f}/s")
+
+        # Load the read set in big batches (both sides), then random gets.
+        total = args.keys
+        batch = 5000
+        for first in range(0, total, batch):
+            def load(txn, first=first):
+                for i in range(first, min(first + batch, total)):
+                    txn.put(key(i), value)
+            db.run_transaction(load)
+            with env.begin(write=True) as txn:
+                for i in range(first, min(first + batch, total)):
+                    txn.put(key(i), value)
+        rng = random.Random(7)
+        keys = [key(rng.randrange(total)) for _ in range(args.gets)]
+
+        def ours_get() -> None:
+            get = db.get
+            for k in keys:
+                get(k)
+
+        def raw_get() -> None:
+            begin = env.begin
+            for k in keys:
+                with begin() as txn:
+                    txn.get(k)
+
+        t_ours = min(timed(ours_get) for _ in range(args.rounds))
+        t_raw = min(timed(raw_get) for _ in range(args.rounds))
+        row(f"get, random over {total:,} keys", rate(len(keys), t_ours),
+            rate(len(keys), t_raw), 0.6, "raw: one read txn per get")
+
+        prefix = b"key-00000000"  # keys 0..9,999
+        scans = max(10, args.gets // 20000)
+
+        def ours_scan() -> None:
+            for _ in range(scans):
+                db.scan(prefix)
+
+        def raw_scan() -> None:
+            end = prefix[:-1] + bytes([prefix[-1] + 1])
+            for _ in range(scans):
+                with env.begin() as txn:
+                    cur = txn.cursor()
+                    out = []
+                    if cur.set_range(prefix):
+                        for k, v in cur:
+                            if k >= end:
+                                break
+                            out.append((k, v))
+
+        rows = len(db.scan(prefix))
+        t_ours = min(timed(ours_scan) for _ in range(args.rounds))
+        t_raw = min(timed(raw_scan) for _ in range(args.rounds))
+        row(f"prefix scan ({rows:,} rows), rows/s", rate(scans * rows, t_ours),
+            rate(scans * rows, t_raw), None, "raw: cursor walk in one read txn")
+        db.close()
+        env.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def print_table(results: dict) -> None:
+    cfg = results["config"]
+    print(f"\nkvstore embedded vs raw LMDB  ({cfg['key_size']}-byte keys, "
+          f"{cfg['value_size']}-byte values, {cfg['shards']} shard(s), "
+          f"kernels: {cfg['implementation']})\n")
+    head = f"{'operation':42} {'kvstore/s':>12} {'raw LMDB/s':>12} {'ratio':>7} {'goal':>6}  ok"
+    print(head)
+    print("-" * len(head))
+    for r in results["rows"]:
+        goal = "" if r["goal"] is None else f">={r['goal']:g}"
+        ok = "" if r["goal"] is None else ("yes" if r["ratio"] >= r["goal"] else "NO")
+        print(f"{r['name']:42} {r['kvstore_ops']:12,.0f} {r['raw_lmdb_ops']:12,.0f} "
+              f"{r['ratio']:7.2f} {goal:>6}  {ok}")
+    for r in results["rows"]:
+        print(f"  {r['name']}: {r['note']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small smoke run")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--puts", type=int, default=1000, help="puts per thread per round")
+    p.add_argument("--keys", type=int, default=100_000, help="keys loaded for the get test")
+    p.add_argument("--gets", type=int, default=300_000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dir", default=None, help="where to put the temporary stores")
+    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results", "embedded.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.puts, args.keys, args.gets, args.rounds = 200, 20_000, 50_000, 1
+    results = run(args)
+    print_table(results)
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nfigures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The ``kvstore`` command: put, get, delete, scan, status (shared/API.md section 4), and demo.
+
+With ``--cluster ADDRS`` (or ``KVSTORE_CLUSTER``) the commands talk to running
+servers; without it they act on the embedded store at ``--data DIR``
+(default ``./kvstore-data``).
+
+Exit codes: 0 success; 1 the key was not there (get, delete); 2 bad usage or
+bad input; 3 unavailable or timed out; 4 storage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+import kvstore
+from kvstore.errors import InvalidArgument, KVError, StorageError, Unavailable
+
+DEFAULT_DATA = "./kvstore-data"
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_STORAGE = 4
+
+
+def _arg_bytes(text: str) -> bytes:
+    """Command-line text as bytes: UTF-8, keeping undecodable bytes as the shell gave them."""
+    return os.fsencode(text)
+
+
+def _out(data: bytes) -> None:
+    sys.stdout.buffer.write(data + b"\n")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain aligned text table (no dependency; readable in any terminal or log)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_status(status: dict) -> str:
+    """The ``status`` table: nodes, then shards with leader, commit index and lag."""
+    nodes = status.get("nodes", [])
+    out = [format_table(
+        ["node", "address", "state", "role"],
+        [[n.get("id"), n.get("address") or "(embedded)", n.get("state", "?"), n.get("role", "")]
+         for n in nodes])]
+    rows = []
+    for s in status.get("shards", []):
+        commit = s.get("commit_index", 0)
+        replicas = s.get("replicas") or {}
+        lag = max((commit - applied for applied in replicas.values()), default=0)
+        rows.append([s.get("shard"), s.get("leader"), commit, s.get("applied_index", ""),
+                     lag, s.get("keys", "")])
+    out.append(format_table(["shard", "leader", "commit", "applied", "lag", "keys"], rows))
+    extra = []
+    if "path" in status:
+        extra.append(f"data: {status['path']}")
+    if "disk_bytes" in status:
+        extra.append(f"disk: {status['disk_bytes'] / 1e6:.1f} MB")
+    if "implementation" in status:
+        extra.append(f"kernels: {status['implementation']}")
+    if extra:
+        out.append("  ".join(extra))
+    return "\n\n".join(out)
+
+
+def _open(args) -> kvstore.KV:
+    cluster = args.cluster or os.environ.get("KVSTORE_CLUSTER")
+    if cluster:
+        return kvstore.connect(cluster, timeout=args.timeout)
+    return kvstore.open(args.data)
+
+
+def _cmd_put(db, args) -> int:
+    db.put(_arg_bytes(args.key), _arg_bytes(args.value))
+    print("OK")
+    return 0
+
+
+def _cmd_get(db, args) -> int:
+    value = db.get(_arg_bytes(args.key))
+    if value is None:
+        print(f"kvstore: key not found: {args.key}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    _out(value)
+    return 0
+
+
+def _cmd_delete(db, args) -> int:
+    if db.delete(_arg_bytes(args.key)):
+        print("deleted")
+        return 0
+    print(f"kvstore: key not found: {args.key}", file=sys.stderr)
+    return EXIT_NOT_FOUND
+
+
+def _cmd_scan(db, args) -> int:
+    start = None if args.start is None else _arg_bytes(args.start)
+    end = None if args.end is None else _arg_bytes(args.end)
+    for key, value in db.scan(_arg_bytes(args.prefix), start=start, end=end, limit=args.limit):
+        _out(key + b"\t" + value)
+    return 0
+
+
+def _cmd_status(db, args) -> int:
+    status = db.status()
+    if args.json:
+        import json
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from kvstore.demo import run_demo
+    return run_demo(args.data if args.data != DEFAULT_DATA else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cluster", metavar="ADDRS",
+                        help="comma-separated server addresses (default: $KVSTORE_CLUSTER; "
+                             "without it, act on the embedded store at --data)")
+    common.add_argument("--data", metavar="DIR", default=DEFAULT_DATA,
+                        help=f"embedded store directory (default {DEFAULT_DATA})")
+    common.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds to wait for a cluster (default 5)")
+    parser = argparse.ArgumentParser(
+        prog="kvstore", description="A strongly consistent key-value store.")
+    parser.add_argument("--version", action="version", version=f"kvstore {kvstore.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("put", parents=[common], help="store a value")
+    p.add_argument("key")
+    p.add_argument("value")
+    p.set_defaults(fn=_cmd_put)
+    p = sub.add_parser("get", parents=[common], help="print a value (exit 1 if missing)")
+    p.add_argument("key")
+    p.set_defaults(fn=_cmd_get)
+    p = sub.add_parser("delete", parents=[common], help="remove a key (exit 1 if missing)")
+    p.add_argument("key")
+    p.set_defaults(fn=_cmd_delete)
+    p = sub.add_parser("scan", parents=[common], help="list keys and values in key order")
+    p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("--start", help="first key (inclusive)")
+    p.add_argument("--end", help="end key (exclusive)")
+    p.add_argument("--limit", type=int, help="at most this many pairs")
+    p.set_defaults(fn=_cmd_scan)
+    p = sub.add_parser("status", parents=[common], help="nodes, shards, leaders, commit indexes")
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.set_defaults(fn=_cmd_status)
+    p = sub.add_parser("demo", parents=[common],
+                       help="show the store working: writes, reads, transactions, threads")
+    p.set_defaults(fn=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _cmd_demo(args)
+        with _open(args) as db:
+            return args.fn(db, args)
+    except InvalidArgument as e:
+        print(f"kvstore: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Unavailable as e:
+        print(f"kvstore: unavailable: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except StorageError as e:
+        print(f"kvstore: storage error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+    except KVError as e:
+        print(f"kvstore: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
