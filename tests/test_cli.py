@@ -1,0 +1,108 @@
+"""The ``kvstore`` command on an embedded store, run as a real process (API.md section 4)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args: str, data: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("KVSTORE_CLUSTER", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "kvstore.cli", *args, "--data", data],
+                          capture_output=True, env=env, timeout=60)
+
+
+@pytest.fixture
+def data(tmp_path) -> str:
+    return str(tmp_path / "kv")
+
+
+def test_put_get_delete_round_trip(data):
+    assert run("put", "greeting", "hello world", data=data).returncode == 0
+    got = run("get", "greeting", data=data)
+    assert got.returncode == 0
+    assert got.stdout == b"hello world\n"
+    deleted = run("delete", "greeting", data=data)
+    assert deleted.returncode == 0
+    assert run("get", "greeting", data=data).returncode == 1
+
+
+def test_get_missing_key_exits_1_with_message_on_stderr(data):
+    result = run("get", "nope", data=data)
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert b"not found" in result.stderr and b"nope" in result.stderr
+
+
+def test_delete_missing_key_exits_1(data):
+    result = run("delete", "nope", data=data)
+    assert result.returncode == 1
+    assert b"not found" in result.stderr
+
+
+def test_scan_prints_pairs_in_key_order_with_prefix_and_limit(data):
+    for key in ["b/2", "a/1", "b/1", "b/3", "c/1"]:
+        assert run("put", key, "v-" + key, data=data).returncode == 0
+    result = run("scan", "b/", data=data)
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [b"b/1\tv-b/1", b"b/2\tv-b/2", b"b/3\tv-b/3"]
+    limited = run("scan", "--limit", "2", data=data)
+    assert limited.stdout.splitlines() == [b"a/1\tv-a/1", b"b/1\tv-b/1"]
+    ranged = run("scan", "--start", "b/2", "--end", "c/1", data=data)
+    assert ranged.stdout.splitlines() == [b"b/2\tv-b/2", b"b/3\tv-b/3"]
+
+
+def test_status_prints_a_table_of_nodes_and_shards(data):
+    run("put", "k", "v", data=data)
+    result = run("status", data=data)
+    assert result.returncode == 0
+    text = result.stdout.decode()
+    assert "node" in text and "shard" in text and "leader" in text and "commit" in text
+    assert "lag" in text
+    shard_rows = [line.split() for line in text.splitlines() if line.startswith("0 ")]
+    assert shard_rows and shard_rows[0][1] == "local" and int(shard_rows[0][2]) >= 1
+
+
+def test_status_json_has_the_contract_keys(data):
+    import json
+    run("put", "k", "v", data=data)
+    status = json.loads(run("status", "--json", data=data).stdout)
+    assert {"nodes", "shards"} <= set(status)
+    assert status["shards"][0]["leader"] == "local"
+
+
+def test_too_long_key_is_a_clear_error_and_writes_nothing(data):
+    result = run("put", "k" * 600, "v", data=data)
+    assert result.returncode == 2
+    assert b"MAX_KEY_SIZE" in result.stderr
+    assert run("scan", data=data).stdout == b""
+
+
+def test_directory_in_use_is_reported_with_the_holder(data, tmp_path):
+    import kvstore
+    with kvstore.open(data):
+        result = run("get", "k", data=data)
+    assert result.returncode == 4
+    assert b"in use" in result.stderr and str(os.getpid()).encode() in result.stderr
+
+
+def test_cluster_flag_without_servers_is_unavailable(data):
+    result = run("get", "k", data=data, env_extra={"KVSTORE_CLUSTER": "tcp://127.0.0.1:1"})
+    assert result.returncode == 3
+    assert b"unavailable" in result.stderr
+
+
+def test_demo_runs_and_shows_the_store_working(tmp_path):
+    result = run("demo", data=str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert "total = 1000" in out
+    assert "total -> 1000" in out
