@@ -33,8 +33,6 @@ OP_TXN_WRITES = 5
 KIND_NOOP = 0
 KIND_COMMANDS = 1
 
-_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-
 
 def encode_commands(commands: list) -> bytes:
     """The payload of one log entry holding ``commands``."""
@@ -44,8 +42,7 @@ def encode_commands(commands: list) -> bytes:
 def decode_commands(payload: bytes, slot: int | None = None) -> list:
     """Inverse of ``encode_commands``; a payload that does not parse is a CorruptRecord."""
     try:
-        commands = msgpack.unpackb(payload, raw=False, use_list=True,
-                                   max_buffer_size=len(payload) + 1)
+        commands = msgpack.unpackb(payload, raw=False, use_list=True)
     except Exception as e:  # msgpack raises several unrelated classes
         raise CorruptRecord(f"undecodable command batch in slot {slot}: {e}", slot=slot) from e
     if not isinstance(commands, list):

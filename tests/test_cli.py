@@ -106,3 +106,21 @@ def test_demo_runs_and_shows_the_store_working(tmp_path):
     out = result.stdout.decode()
     assert "total = 1000" in out
     assert "total -> 1000" in out
+
+
+def test_check_verifies_the_log_and_reports_a_flipped_bit(data):
+    import lmdb
+    assert run("put", "k", "v", data=data).returncode == 0
+    ok = run("check", data=data)
+    assert ok.returncode == 0 and b"1 log records" in ok.stdout
+    env = lmdb.open(data, max_dbs=8)
+    log = env.open_db(b"s0.log")
+    with env.begin(write=True) as txn:
+        slot_key, record = next(iter(txn.cursor(log)))
+        flipped = bytearray(record)
+        flipped[-1] ^= 0x01
+        txn.put(slot_key, bytes(flipped), db=log)
+    env.close()
+    bad = run("check", data=data)
+    assert bad.returncode == 4
+    assert b"checksum mismatch" in bad.stderr and b"slot 1" in bad.stderr
