@@ -275,7 +275,8 @@ class EmbeddedKV(KV):
                             if kind == KIND_COMMANDS:
                                 decode_commands(payload, slot)
                         except CorruptRecord as e:
-                            raise CorruptRecord(f"shard {shard} log in {self.path}: {e}",
+                            raise CorruptRecord(f"corrupt log record in {self.path}, shard {shard} "
+                                                f"slot {slot}: {e}",
                                                 slot=slot, offset=e.offset,
                                                 path=self.path) from e
                         records += 1

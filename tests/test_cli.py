@@ -123,4 +123,4 @@ def test_check_verifies_the_log_and_reports_a_flipped_bit(data):
     env.close()
     bad = run("check", data=data)
     assert bad.returncode == 4
-    assert b"checksum mismatch" in bad.stderr and b"slot 1" in bad.stderr
+    assert b"corrupt log record" in bad.stderr and b"slot 1" in bad.stderr
