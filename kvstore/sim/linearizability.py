@@ -1,0 +1,328 @@
+"""Linearizability checker for key-value histories produced by the simulator.
+
+The model is a map of registers: each key holds ``bytes`` or ``None`` (absent)
+and supports get / put / delete / compare-and-set.  A KV history is
+linearizable iff every key's sub-history is (P-compositionality), so the
+history is split per key and each key is checked on its own.
+
+Per key the search is Wing & Gong's, with Lowe's improvements:
+
+* **just-in-time linearization** -- the history is replayed event by event;
+  an operation is only linearized when it has to be, i.e. when the response
+  of a not-yet-linearized operation is reached.  At that point the search
+  branches over which of the currently open operations (invoked, not yet
+  linearized) are linearized first, ending with the responding one;
+* **memoization** -- a configuration is (event index, set of open operations
+  already linearized, register state).  Everything that has responded before
+  the event index is necessarily linearized, so that triple determines the
+  rest of the search; a configuration already explored is never explored
+  again.
+
+Operations without a response (``ret is None``: crashed client, timeout) stay
+open forever: they may be linearized at any point after their invocation, or
+never, and their result is unknown.  A few sound reductions keep them cheap:
+a pending ``get`` is dropped, a pending op is never linearized where it would
+leave the state unchanged (not linearizing it is always at least as good),
+and among identical pending ops only the earliest unlinearized one is tried.
+
+Times: an op A is ordered before op B only when ``A.ret < B.call`` strictly;
+equal times count as overlapping (so ticks never produce a false failure).
+
+If a key needs more than ``max_states`` explored configurations the checker
+raises :class:`CheckerGaveUp` rather than passing the history silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+__all__ = ["Operation", "CheckResult", "CheckerGaveUp", "check_history"]
+
+_KINDS = ("get", "put", "delete", "cas")
+
+
+@dataclass(frozen=True)
+class Operation:
+    client: int  # who issued it (a client has at most one op in flight)
+    key: bytes
+    kind: str  # "get" | "put" | "delete" | "cas"
+    # get/delete: (); put: (value,); cas: (expected, new)
+    # (expected None = must be absent, new None = delete)
+    args: tuple
+    call: int  # invocation time; call < ret
+    # response time; None = no response: the op may or may not have taken
+    # effect, at any time after call
+    ret: int | None
+    # get -> bytes | None; put -> None; delete -> bool; cas -> bool.
+    # Ignored when ret is None.
+    result: object = None
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    key: bytes | None  # the first key whose history is not linearizable
+    explanation: str
+
+
+class CheckerGaveUp(Exception):
+    """The search exceeded ``max_states`` configurations for one key."""
+
+
+# ---------------------------------------------------------------------------
+# The register model
+
+_GET, _PUT, _DELETE, _CAS = range(4)
+_KIND_CODE = {"get": _GET, "put": _PUT, "delete": _DELETE, "cas": _CAS}
+_NO_RESULT = object()  # marks "result unknown" (pending op)
+
+
+def _validate(op: Operation) -> None:
+    if op.kind not in _KIND_CODE:
+        raise ValueError(f"unknown operation kind {op.kind!r} in {op!r}")
+    want = {"get": 0, "delete": 0, "put": 1, "cas": 2}[op.kind]
+    if len(op.args) != want:
+        raise ValueError(f"{op.kind} takes {want} args, got {op.args!r} in {op!r}")
+    if op.ret is not None and not op.call < op.ret:
+        raise ValueError(f"operation returns before it is called: {op!r}")
+
+
+def _step(code: int, args: tuple, result: object, state):
+    """Apply one op to ``state``.  Returns (allowed, new_state).
+
+    ``result is _NO_RESULT`` means the op is pending: any result is accepted.
+    """
+    if code == _GET:
+        if result is _NO_RESULT:
+            return True, state
+        return result == state, state
+    if code == _PUT:
+        return True, args[0]
+    if code == _DELETE:
+        if result is _NO_RESULT:
+            return True, None
+        return bool(result) == (state is not None), None
+    # cas
+    expected, new = args
+    swapped = state == expected
+    if result is _NO_RESULT:
+        # a failed pending cas is the same as never linearizing it
+        return swapped, (new if swapped else state)
+    if bool(result) != swapped:
+        return False, state
+    return True, (new if swapped else state)
+
+
+# ---------------------------------------------------------------------------
+# Explanation helpers
+
+
+def _fmt_val(v) -> str:
+    return "absent" if v is None else repr(v)
+
+
+def _fmt_result(op: Operation) -> str:
+    if op.kind == "get":
+        return _fmt_val(op.result)
+    if op.kind == "put":
+        return "ok"
+    return str(bool(op.result))
+
+
+def _fmt_op(i: int, op: Operation) -> str:
+    if op.kind == "get":
+        what = "get()"
+    elif op.kind == "put":
+        what = f"put({_fmt_val(op.args[0])})"
+    elif op.kind == "delete":
+        what = "delete()"
+    else:
+        what = f"cas({_fmt_val(op.args[0])} -> {_fmt_val(op.args[1])})"
+    if op.ret is None:
+        res = "no response (pending)"
+        span = f"[{op.call}, -)"
+    else:
+        span = f"[{op.call}, {op.ret}]"
+        res = f"-> {_fmt_result(op)}"
+    return f"  #{i:<4} client {op.client:<4} {span:<16} {what} {res}"
+
+
+# ---------------------------------------------------------------------------
+# Per-key search
+
+
+def _check_key(key: bytes, ops: list, initial, max_states: int):
+    """Check one key.  Returns None if linearizable, else an explanation."""
+    # Number ops by invocation order (stable), which the explanation uses and
+    # the symmetry reduction relies on (lower index = invoked no later).
+    ops = sorted(ops, key=lambda o: o.call)
+    n = len(ops)
+
+    # Ops taking part in the search: pending gets can never matter.
+    codes = []
+    argss = []
+    results = []
+    pending = []
+    for op in ops:
+        codes.append(_KIND_CODE[op.kind])
+        argss.append(tuple(op.args))
+        if op.ret is None:
+            results.append(_NO_RESULT)
+            pending.append(True)
+        else:
+            results.append(op.result)
+            pending.append(False)
+
+    # Events: (time, 0=call / 1=return, op index).  Calls sort before
+    # returns at equal times, so equal times overlap.
+    events = []
+    for i, op in enumerate(ops):
+        if op.ret is None and op.kind == "get":
+            continue
+        events.append((op.call, 0, i))
+        if op.ret is not None:
+            events.append((op.ret, 1, i))
+    events.sort()
+    n_ev = len(events)
+    ev_ret = [kind == 1 for _, kind, _ in events]
+    ev_op = [i for _, _, i in events]
+
+    # open_before[e]: bitset of ops invoked and not yet responded before
+    # event e.
+    open_before = [0] * (n_ev + 1)
+    cur = 0
+    for e in range(n_ev):
+        open_before[e] = cur
+        if ev_ret[e]:
+            cur &= ~(1 << ev_op[e])
+        else:
+            cur |= 1 << ev_op[e]
+    open_before[n_ev] = cur
+
+    # Symmetry among identical pending ops: twin_lower[i] = bitset of
+    # identical pending ops with a lower index.  Op i is tried only when all
+    # of those are already linearized.
+    twin_lower = [0] * n
+    seen = {}
+    for i in range(n):
+        if pending[i]:
+            sig = (codes[i], argss[i])
+            twin_lower[i] = seen.get(sig, 0)
+            seen[sig] = seen.get(sig, 0) | (1 << i)
+
+    def advance(e: int, lin: int):
+        """Skip events that need no decision.  Returns (e, lin) at the next
+        response of an unlinearized op, or (n_ev, lin) at the end."""
+        while e < n_ev:
+            if ev_ret[e]:
+                bit = 1 << ev_op[e]
+                if lin & bit:
+                    lin &= ~bit  # responded: drop it from the open set
+                else:
+                    return e, lin
+            e += 1
+        return e, lin
+
+    # DFS over branching configurations (e, lin, state).  ``lin`` holds the
+    # open ops already linearized.  ``path`` is a linked list of the ops
+    # linearized so far (for the explanation only).
+    memo = set()
+    e0, lin0 = advance(0, 0)
+    stack = [(e0, lin0, initial, None)]
+    best = None  # (event index, lin, state, path) of the most advanced dead end
+
+    while stack:
+        e, lin, state, path = stack.pop()
+        if e == n_ev:
+            return None
+        cfg = (e, lin, state)
+        if cfg in memo:
+            continue
+        memo.add(cfg)
+        if len(memo) > max_states:
+            raise CheckerGaveUp(
+                f"linearizability check of key {key!r} gave up after exploring "
+                f"more than {max_states} configurations ({n} ops on this key); "
+                f"the history is neither verified nor refuted -- raise "
+                f"max_states or shorten the run"
+            )
+        target = ev_op[e]
+        children = []
+        # Candidates: every open op not yet linearized.  The responding op
+        # is pushed last so it is tried first.
+        cand = open_before[e] & ~lin
+        while cand:
+            low = cand & -cand
+            cand ^= low
+            p = low.bit_length() - 1
+            if p == target:
+                continue
+            if pending[p] and (twin_lower[p] & ~lin):
+                continue  # an identical earlier pending op is still unused
+            ok, new_state = _step(codes[p], argss[p], results[p], state)
+            if not ok:
+                continue
+            if pending[p] and new_state == state:
+                continue  # no effect: never linearizing it dominates
+            children.append((e, lin | low, new_state, (p, path)))
+        ok, new_state = _step(codes[target], argss[target], results[target], state)
+        if ok:
+            ne, nlin = advance(e + 1, lin)
+            children.append((ne, nlin, new_state, (target, path)))
+        elif best is None or e > best[0]:
+            best = (e, lin, state, path)
+        stack.extend(children)
+
+    # Not linearizable: build the explanation.
+    lines = [f"key {key!r}: history is not linearizable ({n} ops, sorted by call):"]
+    lines.extend(_fmt_op(i, op) for i, op in enumerate(ops))
+    if best is not None:
+        e, lin, state, path = best
+        order = []
+        while path is not None:
+            order.append(path[0])
+            path = path[1]
+        order.reverse()
+        t = ev_op[e]
+        lines.append(
+            f"most advanced attempt: linearized {len(order)} ops in order "
+            + (", ".join(f"#{i}" for i in order) if order else "(none)")
+            + f", leaving the value {_fmt_val(state)}"
+        )
+        lines.append(
+            f"then #{t} ({ops[t].kind}, returned at {ops[t].ret}) could not take "
+            f"effect: its result {_fmt_result(ops[t])} "
+            f"does not match the value {_fmt_val(state)}, and no other order of "
+            f"the ops open before its response explains it"
+        )
+    return "\n".join(lines)
+
+
+def check_history(
+    ops: Iterable[Operation],
+    initial: Mapping[bytes, bytes] | None = None,
+    max_states: int = 1_000_000,
+) -> CheckResult:
+    """Check a client history of the KV register map for linearizability.
+
+    Returns ``CheckResult(ok=True, key=None, ...)`` if every key's history is
+    linearizable, else ``ok=False`` naming the first failing key (keys are
+    checked in sorted order) with a readable explanation.  Raises
+    :class:`CheckerGaveUp` if some key needs more than ``max_states``
+    explored configurations, and ``ValueError`` for malformed operations.
+    """
+    initial = dict(initial or {})
+    by_key: dict = {}
+    for op in ops:
+        _validate(op)
+        by_key.setdefault(op.key, []).append(op)
+    for key in sorted(by_key):
+        why = _check_key(key, by_key[key], initial.get(key), max_states)
+        if why is not None:
+            return CheckResult(ok=False, key=key, explanation=why)
+    return CheckResult(
+        ok=True,
+        key=None,
+        explanation=f"linearizable: {len(by_key)} keys checked",
+    )
