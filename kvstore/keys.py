@@ -19,6 +19,14 @@ def _type_name(obj: object) -> str:
     return type(obj).__name__
 
 
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: not text UTF-8 can carry
+        raise InvalidArgument(f"{what} is a str that is not valid Unicode ({e.reason} at "
+                              f"position {e.start}); pass bytes instead") from None
+
+
 def check_key(key: object, what: str = "key") -> bytes:
     """``key`` as bytes, or ``InvalidArgument`` saying what is wrong with it."""
     if type(key) is bytes:
@@ -26,7 +34,7 @@ def check_key(key: object, what: str = "key") -> bytes:
         if 0 < n <= MAX_KEY_SIZE:
             return key  # the fast path: most calls end here
     elif isinstance(key, str):
-        key = key.encode("utf-8")
+        key = _utf8(key, what)
     elif isinstance(key, (bytearray, memoryview)):
         key = bytes(key)
     else:
@@ -43,7 +51,7 @@ def check_value(value: object, what: str = "value") -> bytes:
     """``value`` as bytes (empty allowed), or ``InvalidArgument``."""
     if type(value) is not bytes:
         if isinstance(value, str):
-            value = value.encode("utf-8")
+            value = _utf8(value, what)
         elif isinstance(value, (bytearray, memoryview)):
             value = bytes(value)
         else:
@@ -65,7 +73,7 @@ def check_bound(bound: object, what: str) -> bytes | None:
     if bound is None:
         return None
     if isinstance(bound, str):
-        return bound.encode("utf-8")
+        return _utf8(bound, what)
     if isinstance(bound, (bytes, bytearray, memoryview)):
         return bytes(bound)
     raise InvalidArgument(f"{what} must be bytes, str or None, not {_type_name(bound)}")
