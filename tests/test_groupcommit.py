@@ -1,0 +1,298 @@
+"""Unit tests of GroupCommitter with a fake commit function."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kvstore.groupcommit import MAX_BATCH, GroupCommitter, Request
+
+
+class FakeCommit:
+    """Records each batch; answers each request with its payload doubled.
+
+    ``gate`` (if set) blocks the first commit until released, so tests can
+    pile up requests behind a leader deterministically.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+        self.active = 0
+        self.max_active = 0
+        self.lock = threading.Lock()
+        self.fail_payloads: set = set()
+        self.entered = threading.Event()
+        self.gate: threading.Event | None = None
+        self._gate_used = False
+
+    def __call__(self, batch) -> None:
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            self.entered.set()
+            if self.gate is not None and not self._gate_used:
+                self._gate_used = True
+                assert self.gate.wait(10)
+            payloads = [r.payload for r in batch]
+            self.batches.append(payloads)
+            if self.fail_payloads & set(payloads):
+                raise OSError("disk on fire")
+            for r in batch:
+                r.result = r.payload * 2
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def run_threads(n, target):
+    errors = []
+
+    def wrap(i):
+        try:
+            target(i)
+        except BaseException as e:  # surfaced to the test below
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive(), "a submitter hung"
+    return errors
+
+
+def wait_queued(gc: GroupCommitter, n: int) -> None:
+    """Until ``n`` requests wait in the queue (a condition, polled on the committer's lock)."""
+    for _ in range(1_000_000):
+        with gc._cond:
+            if len(gc._queue) >= n:
+                return
+        threading.Event().wait(0.0005)
+    raise AssertionError(f"{n} requests never queued")
+
+
+def test_lone_writer_commits_alone_and_gets_its_result():
+    fake = FakeCommit()
+    gc = GroupCommitter(fake)
+    assert gc.submit(Request(21)) == 42
+    assert gc.submit(Request(5)) == 10
+    assert fake.batches == [[21], [5]]
+    assert gc.commits == 2
+
+
+def test_requests_queued_behind_a_leader_share_one_commit():
+    fake = FakeCommit()
+    fake.gate = threading.Event()
+    gc = GroupCommitter(fake, linger_seconds=0)
+    results = {}
+    leader = threading.Thread(target=lambda: results.__setitem__(0, gc.submit(Request(0))))
+    leader.start()
+    assert fake.entered.wait(10)  # the leader is inside the (blocked) commit
+    errors_box = []
+
+    def follower(i):
+        results[i] = gc.submit(Request(i))
+
+    followers = [threading.Thread(target=lambda i=i: errors_box.append(follower(i)))
+                 for i in range(1, 8)]
+    for t in followers:
+        t.start()
+    wait_queued(gc, 7)
+    fake.gate.set()
+    leader.join(10)
+    for t in followers:
+        t.join(10)
+    assert results == {i: 2 * i for i in range(8)}
+    assert fake.batches[0] == [0]
+    assert sorted(fake.batches[1]) == list(range(1, 8))  # the seven queued: one commit
+    assert len(fake.batches) == 2 and gc.commits == 2
+
+
+def test_concurrent_submitters_all_answered_never_overlapping():
+    fake = FakeCommit()
+    gc = GroupCommitter(fake)
+    n_threads, per_thread = 8, 200
+    barrier = threading.Barrier(n_threads)
+    results = {}
+
+    def worker(i):
+        barrier.wait()
+        for j in range(per_thread):
+            payload = i * per_thread + j
+            results[payload] = gc.submit(Request(payload))
+
+    assert run_threads(n_threads, worker) == []
+    total = n_threads * per_thread
+    assert results == {p: 2 * p for p in range(total)}
+    committed = sorted(p for batch in fake.batches for p in batch)
+    assert committed == list(range(total))  # each request committed exactly once
+    assert fake.max_active == 1  # commits are serialised
+    assert gc.commits == len(fake.batches)
+    assert all(len(b) <= MAX_BATCH for b in fake.batches)
+
+
+def test_error_reaches_every_request_of_its_batch_and_next_batch_works():
+    fake = FakeCommit()
+    fake.gate = threading.Event()
+    fake.fail_payloads = {3}
+    gc = GroupCommitter(fake, linger_seconds=0)
+    outcomes = {}
+
+    def submit(i):
+        try:
+            outcomes[i] = ("ok", gc.submit(Request(i)))
+        except OSError as e:
+            outcomes[i] = ("error", e)
+
+    leader = threading.Thread(target=submit, args=(0,))
+    leader.start()
+    assert fake.entered.wait(10)
+    followers = [threading.Thread(target=submit, args=(i,)) for i in range(1, 6)]
+    for t in followers:
+        t.start()
+    wait_queued(gc, 5)
+    fake.gate.set()
+    for t in [leader, *followers]:
+        t.join(10)
+        assert not t.is_alive()
+    assert outcomes[0] == ("ok", 0)
+    failed_batch = fake.batches[1]
+    assert 3 in failed_batch and sorted(failed_batch) == [1, 2, 3, 4, 5]
+    errors = [outcomes[i][1] for i in failed_batch]
+    assert all(kind == "error" for kind, _ in (outcomes[i] for i in failed_batch))
+    assert all(e is errors[0] and "disk on fire" in str(e) for e in errors)
+    # the committer is not wedged: the next batch commits normally
+    assert gc.submit(Request(7)) == 14
+    assert gc.commits == 3
+
+
+def test_request_answered_by_the_commit_function_keeps_its_own_error():
+    def commit(batch):
+        for r in batch:
+            if r.payload == "bad":
+                r.error = ValueError("only this one")
+            else:
+                r.result = "fine"
+
+    gc = GroupCommitter(commit)
+    with pytest.raises(ValueError, match="only this one"):
+        gc.submit(Request("bad"))
+    assert gc.submit(Request("good")) == "fine"
+
+
+def test_base_exception_in_commit_does_not_wedge():
+    calls = []
+
+    def commit(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        for r in batch:
+            r.result = "ok"
+
+    gc = GroupCommitter(commit)
+    with pytest.raises(KeyboardInterrupt):
+        gc.submit(Request(1))
+    assert gc.submit(Request(2)) == "ok"
+
+
+def test_leadership_hands_off_to_a_queued_request():
+    """The leader answers its batch and hands leadership to a request queued meanwhile;
+    that request's own thread commits the next batch."""
+    committing_threads = []
+    first_entered = threading.Event()
+    release_first = threading.Event()
+
+    def commit(batch):
+        committing_threads.append((threading.current_thread().name, [r.payload for r in batch]))
+        if batch[0].payload == "first":
+            first_entered.set()
+            assert release_first.wait(10)
+        for r in batch:
+            r.result = r.payload
+
+    gc = GroupCommitter(commit, linger_seconds=0)
+    results = {}
+    first = threading.Thread(name="T-first", target=lambda: results.__setitem__(
+        "first", gc.submit(Request("first"))))
+    second = threading.Thread(name="T-second", target=lambda: results.__setitem__(
+        "second", gc.submit(Request("second"))))
+    first.start()
+    assert first_entered.wait(10)
+    second.start()
+    wait_queued(gc, 1)
+    release_first.set()
+    first.join(10)
+    second.join(10)
+    assert results == {"first": "first", "second": "second"}
+    assert committing_threads == [("T-first", ["first"]), ("T-second", ["second"])]
+    assert gc._busy is False and gc._queue == []
+    assert gc.submit(Request("third")) == "third"
+
+
+def test_batches_are_bounded_by_max_batch(monkeypatch):
+    import kvstore.groupcommit as groupcommit
+    monkeypatch.setattr(groupcommit, "MAX_BATCH", 4)
+    fake = FakeCommit()
+    fake.gate = threading.Event()
+    gc = GroupCommitter(fake, linger_seconds=0)
+    results = {}
+    leader = threading.Thread(target=lambda: results.__setitem__(0, gc.submit(Request(0))))
+    leader.start()
+    assert fake.entered.wait(10)
+    followers = [threading.Thread(target=lambda i=i: results.__setitem__(i, gc.submit(Request(i))))
+                 for i in range(1, 11)]
+    for t in followers:
+        t.start()
+    wait_queued(gc, 10)
+    fake.gate.set()
+    for t in [leader, *followers]:
+        t.join(10)
+        assert not t.is_alive()
+    assert results == {i: 2 * i for i in range(11)}
+    assert max(len(b) for b in fake.batches) <= 4
+    assert sorted(p for b in fake.batches for p in b) == list(range(11))
+
+
+def test_lingering_leader_gathers_the_writers_of_its_previous_batch():
+    """After a batch of 5, a lone leader waits for 4 more requests (woken by the queue,
+    long before its linger time runs out) and commits all 5 together."""
+    fake = FakeCommit()
+    fake.gate = threading.Event()
+    gc = GroupCommitter(fake, linger_seconds=30.0)
+    first = threading.Thread(target=gc.submit, args=(Request(0),))
+    first.start()
+    assert fake.entered.wait(10)
+    followers = [threading.Thread(target=gc.submit, args=(Request(i),)) for i in range(1, 6)]
+    for t in followers:
+        t.start()
+    wait_queued(gc, 5)
+    fake.gate.set()
+    for t in [first, *followers]:
+        t.join(10)
+        assert not t.is_alive()
+    assert [sorted(b) for b in fake.batches] == [[0], [1, 2, 3, 4, 5]]
+
+    lone = threading.Thread(target=gc.submit, args=(Request(10),))
+    lone.start()
+    wait_for_leader_lingering(gc)
+    assert len(fake.batches) == 2  # it lingers rather than committing alone
+    late = [threading.Thread(target=gc.submit, args=(Request(i),)) for i in range(11, 15)]
+    for t in late:
+        t.start()
+    for t in [lone, *late]:
+        t.join(10)  # far less than the 30 s linger: the fourth arrival woke the leader
+        assert not t.is_alive()
+    assert [sorted(b) for b in fake.batches[2:]] == [[10, 11, 12, 13, 14]]
+
+
+def wait_for_leader_lingering(gc: GroupCommitter) -> None:
+    for _ in range(1_000_000):
+        with gc._cond:
+            if gc._wake_at != MAX_BATCH:  # set only while a leader lingers
+                return
+        threading.Event().wait(0.0005)
+    raise AssertionError("the leader never lingered")
