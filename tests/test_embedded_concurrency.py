@@ -1,0 +1,218 @@
+"""Threads racing on one embedded store: serializable transactions, atomic cas, group commit."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from kvstore import TransactionConflict
+
+ACCOUNTS = [b"acct/%02d" % i for i in range(10)]
+INITIAL = 1000
+
+
+def run_threads(targets):
+    errors = []
+
+    def wrap(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # reported by the test, not lost in a thread
+                errors.append(e)
+        return run
+
+    threads = [threading.Thread(target=wrap(fn)) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a thread hung"
+    assert errors == [], errors
+
+
+def total(rows) -> int:
+    return sum(int(v) for _, v in rows)
+
+
+def test_transfers_conserve_the_sum(store, shards):
+    db = store(shards=shards)
+    for a in ACCOUNTS:
+        db.put(a, str(INITIAL).encode())
+    n_writers, transfers = 8, 60
+    barrier = threading.Barrier(n_writers + 2)
+    writers_done = threading.Event()
+    committed = []
+    sums_seen = []
+
+    def writer(seed):
+        rng = random.Random(seed)
+        barrier.wait()
+        for _ in range(transfers):
+            src, dst = rng.sample(ACCOUNTS, 2)
+            amount = rng.randint(1, 50)
+
+            def transfer(txn):
+                a, b = int(txn.get(src)), int(txn.get(dst))
+                txn.put(src, str(a - amount).encode())
+                txn.put(dst, str(b + amount).encode())
+                return amount
+
+            committed.append(db.run_transaction(transfer, retries=1000))
+
+    def reader_by_scan():
+        barrier.wait()
+        while not writers_done.is_set():
+            with db.transaction() as txn:
+                sums_seen.append(total(txn.scan(b"acct/")))
+
+    def reader_by_get():
+        barrier.wait()
+        while not writers_done.is_set():
+            sums_seen.append(db.run_transaction(
+                lambda txn: sum(int(txn.get(a)) for a in ACCOUNTS)))
+
+    def writers():
+        inner = [lambda s=s: writer(s) for s in range(n_writers)]
+        run_threads(inner)
+        writers_done.set()
+
+    try:
+        run_threads([writers, reader_by_scan, reader_by_get])
+    finally:
+        writers_done.set()
+    assert len(committed) == n_writers * transfers
+    assert sums_seen and set(sums_seen) == {INITIAL * len(ACCOUNTS)}
+    assert total(db.scan(b"acct/")) == INITIAL * len(ACCOUNTS)
+    db = store.reopen(db)
+    assert total(db.scan(b"acct/")) == INITIAL * len(ACCOUNTS)
+
+
+def test_lost_update_is_impossible(store, shards):
+    """Read-modify-write increments through transactions never lose an increment."""
+    db = store(shards=shards)
+    db.put(b"n", b"0")
+    n_threads, per_thread = 6, 40
+    barrier = threading.Barrier(n_threads)
+    conflicts = []
+
+    def incr(txn):
+        txn.put(b"n", str(int(txn.get(b"n")) + 1).encode())
+
+    def worker():
+        barrier.wait()
+        for _ in range(per_thread):
+            while True:
+                try:
+                    with db.transaction() as txn:
+                        incr(txn)
+                    break
+                except TransactionConflict:
+                    conflicts.append(1)
+
+    run_threads([worker] * n_threads)
+    assert db.get(b"n") == str(n_threads * per_thread).encode()
+
+
+def test_write_skew_is_prevented(store, shards):
+    """Two doctors on call: each goes off call only if the other is on. Serializable
+    isolation forbids both going off; snapshot isolation would allow it."""
+    db = store(shards=shards)
+    for round_ in range(30):
+        db.put(b"alice", b"on")
+        db.put(b"bob", b"on")
+        barrier = threading.Barrier(2)
+
+        def go_off(me, other):
+            def fn(txn):
+                others = txn.get(other)
+                barrier.wait()  # both have read before either commits
+                if others == b"on":
+                    txn.put(me, b"off")
+            try:
+                db.run_transaction(fn, retries=0)
+            except TransactionConflict:
+                pass
+
+        def off(me, other):
+            return lambda: go_off(me, other)
+
+        try:
+            run_threads([off(b"alice", b"bob"), off(b"bob", b"alice")])
+        except threading.BrokenBarrierError:
+            pytest.fail("barrier broken")
+        assert (db.get(b"alice"), db.get(b"bob")) != (b"off", b"off"), round_
+
+
+def test_concurrent_cas_increments_end_at_exact_count(store, shards):
+    db = store(shards=shards)
+    n_threads, per_thread = 8, 50
+    barrier = threading.Barrier(n_threads)
+
+    def worker():
+        barrier.wait()
+        done = 0
+        while done < per_thread:
+            current = db.get(b"counter")
+            new = str(int(current or b"0") + 1).encode()
+            if db.cas(b"counter", current, new):
+                done += 1
+
+    run_threads([worker] * n_threads)
+    assert db.get(b"counter") == str(n_threads * per_thread).encode()
+
+
+def test_group_commit_batches_concurrent_puts(store):
+    db = store()
+    n_threads, per_thread = 8, 100
+    start = db.status()["shards"][0]["commit_index"]
+    barrier = threading.Barrier(n_threads)
+
+    def worker(i):
+        barrier.wait()
+        for j in range(per_thread):
+            db.put(b"t%d/%03d" % (i, j), b"%d" % j)
+
+    run_threads([lambda i=i: worker(i) for i in range(n_threads)])
+    slots = db.status()["shards"][0]["commit_index"] - start
+    puts = n_threads * per_thread
+    assert len(db.scan(b"t")) == puts
+    assert 0 < slots < puts, f"{slots} log slots for {puts} puts: no batching"
+
+
+def test_concurrent_mixed_operations_across_shards_stay_consistent(store):
+    """Threads each own a key range and run every kind of write; at the end each thread's
+    own record of what it wrote matches the store."""
+    db = store(shards=3)
+    n_threads = 6
+    barrier = threading.Barrier(n_threads)
+    models = [dict() for _ in range(n_threads)]
+
+    def worker(i):
+        rng = random.Random(i)
+        model = models[i]
+        barrier.wait()
+        for step in range(80):
+            key = b"w%d/%d" % (i, rng.randrange(8))
+            op = rng.randrange(4)
+            if op == 0:
+                value = b"%d" % step
+                db.put(key, value)
+                model[key] = value
+            elif op == 1:
+                assert db.delete(key) == (key in model)
+                model.pop(key, None)
+            elif op == 2:
+                assert db.cas(key, model.get(key), b"c%d" % step)
+                model[key] = b"c%d" % step
+            else:
+                with db.transaction() as txn:
+                    assert dict(txn.scan(b"w%d/" % i)) == model
+                    txn.put(key, b"t%d" % step)
+                model[key] = b"t%d" % step
+
+    run_threads([lambda i=i: worker(i) for i in range(n_threads)])
+    for i in range(n_threads):
+        assert dict(db.scan(b"w%d/" % i)) == models[i]
