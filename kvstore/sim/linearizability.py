@@ -200,16 +200,36 @@ def _check_key(key: bytes, ops: list, initial, max_states: int):
             cur |= 1 << ev_op[e]
     open_before[n_ev] = cur
 
-    # Symmetry among identical pending ops: twin_lower[i] = bitset of
-    # identical pending ops with a lower index.  Op i is tried only when all
-    # of those are already linearized.
-    twin_lower = [0] * n
-    seen = {}
+    # Pending ops are tokens: never required, usable once, at any time after
+    # their call, with an unconstrained result.  A token only matters through
+    # the state transition it makes, so they are grouped by transition:
+    #   cas(e, n) pending:  e -> n only          (cas_tokens[e] -> [(n, mask)])
+    #   put v / delete:     any -> v (v = None)  (blind_tokens -> [(v, mask)])
+    # To make a transition s -> t the search uses one token only: a cas(s, t)
+    # if one is available, else a put t / delete, and within a group the
+    # earliest-invoked available one.  Exchange argument: tokens of a group
+    # are interchangeable once invoked, and a put t can do whatever a
+    # cas(s, t) can, so a linearization using the put where a cas(s, t) was
+    # available can swap the two (or drop the put).
+    pend_mask = 0
+    cas_groups: dict = {}
+    blind_groups: dict = {}
     for i in range(n):
-        if pending[i]:
-            sig = (codes[i], argss[i])
-            twin_lower[i] = seen.get(sig, 0)
-            seen[sig] = seen.get(sig, 0) | (1 << i)
+        if not pending[i] or codes[i] == _GET:
+            continue
+        pend_mask |= 1 << i
+        if codes[i] == _CAS:
+            exp, new = argss[i]
+            if exp != new:  # cas(x, x) never changes anything
+                cas_groups[(exp, new)] = cas_groups.get((exp, new), 0) | (1 << i)
+        else:
+            v = argss[i][0] if codes[i] == _PUT else None
+            blind_groups[v] = blind_groups.get(v, 0) | (1 << i)
+    cas_tokens: dict = {}
+    for (exp, new), mask in cas_groups.items():
+        cas_tokens.setdefault(exp, []).append((new, mask))
+    blind_tokens = list(blind_groups.items())
+    done_mask = ~pend_mask
 
     def advance(e: int, lin: int):
         """Skip events that need no decision.  Returns (e, lin) at the next
@@ -224,23 +244,43 @@ def _check_key(key: bytes, ops: list, initial, max_states: int):
             e += 1
         return e, lin
 
-    # DFS over branching configurations (e, lin, state).  ``lin`` holds the
-    # open ops already linearized.  ``path`` is a linked list of the ops
-    # linearized so far (for the explanation only).
-    memo = set()
+    # DFS over branching configurations (e, lin, state, after_pend): ``e``
+    # is the response event of an op not yet linearized (which must be
+    # linearized now, possibly after other open ops); ``lin`` the open ops
+    # already linearized; ``after_pend`` whether the last op linearized was
+    # a pending one.  ``path`` is a linked list of the ops linearized so far
+    # (for the explanation only).
+    #
+    # Two dominance prunings on top of plain memoization:
+    # * a pending op linearized right before a put (or before a pending
+    #   delete) is pointless -- its effect is overwritten and dropping it
+    #   keeps it available -- so after a pending op those are not tried;
+    # * a configuration that used a subset of the pending tokens another
+    #   one used (same e, same completed ops linearized, same state, same
+    #   flag) can do everything the other can.  The memo is keyed without
+    #   the pending part and holds the pending parts explored; a
+    #   configuration is skipped when an explored one used a subset.
+    memo: dict = {}
+    explored = 0
     e0, lin0 = advance(0, 0)
-    stack = [(e0, lin0, initial, None)]
+    stack = [(e0, lin0, initial, False, None)]
     best = None  # (event index, lin, state, path) of the most advanced dead end
 
     while stack:
-        e, lin, state, path = stack.pop()
+        e, lin, state, after_pend, path = stack.pop()
         if e == n_ev:
             return None
-        cfg = (e, lin, state)
-        if cfg in memo:
-            continue
-        memo.add(cfg)
-        if len(memo) > max_states:
+        cfg = (e, lin & done_mask, state, after_pend)
+        used = lin & pend_mask
+        seen_used = memo.get(cfg)
+        if seen_used is None:
+            memo[cfg] = [used]
+        else:
+            if any(not (m & ~used) for m in seen_used):
+                continue
+            seen_used.append(used)
+        explored += 1
+        if explored > max_states:
             raise CheckerGaveUp(
                 f"linearizability check of key {key!r} gave up after exploring "
                 f"more than {max_states} configurations ({n} ops on this key); "
@@ -249,29 +289,49 @@ def _check_key(key: bytes, ops: list, initial, max_states: int):
             )
         target = ev_op[e]
         children = []
-        # Candidates: every open op not yet linearized.  The responding op
-        # is pushed last so it is tried first.
-        cand = open_before[e] & ~lin
+        open_ops = open_before[e] & ~lin
+
+        # Pending tokens, at most one per reachable state.
+        avail = open_ops & pend_mask
+        if avail:
+            reached = set()
+            for new, mask in cas_tokens.get(state, ()):
+                m = mask & avail
+                if m:
+                    low = m & -m
+                    reached.add(new)
+                    children.append((e, lin | low, new, True, (low.bit_length() - 1, path)))
+            if not after_pend:
+                for v, mask in blind_tokens:
+                    if v == state or v in reached:
+                        continue
+                    m = mask & avail
+                    if m:
+                        low = m & -m
+                        children.append((e, lin | low, v, True, (low.bit_length() - 1, path)))
+
+        # Other completed open ops.
+        cand = open_ops & done_mask
         while cand:
             low = cand & -cand
             cand ^= low
             p = low.bit_length() - 1
-            if p == target:
+            if p == target or (after_pend and codes[p] == _PUT):
                 continue
-            if pending[p] and (twin_lower[p] & ~lin):
-                continue  # an identical earlier pending op is still unused
             ok, new_state = _step(codes[p], argss[p], results[p], state)
-            if not ok:
-                continue
-            if pending[p] and new_state == state:
-                continue  # no effect: never linearizing it dominates
-            children.append((e, lin | low, new_state, (p, path)))
-        ok, new_state = _step(codes[target], argss[target], results[target], state)
-        if ok:
-            ne, nlin = advance(e + 1, lin)
-            children.append((ne, nlin, new_state, (target, path)))
-        elif best is None or e > best[0]:
-            best = (e, lin, state, path)
+            if ok:
+                children.append((e, lin | low, new_state, False, (p, path)))
+
+        # The responding op itself, pushed last so it is tried first.
+        if after_pend and codes[target] == _PUT:
+            pass  # the configuration before the pending op tries this
+        else:
+            ok, new_state = _step(codes[target], argss[target], results[target], state)
+            if ok:
+                ne, nlin = advance(e + 1, lin)
+                children.append((ne, nlin, new_state, False, (target, path)))
+            elif not after_pend and (best is None or e > best[0]):
+                best = (e, lin, state, path)
         stack.extend(children)
 
     # Not linearizable: build the explanation.
