@@ -201,6 +201,42 @@ def test_pending_ops_linearized_at_most_once():
     # two identical pending puts can explain it
     h2 = h + [put(4, b"b", 0, None)]
     assert ok(h2)
+    # same for a pending cas
+    h3 = [
+        cas(1, None, b"a", 0, None, None),
+        get(2, 1, 2, b"a"),
+        delete(3, 3, 4, True),
+        get(2, 5, 6, b"a"),
+    ]
+    assert not ok(h3)
+    assert ok(h3 + [cas(4, None, b"a", 0, None, None)])
+
+
+def test_pending_op_right_before_a_completed_delete():
+    # the only linearization: pending cas(a -> absent), delete -> False, put b
+    h = [
+        put(0, b"b", 4, 5),
+        cas(1, b"a", None, 5, None, None),
+        delete(2, 5, 13, False),
+    ]
+    assert ok(h, {K: b"a"})
+    assert not ok(h[:1] + h[2:], {K: b"a"})
+
+
+def test_pending_tokens_not_wasted_by_memo():
+    # the pending put a must be kept for the end (the pending delete is
+    # useless); a search that uses it early reaches the same configuration
+    # with more tokens spent, which must not hide the cheaper one
+    h = [
+        delete(0, 4, None, None),
+        get(1, 8, 14, None),
+        put(2, b"a", 12, 13),
+        delete(3, 16, 17, True),
+        put(4, b"a", 17, None),
+        get(5, 24, 25, b"a"),
+    ]
+    assert ok(h)
+    assert not ok(h[:4] + h[5:])
 
 
 def test_cas_semantics():
@@ -357,11 +393,11 @@ def test_read_of_unwritten_value_fails(ex, data):
 
 
 @st.composite
-def tiny_histories(draw):
+def tiny_histories(draw, pending_one_in=6, max_ops=6):
     """Up to 6 ops with random intervals on one or two keys; results come
     from a random sequential run and are then possibly corrupted, so both
     linearizable and non-linearizable histories are common."""
-    n = draw(st.integers(1, 6))
+    n = draw(st.integers(1, max_ops))
     keys = [b"x", b"y"] if draw(st.booleans()) else [b"x"]
     init = {}
     for k in keys:
@@ -380,7 +416,7 @@ def tiny_histories(draw):
         else:
             args = ()
         call = draw(st.integers(0, 12))
-        ret = None if draw(st.integers(0, 5)) == 0 else call + draw(st.integers(1, 8))
+        ret = None if draw(st.integers(1, pending_one_in)) == 1 else call + draw(st.integers(1, 8))
         o = op(c, kind, args, call, ret, key=key)
         res, state[key] = apply_model(state.get(key), o)
         if draw(st.integers(0, 2)) == 0:  # corrupt
@@ -401,6 +437,57 @@ def test_agrees_with_brute_force(h):
     assert r.ok == expected, (expected, r.explanation, ops, init)
     if not r.ok:
         assert r.key is not None and repr(r.key) in r.explanation
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiny_histories(pending_one_in=2, max_ops=7))
+def test_agrees_with_brute_force_many_pending(h):
+    # half the ops have no response: exercises the pending-op reductions
+    ops, init = h
+    assert check_history(ops, init).ok == brute_force(ops, init), (ops, init)
+
+
+@st.composite
+def tiny_true_histories(draw):
+    """Up to 7 ops of a real register run with heavily overlapping
+    intervals and many ops without response, then maybe one completed
+    result corrupted: mostly linearizable, often only just."""
+    n = draw(st.integers(1, 7))
+    init = draw(st.sampled_from(VALUES))
+    state = init
+    ops = []
+    for k in range(n):
+        point = 4 * (k + 1)
+        kind = draw(st.sampled_from(["get", "put", "delete", "cas"]))
+        if kind == "put":
+            args = (draw(st.sampled_from(VALUES[1:3])),)
+        elif kind == "cas":
+            args = (draw(st.sampled_from(VALUES[:3])), draw(st.sampled_from(VALUES[:3])))
+        else:
+            args = ()
+        call = point - draw(st.integers(0, 12))
+        fate = draw(st.sampled_from(["done", "done", "lost", "applied"]))
+        o = op(k, kind, args, call, None)
+        if fate == "lost":
+            ops.append(o)
+            continue
+        res, state = apply_model(state, o)
+        ret = None if fate == "applied" else point + draw(st.integers(1, 12))
+        ops.append(op(k, kind, args, call, ret, res))
+    done = [i for i, o in enumerate(ops) if o.ret is not None and o.kind != "put"]
+    if done and draw(st.booleans()):
+        i = draw(st.sampled_from(done))
+        o = ops[i]
+        res = draw(st.sampled_from(VALUES)) if o.kind == "get" else not o.result
+        ops[i] = op(o.client, o.kind, o.args, o.call, o.ret, res)
+    return ops, ({K: init} if init is not None else {})
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiny_true_histories())
+def test_agrees_with_brute_force_on_near_linearizable_runs(h):
+    ops, init = h
+    assert check_history(ops, init).ok == brute_force(ops, init), (ops, init)
 
 
 # ---------------------------------------------------------------------------
