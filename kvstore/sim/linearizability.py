@@ -20,10 +20,12 @@ Per key the search is Wing & Gong's, with Lowe's improvements:
 
 Operations without a response (``ret is None``: crashed client, timeout) stay
 open forever: they may be linearized at any point after their invocation, or
-never, and their result is unknown.  A few sound reductions keep them cheap:
-a pending ``get`` is dropped, a pending op is never linearized where it would
-leave the state unchanged (not linearizing it is always at least as good),
-and among identical pending ops only the earliest unlinearized one is tried.
+never, and their result is unknown.  They are treated as one-shot state
+transition tokens, with sound reductions: a pending ``get`` is dropped; a
+transition is only ever made with one canonical token (see ``_check_key``); a
+pending op is never linearized where it changes nothing or right before an op
+that overwrites it; and a configuration is skipped when one that spent a
+subset of its tokens was already explored.
 
 Times: an op A is ordered before op B only when ``A.ret < B.call`` strictly;
 equal times count as overlapping (so ticks never produce a false failure).
@@ -86,6 +88,11 @@ def _validate(op: Operation) -> None:
         raise ValueError(f"{op.kind} takes {want} args, got {op.args!r} in {op!r}")
     if op.ret is not None and not op.call < op.ret:
         raise ValueError(f"operation returns before it is called: {op!r}")
+
+
+def _norm(v):
+    """bytearray / memoryview values compare like bytes but are unhashable."""
+    return bytes(v) if isinstance(v, (bytearray, memoryview)) else v
 
 
 def _step(code: int, args: tuple, result: object, state):
@@ -166,7 +173,7 @@ def _check_key(key: bytes, ops: list, initial, max_states: int):
     pending = []
     for op in ops:
         codes.append(_KIND_CODE[op.kind])
-        argss.append(tuple(op.args))
+        argss.append(tuple(_norm(a) for a in op.args))
         if op.ret is None:
             results.append(_NO_RESULT)
             pending.append(True)
@@ -345,10 +352,12 @@ def _check_key(key: bytes, ops: list, initial, max_states: int):
             path = path[1]
         order.reverse()
         t = ev_op[e]
+        shown = ", ".join(f"#{i}" for i in order[-20:]) if order else "(none)"
+        if len(order) > 20:
+            shown = f"..., {shown} (last 20 shown)"
         lines.append(
             f"most advanced attempt: linearized {len(order)} ops in order "
-            + (", ".join(f"#{i}" for i in order) if order else "(none)")
-            + f", leaving the value {_fmt_val(state)}"
+            f"{shown}, leaving the value {_fmt_val(state)}"
         )
         lines.append(
             f"then #{t} ({ops[t].kind}, returned at {ops[t].ret}) could not take "
@@ -378,7 +387,7 @@ def check_history(
         _validate(op)
         by_key.setdefault(op.key, []).append(op)
     for key in sorted(by_key):
-        why = _check_key(key, by_key[key], initial.get(key), max_states)
+        why = _check_key(key, by_key[key], _norm(initial.get(key)), max_states)
         if why is not None:
             return CheckResult(ok=False, key=key, explanation=why)
     return CheckResult(
