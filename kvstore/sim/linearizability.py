@@ -283,9 +283,17 @@ def _check_key(key: bytes, ops: list, initial, max_states: int):
         if seen_used is None:
             memo[cfg] = [used]
         else:
-            if any(not (m & ~used) for m in seen_used):
+            for m in seen_used:
+                if not (m & ~used):
+                    break  # an explored configuration spent a subset
+            else:
+                # keep an antichain: masks that spent a superset of ``used``
+                # are subsumed by it from now on
+                memo[cfg] = [m for m in seen_used if used & ~m]
+                memo[cfg].append(used)
+                seen_used = None
+            if seen_used is not None:
                 continue
-            seen_used.append(used)
         explored += 1
         if explored > max_states:
             raise CheckerGaveUp(
