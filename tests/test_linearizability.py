@@ -545,4 +545,4 @@ def test_300_op_history_with_one_bad_read_fails_without_giving_up():
     ops[i] = op(o.client, "get", (), o.call, o.ret, b"never-written")
     r = check_history(ops, max_states=200_000)
     assert not r.ok
-    assert f"#" in r.explanation and "never-written" in r.explanation
+    assert "#" in r.explanation and "never-written" in r.explanation
