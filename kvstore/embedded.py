@@ -28,6 +28,7 @@ from kvstore.codec import (KIND_COMMANDS, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_
                            decode_commands, encode_commands)
 from kvstore.errors import CorruptRecord, InvalidArgument, KVError, TransactionConflict
 from kvstore.groupcommit import GroupCommitter, Request
+from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, check_key, check_limit, check_optional_value,
                           check_value, scan_range)
 from kvstore.storage import Storage
@@ -84,7 +85,7 @@ class EmbeddedKV(KV):
 
     def _shard(self, key: bytes) -> int:
         n = self._nshards
-        return 0 if n == 1 else _native.shard_of(key, n)
+        return 0 if n == 1 else shard_of(key, n)
 
     def _submit(self, payload) -> object:
         self._check_open()
@@ -99,7 +100,7 @@ class EmbeddedKV(KV):
             key = check_key(key)
         if self._closed:
             self._check_open()
-        db = self._db0 or self._data[_native.shard_of(key, self._nshards)]
+        db = self._db0 or self._data[shard_of(key, self._nshards)]
         active = self._active_readers
         active.append(None)  # the reader gate of Storage.begin_read, inlined
         if self._storage._growing:  # the map is being grown: take the slow, waiting path
