@@ -1,0 +1,793 @@
+"""A Multi-Paxos replica for one shard: a pure, deterministic state machine.
+
+It takes messages (``step``), time (``tick``), client commands (``propose``) and
+reads (``read``), and hands back what must happen next as a :class:`Ready`. It
+does no I/O, reads no clock and uses no global randomness (the config carries a
+seeded ``random.Random``-like object).
+
+Driver loop (the node's, or the simulator's) -- the ordering contract::
+
+    while True:
+        feed replica.step(m) / replica.tick() / replica.propose(cmd) / replica.read(rid)
+        if replica.has_ready():
+            rd = replica.ready()
+            1. persist rd.promised / rd.commit_index, rd.records (overwrite by slot),
+               rd.snapshot, and delete log records <= rd.compacted_through,
+               in ONE durable (synced) write;
+            2. only then send rd.messages (safety rule 1);
+            3. if rd.snapshot: restore the state machine from it; then apply
+               rd.committed in order (slot order, each exactly once; rule 4);
+            4. serve rd.reads (their read index is now applied; rule 6);
+            5. fail rd.dropped_commands / rd.dropped_reads back to their clients;
+            6. replica.advance(rd)
+
+The phases: a candidate picks a ballot above any it has seen, runs phase 1 for
+every slot above its commit point (one Prepare covers them all), re-proposes in
+each such slot the value accepted at the highest ballot among a majority of
+promises (a no-op where none; rule 3), then appends a no-op of its own ballot.
+As leader it batches commands into entries and pipelines up to
+``pipeline_window`` slots above the commit point; the commit point travels with
+accepts and heartbeats.
+
+A replica knows a slot is chosen (and may commit it) when a leader of ballot B
+says "committed up to C" and its own entry at that slot was accepted at B, or
+when the entry came with a message saying it is at or below the sender's
+commit point. Invariant: every log entry at or below ``commit_index`` holds the
+chosen value of its slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import msgpack
+
+from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority
+from kvstore.paxos import messages as M
+from kvstore.paxos.ballot import ballot_node, ballot_round, make_ballot
+from kvstore.paxos.messages import Message
+
+if TYPE_CHECKING:  # pragma: no cover
+    import random
+
+KIND_NOOP = 0
+KIND_BATCH = 1  # payload: msgpack list of command bytes
+
+FOLLOWER = "follower"
+PRE_CANDIDATE = "pre-candidate"
+CANDIDATE = "candidate"
+LEADER = "leader"
+
+TALLY_WINDOW = 4096
+
+
+class NotLeader(Exception):
+    """This replica does not lead; ``leader_hint`` is the node it believes does (or None)."""
+
+    def __init__(self, leader_hint: int | None) -> None:
+        super().__init__(f"not the leader (hint: {leader_hint})")
+        self.leader_hint = leader_hint
+
+
+@dataclass(frozen=True)
+class Bugs:
+    """Planted bugs, for tests of the simulator only. All off by default."""
+
+    announce_before_persist: bool = False  # (a) Accepted sent before the acceptance is durable
+    repropose_lowest: bool = False  # (b) new leader re-proposes the lowest-ballot value
+    apply_out_of_order: bool = False  # (c) committed entries handed out in reverse slot order
+    read_without_quorum: bool = False  # (d) reads answered without the confirmation round
+
+
+@dataclass
+class Config:
+    node: int
+    num_nodes: int
+    rng: "random.Random"
+    election_timeout_ticks: int = 10
+    heartbeat_interval_ticks: int = 2
+    pipeline_window: int = 32  # slots in flight above the commit point, at most
+    batch_commands_max: int = 64  # commands per log entry
+    entries_per_message_max: int = 32
+    pending_commands_max: int = 4096  # proposals waiting for the window; beyond: dropped
+    snapshot_chunk_bytes: int = 4096
+    log_retain_slots: int = 32  # entries kept below a snapshot point, for cheap catch-up
+    pre_vote: bool = True
+    bugs: Bugs = field(default_factory=Bugs)
+
+
+@dataclass
+class PersistedState:
+    """What a replica restarts from: everything a Ready asked to persist."""
+
+    promised: int = 0
+    commit_index: int = -1
+    records: list = field(default_factory=list)  # encoded records, any order
+    snapshot_index: int = -1
+    snapshot_data: bytes = b""
+    applied_index: int | None = None  # the application's applied point (>= snapshot_index)
+
+
+@dataclass
+class Entry:
+    """A committed log entry, to apply. ``commands`` is empty for a no-op."""
+
+    slot: int
+    ballot: int
+    kind: int
+    commands: list
+
+
+@dataclass
+class Snapshot:
+    index: int  # every slot <= index is in it
+    data: bytes  # opaque, produced by the application
+
+
+@dataclass
+class Ready:
+    """Everything the driver must do, in field order (see the module docstring).
+
+    - ``promised``: the promise ballot to persist, or None if unchanged.
+      Durable BEFORE any of ``messages`` is sent.
+    - ``commit_index``: the commit point to persist (with the records), or None.
+    - ``records``: encoded log records (slot ascending) to persist, overwriting
+      any record at the same slot. Durable BEFORE ``messages`` are sent.
+    - ``snapshot``: an installed snapshot to persist, then restore the state
+      machine from BEFORE applying ``committed``; log records at slots <= its
+      index may be dropped.
+    - ``compacted_through``: log records at slots <= this may be deleted (the
+      application's snapshot covering them is already durable).
+    - ``messages``: to send, ONLY after the persist above is durable.
+    - ``committed``: entries to apply, in slot order, each exactly once.
+    - ``reads``: request ids of reads that may be served once ``committed`` is applied.
+    - ``dropped_commands`` / ``dropped_reads``: proposals and reads this replica
+      will not carry out (it lost leadership or was full); tell their clients.
+    """
+
+    promised: int | None = None
+    commit_index: int | None = None
+    records: list = field(default_factory=list)
+    snapshot: Snapshot | None = None
+    compacted_through: int | None = None
+    messages: list = field(default_factory=list)
+    committed: list = field(default_factory=list)
+    reads: list = field(default_factory=list)
+    dropped_commands: list = field(default_factory=list)
+    dropped_reads: list = field(default_factory=list)
+
+
+class _Progress:
+    """The leader's view of one follower. Invariant: match < next."""
+
+    __slots__ = ("match", "next", "snapshot_sent_tick")
+
+    def __init__(self, next_slot: int) -> None:
+        self.match = -1
+        self.next = next_slot
+        self.snapshot_sent_tick = -(1 << 30)
+
+
+class _ReadRound:
+    __slots__ = ("seq", "read_index", "request_ids", "acks")
+
+    def __init__(self, seq: int, read_index: int, request_ids: list, me: int) -> None:
+        self.seq = seq
+        self.read_index = read_index
+        self.request_ids = request_ids
+        self.acks = 1 << me
+
+
+class Replica:
+    def __init__(self, config: Config, persisted: PersistedState | None = None) -> None:
+        if not (1 <= config.num_nodes <= 64) or not (0 <= config.node < config.num_nodes):
+            raise ValueError("bad node/num_nodes")
+        self.config = config
+        self.id = config.node
+        self.n = config.num_nodes
+        self.rng = config.rng
+        self.bugs = config.bugs
+        p = persisted or PersistedState()
+        # Durable state (as of the last Ready handed out).
+        self.promised = p.promised
+        self.commit_index = p.commit_index
+        self.snapshot_index = p.snapshot_index
+        self.snapshot_data = p.snapshot_data
+        # log: slot -> (ballot, kind, payload, record). Slots <= snapshot_index may be gone.
+        self.log: dict = {}
+        for rec in p.records:
+            slot, ballot, kind, payload = decode_record(rec)
+            self.log[slot] = (ballot, kind, payload, rec)
+        self.log_start = self.snapshot_index + 1
+        if self.log:
+            self.log_start = min(self.log_start, min(self.log))
+        # Invariant: snapshot_index <= applied_index <= commit_index
+        self.commit_index = max(self.commit_index, self.snapshot_index)
+        self.applied_index = p.applied_index if p.applied_index is not None else self.snapshot_index
+        self.max_round = ballot_round(self.promised)
+        # Volatile.
+        self.role = FOLLOWER
+        self.leader: int | None = None
+        self.ballot = 0  # the ballot this replica leads/campaigns with
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.ticks = 0
+        self.attempts = 0
+        self.randomized_timeout = 0
+        self._reset_timeout()
+        self.promise_tally = PromiseTally(self.n)
+        self.prevote_granted = 0
+        self.reports: dict = {}
+        self.tally = QuorumTally(self.n, TALLY_WINDOW)
+        self.progress: list = []
+        self.next_slot = 0
+        self.own_first_slot = 0  # first slot proposed at this leader's ballot
+        self.pending_commands: list = []
+        self.recent_active = 0
+        self.read_seq = 0
+        self.read_round: _ReadRound | None = None
+        self.reads_queued: list = []
+        self.reads_confirmed: list = []  # (read_index, request_id)
+        self._match_cache = (-1, -1)  # (ballot, match)
+        self.snapshot_inbound: tuple | None = None  # (index, size, bytearray)
+        # Outputs for the next Ready.
+        self._hard_dirty = False
+        self._out_records: dict = {}
+        self._deferred_records: dict = {}
+        self._out_snapshot: Snapshot | None = None
+        self._out_compacted: int | None = None
+        self._out_messages: list = []
+        self._out_dropped_commands: list = []
+        self._out_dropped_reads: list = []
+        self.trace: list | None = None  # a driver may set a list to collect state changes
+
+    # ------------------------------------------------------------------ helpers
+    def _log_event(self, what: str) -> None:
+        if self.trace is not None:
+            self.trace.append(f"n{self.id} {what}")
+
+    def _reset_timeout(self) -> None:
+        t = self.config.election_timeout_ticks
+        spread = t * min(1 << self.attempts, 8)
+        self.randomized_timeout = t + self.rng.randrange(spread)
+
+    def _send(self, m: Message) -> None:
+        self._out_messages.append(m)
+
+    def _persist_record(self, slot: int, rec: bytes) -> None:
+        if self.bugs.announce_before_persist:
+            self._deferred_records[slot] = rec
+        else:
+            self._out_records[slot] = rec
+
+    def _store(self, slot: int, ballot: int, kind: int, payload: bytes, rec: bytes | None = None) -> None:
+        if rec is None:
+            rec = encode_record(slot, ballot, kind, payload)
+        self.log[slot] = (ballot, kind, payload, rec)
+        self._persist_record(slot, rec)
+
+    def _set_promised(self, b: int) -> None:
+        if b != self.promised:
+            assert b > self.promised, "a promise never goes down"
+            self.promised = b
+            self._hard_dirty = True
+        self.max_round = max(self.max_round, ballot_round(b))
+
+    def _set_commit(self, c: int) -> None:
+        if c > self.commit_index:
+            self.commit_index = c
+            self._hard_dirty = True
+
+    def _last_slot(self) -> int:
+        return max(self.log) if self.log else self.snapshot_index
+
+    def _match(self, b: int) -> int:
+        """Highest slot such that every slot up to it is chosen-known or accepted at ``b``."""
+        cb, cm = self._match_cache
+        s = max(cm, self.commit_index) if cb == b else self.commit_index
+        log = self.log
+        while True:
+            e = log.get(s + 1)
+            if e is None or e[0] != b:
+                break
+            s += 1
+        self._match_cache = (b, s)
+        return s
+
+    @property
+    def is_leader(self) -> bool:
+        return self.role == LEADER
+
+    @property
+    def leader_hint(self) -> int | None:
+        return self.id if self.role == LEADER else self.leader
+
+    # ------------------------------------------------------------------ role changes
+    def _become_follower(self, leader: int | None) -> None:
+        if self.role != FOLLOWER or leader != self.leader:
+            self._log_event(f"follower (leader {leader}, promised {self.promised >> 16}.{self.promised & 0xFFFF})")
+        if self.role == LEADER:
+            self._out_dropped_commands.extend(self.pending_commands)
+            self.pending_commands = []
+            dropped = list(self.reads_queued)
+            if self.read_round is not None:
+                dropped.extend(self.read_round.request_ids)
+            dropped.extend(rid for _, rid in self.reads_confirmed)
+            self._out_dropped_reads.extend(dropped)
+            self.reads_queued, self.read_round, self.reads_confirmed = [], None, []
+        self.role = FOLLOWER
+        self.leader = leader
+        self.election_elapsed = 0
+        self._reset_timeout()
+
+    def campaign(self) -> None:
+        """Start an election now (pre-vote first when configured)."""
+        if self.role == LEADER:
+            return
+        if self.config.pre_vote and self.n > 1:
+            self.role = PRE_CANDIDATE
+            self.leader = None
+            self.election_elapsed = 0
+            self.prevote_granted = 1 << self.id
+            b = make_ballot(self.max_round + 1, self.id)
+            self._log_event(f"pre-vote for {b >> 16}.{self.id}")
+            for i in range(self.n):
+                if i != self.id:
+                    self._send(Message(M.PRE_VOTE, i, self.id, ballot=b, commit_index=self.commit_index))
+            self._reset_timeout()
+            return
+        self._campaign_real()
+
+    def _campaign_real(self) -> None:
+        self.max_round += 1
+        b = make_ballot(self.max_round, self.id)
+        self._set_promised(b)
+        self.role = CANDIDATE
+        self.leader = None
+        self.ballot = b
+        self.election_elapsed = 0
+        self.attempts += 1
+        self._reset_timeout()
+        self._log_event(f"campaign ballot {b >> 16}.{self.id}")
+        self.promise_tally.reset(b)
+        self.reports = {self.id: (self._records_above(self.commit_index), self.commit_index)}
+        if self.promise_tally.record(self.id, b):
+            self._become_leader()
+            return
+        for i in range(self.n):
+            if i != self.id:
+                self._send(Message(M.PREPARE, i, self.id, ballot=b, commit_index=self.commit_index))
+
+    def _records_above(self, c: int) -> tuple:
+        return tuple(self.log[s][3] for s in sorted(self.log) if s > c)
+
+    def _become_leader(self) -> None:
+        b = self.ballot
+        c = self.commit_index
+        # Rule 3: per slot above our commit point, the value accepted at the highest
+        # ballot among the promises (a majority), a no-op where none.
+        best: dict = {}
+        for node in sorted(self.reports):
+            recs, _their_commit = self.reports[node]
+            for rec in recs:
+                slot, rb, kind, payload = decode_record(rec)
+                if slot <= c:
+                    continue
+                cur = best.get(slot)
+                if cur is None:
+                    best[slot] = (rb, kind, payload)
+                elif self.bugs.repropose_lowest:
+                    if rb < cur[0]:
+                        best[slot] = (rb, kind, payload)
+                elif rb > cur[0]:
+                    best[slot] = (rb, kind, payload)
+        top = max(best) if best else c
+        top = max(top, c)
+        self.reports = {}
+        self.role = LEADER
+        self.leader = self.id
+        self.attempts = 0
+        self.heartbeat_elapsed = 0
+        self.election_elapsed = 0
+        self.recent_active = 1 << self.id
+        self._log_event(f"leader at ballot {b >> 16}.{self.id}, re-proposing {c + 1}..{top}")
+        self.tally.reset(b, c)
+        for slot in range(c + 1, top + 1):
+            v = best.get(slot)
+            kind, payload = (v[1], v[2]) if v is not None else (KIND_NOOP, b"")
+            self._store(slot, b, kind, payload)
+        self.own_first_slot = top + 1
+        self._store(top + 1, b, KIND_NOOP, b"")
+        self.next_slot = top + 2
+        commit = self.tally.record(self.id, c + 1, top + 1, b)
+        self.progress = [_Progress(c + 1) for _ in range(self.n)]
+        for i in range(self.n):
+            if i != self.id:
+                self._send_entries(i)
+        self._on_commit(commit)
+
+    # ------------------------------------------------------------------ public inputs
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.role == LEADER:
+            self.heartbeat_elapsed += 1
+            self.election_elapsed += 1
+            if self.election_elapsed >= self.config.election_timeout_ticks:
+                # Check quorum: step down if we did not hear from a majority lately.
+                self.election_elapsed = 0
+                if bin(self.recent_active).count("1") < majority(self.n):
+                    self._log_event("lost contact with a majority; stepping down")
+                    self._become_follower(None)
+                    return
+                self.recent_active = 1 << self.id
+            if self.heartbeat_elapsed >= self.config.heartbeat_interval_ticks:
+                self.heartbeat_elapsed = 0
+                self._broadcast_heartbeat()
+            return
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.randomized_timeout:
+            self.campaign()
+
+    def propose(self, command: bytes) -> bool:
+        """Queue a client command; False when this replica does not lead (see ``leader_hint``)."""
+        if self.role != LEADER:
+            return False
+        if len(self.pending_commands) >= self.config.pending_commands_max:
+            self._out_dropped_commands.append(command)
+            return True
+        self.pending_commands.append(command)
+        if len(self.pending_commands) >= self.config.batch_commands_max:
+            self._flush_proposals()
+        return True
+
+    def read(self, request_id) -> None:
+        """Ask for a linearizable read; it comes back in ``Ready.reads`` when it may be served.
+
+        Raises NotLeader when this replica does not lead.
+        """
+        if self.role != LEADER:
+            raise NotLeader(self.leader)
+        if self.bugs.read_without_quorum:
+            self.reads_confirmed.append((self.commit_index, request_id))
+            return
+        self.reads_queued.append(request_id)
+        self._maybe_start_read_round()
+
+    def compact(self, index: int, data: bytes) -> None:
+        """The application has durably saved a snapshot of its state through ``index``.
+
+        The replica keeps it to send to lagging followers and drops log entries
+        more than ``log_retain_slots`` below it.
+        """
+        if index <= self.snapshot_index or index > self.applied_index:
+            return
+        self.snapshot_index = index
+        self.snapshot_data = data
+        cut = index - self.config.log_retain_slots
+        if cut >= self.log_start:
+            for s in range(self.log_start, cut + 1):
+                self.log.pop(s, None)
+            self.log_start = cut + 1
+            self._out_compacted = cut
+
+    def step(self, m: Message) -> None:
+        if m.to != self.id or not (0 <= m.frm < self.n) or m.frm == self.id:
+            return
+        t = m.type
+        if t == M.PRE_VOTE:
+            self._on_pre_vote(m)
+        elif t == M.PRE_VOTE_REPLY:
+            self._on_pre_vote_reply(m)
+        elif t == M.PREPARE:
+            self._on_prepare(m)
+        elif t == M.PROMISE:
+            self._on_promise(m)
+        elif t in (M.ACCEPT, M.HEARTBEAT):
+            self._on_accept(m)
+        elif t in (M.ACCEPTED, M.HEARTBEAT_REPLY):
+            self._on_accepted(m)
+        elif t == M.SNAPSHOT:
+            self._on_snapshot(m)
+
+    # ------------------------------------------------------------------ phase 1
+    def _heard_leader_recently(self) -> bool:
+        if self.role == LEADER:
+            return True
+        return self.leader is not None and self.election_elapsed < self.config.election_timeout_ticks
+
+    def _on_pre_vote(self, m: Message) -> None:
+        grant = (m.ballot > self.promised and not self._heard_leader_recently()
+                 and m.commit_index + 1 >= self.log_start)
+        self._send(Message(M.PRE_VOTE_REPLY, m.frm, self.id, ballot=m.ballot,
+                           reject=not grant, hint=self.promised))
+
+    def _on_pre_vote_reply(self, m: Message) -> None:
+        if self.role != PRE_CANDIDATE:
+            return
+        if m.reject:
+            self.max_round = max(self.max_round, ballot_round(m.hint))
+            return
+        if ballot_round(m.ballot) != self.max_round + 1:
+            return
+        self.prevote_granted |= 1 << m.frm
+        if bin(self.prevote_granted).count("1") >= majority(self.n):
+            self._campaign_real()
+
+    def _on_prepare(self, m: Message) -> None:
+        b = m.ballot
+        if b < self.promised or (b == self.promised and ballot_node(b) != m.frm):
+            self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
+            return
+        if b > self.promised:
+            # Leader stickiness: a follower that hears a live leader does not depose it.
+            if self._heard_leader_recently() and self.leader != m.frm:
+                self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
+                return
+            if m.commit_index + 1 < self.log_start:
+                # We compacted slots the candidate has not committed: it must catch up first.
+                self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
+                self._send_snapshot(m.frm, b)
+                return
+            self._set_promised(b)
+            if self.role != FOLLOWER:
+                self._become_follower(None)
+            self.leader = None
+            self.election_elapsed = 0
+        self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, commit_index=self.commit_index,
+                           records=self._records_above(m.commit_index)))
+
+    def _on_promise(self, m: Message) -> None:
+        if m.reject:
+            if m.hint > self.promised or (self.role == CANDIDATE and m.hint > self.ballot):
+                self.max_round = max(self.max_round, ballot_round(m.hint))
+                if self.role in (CANDIDATE, LEADER) and m.hint > self.ballot:
+                    self._become_follower(None)
+            return
+        if self.role != CANDIDATE or m.ballot != self.ballot:
+            return
+        if m.frm in self.reports:
+            return  # a duplicate; count each vote once
+        self.reports[m.frm] = (m.records, m.commit_index)
+        if self.promise_tally.record(m.frm, m.ballot):
+            self._become_leader()
+
+    # ------------------------------------------------------------------ phase 2
+    def _on_accept(self, m: Message) -> None:
+        b = m.ballot
+        reply_type = M.ACCEPTED if m.type == M.ACCEPT else M.HEARTBEAT_REPLY
+        if b < self.promised:
+            self._send(Message(reply_type, m.frm, self.id, ballot=b, reject=True,
+                               hint=self.promised, context=m.context))
+            return
+        if b > self.promised:
+            self._set_promised(b)
+        if self.role != FOLLOWER or self.leader != m.frm:
+            self._become_follower(m.frm)
+        self.election_elapsed = 0
+        self.attempts = 0
+        learned = set()
+        for rec in m.records:
+            slot, rb, kind, payload = decode_record(rec)
+            if slot <= self.commit_index or slot < self.log_start:
+                continue
+            if slot <= m.commit_index:
+                learned.add(slot)  # at or below the sender's commit point: chosen
+            elif rb != b:
+                continue  # never accept at a ballot other than the promised one
+            cur = self.log.get(slot)
+            if cur is not None and cur[3] == rec:
+                continue
+            self._store(slot, rb, kind, payload, rec)
+        commit = self.commit_index
+        log = self.log
+        while commit < m.commit_index:
+            e = log.get(commit + 1)
+            if e is None or (e[0] != b and (commit + 1) not in learned):
+                break
+            commit += 1
+        self._set_commit(commit)
+        self._send(Message(reply_type, m.frm, self.id, ballot=b, match_index=self._match(b),
+                           commit_index=self.commit_index, context=m.context))
+
+    def _on_accepted(self, m: Message) -> None:
+        if m.reject:
+            if m.hint > self.promised:
+                self.max_round = max(self.max_round, ballot_round(m.hint))
+                if self.role == LEADER:
+                    self._log_event(f"rejected by {m.frm} (promised {m.hint >> 16}.{m.hint & 0xFFFF})")
+                    self._become_follower(None)
+            return
+        if self.role != LEADER or m.ballot != self.ballot:
+            return
+        self.recent_active |= 1 << m.frm
+        pr = self.progress[m.frm]
+        if m.match_index > pr.match:
+            pr.match = m.match_index
+        if m.match_index > self.commit_index:
+            self._on_commit(self.tally.record(m.frm, self.commit_index + 1, m.match_index, self.ballot))
+        if m.type == M.HEARTBEAT_REPLY:
+            pr.next = pr.match + 1  # retransmit whatever was lost
+            rr = self.read_round
+            if rr is not None and m.context >= rr.seq:
+                rr.acks |= 1 << m.frm
+                self._maybe_confirm_reads()
+        elif pr.next <= pr.match:
+            pr.next = pr.match + 1
+        self._send_entries(m.frm)
+
+    def _on_commit(self, commit: int) -> None:
+        if commit > self.commit_index:
+            self._set_commit(commit)
+            self._flush_proposals()
+            self._maybe_start_read_round()
+
+    def _send_entries(self, to: int) -> None:
+        pr = self.progress[to]
+        last = self.next_slot - 1
+        if pr.next > last:
+            return
+        if pr.next < self.log_start:
+            if self.ticks - pr.snapshot_sent_tick >= self.config.election_timeout_ticks:
+                pr.snapshot_sent_tick = self.ticks
+                self._send_snapshot(to, self.ballot)
+            return
+        hi = min(last, pr.next + self.config.entries_per_message_max - 1)
+        recs = tuple(self.log[s][3] for s in range(pr.next, hi + 1))
+        self._send(Message(M.ACCEPT, to, self.id, ballot=self.ballot, commit_index=self.commit_index,
+                           records=recs))
+        pr.next = hi + 1
+
+    def _flush_proposals(self) -> None:
+        if self.role != LEADER or not self.pending_commands:
+            return
+        first = self.next_slot
+        cfg = self.config
+        while self.pending_commands and self.next_slot <= self.commit_index + cfg.pipeline_window:
+            batch = self.pending_commands[:cfg.batch_commands_max]
+            del self.pending_commands[:cfg.batch_commands_max]
+            self._store(self.next_slot, self.ballot, KIND_BATCH, msgpack.packb(batch, use_bin_type=True))
+            self.next_slot += 1
+        if self.next_slot == first:
+            return
+        commit = self.tally.record(self.id, first, self.next_slot - 1, self.ballot)
+        for i in range(self.n):
+            if i != self.id and self.progress[i].next == first:
+                self._send_entries(i)
+        if commit > self.commit_index:
+            self._on_commit(commit)
+
+    def _broadcast_heartbeat(self) -> None:
+        ctx = self.read_round.seq if self.read_round is not None else self.read_seq
+        for i in range(self.n):
+            if i != self.id:
+                self._send(Message(M.HEARTBEAT, i, self.id, ballot=self.ballot,
+                                   commit_index=self.commit_index, context=ctx))
+
+    # ------------------------------------------------------------------ reads (rule 6)
+    def _maybe_start_read_round(self) -> None:
+        if (self.role != LEADER or self.read_round is not None or not self.reads_queued
+                or self.commit_index < self.own_first_slot):
+            return
+        self.read_seq += 1
+        self.read_round = _ReadRound(self.read_seq, self.commit_index, self.reads_queued, self.id)
+        self.reads_queued = []
+        if self.n > 1:
+            self._broadcast_heartbeat()
+        self._maybe_confirm_reads()
+
+    def _maybe_confirm_reads(self) -> None:
+        rr = self.read_round
+        if rr is None or bin(rr.acks).count("1") < majority(self.n):
+            return
+        self.reads_confirmed.extend((rr.read_index, rid) for rid in rr.request_ids)
+        self.read_round = None
+        self._maybe_start_read_round()
+
+    # ------------------------------------------------------------------ snapshots
+    def _send_snapshot(self, to: int, ballot: int) -> None:
+        data = self.snapshot_data
+        if self.snapshot_index < 0:
+            return
+        step = self.config.snapshot_chunk_bytes
+        size = len(data)
+        off = 0
+        while True:
+            chunk = data[off:off + step]
+            done = off + len(chunk) >= size
+            self._send(Message(M.SNAPSHOT, to, self.id, ballot=ballot, snapshot_index=self.snapshot_index,
+                               offset=off, size=size, data=chunk, done=done))
+            off += len(chunk)
+            if done:
+                break
+
+    def _on_snapshot(self, m: Message) -> None:
+        # A snapshot holds only chosen values, so it is safe from any sender at any ballot.
+        if m.snapshot_index <= self.commit_index:
+            return
+        if m.offset == 0:
+            self.snapshot_inbound = (m.snapshot_index, m.size, bytearray())
+        sin = self.snapshot_inbound
+        if sin is None or sin[0] != m.snapshot_index or len(sin[2]) != m.offset:
+            return
+        sin[2].extend(m.data)
+        if not m.done:
+            return
+        self.snapshot_inbound = None
+        if len(sin[2]) != sin[1]:
+            return
+        index, data = m.snapshot_index, bytes(sin[2])
+        self._log_event(f"installing snapshot through {index}")
+        self.snapshot_index = index
+        self.snapshot_data = data
+        for s in [s for s in self.log if s <= index]:
+            del self.log[s]
+        self.log_start = index + 1
+        self.commit_index = index
+        self.applied_index = index
+        self._hard_dirty = True
+        self._out_snapshot = Snapshot(index, data)
+        self._out_records = {s: r for s, r in self._out_records.items() if s > index}
+        self._deferred_records = {s: r for s, r in self._deferred_records.items() if s > index}
+        if self.role == FOLLOWER and self.leader == m.frm:
+            b = self.promised
+            self._send(Message(M.ACCEPTED, m.frm, self.id, ballot=b, match_index=self._match(b),
+                               commit_index=self.commit_index))
+
+    # ------------------------------------------------------------------ Ready
+    def _reads_due(self, applied: int) -> list:
+        due = [rid for idx, rid in self.reads_confirmed if idx <= applied]
+        if due:
+            self.reads_confirmed = [(i, r) for i, r in self.reads_confirmed if i > applied]
+        return due
+
+    def has_ready(self) -> bool:
+        if self.role == LEADER and self.pending_commands and self.next_slot <= self.commit_index + self.config.pipeline_window:
+            return True
+        return bool(self._hard_dirty or self._out_records or self._deferred_records or self._out_snapshot
+                    or self._out_messages or self.applied_index < self.commit_index
+                    or self._out_compacted is not None or self._out_dropped_commands
+                    or self._out_dropped_reads
+                    or any(idx <= self.applied_index for idx, _ in self.reads_confirmed))
+
+    def ready(self) -> Ready:
+        """Everything to do now; the replica treats it as handed out (call ``advance`` after)."""
+        self._flush_proposals()
+        rd = Ready()
+        if self._hard_dirty:
+            rd.promised = self.promised
+            rd.commit_index = self.commit_index
+            self._hard_dirty = False
+        if self.bugs.announce_before_persist:
+            # Planted bug (a): persist last Ready's acceptances only now, after their announcement.
+            deferred, self._deferred_records = self._deferred_records, {}
+            self._out_records.update(deferred)
+        rd.records = [self._out_records[s] for s in sorted(self._out_records)]
+        self._out_records = {}
+        rd.snapshot, self._out_snapshot = self._out_snapshot, None
+        rd.compacted_through, self._out_compacted = self._out_compacted, None
+        rd.messages, self._out_messages = self._out_messages, []
+        if self.applied_index < self.commit_index:
+            committed = []
+            for s in range(self.applied_index + 1, self.commit_index + 1):
+                ballot, kind, payload, _rec = self.log[s]
+                cmds = msgpack.unpackb(payload, raw=False) if kind == KIND_BATCH else []
+                committed.append(Entry(s, ballot, kind, cmds))
+            if self.bugs.apply_out_of_order and len(committed) > 1:
+                committed.reverse()
+            rd.committed = committed
+            self.applied_index = self.commit_index
+        rd.reads = self._reads_due(self.applied_index)
+        rd.dropped_commands, self._out_dropped_commands = self._out_dropped_commands, []
+        rd.dropped_reads, self._out_dropped_reads = self._out_dropped_reads, []
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The driver carried out ``rd`` (persisted, sent, applied)."""
+        # All bookkeeping happened in ready(); kept for the etcd-style contract.
+        return None
+
+    def status(self) -> dict:
+        return {"node": self.id, "role": self.role, "leader": self.leader_hint,
+                "promised": self.promised, "commit_index": self.commit_index,
+                "applied_index": self.applied_index, "snapshot_index": self.snapshot_index}
