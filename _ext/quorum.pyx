@@ -43,7 +43,7 @@ cdef class QuorumTally:
     cdef readonly int num_nodes
     cdef readonly int64_t window
     cdef readonly int quorum
-    cdef public object ballot
+    cdef public int64_t ballot  # ballots are round << 16 | node: non-negative, < 2**63
     cdef int64_t _commit
 
     def __cinit__(self, num_nodes, window=4096, ballot=0, commit_index=-1):
@@ -79,7 +79,7 @@ cdef class QuorumTally:
         self.ballot = ballot
         self._commit = commit_index
 
-    def record(self, int node, int64_t first_slot, int64_t last_slot, ballot):
+    def record(self, int node, int64_t first_slot, int64_t last_slot, int64_t ballot):
         """``node`` accepted slots ``first_slot..last_slot`` (inclusive) at ``ballot``."""
         if node < 0 or node >= self.num_nodes:
             raise ValueError(f"node {node} out of range for {self.num_nodes} nodes")
@@ -115,7 +115,7 @@ cdef class PromiseTally:
 
     cdef readonly int num_nodes
     cdef readonly int quorum
-    cdef public object ballot
+    cdef public int64_t ballot
     cdef uint64_t _granted
 
     def __init__(self, num_nodes, ballot=0):
@@ -133,7 +133,7 @@ cdef class PromiseTally:
         self.ballot = ballot
         self._granted = 0
 
-    def record(self, int node, ballot):
+    def record(self, int node, int64_t ballot):
         """Count ``node``'s promise if it is for the current ballot; True once a majority."""
         if node < 0 or node >= self.num_nodes:
             raise ValueError(f"node {node} out of range for {self.num_nodes} nodes")
