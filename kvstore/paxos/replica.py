@@ -703,8 +703,8 @@ class Replica:
 
     def _on_snapshot(self, m: Message) -> None:
         # A snapshot holds only chosen values, so it is safe from any sender at any ballot.
-        if m.snapshot_index <= self.commit_index:
-            return
+        if m.snapshot_index <= self.commit_index or self.role == LEADER:
+            return  # a leader's tally counts from its own commit point; it never jumps
         if m.offset == 0:
             self.snapshot_inbound = (m.snapshot_index, m.size, bytearray())
         sin = self.snapshot_inbound
@@ -744,7 +744,7 @@ class Replica:
     def has_ready(self) -> bool:
         if self.role == LEADER and self.pending_commands and self.next_slot <= self.commit_index + self.config.pipeline_window:
             return True
-        return bool(self._hard_dirty or self._out_records or self._deferred_records or self._out_snapshot
+        return bool(self._hard_dirty or self._out_records or self._out_snapshot
                     or self._out_messages or self.applied_index < self.commit_index
                     or self._out_compacted is not None or self._out_dropped_commands
                     or self._out_dropped_reads

@@ -1,0 +1,42 @@
+"""``python -m kvstore.sim --seeds 1000 --nodes 5`` / ``--seed N --verbose`` to replay one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvstore.paxos.replica import Bugs
+from kvstore.sim.cluster import SimConfig, run_seed
+
+BUG_NAMES = ("announce_before_persist", "repropose_lowest", "apply_out_of_order", "read_without_quorum")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvstore.sim", description=__doc__)
+    p.add_argument("--seeds", type=int, default=100, help="run seeds first..first+N-1")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="run (replay) this one seed")
+    p.add_argument("--nodes", type=int, default=3, choices=(1, 3, 5))
+    p.add_argument("--ticks", type=int, default=SimConfig.ticks, help="ticks of the fault phase")
+    p.add_argument("--verbose", action="store_true", help="print the whole trace as it runs")
+    p.add_argument("--bug", action="append", default=[], choices=BUG_NAMES,
+                   help="plant a bug (to see the checks fail)")
+    a = p.parse_args(argv)
+    bugs = Bugs(**{name: True for name in a.bug})
+    seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
+    failed = 0
+    for s in seeds:
+        ok, text = run_seed(SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks, bugs=bugs, verbose=a.verbose))
+        if not ok or a.seed is not None:
+            print(text)
+        if not ok:
+            failed += 1
+            if a.seed is None:
+                break
+    if a.seed is None:
+        print(f"{len(seeds) if failed == 0 else 'stopped after a failure;'} seeds, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""Deterministic simulation of one shard's Paxos group (TigerBeetle VOPR style).
+
+One seed drives one ``random.Random`` for everything: message loss, duplication,
+delay and reordering, partitions, crashes (losing unsynced writes), pauses,
+restarts and the client workload. A run has a safety phase with faults, then a
+liveness phase: everything healed and restarted, no more faults, and every
+client's outstanding request must complete within ``liveness_ticks``.
+
+Checks, on every run:
+- agreement: no two replicas apply different entries at one slot;
+- order: each replica applies slot after slot, exactly once (restarts replay from
+  the last durable snapshot);
+- validity: only commands some client proposed are applied, each taking effect once;
+- durability: every acknowledged write is in the chosen log;
+- linearizability of the client history (``check_history``);
+- liveness: after the last heal, every client request completes in bounded ticks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvstore.paxos import messages as M
+from kvstore.paxos.replica import (KIND_BATCH, Bugs, Config, NotLeader, PersistedState, Replica)
+from kvstore.sim.kv import KV, decode_command, encode_command
+from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
+
+KEYS = (b"a", b"b", b"c")
+
+
+class SimulationFailure(Exception):
+    pass
+
+
+@dataclass
+class SimConfig:
+    seed: int = 0
+    nodes: int = 3
+    ticks: int = 400  # safety phase
+    liveness_ticks: int = 300
+    clients: int = 4
+    drop_rate: float = 0.05
+    duplicate_rate: float = 0.03
+    delay_max_ticks: int = 3
+    crash_rate: float = 0.004  # per node per tick
+    partition_rate: float = 0.01  # per tick
+    pause_rate: float = 0.003  # per node per tick
+    snapshot_every: int = 8  # applied entries between application snapshots
+    client_timeout_ticks: int = 25
+    election_timeout_ticks: int = 10
+    heartbeat_interval_ticks: int = 2
+    pipeline_window: int = 8
+    batch_commands_max: int = 4
+    entries_per_message_max: int = 4
+    log_retain_slots: int = 4
+    bugs: Bugs = field(default_factory=Bugs)
+    trace_lines: int = 60
+    verbose: bool = False
+
+
+# ---------------------------------------------------------------------- client <-> node messages
+@dataclass(frozen=True)
+class ClientRequest:
+    to: int
+    frm: int  # client id
+    seq: int
+    kind: str
+    key: bytes
+    args: tuple
+    command: bytes | None  # writes: the encoded command (same bytes on every retry)
+
+    def __str__(self) -> str:
+        return f"ClientRequest c{self.frm}->n{self.to} seq={self.seq} {self.kind} {self.key!r} {self.args!r}"
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    to: int  # client id
+    frm: int
+    seq: int
+    ok: bool
+    result: object = None
+    leader_hint: int | None = None
+
+    def __str__(self) -> str:
+        return f"ClientReply n{self.frm}->c{self.to} seq={self.seq} ok={self.ok} {self.result!r} hint={self.leader_hint}"
+
+
+class Disk:
+    """A node's simulated disk: writes land in a buffer that a crash loses until synced."""
+
+    def __init__(self) -> None:
+        self.promised = 0
+        self.commit_index = -1
+        self.records: dict = {}  # slot -> record
+        self.snapshot_index = -1
+        self.snapshot_data = b""
+        self._pending: list = []
+
+    def write(self, op: tuple) -> None:
+        self._pending.append(op)
+
+    def sync(self) -> None:
+        for op in self._pending:
+            what = op[0]
+            if what == "hard":
+                self.promised, self.commit_index = op[1], op[2]
+            elif what == "record":
+                self.records[op[1]] = op[2]
+            elif what == "snapshot":
+                if op[1] > self.snapshot_index:
+                    self.snapshot_index, self.snapshot_data = op[1], op[2]
+                    for s in [s for s in self.records if s <= op[1]]:
+                        del self.records[s]
+                    self.commit_index = max(self.commit_index, op[1])
+            elif what == "compact":
+                for s in [s for s in self.records if s <= op[1]]:
+                    del self.records[s]
+        self._pending = []
+
+    def lose_unsynced(self) -> None:
+        self._pending = []
+
+    def persisted(self) -> PersistedState:
+        return PersistedState(promised=self.promised, commit_index=self.commit_index,
+                              records=[self.records[s] for s in sorted(self.records)],
+                              snapshot_index=self.snapshot_index, snapshot_data=self.snapshot_data)
+
+
+class Node:
+    def __init__(self, sim: "Simulation", index: int) -> None:
+        self.sim = sim
+        self.id = index
+        self.disk = Disk()
+        self.up = True
+        self.paused_until = -1
+        self.down_until = -1
+        self.start()
+
+    def start(self) -> None:
+        sim = self.sim
+        c = sim.config
+        cfg = Config(node=self.id, num_nodes=c.nodes, rng=sim.rng,
+                     election_timeout_ticks=c.election_timeout_ticks,
+                     heartbeat_interval_ticks=c.heartbeat_interval_ticks,
+                     pipeline_window=c.pipeline_window, batch_commands_max=c.batch_commands_max,
+                     entries_per_message_max=c.entries_per_message_max,
+                     log_retain_slots=c.log_retain_slots, bugs=c.bugs)
+        self.replica = Replica(cfg, self.disk.persisted())
+        self.replica.trace = []
+        if self.disk.snapshot_index >= 0:
+            self.kv = KV.restore(self.disk.snapshot_data)
+        else:
+            self.kv = KV()
+        self.last_applied = self.disk.snapshot_index
+        self.waiting_writes: dict = {}  # (client, seq) -> True
+        self.waiting_reads: dict = {}  # request id -> (client, seq, key)
+        self.up = True
+
+    def crash(self, why: str) -> None:
+        self.sim.log(f"CRASH n{self.id} ({why})")
+        self.disk.lose_unsynced()
+        self.up = False
+        self.replica = None
+
+    # ------------------------------------------------------------------ inputs
+    def on_client_request(self, req: ClientRequest) -> None:
+        r = self.replica
+        if not r.is_leader:
+            self.sim.send(ClientReply(req.frm, self.id, req.seq, False, leader_hint=r.leader_hint))
+            return
+        if req.kind == "get":
+            rid = self.sim.next_request_id()
+            self.waiting_reads[rid] = (req.frm, req.seq, req.key)
+            try:
+                r.read(rid)
+            except NotLeader as e:
+                self.sim.send(ClientReply(req.frm, self.id, req.seq, False, leader_hint=e.leader_hint))
+            return
+        self.waiting_writes[(req.frm, req.seq)] = True
+        if not r.propose(req.command):
+            self.sim.send(ClientReply(req.frm, self.id, req.seq, False, leader_hint=r.leader_hint))
+
+    def drain(self) -> None:
+        """Carry out Readies: persist, sync, send, apply, answer (crashes may cut in)."""
+        sim = self.sim
+        rng = sim.rng
+        crash_p = sim.crash_in_ready_p
+        for _ in range(100):
+            r = self.replica
+            if r is None or not r.has_ready():
+                return
+            rd = r.ready()
+            sim.flush_trace(self)
+            # 1. persist (unsynced until sync)
+            d = self.disk
+            if rd.promised is not None:
+                d.write(("hard", rd.promised, rd.commit_index))
+            for rec in rd.records:
+                d.write(("record", int.from_bytes(rec[8:16], "little"), rec))
+            if rd.snapshot is not None:
+                d.write(("snapshot", rd.snapshot.index, rd.snapshot.data))
+            if rd.compacted_through is not None:
+                d.write(("compact", rd.compacted_through))
+            if crash_p and rng.random() < crash_p:
+                self.crash("before sync")
+                return
+            d.sync()
+            if crash_p and rng.random() < crash_p:
+                self.crash("after sync, before send")
+                return
+            # 2. send
+            for m in rd.messages:
+                sim.send(m)
+            # 3. apply
+            if rd.snapshot is not None:
+                self.kv = KV.restore(rd.snapshot.data)
+                self.last_applied = rd.snapshot.index
+                sim.log(f"n{self.id} restored snapshot through {rd.snapshot.index}")
+            for e in rd.committed:
+                self.apply(e)
+            # 4. reads
+            for rid in rd.reads:
+                w = self.waiting_reads.pop(rid, None)
+                if w is not None:
+                    client, seq, key = w
+                    sim.send(ClientReply(client, self.id, seq, True, result=self.kv.get(key)))
+            # 5. dropped
+            for cmd in rd.dropped_commands:
+                client, seq, *_ = decode_command(cmd)
+                if self.waiting_writes.pop((client, seq), None):
+                    sim.send(ClientReply(client, self.id, seq, False, leader_hint=r.leader_hint))
+            for rid in rd.dropped_reads:
+                w = self.waiting_reads.pop(rid, None)
+                if w is not None:
+                    sim.send(ClientReply(w[0], self.id, w[1], False, leader_hint=r.leader_hint))
+            r.advance(rd)
+            # The application snapshots its state now and then; durable first, then compact.
+            if self.last_applied - r.snapshot_index >= sim.config.snapshot_every:
+                data = self.kv.snapshot()
+                d.write(("snapshot", self.last_applied, data))
+                d.sync()
+                r.compact(self.last_applied, data)
+        raise SimulationFailure(f"n{self.id}: Ready loop did not settle")
+
+    def apply(self, e) -> None:
+        sim = self.sim
+        if e.slot != self.last_applied + 1:
+            sim.fail(f"order: n{self.id} applied slot {e.slot} after slot {self.last_applied}")
+        self.last_applied = e.slot
+        value = (e.kind, tuple(e.commands))
+        prev = sim.chosen.get(e.slot)
+        if prev is None:
+            sim.chosen[e.slot] = value
+        elif prev != value:
+            sim.fail(f"agreement: n{self.id} applied {_fmt_entry(value)} at slot {e.slot}, "
+                     f"another replica applied {_fmt_entry(prev)}")
+        if e.kind != KIND_BATCH:
+            return
+        for cmd in e.commands:
+            if cmd not in sim.proposed:
+                sim.fail(f"validity: n{self.id} applied a command nobody proposed at slot {e.slot}")
+            key, result, took_effect = self.kv.apply(cmd)
+            if took_effect:
+                seen = sim.effect_slot.get(key)
+                if seen is None:
+                    sim.effect_slot[key] = e.slot
+                elif seen != e.slot:
+                    sim.fail(f"validity: command {key} took effect at slot {seen} and again at {e.slot}")
+            if self.waiting_writes.pop(key, None):
+                sim.send(ClientReply(key[0], self.id, key[1], True, result=result))
+
+
+def _fmt_entry(v) -> str:
+    kind, cmds = v
+    if kind != KIND_BATCH:
+        return "no-op"
+    return "[" + ", ".join(str(decode_command(c)) for c in cmds) + "]"
+
+
+class Client:
+    def __init__(self, sim: "Simulation", index: int) -> None:
+        self.sim = sim
+        self.id = index
+        self.seq = 0
+        self.op: dict | None = None
+        self.target = sim.rng.randrange(sim.config.nodes)
+        self.idle_until = 0
+
+    def start_op(self) -> None:
+        sim = self.sim
+        rng = sim.rng
+        self.seq += 1
+        key = KEYS[rng.randrange(len(KEYS))]
+        kind = ("get", "put", "delete", "cas", "get", "put")[rng.randrange(6)]
+        val = lambda: b"v%d" % rng.randrange(5)  # noqa: E731
+        if kind == "put":
+            args = (val(),)
+        elif kind == "cas":
+            args = (None if rng.random() < 0.3 else val(), None if rng.random() < 0.2 else val())
+        else:
+            args = ()
+        command = None
+        if kind != "get":
+            command = encode_command(self.id, self.seq, kind, key, args)
+            sim.proposed.add(command)
+        self.op = {"seq": self.seq, "kind": kind, "key": key, "args": args, "command": command,
+                   "call": sim.now(), "deadline": 0}
+        self.send()
+
+    def send(self) -> None:
+        op = self.op
+        op["deadline"] = self.sim.tick + self.sim.config.client_timeout_ticks
+        self.sim.send(ClientRequest(self.target, self.id, op["seq"], op["kind"], op["key"], op["args"],
+                                    op["command"]))
+
+    def on_reply(self, rep: ClientReply) -> None:
+        op = self.op
+        if op is None or rep.seq != op["seq"]:
+            return
+        sim = self.sim
+        if rep.ok:
+            sim.history.append(Operation(self.id, op["key"], op["kind"], op["args"], op["call"],
+                                         sim.now(), rep.result))
+            if op["command"] is not None:
+                sim.acked.append(op["command"])
+            self.op = None
+            self.idle_until = sim.tick + sim.rng.randrange(3)
+            return
+        if rep.leader_hint is not None and rep.leader_hint != rep.frm:
+            self.target = rep.leader_hint
+        else:
+            self.target = sim.rng.randrange(sim.config.nodes)
+        op["deadline"] = sim.tick + 1  # retry at the next tick
+
+    def on_tick(self, may_start: bool) -> None:
+        sim = self.sim
+        if self.op is None:
+            if may_start and sim.tick >= self.idle_until:
+                self.start_op()
+            return
+        if sim.tick >= self.op["deadline"]:
+            if sim.tick >= self.op["deadline"] + 0 and self.op["deadline"] != sim.tick + 1:
+                self.target = sim.rng.randrange(sim.config.nodes)
+            self.send()
+
+
+class Simulation:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.tick = 0
+        self._event = 0
+        self._msg_seq = 0
+        self._request_id = 0
+        self.queue: list = []  # (due tick, seq, message)
+        self.cut: set = set()  # (a, b) node pairs that cannot talk
+        self.trace: deque = deque(maxlen=config.trace_lines)
+        self.chosen: dict = {}
+        self.proposed: set = set()
+        self.effect_slot: dict = {}
+        self.acked: list = []
+        self.history: list = []
+        self.faults = True
+        self.crash_in_ready_p = 0.0
+        self.nodes = [Node(self, i) for i in range(config.nodes)]
+        self.clients = [Client(self, i) for i in range(config.clients)]
+
+    # ------------------------------------------------------------------ plumbing
+    def now(self) -> int:
+        self._event += 1
+        return self.tick * 100_000 + self._event
+
+    def next_request_id(self) -> int:
+        self._request_id += 1
+        return self._request_id
+
+    def log(self, line: str) -> None:
+        line = f"t{self.tick} {line}"
+        self.trace.append(line)
+        if self.config.verbose:
+            print(line)
+
+    def flush_trace(self, node: Node) -> None:
+        tr = node.replica.trace
+        if tr:
+            for line in tr:
+                self.log(line)
+            tr.clear()
+
+    def fail(self, why: str) -> None:
+        raise SimulationFailure(why)
+
+    def send(self, m) -> None:
+        c = self.config
+        rng = self.rng
+        if self.faults and rng.random() < c.drop_rate:
+            self.log(f"drop {m}")
+            return
+        copies = 2 if self.faults and rng.random() < c.duplicate_rate else 1
+        for _ in range(copies):
+            self._msg_seq += 1
+            delay = 1 + rng.randrange(c.delay_max_ticks)
+            heapq.heappush(self.queue, (self.tick + delay, self._msg_seq, m))
+
+    def _deliver(self, m) -> None:
+        if isinstance(m, ClientReply):
+            self.clients[m.to].on_reply(m)
+            self.log(f"recv {m}")
+            return
+        node = self.nodes[m.to]
+        if not node.up:
+            return
+        if node.paused_until > self.tick:
+            # A paused process: the message waits in its socket buffer.
+            self._msg_seq += 1
+            heapq.heappush(self.queue, (node.paused_until, self._msg_seq, m))
+            return
+        if isinstance(m, ClientRequest):
+            self.log(f"recv {m}")
+            node.on_client_request(m)
+        else:
+            if (m.frm, m.to) in self.cut:
+                return
+            if m.type not in (M.HEARTBEAT, M.HEARTBEAT_REPLY):
+                self.log(f"recv {m}")
+            node.replica.step(m)
+        self.flush_trace(node)
+
+    # ------------------------------------------------------------------ faults
+    def _faults(self) -> None:
+        c = self.config
+        rng = self.rng
+        n = c.nodes
+        for node in self.nodes:
+            if node.up:
+                if rng.random() < c.crash_rate:
+                    node.crash("random")
+                    node.down_until = self.tick + 1 + rng.randrange(60)
+                elif rng.random() < c.pause_rate and node.paused_until <= self.tick:
+                    node.paused_until = self.tick + 1 + rng.randrange(40)
+                    self.log(f"PAUSE n{node.id} until t{node.paused_until}")
+            elif self.tick >= node.down_until:
+                self.log(f"RESTART n{node.id}")
+                node.start()
+        if n > 1 and rng.random() < c.partition_rate:
+            if self.cut and rng.random() < 0.5:
+                self.cut = set()
+                self.log("HEAL all links")
+            else:
+                side = [i for i in range(n) if rng.random() < 0.5]
+                other = [i for i in range(n) if i not in side]
+                self.cut = {(a, b) for a in side for b in other} | {(b, a) for a in side for b in other}
+                self.log(f"PARTITION {side} | {other}")
+
+    def _heal(self) -> None:
+        self.faults = False
+        self.crash_in_ready_p = 0.0
+        self.cut = set()
+        for node in self.nodes:
+            node.paused_until = -1
+            if not node.up:
+                self.log(f"RESTART n{node.id} (heal)")
+                node.start()
+        self.log("HEAL everything; liveness phase")
+
+    # ------------------------------------------------------------------ run
+    def _step_tick(self, may_start: bool) -> None:
+        self.tick += 1
+        if self.faults:
+            self._faults()
+        while self.queue and self.queue[0][0] <= self.tick:
+            _, _, m = heapq.heappop(self.queue)
+            self._deliver(m)
+        for node in self.nodes:
+            if node.up and node.paused_until <= self.tick:
+                node.replica.tick()
+                node.drain()
+        for client in self.clients:
+            client.on_tick(may_start)
+        for node in self.nodes:
+            if node.up and node.paused_until <= self.tick:
+                node.drain()
+
+    def run(self) -> None:
+        c = self.config
+        self.crash_in_ready_p = 0.005
+        while self.tick < c.ticks:
+            self._step_tick(True)
+        self._heal()
+        end = self.tick + c.liveness_ticks
+        while any(cl.op is not None for cl in self.clients):
+            if self.tick >= end:
+                stuck = [f"c{cl.id}:{cl.op['kind']} seq={cl.op['seq']}" for cl in self.clients if cl.op]
+                self.fail(f"liveness: {stuck} not done {c.liveness_ticks} ticks after the last heal")
+            self._step_tick(False)
+        self.check_end()
+
+    def check_end(self) -> None:
+        chosen_cmds = set()
+        for slot in self.chosen:
+            kind, cmds = self.chosen[slot]
+            chosen_cmds.update(cmds)
+        for cmd in self.acked:
+            if cmd not in chosen_cmds:
+                self.fail(f"durability: acknowledged {decode_command(cmd)} is not in the chosen log")
+        pending = []
+        for cl in self.clients:
+            if cl.op is not None:
+                op = cl.op
+                pending.append(Operation(cl.id, op["key"], op["kind"], op["args"], op["call"], None))
+        try:
+            res = check_history(self.history + pending)
+        except CheckerGaveUp:
+            self.log("linearizability checker gave up (history too large); not checked")
+            return
+        if not res.ok:
+            self.fail(f"linearizability: key {res.key!r}\n{res.explanation}")
+
+
+def run_seed(config: SimConfig) -> tuple[bool, str]:
+    """Run one seed; ``(True, summary)`` or ``(False, report with trace)``."""
+    sim = Simulation(config)
+    try:
+        sim.run()
+    except SimulationFailure as e:
+        lines = [f"FAILED seed {config.seed}: {e}",
+                 f"reproduce: python -m kvstore.sim --seed {config.seed} --nodes {config.nodes}"
+                 f" --ticks {config.ticks} --verbose",
+                 f"last {len(sim.trace)} events:"]
+        lines.extend("  " + t for t in sim.trace)
+        return False, "\n".join(lines)
+    return True, (f"seed {config.seed}: ok, {len(sim.chosen)} slots chosen, "
+                  f"{len(sim.history)} ops completed, {len(sim.acked)} writes acknowledged")
