@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore import sharding
-from tests.kernels import HASHING, _hashing, pure
+from kernel_impls import HASHING, _hashing, pure
 
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 

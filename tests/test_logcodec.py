@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore.errors import CorruptRecord, StorageError
-from tests.kernels import LOGCODEC, _logcodec, pure
+from kernel_impls import LOGCODEC, _logcodec, pure
 
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 RECORDS = st.lists(st.tuples(U64, U64, st.integers(0, 255), st.binary(max_size=300)),

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.kernels import QUORUM
+from kernel_impls import QUORUM
 
 
 class SlowTally:
