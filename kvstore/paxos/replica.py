@@ -74,7 +74,9 @@ class NotLeader(Exception):
 class Bugs:
     """Planted bugs, for tests of the simulator only. All off by default."""
 
-    announce_before_persist: bool = False  # (a) Accepted sent before the acceptance is durable
+    # (a) acceptances go to a write-behind buffer flushed every election timeout (like a
+    # journal synced on a timer), so Accepted is announced before the acceptance is durable
+    announce_before_persist: bool = False
     repropose_lowest: bool = False  # (b) new leader re-proposes the lowest-ballot value
     apply_out_of_order: bool = False  # (c) committed entries handed out in reverse slot order
     read_without_quorum: bool = False  # (d) reads answered without the confirmation round
@@ -410,6 +412,10 @@ class Replica:
     # ------------------------------------------------------------------ public inputs
     def tick(self) -> None:
         self.ticks += 1
+        if self._deferred_records and self.ticks % self.config.election_timeout_ticks == 0:
+            # Planted bug (a): the write-behind buffer is flushed only now.
+            self._out_records.update(self._deferred_records)
+            self._deferred_records = {}
         if self.role == LEADER:
             self.heartbeat_elapsed += 1
             self.election_elapsed += 1
@@ -758,10 +764,6 @@ class Replica:
             rd.promised = self.promised
             rd.commit_index = self.commit_index
             self._hard_dirty = False
-        if self.bugs.announce_before_persist:
-            # Planted bug (a): persist last Ready's acceptances only now, after their announcement.
-            deferred, self._deferred_records = self._deferred_records, {}
-            self._out_records.update(deferred)
         rd.records = [self._out_records[s] for s in sorted(self._out_records)]
         self._out_records = {}
         rd.snapshot, self._out_snapshot = self._out_snapshot, None
@@ -770,7 +772,11 @@ class Replica:
         if self.applied_index < self.commit_index:
             committed = []
             for s in range(self.applied_index + 1, self.commit_index + 1):
-                ballot, kind, payload, _rec = self.log[s]
+                e = self.log.get(s)
+                if e is None:
+                    raise AssertionError(f"n{self.id}: committed slot {s} is not in the log "
+                                         f"(commit {self.commit_index}): persisted state is inconsistent")
+                ballot, kind, payload, _rec = e
                 cmds = msgpack.unpackb(payload, raw=False) if kind == KIND_BATCH else []
                 committed.append(Entry(s, ballot, kind, cmds))
             if self.bugs.apply_out_of_order and len(committed) > 1:

@@ -58,6 +58,8 @@ class SimConfig:
     log_retain_slots: int = 4
     bugs: Bugs = field(default_factory=Bugs)
     trace_lines: int = 60
+    swarm: bool = True  # each seed draws its own fault rates (swarm testing)
+    crash_in_ready_rate: float = 0.005  # per crash point in a Ready's handling
     verbose: bool = False
 
 
@@ -215,6 +217,9 @@ class Node:
             # 2. send
             for m in rd.messages:
                 sim.send(m)
+            if crash_p and rng.random() < crash_p:
+                self.crash("after send, before apply")
+                return
             # 3. apply
             if rd.snapshot is not None:
                 self.kv = KV.restore(rd.snapshot.data)
@@ -366,6 +371,20 @@ class Simulation:
         self.history: list = []
         self.faults = True
         self.crash_in_ready_p = 0.0
+        if config.swarm:
+            # Swarm testing: some seeds are calm, some are storms, most in between.
+            rng = self.rng
+            pick = lambda *xs: xs[rng.randrange(len(xs))]  # noqa: E731
+            from dataclasses import replace
+            config = replace(config,
+                             drop_rate=pick(0.0, 0.02, 0.05, 0.15),
+                             duplicate_rate=pick(0.0, 0.03, 0.1),
+                             delay_max_ticks=pick(1, 3, 6),
+                             crash_rate=pick(0.0, 0.003, 0.01, 0.02),
+                             partition_rate=pick(0.0, 0.01, 0.03),
+                             pause_rate=pick(0.0, 0.003, 0.01),
+                             crash_in_ready_rate=pick(0.0, 0.005, 0.02, 0.05))
+            self.config = config
         self.nodes = [Node(self, i) for i in range(config.nodes)]
         self.clients = [Client(self, i) for i in range(config.clients)]
 
@@ -487,7 +506,7 @@ class Simulation:
 
     def run(self) -> None:
         c = self.config
-        self.crash_in_ready_p = 0.005
+        self.crash_in_ready_p = c.crash_in_ready_rate
         while self.tick < c.ticks:
             self._step_tick(True)
         self._heal()
@@ -526,8 +545,9 @@ def run_seed(config: SimConfig) -> tuple[bool, str]:
     sim = Simulation(config)
     try:
         sim.run()
-    except SimulationFailure as e:
-        lines = [f"FAILED seed {config.seed}: {e}",
+    except (SimulationFailure, AssertionError) as e:
+        lines = [f"FAILED seed {config.seed}: {type(e).__name__ if isinstance(e, AssertionError) else ''}"
+                 f"{': ' if isinstance(e, AssertionError) else ''}{e}",
                  f"reproduce: python -m kvstore.sim --seed {config.seed} --nodes {config.nodes}"
                  f" --ticks {config.ticks} --verbose",
                  f"last {len(sim.trace)} events:"]
