@@ -261,30 +261,61 @@ class Storage:
                 txn.commit()
                 return result
             except lmdb.MapFullError:
-                if txn is not None:
-                    txn.abort()
-                self._grow()
+                self._grow(txn)
             except (lmdb.Error, OSError) as e:
-                if txn is not None:
-                    txn.abort()
+                self._abort_write(txn)
                 raise translate(e, self.path, "writing") from e
             except BaseException:
-                if txn is not None:
-                    txn.abort()
+                self._abort_write(txn)
                 raise
 
-    def _grow(self) -> None:
-        """Double the map once no read transaction of this process is open."""
+    def _pause_readers(self) -> bool:
+        """Hold new reads back and wait for open ones to end; False if they did not in time.
+
+        Pair with ``_resume_readers``.
+        """
+        self._grown.clear()
+        self._growing = True
+        deadline = time.monotonic() + GROW_WAIT_SECONDS
+        while self._active_readers:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0002)
+        return True
+
+    def _resume_readers(self) -> None:
+        self._growing = False
+        self._grown.set()
+
+    def _abort_write(self, txn) -> None:
+        """Abort a write transaction with this process's readers paused.
+
+        py-lmdb (3.x) aborts a write transaction only at a moment when no other
+        thread is inside an LMDB call, so readers that keep reading starve it
+        (seconds to minutes with two busy readers). Commits do not wait.
+        """
+        if txn is None:
+            return
+        # Holding new reads back is enough: the abort then waits only for the
+        # LMDB calls already in flight (open snapshots need not end).
         self._grown.clear()
         self._growing = True
         try:
-            deadline = time.monotonic() + GROW_WAIT_SECONDS
-            while self._active_readers:
-                if time.monotonic() > deadline:
-                    raise StorageError(
-                        f"cannot grow the map of {self.path}: a read transaction has been "
-                        f"open for over {GROW_WAIT_SECONDS:.0f} s", self.path)
-                time.sleep(0.0002)
+            txn.abort()
+        finally:
+            self._resume_readers()
+
+    def _grow(self, txn=None) -> None:
+        """Abort ``txn`` (which hit the map's end) and double the map, once no read
+        transaction of this process is open."""
+        try:
+            drained = self._pause_readers()
+            if txn is not None:
+                txn.abort()
+            if not drained:
+                raise StorageError(
+                    f"cannot grow the map of {self.path}: a read transaction has been "
+                    f"open for over {GROW_WAIT_SECONDS:.0f} s", self.path)
             new_size = self.map_size * 2
             try:
                 self._env.set_mapsize(new_size)
@@ -292,8 +323,7 @@ class Storage:
                 raise translate(e, self.path, "growing the map") from e
             self.map_size = new_size
         finally:
-            self._growing = False
-            self._grown.set()
+            self._resume_readers()
 
     # -- meta helpers ---------------------------------------------------------------------
 
