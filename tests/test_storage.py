@@ -1,0 +1,171 @@
+"""The storage layer as users meet it: directory lock, map growth, corrupt or unusable
+directories, log compaction."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+
+import pytest
+
+import kvstore
+import kvstore.embedded
+from conftest import PYTHON, child_env
+from kvstore import StorageError
+
+
+def test_second_process_gets_storage_error_naming_the_holder(tmp_path):
+    path = str(tmp_path / "kv")
+    child = subprocess.Popen(
+        [PYTHON, "-c", "import sys, kvstore; db = kvstore.open(sys.argv[1]); db.put(b'k', b'v');"
+         "print('open', flush=True); sys.stdin.read(); db.close(); print('closed', flush=True)",
+         path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
+    try:
+        assert child.stdout.readline() == b"open\n", child.stderr.read().decode()
+        with pytest.raises(StorageError) as info:
+            kvstore.open(path)
+        assert str(child.pid) in str(info.value)
+        assert path in str(info.value) and info.value.path == path
+        child.stdin.close()  # the holder closes the store and exits
+        assert child.stdout.readline() == b"closed\n"
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    with kvstore.open(path) as db:
+        assert db.get(b"k") == b"v"
+
+
+def test_second_open_in_the_same_process_is_refused(store):
+    db = store()
+    with pytest.raises(StorageError, match="in use"):
+        kvstore.open(db.path)
+    db.put(b"k", b"v")  # the refused open did not disturb the holder
+    assert db.get(b"k") == b"v"
+
+
+def test_map_grows_under_concurrent_readers(store, shards):
+    db = store(shards=shards, map_size=1 << 20)
+    initial = db.status()["map_size"]
+    assert initial <= 2 << 20
+    db.put(b"anchor", b"A" * 1000)
+    stop = threading.Event()
+    started = threading.Barrier(3)
+    errors, reads = [], [0]
+
+    def reader(scan):
+        started.wait()
+        try:
+            while not stop.is_set():
+                if scan:
+                    rows = db.scan(b"anchor")
+                    assert rows == [(b"anchor", b"A" * 1000)]
+                else:
+                    with db.transaction() as txn:  # a snapshot held across a few reads
+                        assert txn.get(b"anchor") == b"A" * 1000
+                        txn.get(b"big/000")
+                    assert db.get(b"anchor") == b"A" * 1000
+                reads[0] += 1
+        except BaseException as e:
+            errors.append(e)
+
+    readers = [threading.Thread(target=reader, args=(s,)) for s in (True, False)]
+    for t in readers:
+        t.start()
+    started.wait()
+    value = bytes(range(256)) * 64  # 16 KiB
+    try:
+        for i in range(400):  # ~6.5 MiB, far past the 1 MiB map
+            db.put(b"big/%03d" % i, value[i % 256:] + value[:i % 256])
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(60)
+    assert errors == []
+    assert reads[0] > 0
+    assert db.status()["map_size"] > initial
+    for i in range(400):
+        assert db.get(b"big/%03d" % i) == value[i % 256:] + value[:i % 256]
+    db = store.reopen(db)
+    assert len(db.scan(b"big/")) == 400
+
+
+def test_map_grows_inside_one_big_transaction(store):
+    db = store(map_size=1 << 20)
+    value = b"x" * 100_000
+    with db.transaction() as txn:
+        for i in range(40):
+            txn.put(b"t%02d" % i, value)
+    assert all(db.get(b"t%02d" % i) == value for i in range(40))
+
+
+def test_corrupt_data_file_is_storage_error_naming_the_path(tmp_path):
+    path = str(tmp_path / "kv")
+    kvstore.open(path).close()
+    data = os.path.join(path, "data.mdb")
+    with open(data, "r+b") as f:
+        f.write(os.urandom(8192) * 4)
+    with pytest.raises(StorageError) as info:
+        kvstore.open(path)
+    assert path in str(info.value) and info.value.path == path
+    with pytest.raises(StorageError):  # again: the failed open released the lock
+        kvstore.open(path)
+
+
+def test_garbage_in_a_fresh_directory(tmp_path):
+    path = tmp_path / "kv"
+    path.mkdir()
+    (path / "data.mdb").write_bytes(b"this is not an LMDB file" * 1000)
+    with pytest.raises(StorageError) as info:
+        kvstore.open(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_path_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_bytes(b"hello")
+    with pytest.raises(StorageError) as info:
+        kvstore.open(str(f))
+    assert str(f) in str(info.value)
+    with pytest.raises(StorageError) as info:
+        kvstore.open(str(f / "sub"))
+    assert str(f / "sub") in str(info.value)
+    assert f.read_bytes() == b"hello"
+
+
+def test_status_reports_disk_and_map(store):
+    db = store()
+    status = db.status()
+    assert status["map_size"] > 0 and status["disk_bytes"] > 0
+    assert status["path"] == db.path
+
+
+def test_log_compaction_moves_first_slot_and_reopens(store, shards, monkeypatch):
+    monkeypatch.setattr(kvstore.embedded, "LOG_KEEP_ENTRIES", 50)
+    monkeypatch.setattr(kvstore.embedded, "LOG_COMPACT_EVERY", 16)
+    db = store(shards=shards)
+    assert all(s["log_first"] == 1 for s in db.status()["shards"])
+    key = b"same"  # one key: every put lands in the same shard
+    shard = None
+    for i in range(200):
+        db.put(key, b"%d" % i)
+    for s in db.status()["shards"]:
+        if s["commit_index"] >= 200:
+            shard = s
+    assert shard is not None
+    assert shard["log_first"] > 1
+    assert shard["commit_index"] - shard["log_first"] + 1 >= 50  # kept what it must
+    assert shard["log_first"] >= shard["commit_index"] - 50 - 16
+    records = db.verify()["records"]
+    assert records <= 50 + 16 + 3 * (shards - 1) + 16
+    db = store.reopen(db)
+    assert db.get(key) == b"199"
+    status = [s for s in db.status()["shards"] if s["shard"] == shard["shard"]][0]
+    assert status["log_first"] == shard["log_first"]
+    db.put(key, b"after")
+    assert db.get(key) == b"after"
