@@ -442,9 +442,7 @@ class Replica:
         if len(self.pending_commands) >= self.config.pending_commands_max:
             self._out_dropped_commands.append(command)
             return True
-        self.pending_commands.append(command)
-        if len(self.pending_commands) >= self.config.batch_commands_max:
-            self._flush_proposals()
+        self.pending_commands.append(command)  # cut into entries at the next ready()
         return True
 
     def read(self, request_id) -> None:
@@ -457,8 +455,7 @@ class Replica:
         if self.bugs.read_without_quorum:
             self.reads_confirmed.append((self.commit_index, request_id))
             return
-        self.reads_queued.append(request_id)
-        self._maybe_start_read_round()
+        self.reads_queued.append(request_id)  # the confirmation round starts at the next ready()
 
     def compact(self, index: int, data: bytes) -> None:
         """The application has durably saved a snapshot of its state through ``index``.
@@ -748,8 +745,11 @@ class Replica:
         return due
 
     def has_ready(self) -> bool:
-        if self.role == LEADER and self.pending_commands and self.next_slot <= self.commit_index + self.config.pipeline_window:
-            return True
+        if self.role == LEADER:
+            if self.pending_commands and self.next_slot <= self.commit_index + self.config.pipeline_window:
+                return True
+            if self.reads_queued and self.read_round is None and self.commit_index >= self.own_first_slot:
+                return True
         return bool(self._hard_dirty or self._out_records or self._out_snapshot
                     or self._out_messages or self.applied_index < self.commit_index
                     or self._out_compacted is not None or self._out_dropped_commands
@@ -759,6 +759,7 @@ class Replica:
     def ready(self) -> Ready:
         """Everything to do now; the replica treats it as handed out (call ``advance`` after)."""
         self._flush_proposals()
+        self._maybe_start_read_round()
         rd = Ready()
         if self._hard_dirty:
             rd.promised = self.promised

@@ -1,0 +1,311 @@
+"""Scenario tests for the Multi-Paxos core, written as scripts over an in-memory network."""
+
+from __future__ import annotations
+
+import pathlib
+import random
+import re
+
+import msgpack
+import pytest
+
+from kvstore._native import encode_record
+from kvstore.paxos import (
+    KIND_BATCH, Bugs, Config, Message, NotLeader, PersistedState, Replica, ballot_node, ballot_round,
+    from_wire, make_ballot, to_wire,
+)
+from kvstore.paxos import messages as M
+from kvstore.sim.network import Cluster
+
+
+def test_ballots_order_like_round_then_node():
+    assert make_ballot(1, 4) < make_ballot(2, 0) < make_ballot(2, 1)
+    b = make_ballot(7, 3)
+    assert (ballot_round(b), ballot_node(b)) == (7, 3)
+
+
+def test_single_node_commits_alone():
+    c = Cluster(1)
+    c.campaign(0)
+    assert c.leaders() == [0]
+    c.propose(0, b"x", b"y")
+    assert c.commands(0) == [b"x", b"y"]
+
+
+def test_election_campaign_deliver_expect_leader():
+    c = Cluster(3)
+    c.campaign(1)
+    assert c.leaders() == [1]
+    assert [r.leader_hint for r in c.replicas] == [1, 1, 1]
+    c.propose(1, b"a")
+    c.tick(2)  # a heartbeat carries the commit point to the followers
+    for i in range(3):
+        assert c.commands(i) == [b"a"]
+
+
+def test_election_by_timeout_elects_exactly_one_leader():
+    c = Cluster(5, seed=3)
+    for _ in range(100):
+        c.tick()
+        if c.leaders():
+            break
+    assert len(c.leaders()) == 1
+
+
+def test_follower_refuses_proposals_with_leader_hint():
+    c = Cluster(3)
+    c.campaign(0)
+    assert c.replicas[2].propose(b"x") is False
+    with pytest.raises(NotLeader) as e:
+        c.replicas[2].read("r1")
+    assert e.value.leader_hint == 0
+
+
+def test_promise_is_persisted_in_the_same_ready_as_its_announcement():
+    """Rule 1: the Ready that carries a Promise also carries the promise to persist."""
+    r = Replica(Config(node=1, num_nodes=3, rng=random.Random(0)))
+    r.step(Message(M.PREPARE, 1, 0, ballot=make_ballot(1, 0)))
+    rd = r.ready()
+    assert rd.promised == make_ballot(1, 0)
+    assert [m.type for m in rd.messages] == [M.PROMISE]
+
+
+def test_acceptance_is_persisted_in_the_same_ready_as_its_announcement():
+    r = Replica(Config(node=1, num_nodes=3, rng=random.Random(0)))
+    b = make_ballot(1, 0)
+    rec = encode_record(0, b, KIND_BATCH, msgpack.packb([b"x"]))
+    r.step(Message(M.ACCEPT, 1, 0, ballot=b, records=(rec,)))
+    rd = r.ready()
+    assert rd.records == [rec]
+    assert [(m.type, m.match_index) for m in rd.messages] == [(M.ACCEPTED, 0)]
+
+
+def test_never_accepts_below_the_promise():
+    r = Replica(Config(node=1, num_nodes=3, rng=random.Random(0)))
+    r.step(Message(M.PREPARE, 1, 2, ballot=make_ballot(2, 2)))
+    r.ready()
+    low = make_ballot(1, 0)
+    r.step(Message(M.ACCEPT, 1, 0, ballot=low, records=(encode_record(0, low, 0, b""),)))
+    rd = r.ready()
+    assert rd.records == []
+    assert rd.messages[0].reject and rd.messages[0].hint == make_ballot(2, 2)
+
+
+def _state_with(slot_ballot_value) -> PersistedState:
+    recs = [encode_record(s, b, KIND_BATCH, msgpack.packb([v])) for s, b, v in slot_ballot_value]
+    promised = max((b for _, b, _ in slot_ballot_value), default=0)
+    return PersistedState(promised=promised, records=recs)
+
+
+@pytest.mark.parametrize("bugs,expected", [(Bugs(), b"B"), (Bugs(repropose_lowest=True), b"A")])
+def test_new_leader_reproposes_highest_ballot_value(bugs, expected):
+    """Rule 3. Node 0 accepted A at ballot 1.0, node 2 accepted B at ballot 2.1 in slot 0;
+    cut 0-1, node 0 campaigns with promises {0, 2}, and must re-propose B."""
+    c = Cluster(3, bugs=bugs)
+    c.records[0] = {0: encode_record(0, make_ballot(1, 0), KIND_BATCH, msgpack.packb([b"A"]))}
+    c.records[2] = {0: encode_record(0, make_ballot(2, 1), KIND_BATCH, msgpack.packb([b"B"]))}
+    c.disks[0].promised = make_ballot(1, 0)
+    c.disks[2].promised = make_ballot(2, 1)
+    for i in (0, 2):
+        c.restart(i)
+    c.cut(0, 1)  # the promises are 0's own and 2's
+    c.campaign(0)  # pre-vote at round 1 is refused, and teaches 0 the rounds in use
+    assert c.leaders() == []
+    c.campaign(0)
+    assert c.leaders() == [0]
+    assert ballot_round(c.replicas[0].ballot) == 3  # above every ballot it heard of
+    c.heal()
+    c.tick(2)
+    for i in range(3):
+        assert c.commands(i)[:1] == [expected]
+
+
+def test_new_leader_fills_holes_with_noops_then_its_own_noop():
+    c = Cluster(3)
+    c.records[1] = {2: encode_record(2, make_ballot(1, 1), KIND_BATCH, msgpack.packb([b"late"]))}
+    c.disks[1].promised = make_ballot(1, 1)
+    c.restart(1)
+    c.campaign(0)
+    c.campaign(0)
+    c.tick(2)
+    kinds = [(e.slot, e.commands) for e in c.applied[0]]
+    assert kinds == [(0, []), (1, []), (2, [b"late"]), (3, [])]
+
+
+def test_leader_stickiness_against_a_rejoining_node():
+    """Cut 2 off, let it time out many times, heal: it must not depose the healthy leader 0."""
+    c = Cluster(3, seed=1)
+    c.campaign(0)
+    ballot = c.replicas[0].ballot
+    c.isolate(2)
+    c.tick(60)  # 2 campaigns in vain; 0 and 1 keep heartbeating
+    assert c.leaders() == [0]
+    c.heal()
+    c.campaign(2)
+    c.tick(30)
+    assert c.leaders() == [0]
+    assert c.replicas[0].ballot == ballot
+    assert c.replicas[2].leader_hint == 0
+
+
+def test_leader_stickiness_without_pre_vote_still_refuses_prepare():
+    c = Cluster(3, pre_vote=False)
+    c.campaign(0)
+    c.isolate(2)
+    c.tick(40, nodes=[2])
+    c.heal()
+    c.campaign(2)
+    assert c.leaders() == [0]
+
+
+def test_partitioned_leader_steps_down_and_majority_elects_a_new_one():
+    c = Cluster(3, seed=2)
+    c.campaign(0)
+    c.isolate(0)
+    c.tick(80)
+    assert not c.replicas[0].is_leader  # check quorum
+    assert len(c.leaders()) == 1 and c.leaders()[0] != 0
+    c.heal()
+    c.tick(10)
+    new = c.leaders()[0]
+    assert all(r.leader_hint == new for r in c.replicas)
+
+
+def test_catch_up_of_a_lagging_follower_from_entries():
+    c = Cluster(3)
+    c.campaign(0)
+    c.isolate(2)
+    c.propose(0, *[b"c%d" % i for i in range(20)])
+    c.heal()
+    c.tick(10)
+    assert c.commands(2) == c.commands(0) == [b"c%d" % i for i in range(20)]
+
+
+def test_catch_up_via_snapshot_when_log_is_compacted():
+    c = Cluster(3, log_retain_slots=2, batch_commands_max=1)
+    c.campaign(0)
+    c.isolate(2)
+    c.propose(0, *[b"c%d" % i for i in range(10)])
+    leader = c.replicas[0]
+    assert leader.applied_index == 10
+    leader.compact(10, b"STATE@10")  # the application saved its state through slot 10
+    c.process()
+    assert min(c.records[0]) == 9  # two entries retained below the snapshot point
+    c.heal()
+    c.tick(15)
+    assert [s.data for s in c.snapshots[2]] == [b"STATE@10"]
+    assert c.replicas[2].commit_index >= 10
+    c.propose(0, b"after")
+    c.tick(2)
+    assert c.commands(2)[-1:] == [b"after"]
+
+
+def test_read_index_needs_a_quorum_round_and_batches_reads():
+    c = Cluster(3)
+    c.campaign(0)
+    c.tick(2)
+    leader = c.replicas[0]
+    c.isolate(0)
+    leader.read("r1")
+    leader.read("r2")
+    c.deliver()
+    assert c.reads[0] == []  # no quorum heard: not served
+    c.heal()
+    c.tick(2)  # the next heartbeat round confirms both
+    assert c.reads[0] == ["r1", "r2"]
+    heartbeats = [m for m in c.sent if m.type == M.HEARTBEAT and m.context > 0]
+    assert {m.context for m in heartbeats} == {1}  # one confirmation round for both reads
+
+
+def test_read_is_served_only_after_applying_the_read_index():
+    c = Cluster(3)
+    c.campaign(0)
+    c.propose(0, b"w")
+    c.replicas[0].read("r")
+    c.deliver()
+    assert c.reads[0] == ["r"]
+    assert c.commands(0) == [b"w"]
+
+
+def test_new_leader_serves_no_read_before_its_own_noop_commits():
+    c = Cluster(3)
+    c.cut(0, 1)
+    c.cut(0, 2)
+    r0 = c.replicas[0]
+    r0.campaign()
+    r0._campaign_real()  # skip pre-vote to hold the race still
+    c.heal()
+    # Deliver only promises, not the Accepted replies: leader without a committed own no-op.
+    c.process()
+    for m in list(c.inbox):
+        c.replicas[m.to].step(m)
+    c.inbox = []
+    c.process()
+    for m in [m for m in c.inbox if m.type == M.PROMISE]:
+        c.replicas[m.to].step(m)
+    c.inbox = [m for m in c.inbox if m.type != M.PROMISE]
+    assert r0.is_leader and r0.commit_index < r0.own_first_slot
+    r0.read("early")
+    c.process()
+    assert c.reads[0] == []
+    c.deliver()
+    c.tick(2)
+    assert c.reads[0] == ["early"]
+
+
+def test_recovery_from_persisted_state_keeps_committed_entries():
+    c = Cluster(3)
+    c.campaign(0)
+    c.propose(0, b"x", b"y")
+    c.tick(2)
+    for i in range(3):
+        c.crash(i)
+    for i in range(3):
+        c.restart(i)
+    assert all(r.promised == c.disks[0].promised for r in c.replicas)
+    c.campaign(1)
+    c.propose(1, b"z")
+    c.tick(2)
+    for i in range(3):
+        assert c.commands(i) == [b"x", b"y", b"z"]  # replayed from the persisted log, then z
+
+
+def test_batching_and_pipelining_many_commands_per_entry():
+    c = Cluster(3, batch_commands_max=8, pipeline_window=4)
+    c.campaign(0)
+    r = c.replicas[0]
+    for i in range(100):
+        r.propose(b"%d" % i)
+    c.deliver()
+    c.tick(2)
+    assert c.commands(1) == [b"%d" % i for i in range(100)]
+    sizes = [len(e.commands) for e in c.applied[1] if e.commands]
+    assert max(sizes) == 8
+    assert max(len(m.records) for m in c.sent if m.type == M.ACCEPT) > 1  # many entries per message
+
+
+def test_proposals_dropped_when_leadership_is_lost():
+    c = Cluster(3)
+    c.campaign(0)
+    r = c.replicas[0]
+    r.propose(b"lost")  # still queued (not yet a log entry) when a higher ballot arrives
+    r.step(Message(M.ACCEPT, 0, 1, ballot=make_ballot(9, 1)))
+    rd = r.ready()
+    assert rd.dropped_commands == [b"lost"]
+
+
+def test_messages_round_trip_through_msgpack():
+    m = Message(M.PROMISE, 2, 1, ballot=make_ballot(3, 1), commit_index=5,
+                records=(encode_record(6, 7, 1, b"p"),), reject=False, hint=4, data=b"", done=True)
+    wire = msgpack.packb(to_wire(m), use_bin_type=True)
+    assert from_wire(msgpack.unpackb(wire, raw=False)) == m
+    with pytest.raises(ValueError):
+        from_wire([99] + to_wire(m)[1:])
+
+
+def test_core_is_pure():
+    root = pathlib.Path(__file__).resolve().parent.parent / "kvstore" / "paxos"
+    banned = re.compile(r"^(import|from)\s+(random|socket|zmq|lmdb|os|time|threading|asyncio|pickle)\b",
+                        re.M)
+    for path in sorted(root.glob("*.py")):
+        assert not banned.search(path.read_text()), f"{path.name} imports I/O, a clock or global randomness"
