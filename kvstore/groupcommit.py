@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 #: Requests taken into one commit at most; a bound keeps one commit's latency bounded.
 MAX_BATCH = 4096
+_allocate_lock = threading.Lock
 #: The longest a leader waits for the writers of its previous batch to come back.
 LINGER_SECONDS = 0.0002
 
@@ -29,14 +30,16 @@ LINGER_SECONDS = 0.0002
 class Request:
     """One writer's request and, once committed, its outcome."""
 
-    __slots__ = ("payload", "result", "error", "done", "event")
+    __slots__ = ("payload", "result", "error", "done", "wakeup")
 
     def __init__(self, payload: object) -> None:
         self.payload = payload
         self.result: object = None
         self.error: BaseException | None = None
         self.done = False
-        self.event: threading.Event | None = None
+        # A lock held from queueing until the request is answered or handed
+        # leadership: a bare lock is the cheapest one-shot wake-up CPython has.
+        self.wakeup: threading.Lock | None = None
 
     def outcome(self) -> object:
         if self.error is not None:
@@ -63,7 +66,8 @@ class GroupCommitter:
         cond = self._cond
         with cond:
             if self._busy:
-                request.event = threading.Event()
+                request.wakeup = _allocate_lock()
+                request.wakeup.acquire()
                 self._queue.append(request)
                 if len(self._queue) >= self._wake_at:
                     cond.notify()
@@ -72,7 +76,7 @@ class GroupCommitter:
                 self._busy = True
                 leader = True
         if not leader:
-            request.event.wait()
+            request.wakeup.acquire()  # released by the leader that answers us
             if request.done:
                 return request.outcome()
             # Handed leadership: our request was taken off the queue for us to commit.
@@ -98,10 +102,10 @@ class GroupCommitter:
             for r in batch:
                 r.done = True
                 if r is not request:
-                    r.event.set()
+                    r.wakeup.release()
             with cond:
                 if self._queue:
-                    self._queue.pop(0).event.set()  # not done: it leads the next batch
+                    self._queue.pop(0).wakeup.release()  # not done: it leads the next batch
                 else:
                     self._busy = False
         return request.outcome()
