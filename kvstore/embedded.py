@@ -15,6 +15,7 @@ on a single replica the applied state is the committed state.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import threading
 import weakref
@@ -35,7 +36,7 @@ from kvstore.storage import Storage
 from kvstore.storage.environment import (META_APPLIED, META_COMMIT, META_LOG_FIRST, pack_u64,
                                          translate, unpack_u64)
 from kvstore.storage.state import (REVISION_SIZE, apply_command, apply_writes,
-                                   reads_still_valid, revision_of, scan_rows)
+                                   reads_still_valid, revision_of, scan_rows, scan_values)
 
 #: Log entries kept behind the applied point; older ones are compacted away
 #: (a single replica has nobody to catch up, the state itself is the snapshot).
@@ -126,14 +127,11 @@ class EmbeddedKV(KV):
             return []
 
         def read(txn):
-            per_shard = [scan_rows(txn, db, lo, hi, limit) for db in self._data]
-            merged = per_shard[0] if len(per_shard) == 1 else heapq.merge(*per_shard)
-            out = []
-            for key, raw in merged:
-                if limit is not None and len(out) >= limit:
-                    break
-                out.append((key, raw[REVISION_SIZE:]))
-            return out
+            per_shard = [scan_values(txn, db, lo, hi, limit) for db in self._data]
+            if len(per_shard) == 1:
+                return per_shard[0]
+            # One snapshot across shards; each holds its own first ``limit`` keys.
+            return list(itertools.islice(heapq.merge(*per_shard), limit))
 
         return self._storage.read(read)
 

@@ -54,6 +54,37 @@ def scan_rows(txn, db, lo: bytes, hi: bytes | None, limit: int | None) -> list[t
     return rows
 
 
+def scan_values(txn, db, lo: bytes, hi: bytes | None,
+                limit: int | None) -> list[tuple[bytes, bytes]]:
+    """User-visible ``(key, value)`` pairs with ``lo <= key < hi``, at most ``limit``.
+
+    ``scan_rows`` without the revisions, in one pass: the read path of ``scan``.
+    """
+    out: list[tuple[bytes, bytes]] = []
+    if limit == 0:
+        return out
+    cursor = txn.cursor(db)
+    try:
+        if not cursor.set_range(lo):
+            return out
+        append = out.append
+        if limit is None and hi is not None:  # the common shape: a prefix or a range
+            for key, raw in cursor.iternext():
+                if key >= hi:
+                    break
+                append((key, raw[REVISION_SIZE:]))
+            return out
+        for key, raw in cursor.iternext():
+            if hi is not None and key >= hi:
+                break
+            append((key, raw[REVISION_SIZE:]))
+            if limit is not None and len(out) >= limit:
+                break
+    finally:
+        cursor.close()
+    return out
+
+
 def reads_still_valid(txn, db, reads: Iterable, ranges: Iterable) -> bool:
     """True if every key read and every range scanned is as the transaction saw it."""
     get = txn.get
