@@ -15,7 +15,7 @@ import pytest
 from kvstore.paxos.replica import Bugs
 from kvstore.sim.cluster import SimConfig, run_seed
 
-SEEDS = int(os.environ.get("KVSTORE_SIM_SEEDS", "400"))
+SEEDS = int(os.environ.get("KVSTORE_SIM_SEEDS", "800"))
 BUG_SEED_BUDGET = 200
 
 
