@@ -340,6 +340,7 @@ class Client:
         else:
             self.target = sim.rng.randrange(sim.config.nodes)
         op["deadline"] = sim.tick + 1  # retry at the next tick
+        op["redirected"] = True
 
     def on_tick(self, may_start: bool) -> None:
         sim = self.sim
@@ -347,8 +348,9 @@ class Client:
             if may_start and sim.tick >= self.idle_until:
                 self.start_op()
             return
-        if sim.tick >= self.op["deadline"]:
-            if sim.tick >= self.op["deadline"] + 0 and self.op["deadline"] != sim.tick + 1:
+        op = self.op
+        if sim.tick >= op["deadline"]:
+            if not op.pop("redirected", False):  # a timeout: try another node
                 self.target = sim.rng.randrange(sim.config.nodes)
             self.send()
 
