@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="run (replay) this one seed")
     p.add_argument("--nodes", type=int, default=3, choices=(1, 3, 5))
     p.add_argument("--ticks", type=int, default=SimConfig.ticks, help="ticks of the fault phase")
-    p.add_argument("--verbose", action="store_true", help="print the whole trace as it runs")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the whole trace as it runs")
     p.add_argument("--bug", action="append", default=[], choices=BUG_NAMES,
                    help="plant a bug (to see the checks fail)")
     a = p.parse_args(argv)

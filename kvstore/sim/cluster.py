@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from kvstore.paxos import messages as M
 from kvstore.paxos.replica import (KIND_BATCH, Bugs, Config, NotLeader, PersistedState, Replica)
@@ -542,6 +542,10 @@ class Simulation:
             self.fail(f"linearizability: key {res.key!r}\n{res.explanation}")
 
 
+def _bug_flags(bugs: Bugs) -> str:
+    return "".join(f" --bug {f.name}" for f in fields(bugs) if getattr(bugs, f.name))
+
+
 def run_seed(config: SimConfig) -> tuple[bool, str]:
     """Run one seed; ``(True, summary)`` or ``(False, report with trace)``."""
     sim = Simulation(config)
@@ -551,7 +555,7 @@ def run_seed(config: SimConfig) -> tuple[bool, str]:
         lines = [f"FAILED seed {config.seed}: {type(e).__name__ if isinstance(e, AssertionError) else ''}"
                  f"{': ' if isinstance(e, AssertionError) else ''}{e}",
                  f"reproduce: python -m kvstore.sim --seed {config.seed} --nodes {config.nodes}"
-                 f" --ticks {config.ticks} --verbose",
+                 f" --ticks {config.ticks}{_bug_flags(config.bugs)} --verbose",
                  f"last {len(sim.trace)} events:"]
         lines.extend("  " + t for t in sim.trace)
         return False, "\n".join(lines)
