@@ -83,8 +83,30 @@ cdef class QuorumTally:
         """``node`` accepted slots ``first_slot..last_slot`` (inclusive) at ``ballot``."""
         if node < 0 or node >= self.num_nodes:
             raise ValueError(f"node {node} out of range for {self.num_nodes} nodes")
+        self._record(node, first_slot, last_slot, ballot)
+        return self._commit
+
+    def record_many(self, acks):
+        """Record a sequence of ``(node, first_slot, last_slot, ballot)`` acknowledgements
+        in one call (say, every Accepted drained from a socket in one poll), in order;
+        returns the commit index. A bad node anywhere raises before any is counted.
+        """
+        cdef int node
+        cdef int64_t first_slot, last_slot, ballot
+        acks = acks if type(acks) is list or type(acks) is tuple else list(acks)
+        for ack in acks:
+            node = ack[0]
+            if node < 0 or node >= self.num_nodes:
+                raise ValueError(f"node {node} out of range for {self.num_nodes} nodes")
+        for ack in acks:
+            node, first_slot, last_slot, ballot = ack
+            self._record(node, first_slot, last_slot, ballot)
+        return self._commit
+
+    cdef inline void _record(self, int node, int64_t first_slot, int64_t last_slot,
+                             int64_t ballot) noexcept:
         if ballot != self.ballot:
-            return self._commit
+            return
         cdef int64_t window = self.window
         cdef int64_t lo = first_slot if first_slot > self._commit + 1 else self._commit + 1
         cdef int64_t hi = last_slot if last_slot < self._commit + window else self._commit + window
@@ -101,7 +123,6 @@ cdef class QuorumTally:
                 break
             votes[i] = 0
             self._commit += 1
-        return self._commit
 
     def votes(self, int64_t slot):
         """Bitmask of nodes that accepted ``slot`` at the current ballot (in window only)."""

@@ -71,3 +71,12 @@ def test_tally(benchmark, impl, nodes):
         return tally.commit_index
 
     assert benchmark(run) == 1023
+
+
+@pytest.mark.benchmark(group="tally_many")
+@pytest.mark.parametrize("nodes", [3, 5])
+@pytest.mark.parametrize("impl", ["native", "pure"])
+def test_tally_many_single_slot_acks(benchmark, impl, nodes):
+    module = IMPLS[impl]["quorum"]
+    acks = [(node, slot, slot, 0) for slot in range(1024) for node in range(nodes)]
+    assert benchmark(lambda: module.QuorumTally(nodes, 1024).record_many(acks)) == 1023

@@ -129,3 +129,34 @@ def test_bad_arguments_are_value_errors():
             impl.QuorumTally(3).record(3, 0, 0, 0)
         with pytest.raises(ValueError):
             impl.PromiseTally(3).record(-1, 0)
+
+
+ACKS = st.lists(st.tuples(st.integers(0, 4), st.integers(-2, 40), st.integers(0, 12), st.integers(0, 2)),
+                max_size=40)
+
+
+@pytest.mark.parametrize("impl", sorted(QUORUM))
+@settings(max_examples=200, deadline=None)
+@given(num_nodes=st.sampled_from([1, 3, 5]), window=st.sampled_from([1, 4, 16]),
+       batches=st.lists(ACKS, max_size=5))
+def test_record_many_equals_one_record_per_ack(impl, num_nodes, window, batches):
+    batched = QUORUM[impl].QuorumTally(num_nodes, window)
+    slow = SlowTally(num_nodes, window)
+    for batch in batches:
+        acks = [(node % num_nodes, first, first + length, ballot) for node, first, length, ballot in batch]
+        expected = slow.commit_index
+        for ack in acks:
+            expected = slow.record(*ack)
+        assert batched.record_many(acks) == expected
+        for slot in range(slow.commit_index + 1, slow.commit_index + window + 1):
+            assert batched.votes(slot) == sum(1 << n for n in slow.votes.get(slot, ()))
+
+
+def test_record_many_with_a_bad_node_counts_nothing():
+    for impl in QUORUM.values():
+        tally = impl.QuorumTally(3, window=8)
+        tally.record(0, 0, 3, 0)
+        with pytest.raises(ValueError):
+            tally.record_many([(1, 0, 3, 0), (3, 0, 3, 0)])
+        assert tally.commit_index == -1 and tally.votes(0) == 1
+        assert tally.record_many(iter([(1, 0, 1, 0), (2, 2, 3, 0)])) == 3  # any iterable

@@ -74,6 +74,20 @@ class QuorumTally:
             self.commit_index = nxt
         return self.commit_index
 
+    def record_many(self, acks) -> int:
+        """Record a sequence of ``(node, first_slot, last_slot, ballot)`` acknowledgements
+        in one call (say, every Accepted drained from a socket in one poll), in order;
+        returns the commit index. A bad node anywhere raises before any is counted.
+        """
+        acks = acks if type(acks) in (list, tuple) else list(acks)
+        for ack in acks:
+            if not (0 <= ack[0] < self.num_nodes):
+                raise ValueError(f"node {ack[0]} out of range for {self.num_nodes} nodes")
+        record = self.record
+        for node, first_slot, last_slot, ballot in acks:
+            record(node, first_slot, last_slot, ballot)
+        return self.commit_index
+
     def votes(self, slot: int) -> int:
         """Bitmask of nodes that accepted ``slot`` at the current ballot (in window only)."""
         if slot <= self.commit_index or slot > self.commit_index + self.window:
