@@ -169,3 +169,24 @@ def test_log_compaction_moves_first_slot_and_reopens(store, shards, monkeypatch)
     assert status["log_first"] == shard["log_first"]
     db.put(key, b"after")
     assert db.get(key) == b"after"
+
+
+def test_an_io_error_on_a_full_filesystem_reads_as_disk_full(tmp_path, monkeypatch):
+    """LMDB turns a short write (the disk filled mid-commit) into EIO."""
+    import errno
+    import os
+
+    from kvstore.storage import environment
+
+    short_write = OSError(errno.EIO, "mdb_txn_commit: Input/output error")
+    statvfs = os.statvfs(tmp_path)
+
+    class Full:
+        f_bavail, f_frsize = 1, statvfs.f_frsize
+
+    monkeypatch.setattr(environment.os, "statvfs", lambda path: Full)
+    err = environment.translate(short_write, str(tmp_path), "writing")
+    assert "disk full" in str(err) and err.path == str(tmp_path)
+    monkeypatch.setattr(environment.os, "statvfs", lambda path: statvfs)
+    err = environment.translate(short_write, str(tmp_path), "writing")
+    assert "disk full" not in str(err) and "Input/output error" in str(err)

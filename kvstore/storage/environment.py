@@ -67,10 +67,25 @@ class ShardTables:
     txns: object
 
 
+#: Free space below which an I/O error is taken for a full disk.
+FULL_DISK_SLACK_BYTES = 64 * 1024
+
+
+def _filesystem_full(path: str) -> bool:
+    """LMDB reports a short write (the disk filled mid-commit) as EIO, not ENOSPC."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_DISK_SLACK_BYTES
+
+
 def translate(e: BaseException, path: str, doing: str) -> StorageError:
     """The one place where LMDB and OS errors become ``StorageError``."""
     code = getattr(e, "errno", None) or getattr(e, "code", None)
-    if code == errno.ENOSPC or "no space left" in str(e).lower():
+    text = str(e).lower()
+    if (code == errno.ENOSPC or "no space left" in text
+            or ((code == errno.EIO or "input/output error" in text) and _filesystem_full(path))):
         msg = f"disk full while {doing} in {path}: free some space and retry"
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM) or isinstance(e, lmdb.ReadonlyError):
         msg = f"cannot write {path} while {doing}: the directory is read-only or not permitted"
