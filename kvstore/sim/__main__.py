@@ -4,11 +4,38 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from kvstore.paxos.replica import Bugs
 from kvstore.sim.cluster import SimConfig, run_seed
 
 BUG_NAMES = ("announce_before_persist", "repropose_lowest", "apply_out_of_order", "read_without_quorum")
+
+
+class Progress:
+    """One self-rewriting status line on a terminal's stderr: seeds done, rate, time left."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.start = self.shown = time.monotonic()
+
+    def step(self, seed: int) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.shown < 0.25 and self.done < self.total:
+            return
+        self.shown = now
+        rate = self.done / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate
+        width = 30
+        filled = width * self.done // self.total
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} seeds "
+                         f"(last {seed}), {rate:,.0f}/s, {left:,.0f}s left ")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
 
 
 def main(argv=None) -> int:
@@ -25,14 +52,21 @@ def main(argv=None) -> int:
     bugs = Bugs(**{name: True for name in a.bug})
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
     failed = 0
+    progress = Progress(len(seeds)) if a.seed is None and sys.stderr.isatty() else None
     for s in seeds:
         ok, text = run_seed(SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks, bugs=bugs, verbose=a.verbose))
+        if progress is not None:
+            progress.step(s)
         if not ok or a.seed is not None:
+            if progress is not None:
+                progress.clear()
             print(text)
         if not ok:
             failed += 1
             if a.seed is None:
                 break
+    if progress is not None:
+        progress.clear()
     if a.seed is None:
         print(f"{len(seeds) if failed == 0 else 'stopped after a failure;'} seeds, {failed} failed")
     return 1 if failed else 0
