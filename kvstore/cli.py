@@ -132,18 +132,30 @@ def _cmd_demo(args) -> int:
     return run_demo(args.data if args.data != DEFAULT_DATA else None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cluster", metavar="ADDRS",
+def _add_common_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--cluster/--data/--timeout, accepted before the command and after it.
+
+    The subcommands' copies default to SUPPRESS, so an option given before the
+    command is not overwritten by the subcommand's default.
+    """
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+    parser.add_argument("--cluster", metavar="ADDRS", default=default(None),
                         help="comma-separated server addresses (default: $KVSTORE_CLUSTER; "
                              "without it, act on the embedded store at --data)")
-    common.add_argument("--data", metavar="DIR", default=DEFAULT_DATA,
+    parser.add_argument("--data", metavar="DIR", default=default(DEFAULT_DATA),
                         help=f"embedded store directory (default {DEFAULT_DATA})")
-    common.add_argument("--timeout", type=float, default=5.0,
+    parser.add_argument("--timeout", type=float, default=default(5.0),
                         help="seconds to wait for a cluster (default 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common_options(common, defaults=False)
     parser = argparse.ArgumentParser(
         prog="kvstore", description="A strongly consistent key-value store.")
     parser.add_argument("--version", action="version", version=f"kvstore {kvstore.__version__}")
+    _add_common_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("put", parents=[common], help="store a value")
     p.add_argument("key")

@@ -124,3 +124,18 @@ def test_check_verifies_the_log_and_reports_a_flipped_bit(data):
     bad = run("check", data=data)
     assert bad.returncode == 4
     assert b"corrupt log record" in bad.stderr and b"slot 1" in bad.stderr
+
+
+def test_options_may_come_before_the_command(data, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("KVSTORE_CLUSTER", None)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "kvstore.cli", *args],
+                              capture_output=True, env=env, timeout=60, cwd=tmp_path)
+
+    assert cli("--data", data, "put", "k", "v").returncode == 0
+    assert cli("--data", data, "get", "k").stdout == b"v\n"
+    # After the command wins, as with any subcommand option.
+    assert cli("--data", str(tmp_path / "other"), "get", "k", "--data", data).stdout == b"v\n"
+    assert not (tmp_path / "kvstore-data").exists()
