@@ -132,6 +132,7 @@ def test_path_is_a_file(tmp_path):
     with pytest.raises(StorageError) as info:
         kvstore.open(str(f))
     assert str(f) in str(info.value)
+    assert "not a directory" in str(info.value)
     with pytest.raises(StorageError) as info:
         kvstore.open(str(f / "sub"))
     assert str(f / "sub") in str(info.value)

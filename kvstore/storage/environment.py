@@ -145,6 +145,9 @@ class Storage:
     # -- opening --------------------------------------------------------------------------
 
     def _prepare_directory(self) -> None:
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise StorageError(f"{self.path} is not a directory; kvstore.open() needs a "
+                               f"directory (it is created if missing)", self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
