@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import random
 import shutil
@@ -29,6 +28,7 @@ import lmdb
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import kvstore  # noqa: E402
+import figures  # noqa: E402  (bench/figures.py, beside this script)
 
 KEY_SIZE = 16
 VALUE_SIZE = 128
@@ -210,17 +210,14 @@ def main(argv=None) -> int:
     p.add_argument("--gets", type=int, default=300_000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to put the temporary stores")
-    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "embedded.json"))
+    p.add_argument("--json", default=figures.default_path("embedded"),
+                   help="where to write the figures (default: %(default)s)")
     args = p.parse_args(argv)
     if args.quick:
         args.puts, args.keys, args.gets, args.rounds = 200, 20_000, 50_000, 1
     results = run(args)
     print_table(results)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nfigures written to {args.json}")
+    figures.write(results, args.json)
     return 0
 
 

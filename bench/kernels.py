@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import random
 import sys
 import timeit
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import figures  # noqa: E402  (bench/figures.py, beside this script)
 from kvstore._native import pure  # noqa: E402
 
 native = {name: importlib.import_module(f"kvstore._native._{name}")
@@ -145,15 +145,12 @@ def print_table(results: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "kernels.json"))
+    p.add_argument("--json", default=figures.default_path("kernels"),
+                   help="where to write the figures (default: %(default)s)")
     args = p.parse_args(argv)
     results = run(0.3 if args.quick else 1.5)
     print_table(results)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nfigures written to {args.json}")
+    figures.write(results, args.json)
     return 0
 
 

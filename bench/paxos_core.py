@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pathlib
 import pstats
 import random
@@ -22,6 +21,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import figures  # noqa: E402  (bench/figures.py, beside this script)
 from kvstore import _native  # noqa: E402
 from kvstore.paxos.replica import Config, Replica  # noqa: E402
 
@@ -190,9 +190,11 @@ def _workload(commands: int) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--commands", type=int, default=20000)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=figures.default_path("paxos_core"),
+                   help="where to write the figures (default: %(default)s)")
     a = p.parse_args(argv)
     n = 2000 if a.quick else a.commands
     rows = []
@@ -219,9 +221,7 @@ def main(argv=None) -> None:
               f"of {share['total_seconds']}s")
     out = {"implementation": _native.IMPLEMENTATION, "replicas": 3,
            "one_command_per_entry": single, "table": rows, "profile": [x for x in shares if x]}
-    path = ROOT / "bench" / "results" / "paxos_core.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    figures.write(out, a.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""Where the benchmark scripts keep their figures, and how they write them.
+
+Each script writes one JSON file under ``bench/results/``; the README quotes
+those files, so they are tracked, and a rerun on another machine shows up as
+a diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def default_path(name: str) -> str:
+    """``bench/results/<name>.json``."""
+    return os.path.join(RESULTS_DIR, f"{name}.json")
+
+
+def write(results: object, path: str) -> None:
+    """Write ``results`` as indented JSON to ``path`` and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    print(f"\nfigures written to {os.path.relpath(path)}")
