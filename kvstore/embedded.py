@@ -110,6 +110,8 @@ class EmbeddedKV(KV):
             try:
                 txn = self._begin()
                 raw = txn.get(key, None, db)
+                if self._storage.committing:  # a commit in flight: is our snapshot durable?
+                    self._storage.await_durable(txn)
                 txn.commit()
             except lmdb.Error as e:
                 self._check_open()

@@ -262,3 +262,44 @@ def test_close_while_threads_write(store):
     for i, indexes in enumerate(acknowledged):
         for n in indexes:
             assert db.get(b"w%d/%05d" % (i, n)) == b"v"
+
+
+@pytest.mark.parametrize("how", ["get", "scan", "transaction"])
+def test_a_commit_is_not_read_before_it_is_durable(store, how):
+    """LMDB shows a commit to readers when it writes the meta page, before that
+    page is flushed. Stretch that moment (the commit has happened, its
+    completion is held back, as by a slow fsync): a reader must wait it out,
+    not return a value a power cut could still take back."""
+    db = store()
+    db.put(b"k", b"old")
+    storage = db._storage
+    finish = storage._commit_finished
+    committed, release = threading.Event(), threading.Event()
+
+    def slow_finish():
+        committed.set()
+        assert release.wait(30)
+        finish()
+
+    storage._commit_finished = slow_finish
+    read = {
+        "get": lambda: db.get(b"k"),
+        "scan": lambda: dict(db.scan(prefix=b"k"))[b"k"],
+        "transaction": lambda: db.run_transaction(lambda t: t.get(b"k")),
+    }[how]
+    seen = []
+    writer = threading.Thread(target=db.put, args=(b"k", b"new"))
+    writer.start()
+    try:
+        assert committed.wait(30)
+        reader = threading.Thread(target=lambda: seen.append(read()))
+        reader.start()
+        reader.join(0.3)  # a reader that does not wait returns at once
+        assert seen == [], "a reader saw a commit that was not yet durable"
+    finally:
+        storage._commit_finished = finish
+        release.set()
+        writer.join(30)
+    reader.join(30)
+    assert seen == [b"new"]
+    assert not storage.committing

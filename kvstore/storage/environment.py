@@ -126,6 +126,11 @@ class Storage:
         self._growing = False
         self._grown = threading.Event()
         self._grown.set()
+        # Set while a write transaction commits (see _commit): readers that see
+        # its snapshot wait for the commit, and so for its fsync, to finish.
+        self.committing = False
+        self._committing_id = 0
+        self._committed = threading.Condition(threading.Lock())
         self._prepare_directory()
         self._lock_directory()
         try:
@@ -240,12 +245,31 @@ class Storage:
             active.pop()
             self._grown.wait()
         try:
-            return self._env.begin()
+            txn = self._env.begin()
+            if self.committing:
+                self.await_durable(txn)
+            return txn
         except BaseException as e:
             active.pop()
             if isinstance(e, (lmdb.Error, OSError)):
                 raise translate(e, self.path, "starting a read") from e
             raise
+
+    def await_durable(self, txn) -> None:
+        """Return once the snapshot ``txn`` reads is on disk.
+
+        LMDB makes a commit visible when it writes the meta page, and with
+        ``metasync`` that write is flushed only afterwards: a reader may see a
+        commit some 100 us before it is durable. A value read in that window
+        and lost to a power cut would be a read of a write that never happened,
+        so a reader whose snapshot is the commit in flight waits for it. When
+        no commit is in flight (most reads) the caller skips this call.
+        """
+        if txn.id() < self._committing_id:
+            return
+        with self._committed:
+            while self.committing and txn.id() >= self._committing_id:
+                self._committed.wait()
 
     def end_read(self, txn) -> None:
         try:
@@ -276,7 +300,7 @@ class Storage:
             try:
                 txn = self._env.begin(write=True)
                 result = fn(txn)
-                txn.commit()
+                self._commit(txn)
                 return result
             except lmdb.MapFullError:
                 self._grow(txn)
@@ -286,6 +310,20 @@ class Storage:
             except BaseException:
                 self._abort_write(txn)
                 raise
+
+    def _commit(self, txn) -> None:
+        """Commit ``txn``, fsync'd; readers of its snapshot wait until it is durable."""
+        self._committing_id = txn.id()
+        self.committing = True
+        try:
+            txn.commit()
+        finally:
+            self._commit_finished()
+
+    def _commit_finished(self) -> None:
+        with self._committed:
+            self.committing = False
+            self._committed.notify_all()
 
     def _pause_readers(self) -> bool:
         """Hold new reads back and wait for open ones to end; False if they did not in time.
