@@ -5,7 +5,7 @@ doing the equivalent: a write transaction committed with fsync per put, a read
 transaction per get, a cursor walk for a prefix scan. Prints a table of ops/s
 and ratios and writes the figures as JSON (``bench/results/embedded.json``).
 
-    python bench/embedded.py            # full run (about a minute)
+    python bench/embedded.py            # full run (under a minute)
     python bench/embedded.py --quick    # smoke run
 
 Goals (issue 2): get >= 0.6x raw LMDB, 1-thread put >= 0.8x raw LMDB put,
@@ -77,6 +77,29 @@ def put_threads(put, threads: int, n_per_thread: int, base: int, value: bytes) -
     return rate(threads * n_per_thread, time.perf_counter() - t0)
 
 
+def put_scaling(ours, raw, thread_counts, n: int, rounds: int, base: int,
+                value: bytes) -> list[dict]:
+    """Durable puts/s of each side at each thread count, best of ``rounds``.
+
+    Group commit is the difference between the two curves: raw LMDB queues its
+    writers on one lock, one fsync each, so its line stays flat.
+    """
+    points = []
+    for threads in thread_counts:
+        per_thread = max(1, 2 * n // threads)  # the same work at every count
+        ours_ops = raw_ops = 0.0
+        for _ in range(rounds):
+            ours_ops = max(ours_ops, put_threads(ours, threads, per_thread, base, value))
+            base += threads * per_thread
+            raw_ops = max(raw_ops, put_threads(raw, threads, max(1, per_thread // 2), base,
+                                               value))
+            base += threads * per_thread
+        points.append({"threads": threads, "kvstore_ops": ours_ops, "raw_lmdb_ops": raw_ops})
+        print(f"  put scaling, {threads} thread(s): kvstore {ours_ops:,.0f}/s, "
+              f"raw {raw_ops:,.0f}/s", file=sys.stderr)
+    return points
+
+
 def best_interleaved(ours, raw, rounds: int) -> tuple[float, float]:
     """Best time of each of two workloads, run alternately ``rounds`` times."""
     t_ours = t_raw = float("inf")
@@ -124,6 +147,8 @@ def run(args) -> dict:
             "raw: one write txn + fsync per put")
         row("put, 8 threads vs raw 1 thread", ours_8, raw_1, 5.0,
             f"group commit; raw LMDB with 8 threads does {raw_8:,.0f}/s")
+        results["put_scaling"] = put_scaling(db.put, raw_put, args.threads, n, args.rounds,
+                                             base, value)
 
         # Load the read set in big batches (both sides), then random gets.
         total = args.keys
@@ -199,6 +224,22 @@ def print_table(results: dict) -> None:
               f"{r['ratio']:7.2f} {goal:>6}  {ok}")
     for r in results["rows"]:
         print(f"  {r['name']}: {r['note']}")
+    scaling = results.get("put_scaling")
+    if scaling:
+        print("\ndurable puts/s by writer threads (bench/plot.py draws it)\n")
+        print(f"{'threads':>7} {'kvstore/s':>12} {'raw LMDB/s':>12}")
+        for p in scaling:
+            print(f"{p['threads']:>7} {p['kvstore_ops']:12,.0f} {p['raw_lmdb_ops']:12,.0f}")
+
+
+def _thread_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,2,4,8, got {text!r}")
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {text!r}")
+    return counts
 
 
 def main(argv=None) -> int:
@@ -209,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--keys", type=int, default=100_000, help="keys loaded for the get test")
     p.add_argument("--gets", type=int, default=300_000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=_thread_counts, default=(1, 2, 4, 8, 16),
+                   help="writer thread counts of the put scaling sweep (default: 1,2,4,8,16)")
     p.add_argument("--dir", default=None, help="where to put the temporary stores")
     p.add_argument("--json", default=figures.default_path("embedded"),
                    help="where to write the figures (default: %(default)s)")

@@ -1,0 +1,131 @@
+"""Draw the benchmark figures in ``bench/results/*.json`` as PNG charts.
+
+    pip install -e '.[bench]'      # matplotlib, only needed for this script
+    python bench/plot.py           # writes bench/results/*.png
+
+Two pictures say more than their tables:
+
+- ``embedded_put_scaling.png``: durable puts/s against writer threads, the
+  embedded store beside raw LMDB (``bench/embedded.py``). Group commit is the
+  gap between the curves; the dashed line is the goal of 5x raw LMDB's
+  1-thread rate.
+- ``paxos_core.png``: commands/s of three pure Paxos replicas against the
+  commands batched per log entry, one line per pipeline window and kernel
+  build (``bench/paxos_core.py``).
+
+A results file that is missing (or predates the sweep) is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import figures
+
+
+def load(results_dir: str, name: str) -> dict | None:
+    path = os.path.join(results_dir, f"{name}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        print(f"skipped: {os.path.relpath(path)} not found; run bench/{name}.py first",
+              file=sys.stderr)
+        return None
+
+
+def plot_put_scaling(plt, results: dict, out: str) -> bool:
+    points = results.get("put_scaling")
+    if not points:
+        print("skipped: embedded.json has no put_scaling sweep; rerun bench/embedded.py",
+              file=sys.stderr)
+        return False
+    threads = [p["threads"] for p in points]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(threads, [p["kvstore_ops"] for p in points], "o-", label="kvstore (group commit)")
+    ax.plot(threads, [p["raw_lmdb_ops"] for p in points], "s-",
+            label="raw LMDB (a write txn + fsync per put)")
+    one_thread_raw = next((p["raw_lmdb_ops"] for p in points if p["threads"] == 1), None)
+    if one_thread_raw:
+        ax.axhline(5 * one_thread_raw, color="grey", linestyle="--", linewidth=1,
+                   label="goal: 5x raw LMDB, 1 thread")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(threads, [str(t) for t in threads])
+    ax.set_xlabel("writer threads")
+    ax.set_ylabel("durable puts/s")
+    top = max([p["kvstore_ops"] for p in points] + [p["raw_lmdb_ops"] for p in points]
+              + [5 * (one_thread_raw or 0)])
+    ax.set_ylim(0, top * 1.35)  # room for the legend above the lines
+    cfg = results.get("config", {})
+    ax.set_title(f"Durable puts, {cfg.get('key_size', '?')}-byte keys, "
+                 f"{cfg.get('value_size', '?')}-byte values")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_paxos_core(plt, results: dict, out: str) -> bool:
+    rows = results.get("table") or []
+    if not rows:
+        print("skipped: paxos_core.json has no table; rerun bench/paxos_core.py",
+              file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    windows = sorted({r["pipeline_window"] for r in rows})
+    colours = {w: f"C{i}" for i, w in enumerate(windows)}  # a colour per window
+    for kernels in sorted({r["kernels"] for r in rows}, reverse=True):  # native first
+        for window in windows:
+            line = sorted((r["batch_commands"], r["commands_per_s"]) for r in rows
+                          if r["kernels"] == kernels and r["pipeline_window"] == window)
+            if line:
+                ax.plot([b for b, _ in line], [c for _, c in line],
+                        "o-" if kernels == "native" else "s:", color=colours[window],
+                        label=f"{kernels} kernels, window {window}")
+    batches = sorted({r["batch_commands"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_yscale("log")
+    ax.set_xlabel("client commands per log entry")
+    ax.set_ylabel("committed commands/s")
+    ax.set_title(f"Pure Multi-Paxos core, {results.get('replicas', 3)} replicas, no I/O")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", default=figures.RESULTS_DIR,
+                   help="directory of the JSON figures (default: %(default)s)")
+    p.add_argument("--out", default=None, help="directory for the PNG files (default: --results)")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench/plot.py needs matplotlib: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    args.out = args.out or args.results
+    os.makedirs(args.out, exist_ok=True)
+    charts = [("embedded", "embedded_put_scaling.png", plot_put_scaling),
+              ("paxos_core", "paxos_core.png", plot_paxos_core)]
+    for name, filename, draw in charts:
+        results = load(args.results, name)
+        out = os.path.join(args.out, filename)
+        if results is not None and draw(plt, results, out):
+            print(f"wrote {os.path.relpath(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end (smoke size) and write what the README says."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(BENCH, name), *args],
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_benchmarks_write_their_figures_and_plot_draws_them(tmp_path):
+    embedded = run_script("embedded.py", "--quick", "--threads", "1,2",
+                          "--dir", str(tmp_path), "--json", str(tmp_path / "embedded.json"))
+    assert embedded.returncode == 0, embedded.stderr
+    figures = json.loads((tmp_path / "embedded.json").read_text())
+    assert [r["name"].split(",")[0] for r in figures["rows"]] == ["put", "put", "get",
+                                                                  "prefix scan (10"]
+    assert all(r["kvstore_ops"] > 0 and r["raw_lmdb_ops"] > 0 for r in figures["rows"])
+    assert [p["threads"] for p in figures["put_scaling"]] == [1, 2]
+    assert "ratio" in embedded.stdout and "durable puts/s by writer threads" in embedded.stdout
+
+    paxos = run_script("paxos_core.py", "--quick", "--json", str(tmp_path / "paxos_core.json"))
+    assert paxos.returncode == 0, paxos.stderr
+    table = json.loads((tmp_path / "paxos_core.json").read_text())["table"]
+    assert {r["batch_commands"] for r in table} == {1, 8, 64}
+
+    plot = run_script("plot.py", "--results", str(tmp_path))
+    if importlib.util.find_spec("matplotlib") is None:
+        # Without the optional extra: a clear way out, not a traceback.
+        assert plot.returncode == 2
+        assert "pip install -e '.[bench]'" in plot.stderr
+    else:
+        assert plot.returncode == 0, plot.stderr
+        for png in ("embedded_put_scaling.png", "paxos_core.png"):
+            assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_thread_counts_are_refused():
+    result = run_script("embedded.py", "--quick", "--threads", "0,x")
+    assert result.returncode == 2
+    assert "--threads" in result.stderr
