@@ -232,7 +232,7 @@ def print_table(results: dict) -> None:
             print(f"{p['threads']:>7} {p['kvstore_ops']:12,.0f} {p['raw_lmdb_ops']:12,.0f}")
 
 
-def _thread_counts(text: str) -> tuple[int, ...]:
+def thread_counts(text: str) -> tuple[int, ...]:
     try:
         counts = tuple(int(x) for x in text.split(","))
     except ValueError:
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--keys", type=int, default=100_000, help="keys loaded for the get test")
     p.add_argument("--gets", type=int, default=300_000)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=_thread_counts, default=(1, 2, 4, 8, 16),
+    p.add_argument("--threads", type=thread_counts, default=(1, 2, 4, 8, 16),
                    help="writer thread counts of the put scaling sweep (default: 1,2,4,8,16)")
     p.add_argument("--dir", default=None, help="where to put the temporary stores")
     p.add_argument("--json", default=figures.default_path("embedded"),

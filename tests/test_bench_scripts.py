@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
@@ -41,6 +43,23 @@ def test_benchmarks_write_their_figures_and_plot_draws_them(tmp_path):
         assert plot.returncode == 0, plot.stderr
         for png in ("embedded_put_scaling.png", "paxos_core.png"):
             assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_group_commit_bench_times_each_round_of_the_bare_committer(tmp_path):
+    result = run_script("group_commit.py", "--quick", "--threads", "1,4",
+                        "--dir", str(tmp_path), "--json", str(tmp_path / "group_commit.json"))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((tmp_path / "group_commit.json").read_text())
+    rows = {(r["threads"], r["name"]): r for r in figures["rows"]}
+    assert set(rows) == {(1, "raw LMDB"), (1, "kvstore"), (4, "raw LMDB"), (4, "kvstore")}
+    assert rows[1, "raw LMDB"]["batch"] == 1.0  # a lone writer never waits for company
+    for threads in (1, 4):
+        bare = rows[threads, "raw LMDB"]
+        assert 1.0 <= bare["batch"] <= threads
+        assert bare["round_us"] == pytest.approx(bare["commit_us"] + bare["overhead_us"])
+        assert 0 < bare["commit_us"] < bare["round_us"]
+    assert figures["lock_ping_pong_us"] > 0 and figures["raw_lmdb_1_thread_ops"] > 0
+    assert "wake-up us" in result.stdout
 
 
 def test_bad_thread_counts_are_refused():
