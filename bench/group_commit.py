@@ -152,7 +152,7 @@ def print_table(results: dict) -> None:
             detail = f"{'':6} {'':9} {'':10} {'':11}"
         print(f"{r['threads']:7}  {r['name']:20} {r['ops']:9,.0f} {r['ratio']:8.2f} {detail}")
     print("\n  raw LMDB: the group committer in front of one bare LMDB write txn per batch; its"
-          "\n  wake-up column is what any group commit pays per round for synchronous writers.")
+          "\n  wake-up column is what group commit pays per round to wake synchronous writers.")
 
 
 def main(argv=None) -> int:
