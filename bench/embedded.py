@@ -15,6 +15,7 @@ Goals (issue 2): get >= 0.6x raw LMDB, 1-thread put >= 0.8x raw LMDB put,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import random
@@ -40,6 +41,27 @@ def key(i: int) -> bytes:
 
 def raw_env(path: str) -> lmdb.Environment:
     return lmdb.open(path, map_size=1 << 32, sync=True, metasync=True, readahead=False)
+
+
+@contextlib.contextmanager
+def side_by_side(parent: str | None, shards: int = 1):
+    """A fresh kvstore and a fresh raw LMDB environment in one temporary directory.
+
+    Yields ``(db, env, raw_put)``: ``raw_put(key, value)`` is raw LMDB's durable
+    put, a write transaction and its fsync. Both are closed and the directory
+    removed on the way out.
+    """
+    tmp = tempfile.mkdtemp(prefix="kvstore-bench-", dir=parent)
+    try:
+        with kvstore.open(os.path.join(tmp, "kv"), shards=shards) as db, \
+                raw_env(os.path.join(tmp, "raw")) as env:
+            def raw_put(k: bytes, v: bytes) -> None:
+                with env.begin(write=True) as txn:
+                    txn.put(k, v)
+
+            yield db, env, raw_put
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rate(n: int, seconds: float) -> float:
@@ -110,21 +132,13 @@ def best_interleaved(ours, raw, rounds: int) -> tuple[float, float]:
 
 
 def run(args) -> dict:
-    tmp = tempfile.mkdtemp(prefix="kvstore-bench-", dir=args.dir)
     value = random.Random(1).randbytes(VALUE_SIZE)
     results: dict = {"config": {"key_size": KEY_SIZE, "value_size": VALUE_SIZE,
                                 "shards": args.shards, "puts": args.puts,
                                 "keys": args.keys, "gets": args.gets,
                                 "implementation": kvstore.status()["implementation"]},
                      "rows": []}
-    try:
-        db = kvstore.open(os.path.join(tmp, "kv"), shards=args.shards)
-        env = raw_env(os.path.join(tmp, "raw"))
-
-        def raw_put(k: bytes, v: bytes) -> None:
-            with env.begin(write=True) as txn:
-                txn.put(k, v)
-
+    with side_by_side(args.dir, args.shards) as (db, env, raw_put):
         def row(name: str, ours: float, raw: float, goal: float | None, note: str) -> None:
             results["rows"].append({"name": name, "kvstore_ops": ours, "raw_lmdb_ops": raw,
                                     "ratio": ours / raw, "goal": goal, "note": note})
@@ -202,10 +216,6 @@ def run(args) -> dict:
         t_ours, t_raw = best_interleaved(ours_scan, raw_scan, args.rounds)
         row(f"prefix scan ({rows:,} rows), rows/s", rate(scans * rows, t_ours),
             rate(scans * rows, t_raw), None, "raw: cursor walk in one read txn")
-        db.close()
-        env.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 
@@ -89,24 +87,15 @@ def through_group_commit(commit, threads: int, per_thread: int) -> dict:
 
 
 def run(args) -> dict:
-    tmp = tempfile.mkdtemp(prefix="kvstore-bench-", dir=args.dir)
     value = bytes(embedded.VALUE_SIZE)
     results: dict = {"config": {"puts_per_thread": args.puts, "threads": args.threads,
                                 "implementation": kvstore.status()["implementation"]},
                      "rows": []}
-    try:
-        env = embedded.raw_env(os.path.join(tmp, "raw"))
-
-        def raw_put(key: bytes, value: bytes) -> None:
-            with env.begin(write=True) as txn:
-                txn.put(key, value)
-
+    with embedded.side_by_side(args.dir) as (db, env, raw_put):
         def raw_batch(batch) -> None:
             with env.begin(write=True) as txn:
                 for r in batch:
                     txn.put(r.payload, value)
-
-        db = kvstore.open(os.path.join(tmp, "kv"))
 
         # Rounds interleave every measurement, so that each sees the same disk weather,
         # and each keeps its best round (a noisy neighbour only ever slows one down).
@@ -123,16 +112,11 @@ def run(args) -> dict:
                     kept = best_of.get((threads, name))
                     if kept is None or figs["ops"] > kept["ops"]:
                         best_of[threads, name] = dict(figs, name=name, threads=threads)
-        results["raw_lmdb_1_thread_ops"] = raw_1
-        results["lock_ping_pong_us"] = min(lock_ping_pong_us(args.pings)
-                                           for _ in range(args.rounds))
-        for figs in best_of.values():
-            figs["ratio"] = figs["ops"] / raw_1
-            results["rows"].append(figs)
-        db.close()
-        env.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    results["raw_lmdb_1_thread_ops"] = raw_1
+    results["lock_ping_pong_us"] = min(lock_ping_pong_us(args.pings) for _ in range(args.rounds))
+    for figs in best_of.values():
+        figs["ratio"] = figs["ops"] / raw_1
+        results["rows"].append(figs)
     return results
 
 
