@@ -3,7 +3,7 @@
 It takes messages (``step``), time (``tick``), client commands (``propose``) and
 reads (``read``), and hands back what must happen next as a :class:`Ready`. It
 does no I/O, reads no clock and uses no global randomness (the config carries a
-seeded ``random.Random``-like object).
+seeded ``random.Random``, or anything with its ``randrange``).
 
 Driver loop (the node's, or the simulator's) -- the ordering contract::
 
@@ -39,7 +39,7 @@ chosen value of its slot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgpack
 
@@ -47,9 +47,6 @@ from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_rec
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import ballot_node, ballot_round, make_ballot
 from kvstore.paxos.messages import Message
-
-if TYPE_CHECKING:  # pragma: no cover
-    import random
 
 KIND_NOOP = 0
 KIND_BATCH = 1  # payload: msgpack list of command bytes
@@ -82,11 +79,17 @@ class Bugs:
     read_without_quorum: bool = False  # (d) reads answered without the confirmation round
 
 
+class Jitter(Protocol):
+    """The one thing the replica asks of randomness: a seeded ``random.Random`` has it."""
+
+    def randrange(self, stop: int) -> int: ...
+
+
 @dataclass
 class Config:
     node: int
     num_nodes: int
-    rng: "random.Random"
+    rng: Jitter
     election_timeout_ticks: int = 10
     heartbeat_interval_ticks: int = 2
     pipeline_window: int = 32  # slots in flight above the commit point, at most
