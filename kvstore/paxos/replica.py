@@ -356,7 +356,8 @@ class Replica:
         self._reset_timeout()
         self._log_event(f"campaign ballot {b >> 16}.{self.id}")
         self.promise_tally.reset(b)
-        self.reports = {self.id: (self._records_above(self.commit_index), self.commit_index)}
+        self.reports = {self.id: ([(s, *self.log[s]) for s in sorted(self.log) if s > self.commit_index],
+                                  self.commit_index)}
         if self.promise_tally.record(self.id, b):
             self._become_leader()
             return
@@ -369,14 +370,28 @@ class Replica:
 
     def _become_leader(self) -> None:
         b = self.ballot
+        # Slots at or below a promiser's commit point are chosen, and its Promise carried them
+        # all (``_on_promise`` counts no Promise that does not): the new leader learns them as
+        # chosen and commits them at once. This is how a candidate behind a promiser catches up
+        # before it leads; re-proposing by ballot alone would give the same values, but only
+        # if no promiser ever omitted one, and a missing chosen slot must never become a no-op.
+        chosen: dict = {}
+        for node in sorted(self.reports):
+            decoded, their_commit = self.reports[node]
+            for slot, rb, kind, payload, rec in decoded:
+                if self.commit_index < slot <= their_commit:
+                    chosen[slot] = (rb, kind, payload, rec)
+        for slot in sorted(chosen):
+            rb, kind, payload, rec = chosen[slot]
+            self._store(slot, rb, kind, payload, rec)
+        if chosen:
+            self._set_commit(max(chosen))
         c = self.commit_index
-        # Rule 3: per slot above our commit point, the value accepted at the highest
+        # Rule 3: per slot above the commit point, the value accepted at the highest
         # ballot among the promises (a majority), a no-op where none.
         best: dict = {}
         for node in sorted(self.reports):
-            recs, _their_commit = self.reports[node]
-            for rec in recs:
-                slot, rb, kind, payload = decode_record(rec)
+            for slot, rb, kind, payload, _rec in self.reports[node][0]:
                 if slot <= c:
                     continue
                 cur = best.get(slot)
@@ -525,16 +540,19 @@ class Replica:
         if b < self.promised or (b == self.promised and ballot_node(b) != m.frm):
             self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
             return
+        # Leader stickiness: a follower that hears a live leader does not depose it.
+        if b > self.promised and self._heard_leader_recently() and self.leader != m.frm:
+            self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
+            return
+        # A Promise must carry every accepted value above the candidate's commit point. If we
+        # compacted slots it has not committed, we cannot: it must catch up first. Checked on
+        # every copy of a Prepare, a duplicate of one already promised included: a snapshot
+        # installed (or a compaction) between two copies drops slots the first answer held.
+        if m.commit_index + 1 < self.log_start:
+            self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
+            self._send_snapshot(m.frm, b)
+            return
         if b > self.promised:
-            # Leader stickiness: a follower that hears a live leader does not depose it.
-            if self._heard_leader_recently() and self.leader != m.frm:
-                self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
-                return
-            if m.commit_index + 1 < self.log_start:
-                # We compacted slots the candidate has not committed: it must catch up first.
-                self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
-                self._send_snapshot(m.frm, b)
-                return
             self._set_promised(b)
             if self.role != FOLLOWER:
                 self._become_follower(None)
@@ -554,7 +572,16 @@ class Replica:
             return
         if m.frm in self.reports:
             return  # a duplicate; count each vote once
-        self.reports[m.frm] = (m.records, m.commit_index)
+        decoded = [(*decode_record(rec), rec) for rec in m.records]
+        if m.commit_index > self.commit_index:
+            # The promiser knows slots up to its commit point are chosen; unless its records
+            # show every one of them above ours, this Promise cannot tell us what they hold.
+            shown = {slot for slot, *_ in decoded}
+            if any(s not in shown for s in range(self.commit_index + 1, m.commit_index + 1)):
+                self._log_event(f"promise from {m.frm} omits chosen slots "
+                                f"{self.commit_index + 1}..{m.commit_index}; not counted")
+                return
+        self.reports[m.frm] = (decoded, m.commit_index)
         if self.promise_tally.record(m.frm, m.ballot):
             self._become_leader()
 
