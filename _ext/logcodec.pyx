@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled twin of kvstore/_native/logcodec_py.py: log records, CRC32C and log append.
+"""Compiled twin of kvstore/_native/logcodec_py.py: log records, CRC32C, log append and
+checksummed stored values.
 
-The record format is documented in the twin. Decoding validates the header,
+The record and value formats are documented in the twin. Decoding validates the header,
 the length and the checksum before it returns anything, and raises
 ``CorruptRecord`` naming the offset (and the slot the header claims).
 """
@@ -24,7 +25,10 @@ FORMAT_VERSION = 1
 RECORD_HEADER_SIZE = 28
 MAX_PAYLOAD_SIZE = 1 << 30
 
+VALUE_HEADER_SIZE = 12
+
 DEF HEADER = 28
+DEF VALUE_HEADER = 12
 DEF CRC_AT = 24
 DEF VERSION = 1
 DEF U64_MAX = 0xFFFFFFFFFFFFFFFF
@@ -235,3 +239,85 @@ def append_log(txn, db, entries):
     finally:
         cursor.close()
     return len(items)
+
+
+# -- stored values: revision + checksum + value (see the twin) ---------------------------------
+
+cdef inline uint32_t value_crc(const uint8_t *key, Py_ssize_t nk, const uint8_t *raw,
+                               Py_ssize_t n) noexcept nogil:
+    cdef uint32_t crc = kv_crc32c(0, key, nk)
+    crc = kv_crc32c(crc, raw, 8)
+    return kv_crc32c(crc, raw + VALUE_HEADER, n - VALUE_HEADER)
+
+
+cdef inline uint64_t get_u64_be(const uint8_t *p) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(8):
+        v = (v << 8) | p[i]
+    return v
+
+
+cdef object corrupt_value(bytes key, bytes raw, str why):
+    shown = key[:64] + (b"..." if len(key) > 64 else b"")
+    return CorruptRecord(f"the stored value of key {shown!r} is corrupt ({why})")
+
+
+def pack_value(key, revision, value):
+    """The data-table value of ``value`` written at ``revision`` under ``key``."""
+    cdef bytes k = as_bytes(key)
+    cdef bytes v = as_bytes(value)
+    if not (0 <= revision <= U64_MAX):
+        raise ValueError(f"revision out of range: {revision}")
+    cdef uint64_t rev = <uint64_t>revision
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(v)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, VALUE_HEADER + n)
+    cdef uint8_t *o = <uint8_t *>PyBytes_AS_STRING(out)
+    cdef int i
+    for i in range(8):
+        o[i] = (rev >> (56 - 8 * i)) & 0xFF
+    memcpy(o + VALUE_HEADER, PyBytes_AS_STRING(v), n)
+    put_u32(o + 8, value_crc(<const uint8_t *>PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k),
+                             o, VALUE_HEADER + n))
+    return out
+
+
+cdef inline bytes checked_value(bytes k, bytes r):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(r)
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(r)
+    if n < VALUE_HEADER:
+        raise corrupt_value(k, r, f"{n} bytes, shorter than its {VALUE_HEADER}-byte header")
+    cdef uint32_t actual = value_crc(<const uint8_t *>PyBytes_AS_STRING(k),
+                                     PyBytes_GET_SIZE(k), p, n)
+    cdef uint32_t stored = get_u32(p + 8)
+    if actual != stored:
+        raise corrupt_value(k, r, f"checksum stored {stored:#010x}, computed {actual:#010x}")
+    return PyBytes_FromStringAndSize(<const char *>(p + VALUE_HEADER), n - VALUE_HEADER)
+
+
+def unpack_value(key, raw):
+    """The user's value in ``raw`` (None for None), its checksum verified."""
+    if raw is None:
+        return None
+    return checked_value(as_bytes(key), as_bytes(raw))
+
+
+def unpack_revision(raw):
+    """The revision of a stored value (0 for None); the checksum is not verified."""
+    if raw is None:
+        return 0
+    cdef bytes r = as_bytes(raw)
+    if PyBytes_GET_SIZE(r) < VALUE_HEADER:
+        raise CorruptRecord(f"a stored value of {PyBytes_GET_SIZE(r)} bytes is shorter than "
+                            f"its {VALUE_HEADER}-byte header")
+    return get_u64_be(<const uint8_t *>PyBytes_AS_STRING(r))
+
+
+def unpack_rows(rows):
+    """``[(key, value)]`` of ``[(key, raw)]`` rows, every checksum verified."""
+    cdef list out = []
+    cdef bytes k
+    for key, raw in rows:
+        k = as_bytes(key)
+        out.append((k, checked_value(k, as_bytes(raw))))
+    return out

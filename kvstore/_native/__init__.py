@@ -6,6 +6,8 @@ One API whichever is in use (the pure twins in ``*_py.py`` define it):
 - log records: ``crc32c``, ``encode_record``, ``encode_batch``, ``decode_record``,
   ``decode_batch``, ``append_log``, ``slot_key``, ``key_slot``,
   ``RECORD_HEADER_SIZE``, ``FORMAT_VERSION``
+- stored values: ``pack_value``, ``unpack_value``, ``unpack_revision``, ``unpack_rows``,
+  ``VALUE_HEADER_SIZE``
 - quorum: ``QuorumTally``, ``PromiseTally``, ``majority``
 
 ``KVSTORE_PURE=1`` in the environment forces the pure-Python reference (as
@@ -50,6 +52,11 @@ encode_batch = _logcodec.encode_batch
 decode_record = _logcodec.decode_record
 decode_batch = _logcodec.decode_batch
 append_log = _logcodec.append_log
+pack_value = _logcodec.pack_value
+unpack_value = _logcodec.unpack_value
+unpack_revision = _logcodec.unpack_revision
+unpack_rows = _logcodec.unpack_rows
+VALUE_HEADER_SIZE = logcodec_py.VALUE_HEADER_SIZE
 slot_key = logcodec_py.slot_key
 key_slot = logcodec_py.key_slot
 RECORD_HEADER_SIZE = logcodec_py.RECORD_HEADER_SIZE
@@ -64,5 +71,6 @@ __all__ = [
     "xxh64", "jump_consistent_hash", "shard_of", "shard_of_many",
     "crc32c", "encode_record", "encode_batch", "decode_record", "decode_batch",
     "append_log", "slot_key", "key_slot", "RECORD_HEADER_SIZE", "FORMAT_VERSION",
+    "pack_value", "unpack_value", "unpack_revision", "unpack_rows", "VALUE_HEADER_SIZE",
     "QuorumTally", "PromiseTally", "majority",
 ]

@@ -17,6 +17,17 @@ it never returns data that did not pass the checksum.
 
 The log itself is an LMDB database of ``slot_key(slot) -> record``;
 ``append_log`` writes a batch of them in one cursor pass.
+
+A stored value (the data table's ``key -> value``, DESIGN.md "Storage") is a
+12-byte header followed by the user's value::
+
+    offset size field
+    0      8    revision (big-endian, so a raw value sorts and reads as before)
+    8      4    CRC32C (little-endian) of the key, bytes 0..7 and the value
+
+``pack_value`` writes one; ``unpack_value`` returns the value only after its
+checksum matched (a flipped byte in a value, an overflow page, or a value
+under the wrong key raises ``CorruptRecord``).
 """
 
 from __future__ import annotations
@@ -30,9 +41,13 @@ FORMAT_VERSION = 1
 RECORD_HEADER_SIZE = 28
 MAX_PAYLOAD_SIZE = 1 << 30
 
+VALUE_HEADER_SIZE = 12
+
 _HEADER = struct.Struct("<BBHIQQ")  # the 24 bytes the CRC covers before the payload
 _CRC = struct.Struct("<I")
 _SLOT_KEY = struct.Struct(">Q")
+_VALUE_HEADER = struct.Struct(">Q")
+_VALUE_CRC = struct.Struct("<I")
 _U64_MAX = (1 << 64) - 1
 
 
@@ -172,3 +187,52 @@ def append_log(txn, db, entries: Sequence[tuple[int, bytes]]) -> int:
         return len(items)
     finally:
         cursor.close()
+
+
+def _corrupt_value(key: bytes, why: str) -> CorruptRecord:
+    shown = key[:64] + (b"..." if len(key) > 64 else b"")
+    return CorruptRecord(f"the stored value of key {shown!r} is corrupt ({why})")
+
+
+def pack_value(key: bytes, revision: int, value: bytes) -> bytes:
+    """The data-table value of ``value`` written at ``revision`` under ``key``."""
+    if not (0 <= revision <= _U64_MAX):
+        raise ValueError(f"revision out of range: {revision}")
+    head = _VALUE_HEADER.pack(revision)
+    value = bytes(value)
+    crc = crc32c(value, crc32c(head, crc32c(bytes(key))))
+    return head + _VALUE_CRC.pack(crc) + value
+
+
+def _checked_value(key: bytes, raw: bytes) -> bytes:
+    n = len(raw)
+    if n < VALUE_HEADER_SIZE:
+        raise _corrupt_value(key, f"{n} bytes, shorter than its {VALUE_HEADER_SIZE}-byte header")
+    (stored,) = _VALUE_CRC.unpack_from(raw, 8)
+    value = raw[VALUE_HEADER_SIZE:]
+    actual = crc32c(value, crc32c(raw[:8], crc32c(key)))
+    if actual != stored:
+        raise _corrupt_value(key, f"checksum stored {stored:#010x}, computed {actual:#010x}")
+    return value
+
+
+def unpack_value(key: bytes, raw: bytes | None) -> bytes | None:
+    """The user's value in ``raw`` (None for None), its checksum verified."""
+    if raw is None:
+        return None
+    return _checked_value(bytes(key), bytes(raw))
+
+
+def unpack_revision(raw: bytes | None) -> int:
+    """The revision of a stored value (0 for None); the checksum is not verified."""
+    if raw is None:
+        return 0
+    if len(raw) < VALUE_HEADER_SIZE:
+        raise CorruptRecord(f"a stored value of {len(raw)} bytes is shorter than its "
+                            f"{VALUE_HEADER_SIZE}-byte header")
+    return _VALUE_HEADER.unpack_from(raw)[0]
+
+
+def unpack_rows(rows: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``[(key, value)]`` of ``[(key, raw)]`` rows, every checksum verified."""
+    return [(bytes(k), _checked_value(bytes(k), bytes(raw))) for k, raw in rows]
