@@ -27,16 +27,18 @@ from kvstore import _native
 from kvstore.api import KV, Txn
 from kvstore.codec import (KIND_COMMANDS, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES,
                            decode_commands, encode_commands)
-from kvstore.errors import CorruptRecord, InvalidArgument, KVError, TransactionConflict
+from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError,
+                            TransactionConflict)
 from kvstore.groupcommit import GroupCommitter, Request
 from kvstore.sharding import shard_of
-from kvstore.keys import (MAX_KEY_SIZE, check_key, check_limit, check_optional_value,
-                          check_value, scan_range)
+from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, check_key, check_limit,
+                          check_optional_value, check_value, scan_range)
 from kvstore.storage import Storage
-from kvstore.storage.environment import (META_APPLIED, META_COMMIT, META_LOG_FIRST, pack_u64,
-                                         translate, unpack_u64)
-from kvstore.storage.state import (REVISION_SIZE, apply_command, apply_writes,
-                                   reads_still_valid, revision_of, scan_rows, scan_values)
+from kvstore.storage.environment import (META_APPLIED, META_COMMIT, META_LOG_FIRST,
+                                         THIRD_PARTY_ERRORS, pack_u64, translate, unpack_u64)
+from kvstore.storage.state import (apply_command, apply_writes, reads_still_valid,
+                                   revision_of, scan_rows, scan_values, value_of)
+from kvstore._native import unpack_rows
 
 #: Log entries kept behind the applied point; older ones are compacted away
 #: (a single replica has nobody to catch up, the state itself is the snapshot).
@@ -59,8 +61,8 @@ class EmbeddedKV(KV):
     """``kvstore.open(path)``: a durable, thread-safe, transactional store in this process."""
 
     def __init__(self, path: str | os.PathLike, *, shards: int | None = None,
-                 map_size: int | None = None) -> None:
-        self._storage = Storage(path, shards=shards, map_size=map_size)
+                 map_size: int | None = None, create: bool = True) -> None:
+        self._storage = Storage(path, shards=shards, map_size=map_size, create=create)
         self.path = self._storage.path
         self._nshards = self._storage.nshards
         self._tables = self._storage.shards
@@ -71,25 +73,30 @@ class EmbeddedKV(KV):
         self._closed = False
         self._close_lock = threading.Lock()
         self._committer = GroupCommitter(self._commit_batch)
-        self._applied = self._storage.read(
-            lambda txn: [self._applied_point(txn, s) for s in range(self._nshards)])
-        self._log_first = self._storage.read(
-            lambda txn: [self._storage.meta_int(txn, s, META_LOG_FIRST, 1) for s in
-                         range(self._nshards)])
+        try:
+            self._applied = self._storage.read(
+                lambda txn: [self._applied_point(txn, s) for s in range(self._nshards)],
+                "reading the applied points")
+        except BaseException:
+            self._storage.close()
+            raise
+        _open_stores.add(self)
 
     # -- helpers --------------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
+            if self._storage.forked:
+                self._storage.check_usable()  # says fork() and what to do
             raise KVError(f"the store at {self.path} is closed")
 
     def _shard(self, key: bytes) -> int:
         n = self._nshards
         return 0 if n == 1 else shard_of(key, n)
 
-    def _submit(self, payload) -> object:
+    def _submit(self, payload, size: int) -> object:
         self._check_open()
-        return self._committer.submit(Request(payload))
+        return self._committer.submit(Request(payload, size))
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -106,6 +113,7 @@ class EmbeddedKV(KV):
         if self._storage._growing:  # the map is being grown: take the slow, waiting path
             active.pop()
             raw = self._storage.read(lambda txn: txn.get(key, None, db))
+            self._check_open()
         else:
             try:
                 txn = self._begin()
@@ -113,12 +121,15 @@ class EmbeddedKV(KV):
                 if self._storage.committing:  # a commit in flight: is our snapshot durable?
                     self._storage.await_durable(txn)
                 txn.commit()
-            except lmdb.Error as e:
+            except THIRD_PARTY_ERRORS as e:
                 self._check_open()
                 raise translate(e, self.path, "reading") from e
             finally:
                 active.pop()
-        return None if raw is None else raw[REVISION_SIZE:]
+        try:
+            return value_of(key, raw)  # the checksum verified: never corrupt data
+        except CorruptRecord as e:
+            raise translate(e, self.path, "reading") from e
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):
         self._check_open()
@@ -134,24 +145,25 @@ class EmbeddedKV(KV):
             # One snapshot across shards; each holds its own first ``limit`` keys.
             return list(itertools.islice(heapq.merge(*per_shard), limit))
 
-        return self._storage.read(read)
+        return self._storage.read(read, "scanning")
 
     # -- single-key writes -------------------------------------------------------------------
 
     def put(self, key, value) -> None:
         key = check_key(key)
         value = check_value(value)
-        self._submit((self._shard(key), (OP_PUT, key, value)))
+        self._submit((self._shard(key), (OP_PUT, key, value)), len(key) + len(value))
 
     def delete(self, key) -> bool:
         key = check_key(key)
-        return self._submit((self._shard(key), (OP_DELETE, key)))
+        return self._submit((self._shard(key), (OP_DELETE, key)), len(key))
 
     def cas(self, key, expected, new) -> bool:
         key = check_key(key)
         expected = check_optional_value(expected, "expected")
         new = check_optional_value(new, "new")
-        return self._submit((self._shard(key), (OP_CAS, key, expected, new)))
+        size = len(key) + len(expected or b"") + len(new or b"")
+        return self._submit((self._shard(key), (OP_CAS, key, expected, new)), size)
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -177,10 +189,16 @@ class EmbeddedKV(KV):
             part(self._shard(key))[2].append((key, value))
         if not any(p[2] for p in parts.values()):
             return True  # read-only: its snapshot already is a serializable view
+        size = _txn_size(parts)
+        if size > 2 * MAX_TXN_SIZE:  # its writes are checked at put; its reads count here
+            raise InvalidArgument(
+                f"this transaction's log entry would be {size} bytes (its writes and the keys "
+                f"it read or scanned); the largest allowed is 2 x MAX_TXN_SIZE = "
+                f"{2 * MAX_TXN_SIZE}: split it into smaller transactions")
         if len(parts) == 1:
             (shard, (r, g, w)), = parts.items()
-            return self._submit((shard, (OP_TXN, r, g, w)))
-        return self._submit(_MultiShardTxn(parts))
+            return self._submit((shard, (OP_TXN, r, g, w)), size)
+        return self._submit(_MultiShardTxn(parts), size)
 
     # -- the commit path -----------------------------------------------------------------
 
@@ -190,7 +208,10 @@ class EmbeddedKV(KV):
             raise KVError(f"the store at {self.path} is closed")
         results = self._storage.write(lambda txn: self._apply_batch(txn, batch))
         for request, result in zip(batch, results):
-            request.result = result
+            if type(result) is _Failed:
+                request.error = result.error
+            else:
+                request.result = result
         for shard, slot in results.slots:
             self._applied[shard] = slot
 
@@ -205,13 +226,21 @@ class EmbeddedKV(KV):
                 results.append(None)
             elif type(payload) is tuple:
                 shard, command = payload
+                try:
+                    result = apply_command(txn, data[shard], applied[shard] + 1, command)
+                except CorruptRecord as e:  # a corrupt value read by this command: it alone
+                    results.append(_Failed(translate(e, self.path, "applying a write")))
+                    continue
                 commands = entries.get(shard)
                 if commands is None:
                     commands = entries[shard] = []
                 commands.append(command)
-                results.append(apply_command(txn, data[shard], applied[shard] + 1, command))
+                results.append(result)
             else:
-                results.append(self._apply_multi_shard(txn, payload, entries))
+                try:
+                    results.append(self._apply_multi_shard(txn, payload, entries))
+                except CorruptRecord as e:
+                    results.append(_Failed(translate(e, self.path, "applying a transaction")))
         for shard, commands in entries.items():
             slot = applied[shard] + 1
             tables = self._tables[shard]
@@ -344,11 +373,46 @@ class EmbeddedKV(KV):
         try:
             self._committer.submit(Request(None))
         finally:
+            self._committer.stop()
             self._storage.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<kvstore.EmbeddedKV {self.path!r} shards={self._nshards} {state}>"
+
+
+class _Failed:
+    """A request of a batch that failed alone (the others commit)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _txn_size(parts: dict) -> int:
+    """The bytes a transaction's command adds to a log entry, about."""
+    size = 0
+    for reads, ranges, writes in parts.values():
+        for key, _revision in reads:
+            size += len(key) + 9
+        for lo, hi, seen in ranges:
+            size += len(lo) + len(hi or b"") + sum(len(k) + 9 for k, _ in seen)
+        for key, value in writes:
+            size += len(key) + len(value or b"") + 2
+    return size
+
+
+#: Every open store of this process, so a child of fork() finds them closed.
+_open_stores: "weakref.WeakSet[EmbeddedKV]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_open_stores):
+        store._closed = True  # every call now fails in _check_open, naming fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _BatchResults(list):
@@ -375,6 +439,7 @@ class EmbeddedTxn(Txn):
         self._reads: dict[int, dict[bytes, int]] = {}
         self._ranges: dict[int, list] = {}
         self._writes: dict[bytes, bytes | None] = {}
+        self._write_bytes = 0  # keys and values in _writes: at most MAX_TXN_SIZE
         self._state = "new"  # new -> open -> committed | discarded
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -446,19 +511,41 @@ class EmbeddedTxn(Txn):
     def _read(self, key: bytes) -> bytes | None:
         store = self._store
         shard = store._shard(key)
-        raw = self._view().get(key, db=store._data[shard])
+        try:
+            raw = self._view().get(key, db=store._data[shard])
+            value = value_of(key, raw)
+            revision = revision_of(raw)
+        except (CorruptRecord, *THIRD_PARTY_ERRORS) as e:
+            raise translate(e, store.path, "reading in a transaction") from e
         shard_reads = self._reads.setdefault(shard, {})
-        shard_reads.setdefault(key, revision_of(raw))
-        return None if raw is None else raw[REVISION_SIZE:]
+        shard_reads.setdefault(key, revision)
+        return value
 
     def put(self, key, value) -> None:
         self._check_usable()
-        self._writes[check_key(key)] = check_value(value)
+        key = check_key(key)
+        value = check_value(value)
+        old = self._writes.get(key)
+        size = self._write_bytes + len(value) - (0 if old is None else len(old))
+        if key not in self._writes:
+            size += len(key)
+        if size > MAX_TXN_SIZE:
+            raise InvalidArgument(
+                f"this put would make the transaction's writes {size} bytes; the largest "
+                f"allowed is MAX_TXN_SIZE = {MAX_TXN_SIZE}: split it into smaller "
+                f"transactions (the transaction is unchanged)")
+        self._writes[key] = value
+        self._write_bytes = size
 
     def delete(self, key) -> bool:
         self._check_usable()
         key = check_key(key)
         existed = (self._writes[key] if key in self._writes else self._read(key)) is not None
+        old = self._writes.get(key)
+        if key not in self._writes:
+            self._write_bytes += len(key)
+        elif old is not None:
+            self._write_bytes -= len(old)
         self._writes[key] = None
         return existed
 
@@ -475,16 +562,19 @@ class EmbeddedTxn(Txn):
         merged: dict[bytes, bytes | None] = {}
         seen_hi = hi  # every shard's rows are complete below this bound
         for shard, db in enumerate(self._store._data):
-            rows = scan_rows(view, db, lo, hi, fetch)
+            try:
+                rows = scan_rows(view, db, lo, hi, fetch)
+                values = unpack_rows(rows)  # every checksum verified
+                revisions = [(k, revision_of(raw)) for k, raw in rows]
+            except (CorruptRecord, *THIRD_PARTY_ERRORS) as e:
+                raise translate(e, self._store.path, "scanning in a transaction") from e
             covered_hi = hi
             if fetch is not None and len(rows) == fetch:
                 covered_hi = rows[-1][0] + b"\x00"  # this shard was read only up to here
                 if seen_hi is None or covered_hi < seen_hi:
                     seen_hi = covered_hi
-            self._ranges.setdefault(shard, []).append(
-                (lo, covered_hi, [(k, revision_of(raw)) for k, raw in rows]))
-            for k, raw in rows:
-                merged[k] = raw[REVISION_SIZE:]
+            self._ranges.setdefault(shard, []).append((lo, covered_hi, revisions))
+            merged.update(values)
         merged.update(local)
         # A shard cut at ``seen_hi`` alone holds >= limit live rows below it, so
         # the first ``limit`` results all lie below it.

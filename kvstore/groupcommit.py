@@ -13,16 +13,35 @@ leader whose previous batch held several writers lingers (at most
 ``LINGER_SECONDS``, far less than an fsync) until as many have queued again, as
 MySQL's binlog group commit and Kafka's ``linger.ms`` do. A lone writer never
 lingers.
+
+The main thread never commits for others. Python runs signal handlers in the
+main thread only, between any two of its bytecodes: a Ctrl-C (or a SIGALRM
+handler that raises) landing in a leader's bookkeeping would leave the
+others' requests unanswered forever, or hand them the main thread's
+``KeyboardInterrupt``. So a request from the main thread goes through one
+atomic C call (``SimpleQueue.put``) to a helper thread, which submits it as
+any other thread would; the main thread only waits, and an interrupt there
+reaches it alone: its write is then applied or not, wholly, as one request.
+
+A batch holds at most ``MAX_BATCH`` requests and ``MAX_BATCH_BYTES`` of
+payload (``Request.size``): one large transaction never makes its
+neighbours' commit fail or wait on a record too large to write.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Callable, Sequence
 
 #: Requests taken into one commit at most; a bound keeps one commit's latency bounded.
 MAX_BATCH = 4096
+#: Payload bytes taken into one commit at most (a lone larger request still commits alone).
+MAX_BATCH_BYTES = 256 * 1024 * 1024
 _allocate_lock = threading.Lock
+_get_ident = threading.get_ident
+_main_thread = threading.main_thread
+_STOP = object()
 #: The longest a leader waits for the writers of its previous batch to come back.
 LINGER_SECONDS = 0.0002
 
@@ -30,10 +49,11 @@ LINGER_SECONDS = 0.0002
 class Request:
     """One writer's request and, once committed, its outcome."""
 
-    __slots__ = ("payload", "result", "error", "done", "wakeup")
+    __slots__ = ("payload", "size", "result", "error", "done", "wakeup")
 
-    def __init__(self, payload: object) -> None:
+    def __init__(self, payload: object, size: int = 0) -> None:
         self.payload = payload
+        self.size = size  # payload bytes, for the batch's byte bound
         self.result: object = None
         self.error: BaseException | None = None
         self.done = False
@@ -51,9 +71,15 @@ class GroupCommitter:
     """Serialises commits; ``commit_batch(requests)`` sets each request's result or error."""
 
     def __init__(self, commit_batch: Callable[[Sequence[Request]], None],
-                 linger_seconds: float = LINGER_SECONDS) -> None:
+                 linger_seconds: float = LINGER_SECONDS,
+                 max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
         self._commit_batch = commit_batch
         self._linger_seconds = linger_seconds
+        self._max_batch_bytes = max_batch_bytes
+        # The main thread's requests go through here to a helper thread (see the module doc).
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._helper: threading.Thread | None = None
+        self._helper_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[Request] = []
         self._busy = False
@@ -63,6 +89,8 @@ class GroupCommitter:
 
     def submit(self, request: Request) -> object:
         """Commit ``request`` (alone or with others); its result, or raise its error."""
+        if _get_ident() == _main_thread().ident:
+            return self._submit_through_helper(request)
         cond = self._cond
         with cond:
             if self._busy:
@@ -86,10 +114,16 @@ class GroupCommitter:
                 self._wake_at = expected
                 cond.wait(self._linger_seconds)
                 self._wake_at = MAX_BATCH
-            take = MAX_BATCH - 1
             batch = [request]
-            batch.extend(self._queue[:take])
-            del self._queue[:take]
+            queued = self._queue
+            budget = self._max_batch_bytes - request.size
+            take = 0
+            limit = min(len(queued), MAX_BATCH - 1)
+            while take < limit and queued[take].size <= budget:
+                budget -= queued[take].size
+                take += 1
+            batch.extend(queued[:take])
+            del queued[:take]
         self._last_batch = len(batch)
         try:
             self._commit_batch(batch)
@@ -109,3 +143,50 @@ class GroupCommitter:
                 else:
                     self._busy = False
         return request.outcome()
+
+    # -- the main thread's requests --------------------------------------------------------
+
+    def _submit_through_helper(self, request: Request) -> object:
+        """The main thread's submit: hand ``request`` to the helper thread and wait.
+
+        Every step is safe against an exception from a signal handler between
+        any two of them: before the ``put`` nothing was queued; after it the
+        helper owns the request and answers it whether anyone waits or not.
+        """
+        answered = _allocate_lock()
+        answered.acquire()
+        if self._helper is None:
+            self._start_helper()
+        self._inbox.put((request, answered))
+        answered.acquire()  # released by the helper once the request is answered
+        return request.outcome()
+
+    def _start_helper(self) -> None:
+        with self._helper_lock:
+            if self._helper is None:
+                helper = threading.Thread(target=self._helper_loop, name="kvstore-commit",
+                                          daemon=True)
+                helper.start()
+                self._helper = helper
+
+    def _helper_loop(self) -> None:
+        inbox = self._inbox
+        while True:
+            item = inbox.get()
+            if item is _STOP:
+                return
+            outer, answered = item
+            inner = Request(outer.payload, outer.size)
+            try:
+                outer.result = self.submit(inner)
+            except BaseException as e:  # the request's own error, handed to its caller
+                outer.error = e
+            outer.done = True
+            answered.release()
+
+    def stop(self) -> None:
+        """End the helper thread (after the requests already handed to it)."""
+        with self._helper_lock:
+            if self._helper is not None:
+                self._inbox.put(_STOP)
+                self._helper = None

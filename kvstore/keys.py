@@ -6,6 +6,8 @@ input raises ``InvalidArgument`` and changes nothing.
 
 from __future__ import annotations
 
+import sys
+
 from kvstore.errors import InvalidArgument
 
 #: LMDB's key limit (its default build); keys are stored as LMDB keys as they are.
@@ -13,6 +15,10 @@ MAX_KEY_SIZE = 511
 #: Values up to 4 MiB: one log record carries a batch of them, and a cluster
 #: sends it in one message, so a bound keeps a single write from stalling others.
 MAX_VALUE_SIZE = 4 * 1024 * 1024
+#: The keys and values one transaction may write, in all: 64 MiB. A transaction is
+#: one log entry (and, in a cluster, one message); a put past this raises
+#: ``InvalidArgument`` and leaves the transaction as it was.
+MAX_TXN_SIZE = 64 * 1024 * 1024
 
 
 def _type_name(obj: object) -> str:
@@ -86,6 +92,8 @@ def check_limit(limit: object) -> int | None:
         raise InvalidArgument(f"limit must be an int or None, not {_type_name(limit)}")
     if limit < 0:
         raise InvalidArgument(f"limit must be >= 0, got {limit}")
+    if limit >= sys.maxsize:
+        return None  # more rows than any store holds: no limit
     return limit
 
 

@@ -4,16 +4,30 @@ Layout (DESIGN.md, "Storage layout"): for each shard ``i`` four named tables,
 
 - ``s{i}.log``   slot (8-byte big-endian) -> checksummed log record
 - ``s{i}.meta``  ``applied`` / ``commit`` / ``promise`` -> 8-byte big-endian int
-- ``s{i}.data``  key -> 8-byte revision + value
+- ``s{i}.data``  key -> 8-byte revision + CRC32C + value (``kvstore.storage.state``)
 - ``s{i}.txn``   transaction records (prepared parts, decisions)
 
 and one ``kvstore`` table with the directory's format (version, shard count).
+A new directory gets all of them, and the format record, in one commit, so a
+directory either holds a whole store or none; an existing store's tables are
+only ever opened, never created (a missing one means corruption).
 
-Three things here exist so users never see them: the map grows on demand
-(LMDB's ``MapFullError`` is retried after doubling the map), a second process
-opening the directory is refused by name (a ``flock`` on ``kvstore.lock``,
-which holds the owner's pid), and every LMDB or OS error is translated at one
-choke point (``translate``) into a ``StorageError`` naming the path.
+What this layer does so that users never meet LMDB's sharp edges:
+
+- the map is a large sparse one sized up front (``DEFAULT_MAP_SIZE``, a
+  reservation of address space, not of disk), so it never has to grow while
+  readers are open; growth on ``MapFullError`` remains as a fallback;
+- ``data.mdb`` is checked against the size its meta pages claim before it is
+  mapped (a truncated file would otherwise kill the process with SIGBUS on
+  the first read past its end), and LMDB's lock file is allocated on disk
+  before LMDB maps it (a full disk would otherwise SIGBUS on the first
+  reader-table write);
+- one process owns the directory: a ``flock`` on the directory itself (which
+  cannot be unlinked from under the store as a lock file can);
+  ``kvstore.lock`` only records the owner's pid for the message a second
+  process gets, best effort (a full disk must not stop an open);
+- every LMDB, OS, struct or msgpack error is translated at one choke point
+  (``translate``) into a ``StorageError`` naming the path.
 """
 
 from __future__ import annotations
@@ -22,21 +36,32 @@ import errno
 import fcntl
 import os
 import struct
+import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import lmdb
 import msgpack
 
-from kvstore.errors import InvalidArgument, StorageError
+from kvstore.errors import CorruptRecord, InvalidArgument, KVError, StorageError
 
-FORMAT_VERSION = 1
+#: 2: stored values carry a CRC32C (``kvstore._native.pack_value``).
+FORMAT_VERSION = 2
 LOCK_FILE = "kvstore.lock"
+DATA_FILE = "data.mdb"
+LMDB_LOCK_FILE = "lock.mdb"
 TABLES_PER_SHARD = 4
 MAX_SHARDS = 256
-DEFAULT_MAP_SIZE = 1 << 30
+MAX_READERS = 256
+#: The map reserved up front: 1 TiB of address space (never of disk: the file
+#: grows page by page as LMDB writes it). Sized so the map never grows in
+#: practice, as growing it needs every read transaction of the process closed.
+DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
+#: The largest map_size accepted (64 TiB: half of x86-64's user address space).
+MAX_MAP_SIZE = (1 << 46) if sys.maxsize > 2**32 else (1 << 31)
 #: How long growing the map may wait for open read snapshots to finish.
 GROW_WAIT_SECONDS = 60.0
 
@@ -48,13 +73,30 @@ META_LOG_FIRST = b"log_first"
 _U64 = struct.Struct(">Q")
 T = TypeVar("T")
 
+# LMDB's meta page (lmdb.h / mdb.c, 64-bit): a 16-byte page header, then MDB_meta.
+_LMDB_MAGIC = 0xBEEFC0DE
+_META_MAGIC = struct.Struct("<II")        # mm_magic, mm_version at 16
+_META_PAGE_SIZE = struct.Struct("<I")     # mm_dbs[FREE_DBI].md_pad holds the page size, at 40
+_META_LAST_TXN = struct.Struct("<QQ")     # mm_last_pg, mm_txnid at 136
+_META_MIN_BYTES = 152
+# LMDB's lock file: a 192-byte header plus one 64-byte slot per reader after the first.
+_LMDB_LOCK_BYTES = 192 + 64 * (MAX_READERS - 1)
+
+#: Errors of the libraries under us; each is translated by ``translate``.
+THIRD_PARTY_ERRORS = (lmdb.Error, OSError, struct.error, msgpack.UnpackException,
+                      msgpack.ExtraData, msgpack.FormatError, msgpack.StackError)
+
 
 def pack_u64(value: int) -> bytes:
     return _U64.pack(value)
 
 
 def unpack_u64(raw: bytes | None, default: int = 0) -> int:
-    return default if raw is None else _U64.unpack(raw)[0]
+    if raw is None:
+        return default
+    if len(raw) != 8:
+        raise CorruptRecord(f"a meta value of {len(raw)} bytes where 8 were expected")
+    return _U64.unpack(raw)[0]
 
 
 @dataclass(frozen=True)
@@ -80,28 +122,79 @@ def _filesystem_full(path: str) -> bool:
     return st.f_bavail * st.f_frsize < FULL_DISK_SLACK_BYTES
 
 
+_CORRUPT_HINT = "restore it from a replica or a backup"
+
+
 def translate(e: BaseException, path: str, doing: str) -> StorageError:
-    """The one place where LMDB and OS errors become ``StorageError``."""
+    """The one place where LMDB, OS, struct and msgpack errors become ``StorageError``.
+
+    A ``KVError`` passes through (a ``CorruptRecord`` from a checksum gains the
+    path if it has none).
+    """
+    if isinstance(e, CorruptRecord):
+        if e.path is not None:
+            return e
+        err: StorageError = CorruptRecord(f"{e} in {path} while {doing}; {_CORRUPT_HINT}",
+                                          slot=e.slot, offset=e.offset, path=path)
+        err.__cause__ = e
+        return err
+    if isinstance(e, StorageError):
+        return e
     code = getattr(e, "errno", None) or getattr(e, "code", None)
     text = str(e).lower()
-    if (code == errno.ENOSPC or "no space left" in text
+    if (code == errno.ENOSPC or code == errno.EDQUOT or "no space left" in text
             or ((code == errno.EIO or "input/output error" in text) and _filesystem_full(path))):
         msg = f"disk full while {doing} in {path}: free some space and retry"
     elif code in (errno.EROFS, errno.EACCES, errno.EPERM) or isinstance(e, lmdb.ReadonlyError):
         msg = f"cannot write {path} while {doing}: the directory is read-only or not permitted"
     elif isinstance(e, (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError,
-                        lmdb.BadChecksumError, lmdb.PanicError)):
-        msg = (f"the data in {path} is corrupt or not a kvstore directory ({e}); "
-               f"restore it from a replica or a backup")
-    elif isinstance(e, (lmdb.VersionMismatchError, lmdb.IncompatibleError)):
+                        lmdb.BadChecksumError, lmdb.PanicError, lmdb.BadTxnError,
+                        lmdb.BadValsizeError, lmdb.BadDbiError, lmdb.NotFoundError,
+                        lmdb.IncompatibleError, struct.error, msgpack.UnpackException,
+                        msgpack.ExtraData, msgpack.FormatError, msgpack.StackError)):
+        msg = (f"the data in {path} is corrupt or not a kvstore directory "
+               f"({type(e).__name__}: {e}) while {doing}; {_CORRUPT_HINT}")
+    elif isinstance(e, lmdb.VersionMismatchError):
         msg = f"{path} was written by an incompatible LMDB version ({e})"
     elif isinstance(e, lmdb.ReadersFullError):
         msg = f"too many concurrent readers on {path} ({e})"
+    elif isinstance(e, lmdb.MapFullError):
+        msg = f"the map of {path} is full while {doing}; reopen it with a larger map_size"
     else:
-        msg = f"storage error while {doing} in {path}: {e}"
+        msg = f"storage error while {doing} in {path}: {type(e).__name__}: {e}"
     err = StorageError(msg, path)
     err.__cause__ = e
     return err
+
+
+def check_path(path: object) -> str:
+    """``path`` (str, bytes or os.PathLike) as an absolute str, or ``InvalidArgument``."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise InvalidArgument(f"path must be a str, bytes or os.PathLike, not "
+                              f"{type(path).__name__}")
+    try:
+        text = os.fsdecode(os.fspath(path))
+    except (TypeError, ValueError, UnicodeError) as e:
+        raise InvalidArgument(f"path {path!r} is not usable: {e}") from None
+    if not isinstance(text, str):
+        raise InvalidArgument(f"path must be a str, bytes or os.PathLike, not "
+                              f"{type(text).__name__}")
+    if text == "":
+        raise InvalidArgument("path must not be empty (use '.' for the current directory)")
+    if "\0" in text:
+        raise InvalidArgument(f"path {text!r} contains a NUL byte")
+    return os.path.abspath(text)
+
+
+def check_map_size(map_size: object) -> int | None:
+    if map_size is None:
+        return None
+    if isinstance(map_size, bool) or not isinstance(map_size, int):
+        raise InvalidArgument(f"map_size must be an int (bytes) or None, not "
+                              f"{type(map_size).__name__}")
+    if not 0 < map_size <= MAX_MAP_SIZE:
+        raise InvalidArgument(f"map_size must be in 1..{MAX_MAP_SIZE} bytes, got {map_size}")
+    return map_size
 
 
 class Storage:
@@ -112,47 +205,76 @@ class Storage:
     Read transactions go through ``begin_read``/``end_read`` so that the map
     can be grown safely: LMDB remaps on growth, which is only safe when this
     process holds no read transaction.
+
+    ``create=False`` refuses a directory that holds no store (read-only
+    commands must not create one at a mistyped path).
     """
 
     def __init__(self, path: str, shards: int | None = None, map_size: int | None = None,
-                 sync: bool = True) -> None:
+                 sync: bool = True, create: bool = True) -> None:
         if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int)
                                    or not 1 <= shards <= MAX_SHARDS):
             raise InvalidArgument(f"shards must be an int in 1..{MAX_SHARDS}, got {shards!r}")
-        self.path = os.path.abspath(os.fspath(path))
-        self._lock_fd = -1
+        self.path = check_path(path)
+        map_size = max(check_map_size(map_size) or 0, DEFAULT_MAP_SIZE)
+        self.pid = os.getpid()
+        self.forked = False  # set in a child process after fork() (see _after_fork_in_child)
+        self._dir_fd = -1
         self._env = None
         self._active_readers: list[None] = []
         self._growing = False
         self._grown = threading.Event()
         self._grown.set()
+        # Held by every write transaction and by close(): the environment is
+        # never closed under a commit in flight.
+        self._write_lock = threading.Lock()
         # Set while a write transaction commits (see _commit): readers that see
         # its snapshot wait for the commit, and so for its fsync, to finish.
         self.committing = False
         self._committing_id = 0
         self._committed = threading.Condition(threading.Lock())
-        self._prepare_directory()
+        self._prepare_directory(create)
         self._lock_directory()
+        created_data_file = False
         try:
-            self._open_env(map_size or DEFAULT_MAP_SIZE, sync, shards or 1)
-            self.nshards = self._load_format(shards)
-            if self.nshards > (shards or 1):
-                # LMDB's begin() costs grow with max_dbs, so the environment is
-                # opened for exactly the tables it has: reopen for more shards.
-                self._env.close()
-                self._open_env(map_size or DEFAULT_MAP_SIZE, sync, self.nshards)
-                self._format_db = self._open_table(b"kvstore")
-            self.shards = [self._open_shard(i) for i in range(self.nshards)]
+            existing = self._check_data_file(create)
+            created_data_file = not os.path.exists(os.path.join(self.path, DATA_FILE))
+            self._prepare_lmdb_lock_file()
+            self._open_env(map_size, sync, shards or 1)
+            if existing:
+                self.nshards = self._load_format(shards)
+                if self.nshards > (shards or 1):
+                    # LMDB's begin() costs grow with max_dbs, so the environment is
+                    # opened for exactly the tables it has: reopen for more shards.
+                    self._env.close()
+                    self._open_env(map_size, sync, self.nshards)
+                    self._format_db = self._open_table(b"kvstore")
+                self.shards = [self._open_shard(i) for i in range(self.nshards)]
+            else:
+                self.nshards = shards or 1
+                self._create_store()
         except BaseException:
-            self.close()
+            self._close_files()
+            if created_data_file:  # a store we failed to create leaves nothing behind
+                for name in (DATA_FILE, LMDB_LOCK_FILE):
+                    try:
+                        os.unlink(os.path.join(self.path, name))
+                    except OSError:
+                        pass
             raise
+        _open_storages.add(self)
 
     # -- opening --------------------------------------------------------------------------
 
-    def _prepare_directory(self) -> None:
+    def _prepare_directory(self, create: bool) -> None:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise StorageError(f"{self.path} is not a directory; kvstore.open() needs a "
                                f"directory (it is created if missing)", self.path)
+        if not create:
+            if not os.path.isdir(self.path):
+                raise StorageError(f"no kvstore at {self.path}: the directory does not exist "
+                                   f"(is the path right?)", self.path)
+            return
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
@@ -161,59 +283,179 @@ class Storage:
             raise StorageError(f"{self.path} is not a directory", self.path)
 
     def _lock_directory(self) -> None:
-        lock_path = os.path.join(self.path, LOCK_FILE)
+        """Take the directory's flock (one process per store); record our pid, best effort."""
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            raise translate(e, self.path, "opening the lock file") from e
+            raise translate(e, self.path, "opening the data directory") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = self._lock_holder()
                 who = ("this process" if holder == str(os.getpid())
-                       else f"process {holder}")
+                       else f"process {holder}" if holder else "another process")
                 raise StorageError(
-                    f"{self.path} is already in use by {who} (lock file {lock_path}); "
-                    f"close that store first, or use kvstore.connect() to share it",
-                    self.path) from None
+                    f"{self.path} is already in use by {who}; close that store first, or "
+                    f"use kvstore.connect() to share it", self.path) from None
             raise translate(e, self.path, "locking the data directory") from e
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._dir_fd = fd
+        self._write_lock_file(f"{os.getpid()}\n".encode())
+
+    def _lock_holder(self) -> str:
+        try:
+            with open(os.path.join(self.path, LOCK_FILE), "rb") as f:
+                text = f.read(32).decode("ascii", "replace").strip()
+        except OSError:
+            return ""
+        return text if text.isdigit() else ""
+
+    def _write_lock_file(self, content: bytes) -> None:
+        """``kvstore.lock`` says who holds the directory; only a message depends on it, so
+        a full or read-only disk does not stop an open."""
+        try:
+            fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError:
+            return
+        try:
+            os.ftruncate(fd, 0)
+            if content:
+                os.pwrite(fd, content, 0)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _check_data_file(self, create: bool) -> bool:
+        """True if the directory holds a store; refuses a truncated or unreadable one.
+
+        LMDB maps the file and reads pages by address: a page past the end of a
+        truncated file is a SIGBUS, so the size the meta pages claim is checked
+        here, before LMDB maps anything.
+        """
+        data_path = os.path.join(self.path, DATA_FILE)
+        try:
+            fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not create:
+                raise StorageError(f"no kvstore in {self.path} (no {DATA_FILE}; is the path "
+                                   f"right?)", self.path) from None
+            return False
+        except OSError as e:
+            raise translate(e, self.path, f"opening {DATA_FILE}") from e
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, 2 * 65536, 0)
+        except OSError as e:
+            raise translate(e, self.path, f"reading {DATA_FILE}") from e
+        finally:
+            os.close(fd)
+        where = f"{data_path} ({size} bytes)"
+        if size == 0:
+            raise StorageError(
+                f"{where} is empty: the store was truncated, or its creation was cut "
+                f"short; if it held nothing, delete the directory and open it again", self.path)
+        metas = []
+        page_size = None
+        for i in range(2):
+            off = 0 if i == 0 else page_size
+            if len(head) < off + _META_MIN_BYTES:
+                raise StorageError(f"{where} is truncated: its second meta page is missing; "
+                                   f"{_CORRUPT_HINT}", self.path)
+            magic, _version = _META_MAGIC.unpack_from(head, off + 16)
+            if magic != _LMDB_MAGIC:
+                raise StorageError(f"{where} is not an LMDB data file or its meta page {i} is "
+                                   f"corrupt; {_CORRUPT_HINT}", self.path)
+            if i == 0:
+                (page_size,) = _META_PAGE_SIZE.unpack_from(head, 40)
+                if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
+                    raise StorageError(f"{where} has a corrupt meta page (page size "
+                                       f"{page_size}); {_CORRUPT_HINT}", self.path)
+            metas.append(_META_LAST_TXN.unpack_from(head, off + 136))
+        last_page, txn_id = max(metas, key=lambda m: m[1])
+        if txn_id == 0:  # LMDB wrote its empty meta pages, nothing was ever committed
+            if not create:
+                raise StorageError(f"no kvstore in {self.path} (its {DATA_FILE} is empty)",
+                                   self.path)
+            return False
+        needed = (last_page + 1) * page_size
+        if size < needed:
+            raise StorageError(
+                f"{where} is truncated: its meta page says it holds {needed} bytes; "
+                f"{_CORRUPT_HINT}", self.path)
+        return True
+
+    def _prepare_lmdb_lock_file(self) -> None:
+        """Allocate LMDB's lock file on disk before LMDB maps it.
+
+        LMDB sizes it with ftruncate, which on a full disk (tmpfs) succeeds
+        sparse; its first write through the map is then a SIGBUS.
+        """
+        lock_path = os.path.join(self.path, LMDB_LOCK_FILE)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise translate(e, self.path, f"opening {LMDB_LOCK_FILE}") from e
+        try:
+            size = max(os.fstat(fd).st_size, _LMDB_LOCK_BYTES)
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise translate(e, self.path, f"allocating {LMDB_LOCK_FILE}") from e
+        finally:
+            os.close(fd)
 
     def _open_env(self, map_size: int, sync: bool, nshards: int) -> None:
-        data_file = os.path.join(self.path, "data.mdb")
-        if os.path.exists(data_file):
-            map_size = max(map_size, os.path.getsize(data_file) * 2)
         try:
             self._env = lmdb.open(
                 self.path, map_size=map_size, subdir=True, max_dbs=TABLES_PER_SHARD * nshards + 1,
-                max_readers=256, sync=sync, metasync=sync, readahead=False, lock=True)
-        except (lmdb.Error, OSError) as e:
+                max_readers=MAX_READERS, sync=sync, metasync=sync, readahead=False, lock=True)
+            self.map_size = self._env.info()["map_size"]
+        except THIRD_PARTY_ERRORS as e:
             raise translate(e, self.path, "opening the LMDB environment") from e
-        self.map_size = self._env.info()["map_size"]
+
+    def _create_store(self) -> None:
+        """Every table and the format record of a new store, in one commit."""
+        fmt = msgpack.packb({"version": FORMAT_VERSION, "shards": self.nshards})
+        env = self._env
+        names = [b"kvstore"] + [f"s{i}.{t}".encode() for i in range(self.nshards)
+                                for t in ("log", "meta", "data", "txn")]
+
+        def create(txn):
+            handles = [env.open_db(name, txn=txn, create=True) for name in names]
+            txn.put(b"format", fmt, db=handles[0])
+            return handles
+
+        with self._write_lock:
+            handles = self._write_locked(create, "creating the store")
+        self._format_db = handles[0]
+        self.shards = [ShardTables(*handles[1 + 4 * i:5 + 4 * i]) for i in range(self.nshards)]
 
     def _load_format(self, shards: int | None) -> int:
         self._format_db = self._open_table(b"kvstore")
-        with self._env.begin(db=self._format_db) as txn:
-            raw = txn.get(b"format")
+        try:
+            with self._env.begin(db=self._format_db) as txn:
+                raw = txn.get(b"format")
+        except THIRD_PARTY_ERRORS as e:
+            raise translate(e, self.path, "reading the format record") from e
         if raw is None:
-            nshards = shards or 1
-            fmt = {"version": FORMAT_VERSION, "shards": nshards}
-            self.write(lambda txn: txn.put(b"format", msgpack.packb(fmt), db=self._format_db))
-            return nshards
+            raise StorageError(f"the format record of {self.path} is missing: the store is "
+                               f"corrupt; {_CORRUPT_HINT}", self.path)
         try:
             fmt = msgpack.unpackb(raw)
             version, nshards = fmt["version"], fmt["shards"]
         except Exception as e:
-            raise StorageError(f"the format record in {self.path} is corrupt ({e})",
-                               self.path) from e
+            raise StorageError(f"the format record in {self.path} is corrupt ({e}); "
+                               f"{_CORRUPT_HINT}", self.path) from e
         if version != FORMAT_VERSION:
             raise StorageError(
-                f"{self.path} has data format {version}; this kvstore reads format "
+                f"{self.path} has data format {version!r}; this kvstore reads format "
                 f"{FORMAT_VERSION}", self.path)
+        if isinstance(nshards, bool) or not isinstance(nshards, int) \
+                or not 1 <= nshards <= MAX_SHARDS:
+            raise StorageError(f"the format record in {self.path} is corrupt (shards "
+                               f"{nshards!r}); {_CORRUPT_HINT}", self.path)
         if shards is not None and shards != nshards:
             raise InvalidArgument(
                 f"{self.path} was created with {nshards} shard(s), not {shards}; "
@@ -221,22 +463,36 @@ class Storage:
         return nshards
 
     def _open_table(self, name: bytes):
+        """An existing table; a missing one means the store is corrupt (never created here)."""
         try:
-            return self._env.open_db(name)
-        except lmdb.MapFullError:
-            self._grow()
-            return self._open_table(name)
-        except (lmdb.Error, OSError) as e:
+            return self._env.open_db(name, create=False)
+        except lmdb.NotFoundError:
+            raise StorageError(
+                f"{self.path} has no table {name.decode()}: the store is corrupt; "
+                f"{_CORRUPT_HINT}", self.path) from None
+        except THIRD_PARTY_ERRORS as e:
             raise translate(e, self.path, f"opening table {name.decode()}") from e
 
     def _open_shard(self, i: int) -> ShardTables:
         return ShardTables(*(self._open_table(f"s{i}.{t}".encode())
                              for t in ("log", "meta", "data", "txn")))
 
+    def check_usable(self) -> None:
+        """``StorageError`` if this store is closed or was inherited through fork()."""
+        if self.forked:
+            raise StorageError(
+                f"the store at {self.path} was opened by process {self.pid}; this process "
+                f"({os.getpid()}) inherited it through fork() and cannot use it: open it "
+                f"again in this process once the parent has closed it", self.path)
+        if self._env is None:
+            raise StorageError(f"the store at {self.path} is closed", self.path)
+
     # -- reading ------------------------------------------------------------------------
 
     def begin_read(self):
         """A read-only LMDB transaction; pair every call with ``end_read(txn)``."""
+        if self._env is None or self.forked:
+            self.check_usable()
         active = self._active_readers
         while True:
             active.append(None)
@@ -251,7 +507,7 @@ class Storage:
             return txn
         except BaseException as e:
             active.pop()
-            if isinstance(e, (lmdb.Error, OSError)):
+            if isinstance(e, THIRD_PARTY_ERRORS):
                 raise translate(e, self.path, "starting a read") from e
             raise
 
@@ -274,16 +530,22 @@ class Storage:
     def end_read(self, txn) -> None:
         try:
             txn.abort()
+        except THIRD_PARTY_ERRORS:
+            pass  # ending a snapshot cannot lose anything; the environment may be closed
         finally:
             self._active_readers.pop()
 
-    def read(self, fn: Callable[..., T]) -> T:
-        """``fn(txn)`` inside a read transaction."""
+    def read(self, fn: Callable[..., T], doing: str = "reading") -> T:
+        """``fn(txn)`` inside a read transaction; every error of the layers below translated."""
         txn = self.begin_read()
         try:
             return fn(txn)
-        except lmdb.Error as e:
-            raise translate(e, self.path, "reading") from e
+        except CorruptRecord as e:
+            raise translate(e, self.path, doing) from e
+        except KVError:
+            raise
+        except THIRD_PARTY_ERRORS as e:
+            raise translate(e, self.path, doing) from e
         finally:
             self.end_read(txn)
 
@@ -295,6 +557,11 @@ class Storage:
         ``fn`` may run more than once: a full map aborts the attempt, the map
         is doubled, and ``fn`` runs again on a fresh transaction.
         """
+        with self._write_lock:
+            self.check_usable()
+            return self._write_locked(fn, "writing")
+
+    def _write_locked(self, fn: Callable[..., T], doing: str) -> T:
         while True:
             txn = None
             try:
@@ -304,9 +571,15 @@ class Storage:
                 return result
             except lmdb.MapFullError:
                 self._grow(txn)
-            except (lmdb.Error, OSError) as e:
+            except CorruptRecord as e:
                 self._abort_write(txn)
-                raise translate(e, self.path, "writing") from e
+                raise translate(e, self.path, doing) from e
+            except KVError:
+                self._abort_write(txn)
+                raise
+            except THIRD_PARTY_ERRORS as e:
+                self._abort_write(txn)
+                raise translate(e, self.path, doing) from e
             except BaseException:
                 self._abort_write(txn)
                 raise
@@ -358,6 +631,8 @@ class Storage:
         self._growing = True
         try:
             txn.abort()
+        except THIRD_PARTY_ERRORS:
+            pass  # the transaction is gone either way
         finally:
             self._resume_readers()
 
@@ -388,24 +663,48 @@ class Storage:
 
     def disk_usage(self) -> int:
         try:
-            return os.path.getsize(os.path.join(self.path, "data.mdb"))
+            return os.path.getsize(os.path.join(self.path, DATA_FILE))
         except OSError:
             return 0
 
     # -- closing ------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the environment (after any commit in flight) and release the directory."""
+        if self.forked:
+            # A child of fork(): the environment and the lock belong to the parent. Closing
+            # LMDB here would touch the parent's lock table; only drop our references.
+            self._env = None
+            self._close_dir_fd()
+            return
+        with self._write_lock:
+            self._close_files()
+
+    def _close_files(self) -> None:
         env, self._env = self._env, None
         if env is not None:
             env.close()
-        if self._lock_fd >= 0:
-            try:
-                os.ftruncate(self._lock_fd, 0)
-            except OSError:
-                pass
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = -1
+        if self._dir_fd >= 0:
+            self._write_lock_file(b"")
+            self._close_dir_fd()
+
+    def _close_dir_fd(self) -> None:
+        fd, self._dir_fd = self._dir_fd, -1
+        if fd >= 0:
+            os.close(fd)  # releases the flock (in a child of fork(), only our copy)
 
     @property
     def env(self):
         return self._env
+
+
+#: Every open ``Storage`` of this process, so a child of fork() can mark them unusable.
+_open_storages: "weakref.WeakSet[Storage]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for storage in list(_open_storages):
+        storage.forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,9 +1,12 @@
 """The applied key-value state of a shard: apply commands, read values, validate reads.
 
-Each data-table value is the 8-byte big-endian revision that wrote it followed
-by the user's value. A shard's revision is the slot of the log entry that
-wrote it, so revisions only grow, and a reader (which sees whole entries, as
-LMDB commits them atomically) can name exactly the version it read.
+Each data-table value is the 8-byte big-endian revision that wrote it, a
+CRC32C of the key, revision and value, then the user's value
+(``kvstore._native.pack_value``; the format is in ``logcodec_py``). Every read
+of a value verifies its checksum (``value_of``), so a flipped byte on disk is a
+``CorruptRecord``, never data. A shard's revision is the slot of the log entry
+that wrote it, so revisions only grow, and a reader (which sees whole entries,
+as LMDB commits them atomically) can name exactly the version it read.
 
 These functions work inside an LMDB transaction handed to them; they do no
 commits, so the caller writes the applied slot in the same transaction
@@ -12,26 +15,31 @@ commits, so the caller writes the applied slot in the same transaction
 
 from __future__ import annotations
 
-import struct
 from typing import Iterable
 
+from kvstore import _native
 from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES
 from kvstore.errors import CorruptRecord
 
-REVISION = struct.Struct(">Q")
-REVISION_SIZE = REVISION.size
-_pack_revision = REVISION.pack
-_unpack_revision = REVISION.unpack_from
+#: Bytes of the revision at the start of a stored value.
+REVISION_SIZE = 8
+#: Bytes before the user's value in a stored value: revision, then checksum.
+VALUE_HEADER_SIZE = _native.VALUE_HEADER_SIZE
+
+#: ``stored(key, revision, value)``: the data-table value for ``value`` at ``revision``.
+stored = _native.pack_value
+#: ``value_of(key, raw)``: the user's value of a stored value (None for None), checksum
+#: verified; a mismatch raises ``CorruptRecord``.
+value_of = _native.unpack_value
+#: ``revision_of(raw)``: revision of a stored value; 0 for an absent key.
+revision_of = _native.unpack_revision
+_pack = _native.pack_value
+_unpack_rows = _native.unpack_rows
 
 
-def stored(revision: int, value: bytes) -> bytes:
-    """The data-table value for ``value`` written at ``revision``."""
-    return _pack_revision(revision) + value
-
-
-def revision_of(raw: bytes | None) -> int:
-    """Revision of a stored value; 0 for an absent key."""
-    return 0 if raw is None else _unpack_revision(raw)[0]
+def read_value(key: bytes, raw: bytes | None) -> tuple[bytes | None, int]:
+    """``(value or None, revision)`` of a stored value, its checksum verified."""
+    return value_of(key, raw), revision_of(raw)
 
 
 def scan_rows(txn, db, lo: bytes, hi: bytes | None, limit: int | None) -> list[tuple[bytes, bytes]]:
@@ -58,31 +66,10 @@ def scan_values(txn, db, lo: bytes, hi: bytes | None,
                 limit: int | None) -> list[tuple[bytes, bytes]]:
     """User-visible ``(key, value)`` pairs with ``lo <= key < hi``, at most ``limit``.
 
-    ``scan_rows`` without the revisions, in one pass: the read path of ``scan``.
+    ``scan_rows`` then one kernel call that verifies every checksum and drops the
+    headers: the read path of ``scan``.
     """
-    out: list[tuple[bytes, bytes]] = []
-    if limit == 0:
-        return out
-    cursor = txn.cursor(db)
-    try:
-        if not cursor.set_range(lo):
-            return out
-        append = out.append
-        if limit is None and hi is not None:  # the common shape: a prefix or a range
-            for key, raw in cursor.iternext():
-                if key >= hi:
-                    break
-                append((key, raw[REVISION_SIZE:]))
-            return out
-        for key, raw in cursor.iternext():
-            if hi is not None and key >= hi:
-                break
-            append((key, raw[REVISION_SIZE:]))
-            if limit is not None and len(out) >= limit:
-                break
-    finally:
-        cursor.close()
-    return out
+    return _unpack_rows(scan_rows(txn, db, lo, hi, limit))
 
 
 def reads_still_valid(txn, db, reads: Iterable, ranges: Iterable) -> bool:
@@ -104,33 +91,32 @@ def reads_still_valid(txn, db, reads: Iterable, ranges: Iterable) -> bool:
 def apply_writes(txn, db, revision: int, writes: Iterable) -> None:
     """Write a transaction's ``(key, value or None)`` list at ``revision``."""
     put, delete = txn.put, txn.delete
-    prefix = _pack_revision(revision)
     for key, value in writes:
         if value is None:
             delete(key, db=db)
         else:
-            put(key, prefix + value, db=db)
+            put(key, _pack(key, revision, value), db=db)
 
 
 def apply_command(txn, db, revision: int, command) -> object:
     """Apply one command (see ``kvstore.codec``) at ``revision``; its result."""
     op = command[0]
     if op == OP_PUT:
-        txn.put(command[1], _pack_revision(revision) + command[2], db=db)
+        txn.put(command[1], _pack(command[1], revision, command[2]), db=db)
         return None
     if op == OP_DELETE:
         return txn.delete(command[1], db=db)
     if op == OP_CAS:
         _, key, expected, new = command
         raw = txn.get(key, db=db)
-        current = None if raw is None else raw[REVISION_SIZE:]
+        current = value_of(key, raw)  # a corrupt value fails this command alone
         if current != expected:
             return False
         if new is None:
             if raw is not None:
                 txn.delete(key, db=db)
         else:
-            txn.put(key, _pack_revision(revision) + new, db=db)
+            txn.put(key, _pack(key, revision, new), db=db)
         return True
     if op == OP_TXN:
         _, reads, ranges, writes = command
