@@ -1,0 +1,169 @@
+"""The wire format of kvstore: one ZeroMQ frame per message, a version byte, then msgpack.
+
+Every frame that crosses a socket, between peers or between a client and a
+node, is ``bytes([WIRE_VERSION]) + msgpack(body)`` where ``body`` is a list
+whose first item says what it is. The schema is ours and checked on the way
+in; nothing is ever unpickled (DESIGN.md, "Lessons": ``recv_pyobj`` on network
+bytes is remote code execution).
+
+| kind          | body                                                                 |
+| ------------- | -------------------------------------------------------------------- |
+| ``PAXOS``     | ``[PAXOS, from_node, [[shard, paxos_message], ...]]``: every Paxos    |
+|               | message one node has for one peer in one loop turn, across shards    |
+|               | (``paxos_message`` is ``kvstore.paxos.messages.to_wire``)            |
+| ``REQUEST``   | ``[REQUEST, request_id, op, args]`` client -> node (``OPS``)          |
+| ``REPLY``     | ``[REPLY, request_id, status, value]`` node -> client (``STATUS_*``)  |
+
+Decoding never trusts its input: the size is checked before msgpack sees a
+byte (``max_frame_bytes``), msgpack's own limits are bounded by that size (it
+never allocates more than the frame holds), the shape of each kind is checked
+field by field, and every log record a Paxos message carries must pass its
+CRC32C before a replica sees it. Anything else raises ``FrameError`` and the
+caller drops the frame and counts it.
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+from kvstore._native import decode_record
+from kvstore.errors import CorruptRecord
+from kvstore.paxos.messages import Message, from_wire, to_wire
+
+WIRE_VERSION = 1
+
+PAXOS = 1
+REQUEST = 2
+REPLY = 3
+KINDS = (PAXOS, REQUEST, REPLY)
+
+#: A frame between peers: a batch of Accepts can carry many entries of many commands.
+MAX_PEER_FRAME_BYTES = 64 * 1024 * 1024
+#: A client request: one key (511 B) and one value (4 MiB) or a transaction's sets.
+MAX_REQUEST_FRAME_BYTES = 16 * 1024 * 1024
+
+# Client operations (REQUEST ``op``) and their ``args``:
+OP_HELLO = "hello"      # []                      -> the node's status (topology, leaders)
+OP_STATUS = "status"    # []                      -> the node's status
+OP_GET = "get"          # [shard, key, with_revision]          -> value | [value, revision]
+OP_SCAN = "scan"        # [shard, lo, hi, limit, with_revision] -> [[key, value(, revision)]...]
+OP_WRITE = "write"      # [shard, client_id, seq, floor, command] -> the command's result
+OPS = (OP_HELLO, OP_STATUS, OP_GET, OP_SCAN, OP_WRITE)
+
+# REPLY ``status`` and ``value``:
+STATUS_OK = 0           # value: the result
+STATUS_NOT_LEADER = 1   # value: the index of the node believed to lead the shard, or None
+STATUS_ERROR = 2        # value: [error class name, message]; the request is wrong, do not retry
+STATUS_RETRY = 3        # value: a reason; the node could not do it now (dropped, stopping, full)
+STATUSES = (STATUS_OK, STATUS_NOT_LEADER, STATUS_ERROR, STATUS_RETRY)
+
+
+class FrameError(ValueError):
+    """A frame that is not a kvstore message: dropped and counted, never acted on."""
+
+
+def _pack(body: list) -> bytes:
+    return bytes((WIRE_VERSION,)) + msgpack.packb(body, use_bin_type=True)
+
+
+def _int(v, what: str) -> int:
+    if type(v) is not int:
+        raise FrameError(f"{what} must be an int")
+    return v
+
+
+# ---------------------------------------------------------------------- encoding
+
+def encode_paxos(from_node: int, items: list) -> bytes:
+    """One frame carrying ``[(shard, Message), ...]`` from ``from_node`` to one peer."""
+    return _pack([PAXOS, from_node, [[shard, to_wire(m)] for shard, m in items]])
+
+
+def encode_request(request_id: int, op: str, args: list) -> bytes:
+    return _pack([REQUEST, request_id, op, args])
+
+
+def encode_reply(request_id: int, status: int, value=None) -> bytes:
+    return _pack([REPLY, request_id, status, value])
+
+
+def paxos_message_bytes(m: Message) -> int:
+    """A cheap upper-bound guess of a message's encoded size, for cutting batches."""
+    return 96 + sum(len(r) + 8 for r in m.records) + len(m.data)
+
+
+# ---------------------------------------------------------------------- decoding
+
+def decode(frame: bytes, max_frame_bytes: int = MAX_PEER_FRAME_BYTES) -> list:
+    """The checked body of one frame; raises ``FrameError`` for anything else.
+
+    Shapes checked here: the kind and its fields' types. Paxos messages come
+    back as ``[PAXOS, from_node, [(shard, Message), ...]]`` with every record
+    already checksummed. Request ``args`` are only checked to be a list: the
+    node checks each op's arguments where it acts on them.
+    """
+    n = len(frame)
+    if n < 2:
+        raise FrameError("frame too short")
+    if n > max_frame_bytes:
+        raise FrameError(f"frame of {n} bytes is over the limit of {max_frame_bytes}")
+    if frame[0] != WIRE_VERSION:
+        raise FrameError(f"unknown wire version {frame[0]}")
+    try:
+        # msgpack (>= 1.0) bounds each container and string by the buffer's own
+        # size, so a lying length header cannot make it allocate beyond ``n`` bytes.
+        body = msgpack.unpackb(memoryview(frame)[1:], raw=False, use_list=True,
+                               strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated classes
+        raise FrameError(f"undecodable frame: {type(e).__name__}") from None
+    if type(body) is not list or not body:
+        raise FrameError("frame body is not a list")
+    kind = body[0]
+    if kind == PAXOS:
+        return _decode_paxos(body)
+    if kind == REQUEST:
+        if len(body) != 4:
+            raise FrameError("malformed request")
+        _int(body[1], "request id")
+        if body[2] not in OPS:
+            raise FrameError(f"unknown op {body[2]!r}"[:80])
+        if type(body[3]) is not list:
+            raise FrameError("request args must be a list")
+        return body
+    if kind == REPLY:
+        if len(body) != 4:
+            raise FrameError("malformed reply")
+        _int(body[1], "request id")
+        if body[2] not in STATUSES:
+            raise FrameError("unknown reply status")
+        return body
+    raise FrameError(f"unknown frame kind {kind!r}"[:80])
+
+
+def _decode_paxos(body: list) -> list:
+    if len(body) != 3:
+        raise FrameError("malformed paxos batch")
+    frm = _int(body[1], "sender")
+    items = body[2]
+    if type(items) is not list:
+        raise FrameError("paxos batch items must be a list")
+    out = []
+    for item in items:
+        if type(item) is not list or len(item) != 2:
+            raise FrameError("malformed paxos batch item")
+        shard = _int(item[0], "shard")
+        try:
+            m = from_wire(item[1])
+        except (ValueError, TypeError) as e:
+            raise FrameError(f"bad paxos message: {e}") from None
+        if m.frm != frm:
+            raise FrameError("paxos message sender differs from the batch's")
+        if m.ballot < 0 or m.snapshot_index < -1 or m.offset < 0 or m.size < 0:
+            raise FrameError("negative field in a paxos message")
+        for rec in m.records:
+            try:
+                decode_record(rec)
+            except (CorruptRecord, ValueError) as e:
+                raise FrameError(f"corrupt record in a paxos message: {e}") from None
+        out.append((shard, m))
+    return [PAXOS, frm, out]

@@ -1,0 +1,171 @@
+"""The wire format and the node's sockets: round trips, and junk that must never get through."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore._native import encode_record
+from kvstore.paxos import messages as M
+from kvstore.paxos.messages import Message
+from kvstore.transport import wire
+from kvstore.transport.sockets import NodeSockets
+
+u64 = st.integers(min_value=0, max_value=(1 << 63) - 1)
+index = st.integers(min_value=-1, max_value=(1 << 40))
+records = st.lists(st.tuples(u64, u64, st.integers(0, 255), st.binary(max_size=64)), max_size=4).map(
+    lambda rs: tuple(encode_record(*r) for r in rs))
+
+
+@st.composite
+def messages(draw, frm=None):
+    return Message(
+        type=draw(st.sampled_from(M.MESSAGE_TYPES)), to=draw(st.integers(0, 63)),
+        frm=draw(st.integers(0, 63)) if frm is None else frm,
+        ballot=draw(u64), commit_index=draw(index), match_index=draw(index),
+        records=draw(records), reject=draw(st.booleans()), hint=draw(u64), context=draw(u64),
+        snapshot_index=draw(index), offset=draw(u64), size=draw(u64),
+        data=draw(st.binary(max_size=64)), done=draw(st.booleans()))
+
+
+@st.composite
+def paxos_batches(draw):
+    frm = draw(st.integers(0, 63))
+    items = draw(st.lists(st.tuples(st.integers(0, 255), messages(frm=frm)), max_size=5))
+    return frm, items
+
+
+@settings(max_examples=200, deadline=None)
+@given(paxos_batches())
+def test_paxos_batches_round_trip(batch):
+    frm, items = batch
+    frame = wire.encode_paxos(frm, items)
+    assert frame[0] == wire.WIRE_VERSION
+    assert wire.decode(frame) == [wire.PAXOS, frm, items]
+
+
+plain = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 63) - 1)
+                     | st.binary(max_size=32) | st.text(max_size=16),
+                     lambda inner: st.lists(inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(u64, st.sampled_from(wire.OPS), st.lists(plain, max_size=5))
+def test_requests_round_trip(request_id, op, args):
+    assert wire.decode(wire.encode_request(request_id, op, args)) == [wire.REQUEST, request_id, op, args]
+
+
+@settings(max_examples=200, deadline=None)
+@given(u64, st.sampled_from(wire.STATUSES), plain)
+def test_replies_round_trip(request_id, status, value):
+    assert wire.decode(wire.encode_reply(request_id, status, value)) == [wire.REPLY, request_id, status, value]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_are_a_frame_error_or_a_checked_frame(data):
+    try:
+        body = wire.decode(data)
+    except wire.FrameError:
+        return
+    assert body[0] in wire.KINDS
+
+
+@settings(max_examples=300, deadline=None)
+@given(paxos_batches(), st.data())
+def test_a_mutated_frame_never_raises_anything_but_frame_error(batch, data):
+    frame = bytearray(wire.encode_paxos(*batch))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(frame) - 1))
+        frame[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(1, len(frame)))
+    try:
+        wire.decode(bytes(frame[:cut]))
+    except wire.FrameError:
+        pass
+
+
+def test_an_oversized_frame_is_refused_before_it_is_parsed():
+    frame = wire.encode_request(1, wire.OP_GET, [0, b"k" * 1000, False])
+    with pytest.raises(wire.FrameError, match="over the limit"):
+        wire.decode(frame, max_frame_bytes=100)
+
+
+def test_unknown_version_kind_op_and_status_are_refused():
+    good = wire.encode_request(1, wire.OP_GET, [0, b"k", False])
+    with pytest.raises(wire.FrameError, match="version"):
+        wire.decode(b"\x09" + good[1:])
+    with pytest.raises(wire.FrameError, match="kind"):
+        wire.decode(b"\x01" + msgpack.packb([77, 1, 2]))
+    with pytest.raises(wire.FrameError, match="op"):
+        wire.decode(wire.encode_request(1, "drop_tables", []))
+    with pytest.raises(wire.FrameError, match="status"):
+        wire.decode(wire.encode_reply(1, 42))
+    with pytest.raises(wire.FrameError, match="not a list"):
+        wire.decode(b"\x01" + msgpack.packb({"a": 1}))
+
+
+def test_a_record_with_a_bad_checksum_never_reaches_a_replica():
+    rec = bytearray(encode_record(3, 65536, 1, b"payload"))
+    rec[-1] ^= 1
+    m = Message(M.ACCEPT, 1, 0, ballot=65536, records=(bytes(rec),))
+    with pytest.raises(wire.FrameError, match="corrupt record"):
+        wire.decode(wire.encode_paxos(0, [(0, m)]))
+
+
+def test_a_message_claiming_another_sender_is_refused():
+    m = Message(M.PREPARE, 1, 2, ballot=65536)
+    with pytest.raises(wire.FrameError, match="sender"):
+        wire.decode(wire.encode_paxos(0, [(0, m)]))
+
+
+def test_pickle_is_not_a_frame():
+    import pickle
+    with pytest.raises(wire.FrameError):
+        wire.decode(b"\x01" + pickle.dumps(["x"]))
+
+
+def _free_address() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_sockets_deliver_between_two_nodes_and_count_bad_envelopes():
+    a_addr, b_addr = _free_address(), _free_address()
+    a = NodeSockets(a_addr, {1: b_addr})
+    b = NodeSockets(b_addr, {0: a_addr})
+    ctx = zmq.Context()
+    junk = ctx.socket(zmq.DEALER)
+    try:
+        junk.setsockopt(zmq.LINGER, 0)
+        junk.connect(b_addr)
+        junk.send_multipart([b"two", b"parts"])
+        frame = wire.encode_paxos(0, [(0, Message(M.HEARTBEAT, 1, 0, ballot=65536))])
+        poller = zmq.Poller()
+        poller.register(b.router, zmq.POLLIN)
+        got = []
+        for _ in range(100):  # a DEALER with IMMEDIATE drops until connected: resend
+            a.send_peer(1, frame)
+            if poller.poll(50):
+                got.extend(b.recv_many())
+                if any(f == frame for _i, f in got):
+                    break
+        assert any(f == frame for _i, f in got)
+        for _ in range(20):
+            if b.counters["dropped_bad_envelope"]:
+                break
+            if poller.poll(50):
+                b.recv_many()
+        assert b.counters["dropped_bad_envelope"] == 1
+        assert b.reply(b"no-such-client", b"x") is False
+        assert b.counters["dropped_reply_gone"] == 1
+    finally:
+        junk.close(0)
+        ctx.term()
+        a.close()
+        b.close()
