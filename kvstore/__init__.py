@@ -40,10 +40,13 @@ def open(path: str | os.PathLike, *, node_id: str | None = None, cluster: str | 
 
 
 def connect(addresses, timeout: float = 5.0) -> KV:
-    """A client of running ``kvstore-server`` nodes (not in this version)."""
-    raise Unavailable(
-        "kvstore.connect() needs the networked server, which this version does not ship yet; "
-        "use kvstore.open(path) for an embedded store")
+    """A client of running ``kvstore-server`` nodes: ``"tcp://h:p,tcp://h:p"`` or a list.
+
+    Raises ``Unavailable`` if no node answers within ``timeout`` seconds, which is
+    also every call's deadline.
+    """
+    from kvstore.client import connect as _connect
+    return _connect(addresses, timeout)
 
 
 def status() -> dict:

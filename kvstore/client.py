@@ -1,0 +1,576 @@
+"""``kvstore.connect(addresses, timeout=...)``: a client of running ``kvstore-server`` nodes.
+
+One ``ClientCore`` per connection owns the ZeroMQ sockets (a DEALER per node)
+and one I/O thread; callers on any thread hand it calls and wait on a
+``concurrent.futures.Future``, so many calls are in flight on one connection
+(the asyncio client, ``kvstore.aio``, awaits the same futures). The I/O thread:
+
+- routes each call by shard (``kvstore.sharding.shard_of``) to the node it
+  believes leads that shard, learns leaders from answers and follows a
+  ``NOT_LEADER`` reply's hint at once;
+- retries a call on its own timer (``ATTEMPT_SECONDS`` without an answer: the
+  next node) until the call's deadline, then fails it with ``Timeout`` if some
+  node answered meanwhile, ``Unavailable`` if none did (API.md section 2; the
+  outcome of a write is then unknown);
+- numbers writes ``(client_id, seq)`` once, so every retry of one write is
+  the same command: the replicated session table (``replica_storage``)
+  applies it once and answers retries with the first result. Each write
+  carries the client's floor (its lowest write still in flight): the node
+  forgets the results below it, and ignores a late duplicate below it.
+
+Reads (``get``, ``scan``) are linearizable: the shard's leader confirms its
+leadership with a quorum and answers once its state covers its commit point
+(the replica's read index). ``scan`` asks every shard and merges; each
+shard's part is linearizable, the whole is not one snapshot across shards.
+Transactions are single-shard until issue 14 (two-phase commit): one log
+entry whose reads are validated at apply; one that touches a second shard
+raises ``KVError`` naming the shards.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import zmq
+
+from kvstore.api import KV, Txn
+from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
+from kvstore.errors import InvalidArgument, KVError, Timeout, TransactionConflict, Unavailable
+from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
+from kvstore.sharding import shard_of
+from kvstore.transport import wire
+
+#: Seconds without an answer before a call is sent to another node.
+ATTEMPT_SECONDS = 1.0
+#: Pause before retrying after "no leader known" or "retry" (the cluster is electing).
+RETRY_BACKOFF_SECONDS = 0.02
+#: The I/O thread wakes at least this often to run timers.
+POLL_MAX_SECONDS = 0.05
+HWM_MESSAGES = 100_000
+_client_counter = itertools.count()
+
+
+def parse_addresses(addresses) -> list:
+    """``"tcp://a:1,tcp://b:2"`` or a list of them, as a checked list."""
+    if isinstance(addresses, str):
+        items = [a.strip() for a in addresses.split(",")]
+    elif isinstance(addresses, (list, tuple)):
+        items = list(addresses)
+    else:
+        raise InvalidArgument(f"addresses must be a str or a list of str, not "
+                              f"{type(addresses).__name__}")
+    out = []
+    for a in items:
+        if not isinstance(a, str) or not a.startswith("tcp://") or ":" not in a[6:]:
+            raise InvalidArgument(f"a server address looks like tcp://127.0.0.1:7001, got {a!r}")
+        if a not in out:
+            out.append(a)
+    if not out:
+        raise InvalidArgument("no server address given")
+    return out
+
+
+def _check_timeout(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidArgument(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    return float(timeout)
+
+
+class _Call:
+    __slots__ = ("request_id", "op", "shard", "payload", "deadline", "future", "target",
+                 "retry_at", "resend", "reached", "is_write")
+
+    def __init__(self, request_id, op, shard, payload, deadline, target=None) -> None:
+        self.request_id = request_id
+        self.op = op
+        self.shard = shard
+        self.payload = payload  # the op's args, or for writes the command
+        self.deadline = deadline
+        self.future: Future = Future()
+        self.target = target  # an address, or None: route by shard
+        self.retry_at = 0.0
+        self.resend = False
+        self.reached = False
+        self.is_write = op == wire.OP_WRITE
+
+
+class ClientCore:
+    """Sockets, routing and retries of one connection; thread-safe ``submit``."""
+
+    def __init__(self, addresses: list, timeout: float) -> None:
+        self.seeds = addresses
+        self.timeout = timeout
+        self.client_id = os.urandom(16)
+        self.nodes: list = list(addresses)  # addresses by node index, once known
+        self.nshards = 0
+        self.leaders: dict = {}  # shard -> node index
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._queue: deque = deque()
+        self._closed = False
+        self.context = zmq.Context()
+        name = f"inproc://kvstore-client-{os.getpid()}-{next(_client_counter)}"
+        self._wake_in = self.context.socket(zmq.PAIR)
+        self._wake_in.bind(name)
+        self._wake_out = self.context.socket(zmq.PAIR)
+        self._wake_out.connect(name)
+        self._sockets: dict = {}  # address -> DEALER (I/O thread only)
+        self._by_socket: dict = {}
+        self._inflight: dict = {}  # request_id -> _Call
+        self._timers: list = []  # (time, request_id)
+        self._rotation = random.randrange(1 << 16)
+        self._thread = threading.Thread(target=self._run, name="kvstore-client-io", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ caller side
+    def submit(self, op: str, shard, payload, timeout: float | None = None,
+               target: str | None = None) -> Future:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        call = _Call(next(self._ids), op, shard, payload, deadline, target)
+        with self._lock:
+            if self._closed:
+                raise KVError("this connection is closed")
+            self._queue.append(call)
+            self._wake_out.send(b"", zmq.NOBLOCK)
+        return call.future
+
+    def wait(self, future: Future):
+        try:
+            return future.result(self.timeout + 5.0)
+        except FutureTimeout:  # the I/O thread enforces deadlines; this is a backstop
+            raise Timeout(f"no answer within {self.timeout:.1f} s") from None
+
+    def call(self, op: str, shard, payload, timeout=None, target=None):
+        return self.wait(self.submit(op, shard, payload, timeout, target))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake_out.send(b"", zmq.NOBLOCK)
+        self._thread.join(10)
+        self._wake_out.close(0)
+        if not self._thread.is_alive():
+            self.context.term()  # every socket is closed by now: term() does not block
+
+    # ------------------------------------------------------------------ the I/O thread
+    def _socket(self, address: str):
+        s = self._sockets.get(address)
+        if s is None:
+            s = self.context.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
+            s.setsockopt(zmq.RCVHWM, HWM_MESSAGES)
+            s.setsockopt(zmq.RECONNECT_IVL, 50)
+            s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_PEER_FRAME_BYTES)
+            s.connect(address)
+            self._sockets[address] = s
+            self._by_socket[s] = address
+            self._poller.register(s, zmq.POLLIN)
+        return s
+
+    def _run(self) -> None:
+        self._poller = zmq.Poller()
+        self._poller.register(self._wake_in, zmq.POLLIN)
+        try:
+            while True:
+                now = time.monotonic()
+                wait = POLL_MAX_SECONDS
+                if self._timers:
+                    wait = min(wait, max(0.0, self._timers[0][0] - now))
+                events = dict(self._poller.poll(int(wait * 1000) + 1 if wait > 0 else 0))
+                if self._wake_in in events:
+                    while True:
+                        try:
+                            self._wake_in.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                with self._lock:
+                    closed = self._closed
+                    calls = list(self._queue)
+                    self._queue.clear()
+                if closed:
+                    break
+                for call in calls:
+                    self._inflight[call.request_id] = call
+                    self._send(call)
+                for s in events:
+                    if s is not self._wake_in:
+                        self._receive(s)
+                self._run_timers()
+        finally:
+            err = KVError("this connection is closed")
+            for call in self._inflight.values():
+                if not call.future.done():
+                    call.future.set_exception(err)
+            with self._lock:
+                for call in self._queue:
+                    call.future.set_exception(err)
+            for s in self._sockets.values():
+                s.close(0)
+            self._wake_in.close(0)
+
+    def _pick(self, call: _Call) -> str:
+        if call.target is not None:
+            return call.target
+        leader = self.leaders.get(call.shard)
+        if leader is not None and leader < len(self.nodes):
+            return self.nodes[leader]
+        self._rotation += 1
+        return self.nodes[self._rotation % len(self.nodes)]
+
+    def _send(self, call: _Call, address: str | None = None) -> None:
+        now = time.monotonic()
+        if now >= call.deadline:
+            self._fail(call)
+            return
+        address = address or self._pick(call)
+        if call.is_write:
+            floor = min(c.request_id for c in self._inflight.values() if c.is_write)
+            args = [call.shard, self.client_id, call.request_id, floor, call.payload]
+        else:
+            args = call.payload
+        try:
+            self._socket(address).send(wire.encode_request(call.request_id, call.op, args),
+                                       zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a full queue: the attempt timer below moves it on
+        call.resend = False
+        call.retry_at = min(now + ATTEMPT_SECONDS, call.deadline)
+        heapq.heappush(self._timers, (call.retry_at, call.request_id))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, rid = heapq.heappop(timers)
+            call = self._inflight.get(rid)
+            if call is None or call.future.done() or at != call.retry_at:
+                continue
+            if now >= call.deadline:
+                self._fail(call)
+                continue
+            if not call.resend and call.shard is not None:
+                # No answer in time: forget the leader we believed in; the next node is asked.
+                self.leaders.pop(call.shard, None)
+            self._send(call)
+
+    def _fail(self, call: _Call) -> None:
+        self._inflight.pop(call.request_id, None)
+        if call.future.done():
+            return
+        if call.reached:
+            err = Timeout(f"the cluster did not complete the request within its deadline "
+                          f"({self.timeout:.1f} s); the outcome of a write is unknown")
+        else:
+            err = Unavailable(f"no server answered within {self.timeout:.1f} s "
+                              f"(tried {', '.join(self.nodes)})")
+        call.future.set_exception(err)
+
+    def _receive(self, sock) -> None:
+        address = self._by_socket[sock]
+        for _ in range(10_000):
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                body = wire.decode(frame)
+            except wire.FrameError:
+                continue
+            if body[0] != wire.REPLY:
+                continue
+            _, rid, status, value = body
+            call = self._inflight.get(rid)
+            if call is None or call.future.done():
+                continue
+            call.reached = True
+            if status == wire.STATUS_OK:
+                del self._inflight[rid]
+                if call.op == wire.OP_HELLO:
+                    self._learn(value)
+                elif call.shard is not None and address in self.nodes:
+                    self.leaders[call.shard] = self.nodes.index(address)
+                call.future.set_result(value)
+            elif status == wire.STATUS_ERROR:
+                del self._inflight[rid]
+                name, message = (value + [None, None])[:2] if isinstance(value, list) else (None, value)
+                cls = InvalidArgument if name == "InvalidArgument" else KVError
+                call.future.set_exception(cls(f"server refused the request: {message}"))
+            elif status == wire.STATUS_NOT_LEADER:
+                hint = value if type(value) is int and 0 <= value < len(self.nodes) else None
+                if hint is not None and self.nodes[hint] != address:
+                    self.leaders[call.shard] = hint
+                    self._send(call, self.nodes[hint])
+                else:
+                    self.leaders.pop(call.shard, None)
+                    self._retry_later(call)
+            else:  # STATUS_RETRY
+                self._retry_later(call)
+
+    def _retry_later(self, call: _Call) -> None:
+        call.resend = True
+        call.retry_at = min(time.monotonic() + RETRY_BACKOFF_SECONDS * (0.5 + random.random()),
+                            call.deadline)
+        heapq.heappush(self._timers, (call.retry_at, call.request_id))
+
+    def _learn(self, hello: dict) -> None:
+        try:
+            nodes = [n["address"] for n in hello["nodes"]]
+            nshards = int(hello["nshards"])
+            leaders = {s["shard"]: s["leader_index"] for s in hello["shards"]
+                       if s.get("leader_index") is not None}
+        except (KeyError, TypeError, ValueError):
+            return
+        self.nodes = nodes
+        self.nshards = nshards
+        self.leaders.update(leaders)
+
+
+class ClusterKV(KV):
+    """``kvstore.connect(...)``: the ``KV`` interface over a running cluster; thread-safe."""
+
+    def __init__(self, addresses, timeout: float = 5.0) -> None:
+        self._addresses = parse_addresses(addresses)
+        self.timeout = _check_timeout(timeout)
+        self._core = ClientCore(self._addresses, self.timeout)
+        try:
+            futures = [self._core.submit(wire.OP_HELLO, None, [], target=a) for a in self._addresses]
+            self._hello = self._first_answer(futures)
+        except BaseException:
+            self._core.close()
+            raise
+        self.nshards = self._core.nshards
+
+    def _first_answer(self, futures: list):
+        """The first successful answer among ``futures``; the last error if none."""
+        error = None
+        pending = list(futures)
+        while pending:
+            for f in list(pending):
+                if f.done():
+                    pending.remove(f)
+                    if f.exception() is None:
+                        return f.result()
+                    error = f.exception()
+            if pending:
+                from concurrent.futures import FIRST_COMPLETED, wait
+                wait(pending, timeout=self.timeout + 5.0, return_when=FIRST_COMPLETED)
+        raise error
+
+    # -- helpers --------------------------------------------------------------------------
+    def _shard(self, key: bytes) -> int:
+        return 0 if self.nshards == 1 else shard_of(key, self.nshards)
+
+    def _write(self, key: bytes, command: list):
+        return self._core.call(wire.OP_WRITE, self._shard(key), command)
+
+    # -- KV ----------------------------------------------------------------------------------
+    def get(self, key):
+        key = check_key(key)
+        shard = self._shard(key)
+        return self._core.call(wire.OP_GET, shard, [shard, key, False])
+
+    def put(self, key, value) -> None:
+        key = check_key(key)
+        self._write(key, [OP_PUT, key, check_value(value)])
+
+    def delete(self, key) -> bool:
+        key = check_key(key)
+        return bool(self._write(key, [OP_DELETE, key]))
+
+    def cas(self, key, expected, new) -> bool:
+        key = check_key(key)
+        return bool(self._write(key, [OP_CAS, key, check_optional_value(expected, "expected"),
+                                      check_optional_value(new, "new")]))
+
+    def scan(self, prefix=b"", start=None, end=None, limit=None):
+        lo, hi = scan_range(prefix, start, end)
+        limit = check_limit(limit)
+        if (hi is not None and hi <= lo) or limit == 0:
+            return []
+        futures = [self._core.submit(wire.OP_SCAN, s, [s, lo, hi, limit, False])
+                   for s in range(self.nshards)]
+        rows = []
+        for f in futures:
+            rows.extend((k, v) for k, v in self._core.wait(f))
+        rows.sort()
+        return rows if limit is None else rows[:limit]
+
+    def transaction(self) -> "ClusterTxn":
+        self._core_check()
+        return ClusterTxn(self)
+
+    def _core_check(self) -> None:
+        if self._core._closed:
+            raise KVError("this connection is closed")
+
+    def status(self) -> dict:
+        """Every node's view: ``{"nodes": [...], "shards": [...]}`` (API.md section 1)."""
+        core = self._core
+        futures = [(a, core.submit(wire.OP_STATUS, None, [], timeout=min(self.timeout, 2.0),
+                                   target=a)) for a in core.nodes]
+        views = {}
+        for address, f in futures:
+            try:
+                views[address] = core.wait(f)
+            except Unavailable:
+                views[address] = None
+        nodes, names = [], {}
+        for address, v in views.items():
+            if v is None:
+                nodes.append({"id": None, "address": address, "state": "down", "role": ""})
+                continue
+            names[address] = v["node"]
+            roles = sorted({s["role"] for s in v["shards"]})
+            leads = [s["shard"] for s in v["shards"] if s["role"] == "leader"]
+            nodes.append({"id": v["node"], "address": address, "state": "up",
+                          "role": f"leader of {leads}" if leads else ",".join(roles)})
+        shards = []
+        for s in range(self.nshards):
+            leader, commit, replicas = None, -1, {}
+            for address, v in views.items():
+                if v is None:
+                    continue
+                sv = v["shards"][s]
+                replicas[v["node"]] = sv["applied_index"]
+                commit = max(commit, sv["commit_index"])
+                if sv["role"] == "leader":
+                    leader = v["node"]
+            shards.append({"shard": s, "leader": leader, "commit_index": commit,
+                           "applied_index": replicas.get(leader) if leader else None,
+                           "replicas": replicas})
+        return {"mode": "cluster", "nodes": nodes, "shards": shards}
+
+    def close(self) -> None:
+        self._core.close()
+
+    def __repr__(self) -> str:
+        return f"<kvstore.ClusterKV {','.join(self._addresses)} shards={self.nshards}>"
+
+
+class ClusterTxn(Txn):
+    """A single-shard transaction: linearizable reads that record revisions, buffered
+    writes, and at commit one log entry (OP_TXN) whose reads the replicas validate
+    when they apply it (a changed read: ``TransactionConflict``, nothing applied)."""
+
+    def __init__(self, kv: ClusterKV) -> None:
+        self._kv = kv
+        self._shard: int | None = None
+        self._reads: dict = {}  # key -> revision
+        self._ranges: list = []
+        self._writes: dict = {}
+        self._state = "new"
+
+    def __enter__(self) -> "ClusterTxn":
+        if self._state != "new":
+            raise InvalidArgument(f"this transaction is {self._state}; start a new one")
+        self._state = "open"
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._state != "open":
+            return
+        if exc_type is not None:
+            self._state = "discarded"
+            return
+        self.commit()
+
+    def _check(self) -> None:
+        if self._state == "new":
+            raise InvalidArgument("use the transaction inside 'with db.transaction() as txn:'")
+        if self._state != "open":
+            raise InvalidArgument(f"this transaction is already {self._state}; start a new one")
+        self._kv._core_check()
+
+    def _touch(self, shard: int) -> None:
+        if self._shard is None:
+            self._shard = shard
+        elif shard != self._shard:
+            raise KVError(f"this transaction touches shards {sorted({self._shard, shard})}; "
+                          f"transactions across shards of a cluster are not supported yet "
+                          f"(two-phase commit, issue 14): keep its keys in one shard")
+
+    def get(self, key):
+        self._check()
+        key = check_key(key)
+        if key in self._writes:
+            return self._writes[key]
+        return self._read(key)
+
+    def _read(self, key: bytes):
+        shard = self._kv._shard(key)
+        self._touch(shard)
+        value, revision = self._kv._core.call(wire.OP_GET, shard, [shard, key, True])
+        self._reads.setdefault(key, revision)
+        return value
+
+    def put(self, key, value) -> None:
+        self._check()
+        key = check_key(key)
+        value = check_value(value)
+        self._touch(self._kv._shard(key))
+        self._writes[key] = value
+
+    def delete(self, key) -> bool:
+        self._check()
+        key = check_key(key)
+        existed = (self._writes[key] if key in self._writes else self._read(key)) is not None
+        self._writes[key] = None
+        return existed
+
+    def scan(self, prefix=b"", start=None, end=None, limit=None):
+        self._check()
+        lo, hi = scan_range(prefix, start, end)
+        limit = check_limit(limit)
+        if (hi is not None and hi <= lo) or limit == 0:
+            return []
+        if self._kv.nshards > 1:
+            self._touch(0)
+            for s in range(1, self._kv.nshards):
+                self._touch(s)  # raises: a scan reads every shard
+        local = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
+        fetch = None if limit is None else limit + sum(1 for v in local.values() if v is None)
+        rows = self._kv._core.call(wire.OP_SCAN, 0, [0, lo, hi, fetch, True])
+        covered_hi = hi
+        if fetch is not None and len(rows) == fetch:
+            covered_hi = rows[-1][0] + b"\x00"
+        self._ranges.append([lo, covered_hi, [[k, rev] for k, _v, rev in rows]])
+        merged = {k: v for k, v, _rev in rows}
+        merged.update(local)
+        out = [(k, v) for k, v in sorted(merged.items())
+               if v is not None and (covered_hi is None or k < covered_hi)]
+        return out if limit is None else out[:limit]
+
+    def commit(self) -> None:
+        self._check()
+        self._state = "committed"
+        if self._shard is None:
+            return  # touched nothing
+        command = [OP_TXN, [[k, r] for k, r in self._reads.items()], self._ranges,
+                   [[k, v] for k, v in self._writes.items()]]
+        ok = self._kv._core.call(wire.OP_WRITE, self._shard, command)
+        if not ok:
+            self._state = "discarded"
+            raise TransactionConflict(
+                "a concurrent write changed what this transaction read; nothing of it was "
+                "applied (run_transaction retries automatically)")
+
+    def discard(self) -> None:
+        if self._state in ("new", "open"):
+            self._state = "discarded"
+
+
+def connect(addresses, timeout: float = 5.0) -> ClusterKV:
+    """A client of the cluster at ``addresses`` (one is enough; it learns the others)."""
+    return ClusterKV(addresses, timeout)

@@ -1,0 +1,460 @@
+"""One node of a cluster: the shard replicas, their storage, the sockets and the clock.
+
+This is the only place where the pure Paxos core meets I/O. A node owns one
+``kvstore.paxos.Replica`` per shard, one ``ReplicaStorage`` (an LMDB
+environment) for all of them, one ``NodeSockets`` (a ROUTER for clients and
+peers, a DEALER per peer) and a monotonic clock, and runs them from a single
+thread in one loop. Each turn of the loop:
+
+1. **receive**: read what waits on the ROUTER (bounded); Paxos batches go to
+   the replicas (``step``), client requests become proposals (``propose``) or
+   linearizable reads (``read``); a malformed, oversized or unknown frame is
+   dropped and counted (``wire.decode``);
+2. **tick**: one ``tick()`` per replica per elapsed ``tick_seconds`` of
+   ``time.monotonic()`` (a few at most per turn, so a stalled process wakes up
+   to its inbox before it times anybody out);
+3. **drive** every replica that ``has_ready()``, all shards together:
+
+   a. **persist**: every shard's hard state, log records, snapshot and
+      compaction, in ONE ``ReplicaStorage.save`` (one synced LMDB write: one
+      fsync for all shards). The committed entries are applied inside that
+      same write (safety rule 4: the applied point moves with the state it
+      describes), which with LMDB saves a second fsync; with issue 12's log
+      the apply moves off this path and nothing else here changes;
+   b. **send**, only once (a) returned (safety rule 1: a promise or an
+      acceptance is durable before the message announcing it leaves): every
+      message for one peer, across shards, in one frame;
+   c. **answer** clients: writes whose commands were applied here (rule 5),
+      reads whose read index is now applied (rule 6), and a redirect for
+      proposals and reads the replica dropped;
+   d. ``advance``.
+
+Clients are never answered from anywhere else, and nothing is sent before it
+is persisted. The protocol retransmits on its own timers (heartbeats reset a
+follower's progress), so a dropped frame only costs time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import zmq
+
+from kvstore.codec import OP_CAS, OP_PUT, OP_TXN
+from kvstore.errors import CorruptRecord
+from kvstore.keys import MAX_KEY_SIZE, check_key, check_value
+from kvstore.paxos.ballot import format_ballot
+from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
+from kvstore.replica_storage import (STALE, LmdbReplicaStorage, ReplicaStorage, ShardWrite,
+                                     check_command, decode_client_command,
+                                     encode_client_command)
+from kvstore.sharding import shard_of
+from kvstore.transport import wire
+from kvstore.transport.sockets import NodeSockets
+
+log = logging.getLogger("kvstore.node")
+
+#: Ticks carried out in one loop turn at most (a stalled process catches up gradually).
+MAX_TICKS_PER_TURN = 3
+#: Ready rounds per loop turn at most (a round can make another ready; bounded).
+MAX_READY_ROUNDS = 4
+#: A peer frame is cut into several above this many bytes (estimated).
+PEER_FRAME_TARGET_BYTES = 8 * 1024 * 1024
+#: Requests a node keeps waiting at most; beyond, new ones are told to retry.
+WAITING_MAX = 100_000
+#: A waiting write or read older than this is forgotten (its client has long retried).
+WAITING_EXPIRE_SECONDS = 60.0
+CLIENT_ID_MAX_BYTES = 64
+
+
+@dataclass
+class NodeConfig:
+    """What a node needs to know; ``kvstore.server_config`` builds it from cluster.toml."""
+
+    name: str
+    names: list  # every node's name; sorted, a node's Paxos index is its position
+    addresses: dict  # name -> "tcp://host:port"
+    shards: int
+    data_dir: str
+    tick_seconds: float = 0.01
+    election_timeout_ticks: int = 30
+    heartbeat_interval_ticks: int = 5
+    pipeline_window: int = 64
+    batch_commands_max: int = 256
+    entries_per_message_max: int = 64
+    pending_commands_max: int = 16384
+
+    @property
+    def index(self) -> int:
+        return self.names.index(self.name)
+
+
+class Node:
+    """A cluster node; ``run()`` is its loop (blocking), ``stop()`` ends it from anywhere."""
+
+    def __init__(self, config: NodeConfig, storage: ReplicaStorage | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.index = config.index
+        self.n = len(config.names)
+        self.rng = rng or random.Random(int.from_bytes(os.urandom(8), "little"))
+        self.storage = storage or LmdbReplicaStorage(config.data_dir, config.shards)
+        self.nshards = self.storage.nshards
+        self.counters: Counter = Counter()
+        try:
+            self.replicas = [self._make_replica(s) for s in range(self.nshards)]
+            peers = {i: config.addresses[nm] for i, nm in enumerate(config.names) if i != self.index}
+            self.sockets = NodeSockets(config.addresses[self.name], peers)
+        except BaseException:
+            self.storage.close()
+            raise
+        self.waiting_writes: dict = {}  # (client_id, seq) -> (identity, request_id, shard, t)
+        self.waiting_reads: dict = {}  # token -> (identity, request_id, shard, op, args, t)
+        self._tokens = itertools.count(1)
+        self._roles = [(r.role, r.leader_hint) for r in self.replicas]
+        self._stopping = False
+        self._last_expiry = time.monotonic()
+
+    def _make_replica(self, shard: int) -> Replica:
+        c = self.config
+        cfg = Config(node=self.index, num_nodes=self.n, rng=self.rng,
+                     election_timeout_ticks=c.election_timeout_ticks,
+                     heartbeat_interval_ticks=c.heartbeat_interval_ticks,
+                     pipeline_window=c.pipeline_window, batch_commands_max=c.batch_commands_max,
+                     entries_per_message_max=c.entries_per_message_max,
+                     pending_commands_max=c.pending_commands_max)
+        return Replica(cfg, self.storage.load(shard))
+
+    # ------------------------------------------------------------------ the loop
+    def stop(self) -> None:
+        """Ask the loop to finish its turn, answer what it can, and return (any thread)."""
+        self._stopping = True
+
+    def run(self) -> None:
+        """The driver loop (see the module docstring). Returns after ``stop()``."""
+        tick = self.config.tick_seconds
+        poller = zmq.Poller()
+        poller.register(self.sockets.router, zmq.POLLIN)
+        next_tick = time.monotonic() + tick
+        log.info("node %s up at %s: %d shard(s), %d node(s)", self.name,
+                 self.config.addresses[self.name], self.nshards, self.n,
+                 extra={"event": "start", "node": self.name})
+        try:
+            while not self._stopping:
+                wait = next_tick - time.monotonic()
+                if poller.poll(max(0, int(wait * 1000) + 1) if wait > 0 else 0):
+                    self._receive()
+                now = time.monotonic()
+                if now >= next_tick:
+                    due = min(int((now - next_tick) / tick) + 1, MAX_TICKS_PER_TURN)
+                    for _ in range(due):
+                        for r in self.replicas:
+                            r.tick()
+                    next_tick = max(next_tick + due * tick, now)
+                    if now - self._last_expiry > 1.0:
+                        self._expire_waiting(now)
+                self._drive()
+            # Finish in-flight work that is already decided: one last persist/send/answer.
+            self._drive()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        sockets, self.sockets = getattr(self, "sockets", None), None
+        if sockets is not None:
+            sockets.close()
+            self.storage.close()
+            log.info("node %s stopped", self.name, extra={"event": "stop", "node": self.name})
+
+    # ------------------------------------------------------------------ 1. receive
+    def _receive(self) -> None:
+        for identity, frame in self.sockets.recv_many():
+            try:
+                body = wire.decode(frame)
+            except wire.FrameError as e:
+                self._drop("malformed", e)
+                continue
+            kind = body[0]
+            if kind == wire.PAXOS:
+                self._on_paxos(body[1], body[2])
+            elif kind == wire.REQUEST:
+                if len(frame) > wire.MAX_REQUEST_FRAME_BYTES:
+                    self._drop("oversized", "client request over the limit")
+                    continue
+                self._on_request(identity, body[1], body[2], body[3])
+            else:
+                self._drop("unexpected", f"frame kind {kind} is not for a node")
+
+    def _drop(self, why: str, detail) -> None:
+        self.counters["dropped_" + why] += 1
+        n = self.counters["dropped_" + why]
+        if n & (n - 1) == 0:  # 1, 2, 4, 8...: a flood of junk cannot flood the log
+            log.warning("dropped a %s frame (%d so far): %s", why, n, detail,
+                        extra={"event": "dropped_frame", "node": self.name, "why": why,
+                               "count": n})
+
+    def _on_paxos(self, frm: int, items: list) -> None:
+        if not (0 <= frm < self.n) or frm == self.index:
+            self._drop("malformed", f"paxos batch from unknown node {frm}")
+            return
+        for shard, m in items:
+            if not (0 <= shard < self.nshards) or m.to != self.index:
+                self._drop("malformed", f"paxos message for shard {shard} node {m.to}")
+                continue
+            try:
+                self.replicas[shard].step(m)
+            except (ValueError, TypeError, KeyError, CorruptRecord) as e:
+                self._drop("malformed", f"paxos message rejected by the replica: {e!r}")
+
+    def _on_request(self, identity: bytes, request_id: int, op: str, args: list) -> None:
+        reply = self.sockets.reply
+        if self._stopping:
+            reply(identity, wire.encode_reply(request_id, wire.STATUS_RETRY, "stopping"))
+            return
+        try:
+            if op == wire.OP_HELLO or op == wire.OP_STATUS:
+                reply(identity, wire.encode_reply(request_id, wire.STATUS_OK, self.status()))
+                return
+            if len(self.waiting_writes) + len(self.waiting_reads) >= WAITING_MAX:
+                reply(identity, wire.encode_reply(request_id, wire.STATUS_RETRY, "overloaded"))
+                return
+            if op == wire.OP_WRITE:
+                self._on_write(identity, request_id, args)
+            else:
+                self._on_read(identity, request_id, op, args)
+        except (ValueError, TypeError) as e:
+            name = type(e).__name__ if type(e).__name__ == "InvalidArgument" else "InvalidArgument"
+            reply(identity, wire.encode_reply(request_id, wire.STATUS_ERROR, [name, str(e)[:500]]))
+
+    def _shard_arg(self, v) -> int:
+        if type(v) is not int or not 0 <= v < self.nshards:
+            raise ValueError(f"no shard {v!r} (this cluster has {self.nshards})")
+        return v
+
+    def _check_keys_in_shard(self, shard: int, keys) -> None:
+        if self.nshards == 1:
+            return
+        for key in keys:
+            if shard_of(key, self.nshards) != shard:
+                raise ValueError(f"key {key[:40]!r} belongs to shard {shard_of(key, self.nshards)}, "
+                                 f"not {shard}")
+
+    def _on_write(self, identity: bytes, request_id: int, args: list) -> None:
+        if len(args) != 5:
+            raise ValueError("write takes [shard, client_id, seq, floor, command]")
+        shard, client_id, seq, floor, command = args
+        shard = self._shard_arg(shard)
+        if type(client_id) is not bytes or not 0 < len(client_id) <= CLIENT_ID_MAX_BYTES:
+            raise ValueError("bad client id")
+        if type(seq) is not int or type(floor) is not int or not 0 <= floor <= seq:
+            raise ValueError("bad sequence numbers")
+        command = check_command(command)
+        _check_sizes(command)
+        self._check_keys_in_shard(shard, _command_keys(command))
+        r = self.replicas[shard]
+        if not r.propose(encode_client_command(client_id, seq, floor, command)):
+            self.sockets.reply(identity, wire.encode_reply(request_id, wire.STATUS_NOT_LEADER,
+                                                           r.leader_hint))
+            return
+        self.waiting_writes[(client_id, seq)] = (identity, request_id, shard, time.monotonic())
+
+    def _on_read(self, identity: bytes, request_id: int, op: str, args: list) -> None:
+        if op == wire.OP_GET:
+            if len(args) != 3:
+                raise ValueError("get takes [shard, key, with_revision]")
+            check_key(args[1])
+            if type(args[1]) is not bytes:
+                raise ValueError("key must be bytes")
+        elif op == wire.OP_SCAN:
+            if len(args) != 5:
+                raise ValueError("scan takes [shard, lo, hi, limit, with_revision]")
+            lo, hi, limit = args[1], args[2], args[3]
+            if type(lo) is not bytes or (hi is not None and type(hi) is not bytes):
+                raise ValueError("scan bounds must be bytes")
+            if limit is not None and (type(limit) is not int or limit < 0):
+                raise ValueError("scan limit must be an int >= 0")
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        shard = self._shard_arg(args[0])
+        if op == wire.OP_GET:
+            self._check_keys_in_shard(shard, (args[1],))
+        token = next(self._tokens)
+        try:
+            self.replicas[shard].read(token)
+        except NotLeader as e:
+            self.sockets.reply(identity, wire.encode_reply(request_id, wire.STATUS_NOT_LEADER,
+                                                           e.leader_hint))
+            return
+        self.waiting_reads[token] = (identity, request_id, shard, op, args, time.monotonic())
+
+    # ------------------------------------------------------------------ 3. drive
+    def _drive(self) -> None:
+        replicas = self.replicas
+        for _ in range(MAX_READY_ROUNDS):
+            readies = [(s, r.ready()) for s, r in enumerate(replicas) if r.has_ready()]
+            if not readies:
+                break
+            # a. persist (and apply) everything, one durable write for all shards
+            writes = [ShardWrite(s, rd.promised, rd.commit_index, rd.records, rd.snapshot,
+                                 rd.compacted_through, rd.committed)
+                      for s, rd in readies
+                      if (rd.promised is not None or rd.commit_index is not None or rd.records
+                          or rd.snapshot is not None or rd.compacted_through is not None
+                          or rd.committed)]
+            results = self.storage.save(writes) if writes else []
+            # b. send: one frame (or a few, if huge) per peer, across shards
+            outbox: dict = defaultdict(list)
+            for s, rd in readies:
+                for m in rd.messages:
+                    outbox[m.to].append((s, m))
+            for peer, items in outbox.items():
+                for frame in _frames(self.index, items):
+                    self.sockets.send_peer(peer, frame)
+            # c. answer
+            self._answer_writes(results)
+            for s, rd in readies:
+                if rd.reads:
+                    self._serve_reads(rd.reads)
+                if rd.dropped_commands or rd.dropped_reads:
+                    self._answer_dropped(s, rd)
+            # d. advance
+            for s, rd in readies:
+                replicas[s].advance(rd)
+        self._observe_roles()
+
+    def _answer_writes(self, results: list) -> None:
+        waiting = self.waiting_writes
+        if not waiting:
+            return
+        reply = self.sockets.reply
+        for _shard, key, result in results:
+            w = waiting.pop(key, None)
+            if w is not None and result is not STALE:
+                reply(w[0], wire.encode_reply(w[1], wire.STATUS_OK, result))
+
+    def _serve_reads(self, tokens: list) -> None:
+        reply = self.sockets.reply
+        for token in tokens:
+            w = self.waiting_reads.pop(token, None)
+            if w is None:
+                continue
+            identity, request_id, shard, op, args, _t = w
+            if op == wire.OP_GET:
+                value, revision = self.storage.get(shard, args[1])
+                result = [value, revision] if args[2] else value
+            else:
+                rows = self.storage.scan(shard, args[1], args[2], args[3])
+                result = ([[k, v, rev] for k, v, rev in rows] if args[4]
+                          else [[k, v] for k, v, _rev in rows])
+            reply(identity, wire.encode_reply(request_id, wire.STATUS_OK, result))
+
+    def _answer_dropped(self, shard: int, rd) -> None:
+        reply = self.sockets.reply
+        hint = self.replicas[shard].leader_hint
+        status = wire.STATUS_NOT_LEADER if hint != self.index else wire.STATUS_RETRY
+        value = hint if status == wire.STATUS_NOT_LEADER else "dropped"
+        for raw in rd.dropped_commands:
+            client_id, seq, _floor, _command = decode_client_command(raw)
+            w = self.waiting_writes.pop((client_id, seq), None)
+            if w is not None:
+                reply(w[0], wire.encode_reply(w[1], status, value))
+        for token in rd.dropped_reads:
+            w = self.waiting_reads.pop(token, None)
+            if w is not None:
+                reply(w[0], wire.encode_reply(w[1], status, value))
+
+    def _observe_roles(self) -> None:
+        for s, r in enumerate(self.replicas):
+            now = (r.role, r.leader_hint)
+            before = self._roles[s]
+            if now == before:
+                continue
+            self._roles[s] = now
+            leader = None if now[1] is None else self.config.names[now[1]]
+            event = "elected" if now[0] == LEADER else "leader_change"
+            log.info("shard %d: %s%s (ballot %s)", s,
+                     "this node leads" if now[0] == LEADER else f"{now[0]}, leader {leader}",
+                     "" if before[0] != LEADER or now[0] == LEADER else " (stepped down)",
+                     format_ballot(r.promised),
+                     extra={"event": event, "node": self.name, "shard": s, "role": now[0],
+                            "leader": leader, "ballot": format_ballot(r.promised)})
+            if before[0] == LEADER and now[0] != LEADER:
+                self._fail_waiting_writes(s, now[1])
+
+    def _fail_waiting_writes(self, shard: int, hint) -> None:
+        """This node stopped leading ``shard``: its clients should retry at the new leader
+        (a command already in the log may still be chosen; the retry is then answered
+        from the session table, not applied twice)."""
+        for key, w in list(self.waiting_writes.items()):
+            if w[2] == shard:
+                del self.waiting_writes[key]
+                self.sockets.reply(w[0], wire.encode_reply(w[1], wire.STATUS_NOT_LEADER, hint))
+
+    def _expire_waiting(self, now: float) -> None:
+        self._last_expiry = now
+        cutoff = now - WAITING_EXPIRE_SECONDS
+        for table, at in ((self.waiting_writes, 3), (self.waiting_reads, 5)):
+            for key in [k for k, w in table.items() if w[at] < cutoff]:
+                del table[key]
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict:
+        names = self.config.names
+        shards = []
+        for s, r in enumerate(self.replicas):
+            hint = r.leader_hint
+            shards.append({"shard": s, "role": r.role,
+                           "leader": None if hint is None else names[hint],
+                           "leader_index": hint, "commit_index": r.commit_index,
+                           "applied_index": r.applied_index, "ballot": format_ballot(r.promised)})
+        return {"node": self.name, "index": self.index,
+                "nodes": [{"id": nm, "address": self.config.addresses[nm]} for nm in names],
+                "nshards": self.nshards, "shards": shards,
+                "counters": dict(self.counters) | dict(self.sockets.counters)}
+
+
+def _check_sizes(command: list) -> None:
+    op = command[0]
+    if op == OP_PUT:
+        check_key(command[1])
+        check_value(command[2])
+    elif op == OP_CAS:
+        check_key(command[1])
+        for v in command[2:]:
+            if v is not None:
+                check_value(v)
+    elif op == OP_TXN:
+        for key, value in command[3]:
+            check_key(key)
+            if value is not None:
+                check_value(value)
+    elif len(command[1]) > MAX_KEY_SIZE or not command[1]:
+        check_key(command[1])
+
+
+def _command_keys(command: list) -> list:
+    if command[0] == OP_TXN:
+        _, reads, ranges, writes = command
+        return [k for k, _ in reads] + [k for k, _ in writes] + [k for g in ranges for k, _ in g[2]]
+    return [command[1]]
+
+
+def _frames(frm: int, items: list):
+    """``items`` for one peer as frames of about ``PEER_FRAME_TARGET_BYTES`` at most."""
+    batch, size = [], 0
+    for shard, m in items:
+        n = wire.paxos_message_bytes(m)
+        if batch and size + n > PEER_FRAME_TARGET_BYTES:
+            yield wire.encode_paxos(frm, batch)
+            batch, size = [], 0
+        batch.append((shard, m))
+        size += n
+    if batch:
+        yield wire.encode_paxos(frm, batch)

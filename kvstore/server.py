@@ -1,0 +1,111 @@
+"""``kvstore-server --config cluster.toml --id n1 [--data DIR] [--log-format text|json]``.
+
+One cluster node as its own process (shared/API.md section 3). The code lives
+in the package, not in the top-level ``server/`` directory, so that the
+``kvstore-server`` console script exists after a plain ``pip install .``;
+``server/`` holds what a deployment needs around it (an example config, a
+systemd unit).
+
+- SIGTERM or SIGINT: the node finishes its loop turn (persists, sends and
+  answers what is decided), closes its sockets and its storage, exit 0.
+- A bad config or an unusable data directory: one line on stderr, exit 2.
+- Logs go to stderr, as text or one JSON object per line (``--log-format
+  json``): start, stop, elections and leader changes per shard, dropped frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Sequence
+
+import zmq
+
+from kvstore.errors import InvalidArgument, StorageError
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 6), "level": record.levelname.lower(),
+               "logger": record.name, "msg": record.getMessage()}
+        for k, v in vars(record).items():
+            if k not in _STANDARD_ATTRS and not k.startswith("_"):
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(fmt: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        formatter = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+                                      "%Y-%m-%dT%H:%M:%S")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    root = logging.getLogger("kvstore")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvstore-server",
+                                description="Run one node of a kvstore cluster.")
+    p.add_argument("--config", required=True, metavar="FILE", help="cluster.toml")
+    p.add_argument("--id", required=True, metavar="NAME", help="this node's name in the config")
+    p.add_argument("--data", metavar="DIR", help="data directory (overrides the config's)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--log-level", default="INFO",
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"kvstore-server: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kvstore.node import Node
+    from kvstore.server_config import load_node_config
+    try:
+        config = load_node_config(args.config, args.id, args.data)
+    except InvalidArgument as e:
+        return _fail(str(e))
+    setup_logging(args.log_format, args.log_level)
+    try:
+        node = Node(config)
+    except (StorageError, InvalidArgument) as e:
+        return _fail(f"data directory {config.data_dir}: {e}")
+    except zmq.ZMQError as e:
+        return _fail(f"cannot listen on {config.addresses[config.name]}: {e}")
+
+    def on_signal(signum, _frame) -> None:
+        logging.getLogger("kvstore.server").info(
+            "%s: stopping", signal.Signals(signum).name,
+            extra={"event": "signal", "node": config.name})
+        node.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.run()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

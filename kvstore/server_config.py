@@ -1,0 +1,118 @@
+"""``cluster.toml`` (shared/API.md section 3): read, check, and turn into a ``NodeConfig``.
+
+```toml
+shards = 3                        # Paxos groups the key space is split into; default 1
+
+[nodes.n1]
+address = "tcp://127.0.0.1:7001"  # one port per node, for clients and peers alike
+data = "/var/lib/kvstore/n1"      # optional; --data overrides (relative: to this file)
+```
+
+Every mistake is an ``InvalidArgument`` whose message names the file and the
+field, so ``kvstore-server`` can print it as its one line before exiting 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from kvstore.errors import InvalidArgument
+from kvstore.node import NodeConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on older Pythons only
+    import tomli as tomllib
+
+MAX_SHARDS = 256
+_ADDRESS = re.compile(r"^tcp://([^:/\s]+|\[[0-9a-fA-F:.]+\]):(\d{1,5})$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise InvalidArgument(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"config file {path} is a directory") from None
+    except OSError as e:
+        raise InvalidArgument(f"cannot read config file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(f"{path} is not valid TOML: {e}") from None
+
+
+def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
+    """``(shards, {name: {"address": ..., "data": ...}})`` from a parsed cluster.toml."""
+    unknown = set(doc) - {"shards", "nodes", "security"}
+    if unknown:
+        raise InvalidArgument(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    shards = doc.get("shards", 1)
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
+        raise InvalidArgument(f"{path}: shards must be an integer in 1..{MAX_SHARDS}, "
+                              f"got {shards!r}")
+    nodes = doc.get("nodes")
+    if not isinstance(nodes, dict) or not nodes:
+        raise InvalidArgument(f"{path}: no nodes; add a [nodes.NAME] table with an address "
+                              f"for each node")
+    out = {}
+    seen = {}
+    for name, table in nodes.items():
+        if not _NAME.match(name):
+            raise InvalidArgument(f"{path}: node name {name!r} must be 1-64 letters, digits, "
+                                  f"'_', '.' or '-'")
+        if not isinstance(table, dict):
+            raise InvalidArgument(f"{path}: [nodes.{name}] must be a table")
+        extra = set(table) - {"address", "data"}
+        if extra:
+            raise InvalidArgument(f"{path}: [nodes.{name}] has unknown setting(s) "
+                                  f"{', '.join(sorted(extra))}")
+        address = table.get("address")
+        if not isinstance(address, str) or not _ADDRESS.match(address) \
+                or not 0 < int(_ADDRESS.match(address).group(2)) < 65536:
+            raise InvalidArgument(f"{path}: [nodes.{name}] address must look like "
+                                  f"\"tcp://127.0.0.1:7001\", got {address!r}")
+        if address in seen:
+            raise InvalidArgument(f"{path}: nodes {seen[address]} and {name} share the "
+                                  f"address {address}")
+        seen[address] = name
+        data = table.get("data")
+        if data is not None and (not isinstance(data, str) or not data):
+            raise InvalidArgument(f"{path}: [nodes.{name}] data must be a directory path")
+        out[name] = {"address": address, "data": data}
+    security = doc.get("security")
+    if security is not None:
+        if not isinstance(security, dict):
+            raise InvalidArgument(f"{path}: [security] must be a table")
+        if security.get("curve"):
+            raise InvalidArgument(f"{path}: [security] curve = true is not supported by this "
+                                  f"version yet; remove the [security] table")
+    return shards, out
+
+
+def load_node_config(path: str, node_id: str, data: str | None = None, **tuning) -> NodeConfig:
+    """The ``NodeConfig`` of node ``node_id`` from the cluster file at ``path``."""
+    shards, nodes = parse_cluster(read_toml(path), path)
+    if node_id not in nodes:
+        raise InvalidArgument(f"{path}: no node {node_id!r} (nodes: {', '.join(nodes)})")
+    data_dir = data
+    if data_dir is None:
+        data_dir = nodes[node_id]["data"]
+        if data_dir is not None and not os.path.isabs(data_dir):
+            data_dir = os.path.join(os.path.dirname(os.path.abspath(path)), data_dir)
+    if not data_dir:
+        raise InvalidArgument(f"no data directory for node {node_id}: pass --data DIR or set "
+                              f"data in [nodes.{node_id}] of {path}")
+    names = sorted(nodes)
+    return NodeConfig(name=node_id, names=names,
+                      addresses={nm: nodes[nm]["address"] for nm in names},
+                      shards=shards, data_dir=os.path.abspath(data_dir), **tuning)
+
+
+def cluster_addresses(path: str) -> list:
+    """Every node's address in a cluster file (for clients and the CLI)."""
+    _shards, nodes = parse_cluster(read_toml(path), path)
+    return [nodes[nm]["address"] for nm in sorted(nodes)]

@@ -1,0 +1,164 @@
+"""A cluster of ``kvstore-server`` processes on 127.0.0.1: for ``kvstore local-cluster``,
+the process-level tests and the benchmark.
+
+``LocalCluster(dir, nodes=3, shards=1)`` writes ``dir/cluster.toml`` with free
+ports, starts one ``python -m kvstore.server`` per node (logs in
+``dir/NAME.log``, data in ``dir/NAME``), and can kill (any signal), restart
+and stop them. Every wait is bounded; ``close()`` always leaves no process
+behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from kvstore.errors import KVError, Unavailable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    def __init__(self, directory: str, nodes: int = 3, shards: int = 1, *,
+                 log_format: str = "text", env: dict | None = None,
+                 python: str = sys.executable) -> None:
+        if not 1 <= nodes <= 64:
+            raise ValueError("nodes must be in 1..64")
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.names = [f"n{i + 1}" for i in range(nodes)]
+        self.shards = shards
+        self.log_format = log_format
+        self.env = env
+        self.python = python
+        self.config_path = os.path.join(self.directory, "cluster.toml")
+        self.procs: dict = {}
+        self._logs: dict = {}
+        if os.path.exists(self.config_path):  # a restart of a cluster made before: same ports
+            from kvstore.server_config import parse_cluster, read_toml
+            self.shards, nodes_cfg = parse_cluster(read_toml(self.config_path), self.config_path)
+            self.names = sorted(nodes_cfg)
+            self.addresses = {n: nodes_cfg[n]["address"] for n in self.names}
+        else:
+            self.addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in self.names}
+            lines = [f"shards = {shards}", ""]
+            for n in self.names:
+                lines += [f"[nodes.{n}]", f'address = "{self.addresses[n]}"', f'data = "{n}"', ""]
+            with open(self.config_path, "w") as f:
+                f.write("\n".join(lines))
+
+    @property
+    def address_list(self) -> list:
+        return [self.addresses[n] for n in self.names]
+
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.directory, f"{name}.log")
+
+    def start(self, name: str) -> subprocess.Popen:
+        if name in self.procs and self.procs[name].poll() is None:
+            raise KVError(f"{name} is already running")
+        log = open(self.log_path(name), "ab")
+        self._logs[name] = log
+        p = subprocess.Popen(
+            [self.python, "-m", "kvstore.server", "--config", self.config_path, "--id", name,
+             "--log-format", self.log_format],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+            cwd=self.directory)
+        self.procs[name] = p
+        return p
+
+    def start_all(self) -> None:
+        for n in self.names:
+            self.start(n)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, wait: float = 10.0) -> int | None:
+        """Send ``sig``; for SIGKILL/SIGTERM/SIGINT wait (bounded) for the exit code."""
+        p = self.procs[name]
+        if p.poll() is not None:
+            return p.returncode
+        p.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+            try:
+                return p.wait(wait)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                return p.wait(wait)
+        return None
+
+    def running(self) -> list:
+        return [n for n, p in self.procs.items() if p.poll() is None]
+
+    def client(self, timeout: float = 5.0, names=None):
+        import kvstore
+        names = names or self.names
+        return kvstore.connect([self.addresses[n] for n in names], timeout=timeout)
+
+    def wait_ready(self, timeout: float = 30.0, names=None) -> dict:
+        """Wait until every shard has a leader among the running nodes; their status."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            for n, p in self.procs.items():
+                if p.poll() is not None and (names is None or n in names):
+                    raise KVError(f"{n} exited with {p.returncode}: "
+                                  f"{self.tail(n)}")
+            try:
+                with self.client(timeout=min(2.0, max(0.2, deadline - time.monotonic())),
+                                 names=names or self.running()) as c:
+                    st = c.status()
+                    if all(s["leader"] is not None for s in st["shards"]):
+                        return st
+            except Unavailable as e:
+                last = e
+            time.sleep(0.05)
+        raise Unavailable(f"the local cluster had no leader for every shard within {timeout} s"
+                          f" ({last})")
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        try:
+            with open(self.log_path(name), "rb") as f:
+                return b"".join(f.readlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def stop_all(self, timeout: float = 10.0) -> dict:
+        """SIGTERM every node, wait (bounded), SIGKILL what is left; exit codes by name."""
+        codes = {}
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for n, p in self.procs.items():
+            try:
+                codes[n] = p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[n] = p.wait(5)
+        return codes
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in self._logs.values():
+            f.close()
+        self._logs = {}
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
