@@ -70,10 +70,18 @@ def format_status(status: dict) -> str:
     return "\n\n".join(out)
 
 
+#: Commands that only read: on a directory with no store they say so (exit 4)
+#: instead of creating an empty store at a mistyped --data.
+READ_ONLY_COMMANDS = ("get", "scan", "status", "check")
+
+
 def _open(args) -> kvstore.KV:
     cluster = args.cluster or os.environ.get("KVSTORE_CLUSTER")
     if cluster:
         return kvstore.connect(cluster, timeout=args.timeout)
+    if args.command in READ_ONLY_COMMANDS:
+        from kvstore.embedded import EmbeddedKV
+        return EmbeddedKV(args.data, create=False)
     return kvstore.open(args.data)
 
 
@@ -123,7 +131,9 @@ def _cmd_check(db, args) -> int:
         print("kvstore: check runs on an embedded store (--data DIR)", file=sys.stderr)
         return EXIT_USAGE
     result = db.verify()
-    print(f"OK: {result['records']} log records ({result['bytes']} bytes) verified")
+    print(f"OK: {result['records']} log records ({result['bytes']} bytes) and "
+          f"{result['values']} values verified; the state agrees with the log on "
+          f"{result['keys_compared']} keys it covers")
     return 0
 
 
@@ -191,7 +201,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _cmd_demo(args)
         with _open(args) as db:
-            return args.fn(db, args)
+            code = args.fn(db, args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        return code
+    except BrokenPipeError:
+        # The reader went away (`kvstore scan | head`): what it read was all it wanted.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not complain
+        os.close(devnull)
+        return 0
+    except KeyboardInterrupt:
+        print("kvstore: interrupted", file=sys.stderr)
+        return 130
     except InvalidArgument as e:
         print(f"kvstore: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -199,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvstore: unavailable: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except StorageError as e:
+        print(f"kvstore: storage error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+    except OSError as e:  # stdout or stderr refused (a full disk under a redirect, ...)
         print(f"kvstore: storage error: {e}", file=sys.stderr)
         return EXIT_STORAGE
     except KVError as e:

@@ -302,37 +302,88 @@ class EmbeddedKV(KV):
     # -- introspection --------------------------------------------------------------------
 
     def verify(self) -> dict:
-        """Decode and checksum every log record still kept; a bad one raises ``CorruptRecord``.
+        """Check everything that carries a checksum, and the state against the log.
 
-        Returns ``{"records": n, "bytes": n}``. The records are what a replica
-        would send a lagging peer, so a bad one must be found before it is sent.
+        Every log record still kept is decoded and checksummed, every stored
+        value's checksum is verified, and the state is compared with the log
+        where the log still covers it (``_compare_with_log``). The first
+        problem raises ``CorruptRecord`` naming the path, shard and key or slot.
+
+        Returns ``{"records": n, "bytes": n, "values": n, "keys_compared": n}``.
         """
         self._check_open()
 
         def read(txn):
-            records = total = 0
+            out = {"records": 0, "bytes": 0, "values": 0, "keys_compared": 0}
             for shard, tables in enumerate(self._tables):
-                cursor = txn.cursor(tables.log)
+                ops, first, last = self._verify_log(txn, shard, out)
+                cursor = txn.cursor(tables.data)
                 try:
-                    for raw_key, raw in cursor:
-                        slot = _native.key_slot(raw_key)
+                    for key, raw in cursor:
                         try:
-                            _, _, kind, payload = _native.decode_record(raw, slot)
-                            if kind == KIND_COMMANDS:
-                                decode_commands(payload, slot)
+                            value = value_of(key, raw)
                         except CorruptRecord as e:
-                            raise CorruptRecord(f"corrupt log record in {self.path}, shard {shard} "
-                                                f"slot {slot}: {e}",
-                                                slot=slot, offset=e.offset,
+                            raise CorruptRecord(f"{e} in {self.path}, shard {shard}; "
+                                                f"restore it from a replica or a backup",
                                                 path=self.path) from e
-                        records += 1
-                        total += len(raw)
+                        out["values"] += 1
+                        key_ops = ops.pop(key, None)
+                        if first is not None:
+                            problem = _compare_with_log(revision_of(raw), value, key_ops,
+                                                        first, last)
+                            if problem:
+                                self._disagree(shard, key, problem)
+                            out["keys_compared"] += 1
                 finally:
                     cursor.close()
-            return {"records": records, "bytes": total}
+                for key, key_ops in ops.items():  # written in the log, absent in the state
+                    slot, kind, value, _expected = key_ops[-1]
+                    if kind == "put":
+                        self._disagree(shard, key, f"the log writes it at slot {slot} and "
+                                                   f"nothing after, but the state lacks it")
+                    out["keys_compared"] += 1
+            return out
 
-        return self._storage.read(read)
+        return self._storage.read(read, "checking")
 
+    def _verify_log(self, txn, shard: int, out: dict):
+        """Checksum the shard's log; ``(ops by key, first slot, last slot)`` it covers."""
+        ops: dict[bytes, list] = {}
+        first = last = None
+        cursor = txn.cursor(self._tables[shard].log)
+        try:
+            for raw_key, raw in cursor:
+                try:
+                    if len(raw_key) != 8:
+                        raise CorruptRecord(f"a log key of {len(raw_key)} bytes")
+                    slot = _native.key_slot(raw_key)
+                    _, _, kind, payload = _native.decode_record(raw, slot)
+                    if kind == KIND_COMMANDS:
+                        for command in decode_commands(payload, slot):
+                            _collect_ops(ops, slot, command)
+                except CorruptRecord as e:
+                    where = f"slot {e.slot}" if e.slot is not None else f"key {raw_key!r}"
+                    raise CorruptRecord(f"corrupt log record in {self.path}, shard {shard} "
+                                        f"{where}: {e}", slot=e.slot, offset=e.offset,
+                                        path=self.path) from e
+                except (TypeError, ValueError, IndexError) as e:  # a command of a bad shape
+                    raise CorruptRecord(f"corrupt command in the log of {self.path}, shard "
+                                        f"{shard} slot {slot}: {e}", slot=slot,
+                                        path=self.path) from e
+                if first is None:
+                    first = slot
+                last = slot
+                out["records"] += 1
+                out["bytes"] += len(raw)
+        finally:
+            cursor.close()
+        return ops, first, last
+
+    def _disagree(self, shard: int, key: bytes, problem: str) -> None:
+        shown = key[:64] + (b"..." if len(key) > 64 else b"")
+        raise CorruptRecord(f"the state of {self.path}, shard {shard}, disagrees with its log "
+                            f"on key {shown!r}: {problem}; restore it from a replica or a "
+                            f"backup", path=self.path)
 
     def status(self) -> dict:
         self._check_open()
@@ -379,6 +430,58 @@ class EmbeddedKV(KV):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<kvstore.EmbeddedKV {self.path!r} shards={self._nshards} {state}>"
+
+
+def _collect_ops(ops: dict, slot: int, command) -> None:
+    """Record what ``command`` (of the entry at ``slot``) may have written, per key.
+
+    ``kind`` is "put" or "del" for writes that always take effect (a delete leaves
+    the key absent either way), "cas" and "cond" for writes that depend on what
+    they found (a transaction's writes depend on its reads).
+    """
+    op = command[0]
+    if op == OP_PUT:
+        ops.setdefault(command[1], []).append((slot, "put", command[2], None))
+    elif op == OP_DELETE:
+        ops.setdefault(command[1], []).append((slot, "del", None, None))
+    elif op == OP_CAS:
+        _, key, expected, new = command
+        ops.setdefault(key, []).append((slot, "cas", new, expected))
+    elif op == OP_TXN:
+        for key, value in command[3]:
+            ops.setdefault(key, []).append((slot, "cond", value, None))
+    elif op == OP_TXN_WRITES:
+        for key, value in command[1]:
+            ops.setdefault(key, []).append(
+                (slot, "put" if value is not None else "del", value, None))
+    else:
+        raise CorruptRecord(f"unknown command op {op!r} in slot {slot}", slot=slot)
+
+
+def _compare_with_log(revision: int, value: bytes, key_ops: list | None, first: int,
+                      last: int) -> str | None:
+    """Why a stored ``(revision, value)`` cannot be what the log ``[first, last]`` wrote,
+    or None if it can."""
+    key_ops = key_ops or []
+    if revision > last:
+        return f"its revision {revision} is past the log's last slot {last}"
+    if revision >= first:
+        at = [op for op in key_ops if op[0] == revision]
+        if not at:
+            return f"its revision is {revision}, but the log entry at that slot does not write it"
+        last_sure = max((i for i, op in enumerate(at) if op[1] in ("put", "del")), default=-1)
+        possible = [op[2] for op in at[max(last_sure, 0):] if op[1] != "del"]
+        if value not in possible:
+            return (f"the log entry at slot {revision} writes another value "
+                    f"({len(value)} bytes in the state)")
+    for slot, kind, _new, expected in key_ops:
+        if slot <= revision:
+            continue
+        if kind in ("put", "del"):
+            return f"the log {'writes' if kind == 'put' else 'deletes'} it later, at slot {slot}"
+        if kind == "cas" and expected == value:
+            return f"a compare-and-set at slot {slot} would have replaced it"
+    return None
 
 
 class _Failed:

@@ -36,6 +36,7 @@ def test_put_get_delete_round_trip(data):
 
 
 def test_get_missing_key_exits_1_with_message_on_stderr(data):
+    assert run("put", "other", "v", data=data).returncode == 0
     result = run("get", "nope", data=data)
     assert result.returncode == 1
     assert result.stdout == b""
@@ -139,3 +140,45 @@ def test_options_may_come_before_the_command(data, tmp_path):
     # After the command wins, as with any subcommand option.
     assert cli("--data", str(tmp_path / "other"), "get", "k", "--data", data).stdout == b"v\n"
     assert not (tmp_path / "kvstore-data").exists()
+
+
+def test_scan_into_a_pipe_closed_early_exits_quietly(data):
+    """Issue 11 #13: `kvstore scan | head -c1` printed a BrokenPipeError traceback, exit 1."""
+    import kvstore
+
+    with kvstore.open(data) as db, db.transaction() as txn:
+        for i in range(3000):  # ~200 KB of output: more than a pipe holds
+            txn.put(b"key/%05d" % i, b"v" * 50)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "scan", "--data", data],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(1) == b"k"
+    proc.stdout.close()  # the reader goes away, as head does
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(60) == 0
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()
+
+
+@pytest.mark.parametrize("command", [["get", "k"], ["scan"], ["status"], ["check"]])
+def test_read_only_commands_on_a_directory_without_a_store_create_nothing(tmp_path, command):
+    """Issue 11 #14: a mistyped --data made get and check create an empty store, report OK."""
+    missing = tmp_path / "mistyped"
+    result = run(*command, data=str(missing))
+    assert result.returncode == 4, result.stderr.decode()
+    assert b"no kvstore" in result.stderr and str(missing).encode() in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run(*command, data=str(empty))
+    assert result.returncode == 4 and b"no kvstore" in result.stderr
+    assert not (empty / "data.mdb").exists()
+
+
+def test_check_reports_values_and_the_comparison_with_the_log(data):
+    assert run("put", "k", "v", data=data).returncode == 0
+    result = run("check", data=data)
+    assert result.returncode == 0
+    assert b"1 values verified" in result.stdout and b"agrees with the log" in result.stdout
