@@ -1,0 +1,182 @@
+"""Real ``kvstore-server`` processes on 127.0.0.1: three nodes, killed and restarted.
+
+Every wait is bounded; every process is killed at teardown (``LocalCluster.close``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+import kvstore
+from kvstore.server_local import LocalCluster
+from conftest import PYTHON, child_env
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    clusters = []
+
+    def make(nodes=3, shards=1, directory=None):
+        lc = LocalCluster(str(directory or tmp_path / f"c{len(clusters)}"), nodes, shards,
+                          env=child_env())
+        clusters.append(lc)
+        return lc
+
+    yield make
+    for lc in clusters:
+        lc.close()
+
+
+def leader_of(status, shard=0):
+    return status["shards"][shard]["leader"]
+
+
+def test_put_and_get_through_every_node(cluster):
+    lc = cluster(shards=2)
+    lc.start_all()
+    lc.wait_ready()
+    with lc.client(names=["n1"]) as c:
+        for i in range(20):
+            c.put(b"key%d" % i, b"value%d" % i)
+    for name in lc.names:  # each node alone as the seed: it routes the client to the leaders
+        with lc.client(names=[name]) as c:
+            assert [c.get(b"key%d" % i) for i in range(20)] == [b"value%d" % i for i in range(20)]
+            assert len(c.scan(b"key")) == 20
+    with lc.client() as c:
+        st = c.status()
+        assert [n["state"] for n in st["nodes"]] == ["up"] * 3
+        assert all(s["leader"] in lc.names for s in st["shards"])
+    assert lc.stop_all() == {n: 0 for n in lc.names}  # SIGTERM: clean exit 0
+
+
+def test_sigkill_of_the_leader_under_writes_loses_no_acknowledged_write(cluster):
+    lc = cluster()
+    lc.start_all()
+    st = lc.wait_ready()
+    old_leader = leader_of(st)
+    acked: list = []
+    errors: list = []
+    stop = threading.Event()
+    killed = threading.Event()
+    after_kill: list = []
+
+    def writer(w: int) -> None:
+        with lc.client(timeout=10) as c:
+            i = 0
+            while not stop.is_set():
+                key = b"w%d-%d" % (w, i)
+                try:
+                    c.put(key, b"x" * 16)
+                except kvstore.Unavailable as e:  # outcome unknown: neither acked nor lost
+                    errors.append(e)
+                    continue
+                acked.append(key)
+                if killed.is_set():
+                    after_kill.append(key)
+                i += 1
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(acked) < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(acked) >= 200, "writes did not flow before the kill"
+        lc.kill(old_leader, signal.SIGKILL)
+        killed.set()
+        kill_time = time.monotonic()
+        while len(after_kill) < 200 and time.monotonic() < kill_time + 30:
+            time.sleep(0.01)
+        failover = time.monotonic() - kill_time
+        assert len(after_kill) >= 200, f"writes did not resume after the kill ({failover:.1f} s)"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    survivors = [n for n in lc.names if n != old_leader]
+    st = lc.wait_ready(names=survivors)
+    assert leader_of(st) in survivors
+    with lc.client(names=survivors) as c:
+        missing = [k for k in acked if c.get(k) != b"x" * 16]
+        assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
+    # The killed node rejoins on its own and catches up.
+    lc.start(old_leader)
+    with lc.client(names=[old_leader]) as c:
+        assert c.get(acked[-1]) == b"x" * 16
+
+
+def test_full_cluster_sigkill_and_restart_keeps_every_write(cluster, tmp_path):
+    lc = cluster(shards=2, directory=tmp_path / "full")
+    lc.start_all()
+    lc.wait_ready()
+    with lc.client() as c:
+        for i in range(100):
+            c.put(b"k%03d" % i, b"v%d" % i)
+        assert c.cas(b"k000", b"v0", b"changed")
+    for n in lc.names:
+        lc.kill(n, signal.SIGKILL)
+    lc.close()
+    lc2 = cluster(directory=tmp_path / "full")  # the same config, ports and data
+    lc2.start_all()
+    lc2.wait_ready()
+    with lc2.client() as c:
+        assert c.get(b"k000") == b"changed"
+        assert c.scan(b"k", limit=3) == [(b"k000", b"changed"), (b"k001", b"v1"), (b"k002", b"v2")]
+        assert len(c.scan(b"k")) == 100
+        c.put(b"after", b"restart")
+        assert c.get(b"after") == b"restart"
+
+
+def run_server(*args, timeout=20):
+    return subprocess.run([PYTHON, "-m", "kvstore.server", *args], capture_output=True,
+                          env=child_env(), timeout=timeout)
+
+
+def test_bad_config_or_data_dir_exits_2_with_one_line(tmp_path):
+    good = tmp_path / "ok.toml"
+    good.write_text('[nodes.n1]\naddress = "tcp://127.0.0.1:1"\n')
+    cases = {
+        "missing": (["--config", str(tmp_path / "nope.toml"), "--id", "n1", "--data", "d"],
+                    "does not exist"),
+        "toml": (["--config", str(tmp_path / "bad.toml"), "--id", "n1", "--data", "d"],
+                 "not valid TOML"),
+        "node": (["--config", str(good), "--id", "n9", "--data", "d"], "no node 'n9'"),
+        "no data": (["--config", str(good), "--id", "n1"], "no data directory"),
+        "shards": (["--config", str(tmp_path / "shards.toml"), "--id", "n1", "--data", "d"],
+                   "shards must be"),
+        "address": (["--config", str(tmp_path / "addr.toml"), "--id", "n1", "--data", "d"],
+                    "address must look like"),
+        "data is a file": (["--config", str(good), "--id", "n1", "--data", str(good)],
+                           "not a directory"),
+    }
+    (tmp_path / "bad.toml").write_text("shards = = 3\n")
+    (tmp_path / "shards.toml").write_text('shards = 0\n[nodes.n1]\naddress = "tcp://127.0.0.1:1"\n')
+    (tmp_path / "addr.toml").write_text('[nodes.n1]\naddress = "localhost"\n')
+    for what, (args, expected) in cases.items():
+        r = run_server(*args)
+        err = r.stderr.decode()
+        assert r.returncode == 2, (what, err)
+        assert expected in err, (what, err)
+        assert len(err.strip().splitlines()) == 1, (what, err)
+        assert "Traceback" not in err, (what, err)
+
+
+def test_sigint_exits_0_and_json_logs_say_who_leads(cluster):
+    lc = cluster(nodes=1)
+    lc.log_format = "json"
+    lc.start_all()
+    lc.wait_ready()
+    assert lc.kill("n1", signal.SIGINT) == 0
+    import json
+    events = [json.loads(line) for line in open(lc.log_path("n1")) if line.startswith("{")]
+    assert any(e.get("event") == "elected" and e.get("shard") == 0 for e in events)
+    assert events[-1]["event"] == "stop"
