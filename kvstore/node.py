@@ -89,6 +89,10 @@ class NodeConfig:
     batch_commands_max: int = 256
     entries_per_message_max: int = 64
     pending_commands_max: int = 16384
+    #: The state is snapshotted (and the log below it compacted) every so many applied slots.
+    snapshot_every_slots: int = 20_000
+    log_retain_slots: int = 1000
+    snapshot_chunk_bytes: int = 1 << 20
 
     @property
     def index(self) -> int:
@@ -129,7 +133,9 @@ class Node:
                      heartbeat_interval_ticks=c.heartbeat_interval_ticks,
                      pipeline_window=c.pipeline_window, batch_commands_max=c.batch_commands_max,
                      entries_per_message_max=c.entries_per_message_max,
-                     pending_commands_max=c.pending_commands_max)
+                     pending_commands_max=c.pending_commands_max,
+                     log_retain_slots=c.log_retain_slots,
+                     snapshot_chunk_bytes=c.snapshot_chunk_bytes)
         return Replica(cfg, self.storage.load(shard))
 
     # ------------------------------------------------------------------ the loop
@@ -327,7 +333,30 @@ class Node:
             # d. advance
             for s, rd in readies:
                 replicas[s].advance(rd)
+                if rd.snapshot is not None:
+                    log.info("shard %d: installed a snapshot through slot %d from the leader",
+                             s, rd.snapshot.index,
+                             extra={"event": "snapshot_installed", "node": self.name, "shard": s,
+                                    "index": rd.snapshot.index})
         self._observe_roles()
+        self._maybe_snapshot()
+
+    def _maybe_snapshot(self) -> None:
+        """Snapshot a shard whose log grew by ``snapshot_every_slots`` since the last one.
+
+        The snapshot is the applied state itself (durable in the storage at
+        ``applied_index``); the replica keeps it for followers too far behind
+        for the log and drops older log records (deleted at the next save).
+        """
+        every = self.config.snapshot_every_slots
+        for s, r in enumerate(self.replicas):
+            if r.applied_index - max(r.snapshot_index, -1) >= every:
+                index = r.applied_index
+                data = self.storage.snapshot_data(s)
+                r.compact(index, data)
+                log.info("shard %d: snapshot through slot %d (%d bytes)", s, index, len(data),
+                         extra={"event": "snapshot", "node": self.name, "shard": s,
+                                "index": index, "bytes": len(data)})
 
     def _answer_writes(self, results: list) -> None:
         waiting = self.waiting_writes

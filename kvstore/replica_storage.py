@@ -42,8 +42,11 @@ from kvstore.paxos.replica import KIND_BATCH, PersistedState, Snapshot
 from kvstore.storage import Storage
 from kvstore.storage.state import apply_command, read_value, scan_rows
 
-#: This node's Paxos hard state in each shard's meta table: msgpack [promised, commit, applied].
+#: This node's Paxos hard state in each shard's meta table:
+#: msgpack [promised, commit, applied, compacted] (compacted: log records at or below it
+#: are deleted, -1 if none; then a restart hands the replica a snapshot of the state).
 META_PAXOS = b"paxos.hard"
+_NO_HARD_STATE = (0, -1, -1, -1)
 #: Client sessions live in the shard's txn table under this prefix (issue 14's
 #: transaction records use other keys of that table).
 SESSION_PREFIX = b"\x00session\x00"
@@ -158,12 +161,18 @@ class LmdbReplicaStorage:
 
         def read(txn):
             raw = txn.get(META_PAXOS, db=t.meta)
-            promised, commit, applied = (0, -1, -1) if raw is None else msgpack.unpackb(raw)
+            promised, commit, applied, compacted = _NO_HARD_STATE if raw is None else msgpack.unpackb(raw)
             records = [bytes(v) for _k, v in txn.cursor(t.log)]
             return PersistedState(promised=promised, commit_index=commit, records=records,
-                                  applied_index=applied)
+                                  applied_index=applied), applied, compacted
 
-        return self.storage.read(read)
+        state, applied, compacted = self.storage.read(read)
+        if compacted >= 0:
+            # Log records below the applied point are gone: the state itself, at the
+            # applied point, is the snapshot a lagging peer will need.
+            state.snapshot_index = applied
+            state.snapshot_data = self.snapshot_data(shard)
+        return state
 
     # -- the one durable write -----------------------------------------------------------
 
@@ -175,7 +184,7 @@ class LmdbReplicaStorage:
         for w in writes:
             t = self.tables[w.shard]
             raw = txn.get(META_PAXOS, db=t.meta)
-            promised, commit, applied = (0, -1, -1) if raw is None else msgpack.unpackb(raw)
+            promised, commit, applied, compacted = _NO_HARD_STATE if raw is None else msgpack.unpackb(raw)
             if w.promised is not None:
                 promised = w.promised
             if w.commit_index is not None:
@@ -184,10 +193,12 @@ class LmdbReplicaStorage:
                 self._install_snapshot(txn, w.shard, w.snapshot)
                 applied = w.snapshot.index
                 commit = max(commit, w.snapshot.index)
+                compacted = max(compacted, w.snapshot.index)
             for rec in w.records:
                 txn.put(slot_key(int.from_bytes(rec[8:16], "little")), rec, db=t.log)
             if w.compacted_through is not None:
                 self._delete_log_through(txn, t.log, w.compacted_through)
+                compacted = max(compacted, w.compacted_through)
             for entry in w.committed:
                 if entry.slot <= applied:
                     continue  # already in the state (a snapshot covered it)
@@ -199,7 +210,7 @@ class LmdbReplicaStorage:
                     expire_sessions(txn, t.txns, entry.slot)
                 applied = entry.slot
             w.applied_index = applied
-            txn.put(META_PAXOS, msgpack.packb([promised, commit, applied]), db=t.meta)
+            txn.put(META_PAXOS, msgpack.packb([promised, commit, applied, compacted]), db=t.meta)
         return results
 
     def _delete_log_through(self, txn, db, through: int) -> None:
@@ -207,8 +218,9 @@ class LmdbReplicaStorage:
         try:
             if not cursor.first():
                 return
-            while key_slot(cursor.key()) <= through:
-                if not cursor.delete():
+            while True:
+                key = cursor.key()  # b"" once the last record is deleted
+                if not key or key_slot(key) > through or not cursor.delete():
                     break
         finally:
             cursor.close()

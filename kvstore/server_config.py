@@ -47,7 +47,7 @@ def read_toml(path: str) -> dict:
 
 def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
     """``(shards, {name: {"address": ..., "data": ...}})`` from a parsed cluster.toml."""
-    unknown = set(doc) - {"shards", "nodes", "security"}
+    unknown = set(doc) - {"shards", "nodes", "security", "tuning"}
     if unknown:
         raise InvalidArgument(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
     shards = doc.get("shards", 1)
@@ -93,9 +93,34 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
     return shards, out
 
 
+#: ``[tuning]`` settings (all optional): timing and batching of every node.
+TUNING = {"tick_ms": int, "election_timeout_ticks": int, "heartbeat_interval_ticks": int,
+          "pipeline_window": int, "batch_commands_max": int, "snapshot_every_slots": int,
+          "log_retain_slots": int}
+
+
+def parse_tuning(doc: dict, path: str) -> dict:
+    table = doc.get("tuning", {})
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"{path}: [tuning] must be a table")
+    out = {}
+    for k, v in table.items():
+        if k not in TUNING:
+            raise InvalidArgument(f"{path}: [tuning] has no setting {k!r} "
+                                  f"(known: {', '.join(TUNING)})")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InvalidArgument(f"{path}: [tuning] {k} must be an integer >= 1, got {v!r}")
+        out[k] = v
+    if "tick_ms" in out:
+        out["tick_seconds"] = out.pop("tick_ms") / 1000.0
+    return out
+
+
 def load_node_config(path: str, node_id: str, data: str | None = None, **tuning) -> NodeConfig:
     """The ``NodeConfig`` of node ``node_id`` from the cluster file at ``path``."""
-    shards, nodes = parse_cluster(read_toml(path), path)
+    doc = read_toml(path)
+    shards, nodes = parse_cluster(doc, path)
+    tuning = {**parse_tuning(doc, path), **tuning}
     if node_id not in nodes:
         raise InvalidArgument(f"{path}: no node {node_id!r} (nodes: {', '.join(nodes)})")
     data_dir = data

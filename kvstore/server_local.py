@@ -29,7 +29,7 @@ def free_port() -> int:
 class LocalCluster:
     def __init__(self, directory: str, nodes: int = 3, shards: int = 1, *,
                  log_format: str = "text", env: dict | None = None,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, tuning: dict | None = None) -> None:
         if not 1 <= nodes <= 64:
             raise ValueError("nodes must be in 1..64")
         self.directory = os.path.abspath(directory)
@@ -50,6 +50,8 @@ class LocalCluster:
         else:
             self.addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in self.names}
             lines = [f"shards = {shards}", ""]
+            if tuning:
+                lines += ["[tuning]"] + [f"{k} = {v}" for k, v in tuning.items()] + [""]
             for n in self.names:
                 lines += [f"[nodes.{n}]", f'address = "{self.addresses[n]}"', f'data = "{n}"', ""]
             with open(self.config_path, "w") as f:
