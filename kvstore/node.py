@@ -71,6 +71,9 @@ WAITING_MAX = 100_000
 #: A waiting write or read older than this is forgotten (its client has long retried).
 WAITING_EXPIRE_SECONDS = 60.0
 CLIENT_ID_MAX_BYTES = 64
+#: Ticks after start at which a node campaigns for the shards it prefers to lead
+#: (shard % nodes == its index) if they have no leader yet: leaders spread over nodes.
+PREFERRED_CAMPAIGN_TICKS = (15, 40)
 
 
 @dataclass
@@ -124,6 +127,8 @@ class Node:
         self._tokens = itertools.count(1)
         self._roles = [(r.role, r.leader_hint) for r in self.replicas]
         self._stopping = False
+        self._ticks = 0
+        self._campaign_at = list(PREFERRED_CAMPAIGN_TICKS) if self.n > 1 else []
         self._last_expiry = time.monotonic()
 
     def _make_replica(self, shard: int) -> Replica:
@@ -163,6 +168,10 @@ class Node:
                     for _ in range(due):
                         for r in self.replicas:
                             r.tick()
+                    self._ticks += due
+                    if self._campaign_at and self._ticks >= self._campaign_at[0]:
+                        del self._campaign_at[0]
+                        self._campaign_for_preferred_shards()
                     next_tick = max(next_tick + due * tick, now)
                     if now - self._last_expiry > 1.0:
                         self._expire_waiting(now)
@@ -340,6 +349,11 @@ class Node:
                                     "index": rd.snapshot.index})
         self._observe_roles()
         self._maybe_snapshot()
+
+    def _campaign_for_preferred_shards(self) -> None:
+        for s, r in enumerate(self.replicas):
+            if s % self.n == self.index and r.leader_hint is None:
+                r.campaign()
 
     def _maybe_snapshot(self) -> None:
         """Snapshot a shard whose log grew by ``snapshot_every_slots`` since the last one.

@@ -164,3 +164,49 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def run_local_cluster(nodes: int = 3, shards: int = 1, directory: str | None = None,
+                      out=None) -> int:
+    """``kvstore local-cluster``: start a cluster, print how to reach it, run until
+    SIGINT/SIGTERM, then stop every node. Exit code 0, or 3 if it never became ready."""
+    import tempfile
+    out = out or sys.stdout
+    directory = directory or tempfile.mkdtemp(prefix="kvstore-cluster-")
+    stopping = []
+
+    def on_signal(signum, _frame) -> None:
+        stopping.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    lc = LocalCluster(directory, nodes, shards)
+    try:
+        lc.start_all()
+        try:
+            st = lc.wait_ready(timeout=30)
+        except (Unavailable, KVError) as e:
+            print(f"kvstore: the local cluster did not start: {e}", file=sys.stderr)
+            return 3
+        addrs = ",".join(lc.address_list)
+        print(f"kvstore local cluster: {len(lc.names)} node(s), {lc.shards} shard(s), "
+              f"data and logs in {lc.directory}", file=out)
+        for n in lc.names:
+            print(f"  {n}  {lc.addresses[n]}  pid {lc.procs[n].pid}", file=out)
+        print(f"leaders: " + ", ".join(f"shard {s['shard']}: {s['leader']}" for s in st["shards"]),
+              file=out)
+        print(f"\n  export KVSTORE_CLUSTER={addrs}\n  kvstore put hello world && kvstore get hello"
+              f"\n\nCtrl-C stops the cluster.", file=out, flush=True)
+        while not stopping:
+            for n, p in lc.procs.items():
+                if p.poll() is not None and not stopping:
+                    print(f"kvstore: {n} exited with {p.returncode}; restarting it "
+                          f"(log: {lc.log_path(n)})", file=out, flush=True)
+                    lc.start(n)
+            time.sleep(0.2)  # a supervisor poll; signals set `stopping`
+        codes = lc.stop_all()
+        print(f"stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()), file=out)
+        return 0
+    finally:
+        lc.close()
+        for s, h in old.items():
+            signal.signal(s, h)

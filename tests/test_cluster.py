@@ -217,3 +217,45 @@ def test_a_follower_down_long_enough_needs_a_snapshot_and_catches_up(cluster):
     with lc.client(names=[leader]) as c:
         assert c.get(b"while-down") == b"1"
         assert len(c.scan(b"s")) == 150
+
+
+def test_local_cluster_command_runs_in_the_foreground_and_stops_on_sigint(tmp_path):
+    p = subprocess.Popen([PYTHON, "-m", "kvstore.cli", "local-cluster", "--nodes", "3",
+                          "--shards", "3", "--dir", str(tmp_path / "lc")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
+    try:
+        lines = []
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            line = p.stdout.readline().decode()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        text = "".join(lines)
+        assert "Ctrl-C" in text, text
+        addrs = next(ln.split("=", 1)[1].strip() for ln in lines if "KVSTORE_CLUSTER=" in ln)
+        env = dict(child_env(), KVSTORE_CLUSTER=addrs)
+        cli = [PYTHON, "-m", "kvstore.cli"]
+        assert subprocess.run(cli + ["put", "hello", "world"], env=env, timeout=30).returncode == 0
+        got = subprocess.run(cli + ["get", "hello"], env=env, capture_output=True, timeout=30)
+        assert got.stdout == b"world\n"
+        status = subprocess.run(cli + ["status"], env=env, capture_output=True, timeout=30)
+        assert status.returncode == 0 and b"leader" in status.stdout
+        leaders = {ln.split()[1] for ln in status.stdout.decode().splitlines()[-3:]}
+        assert leaders <= {"n1", "n2", "n3"}
+        p.send_signal(signal.SIGINT)
+        assert p.wait(30) == 0
+        assert b"stopped: n1 exit 0, n2 exit 0, n3 exit 0" in p.stdout.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+            # its nodes are its children and outlive a SIGKILL of it: end them by pid, as printed
+            for ln in lines:
+                if " pid " in ln:
+                    try:
+                        os.kill(int(ln.rsplit(" pid ", 1)[1]), signal.SIGKILL)
+                    except (OSError, ValueError):
+                        pass
