@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", parents=[common],
                        help="verify the checksum of every log record (embedded store)")
     p.set_defaults(fn=_cmd_check)
+    p = sub.add_parser("local-cluster", parents=[common],
+                       help="run a cluster of kvstore-server nodes on 127.0.0.1 (foreground)")
+    p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    p.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
+    p.add_argument("--dir", help="data, logs and cluster.toml (default: a new temporary dir)")
+    p.set_defaults(fn=None)
     p = sub.add_parser("demo", parents=[common],
                        help="show the store working: writes, reads, transactions, threads")
     p.set_defaults(fn=None)
@@ -200,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "local-cluster":
+            from kvstore.server_local import run_local_cluster
+            return run_local_cluster(args.nodes, args.shards, args.dir)
         with _open(args) as db:
             code = args.fn(db, args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
