@@ -49,6 +49,14 @@ def connect(addresses, timeout: float = 5.0) -> KV:
     return _connect(addresses, timeout)
 
 
+def __getattr__(name: str):
+    """``kvstore.aio`` (the asyncio client) without importing asyncio for everyone."""
+    if name == "aio":
+        import importlib
+        return importlib.import_module("kvstore.aio")
+    raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+
+
 def status() -> dict:
     """What this installation runs: version and the kernel implementation in use."""
     from kvstore import _native

@@ -1,0 +1,181 @@
+"""``await kvstore.aio.connect(addresses, timeout=...)``: the asyncio client.
+
+The same calls as ``kvstore.connect`` (``shared/API.md`` section 1), as
+coroutines, with the same errors. It shares the synchronous client's engine
+(``kvstore.client.ClientCore``: one I/O thread, a DEALER per node, routing,
+leader hints, retries with a request id, deadlines): each call hands it a
+request and awaits its ``concurrent.futures.Future`` through
+``asyncio.wrap_future``, so any number of requests are in flight on one
+connection and the event loop never blocks on a socket.
+
+    import asyncio, kvstore.aio
+
+    async def main():
+        async with await kvstore.aio.connect("tcp://127.0.0.1:7001") as db:
+            await db.put(b"k", b"v")
+            print(await db.get(b"k"))
+            await asyncio.gather(*(db.put(b"k%d" % i, b"v") for i in range(100)))
+
+    asyncio.run(main())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from kvstore.client import ClusterKV, ClusterTxn
+from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
+from kvstore.errors import InvalidArgument, KVError, TransactionConflict
+from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
+from kvstore.transport import wire
+
+
+async def connect(addresses, timeout: float = 5.0) -> "AsyncKV":
+    """Connect to the cluster at ``addresses`` (``Unavailable`` if no node answers)."""
+    loop = asyncio.get_running_loop()
+    kv = await loop.run_in_executor(None, ClusterKV, addresses, timeout)
+    return AsyncKV(kv)
+
+
+class AsyncKV:
+    """The ``KV`` interface as coroutines; many calls may be in flight at once."""
+
+    def __init__(self, kv: ClusterKV) -> None:
+        self._kv = kv
+        self._core = kv._core
+
+    async def _call(self, op: str, shard, payload):
+        return await asyncio.wrap_future(self._core.submit(op, shard, payload))
+
+    async def get(self, key):
+        key = check_key(key)
+        shard = self._kv._shard(key)
+        return await self._call(wire.OP_GET, shard, [shard, key, False])
+
+    async def put(self, key, value) -> None:
+        key = check_key(key)
+        await self._call(wire.OP_WRITE, self._kv._shard(key), [OP_PUT, key, check_value(value)])
+
+    async def delete(self, key) -> bool:
+        key = check_key(key)
+        return bool(await self._call(wire.OP_WRITE, self._kv._shard(key), [OP_DELETE, key]))
+
+    async def cas(self, key, expected, new) -> bool:
+        key = check_key(key)
+        command = [OP_CAS, key, check_optional_value(expected, "expected"),
+                   check_optional_value(new, "new")]
+        return bool(await self._call(wire.OP_WRITE, self._kv._shard(key), command))
+
+    async def scan(self, prefix=b"", start=None, end=None, limit=None):
+        lo, hi = scan_range(prefix, start, end)
+        limit = check_limit(limit)
+        if (hi is not None and hi <= lo) or limit == 0:
+            return []
+        parts = await asyncio.gather(*(self._call(wire.OP_SCAN, s, [s, lo, hi, limit, False])
+                                       for s in range(self._kv.nshards)))
+        rows = sorted((k, v) for part in parts for k, v in part)
+        return rows if limit is None else rows[:limit]
+
+    def transaction(self) -> "AsyncTxn":
+        self._kv._core_check()
+        return AsyncTxn(self)
+
+    async def run_transaction(self, fn, retries: int = 10):
+        """``await fn(txn)`` in a transaction, retried on ``TransactionConflict``."""
+        if not callable(fn):
+            raise InvalidArgument(f"run_transaction needs a callable, not {type(fn).__name__}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise InvalidArgument(f"retries must be an int >= 0, got {retries!r}")
+        attempt = 0
+        while True:
+            try:
+                async with self.transaction() as txn:
+                    result = await fn(txn)
+                return result
+            except TransactionConflict:
+                if attempt >= retries:
+                    raise
+                attempt += 1
+                await asyncio.sleep(random.random() * min(0.0005 * (1 << attempt), 0.05))
+
+    async def status(self) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(None, self._kv.status)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._kv.close)
+
+    async def __aenter__(self) -> "AsyncKV":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class AsyncTxn:
+    """``ClusterTxn`` with awaited reads and commit (single-shard until issue 14)."""
+
+    def __init__(self, db: AsyncKV) -> None:
+        self._db = db
+        self._t = ClusterTxn(db._kv)  # its bookkeeping and checks; its I/O is done here
+
+    async def __aenter__(self) -> "AsyncTxn":
+        self._t.__enter__()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        t = self._t
+        if t._state != "open":
+            return
+        if exc_type is not None:
+            t._state = "discarded"
+            return
+        await self.commit()
+
+    async def _read(self, key: bytes):
+        t = self._t
+        shard = self._db._kv._shard(key)
+        t._touch(shard)
+        value, revision = await self._db._call(wire.OP_GET, shard, [shard, key, True])
+        t._reads.setdefault(key, revision)
+        return value
+
+    async def get(self, key):
+        self._t._check()
+        key = check_key(key)
+        if key in self._t._writes:
+            return self._t._writes[key]
+        return await self._read(key)
+
+    async def put(self, key, value) -> None:
+        self._t.put(key, value)
+
+    async def delete(self, key) -> bool:
+        t = self._t
+        t._check()
+        key = check_key(key)
+        existed = (t._writes[key] if key in t._writes else await self._read(key)) is not None
+        t._writes[key] = None
+        return existed
+
+    async def scan(self, prefix=b"", start=None, end=None, limit=None):
+        # The scan's single read is a blocking call on the shared engine: run it off the loop.
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self._t.scan, prefix, start, end, limit)
+
+    async def commit(self) -> None:
+        t = self._t
+        t._check()
+        t._state = "committed"
+        if t._shard is None:
+            return
+        command = [OP_TXN, [[k, r] for k, r in t._reads.items()], t._ranges,
+                   [[k, v] for k, v in t._writes.items()]]
+        if not await self._db._call(wire.OP_WRITE, t._shard, command):
+            t._state = "discarded"
+            raise TransactionConflict(
+                "a concurrent write changed what this transaction read; nothing of it was "
+                "applied (run_transaction retries automatically)")
+
+
+__all__ = ["connect", "AsyncKV", "AsyncTxn", "KVError"]
