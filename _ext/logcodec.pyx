@@ -9,6 +9,7 @@ the length and the checksum before it returns anything, and raises
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact,
                             PyBytes_FromStringAndSize)
 
@@ -26,9 +27,12 @@ RECORD_HEADER_SIZE = 28
 MAX_PAYLOAD_SIZE = 1 << 30
 
 VALUE_HEADER_SIZE = 12
+#: The largest stored value: a header and kvstore.MAX_VALUE_SIZE bytes.
+MAX_STORED_VALUE_SIZE = 12 + 4 * 1024 * 1024
 
 DEF HEADER = 28
 DEF VALUE_HEADER = 12
+DEF MAX_STORED_VALUE = 12 + 4 * 1024 * 1024
 DEF CRC_AT = 24
 DEF VERSION = 1
 DEF U64_MAX = 0xFFFFFFFFFFFFFFFF
@@ -179,10 +183,23 @@ def decode_record(data, expected_slot=None):
     """Decode exactly one record filling ``data``; ``(slot, ballot, kind, payload)``.
 
     ``expected_slot`` (the LMDB key it was read under) must match the header.
+    ``data`` may be a buffer into a memory map: its length is checked against
+    the header before any byte past the header is read.
     """
-    cdef bytes b = as_bytes(data)
-    cdef Py_ssize_t end = PyBytes_GET_SIZE(b), nxt = 0
-    record = decode_at(<const uint8_t *>PyBytes_AS_STRING(b), end, 0, &nxt)
+    cdef Py_buffer view
+    cdef Py_ssize_t end, nxt = 0
+    cdef const uint8_t *base
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        end = view.len
+        base = <const uint8_t *>view.buf
+        if end >= HEADER and get_u32(base + 4) != <uint64_t>(end - HEADER):
+            raise CorruptRecord(
+                f"record length mismatch: header says {get_u32(base + 4)} payload bytes, "
+                f"{end - HEADER} stored", offset=0)
+        record = decode_at(base, end, 0, &nxt)
+    finally:
+        PyBuffer_Release(&view)
     if nxt != end:
         raise CorruptRecord(
             f"{end - nxt} trailing bytes after record for slot {record[0]}",
@@ -234,7 +251,7 @@ def append_log(txn, db, entries):
         items.append((slot_key_c(<uint64_t>slot), record))
     cursor = txn.cursor(db)
     try:
-        append = (not cursor.last()) or items[0][0] > cursor.key()
+        append = (not cursor.last()) or items[0][0] > bytes(cursor.key())
         cursor.putmulti(items, append=append)
     finally:
         cursor.close()
@@ -258,7 +275,7 @@ cdef inline uint64_t get_u64_be(const uint8_t *p) noexcept nogil:
     return v
 
 
-cdef object corrupt_value(bytes key, bytes raw, str why):
+cdef object corrupt_value(bytes key, object raw, str why):
     shown = key[:64] + (b"..." if len(key) > 64 else b"")
     return CorruptRecord(f"the stored value of key {shown!r} is corrupt ({why})")
 
@@ -282,35 +299,64 @@ def pack_value(key, revision, value):
     return out
 
 
-cdef inline bytes checked_value(bytes k, bytes r):
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(r)
-    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(r)
+cdef bytes checked_value_at(bytes k, const uint8_t *p, Py_ssize_t n):
     if n < VALUE_HEADER:
-        raise corrupt_value(k, r, f"{n} bytes, shorter than its {VALUE_HEADER}-byte header")
+        raise corrupt_value(k, None, f"{n} bytes, shorter than its {VALUE_HEADER}-byte header")
+    if n > MAX_STORED_VALUE:
+        raise corrupt_value(k, None, f"{n} bytes, longer than any value can be")
     cdef uint32_t actual = value_crc(<const uint8_t *>PyBytes_AS_STRING(k),
                                      PyBytes_GET_SIZE(k), p, n)
     cdef uint32_t stored = get_u32(p + 8)
     if actual != stored:
-        raise corrupt_value(k, r, f"checksum stored {stored:#010x}, computed {actual:#010x}")
+        raise corrupt_value(k, None, f"checksum stored {stored:#010x}, computed {actual:#010x}")
     return PyBytes_FromStringAndSize(<const char *>(p + VALUE_HEADER), n - VALUE_HEADER)
 
 
+cdef bytes checked_value(bytes k, object raw):
+    """``raw`` is bytes, or a buffer into the map whose length is checked before reading."""
+    cdef Py_buffer view
+    if PyBytes_CheckExact(raw):
+        return checked_value_at(k, <const uint8_t *>PyBytes_AS_STRING(raw),
+                                PyBytes_GET_SIZE(raw))
+    PyObject_GetBuffer(raw, &view, PyBUF_SIMPLE)
+    try:
+        return checked_value_at(k, <const uint8_t *>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef inline bytes key_bytes(object key):
+    """A key as bytes; from a buffer only once its length is a key's (LMDB's 511 at most)."""
+    if PyBytes_CheckExact(key):
+        return <bytes>key
+    if len(key) > 511:
+        raise CorruptRecord(f"a stored key of {len(key)} bytes, longer than any key can be")
+    return bytes(key)
+
+
 def unpack_value(key, raw):
-    """The user's value in ``raw`` (None for None), its checksum verified."""
+    """The user's value in ``raw`` (None for None), its checksum verified.
+
+    ``raw`` may be bytes or a buffer into the map (a transaction's ``buffers=True``).
+    """
     if raw is None:
         return None
-    return checked_value(as_bytes(key), as_bytes(raw))
+    return checked_value(key_bytes(key), raw)
 
 
 def unpack_revision(raw):
     """The revision of a stored value (0 for None); the checksum is not verified."""
     if raw is None:
         return 0
-    cdef bytes r = as_bytes(raw)
-    if PyBytes_GET_SIZE(r) < VALUE_HEADER:
-        raise CorruptRecord(f"a stored value of {PyBytes_GET_SIZE(r)} bytes is shorter than "
-                            f"its {VALUE_HEADER}-byte header")
-    return get_u64_be(<const uint8_t *>PyBytes_AS_STRING(r))
+    cdef Py_buffer view
+    PyObject_GetBuffer(raw, &view, PyBUF_SIMPLE)
+    try:
+        if view.len < VALUE_HEADER:
+            raise CorruptRecord(f"a stored value of {view.len} bytes is shorter than "
+                                f"its {VALUE_HEADER}-byte header")
+        return get_u64_be(<const uint8_t *>view.buf)
+    finally:
+        PyBuffer_Release(&view)
 
 
 def unpack_rows(rows):
@@ -318,6 +364,6 @@ def unpack_rows(rows):
     cdef list out = []
     cdef bytes k
     for key, raw in rows:
-        k = as_bytes(key)
-        out.append((k, checked_value(k, as_bytes(raw))))
+        k = key_bytes(key)
+        out.append((k, checked_value(k, raw)))
     return out

@@ -76,7 +76,7 @@ class EmbeddedKV(KV):
         try:
             self._applied = self._storage.read(
                 lambda txn: [self._applied_point(txn, s) for s in range(self._nshards)],
-                "reading the applied points")
+                "reading the applied points", True)
         except BaseException:
             self._storage.close()
             raise
@@ -112,24 +112,28 @@ class EmbeddedKV(KV):
         active.append(None)  # the reader gate of Storage.begin_read, inlined
         if self._storage._growing:  # the map is being grown: take the slow, waiting path
             active.pop()
-            raw = self._storage.read(lambda txn: txn.get(key, None, db))
+            raw = self._storage.read(lambda txn: value_of(key, txn.get(key, None, db)),
+                                     "reading", True)
             self._check_open()
+            return raw
         else:
             try:
-                txn = self._begin()
+                # buffers: the value is a view into the map, its length checked before a
+                # byte is read (a corrupt length must not read past the file: SIGBUS)
+                txn = self._begin(None, None, False, True)
                 raw = txn.get(key, None, db)
                 if self._storage.committing:  # a commit in flight: is our snapshot durable?
                     self._storage.await_durable(txn)
+                value = value_of(key, raw)  # the checksum verified: never corrupt data
                 txn.commit()
+                return value
+            except CorruptRecord as e:
+                raise translate(e, self.path, "reading") from e
             except THIRD_PARTY_ERRORS as e:
                 self._check_open()
                 raise translate(e, self.path, "reading") from e
             finally:
                 active.pop()
-        try:
-            return value_of(key, raw)  # the checksum verified: never corrupt data
-        except CorruptRecord as e:
-            raise translate(e, self.path, "reading") from e
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):
         self._check_open()
@@ -145,7 +149,7 @@ class EmbeddedKV(KV):
             # One snapshot across shards; each holds its own first ``limit`` keys.
             return list(itertools.islice(heapq.merge(*per_shard), limit))
 
-        return self._storage.read(read, "scanning")
+        return self._storage.read(read, "scanning", True)
 
     # -- single-key writes -------------------------------------------------------------------
 
@@ -206,7 +210,7 @@ class EmbeddedKV(KV):
         """Append one log entry per touched shard, apply it, and commit: one fsync."""
         if self._storage.env is None:
             raise KVError(f"the store at {self.path} is closed")
-        results = self._storage.write(lambda txn: self._apply_batch(txn, batch))
+        results = self._storage.write(lambda txn: self._apply_batch(txn, batch), True)
         for request, result in zip(batch, results):
             if type(result) is _Failed:
                 request.error = result.error
@@ -320,6 +324,7 @@ class EmbeddedKV(KV):
                 cursor = txn.cursor(tables.data)
                 try:
                     for key, raw in cursor:
+                        key = bytes(key)  # at most 64 KiB, inside the file's slack
                         try:
                             value = value_of(key, raw)
                         except CorruptRecord as e:
@@ -344,7 +349,7 @@ class EmbeddedKV(KV):
                     out["keys_compared"] += 1
             return out
 
-        return self._storage.read(read, "checking")
+        return self._storage.read(read, "checking", True)
 
     def _verify_log(self, txn, shard: int, out: dict):
         """Checksum the shard's log; ``(ops by key, first slot, last slot)`` it covers."""
@@ -403,7 +408,7 @@ class EmbeddedKV(KV):
                 })
             return shards
 
-        shards = self._storage.read(read)
+        shards = self._storage.read(read, "reading the status", True)
         return {
             "mode": "embedded",
             "path": self.path,
@@ -598,7 +603,7 @@ class EmbeddedTxn(Txn):
     def _view(self):
         if self._snapshot is None:
             storage = self._store._storage
-            self._snapshot = storage.begin_read()
+            self._snapshot = storage.begin_read(True)  # buffers: lengths checked first
             self._finalizer = weakref.finalize(self, storage.end_read, self._snapshot)
         return self._snapshot
 

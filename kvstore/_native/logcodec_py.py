@@ -42,6 +42,10 @@ RECORD_HEADER_SIZE = 28
 MAX_PAYLOAD_SIZE = 1 << 30
 
 VALUE_HEADER_SIZE = 12
+#: The largest stored value: a header and kvstore.MAX_VALUE_SIZE bytes.
+MAX_STORED_VALUE_SIZE = 12 + 4 * 1024 * 1024
+#: LMDB's largest key (its default build).
+_MAX_KEY = 511
 
 _HEADER = struct.Struct("<BBHIQQ")  # the 24 bytes the CRC covers before the payload
 _CRC = struct.Struct("<I")
@@ -139,8 +143,17 @@ def decode_record(data: bytes, expected_slot: int | None = None) -> tuple[int, i
     """Decode exactly one record filling ``data``; ``(slot, ballot, kind, payload)``.
 
     ``expected_slot`` (the LMDB key it was read under) must match the header.
+    ``data`` may be a buffer into a memory map: its length is checked against
+    the header before any byte past the header is read.
     """
-    data = bytes(data)
+    view = memoryview(data)
+    if len(view) >= RECORD_HEADER_SIZE:
+        (length,) = _CRC.unpack_from(view, 4)
+        if length != len(view) - RECORD_HEADER_SIZE:
+            raise CorruptRecord(
+                f"record length mismatch: header says {length} payload bytes, "
+                f"{len(view) - RECORD_HEADER_SIZE} stored", offset=0)
+    data = bytes(view)
     record, end = _decode_at(data, 0)
     if end != len(data):
         raise CorruptRecord(
@@ -175,7 +188,7 @@ def append_log(txn, db, entries: Sequence[tuple[int, bytes]]) -> int:
         return 0
     cursor = txn.cursor(db)
     try:
-        append = (not cursor.last()) or slot_key(entries[0][0]) > cursor.key()
+        append = (not cursor.last()) or slot_key(entries[0][0]) > bytes(cursor.key())
         prev = -1
         items = []
         for slot, record in entries:
@@ -204,10 +217,14 @@ def pack_value(key: bytes, revision: int, value: bytes) -> bytes:
     return head + _VALUE_CRC.pack(crc) + value
 
 
-def _checked_value(key: bytes, raw: bytes) -> bytes:
+def _checked_value(key: bytes, raw) -> bytes:
+    """``raw`` is bytes, or a buffer into the map whose length is checked before reading."""
     n = len(raw)
     if n < VALUE_HEADER_SIZE:
         raise _corrupt_value(key, f"{n} bytes, shorter than its {VALUE_HEADER_SIZE}-byte header")
+    if n > MAX_STORED_VALUE_SIZE:
+        raise _corrupt_value(key, f"{n} bytes, longer than any value can be")
+    raw = bytes(raw)
     (stored,) = _VALUE_CRC.unpack_from(raw, 8)
     value = raw[VALUE_HEADER_SIZE:]
     actual = crc32c(value, crc32c(raw[:8], crc32c(key)))
@@ -216,14 +233,26 @@ def _checked_value(key: bytes, raw: bytes) -> bytes:
     return value
 
 
-def unpack_value(key: bytes, raw: bytes | None) -> bytes | None:
-    """The user's value in ``raw`` (None for None), its checksum verified."""
+def _key_bytes(key) -> bytes:
+    """A key as bytes; from a buffer only once its length is a key's."""
+    if type(key) is bytes:
+        return key
+    if len(key) > _MAX_KEY:
+        raise CorruptRecord(f"a stored key of {len(key)} bytes, longer than any key can be")
+    return bytes(key)
+
+
+def unpack_value(key: bytes, raw) -> bytes | None:
+    """The user's value in ``raw`` (None for None), its checksum verified.
+
+    ``raw`` may be bytes or a buffer into the map (a transaction's ``buffers=True``).
+    """
     if raw is None:
         return None
-    return _checked_value(bytes(key), bytes(raw))
+    return _checked_value(_key_bytes(key), raw)
 
 
-def unpack_revision(raw: bytes | None) -> int:
+def unpack_revision(raw) -> int:
     """The revision of a stored value (0 for None); the checksum is not verified."""
     if raw is None:
         return 0
@@ -235,4 +264,8 @@ def unpack_revision(raw: bytes | None) -> int:
 
 def unpack_rows(rows: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """``[(key, value)]`` of ``[(key, raw)]`` rows, every checksum verified."""
-    return [(bytes(k), _checked_value(bytes(k), bytes(raw))) for k, raw in rows]
+    out = []
+    for key, raw in rows:
+        key = _key_bytes(key)
+        out.append((key, _checked_value(key, raw)))
+    return out

@@ -62,6 +62,15 @@ MAX_READERS = 256
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
 #: The largest map_size accepted (64 TiB: half of x86-64's user address space).
 MAX_MAP_SIZE = (1 << 46) if sys.maxsize > 2**32 else (1 << 31)
+#: ``data.mdb`` is kept at least this far past the last page LMDB uses, as a sparse
+#: hole (no disk). A length field flipped on disk makes LMDB or py-lmdb read past a
+#: page: up to 64 KiB (key sizes, node offsets), or a value's whole claimed size, up
+#: to 4 GiB (py-lmdb touches every page of a value it returns, even as a buffer). A
+#: read past the end of a mapped file is a SIGBUS that kills the process; inside the
+#: hole it reads zeros, and the checks above LMDB (value sizes, checksums) report the
+#: corruption as a ``StorageError``.
+DATA_SLACK_MIN_BYTES = (4 << 30) + (1 << 20)
+DATA_SLACK_BYTES = (4 << 30) + (64 << 20)
 #: How long growing the map may wait for open read snapshots to finish.
 GROW_WAIT_SECONDS = 60.0
 
@@ -221,6 +230,8 @@ class Storage:
         self.forked = False  # set in a child process after fork() (see _after_fork_in_child)
         self._dir_fd = -1
         self._env = None
+        self._data_end = 0  # data.mdb is at least this long (see DATA_SLACK_BYTES)
+        self._page_size = 4096
         self._active_readers: list[None] = []
         self._growing = False
         self._grown = threading.Event()
@@ -240,6 +251,8 @@ class Storage:
             existing = self._check_data_file(create)
             created_data_file = not os.path.exists(os.path.join(self.path, DATA_FILE))
             self._prepare_lmdb_lock_file()
+            if existing:
+                self._ensure_slack(existing)
             self._open_env(map_size, sync, shards or 1)
             if existing:
                 self.nshards = self._load_format(shards)
@@ -253,6 +266,7 @@ class Storage:
             else:
                 self.nshards = shards or 1
                 self._create_store()
+            self._after_commit()
         except BaseException:
             self._close_files()
             if created_data_file:  # a store we failed to create leaves nothing behind
@@ -327,8 +341,9 @@ class Storage:
         finally:
             os.close(fd)
 
-    def _check_data_file(self, create: bool) -> bool:
-        """True if the directory holds a store; refuses a truncated or unreadable one.
+    def _check_data_file(self, create: bool) -> int:
+        """The bytes of data.mdb in use (0: the directory holds no store yet); refuses a
+        truncated or unreadable one.
 
         LMDB maps the file and reads pages by address: a page past the end of a
         truncated file is a SIGBUS, so the size the meta pages claim is checked
@@ -341,7 +356,7 @@ class Storage:
             if not create:
                 raise StorageError(f"no kvstore in {self.path} (no {DATA_FILE}; is the path "
                                    f"right?)", self.path) from None
-            return False
+            return 0
         except OSError as e:
             raise translate(e, self.path, f"opening {DATA_FILE}") from e
         try:
@@ -378,13 +393,32 @@ class Storage:
             if not create:
                 raise StorageError(f"no kvstore in {self.path} (its {DATA_FILE} is empty)",
                                    self.path)
-            return False
+            return 0
         needed = (last_page + 1) * page_size
         if size < needed:
             raise StorageError(
                 f"{where} is truncated: its meta page says it holds {needed} bytes; "
                 f"{_CORRUPT_HINT}", self.path)
-        return True
+        self._page_size = page_size
+        return needed
+
+    def _ensure_slack(self, used_bytes: int) -> None:
+        """Extend data.mdb (sparse) to DATA_SLACK_BYTES past ``used_bytes``; best effort."""
+        want = used_bytes + DATA_SLACK_BYTES
+        data_path = os.path.join(self.path, DATA_FILE)
+        try:
+            if os.path.getsize(data_path) < want:
+                os.truncate(data_path, want)
+            self._data_end = want
+        except OSError:
+            pass  # a read-only directory: reads past the end stay LMDB's own risk
+
+    def _after_commit(self) -> None:
+        """Keep the slack after data.mdb's last page (a commit may have used it up)."""
+        info = self._env.info()
+        used = (info["last_pgno"] + 1) * self._page_size
+        if used + DATA_SLACK_MIN_BYTES > self._data_end:
+            self._ensure_slack(used)
 
     def _prepare_lmdb_lock_file(self) -> None:
         """Allocate LMDB's lock file on disk before LMDB maps it.
@@ -412,6 +446,7 @@ class Storage:
                 self.path, map_size=map_size, subdir=True, max_dbs=TABLES_PER_SHARD * nshards + 1,
                 max_readers=MAX_READERS, sync=sync, metasync=sync, readahead=False, lock=True)
             self.map_size = self._env.info()["map_size"]
+            self._page_size = self._env.stat()["psize"]
         except THIRD_PARTY_ERRORS as e:
             raise translate(e, self.path, "opening the LMDB environment") from e
 
@@ -435,8 +470,13 @@ class Storage:
     def _load_format(self, shards: int | None) -> int:
         self._format_db = self._open_table(b"kvstore")
         try:
-            with self._env.begin(db=self._format_db) as txn:
+            with self._env.begin(db=self._format_db, buffers=True) as txn:
                 raw = txn.get(b"format")
+                if raw is not None:
+                    if len(raw) > 1024:  # a flipped length: do not read past the file
+                        raise StorageError(f"the format record in {self.path} is corrupt "
+                                           f"({len(raw)} bytes); {_CORRUPT_HINT}", self.path)
+                    raw = bytes(raw)
         except THIRD_PARTY_ERRORS as e:
             raise translate(e, self.path, "reading the format record") from e
         if raw is None:
@@ -489,8 +529,12 @@ class Storage:
 
     # -- reading ------------------------------------------------------------------------
 
-    def begin_read(self):
-        """A read-only LMDB transaction; pair every call with ``end_read(txn)``."""
+    def begin_read(self, buffers: bool = False):
+        """A read-only LMDB transaction; pair every call with ``end_read(txn)``.
+
+        ``buffers=True``: its reads return buffers into the map, valid until the
+        transaction ends, whose length can be checked before any byte is read.
+        """
         if self._env is None or self.forked:
             self.check_usable()
         active = self._active_readers
@@ -501,7 +545,7 @@ class Storage:
             active.pop()
             self._grown.wait()
         try:
-            txn = self._env.begin()
+            txn = self._env.begin(buffers=buffers)
             if self.committing:
                 self.await_durable(txn)
             return txn
@@ -535,9 +579,9 @@ class Storage:
         finally:
             self._active_readers.pop()
 
-    def read(self, fn: Callable[..., T], doing: str = "reading") -> T:
+    def read(self, fn: Callable[..., T], doing: str = "reading", buffers: bool = False) -> T:
         """``fn(txn)`` inside a read transaction; every error of the layers below translated."""
-        txn = self.begin_read()
+        txn = self.begin_read(buffers)
         try:
             return fn(txn)
         except CorruptRecord as e:
@@ -551,7 +595,7 @@ class Storage:
 
     # -- writing ------------------------------------------------------------------------
 
-    def write(self, fn: Callable[..., T]) -> T:
+    def write(self, fn: Callable[..., T], buffers: bool = False) -> T:
         """``fn(txn)`` in one write transaction, committed (and fsync'd) before returning.
 
         ``fn`` may run more than once: a full map aborts the attempt, the map
@@ -559,13 +603,13 @@ class Storage:
         """
         with self._write_lock:
             self.check_usable()
-            return self._write_locked(fn, "writing")
+            return self._write_locked(fn, "writing", buffers)
 
-    def _write_locked(self, fn: Callable[..., T], doing: str) -> T:
+    def _write_locked(self, fn: Callable[..., T], doing: str, buffers: bool = False) -> T:
         while True:
             txn = None
             try:
-                txn = self._env.begin(write=True)
+                txn = self._env.begin(write=True, buffers=buffers)
                 result = fn(txn)
                 self._commit(txn)
                 return result
@@ -592,6 +636,7 @@ class Storage:
             txn.commit()
         finally:
             self._commit_finished()
+        self._after_commit()
 
     def _commit_finished(self) -> None:
         with self._committed:
@@ -662,10 +707,12 @@ class Storage:
         return unpack_u64(txn.get(name, db=self.shards[shard].meta), default)
 
     def disk_usage(self) -> int:
+        """Bytes data.mdb takes on disk (its slack is a hole, not counted)."""
         try:
-            return os.path.getsize(os.path.join(self.path, DATA_FILE))
+            st = os.stat(os.path.join(self.path, DATA_FILE))
         except OSError:
             return 0
+        return min(st.st_size, st.st_blocks * 512)
 
     # -- closing ------------------------------------------------------------------------
 

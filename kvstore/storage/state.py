@@ -43,7 +43,11 @@ def read_value(key: bytes, raw: bytes | None) -> tuple[bytes | None, int]:
 
 
 def scan_rows(txn, db, lo: bytes, hi: bytes | None, limit: int | None) -> list[tuple[bytes, bytes]]:
-    """Stored ``(key, raw)`` rows with ``lo <= key < hi``, in key order, at most ``limit``."""
+    """Stored ``(key, raw)`` rows with ``lo <= key < hi``, in key order, at most ``limit``.
+
+    In a transaction begun with ``buffers=True`` each ``raw`` is a buffer valid
+    until the transaction ends: decode it (``value_of``) before then.
+    """
     rows: list[tuple[bytes, bytes]] = []
     if limit == 0:
         return rows
@@ -52,6 +56,8 @@ def scan_rows(txn, db, lo: bytes, hi: bytes | None, limit: int | None) -> list[t
         if not cursor.set_range(lo):
             return rows
         for key, raw in cursor.iternext():
+            if type(key) is not bytes:  # a buffer (a transaction begun with buffers=True)
+                key = bytes(key)
             if hi is not None and key >= hi:
                 break
             rows.append((key, raw))
