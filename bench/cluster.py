@@ -1,0 +1,180 @@
+"""A 3-node cluster on 127.0.0.1: durable put and linearizable get throughput and latency.
+
+The servers are ``kvstore-server`` processes (``LocalCluster``); the load
+comes from this process through the asyncio client (``kvstore.aio``) with 1,
+16, 64 and 256 requests in flight; 16-byte keys, 128-byte values. Each row
+reports ops/s and p50/p99 latency. The floor it is measured against, on the
+same machine in the same run: one fdatasync of a small write in the data
+directory's file system, plus one ZeroMQ round trip over loopback.
+
+    python bench/cluster.py                # full run, writes bench/results/cluster.json
+    python bench/cluster.py --quick        # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import figures  # noqa: E402  (bench/figures.py, beside this script)
+
+import kvstore.aio  # noqa: E402
+from kvstore.server_local import LocalCluster  # noqa: E402
+
+KEY_BYTES = 16
+VALUE_BYTES = 128
+
+
+def percentile(sorted_values: list, p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    i = min(len(sorted_values) - 1, max(0, int(round(p / 100 * (len(sorted_values) - 1)))))
+    return sorted_values[i]
+
+
+def fsync_floor(directory: str, n: int = 200) -> float:
+    """Median seconds of one 128-byte write + fdatasync."""
+    path = os.path.join(directory, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    times = []
+    try:
+        for i in range(n):
+            t = time.perf_counter()
+            os.pwrite(fd, b"x" * VALUE_BYTES, (i % 64) * 4096)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return statistics.median(times)
+
+
+def loopback_floor(n: int = 2000) -> float:
+    """Median seconds of one ZeroMQ DEALER -> ROUTER -> DEALER round trip on 127.0.0.1."""
+    import zmq
+    from kvstore.server_local import free_port
+    ctx = zmq.Context()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(address)
+    stop = threading.Event()
+
+    def echo():
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        while not stop.is_set():
+            if poller.poll(50):
+                router.send_multipart(router.recv_multipart())
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(address)
+    times = []
+    try:
+        for _ in range(n):
+            s = time.perf_counter()
+            dealer.send(b"x" * 64)
+            dealer.recv()
+            times.append(time.perf_counter() - s)
+    finally:
+        stop.set()
+        t.join(2)
+        dealer.close(0)
+        router.close(0)
+        ctx.term()
+    return statistics.median(times[n // 10:])
+
+
+async def load(db, kind: str, in_flight: int, seconds: float, keys: list, value: bytes) -> dict:
+    latencies: list = []
+    deadline = time.perf_counter() + seconds
+    nkeys = len(keys)
+
+    async def worker(w: int) -> None:
+        i = w
+        while time.perf_counter() < deadline:
+            key = keys[i % nkeys]
+            i += in_flight
+            t = time.perf_counter()
+            if kind == "put":
+                await db.put(key, value)
+            else:
+                await db.get(key)
+            latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(in_flight)))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"op": kind, "in_flight": in_flight, "ops": len(latencies),
+            "ops_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(percentile(latencies, 50) * 1e3, 3),
+            "p99_ms": round(percentile(latencies, 99) * 1e3, 3)}
+
+
+async def run_load(addresses: list, concurrency: list, seconds: float) -> list:
+    keys = [b"%016d" % i for i in range(10_000)]
+    value = os.urandom(VALUE_BYTES)
+    rows = []
+    async with await kvstore.aio.connect(addresses, timeout=30) as db:
+        for kind in ("put", "get"):
+            for c in concurrency:
+                row = await load(db, kind, c, seconds, keys, value)
+                rows.append(row)
+                print(f"{kind:4} in flight {c:4}: {row['ops_per_s']:>10,.0f} ops/s   "
+                      f"p50 {row['p50_ms']:7.3f} ms   p99 {row['p99_ms']:7.3f} ms", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small smoke run")
+    p.add_argument("--seconds", type=float, default=5.0, help="per row")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--in-flight", default="1,16,64,256")
+    p.add_argument("--dir", default=None, help="where the cluster's data goes (default: a temp dir)")
+    p.add_argument("--json", default=figures.default_path("cluster"))
+    args = p.parse_args(argv)
+    concurrency = [int(x) for x in args.in_flight.split(",")]
+    seconds = 0.5 if args.quick else args.seconds
+    base = tempfile.mkdtemp(prefix="kvstore-bench-cluster-", dir=args.dir)
+    try:
+        fsync_s = fsync_floor(base)
+        rtt_s = loopback_floor(300 if args.quick else 3000)
+        print(f"floor: fdatasync {fsync_s * 1e3:.3f} ms + loopback round trip "
+              f"{rtt_s * 1e3:.3f} ms = {(fsync_s + rtt_s) * 1e3:.3f} ms\n")
+        with LocalCluster(os.path.join(base, "cluster"), 3, args.shards) as lc:
+            lc.start_all()
+            lc.wait_ready(timeout=60)
+            rows = asyncio.run(run_load(lc.address_list, concurrency, seconds))
+            lc.stop_all()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    results = {"nodes": 3, "shards": args.shards, "key_bytes": KEY_BYTES,
+               "value_bytes": VALUE_BYTES, "seconds_per_row": seconds,
+               "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
+                            "loopback_rtt": round(rtt_s * 1e3, 3)},
+               "rows": rows}
+    single = next((r for r in rows if r["op"] == "put" and r["in_flight"] == 1), None)
+    if single:
+        floor = (fsync_s + rtt_s) * 1e3
+        print(f"\none put at a time: p50 {single['p50_ms']:.3f} ms = "
+              f"{single['p50_ms'] / floor:.1f}x the floor ({floor:.3f} ms)")
+    figures.write(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
