@@ -251,3 +251,82 @@ def test_bad_shard_counts(tmp_path, bad):
 def test_bad_open_path_type():
     with pytest.raises(InvalidArgument):
         kvstore.open(42)
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 2**70, "x", 1.5, True, b"1"])
+def test_bad_map_sizes(tmp_path, bad):
+    """Issue 11 #11: OverflowError, TypeError or ValueError from LMDB before."""
+    with pytest.raises(InvalidArgument, match="map_size"):
+        kvstore.open(str(tmp_path / "kv"), map_size=bad)
+    assert not (tmp_path / "kv" / "data.mdb").exists()
+
+
+@pytest.mark.parametrize("bad", ["", b"", "kv\0x", b"kv\0x"])
+def test_empty_paths_and_paths_with_a_nul_are_invalid(tmp_path, monkeypatch, bad):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidArgument):
+        kvstore.open(bad)
+    assert list(tmp_path.iterdir()) == []  # open("") did not open the current directory
+
+
+def test_a_bytes_path_is_accepted(tmp_path):
+    path = str(tmp_path / "kv")
+    with kvstore.open(path.encode()) as db:
+        db.put(b"k", b"v")
+        assert db.path == path
+    with kvstore.open(path) as db:
+        assert db.get(b"k") == b"v"
+
+
+@pytest.mark.parametrize("limit", [2**63 - 1, 2**63, 2**64, 10**30])
+def test_huge_scan_limits_mean_no_limit(seeded, limit):
+    """Issue 11 #12: islice raised a bare ValueError past sys.maxsize on several shards."""
+    seeded.put(b"more", b"v")
+    expected = [(b"existing", b"value"), (b"more", b"v")]
+    assert seeded.scan(limit=limit) == expected
+    assert seeded.scan(b"", start=b"a", limit=limit) == expected
+    with seeded.transaction() as txn:
+        assert txn.scan(limit=limit) == expected
+
+
+def test_a_transaction_over_max_txn_size_is_refused_alone(store):
+    """Issue 11 #9: 300 x 4 MiB raised a bare ValueError, and failed a neighbour's put in
+    the same group commit; now the put that crosses MAX_TXN_SIZE is refused by itself."""
+    import threading
+
+    from kvstore.keys import MAX_TXN_SIZE
+
+    db = store(shards=3)
+    value = b"x" * MAX_VALUE_SIZE
+    fits = MAX_TXN_SIZE // (MAX_VALUE_SIZE + 16)
+    neighbour_errors = []
+
+    def neighbour():
+        try:
+            for i in range(20):
+                db.put(b"small/%02d" % i, b"v")
+        except BaseException as e:
+            neighbour_errors.append(e)
+
+    thread = threading.Thread(target=neighbour)
+    thread.start()
+    with pytest.raises(InvalidArgument, match="MAX_TXN_SIZE") as info:
+        with db.transaction() as txn:
+            for i in range(300):
+                txn.put(b"big/%03d" % i, value)
+    assert isinstance(info.value, ValueError)
+    thread.join(60)
+    assert neighbour_errors == []
+    assert len(db.scan(b"small/")) == 20
+    assert db.scan(b"big/") == []  # the refused transaction wrote nothing
+    with pytest.raises(RuntimeError, match="discard"):
+        with db.transaction() as txn:
+            for i in range(fits):
+                txn.put(b"big/%03d" % i, value)
+            with pytest.raises(InvalidArgument, match="transaction is unchanged"):
+                txn.put(b"big/one-too-many", value)
+            txn.put(b"big/one-too-many", b"")  # a small one still fits
+            assert txn.get(b"big/one-too-many") == b""
+            assert txn.get(b"big/%03d" % (fits - 1)) == value
+            raise RuntimeError("discard it: committing 60 MiB would only slow the test")
+    assert db.scan(b"big/") == []

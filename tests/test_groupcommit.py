@@ -296,3 +296,40 @@ def wait_for_leader_lingering(gc: GroupCommitter) -> None:
                 return
         threading.Event().wait(0.0005)
     raise AssertionError("the leader never lingered")
+
+
+def test_batches_are_bounded_in_bytes_and_a_large_request_commits_alone():
+    """Issue 11 #9: one oversized request must not make its neighbours' commit fail."""
+    fake = FakeCommit()
+    fake.gate = threading.Event()
+    gc = GroupCommitter(fake, linger_seconds=0, max_batch_bytes=100)
+    results = {}
+    leader = threading.Thread(target=lambda: results.__setitem__(0, gc.submit(Request(0, 10))))
+    leader.start()
+    assert fake.entered.wait(10)
+    sizes = {1: 60, 2: 60, 3: 500, 4: 10, 5: 30}
+    followers = []
+    for i, size in sizes.items():  # queued in this order
+        t = threading.Thread(target=lambda i=i, size=size: results.__setitem__(
+            i, gc.submit(Request(i, size))))
+        t.start()
+        followers.append(t)
+        wait_queued(gc, i)
+    fake.gate.set()
+    for t in [leader, *followers]:
+        t.join(10)
+        assert not t.is_alive()
+    assert results == {i: 2 * i for i in range(6)}
+    assert fake.batches == [[0], [1], [2], [3], [4, 5]]  # every batch <= 100 bytes but 3's
+
+
+def test_the_main_thread_never_leads_a_batch():
+    """Issue 11 #1: signal handlers run in the main thread; it must not commit for others."""
+    committers = []
+    gc = GroupCommitter(lambda batch: committers.append(threading.current_thread()))
+    assert threading.current_thread() is threading.main_thread()
+    gc.submit(Request(1))
+    gc.submit(Request(2))
+    assert len(committers) == 2
+    assert all(t is not threading.main_thread() for t in committers)
+    gc.stop()
