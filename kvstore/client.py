@@ -126,6 +126,8 @@ class ClientCore:
         self._by_socket: dict = {}
         self._inflight: dict = {}  # request_id -> _Call
         self._timers: list = []  # (time, request_id)
+        self._out: dict = {}  # address -> [(request_id, op, args)] to send this turn
+        self._writes_inflight: deque = deque()  # write calls by ascending seq, for the floor
         self._rotation = random.randrange(1 << 16)
         self._thread = threading.Thread(target=self._run, name="kvstore-client-io", daemon=True)
         self._thread.start()
@@ -203,11 +205,14 @@ class ClientCore:
                     break
                 for call in calls:
                     self._inflight[call.request_id] = call
+                    if call.is_write:
+                        self._writes_inflight.append(call)
                     self._send(call)
                 for s in events:
                     if s is not self._wake_in:
                         self._receive(s)
                 self._run_timers()
+                self._flush()
         finally:
             err = KVError("this connection is closed")
             for call in self._inflight.values():
@@ -236,18 +241,32 @@ class ClientCore:
             return
         address = address or self._pick(call)
         if call.is_write:
-            floor = min(c.request_id for c in self._inflight.values() if c.is_write)
+            writes = self._writes_inflight  # ascending seqs; answered ones leave from the front
+            while writes and writes[0].future.done():
+                writes.popleft()
+            floor = writes[0].request_id if writes else call.request_id
             args = [call.shard, self.client_id, call.request_id, floor, call.payload]
         else:
             args = call.payload
-        try:
-            self._socket(address).send(wire.encode_request(call.request_id, call.op, args),
-                                       zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # a full queue: the attempt timer below moves it on
+        out = self._out.get(address)
+        if out is None:
+            self._out[address] = [(call.request_id, call.op, args)]
+        else:
+            out.append((call.request_id, call.op, args))
         call.resend = False
         call.retry_at = min(now + ATTEMPT_SECONDS, call.deadline)
         heapq.heappush(self._timers, (call.retry_at, call.request_id))
+
+    def _flush(self) -> None:
+        """Send what this turn queued: one frame per node (many requests, one send)."""
+        out, self._out = self._out, {}
+        for address, requests in out.items():
+            frame = (wire.encode_request(*requests[0]) if len(requests) == 1
+                     else wire.encode_requests(requests))
+            try:
+                self._socket(address).send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a full queue: the attempt timers move these calls on
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -288,35 +307,39 @@ class ClientCore:
                 body = wire.decode(frame)
             except wire.FrameError:
                 continue
-            if body[0] != wire.REPLY:
-                continue
-            _, rid, status, value = body
-            call = self._inflight.get(rid)
-            if call is None or call.future.done():
-                continue
-            call.reached = True
-            if status == wire.STATUS_OK:
-                del self._inflight[rid]
-                if call.op == wire.OP_HELLO:
-                    self._learn(value)
-                elif call.shard is not None and address in self.nodes:
-                    self.leaders[call.shard] = self.nodes.index(address)
-                call.future.set_result(value)
-            elif status == wire.STATUS_ERROR:
-                del self._inflight[rid]
-                name, message = (value + [None, None])[:2] if isinstance(value, list) else (None, value)
-                cls = InvalidArgument if name == "InvalidArgument" else KVError
-                call.future.set_exception(cls(f"server refused the request: {message}"))
-            elif status == wire.STATUS_NOT_LEADER:
-                hint = value if type(value) is int and 0 <= value < len(self.nodes) else None
-                if hint is not None and self.nodes[hint] != address:
-                    self.leaders[call.shard] = hint
-                    self._send(call, self.nodes[hint])
-                else:
-                    self.leaders.pop(call.shard, None)
-                    self._retry_later(call)
-            else:  # STATUS_RETRY
+            if body[0] == wire.REPLIES:
+                for rid, status, value in body[1]:
+                    self._on_reply(address, rid, status, value)
+            elif body[0] == wire.REPLY:
+                self._on_reply(address, body[1], body[2], body[3])
+
+    def _on_reply(self, address: str, rid: int, status: int, value) -> None:
+        call = self._inflight.get(rid)
+        if call is None or call.future.done():
+            return
+        call.reached = True
+        if status == wire.STATUS_OK:
+            del self._inflight[rid]
+            if call.op == wire.OP_HELLO:
+                self._learn(value)
+            elif call.shard is not None and address in self.nodes:
+                self.leaders[call.shard] = self.nodes.index(address)
+            call.future.set_result(value)
+        elif status == wire.STATUS_ERROR:
+            del self._inflight[rid]
+            name, message = (value + [None, None])[:2] if isinstance(value, list) else (None, value)
+            cls = InvalidArgument if name == "InvalidArgument" else KVError
+            call.future.set_exception(cls(f"server refused the request: {message}"))
+        elif status == wire.STATUS_NOT_LEADER:
+            hint = value if type(value) is int and 0 <= value < len(self.nodes) else None
+            if hint is not None and self.nodes[hint] != address:
+                self.leaders[call.shard] = hint
+                self._send(call, self.nodes[hint])
+            else:
+                self.leaders.pop(call.shard, None)
                 self._retry_later(call)
+        else:  # STATUS_RETRY
+            self._retry_later(call)
 
     def _retry_later(self, call: _Call) -> None:
         call.resend = True

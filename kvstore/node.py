@@ -23,7 +23,14 @@ thread in one loop. Each turn of the loop:
       the apply moves off this path and nothing else here changes;
    b. **send**, only once (a) returned (safety rule 1: a promise or an
       acceptance is durable before the message announcing it leaves): every
-      message for one peer, across shards, in one frame;
+      message for one peer, across shards, in one frame. The one exception
+      is a leader's Accept and Heartbeat (phase 2a: a request, announcing
+      nothing of this node's disk), sent just before (a) so that followers
+      write while the leader writes (as etcd's raft does). The core counts
+      the leader's own acceptance when it proposes, but acts on that count
+      only when a follower's Accepted arrives, and this loop reads nothing
+      before (a) returns: the leader's vote is effectively counted once
+      durable;
    c. **answer** clients: writes whose commands were applied here (rule 5),
       reads whose read index is now applied (rule 6), and a redirect for
       proposals and reads the replica dropped;
@@ -49,6 +56,7 @@ import zmq
 from kvstore.codec import OP_CAS, OP_PUT, OP_TXN
 from kvstore.errors import CorruptRecord
 from kvstore.keys import MAX_KEY_SIZE, check_key, check_value
+from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
 from kvstore.replica_storage import (STALE, LmdbReplicaStorage, ReplicaStorage, ShardWrite,
@@ -71,6 +79,8 @@ WAITING_MAX = 100_000
 #: A waiting write or read older than this is forgotten (its client has long retried).
 WAITING_EXPIRE_SECONDS = 60.0
 CLIENT_ID_MAX_BYTES = 64
+#: Messages a leader may send before the persist of their Ready (see the module docstring).
+EARLY_TYPES = frozenset((M.ACCEPT, M.HEARTBEAT))
 #: Ticks after start at which a node campaigns for the shards it prefers to lead
 #: (shard % nodes == its index) if they have no leader yet: leaders spread over nodes.
 PREFERRED_CAMPAIGN_TICKS = (15, 40)
@@ -124,6 +134,7 @@ class Node:
             raise
         self.waiting_writes: dict = {}  # (client_id, seq) -> (identity, request_id, shard, t)
         self.waiting_reads: dict = {}  # token -> (identity, request_id, shard, op, args, t)
+        self._replies: dict = {}  # identity -> [(request_id, status, value)], sent once per turn
         self._tokens = itertools.count(1)
         self._roles = [(r.role, r.leader_hint) for r in self.replicas]
         self._stopping = False
@@ -176,8 +187,10 @@ class Node:
                     if now - self._last_expiry > 1.0:
                         self._expire_waiting(now)
                 self._drive()
+                self._flush_replies()
             # Finish in-flight work that is already decided: one last persist/send/answer.
             self._drive()
+            self._flush_replies()
         finally:
             self.close()
 
@@ -199,13 +212,27 @@ class Node:
             kind = body[0]
             if kind == wire.PAXOS:
                 self._on_paxos(body[1], body[2])
-            elif kind == wire.REQUEST:
+            elif kind == wire.REQUEST or kind == wire.REQUESTS:
                 if len(frame) > wire.MAX_REQUEST_FRAME_BYTES:
                     self._drop("oversized", "client request over the limit")
                     continue
-                self._on_request(identity, body[1], body[2], body[3])
+                for request_id, op, args in ([body[1:]] if kind == wire.REQUEST else body[1]):
+                    self._on_request(identity, request_id, op, args)
             else:
                 self._drop("unexpected", f"frame kind {kind} is not for a node")
+
+    def _reply(self, identity: bytes, request_id: int, status: int, value=None) -> None:
+        """Queue a reply; ``_flush_replies`` sends each client's in one frame per turn."""
+        pending = self._replies.get(identity)
+        if pending is None:
+            self._replies[identity] = [(request_id, status, value)]
+        else:
+            pending.append((request_id, status, value))
+
+    def _flush_replies(self) -> None:
+        replies, self._replies = self._replies, {}
+        for identity, items in replies.items():
+            self.sockets.reply(identity, wire.encode_replies(items))
 
     def _drop(self, why: str, detail) -> None:
         self.counters["dropped_" + why] += 1
@@ -229,16 +256,15 @@ class Node:
                 self._drop("malformed", f"paxos message rejected by the replica: {e!r}")
 
     def _on_request(self, identity: bytes, request_id: int, op: str, args: list) -> None:
-        reply = self.sockets.reply
         if self._stopping:
-            reply(identity, wire.encode_reply(request_id, wire.STATUS_RETRY, "stopping"))
+            self._reply(identity, request_id, wire.STATUS_RETRY, "stopping")
             return
         try:
             if op == wire.OP_HELLO or op == wire.OP_STATUS:
-                reply(identity, wire.encode_reply(request_id, wire.STATUS_OK, self.status()))
+                self._reply(identity, request_id, wire.STATUS_OK, self.status())
                 return
             if len(self.waiting_writes) + len(self.waiting_reads) >= WAITING_MAX:
-                reply(identity, wire.encode_reply(request_id, wire.STATUS_RETRY, "overloaded"))
+                self._reply(identity, request_id, wire.STATUS_RETRY, "overloaded")
                 return
             if op == wire.OP_WRITE:
                 self._on_write(identity, request_id, args)
@@ -246,7 +272,7 @@ class Node:
                 self._on_read(identity, request_id, op, args)
         except (ValueError, TypeError) as e:
             name = type(e).__name__ if type(e).__name__ == "InvalidArgument" else "InvalidArgument"
-            reply(identity, wire.encode_reply(request_id, wire.STATUS_ERROR, [name, str(e)[:500]]))
+            self._reply(identity, request_id, wire.STATUS_ERROR, [name, str(e)[:500]])
 
     def _shard_arg(self, v) -> int:
         if type(v) is not int or not 0 <= v < self.nshards:
@@ -275,8 +301,8 @@ class Node:
         self._check_keys_in_shard(shard, _command_keys(command))
         r = self.replicas[shard]
         if not r.propose(encode_client_command(client_id, seq, floor, command)):
-            self.sockets.reply(identity, wire.encode_reply(request_id, wire.STATUS_NOT_LEADER,
-                                                           r.leader_hint))
+            self._reply(identity, request_id, wire.STATUS_NOT_LEADER,
+                                                           r.leader_hint)
             return
         self.waiting_writes[(client_id, seq)] = (identity, request_id, shard, time.monotonic())
 
@@ -304,8 +330,8 @@ class Node:
         try:
             self.replicas[shard].read(token)
         except NotLeader as e:
-            self.sockets.reply(identity, wire.encode_reply(request_id, wire.STATUS_NOT_LEADER,
-                                                           e.leader_hint))
+            self._reply(identity, request_id, wire.STATUS_NOT_LEADER,
+                                                           e.leader_hint)
             return
         self.waiting_reads[token] = (identity, request_id, shard, op, args, time.monotonic())
 
@@ -323,12 +349,16 @@ class Node:
                       if (rd.promised is not None or rd.commit_index is not None or rd.records
                           or rd.snapshot is not None or rd.compacted_through is not None
                           or rd.committed)]
-            results = self.storage.save(writes) if writes else []
-            # b. send: one frame (or a few, if huge) per peer, across shards
             outbox: dict = defaultdict(list)
+            early: dict = defaultdict(list)
             for s, rd in readies:
                 for m in rd.messages:
-                    outbox[m.to].append((s, m))
+                    (early if m.type in EARLY_TYPES and writes else outbox)[m.to].append((s, m))
+            for peer, items in early.items():  # the leader's Accepts overlap its own fsync
+                for frame in _frames(self.index, items):
+                    self.sockets.send_peer(peer, frame)
+            results = self.storage.save(writes) if writes else []
+            # b. send: one frame (or a few, if huge) per peer, across shards
             for peer, items in outbox.items():
                 for frame in _frames(self.index, items):
                     self.sockets.send_peer(peer, frame)
@@ -376,14 +406,12 @@ class Node:
         waiting = self.waiting_writes
         if not waiting:
             return
-        reply = self.sockets.reply
         for _shard, key, result in results:
             w = waiting.pop(key, None)
             if w is not None and result is not STALE:
-                reply(w[0], wire.encode_reply(w[1], wire.STATUS_OK, result))
+                self._reply(w[0], w[1], wire.STATUS_OK, result)
 
     def _serve_reads(self, tokens: list) -> None:
-        reply = self.sockets.reply
         for token in tokens:
             w = self.waiting_reads.pop(token, None)
             if w is None:
@@ -396,10 +424,9 @@ class Node:
                 rows = self.storage.scan(shard, args[1], args[2], args[3])
                 result = ([[k, v, rev] for k, v, rev in rows] if args[4]
                           else [[k, v] for k, v, _rev in rows])
-            reply(identity, wire.encode_reply(request_id, wire.STATUS_OK, result))
+            self._reply(identity, request_id, wire.STATUS_OK, result)
 
     def _answer_dropped(self, shard: int, rd) -> None:
-        reply = self.sockets.reply
         hint = self.replicas[shard].leader_hint
         status = wire.STATUS_NOT_LEADER if hint != self.index else wire.STATUS_RETRY
         value = hint if status == wire.STATUS_NOT_LEADER else "dropped"
@@ -407,11 +434,11 @@ class Node:
             client_id, seq, _floor, _command = decode_client_command(raw)
             w = self.waiting_writes.pop((client_id, seq), None)
             if w is not None:
-                reply(w[0], wire.encode_reply(w[1], status, value))
+                self._reply(w[0], w[1], status, value)
         for token in rd.dropped_reads:
             w = self.waiting_reads.pop(token, None)
             if w is not None:
-                reply(w[0], wire.encode_reply(w[1], status, value))
+                self._reply(w[0], w[1], status, value)
 
     def _observe_roles(self) -> None:
         for s, r in enumerate(self.replicas):
@@ -438,7 +465,7 @@ class Node:
         for key, w in list(self.waiting_writes.items()):
             if w[2] == shard:
                 del self.waiting_writes[key]
-                self.sockets.reply(w[0], wire.encode_reply(w[1], wire.STATUS_NOT_LEADER, hint))
+                self._reply(w[0], w[1], wire.STATUS_NOT_LEADER, hint)
 
     def _expire_waiting(self, now: float) -> None:
         self._last_expiry = now

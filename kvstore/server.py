@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -103,7 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node.run()
+    profile_dir = os.environ.get("KVSTORE_SERVER_PROFILE")
+    if profile_dir:  # where the time goes: a cProfile dump per node at exit
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.runcall(node.run)
+        profiler.dump_stats(os.path.join(profile_dir, f"{config.name}.prof"))
+    else:
+        node.run()
     return EXIT_OK
 
 

@@ -65,8 +65,10 @@ class Raw:
         self.s.send(wire.encode_request(self.ids, op, args))
         assert self.s.poll(timeout_ms), "no reply"
         body = wire.decode(self.s.recv())
-        assert body[1] == self.ids
-        return body[2], body[3]
+        assert body[0] == wire.REPLIES and len(body[1]) == 1
+        request_id, status, value = body[1][0]
+        assert request_id == self.ids
+        return status, value
 
     def close(self):
         self.s.close(0)

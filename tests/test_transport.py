@@ -169,3 +169,13 @@ def test_sockets_deliver_between_two_nodes_and_count_bad_envelopes():
         ctx.term()
         a.close()
         b.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(u64, st.sampled_from(wire.OPS), st.lists(plain, max_size=3)), max_size=5),
+       st.lists(st.tuples(u64, st.sampled_from(wire.STATUSES), plain), max_size=5))
+def test_batches_of_requests_and_replies_round_trip(requests, replies):
+    assert wire.decode(wire.encode_requests(requests)) == [wire.REQUESTS, [list(r) for r in requests]]
+    assert wire.decode(wire.encode_replies(replies)) == [wire.REPLIES, [list(r) for r in replies]]
+    with pytest.raises(wire.FrameError):
+        wire.decode(b"\x01" + msgpack.packb([wire.REQUESTS, [[1, "get"]]]))

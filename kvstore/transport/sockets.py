@@ -86,7 +86,7 @@ class NodeSockets:
 
     def send_peer(self, index: int, frame: bytes) -> bool:
         try:
-            self.peers[index].send(frame, zmq.NOBLOCK, copy=False)
+            self.peers[index].send(frame, zmq.NOBLOCK)
             self.counters["sent_peer_frames"] += 1
             return True
         except zmq.Again:  # the peer is down (IMMEDIATE) or its queue is full
@@ -95,7 +95,7 @@ class NodeSockets:
 
     def reply(self, identity: bytes, frame: bytes) -> bool:
         try:
-            self.router.send_multipart((identity, frame), zmq.NOBLOCK, copy=False)
+            self.router.send_multipart((identity, frame), zmq.NOBLOCK)
             return True
         except zmq.ZMQError as e:  # EHOSTUNREACH: the client left; EAGAIN: its queue is full
             self.counters["dropped_reply_" + ("gone" if e.errno == zmq.EHOSTUNREACH else "full")] += 1

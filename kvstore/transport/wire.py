@@ -13,6 +13,10 @@ bytes is remote code execution).
 |               | (``paxos_message`` is ``kvstore.paxos.messages.to_wire``)            |
 | ``REQUEST``   | ``[REQUEST, request_id, op, args]`` client -> node (``OPS``)          |
 | ``REPLY``     | ``[REPLY, request_id, status, value]`` node -> client (``STATUS_*``)  |
+| ``REQUESTS``  | ``[REQUESTS, [[request_id, op, args], ...]]``: a client's requests    |
+|               | to one node in one send                                              |
+| ``REPLIES``   | ``[REPLIES, [[request_id, status, value], ...]]``: a node's replies   |
+|               | to one client in one loop turn                                       |
 
 Decoding never trusts its input: the size is checked before msgpack sees a
 byte (``max_frame_bytes``), msgpack's own limits are bounded by that size (it
@@ -35,7 +39,9 @@ WIRE_VERSION = 1
 PAXOS = 1
 REQUEST = 2
 REPLY = 3
-KINDS = (PAXOS, REQUEST, REPLY)
+REQUESTS = 4
+REPLIES = 5
+KINDS = (PAXOS, REQUEST, REPLY, REQUESTS, REPLIES)
 
 #: A frame between peers: a batch of Accepts can carry many entries of many commands.
 MAX_PEER_FRAME_BYTES = 64 * 1024 * 1024
@@ -87,6 +93,16 @@ def encode_reply(request_id: int, status: int, value=None) -> bytes:
     return _pack([REPLY, request_id, status, value])
 
 
+def encode_requests(requests: list) -> bytes:
+    """``[(request_id, op, args), ...]`` in one frame."""
+    return _pack([REQUESTS, [list(r) for r in requests]])
+
+
+def encode_replies(replies: list) -> bytes:
+    """``[(request_id, status, value), ...]`` in one frame."""
+    return _pack([REPLIES, [list(r) for r in replies]])
+
+
 def paxos_message_bytes(m: Message) -> int:
     """A cheap upper-bound guess of a message's encoded size, for cutting batches."""
     return 96 + sum(len(r) + 8 for r in m.records) + len(m.data)
@@ -124,20 +140,37 @@ def decode(frame: bytes, max_frame_bytes: int = MAX_PEER_FRAME_BYTES) -> list:
     if kind == REQUEST:
         if len(body) != 4:
             raise FrameError("malformed request")
-        _int(body[1], "request id")
-        if body[2] not in OPS:
-            raise FrameError(f"unknown op {body[2]!r}"[:80])
-        if type(body[3]) is not list:
-            raise FrameError("request args must be a list")
+        _check_request(body[1:])
         return body
     if kind == REPLY:
         if len(body) != 4:
             raise FrameError("malformed reply")
-        _int(body[1], "request id")
-        if body[2] not in STATUSES:
-            raise FrameError("unknown reply status")
+        _check_reply(body[1:])
+        return body
+    if kind == REQUESTS or kind == REPLIES:
+        if len(body) != 2 or type(body[1]) is not list:
+            raise FrameError("malformed batch")
+        check = _check_request if kind == REQUESTS else _check_reply
+        for item in body[1]:
+            if type(item) is not list or len(item) != 3:
+                raise FrameError("malformed batch item")
+            check(item)
         return body
     raise FrameError(f"unknown frame kind {kind!r}"[:80])
+
+
+def _check_request(item: list) -> None:
+    _int(item[0], "request id")
+    if item[1] not in OPS:
+        raise FrameError(f"unknown op {item[1]!r}"[:80])
+    if type(item[2]) is not list:
+        raise FrameError("request args must be a list")
+
+
+def _check_reply(item: list) -> None:
+    _int(item[0], "request id")
+    if item[1] not in STATUSES:
+        raise FrameError("unknown reply status")
 
 
 def _decode_paxos(body: list) -> list:
