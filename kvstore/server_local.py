@@ -21,7 +21,20 @@ from kvstore.errors import KVError, Unavailable
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free on 127.0.0.1 now, chosen below the kernel's ephemeral range
+    (32768-60999), so that the many short-lived connections on a busy machine,
+    which get their ports from that range, do not take it before our server binds it."""
+    import random
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a very busy range: fall back on the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
