@@ -367,3 +367,21 @@ def unpack_rows(rows):
         k = key_bytes(key)
         out.append((k, checked_value(k, raw)))
     return out
+
+
+def collect_values(rows, hi, limit):
+    """``[(key, value)]`` of ``(key, raw)`` rows while ``key < hi`` (None: no bound), at
+    most ``limit`` (None: all), every checksum verified: the loop of a scan."""
+    cdef list out = []
+    cdef bytes k
+    cdef Py_ssize_t n = -1 if limit is None else limit
+    if n == 0:
+        return out
+    for key, raw in rows:
+        k = key_bytes(key)
+        if hi is not None and k >= hi:
+            break
+        out.append((k, checked_value(k, raw)))
+        if len(out) == n:
+            break
+    return out

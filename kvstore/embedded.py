@@ -109,21 +109,20 @@ class EmbeddedKV(KV):
             self._check_open()
         db = self._db0 or self._data[shard_of(key, self._nshards)]
         active = self._active_readers
+        storage = self._storage
         active.append(None)  # the reader gate of Storage.begin_read, inlined
-        if self._storage._growing:  # the map is being grown: take the slow, waiting path
+        if storage._growing:  # the map is being grown: take the slow, waiting path
             active.pop()
-            raw = self._storage.read(lambda txn: value_of(key, txn.get(key, None, db)),
-                                     "reading", True)
+            raw = storage.read(lambda txn: value_of(key, txn.get(key, None, db)),
+                               "reading", True)
             self._check_open()
             return raw
         else:
             try:
-                # buffers: the value is a view into the map, its length checked before a
-                # byte is read (a corrupt length must not read past the file: SIGBUS)
-                txn = self._begin(None, None, False, True)
+                txn = self._begin()
                 raw = txn.get(key, None, db)
-                if self._storage.committing:  # a commit in flight: is our snapshot durable?
-                    self._storage.await_durable(txn)
+                if storage.committing:  # a commit in flight: is our snapshot durable?
+                    storage.await_durable(txn)
                 value = value_of(key, raw)  # the checksum verified: never corrupt data
                 txn.commit()
                 return value
@@ -149,7 +148,7 @@ class EmbeddedKV(KV):
             # One snapshot across shards; each holds its own first ``limit`` keys.
             return list(itertools.islice(heapq.merge(*per_shard), limit))
 
-        return self._storage.read(read, "scanning", True)
+        return self._storage.read(read, "scanning")
 
     # -- single-key writes -------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ One API whichever is in use (the pure twins in ``*_py.py`` define it):
   ``decode_batch``, ``append_log``, ``slot_key``, ``key_slot``,
   ``RECORD_HEADER_SIZE``, ``FORMAT_VERSION``
 - stored values: ``pack_value``, ``unpack_value``, ``unpack_revision``, ``unpack_rows``,
+  ``collect_values``,
   ``VALUE_HEADER_SIZE``
 - quorum: ``QuorumTally``, ``PromiseTally``, ``majority``
 
@@ -56,6 +57,7 @@ pack_value = _logcodec.pack_value
 unpack_value = _logcodec.unpack_value
 unpack_revision = _logcodec.unpack_revision
 unpack_rows = _logcodec.unpack_rows
+collect_values = _logcodec.collect_values
 VALUE_HEADER_SIZE = logcodec_py.VALUE_HEADER_SIZE
 slot_key = logcodec_py.slot_key
 key_slot = logcodec_py.key_slot
@@ -71,6 +73,7 @@ __all__ = [
     "xxh64", "jump_consistent_hash", "shard_of", "shard_of_many",
     "crc32c", "encode_record", "encode_batch", "decode_record", "decode_batch",
     "append_log", "slot_key", "key_slot", "RECORD_HEADER_SIZE", "FORMAT_VERSION",
-    "pack_value", "unpack_value", "unpack_revision", "unpack_rows", "VALUE_HEADER_SIZE",
+    "pack_value", "unpack_value", "unpack_revision", "unpack_rows", "collect_values",
+    "VALUE_HEADER_SIZE",
     "QuorumTally", "PromiseTally", "majority",
 ]

@@ -269,3 +269,19 @@ def unpack_rows(rows: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
         key = _key_bytes(key)
         out.append((key, _checked_value(key, raw)))
     return out
+
+
+def collect_values(rows, hi: bytes | None, limit: int | None) -> list[tuple[bytes, bytes]]:
+    """``[(key, value)]`` of ``(key, raw)`` rows while ``key < hi`` (None: no bound), at
+    most ``limit`` (None: all), every checksum verified: the loop of a scan."""
+    out: list[tuple[bytes, bytes]] = []
+    if limit == 0:
+        return out
+    for key, raw in rows:
+        key = _key_bytes(key)
+        if hi is not None and key >= hi:
+            break
+        out.append((key, _checked_value(key, raw)))
+        if limit is not None and len(out) >= limit:
+            break
+    return out

@@ -93,7 +93,7 @@ _LMDB_LOCK_BYTES = 192 + 64 * (MAX_READERS - 1)
 
 #: Errors of the libraries under us; each is translated by ``translate``.
 THIRD_PARTY_ERRORS = (lmdb.Error, OSError, struct.error, msgpack.UnpackException,
-                      msgpack.ExtraData, msgpack.FormatError, msgpack.StackError)
+                      msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, MemoryError)
 
 
 def pack_u64(value: int) -> bytes:
@@ -167,6 +167,9 @@ def translate(e: BaseException, path: str, doing: str) -> StorageError:
         msg = f"{path} was written by an incompatible LMDB version ({e})"
     elif isinstance(e, lmdb.ReadersFullError):
         msg = f"too many concurrent readers on {path} ({e})"
+    elif isinstance(e, MemoryError):
+        msg = (f"out of memory while {doing} in {path}: a length corrupt on disk can claim "
+               f"up to 4 GiB; run kvstore check")
     elif isinstance(e, lmdb.MapFullError):
         msg = f"the map of {path} is full while {doing}; reopen it with a larger map_size"
     else:

@@ -34,7 +34,7 @@ value_of = _native.unpack_value
 #: ``revision_of(raw)``: revision of a stored value; 0 for an absent key.
 revision_of = _native.unpack_revision
 _pack = _native.pack_value
-_unpack_rows = _native.unpack_rows
+_collect_values = _native.collect_values
 
 
 def read_value(key: bytes, raw: bytes | None) -> tuple[bytes | None, int]:
@@ -72,10 +72,18 @@ def scan_values(txn, db, lo: bytes, hi: bytes | None,
                 limit: int | None) -> list[tuple[bytes, bytes]]:
     """User-visible ``(key, value)`` pairs with ``lo <= key < hi``, at most ``limit``.
 
-    ``scan_rows`` then one kernel call that verifies every checksum and drops the
-    headers: the read path of ``scan``.
+    The read path of ``scan``: one kernel loop over the cursor that stops at ``hi``
+    or ``limit``, verifies every checksum and drops the headers.
     """
-    return _unpack_rows(scan_rows(txn, db, lo, hi, limit))
+    if limit == 0:
+        return []
+    cursor = txn.cursor(db)
+    try:
+        if not cursor.set_range(lo):
+            return []
+        return _collect_values(cursor.iternext(), hi, limit)
+    finally:
+        cursor.close()
 
 
 def reads_still_valid(txn, db, reads: Iterable, ranges: Iterable) -> bool:
