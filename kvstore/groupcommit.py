@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Callable, Sequence
+
+from kvstore.errors import KVError
 
 #: Requests taken into one commit at most; a bound keeps one commit's latency bounded.
 MAX_BATCH = 4096
@@ -42,6 +45,9 @@ _allocate_lock = threading.Lock
 _get_ident = threading.get_ident
 _main_thread = threading.main_thread
 _STOP = object()
+#: A helper thread with nothing to do for this long ends (a store dropped without
+#: close() does not keep a thread, nor itself, alive).
+HELPER_IDLE_SECONDS = 2.0
 #: The longest a leader waits for the writers of its previous batch to come back.
 LINGER_SECONDS = 0.0002
 
@@ -80,6 +86,7 @@ class GroupCommitter:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._helper: threading.Thread | None = None
         self._helper_lock = threading.Lock()
+        self._helper_stopper: weakref.finalize | None = None
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[Request] = []
         self._busy = False
@@ -155,34 +162,17 @@ class GroupCommitter:
         """
         answered = _allocate_lock()
         answered.acquire()
-        if self._helper is None:
-            self._start_helper()
-        self._inbox.put((request, answered))
-        answered.acquire()  # released by the helper once the request is answered
-        return request.outcome()
-
-    def _start_helper(self) -> None:
-        with self._helper_lock:
+        with self._helper_lock:  # so an idle helper cannot leave between check and put
             if self._helper is None:
-                helper = threading.Thread(target=self._helper_loop, name="kvstore-commit",
-                                          daemon=True)
+                helper = threading.Thread(target=_helper_loop, name="kvstore-commit",
+                                          args=(weakref.ref(self), self._inbox), daemon=True)
                 helper.start()
                 self._helper = helper
-
-    def _helper_loop(self) -> None:
-        inbox = self._inbox
-        while True:
-            item = inbox.get()
-            if item is _STOP:
-                return
-            outer, answered = item
-            inner = Request(outer.payload, outer.size)
-            try:
-                outer.result = self.submit(inner)
-            except BaseException as e:  # the request's own error, handed to its caller
-                outer.error = e
-            outer.done = True
-            answered.release()
+                if self._helper_stopper is None:  # collected without stop(): end it now
+                    self._helper_stopper = weakref.finalize(self, self._inbox.put, _STOP)
+            self._inbox.put((request, answered))
+        answered.acquire()  # released by the helper once the request is answered
+        return request.outcome()
 
     def stop(self) -> None:
         """End the helper thread (after the requests already handed to it)."""
@@ -190,3 +180,39 @@ class GroupCommitter:
             if self._helper is not None:
                 self._inbox.put(_STOP)
                 self._helper = None
+
+
+def _helper_loop(committer_ref, inbox: queue.SimpleQueue) -> None:
+    """The helper thread: submit the main thread's requests as any thread would.
+
+    It holds its committer weakly between requests, so a store dropped without
+    ``close()`` can still be collected (and its directory released).
+    """
+    while True:
+        try:
+            item = inbox.get(timeout=HELPER_IDLE_SECONDS)
+        except queue.Empty:
+            committer = committer_ref()
+            if committer is None:
+                return
+            with committer._helper_lock:  # idle: end, unless a request came meanwhile
+                if inbox.empty():
+                    committer._helper = None
+                    return
+            committer = None
+            continue
+        if item is _STOP:
+            return
+        committer = committer_ref()
+        outer, answered = item
+        if committer is None:
+            outer.error = KVError("the store was closed")
+        else:
+            inner = Request(outer.payload, outer.size)
+            try:
+                outer.result = committer.submit(inner)
+            except BaseException as e:  # the request's own error, handed to its caller
+                outer.error = e
+            committer = None
+        outer.done = True
+        answered.release()

@@ -208,3 +208,20 @@ def test_an_io_error_on_a_full_filesystem_reads_as_disk_full(tmp_path, monkeypat
     monkeypatch.setattr(environment.os, "statvfs", lambda path: statvfs)
     err = environment.translate(short_write, str(tmp_path), "writing")
     assert "disk full" not in str(err) and "Input/output error" in str(err)
+
+
+def test_a_store_dropped_without_close_releases_its_directory(tmp_path):
+    """Nothing of a store outlives it: not the directory lock, not a helper thread."""
+    import gc
+
+    path = str(tmp_path / "kv")
+    for i in range(3):
+        db = kvstore.open(path)
+        db.put(b"k", b"%d" % i)  # from the main thread: through a helper thread
+        del db
+        gc.collect()
+    with kvstore.open(path) as db:
+        assert db.get(b"k") == b"2"
+    for helper in [t for t in threading.enumerate() if t.name == "kvstore-commit"]:
+        helper.join(10)  # each ends once its store is gone (or closed)
+        assert not helper.is_alive()

@@ -318,6 +318,8 @@ class Storage:
                     f"use kvstore.connect() to share it", self.path) from None
             raise translate(e, self.path, "locking the data directory") from e
         self._dir_fd = fd
+        # A store dropped without close() releases the directory when collected.
+        self._dir_fd_finalizer = weakref.finalize(self, os.close, fd)
         self._write_lock_file(f"{os.getpid()}\n".encode())
 
     def _lock_holder(self) -> str:
@@ -741,7 +743,7 @@ class Storage:
     def _close_dir_fd(self) -> None:
         fd, self._dir_fd = self._dir_fd, -1
         if fd >= 0:
-            os.close(fd)  # releases the flock (in a child of fork(), only our copy)
+            self._dir_fd_finalizer()  # os.close: releases the flock (after fork(), our copy)
 
     @property
     def env(self):
