@@ -85,9 +85,13 @@ class ReplicaStorage(Protocol):
 
     def load(self, shard: int) -> PersistedState: ...
 
-    def save(self, writes: list) -> list:
-        """Persist and apply ``writes`` durably in one step; ``[(shard, key, result)]``
-        for every client command applied (``key`` = ``(client_id, seq)``)."""
+    def save(self, writes: list, applied=None) -> list:
+        """Persist and apply ``writes`` durably in one step; ``[(shard, slot, key, result)]``
+        for every client command applied (``key`` = ``(client_id, seq)``).
+
+        ``applied(results)``, if given, is called with those results once they are
+        computed, possibly before they are durable: the caller may act on the ones
+        whose log entries were durable before this call (see ``kvstore.node``)."""
 
     def get(self, shard: int, key: bytes) -> tuple: ...
 
@@ -176,10 +180,10 @@ class LmdbReplicaStorage:
 
     # -- the one durable write -----------------------------------------------------------
 
-    def save(self, writes: list) -> list:
-        return self.storage.write(lambda txn: self._save(txn, writes))
+    def save(self, writes: list, applied=None) -> list:
+        return self.storage.write(lambda txn: self._save(txn, writes, applied))
 
-    def _save(self, txn, writes: list) -> list:
+    def _save(self, txn, writes: list, applied_hook=None) -> list:
         results: list = []
         for w in writes:
             t = self.tables[w.shard]
@@ -199,18 +203,24 @@ class LmdbReplicaStorage:
             if w.compacted_through is not None:
                 self._delete_log_through(txn, t.log, w.compacted_through)
                 compacted = max(compacted, w.compacted_through)
+            sessions = SessionCache(txn, t.txns)
             for entry in w.committed:
                 if entry.slot <= applied:
                     continue  # already in the state (a snapshot covered it)
                 if entry.kind == KIND_BATCH:
                     for raw_cmd in entry.commands:
-                        key, result = apply_client_command(txn, t, entry.slot, raw_cmd)
-                        results.append((w.shard, key, result))
+                        key, result = apply_client_command(txn, t, entry.slot, raw_cmd, sessions)
+                        results.append((w.shard, entry.slot, key, result))
                 if entry.slot % SESSION_SWEEP_EVERY == 0:
+                    sessions.flush()
+                    sessions = SessionCache(txn, t.txns)
                     expire_sessions(txn, t.txns, entry.slot)
                 applied = entry.slot
+            sessions.flush()
             w.applied_index = applied
             txn.put(META_PAXOS, msgpack.packb([promised, commit, applied, compacted]), db=t.meta)
+        if applied_hook is not None and results:
+            applied_hook(results)
         return results
 
     def _delete_log_through(self, txn, db, through: int) -> None:
@@ -280,7 +290,41 @@ def _drop_prefix(txn, db, prefix: bytes) -> None:
         cursor.close()
 
 
-def apply_client_command(txn, tables, slot: int, raw: bytes) -> tuple:
+class SessionCache:
+    """The client sessions one save touches: each read once, written once at ``flush``."""
+
+    def __init__(self, txn, db) -> None:
+        self.txn = txn
+        self.db = db
+        self.sessions: dict = {}  # client_id -> [floor, last_slot, {seq: result}]
+        self.dirty: set = set()
+
+    def get(self, client_id: bytes) -> list:
+        s = self.sessions.get(client_id)
+        if s is None:
+            raw = self.txn.get(SESSION_PREFIX + client_id, db=self.db)
+            if raw is None:
+                s = [0, 0, {}]
+            else:
+                floor, last, pairs = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+                s = [floor, last, dict(pairs)]
+            self.sessions[client_id] = s
+        return s
+
+    def flush(self) -> None:
+        for client_id in self.dirty:
+            floor, last, results = self.sessions[client_id]
+            kept = sorted(sq for sq in results if sq >= floor)[-SESSION_RESULTS_MAX:]
+            if kept and len(kept) == SESSION_RESULTS_MAX:
+                floor = max(floor, kept[0])
+            self.sessions[client_id] = s = [floor, last, {sq: results[sq] for sq in kept}]
+            self.txn.put(SESSION_PREFIX + client_id,
+                         msgpack.packb([s[0], s[1], list(s[2].items())], use_bin_type=True),
+                         db=self.db)
+        self.dirty.clear()
+
+
+def apply_client_command(txn, tables, slot: int, raw: bytes, sessions: SessionCache) -> tuple:
     """Apply one client command of the entry at ``slot``, at most once per ``(client, seq)``.
 
     The session of a client holds its floor (every seq below it was answered,
@@ -290,29 +334,19 @@ def apply_client_command(txn, tables, slot: int, raw: bytes) -> tuple:
     ``STALE`` for an ignored late duplicate.
     """
     client_id, seq, floor, command = decode_client_command(raw)
-    skey = SESSION_PREFIX + client_id
-    sraw = txn.get(skey, db=tables.txns)
-    if sraw is None:
-        sfloor, results = 0, {}
-    else:
-        sfloor, _last, pairs = msgpack.unpackb(sraw, raw=False, strict_map_key=False)
-        results = dict(pairs)
+    session = sessions.get(client_id)
     key = (client_id, seq)
-    if seq < sfloor:
+    if seq < session[0]:
         return key, STALE
+    results = session[2]
     if seq in results:
         return key, results[seq]
     result = apply_command(txn, tables.data, slot + 1, command)
-    if floor > sfloor:
-        sfloor = floor
-        results = {s: r for s, r in results.items() if s >= floor}
+    if floor > session[0]:
+        session[0] = floor  # results below it are dropped at flush
+    session[1] = slot
     results[seq] = result
-    if len(results) > SESSION_RESULTS_MAX:
-        for s in sorted(results)[:len(results) - SESSION_RESULTS_MAX]:
-            del results[s]
-        sfloor = min(results)
-    txn.put(skey, msgpack.packb([sfloor, slot, list(results.items())], use_bin_type=True),
-            db=tables.txns)
+    sessions.dirty.add(client_id)
     return key, result
 
 

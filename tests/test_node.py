@@ -239,7 +239,7 @@ def test_storage_saves_and_loads_hard_state_records_and_applied_state(tmp_path):
     rec = encode_record(0, 65536, KIND_BATCH, msgpack.packb([cmd]))
     results = st.save([ShardWrite(1, promised=65536, commit_index=0, records=[rec],
                                   committed=[Entry(0, 65536, KIND_BATCH, [cmd])])])
-    assert results == [(1, (b"c", 1), None)]
+    assert results == [(1, 0, (b"c", 1), None)]
     assert st.get(1, b"k") == (b"v", 1)
     st.close()
     st = LmdbReplicaStorage(str(tmp_path / "s"), shards=2)
