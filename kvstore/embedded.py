@@ -278,10 +278,23 @@ class EmbeddedKV(KV):
         recorded = self._storage.meta_int(txn, shard, META_APPLIED)
         cursor = txn.cursor(self._tables[shard].log)
         try:
-            last = _native.key_slot(cursor.key()) if cursor.last() else 0
+            last = 0
+            if cursor.last():
+                key, raw = cursor.key(), cursor.value()
+                if len(key) != 8 or len(raw) < _native.RECORD_HEADER_SIZE:
+                    raise CorruptRecord(f"the last log record of shard {shard} is malformed "
+                                        f"({len(key)}-byte key, {len(raw)} bytes)")
+                last = _native.key_slot(key)
+                said = int.from_bytes(bytes(raw[8:16]), "little")  # the header's slot
+                if said != last:
+                    raise CorruptRecord(f"the last log record of shard {shard} is stored "
+                                        f"under slot {last} but says slot {said}", slot=last)
         finally:
             cursor.close()
-        return max(recorded, last)
+        if recorded > last:  # compaction always keeps the newest entries
+            raise CorruptRecord(f"shard {shard}'s meta says slot {recorded} is applied, past "
+                                f"the last slot of its log ({last})")
+        return last
 
     def _compact_log(self, txn, shard: int, slot: int) -> None:
         tables = self._tables[shard]

@@ -320,3 +320,24 @@ def test_deleting_the_lock_files_lets_no_second_process_in(tmp_path, deleted):
         holder.stderr.close()
     with kvstore.open(path) as db:
         assert db.get(b"k") == b"holder" and db.get(b"k2") == b"after"
+
+
+def test_a_log_key_that_disagrees_with_its_record_is_refused_at_open(store):
+    """Issue 11 #5: a flipped byte in a log key moved the store's applied point silently."""
+    db = store()
+    db.put(b"k", b"v")
+    db.put(b"k", b"w")
+    path = db.path
+    db.close()
+    env = lmdb.open(path, max_dbs=8)
+    try:
+        log = env.open_db(b"s0.log", create=False)
+        with env.begin(write=True) as txn:
+            record = txn.get((2).to_bytes(8, "big"), db=log)
+            txn.delete((2).to_bytes(8, "big"), db=log)
+            txn.put((1 << 56 | 2).to_bytes(8, "big"), record, db=log)  # its high byte flipped
+    finally:
+        env.close()
+    with pytest.raises(StorageError, match="says slot 2") as info:
+        kvstore.open(path)
+    assert info.value.path == path
