@@ -29,12 +29,14 @@ def open(path: str | os.PathLike, *, node_id: str | None = None, cluster: str | 
     and must match afterwards. ``map_size`` is the initial LMDB map size in bytes;
     the map grows on demand either way.
     """
-    if node_id is not None or cluster is not None:
-        raise InvalidArgument(
-            "an embedded replica of a cluster (node_id=, cluster=) is not available in this "
-            "version; open the directory alone with kvstore.open(path)")
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}")
+    if node_id is not None or cluster is not None:
+        if node_id is None or cluster is None:
+            raise InvalidArgument("an embedded replica of a cluster needs both node_id= and "
+                                  "cluster= (the cluster.toml file)")
+        from kvstore.server_embedded import open_replica
+        return open_replica(path, node_id, cluster)
     from kvstore.embedded import EmbeddedKV
     return EmbeddedKV(path, shards=shards, map_size=map_size)
 
