@@ -1,7 +1,8 @@
 """The deterministic simulator: the clean build passes many seeds; planted bugs are found.
 
-``KVSTORE_SIM_SEEDS`` sets how many seeds per cluster size (default sized for well
-under two minutes with the pure-Python kernels on a small machine).
+``KVSTORE_SIM_SEEDS`` sets how many seeds on 3 and on 5 nodes (a quarter of that on the
+other sizes, 1 to 7); the default keeps the whole file near a minute with the pure-Python
+kernels on a small machine. The long sweeps are ``python -m kvstore.sim`` (README).
 """
 
 from __future__ import annotations
@@ -10,25 +11,23 @@ import os
 import subprocess
 import sys
 
+from dataclasses import fields
+
 import pytest
 
 from kvstore.paxos.replica import Bugs
 from kvstore.sim.cluster import SimConfig, run_seed
 
-SEEDS = int(os.environ.get("KVSTORE_SIM_SEEDS", "800"))
-BUG_SEED_BUDGET = 200
+SEEDS = int(os.environ.get("KVSTORE_SIM_SEEDS", "400"))
+BUG_SEED_BUDGET = 600  # what issue 10 asks of a realistic planted bug, on 3 and on 5 nodes
 
 
-@pytest.mark.parametrize("nodes", [3, 5])
+@pytest.mark.parametrize("nodes", [1, 2, 3, 4, 5, 6, 7])
 def test_clean_build_passes_many_seeds(nodes):
-    for seed in range(SEEDS):
+    """Every size, even ones included (a 4-node group needs 3 votes)."""
+    seeds = SEEDS if nodes in (3, 5) else SEEDS // 4
+    for seed in range(seeds):
         ok, text = run_seed(SimConfig(seed=seed, nodes=nodes))
-        assert ok, text
-
-
-def test_single_node_cluster_passes():
-    for seed in range(20):
-        ok, text = run_seed(SimConfig(seed=seed, nodes=1))
         assert ok, text
 
 
@@ -40,16 +39,33 @@ def _first_failing_seed(bugs: Bugs, nodes: int):
     return None, ""
 
 
-@pytest.mark.parametrize("bug,nodes,finding", [
-    ("announce_before_persist", 3, "committed slot"),  # lost acceptance: the durable state is broken
-    ("repropose_lowest", 3, "agreement"),
-    ("apply_out_of_order", 3, "order"),
-    ("read_without_quorum", 3, "linearizability"),
-])
-def test_planted_bug_is_found(bug, nodes, finding):
+# What each planted bug is caught as, on 3 and on 5 nodes: most by the invariants checked
+# after every step, before any client could see the damage.
+FINDINGS = {
+    "announce_before_persist": ("acceptance forgotten", "committed slot"),
+    "repropose_lowest": ("chosen value lost", "agreement"),
+    "apply_out_of_order": ("order",),
+    "read_without_quorum": ("stale read", "linearizability"),
+    "duplicate_prepare_unchecked": ("hid chosen slots", "chosen value lost", "agreement"),
+    "recover_from_own_log": ("chosen value lost", "agreement"),
+    "accept_below_promise": ("promise:", "chosen value lost", "agreement"),
+    "election_quorum_short": ("chosen value lost", "agreement", "leaders"),
+    "commit_any_ballot": ("agreement", "chosen value lost"),
+    "snapshot_backwards": ("monotonic", "state"),
+    "read_before_own_noop": ("stale read", "linearizability"),
+}
+
+
+def test_every_planted_bug_has_a_test():
+    assert set(FINDINGS) == {f.name for f in fields(Bugs)}
+
+
+@pytest.mark.parametrize("nodes", [3, 5])
+@pytest.mark.parametrize("bug", sorted(FINDINGS))
+def test_planted_bug_is_found(bug, nodes):
     seed, text = _first_failing_seed(Bugs(**{bug: True}), nodes)
     assert seed is not None, f"{bug} not found in {BUG_SEED_BUDGET} seeds"
-    assert finding in text
+    assert any(finding in text.splitlines()[0] for finding in FINDINGS[bug]), text.splitlines()[0]
     assert f"reproduce: python -m kvstore.sim --seed {seed}" in text
     assert "last " in text and " events:" in text
 

@@ -77,6 +77,21 @@ class Bugs:
     repropose_lowest: bool = False  # (b) new leader re-proposes the lowest-ballot value
     apply_out_of_order: bool = False  # (c) committed entries handed out in reverse slot order
     read_without_quorum: bool = False  # (d) reads answered without the confirmation round
+    # (e) promise handling: a duplicate of a Prepare already promised is answered without the
+    # compaction check, and the candidate trusts whatever records a Promise shows (issue 10)
+    duplicate_prepare_unchecked: bool = False
+    # (f) phase-1 recovery: the new leader re-proposes from its own log only, ignoring the
+    # values its promisers reported
+    recover_from_own_log: bool = False
+    accept_below_promise: bool = False  # (g) a follower accepts an Accept below its promise
+    election_quorum_short: bool = False  # (h) quorum counting: one promise short of a majority elects
+    # (i) commit-point propagation: a follower commits whatever it holds up to the leader's
+    # commit point, whatever ballot its entries were accepted at
+    commit_any_ballot: bool = False
+    snapshot_backwards: bool = False  # (j) a snapshot at or below the commit point is installed
+    # (k) read index: a new leader serves reads before its own no-op commits, i.e. before it
+    # knows every slot chosen under earlier leaders
+    read_before_own_noop: bool = False
 
 
 class Jitter(Protocol):
@@ -358,7 +373,7 @@ class Replica:
         self.promise_tally.reset(b)
         self.reports = {self.id: ([(s, *self.log[s]) for s in sorted(self.log) if s > self.commit_index],
                                   self.commit_index)}
-        if self.promise_tally.record(self.id, b):
+        if self._promises_elect(self.id):
             self._become_leader()
             return
         for i in range(self.n):
@@ -390,7 +405,8 @@ class Replica:
         # Rule 3: per slot above the commit point, the value accepted at the highest
         # ballot among the promises (a majority), a no-op where none.
         best: dict = {}
-        for node in sorted(self.reports):
+        reporters = [self.id] if self.bugs.recover_from_own_log else sorted(self.reports)
+        for node in reporters:
             for slot, rb, kind, payload, _rec in self.reports[node][0]:
                 if slot <= c:
                     continue
@@ -548,7 +564,8 @@ class Replica:
         # compacted slots it has not committed, we cannot: it must catch up first. Checked on
         # every copy of a Prepare, a duplicate of one already promised included: a snapshot
         # installed (or a compaction) between two copies drops slots the first answer held.
-        if m.commit_index + 1 < self.log_start:
+        duplicate = b == self.promised
+        if m.commit_index + 1 < self.log_start and not (duplicate and self.bugs.duplicate_prepare_unchecked):
             self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
             self._send_snapshot(m.frm, b)
             return
@@ -573,7 +590,7 @@ class Replica:
         if m.frm in self.reports:
             return  # a duplicate; count each vote once
         decoded = [(*decode_record(rec), rec) for rec in m.records]
-        if m.commit_index > self.commit_index:
+        if m.commit_index > self.commit_index and not self.bugs.duplicate_prepare_unchecked:
             # The promiser knows slots up to its commit point are chosen; unless its records
             # show every one of them above ours, this Promise cannot tell us what they hold.
             shown = {slot for slot, *_ in decoded}
@@ -582,14 +599,21 @@ class Replica:
                                 f"{self.commit_index + 1}..{m.commit_index}; not counted")
                 return
         self.reports[m.frm] = (decoded, m.commit_index)
-        if self.promise_tally.record(m.frm, m.ballot):
+        if self._promises_elect(m.frm):
             self._become_leader()
+
+    def _promises_elect(self, node: int) -> bool:
+        """Count ``node``'s promise for our ballot (once); True when they make a majority."""
+        elected = self.promise_tally.record(node, self.ballot)
+        if self.bugs.election_quorum_short:
+            return elected or len(self.reports) >= majority(self.n) - 1
+        return elected
 
     # ------------------------------------------------------------------ phase 2
     def _on_accept(self, m: Message) -> None:
         b = m.ballot
         reply_type = M.ACCEPTED if m.type == M.ACCEPT else M.HEARTBEAT_REPLY
-        if b < self.promised:
+        if b < self.promised and not self.bugs.accept_below_promise:
             self._send(Message(reply_type, m.frm, self.id, ballot=b, reject=True,
                                hint=self.promised, context=m.context))
             return
@@ -616,7 +640,7 @@ class Replica:
         log = self.log
         while commit < m.commit_index:
             e = log.get(commit + 1)
-            if e is None or (e[0] != b and (commit + 1) not in learned):
+            if e is None or (e[0] != b and (commit + 1) not in learned and not self.bugs.commit_any_ballot):
                 break
             commit += 1
         self._set_commit(commit)
@@ -698,9 +722,12 @@ class Replica:
                                    commit_index=self.commit_index, context=ctx))
 
     # ------------------------------------------------------------------ reads (rule 6)
+    def _own_noop_committed(self) -> bool:
+        return self.commit_index >= self.own_first_slot or self.bugs.read_before_own_noop
+
     def _maybe_start_read_round(self) -> None:
         if (self.role != LEADER or self.read_round is not None or not self.reads_queued
-                or self.commit_index < self.own_first_slot):
+                or not self._own_noop_committed()):
             return
         self.read_seq += 1
         self.read_round = _ReadRound(self.read_seq, self.commit_index, self.reads_queued, self.id)
@@ -736,7 +763,8 @@ class Replica:
 
     def _on_snapshot(self, m: Message) -> None:
         # A snapshot holds only chosen values, so it is safe from any sender at any ballot.
-        if m.snapshot_index <= self.commit_index or self.role == LEADER:
+        stale = m.snapshot_index <= self.commit_index and not self.bugs.snapshot_backwards
+        if stale or self.role == LEADER or m.snapshot_index < 0:
             return  # a leader's tally counts from its own commit point; it never jumps
         if m.offset == 0:
             self.snapshot_inbound = (m.snapshot_index, m.size, bytearray())
@@ -778,7 +806,7 @@ class Replica:
         if self.role == LEADER:
             if self.pending_commands and self.next_slot <= self.commit_index + self.config.pipeline_window:
                 return True
-            if self.reads_queued and self.read_round is None and self.commit_index >= self.own_first_slot:
+            if self.reads_queued and self.read_round is None and self._own_noop_committed():
                 return True
         return bool(self._hard_dirty or self._out_records or self._out_snapshot
                     or self._out_messages or self.applied_index < self.commit_index

@@ -1,15 +1,21 @@
-"""``python -m kvstore.sim --seeds 1000 --nodes 5`` / ``--seed N --verbose`` to replay one."""
+"""``python -m kvstore.sim --seeds 1000 --nodes 5`` / ``--seed N --verbose`` to replay one.
+
+A sweep ends with the liveness figures of its runs, counted from the last heal: ticks
+until one leader is followed by every node, elections and leader changes (median,
+99th percentile, worst).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import fields
 
 from kvstore.paxos.replica import Bugs
-from kvstore.sim.cluster import SimConfig, run_seed
+from kvstore.sim.cluster import SimConfig, run
 
-BUG_NAMES = ("announce_before_persist", "repropose_lowest", "apply_out_of_order", "read_without_quorum")
+BUG_NAMES = tuple(f.name for f in fields(Bugs))
 
 
 class Progress:
@@ -43,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=100, help="run seeds first..first+N-1")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=None, help="run (replay) this one seed")
-    p.add_argument("--nodes", type=int, default=3, choices=(1, 3, 5))
+    p.add_argument("--nodes", type=int, default=3, choices=range(1, 8), metavar="1..7")
     p.add_argument("--ticks", type=int, default=SimConfig.ticks, help="ticks of the fault phase")
     p.add_argument("-v", "--verbose", action="store_true", help="print the whole trace as it runs")
     p.add_argument("--bug", action="append", default=[], choices=BUG_NAMES,
@@ -53,23 +59,42 @@ def main(argv=None) -> int:
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
     failed = 0
     progress = Progress(len(seeds)) if a.seed is None and sys.stderr.isatty() else None
+    results: list = []
     for s in seeds:
-        ok, text = run_seed(SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks, bugs=bugs, verbose=a.verbose))
+        result = run(SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks, bugs=bugs, verbose=a.verbose))
         if progress is not None:
             progress.step(s)
-        if not ok or a.seed is not None:
+        if not result.ok or a.seed is not None:
             if progress is not None:
                 progress.clear()
-            print(text)
-        if not ok:
+            print(result.text)
+        if not result.ok:
             failed += 1
             if a.seed is None:
                 break
+        results.append(result)
     if progress is not None:
         progress.clear()
     if a.seed is None:
         print(f"{len(seeds) if failed == 0 else 'stopped after a failure;'} seeds, {failed} failed")
+        if results:
+            print(liveness_table(results))
     return 1 if failed else 0
+
+
+def liveness_table(results: list) -> str:
+    """Median, p99 and worst of each liveness figure over the runs that passed."""
+    ok = [r for r in results if r.ok]
+    rows = [("ticks to one followed leader", [r.settle_ticks for r in ok]),
+            ("elections after the heal", [r.elections for r in ok]),
+            ("leader changes after the heal", [r.leader_changes for r in ok])]
+    lines = [f"liveness after the last heal, {len(ok)} runs:   median    p99  worst"]
+    for name, values in rows:
+        values = sorted(values)
+        p99 = values[min(len(values) - 1, (99 * len(values)) // 100)]
+        lines.append(f"  {name:<34}{values[len(values) // 2]:>7}{p99:>7}{values[-1]:>7}")
+    return "\n".join(lines)
+
 
 
 if __name__ == "__main__":

@@ -1,19 +1,30 @@
 """Deterministic simulation of one shard's Paxos group (TigerBeetle VOPR style).
 
-One seed drives one ``random.Random`` for everything: message loss, duplication,
-delay and reordering, partitions, crashes (losing unsynced writes), pauses,
-restarts and the client workload. A run has a safety phase with faults, then a
-liveness phase: everything healed and restarted, no more faults, and every
-client's outstanding request must complete within ``liveness_ticks``.
+One seed drives one ``random.Random`` for everything: message loss, duplication
+(in bursts), delay, reordering and long holds (a message kept for many election
+timeouts, then delivered), replays of old messages, partitions (one-way ones too),
+crashes (losing unsynced writes), pauses (of the leader more often than not),
+restarts and the client workload. Swarm testing draws each seed's fault rates
+and the replicas' timeouts, windows, batch sizes and retained slots.
 
-Checks, on every run:
+A run has a safety phase with faults, then a liveness phase: everything healed
+and restarted, no more faults; every client's outstanding request must complete,
+and the group must settle on one leader that every node follows, within bounds.
+Then a follower is crashed and restarted, and must rejoin without deposing the
+leader (pre-vote and stickiness). The figures (ticks to settle, elections and
+leader changes after the heal) are reported per run.
+
+Checks after every step (``oracle.py``): acknowledged acceptances never forgotten,
+promises never broken, commit and applied points never decreasing, one leader
+per ballot, every replica's state equal to a replay of the chosen log.
+Checks on every run:
 - agreement: no two replicas apply different entries at one slot;
 - order: each replica applies slot after slot, exactly once (restarts replay from
   the last durable snapshot);
 - validity: only commands some client proposed are applied, each taking effect once;
 - durability: every acknowledged write is in the chosen log;
 - linearizability of the client history (``check_history``);
-- liveness: after the last heal, every client request completes in bounded ticks.
+- liveness as above.
 """
 
 from __future__ import annotations
@@ -21,12 +32,13 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from kvstore.paxos import messages as M
-from kvstore.paxos.replica import (KIND_BATCH, Bugs, Config, NotLeader, PersistedState, Replica)
+from kvstore.paxos.replica import KIND_BATCH, Bugs, Config, NotLeader, PersistedState, Replica
 from kvstore.sim.kv import KV, decode_command, encode_command
 from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
+from kvstore.sim.oracle import InvariantViolation, Oracle
 
 KEYS = (b"a", b"b", b"c")
 
@@ -40,14 +52,23 @@ class SimConfig:
     seed: int = 0
     nodes: int = 3
     ticks: int = 400  # safety phase
-    liveness_ticks: int = 300
+    liveness_ticks: int = 300  # at least; scaled up with the election timeout
     clients: int = 4
     drop_rate: float = 0.05
     duplicate_rate: float = 0.03
+    duplicate_burst_max: int = 3  # extra copies of a duplicated message, at most
+    duplicate_spread_ticks: int = 3  # an extra copy arrives up to this late (a retransmission)
     delay_max_ticks: int = 3
+    long_delay_rate: float = 0.005  # messages held for 2-12 election timeouts
+    snapshot_delay_elections: int = 0  # snapshot chunks travel up to this many election timeouts
+    replay_rate: float = 0.005  # per tick: an old message is delivered again
+    # after a snapshot, restart or compaction changed a node's state: some messages it had
+    # already handled arrive again (the answers they get must still be right)
+    redeliver_after_change_rate: float = 0.2
     crash_rate: float = 0.004  # per node per tick
     partition_rate: float = 0.01  # per tick
     pause_rate: float = 0.003  # per node per tick
+    leader_pause_rate: float = 0.003  # per tick: the leader stalls (a GC pause), often long
     snapshot_every: int = 8  # applied entries between application snapshots
     client_timeout_ticks: int = 25
     election_timeout_ticks: int = 10
@@ -56,11 +77,43 @@ class SimConfig:
     batch_commands_max: int = 4
     entries_per_message_max: int = 4
     log_retain_slots: int = 4
+    snapshot_chunk_bytes: int = 64
     bugs: Bugs = field(default_factory=Bugs)
     trace_lines: int = 60
-    swarm: bool = True  # each seed draws its own fault rates (swarm testing)
+    swarm: bool = True  # each seed draws its own fault rates and replica settings (swarm testing)
     crash_in_ready_rate: float = 0.005  # per crash point in a Ready's handling
+    rejoin_check: bool = True  # after settling: a restarted follower must not depose the leader
     verbose: bool = False
+
+
+def swarm(config: SimConfig, rng: random.Random) -> SimConfig:
+    """One seed's own mix: some calm, some storms; long or short timeouts, big or tiny windows."""
+    pick = lambda *xs: xs[rng.randrange(len(xs))]  # noqa: E731
+    election = pick(5, 10, 10, 20)
+    return replace(config,
+                   drop_rate=pick(0.0, 0.02, 0.05, 0.15),
+                   duplicate_rate=pick(0.0, 0.03, 0.1),
+                   duplicate_burst_max=pick(1, 3, 6),
+                   duplicate_spread_ticks=pick(3, 2 * election, 6 * election),
+                   snapshot_delay_elections=pick(0, 2, 6),
+                   delay_max_ticks=pick(1, 3, 6),
+                   long_delay_rate=pick(0.0, 0.005, 0.02),
+                   replay_rate=pick(0.0, 0.005, 0.03),
+                   redeliver_after_change_rate=pick(0.0, 0.2, 1.0),
+                   crash_rate=pick(0.0, 0.003, 0.01, 0.02),
+                   partition_rate=pick(0.0, 0.01, 0.03),
+                   pause_rate=pick(0.0, 0.003, 0.01),
+                   leader_pause_rate=pick(0.0, 0.005, 0.02),
+                   crash_in_ready_rate=pick(0.0, 0.005, 0.02, 0.05),
+                   election_timeout_ticks=election,
+                   heartbeat_interval_ticks=pick(1, 2, max(2, election // 4)),
+                   client_timeout_ticks=max(25, 3 * election),
+                   pipeline_window=pick(1, 4, 8, 32),
+                   batch_commands_max=pick(1, 4, 16),
+                   entries_per_message_max=pick(1, 4, 32),
+                   log_retain_slots=pick(0, 1, 4, 32),
+                   snapshot_every=pick(2, 8, 32),
+                   snapshot_chunk_bytes=pick(16, 64, 4096))
 
 
 # ---------------------------------------------------------------------- client <-> node messages
@@ -140,6 +193,7 @@ class Node:
         self.up = True
         self.paused_until = -1
         self.down_until = -1
+        self.handled: deque = deque(maxlen=16)  # peer messages delivered lately
         self.start()
 
     def start(self) -> None:
@@ -150,17 +204,25 @@ class Node:
                      heartbeat_interval_ticks=c.heartbeat_interval_ticks,
                      pipeline_window=c.pipeline_window, batch_commands_max=c.batch_commands_max,
                      entries_per_message_max=c.entries_per_message_max,
-                     log_retain_slots=c.log_retain_slots, bugs=c.bugs)
+                     log_retain_slots=c.log_retain_slots, snapshot_chunk_bytes=c.snapshot_chunk_bytes,
+                     bugs=c.bugs)
         self.replica = Replica(cfg, self.disk.persisted())
         self.replica.trace = []
-        if self.disk.snapshot_index >= 0:
-            self.kv = KV.restore(self.disk.snapshot_data)
-        else:
-            self.kv = KV()
-        self.last_applied = self.disk.snapshot_index
+        self.restore(self.disk.snapshot_index, self.disk.snapshot_data)
         self.waiting_writes: dict = {}  # (client, seq) -> True
-        self.waiting_reads: dict = {}  # request id -> (client, seq, key)
+        # request id -> (client, seq, key, the highest slot of a write acknowledged before it came)
+        self.waiting_reads: dict = {}
         self.up = True
+        sim.oracle.restarted(self.id, self.replica)
+        sim.redeliver(self, "restart")
+
+    def restore(self, index: int, data: bytes) -> None:
+        """The state machine from a snapshot (or empty): it must equal the chosen log's replay."""
+        self.kv = KV.restore(data) if index >= 0 else KV()
+        self.last_applied = index
+        if self.kv.snapshot() != self.sim.oracle.state_after(index, self.sim.chosen):
+            self.sim.fail(f"state: n{self.id} restored a snapshot through {index} that differs from "
+                          f"a replay of the chosen log")
 
     def crash(self, why: str) -> None:
         self.sim.log(f"CRASH n{self.id} ({why})")
@@ -176,7 +238,7 @@ class Node:
             return
         if req.kind == "get":
             rid = self.sim.next_request_id()
-            self.waiting_reads[rid] = (req.frm, req.seq, req.key)
+            self.waiting_reads[rid] = (req.frm, req.seq, req.key, self.sim.acked_slot)
             try:
                 r.read(rid)
             except NotLeader as e:
@@ -211,27 +273,32 @@ class Node:
                 self.crash("before sync")
                 return
             d.sync()
+            sim.oracle.synced(self.id, r, d.commit_index)
             if crash_p and rng.random() < crash_p:
                 self.crash("after sync, before send")
                 return
             # 2. send
             for m in rd.messages:
+                sim.oracle.sent(self.id, m)
                 sim.send(m)
             if crash_p and rng.random() < crash_p:
                 self.crash("after send, before apply")
                 return
             # 3. apply
             if rd.snapshot is not None:
-                self.kv = KV.restore(rd.snapshot.data)
-                self.last_applied = rd.snapshot.index
+                self.restore(rd.snapshot.index, rd.snapshot.data)
                 sim.log(f"n{self.id} restored snapshot through {rd.snapshot.index}")
+                sim.redeliver(self, "snapshot")
             for e in rd.committed:
                 self.apply(e)
             # 4. reads
             for rid in rd.reads:
                 w = self.waiting_reads.pop(rid, None)
                 if w is not None:
-                    client, seq, key = w
+                    client, seq, key, acked_before = w
+                    if self.last_applied < acked_before:
+                        sim.fail(f"stale read: n{self.id} served c{client}'s read at slot {self.last_applied}, "
+                                 f"but a write at slot {acked_before} was acknowledged before the read came")
                     sim.send(ClientReply(client, self.id, seq, True, result=self.kv.get(key)))
             # 5. dropped
             for cmd in rd.dropped_commands:
@@ -249,6 +316,8 @@ class Node:
                 d.write(("snapshot", self.last_applied, data))
                 d.sync()
                 r.compact(self.last_applied, data)
+                sim.redeliver(self, "compaction")
+            sim.oracle.check(self.id, r)
         raise SimulationFailure(f"n{self.id}: Ready loop did not settle")
 
     def apply(self, e) -> None:
@@ -276,7 +345,10 @@ class Node:
                 elif seen != e.slot:
                     sim.fail(f"validity: command {key} took effect at slot {seen} and again at {e.slot}")
             if self.waiting_writes.pop(key, None):
+                sim.acked_slot = max(sim.acked_slot, e.slot)
                 sim.send(ClientReply(key[0], self.id, key[1], True, result=result))
+        if self.kv.snapshot() != sim.oracle.state_after(e.slot, sim.chosen):
+            sim.fail(f"state: n{self.id}'s state after slot {e.slot} differs from a replay of the chosen log")
 
 
 def _fmt_entry(v) -> str:
@@ -294,6 +366,7 @@ class Client:
         self.op: dict | None = None
         self.target = sim.rng.randrange(sim.config.nodes)
         self.idle_until = 0
+        self.probe: tuple | None = None  # (node, from tick, until tick): read from a paused leader
 
     def start_op(self) -> None:
         sim = self.sim
@@ -301,6 +374,11 @@ class Client:
         self.seq += 1
         key = KEYS[rng.randrange(len(KEYS))]
         kind = ("get", "put", "delete", "cas", "get", "put")[rng.randrange(6)]
+        if self.probe is not None:
+            node, start, until = self.probe
+            if start <= sim.tick < until:
+                kind, self.target, self.probe = "get", node, None
+                sim.log(f"c{self.id} reads from the paused leader n{node}")
         val = lambda: b"v%d" % rng.randrange(5)  # noqa: E731
         if kind == "put":
             args = (val(),)
@@ -357,36 +435,32 @@ class Client:
 
 class Simulation:
     def __init__(self, config: SimConfig) -> None:
-        self.config = config
         self.rng = random.Random(config.seed)
+        if config.swarm:
+            config = swarm(config, self.rng)
+        self.config = config
+        self.liveness_ticks = max(config.liveness_ticks, 30 * config.election_timeout_ticks)
         self.tick = 0
         self._event = 0
         self._msg_seq = 0
         self._request_id = 0
         self.queue: list = []  # (due tick, seq, message)
-        self.cut: set = set()  # (a, b) node pairs that cannot talk
+        self.cut: set = set()  # (frm, to) node pairs whose messages are lost (one-way cuts too)
         self.trace: deque = deque(maxlen=config.trace_lines)
         self.chosen: dict = {}
         self.proposed: set = set()
         self.effect_slot: dict = {}
         self.acked: list = []
+        self.acked_slot = -1  # the highest slot of a write whose success was sent to its client
         self.history: list = []
+        self.recent: deque = deque(maxlen=256)  # messages sent lately, for replays
         self.faults = True
         self.crash_in_ready_p = 0.0
-        if config.swarm:
-            # Swarm testing: some seeds are calm, some are storms, most in between.
-            rng = self.rng
-            pick = lambda *xs: xs[rng.randrange(len(xs))]  # noqa: E731
-            from dataclasses import replace
-            config = replace(config,
-                             drop_rate=pick(0.0, 0.02, 0.05, 0.15),
-                             duplicate_rate=pick(0.0, 0.03, 0.1),
-                             delay_max_ticks=pick(1, 3, 6),
-                             crash_rate=pick(0.0, 0.003, 0.01, 0.02),
-                             partition_rate=pick(0.0, 0.01, 0.03),
-                             pause_rate=pick(0.0, 0.003, 0.01),
-                             crash_in_ready_rate=pick(0.0, 0.005, 0.02, 0.05))
-            self.config = config
+        self.oracle = Oracle(config.nodes)
+        # Liveness figures, counted from the last heal.
+        self.elections = 0
+        self.leader_changes = 0
+        self.settle_ticks: int | None = None
         self.nodes = [Node(self, i) for i in range(config.nodes)]
         self.clients = [Client(self, i) for i in range(config.clients)]
 
@@ -409,6 +483,10 @@ class Simulation:
         tr = node.replica.trace
         if tr:
             for line in tr:
+                if " campaign ballot " in line:
+                    self.elections += 1
+                elif " leader at ballot " in line:
+                    self.leader_changes += 1
                 self.log(line)
             tr.clear()
 
@@ -421,11 +499,25 @@ class Simulation:
         if self.faults and rng.random() < c.drop_rate:
             self.log(f"drop {m}")
             return
-        copies = 2 if self.faults and rng.random() < c.duplicate_rate else 1
-        for _ in range(copies):
-            self._msg_seq += 1
-            delay = 1 + rng.randrange(c.delay_max_ticks)
-            heapq.heappush(self.queue, (self.tick + delay, self._msg_seq, m))
+        copies = 1
+        if self.faults and rng.random() < c.duplicate_rate:
+            copies += 1 + rng.randrange(c.duplicate_burst_max)
+        # A healthy network (after the heal) answers well within an election timeout.
+        delay_max = c.delay_max_ticks if self.faults else max(1, min(c.delay_max_ticks, c.election_timeout_ticks // 4))
+        if self.faults and c.snapshot_delay_elections and getattr(m, "type", None) == M.SNAPSHOT:
+            delay_max = c.snapshot_delay_elections * c.election_timeout_ticks  # a big transfer is slow
+        for copy in range(copies):
+            delay = 1 + rng.randrange(delay_max if copy == 0 else max(delay_max, c.duplicate_spread_ticks))
+            if self.faults and rng.random() < c.long_delay_rate:
+                delay = c.election_timeout_ticks * (2 + rng.randrange(11))
+                self.log(f"hold for {delay} ticks: {m}")
+            self._enqueue(self.tick + delay, m)
+        if not isinstance(m, (ClientRequest, ClientReply)):
+            self.recent.append(m)
+
+    def _enqueue(self, due: int, m) -> None:
+        self._msg_seq += 1
+        heapq.heappush(self.queue, (due, self._msg_seq, m))
 
     def _deliver(self, m) -> None:
         if isinstance(m, ClientReply):
@@ -436,9 +528,11 @@ class Simulation:
         if not node.up:
             return
         if node.paused_until > self.tick:
-            # A paused process: the message waits in its socket buffer.
+            # A paused process: the message waits in a socket buffer, and the process takes what
+            # waits in its buffers in no particular order when it wakes (peers and clients have
+            # connections of their own): a client's read may come before news of a new leader.
             self._msg_seq += 1
-            heapq.heappush(self.queue, (node.paused_until, self._msg_seq, m))
+            heapq.heappush(self.queue, (node.paused_until, (self.rng.randrange(1 << 20) << 32) | self._msg_seq, m))
             return
         if isinstance(m, ClientRequest):
             self.log(f"recv {m}")
@@ -448,25 +542,40 @@ class Simulation:
                 return
             if m.type not in (M.HEARTBEAT, M.HEARTBEAT_REPLY):
                 self.log(f"recv {m}")
+            node.handled.append(m)
             node.replica.step(m)
+            self.oracle.check(node.id, node.replica)
         self.flush_trace(node)
+        node.drain()  # a node carries out what each message asks before it takes the next
+
+    def leader(self) -> Node | None:
+        """The node that leads, if exactly one up node believes it does."""
+        leaders = [n for n in self.nodes if n.up and n.replica.is_leader]
+        return leaders[0] if len(leaders) == 1 else None
 
     # ------------------------------------------------------------------ faults
     def _faults(self) -> None:
         c = self.config
         rng = self.rng
         n = c.nodes
+        leader = self.leader()
         for node in self.nodes:
             if node.up:
                 if rng.random() < c.crash_rate:
                     node.crash("random")
                     node.down_until = self.tick + 1 + rng.randrange(60)
                 elif rng.random() < c.pause_rate and node.paused_until <= self.tick:
-                    node.paused_until = self.tick + 1 + rng.randrange(40)
+                    node.paused_until = self.tick + 1 + rng.randrange(4 * c.election_timeout_ticks)
                     self.log(f"PAUSE n{node.id} until t{node.paused_until}")
             elif self.tick >= node.down_until:
                 self.log(f"RESTART n{node.id}")
                 node.start()
+        if leader is not None and leader.paused_until <= self.tick and rng.random() < c.leader_pause_rate:
+            # A GC stall, long enough often for the others to elect another leader and write.
+            span = c.election_timeout_ticks * (1 + rng.randrange(8))
+            leader.paused_until = self.tick + span
+            self.log(f"PAUSE leader n{leader.id} until t{leader.paused_until}")
+            self._probe_paused_leader(leader)
         if n > 1 and rng.random() < c.partition_rate:
             if self.cut and rng.random() < 0.5:
                 self.cut = set()
@@ -474,8 +583,33 @@ class Simulation:
             else:
                 side = [i for i in range(n) if rng.random() < 0.5]
                 other = [i for i in range(n) if i not in side]
-                self.cut = {(a, b) for a in side for b in other} | {(b, a) for a in side for b in other}
-                self.log(f"PARTITION {side} | {other}")
+                one_way = rng.random() < 0.3
+                self.cut = {(a, b) for a in side for b in other}
+                if not one_way:
+                    self.cut |= {(b, a) for a in side for b in other}
+                self.log(f"PARTITION {side} {'->x' if one_way else '|'} {other}")
+        if self.recent and rng.random() < c.replay_rate:
+            m = self.recent[rng.randrange(len(self.recent))]
+            self.log(f"replay {m}")
+            self._enqueue(self.tick + 1, m)
+
+    def redeliver(self, node: Node, change: str) -> None:
+        """Messages ``node`` handled before its state changed arrive again, soon."""
+        rng = self.rng
+        if not (self.faults and node.handled and rng.random() < self.config.redeliver_after_change_rate):
+            return
+        for _ in range(1 + rng.randrange(3)):
+            m = node.handled[rng.randrange(len(node.handled))]
+            self.log(f"redeliver after {change}: {m}")
+            self._enqueue(self.tick + 1 + rng.randrange(3), m)
+
+    def _probe_paused_leader(self, leader: Node) -> None:
+        """Clients will read from the paused leader later in its pause, when another
+        leader may have taken over and written: the old one must not answer from its state."""
+        span = leader.paused_until - self.tick
+        for client in self.clients:
+            start = self.tick + span // 2 + self.rng.randrange(span - span // 2)
+            client.probe = (leader.id, start, leader.paused_until)
 
     def _heal(self) -> None:
         self.faults = False
@@ -486,6 +620,7 @@ class Simulation:
             if not node.up:
                 self.log(f"RESTART n{node.id} (heal)")
                 node.start()
+        self.elections = self.leader_changes = 0
         self.log("HEAL everything; liveness phase")
 
     # ------------------------------------------------------------------ run
@@ -506,19 +641,49 @@ class Simulation:
             if node.up and node.paused_until <= self.tick:
                 node.drain()
 
+    def _settled(self) -> bool:
+        """One leader, followed by every node."""
+        leader = self.leader()
+        return leader is not None and all(n.replica.leader_hint == leader.id for n in self.nodes)
+
     def run(self) -> None:
         c = self.config
         self.crash_in_ready_p = c.crash_in_ready_rate
         while self.tick < c.ticks:
             self._step_tick(True)
         self._heal()
-        end = self.tick + c.liveness_ticks
-        while any(cl.op is not None for cl in self.clients):
+        healed = self.tick
+        end = healed + self.liveness_ticks
+        while any(cl.op is not None for cl in self.clients) or self.settle_ticks is None:
             if self.tick >= end:
                 stuck = [f"c{cl.id}:{cl.op['kind']} seq={cl.op['seq']}" for cl in self.clients if cl.op]
-                self.fail(f"liveness: {stuck} not done {c.liveness_ticks} ticks after the last heal")
+                self.fail(f"liveness: {'no settled leader' if self.settle_ticks is None else stuck} "
+                          f"{self.liveness_ticks} ticks after the last heal")
             self._step_tick(False)
+            if self.settle_ticks is None and self._settled():
+                self.settle_ticks = self.tick - healed
+        if c.rejoin_check and c.nodes >= 3:
+            self._check_rejoin()
         self.check_end()
+
+    def _check_rejoin(self) -> None:
+        """Crash a follower for a few election timeouts and restart it: the leader stays."""
+        leader = self.leader()
+        ballot = leader.replica.ballot
+        follower = self.nodes[(leader.id + 1 + self.rng.randrange(self.config.nodes - 1)) % self.config.nodes]
+        timeout = self.config.election_timeout_ticks
+        follower.crash("rejoin check")
+        for _ in range(3 * timeout):
+            self._step_tick(False)
+        self.log(f"RESTART n{follower.id} (rejoin check)")
+        follower.start()
+        for _ in range(10 * timeout):
+            self._step_tick(False)
+        if not (leader.up and leader.replica.is_leader and leader.replica.ballot == ballot):
+            self.fail(f"liveness: n{follower.id} rejoined and deposed the live leader n{leader.id}")
+        if not self._settled():
+            self.fail(f"liveness: n{follower.id} did not follow leader n{leader.id} "
+                      f"{10 * timeout} ticks after it rejoined")
 
     def check_end(self) -> None:
         chosen_cmds = set()
@@ -542,22 +707,42 @@ class Simulation:
             self.fail(f"linearizability: key {res.key!r}\n{res.explanation}")
 
 
+@dataclass
+class RunResult:
+    """One seed's outcome and its liveness figures."""
+
+    ok: bool
+    text: str
+    settle_ticks: int | None = None
+    elections: int = 0
+    leader_changes: int = 0
+
+
 def _bug_flags(bugs: Bugs) -> str:
     return "".join(f" --bug {f.name}" for f in fields(bugs) if getattr(bugs, f.name))
 
 
-def run_seed(config: SimConfig) -> tuple[bool, str]:
-    """Run one seed; ``(True, summary)`` or ``(False, report with trace)``."""
+def run(config: SimConfig) -> RunResult:
+    """Run one seed; on failure the text has the reason, the replay command and the trace."""
     sim = Simulation(config)
     try:
         sim.run()
-    except (SimulationFailure, AssertionError) as e:
-        lines = [f"FAILED seed {config.seed}: {type(e).__name__ if isinstance(e, AssertionError) else ''}"
-                 f"{': ' if isinstance(e, AssertionError) else ''}{e}",
+    except (SimulationFailure, InvariantViolation, AssertionError) as e:
+        kind = "" if isinstance(e, SimulationFailure) else f"{type(e).__name__}: "
+        lines = [f"FAILED seed {config.seed}: {kind}{e}",
                  f"reproduce: python -m kvstore.sim --seed {config.seed} --nodes {config.nodes}"
                  f" --ticks {config.ticks}{_bug_flags(config.bugs)} --verbose",
                  f"last {len(sim.trace)} events:"]
         lines.extend("  " + t for t in sim.trace)
-        return False, "\n".join(lines)
-    return True, (f"seed {config.seed}: ok, {len(sim.chosen)} slots chosen, "
-                  f"{len(sim.history)} ops completed, {len(sim.acked)} writes acknowledged")
+        return RunResult(False, "\n".join(lines))
+    return RunResult(True, f"seed {config.seed}: ok, {len(sim.chosen)} slots chosen, "
+                           f"{len(sim.history)} ops completed, {len(sim.acked)} writes acknowledged; "
+                           f"after the heal: settled in {sim.settle_ticks} ticks, {sim.elections} elections, "
+                           f"{sim.leader_changes} leader changes",
+                     sim.settle_ticks, sim.elections, sim.leader_changes)
+
+
+def run_seed(config: SimConfig) -> tuple[bool, str]:
+    """Run one seed; ``(True, summary)`` or ``(False, report with trace)``."""
+    result = run(config)
+    return result.ok, result.text
