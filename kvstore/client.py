@@ -325,6 +325,12 @@ class ClientCore:
             elif call.shard is not None and address in self.nodes:
                 self.leaders[call.shard] = self.nodes.index(address)
             call.future.set_result(value)
+        elif status == wire.STATUS_OK_FORWARDED and type(value) is list and len(value) == 2:
+            del self._inflight[rid]  # the node we asked forwarded it to the leader
+            result, leader = value
+            if call.shard is not None and type(leader) is int and 0 <= leader < len(self.nodes):
+                self.leaders[call.shard] = leader
+            call.future.set_result(result)
         elif status == wire.STATUS_ERROR:
             del self._inflight[rid]
             name, message = (value + [None, None])[:2] if isinstance(value, list) else (None, value)

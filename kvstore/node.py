@@ -137,6 +137,8 @@ class Node:
         self.waiting_writes: dict = {}  # (client_id, seq) -> (identity, request_id, shard, t)
         self.waiting_reads: dict = {}  # token -> (identity, request_id, shard, op, args, t)
         self._replies: dict = {}  # identity -> [(request_id, status, value)], sent once per turn
+        self._forwarded: dict = {}  # forward id -> (client identity, request_id, t)
+        self._forward_out: dict = defaultdict(list)  # peer -> [(forward_id, op, args)]
         self._fresh_slots: set | None = None  # (shard, slot) made durable by the save running
         self._tokens = itertools.count(1)
         self._roles = [(r.role, r.leader_hint) for r in self.replicas]
@@ -221,6 +223,15 @@ class Node:
                     continue
                 for request_id, op, args in ([body[1:]] if kind == wire.REQUEST else body[1]):
                     self._on_request(identity, request_id, op, args)
+            elif kind == wire.FORWARD or kind == wire.FORWARDED:
+                frm = body[1]
+                if not (0 <= frm < self.n) or frm == self.index:
+                    self._drop("malformed", f"forward from unknown node {frm}")
+                elif kind == wire.FORWARDED:
+                    self._on_forwarded(frm, body[2])
+                else:
+                    for forward_id, op, args in body[2]:
+                        self._on_request(("peer", frm), forward_id, op, args)
             else:
                 self._drop("unexpected", f"frame kind {kind} is not for a node")
 
@@ -235,7 +246,14 @@ class Node:
     def _flush_replies(self) -> None:
         replies, self._replies = self._replies, {}
         for identity, items in replies.items():
-            self.sockets.reply(identity, wire.encode_replies(items))
+            if type(identity) is tuple:  # ("peer", index): answers to forwarded requests
+                self.sockets.send_peer(identity[1], wire.encode_forwarded(self.index, items))
+            else:
+                self.sockets.reply(identity, wire.encode_replies(items))
+        if self._forward_out:
+            out, self._forward_out = self._forward_out, defaultdict(list)
+            for peer, items in out.items():
+                self.sockets.send_peer(peer, wire.encode_forward(self.index, items))
 
     def _drop(self, why: str, detail) -> None:
         self.counters["dropped_" + why] += 1
@@ -282,6 +300,27 @@ class Node:
             raise ValueError(f"no shard {v!r} (this cluster has {self.nshards})")
         return v
 
+    def _not_leader(self, identity, request_id: int, op: str, args: list, hint) -> None:
+        """Not the shard's leader: forward a client's request to the leader this node
+        knows (its answer comes back through here, naming the leader so the client goes
+        straight there next time); a forwarded request is never forwarded again."""
+        if type(identity) is bytes and hint is not None and hint != self.index:
+            forward_id = next(self._tokens)
+            self._forwarded[forward_id] = (identity, request_id, time.monotonic())
+            self._forward_out[hint].append((forward_id, op, args))
+            return
+        self._reply(identity, request_id, wire.STATUS_NOT_LEADER, hint)
+
+    def _on_forwarded(self, frm: int, replies: list) -> None:
+        for forward_id, status, value in replies:
+            w = self._forwarded.pop(forward_id, None)
+            if w is None:
+                continue
+            if status == wire.STATUS_OK:
+                self._reply(w[0], w[1], wire.STATUS_OK_FORWARDED, [value, frm])
+            else:
+                self._reply(w[0], w[1], status, value)
+
     def _check_keys_in_shard(self, shard: int, keys) -> None:
         if self.nshards == 1:
             return
@@ -304,8 +343,7 @@ class Node:
         self._check_keys_in_shard(shard, _command_keys(command))
         r = self.replicas[shard]
         if not r.propose(encode_client_command(client_id, seq, floor, command)):
-            self._reply(identity, request_id, wire.STATUS_NOT_LEADER,
-                                                           r.leader_hint)
+            self._not_leader(identity, request_id, wire.OP_WRITE, args, r.leader_hint)
             return
         self.waiting_writes[(client_id, seq)] = (identity, request_id, shard, time.monotonic())
 
@@ -333,8 +371,7 @@ class Node:
         try:
             self.replicas[shard].read(token)
         except NotLeader as e:
-            self._reply(identity, request_id, wire.STATUS_NOT_LEADER,
-                                                           e.leader_hint)
+            self._not_leader(identity, request_id, op, args, e.leader_hint)
             return
         self.waiting_reads[token] = (identity, request_id, shard, op, args, time.monotonic())
 
@@ -491,7 +528,8 @@ class Node:
     def _expire_waiting(self, now: float) -> None:
         self._last_expiry = now
         cutoff = now - WAITING_EXPIRE_SECONDS
-        for table, at in ((self.waiting_writes, 3), (self.waiting_reads, 5)):
+        for table, at in ((self.waiting_writes, 3), (self.waiting_reads, 5),
+                          (self._forwarded, 2)):
             for key in [k for k, w in table.items() if w[at] < cutoff]:
                 del table[key]
 

@@ -54,6 +54,22 @@ def test_put_and_get_through_every_node(cluster):
         st = c.status()
         assert [n["state"] for n in st["nodes"]] == ["up"] * 3
         assert all(s["leader"] in lc.names for s in st["shards"])
+        # A follower forwards a request to the leader and names it in the answer.
+        leader = leader_of(st)
+        follower = next(n for n in lc.names if n != leader)
+    from test_node import Raw
+    from kvstore.codec import OP_PUT
+    from kvstore.sharding import shard_of
+    from kvstore.transport import wire
+    raw = Raw(lc.addresses[follower])
+    try:
+        key = next(b"fwd%d" % i for i in range(100) if shard_of(b"fwd%d" % i, 2) == 0)
+        status, value = raw.request(wire.OP_WRITE, [0, b"raw-client", 1, 1, [OP_PUT, key, b"v"]])
+        assert (status, value) == (wire.STATUS_OK_FORWARDED, [None, lc.names.index(leader)])
+        status, value = raw.request(wire.OP_GET, [0, key, False])
+        assert (status, value) == (wire.STATUS_OK_FORWARDED, [b"v", lc.names.index(leader)])
+    finally:
+        raw.close()
     assert lc.stop_all() == {n: 0 for n in lc.names}  # SIGTERM: clean exit 0
 
 

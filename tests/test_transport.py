@@ -179,3 +179,12 @@ def test_batches_of_requests_and_replies_round_trip(requests, replies):
     assert wire.decode(wire.encode_replies(replies)) == [wire.REPLIES, [list(r) for r in replies]]
     with pytest.raises(wire.FrameError):
         wire.decode(b"\x01" + msgpack.packb([wire.REQUESTS, [[1, "get"]]]))
+
+
+def test_forward_batches_round_trip_and_are_checked():
+    reqs = [(7, wire.OP_GET, [0, b"k", False])]
+    assert wire.decode(wire.encode_forward(2, reqs)) == [wire.FORWARD, 2, [list(r) for r in reqs]]
+    reps = [(7, wire.STATUS_OK_FORWARDED, [b"v", 1])]
+    assert wire.decode(wire.encode_forwarded(1, reps)) == [wire.FORWARDED, 1, [list(r) for r in reps]]
+    with pytest.raises(wire.FrameError):
+        wire.decode(b"\x01" + msgpack.packb([wire.FORWARD, "x", []]))

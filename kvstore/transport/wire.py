@@ -17,6 +17,10 @@ bytes is remote code execution).
 |               | to one node in one send                                              |
 | ``REPLIES``   | ``[REPLIES, [[request_id, status, value], ...]]``: a node's replies   |
 |               | to one client in one loop turn                                       |
+| ``FORWARD``   | ``[FORWARD, from_node, [[forward_id, op, args], ...]]``: client       |
+|               | requests a follower passes to the leader it knows                    |
+| ``FORWARDED`` | ``[FORWARDED, from_node, [[forward_id, status, value], ...]]``: the   |
+|               | leader's answers to them, relayed to the clients by the follower     |
 
 Decoding never trusts its input: the size is checked before msgpack sees a
 byte (``max_frame_bytes``), msgpack's own limits are bounded by that size (it
@@ -41,7 +45,9 @@ REQUEST = 2
 REPLY = 3
 REQUESTS = 4
 REPLIES = 5
-KINDS = (PAXOS, REQUEST, REPLY, REQUESTS, REPLIES)
+FORWARD = 6
+FORWARDED = 7
+KINDS = (PAXOS, REQUEST, REPLY, REQUESTS, REPLIES, FORWARD, FORWARDED)
 
 #: A frame between peers: a batch of Accepts can carry many entries of many commands.
 MAX_PEER_FRAME_BYTES = 64 * 1024 * 1024
@@ -61,7 +67,8 @@ STATUS_OK = 0           # value: the result
 STATUS_NOT_LEADER = 1   # value: the index of the node believed to lead the shard, or None
 STATUS_ERROR = 2        # value: [error class name, message]; the request is wrong, do not retry
 STATUS_RETRY = 3        # value: a reason; the node could not do it now (dropped, stopping, full)
-STATUSES = (STATUS_OK, STATUS_NOT_LEADER, STATUS_ERROR, STATUS_RETRY)
+STATUS_OK_FORWARDED = 4  # value: [result, leader index]: done by the leader this node forwarded to
+STATUSES = (STATUS_OK, STATUS_NOT_LEADER, STATUS_ERROR, STATUS_RETRY, STATUS_OK_FORWARDED)
 
 
 class FrameError(ValueError):
@@ -101,6 +108,16 @@ def encode_requests(requests: list) -> bytes:
 def encode_replies(replies: list) -> bytes:
     """``[(request_id, status, value), ...]`` in one frame."""
     return _pack([REPLIES, [list(r) for r in replies]])
+
+
+def encode_forward(from_node: int, requests: list) -> bytes:
+    """``[(forward_id, op, args), ...]`` from a follower to the leader."""
+    return _pack([FORWARD, from_node, [list(r) for r in requests]])
+
+
+def encode_forwarded(from_node: int, replies: list) -> bytes:
+    """``[(forward_id, status, value), ...]`` from the leader back to a follower."""
+    return _pack([FORWARDED, from_node, [list(r) for r in replies]])
 
 
 def paxos_message_bytes(m: Message) -> int:
@@ -146,6 +163,16 @@ def decode(frame: bytes, max_frame_bytes: int = MAX_PEER_FRAME_BYTES) -> list:
         if len(body) != 4:
             raise FrameError("malformed reply")
         _check_reply(body[1:])
+        return body
+    if kind == FORWARD or kind == FORWARDED:
+        if len(body) != 3 or type(body[2]) is not list:
+            raise FrameError("malformed forward batch")
+        _int(body[1], "sender")
+        check = _check_request if kind == FORWARD else _check_reply
+        for item in body[2]:
+            if type(item) is not list or len(item) != 3:
+                raise FrameError("malformed forward item")
+            check(item)
         return body
     if kind == REQUESTS or kind == REPLIES:
         if len(body) != 2 or type(body[1]) is not list:
