@@ -157,3 +157,22 @@ def test_promise_that_omits_slots_below_the_promisers_commit_point_is_not_a_vote
     c.process()
     assert r.is_leader
     assert r.commit_index == 12  # the chosen slots it was shown are committed at once
+
+
+def test_snapshot_chunks_from_two_senders_are_never_spliced():
+    """Two nodes stream snapshots of the same index (their bytes may differ); chunks arrive
+    interleaved and one is duplicated late: what is installed is one sender's whole snapshot."""
+    c = Cluster(3, snapshot_chunk_bytes=4)
+    r = c.replicas[C]
+    first = [Message(M.SNAPSHOT, C, A, snapshot_index=7, offset=o, size=8, data=d, done=o == 4)
+             for o, d in ((0, b"AAAA"), (4, b"aaaa"))]
+    second = [Message(M.SNAPSHOT, C, B, snapshot_index=7, offset=o, size=8, data=d, done=o == 4)
+              for o, d in ((0, b"BBBB"), (4, b"bbbb"))]
+    for m in (first[0], second[0], first[1], first[0], second[1]):
+        r.step(m)
+        assert r.ready().snapshot is None  # no transfer was received whole and alone
+    for m in second:  # B retransmits
+        r.step(m)
+    rd = r.ready()
+    assert rd.snapshot is not None and rd.snapshot.data == b"BBBBbbbb"
+    assert r.commit_index == 7

@@ -250,7 +250,7 @@ class Replica:
         self.reads_queued: list = []
         self.reads_confirmed: list = []  # (read_index, request_id)
         self._match_cache = (-1, -1)  # (ballot, match)
-        self.snapshot_inbound: tuple | None = None  # (index, size, bytearray)
+        self.snapshot_inbound: tuple | None = None  # (sender, index, size, bytearray)
         # Outputs for the next Ready.
         self._hard_dirty = False
         self._out_records: dict = {}
@@ -767,17 +767,20 @@ class Replica:
         if stale or self.role == LEADER or m.snapshot_index < 0:
             return  # a leader's tally counts from its own commit point; it never jumps
         if m.offset == 0:
-            self.snapshot_inbound = (m.snapshot_index, m.size, bytearray())
+            self.snapshot_inbound = (m.frm, m.snapshot_index, m.size, bytearray())
         sin = self.snapshot_inbound
-        if sin is None or sin[0] != m.snapshot_index or len(sin[2]) != m.offset:
+        # Chunks are joined only from one sender's one transfer: two nodes' snapshots of the
+        # same index need not be the same bytes, and a late chunk of an older transfer must not
+        # be spliced into a newer one.
+        if sin is None or sin[:3] != (m.frm, m.snapshot_index, m.size) or len(sin[3]) != m.offset:
             return
-        sin[2].extend(m.data)
+        sin[3].extend(m.data)
         if not m.done:
             return
         self.snapshot_inbound = None
-        if len(sin[2]) != sin[1]:
+        if len(sin[3]) != sin[2]:
             return
-        index, data = m.snapshot_index, bytes(sin[2])
+        index, data = m.snapshot_index, bytes(sin[3])
         self._log_event(f"installing snapshot through {index}")
         self.snapshot_index = index
         self.snapshot_data = data
