@@ -253,7 +253,12 @@ class Node:
         if self._forward_out:
             out, self._forward_out = self._forward_out, defaultdict(list)
             for peer, items in out.items():
-                self.sockets.send_peer(peer, wire.encode_forward(self.index, items))
+                if not self.sockets.send_peer(peer, wire.encode_forward(self.index, items)):
+                    for forward_id, _op, _args in items:  # the leader is unreachable from here
+                        w = self._forwarded.pop(forward_id, None)
+                        if w is not None:
+                            self.sockets.reply(w[0], wire.encode_replies(
+                                [(w[1], wire.STATUS_NOT_LEADER, None)]))
 
     def _drop(self, why: str, detail) -> None:
         self.counters["dropped_" + why] += 1
