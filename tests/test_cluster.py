@@ -275,3 +275,25 @@ def test_local_cluster_command_runs_in_the_foreground_and_stops_on_sigint(tmp_pa
                         os.kill(int(ln.rsplit(" pid ", 1)[1]), signal.SIGKILL)
                     except (OSError, ValueError):
                         pass
+
+
+def test_five_nodes_lose_two_under_writes_and_keep_every_acknowledged_write(cluster):
+    lc = cluster(nodes=5, shards=2)
+    lc.start_all()
+    st = lc.wait_ready()
+    victims = [leader_of(st, 0)]
+    victims.append(next(n for n in lc.names if n not in victims))
+    acked: list = []
+    with lc.client(timeout=10) as c:
+        for i in range(100):
+            c.put(b"five%d" % i, b"v")
+            acked.append(b"five%d" % i)
+        for v in victims:
+            lc.kill(v, signal.SIGKILL)
+        for i in range(100, 200):
+            c.put(b"five%d" % i, b"v")
+            acked.append(b"five%d" % i)
+    survivors = [n for n in lc.names if n not in victims]
+    lc.wait_ready(names=survivors)
+    with lc.client(names=survivors) as c:
+        assert [k for k in acked if c.get(k) != b"v"] == []

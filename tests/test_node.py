@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import msgpack
 import pytest
@@ -148,7 +149,6 @@ def test_bad_requests_get_an_error_not_a_crash(start_node):
 
 
 def wait_leader(raw, shards=1):
-    import time
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         status, value = raw.request(wire.OP_STATUS, [])
@@ -247,3 +247,35 @@ def test_storage_saves_and_loads_hard_state_records_and_applied_state(tmp_path):
     assert (p.promised, p.commit_index, p.applied_index, p.records) == (65536, 0, 0, [rec])
     assert st.load(0).records == [] and st.load(0).applied_index == -1
     st.close()
+
+
+def test_a_client_that_disconnects_mid_request_costs_the_node_nothing(start_node):
+    n = start_node()
+    raw = Raw(n.address)
+    wait_leader(raw)
+    raw.close()
+    for i in range(20):  # each sends a write and a read, then vanishes before the answer
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 1000)
+        s.connect(n.address)
+        s.send(wire.encode_request(1, wire.OP_WRITE, [0, b"gone%d" % i, 1, 1,
+                                                      [OP_PUT, b"k%d" % i, b"v"]]))
+        s.send(wire.encode_request(2, wire.OP_GET, [0, b"k%d" % i, False]))
+        s.close()
+        ctx.term()
+    with kvstore.connect(n.address, timeout=5) as c:
+        c.put(b"after", b"ok")
+        assert c.get(b"after") == b"ok"
+        assert c.get(b"k19") == b"v"  # the writes of the vanished clients were applied
+        counters = None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            raw = Raw(n.address)
+            try:
+                counters = raw.request(wire.OP_STATUS, [])[1]["counters"]
+            finally:
+                raw.close()
+            if counters.get("dropped_reply_gone", 0) >= 1:
+                break
+        assert counters.get("dropped_reply_gone", 0) >= 1, counters
