@@ -131,7 +131,8 @@ def _cmd_check(db, args) -> int:
         print("kvstore: check runs on an embedded store (--data DIR)", file=sys.stderr)
         return EXIT_USAGE
     result = db.verify()
-    print(f"OK: {result['records']} log records ({result['bytes']} bytes) and "
+    print(f"OK: {result['pages']} pages, {result['records']} log records ({result['bytes']} "
+          f"bytes) and "
           f"{result['values']} values verified; the state agrees with the log on "
           f"{result['keys_compared']} keys it covers")
     return 0

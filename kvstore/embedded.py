@@ -325,12 +325,15 @@ class EmbeddedKV(KV):
         where the log still covers it (``_compare_with_log``). The first
         problem raises ``CorruptRecord`` naming the path, shard and key or slot.
 
-        Returns ``{"records": n, "bytes": n, "values": n, "keys_compared": n}``.
+        Before that, every page of LMDB's B-trees is checked (``storage.pages``).
+
+        Returns ``{"pages": n, "records": n, "bytes": n, "values": n, "keys_compared": n}``.
         """
         self._check_open()
+        pages = self._storage.check_pages()
 
         def read(txn):
-            out = {"records": 0, "bytes": 0, "values": 0, "keys_compared": 0}
+            out = {"pages": pages, "records": 0, "bytes": 0, "values": 0, "keys_compared": 0}
             for shard, tables in enumerate(self._tables):
                 ops, first, last = self._verify_log(txn, shard, out)
                 cursor = txn.cursor(tables.data)
