@@ -50,7 +50,7 @@ FINDINGS = {
     "recover_from_own_log": ("chosen value lost", "agreement"),
     "accept_below_promise": ("promise:", "chosen value lost", "agreement"),
     "election_quorum_short": ("chosen value lost", "agreement", "leaders"),
-    "commit_any_ballot": ("agreement", "chosen value lost"),
+    "commit_any_ballot": ("commit:", "agreement", "chosen value lost"),
     "snapshot_backwards": ("monotonic", "state"),
     "read_before_own_noop": ("stale read", "linearizability"),
 }

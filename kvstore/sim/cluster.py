@@ -273,7 +273,7 @@ class Node:
                 self.crash("before sync")
                 return
             d.sync()
-            sim.oracle.synced(self.id, r, d.commit_index)
+            sim.oracle.synced(self.id, r, d.commit_index, rd.records)
             if crash_p and rng.random() < crash_p:
                 self.crash("after sync, before send")
                 return
@@ -325,6 +325,8 @@ class Node:
         if e.slot != self.last_applied + 1:
             sim.fail(f"order: n{self.id} applied slot {e.slot} after slot {self.last_applied}")
         self.last_applied = e.slot
+        _ballot, kind, payload, _rec = self.replica.log[e.slot]
+        sim.oracle.applied(self.id, e.slot, kind, payload)
         value = (e.kind, tuple(e.commands))
         prev = sim.chosen.get(e.slot)
         if prev is None:

@@ -17,6 +17,7 @@ something it already announced:
   higher ballot for that slot carries that value (Paxos' P2b), and one ballot never
   proposes two values for one slot: a wrong re-proposal is caught when it is sent,
   before any replica applies it;
+- a replica applies only chosen values (a majority accepted them at one ballot);
 - the state every replica applied equals a replay of the chosen log, slot by slot,
   across snapshots and restarts (so exactly-once apply is checked, not assumed).
 """
@@ -127,18 +128,31 @@ class Oracle:
                 self.fail(f"chosen value lost: slot {slot} is chosen at ballot {format_ballot(ballot)}, "
                           f"and ballot {format_ballot(other)} proposed another value there")
 
+    def applied(self, node: int, slot: int, kind: int, payload: bytes) -> None:
+        chosen = self.chosen.get(slot)
+        if chosen is None:
+            self.fail(f"commit: n{node} applied slot {slot}, which no majority accepted")
+        if (kind, payload) != chosen[1:]:
+            self.fail(f"commit: n{node} applied at slot {slot} a value other than the one chosen "
+                      f"at ballot {format_ballot(chosen[0])}")
+
     def _claimed_chosen(self, node: int, slot: int, value: tuple) -> None:
         chosen = self.chosen.get(slot)
         if chosen is not None and value != chosen[1:]:
             self.fail(f"chosen value lost: n{node} sent slot {slot} as chosen with a value other than "
                       f"the one chosen at ballot {format_ballot(chosen[0])}")
 
-    def synced(self, node: int, replica, durable_commit: int) -> None:
-        """``node``'s disk now holds everything its replica handed out."""
+    def synced(self, node: int, replica, durable_commit: int, records: list) -> None:
+        """``node``'s disk now holds everything its replica handed out (``records`` just now)."""
         acked = self.acked[node]
         for slot in [s for s in acked if s <= durable_commit]:
             del acked[slot]
         if replica.role == LEADER:
+            for rec in records:  # the leader's own acceptances count once they are durable
+                slot, ballot, kind, payload = decode_record(rec)
+                if ballot == replica.ballot:
+                    self._proposed(slot, ballot, (kind, payload))
+                    self._accepted(node, slot, ballot)
             who = (node, self.incarnation[node])
             first = self.leaders.setdefault(replica.ballot, who)
             if first != who:
