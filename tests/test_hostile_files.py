@@ -339,3 +339,29 @@ def test_a_log_key_that_disagrees_with_its_record_is_refused_at_open(store):
     with pytest.raises(StorageError, match="says slot 2") as info:
         kvstore.open(path)
     assert info.value.path == path
+
+
+def test_the_page_check_accepts_every_healthy_store(tmp_path):
+    """The structural check runs at every open: it must never refuse a store LMDB wrote."""
+    from kvstore.storage.pages import check_tree
+
+    rng = random.Random(4)
+    path = str(tmp_path / "kv")
+    data_file = os.path.join(path, "data.mdb")
+    keys: list[bytes] = []
+    for round_ in range(6):
+        with kvstore.open(path, shards=3) as db:
+            with db.transaction() as txn:
+                for _ in range(1500):
+                    key = b"k/%06d" % rng.randrange(100_000)
+                    keys.append(key)
+                    txn.put(key, bytes([round_]) * rng.choice([0, 9, 200, 3000, 9000]))
+            with db.transaction() as txn:
+                for key in rng.sample(keys, 600):
+                    txn.delete(key)
+            for _ in range(20):
+                db.put(rng.choice(keys), b"v" * rng.randrange(5000))
+            assert db.verify()["pages"] > 3
+        with open(data_file, "rb") as f:
+            head = f.read(2 * PAGE)
+        assert check_tree(data_file, PAGE, [head[:PAGE], head[PAGE:]]) > 3
