@@ -172,3 +172,63 @@ def test_slot_keys_sort_as_slots():
     keys = [pure.logcodec.slot_key(s) for s in slots]
     assert keys == sorted(keys)
     assert [pure.logcodec.key_slot(k) for k in keys] == slots
+
+
+# -- stored values: revision + CRC32C + value (issue 11 #7) -----------------------------------
+
+KEYS = st.binary(min_size=1, max_size=511)
+
+
+@given(KEYS, U64, st.binary(max_size=3000))
+@settings(max_examples=200, deadline=None)
+def test_pack_value_native_equals_pure_and_round_trips(key, revision, value):
+    native, twin = LOGCODEC["native"], LOGCODEC["pure"]
+    raw = native.pack_value(key, revision, value)
+    assert raw == twin.pack_value(key, revision, value)
+    assert int.from_bytes(raw[:8], "big") == revision  # the revision leads, big-endian
+    for impl in (native, twin):
+        assert impl.unpack_value(key, raw) == value
+        assert impl.unpack_value(key, memoryview(raw)) == value  # a buffer into the map
+        assert impl.unpack_revision(raw) == revision
+        assert impl.unpack_rows([(key, raw)]) == [(key, value)]
+        assert impl.collect_values(iter([(key, raw)]), None, None) == [(key, value)]
+        assert impl.unpack_value(key, None) is None and impl.unpack_revision(None) == 0
+
+
+@pytest.mark.parametrize("impl", sorted(LOGCODEC))
+def test_every_bit_flip_of_a_stored_value_is_detected(impl):
+    codec = LOGCODEC[impl]
+    key, value = b"user/1", b"some value of a few bytes"
+    raw = codec.pack_value(key, 77, value)
+    for i in range(len(raw) * 8):
+        bad = bytearray(raw)
+        bad[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(CorruptRecord, match="user/1"):
+            codec.unpack_value(key, bytes(bad))
+    with pytest.raises(CorruptRecord):  # the right bytes under another key
+        codec.unpack_value(b"user/2", raw)
+    for cut in range(len(raw)):
+        with pytest.raises(CorruptRecord):
+            codec.unpack_value(key, raw[:cut])
+
+
+@pytest.mark.parametrize("impl", sorted(LOGCODEC))
+def test_impossible_lengths_are_refused_before_a_byte_is_read(impl):
+    codec = LOGCODEC[impl]
+    with pytest.raises(CorruptRecord, match="longer than any value"):
+        codec.unpack_value(b"k", memoryview(bytes(codec.MAX_STORED_VALUE_SIZE + 1)))
+    with pytest.raises(CorruptRecord, match="longer than any key"):
+        codec.unpack_rows([(memoryview(bytes(600)), codec.pack_value(b"k", 1, b""))])
+    record = codec.encode_record(5, 1, 1, b"payload")
+    with pytest.raises(CorruptRecord, match="length mismatch"):
+        codec.decode_record(memoryview(record + b"\0" * 100), 5)
+
+
+@pytest.mark.parametrize("impl", sorted(LOGCODEC))
+def test_collect_values_stops_at_the_bound_and_the_limit(impl):
+    codec = LOGCODEC[impl]
+    rows = [(b"k%d" % i, codec.pack_value(b"k%d" % i, i, b"v%d" % i)) for i in range(6)]
+    assert codec.collect_values(iter(rows), b"k3", None) == [(b"k%d" % i, b"v%d" % i)
+                                                               for i in range(3)]
+    assert codec.collect_values(iter(rows), None, 2) == [(b"k0", b"v0"), (b"k1", b"v1")]
+    assert codec.collect_values(iter(rows), None, 0) == []
