@@ -26,8 +26,9 @@ def open(path: str | os.PathLike, *, node_id: str | None = None, cluster: str | 
     """Open (creating if needed) the store in directory ``path``.
 
     ``shards`` fixes the number of shards when the directory is created (default 1)
-    and must match afterwards. ``map_size`` is the initial LMDB map size in bytes;
-    the map grows on demand either way.
+    and must match afterwards. ``map_size`` is the least LMDB map reserved, in bytes:
+    at least 1 TiB of address space (not of disk) is reserved anyway, so the map never
+    has to grow under open readers (it still grows past it, should a store fill it).
     """
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}")
