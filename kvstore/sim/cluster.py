@@ -82,6 +82,9 @@ class SimConfig:
     trace_lines: int = 60
     swarm: bool = True  # each seed draws its own fault rates and replica settings (swarm testing)
     crash_in_ready_rate: float = 0.005  # per crash point in a Ready's handling
+    # a leader's Accepts and Heartbeats leave before its own write is durable (as the
+    # node does, and etcd's raft): they announce nothing of the leader's disk
+    leader_sends_before_persist: bool = True
     rejoin_check: bool = True  # after settling: a restarted follower must not depose the leader
     verbose: bool = False
 
@@ -113,7 +116,8 @@ def swarm(config: SimConfig, rng: random.Random) -> SimConfig:
                    entries_per_message_max=pick(1, 4, 32),
                    log_retain_slots=pick(0, 1, 4, 32),
                    snapshot_every=pick(2, 8, 32),
-                   snapshot_chunk_bytes=pick(16, 64, 4096))
+                   snapshot_chunk_bytes=pick(16, 64, 4096),
+                   leader_sends_before_persist=pick(False, True))
 
 
 # ---------------------------------------------------------------------- client <-> node messages
@@ -259,6 +263,14 @@ class Node:
                 return
             rd = r.ready()
             sim.flush_trace(self)
+            # 0. a leader's requests (phase 2a) may go out while its own write is under way
+            messages = rd.messages
+            if sim.config.leader_sends_before_persist:
+                early = [m for m in messages if m.type in (M.ACCEPT, M.HEARTBEAT)]
+                messages = [m for m in messages if m.type not in (M.ACCEPT, M.HEARTBEAT)]
+                for m in early:
+                    sim.oracle.sent(self.id, m)
+                    sim.send(m)
             # 1. persist (unsynced until sync)
             d = self.disk
             if rd.promised is not None:
@@ -278,7 +290,7 @@ class Node:
                 self.crash("after sync, before send")
                 return
             # 2. send
-            for m in rd.messages:
+            for m in messages:
                 sim.oracle.sent(self.id, m)
                 sim.send(m)
             if crash_p and rng.random() < crash_p:

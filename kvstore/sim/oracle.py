@@ -75,8 +75,7 @@ class Oracle:
             for rec in m.records:
                 slot, ballot, kind, payload = decode_record(rec)
                 if ballot == m.ballot:
-                    self._proposed(slot, ballot, (kind, payload))
-                    self._accepted(node, slot, ballot)  # the leader's record is durable already
+                    self._proposed(slot, ballot, (kind, payload))  # its own vote counts at ``synced``
                 elif slot <= m.commit_index:
                     self._claimed_chosen(node, slot, (kind, payload))
         elif m.type == M.PROMISE:
