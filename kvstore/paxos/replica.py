@@ -34,6 +34,20 @@ says "committed up to C" and its own entry at that slot was accepted at B, or
 when the entry came with a message saying it is at or below the sender's
 commit point. Invariant: every log entry at or below ``commit_index`` holds the
 chosen value of its slot.
+
+Promises and compaction (why a candidate never fills a chosen slot with something
+else). A Promise must show the candidate every value accepted above the
+candidate's commit point. A promiser that has compacted (or installed a snapshot)
+past that point cannot, so it refuses and sends its snapshot instead: checked on
+every copy of a Prepare, since a duplicate of one already promised may arrive
+after a snapshot changed the log the first answer came from (issue 10). And the
+candidate, independently, counts no Promise whose commit point is above its own
+unless the records cover every slot in between; those slots are chosen (the
+promiser's invariant above), so the new leader stores them as they are and
+commits them at once, before it re-proposes by ballot above them. Either half
+alone closes the bug; the simulator checks the first as an invariant (a Promise
+never hides a slot its sender knows is chosen) and the second by planting both
+off together (``Bugs.duplicate_prepare_unchecked``).
 """
 
 from __future__ import annotations
