@@ -365,3 +365,20 @@ def test_the_page_check_accepts_every_healthy_store(tmp_path):
         with open(data_file, "rb") as f:
             head = f.read(2 * PAGE)
         assert check_tree(data_file, PAGE, [head[:PAGE], head[PAGE:]]) > 3
+
+
+@pytest.mark.parametrize("name", ["data.mdb", "lock.mdb"])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_fifo_or_a_directory_in_place_of_a_file_is_a_storage_error(tmp_path, name, kind):
+    path = tmp_path / "kv"
+    path.mkdir()
+    if kind == "fifo":
+        os.mkfifo(path / name)
+    else:
+        (path / name).mkdir()
+    proc = subprocess.run(  # a child: a FIFO could hang an open that reads it
+        [PYTHON, "-c", "import sys, kvstore\ntry:\n    kvstore.open(sys.argv[1])\n"
+         "except kvstore.StorageError as e:\n    print('StorageError', e)", str(path)],
+        capture_output=True, env=child_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.startswith(b"StorageError") and name.encode() in proc.stdout

@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 import sys
 import threading
@@ -359,8 +360,8 @@ class Storage:
         here, before LMDB maps anything.
         """
         data_path = os.path.join(self.path, DATA_FILE)
-        try:
-            fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # O_NONBLOCK: a FIFO planted as data.mdb must not hang the open
+            fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             if not create:
                 raise StorageError(f"no kvstore in {self.path} (no {DATA_FILE}; is the path "
@@ -369,7 +370,10 @@ class Storage:
         except OSError as e:
             raise translate(e, self.path, f"opening {DATA_FILE}") from e
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StorageError(f"{data_path} is not a regular file", self.path)
+            size = st.st_size
             head = os.pread(fd, 2 * 65536, 0)
         except OSError as e:
             raise translate(e, self.path, f"reading {DATA_FILE}") from e
@@ -461,11 +465,14 @@ class Storage:
         """
         lock_path = os.path.join(self.path, LMDB_LOCK_FILE)
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         except OSError as e:
             raise translate(e, self.path, f"opening {LMDB_LOCK_FILE}") from e
         try:
-            size = max(os.fstat(fd).st_size, _LMDB_LOCK_BYTES)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StorageError(f"{lock_path} is not a regular file", self.path)
+            size = max(st.st_size, _LMDB_LOCK_BYTES)
             os.posix_fallocate(fd, 0, size)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
