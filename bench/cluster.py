@@ -3,7 +3,9 @@
 The servers are ``kvstore-server`` processes (``LocalCluster``); the load
 comes from this process through the asyncio client (``kvstore.aio``) with 1,
 16, 64 and 256 requests in flight; 16-byte keys, 128-byte values. Each row
-reports ops/s and p50/p99 latency. The floor it is measured against, on the
+reports ops/s, p50/p99 latency, and the CPU share (1.0 = one core) of the
+client process and of each server over the row: on a 2-core machine that
+says who the bottleneck is. The floor it is measured against, on the
 same machine in the same run: one fdatasync of a small write in the data
 directory's file system, plus one ZeroMQ round trip over loopback.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -124,17 +127,35 @@ async def load(db, kind: str, in_flight: int, seconds: float, keys: list, value:
             "p99_ms": round(percentile(latencies, 99) * 1e3, 3)}
 
 
-async def run_load(addresses: list, concurrency: list, seconds: float) -> list:
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process (all threads) or of ``pid``."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_load(addresses: list, concurrency: list, seconds: float, server_pids: dict) -> list:
     keys = [b"%016d" % i for i in range(10_000)]
     value = os.urandom(VALUE_BYTES)
     rows = []
     async with await kvstore.aio.connect(addresses, timeout=30) as db:
         for kind in ("put", "get"):
             for c in concurrency:
+                before = {n: cpu_seconds(p) for n, p in server_pids.items()}
+                client_before, t = cpu_seconds(), time.perf_counter()
                 row = await load(db, kind, c, seconds, keys, value)
+                elapsed = time.perf_counter() - t
+                row["cpu_share"] = {"client": round((cpu_seconds() - client_before) / elapsed, 2)}
+                for n, p in server_pids.items():
+                    row["cpu_share"][n] = round((cpu_seconds(p) - before[n]) / elapsed, 2)
                 rows.append(row)
+                cpu = " ".join(f"{k} {v:.0%}" for k, v in row["cpu_share"].items())
                 print(f"{kind:4} in flight {c:4}: {row['ops_per_s']:>10,.0f} ops/s   "
-                      f"p50 {row['p50_ms']:7.3f} ms   p99 {row['p99_ms']:7.3f} ms", flush=True)
+                      f"p50 {row['p50_ms']:7.3f} ms   p99 {row['p99_ms']:7.3f} ms   cpu: {cpu}",
+                      flush=True)
     return rows
 
 
@@ -158,7 +179,8 @@ def main(argv=None) -> int:
         with LocalCluster(os.path.join(base, "cluster"), 3, args.shards) as lc:
             lc.start_all()
             lc.wait_ready(timeout=60)
-            rows = asyncio.run(run_load(lc.address_list, concurrency, seconds))
+            pids = {n: p.pid for n, p in lc.procs.items()}
+            rows = asyncio.run(run_load(lc.address_list, concurrency, seconds, pids))
             lc.stop_all()
     finally:
         shutil.rmtree(base, ignore_errors=True)

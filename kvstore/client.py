@@ -141,7 +141,8 @@ class ClientCore:
             if self._closed:
                 raise KVError("this connection is closed")
             self._queue.append(call)
-            self._wake_out.send(b"", zmq.NOBLOCK)
+            if len(self._queue) == 1:  # the I/O thread takes the whole queue per wake-up
+                self._wake_out.send(b"", zmq.NOBLOCK)
         return call.future
 
     def wait(self, future: Future):
