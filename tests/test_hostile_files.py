@@ -382,3 +382,16 @@ def test_a_fifo_or_a_directory_in_place_of_a_file_is_a_storage_error(tmp_path, n
         capture_output=True, env=child_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.startswith(b"StorageError") and name.encode() in proc.stdout
+
+
+def test_a_flipped_transaction_id_in_a_meta_page_is_no_silent_rollback(tmp_path, pristine):
+    """LMDB opens the meta page with the larger transaction id: raising the older one's
+    would roll the store back to an older commit, its later writes silently gone."""
+    txn_ids = [struct.unpack_from("<Q", pristine, off + 144)[0] for off in (0, PAGE)]
+    older = (0, PAGE)[txn_ids.index(min(txn_ids))]
+    data = bytearray(pristine)
+    data[older + 144 + 6] ^= 0x01  # its id is now far above the newer one's
+    path = store_from(tmp_path / "kv", bytes(data))
+    with pytest.raises(StorageError, match="meta pages that disagree") as info:
+        kvstore.open(path)
+    assert info.value.path == path

@@ -401,6 +401,15 @@ class Storage:
                     raise StorageError(f"{where} has a corrupt meta page (page size "
                                        f"{page_size}); {_CORRUPT_HINT}", self.path)
             metas.append(_META_LAST_TXN.unpack_from(head, off + 136))
+        (last0, txn0), (last1, txn1) = metas
+        # LMDB writes meta page (txn id & 1) at each commit, so the two hold consecutive
+        # ids and the newer one's last page is not below the older one's. A flipped byte
+        # in an id would make LMDB take the older meta: a silent rollback of commits.
+        if (txn0 or txn1) and not (txn0 % 2 == 0 and txn1 % 2 == 1 and abs(txn0 - txn1) == 1
+                                   and (last0 >= last1 if txn0 > txn1 else last1 >= last0)):
+            raise StorageError(
+                f"{where} has meta pages that disagree (transaction ids {txn0} and {txn1}, "
+                f"last pages {last0} and {last1}); {_CORRUPT_HINT}", self.path)
         last_page, txn_id = max(metas, key=lambda m: m[1])
         if txn_id == 0:  # LMDB wrote its empty meta pages, nothing was ever committed
             if not create:
