@@ -225,3 +225,17 @@ def test_a_store_dropped_without_close_releases_its_directory(tmp_path):
     for helper in [t for t in threading.enumerate() if t.name == "kvstore-commit"]:
         helper.join(10)  # each ends once its store is gone (or closed)
         assert not helper.is_alive()
+
+
+def test_a_limited_address_space_reserves_a_smaller_map(tmp_path):
+    """With ulimit -v below the 1 TiB reservation, open reserves less instead of failing."""
+    script = ("import resource, sys, kvstore\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+              "with kvstore.open(sys.argv[1]) as db:\n"
+              "    db.put(b'k', b'v' * 1000)\n"
+              "    print(db.get(b'k') == b'v' * 1000, db.status()['map_size'])\n")
+    proc = subprocess.run([PYTHON, "-c", script, str(tmp_path / "kv")], capture_output=True,
+                          env=child_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    ok, map_size = proc.stdout.split()
+    assert ok == b"True" and int(map_size) < 3 << 30

@@ -62,6 +62,8 @@ MAX_READERS = 256
 #: grows page by page as LMDB writes it). Sized so the map never grows in
 #: practice, as growing it needs every read transaction of the process closed.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
+#: The least map reserved when the address space is too small for DEFAULT_MAP_SIZE.
+MIN_MAP_SIZE = 64 << 20
 #: The largest map_size accepted (64 TiB: half of x86-64's user address space).
 MAX_MAP_SIZE = (1 << 46) if sys.maxsize > 2**32 else (1 << 31)
 #: ``data.mdb`` is kept at least this far past the last page LMDB uses, as a sparse
@@ -491,9 +493,19 @@ class Storage:
 
     def _open_env(self, map_size: int, sync: bool, nshards: int) -> None:
         try:
-            self._env = lmdb.open(
-                self.path, map_size=map_size, subdir=True, max_dbs=TABLES_PER_SHARD * nshards + 1,
-                max_readers=MAX_READERS, sync=sync, metasync=sync, readahead=False, lock=True)
+            while True:
+                try:
+                    self._env = lmdb.open(
+                        self.path, map_size=map_size, subdir=True,
+                        max_dbs=TABLES_PER_SHARD * nshards + 1, max_readers=MAX_READERS,
+                        sync=sync, metasync=sync, readahead=False, lock=True)
+                    break
+                except lmdb.MemoryError:
+                    # The address space is limited (ulimit -v): reserve less, and let the
+                    # map grow on demand (growing waits for open readers) past it.
+                    if map_size <= MIN_MAP_SIZE:
+                        raise
+                    map_size = max(map_size // 4, MIN_MAP_SIZE)
             self.map_size = self._env.info()["map_size"]
             self._page_size = self._env.stat()["psize"]
         except THIRD_PARTY_ERRORS as e:
