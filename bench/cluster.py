@@ -7,7 +7,9 @@ reports ops/s, p50/p99 latency, and the CPU share (1.0 = one core) of the
 client process and of each server over the row: on a 2-core machine that
 says who the bottleneck is. The floor it is measured against, on the
 same machine in the same run: one fdatasync of a small write in the data
-directory's file system, plus one ZeroMQ round trip over loopback.
+directory's file system, plus one ZeroMQ round trip over loopback. When
+``pysyncobj`` is installed (the ``[bench]`` extra), PySyncObj's 3-node
+``ReplDict`` runs the same put load in the same run (it never fsyncs).
 
     python bench/cluster.py                # full run, writes bench/results/cluster.json
     python bench/cluster.py --quick        # smoke run
@@ -159,6 +161,36 @@ async def run_load(addresses: list, concurrency: list, seconds: float, server_pi
     return rows
 
 
+def run_pysyncobj(concurrency: list, seconds: float) -> list | None:
+    """PySyncObj's 3-node ``ReplDict`` on the same machine (``bench/pysyncobj_node.py``):
+    rows like ours, or None when ``pysyncobj`` is not installed (``pip install '.[bench]'``)."""
+    import importlib.util
+    import json
+    import subprocess
+    if importlib.util.find_spec("pysyncobj") is None:
+        return None
+    from kvstore.server_local import free_port
+    script = os.path.join(HERE, "pysyncobj_node.py")
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    procs = []
+    try:
+        for i in (1, 2):
+            procs.append(subprocess.Popen([sys.executable, script, addrs[i]]
+                                          + [a for j, a in enumerate(addrs) if j != i],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        load = subprocess.Popen([sys.executable, script, *addrs, "--load",
+                                 ",".join(map(str, concurrency)), str(seconds)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        procs.append(load)
+        out, _ = load.communicate(timeout=60 + len(concurrency) * (seconds + 30))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [dict(r, op="put") for r in rows if "in_flight" in r]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small smoke run")
@@ -167,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--in-flight", default="1,16,64,256")
     p.add_argument("--dir", default=None, help="where the cluster's data goes (default: a temp dir)")
     p.add_argument("--json", default=figures.default_path("cluster"))
+    p.add_argument("--no-pysyncobj", action="store_true", help="skip the PySyncObj comparison")
     args = p.parse_args(argv)
     concurrency = [int(x) for x in args.in_flight.split(",")]
     seconds = 0.5 if args.quick else args.seconds
@@ -182,13 +215,23 @@ def main(argv=None) -> int:
             pids = {n: p.pid for n, p in lc.procs.items()}
             rows = asyncio.run(run_load(lc.address_list, concurrency, seconds, pids))
             lc.stop_all()
+        pysyncobj = None if args.no_pysyncobj else run_pysyncobj(concurrency, seconds)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    if pysyncobj:
+        print("\nPySyncObj 3-node ReplDict, same machine, same run (it never fsyncs; the load "
+              "runs inside one of its nodes, which forwards to its leader):")
+        ours = {r["in_flight"]: r for r in rows if r["op"] == "put"}
+        for r in pysyncobj:
+            mine = ours.get(r["in_flight"])
+            ratio = f"   kvstore = {mine['ops_per_s'] / r['ops_per_s']:.1f}x" if mine and r["ops_per_s"] else ""
+            print(f"set  in flight {r['in_flight']:4}: {r['ops_per_s']:>10,.0f} ops/s   "
+                  f"p50 {r['p50_ms']:7.3f} ms   p99 {r['p99_ms']:7.3f} ms{ratio}")
     results = {"nodes": 3, "shards": args.shards, "key_bytes": KEY_BYTES,
                "value_bytes": VALUE_BYTES, "seconds_per_row": seconds,
                "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
                             "loopback_rtt": round(rtt_s * 1e3, 3)},
-               "rows": rows}
+               "rows": rows, "pysyncobj": pysyncobj}
     single = next((r for r in rows if r["op"] == "put" and r["in_flight"] == 1), None)
     if single:
         floor = (fsync_s + rtt_s) * 1e3
