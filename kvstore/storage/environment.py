@@ -298,6 +298,9 @@ class Storage:
             if not os.path.isdir(self.path):
                 raise StorageError(f"no kvstore at {self.path}: the directory does not exist "
                                    f"(is the path right?)", self.path)
+            if not os.path.lexists(os.path.join(self.path, DATA_FILE)):  # leave it untouched
+                raise StorageError(f"no kvstore in {self.path} (no {DATA_FILE}; is the path "
+                                   f"right?)", self.path)
             return
         try:
             os.makedirs(self.path, exist_ok=True)
