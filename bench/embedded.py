@@ -131,6 +131,26 @@ def best_interleaved(ours, raw, rounds: int) -> tuple[float, float]:
     return t_ours, t_raw
 
 
+def checksum_cost_ns(keys: list, value: bytes, rounds: int) -> float:
+    """What verifying a stored value's checksum adds to a get, in ns: the read path's
+    ``value_of(key, raw)`` against the bare slice that dropped the header before it."""
+    from kvstore.storage.state import VALUE_HEADER_SIZE, stored, value_of
+
+    keys = keys[:100_000]
+    raws = [(k, stored(k, 1, value)) for k in keys]
+
+    def verified() -> None:
+        for k, raw in raws:
+            value_of(k, raw)
+
+    def sliced() -> None:
+        for _k, raw in raws:
+            raw[VALUE_HEADER_SIZE:]
+
+    t_verified, t_sliced = best_interleaved(verified, sliced, rounds)
+    return (t_verified - t_sliced) / len(raws) * 1e9
+
+
 def run(args) -> dict:
     value = random.Random(1).randbytes(VALUE_SIZE)
     results: dict = {"config": {"key_size": KEY_SIZE, "value_size": VALUE_SIZE,
@@ -192,6 +212,9 @@ def run(args) -> dict:
         t_ours, t_raw = best_interleaved(ours_get, raw_get, args.rounds)
         row(f"get, random over {total:,} keys", rate(len(keys), t_ours),
             rate(len(keys), t_raw), 0.6, "raw: one read txn per get")
+        results["checksum_ns_per_get"] = checksum_cost_ns(keys, value, args.rounds)
+        print(f"  value checksum (CRC32C of key, revision, value) verified on each get: "
+              f"{results['checksum_ns_per_get']:.0f} ns", file=sys.stderr)
 
         prefix = b"key-00000000"  # keys 0..9,999
         scans = max(10, args.gets // 20000)
