@@ -86,7 +86,7 @@ def _check_timeout(timeout) -> float:
 
 class _Call:
     __slots__ = ("request_id", "op", "shard", "payload", "deadline", "future", "target",
-                 "retry_at", "resend", "reached", "is_write")
+                 "retry_at", "resend", "reached", "is_write", "sent_to")
 
     def __init__(self, request_id, op, shard, payload, deadline, target=None) -> None:
         self.request_id = request_id
@@ -100,6 +100,7 @@ class _Call:
         self.resend = False
         self.reached = False
         self.is_write = op == wire.OP_WRITE
+        self.sent_to = None  # the address of the last attempt
 
 
 class ClientCore:
@@ -123,6 +124,8 @@ class ClientCore:
         self._wake_out = self.context.socket(zmq.PAIR)
         self._wake_out.connect(name)
         self._sockets: dict = {}  # address -> DEALER (I/O thread only)
+        self._monitors: dict = {}  # monitor socket -> address
+        self._down: set = set()  # addresses whose connection dropped and has not come back
         self._by_socket: dict = {}
         self._inflight: dict = {}  # request_id -> _Call
         self._timers: list = []  # (time, request_id)
@@ -180,7 +183,37 @@ class ClientCore:
             self._sockets[address] = s
             self._by_socket[s] = address
             self._poller.register(s, zmq.POLLIN)
+            # A node that dies (SIGKILL, crash) closes its TCP connection: the monitor
+            # says so at once, and what was in flight there is sent elsewhere.
+            monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+            self._monitors[monitor] = address
+            self._poller.register(monitor, zmq.POLLIN)
         return s
+
+    def _on_monitor(self, monitor) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+        address = self._monitors[monitor]
+        lost = False
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                lost = True
+                self._down.add(address)
+            elif event["event"] == zmq.EVENT_CONNECTED:
+                lost = False
+                self._down.discard(address)
+        if not lost:
+            return
+        if address in self.nodes:
+            gone = self.nodes.index(address)
+            for shard in [sh for sh, i in self.leaders.items() if i == gone]:
+                del self.leaders[shard]
+        for call in list(self._inflight.values()):
+            if call.sent_to == address and not call.future.done() and call.target is None:
+                self._send(call)  # elsewhere: the leader cache no longer names it
 
     def _run(self) -> None:
         self._poller = zmq.Poller()
@@ -210,7 +243,9 @@ class ClientCore:
                         self._writes_inflight.append(call)
                     self._send(call)
                 for s in events:
-                    if s is not self._wake_in:
+                    if s in self._monitors:
+                        self._on_monitor(s)
+                    elif s is not self._wake_in:
                         self._receive(s)
                 self._run_timers()
                 self._flush()
@@ -223,7 +258,13 @@ class ClientCore:
                 for call in self._queue:
                     call.future.set_exception(err)
             for s in self._sockets.values():
+                try:
+                    s.disable_monitor()
+                except zmq.ZMQError:
+                    pass
                 s.close(0)
+            for m in self._monitors:
+                m.close(0)
             self._wake_in.close(0)
 
     def _pick(self, call: _Call) -> str:
@@ -232,8 +273,12 @@ class ClientCore:
         leader = self.leaders.get(call.shard)
         if leader is not None and leader < len(self.nodes):
             return self.nodes[leader]
-        self._rotation += 1
-        return self.nodes[self._rotation % len(self.nodes)]
+        for _ in range(len(self.nodes)):  # the next node not known to be down
+            self._rotation += 1
+            address = self.nodes[self._rotation % len(self.nodes)]
+            if address not in self._down:
+                return address
+        return address
 
     def _send(self, call: _Call, address: str | None = None) -> None:
         now = time.monotonic()
@@ -241,6 +286,7 @@ class ClientCore:
             self._fail(call)
             return
         address = address or self._pick(call)
+        call.sent_to = address
         if call.is_write:
             writes = self._writes_inflight  # ascending seqs; answered ones leave from the front
             while writes and writes[0].future.done():
