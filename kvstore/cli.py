@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     p.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
     p.add_argument("--dir", help="data, logs and cluster.toml (default: a new temporary dir)")
+    p.add_argument("--demo", action="store_true",
+                   help="instead: show the cluster working and failing over, then stop")
     p.set_defaults(fn=None)
     p = sub.add_parser("demo", parents=[common],
                        help="show the store working: writes, reads, transactions, threads")
@@ -208,8 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _cmd_demo(args)
         if args.command == "local-cluster":
-            from kvstore.server_local import run_local_cluster
-            return run_local_cluster(args.nodes, args.shards, args.dir)
+            from kvstore.server_local import run_cluster_demo, run_local_cluster
+            run = run_cluster_demo if args.demo else run_local_cluster
+            return run(args.nodes, args.shards, args.dir)
         with _open(args) as db:
             code = args.fn(db, args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
