@@ -297,3 +297,13 @@ def test_five_nodes_lose_two_under_writes_and_keep_every_acknowledged_write(clus
     lc.wait_ready(names=survivors)
     with lc.client(names=survivors) as c:
         assert [k for k in acked if c.get(k) != b"v"] == []
+
+
+def test_the_cluster_demo_fails_over_and_says_every_write_survived(tmp_path):
+    r = subprocess.run([PYTHON, "-m", "kvstore.cli", "local-cluster", "--demo",
+                        "--dir", str(tmp_path / "demo")], capture_output=True, env=child_env(),
+                       timeout=110)
+    out = r.stdout.decode()
+    assert r.returncode == 0, out + r.stderr.decode()
+    assert "0 missing" in out and "caught up" in out
+    assert "every acknowledged write survived the leader's death" in out
