@@ -13,9 +13,12 @@ import time
 from dataclasses import fields
 
 from kvstore.paxos.replica import Bugs
+from kvstore.sim.bank import BankConfig, run_bank_seed
+from kvstore.txn import TxnBugs
 from kvstore.sim.cluster import SimConfig, run
 
 BUG_NAMES = tuple(f.name for f in fields(Bugs))
+TXN_BUG_NAMES = tuple(f.name for f in fields(TxnBugs))
 
 
 class Progress:
@@ -54,7 +57,14 @@ def main(argv=None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="print the whole trace as it runs")
     p.add_argument("--bug", action="append", default=[], choices=BUG_NAMES,
                    help="plant a bug (to see the checks fail)")
+    p.add_argument("--bank", action="store_true",
+                   help="bank transfers across shards over two-phase commit (kvstore/sim/bank.py)")
+    p.add_argument("--shards", type=int, default=3, help="with --bank: shards")
+    p.add_argument("--txn-bug", action="append", default=[], choices=TXN_BUG_NAMES,
+                   help="with --bank: plant a two-phase-commit bug")
     a = p.parse_args(argv)
+    if a.bank:
+        return bank_main(a)
     bugs = Bugs(**{name: True for name in a.bug})
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
     failed = 0
@@ -79,6 +89,30 @@ def main(argv=None) -> int:
         print(f"{len(seeds) if failed == 0 else 'stopped after a failure;'} seeds, {failed} failed")
         if results:
             print(liveness_table(results))
+    return 1 if failed else 0
+
+
+def bank_main(a) -> int:
+    bugs = TxnBugs(**{name: True for name in a.txn_bug})
+    seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
+    progress = Progress(len(seeds)) if a.seed is None and sys.stderr.isatty() else None
+    failed = 0
+    for s in seeds:
+        ok, text = run_bank_seed(BankConfig(seed=s, shards=a.shards, bugs=bugs, verbose=a.verbose))
+        if progress is not None:
+            progress.step(s)
+        if not ok or a.seed is not None:
+            if progress is not None:
+                progress.clear()
+            print(text)
+        if not ok:
+            failed += 1
+            if a.seed is None:
+                break
+    if progress is not None:
+        progress.clear()
+    if a.seed is None:
+        print(f"{len(seeds) if failed == 0 else 'stopped after a failure;'} bank seeds, {failed} failed")
     return 1 if failed else 0
 
 

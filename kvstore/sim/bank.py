@@ -1,0 +1,533 @@
+"""Deterministic simulation of cross-shard bank transfers over two-phase commit.
+
+Layered on what ``cluster.py`` proves of one shard (its log is linearizable and
+applies every entry once, in order, under every fault it injects), this
+simulator treats each shard as such a log that may be unreachable for a while
+(no quorum: a leader election, a partitioned majority), and puts the faults
+where two-phase commit can go wrong: between the processes that coordinate
+transactions and the shards' logs. Messages are dropped, duplicated (in bursts,
+the extra copies late), delayed and reordered; shards go dark and come back;
+coordinator processes crash at any moment, mid-commit included, losing all they
+held, and restart. One seed drives one ``random.Random``; a failure prints the
+seed, the command that replays it and the trace.
+
+Workload: processes move money between accounts spread over the shards
+(transfers inside one shard are one log entry; across shards, 2PC) and audit
+all accounts in read-only transactions across every shard.
+
+Checks, after every step where they apply:
+- a participant writes only when it carries out a decision that the
+  coordinator shard has recorded (never at prepare, never ahead of the decision),
+  and every decision carried out is the one recorded (decisions never change);
+- two prepared transactions never hold the same key;
+- every audit that commits sees the conserved total (isolation, read-only too);
+and at the end, after a liveness phase with every fault healed:
+- no transaction is left prepared and no key locked (nothing blocked forever);
+- atomicity: each transaction's participants all carried out its recorded
+  decision, and a client told "committed" got exactly that;
+- the money is all there.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from dataclasses import dataclass, field, fields, replace
+
+from kvstore.txn import (ABORT, COMMIT, Coordinator, DecisionTable, ParticipantState, TxnBugs,
+                         TxnDecision, TxnPrepare, TxnResolve)
+
+INITIAL_BALANCE = 100
+
+
+class BankFailure(Exception):
+    pass
+
+
+@dataclass
+class BankConfig:
+    seed: int = 0
+    shards: int = 3
+    accounts: int = 6
+    processes: int = 3
+    ticks: int = 400  # fault phase
+    liveness_ticks: int = 600
+    drop_rate: float = 0.05
+    duplicate_rate: float = 0.03
+    duplicate_spread_ticks: int = 20
+    delay_max_ticks: int = 3
+    outage_rate: float = 0.005  # per shard per tick: no quorum for a while
+    outage_ticks_max: int = 40
+    crash_rate: float = 0.005  # per process per tick
+    down_ticks_max: int = 40
+    txn_deadline_ticks: int = 30  # a prepared record may be resolved by anyone after this
+    retry_ticks: int = 6  # a process re-proposes what it has no answer to after this
+    audit_share: float = 0.3
+    bugs: TxnBugs = field(default_factory=TxnBugs)
+    swarm: bool = True
+    trace_lines: int = 80
+    verbose: bool = False
+
+
+def swarm(c: BankConfig, rng: random.Random) -> BankConfig:
+    pick = lambda *xs: xs[rng.randrange(len(xs))]  # noqa: E731
+    return replace(c, drop_rate=pick(0.0, 0.05, 0.15), duplicate_rate=pick(0.0, 0.03, 0.1),
+                   duplicate_spread_ticks=pick(3, 20, 60), delay_max_ticks=pick(1, 3, 6),
+                   outage_rate=pick(0.0, 0.005, 0.02), crash_rate=pick(0.0, 0.005, 0.02),
+                   txn_deadline_ticks=pick(10, 30, 60), retry_ticks=pick(3, 6, 12),
+                   audit_share=pick(0.1, 0.3, 0.5), accounts=pick(3, 6, 12),
+                   processes=pick(2, 3, 5))
+
+
+@dataclass(frozen=True)
+class Propose:
+    """A process asks shard ``to`` to append ``entry`` (a read when ``entry`` is a key tuple)."""
+
+    to: int
+    frm: tuple  # (process, incarnation), where the answer goes
+    tag: tuple
+    entry: object
+
+
+@dataclass(frozen=True)
+class Answer:
+    to: tuple
+    tag: tuple
+    result: object
+
+
+class Shard:
+    """One shard's log as its replicas apply it: data, prepared records, decisions."""
+
+    def __init__(self, sim: "BankSimulation", index: int, keys: list) -> None:
+        self.sim = sim
+        self.id = index
+        self.data = {k: (1, b"%d" % INITIAL_BALANCE) for k in keys}  # key -> (revision, value)
+        self.participant = ParticipantState(bugs=sim.config.bugs)
+        self.decisions = DecisionTable()
+        self.slot = 1
+        self.down_until = -1
+        self.applying: object = None  # the entry being applied (the write oracle looks)
+        self.asked: dict = {}  # resolver: txn id -> tick it last asked the coordinator shard
+        self.singles: dict = {}  # txn id -> result: a retried one-shard transaction applies once
+
+    # Store, for ParticipantState
+    def revision(self, key: bytes) -> int:
+        return self.data[key][0] if key in self.data else 0
+
+    def write(self, key: bytes, value: bytes | None) -> None:
+        entry = self.applying
+        if isinstance(entry, TxnResolve):
+            recorded = self.sim.recorded_decision(entry.txn_id)
+            if entry.outcome != COMMIT or recorded != COMMIT:
+                self.sim.fail(f"atomicity: s{self.id} wrote {key!r} for {entry.txn_id!r}, whose recorded "
+                              f"decision is {recorded}")
+        elif not (isinstance(entry, tuple) and entry[0] == "single"):
+            self.sim.fail(f"atomicity: s{self.id} wrote {key!r} while applying {type(entry).__name__}, "
+                          f"before any decision")
+        if value is None:
+            self.data.pop(key, None)
+        else:
+            self.data[key] = (self.slot, value)
+
+    def apply(self, entry):
+        """Append ``entry`` to the log and apply it; its result goes back to the proposer."""
+        self.slot += 1
+        self.applying = entry
+        try:
+            return self._apply(entry)
+        finally:
+            self.applying = None
+
+    def _apply(self, entry):
+        sim = self.sim
+        if isinstance(entry, TxnPrepare):
+            vote = self.participant.apply_prepare(self, entry)
+            if vote and not entry.read_only:
+                sim.check_locks(self)
+            return vote
+        if isinstance(entry, TxnDecision):
+            if entry.txn_id in sim.coordinator_of and sim.coordinator_of[entry.txn_id] != self.id:
+                sim.fail(f"decision for {entry.txn_id!r} proposed to s{self.id}, not its coordinator shard")
+            return self.decisions.apply_decision(entry.txn_id, entry.outcome)
+        if isinstance(entry, TxnResolve):
+            recorded = sim.recorded_decision(entry.txn_id)
+            if recorded != entry.outcome:
+                sim.fail(f"decision: s{self.id} carries out {entry.outcome} for {entry.txn_id!r}, "
+                         f"but the recorded decision is {recorded}")
+            if self.participant.apply_resolve(self, entry):
+                sim.carried_out.setdefault(entry.txn_id, {})[self.id] = entry.outcome
+            return True
+        kind = entry[0]
+        if kind == "single":
+            txn_id = entry[3]
+            if txn_id not in self.singles:  # the client session table's job, in a node
+                self.singles[txn_id] = self.participant.apply_single(self, entry[1], entry[2])
+            return self.singles[txn_id]
+        if kind == "read":  # a linearizable read of some keys: value and revision
+            return [(k, *self._read(k)) for k in entry[1]]
+        raise AssertionError(f"unknown entry {entry!r}")
+
+    def _read(self, key: bytes) -> tuple:
+        rev, value = self.data.get(key, (0, None))
+        return value, rev
+
+    def resolve_expired(self, now: int) -> None:
+        """The shard's resolver: ask the coordinator shard about prepared records past their deadline."""
+        sim = self.sim
+        for p in self.participant.expired(now):
+            if now - self.asked.get(p.txn_id, -10**9) < sim.config.retry_ticks:
+                continue
+            self.asked[p.txn_id] = now
+            sim.log(f"s{self.id} resolver asks s{p.coordinator} about {p.txn_id!r}")
+            sim.send(Propose(p.coordinator, ("resolver", self.id), ("decide", p.txn_id, p.participants),
+                             TxnDecision(p.txn_id, ABORT)))
+
+
+class Process:
+    """A client that coordinates its own transactions; everything it holds dies with it."""
+
+    def __init__(self, sim: "BankSimulation", index: int) -> None:
+        self.sim = sim
+        self.id = index
+        self.incarnation = 0
+        self.down_until = -1
+        self.restart()
+
+    def restart(self) -> None:
+        self.incarnation += 1
+        self.up = True
+        self.op: dict | None = None
+        self.background: dict = {}  # txn id -> Coordinator still resolving after its answer
+        self.idle_until = self.sim.tick + self.sim.rng.randrange(3)
+
+    @property
+    def address(self) -> tuple:
+        return (self.id, self.incarnation)
+
+    def crash(self) -> None:
+        sim = self.sim
+        sim.log(f"CRASH p{self.id} ({'idle' if self.op is None else self.op['kind'] + ' ' + self.op['phase']})")
+        if self.op is not None and self.op.get("txn_id") is not None:
+            sim.unknown.add(self.op["txn_id"])
+        self.up = False
+        self.op = None
+        self.background = {}
+
+    # ------------------------------------------------------------------ operations
+    def start(self) -> None:
+        sim = self.sim
+        rng = sim.rng
+        if rng.random() < sim.config.audit_share:
+            keys = list(sim.accounts)
+            self.op = {"kind": "audit", "keys": keys}
+        else:
+            a, b = rng.sample(sim.accounts, 2)
+            self.op = {"kind": "transfer", "keys": [a, b], "amount": 1 + rng.randrange(30)}
+        self.op.update(phase="read", seen={}, txn_id=None, coordinator=None, deadline=sim.tick,
+                       id=sim.next_id())
+        self.send_reads()
+
+    def send_reads(self) -> None:
+        sim = self.sim
+        by_shard: dict = {}
+        for k in self.op["keys"]:
+            if k not in self.op["seen"]:
+                by_shard.setdefault(sim.shard_of[k], []).append(k)
+        for shard, keys in sorted(by_shard.items()):
+            sim.send(Propose(shard, self.address, ("read", self.op["id"]), ("read", tuple(keys))))
+        self.op["deadline"] = sim.tick + sim.config.retry_ticks
+
+    def on_answer(self, a: Answer) -> None:
+        sim = self.sim
+        tag = a.tag
+        if tag[0] in ("prepare", "decide", "resolve"):
+            txn_id = tag[1]
+            co = self.op["coordinator"] if self.op and self.op.get("txn_id") == txn_id else self.background.get(txn_id)
+            if co is None:
+                return
+            if tag[0] == "prepare":
+                proposals = co.on_vote(tag[2], a.result)
+            elif tag[0] == "decide":
+                proposals = co.on_decision(a.result)
+            else:
+                co.on_resolved(tag[2])
+                proposals = []
+            self.propose(co, proposals)
+            if co.state == "done":
+                self.background.pop(txn_id, None)
+            if self.op is not None and self.op.get("txn_id") == txn_id and co.decided:
+                self.finish(co.outcome)
+            return
+        op = self.op
+        if op is None:
+            return
+        if tag[0] == "read" and op["phase"] == "read" and tag[1] == op["id"]:
+            for key, value, rev in a.result:
+                op["seen"].setdefault(key, (value, rev))
+            if len(op["seen"]) == len(op["keys"]):
+                self.begin_commit()
+        elif tag[0] == "single" and op["phase"] == "commit" and tag[1] == op["txn_id"]:
+            self.finish(COMMIT if a.result else ABORT)
+
+    def begin_commit(self) -> None:
+        sim = self.sim
+        op = self.op
+        seen = op["seen"]
+        parts: dict = {}
+        for k in op["keys"]:
+            parts.setdefault(sim.shard_of[k], ([], []))[0].append((k, seen[k][1]))
+        if op["kind"] == "transfer":
+            a, b = op["keys"]
+            have = int(seen[a][0])
+            amount = min(op["amount"], have)
+            for key, value in ((a, have - amount), (b, int(seen[b][0]) + amount)):
+                parts[sim.shard_of[key]][1].append((key, b"%d" % value))
+        txn_id = b"t%d.%d.%d" % (self.id, self.incarnation, sim.next_id())
+        op.update(phase="commit", txn_id=txn_id)
+        if len(parts) == 1 and op["kind"] == "transfer":
+            (shard, (reads, writes)), = parts.items()
+            op["single"] = Propose(shard, self.address, ("single", txn_id),
+                                   ("single", tuple(reads), tuple(writes), txn_id))
+            sim.send(op["single"])
+            op["deadline"] = sim.tick + sim.config.retry_ticks
+            return
+        coordinator_shard = sorted(parts)[sim.rng.randrange(len(parts))]
+        co = Coordinator(txn_id, coordinator_shard, parts, sim.tick + sim.config.txn_deadline_ticks,
+                         decision_not_replicated=sim.config.bugs.decision_not_replicated)
+        sim.coordinator_of[txn_id] = coordinator_shard
+        op["coordinator"] = co
+        self.propose(co, co.proposals())
+
+    def propose(self, co: Coordinator, proposals: list) -> None:
+        sim = self.sim
+        for shard, entry in proposals:
+            kind = {TxnPrepare: "prepare", TxnDecision: "decide", TxnResolve: "resolve"}[type(entry)]
+            sim.send(Propose(shard, self.address, (kind, co.txn_id, shard), entry))
+        if self.op is not None and self.op.get("coordinator") is co:
+            self.op["deadline"] = sim.tick + sim.config.retry_ticks
+
+    def finish(self, outcome: int) -> None:
+        sim = self.sim
+        op = self.op
+        co = op.get("coordinator")
+        if op["kind"] == "audit" and outcome == COMMIT:
+            total = sum(int(v) for v, _ in op["seen"].values())
+            if total != sim.total:
+                sim.fail(f"isolation: p{self.id}'s audit {op['txn_id']!r} committed having seen a total of "
+                         f"{total}, not {sim.total}")
+        sim.told[op["txn_id"]] = outcome
+        sim.completed += 1
+        sim.log(f"p{self.id} {op['kind']} {op['txn_id']!r} -> {'COMMIT' if outcome == COMMIT else 'ABORT'}")
+        if co is not None and co.state != "done":
+            self.background[op["txn_id"]] = co
+        self.op = None
+        self.idle_until = sim.tick + sim.rng.randrange(3)
+
+    def on_tick(self, may_start: bool) -> None:
+        sim = self.sim
+        for co in list(self.background.values()):
+            if sim.tick % sim.config.retry_ticks == 0:
+                self.propose(co, co.proposals())
+        op = self.op
+        if op is None:
+            if may_start and sim.tick >= self.idle_until:
+                self.start()
+            return
+        if sim.tick < op["deadline"]:
+            return
+        if op["phase"] == "read":
+            self.send_reads()
+        elif op.get("single") is not None:
+            sim.send(op["single"])
+            op["deadline"] = sim.tick + sim.config.retry_ticks
+        else:
+            self.propose(op["coordinator"], op["coordinator"].proposals())
+
+
+class BankSimulation:
+    def __init__(self, config: BankConfig) -> None:
+        self.rng = random.Random(config.seed)
+        if config.swarm:
+            config = swarm(config, self.rng)
+        self.config = config
+        self.tick = 0
+        self._seq = 0
+        self._ids = 0
+        self.faults = True
+        self.queue: list = []
+        self.trace: deque = deque(maxlen=config.trace_lines)
+        self.accounts = [b"acct%02d" % i for i in range(config.accounts)]
+        self.shard_of = {k: i % config.shards for i, k in enumerate(self.accounts)}
+        self.total = INITIAL_BALANCE * config.accounts
+        self.shards = [Shard(self, s, [k for k in self.accounts if self.shard_of[k] == s])
+                       for s in range(config.shards)]
+        self.processes = [Process(self, p) for p in range(config.processes)]
+        self.coordinator_of: dict = {}  # txn id -> its coordinator shard
+        self.carried_out: dict = {}  # txn id -> {shard: outcome} of the resolves applied
+        self.told: dict = {}  # txn id -> the outcome its client was told
+        self.unknown: set = set()  # transactions whose client died before hearing
+        self.completed = 0
+
+    # ------------------------------------------------------------------ plumbing
+    def next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def log(self, line: str) -> None:
+        line = f"t{self.tick} {line}"
+        self.trace.append(line)
+        if self.config.verbose:
+            print(line)
+
+    def fail(self, why: str) -> None:
+        raise BankFailure(why)
+
+    def recorded_decision(self, txn_id: bytes) -> int | None:
+        shard = self.coordinator_of.get(txn_id)
+        return None if shard is None else self.shards[shard].decisions.decisions.get(txn_id)
+
+    def check_locks(self, shard: Shard) -> None:
+        held: dict = {}
+        for txn_id, p in shard.participant.prepared.items():
+            for key, _ in (*p.reads, *p.writes):
+                other = held.setdefault(key, txn_id)
+                if other != txn_id:
+                    self.fail(f"isolation: s{shard.id} holds {other!r} and {txn_id!r} prepared on {key!r}")
+
+    def send(self, m) -> None:
+        c = self.config
+        rng = self.rng
+        if self.faults and rng.random() < c.drop_rate:
+            self.log(f"drop {m}")
+            return
+        copies = 1
+        if self.faults and rng.random() < c.duplicate_rate:
+            copies += 1 + rng.randrange(3)
+        for copy in range(copies):
+            spread = c.delay_max_ticks if copy == 0 else max(c.delay_max_ticks, c.duplicate_spread_ticks)
+            self._seq += 1
+            heapq.heappush(self.queue, (self.tick + 1 + rng.randrange(spread), self._seq, m))
+
+    def _deliver(self, m) -> None:
+        if isinstance(m, Answer):
+            if m.to[0] == "resolver":
+                self._resolver_answer(m)
+                return
+            process = self.processes[m.to[0]]
+            if process.up and process.incarnation == m.to[1]:
+                process.on_answer(m)
+            return
+        shard = self.shards[m.to]
+        if shard.down_until > self.tick:
+            return  # no quorum: the proposal is lost
+        self.log(f"s{m.to} applies {m.entry!r} for {m.frm}")
+        result = shard.apply(m.entry)
+        self.send(Answer(m.frm, m.tag, result))
+
+    def _resolver_answer(self, m: Answer) -> None:
+        kind, txn_id, participants = m.tag
+        if kind == "decide":
+            for shard in participants:
+                self.send(Propose(shard, m.to, ("resolve", txn_id, shard), TxnResolve(txn_id, m.result)))
+
+    # ------------------------------------------------------------------ run
+    def _faults(self) -> None:
+        c = self.config
+        rng = self.rng
+        for shard in self.shards:
+            if shard.down_until <= self.tick and rng.random() < c.outage_rate:
+                shard.down_until = self.tick + 1 + rng.randrange(c.outage_ticks_max)
+                self.log(f"OUTAGE s{shard.id} until t{shard.down_until}")
+        for p in self.processes:
+            if p.up and rng.random() < c.crash_rate:
+                p.crash()
+                p.down_until = self.tick + 1 + rng.randrange(c.down_ticks_max)
+            elif not p.up and self.tick >= p.down_until:
+                self.log(f"RESTART p{p.id}")
+                p.restart()
+
+    def _step(self, may_start: bool) -> None:
+        self.tick += 1
+        if self.faults:
+            self._faults()
+        while self.queue and self.queue[0][0] <= self.tick:
+            _, _, m = heapq.heappop(self.queue)
+            self._deliver(m)
+        for shard in self.shards:
+            if shard.down_until <= self.tick:
+                shard.resolve_expired(self.tick)
+        for p in self.processes:
+            if p.up:
+                p.on_tick(may_start)
+
+    def _quiet(self) -> bool:
+        return (all(p.op is None and not p.background for p in self.processes if p.up)
+                and all(not s.participant.prepared for s in self.shards))
+
+    def run(self) -> None:
+        c = self.config
+        while self.tick < c.ticks:
+            self._step(True)
+        self.faults = False
+        for shard in self.shards:
+            shard.down_until = -1
+        for p in self.processes:
+            if not p.up:
+                p.restart()
+        self.log("HEAL everything; liveness phase")
+        end = self.tick + c.liveness_ticks
+        while not self._quiet():
+            if self.tick >= end:
+                stuck = [(s.id, sorted(s.participant.prepared)) for s in self.shards if s.participant.prepared]
+                self.fail(f"liveness: {c.liveness_ticks} ticks after the heal, still prepared: {stuck}; "
+                          f"ops: {[p.op and p.op['kind'] for p in self.processes]}")
+            self._step(False)
+        self.check_end()
+
+    def check_end(self) -> None:
+        for shard in self.shards:
+            if shard.participant.locks:
+                self.fail(f"liveness: s{shard.id} still locks {sorted(shard.participant.locks)}")
+        for txn_id, by_shard in self.carried_out.items():
+            recorded = self.recorded_decision(txn_id)
+            participants = None
+            for shard in self.shards:
+                if txn_id in shard.participant.finished:
+                    participants = participants or set()
+                    participants.add(shard.id)
+            if any(outcome != recorded for outcome in by_shard.values()):
+                self.fail(f"atomicity: {txn_id!r} carried out {by_shard}, recorded {recorded}")
+            if recorded == COMMIT:
+                missing = [s for s, out in ((s.id, s.participant.finished.get(txn_id)) for s in self.shards)
+                           if s in (participants or ()) and out != COMMIT]
+                if missing:
+                    self.fail(f"atomicity: {txn_id!r} committed but not carried out at {missing}")
+        for txn_id, outcome in self.told.items():
+            recorded = self.recorded_decision(txn_id)
+            if recorded is not None and recorded != outcome:
+                self.fail(f"decision: {txn_id!r}'s client was told {outcome}, the record says {recorded}")
+        total = sum(int(v) for s in self.shards for _, v in s.data.values())
+        if total != self.total:
+            self.fail(f"atomicity: the accounts hold {total}, not {self.total}")
+
+
+def _bug_flags(bugs: TxnBugs) -> str:
+    return "".join(f" --txn-bug {f.name}" for f in fields(bugs) if getattr(bugs, f.name))
+
+
+def run_bank_seed(config: BankConfig) -> tuple[bool, str]:
+    sim = BankSimulation(config)
+    try:
+        sim.run()
+    except (BankFailure, AssertionError) as e:
+        kind = "" if isinstance(e, BankFailure) else f"{type(e).__name__}: "
+        lines = [f"FAILED bank seed {config.seed}: {kind}{e}",
+                 f"reproduce: python -m kvstore.sim --bank --seed {config.seed}{_bug_flags(config.bugs)} --verbose",
+                 f"last {len(sim.trace)} events:"]
+        lines.extend("  " + t for t in sim.trace)
+        return False, "\n".join(lines)
+    committed = sum(1 for o in sim.told.values() if o == COMMIT)
+    return True, (f"bank seed {config.seed}: ok, {sim.completed} transactions answered "
+                  f"({committed} committed), {len(sim.unknown)} left to the resolvers")

@@ -1,0 +1,120 @@
+"""A shard's side of two-phase commit: prepared records, locks, decisions, as applied state.
+
+Everything here runs while a shard applies its log, on every replica alike, so
+it is deterministic and pure: the key-value data is reached only through a
+small ``Store`` (revision of a key, write a key), which the simulator gives as a
+dict and a node as its LMDB state.
+
+Conflicts (the rule, written down): a TxnPrepare or a single-shard write that
+meets a lock held by another transaction does not wait: the prepare votes no
+(the transaction aborts, its client retries after a randomized backoff) and the
+write reports a conflict. Nothing ever waits for a lock, so there is no
+deadlock; a lock lives at most until its transaction's decision is resolved,
+and a prepared record whose coordinator went quiet is resolved by anyone once
+its deadline passes (``expired``), so no key stays locked for long: a hot key
+is never starved by a dead holder, only contended by live ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvstore.txn.records import ABORT, COMMIT, TxnPrepare, TxnResolve
+
+
+@dataclass(frozen=True)
+class TxnBugs:
+    """Planted 2PC bugs, for tests of the simulator only. All off by default."""
+
+    decision_not_replicated: bool = False  # the coordinator resolves before its decision is applied
+    apply_before_decision: bool = False  # a participant writes at prepare, not at the decision
+    prepare_skips_read_validation: bool = False  # a prepare does not check what was read
+    locks_released_at_vote: bool = False  # a prepared transaction holds no locks
+
+
+class Store(Protocol):
+    def revision(self, key: bytes) -> int: ...
+
+    def write(self, key: bytes, value: bytes | None) -> None: ...
+
+
+@dataclass
+class ParticipantState:
+    """Invariant: a key is in ``locks`` iff a transaction in ``prepared`` read or writes it."""
+
+    prepared: dict = field(default_factory=dict)  # txn id -> TxnPrepare
+    locks: dict = field(default_factory=dict)  # key -> txn id
+    finished: dict = field(default_factory=dict)  # txn id -> COMMIT / ABORT, as carried out here
+    bugs: TxnBugs = field(default_factory=TxnBugs)
+
+    def _valid(self, store: Store, txn_id: bytes, reads, writes) -> bool:
+        for key, _ in (*reads, *writes):
+            holder = self.locks.get(key)
+            if holder is not None and holder != txn_id:
+                return False
+        if self.bugs.prepare_skips_read_validation:
+            return True
+        return all(store.revision(key) == revision for key, revision in reads)
+
+    def apply_prepare(self, store: Store, p: TxnPrepare) -> bool:
+        """Apply a TxnPrepare; its result is this shard's TxnVote (True: prepared, yes)."""
+        done = self.finished.get(p.txn_id)
+        if done is not None:  # a late copy: the transaction is over here
+            return done == COMMIT
+        if p.txn_id in self.prepared:
+            return True  # a duplicate
+        if not self._valid(store, p.txn_id, p.reads, p.writes):
+            if not p.read_only:
+                self.finished[p.txn_id] = ABORT  # a later copy must not prepare it after all
+            return False
+        if p.read_only:
+            return True  # validated now, after all its reads: nothing to hold
+        if self.bugs.apply_before_decision:
+            for key, value in p.writes:
+                store.write(key, value)
+        self.prepared[p.txn_id] = p
+        if not self.bugs.locks_released_at_vote:
+            for key, _ in (*p.reads, *p.writes):
+                self.locks[key] = p.txn_id
+        return True
+
+    def apply_resolve(self, store: Store, r: TxnResolve) -> bool:
+        """Carry out a recorded decision; True if this call changed anything."""
+        p = self.prepared.pop(r.txn_id, None)
+        if p is None:
+            # Never prepared here (its TxnPrepare lost, late, or voted no): remember the
+            # outcome so that a late TxnPrepare cannot prepare it afterwards.
+            self.finished.setdefault(r.txn_id, r.outcome)
+            return False
+        if r.outcome == COMMIT and not self.bugs.apply_before_decision:
+            for key, value in p.writes:
+                store.write(key, value)
+        for key, _ in (*p.reads, *p.writes):
+            if self.locks.get(key) == r.txn_id:
+                del self.locks[key]
+        self.finished[r.txn_id] = r.outcome
+        return True
+
+    def apply_single(self, store: Store, reads, writes) -> bool:
+        """A transaction inside this shard alone (one log entry): validate, then write."""
+        if not self._valid(store, b"", reads, writes):
+            return False
+        for key, value in writes:
+            store.write(key, value)
+        return True
+
+    def expired(self, now: int) -> list:
+        """Prepared transactions past their deadline: anyone may ask their coordinator shard."""
+        return [p for p in self.prepared.values() if p.deadline <= now]
+
+
+@dataclass
+class DecisionTable:
+    """The coordinator shard's record of outcomes: the first TxnDecision applied wins."""
+
+    decisions: dict = field(default_factory=dict)  # txn id -> COMMIT / ABORT
+
+    def apply_decision(self, txn_id: bytes, outcome: int) -> int:
+        """Record ``outcome`` unless one is recorded already; return the recorded one."""
+        return self.decisions.setdefault(txn_id, outcome)

@@ -1,0 +1,101 @@
+"""The two-phase-commit log entries and their encoding.
+
+Every step of a cross-shard transaction that must survive a crash is an entry in
+some shard's Paxos log, applied by every replica of that shard alike:
+
+- ``TxnPrepare`` (participant shard): validate what the transaction read, lock
+  what it read and wrote, remember its writes; applying it yields the shard's
+  ``TxnVote`` (yes: prepared; no: conflict, nothing held). A read-only prepare
+  only validates, and holds nothing.
+- ``TxnDecision`` (coordinator shard): propose an outcome; applying it yields
+  the outcome recorded for the transaction, which is the first one proposed:
+  written once, never changed (DESIGN.md rule 7).
+- ``TxnResolve`` (participant shard): carry out a recorded decision: apply the
+  writes on commit, and release the locks either way.
+
+Words are 2PC's only (TxnPrepare, TxnVote, TxnDecision), never Paxos's Prepare,
+Promise, Accept. Encoded as msgpack lists with a tag; never pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+
+COMMIT = 1
+ABORT = 2
+OUTCOMES = (COMMIT, ABORT)
+
+_TAG_PREPARE = "TxnPrepare"
+_TAG_DECISION = "TxnDecision"
+_TAG_RESOLVE = "TxnResolve"
+
+
+@dataclass(frozen=True)
+class TxnPrepare:
+    txn_id: bytes
+    coordinator: int  # the shard whose log holds the decision
+    participants: tuple  # every shard the transaction touches, coordinator included
+    reads: tuple  # ((key, revision seen), ...); revision 0 = read as absent
+    writes: tuple  # ((key, value or None), ...); None deletes
+    deadline: int  # after this (the driver's clock), anyone may ask the coordinator shard
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class TxnDecision:
+    txn_id: bytes
+    outcome: int  # COMMIT or ABORT, as proposed; the recorded one may differ (first wins)
+
+
+@dataclass(frozen=True)
+class TxnResolve:
+    txn_id: bytes
+    outcome: int  # the recorded decision
+
+
+def encode(entry) -> bytes:
+    if isinstance(entry, TxnPrepare):
+        body = [_TAG_PREPARE, entry.txn_id, entry.coordinator, list(entry.participants),
+                [list(r) for r in entry.reads], [list(w) for w in entry.writes], entry.deadline,
+                entry.read_only]
+    elif isinstance(entry, (TxnDecision, TxnResolve)):
+        tag = _TAG_DECISION if isinstance(entry, TxnDecision) else _TAG_RESOLVE
+        body = [tag, entry.txn_id, entry.outcome]
+    else:
+        raise TypeError(f"not a 2PC entry: {entry!r}")
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _pairs(items, second_types) -> tuple:
+    out = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], bytes)
+                and isinstance(item[1], second_types)):
+            raise ValueError("malformed key pair in a 2PC entry")
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
+def decode(data: bytes):
+    """Inverse of ``encode``; anything else is a ValueError (it comes off disk or the wire)."""
+    try:
+        body = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several unrelated classes
+        raise ValueError(f"undecodable 2PC entry: {e}") from e
+    if not isinstance(body, list) or not body or not isinstance(body[1] if len(body) > 1 else None, bytes):
+        raise ValueError("malformed 2PC entry")
+    tag = body[0]
+    if tag == _TAG_PREPARE and len(body) == 8:
+        _, txn_id, coordinator, participants, reads, writes, deadline, read_only = body
+        if not (isinstance(coordinator, int) and isinstance(participants, list)
+                and all(isinstance(p, int) for p in participants) and isinstance(deadline, int)
+                and isinstance(read_only, bool)):
+            raise ValueError("malformed TxnPrepare")
+        return TxnPrepare(txn_id, coordinator, tuple(participants), _pairs(reads, int),
+                          _pairs(writes, (bytes, type(None))), deadline, read_only)
+    if tag in (_TAG_DECISION, _TAG_RESOLVE) and len(body) == 3 and body[2] in OUTCOMES:
+        cls = TxnDecision if tag == _TAG_DECISION else TxnResolve
+        return cls(body[1], body[2])
+    raise ValueError(f"unknown 2PC entry {tag!r}")

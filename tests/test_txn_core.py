@@ -1,0 +1,175 @@
+"""The two-phase-commit core (``kvstore/txn``): records, participant, decision table, coordinator,
+and the bank simulator that drives them through crashes, outages and a lossy network."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from dataclasses import fields
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore.sim.bank import BankConfig, run_bank_seed
+from kvstore.txn import (ABORT, COMMIT, Coordinator, DecisionTable, ParticipantState, TxnBugs,
+                         TxnDecision, TxnPrepare, TxnResolve, decode, encode)
+
+BANK_SEEDS = int(os.environ.get("KVSTORE_BANK_SEEDS", "300"))
+
+
+class DictStore:
+    def __init__(self, **values) -> None:
+        self.data = {k.encode(): (1, v) for k, v in values.items()}
+        self.slot = 1
+
+    def revision(self, key):
+        return self.data[key][0] if key in self.data else 0
+
+    def write(self, key, value):
+        self.slot += 1
+        if value is None:
+            self.data.pop(key, None)
+        else:
+            self.data[key] = (self.slot, value)
+
+
+def prepare(txn_id=b"t1", reads=((b"a", 1),), writes=((b"a", b"9"),), read_only=False, deadline=10):
+    return TxnPrepare(txn_id, 0, (0, 1), reads, writes, deadline, read_only)
+
+
+keys = st.binary(min_size=1, max_size=8)
+entries = st.one_of(
+    st.builds(TxnPrepare, keys, st.integers(0, 7), st.tuples(st.integers(0, 7)),
+              st.lists(st.tuples(keys, st.integers(0, 2**40)), max_size=4).map(tuple),
+              st.lists(st.tuples(keys, st.one_of(st.none(), keys)), max_size=4).map(tuple),
+              st.integers(0, 2**40), st.booleans()),
+    st.builds(TxnDecision, keys, st.sampled_from([COMMIT, ABORT])),
+    st.builds(TxnResolve, keys, st.sampled_from([COMMIT, ABORT])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries)
+def test_entries_round_trip(entry):
+    assert decode(encode(entry)) == entry
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_junk_is_a_value_error(data):
+    try:
+        decode(data)
+    except ValueError:
+        pass
+
+
+def test_prepare_validates_reads_and_locks():
+    store = DictStore(a=b"1", b=b"2")
+    part = ParticipantState()
+    assert part.apply_prepare(store, prepare()) is True
+    assert part.locks == {b"a": b"t1"}
+    assert part.apply_prepare(store, prepare()) is True  # a duplicate
+    # Another transaction meets the lock: no, at once (no waiting, so no deadlock).
+    assert part.apply_prepare(store, prepare(b"t2")) is False
+    assert part.apply_single(store, (), ((b"a", b"x"),)) is False
+    assert store.data[b"a"] == (1, b"1")  # nothing written before the decision
+    part.apply_resolve(store, TxnResolve(b"t1", COMMIT))
+    assert store.data[b"a"][1] == b"9" and part.locks == {}
+    # A transaction that read revision 1 of a, now gone: no. And its late copy stays no.
+    assert part.apply_prepare(store, prepare(b"t3")) is False
+    assert part.apply_prepare(store, prepare(b"t3")) is False
+
+
+def test_a_late_prepare_after_its_abort_never_locks():
+    store = DictStore(a=b"1")
+    part = ParticipantState()
+    assert part.apply_resolve(store, TxnResolve(b"t1", ABORT)) is False  # the resolver got here first
+    assert part.apply_prepare(store, prepare()) is False
+    assert part.locks == {} and part.prepared == {}
+
+
+def test_read_only_prepare_holds_nothing():
+    store = DictStore(a=b"1")
+    part = ParticipantState()
+    assert part.apply_prepare(store, prepare(writes=(), read_only=True)) is True
+    assert part.locks == {} and part.prepared == {}
+    store.write(b"a", b"2")
+    assert part.apply_prepare(store, prepare(b"t2", writes=(), read_only=True)) is False
+
+
+def test_expired_prepared_records_are_listed():
+    store = DictStore(a=b"1")
+    part = ParticipantState()
+    part.apply_prepare(store, prepare(deadline=10))
+    assert part.expired(9) == []
+    assert [p.txn_id for p in part.expired(10)] == [b"t1"]
+
+
+def test_decision_is_written_once():
+    table = DecisionTable()
+    assert table.apply_decision(b"t", ABORT) == ABORT  # a resolver's ABORT came first
+    assert table.apply_decision(b"t", COMMIT) == ABORT  # the slow coordinator learns it lost
+    assert table.decisions == {b"t": ABORT}
+
+
+def test_coordinator_two_rounds_then_resolves_the_recorded_outcome():
+    co = Coordinator(b"t", 0, {0: ([(b"a", 1)], [(b"a", b"1")]), 1: ([(b"b", 1)], [(b"b", b"2")])}, 50)
+    assert sorted(s for s, e in co.proposals() if isinstance(e, TxnPrepare)) == [0, 1]
+    assert co.on_vote(0, True) == []
+    assert co.on_vote(1, True) == [(0, TxnDecision(b"t", COMMIT))]
+    assert not co.decided
+    resolves = co.on_decision(ABORT)  # the record says otherwise (a resolver won): follow it
+    assert co.decided and co.outcome == ABORT
+    assert resolves == [(0, TxnResolve(b"t", ABORT)), (1, TxnResolve(b"t", ABORT))]
+    co.on_resolved(0)
+    co.on_resolved(1)
+    assert co.proposals() == []
+
+
+def test_coordinator_decides_abort_on_the_first_no():
+    co = Coordinator(b"t", 1, {0: ([], [(b"a", b"1")]), 1: ([], [(b"b", b"2")])}, 50)
+    assert co.on_vote(1, False) == [(1, TxnDecision(b"t", ABORT))]
+
+
+def test_read_only_coordinator_decides_nothing():
+    co = Coordinator(b"t", 0, {0: ([(b"a", 1)], []), 1: ([(b"b", 1)], [])}, 50)
+    co.on_vote(0, True)
+    co.on_vote(1, True)
+    assert co.decided and co.outcome == COMMIT and co.proposals() == []
+
+
+def test_core_is_pure():
+    root = pathlib.Path(__file__).resolve().parent.parent / "kvstore" / "txn"
+    banned = re.compile(r"^\s*(import|from)\s+(random|socket|zmq|lmdb|os|time|threading|asyncio|pickle)\b",
+                        re.M)
+    for path in sorted(root.glob("*.py")):
+        assert not banned.search(path.read_text()), f"{path.name} imports I/O, a clock or global randomness"
+
+
+@pytest.mark.parametrize("shards", [2, 3, 4])
+def test_bank_passes_many_seeds(shards):
+    for seed in range(BANK_SEEDS if shards == 3 else BANK_SEEDS // 3):
+        ok, text = run_bank_seed(BankConfig(seed=seed, shards=shards))
+        assert ok, text
+
+
+BANK_FINDINGS = {
+    "decision_not_replicated": "decision:",
+    "apply_before_decision": "before any decision",
+    "prepare_skips_read_validation": "isolation",
+    "locks_released_at_vote": "isolation",
+}
+
+
+@pytest.mark.parametrize("bug", sorted(BANK_FINDINGS))
+def test_planted_2pc_bug_is_found(bug):
+    assert set(BANK_FINDINGS) == {f.name for f in fields(TxnBugs)}
+    for seed in range(200):
+        ok, text = run_bank_seed(BankConfig(seed=seed, bugs=TxnBugs(**{bug: True})))
+        if not ok:
+            assert BANK_FINDINGS[bug] in text.splitlines()[0], text.splitlines()[0]
+            assert f"python -m kvstore.sim --bank --seed {seed} --txn-bug {bug}" in text
+            return
+    pytest.fail(f"{bug} not found in 200 seeds")
