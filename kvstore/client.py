@@ -494,12 +494,19 @@ class ClusterKV(KV):
     def status(self) -> dict:
         """Every node's view: ``{"nodes": [...], "shards": [...]}`` (API.md section 1)."""
         core = self._core
-        futures = [(a, core.submit(wire.OP_STATUS, None, [], timeout=min(self.timeout, 2.0),
-                                   target=a)) for a in core.nodes]
+        while True:
+            try:
+                down = set(core._down)  # known down (their connection dropped): not asked
+                break
+            except RuntimeError:  # the I/O thread changed it meanwhile
+                continue
+        futures = [(a, None if a in down else
+                    core.submit(wire.OP_STATUS, None, [], timeout=min(self.timeout, 2.0), target=a))
+                   for a in core.nodes]
         views = {}
         for address, f in futures:
             try:
-                views[address] = core.wait(f)
+                views[address] = None if f is None else core.wait(f)
             except Unavailable:
                 views[address] = None
         nodes, names = [], {}
