@@ -168,8 +168,10 @@ class GroupCommitter:
                                           args=(weakref.ref(self), self._inbox), daemon=True)
                 helper.start()
                 self._helper = helper
-                if self._helper_stopper is None:  # collected without stop(): end it now
-                    self._helper_stopper = weakref.finalize(self, self._inbox.put, _STOP)
+                if self._helper_stopper is not None:
+                    self._helper_stopper.detach()
+                # collected without stop(): end the helper at once
+                self._helper_stopper = weakref.finalize(self, self._inbox.put, _STOP)
             self._inbox.put((request, answered))
         answered.acquire()  # released by the helper once the request is answered
         return request.outcome()
@@ -179,6 +181,7 @@ class GroupCommitter:
         with self._helper_lock:
             if self._helper is not None:
                 self._inbox.put(_STOP)
+                self._inbox = queue.SimpleQueue()  # a later helper never shares its queue
                 self._helper = None
 
 
