@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+from collections import deque
 
 from kvstore.client import ClusterKV, ClusterTxn
 from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
@@ -44,9 +46,39 @@ class AsyncKV:
     def __init__(self, kv: ClusterKV) -> None:
         self._kv = kv
         self._core = kv._core
+        self._loop = asyncio.get_running_loop()
+        self._done: deque = deque()  # (engine future, asyncio future), completed
+        self._done_lock = threading.Lock()
 
     async def _call(self, op: str, shard, payload):
-        return await asyncio.wrap_future(self._core.submit(op, shard, payload))
+        waiter = self._loop.create_future()
+        self._core.submit(op, shard, payload).add_done_callback(
+            lambda f: self._completed(f, waiter))
+        return await waiter
+
+    def _completed(self, future, waiter) -> None:
+        """On the engine's I/O thread: queue the outcome; wake the event loop once per
+        batch of completions (``call_soon_threadsafe`` writes to the loop's self-pipe)."""
+        with self._done_lock:
+            self._done.append((future, waiter))
+            first = len(self._done) == 1
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: nobody awaits any more
+                pass
+
+    def _deliver(self) -> None:
+        with self._done_lock:
+            done, self._done = self._done, deque()
+        for future, waiter in done:
+            if waiter.cancelled():
+                continue
+            e = future.exception()
+            if e is not None:
+                waiter.set_exception(e)
+            else:
+                waiter.set_result(future.result())
 
     async def get(self, key):
         key = check_key(key)
