@@ -340,7 +340,7 @@ class ClientCore:
                           f"({self.timeout:.1f} s); the outcome of a write is unknown")
         else:
             err = Unavailable(f"no server answered within {self.timeout:.1f} s "
-                              f"(tried {', '.join(self.nodes)})")
+                              f"(asked {call.sent_to or 'none'}; cluster {', '.join(self.nodes)})")
         call.future.set_exception(err)
 
     def _receive(self, sock) -> None:
