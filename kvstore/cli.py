@@ -241,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KVError as e:
         print(f"kvstore: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:  # a bug: one line and a failing exit code, not a traceback
+        print(f"kvstore: unexpected error (please report it): {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return EXIT_STORAGE
 
 
 if __name__ == "__main__":

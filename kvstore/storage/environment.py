@@ -466,7 +466,10 @@ class Storage:
 
     def _after_commit(self) -> None:
         """Keep the slack after data.mdb's last page (a commit may have used it up)."""
-        info = self._env.info()
+        try:
+            info = self._env.info()
+        except THIRD_PARTY_ERRORS:
+            return  # best effort, as the slack itself
         used = (info["last_pgno"] + 1) * self._page_size
         if used + DATA_SLACK_MIN_BYTES > self._data_end:
             self._ensure_slack(used)
