@@ -338,12 +338,13 @@ def apply_client_command(txn, tables, slot: int, raw: bytes, sessions: SessionCa
     key = (client_id, seq)
     if seq < session[0]:
         return key, STALE
+    if floor > session[0]:
+        session[0] = floor  # results below it are dropped at flush
+        sessions.dirty.add(client_id)
     results = session[2]
     if seq in results:
         return key, results[seq]
     result = apply_command(txn, tables.data, slot + 1, command)
-    if floor > session[0]:
-        session[0] = floor  # results below it are dropped at flush
     session[1] = slot
     results[seq] = result
     sessions.dirty.add(client_id)
