@@ -42,14 +42,15 @@ def open(path: str | os.PathLike, *, node_id: str | None = None, cluster: str | 
     return EmbeddedKV(path, shards=shards, map_size=map_size)
 
 
-def connect(addresses, timeout: float = 5.0) -> KV:
+def connect(addresses, timeout: float = 5.0, *, keys=None) -> KV:
     """A client of running ``kvstore-server`` nodes: ``"tcp://h:p,tcp://h:p"`` or a list.
 
     Raises ``Unavailable`` if no node answers within ``timeout`` seconds, which is
-    also every call's deadline.
+    also every call's deadline. ``keys``: the ``kvstore keygen`` directory of a
+    cluster with ``[security]`` (default ``$KVSTORE_KEYS``).
     """
     from kvstore.client import connect as _connect
-    return _connect(addresses, timeout)
+    return _connect(addresses, timeout, keys)
 
 
 def __getattr__(name: str):

@@ -33,10 +33,10 @@ from kvstore.keys import check_key, check_limit, check_optional_value, check_val
 from kvstore.transport import wire
 
 
-async def connect(addresses, timeout: float = 5.0) -> "AsyncKV":
+async def connect(addresses, timeout: float = 5.0, *, keys=None) -> "AsyncKV":
     """Connect to the cluster at ``addresses`` (``Unavailable`` if no node answers)."""
     loop = asyncio.get_running_loop()
-    kv = await loop.run_in_executor(None, ClusterKV, addresses, timeout)
+    kv = await loop.run_in_executor(None, ClusterKV, addresses, timeout, keys)
     return AsyncKV(kv)
 
 

@@ -84,6 +84,14 @@ def _check_timeout(timeout) -> float:
     return float(timeout)
 
 
+class AuthenticationFailed(Unavailable):
+    """A node refused this client's CurveZMQ handshake (no key, or a key it does not allow)."""
+
+
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
 class _Call:
     __slots__ = ("request_id", "op", "shard", "payload", "deadline", "future", "target",
                  "retry_at", "resend", "reached", "is_write", "sent_to")
@@ -106,9 +114,10 @@ class _Call:
 class ClientCore:
     """Sockets, routing and retries of one connection; thread-safe ``submit``."""
 
-    def __init__(self, addresses: list, timeout: float) -> None:
+    def __init__(self, addresses: list, timeout: float, keys=None) -> None:
         self.seeds = addresses
         self.timeout = timeout
+        self.keys = keys  # transport.security.CurveKeys, or None
         self.client_id = os.urandom(16)
         self.nodes: list = list(addresses)  # addresses by node index, once known
         self.nshards = 0
@@ -126,6 +135,7 @@ class ClientCore:
         self._sockets: dict = {}  # address -> DEALER (I/O thread only)
         self._monitors: dict = {}  # monitor socket -> address
         self._down: set = set()  # addresses whose connection dropped and has not come back
+        self._refusals: dict = {}  # address -> AuthenticationFailed (it refused our handshake)
         self._by_socket: dict = {}
         self._inflight: dict = {}  # request_id -> _Call
         self._timers: list = []  # (time, request_id)
@@ -173,21 +183,28 @@ class ClientCore:
         s = self._sockets.get(address)
         if s is None:
             s = self.context.socket(zmq.DEALER)
+            if self.keys is not None:
+                self.keys.make_client(s)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
             s.setsockopt(zmq.RCVHWM, HWM_MESSAGES)
             s.setsockopt(zmq.RECONNECT_IVL, 50)
             s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
             s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_PEER_FRAME_BYTES)
+            # A node that dies (SIGKILL, crash) closes its TCP connection: the monitor
+            # says so at once, and what was in flight there is sent elsewhere. It also
+            # reports a refused CurveZMQ handshake. Attached before connect(), so that
+            # it sees the first attempt too.
+            events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED
+            for e in _HANDSHAKE_FAILED:
+                events |= e
+            monitor = s.get_monitor_socket(events)
+            self._monitors[monitor] = address
+            self._poller.register(monitor, zmq.POLLIN)
             s.connect(address)
             self._sockets[address] = s
             self._by_socket[s] = address
             self._poller.register(s, zmq.POLLIN)
-            # A node that dies (SIGKILL, crash) closes its TCP connection: the monitor
-            # says so at once, and what was in flight there is sent elsewhere.
-            monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
-            self._monitors[monitor] = address
-            self._poller.register(monitor, zmq.POLLIN)
         return s
 
     def _on_monitor(self, monitor) -> None:
@@ -199,7 +216,9 @@ class ClientCore:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            if event["event"] in _HANDSHAKE_FAILED:
+                self._refused(address, event["event"])
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
                 lost = True
                 self._down.add(address)
             elif event["event"] == zmq.EVENT_CONNECTED:
@@ -331,11 +350,38 @@ class ClientCore:
                 self.leaders.pop(call.shard, None)
             self._send(call)
 
+    def _refused(self, address: str, event: int) -> None:
+        """``address`` refused our handshake: fail what waits on it, saying why."""
+        if self.keys is None:
+            why = ("the server requires CurveZMQ keys: pass keys=DIR to kvstore.connect() "
+                   "or set KVSTORE_KEYS (`kvstore keygen DIR` writes them)")
+        else:
+            why = (f"the server refused the CurveZMQ handshake: its allowed/ must hold this "
+                   f"client's {self.keys.directory}/client.key, and server.key must be the "
+                   f"cluster's")
+        err = AuthenticationFailed(f"authentication failed at {address}: {why}")
+        self._refusals[address] = err
+        self._down.add(address)
+        everyone = all(a in self._refusals for a in self.nodes)
+        for rid, call in list(self._inflight.items()):
+            if call.sent_to != address or call.future.done():
+                continue
+            if call.target is not None or everyone:
+                del self._inflight[rid]
+                call.future.set_exception(err)
+            else:
+                if call.shard is not None and self.leaders.get(call.shard) is not None \
+                        and self.nodes[self.leaders[call.shard]] == address:
+                    del self.leaders[call.shard]
+                self._send(call)  # another node may let us in
+
     def _fail(self, call: _Call) -> None:
         self._inflight.pop(call.request_id, None)
         if call.future.done():
             return
-        if call.reached:
+        if not call.reached and self._refusals:
+            err = next(iter(self._refusals.values()))
+        elif call.reached:
             err = Timeout(f"the cluster did not complete the request within its deadline "
                           f"({self.timeout:.1f} s); the outcome of a write is unknown")
         else:
@@ -416,10 +462,14 @@ class ClientCore:
 class ClusterKV(KV):
     """``kvstore.connect(...)``: the ``KV`` interface over a running cluster; thread-safe."""
 
-    def __init__(self, addresses, timeout: float = 5.0) -> None:
+    def __init__(self, addresses, timeout: float = 5.0, keys=None) -> None:
         self._addresses = parse_addresses(addresses)
         self.timeout = _check_timeout(timeout)
-        self._core = ClientCore(self._addresses, self.timeout)
+        keys = keys if keys is not None else os.environ.get("KVSTORE_KEYS") or None
+        if keys is not None:
+            from kvstore.transport.security import CurveKeys
+            keys = CurveKeys(os.fspath(keys), "client")
+        self._core = ClientCore(self._addresses, self.timeout, keys)
         try:
             futures = [self._core.submit(wire.OP_HELLO, None, [], target=a) for a in self._addresses]
             self._hello = self._first_answer(futures)
@@ -654,6 +704,9 @@ class ClusterTxn(Txn):
             self._state = "discarded"
 
 
-def connect(addresses, timeout: float = 5.0) -> ClusterKV:
-    """A client of the cluster at ``addresses`` (one is enough; it learns the others)."""
-    return ClusterKV(addresses, timeout)
+def connect(addresses, timeout: float = 5.0, keys=None) -> ClusterKV:
+    """A client of the cluster at ``addresses`` (one is enough; it learns the others).
+
+    ``keys``: a ``kvstore keygen`` directory for a cluster with ``[security]``
+    (default: ``$KVSTORE_KEYS``)."""
+    return ClusterKV(addresses, timeout, keys)

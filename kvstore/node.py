@@ -108,6 +108,8 @@ class NodeConfig:
     snapshot_every_slots: int = 20_000
     log_retain_slots: int = 1000
     snapshot_chunk_bytes: int = 1 << 20
+    #: A ``kvstore keygen`` directory: CurveZMQ on every socket (``[security]``), or None.
+    curve_keys: str | None = None
 
     @property
     def index(self) -> int:
@@ -130,7 +132,11 @@ class Node:
         try:
             self.replicas = [self._make_replica(s) for s in range(self.nshards)]
             peers = {i: config.addresses[nm] for i, nm in enumerate(config.names) if i != self.index}
-            self.sockets = NodeSockets(config.addresses[self.name], peers)
+            keys = None
+            if config.curve_keys:
+                from kvstore.transport.security import CurveKeys
+                keys = CurveKeys(config.curve_keys, "node")
+            self.sockets = NodeSockets(config.addresses[self.name], peers, keys=keys)
         except BaseException:
             self.storage.close()
             raise

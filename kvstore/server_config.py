@@ -83,14 +83,33 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
         if data is not None and (not isinstance(data, str) or not data):
             raise InvalidArgument(f"{path}: [nodes.{name}] data must be a directory path")
         out[name] = {"address": address, "data": data}
-    security = doc.get("security")
-    if security is not None:
-        if not isinstance(security, dict):
-            raise InvalidArgument(f"{path}: [security] must be a table")
-        if security.get("curve"):
-            raise InvalidArgument(f"{path}: [security] curve = true is not supported by this "
-                                  f"version yet; remove the [security] table")
     return shards, out
+
+
+def parse_security(doc: dict, path: str) -> str | None:
+    """The Curve key directory of ``[security]`` (relative: to the config file), or None."""
+    security = doc.get("security")
+    if security is None:
+        return None
+    if not isinstance(security, dict):
+        raise InvalidArgument(f"{path}: [security] must be a table")
+    extra = set(security) - {"curve", "keys"}
+    if extra:
+        raise InvalidArgument(f"{path}: [security] has unknown setting(s) {', '.join(sorted(extra))}")
+    curve = security.get("curve", False)
+    if not isinstance(curve, bool):
+        raise InvalidArgument(f"{path}: [security] curve must be true or false")
+    if not curve:
+        return None
+    keys = security.get("keys")
+    if not isinstance(keys, str) or not keys:
+        raise InvalidArgument(f"{path}: [security] needs keys = \"DIR\" (written by `kvstore "
+                              f"keygen DIR`)")
+    if not os.path.isabs(keys):
+        keys = os.path.join(os.path.dirname(os.path.abspath(path)), keys)
+    from kvstore.transport.security import CurveKeys
+    CurveKeys(keys, "node")  # every key file there and readable, or one clear error now
+    return keys
 
 
 #: ``[tuning]`` settings (all optional): timing and batching of every node.
@@ -121,6 +140,7 @@ def load_node_config(path: str, node_id: str, data: str | None = None, **tuning)
     doc = read_toml(path)
     shards, nodes = parse_cluster(doc, path)
     tuning = {**parse_tuning(doc, path), **tuning}
+    tuning.setdefault("curve_keys", parse_security(doc, path))
     if node_id not in nodes:
         raise InvalidArgument(f"{path}: no node {node_id!r} (nodes: {', '.join(nodes)})")
     data_dir = data

@@ -27,7 +27,7 @@ class EmbeddedReplicaKV(ClusterKV):
         self._thread = thread
         self.path = node.config.data_dir
         try:
-            super().__init__(addresses, timeout)
+            super().__init__(addresses, timeout, keys=node.config.curve_keys)
         except BaseException:
             self._stop_node()
             raise

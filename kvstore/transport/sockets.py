@@ -37,12 +37,20 @@ class NodeSockets:
     """The ROUTER of one node and its DEALER links to peers (by peer index)."""
 
     def __init__(self, bind_address: str, peers: dict, *, max_frame_bytes: int = MAX_PEER_FRAME_BYTES,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, keys=None) -> None:
         self.context = context or zmq.Context()
         self._own_context = context is None
         self.counters: Counter = Counter()
+        self.router = None
+        self.peers: dict = {}
+        self._auth = None
+        if keys is not None:  # CurveZMQ (transport/security.py): before any socket binds
+            from kvstore.transport.security import start_authenticator
+            self._auth = start_authenticator(self.context, keys)
         self.router = self.context.socket(zmq.ROUTER)
         r = self.router
+        if keys is not None:
+            keys.make_server(r)
         r.setsockopt(zmq.ROUTER_MANDATORY, 1)
         r.setsockopt(zmq.LINGER, 0)
         r.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
@@ -54,9 +62,10 @@ class NodeSockets:
         except zmq.ZMQError:
             self.close()
             raise
-        self.peers: dict = {}
         for index, address in peers.items():
             d = self.context.socket(zmq.DEALER)
+            if keys is not None:
+                keys.make_client(d)
             d.setsockopt(zmq.LINGER, 0)
             d.setsockopt(zmq.IMMEDIATE, 1)
             d.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
@@ -108,5 +117,8 @@ class NodeSockets:
         if self.router is not None:
             self.router.close(0)
             self.router = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._own_context:
             self.context.term()
