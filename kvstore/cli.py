@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="instead: show the cluster working and failing over, then stop")
     p.set_defaults(fn=None)
+    p = sub.add_parser("keygen", parents=[common],
+                       help="write CurveZMQ key pairs for a cluster's [security] table")
+    p.add_argument("dir", help="the directory to write the keys into")
+    p.set_defaults(fn=None)
     p = sub.add_parser("demo", parents=[common],
                        help="show the store working: writes, reads, transactions, threads")
     p.set_defaults(fn=None)
@@ -209,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "keygen":
+            from kvstore.transport.security import keygen
+            for path in keygen(args.dir):
+                print(path)
+            return 0
         if args.command == "local-cluster":
             from kvstore.server_local import run_cluster_demo, run_local_cluster
             run = run_cluster_demo if args.demo else run_local_cluster
