@@ -559,10 +559,12 @@ class ClusterKV(KV):
                 views[address] = None if f is None else core.wait(f)
             except Unavailable:
                 views[address] = None
+        known = {n.get("address"): n.get("id") for n in (self._hello or {}).get("nodes", [])}
         nodes, names = [], {}
         for address, v in views.items():
             if v is None:
-                nodes.append({"id": None, "address": address, "state": "down", "role": ""})
+                nodes.append({"id": known.get(address), "address": address, "state": "down",
+                              "role": ""})
                 continue
             names[address] = v["node"]
             roles = sorted({s["role"] for s in v["shards"]})
