@@ -176,3 +176,23 @@ def test_snapshot_chunks_from_two_senders_are_never_spliced():
     rd = r.ready()
     assert rd.snapshot is not None and rd.snapshot.data == b"BBBBbbbb"
     assert r.commit_index == 7
+
+
+def test_learning_a_chosen_slot_keeps_a_higher_ballot_acceptance_of_the_same_value():
+    """A follower acknowledged slot 5 at ballot 10.1 (a re-proposal of the value chosen at 9.4);
+    the 9.4 leader's record of it, sent as chosen, must not replace that acceptance."""
+    r = Cluster(3).replicas[A]
+    value = msgpack.packb([b"v"])
+    high, low = make_ballot(10, B), make_ballot(9, C)
+    r.step(Message(M.ACCEPT, A, B, ballot=high, commit_index=-1,
+                   records=(encode_record(5, high, KIND_BATCH, value),)))
+    r.ready()
+    higher = make_ballot(11, C)
+    r.step(Message(M.ACCEPT, A, C, ballot=higher, commit_index=6,
+                   records=(encode_record(5, low, KIND_BATCH, value),)))
+    rd = r.ready()
+    assert r.log[5][0] == high and rd.records == []
+    # A different value sent as chosen does replace what was only accepted.
+    other = encode_record(5, low, KIND_BATCH, msgpack.packb([b"w"]))
+    r.step(Message(M.ACCEPT, A, C, ballot=higher, commit_index=6, records=(other,)))
+    assert r.ready().records == [other]

@@ -647,7 +647,9 @@ class Replica:
             elif rb != b:
                 continue  # never accept at a ballot other than the promised one
             cur = self.log.get(slot)
-            if cur is not None and cur[3] == rec:
+            if cur is not None and (cur[3] == rec or (slot in learned and cur[1:3] == (kind, payload))):
+                # Already held; or the chosen value is held, accepted at a ballot of ours that
+                # may be higher than the record's: keep our acceptance (and spare a write).
                 continue
             self._store(slot, rb, kind, payload, rec)
         commit = self.commit_index
