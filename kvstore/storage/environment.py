@@ -68,15 +68,15 @@ MIN_MAP_SIZE = 64 << 20
 MAX_MAP_SIZE = (1 << 46) if sys.maxsize > 2**32 else (1 << 31)
 #: ``data.mdb`` is kept at least this far past the last page LMDB uses, as a sparse
 #: hole (no disk). A length field flipped on disk makes LMDB or py-lmdb read past a
-#: page: up to 64 KiB (key sizes, node offsets), or a value's whole claimed size, up
-#: to 4 GiB (py-lmdb touches every page of a value it returns, even as a buffer). A
-#: read past the end of a mapped file is a SIGBUS that kills the process; inside the
-#: hole it reads zeros, and the checks above LMDB (value sizes, checksums) report the
-#: corruption as a ``StorageError``.
-DATA_SLACK_MIN_BYTES = (4 << 30) + (1 << 20)
-DATA_SLACK_BYTES = (4 << 30) + (64 << 20)
-#: Pages of data.mdb's B-trees checked at open (``pages.check_tree``; all of a store
-#: up to 8 MiB, in a few ms); ``kvstore check`` checks every page.
+#: page: up to 64 KiB (key sizes, node offsets), or a value's whole claimed size (py-lmdb
+#: touches every page of a value it returns). A read past the end of a mapped file is
+#: a SIGBUS that kills the process; inside the hole it reads zeros. The page check at
+#: open (``OPEN_CHECK_PAGES``) refuses a store whose nodes claim more than their pages
+#: hold, so in a checked store no read leaves the file; the hole covers what is left.
+DATA_SLACK_MIN_BYTES = 24 << 20
+DATA_SLACK_BYTES = 32 << 20
+#: Pages of data.mdb's B-trees checked at open (``pages.check_tree``: all of a store
+#: up to 8 MiB; at most ~40 ms for a larger one); ``kvstore check`` checks every page.
 OPEN_CHECK_PAGES = 2048
 #: How long growing the map may wait for open read snapshots to finish.
 GROW_WAIT_SECONDS = 60.0
