@@ -42,7 +42,7 @@ def _first_failing_seed(bugs: Bugs, nodes: int):
 # What each planted bug is caught as, on 3 and on 5 nodes: most by the invariants checked
 # after every step, before any client could see the damage.
 FINDINGS = {
-    "announce_before_persist": ("acceptance forgotten", "committed slot"),
+    "announce_before_persist": ("acceptance forgotten", "committed slot", "commit:"),
     "repropose_lowest": ("chosen value lost", "agreement"),
     "apply_out_of_order": ("order",),
     "read_without_quorum": ("stale read", "linearizability"),
