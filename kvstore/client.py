@@ -56,6 +56,17 @@ RETRY_BACKOFF_SECONDS = 0.02
 POLL_MAX_SECONDS = 0.05
 HWM_MESSAGES = 100_000
 _client_counter = itertools.count()
+#: Requests to one node go in one frame up to about this many bytes.
+FRAME_TARGET_BYTES = 4 * 1024 * 1024
+
+
+def _approx_bytes(obj, depth: int = 0) -> int:
+    """About how many bytes ``obj`` (a request's args) encodes to."""
+    if type(obj) is bytes:
+        return len(obj) + 5
+    if type(obj) is list and depth < 6:
+        return 5 + sum(_approx_bytes(x, depth + 1) for x in obj)
+    return 9
 
 
 def parse_addresses(addresses) -> list:
@@ -324,15 +335,31 @@ class ClientCore:
         heapq.heappush(self._timers, (call.retry_at, call.request_id))
 
     def _flush(self) -> None:
-        """Send what this turn queued: one frame per node (many requests, one send)."""
+        """Send what this turn queued: one frame per node (many requests, one send),
+        cut where it would pass ``FRAME_TARGET_BYTES`` (a node refuses a request
+        frame over ``wire.MAX_REQUEST_FRAME_BYTES``)."""
         out, self._out = self._out, {}
         for address, requests in out.items():
-            frame = (wire.encode_request(*requests[0]) if len(requests) == 1
-                     else wire.encode_requests(requests))
-            try:
-                self._socket(address).send(frame, zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # a full queue: the attempt timers move these calls on
+            sock = self._socket(address)
+            batch, size = [], 0
+            for r in requests:
+                n = _approx_bytes(r[2])
+                if batch and size + n > FRAME_TARGET_BYTES:
+                    self._send_frame(sock, batch)
+                    batch, size = [], 0
+                batch.append(r)
+                size += n
+            if batch:
+                self._send_frame(sock, batch)
+
+    @staticmethod
+    def _send_frame(sock, requests: list) -> None:
+        frame = (wire.encode_request(*requests[0]) if len(requests) == 1
+                 else wire.encode_requests(requests))
+        try:
+            sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a full queue: the attempt timers move these calls on
 
     def _run_timers(self) -> None:
         now = time.monotonic()

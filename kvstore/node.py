@@ -50,7 +50,7 @@ import logging
 import os
 import random
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 
 import zmq
@@ -81,6 +81,11 @@ WAITING_MAX = 100_000
 #: A waiting write or read older than this is forgotten (its client has long retried).
 WAITING_EXPIRE_SECONDS = 60.0
 CLIENT_ID_MAX_BYTES = 64
+#: Bytes of client commands handed to one replica per loop turn at most (~ one entry).
+PROPOSE_BYTES_PER_TURN = 4 * 1024 * 1024
+#: Bytes of commands a leader keeps proposed but uncommitted per shard at most: a new
+#: leader's Promises carry them all, and must fit a 64 MiB frame.
+UNCOMMITTED_BYTES_MAX = 24 * 1024 * 1024
 #: Messages a leader may send before the persist of their Ready (see the module docstring).
 EARLY_TYPES = frozenset((M.ACCEPT, M.HEARTBEAT))
 #: Ticks after start at which a node campaigns for the shards it prefers to lead
@@ -102,7 +107,7 @@ class NodeConfig:
     heartbeat_interval_ticks: int = 5
     pipeline_window: int = 64
     batch_commands_max: int = 256
-    entries_per_message_max: int = 64
+    entries_per_message_max: int = 4  # x an entry's <= ~8 MiB: under the 64 MiB frame limit
     pending_commands_max: int = 16384
     #: The state is snapshotted (and the log below it compacted) every so many applied slots.
     snapshot_every_slots: int = 20_000
@@ -143,6 +148,9 @@ class Node:
         self.waiting_writes: dict = {}  # (client_id, seq) -> (identity, request_id, shard, t)
         self.waiting_reads: dict = {}  # token -> (identity, request_id, shard, op, args, t)
         self._replies: dict = {}  # identity -> [(request_id, status, value)], sent once per turn
+        # writes waiting to be handed to each shard's replica (see _feed_proposals)
+        self._proposals = [deque() for _ in range(self.nshards)]
+        self._uncommitted_bytes = [0] * self.nshards
         self._forwarded: dict = {}  # forward id -> (client identity, request_id, t)
         self._forward_out: dict = defaultdict(list)  # peer -> [(forward_id, op, args)]
         self._fresh_slots: set | None = None  # (shard, slot) made durable by the save running
@@ -353,10 +361,44 @@ class Node:
         _check_sizes(command)
         self._check_keys_in_shard(shard, _command_keys(command))
         r = self.replicas[shard]
-        if not r.propose(encode_client_command(client_id, seq, floor, command)):
+        if not r.is_leader:
             self._not_leader(identity, request_id, wire.OP_WRITE, args, r.leader_hint)
             return
+        raw = encode_client_command(client_id, seq, floor, command)
+        self._proposals[shard].append((raw, identity, request_id, args))
         self.waiting_writes[(client_id, seq)] = (identity, request_id, shard, time.monotonic())
+
+    def _feed_proposals(self) -> None:
+        """Hand queued writes to the replicas, bounded in bytes.
+
+        The core cuts entries by command count only; a node bounds their bytes
+        so that no entry, Accept or Promise outgrows a frame (``MAXMSGSIZE``,
+        which a peer enforces by dropping the connection, so an oversized
+        message would stall the shard for good): commands go to a replica only
+        when its own queue is empty, at most ``PROPOSE_BYTES_PER_TURN`` per
+        turn (one entry: that plus one command), and while less than
+        ``UNCOMMITTED_BYTES_MAX`` it leads with are still uncommitted.
+        """
+        for shard, queue in enumerate(self._proposals):
+            if not queue:
+                continue
+            r = self.replicas[shard]
+            if not r.is_leader:
+                while queue:
+                    raw, identity, request_id, args = queue.popleft()
+                    client_id, seq = args[1], args[2]
+                    self.waiting_writes.pop((client_id, seq), None)
+                    self._not_leader(identity, request_id, wire.OP_WRITE, args, r.leader_hint)
+                continue
+            if r.pending_commands:
+                continue
+            fed = 0
+            while queue and fed < PROPOSE_BYTES_PER_TURN and \
+                    self._uncommitted_bytes[shard] < UNCOMMITTED_BYTES_MAX:
+                raw = queue.popleft()[0]
+                r.propose(raw)
+                fed += len(raw)
+                self._uncommitted_bytes[shard] += len(raw)
 
     def _on_read(self, identity: bytes, request_id: int, op: str, args: list) -> None:
         if op == wire.OP_GET:
@@ -390,9 +432,14 @@ class Node:
     def _drive(self) -> None:
         replicas = self.replicas
         for _ in range(MAX_READY_ROUNDS):
+            self._feed_proposals()
             readies = [(s, r.ready()) for s, r in enumerate(replicas) if r.has_ready()]
             if not readies:
                 break
+            for s, rd in readies:
+                if rd.committed and self._uncommitted_bytes[s]:
+                    done = sum(len(c) for e in rd.committed for c in e.commands)
+                    self._uncommitted_bytes[s] = max(0, self._uncommitted_bytes[s] - done)
             # a. persist (and apply) everything, one durable write for all shards
             writes = [ShardWrite(s, rd.promised, rd.commit_index, rd.records, rd.snapshot,
                                  rd.compacted_through, rd.committed)
@@ -525,12 +572,14 @@ class Node:
                      extra={"event": event, "node": self.name, "shard": s, "role": now[0],
                             "leader": leader, "ballot": format_ballot(r.promised)})
             if before[0] == LEADER and now[0] != LEADER:
+                self._uncommitted_bytes[s] = 0
                 self._fail_waiting_writes(s, now[1])
 
     def _fail_waiting_writes(self, shard: int, hint) -> None:
         """This node stopped leading ``shard``: its clients should retry at the new leader
         (a command already in the log may still be chosen; the retry is then answered
         from the session table, not applied twice)."""
+        self._proposals[shard].clear()  # their waiting entries are answered just below
         for key, w in list(self.waiting_writes.items()):
             if w[2] == shard:
                 del self.waiting_writes[key]

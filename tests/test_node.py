@@ -279,3 +279,26 @@ def test_a_client_that_disconnects_mid_request_costs_the_node_nothing(start_node
             if counters.get("dropped_reply_gone", 0) >= 1:
                 break
         assert counters.get("dropped_reply_gone", 0) >= 1, counters
+
+
+def test_big_concurrent_writes_are_cut_into_entries_that_fit_a_frame(start_node, tmp_path):
+    import asyncio
+    import kvstore.aio
+    from kvstore.node import PROPOSE_BYTES_PER_TURN
+    n = start_node(name="big")
+    value = bytes(kvstore.MAX_VALUE_SIZE)
+
+    async def main():
+        async with await kvstore.aio.connect(n.address, timeout=30) as a:
+            await asyncio.gather(*(a.put(b"big%d" % i, value) for i in range(6)))
+            assert await a.get(b"big5") == value
+
+    asyncio.run(main())
+    n.stop()
+    st = LmdbReplicaStorage(str(tmp_path / "big"), shards=1)
+    try:
+        sizes = [len(r) for r in st.load(0).records]
+    finally:
+        st.close()
+    assert sum(sizes) > 6 * kvstore.MAX_VALUE_SIZE
+    assert max(sizes) <= PROPOSE_BYTES_PER_TURN + kvstore.MAX_VALUE_SIZE + 4096, sizes
