@@ -7,9 +7,11 @@ peers, a DEALER per peer) and a monotonic clock, and runs them from a single
 thread in one loop. Each turn of the loop:
 
 1. **receive**: read what waits on the ROUTER (bounded); Paxos batches go to
-   the replicas (``step``), client requests become proposals (``propose``) or
-   linearizable reads (``read``); a malformed, oversized or unknown frame is
-   dropped and counted (``wire.decode``);
+   the replicas (``step``), client writes are queued for their shard's
+   replica (handed to ``propose`` bounded in bytes, ``_feed_proposals``),
+   reads become linearizable reads (``read``), requests for a shard another
+   node leads are forwarded there; a malformed, oversized or unknown frame
+   is dropped and counted (``wire.decode``);
 2. **tick**: one ``tick()`` per replica per elapsed ``tick_seconds`` of
    ``time.monotonic()`` (a few at most per turn, so a stalled process wakes up
    to its inbox before it times anybody out);
