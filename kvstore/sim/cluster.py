@@ -198,7 +198,9 @@ class Node:
         self.up = True
         self.paused_until = -1
         self.down_until = -1
-        self.handled: deque = deque(maxlen=16)  # peer messages delivered lately
+        # peer messages delivered lately, the last few of each type (so a rare type, a Promise
+        # or a Snapshot chunk, is as likely to come again as a heartbeat)
+        self.handled: dict = {}
         self.start()
 
     def start(self) -> None:
@@ -562,7 +564,7 @@ class Simulation:
                 return
             if m.type not in (M.HEARTBEAT, M.HEARTBEAT_REPLY):
                 self.log(f"recv {m}")
-            node.handled.append(m)
+            node.handled.setdefault(m.type, deque(maxlen=4)).append(m)
             node.replica.step(m)
             self.oracle.check(node.id, node.replica)
         self.flush_trace(node)
@@ -625,8 +627,10 @@ class Simulation:
         rng = self.rng
         if not (self.faults and node.handled and rng.random() < self.config.redeliver_after_change_rate):
             return
+        kinds = sorted(node.handled)
         for _ in range(1 + rng.randrange(5)):
-            m = node.handled[rng.randrange(len(node.handled))]
+            of_kind = node.handled[kinds[rng.randrange(len(kinds))]]
+            m = of_kind[rng.randrange(len(of_kind))]
             self.log(f"redeliver after {change}: {m}")
             self._enqueue(self.tick + 1 + rng.randrange(3), m)
 
