@@ -598,12 +598,14 @@ class Simulation:
             leader.paused_until = self.tick + span
             self.log(f"PAUSE leader n{leader.id} until t{leader.paused_until}")
             if n >= 4 and rng.random() < 0.5:
-                # The same trouble cuts one follower off from everyone but the paused leader: when
-                # it wakes, deposed, one node still follows it (a quorum must not be that node).
+                # The same trouble leaves one follower on the paused leader's side of a partition:
+                # when it wakes, deposed by the majority, one node still follows it, and a read
+                # quorum must not be that node.
                 stale = [x.id for x in self.nodes if x is not leader][rng.randrange(n - 1)]
-                others = [i for i in range(n) if i not in (leader.id, stale)]
-                self.cut = {(stale, i) for i in others} | {(i, stale) for i in others}
-                self.log(f"PARTITION n{stale} hears only the paused leader n{leader.id}")
+                side = (leader.id, stale)
+                others = [i for i in range(n) if i not in side]
+                self.cut = {(a, b) for a in side for b in others} | {(b, a) for a in side for b in others}
+                self.log(f"PARTITION [n{leader.id} (paused), n{stale}] | {others}")
             self._probe_paused_leader(leader)
         if n > 1 and rng.random() < c.partition_rate:
             if self.cut and rng.random() < 0.5:
