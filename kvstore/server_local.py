@@ -224,7 +224,7 @@ def run_local_cluster(nodes: int = 3, shards: int = 1, directory: str | None = N
               f"data and logs in {lc.directory}", file=out)
         for n in lc.names:
             print(f"  {n}  {lc.addresses[n]}  pid {lc.procs[n].pid}", file=out)
-        print(f"leaders: " + ", ".join(f"shard {s['shard']}: {s['leader']}" for s in st["shards"]),
+        print("leaders: " + ", ".join(f"shard {s['shard']}: {s['leader']}" for s in st["shards"]),
               file=out)
         print(f"\n  export KVSTORE_CLUSTER={addrs}\n  kvstore put hello world && kvstore get hello"
               f"\n\nCtrl-C stops the cluster.", file=out, flush=True)
@@ -236,7 +236,7 @@ def run_local_cluster(nodes: int = 3, shards: int = 1, directory: str | None = N
                     lc.start(n)
             time.sleep(0.2)  # a supervisor poll; signals set `stopping`
         codes = lc.stop_all()
-        print(f"stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()), file=out)
+        print("stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()), file=out)
         return 0
     finally:
         lc.close()
@@ -338,7 +338,7 @@ def run_cluster_demo(nodes: int = 3, shards: int = 1, directory: str | None = No
         say(f"5. restarted {leader}: {'caught up' if caught_up else 'NOT caught up'} with the "
             f"others (applied slot {replicas.get(leader)}) in {time.monotonic() - t:.2f} s")
         codes = lc.stop_all()
-        say(f"6. SIGTERM to every node: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()))
+        say("6. SIGTERM to every node: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()))
         ok = not missing and caught_up and all(c == 0 for c in codes.values())
         say("every acknowledged write survived the leader's death" if ok
             else "SOMETHING DID NOT HOLD: see the node logs in " + lc.directory)
