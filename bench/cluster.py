@@ -126,7 +126,10 @@ async def load(db, kind: str, in_flight: int, seconds: float, keys: list, value:
     return {"op": kind, "in_flight": in_flight, "ops": len(latencies),
             "ops_per_s": round(len(latencies) / elapsed, 1),
             "p50_ms": round(percentile(latencies, 50) * 1e3, 3),
-            "p99_ms": round(percentile(latencies, 99) * 1e3, 3)}
+            "p99_ms": round(percentile(latencies, 99) * 1e3, 3),
+            # the latency CDF, for a plot: percentile -> ms
+            "cdf_ms": {str(q): round(percentile(latencies, q) * 1e3, 3)
+                       for q in (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)}}
 
 
 def cpu_seconds(pid: int | None = None) -> float:
