@@ -15,7 +15,7 @@ from dataclasses import fields
 from kvstore.paxos.replica import Bugs
 from kvstore.sim.bank import BankConfig, run_bank_seed
 from kvstore.txn import TxnBugs
-from kvstore.sim.cluster import SimConfig, run
+from kvstore.sim.cluster import RunResult, SimConfig, run
 
 BUG_NAMES = tuple(f.name for f in fields(Bugs))
 TXN_BUG_NAMES = tuple(f.name for f in fields(TxnBugs))
@@ -63,57 +63,44 @@ def main(argv=None) -> int:
     p.add_argument("--txn-bug", action="append", default=[], choices=TXN_BUG_NAMES,
                    help="with --bank: plant a two-phase-commit bug")
     a = p.parse_args(argv)
-    if a.bank:
-        return bank_main(a)
-    bugs = Bugs(**{name: True for name in a.bug})
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
-    failed = 0
-    progress = Progress(len(seeds)) if a.seed is None and sys.stderr.isatty() else None
+    if a.bank:
+        txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
+        results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_seed(
+            BankConfig(seed=s, shards=a.shards, bugs=txn_bugs, verbose=a.verbose))), "bank seeds")
+    else:
+        bugs = Bugs(**{name: True for name in a.bug})
+        results = sweep(seeds, a.seed is not None, lambda s: run(
+            SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks, bugs=bugs, verbose=a.verbose)), "seeds")
+        if a.seed is None and any(r.ok for r in results):
+            print(liveness_table(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+def sweep(seeds, replay: bool, run_one, what: str) -> list:
+    """Run ``run_one(seed)`` over ``seeds`` with a progress line; stop at the first failure.
+
+    A replay (one seed) prints its report whether it passed or not.
+    """
+    progress = Progress(len(seeds)) if not replay and sys.stderr.isatty() else None
     results: list = []
     for s in seeds:
-        result = run(SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks, bugs=bugs, verbose=a.verbose))
+        result = run_one(s)
+        results.append(result)
         if progress is not None:
             progress.step(s)
-        if not result.ok or a.seed is not None:
+        if not result.ok or replay:
             if progress is not None:
                 progress.clear()
             print(result.text)
         if not result.ok:
-            failed += 1
-            if a.seed is None:
-                break
-        results.append(result)
+            break
     if progress is not None:
         progress.clear()
-    if a.seed is None:
-        print(f"{len(seeds) if failed == 0 else 'stopped after a failure;'} seeds, {failed} failed")
-        if results:
-            print(liveness_table(results))
-    return 1 if failed else 0
-
-
-def bank_main(a) -> int:
-    bugs = TxnBugs(**{name: True for name in a.txn_bug})
-    seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
-    progress = Progress(len(seeds)) if a.seed is None and sys.stderr.isatty() else None
-    failed = 0
-    for s in seeds:
-        ok, text = run_bank_seed(BankConfig(seed=s, shards=a.shards, bugs=bugs, verbose=a.verbose))
-        if progress is not None:
-            progress.step(s)
-        if not ok or a.seed is not None:
-            if progress is not None:
-                progress.clear()
-            print(text)
-        if not ok:
-            failed += 1
-            if a.seed is None:
-                break
-    if progress is not None:
-        progress.clear()
-    if a.seed is None:
-        print(f"{len(seeds) if failed == 0 else 'stopped after a failure;'} bank seeds, {failed} failed")
-    return 1 if failed else 0
+    if not replay:
+        failed = sum(not r.ok for r in results)
+        print(f"{len(seeds) if failed == 0 else 'stopped after a failure;'} {what}, {failed} failed")
+    return results
 
 
 def liveness_table(results: list) -> str:
