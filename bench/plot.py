@@ -12,6 +12,10 @@ Two pictures say more than their tables:
 - ``paxos_core.png``: commands/s of three pure Paxos replicas against the
   commands batched per log entry, one line per pipeline window and kernel
   build (``bench/paxos_core.py``).
+- ``cluster.png``: a 3-node local cluster (``bench/cluster.py``): durable puts
+  and linearizable gets per second against requests in flight, PySyncObj's
+  sets beside them (it never fsyncs), and the latency CDF of each row where
+  the results carry one.
 
 A results file that is missing (or predates the sweep) is skipped with a note.
 """
@@ -102,6 +106,52 @@ def plot_paxos_core(plt, results: dict, out: str) -> bool:
     return True
 
 
+def plot_cluster(plt, results: dict, out: str) -> bool:
+    rows = results.get("rows") or []
+    if not rows:
+        print("skipped: cluster.json has no rows; rerun bench/cluster.py", file=sys.stderr)
+        return False
+    with_cdf = [r for r in rows if r.get("cdf_ms")]
+    fig, axes = plt.subplots(1, 2 if with_cdf else 1, figsize=(11 if with_cdf else 6.4, 4.2),
+                             squeeze=False)
+    ax = axes[0][0]
+    series = [("put", rows, "o-", "kvstore durable puts"), ("get", rows, "s-", "kvstore linearizable gets"),
+              ("put", results.get("pysyncobj") or [], "^:", "PySyncObj sets (never fsyncs)")]
+    for op, source, style, label in series:
+        line = sorted((r["in_flight"], r["ops_per_s"]) for r in source if r["op"] == op)
+        if line:
+            ax.plot([i for i, _ in line], [o for _, o in line], style, label=label)
+    in_flight = sorted({r["in_flight"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(in_flight, [str(i) for i in in_flight])
+    ax.set_xlabel("requests in flight (asyncio client)")
+    ax.set_ylabel("operations/s")
+    ax.set_title(f"{results.get('nodes', 3)} local nodes, {results.get('key_bytes', '?')}-byte keys, "
+                 f"{results.get('value_bytes', '?')}-byte values")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
+    if with_cdf:
+        cdf = axes[0][1]
+        for r in with_cdf:
+            points = sorted((float(q), ms) for q, ms in r["cdf_ms"].items())
+            cdf.plot([ms for _, ms in points], [q / 100 for q, _ in points],
+                     "-" if r["op"] == "put" else "--", label=f"{r['op']}, {r['in_flight']} in flight")
+        floor = results.get("floor_ms") or {}
+        if floor:
+            cdf.axvline(floor.get("fdatasync", 0) + floor.get("loopback_rtt", 0), color="grey",
+                        linestyle=":", linewidth=1, label="floor: fdatasync + round trip")
+        cdf.set_xscale("log")
+        cdf.set_xlabel("latency (ms)")
+        cdf.set_ylabel("fraction of requests")
+        cdf.set_title("Latency CDF")
+        cdf.grid(True, which="both", alpha=0.3)
+        cdf.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", default=figures.RESULTS_DIR,
@@ -118,7 +168,8 @@ def main(argv=None) -> int:
     args.out = args.out or args.results
     os.makedirs(args.out, exist_ok=True)
     charts = [("embedded", "embedded_put_scaling.png", plot_put_scaling),
-              ("paxos_core", "paxos_core.png", plot_paxos_core)]
+              ("paxos_core", "paxos_core.png", plot_paxos_core),
+              ("cluster", "cluster.png", plot_cluster)]
     for name, filename, draw in charts:
         results = load(args.results, name)
         out = os.path.join(args.out, filename)
