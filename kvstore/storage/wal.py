@@ -1,0 +1,456 @@
+"""The write-ahead log: append-only, preallocated segment files of checksummed records.
+
+DESIGN.md "Storage": the log is the durability point. One group commit is one
+``pwrite`` of all its records and one ``fdatasync`` (both release the GIL);
+a segment file is preallocated (``posix_fallocate``) when it is created, so
+an append writes inside the file and never grows it.
+
+Layout: a directory of segment files ``<start>.wal``, ``start`` the log
+position (16 hex digits) of the segment's first byte. A position is a byte
+address in one logical stream: segment ``k + 1`` starts exactly where the
+records of segment ``k`` end, so positions only grow and a missing or cut
+segment is seen. Each segment begins with a ``KIND_SEGMENT`` record; past
+its last record a segment holds zeros (preallocated, never written).
+
+A record is a ``kvstore._native`` log record (28-byte header, CRC32C over
+header and payload) whose payload starts with a 20-byte prefix::
+
+    offset size field
+    0      8    position of this record (so a record read at the wrong place fails)
+    8      8    group: position of the first record of its append
+    16     2    shard
+    18     1    tag (for KIND_ENTRY, the entry's own kind; else 0)
+    19     1    reserved, 0
+
+followed by the caller's payload. The record kinds serve an embedded store
+and a cluster node alike: ``KIND_ENTRY`` (a shard's log entry at slot and
+ballot), ``KIND_PROMISE`` (a shard's promised ballot, its hard state),
+``KIND_COMMIT_POINT`` (a shard's highest chosen slot), ``KIND_CHECKPOINT``
+(the state is durable up to the position in ``slot``).
+
+Recovery (``WriteAheadLog.open``) reads every segment. A record that does not
+validate at offset X of the LAST segment is a torn tail, cut at X, when no
+valid record of a LATER append lies after it (a record whose group starts
+after X): an append is issued only once the previous one's ``fdatasync``
+returned, so such a record proves X was durable, and X is then reported as
+``CorruptRecord`` naming the file and offset, never applied. Anything but
+zeros after the records of an earlier segment is ``CorruptRecord`` too
+(a segment is only left once all of it is durable). The bytes of a cut tail
+are zeroed and synced before the log accepts an append, so a stale record
+can never reappear behind a newer one. What recovery cannot tell apart:
+bit rot inside the last durable append, with nothing after it, looks like a
+torn write and is cut (as in etcd and LevelDB).
+
+After a failed ``pwrite`` or ``fdatasync`` the log refuses appends (what the
+kernel kept of the page cache is unknown, see "fsyncgate"); reopen it. A full
+disk while creating a segment leaves the log usable. Every OS error goes
+through ``kvstore.storage.environment.translate``: a ``StorageError`` naming
+the path.
+
+The file system is a port (``OsFiles``); tests inject a twin that loses what
+was not synced and tears writes (``tests/test_wal.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+from typing import Iterator, NamedTuple, Sequence
+
+from kvstore import _native
+from kvstore._native import RECORD_HEADER_SIZE
+from kvstore.errors import CorruptRecord, InvalidArgument, StorageError
+from kvstore.storage.environment import translate
+
+KIND_SEGMENT = 0
+KIND_ENTRY = 1
+KIND_PROMISE = 2
+KIND_COMMIT_POINT = 3
+KIND_CHECKPOINT = 4
+KINDS = (KIND_ENTRY, KIND_PROMISE, KIND_COMMIT_POINT, KIND_CHECKPOINT)
+
+SEGMENT_SUFFIX = ".wal"
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+WAL_FORMAT_VERSION = 1
+_MAGIC = b"kvstore-wal\0"
+_PREFIX = struct.Struct("<QQHBx")
+PREFIX_SIZE = _PREFIX.size
+RECORD_OVERHEAD = RECORD_HEADER_SIZE + PREFIX_SIZE
+_U32 = struct.Struct("<I")
+_SEGMENT_PAYLOAD = _MAGIC + struct.pack("<I", WAL_FORMAT_VERSION)
+SEGMENT_HEADER_SIZE = RECORD_OVERHEAD + len(_SEGMENT_PAYLOAD)
+_VERSION_BYTE = bytes([_native.FORMAT_VERSION])
+
+
+class Record(NamedTuple):
+    """One log record. ``tag`` is the entry's own kind for ``KIND_ENTRY``, else 0."""
+    kind: int
+    shard: int = 0
+    slot: int = 0
+    ballot: int = 0
+    payload: bytes = b""
+    tag: int = 0
+
+
+class OsFiles:
+    """The real file system: each call is one system call (those that wait release the GIL)."""
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def create(self, path: str, size: int) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return fd
+
+    def open(self, path: str) -> int:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def read_all(self, fd: int) -> bytes:
+        size = os.fstat(fd).st_size
+        parts = []
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(size - offset, 16 << 20), offset)
+            if not chunk:
+                break
+            parts.append(chunk)
+            offset += len(chunk)
+        return b"".join(parts)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _Segment:
+    __slots__ = ("start", "path", "end", "size")
+
+    def __init__(self, start: int, path: str, end: int, size: int) -> None:
+        self.start = start  # position of byte 0 of the file
+        self.path = path
+        self.end = end  # position just past the segment's last record
+        self.size = size  # bytes in the file
+
+
+def segment_name(start: int) -> str:
+    return f"{start:016x}{SEGMENT_SUFFIX}"
+
+
+def _encode(position: int, group: int, record: Record) -> bytes:
+    payload = _PREFIX.pack(position, group, record.shard, record.tag) + bytes(record.payload)
+    return _native.encode_record(record.slot, record.ballot, record.kind, payload)
+
+
+def _read_at(data: bytes, offset: int, start: int):
+    """``(record, end, group)`` of the valid record at ``offset``, or None."""
+    if len(data) - offset < RECORD_OVERHEAD:
+        return None
+    (length,) = _U32.unpack_from(data, offset + 4)
+    end = offset + RECORD_HEADER_SIZE + length
+    if length < PREFIX_SIZE or end > len(data):
+        return None
+    try:
+        slot, ballot, kind, payload = _native.decode_record(memoryview(data)[offset:end])
+    except CorruptRecord:
+        return None
+    position, group, shard, tag = _PREFIX.unpack_from(payload)
+    if position != start + offset or group > position:
+        return None
+    return Record(kind, shard, slot, ballot, payload[PREFIX_SIZE:], tag), end, group
+
+
+def _later_append_after(data: bytes, offset: int, start: int) -> int | None:
+    """Offset of a valid record after ``offset`` written by a later append, or None."""
+    y = offset + 1
+    while True:
+        y = data.find(_VERSION_BYTE, y)
+        if y < 0 or len(data) - y < RECORD_OVERHEAD:
+            return None
+        found = _read_at(data, y, start)
+        if found is not None and found[2] > start + offset:
+            return y
+        y += 1
+
+
+def _scan(data: bytes, start: int, path: str, last: bool):
+    """``(records, end_offset, junk_end)`` of one segment's bytes.
+
+    ``records`` is ``[(position, Record)]`` without the segment record;
+    ``end_offset`` None means the segment's own header is torn (last only).
+    """
+    first = _read_at(data, 0, start)
+    records: list[tuple[int, Record]] = []
+    if first is None or first[0].kind != KIND_SEGMENT or first[0].payload != _SEGMENT_PAYLOAD:
+        offset = 0
+    else:
+        offset = first[1]
+        while True:
+            found = _read_at(data, offset, start)
+            if found is None:
+                break
+            records.append((start + offset, found[0]))
+            offset = found[1]
+    junk_end = len(data.rstrip(b"\0"))
+    if junk_end <= offset:
+        return records, (offset if offset > 0 else None), offset
+    later = _later_append_after(data, offset, start) if last else None
+    if not last or later is not None:
+        why = (f"a record written by a later append follows at offset {later}"
+               if later is not None else "it is not the last segment")
+        raise CorruptRecord(
+            f"corrupt log record in {path} at offset {offset} (log position "
+            f"{start + offset}); not a torn tail: {why}. Nothing from it on is applied",
+            offset=offset, path=path)
+    return records, (offset if offset > 0 else None), junk_end
+
+
+class WriteAheadLog:
+    """An open log directory. ``append`` is thread-safe (appends are serialized)."""
+
+    def __init__(self, path: str, files, segment_bytes: int) -> None:
+        self.path = path
+        self._files = files
+        self._segment_bytes = segment_bytes
+        self._segments: list[_Segment] = []
+        self._fd: int | None = None  # the last segment's, open for appending
+        self._lock = threading.Lock()
+        self._failed: StorageError | None = None
+        self._closed = False
+        self.appends = 0  # groups appended (one fdatasync each), for tests and benchmarks
+
+    @classmethod
+    def open(cls, path: str, files=None, segment_bytes: int = DEFAULT_SEGMENT_BYTES
+             ) -> "WriteAheadLog":
+        """Open (or create) the log in directory ``path``, recovering its tail."""
+        if segment_bytes < SEGMENT_HEADER_SIZE + RECORD_OVERHEAD:
+            raise InvalidArgument(f"segment_bytes of {segment_bytes} is too small")
+        log = cls(os.fspath(path), files or OsFiles(), segment_bytes)
+        log._recover()
+        return log
+
+    def _os(self, doing: str, path: str, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise translate(e, path, doing) from e
+
+    def _recover(self) -> None:
+        f = self._files
+        self._os("creating the log directory", self.path, f.makedirs, self.path)
+        names = self._os("listing the log", self.path, f.listdir, self.path)
+        starts = []
+        for name in names:
+            if not name.endswith(SEGMENT_SUFFIX):
+                continue
+            try:
+                starts.append(int(name[:-len(SEGMENT_SUFFIX)], 16))
+            except ValueError:
+                continue
+        starts.sort()
+        previous_end: int | None = None
+        for i, start in enumerate(starts):
+            seg_path = os.path.join(self.path, segment_name(start))
+            last = i == len(starts) - 1
+            fd = self._os("opening a log segment", seg_path, f.open, seg_path)
+            try:
+                data = self._os("reading a log segment", seg_path, f.read_all, fd)
+                _records, end_offset, junk_end = _scan(data, start, seg_path, last)
+                if previous_end is not None and start != previous_end and end_offset is not None:
+                    raise CorruptRecord(
+                        f"log segment {seg_path} starts at position {start} but the one "
+                        f"before it ends at {previous_end}: a segment is missing or cut",
+                        offset=0, path=seg_path)
+                if end_offset is None and not last:
+                    raise CorruptRecord(f"log segment {seg_path} has no valid header but is "
+                                        f"not the last segment", offset=0, path=seg_path)
+                if end_offset is None:  # a torn segment creation: nothing in it was acknowledged
+                    self._os("closing a log segment", seg_path, f.close, fd)
+                    fd = None
+                    self._os("removing a torn log segment", seg_path, f.unlink, seg_path)
+                    self._os("syncing the log directory", self.path, f.fsync_dir, self.path)
+                    continue
+                if last:
+                    if junk_end > end_offset:  # a torn tail: zero it before any append
+                        self._os("cutting the log's torn tail", seg_path, f.pwrite, fd,
+                                 bytes(junk_end - end_offset), end_offset)
+                    # What survived may be in the page cache only (a killed process).
+                    self._os("syncing the log", seg_path, f.fdatasync, fd)
+                    self._fd, fd = fd, None
+                self._segments.append(_Segment(start, seg_path, start + end_offset, len(data)))
+                previous_end = start + end_offset
+            finally:
+                if fd is not None:
+                    self._os("closing a log segment", seg_path, f.close, fd)
+
+    # -- reading ---------------------------------------------------------------
+
+    @property
+    def end(self) -> int:
+        """The position just past the last record (where the next append goes)."""
+        return self._segments[-1].end if self._segments else 0
+
+    @property
+    def first_position(self) -> int:
+        """The position of the first segment kept (records before it were truncated)."""
+        return self._segments[0].start if self._segments else 0
+
+    def replay(self, start: int = 0) -> Iterator[tuple[int, Record]]:
+        """``(position, record)`` of every record at or after ``start``, in order."""
+        f = self._files
+        for segment in list(self._segments):
+            end = segment.end  # before reading: an append may be under way past it
+            if end <= start:
+                continue
+            fd = self._os("opening a log segment", segment.path, f.open, segment.path)
+            try:
+                data = self._os("reading a log segment", segment.path, f.read_all, fd)
+            finally:
+                self._os("closing a log segment", segment.path, f.close, fd)
+            records, _end, _junk = _scan(data[:end - segment.start], segment.start,
+                                         segment.path, last=False)
+            for position, record in records:
+                if position >= start:
+                    yield position, record
+
+    # -- writing ---------------------------------------------------------------
+
+    def append(self, records: Sequence[Record]) -> int:
+        """Write ``records`` durably: one ``pwrite``, one ``fdatasync``.
+
+        Returns the position just past the last of them. Raises ``StorageError``
+        (the log then refuses appends until reopened, unless the disk was full
+        while creating a segment, which leaves it usable).
+        """
+        if not records:
+            raise InvalidArgument("append needs at least one record")
+        sizes = [RECORD_OVERHEAD + len(r.payload) for r in records]
+        total = sum(sizes)
+        for r in records:
+            if r.kind not in KINDS:
+                raise InvalidArgument(f"unknown record kind {r.kind}")
+        with self._lock:
+            if self._closed:
+                raise InvalidArgument("the log is closed")
+            if self._failed is not None:
+                raise StorageError(f"the log in {self.path} failed earlier ({self._failed}); "
+                                   f"reopen it", self.path)
+            segment = self._segments[-1] if self._segments else None
+            if self._fd is None or segment is None or \
+                    segment.end - segment.start + total > segment.size:
+                segment = self._roll(total)
+            position = group = segment.end
+            parts = []
+            for record, size in zip(records, sizes):
+                parts.append(_encode(position, group, record))
+                position += size
+            data = b"".join(parts)
+            offset = segment.end - segment.start
+            try:
+                self._files.pwrite(self._fd, data, offset)
+                self._files.fdatasync(self._fd)
+            except OSError as e:
+                self._failed = translate(e, segment.path, "appending to the log")
+                raise self._failed from e
+            segment.end = position
+            self.appends += 1
+            return position
+
+    def _roll(self, needed: int) -> _Segment:
+        """Create the next segment (preallocated, header written, synced) and switch to it."""
+        f = self._files
+        start = self.end
+        size = max(self._segment_bytes, SEGMENT_HEADER_SIZE + needed)
+        path = os.path.join(self.path, segment_name(start))
+        fd = self._os("creating a log segment", path, f.create, path, size)
+        try:
+            header = _encode(start, start, Record(KIND_SEGMENT, payload=_SEGMENT_PAYLOAD))
+            f.pwrite(fd, header, 0)
+            f.fsync(fd)
+            f.fsync_dir(self.path)
+        except OSError as e:
+            self._failed = translate(e, path, "creating a log segment")
+            try:
+                f.close(fd)
+            except OSError:
+                pass
+            raise self._failed from e
+        if self._fd is not None:
+            old, self._fd = self._fd, None
+            self._os("closing a log segment", self._segments[-1].path, f.close, old)
+        self._fd = fd
+        segment = _Segment(start, path, start + SEGMENT_HEADER_SIZE, size)
+        self._segments.append(segment)
+        return segment
+
+    def truncate_before(self, position: int) -> int:
+        """Delete the segments whose records all lie below ``position``; how many went."""
+        with self._lock:
+            doomed = []
+            while len(self._segments) > 1 and self._segments[1].start <= position:
+                doomed.append(self._segments.pop(0))
+            for segment in doomed:
+                try:
+                    self._files.unlink(segment.path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    raise translate(e, segment.path, "deleting a log segment") from e
+            if doomed:
+                self._os("syncing the log directory", self.path, self._files.fsync_dir,
+                         self.path)
+            return len(doomed)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                self._os("closing the log", self.path, self._files.close, fd)
+
+    def __enter__(self) -> "WriteAheadLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = [
+    "WriteAheadLog", "Record", "OsFiles", "segment_name",
+    "KIND_ENTRY", "KIND_PROMISE", "KIND_COMMIT_POINT", "KIND_CHECKPOINT", "KINDS",
+    "RECORD_OVERHEAD", "SEGMENT_HEADER_SIZE", "DEFAULT_SEGMENT_BYTES",
+]
