@@ -66,11 +66,38 @@ def test_put_and_get_through_every_node(cluster):
         key = next(b"fwd%d" % i for i in range(100) if shard_of(b"fwd%d" % i, 2) == 0)
         status, value = raw.request(wire.OP_WRITE, [0, b"raw-client", 1, 1, [OP_PUT, key, b"v"]])
         assert (status, value) == (wire.STATUS_OK_FORWARDED, [None, lc.names.index(leader)])
+        # A read is not forwarded: the follower serves it itself, through the read index.
         status, value = raw.request(wire.OP_GET, [0, key, False])
-        assert (status, value) == (wire.STATUS_OK_FORWARDED, [b"v", lc.names.index(leader)])
+        assert (status, value) == (wire.STATUS_OK, b"v")
     finally:
         raw.close()
     assert lc.stop_all() == {n: 0 for n in lc.names}  # SIGTERM: clean exit 0
+
+
+def test_each_follower_serves_a_get_that_sees_the_write_just_before_it(cluster):
+    """Follower reads (ReadIndex): a write acknowledged by the leader, then a get sent to
+    each follower itself (not forwarded): the follower answers, with that write's value."""
+    from test_node import Raw
+    from kvstore.transport import wire
+    lc = cluster()
+    lc.start_all()
+    st = lc.wait_ready()
+    leader = leader_of(st)
+    followers = [n for n in lc.names if n != leader]
+    raws = {n: Raw(lc.addresses[n]) for n in followers}
+    try:
+        with lc.client(names=[leader]) as c:
+            for i in range(30):
+                value = b"v%d" % i
+                c.put(b"k", value)  # acknowledged by the leader ...
+                for name in followers:  # ... then read at each follower, at once
+                    assert raws[name].request(wire.OP_GET, [0, b"k", False]) == (wire.STATUS_OK, value)
+    finally:
+        for raw in raws.values():
+            raw.close()
+    with lc.client() as c:  # the client spreads gets over all three nodes
+        c.put(b"k", b"last")
+        assert [c.get(b"k") for _ in range(30)] == [b"last"] * 30
 
 
 def test_sigkill_of_the_leader_under_writes_loses_no_acknowledged_write(cluster):

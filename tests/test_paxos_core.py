@@ -56,9 +56,14 @@ def test_follower_refuses_proposals_with_leader_hint():
     c = Cluster(3)
     c.campaign(0)
     assert c.replicas[2].propose(b"x") is False
+    assert c.replicas[2].leader_hint == 0
+
+
+def test_replica_without_a_known_leader_refuses_reads():
+    c = Cluster(3)
     with pytest.raises(NotLeader) as e:
         c.replicas[2].read("r1")
-    assert e.value.leader_hint == 0
+    assert e.value.leader_hint is None
 
 
 def test_promise_is_persisted_in_the_same_ready_as_its_announcement():
@@ -310,3 +315,121 @@ def test_core_is_pure():
                         re.M)
     for path in sorted(root.glob("*.py")):
         assert not banned.search(path.read_text()), f"{path.name} imports I/O, a clock or global randomness"
+
+
+# ---------------------------------------------------------------------- follower reads (ReadIndex)
+def _step_only(c, keep):
+    """Deliver the inbox messages ``keep`` accepts (once); hold the rest back in the inbox."""
+    take = [m for m in c.inbox if keep(m)]
+    c.inbox = [m for m in c.inbox if not keep(m)]
+    for m in take:
+        c.replicas[m.to].step(m)
+    c.process()
+
+
+def test_follower_read_asks_the_leader_once_for_a_batch_and_is_served_after_apply():
+    c = Cluster(3)
+    c.campaign(0)
+    c.propose(0, b"w")
+    c.tick(2)
+    f = c.replicas[2]
+    f.read("r1")
+    f.read("r2")
+    c.deliver()
+    assert c.reads[2] == ["r1", "r2"]
+    asks = [m for m in c.sent if m.type == M.READ_INDEX]
+    assert [(m.frm, m.to) for m in asks] == [(2, 0)]  # one request carries both reads
+    replies = [m for m in c.sent if m.type == M.READ_INDEX_REPLY]
+    assert len(replies) == 1 and not replies[0].reject
+    assert f.applied_index >= replies[0].commit_index
+    assert c.commands(2) == [b"w"]
+
+
+def test_lagging_follower_waits_until_it_has_applied_the_read_index():
+    c = Cluster(3)
+    c.campaign(0)
+    c.tick(2)
+    c.cut(0, 2)
+    c.propose(0, b"w")  # chosen by nodes 0 and 1; node 2 has not heard of it
+    c.tick(2)
+    leader, f = c.replicas[0], c.replicas[2]
+    assert leader.commit_index > f.commit_index
+    c.heal()
+    f.read("r")
+    c.process()
+    _step_only(c, lambda m: m.type == M.READ_INDEX)
+    # The confirmation round: only node 1's heartbeat reply gets through (a quorum with the leader).
+    _step_only(c, lambda m: m.type == M.HEARTBEAT and m.to == 1)
+    _step_only(c, lambda m: m.type == M.HEARTBEAT_REPLY and m.frm == 1)
+    [reply] = [m for m in c.inbox if m.type == M.READ_INDEX_REPLY]
+    assert reply.commit_index == leader.commit_index
+    _step_only(c, lambda m: m.type == M.READ_INDEX_REPLY)
+    assert f.applied_index < reply.commit_index
+    assert c.reads[2] == []  # the answer is in, but the follower has not applied up to it
+    c.deliver()  # the held heartbeat: node 2 asks for what it lacks, gets it, applies it
+    assert c.reads[2] == ["r"]
+    assert c.commands(2) == [b"w"]
+
+
+def test_deposed_leaders_read_index_is_never_used():
+    c = Cluster(3)
+    c.campaign(0)
+    c.tick(2)
+    f = c.replicas[2]
+    f.read("old")
+    c.process()
+    _step_only(c, lambda m: m.type == M.READ_INDEX)
+    _step_only(c, lambda m: m.type == M.HEARTBEAT)
+    _step_only(c, lambda m: m.type == M.HEARTBEAT_REPLY)
+    held = [m for m in c.inbox if m.type == M.READ_INDEX_REPLY]
+    assert len(held) == 1  # node 0 answered, but the answer is late
+    c.inbox = []
+    c.isolate(0)
+    c.tick(10, nodes=[2])  # node 2 stops hearing node 0 ...
+    c.replicas[1]._campaign_real()  # ... and node 1 takes over with node 2
+    c.deliver()
+    assert c.replicas[1].is_leader and f.leader_hint == 1
+    assert c.dropped_reads[2] == ["old"]  # dropped: no answer in time, then a new leader
+    c.propose(1, b"new")
+    f.read("fresh")
+    c.process()
+    for m in held:  # the deposed leader's answer arrives now; it matches nothing
+        f.step(m)
+    c.process()
+    assert c.reads[2] == []
+    c.deliver()
+    c.tick(2)
+    assert c.reads[2] == ["fresh"]
+    assert c.commands(2)[-1:] == [b"new"]
+
+
+def test_follower_read_dropped_when_no_read_index_comes_within_an_election_timeout():
+    c = Cluster(3, election_timeout_ticks=10)
+    c.campaign(0)
+    c.tick(2)
+    c.cut(0, 2)
+    f = c.replicas[2]
+    f.read("r")
+    c.process()  # the ReadIndex request leaves (and is lost)
+    c.tick(9, nodes=[2])
+    assert c.dropped_reads[2] == []
+    c.tick(1, nodes=[2])
+    assert c.reads[2] == [] and c.dropped_reads[2] == ["r"]
+
+
+def test_leader_answers_read_index_only_after_its_own_noop_and_a_quorum_round():
+    c = Cluster(3)
+    c.campaign(0)
+    c.tick(2)
+    c.isolate(0)
+    c.replicas[0].step(Message(M.READ_INDEX, 0, 2, ballot=c.replicas[0].ballot, context=7))
+    c.process()
+    assert [m for m in c.inbox if m.type == M.READ_INDEX_REPLY] == []  # no quorum heard yet
+    c.heal()
+    c.tick(2)
+    replies = [m for m in c.sent if m.type == M.READ_INDEX_REPLY]
+    assert [(m.to, m.context, m.reject) for m in replies] == [(2, 7, False)]
+    # A request for another ballot is refused at once.
+    c.replicas[0].step(Message(M.READ_INDEX, 0, 2, ballot=c.replicas[0].ballot - 1, context=8))
+    c.process()
+    assert [m.reject for m in c.sent if m.type == M.READ_INDEX_REPLY and m.context == 8] == [True]

@@ -53,6 +53,7 @@ FINDINGS = {
     "commit_any_ballot": ("commit:", "agreement", "chosen value lost"),
     "snapshot_backwards": ("monotonic", "state"),
     "read_before_own_noop": ("stale read", "linearizability"),
+    "follower_read_before_apply": ("stale read", "linearizability"),
 }
 
 

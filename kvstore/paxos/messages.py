@@ -18,6 +18,10 @@ words only (Prepare, Promise, Accept, Accepted), never shared with two-phase com
 | Heartbeat       | leader liveness + ``commit_index`` + read confirmation round ``context``   |
 | HeartbeatReply  | as Accepted, echoing ``context``                                           |
 | Snapshot        | a chunk: ``snapshot_index``, ``offset``, ``data``, ``done``, ``size``       |
+| ReadIndex       | a follower asks the leader of ``ballot`` for a read index; ``context`` =    |
+|                 | the follower's request number (a batch of its reads)                       |
+| ReadIndexReply  | ``commit_index`` = the read index, confirmed by a quorum round at         |
+|                 | ``ballot``; ``context`` echoed; ``reject`` = not the leader of ``ballot``    |
 
 Records are log records in the codec's form (``kvstore._native.encode_record``),
 the same bytes that go to disk. ``to_wire``/``from_wire`` give a msgpack-able
@@ -37,9 +41,11 @@ ACCEPTED = "Accepted"
 HEARTBEAT = "Heartbeat"
 HEARTBEAT_REPLY = "HeartbeatReply"
 SNAPSHOT = "Snapshot"
+READ_INDEX = "ReadIndex"
+READ_INDEX_REPLY = "ReadIndexReply"
 
 MESSAGE_TYPES = (PRE_VOTE, PRE_VOTE_REPLY, PREPARE, PROMISE, ACCEPT, ACCEPTED,
-                 HEARTBEAT, HEARTBEAT_REPLY, SNAPSHOT)
+                 HEARTBEAT, HEARTBEAT_REPLY, SNAPSHOT, READ_INDEX, READ_INDEX_REPLY)
 _TYPE_CODE = {t: i for i, t in enumerate(MESSAGE_TYPES)}
 
 

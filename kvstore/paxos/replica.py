@@ -29,6 +29,20 @@ As leader it batches commands into entries and pipelines up to
 ``pipeline_window`` slots above the commit point; the commit point travels with
 accepts and heartbeats.
 
+Reads (rule 6). The leader batches reads into one confirmation round: a heartbeat
+to every peer carrying the round's number, answered by a majority; it starts only
+once the leader's own no-op of its ballot has committed (so its commit point covers
+every slot chosen under earlier leaders), and its read index is the commit point at
+its start. A follower that knows a leader serves reads too (read load spreads over
+the nodes): it batches them into one ReadIndex request to that leader (one in
+flight at a time, numbered from a random start so that no answer to a request made
+before a restart matches one made after); the leader adds the request to its next
+confirmation round and answers ReadIndexReply with the round's read index; the
+follower hands the reads out once it has applied up to that index. It drops them
+(``Ready.dropped_reads``) the moment it stops following that leader at that ballot,
+and when no answer comes within an election timeout; an answer from any other
+leader, ballot or request is ignored.
+
 A replica knows a slot is chosen (and may commit it) when a leader of ballot B
 says "committed up to C" and its own entry at that slot was accepted at B, or
 when the entry came with a message saying it is at or below the sender's
@@ -106,6 +120,9 @@ class Bugs:
     # (k) read index: a new leader serves reads before its own no-op commits, i.e. before it
     # knows every slot chosen under earlier leaders
     read_before_own_noop: bool = False
+    # (l) follower reads: a follower serves a read as soon as the leader's read index comes
+    # back, without waiting until it has applied up to that index
+    follower_read_before_apply: bool = False
 
 
 class Jitter(Protocol):
@@ -204,13 +221,27 @@ class _Progress:
 
 
 class _ReadRound:
-    __slots__ = ("seq", "read_index", "request_ids", "acks")
+    __slots__ = ("seq", "read_index", "request_ids", "remote", "acks")
 
-    def __init__(self, seq: int, read_index: int, request_ids: list, me: int) -> None:
+    def __init__(self, seq: int, read_index: int, request_ids: list, remote: list, me: int) -> None:
         self.seq = seq
         self.read_index = read_index
         self.request_ids = request_ids
+        self.remote = remote  # (follower, context) of ReadIndex requests answered by this round
         self.acks = 1 << me
+
+
+class _ReadIndexAsk:
+    """A follower's ReadIndex request in flight (one at a time; it carries a batch of reads)."""
+
+    __slots__ = ("context", "leader", "ballot", "sent_tick", "request_ids")
+
+    def __init__(self, context: int, leader: int, ballot: int, sent_tick: int, request_ids: list) -> None:
+        self.context = context
+        self.leader = leader
+        self.ballot = ballot
+        self.sent_tick = sent_tick
+        self.request_ids = request_ids
 
 
 class Replica:
@@ -263,6 +294,14 @@ class Replica:
         self.read_round: _ReadRound | None = None
         self.reads_queued: list = []
         self.reads_confirmed: list = []  # (read_index, request_id)
+        self.remote_queued: list = []  # leader: (follower, context) of ReadIndex requests
+        # Follower reads: the leader (node, ballot) they were asked of, the reads not yet
+        # asked, the request in flight. Request numbers start at a random point so that an
+        # answer to a request made before a restart never matches one made after it.
+        self.follower_reads_leader: tuple | None = None
+        self.follower_reads_queued: list = []
+        self.read_ask: _ReadIndexAsk | None = None
+        self.read_ask_seq = self.rng.randrange(1 << 40) << 20
         self._match_cache = (-1, -1)  # (ballot, match)
         self.snapshot_inbound: tuple | None = None  # (sender, index, size, bytearray)
         # Outputs for the next Ready.
@@ -350,6 +389,7 @@ class Replica:
             dropped.extend(rid for _, rid in self.reads_confirmed)
             self._out_dropped_reads.extend(dropped)
             self.reads_queued, self.read_round, self.reads_confirmed = [], None, []
+            self.remote_queued = []
         self.role = FOLLOWER
         self.leader = leader
         self.election_elapsed = 0
@@ -359,6 +399,7 @@ class Replica:
         """Start an election now (pre-vote first when configured)."""
         if self.role == LEADER:
             return
+        self._drop_follower_reads()
         if self.config.pre_vote and self.n > 1:
             self.role = PRE_CANDIDATE
             self.leader = None
@@ -398,6 +439,7 @@ class Replica:
         return tuple(self.log[s][3] for s in sorted(self.log) if s > c)
 
     def _become_leader(self) -> None:
+        self._drop_follower_reads()
         b = self.ballot
         # Slots at or below a promiser's commit point are chosen, and its Promise carried them
         # all (``_on_promise`` counts no Promise that does not): the new leader learns them as
@@ -460,6 +502,8 @@ class Replica:
     # ------------------------------------------------------------------ public inputs
     def tick(self) -> None:
         self.ticks += 1
+        if self.follower_reads_leader is not None:
+            self._check_follower_reads()
         if self._deferred_records and self.ticks % self.config.election_timeout_ticks == 0:
             # Planted bug (a): the write-behind buffer is flushed only now.
             self._out_records.update(self._deferred_records)
@@ -496,14 +540,25 @@ class Replica:
     def read(self, request_id) -> None:
         """Ask for a linearizable read; it comes back in ``Ready.reads`` when it may be served.
 
-        Raises NotLeader when this replica does not lead.
+        On the leader: batched into the next confirmation round (rule 6). On a follower that
+        knows a leader: batched into one ReadIndex request to it; the leader answers with the
+        read index once its own round confirms it still leads, and the read comes back once
+        this replica has applied up to that index. It comes back in ``Ready.dropped_reads``
+        instead if the leader changes (or this replica stops following it) before then, or if
+        no answer comes within an election timeout. Raises NotLeader when this replica
+        neither leads nor follows a known leader.
         """
-        if self.role != LEADER:
-            raise NotLeader(self.leader)
-        if self.bugs.read_without_quorum:
-            self.reads_confirmed.append((self.commit_index, request_id))
+        if self.role == LEADER:
+            if self.bugs.read_without_quorum:
+                self.reads_confirmed.append((self.commit_index, request_id))
+                return
+            self.reads_queued.append(request_id)  # the confirmation round starts at the next ready()
             return
-        self.reads_queued.append(request_id)  # the confirmation round starts at the next ready()
+        self._check_follower_reads()
+        if self.role != FOLLOWER or self.leader is None:
+            raise NotLeader(self.leader)
+        self.follower_reads_leader = (self.leader, self.promised)
+        self.follower_reads_queued.append(request_id)  # asked at the next ready()
 
     def compact(self, index: int, data: bytes) -> None:
         """The application has durably saved a snapshot of its state through ``index``.
@@ -540,6 +595,12 @@ class Replica:
             self._on_accepted(m)
         elif t == M.SNAPSHOT:
             self._on_snapshot(m)
+        elif t == M.READ_INDEX:
+            self._on_read_index(m)
+        elif t == M.READ_INDEX_REPLY:
+            self._on_read_index_reply(m)
+        if self.follower_reads_leader is not None:
+            self._check_follower_reads()
 
     # ------------------------------------------------------------------ phase 1
     def _heard_leader_recently(self) -> bool:
@@ -742,12 +803,14 @@ class Replica:
         return self.commit_index >= self.own_first_slot or self.bugs.read_before_own_noop
 
     def _maybe_start_read_round(self) -> None:
-        if (self.role != LEADER or self.read_round is not None or not self.reads_queued
-                or not self._own_noop_committed()):
+        if (self.role != LEADER or self.read_round is not None
+                or not (self.reads_queued or self.remote_queued) or not self._own_noop_committed()):
             return
         self.read_seq += 1
-        self.read_round = _ReadRound(self.read_seq, self.commit_index, self.reads_queued, self.id)
+        self.read_round = _ReadRound(self.read_seq, self.commit_index, self.reads_queued,
+                                     self.remote_queued, self.id)
         self.reads_queued = []
+        self.remote_queued = []
         if self.n > 1:
             self._broadcast_heartbeat()
         self._maybe_confirm_reads()
@@ -757,8 +820,74 @@ class Replica:
         if rr is None or bin(rr.acks).count("1") < majority(self.n):
             return
         self.reads_confirmed.extend((rr.read_index, rid) for rid in rr.request_ids)
+        for follower, context in rr.remote:
+            self._send(Message(M.READ_INDEX_REPLY, follower, self.id, ballot=self.ballot,
+                               commit_index=rr.read_index, context=context))
         self.read_round = None
         self._maybe_start_read_round()
+
+    # ------------------------------------------------------------------ follower reads
+    def _on_read_index(self, m: Message) -> None:
+        """The leader: a follower asks for a read index; it joins the next confirmation round."""
+        if self.role != LEADER or m.ballot != self.ballot:
+            self._send(Message(M.READ_INDEX_REPLY, m.frm, self.id, ballot=m.ballot, context=m.context,
+                               reject=True, hint=self.promised))
+            return
+        if self.bugs.read_without_quorum:
+            self._send(Message(M.READ_INDEX_REPLY, m.frm, self.id, ballot=self.ballot,
+                               commit_index=self.commit_index, context=m.context))
+            return
+        self.remote_queued.append((m.frm, m.context))  # the round starts at the next ready()
+
+    def _on_read_index_reply(self, m: Message) -> None:
+        ask = self.read_ask
+        # Only the answer to the request in flight, from the leader (and ballot) it was asked
+        # of; that leader is still the one followed (``_check_follower_reads`` after every
+        # step drops the request the moment it is not).
+        if ask is None or m.context != ask.context or m.frm != ask.leader or m.ballot != ask.ballot:
+            return
+        self.read_ask = None
+        if m.reject:
+            self._out_dropped_reads.extend(ask.request_ids)
+            return
+        index = -1 if self.bugs.follower_read_before_apply else m.commit_index
+        self.reads_confirmed.extend((index, rid) for rid in ask.request_ids)
+
+    def _maybe_ask_read_index(self) -> None:
+        fl = self.follower_reads_leader
+        if self.read_ask is not None or not self.follower_reads_queued or fl is None:
+            return
+        self.read_ask_seq += 1
+        self.read_ask = _ReadIndexAsk(self.read_ask_seq, fl[0], fl[1], self.ticks, self.follower_reads_queued)
+        self.follower_reads_queued = []
+        self._send(Message(M.READ_INDEX, fl[0], self.id, ballot=fl[1], context=self.read_ask_seq))
+
+    def _drop_follower_reads(self) -> None:
+        """Every follower read not yet served fails back: the leader it relied on is gone."""
+        if self.follower_reads_leader is None:
+            return
+        dropped = list(self.follower_reads_queued)
+        if self.read_ask is not None:
+            dropped.extend(self.read_ask.request_ids)
+        dropped.extend(rid for _, rid in self.reads_confirmed)
+        self._out_dropped_reads.extend(dropped)
+        self.follower_reads_queued, self.read_ask, self.reads_confirmed = [], None, []
+        self.follower_reads_leader = None
+
+    def _check_follower_reads(self) -> None:
+        fl = self.follower_reads_leader
+        if fl is None:
+            return
+        if self.role != FOLLOWER or (self.leader, self.promised) != fl:
+            self._drop_follower_reads()
+            return
+        ask = self.read_ask
+        if ask is not None and self.ticks - ask.sent_tick >= self.config.election_timeout_ticks:
+            self._log_event(f"no read index from {ask.leader} within an election timeout")
+            self._out_dropped_reads.extend(ask.request_ids)
+            self.read_ask = None
+        if not (self.follower_reads_queued or self.read_ask or self.reads_confirmed):
+            self.follower_reads_leader = None
 
     # ------------------------------------------------------------------ snapshots
     def _send_snapshot(self, to: int, ballot: int) -> None:
@@ -825,8 +954,11 @@ class Replica:
         if self.role == LEADER:
             if self.pending_commands and self.next_slot <= self.commit_index + self.config.pipeline_window:
                 return True
-            if self.reads_queued and self.read_round is None and self._own_noop_committed():
+            if ((self.reads_queued or self.remote_queued) and self.read_round is None
+                    and self._own_noop_committed()):
                 return True
+        elif self.follower_reads_queued and self.read_ask is None:
+            return True
         return bool(self._hard_dirty or self._out_records or self._out_snapshot
                     or self._out_messages or self.applied_index < self.commit_index
                     or self._out_compacted is not None or self._out_dropped_commands
@@ -837,6 +969,7 @@ class Replica:
         """Everything to do now; the replica treats it as handed out (call ``advance`` after)."""
         self._flush_proposals()
         self._maybe_start_read_round()
+        self._maybe_ask_read_index()
         rd = Ready()
         if self._hard_dirty:
             rd.promised = self.promised

@@ -240,16 +240,18 @@ class Node:
     # ------------------------------------------------------------------ inputs
     def on_client_request(self, req: ClientRequest) -> None:
         r = self.replica
-        if not r.is_leader:
-            self.sim.send(ClientReply(req.frm, self.id, req.seq, False, leader_hint=r.leader_hint))
-            return
         if req.kind == "get":
+            # Leader or follower: a follower asks the leader for the read index (ReadIndex).
             rid = self.sim.next_request_id()
             self.waiting_reads[rid] = (req.frm, req.seq, req.key, self.sim.acked_slot)
             try:
                 r.read(rid)
             except NotLeader as e:
+                self.waiting_reads.pop(rid)
                 self.sim.send(ClientReply(req.frm, self.id, req.seq, False, leader_hint=e.leader_hint))
+            return
+        if not r.is_leader:
+            self.sim.send(ClientReply(req.frm, self.id, req.seq, False, leader_hint=r.leader_hint))
             return
         self.waiting_writes[(req.frm, req.seq)] = True
         if not r.propose(req.command):
@@ -391,6 +393,9 @@ class Client:
         self.seq += 1
         key = KEYS[rng.randrange(len(KEYS))]
         kind = ("get", "put", "delete", "cas", "get", "put")[rng.randrange(6)]
+        if kind == "get" and rng.random() < 0.5:
+            # Reads spread over the nodes: followers serve them through the leader's read index.
+            self.target = rng.randrange(sim.config.nodes)
         if self.probe is not None:
             node, start, until = self.probe
             if start <= sim.tick < until:

@@ -24,6 +24,7 @@ class Cluster:
         self.reads: list = [[] for _ in range(n)]
         self.snapshots: list = [[] for _ in range(n)]
         self.dropped: list = [[] for _ in range(n)]
+        self.dropped_reads: list = [[] for _ in range(n)]
         self.inbox: list = []
         self.cut_links: set = set()
         self.sent: list = []  # every message sent, for assertions
@@ -79,6 +80,7 @@ class Cluster:
                 self.applied[i].extend(rd.committed)
                 self.reads[i].extend(rd.reads)
                 self.dropped[i].extend(rd.dropped_commands)
+                self.dropped_reads[i].extend(rd.dropped_reads)
                 r.advance(rd)
 
     def deliver(self, max_rounds: int = 1000) -> None:
