@@ -18,9 +18,15 @@ and one I/O thread; callers on any thread hand it calls and wait on a
   carries the client's floor (its lowest write still in flight): the node
   forgets the results below it, and ignores a late duplicate below it.
 
-Reads (``get``, ``scan``) are linearizable: the shard's leader confirms its
-leadership with a quorum and answers once its state covers its commit point
-(the replica's read index). ``scan`` asks every shard and merges; each
+Reads (``get``, ``scan``) are linearizable by read index, and spread over the
+nodes: a read's first attempt goes to a node picked at random (among those not
+known to be down), leader or follower. The shard's leader confirms its
+leadership with a quorum round (batched across reads) and its read index is its
+commit point then; a follower asks the leader for that index (``ReadIndex``)
+and answers once its own state covers it. A follower that cannot (no leader
+known, the leader changed, no answer in time) answers ``NOT_LEADER`` and the
+retry goes to the leader. A read served by a follower teaches nothing about
+leaders; only writes and redirects do. ``scan`` asks every shard and merges; each
 shard's part is linearizable, the whole is not one snapshot across shards.
 Transactions are single-shard until issue 14 (two-phase commit): one log
 entry whose reads are validated at apply; one that touches a second shard
@@ -50,12 +56,16 @@ from kvstore.transport import wire
 
 #: Seconds without an answer before a call is sent to another node.
 ATTEMPT_SECONDS = 1.0
+#: Seconds a node that left an attempt unanswered gets no reads' first attempts.
+SILENT_SECONDS = 5.0
 #: Pause before retrying after "no leader known" or "retry" (the cluster is electing).
 RETRY_BACKOFF_SECONDS = 0.02
 #: The I/O thread wakes at least this often to run timers.
 POLL_MAX_SECONDS = 0.05
 HWM_MESSAGES = 100_000
 _client_counter = itertools.count()
+#: Operations whose first attempt goes to any node, not only the shard's leader.
+_SPREAD_OPS = (wire.OP_GET, wire.OP_SCAN)
 #: Requests to one node go in one frame up to about this many bytes.
 FRAME_TARGET_BYTES = 4 * 1024 * 1024
 
@@ -146,6 +156,8 @@ class ClientCore:
         self._sockets: dict = {}  # address -> DEALER (I/O thread only)
         self._monitors: dict = {}  # monitor socket -> address
         self._down: set = set()  # addresses whose connection dropped and has not come back
+        self._connected: set = set()  # addresses connected now (reads spread over these)
+        self._silent: dict = {}  # address -> until when reads avoid it (an attempt timed out)
         self._refusals: dict = {}  # address -> AuthenticationFailed (it refused our handshake)
         self._by_socket: dict = {}
         self._inflight: dict = {}  # request_id -> _Call
@@ -232,9 +244,11 @@ class ClientCore:
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 lost = True
                 self._down.add(address)
+                self._connected.discard(address)
             elif event["event"] == zmq.EVENT_CONNECTED:
                 lost = False
                 self._down.discard(address)
+                self._connected.add(address)
         if not lost:
             return
         if address in self.nodes:
@@ -300,6 +314,16 @@ class ClientCore:
     def _pick(self, call: _Call) -> str:
         if call.target is not None:
             return call.target
+        if call.op in _SPREAD_OPS and call.sent_to is None and len(self.nodes) > 1:
+            # A read's first attempt: any node serves it (followers through the read index),
+            # among those connected now and not silent on an attempt lately.
+            if len(self._sockets) < len(self.nodes):
+                for a in self.nodes:
+                    self._socket(a)  # start connecting to every node, once
+            now = time.monotonic()
+            up = [a for a in self.nodes if a in self._connected and self._silent.get(a, 0.0) <= now]
+            if up:
+                return up[random.randrange(len(up))]
         leader = self.leaders.get(call.shard)
         if leader is not None and leader < len(self.nodes):
             return self.nodes[leader]
@@ -375,6 +399,8 @@ class ClientCore:
             if not call.resend and call.shard is not None:
                 # No answer in time: forget the leader we believed in; the next node is asked.
                 self.leaders.pop(call.shard, None)
+            if not call.resend and call.sent_to is not None:
+                self._silent[call.sent_to] = now + SILENT_SECONDS  # a stalled node, maybe
             self._send(call)
 
     def _refused(self, address: str, event: int) -> None:
@@ -434,6 +460,7 @@ class ClientCore:
                 self._on_reply(address, body[1], body[2], body[3])
 
     def _on_reply(self, address: str, rid: int, status: int, value) -> None:
+        self._silent.pop(address, None)
         call = self._inflight.get(rid)
         if call is None or call.future.done():
             return
@@ -442,8 +469,8 @@ class ClientCore:
             del self._inflight[rid]
             if call.op == wire.OP_HELLO:
                 self._learn(value)
-            elif call.shard is not None and address in self.nodes:
-                self.leaders[call.shard] = self.nodes.index(address)
+            elif call.shard is not None and call.is_write and address in self.nodes:
+                self.leaders[call.shard] = self.nodes.index(address)  # only a leader applies writes
             call.future.set_result(value)
         elif status == wire.STATUS_OK_FORWARDED and type(value) is list and len(value) == 2:
             del self._inflight[rid]  # the node we asked forwarded it to the leader
