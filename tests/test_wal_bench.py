@@ -22,4 +22,6 @@ def test_wal_bench_writes_a_row_per_thread_count_and_group_size(tmp_path):
     for r in rows:
         assert r["wal_groups_per_s"] > 0 and r["lmdb_groups_per_s"] > 0
         assert r["wal_fsync_calls_per_group_python"] == 1.0  # one fdatasync per append
+        assert r["merged_groups_per_s"] > 0
+        assert 0 < r["merged_fsync_calls_per_group_python"] <= 1.0  # merged: at most one
     assert "wal groups/s" in done.stdout
