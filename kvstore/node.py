@@ -9,12 +9,14 @@ thread in one loop. Each turn of the loop:
 1. **receive**: read what waits on the ROUTER (bounded); Paxos batches go to
    the replicas (``step``), client writes are queued for their shard's
    replica (handed to ``propose`` bounded in bytes, ``_feed_proposals``),
-   reads become linearizable reads (``read``), requests for a shard another
-   node leads are forwarded there; a malformed, oversized or unknown frame
+   reads become linearizable reads (``read``: the leader's read index; on a
+   follower, the read index it asks the leader for, served here once applied),
+   writes for a shard another node leads are forwarded there; a malformed, oversized or unknown frame
    is dropped and counted (``wire.decode``);
 2. **tick**: one ``tick()`` per replica per elapsed ``tick_seconds`` of
    ``time.monotonic()`` (a few at most per turn, so a stalled process wakes up
-   to its inbox before it times anybody out);
+   to its inbox before it times anybody out; with lease reads on, a stall, or
+   ticks not delivered, void the leases first: ``clock_jumped``);
 3. **drive** every replica that ``has_ready()``, all shards together:
 
    a. **persist**: every shard's hard state, log records, snapshot and
@@ -115,6 +117,14 @@ class NodeConfig:
     snapshot_every_slots: int = 20_000
     log_retain_slots: int = 1000
     snapshot_chunk_bytes: int = 1 << 20
+    #: Lease reads: off (0) by default. When on, a leader serves reads without a quorum
+    #: round of their own for this many ticks after a confirmation round began (see
+    #: ``kvstore.paxos.replica.Config.lease_read_ticks``). The clock assumption: over one
+    #: election timeout, no two nodes' monotonic clocks drift apart by more than D ticks,
+    #: and lease_read_ticks <= election_timeout_ticks - D - 2. The loop voids every lease
+    #: (``clock_jumped``) when it wakes more than a tick late (a stall, SIGSTOP, a GC pause)
+    #: before it reads a request, and when it cannot deliver every elapsed tick.
+    lease_read_ticks: int = 0
     #: A ``kvstore keygen`` directory: CurveZMQ on every socket (``[security]``), or None.
     curve_keys: str | None = None
 
@@ -172,7 +182,8 @@ class Node:
                      entries_per_message_max=c.entries_per_message_max,
                      pending_commands_max=c.pending_commands_max,
                      log_retain_slots=c.log_retain_slots,
-                     snapshot_chunk_bytes=c.snapshot_chunk_bytes)
+                     snapshot_chunk_bytes=c.snapshot_chunk_bytes,
+                     lease_read_ticks=c.lease_read_ticks)
         return Replica(cfg, self.storage.load(shard))
 
     # ------------------------------------------------------------------ the loop
@@ -186,6 +197,7 @@ class Node:
         poller = zmq.Poller()
         poller.register(self.sockets.router, zmq.POLLIN)
         next_tick = time.monotonic() + tick
+        lease = self.config.lease_read_ticks > 0
         log.info("node %s up at %s: %d shard(s), %d node(s)", self.name,
                  self.config.addresses[self.name], self.nshards, self.n,
                  extra={"event": "start", "node": self.name})
@@ -193,10 +205,15 @@ class Node:
             while not self._stopping:
                 wait = next_tick - time.monotonic()
                 if poller.poll(max(0, int(wait * 1000) + 1) if wait > 0 else 0):
+                    if lease and time.monotonic() - next_tick > tick:
+                        self._clock_jumped()  # before any read: the ticks lag the clock
                     self._receive()
                 now = time.monotonic()
                 if now >= next_tick:
-                    due = min(int((now - next_tick) / tick) + 1, MAX_TICKS_PER_TURN)
+                    owed = int((now - next_tick) / tick) + 1
+                    due = min(owed, MAX_TICKS_PER_TURN)
+                    if lease and owed > due:
+                        self._clock_jumped()  # the ticks not delivered are lost to the replicas
                     for _ in range(due):
                         for r in self.replicas:
                             r.tick()
@@ -214,6 +231,10 @@ class Node:
             self._flush_replies()
         finally:
             self.close()
+
+    def _clock_jumped(self) -> None:
+        for r in self.replicas:
+            r.clock_jumped()
 
     def close(self) -> None:
         sockets, self.sockets = getattr(self, "sockets", None), None

@@ -302,3 +302,42 @@ def test_big_concurrent_writes_are_cut_into_entries_that_fit_a_frame(start_node,
         st.close()
     assert sum(sizes) > 6 * kvstore.MAX_VALUE_SIZE
     assert max(sizes) <= PROPOSE_BYTES_PER_TURN + kvstore.MAX_VALUE_SIZE + 4096, sizes
+
+
+def test_three_nodes_with_lease_reads_serve_the_write_just_before_from_every_node(tmp_path):
+    """Lease reads on (off by default): every node's get sees the write acknowledged just
+    before it, and the leader holds a lease once its rounds have been confirmed."""
+    names = ["n1", "n2", "n3"]
+    addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
+    nodes, threads = [], []
+    for n in names:
+        cfg = NodeConfig(name=n, names=names, addresses=addresses, shards=1,
+                         data_dir=str(tmp_path / n), lease_read_ticks=20)
+        assert NodeConfig(name=n, names=names, addresses=addresses, shards=1,
+                          data_dir=str(tmp_path / n)).lease_read_ticks == 0
+        node = Node(cfg)
+        nodes.append(node)
+        threads.append(threading.Thread(target=node.run, daemon=True))
+    for t in threads:
+        t.start()
+    raws = {n: Raw(addresses[n]) for n in names}
+    try:
+        with kvstore.connect(",".join(addresses.values()), timeout=20) as c:
+            c.put(b"k", b"first")
+            deadline = time.monotonic() + 20  # every node follows the leader (bounded wait)
+            while len({node.replicas[0].leader_hint for node in nodes}) != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for i in range(20):
+                c.put(b"k", b"v%d" % i)
+                for n in names:
+                    status, value = raws[n].request(wire.OP_GET, [0, b"k", False], timeout_ms=20000)
+                    assert (status, value) == (wire.STATUS_OK, b"v%d" % i), n
+        [leader] = [node for node in nodes if node.replicas[0].is_leader]
+        assert leader.replicas[0].lease_until > 0
+    finally:
+        for raw in raws.values():
+            raw.close()
+        for node in nodes:
+            node.stop()
+        for t in threads:
+            t.join(10)

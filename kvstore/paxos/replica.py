@@ -123,6 +123,9 @@ class Bugs:
     # (l) follower reads: a follower serves a read as soon as the leader's read index comes
     # back, without waiting until it has applied up to that index
     follower_read_before_apply: bool = False
+    # (m) lease reads: the leader keeps its lease across a clock jump (a pause it slept
+    # through), i.e. ``clock_jumped`` is ignored
+    lease_survives_clock_jump: bool = False
 
 
 class Jitter(Protocol):
@@ -145,6 +148,17 @@ class Config:
     snapshot_chunk_bytes: int = 4096
     log_retain_slots: int = 32  # entries kept below a snapshot point, for cheap catch-up
     pre_vote: bool = True
+    #: Lease reads, off (0) by default. When > 0, a leader whose confirmation round (a
+    #: heartbeat quorum) started at its tick T serves reads without a round of their own
+    #: until its tick T + lease_read_ticks; and every replica refuses to promise a new
+    #: leader for an election timeout after it last heard the old one, or after it started.
+    #: The clock assumption: over one election timeout, the tick clocks of any two nodes
+    #: drift apart by at most D ticks, and lease_read_ticks <= election_timeout_ticks - D - 2
+    #: (a tick of granularity on each side); the driver delivers every elapsed tick before
+    #: it hands in a read, or calls ``clock_jumped()`` when it cannot (it stalled). Then no
+    #: other leader can be chosen while the lease holds, so the leader's commit point is a
+    #: read index without a quorum round.
+    lease_read_ticks: int = 0
     bugs: Bugs = field(default_factory=Bugs)
 
 
@@ -221,10 +235,12 @@ class _Progress:
 
 
 class _ReadRound:
-    __slots__ = ("seq", "read_index", "request_ids", "remote", "acks")
+    __slots__ = ("seq", "read_index", "request_ids", "remote", "acks", "start_tick")
 
-    def __init__(self, seq: int, read_index: int, request_ids: list, remote: list, me: int) -> None:
+    def __init__(self, seq: int, read_index: int, request_ids: list, remote: list, me: int,
+                 start_tick: int = 0) -> None:
         self.seq = seq
+        self.start_tick = start_tick  # the leader's tick when the round's heartbeats were made
         self.read_index = read_index
         self.request_ids = request_ids
         self.remote = remote  # (follower, context) of ReadIndex requests answered by this round
@@ -248,6 +264,9 @@ class Replica:
     def __init__(self, config: Config, persisted: PersistedState | None = None) -> None:
         if not (1 <= config.num_nodes <= 64) or not (0 <= config.node < config.num_nodes):
             raise ValueError("bad node/num_nodes")
+        if config.lease_read_ticks and not (0 < config.lease_read_ticks <= config.election_timeout_ticks - 2):
+            raise ValueError("lease_read_ticks must be 0 (off) or at most election_timeout_ticks - 2 "
+                             "(less the clock drift over an election timeout)")
         self.config = config
         self.id = config.node
         self.n = config.num_nodes
@@ -295,6 +314,7 @@ class Replica:
         self.reads_queued: list = []
         self.reads_confirmed: list = []  # (read_index, request_id)
         self.remote_queued: list = []  # leader: (follower, context) of ReadIndex requests
+        self.lease_until = -1  # lease reads: the leader serves them while ticks < this
         # Follower reads: the leader (node, ballot) they were asked of, the reads not yet
         # asked, the request in flight. Request numbers start at a random point so that an
         # answer to a request made before a restart never matches one made after it.
@@ -390,6 +410,7 @@ class Replica:
             self._out_dropped_reads.extend(dropped)
             self.reads_queued, self.read_round, self.reads_confirmed = [], None, []
             self.remote_queued = []
+            self.lease_until = -1
         self.role = FOLLOWER
         self.leader = leader
         self.election_elapsed = 0
@@ -521,7 +542,10 @@ class Replica:
                 self.recent_active = 1 << self.id
             if self.heartbeat_elapsed >= self.config.heartbeat_interval_ticks:
                 self.heartbeat_elapsed = 0
-                self._broadcast_heartbeat()
+                if self.config.lease_read_ticks and self.read_round is None and self._own_noop_committed():
+                    self._start_read_round()  # an empty round: it renews the lease
+                else:
+                    self._broadcast_heartbeat()
             return
         self.election_elapsed += 1
         if self.election_elapsed >= self.randomized_timeout:
@@ -549,8 +573,8 @@ class Replica:
         neither leads nor follows a known leader.
         """
         if self.role == LEADER:
-            if self.bugs.read_without_quorum:
-                self.reads_confirmed.append((self.commit_index, request_id))
+            if self.bugs.read_without_quorum or (self.ticks < self.lease_until and self._own_noop_committed()):
+                self.reads_confirmed.append((self.commit_index, request_id))  # (a lease read)
                 return
             self.reads_queued.append(request_id)  # the confirmation round starts at the next ready()
             return
@@ -559,6 +583,15 @@ class Replica:
             raise NotLeader(self.leader)
         self.follower_reads_leader = (self.leader, self.promised)
         self.follower_reads_queued.append(request_id)  # asked at the next ready()
+
+    def clock_jumped(self) -> None:
+        """The driver could not deliver every elapsed tick (it stalled): a lease is void."""
+        if not self.bugs.lease_survives_clock_jump:
+            self.lease_until = -1
+            if self.read_round is not None:
+                # Its start was measured on the clock that jumped: it confirms its reads, but
+                # it starts no lease.
+                self.read_round.start_tick = -(1 << 62)
 
     def compact(self, index: int, data: bytes) -> None:
         """The application has durably saved a snapshot of its state through ``index``.
@@ -606,6 +639,8 @@ class Replica:
     def _heard_leader_recently(self) -> bool:
         if self.role == LEADER:
             return True
+        if self.config.lease_read_ticks and self.ticks < self.config.election_timeout_ticks:
+            return True  # just (re)started: an old leader's lease may still hold on our word
         return self.leader is not None and self.election_elapsed < self.config.election_timeout_ticks
 
     def _on_pre_vote(self, m: Message) -> None:
@@ -806,9 +841,12 @@ class Replica:
         if (self.role != LEADER or self.read_round is not None
                 or not (self.reads_queued or self.remote_queued) or not self._own_noop_committed()):
             return
+        self._start_read_round()
+
+    def _start_read_round(self) -> None:
         self.read_seq += 1
         self.read_round = _ReadRound(self.read_seq, self.commit_index, self.reads_queued,
-                                     self.remote_queued, self.id)
+                                     self.remote_queued, self.id, self.ticks)
         self.reads_queued = []
         self.remote_queued = []
         if self.n > 1:
@@ -820,6 +858,8 @@ class Replica:
         if rr is None or bin(rr.acks).count("1") < majority(self.n):
             return
         self.reads_confirmed.extend((rr.read_index, rid) for rid in rr.request_ids)
+        if self.config.lease_read_ticks:
+            self.lease_until = max(self.lease_until, rr.start_tick + self.config.lease_read_ticks)
         for follower, context in rr.remote:
             self._send(Message(M.READ_INDEX_REPLY, follower, self.id, ballot=self.ballot,
                                commit_index=rr.read_index, context=context))
@@ -833,7 +873,7 @@ class Replica:
             self._send(Message(M.READ_INDEX_REPLY, m.frm, self.id, ballot=m.ballot, context=m.context,
                                reject=True, hint=self.promised))
             return
-        if self.bugs.read_without_quorum:
+        if self.bugs.read_without_quorum or (self.ticks < self.lease_until and self._own_noop_committed()):
             self._send(Message(M.READ_INDEX_REPLY, m.frm, self.id, ballot=self.ballot,
                                commit_index=self.commit_index, context=m.context))
             return

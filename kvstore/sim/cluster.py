@@ -5,7 +5,10 @@ One seed drives one ``random.Random`` for everything: message loss, duplication
 timeouts, then delivered), replays of old messages, partitions (one-way ones too),
 crashes (losing unsynced writes), pauses (of the leader more often than not),
 restarts and the client workload. Swarm testing draws each seed's fault rates
-and the replicas' timeouts, windows, batch sizes and retained slots.
+and the replicas' timeouts, windows, batch sizes and retained slots, and turns
+lease reads on in half the seeds (a node waking from a pause is told its clock
+jumped, as the node's loop does). Clients send half their gets to any node:
+followers serve them through the leader's read index (ReadIndex).
 
 A run has a safety phase with faults, then a liveness phase: everything healed
 and restarted, no more faults; every client's outstanding request must complete,
@@ -79,6 +82,7 @@ class SimConfig:
     entries_per_message_max: int = 4
     log_retain_slots: int = 4
     snapshot_chunk_bytes: int = 64
+    lease_read_ticks: int = 0  # lease reads (0: off); swarm turns them on in some seeds
     bugs: Bugs = field(default_factory=Bugs)
     trace_lines: int = 60
     swarm: bool = True  # each seed draws its own fault rates and replica settings (swarm testing)
@@ -118,7 +122,9 @@ def swarm(config: SimConfig, rng: random.Random) -> SimConfig:
                    log_retain_slots=pick(0, 1, 4, 32),
                    snapshot_every=pick(2, 8, 32),
                    snapshot_chunk_bytes=pick(16, 64, 4096),
-                   leader_sends_before_persist=pick(False, True))
+                   leader_sends_before_persist=pick(False, True),
+                   # the sim's clocks do not drift; a paused node's clock jumps when it wakes
+                   lease_read_ticks=pick(0, election - 2))
 
 
 # ---------------------------------------------------------------------- client <-> node messages
@@ -212,7 +218,7 @@ class Node:
                      pipeline_window=c.pipeline_window, batch_commands_max=c.batch_commands_max,
                      entries_per_message_max=c.entries_per_message_max,
                      log_retain_slots=c.log_retain_slots, snapshot_chunk_bytes=c.snapshot_chunk_bytes,
-                     bugs=c.bugs)
+                     lease_read_ticks=c.lease_read_ticks, bugs=c.bugs)
         self.replica = Replica(cfg, self.disk.persisted())
         self.replica.trace = []
         self.restore(self.disk.snapshot_index, self.disk.snapshot_data)
@@ -230,6 +236,15 @@ class Node:
         if self.kv.snapshot() != self.sim.oracle.state_after(index, self.sim.chosen):
             self.sim.fail(f"state: n{self.id} restored a snapshot through {index} that differs from "
                           f"a replay of the chosen log")
+
+    def awake(self) -> bool:
+        """Up and not paused; a node waking from a pause first learns its clock jumped."""
+        if not self.up or self.paused_until > self.sim.tick:
+            return False
+        if self.paused_until >= 0:
+            self.paused_until = -1
+            self.replica.clock_jumped()
+        return True
 
     def crash(self, why: str) -> None:
         self.sim.log(f"CRASH n{self.id} ({why})")
@@ -554,7 +569,7 @@ class Simulation:
         node = self.nodes[m.to]
         if not node.up:
             return
-        if node.paused_until > self.tick:
+        if not node.awake():
             # A paused process: the message waits in a socket buffer, and the process takes what
             # waits in its buffers in no particular order when it wakes (peers and clients have
             # connections of their own): a client's read may come before news of a new leader.
@@ -611,6 +626,12 @@ class Simulation:
                 others = [i for i in range(n) if i not in side]
                 self.cut = {(a, b) for a in side for b in others} | {(b, a) for a in side for b in others}
                 self.log(f"PARTITION [n{leader.id} (paused), n{stale}] | {others}")
+            elif n == 3 and c.lease_read_ticks and rng.random() < 0.5:
+                # With leases: the paused leader wakes cut off, with a lease that its clock,
+                # stopped while it slept, would say still holds.
+                others = [i for i in range(n) if i != leader.id]
+                self.cut = {(leader.id, b) for b in others} | {(b, leader.id) for b in others}
+                self.log(f"PARTITION [n{leader.id} (paused)] | {others}")
             self._probe_paused_leader(leader)
         if n > 1 and rng.random() < c.partition_rate:
             if self.cut and rng.random() < 0.5:
@@ -654,6 +675,8 @@ class Simulation:
         self.crash_in_ready_p = 0.0
         self.cut = set()
         for node in self.nodes:
+            if node.up and node.paused_until >= 0:
+                node.replica.clock_jumped()
             node.paused_until = -1
             if not node.up:
                 self.log(f"RESTART n{node.id} (heal)")
@@ -670,13 +693,13 @@ class Simulation:
             _, _, m = heapq.heappop(self.queue)
             self._deliver(m)
         for node in self.nodes:
-            if node.up and node.paused_until <= self.tick:
+            if node.awake():
                 node.replica.tick()
                 node.drain()
         for client in self.clients:
             client.on_tick(may_start)
         for node in self.nodes:
-            if node.up and node.paused_until <= self.tick:
+            if node.awake():
                 node.drain()
 
     def _settled(self) -> bool:
