@@ -115,7 +115,9 @@ def parse_security(doc: dict, path: str) -> str | None:
 #: ``[tuning]`` settings (all optional): timing and batching of every node.
 TUNING = {"tick_ms": int, "election_timeout_ticks": int, "heartbeat_interval_ticks": int,
           "pipeline_window": int, "batch_commands_max": int, "snapshot_every_slots": int,
-          "log_retain_slots": int}
+          "log_retain_slots": int, "lease_read_ticks": int}
+#: The node's default election timeout, for checking a lease against it.
+_ELECTION_TIMEOUT_TICKS_DEFAULT = 30
 
 
 def parse_tuning(doc: dict, path: str) -> dict:
@@ -127,9 +129,16 @@ def parse_tuning(doc: dict, path: str) -> dict:
         if k not in TUNING:
             raise InvalidArgument(f"{path}: [tuning] has no setting {k!r} "
                                   f"(known: {', '.join(TUNING)})")
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InvalidArgument(f"{path}: [tuning] {k} must be an integer >= 1, got {v!r}")
+        least = 0 if k == "lease_read_ticks" else 1  # a lease of 0 ticks: lease reads off
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise InvalidArgument(f"{path}: [tuning] {k} must be an integer >= {least}, got {v!r}")
         out[k] = v
+    lease = out.get("lease_read_ticks")
+    election = out.get("election_timeout_ticks", _ELECTION_TIMEOUT_TICKS_DEFAULT)
+    if lease is not None and lease > election - 2:
+        raise InvalidArgument(f"{path}: [tuning] lease_read_ticks must be at most election_timeout_ticks - 2 "
+                              f"({election - 2}), less the clock drift between nodes over an election "
+                              f"timeout; got {lease}")
     if "tick_ms" in out:
         out["tick_seconds"] = out.pop("tick_ms") / 1000.0
     return out
