@@ -554,3 +554,21 @@ def test_sigkill_mid_append_keeps_every_acknowledged_record(tmp_path):
         for _p, r in log.replay():
             assert r.payload == b"%d" % r.slot * 20
         log.append([Record(KIND_ENTRY, slot=len(slots))])
+
+
+def test_the_segment_format_is_pinned(tmp_path):
+    # The directory format is shared by an embedded store and a cluster node: a change to
+    # these bytes is a format change (bump WAL_FORMAT_VERSION and say how old logs are read).
+    path = str(tmp_path / "wal")
+    with WriteAheadLog.open(path, segment_bytes=4096) as log:
+        end = log.append([Record(KIND_PROMISE, shard=3, ballot=(7 << 16) | 2, payload=b"hs"),
+                          Record(KIND_ENTRY, shard=3, slot=9, ballot=(7 << 16) | 2,
+                                 payload=b"cmd", tag=1)])
+    with open(os.path.join(path, wal.segment_name(0)), "rb") as f:
+        data = f.read()
+    assert len(data) == 4096 and end == 165 and data[end:] == bytes(4096 - end)
+    assert data[:end].hex() == (
+        "010000002400000000000000000000000000000000000000eb30f548000000000000000000000000"
+        "00000000000000006b7673746f72652d77616c00010000000102000016000000000000000000000002"
+        "0007000000000059f0c1d740000000000000004000000000000000030000006873010100001700000009"
+        "00000000000000020007000000000087b5f1aa7200000000000000400000000000000003000100636d64")
