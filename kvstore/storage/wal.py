@@ -53,7 +53,6 @@ was not synced and tears writes (``tests/test_wal.py``).
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import threading
