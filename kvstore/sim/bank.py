@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import deque
 from dataclasses import dataclass, field, fields, replace
 
+from kvstore.sim.trace import Trace, failure_report
 from kvstore.txn import (ABORT, COMMIT, Coordinator, DecisionTable, ParticipantState, TxnBugs,
                          TxnDecision, TxnPrepare, TxnResolve)
 
@@ -357,7 +357,7 @@ class BankSimulation:
         self._ids = 0
         self.faults = True
         self.queue: list = []
-        self.trace: deque = deque(maxlen=config.trace_lines)
+        self.trace = Trace(config.trace_lines, config.verbose)
         self.accounts = [b"acct%02d" % i for i in range(config.accounts)]
         self.shard_of = {k: i % config.shards for i, k in enumerate(self.accounts)}
         self.total = INITIAL_BALANCE * config.accounts
@@ -376,10 +376,7 @@ class BankSimulation:
         return self._ids
 
     def log(self, line: str) -> None:
-        line = f"t{self.tick} {line}"
-        self.trace.append(line)
-        if self.config.verbose:
-            print(line)
+        self.trace.add(self.tick, line)
 
     def fail(self, why: str) -> None:
         raise BankFailure(why)
@@ -521,13 +518,10 @@ def run_bank_seed(config: BankConfig) -> tuple[bool, str]:
     sim = BankSimulation(config)
     try:
         sim.run()
-    except (BankFailure, AssertionError) as e:
-        kind = "" if isinstance(e, BankFailure) else f"{type(e).__name__}: "
-        lines = [f"FAILED bank seed {config.seed}: {kind}{e}",
-                 f"reproduce: python -m kvstore.sim --bank --seed {config.seed}{_bug_flags(config.bugs)} --verbose",
-                 f"last {len(sim.trace)} events:"]
-        lines.extend("  " + t for t in sim.trace)
-        return False, "\n".join(lines)
+    except Exception as e:  # noqa: BLE001 - a crash of the core is a finding like any other
+        return False, failure_report(
+            f"bank seed {config.seed}", e, BankFailure,
+            f"python -m kvstore.sim --bank --seed {config.seed}{_bug_flags(config.bugs)} --verbose", sim.trace)
     committed = sum(1 for o in sim.told.values() if o == COMMIT)
     return True, (f"bank seed {config.seed}: ok, {sim.completed} transactions answered "
                   f"({committed} committed), {len(sim.unknown)} left to the resolvers")

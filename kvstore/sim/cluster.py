@@ -41,7 +41,8 @@ from kvstore.paxos import messages as M
 from kvstore.paxos.replica import KIND_BATCH, Bugs, Config, NotLeader, PersistedState, Replica
 from kvstore.sim.kv import KV, decode_command, encode_command
 from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
-from kvstore.sim.oracle import InvariantViolation, Oracle
+from kvstore.sim.oracle import Oracle
+from kvstore.sim.trace import Trace, failure_report
 
 KEYS = (b"a", b"b", b"c")
 
@@ -483,7 +484,7 @@ class Simulation:
         self._request_id = 0
         self.queue: list = []  # (due tick, seq, message)
         self.cut: set = set()  # (frm, to) node pairs whose messages are lost (one-way cuts too)
-        self.trace: deque = deque(maxlen=config.trace_lines)
+        self.trace = Trace(config.trace_lines, config.verbose)
         self.chosen: dict = {}
         self.proposed: set = set()
         self.effect_slot: dict = {}
@@ -511,10 +512,7 @@ class Simulation:
         return self._request_id
 
     def log(self, line: str) -> None:
-        line = f"t{self.tick} {line}"
-        self.trace.append(line)
-        if self.config.verbose:
-            print(line)
+        self.trace.add(self.tick, line)
 
     def flush_trace(self, node: Node) -> None:
         tr = node.replica.trace
@@ -789,13 +787,10 @@ def run(config: SimConfig) -> RunResult:
     try:
         sim.run()
     except Exception as e:  # noqa: BLE001 - a crash of the core is a finding like any other
-        kind = "" if isinstance(e, SimulationFailure) else f"{type(e).__name__}: "
-        lines = [f"FAILED seed {config.seed}: {kind}{e}",
-                 f"reproduce: python -m kvstore.sim --seed {config.seed} --nodes {config.nodes}"
-                 f" --ticks {config.ticks}{_bug_flags(config.bugs)} --verbose",
-                 f"last {len(sim.trace)} events:"]
-        lines.extend("  " + t for t in sim.trace)
-        return RunResult(False, "\n".join(lines))
+        return RunResult(False, failure_report(
+            f"seed {config.seed}", e, SimulationFailure,
+            f"python -m kvstore.sim --seed {config.seed} --nodes {config.nodes} --ticks {config.ticks}"
+            f"{_bug_flags(config.bugs)} --verbose", sim.trace))
     return RunResult(True, f"seed {config.seed}: ok, {len(sim.chosen)} slots chosen, "
                            f"{len(sim.history)} ops completed, {len(sim.acked)} writes acknowledged; "
                            f"after the heal: settled in {sim.settle_ticks} ticks, {sim.elections} elections, "
