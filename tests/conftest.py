@@ -75,3 +75,17 @@ def child_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "chaos: the opt-in chaos run (set KVSTORE_CHAOS_SECONDS)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The chaos run is opt-in: without KVSTORE_CHAOS_SECONDS it is deselected, not skipped."""
+    if float(os.environ.get("KVSTORE_CHAOS_SECONDS", "0")) > 0:
+        return
+    chaos = [item for item in items if item.get_closest_marker("chaos") is not None]
+    if chaos:
+        config.hook.pytest_deselected(items=chaos)
+        items[:] = [item for item in items if item.get_closest_marker("chaos") is None]
