@@ -22,13 +22,13 @@ connection and the event loop never blocks on a socket.
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from collections import deque
 
+from kvstore.api import check_run_transaction, retry_backoff_seconds
 from kvstore.client import ClusterKV, ClusterTxn
 from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
-from kvstore.errors import InvalidArgument, KVError, TransactionConflict
+from kvstore.errors import KVError, TransactionConflict
 from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
 from kvstore.transport import wire
 
@@ -115,10 +115,7 @@ class AsyncKV:
 
     async def run_transaction(self, fn, retries: int = 10):
         """``await fn(txn)`` in a transaction, retried on ``TransactionConflict``."""
-        if not callable(fn):
-            raise InvalidArgument(f"run_transaction needs a callable, not {type(fn).__name__}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise InvalidArgument(f"retries must be an int >= 0, got {retries!r}")
+        check_run_transaction(fn, retries)
         attempt = 0
         while True:
             try:
@@ -129,7 +126,7 @@ class AsyncKV:
                 if attempt >= retries:
                     raise
                 attempt += 1
-                await asyncio.sleep(random.random() * min(0.0005 * (1 << attempt), 0.05))
+                await asyncio.sleep(retry_backoff_seconds(attempt))
 
     async def status(self) -> dict:
         return await asyncio.get_running_loop().run_in_executor(None, self._kv.status)

@@ -17,6 +17,20 @@ from kvstore.errors import InvalidArgument, TransactionConflict
 R = TypeVar("R")
 
 
+def check_run_transaction(fn, retries) -> None:
+    """The arguments of ``run_transaction`` (sync and asyncio alike)."""
+    if not callable(fn):
+        raise InvalidArgument(f"run_transaction needs a callable, not {type(fn).__name__}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InvalidArgument(f"retries must be an int >= 0, got {retries!r}")
+
+
+def retry_backoff_seconds(attempt: int) -> float:
+    """Jittered backoff before retry ``attempt``, so racing retries spread out instead of
+    colliding again."""
+    return random.random() * min(0.0005 * (1 << attempt), 0.05)
+
+
 class Txn(abc.ABC):
     """A serializable transaction: reads see a snapshot plus the transaction's own writes."""
 
@@ -79,10 +93,7 @@ class KV(abc.ABC):
         ``fn`` may run up to ``retries + 1`` times, so it must not have side
         effects outside the transaction. The last conflict is re-raised.
         """
-        if not callable(fn):
-            raise InvalidArgument(f"run_transaction needs a callable, not {type(fn).__name__}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise InvalidArgument(f"retries must be an int >= 0, got {retries!r}")
+        check_run_transaction(fn, retries)
         attempt = 0
         while True:
             try:
@@ -93,8 +104,7 @@ class KV(abc.ABC):
                 if attempt >= retries:
                     raise
                 attempt += 1
-                # Jittered backoff so racing retries spread out instead of colliding again.
-                time.sleep(random.random() * min(0.0005 * (1 << attempt), 0.05))
+                time.sleep(retry_backoff_seconds(attempt))
 
     def __enter__(self):
         return self
