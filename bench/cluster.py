@@ -11,8 +11,19 @@ directory's file system, plus one ZeroMQ round trip over loopback. When
 ``pysyncobj`` is installed (the ``[bench]`` extra), PySyncObj's 3-node
 ``ReplDict`` runs the same put load in the same run (it never fsyncs).
 
+Then the same load against an embedded replica: a second 3-node cluster
+whose node n1 is ``kvstore.open(dir, node_id="n1", cluster=...)`` inside
+this process (n2 and n3 are ``kvstore-server`` processes), made to lead the
+shard(s) under test (only keys of the shards it leads are used). The load
+runs in the same process as that node, through the asyncio interface
+wrapped around the embedded replica's own ``KV`` (``kvstore.aio.AsyncKV``):
+one event loop thread, the client engine's I/O thread and the node's loop
+thread share the process (requests reach the node over loopback ZeroMQ,
+as ``server_embedded`` documents). Its CPU share is that whole process.
+
     python bench/cluster.py                # full run, writes bench/results/cluster.json
     python bench/cluster.py --quick        # smoke run
+    python bench/cluster.py --no-embedded  # skip the embedded replica's rows
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import asyncio
 import os
 import resource
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -34,6 +46,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import figures  # noqa: E402  (bench/figures.py, beside this script)
 
+import kvstore  # noqa: E402
 import kvstore.aio  # noqa: E402
 from kvstore.server_local import LocalCluster  # noqa: E402
 
@@ -142,26 +155,99 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run_load(addresses: list, concurrency: list, seconds: float, server_pids: dict) -> list:
-    keys = [b"%016d" % i for i in range(10_000)]
+def bench_keys(nshards: int = 1, shards=None) -> list:
+    """10,000 16-byte keys, only of ``shards`` (all when None)."""
+    from kvstore.sharding import shard_of
+    keys, i = [], 0
+    while len(keys) < 10_000:
+        k = b"%016d" % i
+        i += 1
+        if shards is None or nshards == 1 or shard_of(k, nshards) in shards:
+            keys.append(k)
+    return keys
+
+
+async def run_rows(db, keys: list, concurrency: list, seconds: float, server_pids: dict,
+                   self_label: str = "client") -> list:
+    """Puts then gets at each concurrency on ``db`` (an ``AsyncKV``); CPU shares of this
+    process (``self_label``) and of each server pid over each row."""
     value = os.urandom(VALUE_BYTES)
     rows = []
-    async with await kvstore.aio.connect(addresses, timeout=30) as db:
-        for kind in ("put", "get"):
-            for c in concurrency:
-                before = {n: cpu_seconds(p) for n, p in server_pids.items()}
-                client_before, t = cpu_seconds(), time.perf_counter()
-                row = await load(db, kind, c, seconds, keys, value)
-                elapsed = time.perf_counter() - t
-                row["cpu_share"] = {"client": round((cpu_seconds() - client_before) / elapsed, 2)}
-                for n, p in server_pids.items():
-                    row["cpu_share"][n] = round((cpu_seconds(p) - before[n]) / elapsed, 2)
-                rows.append(row)
-                cpu = " ".join(f"{k} {v:.0%}" for k, v in row["cpu_share"].items())
-                print(f"{kind:4} in flight {c:4}: {row['ops_per_s']:>10,.0f} ops/s   "
-                      f"p50 {row['p50_ms']:7.3f} ms   p99 {row['p99_ms']:7.3f} ms   cpu: {cpu}",
-                      flush=True)
+    for kind in ("put", "get"):
+        for c in concurrency:
+            before = {n: cpu_seconds(p) for n, p in server_pids.items()}
+            client_before, t = cpu_seconds(), time.perf_counter()
+            row = await load(db, kind, c, seconds, keys, value)
+            elapsed = time.perf_counter() - t
+            row["cpu_share"] = {self_label: round((cpu_seconds() - client_before) / elapsed, 2)}
+            for n, p in server_pids.items():
+                row["cpu_share"][n] = round((cpu_seconds(p) - before[n]) / elapsed, 2)
+            rows.append(row)
+            cpu = " ".join(f"{k} {v:.0%}" for k, v in row["cpu_share"].items())
+            print(f"{kind:4} in flight {c:4}: {row['ops_per_s']:>10,.0f} ops/s   "
+                  f"p50 {row['p50_ms']:7.3f} ms   p99 {row['p99_ms']:7.3f} ms   cpu: {cpu}",
+                  flush=True)
     return rows
+
+
+async def run_load(addresses: list, concurrency: list, seconds: float, server_pids: dict) -> list:
+    async with await kvstore.aio.connect(addresses, timeout=30) as db:
+        return await run_rows(db, bench_keys(), concurrency, seconds, server_pids)
+
+
+def lead_from_embedded(lc: LocalCluster, db, want: int = 1, timeout: float = 60.0) -> list:
+    """Wait until the embedded node n1 leads ``want`` shard(s) (every shard if fewer);
+    while another node leads a shard n1 does not, restart that server so that n1 may
+    win the next election. The shards n1 leads."""
+    deadline = time.monotonic() + timeout
+    want = min(want, lc.shards)
+    while True:
+        st = db.status()
+        leaders = [s["leader"] for s in st["shards"]]
+        mine = [s for s, leader in enumerate(leaders) if leader == "n1"]
+        if len(mine) >= want and None not in leaders:
+            return mine
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the embedded node n1 did not come to lead {want} shard(s) "
+                               f"within {timeout} s (leaders: {leaders})")
+        if None not in leaders:
+            other = next(nm for nm in leaders if nm != "n1")
+            lc.kill(other, signal.SIGTERM)
+            lc.start(other)
+        time.sleep(0.2)  # a status poll: leadership is no event this process can await
+
+
+def run_embedded(base: str, shards: int, concurrency: list, seconds: float) -> dict:
+    """The same load inside the process of an embedded replica leading the shard(s) under
+    test: n1 here (``kvstore.open(..., node_id="n1", cluster=...)``), n2 and n3 servers."""
+    lc = LocalCluster(os.path.join(base, "embedded"), 3, shards)
+    db = None
+    try:
+        # n1 first: it campaigns while the servers are still starting, so it usually leads.
+        db = kvstore.open(os.path.join(lc.directory, "n1"), node_id="n1",
+                          cluster=lc.config_path)
+        lc.start("n2")
+        lc.start("n3")
+        led = lead_from_embedded(lc, db, want=max(1, shards // 3))
+        pids = {n: p.pid for n, p in lc.procs.items()}
+        keys = bench_keys(shards, set(led))
+        print(f"\nembedded replica n1 in this process, leading shard(s) {led} of {shards}; "
+              f"the load through kvstore.aio.AsyncKV over its KV, in this process:")
+
+        async def go() -> list:
+            return await run_rows(kvstore.aio.AsyncKV(db), keys, concurrency, seconds, pids,
+                                  self_label="n1+load")
+
+        rows = asyncio.run(go())
+    finally:
+        if db is not None:
+            db.close()
+        lc.stop_all()
+        lc.close()
+    return {"node": "n1", "leads_shards": led,
+            "load": "kvstore.aio.AsyncKV over the embedded replica's KV, one asyncio event "
+                    "loop in the node's own process",
+            "rows": rows}
 
 
 def run_pysyncobj(concurrency: list, seconds: float) -> list | None:
@@ -203,6 +289,8 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="where the cluster's data goes (default: a temp dir)")
     p.add_argument("--json", default=figures.default_path("cluster"))
     p.add_argument("--no-pysyncobj", action="store_true", help="skip the PySyncObj comparison")
+    p.add_argument("--no-embedded", action="store_true",
+                   help="skip the rows of the embedded replica (load in the leader's process)")
     args = p.parse_args(argv)
     concurrency = [int(x) for x in args.in_flight.split(",")]
     seconds = 0.5 if args.quick else args.seconds
@@ -218,6 +306,8 @@ def main(argv=None) -> int:
             pids = {n: p.pid for n, p in lc.procs.items()}
             rows = asyncio.run(run_load(lc.address_list, concurrency, seconds, pids))
             lc.stop_all()
+        embedded = None if args.no_embedded else run_embedded(base, args.shards, concurrency,
+                                                              seconds)
         pysyncobj = None if args.no_pysyncobj else run_pysyncobj(concurrency, seconds)
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -234,12 +324,13 @@ def main(argv=None) -> int:
                "value_bytes": VALUE_BYTES, "seconds_per_row": seconds,
                "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
                             "loopback_rtt": round(rtt_s * 1e3, 3)},
-               "rows": rows, "pysyncobj": pysyncobj}
-    single = next((r for r in rows if r["op"] == "put" and r["in_flight"] == 1), None)
-    if single:
-        floor = (fsync_s + rtt_s) * 1e3
-        print(f"\none put at a time: p50 {single['p50_ms']:.3f} ms = "
-              f"{single['p50_ms'] / floor:.1f}x the floor ({floor:.3f} ms)")
+               "rows": rows, "embedded": embedded, "pysyncobj": pysyncobj}
+    floor = (fsync_s + rtt_s) * 1e3
+    for label, source in (("", rows), (" (embedded replica)", (embedded or {}).get("rows", []))):
+        single = next((r for r in source if r["op"] == "put" and r["in_flight"] == 1), None)
+        if single:
+            print(f"\none put at a time{label}: p50 {single['p50_ms']:.3f} ms = "
+                  f"{single['p50_ms'] / floor:.1f}x the floor ({floor:.3f} ms)")
     figures.write(results, args.json)
     return 0
 

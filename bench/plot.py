@@ -14,8 +14,9 @@ Two pictures say more than their tables:
   build (``bench/paxos_core.py``).
 - ``cluster.png``: a 3-node local cluster (``bench/cluster.py``): durable puts
   and linearizable gets per second against requests in flight, PySyncObj's
-  sets beside them (it never fsyncs), and the latency CDF of each row where
-  the results carry one.
+  sets beside them (it never fsyncs), the same load run inside the process
+  of an embedded replica that leads (dashed), and the latency CDF of each
+  row where the results carry one.
 
 A results file that is missing (or predates the sweep) is skipped with a note.
 """
@@ -111,11 +112,16 @@ def plot_cluster(plt, results: dict, out: str) -> bool:
     if not rows:
         print("skipped: cluster.json has no rows; rerun bench/cluster.py", file=sys.stderr)
         return False
-    with_cdf = [r for r in rows if r.get("cdf_ms")]
+    with_cdf = [("", r) for r in rows if r.get("cdf_ms")]
+    with_cdf += [("embedded ", r) for r in (results.get("embedded") or {}).get("rows") or []
+                 if r.get("cdf_ms")]
     fig, axes = plt.subplots(1, 2 if with_cdf else 1, figsize=(11 if with_cdf else 6.4, 4.2),
                              squeeze=False)
     ax = axes[0][0]
+    embedded = (results.get("embedded") or {}).get("rows") or []
     series = [("put", rows, "o-", "kvstore durable puts"), ("get", rows, "s-", "kvstore linearizable gets"),
+              ("put", embedded, "o--", "puts, load in the embedded leader's process"),
+              ("get", embedded, "s--", "gets, load in the embedded leader's process"),
               ("put", results.get("pysyncobj") or [], "^:", "PySyncObj sets (never fsyncs)")]
     for op, source, style, label in series:
         line = sorted((r["in_flight"], r["ops_per_s"]) for r in source if r["op"] == op)
@@ -132,15 +138,20 @@ def plot_cluster(plt, results: dict, out: str) -> bool:
     ax.legend(fontsize="small", loc="upper left")
     if with_cdf:
         cdf = axes[0][1]
-        for r in with_cdf:
+        for where, r in with_cdf:
             points = sorted((float(q), ms) for q, ms in r["cdf_ms"].items())
-            cdf.plot([ms for _, ms in points], [q / 100 for q, _ in points],
-                     "-" if r["op"] == "put" else "--", label=f"{r['op']}, {r['in_flight']} in flight")
+            style = ("-" if r["op"] == "put" else "--") if not where else \
+                (":" if r["op"] == "put" else "-.")
+            cdf.plot([ms for _, ms in points], [q / 100 for q, _ in points], style,
+                     label=f"{where}{r['op']}, {r['in_flight']} in flight")
         floor = results.get("floor_ms") or {}
         if floor:
             cdf.axvline(floor.get("fdatasync", 0) + floor.get("loopback_rtt", 0), color="grey",
                         linestyle=":", linewidth=1, label="floor: fdatasync + round trip")
         cdf.set_xscale("log")
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+        cdf.xaxis.set_major_formatter(ScalarFormatter())
+        cdf.xaxis.set_minor_formatter(NullFormatter())  # no 2x10^-1 clutter between decades
         cdf.set_xlabel("latency (ms)")
         cdf.set_ylabel("fraction of requests")
         cdf.set_title("Latency CDF")

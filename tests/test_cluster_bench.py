@@ -1,4 +1,5 @@
-"""bench/cluster.py runs end to end at smoke size and writes its figures."""
+"""bench/cluster.py runs end to end at smoke size and writes its figures: the servers' rows
+and the embedded replica's (the load in the leading node's process)."""
 
 from __future__ import annotations
 
@@ -23,4 +24,12 @@ def test_cluster_benchmark_smoke_run_writes_its_figures(tmp_path):
     assert [(row["op"], row["in_flight"]) for row in figures["rows"]] == [
         ("put", 1), ("put", 16), ("get", 1), ("get", 16)]
     assert all(row["ops_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] for row in figures["rows"])
+    # the same load inside the process of an embedded replica that leads the shard under test
+    embedded = figures["embedded"]
+    assert embedded["node"] == "n1" and embedded["leads_shards"] == [0]
+    assert [(row["op"], row["in_flight"]) for row in embedded["rows"]] == [
+        ("put", 1), ("put", 16), ("get", 1), ("get", 16)]
+    assert all(row["ops_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"]
+               and set(row["cpu_share"]) == {"n1+load", "n2", "n3"} for row in embedded["rows"])
+    assert "one put at a time (embedded replica)" in r.stdout
     assert figures["floor_ms"]["fdatasync"] > 0 and "the floor" in r.stdout
