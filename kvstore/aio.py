@@ -27,7 +27,7 @@ from collections import deque
 
 from kvstore.api import check_run_transaction, retry_backoff_seconds
 from kvstore.client import ClusterKV, ClusterTxn
-from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
+from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT
 from kvstore.errors import KVError, TransactionConflict
 from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
 from kvstore.transport import wire
@@ -142,7 +142,8 @@ class AsyncKV:
 
 
 class AsyncTxn:
-    """``ClusterTxn`` with awaited reads and commit (single-shard until issue 14)."""
+    """``ClusterTxn`` with awaited reads and commit (one entry, or two-phase commit across
+    shards: the same ``two_phase_commit`` plan, its batches awaited together)."""
 
     def __init__(self, db: AsyncKV) -> None:
         self._db = db
@@ -194,17 +195,30 @@ class AsyncTxn:
 
     async def commit(self) -> None:
         t = self._t
-        t._check()
-        t._state = "committed"
-        if t._shard is None:
+        plan = t._commit_plan()
+        if plan is None:
             return
-        command = [OP_TXN, [[k, r] for k, r in t._reads.items()], t._ranges,
-                   [[k, v] for k, v in t._writes.items()]]
-        if not await self._db._call(wire.OP_WRITE, t._shard, command):
+        if type(plan) is tuple:
+            if not await self._db._call(wire.OP_WRITE, *plan):
+                raise t._conflict()
+            return
+        try:
+            batch = next(plan)
+            while True:
+                answers = await asyncio.gather(*(self._db._call(wire.OP_WRITE, shard, command)
+                                                 for shard, command in batch),
+                                               return_exceptions=True)
+                batch = plan.send([a if not isinstance(a, BaseException) or isinstance(a, KVError)
+                                   else _reraise(a) for a in answers])
+        except StopIteration:
+            return
+        except TransactionConflict:
             t._state = "discarded"
-            raise TransactionConflict(
-                "a concurrent write changed what this transaction read; nothing of it was "
-                "applied (run_transaction retries automatically)")
+            raise
+
+
+def _reraise(e: BaseException):
+    raise e
 
 
 __all__ = ["connect", "AsyncKV", "AsyncTxn", "KVError"]

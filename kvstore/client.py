@@ -28,9 +28,13 @@ known, the leader changed, no answer in time) answers ``NOT_LEADER`` and the
 retry goes to the leader. A read served by a follower teaches nothing about
 leaders; only writes and redirects do. ``scan`` asks every shard and merges; each
 shard's part is linearizable, the whole is not one snapshot across shards.
-Transactions are single-shard until issue 14 (two-phase commit): one log
-entry whose reads are validated at apply; one that touches a second shard
-raises ``KVError`` naming the shards.
+A transaction inside one shard is one log entry whose reads are validated at
+apply. One across shards runs two-phase commit (``two_phase_commit``; the
+entries and their rules are in ``kvstore.txn`` and ``kvstore.replica_txn``):
+this client is its coordinator, the shards' logs hold every step, and a node's
+resolver finishes it if this client goes away. A plain write that meets a
+prepared transaction's lock is answered ``LOCKED`` (nothing applied) and
+retried here as a new write after a short backoff, until its deadline.
 """
 
 from __future__ import annotations
@@ -48,8 +52,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import zmq
 
 from kvstore.api import KV, Txn
-from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
+from kvstore.codec import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import InvalidArgument, KVError, Timeout, TransactionConflict, Unavailable
+from kvstore.replica_txn import LOCKED
+from kvstore.txn import COMMIT, Coordinator
+from kvstore.txn import encode as encode_2pc
+from kvstore.txn.coordinator import DECIDING, PREPARING
 from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
@@ -163,7 +171,9 @@ class ClientCore:
         self._inflight: dict = {}  # request_id -> _Call
         self._timers: list = []  # (time, request_id)
         self._out: dict = {}  # address -> [(request_id, op, args)] to send this turn
-        self._writes_inflight: deque = deque()  # write calls by ascending seq, for the floor
+        # heap of (seq, write call) in flight, for the floor: calls reach the I/O thread in
+        # any order of their seqs (several caller threads submit at once)
+        self._writes_inflight: list = []
         self._rotation = random.randrange(1 << 16)
         self._thread = threading.Thread(target=self._run, name="kvstore-client-io", daemon=True)
         self._thread.start()
@@ -284,7 +294,7 @@ class ClientCore:
                 for call in calls:
                     self._inflight[call.request_id] = call
                     if call.is_write:
-                        self._writes_inflight.append(call)
+                        heapq.heappush(self._writes_inflight, (call.request_id, call))
                     self._send(call)
                 for s in events:
                     if s in self._monitors:
@@ -342,10 +352,10 @@ class ClientCore:
         address = address or self._pick(call)
         call.sent_to = address
         if call.is_write:
-            writes = self._writes_inflight  # ascending seqs; answered ones leave from the front
-            while writes and writes[0].future.done():
-                writes.popleft()
-            floor = writes[0].request_id if writes else call.request_id
+            writes = self._writes_inflight  # the lowest seq on top; answered ones leave it
+            while writes and writes[0][1].future.done():
+                heapq.heappop(writes)
+            floor = writes[0][0] if writes else call.request_id
             args = [call.shard, self.client_id, call.request_id, floor, call.payload]
         else:
             args = call.payload
@@ -467,6 +477,9 @@ class ClientCore:
         call.reached = True
         if status == wire.STATUS_OK:
             del self._inflight[rid]
+            if value == LOCKED and call.is_write:
+                self._retry_as_new_write(call)
+                return
             if call.op == wire.OP_HELLO:
                 self._learn(value)
             elif call.shard is not None and call.is_write and address in self.nodes:
@@ -477,6 +490,9 @@ class ClientCore:
             result, leader = value
             if call.shard is not None and type(leader) is int and 0 <= leader < len(self.nodes):
                 self.leaders[call.shard] = leader
+            if result == LOCKED and call.is_write:
+                self._retry_as_new_write(call)
+                return
             call.future.set_result(result)
         elif status == wire.STATUS_ERROR:
             del self._inflight[rid]
@@ -493,6 +509,18 @@ class ClientCore:
                 self._retry_later(call)
         else:  # STATUS_RETRY
             self._retry_later(call)
+
+    def _retry_as_new_write(self, call: _Call) -> None:
+        """A write that met a prepared transaction's lock applied nothing; it is sent
+        again after a backoff as a NEW write (the session table keeps the first answer
+        of a seq). The old call stays in the floor heap until the shared future is
+        done, so the floor never passes a seq still in flight."""
+        retry = _Call(next(self._ids), call.op, call.shard, call.payload, call.deadline)
+        retry.future = call.future
+        retry.reached = True
+        self._inflight[retry.request_id] = retry
+        heapq.heappush(self._writes_inflight, (retry.request_id, retry))
+        self._retry_later(retry)
 
     def _retry_later(self, call: _Call) -> None:
         call.resend = True
@@ -648,14 +676,66 @@ class ClusterKV(KV):
         return f"<kvstore.ClusterKV {','.join(self._addresses)} shards={self.nshards}>"
 
 
+#: A cross-shard transaction's prepared records carry this deadline (wall clock): past
+#: it, the shard leaders' resolvers ask the coordinator shard to settle it (ABORT unless
+#: decided). Only liveness rests on clocks: a resolver that acts early costs an abort.
+TXN_DEADLINE_SECONDS = 2.0
+
+
+def two_phase_commit(parts: dict):
+    """A cross-shard transaction's commit, driven as a generator by a sync or async caller.
+
+    ``parts`` maps each shard to its ``(reads, writes)``. The generator yields
+    ``[(shard, command)]`` to send at once (``kvstore.txn.Coordinator``: every
+    participant's TxnPrepare, then the TxnDecision in the coordinator shard's
+    log, then the TxnResolve entries) and is sent back, in the same order, each
+    write's result or the exception it raised. It returns on commit and raises
+    ``TransactionConflict`` on an abort; a failure before the decision is
+    recorded is raised as it came (``Unavailable``: the outcome is unknown only
+    if COMMIT was proposed). Failures after the decision do not matter to the
+    caller: the outcome is recorded, and resolvers carry it out.
+    """
+    deadline_ms = int((time.time() + TXN_DEADLINE_SECONDS) * 1000)
+    coordinator = Coordinator(os.urandom(16), min(parts), parts, deadline_ms)
+    error = None
+    prepares = coordinator.proposals()
+    answers = yield [(shard, [OP_2PC, encode_2pc(entry)]) for shard, entry in prepares]
+    for (shard, _entry), answer in zip(prepares, answers):
+        if isinstance(answer, BaseException):
+            error = error or answer
+            answer = False  # no vote heard: this coordinator may only abort now
+        coordinator.on_vote(shard, bool(answer))
+    if coordinator.state == PREPARING:
+        raise AssertionError("every vote was counted")  # pragma: no cover
+    if coordinator.state == DECIDING:
+        decision = coordinator.proposals()
+        (answer,) = yield [(shard, [OP_2PC, encode_2pc(entry)]) for shard, entry in decision]
+        if isinstance(answer, BaseException):
+            raise answer
+        coordinator.on_decision(answer)
+        resolves = coordinator.proposals()
+        answers = yield [(shard, [OP_2PC, encode_2pc(entry)]) for shard, entry in resolves]
+        for (shard, _entry), answer in zip(resolves, answers):
+            if not isinstance(answer, BaseException):
+                coordinator.on_resolved(shard)
+    if coordinator.outcome == COMMIT:
+        return
+    if error is not None:
+        raise error
+    raise TransactionConflict(
+        "a concurrent transaction changed or holds what this transaction read or writes; "
+        "nothing of it was applied (run_transaction retries automatically)")
+
+
 class ClusterTxn(Txn):
-    """A single-shard transaction: linearizable reads that record revisions, buffered
-    writes, and at commit one log entry (OP_TXN) whose reads the replicas validate
-    when they apply it (a changed read: ``TransactionConflict``, nothing applied)."""
+    """A transaction: linearizable reads that record revisions, buffered writes, and at
+    commit either one log entry (OP_TXN, one shard: the replicas validate its reads when
+    they apply it) or two-phase commit across the shards it touched
+    (``two_phase_commit``). A changed read: ``TransactionConflict``, nothing applied."""
 
     def __init__(self, kv: ClusterKV) -> None:
         self._kv = kv
-        self._shard: int | None = None
+        self._shards: set = set()
         self._reads: dict = {}  # key -> revision
         self._ranges: list = []
         self._writes: dict = {}
@@ -683,12 +763,7 @@ class ClusterTxn(Txn):
         self._kv._core_check()
 
     def _touch(self, shard: int) -> None:
-        if self._shard is None:
-            self._shard = shard
-        elif shard != self._shard:
-            raise KVError(f"this transaction touches shards {sorted({self._shard, shard})}; "
-                          f"transactions across shards of a cluster are not supported yet "
-                          f"(two-phase commit, issue 14): keep its keys in one shard")
+        self._shards.add(shard)
 
     def get(self, key):
         self._check()
@@ -725,9 +800,11 @@ class ClusterTxn(Txn):
         if (hi is not None and hi <= lo) or limit == 0:
             return []
         if self._kv.nshards > 1:
-            self._touch(0)
-            for s in range(1, self._kv.nshards):
-                self._touch(s)  # raises: a scan reads every shard
+            raise KVError(f"a scan inside a transaction reads every shard of this cluster "
+                          f"({self._kv.nshards}), and cross-shard transactions validate keys, "
+                          f"not ranges: read the keys with get(), or scan outside the "
+                          f"transaction")
+        self._touch(0)
         local = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
         fetch = None if limit is None else limit + sum(1 for v in local.values() if v is None)
         rows = self._kv._core.call(wire.OP_SCAN, 0, [0, lo, hi, fetch, True])
@@ -741,19 +818,55 @@ class ClusterTxn(Txn):
                if v is not None and (covered_hi is None or k < covered_hi)]
         return out if limit is None else out[:limit]
 
-    def commit(self) -> None:
+    def _commit_plan(self):
+        """What commit sends: ``None`` (nothing touched), ``(shard, OP_TXN command)`` for
+        one shard, or a ``two_phase_commit`` generator across several."""
         self._check()
         self._state = "committed"
-        if self._shard is None:
-            return  # touched nothing
-        command = [OP_TXN, [[k, r] for k, r in self._reads.items()], self._ranges,
-                   [[k, v] for k, v in self._writes.items()]]
-        ok = self._kv._core.call(wire.OP_WRITE, self._shard, command)
-        if not ok:
+        if not self._shards:
+            return None
+        if len(self._shards) == 1:
+            (shard,) = self._shards
+            return shard, [OP_TXN, [[k, r] for k, r in self._reads.items()], self._ranges,
+                           [[k, v] for k, v in self._writes.items()]]
+        parts = {shard: ([], []) for shard in self._shards}
+        for key, revision in self._reads.items():
+            parts[self._kv._shard(key)][0].append((key, revision))
+        for key, value in self._writes.items():
+            parts[self._kv._shard(key)][1].append((key, value))
+        return two_phase_commit(parts)
+
+    def _conflict(self) -> TransactionConflict:
+        self._state = "discarded"
+        return TransactionConflict(
+            "a concurrent write changed what this transaction read; nothing of it was "
+            "applied (run_transaction retries automatically)")
+
+    def commit(self) -> None:
+        plan = self._commit_plan()
+        if plan is None:
+            return
+        if type(plan) is tuple:
+            if not self._kv._core.call(wire.OP_WRITE, *plan):
+                raise self._conflict()
+            return
+        core = self._kv._core
+        try:
+            batch = next(plan)
+            while True:
+                futures = [core.submit(wire.OP_WRITE, shard, command) for shard, command in batch]
+                answers = []
+                for f in futures:
+                    try:
+                        answers.append(core.wait(f))
+                    except KVError as e:
+                        answers.append(e)
+                batch = plan.send(answers)
+        except StopIteration:
+            return
+        except TransactionConflict:
             self._state = "discarded"
-            raise TransactionConflict(
-                "a concurrent write changed what this transaction read; nothing of it was "
-                "applied (run_transaction retries automatically)")
+            raise
 
     def discard(self) -> None:
         if self._state in ("new", "open"):

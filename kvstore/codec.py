@@ -15,6 +15,9 @@ Commands (tuples; the first item is the op code):
     writes = [(key, value or None)]           None deletes
 - ``(OP_TXN_WRITES, writes)``              -> True: the part of a transaction
   already validated across shards (its decision was commit)
+- ``(OP_2PC, entry)``                      -> a cluster's two-phase-commit step, ``entry``
+  a ``kvstore.txn.records`` encoding (TxnPrepare -> vote, TxnDecision -> recorded
+  outcome, TxnResolve -> changed); applied by ``kvstore.replica_txn``
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ OP_DELETE = 2
 OP_CAS = 3
 OP_TXN = 4
 OP_TXN_WRITES = 5
+OP_2PC = 6
 
 #: Log record kinds (the ``kind`` byte of a record header).
 KIND_NOOP = 0

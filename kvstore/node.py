@@ -59,15 +59,19 @@ from dataclasses import dataclass
 
 import zmq
 
-from kvstore.codec import OP_CAS, OP_PUT, OP_TXN
+from kvstore.codec import OP_2PC, OP_CAS, OP_PUT, OP_TXN
 from kvstore.errors import CorruptRecord
 from kvstore.keys import MAX_KEY_SIZE, check_key, check_value
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
 from kvstore.replica_storage import (STALE, LmdbReplicaStorage, ReplicaStorage, ShardWrite,
-                                     check_command, decode_client_command,
+                                     check_command, command_keys, decode_client_command,
                                      encode_client_command)
+from kvstore.replica_txn import LOCKED
+from kvstore.txn import ABORT, TxnDecision, TxnPrepare, TxnResolve
+from kvstore.txn import decode as decode_2pc
+from kvstore.txn import encode as encode_2pc
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
 from kvstore.transport.sockets import NodeSockets
@@ -92,6 +96,11 @@ PROPOSE_BYTES_PER_TURN = 4 * 1024 * 1024
 UNCOMMITTED_BYTES_MAX = 24 * 1024 * 1024
 #: Messages a leader may send before the persist of their Ready (see the module docstring).
 EARLY_TYPES = frozenset((M.ACCEPT, M.HEARTBEAT))
+#: How often a shard's leader looks for prepared cross-shard transactions past their
+#: deadline (their coordinator went quiet) to settle them (``_resolve_abandoned``).
+RESOLVE_EVERY_SECONDS = 0.25
+#: A settlement of an abandoned transaction not finished in this long is started again.
+RESOLVE_RETRY_SECONDS = 3.0
 #: Ticks after start at which a node campaigns for the shards it prefers to lead
 #: (shard % nodes == its index) if they have no leader yet: leaders spread over nodes.
 PREFERRED_CAMPAIGN_TICKS = (15, 40)
@@ -172,6 +181,12 @@ class Node:
         self._ticks = 0
         self._campaign_at = list(PREFERRED_CAMPAIGN_TICKS) if self.n > 1 else []
         self._last_expiry = time.monotonic()
+        # the resolver: this node's own writes (2PC settlements) go through _on_request
+        # under the identity ("self", token) with their own client session
+        self._resolver_id = b"resolver-" + os.urandom(8)
+        self._own_writes: dict = {}  # token -> (seq, callback(status, value))
+        self._resolving: dict = {}  # txn id -> monotonic time its settlement started
+        self._last_resolve = time.monotonic()
 
     def _make_replica(self, shard: int) -> Replica:
         c = self.config
@@ -224,6 +239,8 @@ class Node:
                     next_tick = max(next_tick + due * tick, now)
                     if now - self._last_expiry > 1.0:
                         self._expire_waiting(now)
+                    if now - self._last_resolve > RESOLVE_EVERY_SECONDS:
+                        self._resolve_abandoned(now)
                 self._drive()
                 self._flush_replies()
             # Finish in-flight work that is already decided: one last persist/send/answer.
@@ -283,7 +300,10 @@ class Node:
     def _flush_replies(self) -> None:
         replies, self._replies = self._replies, {}
         for identity, items in replies.items():
-            if type(identity) is tuple:  # ("peer", index): answers to forwarded requests
+            if type(identity) is tuple and identity[0] == "self":  # this node's own write
+                for _request_id, status, value in items:
+                    self._on_own_reply(identity[1], status, value)
+            elif type(identity) is tuple:  # ("peer", index): answers to forwarded requests
                 self.sockets.send_peer(identity[1], wire.encode_forwarded(self.index, items))
             else:
                 self.sockets.reply(identity, wire.encode_replies(items))
@@ -294,8 +314,7 @@ class Node:
                     for forward_id, _op, _args in items:  # the leader is unreachable from here
                         w = self._forwarded.pop(forward_id, None)
                         if w is not None:
-                            self.sockets.reply(w[0], wire.encode_replies(
-                                [(w[1], wire.STATUS_NOT_LEADER, None)]))
+                            self._reply(w[0], w[1], wire.STATUS_NOT_LEADER, None)
 
     def _drop(self, why: str, detail) -> None:
         self.counters["dropped_" + why] += 1
@@ -346,7 +365,8 @@ class Node:
         """Not the shard's leader: forward a client's request to the leader this node
         knows (its answer comes back through here, naming the leader so the client goes
         straight there next time); a forwarded request is never forwarded again."""
-        if type(identity) is bytes and hint is not None and hint != self.index:
+        forwardable = type(identity) is bytes or identity[0] == "self"
+        if forwardable and hint is not None and hint != self.index:
             forward_id = next(self._tokens)
             self._forwarded[forward_id] = (identity, request_id, time.monotonic())
             self._forward_out[hint].append((forward_id, op, args))
@@ -382,7 +402,7 @@ class Node:
             raise ValueError("bad sequence numbers")
         command = check_command(command)
         _check_sizes(command)
-        self._check_keys_in_shard(shard, _command_keys(command))
+        self._check_keys_in_shard(shard, command_keys(command))
         r = self.replicas[shard]
         if not r.is_leader:
             self._not_leader(identity, request_id, wire.OP_WRITE, args, r.leader_hint)
@@ -557,10 +577,16 @@ class Node:
                 continue
             identity, request_id, shard, op, args, _t = w
             if op == wire.OP_GET:
-                value, revision = self.storage.get(shard, args[1])
-                result = [value, revision] if args[2] else value
+                found = self.storage.get(shard, args[1])
+                if found is LOCKED:  # a prepared transaction writes it: its value may change
+                    self._reply(identity, request_id, wire.STATUS_RETRY, LOCKED)
+                    continue
+                result = [found[0], found[1]] if args[2] else found[0]
             else:
                 rows = self.storage.scan(shard, args[1], args[2], args[3])
+                if rows is LOCKED:
+                    self._reply(identity, request_id, wire.STATUS_RETRY, LOCKED)
+                    continue
                 result = ([[k, v, rev] for k, v, rev in rows] if args[4]
                           else [[k, v] for k, v, _rev in rows])
             self._reply(identity, request_id, wire.STATUS_OK, result)
@@ -616,6 +642,65 @@ class Node:
             for key in [k for k, w in table.items() if w[at] < cutoff]:
                 del table[key]
 
+    # ------------------------------------------------------------------ 2PC resolver
+    def _resolve_abandoned(self, now: float) -> None:
+        """Settle the prepared cross-shard transactions of the shards this node leads
+        whose deadline passed (their coordinator, a client, went quiet or died): ask
+        the coordinator shard to decide ABORT (a decision already recorded wins: first
+        writer), then carry the recorded outcome out here. Any node may do this at any
+        time (``kvstore.txn``): each step is an idempotent log entry, so a duplicate
+        or a race with the live coordinator changes nothing. Rule 7 holds because a
+        resolver only ever proposes ABORT and acts on what the log recorded."""
+        self._last_resolve = now
+        for txn_id in [t for t, at in self._resolving.items() if now - at > RESOLVE_RETRY_SECONDS]:
+            del self._resolving[txn_id]
+        for token in [t for t, w in self._own_writes.items() if now - w[2] > RESOLVE_RETRY_SECONDS]:
+            del self._own_writes[token]
+        now_ms = int(time.time() * 1000)
+        for shard, r in enumerate(self.replicas):
+            if not r.is_leader:
+                continue
+            for prepare in self.storage.expired_prepares(shard, now_ms):
+                if prepare.txn_id in self._resolving:
+                    continue
+                self._resolving[prepare.txn_id] = now
+                self.counters["txn_settlements_started"] += 1
+                log.info("shard %d: settling transaction %s (prepared, past its deadline)",
+                         shard, prepare.txn_id.hex(),
+                         extra={"event": "txn_settle", "node": self.name, "shard": shard,
+                                "txn": prepare.txn_id.hex()})
+                self._own_write(prepare.coordinator,
+                                [OP_2PC, encode_2pc(TxnDecision(prepare.txn_id, ABORT))],
+                                lambda outcome, s=shard, p=prepare: self._carry_out(s, p, outcome))
+
+    def _carry_out(self, shard: int, prepare: TxnPrepare, outcome) -> None:
+        """The coordinator shard recorded ``outcome`` for ``prepare``: resolve it here."""
+        def done(_changed) -> None:
+            self._resolving.pop(prepare.txn_id, None)
+            self.counters["txn_settled"] += 1
+
+        self._own_write(shard, [OP_2PC, encode_2pc(TxnResolve(prepare.txn_id, outcome))], done)
+
+    def _own_write(self, shard: int, command: list, callback) -> None:
+        """Propose ``command`` to ``shard`` as this node's own client (routed like any
+        client write: here if this node leads the shard, else forwarded to its leader);
+        ``callback(result)`` runs once it is applied. A failure is dropped: the
+        resolver starts the settlement again later."""
+        token = next(self._tokens)
+        floor = min((w[0] for w in self._own_writes.values()), default=token)
+        self._own_writes[token] = (token, callback, time.monotonic())
+        self._on_request(("self", token), token, wire.OP_WRITE,
+                         [shard, self._resolver_id, token, floor, command])
+
+    def _on_own_reply(self, token: int, status: int, value) -> None:
+        w = self._own_writes.pop(token, None)
+        if w is None:
+            return
+        if status == wire.STATUS_OK_FORWARDED and type(value) is list and len(value) == 2:
+            status, value = wire.STATUS_OK, value[0]
+        if status == wire.STATUS_OK:
+            w[1](value)
+
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
         names = self.config.names
@@ -647,15 +732,17 @@ def _check_sizes(command: list) -> None:
             check_key(key)
             if value is not None:
                 check_value(value)
+    elif op == OP_2PC:
+        entry = decode_2pc(command[1])
+        if isinstance(entry, TxnPrepare):
+            for key, value in entry.writes:
+                check_key(key)
+                if value is not None:
+                    check_value(value)
+            for key, _revision in entry.reads:
+                check_key(key)
     elif len(command[1]) > MAX_KEY_SIZE or not command[1]:
         check_key(command[1])
-
-
-def _command_keys(command: list) -> list:
-    if command[0] == OP_TXN:
-        _, reads, ranges, writes = command
-        return [k for k, _ in reads] + [k for k, _ in writes] + [k for g in ranges for k, _ in g[2]]
-    return [command[1]]
 
 
 def _frames(frm: int, items: list):

@@ -36,11 +36,15 @@ from typing import Protocol
 import msgpack
 
 from kvstore._native import key_slot, slot_key
-from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
+from kvstore.codec import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import CorruptRecord
 from kvstore.paxos.replica import KIND_BATCH, PersistedState, Snapshot
 from kvstore.storage import Storage
+from kvstore.replica_txn import (LOCKED, any_locked, apply_2pc, expired_prepares, key_write_locked,
+                                 range_write_locked)
 from kvstore.storage.state import apply_command, read_value, scan_rows
+from kvstore.txn import TxnPrepare
+from kvstore.txn import decode as decode_2pc
 
 #: This node's Paxos hard state in each shard's meta table:
 #: msgpack [promised, commit, applied, compacted] (compacted: log records at or below it
@@ -93,9 +97,14 @@ class ReplicaStorage(Protocol):
         computed, possibly before they are durable: the caller may act on the ones
         whose log entries were durable before this call (see ``kvstore.node``)."""
 
-    def get(self, shard: int, key: bytes) -> tuple: ...
+    def get(self, shard: int, key: bytes) -> tuple | str:
+        """``(value, revision)``, or ``LOCKED`` while a prepared transaction writes it."""
 
-    def scan(self, shard: int, lo: bytes, hi: bytes | None, limit: int | None) -> list: ...
+    def scan(self, shard: int, lo: bytes, hi: bytes | None, limit: int | None) -> list | str:
+        """``[(key, value, revision)]``, or ``LOCKED`` as for ``get``."""
+
+    def expired_prepares(self, shard: int, now_ms: int) -> list:
+        """Prepared cross-shard transactions past their deadline (``kvstore.replica_txn``)."""
 
     def close(self) -> None: ...
 
@@ -146,7 +155,24 @@ def check_command(command) -> list:
                       for w in writes))
         if ok:
             return command
+    if op == OP_2PC and len(command) == 2 and is_bytes(command[1]):
+        decode_2pc(command[1])  # ValueError if malformed
+        return command
     raise ValueError("malformed command")
+
+
+def command_keys(command: list) -> list:
+    """The keys a (checked) command reads or writes; a 2PC decision or resolve has none."""
+    op = command[0]
+    if op == OP_TXN:
+        _, reads, ranges, writes = command
+        return [k for k, _ in reads] + [k for k, _ in writes] + [k for g in ranges for k, _ in g[2]]
+    if op == OP_2PC:
+        entry = decode_2pc(command[1])
+        if isinstance(entry, TxnPrepare):
+            return [k for k, _ in entry.reads] + [k for k, _ in entry.writes]
+        return []
+    return [command[1]]
 
 
 class LmdbReplicaStorage:
@@ -236,17 +262,17 @@ class LmdbReplicaStorage:
             cursor.close()
 
     def _install_snapshot(self, txn, shard: int, snapshot: Snapshot) -> None:
-        """Replace the shard's state (data and sessions) with a snapshot's."""
+        """Replace the shard's state (data, sessions, 2PC records) with a snapshot's."""
         t = self.tables[shard]
         try:
-            rows, sessions = msgpack.unpackb(snapshot.data, raw=False)
+            rows, txn_rows = msgpack.unpackb(snapshot.data, raw=False)
         except Exception as e:
             raise CorruptRecord(f"undecodable snapshot through slot {snapshot.index}: {e}") from e
         txn.drop(t.data, delete=False)
         for key, raw in rows:
             txn.put(key, raw, db=t.data)
-        _drop_prefix(txn, t.txns, SESSION_PREFIX)
-        for key, raw in sessions:
+        txn.drop(t.txns, delete=False)  # sessions and 2PC records: the snapshot's replace them
+        for key, raw in txn_rows:
             txn.put(key, raw, db=t.txns)
         self._delete_log_through(txn, t.log, snapshot.index)
 
@@ -256,38 +282,43 @@ class LmdbReplicaStorage:
 
         def read(txn):
             rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(t.data)]
-            sessions = [(bytes(k), bytes(v)) for k, v in scan_rows(
-                txn, t.txns, SESSION_PREFIX, SESSION_PREFIX[:-1] + b"\x01", None)]
-            return msgpack.packb([rows, sessions], use_bin_type=True)
+            txn_rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(t.txns)]
+            return msgpack.packb([rows, txn_rows], use_bin_type=True)
 
         return self.storage.read(read)
 
     # -- reads of the applied state ---------------------------------------------------------
 
-    def get(self, shard: int, key: bytes) -> tuple:
-        """``(value or None, revision)``: revision 0 for an absent key."""
-        raw = self.storage.read(lambda txn: txn.get(key, db=self.tables[shard].data))
-        return read_value(key, raw)
+    def get(self, shard: int, key: bytes) -> tuple | str:
+        """``(value or None, revision)``: revision 0 for an absent key; ``LOCKED`` if a
+        prepared cross-shard transaction is to write the key (ask again later)."""
+        t = self.tables[shard]
 
-    def scan(self, shard: int, lo: bytes, hi: bytes | None, limit: int | None) -> list:
-        """``[(key, value, revision)]`` with ``lo <= key < hi``, at most ``limit``."""
-        rows = self.storage.read(lambda txn: scan_rows(txn, self.tables[shard].data, lo, hi, limit))
-        return [(k, *read_value(k, raw)) for k, raw in rows]
+        def read(txn):
+            if key_write_locked(txn, t, key):
+                return LOCKED
+            return read_value(key, txn.get(key, db=t.data))
+
+        return self.storage.read(read)
+
+    def scan(self, shard: int, lo: bytes, hi: bytes | None, limit: int | None) -> list | str:
+        """``[(key, value, revision)]`` with ``lo <= key < hi``, at most ``limit``;
+        ``LOCKED`` if a prepared cross-shard transaction is to write in the range."""
+        t = self.tables[shard]
+
+        def read(txn):
+            if range_write_locked(txn, t, lo, hi):
+                return LOCKED
+            return [(k, *read_value(k, raw)) for k, raw in scan_rows(txn, t.data, lo, hi, limit)]
+
+        return self.storage.read(read)
+
+    def expired_prepares(self, shard: int, now_ms: int) -> list:
+        """The shard's prepared transactions past their deadline (``TxnPrepare`` list)."""
+        return self.storage.read(lambda txn: expired_prepares(txn, self.tables[shard], now_ms))
 
     def close(self) -> None:
         self.storage.close()
-
-
-def _drop_prefix(txn, db, prefix: bytes) -> None:
-    cursor = txn.cursor(db)
-    try:
-        if not cursor.set_range(prefix):
-            return
-        while cursor.key().startswith(prefix):
-            if not cursor.delete():
-                break
-    finally:
-        cursor.close()
 
 
 class SessionCache:
@@ -344,7 +375,13 @@ def apply_client_command(txn, tables, slot: int, raw: bytes, sessions: SessionCa
     results = session[2]
     if seq in results:
         return key, results[seq]
-    result = apply_command(txn, tables.data, slot + 1, command)
+    if command[0] == OP_2PC:
+        result = apply_2pc(txn, tables, slot + 1, command[1])
+    elif any_locked(txn, tables, command_keys(command)):
+        # a prepared cross-shard transaction holds one of its keys: nothing applied
+        result = False if command[0] == OP_TXN else LOCKED
+    else:
+        result = apply_command(txn, tables.data, slot + 1, command)
     session[1] = slot
     results[seq] = result
     sessions.dirty.add(client_id)

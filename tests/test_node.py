@@ -203,7 +203,7 @@ def test_single_node_cluster_serves_the_kv_interface_and_survives_restart(start_
         assert len(c.scan(b"k")) == 30
 
 
-def test_single_shard_transactions_and_a_clear_error_across_shards(start_node):
+def test_single_shard_transactions_and_one_across_shards(start_node):
     n = start_node(shards=2)
     from kvstore.sharding import shard_of
     keys = {0: [], 1: []}
@@ -227,10 +227,11 @@ def test_single_shard_transactions_and_a_clear_error_across_shards(start_node):
                 t.put(b, b"999")
         assert c.get(b) == b"3"
         assert c.run_transaction(lambda t: t.get(a)) == b"100"
-        with pytest.raises(kvstore.KVError, match=r"shards \[0, 1\]"):
-            with c.transaction() as t:
-                t.get(a)
-                t.get(keys[1][0])
+        # across shards: two-phase commit, all or nothing
+        with c.transaction() as t:
+            t.put(a, str(int(t.get(a)) - 30))
+            t.put(keys[1][0], b"30")
+        assert (c.get(a), c.get(keys[1][0])) == (b"70", b"30")
 
 
 def test_storage_saves_and_loads_hard_state_records_and_applied_state(tmp_path):

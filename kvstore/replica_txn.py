@@ -1,0 +1,182 @@
+"""Two-phase commit as a shard's replicated state: the pure core over a shard's LMDB tables.
+
+A cross-shard transaction's steps are log entries of the shards it touches
+(``kvstore.txn.records``), carried as client commands ``[OP_2PC, entry]``. Every
+replica applies them through the same pure code as the simulator
+(``ParticipantState``, ``DecisionTable``); only their tables differ: here they
+live in the shard's ``txn`` table, in the same write transaction as the data
+and the applied point (safety rule 4), under keys of their own::
+
+    TXN_PREPARED + txn id  -> the TxnPrepare (kvstore.txn.records.encode)
+    TXN_LOCK + key         -> 1 byte (1: the holder writes the key) + holder's txn id
+    TXN_FINISHED + txn id  -> outcome carried out here (1 byte)
+    TXN_DECIDED + txn id   -> outcome recorded here as coordinator shard (1 byte)
+
+Locks are no-wait (the rule is in ``kvstore.txn.participant``): a prepare or a
+single-shard write that meets another transaction's lock loses at once. A plain
+``put``/``delete``/``cas`` that meets one is answered ``LOCKED`` and applies
+nothing; its client retries it as a new write after a short backoff (the lock
+lives until the decision is carried out, at most about a transaction's
+deadline). Reads of a key another transaction has prepared to write are
+answered "retry" by the node until the decision is carried out: the value
+there may be about to change, and returning the old one after the decision
+was recorded would not be linearizable.
+
+Finished and decided outcomes are kept (never expired): a late TxnPrepare of a
+finished transaction must not prepare it again, and a resolver asking about a
+transaction long after must get its recorded decision, never a fresh ABORT.
+They cost ~40 bytes per cross-shard transaction; bounding them needs a
+"forget" round once every participant has carried out the decision.
+"""
+
+from __future__ import annotations
+
+from kvstore.storage.state import apply_writes, revision_of
+from kvstore.txn import DecisionTable, ParticipantState, TxnDecision, TxnPrepare, TxnResolve
+from kvstore.txn import decode as decode_entry
+from kvstore.txn import encode as encode_entry
+
+TXN_PREPARED = b"\x00txn.prepared\x00"
+TXN_LOCK = b"\x00txn.lock\x00"
+TXN_FINISHED = b"\x00txn.finished\x00"
+TXN_DECIDED = b"\x00txn.decided\x00"
+#: The result of a plain write that met a lock: nothing applied, retry it.
+LOCKED = "locked"
+
+
+class _TableMap:
+    """The few dict operations the 2PC core uses, over one key prefix of an LMDB table."""
+
+    def __init__(self, txn, db, prefix: bytes, encode, decode) -> None:
+        self.txn, self.db, self.prefix = txn, db, prefix
+        self.encode, self.decode = encode, decode
+
+    def get(self, key: bytes, default=None):
+        raw = self.txn.get(self.prefix + key, db=self.db)
+        return default if raw is None else self.decode(bytes(raw))
+
+    def __contains__(self, key: bytes) -> bool:
+        return self.txn.get(self.prefix + key, db=self.db) is not None
+
+    def __setitem__(self, key: bytes, value) -> None:
+        self.txn.put(self.prefix + key, self.encode(value), db=self.db)
+
+    def __delitem__(self, key: bytes) -> None:
+        self.txn.delete(self.prefix + key, db=self.db)
+
+    def pop(self, key: bytes, default=None):
+        value = self.get(key, default)
+        self.txn.delete(self.prefix + key, db=self.db)
+        return value
+
+    def setdefault(self, key: bytes, value):
+        found = self.get(key)
+        if found is None:
+            self[key] = value
+            return value
+        return found
+
+    def values(self) -> list:
+        return [self.decode(bytes(v)) for _k, v in _prefixed(self.txn, self.db, self.prefix)]
+
+
+def _prefixed(txn, db, prefix: bytes, start: bytes = b""):
+    """``(key without prefix, value)`` of every row under ``prefix``, from ``prefix + start``."""
+    cursor = txn.cursor(db)
+    try:
+        if not cursor.set_range(prefix + start):
+            return
+        for key, value in cursor.iternext():
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            yield key[len(prefix):], value
+    finally:
+        cursor.close()
+
+
+def _encode_outcome(outcome: int) -> bytes:
+    return bytes((outcome,))
+
+
+def _decode_outcome(raw: bytes) -> int:
+    return raw[0]
+
+
+class _Locks(_TableMap):
+    """key -> holder's txn id; the stored value also says whether the holder writes the key
+    (set by ``ParticipantState`` as reads then writes, so a write overrides a read)."""
+
+    def __init__(self, txn, db, writes: frozenset = frozenset()) -> None:
+        super().__init__(txn, db, TXN_LOCK, None, lambda raw: raw[1:])
+        self.writes = writes
+
+    def __setitem__(self, key: bytes, txn_id: bytes) -> None:
+        self.txn.put(TXN_LOCK + key, (b"\x01" if key in self.writes else b"\x00") + txn_id, db=self.db)
+
+
+class _ShardData:
+    """``kvstore.txn.Store`` over a shard's data table, writing at one revision."""
+
+    def __init__(self, txn, db, revision: int) -> None:
+        self.txn, self.db, self.revision_now = txn, db, revision
+
+    def revision(self, key: bytes) -> int:
+        return revision_of(self.txn.get(key, db=self.db))
+
+    def write(self, key: bytes, value: bytes | None) -> None:
+        apply_writes(self.txn, self.db, self.revision_now, ((key, value),))
+
+
+def participant(txn, tables, writes=()) -> ParticipantState:
+    """The shard's ``ParticipantState`` on its txn table, inside ``txn``."""
+    db = tables.txns
+    return ParticipantState(
+        prepared=_TableMap(txn, db, TXN_PREPARED, encode_entry, decode_entry),
+        locks=_Locks(txn, db, frozenset(writes)),
+        finished=_TableMap(txn, db, TXN_FINISHED, _encode_outcome, _decode_outcome))
+
+
+def apply_2pc(txn, tables, revision: int, raw_entry: bytes):
+    """Apply one 2PC entry at ``revision``: TxnPrepare -> vote (bool), TxnDecision ->
+    the recorded outcome (int), TxnResolve -> whether it changed anything (bool)."""
+    entry = decode_entry(raw_entry)
+    store = _ShardData(txn, tables.data, revision)
+    if isinstance(entry, TxnPrepare):
+        return participant(txn, tables, (k for k, _ in entry.writes)).apply_prepare(store, entry)
+    if isinstance(entry, TxnDecision):
+        decisions = DecisionTable(_TableMap(txn, tables.txns, TXN_DECIDED, _encode_outcome,
+                                            _decode_outcome))
+        return decisions.apply_decision(entry.txn_id, entry.outcome)
+    if isinstance(entry, TxnResolve):
+        return participant(txn, tables).apply_resolve(store, entry)
+    raise ValueError(f"not a 2PC entry: {entry!r}")
+
+
+def any_locked(txn, tables, keys) -> bool:
+    """True if a prepared transaction holds a lock on any of ``keys`` (read or write)."""
+    get, db = txn.get, tables.txns
+    return any(get(TXN_LOCK + key, db=db) is not None for key in keys)
+
+
+def key_write_locked(txn, tables, key: bytes) -> bool:
+    """True if a prepared transaction is to write ``key``: a read of it must wait for
+    the transaction's decision to be carried out."""
+    raw = txn.get(TXN_LOCK + key, db=tables.txns)
+    return raw is not None and bytes(raw[:1]) == b"\x01"
+
+
+def range_write_locked(txn, tables, lo: bytes, hi: bytes | None) -> bool:
+    """True if a prepared transaction is to write a key in ``[lo, hi)`` (``hi`` None:
+    unbounded): a scan of it must wait, as a read of the key would."""
+    for key, value in _prefixed(txn, tables.txns, TXN_LOCK, lo):
+        if hi is not None and key >= hi:
+            return False
+        if bytes(value[:1]) == b"\x01":
+            return True
+    return False
+
+
+def expired_prepares(txn, tables, now_ms: int) -> list:
+    """Prepared transactions whose deadline (wall-clock ms) has passed."""
+    return participant(txn, tables).expired(now_ms)

@@ -1,0 +1,175 @@
+"""Cross-shard transactions on a running node: two-phase commit, its locks and its resolver.
+
+A node here is a real ``kvstore.node.Node`` on 127.0.0.1 (one node, several
+shards: every shard's log is a Paxos group of one). What a client never does on
+its own (prepare and vanish, decide and vanish) is sent as raw 2PC entries.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+
+import kvstore
+from kvstore.codec import OP_2PC, OP_PUT
+from kvstore.paxos.replica import KIND_BATCH, Entry
+from kvstore.replica_storage import LmdbReplicaStorage, ShardWrite, encode_client_command
+from kvstore.replica_txn import LOCKED
+from kvstore.sharding import shard_of
+from kvstore.transport import wire
+from kvstore.txn import ABORT, COMMIT, TxnDecision, TxnPrepare, TxnResolve, encode
+from kvstore._native import encode_record
+from test_node import Raw, start_node, wait_leader  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def keys_by_shard(nshards: int, per_shard: int = 2) -> dict:
+    keys = {s: [] for s in range(nshards)}
+    i = 0
+    while any(len(v) < per_shard for v in keys.values()):
+        k = b"acct%d" % i
+        if len(keys[shard_of(k, nshards)]) < per_shard:
+            keys[shard_of(k, nshards)].append(k)
+        i += 1
+    return keys
+
+
+def raw_2pc(raw: Raw, shard: int, seq: int, entry, client=b"raw-coordinator"):
+    return raw.request(wire.OP_WRITE, [shard, client, seq, 1, [OP_2PC, encode(entry)]])
+
+
+def wait_until(predicate, timeout=20.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)  # polling a remote state: there is no event to await
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def test_a_cross_shard_transaction_commits_everywhere_or_nowhere(start_node):
+    n = start_node(shards=3)
+    keys = keys_by_shard(3)
+    a, b, c_ = keys[0][0], keys[1][0], keys[2][0]
+    with kvstore.connect(n.address, timeout=5) as c:
+        for k in (a, b, c_):
+            c.put(k, b"100")
+        with c.transaction() as t:
+            t.put(a, str(int(t.get(a)) - 10))
+            t.put(b, str(int(t.get(b)) + 4))
+            t.put(c_, str(int(t.get(c_)) + 6))
+        assert [c.get(k) for k in (a, b, c_)] == [b"90", b"104", b"106"]
+        # a write behind the transaction's back to one key it read: nothing applied anywhere
+        with pytest.raises(kvstore.TransactionConflict):
+            with c.transaction() as t:
+                t.get(a)
+                t.get(b)
+                c.put(b, b"500")
+                t.put(a, b"0")
+                t.put(c_, b"0")
+        assert [c.get(k) for k in (a, b, c_)] == [b"90", b"500", b"106"]
+        # read-only across shards: validated, nothing written
+        assert c.run_transaction(lambda t: [t.get(k) for k in (a, b, c_)]) == [b"90", b"500", b"106"]
+        # deletes across shards
+        with c.transaction() as t:
+            assert t.delete(a) and t.delete(b)
+        assert (c.get(a), c.get(b)) == (None, None)
+        with pytest.raises(kvstore.KVError, match="scan inside a transaction"):
+            with c.transaction() as t:
+                t.scan(b"acct")
+
+
+def test_an_abandoned_prepare_locks_its_keys_until_a_resolver_aborts_it(start_node):
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][0], keys[1][0]
+    raw = Raw(n.address)
+    try:
+        wait_leader(raw, shards=2)
+        assert raw.request(wire.OP_WRITE, [0, b"w", 1, 1, [OP_PUT, a, b"old"]])[0] == wire.STATUS_OK
+        status, (_value, revision) = raw.request(wire.OP_GET, [0, a, True])
+        deadline = int((time.time() + 1.5) * 1000)
+        txn = b"T" * 16
+        prepare = TxnPrepare(txn, 1, (0, 1), ((a, revision),), ((a, b"new"),), deadline)
+        # the coordinator prepared shard 0 only, then vanished
+        assert raw_2pc(raw, 0, 1, prepare) == (wire.STATUS_OK, True)
+        # a read of the key it writes waits: the value may be about to change
+        assert raw.request(wire.OP_GET, [0, a, False]) == (wire.STATUS_RETRY, LOCKED)
+        # a plain write to it applies nothing and says so
+        assert raw.request(wire.OP_WRITE, [0, b"w", 2, 2, [OP_PUT, a, b"x"]]) == (wire.STATUS_OK, LOCKED)
+        # the client retries a write that met a lock until the resolver frees the key
+        with kvstore.connect(n.address, timeout=10) as c:
+            t0 = time.monotonic()
+            c.put(a, b"after")
+            assert time.monotonic() - t0 > 0.5  # it waited for the deadline
+            assert c.get(a) == b"after"
+        # the resolver recorded ABORT in the coordinator shard: it never changes
+        assert raw_2pc(raw, 1, 2, TxnDecision(txn, COMMIT)) == (wire.STATUS_OK, ABORT)
+        # and a late copy of the prepare cannot prepare the finished transaction again
+        assert raw_2pc(raw, 0, 3, prepare) == (wire.STATUS_OK, False)
+        assert raw.request(wire.OP_GET, [0, a, False]) == (wire.STATUS_OK, b"after")
+    finally:
+        raw.close()
+
+
+def test_a_recorded_commit_whose_coordinator_vanished_is_carried_out_by_the_resolver(start_node):
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][0], keys[1][0]
+    raw = Raw(n.address)
+    try:
+        wait_leader(raw, shards=2)
+        deadline = int((time.time() + 1.0) * 1000)
+        txn = b"U" * 16
+        for seq, (shard, key) in enumerate(((0, a), (1, b)), 1):
+            p = TxnPrepare(txn, 0, (0, 1), ((key, 0),), ((key, b"committed"),), deadline)
+            assert raw_2pc(raw, shard, seq, p) == (wire.STATUS_OK, True)
+        assert raw_2pc(raw, 0, 3, TxnDecision(txn, COMMIT)) == (wire.STATUS_OK, COMMIT)
+        # no TxnResolve is ever sent by the coordinator: the resolver carries it out
+        for shard, key in ((0, a), (1, b)):
+            wait_until(lambda: raw.request(wire.OP_GET, [shard, key, False])
+                       == (wire.STATUS_OK, b"committed"), what=f"the commit at shard {shard}")
+        # resolving again changes nothing (idempotent), and the outcome stays COMMIT
+        assert raw_2pc(raw, 1, 4, TxnResolve(txn, COMMIT)) == (wire.STATUS_OK, False)
+        assert raw_2pc(raw, 0, 5, TxnDecision(txn, ABORT)) == (wire.STATUS_OK, COMMIT)
+    finally:
+        raw.close()
+
+
+def test_a_malformed_2pc_entry_is_refused_and_changes_nothing(start_node):
+    n = start_node(shards=2)
+    raw = Raw(n.address)
+    try:
+        wait_leader(raw, shards=2)
+        status, value = raw.request(wire.OP_WRITE, [0, b"c", 1, 1, [OP_2PC, b"\x93junk"]])
+        assert status == wire.STATUS_ERROR and "InvalidArgument" in value[0]
+        keys = keys_by_shard(2)
+        wrong = TxnPrepare(b"V" * 16, 0, (0, 1), (), ((keys[1][0], b"v"),), 0)
+        status, value = raw_2pc(raw, 0, 2, wrong)  # a key of shard 1 sent to shard 0
+        assert status == wire.STATUS_ERROR and "belongs to shard 1" in value[1]
+    finally:
+        raw.close()
+
+
+def test_a_snapshot_carries_prepared_transactions_and_their_locks(tmp_path):
+    src = LmdbReplicaStorage(str(tmp_path / "src"), shards=1)
+    dst = LmdbReplicaStorage(str(tmp_path / "dst"), shards=1)
+    try:
+        p = TxnPrepare(b"W" * 16, 0, (0,), (), ((b"k", b"v"),), 0)
+        cmd = encode_client_command(b"c", 1, 1, [OP_2PC, encode(p)])
+        rec = encode_record(0, 65536, KIND_BATCH, msgpack.packb([cmd]))
+        assert src.save([ShardWrite(0, 65536, 0, [rec], committed=[
+            Entry(0, 65536, KIND_BATCH, [cmd])])]) == [(0, 0, (b"c", 1), True)]
+        assert src.get(0, b"k") == LOCKED
+        assert [x.txn_id for x in src.expired_prepares(0, 1)] == [b"W" * 16]
+        from kvstore.paxos.replica import Snapshot
+        dst.save([ShardWrite(0, 65536, 0, [], snapshot=Snapshot(0, src.snapshot_data(0)))])
+        assert dst.get(0, b"k") == LOCKED
+        assert [x.txn_id for x in dst.expired_prepares(0, 1)] == [b"W" * 16]
+    finally:
+        src.close()
+        dst.close()
