@@ -250,6 +250,177 @@ def run_embedded(base: str, shards: int, concurrency: list, seconds: float) -> d
             "rows": rows}
 
 
+LONE_PUT_CLIENT = r"""
+import json, os, sys, time
+import kvstore
+n = int(sys.argv[2])
+value = os.urandom(128)
+out = []
+with kvstore.connect([sys.argv[1]], timeout=30) as c:
+    for i in range(n + 50):
+        t = time.monotonic_ns()
+        c.put(b"%016d" % (i % 10_000), value)
+        if i >= 50:  # a warm-up first
+            out.append((t, time.monotonic_ns()))
+print(json.dumps(out))
+"""
+
+
+def profile_lone_put(base: str, shards: int, n: int) -> dict:
+    """Where one put at a time spends its time, on the leader and around it.
+
+    The leader is an embedded replica in this process (the same ``Node`` as a
+    server's), with timing wrappers put on its instance (no code changed): the
+    arrival of a write (``_on_write``), each ``ReplicaStorage.save`` (start;
+    the applied hook, which answers a write made durable by an earlier save;
+    end, after the LMDB commit and its fsync), the Accepted messages, every
+    send. The client is another process making ``n`` puts one after the other
+    and recording when each was sent and answered (both clocks are
+    CLOCK_MONOTONIC, so the timelines align). Medians over the puts, in ms.
+    """
+    import json
+    import subprocess
+    from kvstore.paxos import messages as M
+    lc = LocalCluster(os.path.join(base, "profile"), 3, shards)
+    db = None
+    events: list = []  # (kind, monotonic ns)
+    try:
+        db = kvstore.open(os.path.join(lc.directory, "n1"), node_id="n1",
+                          cluster=lc.config_path)
+        lc.start("n2")
+        lc.start("n3")
+        led = lead_from_embedded(lc, db)
+        node = db._node
+        now = time.monotonic_ns
+        on_write, on_paxos = node._on_write, node._on_paxos
+        save = node.storage.save
+        send_peer, reply = node.sockets.send_peer, node.sockets.reply
+
+        def timed_on_write(*a):
+            events.append(("write", now()))
+            return on_write(*a)
+
+        def timed_on_paxos(frm, items):
+            if any(m.type == M.ACCEPTED for _s, m in items):
+                events.append(("accepted", now()))
+            return on_paxos(frm, items)
+
+        def timed_save(writes, applied=None):
+            events.append(("save", now()))
+
+            def hook(results):
+                events.append(("hook", now()))
+                return applied(results)
+
+            try:
+                return save(writes, hook if applied is not None else None)
+            finally:
+                events.append(("saved", now()))
+
+        def timed_send(kind, send):
+            def timed(to, frame):
+                t = now()
+                try:
+                    return send(to, frame)
+                finally:
+                    events.append((kind, t, now()))
+            return timed
+
+        timed_send_peer, timed_reply = timed_send("send_peer", send_peer), timed_send("reply", reply)
+        node._on_write, node._on_paxos = timed_on_write, timed_on_paxos
+        node.storage.save = timed_save
+        node.sockets.send_peer, node.sockets.reply = timed_send_peer, timed_reply
+        keys_ok = shards == 1 or led == [0]  # the client's keys must be in n1's shards
+        if not keys_ok:
+            raise RuntimeError("the lone-put profile needs n1 to lead shard 0; use --shards 1")
+        r = subprocess.run([sys.executable, "-c", LONE_PUT_CLIENT, lc.addresses["n1"], str(n)],
+                           capture_output=True, text=True, timeout=60 + n * 0.05,
+                           env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+        if r.returncode != 0:
+            raise RuntimeError(f"the lone-put client failed: {r.stderr[-2000:]}")
+        puts = json.loads(r.stdout)
+        node._on_write, node._on_paxos = on_write, on_paxos
+        node.storage.save = save
+        node.sockets.send_peer, node.sockets.reply = send_peer, reply
+    finally:
+        if db is not None:
+            db.close()
+        lc.stop_all()
+        lc.close()
+    return lone_put_breakdown(puts, list(events))
+
+
+def lone_put_breakdown(puts: list, events: list) -> dict:
+    """Per put (client send .. client answer), the leader's timeline, cut into segments."""
+    import bisect
+    times = [e[1] for e in events]
+    seg: dict = {k: [] for k in (
+        "total", "to_leader", "leader_busy_before", "propose_to_save", "save_1",
+        "wait_accepted", "save_2_to_answer", "answer_to_client", "save_2_after_answer",
+        "sends_per_put_ms", "saves_per_put")}
+    prev_saved = None
+    for sent, answered in puts:
+        lo, hi = bisect.bisect_left(times, sent), bisect.bisect_right(times, answered)
+        window = events[lo:hi]
+        write = next((e[1] for e in window if e[0] == "write"), None)
+        saves = [i for i, e in enumerate(window) if e[0] == "save"]
+        if write is None or len(saves) < 2:
+            prev_saved = None
+            continue
+        s1 = next((i for i in saves if window[i][1] > write), None)
+        if s1 is None:
+            continue
+        s1_end = next((e[1] for e in window[s1:] if e[0] == "saved"), None)
+        acc = next((e[1] for e in window[s1:] if e[0] == "accepted"), None)
+        s2 = next((i for i in saves if i > s1 and window[i][1] >= (acc or 0)), None)
+        hook = next((e[1] for e in window[s2:] if e[0] == "hook"), None) if s2 else None
+        rep = next((e for e in window[s2:] if e[0] == "reply"), None) if s2 else None
+        if None in (s1_end, acc, s2, hook, rep):
+            continue
+        busy = max(0, prev_saved - sent) if prev_saved is not None else 0
+        seg["total"].append(answered - sent)
+        seg["leader_busy_before"].append(busy)
+        seg["to_leader"].append(write - sent - busy)
+        seg["propose_to_save"].append(window[s1][1] - write)
+        seg["save_1"].append(s1_end - window[s1][1])
+        seg["wait_accepted"].append(max(0, acc - s1_end))
+        seg["save_2_to_answer"].append(rep[2] - window[s2][1])
+        seg["answer_to_client"].append(answered - rep[2])
+        # the rest of save 2 (its commit and fsync) runs after the answer: the next put
+        # arrives meanwhile and waits for it (leader_busy_before of the next put)
+        later = next((e[1] for e in events[hi:hi + 50] if e[0] == "saved"), None)
+        prev_saved = later
+        if later is not None:
+            seg["save_2_after_answer"].append(later - rep[2])
+        seg["sends_per_put_ms"].append(sum(e[2] - e[1] for e in window
+                                           if e[0] in ("send_peer", "reply")))
+        seg["saves_per_put"].append(len(saves))
+    out = {k: round(statistics.median(v) / (1 if k == "saves_per_put" else 1e6), 3)
+           for k, v in seg.items() if v}
+    out["puts_profiled"] = len(seg["total"])
+    out["puts"] = len(puts)
+    return out
+
+
+def print_profile(p: dict) -> None:
+    print(f"\nwhere one put at a time spends its time (median over {p['puts_profiled']} of "
+          f"{p['puts']} lone puts; the leader is an embedded replica here, timed in-process):")
+    rows = [("total, client send to client answer", "total"),
+            ("  the leader still in the previous put's save 2 (its commit)", "leader_busy_before"),
+            ("  client send to the leader's _on_write (client, ZeroMQ, loop)", "to_leader"),
+            ("  _on_write to save 1 (propose, ready; Accepts sent first)", "propose_to_save"),
+            ("  save 1: LMDB commit of the log entry (fsync)", "save_1"),
+            ("  after save 1 until the first Accepted is read", "wait_accepted"),
+            ("  save 2 start to the answer sent (apply, from inside save 2)", "save_2_to_answer"),
+            ("  answer sent to the client's return", "answer_to_client"),
+            ("(save 2 after the answer: its commit and fsync)", "save_2_after_answer"),
+            ("(of which in ZeroMQ sends: Accepts, answer)", "sends_per_put_ms"),
+            ("(LMDB saves in the window of one put, count)", "saves_per_put")]
+    for label, k in rows:
+        if k in p:
+            print(f"  {label:68} {p[k]:7.3f}" + ("" if k == "saves_per_put" else " ms"))
+
+
 def run_pysyncobj(concurrency: list, seconds: float) -> list | None:
     """PySyncObj's 3-node ``ReplDict`` on the same machine (``bench/pysyncobj_node.py``):
     rows like ours, or None when ``pysyncobj`` is not installed (``pip install '.[bench]'``)."""
@@ -289,6 +460,8 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="where the cluster's data goes (default: a temp dir)")
     p.add_argument("--json", default=figures.default_path("cluster"))
     p.add_argument("--no-pysyncobj", action="store_true", help="skip the PySyncObj comparison")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the profile of one put at a time")
     p.add_argument("--no-embedded", action="store_true",
                    help="skip the rows of the embedded replica (load in the leader's process)")
     args = p.parse_args(argv)
@@ -308,6 +481,10 @@ def main(argv=None) -> int:
             lc.stop_all()
         embedded = None if args.no_embedded else run_embedded(base, args.shards, concurrency,
                                                               seconds)
+        profile = None if args.no_profile else profile_lone_put(base, args.shards,
+                                                                 200 if args.quick else 2000)
+        if profile:
+            print_profile(profile)
         pysyncobj = None if args.no_pysyncobj else run_pysyncobj(concurrency, seconds)
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -324,7 +501,8 @@ def main(argv=None) -> int:
                "value_bytes": VALUE_BYTES, "seconds_per_row": seconds,
                "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
                             "loopback_rtt": round(rtt_s * 1e3, 3)},
-               "rows": rows, "embedded": embedded, "pysyncobj": pysyncobj}
+               "rows": rows, "embedded": embedded, "lone_put_profile": profile,
+               "pysyncobj": pysyncobj}
     floor = (fsync_s + rtt_s) * 1e3
     for label, source in (("", rows), (" (embedded replica)", (embedded or {}).get("rows", []))):
         single = next((r for r in source if r["op"] == "put" and r["in_flight"] == 1), None)

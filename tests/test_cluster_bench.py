@@ -32,4 +32,11 @@ def test_cluster_benchmark_smoke_run_writes_its_figures(tmp_path):
     assert all(row["ops_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"]
                and set(row["cpu_share"]) == {"n1+load", "n2", "n3"} for row in embedded["rows"])
     assert "one put at a time (embedded replica)" in r.stdout
+    # the profile of one put at a time: the leader's two saves and the segments between
+    profile = figures["lone_put_profile"]
+    assert profile["puts_profiled"] >= profile["puts"] // 2 and profile["saves_per_put"] >= 1
+    assert 0 < profile["save_1"] < profile["total"]
+    assert all(profile[k] >= 0 for k in ("to_leader", "propose_to_save", "wait_accepted",
+                                          "save_2_to_answer", "answer_to_client"))
+    assert "where one put at a time spends its time" in r.stdout
     assert figures["floor_ms"]["fdatasync"] > 0 and "the floor" in r.stdout
