@@ -14,6 +14,7 @@ from dataclasses import fields
 
 from kvstore.paxos.replica import Bugs
 from kvstore.sim.bank import BankConfig, run_bank_seed
+from kvstore.sim.bank_paxos import BankPaxosConfig, run_bank_paxos_seed
 from kvstore.txn import TxnBugs
 from kvstore.sim.cluster import RunResult, SimConfig, run
 
@@ -59,12 +60,20 @@ def main(argv=None) -> int:
                    help="plant a bug (to see the checks fail)")
     p.add_argument("--bank", action="store_true",
                    help="bank transfers across shards over two-phase commit (kvstore/sim/bank.py)")
+    p.add_argument("--paxos", action="store_true",
+                   help="with --bank: each shard a real Paxos group of --nodes replicas (kvstore/sim/bank_paxos.py)")
     p.add_argument("--shards", type=int, default=3, help="with --bank: shards")
     p.add_argument("--txn-bug", action="append", default=[], choices=TXN_BUG_NAMES,
                    help="with --bank: plant a two-phase-commit bug")
     a = p.parse_args(argv)
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
-    if a.bank:
+    if a.bank and a.paxos:
+        txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
+        bugs = Bugs(**{name: True for name in a.bug})
+        results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_paxos_seed(
+            BankPaxosConfig(seed=s, shards=a.shards, nodes=a.nodes, bugs=txn_bugs, paxos_bugs=bugs,
+                            ticks=a.ticks, verbose=a.verbose))), "bank-paxos seeds")
+    elif a.bank:
         txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
         results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_seed(
             BankConfig(seed=s, shards=a.shards, bugs=txn_bugs, verbose=a.verbose))), "bank seeds")

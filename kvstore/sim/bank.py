@@ -63,6 +63,10 @@ class BankConfig:
     down_ticks_max: int = 40
     txn_deadline_ticks: int = 30  # a prepared record may be resolved by anyone after this
     retry_ticks: int = 6  # a process re-proposes what it has no answer to after this
+    # each unanswered retry of an operation doubles its wait, up to this many times retry_ticks;
+    # background re-proposals and resolvers wait that long. 1: no backoff (an abstract log answers
+    # in a few ticks; a Paxos group under load must not be flooded with retries)
+    retry_backoff_max: int = 1
     audit_share: float = 0.3
     bugs: TxnBugs = field(default_factory=TxnBugs)
     swarm: bool = True
@@ -177,7 +181,7 @@ class Shard:
         """The shard's resolver: ask the coordinator shard about prepared records past their deadline."""
         sim = self.sim
         for p in self.participant.expired(now):
-            if now - self.asked.get(p.txn_id, -10**9) < sim.config.retry_ticks:
+            if now - self.asked.get(p.txn_id, -10**9) < sim.config.retry_ticks * sim.config.retry_backoff_max:
                 continue
             self.asked[p.txn_id] = now
             sim.log(f"s{self.id} resolver asks s{p.coordinator} about {p.txn_id!r}")
@@ -226,7 +230,7 @@ class Process:
             a, b = rng.sample(sim.accounts, 2)
             self.op = {"kind": "transfer", "keys": [a, b], "amount": 1 + rng.randrange(30)}
         self.op.update(phase="read", seen={}, txn_id=None, coordinator=None, deadline=sim.tick,
-                       id=sim.next_id())
+                       retries=0, id=sim.next_id())
         self.send_reads()
 
     def send_reads(self) -> None:
@@ -237,7 +241,7 @@ class Process:
                 by_shard.setdefault(sim.shard_of[k], []).append(k)
         for shard, keys in sorted(by_shard.items()):
             sim.send(Propose(shard, self.address, ("read", self.op["id"]), ("read", tuple(keys))))
-        self.op["deadline"] = sim.tick + sim.config.retry_ticks
+        self.arm()
 
     def on_answer(self, a: Answer) -> None:
         sim = self.sim
@@ -291,7 +295,7 @@ class Process:
             op["single"] = Propose(shard, self.address, ("single", txn_id),
                                    ("single", tuple(reads), tuple(writes), txn_id))
             sim.send(op["single"])
-            op["deadline"] = sim.tick + sim.config.retry_ticks
+            self.arm()
             return
         coordinator_shard = sorted(parts)[sim.rng.randrange(len(parts))]
         co = Coordinator(txn_id, coordinator_shard, parts, sim.tick + sim.config.txn_deadline_ticks,
@@ -306,7 +310,7 @@ class Process:
             kind = {TxnPrepare: "prepare", TxnDecision: "decide", TxnResolve: "resolve"}[type(entry)]
             sim.send(Propose(shard, self.address, (kind, co.txn_id, shard), entry))
         if self.op is not None and self.op.get("coordinator") is co:
-            self.op["deadline"] = sim.tick + sim.config.retry_ticks
+            self.arm()
 
     def finish(self, outcome: int) -> None:
         sim = self.sim
@@ -325,10 +329,15 @@ class Process:
         self.op = None
         self.idle_until = sim.tick + sim.rng.randrange(3)
 
+    def arm(self) -> None:
+        """Retry the operation if nothing is heard by its deadline (later after each retry)."""
+        c = self.sim.config
+        self.op["deadline"] = self.sim.tick + c.retry_ticks * min(1 << self.op["retries"], c.retry_backoff_max)
+
     def on_tick(self, may_start: bool) -> None:
         sim = self.sim
         for co in list(self.background.values()):
-            if sim.tick % sim.config.retry_ticks == 0:
+            if sim.tick % (sim.config.retry_ticks * sim.config.retry_backoff_max) == 0:
                 self.propose(co, co.proposals())
         op = self.op
         if op is None:
@@ -337,11 +346,12 @@ class Process:
             return
         if sim.tick < op["deadline"]:
             return
+        op["retries"] += 1
         if op["phase"] == "read":
             self.send_reads()
         elif op.get("single") is not None:
             sim.send(op["single"])
-            op["deadline"] = sim.tick + sim.config.retry_ticks
+            self.arm()
         else:
             self.propose(op["coordinator"], op["coordinator"].proposals())
 
@@ -409,12 +419,7 @@ class BankSimulation:
 
     def _deliver(self, m) -> None:
         if isinstance(m, Answer):
-            if m.to[0] == "resolver":
-                self._resolver_answer(m)
-                return
-            process = self.processes[m.to[0]]
-            if process.up and process.incarnation == m.to[1]:
-                process.on_answer(m)
+            self.answer(m)
             return
         shard = self.shards[m.to]
         if shard.down_until > self.tick:
@@ -422,6 +427,15 @@ class BankSimulation:
         self.log(f"s{m.to} applies {m.entry!r} for {m.frm}")
         result = shard.apply(m.entry)
         self.send(Answer(m.frm, m.tag, result))
+
+    def answer(self, m: Answer) -> None:
+        """What a shard's log answered reaches its proposer (a process's dead run hears nothing)."""
+        if m.to[0] == "resolver":
+            self._resolver_answer(m)
+            return
+        process = self.processes[m.to[0]]
+        if process.up and process.incarnation == m.to[1]:
+            process.on_answer(m)
 
     def _resolver_answer(self, m: Answer) -> None:
         kind, txn_id, participants = m.tag
@@ -437,6 +451,12 @@ class BankSimulation:
             if shard.down_until <= self.tick and rng.random() < c.outage_rate:
                 shard.down_until = self.tick + 1 + rng.randrange(c.outage_ticks_max)
                 self.log(f"OUTAGE s{shard.id} until t{shard.down_until}")
+        self._process_faults()
+
+    def _process_faults(self) -> None:
+        """Coordinator processes crash (losing all they hold) and come back later."""
+        c = self.config
+        rng = self.rng
         for p in self.processes:
             if p.up and rng.random() < c.crash_rate:
                 p.crash()
@@ -463,10 +483,7 @@ class BankSimulation:
         return (all(p.op is None and not p.background for p in self.processes if p.up)
                 and all(not s.participant.prepared for s in self.shards))
 
-    def run(self) -> None:
-        c = self.config
-        while self.tick < c.ticks:
-            self._step(True)
+    def _heal(self) -> None:
         self.faults = False
         for shard in self.shards:
             shard.down_until = -1
@@ -474,14 +491,25 @@ class BankSimulation:
             if not p.up:
                 p.restart()
         self.log("HEAL everything; liveness phase")
-        end = self.tick + c.liveness_ticks
+
+    def _stuck(self) -> str:
+        stuck = [(s.id, sorted(s.participant.prepared)) for s in self.shards if s.participant.prepared]
+        return f"still prepared: {stuck}; ops: {[p.op and p.op['kind'] for p in self.processes]}"
+
+    def run(self) -> None:
+        while self.tick < self.config.ticks:
+            self._step(True)
+        self._heal()
+        liveness_ticks = self.liveness_ticks()
+        end = self.tick + liveness_ticks
         while not self._quiet():
             if self.tick >= end:
-                stuck = [(s.id, sorted(s.participant.prepared)) for s in self.shards if s.participant.prepared]
-                self.fail(f"liveness: {c.liveness_ticks} ticks after the heal, still prepared: {stuck}; "
-                          f"ops: {[p.op and p.op['kind'] for p in self.processes]}")
+                self.fail(f"liveness: {liveness_ticks} ticks after the heal, {self._stuck()}")
             self._step(False)
         self.check_end()
+
+    def liveness_ticks(self) -> int:
+        return self.config.liveness_ticks
 
     def check_end(self) -> None:
         for shard in self.shards:
@@ -515,13 +543,16 @@ def _bug_flags(bugs: TxnBugs) -> str:
 
 
 def run_bank_seed(config: BankConfig) -> tuple[bool, str]:
-    sim = BankSimulation(config)
+    return run_bank(BankSimulation(config), f"bank seed {config.seed}",
+                    f"python -m kvstore.sim --bank --seed {config.seed}{_bug_flags(config.bugs)} --verbose")
+
+
+def run_bank(sim: BankSimulation, title: str, reproduce: str, expected=BankFailure) -> tuple[bool, str]:
+    """Run one bank simulation; ``(True, summary)`` or ``(False, report with replay command and trace)``."""
     try:
         sim.run()
     except Exception as e:  # noqa: BLE001 - a crash of the core is a finding like any other
-        return False, failure_report(
-            f"bank seed {config.seed}", e, BankFailure,
-            f"python -m kvstore.sim --bank --seed {config.seed}{_bug_flags(config.bugs)} --verbose", sim.trace)
+        return False, failure_report(title, e, expected, reproduce, sim.trace)
     committed = sum(1 for o in sim.told.values() if o == COMMIT)
-    return True, (f"bank seed {config.seed}: ok, {sim.completed} transactions answered "
+    return True, (f"{title}: ok, {sim.completed} transactions answered "
                   f"({committed} committed), {len(sim.unknown)} left to the resolvers")

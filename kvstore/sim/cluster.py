@@ -232,7 +232,7 @@ class Node:
 
     def restore(self, index: int, data: bytes) -> None:
         """The state machine from a snapshot (or empty): it must equal the chosen log's replay."""
-        self.kv = KV.restore(data) if index >= 0 else KV()
+        self.kv = self.sim.machine.restore(data) if index >= 0 else self.sim.machine()
         self.last_applied = index
         if self.kv.snapshot() != self.sim.oracle.state_after(index, self.sim.chosen):
             self.sim.fail(f"state: n{self.id} restored a snapshot through {index} that differs from "
@@ -472,8 +472,18 @@ class Client:
 
 
 class Simulation:
-    def __init__(self, config: SimConfig) -> None:
-        self.rng = random.Random(config.seed)
+    """One Paxos group under faults.
+
+    ``rng``, ``trace`` and ``machine`` let a larger simulator run several groups in one
+    world (``bank_paxos.py``: one group per shard, one seed's generator and trace for all):
+    ``machine`` is the replicated state machine, ``KV`` or anything with its ``apply``,
+    ``snapshot`` and ``restore``.
+    """
+
+    def __init__(self, config: SimConfig, rng: random.Random | None = None, trace: Trace | None = None,
+                 machine=KV) -> None:
+        self.rng = random.Random(config.seed) if rng is None else rng
+        self.machine = machine
         if config.swarm:
             config = swarm(config, self.rng)
         self.config = config
@@ -484,7 +494,7 @@ class Simulation:
         self._request_id = 0
         self.queue: list = []  # (due tick, seq, message)
         self.cut: set = set()  # (frm, to) node pairs whose messages are lost (one-way cuts too)
-        self.trace = Trace(config.trace_lines, config.verbose)
+        self.trace = Trace(config.trace_lines, config.verbose) if trace is None else trace
         self.chosen: dict = {}
         self.proposed: set = set()
         self.effect_slot: dict = {}
@@ -494,7 +504,7 @@ class Simulation:
         self.recent: deque = deque(maxlen=256)  # messages sent lately, for replays
         self.faults = True
         self.crash_in_ready_p = 0.0
-        self.oracle = Oracle(config.nodes)
+        self.oracle = Oracle(config.nodes, machine)
         # Liveness figures, counted from the last heal.
         self.elections = 0
         self.leader_changes = 0
@@ -561,8 +571,7 @@ class Simulation:
 
     def _deliver(self, m) -> None:
         if isinstance(m, ClientReply):
-            self.clients[m.to].on_reply(m)
-            self.log(f"recv {m}")
+            self.on_client_reply(m)
             return
         node = self.nodes[m.to]
         if not node.up:
@@ -587,6 +596,10 @@ class Simulation:
             self.oracle.check(node.id, node.replica)
         self.flush_trace(node)
         node.drain()  # a node carries out what each message asks before it takes the next
+
+    def on_client_reply(self, m: ClientReply) -> None:
+        self.clients[m.to].on_reply(m)
+        self.log(f"recv {m}")
 
     def leader(self) -> Node | None:
         """The node that leads, if exactly one up node believes it does."""

@@ -36,7 +36,7 @@ class InvariantViolation(Exception):
 
 
 class Oracle:
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, machine=KV) -> None:
         self.majority = nodes // 2 + 1
         self.proposals: dict = {}  # slot -> {ballot: (kind, payload)}
         self.votes: dict = {}  # (slot, ballot) -> bitmask of nodes that accepted it
@@ -47,10 +47,11 @@ class Oracle:
         self.incarnation: list = [0] * nodes
         self.leaders: dict = {}  # ballot -> (node, incarnation)
         self.prepared_from: dict = {}  # ballot -> the candidate's commit point in its Prepare
-        # Reference replay of the chosen log: the state after each slot.
-        self._ref = KV()
+        # Reference replay of the chosen log (``machine``: the replicated state machine): the
+        # state after each slot.
+        self._ref = machine()
         self._ref_index = -1
-        self._state_after: dict = {-1: KV().snapshot()}
+        self._state_after: dict = {-1: machine().snapshot()}
 
     @staticmethod
     def fail(why: str) -> None:
