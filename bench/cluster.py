@@ -326,7 +326,8 @@ def profile_lone_put(base: str, shards: int, n: int) -> dict:
                     events.append((kind, t, now()))
             return timed
 
-        timed_send_peer, timed_reply = timed_send("send_peer", send_peer), timed_send("reply", reply)
+        timed_send_peer = timed_send("send_peer", send_peer)
+        timed_reply = timed_send("reply", reply)
         node._on_write, node._on_paxos = timed_on_write, timed_on_paxos
         node.storage.save = timed_save
         node.sockets.send_peer, node.sockets.reply = timed_send_peer, timed_reply
