@@ -66,6 +66,7 @@ class BankPaxosConfig(BankConfig):
     mid_commit_crash_rate: float = 0.1
     retry_backoff_max: int = 8
     redirects_max: int = 3
+    minority_stays_down: bool = True  # through the liveness phase (see ``_heal``)
     group_fault_scale: float = 1.0  # swarm: node crashes, pauses, partitions of cluster.py's, times this  # "not the leader" hints a request follows before its proposer's timer
     paxos_bugs: Bugs = field(default_factory=Bugs)
     trace_lines: int = 200
@@ -234,6 +235,7 @@ class BankPaxosSimulation(BankSimulation):
         self.recorded: dict = {}  # txn id -> the decision its coordinator shard applied first
         self.requests: dict = {}  # request seq -> [Propose, command, "not the leader" answers]
         self.hints: dict = {}  # (proposer, shard) -> the node it believes leads the shard
+        self.last_sent: dict = {}  # (proposer, tag) -> (seq, node) of its latest request
 
     # ------------------------------------------------------------------ the checks' view
     def recorded_decision(self, txn_id: bytes) -> int | None:
@@ -258,8 +260,15 @@ class BankPaxosSimulation(BankSimulation):
         group.proposed.add(command)
         self.requests[seq] = [m, command, 0]
         target = self.hints.get((m.frm, m.to))
-        if target is None or self.rng.random() < 0.3:  # the hint may be a dead leader's
+        last = self.last_sent.get((m.frm, m.tag))
+        if last is not None and last[0] in self.requests:
+            # A retry after a timeout: the node tried last (the hint, often) may be down.
+            self.hints.pop((m.frm, m.to), None)
+            n = group.config.nodes
+            target = (last[1] + 1 + self.rng.randrange(n - 1)) % n if n > 1 else 0
+        elif target is None:
             target = self.rng.randrange(group.config.nodes)
+        self.last_sent[(m.frm, m.tag)] = (seq, target)
         self.log(f"{m.frm} -> s{m.to}.n{target} {kind} {key!r} seq={seq}")
         group.send(ClientRequest(target, self._client(m.frm), seq, kind, key, (), command))
 
@@ -304,20 +313,26 @@ class BankPaxosSimulation(BankSimulation):
                 p.on_tick(may_start)
 
     def _heal(self) -> None:
+        """Everything heals, but a minority of each group (drawn per group, maybe none) stays down:
+        a majority must be enough to finish or resolve every transaction."""
         super()._heal()
         for group in self.groups:
             group._heal()
+            if self.config.minority_stays_down:
+                for node in self.rng.sample(group.nodes, self.rng.randrange(group.config.nodes // 2 + 1)):
+                    node.crash("stays down through the liveness phase")
 
     def liveness_ticks(self) -> int:
         return max(self.config.liveness_ticks, *(g.liveness_ticks for g in self.groups))
 
     def _group_quiet(self, group: ShardGroup) -> bool:
-        """One leader followed by all, every replica applied up to its commit point, nothing prepared."""
+        """One leader followed by every live replica, each applied up to its commit point, nothing prepared."""
         leader = group.leader()
-        if leader is None or not group._settled():
+        if leader is None:
             return False
         commit = leader.replica.commit_index
-        return all(n.last_applied == commit and not n.kv.shard.participant.prepared for n in group.nodes)
+        return all(n.replica.leader_hint == leader.id and n.last_applied == commit
+                   and not n.kv.shard.participant.prepared for n in group.nodes if n.up)
 
     def _quiet(self) -> bool:
         return (all(p.op is None and not p.background for p in self.processes if p.up)
