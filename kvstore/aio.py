@@ -26,7 +26,7 @@ import threading
 from collections import deque
 
 from kvstore.api import check_run_transaction, retry_backoff_seconds
-from kvstore.client import ClusterKV, ClusterTxn
+from kvstore.client import ClusterKV, ClusterTxn, lock_keys_for
 from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT
 from kvstore.errors import KVError, TransactionConflict
 from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
@@ -117,9 +117,12 @@ class AsyncKV:
         """``await fn(txn)`` in a transaction, retried on ``TransactionConflict``."""
         check_run_transaction(fn, retries)
         attempt = 0
+        txn = None
         while True:
+            self._kv._core_check()
+            txn = AsyncTxn(self, lock_keys_for(txn and txn._t, attempt))
             try:
-                async with self.transaction() as txn:
+                async with txn:
                     result = await fn(txn)
                 return result
             except TransactionConflict:
@@ -142,12 +145,27 @@ class AsyncKV:
 
 
 class AsyncTxn:
-    """``ClusterTxn`` with awaited reads and commit (one entry, or two-phase commit across
-    shards: the same ``two_phase_commit`` plan, its batches awaited together)."""
+    """``ClusterTxn`` on the event loop: the same plans (``get_plan``, ``commit_plan``...:
+    one entry, or two-phase commit across shards, or locking reads), their batches
+    awaited together."""
 
-    def __init__(self, db: AsyncKV) -> None:
+    def __init__(self, db: AsyncKV, lock_keys=None) -> None:
         self._db = db
-        self._t = ClusterTxn(db._kv)  # its bookkeeping and checks; its I/O is done here
+        self._t = ClusterTxn(db._kv, lock_keys)  # its bookkeeping and plans; the I/O is here
+
+    async def _run(self, plan):
+        try:
+            batch = next(plan)
+            while True:
+                answers = await asyncio.gather(*(self._db._call(op, shard, payload)
+                                                 for op, shard, payload in batch),
+                                               return_exceptions=True)
+                for a in answers:
+                    if isinstance(a, BaseException) and not isinstance(a, KVError):
+                        raise a
+                batch = plan.send(answers)
+        except StopIteration as done:
+            return done.value
 
     async def __aenter__(self) -> "AsyncTxn":
         self._t.__enter__()
@@ -158,67 +176,33 @@ class AsyncTxn:
         if t._state != "open":
             return
         if exc_type is not None:
-            t._state = "discarded"
+            await self.discard()
             return
         await self.commit()
 
-    async def _read(self, key: bytes):
-        t = self._t
-        shard = self._db._kv._shard(key)
-        t._touch(shard)
-        value, revision = await self._db._call(wire.OP_GET, shard, [shard, key, True])
-        t._reads.setdefault(key, revision)
-        return value
-
     async def get(self, key):
-        self._t._check()
-        key = check_key(key)
-        if key in self._t._writes:
-            return self._t._writes[key]
-        return await self._read(key)
+        return await self._run(self._t.get_plan(key))
 
     async def put(self, key, value) -> None:
         self._t.put(key, value)
 
     async def delete(self, key) -> bool:
-        t = self._t
-        t._check()
-        key = check_key(key)
-        existed = (t._writes[key] if key in t._writes else await self._read(key)) is not None
-        t._writes[key] = None
-        return existed
+        return await self._run(self._t.delete_plan(key))
 
     async def scan(self, prefix=b"", start=None, end=None, limit=None):
-        # The scan's single read is a blocking call on the shared engine: run it off the loop.
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self._t.scan, prefix, start, end, limit)
+        return await self._run(self._t.scan_plan(prefix, start, end, limit))
 
     async def commit(self) -> None:
+        await self._run(self._t.commit_plan())
+
+    async def discard(self) -> None:
         t = self._t
-        plan = t._commit_plan()
-        if plan is None:
-            return
-        if type(plan) is tuple:
-            if not await self._db._call(wire.OP_WRITE, *plan):
-                raise t._conflict()
-            return
-        try:
-            batch = next(plan)
-            while True:
-                answers = await asyncio.gather(*(self._db._call(wire.OP_WRITE, shard, command)
-                                                 for shard, command in batch),
-                                               return_exceptions=True)
-                batch = plan.send([a if not isinstance(a, BaseException) or isinstance(a, KVError)
-                                   else _reraise(a) for a in answers])
-        except StopIteration:
-            return
-        except TransactionConflict:
+        if t._state in ("new", "open"):
             t._state = "discarded"
-            raise
-
-
-def _reraise(e: BaseException):
-    raise e
+        try:
+            await self._run(t.release_plan())
+        except KVError:
+            pass  # its resolvers free the locks after the deadline
 
 
 __all__ = ["connect", "AsyncKV", "AsyncTxn", "KVError"]

@@ -95,9 +95,11 @@ class KV(abc.ABC):
         """
         check_run_transaction(fn, retries)
         attempt = 0
+        txn = None
         while True:
+            txn = self._attempt_transaction(txn, attempt)
             try:
-                with self.transaction() as txn:
+                with txn:
                     result = fn(txn)
                 return result
             except TransactionConflict:
@@ -105,6 +107,12 @@ class KV(abc.ABC):
                     raise
                 attempt += 1
                 time.sleep(retry_backoff_seconds(attempt))
+
+    def _attempt_transaction(self, previous: Txn | None, attempt: int) -> Txn:
+        """The transaction for ``run_transaction``'s attempt ``attempt`` (0 first), given
+        the one that lost the previous attempt; a cluster takes the reads of a
+        transaction that keeps losing by locking them (``kvstore.client``)."""
+        return self.transaction()
 
     def __enter__(self):
         return self

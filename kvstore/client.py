@@ -55,9 +55,9 @@ from kvstore.api import KV, Txn
 from kvstore.codec import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import InvalidArgument, KVError, Timeout, TransactionConflict, Unavailable
 from kvstore.replica_txn import LOCKED
-from kvstore.txn import COMMIT, Coordinator
+from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, Coordinator, TxnPrepare, TxnResolve
 from kvstore.txn import encode as encode_2pc
-from kvstore.txn.coordinator import DECIDING, PREPARING
+from kvstore.txn.coordinator import DECIDING
 from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
@@ -541,6 +541,15 @@ class ClientCore:
         self.leaders.update(leaders)
 
 
+def lock_keys_for(previous, attempt: int):
+    """The keys ``run_transaction``'s next attempt locks at its first read, or None
+    (optimistic): a cross-shard transaction that lost ``LOCKING_AFTER_CONFLICTS``
+    times locks everything its attempts read so far."""
+    if previous is None or attempt < LOCKING_AFTER_CONFLICTS or len(previous._shards) < 2:
+        return None
+    return previous.wanted | (previous._lock_keys or set())
+
+
 class ClusterKV(KV):
     """``kvstore.connect(...)``: the ``KV`` interface over a running cluster; thread-safe."""
 
@@ -619,6 +628,9 @@ class ClusterKV(KV):
         self._core_check()
         return ClusterTxn(self)
 
+    def _attempt_transaction(self, previous, attempt: int) -> "ClusterTxn":
+        return ClusterTxn(self, lock_keys_for(previous, attempt))
+
     def _core_check(self) -> None:
         if self._core._closed:
             raise KVError("this connection is closed")
@@ -680,66 +692,147 @@ class ClusterKV(KV):
 #: it, the shard leaders' resolvers ask the coordinator shard to settle it (ABORT unless
 #: decided). Only liveness rests on clocks: a resolver that acts early costs an abort.
 TXN_DEADLINE_SECONDS = 2.0
+#: ``run_transaction`` takes the reads of a cross-shard transaction by locking them once
+#: it has lost this many attempts to concurrent writers (optimistic reads over several
+#: shards can lose to a steady stream of writers for ever; locked ones cannot be changed).
+LOCKING_AFTER_CONFLICTS = 2
 
+
+def _conflict() -> TransactionConflict:
+    return TransactionConflict(
+        "a concurrent transaction changed or holds what this transaction read or writes; "
+        "nothing of it was applied (run_transaction retries automatically)")
+
+
+def _deadline_ms() -> int:
+    return int((time.time() + TXN_DEADLINE_SECONDS) * 1000)
+
+
+def _answer(answer):
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
+
+
+# A *plan* is a generator that yields batches ``[(op, shard, payload)]`` to send at once
+# and is sent back, in order, each request's result or the ``KVError`` it raised; what it
+# returns is the outcome. One plan serves the sync client (``run_plan``) and the asyncio
+# one (``kvstore.aio``): a transaction's logic lives once, its I/O twice.
 
 def two_phase_commit(parts: dict):
-    """A cross-shard transaction's commit, driven as a generator by a sync or async caller.
+    """Plan: commit a transaction across shards (``parts``: shard -> ``(reads, writes)``).
 
-    ``parts`` maps each shard to its ``(reads, writes)``. The generator yields
-    ``[(shard, command)]`` to send at once (``kvstore.txn.Coordinator``: every
-    participant's TxnPrepare, then the TxnDecision in the coordinator shard's
-    log, then the TxnResolve entries) and is sent back, in the same order, each
-    write's result or the exception it raised. It returns on commit and raises
-    ``TransactionConflict`` on an abort; a failure before the decision is
-    recorded is raised as it came (``Unavailable``: the outcome is unknown only
-    if COMMIT was proposed). Failures after the decision do not matter to the
-    caller: the outcome is recorded, and resolvers carry it out.
+    ``kvstore.txn.Coordinator`` says what to propose: every participant's
+    TxnPrepare, then the TxnDecision in the coordinator shard's log, then the
+    TxnResolve entries. It returns on commit and raises ``TransactionConflict``
+    on an abort; a failure before the decision is recorded is raised as it came
+    (``Unavailable``: the outcome is unknown only if COMMIT was proposed).
+    Failures after the decision do not matter to the caller: the outcome is
+    recorded, and the resolvers carry it out.
     """
-    deadline_ms = int((time.time() + TXN_DEADLINE_SECONDS) * 1000)
-    coordinator = Coordinator(os.urandom(16), min(parts), parts, deadline_ms)
+    coordinator = Coordinator(os.urandom(16), min(parts), parts, _deadline_ms())
     error = None
     prepares = coordinator.proposals()
-    answers = yield [(shard, [OP_2PC, encode_2pc(entry)]) for shard, entry in prepares]
+    answers = yield [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)])
+                     for shard, entry in prepares]
     for (shard, _entry), answer in zip(prepares, answers):
         if isinstance(answer, BaseException):
             error = error or answer
             answer = False  # no vote heard: this coordinator may only abort now
         coordinator.on_vote(shard, bool(answer))
-    if coordinator.state == PREPARING:
-        raise AssertionError("every vote was counted")  # pragma: no cover
     if coordinator.state == DECIDING:
-        decision = coordinator.proposals()
-        (answer,) = yield [(shard, [OP_2PC, encode_2pc(entry)]) for shard, entry in decision]
-        if isinstance(answer, BaseException):
-            raise answer
-        coordinator.on_decision(answer)
+        (shard, entry), = coordinator.proposals()
+        (answer,) = yield [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)])]
+        coordinator.on_decision(_answer(answer))
         resolves = coordinator.proposals()
-        answers = yield [(shard, [OP_2PC, encode_2pc(entry)]) for shard, entry in resolves]
+        answers = yield [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)])
+                         for shard, entry in resolves]
         for (shard, _entry), answer in zip(resolves, answers):
             if not isinstance(answer, BaseException):
                 coordinator.on_resolved(shard)
     if coordinator.outcome == COMMIT:
         return
-    if error is not None:
-        raise error
-    raise TransactionConflict(
-        "a concurrent transaction changed or holds what this transaction read or writes; "
-        "nothing of it was applied (run_transaction retries automatically)")
+    raise error or _conflict()
+
+
+def locking_read(keys_by_shard: dict):
+    """Plan: lock ``keys_by_shard`` (shard -> keys) in every shard at once and read them.
+
+    One TxnPrepare of locking reads per shard (``kvstore.txn.LOCK_ONLY``), in
+    parallel; each answers the values as of its slot. Once every shard voted
+    yes, all the locks are held together, so the values are one consistent cut.
+    Returns ``(txn_id, shards, {key: (value, revision)})``; if a shard says no
+    (a writer holds a key) or fails, what was locked is released and the
+    conflict or error raised."""
+    txn_id = os.urandom(16)
+    shards = tuple(sorted(keys_by_shard))
+    deadline = _deadline_ms()
+    batch = [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnPrepare(
+        txn_id, shards[0], shards, tuple((k, LOCK_ONLY) for k in sorted(keys_by_shard[shard])),
+        (), deadline))]) for shard in shards]
+    answers = yield batch
+    values, failure = {}, None
+    for answer in answers:
+        if isinstance(answer, BaseException) or not answer[0]:
+            failure = failure or (answer if isinstance(answer, BaseException) else _conflict())
+            continue
+        for key, value, revision in answer[1]:
+            values[key] = (value, revision)
+    if failure is not None:
+        yield from release_locks(txn_id, shards)
+        raise failure
+    return txn_id, shards, values
+
+
+def release_locks(txn_id: bytes, shards) -> None:
+    """Plan: free a locking read's locks (it writes nothing: ABORT frees them as COMMIT
+    would). A shard that does not answer is freed by its resolver after the deadline."""
+    yield [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnResolve(txn_id, ABORT))])
+           for shard in shards]
+
+
+def run_plan(core: "ClientCore", plan):
+    """Drive ``plan`` on the sync client: each batch sent at once, answers awaited."""
+    try:
+        batch = next(plan)
+        while True:
+            futures = [core.submit(op, shard, payload) for op, shard, payload in batch]
+            answers = []
+            for f in futures:
+                try:
+                    answers.append(core.wait(f))
+                except KVError as e:
+                    answers.append(e)
+            batch = plan.send(answers)
+    except StopIteration as done:
+        return done.value
 
 
 class ClusterTxn(Txn):
     """A transaction: linearizable reads that record revisions, buffered writes, and at
     commit either one log entry (OP_TXN, one shard: the replicas validate its reads when
     they apply it) or two-phase commit across the shards it touched
-    (``two_phase_commit``). A changed read: ``TransactionConflict``, nothing applied."""
+    (``two_phase_commit``). A changed read: ``TransactionConflict``, nothing applied.
 
-    def __init__(self, kv: ClusterKV) -> None:
+    With ``lock_keys`` (``run_transaction``, after conflicts) its first read locks
+    and reads all of those keys at once (``locking_read``); its reads are then
+    that consistent cut, and a read of another key is a conflict whose retry
+    locks it too. Each operation is a plan (``*_plan``); this class drives them
+    on the sync client, ``kvstore.aio.AsyncTxn`` on the event loop."""
+
+    def __init__(self, kv: ClusterKV, lock_keys=None) -> None:
         self._kv = kv
         self._shards: set = set()
         self._reads: dict = {}  # key -> revision
         self._ranges: list = []
         self._writes: dict = {}
         self._state = "new"
+        self._lock_keys = None if lock_keys is None else set(lock_keys)
+        self._locked = None  # (txn id, shards, {key: (value, revision)}) while locks are held
+        self.wanted: set = set()  # every key this transaction read (what to lock next time)
+
+    def _run(self, plan):
+        return run_plan(self._kv._core, plan)
 
     def __enter__(self) -> "ClusterTxn":
         if self._state != "new":
@@ -751,7 +844,7 @@ class ClusterTxn(Txn):
         if self._state != "open":
             return
         if exc_type is not None:
-            self._state = "discarded"
+            self.discard()
             return
         self.commit()
 
@@ -762,20 +855,33 @@ class ClusterTxn(Txn):
             raise InvalidArgument(f"this transaction is already {self._state}; start a new one")
         self._kv._core_check()
 
-    def _touch(self, shard: int) -> None:
-        self._shards.add(shard)
-
     def get(self, key):
+        return self._run(self.get_plan(key))
+
+    def get_plan(self, key):
         self._check()
         key = check_key(key)
         if key in self._writes:
             return self._writes[key]
-        return self._read(key)
-
-    def _read(self, key: bytes):
         shard = self._kv._shard(key)
-        self._touch(shard)
-        value, revision = self._kv._core.call(wire.OP_GET, shard, [shard, key, True])
+        self._shards.add(shard)
+        self.wanted.add(key)
+        if self._lock_keys is not None:
+            if self._locked is None:
+                keys = self._lock_keys | {key}
+                by_shard: dict = {}
+                for k in keys:
+                    by_shard.setdefault(self._kv._shard(k), []).append(k)
+                self._shards.update(by_shard)
+                self._locked = yield from locking_read(by_shard)
+            found = self._locked[2].get(key)
+            if found is None:  # outside what it locked: its retry locks this key too
+                yield from self.release_plan()
+                raise _conflict()
+            value, revision = found
+        else:
+            (answer,) = yield [(wire.OP_GET, shard, [shard, key, True])]
+            value, revision = _answer(answer)
         self._reads.setdefault(key, revision)
         return value
 
@@ -783,17 +889,23 @@ class ClusterTxn(Txn):
         self._check()
         key = check_key(key)
         value = check_value(value)
-        self._touch(self._kv._shard(key))
+        self._shards.add(self._kv._shard(key))
         self._writes[key] = value
 
     def delete(self, key) -> bool:
+        return self._run(self.delete_plan(key))
+
+    def delete_plan(self, key):
         self._check()
         key = check_key(key)
-        existed = (self._writes[key] if key in self._writes else self._read(key)) is not None
+        existed = (yield from self.get_plan(key)) is not None
         self._writes[key] = None
         return existed
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):
+        return self._run(self.scan_plan(prefix, start, end, limit))
+
+    def scan_plan(self, prefix=b"", start=None, end=None, limit=None):
         self._check()
         lo, hi = scan_range(prefix, start, end)
         limit = check_limit(limit)
@@ -804,10 +916,11 @@ class ClusterTxn(Txn):
                           f"({self._kv.nshards}), and cross-shard transactions validate keys, "
                           f"not ranges: read the keys with get(), or scan outside the "
                           f"transaction")
-        self._touch(0)
+        self._shards.add(0)
         local = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
         fetch = None if limit is None else limit + sum(1 for v in local.values() if v is None)
-        rows = self._kv._core.call(wire.OP_SCAN, 0, [0, lo, hi, fetch, True])
+        (answer,) = yield [(wire.OP_SCAN, 0, [0, lo, hi, fetch, True])]
+        rows = _answer(answer)
         covered_hi = hi
         if fetch is not None and len(rows) == fetch:
             covered_hi = rows[-1][0] + b"\x00"
@@ -818,59 +931,51 @@ class ClusterTxn(Txn):
                if v is not None and (covered_hi is None or k < covered_hi)]
         return out if limit is None else out[:limit]
 
-    def _commit_plan(self):
-        """What commit sends: ``None`` (nothing touched), ``(shard, OP_TXN command)`` for
-        one shard, or a ``two_phase_commit`` generator across several."""
+    def commit(self) -> None:
+        self._run(self.commit_plan())
+
+    def commit_plan(self):
         self._check()
         self._state = "committed"
-        if not self._shards:
-            return None
-        if len(self._shards) == 1:
-            (shard,) = self._shards
-            return shard, [OP_TXN, [[k, r] for k, r in self._reads.items()], self._ranges,
-                           [[k, v] for k, v in self._writes.items()]]
-        parts = {shard: ([], []) for shard in self._shards}
-        for key, revision in self._reads.items():
-            parts[self._kv._shard(key)][0].append((key, revision))
-        for key, value in self._writes.items():
-            parts[self._kv._shard(key)][1].append((key, value))
-        return two_phase_commit(parts)
-
-    def _conflict(self) -> TransactionConflict:
-        self._state = "discarded"
-        return TransactionConflict(
-            "a concurrent write changed what this transaction read; nothing of it was "
-            "applied (run_transaction retries automatically)")
-
-    def commit(self) -> None:
-        plan = self._commit_plan()
-        if plan is None:
-            return
-        if type(plan) is tuple:
-            if not self._kv._core.call(wire.OP_WRITE, *plan):
-                raise self._conflict()
-            return
-        core = self._kv._core
         try:
-            batch = next(plan)
-            while True:
-                futures = [core.submit(wire.OP_WRITE, shard, command) for shard, command in batch]
-                answers = []
-                for f in futures:
-                    try:
-                        answers.append(core.wait(f))
-                    except KVError as e:
-                        answers.append(e)
-                batch = plan.send(answers)
-        except StopIteration:
-            return
+            if self._locked is not None:
+                yield from self.release_plan()  # its reads held at one moment: done with them
+                if not self._writes:
+                    return
+            if not self._shards:
+                return
+            if len(self._shards) == 1:
+                (shard,) = self._shards
+                command = [OP_TXN, [[k, r] for k, r in self._reads.items()], self._ranges,
+                           [[k, v] for k, v in self._writes.items()]]
+                (ok,) = yield [(wire.OP_WRITE, shard, command)]
+                if not _answer(ok):
+                    raise _conflict()
+                return
+            parts = {shard: ([], []) for shard in self._shards}
+            for key, revision in self._reads.items():
+                parts[self._kv._shard(key)][0].append((key, revision))
+            for key, value in self._writes.items():
+                parts[self._kv._shard(key)][1].append((key, value))
+            yield from two_phase_commit(parts)
         except TransactionConflict:
             self._state = "discarded"
             raise
 
+    def release_plan(self):
+        """Plan: free this transaction's locks of a locking read, if it holds any."""
+        locked, self._locked = self._locked, None
+        if locked is not None:
+            yield from release_locks(locked[0], locked[1])
+
     def discard(self) -> None:
         if self._state in ("new", "open"):
             self._state = "discarded"
+        if self._locked is not None:
+            try:
+                self._run(self.release_plan())
+            except KVError:
+                pass  # its resolvers free the locks after the deadline
 
 
 def connect(addresses, timeout: float = 5.0, keys=None) -> ClusterKV:

@@ -31,8 +31,9 @@ They cost ~40 bytes per cross-shard transaction; bounding them needs a
 
 from __future__ import annotations
 
-from kvstore.storage.state import apply_writes, revision_of
-from kvstore.txn import DecisionTable, ParticipantState, TxnDecision, TxnPrepare, TxnResolve
+from kvstore.storage.state import apply_writes, read_value, revision_of
+from kvstore.txn import (LOCK_ONLY, DecisionTable, ParticipantState, TxnDecision, TxnPrepare,
+                         TxnResolve)
 from kvstore.txn import decode as decode_entry
 from kvstore.txn import encode as encode_entry
 
@@ -138,12 +139,19 @@ def participant(txn, tables, writes=()) -> ParticipantState:
 
 
 def apply_2pc(txn, tables, revision: int, raw_entry: bytes):
-    """Apply one 2PC entry at ``revision``: TxnPrepare -> vote (bool), TxnDecision ->
-    the recorded outcome (int), TxnResolve -> whether it changed anything (bool)."""
+    """Apply one 2PC entry at ``revision``: TxnPrepare -> vote (bool; with locking reads
+    ``[vote, [[key, value, revision], ...]]``), TxnDecision -> the recorded outcome
+    (int), TxnResolve -> whether it changed anything (bool)."""
     entry = decode_entry(raw_entry)
     store = _ShardData(txn, tables.data, revision)
     if isinstance(entry, TxnPrepare):
-        return participant(txn, tables, (k for k, _ in entry.writes)).apply_prepare(store, entry)
+        vote = participant(txn, tables, (k for k, _ in entry.writes)).apply_prepare(store, entry)
+        locking = [key for key, revision in entry.reads if revision == LOCK_ONLY]
+        if not locking:
+            return vote
+        # locking reads: the values as of this slot, held by the locks just taken
+        return [vote, [[key, *read_value(key, txn.get(key, db=tables.data))] for key in locking]
+                if vote else []]
     if isinstance(entry, TxnDecision):
         decisions = DecisionTable(_TableMap(txn, tables.txns, TXN_DECIDED, _encode_outcome,
                                             _decode_outcome))

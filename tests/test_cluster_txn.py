@@ -173,3 +173,41 @@ def test_a_snapshot_carries_prepared_transactions_and_their_locks(tmp_path):
     finally:
         src.close()
         dst.close()
+
+
+def test_run_transaction_locks_the_reads_of_a_cross_shard_transaction_that_keeps_losing(start_node):
+    from kvstore.client import LOCKING_AFTER_CONFLICTS, ClusterTxn
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b, other = keys[0][0], keys[1][0], keys[1][1]
+    with kvstore.connect(n.address, timeout=5) as c, kvstore.connect(n.address, timeout=5) as c2:
+        c.put(a, b"1")
+        c.put(b, b"2")
+        seen = []
+
+        def audit(t):
+            seen.append(t._lock_keys)
+            total = int(t.get(a)) + int(t.get(b))
+            if len(seen) <= LOCKING_AFTER_CONFLICTS:
+                c2.put(a, b"%d" % (int(c2.get(a)) + 1))  # a writer behind its back, each time
+            return total
+
+        assert c.run_transaction(audit) == int(c.get(a)) + 2
+        assert seen[:LOCKING_AFTER_CONFLICTS] == [None] * LOCKING_AFTER_CONFLICTS
+        assert seen[LOCKING_AFTER_CONFLICTS] == {a, b}  # then its reads were locked
+        # a locking read: the keys stay put until the transaction ends
+        t = ClusterTxn(c, lock_keys={a, b})
+        with pytest.raises(kvstore.TransactionConflict):
+            with t:
+                assert t.get(a) == c.get(a)  # a read lock does not stop a plain read
+                raw = Raw(n.address)
+                try:
+                    assert raw.request(wire.OP_WRITE, [1, b"w", 1, 1, [OP_PUT, b, b"x"]]) \
+                        == (wire.STATUS_OK, LOCKED)
+                    assert raw.request(wire.OP_GET, [1, b, False]) == (wire.STATUS_OK, b"2")
+                finally:
+                    raw.close()
+                assert t.get(b) == b"2"
+                t.get(other)  # outside what it locked: a conflict, and the locks are freed
+        c2.put(b, b"3")  # free again
+        assert c.get(b) == b"3"

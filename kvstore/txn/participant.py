@@ -5,6 +5,17 @@ it is deterministic and pure: the key-value data is reached only through a
 small ``Store`` (revision of a key, write a key), which the simulator gives as a
 dict and a node as its LMDB state.
 
+Locking reads: a read whose revision is ``LOCK_ONLY`` is not validated, only
+locked; the driver reads its value when the prepare is applied (the shard's
+state at that slot), and the lock keeps it so until the transaction is
+resolved. A transaction that lost its optimistic reads to writers several times
+takes its reads this way, prepared in every shard at once: once every shard has
+voted yes, every value read holds at one moment (all locks held), so it is
+serializable without a revision check (see ``kvstore.client``).
+
+A read-only prepare ignores another transaction's lock on a key that
+transaction only reads (its value does not change); a lock of a writer fails it.
+
 Conflicts (the rule, written down): a TxnPrepare or a single-shard write that
 meets a lock held by another transaction does not wait: the prepare votes no
 (the transaction aborts, its client retries after a randomized backoff) and the
@@ -21,6 +32,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvstore.txn.records import ABORT, COMMIT, TxnPrepare, TxnResolve
+
+
+#: The revision of a locking read: lock the key, check nothing (see the module docstring).
+LOCK_ONLY = -1
 
 
 @dataclass(frozen=True)
@@ -48,14 +63,17 @@ class ParticipantState:
     finished: dict = field(default_factory=dict)  # txn id -> COMMIT / ABORT, as carried out here
     bugs: TxnBugs = field(default_factory=TxnBugs)
 
-    def _valid(self, store: Store, txn_id: bytes, reads, writes) -> bool:
+    def _valid(self, store: Store, txn_id: bytes, reads, writes, read_only: bool = False) -> bool:
         for key, _ in (*reads, *writes):
             holder = self.locks.get(key)
             if holder is not None and holder != txn_id:
+                if read_only and not self._writes(holder, key):
+                    continue  # a read lock: its holder leaves the value as it is
                 return False
         if self.bugs.prepare_skips_read_validation:
             return True
-        return all(store.revision(key) == revision for key, revision in reads)
+        return all(revision == LOCK_ONLY or store.revision(key) == revision
+                   for key, revision in reads)
 
     def apply_prepare(self, store: Store, p: TxnPrepare) -> bool:
         """Apply a TxnPrepare; its result is this shard's TxnVote (True: prepared, yes)."""
@@ -64,7 +82,7 @@ class ParticipantState:
             return done == COMMIT
         if p.txn_id in self.prepared:
             return True  # a duplicate
-        if not self._valid(store, p.txn_id, p.reads, p.writes):
+        if not self._valid(store, p.txn_id, p.reads, p.writes, p.read_only):
             if not p.read_only:
                 self.finished[p.txn_id] = ABORT  # a later copy must not prepare it after all
             return False
@@ -78,6 +96,10 @@ class ParticipantState:
             for key, _ in (*p.reads, *p.writes):
                 self.locks[key] = p.txn_id
         return True
+
+    def _writes(self, holder: bytes, key: bytes) -> bool:
+        p = self.prepared.get(holder)
+        return p is None or any(k == key for k, _ in p.writes)
 
     def apply_resolve(self, store: Store, r: TxnResolve) -> bool:
         """Carry out a recorded decision; True if this call changed anything."""

@@ -37,7 +37,7 @@ class TxnPrepare:
     txn_id: bytes
     coordinator: int  # the shard whose log holds the decision
     participants: tuple  # every shard the transaction touches, coordinator included
-    reads: tuple  # ((key, revision seen), ...); revision 0 = read as absent
+    reads: tuple  # ((key, revision seen), ...); 0 = read as absent, -1 = lock only
     writes: tuple  # ((key, value or None), ...); None deletes
     deadline: int  # after this (the driver's clock), anyone may ask the coordinator shard
     read_only: bool = False
