@@ -1,0 +1,162 @@
+"""Transactions on a 3-node cluster: one shard (one log entry) against two-phase commit.
+
+A transfer reads two accounts and writes both. Inside one shard it is one log
+entry whose reads are validated at apply (one consensus round); across two
+shards it is two-phase commit coordinated by the client (the prepares in
+parallel, then the decision in the coordinator shard's log, then the resolves:
+three rounds before the client returns, two before the outcome is fixed).
+Each row runs on a fresh ``kvstore-server`` cluster with 2 and with 4 shards,
+the load from this process through the asyncio client with 1 and 32
+transactions in flight, over 10,000 accounts (little contention). The last
+rows put 32 in flight on 8 hot accounts across shards: the abort rate is the
+share of attempts that lost to a concurrent transaction (each is retried until
+it commits; its latency counts every attempt).
+
+    python bench/txn.py            # full run, writes bench/results/txn.json
+    python bench/txn.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import figures  # noqa: E402  (bench/figures.py, beside this script)
+
+import kvstore  # noqa: E402
+import kvstore.aio  # noqa: E402
+from kvstore.server_local import LocalCluster  # noqa: E402
+from kvstore.sharding import shard_of  # noqa: E402
+
+
+def percentile(sorted_values: list, p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p / 100))]
+
+
+def accounts_by_shard(nshards: int, per_shard: int) -> dict:
+    out = {s: [] for s in range(nshards)}
+    i = 0
+    while any(len(v) < per_shard for v in out.values()):
+        k = b"acct%012d" % i
+        i += 1
+        if len(out[shard_of(k, nshards)]) < per_shard:
+            out[shard_of(k, nshards)].append(k)
+    return out
+
+
+def pairs(by_shard: dict, cross: bool, rnd: random.Random):
+    """An endless stream of (from, to) account pairs, in one shard or in two."""
+    shards = sorted(by_shard)
+    while True:
+        s = rnd.choice(shards)
+        t = rnd.choice([x for x in shards if x != s]) if cross else s
+        a, b = rnd.choice(by_shard[s]), rnd.choice(by_shard[t])
+        if a != b:
+            yield a, b
+
+
+async def transfer_load(db, by_shard: dict, cross: bool, in_flight: int, seconds: float) -> dict:
+    latencies, attempts, conflicts = [], 0, 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal attempts, conflicts
+        stream = pairs(by_shard, cross, random.Random(w))
+        while time.perf_counter() < deadline:
+            a, b = next(stream)
+            t0 = time.perf_counter()
+            while True:
+                attempts += 1
+                try:
+                    async with db.transaction() as t:
+                        x, y = await t.get(a), await t.get(b)
+                        await t.put(a, b"%d" % (int(x or 0) - 1))
+                        await t.put(b, b"%d" % (int(y or 0) + 1))
+                    break
+                except kvstore.TransactionConflict:
+                    conflicts += 1
+                    await asyncio.sleep(random.random() * 0.005)
+            latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(in_flight)))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"txns": len(latencies), "txns_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(percentile(latencies, 50) * 1e3, 2),
+            "p99_ms": round(percentile(latencies, 99) * 1e3, 2),
+            "abort_rate": round(conflicts / attempts, 3) if attempts else 0.0}
+
+
+async def run_cluster_rows(addresses: list, nshards: int, in_flight: list, seconds: float,
+                           hot: bool) -> list:
+    rows = []
+    async with await kvstore.aio.connect(addresses, timeout=30) as db:
+        spread = accounts_by_shard(nshards, 10_000 // nshards)
+        cases = [("one shard", False, spread), ("cross-shard", True, spread)]
+        for label, cross, by_shard in cases:
+            for n in in_flight:
+                row = await transfer_load(db, by_shard, cross, n, seconds)
+                row.update(shards=nshards, kind=label, in_flight=n, accounts=10_000)
+                rows.append(row)
+                print_row(row)
+        if hot:
+            by_shard = accounts_by_shard(nshards, max(1, 8 // nshards))
+            row = await transfer_load(db, by_shard, True, max(in_flight), seconds)
+            row.update(shards=nshards, kind="cross-shard, hot", in_flight=max(in_flight),
+                       accounts=sum(len(v) for v in by_shard.values()))
+            rows.append(row)
+            print_row(row)
+    return rows
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['shards']} shards  {r['kind']:17} {r['in_flight']:3} in flight "
+          f"({r['accounts']:>6} accounts): {r['txns_per_s']:>8,.0f} txn/s  p50 {r['p50_ms']:7.2f} ms  "
+          f"p99 {r['p99_ms']:7.2f} ms  aborts {r['abort_rate']:.1%}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small smoke run")
+    p.add_argument("--seconds", type=float, default=5.0, help="per row")
+    p.add_argument("--shards", default="2,4")
+    p.add_argument("--in-flight", default="1,32")
+    p.add_argument("--dir", default=None, help="where the clusters' data goes (default: a temp dir)")
+    p.add_argument("--json", default=figures.default_path("txn"))
+    args = p.parse_args(argv)
+    seconds = 1.0 if args.quick else args.seconds
+    shard_counts = [2] if args.quick else [int(x) for x in args.shards.split(",")]
+    in_flight = [1, 4] if args.quick else [int(x) for x in args.in_flight.split(",")]
+    base = args.dir or tempfile.mkdtemp(prefix="kvstore-bench-txn-")
+    rows = []
+    try:
+        for nshards in shard_counts:
+            directory = os.path.join(base, f"s{nshards}")
+            shutil.rmtree(directory, ignore_errors=True)
+            with LocalCluster(directory, 3, nshards) as lc:
+                lc.start_all()
+                lc.wait_ready(timeout=60)
+                rows += asyncio.run(run_cluster_rows(lc.address_list, nshards, in_flight,
+                                                     seconds, hot=True))
+    finally:
+        if args.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    figures.write({"seconds_per_row": seconds, "nodes": 3, "rows": rows}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
