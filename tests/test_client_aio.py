@@ -51,3 +51,34 @@ def test_async_connect_to_nothing_is_unavailable():
             await kvstore.aio.connect("tcp://127.0.0.1:1", timeout=0.3)
 
     asyncio.run(main())
+
+
+def test_async_transfers_across_shards_keep_the_total_and_audits_see_it(node):
+    from kvstore.sharding import shard_of
+    accounts = ([k for k in (b"acct%d" % i for i in range(99)) if shard_of(k, 2) == 0][:3]
+                + [k for k in (b"acct%d" % i for i in range(99)) if shard_of(k, 2) == 1][:3])
+
+    async def main():
+        async with await kvstore.aio.connect(node.address, timeout=10) as db:
+            for a in accounts:
+                await db.put(a, b"100")
+
+            def transfer(i):
+                a, b = accounts[i % 6], accounts[(i * 5 + 1) % 6]
+
+                async def move(txn):
+                    x, y = int(await txn.get(a)), int(await txn.get(b))
+                    await txn.put(a, b"%d" % (x - 1))
+                    await txn.put(b, b"%d" % (y + 1))
+                return move
+
+            async def audit(txn):
+                return sum([int(await txn.get(a)) for a in accounts])
+
+            moves = [db.run_transaction(transfer(i), retries=100) for i in range(40)]
+            audits = [db.run_transaction(audit, retries=100) for _ in range(10)]
+            results = await asyncio.gather(*moves, *audits)
+            assert results[40:] == [600] * 10
+            assert sum([int(await db.get(a)) for a in accounts]) == 600
+
+    asyncio.run(main())

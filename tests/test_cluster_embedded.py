@@ -26,6 +26,13 @@ def test_an_embedded_replica_joins_a_cluster_of_servers_and_serves_the_kv_interf
             assert db.get(b"from-embedded") == b"1"
             with db.transaction() as t:
                 t.put(b"t", b"x")
+            # a transaction across both shards: two-phase commit, as from any client
+            from kvstore.sharding import shard_of
+            a = next(b"a%d" % i for i in range(99) if shard_of(b"a%d" % i, 2) == 0)
+            b = next(b"b%d" % i for i in range(99) if shard_of(b"b%d" % i, 2) == 1)
+            db.put(a, b"10")
+            db.run_transaction(lambda t: (t.put(a, b"%d" % (int(t.get(a)) - 4)), t.put(b, b"4")))
+            assert (db.get(a), db.get(b)) == (b"6", b"4")
             st = db.status()
             assert st["local_node"] == "n1" and len(st["shards"]) == 2
         with lc.client(names=["n2", "n3"]) as c:  # the servers have it without n1
