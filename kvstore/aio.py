@@ -26,7 +26,7 @@ import threading
 from collections import deque
 
 from kvstore.api import check_run_transaction, retry_backoff_seconds
-from kvstore.client import ClusterKV, ClusterTxn, lock_keys_for
+from kvstore.client import ClusterKV, ClusterTxn, Detached, lock_keys_for
 from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT
 from kvstore.errors import KVError, TransactionConflict
 from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
@@ -157,6 +157,11 @@ class AsyncTxn:
         try:
             batch = next(plan)
             while True:
+                if isinstance(batch, Detached):
+                    for op, shard, payload in batch:
+                        self._db._core.submit(op, shard, payload)
+                    batch = plan.send([None] * len(batch))
+                    continue
                 answers = await asyncio.gather(*(self._db._call(op, shard, payload)
                                                  for op, shard, payload in batch),
                                                return_exceptions=True)

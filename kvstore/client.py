@@ -68,6 +68,9 @@ ATTEMPT_SECONDS = 1.0
 SILENT_SECONDS = 5.0
 #: Pause before retrying after "no leader known" or "retry" (the cluster is electing).
 RETRY_BACKOFF_SECONDS = 0.02
+#: Pause before asking again for a key a prepared transaction holds (its decision is
+#: usually a round trip away: the resolve entries are already on their way).
+LOCKED_BACKOFF_SECONDS = 0.002
 #: The I/O thread wakes at least this often to run timers.
 POLL_MAX_SECONDS = 0.05
 HWM_MESSAGES = 100_000
@@ -508,7 +511,8 @@ class ClientCore:
                 self.leaders.pop(call.shard, None)
                 self._retry_later(call)
         else:  # STATUS_RETRY
-            self._retry_later(call)
+            self._retry_later(call, LOCKED_BACKOFF_SECONDS if value == LOCKED else
+                              RETRY_BACKOFF_SECONDS)
 
     def _retry_as_new_write(self, call: _Call) -> None:
         """A write that met a prepared transaction's lock applied nothing; it is sent
@@ -520,12 +524,11 @@ class ClientCore:
         retry.reached = True
         self._inflight[retry.request_id] = retry
         heapq.heappush(self._writes_inflight, (retry.request_id, retry))
-        self._retry_later(retry)
+        self._retry_later(retry, LOCKED_BACKOFF_SECONDS)
 
-    def _retry_later(self, call: _Call) -> None:
+    def _retry_later(self, call: _Call, backoff: float = RETRY_BACKOFF_SECONDS) -> None:
         call.resend = True
-        call.retry_at = min(time.monotonic() + RETRY_BACKOFF_SECONDS * (0.5 + random.random()),
-                            call.deadline)
+        call.retry_at = min(time.monotonic() + backoff * (0.5 + random.random()), call.deadline)
         heapq.heappush(self._timers, (call.retry_at, call.request_id))
 
     def _learn(self, hello: dict) -> None:
@@ -704,6 +707,10 @@ def _conflict() -> TransactionConflict:
         "nothing of it was applied (run_transaction retries automatically)")
 
 
+class Detached(list):
+    """A plan's batch sent without waiting for the answers (the plan is sent ``None``s)."""
+
+
 def _deadline_ms() -> int:
     return int((time.time() + TXN_DEADLINE_SECONDS) * 1000)
 
@@ -727,8 +734,8 @@ def two_phase_commit(parts: dict):
     TxnResolve entries. It returns on commit and raises ``TransactionConflict``
     on an abort; a failure before the decision is recorded is raised as it came
     (``Unavailable``: the outcome is unknown only if COMMIT was proposed).
-    Failures after the decision do not matter to the caller: the outcome is
-    recorded, and the resolvers carry it out.
+    The TxnResolve entries are sent without waiting (``Detached``): the outcome
+    is recorded, and if they are lost the resolvers carry it out.
     """
     coordinator = Coordinator(os.urandom(16), min(parts), parts, _deadline_ms())
     error = None
@@ -744,12 +751,11 @@ def two_phase_commit(parts: dict):
         (shard, entry), = coordinator.proposals()
         (answer,) = yield [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)])]
         coordinator.on_decision(_answer(answer))
-        resolves = coordinator.proposals()
-        answers = yield [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)])
-                         for shard, entry in resolves]
-        for (shard, _entry), answer in zip(resolves, answers):
-            if not isinstance(answer, BaseException):
-                coordinator.on_resolved(shard)
+        # The outcome is recorded: answer now, and let the resolves go (two rounds, not
+        # three). Until a resolve is applied, reads and writes of the keys it frees wait
+        # (LOCKED), so nobody sees the gap; a lost resolve is done by the resolvers.
+        yield Detached((wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)])
+                       for shard, entry in coordinator.proposals())
     if coordinator.outcome == COMMIT:
         return
     raise error or _conflict()
@@ -786,9 +792,9 @@ def locking_read(keys_by_shard: dict):
 
 def release_locks(txn_id: bytes, shards) -> None:
     """Plan: free a locking read's locks (it writes nothing: ABORT frees them as COMMIT
-    would). A shard that does not answer is freed by its resolver after the deadline."""
-    yield [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnResolve(txn_id, ABORT))])
-           for shard in shards]
+    would), without waiting. A lost one is freed by the shard's resolver after the deadline."""
+    yield Detached([(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnResolve(txn_id, ABORT))])
+           for shard in shards])
 
 
 def run_plan(core: "ClientCore", plan):
@@ -797,6 +803,9 @@ def run_plan(core: "ClientCore", plan):
         batch = next(plan)
         while True:
             futures = [core.submit(op, shard, payload) for op, shard, payload in batch]
+            if isinstance(batch, Detached):
+                batch = plan.send([None] * len(futures))
+                continue
             answers = []
             for f in futures:
                 try:
