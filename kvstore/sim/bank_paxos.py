@@ -303,7 +303,10 @@ class BankPaxosSimulation(BankSimulation):
         if self.faults:
             self._process_faults()
         for group in self.groups:
-            group._step_tick(False)
+            try:
+                group._step_tick(False)
+            except (SimulationFailure, InvariantViolation) as e:  # name the group that failed
+                raise type(e)(f"s{group.index}: {e}") from e
         for group in self.groups:
             for node in group.nodes:
                 if node.up and node.paused_until <= self.tick and node.replica.is_leader:
