@@ -790,11 +790,14 @@ def locking_read(keys_by_shard: dict):
     return txn_id, shards, values
 
 
-def release_locks(txn_id: bytes, shards) -> None:
+def release_locks(txn_id: bytes, shards, wait: bool = False) -> None:
     """Plan: free a locking read's locks (it writes nothing: ABORT frees them as COMMIT
-    would), without waiting. A lost one is freed by the shard's resolver after the deadline."""
-    yield Detached([(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnResolve(txn_id, ABORT))])
-           for shard in shards])
+    would); without waiting unless ``wait`` (its transaction prepares its writes next,
+    which must not meet its own locks). A lost one is freed by the shard's resolver
+    after the deadline."""
+    batch = [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnResolve(txn_id, ABORT))])
+             for shard in shards]
+    yield batch if wait else Detached(batch)
 
 
 def run_plan(core: "ClientCore", plan):
@@ -948,7 +951,9 @@ class ClusterTxn(Txn):
         self._state = "committed"
         try:
             if self._locked is not None:
-                yield from self.release_plan()  # its reads held at one moment: done with them
+                # its reads held at one moment: done with them (its writes, if any, are
+                # prepared next, with the revisions the locked reads saw)
+                yield from self.release_plan(wait=bool(self._writes))
                 if not self._writes:
                     return
             if not self._shards:
@@ -971,11 +976,11 @@ class ClusterTxn(Txn):
             self._state = "discarded"
             raise
 
-    def release_plan(self):
+    def release_plan(self, wait: bool = False):
         """Plan: free this transaction's locks of a locking read, if it holds any."""
         locked, self._locked = self._locked, None
         if locked is not None:
-            yield from release_locks(locked[0], locked[1])
+            yield from release_locks(locked[0], locked[1], wait)
 
     def discard(self) -> None:
         if self._state in ("new", "open"):
