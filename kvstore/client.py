@@ -547,10 +547,10 @@ class ClientCore:
 def lock_keys_for(previous, attempt: int):
     """The keys ``run_transaction``'s next attempt locks at its first read, or None
     (optimistic): a cross-shard transaction that lost ``LOCKING_AFTER_CONFLICTS``
-    times locks everything its attempts read so far."""
+    times locks everything its attempts read or wrote so far."""
     if previous is None or attempt < LOCKING_AFTER_CONFLICTS or len(previous._shards) < 2:
         return None
-    return previous.wanted | (previous._lock_keys or set())
+    return previous.wanted | set(previous._writes) | (previous._lock_keys or set())
 
 
 class ClusterKV(KV):
@@ -726,7 +726,7 @@ def _answer(answer):
 # returns is the outcome. One plan serves the sync client (``run_plan``) and the asyncio
 # one (``kvstore.aio``): a transaction's logic lives once, its I/O twice.
 
-def two_phase_commit(parts: dict):
+def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard: int | None = None):
     """Plan: commit a transaction across shards (``parts``: shard -> ``(reads, writes)``).
 
     ``kvstore.txn.Coordinator`` says what to propose: every participant's
@@ -734,10 +734,14 @@ def two_phase_commit(parts: dict):
     TxnResolve entries. It returns on commit and raises ``TransactionConflict``
     on an abort; a failure before the decision is recorded is raised as it came
     (``Unavailable``: the outcome is unknown only if COMMIT was proposed).
+    ``txn_id`` and ``coordinator_shard`` are a locking read's when its
+    transaction writes: its prepares then add the writes to the locks it holds.
     The TxnResolve entries are sent without waiting (``Detached``): the outcome
     is recorded, and if they are lost the resolvers carry it out.
     """
-    coordinator = Coordinator(os.urandom(16), min(parts), parts, _deadline_ms())
+    coordinator = Coordinator(txn_id or os.urandom(16),
+                              min(parts) if coordinator_shard is None else coordinator_shard,
+                              parts, _deadline_ms())
     error = None
     prepares = coordinator.proposals()
     answers = yield [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)])
@@ -790,14 +794,12 @@ def locking_read(keys_by_shard: dict):
     return txn_id, shards, values
 
 
-def release_locks(txn_id: bytes, shards, wait: bool = False) -> None:
-    """Plan: free a locking read's locks (it writes nothing: ABORT frees them as COMMIT
-    would); without waiting unless ``wait`` (its transaction prepares its writes next,
-    which must not meet its own locks). A lost one is freed by the shard's resolver
-    after the deadline."""
-    batch = [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnResolve(txn_id, ABORT))])
-             for shard in shards]
-    yield batch if wait else Detached(batch)
+def release_locks(txn_id: bytes, shards) -> None:
+    """Plan: free a locking read's locks (it wrote nothing: ABORT frees them as COMMIT
+    would), without waiting. A lost one is freed by the shard's resolver after the
+    deadline."""
+    yield Detached([(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnResolve(txn_id, ABORT))])
+                    for shard in shards])
 
 
 def run_plan(core: "ClientCore", plan):
@@ -950,15 +952,13 @@ class ClusterTxn(Txn):
         self._check()
         self._state = "committed"
         try:
-            if self._locked is not None:
-                # its reads held at one moment: done with them (its writes, if any, are
-                # prepared next, with the revisions the locked reads saw)
-                yield from self.release_plan(wait=bool(self._writes))
-                if not self._writes:
-                    return
+            locked = self._locked
+            if locked is not None and not self._writes:
+                yield from self.release_plan()  # its reads held at one moment: done
+                return
             if not self._shards:
                 return
-            if len(self._shards) == 1:
+            if len(self._shards) == 1 and locked is None:
                 (shard,) = self._shards
                 command = [OP_TXN, [[k, r] for k, r in self._reads.items()], self._ranges,
                            [[k, v] for k, v in self._writes.items()]]
@@ -971,16 +971,20 @@ class ClusterTxn(Txn):
                 parts[self._kv._shard(key)][0].append((key, revision))
             for key, value in self._writes.items():
                 parts[self._kv._shard(key)][1].append((key, value))
-            yield from two_phase_commit(parts)
+            if locked is None:
+                yield from two_phase_commit(parts)
+            else:  # prepare its writes under the locks it holds: its reads cannot have moved
+                self._locked = None
+                yield from two_phase_commit(parts, locked[0], locked[1][0])
         except TransactionConflict:
             self._state = "discarded"
             raise
 
-    def release_plan(self, wait: bool = False):
+    def release_plan(self):
         """Plan: free this transaction's locks of a locking read, if it holds any."""
         locked, self._locked = self._locked, None
         if locked is not None:
-            yield from release_locks(locked[0], locked[1], wait)
+            yield from release_locks(locked[0], locked[1])
 
     def discard(self) -> None:
         if self._state in ("new", "open"):

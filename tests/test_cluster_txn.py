@@ -211,3 +211,29 @@ def test_run_transaction_locks_the_reads_of_a_cross_shard_transaction_that_keeps
                 t.get(other)  # outside what it locked: a conflict, and the locks are freed
         c2.put(b, b"3")  # free again
         assert c.get(b) == b"3"
+
+
+def test_a_locked_transfer_prepares_its_writes_under_its_own_locks(start_node):
+    from kvstore.client import LOCKING_AFTER_CONFLICTS
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][0], keys[1][0]
+    with kvstore.connect(n.address, timeout=5) as c, kvstore.connect(n.address, timeout=5) as c2:
+        c.put(a, b"100")
+        c.put(b, b"100")
+        attempts = []
+
+        def transfer(t):
+            attempts.append(t._lock_keys)
+            x, y = int(t.get(a)), int(t.get(b))
+            if len(attempts) <= LOCKING_AFTER_CONFLICTS:
+                c2.put(a, b"%d" % (int(c2.get(a)) + 10))  # a deposit behind its back
+            t.put(a, b"%d" % (x - 1))
+            t.put(b, b"%d" % (y + 1))
+
+        c.run_transaction(transfer)
+        assert attempts[-1] == {a, b} and len(attempts) == LOCKING_AFTER_CONFLICTS + 1
+        assert (c.get(a), c.get(b)) == (b"%d" % (100 + 10 * LOCKING_AFTER_CONFLICTS - 1), b"101")
+        c2.put(a, b"0")  # every lock was freed
+        c2.put(b, b"0")
+        assert (c.get(a), c.get(b)) == (b"0", b"0")

@@ -31,3 +31,28 @@ def test_a_read_only_prepare_passes_a_read_lock_but_not_a_write_lock():
     assert not p.apply_prepare(store, TxnPrepare(b"W", 0, (0, 1), (), ((b"a", b"0"),), 10))
     assert p.apply_resolve(store, TxnResolve(b"T", COMMIT))
     assert store.data[b"b"][1] == b"7"
+
+
+def test_a_locking_read_then_its_writes_keep_every_lock_until_the_decision():
+    store, p = DictStore(a="1", b="2", c="3"), ParticipantState()
+    lock = TxnPrepare(b"L", 0, (0,), ((b"a", LOCK_ONLY), (b"b", LOCK_ONLY), (b"c", LOCK_ONLY)), (), 10)
+    assert p.apply_prepare(store, lock)
+    # its writes, prepared under the same id: the locks it holds are its own
+    upgrade = TxnPrepare(b"L", 0, (0,), ((b"a", 1), (b"b", 1)), ((b"a", b"0"), (b"b", b"3")), 20)
+    assert p.apply_prepare(store, upgrade)
+    assert p.apply_prepare(store, upgrade)  # a duplicate changes nothing
+    assert set(p.locks) == {b"a", b"b", b"c"}  # c, locked but not read this time, stays held
+    assert not p.apply_prepare(store, TxnPrepare(b"W", 0, (0,), (), ((b"c", b"x"),), 10))
+    assert p.apply_resolve(store, TxnResolve(b"L", COMMIT))
+    assert p.locks == {} and p.prepared == {}
+    assert (store.data[b"a"][1], store.data[b"b"][1], store.data[b"c"][1]) == (b"0", b"3", "3")
+
+
+def test_an_upgrade_that_meets_another_lock_votes_no_and_keeps_what_it_held():
+    store, p = DictStore(a="1", b="2"), ParticipantState()
+    assert p.apply_prepare(store, TxnPrepare(b"L", 0, (0,), ((b"a", LOCK_ONLY),), (), 10))
+    assert p.apply_prepare(store, TxnPrepare(b"W", 0, (0,), (), ((b"b", b"x"),), 10))
+    assert not p.apply_prepare(store, TxnPrepare(b"L", 0, (0,), ((b"a", 1),), ((b"b", b"y"),), 10))
+    assert p.locks == {b"a": b"L", b"b": b"W"}
+    assert p.apply_resolve(store, TxnResolve(b"L", ABORT))
+    assert p.locks == {b"b": b"W"}

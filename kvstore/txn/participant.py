@@ -11,7 +11,11 @@ state at that slot), and the lock keeps it so until the transaction is
 resolved. A transaction that lost its optimistic reads to writers several times
 takes its reads this way, prepared in every shard at once: once every shard has
 voted yes, every value read holds at one moment (all locks held), so it is
-serializable without a revision check (see ``kvstore.client``).
+serializable without a revision check (see ``kvstore.client``). If it writes,
+it then prepares its writes under the same transaction id: that prepare adds
+them to what the transaction holds (its locks are its own, so nothing another
+transaction did since can fail it but a lock on a key it did not lock), and it
+ends like any other, by its decision.
 
 A read-only prepare ignores another transaction's lock on a key that
 transaction only reads (its value does not change); a lock of a writer fails it.
@@ -28,7 +32,7 @@ is never starved by a dead holder, only contended by live ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from kvstore.txn.records import ABORT, COMMIT, TxnPrepare, TxnResolve
@@ -80,9 +84,16 @@ class ParticipantState:
         done = self.finished.get(p.txn_id)
         if done is not None:  # a late copy: the transaction is over here
             return done == COMMIT
-        if p.txn_id in self.prepared:
-            return True  # a duplicate
-        if not self._valid(store, p.txn_id, p.reads, p.writes, p.read_only):
+        held = self.prepared.get(p.txn_id)
+        if held is not None:
+            if held.writes or not p.writes:
+                return True  # a duplicate, or nothing to add to what it holds
+            # a locking read's transaction now prepares its writes: keep what it locked
+            if not self._valid(store, p.txn_id, p.reads, p.writes):
+                return False  # it keeps its locks until its decision (ABORT) is carried out
+            seen = {key for key, _ in p.reads}
+            p = replace(p, reads=p.reads + tuple(r for r in held.reads if r[0] not in seen))
+        elif not self._valid(store, p.txn_id, p.reads, p.writes, p.read_only):
             if not p.read_only:
                 self.finished[p.txn_id] = ABORT  # a later copy must not prepare it after all
             return False
