@@ -100,3 +100,13 @@ def test_planted_paxos_bug_is_found_in_a_shard(bug):
             assert f"--bug {bug} --verbose" in text
             return
     pytest.fail(f"{bug} not found in {BUG_SEED_BUDGET} seeds")
+
+
+def test_a_seed_replays_byte_for_byte_whatever_the_hash_seed():
+    outputs = []
+    for hashseed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hashseed)
+        outputs.append(subprocess.run([sys.executable, "-m", "kvstore.sim", "--bank", "--paxos", "--seed", "4",
+                                       "--verbose"], capture_output=True, env=env, timeout=120, check=True).stdout)
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0].splitlines()) > 100

@@ -65,9 +65,9 @@ class BankPaxosConfig(BankConfig):
     # per TxnDecision a coordinator shard's leader proposes: it crashes right after (mid-commit)
     mid_commit_crash_rate: float = 0.1
     retry_backoff_max: int = 8
-    redirects_max: int = 3
+    redirects_max: int = 3  # "not the leader" hints a request follows before its proposer's timer
     minority_stays_down: bool = True  # through the liveness phase (see ``_heal``)
-    group_fault_scale: float = 1.0  # swarm: node crashes, pauses, partitions of cluster.py's, times this  # "not the leader" hints a request follows before its proposer's timer
+    group_fault_scale: float = 1.0  # swarm: cluster.py's node crashes, pauses, partitions, times this
     paxos_bugs: Bugs = field(default_factory=Bugs)
     trace_lines: int = 200
 
@@ -84,9 +84,9 @@ def bank_paxos_swarm(c: BankPaxosConfig, rng) -> BankPaxosConfig:
 def group_config(c: BankPaxosConfig, rng) -> SimConfig:
     """The groups' settings and fault rates: one draw of ``cluster.swarm`` for all of them.
 
-    Node crashes (in the middle of a Ready too), pauses and partitions are scaled by ``group_fault_scale``: an operation
-    needs every shard it touches, so with every group as stormy as ``cluster.py``'s worst
-    seeds hardly any would finish.
+    Node crashes (in the middle of a Ready too), pauses and partitions are scaled by
+    ``group_fault_scale``: an operation needs every shard it touches, so with every group as
+    stormy as ``cluster.py``'s worst seeds hardly any would finish.
     """
     base = SimConfig(seed=c.seed, nodes=c.nodes, ticks=c.ticks, clients=0, bugs=c.paxos_bugs,
                      verbose=c.verbose, swarm=False)
@@ -326,7 +326,10 @@ class BankPaxosSimulation(BankSimulation):
                     node.crash("stays down through the liveness phase")
 
     def liveness_ticks(self) -> int:
-        return max(self.config.liveness_ticks, *(g.liveness_ticks for g in self.groups))
+        """Twice a group's own bound (elections, a leader with a pipeline window of 1 draining a
+        backlog of retried commands), plus a few retries at the longest backoff."""
+        c = self.config
+        return 2 * max(c.liveness_ticks, *(g.liveness_ticks for g in self.groups)) + 4 * c.retry_ticks * c.retry_backoff_max
 
     def _group_quiet(self, group: ShardGroup) -> bool:
         """One leader followed by every live replica, each applied up to its commit point, nothing prepared."""
