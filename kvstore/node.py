@@ -65,10 +65,11 @@ from kvstore.keys import MAX_KEY_SIZE, check_key, check_value
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
-from kvstore.replica_storage import (STALE, LmdbReplicaStorage, ReplicaStorage, ShardWrite,
+from kvstore.replica_storage import (STALE, ReplicaStorage, ShardWrite,
                                      check_command, command_keys, decode_client_command,
                                      encode_client_command)
 from kvstore.replica_txn import LOCKED
+from kvstore.replica_wal import WalReplicaStorage
 from kvstore.txn import ABORT, TxnDecision, TxnPrepare, TxnResolve
 from kvstore.txn import decode as decode_2pc
 from kvstore.txn import encode as encode_2pc
@@ -152,7 +153,7 @@ class Node:
         self.index = config.index
         self.n = len(config.names)
         self.rng = rng or random.Random(int.from_bytes(os.urandom(8), "little"))
-        self.storage = storage or LmdbReplicaStorage(config.data_dir, config.shards)
+        self.storage = storage or WalReplicaStorage(config.data_dir, config.shards)
         self.nshards = self.storage.nshards
         self.counters: Counter = Counter()
         try:

@@ -1,31 +1,22 @@
-"""What a cluster node keeps on disk, behind one small interface (``ReplicaStorage``).
+"""What a cluster node keeps on disk, behind one small interface (``ReplicaStorage``),
+and the replicated state machine every replica applies.
 
 A node hands its storage, once per loop turn, everything every shard's
 ``Ready`` asks to persist (``ShardWrite``: the promise and commit point, log
 records, an installed snapshot, compaction) together with the committed
 entries to apply, and gets back the results of the commands it applied.
 ``save`` returns only when all of it is durable. ``load`` gives a shard's
-``PersistedState`` back after a restart.
-
-``LmdbReplicaStorage`` is the implementation on the existing storage engine
-(``kvstore.storage``: one LMDB environment, per-shard log/meta/data/txn
-tables). Everything of one ``save`` is ONE synced LMDB write transaction, so
-for all shards together a loop turn costs one fsync:
-
-- the log records (overwrite by slot) and the hard state (promise, commit
-  point) are durable before any message announcing them leaves the node
-  (safety rule 1: the node sends only after ``save`` returns);
-- the applied state and the applied point move in that same transaction
-  (safety rule 4).
-
-Issue 12's write-ahead log slots in here: ``save`` becomes one log append
-plus fdatasync for the records and the hard state, and the apply moves to
-LMDB checkpoints off the write path; the node does not change.
+``PersistedState`` back after a restart. The implementation is
+``kvstore.replica_wal.WalReplicaStorage``: one log append and one fdatasync per
+save, LMDB checkpointed off the write path.
 
 The replicated state machine is the embedded store's: each command is
 applied by ``kvstore.storage.state.apply_command`` on the shard's data table,
 at revision ``slot + 1`` (revision 0 means "absent"). Around it, a client
-session table makes a retried write take effect once (``apply_client_command``).
+session table makes a retried write take effect once (``apply_client_command``),
+and two-phase-commit entries go to ``kvstore.replica_txn``. Everything here
+works on an LMDB transaction or on anything that reads and writes like one
+(the overlay's view of the tables, ``kvstore.replica_wal``).
 """
 
 from __future__ import annotations
@@ -35,14 +26,11 @@ from typing import Protocol
 
 import msgpack
 
-from kvstore._native import key_slot, slot_key
 from kvstore.codec import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import CorruptRecord
 from kvstore.paxos.replica import KIND_BATCH, PersistedState, Snapshot
-from kvstore.storage import Storage
-from kvstore.replica_txn import (LOCKED, any_locked, apply_2pc, expired_prepares, key_write_locked,
-                                 range_write_locked)
-from kvstore.storage.state import apply_command, read_value, scan_rows
+from kvstore.replica_txn import LOCKED, any_locked, apply_2pc
+from kvstore.storage.state import apply_command, scan_rows
 from kvstore.txn import TxnPrepare
 from kvstore.txn import decode as decode_2pc
 
@@ -175,152 +163,6 @@ def command_keys(command: list) -> list:
     return [command[1]]
 
 
-class LmdbReplicaStorage:
-    """``ReplicaStorage`` on one LMDB environment (``kvstore.storage.Storage``)."""
-
-    def __init__(self, path: str, shards: int) -> None:
-        self.storage = Storage(path, shards=shards)
-        self.path = self.storage.path
-        self.nshards = self.storage.nshards
-        self.tables = self.storage.shards
-
-    # -- loading -----------------------------------------------------------------------
-
-    def load(self, shard: int) -> PersistedState:
-        t = self.tables[shard]
-
-        def read(txn):
-            raw = txn.get(META_PAXOS, db=t.meta)
-            promised, commit, applied, compacted = _NO_HARD_STATE if raw is None else msgpack.unpackb(raw)
-            records = [bytes(v) for _k, v in txn.cursor(t.log)]
-            return PersistedState(promised=promised, commit_index=commit, records=records,
-                                  applied_index=applied), applied, compacted
-
-        state, applied, compacted = self.storage.read(read)
-        if compacted >= 0:
-            # Log records below the applied point are gone: the state itself, at the
-            # applied point, is the snapshot a lagging peer will need.
-            state.snapshot_index = applied
-            state.snapshot_data = self.snapshot_data(shard)
-        return state
-
-    # -- the one durable write -----------------------------------------------------------
-
-    def save(self, writes: list, applied=None) -> list:
-        return self.storage.write(lambda txn: self._save(txn, writes, applied))
-
-    def _save(self, txn, writes: list, applied_hook=None) -> list:
-        results: list = []
-        for w in writes:
-            t = self.tables[w.shard]
-            raw = txn.get(META_PAXOS, db=t.meta)
-            promised, commit, applied, compacted = _NO_HARD_STATE if raw is None else msgpack.unpackb(raw)
-            if w.promised is not None:
-                promised = w.promised
-            if w.commit_index is not None:
-                commit = max(commit, w.commit_index)
-            if w.snapshot is not None:
-                self._install_snapshot(txn, w.shard, w.snapshot)
-                applied = w.snapshot.index
-                commit = max(commit, w.snapshot.index)
-                compacted = max(compacted, w.snapshot.index)
-            for rec in w.records:
-                txn.put(slot_key(int.from_bytes(rec[8:16], "little")), rec, db=t.log)
-            if w.compacted_through is not None:
-                self._delete_log_through(txn, t.log, w.compacted_through)
-                compacted = max(compacted, w.compacted_through)
-            sessions = SessionCache(txn, t.txns)
-            for entry in w.committed:
-                if entry.slot <= applied:
-                    continue  # already in the state (a snapshot covered it)
-                if entry.kind == KIND_BATCH:
-                    for raw_cmd in entry.commands:
-                        key, result = apply_client_command(txn, t, entry.slot, raw_cmd, sessions)
-                        results.append((w.shard, entry.slot, key, result))
-                if entry.slot % SESSION_SWEEP_EVERY == 0:
-                    sessions.flush()
-                    sessions = SessionCache(txn, t.txns)
-                    expire_sessions(txn, t.txns, entry.slot)
-                applied = entry.slot
-            sessions.flush()
-            w.applied_index = applied
-            txn.put(META_PAXOS, msgpack.packb([promised, commit, applied, compacted]), db=t.meta)
-        if applied_hook is not None and results:
-            applied_hook(results)
-        return results
-
-    def _delete_log_through(self, txn, db, through: int) -> None:
-        cursor = txn.cursor(db)
-        try:
-            if not cursor.first():
-                return
-            while True:
-                key = cursor.key()  # b"" once the last record is deleted
-                if not key or key_slot(key) > through or not cursor.delete():
-                    break
-        finally:
-            cursor.close()
-
-    def _install_snapshot(self, txn, shard: int, snapshot: Snapshot) -> None:
-        """Replace the shard's state (data, sessions, 2PC records) with a snapshot's."""
-        t = self.tables[shard]
-        try:
-            rows, txn_rows = msgpack.unpackb(snapshot.data, raw=False)
-        except Exception as e:
-            raise CorruptRecord(f"undecodable snapshot through slot {snapshot.index}: {e}") from e
-        txn.drop(t.data, delete=False)
-        for key, raw in rows:
-            txn.put(key, raw, db=t.data)
-        txn.drop(t.txns, delete=False)  # sessions and 2PC records: the snapshot's replace them
-        for key, raw in txn_rows:
-            txn.put(key, raw, db=t.txns)
-        self._delete_log_through(txn, t.log, snapshot.index)
-
-    def snapshot_data(self, shard: int) -> bytes:
-        """The shard's whole state as a snapshot (what ``_install_snapshot`` reads)."""
-        t = self.tables[shard]
-
-        def read(txn):
-            rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(t.data)]
-            txn_rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(t.txns)]
-            return msgpack.packb([rows, txn_rows], use_bin_type=True)
-
-        return self.storage.read(read)
-
-    # -- reads of the applied state ---------------------------------------------------------
-
-    def get(self, shard: int, key: bytes) -> tuple | str:
-        """``(value or None, revision)``: revision 0 for an absent key; ``LOCKED`` if a
-        prepared cross-shard transaction is to write the key (ask again later)."""
-        t = self.tables[shard]
-
-        def read(txn):
-            if key_write_locked(txn, t, key):
-                return LOCKED
-            return read_value(key, txn.get(key, db=t.data))
-
-        return self.storage.read(read)
-
-    def scan(self, shard: int, lo: bytes, hi: bytes | None, limit: int | None) -> list | str:
-        """``[(key, value, revision)]`` with ``lo <= key < hi``, at most ``limit``;
-        ``LOCKED`` if a prepared cross-shard transaction is to write in the range."""
-        t = self.tables[shard]
-
-        def read(txn):
-            if range_write_locked(txn, t, lo, hi):
-                return LOCKED
-            return [(k, *read_value(k, raw)) for k, raw in scan_rows(txn, t.data, lo, hi, limit)]
-
-        return self.storage.read(read)
-
-    def expired_prepares(self, shard: int, now_ms: int) -> list:
-        """The shard's prepared transactions past their deadline (``TxnPrepare`` list)."""
-        return self.storage.read(lambda txn: expired_prepares(txn, self.tables[shard], now_ms))
-
-    def close(self) -> None:
-        self.storage.close()
-
-
 class SessionCache:
     """The client sessions one save touches: each read once, written once at ``flush``."""
 
@@ -388,25 +230,52 @@ def apply_client_command(txn, tables, slot: int, raw: bytes, sessions: SessionCa
     return key, result
 
 
+def install_snapshot(txn, t, snapshot: Snapshot) -> None:
+    """Replace a shard's state (data, sessions, 2PC records: tables ``t``) with a snapshot's."""
+    try:
+        rows, txn_rows = msgpack.unpackb(snapshot.data, raw=False)
+    except Exception as e:
+        raise CorruptRecord(f"undecodable snapshot through slot {snapshot.index}: {e}") from e
+    txn.drop(t.data, delete=False)
+    for key, raw in rows:
+        txn.put(key, raw, db=t.data)
+    txn.drop(t.txns, delete=False)  # sessions and 2PC records: the snapshot's replace them
+    for key, raw in txn_rows:
+        txn.put(key, raw, db=t.txns)
+
+
+def apply_entries(txn, tables, shard: int, entries, applied: int, results: list) -> int:
+    """Apply a shard's committed ``entries`` above ``applied`` on ``txn`` (an LMDB write
+    transaction, or a view of the overlay over one); append ``(shard, slot, key,
+    result)`` to ``results`` for every client command; return the new applied point."""
+    sessions = SessionCache(txn, tables.txns)
+    for entry in entries:
+        if entry.slot <= applied:
+            continue  # already in the state (a snapshot covered it)
+        if entry.kind == KIND_BATCH:
+            for raw_cmd in entry.commands:
+                key, result = apply_client_command(txn, tables, entry.slot, raw_cmd, sessions)
+                results.append((shard, entry.slot, key, result))
+        if entry.slot % SESSION_SWEEP_EVERY == 0:
+            sessions.flush()
+            sessions = SessionCache(txn, tables.txns)
+            expire_sessions(txn, tables.txns, entry.slot)
+        applied = entry.slot
+    sessions.flush()
+    return applied
+
+
 def expire_sessions(txn, db, slot: int) -> int:
     """Forget sessions last used more than ``SESSION_TTL_SLOTS`` before ``slot``."""
     cutoff = slot - SESSION_TTL_SLOTS
     if cutoff <= 0:
         return 0
-    dropped = 0
-    cursor = txn.cursor(db)
-    try:
-        if not cursor.set_range(SESSION_PREFIX):
-            return 0
-        while cursor.key().startswith(SESSION_PREFIX):
-            _floor, last, _pairs = msgpack.unpackb(cursor.value(), raw=False, strict_map_key=False)
-            if last < cutoff:
-                dropped += 1
-                if not cursor.delete():
-                    break
-            elif not cursor.next():
-                break
-    finally:
-        cursor.close()
-    return dropped
+    expired = []
+    for key, raw in scan_rows(txn, db, SESSION_PREFIX, SESSION_PREFIX[:-1] + b"\x01", None):
+        _floor, last, _pairs = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        if last < cutoff:
+            expired.append(key)
+    for key in expired:
+        txn.delete(key, db=db)
+    return len(expired)
 

@@ -15,7 +15,8 @@ import pytest
 import kvstore
 from kvstore.codec import OP_2PC, OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry
-from kvstore.replica_storage import LmdbReplicaStorage, ShardWrite, encode_client_command
+from kvstore.replica_storage import ShardWrite, encode_client_command
+from kvstore.replica_wal import WalReplicaStorage
 from kvstore.replica_txn import LOCKED
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
@@ -156,8 +157,8 @@ def test_a_malformed_2pc_entry_is_refused_and_changes_nothing(start_node):
 
 
 def test_a_snapshot_carries_prepared_transactions_and_their_locks(tmp_path):
-    src = LmdbReplicaStorage(str(tmp_path / "src"), shards=1)
-    dst = LmdbReplicaStorage(str(tmp_path / "dst"), shards=1)
+    src = WalReplicaStorage(str(tmp_path / "src"), shards=1)
+    dst = WalReplicaStorage(str(tmp_path / "dst"), shards=1)
     try:
         p = TxnPrepare(b"W" * 16, 0, (0,), (), ((b"k", b"v"),), 0)
         cmd = encode_client_command(b"c", 1, 1, [OP_2PC, encode(p)])

@@ -15,7 +15,8 @@ import kvstore
 from kvstore.codec import OP_CAS, OP_PUT
 from kvstore.node import Node, NodeConfig
 from kvstore.paxos.replica import KIND_BATCH, Entry
-from kvstore.replica_storage import LmdbReplicaStorage, ShardWrite, encode_client_command
+from kvstore.replica_storage import ShardWrite, encode_client_command
+from kvstore.replica_wal import WalReplicaStorage
 from kvstore._native import encode_record
 from kvstore.server_local import free_port
 from kvstore.transport import wire
@@ -235,7 +236,7 @@ def test_single_shard_transactions_and_one_across_shards(start_node):
 
 
 def test_storage_saves_and_loads_hard_state_records_and_applied_state(tmp_path):
-    st = LmdbReplicaStorage(str(tmp_path / "s"), shards=2)
+    st = WalReplicaStorage(str(tmp_path / "s"), shards=2)
     cmd = encode_client_command(b"c", 1, 1, [OP_PUT, b"k", b"v"])
     rec = encode_record(0, 65536, KIND_BATCH, msgpack.packb([cmd]))
     results = st.save([ShardWrite(1, promised=65536, commit_index=0, records=[rec],
@@ -243,7 +244,7 @@ def test_storage_saves_and_loads_hard_state_records_and_applied_state(tmp_path):
     assert results == [(1, 0, (b"c", 1), None)]
     assert st.get(1, b"k") == (b"v", 1)
     st.close()
-    st = LmdbReplicaStorage(str(tmp_path / "s"), shards=2)
+    st = WalReplicaStorage(str(tmp_path / "s"), shards=2)
     p = st.load(1)
     assert (p.promised, p.commit_index, p.applied_index, p.records) == (65536, 0, 0, [rec])
     assert st.load(0).records == [] and st.load(0).applied_index == -1
@@ -296,7 +297,7 @@ def test_big_concurrent_writes_are_cut_into_entries_that_fit_a_frame(start_node,
 
     asyncio.run(main())
     n.stop()
-    st = LmdbReplicaStorage(str(tmp_path / "big"), shards=1)
+    st = WalReplicaStorage(str(tmp_path / "big"), shards=1)
     try:
         sizes = [len(r) for r in st.load(0).records]
     finally:

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from kvstore._native import encode_record
 from kvstore.codec import OP_CAS, OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry
-from kvstore.replica_storage import STALE, LmdbReplicaStorage, ShardWrite, encode_client_command
+from kvstore.replica_storage import STALE, ShardWrite, encode_client_command
+from kvstore.replica_wal import WalReplicaStorage
 
 # One step: a client sends (or re-sends) write ``seq``; ``floor`` is its lowest
 # unanswered seq at that time, as the client computes it.
@@ -23,7 +24,7 @@ steps = st.lists(st.tuples(st.sampled_from([b"c1", b"c2"]), st.integers(1, 8),
 @settings(max_examples=60, deadline=None)
 @given(steps)
 def test_each_client_write_takes_effect_at_most_once(tmp_path_factory, history):
-    store = LmdbReplicaStorage(str(tmp_path_factory.mktemp("s")), shards=1)
+    store = WalReplicaStorage(str(tmp_path_factory.mktemp("s")), shards=1)
     try:
         floors: dict = {}  # the session floor the model expects per client
         first: dict = {}  # (client, seq) -> the result it got when it took effect

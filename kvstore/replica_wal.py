@@ -1,0 +1,327 @@
+"""A node's ``ReplicaStorage`` on the write-ahead log: one fdatasync per loop turn, LMDB
+checkpointed off the write path.
+
+The same engine as the embedded store (``kvstore.storage``: the log in
+``<dir>/wal/``, the overlay of what the log holds beyond the last checkpoint,
+the checkpointer that moves it into LMDB in one synced write), and the same
+directory layout. Each ``save`` (one loop turn, every shard):
+
+1. **snapshot installs first** (rare): everything published is checkpointed,
+   then one synced LMDB write replaces the shard's state and moves the
+   checkpoint's log position to the log's end;
+2. **apply**: each shard's committed entries go through the state code
+   (``apply_entries``) on a view of the shard's tables (its pending writes,
+   then the overlay's generations, then an LMDB read transaction); the
+   results reach the node (``applied``: early answers) before the fsync, as
+   before;
+3. **one log append** for all shards: a ``PROMISE`` record per shard whose
+   promise moved, the Paxos records as ``ENTRY`` records, a ``COMMIT_POINT``
+   per shard whose commit point moved: one ``pwrite`` and one ``fdatasync``.
+   Nothing is sent or answered from it before this returns (safety rule 1);
+4. **publish**: the pending writes join the overlay, now durable: the data
+   and transaction tables' changes, the Paxos records in the log table
+   (compaction as tombstones) and the hard state (``META_PAXOS``: promise,
+   commit, applied, compaction) in the meta table, all of a shard in one
+   generation, so a checkpoint writes the applied state and the applied point
+   together (safety rule 4).
+
+The checkpointer (``kvstore.storage.checkpoint``) writes a frozen generation of
+all four tables of every shard in one synced LMDB transaction with the log
+position it covers (``META_LOG_POSITION``), then deletes the log segments below
+it. Recovery (``__init__``): LMDB's tables as of the last checkpoint, then the
+log after its position: promises, records (a later one for a slot wins) and
+commit points. The applied state is exactly LMDB's at its applied point; the
+replica re-applies the chosen entries above it (its first ``Ready``), so
+nothing is applied twice or lost. A directory written before the log existed
+has no position: the whole (empty) log is replayed.
+
+Reads (``get``, ``scan``, ``snapshot_data``, ``expired_prepares``) look at the
+overlay's generations, then LMDB, in that order (``kvstore.storage.overlay``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+
+from kvstore._native import key_slot, slot_key
+from kvstore.paxos.replica import PersistedState
+from kvstore.replica_storage import META_PAXOS, _NO_HARD_STATE, apply_entries, install_snapshot
+from kvstore.replica_txn import LOCKED, expired_prepares, key_write_locked, range_write_locked
+from kvstore.storage import Storage
+from kvstore.storage.checkpoint import Checkpointer
+from kvstore.storage.environment import META_LOG_POSITION, ShardTables, pack_u64, unpack_u64
+from kvstore.storage.overlay import Overlay, ShardView
+from kvstore.storage.state import read_value, scan_rows
+from kvstore.storage.wal import (KIND_COMMIT_POINT, KIND_ENTRY, KIND_PROMISE, Record,
+                                 WriteAheadLog)
+
+WAL_DIR = "wal"
+#: A checkpoint runs this often, or once the overlay holds CHECKPOINT_BYTES.
+CHECKPOINT_SECONDS = 0.5
+CHECKPOINT_BYTES = 32 * 1024 * 1024
+#: Beyond this the node's loop waits for a checkpoint (bounded memory).
+OVERLAY_LIMIT_BYTES = 512 * 1024 * 1024
+WAL_SEGMENT_BYTES = 64 * 1024 * 1024
+#: A shard's four tables, in the overlay: shard s, table t at index 4 * s + t.
+LOG, META, DATA, TXNS = range(4)
+_TABLES = ("log", "meta", "data", "txns")
+
+
+class _View:
+    """What the state code takes for an LMDB transaction (``get``/``put``/``delete``/
+    ``cursor`` with ``db=``), over a shard's ``ShardView`` per table."""
+
+    __slots__ = ("views",)
+
+    def __init__(self, views: dict) -> None:
+        self.views = views
+
+    def get(self, key: bytes, default=None, db=None):
+        return self.views[db].get(key, default)
+
+    def put(self, key: bytes, value: bytes, db=None) -> bool:
+        return self.views[db].put(key, value)
+
+    def delete(self, key: bytes, db=None) -> bool:
+        return self.views[db].delete(key)
+
+    def cursor(self, db=None):
+        return self.views[db].cursor()
+
+
+class WalReplicaStorage:
+    """``ReplicaStorage`` on the log, the overlay and LMDB checkpoints (module docstring)."""
+
+    def __init__(self, path: str, shards: int, *, checkpoint_seconds: float = CHECKPOINT_SECONDS,
+                 checkpoint_bytes: int = CHECKPOINT_BYTES,
+                 overlay_limit_bytes: int = OVERLAY_LIMIT_BYTES,
+                 segment_bytes: int = WAL_SEGMENT_BYTES) -> None:
+        self.storage = Storage(path, shards=shards)
+        self.path = self.storage.path
+        self.nshards = self.storage.nshards
+        self.tables = self.storage.shards
+        self.wal: WriteAheadLog | None = None
+        self.checkpointer: Checkpointer | None = None
+        try:
+            hard, records, position = self.storage.read(self._read_checkpoint)
+            self.wal = WriteAheadLog.open(os.path.join(self.path, WAL_DIR),
+                                          segment_bytes=segment_bytes)
+            self._replay(hard, records, position)
+            self._hard = hard  # per shard [promised, commit, applied, compacted]
+            self._records = records  # per shard {slot: record}, handed to load() once
+            self.overlay = Overlay(4 * self.nshards,
+                                   [max(h[2], 0) for h in hard for _ in _TABLES], position)
+            # the checkpointer writes overlay index i into table i % 4 of shard i // 4
+            targets = [ShardTables(t.log, t.meta, getattr(t, name), t.txns)
+                       for t in self.tables for name in _TABLES]
+            self.checkpointer = Checkpointer(
+                self.overlay, self.storage.write, targets, self._after_checkpoint,
+                checkpoint_seconds, checkpoint_bytes, overlay_limit_bytes, self.path)
+            self.checkpointer.start()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def _read_checkpoint(self, txn):
+        hard, records, positions = [], [], []
+        for t in self.tables:
+            raw = txn.get(META_PAXOS, db=t.meta)
+            hard.append(list(_NO_HARD_STATE if raw is None else msgpack.unpackb(raw)))
+            records.append({key_slot(bytes(k)): bytes(v) for k, v in txn.cursor(t.log)})
+            positions.append(unpack_u64(txn.get(META_LOG_POSITION, db=t.meta)))
+        return hard, records, min(positions)
+
+    def _replay(self, hard: list, records: list, position: int) -> None:
+        """The log after the checkpoint's ``position``: the hard state and records it adds."""
+        for _position, r in self.wal.replay(position):
+            if not 0 <= r.shard < self.nshards:
+                continue  # not a record of this node's shards (an embedded store's, say)
+            if r.kind == KIND_ENTRY:
+                records[r.shard][r.slot] = r.payload
+            elif r.kind == KIND_PROMISE:
+                hard[r.shard][0] = max(hard[r.shard][0], r.ballot)
+            elif r.kind == KIND_COMMIT_POINT:
+                hard[r.shard][1] = max(hard[r.shard][1], r.slot)
+
+    def load(self, shard: int) -> PersistedState:
+        promised, commit, applied, compacted = self._hard[shard]
+        records = [rec for slot, rec in sorted(self._records[shard].items()) if slot > compacted]
+        self._records[shard] = {}  # the replica holds them from now on
+        state = PersistedState(promised=promised, commit_index=commit, records=records,
+                               applied_index=applied)
+        if compacted >= 0:
+            # Log records below the applied point are gone: the state itself, at the
+            # applied point, is the snapshot a lagging peer will need.
+            state.snapshot_index = applied
+            state.snapshot_data = self.snapshot_data(shard)
+        return state
+
+    # -- the one durable write -----------------------------------------------------------------
+
+    def _levels(self, shard: int) -> list:
+        """The overlay's generations of each of ``shard``'s tables, captured now: before
+        the LMDB read transaction they are read with begins (data only moves from the
+        overlay into LMDB, and is in LMDB before it leaves the overlay, so a reader
+        that looks at the generations first and LMDB second misses nothing)."""
+        return [self.overlay.levels(4 * shard + i) for i in range(4)]
+
+    def _view(self, txn, shard: int, levels: list, pending: list | None = None) -> _View:
+        """``shard``'s tables in ``txn`` under ``levels`` (``_levels``), and first the
+        ``pending`` writes of a save, where its writes go."""
+        t = self.tables[shard]
+        views = {}
+        for i, name in enumerate(_TABLES):
+            db = getattr(t, name)
+            views[db] = ShardView(levels[i] if pending is None else [pending[i]] + levels[i],
+                                  txn, db)
+        return _View(views)
+
+    def _read(self, shard: int, fn):
+        """``fn(view, tables)`` on the overlay, then LMDB (``_levels``)."""
+        levels = self._levels(shard)
+        return self.storage.read(lambda txn: fn(self._view(txn, shard, levels),
+                                                self.tables[shard]))
+
+    def save(self, writes: list, applied=None) -> list:
+        for w in writes:
+            if w.snapshot is not None:
+                self._install_snapshot(w.shard, w.snapshot)
+        results: list = []
+        records: list = []
+        published: dict = {}
+        slots: list = []
+
+        levels = {w.shard: self._levels(w.shard) for w in writes}  # before the transaction
+
+        def apply(txn):
+            for w in writes:
+                s = w.shard
+                hard = self._hard[s]
+                pending = [{}, {}, {}, {}]
+                if w.promised is not None and w.promised != hard[0]:
+                    hard[0] = w.promised
+                    records.append(Record(KIND_PROMISE, s, ballot=w.promised))
+                for rec in w.records:
+                    slot = int.from_bytes(rec[8:16], "little")
+                    records.append(Record(KIND_ENTRY, s, slot=slot, payload=rec))
+                    pending[LOG][slot_key(slot)] = rec
+                if w.commit_index is not None and w.commit_index > hard[1]:
+                    hard[1] = w.commit_index
+                    records.append(Record(KIND_COMMIT_POINT, s, slot=w.commit_index))
+                if w.compacted_through is not None and w.compacted_through > hard[3]:
+                    self._compact(txn, s, levels[s][LOG], w.compacted_through, pending[LOG])
+                    hard[3] = w.compacted_through
+                if w.committed:
+                    view = self._view(txn, s, levels[s], pending)
+                    hard[2] = apply_entries(view, self.tables[s], s, w.committed, hard[2], results)
+                w.applied_index = hard[2]
+                pending[META][META_PAXOS] = msgpack.packb(hard)
+                for i, level in enumerate(pending):
+                    if level:
+                        published[4 * s + i] = level
+                # the overlay's applied slots end up as META_APPLIED (the embedded store's
+                # name; the node's own point is in META_PAXOS): never negative there
+                slots.extend((4 * s + i, max(hard[2], 0)) for i in range(4))
+
+        self.checkpointer.wait_for_room()
+        self.storage.read(apply)
+        if applied is not None and results:
+            applied(results)
+        position = self.wal.append(records) if records else self.wal.end
+        self.overlay.publish(published, slots, position)
+        return results
+
+    def _compact(self, txn, shard: int, levels: list, through: int, log_level: dict) -> None:
+        """Tombstones for the shard's log records at or below ``through``."""
+        t = self.tables[shard]
+        keys = {k for level in levels for k in level if key_slot(k) <= through}
+        keys.update(k for k, _raw in scan_rows(txn, t.log, b"", slot_key(through + 1), None))
+        for key in keys:
+            log_level[key] = None
+
+    def _install_snapshot(self, shard: int, snapshot) -> None:
+        """Replace ``shard``'s state with a snapshot's, durably, before this save's append.
+
+        Everything published is checkpointed first (two rounds: a generation a
+        failed round left frozen, then the active one), so that the log from its
+        end on is all a restart needs; then one synced LMDB write holds the
+        snapshot's state, the hard state at its index, and that log position."""
+        cp = self.checkpointer
+        cp.checkpoint()
+        cp.checkpoint()
+        hard = self._hard[shard]
+        hard[1] = max(hard[1], snapshot.index)
+        hard[2] = snapshot.index
+        hard[3] = max(hard[3], snapshot.index)
+        t = self.tables[shard]
+        position = self.wal.end
+
+        def install(txn):
+            install_snapshot(txn, t, snapshot)
+            for key, _raw in scan_rows(txn, t.log, b"", slot_key(snapshot.index + 1), None):
+                txn.delete(key, db=t.log)
+            txn.put(META_PAXOS, msgpack.packb(hard), db=t.meta)
+            for other in self.tables:
+                txn.put(META_LOG_POSITION, pack_u64(position), db=other.meta)
+
+        with cp.holding():
+            self.storage.write(install)
+
+    def _after_checkpoint(self, position: int) -> None:
+        self.wal.truncate_before(position)
+
+    # -- reads of the applied state -----------------------------------------------------------
+
+    def snapshot_data(self, shard: int) -> bytes:
+        """The shard's whole state as a snapshot (what ``install_snapshot`` reads)."""
+        def read(view, t):
+            rows = [(k, bytes(v)) for k, v in scan_rows(view, t.data, b"", None, None)]
+            txn_rows = [(k, bytes(v)) for k, v in scan_rows(view, t.txns, b"", None, None)]
+            return msgpack.packb([rows, txn_rows], use_bin_type=True)
+
+        return self._read(shard, read)
+
+    def get(self, shard: int, key: bytes) -> tuple | str:
+        """``(value or None, revision)``; ``LOCKED`` while a prepared transaction writes it."""
+        def read(view, t):
+            if key_write_locked(view, t, key):
+                return LOCKED
+            return read_value(key, view.get(key, db=t.data))
+
+        return self._read(shard, read)
+
+    def scan(self, shard: int, lo: bytes, hi: bytes | None, limit: int | None) -> list | str:
+        """``[(key, value, revision)]``; ``LOCKED`` if a prepared transaction writes in range."""
+        def read(view, t):
+            if range_write_locked(view, t, lo, hi):
+                return LOCKED
+            return [(k, *read_value(k, raw)) for k, raw in scan_rows(view, t.data, lo, hi, limit)]
+
+        return self._read(shard, read)
+
+    def expired_prepares(self, shard: int, now_ms: int) -> list:
+        return self._read(shard, lambda view, t: expired_prepares(view, t, now_ms))
+
+    def close(self) -> None:
+        """Checkpoint what the log holds (a clean stop restarts without a replay), and close."""
+        cp, self.checkpointer = self.checkpointer, None
+        try:
+            if cp is not None:
+                cp.stop()
+                try:
+                    cp.checkpoint()
+                    cp.checkpoint()
+                except Exception:  # the log has it all: the next start replays it
+                    pass
+        finally:
+            wal, self.wal = self.wal, None
+            if wal is not None:
+                wal.close()
+            self.storage.close()
+
+
+__all__ = ["WalReplicaStorage"]
