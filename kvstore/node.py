@@ -1,8 +1,8 @@
 """One node of a cluster: the shard replicas, their storage, the sockets and the clock.
 
 This is the only place where the pure Paxos core meets I/O. A node owns one
-``kvstore.paxos.Replica`` per shard, one ``ReplicaStorage`` (an LMDB
-environment) for all of them, one ``NodeSockets`` (a ROUTER for clients and
+``kvstore.paxos.Replica`` per shard, one ``ReplicaStorage`` (the write-ahead
+log and LMDB) for all of them, one ``NodeSockets`` (a ROUTER for clients and
 peers, a DEALER per peer) and a monotonic clock, and runs them from a single
 thread in one loop. Each turn of the loop:
 
@@ -20,11 +20,11 @@ thread in one loop. Each turn of the loop:
 3. **drive** every replica that ``has_ready()``, all shards together:
 
    a. **persist**: every shard's hard state, log records, snapshot and
-      compaction, in ONE ``ReplicaStorage.save`` (one synced LMDB write: one
-      fsync for all shards). The committed entries are applied inside that
-      same write (safety rule 4: the applied point moves with the state it
-      describes), which with LMDB saves a second fsync; with issue 12's log
-      the apply moves off this path and nothing else here changes;
+      compaction, in ONE ``ReplicaStorage.save``: one append to the
+      write-ahead log and one fdatasync for all shards
+      (``kvstore.replica_wal``). The committed entries are applied in that
+      same save, into the overlay that LMDB checkpoints take off this path
+      (safety rule 4: the applied point moves with the state it describes);
    b. **send**, only once (a) returned (safety rule 1: a promise or an
       acceptance is durable before the message announcing it leaves): every
       message for one peer, across shards, in one frame. The one exception
