@@ -17,7 +17,11 @@ directory layout. Each ``save`` (one loop turn, every shard):
 3. **one log append** for all shards: a ``PROMISE`` record per shard whose
    promise moved, the Paxos records as ``ENTRY`` records, a ``COMMIT_POINT``
    per shard whose commit point moved: one ``pwrite`` and one ``fdatasync``.
-   Nothing is sent or answered from it before this returns (safety rule 1);
+   Nothing is sent or answered from it before this returns (safety rule 1).
+   A save that only moves commit points and applies (a leader learning that
+   its entries are chosen) appends nothing: a commit point needs no fsync
+   (after a crash the replica learns it again from its peers, and what it
+   applied is rebuilt from the log), so it waits for the next append;
 4. **publish**: the pending writes join the overlay, now durable: the data
    and transaction tables' changes, the Paxos records in the log table
    (compaction as tombstones) and the hard state (``META_PAXOS``: promise,
@@ -111,6 +115,7 @@ class WalReplicaStorage:
             self._replay(hard, records, position)
             self._hard = hard  # per shard [promised, commit, applied, compacted]
             self._records = records  # per shard {slot: record}, handed to load() once
+            self._commit_points: dict = {}  # shard -> commit point not in the log yet
             self.overlay = Overlay(4 * self.nshards,
                                    [max(h[2], 0) for h in hard for _ in _TABLES], position)
             # the checkpointer writes overlay index i into table i % 4 of shard i // 4
@@ -211,7 +216,7 @@ class WalReplicaStorage:
                     pending[LOG][slot_key(slot)] = rec
                 if w.commit_index is not None and w.commit_index > hard[1]:
                     hard[1] = w.commit_index
-                    records.append(Record(KIND_COMMIT_POINT, s, slot=w.commit_index))
+                    self._commit_points[s] = w.commit_index
                 if w.compacted_through is not None and w.compacted_through > hard[3]:
                     self._compact(txn, s, levels[s][LOG], w.compacted_through, pending[LOG])
                     hard[3] = w.compacted_through
@@ -231,7 +236,13 @@ class WalReplicaStorage:
         self.storage.read(apply)
         if applied is not None and results:
             applied(results)
-        position = self.wal.append(records) if records else self.wal.end
+        if records:
+            # the commit points ride with the next append that has to be synced anyway
+            records += [Record(KIND_COMMIT_POINT, s, slot=c) for s, c in self._commit_points.items()]
+            self._commit_points.clear()
+            position = self.wal.append(records)
+        else:
+            position = self.wal.end
         self.overlay.publish(published, slots, position)
         return results
 

@@ -115,3 +115,22 @@ def test_compaction_and_a_snapshot_install_are_kept_across_a_restart(open_storag
     assert dst.get(0, b"k9") == (b"v9", 10)
     assert dst.save([ShardWrite(0, committed=[entry])])[0][3] is None
     assert dst.get(0, b"after") == (b"x", 11)
+
+
+def test_a_save_that_only_learns_commit_points_costs_no_fsync(open_storage):
+    st = open_storage()
+    rec, entry = put_entry(0, b"k", b"v")
+    st.save([ShardWrite(0, promised=BALLOT, records=[rec])])  # accepted: synced
+    appends = st.wal.appends
+    st.save([ShardWrite(0, commit_index=0, committed=[entry])])  # chosen: applied, no fsync
+    assert st.wal.appends == appends
+    assert st.get(0, b"k") == (b"v", 1)
+    crash(st)
+    st = open_storage()
+    p = st.load(0)  # the commit point was not in the log: learned again from the peers
+    assert (p.commit_index, p.applied_index, p.records) == (-1, -1, [rec])
+    rec1, entry1 = put_entry(1, b"k1", b"v1")
+    st.save([ShardWrite(0, commit_index=0, committed=[entry])])
+    st.save([ShardWrite(0, records=[rec1])])  # the next append carries the commit point
+    crash(st)
+    assert open_storage().load(0).commit_index == 0
