@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("local-cluster", parents=[common],
                        help="run a cluster of kvstore-server nodes on 127.0.0.1 (foreground)")
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
-    p.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="number of shards (default 1; 2 with --demo, to show transactions "
+                        "across shards)")
     p.add_argument("--dir", help="data, logs and cluster.toml (default: a new temporary dir)")
     p.add_argument("--demo", action="store_true",
                    help="instead: show the cluster working and failing over, then stop")
@@ -221,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "local-cluster":
             from kvstore.server_local import run_cluster_demo, run_local_cluster
             run = run_cluster_demo if args.demo else run_local_cluster
-            return run(args.nodes, args.shards, args.dir)
+            shards = args.shards if args.shards is not None else (2 if args.demo else 1)
+            return run(args.nodes, shards, args.dir)
         with _open(args) as db:
             code = args.fn(db, args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below

@@ -18,6 +18,7 @@ import sys
 import time
 
 from kvstore.errors import KVError, Unavailable
+from kvstore.sharding import shard_of
 
 
 def free_port() -> int:
@@ -244,14 +245,32 @@ def run_local_cluster(nodes: int = 3, shards: int = 1, directory: str | None = N
             signal.signal(s, h)
 
 
-def run_cluster_demo(nodes: int = 3, shards: int = 1, directory: str | None = None,
+def _accounts(shards: int) -> list:
+    """Two accounts per shard for the demo's transfers (none with one shard)."""
+    if shards < 2:
+        return []
+    by_shard: dict = {}
+    i = 0
+    while len(by_shard) < shards or any(len(v) < 2 for v in by_shard.values()):
+        key = b"account/%d" % i
+        i += 1
+        by_shard.setdefault(shard_of(key, shards), [])
+        if len(by_shard[shard_of(key, shards)]) < 2:
+            by_shard[shard_of(key, shards)].append(key)
+    # interleaved, so that each transfer (neighbours) crosses shards
+    return [k for pair in zip(*(by_shard[s] for s in sorted(by_shard))) for k in pair]
+
+
+def run_cluster_demo(nodes: int = 3, shards: int = 2, directory: str | None = None,
                      out=None) -> int:
     """``kvstore local-cluster --demo``: the cluster at work and failing over, then stopped.
 
     Starts ``nodes`` servers, writes and reads through every node, SIGKILLs the
-    leader in the middle of a stream of writes, shows the new leader and that
-    every acknowledged write is still there, restarts the killed node and
-    shows it catch up. Returns 0, or 1 if something did not hold.
+    leader in the middle of a stream of writes and of transfers between
+    accounts of different shards, shows the new leader, that every
+    acknowledged write is still there and the accounts' total unchanged,
+    restarts the killed node and shows it catch up. Returns 0, or 1 if
+    something did not hold.
     """
     import shutil
     import tempfile
@@ -280,24 +299,53 @@ def run_cluster_demo(nodes: int = 3, shards: int = 1, directory: str | None = No
         with lc.client() as c:
             got = [c.get(f"greeting/{n}").decode() for n in lc.names]
         say(f"2. wrote one key through each node, read them back: {got}")
+        accounts = _accounts(lc.shards)
+        if accounts:
+            with lc.client() as c:
+                for a in accounts:
+                    c.put(a, b"100")
+            say(f"   {len(accounts)} accounts of 100 over {lc.shards} shards: a second thread "
+                f"moves money between accounts of different shards (two-phase commit)")
 
         acked: list = []
+        transfers: list = []
         stop = threading.Event()
+
+        def transferrer() -> None:
+            with lc.client(timeout=10) as c:
+                i = 0
+                while accounts and not stop.is_set():
+                    a, b = accounts[i % len(accounts)], accounts[(i + 1) % len(accounts)]
+                    i += 1
+
+                    def move(t):
+                        t.put(a, b"%d" % (int(t.get(a)) - 1))
+                        t.put(b, b"%d" % (int(t.get(b)) + 1))
+
+                    try:
+                        c.run_transaction(move, retries=50)
+                    except (Unavailable, KVError):
+                        continue  # a conflict or an unknown outcome: the audit still holds
+                    transfers.append(i)
 
         def writer() -> None:
             with lc.client(timeout=10) as c:
                 i = 0
                 while not stop.is_set():
                     key = b"stream/%06d" % i
+                    i += 1
+                    if lc.shards > 1 and shard_of(key, lc.shards) != 0:
+                        continue  # the stream goes to shard 0, whose leader is killed
                     try:
                         c.put(key, b"x")
                     except Unavailable:
                         continue
                     acked.append(key)
-                    i += 1
 
         w = threading.Thread(target=writer)
         w.start()
+        tr = threading.Thread(target=transferrer)
+        tr.start()
         deadline = time.monotonic() + 10
         while len(acked) < 300 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -319,11 +367,16 @@ def run_cluster_demo(nodes: int = 3, shards: int = 1, directory: str | None = No
             time.sleep(0.01)
         stop.set()
         w.join(30)
+        tr.join(30)
         with lc.client(names=survivors) as c:
             missing = [k for k in acked if c.get(k) != b"x"]
+            total = c.run_transaction(lambda t: sum(int(t.get(a)) for a in accounts), retries=50)
         say(f"4. {len(acked)} writes acknowledged in all ({len(acked) - before} after the kill); "
             f"read back from the survivors: {len(acked) - len(missing)} present, "
             f"{len(missing)} missing")
+        if accounts:
+            say(f"   {len(transfers)} cross-shard transfers committed meanwhile; the accounts "
+                f"still hold {total} in all (a transaction reading all of them)")
         t = time.monotonic()
         lc.start(leader)
         caught_up = False
@@ -339,7 +392,8 @@ def run_cluster_demo(nodes: int = 3, shards: int = 1, directory: str | None = No
             f"others (applied slot {replicas.get(leader)}) in {time.monotonic() - t:.2f} s")
         codes = lc.stop_all()
         say("6. SIGTERM to every node: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()))
-        ok = not missing and caught_up and all(c == 0 for c in codes.values())
+        ok = (not missing and caught_up and all(c == 0 for c in codes.values())
+              and total == 100 * len(accounts))
         say("every acknowledged write survived the leader's death" if ok
             else "SOMETHING DID NOT HOLD: see the node logs in " + lc.directory)
         return 0 if ok else 1

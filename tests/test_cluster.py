@@ -333,4 +333,5 @@ def test_the_cluster_demo_fails_over_and_says_every_write_survived(tmp_path):
     out = r.stdout.decode()
     assert r.returncode == 0, out + r.stderr.decode()
     assert "0 missing" in out and "caught up" in out
+    assert "cross-shard transfers committed meanwhile; the accounts still hold 400" in out
     assert "every acknowledged write survived the leader's death" in out
