@@ -890,6 +890,7 @@ class ClusterTxn(Txn):
                 self._locked = yield from locking_read(by_shard)
             found = self._locked[2].get(key)
             if found is None:  # outside what it locked: its retry locks this key too
+                self._state = "discarded"
                 yield from self.release_plan()
                 raise _conflict()
             value, revision = found
