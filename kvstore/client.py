@@ -887,7 +887,11 @@ class ClusterTxn(Txn):
                 for k in keys:
                     by_shard.setdefault(self._kv._shard(k), []).append(k)
                 self._shards.update(by_shard)
-                self._locked = yield from locking_read(by_shard)
+                try:
+                    self._locked = yield from locking_read(by_shard)
+                except KVError:
+                    self._state = "discarded"  # nothing held: locking_read freed it
+                    raise
             found = self._locked[2].get(key)
             if found is None:  # outside what it locked: its retry locks this key too
                 self._state = "discarded"
