@@ -35,8 +35,8 @@ import random
 from dataclasses import dataclass, field, fields, replace
 
 from kvstore.sim.trace import Trace, failure_report
-from kvstore.txn import (ABORT, COMMIT, Coordinator, DecisionTable, ParticipantState, TxnBugs,
-                         TxnDecision, TxnPrepare, TxnResolve)
+from kvstore.txn import (ABORT, COMMIT, LOCK_ONLY, Coordinator, DecisionTable, ParticipantState,
+                         TxnBugs, TxnDecision, TxnPrepare, TxnResolve)
 
 INITIAL_BALANCE = 100
 
@@ -67,6 +67,10 @@ class BankConfig:
     # background re-proposals and resolvers wait that long. 1: no backoff (an abstract log answers
     # in a few ticks; a Paxos group under load must not be flooded with retries)
     retry_backoff_max: int = 1
+    # as kvstore.client does: a cross-shard operation that lost this many attempts to conflicts
+    # takes its reads by locking them in every shard at once (0: an aborted operation is not
+    # retried, and reads are always optimistic)
+    locking_after_conflicts: int = 0
     audit_share: float = 0.3
     bugs: TxnBugs = field(default_factory=TxnBugs)
     swarm: bool = True
@@ -150,14 +154,21 @@ class Shard:
             vote = self.participant.apply_prepare(self, entry)
             if vote and not entry.read_only:
                 sim.check_locks(self)
-            return vote
+            locking = [key for key, revision in entry.reads if revision == LOCK_ONLY]
+            if not locking:
+                return vote
+            # locking reads (as a node answers them): the values as of this slot, under the locks
+            return vote, [(key, *self._read(key)) for key in locking] if vote else []
         if isinstance(entry, TxnDecision):
             if entry.txn_id in sim.coordinator_of and sim.coordinator_of[entry.txn_id] != self.id:
                 sim.fail(f"decision for {entry.txn_id!r} proposed to s{self.id}, not its coordinator shard")
             return self.decisions.apply_decision(entry.txn_id, entry.outcome)
         if isinstance(entry, TxnResolve):
             recorded = sim.recorded_decision(entry.txn_id)
-            if recorded != entry.outcome:
+            held = self.participant.prepared.get(entry.txn_id)
+            # An ABORT with no decision is a locking read's release: allowed while it writes nothing.
+            release = recorded is None and entry.outcome == ABORT and (held is None or not held.writes)
+            if recorded != entry.outcome and not release:
                 sim.fail(f"decision: s{self.id} carries out {entry.outcome} for {entry.txn_id!r}, "
                          f"but the recorded decision is {recorded}")
             if self.participant.apply_resolve(self, entry):
@@ -220,10 +231,14 @@ class Process:
         self.background = {}
 
     # ------------------------------------------------------------------ operations
-    def start(self) -> None:
+    def start(self, again: dict | None = None) -> None:
+        """A new operation, or ``again`` one that lost to a conflict (as kvstore.client retries)."""
         sim = self.sim
         rng = sim.rng
-        if rng.random() < sim.config.audit_share:
+        if again is not None:
+            self.op = {k: again[k] for k in ("kind", "keys", "amount") if k in again}
+            self.op["conflicts"] = again.get("conflicts", 0) + 1
+        elif rng.random() < sim.config.audit_share:
             keys = list(sim.accounts)
             self.op = {"kind": "audit", "keys": keys}
         else:
@@ -231,7 +246,58 @@ class Process:
             self.op = {"kind": "transfer", "keys": [a, b], "amount": 1 + rng.randrange(30)}
         self.op.update(phase="read", seen={}, txn_id=None, coordinator=None, deadline=sim.tick,
                        retries=0, id=sim.next_id())
-        self.send_reads()
+        shards = sorted({sim.shard_of[k] for k in self.op["keys"]})
+        locking = sim.config.locking_after_conflicts
+        if locking and len(shards) > 1 and self.op.get("conflicts", 0) >= locking:
+            self.begin_locking(shards)
+        else:
+            self.send_reads()
+
+    def begin_locking(self, shards: list) -> None:
+        """Lock every key read in every shard at once (one TxnPrepare of locking reads each):
+        once all voted yes the values answered are one consistent cut."""
+        sim = self.sim
+        op = self.op
+        txn_id = b"t%d.%d.%d" % (self.id, self.incarnation, sim.next_id())
+        deadline = sim.tick + sim.config.txn_deadline_ticks
+        op.update(phase="lock", txn_id=txn_id, locking=True, locked=set(), shards=tuple(shards),
+                  lock_prepares={shard: TxnPrepare(txn_id, shards[0], tuple(shards), tuple(
+                      (k, LOCK_ONLY) for k in sorted(k for k in op["keys"] if sim.shard_of[k] == shard)),
+                      (), deadline) for shard in shards})
+        sim.coordinator_of[txn_id] = shards[0]  # a resolver settles it there if it is abandoned
+        self.send_locks()
+
+    def send_locks(self) -> None:
+        op = self.op
+        for shard, prepare in op["lock_prepares"].items():
+            if shard not in op["locked"]:
+                self.sim.send(Propose(shard, self.address, ("lock", op["txn_id"], shard), prepare))
+        self.arm()
+
+    def release_locks(self) -> None:
+        """Free a locking read's locks, without waiting (a lost one: the resolvers)."""
+        op = self.op
+        for shard in op["shards"]:
+            self.sim.send(Propose(shard, self.address, ("release", op["txn_id"], shard),
+                                  TxnResolve(op["txn_id"], ABORT)))
+
+    def on_locked(self, shard: int, result) -> None:
+        op = self.op
+        vote, values = result
+        if not vote:
+            self.release_locks()
+            self.finish(ABORT)
+            return
+        op["locked"].add(shard)
+        for key, value, rev in values:
+            op["seen"].setdefault(key, (value, rev))
+        if len(op["locked"]) < len(op["shards"]):
+            return
+        if op["kind"] == "audit":
+            self.release_locks()
+            self.finish(COMMIT)
+        else:
+            self.begin_commit()
 
     def send_reads(self) -> None:
         sim = self.sim
@@ -267,7 +333,9 @@ class Process:
         op = self.op
         if op is None:
             return
-        if tag[0] == "read" and op["phase"] == "read" and tag[1] == op["id"]:
+        if tag[0] == "lock" and op["phase"] == "lock" and tag[1] == op["txn_id"] and tag[2] not in op["locked"]:
+            self.on_locked(tag[2], a.result)
+        elif tag[0] == "read" and op["phase"] == "read" and tag[1] == op["id"]:
             for key, value, rev in a.result:
                 op["seen"].setdefault(key, (value, rev))
             if len(op["seen"]) == len(op["keys"]):
@@ -288,7 +356,8 @@ class Process:
             amount = min(op["amount"], have)
             for key, value in ((a, have - amount), (b, int(seen[b][0]) + amount)):
                 parts[sim.shard_of[key]][1].append((key, b"%d" % value))
-        txn_id = b"t%d.%d.%d" % (self.id, self.incarnation, sim.next_id())
+        locked = op.get("locking", False)  # its prepares add the writes to the locks it holds
+        txn_id = op["txn_id"] if locked else b"t%d.%d.%d" % (self.id, self.incarnation, sim.next_id())
         op.update(phase="commit", txn_id=txn_id)
         if len(parts) == 1 and op["kind"] == "transfer":
             (shard, (reads, writes)), = parts.items()
@@ -297,7 +366,7 @@ class Process:
             sim.send(op["single"])
             self.arm()
             return
-        coordinator_shard = sorted(parts)[sim.rng.randrange(len(parts))]
+        coordinator_shard = op["shards"][0] if locked else sorted(parts)[sim.rng.randrange(len(parts))]
         co = Coordinator(txn_id, coordinator_shard, parts, sim.tick + sim.config.txn_deadline_ticks,
                          decision_not_replicated=sim.config.bugs.decision_not_replicated)
         sim.coordinator_of[txn_id] = coordinator_shard
@@ -321,13 +390,16 @@ class Process:
             if total != sim.total:
                 sim.fail(f"isolation: p{self.id}'s audit {op['txn_id']!r} committed having seen a total of "
                          f"{total}, not {sim.total}")
-        sim.told[op["txn_id"]] = outcome
+        if not (op.get("locking") and op["kind"] == "audit"):  # a locking audit is decided by nobody
+            sim.told[op["txn_id"]] = outcome
         sim.completed += 1
         sim.log(f"p{self.id} {op['kind']} {op['txn_id']!r} -> {'COMMIT' if outcome == COMMIT else 'ABORT'}")
         if co is not None and co.state != "done":
             self.background[op["txn_id"]] = co
         self.op = None
         self.idle_until = sim.tick + sim.rng.randrange(3)
+        if outcome == ABORT and sim.config.locking_after_conflicts and op.get("conflicts", 0) < 4:
+            self.start(again=op)
 
     def arm(self) -> None:
         """Retry the operation if nothing is heard by its deadline (later after each retry)."""
@@ -349,6 +421,8 @@ class Process:
         op["retries"] += 1
         if op["phase"] == "read":
             self.send_reads()
+        elif op["phase"] == "lock":
+            self.send_locks()
         elif op.get("single") is not None:
             sim.send(op["single"])
             self.arm()
@@ -522,7 +596,8 @@ class BankSimulation:
                 if txn_id in shard.participant.finished:
                     participants = participants or set()
                     participants.add(shard.id)
-            if any(outcome != recorded for outcome in by_shard.values()):
+            # no decision recorded: only a locking read's release (ABORT) may have been carried out
+            if any(outcome != (ABORT if recorded is None else recorded) for outcome in by_shard.values()):
                 self.fail(f"atomicity: {txn_id!r} carried out {by_shard}, recorded {recorded}")
             if recorded == COMMIT:
                 missing = [s for s, out in ((s.id, s.participant.finished.get(txn_id)) for s in self.shards)

@@ -78,7 +78,7 @@ def bank_paxos_swarm(c: BankPaxosConfig, rng) -> BankPaxosConfig:
     pick = lambda *xs: xs[rng.randrange(len(xs))]  # noqa: E731
     return replace(c, mid_commit_crash_rate=pick(0.0, 0.1, 0.3), retry_ticks=pick(4, 8, 16),
                    txn_deadline_ticks=pick(15, 40, 100), crash_rate=pick(0.0, 0.002, 0.005, 0.01),
-                   group_fault_scale=pick(0.1, 0.25, 0.5, 1.0))
+                   group_fault_scale=pick(0.1, 0.25, 0.5, 1.0), locking_after_conflicts=pick(0, 1, 2))
 
 
 def group_config(c: BankPaxosConfig, rng) -> SimConfig:
