@@ -277,7 +277,7 @@ def profile_lone_put(base: str, n: int) -> dict:
     server's), with timing wrappers put on its instance (no code changed): the
     arrival of a write (``_on_write``), each ``ReplicaStorage.save`` (start;
     the applied hook, which answers a write made durable by an earlier save;
-    end, after the LMDB commit and its fsync), the Accepted messages, every
+    end, after the log append and its fdatasync), the Accepted messages, every
     send. The client is another process making ``n`` puts one after the other
     and recording when each was sent and answered (both clocks are
     CLOCK_MONOTONIC, so the timelines align). Medians over the puts, in ms.
@@ -389,12 +389,13 @@ def lone_put_breakdown(puts: list, events: list) -> dict:
         seg["wait_accepted"].append(max(0, acc - s1_end))
         seg["save_2_to_answer"].append(rep[2] - window[s2][1])
         seg["answer_to_client"].append(answered - rep[2])
-        # the rest of save 2 (its commit and fsync) runs after the answer: the next put
-        # arrives meanwhile and waits for it (leader_busy_before of the next put)
-        later = next((e[1] for e in events[hi:hi + 50] if e[0] == "saved"), None)
+        # the rest of save 2 may run after the answer (an LMDB commit did; a log append
+        # of commit points only does not happen): the next put arriving meanwhile waits
+        # for it (leader_busy_before of the next put)
+        later = next((e[1] for e in window[s2:] + events[hi:hi + 50] if e[0] == "saved"), None)
         prev_saved = later
         if later is not None:
-            seg["save_2_after_answer"].append(later - rep[2])
+            seg["save_2_after_answer"].append(max(0, later - rep[2]))
         seg["sends_per_put_ms"].append(sum(e[2] - e[1] for e in window
                                            if e[0] in ("send_peer", "reply")))
         seg["saves_per_put"].append(len(saves))
@@ -409,16 +410,16 @@ def print_profile(p: dict) -> None:
     print(f"\nwhere one put at a time spends its time (median over {p['puts_profiled']} of "
           f"{p['puts']} lone puts; the leader is an embedded replica here, timed in-process):")
     rows = [("total, client send to client answer", "total"),
-            ("  the leader still in the previous put's save 2 (its commit)", "leader_busy_before"),
+            ("  the leader still in the previous put's save 2", "leader_busy_before"),
             ("  client send to the leader's _on_write (client, ZeroMQ, loop)", "to_leader"),
             ("  _on_write to save 1 (propose, ready; Accepts sent first)", "propose_to_save"),
-            ("  save 1: LMDB commit of the log entry (fsync)", "save_1"),
+            ("  save 1: the log append of the entry (one fdatasync)", "save_1"),
             ("  after save 1 until the first Accepted is read", "wait_accepted"),
             ("  save 2 start to the answer sent (apply, from inside save 2)", "save_2_to_answer"),
             ("  answer sent to the client's return", "answer_to_client"),
-            ("(save 2 after the answer: its commit and fsync)", "save_2_after_answer"),
+            ("(the rest of save 2 after the answer)", "save_2_after_answer"),
             ("(of which in ZeroMQ sends: Accepts, answer)", "sends_per_put_ms"),
-            ("(LMDB saves in the window of one put, count)", "saves_per_put")]
+            ("(saves in the window of one put, count)", "saves_per_put")]
     for label, k in rows:
         if k in p:
             print(f"  {label:68} {p[k]:7.3f}" + ("" if k == "saves_per_put" else " ms"))
