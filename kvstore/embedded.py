@@ -1,15 +1,25 @@
 """The embedded store: ``kvstore.open(dir)``, one replica in this process.
 
 Writes flow the way they do in a cluster: each command becomes part of a log
-entry of its shard, the entry is appended to the shard's log (checksummed
-record, ``kvstore._native``), applied in slot order, and the applied slot is
-written in the same LMDB transaction. A single replica is its own quorum, so
-"committed" means "in that transaction, fsync'd". Concurrent writers share one
-such transaction (``GroupCommitter``): many commands per entry, one entry per
-shard per commit, one fsync per commit.
+entry of its shard, and a group of entries is made durable by one append to
+the write-ahead log (``kvstore.storage.wal``, in ``<dir>/wal/``): one
+``pwrite`` and one ``fdatasync``, the GIL released. A single replica is its own
+quorum, so "committed" means "appended and fsync'd". Concurrent writers share
+one append (``GroupCommitter``): many commands per entry, one entry per shard
+per group, one ``fdatasync`` per group.
 
-Reads go straight to an LMDB read transaction (DESIGN.md, performance rules):
-on a single replica the applied state is the committed state.
+An append holds, after its entries, one ``KIND_COMMIT_POINT`` record naming
+every ``(shard, slot)`` the group chose: recovery applies a group's entries
+only once it has read that record, so a torn last append (a multi-shard
+transaction's entries included) is applied wholly or not at all.
+
+Once appended, a group's writes go to the in-memory overlay
+(``kvstore.storage.overlay``) that reads consult before LMDB; a background
+checkpoint (``kvstore.storage.checkpoint``) moves them into LMDB in one synced
+write transaction holding the log position it covers, then deletes the log
+segments below it. Open = LMDB at its checkpoint + a replay of the log after
+it. A directory without ``wal/`` (written before the log existed) opens as a
+checkpoint with an empty log.
 """
 
 from __future__ import annotations
@@ -17,11 +27,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+import struct
 import threading
 import weakref
 from typing import Sequence
-
-import lmdb
 
 from kvstore import _native
 from kvstore.api import KV, Txn
@@ -34,18 +43,68 @@ from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, check_key, check_limit,
                           check_optional_value, check_value, scan_range)
 from kvstore.storage import Storage
-from kvstore.storage.environment import (META_APPLIED, META_COMMIT, META_LOG_FIRST,
-                                         THIRD_PARTY_ERRORS, pack_u64, translate, unpack_u64)
+from kvstore.storage.checkpoint import Checkpointer
+from kvstore.storage.environment import (META_APPLIED, META_LOG_CLOSED, META_LOG_FIRST,
+                                         META_LOG_POSITION, THIRD_PARTY_ERRORS, translate)
+from kvstore.storage.overlay import (MISSING, Overlay, ShardView, items_in_range, lookup,
+                                     merge_rows)
 from kvstore.storage.state import (apply_command, apply_writes, reads_still_valid,
                                    revision_of, scan_rows, scan_values, value_of)
+from kvstore.storage.wal import (KIND_CHECKPOINT, KIND_COMMIT_POINT, KIND_ENTRY,
+                                 RECORD_OVERHEAD, Record, WriteAheadLog)
 from kvstore._native import unpack_rows
 
-#: Log entries kept behind the applied point; older ones are compacted away
-#: (a single replica has nobody to catch up, the state itself is the snapshot).
-LOG_KEEP_ENTRIES = 10_000
-#: How often (in slots) compaction runs; it deletes at most this many records.
-LOG_COMPACT_EVERY = 1024
+#: The log's directory inside the data directory (a cluster node uses the same one).
+WAL_DIR = "wal"
+#: Bytes of one log segment (preallocated; smaller ones on a nearly full disk). Opening
+#: reads the segments after the checkpoint whole: 4 MiB keeps that near 10 ms.
+WAL_SEGMENT_BYTES = 4 * 1024 * 1024
+#: A checkpoint runs at least this often while there are new writes ...
+CHECKPOINT_SECONDS = 0.2
+#: ... and sooner once the overlay's active generation holds this many bytes.
+CHECKPOINT_BYTES = 8 * 1024 * 1024
+#: Writers wait (for a checkpoint) while the overlay holds this many bytes.
+OVERLAY_LIMIT_BYTES = 64 * 1024 * 1024
 _BALLOT = 0  # a single replica never needs a higher ballot than its first
+_PAIR = struct.Struct("<HQ")  # (shard, slot) in a commit point's payload
+
+
+def commit_point(chosen: list[tuple[int, int]]) -> Record:
+    """The record that chooses a group's entries: its first ``(shard, slot)`` in the
+    header (as a cluster node's per-shard commit point), any others in the payload."""
+    (shard, slot), rest = chosen[0], chosen[1:]
+    return Record(KIND_COMMIT_POINT, shard, slot, _BALLOT,
+                  b"".join(_PAIR.pack(s, n) for s, n in rest))
+
+
+def commit_pairs(record: Record) -> list[tuple[int, int]]:
+    """Inverse of ``commit_point``."""
+    payload = record.payload
+    if len(payload) % _PAIR.size:
+        raise CorruptRecord(f"a commit point of {len(payload)} payload bytes")
+    return [(record.shard, record.slot)] + [_PAIR.unpack_from(payload, i)
+                                            for i in range(0, len(payload), _PAIR.size)]
+
+
+def chosen_entries(records, shards: int):
+    """``(entries, end)`` per group of ``(position, Record)`` whose commit point was read.
+
+    ``entries`` are the group's ``KIND_ENTRY`` records in log order; ``end`` the
+    position just past its commit point. Entries never followed by a commit
+    point (a torn last append) are not yielded.
+    """
+    pending: list[Record] = []
+    for position, record in records:
+        if record.kind == KIND_ENTRY:
+            if record.shard >= shards:
+                raise CorruptRecord(f"a log entry of shard {record.shard} at position "
+                                    f"{position}; the store has {shards} shard(s)")
+            pending.append(record)
+        elif record.kind == KIND_COMMIT_POINT:
+            chosen = dict(commit_pairs(record))
+            entries = [e for e in pending if e.slot <= chosen.get(e.shard, -1)]
+            pending = [e for e in pending if e.slot > chosen.get(e.shard, -1)]
+            yield entries, position + RECORD_OVERHEAD + len(record.payload)
 
 
 class _MultiShardTxn:
@@ -73,11 +132,25 @@ class EmbeddedKV(KV):
         self._closed = False
         self._close_lock = threading.Lock()
         self._committer = GroupCommitter(self._commit_batch)
+        self._wal: WriteAheadLog | None = None
+        self._checkpointer: Checkpointer | None = None
+        self._checkpoint_record: Record | None = None  # rides on the next append
         try:
-            self._applied = self._storage.read(
-                lambda txn: [self._applied_point(txn, s) for s in range(self._nshards)],
-                "reading the applied points", True)
+            applied, position, closed_at = self._storage.read(
+                self._checkpointed_point, "reading the applied points", True)
+            self._overlay = Overlay(self._nshards, applied, position)
+            self._wal = WriteAheadLog.open(os.path.join(self.path, WAL_DIR),
+                                           segment_bytes=WAL_SEGMENT_BYTES)
+            self._checkpointer = Checkpointer(
+                self._overlay, lambda fn: self._storage.write(fn), self._tables,
+                self._after_checkpoint, CHECKPOINT_SECONDS, CHECKPOINT_BYTES,
+                OVERLAY_LIMIT_BYTES, self.path)
+            self._recover(position, closed_at)
+            self._checkpointer.start()
+            weakref.finalize(self, self._wal.close)  # dropped without close(): its files
         except BaseException:
+            if self._wal is not None:
+                self._wal.close()
             self._storage.close()
             raise
         _open_stores.add(self)
@@ -107,7 +180,19 @@ class EmbeddedKV(KV):
             key = check_key(key)
         if self._closed:
             self._check_open()
-        db = self._db0 or self._data[shard_of(key, self._nshards)]
+        shard = 0 if self._db0 is not None else shard_of(key, self._nshards)
+        overlay = self._overlay
+        raw = overlay.active[shard].get(key, MISSING)  # active, then frozen, then LMDB
+        if raw is MISSING:
+            frozen = overlay.frozen
+            if frozen is not None:
+                raw = frozen[shard].get(key, MISSING)
+        if raw is not MISSING:
+            try:
+                return value_of(key, raw)
+            except CorruptRecord as e:
+                raise translate(e, self.path, "reading") from e
+        db = self._db0 or self._data[shard]
         active = self._active_readers
         storage = self._storage
         active.append(None)  # the reader gate of Storage.begin_read, inlined
@@ -118,12 +203,11 @@ class EmbeddedKV(KV):
             self._check_open()
             return raw
         else:
+            # Every LMDB commit is a checkpoint of writes already durable in the log:
+            # a snapshot LMDB shows before its own sync is durable all the same.
             try:
                 txn = self._begin()
-                raw = txn.get(key, None, db)
-                if storage.committing:  # a commit in flight: is our snapshot durable?
-                    storage.await_durable(txn)
-                value = value_of(key, raw)  # the checksum verified: never corrupt data
+                value = value_of(key, txn.get(key, None, db))  # checksum verified
                 txn.commit()
                 return value
             except CorruptRecord as e:
@@ -134,6 +218,24 @@ class EmbeddedKV(KV):
             finally:
                 active.pop()
 
+    def _snapshot(self, fn, doing: str, copy: bool = False):
+        """``fn(txn, levels, position)``: an LMDB read transaction and, per shard, the
+        overlay's generations, taken together under the overlay's lock (one consistent
+        view), and the log position that view stands for.
+
+        ``copy``: the active generations are copied, for a reader that keeps them
+        past this call (a transaction); else ``fn`` must only read them here.
+        """
+        overlay, storage = self._overlay, self._storage
+        with overlay.lock:
+            if copy:
+                levels = overlay.snapshot_levels()
+            else:
+                levels = [overlay.levels(s) for s in range(self._nshards)]
+            position = overlay.position
+            txn = storage.begin_read(True)
+        return storage.run_read(txn, lambda t: fn(t, levels, position), doing)
+
     def scan(self, prefix=b"", start=None, end=None, limit=None):
         self._check_open()
         lo, hi = scan_range(prefix, start, end)
@@ -141,14 +243,21 @@ class EmbeddedKV(KV):
         if hi is not None and hi <= lo:
             return []
 
+        overlay = self._overlay
+        with overlay.lock:  # the overlay's rows and the LMDB snapshot together
+            over = [items_in_range(overlay.levels(s), lo, hi) for s in range(self._nshards)]
+            txn = self._storage.begin_read(True)
+
         def read(txn):
-            per_shard = [scan_values(txn, db, lo, hi, limit) for db in self._data]
+            per_shard = [scan_values(txn, db, lo, hi, limit) if not over[s]
+                         else merged_values(txn, db, over[s], lo, hi, limit)
+                         for s, db in enumerate(self._data)]
             if len(per_shard) == 1:
                 return per_shard[0]
             # One snapshot across shards; each holds its own first ``limit`` keys.
             return list(itertools.islice(heapq.merge(*per_shard), limit))
 
-        return self._storage.read(read, "scanning")
+        return self._storage.run_read(txn, read, "scanning")
 
     # -- single-key writes -------------------------------------------------------------------
 
@@ -206,20 +315,69 @@ class EmbeddedKV(KV):
     # -- the commit path -----------------------------------------------------------------
 
     def _commit_batch(self, batch: Sequence[Request]) -> None:
-        """Append one log entry per touched shard, apply it, and commit: one fsync."""
+        """Apply a batch onto the overlay's view, append its entries (one ``fdatasync``),
+        then publish its writes: nothing is visible, nor answered, before it is durable.
+
+        Only the group-commit leader runs this, one at a time, so the state the
+        batch was computed on cannot change before its writes are published.
+        If the append fails, nothing of the batch is published and every
+        request of it gets the error.
+        """
         if self._storage.env is None:
             raise KVError(f"the store at {self.path} is closed")
-        results = self._storage.write(lambda txn: self._apply_batch(txn, batch), True)
+        if all(request.payload is None for request in batch):
+            return  # barriers only (close waits behind in-flight commits)
+        self._checkpointer.wait_for_room()
+        overlay = self._overlay
+        with overlay.lock:  # the generations and the LMDB snapshot, together
+            active, frozen = overlay.active, overlay.frozen
+            txn = self._storage.begin_read()
+        pending: dict[int, dict] = {}
+        views: dict[int, ShardView] = {}
+
+        def view(shard: int) -> ShardView:
+            v = views.get(shard)
+            if v is None:
+                levels = [pending.setdefault(shard, {}), active[shard]]
+                if frozen is not None:
+                    levels.append(frozen[shard])
+                v = views[shard] = ShardView(levels, txn, self._data[shard])
+            return v
+
+        results = self._storage.run_read(txn, lambda t: self._apply_batch(view, batch),
+                                         "applying a write")
+        records = []
+        if self._checkpoint_record is not None:
+            records.append(self._checkpoint_record)
+        for shard, slot, commands in results.entries:
+            records.append(Record(KIND_ENTRY, shard, slot, _BALLOT, encode_commands(commands),
+                                  KIND_COMMANDS))
+        if results.entries:
+            records.append(commit_point([(shard, slot) for shard, slot, _ in results.entries]))
+        if records:
+            try:
+                end = self._wal.append(records)
+            except StorageError as e:  # nothing of the batch is published
+                raise self._log_error(e) from e
+            self._checkpoint_record = None
+            overlay.publish(pending, [(shard, slot) for shard, slot, _ in results.entries],
+                            end)
         for request, result in zip(batch, results):
             if type(result) is _Failed:
                 request.error = result.error
             else:
                 request.result = result
-        for shard, slot in results.slots:
-            self._applied[shard] = slot
 
-    def _apply_batch(self, txn, batch: Sequence[Request]) -> "_BatchResults":
-        applied = self._applied
+    def _log_error(self, e: StorageError) -> StorageError:
+        """A failed append as the store's error: it names the data directory."""
+        if e.path == self.path or isinstance(e, CorruptRecord):
+            return e
+        hint = ("" if "disk full" in str(e) else
+                "; the log refuses writes until the store is closed and opened again")
+        return StorageError(f"{e}{hint}", self.path)
+
+    def _apply_batch(self, view, batch: Sequence[Request]) -> "_BatchResults":
+        applied = self._overlay.applied
         data = self._data
         entries: dict[int, list] = {}
         results = _BatchResults()
@@ -230,7 +388,8 @@ class EmbeddedKV(KV):
             elif type(payload) is tuple:
                 shard, command = payload
                 try:
-                    result = apply_command(txn, data[shard], applied[shard] + 1, command)
+                    result = apply_command(view(shard), data[shard], applied[shard] + 1,
+                                           command)
                 except CorruptRecord as e:  # a corrupt value read by this command: it alone
                     results.append(_Failed(translate(e, self.path, "applying a write")))
                     continue
@@ -241,39 +400,42 @@ class EmbeddedKV(KV):
                 results.append(result)
             else:
                 try:
-                    results.append(self._apply_multi_shard(txn, payload, entries))
+                    results.append(self._apply_multi_shard(view, payload, entries))
                 except CorruptRecord as e:
                     results.append(_Failed(translate(e, self.path, "applying a transaction")))
-        for shard, commands in entries.items():
-            slot = applied[shard] + 1
-            tables = self._tables[shard]
-            record = _native.encode_record(slot, _BALLOT, KIND_COMMANDS,
-                                           encode_commands(commands))
-            _native.append_log(txn, tables.log, [(slot, record)])
-            if slot % LOG_COMPACT_EVERY == 0:
-                self._compact_log(txn, shard, slot)
-            results.slots.append((shard, slot))
+        results.entries = [(shard, applied[shard] + 1, commands)
+                           for shard, commands in sorted(entries.items())]
         return results
 
-    def _apply_multi_shard(self, txn, payload: _MultiShardTxn, entries: dict) -> bool:
-        data, applied = self._data, self._applied
+    def _apply_multi_shard(self, view, payload: _MultiShardTxn, entries: dict) -> bool:
+        data, applied = self._data, self._overlay.applied
         for shard, (reads, ranges, _writes) in payload.parts.items():
-            if not reads_still_valid(txn, data[shard], reads, ranges):
+            if not reads_still_valid(view(shard), data[shard], reads, ranges):
                 return False
         for shard, (_reads, _ranges, writes) in payload.parts.items():
             if writes:
-                apply_writes(txn, data[shard], applied[shard] + 1, writes)
+                apply_writes(view(shard), data[shard], applied[shard] + 1, writes)
                 entries.setdefault(shard, []).append((OP_TXN_WRITES, writes))
         return True
 
-    def _applied_point(self, txn, shard: int) -> int:
-        """The shard's commit and applied point: the last slot in its log.
+    # -- checkpoints and recovery ----------------------------------------------------------
 
-        A single replica appends, chooses and applies an entry in one
-        transaction, so its log's last slot is both points. Meta records them
-        only at each log compaction (which always keeps the newest entries):
-        rewriting meta on every commit cost one more dirty page per fsync, about
-        a tenth of a lone durable put.
+    def _checkpointed_point(self, txn) -> tuple[list[int], int, int]:
+        """``(applied slot per shard, log position, closed at)`` of LMDB's last
+        checkpoint; ``closed at`` is its position if a clean close made it, else 0.
+
+        A directory written before the log existed has no log position: 0.
+        """
+        applied = [self._applied_point(txn, s) for s in range(self._nshards)]
+        meta = self._storage.meta_int
+        position = min(meta(txn, s, META_LOG_POSITION) for s in range(self._nshards))
+        closed_at = min(meta(txn, s, META_LOG_CLOSED) for s in range(self._nshards))
+        return applied, position, closed_at
+
+    def _applied_point(self, txn, shard: int) -> int:
+        """The shard's applied point in LMDB: what its checkpoints recorded in meta, or,
+        in a directory written before the log existed (whose commits each appended to
+        the ``log`` table and recorded meta only at compactions), the last slot there.
         """
         recorded = self._storage.meta_int(txn, shard, META_APPLIED)
         cursor = txn.cursor(self._tables[shard].log)
@@ -291,55 +453,90 @@ class EmbeddedKV(KV):
                                         f"under slot {last} but says slot {said}", slot=last)
         finally:
             cursor.close()
-        if recorded > last:  # compaction always keeps the newest entries
-            raise CorruptRecord(f"shard {shard}'s meta says slot {recorded} is applied, past "
-                                f"the last slot of its log ({last})")
-        return last
+        return max(recorded, last)
 
-    def _compact_log(self, txn, shard: int, slot: int) -> None:
-        tables = self._tables[shard]
-        encoded = pack_u64(slot)
-        txn.put(META_APPLIED, encoded, db=tables.meta)
-        txn.put(META_COMMIT, encoded, db=tables.meta)
-        first = unpack_u64(txn.get(META_LOG_FIRST, db=tables.meta), 1)
-        keep_from = slot - LOG_KEEP_ENTRIES
-        if keep_from <= first:
-            return
-        cursor = txn.cursor(tables.log)
-        try:
-            if cursor.set_range(_native.slot_key(first)):
-                while _native.key_slot(cursor.key()) < keep_from:
-                    if not cursor.delete():
-                        break
-        finally:
-            cursor.close()
-        txn.put(META_LOG_FIRST, pack_u64(keep_from), db=tables.meta)
+    def _recover(self, position: int, closed_at: int) -> None:
+        """Replay the log after LMDB's checkpoint into the overlay (nothing twice)."""
+        wal = self._wal
+        if wal.end < position and closed_at == position:
+            wal.restart_at(position)  # a clean close checkpointed all of it: nothing lost
+        if wal.end < position:
+            raise CorruptRecord(
+                f"corrupt log record in {wal.path}: the log ends at position {wal.end} but "
+                f"the state in {self.path} was checkpointed up to position {position}, so "
+                f"records it held are missing or were cut as corrupt; restore it from a "
+                f"replica or a backup", offset=wal.end, path=self.path)
+        for entries, end in chosen_entries(wal.replay(position), self._nshards):
+            self._replay_group(entries, end)
+            if self._overlay.active_bytes >= CHECKPOINT_BYTES:
+                self._checkpointer.checkpoint()
+
+    def _replay_group(self, entries: list[Record], end: int) -> None:
+        """Apply one recovered group's entries (those the checkpoint lacks) to the overlay."""
+        overlay = self._overlay
+        applied = list(overlay.applied)
+        pending: dict[int, dict] = {}
+        slots = []
+
+        def replay(txn):
+            for record in entries:
+                shard, slot = record.shard, record.slot
+                if slot <= applied[shard]:
+                    continue  # already in LMDB's checkpoint
+                if slot != applied[shard] + 1:
+                    raise CorruptRecord(
+                        f"the log of {self.path} jumps from slot {applied[shard]} to {slot} "
+                        f"in shard {shard}: entries are missing", slot=slot, path=self.path)
+                view = ShardView([pending.setdefault(shard, {}), *overlay.levels(shard)],
+                                 txn, self._data[shard])
+                for command in decode_commands(record.payload, slot):
+                    apply_command(view, self._data[shard], slot, command)
+                applied[shard] = slot
+                slots.append((shard, slot))
+
+        self._storage.read(replay, "replaying the log", False)
+        overlay.publish(pending, slots, end)
+
+    def _after_checkpoint(self, position: int) -> None:
+        """LMDB holds everything below ``position``: say so in the log, drop what it covers."""
+        self._checkpoint_record = Record(KIND_CHECKPOINT, slot=position)
+        self._wal.truncate_before(position)
 
     # -- introspection --------------------------------------------------------------------
 
     def verify(self) -> dict:
         """Check everything that carries a checksum, and the state against the log.
 
-        Every log record still kept is decoded and checksummed, every stored
-        value's checksum is verified, and the state is compared with the log
-        where the log still covers it (``_compare_with_log``). The first
-        problem raises ``CorruptRecord`` naming the path, shard and key or slot.
+        Every log record still kept (the write-ahead log's, and the ``log``
+        table's of a directory written before it) is decoded and checksummed,
+        every stored value's checksum is verified (LMDB's and the overlay's),
+        and the state (the overlay over LMDB, one snapshot) is compared with
+        the log where the log still covers it (``_compare_with_log``). The
+        first problem raises ``CorruptRecord`` naming the path, shard and key
+        or slot.
 
         Before that, every page of LMDB's B-trees is checked (``storage.pages``).
 
         Returns ``{"pages": n, "records": n, "bytes": n, "values": n, "keys_compared": n}``.
         """
         self._check_open()
+        try:  # LMDB then holds every acknowledged write, and its pages are checked below
+            self._checkpointer.checkpoint()
+        except CorruptRecord:
+            raise
+        except StorageError:
+            pass  # a full disk: the overlay is compared all the same
         pages = self._storage.check_pages()
-
-        def read(txn):
-            out = {"pages": pages, "records": 0, "bytes": 0, "values": 0, "keys_compared": 0}
-            for shard, tables in enumerate(self._tables):
-                ops, first, last = self._verify_log(txn, shard, out)
-                cursor = txn.cursor(tables.data)
-                try:
-                    for key, raw in cursor:
-                        key = bytes(key)  # at most 64 KiB, inside the file's slack
+        with self._checkpointer.holding():  # no segment is deleted while we read them
+            def read(txn, levels, position):
+                wal_ops = self._verify_wal(position)  # the log up to the snapshot's point
+                out = {"pages": pages, "records": 0, "bytes": 0, "values": 0,
+                       "keys_compared": 0}
+                for shard, tables in enumerate(self._tables):
+                    ops, first, last = self._verify_log(txn, shard, out)
+                    first, last = _join_ranges(ops, first, last, wal_ops[shard], out)
+                    view = ShardView([{}, *levels[shard]], txn, tables.data)
+                    for key, raw in scan_rows(view, tables.data, b"", None, None):
                         try:
                             value = value_of(key, raw)
                         except CorruptRecord as e:
@@ -354,18 +551,35 @@ class EmbeddedKV(KV):
                             if problem:
                                 self._disagree(shard, key, problem)
                             out["keys_compared"] += 1
-                finally:
-                    cursor.close()
-                for key, key_ops in ops.items():  # written in the log, absent in the state
-                    slot, kind, value, _expected = key_ops[-1]
-                    if kind == "put":
-                        self._disagree(shard, key, f"the log writes it at slot {slot} and "
-                                                   f"nothing after, but the state lacks it")
-                    out["keys_compared"] += 1
-            return out
+                    for key, key_ops in ops.items():  # written in the log, absent in the state
+                        slot, kind, value, _expected = key_ops[-1]
+                        if kind == "put":
+                            self._disagree(shard, key, f"the log writes it at slot {slot} and "
+                                                       f"nothing after, but the state lacks it")
+                        out["keys_compared"] += 1
+                return out
 
-        return self._storage.read(read, "checking", True)
+            return self._snapshot(read, "checking", copy=True)
 
+    def _verify_wal(self, position: int) -> list:
+        """Per shard, ``(ops by key, first slot, last slot, records, bytes)`` of the
+        write-ahead log's chosen entries below ``position`` (checksummed as read)."""
+        found = [({}, None, None, 0, 0) for _ in range(self._nshards)]
+        records = ((p, r) for p, r in self._wal.replay(0) if p < position)
+        for entries, _end in chosen_entries(records, self._nshards):
+            for record in entries:
+                ops, first, last, count, size = found[record.shard]
+                slot = record.slot
+                try:
+                    for command in decode_commands(record.payload, slot):
+                        _collect_ops(ops, slot, command)
+                except (TypeError, ValueError, IndexError) as e:
+                    raise CorruptRecord(f"corrupt command in the log of {self.path}, shard "
+                                        f"{record.shard} slot {slot}: {e}", slot=slot,
+                                        path=self.path) from e
+                found[record.shard] = (ops, slot if first is None else first, slot,
+                                       count + 1, size + RECORD_OVERHEAD + len(record.payload))
+        return found
     def _verify_log(self, txn, shard: int, out: dict):
         """Checksum the shard's log; ``(ops by key, first slot, last slot)`` it covers."""
         ops: dict[bytes, list] = {}
@@ -407,23 +621,31 @@ class EmbeddedKV(KV):
 
     def status(self) -> dict:
         self._check_open()
+        overlay = self._overlay
 
-        def read(txn):
+        def read(txn, levels, _position):
             shards = []
             for s, tables in enumerate(self._tables):
-                applied = self._applied_point(txn, s)
+                keys = txn.stat(tables.data)["entries"]
+                for key, raw in items_in_range(levels[s], b"", None):
+                    in_lmdb = txn.get(key, None, tables.data) is not None
+                    keys += (raw is not None) - in_lmdb
+                applied = overlay.applied[s]
                 shards.append({
                     "shard": s,
                     "leader": "local",
                     "commit_index": applied,
                     "applied_index": applied,
+                    "checkpoint_index": overlay.frozen_applied[s]
+                    if overlay.frozen is not None else None,
                     "log_first": self._storage.meta_int(txn, s, META_LOG_FIRST, 1),
-                    "keys": txn.stat(tables.data)["entries"],
+                    "keys": keys,
                     "replicas": {"local": applied},
                 })
             return shards
 
-        shards = self._storage.read(read, "reading the status", True)
+        shards = self._snapshot(read, "reading the status")
+        wal = self._wal
         return {
             "mode": "embedded",
             "path": self.path,
@@ -433,7 +655,17 @@ class EmbeddedKV(KV):
             "shards": shards,
             "disk_bytes": self._storage.disk_usage(),
             "map_size": self._storage.map_size,
+            "log": {"path": wal.path, "first_position": wal.first_position,
+                    "end_position": wal.end, "appends": wal.appends,
+                    "checkpoints": self._checkpointer.checkpoints,
+                    "overlay_bytes": overlay.bytes},
         }
+
+    def checkpoint(self) -> bool:
+        """Move every acknowledged write into LMDB now (the background thread does this
+        on its own every ``CHECKPOINT_SECONDS``); False if there was nothing new."""
+        self._check_open()
+        return self._checkpointer.checkpoint()
 
     def close(self) -> None:
         with self._close_lock:
@@ -445,11 +677,36 @@ class EmbeddedKV(KV):
             self._committer.submit(Request(None))
         finally:
             self._committer.stop()
-            self._storage.close()
+            try:
+                if not self._storage.forked:
+                    self._checkpointer.stop()
+                    try:  # the next open then replays nothing; the log has it all anyway
+                        self._checkpointer.checkpoint(closing=True)
+                    except StorageError:
+                        pass
+            finally:
+                self._wal.close()
+                self._storage.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<kvstore.EmbeddedKV {self.path!r} shards={self._nshards} {state}>"
+
+
+def _join_ranges(ops: dict, first: int | None, last: int | None, found: tuple,
+                 out: dict) -> tuple[int | None, int | None]:
+    """Add the write-ahead log's ``found`` (``_verify_wal``) to the ``log`` table's
+    ``ops`` of one shard; the ``(first, last)`` slots the two cover without a gap."""
+    wal_ops, wal_first, wal_last, count, size = found
+    out["records"] += count
+    out["bytes"] += size
+    if wal_first is None:
+        return first, last
+    for key, key_ops in wal_ops.items():  # the log table's slots all come before
+        ops.setdefault(key, []).extend(key_ops)
+    if first is None or last + 1 < wal_first:  # only the log's own range is covered
+        first = wal_first
+    return first, wal_last
 
 
 def _collect_ops(ops: dict, slot: int, command) -> None:
@@ -539,16 +796,36 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _BatchResults(list):
-    """Per-request results of one batch, plus the ``(shard, slot)`` entries it wrote."""
+    """Per-request results of one batch, plus the ``(shard, slot, commands)`` entries
+    it makes."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.slots: list[tuple[int, int]] = []
+        self.entries: list[tuple[int, int, list]] = []
+
+
+def merged_rows(txn, db, over: list, lo: bytes, hi: bytes | None,
+                limit: int | None) -> list[tuple[bytes, bytes]]:
+    """A shard's ``(key, raw)`` rows in ``[lo, hi)``: LMDB's with the overlay's
+    ``over`` (``items_in_range``) laid over them, at most ``limit``.
+
+    LMDB is read for ``limit + len(over)`` rows: each overlay item hides at most
+    one, so the first ``limit`` merged rows all lie within what was read.
+    """
+    fetch = None if limit is None else limit + len(over)
+    return list(merge_rows(over, scan_rows(txn, db, lo, hi, fetch), limit))
+
+
+def merged_values(txn, db, over: list, lo: bytes, hi: bytes | None,
+                  limit: int | None) -> list[tuple[bytes, bytes]]:
+    """``merged_rows`` as user-visible ``(key, value)`` pairs, checksums verified."""
+    return unpack_rows(merged_rows(txn, db, over, lo, hi, limit))
 
 
 class EmbeddedTxn(Txn):
-    """Optimistic, serializable: reads come from one LMDB snapshot (taken at the first
-    read) plus this transaction's own writes; at commit the keys and ranges it read are
+    """Optimistic, serializable: reads come from one snapshot (taken at the first read:
+    the overlay's generations and an LMDB read transaction) plus this transaction's own
+    writes; at commit the keys and ranges it read are
     checked unchanged, in the same commit that applies its writes, or it raises
     ``TransactionConflict`` and nothing of it is applied.
 
@@ -558,6 +835,7 @@ class EmbeddedTxn(Txn):
     def __init__(self, store: EmbeddedKV) -> None:
         self._store = store
         self._snapshot = None
+        self._levels: list = []
         self._finalizer = None
         self._reads: dict[int, dict[bytes, int]] = {}
         self._ranges: dict[int, list] = {}
@@ -616,9 +894,15 @@ class EmbeddedTxn(Txn):
         raise InvalidArgument(f"this transaction is already {self._state}; start a new one")
 
     def _view(self):
+        """The LMDB snapshot, and beside it ``self._levels``: per shard, the overlay's
+        generations taken with it (the active one copied), so all reads of this
+        transaction see one state."""
         if self._snapshot is None:
-            storage = self._store._storage
-            self._snapshot = storage.begin_read(True)  # buffers: lengths checked first
+            store = self._store
+            storage, overlay = store._storage, store._overlay
+            with overlay.lock:
+                self._levels = overlay.snapshot_levels()
+                self._snapshot = storage.begin_read(True)  # buffers: lengths checked first
             self._finalizer = weakref.finalize(self, storage.end_read, self._snapshot)
         return self._snapshot
 
@@ -635,7 +919,10 @@ class EmbeddedTxn(Txn):
         store = self._store
         shard = store._shard(key)
         try:
-            raw = self._view().get(key, db=store._data[shard])
+            txn = self._view()
+            raw = lookup(self._levels[shard], key)
+            if raw is MISSING:
+                raw = txn.get(key, db=store._data[shard])
             value = value_of(key, raw)
             revision = revision_of(raw)
         except (CorruptRecord, *THIRD_PARTY_ERRORS) as e:
@@ -686,7 +973,8 @@ class EmbeddedTxn(Txn):
         seen_hi = hi  # every shard's rows are complete below this bound
         for shard, db in enumerate(self._store._data):
             try:
-                rows = scan_rows(view, db, lo, hi, fetch)
+                over = items_in_range(self._levels[shard], lo, hi)
+                rows = merged_rows(view, db, over, lo, hi, fetch)
                 values = unpack_rows(rows)  # every checksum verified
                 revisions = [(k, revision_of(raw)) for k, raw in rows]
             except (CorruptRecord, *THIRD_PARTY_ERRORS) as e:

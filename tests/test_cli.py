@@ -110,21 +110,25 @@ def test_demo_runs_and_shows_the_store_working(tmp_path):
 
 
 def test_check_verifies_the_log_and_reports_a_flipped_bit(data):
-    import lmdb
+    from kvstore.storage.wal import SEGMENT_HEADER_SIZE
     assert run("put", "k", "v", data=data).returncode == 0
     ok = run("check", data=data)
     assert ok.returncode == 0 and b"1 log records" in ok.stdout
-    env = lmdb.open(data, max_dbs=8)
-    log = env.open_db(b"s0.log")
-    with env.begin(write=True) as txn:
-        slot_key, record = next(iter(txn.cursor(log)))
-        flipped = bytearray(record)
-        flipped[-1] ^= 0x01
-        txn.put(slot_key, bytes(flipped), db=log)
-    env.close()
+    assert run("put", "k2", "v2", data=data).returncode == 0  # a later append follows
+    wal = os.path.join(data, "wal")
+    segment = os.path.join(wal, sorted(os.listdir(wal))[0])
+    with open(segment, "r+b") as f:  # the first entry's last byte (its value)
+        f.seek(SEGMENT_HEADER_SIZE)
+        head = f.read(8)
+        length = int.from_bytes(head[4:8], "little")
+        f.seek(SEGMENT_HEADER_SIZE + 28 + length - 1)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
     bad = run("check", data=data)
     assert bad.returncode == 4
-    assert b"corrupt log record" in bad.stderr and b"slot 1" in bad.stderr
+    assert b"corrupt log record" in bad.stderr and segment.encode() in bad.stderr
+    assert b"offset %d" % SEGMENT_HEADER_SIZE in bad.stderr
 
 
 def test_options_may_come_before_the_command(data, tmp_path):

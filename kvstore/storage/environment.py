@@ -85,6 +85,10 @@ META_APPLIED = b"applied"
 META_COMMIT = b"commit"
 META_PROMISE = b"promise"
 META_LOG_FIRST = b"log_first"
+#: The log position (``kvstore.storage.wal``) a shard's checkpointed state covers.
+META_LOG_POSITION = b"log_position"
+#: The log position of the checkpoint a clean close made (0: the last one was not).
+META_LOG_CLOSED = b"log_closed"
 
 _U64 = struct.Struct(">Q")
 T = TypeVar("T")
@@ -648,7 +652,14 @@ class Storage:
 
     def read(self, fn: Callable[..., T], doing: str = "reading", buffers: bool = False) -> T:
         """``fn(txn)`` inside a read transaction; every error of the layers below translated."""
-        txn = self.begin_read(buffers)
+        return self.run_read(self.begin_read(buffers), fn, doing)
+
+    def run_read(self, txn, fn: Callable[..., T], doing: str = "reading") -> T:
+        """``fn(txn)`` for a ``txn`` from ``begin_read``, which it ends; errors translated.
+
+        For a caller that must begin the transaction itself (under a lock of
+        its own, as the embedded store's overlay snapshot does).
+        """
         try:
             return fn(txn)
         except CorruptRecord as e:

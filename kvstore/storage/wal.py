@@ -43,7 +43,8 @@ torn write and is cut (as in etcd and LevelDB).
 
 After a failed ``pwrite`` or ``fdatasync`` the log refuses appends (what the
 kernel kept of the page cache is unknown, see "fsyncgate"); reopen it. A full
-disk while creating a segment leaves the log usable. Every OS error goes
+disk while creating a segment leaves the log usable (the next segment is made smaller, down to what the append needs, before
+a full disk refuses it). Every OS error goes
 through ``kvstore.storage.environment.translate``: a ``StorageError`` naming
 the path.
 
@@ -53,6 +54,7 @@ was not synced and tears writes (``tests/test_wal.py``).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -248,6 +250,7 @@ class WriteAheadLog:
         self._lock = threading.Lock()
         self._failed: StorageError | None = None
         self._closed = False
+        self._base = 0  # where the first segment starts when there is none
         self.appends = 0  # groups appended (one fdatasync each), for tests and benchmarks
 
     @classmethod
@@ -319,12 +322,12 @@ class WriteAheadLog:
     @property
     def end(self) -> int:
         """The position just past the last record (where the next append goes)."""
-        return self._segments[-1].end if self._segments else 0
+        return self._segments[-1].end if self._segments else self._base
 
     @property
     def first_position(self) -> int:
         """The position of the first segment kept (records before it were truncated)."""
-        return self._segments[0].start if self._segments else 0
+        return self._segments[0].start if self._segments else self._base
 
     def replay(self, start: int = 0) -> Iterator[tuple[int, Record]]:
         """``(position, record)`` of every record at or after ``start``, in order."""
@@ -391,9 +394,18 @@ class WriteAheadLog:
         """Create the next segment (preallocated, header written, synced) and switch to it."""
         f = self._files
         start = self.end
-        size = max(self._segment_bytes, SEGMENT_HEADER_SIZE + needed)
+        least = SEGMENT_HEADER_SIZE + needed
+        size = max(self._segment_bytes, least)
         path = os.path.join(self.path, segment_name(start))
-        fd = self._os("creating a log segment", path, f.create, path, size)
+        while True:
+            try:
+                fd = f.create(path, size)
+                break
+            except OSError as e:
+                # A nearly full disk gets smaller segments rather than a refused write.
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or size <= least:
+                    raise translate(e, path, "creating a log segment") from e
+                size = max(least, size // 4)
         try:
             header = _encode(start, start, Record(KIND_SEGMENT, payload=_SEGMENT_PAYLOAD))
             f.pwrite(fd, header, 0)
@@ -431,6 +443,29 @@ class WriteAheadLog:
                 self._os("syncing the log directory", self.path, self._files.fsync_dir,
                          self.path)
             return len(doomed)
+
+    def restart_at(self, position: int) -> None:
+        """Continue the log at ``position``, past its end: every segment kept (all of
+        it below ``position``) is deleted, and the next append starts a segment there.
+
+        For a log whose records are all covered elsewhere (its owner's state was
+        checkpointed up to ``position`` at a clean close) but which lost its tail
+        or its files since: positions never go back.
+        """
+        with self._lock:
+            if position < self.end:
+                raise InvalidArgument(f"the log ends at {self.end}, past {position}")
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                self._os("closing a log segment", self.path, self._files.close, fd)
+            doomed, self._segments = self._segments, []
+            for segment in doomed:
+                self._os("deleting a log segment", segment.path, self._files.unlink,
+                         segment.path)
+            if doomed:
+                self._os("syncing the log directory", self.path, self._files.fsync_dir,
+                         self.path)
+            self._base = position
 
     def close(self) -> None:
         with self._lock:
