@@ -120,7 +120,10 @@ class EmbeddedKV(KV):
     """``kvstore.open(path)``: a durable, thread-safe, transactional store in this process."""
 
     def __init__(self, path: str | os.PathLike, *, shards: int | None = None,
-                 map_size: int | None = None, create: bool = True) -> None:
+                 map_size: int | None = None, create: bool = True,
+                 wal_files=None) -> None:
+        """``wal_files``: the log's file system port (``wal.OsFiles`` by default);
+        tests pass a twin that loses what was not synced at a simulated power loss."""
         self._storage = Storage(path, shards=shards, map_size=map_size, create=create)
         self.path = self._storage.path
         self._nshards = self._storage.nshards
@@ -139,7 +142,7 @@ class EmbeddedKV(KV):
             applied, position, closed_at = self._storage.read(
                 self._checkpointed_point, "reading the applied points", True)
             self._overlay = Overlay(self._nshards, applied, position)
-            self._wal = WriteAheadLog.open(os.path.join(self.path, WAL_DIR),
+            self._wal = WriteAheadLog.open(os.path.join(self.path, WAL_DIR), wal_files,
                                            segment_bytes=WAL_SEGMENT_BYTES)
             self._checkpointer = Checkpointer(
                 self._overlay, lambda fn: self._storage.write(fn), self._tables,

@@ -41,8 +41,10 @@ can never reappear behind a newer one. What recovery cannot tell apart:
 bit rot inside the last durable append, with nothing after it, looks like a
 torn write and is cut (as in etcd and LevelDB).
 
-After a failed ``pwrite`` or ``fdatasync`` the log refuses appends (what the
-kernel kept of the page cache is unknown, see "fsyncgate"); reopen it. A full
+After a failed ``pwrite`` or ``fdatasync`` the log zeroes and syncs what the
+append wrote (so the failed write changes nothing, even at a reopen), then
+refuses appends (what the kernel kept of the page cache is unknown, see
+"fsyncgate"); reopen it. A full
 disk while creating a segment leaves the log usable (the next segment is made smaller, down to what the append needs, before
 a full disk refuses it). Every OS error goes
 through ``kvstore.storage.environment.translate``: a ``StorageError`` naming
@@ -385,10 +387,25 @@ class WriteAheadLog:
                 self._files.fdatasync(self._fd)
             except OSError as e:
                 self._failed = translate(e, segment.path, "appending to the log")
+                self._erase(data, offset)
                 raise self._failed from e
             segment.end = position
             self.appends += 1
             return position
+
+    def _erase(self, data: bytes, offset: int) -> None:
+        """Zero (and sync) what a failed append may have left in the page cache, best
+        effort: a failed write must change nothing, and a reopen reads the page cache.
+
+        After a failed ``fdatasync`` the kernel may have dropped the dirty pages
+        or kept them; a synced overwrite with zeros is durable either way. If
+        that fails too the disk is gone, and the record may reappear at reopen.
+        """
+        try:
+            self._files.pwrite(self._fd, bytes(len(data)), offset)
+            self._files.fdatasync(self._fd)
+        except OSError:
+            pass
 
     def _roll(self, needed: int) -> _Segment:
         """Create the next segment (preallocated, header written, synced) and switch to it."""
