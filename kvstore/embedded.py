@@ -46,8 +46,8 @@ from kvstore.storage import Storage
 from kvstore.storage.checkpoint import Checkpointer
 from kvstore.storage.environment import (META_APPLIED, META_LOG_CLOSED, META_LOG_FIRST,
                                          META_LOG_POSITION, THIRD_PARTY_ERRORS, translate)
-from kvstore.storage.overlay import (MISSING, Overlay, ShardView, items_in_range, lookup,
-                                     merge_rows)
+from kvstore.storage.overlay import (MISSING, LazyRead, Overlay, ShardView, items_in_range,
+                                     lookup, merge_rows)
 from kvstore.storage.state import (apply_command, apply_writes, reads_still_valid,
                                    revision_of, scan_rows, scan_values, value_of)
 from kvstore.storage.wal import (KIND_CHECKPOINT, KIND_COMMIT_POINT, KIND_ENTRY,
@@ -60,7 +60,7 @@ WAL_DIR = "wal"
 #: reads the segments after the checkpoint whole: 4 MiB keeps that near 10 ms.
 WAL_SEGMENT_BYTES = 4 * 1024 * 1024
 #: A checkpoint runs at least this often while there are new writes ...
-CHECKPOINT_SECONDS = 0.2
+CHECKPOINT_SECONDS = 1.0
 #: ... and sooner once the overlay's active generation holds this many bytes.
 CHECKPOINT_BYTES = 8 * 1024 * 1024
 #: Writers wait (for a checkpoint) while the overlay holds this many bytes.
@@ -87,14 +87,20 @@ def commit_pairs(record: Record) -> list[tuple[int, int]]:
 
 
 def chosen_entries(records, shards: int):
-    """``(entries, end)`` per group of ``(position, Record)`` whose commit point was read.
+    """``(entries, end)`` per group of ``(position, group, Record)`` whose commit point
+    was read (``WriteAheadLog.replay_groups``).
 
     ``entries`` are the group's ``KIND_ENTRY`` records in log order; ``end`` the
-    position just past its commit point. Entries never followed by a commit
-    point (a torn last append) are not yielded.
+    position just past its commit point. A commit point chooses the entries of
+    its own append only: those of an append whose commit point was torn off
+    (its entries survived, it was never acknowledged, and the next append
+    reuses its slots) are never chosen, then or later.
     """
     pending: list[Record] = []
-    for position, record in records:
+    pending_group = None
+    for position, group, record in records:
+        if group != pending_group:  # a new append: what the last one left is orphaned
+            pending, pending_group = [], group
         if record.kind == KIND_ENTRY:
             if record.shard >= shards:
                 raise CorruptRecord(f"a log entry of shard {record.shard} at position "
@@ -331,10 +337,17 @@ class EmbeddedKV(KV):
         if all(request.payload is None for request in batch):
             return  # barriers only (close waits behind in-flight commits)
         self._checkpointer.wait_for_room()
-        overlay = self._overlay
-        with overlay.lock:  # the generations and the LMDB snapshot, together
+        overlay, storage = self._overlay, self._storage
+        with overlay.lock:
             active, frozen = overlay.active, overlay.frozen
-            txn = self._storage.begin_read()
+
+        def begin():
+            # Begun after the generations were taken: whatever a checkpoint moved from
+            # them into LMDB meanwhile, this snapshot holds it with the same values.
+            with overlay.lock:
+                return storage.begin_read()
+
+        txn = LazyRead(begin)
         pending: dict[int, dict] = {}
         views: dict[int, ShardView] = {}
 
@@ -347,8 +360,13 @@ class EmbeddedKV(KV):
                 v = views[shard] = ShardView(levels, txn, self._data[shard])
             return v
 
-        results = self._storage.run_read(txn, lambda t: self._apply_batch(view, batch),
-                                         "applying a write")
+        try:
+            results = self._apply_batch(view, batch)
+        except THIRD_PARTY_ERRORS as e:
+            raise translate(e, self.path, "applying a write") from e
+        finally:
+            if txn.txn is not None:
+                storage.end_read(txn.txn)
         records = []
         if self._checkpoint_record is not None:
             records.append(self._checkpoint_record)
@@ -469,7 +487,7 @@ class EmbeddedKV(KV):
                 f"the state in {self.path} was checkpointed up to position {position}, so "
                 f"records it held are missing or were cut as corrupt; restore it from a "
                 f"replica or a backup", offset=wal.end, path=self.path)
-        for entries, end in chosen_entries(wal.replay(position), self._nshards):
+        for entries, end in chosen_entries(wal.replay_groups(position), self._nshards):
             self._replay_group(entries, end)
             if self._overlay.active_bytes >= CHECKPOINT_BYTES:
                 self._checkpointer.checkpoint()
@@ -568,7 +586,7 @@ class EmbeddedKV(KV):
         """Per shard, ``(ops by key, first slot, last slot, records, bytes)`` of the
         write-ahead log's chosen entries below ``position`` (checksummed as read)."""
         found = [({}, None, None, 0, 0) for _ in range(self._nshards)]
-        records = ((p, r) for p, r in self._wal.replay(0) if p < position)
+        records = ((p, g, r) for p, g, r in self._wal.replay_groups(0) if p < position)
         for entries, _end in chosen_entries(records, self._nshards):
             for record in entries:
                 ops, first, last, count, size = found[record.shard]

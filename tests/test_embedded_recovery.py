@@ -101,6 +101,28 @@ def test_a_torn_multi_shard_transaction_is_all_or_nothing(tmp_path):
     assert outcomes == {b"old", b"new"}  # both sides of the cut were tried
 
 
+def test_an_entry_whose_commit_point_was_torn_off_is_never_applied(tmp_path):
+    """The power goes after a group's entry reached the disk but before its commit
+    point: the entry stays a valid record in the log, and the next append reuses its
+    slot. Neither that open nor a later one may apply it (the hypothesis machine
+    found the later one doing so)."""
+    from kvstore.storage.wal import RECORD_OVERHEAD
+    path = str(tmp_path / "kv")
+    files = FaultyFiles()
+    db = EmbeddedKV(path, wal_files=files)
+    db.put(b"k", b"v")
+    torn_put(db, files, b"orphan", b"x")
+    crash(db, files, files.unsynced_write_size() - RECORD_OVERHEAD)  # the entry, whole
+    db = EmbeddedKV(path, wal_files=files)
+    assert db.get(b"orphan") is None
+    db.put(b"next", b"y")
+    crash(db, files)
+    with EmbeddedKV(path, wal_files=files) as db:
+        assert db.get(b"orphan") is None and db.get(b"next") == b"y"
+        assert db.scan() == [(b"k", b"v"), (b"next", b"y")]
+        db.verify()
+
+
 def test_replay_applies_nothing_twice_and_keeps_revisions(tmp_path, small_segments):
     """A crash after a checkpoint: the log before it is skipped, after it replayed once;
     a cas and a transaction's read check decide the same way on replay."""

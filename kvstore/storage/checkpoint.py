@@ -80,6 +80,7 @@ class Checkpointer:
         self._path = path  # named by the errors of this layer
         self.interval = interval
         self.trigger_bytes = trigger_bytes
+        overlay.wake_bytes = trigger_bytes  # a publish past it wakes the thread at once
         self.limit_bytes = limit_bytes
         self._round = threading.Lock()  # one checkpoint at a time
         self._stop = False

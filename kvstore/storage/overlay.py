@@ -57,7 +57,7 @@ class Overlay:
 
     def __init__(self, nshards: int, applied: Sequence[int], position: int) -> None:
         self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)  # notified on publish, freeze, drop
+        self.changed = threading.Condition(self.lock)  # notified on drop, big publishes
         self.active: list[dict] = [{} for _ in range(nshards)]
         self.frozen: list[dict] | None = None
         self.active_bytes = 0
@@ -66,6 +66,7 @@ class Overlay:
         self.position = position
         self.frozen_position = position
         self.frozen_applied = list(applied)
+        self.wake_bytes = 0  # from this active size on, a publish wakes ``changed``'s waiters
 
     # -- writing (the group-commit leader, one at a time) ---------------------------------
 
@@ -88,8 +89,9 @@ class Overlay:
                 self.applied[shard] = slot
             self.position = position
             self.active_bytes += added
-            if added:
-                self.changed.notify_all()
+            if self.active_bytes >= self.wake_bytes:
+                self.changed.notify_all()  # a checkpoint is due (waking it per write costs
+                # a thread switch on the write path; it wakes on its timer otherwise)
 
     # -- checkpointing --------------------------------------------------------------------
 
@@ -205,6 +207,28 @@ class _MergedCursor:
         pass
 
 
+class LazyRead:
+    """The part of an LMDB read transaction ``ShardView`` uses, begun on first use:
+    most batches are blind puts that never read LMDB. ``txn`` is None until then."""
+
+    __slots__ = ("_begin", "txn")
+
+    def __init__(self, begin) -> None:
+        self._begin = begin
+        self.txn = None
+
+    def get(self, key: bytes, default=None, db=None):
+        txn = self.txn
+        if txn is None:
+            txn = self.txn = self._begin()
+        return txn.get(key, default, db)
+
+    def cursor(self, db=None):
+        if self.txn is None:
+            self.txn = self._begin()
+        return self.txn.cursor(db)
+
+
 class ShardView:
     """One shard's state as ``kvstore.storage.state`` sees an LMDB transaction.
 
@@ -240,5 +264,5 @@ class ShardView:
         return _MergedCursor(self)
 
 
-__all__ = ["Overlay", "ShardView", "MISSING", "lookup", "items_in_range", "merge_rows",
+__all__ = ["Overlay", "ShardView", "LazyRead", "MISSING", "lookup", "items_in_range", "merge_rows",
            "entry_bytes"]

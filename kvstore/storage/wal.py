@@ -211,7 +211,7 @@ def _later_append_after(data: bytes, offset: int, start: int) -> int | None:
 def _scan(data: bytes, start: int, path: str, last: bool):
     """``(records, end_offset, junk_end)`` of one segment's bytes.
 
-    ``records`` is ``[(position, Record)]`` without the segment record;
+    ``records`` is ``[(position, Record, group)]`` without the segment record;
     ``end_offset`` None means the segment's own header is torn (last only).
     """
     first = _read_at(data, 0, start)
@@ -224,7 +224,7 @@ def _scan(data: bytes, start: int, path: str, last: bool):
             found = _read_at(data, offset, start)
             if found is None:
                 break
-            records.append((start + offset, found[0]))
+            records.append((start + offset, found[0], found[2]))
             offset = found[1]
     junk_end = len(data.rstrip(b"\0"))
     if junk_end <= offset:
@@ -333,6 +333,13 @@ class WriteAheadLog:
 
     def replay(self, start: int = 0) -> Iterator[tuple[int, Record]]:
         """``(position, record)`` of every record at or after ``start``, in order."""
+        for position, _group, record in self.replay_groups(start):
+            yield position, record
+
+    def replay_groups(self, start: int = 0) -> Iterator[tuple[int, int, Record]]:
+        """``(position, group, record)`` of every record at or after ``start``, in
+        order; ``group`` is the position of the first record of its append, so a
+        reader can tell the records of one append (one durable group) apart."""
         f = self._files
         for segment in list(self._segments):
             end = segment.end  # before reading: an append may be under way past it
@@ -345,9 +352,9 @@ class WriteAheadLog:
                 self._os("closing a log segment", segment.path, f.close, fd)
             records, _end, _junk = _scan(data[:end - segment.start], segment.start,
                                          segment.path, last=False)
-            for position, record in records:
+            for position, record, group in records:
                 if position >= start:
-                    yield position, record
+                    yield position, group, record
 
     # -- writing ---------------------------------------------------------------
 
