@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--paxos", action="store_true",
                    help="with --bank: each shard a real Paxos group of --nodes replicas (kvstore/sim/bank_paxos.py)")
     p.add_argument("--shards", type=int, default=3, help="with --bank: shards")
+    p.add_argument("--locking-audit-trusts-votes", action="store_true",
+                   help="with --bank --paxos: a locking audit trusts its votes, as kvstore.client does today")
     p.add_argument("--txn-bug", action="append", default=[], choices=TXN_BUG_NAMES,
                    help="with --bank: plant a two-phase-commit bug")
     a = p.parse_args(argv)
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
         bugs = Bugs(**{name: True for name in a.bug})
         results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_paxos_seed(
             BankPaxosConfig(seed=s, shards=a.shards, nodes=a.nodes, bugs=txn_bugs, paxos_bugs=bugs,
-                            ticks=a.ticks, verbose=a.verbose))), "bank-paxos seeds")
+                            ticks=a.ticks, locking_audit_trusts_votes=a.locking_audit_trusts_votes,
+                            verbose=a.verbose))), "bank-paxos seeds")
     elif a.bank:
         txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
         results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_seed(
