@@ -55,7 +55,8 @@ from kvstore.api import KV, Txn
 from kvstore.codec import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import InvalidArgument, KVError, Timeout, TransactionConflict, Unavailable
 from kvstore.replica_txn import LOCKED
-from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, Coordinator, TxnPrepare, TxnResolve
+from kvstore.txn import (ABORT, COMMIT, LOCK_ONLY, Coordinator, TxnDecision, TxnPrepare,
+                         TxnResolve)
 from kvstore.txn import encode as encode_2pc
 from kvstore.txn.coordinator import DECIDING
 from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
@@ -769,8 +770,11 @@ def locking_read(keys_by_shard: dict):
     """Plan: lock ``keys_by_shard`` (shard -> keys) in every shard at once and read them.
 
     One TxnPrepare of locking reads per shard (``kvstore.txn.LOCK_ONLY``), in
-    parallel; each answers the values as of its slot. Once every shard voted
-    yes, all the locks are held together, so the values are one consistent cut.
+    parallel; each answers the values as of its slot. The values are one
+    consistent cut only if every lock was still held when the last was taken:
+    a read-only transaction confirms it by recording COMMIT in the coordinator
+    shard (``ClusterTxn._confirm_locked_reads``), one that writes by its own
+    two-phase commit under the same transaction id.
     Returns ``(txn_id, shards, {key: (value, revision)})``; if a shard says no
     (a writer holds a key) or fails, what was locked is released and the
     conflict or error raised."""
@@ -794,11 +798,12 @@ def locking_read(keys_by_shard: dict):
     return txn_id, shards, values
 
 
-def release_locks(txn_id: bytes, shards) -> None:
-    """Plan: free a locking read's locks (it wrote nothing: ABORT frees them as COMMIT
-    would), without waiting. A lost one is freed by the shard's resolver after the
-    deadline."""
-    yield Detached([(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnResolve(txn_id, ABORT))])
+def release_locks(txn_id: bytes, shards, outcome: int = ABORT) -> None:
+    """Plan: free a locking read's locks, without waiting (a lost one is freed by the
+    shard's resolver after the deadline). It wrote nothing, so either outcome frees
+    them alike: ``outcome`` is the recorded decision if there is one, else ABORT
+    (nothing was decided, and only ABORT may be without a recorded decision)."""
+    yield Detached([(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnResolve(txn_id, outcome))])
                     for shard in shards])
 
 
@@ -959,7 +964,7 @@ class ClusterTxn(Txn):
         try:
             locked = self._locked
             if locked is not None and not self._writes:
-                yield from self.release_plan()  # its reads held at one moment: done
+                yield from self._confirm_locked_reads(locked)
                 return
             if not self._shards:
                 return
@@ -984,6 +989,25 @@ class ClusterTxn(Txn):
         except TransactionConflict:
             self._state = "discarded"
             raise
+
+    def _confirm_locked_reads(self, locked):
+        """Plan: trust a read-only locking read only once COMMIT is recorded for it in its
+        coordinator shard. Every shard voting yes is not enough: a lock past its deadline
+        may have been freed by its shard's resolver (which records ABORT first) before
+        the last lock was taken, and a writer may have slipped in between (the bank
+        simulator found it: ``--locking-audit-trusts-votes``). No resolver frees a lock
+        before the decision is recorded, so a recorded COMMIT means every lock was still
+        held then: the values were one cut at that moment."""
+        self._locked = None
+        txn_id, shards, _values = locked
+        (answer,) = yield [(wire.OP_WRITE, shards[0],
+                            [OP_2PC, encode_2pc(TxnDecision(txn_id, COMMIT))])]
+        outcome = COMMIT if answer == COMMIT else ABORT
+        if isinstance(answer, BaseException):  # unknown: the resolvers settle it
+            raise answer
+        yield from release_locks(txn_id, shards, outcome)
+        if outcome != COMMIT:
+            raise _conflict()
 
     def release_plan(self):
         """Plan: free this transaction's locks of a locking read, if it holds any."""
