@@ -238,3 +238,27 @@ def test_a_locked_transfer_prepares_its_writes_under_its_own_locks(start_node):
         c2.put(a, b"0")  # every lock was freed
         c2.put(b, b"0")
         assert (c.get(a), c.get(b)) == (b"0", b"0")
+
+
+def test_a_locked_read_whose_locks_a_resolver_freed_is_a_conflict(start_node):
+    from kvstore.client import ClusterTxn
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][0], keys[1][0]
+    with kvstore.connect(n.address, timeout=5) as c:
+        c.put(a, b"1")
+        c.put(b, b"2")
+        t = ClusterTxn(c, lock_keys={a, b})
+        with pytest.raises(kvstore.TransactionConflict):
+            with t:
+                assert (t.get(a), t.get(b)) == (b"1", b"2")
+                # as a resolver does for a lock past its deadline: ABORT recorded first
+                raw = Raw(n.address)
+                try:
+                    assert raw_2pc(raw, 0, 1, TxnDecision(t._locked[0], ABORT)) == \
+                        (wire.STATUS_OK, ABORT)
+                finally:
+                    raw.close()
+        # the values are not trusted, and the locks are freed
+        c.put(a, b"3")
+        assert c.run_transaction(lambda t: [t.get(a), t.get(b)]) == [b"3", b"2"]
