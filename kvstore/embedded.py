@@ -227,20 +227,15 @@ class EmbeddedKV(KV):
             finally:
                 active.pop()
 
-    def _snapshot(self, fn, doing: str, copy: bool = False):
+    def _snapshot(self, fn, doing: str):
         """``fn(txn, levels, position)``: an LMDB read transaction and, per shard, the
-        overlay's generations, taken together under the overlay's lock (one consistent
-        view), and the log position that view stands for.
-
-        ``copy``: the active generations are copied, for a reader that keeps them
-        past this call (a transaction); else ``fn`` must only read them here.
+        overlay's generations (the active one copied, so that writers may go on),
+        taken together under the overlay's lock (one consistent view), and the log
+        position that view stands for.
         """
         overlay, storage = self._overlay, self._storage
         with overlay.lock:
-            if copy:
-                levels = overlay.snapshot_levels()
-            else:
-                levels = [overlay.levels(s) for s in range(self._nshards)]
+            levels = overlay.snapshot_levels()
             position = overlay.position
             txn = storage.begin_read(True)
         return storage.run_read(txn, lambda t: fn(t, levels, position), doing)
@@ -253,9 +248,10 @@ class EmbeddedKV(KV):
             return []
 
         overlay = self._overlay
-        with overlay.lock:  # the overlay's rows and the LMDB snapshot together
-            over = [items_in_range(overlay.levels(s), lo, hi) for s in range(self._nshards)]
-            txn = self._storage.begin_read(True)
+        with overlay.lock:  # the overlay and the LMDB snapshot together; a copy of the
+            levels = overlay.snapshot_levels()  # active generation (a C loop) holds the
+            txn = self._storage.begin_read(True)  # lock less long than filtering it would
+        over = [items_in_range(shard_levels, lo, hi) for shard_levels in levels]
 
         def read(txn):
             per_shard = [scan_values(txn, db, lo, hi, limit) if not over[s]
@@ -580,7 +576,7 @@ class EmbeddedKV(KV):
                         out["keys_compared"] += 1
                 return out
 
-            return self._snapshot(read, "checking", copy=True)
+            return self._snapshot(read, "checking")
 
     def _verify_wal(self, position: int) -> list:
         """Per shard, ``(ops by key, first slot, last slot, records, bytes)`` of the
