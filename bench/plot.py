@@ -140,11 +140,13 @@ def plot_cluster(plt, results: dict, out: str) -> bool:
     ax.legend(fontsize="small", loc="upper left")
     if with_cdf:
         cdf = axes[0][1]
-        for where, r in with_cdf:
+        levels = sorted({r["in_flight"] for _, r in with_cdf})
+        for where, r in with_cdf:  # a colour per concurrency, a line style per op and place
             points = sorted((float(q), ms) for q, ms in r["cdf_ms"].items())
             style = ("-" if r["op"] == "put" else "--") if not where else \
                 (":" if r["op"] == "put" else "-.")
             cdf.plot([ms for _, ms in points], [q / 100 for q, _ in points], style,
+                     color=f"C{levels.index(r['in_flight'])}",
                      label=f"{where}{r['op']}, {r['in_flight']} in flight")
         floor = results.get("floor_ms") or {}
         if floor:
