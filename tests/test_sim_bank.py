@@ -18,7 +18,7 @@ from kvstore.paxos.replica import Bugs
 from kvstore.sim.bank_paxos import BankPaxosConfig, run_bank_paxos_seed
 from kvstore.txn import TxnBugs
 
-SEEDS = int(os.environ.get("KVSTORE_SIM_BANK_SEEDS", "120"))
+SEEDS = int(os.environ.get("KVSTORE_SIM_BANK_SEEDS", "100"))
 BUG_SEED_BUDGET = 40  # each planted bug is found well within this (within 5 seeds today)
 
 
