@@ -233,7 +233,10 @@ class WalReplicaStorage:
                 slots.extend((4 * s + i, max(hard[2], 0)) for i in range(4))
 
         self.checkpointer.wait_for_room()
-        self.storage.read(apply)
+        if any(w.committed or w.compacted_through is not None for w in writes):
+            self.storage.read(apply)
+        else:
+            apply(None)  # records and hard state only (a leader's proposal): no LMDB read
         if applied is not None and results:
             applied(results)
         if records:
