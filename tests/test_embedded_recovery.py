@@ -164,6 +164,41 @@ def test_a_log_that_lost_checkpointed_records_is_refused(tmp_path):
         EmbeddedKV(path, wal_files=files)
 
 
+def test_a_directory_written_before_the_log_opens_and_goes_on(tmp_path):
+    """No wal/, no log position in meta, its writes in the LMDB ``log`` table (the
+    format before issue 12): it opens with its applied point from that table, takes
+    writes through the log, and its state checks against both logs."""
+    import lmdb
+
+    from kvstore._native import encode_record
+    from kvstore.codec import KIND_COMMANDS, OP_PUT, encode_commands
+    from kvstore.storage.environment import META_LOG_CLOSED, META_LOG_POSITION
+
+    path = str(tmp_path / "kv")
+    with EmbeddedKV(path) as db:
+        db.put(b"old", b"1")
+    shutil.rmtree(os.path.join(path, "wal"))
+    env = lmdb.open(path, max_dbs=8)
+    try:
+        log, meta = env.open_db(b"s0.log"), env.open_db(b"s0.meta")
+        with env.begin(write=True) as txn:
+            for name in (META_LOG_POSITION, META_LOG_CLOSED, b"applied", b"commit"):
+                txn.delete(name, db=meta)
+            txn.put((1).to_bytes(8, "big"), encode_record(
+                1, 0, KIND_COMMANDS, encode_commands([(OP_PUT, b"old", b"1")])), db=log)
+    finally:
+        env.close()
+    with EmbeddedKV(path) as db:
+        assert db.get(b"old") == b"1"
+        assert db.status()["shards"][0]["commit_index"] == 1
+        db.put(b"new", b"2")
+        assert db.verify()["records"] == 2  # one in each log
+    with EmbeddedKV(path) as db:
+        assert db.scan() == [(b"new", b"2"), (b"old", b"1")]
+        assert db.status()["shards"][0]["commit_index"] == 2
+        db.verify()
+
+
 def test_a_failed_append_changes_nothing_and_the_store_says_to_reopen(tmp_path):
     import errno
     path = str(tmp_path / "kv")
