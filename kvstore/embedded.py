@@ -330,12 +330,13 @@ class EmbeddedKV(KV):
         """
         if self._storage.env is None:
             raise KVError(f"the store at {self.path} is closed")
-        if all(request.payload is None for request in batch):
-            return  # barriers only (close waits behind in-flight commits)
         self._checkpointer.wait_for_room()
         overlay, storage = self._overlay, self._storage
-        with overlay.lock:
-            active, frozen = overlay.active, overlay.frozen
+        # No lock: only this thread publishes into ``active``; a freeze in between
+        # makes ``frozen`` the ``active`` read here (or a later one), a drop leaves its
+        # writes in LMDB, and the read transaction below is begun after both reads.
+        active = overlay.active
+        frozen = overlay.frozen
 
         def begin():
             # Begun after the generations were taken: whatever a checkpoint moved from
@@ -363,22 +364,22 @@ class EmbeddedKV(KV):
         finally:
             if txn.txn is not None:
                 storage.end_read(txn.txn)
-        records = []
-        if self._checkpoint_record is not None:
-            records.append(self._checkpoint_record)
-        for shard, slot, commands in results.entries:
-            records.append(Record(KIND_ENTRY, shard, slot, _BALLOT, encode_commands(commands),
-                                  KIND_COMMANDS))
-        if results.entries:
-            records.append(commit_point([(shard, slot) for shard, slot, _ in results.entries]))
-        if records:
+        entries = results.entries
+        if entries:  # else barriers only (close waits behind in-flight commits)
+            records = [Record(KIND_ENTRY, shard, slot, _BALLOT, encode_commands(commands),
+                              KIND_COMMANDS) for shard, slot, commands in entries]
+            slots = [(shard, slot) for shard, slot, _ in entries]
+            records.append(commit_point(slots))
+            checkpoint = self._checkpoint_record  # set by the checkpoint thread
+            if checkpoint is not None:
+                records.append(checkpoint)
             try:
                 end = self._wal.append(records)
             except StorageError as e:  # nothing of the batch is published
                 raise self._log_error(e) from e
-            self._checkpoint_record = None
-            overlay.publish(pending, [(shard, slot) for shard, slot, _ in results.entries],
-                            end)
+            if self._checkpoint_record is checkpoint:
+                self._checkpoint_record = None
+            overlay.publish(pending, slots, end)
         for request, result in zip(batch, results):
             if type(result) is _Failed:
                 request.error = result.error
