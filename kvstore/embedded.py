@@ -40,8 +40,8 @@ from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageErro
                             TransactionConflict)
 from kvstore.groupcommit import GroupCommitter, Request
 from kvstore.sharding import shard_of
-from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, check_key, check_limit,
-                          check_optional_value, check_value, scan_range)
+from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
+                          check_limit, check_optional_value, check_value, scan_range)
 from kvstore.storage import Storage
 from kvstore.storage.checkpoint import Checkpointer
 from kvstore.storage.environment import (META_APPLIED, META_LOG_CLOSED, META_LOG_FIRST,
@@ -267,9 +267,15 @@ class EmbeddedKV(KV):
     # -- single-key writes -------------------------------------------------------------------
 
     def put(self, key, value) -> None:
-        key = check_key(key)
-        value = check_value(value)
-        self._submit((self._shard(key), (OP_PUT, key, value)), len(key) + len(value))
+        # The hot write path, flat like get's: the checks' slow paths only off bytes.
+        if type(key) is not bytes or not 0 < len(key) <= MAX_KEY_SIZE:
+            key = check_key(key)
+        if type(value) is not bytes or len(value) > MAX_VALUE_SIZE:
+            value = check_value(value)
+        if self._closed:
+            self._check_open()
+        shard = 0 if self._db0 is not None else shard_of(key, self._nshards)
+        self._committer.submit(Request((shard, (OP_PUT, key, value)), len(key) + len(value)))
 
     def delete(self, key) -> bool:
         key = check_key(key)

@@ -44,10 +44,10 @@ torn write and is cut (as in etcd and LevelDB).
 After a failed ``pwrite`` or ``fdatasync`` the log zeroes and syncs what the
 append wrote (so the failed write changes nothing, even at a reopen), then
 refuses appends (what the kernel kept of the page cache is unknown, see
-"fsyncgate"); reopen it. A full
-disk while creating a segment leaves the log usable (the next segment is made smaller, down to what the append needs, before
-a full disk refuses it). Every OS error goes
-through ``kvstore.storage.environment.translate``: a ``StorageError`` naming
+"fsyncgate"); reopen it. A full disk while creating a segment leaves the log
+usable (the next segment is made smaller, down to what the append needs,
+before a full disk refuses it). Every OS error goes through
+``kvstore.storage.environment.translate``: a ``StorageError`` naming
 the path.
 
 The file system is a port (``OsFiles``); tests inject a twin that loses what
