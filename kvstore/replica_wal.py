@@ -50,6 +50,7 @@ import os
 import msgpack
 
 from kvstore._native import key_slot, slot_key
+from kvstore.errors import CorruptRecord
 from kvstore.paxos.replica import PersistedState
 from kvstore.replica_storage import META_PAXOS, _NO_HARD_STATE, apply_entries, install_snapshot
 from kvstore.replica_txn import LOCKED, expired_prepares, key_write_locked, range_write_locked
@@ -112,6 +113,16 @@ class WalReplicaStorage:
             hard, records, position = self.storage.read(self._read_checkpoint)
             self.wal = WriteAheadLog.open(os.path.join(self.path, WAL_DIR),
                                           segment_bytes=segment_bytes)
+            if self.wal.end < position:
+                # The log lost records LMDB says it held (deleted, restored from an older
+                # copy): promises and acceptances may be gone, and a replica that forgot
+                # them could break Paxos (an amnesiac acceptor). Refuse, do not guess.
+                raise CorruptRecord(
+                    f"the write-ahead log in {self.wal.path} ends at position {self.wal.end} "
+                    f"but the last checkpoint covers it up to {position}: records this node "
+                    f"acknowledged are missing. Restore the directory whole, or wipe it and "
+                    f"let the node rejoin from its peers (it then receives a snapshot)",
+                    offset=self.wal.end, path=self.wal.path)
             self._replay(hard, records, position)
             self._hard = hard  # per shard [promised, commit, applied, compacted]
             self._records = records  # per shard {slot: record}, handed to load() once

@@ -134,3 +134,18 @@ def test_a_save_that_only_learns_commit_points_costs_no_fsync(open_storage):
     st.save([ShardWrite(0, records=[rec1])])  # the next append carries the commit point
     crash(st)
     assert open_storage().load(0).commit_index == 0
+
+
+def test_a_log_that_lost_checkpointed_records_is_refused(open_storage, tmp_path):
+    import shutil
+    from kvstore.errors import CorruptRecord
+    st = open_storage()
+    rec, entry = put_entry(0, b"k", b"v")
+    st.save([ShardWrite(0, promised=BALLOT, commit_index=0, records=[rec], committed=[entry])])
+    assert st.checkpointer.checkpoint()
+    crash(st)
+    shutil.rmtree(os.path.join(str(tmp_path / "s"), WAL_DIR))  # the log is gone, LMDB is not
+    with pytest.raises(CorruptRecord, match="records this node acknowledged are missing"):
+        WalReplicaStorage(str(tmp_path / "s"), 2)
+    with pytest.raises(CorruptRecord, match="missing"):  # not "in use": nothing left locked
+        WalReplicaStorage(str(tmp_path / "s"), 2)
