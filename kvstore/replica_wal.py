@@ -271,12 +271,10 @@ class WalReplicaStorage:
     def _install_snapshot(self, shard: int, snapshot) -> None:
         """Replace ``shard``'s state with a snapshot's, durably, before this save's append.
 
-        Everything published is checkpointed first (two rounds: a generation a
-        failed round left frozen, then the active one), so that the log from its
+        Everything published is checkpointed first, so that the log from its
         end on is all a restart needs; then one synced LMDB write holds the
         snapshot's state, the hard state at its index, and that log position."""
         cp = self.checkpointer
-        cp.checkpoint()
         cp.checkpoint()
         hard = self._hard[shard]
         hard[1] = max(hard[1], snapshot.index)
@@ -338,7 +336,6 @@ class WalReplicaStorage:
             if cp is not None:
                 cp.stop()
                 try:
-                    cp.checkpoint()
                     cp.checkpoint()
                 except Exception:  # the log has it all: the next start replays it
                     pass

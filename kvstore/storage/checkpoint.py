@@ -121,30 +121,40 @@ class Checkpointer:
     def checkpoint(self, closing: bool = False) -> bool:
         """Checkpoint everything published so far; False if there was nothing new.
 
+        A generation a failed round left frozen goes first, then the active one:
+        when this returns, LMDB holds every write published before the call.
         ``closing``: no write follows (a clean close): said in LMDB, even when
         there is nothing new.
         """
         with self._round:
             ov = self._overlay
-            if ov.frozen is None and not ov.freeze() and not closing:
-                return False
-            frozen, applied, position = ov.frozen, ov.frozen_applied, ov.frozen_position
-            frozen = frozen or ()
-            started = time.perf_counter()
-            try:
-                self._write(lambda txn: write_generation(txn, self._tables, frozen, applied,
-                                                         position, closing))
-            except StorageError as e:
-                with ov.changed:
-                    self.error = e  # the frozen generation stays; the next round retries it
-                    ov.changed.notify_all()
-                raise
-            ov.drop_frozen()
-            self.error = None
-            self.checkpoints += 1
-            self.last_seconds = time.perf_counter() - started
-            self._after(position)
-        return True
+            wrote = False
+            if ov.frozen is not None:  # a failed round's generation: retried first
+                self._write_frozen(False)
+                wrote = True
+            if ov.freeze() or closing:
+                self._write_frozen(closing)
+                wrote = True
+            return wrote
+
+    def _write_frozen(self, closing: bool) -> None:
+        """One synced LMDB commit of the frozen generation (none: the point alone)."""
+        ov = self._overlay
+        frozen, applied, position = ov.frozen or (), ov.frozen_applied, ov.frozen_position
+        started = time.perf_counter()
+        try:
+            self._write(lambda txn: write_generation(txn, self._tables, frozen, applied,
+                                                     position, closing))
+        except StorageError as e:
+            with ov.changed:
+                self.error = e  # the frozen generation stays; the next round retries it
+                ov.changed.notify_all()
+            raise
+        ov.drop_frozen()
+        self.error = None
+        self.checkpoints += 1
+        self.last_seconds = time.perf_counter() - started
+        self._after(position)
 
     def wait_for_room(self) -> None:
         """Block a writer while the overlay is over its bound (bounded memory).
