@@ -712,6 +712,11 @@ class Detached(list):
     """A plan's batch sent without waiting for the answers (the plan is sent ``None``s)."""
 
 
+def _step(shard: int, entry) -> tuple:
+    """A 2PC entry as one write of a plan's batch: a command of ``shard``'s log."""
+    return wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)]
+
+
 def _deadline_ms() -> int:
     return int((time.time() + TXN_DEADLINE_SECONDS) * 1000)
 
@@ -745,8 +750,7 @@ def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard
                               parts, _deadline_ms())
     error = None
     prepares = coordinator.proposals()
-    answers = yield [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)])
-                     for shard, entry in prepares]
+    answers = yield [_step(shard, entry) for shard, entry in prepares]
     for (shard, _entry), answer in zip(prepares, answers):
         if isinstance(answer, BaseException):
             error = error or answer
@@ -754,13 +758,12 @@ def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard
         coordinator.on_vote(shard, bool(answer))
     if coordinator.state == DECIDING:
         (shard, entry), = coordinator.proposals()
-        (answer,) = yield [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)])]
+        (answer,) = yield [_step(shard, entry)]
         coordinator.on_decision(_answer(answer))
         # The outcome is recorded: answer now, and let the resolves go (two rounds, not
         # three). Until a resolve is applied, reads and writes of the keys it frees wait
         # (LOCKED), so nobody sees the gap; a lost resolve is done by the resolvers.
-        yield Detached((wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)])
-                       for shard, entry in coordinator.proposals())
+        yield Detached(_step(shard, entry) for shard, entry in coordinator.proposals())
     if coordinator.outcome == COMMIT:
         return
     raise error or _conflict()
@@ -781,9 +784,10 @@ def locking_read(keys_by_shard: dict):
     txn_id = os.urandom(16)
     shards = tuple(sorted(keys_by_shard))
     deadline = _deadline_ms()
-    batch = [(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnPrepare(
-        txn_id, shards[0], shards, tuple((k, LOCK_ONLY) for k in sorted(keys_by_shard[shard])),
-        (), deadline))]) for shard in shards]
+    batch = [_step(shard, TxnPrepare(txn_id, shards[0], shards,
+                                     tuple((k, LOCK_ONLY) for k in sorted(keys_by_shard[shard])),
+                                     (), deadline))
+             for shard in shards]
     answers = yield batch
     values, failure = {}, None
     for answer in answers:
@@ -803,8 +807,7 @@ def release_locks(txn_id: bytes, shards, outcome: int = ABORT) -> None:
     shard's resolver after the deadline). It wrote nothing, so either outcome frees
     them alike: ``outcome`` is the recorded decision if there is one, else ABORT
     (nothing was decided, and only ABORT may be without a recorded decision)."""
-    yield Detached([(wire.OP_WRITE, shard, [OP_2PC, encode_2pc(TxnResolve(txn_id, outcome))])
-                    for shard in shards])
+    yield Detached(_step(shard, TxnResolve(txn_id, outcome)) for shard in shards)
 
 
 def run_plan(core: "ClientCore", plan):
@@ -1000,8 +1003,7 @@ class ClusterTxn(Txn):
         held then: the values were one cut at that moment."""
         self._locked = None
         txn_id, shards, _values = locked
-        (answer,) = yield [(wire.OP_WRITE, shards[0],
-                            [OP_2PC, encode_2pc(TxnDecision(txn_id, COMMIT))])]
+        (answer,) = yield [_step(shards[0], TxnDecision(txn_id, COMMIT))]
         outcome = COMMIT if answer == COMMIT else ABORT
         if isinstance(answer, BaseException):  # unknown: the resolvers settle it
             raise answer

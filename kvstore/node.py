@@ -185,7 +185,7 @@ class Node:
         # the resolver: this node's own writes (2PC settlements) go through _on_request
         # under the identity ("self", token) with their own client session
         self._resolver_id = b"resolver-" + os.urandom(8)
-        self._own_writes: dict = {}  # token -> (seq, callback(status, value))
+        self._own_writes: dict = {}  # token (= its seq) -> (callback(result), started at)
         self._resolving: dict = {}  # txn id -> monotonic time its settlement started
         self._last_resolve = time.monotonic()
 
@@ -655,7 +655,7 @@ class Node:
         self._last_resolve = now
         for txn_id in [t for t, at in self._resolving.items() if now - at > RESOLVE_RETRY_SECONDS]:
             del self._resolving[txn_id]
-        for token in [t for t, w in self._own_writes.items() if now - w[2] > RESOLVE_RETRY_SECONDS]:
+        for token in [t for t, w in self._own_writes.items() if now - w[1] > RESOLVE_RETRY_SECONDS]:
             del self._own_writes[token]
         now_ms = int(time.time() * 1000)
         for shard, r in enumerate(self.replicas):
@@ -688,8 +688,8 @@ class Node:
         ``callback(result)`` runs once it is applied. A failure is dropped: the
         resolver starts the settlement again later."""
         token = next(self._tokens)
-        floor = min((w[0] for w in self._own_writes.values()), default=token)
-        self._own_writes[token] = (token, callback, time.monotonic())
+        floor = min(self._own_writes, default=token)
+        self._own_writes[token] = (callback, time.monotonic())
         self._on_request(("self", token), token, wire.OP_WRITE,
                          [shard, self._resolver_id, token, floor, command])
 
@@ -700,7 +700,7 @@ class Node:
         if status == wire.STATUS_OK_FORWARDED and type(value) is list and len(value) == 2:
             status, value = wire.STATUS_OK, value[0]
         if status == wire.STATUS_OK:
-            w[1](value)
+            w[0](value)
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
