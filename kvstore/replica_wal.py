@@ -49,8 +49,9 @@ import os
 
 import msgpack
 
-from kvstore._native import key_slot, slot_key
+from kvstore._native import decode_record, key_slot, slot_key
 from kvstore.errors import CorruptRecord
+from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import PersistedState
 from kvstore.replica_storage import META_PAXOS, _NO_HARD_STATE, apply_entries, install_snapshot
 from kvstore.replica_txn import LOCKED, expired_prepares, key_write_locked, range_write_locked
@@ -113,22 +114,18 @@ class WalReplicaStorage:
             hard, records, position = self.storage.read(self._read_checkpoint)
             self.wal = WriteAheadLog.open(os.path.join(self.path, WAL_DIR),
                                           segment_bytes=segment_bytes)
-            if self.wal.end < position:
-                # The log lost records LMDB says it held (deleted, restored from an older
-                # copy): promises and acceptances may be gone, and a replica that forgot
-                # them could break Paxos (an amnesiac acceptor). Refuse, do not guess.
-                raise CorruptRecord(
-                    f"the write-ahead log in {self.wal.path} ends at position {self.wal.end} "
-                    f"but the last checkpoint covers it up to {position}: records this node "
-                    f"acknowledged are missing. Restore the directory whole, or wipe it and "
-                    f"let the node rejoin from its peers (it then receives a snapshot)",
-                    offset=self.wal.end, path=self.wal.path)
-            self._replay(hard, records, position)
+            self._check_log_covers(position)
+            checkpointed = [dict(r) for r in records]
+            self._replay(hard, records)
+            check_recovered(self.path, hard, records)
             self._hard = hard  # per shard [promised, commit, applied, compacted]
             self._records = records  # per shard {slot: record}, handed to load() once
             self._commit_points: dict = {}  # shard -> commit point not in the log yet
             self.overlay = Overlay(4 * self.nshards,
                                    [max(h[2], 0) for h in hard for _ in _TABLES], position)
+            # What the replay added is durable in the log only: it joins the overlay, so
+            # that the first checkpoint, which moves LMDB's log position past it, holds it.
+            self.overlay.publish(self._replayed(hard, records, checkpointed), (), self.wal.end)
             # the checkpointer writes overlay index i into table i % 4 of shard i // 4
             targets = [ShardTables(t.log, t.meta, getattr(t, name), t.txns)
                        for t in self.tables for name in _TABLES]
@@ -144,16 +141,42 @@ class WalReplicaStorage:
 
     def _read_checkpoint(self, txn):
         hard, records, positions = [], [], []
-        for t in self.tables:
+        for shard, t in enumerate(self.tables):
             raw = txn.get(META_PAXOS, db=t.meta)
-            hard.append(list(_NO_HARD_STATE if raw is None else msgpack.unpackb(raw)))
+            value = list(_NO_HARD_STATE) if raw is None else msgpack.unpackb(raw)
+            if type(value) is not list or len(value) != 4 or \
+                    any(type(v) is not int for v in value):
+                raise _inconsistent(self.path, shard,
+                                    f"its hard state {value!r} is not four integers")
+            hard.append(value)
             records.append({key_slot(bytes(k)): bytes(v) for k, v in txn.cursor(t.log)})
             positions.append(unpack_u64(txn.get(META_LOG_POSITION, db=t.meta)))
         return hard, records, min(positions)
 
-    def _replay(self, hard: list, records: list, position: int) -> None:
-        """The log after the checkpoint's ``position``: the hard state and records it adds."""
-        for _position, r in self.wal.replay(position):
+    def _check_log_covers(self, position: int) -> None:
+        """Refuse a log that lost records LMDB says it held (deleted, cut, restored from
+        an older copy): promises and acceptances may be gone, and a replica that forgot
+        them could break Paxos (an amnesiac acceptor). Refuse, do not guess."""
+        wal = self.wal
+        if wal.first_position <= position <= wal.end:
+            return
+        where = (f"ends at position {wal.end}" if wal.end < position
+                 else f"starts at position {wal.first_position}")
+        raise CorruptRecord(
+            f"the write-ahead log in {wal.path} {where} but the last checkpoint covers it "
+            f"up to {position}: records this node acknowledged are missing. Restore the "
+            f"directory whole, or wipe it and let the node rejoin from its peers (it then "
+            f"receives a snapshot)", offset=wal.end, path=wal.path)
+
+    def _replay(self, hard: list, records: list) -> None:
+        """The hard state and records the log adds to the checkpoint's.
+
+        The whole log kept is replayed, not only what lies past the checkpoint's
+        position: a record it holds is never older than LMDB's for its slot (LMDB
+        has only what the log held before that position, and the log kept is
+        its newest part), and a directory written before issue 19's fix may have
+        checkpointed a position past records that never reached LMDB."""
+        for _position, r in self.wal.replay(self.wal.first_position):
             if not 0 <= r.shard < self.nshards:
                 continue  # not a record of this node's shards (an embedded store's, say)
             if r.kind == KIND_ENTRY:
@@ -162,6 +185,19 @@ class WalReplicaStorage:
                 hard[r.shard][0] = max(hard[r.shard][0], r.ballot)
             elif r.kind == KIND_COMMIT_POINT:
                 hard[r.shard][1] = max(hard[r.shard][1], r.slot)
+
+    def _replayed(self, hard: list, records: list, checkpointed: list) -> dict:
+        """The overlay's first generation: per shard, the hard state and every record
+        the replay added or changed (above the compaction point)."""
+        generation = {}
+        for s, (shard_hard, shard_records) in enumerate(zip(hard, records)):
+            before = checkpointed[s]
+            log_level = {slot_key(slot): rec for slot, rec in shard_records.items()
+                         if slot > shard_hard[3] and before.get(slot) != rec}
+            if log_level:
+                generation[4 * s + LOG] = log_level
+            generation[4 * s + META] = {META_PAXOS: msgpack.packb(shard_hard)}
+        return generation
 
     def load(self, shard: int) -> PersistedState:
         promised, commit, applied, compacted = self._hard[shard]
@@ -346,4 +382,70 @@ class WalReplicaStorage:
             self.storage.close()
 
 
-__all__ = ["WalReplicaStorage"]
+def check_recovered(path: str, hard: list, records: list) -> None:
+    """Refuse a recovered state that is not self-consistent, in one line naming ``path``.
+
+    Run at every recovery, before any replica sees the state. Per shard, with
+    ``[promised, commit, applied, compacted]`` and the records above the
+    compaction point: ``-1 <= compacted <= applied <= commit``; every record
+    validates, sits at its own slot and was accepted at a ballot the promise
+    covers; and every slot above the compaction point up to the commit point is
+    held (the replica applies them, and serves them to its peers). A state
+    that fails this was damaged on disk, or by a bug: the node must not vote
+    with it."""
+    for shard, (shard_hard, shard_records) in enumerate(zip(hard, records)):
+        problem = _inconsistency(shard_hard, shard_records)
+        if problem is not None:
+            raise _inconsistent(path, shard, problem)
+
+
+def _inconsistent(path: str, shard: int, problem: str) -> CorruptRecord:
+    return CorruptRecord(
+        f"the persisted state of shard {shard} in {path} is inconsistent: {problem}. Wipe "
+        f"the directory and let the node rejoin from its peers (it then receives a "
+        f"snapshot)", path=path)
+
+
+def _inconsistency(hard: list, records: dict) -> str | None:
+    """What is wrong with one shard's recovered state (``check_recovered``), or None."""
+    promised, commit, applied, compacted = hard
+    points = (f"(promised {format_ballot(promised)}, commit {commit}, applied {applied}, "
+              f"compacted {compacted})")
+    if promised < 0 or not -1 <= compacted <= applied <= commit:
+        return f"its points are out of order {points}"
+    for slot in sorted(records):
+        if slot <= compacted:
+            continue
+        try:
+            record_slot, ballot, _kind, _payload = decode_record(records[slot])
+        except CorruptRecord as e:
+            return f"the log record at slot {slot} does not validate ({e})"
+        if record_slot != slot:
+            return f"the log record kept at slot {slot} is slot {record_slot}'s"
+        if ballot > promised:
+            return (f"slot {slot} was accepted at ballot {format_ballot(ballot)}, above the "
+                    f"promise {points}")
+    missing = [slot for slot in range(compacted + 1, commit + 1) if slot not in records]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        return (f"{_slot_ranges(missing)}, at or below the commit point, {verb} not in the "
+                f"log {points}")
+    return None
+
+
+def _slot_ranges(slots: list, shown: int = 4) -> str:
+    """``slots 3 and 7-9`` for sorted ``slots``: the first ``shown`` runs, then a count."""
+    runs: list = []
+    for slot in slots:
+        if runs and runs[-1][1] == slot - 1:
+            runs[-1][1] = slot
+        else:
+            runs.append([slot, slot])
+    text = [str(a) if a == b else f"{a}-{b}" for a, b in runs[:shown]]
+    if len(runs) > shown:
+        text.append(f"{len(runs) - shown} more ranges")
+    word = "slot" if len(slots) == 1 else "slots"
+    return f"{word} {', '.join(text[:-1]) + ' and ' if len(text) > 1 else ''}{text[-1]}"
+
+
+__all__ = ["WalReplicaStorage", "check_recovered"]

@@ -8,7 +8,12 @@ systemd unit).
 
 - SIGTERM or SIGINT: the node finishes its loop turn (persists, sends and
   answers what is decided), closes its sockets and its storage, exit 0.
-- A bad config or an unusable data directory: one line on stderr, exit 2.
+- A bad config or an unusable data directory (its persisted state fails the
+  recovery check included): one line on stderr, exit 2.
+- The disk refuses a write while the node runs (full, read-only, failing): the
+  node stops at once, before it sends or answers anything that write was to
+  make durable, and exits 4 with one line naming the path. Restarted once the
+  disk has room, it recovers from the log and rejoins.
 - Logs go to stderr, as text or one JSON object per line (``--log-format
   json``): start, stop, elections and leader changes per shard, dropped frames.
 """
@@ -30,6 +35,7 @@ from kvstore.errors import InvalidArgument, StorageError
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+EXIT_STORAGE = 4
 
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -75,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_CONFIG) -> int:
     print(f"kvstore-server: {message}", file=sys.stderr)
-    return EXIT_CONFIG
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         node = Node(config)
     except (StorageError, InvalidArgument) as e:
-        return _fail(f"data directory {config.data_dir}: {e}")
+        return _fail(_naming(config.data_dir, e))
     except zmq.ZMQError as e:
         return _fail(f"cannot listen on {config.addresses[config.name]}: {e}")
 
@@ -105,14 +111,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     profile_dir = os.environ.get("KVSTORE_SERVER_PROFILE")
-    if profile_dir:  # where the time goes: a cProfile dump per node at exit
-        import cProfile
-        profiler = cProfile.Profile()
-        profiler.runcall(node.run)
-        profiler.dump_stats(os.path.join(profile_dir, f"{config.name}.prof"))
-    else:
-        node.run()
+    try:
+        if profile_dir:  # where the time goes: a cProfile dump per node at exit
+            import cProfile
+            profiler = cProfile.Profile()
+            try:
+                profiler.runcall(node.run)
+            finally:
+                profiler.dump_stats(os.path.join(profile_dir, f"{config.name}.prof"))
+        else:
+            node.run()
+    except StorageError as e:
+        # The loop ended inside a save (node.run closed what it could): what the save
+        # held was neither sent nor answered. One line, no traceback.
+        return _fail(f"stopped: storage error: {_naming(config.data_dir, e)}", EXIT_STORAGE)
     return EXIT_OK
+
+
+def _naming(data_dir: str, e: BaseException) -> str:
+    """``e``'s message on one line, naming the data directory (once)."""
+    message = " ".join(str(e).split())
+    return message if data_dir in message else f"data directory {data_dir}: {message}"
 
 
 if __name__ == "__main__":

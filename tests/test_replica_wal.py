@@ -149,3 +149,139 @@ def test_a_log_that_lost_checkpointed_records_is_refused(open_storage, tmp_path)
         WalReplicaStorage(str(tmp_path / "s"), 2)
     with pytest.raises(CorruptRecord, match="missing"):  # not "in use": nothing left locked
         WalReplicaStorage(str(tmp_path / "s"), 2)
+
+
+def slots_of(records: list) -> list:
+    return [int.from_bytes(r[8:16], "little") for r in records]
+
+
+def test_records_replayed_at_a_restart_survive_the_next_checkpoint(open_storage):
+    """Issue 19, defects 1 and 4: the log's records after the checkpoint were replayed
+    into the replica only, so the first checkpoint after a restart moved LMDB's log
+    position past them without putting them in LMDB, and once their segment was
+    deleted they were gone: holes below the commit point at the next restart."""
+    st = open_storage(shards=1, segment_bytes=1024)
+    rec0, entry0 = put_entry(0, b"a", b"0")
+    st.save([ShardWrite(0, promised=BALLOT, commit_index=0, records=[rec0], committed=[entry0])])
+    assert st.checkpointer.checkpoint()
+    rec1, entry1 = put_entry(1, b"b", b"1")
+    st.save([ShardWrite(0, records=[rec1, put_entry(2, b"c", b"2")[0]])])
+    st.save([ShardWrite(0, commit_index=1, committed=[entry1])])
+    st.save([ShardWrite(0, records=[put_entry(3, b"d", b"3")[0]])])  # carries commit point 1
+    crash(st)  # a SIGKILL: LMDB holds slot 0, the log slots 1 to 3
+    st = open_storage(shards=1, segment_bytes=1024)
+    p = st.load(0)
+    assert (p.commit_index, p.applied_index, slots_of(p.records)) == (1, 0, [0, 1, 2, 3])
+    st.save([ShardWrite(0, committed=[entry1])])  # the replica re-applies slot 1
+    first = wal_segments(st.path)[0]
+    for slot in range(4, 12):  # the log moves on to new segments
+        st.save([ShardWrite(0, records=[put_entry(slot, b"k", bytes(200))[0]])])
+    assert st.checkpointer.checkpoint()
+    assert first not in wal_segments(st.path)  # slots 1 to 3 are in LMDB only now
+    crash(st)
+    st = open_storage(shards=1, segment_bytes=1024)
+    p = st.load(0)
+    assert (p.commit_index, p.applied_index, slots_of(p.records)) == (1, 1, list(range(12)))
+    assert st.get(0, b"b") == (b"1", 2)
+
+
+def test_a_directory_whose_checkpoint_passed_replayed_records_starts(open_storage,
+                                                                     monkeypatch):
+    """The captured directory of issue 19 (defect 1), in small: written before the fix,
+    LMDB's log position lies past records LMDB never received; the log still holds
+    them, and recovery takes them from there (and checkpoints them, this time)."""
+    st = open_storage(shards=1, segment_bytes=1024)
+    rec0, entry0 = put_entry(0, b"a", b"0")
+    st.save([ShardWrite(0, promised=BALLOT, commit_index=0, records=[rec0], committed=[entry0])])
+    assert st.checkpointer.checkpoint()
+    rec1, entry1 = put_entry(1, b"b", b"1")
+    rec2, entry2 = put_entry(2, b"c", b"2")
+    st.save([ShardWrite(0, commit_index=1, records=[rec1, rec2])])
+    crash(st)
+    with monkeypatch.context() as m:  # the recovery of old: nothing replayed is published
+        m.setattr(WalReplicaStorage, "_replayed", lambda self, hard, records, before: {})
+        st = open_storage(shards=1, segment_bytes=1024)
+        st.load(0)
+        st.save([ShardWrite(0, commit_index=2, committed=[entry1, entry2])])
+        assert st.checkpointer.checkpoint()
+        crash(st)
+    st = open_storage(shards=1, segment_bytes=1024)
+    p = st.load(0)
+    assert (p.commit_index, p.applied_index, slots_of(p.records)) == (2, 2, [0, 1, 2])
+    first = wal_segments(st.path)[0]
+    for slot in range(3, 10):  # the log moves on to new segments
+        st.save([ShardWrite(0, records=[put_entry(slot, b"k", bytes(200))[0]])])
+    assert st.checkpointer.checkpoint()
+    assert first not in wal_segments(st.path)  # slots 1 and 2 are in LMDB only now
+    crash(st)
+    p = open_storage(shards=1, segment_bytes=1024).load(0)
+    assert slots_of(p.records) == list(range(10))
+def test_a_promise_replayed_at_a_restart_survives_a_checkpoint_of_other_shards(open_storage):
+    """A promise in the log only (the shard saved nothing since the restart) must not
+    be forgotten when another shard's save is checkpointed: an acceptor that forgot a
+    promise could accept below it."""
+    st = open_storage(shards=2)
+    st.save([ShardWrite(0, promised=BALLOT), ShardWrite(1, promised=BALLOT)])
+    assert st.checkpointer.checkpoint()
+    st.save([ShardWrite(0, promised=3 * BALLOT)])
+    crash(st)
+    st = open_storage(shards=2)
+    assert st.load(0).promised == 3 * BALLOT
+    st.save([ShardWrite(1, records=[put_entry(0, b"k", b"v")[0]])])  # shard 1 only
+    assert st.checkpointer.checkpoint()
+    crash(st)
+    assert open_storage(shards=2).load(0).promised == 3 * BALLOT
+
+
+def damage(path: str, shards: int, shard: int, change) -> None:
+    """``change(txn, tables)`` on the closed directory's LMDB, as a disk or a bug might."""
+    from kvstore.storage import Storage
+    storage = Storage(path, shards=shards)
+    try:
+        storage.write(lambda txn: change(txn, storage.shards[shard]))
+    finally:
+        storage.close()
+
+
+def put_hard(hard: list):
+    from kvstore.replica_storage import META_PAXOS
+    return lambda txn, t: txn.put(META_PAXOS, msgpack.packb(hard), db=t.meta)
+
+
+def put_log(slot: int, record: bytes):
+    from kvstore._native import slot_key
+    return lambda txn, t: txn.put(slot_key(slot), record, db=t.log)
+
+
+@pytest.mark.parametrize("change,message", [
+    (put_hard([BALLOT, 12, 9, -1]), r"slots 10-12, at or below the commit point, are not in the "
+                                    r"log"),
+    (put_hard([BALLOT, 9, 10, -1]), r"its points are out of order \(promised 1.0, commit 9, "
+                                    r"applied 10, compacted -1\)"),
+    (put_hard([BALLOT, 9, 9, 10]), r"its points are out of order"),
+    (put_hard([BALLOT, 9, 9]), r"its hard state \[65536, 9, 9\] is not four integers"),
+    (put_log(1, encode_record(1, 2 * BALLOT, KIND_BATCH, b"\x90")),
+     r"slot 1 was accepted at ballot 2.0, above the promise \(promised 1.0"),
+    (put_log(1, put_entry(4, b"k", b"v")[0]), r"the log record kept at slot 1 is slot 4's"),
+    (put_log(1, put_entry(1, b"k", b"v")[0][:-1] + b"\x00"),
+     r"the log record at slot 1 does not validate"),
+], ids=["commit-above-records", "applied-above-commit", "compacted-above-applied",
+        "hard-state-shape", "ballot-above-promise", "record-at-another-slot", "torn-record"])
+def test_an_inconsistent_persisted_state_is_refused_at_recovery(open_storage, tmp_path,
+                                                                change, message):
+    """Issue 19: every recovery checks the persisted state's relations, and refuses
+    one that fails them in one line naming the directory (not an AssertionError
+    from the replica's first Ready)."""
+    from kvstore.errors import CorruptRecord
+    st = open_storage(shards=1, segment_bytes=1024)
+    for slot in range(10):
+        rec, entry = put_entry(slot, b"k%d" % slot, bytes(200))
+        st.save([ShardWrite(0, promised=BALLOT, commit_index=slot, records=[rec],
+                            committed=[entry])])
+    st.close()  # checkpointed: the log keeps its last segment only, after slot 1
+    path = str(tmp_path / "s")
+    damage(path, 1, 0, change)
+    with pytest.raises(CorruptRecord, match=message) as info:
+        WalReplicaStorage(path, 1)
+    assert path in str(info.value) and "\n" not in str(info.value)
+    assert "shard 0" in str(info.value) and "rejoin" in str(info.value)

@@ -178,7 +178,7 @@ class Checkpointer:
         ov = self._overlay
         if ov.frozen is not None:  # a failed round's generation waits for its retry
             return time.monotonic() - since >= self.interval
-        if ov.position == ov.frozen_position:
+        if not ov.has_news():
             return False
         return (ov.active_bytes >= self.trigger_bytes
                 or ov.active_bytes + ov.frozen_bytes >= self.limit_bytes

@@ -66,6 +66,9 @@ class Overlay:
         self.position = position
         self.frozen_position = position
         self.frozen_applied = list(applied)
+        #: A publish since the last freeze wrote something: there is something to checkpoint
+        #: even if the log's position did not move (a save that appended nothing).
+        self.unfrozen_writes = False
         self.wake_bytes = 0  # from this active size on, a publish wakes ``changed``'s waiters
 
     # -- writing (the group-commit leader, one at a time) ---------------------------------
@@ -88,6 +91,7 @@ class Overlay:
             for shard, slot in slots:
                 self.applied[shard] = slot
             self.position = position
+            self.unfrozen_writes = self.unfrozen_writes or bool(writes)
             self.active_bytes += added
             if self.active_bytes >= self.wake_bytes:
                 self.changed.notify_all()  # a checkpoint is due (waking it per write costs
@@ -103,15 +107,20 @@ class Overlay:
         """
         with self.lock:
             assert self.frozen is None
-            if self.position == self.frozen_position:
+            if not self.has_news():
                 return False
             self.frozen = self.active
+            self.unfrozen_writes = False
             self.frozen_bytes = self.active_bytes
             self.frozen_position = self.position
             self.frozen_applied = list(self.applied)
             self.active = [{} for _ in self.frozen]
             self.active_bytes = 0
             return True
+
+    def has_news(self) -> bool:
+        """Something was published since the last freeze."""
+        return self.position != self.frozen_position or self.unfrozen_writes
 
     def drop_frozen(self) -> None:
         """The frozen generation is durable in LMDB: readers find it there from now on."""
