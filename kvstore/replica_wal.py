@@ -33,11 +33,21 @@ The checkpointer (``kvstore.storage.checkpoint``) writes a frozen generation of
 all four tables of every shard in one synced LMDB transaction with the log
 position it covers (``META_LOG_POSITION``), then deletes the log segments below
 it. Recovery (``__init__``): LMDB's tables as of the last checkpoint, then the
-log after its position: promises, records (a later one for a slot wins) and
-commit points. The applied state is exactly LMDB's at its applied point; the
-replica re-applies the chosen entries above it (its first ``Ready``), so
-nothing is applied twice or lost. A directory written before the log existed
-has no position: the whole (empty) log is replayed.
+log kept: promises, records (a later one for a slot wins) and commit points.
+What the replay adds is durable in the log only, so it is published into the
+overlay as its first generation: the first checkpoint, which moves LMDB's log
+position past it, holds it (issue 19: without that, the replicas alone held
+it, and once its segment was deleted a restart found holes below the commit
+point, or forgot a promise). The applied state is exactly LMDB's at its
+applied point; the replica re-applies the chosen entries above it (its first
+``Ready``), so nothing is applied twice or lost. Before any replica sees the
+recovered state, ``check_recovered`` checks that it is self-consistent; a
+state that is not is refused (``CorruptRecord``, one line naming the
+directory), never handed to a replica that would vote with it.
+
+A save either completes or changes nothing here: this storage's hard state
+and pending commit points move only once its append returned, so after a
+failed one (a full disk) ``close`` checkpoints only what was durable.
 
 Reads (``get``, ``scan``, ``snapshot_data``, ``expired_prepares``) look at the
 overlay's generations, then LMDB, in that order (``kvstore.storage.overlay``).
@@ -246,13 +256,17 @@ class WalReplicaStorage:
         records: list = []
         published: dict = {}
         slots: list = []
+        # the hard states and commit points this save moves: this storage's own copies
+        # change only once the save is durable (a failed append leaves them as on disk)
+        hards: dict = {}
+        commit_points = dict(self._commit_points)
 
         levels = {w.shard: self._levels(w.shard) for w in writes}  # before the transaction
 
         def apply(txn):
             for w in writes:
                 s = w.shard
-                hard = self._hard[s]
+                hard = hards[s] = list(hards.get(s, self._hard[s]))
                 pending = [{}, {}, {}, {}]
                 if w.promised is not None and w.promised != hard[0]:
                     hard[0] = w.promised
@@ -263,7 +277,7 @@ class WalReplicaStorage:
                     pending[LOG][slot_key(slot)] = rec
                 if w.commit_index is not None and w.commit_index > hard[1]:
                     hard[1] = w.commit_index
-                    self._commit_points[s] = w.commit_index
+                    commit_points[s] = w.commit_index
                 if w.compacted_through is not None and w.compacted_through > hard[3]:
                     self._compact(txn, s, levels[s][LOG], w.compacted_through, pending[LOG])
                     hard[3] = w.compacted_through
@@ -288,11 +302,14 @@ class WalReplicaStorage:
             applied(results)
         if records:
             # the commit points ride with the next append that has to be synced anyway
-            records += [Record(KIND_COMMIT_POINT, s, slot=c) for s, c in self._commit_points.items()]
-            self._commit_points.clear()
+            records += [Record(KIND_COMMIT_POINT, s, slot=c) for s, c in commit_points.items()]
+            commit_points.clear()
             position = self.wal.append(records)
         else:
             position = self.wal.end
+        for s, hard in hards.items():
+            self._hard[s] = hard
+        self._commit_points = commit_points
         self.overlay.publish(published, slots, position)
         return results
 
@@ -312,7 +329,7 @@ class WalReplicaStorage:
         snapshot's state, the hard state at its index, and that log position."""
         cp = self.checkpointer
         cp.checkpoint()
-        hard = self._hard[shard]
+        hard = list(self._hard[shard])  # this storage's copy changes once the write is durable
         hard[1] = max(hard[1], snapshot.index)
         hard[2] = snapshot.index
         hard[3] = max(hard[3], snapshot.index)
@@ -329,6 +346,7 @@ class WalReplicaStorage:
 
         with cp.holding():
             self.storage.write(install)
+        self._hard[shard] = hard
 
     def _after_checkpoint(self, position: int) -> None:
         self.wal.truncate_before(position)

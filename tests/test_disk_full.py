@@ -306,3 +306,63 @@ def test_a_node_whose_disk_fills_exits_4_and_restarts_consistent(tmp_path):
         finally:
             stop.set()
             lc.close()
+
+
+def test_a_node_whose_log_append_fails_acknowledges_nothing_of_it_and_stops(tmp_path):
+    """The disk refuses a save's append (ENOSPC at its fdatasync): the node's loop ends
+    with that StorageError before it answers the write the save held; restarted on its
+    directory, it is consistent, keeps what it acknowledged, and has nothing of the
+    refused write."""
+    import errno
+
+    from kvstore.errors import StorageError
+    from kvstore.node import Node, NodeConfig
+    from kvstore.server_local import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    config = NodeConfig(name="n1", names=["n1"], addresses={"n1": address}, shards=1,
+                        data_dir=str(tmp_path / "n1"))
+    ended: list = []
+
+    def run(node: Node) -> None:
+        try:
+            node.run()
+        except BaseException as e:  # what kvstore-server turns into exit 4
+            ended.append(e)
+        else:
+            ended.append(None)
+
+    node = Node(config)
+    thread = threading.Thread(target=run, args=(node,), daemon=True)
+    thread.start()
+    try:
+        with kvstore.connect(address, timeout=5.0) as c:
+            c.put(b"before", b"1")
+
+            def refused(_fd: int) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            node.storage.wal._files.fdatasync = refused
+            with kvstore.connect(address, timeout=2.0) as other:
+                with pytest.raises(kvstore.Unavailable):  # never an acknowledgement
+                    other.put(b"refused", b"2")
+        thread.join(10)
+        assert not thread.is_alive()
+        assert isinstance(ended[0], StorageError) and "disk full" in str(ended[0])
+    finally:
+        if thread.is_alive():
+            node.stop()
+            thread.join(10)
+    node = Node(config)
+    thread = threading.Thread(target=run, args=(node,), daemon=True)
+    thread.start()
+    try:
+        with kvstore.connect(address, timeout=5.0) as c:
+            assert c.get(b"before") == b"1"
+            assert c.get(b"refused") is None
+            c.put(b"after", b"3")
+            assert c.get(b"after") == b"3"
+    finally:
+        node.stop()
+        thread.join(10)
+    assert ended[1] is None

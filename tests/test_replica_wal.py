@@ -285,3 +285,28 @@ def test_an_inconsistent_persisted_state_is_refused_at_recovery(open_storage, tm
         WalReplicaStorage(path, 1)
     assert path in str(info.value) and "\n" not in str(info.value)
     assert "shard 0" in str(info.value) and "rejoin" in str(info.value)
+
+
+def test_a_save_whose_append_failed_leaves_nothing_behind(open_storage):
+    """A full disk fails a save's append: nothing of it may reach LMDB by a later save
+    or the checkpoint at close (its commit point there, without its records, would be
+    a commit point for slots the node never held)."""
+    import errno
+    from kvstore.errors import StorageError
+    st = open_storage(shards=1)
+    rec0, entry0 = put_entry(0, b"a", b"0")
+    st.save([ShardWrite(0, promised=BALLOT, commit_index=0, records=[rec0], committed=[entry0])])
+
+    def refused(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    st.wal._files.fdatasync = refused
+    rec1, entry1 = put_entry(1, b"b", b"1")
+    with pytest.raises(StorageError, match="disk full"):
+        st.save([ShardWrite(0, promised=2 * BALLOT, commit_index=1, records=[rec1],
+                            committed=[entry1])])
+    assert st.get(0, b"b") == (None, 0)
+    st.save([ShardWrite(0, committed=[])])  # a save that appends nothing still works
+    st.close()
+    p = open_storage(shards=1).load(0)
+    assert (p.promised, p.commit_index, p.applied_index, slots_of(p.records)) == (BALLOT, 0, 0, [0])
