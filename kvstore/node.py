@@ -4,7 +4,11 @@ This is the only place where the pure Paxos core meets I/O. A node owns one
 ``kvstore.paxos.Replica`` per shard, one ``ReplicaStorage`` (the write-ahead
 log and LMDB) for all of them, one ``NodeSockets`` (a ROUTER for clients and
 peers, a DEALER per peer) and a monotonic clock, and runs them from a single
-thread in one loop. Each turn of the loop:
+thread in one loop. The sockets and the clock are ports (``kvstore.ports``):
+the deterministic simulator (``kvstore.sim.realnode``) drives this same class
+over an in-memory transport, its own clock and a simulated disk. ``run()`` is
+the production shell (poll the sockets until the next tick is due); ``turn()``
+is one turn of the loop, the same for both. Each turn:
 
 1. **receive**: read what waits on the ROUTER (bounded); Paxos batches go to
    the replicas (``step``), client writes are queued for their shard's
@@ -14,7 +18,7 @@ thread in one loop. Each turn of the loop:
    writes for a shard another node leads are forwarded there; a malformed, oversized or unknown frame
    is dropped and counted (``wire.decode``);
 2. **tick**: one ``tick()`` per replica per elapsed ``tick_seconds`` of
-   ``time.monotonic()`` (a few at most per turn, so a stalled process wakes up
+   ``self.clock.monotonic()`` (a few at most per turn, so a stalled process wakes up
    to its inbox before it times anybody out; with lease reads on, a stall, or
    ticks not delivered, void the leases first: ``clock_jumped``);
 3. **drive** every replica that ``has_ready()``, all shards together:
@@ -53,7 +57,6 @@ import itertools
 import logging
 import os
 import random
-import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 
@@ -65,6 +68,7 @@ from kvstore.keys import MAX_KEY_SIZE, check_key, check_value
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
+from kvstore.ports import NO_BUGS, NodeBugs, SystemClock
 from kvstore.replica_storage import (STALE, ReplicaStorage, ShardWrite,
                                      check_command, command_keys, decode_client_command,
                                      encode_client_command)
@@ -147,8 +151,14 @@ class Node:
     """A cluster node; ``run()`` is its loop (blocking), ``stop()`` ends it from anywhere."""
 
     def __init__(self, config: NodeConfig, storage: ReplicaStorage | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, *, transport=None, clock=None,
+                 bugs: NodeBugs = NO_BUGS) -> None:
+        """``transport`` and ``clock`` are the node's ports (``Transport``, ``Clock``):
+        ZeroMQ sockets and the system clock unless given (the simulator gives its own,
+        ``kvstore.sim.realnode``). ``bugs`` plants bugs for the simulator to find."""
         self.config = config
+        self.clock = clock or SystemClock()
+        self.bugs = bugs
         self.name = config.name
         self.index = config.index
         self.n = len(config.names)
@@ -163,7 +173,7 @@ class Node:
             if config.curve_keys:
                 from kvstore.transport.security import CurveKeys
                 keys = CurveKeys(config.curve_keys, "node")
-            self.sockets = NodeSockets(config.addresses[self.name], peers, keys=keys)
+            self.sockets = transport or NodeSockets(config.addresses[self.name], peers, keys=keys)
         except BaseException:
             self.storage.close()
             raise
@@ -181,13 +191,14 @@ class Node:
         self._stopping = False
         self._ticks = 0
         self._campaign_at = list(PREFERRED_CAMPAIGN_TICKS) if self.n > 1 else []
-        self._last_expiry = time.monotonic()
+        self._last_expiry = self.clock.monotonic()
         # the resolver: this node's own writes (2PC settlements) go through _on_request
         # under the identity ("self", token) with their own client session
-        self._resolver_id = b"resolver-" + os.urandom(8)
+        self._resolver_id = b"resolver-" + self.rng.randbytes(8)
         self._own_writes: dict = {}  # token (= its seq) -> (callback(result), started at)
         self._resolving: dict = {}  # txn id -> monotonic time its settlement started
-        self._last_resolve = time.monotonic()
+        self._last_resolve = self.clock.monotonic()
+        self._next_tick = self.clock.monotonic() + config.tick_seconds
 
     def _make_replica(self, shard: int) -> Replica:
         c = self.config
@@ -208,47 +219,58 @@ class Node:
         self._stopping = True
 
     def run(self) -> None:
-        """The driver loop (see the module docstring). Returns after ``stop()``."""
-        tick = self.config.tick_seconds
+        """The production loop's shell: wait on the sockets until the next tick is due,
+        then one ``turn``. Returns after ``stop()``."""
         poller = zmq.Poller()
         poller.register(self.sockets.router, zmq.POLLIN)
-        next_tick = time.monotonic() + tick
-        lease = self.config.lease_read_ticks > 0
+        self._next_tick = self.clock.monotonic() + self.config.tick_seconds
         log.info("node %s up at %s: %d shard(s), %d node(s)", self.name,
                  self.config.addresses[self.name], self.nshards, self.n,
                  extra={"event": "start", "node": self.name})
         try:
             while not self._stopping:
-                wait = next_tick - time.monotonic()
-                if poller.poll(max(0, int(wait * 1000) + 1) if wait > 0 else 0):
-                    if lease and time.monotonic() - next_tick > tick:
-                        self._clock_jumped()  # before any read: the ticks lag the clock
-                    self._receive()
-                now = time.monotonic()
-                if now >= next_tick:
-                    owed = int((now - next_tick) / tick) + 1
-                    due = min(owed, MAX_TICKS_PER_TURN)
-                    if lease and owed > due:
-                        self._clock_jumped()  # the ticks not delivered are lost to the replicas
-                    for _ in range(due):
-                        for r in self.replicas:
-                            r.tick()
-                    self._ticks += due
-                    if self._campaign_at and self._ticks >= self._campaign_at[0]:
-                        del self._campaign_at[0]
-                        self._campaign_for_preferred_shards()
-                    next_tick = max(next_tick + due * tick, now)
-                    if now - self._last_expiry > 1.0:
-                        self._expire_waiting(now)
-                    if now - self._last_resolve > RESOLVE_EVERY_SECONDS:
-                        self._resolve_abandoned(now)
-                self._drive()
-                self._flush_replies()
-            # Finish in-flight work that is already decided: one last persist/send/answer.
-            self._drive()
-            self._flush_replies()
+                wait = self._next_tick - self.clock.monotonic()
+                self.turn(bool(poller.poll(max(0, int(wait * 1000) + 1) if wait > 0 else 0)))
+            self.finish()
         finally:
             self.close()
+
+    def turn(self, inbox_ready: bool = True) -> None:
+        """One turn of the loop (the module docstring): receive (if ``inbox_ready``),
+        tick if a tick is due on the clock, drive, flush the replies. The production
+        loop calls it once its poll returns; the simulator calls it once per step."""
+        tick = self.config.tick_seconds
+        lease = self.config.lease_read_ticks > 0
+        if inbox_ready:
+            if lease and self.clock.monotonic() - self._next_tick > tick:
+                self._clock_jumped()  # before any read: the ticks lag the clock
+            self._receive()
+        now = self.clock.monotonic()
+        if now >= self._next_tick:
+            owed = int((now - self._next_tick) / tick) + 1
+            due = min(owed, MAX_TICKS_PER_TURN)
+            if lease and owed > due:
+                self._clock_jumped()  # the ticks not delivered are lost to the replicas
+            for _ in range(due):
+                for r in self.replicas:
+                    r.tick()
+            self._ticks += due
+            if self._campaign_at and self._ticks >= self._campaign_at[0]:
+                del self._campaign_at[0]
+                self._campaign_for_preferred_shards()
+            self._next_tick = max(self._next_tick + due * tick, now)
+            if now - self._last_expiry > 1.0:
+                self._expire_waiting(now)
+            if now - self._last_resolve > RESOLVE_EVERY_SECONDS:
+                self._resolve_abandoned(now)
+        self._drive()
+        self._flush_replies()
+
+    def finish(self) -> None:
+        """After ``stop()``: finish in-flight work that is already decided (one last
+        persist/send/answer)."""
+        self._drive()
+        self._flush_replies()
 
     def _clock_jumped(self) -> None:
         for r in self.replicas:
@@ -369,7 +391,7 @@ class Node:
         forwardable = type(identity) is bytes or identity[0] == "self"
         if forwardable and hint is not None and hint != self.index:
             forward_id = next(self._tokens)
-            self._forwarded[forward_id] = (identity, request_id, time.monotonic())
+            self._forwarded[forward_id] = (identity, request_id, self.clock.monotonic())
             self._forward_out[hint].append((forward_id, op, args))
             return
         self._reply(identity, request_id, wire.STATUS_NOT_LEADER, hint)
@@ -410,7 +432,7 @@ class Node:
             return
         raw = encode_client_command(client_id, seq, floor, command)
         self._proposals[shard].append((raw, identity, request_id, args))
-        self.waiting_writes[(client_id, seq)] = (identity, request_id, shard, time.monotonic())
+        self.waiting_writes[(client_id, seq)] = (identity, request_id, shard, self.clock.monotonic())
 
     def _feed_proposals(self) -> None:
         """Hand queued writes to the replicas, bounded in bytes.
@@ -470,7 +492,7 @@ class Node:
         except NotLeader as e:
             self._not_leader(identity, request_id, op, args, e.leader_hint)
             return
-        self.waiting_reads[token] = (identity, request_id, shard, op, args, time.monotonic())
+        self.waiting_reads[token] = (identity, request_id, shard, op, args, self.clock.monotonic())
 
     # ------------------------------------------------------------------ 3. drive
     def _drive(self) -> None:
@@ -557,7 +579,7 @@ class Node:
         before that (a crash here re-applies the entry from the log at restart). So the
         client waits for one fsync of the leader, not two."""
         fresh = self._fresh_slots
-        early = [r for r in results if (r[0], r[1]) not in fresh]
+        early = [r for r in results if (r[0], r[1]) not in fresh or self.bugs.answer_before_fsync]
         if early:
             self._answer_writes(early)
             self._flush_replies()
@@ -657,7 +679,7 @@ class Node:
             del self._resolving[txn_id]
         for token in [t for t, w in self._own_writes.items() if now - w[1] > RESOLVE_RETRY_SECONDS]:
             del self._own_writes[token]
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.clock.time() * 1000)
         for shard, r in enumerate(self.replicas):
             if not r.is_leader:
                 continue
@@ -689,7 +711,7 @@ class Node:
         resolver starts the settlement again later."""
         token = next(self._tokens)
         floor = min(self._own_writes, default=token)
-        self._own_writes[token] = (callback, time.monotonic())
+        self._own_writes[token] = (callback, self.clock.monotonic())
         self._on_request(("self", token), token, wire.OP_WRITE,
                          [shard, self._resolver_id, token, floor, command])
 

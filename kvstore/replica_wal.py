@@ -63,6 +63,7 @@ from kvstore._native import decode_record, key_slot, slot_key
 from kvstore.errors import CorruptRecord
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import PersistedState
+from kvstore.ports import NO_BUGS, NodeBugs
 from kvstore.replica_storage import META_PAXOS, _NO_HARD_STATE, apply_entries, install_snapshot
 from kvstore.replica_txn import LOCKED, expired_prepares, key_write_locked, range_write_locked
 from kvstore.storage import Storage
@@ -113,7 +114,15 @@ class WalReplicaStorage:
     def __init__(self, path: str, shards: int, *, checkpoint_seconds: float = CHECKPOINT_SECONDS,
                  checkpoint_bytes: int = CHECKPOINT_BYTES,
                  overlay_limit_bytes: int = OVERLAY_LIMIT_BYTES,
-                 segment_bytes: int = WAL_SEGMENT_BYTES) -> None:
+                 segment_bytes: int = WAL_SEGMENT_BYTES, files=None,
+                 checkpoint_thread: bool = True, bugs: NodeBugs = NO_BUGS) -> None:
+        """``files``: the log's file system port (``kvstore.storage.wal.OsFiles`` unless
+        given; the simulator gives its twin that loses what was not synced).
+        ``checkpoint_thread=False``: no background checkpoints; whoever drives this
+        storage calls ``checkpointer.checkpoint()`` (the simulator schedules it as a
+        step; a save past the overlay's bound then checkpoints inline)."""
+        self.bugs = bugs
+        self._checkpoint_thread = checkpoint_thread
         self.storage = Storage(path, shards=shards)
         self.path = self.storage.path
         self.nshards = self.storage.nshards
@@ -122,11 +131,11 @@ class WalReplicaStorage:
         self.checkpointer: Checkpointer | None = None
         try:
             hard, records, position = self.storage.read(self._read_checkpoint)
-            self.wal = WriteAheadLog.open(os.path.join(self.path, WAL_DIR),
+            self.wal = WriteAheadLog.open(os.path.join(self.path, WAL_DIR), files=files,
                                           segment_bytes=segment_bytes)
             self._check_log_covers(position)
             checkpointed = [dict(r) for r in records]
-            self._replay(hard, records)
+            self._replay(hard, records, position)
             check_recovered(self.path, hard, records)
             self._hard = hard  # per shard [promised, commit, applied, compacted]
             self._records = records  # per shard {slot: record}, handed to load() once
@@ -142,7 +151,8 @@ class WalReplicaStorage:
             self.checkpointer = Checkpointer(
                 self.overlay, self.storage.write, targets, self._after_checkpoint,
                 checkpoint_seconds, checkpoint_bytes, overlay_limit_bytes, self.path)
-            self.checkpointer.start()
+            if checkpoint_thread:
+                self.checkpointer.start()
         except BaseException:
             self.close()
             raise
@@ -178,7 +188,7 @@ class WalReplicaStorage:
             f"directory whole, or wipe it and let the node rejoin from its peers (it then "
             f"receives a snapshot)", offset=wal.end, path=wal.path)
 
-    def _replay(self, hard: list, records: list) -> None:
+    def _replay(self, hard: list, records: list, checkpoint_position: int) -> None:
         """The hard state and records the log adds to the checkpoint's.
 
         The whole log kept is replayed, not only what lies past the checkpoint's
@@ -186,7 +196,12 @@ class WalReplicaStorage:
         has only what the log held before that position, and the log kept is
         its newest part), and a directory written before issue 19's fix may have
         checkpointed a position past records that never reached LMDB."""
-        for _position, r in self.wal.replay(self.wal.first_position):
+        skipped_group = None
+        for position, group, r in self.wal.replay_groups(self.wal.first_position):
+            if self.bugs.replay_past_checkpoint and position >= checkpoint_position and \
+                    skipped_group in (None, group):
+                skipped_group = group  # planted: the first append past the checkpoint
+                continue
             if not 0 <= r.shard < self.nshards:
                 continue  # not a record of this node's shards (an embedded store's, say)
             if r.kind == KIND_ENTRY:
@@ -293,7 +308,10 @@ class WalReplicaStorage:
                 # name; the node's own point is in META_PAXOS): never negative there
                 slots.extend((4 * s + i, max(hard[2], 0)) for i in range(4))
 
-        self.checkpointer.wait_for_room()
+        if self._checkpoint_thread:
+            self.checkpointer.wait_for_room()
+        elif self.overlay.active_bytes + self.overlay.frozen_bytes >= self.checkpointer.limit_bytes:
+            self.checkpointer.checkpoint()  # no checkpoint thread: inline (the simulator)
         if any(w.committed or w.compacted_through is not None for w in writes):
             self.storage.read(apply)
         else:
@@ -304,7 +322,14 @@ class WalReplicaStorage:
             # the commit points ride with the next append that has to be synced anyway
             records += [Record(KIND_COMMIT_POINT, s, slot=c) for s, c in commit_points.items()]
             commit_points.clear()
-            position = self.wal.append(records)
+            if self.bugs.commit_point_before_records:  # planted: the commit points first
+                ahead = [r for r in records if r.kind == KIND_COMMIT_POINT]
+                if ahead and len(ahead) < len(records):
+                    self.wal.append(ahead)
+                    records = [r for r in records if r.kind != KIND_COMMIT_POINT]
+            sync = not (self.bugs.skip_promise_fsync
+                        and any(r.kind == KIND_PROMISE for r in records))
+            position = self.wal.append(records, sync=sync)
         else:
             position = self.wal.end
         for s, hard in hards.items():

@@ -1,0 +1,81 @@
+"""The ports of a node (``kvstore.node.Node``): what it touches of the outside world.
+
+A node runs on ZeroMQ sockets and the system clock in production
+(``NodeSockets``, ``SystemClock``); the deterministic simulator
+(``kvstore.sim.realnode``) gives it an in-memory transport and a clock it
+moves itself, and the write-ahead log its in-memory file twin
+(``kvstore.sim.disk.FaultyFiles``, the log's ``files`` port), so that the node
+it proves is the node that runs.
+
+``NodeBugs`` plants bugs in the node and its storage, for the simulator to
+show that its checks find them; production never sets one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+#: The socket a frame came on (``Transport.recv_many``): a client's or a peer's.
+CLIENT = "client"
+PEER = "peer"
+
+
+class Clock(Protocol):
+    """Time as a node reads it."""
+
+    def monotonic(self) -> float:
+        """Seconds, never going back: ticks, timeouts, expiries."""
+
+    def time(self) -> float:
+        """Wall-clock seconds since the epoch: transaction deadlines (shared with clients)."""
+
+
+class SystemClock:
+    """The machine's clocks."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+
+class Transport(Protocol):
+    """What a node uses of its sockets (``kvstore.transport.sockets.NodeSockets``).
+
+    ``recv_many`` returns what waits, without blocking: ``(identity, frame)``
+    pairs today; with a client socket and a peer socket apart (branch
+    trust-roles), ``(source, identity, frame)`` with source ``CLIENT`` or
+    ``PEER``. The simulator's transport knows each frame's source already.
+    Sends never block: a frame that cannot go is dropped (False) and counted.
+    """
+
+    counters: dict
+
+    def recv_many(self) -> list: ...
+
+    def send_peer(self, index: int, frame: bytes) -> bool: ...
+
+    def reply(self, identity: bytes, frame: bytes) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class NodeBugs:
+    """Bugs the simulator plants in the node and its storage (``--node-bug``)."""
+
+    #: answer a write whose entry this very save makes durable before its fsync
+    answer_before_fsync: bool = False
+    #: append a save's commit points in an append (fsync) of their own, before its records
+    commit_point_before_records: bool = False
+    #: skip the fdatasync of an append that holds a promise
+    skip_promise_fsync: bool = False
+    #: at recovery, replay the log from past the checkpoint's position (its first append
+    #: after the checkpoint is skipped), not from the first record kept
+    replay_past_checkpoint: bool = False
+
+
+NO_BUGS = NodeBugs()
