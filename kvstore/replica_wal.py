@@ -150,7 +150,8 @@ class WalReplicaStorage:
                        for t in self.tables for name in _TABLES]
             self.checkpointer = Checkpointer(
                 self.overlay, self.storage.write, targets, self._after_checkpoint,
-                checkpoint_seconds, checkpoint_bytes, overlay_limit_bytes, self.path)
+                checkpoint_seconds, checkpoint_bytes, overlay_limit_bytes, self.path,
+                yield_gil=checkpoint_thread)
             if checkpoint_thread:
                 self.checkpointer.start()
         except BaseException:

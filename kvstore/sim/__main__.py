@@ -17,9 +17,13 @@ from kvstore.sim.bank import BankConfig, run_bank_seed
 from kvstore.sim.bank_paxos import BankPaxosConfig, run_bank_paxos_seed
 from kvstore.txn import TxnBugs
 from kvstore.sim.cluster import RunResult, SimConfig, run
+from kvstore.ports import NodeBugs
+from kvstore.sim.realnode import RealNodeConfig
+from kvstore.sim.realnode import run as real_node_run
 
 BUG_NAMES = tuple(f.name for f in fields(Bugs))
 TXN_BUG_NAMES = tuple(f.name for f in fields(TxnBugs))
+NODE_BUG_NAMES = tuple(f.name for f in fields(NodeBugs))
 
 
 class Progress:
@@ -62,24 +66,41 @@ def main(argv=None) -> int:
                    help="bank transfers across shards over two-phase commit (kvstore/sim/bank.py)")
     p.add_argument("--paxos", action="store_true",
                    help="with --bank: each shard a real Paxos group of --nodes replicas (kvstore/sim/bank_paxos.py)")
-    p.add_argument("--shards", type=int, default=3, help="with --bank: shards")
+    p.add_argument("--shards", type=int, default=None,
+                   help="with --bank: shards (default 3); with --real-node: 1-3 (default: drawn per seed)")
+    p.add_argument("--real-node", action="store_true",
+                   help="real kvstore.node.Node objects over a simulated network and disk "
+                        "(kvstore/sim/realnode.py)")
+    p.add_argument("--node-bug", action="append", default=[], choices=NODE_BUG_NAMES,
+                   help="with --real-node: plant a bug in the node or its storage")
     p.add_argument("--locking-audit-trusts-votes", action="store_true",
                    help="with --bank --paxos: a locking audit trusts its votes, as kvstore.client does today")
     p.add_argument("--txn-bug", action="append", default=[], choices=TXN_BUG_NAMES,
                    help="with --bank: plant a two-phase-commit bug")
     a = p.parse_args(argv)
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
-    if a.bank and a.paxos:
+    if a.real_node:
+        node_bugs = NodeBugs(**{name: True for name in a.node_bug})
+        ticks = a.ticks if a.ticks != SimConfig.ticks else RealNodeConfig.ticks
+        results = sweep(seeds, a.seed is not None, lambda s: real_node_run(RealNodeConfig(
+            seed=s, nodes=a.nodes, shards=a.shards or 0, ticks=ticks, bugs=node_bugs,
+            verbose=a.verbose)), "real-node seeds")
+        if a.seed is None and any(r.ok for r in results):
+            ok = sorted(r.settle_ticks for r in results if r.ok)
+            print(f"ticks to settle after the faults stop, {len(ok)} runs: median "
+                  f"{ok[len(ok) // 2]}, p99 {ok[min(len(ok) - 1, 99 * len(ok) // 100)]}, "
+                  f"worst {ok[-1]}")
+    elif a.bank and a.paxos:
         txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
         bugs = Bugs(**{name: True for name in a.bug})
         results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_paxos_seed(
-            BankPaxosConfig(seed=s, shards=a.shards, nodes=a.nodes, bugs=txn_bugs, paxos_bugs=bugs,
+            BankPaxosConfig(seed=s, shards=a.shards or 3, nodes=a.nodes, bugs=txn_bugs, paxos_bugs=bugs,
                             ticks=a.ticks, locking_audit_trusts_votes=a.locking_audit_trusts_votes,
                             verbose=a.verbose))), "bank-paxos seeds")
     elif a.bank:
         txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
         results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_seed(
-            BankConfig(seed=s, shards=a.shards, bugs=txn_bugs, verbose=a.verbose))), "bank seeds")
+            BankConfig(seed=s, shards=a.shards or 3, bugs=txn_bugs, verbose=a.verbose))), "bank seeds")
     else:
         bugs = Bugs(**{name: True for name in a.bug})
         results = sweep(seeds, a.seed is not None, lambda s: run(

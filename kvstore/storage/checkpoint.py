@@ -34,7 +34,8 @@ YIELD_EVERY = 64
 
 
 def write_generation(txn, tables: Sequence[ShardTables], frozen: Sequence[dict],
-                     applied: Sequence[int], position: int, closing: bool = False) -> int:
+                     applied: Sequence[int], position: int, closing: bool = False,
+                     yield_gil: bool = True) -> int:
     """Write a frozen generation and the point it covers into LMDB ``txn``; rows written.
 
     ``closing``: the last checkpoint of a clean close, which covers the whole
@@ -60,7 +61,8 @@ def write_generation(txn, tables: Sequence[ShardTables], frozen: Sequence[dict],
                     if raw is None:
                         txn.delete(k, db=db)
                 rows += len(chunk)
-                time.sleep(0)  # let the group-commit leader and the writers run
+                if yield_gil:
+                    time.sleep(0)  # let the group-commit leader and the writers run
         finally:
             cursor.close()
     for shard, t in enumerate(tables):
@@ -78,12 +80,13 @@ class Checkpointer:
     def __init__(self, overlay: Overlay, write: Callable[[Callable], int],
                  tables: Sequence[ShardTables], after: Callable[[int], None],
                  interval: float, trigger_bytes: int, limit_bytes: int,
-                 path: str | None = None) -> None:
+                 path: str | None = None, yield_gil: bool = True) -> None:
         self._overlay = overlay
         self._write = write  # Storage.write: one synced LMDB commit
         self._tables = tables
         self._after = after  # called with the position a checkpoint made durable
         self._path = path  # named by the errors of this layer
+        self._yield_gil = yield_gil  # False: no other thread to let run (the simulator)
         self.interval = interval
         self.trigger_bytes = trigger_bytes
         overlay.wake_bytes = trigger_bytes  # a publish past it wakes the thread at once
@@ -144,7 +147,7 @@ class Checkpointer:
         started = time.perf_counter()
         try:
             self._write(lambda txn: write_generation(txn, self._tables, frozen, applied,
-                                                     position, closing))
+                                                     position, closing, self._yield_gil))
         except StorageError as e:
             with ov.changed:
                 self.error = e  # the frozen generation stays; the next round retries it

@@ -1,0 +1,664 @@
+"""Deterministic simulation of the real node: ``python -m kvstore.sim --real-node``.
+
+Where ``kvstore.sim.cluster`` proves the Paxos core under a copy of the node's
+driver loop, this module builds N real ``kvstore.node.Node`` objects with
+real ``WalReplicaStorage``, and drives them through their ports
+(``kvstore.ports``): an in-memory transport, a clock the simulation moves, and
+per node a data directory whose write-ahead log lives in the power-loss twin
+(``kvstore.sim.disk.FaultyFiles``) and whose LMDB files live on a real
+(tmpfs) directory. LMDB is only ever committed synced, so its files as they
+are at a crash are what a power loss leaves; the log loses every write not
+fdatasync'd, and its last unsynced write may be torn. Checkpoints have no
+thread here: the simulation schedules them as steps.
+
+One seed drives one ``random.Random`` for everything; iteration is sorted
+where order matters; no threads, no wall clock. Each step is one tick: the
+frames due are delivered, faults strike, checkpoints run, and every live node
+takes one ``turn()`` (receive, tick, drive: persist, send, answer), in index
+order. Clients speak the wire protocol as ``kvstore.client`` does: writes
+(puts and compare-and-sets) with client sessions (``OP_WRITE`` with client
+id, sequence and floor), linearizable gets (``OP_GET``), retries at the
+leader a redirect names.
+
+Faults (swarm testing draws each seed's rates): frames dropped, duplicated,
+delayed and so reordered; partitions (a node cut from the others, or two
+halves); crash-restarts of one node, of a minority, of the whole cluster,
+each a power loss of the log's unsynced writes (sometimes inside a save,
+between its write and its fsync, tearing the write); checkpoints at random
+times.
+
+Checks:
+
+- acceptor memory, at every restart: the recovered promise covers every
+  ballot the node announced before the crash (in a Promise or an Accepted),
+  and the log holds every slot it acknowledged (``match_index`` of its
+  Accepteds) that is above its snapshot (safety rule 1);
+- recovery succeeds (``check_recovered`` refuses an inconsistent directory);
+- agreement: once everything is healed and every node applied the same
+  point, every node holds the same state of every shard (``snapshot_data``);
+- the client history is linearizable (``check_history``): acknowledged writes
+  included, so a write acknowledged and then lost fails it; every key is read
+  at the end;
+- liveness: once faults stop, every shard elects a leader every node follows
+  and every client operation completes within a bound; then, with no faults,
+  no leader is deposed, not even by a follower that crashes and rejoins.
+
+A failing seed prints the command that replays it exactly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields, replace
+
+from kvstore.codec import OP_CAS, OP_PUT
+from kvstore.errors import CorruptRecord
+from kvstore.node import Node, NodeConfig
+from kvstore.paxos import messages as M
+from kvstore.paxos.replica import LEADER
+from kvstore.ports import CLIENT, NO_BUGS, PEER, NodeBugs
+from kvstore.replica_wal import WalReplicaStorage
+from kvstore.sharding import shard_of
+from kvstore.sim.disk import FaultyFiles, PowerLoss
+from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
+from kvstore.sim.trace import Trace, failure_report
+from kvstore.transport import wire
+
+#: One tick of simulated time, in seconds: a power of two, so clock sums are exact.
+TICK = 1 / 64
+#: The simulated wall clock starts here (seconds since the epoch).
+EPOCH = 1_700_000_000.0
+KEYS = (b"a", b"b", b"c", b"d", b"e")
+#: The log's segments are small so that rolls and truncations happen in every run.
+SEGMENT_BYTES = 16 * 1024
+
+
+class SimulationFailure(Exception):
+    """A check failed (the message says which)."""
+
+
+@dataclass
+class RealNodeConfig:
+    seed: int = 0
+    nodes: int = 3
+    shards: int = 1  # 0: the seed draws 1-3
+    ticks: int = 500  # the fault phase
+    settle_ticks: int = 600  # the bound on electing and finishing every operation after it
+    stable_ticks: int = 200  # the fault-free tail in which no leader may be deposed
+    clients: int = 3
+    drop_rate: float = 0.03
+    duplicate_rate: float = 0.03
+    delay_max_ticks: int = 3
+    partition_rate: float = 0.01  # per tick: a partition starts (one ends at the same rate x3)
+    crash_rate: float = 0.006  # per tick: a crash-restart (one node, a minority or all)
+    crash_in_save_rate: float = 0.5  # of crashes: the power goes inside the node's next save
+    down_ticks_max: int = 40  # a crashed node stays down up to this long
+    checkpoint_rate: float = 0.05  # per node per tick
+    election_timeout_ticks: int = 10
+    heartbeat_interval_ticks: int = 2
+    snapshot_every_slots: int = 40
+    log_retain_slots: int = 8
+    client_retry_ticks: int = 12
+    client_give_up_ticks: int = 80
+    bugs: NodeBugs = NO_BUGS
+    swarm: bool = True
+    trace_lines: int = 60
+    verbose: bool = False
+
+
+def swarm(config: RealNodeConfig, rng: random.Random) -> RealNodeConfig:
+    """One seed's own mix of fault rates and settings (swarm testing)."""
+    pick = lambda *xs: xs[rng.randrange(len(xs))]  # noqa: E731
+    election = pick(8, 10, 16)
+    shards = rng.randint(1, 3)  # drawn even when given, so that a replay draws the same rest
+    return replace(config,
+                   shards=config.shards or shards,
+                   drop_rate=pick(0.0, 0.02, 0.08),
+                   duplicate_rate=pick(0.0, 0.03, 0.1),
+                   delay_max_ticks=pick(1, 3, 6),
+                   partition_rate=pick(0.0, 0.01, 0.03),
+                   crash_rate=pick(0.003, 0.01, 0.02),
+                   crash_in_save_rate=pick(0.2, 0.5, 0.8),
+                   checkpoint_rate=pick(0.02, 0.1, 0.3),
+                   election_timeout_ticks=election,
+                   heartbeat_interval_ticks=pick(1, 2, max(2, election // 4)),
+                   snapshot_every_slots=pick(10, 40, 1000),
+                   log_retain_slots=pick(2, 8, 50))
+
+
+# ---------------------------------------------------------------------------------- ports
+
+class SimClock:
+    """The simulation's time, as every node reads it (``kvstore.ports.Clock``)."""
+
+    def __init__(self, sim: "Simulation") -> None:
+        self.sim = sim
+
+    def monotonic(self) -> float:
+        return self.sim.now * TICK
+
+    def time(self) -> float:
+        return EPOCH + self.sim.now * TICK
+
+
+class SimTransport:
+    """A node's end of the in-memory network (``kvstore.ports.Transport``).
+
+    Frames wait in ``inbox`` tagged by the socket they came on (``CLIENT`` or
+    ``PEER``); ``recv_many`` returns them as ``NodeSockets.recv_many`` does on
+    the branch in use (``(identity, frame)``, or ``(source, identity, frame)``
+    once the client and peer sockets are apart)."""
+
+    def __init__(self, sim: "Simulation", index: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.inbox: list = []
+        self.counters: dict = {}
+
+    def recv_many(self) -> list:
+        frames, self.inbox = self.inbox, []
+        if TAGGED:
+            return frames
+        return [(identity, frame) for _source, identity, frame in frames]
+
+    def send_peer(self, index: int, frame: bytes) -> bool:
+        if not self.sim.nodes[index].up:
+            return False  # as IMMEDIATE does: nothing is queued for a peer that is down
+        self.sim.observe_sent(self.index, frame)
+        self.sim.send(("node", self.index), ("node", index), PEER, b"node-%d" % self.index, frame)
+        return True
+
+    def reply(self, identity: bytes, frame: bytes) -> bool:
+        client = self.sim.client_by_identity.get(identity)
+        if client is None:
+            return False
+        self.sim.send(("node", self.index), ("client", client.index), CLIENT, identity, frame)
+        return True
+
+    # what the split sockets add (branch trust-roles): nothing to bound in a simulation
+    def peer_index(self, identity: bytes):
+        return int(identity[5:]) if identity.startswith(b"node-") else None
+
+    def reply_room(self, identity: bytes) -> bool:
+        return True
+
+    def charge(self, identity: bytes, size: int) -> None:
+        pass
+
+    refusals: dict = {}
+
+    def reload_keys(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _sockets_are_split() -> bool:
+    from kvstore.transport import sockets
+    return hasattr(sockets, "CLIENT")
+
+
+TAGGED = _sockets_are_split()
+
+
+# ---------------------------------------------------------------------------------- nodes
+
+class SimNode:
+    """One node's incarnations over one data directory (LMDB on tmpfs, the log in a twin)."""
+
+    def __init__(self, sim: "Simulation", index: int, root: str) -> None:
+        self.sim = sim
+        self.index = index
+        self.dir = os.path.join(root, f"n{index}")
+        os.makedirs(self.dir)
+        self.files = FaultyFiles(seed=sim.rng.randrange(1 << 30))
+        self.transport = SimTransport(sim, index)
+        self.node: Node | None = None
+        self.down_until = 0
+        self.incarnation = 0
+        # what this node announced since it last started: checked at its next restart
+        self.promised_sent = {}  # shard -> highest ballot in a Promise or an Accepted
+        self.matched_sent = {}  # shard -> highest match_index in an Accepted
+
+    @property
+    def up(self) -> bool:
+        return self.node is not None
+
+    def start(self) -> None:
+        sim, c = self.sim, self.sim.config
+        self.incarnation += 1
+        names = [f"n{i}" for i in range(c.nodes)]
+        cfg = NodeConfig(name=names[self.index], names=names,
+                         addresses={nm: f"sim://{nm}" for nm in names}, shards=c.shards,
+                         data_dir=self.dir, tick_seconds=TICK,
+                         election_timeout_ticks=c.election_timeout_ticks,
+                         heartbeat_interval_ticks=c.heartbeat_interval_ticks,
+                         snapshot_every_slots=c.snapshot_every_slots,
+                         log_retain_slots=c.log_retain_slots, snapshot_chunk_bytes=256)
+        try:
+            storage = WalReplicaStorage(self.dir, c.shards, files=self.files,
+                                        checkpoint_thread=False, segment_bytes=SEGMENT_BYTES,
+                                        bugs=c.bugs)
+        except CorruptRecord as e:
+            raise SimulationFailure(f"n{self.index} cannot restart: {e}") from e
+        rng = random.Random(sim.rng.randrange(1 << 62))
+        self.node = Node(cfg, storage, rng, transport=self.transport, clock=sim.clock,
+                         bugs=c.bugs)
+        self.check_memory()
+        self.promised_sent, self.matched_sent = {}, {}
+        sim.log(f"n{self.index} starts (incarnation {self.incarnation})")
+
+    def check_memory(self) -> None:
+        """The restarted node remembers every promise and acceptance it announced."""
+        for shard, r in enumerate(self.node.replicas):
+            ballot = self.promised_sent.get(shard, 0)
+            if r.promised < ballot:
+                raise SimulationFailure(
+                    f"n{self.index} shard {shard}: restarted with promise {r.promised}, below "
+                    f"the ballot {ballot} it announced before the crash (a forgotten promise)")
+            matched = self.matched_sent.get(shard, -1)
+            missing = [s for s in range(r.snapshot_index + 1, matched + 1) if s not in r.log]
+            if missing:
+                raise SimulationFailure(
+                    f"n{self.index} shard {shard}: restarted without slots {missing[:5]} it had "
+                    f"acknowledged as accepted (match_index {matched}): a forgotten acceptance")
+
+    def crash(self, in_save: bool) -> None:
+        """The process dies and the machine loses power: the log keeps what was synced
+        (the last unsynced write maybe torn); LMDB keeps its synced commits."""
+        node, self.node = self.node, None
+        storage = node.storage
+        storage.storage.close()  # LMDB: every commit was synced; nothing else is written
+        unsynced = self.files.unsynced_write_size()
+        keep = self.sim.rng.randint(0, unsynced) if unsynced else 0
+        mode = self.sim.rng.choice(("prefix", "junk", "sectors"))
+        self.files.power_loss(keep, mode)
+        self.transport.inbox = []
+        self.sim.log(f"n{self.index} crashes{' inside a save' if in_save else ''} "
+                     f"(power loss: {unsynced} unsynced bytes, {keep} kept, {mode})")
+
+    def turn(self) -> None:
+        try:
+            self.node.turn()
+        except PowerLoss:
+            self.crash(in_save=True)
+            self.down_until = self.sim.now + self.sim.rng.randint(1, self.sim.config.down_ticks_max)
+
+    def close(self) -> None:
+        if self.node is not None:
+            node, self.node = self.node, None
+            node.storage.storage.close()
+
+
+# ---------------------------------------------------------------------------------- clients
+
+class SimClient:
+    """A client of the wire protocol, one operation at a time (as ``kvstore.client``)."""
+
+    def __init__(self, sim: "Simulation", index: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.identity = b"client-%d" % index
+        self.client_id = b"sim-client-%d" % index
+        self.seq = 0
+        self.request_ids = 0
+        self.op: dict | None = None  # the operation in flight
+        self.target = sim.rng.randrange(sim.config.nodes)
+        self.last_value = {}  # key -> last value this client saw (for its cas)
+
+    def start(self) -> None:
+        sim, rng = self.sim, self.sim.rng
+        key = rng.choice(KEYS)
+        kind = rng.choice(("put", "put", "get", "get", "cas"))
+        shard = shard_of(key, sim.config.shards)
+        value = b"%d.%d" % (self.index, sim.now)
+        if kind == "get":
+            op, args, hist_args = wire.OP_GET, [shard, key, False], ()
+        else:
+            self.seq += 1
+            if kind == "put":
+                command, hist_args = [OP_PUT, key, value], (value,)
+            else:
+                expected = self.last_value.get(key)
+                command, hist_args = [OP_CAS, key, expected, value], (expected, value)
+            # one write at a time: every earlier one is answered or given up (floor = seq)
+            op, args = wire.OP_WRITE, [shard, self.client_id, self.seq, self.seq, command]
+        self.op = {"op": op, "args": args, "kind": kind, "key": key, "hist_args": hist_args,
+                   "call": sim.now, "request_id": None, "sent": None}
+        self.send()
+
+    def start_get(self, key: bytes) -> None:
+        shard = shard_of(key, self.sim.config.shards)
+        self.op = {"op": wire.OP_GET, "args": [shard, key, False], "kind": "get", "key": key,
+                   "hist_args": (), "call": self.sim.now, "request_id": None, "sent": None}
+        self.send()
+
+    def send(self) -> None:
+        self.request_ids += 1
+        op = self.op
+        op["request_id"], op["sent"] = self.request_ids, self.sim.now
+        frame = wire.encode_request(self.request_ids, op["op"], op["args"])
+        self.sim.send(("client", self.index), ("node", self.target), CLIENT, self.identity, frame)
+
+    def on_frame(self, frame: bytes) -> None:
+        body = wire.decode(frame)
+        for request_id, status, value in body[1]:
+            op = self.op
+            if op is None or request_id != op["request_id"]:
+                continue  # an answer to an attempt already retried or given up
+            if status == wire.STATUS_OK_FORWARDED:
+                status, value = wire.STATUS_OK, value[0]
+            if status == wire.STATUS_OK:
+                self.finish(value)
+            elif status == wire.STATUS_NOT_LEADER and type(value) is int and value != self.target:
+                self.target = value
+                self.send()
+            elif status == wire.STATUS_ERROR:
+                raise SimulationFailure(f"client {self.index}: a valid request refused: {value}")
+            else:  # retry elsewhere, at the next retry tick
+                self.target = self.sim.rng.randrange(self.sim.config.nodes)
+
+    def finish(self, result) -> None:
+        op, self.op = self.op, None
+        sim = self.sim
+        kind, key = op["kind"], op["key"]
+        if kind == "put":
+            result = None
+            self.last_value[key] = op["hist_args"][0]
+        elif kind == "get":
+            self.last_value[key] = result
+        elif result:
+            self.last_value[key] = op["hist_args"][1]
+        sim.history.append(Operation(self.index, key, kind, op["hist_args"], op["call"], sim.now,
+                                     result))
+        sim.log(f"client {self.index}: {kind} {key!r} {op['hist_args']} -> {result!r}")
+
+    def on_tick(self, may_start: bool) -> None:
+        sim, c = self.sim, self.sim.config
+        op = self.op
+        if op is None:
+            if may_start and sim.rng.random() < 0.3:
+                self.start()
+            return
+        if sim.now - op["call"] > c.client_give_up_ticks and sim.phase == "faults":
+            # given up: it may or may not take effect (the history keeps it open)
+            sim.history.append(Operation(self.index, op["key"], op["kind"], op["hist_args"],
+                                         op["call"], None))
+            self.op = None
+            self.last_value.pop(op["key"], None)
+            return
+        if sim.now - op["sent"] >= c.client_retry_ticks:
+            self.target = sim.rng.randrange(c.nodes)
+            self.send()
+
+
+# ---------------------------------------------------------------------------------- the run
+
+class Simulation:
+    def __init__(self, config: RealNodeConfig, root: str) -> None:
+        self.rng = random.Random(config.seed)
+        if config.swarm:
+            config = swarm(config, self.rng)
+        elif not config.shards:
+            config = replace(config, shards=1)
+        self.config = config
+        self.trace = Trace(config.trace_lines, config.verbose)
+        self.now = 0
+        self.phase = "faults"
+        self.clock = SimClock(self)
+        self.queue: list = []  # (due, sequence, destination, source, identity, frame)
+        self.sequence = 0
+        self.cut: set = set()  # (a, b): node a's frames do not reach node b
+        self.history: list = []
+        self.nodes = [SimNode(self, i, root) for i in range(config.nodes)]
+        self.clients = [SimClient(self, i) for i in range(config.clients)]
+        self.client_by_identity = {c.identity: c for c in self.clients}
+        self.leader_changes_in_tail = 0
+        self.settled_at: int | None = None
+        for n in self.nodes:
+            n.start()
+
+    def log(self, line: str) -> None:
+        self.trace.add(self.now, line)
+
+    # -- the network ---------------------------------------------------------------------------
+
+    def send(self, frm: tuple, to: tuple, source: str, identity: bytes, frame: bytes) -> None:
+        c, rng = self.config, self.rng
+        if frm[0] == "node" and to[0] == "node" and (frm[1], to[1]) in self.cut:
+            return
+        faulty = self.phase == "faults"
+        if faulty and rng.random() < c.drop_rate:
+            return
+        copies = 2 if faulty and rng.random() < c.duplicate_rate else 1
+        for _ in range(copies):
+            delay = rng.randint(0, c.delay_max_ticks) if faulty else rng.randint(0, 1)
+            self.sequence += 1
+            heapq.heappush(self.queue, (self.now + 1 + delay, self.sequence, to, source,
+                                        identity, frame))
+
+    def deliver(self) -> None:
+        while self.queue and self.queue[0][0] <= self.now:
+            _due, _seq, to, source, identity, frame = heapq.heappop(self.queue)
+            if to[0] == "client":
+                self.clients[to[1]].on_frame(frame)
+                continue
+            node = self.nodes[to[1]]
+            if node.up and not (source == PEER and (int(identity[5:]), to[1]) in self.cut):
+                node.transport.inbox.append((source, identity, frame))
+
+    def observe_sent(self, index: int, frame: bytes) -> None:
+        """Note what a node announces of its disk (checked at its next restart)."""
+        node = self.nodes[index]
+        body = wire.decode(frame)
+        if body[0] != wire.PAXOS:
+            return
+        for shard, m in body[2]:
+            if m.type == M.PROMISE or (m.type == M.ACCEPTED and not m.reject):
+                if m.ballot > node.promised_sent.get(shard, 0):
+                    node.promised_sent[shard] = m.ballot
+            if m.type == M.ACCEPTED and not m.reject and \
+                    m.match_index > node.matched_sent.get(shard, -1):
+                node.matched_sent[shard] = m.match_index
+
+    # -- faults --------------------------------------------------------------------------------
+
+    def faults(self) -> None:
+        c, rng = self.config, self.rng
+        n = c.nodes
+        if rng.random() < c.partition_rate and n > 1:
+            if rng.random() < 0.5:
+                victim = rng.randrange(n)
+                side = {victim}
+            else:
+                side = set(rng.sample(range(n), rng.randint(1, n - 1)))
+            oneway = rng.random() < 0.2
+            self.cut = {(a, b) for a in sorted(side) for b in range(n) if b not in side}
+            if not oneway:
+                self.cut |= {(b, a) for a, b in self.cut}
+            self.log(f"partition {sorted(side)} | rest{' (one way)' if oneway else ''}")
+        elif self.cut and rng.random() < 3 * c.partition_rate:
+            self.cut = set()
+            self.log("partition healed")
+        if rng.random() < c.crash_rate:
+            up = [node for node in self.nodes if node.up]
+            scope = rng.choice(("one", "one", "minority", "all"))
+            count = {"one": 1, "minority": max(1, (n - 1) // 2), "all": n}[scope]
+            for node in rng.sample(up, min(count, len(up))):
+                node.down_until = self.now + rng.randint(1, c.down_ticks_max)
+                if rng.random() < c.crash_in_save_rate:
+                    node.files.crash_after_syncs = rng.randint(0, 2)  # inside a coming save
+                    self.log(f"n{node.index}: the power will go at a coming sync")
+                else:
+                    node.crash(in_save=False)
+        for node in self.nodes:
+            if node.up and rng.random() < c.checkpoint_rate:
+                try:
+                    node.node.storage.checkpointer.checkpoint()
+                except PowerLoss:  # while it deleted the log segments it covers
+                    node.crash(in_save=True)
+
+    def restarts(self) -> None:
+        for node in self.nodes:
+            if not node.up and self.now >= node.down_until:
+                node.start()
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def step(self, may_start: bool = True) -> None:
+        self.now += 1
+        self.deliver()
+        if self.phase == "faults":
+            self.faults()
+        self.restarts()
+        for node in self.nodes:
+            if node.up:
+                node.turn()
+        for client in self.clients:
+            client.on_tick(may_start)
+
+    def leaders(self) -> list:
+        """Per shard, the node every live node follows (None: not settled)."""
+        out = []
+        up = [node for node in self.nodes if node.up]
+        for s in range(self.config.shards):
+            hints = {node.node.replicas[s].leader_hint for node in up}
+            leader = hints.pop() if len(hints) == 1 else None
+            if leader is None or not self.nodes[leader].up or \
+                    self.nodes[leader].node.replicas[s].role != LEADER:
+                leader = None
+            out.append(leader)
+        return out
+
+    def run(self) -> None:
+        c = self.config
+        for _ in range(c.ticks):
+            self.step()
+        # liveness: faults stop, everything heals and restarts
+        self.phase = "settle"
+        self.cut = set()
+        for node in self.nodes:
+            node.files.crash_after_syncs = None
+            node.down_until = 0
+        self.log("faults stop: healed, every node restarts")
+        deadline = self.now + c.settle_ticks
+        while True:
+            self.step(may_start=False)
+            if None not in self.leaders() and all(cl.op is None for cl in self.clients):
+                break
+            if self.now >= deadline:
+                pending = [cl.index for cl in self.clients if cl.op is not None]
+                raise SimulationFailure(
+                    f"no progress {c.settle_ticks} ticks after the faults stopped: leaders "
+                    f"{self.leaders()}, clients still waiting {pending}")
+        self.settled_at = self.now - (deadline - c.settle_ticks)
+        self.log(f"settled after {self.settled_at} ticks: leaders {self.leaders()}")
+        # a fault-free tail: clients run, a follower crashes and rejoins; no leader deposed
+        leaders = self.leaders()
+        self.phase = "stable"
+        followers = [i for i in range(c.nodes) if i not in leaders]
+        rejoin_at = self.now + c.stable_ticks // 3
+        for _ in range(c.stable_ticks):
+            if followers and self.now == rejoin_at:
+                victim = self.nodes[self.rng.choice(followers)]
+                victim.crash(in_save=False)
+                victim.down_until = self.now + c.election_timeout_ticks
+            self.step()
+            if None not in (now := self.leaders()) and now != leaders:
+                raise SimulationFailure(f"a leader was deposed with no fault: {leaders} -> {now}")
+        # every operation finishes, then every key is read once more, through the protocol
+        self.finish_operations()
+        for i, key in enumerate(KEYS):
+            self.clients[i % len(self.clients)].start_get(key)
+            self.finish_operations()
+        self.check_agreement()
+        self.check_history()
+
+    def finish_operations(self) -> None:
+        deadline = self.now + self.config.settle_ticks
+        while any(cl.op is not None for cl in self.clients):
+            if self.now >= deadline:
+                raise SimulationFailure("client operations did not finish with no faults")
+            self.step(may_start=False)
+
+    def check_agreement(self) -> None:
+        """Every node applies the same point, then holds the same state, per shard."""
+        deadline = self.now + self.config.settle_ticks
+        while True:
+            applied = [[node.node.replicas[s].applied_index for node in self.nodes]
+                       for s in range(self.config.shards)]
+            if all(len(set(a)) == 1 for a in applied):
+                break
+            if self.now >= deadline:
+                raise SimulationFailure(f"the nodes did not converge: applied points {applied}")
+            self.step(may_start=False)
+        for s in range(self.config.shards):
+            states = [node.node.storage.snapshot_data(s) for node in self.nodes]
+            for i, state in enumerate(states[1:], 1):
+                if state != states[0]:
+                    raise SimulationFailure(
+                        f"shard {s}: n{i}'s state differs from n0's at applied slot "
+                        f"{applied[s][0]}")
+
+    def check_history(self) -> None:
+        try:
+            result = check_history(self.history)
+        except CheckerGaveUp as e:
+            self.log(f"linearizability: checker gave up ({e})")
+            return
+        if not result.ok:
+            raise SimulationFailure(f"not linearizable (key {result.key!r}):\n{result.explanation}")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    text: str
+    settle_ticks: int | None = None
+    elections: int = 0
+    leader_changes: int = 0
+    crashes: int = 0
+
+
+def replay_command(config: RealNodeConfig) -> str:
+    bugs = "".join(f" --node-bug {f.name}" for f in fields(config.bugs)
+                   if getattr(config.bugs, f.name))
+    shards = f" --shards {config.shards}" if config.shards else ""
+    return (f"python -m kvstore.sim --real-node --seed {config.seed} --nodes {config.nodes}"
+            f"{shards} --ticks {config.ticks}{bugs} --verbose")
+
+
+def run(config: RealNodeConfig) -> RunResult:
+    """Run one seed; on failure the text has the reason, the replay command and the trace."""
+    logging.getLogger("kvstore").setLevel(logging.CRITICAL)  # the trace says what happened
+    root = tempfile.mkdtemp(prefix="kvstore-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm")
+                            else None)
+    sim = None
+    try:
+        sim = Simulation(config, root)
+        sim.run()
+    except Exception as e:  # noqa: BLE001 - a crash of the node is a finding like any other
+        trace = sim.trace if sim is not None else Trace(0, False)
+        return RunResult(False, failure_report(f"seed {config.seed}", e, SimulationFailure,
+                                               replay_command(config), trace))
+    finally:
+        if sim is not None:
+            sim.close()
+        shutil.rmtree(root, ignore_errors=True)
+    c = sim.config
+    return RunResult(True, f"seed {config.seed}: ok, {c.nodes} nodes, {c.shards} shard(s), "
+                           f"{len(sim.history)} operations, settled in {sim.settled_at} ticks",
+                     sim.settled_at)
+
+
+__all__ = ["RealNodeConfig", "RunResult", "run", "NodeBugs"]
