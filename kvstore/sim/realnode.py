@@ -21,8 +21,10 @@ id, sequence and floor), linearizable gets (``OP_GET``), retries at the
 leader a redirect names.
 
 Faults (swarm testing draws each seed's rates): frames dropped, duplicated,
-delayed and so reordered; partitions (a node cut from the others, or two
-halves); crash-restarts of one node, of a minority, of the whole cluster,
+delayed and so reordered; stalls (a node takes no turn for a while, its clock
+running on: with lease reads on, in some seeds, it must void its leases);
+partitions (a node cut from the others, or two halves, some one way);
+crash-restarts of one node, of a minority, of the whole cluster,
 each a power loss of the log's unsynced writes (sometimes inside a save,
 between its write and its fsync, tearing the write); checkpoints at random
 times.
@@ -97,7 +99,10 @@ class RealNodeConfig:
     partition_rate: float = 0.01  # per tick: a partition starts (one ends at the same rate x3)
     crash_rate: float = 0.006  # per tick: a crash-restart (one node, a minority or all)
     crash_in_save_rate: float = 0.5  # of crashes: the power goes inside the node's next save
+    crash_after_restart_rate: float = 0.2  # a restarted node's power goes again while it catches up
     down_ticks_max: int = 40  # a crashed node stays down up to this long
+    pause_rate: float = 0.003  # per tick: a node stalls (no turns; its clock runs on)
+    lease_read_ticks: int = 0  # lease reads (0: off); swarm turns them on in some seeds
     checkpoint_rate: float = 0.05  # per node per tick
     election_timeout_ticks: int = 10
     heartbeat_interval_ticks: int = 2
@@ -124,6 +129,9 @@ def swarm(config: RealNodeConfig, rng: random.Random) -> RealNodeConfig:
                    partition_rate=pick(0.0, 0.01, 0.03),
                    crash_rate=pick(0.003, 0.01, 0.02),
                    crash_in_save_rate=pick(0.2, 0.5, 0.8),
+                   crash_after_restart_rate=pick(0.0, 0.2, 0.5),
+                   pause_rate=pick(0.0, 0.003, 0.01),
+                   lease_read_ticks=pick(0, election - 3),
                    checkpoint_rate=pick(0.02, 0.1, 0.3),
                    election_timeout_ticks=election,
                    heartbeat_interval_ticks=pick(1, 2, max(2, election // 4)),
@@ -221,6 +229,7 @@ class SimNode:
         self.transport = SimTransport(sim, index)
         self.node: Node | None = None
         self.down_until = 0
+        self.paused_until = 0
         self.incarnation = 0
         # what this node announced since it last started: checked at its next restart
         self.promised_sent = {}  # shard -> highest ballot in a Promise or an Accepted
@@ -240,7 +249,8 @@ class SimNode:
                          election_timeout_ticks=c.election_timeout_ticks,
                          heartbeat_interval_ticks=c.heartbeat_interval_ticks,
                          snapshot_every_slots=c.snapshot_every_slots,
-                         log_retain_slots=c.log_retain_slots, snapshot_chunk_bytes=256)
+                         log_retain_slots=c.log_retain_slots, snapshot_chunk_bytes=256,
+                         lease_read_ticks=c.lease_read_ticks)
         try:
             storage = WalReplicaStorage(self.dir, c.shards, files=self.files,
                                         checkpoint_thread=False, segment_bytes=SEGMENT_BYTES,
@@ -253,6 +263,9 @@ class SimNode:
         self.check_memory()
         self.promised_sent, self.matched_sent = {}, {}
         sim.log(f"n{self.index} starts (incarnation {self.incarnation})")
+        if sim.phase == "faults" and sim.rng.random() < c.crash_after_restart_rate:
+            self.files.crash_after_syncs = sim.rng.randint(0, 3)  # while it catches up
+            sim.log(f"n{self.index}: the power will go again at a coming sync")
 
     def check_memory(self) -> None:
         """The restarted node remembers every promise and acceptance it announced."""
@@ -284,6 +297,8 @@ class SimNode:
                      f"(power loss: {unsynced} unsynced bytes, {keep} kept, {mode})")
 
     def turn(self) -> None:
+        if self.sim.now < self.paused_until:
+            return  # stalled: frames wait in its inbox, its clock runs on
         try:
             self.node.turn()
         except PowerLoss:
@@ -460,9 +475,12 @@ class Simulation:
         if body[0] != wire.PAXOS:
             return
         for shard, m in body[2]:
-            if m.type == M.PROMISE or (m.type == M.ACCEPTED and not m.reject):
-                if m.ballot > node.promised_sent.get(shard, 0):
-                    node.promised_sent[shard] = m.ballot
+            if m.type not in (M.PROMISE, M.ACCEPTED, M.HEARTBEAT_REPLY):
+                continue
+            # a granted Promise or Accepted announces its ballot; a refusal, its promise
+            ballot = m.hint if m.reject else m.ballot
+            if ballot > node.promised_sent.get(shard, 0):
+                node.promised_sent[shard] = ballot
             if m.type == M.ACCEPTED and not m.reject and \
                     m.match_index > node.matched_sent.get(shard, -1):
                 node.matched_sent[shard] = m.match_index
@@ -497,6 +515,10 @@ class Simulation:
                     self.log(f"n{node.index}: the power will go at a coming sync")
                 else:
                     node.crash(in_save=False)
+        if rng.random() < c.pause_rate:
+            node = self.nodes[rng.randrange(n)]
+            node.paused_until = self.now + rng.randint(1, 4 * c.election_timeout_ticks)
+            self.log(f"n{node.index} stalls until t{node.paused_until}")
         for node in self.nodes:
             if node.up and rng.random() < c.checkpoint_rate:
                 try:
@@ -545,7 +567,7 @@ class Simulation:
         self.cut = set()
         for node in self.nodes:
             node.files.crash_after_syncs = None
-            node.down_until = 0
+            node.down_until = node.paused_until = 0
         self.log("faults stop: healed, every node restarts")
         deadline = self.now + c.settle_ticks
         while True:
