@@ -88,7 +88,7 @@ class SimulationFailure(Exception):
 class RealNodeConfig:
     seed: int = 0
     nodes: int = 3
-    shards: int = 1  # 0: the seed draws 1-3
+    shards: int = 0  # 0: the seed draws 1-3
     ticks: int = 500  # the fault phase
     settle_ticks: int = 600  # the bound on electing and finishing every operation after it
     stable_ticks: int = 200  # the fault-free tail in which no leader may be deposed
