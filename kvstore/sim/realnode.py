@@ -123,6 +123,8 @@ def swarm(config: RealNodeConfig, rng: random.Random) -> RealNodeConfig:
     shards = rng.randint(1, 3)  # drawn even when given, so that a replay draws the same rest
     return replace(config,
                    shards=config.shards or shards,
+                   clients=pick(3, 6),
+                   down_ticks_max=pick(40, 100),
                    drop_rate=pick(0.0, 0.02, 0.08),
                    duplicate_rate=pick(0.0, 0.03, 0.1),
                    delay_max_ticks=pick(1, 3, 6),
