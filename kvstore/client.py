@@ -423,9 +423,9 @@ class ClientCore:
             why = ("the server requires CurveZMQ keys: pass keys=DIR to kvstore.connect() "
                    "or set KVSTORE_KEYS (`kvstore keygen DIR` writes them)")
         else:
-            why = (f"the server refused the CurveZMQ handshake: its allowed/ must hold this "
-                   f"client's {self.keys.directory}/client.key, and server.key must be the "
-                   f"cluster's")
+            why = (f"the server refused the CurveZMQ handshake: its clients/ must hold this "
+                   f"client's {self.keys.directory}/{self.keys.name}.key (a revoked key is "
+                   f"refused), and server.key must be the cluster's")
         err = AuthenticationFailed(f"authentication failed at {address}: {why}")
         self._refusals[address] = err
         self._down.add(address)
@@ -658,11 +658,19 @@ class ClusterKV(KV):
             except Unavailable:
                 views[address] = None
         known = {n.get("address"): n.get("id") for n in (self._hello or {}).get("nodes", [])}
-        nodes, names = [], {}
-        for address, v in views.items():
+        nodes, names, problems = [], {}, []
+        for address, v in list(views.items()):
             if v is None:
                 nodes.append({"id": known.get(address), "address": address, "state": "down",
                               "role": ""})
+                continue
+            mismatch = _shape_mismatch(v, self.nshards, known)
+            if mismatch:
+                problems.append(f"{v.get('node')} at {address} {mismatch}: its cluster.toml "
+                                f"differs from the others' and its peers refuse it")
+                nodes.append({"id": v.get("node"), "address": address, "state": "mismatch",
+                              "role": ""})
+                views[address] = None
                 continue
             names[address] = v["node"]
             roles = sorted({s["role"] for s in v["shards"]})
@@ -683,13 +691,31 @@ class ClusterKV(KV):
             shards.append({"shard": s, "leader": leader, "commit_index": commit,
                            "applied_index": replicas.get(leader) if leader else None,
                            "replicas": replicas})
-        return {"mode": "cluster", "nodes": nodes, "shards": shards}
+        out = {"mode": "cluster", "nodes": nodes, "shards": shards}
+        if problems:
+            out["problems"] = problems
+        return out
 
     def close(self) -> None:
         self._core.close()
 
     def __repr__(self) -> str:
         return f"<kvstore.ClusterKV {','.join(self._addresses)} shards={self.nshards}>"
+
+
+def _shape_mismatch(view, nshards: int, known: dict) -> str | None:
+    """How a node's status differs in shape from the cluster this client learned
+    (shard count, members), or None if it agrees."""
+    try:
+        theirs = int(view["nshards"])
+        if theirs != nshards or len(view["shards"]) != nshards:
+            return f"reports {theirs} shard(s) where the cluster has {nshards}"
+        members = {n["address"]: n["id"] for n in view["nodes"]}
+    except (KeyError, TypeError, ValueError):
+        return "answers with a status this client cannot read"
+    if known and members != known:
+        return "lists other members or addresses than the cluster"
+    return None
 
 
 #: A cross-shard transaction's prepared records carry this deadline (wall clock): past

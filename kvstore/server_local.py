@@ -2,7 +2,7 @@
 the process-level tests and the benchmark.
 
 ``LocalCluster(dir, nodes=3, shards=1)`` writes ``dir/cluster.toml`` with free
-ports, starts one ``python -m kvstore.server`` per node (logs in
+ports (a client and a peer port per node), starts one ``python -m kvstore.server`` per node (logs in
 ``dir/NAME.log``, data in ``dir/NAME``), and can kill (any signal), restart
 and stop them. Every wait is bounded; ``close()`` always leaves no process
 behind.
@@ -61,13 +61,17 @@ class LocalCluster:
             self.shards, nodes_cfg = parse_cluster(read_toml(self.config_path), self.config_path)
             self.names = sorted(nodes_cfg)
             self.addresses = {n: nodes_cfg[n]["address"] for n in self.names}
+            self.peer_addresses = {n: nodes_cfg[n]["peer_address"] for n in self.names}
         else:
+            # both ports chosen free: a derived peer port (client + 10000) may be taken
             self.addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in self.names}
+            self.peer_addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in self.names}
             lines = [f"shards = {shards}", ""]
             if tuning:
                 lines += ["[tuning]"] + [f"{k} = {v}" for k, v in tuning.items()] + [""]
             for n in self.names:
-                lines += [f"[nodes.{n}]", f'address = "{self.addresses[n]}"', f'data = "{n}"', ""]
+                lines += [f"[nodes.{n}]", f'address = "{self.addresses[n]}"',
+                          f'peer_address = "{self.peer_addresses[n]}"', f'data = "{n}"', ""]
             with open(self.config_path, "w") as f:
                 f.write("\n".join(lines))
 

@@ -24,9 +24,11 @@ pytestmark = pytest.mark.timeout(120)
 class Nodes:
     def __init__(self, tmp_path, names, keys_of):
         self.addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
+        self.peer_addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
         self.nodes, self.threads = {}, {}
         for n in names:
             cfg = NodeConfig(name=n, names=sorted(names), addresses=self.addresses, shards=1,
+                             peer_addresses=self.peer_addresses,
                              data_dir=str(tmp_path / n), curve_keys=keys_of[n])
             self.nodes[n] = Node(cfg)
             self.threads[n] = threading.Thread(target=self.nodes[n].run, daemon=True)
@@ -95,7 +97,9 @@ def test_security_config_and_keygen_command(tmp_path):
     r = subprocess.run([PYTHON, "-m", "kvstore.cli", "keygen", str(keys)], capture_output=True,
                        env=child_env(), timeout=30)
     assert r.returncode == 0, r.stderr
-    assert (keys / "server.key").exists() and (keys / "allowed" / "client.key").exists()
+    assert (keys / "server.key").exists() and (keys / "clients" / "client.key").exists()
+    assert os.listdir(keys / "nodes") == ["node.key"]  # separate key sets: clients are not nodes
+    assert os.listdir(keys / "clients") == ["client.key"]
     again = subprocess.run([PYTHON, "-m", "kvstore.cli", "keygen", str(keys)], capture_output=True,
                            env=child_env(), timeout=30)
     assert again.returncode == 2 and b"already holds keys" in again.stderr
