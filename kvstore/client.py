@@ -659,17 +659,19 @@ class ClusterKV(KV):
                 views[address] = None
         known = {n.get("address"): n.get("id") for n in (self._hello or {}).get("nodes", [])}
         nodes, names, problems = [], {}, []
+        reference = _common_shape(views.values(), (self.nshards, _members(self._hello)))
+        nshards = reference[0] if reference[0] is not None else self.nshards
         for address, v in list(views.items()):
             if v is None:
                 nodes.append({"id": known.get(address), "address": address, "state": "down",
                               "role": ""})
                 continue
-            mismatch = _shape_mismatch(v, self.nshards, known)
+            mismatch = _shape_mismatch(v, reference)
             if mismatch:
-                problems.append(f"{v.get('node')} at {address} {mismatch}: its cluster.toml "
+                name = v.get("node") if isinstance(v, dict) else None
+                problems.append(f"{name or 'the node'} at {address} {mismatch}: its cluster.toml "
                                 f"differs from the others' and its peers refuse it")
-                nodes.append({"id": v.get("node"), "address": address, "state": "mismatch",
-                              "role": ""})
+                nodes.append({"id": name, "address": address, "state": "mismatch", "role": ""})
                 views[address] = None
                 continue
             names[address] = v["node"]
@@ -678,7 +680,7 @@ class ClusterKV(KV):
             nodes.append({"id": v["node"], "address": address, "state": "up",
                           "role": f"leader of {leads}" if leads else ",".join(roles)})
         shards = []
-        for s in range(self.nshards):
+        for s in range(nshards):
             leader, commit, replicas = None, -1, {}
             for address, v in views.items():
                 if v is None:
@@ -703,17 +705,46 @@ class ClusterKV(KV):
         return f"<kvstore.ClusterKV {','.join(self._addresses)} shards={self.nshards}>"
 
 
-def _shape_mismatch(view, nshards: int, known: dict) -> str | None:
-    """How a node's status differs in shape from the cluster this client learned
-    (shard count, members), or None if it agrees."""
+def _members(view) -> tuple | None:
     try:
-        theirs = int(view["nshards"])
-        if theirs != nshards or len(view["shards"]) != nshards:
-            return f"reports {theirs} shard(s) where the cluster has {nshards}"
-        members = {n["address"]: n["id"] for n in view["nodes"]}
+        return tuple(sorted((n["id"], n["address"]) for n in view["nodes"]))
+    except (KeyError, TypeError):
+        return None
+
+
+def _shape(view) -> tuple:
+    """``(shard count, members)`` a node's status reports; None where unreadable."""
+    try:
+        nshards = int(view["nshards"])
+        if len(view["shards"]) != nshards:
+            nshards = None
     except (KeyError, TypeError, ValueError):
+        nshards = None
+    return nshards, _members(view)
+
+
+def _common_shape(views, fallback: tuple) -> tuple:
+    """The shape most nodes report (on a tie, the one this client learned first)."""
+    counts: dict = {}
+    for v in views:
+        if v is not None:
+            shape = _shape(v)
+            counts[shape] = counts.get(shape, 0) + 1
+    if not counts:
+        return fallback
+    best = max(counts.values())
+    return fallback if counts.get(fallback) == best else max(counts, key=counts.get)
+
+
+def _shape_mismatch(view, reference: tuple) -> str | None:
+    """How a node's status differs from the cluster's shape (shard count, members), or
+    None if it agrees."""
+    nshards, members = _shape(view)
+    if nshards is None or members is None:
         return "answers with a status this client cannot read"
-    if known and members != known:
+    if nshards != reference[0]:
+        return f"reports {nshards} shard(s) where the cluster has {reference[0]}"
+    if members != reference[1]:
         return "lists other members or addresses than the cluster"
     return None
 

@@ -629,12 +629,16 @@ class Node:
             if w is None:
                 continue
             identity, request_id, shard, op, args, _t = w
+            client = type(identity) is bytes
+            if client and not self.sockets.reply_room(identity):
+                continue  # a client that does not read its replies: cut off (counted)
             if op == wire.OP_GET:
                 found = self.storage.get(shard, args[1])
                 if found is LOCKED:  # a prepared transaction writes it: its value may change
                     self._reply(identity, request_id, wire.STATUS_RETRY, LOCKED)
                     continue
                 result = [found[0], found[1]] if args[2] else found[0]
+                size = len(found[0] or b"")
             else:
                 rows = self.storage.scan(shard, args[1], args[2], args[3])
                 if rows is LOCKED:
@@ -642,6 +646,9 @@ class Node:
                     continue
                 result = ([[k, v, rev] for k, v, rev in rows] if args[4]
                           else [[k, v] for k, v, _rev in rows])
+                size = sum(len(k) + len(v) + 16 for k, v, _rev in rows)
+            if client:
+                self.sockets.charge(identity, size)
             self._reply(identity, request_id, wire.STATUS_OK, result)
 
     def _answer_dropped(self, shard: int, rd) -> None:

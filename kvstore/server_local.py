@@ -43,7 +43,8 @@ def free_port() -> int:
 class LocalCluster:
     def __init__(self, directory: str, nodes: int = 3, shards: int = 1, *,
                  log_format: str = "text", env: dict | None = None,
-                 python: str = sys.executable, tuning: dict | None = None) -> None:
+                 python: str = sys.executable, tuning: dict | None = None,
+                 keys: str | None = None) -> None:
         if not 1 <= nodes <= 64:
             raise ValueError("nodes must be in 1..64")
         self.directory = os.path.abspath(directory)
@@ -53,6 +54,7 @@ class LocalCluster:
         self.log_format = log_format
         self.env = env
         self.python = python
+        self.keys = keys  # a `kvstore keygen` directory: [security] curve on, clients use it
         self.config_path = os.path.join(self.directory, "cluster.toml")
         self.procs: dict = {}
         self._logs: dict = {}
@@ -69,6 +71,8 @@ class LocalCluster:
             lines = [f"shards = {shards}", ""]
             if tuning:
                 lines += ["[tuning]"] + [f"{k} = {v}" for k, v in tuning.items()] + [""]
+            if keys:
+                lines += ["[security]", "curve = true", f'keys = "{os.path.abspath(keys)}"', ""]
             for n in self.names:
                 lines += [f"[nodes.{n}]", f'address = "{self.addresses[n]}"',
                           f'peer_address = "{self.peer_addresses[n]}"', f'data = "{n}"', ""]
@@ -119,7 +123,8 @@ class LocalCluster:
     def client(self, timeout: float = 5.0, names=None):
         import kvstore
         names = names or self.names
-        return kvstore.connect([self.addresses[n] for n in names], timeout=timeout)
+        return kvstore.connect([self.addresses[n] for n in names], timeout=timeout,
+                               keys=self.keys)
 
     def wait_ready(self, timeout: float = 30.0, names=None) -> dict:
         """Wait until every shard has a leader among the running nodes; their status."""

@@ -54,6 +54,9 @@ replies:
   pass it is dropped and counted (``dropped_reply_slow_client``): a client that
   does not read its replies is cut off at about 32 MiB + 256 KiB, where the
   unbounded HWM of 10,000 messages once let 300 unread 4 MiB scans take 1.9 GB.
+  The node checks that budget before it copies an answer out of the store
+  (``reply_room``, counting answers computed in the same turn: ``charge``), so
+  300 reads served in one turn cost one answer past the budget, not 300.
 - **Per node**: tracked reply bytes for all clients together stay under
   ``NODE_QUEUED_BYTES_MAX`` (256 MiB; beyond, ``dropped_reply_node_full``);
   untracked ones add 256 KiB per open client connection, and connections are
@@ -140,6 +143,8 @@ class NodeSockets:
         self._tracked: deque = deque()  # (tracker, client identity, bytes)
         self._queued_bytes: dict = {}  # client identity -> tracked bytes libzmq still holds
         self.queued_bytes = 0
+        self._pending: dict = {}  # client identity -> bytes of answers computed this turn
+        self.pending_bytes = 0
         self.refusals: dict = {}  # peer routing id -> why its frames are dropped
         try:
             if keys is not None:  # CurveZMQ (transport/security.py): before any socket binds
@@ -286,6 +291,7 @@ class NodeSockets:
 
     def reply(self, identity: bytes, items: list) -> None:
         """Send ``[(request_id, status, value)]`` to a client, in frames of bounded size."""
+        self.pending_bytes -= self._pending.pop(identity, 0)
         frame = wire.encode_replies(items)
         if len(frame) > REPLY_FRAME_TARGET_BYTES and len(items) > 1:
             half = len(items) // 2
@@ -300,6 +306,27 @@ class NodeSockets:
                 f"{REPLY_FRAME_BYTES_MAX} bytes a reply may carry: scan a narrower range or "
                 f"pass a limit"])])
         self._send_reply(identity, frame)
+
+    def reply_room(self, identity: bytes) -> bool:
+        """May the node compute another answer for this client (``Node._serve_reads``)?
+        No once its replies queued in libzmq plus those computed this turn
+        (``charge``) reach its budget, or all clients' reach the node's: the read is
+        dropped (counted) before its value is even copied out of the store."""
+        def spent() -> bool:
+            return (self._queued_bytes.get(identity, 0) + self._pending.get(identity, 0)
+                    >= CLIENT_QUEUED_BYTES_MAX
+                    or self.queued_bytes + self.pending_bytes >= NODE_QUEUED_BYTES_MAX)
+        if spent():
+            self.reap()
+            if spent():
+                self.counters["dropped_reply_slow_client"] += 1
+                return False
+        return True
+
+    def charge(self, identity: bytes, size: int) -> None:
+        """``size`` bytes of answer computed for ``identity``, to be sent this turn."""
+        self._pending[identity] = self._pending.get(identity, 0) + size
+        self.pending_bytes += size
 
     def _send_reply(self, identity: bytes, frame: bytes) -> bool:
         size = len(frame)
