@@ -76,7 +76,7 @@ from kvstore.txn import decode as decode_2pc
 from kvstore.txn import encode as encode_2pc
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
-from kvstore.transport.sockets import (CLIENT, PEER, NodeSockets, derived_peer_address,
+from kvstore.transport.sockets import (CLIENT, NodeSockets, derived_peer_address,
                                       peer_identity, shape_fingerprint)
 
 log = logging.getLogger("kvstore.node")
@@ -336,6 +336,8 @@ class Node:
     def _log_refused_peers(self) -> None:
         """One line per peer connection refused for its shape (``NodeSockets.refusals``)."""
         refusals = self.sockets.refusals
+        if len(refusals) == len(self._refusals_logged):
+            return
         for identity, why in refusals.items():
             if identity not in self._refusals_logged:
                 self._refusals_logged.add(identity)
