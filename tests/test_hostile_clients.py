@@ -84,12 +84,12 @@ def forged_peer_frames(frm: int, to: int) -> list:
     ]
 
 
-def node_status(address: str, keys=None) -> dict:
+def node_status(address: str, keys=None, timeout: float = 5.0) -> dict:
     """A node's own status, asked on its client port."""
     raw = Raw(address, keys)
     try:
         raw.s.send(wire.encode_request(1, wire.OP_STATUS, []))
-        assert raw.s.poll(5000), f"{address} did not answer its status"
+        assert raw.s.poll(int(timeout * 1000)), f"{address} did not answer its status"
         body = wire.decode(raw.s.recv())
         return body[1][0][2]
     finally:

@@ -192,3 +192,32 @@ def test_forward_batches_round_trip_and_are_checked():
     assert wire.decode(wire.encode_forwarded(1, reps)) == [wire.FORWARDED, 1, [list(r) for r in reps]]
     with pytest.raises(wire.FrameError):
         wire.decode(b"\x01" + msgpack.packb([wire.FORWARD, "x", []]))
+
+
+def test_replies_are_cut_into_bounded_frames_and_an_oversized_answer_is_refused():
+    from kvstore.transport.sockets import REPLY_FRAME_BYTES_MAX, REPLY_FRAME_TARGET_BYTES
+    b = NodeSockets(_free_address(), _free_address(), {})
+    ctx = zmq.Context()
+    client = ctx.socket(zmq.DEALER)
+    try:
+        client.setsockopt(zmq.LINGER, 0)
+        client.connect(zmq.Socket.get(b.client_router, zmq.LAST_ENDPOINT).decode())
+        client.send(wire.encode_request(1, wire.OP_STATUS, []))
+        assert b.client_router.poll(5000)
+        (_role, identity, _frame), = b.recv_many()
+        b.reply(identity, [(i, wire.STATUS_OK, b"v" * 100_000) for i in range(30)]
+                + [(99, wire.STATUS_OK, b"x" * (REPLY_FRAME_BYTES_MAX + 1))])
+        got, sizes = [], []
+        while len(got) < 31:
+            assert client.poll(5000), got
+            frame = client.recv()
+            sizes.append(len(frame))
+            got += wire.decode(frame)[1]
+        assert [r[0] for r in got] == list(range(30)) + [99]
+        assert max(sizes) <= REPLY_FRAME_TARGET_BYTES and len(sizes) > 3
+        assert got[-1][1] == wire.STATUS_ERROR and got[-1][2][0] == "InvalidArgument"
+        assert "narrower range" in got[-1][2][1]
+    finally:
+        client.close(0)
+        ctx.term()
+        b.close()

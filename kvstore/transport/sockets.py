@@ -292,20 +292,15 @@ class NodeSockets:
     def reply(self, identity: bytes, items: list) -> None:
         """Send ``[(request_id, status, value)]`` to a client, in frames of bounded size."""
         self.pending_bytes -= self._pending.pop(identity, 0)
-        frame = wire.encode_replies(items)
-        if len(frame) > REPLY_FRAME_TARGET_BYTES and len(items) > 1:
-            half = len(items) // 2
-            self.reply(identity, items[:half])
-            self.reply(identity, items[half:])
-            return
-        if len(frame) > REPLY_FRAME_BYTES_MAX:
-            self.counters["refused_reply_too_big"] += 1
-            request_id = items[0][0]
-            frame = wire.encode_replies([(request_id, wire.STATUS_ERROR, [
-                "InvalidArgument", f"the answer is {len(frame)} bytes, over the "
-                f"{REPLY_FRAME_BYTES_MAX} bytes a reply may carry: scan a narrower range or "
-                f"pass a limit"])])
-        self._send_reply(identity, frame)
+        for frame in wire.encode_replies_frames(items, REPLY_FRAME_TARGET_BYTES):
+            if len(frame) > REPLY_FRAME_BYTES_MAX:  # one answer alone in its frame
+                self.counters["refused_reply_too_big"] += 1
+                request_id = wire.decode(frame, len(frame))[1][0][0]
+                frame = wire.encode_replies([(request_id, wire.STATUS_ERROR, [
+                    "InvalidArgument", f"the answer is {len(frame)} bytes, over the "
+                    f"{REPLY_FRAME_BYTES_MAX} bytes a reply may carry: scan a narrower range "
+                    f"or pass a limit"])])
+            self._send_reply(identity, frame)
 
     def reply_room(self, identity: bytes) -> bool:
         """May the node compute another answer for this client (``Node._serve_reads``)?
