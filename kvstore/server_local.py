@@ -40,6 +40,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _same_kvstore(env: dict | None) -> dict:
+    """``env`` (default: ours) with the kvstore this process runs first on PYTHONPATH,
+    so the servers run the same code as their parent (not an installed copy)."""
+    import kvstore
+    env = dict(os.environ if env is None else env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kvstore.__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 class LocalCluster:
     def __init__(self, directory: str, nodes: int = 3, shards: int = 1, *,
                  log_format: str = "text", env: dict | None = None,
@@ -52,7 +62,7 @@ class LocalCluster:
         self.names = [f"n{i + 1}" for i in range(nodes)]
         self.shards = shards
         self.log_format = log_format
-        self.env = env
+        self.env = _same_kvstore(env)
         self.python = python
         self.keys = keys  # a `kvstore keygen` directory: [security] curve on, clients use it
         self.config_path = os.path.join(self.directory, "cluster.toml")

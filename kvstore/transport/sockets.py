@@ -140,7 +140,9 @@ class NodeSockets:
         self._auth = None
         self._keys = keys
         self._draining: set = set()  # ROUTERs in the middle of dropping a many-part message
-        self._tracked: deque = deque()  # (tracker, client identity, bytes)
+        # client identity -> deque of (tracker, bytes) in send order (libzmq sends one
+        # connection's messages in order, so they are done in order)
+        self._tracked: dict = {}
         self._queued_bytes: dict = {}  # client identity -> tracked bytes libzmq still holds
         self.queued_bytes = 0
         self._pending: dict = {}  # client identity -> bytes of answers computed this turn
@@ -343,26 +345,30 @@ class NodeSockets:
             self.counters["dropped_reply_" + ("gone" if e.errno == zmq.EHOSTUNREACH else "full")] += 1
             return False
         if tracked and not tracker.done:
-            self._tracked.append((tracker, identity, size))
+            queue = self._tracked.get(identity)
+            if queue is None:
+                queue = self._tracked[identity] = deque()
+            queue.append((tracker, size))
             self._queued_bytes[identity] = self._queued_bytes.get(identity, 0) + size
             self.queued_bytes += size
         return True
 
     def reap(self) -> None:
-        """Forget the tracked replies libzmq is done with (sent, or dropped with their client)."""
-        tracked = self._tracked
-        for _ in range(len(tracked)):
-            tracker, identity, size = tracked[0]
-            if not tracker.done:
-                tracked.rotate(-1)
+        """Forget the tracked replies libzmq is done with (sent, or dropped with their
+        client): the done ones at the head of each client's queue."""
+        for identity in list(self._tracked):
+            queue = self._tracked[identity]
+            freed = 0
+            while queue and queue[0][0].done:
+                freed += queue.popleft()[1]
+            if not freed:
                 continue
-            tracked.popleft()
-            self.queued_bytes -= size
-            left = self._queued_bytes[identity] - size
-            if left:
-                self._queued_bytes[identity] = left
+            self.queued_bytes -= freed
+            if queue:
+                self._queued_bytes[identity] -= freed
             else:
                 del self._queued_bytes[identity]
+                del self._tracked[identity]
 
     def reload_keys(self) -> None:
         """Reload the client allow-list if it changed (a client added or revoked)."""
