@@ -184,12 +184,15 @@ class CurveKeys:
         return True
 
 
-def start_authenticator(context, keys: CurveKeys):
-    """The ZAP handler of ``context``: node keys on the peer domain, client keys on
-    the client domain, nothing anywhere else."""
+def start_authenticator(context, keys: CurveKeys, role: str):
+    """The ZAP handler of ``context`` for ``role`` ("peers": node keys in the peer
+    domain; "clients": client keys in the client domain); any other domain, or a key
+    not listed, is refused."""
     from zmq.auth.thread import ThreadAuthenticator
     auth = ThreadAuthenticator(context)
     auth.start()
-    auth.configure_curve(domain=PEER_DOMAIN, location=keys.nodes)
-    keys.reload_clients(auth, force=True)
+    if role == "peers":
+        auth.configure_curve(domain=PEER_DOMAIN, location=keys.nodes)
+    else:
+        keys.reload_clients(auth, force=True)
     return auth

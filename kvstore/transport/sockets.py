@@ -13,6 +13,10 @@ Clients are not nodes. Each node binds two addresses:
   one, or from a node whose shard count or members differ, is dropped before
   it is decoded (``NodeSockets.refusals`` says why, once per peer).
 
+The client ROUTER lives in a ZeroMQ context of its own, so libzmq decodes
+what clients send on another I/O thread than the peers' traffic: a client's
+message of a million parts (a second of libzmq's work) delays no heartbeat.
+
 With Curve (``transport/security.py``) each ROUTER has its own ZAP domain and
 allow-list: node keys for the peer ROUTER, client keys for the client ROUTER,
 so a client key cannot even complete the handshake on the peer port.
@@ -36,9 +40,9 @@ replies:
   turn reads at most ``RECV_BYTES_PER_TURN`` (64 MiB) from a socket, so the
   node's own copies of inbound frames are bounded the same way.
 - **Many-part messages**: a client message is ``[identity, frame]``. One with
-  more parts is dropped part by part, ``DRAIN_PARTS_PER_TURN`` parts per loop
-  turn, never materialised as a list: 2,000,000 empty parts cost ~1.5 us each
-  spread over ~100 turns, and the loop keeps ticking, persisting and serving
+  more parts is dropped part by part, ``DRAIN_PARTS_PER_TURN`` (4,000) parts
+  per loop turn, never materialised as a list: 2,000,000 empty parts cost
+  ~1.5 us each, a few ms per turn over 500 turns, and the loop keeps ticking, persisting and serving
   its peers meanwhile (only this node's client socket waits for the drain).
   libzmq itself holds a multi-part message whole before it hands its first
   part over (64 bytes per part); that memory is freed as it is drained.
@@ -88,8 +92,8 @@ HANDSHAKE_IVL_MS = 2000
 RECV_BATCH_MAX = 4096
 #: At most this many bytes of frames are read from one socket per ``recv_many`` call.
 RECV_BYTES_PER_TURN = 64 * 1024 * 1024
-#: Parts of an oversized multi-part message dropped per ``recv_many`` call at most.
-DRAIN_PARTS_PER_TURN = 20_000
+#: Parts of a many-part message dropped per ``recv_many`` call at most: a few ms.
+DRAIN_PARTS_PER_TURN = 4_000
 #: Reply frames at or above this size are sent zero-copy and tracked (bytes accounting).
 TRACK_BYTES_MIN = 16 * 1024
 REPLY_FRAME_TARGET_BYTES = 1024 * 1024
@@ -130,14 +134,17 @@ class NodeSockets:
     """The two ROUTERs of one node and its DEALER links to peers (by peer index)."""
 
     def __init__(self, client_address: str, peer_address: str, peers: dict, *,
-                 identity: bytes = b"", context: zmq.Context | None = None, keys=None) -> None:
-        self.context = context or zmq.Context()
-        self._own_context = context is None
+                 identity: bytes = b"", keys=None) -> None:
+        # Two contexts, so two libzmq I/O threads: decoding what a client sends (a
+        # message of a million parts takes libzmq itself a second) never delays a peer.
+        self.context = zmq.Context()  # the peer ROUTER and the DEALERs to peers
+        self.client_context = zmq.Context()  # the client ROUTER
         self.counters: Counter = Counter()
         self.client_router = self.peer_router = None
         self.peers: dict = {}
         self._identity = identity
         self._auth = None
+        self._client_auth = None
         self._keys = keys
         self._draining: set = set()  # ROUTERs in the middle of dropping a many-part message
         # client identity -> deque of (tracker, bytes) in send order (libzmq sends one
@@ -151,12 +158,14 @@ class NodeSockets:
         try:
             if keys is not None:  # CurveZMQ (transport/security.py): before any socket binds
                 from kvstore.transport.security import start_authenticator
-                self._auth = start_authenticator(self.context, keys)
-            self.peer_router = self._router(peer_address, keys, "peers", HWM_MESSAGES,
-                                            HWM_MESSAGES, MAX_PEER_FRAME_BYTES)
+                self._auth = start_authenticator(self.context, keys, "peers")
+                self._client_auth = start_authenticator(self.client_context, keys, "clients")
+            self.peer_router = self._router(self.context, peer_address, keys, "peers",
+                                            HWM_MESSAGES, HWM_MESSAGES, MAX_PEER_FRAME_BYTES)
             self.peer_router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer takes over
-            self.client_router = self._router(client_address, keys, "clients", CLIENT_SNDHWM,
-                                              CLIENT_RCVHWM, MAX_REQUEST_FRAME_BYTES)
+            self.client_router = self._router(self.client_context, client_address, keys,
+                                              "clients", CLIENT_SNDHWM, CLIENT_RCVHWM,
+                                              MAX_REQUEST_FRAME_BYTES)
             self.client_router.copy_threshold = TRACK_BYTES_MIN
         except zmq.ZMQError:
             self.close()
@@ -176,9 +185,10 @@ class NodeSockets:
             d.connect(address)
             self.peers[index] = d
 
-    def _router(self, address: str, keys, domain: str, sndhwm: int, rcvhwm: int,
+    @staticmethod
+    def _router(context, address: str, keys, domain: str, sndhwm: int, rcvhwm: int,
                 max_frame_bytes: int):
-        r = self.context.socket(zmq.ROUTER)
+        r = context.socket(zmq.ROUTER)
         if keys is not None:
             keys.make_server(r, domain)
         r.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -372,8 +382,8 @@ class NodeSockets:
 
     def reload_keys(self) -> None:
         """Reload the client allow-list if it changed (a client added or revoked)."""
-        if self._auth is not None:
-            self._keys.reload_clients(self._auth)
+        if self._client_auth is not None:
+            self._keys.reload_clients(self._client_auth)
 
     def close(self) -> None:
         for d in getattr(self, "peers", {}).values():
@@ -384,8 +394,13 @@ class NodeSockets:
             if sock is not None:
                 sock.close(0)
                 setattr(self, name, None)
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
-        if self._own_context:
-            self.context.term()
+        for name in ("_auth", "_client_auth"):
+            auth = getattr(self, name, None)
+            if auth is not None:
+                auth.stop()
+                setattr(self, name, None)
+        for name in ("context", "client_context"):
+            context = getattr(self, name, None)
+            if context is not None:
+                context.term()
+                setattr(self, name, None)
