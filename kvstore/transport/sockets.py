@@ -42,10 +42,13 @@ replies:
 - **Many-part messages**: a client message is ``[identity, frame]``. One with
   more parts is dropped part by part, ``DRAIN_PARTS_PER_TURN`` (4,000) parts
   per loop turn, never materialised as a list: 2,000,000 empty parts cost
-  ~1.5 us each, a few ms per turn over 500 turns, and the loop keeps ticking, persisting and serving
-  its peers meanwhile (only this node's client socket waits for the drain).
-  libzmq itself holds a multi-part message whole before it hands its first
-  part over (64 bytes per part); that memory is freed as it is drained.
+  ~1.5 us each, a few ms per turn over 500 turns, and the loop keeps ticking,
+  persisting and serving its peers meanwhile; only this node's client socket
+  waits for the drain (seconds for a million parts). libzmq itself holds a
+  multi-part message whole before it hands over its first part (64 bytes per
+  part: a 4 MB message of 2,000,000 parts holds 128 MB until drained; libzmq
+  has no limit on the number of parts, so this is the one inbound cost that
+  grows with the message rather than with a frame).
 - **Outbound, per client connection**: a reply frame is at most
   ``REPLY_FRAME_BYTES_MAX`` (32 MiB: a bigger single answer, a scan of a huge
   range, is refused with an ``InvalidArgument`` the client raises, naming the
@@ -56,11 +59,15 @@ replies:
   until libzmq is done with them (``zmq.MessageTracker``): a client's tracked
   bytes stay under ``CLIENT_QUEUED_BYTES_MAX`` (32 MiB). A reply that would
   pass it is dropped and counted (``dropped_reply_slow_client``): a client that
-  does not read its replies is cut off at about 32 MiB + 256 KiB, where the
-  unbounded HWM of 10,000 messages once let 300 unread 4 MiB scans take 1.9 GB.
-  The node checks that budget before it copies an answer out of the store
-  (``reply_room``, counting answers computed in the same turn: ``charge``), so
-  300 reads served in one turn cost one answer past the budget, not 300.
+  does not read its replies is cut off at about 32 MiB + 256 KiB queued, where
+  the unbounded HWM of 10,000 messages once let 300 unread 4 MiB scans take
+  1.9 GB. The node checks that budget before it copies an answer out of the
+  store (``reply_room``, counting answers computed in the same turn:
+  ``charge``), so 300 reads served in one turn cost the budget plus one answer,
+  not 300 answers: the transient peak of a turn is those answers (<= 32 MiB +
+  one) and their encoded frames beside them (as much again, each encoded once,
+  ``wire.encode_replies_frames``). Measured: RSS +67 MiB for 300 unread 4 MiB
+  scans (``tests/test_hostile_clients.py`` holds it under 96 MiB).
 - **Per node**: tracked reply bytes for all clients together stay under
   ``NODE_QUEUED_BYTES_MAX`` (256 MiB; beyond, ``dropped_reply_node_full``);
   untracked ones add 256 KiB per open client connection, and connections are
