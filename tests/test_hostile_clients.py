@@ -214,6 +214,32 @@ def test_a_client_that_never_reads_its_replies_is_cut_off_in_bytes(cluster):
         raw.close()
 
 
+def test_big_inbound_frames_on_the_client_port_cost_the_node_little(cluster):
+    """30 frames of 60 MB from two connections (once: +1.2-1.8 GB and elections): the
+    client port refuses a frame over 16 MiB before buffering it, so the node's RSS
+    barely moves and it keeps answering."""
+    lc = cluster(nodes=1)
+    lc.start_all()
+    lc.wait_ready()
+    pid = lc.procs["n1"].pid
+    before = rss_bytes(pid)
+    junk = b"\x01" + b"\x00" * (60 * 1000 * 1000)
+    raws = [Raw(lc.addresses["n1"]), Raw(lc.addresses["n1"])]
+    try:
+        for i in range(30):
+            raws[i % 2].s.send(junk, copy=False)
+        t = time.monotonic()
+        with lc.client() as c:
+            c.put(b"k", b"v")
+            assert c.get(b"k") == b"v"
+        assert time.monotonic() - t < 5
+    finally:
+        for raw in raws:
+            raw.close()
+    grown = rss_bytes(pid) - before
+    assert grown < 64 * 1024 * 1024, f"RSS grew {grown} bytes"
+
+
 def test_a_message_of_a_million_parts_does_not_stall_the_node(cluster):
     """One message of 1,000,000 empty parts to the leader's client port (once: a node
     stalled 6-10 s): dropped a bounded number of parts per loop turn, so the leader keeps
