@@ -243,7 +243,8 @@ def run_local_cluster(nodes: int = 3, shards: int = 1, directory: str | None = N
         print(f"kvstore local cluster: {len(lc.names)} node(s), {lc.shards} shard(s), "
               f"data and logs in {lc.directory}", file=out)
         for n in lc.names:
-            print(f"  {n}  {lc.addresses[n]}  pid {lc.procs[n].pid}", file=out)
+            print(f"  {n}  {lc.addresses[n]}  (peers: {lc.peer_addresses[n]})  "
+                  f"pid {lc.procs[n].pid}", file=out)
         print("leaders: " + ", ".join(f"shard {s['shard']}: {s['leader']}" for s in st["shards"]),
               file=out)
         print(f"\n  export KVSTORE_CLUSTER={addrs}\n  kvstore put hello world && kvstore get hello"
