@@ -123,7 +123,9 @@ def _cmd_status(db, args) -> int:
         print(json.dumps(status, indent=2, default=str))
     else:
         print(format_status(status))
-    return 0
+    for problem in status.get("problems", []):  # a node whose cluster shape differs
+        print(f"kvstore: {problem}", file=sys.stderr)
+    return EXIT_USAGE if status.get("problems") else 0
 
 
 def _cmd_check(db, args) -> int:
@@ -203,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keygen", parents=[common],
                        help="write CurveZMQ key pairs for a cluster's [security] table")
     p.add_argument("dir", help="the directory to write the keys into")
+    p.add_argument("--client", metavar="NAME",
+                   help="add one client key pair NAME.key/NAME.key_secret to an existing key "
+                        "directory and allow it (clients/NAME.key; remove that file to revoke)")
     p.set_defaults(fn=None)
     p = sub.add_parser("demo", parents=[common],
                        help="show the store working: writes, reads, transactions, threads")
@@ -217,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_demo(args)
         if args.command == "keygen":
             from kvstore.transport.security import keygen
-            for path in keygen(args.dir):
+            for path in keygen(args.dir, client=args.client):
                 print(path)
             return 0
         if args.command == "local-cluster":

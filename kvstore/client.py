@@ -423,9 +423,9 @@ class ClientCore:
             why = ("the server requires CurveZMQ keys: pass keys=DIR to kvstore.connect() "
                    "or set KVSTORE_KEYS (`kvstore keygen DIR` writes them)")
         else:
-            why = (f"the server refused the CurveZMQ handshake: its allowed/ must hold this "
-                   f"client's {self.keys.directory}/client.key, and server.key must be the "
-                   f"cluster's")
+            why = (f"the server refused the CurveZMQ handshake: its clients/ must hold this "
+                   f"client's {self.keys.directory}/{self.keys.name}.key (a revoked key is "
+                   f"refused), and server.key must be the cluster's")
         err = AuthenticationFailed(f"authentication failed at {address}: {why}")
         self._refusals[address] = err
         self._down.add(address)
@@ -658,11 +658,21 @@ class ClusterKV(KV):
             except Unavailable:
                 views[address] = None
         known = {n.get("address"): n.get("id") for n in (self._hello or {}).get("nodes", [])}
-        nodes, names = [], {}
-        for address, v in views.items():
+        nodes, names, problems = [], {}, []
+        reference = _common_shape(views.values(), (self.nshards, _members(self._hello)))
+        nshards = reference[0] if reference[0] is not None else self.nshards
+        for address, v in list(views.items()):
             if v is None:
                 nodes.append({"id": known.get(address), "address": address, "state": "down",
                               "role": ""})
+                continue
+            mismatch = _shape_mismatch(v, reference)
+            if mismatch:
+                name = v.get("node") if isinstance(v, dict) else None
+                problems.append(f"{name or 'the node'} at {address} {mismatch}: its cluster.toml "
+                                f"differs from the others' and its peers refuse it")
+                nodes.append({"id": name, "address": address, "state": "mismatch", "role": ""})
+                views[address] = None
                 continue
             names[address] = v["node"]
             roles = sorted({s["role"] for s in v["shards"]})
@@ -670,7 +680,7 @@ class ClusterKV(KV):
             nodes.append({"id": v["node"], "address": address, "state": "up",
                           "role": f"leader of {leads}" if leads else ",".join(roles)})
         shards = []
-        for s in range(self.nshards):
+        for s in range(nshards):
             leader, commit, replicas = None, -1, {}
             for address, v in views.items():
                 if v is None:
@@ -683,13 +693,60 @@ class ClusterKV(KV):
             shards.append({"shard": s, "leader": leader, "commit_index": commit,
                            "applied_index": replicas.get(leader) if leader else None,
                            "replicas": replicas})
-        return {"mode": "cluster", "nodes": nodes, "shards": shards}
+        out = {"mode": "cluster", "nodes": nodes, "shards": shards}
+        if problems:
+            out["problems"] = problems
+        return out
 
     def close(self) -> None:
         self._core.close()
 
     def __repr__(self) -> str:
         return f"<kvstore.ClusterKV {','.join(self._addresses)} shards={self.nshards}>"
+
+
+def _members(view) -> tuple | None:
+    try:
+        return tuple(sorted((n["id"], n["address"]) for n in view["nodes"]))
+    except (KeyError, TypeError):
+        return None
+
+
+def _shape(view) -> tuple:
+    """``(shard count, members)`` a node's status reports; None where unreadable."""
+    try:
+        nshards = int(view["nshards"])
+        if len(view["shards"]) != nshards:
+            nshards = None
+    except (KeyError, TypeError, ValueError):
+        nshards = None
+    return nshards, _members(view)
+
+
+def _common_shape(views, fallback: tuple) -> tuple:
+    """The shape most nodes report (on a tie, the one this client learned first)."""
+    counts: dict = {}
+    for v in views:
+        if v is not None:
+            shape = _shape(v)
+            counts[shape] = counts.get(shape, 0) + 1
+    if not counts:
+        return fallback
+    best = max(counts.values())
+    return fallback if counts.get(fallback) == best else max(counts, key=counts.get)
+
+
+def _shape_mismatch(view, reference: tuple) -> str | None:
+    """How a node's status differs from the cluster's shape (shard count, members), or
+    None if it agrees."""
+    nshards, members = _shape(view)
+    if nshards is None or members is None:
+        return "answers with a status this client cannot read"
+    if nshards != reference[0]:
+        return f"reports {nshards} shard(s) where the cluster has {reference[0]}"
+    if members != reference[1]:
+        return "lists other members or addresses than the cluster"
+    return None
 
 
 #: A cross-shard transaction's prepared records carry this deadline (wall clock): past

@@ -2,15 +2,16 @@
 
 This is the only place where the pure Paxos core meets I/O. A node owns one
 ``kvstore.paxos.Replica`` per shard, one ``ReplicaStorage`` (the write-ahead
-log and LMDB) for all of them, one ``NodeSockets`` (a ROUTER for clients and
-peers, a DEALER per peer) and a monotonic clock, and runs them from a single
+log and LMDB) for all of them, one ``NodeSockets`` (a ROUTER for clients, one
+for peers, a DEALER per peer) and a monotonic clock, and runs them from a single
 thread in one loop. The sockets and the clock are ports (``kvstore.ports``):
 the deterministic simulator (``kvstore.sim.realnode``) drives this same class
 over an in-memory transport, its own clock and a simulated disk. ``run()`` is
 the production shell (poll the sockets until the next tick is due); ``turn()``
 is one turn of the loop, the same for both. Each turn:
 
-1. **receive**: read what waits on the ROUTER (bounded); Paxos batches go to
+1. **receive**: read what waits on the ROUTERs (bounded; client kinds only from
+   the client socket, the peer protocol only from the peer socket); Paxos batches go to
    the replicas (``step``), client writes are queued for their shard's
    replica (handed to ``propose`` bounded in bytes, ``_feed_proposals``),
    reads become linearizable reads (``read``: the leader's read index; on a
@@ -79,7 +80,8 @@ from kvstore.txn import decode as decode_2pc
 from kvstore.txn import encode as encode_2pc
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
-from kvstore.transport.sockets import NodeSockets
+from kvstore.transport.sockets import (CLIENT, NodeSockets, derived_peer_address,
+                                      peer_identity, shape_fingerprint)
 
 log = logging.getLogger("kvstore.node")
 
@@ -106,6 +108,10 @@ EARLY_TYPES = frozenset((M.ACCEPT, M.HEARTBEAT))
 RESOLVE_EVERY_SECONDS = 0.25
 #: A settlement of an abandoned transaction not finished in this long is started again.
 RESOLVE_RETRY_SECONDS = 3.0
+#: Frame kinds of the peer protocol: accepted only on the peer socket.
+PEER_KINDS = frozenset((wire.PAXOS, wire.FORWARD, wire.FORWARDED))
+#: How often the node looks for a client key added to or revoked from ``clients/``.
+RELOAD_KEYS_SECONDS = 2.0
 #: Ticks after start at which a node campaigns for the shards it prefers to lead
 #: (shard % nodes == its index) if they have no leader yet: leaders spread over nodes.
 PREFERRED_CAMPAIGN_TICKS = (15, 40)
@@ -141,10 +147,18 @@ class NodeConfig:
     lease_read_ticks: int = 0
     #: A ``kvstore keygen`` directory: CurveZMQ on every socket (``[security]``), or None.
     curve_keys: str | None = None
+    #: name -> "tcp://host:port" where the node's peers connect (``[nodes.NAME]
+    #: peer_address``); a node missing here listens on its client port + 10000.
+    peer_addresses: dict | None = None
 
     @property
     def index(self) -> int:
         return self.names.index(self.name)
+
+    def peer_address(self, name: str) -> str:
+        """Where node ``name`` listens for its peers (see ``kvstore.transport.sockets``)."""
+        given = (self.peer_addresses or {}).get(name)
+        return given if given is not None else derived_peer_address(self.addresses[name])
 
 
 class Node:
@@ -168,12 +182,18 @@ class Node:
         self.counters: Counter = Counter()
         try:
             self.replicas = [self._make_replica(s) for s in range(self.nshards)]
-            peers = {i: config.addresses[nm] for i, nm in enumerate(config.names) if i != self.index}
+            names = config.names
+            peer_addresses = {nm: config.peer_address(nm) for nm in names}
+            peers = {i: peer_addresses[nm] for i, nm in enumerate(names) if i != self.index}
             keys = None
             if config.curve_keys:
                 from kvstore.transport.security import CurveKeys
                 keys = CurveKeys(config.curve_keys, "node")
-            self.sockets = transport or NodeSockets(config.addresses[self.name], peers, keys=keys)
+            # peers agree on the cluster's shape, or refuse each other's frames
+            shape = shape_fingerprint(self.nshards, names, config.addresses, peer_addresses)
+            self.sockets = transport or NodeSockets(
+                config.addresses[self.name], peer_addresses[self.name], peers, keys=keys,
+                identity=peer_identity(self.index, self.nshards, shape))
         except BaseException:
             self.storage.close()
             raise
@@ -198,7 +218,9 @@ class Node:
         self._own_writes: dict = {}  # token (= its seq) -> (callback(result), started at)
         self._resolving: dict = {}  # txn id -> monotonic time its settlement started
         self._last_resolve = self.clock.monotonic()
+        self._refusals_logged: set = set()  # peer routing ids whose refusal was logged
         self._next_tick = self.clock.monotonic() + config.tick_seconds
+        self._next_reload = self.clock.monotonic()
 
     def _make_replica(self, shard: int) -> Replica:
         c = self.config
@@ -222,10 +244,13 @@ class Node:
         """The production loop's shell: wait on the sockets until the next tick is due,
         then one ``turn``. Returns after ``stop()``."""
         poller = zmq.Poller()
-        poller.register(self.sockets.router, zmq.POLLIN)
+        poller.register(self.sockets.peer_router, zmq.POLLIN)
+        poller.register(self.sockets.client_router, zmq.POLLIN)
+        self._next_reload = self.clock.monotonic()
         self._next_tick = self.clock.monotonic() + self.config.tick_seconds
-        log.info("node %s up at %s: %d shard(s), %d node(s)", self.name,
-                 self.config.addresses[self.name], self.nshards, self.n,
+        log.info("node %s up at %s (peers at %s): %d shard(s), %d node(s)", self.name,
+                 self.config.addresses[self.name], self.config.peer_address(self.name),
+                 self.nshards, self.n,
                  extra={"event": "start", "node": self.name})
         try:
             while not self._stopping:
@@ -263,6 +288,9 @@ class Node:
                 self._expire_waiting(now)
             if now - self._last_resolve > RESOLVE_EVERY_SECONDS:
                 self._resolve_abandoned(now)
+            if now >= self._next_reload:  # a client key added to or revoked from clients/
+                self._next_reload = now + RELOAD_KEYS_SECONDS
+                self.sockets.reload_keys()
         self._drive()
         self._flush_replies()
 
@@ -285,22 +313,39 @@ class Node:
 
     # ------------------------------------------------------------------ 1. receive
     def _receive(self) -> None:
-        for identity, frame in self.sockets.recv_many():
+        """Frames from both ROUTERs: client kinds only from the client socket, the peer
+        protocol only from the peer socket (``kvstore.transport.sockets``); anything
+        else is dropped and counted by reason before it is decoded further."""
+        sockets = self.sockets
+        for role, identity, frame in sockets.recv_many():
             try:
-                body = wire.decode(frame)
+                body = wire.decode(frame, wire.MAX_REQUEST_FRAME_BYTES if role == CLIENT
+                                   else wire.MAX_PEER_FRAME_BYTES)
             except wire.FrameError as e:
                 self._drop("malformed", e)
                 continue
             kind = body[0]
+            if role == CLIENT:
+                if kind == wire.REQUEST or kind == wire.REQUESTS:
+                    for request_id, op, args in ([body[1:]] if kind == wire.REQUEST else body[1]):
+                        self._on_request(identity, request_id, op, args)
+                elif kind in PEER_KINDS:
+                    self._drop("peer_frame_from_client", f"a peer frame (kind {kind}) on "
+                               f"the client port")
+                else:
+                    self._drop("unexpected", f"frame kind {kind} is not for a node")
+                continue
+            if kind not in PEER_KINDS:
+                self._drop("client_frame_from_peer" if kind in (wire.REQUEST, wire.REQUESTS)
+                           else "unexpected", f"frame kind {kind} on the peer port")
+                continue
+            if body[1] != sockets.peer_index(identity):
+                self._drop("malformed", f"a peer frame saying it is from node {body[1]} on "
+                           f"the link of node {sockets.peer_index(identity)}")
+                continue
             if kind == wire.PAXOS:
                 self._on_paxos(body[1], body[2])
-            elif kind == wire.REQUEST or kind == wire.REQUESTS:
-                if len(frame) > wire.MAX_REQUEST_FRAME_BYTES:
-                    self._drop("oversized", "client request over the limit")
-                    continue
-                for request_id, op, args in ([body[1:]] if kind == wire.REQUEST else body[1]):
-                    self._on_request(identity, request_id, op, args)
-            elif kind == wire.FORWARD or kind == wire.FORWARDED:
+            else:
                 frm = body[1]
                 if not (0 <= frm < self.n) or frm == self.index:
                     self._drop("malformed", f"forward from unknown node {frm}")
@@ -309,8 +354,18 @@ class Node:
                 else:
                     for forward_id, op, args in body[2]:
                         self._on_request(("peer", frm), forward_id, op, args)
-            else:
-                self._drop("unexpected", f"frame kind {kind} is not for a node")
+        self._log_refused_peers()
+
+    def _log_refused_peers(self) -> None:
+        """One line per peer connection refused for its shape (``NodeSockets.refusals``)."""
+        refusals = self.sockets.refusals
+        if len(refusals) == len(self._refusals_logged):
+            return
+        for identity, why in refusals.items():
+            if identity not in self._refusals_logged:
+                self._refusals_logged.add(identity)
+                log.error("refused a peer: %s; it takes no part in this cluster", why,
+                          extra={"event": "peer_refused", "node": self.name, "why": why})
 
     def _reply(self, identity: bytes, request_id: int, status: int, value=None) -> None:
         """Queue a reply; ``_flush_replies`` sends each client's in one frame per turn."""
@@ -329,7 +384,7 @@ class Node:
             elif type(identity) is tuple:  # ("peer", index): answers to forwarded requests
                 self.sockets.send_peer(identity[1], wire.encode_forwarded(self.index, items))
             else:
-                self.sockets.reply(identity, wire.encode_replies(items))
+                self.sockets.reply(identity, items)
         if self._forward_out:
             out, self._forward_out = self._forward_out, defaultdict(list)
             for peer, items in out.items():
@@ -599,12 +654,16 @@ class Node:
             if w is None:
                 continue
             identity, request_id, shard, op, args, _t = w
+            client = type(identity) is bytes
+            if client and not self.sockets.reply_room(identity):
+                continue  # a client that does not read its replies: cut off (counted)
             if op == wire.OP_GET:
                 found = self.storage.get(shard, args[1])
                 if found is LOCKED:  # a prepared transaction writes it: its value may change
                     self._reply(identity, request_id, wire.STATUS_RETRY, LOCKED)
                     continue
                 result = [found[0], found[1]] if args[2] else found[0]
+                size = len(found[0] or b"")
             else:
                 rows = self.storage.scan(shard, args[1], args[2], args[3])
                 if rows is LOCKED:
@@ -612,6 +671,9 @@ class Node:
                     continue
                 result = ([[k, v, rev] for k, v, rev in rows] if args[4]
                           else [[k, v] for k, v, _rev in rows])
+                size = sum(len(k) + len(v) + 16 for k, v, _rev in rows)
+            if client:
+                self.sockets.charge(identity, size)
             self._reply(identity, request_id, wire.STATUS_OK, result)
 
     def _answer_dropped(self, shard: int, rd) -> None:

@@ -17,11 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-#: The socket a frame came on (``Transport.recv_many``): a client's or a peer's.
-CLIENT = "client"
-PEER = "peer"
-
-
 class Clock(Protocol):
     """Time as a node reads it."""
 
@@ -45,20 +40,29 @@ class SystemClock:
 class Transport(Protocol):
     """What a node uses of its sockets (``kvstore.transport.sockets.NodeSockets``).
 
-    ``recv_many`` returns what waits, without blocking: ``(identity, frame)``
-    pairs today; with a client socket and a peer socket apart (branch
-    trust-roles), ``(source, identity, frame)`` with source ``CLIENT`` or
-    ``PEER``. The simulator's transport knows each frame's source already.
-    Sends never block: a frame that cannot go is dropped (False) and counted.
+    ``recv_many`` returns what waits, without blocking, as ``(source, identity,
+    frame)``: ``source`` the socket it came on (``sockets.CLIENT`` or
+    ``sockets.PEER``). Sends never block: a frame that cannot go is dropped and
+    counted. ``reply_room``/``charge`` bound what a client that does not read its
+    replies costs; ``refusals`` names peers refused for their cluster shape.
     """
 
     counters: dict
+    refusals: dict
 
     def recv_many(self) -> list: ...
 
+    def peer_index(self, identity: bytes) -> int: ...
+
     def send_peer(self, index: int, frame: bytes) -> bool: ...
 
-    def reply(self, identity: bytes, frame: bytes) -> bool: ...
+    def reply(self, identity: bytes, items: list) -> None: ...
+
+    def reply_room(self, identity: bytes) -> bool: ...
+
+    def charge(self, identity: bytes, size: int) -> None: ...
+
+    def reload_keys(self) -> None: ...
 
     def close(self) -> None: ...
 

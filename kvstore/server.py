@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StorageError, InvalidArgument) as e:
         return _fail(_naming(config.data_dir, e))
     except zmq.ZMQError as e:
-        return _fail(f"cannot listen on {config.addresses[config.name]}: {e}")
+        return _fail(f"cannot listen on {config.addresses[config.name]} (clients) and "
+                     f"{config.peer_address(config.name)} (peers): {e}")
 
     def on_signal(signum, _frame) -> None:
         logging.getLogger("kvstore.server").info(

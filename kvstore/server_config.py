@@ -4,9 +4,14 @@
 shards = 3                        # Paxos groups the key space is split into; default 1
 
 [nodes.n1]
-address = "tcp://127.0.0.1:7001"  # one port per node, for clients and peers alike
+address = "tcp://127.0.0.1:7001"  # where clients connect
+peer_address = "tcp://127.0.0.1:17001"  # optional: where peers connect (default: the
+                                  # client port + 10000 on the same host)
 data = "/var/lib/kvstore/n1"      # optional; --data overrides (relative: to this file)
 ```
+
+Clients and peers use separate ports (``kvstore.transport.sockets``): the
+client port serves only client requests, the peer port only the peer protocol.
 
 Every mistake is an ``InvalidArgument`` whose message names the file and the
 field, so ``kvstore-server`` can print it as its one line before exiting 2.
@@ -20,6 +25,7 @@ import sys
 
 from kvstore.errors import InvalidArgument
 from kvstore.node import NodeConfig
+from kvstore.transport.sockets import derived_peer_address
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,7 +52,7 @@ def read_toml(path: str) -> dict:
 
 
 def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
-    """``(shards, {name: {"address": ..., "data": ...}})`` from a parsed cluster.toml."""
+    """``(shards, {name: {"address", "peer_address", "data"}})`` from a parsed cluster.toml."""
     unknown = set(doc) - {"shards", "nodes", "security", "tuning"}
     if unknown:
         raise InvalidArgument(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -66,7 +72,7 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
                                   f"'_', '.' or '-'")
         if not isinstance(table, dict):
             raise InvalidArgument(f"{path}: [nodes.{name}] must be a table")
-        extra = set(table) - {"address", "data"}
+        extra = set(table) - {"address", "peer_address", "data"}
         if extra:
             raise InvalidArgument(f"{path}: [nodes.{name}] has unknown setting(s) "
                                   f"{', '.join(sorted(extra))}")
@@ -79,10 +85,25 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
             raise InvalidArgument(f"{path}: nodes {seen[address]} and {name} share the "
                                   f"address {address}")
         seen[address] = name
+        peer_address = table.get("peer_address")
+        if peer_address is None:
+            try:
+                peer_address = derived_peer_address(address)
+            except ValueError as e:
+                raise InvalidArgument(f"{path}: [nodes.{name}]: {e}") from None
+        elif not isinstance(peer_address, str) or not _ADDRESS.match(peer_address) \
+                or not 0 < int(_ADDRESS.match(peer_address).group(2)) < 65536:
+            raise InvalidArgument(f"{path}: [nodes.{name}] peer_address must look like "
+                                  f"\"tcp://127.0.0.1:17001\", got {peer_address!r}")
+        if peer_address in seen:
+            raise InvalidArgument(f"{path}: nodes {seen[peer_address]} and {name} share the "
+                                  f"address {peer_address} (a peer address is the client port "
+                                  f"+ 10000 unless peer_address is set)")
+        seen[peer_address] = name
         data = table.get("data")
         if data is not None and (not isinstance(data, str) or not data):
             raise InvalidArgument(f"{path}: [nodes.{name}] data must be a directory path")
-        out[name] = {"address": address, "data": data}
+        out[name] = {"address": address, "peer_address": peer_address, "data": data}
     return shards, out
 
 
@@ -163,10 +184,11 @@ def load_node_config(path: str, node_id: str, data: str | None = None, **tuning)
     names = sorted(nodes)
     return NodeConfig(name=node_id, names=names,
                       addresses={nm: nodes[nm]["address"] for nm in names},
+                      peer_addresses={nm: nodes[nm]["peer_address"] for nm in names},
                       shards=shards, data_dir=os.path.abspath(data_dir), **tuning)
 
 
 def cluster_addresses(path: str) -> list:
-    """Every node's address in a cluster file (for clients and the CLI)."""
+    """Every node's client address in a cluster file (for clients and the CLI)."""
     _shards, nodes = parse_cluster(read_toml(path), path)
     return [nodes[nm]["address"] for nm in sorted(nodes)]

@@ -2,7 +2,7 @@
 the process-level tests and the benchmark.
 
 ``LocalCluster(dir, nodes=3, shards=1)`` writes ``dir/cluster.toml`` with free
-ports, starts one ``python -m kvstore.server`` per node (logs in
+ports (a client and a peer port per node), starts one ``python -m kvstore.server`` per node (logs in
 ``dir/NAME.log``, data in ``dir/NAME``), and can kill (any signal), restart
 and stop them. Every wait is bounded; ``close()`` always leaves no process
 behind.
@@ -40,10 +40,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _same_kvstore(env: dict | None) -> dict:
+    """``env`` (default: ours) with the kvstore this process runs first on PYTHONPATH,
+    so the servers run the same code as their parent (not an installed copy)."""
+    import kvstore
+    env = dict(os.environ if env is None else env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kvstore.__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 class LocalCluster:
     def __init__(self, directory: str, nodes: int = 3, shards: int = 1, *,
                  log_format: str = "text", env: dict | None = None,
-                 python: str = sys.executable, tuning: dict | None = None) -> None:
+                 python: str = sys.executable, tuning: dict | None = None,
+                 keys: str | None = None) -> None:
         if not 1 <= nodes <= 64:
             raise ValueError("nodes must be in 1..64")
         self.directory = os.path.abspath(directory)
@@ -51,8 +62,9 @@ class LocalCluster:
         self.names = [f"n{i + 1}" for i in range(nodes)]
         self.shards = shards
         self.log_format = log_format
-        self.env = env
+        self.env = _same_kvstore(env)
         self.python = python
+        self.keys = keys  # a `kvstore keygen` directory: [security] curve on, clients use it
         self.config_path = os.path.join(self.directory, "cluster.toml")
         self.procs: dict = {}
         self._logs: dict = {}
@@ -61,13 +73,19 @@ class LocalCluster:
             self.shards, nodes_cfg = parse_cluster(read_toml(self.config_path), self.config_path)
             self.names = sorted(nodes_cfg)
             self.addresses = {n: nodes_cfg[n]["address"] for n in self.names}
+            self.peer_addresses = {n: nodes_cfg[n]["peer_address"] for n in self.names}
         else:
+            # both ports chosen free: a derived peer port (client + 10000) may be taken
             self.addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in self.names}
+            self.peer_addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in self.names}
             lines = [f"shards = {shards}", ""]
             if tuning:
                 lines += ["[tuning]"] + [f"{k} = {v}" for k, v in tuning.items()] + [""]
+            if keys:
+                lines += ["[security]", "curve = true", f'keys = "{os.path.abspath(keys)}"', ""]
             for n in self.names:
-                lines += [f"[nodes.{n}]", f'address = "{self.addresses[n]}"', f'data = "{n}"', ""]
+                lines += [f"[nodes.{n}]", f'address = "{self.addresses[n]}"',
+                          f'peer_address = "{self.peer_addresses[n]}"', f'data = "{n}"', ""]
             with open(self.config_path, "w") as f:
                 f.write("\n".join(lines))
 
@@ -115,7 +133,8 @@ class LocalCluster:
     def client(self, timeout: float = 5.0, names=None):
         import kvstore
         names = names or self.names
-        return kvstore.connect([self.addresses[n] for n in names], timeout=timeout)
+        return kvstore.connect([self.addresses[n] for n in names], timeout=timeout,
+                               keys=self.keys)
 
     def wait_ready(self, timeout: float = 30.0, names=None) -> dict:
         """Wait until every shard has a leader among the running nodes; their status."""
@@ -224,7 +243,8 @@ def run_local_cluster(nodes: int = 3, shards: int = 1, directory: str | None = N
         print(f"kvstore local cluster: {len(lc.names)} node(s), {lc.shards} shard(s), "
               f"data and logs in {lc.directory}", file=out)
         for n in lc.names:
-            print(f"  {n}  {lc.addresses[n]}  pid {lc.procs[n].pid}", file=out)
+            print(f"  {n}  {lc.addresses[n]}  (peers: {lc.peer_addresses[n]})  "
+                  f"pid {lc.procs[n].pid}", file=out)
         print("leaders: " + ", ".join(f"shard {s['shard']}: {s['leader']}" for s in st["shards"]),
               file=out)
         print(f"\n  export KVSTORE_CLUSTER={addrs}\n  kvstore put hello world && kvstore get hello"

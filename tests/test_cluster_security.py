@@ -24,9 +24,11 @@ pytestmark = pytest.mark.timeout(120)
 class Nodes:
     def __init__(self, tmp_path, names, keys_of):
         self.addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
+        self.peer_addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
         self.nodes, self.threads = {}, {}
         for n in names:
             cfg = NodeConfig(name=n, names=sorted(names), addresses=self.addresses, shards=1,
+                             peer_addresses=self.peer_addresses,
                              data_dir=str(tmp_path / n), curve_keys=keys_of[n])
             self.nodes[n] = Node(cfg)
             self.threads[n] = threading.Thread(target=self.nodes[n].run, daemon=True)
@@ -95,7 +97,9 @@ def test_security_config_and_keygen_command(tmp_path):
     r = subprocess.run([PYTHON, "-m", "kvstore.cli", "keygen", str(keys)], capture_output=True,
                        env=child_env(), timeout=30)
     assert r.returncode == 0, r.stderr
-    assert (keys / "server.key").exists() and (keys / "allowed" / "client.key").exists()
+    assert (keys / "server.key").exists() and (keys / "clients" / "client.key").exists()
+    assert os.listdir(keys / "nodes") == ["node.key"]  # separate key sets: clients are not nodes
+    assert os.listdir(keys / "clients") == ["client.key"]
     again = subprocess.run([PYTHON, "-m", "kvstore.cli", "keygen", str(keys)], capture_output=True,
                            env=child_env(), timeout=30)
     assert again.returncode == 2 and b"already holds keys" in again.stderr
@@ -136,3 +140,126 @@ def test_a_server_process_with_security_serves_only_keyed_clients(tmp_path, keys
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+def _handshake(address: str, keys, timeout: float = 10.0) -> int:
+    """The first handshake event of a DEALER with ``keys`` connecting to ``address``."""
+    from zmq.utils.monitor import recv_monitor_message
+    import zmq
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    keys.make_client(s)
+    mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    try:
+        s.connect(address)
+        assert mon.poll(int(timeout * 1000)), f"no handshake with {address}"
+        return recv_monitor_message(mon)["event"]
+    finally:
+        s.disable_monitor()
+        mon.close(0)
+        s.close(0)
+        ctx.term()
+
+
+@pytest.fixture
+def secure_cluster(tmp_path, keys):
+    from kvstore.server_local import LocalCluster
+    lc = LocalCluster(str(tmp_path / "c"), 3, 1, env=child_env(), keys=keys)
+    try:
+        lc.start_all()
+        lc.wait_ready()
+        yield lc
+    finally:
+        lc.close()
+
+
+def test_a_client_key_never_speaks_the_peer_protocol(secure_cluster, keys):
+    """With Curve the role comes from the key: the client key does not complete the
+    handshake on a peer port (node keys do), and the peer frames it sends on the client
+    port are dropped; the cluster keeps serving what it acknowledged."""
+    import zmq
+    from kvstore.transport.security import CurveKeys
+    from test_hostile_clients import Raw, forged_peer_frames, node_status, wait_for
+    lc = secure_cluster
+    client_keys, node_keys = CurveKeys(keys, "client"), CurveKeys(keys, "node")
+    with lc.client() as c:
+        c.put(b"acked", b"1")
+    assert _handshake(lc.peer_addresses["n1"], client_keys) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    assert _handshake(lc.peer_addresses["n1"], node_keys) == zmq.EVENT_HANDSHAKE_SUCCEEDED
+    assert _handshake(lc.addresses["n1"], client_keys) == zmq.EVENT_HANDSHAKE_SUCCEEDED
+    assert _handshake(lc.addresses["n1"], node_keys) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    raw = Raw(lc.addresses["n1"], client_keys)
+    try:
+        for frame in forged_peer_frames(1, 0):
+            raw.s.send(frame)
+
+        def dropped():
+            counters = node_status(lc.addresses["n1"], client_keys)["counters"]
+            return (counters.get("dropped_peer_frame_from_client", 0)
+                    + counters.get("dropped_malformed", 0))
+        wait_for(lambda: dropped() >= 4, what="n1 dropped the client's peer frames")
+    finally:
+        raw.close()
+    assert lc.running() == lc.names
+    with lc.client() as c:
+        assert c.get(b"acked") == b"1"
+        c.put(b"after", b"2")
+
+
+def test_an_operator_adds_a_client_and_revokes_it_without_a_restart(secure_cluster, keys):
+    from kvstore.client import AuthenticationFailed
+    lc = secure_cluster
+    r = subprocess.run([PYTHON, "-m", "kvstore.cli", "keygen", "--client", "alice", keys],
+                       capture_output=True, env=child_env(), timeout=30)
+    assert r.returncode == 0, r.stderr
+    alice = os.path.join(keys, "alice.key_secret")
+    assert os.path.exists(os.path.join(keys, "clients", "alice.key"))
+
+    def connect_alice():
+        return kvstore.connect(lc.address_list, timeout=3, keys=alice)
+
+    deadline = time.monotonic() + 15  # the nodes reread clients/ every 2 s
+    while True:
+        try:
+            with connect_alice() as c:
+                c.put(b"from-alice", b"1")
+            break
+        except AuthenticationFailed:
+            assert time.monotonic() < deadline, "alice was never let in"
+    kept = connect_alice()  # an open connection, to be cut off by the revocation
+    try:
+        assert kept.get(b"from-alice") == b"1"
+        os.remove(os.path.join(keys, "clients", "alice.key"))
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with connect_alice() as c:
+                    c.get(b"from-alice")
+            except AuthenticationFailed as e:
+                assert "authentication failed" in str(e)
+                break
+            assert time.monotonic() < deadline, "alice was still let in after revocation"
+        with pytest.raises(kvstore.Unavailable):  # its open connection is heard no more
+            kept.get(b"from-alice")
+    finally:
+        kept.close()
+    with lc.client() as c:  # the cluster's own client key still gets in
+        assert c.get(b"from-alice") == b"1"
+
+
+def test_a_key_directory_in_the_old_layout_is_refused_in_one_line(tmp_path, keys):
+    old = tmp_path / "old"
+    shutil.copytree(keys, old)
+    shutil.rmtree(old / "nodes")
+    os.rename(old / "clients", old / "allowed")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[nodes.n1]\naddress = "tcp://127.0.0.1:{free_port()}"\ndata = "n1"\n'
+                   f'[security]\ncurve = true\nkeys = "old"\n')
+    r = subprocess.run([PYTHON, "-m", "kvstore.server", "--config", str(cfg), "--id", "n1"],
+                       capture_output=True, text=True, env=child_env(), timeout=30)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "old layout" in r.stderr
+    assert "kvstore keygen" in r.stderr

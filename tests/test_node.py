@@ -26,6 +26,7 @@ class RunningNode:
     def __init__(self, data_dir: str, shards: int = 1, address: str | None = None) -> None:
         self.address = address or f"tcp://127.0.0.1:{free_port()}"
         cfg = NodeConfig(name="n1", names=["n1"], addresses={"n1": self.address},
+                         peer_addresses={"n1": f"tcp://127.0.0.1:{free_port()}"},
                          shards=shards, data_dir=data_dir)
         self.node = Node(cfg)
         self.thread = threading.Thread(target=self.node.run, daemon=True)
@@ -311,9 +312,11 @@ def test_three_nodes_with_lease_reads_serve_the_write_just_before_from_every_nod
     before it, and the leader holds a lease once its rounds have been confirmed."""
     names = ["n1", "n2", "n3"]
     addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
+    peer_addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
     nodes, threads = [], []
     for n in names:
         cfg = NodeConfig(name=n, names=names, addresses=addresses, shards=1,
+                         peer_addresses=peer_addresses,
                          data_dir=str(tmp_path / n), lease_read_ticks=20)
         assert NodeConfig(name=n, names=names, addresses=addresses, shards=1,
                           data_dir=str(tmp_path / n)).lease_read_ticks == 0

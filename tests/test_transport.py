@@ -138,10 +138,11 @@ def _free_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def test_sockets_deliver_between_two_nodes_and_count_bad_envelopes():
+def test_sockets_deliver_between_two_nodes_and_drop_many_part_messages():
     a_addr, b_addr = _free_address(), _free_address()
-    a = NodeSockets(a_addr, {1: b_addr})
-    b = NodeSockets(b_addr, {0: a_addr})
+    b_client = _free_address()
+    a = NodeSockets(_free_address(), a_addr, {1: b_addr})
+    b = NodeSockets(b_client, b_addr, {0: a_addr})
     ctx = zmq.Context()
     junk = ctx.socket(zmq.DEALER)
     try:
@@ -150,22 +151,22 @@ def test_sockets_deliver_between_two_nodes_and_count_bad_envelopes():
         junk.send_multipart([b"two", b"parts"])
         frame = wire.encode_paxos(0, [(0, Message(M.HEARTBEAT, 1, 0, ballot=65536))])
         poller = zmq.Poller()
-        poller.register(b.router, zmq.POLLIN)
+        poller.register(b.peer_router, zmq.POLLIN)
         got = []
         for _ in range(100):  # a DEALER with IMMEDIATE drops until connected: resend
             a.send_peer(1, frame)
             if poller.poll(50):
                 got.extend(b.recv_many())
-                if any(f == frame for _i, f in got):
+                if any(f == frame for _r, _i, f in got):
                     break
-        assert any(f == frame for _i, f in got)
+        assert any(role == "peer" and f == frame for role, _i, f in got)
         for _ in range(20):
-            if b.counters["dropped_bad_envelope"]:
+            if b.counters["dropped_many_parts"]:
                 break
             if poller.poll(50):
                 b.recv_many()
-        assert b.counters["dropped_bad_envelope"] == 1
-        assert b.reply(b"no-such-client", b"x") is False
+        assert b.counters["dropped_many_parts"] == 1
+        b.reply(b"no-such-client", [(1, wire.STATUS_OK, None)])
         assert b.counters["dropped_reply_gone"] == 1
     finally:
         junk.close(0)
@@ -191,3 +192,32 @@ def test_forward_batches_round_trip_and_are_checked():
     assert wire.decode(wire.encode_forwarded(1, reps)) == [wire.FORWARDED, 1, [list(r) for r in reps]]
     with pytest.raises(wire.FrameError):
         wire.decode(b"\x01" + msgpack.packb([wire.FORWARD, "x", []]))
+
+
+def test_replies_are_cut_into_bounded_frames_and_an_oversized_answer_is_refused():
+    from kvstore.transport.sockets import REPLY_FRAME_BYTES_MAX, REPLY_FRAME_TARGET_BYTES
+    b = NodeSockets(_free_address(), _free_address(), {})
+    ctx = zmq.Context()
+    client = ctx.socket(zmq.DEALER)
+    try:
+        client.setsockopt(zmq.LINGER, 0)
+        client.connect(zmq.Socket.get(b.client_router, zmq.LAST_ENDPOINT).decode())
+        client.send(wire.encode_request(1, wire.OP_STATUS, []))
+        assert b.client_router.poll(5000)
+        (_role, identity, _frame), = b.recv_many()
+        b.reply(identity, [(i, wire.STATUS_OK, b"v" * 100_000) for i in range(30)]
+                + [(99, wire.STATUS_OK, b"x" * (REPLY_FRAME_BYTES_MAX + 1))])
+        got, sizes = [], []
+        while len(got) < 31:
+            assert client.poll(5000), got
+            frame = client.recv()
+            sizes.append(len(frame))
+            got += wire.decode(frame)[1]
+        assert [r[0] for r in got] == list(range(30)) + [99]
+        assert max(sizes) <= REPLY_FRAME_TARGET_BYTES and len(sizes) > 3
+        assert got[-1][1] == wire.STATUS_ERROR and got[-1][2][0] == "InvalidArgument"
+        assert "narrower range" in got[-1][2][1]
+    finally:
+        client.close(0)
+        ctx.term()
+        b.close()

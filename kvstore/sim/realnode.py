@@ -63,7 +63,8 @@ from kvstore.errors import CorruptRecord
 from kvstore.node import Node, NodeConfig
 from kvstore.paxos import messages as M
 from kvstore.paxos.replica import LEADER
-from kvstore.ports import CLIENT, NO_BUGS, PEER, NodeBugs
+from kvstore.ports import NO_BUGS, NodeBugs
+from kvstore.transport.sockets import CLIENT, PEER
 from kvstore.replica_wal import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.sim.disk import FaultyFiles, PowerLoss
@@ -157,24 +158,23 @@ class SimClock:
 
 
 class SimTransport:
-    """A node's end of the in-memory network (``kvstore.ports.Transport``).
-
-    Frames wait in ``inbox`` tagged by the socket they came on (``CLIENT`` or
-    ``PEER``); ``recv_many`` returns them as ``NodeSockets.recv_many`` does on
-    the branch in use (``(identity, frame)``, or ``(source, identity, frame)``
-    once the client and peer sockets are apart)."""
+    """A node's end of the in-memory network (``kvstore.ports.Transport``, what the node
+    uses of ``NodeSockets``): frames wait in ``inbox`` tagged by the socket they came on
+    (``CLIENT`` or ``PEER``); a peer's routing id names its index, as a real peer's does."""
 
     def __init__(self, sim: "Simulation", index: int) -> None:
         self.sim = sim
         self.index = index
-        self.inbox: list = []
+        self.inbox: list = []  # (source, identity, frame)
         self.counters: dict = {}
+        self.refusals: dict = {}  # no peer of another cluster shape here
 
     def recv_many(self) -> list:
         frames, self.inbox = self.inbox, []
-        if TAGGED:
-            return frames
-        return [(identity, frame) for _source, identity, frame in frames]
+        return frames
+
+    def peer_index(self, identity: bytes) -> int:
+        return int(identity[len(b"node-"):])
 
     def send_peer(self, index: int, frame: bytes) -> bool:
         if not self.sim.nodes[index].up:
@@ -183,38 +183,23 @@ class SimTransport:
         self.sim.send(("node", self.index), ("node", index), PEER, b"node-%d" % self.index, frame)
         return True
 
-    def reply(self, identity: bytes, frame: bytes) -> bool:
+    def reply(self, identity: bytes, items: list) -> None:
         client = self.sim.client_by_identity.get(identity)
-        if client is None:
-            return False
-        self.sim.send(("node", self.index), ("client", client.index), CLIENT, identity, frame)
-        return True
-
-    # what the split sockets add (branch trust-roles): nothing to bound in a simulation
-    def peer_index(self, identity: bytes):
-        return int(identity[5:]) if identity.startswith(b"node-") else None
+        if client is not None:
+            self.sim.send(("node", self.index), ("client", client.index), CLIENT, identity,
+                          wire.encode_replies(items))
 
     def reply_room(self, identity: bytes) -> bool:
-        return True
+        return True  # the simulated clients read every reply
 
     def charge(self, identity: bytes, size: int) -> None:
         pass
 
-    refusals: dict = {}
-
     def reload_keys(self) -> None:
-        pass
+        pass  # no CurveZMQ keys in a simulation
 
     def close(self) -> None:
         pass
-
-
-def _sockets_are_split() -> bool:
-    from kvstore.transport import sockets
-    return hasattr(sockets, "CLIENT")
-
-
-TAGGED = _sockets_are_split()
 
 
 # ---------------------------------------------------------------------------------- nodes
@@ -246,7 +231,8 @@ class SimNode:
         self.incarnation += 1
         names = [f"n{i}" for i in range(c.nodes)]
         cfg = NodeConfig(name=names[self.index], names=names,
-                         addresses={nm: f"sim://{nm}" for nm in names}, shards=c.shards,
+                         addresses={nm: f"sim://{nm}" for nm in names},
+                         peer_addresses={nm: f"sim://{nm}-peers" for nm in names}, shards=c.shards,
                          data_dir=self.dir, tick_seconds=TICK,
                          election_timeout_ticks=c.election_timeout_ticks,
                          heartbeat_interval_ticks=c.heartbeat_interval_ticks,
@@ -467,7 +453,8 @@ class Simulation:
                 self.clients[to[1]].on_frame(frame)
                 continue
             node = self.nodes[to[1]]
-            if node.up and not (source == PEER and (int(identity[5:]), to[1]) in self.cut):
+            if node.up and not (source == PEER and (node.transport.peer_index(identity), to[1])
+                                in self.cut):
                 node.transport.inbox.append((source, identity, frame))
 
     def observe_sent(self, index: int, frame: bytes) -> None:

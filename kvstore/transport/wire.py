@@ -110,6 +110,29 @@ def encode_replies(replies: list) -> bytes:
     return _pack([REPLIES, [list(r) for r in replies]])
 
 
+def encode_replies_frames(replies: list, target_bytes: int):
+    """``[(request_id, status, value), ...]`` as REPLIES frames of about ``target_bytes``
+    at most (one reply bigger than that goes alone), each reply encoded once."""
+    head = bytes((WIRE_VERSION,)) + msgpack.packb(REPLIES)
+    parts: list = []
+    size = 0
+    for r in replies:
+        item = msgpack.packb(list(r), use_bin_type=True)
+        if parts and size + len(item) > target_bytes:
+            yield _frame_of(head, parts)
+            parts, size = [], 0
+        parts.append(item)
+        size += len(item)
+    if parts:
+        yield _frame_of(head, parts)
+
+
+def _frame_of(head: bytes, items: list) -> bytes:
+    packer = msgpack.Packer()
+    return b"".join([head[:1], packer.pack_array_header(2), head[1:],
+                     packer.pack_array_header(len(items)), *items])
+
+
 def encode_forward(from_node: int, requests: list) -> bytes:
     """``[(forward_id, op, args), ...]`` from a follower to the leader."""
     return _pack([FORWARD, from_node, [list(r) for r in requests]])
