@@ -1,6 +1,6 @@
 """The embedded store over the write-ahead log: crashes, power loss, torn writes, checkpoints.
 
-The log runs on ``test_wal.FaultyFiles``, an in-memory twin of its files that,
+The log runs on ``kvstore.sim.disk.FaultyFiles``, an in-memory twin of its files that,
 at a simulated power loss, drops everything not fdatasync'd and can tear the
 last write. LMDB stays on real files: it only ever moves by synced commits, so
 what a crash leaves of it is what it committed. A "crash" here is the store

@@ -1,5 +1,8 @@
 """``python -m kvstore.sim --seeds 1000 --nodes 5`` / ``--seed N --verbose`` to replay one.
 
+``--real-node``: real ``kvstore.node.Node`` objects over a simulated network and disk
+(``kvstore/sim/realnode.py``); ``--bank``: transfers across shards over two-phase commit.
+
 A sweep ends with the liveness figures of its runs, counted from the last heal: ticks
 until one leader is followed by every node, elections and leader changes (median,
 99th percentile, worst).

@@ -50,8 +50,9 @@ before a full disk refuses it). Every OS error goes through
 ``kvstore.storage.environment.translate``: a ``StorageError`` naming
 the path.
 
-The file system is a port (``OsFiles``); tests inject a twin that loses what
-was not synced and tears writes (``tests/test_wal.py``).
+The file system is a port (``OsFiles``); tests and the simulator of real
+nodes inject a twin that loses what was not synced at a power loss and tears
+writes (``kvstore.sim.disk.FaultyFiles``).
 """
 
 from __future__ import annotations
