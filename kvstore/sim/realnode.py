@@ -43,7 +43,8 @@ Checks:
   at the end;
 - liveness: once faults stop, every shard elects a leader every node follows
   and every client operation completes within a bound; then, with no faults,
-  no leader is deposed, not even by a follower that crashes and rejoins.
+  no leader is deposed, not even by a follower that crashes and rejoins
+  (on 3 nodes or more: on 2, the one left is no majority).
 
 A failing seed prints the command that replays it exactly.
 """
@@ -573,7 +574,8 @@ class Simulation:
         # a fault-free tail: clients run, a follower crashes and rejoins; no leader deposed
         leaders = self.leaders()
         self.phase = "stable"
-        followers = [i for i in range(c.nodes) if i not in leaders]
+        # a follower that crashes and rejoins (only where the rest still is a majority)
+        followers = [i for i in range(c.nodes) if i not in leaders] if c.nodes >= 3 else []
         rejoin_at = self.now + c.stable_ticks // 3
         for _ in range(c.stable_ticks):
             if followers and self.now == rejoin_at:
