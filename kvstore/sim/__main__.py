@@ -92,7 +92,8 @@ def main(argv=None) -> int:
             ok = sorted(r.settle_ticks for r in results if r.ok)
             print(f"ticks to settle after the faults stop, {len(ok)} runs: median "
                   f"{ok[len(ok) // 2]}, p99 {ok[min(len(ok) - 1, 99 * len(ok) // 100)]}, "
-                  f"worst {ok[-1]}")
+                  f"worst {ok[-1]}; histories the checker gave up on: "
+                  f"{sum('NOT CHECKED' in r.text for r in results)}")
     elif a.bank and a.paxos:
         txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
         bugs = Bugs(**{name: True for name in a.bug})
