@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from kvstore.server_config import _ADDRESS, read_toml  # noqa: E402
+from kvstore.server_config import read_toml  # noqa: E402
 from kvstore.server_local import LocalCluster  # noqa: E402
 from kvstore.sharding import shard_of  # noqa: E402
 from kvstore.transport import wire  # noqa: E402
@@ -55,6 +56,7 @@ SHARDS = 2
 UID_BASE = 40000  # node i (n1, n2, ...) runs as uid and gid UID_BASE + i
 PORT_BASE = 7000  # a private namespace: nothing else listens here
 TABLE = "kvstore_partitions"
+_PORT = re.compile(r"^tcp://.+:(\d{1,5})$")
 #: Short timeouts so that every scenario takes seconds: a tick of 10 ms, an election
 #: after 30-60 ticks without a leader, a heartbeat every 5 ticks.
 TUNING = {"tick_ms": 10, "election_timeout_ticks": 30, "heartbeat_interval_ticks": 5}
@@ -90,7 +92,11 @@ def register_keys(per_shard: int = 2) -> list:
 
 
 def write_config(directory: str) -> str:
-    """``DIR/cluster.toml`` and the data directories, each owned by its node's uid."""
+    """``DIR/cluster.toml`` and the data directories, each owned by its node's uid.
+
+    Once nodes have a separate ``peer_address``, it is written here explicitly (not
+    left to its default): ``node_ports`` reads every address of a node from this file.
+    """
     path = os.path.join(directory, "cluster.toml")
     lines = [f"shards = {SHARDS}", "", "[tuning]"] + [f"{k} = {v}" for k, v in TUNING.items()] + [""]
     for i in range(1, NODES + 1):
@@ -115,8 +121,8 @@ def node_ports(config_path: str) -> dict:
     doc = read_toml(config_path)
     out = {}
     for name, table in doc["nodes"].items():
-        out[name] = sorted({int(m.group(2)) for v in table.values()
-                            if isinstance(v, str) and (m := _ADDRESS.match(v))})
+        out[name] = sorted({int(m.group(1)) for v in table.values()
+                            if isinstance(v, str) and (m := _PORT.match(v))})
     return out
 
 

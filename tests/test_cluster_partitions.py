@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -61,8 +62,16 @@ def partitions_supported() -> None:
 
 
 def run_scenario(name: str, directory) -> dict:
-    """The driver's JSON result for scenario ``name``; its process group is always killed."""
-    p = subprocess.Popen(["unshare", "--net", "--", PYTHON, DRIVER, name, str(directory)],
+    """The driver's JSON result for scenario ``name``; its process group is always killed.
+
+    The seed (of the flapping schedule and the clients' choices) is random, printed and
+    in every failure; ``KVSTORE_PARTITION_SEED`` runs one again (the timing of real
+    processes is not replayed, the schedule is).
+    """
+    seed = int(os.environ.get("KVSTORE_PARTITION_SEED", str(random.randrange(1 << 30))))
+    print(f"partition scenario {name} seed {seed}")
+    p = subprocess.Popen(["unshare", "--net", "--", PYTHON, DRIVER, name, str(directory),
+                          "--seed", str(seed)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=child_env(), start_new_session=True)
     try:
@@ -85,7 +94,8 @@ def run_scenario(name: str, directory) -> dict:
 
 def check(result: dict) -> None:
     """What every scenario must show."""
-    where = f"(scenario {result['scenario']}, node logs in the test's tmp_path)"
+    where = (f"(scenario {result['scenario']}, KVSTORE_PARTITION_SEED={result['seed']}, "
+             f"node logs in the test's tmp_path)")
     assert result["error"] is None, \
         f"{result['error']} {where}\n{result.get('traceback')}\n" + \
         "\n".join(f"--- {n}\n{t}" for n, t in result.get("node_logs", {}).items())
