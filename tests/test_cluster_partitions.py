@@ -121,7 +121,7 @@ def test_a_follower_cut_off_both_ways_catches_up_without_deposing_anyone(
 def test_one_way_cuts_a_follower_deaf_then_the_leader_deaf(partitions_supported, tmp_path):
     result = run_scenario("one_way", tmp_path / "one_way")
     check(result)
-    assert result["cut_evidence"] == {"follower_behind_on_shard_0": True,
+    assert result["cut_evidence"] == {"follower_stood_still_on_shard_0": True,
                                       "shard_0_leader_moved": True}
 
 
