@@ -23,7 +23,7 @@ Scenarios (``SCENARIOS``):
 - ``flapping``: links cut and healed every few hundred ms (both ways, one way,
   a node isolated), seeded.
 - ``leader_isolated``: the leader of shard 0 cut from both peers while clients'
-  writes are in flight to it; the majority elects another and goes on.
+  requests (writes and reads) are in flight to it; the majority elects another and goes on.
 
 Every wait is bounded and the whole run has a deadline (``DEADLINE_SECONDS``);
 on any error the result says so and every node is still killed.
@@ -477,7 +477,7 @@ def scenario_flapping(r: Run, seconds: float = 6.0) -> None:
 
 
 def scenario_leader_isolated(r: Run) -> None:
-    """The leader of shard 0 cut from both peers while writes are in flight to it."""
+    """The leader of shard 0 cut from both peers while clients' requests are in flight to it."""
     leaders = r.obs.leaders()
     lead = leaders[0][0]
     shard0 = {k for k in r.register.keys if shard_of(k, SHARDS) == 0}
@@ -486,15 +486,19 @@ def scenario_leader_isolated(r: Run) -> None:
     r.note(f"isolated {lead}, leader of shard 0 (ballot {leaders[0][1]})")
     r.facts["phases"]["serving_while_leader_cut_seconds"] = r.wait_serving(f"with {lead} cut off", CUT_SECONDS)
     now = r.obs.leaders()
-    # Writes to shard 0 that were in flight in the first 200 ms of the cut: the clients
-    # sent them to the old leader, which could not commit them.
-    window = cut_ns + 200_000_000
+    # Requests the cut leader held: invoked by 100 ms into the cut (or before), still
+    # unanswered 300 ms into it (unanswered ones otherwise take a few ms). Clients send
+    # shard 0's writes and reads to its leader, and a third of the reads of shard 1 to
+    # it as a follower; neither can be answered without the others.
+    sent_by, still_open = cut_ns + 100_000_000, cut_ns + 300_000_000
     held = [op for op in list(r.register.history)
-            if op.key in shard0 and op.kind != "get" and op.call < window
-            and (op.ret is None or op.ret > window)]
-    r.facts["writes_held_by_cut_leader"] = len(held)
+            if op.call < sent_by and (op.ret is None or op.ret > still_open)]
+    r.facts["requests_held_by_cut_leader"] = {
+        "writes to shard 0": sum(1 for op in held if op.key in shard0 and op.kind != "get"),
+        "reads": sum(1 for op in held if op.kind == "get"),
+        "writes to shard 1": sum(1 for op in held if op.key not in shard0 and op.kind != "get")}
     r.facts["new_leader_of_shard_0"] = now.get(0)
-    r.facts["cut_took_effect"] = now.get(0, (None,))[0] not in (None, lead) and len(held) > 0
+    r.facts["cut_took_effect"] = now.get(0, (None,))[0] not in (None, lead)
     r.heal_and_check(leaders_must_stay=True)
 
 
