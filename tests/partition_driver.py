@@ -66,7 +66,7 @@ PROGRESS_SECONDS = 20.0
 CATCH_UP_SECONDS = 20.0
 #: Acknowledged writes per shard that show the cluster serving (during a cut, after a heal).
 PROGRESS_WRITES = 15
-#: Slots the others must commit while a cut-off node stands still (the evidence of a cut).
+#: Slots the others must commit while a cut-off node learns none (the evidence of a cut).
 FROZEN_AGAINST_SLOTS = 10
 #: A cut lasts at least this long (some seven election timeouts: the cut-off node
 #: campaigns, TCP backs its retransmissions off) and until the others have served.
@@ -345,10 +345,11 @@ class Run:
 
     @staticmethod
     def stood_still(before: tuple, after: tuple, shards) -> bool:
-        """The evidence that a cut reached a node: on ``shards`` it applied at most a slot
-        it already held, while the others committed at least FROZEN_AGAINST_SLOTS more."""
-        (mine0, commits0), (mine1, commits1) = before, after
-        return all(mine1[s] - mine0[s] <= 1 and commits1[s] - commits0[s] >= FROZEN_AGAINST_SLOTS
+        """The evidence that a cut reached a node: on ``shards`` it applied nothing past the
+        commit point of the moment the cut began (it learnt of no later one), while the
+        others committed at least FROZEN_AGAINST_SLOTS more."""
+        (_mine0, commits0), (mine1, commits1) = before, after
+        return all(mine1[s] <= commits0[s] and commits1[s] - commits0[s] >= FROZEN_AGAINST_SLOTS
                    for s in shards)
 
     def heal_and_check(self, leaders_must_stay: bool) -> None:
