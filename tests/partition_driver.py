@@ -66,6 +66,9 @@ PROGRESS_SECONDS = 20.0
 CATCH_UP_SECONDS = 20.0
 #: Acknowledged writes per shard that show the cluster serving (during a cut, after a heal).
 PROGRESS_WRITES = 15
+#: After a heal the cluster serves this long with its leaders unchanged (a rejoining
+#: node's pre-votes and prepares come within an election timeout or two).
+SETTLE_SECONDS = 1.0
 #: Slots the others must commit while a cut-off node learns none (the evidence of a cut).
 FROZEN_AGAINST_SLOTS = 10
 #: A cut lasts at least this long (some seven election timeouts: the cut-off node
@@ -100,7 +103,8 @@ def write_config(directory: str) -> str:
     left to its default): ``node_ports`` reads every address of a node from this file.
     """
     path = os.path.join(directory, "cluster.toml")
-    lines = [f"shards = {SHARDS}", "", "[tuning]"] + [f"{k} = {v}" for k, v in TUNING.items()] + [""]
+    lines = [f"shards = {SHARDS}", "", "[tuning]"]
+    lines += [f"{k} = {v}" for k, v in TUNING.items()] + [""]
     for i in range(1, NODES + 1):
         name = f"n{i}"
         lines += [f"[nodes.{name}]", f'address = "tcp://127.0.0.1:{PORT_BASE + i}"',
@@ -165,7 +169,8 @@ def drop_rules(cuts: set, uids: dict, ports: dict) -> str:
     lines = [f"flush chain inet {TABLE} output"]
     for a, b in sorted(cuts):
         dports = ", ".join(str(p) for p in ports[b])
-        lines.append(f"add rule inet {TABLE} output meta skuid {uids[a]} tcp dport {{ {dports} }} drop")
+        lines.append(f"add rule inet {TABLE} output meta skuid {uids[a]} "
+                     f"tcp dport {{ {dports} }} drop")
     return "\n".join(lines) + "\n"
 
 
@@ -177,7 +182,8 @@ class Network:
         self.cuts: set = set()
         self.events: list = []
         run(["nft", "-f", "-"], f"add table inet {TABLE}\n"
-            f"add chain inet {TABLE} output {{ type filter hook output priority 0; policy accept; }}\n")
+            f"add chain inet {TABLE} output "
+            f"{{ type filter hook output priority 0; policy accept; }}\n")
 
     def set(self, cuts: set, what: str) -> None:
         run(["nft", "-f", "-"], drop_rules(cuts, self.uids, self.ports))
@@ -185,7 +191,8 @@ class Network:
         self.events.append((round(self.clock(), 3), what))
         held = self.rule_count()
         if held != len(cuts):
-            raise RuntimeError(f"after '{what}' the kernel holds {held} drop rules, not {len(cuts)}")
+            raise RuntimeError(f"after '{what}' the kernel holds {held} drop rules, "
+                               f"not {len(cuts)}")
 
     def cut(self, a: str, b: str) -> None:
         self.set(self.cuts | {(a, b), (b, a)}, f"cut {a} <-> {b}")
@@ -222,7 +229,8 @@ class Observer:
 
     def views(self) -> dict:
         core = self.client._core
-        futures = {n: core.submit(wire.OP_STATUS, None, [], timeout=1.0, target=self.lc.addresses[n])
+        futures = {n: core.submit(wire.OP_STATUS, None, [], timeout=1.0,
+                                  target=self.lc.addresses[n])
                    for n in self.lc.names}
         out = {}
         for n, f in futures.items():
@@ -243,6 +251,18 @@ class Observer:
                     if cur is None or _ballot_key(sv["ballot"]) > _ballot_key(cur[1]):
                         out[sv["shard"]] = (n, sv["ballot"])
         return out
+
+    def leaders_of_every_shard(self, timeout: float = 10.0) -> dict:
+        """``leaders()`` once every shard has one (a status answer can be late, an
+        election can be finishing); bounded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leaders = self.leaders()
+            if len(leaders) == SHARDS:
+                return leaders
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not every shard had a leader within {timeout} s: {leaders}")
+            time.sleep(0.05)  # polling the nodes' status
 
     def applied(self, views: dict) -> dict:
         """``{node: [applied index per shard]}`` (None for a node that did not answer)."""
@@ -276,7 +296,8 @@ class Run:
         self.obs: Observer | None = None
         self.register = RegisterWorkload(self.lc.client, register_keys(), SHARDS, clients=4,
                                          client_timeout=3.0, seed=seed)
-        self.bank = BankWorkload(self.lc.client, transfer_threads=2, auditors=1, client_timeout=10.0)
+        self.bank = BankWorkload(self.lc.client, transfer_threads=2, auditors=1,
+                                 client_timeout=10.0)
 
     def clock(self) -> float:
         return time.monotonic() - self.t0
@@ -299,13 +320,14 @@ class Run:
         deadline = start + PROGRESS_SECONDS
         served = None
         while served is None or time.monotonic() < start + at_least:
+            acked = self.register.writes_acked
             if served is None and len(self.bank.acked) > transfers and all(
-                    self.register.writes_acked[s] >= base[s] + PROGRESS_WRITES for s in range(SHARDS)):
+                    acked[s] >= base[s] + PROGRESS_WRITES for s in range(SHARDS)):
                 served = time.monotonic()
                 continue
             if time.monotonic() > deadline:
-                raise AssertionError(f"the cluster did not serve {what} within {PROGRESS_SECONDS} s "
-                                     f"({self.progress()})")
+                raise AssertionError(f"the cluster did not serve {what} within "
+                                     f"{PROGRESS_SECONDS} s ({self.progress()})")
             time.sleep(0.02)  # counting acknowledgements of the client threads: polled
         return round(served - start, 3)
 
@@ -353,20 +375,24 @@ class Run:
                    for s in shards)
 
     def heal_and_check(self, leaders_must_stay: bool) -> None:
-        """Heal; wait for every node to catch up; then the leaders must not change while
-        the cluster serves (a rejoining node must not depose a healthy leader)."""
-        before = self.obs.leaders()
+        """Heal; wait for every node to catch up and for the cluster to serve; then, while
+        it serves for SETTLE_SECONDS more, no leader may change: a rejoining node must
+        not depose a healthy leader. The reference is the leaders at the heal when the
+        majority had healthy ones (``leaders_must_stay``), else those once it served."""
+        before = self.obs.leaders_of_every_shard()
         targets = self.obs.commits(self.obs.views())
         self.net.heal()
         self.note(f"healed; leaders {before}, commit points {targets}")
         self.facts["phases"]["catch_up_seconds"] = self.wait_caught_up(targets)
-        settled = self.obs.leaders()
         self.facts["phases"]["serving_after_heal_seconds"] = self.wait_serving("after the heal")
-        after = self.obs.leaders()
-        self.note(f"caught up; leaders {settled}, then {after}")
-        changed = {s: [before.get(s), after.get(s)] for s in range(SHARDS)
-                   if (before.get(s) if leaders_must_stay else settled.get(s)) != after.get(s)}
-        self.facts["leaders_changed_after_heal"] = changed
+        settled = self.obs.leaders_of_every_shard()
+        self.wait_serving("after the heal", SETTLE_SECONDS)
+        after = self.obs.leaders_of_every_shard()
+        self.note(f"caught up and served; leaders {settled}, {SETTLE_SECONDS} s later {after}")
+        reference = before if leaders_must_stay else settled
+        self.facts["leaders_changed_after_heal"] = {
+            s: [reference.get(s), after.get(s)] for s in range(SHARDS)
+            if reference.get(s) != after.get(s)}
 
     def finish(self) -> None:
         """Stop the clients, SIGKILL every node, restart, read back, check."""
@@ -390,7 +416,8 @@ class Run:
                                       "unknown": len(self.register.history) - len(done)}
         self.facts["register_failures"] = self.register.failures
         self.facts["transfers"] = {"acknowledged": len(self.bank.acked),
-                                   "unknown": len(self.bank.unknown), "audits": len(self.bank.audits)}
+                                   "unknown": len(self.bank.unknown),
+                                   "audits": len(self.bank.audits)}
         started = time.monotonic()
         res = self.register.check()
         self.facts["check_seconds"] = round(time.monotonic() - started, 3)
@@ -422,7 +449,8 @@ def scenario_both_ways(r: Run) -> None:
     r.net.isolate(f)
     before = r.applied_on(f)
     r.note(f"isolated {f} (both ways)")
-    r.facts["phases"]["serving_while_cut_seconds"] = r.wait_serving(f"with {f} cut off", CUT_SECONDS)
+    r.facts["phases"]["serving_while_cut_seconds"] = r.wait_serving(f"with {f} cut off",
+                                                                    CUT_SECONDS)
     after = r.applied_on(f)
     r.facts["cut_evidence"] = {f"{f}_applied_and_commit_points": [before, after]}
     r.facts["cut_took_effect"] = r.stood_still(before, after, range(SHARDS))
@@ -444,7 +472,8 @@ def scenario_one_way(r: Run) -> None:
     evidence = {"follower_stood_still_on_shard_0": r.stood_still(before, r.applied_on(f), [0])}
     r.net.set({(f, lead), (m, lead)}, f"{f} -> {lead} and {m} -> {lead} dropped ({lead} deaf)")
     r.note(f"{lead} deaf: its packets arrive, none reach it")
-    r.facts["phases"]["serving_while_leader_deaf_seconds"] = r.wait_serving(f"with {lead} deaf", CUT_SECONDS)
+    r.facts["phases"]["serving_while_leader_deaf_seconds"] = r.wait_serving(
+        f"with {lead} deaf", CUT_SECONDS)
     now = r.obs.leaders()
     evidence["shard_0_leader_moved"] = now.get(0, (None,))[0] not in (None, lead)
     r.facts["cut_took_effect"] = all(evidence.values())
@@ -485,7 +514,8 @@ def scenario_leader_isolated(r: Run) -> None:
     cut_ns = time.monotonic_ns()
     r.net.isolate(lead)
     r.note(f"isolated {lead}, leader of shard 0 (ballot {leaders[0][1]})")
-    r.facts["phases"]["serving_while_leader_cut_seconds"] = r.wait_serving(f"with {lead} cut off", CUT_SECONDS)
+    r.facts["phases"]["serving_while_leader_cut_seconds"] = r.wait_serving(
+        f"with {lead} cut off", CUT_SECONDS)
     now = r.obs.leaders()
     # Requests the cut leader held: invoked by 100 ms into the cut (or before), still
     # unanswered 300 ms into it (unanswered ones otherwise take a few ms). Clients send

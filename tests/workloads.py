@@ -54,7 +54,8 @@ class BankWorkload:
         self.stop_event = threading.Event()
         self.threads = [threading.Thread(target=self._transfers, args=(w,), daemon=True)
                         for w in range(transfer_threads)]
-        self.threads += [threading.Thread(target=self._auditor, daemon=True) for _ in range(auditors)]
+        self.threads += [threading.Thread(target=self._auditor, daemon=True)
+                         for _ in range(auditors)]
 
     @property
     def total(self) -> int:
@@ -183,7 +184,8 @@ class RegisterWorkload:
             t.join(max(0.1, deadline - time.monotonic()))
         stuck = [t.name for t in self.threads if t.is_alive()]
         if stuck:
-            self.failures.append(f"register threads still running {join_seconds} s after stop: {stuck}")
+            self.failures.append(f"register threads still running {join_seconds} s after stop: "
+                                 f"{stuck}")
 
     def shard(self, key: bytes) -> int:
         return shard_of(key, self.nshards)
