@@ -32,6 +32,7 @@ on any error the result says so and every node is still killed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
@@ -381,6 +382,7 @@ class Run:
         majority had healthy ones (``leaders_must_stay``), else those once it served."""
         before = self.obs.leaders_of_every_shard()
         targets = self.obs.commits(self.obs.views())
+        healed_at = time.time()  # the node logs' clock
         self.net.heal()
         self.note(f"healed; leaders {before}, commit points {targets}")
         self.facts["phases"]["catch_up_seconds"] = self.wait_caught_up(targets)
@@ -393,6 +395,8 @@ class Run:
         self.facts["leaders_changed_after_heal"] = {
             s: [reference.get(s), after.get(s)] for s in range(SHARDS)
             if reference.get(s) != after.get(s)}
+        self.facts["campaigns_after_heal"] = {n: campaigns_since(self.lc.log_path(n), healed_at)
+                                              for n in self.lc.names}
 
     def finish(self) -> None:
         """Stop the clients, SIGKILL every node, restart, read back, check."""
@@ -470,6 +474,7 @@ def scenario_one_way(r: Run) -> None:
     r.facts["phases"]["serving_while_mute_to_follower_seconds"] = r.wait_serving(
         f"with {lead} -> {f} dropped", CUT_SECONDS)
     evidence = {"follower_stood_still_on_shard_0": r.stood_still(before, r.applied_on(f), [0])}
+    r.facts["deaf_node"] = lead
     r.net.set({(f, lead), (m, lead)}, f"{f} -> {lead} and {m} -> {lead} dropped ({lead} deaf)")
     r.note(f"{lead} deaf: its packets arrive, none reach it")
     r.facts["phases"]["serving_while_leader_deaf_seconds"] = r.wait_serving(
@@ -537,8 +542,24 @@ SCENARIOS = {"both_ways": scenario_both_ways, "one_way": scenario_one_way,
              "flapping": scenario_flapping, "leader_isolated": scenario_leader_isolated}
 
 
+def campaigns_since(log_path: str, since: float) -> list:
+    """The real campaigns (not pre-votes) a node's log shows from wall time ``since`` on."""
+    out = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            if ": candidate, " not in line:
+                continue
+            try:
+                when = datetime.datetime.strptime(line.split(" ", 1)[0], "%Y-%m-%dT%H:%M:%S.%f")
+            except ValueError:
+                continue
+            if when.replace(tzinfo=datetime.timezone.utc).timestamp() >= since - 0.001:
+                out.append(line.strip())
+    return out
+
+
 def tails(lc: LocalCluster) -> dict:
-    return {n: lc.tail(n, 15) for n in lc.names}
+    return {n: lc.tail(n, 30) for n in lc.names}
 
 
 def main(argv=None) -> int:
@@ -565,14 +586,13 @@ def main(argv=None) -> int:
     except BaseException as e:  # noqa: BLE001 - reported in the result, the nodes still killed
         result["error"] = "".join(traceback.format_exception_only(type(e), e)).strip()
         result["traceback"] = traceback.format_exc()
-        if r is not None:
-            result["node_logs"] = tails(r.lc)
     finally:
         signal.alarm(0)
         if r is not None:
             r.close()
             result.update(r.facts)
             result["seconds"] = round(r.clock(), 2)
+            result["node_logs"] = tails(r.lc)  # for any failure the test reports
     print(json.dumps(result, default=str))
     return 0
 
