@@ -1,0 +1,239 @@
+"""Client workloads for the real-process cluster tests, with what each must guarantee.
+
+- ``BankWorkload``: transfers between accounts spread over the shards (most cross
+  shards: two-phase commit) and audits that read every account in one transaction.
+  Every audit that committed must see the conserved total; after everything, every
+  acknowledged transfer is present, none is half-applied, none that nobody
+  attempted is recorded (each transfer writes a record of itself in its transaction).
+- ``RegisterWorkload``: get / put / cas / delete on a few keys; the history goes
+  to the project's linearizability checker (``kvstore.sim.linearizability``), the
+  final reads after a restart included, so an acknowledged write that was lost
+  shows as a history no order explains.
+
+Both run in threads against a ``connect(timeout)`` factory (``LocalCluster.client``),
+stop on ``stop()``, bounded; a failure that is not part of the contract
+(``Unavailable`` is: the outcome is unknown) is collected, never raised in a thread.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+
+import msgpack
+
+import kvstore
+from kvstore.sharding import shard_of
+from kvstore.sim.linearizability import Operation, check_history
+
+ACCOUNTS = [b"acct%02d" % i for i in range(9)]
+INITIAL = 100
+
+
+def wait_for(predicate, timeout: float, what: str, progress=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout} s ({progress()})")
+        time.sleep(0.02)  # counting the workers' progress: polled, not awaited
+
+
+class BankWorkload:
+    """Cross-shard transfers and audits (the workload of ``test_cluster_bank``)."""
+
+    def __init__(self, connect, transfer_threads: int = 3, auditors: int = 1,
+                 client_timeout: float = 10.0) -> None:
+        self.connect = connect
+        self.client_timeout = client_timeout
+        self.acked: list = []  # (record key, from, to, amount) of every transfer acknowledged
+        self.unknown: list = []  # record keys of transfers whose outcome is unknown (Unavailable)
+        self.audits: list = []  # totals seen by committed audits
+        self.failures: list = []
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._transfers, args=(w,), daemon=True)
+                        for w in range(transfer_threads)]
+        self.threads += [threading.Thread(target=self._auditor, daemon=True)
+                         for _ in range(auditors)]
+
+    @property
+    def total(self) -> int:
+        return INITIAL * len(ACCOUNTS)
+
+    def setup(self, client) -> None:
+        for a in ACCOUNTS:
+            client.put(a, b"%d" % INITIAL)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self, join_seconds: float = 60.0) -> None:
+        self.stop_event.set()
+        deadline = time.monotonic() + join_seconds
+        for t in self.threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        stuck = [t.name for t in self.threads if t.is_alive()]
+        if stuck:
+            self.failures.append(f"bank threads still running {join_seconds} s after stop: {stuck}")
+
+    def progress(self) -> str:
+        return (f"{len(self.acked)} transfers acknowledged, {len(self.unknown)} unknown, "
+                f"{len(self.audits)} audits")
+
+    def _transfers(self, w: int) -> None:
+        rnd = random.Random(w)
+        with self.connect(timeout=self.client_timeout) as c:
+            i = 0
+            while not self.stop_event.is_set():
+                a, b = rnd.sample(ACCOUNTS, 2)
+                amount = rnd.randint(1, 5)
+                record = b"xfer/%d/%d" % (w, i)
+                i += 1
+
+                def move(t):
+                    t.put(a, b"%d" % (int(t.get(a)) - amount))
+                    t.put(b, b"%d" % (int(t.get(b)) + amount))
+                    t.put(record, msgpack.packb([a, b, amount]))
+
+                try:
+                    c.run_transaction(move, retries=50)
+                except kvstore.TransactionConflict:
+                    continue  # nothing applied
+                except kvstore.Unavailable:
+                    self.unknown.append(record)
+                    continue
+                except BaseException as e:  # pragma: no cover - reported by problems()
+                    self.failures.append(repr(e))
+                    return
+                self.acked.append((record, a, b, amount))
+
+    def _auditor(self) -> None:
+        with self.connect(timeout=self.client_timeout) as c:
+            while not self.stop_event.is_set():
+                try:
+                    self.audits.append(c.run_transaction(
+                        lambda t: sum(int(t.get(a)) for a in ACCOUNTS), retries=50))
+                except (kvstore.TransactionConflict, kvstore.Unavailable):
+                    continue
+                except BaseException as e:  # pragma: no cover - reported by problems()
+                    self.failures.append(repr(e))
+                    return
+
+    def problems(self) -> list:
+        """What went wrong while it ran: unexpected errors, an audit that saw another total."""
+        out = [f"a bank client failed: {f}" for f in self.failures]
+        if not self.audits:
+            out.append("no audit committed")
+        elif set(self.audits) != {self.total}:
+            out.append(f"an audit saw money created or lost: {sorted(set(self.audits))}")
+        return out
+
+    def final_problems(self, client) -> list:
+        """Read back through ``client`` after everything (a restart): what does not hold."""
+        balances = {a: int(client.get(a)) for a in ACCOUNTS}
+        present = {k: msgpack.unpackb(v) for k, v in client.scan(b"xfer/")}
+        out = []
+        if sum(balances.values()) != self.total:
+            out.append(f"the balances add up to {sum(balances.values())}, not {self.total}")
+        lost = [r for r, *_ in self.acked if r not in present]
+        if lost:
+            out.append(f"{len(lost)} acknowledged transfers lost, e.g. {lost[:3]}")
+        known = {r for r, *_ in self.acked} | set(self.unknown)
+        if not set(present) <= known:
+            out.append("a transfer nobody attempted is recorded")
+        expected = {a: INITIAL for a in ACCOUNTS}
+        for a, b, amount in present.values():
+            expected[a] -= amount
+            expected[b] += amount
+        if balances != expected:
+            out.append("a transfer is half-applied")
+        return out
+
+
+class RegisterWorkload:
+    """Single-key operations whose history is checked for linearizability."""
+
+    KINDS = ("get", "get", "put", "cas", "delete")
+
+    def __init__(self, connect, keys: list, nshards: int, clients: int = 4,
+                 client_timeout: float = 3.0, seed: int = 0) -> None:
+        self.connect = connect
+        self.keys = list(keys)
+        self.nshards = nshards
+        self.client_timeout = client_timeout
+        self.seed = seed
+        self.history: list = []
+        self.failures: list = []
+        self.writes_acked: Counter = Counter()  # shard -> acknowledged writes
+        self._lock = threading.Lock()
+        self._ids = iter(range(10_000_000))
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(seed * 100 + n,), daemon=True)
+                        for n in range(clients)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self, join_seconds: float = 30.0) -> None:
+        self.stop_event.set()
+        deadline = time.monotonic() + join_seconds
+        for t in self.threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        stuck = [t.name for t in self.threads if t.is_alive()]
+        if stuck:
+            self.failures.append(f"register threads still running {join_seconds} s after stop: "
+                                 f"{stuck}")
+
+    def shard(self, key: bytes) -> int:
+        return shard_of(key, self.nshards)
+
+    def _client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with self.connect(timeout=self.client_timeout) as c:
+            cid = next(self._ids)
+            n = 0
+            while not self.stop_event.is_set():
+                key = self.keys[rng.randrange(len(self.keys))]
+                kind = self.KINDS[rng.randrange(len(self.KINDS))]
+                n += 1
+                value = b"%d-%d" % (seed, n)
+                args = {"get": (), "put": (value,), "delete": (),
+                        "cas": (rng.choice([None, b"%d-%d" % (seed, n - 1)]), value)}[kind]
+                call = time.monotonic_ns()
+                try:
+                    if kind == "get":
+                        result = c.get(key)
+                    elif kind == "put":
+                        result = c.put(key, value)
+                    elif kind == "delete":
+                        result = c.delete(key)
+                    else:
+                        result = c.cas(key, *args)
+                    ret = time.monotonic_ns()
+                except kvstore.Unavailable:
+                    result, ret = None, None  # unknown outcome: open forever
+                except BaseException as e:  # pragma: no cover - reported by check()
+                    self.failures.append(f"{kind} {key!r}: {e!r}")
+                    return
+                with self._lock:
+                    self.history.append(Operation(cid, key, kind, args, call, ret, result))
+                    if ret is not None and kind != "get":
+                        self.writes_acked[self.shard(key)] += 1
+                if ret is None:
+                    cid = next(self._ids)  # a client has one op in flight: continue as another
+
+    def final_reads(self, client) -> None:
+        """Read every key through ``client`` (after a restart): they join the history."""
+        for key in self.keys:
+            call = time.monotonic_ns()
+            value = client.get(key)
+            with self._lock:
+                self.history.append(Operation(next(self._ids), key, "get", (), call,
+                                              time.monotonic_ns(), value))
+
+    def check(self):
+        """The checker's result on the history (``.ok``, ``.key``, ``.explanation``)."""
+        return check_history(self.history)
