@@ -52,7 +52,7 @@ chosen value of its slot.
 Promises and compaction (why a candidate never fills a chosen slot with something
 else). A Promise must show the candidate every value accepted above the
 candidate's commit point. A promiser that has compacted (or installed a snapshot)
-past that point cannot, so it refuses and sends its snapshot instead: checked on
+past that point cannot, so it refuses (the leader sends a snapshot later): checked on
 every copy of a Prepare, since a duplicate of one already promised may arrive
 after a snapshot changed the log the first answer came from (issue 10). And the
 candidate, independently, counts no Promise whose commit point is above its own
@@ -67,13 +67,12 @@ off together (``Bugs.duplicate_prepare_unchecked``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import msgpack
+from typing import Callable, Protocol
 
 from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority
 from kvstore.paxos import messages as M
-from kvstore.paxos.ballot import ballot_node, ballot_round, make_ballot
+from kvstore.paxos.ballot import ballot_node, ballot_round, make_ballot, next_round
+from kvstore.paxos.batch import decode_batch, encode_batch
 from kvstore.paxos.messages import Message
 
 KIND_NOOP = 0
@@ -85,6 +84,13 @@ CANDIDATE = "candidate"
 LEADER = "leader"
 
 TALLY_WINDOW = 4096
+#: A peer's message is ignored when it names a slot this far above the commit point
+#: (a Promise's or an Accept's record) or a round this far above the highest seen: no
+#: honest peer does (a leader's log spans its snapshot interval plus its window; a
+#: round grows by one per campaign), and a candidate fills every slot up to the
+#: highest one it is shown, one by one (``_ignored``).
+SLOT_SPAN_MAX = 1 << 24
+ROUND_JUMP_MAX = 1 << 32
 
 
 class NotLeader(Exception):
@@ -148,6 +154,9 @@ class Config:
     snapshot_chunk_bytes: int = 4096
     log_retain_slots: int = 32  # entries kept below a snapshot point, for cheap catch-up
     pre_vote: bool = True
+    #: The application's check of a snapshot's state (it decodes), run before an
+    #: installed snapshot replaces anything; None accepts any bytes.
+    snapshot_ok: Callable[[bytes], bool] | None = None
     #: Lease reads, off (0) by default. When > 0, a leader whose confirmation round (a
     #: heartbeat quorum) started at its tick T serves reads without a round of their own
     #: until its tick T + lease_read_ticks; and every replica refuses to promise a new
@@ -182,6 +191,10 @@ class Entry:
     ballot: int
     kind: int
     commands: list
+    #: Why the chosen value is not a batch of commands (it is applied as a no-op), or None.
+    #: Peers' records are checked before they are accepted, so only a log written
+    #: before that check can hold one; the node logs and counts it.
+    error: str | None = None
 
 
 @dataclass
@@ -426,6 +439,9 @@ class Replica:
             self.leader = None
             self.election_elapsed = 0
             self.prevote_granted = 1 << self.id
+            if next_round(self.max_round) is None:
+                self._log_event("no ballot left to campaign with (round cap)")
+                return
             b = make_ballot(self.max_round + 1, self.id)
             self._log_event(f"pre-vote for {b >> 16}.{self.id}")
             for i in range(self.n):
@@ -436,6 +452,10 @@ class Replica:
         self._campaign_real()
 
     def _campaign_real(self) -> None:
+        if next_round(self.max_round) is None:  # unreachable legitimately (ballot.py)
+            self._log_event("no ballot left to campaign with (round cap)")
+            self._become_follower(None)
+            return
         self.max_round += 1
         b = make_ballot(self.max_round, self.id)
         self._set_promised(b)
@@ -610,8 +630,31 @@ class Replica:
             self.log_start = cut + 1
             self._out_compacted = cut
 
-    def step(self, m: Message) -> None:
+    def _ignored(self, m: Message) -> bool:
+        """Guards against what no honest peer sends (``messages.from_wire`` checked each
+        field's range; these need this replica's state). Ignoring a message is always
+        safe in Paxos: it only costs a retransmission."""
         if m.to != self.id or not (0 <= m.frm < self.n) or m.frm == self.id:
+            return True
+        t = m.type
+        if (ballot_round(m.ballot) > self.max_round + ROUND_JUMP_MAX
+                or ballot_round(m.hint) > self.max_round + ROUND_JUMP_MAX):
+            return True
+        if t == M.SNAPSHOT:
+            # A snapshot replaces the state whole, past every per-slot check; only the
+            # leader of the ballot this replica promised, whose commit point it already
+            # trusts, may send one (the leader of a ballot is its node index).
+            return m.ballot != self.promised or ballot_node(m.ballot) != m.frm
+        if t == M.ACCEPT or t == M.PROMISE:
+            top = self.commit_index + SLOT_SPAN_MAX
+            return any(int.from_bytes(rec[8:16], "little") > top for rec in m.records)
+        if (t == M.ACCEPTED or t == M.HEARTBEAT_REPLY) and not m.reject:
+            # a follower can have accepted only what this leader proposed (slots < next_slot)
+            return self.role == LEADER and m.ballot == self.ballot and m.match_index >= self.next_slot
+        return False
+
+    def step(self, m: Message) -> None:
+        if self._ignored(m):
             return
         t = m.type
         if t == M.PRE_VOTE:
@@ -676,8 +719,8 @@ class Replica:
         # installed (or a compaction) between two copies drops slots the first answer held.
         duplicate = b == self.promised
         if m.commit_index + 1 < self.log_start and not (duplicate and self.bugs.duplicate_prepare_unchecked):
+            # (no snapshot: only a leader's is installed; the candidate gets one once it follows)
             self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
-            self._send_snapshot(m.frm, b)
             return
         if b > self.promised:
             self._set_promised(b)
@@ -815,7 +858,7 @@ class Replica:
         while self.pending_commands and self.next_slot <= self.commit_index + cfg.pipeline_window:
             batch = self.pending_commands[:cfg.batch_commands_max]
             del self.pending_commands[:cfg.batch_commands_max]
-            self._store(self.next_slot, self.ballot, KIND_BATCH, msgpack.packb(batch, use_bin_type=True))
+            self._store(self.next_slot, self.ballot, KIND_BATCH, encode_batch(batch))
             self.next_slot += 1
         if self.next_slot == first:
             return
@@ -947,7 +990,10 @@ class Replica:
                 break
 
     def _on_snapshot(self, m: Message) -> None:
-        # A snapshot holds only chosen values, so it is safe from any sender at any ballot.
+        # A snapshot holds only chosen values, so it is safe to install at any point above
+        # the commit point, but only from a replica that holds them: the leader of the
+        # ballot promised (``_ignored``), its content checked (``snapshot_ok``) before it
+        # replaces anything. Any other sender, a stale ballot or a forged chunk is ignored.
         stale = m.snapshot_index <= self.commit_index and not self.bugs.snapshot_backwards
         if stale or self.role == LEADER or m.snapshot_index < 0:
             return  # a leader's tally counts from its own commit point; it never jumps
@@ -964,6 +1010,10 @@ class Replica:
             return
         self.snapshot_inbound = None
         if len(sin[3]) != sin[2]:
+            return
+        check = self.config.snapshot_ok
+        if check is not None and not check(bytes(sin[3])):
+            self._log_event(f"snapshot through {m.snapshot_index} from {m.frm} does not decode; ignored")
             return
         index, data = m.snapshot_index, bytes(sin[3])
         self._log_event(f"installing snapshot through {index}")
@@ -1028,8 +1078,7 @@ class Replica:
                     raise AssertionError(f"n{self.id}: committed slot {s} is not in the log "
                                          f"(commit {self.commit_index}): persisted state is inconsistent")
                 ballot, kind, payload, _rec = e
-                cmds = msgpack.unpackb(payload, raw=False) if kind == KIND_BATCH else []
-                committed.append(Entry(s, ballot, kind, cmds))
+                committed.append(_committed_entry(s, ballot, kind, payload))
             if self.bugs.apply_out_of_order and len(committed) > 1:
                 committed.reverse()
             rd.committed = committed
@@ -1048,3 +1097,16 @@ class Replica:
         return {"node": self.id, "role": self.role, "leader": self.leader_hint,
                 "promised": self.promised, "commit_index": self.commit_index,
                 "applied_index": self.applied_index, "snapshot_index": self.snapshot_index}
+
+
+def _committed_entry(slot: int, ballot: int, kind: int, payload: bytes) -> Entry:
+    """A chosen value as an Entry; one that is not a batch (a poisoned value) is a no-op
+    with its ``error`` said, never an exception in the driver's loop."""
+    if kind == KIND_NOOP:
+        return Entry(slot, ballot, kind, [], None if not payload else f"slot {slot}: a no-op with a payload")
+    if kind != KIND_BATCH:
+        return Entry(slot, ballot, KIND_NOOP, [], f"slot {slot}: unknown entry kind {kind}")
+    try:
+        return Entry(slot, ballot, kind, decode_batch(payload))
+    except ValueError as e:
+        return Entry(slot, ballot, KIND_NOOP, [], f"slot {slot}: {e}")
