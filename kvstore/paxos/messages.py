@@ -144,25 +144,24 @@ def from_wire(w: list) -> Message:
     return m
 
 
+_RANGES = (("to", 0, NODES_MAX - 1), ("frm", 0, NODES_MAX - 1), ("ballot", 0, BALLOT_MAX),
+           ("hint", 0, BALLOT_MAX), ("commit_index", -1, SLOT_MAX), ("match_index", -1, SLOT_MAX),
+           ("snapshot_index", -1, SLOT_MAX), ("context", 0, CONTEXT_LIMIT - 1),
+           ("size", 0, SNAPSHOT_BYTES_MAX))
+
+
 def _check_ranges(m: Message) -> None:
     """Every field of ``m`` within what an honest replica can send (module docstring)."""
-    def within(name: str, lo: int, hi: int) -> None:
-        v = getattr(m, name)
-        if not lo <= v <= hi:
-            raise ValueError(f"paxos message field {name} = {v} is out of range {lo}..{hi}"[:120])
-
-    within("to", 0, NODES_MAX - 1)
-    within("frm", 0, NODES_MAX - 1)
+    if not (0 <= m.to < NODES_MAX and 0 <= m.frm < NODES_MAX and 0 <= m.ballot <= BALLOT_MAX
+            and 0 <= m.hint <= BALLOT_MAX and -1 <= m.commit_index <= SLOT_MAX
+            and -1 <= m.match_index <= SLOT_MAX and -1 <= m.snapshot_index <= SLOT_MAX
+            and 0 <= m.context < CONTEXT_LIMIT and 0 <= m.offset <= m.size <= SNAPSHOT_BYTES_MAX):
+        for name, lo, hi in _RANGES + (("offset", 0, m.size),):
+            v = getattr(m, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"paxos message field {name} = {v} is out of range {lo}..{hi}"[:120])
     if m.to == m.frm:
         raise ValueError("paxos message addressed to its own sender")
-    within("ballot", 0, BALLOT_MAX)
-    within("hint", 0, BALLOT_MAX)
-    within("commit_index", -1, SLOT_MAX)
-    within("match_index", -1, SLOT_MAX)
-    within("snapshot_index", -1, SLOT_MAX)
-    within("context", 0, CONTEXT_LIMIT - 1)
-    within("size", 0, SNAPSHOT_BYTES_MAX)
-    within("offset", 0, m.size)
     t = m.type
     if m.records and t not in (ACCEPT, PROMISE):
         raise ValueError(f"a {t} carries no records")

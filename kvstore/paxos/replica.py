@@ -132,6 +132,12 @@ class Bugs:
     # (m) lease reads: the leader keeps its lease across a clock jump (a pause it slept
     # through), i.e. ``clock_jumped`` is ignored
     lease_survives_clock_jump: bool = False
+    # (n) peer input: the simulator's byzantine sender reaches the replica without the wire's
+    # range checks or the node's payload checks, and the replica's own guards (``_ignored``,
+    # ``snapshot_ok``) are off
+    unchecked_peer_input: bool = False
+    # (o) snapshots: one is installed from any sender at any ballot (the rule before issue 18)
+    snapshot_from_anyone: bool = False
 
 
 class Jitter(Protocol):
@@ -636,6 +642,8 @@ class Replica:
         safe in Paxos: it only costs a retransmission."""
         if m.to != self.id or not (0 <= m.frm < self.n) or m.frm == self.id:
             return True
+        if self.bugs.unchecked_peer_input:
+            return False
         t = m.type
         if (ballot_round(m.ballot) > self.max_round + ROUND_JUMP_MAX
                 or ballot_round(m.hint) > self.max_round + ROUND_JUMP_MAX):
@@ -644,7 +652,8 @@ class Replica:
             # A snapshot replaces the state whole, past every per-slot check; only the
             # leader of the ballot this replica promised, whose commit point it already
             # trusts, may send one (the leader of a ballot is its node index).
-            return m.ballot != self.promised or ballot_node(m.ballot) != m.frm
+            return ((m.ballot != self.promised or ballot_node(m.ballot) != m.frm)
+                    and not self.bugs.snapshot_from_anyone)
         if t == M.ACCEPT or t == M.PROMISE:
             top = self.commit_index + SLOT_SPAN_MAX
             return any(int.from_bytes(rec[8:16], "little") > top for rec in m.records)
@@ -1012,7 +1021,7 @@ class Replica:
         if len(sin[3]) != sin[2]:
             return
         check = self.config.snapshot_ok
-        if check is not None and not check(bytes(sin[3])):
+        if check is not None and not self.bugs.unchecked_peer_input and not check(bytes(sin[3])):
             self._log_event(f"snapshot through {m.snapshot_index} from {m.frm} does not decode; ignored")
             return
         index, data = m.snapshot_index, bytes(sin[3])
