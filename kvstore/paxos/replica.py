@@ -439,15 +439,16 @@ class Replica:
         """Start an election now (pre-vote first when configured)."""
         if self.role == LEADER:
             return
+        if next_round(self.max_round) is None:  # unreachable legitimately (ballot.py)
+            self._log_event("no ballot left to campaign with (round cap)")
+            self._become_follower(None)
+            return
         self._drop_follower_reads()
         if self.config.pre_vote and self.n > 1:
             self.role = PRE_CANDIDATE
             self.leader = None
             self.election_elapsed = 0
             self.prevote_granted = 1 << self.id
-            if next_round(self.max_round) is None:
-                self._log_event("no ballot left to campaign with (round cap)")
-                return
             b = make_ballot(self.max_round + 1, self.id)
             self._log_event(f"pre-vote for {b >> 16}.{self.id}")
             for i in range(self.n):
