@@ -162,6 +162,12 @@ def elect_again_and_restart_all(lc: LocalCluster, tag: bytes) -> None:
     assert_every_node_up_and_every_value_readable(lc, tag + b"-restarted-")
 
 
+def dropped(status: dict) -> int:
+    """Frames and messages a node refused, as its counters say."""
+    counters = status["counters"]
+    return counters.get("dropped_malformed", 0) + counters.get("dropped_invalid", 0)
+
+
 def round_of(status: dict) -> int:
     return int(status["shards"][0]["ballot"].split(".")[0])
 
@@ -180,7 +186,9 @@ def test_a_heartbeat_with_a_ballot_near_2_64_crashes_no_node(attacked):
             peer.send(name, other, Message(M.PREPARE, me, other, ballot=ballot, commit_index=-1))
         peer.send(name, other, Message(M.PROMISE, me, other, ballot=1 << 16, reject=True, hint=top))
     for name in lc.names:
-        assert round_of(peer.status(name)) < 1 << 20, f"{name} took the forged ballot"
+        st = peer.status(name)
+        assert round_of(st) < 1 << 20, f"{name} took the forged ballot"
+        assert dropped(st) >= 1  # refused at decode, and counted
     elect_again_and_restart_all(lc, b"ballot")
 
 
@@ -201,7 +209,9 @@ def test_a_record_that_is_not_a_command_batch_is_never_accepted(attacked):
                 peer.send(name, other, Message(M.ACCEPT, me, other, ballot=b, commit_index=commit + 3,
                                                records=records))
     for name in lc.names:
-        assert round_of(peer.status(name)) < 1 << 20
+        st = peer.status(name)
+        assert round_of(st) < 1 << 20
+        assert dropped(st) >= 6
     elect_again_and_restart_all(lc, b"payload")
 
 
