@@ -85,10 +85,12 @@ LEADER = "leader"
 
 TALLY_WINDOW = 4096
 #: A peer's message is ignored when it names a slot this far above the commit point
-#: (a Promise's or an Accept's record) or a round this far above the highest seen: no
-#: honest peer does (a leader's log spans its snapshot interval plus its window; a
-#: round grows by one per campaign), and a candidate fills every slot up to the
-#: highest one it is shown, one by one (``_ignored``).
+#: (a Promise's or an Accept's record; a candidate fills every slot up to the highest
+#: it is shown, one by one) or a round this far above the highest seen (``_ignored``).
+#: Liveness does not need them: a leader falls back to sending a follower entries from
+#: just above its match point (within a pipeline window of its commit point, or a
+#: snapshot), a candidate that far behind a promiser is not the one to lead, and a
+#: round grows by one per campaign.
 SLOT_SPAN_MAX = 1 << 24
 ROUND_JUMP_MAX = 1 << 32
 
