@@ -63,7 +63,7 @@ from kvstore.codec import OP_2PC, OP_CAS, OP_PUT, OP_TXN
 from kvstore.errors import CorruptRecord
 from kvstore.keys import MAX_KEY_SIZE, check_key, check_value
 from kvstore.paxos import messages as M
-from kvstore.paxos.ballot import format_ballot
+from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
 from kvstore.replica_storage import (POISONED, STALE, ReplicaStorage, ShardWrite,
                                      check_command, check_logged_command, check_snapshot_data,
@@ -200,7 +200,16 @@ class Node:
                      log_retain_slots=c.log_retain_slots,
                      snapshot_chunk_bytes=c.snapshot_chunk_bytes,
                      lease_read_ticks=c.lease_read_ticks, snapshot_ok=check_snapshot_data)
-        return Replica(cfg, self.storage.load(shard))
+        replica = Replica(cfg, self.storage.load(shard))
+        if replica.promised > BALLOT_MAX:
+            # A promise to a ballot no replica can make (a forged message before issue 18's
+            # checks): lowering it could break the real promise it overwrote, so it stands,
+            # and this replica can neither campaign nor accept again in this shard.
+            log.error("shard %d: the promise on disk (%s) is past any ballot a node can make; "
+                      "this node cannot vote in the shard: wipe its data directory and let it "
+                      "rejoin from its peers", shard, format_ballot(replica.promised),
+                      extra={"event": "forged_promise", "node": self.name, "shard": shard})
+        return replica
 
     # ------------------------------------------------------------------ the loop
     def stop(self) -> None:
