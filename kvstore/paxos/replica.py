@@ -52,7 +52,7 @@ chosen value of its slot.
 Promises and compaction (why a candidate never fills a chosen slot with something
 else). A Promise must show the candidate every value accepted above the
 candidate's commit point. A promiser that has compacted (or installed a snapshot)
-past that point cannot, so it refuses (the leader sends a snapshot later): checked on
+past that point cannot, so it refuses and sends its snapshot instead: checked on
 every copy of a Prepare, since a duplicate of one already promised may arrive
 after a snapshot changed the log the first answer came from (issue 10). And the
 candidate, independently, counts no Promise whose commit point is above its own
@@ -731,8 +731,8 @@ class Replica:
         # installed (or a compaction) between two copies drops slots the first answer held.
         duplicate = b == self.promised
         if m.commit_index + 1 < self.log_start and not (duplicate and self.bugs.duplicate_prepare_unchecked):
-            # (no snapshot: only a leader's is installed; the candidate gets one once it follows)
             self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
+            self._send_snapshot(m.frm, b)  # ignored by the candidate now (``_ignored``): issue 18
             return
         if b > self.promised:
             self._set_promised(b)
