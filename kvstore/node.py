@@ -67,12 +67,12 @@ from kvstore.codec import OP_2PC, OP_CAS, OP_PUT, OP_TXN
 from kvstore.errors import CorruptRecord
 from kvstore.keys import MAX_KEY_SIZE, check_key, check_value
 from kvstore.paxos import messages as M
-from kvstore.paxos.ballot import format_ballot
+from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
 from kvstore.ports import NO_BUGS, NodeBugs, SystemClock
-from kvstore.replica_storage import (STALE, ReplicaStorage, ShardWrite,
-                                     check_command, command_keys, decode_client_command,
-                                     encode_client_command)
+from kvstore.replica_storage import (POISONED, STALE, ReplicaStorage, ShardWrite,
+                                     check_command, check_logged_command, check_snapshot_data,
+                                     command_keys, decode_client_command, encode_client_command)
 from kvstore.replica_txn import LOCKED
 from kvstore.replica_wal import WalReplicaStorage
 from kvstore.txn import ABORT, TxnDecision, TxnPrepare, TxnResolve
@@ -232,8 +232,17 @@ class Node:
                      pending_commands_max=c.pending_commands_max,
                      log_retain_slots=c.log_retain_slots,
                      snapshot_chunk_bytes=c.snapshot_chunk_bytes,
-                     lease_read_ticks=c.lease_read_ticks)
-        return Replica(cfg, self.storage.load(shard))
+                     lease_read_ticks=c.lease_read_ticks, snapshot_ok=check_snapshot_data)
+        replica = Replica(cfg, self.storage.load(shard))
+        if replica.promised > BALLOT_MAX:
+            # A promise to a ballot no replica can make (a forged message before issue 18's
+            # checks): lowering it could break the real promise it overwrote, so it stands,
+            # and this replica can neither campaign nor accept again in this shard.
+            log.error("shard %d: the promise on disk (%s) is past any ballot a node can make; "
+                      "this node cannot vote in the shard: wipe its data directory and let it "
+                      "rejoin from its peers", shard, format_ballot(replica.promised),
+                      extra={"event": "forged_promise", "node": self.name, "shard": shard})
+        return replica
 
     # ------------------------------------------------------------------ the loop
     def stop(self) -> None:
@@ -403,12 +412,20 @@ class Node:
                                "count": n})
 
     def _on_paxos(self, frm: int, items: list) -> None:
+        """A peer's Paxos batch (``wire.decode`` range-checked every field): each message
+        is checked against this node (its sender and addressee, every command its
+        records carry: ``wire.check_paxos_message``) before its replica sees it; one
+        that fails is dropped and counted, and changes nothing."""
         if not (0 <= frm < self.n) or frm == self.index:
             self._drop("malformed", f"paxos batch from unknown node {frm}")
             return
         for shard, m in items:
-            if not (0 <= shard < self.nshards) or m.to != self.index:
-                self._drop("malformed", f"paxos message for shard {shard} node {m.to}")
+            if not (0 <= shard < self.nshards):
+                self._drop("malformed", f"paxos message for shard {shard}")
+                continue
+            why = wire.check_paxos_message(m, self.index, self.n, check_logged_command)
+            if why is not None:
+                self._drop("invalid", f"paxos {m.type}: {why}")
                 continue
             try:
                 self.replicas[shard].step(m)
@@ -581,6 +598,7 @@ class Node:
                     self.sockets.send_peer(peer, frame)
             results = self.storage.save(writes, self._answer_durable_early) if writes else []
             self._fresh_slots = None
+            self.counters["poisoned_values"] += sum(1 for r in results if r[3] is POISONED)
             # b. send: one frame (or a few, if huge) per peer, across shards
             for peer, items in outbox.items():
                 for frame in _frames(self.index, items):

@@ -17,10 +17,19 @@ session table makes a retried write take effect once (``apply_client_command``),
 and two-phase-commit entries go to ``kvstore.replica_txn``. Everything here
 works on an LMDB transaction or on anything that reads and writes like one
 (the overlay's view of the tables, ``kvstore.replica_wal``).
+
+A chosen value this code cannot apply (a "poisoned" value: a batch that does not
+decode, a command of a bad shape or size) is applied as a no-op, logged and
+reported as ``POISONED``: every replica skips the same one at the same slot, so
+their states stay equal, and a restart replays it the same way instead of failing
+at every start. Peers' records are checked before they are accepted
+(``check_logged_command``, ``Node._on_paxos``), so only a log written before that
+check can hold one.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,6 +37,7 @@ import msgpack
 
 from kvstore.codec import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import CorruptRecord
+from kvstore.keys import check_key, check_value
 from kvstore.paxos.replica import KIND_BATCH, PersistedState, Snapshot
 from kvstore.replica_txn import LOCKED, any_locked, apply_2pc
 from kvstore.storage.state import apply_command, scan_rows
@@ -54,6 +64,12 @@ SESSION_RESULTS_MAX = 4096
 
 #: A command ``(client, seq)`` at or below its session's floor: already answered, ignored.
 STALE = "stale"
+#: The result of a chosen value that could not be applied (module docstring): a no-op.
+POISONED = "poisoned"
+#: Client ids in a logged command are at most this long (the node checks the same).
+CLIENT_ID_MAX_BYTES = 64
+
+log = logging.getLogger("kvstore.node")
 
 
 @dataclass
@@ -105,6 +121,72 @@ def encode_client_command(client_id: bytes, seq: int, floor: int, command: list)
 def decode_client_command(raw: bytes) -> tuple:
     client_id, seq, floor, command = msgpack.unpackb(raw, raw=False, use_list=True)
     return client_id, seq, floor, command
+
+
+def check_logged_command(raw) -> tuple:
+    """A log command as ``apply_client_command`` takes it, ``(client_id, seq, floor,
+    command)``; ``ValueError`` for anything it could not apply: bytes that do not decode,
+    a bad session, an unknown op or shape, a key or value over its size limit."""
+    if type(raw) is not bytes:
+        raise ValueError("a logged command is bytes")
+    try:
+        decoded = msgpack.unpackb(raw, raw=False, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated classes
+        raise ValueError(f"undecodable command: {type(e).__name__}") from None
+    if type(decoded) is not list or len(decoded) != 4:
+        raise ValueError("a logged command is [client_id, seq, floor, command]")
+    client_id, seq, floor, command = decoded
+    if type(client_id) is not bytes or not 0 < len(client_id) <= CLIENT_ID_MAX_BYTES:
+        raise ValueError("bad client id in a logged command")
+    if type(seq) is not int or type(floor) is not int or not 0 <= floor <= seq < 1 << 64:
+        raise ValueError("bad sequence numbers in a logged command")
+    check_command_sizes(check_command(command))
+    return client_id, seq, floor, command
+
+
+def check_command_sizes(command: list) -> None:
+    """Every key and value of a (shape-checked) command within its limit
+    (``InvalidArgument``, a ``ValueError``, otherwise)."""
+    op = command[0]
+    if op == OP_PUT:
+        check_key(command[1])
+        check_value(command[2])
+    elif op == OP_DELETE:
+        check_key(command[1])
+    elif op == OP_CAS:
+        check_key(command[1])
+        for v in command[2:]:
+            if v is not None:
+                check_value(v)
+    elif op == OP_TXN:
+        _, reads, ranges, writes = command
+        for key, _revision in reads:
+            check_key(key)
+        for key, value in writes:
+            check_key(key)
+            if value is not None:
+                check_value(value)
+    elif op == OP_2PC:
+        entry = decode_2pc(command[1])
+        if isinstance(entry, TxnPrepare):
+            for key, value in entry.writes:
+                check_key(key)
+                if value is not None:
+                    check_value(value)
+            for key, _revision in entry.reads:
+                check_key(key)
+
+
+def check_snapshot_data(data: bytes) -> bool:
+    """Whether ``data`` is a shard's state as ``install_snapshot`` takes it (checked
+    before an installed snapshot replaces anything: ``Config.snapshot_ok``)."""
+    try:
+        rows, txn_rows = msgpack.unpackb(data, raw=False, use_list=True)
+    except Exception:  # msgpack's classes, or not a pair
+        return False
+    return (type(rows) is list and type(txn_rows) is list
+            and all(type(r) is list and len(r) == 2 and type(r[0]) is bytes and type(r[1]) is bytes
+                    for table in (rows, txn_rows) for r in table))
 
 
 def check_command(command) -> list:
@@ -197,16 +279,16 @@ class SessionCache:
         self.dirty.clear()
 
 
-def apply_client_command(txn, tables, slot: int, raw: bytes, sessions: SessionCache) -> tuple:
+def apply_client_command(txn, tables, slot: int, logged: tuple, sessions: SessionCache) -> tuple:
     """Apply one client command of the entry at ``slot``, at most once per ``(client, seq)``.
 
     The session of a client holds its floor (every seq below it was answered,
     so a late duplicate of one is ignored) and the results of its seqs at or
     above the floor (a retry of one gets the first result back, with no
-    second effect). Returns ``((client_id, seq), result)``; ``result`` is
-    ``STALE`` for an ignored late duplicate.
+    second effect). ``logged`` is what ``check_logged_command`` returned. Returns
+    ``((client_id, seq), result)``; ``result`` is ``STALE`` for an ignored late duplicate.
     """
-    client_id, seq, floor, command = decode_client_command(raw)
+    client_id, seq, floor, command = logged
     session = sessions.get(client_id)
     key = (client_id, seq)
     if seq < session[0]:
@@ -252,9 +334,16 @@ def apply_entries(txn, tables, shard: int, entries, applied: int, results: list)
     for entry in entries:
         if entry.slot <= applied:
             continue  # already in the state (a snapshot covered it)
-        if entry.kind == KIND_BATCH:
+        if entry.error is not None:
+            _poisoned(shard, entry.slot, entry.error, results)
+        elif entry.kind == KIND_BATCH:
             for raw_cmd in entry.commands:
-                key, result = apply_client_command(txn, tables, entry.slot, raw_cmd, sessions)
+                try:
+                    logged = check_logged_command(raw_cmd)
+                except ValueError as e:
+                    _poisoned(shard, entry.slot, str(e), results)
+                    continue
+                key, result = apply_client_command(txn, tables, entry.slot, logged, sessions)
                 results.append((shard, entry.slot, key, result))
         if entry.slot % SESSION_SWEEP_EVERY == 0:
             sessions.flush()
@@ -263,6 +352,23 @@ def apply_entries(txn, tables, shard: int, entries, applied: int, results: list)
         applied = entry.slot
     sessions.flush()
     return applied
+
+
+_poisoned_count = 0
+
+
+def _poisoned(shard: int, slot: int, why: str, results: list) -> None:
+    """A chosen value (or one command of it) that cannot be applied: applied as a no-op,
+    logged (1st, 2nd, 4th, 8th... time in this process) and reported to the node as a
+    ``POISONED`` result, which it counts."""
+    global _poisoned_count
+    _poisoned_count += 1
+    n = _poisoned_count
+    if n & (n - 1) == 0:
+        log.error("shard %d slot %d: a chosen value cannot be applied; applied as a no-op "
+                  "(%d so far): %s", shard, slot, n, why[:200],
+                  extra={"event": "poisoned_value", "shard": shard, "slot": slot, "count": n})
+    results.append((shard, slot, None, POISONED))
 
 
 def expire_sessions(txn, db, slot: int) -> int:

@@ -301,7 +301,7 @@ def test_proposals_dropped_when_leadership_is_lost():
 
 def test_messages_round_trip_through_msgpack():
     m = Message(M.PROMISE, 2, 1, ballot=make_ballot(3, 1), commit_index=5,
-                records=(encode_record(6, 7, 1, b"p"),), reject=False, hint=4, data=b"", done=True)
+                records=(encode_record(6, 7, 1, b"p"),), reject=False, hint=4)
     wire = msgpack.packb(to_wire(m), use_bin_type=True)
     assert from_wire(msgpack.unpackb(wire, raw=False)) == m
     with pytest.raises(ValueError):

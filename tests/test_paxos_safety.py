@@ -103,17 +103,19 @@ def test_duplicated_prepare_after_snapshot_install_cannot_overwrite_chosen_slots
     assert not promise[0].reject and len(promise[0].records) == 13  # the dropped Promise
     duplicate = prepare[0]
 
-    # 4. The delayed snapshot reaches B, which installs it.
+    # 4. The delayed snapshot reaches B, promised to C's ballot: not from its leader, ignored
+    #    (issue 10's B installed it, and lost the slots its first Promise had shown).
     for m in delayed_snapshot:
         step(c, m)
-    assert c.replicas[B].commit_index == 12 and c.replicas[B].log_start == 13
+    assert c.replicas[B].commit_index == 11 and c.replicas[B].log_start == 0
 
     # 5. The duplicate Prepare reaches B. 6. C must not lead from a Promise that omits chosen
     #    slots; whatever C does next, it never applies anything but cmd0-cmd2 at slots 1-3.
     step(c, duplicate)
     answer = take(c, M.PROMISE, B, C)
-    assert [m.reject for m in answer] == [True]  # B no longer holds slots 0-12 to show C
-    assert take(c, M.SNAPSHOT, B, C)  # ... so it sends C its snapshot instead
+    assert [m.reject for m in answer] == [False]  # B still holds slots 0-12 to show C
+    assert len(answer[0].records) == 13
+    step(c, answer[0])
     c.deliver()
     if c.replicas[C].is_leader:
         c.propose(C, b"new0", b"new1", b"new2")
@@ -160,19 +162,29 @@ def test_promise_that_omits_slots_below_the_promisers_commit_point_is_not_a_vote
 
 
 def test_snapshot_chunks_from_two_senders_are_never_spliced():
-    """Two nodes stream snapshots of the same index (their bytes may differ); chunks arrive
-    interleaved and one is duplicated late: what is installed is one sender's whole snapshot."""
+    """Two leaders in turn stream snapshots of the same index (their bytes may differ);
+    chunks arrive interleaved, one is duplicated late, one claims the other's ballot:
+    what is installed is the whole snapshot of the leader of the ballot promised."""
     c = Cluster(3, snapshot_chunk_bytes=4)
     r = c.replicas[C]
-    first = [Message(M.SNAPSHOT, C, A, snapshot_index=7, offset=o, size=8, data=d, done=o == 4)
-             for o, d in ((0, b"AAAA"), (4, b"aaaa"))]
-    second = [Message(M.SNAPSHOT, C, B, snapshot_index=7, offset=o, size=8, data=d, done=o == 4)
-              for o, d in ((0, b"BBBB"), (4, b"bbbb"))]
-    for m in (first[0], second[0], first[1], first[0], second[1]):
+    ba, bb = make_ballot(1, A), make_ballot(2, B)
+    first = [Message(M.SNAPSHOT, C, A, ballot=ba, snapshot_index=7, offset=o, size=8, data=d,
+                     done=o == 4) for o, d in ((0, b"AAAA"), (4, b"aaaa"))]
+    second = [Message(M.SNAPSHOT, C, B, ballot=bb, snapshot_index=7, offset=o, size=8, data=d,
+                      done=o == 4) for o, d in ((0, b"BBBB"), (4, b"bbbb"))]
+    forged = Message(M.SNAPSHOT, C, A, ballot=bb, snapshot_index=7, offset=4, size=8, data=b"XXXX",
+                     done=True)
+    r.step(Message(M.HEARTBEAT, C, A, ballot=ba, commit_index=-1))
+    r.ready()
+    r.step(first[0])
+    assert r.ready().snapshot is None
+    r.step(Message(M.HEARTBEAT, C, B, ballot=bb, commit_index=-1))  # C now follows B
+    r.ready()
+    for m in (second[0], first[1], first[0], forged):
         r.step(m)
-        assert r.ready().snapshot is None  # no transfer was received whole and alone
-    for m in second:  # B retransmits
-        r.step(m)
+        assert r.ready().snapshot is None  # A's chunks, at a ballot no longer promised, and
+        # a chunk at B's ballot from A, are ignored
+    r.step(second[1])
     rd = r.ready()
     assert rd.snapshot is not None and rd.snapshot.data == b"BBBBbbbb"
     assert r.commit_index == 7

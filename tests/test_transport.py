@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import pytest
 import zmq
@@ -14,21 +16,41 @@ from kvstore.paxos.messages import Message
 from kvstore.transport import wire
 from kvstore.transport.sockets import NodeSockets
 
-u64 = st.integers(min_value=0, max_value=(1 << 63) - 1)
-index = st.integers(min_value=-1, max_value=(1 << 40))
-records = st.lists(st.tuples(u64, u64, st.integers(0, 255), st.binary(max_size=64)), max_size=4).map(
-    lambda rs: tuple(encode_record(*r) for r in rs))
+from kvstore.paxos.ballot import BALLOT_MAX, ROUND_MAX, make_ballot
+from kvstore.paxos.batch import encode_batch
+from kvstore.paxos.replica import KIND_BATCH, KIND_NOOP
+
+u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
+ballots = st.integers(0, BALLOT_MAX)
+slots = st.integers(0, M.SLOT_MAX)
+index = st.integers(min_value=-1, max_value=M.SLOT_MAX)
+payloads = st.one_of(st.just((KIND_NOOP, b"")),
+                     st.lists(st.binary(max_size=16), max_size=4).map(lambda cs: (KIND_BATCH, encode_batch(cs))))
+records = st.lists(st.tuples(slots, ballots, payloads), max_size=4).map(
+    lambda rs: tuple(encode_record(slot, b, kind, payload) for slot, b, (kind, payload) in rs))
 
 
 @st.composite
 def messages(draw, frm=None):
+    """A message an honest replica could send: every field in range for its type."""
+    t = draw(st.sampled_from(M.MESSAGE_TYPES))
+    frm = draw(st.integers(0, M.NODES_MAX - 1)) if frm is None else frm
+    to = draw(st.integers(0, M.NODES_MAX - 1).filter(lambda x: x != frm))
+    ballot = draw(ballots)
+    if t in (M.PRE_VOTE, M.PREPARE, M.ACCEPT, M.HEARTBEAT, M.READ_INDEX_REPLY):
+        ballot = make_ballot(draw(st.integers(1, ROUND_MAX)), frm)
+    chunk = {}
+    if t == M.SNAPSHOT:
+        size = draw(st.integers(0, M.SNAPSHOT_BYTES_MAX))
+        data = draw(st.binary(max_size=min(size, 64)))
+        offset = draw(st.integers(0, size - len(data)))
+        chunk = dict(snapshot_index=draw(slots), offset=offset, size=size, data=data,
+                     done=offset + len(data) == size)
     return Message(
-        type=draw(st.sampled_from(M.MESSAGE_TYPES)), to=draw(st.integers(0, 63)),
-        frm=draw(st.integers(0, 63)) if frm is None else frm,
-        ballot=draw(u64), commit_index=draw(index), match_index=draw(index),
-        records=draw(records), reject=draw(st.booleans()), hint=draw(u64), context=draw(u64),
-        snapshot_index=draw(index), offset=draw(u64), size=draw(u64),
-        data=draw(st.binary(max_size=64)), done=draw(st.booleans()))
+        type=t, to=to, frm=frm, ballot=ballot, commit_index=draw(index), match_index=draw(index),
+        records=draw(records) if t in (M.ACCEPT, M.PROMISE) else (),
+        reject=draw(st.booleans()), hint=draw(ballots), context=draw(st.integers(0, (1 << 63) - 1)),
+        **chunk)
 
 
 @st.composite
@@ -45,6 +67,64 @@ def test_paxos_batches_round_trip(batch):
     frame = wire.encode_paxos(frm, items)
     assert frame[0] == wire.WIRE_VERSION
     assert wire.decode(frame) == [wire.PAXOS, frm, items]
+
+
+def _junk_record(kind, payload, slot=1, ballot=65536):
+    return encode_record(slot, ballot, kind, payload)
+
+
+#: One field of a valid message pushed out of range, or out of line with its type or
+#: sender: each must be refused at decode (issue 18: ballots near 2**64, payloads with a
+#: valid checksum that are not a batch, chunks that do not add up).
+OUT_OF_RANGE = {
+    "ballot near 2**64": lambda m: dict(ballot=(1 << 64) - 1),
+    "ballot past the round cap": lambda m: dict(ballot=((ROUND_MAX + 1) << 16) | m.frm),
+    "negative ballot": lambda m: dict(ballot=-1),
+    "hint near 2**64": lambda m: dict(hint=(1 << 64) - 2),
+    "commit point below -1": lambda m: dict(commit_index=-2),
+    "commit point past any log": lambda m: dict(commit_index=M.SLOT_MAX + 1),
+    "match index past any log": lambda m: dict(match_index=(1 << 64) - 1),
+    "snapshot index below -1": lambda m: dict(snapshot_index=-5),
+    "context past 2**63": lambda m: dict(context=1 << 63),
+    "no such node": lambda m: dict(to=M.NODES_MAX),
+    "to itself": lambda m: dict(to=m.frm),
+    "records on a message that carries none": lambda m: dict(
+        type=M.HEARTBEAT, ballot=make_ballot(1, m.frm), records=(_junk_record(KIND_NOOP, b""),)),
+    "a chunk on a message that carries none": lambda m: dict(type=M.HEARTBEAT, ballot=make_ballot(1, m.frm),
+                                                            data=b"x", size=1, done=True),
+    "an Accept at another node's ballot": lambda m: dict(type=M.ACCEPT, ballot=make_ballot(3, (m.frm + 1) % 64)),
+    "a Prepare at ballot 0": lambda m: dict(type=M.PREPARE, ballot=m.frm),
+    "a batch that is not msgpack (0xc1)": lambda m: dict(
+        type=M.ACCEPT, ballot=make_ballot(2, m.frm), records=(_junk_record(KIND_BATCH, b"\xc1"),)),
+    "a batch that is not a list of bytes": lambda m: dict(
+        type=M.ACCEPT, ballot=make_ballot(2, m.frm), records=(_junk_record(KIND_BATCH, msgpack.packb([1, 2])),)),
+    "a no-op with a payload": lambda m: dict(
+        type=M.PROMISE, records=(_junk_record(KIND_NOOP, b"x"),)),
+    "a record of no known kind": lambda m: dict(
+        type=M.PROMISE, records=(_junk_record(9, b""),)),
+    "a record past any log": lambda m: dict(
+        type=M.PROMISE, records=(_junk_record(KIND_NOOP, b"", slot=(1 << 64) - 1),)),
+    "a record at a ballot near 2**64": lambda m: dict(
+        type=M.PROMISE, records=(_junk_record(KIND_NOOP, b"", ballot=(1 << 64) - 1),)),
+    "a chunk past its snapshot's size": lambda m: dict(
+        type=M.SNAPSHOT, snapshot_index=5, offset=4, size=6, data=b"abc", done=True),
+    "a last chunk short of its size": lambda m: dict(
+        type=M.SNAPSHOT, snapshot_index=5, offset=0, size=6, data=b"abc", done=True),
+    "a snapshot of 2**50 bytes": lambda m: dict(
+        type=M.SNAPSHOT, snapshot_index=5, offset=0, size=1 << 50, data=b"abc", done=False),
+    "a snapshot chunk at no index": lambda m: dict(
+        type=M.SNAPSHOT, snapshot_index=-1, offset=0, size=3, data=b"abc", done=True),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages(), st.sampled_from(sorted(OUT_OF_RANGE)))
+def test_a_paxos_message_with_a_field_out_of_range_is_refused_at_decode(m, what):
+    bad = dataclasses.replace(m, **{"records": (), "data": b"", "size": 0, "offset": 0, "done": False,
+                                    **OUT_OF_RANGE[what](m)})
+    frm = bad.frm
+    with pytest.raises(wire.FrameError):
+        wire.decode(wire.encode_paxos(frm, [(0, bad)]))
 
 
 plain = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 63) - 1)
@@ -117,7 +197,7 @@ def test_a_record_with_a_bad_checksum_never_reaches_a_replica():
 
 
 def test_a_message_claiming_another_sender_is_refused():
-    m = Message(M.PREPARE, 1, 2, ballot=65536)
+    m = Message(M.PREPARE, 1, 2, ballot=make_ballot(1, 2))
     with pytest.raises(wire.FrameError, match="sender"):
         wire.decode(wire.encode_paxos(0, [(0, m)]))
 

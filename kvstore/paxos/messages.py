@@ -26,11 +26,23 @@ words only (Prepare, Promise, Accept, Accepted), never shared with two-phase com
 Records are log records in the codec's form (``kvstore._native.encode_record``),
 the same bytes that go to disk. ``to_wire``/``from_wire`` give a msgpack-able
 form; no pickle, ever.
+
+``from_wire`` takes its input from the network, so it checks every field's range,
+not only its type: node indexes under ``NODES_MAX``, ballots and hints at most
+``BALLOT_MAX`` (so a candidate's ``round + 1`` always fits the wire: ``ballot.py``),
+slots and commit points in ``-1..SLOT_MAX``, counts and snapshot chunks within their
+limits, records and data only on the types that carry them, and the ballot of a
+proposer's message (Prepare, Accept, Heartbeat, PreVote, a ReadIndexReply's answer)
+naming its sender. What needs the receiver's state (its node count, its promise, a
+record's payload) is checked where that is known (``transport.wire``, the node, the
+replica's guards).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+
+from kvstore.paxos.ballot import BALLOT_MAX, ballot_node, ballot_round
 
 PRE_VOTE = "PreVote"
 PRE_VOTE_REPLY = "PreVoteReply"
@@ -47,6 +59,21 @@ READ_INDEX_REPLY = "ReadIndexReply"
 MESSAGE_TYPES = (PRE_VOTE, PRE_VOTE_REPLY, PREPARE, PROMISE, ACCEPT, ACCEPTED,
                  HEARTBEAT, HEARTBEAT_REPLY, SNAPSHOT, READ_INDEX, READ_INDEX_REPLY)
 _TYPE_CODE = {t: i for i, t in enumerate(MESSAGE_TYPES)}
+
+#: Nodes in a group at most (``Replica`` refuses more; votes are 64-bit masks).
+NODES_MAX = 64
+#: The highest slot (and commit point) a message may name; a log record's header holds
+#: 64 bits, and a log never gets near 2**62 entries.
+SLOT_MAX = (1 << 62) - 1
+#: A message's ``context`` (a read round or ReadIndex request number) is below this.
+CONTEXT_LIMIT = 1 << 63
+#: Log records one message carries at most (a Promise carries a follower's log above
+#: the candidate's commit point; a frame's 64 MiB holds fewer records than this).
+RECORDS_MAX = 1 << 20
+#: A snapshot's size at most (a shard's whole state, sent in chunks).
+SNAPSHOT_BYTES_MAX = 1 << 40
+#: The types whose ballot is the sender's own (its node index is the sender).
+_PROPOSER_TYPES = frozenset((PRE_VOTE, PREPARE, ACCEPT, HEARTBEAT))
 
 
 @dataclass(frozen=True)
@@ -92,23 +119,61 @@ def to_wire(m: Message) -> list:
 
 
 def from_wire(w: list) -> Message:
-    """Inverse of ``to_wire``; validates the shape (it comes off the network)."""
+    """Inverse of ``to_wire``; validates the shape and every field's range (it comes
+    off the network). Raises ``ValueError`` naming the first bad field."""
     if not isinstance(w, (list, tuple)) or len(w) != len(_FIELDS):
         raise ValueError("malformed paxos message")
     code = w[0]
-    if not isinstance(code, int) or not (0 <= code < len(MESSAGE_TYPES)):
-        raise ValueError(f"unknown paxos message type {code!r}")
+    if type(code) is not int or not (0 <= code < len(MESSAGE_TYPES)):
+        raise ValueError(f"unknown paxos message type {code!r}"[:80])
     vals = list(w)
     vals[0] = MESSAGE_TYPES[code]
     for i in (1, 2, 3, 4, 5, 8, 9, 10, 11, 12):
-        if not isinstance(vals[i], int) or isinstance(vals[i], bool):
+        if type(vals[i]) is not int:
             raise ValueError(f"paxos message field {_FIELDS[i]} must be an int")
     recs = vals[6]
-    if not isinstance(recs, (list, tuple)) or not all(isinstance(r, bytes) for r in recs):
+    if not isinstance(recs, (list, tuple)) or not all(type(r) is bytes for r in recs):
         raise ValueError("paxos message records must be a list of bytes")
     vals[6] = tuple(recs)
-    if not isinstance(vals[7], bool) or not isinstance(vals[14], bool):
+    if type(vals[7]) is not bool or type(vals[14]) is not bool:
         raise ValueError("paxos message flags must be bools")
-    if not isinstance(vals[13], bytes):
+    if type(vals[13]) is not bytes:
         raise ValueError("paxos message data must be bytes")
-    return Message(*vals)
+    m = Message(*vals)
+    _check_ranges(m)
+    return m
+
+
+_RANGES = (("to", 0, NODES_MAX - 1), ("frm", 0, NODES_MAX - 1), ("ballot", 0, BALLOT_MAX),
+           ("hint", 0, BALLOT_MAX), ("commit_index", -1, SLOT_MAX), ("match_index", -1, SLOT_MAX),
+           ("snapshot_index", -1, SLOT_MAX), ("context", 0, CONTEXT_LIMIT - 1),
+           ("size", 0, SNAPSHOT_BYTES_MAX))
+
+
+def _check_ranges(m: Message) -> None:
+    """Every field of ``m`` within what an honest replica can send (module docstring)."""
+    if not (0 <= m.to < NODES_MAX and 0 <= m.frm < NODES_MAX and 0 <= m.ballot <= BALLOT_MAX
+            and 0 <= m.hint <= BALLOT_MAX and -1 <= m.commit_index <= SLOT_MAX
+            and -1 <= m.match_index <= SLOT_MAX and -1 <= m.snapshot_index <= SLOT_MAX
+            and 0 <= m.context < CONTEXT_LIMIT and 0 <= m.offset <= m.size <= SNAPSHOT_BYTES_MAX):
+        for name, lo, hi in _RANGES + (("offset", 0, m.size),):
+            v = getattr(m, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"paxos message field {name} = {v} is out of range {lo}..{hi}"[:120])
+    if m.to == m.frm:
+        raise ValueError("paxos message addressed to its own sender")
+    t = m.type
+    if m.records and t not in (ACCEPT, PROMISE):
+        raise ValueError(f"a {t} carries no records")
+    if len(m.records) > RECORDS_MAX:
+        raise ValueError(f"{len(m.records)} records in one message, over {RECORDS_MAX}")
+    if t == SNAPSHOT:
+        end = m.offset + len(m.data)
+        if m.snapshot_index < 0 or end > m.size or m.done != (end == m.size):
+            raise ValueError("snapshot chunk inconsistent with its index, offset and size")
+    elif m.data or m.size or m.offset or m.done:
+        raise ValueError(f"a {t} carries no snapshot chunk")
+    if t in _PROPOSER_TYPES or (t == READ_INDEX_REPLY and not m.reject):
+        if ballot_round(m.ballot) < 1 or ballot_node(m.ballot) != m.frm:
+            raise ValueError(f"a {t}'s ballot {ballot_round(m.ballot)}.{ballot_node(m.ballot)} "
+                             f"is not its sender's ({m.frm})")

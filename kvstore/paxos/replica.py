@@ -67,13 +67,12 @@ off together (``Bugs.duplicate_prepare_unchecked``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import msgpack
+from typing import Callable, Protocol
 
 from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority
 from kvstore.paxos import messages as M
-from kvstore.paxos.ballot import ballot_node, ballot_round, make_ballot
+from kvstore.paxos.ballot import ballot_node, ballot_round, make_ballot, next_round
+from kvstore.paxos.batch import decode_batch, encode_batch
 from kvstore.paxos.messages import Message
 
 KIND_NOOP = 0
@@ -85,6 +84,15 @@ CANDIDATE = "candidate"
 LEADER = "leader"
 
 TALLY_WINDOW = 4096
+#: A peer's message is ignored when it names a slot this far above the commit point
+#: (a Promise's or an Accept's record; a candidate fills every slot up to the highest
+#: it is shown, one by one) or a round this far above the highest seen (``_ignored``).
+#: Liveness does not need them: a leader falls back to sending a follower entries from
+#: just above its match point (within a pipeline window of its commit point, or a
+#: snapshot), a candidate that far behind a promiser is not the one to lead, and a
+#: round grows by one per campaign.
+SLOT_SPAN_MAX = 1 << 24
+ROUND_JUMP_MAX = 1 << 32
 
 
 class NotLeader(Exception):
@@ -126,6 +134,12 @@ class Bugs:
     # (m) lease reads: the leader keeps its lease across a clock jump (a pause it slept
     # through), i.e. ``clock_jumped`` is ignored
     lease_survives_clock_jump: bool = False
+    # (n) peer input: the simulator's byzantine sender reaches the replica without the wire's
+    # range checks or the node's payload checks, and the replica's own guards (``_ignored``,
+    # ``snapshot_ok``) are off
+    unchecked_peer_input: bool = False
+    # (o) snapshots: one is installed from any sender at any ballot (the rule before issue 18)
+    snapshot_from_anyone: bool = False
 
 
 class Jitter(Protocol):
@@ -148,6 +162,9 @@ class Config:
     snapshot_chunk_bytes: int = 4096
     log_retain_slots: int = 32  # entries kept below a snapshot point, for cheap catch-up
     pre_vote: bool = True
+    #: The application's check of a snapshot's state (it decodes), run before an
+    #: installed snapshot replaces anything; None accepts any bytes.
+    snapshot_ok: Callable[[bytes], bool] | None = None
     #: Lease reads, off (0) by default. When > 0, a leader whose confirmation round (a
     #: heartbeat quorum) started at its tick T serves reads without a round of their own
     #: until its tick T + lease_read_ticks; and every replica refuses to promise a new
@@ -182,6 +199,10 @@ class Entry:
     ballot: int
     kind: int
     commands: list
+    #: Why the chosen value is not a batch of commands (it is applied as a no-op), or None.
+    #: Peers' records are checked before they are accepted, so only a log written
+    #: before that check can hold one; the node logs and counts it.
+    error: str | None = None
 
 
 @dataclass
@@ -420,6 +441,10 @@ class Replica:
         """Start an election now (pre-vote first when configured)."""
         if self.role == LEADER:
             return
+        if next_round(self.max_round) is None:  # unreachable legitimately (ballot.py)
+            self._log_event("no ballot left to campaign with (round cap)")
+            self._become_follower(None)
+            return
         self._drop_follower_reads()
         if self.config.pre_vote and self.n > 1:
             self.role = PRE_CANDIDATE
@@ -436,6 +461,10 @@ class Replica:
         self._campaign_real()
 
     def _campaign_real(self) -> None:
+        if next_round(self.max_round) is None:  # unreachable legitimately (ballot.py)
+            self._log_event("no ballot left to campaign with (round cap)")
+            self._become_follower(None)
+            return
         self.max_round += 1
         b = make_ballot(self.max_round, self.id)
         self._set_promised(b)
@@ -610,8 +639,34 @@ class Replica:
             self.log_start = cut + 1
             self._out_compacted = cut
 
-    def step(self, m: Message) -> None:
+    def _ignored(self, m: Message) -> bool:
+        """Guards against what no honest peer sends (``messages.from_wire`` checked each
+        field's range; these need this replica's state). Ignoring a message is always
+        safe in Paxos: it only costs a retransmission."""
         if m.to != self.id or not (0 <= m.frm < self.n) or m.frm == self.id:
+            return True
+        if self.bugs.unchecked_peer_input:
+            return False
+        t = m.type
+        if (ballot_round(m.ballot) > self.max_round + ROUND_JUMP_MAX
+                or ballot_round(m.hint) > self.max_round + ROUND_JUMP_MAX):
+            return True
+        if t == M.SNAPSHOT:
+            # A snapshot replaces the state whole, past every per-slot check; only the
+            # leader of the ballot this replica promised, whose commit point it already
+            # trusts, may send one (the leader of a ballot is its node index).
+            return ((m.ballot != self.promised or ballot_node(m.ballot) != m.frm)
+                    and not self.bugs.snapshot_from_anyone)
+        if t == M.ACCEPT or t == M.PROMISE:
+            top = self.commit_index + SLOT_SPAN_MAX
+            return any(int.from_bytes(rec[8:16], "little") > top for rec in m.records)
+        if (t == M.ACCEPTED or t == M.HEARTBEAT_REPLY) and not m.reject:
+            # a follower can have accepted only what this leader proposed (slots < next_slot)
+            return self.role == LEADER and m.ballot == self.ballot and m.match_index >= self.next_slot
+        return False
+
+    def step(self, m: Message) -> None:
+        if self._ignored(m):
             return
         t = m.type
         if t == M.PRE_VOTE:
@@ -677,7 +732,7 @@ class Replica:
         duplicate = b == self.promised
         if m.commit_index + 1 < self.log_start and not (duplicate and self.bugs.duplicate_prepare_unchecked):
             self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
-            self._send_snapshot(m.frm, b)
+            self._send_snapshot(m.frm, b)  # ignored by the candidate now (``_ignored``): issue 18
             return
         if b > self.promised:
             self._set_promised(b)
@@ -815,7 +870,7 @@ class Replica:
         while self.pending_commands and self.next_slot <= self.commit_index + cfg.pipeline_window:
             batch = self.pending_commands[:cfg.batch_commands_max]
             del self.pending_commands[:cfg.batch_commands_max]
-            self._store(self.next_slot, self.ballot, KIND_BATCH, msgpack.packb(batch, use_bin_type=True))
+            self._store(self.next_slot, self.ballot, KIND_BATCH, encode_batch(batch))
             self.next_slot += 1
         if self.next_slot == first:
             return
@@ -947,7 +1002,10 @@ class Replica:
                 break
 
     def _on_snapshot(self, m: Message) -> None:
-        # A snapshot holds only chosen values, so it is safe from any sender at any ballot.
+        # A snapshot holds only chosen values, so it is safe to install at any point above
+        # the commit point, but only from a replica that holds them: the leader of the
+        # ballot promised (``_ignored``), its content checked (``snapshot_ok``) before it
+        # replaces anything. Any other sender, a stale ballot or a forged chunk is ignored.
         stale = m.snapshot_index <= self.commit_index and not self.bugs.snapshot_backwards
         if stale or self.role == LEADER or m.snapshot_index < 0:
             return  # a leader's tally counts from its own commit point; it never jumps
@@ -964,6 +1022,10 @@ class Replica:
             return
         self.snapshot_inbound = None
         if len(sin[3]) != sin[2]:
+            return
+        check = self.config.snapshot_ok
+        if check is not None and not self.bugs.unchecked_peer_input and not check(bytes(sin[3])):
+            self._log_event(f"snapshot through {m.snapshot_index} from {m.frm} does not decode; ignored")
             return
         index, data = m.snapshot_index, bytes(sin[3])
         self._log_event(f"installing snapshot through {index}")
@@ -1028,8 +1090,7 @@ class Replica:
                     raise AssertionError(f"n{self.id}: committed slot {s} is not in the log "
                                          f"(commit {self.commit_index}): persisted state is inconsistent")
                 ballot, kind, payload, _rec = e
-                cmds = msgpack.unpackb(payload, raw=False) if kind == KIND_BATCH else []
-                committed.append(Entry(s, ballot, kind, cmds))
+                committed.append(_committed_entry(s, ballot, kind, payload))
             if self.bugs.apply_out_of_order and len(committed) > 1:
                 committed.reverse()
             rd.committed = committed
@@ -1048,3 +1109,16 @@ class Replica:
         return {"node": self.id, "role": self.role, "leader": self.leader_hint,
                 "promised": self.promised, "commit_index": self.commit_index,
                 "applied_index": self.applied_index, "snapshot_index": self.snapshot_index}
+
+
+def _committed_entry(slot: int, ballot: int, kind: int, payload: bytes) -> Entry:
+    """A chosen value as an Entry; one that is not a batch (a poisoned value) is a no-op
+    with its ``error`` said, never an exception in the driver's loop."""
+    if kind == KIND_NOOP:
+        return Entry(slot, ballot, kind, [], None if not payload else f"slot {slot}: a no-op with a payload")
+    if kind != KIND_BATCH:
+        return Entry(slot, ballot, KIND_NOOP, [], f"slot {slot}: unknown entry kind {kind}")
+    try:
+        return Entry(slot, ballot, kind, decode_batch(payload))
+    except ValueError as e:
+        return Entry(slot, ballot, KIND_NOOP, [], f"slot {slot}: {e}")

@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="print the whole trace as it runs")
     p.add_argument("--bug", action="append", default=[], choices=BUG_NAMES,
                    help="plant a bug (to see the checks fail)")
+    p.add_argument("--byzantine", action=argparse.BooleanOptionalAction, default=None,
+                   help="a byzantine-input sender fuzzing peer messages in every seed (or in none); "
+                        "by default in a third of the seeds")
     p.add_argument("--bank", action="store_true",
                    help="bank transfers across shards over two-phase commit (kvstore/sim/bank.py)")
     p.add_argument("--paxos", action="store_true",
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
     else:
         bugs = Bugs(**{name: True for name in a.bug})
         results = sweep(seeds, a.seed is not None, lambda s: run(
-            SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks, bugs=bugs, verbose=a.verbose)), "seeds")
+            SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks, bugs=bugs, verbose=a.verbose,
+                      byzantine=a.byzantine)), "seeds")
         if a.seed is None and any(r.ok for r in results):
             print(liveness_table(results))
     return 0 if all(r.ok for r in results) else 1

@@ -17,6 +17,11 @@ Then a follower is crashed and restarted, and must rejoin without deposing the
 leader (pre-vote and stickiness). The figures (ticks to settle, elections and
 leader changes after the heal) are reported per run.
 
+In a third of the seeds (``SimConfig.byzantine``; ``--byzantine`` for all), an extra
+endpoint sends fuzzed peer messages (``byzantine.py``) through the node's decode
+path, and every honest peer message crosses the wire format too (one the checks
+refuse is a failure).
+
 Checks after every step (``oracle.py``): acknowledged acceptances never forgotten,
 promises never broken, commit and applied points never decreasing, one leader
 per ballot, every replica's state equal to a replay of the chosen log.
@@ -39,10 +44,12 @@ from dataclasses import dataclass, field, fields, replace
 
 from kvstore.paxos import messages as M
 from kvstore.paxos.replica import KIND_BATCH, Bugs, Config, NotLeader, PersistedState, Replica
+from kvstore.sim.byzantine import Byzantine
 from kvstore.sim.kv import KV, decode_command, encode_command
 from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
 from kvstore.sim.oracle import Oracle
 from kvstore.sim.trace import Trace, failure_report
+from kvstore.transport import wire
 
 KEYS = (b"a", b"b", b"c")
 
@@ -92,6 +99,9 @@ class SimConfig:
     # node does, and etcd's raft): they announce nothing of the leader's disk
     leader_sends_before_persist: bool = True
     rejoin_check: bool = True  # after settling: a restarted follower must not depose the leader
+    # a byzantine-input sender (byzantine.py); None: in the seeds where seed % 3 == 2 (``run``)
+    byzantine: bool | None = None
+    byzantine_rate: float = 0.15  # per tick: it sends one fuzzed message
     verbose: bool = False
 
 
@@ -219,7 +229,8 @@ class Node:
                      pipeline_window=c.pipeline_window, batch_commands_max=c.batch_commands_max,
                      entries_per_message_max=c.entries_per_message_max,
                      log_retain_slots=c.log_retain_slots, snapshot_chunk_bytes=c.snapshot_chunk_bytes,
-                     lease_read_ticks=c.lease_read_ticks, bugs=c.bugs)
+                     lease_read_ticks=c.lease_read_ticks, bugs=c.bugs,
+                     snapshot_ok=getattr(sim.machine, "check_snapshot", None))
         self.replica = Replica(cfg, self.disk.persisted())
         self.replica.trace = []
         self.restore(self.disk.snapshot_index, self.disk.snapshot_data)
@@ -509,6 +520,8 @@ class Simulation:
         self.elections = 0
         self.leader_changes = 0
         self.settle_ticks: int | None = None
+        self.check_command = getattr(machine, "check_command", None)
+        self.byzantine = Byzantine(self, config.seed) if config.byzantine else None
         self.nodes = [Node(self, i) for i in range(config.nodes)]
         self.clients = [Client(self, i) for i in range(config.clients)]
 
@@ -589,6 +602,8 @@ class Simulation:
         else:
             if (m.frm, m.to) in self.cut:
                 return
+            if self.byzantine is not None:
+                self._check_honest(m)
             if m.type not in (M.HEARTBEAT, M.HEARTBEAT_REPLY):
                 self.log(f"recv {m}")
             node.handled.setdefault(m.type, deque(maxlen=4)).append(m)
@@ -596,6 +611,16 @@ class Simulation:
             self.oracle.check(node.id, node.replica)
         self.flush_trace(node)
         node.drain()  # a node carries out what each message asks before it takes the next
+
+    def _check_honest(self, m) -> None:
+        """An honest peer message crosses the wire format and the node's checks unrefused."""
+        try:
+            (_shard, decoded), = wire.decode(wire.encode_paxos(m.frm, [(0, m)]))[2]
+        except (wire.FrameError, ValueError, OverflowError) as e:
+            self.fail(f"wire: an honest message was refused at decode ({e}): {m}")
+        why = wire.check_paxos_message(decoded, m.to, self.config.nodes, self.check_command)
+        if why is not None or decoded != m:
+            self.fail(f"wire: an honest message was refused by the node's checks ({why}): {m}")
 
     def on_client_reply(self, m: ClientReply) -> None:
         self.clients[m.to].on_reply(m)
@@ -703,6 +728,8 @@ class Simulation:
         while self.queue and self.queue[0][0] <= self.tick:
             _, _, m = heapq.heappop(self.queue)
             self._deliver(m)
+        if self.byzantine is not None and self.byzantine.rng.random() < self.config.byzantine_rate:
+            self.byzantine.inject()
         for node in self.nodes:
             if node.awake():
                 node.replica.tick()
@@ -794,20 +821,30 @@ def _bug_flags(bugs: Bugs) -> str:
     return "".join(f" --bug {f.name}" for f in fields(bugs) if getattr(bugs, f.name))
 
 
+def byzantine_by_default(seed: int) -> bool:
+    """The seeds a byzantine-input sender joins unless told otherwise: a third of them."""
+    return seed % 3 == 2
+
+
 def run(config: SimConfig) -> RunResult:
     """Run one seed; on failure the text has the reason, the replay command and the trace."""
+    forced = config.byzantine is not None and config.byzantine != byzantine_by_default(config.seed)
+    if config.byzantine is None:
+        config = replace(config, byzantine=byzantine_by_default(config.seed))
     sim = Simulation(config)
     try:
         sim.run()
     except Exception as e:  # noqa: BLE001 - a crash of the core is a finding like any other
+        flag = (" --byzantine" if config.byzantine else " --no-byzantine") if forced else ""
         return RunResult(False, failure_report(
             f"seed {config.seed}", e, SimulationFailure,
             f"python -m kvstore.sim --seed {config.seed} --nodes {config.nodes} --ticks {config.ticks}"
-            f"{_bug_flags(config.bugs)} --verbose", sim.trace))
+            f"{_bug_flags(config.bugs)}{flag} --verbose", sim.trace))
+    byzantine = f"; {sim.byzantine.summary()}" if sim.byzantine is not None else ""
     return RunResult(True, f"seed {config.seed}: ok, {len(sim.chosen)} slots chosen, "
                            f"{len(sim.history)} ops completed, {len(sim.acked)} writes acknowledged; "
                            f"after the heal: settled in {sim.settle_ticks} ticks, {sim.elections} elections, "
-                           f"{sim.leader_changes} leader changes",
+                           f"{sim.leader_changes} leader changes{byzantine}",
                      sim.settle_ticks, sim.elections, sim.leader_changes)
 
 

@@ -19,6 +19,9 @@ def decode_command(cmd: bytes) -> tuple:
     return client, seq, kind, key, tuple(args)
 
 
+_ARITY = {"put": 1, "delete": 0, "cas": 2}
+
+
 class KV:
     def __init__(self) -> None:
         self.data: dict = {}
@@ -67,3 +70,28 @@ class KV:
         kv.data = {k: v for k, v in items}
         kv.sessions = {c: (s, r) for c, s, r in sessions}
         return kv
+
+
+    @staticmethod
+    def check_command(cmd: bytes) -> None:
+        """``ValueError`` unless ``cmd`` is a command ``apply`` applies (the simulated
+        node's check of a peer's records, as the real node's ``check_logged_command``)."""
+        try:
+            client, seq, kind, key, args = msgpack.unpackb(cmd, raw=False)
+        except Exception as e:  # msgpack's classes, or not five items
+            raise ValueError(f"not a KV command: {type(e).__name__}") from None
+        if type(client) is not int or type(seq) is not int or type(key) is not bytes:
+            raise ValueError("a KV command's client, seq or key has the wrong type")
+        if kind not in _ARITY or type(args) is not list or len(args) != _ARITY[kind]:
+            raise ValueError(f"unknown KV command {kind!r}"[:60])
+        if not all(a is None or type(a) is bytes for a in args) or (kind == "put" and args[0] is None):
+            raise ValueError("a KV command's arguments have the wrong type")
+
+    @classmethod
+    def check_snapshot(cls, data: bytes) -> bool:
+        """Whether ``data`` is a state ``restore`` takes (``Config.snapshot_ok``)."""
+        try:
+            cls.restore(data)
+        except Exception:  # noqa: BLE001 - anything that does not restore is refused
+            return False
+        return True

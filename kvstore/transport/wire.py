@@ -26,8 +26,13 @@ Decoding never trusts its input: the size is checked before msgpack sees a
 byte (``max_frame_bytes``), msgpack's own limits are bounded by that size (it
 never allocates more than the frame holds), the shape of each kind is checked
 field by field, and every log record a Paxos message carries must pass its
-CRC32C before a replica sees it. Anything else raises ``FrameError`` and the
-caller drops the frame and counts it.
+CRC32C before a replica sees it. A Paxos message's every field is range-checked
+(``messages.from_wire``), and so is every record it carries: slot and ballot in
+range, a known kind, a no-op's payload empty, a batch's payload a command batch
+(``paxos.batch.decode_batch``). Anything else raises ``FrameError`` and the caller
+drops the frame and counts it. What needs the receiver's own knowledge (its node
+count and index; what a command means) is ``check_paxos_message``, which the node
+calls on each message before its replica sees it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ import msgpack
 
 from kvstore._native import decode_record
 from kvstore.errors import CorruptRecord
-from kvstore.paxos.messages import Message, from_wire, to_wire
+from kvstore.paxos.ballot import BALLOT_MAX
+from kvstore.paxos.batch import decode_batch
+from kvstore.paxos.messages import SLOT_MAX, Message, from_wire, to_wire
+from kvstore.paxos.replica import KIND_BATCH, KIND_NOOP
 
 WIRE_VERSION = 1
 
@@ -241,12 +249,50 @@ def _decode_paxos(body: list) -> list:
             raise FrameError(f"bad paxos message: {e}") from None
         if m.frm != frm:
             raise FrameError("paxos message sender differs from the batch's")
-        if m.ballot < 0 or m.snapshot_index < -1 or m.offset < 0 or m.size < 0:
-            raise FrameError("negative field in a paxos message")
         for rec in m.records:
-            try:
-                decode_record(rec)
-            except (CorruptRecord, ValueError) as e:
-                raise FrameError(f"corrupt record in a paxos message: {e}") from None
+            _check_record(rec)
         out.append((shard, m))
     return [PAXOS, frm, out]
+
+
+def _check_record(rec: bytes) -> None:
+    """A log record from a peer: checksummed, its fields in range, its payload what its
+    kind says (a batch must decode: a value that does not would be chosen, then fail
+    every replica that applies it)."""
+    try:
+        slot, ballot, kind, payload = decode_record(rec)
+    except (CorruptRecord, ValueError) as e:
+        raise FrameError(f"corrupt record in a paxos message: {e}") from None
+    if slot > SLOT_MAX or ballot > BALLOT_MAX:
+        raise FrameError(f"record's slot {slot} or ballot {ballot} out of range"[:120])
+    if kind == KIND_NOOP:
+        if payload:
+            raise FrameError(f"a no-op record at slot {slot} with a payload")
+    elif kind == KIND_BATCH:
+        try:
+            decode_batch(payload)
+        except ValueError as e:
+            raise FrameError(f"record at slot {slot}: {e}") from None
+    else:
+        raise FrameError(f"record at slot {slot} of unknown kind {kind}")
+
+
+def check_paxos_message(m: Message, me: int, num_nodes: int, check_command) -> str | None:
+    """Why the node ``me`` of ``num_nodes`` must not hand ``m`` (decoded by ``decode``)
+    to its replica, or None. ``check_command(bytes)`` raises ``ValueError`` for a
+    command the application cannot apply; every command of every record is checked
+    (an Accept's are about to be accepted; a Promise's may be re-proposed)."""
+    if not (m.frm < num_nodes and m.to < num_nodes):
+        return f"from node {m.frm} to node {m.to}: this cluster has {num_nodes} nodes"
+    if m.to != me or m.frm == me:
+        return f"from node {m.frm} to node {m.to}, received by node {me}"
+    for rec in m.records:
+        slot, _ballot, kind, payload = decode_record(rec)
+        if kind != KIND_BATCH:
+            continue
+        for command in decode_batch(payload):
+            try:
+                check_command(command)
+            except (ValueError, TypeError) as e:
+                return f"a command at slot {slot} is not one this node applies: {e}"[:200]
+    return None
