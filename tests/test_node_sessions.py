@@ -31,9 +31,9 @@ def test_each_client_write_takes_effect_at_most_once(tmp_path_factory, history):
         effects = 0
         slot = 0
         for client, seq, kind, floor_back, batch in history:
-            # the floor is at most the seq itself and never goes down
-            floor = max(floors.get(client, 0), seq - floor_back, 0)
-            floor = min(floor, seq) if seq >= floors.get(client, 0) else floors.get(client, 0)
+            # the floor is at most the seq itself (a late duplicate carries the floor it
+            # was sent with) and, for a new write, never goes down
+            floor = min(max(floors.get(client, 0), seq - floor_back, 0), seq)
             value = b"%s-%d" % (client, seq)
             command = ([OP_PUT, b"k", value] if kind == "put" else [OP_CAS, b"k", None, value])
             raw = encode_client_command(client, seq, floor, command)
