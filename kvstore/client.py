@@ -55,8 +55,7 @@ from kvstore.api import KV, Txn
 from kvstore.codec import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import InvalidArgument, KVError, Timeout, TransactionConflict, Unavailable
 from kvstore.replica_txn import LOCKED
-from kvstore.txn import (ABORT, COMMIT, LOCK_ONLY, Coordinator, TxnDecision, TxnPrepare,
-                         TxnResolve)
+from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TXN_ID_BYTES, Coordinator, TxnPrepare
 from kvstore.txn import encode as encode_2pc
 from kvstore.txn.coordinator import DECIDING
 from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
@@ -78,6 +77,8 @@ HWM_MESSAGES = 100_000
 _client_counter = itertools.count()
 #: Operations whose first attempt goes to any node, not only the shard's leader.
 _SPREAD_OPS = (wire.OP_GET, wire.OP_SCAN)
+#: Operations only a shard's leader carries out: a direct answer names the leader.
+_LEADER_OPS = (wire.OP_WRITE, wire.OP_DECIDE)
 #: Requests to one node go in one frame up to about this many bytes.
 FRAME_TARGET_BYTES = 4 * 1024 * 1024
 
@@ -486,7 +487,7 @@ class ClientCore:
                 return
             if call.op == wire.OP_HELLO:
                 self._learn(value)
-            elif call.shard is not None and call.is_write and address in self.nodes:
+            elif call.shard is not None and call.op in _LEADER_OPS and address in self.nodes:
                 self.leaders[call.shard] = self.nodes.index(address)  # only a leader applies writes
             call.future.set_result(value)
         elif status == wire.STATUS_OK_FORWARDED and type(value) is list and len(value) == 2:
@@ -712,9 +713,17 @@ class Detached(list):
     """A plan's batch sent without waiting for the answers (the plan is sent ``None``s)."""
 
 
-def _step(shard: int, entry) -> tuple:
-    """A 2PC entry as one write of a plan's batch: a command of ``shard``'s log."""
+def _step(shard: int, entry: TxnPrepare) -> tuple:
+    """A TxnPrepare as one write of a plan's batch: a command of ``shard``'s log."""
     return wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)]
+
+
+def _decide(shard: int, txn_id: bytes, outcome: int, participants) -> tuple:
+    """Ask the leader of ``shard`` (the coordinator shard) to record ``outcome`` for
+    ``txn_id`` (first recorded wins) and carry it out on ``participants``: one request
+    of a plan's batch, answered with the recorded outcome. The node writes the
+    TxnDecision and the TxnResolve entries; a client never does."""
+    return wire.OP_DECIDE, shard, [shard, txn_id, outcome, list(participants)]
 
 
 def _deadline_ms() -> int:
@@ -736,16 +745,15 @@ def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard
     """Plan: commit a transaction across shards (``parts``: shard -> ``(reads, writes)``).
 
     ``kvstore.txn.Coordinator`` says what to propose: every participant's
-    TxnPrepare, then the TxnDecision in the coordinator shard's log, then the
-    TxnResolve entries. It returns on commit and raises ``TransactionConflict``
-    on an abort; a failure before the decision is recorded is raised as it came
-    (``Unavailable``: the outcome is unknown only if COMMIT was proposed).
-    ``txn_id`` and ``coordinator_shard`` are a locking read's when its
-    transaction writes: its prepares then add the writes to the locks it holds.
-    The TxnResolve entries are sent without waiting (``Detached``): the outcome
-    is recorded, and if they are lost the resolvers carry it out.
+    TxnPrepare, then the decision, which the coordinator shard's leader records
+    and carries out (``_decide``). It returns on commit and raises
+    ``TransactionConflict`` on an abort; a failure before the decision is
+    recorded is raised as it came (``Unavailable``: the outcome is unknown only
+    if COMMIT was proposed). ``txn_id`` and ``coordinator_shard`` are a locking
+    read's when its transaction writes: its prepares then add the writes to the
+    locks it holds.
     """
-    coordinator = Coordinator(txn_id or os.urandom(16),
+    coordinator = Coordinator(txn_id or os.urandom(TXN_ID_BYTES),
                               min(parts) if coordinator_shard is None else coordinator_shard,
                               parts, _deadline_ms())
     error = None
@@ -758,12 +766,11 @@ def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard
         coordinator.on_vote(shard, bool(answer))
     if coordinator.state == DECIDING:
         (shard, entry), = coordinator.proposals()
-        (answer,) = yield [_step(shard, entry)]
-        coordinator.on_decision(_answer(answer))
-        # The outcome is recorded: answer now, and let the resolves go (two rounds, not
+        (answer,) = yield [_decide(shard, entry.txn_id, entry.outcome, coordinator.participants)]
+        # The outcome is recorded, and the node resolves it everywhere (two rounds, not
         # three). Until a resolve is applied, reads and writes of the keys it frees wait
         # (LOCKED), so nobody sees the gap; a lost resolve is done by the resolvers.
-        yield Detached(_step(shard, entry) for shard, entry in coordinator.proposals())
+        coordinator.on_decision(_answer(answer))
     if coordinator.outcome == COMMIT:
         return
     raise error or _conflict()
@@ -781,7 +788,7 @@ def locking_read(keys_by_shard: dict):
     Returns ``(txn_id, shards, {key: (value, revision)})``; if a shard says no
     (a writer holds a key) or fails, what was locked is released and the
     conflict or error raised."""
-    txn_id = os.urandom(16)
+    txn_id = os.urandom(TXN_ID_BYTES)
     shards = tuple(sorted(keys_by_shard))
     deadline = _deadline_ms()
     batch = [_step(shard, TxnPrepare(txn_id, shards[0], shards,
@@ -802,12 +809,11 @@ def locking_read(keys_by_shard: dict):
     return txn_id, shards, values
 
 
-def release_locks(txn_id: bytes, shards, outcome: int = ABORT) -> None:
-    """Plan: free a locking read's locks, without waiting (a lost one is freed by the
-    shard's resolver after the deadline). It wrote nothing, so either outcome frees
-    them alike: ``outcome`` is the recorded decision if there is one, else ABORT
-    (nothing was decided, and only ABORT may be without a recorded decision)."""
-    yield Detached(_step(shard, TxnResolve(txn_id, outcome)) for shard in shards)
+def release_locks(txn_id: bytes, shards) -> None:
+    """Plan: free a locking read's locks, without waiting: ABORT is recorded in its
+    coordinator shard (``shards[0]``) and carried out on every shard by that shard's
+    leader (if the request is lost, the resolvers do it after the deadline)."""
+    yield Detached([_decide(shards[0], txn_id, ABORT, shards)])
 
 
 def run_plan(core: "ClientCore", plan):
@@ -1003,12 +1009,11 @@ class ClusterTxn(Txn):
         held then: the values were one cut at that moment."""
         self._locked = None
         txn_id, shards, _values = locked
-        (answer,) = yield [_step(shards[0], TxnDecision(txn_id, COMMIT))]
-        outcome = COMMIT if answer == COMMIT else ABORT
+        # the node that records it frees the locks everywhere (it wrote nothing)
+        (answer,) = yield [_decide(shards[0], txn_id, COMMIT, shards)]
         if isinstance(answer, BaseException):  # unknown: the resolvers settle it
             raise answer
-        yield from release_locks(txn_id, shards, outcome)
-        if outcome != COMMIT:
+        if answer != COMMIT:
             raise _conflict()
 
     def release_plan(self):

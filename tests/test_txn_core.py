@@ -114,18 +114,16 @@ def test_decision_is_written_once():
     assert table.decisions == {b"t": ABORT}
 
 
-def test_coordinator_two_rounds_then_resolves_the_recorded_outcome():
+def test_coordinator_two_rounds_then_follows_the_recorded_outcome():
     co = Coordinator(b"t", 0, {0: ([(b"a", 1)], [(b"a", b"1")]), 1: ([(b"b", 1)], [(b"b", b"2")])}, 50)
     assert sorted(s for s, e in co.proposals() if isinstance(e, TxnPrepare)) == [0, 1]
     assert co.on_vote(0, True) == []
     assert co.on_vote(1, True) == [(0, TxnDecision(b"t", COMMIT))]
+    assert co.participants == (0, 1)  # named in the decide request: the node resolves them
     assert not co.decided
-    resolves = co.on_decision(ABORT)  # the record says otherwise (a resolver won): follow it
+    co.on_decision(ABORT)  # the record says otherwise (a resolver won): follow it
     assert co.decided and co.outcome == ABORT
-    assert resolves == [(0, TxnResolve(b"t", ABORT)), (1, TxnResolve(b"t", ABORT))]
-    co.on_resolved(0)
-    co.on_resolved(1)
-    assert co.proposals() == []
+    assert co.proposals() == []  # the resolves are the recording node's, not the coordinator's
 
 
 def test_coordinator_decides_abort_on_the_first_no():
