@@ -61,7 +61,8 @@ import zmq
 
 from kvstore.codec import OP_2PC, OP_CAS, OP_PUT, OP_TXN
 from kvstore.errors import CorruptRecord
-from kvstore.keys import MAX_KEY_SIZE, check_key, check_value
+from kvstore.keys import (MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, MAX_KEY_SIZE, check_key,
+                          check_value)
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
@@ -421,6 +422,10 @@ class Node:
             self._not_leader(identity, request_id, wire.OP_WRITE, args, r.leader_hint)
             return
         raw = encode_client_command(client_id, seq, floor, command)
+        if len(raw) > MAX_COMMAND_BYTES:
+            raise ValueError(f"a write command of {len(raw)} bytes is over the cluster's limit "
+                             f"of {MAX_COMMAND_BYTES} (a transaction writes at most "
+                             f"MAX_CLUSTER_TXN_SIZE = {MAX_CLUSTER_TXN_SIZE} bytes)")
         self._proposals[shard].append((raw, identity, request_id, args))
         self.waiting_writes[(client_id, seq)] = (identity, request_id, shard, time.monotonic())
 
@@ -454,7 +459,8 @@ class Node:
         which a peer enforces by dropping the connection, so an oversized
         message would stall the shard for good): commands go to a replica only
         when its own queue is empty, at most ``PROPOSE_BYTES_PER_TURN`` per
-        turn (one entry: that plus one command), and while less than
+        turn (one entry), a command larger than that in an entry of its own
+        (at most ``MAX_COMMAND_BYTES``, checked at intake), and while less than
         ``UNCOMMITTED_BYTES_MAX`` it leads with are still uncommitted.
         """
         for shard, queue in enumerate(self._proposals):
@@ -471,8 +477,9 @@ class Node:
             if r.pending_commands:
                 continue
             fed = 0
-            while queue and fed < PROPOSE_BYTES_PER_TURN and \
-                    self._uncommitted_bytes[shard] < UNCOMMITTED_BYTES_MAX:
+            while queue and self._uncommitted_bytes[shard] < UNCOMMITTED_BYTES_MAX:
+                if fed and fed + len(queue[0][0]) > PROPOSE_BYTES_PER_TURN:
+                    break  # the next entry's
                 raw = queue.popleft()[0]
                 r.propose(raw)
                 fed += len(raw)
