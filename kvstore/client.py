@@ -31,8 +31,11 @@ shard's part is linearizable, the whole is not one snapshot across shards.
 A transaction inside one shard is one log entry whose reads are validated at
 apply. One across shards runs two-phase commit (``two_phase_commit``; the
 entries and their rules are in ``kvstore.txn`` and ``kvstore.replica_txn``):
-this client is its coordinator, the shards' logs hold every step, and a node's
-resolver finishes it if this client goes away. A plain write that meets a
+this client is its coordinator (it prepares, then asks the coordinator shard's
+leader for the decision, which that node records and carries out), the shards'
+logs hold every step, and a node's resolver finishes it if this client goes
+away. Every reply is checked before it is acted on (``_check_result``): an
+endpoint that is not a kvstore node yields ``Unavailable`` saying so. A plain write that meets a
 prepared transaction's lock is answered ``LOCKED`` (nothing applied) and
 retried here as a new write after a short backoff, until its deadline.
 """

@@ -1,7 +1,10 @@
 """Two-phase commit as a shard's replicated state: the pure core over a shard's LMDB tables.
 
 A cross-shard transaction's steps are log entries of the shards it touches
-(``kvstore.txn.records``), carried as client commands ``[OP_2PC, entry]``. Every
+(``kvstore.txn.records``), carried as client commands ``[OP_2PC, entry]``: a
+client's TxnPrepare, bounded by ``bound_client_2pc`` where it enters a node,
+and the TxnDecision and TxnResolve entries that only nodes write (a client asks
+for a decision with ``check_decide``'s request; ``kvstore.node``). Every
 replica applies them through the same pure code as the simulator
 (``ParticipantState``, ``DecisionTable``); only their tables differ: here they
 live in the shard's ``txn`` table, in the same write transaction as the data

@@ -154,10 +154,11 @@ def test_bank_passes_many_seeds(shards):
 
 
 BANK_FINDINGS = {
-    "decision_not_replicated": "decision:",
-    "apply_before_decision": "before any decision",
-    "prepare_skips_read_validation": "isolation",
-    "locks_released_at_vote": "isolation",
+    "decision_not_replicated": ("decision:",),
+    "apply_before_decision": ("before any decision",),
+    # lost updates: an audit sees a wrong total, or the money is wrong at the end
+    "prepare_skips_read_validation": ("isolation", "the accounts hold"),
+    "locks_released_at_vote": ("isolation",),
 }
 
 
@@ -167,7 +168,7 @@ def test_planted_2pc_bug_is_found(bug):
     for seed in range(200):
         ok, text = run_bank_seed(BankConfig(seed=seed, bugs=TxnBugs(**{bug: True})))
         if not ok:
-            assert BANK_FINDINGS[bug] in text.splitlines()[0], text.splitlines()[0]
+            assert any(f in text.splitlines()[0] for f in BANK_FINDINGS[bug]), text.splitlines()[0]
             assert f"python -m kvstore.sim --bank --seed {seed} --txn-bug {bug}" in text
             return
     pytest.fail(f"{bug} not found in 200 seeds")

@@ -11,6 +11,12 @@ coordinator processes crash at any moment, mid-commit included, losing all they
 held, and restart. One seed drives one ``random.Random``; a failure prints the
 seed, the command that replays it and the trace.
 
+The processes model ``kvstore.client``: they propose the prepares and ask the
+coordinator shard for a decision (a TxnDecision request naming the
+participants); the node that records it, not the process, proposes the
+TxnResolve entries on every participant (``carry_out``), as ``kvstore.node``
+does, so a process that crashes after asking leaves nothing to resolve.
+
 Workload: processes move money between accounts spread over the shards
 (transfers inside one shard are one log entry; across shards, 2PC) and audit
 all accounts in read-only transactions across every shard.
