@@ -186,7 +186,8 @@ class Node:
         # the resolver: this node's own writes (2PC settlements) go through _on_request
         # under the identity ("self", token) with their own client session
         self._resolver_id = b"resolver-" + os.urandom(8)
-        self._own_writes: dict = {}  # token (= its seq) -> (callback(result), started at)
+        # token (= its seq) -> (callback(result), started at, on_failure, shard)
+        self._own_writes: dict = {}
         self._resolving: dict = {}  # txn id -> monotonic time its settlement started
         self._last_resolve = time.monotonic()
 
@@ -742,8 +743,10 @@ class Node:
         ``on_failure(status, value)`` if given, else is dropped: the resolver starts
         the settlement again later."""
         token = next(self._tokens)
-        floor = min(self._own_writes, default=token)
-        self._own_writes[token] = (callback, time.monotonic(), on_failure)
+        # the shard's session floor: its oldest own write still unanswered (2PC entries
+        # are idempotent; the floor only keeps that session's results few)
+        floor = min((t for t, w in self._own_writes.items() if w[3] == shard), default=token)
+        self._own_writes[token] = (callback, time.monotonic(), on_failure, shard)
         self._on_request(("self", token), token, wire.OP_WRITE,
                          [shard, self._resolver_id, token, floor, command])
 
