@@ -16,7 +16,7 @@ import os
 from kvstore.api import KV, Txn
 from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError, Timeout,
                             TransactionConflict, Unavailable)
-from kvstore.keys import MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE
+from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE
 
 __version__ = "0.1.0"
 
@@ -70,7 +70,7 @@ def status() -> dict:
 
 __all__ = [
     "open", "connect", "status", "KV", "Txn", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
-    "MAX_TXN_SIZE",
+    "MAX_TXN_SIZE", "MAX_CLUSTER_TXN_SIZE",
     "KVError", "InvalidArgument", "TransactionConflict", "Unavailable", "Timeout",
     "StorageError", "CorruptRecord", "__version__",
 ]

@@ -31,8 +31,11 @@ shard's part is linearizable, the whole is not one snapshot across shards.
 A transaction inside one shard is one log entry whose reads are validated at
 apply. One across shards runs two-phase commit (``two_phase_commit``; the
 entries and their rules are in ``kvstore.txn`` and ``kvstore.replica_txn``):
-this client is its coordinator, the shards' logs hold every step, and a node's
-resolver finishes it if this client goes away. A plain write that meets a
+this client is its coordinator (it prepares, then asks the coordinator shard's
+leader for the decision, which that node records and carries out), the shards'
+logs hold every step, and a node's resolver finishes it if this client goes
+away. Every reply is checked before it is acted on (``_check_result``): an
+endpoint that is not a kvstore node yields ``Unavailable`` saying so. A plain write that meets a
 prepared transaction's lock is answered ``LOCKED`` (nothing applied) and
 retried here as a new write after a short backoff, until its deadline.
 """
@@ -55,11 +58,12 @@ from kvstore.api import KV, Txn
 from kvstore.codec import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import InvalidArgument, KVError, Timeout, TransactionConflict, Unavailable
 from kvstore.replica_txn import LOCKED
-from kvstore.txn import (ABORT, COMMIT, LOCK_ONLY, Coordinator, TxnDecision, TxnPrepare,
-                         TxnResolve)
+from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TXN_ID_BYTES, Coordinator, TxnPrepare
 from kvstore.txn import encode as encode_2pc
 from kvstore.txn.coordinator import DECIDING
-from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
+from kvstore.keys import (MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key, check_limit,
+                          check_optional_value, check_value, scan_range)
+from kvstore.txnbuffer import WriteBuffer, entry_bytes
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
 
@@ -78,6 +82,8 @@ HWM_MESSAGES = 100_000
 _client_counter = itertools.count()
 #: Operations whose first attempt goes to any node, not only the shard's leader.
 _SPREAD_OPS = (wire.OP_GET, wire.OP_SCAN)
+#: Operations only a shard's leader carries out: a direct answer names the leader.
+_LEADER_OPS = (wire.OP_WRITE, wire.OP_DECIDE)
 #: Requests to one node go in one frame up to about this many bytes.
 FRAME_TARGET_BYTES = 4 * 1024 * 1024
 
@@ -171,6 +177,8 @@ class ClientCore:
         self._connected: set = set()  # addresses connected now (reads spread over these)
         self._silent: dict = {}  # address -> until when reads avoid it (an attempt timed out)
         self._refusals: dict = {}  # address -> AuthenticationFailed (it refused our handshake)
+        self._aliens: dict = {}  # address -> what it sent that no kvstore node sends
+        self.dropped_replies = 0  # frames and replies dropped as malformed
         self._by_socket: dict = {}
         self._inflight: dict = {}  # request_id -> _Call
         self._timers: list = []  # (time, request_id)
@@ -448,6 +456,10 @@ class ClientCore:
             return
         if not call.reached and self._refusals:
             err = next(iter(self._refusals.values()))
+        elif not call.reached and self._aliens:
+            address, what = next(iter(self._aliens.items()))
+            err = Unavailable(f"{address} is not a kvstore node: it sent {what}; no kvstore "
+                              f"node answered within {self.timeout:.1f} s")
         elif call.reached:
             err = Timeout(f"the cluster did not complete the request within its deadline "
                           f"({self.timeout:.1f} s); the outcome of a write is unknown")
@@ -465,13 +477,22 @@ class ClientCore:
                 return
             try:
                 body = wire.decode(frame)
-            except wire.FrameError:
+            except wire.FrameError as e:
+                self._alien(address, f"a frame that is not kvstore's wire format ({e})")
                 continue
             if body[0] == wire.REPLIES:
                 for rid, status, value in body[1]:
                     self._on_reply(address, rid, status, value)
             elif body[0] == wire.REPLY:
                 self._on_reply(address, body[1], body[2], body[3])
+            else:
+                self._alien(address, f"a frame of kind {body[0]}, not a reply")
+
+    def _alien(self, address: str, what: str) -> None:
+        """``address`` sent something no kvstore node sends: dropped, counted, and named
+        in the error of a call that no node answers (``_fail``)."""
+        self.dropped_replies += 1
+        self._aliens[address] = what[:200]
 
     def _on_reply(self, address: str, rid: int, status: int, value) -> None:
         self._silent.pop(address, None)
@@ -479,25 +500,31 @@ class ClientCore:
         if call is None or call.future.done():
             return
         call.reached = True
-        if status == wire.STATUS_OK:
-            del self._inflight[rid]
+        if status == wire.STATUS_OK or status == wire.STATUS_OK_FORWARDED:
+            leader = address if status == wire.STATUS_OK else None
+            if status == wire.STATUS_OK_FORWARDED:  # the node we asked forwarded it to the leader
+                if type(value) is not list or len(value) != 2:
+                    self._malformed(call, address, "a forwarded answer that is not [result, leader]")
+                    return
+                value, index = value
+                if type(index) is int and 0 <= index < len(self.nodes):
+                    leader = self.nodes[index]
             if value == LOCKED and call.is_write:
+                del self._inflight[rid]
                 self._retry_as_new_write(call)
                 return
+            try:
+                value = _check_result(call, value)
+            except MalformedReply as e:
+                self._malformed(call, address, str(e))
+                return
+            del self._inflight[rid]
             if call.op == wire.OP_HELLO:
                 self._learn(value)
-            elif call.shard is not None and call.is_write and address in self.nodes:
-                self.leaders[call.shard] = self.nodes.index(address)  # only a leader applies writes
+            elif call.shard is not None and leader in self.nodes and (
+                    status == wire.STATUS_OK_FORWARDED or call.op in _LEADER_OPS):
+                self.leaders[call.shard] = self.nodes.index(leader)  # only a leader does these
             call.future.set_result(value)
-        elif status == wire.STATUS_OK_FORWARDED and type(value) is list and len(value) == 2:
-            del self._inflight[rid]  # the node we asked forwarded it to the leader
-            result, leader = value
-            if call.shard is not None and type(leader) is int and 0 <= leader < len(self.nodes):
-                self.leaders[call.shard] = leader
-            if result == LOCKED and call.is_write:
-                self._retry_as_new_write(call)
-                return
-            call.future.set_result(result)
         elif status == wire.STATUS_ERROR:
             del self._inflight[rid]
             name, message = (value + [None, None])[:2] if isinstance(value, list) else (None, value)
@@ -514,6 +541,15 @@ class ClientCore:
         else:  # STATUS_RETRY
             self._retry_later(call, LOCKED_BACKOFF_SECONDS if value == LOCKED else
                               RETRY_BACKOFF_SECONDS)
+
+    def _malformed(self, call: _Call, address: str, why: str) -> None:
+        """A reply of the wrong shape: the call fails with ``Unavailable`` (the outcome
+        of a write is unknown), never with an exception of another class."""
+        self._inflight.pop(call.request_id, None)
+        self.dropped_replies += 1
+        call.future.set_exception(Unavailable(
+            f"{address} answered {call.op!r} with {why}: it is not a kvstore node, or not one "
+            f"of this version"))
 
     def _retry_as_new_write(self, call: _Call) -> None:
         """A write that met a prepared transaction's lock applied nothing; it is sent
@@ -533,16 +569,74 @@ class ClientCore:
         heapq.heappush(self._timers, (call.retry_at, call.request_id))
 
     def _learn(self, hello: dict) -> None:
-        try:
-            nodes = [n["address"] for n in hello["nodes"]]
-            nshards = int(hello["nshards"])
-            leaders = {s["shard"]: s["leader_index"] for s in hello["shards"]
-                       if s.get("leader_index") is not None}
-        except (KeyError, TypeError, ValueError):
-            return
-        self.nodes = nodes
-        self.nshards = nshards
-        self.leaders.update(leaders)
+        """The topology a node's (checked) hello answer gives."""
+        self.nodes = [n["address"] for n in hello["nodes"]]
+        self.nshards = hello["nshards"]
+        self.leaders.update({s: sh["leader_index"] for s, sh in enumerate(hello["shards"])
+                             if sh["leader_index"] is not None})
+
+
+class MalformedReply(ValueError):
+    """A reply no kvstore node sends (``_check_result``): the call fails as ``Unavailable``."""
+
+
+def _optional_bytes(v) -> bool:
+    return v is None or type(v) is bytes
+
+
+def _check_status(value) -> dict:
+    """A node's hello or status answer, checked in every part the client reads."""
+    if type(value) is not dict:
+        raise MalformedReply("a status that is not a map")
+    nodes, shards, nshards = value.get("nodes"), value.get("shards"), value.get("nshards")
+    if type(value.get("node")) is not str or type(nodes) is not list or not nodes or not all(
+            type(n) is dict and type(n.get("id")) is str and type(n.get("address")) is str
+            and n["address"].startswith("tcp://") for n in nodes):
+        raise MalformedReply("a status that names no nodes")
+    if (type(nshards) is not int or not 0 < nshards <= 1 << 16 or type(shards) is not list
+            or len(shards) != nshards):
+        raise MalformedReply("a status without its shards")
+    for sh in shards:
+        leader = sh.get("leader_index") if type(sh) is dict else None
+        if not (type(sh) is dict and type(sh.get("role")) is str
+                and type(sh.get("commit_index")) is int and type(sh.get("applied_index")) is int
+                and (leader is None or (type(leader) is int and 0 <= leader < len(nodes)))):
+            raise MalformedReply("a status with a malformed shard")
+    return value
+
+
+def _check_result(call: _Call, value):
+    """``value`` if it is what a node answers to ``call``; ``MalformedReply`` otherwise."""
+    op = call.op
+    if op == wire.OP_HELLO or op == wire.OP_STATUS:
+        return _check_status(value)
+    if op == wire.OP_GET:
+        ok = ((type(value) is list and len(value) == 2 and _optional_bytes(value[0])
+               and type(value[1]) is int) if call.payload[2] else _optional_bytes(value))
+    elif op == wire.OP_SCAN:
+        width = 3 if call.payload[4] else 2
+        ok = type(value) is list and all(
+            type(r) is list and len(r) == width and type(r[0]) is bytes and type(r[1]) is bytes
+            and (width == 2 or type(r[2]) is int) for r in value)
+    elif op == wire.OP_DECIDE:
+        ok = type(value) is int and value in (COMMIT, ABORT)
+    elif op == wire.OP_WRITE:
+        kind = call.payload[0]
+        if kind == OP_PUT:
+            ok = value is None
+        elif kind == OP_2PC:  # a vote, or with locking reads [vote, [[key, value, revision]]]
+            ok = type(value) is bool or (
+                type(value) is list and len(value) == 2 and type(value[0]) is bool
+                and type(value[1]) is list and all(
+                    type(r) is list and len(r) == 3 and type(r[0]) is bytes
+                    and _optional_bytes(r[1]) and type(r[2]) is int for r in value[1]))
+        else:
+            ok = type(value) is bool
+    else:
+        ok = True
+    if not ok:
+        raise MalformedReply(f"a result of the wrong shape ({type(value).__name__})")
+    return value
 
 
 def lock_keys_for(previous, attempt: int):
@@ -657,6 +751,8 @@ class ClusterKV(KV):
                 views[address] = None if f is None else core.wait(f)
             except Unavailable:
                 views[address] = None
+            if views[address] is not None and len(views[address]["shards"]) != self.nshards:
+                views[address] = None  # not a node of this cluster
         known = {n.get("address"): n.get("id") for n in (self._hello or {}).get("nodes", [])}
         nodes, names, problems = [], {}, []
         reference = _common_shape(views.values(), (self.nshards, _members(self._hello)))
@@ -769,9 +865,17 @@ class Detached(list):
     """A plan's batch sent without waiting for the answers (the plan is sent ``None``s)."""
 
 
-def _step(shard: int, entry) -> tuple:
-    """A 2PC entry as one write of a plan's batch: a command of ``shard``'s log."""
+def _step(shard: int, entry: TxnPrepare) -> tuple:
+    """A TxnPrepare as one write of a plan's batch: a command of ``shard``'s log."""
     return wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)]
+
+
+def _decide(shard: int, txn_id: bytes, outcome: int, participants) -> tuple:
+    """Ask the leader of ``shard`` (the coordinator shard) to record ``outcome`` for
+    ``txn_id`` (first recorded wins) and carry it out on ``participants``: one request
+    of a plan's batch, answered with the recorded outcome. The node writes the
+    TxnDecision and the TxnResolve entries; a client never does."""
+    return wire.OP_DECIDE, shard, [shard, txn_id, outcome, list(participants)]
 
 
 def _deadline_ms() -> int:
@@ -793,16 +897,15 @@ def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard
     """Plan: commit a transaction across shards (``parts``: shard -> ``(reads, writes)``).
 
     ``kvstore.txn.Coordinator`` says what to propose: every participant's
-    TxnPrepare, then the TxnDecision in the coordinator shard's log, then the
-    TxnResolve entries. It returns on commit and raises ``TransactionConflict``
-    on an abort; a failure before the decision is recorded is raised as it came
-    (``Unavailable``: the outcome is unknown only if COMMIT was proposed).
-    ``txn_id`` and ``coordinator_shard`` are a locking read's when its
-    transaction writes: its prepares then add the writes to the locks it holds.
-    The TxnResolve entries are sent without waiting (``Detached``): the outcome
-    is recorded, and if they are lost the resolvers carry it out.
+    TxnPrepare, then the decision, which the coordinator shard's leader records
+    and carries out (``_decide``). It returns on commit and raises
+    ``TransactionConflict`` on an abort; a failure before the decision is
+    recorded is raised as it came (``Unavailable``: the outcome is unknown only
+    if COMMIT was proposed). ``txn_id`` and ``coordinator_shard`` are a locking
+    read's when its transaction writes: its prepares then add the writes to the
+    locks it holds.
     """
-    coordinator = Coordinator(txn_id or os.urandom(16),
+    coordinator = Coordinator(txn_id or os.urandom(TXN_ID_BYTES),
                               min(parts) if coordinator_shard is None else coordinator_shard,
                               parts, _deadline_ms())
     error = None
@@ -815,12 +918,11 @@ def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard
         coordinator.on_vote(shard, bool(answer))
     if coordinator.state == DECIDING:
         (shard, entry), = coordinator.proposals()
-        (answer,) = yield [_step(shard, entry)]
-        coordinator.on_decision(_answer(answer))
-        # The outcome is recorded: answer now, and let the resolves go (two rounds, not
+        (answer,) = yield [_decide(shard, entry.txn_id, entry.outcome, coordinator.participants)]
+        # The outcome is recorded, and the node resolves it everywhere (two rounds, not
         # three). Until a resolve is applied, reads and writes of the keys it frees wait
         # (LOCKED), so nobody sees the gap; a lost resolve is done by the resolvers.
-        yield Detached(_step(shard, entry) for shard, entry in coordinator.proposals())
+        coordinator.on_decision(_answer(answer))
     if coordinator.outcome == COMMIT:
         return
     raise error or _conflict()
@@ -838,7 +940,7 @@ def locking_read(keys_by_shard: dict):
     Returns ``(txn_id, shards, {key: (value, revision)})``; if a shard says no
     (a writer holds a key) or fails, what was locked is released and the
     conflict or error raised."""
-    txn_id = os.urandom(16)
+    txn_id = os.urandom(TXN_ID_BYTES)
     shards = tuple(sorted(keys_by_shard))
     deadline = _deadline_ms()
     batch = [_step(shard, TxnPrepare(txn_id, shards[0], shards,
@@ -859,12 +961,11 @@ def locking_read(keys_by_shard: dict):
     return txn_id, shards, values
 
 
-def release_locks(txn_id: bytes, shards, outcome: int = ABORT) -> None:
-    """Plan: free a locking read's locks, without waiting (a lost one is freed by the
-    shard's resolver after the deadline). It wrote nothing, so either outcome frees
-    them alike: ``outcome`` is the recorded decision if there is one, else ABORT
-    (nothing was decided, and only ABORT may be without a recorded decision)."""
-    yield Detached(_step(shard, TxnResolve(txn_id, outcome)) for shard in shards)
+def release_locks(txn_id: bytes, shards) -> None:
+    """Plan: free a locking read's locks, without waiting: ABORT is recorded in its
+    coordinator shard (``shards[0]``) and carried out on every shard by that shard's
+    leader (if the request is lost, the resolvers do it after the deadline)."""
+    yield Detached([_decide(shards[0], txn_id, ABORT, shards)])
 
 
 def run_plan(core: "ClientCore", plan):
@@ -904,7 +1005,7 @@ class ClusterTxn(Txn):
         self._shards: set = set()
         self._reads: dict = {}  # key -> revision
         self._ranges: list = []
-        self._writes: dict = {}
+        self._writes = WriteBuffer(MAX_CLUSTER_TXN_SIZE, "MAX_CLUSTER_TXN_SIZE")
         self._state = "new"
         self._lock_keys = None if lock_keys is None else set(lock_keys)
         self._locked = None  # (txn id, shards, {key: (value, revision)}) while locks are held
@@ -973,8 +1074,8 @@ class ClusterTxn(Txn):
         self._check()
         key = check_key(key)
         value = check_value(value)
+        self._writes.write(key, value)  # InvalidArgument past the limit, nothing changed
         self._shards.add(self._kv._shard(key))
-        self._writes[key] = value
 
     def delete(self, key) -> bool:
         return self._run(self.delete_plan(key))
@@ -982,8 +1083,9 @@ class ClusterTxn(Txn):
     def delete_plan(self, key):
         self._check()
         key = check_key(key)
+        self._writes.size_with(key, None)  # past the limit: raise before reading anything
         existed = (yield from self.get_plan(key)) is not None
-        self._writes[key] = None
+        self._writes.write(key, None)
         return existed
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):
@@ -1020,6 +1122,14 @@ class ClusterTxn(Txn):
 
     def commit_plan(self):
         self._check()
+        size = entry_bytes(self._reads.items(), self._ranges, self._writes.items())
+        if size > MAX_COMMAND_BYTES - 64 * 1024:
+            self._state = "discarded"
+            yield from self.release_plan()
+            raise InvalidArgument(
+                f"this transaction's log entry would be about {size} bytes (its writes and "
+                f"the keys it read or scanned); a cluster takes {MAX_COMMAND_BYTES} at most: "
+                f"split it into smaller transactions")
         self._state = "committed"
         try:
             locked = self._locked
@@ -1060,12 +1170,11 @@ class ClusterTxn(Txn):
         held then: the values were one cut at that moment."""
         self._locked = None
         txn_id, shards, _values = locked
-        (answer,) = yield [_step(shards[0], TxnDecision(txn_id, COMMIT))]
-        outcome = COMMIT if answer == COMMIT else ABORT
+        # the node that records it frees the locks everywhere (it wrote nothing)
+        (answer,) = yield [_decide(shards[0], txn_id, COMMIT, shards)]
         if isinstance(answer, BaseException):  # unknown: the resolvers settle it
             raise answer
-        yield from release_locks(txn_id, shards, outcome)
-        if outcome != COMMIT:
+        if answer != COMMIT:
             raise _conflict()
 
     def release_plan(self):

@@ -43,6 +43,7 @@ from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
                           check_limit, check_optional_value, check_value, scan_range)
 from kvstore.storage import Storage
+from kvstore.txnbuffer import WriteBuffer, entry_bytes
 from kvstore.storage.checkpoint import Checkpointer
 from kvstore.storage.environment import (META_APPLIED, META_LOG_CLOSED, META_LOG_FIRST,
                                          META_LOG_POSITION, THIRD_PARTY_ERRORS, translate)
@@ -796,15 +797,7 @@ class _Failed:
 
 def _txn_size(parts: dict) -> int:
     """The bytes a transaction's command adds to a log entry, about."""
-    size = 0
-    for reads, ranges, writes in parts.values():
-        for key, _revision in reads:
-            size += len(key) + 9
-        for lo, hi, seen in ranges:
-            size += len(lo) + len(hi or b"") + sum(len(k) + 9 for k, _ in seen)
-        for key, value in writes:
-            size += len(key) + len(value or b"") + 2
-    return size
+    return sum(entry_bytes(reads, ranges, writes) for reads, ranges, writes in parts.values())
 
 
 #: Every open store of this process, so a child of fork() finds them closed.
@@ -863,8 +856,7 @@ class EmbeddedTxn(Txn):
         self._finalizer = None
         self._reads: dict[int, dict[bytes, int]] = {}
         self._ranges: dict[int, list] = {}
-        self._writes: dict[bytes, bytes | None] = {}
-        self._write_bytes = 0  # keys and values in _writes: at most MAX_TXN_SIZE
+        self._writes = WriteBuffer(MAX_TXN_SIZE, "MAX_TXN_SIZE")
         self._state = "new"  # new -> open -> committed | discarded
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -959,28 +951,14 @@ class EmbeddedTxn(Txn):
         self._check_usable()
         key = check_key(key)
         value = check_value(value)
-        old = self._writes.get(key)
-        size = self._write_bytes + len(value) - (0 if old is None else len(old))
-        if key not in self._writes:
-            size += len(key)
-        if size > MAX_TXN_SIZE:
-            raise InvalidArgument(
-                f"this put would make the transaction's writes {size} bytes; the largest "
-                f"allowed is MAX_TXN_SIZE = {MAX_TXN_SIZE}: split it into smaller "
-                f"transactions (the transaction is unchanged)")
-        self._writes[key] = value
-        self._write_bytes = size
+        self._writes.write(key, value)
 
     def delete(self, key) -> bool:
         self._check_usable()
         key = check_key(key)
+        self._writes.size_with(key, None)  # past the limit: raise before reading anything
         existed = (self._writes[key] if key in self._writes else self._read(key)) is not None
-        old = self._writes.get(key)
-        if key not in self._writes:
-            self._write_bytes += len(key)
-        elif old is not None:
-            self._write_bytes -= len(old)
-        self._writes[key] = None
+        self._writes.write(key, None)
         return existed
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):

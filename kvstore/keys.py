@@ -19,6 +19,15 @@ MAX_VALUE_SIZE = 4 * 1024 * 1024
 #: one log entry (and, in a cluster, one message); a put past this raises
 #: ``InvalidArgument`` and leaves the transaction as it was.
 MAX_TXN_SIZE = 64 * 1024 * 1024
+#: The keys and values one transaction of a cluster (``kvstore.connect``) may write, in
+#: all: 10 MiB. A cluster transaction travels as one request (a node takes frames up to
+#: 16 MiB) and one replicated log entry (``MAX_COMMAND_BYTES``), so its bound is lower
+#: than the embedded store's; a put past it raises ``InvalidArgument`` likewise.
+MAX_CLUSTER_TXN_SIZE = 10 * 1024 * 1024
+#: A node refuses (``InvalidArgument``) a write command larger than this, encoded: its
+#: log entry (with one turn's other commands, ``kvstore.node``) must fit, several to a
+#: message, in a peer frame. A cluster transaction's reads and writes together must fit.
+MAX_COMMAND_BYTES = 12 * 1024 * 1024
 
 
 def _type_name(obj: object) -> str:

@@ -65,7 +65,8 @@ import zmq
 
 from kvstore.codec import OP_2PC, OP_CAS, OP_PUT, OP_TXN
 from kvstore.errors import CorruptRecord
-from kvstore.keys import MAX_KEY_SIZE, check_key, check_value
+from kvstore.keys import (MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, MAX_KEY_SIZE, check_key,
+                          check_value)
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
@@ -73,7 +74,7 @@ from kvstore.ports import NO_BUGS, NodeBugs, SystemClock
 from kvstore.replica_storage import (POISONED, STALE, ReplicaStorage, ShardWrite,
                                      check_command, check_logged_command, check_snapshot_data,
                                      command_keys, decode_client_command, encode_client_command)
-from kvstore.replica_txn import LOCKED
+from kvstore.replica_txn import LOCKED, bound_client_2pc, check_decide
 from kvstore.replica_wal import WalReplicaStorage
 from kvstore.txn import ABORT, TxnDecision, TxnPrepare, TxnResolve
 from kvstore.txn import decode as decode_2pc
@@ -215,7 +216,8 @@ class Node:
         # the resolver: this node's own writes (2PC settlements) go through _on_request
         # under the identity ("self", token) with their own client session
         self._resolver_id = b"resolver-" + self.rng.randbytes(8)
-        self._own_writes: dict = {}  # token (= its seq) -> (callback(result), started at)
+        # token (= its seq) -> (callback(result), started at, on_failure, shard)
+        self._own_writes: dict = {}
         self._resolving: dict = {}  # txn id -> monotonic time its settlement started
         self._last_resolve = self.clock.monotonic()
         self._refusals_logged: set = set()  # peer routing ids whose refusal was logged
@@ -385,15 +387,18 @@ class Node:
             pending.append((request_id, status, value))
 
     def _flush_replies(self) -> None:
-        replies, self._replies = self._replies, {}
-        for identity, items in replies.items():
-            if type(identity) is tuple and identity[0] == "self":  # this node's own write
-                for _request_id, status, value in items:
-                    self._on_own_reply(identity[1], status, value)
-            elif type(identity) is tuple:  # ("peer", index): answers to forwarded requests
-                self.sockets.send_peer(identity[1], wire.encode_forwarded(self.index, items))
-            else:
-                self.sockets.reply(identity, items)
+        for _ in range(3):  # an own write's callback may reply too (a decide): sent now
+            replies, self._replies = self._replies, {}
+            if not replies:
+                break
+            for identity, items in replies.items():
+                if type(identity) is tuple and identity[0] == "self":  # this node's own write
+                    for _request_id, status, value in items:
+                        self._on_own_reply(identity[1], status, value)
+                elif type(identity) is tuple:  # ("peer", index): answers to forwarded requests
+                    self.sockets.send_peer(identity[1], wire.encode_forwarded(self.index, items))
+                else:
+                    self.sockets.reply(identity, items)
         if self._forward_out:
             out, self._forward_out = self._forward_out, defaultdict(list)
             for peer, items in out.items():
@@ -445,6 +450,8 @@ class Node:
                 return
             if op == wire.OP_WRITE:
                 self._on_write(identity, request_id, args)
+            elif op == wire.OP_DECIDE:
+                self._on_decide(identity, request_id, args)
             else:
                 self._on_read(identity, request_id, op, args)
         except (ValueError, TypeError) as e:
@@ -496,6 +503,13 @@ class Node:
         if type(seq) is not int or type(floor) is not int or not 0 <= floor <= seq:
             raise ValueError("bad sequence numbers")
         command = check_command(command)
+        if command[0] == OP_2PC:
+            # a client's TxnPrepare bounded (its deadline cut to this node's clock + a cap);
+            # a decision or a resolve only from this node's own writes, or a peer's
+            # (forwarded after that peer checked it): never from a client
+            command = [OP_2PC, bound_client_2pc(command[1], shard, self.nshards,
+                                                int(self.clock.time() * 1000), _internal(identity))]
+            args = [shard, client_id, seq, floor, command]
         _check_sizes(command)
         self._check_keys_in_shard(shard, command_keys(command))
         r = self.replicas[shard]
@@ -503,8 +517,34 @@ class Node:
             self._not_leader(identity, request_id, wire.OP_WRITE, args, r.leader_hint)
             return
         raw = encode_client_command(client_id, seq, floor, command)
+        if len(raw) > MAX_COMMAND_BYTES:
+            raise ValueError(f"a write command of {len(raw)} bytes is over the cluster's limit "
+                             f"of {MAX_COMMAND_BYTES} (a transaction writes at most "
+                             f"MAX_CLUSTER_TXN_SIZE = {MAX_CLUSTER_TXN_SIZE} bytes)")
         self._proposals[shard].append((raw, identity, request_id, args))
         self.waiting_writes[(client_id, seq)] = (identity, request_id, shard, self.clock.monotonic())
+
+    def _on_decide(self, identity, request_id: int, args: list) -> None:
+        """A coordinator (a client) asks for its transaction's decision: this node, if it
+        leads the coordinator shard, proposes the TxnDecision as its own write, answers
+        the recorded outcome (first recorded wins: maybe a resolver's ABORT), then
+        carries it out on every participant (``_resolve_everywhere``). The client never
+        writes a decision or a resolve itself; a lost resolve is done by the resolvers."""
+        shard, decision, participants = check_decide(args, self.nshards)
+        r = self.replicas[shard]
+        if not r.is_leader:
+            self._not_leader(identity, request_id, wire.OP_DECIDE, args, r.leader_hint)
+            return
+        self.counters["txn_decide_requests"] += 1
+
+        def recorded(outcome) -> None:
+            self._reply(identity, request_id, wire.STATUS_OK, outcome)
+            self._resolve_everywhere(decision.txn_id, outcome, participants)
+
+        def failed(status: int, value) -> None:
+            self._reply(identity, request_id, status, value)
+
+        self._own_write(shard, [OP_2PC, encode_2pc(decision)], recorded, failed)
 
     def _feed_proposals(self) -> None:
         """Hand queued writes to the replicas, bounded in bytes.
@@ -514,7 +554,8 @@ class Node:
         which a peer enforces by dropping the connection, so an oversized
         message would stall the shard for good): commands go to a replica only
         when its own queue is empty, at most ``PROPOSE_BYTES_PER_TURN`` per
-        turn (one entry: that plus one command), and while less than
+        turn (one entry), a command larger than that in an entry of its own
+        (at most ``MAX_COMMAND_BYTES``, checked at intake), and while less than
         ``UNCOMMITTED_BYTES_MAX`` it leads with are still uncommitted.
         """
         for shard, queue in enumerate(self._proposals):
@@ -531,8 +572,9 @@ class Node:
             if r.pending_commands:
                 continue
             fed = 0
-            while queue and fed < PROPOSE_BYTES_PER_TURN and \
-                    self._uncommitted_bytes[shard] < UNCOMMITTED_BYTES_MAX:
+            while queue and self._uncommitted_bytes[shard] < UNCOMMITTED_BYTES_MAX:
+                if fed and fed + len(queue[0][0]) > PROPOSE_BYTES_PER_TURN:
+                    break  # the next entry's
                 raw = queue.popleft()[0]
                 r.propose(raw)
                 fed += len(raw)
@@ -767,6 +809,11 @@ class Node:
                 if prepare.txn_id in self._resolving:
                     continue
                 self._resolving[prepare.txn_id] = now
+                if not 0 <= prepare.coordinator < self.nshards:
+                    # no such shard can ever record a decision (a record older than the
+                    # intake checks): only ABORT is possible, carried out here
+                    self._carry_out(shard, prepare, ABORT)
+                    continue
                 self.counters["txn_settlements_started"] += 1
                 log.info("shard %d: settling transaction %s (prepared, past its deadline)",
                          shard, prepare.txn_id.hex(),
@@ -784,14 +831,24 @@ class Node:
 
         self._own_write(shard, [OP_2PC, encode_2pc(TxnResolve(prepare.txn_id, outcome))], done)
 
-    def _own_write(self, shard: int, command: list, callback) -> None:
+    def _resolve_everywhere(self, txn_id: bytes, outcome: int, participants) -> None:
+        """Carry out a recorded decision on every participant shard (the resolves of a
+        decide request); one that fails is done by that shard's resolver later."""
+        entry = [OP_2PC, encode_2pc(TxnResolve(txn_id, outcome))]
+        for shard in participants:
+            self._own_write(shard, entry, _ignore)
+
+    def _own_write(self, shard: int, command: list, callback, on_failure=None) -> None:
         """Propose ``command`` to ``shard`` as this node's own client (routed like any
         client write: here if this node leads the shard, else forwarded to its leader);
-        ``callback(result)`` runs once it is applied. A failure is dropped: the
-        resolver starts the settlement again later."""
+        ``callback(result)`` runs once it is applied. A failure goes to
+        ``on_failure(status, value)`` if given, else is dropped: the resolver starts
+        the settlement again later."""
         token = next(self._tokens)
-        floor = min(self._own_writes, default=token)
-        self._own_writes[token] = (callback, self.clock.monotonic())
+        # the shard's session floor: its oldest own write still unanswered (2PC entries
+        # are idempotent; the floor only keeps that session's results few)
+        floor = min((t for t, w in self._own_writes.items() if w[3] == shard), default=token)
+        self._own_writes[token] = (callback, self.clock.monotonic(), on_failure, shard)
         self._on_request(("self", token), token, wire.OP_WRITE,
                          [shard, self._resolver_id, token, floor, command])
 
@@ -803,6 +860,8 @@ class Node:
             status, value = wire.STATUS_OK, value[0]
         if status == wire.STATUS_OK:
             w[0](value)
+        elif w[2] is not None:
+            w[2](status, value)
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
@@ -818,6 +877,16 @@ class Node:
                 "nodes": [{"id": nm, "address": self.config.addresses[nm]} for nm in names],
                 "nshards": self.nshards, "shards": shards,
                 "counters": dict(self.counters) | dict(self.sockets.counters)}
+
+
+def _internal(identity) -> bool:
+    """A request of this node's own (``("self", token)``) or forwarded by a peer
+    (``("peer", index)``, checked by that peer when its client sent it)."""
+    return type(identity) is tuple
+
+
+def _ignore(_result) -> None:
+    pass
 
 
 def _check_sizes(command: list) -> None:

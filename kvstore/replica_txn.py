@@ -1,7 +1,10 @@
 """Two-phase commit as a shard's replicated state: the pure core over a shard's LMDB tables.
 
 A cross-shard transaction's steps are log entries of the shards it touches
-(``kvstore.txn.records``), carried as client commands ``[OP_2PC, entry]``. Every
+(``kvstore.txn.records``), carried as client commands ``[OP_2PC, entry]``: a
+client's TxnPrepare, bounded by ``bound_client_2pc`` where it enters a node,
+and the TxnDecision and TxnResolve entries that only nodes write (a client asks
+for a decision with ``check_decide``'s request; ``kvstore.node``). Every
 replica applies them through the same pure code as the simulator
 (``ParticipantState``, ``DecisionTable``); only their tables differ: here they
 live in the shard's ``txn`` table, in the same write transaction as the data
@@ -31,9 +34,11 @@ They cost ~40 bytes per cross-shard transaction; bounding them needs a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from kvstore.storage.state import apply_writes, read_value, revision_of
-from kvstore.txn import (LOCK_ONLY, DecisionTable, ParticipantState, TxnDecision, TxnPrepare,
-                         TxnResolve)
+from kvstore.txn import (LOCK_ONLY, OUTCOMES, TXN_ID_BYTES, DecisionTable, ParticipantState, TxnDecision,
+                         TxnPrepare, TxnResolve)
 from kvstore.txn import decode as decode_entry
 from kvstore.txn import encode as encode_entry
 
@@ -43,6 +48,12 @@ TXN_FINISHED = b"\x00txn.finished\x00"
 TXN_DECIDED = b"\x00txn.decided\x00"
 #: The result of a plain write that met a lock: nothing applied, retry it.
 LOCKED = "locked"
+#: The longest a client's prepared record may hold its locks, in the node's wall-clock
+#: milliseconds: the node that takes a client's TxnPrepare cuts its deadline to at
+#: most this far past its own clock (``bound_client_2pc``). A lock of a client that
+#: went away is then settled by the shard leader's resolver within about this much
+#: (plus the clock skew between the two nodes), whatever the client asked for.
+TXN_DEADLINE_MAX_MS = 5000
 
 
 class _TableMap:
@@ -159,6 +170,73 @@ def apply_2pc(txn, tables, revision: int, raw_entry: bytes):
     if isinstance(entry, TxnResolve):
         return participant(txn, tables).apply_resolve(store, entry)
     raise ValueError(f"not a 2PC entry: {entry!r}")
+
+
+def bound_client_2pc(raw: bytes, shard: int, nshards: int, now_ms: int,
+                     internal: bool = False) -> bytes:
+    """The 2PC entry a client asks ``shard`` to log, as the node proposes it; ValueError
+    (the client's InvalidArgument) if the entry is refused. Nothing is changed then.
+    ``internal``: the node's own write (or a peer's): its decisions and resolves pass.
+
+    A client may send only a TxnPrepare (read-only, locking or writing): decisions
+    and resolves are node-internal (``kvstore.node``: the decide request, the
+    resolver). Its id must be ``TXN_ID_BYTES`` long; its participants this cluster's
+    shards, sorted, once each, with ``shard`` and its coordinator among them (so the
+    resolver can always reach the coordinator shard); its reads' revisions >= 0 or
+    ``LOCK_ONLY``. Its deadline, in the client's clock, is cut to ``now_ms +
+    TXN_DEADLINE_MAX_MS`` in this node's: the resolvers compare it with the leader's
+    wall clock, so no client can hold a lock past that (a shorter one is kept)."""
+    entry = decode_entry(raw)
+    if internal and not isinstance(entry, TxnPrepare):
+        return raw
+    if not isinstance(entry, TxnPrepare):
+        raise ValueError(f"a client may not send a {type(entry).__name__}: decisions and "
+                         f"resolves are written by the nodes (ask for a decision with the "
+                         f"'decide' request)")
+    check_txn_id(entry.txn_id)
+    participants = check_participants(entry.participants, nshards)
+    if shard not in participants or entry.coordinator not in participants:
+        raise ValueError(f"a TxnPrepare's participants {list(participants)} must include the "
+                         f"shard it is sent to ({shard}) and its coordinator shard "
+                         f"({entry.coordinator})")
+    if type(entry.deadline) is not int or entry.deadline < 0:
+        raise ValueError("a TxnPrepare's deadline is a wall-clock time in ms >= 0")
+    if any(type(r) is not int or (r < 0 and r != LOCK_ONLY) for _k, r in entry.reads):
+        raise ValueError(f"a read's revision is >= 0 (0: absent) or {LOCK_ONLY} (lock only)")
+    deadline = min(entry.deadline, now_ms + TXN_DEADLINE_MAX_MS)
+    if deadline == entry.deadline:
+        return raw
+    return encode_entry(replace(entry, deadline=deadline))
+
+
+def check_txn_id(txn_id) -> bytes:
+    if type(txn_id) is not bytes or len(txn_id) != TXN_ID_BYTES:
+        raise ValueError(f"a transaction id is {TXN_ID_BYTES} random bytes")
+    return txn_id
+
+
+def check_participants(participants, nshards: int) -> tuple:
+    """``participants`` as a tuple if they are shards of this cluster, sorted, once each."""
+    shards = tuple(participants) if isinstance(participants, (list, tuple)) else None
+    if (not shards or any(type(s) is not int for s in shards)
+            or list(shards) != sorted(set(shards)) or shards[0] < 0 or shards[-1] >= nshards):
+        raise ValueError(f"participants must be this cluster's shards (0..{nshards - 1}), "
+                         f"sorted, each once; got {participants!r}"[:200])
+    return shards
+
+
+def check_decide(args, nshards: int) -> tuple:
+    """A client's decide request ``[shard, txn_id, outcome, participants]``, checked:
+    ``(shard, TxnDecision, participants)``; ValueError if malformed."""
+    if type(args) is not list or len(args) != 4:
+        raise ValueError("decide takes [shard, txn_id, outcome, participants]")
+    shard, txn_id, outcome, participants = args
+    participants = check_participants(participants, nshards)
+    if type(shard) is not int or shard not in participants:
+        raise ValueError(f"the coordinator shard {shard!r} must be one of the participants")
+    if type(outcome) is not int or outcome not in OUTCOMES:
+        raise ValueError(f"a decision's outcome is one of {OUTCOMES}")
+    return shard, TxnDecision(check_txn_id(txn_id), outcome), participants
 
 
 def any_locked(txn, tables, keys) -> bool:

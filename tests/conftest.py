@@ -79,13 +79,16 @@ PYTHON = sys.executable
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "chaos: the opt-in chaos run (set KVSTORE_CHAOS_SECONDS)")
+    config.addinivalue_line("markers", "sweep: an opt-in long seed sweep (set KVSTORE_SWEEP_SEEDS)")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The chaos run is opt-in: without KVSTORE_CHAOS_SECONDS it is deselected, not skipped."""
-    if float(os.environ.get("KVSTORE_CHAOS_SECONDS", "0")) > 0:
-        return
-    chaos = [item for item in items if item.get_closest_marker("chaos") is not None]
-    if chaos:
-        config.hook.pytest_deselected(items=chaos)
-        items[:] = [item for item in items if item.get_closest_marker("chaos") is None]
+    """The chaos run and the long sweeps are opt-in: without KVSTORE_CHAOS_SECONDS (or
+    KVSTORE_SWEEP_SEEDS) they are deselected, not skipped."""
+    for marker, variable in (("chaos", "KVSTORE_CHAOS_SECONDS"), ("sweep", "KVSTORE_SWEEP_SEEDS")):
+        if float(os.environ.get(variable, "0")) > 0:
+            continue
+        opt_in = [item for item in items if item.get_closest_marker(marker) is not None]
+        if opt_in:
+            config.hook.pytest_deselected(items=opt_in)
+            items[:] = [item for item in items if item.get_closest_marker(marker) is None]

@@ -2,7 +2,8 @@
 
 A node here is a real ``kvstore.node.Node`` on 127.0.0.1 (one node, several
 shards: every shard's log is a Paxos group of one). What a client never does on
-its own (prepare and vanish, decide and vanish) is sent as raw 2PC entries.
+its own (prepare and vanish, decide and vanish) is sent as raw 2PC entries and
+raw decide requests; decisions and resolves are written by the nodes only.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def keys_by_shard(nshards: int, per_shard: int = 2) -> dict:
 
 def raw_2pc(raw: Raw, shard: int, seq: int, entry, client=b"raw-coordinator"):
     return raw.request(wire.OP_WRITE, [shard, client, seq, 1, [OP_2PC, encode(entry)]])
+
+
+def raw_decide(raw: Raw, shard: int, txn: bytes, outcome: int, participants):
+    """Ask the coordinator shard's leader for a decision, as the client does."""
+    return raw.request(wire.OP_DECIDE, [shard, txn, outcome, list(participants)])
 
 
 def wait_until(predicate, timeout=20.0, what="the condition"):
@@ -109,7 +115,7 @@ def test_an_abandoned_prepare_locks_its_keys_until_a_resolver_aborts_it(start_no
             assert time.monotonic() - t0 > 0.5  # it waited for the deadline
             assert c.get(a) == b"after"
         # the resolver recorded ABORT in the coordinator shard: it never changes
-        assert raw_2pc(raw, 1, 2, TxnDecision(txn, COMMIT)) == (wire.STATUS_OK, ABORT)
+        assert raw_decide(raw, 1, txn, COMMIT, (0, 1)) == (wire.STATUS_OK, ABORT)
         # and a late copy of the prepare cannot prepare the finished transaction again
         assert raw_2pc(raw, 0, 3, prepare) == (wire.STATUS_OK, False)
         assert raw.request(wire.OP_GET, [0, a, False]) == (wire.STATUS_OK, b"after")
@@ -129,14 +135,14 @@ def test_a_recorded_commit_whose_coordinator_vanished_is_carried_out_by_the_reso
         for seq, (shard, key) in enumerate(((0, a), (1, b)), 1):
             p = TxnPrepare(txn, 0, (0, 1), ((key, 0),), ((key, b"committed"),), deadline)
             assert raw_2pc(raw, shard, seq, p) == (wire.STATUS_OK, True)
-        assert raw_2pc(raw, 0, 3, TxnDecision(txn, COMMIT)) == (wire.STATUS_OK, COMMIT)
-        # no TxnResolve is ever sent by the coordinator: the resolver carries it out
+        # the decide request names shard 0 only: the node that records COMMIT carries it
+        # out there, and shard 1's resolver finds it past its deadline and asks shard 0
+        assert raw_decide(raw, 0, txn, COMMIT, (0,)) == (wire.STATUS_OK, COMMIT)
         for shard, key in ((0, a), (1, b)):
             wait_until(lambda: raw.request(wire.OP_GET, [shard, key, False])
                        == (wire.STATUS_OK, b"committed"), what=f"the commit at shard {shard}")
-        # resolving again changes nothing (idempotent), and the outcome stays COMMIT
-        assert raw_2pc(raw, 1, 4, TxnResolve(txn, COMMIT)) == (wire.STATUS_OK, False)
-        assert raw_2pc(raw, 0, 5, TxnDecision(txn, ABORT)) == (wire.STATUS_OK, COMMIT)
+        # the outcome stays COMMIT
+        assert raw_decide(raw, 0, txn, ABORT, (0, 1)) == (wire.STATUS_OK, COMMIT)
     finally:
         raw.close()
 
@@ -255,7 +261,7 @@ def test_a_locked_read_whose_locks_a_resolver_freed_is_a_conflict(start_node):
                 # as a resolver does for a lock past its deadline: ABORT recorded first
                 raw = Raw(n.address)
                 try:
-                    assert raw_2pc(raw, 0, 1, TxnDecision(t._locked[0], ABORT)) == \
+                    assert raw_decide(raw, 0, t._locked[0], ABORT, (0, 1)) == \
                         (wire.STATUS_OK, ABORT)
                 finally:
                     raw.close()

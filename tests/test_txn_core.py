@@ -114,18 +114,16 @@ def test_decision_is_written_once():
     assert table.decisions == {b"t": ABORT}
 
 
-def test_coordinator_two_rounds_then_resolves_the_recorded_outcome():
+def test_coordinator_two_rounds_then_follows_the_recorded_outcome():
     co = Coordinator(b"t", 0, {0: ([(b"a", 1)], [(b"a", b"1")]), 1: ([(b"b", 1)], [(b"b", b"2")])}, 50)
     assert sorted(s for s, e in co.proposals() if isinstance(e, TxnPrepare)) == [0, 1]
     assert co.on_vote(0, True) == []
     assert co.on_vote(1, True) == [(0, TxnDecision(b"t", COMMIT))]
+    assert co.participants == (0, 1)  # named in the decide request: the node resolves them
     assert not co.decided
-    resolves = co.on_decision(ABORT)  # the record says otherwise (a resolver won): follow it
+    co.on_decision(ABORT)  # the record says otherwise (a resolver won): follow it
     assert co.decided and co.outcome == ABORT
-    assert resolves == [(0, TxnResolve(b"t", ABORT)), (1, TxnResolve(b"t", ABORT))]
-    co.on_resolved(0)
-    co.on_resolved(1)
-    assert co.proposals() == []
+    assert co.proposals() == []  # the resolves are the recording node's, not the coordinator's
 
 
 def test_coordinator_decides_abort_on_the_first_no():
@@ -156,10 +154,11 @@ def test_bank_passes_many_seeds(shards):
 
 
 BANK_FINDINGS = {
-    "decision_not_replicated": "decision:",
-    "apply_before_decision": "before any decision",
-    "prepare_skips_read_validation": "isolation",
-    "locks_released_at_vote": "isolation",
+    "decision_not_replicated": ("decision:",),
+    "apply_before_decision": ("before any decision",),
+    # lost updates: an audit sees a wrong total, or the money is wrong at the end
+    "prepare_skips_read_validation": ("isolation", "the accounts hold"),
+    "locks_released_at_vote": ("isolation",),
 }
 
 
@@ -169,7 +168,7 @@ def test_planted_2pc_bug_is_found(bug):
     for seed in range(200):
         ok, text = run_bank_seed(BankConfig(seed=seed, bugs=TxnBugs(**{bug: True})))
         if not ok:
-            assert BANK_FINDINGS[bug] in text.splitlines()[0], text.splitlines()[0]
+            assert any(f in text.splitlines()[0] for f in BANK_FINDINGS[bug]), text.splitlines()[0]
             assert f"python -m kvstore.sim --bank --seed {seed} --txn-bug {bug}" in text
             return
     pytest.fail(f"{bug} not found in 200 seeds")

@@ -11,6 +11,12 @@ coordinator processes crash at any moment, mid-commit included, losing all they
 held, and restart. One seed drives one ``random.Random``; a failure prints the
 seed, the command that replays it and the trace.
 
+The processes model ``kvstore.client``: they propose the prepares and ask the
+coordinator shard for a decision (a TxnDecision request naming the
+participants); the node that records it, not the process, proposes the
+TxnResolve entries on every participant (``carry_out``), as ``kvstore.node``
+does, so a process that crashes after asking leaves nothing to resolve.
+
 Workload: processes move money between accounts spread over the shards
 (transfers inside one shard are one log entry; across shards, 2PC) and audit
 all accounts in read-only transactions across every shard.
@@ -39,6 +45,8 @@ from kvstore.txn import (ABORT, COMMIT, LOCK_ONLY, Coordinator, DecisionTable, P
                          TxnBugs, TxnDecision, TxnPrepare, TxnResolve)
 
 INITIAL_BALANCE = 100
+#: The tags of requests whose entry is a TxnDecision: ``(kind, txn id, participants)``.
+DECISION_REQUESTS = ("decide", "confirm", "release")
 
 
 class BankFailure(Exception):
@@ -171,10 +179,9 @@ class Shard:
             return self.decisions.apply_decision(entry.txn_id, entry.outcome)
         if isinstance(entry, TxnResolve):
             recorded = sim.recorded_decision(entry.txn_id)
-            held = self.participant.prepared.get(entry.txn_id)
-            # An ABORT with no decision is a locking read's release: allowed while it writes nothing.
-            release = recorded is None and entry.outcome == ABORT and (held is None or not held.writes)
-            if recorded != entry.outcome and not release:
+            # every resolve carries out a recorded decision (a locking read's release too: its
+            # coordinator shard records ABORT first, kvstore.node ``_on_decide``)
+            if recorded != entry.outcome:
                 sim.fail(f"decision: s{self.id} carries out {entry.outcome} for {entry.txn_id!r}, "
                          f"but the recorded decision is {recorded}")
             if self.participant.apply_resolve(self, entry):
@@ -280,19 +287,19 @@ class Process:
                 self.sim.send(Propose(shard, self.address, ("lock", op["txn_id"], shard), prepare))
         self.arm()
 
-    def release_locks(self, outcome: int = ABORT) -> None:
-        """Free a locking read's locks, without waiting (a lost one: the resolvers); ``outcome``
-        is the recorded decision if there is one (an ABORT needs none: nothing is written)."""
+    def release_locks(self) -> None:
+        """Free a locking read's locks, without waiting: ask its coordinator shard to record
+        ABORT, which that shard's node carries out everywhere (a lost one: the resolvers)."""
         op = self.op
-        for shard in op["shards"]:
-            self.sim.send(Propose(shard, self.address, ("release", op["txn_id"], shard),
-                                  TxnResolve(op["txn_id"], outcome)))
+        self.sim.send(Propose(op["shards"][0], self.address, ("release", op["txn_id"], op["shards"]),
+                              TxnDecision(op["txn_id"], ABORT)))
 
     def send_confirm(self) -> None:
         """A locking audit's values are one cut if no lock was released before the last was
-        taken: recording COMMIT first in the coordinator shard proves no resolver aborted it."""
+        taken: recording COMMIT first in the coordinator shard proves no resolver aborted it
+        (the node that records it then frees the locks everywhere)."""
         op = self.op
-        self.sim.send(Propose(op["shards"][0], self.address, ("confirm", op["txn_id"]),
+        self.sim.send(Propose(op["shards"][0], self.address, ("confirm", op["txn_id"], op["shards"]),
                               TxnDecision(op["txn_id"], COMMIT)))
         self.arm()
 
@@ -336,13 +343,11 @@ class Process:
             co = self.op["coordinator"] if self.op and self.op.get("txn_id") == txn_id else self.background.get(txn_id)
             if co is None:
                 return
+            proposals = []
             if tag[0] == "prepare":
                 proposals = co.on_vote(tag[2], a.result)
             elif tag[0] == "decide":
-                proposals = co.on_decision(a.result)
-            else:
-                co.on_resolved(tag[2])
-                proposals = []
+                co.on_decision(a.result)  # the node that recorded it carries it out
             self.propose(co, proposals)
             if co.state == "done":
                 self.background.pop(txn_id, None)
@@ -355,7 +360,6 @@ class Process:
         if tag[0] == "lock" and op["phase"] == "lock" and tag[1] == op["txn_id"] and tag[2] not in op["locked"]:
             self.on_locked(tag[2], a.result)
         elif tag[0] == "confirm" and op["phase"] == "confirm" and tag[1] == op["txn_id"]:
-            self.release_locks(a.result)
             self.finish(a.result)
         elif tag[0] == "read" and op["phase"] == "read" and tag[1] == op["id"]:
             for key, value, rev in a.result:
@@ -399,7 +403,9 @@ class Process:
         sim = self.sim
         for shard, entry in proposals:
             kind = {TxnPrepare: "prepare", TxnDecision: "decide", TxnResolve: "resolve"}[type(entry)]
-            sim.send(Propose(shard, self.address, (kind, co.txn_id, shard), entry))
+            # a decide request names the participants: the node that records it resolves them
+            tag = (kind, co.txn_id, co.participants if kind == "decide" else shard)
+            sim.send(Propose(shard, self.address, tag, entry))
         if self.op is not None and self.op.get("coordinator") is co:
             self.arm()
 
@@ -524,22 +530,26 @@ class BankSimulation:
             return  # no quorum: the proposal is lost
         self.log(f"s{m.to} applies {m.entry!r} for {m.frm}")
         result = shard.apply(m.entry)
+        self.carry_out(m, result)
         self.send(Answer(m.frm, m.tag, result))
+
+    def carry_out(self, m: Propose, result) -> None:
+        """A decision request (a process's decide, confirm or release, or a resolver's decide)
+        was recorded: the node that recorded it, not the process, resolves it on every
+        participant (kvstore.node ``_on_decide``), whether or not its answer arrives."""
+        if m.tag[0] in DECISION_REQUESTS:
+            _kind, txn_id, participants = m.tag
+            for shard in participants:
+                self.send(Propose(shard, ("resolver", m.to), ("resolve", txn_id, shard),
+                                  TxnResolve(txn_id, result)))
 
     def answer(self, m: Answer) -> None:
         """What a shard's log answered reaches its proposer (a process's dead run hears nothing)."""
         if m.to[0] == "resolver":
-            self._resolver_answer(m)
-            return
+            return  # its decisions are carried out where they are recorded (``carry_out``)
         process = self.processes[m.to[0]]
         if process.up and process.incarnation == m.to[1]:
             process.on_answer(m)
-
-    def _resolver_answer(self, m: Answer) -> None:
-        kind, txn_id, participants = m.tag
-        if kind == "decide":
-            for shard in participants:
-                self.send(Propose(shard, m.to, ("resolve", txn_id, shard), TxnResolve(txn_id, m.result)))
 
     # ------------------------------------------------------------------ run
     def _faults(self) -> None:
@@ -620,8 +630,7 @@ class BankSimulation:
                 if txn_id in shard.participant.finished:
                     participants = participants or set()
                     participants.add(shard.id)
-            # no decision recorded: only a locking read's release (ABORT) may have been carried out
-            if any(outcome != (ABORT if recorded is None else recorded) for outcome in by_shard.values()):
+            if any(outcome != recorded for outcome in by_shard.values()):
                 self.fail(f"atomicity: {txn_id!r} carried out {by_shard}, recorded {recorded}")
             if recorded == COMMIT:
                 missing = [s for s, out in ((s.id, s.participant.finished.get(txn_id)) for s in self.shards)

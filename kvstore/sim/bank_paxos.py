@@ -286,6 +286,7 @@ class BankPaxosSimulation(BankSimulation):
             self.hints[(propose.frm, group.index)] = m.frm
             group.acked.append(command)  # the group checks it is in the chosen log
             self.log(f"s{group.index}.n{m.frm} answers {propose.frm} seq={m.seq}: {m.result!r}")
+            self.carry_out(propose, m.result)
             self.answer(Answer(propose.frm, propose.tag, m.result))
             return
         # Not the leader: follow its hint, or try another node, a few times (as cluster.py's

@@ -68,7 +68,11 @@ OP_STATUS = "status"    # []                      -> the node's status
 OP_GET = "get"          # [shard, key, with_revision]          -> value | [value, revision]
 OP_SCAN = "scan"        # [shard, lo, hi, limit, with_revision] -> [[key, value(, revision)]...]
 OP_WRITE = "write"      # [shard, client_id, seq, floor, command] -> the command's result
-OPS = (OP_HELLO, OP_STATUS, OP_GET, OP_SCAN, OP_WRITE)
+#: Ask the coordinator shard's leader to record a cross-shard transaction's decision
+#: (first recorded wins) and carry it out on every participant: the node writes the
+#: TxnDecision and the TxnResolve entries itself; a client never sends those.
+OP_DECIDE = "decide"    # [shard, txn_id, outcome, participants] -> the recorded outcome
+OPS = (OP_HELLO, OP_STATUS, OP_GET, OP_SCAN, OP_WRITE, OP_DECIDE)
 
 # REPLY ``status`` and ``value``:
 STATUS_OK = 0           # value: the result

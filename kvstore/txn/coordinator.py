@@ -1,19 +1,22 @@
 """The coordinator of one cross-shard transaction, as a pure state machine.
 
-It never touches a socket or a clock: the driver (a node, or the simulator)
-asks it what to propose (``proposals``), to which shard's log, and feeds back
-what applying those entries yielded (``on_vote``, ``on_decision``,
-``on_resolved``). Its state is volatile: if its process dies, the transaction
-is finished by whoever finds a prepared record past its deadline (the shard's
-resolver), through the same coordinator-shard decision.
+It never touches a socket or a clock: the driver (a client, or the simulator's
+process) asks it what to propose (``proposals``), to which shard's log, and
+feeds back what applying those entries yielded (``on_vote``, ``on_decision``).
+Its state is volatile: if its process dies, the transaction is finished by
+whoever finds a prepared record past its deadline (the shard's resolver),
+through the same coordinator-shard decision.
 
 Two consensus rounds before the client hears the outcome, in parallel across
 shards: every participant's TxnPrepare, then the TxnDecision in the coordinator
 shard's log. The outcome is the *recorded* decision (first writer wins), so a
 resolver that already recorded ABORT for a slow coordinator wins over a later
-COMMIT. The client is answered once the decision is applied (replicated), and
-the TxnResolve entries follow; a transaction's writes become visible to other
-transactions when they are resolved, and until then its locks make every
+COMMIT. A client only *asks* for the decision (a node's ``decide`` request,
+naming the ``participants``): the coordinator shard's leader writes the
+TxnDecision itself, answers the recorded outcome, and then writes the
+TxnResolve entries on every participant, so no client ever writes a decision
+or a resolve (``kvstore.node``). A transaction's writes become visible to
+other transactions when they are resolved, and until then its locks make every
 conflicting reader or writer retry, so nothing observes the gap.
 
 Why not one round (parallel commits): the decision would be implied by every
@@ -34,7 +37,6 @@ from kvstore.txn.records import ABORT, COMMIT, TxnDecision, TxnPrepare, TxnResol
 
 PREPARING = "preparing"
 DECIDING = "deciding"
-RESOLVING = "resolving"
 DONE = "done"
 
 
@@ -48,7 +50,7 @@ class Coordinator:
         self.txn_id = txn_id
         self.coordinator_shard = coordinator_shard
         self.read_only = all(not writes for _, writes in parts.values())
-        participants = tuple(sorted(parts))
+        self.participants = participants = tuple(sorted(parts))
         self.prepares = {shard: TxnPrepare(txn_id, coordinator_shard, participants, tuple(reads),
                                            tuple(writes), deadline, self.read_only)
                          for shard, (reads, writes) in parts.items()}
@@ -56,7 +58,6 @@ class Coordinator:
         self.state = PREPARING
         self.proposed_outcome: int | None = None
         self.outcome: int | None = None  # the recorded decision, once known
-        self.unresolved: set = set()
         self._planted_early_resolve = decision_not_replicated
 
     def proposals(self) -> list:
@@ -66,10 +67,9 @@ class Coordinator:
         if self.state == DECIDING:
             out = [(self.coordinator_shard, TxnDecision(self.txn_id, self.proposed_outcome))]
             if self._planted_early_resolve:  # planted bug: act on a decision not yet replicated
-                out += [(shard, TxnResolve(self.txn_id, self.proposed_outcome)) for shard in self.unresolved]
+                out += [(shard, TxnResolve(self.txn_id, self.proposed_outcome))
+                        for shard in self.participants]
             return out
-        if self.state == RESOLVING:
-            return [(shard, TxnResolve(self.txn_id, self.outcome)) for shard in sorted(self.unresolved)]
         return []
 
     def on_vote(self, shard: int, vote: bool) -> list:
@@ -84,22 +84,16 @@ class Coordinator:
             self.state = DONE
             return []
         self.proposed_outcome = COMMIT if vote else ABORT
-        self.unresolved = {s for s, p in self.prepares.items()}
         self.state = DECIDING
         return self.proposals()
 
-    def on_decision(self, outcome: int) -> list:
-        """The outcome recorded in the coordinator shard's log (maybe not the one we proposed)."""
+    def on_decision(self, outcome: int) -> None:
+        """The outcome recorded in the coordinator shard's log (maybe not the one we
+        proposed); the node that recorded it carries it out on every participant."""
         if self.state != DECIDING:
-            return []
+            return
         self.outcome = outcome
-        self.state = RESOLVING
-        return self.proposals()
-
-    def on_resolved(self, shard: int) -> None:
-        self.unresolved.discard(shard)
-        if self.state == RESOLVING and not self.unresolved:
-            self.state = DONE
+        self.state = DONE
 
     @property
     def decided(self) -> bool:

@@ -26,6 +26,9 @@ import msgpack
 COMMIT = 1
 ABORT = 2
 OUTCOMES = (COMMIT, ABORT)
+#: A cluster transaction's id is this many random bytes: nobody can name (and so ask
+#: to decide) another client's transaction.
+TXN_ID_BYTES = 16
 
 _TAG_PREPARE = "TxnPrepare"
 _TAG_DECISION = "TxnDecision"
