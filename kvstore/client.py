@@ -751,8 +751,6 @@ class ClusterKV(KV):
                 views[address] = None if f is None else core.wait(f)
             except Unavailable:
                 views[address] = None
-            if views[address] is not None and len(views[address]["shards"]) != self.nshards:
-                views[address] = None  # not a node of this cluster
         known = {n.get("address"): n.get("id") for n in (self._hello or {}).get("nodes", [])}
         nodes, names, problems = [], {}, []
         reference = _common_shape(views.values(), (self.nshards, _members(self._hello)))
