@@ -208,6 +208,11 @@ class WalReplicaStorage:
                 self._install_snapshot(w.shard, w.snapshot)
         results: list = []
         records: list = []
+        # Promises go last in the append: a torn tail keeps a prefix, so a promise on disk
+        # implies the records and commit points before it are too. A node that lost its disk
+        # persists its first promise only once it has recovered and holds the chosen values
+        # (``kvstore.paxos.replica``, "Wiped nodes"): that promise must not outlive them.
+        promises: list = []
         published: dict = {}
         slots: list = []
 
@@ -220,7 +225,7 @@ class WalReplicaStorage:
                 pending = [{}, {}, {}, {}]
                 if w.promised is not None and w.promised != hard[0]:
                     hard[0] = w.promised
-                    records.append(Record(KIND_PROMISE, s, ballot=w.promised))
+                    promises.append(Record(KIND_PROMISE, s, ballot=w.promised))
                 for rec in w.records:
                     slot = int.from_bytes(rec[8:16], "little")
                     records.append(Record(KIND_ENTRY, s, slot=slot, payload=rec))
@@ -250,9 +255,10 @@ class WalReplicaStorage:
             apply(None)  # records and hard state only (a leader's proposal): no LMDB read
         if applied is not None and results:
             applied(results)
-        if records:
+        if records or promises:
             # the commit points ride with the next append that has to be synced anyway
             records += [Record(KIND_COMMIT_POINT, s, slot=c) for s, c in self._commit_points.items()]
+            records += promises
             self._commit_points.clear()
             position = self.wal.append(records)
         else:

@@ -55,6 +55,7 @@ FINDINGS = {
     "read_before_own_noop": ("stale read", "linearizability"),
     "follower_read_before_apply": ("stale read", "linearizability"),
     "lease_survives_clock_jump": ("stale read", "linearizability"),
+    "wiped_votes_at_once": ("chosen value lost", "agreement", "commit:", "hid chosen slots"),
 }
 
 
