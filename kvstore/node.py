@@ -102,6 +102,8 @@ EARLY_TYPES = frozenset((M.ACCEPT, M.HEARTBEAT))
 RESOLVE_EVERY_SECONDS = 0.25
 #: A settlement of an abandoned transaction not finished in this long is started again.
 RESOLVE_RETRY_SECONDS = 3.0
+#: A replica this many slots behind the commit point its leader last told it is "catching up".
+CATCHING_UP_SLOTS = 100
 #: Ticks after start at which a node campaigns for the shards it prefers to lead
 #: (shard % nodes == its index) if they have no leader yet: leaders spread over nodes.
 PREFERRED_CAMPAIGN_TICKS = (15, 40)
@@ -704,14 +706,26 @@ class Node:
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
+        """Per shard: this replica's role, leader, commit and applied points, and ``state``:
+        "recovering" (it restarted without its Paxos state and does not vote yet: README,
+        "A node that lost its disk"), "catching up" (receiving a snapshot, or more than
+        ``CATCHING_UP_SLOTS`` behind the commit point its leader told it) or "ok"; on the
+        leader, ``followers``: how far it knows each node holds the log."""
         names = self.config.names
         shards = []
         for s, r in enumerate(self.replicas):
             hint = r.leader_hint
-            shards.append({"shard": s, "role": r.role,
-                           "leader": None if hint is None else names[hint],
-                           "leader_index": hint, "commit_index": r.commit_index,
-                           "applied_index": r.applied_index, "ballot": format_ballot(r.promised)})
+            st = r.status()
+            state = ("recovering" if st["recovering"] else
+                     "catching up" if st["receiving_snapshot"] or st["behind"] > CATCHING_UP_SLOTS else "ok")
+            shard = {"shard": s, "role": r.role,
+                     "leader": None if hint is None else names[hint],
+                     "leader_index": hint, "commit_index": r.commit_index,
+                     "applied_index": r.applied_index, "ballot": format_ballot(r.promised),
+                     "state": state}
+            if "match" in st:
+                shard["followers"] = {names[i]: m for i, m in enumerate(st["match"])}
+            shards.append(shard)
         return {"node": self.name, "index": self.index,
                 "nodes": [{"id": nm, "address": self.config.addresses[nm]} for nm in names],
                 "nshards": self.nshards, "shards": shards,

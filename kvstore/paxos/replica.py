@@ -400,6 +400,7 @@ class Replica:
         self.recovery: _Recovery | None = None
         self.learn_ballot = 0  # a recovering node: the ballot of the leader it learns from
         self.noop_target = -1  # a leader: a recovering node waits for this slot to commit
+        self.heard_commit = self.commit_index  # the highest commit point a leader told us
         if self.promised == 0 and self.n > 1 and not self.bugs.wiped_votes_at_once:
             self.recovery = _Recovery(self.rng.randrange(1 << 40) << 20)
             # Records above the commit point are not known chosen and were not announced
@@ -818,6 +819,8 @@ class Replica:
     def _on_accept(self, m: Message) -> None:
         b = m.ballot
         reply_type = M.ACCEPTED if m.type == M.ACCEPT else M.HEARTBEAT_REPLY
+        if m.commit_index > self.heard_commit:
+            self.heard_commit = m.commit_index
         if self.recovery is not None:
             self._learn(m, reply_type)
             return
@@ -868,7 +871,9 @@ class Replica:
                 # A node that does not vote yet (it is recovering: ``_learn``) holds the chosen
                 # values through ``match_index``: send it what follows (or a snapshot).
                 pr = self.progress[m.frm]
-                pr.match, pr.next = m.match_index, m.match_index + 1
+                pr.match = m.match_index
+                if m.type == M.HEARTBEAT_REPLY or pr.next <= pr.match:
+                    pr.next = pr.match + 1
                 self._send_entries(m.frm)
             return
         if self.role != LEADER or m.ballot != self.ballot:
@@ -1341,7 +1346,8 @@ class Replica:
               "promised": self.promised, "commit_index": self.commit_index,
               "applied_index": self.applied_index, "snapshot_index": self.snapshot_index,
               "recovering": 0 if self.recovery is None else self.recovery.phase,
-              "receiving_snapshot": self.snapshot_inbound is not None}
+              "receiving_snapshot": self.snapshot_inbound is not None,
+              "behind": max(0, max(self.heard_commit, self.commit_index) - self.applied_index)}
         if self.role == LEADER:
             st["match"] = [self.next_slot - 1 if i == self.id else p.match for i, p in enumerate(self.progress)]
         return st

@@ -734,9 +734,10 @@ class Simulation:
                 node.drain()
 
     def _settled(self) -> bool:
-        """One leader, followed by every node."""
+        """One leader, followed by every node, and no node recovering (a wiped one votes again)."""
         leader = self.leader()
-        return leader is not None and all(n.replica.leader_hint == leader.id for n in self.nodes)
+        return leader is not None and all(n.replica.leader_hint == leader.id and not n.replica.recovering
+                                          for n in self.nodes)
 
     def run(self) -> None:
         c = self.config
