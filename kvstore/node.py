@@ -202,7 +202,14 @@ class Node:
                      log_retain_slots=c.log_retain_slots,
                      snapshot_chunk_bytes=c.snapshot_chunk_bytes,
                      lease_read_ticks=c.lease_read_ticks)
-        return Replica(cfg, self.storage.load(shard))
+        replica = Replica(cfg, self.storage.load(shard))
+        if replica.recovering:
+            log.warning("shard %d: no Paxos state on disk (a new or wiped node): recovering from the "
+                        "peers; this node votes once every other node has reported (README, \"A node "
+                        "that lost its disk\")", shard,
+                        extra={"event": "recovering", "node": self.config.name, "shard": shard})
+        replica.trace = []  # its recovery steps are logged (``_observe_roles``)
+        return replica
 
     # ------------------------------------------------------------------ the loop
     def stop(self) -> None:
@@ -610,6 +617,12 @@ class Node:
 
     def _observe_roles(self) -> None:
         for s, r in enumerate(self.replicas):
+            if r.trace:
+                for event in r.trace:
+                    if "recover" in event:
+                        log.info("shard %d: %s", s, event.split(" ", 1)[1],
+                                 extra={"event": "recovery", "node": self.name, "shard": s})
+                r.trace.clear()
             now = (r.role, r.leader_hint)
             before = self._roles[s]
             if now == before:
@@ -722,7 +735,7 @@ class Node:
                      "leader": None if hint is None else names[hint],
                      "leader_index": hint, "commit_index": r.commit_index,
                      "applied_index": r.applied_index, "ballot": format_ballot(r.promised),
-                     "state": state}
+                     "state": state, "recovery_phase": st["recovering"]}
             if "match" in st:
                 shard["followers"] = {names[i]: m for i, m in enumerate(st["match"])}
             shards.append(shard)

@@ -37,7 +37,10 @@ def cluster(tmp_path):
 
 
 def wipe_and_restart(lc: LocalCluster, name: str) -> None:
-    """Stop ``name``, replace its data directory with an empty one, start it again."""
+    """Stop ``name``, replace its data directory with an empty one, start it again: once
+    no node is recovering (README: one node without its state at a time)."""
+    for other in lc.names:
+        wait_caught_up(lc, other)
     assert lc.kill(name, signal.SIGTERM) == 0
     shutil.rmtree(os.path.join(lc.directory, name))
     lc.start(name)

@@ -1242,6 +1242,11 @@ class Replica:
                 return
             rc.promise = max(rc.fence, max(p for p, _h in rc.reports.values()))
             rc.target = max(h for _p, h in rc.reports.values())
+            if self.n % 2 == 0:
+                # Any two majorities of an even cluster share two nodes: one that forgot its
+                # votes never is the only witness of a chosen value; and the others could not
+                # choose the slots up to the target without this node (in a 2-node cluster).
+                rc.target = -1
             rc.phase = 3
             self._log_event(f"recovering: learning the chosen values through {rc.target}")
             self._recovery_ask()  # the leader fills slots up to the target if it must

@@ -212,6 +212,7 @@ class Node:
         # peer messages delivered lately, the last few of each type (so a rare type, a Promise
         # or a Snapshot chunk, is as likely to come again as a heartbeat)
         self.handled: dict = {}
+        self.heal_target: int | None = None
         self.start()
 
     def start(self) -> None:
@@ -262,6 +263,9 @@ class Node:
         self.sim.log(f"WIPE n{self.id}: its disk is replaced, empty")
         self.disk = Disk()
         self.sim.oracle.wiped(self.id)
+        # it has recovered, for the fault model, once it has recovered and applied what was
+        # chosen when it lost its disk (``Simulation._may_wipe``)
+        self.heal_target = max((n.replica.commit_index for n in self.sim.nodes if n.up), default=-1)
 
     # ------------------------------------------------------------------ inputs
     def on_client_request(self, req: ClientRequest) -> None:
@@ -677,9 +681,15 @@ class Simulation:
         """The fault model of wiped nodes (README, "A node that lost its disk"): one node of
         a group without its state at a time, so every other node has voted durably (its
         promise is on its disk) and has recovered, if it once lost its disk itself."""
-        return self.config.nodes > 1 and all(
-            other.disk.promised > 0 and (not other.up or not other.replica.recovering)
-            for other in self.nodes if other is not node)
+        for other in self.nodes:
+            if other is node:
+                continue
+            if other.heal_target is not None and other.up and not other.replica.recovering \
+                    and other.replica.commit_index >= other.heal_target:
+                other.heal_target = None
+            if other.disk.promised == 0 or other.heal_target is not None:
+                return False
+        return self.config.nodes > 1
 
     def redeliver(self, node: Node, change: str) -> None:
         """Messages ``node`` handled before its state changed arrive again, soon."""
