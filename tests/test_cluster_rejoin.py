@@ -54,7 +54,7 @@ def wait_caught_up(lc: LocalCluster, name: str, timeout: float = 60.0) -> list:
     while time.monotonic() < deadline:
         with lc.client(timeout=2.0) as c:
             shards = c.status()["shards"]
-        states = [s.get("states", {}).get(name) for s in shards]
+        states = [s.get("states", {}).get(name, "ok") for s in shards]
         seen.extend(st for st in states if st and (not seen or seen[-1] != st))
         leaders_applied = [s["replicas"].get(s["leader"]) for s in shards]
         if all(st == "ok" for st in states) and all(
