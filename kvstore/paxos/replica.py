@@ -62,6 +62,50 @@ commits them at once, before it re-proposes by ballot above them. Either half
 alone closes the bug; the simulator checks the first as an invariant (a Promise
 never hides a slot its sender knows is chosen) and the second by planting both
 off together (``Bugs.duplicate_prepare_unchecked``).
+
+Wiped nodes (a node that lost its disk: issue 19). A replica whose durable promise is
+0 has either never promised nor accepted anything or forgotten what it did; it cannot
+tell which, and an acceptor that forgot can break Paxos (it promises below a ballot it
+promised, or answers "nothing accepted" for a slot whose value was chosen with its
+vote). So it starts *recovering* (``self.recovery``): it sends no Promise, no Accepted
+and grants no pre-vote; it still learns (records at or below a leader's commit point,
+snapshots) and knows the leader (clients are forwarded). It votes once:
+
+1. every OTHER node has reported its promise (``Recover``/``RecoverReply``, a fresh
+   nonce per question so no answer to an earlier incarnation counts). If this node and
+   the empty reporters (promise 0, nothing held) are a majority, it is a new cluster:
+   it votes at once (a majority without its state is outside the fault model);
+2. every other node has raised its promise to the fence F and reported again its
+   promise and the highest slot it holds anything at. F is the highest promise of
+   step 1, or the first ballot of the next round if that one is this node's own:
+   every ballot this node led before it lost its disk was promised durably by another
+   node, so it is <= that promise, and < F. After its report no node accepts at such a
+   ballot, so an Accept this node sent before it lost its disk and still in flight can
+   no longer make a value chosen behind the reports' back;
+3. it holds the chosen values up to H, the highest slot reported (a leader asked for
+   slots up to H that it has not proposed fills them with no-ops), then persists as
+   its promise P, the highest promise of step 2, and votes.
+
+Why that is safe (one node without its state at a time). Promises: a ballot B this
+node promised before matters only if B's candidate, another node, counted it; that
+candidate had promised B durably first, so P >= B, and this node never accepts below
+P. Acceptances: a value this node accepted at slot s came from a leader that stored
+it first (at s), and that leader reports a slot >= s (or, if the leader was this node
+itself, its late Accepts are fenced off, and any other acceptance was reported): every
+slot where a forgotten acceptance could count is <= H, where this node now holds the
+chosen value, as committed (a Promise shows it as chosen). Its durable marker is the
+promise P itself: persisted after the records and commit point it covers (the log
+appends promises last), so a crash during recovery starts it again. In an even-sized
+cluster any two majorities share two nodes, so a single forgetful node is never the
+only witness: it votes after step 2 (in a 2-node cluster the other node could not
+commit up to H alone). Liveness price: step 1 and 2 need every other node, so with
+another node of a 3-node cluster down the wiped node stays a non-voter until that node
+returns (etcd has the operator remove and re-add the member instead).
+The simulator wipes nodes' disks and catches ``Bugs.wiped_votes_at_once``.
+
+The leader's view of a follower (``_Progress``) goes down as well as up: a heartbeat
+reply carries the follower's point now, lower than the leader thought if it restarted
+or lost its disk, and the leader resends from there (or sends a snapshot).
 """
 
 from __future__ import annotations
