@@ -265,7 +265,7 @@ class Node:
         self.sim.oracle.wiped(self.id)
         # it has recovered, for the fault model, once it has recovered and applied what was
         # chosen when it lost its disk (``Simulation._may_wipe``)
-        self.heal_target = max((n.replica.commit_index for n in self.sim.nodes if n.up), default=-1)
+        self.heal_target = max(self.sim.oracle.chosen, default=-1)
 
     # ------------------------------------------------------------------ inputs
     def on_client_request(self, req: ClientRequest) -> None:
