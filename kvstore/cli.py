@@ -43,6 +43,25 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(lines)
 
 
+#: A replica this many slots behind its shard's commit point is shown as lagging.
+LAGGING_SLOTS = 100
+
+
+def _attention(shard: dict) -> str:
+    """The nodes of a shard an operator should know about: recovering (a wiped node that
+    does not vote yet), catching up (receiving a snapshot or far behind) or lagging."""
+    commit = shard.get("commit_index", 0)
+    states = shard.get("states") or {}
+    notes = []
+    for node, applied in sorted((shard.get("replicas") or {}).items()):
+        state = states.get(node, "ok")
+        if state != "ok":
+            notes.append(f"{node} {state} (applied {applied})")
+        elif applied is not None and commit - applied > LAGGING_SLOTS:
+            notes.append(f"{node} lagging ({commit - applied} behind)")
+    return "; ".join(notes)
+
+
 def format_status(status: dict) -> str:
     """The ``status`` table: nodes, then shards with leader, commit index and lag."""
     nodes = status.get("nodes", [])
@@ -56,8 +75,8 @@ def format_status(status: dict) -> str:
         replicas = s.get("replicas") or {}
         lag = max((commit - applied for applied in replicas.values()), default=0)
         rows.append([s.get("shard"), s.get("leader"), commit, s.get("applied_index", ""),
-                     lag, s.get("keys", "")])
-    out.append(format_table(["shard", "leader", "commit", "applied", "lag", "keys"], rows))
+                     lag, s.get("keys", ""), _attention(s)])
+    out.append(format_table(["shard", "leader", "commit", "applied", "lag", "keys", "attention"], rows))
     extra = []
     if "path" in status:
         extra.append(f"data: {status['path']}")

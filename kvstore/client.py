@@ -775,18 +775,19 @@ class ClusterKV(KV):
                           "role": f"leader of {leads}" if leads else ",".join(roles)})
         shards = []
         for s in range(nshards):
-            leader, commit, replicas = None, -1, {}
+            leader, commit, replicas, states = None, -1, {}, {}
             for address, v in views.items():
                 if v is None:
                     continue
                 sv = v["shards"][s]
                 replicas[v["node"]] = sv["applied_index"]
+                states[v["node"]] = sv.get("state", "ok")
                 commit = max(commit, sv["commit_index"])
                 if sv["role"] == "leader":
                     leader = v["node"]
             shards.append({"shard": s, "leader": leader, "commit_index": commit,
                            "applied_index": replicas.get(leader) if leader else None,
-                           "replicas": replicas})
+                           "replicas": replicas, "states": states})
         out = {"mode": "cluster", "nodes": nodes, "shards": shards}
         if problems:
             out["problems"] = problems

@@ -113,6 +113,8 @@ RESOLVE_RETRY_SECONDS = 3.0
 PEER_KINDS = frozenset((wire.PAXOS, wire.FORWARD, wire.FORWARDED))
 #: How often the node looks for a client key added to or revoked from ``clients/``.
 RELOAD_KEYS_SECONDS = 2.0
+#: A replica this many slots behind the commit point its leader last told it is "catching up".
+CATCHING_UP_SLOTS = 100
 #: Ticks after start at which a node campaigns for the shards it prefers to lead
 #: (shard % nodes == its index) if they have no leader yet: leaders spread over nodes.
 PREFERRED_CAMPAIGN_TICKS = (15, 40)
@@ -244,6 +246,12 @@ class Node:
                       "this node cannot vote in the shard: wipe its data directory and let it "
                       "rejoin from its peers", shard, format_ballot(replica.promised),
                       extra={"event": "forged_promise", "node": self.name, "shard": shard})
+        if replica.recovering:
+            log.warning("shard %d: no Paxos state on disk (a new or wiped node): recovering from the "
+                        "peers; this node votes once every other node has reported (README, \"A node "
+                        "that lost its disk\")", shard,
+                        extra={"event": "recovering", "node": self.config.name, "shard": shard})
+        replica.trace = []  # its recovery steps are logged (``_observe_roles``)
         return replica
 
     # ------------------------------------------------------------------ the loop
@@ -752,6 +760,12 @@ class Node:
 
     def _observe_roles(self) -> None:
         for s, r in enumerate(self.replicas):
+            if r.trace:
+                for event in r.trace:
+                    if "recover" in event:
+                        log.info("shard %d: %s", s, event.split(" ", 1)[1],
+                                 extra={"event": "recovery", "node": self.name, "shard": s})
+                r.trace.clear()
             now = (r.role, r.leader_hint)
             before = self._roles[s]
             if now == before:
@@ -865,14 +879,26 @@ class Node:
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
+        """Per shard: this replica's role, leader, commit and applied points, and ``state``:
+        "recovering" (it restarted without its Paxos state and does not vote yet: README,
+        "A node that lost its disk"), "catching up" (receiving a snapshot, or more than
+        ``CATCHING_UP_SLOTS`` behind the commit point its leader told it) or "ok"; on the
+        leader, ``followers``: how far it knows each node holds the log."""
         names = self.config.names
         shards = []
         for s, r in enumerate(self.replicas):
             hint = r.leader_hint
-            shards.append({"shard": s, "role": r.role,
-                           "leader": None if hint is None else names[hint],
-                           "leader_index": hint, "commit_index": r.commit_index,
-                           "applied_index": r.applied_index, "ballot": format_ballot(r.promised)})
+            st = r.status()
+            state = ("recovering" if st["recovering"] else
+                     "catching up" if st["receiving_snapshot"] or st["behind"] > CATCHING_UP_SLOTS else "ok")
+            shard = {"shard": s, "role": r.role,
+                     "leader": None if hint is None else names[hint],
+                     "leader_index": hint, "commit_index": r.commit_index,
+                     "applied_index": r.applied_index, "ballot": format_ballot(r.promised),
+                     "state": state, "recovery_phase": st["recovering"]}
+            if "match" in st:
+                shard["followers"] = {names[i]: m for i, m in enumerate(st["match"])}
+            shards.append(shard)
         return {"node": self.name, "index": self.index,
                 "nodes": [{"id": nm, "address": self.config.addresses[nm]} for nm in names],
                 "nshards": self.nshards, "shards": shards,

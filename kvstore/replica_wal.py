@@ -136,6 +136,7 @@ class WalReplicaStorage:
             self._check_log_covers(position)
             checkpointed = [dict(r) for r in records]
             self._replay(hard, records, position)
+            drop_torn_acceptances(hard, records)
             check_recovered(self.path, hard, records)
             self._hard = hard  # per shard [promised, commit, applied, compacted]
             self._records = records  # per shard {slot: record}, handed to load() once
@@ -270,6 +271,11 @@ class WalReplicaStorage:
                 self._install_snapshot(w.shard, w.snapshot)
         results: list = []
         records: list = []
+        # Promises go last in the append: a torn tail keeps a prefix, so a promise on disk
+        # implies the records and commit points before it are too. A node that lost its disk
+        # persists its first promise only once it has recovered and holds the chosen values
+        # (``kvstore.paxos.replica``, "Wiped nodes"): that promise must not outlive them.
+        promises: list = []
         published: dict = {}
         slots: list = []
         # the hard states and commit points this save moves: this storage's own copies
@@ -286,7 +292,7 @@ class WalReplicaStorage:
                 pending = [{}, {}, {}, {}]
                 if w.promised is not None and w.promised != hard[0]:
                     hard[0] = w.promised
-                    records.append(Record(KIND_PROMISE, s, ballot=w.promised))
+                    promises.append(Record(KIND_PROMISE, s, ballot=w.promised))
                 for rec in w.records:
                     slot = int.from_bytes(rec[8:16], "little")
                     records.append(Record(KIND_ENTRY, s, slot=slot, payload=rec))
@@ -319,9 +325,10 @@ class WalReplicaStorage:
             apply(None)  # records and hard state only (a leader's proposal): no LMDB read
         if applied is not None and results:
             applied(results)
-        if records:
+        if records or promises:
             # the commit points ride with the next append that has to be synced anyway
             records += [Record(KIND_COMMIT_POINT, s, slot=c) for s, c in commit_points.items()]
+            records += promises  # last: a promise on disk implies what came before it
             commit_points.clear()
             if self.bugs.commit_point_before_records:  # planted: the commit points first
                 ahead = [r for r in records if r.kind == KIND_COMMIT_POINT]
@@ -426,14 +433,34 @@ class WalReplicaStorage:
             self.storage.close()
 
 
+def drop_torn_acceptances(hard: list, records: list) -> None:
+    """Forget acceptances above the commit point at a ballot above the promise.
+
+    A save appends a shard's promise after its records (``save``), so an append
+    torn by a crash can keep records accepted at a ballot whose promise it lost.
+    Nothing of that save was announced (messages leave only once it returned), so
+    those acceptances were never counted by anyone: dropping them is what the
+    crash did anyway. (At or below the commit point a record is a chosen value,
+    whatever the ballot it carries.)"""
+    for shard_hard, shard_records in zip(hard, records):
+        promised, commit = shard_hard[0], shard_hard[1]
+        for slot in [s for s in shard_records if s > commit]:
+            try:
+                _slot, ballot, _kind, _payload = decode_record(shard_records[slot])
+            except CorruptRecord:
+                continue  # check_recovered names it
+            if ballot > promised:
+                del shard_records[slot]
+
+
 def check_recovered(path: str, hard: list, records: list) -> None:
     """Refuse a recovered state that is not self-consistent, in one line naming ``path``.
 
     Run at every recovery, before any replica sees the state. Per shard, with
     ``[promised, commit, applied, compacted]`` and the records above the
     compaction point: ``-1 <= compacted <= applied <= commit``; every record
-    validates, sits at its own slot and was accepted at a ballot the promise
-    covers; and every slot above the compaction point up to the commit point is
+    validates, sits at its own slot, and above the commit point was accepted at
+    a ballot the promise covers (``drop_torn_acceptances`` ran first); and every slot above the compaction point up to the commit point is
     held (the replica applies them, and serves them to its peers). A state
     that fails this was damaged on disk, or by a bug: the node must not vote
     with it."""
@@ -466,7 +493,7 @@ def _inconsistency(hard: list, records: dict) -> str | None:
             return f"the log record at slot {slot} does not validate ({e})"
         if record_slot != slot:
             return f"the log record kept at slot {slot} is slot {record_slot}'s"
-        if ballot > promised:
+        if ballot > promised and slot > commit:
             return (f"slot {slot} was accepted at ballot {format_ballot(ballot)}, above the "
                     f"promise {points}")
     missing = [slot for slot in range(compacted + 1, commit + 1) if slot not in records]

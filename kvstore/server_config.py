@@ -136,7 +136,7 @@ def parse_security(doc: dict, path: str) -> str | None:
 #: ``[tuning]`` settings (all optional): timing and batching of every node.
 TUNING = {"tick_ms": int, "election_timeout_ticks": int, "heartbeat_interval_ticks": int,
           "pipeline_window": int, "batch_commands_max": int, "snapshot_every_slots": int,
-          "log_retain_slots": int, "lease_read_ticks": int}
+          "log_retain_slots": int, "lease_read_ticks": int, "snapshot_chunk_bytes": int}
 #: The node's default election timeout, for checking a lease against it.
 _ELECTION_TIMEOUT_TICKS_DEFAULT = 30
 

@@ -157,7 +157,9 @@ class LocalCluster:
 
     def _leaders(self, names: list) -> dict | None:
         """``{"shards": [{"shard", "leader"}]}`` if every shard has a leader among ``names``
-        (asked directly, so a dead node costs no wait), else None."""
+        and none of them is still recovering (a node that started after the others had
+        voted does not vote before it has: README, "A node that lost its disk"), asked
+        directly, so a dead node costs no wait; else None."""
         from kvstore.transport import wire
         with self.client(timeout=2.0, names=names) as c:
             core = c._core
@@ -172,6 +174,8 @@ class LocalCluster:
                 for sv in view["shards"]:
                     if sv["role"] == "leader":
                         leaders[sv["shard"]] = view["node"]
+                    if sv.get("state") == "recovering":  # not a voter yet: not ready
+                        return None
             if len(leaders) == c.nshards:
                 return {"shards": [{"shard": s, "leader": leaders[s]} for s in sorted(leaders)]}
         return None

@@ -66,9 +66,48 @@ def test_replica_without_a_known_leader_refuses_reads():
     assert e.value.leader_hint is None
 
 
+def new_cluster_replica(node: int = 1, n: int = 3) -> Replica:
+    """Node ``node`` of a new cluster: every other node reports it holds nothing, so it
+    votes (a replica with no Paxos state votes only once it knows that much)."""
+    r = Replica(Config(node=node, num_nodes=n, rng=random.Random(0)))
+    assert r.recovering
+    nonce = r.recovery.nonce
+    for i in range(n):
+        if i != node:
+            r.step(Message(M.RECOVER_REPLY, node, i, context=nonce))
+    assert [m.type for m in r.ready().messages] == [M.RECOVER] * (n - 1)
+    assert not r.recovering
+    return r
+
+
+def test_a_replica_without_paxos_state_votes_only_once_it_knows_it_is_safe():
+    r = Replica(Config(node=1, num_nodes=3, rng=random.Random(0)))
+    nonce = r.recovery.nonce
+    r.step(Message(M.PREPARE, 1, 0, ballot=make_ballot(1, 0)))
+    assert [m.type for m in r.ready().messages] == [M.RECOVER, M.RECOVER]  # no Promise
+    # Node 0 has voted (promise 3.0, slots up to 7): not a new cluster. Node 2 too.
+    r.step(Message(M.RECOVER_REPLY, 1, 0, hint=make_ballot(3, 0), match_index=7, context=nonce))
+    r.step(Message(M.RECOVER_REPLY, 1, 2, hint=make_ballot(2, 2), match_index=5, context=nonce))
+    fence = [m for m in r.ready().messages if m.type == M.RECOVER]
+    assert {m.ballot for m in fence} == {make_ballot(3, 0)}  # the highest promise reported
+    assert r.recovering and r.recovery.phase == 2
+    for i in (0, 2):
+        r.step(Message(M.RECOVER_REPLY, 1, i, hint=make_ballot(3, 0), match_index=7,
+                       context=fence[0].context))
+    assert r.recovering and r.recovery.target == 7  # it must learn slots 0..7 first
+    r.step(Message(M.HEARTBEAT, 1, 0, ballot=make_ballot(3, 0), commit_index=7))
+    reply = [m for m in r.ready().messages if m.type == M.HEARTBEAT_REPLY]
+    assert reply[0].reject and reply[0].hint == 0 and reply[0].match_index == -1  # no vote
+    recs = tuple(encode_record(s, make_ballot(3, 0), KIND_BATCH, msgpack.packb([b"c%d" % s])) for s in range(8))
+    r.step(Message(M.ACCEPT, 1, 0, ballot=make_ballot(3, 0), commit_index=7, records=recs))
+    rd = r.ready()
+    assert not r.recovering
+    assert rd.promised == make_ballot(3, 0) and rd.commit_index == 7 and len(rd.committed) == 8
+
+
 def test_promise_is_persisted_in_the_same_ready_as_its_announcement():
     """Rule 1: the Ready that carries a Promise also carries the promise to persist."""
-    r = Replica(Config(node=1, num_nodes=3, rng=random.Random(0)))
+    r = new_cluster_replica()
     r.step(Message(M.PREPARE, 1, 0, ballot=make_ballot(1, 0)))
     rd = r.ready()
     assert rd.promised == make_ballot(1, 0)
@@ -76,7 +115,7 @@ def test_promise_is_persisted_in_the_same_ready_as_its_announcement():
 
 
 def test_acceptance_is_persisted_in_the_same_ready_as_its_announcement():
-    r = Replica(Config(node=1, num_nodes=3, rng=random.Random(0)))
+    r = new_cluster_replica()
     b = make_ballot(1, 0)
     rec = encode_record(0, b, KIND_BATCH, msgpack.packb([b"x"]))
     r.step(Message(M.ACCEPT, 1, 0, ballot=b, records=(rec,)))
@@ -86,7 +125,7 @@ def test_acceptance_is_persisted_in_the_same_ready_as_its_announcement():
 
 
 def test_never_accepts_below_the_promise():
-    r = Replica(Config(node=1, num_nodes=3, rng=random.Random(0)))
+    r = new_cluster_replica()
     r.step(Message(M.PREPARE, 1, 2, ballot=make_ballot(2, 2)))
     r.ready()
     low = make_ballot(1, 0)
@@ -203,6 +242,74 @@ def test_catch_up_via_snapshot_when_log_is_compacted():
     c.propose(0, b"after")
     c.tick(2)
     assert c.commands(2)[-1:] == [b"after"]
+
+
+def test_a_large_snapshot_crosses_a_lossy_reordering_network_in_a_window_of_chunks():
+    """Flow control: at most a window of chunks in flight, acknowledged by offset and resent
+    from the last acknowledged one. A burst of every chunk, resent whole each election
+    timeout, never completes here: reordered chunks are dropped by the receiver."""
+    c = Cluster(3, log_retain_slots=0, batch_commands_max=1, snapshot_chunk_bytes=16,
+                snapshot_window_chunks=4)
+    c.campaign(0)
+    c.isolate(2)
+    c.propose(0, *[b"c%d" % i for i in range(10)])
+    state = bytes(range(256)) * 8  # 128 chunks
+    c.replicas[0].compact(10, state)
+    c.process()
+    c.heal()
+    rng = random.Random(7)
+    most_in_flight = 0
+    for _ in range(400):
+        for r in c.replicas:
+            r.tick()
+        c.process()
+        chunks = [m for m in c.inbox if m.type == M.SNAPSHOT]
+        most_in_flight = max(most_in_flight, len(chunks))
+        rng.shuffle(c.inbox)  # reordered, and one message in ten lost
+        c.inbox = [m for m in c.inbox if rng.random() >= 0.1]
+        batch, c.inbox = c.inbox, []
+        for m in batch:
+            c.replicas[m.to].step(m)
+        if c.snapshots[2]:
+            break
+    assert [s.data for s in c.snapshots[2]] == [state]
+    assert most_in_flight <= 4
+    sent = sum(1 for m in c.sent if m.type == M.SNAPSHOT)
+    assert sent < 4 * 128, sent  # resent from the acknowledged offset, not from the start
+
+
+def test_a_wiped_follower_gets_the_log_again_from_a_leader_that_did_not_change():
+    """The leader's view of a follower drops when the follower says it holds less (it lost its
+    disk): it resends from there. (It kept the old match and sent nothing, for minutes.)"""
+    c = Cluster(3, batch_commands_max=1)
+    c.campaign(0)
+    c.propose(0, *[b"c%d" % i for i in range(5)])
+    c.tick(3)
+    assert c.replicas[0].progress[2].match == 5  # its no-op and the five commands
+    c.crash(2)
+    c.disks[2], c.records[2] = PersistedState(), {}  # a replaced disk
+    c.restart(2)
+    c.tick(30)
+    r = c.replicas[2]
+    assert not r.recovering and r.promised > 0
+    assert c.commands(2) == [b"c%d" % i for i in range(5)]
+    c.crash(1)  # the wiped node now counts in a majority
+    c.propose(0, b"after")
+    c.tick(3)
+    assert c.commands(0)[-1] == c.commands(2)[-1] == b"after"
+
+
+def test_a_promise_counts_only_for_the_campaign_it_answers():
+    c = Cluster(3, pre_vote=False)
+    r = c.replicas[2]
+    r.campaign()
+    c.process()
+    c.inbox = []
+    r.step(Message(M.PROMISE, 2, 1, ballot=r.ballot, commit_index=-1, context=r.campaign_context + 1))
+    r.step(Message(M.PROMISE, 2, 0, ballot=r.ballot, commit_index=-1, context=r.campaign_context - 1))
+    assert not r.is_leader  # answers to a Prepare of another incarnation with this ballot
+    r.step(Message(M.PROMISE, 2, 1, ballot=r.ballot, commit_index=-1, context=r.campaign_context))
+    assert r.is_leader
 
 
 def test_read_index_needs_a_quorum_round_and_batches_reads():

@@ -149,13 +149,13 @@ def test_promise_that_omits_slots_below_the_promisers_commit_point_is_not_a_vote
     b = r.ballot
     c.process()
     c.inbox = []
-    r.step(Message(M.PROMISE, C, B, ballot=b, commit_index=12, records=()))
+    r.step(Message(M.PROMISE, C, B, ballot=b, commit_index=12, records=(), context=r.campaign_context))
     c.process()
     assert not r.is_leader
     # The same promiser with the records in between is a vote.
     recs = tuple(encode_record(s, make_ballot(1, A), KIND_BATCH, msgpack.packb([b"cmd%d" % s]))
                  for s in range(13))
-    r.step(Message(M.PROMISE, C, B, ballot=b, commit_index=12, records=recs))
+    r.step(Message(M.PROMISE, C, B, ballot=b, commit_index=12, records=recs, context=r.campaign_context))
     c.process()
     assert r.is_leader
     assert r.commit_index == 12  # the chosen slots it was shown are committed at once

@@ -32,7 +32,17 @@ A, B, C = 0, 1, 2
 
 
 def replica(node=B, n=3, persisted=None, **config) -> Replica:
-    return Replica(Config(node=node, num_nodes=n, rng=random.Random(0), **config), persisted)
+    """A replica of a new cluster (with no Paxos state it votes only once every other node
+    has reported holding nothing: ``replica.py``, "Wiped nodes"), or one on ``persisted``."""
+    r = Replica(Config(node=node, num_nodes=n, rng=random.Random(0), **config), persisted)
+    if r.recovering:
+        nonce = r.recovery.nonce
+        for i in range(n):
+            if i != node:
+                r.step(Message(M.RECOVER_REPLY, node, i, context=nonce))
+        r.ready()
+        assert not r.recovering
+    return r
 
 
 def follow(r: Replica, leader: int, round_: int = 1) -> int:

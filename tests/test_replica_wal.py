@@ -260,13 +260,11 @@ def put_log(slot: int, record: bytes):
                                     r"applied 10, compacted -1\)"),
     (put_hard([BALLOT, 9, 9, 10]), r"its points are out of order"),
     (put_hard([BALLOT, 9, 9]), r"its hard state \[65536, 9, 9\] is not four integers"),
-    (put_log(1, encode_record(1, 2 * BALLOT, KIND_BATCH, b"\x90")),
-     r"slot 1 was accepted at ballot 2.0, above the promise \(promised 1.0"),
     (put_log(1, put_entry(4, b"k", b"v")[0]), r"the log record kept at slot 1 is slot 4's"),
     (put_log(1, put_entry(1, b"k", b"v")[0][:-1] + b"\x00"),
      r"the log record at slot 1 does not validate"),
 ], ids=["commit-above-records", "applied-above-commit", "compacted-above-applied",
-        "hard-state-shape", "ballot-above-promise", "record-at-another-slot", "torn-record"])
+        "hard-state-shape", "record-at-another-slot", "torn-record"])
 def test_an_inconsistent_persisted_state_is_refused_at_recovery(open_storage, tmp_path,
                                                                 change, message):
     """Issue 19: every recovery checks the persisted state's relations, and refuses
@@ -334,3 +332,20 @@ def test_kvstore_server_refuses_an_inconsistent_directory_in_one_line(tmp_path):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("kvstore-server: the persisted state of shard 0 in " + data), err
     assert "slots 1-7, at or below the commit point, are not in the log" in err, err
+
+
+def test_an_append_torn_before_its_promise_loses_only_what_it_never_announced():
+    """A save appends a shard's promise after its records (so that a promise on disk
+    implies them: a wiped node's first promise marks it recovered). A crash that tears
+    the append after the records keeps acceptances above the commit point at a ballot
+    above the promise on disk: nothing of that save was announced, so recovery drops
+    them (they were refused as an inconsistent state). Chosen records (at or below the
+    commit point) stay whatever their ballot."""
+    from kvstore.replica_wal import check_recovered, drop_torn_acceptances
+    chosen = encode_record(0, 2 * BALLOT, KIND_BATCH, b"\x90")
+    torn = encode_record(1, 2 * BALLOT, KIND_BATCH, b"\x90")
+    kept = encode_record(2, BALLOT, KIND_BATCH, b"\x90")
+    hard, records = [[BALLOT, 0, 0, -1]], [{0: chosen, 1: torn, 2: kept}]
+    drop_torn_acceptances(hard, records)
+    assert records == [{0: chosen, 2: kept}]
+    check_recovered("/nowhere", hard, records)

@@ -59,6 +59,7 @@ FINDINGS = {
     "unchecked_peer_input": ("wire:", "state:", "commit:", "acceptance", "validity", "agreement",
                              "chosen value lost", "liveness", "ValueError"),
     "snapshot_from_anyone": ("state:", "monotonic"),
+    "wiped_votes_at_once": ("chosen value lost", "agreement", "commit:", "hid chosen slots"),
 }
 
 

@@ -46,6 +46,9 @@ def messages(draw, frm=None):
         offset = draw(st.integers(0, size - len(data)))
         chunk = dict(snapshot_index=draw(slots), offset=offset, size=size, data=data,
                      done=offset + len(data) == size)
+    elif t == M.SNAPSHOT_ACK:  # how much of a transfer its addressee holds
+        size = draw(st.integers(0, M.SNAPSHOT_BYTES_MAX))
+        chunk = dict(snapshot_index=draw(slots), offset=draw(st.integers(0, size)), size=size)
     return Message(
         type=t, to=to, frm=frm, ballot=ballot, commit_index=draw(index), match_index=draw(index),
         records=draw(records) if t in (M.ACCEPT, M.PROMISE) else (),

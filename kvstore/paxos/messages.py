@@ -22,6 +22,19 @@ words only (Prepare, Promise, Accept, Accepted), never shared with two-phase com
 |                 | the follower's request number (a batch of its reads)                       |
 | ReadIndexReply  | ``commit_index`` = the read index, confirmed by a quorum round at         |
 |                 | ``ballot``; ``context`` echoed; ``reject`` = not the leader of ``ballot``    |
+| SnapshotAck     | the receiver holds ``offset`` bytes of the transfer of ``snapshot_index`` |
+|                 | (``size``) from the addressee: the sender slides its window of chunks     |
+| Recover         | a node that restarted with no Paxos state asks for a report; ``ballot`` = |
+|                 | a fence (0: none) the addressee raises its promise to first;              |
+|                 | ``context`` = the asker's nonce; ``commit_index`` = a slot the asker      |
+|                 | waits to see committed (-1: none; a leader fills slots up to it)          |
+| RecoverReply    | ``hint`` = the reporter's promise (after the fence), ``match_index`` = the |
+|                 | highest slot it holds anything at (accepted, chosen or snapshotted),      |
+|                 | ``commit_index``; ``context`` echoed                                      |
+
+Prepare and Promise carry ``context`` too: the candidate's nonce for this campaign,
+echoed, so that a Promise answering a Prepare of an earlier incarnation (one that lost
+its disk and may reuse a ballot number) is never counted.
 
 Records are log records in the codec's form (``kvstore._native.encode_record``),
 the same bytes that go to disk. ``to_wire``/``from_wire`` give a msgpack-able
@@ -55,9 +68,13 @@ HEARTBEAT_REPLY = "HeartbeatReply"
 SNAPSHOT = "Snapshot"
 READ_INDEX = "ReadIndex"
 READ_INDEX_REPLY = "ReadIndexReply"
+SNAPSHOT_ACK = "SnapshotAck"
+RECOVER = "Recover"
+RECOVER_REPLY = "RecoverReply"
 
 MESSAGE_TYPES = (PRE_VOTE, PRE_VOTE_REPLY, PREPARE, PROMISE, ACCEPT, ACCEPTED,
-                 HEARTBEAT, HEARTBEAT_REPLY, SNAPSHOT, READ_INDEX, READ_INDEX_REPLY)
+                 HEARTBEAT, HEARTBEAT_REPLY, SNAPSHOT, READ_INDEX, READ_INDEX_REPLY,
+                 SNAPSHOT_ACK, RECOVER, RECOVER_REPLY)
 _TYPE_CODE = {t: i for i, t in enumerate(MESSAGE_TYPES)}
 
 #: Nodes in a group at most (``Replica`` refuses more; votes are 64-bit masks).
@@ -171,6 +188,9 @@ def _check_ranges(m: Message) -> None:
         end = m.offset + len(m.data)
         if m.snapshot_index < 0 or end > m.size or m.done != (end == m.size):
             raise ValueError("snapshot chunk inconsistent with its index, offset and size")
+    elif t == SNAPSHOT_ACK:  # how much of a transfer the addressee holds (offset <= size)
+        if m.snapshot_index < 0 or m.data or m.done:
+            raise ValueError("a snapshot acknowledgement names an index and carries no chunk")
     elif m.data or m.size or m.offset or m.done:
         raise ValueError(f"a {t} carries no snapshot chunk")
     if t in _PROPOSER_TYPES or (t == READ_INDEX_REPLY and not m.reject):

@@ -62,6 +62,50 @@ commits them at once, before it re-proposes by ballot above them. Either half
 alone closes the bug; the simulator checks the first as an invariant (a Promise
 never hides a slot its sender knows is chosen) and the second by planting both
 off together (``Bugs.duplicate_prepare_unchecked``).
+
+Wiped nodes (a node that lost its disk: issue 19). A replica whose durable promise is
+0 has either never promised nor accepted anything or forgotten what it did; it cannot
+tell which, and an acceptor that forgot can break Paxos (it promises below a ballot it
+promised, or answers "nothing accepted" for a slot whose value was chosen with its
+vote). So it starts *recovering* (``self.recovery``): it sends no Promise, no Accepted
+and grants no pre-vote; it still learns (records at or below a leader's commit point,
+snapshots) and knows the leader (clients are forwarded). It votes once:
+
+1. every OTHER node has reported its promise (``Recover``/``RecoverReply``, a fresh
+   nonce per question so no answer to an earlier incarnation counts). If this node and
+   the empty reporters (promise 0, nothing held) are a majority, it is a new cluster:
+   it votes at once (a majority without its state is outside the fault model);
+2. every other node has raised its promise to the fence F and reported again its
+   promise and the highest slot it holds anything at. F is the highest promise of
+   step 1, or the first ballot of the next round if that one is this node's own:
+   every ballot this node led before it lost its disk was promised durably by another
+   node, so it is <= that promise, and < F. After its report no node accepts at such a
+   ballot, so an Accept this node sent before it lost its disk and still in flight can
+   no longer make a value chosen behind the reports' back;
+3. it holds the chosen values up to H, the highest slot reported (a leader asked for
+   slots up to H that it has not proposed fills them with no-ops), then persists as
+   its promise P, the highest promise of step 2, and votes.
+
+Why that is safe (one node without its state at a time). Promises: a ballot B this
+node promised before matters only if B's candidate, another node, counted it; that
+candidate had promised B durably first, so P >= B, and this node never accepts below
+P. Acceptances: a value this node accepted at slot s came from a leader that stored
+it first (at s), and that leader reports a slot >= s (or, if the leader was this node
+itself, its late Accepts are fenced off, and any other acceptance was reported): every
+slot where a forgotten acceptance could count is <= H, where this node now holds the
+chosen value, as committed (a Promise shows it as chosen). Its durable marker is the
+promise P itself: persisted after the records and commit point it covers (the log
+appends promises last), so a crash during recovery starts it again. In an even-sized
+cluster any two majorities share two nodes, so a single forgetful node is never the
+only witness: it votes after step 2 (in a 2-node cluster the other node could not
+commit up to H alone). Liveness price: step 1 and 2 need every other node, so with
+another node of a 3-node cluster down the wiped node stays a non-voter until that node
+returns (etcd has the operator remove and re-add the member instead).
+The simulator wipes nodes' disks and catches ``Bugs.wiped_votes_at_once``.
+
+The leader's view of a follower (``_Progress``) goes down as well as up: a heartbeat
+reply carries the follower's point now, lower than the leader thought if it restarted
+or lost its disk, and the leader resends from there (or sends a snapshot).
 """
 
 from __future__ import annotations
@@ -71,7 +115,7 @@ from typing import Callable, Protocol
 
 from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority
 from kvstore.paxos import messages as M
-from kvstore.paxos.ballot import ballot_node, ballot_round, make_ballot, next_round
+from kvstore.paxos.ballot import ballot_node, ballot_round, format_ballot, make_ballot, next_round
 from kvstore.paxos.batch import decode_batch, encode_batch
 from kvstore.paxos.messages import Message
 
@@ -140,6 +184,9 @@ class Bugs:
     unchecked_peer_input: bool = False
     # (o) snapshots: one is installed from any sender at any ballot (the rule before issue 18)
     snapshot_from_anyone: bool = False
+    # (p) a node that restarts with no Paxos state (a wiped disk) votes at once, as if it
+    # had never promised or accepted anything (no recovery: see "Wiped nodes" above)
+    wiped_votes_at_once: bool = False
 
 
 class Jitter(Protocol):
@@ -160,6 +207,11 @@ class Config:
     entries_per_message_max: int = 32
     pending_commands_max: int = 4096  # proposals waiting for the window; beyond: dropped
     snapshot_chunk_bytes: int = 4096
+    #: Snapshot chunks a sender keeps in flight to one receiver, at most: each SnapshotAck
+    #: slides the window; with no ack for ``snapshot_resend_ticks`` it goes back to the
+    #: last acknowledged offset (go-back-N), never to the start.
+    snapshot_window_chunks: int = 8
+    snapshot_resend_ticks: int = 4
     log_retain_slots: int = 32  # entries kept below a snapshot point, for cheap catch-up
     pre_vote: bool = True
     #: The application's check of a snapshot's state (it decodes), run before an
@@ -255,6 +307,54 @@ class _Progress:
         self.snapshot_sent_tick = -(1 << 30)
 
 
+class _SnapshotOut:
+    """A snapshot transfer to one receiver: a window of chunks in flight past ``acked``."""
+
+    __slots__ = ("index", "data", "ballot", "acked", "sent", "progress_tick", "retry_tick", "backoff")
+
+    def __init__(self, index: int, data: bytes, ballot: int, tick: int) -> None:
+        self.index = index
+        self.data = data
+        self.ballot = ballot
+        self.acked = 0  # bytes the receiver holds
+        self.sent = 0  # bytes sent (acked <= sent)
+        self.progress_tick = tick  # when ``acked`` last moved (or the transfer began)
+        self.retry_tick = tick  # when the window was last (re)sent from ``acked``
+        self.backoff = 1  # the resend interval's multiplier: doubles while nothing moves
+
+
+class _SnapshotIn:
+    """A snapshot transfer being received: the bytes held in order, a few chunks past them."""
+
+    __slots__ = ("key", "buf", "ahead")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key  # (sender, index, size): chunks of one sender's one transfer only
+        self.buf = bytearray()
+        self.ahead: dict = {}  # offset -> chunk, received out of order (at most a window)
+
+
+class _Recovery:
+    """A node without Paxos state finding out what it may have forgotten (module docstring).
+
+    ``phase`` 1: every other node reports its promise (a majority empty, this node
+    included, ends it: a fresh cluster); 2: every other node raises its promise to the
+    fence and reports again (promise, highest slot held); 3: this node learns the chosen
+    values up to ``target``, then raises its own promise to ``promise`` and votes.
+    """
+
+    __slots__ = ("nonce", "phase", "reports", "fence", "target", "promise", "asked_tick")
+
+    def __init__(self, nonce: int) -> None:
+        self.nonce = nonce
+        self.phase = 1
+        self.reports: dict = {}  # node -> (promise, highest slot held)
+        self.fence = 0
+        self.target = -1
+        self.promise = 0
+        self.asked_tick = 0
+
+
 class _ReadRound:
     __slots__ = ("seq", "read_index", "request_ids", "remote", "acks", "start_tick")
 
@@ -344,7 +444,7 @@ class Replica:
         self.read_ask: _ReadIndexAsk | None = None
         self.read_ask_seq = self.rng.randrange(1 << 40) << 20
         self._match_cache = (-1, -1)  # (ballot, match)
-        self.snapshot_inbound: tuple | None = None  # (sender, index, size, bytearray)
+        self.snapshot_inbound: _SnapshotIn | None = None
         # Outputs for the next Ready.
         self._hard_dirty = False
         self._out_records: dict = {}
@@ -355,6 +455,25 @@ class Replica:
         self._out_dropped_commands: list = []
         self._out_dropped_reads: list = []
         self.trace: list | None = None  # a driver may set a list to collect state changes
+        # Snapshot transfers this node sends (any role): receiver -> _SnapshotOut.
+        self.snapshots_out: dict = {}
+        # Campaign nonce: a Promise counts only if it echoes the Prepare's (see messages).
+        self.campaign_context = 0
+        # Wiped nodes ("Wiped nodes" in the module docstring). A node whose durable promise is 0
+        # has never promised nor accepted anything, or has lost its disk: it does not vote
+        # until it has recovered. The promise it persists at the end is the durable marker.
+        self.recovery: _Recovery | None = None
+        self.learn_ballot = 0  # a recovering node: the ballot of the leader it learns from
+        self.noop_target = -1  # a leader: a recovering node waits for this slot to commit
+        self.heard_commit = self.commit_index  # the highest commit point a leader told us
+        if self.promised == 0 and self.n > 1 and not self.bugs.wiped_votes_at_once:
+            self.recovery = _Recovery(self.rng.randrange(1 << 40) << 20)
+            # Records above the commit point are not known chosen and were not announced
+            # (a vote is announced only once its promise is durable): a learner drops them.
+            for slot in [s for s in self.log if s > self.commit_index]:
+                del self.log[slot]
+            self._log_event("recovering: no Paxos state on disk; not voting until recovered")
+            self._recovery_ask()
 
     # ------------------------------------------------------------------ helpers
     def _log_event(self, what: str) -> None:
@@ -439,7 +558,7 @@ class Replica:
 
     def campaign(self) -> None:
         """Start an election now (pre-vote first when configured)."""
-        if self.role == LEADER:
+        if self.role == LEADER or self.recovery is not None:
             return
         if next_round(self.max_round) is None:  # unreachable legitimately (ballot.py)
             self._log_event("no ballot left to campaign with (round cap)")
@@ -476,6 +595,7 @@ class Replica:
         self._reset_timeout()
         self._log_event(f"campaign ballot {b >> 16}.{self.id}")
         self.promise_tally.reset(b)
+        self.campaign_context = self.rng.randrange(1 << 40) << 20
         self.reports = {self.id: ([(s, *self.log[s]) for s in sorted(self.log) if s > self.commit_index],
                                   self.commit_index)}
         if self._promises_elect(self.id):
@@ -483,7 +603,8 @@ class Replica:
             return
         for i in range(self.n):
             if i != self.id:
-                self._send(Message(M.PREPARE, i, self.id, ballot=b, commit_index=self.commit_index))
+                self._send(Message(M.PREPARE, i, self.id, ballot=b, commit_index=self.commit_index,
+                                   context=self.campaign_context))
 
     def _records_above(self, c: int) -> tuple:
         return tuple(self.log[s][3] for s in sorted(self.log) if s > c)
@@ -540,6 +661,7 @@ class Replica:
             kind, payload = (v[1], v[2]) if v is not None else (KIND_NOOP, b"")
             self._store(slot, b, kind, payload)
         self.own_first_slot = top + 1
+        self.noop_target = -1
         self._store(top + 1, b, KIND_NOOP, b"")
         self.next_slot = top + 2
         commit = self.tally.record(self.id, c + 1, top + 1, b)
@@ -554,6 +676,8 @@ class Replica:
         self.ticks += 1
         if self.follower_reads_leader is not None:
             self._check_follower_reads()
+        if self.snapshots_out:
+            self._tick_snapshots()
         if self._deferred_records and self.ticks % self.config.election_timeout_ticks == 0:
             # Planted bug (a): the write-behind buffer is flushed only now.
             self._out_records.update(self._deferred_records)
@@ -577,6 +701,12 @@ class Replica:
                     self._broadcast_heartbeat()
             return
         self.election_elapsed += 1
+        rc = self.recovery
+        if rc is not None:
+            if self.ticks - rc.asked_tick >= self.config.election_timeout_ticks:
+                self._recovery_ask()
+            self._advance_recovery()
+            return
         if self.election_elapsed >= self.randomized_timeout:
             self.campaign()
 
@@ -610,7 +740,7 @@ class Replica:
         self._check_follower_reads()
         if self.role != FOLLOWER or self.leader is None:
             raise NotLeader(self.leader)
-        self.follower_reads_leader = (self.leader, self.promised)
+        self.follower_reads_leader = (self.leader, self._followed_ballot())
         self.follower_reads_queued.append(request_id)  # asked at the next ready()
 
     def clock_jumped(self) -> None:
@@ -655,7 +785,9 @@ class Replica:
             # A snapshot replaces the state whole, past every per-slot check; only the
             # leader of the ballot this replica promised, whose commit point it already
             # trusts, may send one (the leader of a ballot is its node index).
-            return ((m.ballot != self.promised or ballot_node(m.ballot) != m.frm)
+            # (A recovering replica has promised nothing yet: it follows the ballot of the
+            # leader it learns from, ``_followed_ballot``.)
+            return ((m.ballot != self._followed_ballot() or ballot_node(m.ballot) != m.frm)
                     and not self.bugs.snapshot_from_anyone)
         if t == M.ACCEPT or t == M.PROMISE:
             top = self.commit_index + SLOT_SPAN_MAX
@@ -687,6 +819,14 @@ class Replica:
             self._on_read_index(m)
         elif t == M.READ_INDEX_REPLY:
             self._on_read_index_reply(m)
+        elif t == M.SNAPSHOT_ACK:
+            self._on_snapshot_ack(m)
+        elif t == M.RECOVER:
+            self._on_recover(m)
+        elif t == M.RECOVER_REPLY:
+            self._on_recover_reply(m)
+        if self.recovery is not None:
+            self._advance_recovery()
         if self.follower_reads_leader is not None:
             self._check_follower_reads()
 
@@ -699,7 +839,7 @@ class Replica:
         return self.leader is not None and self.election_elapsed < self.config.election_timeout_ticks
 
     def _on_pre_vote(self, m: Message) -> None:
-        grant = (m.ballot > self.promised and not self._heard_leader_recently()
+        grant = (self.recovery is None and m.ballot > self.promised and not self._heard_leader_recently()
                  and m.commit_index + 1 >= self.log_start)
         self._send(Message(M.PRE_VOTE_REPLY, m.frm, self.id, ballot=m.ballot,
                            reject=not grant, hint=self.promised))
@@ -717,6 +857,8 @@ class Replica:
             self._campaign_real()
 
     def _on_prepare(self, m: Message) -> None:
+        if self.recovery is not None:
+            return  # no vote before recovery; a lost message, to the candidate
         b = m.ballot
         if b < self.promised or (b == self.promised and ballot_node(b) != m.frm):
             self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
@@ -741,7 +883,7 @@ class Replica:
             self.leader = None
             self.election_elapsed = 0
         self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, commit_index=self.commit_index,
-                           records=self._records_above(m.commit_index)))
+                           records=self._records_above(m.commit_index), context=m.context))
 
     def _on_promise(self, m: Message) -> None:
         if m.reject:
@@ -750,8 +892,8 @@ class Replica:
                 if self.role in (CANDIDATE, LEADER) and m.hint > self.ballot:
                     self._become_follower(None)
             return
-        if self.role != CANDIDATE or m.ballot != self.ballot:
-            return
+        if self.role != CANDIDATE or m.ballot != self.ballot or m.context != self.campaign_context:
+            return  # not for this campaign (a Promise to an earlier incarnation's Prepare, say)
         if m.frm in self.reports:
             return  # a duplicate; count each vote once
         decoded = [(*decode_record(rec), rec) for rec in m.records]
@@ -778,6 +920,11 @@ class Replica:
     def _on_accept(self, m: Message) -> None:
         b = m.ballot
         reply_type = M.ACCEPTED if m.type == M.ACCEPT else M.HEARTBEAT_REPLY
+        if m.commit_index > self.heard_commit:
+            self.heard_commit = m.commit_index
+        if self.recovery is not None:
+            self._learn(m, reply_type)
+            return
         if b < self.promised and not self.bugs.accept_below_promise:
             self._send(Message(reply_type, m.frm, self.id, ballot=b, reject=True,
                                hint=self.promised, context=m.context))
@@ -821,12 +968,22 @@ class Replica:
                 if self.role == LEADER:
                     self._log_event(f"rejected by {m.frm} (promised {m.hint >> 16}.{m.hint & 0xFFFF})")
                     self._become_follower(None)
+            elif m.hint == 0 and self.role == LEADER and m.ballot == self.ballot:
+                # A node that does not vote yet (it is recovering: ``_learn``) holds the chosen
+                # values through ``match_index``: send it what follows (or a snapshot).
+                pr = self.progress[m.frm]
+                pr.match = m.match_index
+                if m.type == M.HEARTBEAT_REPLY or pr.next <= pr.match:
+                    pr.next = pr.match + 1
+                self._send_entries(m.frm)
             return
         if self.role != LEADER or m.ballot != self.ballot:
             return
         self.recent_active |= 1 << m.frm
         pr = self.progress[m.frm]
-        if m.match_index > pr.match:
+        if m.match_index > pr.match or m.type == M.HEARTBEAT_REPLY:
+            # A heartbeat reply says where the follower is now: lower than we thought if it
+            # restarted or lost its disk since (then resend from there, or a snapshot).
             pr.match = m.match_index
         if m.match_index > self.commit_index:
             self._on_commit(self.tally.record(m.frm, self.commit_index + 1, m.match_index, self.ballot))
@@ -852,7 +1009,8 @@ class Replica:
         if pr.next > last:
             return
         if pr.next < self.log_start:
-            if self.ticks - pr.snapshot_sent_tick >= self.config.election_timeout_ticks:
+            if (to not in self.snapshots_out
+                    and self.ticks - pr.snapshot_sent_tick >= self.config.election_timeout_ticks):
                 pr.snapshot_sent_tick = self.ticks
                 self._send_snapshot(to, self.ballot)
             return
@@ -863,10 +1021,15 @@ class Replica:
         pr.next = hi + 1
 
     def _flush_proposals(self) -> None:
-        if self.role != LEADER or not self.pending_commands:
+        if self.role != LEADER or not (self.pending_commands or self.noop_target >= self.next_slot):
             return
         first = self.next_slot
         cfg = self.config
+        while self.noop_target >= self.next_slot and self.next_slot <= self.commit_index + cfg.pipeline_window:
+            # a recovering node waits for these slots to be chosen (``_on_recover``); this
+            # leader's phase 1 covered every slot, so it may fill them with no-ops
+            self._store(self.next_slot, self.ballot, KIND_NOOP, b"")
+            self.next_slot += 1
         while self.pending_commands and self.next_slot <= self.commit_index + cfg.pipeline_window:
             batch = self.pending_commands[:cfg.batch_commands_max]
             del self.pending_commands[:cfg.batch_commands_max]
@@ -973,7 +1136,7 @@ class Replica:
         fl = self.follower_reads_leader
         if fl is None:
             return
-        if self.role != FOLLOWER or (self.leader, self.promised) != fl:
+        if self.role != FOLLOWER or (self.leader, self._followed_ballot()) != fl:
             self._drop_follower_reads()
             return
         ask = self.read_ask
@@ -985,49 +1148,115 @@ class Replica:
             self.follower_reads_leader = None
 
     # ------------------------------------------------------------------ snapshots
+    # Flow control: a sender keeps at most ``snapshot_window_chunks`` chunks in flight to one
+    # receiver; the receiver acknowledges the bytes it holds in order (SnapshotAck) and keeps
+    # a few chunks that arrive early; each ack slides the window. With no ack for a while the
+    # sender goes back to the last acknowledged offset (not to the start), waiting twice as
+    # long each time nothing moved; a transfer with no progress for many election timeouts
+    # is dropped (the leader starts it again if the follower still needs it, and the
+    # receiver's first ack moves it to where it stands). So a snapshot of any size finishes
+    # over a network that loses, duplicates and reorders, at a window's pace.
     def _send_snapshot(self, to: int, ballot: int) -> None:
-        data = self.snapshot_data
         if self.snapshot_index < 0:
             return
-        step = self.config.snapshot_chunk_bytes
-        size = len(data)
-        off = 0
-        while True:
-            chunk = data[off:off + step]
-            done = off + len(chunk) >= size
-            self._send(Message(M.SNAPSHOT, to, self.id, ballot=ballot, snapshot_index=self.snapshot_index,
-                               offset=off, size=size, data=chunk, done=done))
-            off += len(chunk)
-            if done:
-                break
+        out = self.snapshots_out.get(to)
+        if out is not None and out.index == self.snapshot_index:
+            return  # under way: its own timer resends
+        self.snapshots_out[to] = _SnapshotOut(self.snapshot_index, self.snapshot_data, ballot, self.ticks)
+        self._pump_snapshot(to)
+
+    def _pump_snapshot(self, to: int) -> None:
+        """Send the chunks of the window past what was sent already."""
+        out = self.snapshots_out[to]
+        size = len(out.data)
+        if size == 0:
+            self._send(Message(M.SNAPSHOT, to, self.id, ballot=out.ballot, snapshot_index=out.index,
+                               offset=0, size=0, data=b"", done=True))
+            return
+        step = max(1, self.config.snapshot_chunk_bytes)
+        end = min(size, out.acked + self.config.snapshot_window_chunks * step)
+        while out.sent < end:
+            chunk = out.data[out.sent:out.sent + step]
+            self._send(Message(M.SNAPSHOT, to, self.id, ballot=out.ballot, snapshot_index=out.index,
+                               offset=out.sent, size=size, data=chunk, done=out.sent + len(chunk) >= size))
+            out.sent += len(chunk)
+
+    def _on_snapshot_ack(self, m: Message) -> None:
+        out = self.snapshots_out.get(m.frm)
+        if out is None or out.index != m.snapshot_index or m.size != len(out.data):
+            return
+        if m.offset >= len(out.data):
+            del self.snapshots_out[m.frm]  # received whole (or not needed any more)
+            return
+        if m.offset > out.acked:
+            out.acked = m.offset
+            out.sent = max(out.sent, m.offset)
+            out.progress_tick = out.retry_tick = self.ticks
+            out.backoff = 1
+        elif m.offset == 0 and out.acked > 0:
+            out.acked = out.sent = 0  # the receiver holds none of it (it restarted): again
+        else:
+            return  # a duplicate or a late ack: the timer deals with a lost chunk
+        self._pump_snapshot(m.frm)
+
+    def _tick_snapshots(self) -> None:
+        cfg = self.config
+        for to, out in list(self.snapshots_out.items()):
+            if self.ticks - out.progress_tick >= 10 * cfg.election_timeout_ticks or out.index != self.snapshot_index:
+                del self.snapshots_out[to]
+                continue
+            wait = min(cfg.snapshot_resend_ticks * out.backoff, 2 * cfg.election_timeout_ticks)
+            if self.ticks - out.retry_tick >= wait:
+                out.retry_tick = self.ticks
+                out.backoff = min(out.backoff * 2, 64)
+                out.sent = out.acked  # go back N: from the last acknowledged offset
+                self._pump_snapshot(to)
+
+    def _ack_snapshot(self, m: Message, held: int) -> None:
+        self._send(Message(M.SNAPSHOT_ACK, m.frm, self.id, ballot=m.ballot, snapshot_index=m.snapshot_index,
+                           offset=held, size=m.size))
 
     def _on_snapshot(self, m: Message) -> None:
         # A snapshot holds only chosen values, so it is safe to install at any point above
         # the commit point, but only from a replica that holds them: the leader of the
-        # ballot promised (``_ignored``), its content checked (``snapshot_ok``) before it
+        # ballot followed (``_ignored``), its content checked (``snapshot_ok``) before it
         # replaces anything. Any other sender, a stale ballot or a forged chunk is ignored.
-        stale = m.snapshot_index <= self.commit_index and not self.bugs.snapshot_backwards
-        if stale or self.role == LEADER or m.snapshot_index < 0:
+        if self.role == LEADER or m.snapshot_index < 0 or m.size < 0:
             return  # a leader's tally counts from its own commit point; it never jumps
-        if m.offset == 0:
-            self.snapshot_inbound = (m.frm, m.snapshot_index, m.size, bytearray())
+        stale = m.snapshot_index <= self.commit_index and not self.bugs.snapshot_backwards
+        if stale:
+            self._ack_snapshot(m, m.size)  # nothing more of it is needed here
+            return
+        key = (m.frm, m.snapshot_index, m.size)
         sin = self.snapshot_inbound
         # Chunks are joined only from one sender's one transfer: two nodes' snapshots of the
         # same index need not be the same bytes, and a late chunk of an older transfer must not
         # be spliced into a newer one.
-        if sin is None or sin[:3] != (m.frm, m.snapshot_index, m.size) or len(sin[3]) != m.offset:
+        if sin is None or sin.key != key:
+            if m.offset != 0:
+                self._ack_snapshot(m, 0)  # not the transfer held here: from the start, please
+                return
+            sin = self.snapshot_inbound = _SnapshotIn(key)
+        window = self.config.snapshot_window_chunks * max(1, self.config.snapshot_chunk_bytes)
+        held = len(sin.buf)
+        if m.offset == held:
+            sin.buf.extend(m.data)
+            while len(sin.buf) in sin.ahead:
+                sin.buf.extend(sin.ahead.pop(len(sin.buf)))
+        elif held < m.offset < held + window and m.data and len(sin.ahead) < self.config.snapshot_window_chunks:
+            sin.ahead[m.offset] = m.data
+        if len(sin.buf) > m.size:
+            self.snapshot_inbound = None  # inconsistent chunks: drop the transfer
             return
-        sin[3].extend(m.data)
-        if not m.done:
+        self._ack_snapshot(m, len(sin.buf))
+        if len(sin.buf) != m.size:
             return
         self.snapshot_inbound = None
-        if len(sin[3]) != sin[2]:
-            return
         check = self.config.snapshot_ok
-        if check is not None and not self.bugs.unchecked_peer_input and not check(bytes(sin[3])):
+        if check is not None and not self.bugs.unchecked_peer_input and not check(bytes(sin.buf)):
             self._log_event(f"snapshot through {m.snapshot_index} from {m.frm} does not decode; ignored")
             return
-        index, data = m.snapshot_index, bytes(sin[3])
+        index, data = m.snapshot_index, bytes(sin.buf)
         self._log_event(f"installing snapshot through {index}")
         self.snapshot_index = index
         self.snapshot_data = data
@@ -1041,9 +1270,124 @@ class Replica:
         self._out_records = {s: r for s, r in self._out_records.items() if s > index}
         self._deferred_records = {s: r for s, r in self._deferred_records.items() if s > index}
         if self.role == FOLLOWER and self.leader == m.frm:
-            b = self.promised
-            self._send(Message(M.ACCEPTED, m.frm, self.id, ballot=b, match_index=self._match(b),
-                               commit_index=self.commit_index))
+            if self.recovery is not None:
+                self._send_progress(M.ACCEPTED, m.frm, m.ballot, 0)
+            else:
+                b = self.promised
+                self._send(Message(M.ACCEPTED, m.frm, self.id, ballot=b, match_index=self._match(b),
+                                   commit_index=self.commit_index))
+
+    # ------------------------------------------------------------------ wiped nodes
+    @property
+    def recovering(self) -> bool:
+        """True while this replica does not vote (it restarted with no Paxos state)."""
+        return self.recovery is not None
+
+    def _followed_ballot(self) -> int:
+        return self.learn_ballot if self.recovery is not None else self.promised
+
+    def _highest_held(self) -> int:
+        """The highest slot this replica holds anything at: accepted, chosen or snapshotted."""
+        return max(self._last_slot(), self.commit_index)
+
+    def _holds_nothing(self) -> bool:
+        return self.promised == 0 and not self.log and self.commit_index < 0 and self.snapshot_index < 0
+
+    def _recovery_ask(self) -> None:
+        rc = self.recovery
+        rc.asked_tick = self.ticks
+        for i in range(self.n):
+            if i != self.id and (rc.phase == 3 or i not in rc.reports):
+                self._send(Message(M.RECOVER, i, self.id, ballot=rc.fence, context=rc.nonce,
+                                   commit_index=rc.target if rc.phase == 3 else -1))
+
+    def _on_recover(self, m: Message) -> None:
+        """Any node, any role: report what a recovering node needs, after the fence.
+
+        The fence is a promise like any other: durable before the reply that announces it
+        leaves (rule 1), so the reporter accepts nothing below it afterwards. A node that is
+        recovering itself raises nothing: its promise stays 0 until it has recovered (its
+        durable marker), and it does not accept anything before then anyway.
+        """
+        if m.ballot > self.promised and self.recovery is None and m.ballot > 0:
+            self._set_promised(m.ballot)
+            if self.role != FOLLOWER:
+                self._become_follower(None)
+            self.leader = None
+        if self.role == LEADER and m.commit_index >= self.next_slot:
+            self.noop_target = max(self.noop_target, m.commit_index)
+        self._send(Message(M.RECOVER_REPLY, m.frm, self.id, hint=self.promised,
+                           match_index=self._highest_held(), commit_index=self.commit_index,
+                           context=m.context))
+
+    def _on_recover_reply(self, m: Message) -> None:
+        rc = self.recovery
+        if rc is None or rc.phase == 3 or m.context != rc.nonce:
+            return  # an answer to an earlier question (or an earlier incarnation's)
+        rc.reports[m.frm] = (m.hint, m.match_index)
+
+    def _advance_recovery(self) -> None:
+        rc = self.recovery
+        if rc.phase == 1:
+            if self._holds_nothing():
+                empty = 1 + sum(1 for p, h in rc.reports.values() if p == 0 and h < 0)
+                if empty >= majority(self.n):
+                    self._log_event("recovered: a majority holds no state (a new cluster); voting")
+                    self.recovery = None
+                    return
+            if len(rc.reports) < self.n - 1:
+                return
+            top = max(p for p, _h in rc.reports.values())
+            # Every ballot this node led before it lost its disk is <= top; the fence must be
+            # above them all, and need not be above top otherwise (no election for it).
+            rc.fence = make_ballot(ballot_round(top) + 1, 0) if top and ballot_node(top) == self.id else top
+            rc.phase, rc.reports, rc.nonce = 2, {}, rc.nonce + 1
+            self._log_event(f"recovering: fence {format_ballot(rc.fence)}")
+            self._recovery_ask()
+            return
+        if rc.phase == 2:
+            if len(rc.reports) < self.n - 1:
+                return
+            rc.promise = max(rc.fence, max(p for p, _h in rc.reports.values()))
+            rc.target = max(h for _p, h in rc.reports.values())
+            if self.n % 2 == 0:
+                # Any two majorities of an even cluster share two nodes: one that forgot its
+                # votes never is the only witness of a chosen value; and the others could not
+                # choose the slots up to the target without this node (in a 2-node cluster).
+                rc.target = -1
+            rc.phase = 3
+            self._log_event(f"recovering: learning the chosen values through {rc.target}")
+            self._recovery_ask()  # the leader fills slots up to the target if it must
+        if self.commit_index >= rc.target:
+            self.recovery = None
+            self._set_promised(max(rc.promise, self.promised))
+            self.learn_ballot = 0
+            self._log_event(f"recovered: promise {format_ballot(self.promised)}, chosen values held "
+                            f"through {self.commit_index}; voting")
+
+    def _send_progress(self, reply_type: str, to: int, ballot: int, context: int) -> None:
+        """A recovering node's answer to an Accept or Heartbeat: no vote (``reject``, no
+        promise), only how far it holds the chosen values, so the leader resends from there."""
+        self._send(Message(reply_type, to, self.id, ballot=ballot, reject=True, hint=0,
+                           match_index=self.commit_index, commit_index=self.commit_index, context=context))
+
+    def _learn(self, m: Message, reply_type: str) -> None:
+        """A recovering node takes from an Accept or Heartbeat only what is chosen: records
+        at or below the sender's commit point. Its log holds nothing else (records above
+        its commit point were dropped when it started), so it commits what it holds."""
+        if m.ballot >= self.learn_ballot:
+            self.learn_ballot = m.ballot
+            self.leader = m.frm
+            self.election_elapsed = 0
+        for rec in m.records:
+            slot, rb, kind, payload = decode_record(rec)
+            if self.commit_index < slot <= m.commit_index and slot >= self.log_start and slot not in self.log:
+                self._store(slot, rb, kind, payload, rec)
+        commit = self.commit_index
+        while commit < m.commit_index and (commit + 1) in self.log:
+            commit += 1
+        self._set_commit(commit)
+        self._send_progress(reply_type, m.frm, m.ballot, m.context)
 
     # ------------------------------------------------------------------ Ready
     def _reads_due(self, applied: int) -> list:
@@ -1054,7 +1398,8 @@ class Replica:
 
     def has_ready(self) -> bool:
         if self.role == LEADER:
-            if self.pending_commands and self.next_slot <= self.commit_index + self.config.pipeline_window:
+            if ((self.pending_commands or self.noop_target >= self.next_slot)
+                    and self.next_slot <= self.commit_index + self.config.pipeline_window):
                 return True
             if ((self.reads_queued or self.remote_queued) and self.read_round is None
                     and self._own_noop_committed()):
@@ -1106,9 +1451,18 @@ class Replica:
         return None
 
     def status(self) -> dict:
-        return {"node": self.id, "role": self.role, "leader": self.leader_hint,
-                "promised": self.promised, "commit_index": self.commit_index,
-                "applied_index": self.applied_index, "snapshot_index": self.snapshot_index}
+        """Where this replica stands; ``recovering`` (1-3: the phase) while it does not vote,
+        ``receiving_snapshot`` while a snapshot comes in, and on a leader each node's
+        ``match`` (the slot up to which the leader knows it holds the log)."""
+        st = {"node": self.id, "role": self.role, "leader": self.leader_hint,
+              "promised": self.promised, "commit_index": self.commit_index,
+              "applied_index": self.applied_index, "snapshot_index": self.snapshot_index,
+              "recovering": 0 if self.recovery is None else self.recovery.phase,
+              "receiving_snapshot": self.snapshot_inbound is not None,
+              "behind": max(0, max(self.heard_commit, self.commit_index) - self.applied_index)}
+        if self.role == LEADER:
+            st["match"] = [self.next_slot - 1 if i == self.id else p.match for i, p in enumerate(self.progress)]
+        return st
 
 
 def _committed_entry(slot: int, ballot: int, kind: int, payload: bytes) -> Entry:

@@ -327,7 +327,15 @@ class BankPaxosSimulation(BankSimulation):
         for group in self.groups:
             group._heal()
             if self.config.minority_stays_down:
-                for node in self.rng.sample(group.nodes, self.rng.randrange(group.config.nodes // 2 + 1)):
+                # A node that does not vote yet (it recovers: it never voted durably, or lost
+                # its disk) needs every other node: it is among those that stay down, or none is.
+                recovering = [n for n in group.nodes if n.replica.recovering]
+                others = [n for n in group.nodes if not n.replica.recovering]
+                k = self.rng.randrange(group.config.nodes // 2 + 1)
+                if len(recovering) > group.config.nodes // 2:
+                    k = 0
+                down = recovering + self.rng.sample(others, max(0, k - len(recovering))) if k else []
+                for node in down:
                     node.crash("stays down through the liveness phase")
 
     def liveness_ticks(self) -> int:

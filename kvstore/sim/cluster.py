@@ -78,6 +78,9 @@ class SimConfig:
     # them; the answers they get must still be right)
     redeliver_after_change_rate: float = 0.2
     crash_rate: float = 0.004  # per node per tick
+    # a crashed node restarts with an empty disk (a replaced disk): this often, per restart,
+    # when the fault model allows (one node without its state at a time: ``_may_wipe``)
+    wipe_rate: float = 0.0
     partition_rate: float = 0.01  # per tick
     pause_rate: float = 0.003  # per node per tick
     leader_pause_rate: float = 0.003  # per tick: the leader stalls (a GC pause), often long
@@ -120,6 +123,7 @@ def swarm(config: SimConfig, rng: random.Random) -> SimConfig:
                    replay_rate=pick(0.0, 0.005, 0.03),
                    redeliver_after_change_rate=pick(0.0, 0.2, 1.0),
                    crash_rate=pick(0.0, 0.003, 0.01, 0.02),
+                   wipe_rate=pick(0.0, 0.0, 0.3, 0.7),
                    partition_rate=pick(0.0, 0.01, 0.03),
                    pause_rate=pick(0.0, 0.003, 0.01),
                    leader_pause_rate=pick(0.0, 0.005, 0.02),
@@ -218,6 +222,7 @@ class Node:
         # peer messages delivered lately, the last few of each type (so a rare type, a Promise
         # or a Snapshot chunk, is as likely to come again as a heartbeat)
         self.handled: dict = {}
+        self.heal_target: int | None = None
         self.start()
 
     def start(self) -> None:
@@ -263,6 +268,15 @@ class Node:
         self.disk.lose_unsynced()
         self.up = False
         self.replica = None
+
+    def wipe(self) -> None:
+        """The node (down) loses its whole disk: it restarts empty, and must recover."""
+        self.sim.log(f"WIPE n{self.id}: its disk is replaced, empty")
+        self.disk = Disk()
+        self.sim.oracle.wiped(self.id)
+        # it has recovered, for the fault model, once it has recovered and applied what was
+        # chosen when it lost its disk (``Simulation._may_wipe``)
+        self.heal_target = max(self.sim.oracle.chosen, default=-1)
 
     # ------------------------------------------------------------------ inputs
     def on_client_request(self, req: ClientRequest) -> None:
@@ -646,6 +660,8 @@ class Simulation:
                     node.paused_until = self.tick + 1 + rng.randrange(4 * c.election_timeout_ticks)
                     self.log(f"PAUSE n{node.id} until t{node.paused_until}")
             elif self.tick >= node.down_until:
+                if c.wipe_rate and rng.random() < c.wipe_rate and self._may_wipe(node):
+                    node.wipe()
                 self.log(f"RESTART n{node.id}")
                 node.start()
         if leader is not None and leader.paused_until <= self.tick and rng.random() < c.leader_pause_rate:
@@ -685,6 +701,20 @@ class Simulation:
             m = self.recent[rng.randrange(len(self.recent))]
             self.log(f"replay {m}")
             self._enqueue(self.tick + 1, m)
+
+    def _may_wipe(self, node: Node) -> bool:
+        """The fault model of wiped nodes (README, "A node that lost its disk"): one node of
+        a group without its state at a time, so every other node has voted durably (its
+        promise is on its disk) and has recovered, if it once lost its disk itself."""
+        for other in self.nodes:
+            if other is node:
+                continue
+            if other.heal_target is not None and other.up and not other.replica.recovering \
+                    and other.replica.commit_index >= other.heal_target:
+                other.heal_target = None
+            if other.disk.promised == 0 or other.heal_target is not None:
+                return False
+        return self.config.nodes > 1
 
     def redeliver(self, node: Node, change: str) -> None:
         """Messages ``node`` handled before its state changed arrive again, soon."""
@@ -741,9 +771,10 @@ class Simulation:
                 node.drain()
 
     def _settled(self) -> bool:
-        """One leader, followed by every node."""
+        """One leader, followed by every node, and no node recovering (a wiped one votes again)."""
         leader = self.leader()
-        return leader is not None and all(n.replica.leader_hint == leader.id for n in self.nodes)
+        return leader is not None and all(n.replica.leader_hint == leader.id and not n.replica.recovering
+                                          for n in self.nodes)
 
     def run(self) -> None:
         c = self.config

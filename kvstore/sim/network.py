@@ -30,6 +30,7 @@ class Cluster:
         self.sent: list = []  # every message sent, for assertions
         for i in range(n):
             self.restart(i)
+        self.deliver()  # a new cluster: its nodes find a majority holds no state, and vote
 
     # ------------------------------------------------------------------ topology
     def cut(self, a: int, b: int) -> None:

@@ -66,6 +66,14 @@ class Oracle:
         self.points[node] = (replica.commit_index, replica.applied_index)
         self.check(node, replica)
 
+    def wiped(self, node: int) -> None:
+        """``node`` lost its disk: what it announced is forgotten with it (that is the fault);
+        the votes it cast still count towards what was chosen, so a value chosen with its
+        help and then lost is still caught (``chosen value lost``, agreement)."""
+        self.promised[node] = 0
+        self.acked[node] = {}
+        self.points[node] = (-1, -1)
+
     def sent(self, node: int, m) -> None:
         """``m`` left ``node`` (its Ready was synced first)."""
         if m.reject:
