@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 
 import pytest
@@ -77,14 +78,96 @@ def child_env() -> dict:
 PYTHON = sys.executable
 
 
+def seed_chunks(count: int, per_test: int) -> list:
+    """``range(count)`` cut into ranges of at most ``per_test`` seeds: a long seed sweep as
+    several tests (parametrize with ``ids=seeds_id``), each far inside its timeout, and
+    ``--durations`` shows which part grew, without dropping a seed."""
+    return [range(start, min(start + per_test, count)) for start in range(0, count, per_test)]
+
+
+def seeds_id(value):
+    """A test id part for a range of seeds (``seeds0-49``); pytest's own for anything else."""
+    return f"seeds{value.start}-{value.stop - 1}" if isinstance(value, range) else None
+
+
+# What the KVSTORE_PURE=1 run covers (`pytest -m pure`, as scripts/test.sh runs it): the
+# tests of what the pure-Python twins of the kernels change. An entry is a whole file, or
+# one test of a file ("file.py::name": a function, every parametrization of it, or a class).
+# The native run runs everything; the pure run does not run every process-level test a
+# second time, only a smoke test of the store, one node and a cluster.
+PURE = (
+    # the kernels themselves: vectors, native == pure, every corruption detected
+    "test_hashing.py", "test_logcodec.py", "test_quorum.py", "test_native_selection.py",
+    # what calls them on its hot path: the wire codec (records checked on receipt), the
+    # write-ahead log and recovery over it, the Paxos core's tallies
+    "test_transport.py", "test_wal.py", "test_replica_wal.py",
+    "test_paxos_core.py", "test_paxos_safety.py", "test_peer_input.py",
+    # the real node under the simulator: the log codec and the tallies on every step
+    "test_sim_realnode.py::test_clean_seeds_pass",
+    "test_embedded_recovery.py::test_acknowledged_writes_survive_power_loss_and_a_torn_write_is_whole_or_absent",
+    "test_embedded_recovery.py::test_a_torn_multi_shard_transaction_is_all_or_nothing",
+    "test_embedded_recovery.py::test_an_entry_whose_commit_point_was_torn_off_is_never_applied",
+    "test_embedded_recovery.py::test_replay_applies_nothing_twice_and_keeps_revisions",
+    "test_embedded_recovery.py::test_a_log_that_lost_checkpointed_records_is_refused",
+    "test_embedded_recovery.py::TestCrashMachine",
+    # stored values' checksums
+    "test_hostile_files.py::test_flipped_bytes_in_every_page_give_right_data_or_a_storage_error",
+    "test_hostile_files.py::test_a_flipped_byte_in_a_value_is_caught_by_its_checksum",
+    "test_hostile_files.py::test_check_compares_the_state_with_the_log",
+    "test_hostile_files.py::test_a_log_key_that_disagrees_with_its_record_is_refused_at_open",
+    # smoke: the whole embedded store's API, one node, a cluster of processes, 2PC
+    "test_embedded_api.py",
+    "test_node.py::test_single_node_cluster_serves_the_kv_interface_and_survives_restart",
+    "test_cluster.py::test_put_and_get_through_every_node",
+    "test_cluster.py::test_sigkill_of_the_leader_under_writes_loses_no_acknowledged_write",
+    "test_cluster_txn.py::test_a_cross_shard_transaction_commits_everywhere_or_nowhere",
+)
+
+
+def _pure_selection() -> dict:
+    """PURE as {file name: set of test names, empty for the whole file}. A file or a name
+    that does not exist (renamed, removed) is an error, so the pure run never shrinks
+    silently."""
+    selection: dict = {}
+    for entry in PURE:
+        name, _, test = entry.partition("::")
+        path = os.path.join(REPO_ROOT, "tests", name)
+        if not os.path.isfile(path):
+            raise pytest.UsageError(f"tests/conftest.py PURE names {name}, which does not exist")
+        if test:
+            with open(path, encoding="utf-8") as f:
+                if not re.search(rf"^(async def |def |class )?{re.escape(test)}\b", f.read(), re.M):
+                    raise pytest.UsageError(
+                        f"tests/conftest.py PURE names {entry}, which {name} does not define")
+        selection.setdefault(name, set())
+        if test:
+            selection[name].add(test)
+    return selection
+
+
+def _is_pure(config, item) -> bool:
+    tests = config.pure_selection.get(item.path.name)
+    if tests is None:
+        return False
+    top = item.nodeid.split("::")[1].split("[")[0]  # the function or class, without params
+    return not tests or top in tests
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "chaos: the opt-in chaos run (set KVSTORE_CHAOS_SECONDS)")
     config.addinivalue_line("markers", "sweep: an opt-in long seed sweep (set KVSTORE_SWEEP_SEEDS)")
+    config.addinivalue_line(
+        "markers", "pure: run again with KVSTORE_PURE=1 (applied from PURE in tests/conftest.py)")
+    config.pure_selection = _pure_selection()
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m pure` selects by the marker
 def pytest_collection_modifyitems(config, items) -> None:
-    """The chaos run and the long sweeps are opt-in: without KVSTORE_CHAOS_SECONDS (or
-    KVSTORE_SWEEP_SEEDS) they are deselected, not skipped."""
+    """Marks the PURE tests `pure`. The chaos run and the long sweeps are opt-in: without
+    KVSTORE_CHAOS_SECONDS (or KVSTORE_SWEEP_SEEDS) they are deselected, not skipped."""
+    for item in items:
+        if _is_pure(config, item):
+            item.add_marker(pytest.mark.pure)
     for marker, variable in (("chaos", "KVSTORE_CHAOS_SECONDS"), ("sweep", "KVSTORE_SWEEP_SEEDS")):
         if float(os.environ.get(variable, "0")) > 0:
             continue

@@ -13,18 +13,22 @@ import sys
 from dataclasses import fields
 
 import pytest
+from conftest import seed_chunks, seeds_id
 
 from kvstore.paxos.replica import Bugs
 from kvstore.sim.bank_paxos import BankPaxosConfig, run_bank_paxos_seed
 from kvstore.txn import TxnBugs
 
 SEEDS = int(os.environ.get("KVSTORE_SIM_BANK_SEEDS", "100"))
+SEEDS_PER_TEST = 25  # ~0.3 s a seed: each part well inside its timeout
 BUG_SEED_BUDGET = 40  # each planted bug is found well within this (within 5 seeds today)
 
 
-@pytest.mark.parametrize("shards", [2, 3])
-def test_clean_build_passes_many_seeds(shards):
-    for seed in range(SEEDS if shards == 3 else SEEDS // 3):
+@pytest.mark.parametrize("shards,seeds", [
+    (shards, seeds) for shards in (2, 3)
+    for seeds in seed_chunks(SEEDS if shards == 3 else SEEDS // 3, SEEDS_PER_TEST)], ids=seeds_id)
+def test_clean_build_passes_many_seeds(shards, seeds):
+    for seed in seeds:
         ok, text = run_bank_paxos_seed(BankPaxosConfig(seed=seed, shards=shards))
         assert ok, text
 
