@@ -571,10 +571,15 @@ class Replica:
             self.election_elapsed = 0
             self.prevote_granted = 1 << self.id
             b = make_ballot(self.max_round + 1, self.id)
+            # A grant counts only for this attempt (its reply echoes the nonce): one held by
+            # a partition and delivered after the heal, when its granter follows a new
+            # leader, would start a campaign that deposes that leader.
+            self.campaign_context = self.rng.randrange(1 << 40) << 20
             self._log_event(f"pre-vote for {b >> 16}.{self.id}")
             for i in range(self.n):
                 if i != self.id:
-                    self._send(Message(M.PRE_VOTE, i, self.id, ballot=b, commit_index=self.commit_index))
+                    self._send(Message(M.PRE_VOTE, i, self.id, ballot=b, commit_index=self.commit_index,
+                                       context=self.campaign_context))
             self._reset_timeout()
             return
         self._campaign_real()
@@ -842,7 +847,7 @@ class Replica:
         grant = (self.recovery is None and m.ballot > self.promised and not self._heard_leader_recently()
                  and m.commit_index + 1 >= self.log_start)
         self._send(Message(M.PRE_VOTE_REPLY, m.frm, self.id, ballot=m.ballot,
-                           reject=not grant, hint=self.promised))
+                           reject=not grant, hint=self.promised, context=m.context))
 
     def _on_pre_vote_reply(self, m: Message) -> None:
         if self.role != PRE_CANDIDATE:
@@ -850,8 +855,8 @@ class Replica:
         if m.reject:
             self.max_round = max(self.max_round, ballot_round(m.hint))
             return
-        if ballot_round(m.ballot) != self.max_round + 1:
-            return
+        if ballot_round(m.ballot) != self.max_round + 1 or m.context != self.campaign_context:
+            return  # a grant to another attempt (held by the network, or a replay)
         self.prevote_granted |= 1 << m.frm
         if bin(self.prevote_granted).count("1") >= majority(self.n):
             self._campaign_real()
