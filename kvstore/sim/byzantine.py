@@ -47,11 +47,13 @@ I64_MIN = -(1 << 63)
 
 def _state(r) -> tuple:
     """What a message could change in a replica, its outputs included. Not the snapshot
-    transfer under way: a first chunk claiming the leader of the promised ballot starts a
-    new one (and a bad one is refused whole, at its last chunk); it costs the leader a
-    retransmission."""
+    transfer under way, nor its acknowledgements: a chunk claiming the leader of the
+    promised ballot starts or extends one (and a bad one is refused whole, at its last
+    chunk), and is acknowledged by offset (what the receiver holds); it costs the leader
+    a retransmission."""
+    told = sum(1 for m in r._out_messages if m.type != M.SNAPSHOT_ACK)
     return (r.promised, r.max_round, r.role, r.leader, r.commit_index, r.applied_index, r.snapshot_index,
-            r.log_start, len(r.log), max(r.log, default=-1), len(r._out_messages), len(r._out_records))
+            r.log_start, len(r.log), max(r.log, default=-1), told, len(r._out_records))
 
 
 class Byzantine:
