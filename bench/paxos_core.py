@@ -31,6 +31,7 @@ def make_group(batch: int, window: int, n: int = 3) -> list:
     reps = [Replica(Config(node=i, num_nodes=n, rng=rng, batch_commands_max=batch, pipeline_window=window,
                            entries_per_message_max=max(window, 1)))
             for i in range(n)]
+    settle(reps)  # a new cluster: each finds that a majority holds no state, and votes
     reps[0].campaign()
     settle(reps)
     assert reps[0].is_leader

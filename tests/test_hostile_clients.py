@@ -240,8 +240,8 @@ def test_big_inbound_frames_on_the_client_port_cost_the_node_little(cluster):
     assert grown < 64 * 1024 * 1024, f"RSS grew {grown} bytes"
 
 
-def test_a_message_of_a_million_parts_does_not_stall_the_node(cluster):
-    """One message of 1,000,000 empty parts to the leader's client port (once: a node
+def test_a_message_of_many_parts_does_not_stall_the_node(cluster):
+    """One message of 300,000 empty parts to the leader's client port (once: a node
     stalled 6-10 s): dropped a bounded number of parts per loop turn, so the leader keeps
     its shard (no election) and serves its peers meanwhile: writes sent to a follower,
     which forwards them to the leader on the peer socket, are answered promptly."""
@@ -275,7 +275,7 @@ def test_a_message_of_a_million_parts_does_not_stall_the_node(cluster):
     attacker = None
     try:
         wait_for(lambda: len(latencies) > 20, what="the writer started")
-        attacker = zmtp_many_parts(lc.addresses[leader], 1_000_000)
+        attacker = zmtp_many_parts(lc.addresses[leader], 300_000)
         n = len(latencies)
         # the leader's client port itself waits for the drain (~1.5 us a part, plus
         # libzmq's own decoding of the message before it hands over its first part)

@@ -132,8 +132,9 @@ class Byzantine:
         return self.rng.choice((-2, -3, -(1 << 20), I64_MIN))
 
     def _leader_view(self, node) -> tuple:
-        """``(leader, ballot)`` as ``node`` sees them: the node of its promise, and that."""
-        b = node.replica.promised
+        """``(leader, ballot)`` as ``node`` sees them: the node of the ballot it follows (its
+        promise; a recovering node's, the ballot of the leader it learns from), and that."""
+        b = node.replica._followed_ballot()
         return ballot_node(b), b
 
     def _record(self, slot: int, ballot: int) -> bytes:
