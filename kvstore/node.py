@@ -63,21 +63,19 @@ from dataclasses import dataclass
 
 import zmq
 
-from kvstore.codec import OP_2PC, OP_CAS, OP_PUT, OP_TXN
+from kvstore.codec import OP_2PC
 from kvstore.errors import CorruptRecord
-from kvstore.keys import (MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, MAX_KEY_SIZE, check_key,
-                          check_value)
+from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
 from kvstore.ports import NO_BUGS, NodeBugs, SystemClock
 from kvstore.replica_storage import (POISONED, STALE, ReplicaStorage, ShardWrite,
-                                     check_command, check_logged_command, check_snapshot_data,
-                                     command_keys, decode_client_command, encode_client_command)
+                                     check_command, check_command_sizes, check_logged_command,
+                                     check_snapshot_data, command_keys, decode_client_command, encode_client_command)
 from kvstore.replica_txn import LOCKED, bound_client_2pc, check_decide
 from kvstore.replica_wal import WalReplicaStorage
 from kvstore.txn import ABORT, TxnDecision, TxnPrepare, TxnResolve
-from kvstore.txn import decode as decode_2pc
 from kvstore.txn import encode as encode_2pc
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
@@ -518,7 +516,7 @@ class Node:
             command = [OP_2PC, bound_client_2pc(command[1], shard, self.nshards,
                                                 int(self.clock.time() * 1000), _internal(identity))]
             args = [shard, client_id, seq, floor, command]
-        _check_sizes(command)
+        check_command_sizes(command)
         self._check_keys_in_shard(shard, command_keys(command))
         r = self.replicas[shard]
         if not r.is_leader:
@@ -913,34 +911,6 @@ def _internal(identity) -> bool:
 
 def _ignore(_result) -> None:
     pass
-
-
-def _check_sizes(command: list) -> None:
-    op = command[0]
-    if op == OP_PUT:
-        check_key(command[1])
-        check_value(command[2])
-    elif op == OP_CAS:
-        check_key(command[1])
-        for v in command[2:]:
-            if v is not None:
-                check_value(v)
-    elif op == OP_TXN:
-        for key, value in command[3]:
-            check_key(key)
-            if value is not None:
-                check_value(value)
-    elif op == OP_2PC:
-        entry = decode_2pc(command[1])
-        if isinstance(entry, TxnPrepare):
-            for key, value in entry.writes:
-                check_key(key)
-                if value is not None:
-                    check_value(value)
-            for key, _revision in entry.reads:
-                check_key(key)
-    elif len(command[1]) > MAX_KEY_SIZE or not command[1]:
-        check_key(command[1])
 
 
 def _frames(frm: int, items: list):
