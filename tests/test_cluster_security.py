@@ -116,7 +116,8 @@ def test_security_config_and_keygen_command(tmp_path):
 def test_a_server_process_with_security_serves_only_keyed_clients(tmp_path, keys):
     address = f"tcp://127.0.0.1:{free_port()}"
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[nodes.n1]\naddress = "{address}"\ndata = "n1"\n'
+    cfg.write_text(f'[nodes.n1]\naddress = "{address}"\n'
+                   f'peer_address = "tcp://127.0.0.1:{free_port()}"\ndata = "n1"\n'
                    f'[security]\ncurve = true\nkeys = "keys"\n')
     p = subprocess.Popen([PYTHON, "-m", "kvstore.server", "--config", str(cfg), "--id", "n1"],
                          stderr=subprocess.PIPE, env=child_env())
@@ -256,7 +257,8 @@ def test_a_key_directory_in_the_old_layout_is_refused_in_one_line(tmp_path, keys
     shutil.rmtree(old / "nodes")
     os.rename(old / "clients", old / "allowed")
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[nodes.n1]\naddress = "tcp://127.0.0.1:{free_port()}"\ndata = "n1"\n'
+    cfg.write_text(f'[nodes.n1]\naddress = "tcp://127.0.0.1:{free_port()}"\n'
+                   f'peer_address = "tcp://127.0.0.1:{free_port()}"\ndata = "n1"\n'
                    f'[security]\ncurve = true\nkeys = "old"\n')
     r = subprocess.run([PYTHON, "-m", "kvstore.server", "--config", str(cfg), "--id", "n1"],
                        capture_output=True, text=True, env=child_env(), timeout=30)

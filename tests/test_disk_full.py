@@ -323,7 +323,8 @@ def test_a_node_whose_log_append_fails_acknowledges_nothing_of_it_and_stops(tmp_
 
     address = f"tcp://127.0.0.1:{free_port()}"
     config = NodeConfig(name="n1", names=["n1"], addresses={"n1": address}, shards=1,
-                        data_dir=str(tmp_path / "n1"))
+                        data_dir=str(tmp_path / "n1"),
+                        peer_addresses={"n1": f"tcp://127.0.0.1:{free_port()}"})
     ended: list = []
 
     def run(node: Node) -> None:

@@ -39,10 +39,16 @@ def test_the_peer_address_is_the_client_port_plus_10000_unless_given(tmp_path):
     config = load_node_config(str(path), "n1", data=str(tmp_path))
     assert config.peer_addresses == {"n1": "tcp://127.0.0.1:17001", "n2": "tcp://127.0.0.1:9002"}
     assert config.peer_address("n2") == "tcp://127.0.0.1:9002"
+    # a client port the kernel might hand out for port 0 (up to 60999): minus, not plus
+    path.write_text('[nodes.n1]\naddress = "tcp://127.0.0.1:58000"\n')
+    assert load_node_config(str(path), "n1", data=str(tmp_path)).peer_address("n1") == \
+        "tcp://127.0.0.1:48000"
 
 
 @pytest.mark.parametrize("nodes, error", [
-    ('[nodes.n1]\naddress = "tcp://127.0.0.1:60000"\n', "over 65535: set peer_address"),
+    ('[nodes.n1]\naddress = "tcp://127.0.0.1:60000"\n'
+     '[nodes.n2]\naddress = "tcp://127.0.0.1:50000"\n',
+     "share the address tcp://127.0.0.1:50000"),
     ('[nodes.n1]\naddress = "tcp://127.0.0.1:7001"\n'
      '[nodes.n2]\naddress = "tcp://127.0.0.1:17001"\n',
      "share the address tcp://127.0.0.1:17001"),

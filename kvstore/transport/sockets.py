@@ -116,11 +116,15 @@ _PEER_ID_PREFIX = b"kvpeer1:"
 
 
 def derived_peer_address(client_address: str) -> str:
-    """The peer address of a node that names none: same host, client port + 10000."""
+    """The peer address of a node that names none: same host, client port + 10000, or
+    client port - 10000 where + would pass 65535 (a port the kernel hands out for
+    port 0 is often that high; a config written from one must start as it is)."""
     host, _, port = client_address.rpartition(":")
     peer_port = int(port) + PEER_PORT_OFFSET
     if peer_port > 65535:
-        raise ValueError(f"the client port {port} + {PEER_PORT_OFFSET} is over 65535: "
+        peer_port = int(port) - PEER_PORT_OFFSET
+    if not 0 < peer_port <= 65535:
+        raise ValueError(f"no peer port can be derived from the client port {port}: "
                          f"set peer_address for this node")
     return f"{host}:{peer_port}"
 
