@@ -21,19 +21,28 @@ from kvstore.errors import KVError, Unavailable
 from kvstore.sharding import shard_of
 
 
+#: Every port ``free_port`` handed out in this process: a cluster's ports are all chosen
+#: before any server binds one, so "free now" alone could name one port twice.
+_HANDED_OUT: set = set()
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 now, chosen below the kernel's ephemeral range
     (32768-60999), so that the many short-lived connections on a busy machine,
-    which get their ports from that range, do not take it before our server binds it."""
+    which get their ports from that range, do not take it before our server binds it;
+    never one this process was handed before."""
     import random
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     with socket.socket() as s:  # a very busy range: fall back on the kernel's choice
         s.bind(("127.0.0.1", 0))
