@@ -28,6 +28,7 @@ from kvstore.server_config import load_node_config, read_toml
 from kvstore.server_local import LocalCluster
 from kvstore.transport import wire
 from kvstore.transport.sockets import peer_identity, shape_fingerprint
+import test_node
 from conftest import child_env
 
 pytestmark = pytest.mark.timeout(180)
@@ -156,22 +157,12 @@ def assert_every_node_up_and_every_value_readable(lc: LocalCluster, tag: bytes) 
                 assert raw.get(k) == b"value of " + k, f"{name} lost {k!r}"
 
 
-class Raw:
+class Raw(test_node.Raw):
     """A bare client DEALER to one node: a get it answers itself (or with a retry)."""
-
-    def __init__(self, address: str) -> None:
-        self.ctx = zmq.Context()
-        self.s = self.ctx.socket(zmq.DEALER)
-        self.s.setsockopt(zmq.LINGER, 0)
-        self.s.connect(address)
-        self.ids = 0
 
     def get(self, key: bytes, attempts: int = 50):
         for _ in range(attempts):
-            self.ids += 1
-            self.s.send(wire.encode_request(self.ids, wire.OP_GET, [0, key, False]))
-            assert self.s.poll(10_000), "no reply"
-            (_rid, status, value), = wire.decode(self.s.recv())[1]
+            status, value = self.request(wire.OP_GET, [0, key, False], timeout_ms=10_000)
             if status in (wire.STATUS_OK, wire.STATUS_OK_FORWARDED):
                 return value if status == wire.STATUS_OK else value[0]
             assert status in (wire.STATUS_RETRY, wire.STATUS_NOT_LEADER), value
