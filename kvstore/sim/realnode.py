@@ -69,6 +69,7 @@ from kvstore.transport.sockets import CLIENT, PEER
 from kvstore.replica_wal import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.sim.disk import FaultyFiles, PowerLoss
+from kvstore.sim.realbank import BankClient, Ledger
 from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
 from kvstore.sim.trace import Trace, failure_report
 from kvstore.transport import wire
@@ -112,6 +113,9 @@ class RealNodeConfig:
     log_retain_slots: int = 8
     client_retry_ticks: int = 12
     client_give_up_ticks: int = 80
+    bank: bool = False  # bank clients too: transfers and audits across shards (realbank.py)
+    bank_clients: int = 3
+    accounts: int = 6
     bugs: NodeBugs = NO_BUGS
     swarm: bool = True
     trace_lines: int = 60
@@ -140,7 +144,8 @@ def swarm(config: RealNodeConfig, rng: random.Random) -> RealNodeConfig:
                    election_timeout_ticks=election,
                    heartbeat_interval_ticks=pick(1, 2, max(2, election // 4)),
                    snapshot_every_slots=pick(10, 40, 1000),
-                   log_retain_slots=pick(2, 8, 50))
+                   log_retain_slots=pick(2, 8, 50),
+                   bank_clients=pick(2, 4), accounts=pick(3, 6))
 
 
 # ---------------------------------------------------------------------------------- ports
@@ -421,7 +426,13 @@ class Simulation:
         self.cut: set = set()  # (a, b): node a's frames do not reach node b
         self.history: list = []
         self.nodes = [SimNode(self, i, root) for i in range(config.nodes)]
-        self.clients = [SimClient(self, i) for i in range(config.clients)]
+        self.registers = [SimClient(self, i) for i in range(config.clients)]
+        self.clients = list(self.registers)
+        self.ledger = None
+        if config.bank:
+            self.ledger = Ledger(self, config.accounts)
+            self.clients += [BankClient(self, i, self.ledger)
+                             for i in range(len(self.clients), len(self.clients) + config.bank_clients)]
         self.client_by_identity = {c.identity: c for c in self.clients}
         self.unchecked = False  # the linearizability checker gave up
         self.settled_at: int | None = None
@@ -430,6 +441,9 @@ class Simulation:
 
     def log(self, line: str) -> None:
         self.trace.add(self.now, line)
+
+    def fail(self, why: str) -> None:
+        raise SimulationFailure(why)
 
     # -- the network ---------------------------------------------------------------------------
 
@@ -588,8 +602,13 @@ class Simulation:
         # every operation finishes, then every key is read once more, through the protocol
         self.finish_operations()
         for i, key in enumerate(KEYS):
-            self.clients[i % len(self.clients)].start_get(key)
+            self.registers[i % len(self.registers)].start_get(key)
             self.finish_operations()
+        if self.ledger is not None:
+            banker = self.clients[-1]
+            banker.begin("final")
+            self.finish_operations()
+            self.ledger.check_end(banker.final)
         self.check_agreement()
         self.check_history()
 
@@ -629,6 +648,13 @@ class Simulation:
         if not result.ok:
             raise SimulationFailure(f"not linearizable (key {result.key!r}):\n{result.explanation}")
 
+    def bank_summary(self) -> str:
+        ledger = self.ledger
+        if ledger is None:
+            return ""
+        return (f", bank: {ledger.committed} of {len(ledger.writes)} transfers committed, "
+                f"{ledger.audits} audits")
+
     def close(self) -> None:
         for node in self.nodes:
             node.close()
@@ -645,7 +671,8 @@ def replay_command(config: RealNodeConfig) -> str:
     bugs = "".join(f" --node-bug {f.name}" for f in fields(config.bugs)
                    if getattr(config.bugs, f.name))
     shards = f" --shards {config.shards}" if config.shards else ""
-    return (f"python -m kvstore.sim --real-node --seed {config.seed} --nodes {config.nodes}"
+    bank = " --bank" if config.bank else ""
+    return (f"python -m kvstore.sim --real-node{bank} --seed {config.seed} --nodes {config.nodes}"
             f"{shards} --ticks {config.ticks}{bugs} --verbose")
 
 
@@ -669,6 +696,7 @@ def run(config: RealNodeConfig) -> RunResult:
     c = sim.config
     return RunResult(True, f"seed {config.seed}: ok, {c.nodes} nodes, {c.shards} shard(s), "
                            f"{len(sim.history)} operations, settled in {sim.settled_at} ticks"
+                           f"{sim.bank_summary()}"
                            f"{'; history NOT CHECKED (the checker gave up)' if sim.unchecked else ''}",
                      sim.settled_at)
 
