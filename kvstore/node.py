@@ -234,7 +234,8 @@ class Node:
                      pending_commands_max=c.pending_commands_max,
                      log_retain_slots=c.log_retain_slots,
                      snapshot_chunk_bytes=c.snapshot_chunk_bytes,
-                     lease_read_ticks=c.lease_read_ticks, snapshot_ok=check_snapshot_data)
+                     lease_read_ticks=c.lease_read_ticks, snapshot_ok=check_snapshot_data,
+                     bugs=self.bugs.paxos)
         replica = Replica(cfg, self.storage.load(shard))
         if replica.promised > BALLOT_MAX:
             # A promise to a ballot no replica can make (a forged message before issue 18's

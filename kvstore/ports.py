@@ -14,8 +14,10 @@ show that its checks find them; production never sets one.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from kvstore.paxos.replica import Bugs
 
 class Clock(Protocol):
     """Time as a node reads it."""
@@ -80,6 +82,8 @@ class NodeBugs:
     #: at recovery, replay the log from past the checkpoint's position (its first append
     #: after the checkpoint is skipped), not from the first record kept
     replay_past_checkpoint: bool = False
+    #: bugs planted in the Paxos core of every replica (``kvstore.paxos.replica.Bugs``)
+    paxos: Bugs = field(default_factory=Bugs)
 
 
 NO_BUGS = NodeBugs()

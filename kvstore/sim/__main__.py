@@ -26,7 +26,7 @@ from kvstore.sim.realnode import run as real_node_run
 
 BUG_NAMES = tuple(f.name for f in fields(Bugs))
 TXN_BUG_NAMES = tuple(f.name for f in fields(TxnBugs))
-NODE_BUG_NAMES = tuple(f.name for f in fields(NodeBugs))
+NODE_BUG_NAMES = tuple(f.name for f in fields(NodeBugs) if f.name != "paxos")
 
 
 class Progress:
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
     if a.real_node:
-        node_bugs = NodeBugs(**{name: True for name in a.node_bug})
+        node_bugs = NodeBugs(**{name: True for name in a.node_bug},
+                             paxos=Bugs(**{name: True for name in a.bug}))
         ticks = a.ticks if a.ticks != SimConfig.ticks else RealNodeConfig.ticks
         results = sweep(seeds, a.seed is not None, lambda s: real_node_run(RealNodeConfig(
             seed=s, nodes=a.nodes, shards=a.shards or 0, ticks=ticks, bugs=node_bugs,

@@ -69,6 +69,7 @@ from kvstore.transport.sockets import CLIENT, PEER
 from kvstore.replica_wal import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.sim.disk import FaultyFiles, PowerLoss
+from kvstore.sim.oracle import InvariantViolation, Oracle
 from kvstore.sim.realbank import BankClient, Ledger
 from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
 from kvstore.sim.trace import Trace, failure_report
@@ -251,15 +252,58 @@ class SimNode:
                                         bugs=c.bugs)
         except CorruptRecord as e:
             raise SimulationFailure(f"n{self.index} cannot restart: {e}") from e
+        self.watch_saves(storage)
         rng = random.Random(sim.rng.randrange(1 << 62))
         self.node = Node(cfg, storage, rng, transport=self.transport, clock=sim.clock,
                          bugs=c.bugs)
         self.check_memory()
+        self.applied_seen = [r.applied_index for r in self.node.replicas]
+        for shard, r in enumerate(self.node.replicas):
+            sim.oracles[shard].restarted(self.index, r)
         self.promised_sent, self.matched_sent = {}, {}
         sim.log(f"n{self.index} starts (incarnation {self.incarnation})")
         if sim.phase == "faults" and sim.rng.random() < c.crash_after_restart_rate:
             self.files.crash_after_syncs = sim.rng.randint(0, 3)  # while it catches up
             sim.log(f"n{self.index}: the power will go again at a coming sync")
+
+    def watch_saves(self, storage: WalReplicaStorage) -> None:
+        """Tell the oracle what each save made durable: a leader's own acceptances count
+        towards what is chosen once they are on its disk."""
+        save = storage.save
+
+        def saved(writes: list, applied=None) -> list:
+            results = save(writes, applied)
+            if self.node is not None:
+                for w in writes:
+                    self.sim.oracles[w.shard].synced(self.index, self.node.replicas[w.shard],
+                                                     storage._hard[w.shard][1], w.records)
+            return results
+
+        storage.save = saved
+
+    def check_step(self) -> None:
+        """After this node's turn: each replica contradicts nothing it announced (the
+        oracle), and every slot it applied holds the value chosen there, the one every
+        other node applied (while the slot is still in its log)."""
+        oracles, applied_values = self.sim.oracles, self.sim.applied_values
+        for shard, r in enumerate(self.node.replicas):
+            oracle = oracles[shard]
+            oracle.check(self.index, r)
+            seen, now = self.applied_seen[shard], r.applied_index
+            if now <= seen:
+                continue
+            log, values = r.log, applied_values[shard]
+            for slot in range(max(seen + 1, now - 4096), now + 1):
+                entry = log.get(slot)
+                if entry is None:
+                    continue  # below a snapshot it installed
+                value = entry[1:3]
+                first = values.setdefault(slot, value)
+                if first != value:
+                    raise SimulationFailure(f"agreement: n{self.index} shard {shard} applied at "
+                                            f"slot {slot} a value other than another node did")
+                oracle.applied(self.index, slot, *value)
+            self.applied_seen[shard] = now
 
     def check_memory(self) -> None:
         """The restarted node remembers every promise and acceptance it announced."""
@@ -298,6 +342,8 @@ class SimNode:
         except PowerLoss:
             self.crash(in_save=True)
             self.down_until = self.sim.now + self.sim.rng.randint(1, self.sim.config.down_ticks_max)
+            return
+        self.check_step()
 
     def close(self) -> None:
         if self.node is not None:
@@ -425,6 +471,9 @@ class Simulation:
         self.sequence = 0
         self.cut: set = set()  # (a, b): node a's frames do not reach node b
         self.history: list = []
+        # checked after every step: the Paxos invariants per shard, the values applied per slot
+        self.oracles = [Oracle(config.nodes) for _ in range(config.shards)]
+        self.applied_values = [{} for _ in range(config.shards)]
         self.nodes = [SimNode(self, i, root) for i in range(config.nodes)]
         self.registers = [SimClient(self, i) for i in range(config.clients)]
         self.clients = list(self.registers)
@@ -478,7 +527,9 @@ class Simulation:
         body = wire.decode(frame)
         if body[0] != wire.PAXOS:
             return
+        oracles = self.oracles
         for shard, m in body[2]:
+            oracles[shard].sent(index, m)
             if m.type not in (M.PROMISE, M.ACCEPTED, M.HEARTBEAT_REPLY):
                 continue
             # a granted Promise or Accepted announces its ballot; a refusal, its promise
@@ -669,7 +720,9 @@ class RunResult:
 
 def replay_command(config: RealNodeConfig) -> str:
     bugs = "".join(f" --node-bug {f.name}" for f in fields(config.bugs)
-                   if getattr(config.bugs, f.name))
+                   if f.name != "paxos" and getattr(config.bugs, f.name))
+    bugs += "".join(f" --bug {f.name}" for f in fields(config.bugs.paxos)
+                    if getattr(config.bugs.paxos, f.name))
     shards = f" --shards {config.shards}" if config.shards else ""
     bank = " --bank" if config.bank else ""
     return (f"python -m kvstore.sim --real-node{bank} --seed {config.seed} --nodes {config.nodes}"
@@ -687,7 +740,7 @@ def run(config: RealNodeConfig) -> RunResult:
         sim.run()
     except Exception as e:  # noqa: BLE001 - a crash of the node is a finding like any other
         trace = sim.trace if sim is not None else Trace(0, False)
-        return RunResult(False, failure_report(f"seed {config.seed}", e, SimulationFailure,
+        return RunResult(False, failure_report(f"seed {config.seed}", e, (SimulationFailure, InvariantViolation),
                                                replay_command(config), trace))
     finally:
         if sim is not None:
