@@ -97,3 +97,37 @@ def test_bank_checks_catch_a_broken_participant(monkeypatch, bug):
             assert strip(again.text) == strip(result.text)
             return
     pytest.fail(f"{bug} was not caught in {BUG_SEEDS} bank seeds")
+
+
+# ---------------------------------------------------------------- the Paxos core's planted bugs
+
+#: Core bugs (``kvstore.paxos.replica.Bugs``) the real node's runs catch within BUG_SEEDS seeds
+#: on 3 nodes, most by the oracle checked after every step. The others are left to
+#: ``kvstore.sim.cluster``, the core's own simulator, for now: the read-path ones
+#: (read_without_quorum, read_before_own_noop, follower_read_before_apply,
+#: lease_survives_clock_jump) and duplicate_prepare_unchecked are not caught in 40 seeds here;
+#: unchecked_peer_input and snapshot_from_anyone need the byzantine sender, wiped_votes_at_once
+#: a wiped disk, which this simulator does not have yet; repropose_lowest takes ~20 seeds.
+CORE_FINDINGS = {
+    "announce_before_persist": ("commit:", "acceptance forgotten", "forgotten"),
+    "apply_out_of_order": ("linearizable", "agreement", "state differs"),
+    "recover_from_own_log": ("chosen value lost", "agreement"),
+    "accept_below_promise": ("promise:", "chosen value lost"),
+    "election_quorum_short": ("acceptance forgotten", "chosen value lost", "leaders", "agreement"),
+    "commit_any_ballot": ("agreement", "commit:", "chosen value lost"),
+    "snapshot_backwards": ("monotonic",),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(CORE_FINDINGS))
+def test_a_core_bug_planted_in_the_real_nodes_is_caught(bug):
+    from kvstore.paxos.replica import Bugs
+    bugs = NodeBugs(paxos=Bugs(**{bug: True}))
+    for seed in range(BUG_SEEDS):
+        result = run(RealNodeConfig(seed=seed, nodes=3, bugs=bugs))
+        if not result.ok:
+            first = result.text.splitlines()[0]
+            assert any(finding in first for finding in CORE_FINDINGS[bug]), first
+            assert f"--bug {bug} --verbose" in result.text
+            return
+    pytest.fail(f"{bug} was not caught in {BUG_SEEDS} seeds")
