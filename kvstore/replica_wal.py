@@ -135,8 +135,8 @@ class WalReplicaStorage:
                                           segment_bytes=segment_bytes)
             self._check_log_covers(position)
             checkpointed = [dict(r) for r in records]
-            self._replay(hard, records, position)
-            drop_torn_acceptances(hard, records)
+            displaced = self._replay(hard, records, position)
+            drop_torn_acceptances(hard, records, displaced)
             check_recovered(self.path, hard, records)
             self._hard = hard  # per shard [promised, commit, applied, compacted]
             self._records = records  # per shard {slot: record}, handed to load() once
@@ -190,15 +190,20 @@ class WalReplicaStorage:
             f"directory whole, or wipe it and let the node rejoin from its peers (it then "
             f"receives a snapshot)", offset=wal.end, path=wal.path)
 
-    def _replay(self, hard: list, records: list, checkpoint_position: int) -> None:
+    def _replay(self, hard: list, records: list, checkpoint_position: int) -> dict:
         """The hard state and records the log adds to the checkpoint's.
 
         The whole log kept is replayed, not only what lies past the checkpoint's
         position: a record it holds is never older than LMDB's for its slot (LMDB
         has only what the log held before that position, and the log kept is
         its newest part), and a directory written before issue 19's fix may have
-        checkpointed a position past records that never reached LMDB."""
+        checkpointed a position past records that never reached LMDB.
+
+        Returns the records a later one replaced, per ``(shard, slot)`` oldest first: a
+        torn append's record must not take its slot's acknowledged one with it
+        (``drop_torn_acceptances``)."""
         skipped_group = None
+        displaced: dict = {}
         for position, group, r in self.wal.replay_groups(self.wal.first_position):
             if self.bugs.replay_past_checkpoint and position >= checkpoint_position and \
                     skipped_group in (None, group):
@@ -207,11 +212,15 @@ class WalReplicaStorage:
             if not 0 <= r.shard < self.nshards:
                 continue  # not a record of this node's shards (an embedded store's, say)
             if r.kind == KIND_ENTRY:
+                before = records[r.shard].get(r.slot)
+                if before is not None and before != r.payload:
+                    displaced.setdefault((r.shard, r.slot), []).append(before)
                 records[r.shard][r.slot] = r.payload
             elif r.kind == KIND_PROMISE:
                 hard[r.shard][0] = max(hard[r.shard][0], r.ballot)
             elif r.kind == KIND_COMMIT_POINT:
                 hard[r.shard][1] = max(hard[r.shard][1], r.slot)
+        return displaced
 
     def _replayed(self, hard: list, records: list, checkpointed: list) -> dict:
         """The overlay's first generation: per shard, the hard state and every record
@@ -433,7 +442,7 @@ class WalReplicaStorage:
             self.storage.close()
 
 
-def drop_torn_acceptances(hard: list, records: list) -> None:
+def drop_torn_acceptances(hard: list, records: list, displaced: dict | None = None) -> None:
     """Forget acceptances above the commit point at a ballot above the promise.
 
     A save appends a shard's promise after its records (``save``), so an append
@@ -441,8 +450,14 @@ def drop_torn_acceptances(hard: list, records: list) -> None:
     Nothing of that save was announced (messages leave only once it returned), so
     those acceptances were never counted by anyone: dropping them is what the
     crash did anyway. (At or below the commit point a record is a chosen value,
-    whatever the ballot it carries.)"""
-    for shard_hard, shard_records in zip(hard, records):
+    whatever the ballot it carries.) But the slot keeps the newest record the
+    torn one replaced (``displaced``, from the replay) that the promise covers:
+    that acceptance was durable and maybe announced, and forgetting it would make
+    this node an amnesiac acceptor (the real-node simulator found it: a leader's
+    Accept for a slot this node had acknowledged at a lower ballot, torn before
+    its promise)."""
+    displaced = displaced or {}
+    for shard, (shard_hard, shard_records) in enumerate(zip(hard, records)):
         promised, commit = shard_hard[0], shard_hard[1]
         for slot in [s for s in shard_records if s > commit]:
             try:
@@ -451,6 +466,10 @@ def drop_torn_acceptances(hard: list, records: list) -> None:
                 continue  # check_recovered names it
             if ballot > promised:
                 del shard_records[slot]
+                for older in reversed(displaced.get((shard, slot), ())):
+                    if decode_record(older)[1] <= promised:
+                        shard_records[slot] = older
+                        break
 
 
 def check_recovered(path: str, hard: list, records: list) -> None:

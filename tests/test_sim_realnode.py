@@ -131,3 +131,39 @@ def test_a_core_bug_planted_in_the_real_nodes_is_caught(bug):
             assert f"--bug {bug} --verbose" in result.text
             return
     pytest.fail(f"{bug} was not caught in {BUG_SEEDS} seeds")
+
+
+# ---------------------------------------------------------------- what the sweeps found
+
+def test_a_torn_acceptance_does_not_take_the_acknowledged_one_with_it(tmp_path):
+    """Found by the oracle (``--real-node --seed 2 --bug read_before_own_noop``: "acceptance
+    forgotten"): a node acknowledged slot 1 at ballot B1; a leader at B2 > B1 sent an Accept
+    for the same slot; the power went during that save, keeping the record at B2 and
+    losing the promise of B2 written after it. Recovery dropped the torn record, and the
+    slot with it: the acknowledged acceptance at B1 was forgotten (an amnesiac acceptor).
+    It must hold the record at B1 again."""
+    from kvstore._native import encode_record
+    from kvstore.paxos.ballot import make_ballot
+    from kvstore.paxos.replica import KIND_BATCH
+    from kvstore.replica_storage import ShardWrite
+    from kvstore.replica_wal import WalReplicaStorage
+    from kvstore.sim.disk import FaultyFiles, PowerLoss
+
+    b1, b2 = make_ballot(3, 1), make_ballot(6, 0)
+    acknowledged = encode_record(1, b1, KIND_BATCH, b"\x91\xa1x")
+    files = FaultyFiles(seed=1)
+
+    def open_storage():
+        return WalReplicaStorage(str(tmp_path), 1, files=files, checkpoint_thread=False)
+
+    st = open_storage()
+    st.save([ShardWrite(0, promised=b1, records=[encode_record(0, b1, KIND_BATCH, b"\x90"),
+                                                  acknowledged])])
+    files.crash_after_syncs = 0  # the power goes at the next save's fdatasync
+    with pytest.raises(PowerLoss):
+        st.save([ShardWrite(0, promised=b2, records=[encode_record(1, b2, KIND_BATCH, b"\x91\xa1y")])])
+    st.storage.close()
+    files.power_loss(files.unsynced_write_size() - 24, "prefix")  # the promise, last, is torn
+    state = open_storage().load(0)
+    assert state.promised == b1
+    assert acknowledged in state.records
