@@ -101,36 +101,65 @@ def test_bank_checks_catch_a_broken_participant(monkeypatch, bug):
 
 # ---------------------------------------------------------------- the Paxos core's planted bugs
 
-#: Core bugs (``kvstore.paxos.replica.Bugs``) the real node's runs catch within BUG_SEEDS seeds
-#: on 3 nodes, most by the oracle checked after every step. The others are left to
-#: ``kvstore.sim.cluster``, the core's own simulator, for now: the read-path ones
-#: (read_without_quorum, read_before_own_noop, follower_read_before_apply,
-#: lease_survives_clock_jump) and duplicate_prepare_unchecked are not caught in 40 seeds here;
-#: unchecked_peer_input and snapshot_from_anyone need the byzantine sender, wiped_votes_at_once
-#: a wiped disk, which this simulator does not have yet; repropose_lowest takes ~20 seeds.
+#: Core bugs (``kvstore.paxos.replica.Bugs``) planted in every replica of the real nodes, what
+#: catches each (the first line of the report), and the seeds it is caught within on 3 nodes
+#: (most by the oracle, checked after every step). The rest are not caught through the real
+#: node in 120 seeds (read_without_quorum, read_before_own_noop, lease_survives_clock_jump,
+#: duplicate_prepare_unchecked) or only rarely (follower_read_before_apply: seed 69 of one
+#: draw, none in 40 of another); ``kvstore.sim.cluster`` keeps finding them in the core.
 CORE_FINDINGS = {
-    "announce_before_persist": ("commit:", "acceptance forgotten", "forgotten"),
-    "apply_out_of_order": ("linearizable", "agreement", "state differs"),
-    "recover_from_own_log": ("chosen value lost", "agreement"),
-    "accept_below_promise": ("promise:", "chosen value lost"),
-    "election_quorum_short": ("acceptance forgotten", "chosen value lost", "leaders", "agreement"),
-    "commit_any_ballot": ("agreement", "commit:", "chosen value lost"),
-    "snapshot_backwards": ("monotonic",),
+    "announce_before_persist": (8, ("commit:", "acceptance forgotten", "chosen value lost")),
+    "apply_out_of_order": (8, ("linearizable", "agreement", "state differs")),
+    "recover_from_own_log": (8, ("chosen value lost", "agreement")),
+    "accept_below_promise": (8, ("promise:", "chosen value lost")),
+    "election_quorum_short": (8, ("acceptance forgotten", "chosen value lost", "promise:",
+                                  "leaders", "agreement")),
+    "snapshot_backwards": (12, ("monotonic",)),
+    "wiped_votes_at_once": (16, ("chosen value lost", "agreement", "commit:")),
+    # the byzantine sender's (a third of the seeds): its frames reach the replica unchecked
+    "unchecked_peer_input": (8, ("FrameError", "byzantine:", "commit:", "agreement",
+                                 "chosen value lost", "promise:", "state differs")),
+    "snapshot_from_anyone": (8, ("state differs", "monotonic", "commit:", "agreement")),
 }
+#: caught, but only after ~20-35 seeds: the opt-in sweep (``KVSTORE_SWEEP_SEEDS``)
+SLOW_CORE_FINDINGS = {
+    "commit_any_ballot": (60, ("agreement", "commit:", "chosen value lost")),
+    "repropose_lowest": (60, ("chosen value lost", "agreement")),
+}
+
+
+def _core_bug_is_caught(bug: str, seeds: int, findings: tuple) -> None:
+    from kvstore.paxos.replica import Bugs
+    bugs = NodeBugs(paxos=Bugs(**{bug: True}))
+    for seed in range(seeds):
+        result = run(RealNodeConfig(seed=seed, nodes=3, bugs=bugs))
+        if not result.ok:
+            first = result.text.splitlines()[0]
+            assert any(finding in first for finding in findings), first
+            assert f"--bug {bug} --verbose" in result.text
+            return
+    pytest.fail(f"{bug} was not caught in {seeds} seeds")
 
 
 @pytest.mark.parametrize("bug", sorted(CORE_FINDINGS))
 def test_a_core_bug_planted_in_the_real_nodes_is_caught(bug):
-    from kvstore.paxos.replica import Bugs
-    bugs = NodeBugs(paxos=Bugs(**{bug: True}))
-    for seed in range(BUG_SEEDS):
-        result = run(RealNodeConfig(seed=seed, nodes=3, bugs=bugs))
-        if not result.ok:
-            first = result.text.splitlines()[0]
-            assert any(finding in first for finding in CORE_FINDINGS[bug]), first
-            assert f"--bug {bug} --verbose" in result.text
-            return
-    pytest.fail(f"{bug} was not caught in {BUG_SEEDS} seeds")
+    _core_bug_is_caught(bug, *CORE_FINDINGS[bug])
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("bug", sorted(SLOW_CORE_FINDINGS))
+def test_a_rarer_core_bug_planted_in_the_real_nodes_is_caught(bug):
+    _core_bug_is_caught(bug, *SLOW_CORE_FINDINGS[bug])
+
+
+def test_the_byzantine_sender_changes_nothing_in_real_nodes():
+    """Its fuzzed frames go through the node's own decode path and checks: every one is
+    refused (the replicas are as before) and every check holds."""
+    for seed in (2, 5):
+        result = run(RealNodeConfig(seed=seed, nodes=3))
+        assert result.ok, result.text
+        sent = int(re.search(r"byzantine: (\d+) sent", result.text).group(1))
+        assert sent > 50
 
 
 # ---------------------------------------------------------------- what the sweeps found

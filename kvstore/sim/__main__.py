@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         ticks = a.ticks if a.ticks != SimConfig.ticks else RealNodeConfig.ticks
         results = sweep(seeds, a.seed is not None, lambda s: real_node_run(RealNodeConfig(
             seed=s, nodes=a.nodes, shards=a.shards or 0, ticks=ticks, bugs=node_bugs,
-            bank=a.bank, verbose=a.verbose)), "real-node seeds")
+            bank=a.bank, byzantine=a.byzantine, verbose=a.verbose)), "real-node seeds")
         if a.seed is None and any(r.ok for r in results):
             ok = sorted(r.settle_ticks for r in results if r.ok)
             print(f"ticks to settle after the faults stop, {len(ok)} runs: median "

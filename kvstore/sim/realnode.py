@@ -70,6 +70,7 @@ from kvstore.replica_wal import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.sim.disk import FaultyFiles, PowerLoss
 from kvstore.sim.oracle import InvariantViolation, Oracle
+from kvstore.sim.realbyzantine import RealNodeByzantine
 from kvstore.sim.realbank import BankClient, Ledger
 from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
 from kvstore.sim.trace import Trace, failure_report
@@ -100,11 +101,17 @@ class RealNodeConfig:
     drop_rate: float = 0.03
     duplicate_rate: float = 0.03
     delay_max_ticks: int = 3
+    # a frame held for 2-12 election timeouts, then delivered (a retransmission from long
+    # ago, a link that buffered): old ballots, old snapshots, old Accepts arrive late
+    long_delay_rate: float = 0.0
     partition_rate: float = 0.01  # per tick: a partition starts (one ends at the same rate x3)
     crash_rate: float = 0.006  # per tick: a crash-restart (one node, a minority or all)
     crash_in_save_rate: float = 0.5  # of crashes: the power goes inside the node's next save
     crash_after_restart_rate: float = 0.2  # a restarted node's power goes again while it catches up
     down_ticks_max: int = 40  # a crashed node stays down up to this long
+    # a crashed node restarts with an empty directory (a replaced disk): this often, per
+    # restart, when the fault model allows it (one node without its state at a time)
+    wipe_rate: float = 0.0
     pause_rate: float = 0.003  # per tick: a node stalls (no turns; its clock runs on)
     lease_read_ticks: int = 0  # lease reads (0: off); swarm turns them on in some seeds
     checkpoint_rate: float = 0.05  # per node per tick
@@ -117,6 +124,9 @@ class RealNodeConfig:
     bank: bool = False  # bank clients too: transfers and audits across shards (realbank.py)
     bank_clients: int = 3
     accounts: int = 6
+    # a byzantine-input sender (realbyzantine.py); None: in the seeds where seed % 3 == 2
+    byzantine: bool | None = None
+    byzantine_rate: float = 0.15  # per tick: it sends one fuzzed frame to an awake node
     bugs: NodeBugs = NO_BUGS
     swarm: bool = True
     trace_lines: int = 60
@@ -135,10 +145,12 @@ def swarm(config: RealNodeConfig, rng: random.Random) -> RealNodeConfig:
                    drop_rate=pick(0.0, 0.02, 0.08),
                    duplicate_rate=pick(0.0, 0.03, 0.1),
                    delay_max_ticks=pick(1, 3, 6),
+                   long_delay_rate=pick(0.0, 0.005, 0.02),
                    partition_rate=pick(0.0, 0.01, 0.03),
                    crash_rate=pick(0.003, 0.01, 0.02),
                    crash_in_save_rate=pick(0.2, 0.5, 0.8),
                    crash_after_restart_rate=pick(0.0, 0.2, 0.5),
+                   wipe_rate=pick(0.0, 0.3, 0.7),
                    pause_rate=pick(0.0, 0.003, 0.01),
                    lease_read_ticks=pick(0, election - 3),
                    checkpoint_rate=pick(0.02, 0.1, 0.3),
@@ -226,6 +238,7 @@ class SimNode:
         self.paused_until = 0
         self.incarnation = 0
         # what this node announced since it last started: checked at its next restart
+        self.heal_target = None  # after a wipe: per shard, the slot it must commit to count as healed
         self.promised_sent = {}  # shard -> highest ballot in a Promise or an Accepted
         self.matched_sent = {}  # shard -> highest match_index in an Accepted
 
@@ -271,6 +284,27 @@ class SimNode:
         if sim.phase == "faults" and sim.rng.random() < c.crash_after_restart_rate:
             self.files.crash_after_syncs = sim.rng.randint(0, 3)  # while it catches up
             sim.log(f"n{self.index}: the power will go again at a coming sync")
+
+    def wipe(self) -> None:
+        """The node (down) loses its whole disk: it restarts empty, and must recover from
+        its peers before it votes (``kvstore.paxos.replica``, "Wiped nodes")."""
+        sim = self.sim
+        shutil.rmtree(self.dir)
+        os.makedirs(self.dir)
+        self.files = FaultyFiles(seed=sim.rng.randrange(1 << 30))
+        self.promised_sent, self.matched_sent = {}, {}
+        for oracle in sim.oracles:
+            oracle.wiped(self.index)
+        self.heal_target = [max(o.chosen, default=-1) for o in sim.oracles]
+        sim.log(f"n{self.index}: its disk is replaced, empty")
+
+    def healed(self) -> bool:
+        """Not (any more) a node that lost its disk: it recovered what was chosen then."""
+        if self.heal_target is not None and self.up and all(
+                not r.recovering and r.commit_index >= target
+                for r, target in zip(self.node.replicas, self.heal_target)):
+            self.heal_target = None
+        return self.heal_target is None
 
     def watch_saves(self, storage: WalReplicaStorage) -> None:
         """Tell the oracle what each save made durable: a leader's own acceptances count
@@ -480,6 +514,8 @@ class Simulation:
         # checked after every step: the Paxos invariants per shard, the values applied per slot
         self.oracles = [Oracle(config.nodes) for _ in range(config.shards)]
         self.applied_values = [{} for _ in range(config.shards)]
+        byzantine = config.byzantine if config.byzantine is not None else config.seed % 3 == 2
+        self.byzantine = RealNodeByzantine(self, config.seed) if byzantine else None
         self.nodes = [SimNode(self, i, root) for i in range(config.nodes)]
         self.registers = [SimClient(self, i) for i in range(config.clients)]
         self.clients = list(self.registers)
@@ -512,6 +548,8 @@ class Simulation:
         copies = 2 if faulty and rng.random() < c.duplicate_rate else 1
         for _ in range(copies):
             delay = rng.randint(0, c.delay_max_ticks) if faulty else rng.randint(0, 1)
+            if faulty and c.long_delay_rate and rng.random() < c.long_delay_rate:
+                delay = rng.randint(2, 12) * c.election_timeout_ticks
             self.sequence += 1
             heapq.heappush(self.queue, (self.now + 1 + delay, self.sequence, to, source,
                                         identity, frame))
@@ -588,9 +626,25 @@ class Simulation:
                     node.crash(in_save=True)
 
     def restarts(self) -> None:
+        c = self.config
         for node in self.nodes:
             if not node.up and self.now >= node.down_until:
+                if self.phase == "faults" and c.wipe_rate and self.rng.random() < c.wipe_rate \
+                        and self.may_wipe(node):
+                    node.wipe()
                 node.start()
+
+    def may_wipe(self, node: SimNode) -> bool:
+        """The fault model of wiped nodes (README, "A node that lost its disk"): one node
+        without its state at a time, so every other node has voted durably (a promise on
+        its disk in every shard) and has recovered, if it once lost its disk itself."""
+        for other in self.nodes:
+            if other is node:
+                continue
+            if not other.healed() or not other.up or any(
+                    h[0] == 0 for h in other.node.storage._hard):
+                return False
+        return self.config.nodes > 1
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -600,6 +654,8 @@ class Simulation:
         if self.phase == "faults":
             self.faults()
         self.restarts()
+        if self.byzantine is not None and self.byzantine.rng.random() < self.config.byzantine_rate:
+            self.byzantine.inject()
         for node in self.nodes:
             if node.up:
                 node.turn()
@@ -705,12 +761,13 @@ class Simulation:
         if not result.ok:
             raise SimulationFailure(f"not linearizable (key {result.key!r}):\n{result.explanation}")
 
-    def bank_summary(self) -> str:
+    def summary(self) -> str:
         ledger = self.ledger
         if ledger is None:
-            return ""
+            return "" if self.byzantine is None else f"; {self.byzantine.summary()}"
         return (f", bank: {ledger.committed} of {len(ledger.writes)} transfers committed, "
-                f"{ledger.audits} audits")
+                f"{ledger.audits} audits"
+                f"{'' if self.byzantine is None else '; ' + self.byzantine.summary()}")
 
     def close(self) -> None:
         for node in self.nodes:
@@ -731,6 +788,8 @@ def replay_command(config: RealNodeConfig) -> str:
                     if getattr(config.bugs.paxos, f.name))
     shards = f" --shards {config.shards}" if config.shards else ""
     bank = " --bank" if config.bank else ""
+    if config.byzantine is not None and config.byzantine != (config.seed % 3 == 2):
+        bugs += " --byzantine" if config.byzantine else " --no-byzantine"
     return (f"python -m kvstore.sim --real-node{bank} --seed {config.seed} --nodes {config.nodes}"
             f"{shards} --ticks {config.ticks}{bugs} --verbose")
 
@@ -755,7 +814,7 @@ def run(config: RealNodeConfig) -> RunResult:
     c = sim.config
     return RunResult(True, f"seed {config.seed}: ok, {c.nodes} nodes, {c.shards} shard(s), "
                            f"{len(sim.history)} operations, settled in {sim.settled_at} ticks"
-                           f"{sim.bank_summary()}"
+                           f"{sim.summary()}"
                            f"{'; history NOT CHECKED (the checker gave up)' if sim.unchecked else ''}",
                      sim.settled_at)
 
