@@ -298,11 +298,10 @@ class BankClient:
         if call.op == wire.OP_WRITE and call.seq is None:
             self.seq += 1
             call.seq = self.seq
-        if call.request_id is not None:
-            self.calls.pop(call.request_id, None)
-        self.request_ids += 1
-        call.request_id = self.request_ids
-        self.calls[call.request_id] = call
+        if call.request_id is None:  # one id for all its attempts, as kvstore.client
+            self.request_ids += 1
+            call.request_id = self.request_ids
+            self.calls[call.request_id] = call
         if call.target is None:
             leader = self.leaders.get(call.shard)
             call.target = leader if leader is not None and call.op != wire.OP_GET \

@@ -61,7 +61,7 @@ from dataclasses import dataclass, fields, replace
 
 from kvstore.codec import OP_CAS, OP_PUT
 from kvstore.errors import CorruptRecord
-from kvstore.node import Node, NodeConfig
+from kvstore.node import EARLY_TYPES, Node, NodeConfig
 from kvstore.paxos import messages as M
 from kvstore.paxos.replica import LEADER
 from kvstore.ports import NO_BUGS, NodeBugs
@@ -113,6 +113,9 @@ class RealNodeConfig:
     # restart, when the fault model allows it (one node without its state at a time)
     wipe_rate: float = 0.0
     pause_rate: float = 0.003  # per tick: a node stalls (no turns; its clock runs on)
+    # per tick: a shard's leader stalls (a GC pause), for 1-8 election timeouts: the others
+    # elect another and write; it wakes to the requests that waited in its inbox
+    leader_pause_rate: float = 0.0
     lease_read_ticks: int = 0  # lease reads (0: off); swarm turns them on in some seeds
     checkpoint_rate: float = 0.05  # per node per tick
     election_timeout_ticks: int = 10
@@ -152,6 +155,7 @@ def swarm(config: RealNodeConfig, rng: random.Random) -> RealNodeConfig:
                    crash_after_restart_rate=pick(0.0, 0.2, 0.5),
                    wipe_rate=pick(0.0, 0.3, 0.7),
                    pause_rate=pick(0.0, 0.003, 0.01),
+                   leader_pause_rate=pick(0.0, 0.003, 0.01),
                    lease_read_ticks=pick(0, election - 3),
                    checkpoint_rate=pick(0.02, 0.1, 0.3),
                    election_timeout_ticks=election,
@@ -198,7 +202,6 @@ class SimTransport:
     def send_peer(self, index: int, frame: bytes) -> bool:
         if not self.sim.nodes[index].up:
             return False  # as IMMEDIATE does: nothing is queued for a peer that is down
-        self.sim.observe_sent(self.index, frame)
         self.sim.send(("node", self.index), ("node", index), PEER, b"node-%d" % self.index, frame)
         return True
 
@@ -269,6 +272,8 @@ class SimNode:
         rng = random.Random(sim.rng.randrange(1 << 62))
         self.node = Node(cfg, storage, rng, transport=self.transport, clock=sim.clock,
                          bugs=c.bugs)
+        self.made, self.durable_upto = [], 0
+        self.watch_readies()
         self.check_memory()
         self.applied_seen = [r.applied_index for r in self.node.replicas]
         for shard, r in enumerate(self.node.replicas):
@@ -313,6 +318,7 @@ class SimNode:
 
         def saved(writes: list, applied=None) -> list:
             results = save(writes, applied)
+            self.durable_upto = len(self.made)  # its messages go now
             if self.node is not None:
                 for w in writes:
                     self.sim.oracles[w.shard].synced(self.index, self.node.replicas[w.shard],
@@ -377,13 +383,28 @@ class SimNode:
     def turn(self) -> None:
         if self.sim.now < self.paused_until:
             return  # stalled: frames wait in its inbox, its clock runs on
+        self.made, self.durable_upto = [], 0
         try:
             self.node.turn()
         except PowerLoss:
+            # the power went in a save: what its replicas made before it was sent, and of
+            # the rest only the leader's Accepts and Heartbeats (sent before its own fsync)
+            self.sim.announced(self.index, self.made[:self.durable_upto] + [
+                (s, m) for s, m in self.made[self.durable_upto:] if m.type in EARLY_TYPES])
             self.crash(in_save=True)
             self.down_until = self.sim.now + self.sim.rng.randint(1, self.sim.config.down_ticks_max)
             return
+        self.sim.announced(self.index, self.made)
         self.check_step()
+
+    def watch_readies(self) -> None:
+        """Note each message a replica makes, in order (``announced``)."""
+        for shard, r in enumerate(self.node.replicas):
+            def ready(ready=r.ready, shard=shard):
+                rd = ready()
+                self.made.extend((shard, m) for m in rd.messages)
+                return rd
+            r.ready = ready
 
     def close(self) -> None:
         if self.node is not None:
@@ -435,10 +456,14 @@ class SimClient:
         self.send()
 
     def send(self) -> None:
-        self.request_ids += 1
+        """Send (or resend) the operation, under one request id for all its attempts as
+        ``kvstore.client`` does: an answer to any of them completes it."""
         op = self.op
-        op["request_id"], op["sent"] = self.request_ids, self.sim.now
-        frame = wire.encode_request(self.request_ids, op["op"], op["args"])
+        if op["request_id"] is None:
+            self.request_ids += 1
+            op["request_id"] = self.request_ids
+        op["sent"] = self.sim.now
+        frame = wire.encode_request(op["request_id"], op["op"], op["args"])
         self.sim.send(("client", self.index), ("node", self.target), CLIENT, self.identity, frame)
 
     def on_frame(self, frame: bytes) -> None:
@@ -565,14 +590,16 @@ class Simulation:
                                 in self.cut):
                 node.transport.inbox.append((source, identity, frame))
 
-    def observe_sent(self, index: int, frame: bytes) -> None:
-        """Note what a node announces of its disk (checked at its next restart)."""
+    def announced(self, index: int, messages: list) -> None:
+        """``messages`` (shard, message) left node ``index`` in the order its replicas made
+        them, each once what it announces of its disk was durable: the oracle checks them,
+        and they are what the node must remember at its next restart.
+
+        Made, not as sent: the node sends one frame per peer, so a Promise to one peer
+        may leave before the Accepted to another that its replica made first."""
         node = self.nodes[index]
-        body = wire.decode(frame)
-        if body[0] != wire.PAXOS:
-            return
         oracles = self.oracles
-        for shard, m in body[2]:
+        for shard, m in messages:
             oracles[shard].sent(index, m)
             if m.type not in (M.PROMISE, M.ACCEPTED, M.HEARTBEAT_REPLY):
                 continue
@@ -618,6 +645,13 @@ class Simulation:
             node = self.nodes[rng.randrange(n)]
             node.paused_until = self.now + rng.randint(1, 4 * c.election_timeout_ticks)
             self.log(f"n{node.index} stalls until t{node.paused_until}")
+        if c.leader_pause_rate and rng.random() < c.leader_pause_rate:
+            leaders = [node.index for node in self.nodes
+                       if node.up and any(r.role == LEADER for r in node.node.replicas)]
+            if leaders:
+                node = self.nodes[leaders[rng.randrange(len(leaders))]]
+                node.paused_until = self.now + c.election_timeout_ticks * rng.randint(1, 8)
+                self.log(f"n{node.index} (a leader) stalls until t{node.paused_until}")
         for node in self.nodes:
             if node.up and rng.random() < c.checkpoint_rate:
                 try:
