@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from kvstore.ports import NodeBugs
+from kvstore.node.ports import NodeBugs
 from kvstore.sim import realnode
 from kvstore.sim.realnode import RealNodeConfig, run
 
