@@ -52,7 +52,7 @@ import figures  # noqa: E402  (bench/figures.py, beside this script)
 
 import kvstore  # noqa: E402
 import kvstore.aio  # noqa: E402
-from kvstore.server_local import LocalCluster  # noqa: E402
+from kvstore.server.local import LocalCluster  # noqa: E402
 
 KEY_BYTES = 16
 VALUE_BYTES = 128
@@ -85,7 +85,7 @@ def fsync_floor(directory: str, n: int = 200) -> float:
 def loopback_floor(n: int = 2000) -> float:
     """Median seconds of one ZeroMQ DEALER -> ROUTER -> DEALER round trip on 127.0.0.1."""
     import zmq
-    from kvstore.server_local import free_port
+    from kvstore.server.local import free_port
     ctx = zmq.Context()
     address = f"tcp://127.0.0.1:{free_port()}"
     router = ctx.socket(zmq.ROUTER)
@@ -433,7 +433,7 @@ def run_pysyncobj(concurrency: list, seconds: float) -> list | None:
     import subprocess
     if importlib.util.find_spec("pysyncobj") is None:
         return None
-    from kvstore.server_local import free_port
+    from kvstore.server.local import free_port
     script = os.path.join(HERE, "pysyncobj_node.py")
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     procs = []

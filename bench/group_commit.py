@@ -2,7 +2,7 @@
 
 Durable puts/s from N writer threads, two ways:
 
-- ``raw LMDB``: ``kvstore.groupcommit`` in front of the least a batch can
+- ``raw LMDB``: ``kvstore.embedded.groupcommit`` in front of the least a batch can
   cost, one LMDB write transaction per batch, fsync'd, nothing else (no log,
   no revisions, no checks). Each round is timed in two parts: the commit, and
   the rest, which is the price of waking the batch's writers and getting their
@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import kvstore  # noqa: E402
-from kvstore.groupcommit import GroupCommitter, Request  # noqa: E402
+from kvstore.embedded.groupcommit import GroupCommitter, Request  # noqa: E402
 import embedded  # noqa: E402  (bench/embedded.py: keys, values, raw LMDB setup)
 import figures  # noqa: E402
 
@@ -149,10 +149,7 @@ def main(argv=None) -> int:
                         help="where to write the figures")
     args = parser.parse_args(argv)
     args.puts, args.rounds, args.pings = (50, 1, 2000) if args.quick else (1000, 5, 20000)
-    results = run(args)
-    print_table(results)
-    figures.write(results, args.json)
-    return 0
+    return figures.report(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import figures  # noqa: E402  (bench/figures.py, beside this script)
 
 import kvstore  # noqa: E402
 import kvstore.aio  # noqa: E402
-from kvstore.server_local import LocalCluster  # noqa: E402
+from kvstore.server.local import LocalCluster  # noqa: E402
 from kvstore.sharding import shard_of  # noqa: E402
 
 

@@ -6,7 +6,7 @@ A group is N records, each a 16-byte key and a 128-byte value, as
 with ``sync=True, metasync=True`` (the commit the embedded store pays now).
 From 1 and 8 writer threads, each appending its own groups (no merging: each
 group pays its own flush on either side); best of interleaved rounds. A third
-column, ``merged``, sends the same groups through ``kvstore.groupcommit``, so
+column, ``merged``, sends the same groups through ``kvstore.embedded.groupcommit``, so
 the groups of concurrent writers share one append (one write, one fdatasync).
 
 fsync-family calls per group are counted two ways: in this process by
@@ -39,7 +39,7 @@ import lmdb
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kvstore import _native  # noqa: E402
-from kvstore.groupcommit import GroupCommitter, Request  # noqa: E402
+from kvstore.embedded.groupcommit import GroupCommitter, Request  # noqa: E402
 from kvstore.storage.wal import KIND_ENTRY, Record, WriteAheadLog  # noqa: E402
 import figures  # noqa: E402
 
@@ -94,7 +94,7 @@ class Sides:
                                 payload=key(first + j) + VALUE) for j in range(n)])
 
     def wal_merged(self, first: int, n: int) -> None:
-        """Through ``kvstore.groupcommit``: concurrent groups merge into one append."""
+        """Through ``kvstore.embedded.groupcommit``: concurrent groups merge into one append."""
         self.committer.submit(Request((first, n), size=n * (len(VALUE) + 16)))
 
     def _commit_merged(self, requests) -> None:
@@ -271,10 +271,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.groups, args.rounds = 40, 1
-    results = run(args)
-    print_table(results)
-    figures.write(results, args.json)
-    return 0
+    return figures.report(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ def open(path: str | os.PathLike, *, node_id: str | None = None, cluster: str | 
         if node_id is None or cluster is None:
             raise InvalidArgument("an embedded replica of a cluster needs both node_id= and "
                                   "cluster= (the cluster.toml file)")
-        from kvstore.server_embedded import open_replica
+        from kvstore.embedded.replica import open_replica
         return open_replica(path, node_id, cluster)
-    from kvstore.embedded import EmbeddedKV
+    from kvstore.embedded.store import EmbeddedKV
     return EmbeddedKV(path, shards=shards, map_size=map_size)
 
 
@@ -49,7 +49,7 @@ def connect(addresses, timeout: float = 5.0, *, keys=None) -> KV:
     also every call's deadline. ``keys``: the ``kvstore keygen`` directory of a
     cluster with ``[security]`` (default ``$KVSTORE_KEYS``).
     """
-    from kvstore.client import connect as _connect
+    from kvstore.client.core import connect as _connect
     return _connect(addresses, timeout, keys)
 
 

@@ -99,7 +99,7 @@ def _open(args) -> kvstore.KV:
     if cluster:
         return kvstore.connect(cluster, timeout=args.timeout)
     if args.command in READ_ONLY_COMMANDS:
-        from kvstore.embedded import EmbeddedKV
+        from kvstore.embedded.store import EmbeddedKV
         return EmbeddedKV(args.data, create=False)
     return kvstore.open(args.data)
 
@@ -160,7 +160,7 @@ def _cmd_check(db, args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from kvstore.demo import run_demo
+    from kvstore.embedded.demo import run_demo
     return run_demo(args.data if args.data != DEFAULT_DATA else None)
 
 
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(path)
             return 0
         if args.command == "local-cluster":
-            from kvstore.server_local import run_cluster_demo, run_local_cluster
+            from kvstore.server.local import run_cluster_demo, run_local_cluster
             run = run_cluster_demo if args.demo else run_local_cluster
             shards = args.shards if args.shards is not None else (2 if args.demo else 1)
             return run(args.nodes, shards, args.dir)

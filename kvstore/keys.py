@@ -25,7 +25,7 @@ MAX_TXN_SIZE = 64 * 1024 * 1024
 #: than the embedded store's; a put past it raises ``InvalidArgument`` likewise.
 MAX_CLUSTER_TXN_SIZE = 10 * 1024 * 1024
 #: A node refuses (``InvalidArgument``) a write command larger than this, encoded: its
-#: log entry (with one turn's other commands, ``kvstore.node``) must fit, several to a
+#: log entry (with one turn's other commands, ``kvstore.node.loop``) must fit, several to a
 #: message, in a peer frame. A cluster transaction's reads and writes together must fit.
 MAX_COMMAND_BYTES = 12 * 1024 * 1024
 

@@ -1,7 +1,7 @@
 """A transaction's buffered writes, bounded in bytes: the one size check of every engine.
 
-The embedded store's transaction (``kvstore.embedded.EmbeddedTxn``) and the
-cluster's (``kvstore.client.ClusterTxn``, which the asyncio client drives too)
+The embedded store's transaction (``kvstore.embedded.store.EmbeddedTxn``) and the
+cluster's (``kvstore.client.core.ClusterTxn``, which the asyncio client drives too)
 buffer their writes in a ``WriteBuffer``: a put or delete that would carry the
 keys and values written past the engine's limit raises ``InvalidArgument`` and
 leaves the transaction as it was. The limits differ because the entries do: an

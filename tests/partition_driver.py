@@ -46,8 +46,8 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from kvstore.server_config import read_toml  # noqa: E402
-from kvstore.server_local import LocalCluster  # noqa: E402
+from kvstore.node.config import read_toml  # noqa: E402
+from kvstore.server.local import LocalCluster  # noqa: E402
 from kvstore.sharding import shard_of  # noqa: E402
 from kvstore.transport import wire  # noqa: E402
 from workloads import BankWorkload, RegisterWorkload  # noqa: E402

@@ -20,7 +20,7 @@ import zmq
 
 import kvstore
 import kvstore.aio
-from kvstore.server_local import free_port
+from kvstore.server.local import free_port
 from kvstore.transport import wire
 
 pytestmark = pytest.mark.timeout(60)

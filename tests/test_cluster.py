@@ -14,7 +14,7 @@ import time
 import pytest
 
 import kvstore
-from kvstore.server_local import LocalCluster
+from kvstore.server.local import LocalCluster
 from conftest import PYTHON, child_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +58,7 @@ def test_put_and_get_through_every_node(cluster):
         leader = leader_of(st)
         follower = next(n for n in lc.names if n != leader)
     from test_node import Raw
-    from kvstore.codec import OP_PUT
+    from kvstore.commands import OP_PUT
     from kvstore.sharding import shard_of
     from kvstore.transport import wire
     raw = Raw(lc.addresses[follower])

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import kvstore
-from kvstore.server_local import LocalCluster
+from kvstore.server.local import LocalCluster
 from conftest import child_env
 
 pytestmark = pytest.mark.timeout(120)

@@ -24,8 +24,8 @@ from kvstore._native import encode_record
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import make_ballot
 from kvstore.paxos.messages import Message
-from kvstore.server_config import load_node_config, read_toml
-from kvstore.server_local import LocalCluster
+from kvstore.node.config import load_node_config, read_toml
+from kvstore.server.local import LocalCluster
 from kvstore.transport import wire
 from kvstore.transport.sockets import peer_identity, shape_fingerprint
 import test_node

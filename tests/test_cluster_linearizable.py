@@ -12,7 +12,7 @@ import time
 import pytest
 
 import kvstore
-from kvstore.server_local import LocalCluster
+from kvstore.server.local import LocalCluster
 from kvstore.sim.linearizability import Operation, check_history
 from conftest import child_env
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from kvstore.cli import format_status
-from kvstore.server_local import LocalCluster
+from kvstore.server.local import LocalCluster
 from conftest import child_env
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,9 +12,9 @@ import time
 import pytest
 
 import kvstore
-from kvstore.client import AuthenticationFailed
-from kvstore.node import Node, NodeConfig
-from kvstore.server_local import free_port
+from kvstore.client.core import AuthenticationFailed
+from kvstore.node.loop import Node, NodeConfig
+from kvstore.server.local import free_port
 from kvstore.transport.security import keygen
 from conftest import PYTHON, child_env
 
@@ -167,7 +167,7 @@ def _handshake(address: str, keys, timeout: float = 10.0) -> int:
 
 @pytest.fixture
 def secure_cluster(tmp_path, keys):
-    from kvstore.server_local import LocalCluster
+    from kvstore.server.local import LocalCluster
     lc = LocalCluster(str(tmp_path / "c"), 3, 1, env=child_env(), keys=keys)
     try:
         lc.start_all()
@@ -211,7 +211,7 @@ def test_a_client_key_never_speaks_the_peer_protocol(secure_cluster, keys):
 
 
 def test_an_operator_adds_a_client_and_revokes_it_without_a_restart(secure_cluster, keys):
-    from kvstore.client import AuthenticationFailed
+    from kvstore.client.core import AuthenticationFailed
     lc = secure_cluster
     r = subprocess.run([PYTHON, "-m", "kvstore.cli", "keygen", "--client", "alice", keys],
                        capture_output=True, env=child_env(), timeout=30)

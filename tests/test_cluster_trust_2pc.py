@@ -19,10 +19,10 @@ import pytest
 import kvstore
 import kvstore.aio
 from conftest import child_env
-from kvstore.codec import OP_2PC, OP_PUT, OP_TXN
+from kvstore.commands import OP_2PC, OP_PUT, OP_TXN
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, MAX_VALUE_SIZE
-from kvstore.replica_txn import LOCKED, TXN_DEADLINE_MAX_MS
-from kvstore.server_local import LocalCluster
+from kvstore.machine.twopc import LOCKED, TXN_DEADLINE_MAX_MS
+from kvstore.server.local import LocalCluster
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TxnDecision, TxnPrepare, TxnResolve, encode

@@ -1,6 +1,6 @@
 """Cross-shard transactions on a running node: two-phase commit, its locks and its resolver.
 
-A node here is a real ``kvstore.node.Node`` on 127.0.0.1 (one node, several
+A node here is a real ``kvstore.node.loop.Node`` on 127.0.0.1 (one node, several
 shards: every shard's log is a Paxos group of one). What a client never does on
 its own (prepare and vanish, decide and vanish) is sent as raw 2PC entries and
 raw decide requests; decisions and resolves are written by the nodes only.
@@ -14,11 +14,11 @@ import msgpack
 import pytest
 
 import kvstore
-from kvstore.codec import OP_2PC, OP_PUT
+from kvstore.commands import OP_2PC, OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry
-from kvstore.replica_storage import ShardWrite, encode_client_command
-from kvstore.replica_wal import WalReplicaStorage
-from kvstore.replica_txn import LOCKED
+from kvstore.machine.replica import ShardWrite, encode_client_command
+from kvstore.node.storage import WalReplicaStorage
+from kvstore.machine.twopc import LOCKED
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT, TxnDecision, TxnPrepare, TxnResolve, encode
@@ -183,7 +183,7 @@ def test_a_snapshot_carries_prepared_transactions_and_their_locks(tmp_path):
 
 
 def test_run_transaction_locks_the_reads_of_a_cross_shard_transaction_that_keeps_losing(start_node):
-    from kvstore.client import LOCKING_AFTER_CONFLICTS, ClusterTxn
+    from kvstore.client.core import LOCKING_AFTER_CONFLICTS, ClusterTxn
     n = start_node(shards=2)
     keys = keys_by_shard(2)
     a, b, other = keys[0][0], keys[1][0], keys[1][1]
@@ -221,7 +221,7 @@ def test_run_transaction_locks_the_reads_of_a_cross_shard_transaction_that_keeps
 
 
 def test_a_locked_transfer_prepares_its_writes_under_its_own_locks(start_node):
-    from kvstore.client import LOCKING_AFTER_CONFLICTS
+    from kvstore.client.core import LOCKING_AFTER_CONFLICTS
     n = start_node(shards=2)
     keys = keys_by_shard(2)
     a, b = keys[0][0], keys[1][0]
@@ -247,7 +247,7 @@ def test_a_locked_transfer_prepares_its_writes_under_its_own_locks(start_node):
 
 
 def test_a_locked_read_whose_locks_a_resolver_freed_is_a_conflict(start_node):
-    from kvstore.client import ClusterTxn
+    from kvstore.client.core import ClusterTxn
     n = start_node(shards=2)
     keys = keys_by_shard(2)
     a, b = keys[0][0], keys[1][0]

@@ -244,7 +244,7 @@ def test_a_node_whose_disk_fills_exits_4_and_restarts_consistent(tmp_path):
     from conftest import child_env
     from test_node import Raw
 
-    from kvstore.server_local import LocalCluster
+    from kvstore.server.local import LocalCluster
 
     lc = LocalCluster(str(tmp_path / "c"), 3, 3, env=child_env())
     data = os.path.join(lc.directory, "n3")  # n3 leads shard 2 and follows 0 and 1
@@ -318,8 +318,8 @@ def test_a_node_whose_log_append_fails_acknowledges_nothing_of_it_and_stops(tmp_
     import errno
 
     from kvstore.errors import StorageError
-    from kvstore.node import Node, NodeConfig
-    from kvstore.server_local import free_port
+    from kvstore.node.loop import Node, NodeConfig
+    from kvstore.server.local import free_port
 
     address = f"tcp://127.0.0.1:{free_port()}"
     config = NodeConfig(name="n1", names=["n1"], addresses={"n1": address}, shards=1,

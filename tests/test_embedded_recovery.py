@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import kvstore.embedded
-from kvstore.embedded import EmbeddedKV
+import kvstore.embedded.store
+from kvstore.embedded.store import EmbeddedKV
 from test_wal import FaultyFiles, PowerLoss
 
 
@@ -45,7 +45,7 @@ def torn_put(db: EmbeddedKV, files: FaultyFiles, key: bytes, value: bytes) -> No
 
 @pytest.fixture
 def small_segments(monkeypatch):
-    monkeypatch.setattr(kvstore.embedded, "WAL_SEGMENT_BYTES", 2048)
+    monkeypatch.setattr(kvstore.embedded.store, "WAL_SEGMENT_BYTES", 2048)
 
 
 def test_acknowledged_writes_survive_power_loss_and_a_torn_write_is_whole_or_absent(
@@ -171,7 +171,7 @@ def test_a_directory_written_before_the_log_opens_and_goes_on(tmp_path):
     import lmdb
 
     from kvstore._native import encode_record
-    from kvstore.codec import KIND_COMMANDS, OP_PUT, encode_commands
+    from kvstore.commands import KIND_COMMANDS, OP_PUT, encode_commands
     from kvstore.storage.environment import META_LOG_CLOSED, META_LOG_POSITION
 
     path = str(tmp_path / "kv")
@@ -223,8 +223,8 @@ def test_reads_during_checkpoints_are_never_stale(store, monkeypatch):
     """Checkpoints run back to back while a writer writes and readers read: a read
     started after a put returned sees it (or a later write), through get, scan and
     transactions, whichever of overlay, frozen generation or LMDB holds it."""
-    monkeypatch.setattr(kvstore.embedded, "CHECKPOINT_SECONDS", 0.0005)
-    monkeypatch.setattr(kvstore.embedded, "CHECKPOINT_BYTES", 1024)
+    monkeypatch.setattr(kvstore.embedded.store, "CHECKPOINT_SECONDS", 0.0005)
+    monkeypatch.setattr(kvstore.embedded.store, "CHECKPOINT_BYTES", 1024)
     db = store(shards=2)
     n_keys, rounds = 16, 150
     keys = [b"r%02d" % j for j in range(n_keys)]
@@ -374,7 +374,7 @@ CrashMachine.TestCase.settings = settings(
 
 @pytest.fixture
 def crash_segments(monkeypatch):
-    monkeypatch.setattr(kvstore.embedded, "WAL_SEGMENT_BYTES", 1024)
+    monkeypatch.setattr(kvstore.embedded.store, "WAL_SEGMENT_BYTES", 1024)
 
 
 @pytest.mark.usefixtures("crash_segments")

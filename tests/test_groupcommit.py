@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from kvstore.groupcommit import MAX_BATCH, GroupCommitter, Request
+from kvstore.embedded.groupcommit import MAX_BATCH, GroupCommitter, Request
 
 
 class FakeCommit:
@@ -234,7 +234,7 @@ def test_leadership_hands_off_to_a_queued_request():
 
 
 def test_batches_are_bounded_by_max_batch(monkeypatch):
-    import kvstore.groupcommit as groupcommit
+    import kvstore.embedded.groupcommit as groupcommit
     monkeypatch.setattr(groupcommit, "MAX_BATCH", 4)
     fake = FakeCommit()
     fake.gate = threading.Event()

@@ -22,10 +22,10 @@ import zmq
 
 import kvstore
 from kvstore._native import encode_record
-from kvstore.codec import OP_PUT
+from kvstore.commands import OP_PUT
 from kvstore.paxos import messages as M
 from kvstore.paxos.messages import Message
-from kvstore.server_local import LocalCluster
+from kvstore.server.local import LocalCluster
 from kvstore.transport import wire
 from kvstore.transport.sockets import CLIENT_QUEUED_BYTES_MAX
 from conftest import PYTHON, child_env

@@ -326,7 +326,7 @@ def test_a_log_key_that_disagrees_with_its_record_is_refused_at_open(store):
     The ``log`` table is what a directory written before the write-ahead log
     holds (issue 12): its last slot is still that store's applied point."""
     from kvstore._native import encode_record
-    from kvstore.codec import KIND_COMMANDS, OP_PUT, encode_commands
+    from kvstore.commands import KIND_COMMANDS, OP_PUT, encode_commands
 
     db = store()
     path = db.path

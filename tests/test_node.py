@@ -12,13 +12,13 @@ import pytest
 import zmq
 
 import kvstore
-from kvstore.codec import OP_CAS, OP_PUT
-from kvstore.node import Node, NodeConfig
+from kvstore.commands import OP_CAS, OP_PUT
+from kvstore.node.loop import Node, NodeConfig
 from kvstore.paxos.replica import KIND_BATCH, Entry
-from kvstore.replica_storage import ShardWrite, encode_client_command
-from kvstore.replica_wal import WalReplicaStorage
+from kvstore.machine.replica import ShardWrite, encode_client_command
+from kvstore.node.storage import WalReplicaStorage
 from kvstore._native import encode_record
-from kvstore.server_local import free_port
+from kvstore.server.local import free_port
 from kvstore.transport import wire
 
 
@@ -286,8 +286,8 @@ def test_a_client_that_disconnects_mid_request_costs_the_node_nothing(start_node
 
 def test_big_concurrent_writes_are_cut_into_entries_that_fit_a_frame(start_node, tmp_path):
     import asyncio
-    import kvstore.aio
-    from kvstore.node import PROPOSE_BYTES_PER_TURN
+    import kvstore.client.aio
+    from kvstore.node.loop import PROPOSE_BYTES_PER_TURN
     n = start_node(name="big")
     value = bytes(kvstore.MAX_VALUE_SIZE)
 

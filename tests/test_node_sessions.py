@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore._native import encode_record
-from kvstore.codec import OP_CAS, OP_PUT
+from kvstore.commands import OP_CAS, OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry
-from kvstore.replica_storage import STALE, ShardWrite, encode_client_command
-from kvstore.replica_wal import WalReplicaStorage
+from kvstore.machine.replica import STALE, ShardWrite, encode_client_command
+from kvstore.node.storage import WalReplicaStorage
 
 # One step: a client sends (or re-sends) write ``seq``; ``floor`` is its lowest
 # unanswered seq at that time, as the client computes it.

@@ -16,15 +16,15 @@ import msgpack
 import pytest
 
 from kvstore._native import encode_record
-from kvstore.codec import OP_PUT
+from kvstore.commands import OP_PUT
 from kvstore.paxos import KIND_BATCH, KIND_NOOP, Config, Message, PersistedState, Replica, make_ballot
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, ROUND_MAX
 from kvstore.paxos.batch import encode_batch
 from kvstore.paxos.replica import ROUND_JUMP_MAX, SLOT_SPAN_MAX
-from kvstore.replica_storage import (POISONED, ShardWrite, check_logged_command, check_snapshot_data,
+from kvstore.machine.replica import (POISONED, ShardWrite, check_logged_command, check_snapshot_data,
                                      encode_client_command)
-from kvstore.replica_wal import WalReplicaStorage
+from kvstore.node.storage import WalReplicaStorage
 from kvstore.sim.network import Cluster
 from kvstore.transport import wire
 

@@ -1,4 +1,4 @@
-"""A node's storage on the write-ahead log (``kvstore.replica_wal``): what a save makes
+"""A node's storage on the write-ahead log (``kvstore.node.storage``): what a save makes
 durable, what a crash between checkpoints keeps, what a checkpoint moves to LMDB."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import msgpack
 import pytest
 
 from kvstore._native import encode_record
-from kvstore.codec import OP_PUT
+from kvstore.commands import OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry, Snapshot
-from kvstore.replica_storage import ShardWrite, encode_client_command
-from kvstore.replica_wal import WAL_DIR, WalReplicaStorage
+from kvstore.machine.replica import ShardWrite, encode_client_command
+from kvstore.node.storage import WAL_DIR, WalReplicaStorage
 
 BALLOT = 65536
 
@@ -244,7 +244,7 @@ def damage(path: str, shards: int, shard: int, change) -> None:
 
 
 def put_hard(hard: list):
-    from kvstore.replica_storage import META_PAXOS
+    from kvstore.machine.replica import META_PAXOS
     return lambda txn, t: txn.put(META_PAXOS, msgpack.packb(hard), db=t.meta)
 
 
@@ -341,7 +341,7 @@ def test_an_append_torn_before_its_promise_loses_only_what_it_never_announced():
     above the promise on disk: nothing of that save was announced, so recovery drops
     them (they were refused as an inconsistent state). Chosen records (at or below the
     commit point) stay whatever their ballot."""
-    from kvstore.replica_wal import check_recovered, drop_torn_acceptances
+    from kvstore.node.storage import check_recovered, drop_torn_acceptances
     chosen = encode_record(0, 2 * BALLOT, KIND_BATCH, b"\x90")
     torn = encode_record(1, 2 * BALLOT, KIND_BATCH, b"\x90")
     kept = encode_record(2, BALLOT, KIND_BATCH, b"\x90")

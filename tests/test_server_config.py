@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvstore.errors import InvalidArgument
-from kvstore.server_config import load_node_config
+from kvstore.node.config import load_node_config
 
 
 def write_config(tmp_path, tuning: str) -> str:

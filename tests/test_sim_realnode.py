@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from kvstore.ports import NodeBugs
+from kvstore.node.ports import NodeBugs
 from kvstore.sim import realnode
 from kvstore.sim.realnode import RealNodeConfig, run
 
@@ -77,7 +77,7 @@ def test_bank_seeds_pass():
 
 def _participant_with(monkeypatch, bug: str) -> None:
     """Every shard's 2PC participant in every node runs with ``bug`` planted."""
-    from kvstore import replica_txn
+    from kvstore.machine import twopc as replica_txn
     from kvstore.txn.participant import ParticipantState, TxnBugs
     monkeypatch.setattr(replica_txn, "ParticipantState",
                         lambda **kw: ParticipantState(bugs=TxnBugs(**{bug: True}), **kw))
@@ -176,8 +176,8 @@ def test_a_torn_acceptance_does_not_take_the_acknowledged_one_with_it(tmp_path):
     from kvstore._native import encode_record
     from kvstore.paxos.ballot import make_ballot
     from kvstore.paxos.replica import KIND_BATCH
-    from kvstore.replica_storage import ShardWrite
-    from kvstore.replica_wal import WalReplicaStorage
+    from kvstore.machine.replica import ShardWrite
+    from kvstore.node.storage import WalReplicaStorage
     from kvstore.sim.disk import FaultyFiles, PowerLoss
 
     b1, b2 = make_ballot(3, 1), make_ballot(6, 0)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import kvstore
-import kvstore.embedded
+import kvstore.embedded.store
 from conftest import PYTHON, child_env
 from kvstore import StorageError
 
@@ -166,7 +166,7 @@ def test_status_reports_disk_and_map(store):
 def test_checkpoints_delete_old_log_segments_and_reopen(store, shards, monkeypatch):
     """The log is truncated below each checkpoint: it holds the last segments only, and
     the store reopens from LMDB's checkpoint plus what the log still holds."""
-    monkeypatch.setattr(kvstore.embedded, "WAL_SEGMENT_BYTES", 4096)
+    monkeypatch.setattr(kvstore.embedded.store, "WAL_SEGMENT_BYTES", 4096)
     db = store(shards=shards)
     key = b"same"  # one key: every put lands in the same shard
     for i in range(200):

@@ -1,6 +1,6 @@
 """``python -m kvstore.sim --seeds 1000 --nodes 5`` / ``--seed N --verbose`` to replay one.
 
-``--real-node``: real ``kvstore.node.Node`` objects over a simulated network and disk
+``--real-node``: real ``kvstore.node.loop.Node`` objects over a simulated network and disk
 (``kvstore/sim/realnode.py``); ``--bank``: transfers across shards over two-phase commit.
 
 A sweep ends with the liveness figures of its runs, counted from the last heal: ticks
@@ -20,7 +20,7 @@ from kvstore.sim.bank import BankConfig, run_bank_seed
 from kvstore.sim.bank_paxos import BankPaxosConfig, run_bank_paxos_seed
 from kvstore.txn import TxnBugs
 from kvstore.sim.cluster import RunResult, SimConfig, run
-from kvstore.ports import NodeBugs
+from kvstore.node.ports import NodeBugs
 from kvstore.sim.realnode import RealNodeConfig
 from kvstore.sim.realnode import run as real_node_run
 
@@ -75,12 +75,12 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int, default=None,
                    help="with --bank: shards (default 3); with --real-node: 1-3 (default: drawn per seed)")
     p.add_argument("--real-node", action="store_true",
-                   help="real kvstore.node.Node objects over a simulated network and disk "
+                   help="real kvstore.node.loop.Node objects over a simulated network and disk "
                         "(kvstore/sim/realnode.py)")
     p.add_argument("--node-bug", action="append", default=[], choices=NODE_BUG_NAMES,
                    help="with --real-node: plant a bug in the node or its storage")
     p.add_argument("--locking-audit-trusts-votes", action="store_true",
-                   help="with --bank --paxos: a locking audit trusts its votes, as kvstore.client does today")
+                   help="with --bank --paxos: a locking audit trusts its votes, as kvstore.client.core does today")
     p.add_argument("--txn-bug", action="append", default=[], choices=TXN_BUG_NAMES,
                    help="with --bank: plant a two-phase-commit bug")
     a = p.parse_args(argv)

@@ -11,10 +11,10 @@ coordinator processes crash at any moment, mid-commit included, losing all they
 held, and restart. One seed drives one ``random.Random``; a failure prints the
 seed, the command that replays it and the trace.
 
-The processes model ``kvstore.client``: they propose the prepares and ask the
+The processes model ``kvstore.client.core``: they propose the prepares and ask the
 coordinator shard for a decision (a TxnDecision request naming the
 participants); the node that records it, not the process, proposes the
-TxnResolve entries on every participant (``carry_out``), as ``kvstore.node``
+TxnResolve entries on every participant (``carry_out``), as ``kvstore.node.loop``
 does, so a process that crashes after asking leaves nothing to resolve.
 
 Workload: processes move money between accounts spread over the shards
@@ -75,11 +75,11 @@ class BankConfig:
     # background re-proposals and resolvers wait that long. 1: no backoff (an abstract log answers
     # in a few ticks; a Paxos group under load must not be flooded with retries)
     retry_backoff_max: int = 1
-    # as kvstore.client does: a cross-shard operation that lost this many attempts to conflicts
+    # as kvstore.client.core does: a cross-shard operation that lost this many attempts to conflicts
     # takes its reads by locking them in every shard at once (0: an aborted operation is not
     # retried, and reads are always optimistic)
     locking_after_conflicts: int = 0
-    # kvstore.client's read-only locking transaction as it is today: its values are trusted once
+    # kvstore.client.core's read-only locking transaction as it is today: its values are trusted once
     # every shard voted yes. Not serializable: a lock past its deadline may have been released by
     # a resolver (ABORT recorded) before the last shard's vote came (bank-paxos seed 1208 on 3
     # shards). Off: the audit first records COMMIT in the coordinator shard, which no resolver's
@@ -180,7 +180,7 @@ class Shard:
         if isinstance(entry, TxnResolve):
             recorded = sim.recorded_decision(entry.txn_id)
             # every resolve carries out a recorded decision (a locking read's release too: its
-            # coordinator shard records ABORT first, kvstore.node ``_on_decide``)
+            # coordinator shard records ABORT first, kvstore.node.loop ``_on_decide``)
             if recorded != entry.outcome:
                 sim.fail(f"decision: s{self.id} carries out {entry.outcome} for {entry.txn_id!r}, "
                          f"but the recorded decision is {recorded}")
@@ -245,7 +245,7 @@ class Process:
 
     # ------------------------------------------------------------------ operations
     def start(self, again: dict | None = None) -> None:
-        """A new operation, or ``again`` one that lost to a conflict (as kvstore.client retries)."""
+        """A new operation, or ``again`` one that lost to a conflict (as kvstore.client.core retries)."""
         sim = self.sim
         rng = sim.rng
         if again is not None:
@@ -536,7 +536,7 @@ class BankSimulation:
     def carry_out(self, m: Propose, result) -> None:
         """A decision request (a process's decide, confirm or release, or a resolver's decide)
         was recorded: the node that recorded it, not the process, resolves it on every
-        participant (kvstore.node ``_on_decide``), whether or not its answer arrives."""
+        participant (kvstore.node.loop ``_on_decide``), whether or not its answer arrives."""
         if m.tag[0] in DECISION_REQUESTS:
             _kind, txn_id, participants = m.tag
             for shard in participants:

@@ -36,8 +36,8 @@ from __future__ import annotations
 import contextlib
 import types
 
-from kvstore import client as client_module
-from kvstore.client import (LOCKED, ClusterTxn, Detached, lock_keys_for)
+from kvstore.client import core as client_module
+from kvstore.client.core import LOCKED, ClusterTxn, Detached, lock_keys_for
 from kvstore.errors import KVError, TransactionConflict, Unavailable
 from kvstore.sharding import shard_of
 from kvstore.transport import wire

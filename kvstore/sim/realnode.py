@@ -1,9 +1,9 @@
 """Deterministic simulation of the real node: ``python -m kvstore.sim --real-node``.
 
 Where ``kvstore.sim.cluster`` proves the Paxos core under a copy of the node's
-driver loop, this module builds N real ``kvstore.node.Node`` objects with
+driver loop, this module builds N real ``kvstore.node.loop.Node`` objects with
 real ``WalReplicaStorage``, and drives them through their ports
-(``kvstore.ports``): an in-memory transport, a clock the simulation moves, and
+(``kvstore.node.ports``): an in-memory transport, a clock the simulation moves, and
 per node a data directory whose write-ahead log lives in the power-loss twin
 (``kvstore.sim.disk.FaultyFiles``) and whose LMDB files live on a real
 (tmpfs) directory. LMDB is only ever committed synced, so its files as they
@@ -15,7 +15,7 @@ One seed drives one ``random.Random`` for everything; iteration is sorted
 where order matters; no threads, no wall clock. Each step is one tick: the
 frames due are delivered, faults strike, checkpoints run, and every live node
 takes one ``turn()`` (receive, tick, drive: persist, send, answer), in index
-order. Clients speak the wire protocol as ``kvstore.client`` does: writes
+order. Clients speak the wire protocol as ``kvstore.client.core`` does: writes
 (puts and compare-and-sets) with client sessions (``OP_WRITE`` with client
 id, sequence and floor), linearizable gets (``OP_GET``), retries at the
 leader a redirect names.
@@ -59,14 +59,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, fields, replace
 
-from kvstore.codec import OP_CAS, OP_PUT
+from kvstore.commands import OP_CAS, OP_PUT
 from kvstore.errors import CorruptRecord
-from kvstore.node import EARLY_TYPES, Node, NodeConfig
+from kvstore.node.loop import EARLY_TYPES, Node, NodeConfig
 from kvstore.paxos import messages as M
 from kvstore.paxos.replica import LEADER
-from kvstore.ports import NO_BUGS, NodeBugs
+from kvstore.node.ports import NO_BUGS, NodeBugs
 from kvstore.transport.sockets import CLIENT, PEER
-from kvstore.replica_wal import WalReplicaStorage
+from kvstore.node.storage import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.sim.disk import FaultyFiles, PowerLoss
 from kvstore.sim.oracle import InvariantViolation, Oracle
@@ -168,7 +168,7 @@ def swarm(config: RealNodeConfig, rng: random.Random) -> RealNodeConfig:
 # ---------------------------------------------------------------------------------- ports
 
 class SimClock:
-    """The simulation's time, as every node reads it (``kvstore.ports.Clock``)."""
+    """The simulation's time, as every node reads it (``kvstore.node.ports.Clock``)."""
 
     def __init__(self, sim: "Simulation") -> None:
         self.sim = sim
@@ -181,7 +181,7 @@ class SimClock:
 
 
 class SimTransport:
-    """A node's end of the in-memory network (``kvstore.ports.Transport``, what the node
+    """A node's end of the in-memory network (``kvstore.node.ports.Transport``, what the node
     uses of ``NodeSockets``): frames wait in ``inbox`` tagged by the socket they came on
     (``CLIENT`` or ``PEER``); a peer's routing id names its index, as a real peer's does."""
 
@@ -415,7 +415,7 @@ class SimNode:
 # ---------------------------------------------------------------------------------- clients
 
 class SimClient:
-    """A client of the wire protocol, one operation at a time (as ``kvstore.client``)."""
+    """A client of the wire protocol, one operation at a time (as ``kvstore.client.core``)."""
 
     def __init__(self, sim: "Simulation", index: int) -> None:
         self.sim = sim

@@ -4,7 +4,7 @@ Layout (DESIGN.md, "Storage layout"): for each shard ``i`` four named tables,
 
 - ``s{i}.log``   slot (8-byte big-endian) -> checksummed log record
 - ``s{i}.meta``  ``applied`` / ``commit`` / ``promise`` -> 8-byte big-endian int
-- ``s{i}.data``  key -> 8-byte revision + CRC32C + value (``kvstore.storage.state``)
+- ``s{i}.data``  key -> 8-byte revision + CRC32C + value (``kvstore.machine.data``)
 - ``s{i}.txn``   transaction records (prepared parts, decisions)
 
 and one ``kvstore`` table with the directory's format (version, shard count).

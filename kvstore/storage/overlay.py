@@ -25,7 +25,7 @@ and open their LMDB read transaction under ``lock``, which freezing and
 dropping a generation also take.
 
 ``ShardView`` makes (pending writes, generations, an LMDB transaction) look
-like an LMDB transaction to ``kvstore.storage.state``'s functions, so the
+like an LMDB transaction to ``kvstore.machine.data``'s functions, so the
 commit path applies commands with the same code a cluster node uses.
 """
 
@@ -239,7 +239,7 @@ class LazyRead:
 
 
 class ShardView:
-    """One shard's state as ``kvstore.storage.state`` sees an LMDB transaction.
+    """One shard's state as ``kvstore.machine.data`` sees an LMDB transaction.
 
     Reads go through ``levels`` (newest first: the batch's own pending
     writes, then the overlay's generations) to ``txn``; writes land in

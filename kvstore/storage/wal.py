@@ -363,7 +363,7 @@ class WriteAheadLog:
         """Write ``records`` durably: one ``pwrite``, one ``fdatasync``.
 
         ``sync=False`` skips the ``fdatasync``: only for a bug the simulator plants
-        (``kvstore.ports.NodeBugs.skip_promise_fsync``).
+        (``kvstore.node.ports.NodeBugs.skip_promise_fsync``).
 
         Returns the position just past the last of them. Raises ``StorageError``
         (the log then refuses appends until reopened, unless the disk was full

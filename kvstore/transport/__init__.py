@@ -1,6 +1,6 @@
 """ZeroMQ transport: the wire format (``wire``) and a node's sockets (``sockets``).
 
-Only ``kvstore.node``, the clients and the server touch these; the pure cores
+Only ``kvstore.node.loop``, the clients and the server touch these; the pure cores
 (``paxos/``) never do.
 """
 

@@ -21,7 +21,7 @@ Clients: ``kvstore keygen --client NAME DIR`` writes ``NAME.key`` and
 ``NAME.key_secret`` and allows ``NAME.key`` (a copy in ``clients/``); the
 client uses ``keys="DIR/NAME.key_secret"`` (``server.key`` is read beside it).
 To revoke one, remove its file from ``clients/``: every node rereads the
-directory when it changes (looked at every ``kvstore.node.RELOAD_KEYS_SECONDS``, 2 s), refuses the
+directory when it changes (looked at every ``kvstore.node.loop.RELOAD_KEYS_SECONDS``, 2 s), refuses the
 key's new handshakes, and drops the requests of its open connections.
 
 A refused client learns it from its socket monitor (a failed handshake) and

@@ -15,7 +15,7 @@ COMMIT. A client only *asks* for the decision (a node's ``decide`` request,
 naming the ``participants``): the coordinator shard's leader writes the
 TxnDecision itself, answers the recorded outcome, and then writes the
 TxnResolve entries on every participant, so no client ever writes a decision
-or a resolve (``kvstore.node``). A transaction's writes become visible to
+or a resolve (``kvstore.node.loop``). A transaction's writes become visible to
 other transactions when they are resolved, and until then its locks make every
 conflicting reader or writer retry, so nothing observes the gap.
 

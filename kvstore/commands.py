@@ -17,7 +17,7 @@ Commands (tuples; the first item is the op code):
   already validated across shards (its decision was commit)
 - ``(OP_2PC, entry)``                      -> a cluster's two-phase-commit step, ``entry``
   a ``kvstore.txn.records`` encoding (TxnPrepare -> vote, TxnDecision -> recorded
-  outcome, TxnResolve -> changed); applied by ``kvstore.replica_txn``. A client
+  outcome, TxnResolve -> changed); applied by ``kvstore.machine.twopc``. A client
   sends only TxnPrepare; decisions and resolves are written by the nodes
 """
 

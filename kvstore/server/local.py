@@ -78,7 +78,7 @@ class LocalCluster:
         self.procs: dict = {}
         self._logs: dict = {}
         if os.path.exists(self.config_path):  # a restart of a cluster made before: same ports
-            from kvstore.server_config import parse_cluster, read_toml
+            from kvstore.node.config import parse_cluster, read_toml
             self.shards, nodes_cfg = parse_cluster(read_toml(self.config_path), self.config_path)
             self.names = sorted(nodes_cfg)
             self.addresses = {n: nodes_cfg[n]["address"] for n in self.names}

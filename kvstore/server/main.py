@@ -88,8 +88,8 @@ def _fail(message: str, code: int = EXIT_CONFIG) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kvstore.node import Node
-    from kvstore.server_config import load_node_config
+    from kvstore.node.loop import Node
+    from kvstore.node.config import load_node_config
     try:
         config = load_node_config(args.config, args.id, args.data)
     except InvalidArgument as e:

@@ -1,4 +1,4 @@
-"""The ports of a node (``kvstore.node.Node``): what it touches of the outside world.
+"""The ports of a node (``kvstore.node.loop.Node``): what it touches of the outside world.
 
 A node runs on ZeroMQ sockets and the system clock in production
 (``NodeSockets``, ``SystemClock``); the deterministic simulator

@@ -3,7 +3,7 @@
 One ``ClientCore`` per connection owns the ZeroMQ sockets (a DEALER per node)
 and one I/O thread; callers on any thread hand it calls and wait on a
 ``concurrent.futures.Future``, so many calls are in flight on one connection
-(the asyncio client, ``kvstore.aio``, awaits the same futures). The I/O thread:
+(the asyncio client, ``kvstore.client.aio``, awaits the same futures). The I/O thread:
 
 - routes each call by shard (``kvstore.sharding.shard_of``) to the node it
   believes leads that shard, learns leaders from answers and follows a
@@ -30,7 +30,7 @@ leaders; only writes and redirects do. ``scan`` asks every shard and merges; eac
 shard's part is linearizable, the whole is not one snapshot across shards.
 A transaction inside one shard is one log entry whose reads are validated at
 apply. One across shards runs two-phase commit (``two_phase_commit``; the
-entries and their rules are in ``kvstore.txn`` and ``kvstore.replica_txn``):
+entries and their rules are in ``kvstore.txn`` and ``kvstore.machine.twopc``):
 this client is its coordinator (it prepares, then asks the coordinator shard's
 leader for the decision, which that node records and carries out), the shards'
 logs hold every step, and a node's resolver finishes it if this client goes
@@ -55,9 +55,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import zmq
 
 from kvstore.api import KV, Txn
-from kvstore.codec import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
+from kvstore.commands import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import InvalidArgument, KVError, Timeout, TransactionConflict, Unavailable
-from kvstore.replica_txn import LOCKED
+from kvstore.machine.twopc import LOCKED
 from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TXN_ID_BYTES, Coordinator, TxnPrepare
 from kvstore.txn import encode as encode_2pc
 from kvstore.txn.coordinator import DECIDING
@@ -890,7 +890,7 @@ def _answer(answer):
 # A *plan* is a generator that yields batches ``[(op, shard, payload)]`` to send at once
 # and is sent back, in order, each request's result or the ``KVError`` it raised; what it
 # returns is the outcome. One plan serves the sync client (``run_plan``) and the asyncio
-# one (``kvstore.aio``): a transaction's logic lives once, its I/O twice.
+# one (``kvstore.client.aio``): a transaction's logic lives once, its I/O twice.
 
 def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard: int | None = None):
     """Plan: commit a transaction across shards (``parts``: shard -> ``(reads, writes)``).

@@ -24,7 +24,7 @@ import re
 import sys
 
 from kvstore.errors import InvalidArgument
-from kvstore.node import NodeConfig
+from kvstore.node.loop import NodeConfig
 from kvstore.transport.sockets import derived_peer_address
 
 if sys.version_info >= (3, 11):

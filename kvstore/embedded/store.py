@@ -34,11 +34,11 @@ from typing import Sequence
 
 from kvstore import _native
 from kvstore.api import KV, Txn
-from kvstore.codec import (KIND_COMMANDS, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES,
+from kvstore.commands import (KIND_COMMANDS, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES,
                            decode_commands, encode_commands)
 from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError,
                             TransactionConflict)
-from kvstore.groupcommit import GroupCommitter, Request
+from kvstore.embedded.groupcommit import GroupCommitter, Request
 from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
                           check_limit, check_optional_value, check_value, scan_range)
@@ -49,7 +49,7 @@ from kvstore.storage.environment import (META_APPLIED, META_LOG_CLOSED, META_LOG
                                          META_LOG_POSITION, THIRD_PARTY_ERRORS, translate)
 from kvstore.storage.overlay import (MISSING, LazyRead, Overlay, ShardView, items_in_range,
                                      lookup, merge_rows)
-from kvstore.storage.state import (apply_command, apply_writes, reads_still_valid,
+from kvstore.machine.data import (apply_command, apply_writes, reads_still_valid,
                                    revision_of, scan_rows, scan_values, value_of)
 from kvstore.storage.wal import (KIND_CHECKPOINT, KIND_COMMIT_POINT, KIND_ENTRY,
                                  RECORD_OVERHEAD, Record, WriteAheadLog)

@@ -1,7 +1,7 @@
 """``kvstore.open(path, node_id="n1", cluster="cluster.toml")``: a replica of a cluster
 running inside this process.
 
-It is the same ``kvstore.node.Node`` that ``kvstore-server`` runs (same loop,
+It is the same ``kvstore.node.loop.Node`` that ``kvstore-server`` runs (same loop,
 same storage format, same sockets: the other nodes see an ordinary peer), on a
 daemon thread of this process, and the ``KV`` it returns is a client of the
 cluster whose first address is this node: requests go over loopback to the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 
-from kvstore.client import ClusterKV
+from kvstore.client.core import ClusterKV
 from kvstore.errors import InvalidArgument, KVError
 
 
@@ -58,8 +58,8 @@ class EmbeddedReplicaKV(ClusterKV):
 
 def open_replica(path, node_id: str, cluster, timeout: float = 5.0) -> EmbeddedReplicaKV:
     """Start node ``node_id`` of the cluster described by the file ``cluster`` on ``path``."""
-    from kvstore.node import Node
-    from kvstore.server_config import load_node_config
+    from kvstore.node.loop import Node
+    from kvstore.node.config import load_node_config
     if not isinstance(node_id, str) or not node_id:
         raise InvalidArgument(f"node_id must be a node name from the cluster file, got {node_id!r}")
     if not isinstance(cluster, (str, os.PathLike)):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from kvstore import _native
-from kvstore.codec import OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES
+from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES
 from kvstore.errors import CorruptRecord
 
 #: Bytes of the revision at the start of a stored value.
@@ -113,7 +113,7 @@ def apply_writes(txn, db, revision: int, writes: Iterable) -> None:
 
 
 def apply_command(txn, db, revision: int, command) -> object:
-    """Apply one command (see ``kvstore.codec``) at ``revision``; its result."""
+    """Apply one command (see ``kvstore.commands``) at ``revision``; its result."""
     op = command[0]
     if op == OP_PUT:
         txn.put(command[1], _pack(command[1], revision, command[2]), db=db)

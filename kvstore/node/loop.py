@@ -4,7 +4,7 @@ This is the only place where the pure Paxos core meets I/O. A node owns one
 ``kvstore.paxos.Replica`` per shard, one ``ReplicaStorage`` (the write-ahead
 log and LMDB) for all of them, one ``NodeSockets`` (a ROUTER for clients, one
 for peers, a DEALER per peer) and a monotonic clock, and runs them from a single
-thread in one loop. The sockets and the clock are ports (``kvstore.ports``):
+thread in one loop. The sockets and the clock are ports (``kvstore.node.ports``):
 the deterministic simulator (``kvstore.sim.realnode``) drives this same class
 over an in-memory transport, its own clock and a simulated disk. ``run()`` is
 the production shell (poll the sockets until the next tick is due); ``turn()``
@@ -27,7 +27,7 @@ is one turn of the loop, the same for both. Each turn:
    a. **persist**: every shard's hard state, log records, snapshot and
       compaction, in ONE ``ReplicaStorage.save``: one append to the
       write-ahead log and one fdatasync for all shards
-      (``kvstore.replica_wal``). The committed entries are applied in that
+      (``kvstore.node.storage``). The committed entries are applied in that
       same save, into the overlay that LMDB checkpoints take off this path
       (safety rule 4: the applied point moves with the state it describes);
    b. **send**, only once (a) returned (safety rule 1: a promise or an
@@ -63,18 +63,18 @@ from dataclasses import dataclass
 
 import zmq
 
-from kvstore.codec import OP_2PC
+from kvstore.commands import OP_2PC
 from kvstore.errors import CorruptRecord
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
-from kvstore.ports import NO_BUGS, NodeBugs, SystemClock
-from kvstore.replica_storage import (POISONED, STALE, ReplicaStorage, ShardWrite,
+from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
+from kvstore.machine.replica import (POISONED, STALE, ReplicaStorage, ShardWrite,
                                      check_command, check_command_sizes, check_logged_command,
                                      check_snapshot_data, command_keys, decode_client_command, encode_client_command)
-from kvstore.replica_txn import LOCKED, bound_client_2pc, check_decide
-from kvstore.replica_wal import WalReplicaStorage
+from kvstore.machine.twopc import LOCKED, bound_client_2pc, check_decide
+from kvstore.node.storage import WalReplicaStorage
 from kvstore.txn import ABORT, TxnDecision, TxnPrepare, TxnResolve
 from kvstore.txn import encode as encode_2pc
 from kvstore.sharding import shard_of
@@ -120,7 +120,7 @@ PREFERRED_CAMPAIGN_TICKS = (15, 40)
 
 @dataclass
 class NodeConfig:
-    """What a node needs to know; ``kvstore.server_config`` builds it from cluster.toml."""
+    """What a node needs to know; ``kvstore.node.config`` builds it from cluster.toml."""
 
     name: str
     names: list  # every node's name; sorted, a node's Paxos index is its position

@@ -63,14 +63,14 @@ from kvstore._native import decode_record, key_slot, slot_key
 from kvstore.errors import CorruptRecord
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import PersistedState
-from kvstore.ports import NO_BUGS, NodeBugs
-from kvstore.replica_storage import META_PAXOS, _NO_HARD_STATE, apply_entries, install_snapshot
-from kvstore.replica_txn import LOCKED, expired_prepares, key_write_locked, range_write_locked
+from kvstore.node.ports import NO_BUGS, NodeBugs
+from kvstore.machine.replica import META_PAXOS, _NO_HARD_STATE, apply_entries, install_snapshot
+from kvstore.machine.twopc import LOCKED, expired_prepares, key_write_locked, range_write_locked
 from kvstore.storage import Storage
 from kvstore.storage.checkpoint import Checkpointer
 from kvstore.storage.environment import META_LOG_POSITION, ShardTables, pack_u64, unpack_u64
 from kvstore.storage.overlay import Overlay, ShardView
-from kvstore.storage.state import read_value, scan_rows
+from kvstore.machine.data import read_value, scan_rows
 from kvstore.storage.wal import (KIND_COMMIT_POINT, KIND_ENTRY, KIND_PROMISE, Record,
                                  WriteAheadLog)
 

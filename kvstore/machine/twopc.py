@@ -4,7 +4,7 @@ A cross-shard transaction's steps are log entries of the shards it touches
 (``kvstore.txn.records``), carried as client commands ``[OP_2PC, entry]``: a
 client's TxnPrepare, bounded by ``bound_client_2pc`` where it enters a node,
 and the TxnDecision and TxnResolve entries that only nodes write (a client asks
-for a decision with ``check_decide``'s request; ``kvstore.node``). Every
+for a decision with ``check_decide``'s request; ``kvstore.node.loop``). Every
 replica applies them through the same pure code as the simulator
 (``ParticipantState``, ``DecisionTable``); only their tables differ: here they
 live in the shard's ``txn`` table, in the same write transaction as the data
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kvstore.storage.state import apply_writes, read_value, revision_of
+from kvstore.machine.data import apply_writes, read_value, revision_of
 from kvstore.txn import (LOCK_ONLY, OUTCOMES, TXN_ID_BYTES, DecisionTable, ParticipantState, TxnDecision,
                          TxnPrepare, TxnResolve)
 from kvstore.txn import decode as decode_entry
@@ -179,7 +179,7 @@ def bound_client_2pc(raw: bytes, shard: int, nshards: int, now_ms: int,
     ``internal``: the node's own write (or a peer's): its decisions and resolves pass.
 
     A client may send only a TxnPrepare (read-only, locking or writing): decisions
-    and resolves are node-internal (``kvstore.node``: the decide request, the
+    and resolves are node-internal (``kvstore.node.loop``: the decide request, the
     resolver). Its id must be ``TXN_ID_BYTES`` long; its participants this cluster's
     shards, sorted, once each, with ``shard`` and its coordinator among them (so the
     resolver can always reach the coordinator shard); its reads' revisions >= 0 or

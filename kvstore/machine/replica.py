@@ -7,16 +7,16 @@ records, an installed snapshot, compaction) together with the committed
 entries to apply, and gets back the results of the commands it applied.
 ``save`` returns only when all of it is durable. ``load`` gives a shard's
 ``PersistedState`` back after a restart. The implementation is
-``kvstore.replica_wal.WalReplicaStorage``: one log append and one fdatasync per
+``kvstore.node.storage.WalReplicaStorage``: one log append and one fdatasync per
 save, LMDB checkpointed off the write path.
 
 The replicated state machine is the embedded store's: each command is
-applied by ``kvstore.storage.state.apply_command`` on the shard's data table,
+applied by ``kvstore.machine.data.apply_command`` on the shard's data table,
 at revision ``slot + 1`` (revision 0 means "absent"). Around it, a client
 session table makes a retried write take effect once (``apply_client_command``),
-and two-phase-commit entries go to ``kvstore.replica_txn``. Everything here
+and two-phase-commit entries go to ``kvstore.machine.twopc``. Everything here
 works on an LMDB transaction or on anything that reads and writes like one
-(the overlay's view of the tables, ``kvstore.replica_wal``).
+(the overlay's view of the tables, ``kvstore.node.storage``).
 
 A chosen value this code cannot apply (a "poisoned" value: a batch that does not
 decode, a command of a bad shape or size) is applied as a no-op, logged and
@@ -35,12 +35,12 @@ from typing import Protocol
 
 import msgpack
 
-from kvstore.codec import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
+from kvstore.commands import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import CorruptRecord
 from kvstore.keys import check_key, check_value
 from kvstore.paxos.replica import KIND_BATCH, PersistedState, Snapshot
-from kvstore.replica_txn import LOCKED, any_locked, apply_2pc
-from kvstore.storage.state import apply_command, scan_rows
+from kvstore.machine.twopc import LOCKED, any_locked, apply_2pc
+from kvstore.machine.data import apply_command, scan_rows
 from kvstore.txn import TxnPrepare
 from kvstore.txn import decode as decode_2pc
 
@@ -99,7 +99,7 @@ class ReplicaStorage(Protocol):
 
         ``applied(results)``, if given, is called with those results once they are
         computed, possibly before they are durable: the caller may act on the ones
-        whose log entries were durable before this call (see ``kvstore.node``)."""
+        whose log entries were durable before this call (see ``kvstore.node.loop``)."""
 
     def get(self, shard: int, key: bytes) -> tuple | str:
         """``(value, revision)``, or ``LOCKED`` while a prepared transaction writes it."""
@@ -108,7 +108,7 @@ class ReplicaStorage(Protocol):
         """``[(key, value, revision)]``, or ``LOCKED`` as for ``get``."""
 
     def expired_prepares(self, shard: int, now_ms: int) -> list:
-        """Prepared cross-shard transactions past their deadline (``kvstore.replica_txn``)."""
+        """Prepared cross-shard transactions past their deadline (``kvstore.machine.twopc``)."""
 
     def close(self) -> None: ...
 

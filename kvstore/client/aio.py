@@ -1,0 +1,213 @@
+"""``await kvstore.aio.connect(addresses, timeout=...)``: the asyncio client.
+
+The same calls as ``kvstore.connect`` (``shared/API.md`` section 1), as
+coroutines, with the same errors. It shares the synchronous client's engine
+(``kvstore.client.core.ClientCore``: one I/O thread, a DEALER per node, routing,
+leader hints, retries with a request id, deadlines): each call hands it a
+request and awaits its ``concurrent.futures.Future`` through
+``asyncio.wrap_future``, so any number of requests are in flight on one
+connection and the event loop never blocks on a socket.
+
+    import asyncio, kvstore.aio
+
+    async def main():
+        async with await kvstore.aio.connect("tcp://127.0.0.1:7001") as db:
+            await db.put(b"k", b"v")
+            print(await db.get(b"k"))
+            await asyncio.gather(*(db.put(b"k%d" % i, b"v") for i in range(100)))
+
+    asyncio.run(main())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+
+from kvstore.api import check_run_transaction, retry_backoff_seconds
+from kvstore.client.core import ClusterKV, ClusterTxn, Detached, lock_keys_for
+from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT
+from kvstore.errors import KVError, TransactionConflict
+from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
+from kvstore.transport import wire
+
+
+async def connect(addresses, timeout: float = 5.0, *, keys=None) -> "AsyncKV":
+    """Connect to the cluster at ``addresses`` (``Unavailable`` if no node answers)."""
+    loop = asyncio.get_running_loop()
+    kv = await loop.run_in_executor(None, ClusterKV, addresses, timeout, keys)
+    return AsyncKV(kv)
+
+
+class AsyncKV:
+    """The ``KV`` interface as coroutines; many calls may be in flight at once."""
+
+    def __init__(self, kv: ClusterKV) -> None:
+        self._kv = kv
+        self._core = kv._core
+        self._loop = asyncio.get_running_loop()
+        self._done: deque = deque()  # (engine future, asyncio future), completed
+        self._done_lock = threading.Lock()
+
+    async def _call(self, op: str, shard, payload):
+        waiter = self._loop.create_future()
+        self._core.submit(op, shard, payload).add_done_callback(
+            lambda f: self._completed(f, waiter))
+        return await waiter
+
+    def _completed(self, future, waiter) -> None:
+        """On the engine's I/O thread: queue the outcome; wake the event loop once per
+        batch of completions (``call_soon_threadsafe`` writes to the loop's self-pipe)."""
+        with self._done_lock:
+            self._done.append((future, waiter))
+            first = len(self._done) == 1
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: nobody awaits any more
+                pass
+
+    def _deliver(self) -> None:
+        with self._done_lock:
+            done, self._done = self._done, deque()
+        for future, waiter in done:
+            if waiter.cancelled():
+                continue
+            e = future.exception()
+            if e is not None:
+                waiter.set_exception(e)
+            else:
+                waiter.set_result(future.result())
+
+    async def get(self, key):
+        key = check_key(key)
+        shard = self._kv._shard(key)
+        return await self._call(wire.OP_GET, shard, [shard, key, False])
+
+    async def put(self, key, value) -> None:
+        key = check_key(key)
+        await self._call(wire.OP_WRITE, self._kv._shard(key), [OP_PUT, key, check_value(value)])
+
+    async def delete(self, key) -> bool:
+        key = check_key(key)
+        return bool(await self._call(wire.OP_WRITE, self._kv._shard(key), [OP_DELETE, key]))
+
+    async def cas(self, key, expected, new) -> bool:
+        key = check_key(key)
+        command = [OP_CAS, key, check_optional_value(expected, "expected"),
+                   check_optional_value(new, "new")]
+        return bool(await self._call(wire.OP_WRITE, self._kv._shard(key), command))
+
+    async def scan(self, prefix=b"", start=None, end=None, limit=None):
+        lo, hi = scan_range(prefix, start, end)
+        limit = check_limit(limit)
+        if (hi is not None and hi <= lo) or limit == 0:
+            return []
+        parts = await asyncio.gather(*(self._call(wire.OP_SCAN, s, [s, lo, hi, limit, False])
+                                       for s in range(self._kv.nshards)))
+        rows = sorted((k, v) for part in parts for k, v in part)
+        return rows if limit is None else rows[:limit]
+
+    def transaction(self) -> "AsyncTxn":
+        self._kv._core_check()
+        return AsyncTxn(self)
+
+    async def run_transaction(self, fn, retries: int = 10):
+        """``await fn(txn)`` in a transaction, retried on ``TransactionConflict``."""
+        check_run_transaction(fn, retries)
+        attempt = 0
+        txn = None
+        while True:
+            self._kv._core_check()
+            txn = AsyncTxn(self, lock_keys_for(txn and txn._t, attempt))
+            try:
+                async with txn:
+                    result = await fn(txn)
+                return result
+            except TransactionConflict:
+                if attempt >= retries:
+                    raise
+                attempt += 1
+                await asyncio.sleep(retry_backoff_seconds(attempt))
+
+    async def status(self) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(None, self._kv.status)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._kv.close)
+
+    async def __aenter__(self) -> "AsyncKV":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class AsyncTxn:
+    """``ClusterTxn`` on the event loop: the same plans (``get_plan``, ``commit_plan``...:
+    one entry, or two-phase commit across shards, or locking reads), their batches
+    awaited together."""
+
+    def __init__(self, db: AsyncKV, lock_keys=None) -> None:
+        self._db = db
+        self._t = ClusterTxn(db._kv, lock_keys)  # its bookkeeping and plans; the I/O is here
+
+    async def _run(self, plan):
+        try:
+            batch = next(plan)
+            while True:
+                if isinstance(batch, Detached):
+                    for op, shard, payload in batch:
+                        self._db._core.submit(op, shard, payload)
+                    batch = plan.send([None] * len(batch))
+                    continue
+                answers = await asyncio.gather(*(self._db._call(op, shard, payload)
+                                                 for op, shard, payload in batch),
+                                               return_exceptions=True)
+                for a in answers:
+                    if isinstance(a, BaseException) and not isinstance(a, KVError):
+                        raise a
+                batch = plan.send(answers)
+        except StopIteration as done:
+            return done.value
+
+    async def __aenter__(self) -> "AsyncTxn":
+        self._t.__enter__()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        t = self._t
+        if t._state != "open":
+            return
+        if exc_type is not None:
+            await self.discard()
+            return
+        await self.commit()
+
+    async def get(self, key):
+        return await self._run(self._t.get_plan(key))
+
+    async def put(self, key, value) -> None:
+        self._t.put(key, value)
+
+    async def delete(self, key) -> bool:
+        return await self._run(self._t.delete_plan(key))
+
+    async def scan(self, prefix=b"", start=None, end=None, limit=None):
+        return await self._run(self._t.scan_plan(prefix, start, end, limit))
+
+    async def commit(self) -> None:
+        await self._run(self._t.commit_plan())
+
+    async def discard(self) -> None:
+        t = self._t
+        if t._state in ("new", "open"):
+            t._state = "discarded"
+        try:
+            await self._run(t.release_plan())
+        except KVError:
+            pass  # its resolvers free the locks after the deadline
+
+
+__all__ = ["connect", "AsyncKV", "AsyncTxn", "KVError"]
