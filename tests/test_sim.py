@@ -77,7 +77,7 @@ def test_planted_bug_is_found(bug, nodes):
     seed, text = _first_failing_seed(Bugs(**{bug: True}), nodes)
     assert seed is not None, f"{bug} not found in {BUG_SEED_BUDGET} seeds"
     assert any(finding in text.splitlines()[0] for finding in FINDINGS[bug]), text.splitlines()[0]
-    assert f"reproduce: python -m kvstore.sim --seed {seed}" in text
+    assert f"reproduce: python -m kvstore.sim --core --seed {seed}" in text
     assert "last " in text and " events:" in text
 
 
@@ -86,7 +86,7 @@ def test_a_seed_replays_byte_for_byte_whatever_the_hash_seed(seed):
     outputs = []
     for hashseed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hashseed)
-        out = subprocess.run([sys.executable, "-m", "kvstore.sim", "--seed", str(seed), "--nodes", "5", "--verbose"],
+        out = subprocess.run([sys.executable, "-m", "kvstore.sim", "--core", "--seed", str(seed), "--nodes", "5", "--verbose"],
                              capture_output=True, env=env, timeout=120, check=True).stdout
         outputs.append(out)
     assert outputs[0] == outputs[1]
@@ -101,7 +101,7 @@ def test_failing_seed_replays_identically():
 
 
 def test_cli_reports_failure_exit_code():
-    p = subprocess.run([sys.executable, "-m", "kvstore.sim", "--seeds", "50", "--bug", "apply_out_of_order"],
+    p = subprocess.run([sys.executable, "-m", "kvstore.sim", "--core", "--seeds", "50", "--bug", "apply_out_of_order"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
     assert "FAILED seed" in p.stdout

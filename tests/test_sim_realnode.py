@@ -1,4 +1,4 @@
-"""The simulator of real nodes (kvstore/sim/realnode.py, ``python -m kvstore.sim --real-node``):
+"""The simulator of real nodes (kvstore/sim/realnode.py, ``python -m kvstore.sim``):
 clean seeds pass, each bug planted in the node or its storage is caught by the default seeds,
 and a failing seed replays exactly from the command it prints."""
 
@@ -45,7 +45,7 @@ def test_a_failing_seed_replays_exactly_from_the_command_it_prints():
     first = run(RealNodeConfig(seed=seed, bugs=bugs))
     assert not first.ok
     command = re.search(r"reproduce: (.*)", first.text).group(1)
-    assert command == (f"python -m kvstore.sim --real-node --seed {seed} --nodes 3 --ticks 500 "
+    assert command == (f"python -m kvstore.sim --seed {seed} --nodes 3 --ticks 500 "
                        f"--node-bug skip_promise_fsync --verbose")
     again = run(RealNodeConfig(seed=seed, bugs=bugs))
     strip = lambda text: re.sub(r"/\S*/kvstore-sim-\w+", "DIR", text)  # noqa: E731
@@ -91,7 +91,7 @@ def test_bank_checks_catch_a_broken_participant(monkeypatch, bug):
         result = run(RealNodeConfig(seed=seed, nodes=3, bank=True))
         if not result.ok:
             assert "bank: " in result.text.splitlines()[0], result.text.splitlines()[0]
-            assert f"--real-node --bank --seed {seed}" in result.text
+            assert f"python -m kvstore.sim --bank --seed {seed}" in result.text
             again = run(RealNodeConfig(seed=seed, nodes=3, bank=True))
             strip = lambda text: re.sub(r"/\S*/kvstore-sim-\w+", "DIR", text)  # noqa: E731
             assert strip(again.text) == strip(result.text)
@@ -167,7 +167,7 @@ def test_the_byzantine_sender_changes_nothing_in_real_nodes():
 # ---------------------------------------------------------------- what the sweeps found
 
 def test_a_torn_acceptance_does_not_take_the_acknowledged_one_with_it(tmp_path):
-    """Found by the oracle (``--real-node --seed 2 --bug read_before_own_noop``: "acceptance
+    """Found by the oracle (``python -m kvstore.sim --seed 2 --bug read_before_own_noop``: "acceptance
     forgotten"): a node acknowledged slot 1 at ballot B1; a leader at B2 > B1 sent an Accept
     for the same slot; the power went during that save, keeping the record at B2 and
     losing the promise of B2 written after it. Recovery dropped the torn record, and the
@@ -198,3 +198,18 @@ def test_a_torn_acceptance_does_not_take_the_acknowledged_one_with_it(tmp_path):
     state = open_storage().load(0)
     assert state.promised == b1
     assert acknowledged in state.records
+
+
+@pytest.mark.parametrize("args", [["--seed", "8"], ["--bank", "--seed", "4"]])
+def test_the_default_cli_runs_real_nodes_and_replays_byte_for_byte_whatever_the_hash_seed(args):
+    import os
+    import subprocess
+    import sys
+    outputs = []
+    for hashseed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hashseed)
+        outputs.append(subprocess.run([sys.executable, "-m", "kvstore.sim", *args, "--verbose"],
+                                      capture_output=True, env=env, timeout=120, check=True).stdout)
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0].splitlines()) > 30
+    assert b"starts (incarnation 1)" in outputs[0]  # the real node's trace

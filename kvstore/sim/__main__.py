@@ -1,10 +1,15 @@
 """``python -m kvstore.sim --seeds 1000 --nodes 5`` / ``--seed N --verbose`` to replay one.
 
-``--real-node``: real ``kvstore.node.loop.Node`` objects over a simulated network and disk
-(``kvstore/sim/realnode.py``); ``--bank``: transfers across shards over two-phase commit.
+By default real ``kvstore.node.Node`` objects, with the storage ``kvstore-server`` runs,
+over a simulated network, clock and disk (``kvstore/sim/realnode.py``); ``--bank`` adds
+clients that move money across shards with ``kvstore.client``'s transactions.
 
-A sweep ends with the liveness figures of its runs, counted from the last heal: ticks
-until one leader is followed by every node, elections and leader changes (median,
+The models, for what the real node does not reach yet (README): ``--core``, the Paxos
+core under the simulator's own driver (``kvstore/sim/cluster.py``); ``--bank --model``,
+two-phase commit over abstract shards (``bank.py``); ``--bank --paxos``, over groups of
+cores (``bank_paxos.py``).
+
+A sweep ends with the liveness figures of its runs, counted from the last heal (median,
 99th percentile, worst).
 """
 
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=None, help="run (replay) this one seed")
     p.add_argument("--nodes", type=int, default=3, choices=range(1, 8), metavar="1..7")
-    p.add_argument("--ticks", type=int, default=SimConfig.ticks, help="ticks of the fault phase")
+    p.add_argument("--ticks", type=int, default=None, help="ticks of the fault phase")
     p.add_argument("-v", "--verbose", action="store_true", help="print the whole trace as it runs")
     p.add_argument("--bug", action="append", default=[], choices=BUG_NAMES,
                    help="plant a bug (to see the checks fail)")
@@ -69,26 +74,30 @@ def main(argv=None) -> int:
                    help="a byzantine-input sender fuzzing peer messages in every seed (or in none); "
                         "by default in a third of the seeds")
     p.add_argument("--bank", action="store_true",
-                   help="bank transfers across shards over two-phase commit (kvstore/sim/bank.py)")
+                   help="bank clients too: transfers across shards over two-phase commit")
+    p.add_argument("--core", action="store_true",
+                   help="the Paxos core under the simulator's own driver (kvstore/sim/cluster.py), "
+                        "not the real node")
+    p.add_argument("--model", action="store_true",
+                   help="with --bank: abstract shards, not real nodes (kvstore/sim/bank.py)")
     p.add_argument("--paxos", action="store_true",
                    help="with --bank: each shard a real Paxos group of --nodes replicas (kvstore/sim/bank_paxos.py)")
     p.add_argument("--shards", type=int, default=None,
-                   help="with --bank: shards (default 3); with --real-node: 1-3 (default: drawn per seed)")
+                   help="1-3 (default: drawn per seed); with --model or --paxos: default 3")
     p.add_argument("--real-node", action="store_true",
-                   help="real kvstore.node.loop.Node objects over a simulated network and disk "
-                        "(kvstore/sim/realnode.py)")
+                   help="real nodes (the default; accepted for older replay lines)")
     p.add_argument("--node-bug", action="append", default=[], choices=NODE_BUG_NAMES,
-                   help="with --real-node: plant a bug in the node or its storage")
+                   help="plant a bug in the node or its storage")
     p.add_argument("--locking-audit-trusts-votes", action="store_true",
                    help="with --bank --paxos: a locking audit trusts its votes, as kvstore.client.core does today")
     p.add_argument("--txn-bug", action="append", default=[], choices=TXN_BUG_NAMES,
                    help="with --bank: plant a two-phase-commit bug")
     a = p.parse_args(argv)
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
-    if a.real_node:
+    if not (a.core or (a.bank and (a.model or a.paxos))):
         node_bugs = NodeBugs(**{name: True for name in a.node_bug},
                              paxos=Bugs(**{name: True for name in a.bug}))
-        ticks = a.ticks if a.ticks != SimConfig.ticks else RealNodeConfig.ticks
+        ticks = a.ticks or RealNodeConfig.ticks
         results = sweep(seeds, a.seed is not None, lambda s: real_node_run(RealNodeConfig(
             seed=s, nodes=a.nodes, shards=a.shards or 0, ticks=ticks, bugs=node_bugs,
             bank=a.bank, byzantine=a.byzantine, verbose=a.verbose)), "real-node seeds")
@@ -103,16 +112,16 @@ def main(argv=None) -> int:
         bugs = Bugs(**{name: True for name in a.bug})
         results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_paxos_seed(
             BankPaxosConfig(seed=s, shards=a.shards or 3, nodes=a.nodes, bugs=txn_bugs, paxos_bugs=bugs,
-                            ticks=a.ticks, locking_audit_trusts_votes=a.locking_audit_trusts_votes,
+                            ticks=a.ticks or SimConfig.ticks, locking_audit_trusts_votes=a.locking_audit_trusts_votes,
                             verbose=a.verbose))), "bank-paxos seeds")
-    elif a.bank:
+    elif a.bank and a.model:
         txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
         results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_seed(
             BankConfig(seed=s, shards=a.shards or 3, bugs=txn_bugs, verbose=a.verbose))), "bank seeds")
     else:
         bugs = Bugs(**{name: True for name in a.bug})
         results = sweep(seeds, a.seed is not None, lambda s: run(
-            SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks, bugs=bugs, verbose=a.verbose,
+            SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks or SimConfig.ticks, bugs=bugs, verbose=a.verbose,
                       byzantine=a.byzantine)), "seeds")
         if a.seed is None and any(r.ok for r in results):
             print(liveness_table(results))

@@ -652,7 +652,7 @@ def _bug_flags(bugs: TxnBugs) -> str:
 
 def run_bank_seed(config: BankConfig) -> tuple[bool, str]:
     return run_bank(BankSimulation(config), f"bank seed {config.seed}",
-                    f"python -m kvstore.sim --bank --seed {config.seed}{_bug_flags(config.bugs)} --verbose")
+                    f"python -m kvstore.sim --bank --model --seed {config.seed}{_bug_flags(config.bugs)} --verbose")
 
 
 def run_bank(sim: BankSimulation, title: str, reproduce: str, expected=BankFailure) -> tuple[bool, str]:

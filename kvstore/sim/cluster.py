@@ -869,7 +869,7 @@ def run(config: SimConfig) -> RunResult:
         flag = (" --byzantine" if config.byzantine else " --no-byzantine") if forced else ""
         return RunResult(False, failure_report(
             f"seed {config.seed}", e, SimulationFailure,
-            f"python -m kvstore.sim --seed {config.seed} --nodes {config.nodes} --ticks {config.ticks}"
+            f"python -m kvstore.sim --core --seed {config.seed} --nodes {config.nodes} --ticks {config.ticks}"
             f"{_bug_flags(config.bugs)}{flag} --verbose", sim.trace))
     byzantine = f"; {sim.byzantine.summary()}" if sim.byzantine is not None else ""
     return RunResult(True, f"seed {config.seed}: ok, {len(sim.chosen)} slots chosen, "

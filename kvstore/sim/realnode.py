@@ -1,4 +1,4 @@
-"""Deterministic simulation of the real node: ``python -m kvstore.sim --real-node``.
+"""Deterministic simulation of the real node: ``python -m kvstore.sim`` (the default).
 
 Where ``kvstore.sim.cluster`` proves the Paxos core under a copy of the node's
 driver loop, this module builds N real ``kvstore.node.loop.Node`` objects with
@@ -824,7 +824,7 @@ def replay_command(config: RealNodeConfig) -> str:
     bank = " --bank" if config.bank else ""
     if config.byzantine is not None and config.byzantine != (config.seed % 3 == 2):
         bugs += " --byzantine" if config.byzantine else " --no-byzantine"
-    return (f"python -m kvstore.sim --real-node{bank} --seed {config.seed} --nodes {config.nodes}"
+    return (f"python -m kvstore.sim{bank} --seed {config.seed} --nodes {config.nodes}"
             f"{shards} --ticks {config.ticks}{bugs} --verbose")
 
 
