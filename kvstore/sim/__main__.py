@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="run (replay) this one seed")
     p.add_argument("--nodes", type=int, default=3, choices=range(1, 8), metavar="1..7")
     p.add_argument("--ticks", type=int, default=None, help="ticks of the fault phase")
+    p.add_argument("-j", "--jobs", type=int, default=1,
+                   help="real nodes: run seeds in this many processes (default 1)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the whole trace as it runs")
     p.add_argument("--bug", action="append", default=[], choices=BUG_NAMES,
                    help="plant a bug (to see the checks fail)")
@@ -98,9 +100,10 @@ def main(argv=None) -> int:
         node_bugs = NodeBugs(**{name: True for name in a.node_bug},
                              paxos=Bugs(**{name: True for name in a.bug}))
         ticks = a.ticks or RealNodeConfig.ticks
-        results = sweep(seeds, a.seed is not None, lambda s: real_node_run(RealNodeConfig(
-            seed=s, nodes=a.nodes, shards=a.shards or 0, ticks=ticks, bugs=node_bugs,
-            bank=a.bank, byzantine=a.byzantine, verbose=a.verbose)), "real-node seeds")
+        results = sweep(seeds, a.seed is not None, real_node_run, "real-node seeds", a.jobs,
+                        lambda s: RealNodeConfig(seed=s, nodes=a.nodes, shards=a.shards or 0,
+                                                 ticks=ticks, bugs=node_bugs, bank=a.bank,
+                                                 byzantine=a.byzantine, verbose=a.verbose))
         if a.seed is None and any(r.ok for r in results):
             ok = sorted(r.settle_ticks for r in results if r.ok)
             print(f"ticks to settle after the faults stop, {len(ok)} runs: median "
@@ -128,15 +131,36 @@ def main(argv=None) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
-def sweep(seeds, replay: bool, run_one, what: str) -> list:
+def sweep(seeds, replay: bool, run_one, what: str, jobs: int = 1, config_of=None) -> list:
     """Run ``run_one(seed)`` over ``seeds`` with a progress line; stop at the first failure.
 
-    A replay (one seed) prints its report whether it passed or not.
+    A replay (one seed) prints its report whether it passed or not. With ``jobs`` > 1,
+    ``run_one`` takes ``config_of(seed)`` in that many processes (each seed is
+    deterministic on its own); results are reported in seed order all the same.
     """
     progress = Progress(len(seeds)) if not replay and sys.stderr.isatty() else None
     results: list = []
-    for s in seeds:
-        result = run_one(s)
+    pool = None
+    if jobs > 1 and not replay:
+        import multiprocessing
+        pool = multiprocessing.get_context("spawn").Pool(jobs)
+        outcomes = pool.imap(run_one, [config_of(s) for s in seeds])
+    else:
+        outcomes = (run_one(s if config_of is None else config_of(s)) for s in seeds)
+    try:
+        results = _collect(seeds, outcomes, progress, replay)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if not replay:
+        failed = sum(not r.ok for r in results)
+        print(f"{len(seeds) if failed == 0 else 'stopped after a failure;'} {what}, {failed} failed")
+    return results
+
+
+def _collect(seeds, outcomes, progress, replay: bool) -> list:
+    results: list = []
+    for s, result in zip(seeds, outcomes):
         results.append(result)
         if progress is not None:
             progress.step(s)
@@ -148,9 +172,6 @@ def sweep(seeds, replay: bool, run_one, what: str) -> list:
             break
     if progress is not None:
         progress.clear()
-    if not replay:
-        failed = sum(not r.ok for r in results)
-        print(f"{len(seeds) if failed == 0 else 'stopped after a failure;'} {what}, {failed} failed")
     return results
 
 
