@@ -239,6 +239,7 @@ class SimNode:
         self.node: Node | None = None
         self.down_until = 0
         self.paused_until = 0
+        self.stalled = False
         self.incarnation = 0
         # what this node announced since it last started: checked at its next restart
         self.heal_target = None  # after a wipe: per shard, the slot it must commit to count as healed
@@ -382,7 +383,11 @@ class SimNode:
 
     def turn(self) -> None:
         if self.sim.now < self.paused_until:
+            self.stalled = True
             return  # stalled: frames wait in its inbox, its clock runs on
+        if self.stalled:
+            self.stalled = False
+            self.interleave_inbox()
         self.made, self.durable_upto = [], 0
         try:
             self.node.turn()
@@ -396,6 +401,23 @@ class SimNode:
             return
         self.sim.announced(self.index, self.made)
         self.check_step()
+
+    def interleave_inbox(self) -> None:
+        """After a stall, what waited on its sockets is read in any interleaving of its
+        connections (each in its own order, as TCP keeps it): a client's request may come
+        before the peer frames that would have told the node it no longer leads."""
+        queues: dict = {}
+        for item in self.transport.inbox:
+            queues.setdefault((item[0], item[1]), []).append(item)
+        queues = [q[::-1] for q in queues.values()]
+        out = []
+        rng = self.sim.rng
+        while queues:
+            i = rng.randrange(len(queues))
+            out.append(queues[i].pop())
+            if not queues[i]:
+                queues.pop(i)
+        self.transport.inbox = out
 
     def watch_readies(self) -> None:
         """Note each message a replica makes, in order (``announced``)."""
