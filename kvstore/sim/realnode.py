@@ -1,7 +1,7 @@
 """Deterministic simulation of the real node: ``python -m kvstore.sim`` (the default).
 
-Where ``kvstore.sim.cluster`` proves the Paxos core under a copy of the node's
-driver loop, this module builds N real ``kvstore.node.loop.Node`` objects with
+Where ``kvstore.sim.cluster`` (``--core``) proves the Paxos core under a driver
+of its own, this module builds N real ``kvstore.node.loop.Node`` objects with
 real ``WalReplicaStorage``, and drives them through their ports
 (``kvstore.node.ports``): an in-memory transport, a clock the simulation moves, and
 per node a data directory whose write-ahead log lives in the power-loss twin
@@ -18,18 +18,26 @@ takes one ``turn()`` (receive, tick, drive: persist, send, answer), in index
 order. Clients speak the wire protocol as ``kvstore.client.core`` does: writes
 (puts and compare-and-sets) with client sessions (``OP_WRITE`` with client
 id, sequence and floor), linearizable gets (``OP_GET``), retries at the
-leader a redirect names.
+leader a redirect names, one request id for every attempt of an operation.
+With ``bank``, bank clients too (``realbank.py``): transfers and audits as
+``kvstore.client``'s own transactions, across shards by two-phase commit.
 
 Faults (swarm testing draws each seed's rates): frames dropped, duplicated,
-delayed and so reordered; stalls (a node takes no turn for a while, its clock
-running on: with lease reads on, in some seeds, it must void its leases);
+delayed and so reordered, some held for many election timeouts; stalls (a node
+takes no turn for a while, its clock running on: with lease reads on, in some
+seeds, it must void its leases; a leader's, often long; on waking it reads
+its connections in any interleaving);
 partitions (a node cut from the others, or two halves, some one way);
 crash-restarts of one node, of a minority, of the whole cluster,
 each a power loss of the log's unsynced writes (sometimes inside a save,
-between its write and its fsync, tearing the write); checkpoints at random
-times.
+between its write and its fsync, tearing the write), some with an empty disk
+(one node without its state at a time); checkpoints at random times; in a
+third of the seeds, the byzantine sender (``realbyzantine.py``).
 
-Checks:
+Checks after every step: the core's oracle per shard (``oracle.py``), fed what
+each node's replicas made, in order, once its save returned; every slot any
+node applies holds what every other applied there; the bank's (``realbank.py``).
+Checks at restarts and at the end:
 
 - acceptor memory, at every restart: the recovered promise covers every
   ballot the node announced before the crash (in a Promise or an Accepted),
