@@ -66,6 +66,14 @@ class Oracle:
         self.points[node] = (replica.commit_index, replica.applied_index)
         self.check(node, replica)
 
+    def recovered(self, node: int, log: dict) -> None:
+        """``node`` restarted holding ``log`` (slot -> (ballot, kind, payload, ...)): each is
+        an acceptance on its disk, a vote whether or not it was announced (the power may
+        have gone after a save's records were synced, before its messages left)."""
+        for slot, (ballot, kind, payload, *_rest) in sorted(log.items()):
+            self._proposed(slot, ballot, (kind, payload))
+            self._accepted(node, slot, ballot)
+
     def wiped(self, node: int) -> None:
         """``node`` lost its disk: what it announced is forgotten with it (that is the fault);
         the votes it cast still count towards what was chosen, so a value chosen with its

@@ -286,13 +286,8 @@ class SimNode:
         self.check_memory()
         self.applied_seen = [r.applied_index for r in self.node.replicas]
         for shard, r in enumerate(self.node.replicas):
-            oracle = sim.oracles[shard]
-            # what its disk holds it accepted, announced or not (a save the power cut after
-            # its records were synced): a vote all the same
-            for slot, (ballot, kind, payload, _rec) in sorted(r.log.items()):
-                oracle._proposed(slot, ballot, (kind, payload))
-                oracle._accepted(self.index, slot, ballot)
-            oracle.restarted(self.index, r)
+            sim.oracles[shard].recovered(self.index, r.log)
+            sim.oracles[shard].restarted(self.index, r)
         self.promised_sent, self.matched_sent = {}, {}
         sim.log(f"n{self.index} starts (incarnation {self.incarnation})")
         if sim.phase == "faults" and sim.rng.random() < c.crash_after_restart_rate:
