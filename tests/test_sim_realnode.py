@@ -120,8 +120,8 @@ def test_bank_checks_catch_a_broken_participant(monkeypatch, bug):
 #: catches each (the first line of the report), and the seeds it is caught within on 3 nodes
 #: (most by the oracle, checked after every step; today each within its first 4 seeds).
 #: Which seed catches one moves with every change to the simulator's draws.
-#: Not caught through the real node in 80-120 seeds: read_without_quorum,
-#: read_before_own_noop, lease_survives_clock_jump, duplicate_prepare_unchecked (README);
+#: Not caught through the real node in 40-120 seeds: read_before_own_noop,
+#: lease_survives_clock_jump, duplicate_prepare_unchecked (README);
 #: ``kvstore.sim.cluster`` keeps finding them in the core.
 CORE_FINDINGS = {
     "announce_before_persist": (12, ("commit:", "acceptance forgotten", "chosen value lost")),
@@ -144,6 +144,9 @@ SLOW_CORE_FINDINGS = {
     "wiped_votes_at_once": (150, ("chosen value lost", "agreement", "commit:")),
     "repropose_lowest": (150, ("chosen value lost", "agreement")),
     "follower_read_before_apply": (150, ("linearizable",)),
+    # a leader waking from a stall answers the reads that waited before the peer frames
+    # that would have deposed it (seed 14 today)
+    "read_without_quorum": (150, ("linearizable",)),
 }
 
 

@@ -197,10 +197,15 @@ class SimTransport:
         self.sim = sim
         self.index = index
         self.inbox: list = []  # (source, identity, frame)
+        self.first_only: int | None = None  # the next recv_many returns this many, at most
         self.counters: dict = {}
         self.refusals: dict = {}  # no peer of another cluster shape here
 
     def recv_many(self) -> list:
+        if self.first_only is not None:  # after a stall: the rest comes at the next turn
+            frames, self.inbox = self.inbox[:self.first_only], self.inbox[self.first_only:]
+            self.first_only = None
+            return frames
         frames, self.inbox = self.inbox, []
         return frames
 
@@ -380,7 +385,7 @@ class SimNode:
         keep = self.sim.rng.randint(0, unsynced) if unsynced else 0
         mode = self.sim.rng.choice(("prefix", "junk", "sectors"))
         self.files.power_loss(keep, mode)
-        self.transport.inbox = []
+        self.transport.inbox, self.transport.first_only = [], None
         self.sim.log(f"n{self.index} crashes{' inside a save' if in_save else ''} "
                      f"(power loss: {unsynced} unsynced bytes, {keep} kept, {mode})")
 
@@ -408,7 +413,8 @@ class SimNode:
     def interleave_inbox(self) -> None:
         """After a stall, what waited on its sockets is read in any interleaving of its
         connections (each in its own order, as TCP keeps it): a client's request may come
-        before the peer frames that would have told the node it no longer leads."""
+        before the peer frames that would have told the node it no longer leads, and
+        the node's first turn may see only part of it."""
         queues: dict = {}
         for item in self.transport.inbox:
             queues.setdefault((item[0], item[1]), []).append(item)
@@ -421,6 +427,8 @@ class SimNode:
             if not queues[i]:
                 queues.pop(i)
         self.transport.inbox = out
+        if out:  # and not all of it at once: what the sockets had received by then
+            self.transport.first_only = rng.randint(1, len(out))
 
     def watch_readies(self) -> None:
         """Note each message a replica makes, in order (``announced``)."""
