@@ -63,7 +63,7 @@ from kvstore.txn import encode as encode_2pc
 from kvstore.txn.coordinator import DECIDING
 from kvstore.keys import (MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key, check_limit,
                           check_optional_value, check_value, scan_range)
-from kvstore.txnbuffer import WriteBuffer, entry_bytes
+from kvstore.txnbuffer import NOT_WRITTEN, TxnBuffer
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
 
@@ -92,7 +92,7 @@ def _approx_bytes(obj, depth: int = 0) -> int:
     """About how many bytes ``obj`` (a request's args) encodes to."""
     if type(obj) is bytes:
         return len(obj) + 5
-    if type(obj) is list and depth < 6:
+    if (type(obj) is list or type(obj) is tuple) and depth < 6:
         return 5 + sum(_approx_bytes(x, depth + 1) for x in obj)
     return 9
 
@@ -645,7 +645,7 @@ def lock_keys_for(previous, attempt: int):
     times locks everything its attempts read or wrote so far."""
     if previous is None or attempt < LOCKING_AFTER_CONFLICTS or len(previous._shards) < 2:
         return None
-    return previous.wanted | set(previous._writes) | (previous._lock_keys or set())
+    return previous.wanted | set(previous._buffer.writes) | (previous._lock_keys or set())
 
 
 class ClusterKV(KV):
@@ -1002,9 +1002,7 @@ class ClusterTxn(Txn):
     def __init__(self, kv: ClusterKV, lock_keys=None) -> None:
         self._kv = kv
         self._shards: set = set()
-        self._reads: dict = {}  # key -> revision
-        self._ranges: list = []
-        self._writes = WriteBuffer(MAX_CLUSTER_TXN_SIZE, "MAX_CLUSTER_TXN_SIZE")
+        self._buffer = TxnBuffer(MAX_CLUSTER_TXN_SIZE, "MAX_CLUSTER_TXN_SIZE")
         self._state = "new"
         self._lock_keys = None if lock_keys is None else set(lock_keys)
         self._locked = None  # (txn id, shards, {key: (value, revision)}) while locks are held
@@ -1040,8 +1038,9 @@ class ClusterTxn(Txn):
     def get_plan(self, key):
         self._check()
         key = check_key(key)
-        if key in self._writes:
-            return self._writes[key]
+        value = self._buffer.written(key)
+        if value is not NOT_WRITTEN:
+            return value
         shard = self._kv._shard(key)
         self._shards.add(shard)
         self.wanted.add(key)
@@ -1066,14 +1065,13 @@ class ClusterTxn(Txn):
         else:
             (answer,) = yield [(wire.OP_GET, shard, [shard, key, True])]
             value, revision = _answer(answer)
-        self._reads.setdefault(key, revision)
+        self._buffer.record_read(shard, key, revision)
         return value
 
     def put(self, key, value) -> None:
         self._check()
         key = check_key(key)
-        value = check_value(value)
-        self._writes.write(key, value)  # InvalidArgument past the limit, nothing changed
+        self._buffer.put(key, check_value(value))  # InvalidArgument past the limit, nothing changed
         self._shards.add(self._kv._shard(key))
 
     def delete(self, key) -> bool:
@@ -1082,9 +1080,9 @@ class ClusterTxn(Txn):
     def delete_plan(self, key):
         self._check()
         key = check_key(key)
-        self._writes.size_with(key, None)  # past the limit: raise before reading anything
+        self._buffer.check_delete(key)  # past the limit: raise before reading anything
         existed = (yield from self.get_plan(key)) is not None
-        self._writes.write(key, None)
+        self._buffer.delete(key)
         return existed
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):
@@ -1102,26 +1100,18 @@ class ClusterTxn(Txn):
                           f"not ranges: read the keys with get(), or scan outside the "
                           f"transaction")
         self._shards.add(0)
-        local = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
-        fetch = None if limit is None else limit + sum(1 for v in local.values() if v is None)
-        (answer,) = yield [(wire.OP_SCAN, 0, [0, lo, hi, fetch, True])]
-        rows = _answer(answer)
-        covered_hi = hi
-        if fetch is not None and len(rows) == fetch:
-            covered_hi = rows[-1][0] + b"\x00"
-        self._ranges.append([lo, covered_hi, [[k, rev] for k, _v, rev in rows]])
-        merged = {k: v for k, v, _rev in rows}
-        merged.update(local)
-        out = [(k, v) for k, v in sorted(merged.items())
-               if v is not None and (covered_hi is None or k < covered_hi)]
-        return out if limit is None else out[:limit]
+        scan = self._buffer.scan(lo, hi, limit)
+        (answer,) = yield [(wire.OP_SCAN, 0, [0, lo, hi, scan.fetch, True])]
+        scan.add(0, _answer(answer))
+        return scan.result()
 
     def commit(self) -> None:
         self._run(self.commit_plan())
 
     def commit_plan(self):
         self._check()
-        size = entry_bytes(self._reads.items(), self._ranges, self._writes.items())
+        buffer = self._buffer
+        size = buffer.entry_bytes()
         if size > MAX_COMMAND_BYTES - 64 * 1024:
             self._state = "discarded"
             yield from self.release_plan()
@@ -1132,23 +1122,23 @@ class ClusterTxn(Txn):
         self._state = "committed"
         try:
             locked = self._locked
-            if locked is not None and not self._writes:
+            if locked is not None and not buffer.writes:
                 yield from self._confirm_locked_reads(locked)
                 return
             if not self._shards:
                 return
             if len(self._shards) == 1 and locked is None:
                 (shard,) = self._shards
-                command = [OP_TXN, [[k, r] for k, r in self._reads.items()], self._ranges,
-                           [[k, v] for k, v in self._writes.items()]]
+                command = [OP_TXN, list(buffer.reads.get(shard, {}).items()),
+                           buffer.ranges.get(shard, []), list(buffer.writes.items())]
                 (ok,) = yield [(wire.OP_WRITE, shard, command)]
                 if not _answer(ok):
                     raise _conflict()
                 return
             parts = {shard: ([], []) for shard in self._shards}
-            for key, revision in self._reads.items():
-                parts[self._kv._shard(key)][0].append((key, revision))
-            for key, value in self._writes.items():
+            for shard, shard_reads in buffer.reads.items():
+                parts[shard][0].extend(shard_reads.items())
+            for key, value in buffer.writes.items():
                 parts[self._kv._shard(key)][1].append((key, value))
             if locked is None:
                 yield from two_phase_commit(parts)
