@@ -18,11 +18,16 @@ commits. So one piece of code decides, for every engine:
   log entry (``MAX_CLUSTER_TXN_SIZE``, ``kvstore.keys``);
 - **the scan merge** (``ScanMerge``): buffered writes laid over the rows the
   engine returns, with enough rows fetched that buffered deletes cannot starve
-  a limit, and the range recorded only as far as it was really read.
+  a limit, and the range recorded only as far as it was really read;
+- **the lifecycle** (``BufferedTxn``): new, open inside ``with``, then committed
+  or discarded, and the errors of a transaction used outside it.
 """
 
 from __future__ import annotations
 
+import abc
+
+from kvstore.api import Txn
 from kvstore.errors import InvalidArgument
 
 #: ``TxnBuffer.written``'s answer for a key this transaction has not written.
@@ -164,3 +169,42 @@ def entry_bytes(reads, ranges, writes) -> int:
     for key, value in writes:
         size += len(key) + len(value or b"") + 2
     return size
+
+
+class BufferedTxn(Txn):
+    """The lifecycle every engine's transaction shares: ``_state`` goes new -> open
+    (``with``) -> committed | discarded; a clean exit commits, an exception discards.
+    Subclasses hold a ``TxnBuffer`` and give ``commit`` and ``discard``."""
+
+    _state: str = "new"
+
+    def __enter__(self):
+        if self._state != "new":
+            raise InvalidArgument(f"this transaction is {self._state}; start a new one with "
+                                  f"db.transaction()")
+        self._state = "open"
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._state != "open":
+            return
+        if exc_type is not None:
+            self.discard()
+            return
+        self.commit()
+
+    def _check_state(self) -> None:
+        """``InvalidArgument`` unless the transaction is open (inside its ``with``)."""
+        if self._state == "open":
+            return
+        if self._state == "new":
+            raise InvalidArgument("use the transaction inside 'with db.transaction() as txn:'")
+        raise InvalidArgument(f"this transaction is already {self._state}; start a new one")
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Commit now (the context manager does this on a clean exit)."""
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Drop every write of this transaction (the context manager does this on an error)."""

@@ -26,7 +26,8 @@ import threading
 from collections import deque
 
 from kvstore.api import check_run_transaction, retry_backoff_seconds
-from kvstore.client.core import ClusterKV, ClusterTxn, Detached, lock_keys_for
+from kvstore.client.kv import ClusterKV
+from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
 from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT
 from kvstore.errors import KVError, TransactionConflict
 from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range

@@ -33,7 +33,7 @@ import weakref
 from typing import Sequence
 
 from kvstore import _native
-from kvstore.api import KV, Txn
+from kvstore.api import KV
 from kvstore.commands import (KIND_COMMANDS, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES,
                            decode_commands, encode_commands)
 from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError,
@@ -43,7 +43,7 @@ from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
                           check_limit, check_optional_value, check_value, scan_range)
 from kvstore.storage import Storage
-from kvstore.txnbuffer import NOT_WRITTEN, TxnBuffer, entry_bytes
+from kvstore.txnbuffer import NOT_WRITTEN, BufferedTxn, TxnBuffer, entry_bytes
 from kvstore.storage.checkpoint import Checkpointer
 from kvstore.storage.environment import (META_APPLIED, META_LOG_CLOSED, META_LOG_FIRST,
                                          META_LOG_POSITION, THIRD_PARTY_ERRORS, translate)
@@ -839,7 +839,7 @@ def merged_values(txn, db, over: list, lo: bytes, hi: bytes | None,
     return unpack_rows(merged_rows(txn, db, over, lo, hi, limit))
 
 
-class EmbeddedTxn(Txn):
+class EmbeddedTxn(BufferedTxn):
     """Optimistic, serializable: reads come from one snapshot (taken at the first read:
     the overlay's generations and an LMDB read transaction) plus this transaction's own
     writes; at commit the keys and ranges it read are
@@ -857,22 +857,7 @@ class EmbeddedTxn(Txn):
         self._buffer = TxnBuffer(MAX_TXN_SIZE, "MAX_TXN_SIZE")  # reads, ranges, writes
         self._state = "new"  # new -> open -> committed | discarded
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def __enter__(self) -> "EmbeddedTxn":
-        if self._state != "new":
-            raise InvalidArgument(f"this transaction is {self._state}; start a new one with "
-                                  f"db.transaction()")
-        self._state = "open"
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._state != "open":
-            return
-        if exc_type is not None:
-            self._finish("discarded")
-            return
-        self.commit()
+    # -- lifecycle (``BufferedTxn``) ---------------------------------------------------------
 
     def commit(self) -> None:
         """Commit now (the context manager does this on a clean exit)."""
@@ -901,12 +886,8 @@ class EmbeddedTxn(Txn):
         self._snapshot = None
 
     def _check_usable(self) -> None:
-        if self._state == "open":
-            self._store._check_open()
-            return
-        if self._state == "new":
-            raise InvalidArgument("use the transaction inside 'with db.transaction() as txn:'")
-        raise InvalidArgument(f"this transaction is already {self._state}; start a new one")
+        self._check_state()
+        self._store._check_open()
 
     def _view(self):
         """The LMDB snapshot, and beside it ``self._levels``: per shard, the overlay's
