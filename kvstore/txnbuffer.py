@@ -29,6 +29,7 @@ import abc
 
 from kvstore.api import Txn
 from kvstore.errors import InvalidArgument
+from kvstore.keys import check_scan
 
 #: ``TxnBuffer.written``'s answer for a key this transaction has not written.
 NOT_WRITTEN = object()
@@ -106,10 +107,12 @@ class TxnBuffer:
         """Buffer a delete; past the limit ``InvalidArgument`` and nothing changed."""
         self.writes.write(key, None)
 
-    def scan(self, lo: bytes, hi: bytes | None, limit: int | None) -> "ScanMerge":
-        """Start a scan of ``[lo, hi)``: ask each shard for ``fetch`` rows, ``add`` them,
-        then take the ``result``."""
-        return ScanMerge(self, lo, hi, limit)
+    def scan(self, prefix, start, end, limit) -> "ScanMerge | None":
+        """Start a scan (its arguments checked as ``KV.scan``'s, ``InvalidArgument`` if
+        bad), or None if it can answer nothing: ask each shard for ``fetch`` rows of
+        ``[lo, hi)``, ``add`` them, then take the ``result``."""
+        args = check_scan(prefix, start, end, limit)
+        return None if args is None else ScanMerge(self, *args)
 
     def entry_bytes(self) -> int:
         """About the bytes this transaction adds to a log entry (what it read counts too)."""

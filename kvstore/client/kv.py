@@ -13,12 +13,10 @@ from __future__ import annotations
 import os
 
 from kvstore.api import KV
+from kvstore.client import requests
 from kvstore.client.core import ClientCore
 from kvstore.client.txn import ClusterTxn, lock_keys_for
-from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT
 from kvstore.errors import InvalidArgument, KVError, Unavailable
-from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
-from kvstore.sharding import shard_of
 from kvstore.transport import wire
 
 def parse_addresses(addresses) -> list:
@@ -82,44 +80,26 @@ class ClusterKV(KV):
                 wait(pending, timeout=self.timeout + 5.0, return_when=FIRST_COMPLETED)
         raise error
 
-    # -- helpers --------------------------------------------------------------------------
     def _shard(self, key: bytes) -> int:
-        return 0 if self.nshards == 1 else shard_of(key, self.nshards)
+        return requests.shard_for(self.nshards, key)
 
-    def _write(self, key: bytes, command: list):
-        return self._core.call(wire.OP_WRITE, self._shard(key), command)
-
-    # -- KV ----------------------------------------------------------------------------------
+    # -- KV (the requests are built in ``kvstore.client.requests``) -------------------------
     def get(self, key):
-        key = check_key(key)
-        shard = self._shard(key)
-        return self._core.call(wire.OP_GET, shard, [shard, key, False])
+        return self._core.call(*requests.get(self.nshards, key))
 
     def put(self, key, value) -> None:
-        key = check_key(key)
-        self._write(key, [OP_PUT, key, check_value(value)])
+        self._core.call(*requests.put(self.nshards, key, value))
 
     def delete(self, key) -> bool:
-        key = check_key(key)
-        return bool(self._write(key, [OP_DELETE, key]))
+        return bool(self._core.call(*requests.delete(self.nshards, key)))
 
     def cas(self, key, expected, new) -> bool:
-        key = check_key(key)
-        return bool(self._write(key, [OP_CAS, key, check_optional_value(expected, "expected"),
-                                      check_optional_value(new, "new")]))
+        return bool(self._core.call(*requests.cas(self.nshards, key, expected, new)))
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):
-        lo, hi = scan_range(prefix, start, end)
-        limit = check_limit(limit)
-        if (hi is not None and hi <= lo) or limit == 0:
-            return []
-        futures = [self._core.submit(wire.OP_SCAN, s, [s, lo, hi, limit, False])
-                   for s in range(self.nshards)]
-        rows = []
-        for f in futures:
-            rows.extend((k, v) for k, v in self._core.wait(f))
-        rows.sort()
-        return rows if limit is None else rows[:limit]
+        batch, limit = requests.scan(self.nshards, prefix, start, end, limit)
+        futures = [self._core.submit(*r) for r in batch]
+        return requests.merge_scan([self._core.wait(f) for f in futures], limit)
 
     def transaction(self) -> "ClusterTxn":
         self._core_check()

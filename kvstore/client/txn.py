@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 
 from kvstore.commands import OP_2PC, OP_TXN
 from kvstore.errors import InvalidArgument, KVError, TransactionConflict
-from kvstore.keys import (MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key, check_limit,
-                          check_value, scan_range)
+from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key, check_value
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TXN_ID_BYTES, Coordinator, TxnPrepare
 from kvstore.txn import encode as encode_2pc
@@ -263,9 +262,8 @@ class ClusterTxn(BufferedTxn):
 
     def scan_plan(self, prefix=b"", start=None, end=None, limit=None):
         self._check()
-        lo, hi = scan_range(prefix, start, end)
-        limit = check_limit(limit)
-        if (hi is not None and hi <= lo) or limit == 0:
+        scan = self._buffer.scan(prefix, start, end, limit)
+        if scan is None:
             return []
         if self._kv.nshards > 1:
             raise KVError(f"a scan inside a transaction reads every shard of this cluster "
@@ -273,8 +271,7 @@ class ClusterTxn(BufferedTxn):
                           f"not ranges: read the keys with get(), or scan outside the "
                           f"transaction")
         self._shards.add(0)
-        scan = self._buffer.scan(lo, hi, limit)
-        (answer,) = yield [(wire.OP_SCAN, 0, [0, lo, hi, scan.fetch, True])]
+        (answer,) = yield [(wire.OP_SCAN, 0, [0, scan.lo, scan.hi, scan.fetch, True])]
         scan.add(0, _answer(answer))
         return scan.result()
 
@@ -346,13 +343,16 @@ class ClusterTxn(BufferedTxn):
             yield from release_locks(locked[0], locked[1])
 
     def discard(self) -> None:
+        try:
+            self._run(self.discard_plan())
+        except KVError:
+            pass  # its resolvers free the locks after the deadline
+
+    def discard_plan(self):
+        """Plan: drop every write, and free the locks of a locking read if it holds any."""
         if self._state in ("new", "open"):
             self._state = "discarded"
-        if self._locked is not None:
-            try:
-                self._run(self.release_plan())
-            except KVError:
-                pass  # its resolvers free the locks after the deadline
+        yield from self.release_plan()
 
 
 def lock_keys_for(previous, attempt: int):

@@ -940,11 +940,10 @@ class EmbeddedTxn(BufferedTxn):
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):
         self._check_usable()
-        lo, hi = scan_range(prefix, start, end)
-        limit = check_limit(limit)
-        if (hi is not None and hi <= lo) or limit == 0:
+        scan = self._buffer.scan(prefix, start, end, limit)
+        if scan is None:
             return []
-        scan = self._buffer.scan(lo, hi, limit)
+        lo, hi = scan.lo, scan.hi
         view = self._view()
         for shard, db in enumerate(self._store._data):
             try:
