@@ -36,8 +36,9 @@ from __future__ import annotations
 import contextlib
 import types
 
-from kvstore.client import core as client_module
-from kvstore.client.core import LOCKED, ClusterTxn, Detached, lock_keys_for
+from kvstore.client import txn as client_module
+from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
+from kvstore.machine.twopc import LOCKED
 from kvstore.errors import KVError, TransactionConflict, Unavailable
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
