@@ -233,3 +233,27 @@ def test_the_default_cli_runs_real_nodes_and_replays_byte_for_byte_whatever_the_
     assert outputs[0] == outputs[1]
     assert len(outputs[0].splitlines()) > 30
     assert b"starts (incarnation 1)" in outputs[0]  # the real node's trace
+
+
+def test_the_oracle_lets_a_node_hold_the_chosen_value_instead_of_its_later_acceptance():
+    """Seed 22515 of a sweep (3 nodes): n1 acknowledged slot 10 at ballot 2.0 (the value
+    chosen at 1.2, re-proposed), then wrote the leader's record of that chosen value at its
+    original ballot 1.2 and crashed: the oracle called it a forgotten acceptance. Holding the
+    chosen value forgets nothing that could change what is chosen; holding another does."""
+    from types import SimpleNamespace
+
+    from kvstore.paxos.ballot import make_ballot
+    from kvstore.sim.oracle import InvariantViolation, Oracle
+    b1, b2 = make_ballot(1, 2), make_ballot(2, 0)
+    oracle = Oracle(3)
+    oracle.chosen[10] = (b1, 1, b"chosen")
+    oracle.acked[1][10] = b2
+
+    def replica(payload):
+        return SimpleNamespace(promised=b2, commit_index=8, applied_index=8,
+                               log={10: (b1, 1, payload, b"")})
+
+    oracle.check(1, replica(b"chosen"))
+    with pytest.raises(InvariantViolation, match="acceptance forgotten"):
+        oracle.check(1, replica(b"another"))
+    assert run(RealNodeConfig(seed=22515, nodes=3)).ok

@@ -6,7 +6,8 @@ something it already announced:
 
 - a replica never forgets an acceptance it acknowledged (an Accepted or
   HeartbeatReply naming ``match_index``), unless the slot is at or below its
-  commit point: the oracle keeps each acknowledged ``(node, slot, ballot)``;
+  commit point or it holds the value chosen there instead: the oracle keeps
+  each acknowledged ``(node, slot, ballot)``;
 - a node that announced a promise for ballot B never accepts below B, and its
   promise never goes back below B, across restarts;
 - commit and applied points never decrease within one run of a replica;
@@ -33,6 +34,14 @@ from kvstore.sim.kv import KV
 
 class InvariantViolation(Exception):
     pass
+
+
+def _is_chosen(chosen, entry) -> bool:
+    """``entry`` (ballot, kind, payload, ...) holds the value chosen at its slot, at a ballot
+    it was chosen at or above: holding it instead of a later acceptance of the same value
+    forgets nothing that could change what is chosen (a node that learned the slot is
+    chosen may keep the record the leader sent, at its original ballot)."""
+    return chosen is not None and entry[0] >= chosen[0] and entry[1:3] == chosen[1:]
 
 
 class Oracle:
@@ -187,10 +196,11 @@ class Oracle:
                       f"to {commit} / {applied}")
         self.points[node] = (commit, applied)
         log = replica.log
+        chosen = self.chosen
         for slot, ballot in self.acked[node].items():
             if slot > commit:
                 entry = log.get(slot)
-                if entry is None or entry[0] < ballot:
+                if entry is None or (entry[0] < ballot and not _is_chosen(chosen.get(slot), entry)):
                     held = "nothing" if entry is None else f"ballot {format_ballot(entry[0])}"
                     self.fail(f"acceptance forgotten: n{node} acknowledged slot {slot} at ballot "
                               f"{format_ballot(ballot)} and now holds {held} there (commit {commit})")
