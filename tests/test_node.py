@@ -15,7 +15,8 @@ import kvstore
 from kvstore.commands import OP_CAS, OP_PUT
 from kvstore.node.loop import Node, NodeConfig
 from kvstore.paxos.replica import KIND_BATCH, Entry
-from kvstore.machine.replica import ShardWrite, encode_client_command
+from kvstore.commands import encode_client_command
+from kvstore.machine.replica import ShardWrite
 from kvstore.node.storage import WalReplicaStorage
 from kvstore._native import encode_record
 from kvstore.server.local import free_port

@@ -11,7 +11,8 @@ import pytest
 from kvstore._native import encode_record
 from kvstore.commands import OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry, Snapshot
-from kvstore.machine.replica import ShardWrite, encode_client_command
+from kvstore.commands import encode_client_command
+from kvstore.machine.replica import ShardWrite
 from kvstore.node.storage import WAL_DIR, WalReplicaStorage
 
 BALLOT = 65536

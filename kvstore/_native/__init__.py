@@ -64,6 +64,14 @@ key_slot = logcodec_py.key_slot
 RECORD_HEADER_SIZE = logcodec_py.RECORD_HEADER_SIZE
 FORMAT_VERSION = logcodec_py.FORMAT_VERSION
 
+
+
+def record_slot(record) -> int:
+    """The slot in an encoded record's header (its bytes 8..16, ``encode_record``), read
+    without decoding or checking the record."""
+    return int.from_bytes(record[8:16], "little")
+
+
 QuorumTally = _quorum.QuorumTally
 PromiseTally = _quorum.PromiseTally
 majority = quorum_py.majority
@@ -72,7 +80,7 @@ __all__ = [
     "IMPLEMENTATION", "NATIVE_IMPORT_ERROR", "pure", "native",
     "xxh64", "jump_consistent_hash", "shard_of", "shard_of_many",
     "crc32c", "encode_record", "encode_batch", "decode_record", "decode_batch",
-    "append_log", "slot_key", "key_slot", "RECORD_HEADER_SIZE", "FORMAT_VERSION",
+    "append_log", "slot_key", "key_slot", "record_slot", "RECORD_HEADER_SIZE", "FORMAT_VERSION",
     "pack_value", "unpack_value", "unpack_revision", "unpack_rows", "collect_values",
     "VALUE_HEADER_SIZE",
     "QuorumTally", "PromiseTally", "majority",

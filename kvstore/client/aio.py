@@ -27,7 +27,7 @@ from collections import deque
 
 from kvstore.api import check_run_transaction, retry_backoff_seconds
 from kvstore.client.core import ClusterKV, ClusterTxn, Detached, lock_keys_for
-from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT
+from kvstore.commands import cas, delete, put
 from kvstore.errors import KVError, TransactionConflict
 from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
 from kvstore.transport import wire
@@ -87,16 +87,16 @@ class AsyncKV:
 
     async def put(self, key, value) -> None:
         key = check_key(key)
-        await self._call(wire.OP_WRITE, self._kv._shard(key), [OP_PUT, key, check_value(value)])
+        await self._call(wire.OP_WRITE, self._kv._shard(key), put(key, check_value(value)))
 
     async def delete(self, key) -> bool:
         key = check_key(key)
-        return bool(await self._call(wire.OP_WRITE, self._kv._shard(key), [OP_DELETE, key]))
+        return bool(await self._call(wire.OP_WRITE, self._kv._shard(key), delete(key)))
 
     async def cas(self, key, expected, new) -> bool:
         key = check_key(key)
-        command = [OP_CAS, key, check_optional_value(expected, "expected"),
-                   check_optional_value(new, "new")]
+        command = cas(key, check_optional_value(expected, "expected"),
+                      check_optional_value(new, "new"))
         return bool(await self._call(wire.OP_WRITE, self._kv._shard(key), command))
 
     async def scan(self, prefix=b"", start=None, end=None, limit=None):

@@ -55,11 +55,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import zmq
 
 from kvstore.api import KV, Txn
-from kvstore.commands import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
+from kvstore.commands import LOCKED, OP_2PC, OP_PUT, OP_TXN, cas, delete, put, two_pc
 from kvstore.errors import InvalidArgument, KVError, Timeout, TransactionConflict, Unavailable
-from kvstore.machine.twopc import LOCKED
 from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TXN_ID_BYTES, Coordinator, TxnPrepare
-from kvstore.txn import encode as encode_2pc
 from kvstore.txn.coordinator import DECIDING
 from kvstore.keys import (MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key, check_limit,
                           check_optional_value, check_value, scan_range)
@@ -92,7 +90,7 @@ def _approx_bytes(obj, depth: int = 0) -> int:
     """About how many bytes ``obj`` (a request's args) encodes to."""
     if type(obj) is bytes:
         return len(obj) + 5
-    if type(obj) is list and depth < 6:
+    if isinstance(obj, (list, tuple)) and depth < 6:  # commands are NamedTuples
         return 5 + sum(_approx_bytes(x, depth + 1) for x in obj)
     return 9
 
@@ -698,16 +696,16 @@ class ClusterKV(KV):
 
     def put(self, key, value) -> None:
         key = check_key(key)
-        self._write(key, [OP_PUT, key, check_value(value)])
+        self._write(key, put(key, check_value(value)))
 
     def delete(self, key) -> bool:
         key = check_key(key)
-        return bool(self._write(key, [OP_DELETE, key]))
+        return bool(self._write(key, delete(key)))
 
     def cas(self, key, expected, new) -> bool:
         key = check_key(key)
-        return bool(self._write(key, [OP_CAS, key, check_optional_value(expected, "expected"),
-                                      check_optional_value(new, "new")]))
+        return bool(self._write(key, cas(key, check_optional_value(expected, "expected"),
+                                         check_optional_value(new, "new"))))
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):
         lo, hi = scan_range(prefix, start, end)
@@ -866,7 +864,7 @@ class Detached(list):
 
 def _step(shard: int, entry: TxnPrepare) -> tuple:
     """A TxnPrepare as one write of a plan's batch: a command of ``shard``'s log."""
-    return wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)]
+    return wire.OP_WRITE, shard, two_pc(entry).wire()
 
 
 def _decide(shard: int, txn_id: bytes, outcome: int, participants) -> tuple:

@@ -63,20 +63,19 @@ from dataclasses import dataclass
 
 import zmq
 
-from kvstore.commands import OP_2PC
+from kvstore.commands import (LOCKED, POISONED, STALE, DecodedCommands, TwoPC, client_command, command_wire,
+                               decode_logged_command, encode_client_command, session_of, two_pc)
+from kvstore._native import record_slot
 from kvstore.errors import CorruptRecord
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
 from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
-from kvstore.machine.replica import (POISONED, STALE, ReplicaStorage, ShardWrite,
-                                     check_command, check_command_sizes, check_logged_command,
-                                     check_snapshot_data, command_keys, decode_client_command, encode_client_command)
-from kvstore.machine.twopc import LOCKED, bound_client_2pc, check_decide
+from kvstore.machine.replica import ReplicaStorage, ShardWrite, check_snapshot_data
+from kvstore.machine.twopc import bound_client_2pc, check_decide
 from kvstore.node.storage import WalReplicaStorage
 from kvstore.txn import ABORT, TxnDecision, TxnPrepare, TxnResolve
-from kvstore.txn import encode as encode_2pc
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
 from kvstore.transport.sockets import (CLIENT, NodeSockets, derived_peer_address,
@@ -94,7 +93,6 @@ PEER_FRAME_TARGET_BYTES = 8 * 1024 * 1024
 WAITING_MAX = 100_000
 #: A waiting write or read older than this is forgotten (its client has long retried).
 WAITING_EXPIRE_SECONDS = 60.0
-CLIENT_ID_MAX_BYTES = 64
 #: Bytes of client commands handed to one replica per loop turn at most (~ one entry).
 PROPOSE_BYTES_PER_TURN = 4 * 1024 * 1024
 #: Bytes of commands a leader keeps proposed but uncommitted per shard at most: a new
@@ -207,6 +205,7 @@ class Node:
         self._forwarded: dict = {}  # forward id -> (client identity, request_id, t)
         self._forward_out: dict = defaultdict(list)  # peer -> [(forward_id, op, args)]
         self._fresh_slots: set | None = None  # (shard, slot) made durable by the save running
+        self._decoded = DecodedCommands()  # log commands decoded at intake, until applied
         self._tokens = itertools.count(1)
         self._roles = [(r.role, r.leader_hint) for r in self.replicas]
         self._stopping = False
@@ -434,7 +433,7 @@ class Node:
             if not (0 <= shard < self.nshards):
                 self._drop("malformed", f"paxos message for shard {shard}")
                 continue
-            why = wire.check_paxos_message(m, self.index, self.n, check_logged_command)
+            why = wire.check_paxos_message(m, self.index, self.n, self._check_peer_command)
             if why is not None:
                 self._drop("invalid", f"paxos {m.type}: {why}")
                 continue
@@ -442,6 +441,11 @@ class Node:
                 self.replicas[shard].step(m)
             except (ValueError, TypeError, KeyError, CorruptRecord) as e:
                 self._drop("malformed", f"paxos message rejected by the replica: {e!r}")
+
+    def _check_peer_command(self, raw: bytes) -> None:
+        """A command of a peer's record, decoded once here (``ValueError`` if this node
+        could not apply it); the typed command waits for apply in ``_decoded``."""
+        self._decoded.add(raw, decode_logged_command(raw))
 
     def _on_request(self, identity: bytes, request_id: int, op: str, args: list) -> None:
         if self._stopping:
@@ -502,33 +506,32 @@ class Node:
     def _on_write(self, identity: bytes, request_id: int, args: list) -> None:
         if len(args) != 5:
             raise ValueError("write takes [shard, client_id, seq, floor, command]")
-        shard, client_id, seq, floor, command = args
-        shard = self._shard_arg(shard)
-        if type(client_id) is not bytes or not 0 < len(client_id) <= CLIENT_ID_MAX_BYTES:
-            raise ValueError("bad client id")
-        if type(seq) is not int or type(floor) is not int or not 0 <= floor <= seq:
-            raise ValueError("bad sequence numbers")
-        command = check_command(command)
-        if command[0] == OP_2PC:
+        shard = self._shard_arg(args[0])
+        write = client_command(*args[1:])  # decoded, checked and typed: once, here
+        command = write.command
+        if type(command) is TwoPC:
             # a client's TxnPrepare bounded (its deadline cut to this node's clock + a cap);
             # a decision or a resolve only from this node's own writes, or a peer's
             # (forwarded after that peer checked it): never from a client
-            command = [OP_2PC, bound_client_2pc(command[1], shard, self.nshards,
-                                                int(self.clock.time() * 1000), _internal(identity))]
-            args = [shard, client_id, seq, floor, command]
-        check_command_sizes(command)
-        self._check_keys_in_shard(shard, command_keys(command))
+            bounded = bound_client_2pc(command, shard, self.nshards,
+                                       int(self.clock.time() * 1000), _internal(identity))
+            if bounded is not command:
+                write = write._replace(command=bounded)
+        self._check_keys_in_shard(shard, write.command.keys())
         r = self.replicas[shard]
         if not r.is_leader:
-            self._not_leader(identity, request_id, wire.OP_WRITE, args, r.leader_hint)
+            self._not_leader(identity, request_id, wire.OP_WRITE, _write_args(shard, write),
+                             r.leader_hint)
             return
-        raw = encode_client_command(client_id, seq, floor, command)
+        raw = encode_client_command(*write)
         if len(raw) > MAX_COMMAND_BYTES:
             raise ValueError(f"a write command of {len(raw)} bytes is over the cluster's limit "
                              f"of {MAX_COMMAND_BYTES} (a transaction writes at most "
                              f"MAX_CLUSTER_TXN_SIZE = {MAX_CLUSTER_TXN_SIZE} bytes)")
-        self._proposals[shard].append((raw, identity, request_id, args))
-        self.waiting_writes[(client_id, seq)] = (identity, request_id, shard, self.clock.monotonic())
+        self._decoded.add(raw, write)
+        self._proposals[shard].append((raw, identity, request_id, shard, write))
+        self.waiting_writes[(write.client_id, write.seq)] = (identity, request_id, shard,
+                                                             self.clock.monotonic())
 
     def _on_decide(self, identity, request_id: int, args: list) -> None:
         """A coordinator (a client) asks for its transaction's decision: this node, if it
@@ -550,7 +553,7 @@ class Node:
         def failed(status: int, value) -> None:
             self._reply(identity, request_id, status, value)
 
-        self._own_write(shard, [OP_2PC, encode_2pc(decision)], recorded, failed)
+        self._own_write(shard, two_pc(decision), recorded, failed)
 
     def _feed_proposals(self) -> None:
         """Hand queued writes to the replicas, bounded in bytes.
@@ -570,10 +573,11 @@ class Node:
             r = self.replicas[shard]
             if not r.is_leader:
                 while queue:
-                    raw, identity, request_id, args = queue.popleft()
-                    client_id, seq = args[1], args[2]
-                    self.waiting_writes.pop((client_id, seq), None)
-                    self._not_leader(identity, request_id, wire.OP_WRITE, args, r.leader_hint)
+                    raw, identity, request_id, _shard, write = queue.popleft()
+                    self._decoded.forget(raw)
+                    self.waiting_writes.pop((write.client_id, write.seq), None)
+                    self._not_leader(identity, request_id, wire.OP_WRITE,
+                                     _write_args(shard, write), r.leader_hint)
                 continue
             if r.pending_commands:
                 continue
@@ -628,14 +632,13 @@ class Node:
                     self._uncommitted_bytes[s] = max(0, self._uncommitted_bytes[s] - done)
             # a. persist (and apply) everything, one durable write for all shards
             writes = [ShardWrite(s, rd.promised, rd.commit_index, rd.records, rd.snapshot,
-                                 rd.compacted_through, rd.committed)
+                                 rd.compacted_through, rd.committed, decoded=self._decoded)
                       for s, rd in readies
                       if (rd.promised is not None or rd.commit_index is not None or rd.records
                           or rd.snapshot is not None or rd.compacted_through is not None
                           or rd.committed)]
             # slots whose records this save makes durable: their writes wait for it
-            self._fresh_slots = {(w.shard, int.from_bytes(r[8:16], "little"))
-                                 for w in writes for r in w.records}
+            self._fresh_slots = {(w.shard, record_slot(r)) for w in writes for r in w.records}
             outbox: dict = defaultdict(list)
             early: dict = defaultdict(list)
             for s, rd in readies:
@@ -747,8 +750,8 @@ class Node:
         status = wire.STATUS_NOT_LEADER if hint != self.index else wire.STATUS_RETRY
         value = hint if status == wire.STATUS_NOT_LEADER else "dropped"
         for raw in rd.dropped_commands:
-            client_id, seq, _floor, _command = decode_client_command(raw)
-            w = self.waiting_writes.pop((client_id, seq), None)
+            self._decoded.forget(raw)
+            w = self.waiting_writes.pop(session_of(raw), None)
             if w is not None:
                 self._reply(w[0], w[1], status, value)
         for token in rd.dropped_reads:
@@ -831,8 +834,7 @@ class Node:
                          shard, prepare.txn_id.hex(),
                          extra={"event": "txn_settle", "node": self.name, "shard": shard,
                                 "txn": prepare.txn_id.hex()})
-                self._own_write(prepare.coordinator,
-                                [OP_2PC, encode_2pc(TxnDecision(prepare.txn_id, ABORT))],
+                self._own_write(prepare.coordinator, two_pc(TxnDecision(prepare.txn_id, ABORT)),
                                 lambda outcome, s=shard, p=prepare: self._carry_out(s, p, outcome))
 
     def _carry_out(self, shard: int, prepare: TxnPrepare, outcome) -> None:
@@ -841,16 +843,16 @@ class Node:
             self._resolving.pop(prepare.txn_id, None)
             self.counters["txn_settled"] += 1
 
-        self._own_write(shard, [OP_2PC, encode_2pc(TxnResolve(prepare.txn_id, outcome))], done)
+        self._own_write(shard, two_pc(TxnResolve(prepare.txn_id, outcome)), done)
 
     def _resolve_everywhere(self, txn_id: bytes, outcome: int, participants) -> None:
         """Carry out a recorded decision on every participant shard (the resolves of a
         decide request); one that fails is done by that shard's resolver later."""
-        entry = [OP_2PC, encode_2pc(TxnResolve(txn_id, outcome))]
+        entry = two_pc(TxnResolve(txn_id, outcome))
         for shard in participants:
             self._own_write(shard, entry, _ignore)
 
-    def _own_write(self, shard: int, command: list, callback, on_failure=None) -> None:
+    def _own_write(self, shard: int, command: TwoPC, callback, on_failure=None) -> None:
         """Propose ``command`` to ``shard`` as this node's own client (routed like any
         client write: here if this node leads the shard, else forwarded to its leader);
         ``callback(result)`` runs once it is applied. A failure goes to
@@ -862,7 +864,7 @@ class Node:
         floor = min((t for t, w in self._own_writes.items() if w[3] == shard), default=token)
         self._own_writes[token] = (callback, self.clock.monotonic(), on_failure, shard)
         self._on_request(("self", token), token, wire.OP_WRITE,
-                         [shard, self._resolver_id, token, floor, command])
+                         [shard, self._resolver_id, token, floor, list(command.wire())])
 
     def _on_own_reply(self, token: int, status: int, value) -> None:
         w = self._own_writes.pop(token, None)
@@ -907,6 +909,11 @@ def _internal(identity) -> bool:
     """A request of this node's own (``("self", token)``) or forwarded by a peer
     (``("peer", index)``, checked by that peer when its client sent it)."""
     return type(identity) is tuple
+
+
+def _write_args(shard: int, write) -> list:
+    """A write's request arguments, as a client sends them (forwarded to the leader)."""
+    return [shard, write.client_id, write.seq, write.floor, command_wire(write.command)]
 
 
 def _ignore(_result) -> None:

@@ -59,13 +59,14 @@ import os
 
 import msgpack
 
-from kvstore._native import decode_record, key_slot, slot_key
+from kvstore._native import decode_record, key_slot, record_slot, slot_key
 from kvstore.errors import CorruptRecord
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import PersistedState
 from kvstore.node.ports import NO_BUGS, NodeBugs
 from kvstore.machine.replica import META_PAXOS, _NO_HARD_STATE, apply_entries, install_snapshot
-from kvstore.machine.twopc import LOCKED, expired_prepares, key_write_locked, range_write_locked
+from kvstore.commands import LOCKED
+from kvstore.machine.twopc import expired_prepares, key_write_locked, range_write_locked
 from kvstore.storage import Storage
 from kvstore.storage.checkpoint import Checkpointer
 from kvstore.storage.environment import META_LOG_POSITION, ShardTables, pack_u64, unpack_u64
@@ -294,7 +295,7 @@ class WalReplicaStorage:
                     hard[0] = w.promised
                     promises.append(Record(KIND_PROMISE, s, ballot=w.promised))
                 for rec in w.records:
-                    slot = int.from_bytes(rec[8:16], "little")
+                    slot = record_slot(rec)
                     records.append(Record(KIND_ENTRY, s, slot=slot, payload=rec))
                     pending[LOG][slot_key(slot)] = rec
                 if w.commit_index is not None and w.commit_index > hard[1]:
@@ -305,7 +306,8 @@ class WalReplicaStorage:
                     hard[3] = w.compacted_through
                 if w.committed:
                     view = self._view(txn, s, levels[s], pending)
-                    hard[2] = apply_entries(view, self.tables[s], s, w.committed, hard[2], results)
+                    hard[2] = apply_entries(view, self.tables[s], s, w.committed, hard[2], results,
+                                             w.decoded)
                 w.applied_index = hard[2]
                 pending[META][META_PAXOS] = msgpack.packb(hard)
                 for i, level in enumerate(pending):

@@ -113,7 +113,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority
+from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority, record_slot
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import ballot_node, ballot_round, format_ballot, make_ballot, next_round
 from kvstore.paxos.batch import decode_batch, encode_batch
@@ -796,7 +796,7 @@ class Replica:
                     and not self.bugs.snapshot_from_anyone)
         if t == M.ACCEPT or t == M.PROMISE:
             top = self.commit_index + SLOT_SPAN_MAX
-            return any(int.from_bytes(rec[8:16], "little") > top for rec in m.records)
+            return any(record_slot(rec) > top for rec in m.records)
         if (t == M.ACCEPTED or t == M.HEARTBEAT_REPLY) and not m.reject:
             # a follower can have accepted only what this leader proposed (slots < next_slot)
             return self.role == LEADER and m.ballot == self.ballot and m.match_index >= self.next_slot
