@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import msgpack
 
@@ -41,11 +41,24 @@ from kvstore.paxos.replica import KIND_BATCH, PersistedState, Snapshot
 from kvstore.machine.twopc import any_locked, apply_2pc
 from kvstore.machine.data import apply_command, scan_rows
 
-#: This node's Paxos hard state in each shard's meta table:
-#: msgpack [promised, commit, applied, compacted] (compacted: log records at or below it
-#: are deleted, -1 if none; then a restart hands the replica a snapshot of the state).
+#: Where a shard's ``HardState`` lives in its meta table (msgpack, a 4-item list).
 META_PAXOS = b"paxos.hard"
-_NO_HARD_STATE = (0, -1, -1, -1)
+
+
+class HardState(NamedTuple):
+    """This node's Paxos hard state of one shard, as its meta table keeps it (msgpack
+    ``[promised, commit, applied, compacted]``, the fields' order)."""
+
+    promised: int  # the promise ballot
+    commit: int  # the commit point (-1: none)
+    applied: int  # the applied point, moved with the state it describes (rule 4)
+    #: log records at or below it are deleted (-1: none); a restart then hands the
+    #: replica a snapshot of the state
+    compacted: int
+
+
+#: A shard that has never saved anything.
+NO_HARD_STATE = HardState(0, -1, -1, -1)
 #: Client sessions live in the shard's txn table under this prefix (issue 14's
 #: transaction records use other keys of that table).
 SESSION_PREFIX = b"\x00session\x00"

@@ -60,6 +60,7 @@ import os
 import random
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
+from typing import Callable
 
 import zmq
 
@@ -114,6 +115,47 @@ CATCHING_UP_SLOTS = 100
 #: Ticks after start at which a node campaigns for the shards it prefers to lead
 #: (shard % nodes == its index) if they have no leader yet: leaders spread over nodes.
 PREFERRED_CAMPAIGN_TICKS = (15, 40)
+
+
+@dataclass(slots=True)
+class WaitingWrite:
+    """A client write proposed here, answered once its command is applied (or failed)."""
+
+    identity: object  # a client's routing id, ("peer", index) or ("self", token)
+    request_id: int
+    shard: int
+    since: float  # monotonic; forgotten after WAITING_EXPIRE_SECONDS
+
+
+@dataclass(slots=True)
+class WaitingRead:
+    """A read waiting for its read index to be applied here."""
+
+    identity: object
+    request_id: int
+    shard: int
+    since: float
+    op: str  # wire.OP_GET or wire.OP_SCAN
+    args: list  # as the request carried them, checked
+
+
+@dataclass(slots=True)
+class Forwarded:
+    """A request forwarded to the shard's leader: whom to give its answer."""
+
+    identity: object
+    request_id: int
+    since: float
+
+
+@dataclass(slots=True)
+class OwnWrite:
+    """A write of this node's own (a 2PC decision or resolve) until it is answered."""
+
+    callback: Callable  # callback(result), once applied
+    since: float  # monotonic; given up after RESOLVE_RETRY_SECONDS
+    on_failure: Callable | None  # on_failure(status, value), or None: the resolver retries
+    shard: int
 
 
 @dataclass
@@ -196,13 +238,13 @@ class Node:
         except BaseException:
             self.storage.close()
             raise
-        self.waiting_writes: dict = {}  # (client_id, seq) -> (identity, request_id, shard, t)
-        self.waiting_reads: dict = {}  # token -> (identity, request_id, shard, op, args, t)
+        self.waiting_writes: dict = {}  # (client_id, seq) -> WaitingWrite
+        self.waiting_reads: dict = {}  # token -> WaitingRead
         self._replies: dict = {}  # identity -> [(request_id, status, value)], sent once per turn
         # writes waiting to be handed to each shard's replica (see _feed_proposals)
         self._proposals = [deque() for _ in range(self.nshards)]
         self._uncommitted_bytes = [0] * self.nshards
-        self._forwarded: dict = {}  # forward id -> (client identity, request_id, t)
+        self._forwarded: dict = {}  # forward id -> Forwarded
         self._forward_out: dict = defaultdict(list)  # peer -> [(forward_id, op, args)]
         self._fresh_slots: set | None = None  # (shard, slot) made durable by the save running
         self._decoded = DecodedCommands()  # log commands decoded at intake, until applied
@@ -215,7 +257,7 @@ class Node:
         # the resolver: this node's own writes (2PC settlements) go through _on_request
         # under the identity ("self", token) with their own client session
         self._resolver_id = b"resolver-" + self.rng.randbytes(8)
-        # token (= its seq) -> (callback(result), started at, on_failure, shard)
+        # token (= its seq) -> OwnWrite
         self._own_writes: dict = {}
         self._resolving: dict = {}  # txn id -> monotonic time its settlement started
         self._last_resolve = self.clock.monotonic()
@@ -411,7 +453,7 @@ class Node:
                     for forward_id, _op, _args in items:  # the leader is unreachable from here
                         w = self._forwarded.pop(forward_id, None)
                         if w is not None:
-                            self._reply(w[0], w[1], wire.STATUS_NOT_LEADER, None)
+                            self._reply(w.identity, w.request_id, wire.STATUS_NOT_LEADER, None)
 
     def _drop(self, why: str, detail) -> None:
         self.counters["dropped_" + why] += 1
@@ -480,7 +522,7 @@ class Node:
         forwardable = type(identity) is bytes or identity[0] == "self"
         if forwardable and hint is not None and hint != self.index:
             forward_id = next(self._tokens)
-            self._forwarded[forward_id] = (identity, request_id, self.clock.monotonic())
+            self._forwarded[forward_id] = Forwarded(identity, request_id, self.clock.monotonic())
             self._forward_out[hint].append((forward_id, op, args))
             return
         self._reply(identity, request_id, wire.STATUS_NOT_LEADER, hint)
@@ -491,9 +533,9 @@ class Node:
             if w is None:
                 continue
             if status == wire.STATUS_OK:
-                self._reply(w[0], w[1], wire.STATUS_OK_FORWARDED, [value, frm])
+                self._reply(w.identity, w.request_id, wire.STATUS_OK_FORWARDED, [value, frm])
             else:
-                self._reply(w[0], w[1], status, value)
+                self._reply(w.identity, w.request_id, status, value)
 
     def _check_keys_in_shard(self, shard: int, keys) -> None:
         if self.nshards == 1:
@@ -530,8 +572,8 @@ class Node:
                              f"MAX_CLUSTER_TXN_SIZE = {MAX_CLUSTER_TXN_SIZE} bytes)")
         self._decoded.add(raw, write)
         self._proposals[shard].append((raw, identity, request_id, shard, write))
-        self.waiting_writes[(write.client_id, write.seq)] = (identity, request_id, shard,
-                                                             self.clock.monotonic())
+        self.waiting_writes[(write.client_id, write.seq)] = WaitingWrite(
+            identity, request_id, shard, self.clock.monotonic())
 
     def _on_decide(self, identity, request_id: int, args: list) -> None:
         """A coordinator (a client) asks for its transaction's decision: this node, if it
@@ -616,7 +658,8 @@ class Node:
         except NotLeader as e:
             self._not_leader(identity, request_id, op, args, e.leader_hint)
             return
-        self.waiting_reads[token] = (identity, request_id, shard, op, args, self.clock.monotonic())
+        self.waiting_reads[token] = WaitingRead(identity, request_id, shard, self.clock.monotonic(),
+                                                op, args)
 
     # ------------------------------------------------------------------ 3. drive
     def _drive(self) -> None:
@@ -715,14 +758,14 @@ class Node:
         for _shard, _slot, key, result in results:
             w = waiting.pop(key, None)
             if w is not None and result is not STALE:
-                self._reply(w[0], w[1], wire.STATUS_OK, result)
+                self._reply(w.identity, w.request_id, wire.STATUS_OK, result)
 
     def _serve_reads(self, tokens: list) -> None:
         for token in tokens:
             w = self.waiting_reads.pop(token, None)
             if w is None:
                 continue
-            identity, request_id, shard, op, args, _t = w
+            identity, request_id, shard, op, args = w.identity, w.request_id, w.shard, w.op, w.args
             client = type(identity) is bytes
             if client and not self.sockets.reply_room(identity):
                 continue  # a client that does not read its replies: cut off (counted)
@@ -753,11 +796,11 @@ class Node:
             self._decoded.forget(raw)
             w = self.waiting_writes.pop(session_of(raw), None)
             if w is not None:
-                self._reply(w[0], w[1], status, value)
+                self._reply(w.identity, w.request_id, status, value)
         for token in rd.dropped_reads:
             w = self.waiting_reads.pop(token, None)
             if w is not None:
-                self._reply(w[0], w[1], status, value)
+                self._reply(w.identity, w.request_id, status, value)
 
     def _observe_roles(self) -> None:
         for s, r in enumerate(self.replicas):
@@ -790,16 +833,15 @@ class Node:
         from the session table, not applied twice)."""
         self._proposals[shard].clear()  # their waiting entries are answered just below
         for key, w in list(self.waiting_writes.items()):
-            if w[2] == shard:
+            if w.shard == shard:
                 del self.waiting_writes[key]
-                self._reply(w[0], w[1], wire.STATUS_NOT_LEADER, hint)
+                self._reply(w.identity, w.request_id, wire.STATUS_NOT_LEADER, hint)
 
     def _expire_waiting(self, now: float) -> None:
         self._last_expiry = now
         cutoff = now - WAITING_EXPIRE_SECONDS
-        for table, at in ((self.waiting_writes, 3), (self.waiting_reads, 5),
-                          (self._forwarded, 2)):
-            for key in [k for k, w in table.items() if w[at] < cutoff]:
+        for table in (self.waiting_writes, self.waiting_reads, self._forwarded):
+            for key in [k for k, w in table.items() if w.since < cutoff]:
                 del table[key]
 
     # ------------------------------------------------------------------ 2PC resolver
@@ -814,7 +856,7 @@ class Node:
         self._last_resolve = now
         for txn_id in [t for t, at in self._resolving.items() if now - at > RESOLVE_RETRY_SECONDS]:
             del self._resolving[txn_id]
-        for token in [t for t, w in self._own_writes.items() if now - w[1] > RESOLVE_RETRY_SECONDS]:
+        for token in [t for t, w in self._own_writes.items() if now - w.since > RESOLVE_RETRY_SECONDS]:
             del self._own_writes[token]
         now_ms = int(self.clock.time() * 1000)
         for shard, r in enumerate(self.replicas):
@@ -861,8 +903,8 @@ class Node:
         token = next(self._tokens)
         # the shard's session floor: its oldest own write still unanswered (2PC entries
         # are idempotent; the floor only keeps that session's results few)
-        floor = min((t for t, w in self._own_writes.items() if w[3] == shard), default=token)
-        self._own_writes[token] = (callback, self.clock.monotonic(), on_failure, shard)
+        floor = min((t for t, w in self._own_writes.items() if w.shard == shard), default=token)
+        self._own_writes[token] = OwnWrite(callback, self.clock.monotonic(), on_failure, shard)
         self._on_request(("self", token), token, wire.OP_WRITE,
                          [shard, self._resolver_id, token, floor, list(command.wire())])
 
@@ -873,9 +915,9 @@ class Node:
         if status == wire.STATUS_OK_FORWARDED and type(value) is list and len(value) == 2:
             status, value = wire.STATUS_OK, value[0]
         if status == wire.STATUS_OK:
-            w[0](value)
-        elif w[2] is not None:
-            w[2](status, value)
+            w.callback(value)
+        elif w.on_failure is not None:
+            w.on_failure(status, value)
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:

@@ -64,7 +64,7 @@ from kvstore.errors import CorruptRecord
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import PersistedState
 from kvstore.node.ports import NO_BUGS, NodeBugs
-from kvstore.machine.replica import META_PAXOS, _NO_HARD_STATE, apply_entries, install_snapshot
+from kvstore.machine.replica import META_PAXOS, NO_HARD_STATE, apply_entries, install_snapshot
 from kvstore.commands import LOCKED
 from kvstore.machine.twopc import expired_prepares, key_write_locked, range_write_locked
 from kvstore.storage import Storage
@@ -82,9 +82,15 @@ CHECKPOINT_BYTES = 32 * 1024 * 1024
 #: Beyond this the node's loop waits for a checkpoint (bounded memory).
 OVERLAY_LIMIT_BYTES = 512 * 1024 * 1024
 WAL_SEGMENT_BYTES = 64 * 1024 * 1024
-#: A shard's four tables, in the overlay: shard s, table t at index 4 * s + t.
+#: A shard's four tables, in the overlay: shard s, table t at ``overlay_index(s, t)``.
 LOG, META, DATA, TXNS = range(4)
 _TABLES = ("log", "meta", "data", "txns")
+
+
+def overlay_index(shard: int, table: int) -> int:
+    """Where ``table`` (``LOG``, ``META``... the index in ``_TABLES``) of ``shard`` sits
+    in the overlay."""
+    return len(_TABLES) * shard + table
 
 
 class _View:
@@ -166,7 +172,7 @@ class WalReplicaStorage:
         hard, records, positions = [], [], []
         for shard, t in enumerate(self.tables):
             raw = txn.get(META_PAXOS, db=t.meta)
-            value = list(_NO_HARD_STATE) if raw is None else msgpack.unpackb(raw)
+            value = list(NO_HARD_STATE) if raw is None else msgpack.unpackb(raw)
             if type(value) is not list or len(value) != 4 or \
                     any(type(v) is not int for v in value):
                 raise _inconsistent(self.path, shard,
@@ -223,8 +229,8 @@ class WalReplicaStorage:
             log_level = {slot_key(slot): rec for slot, rec in shard_records.items()
                          if slot > shard_hard[3] and before.get(slot) != rec}
             if log_level:
-                generation[4 * s + LOG] = log_level
-            generation[4 * s + META] = {META_PAXOS: msgpack.packb(shard_hard)}
+                generation[overlay_index(s, LOG)] = log_level
+            generation[overlay_index(s, META)] = {META_PAXOS: msgpack.packb(shard_hard)}
         return generation
 
     def load(self, shard: int) -> PersistedState:
@@ -247,7 +253,7 @@ class WalReplicaStorage:
         the LMDB read transaction they are read with begins (data only moves from the
         overlay into LMDB, and is in LMDB before it leaves the overlay, so a reader
         that looks at the generations first and LMDB second misses nothing)."""
-        return [self.overlay.levels(4 * shard + i) for i in range(4)]
+        return [self.overlay.levels(overlay_index(shard, i)) for i in range(4)]
 
     def _view(self, txn, shard: int, levels: list, pending: list | None = None) -> _View:
         """``shard``'s tables in ``txn`` under ``levels`` (``_levels``), and first the
@@ -312,10 +318,10 @@ class WalReplicaStorage:
                 pending[META][META_PAXOS] = msgpack.packb(hard)
                 for i, level in enumerate(pending):
                     if level:
-                        published[4 * s + i] = level
+                        published[overlay_index(s, i)] = level
                 # the overlay's applied slots end up as META_APPLIED (the embedded store's
                 # name; the node's own point is in META_PAXOS): never negative there
-                slots.extend((4 * s + i, max(hard[2], 0)) for i in range(4))
+                slots.extend((overlay_index(s, i), max(hard[2], 0)) for i in range(4))
 
         if self._checkpoint_thread:
             self.checkpointer.wait_for_room()

@@ -539,7 +539,7 @@ class Replica:
     # ------------------------------------------------------------------ role changes
     def _become_follower(self, leader: int | None) -> None:
         if self.role != FOLLOWER or leader != self.leader:
-            self._log_event(f"follower (leader {leader}, promised {self.promised >> 16}.{self.promised & 0xFFFF})")
+            self._log_event(f"follower (leader {leader}, promised {format_ballot(self.promised)})")
         if self.role == LEADER:
             self._out_dropped_commands.extend(self.pending_commands)
             self.pending_commands = []
@@ -575,7 +575,7 @@ class Replica:
             # a partition and delivered after the heal, when its granter follows a new
             # leader, would start a campaign that deposes that leader.
             self.campaign_context = self.rng.randrange(1 << 40) << 20
-            self._log_event(f"pre-vote for {b >> 16}.{self.id}")
+            self._log_event(f"pre-vote for {format_ballot(b)}")
             for i in range(self.n):
                 if i != self.id:
                     self._send(Message(M.PRE_VOTE, i, self.id, ballot=b, commit_index=self.commit_index,
@@ -598,7 +598,7 @@ class Replica:
         self.election_elapsed = 0
         self.attempts += 1
         self._reset_timeout()
-        self._log_event(f"campaign ballot {b >> 16}.{self.id}")
+        self._log_event(f"campaign ballot {format_ballot(b)}")
         self.promise_tally.reset(b)
         self.campaign_context = self.rng.randrange(1 << 40) << 20
         self.reports = {self.id: ([(s, *self.log[s]) for s in sorted(self.log) if s > self.commit_index],
@@ -659,7 +659,7 @@ class Replica:
         self.heartbeat_elapsed = 0
         self.election_elapsed = 0
         self.recent_active = 1 << self.id
-        self._log_event(f"leader at ballot {b >> 16}.{self.id}, re-proposing {c + 1}..{top}")
+        self._log_event(f"leader at ballot {format_ballot(b)}, re-proposing {c + 1}..{top}")
         self.tally.reset(b, c)
         for slot in range(c + 1, top + 1):
             v = best.get(slot)
@@ -971,7 +971,7 @@ class Replica:
             if m.hint > self.promised:
                 self.max_round = max(self.max_round, ballot_round(m.hint))
                 if self.role == LEADER:
-                    self._log_event(f"rejected by {m.frm} (promised {m.hint >> 16}.{m.hint & 0xFFFF})")
+                    self._log_event(f"rejected by {m.frm} (promised {format_ballot(m.hint)})")
                     self._become_follower(None)
             elif m.hint == 0 and self.role == LEADER and m.ballot == self.ballot:
                 # A node that does not vote yet (it is recovering: ``_learn``) holds the chosen
