@@ -288,7 +288,7 @@ def test_a_client_that_disconnects_mid_request_costs_the_node_nothing(start_node
 def test_big_concurrent_writes_are_cut_into_entries_that_fit_a_frame(start_node, tmp_path):
     import asyncio
     import kvstore.client.aio
-    from kvstore.node.loop import PROPOSE_BYTES_PER_TURN
+    from kvstore.node.intake import PROPOSE_BYTES_PER_TURN
     n = start_node(name="big")
     value = bytes(kvstore.MAX_VALUE_SIZE)
 

@@ -10,7 +10,7 @@ Driver loop (the node's, or the simulator's) -- the ordering contract::
     while True:
         feed replica.step(m) / replica.tick() / replica.propose(cmd) / replica.read(rid)
         if replica.has_ready():
-            rd = replica.ready()
+            rd = replica.ready()    # handed out: from here the replica counts rd as done
             1. persist rd.promised / rd.commit_index, rd.records (overwrite by slot),
                rd.snapshot, and delete log records <= rd.compacted_through,
                in ONE durable (synced) write;
@@ -19,7 +19,15 @@ Driver loop (the node's, or the simulator's) -- the ordering contract::
                rd.committed in order (slot order, each exactly once; rule 4);
             4. serve rd.reads (their read index is now applied; rule 6);
             5. fail rd.dropped_commands / rd.dropped_reads back to their clients;
-            6. replica.advance(rd)
+            6. replica.advance(rd)  (nothing left to do: see ``advance``)
+
+``ready()`` does the bookkeeping that etcd's raft leaves to ``Advance``: it moves
+``applied_index`` to the commit point and empties the replica's outboxes as it
+builds the Ready. So the driver must carry out all of ``rd`` (steps 1-5) before it
+calls into the replica again, and if it cannot (a save that fails), it must drop
+the replica and restart from what is durable (the node's loop raises out of
+``turn`` and the process exits: ``kvstore.server``); a replica never sees a Ready
+half done.
 
 The phases: a candidate picks a ballot above any it has seen, runs phase 1 for
 every slot above its commit point (one Prepare covers them all), re-proposes in
@@ -1418,7 +1426,9 @@ class Replica:
                     or any(idx <= self.applied_index for idx, _ in self.reads_confirmed))
 
     def ready(self) -> Ready:
-        """Everything to do now; the replica treats it as handed out (call ``advance`` after)."""
+        """Everything to do now. The replica counts it as carried out from here (its
+        applied point moves to the commit point; its outboxes are emptied): the driver
+        does all of it before it calls into the replica again (module docstring)."""
         self._flush_proposals()
         self._maybe_start_read_round()
         self._maybe_ask_read_index()
@@ -1451,8 +1461,9 @@ class Replica:
         return rd
 
     def advance(self, rd: Ready) -> None:
-        """The driver carried out ``rd`` (persisted, sent, applied)."""
-        # All bookkeeping happened in ready(); kept for the etcd-style contract.
+        """The driver carried out ``rd`` (persisted, sent, applied). A no-op: ``ready``
+        already did the bookkeeping (module docstring); drivers call it so that the
+        loop keeps etcd's shape and a replica that needs it later has its hook."""
         return None
 
     def status(self) -> dict:
