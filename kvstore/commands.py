@@ -272,13 +272,18 @@ class ClientCommand(NamedTuple):
     command: Command
 
 
+def _check_session(client_id, seq, floor, where: str = "") -> None:
+    """``ValueError`` unless ``(client_id, seq, floor)`` is a session a node logs."""
+    if type(client_id) is not bytes or not 0 < len(client_id) <= CLIENT_ID_MAX_BYTES:
+        raise ValueError("bad client id" + where)
+    if type(seq) is not int or type(floor) is not int or not 0 <= floor <= seq < 1 << 64:
+        raise ValueError("bad sequence numbers" + where)
+
+
 def client_command(client_id, seq, floor, command) -> ClientCommand:
     """A client's write as a request carries it, checked and typed (sizes included);
     ``ValueError`` if anything is out of shape."""
-    if type(client_id) is not bytes or not 0 < len(client_id) <= CLIENT_ID_MAX_BYTES:
-        raise ValueError("bad client id")
-    if type(seq) is not int or type(floor) is not int or not 0 <= floor <= seq < 1 << 64:
-        raise ValueError("bad sequence numbers")
+    _check_session(client_id, seq, floor)
     typed = decode_command(command)
     typed.check_sizes()
     return _new(ClientCommand, (client_id, seq, floor, typed))
@@ -304,10 +309,7 @@ def decode_logged_command(raw) -> ClientCommand:
     if type(decoded) is not list or len(decoded) != 4:
         raise ValueError("a logged command is [client_id, seq, floor, command]")
     client_id, seq, floor, command = decoded
-    if type(client_id) is not bytes or not 0 < len(client_id) <= CLIENT_ID_MAX_BYTES:
-        raise ValueError("bad client id in a logged command")
-    if type(seq) is not int or type(floor) is not int or not 0 <= floor <= seq < 1 << 64:
-        raise ValueError("bad sequence numbers in a logged command")
+    _check_session(client_id, seq, floor, " in a logged command")
     typed = decode_command(command)
     typed.check_sizes()
     decoded[3] = typed
