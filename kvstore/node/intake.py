@@ -273,6 +273,8 @@ class Intake:
         """This node stopped leading ``shard``: its clients should retry at the new leader
         (a command already in the log may still be chosen; the retry is then answered
         from the session table, not applied twice)."""
+        for raw, *_rest in self._proposals[shard]:
+            self._decoded.forget(raw)
         self._proposals[shard].clear()  # their waiting entries are answered just below
         for key, w in list(self.waiting_writes.items()):
             if w.shard == shard:
