@@ -272,7 +272,7 @@ class ClientCommand(NamedTuple):
     command: Command
 
 
-def _check_session(client_id, seq, floor, where: str = "") -> None:
+def _check_session(client_id, seq, floor, where: str) -> None:
     """``ValueError`` unless ``(client_id, seq, floor)`` is a session a node logs."""
     if type(client_id) is not bytes or not 0 < len(client_id) <= CLIENT_ID_MAX_BYTES:
         raise ValueError("bad client id" + where)
@@ -280,10 +280,12 @@ def _check_session(client_id, seq, floor, where: str = "") -> None:
         raise ValueError("bad sequence numbers" + where)
 
 
-def client_command(client_id, seq, floor, command) -> ClientCommand:
-    """A client's write as a request carries it, checked and typed (sizes included);
-    ``ValueError`` if anything is out of shape."""
-    _check_session(client_id, seq, floor)
+def client_command(client_id: bytes, seq: int, floor: int, command: list,
+                   where: str = "") -> ClientCommand:
+    """A client's write as a request carries it (msgpack's lists), checked and typed
+    (sizes included); ``ValueError`` if anything is out of shape (``where`` ends its
+    message)."""
+    _check_session(client_id, seq, floor, where)
     typed = decode_command(command)
     typed.check_sizes()
     return _new(ClientCommand, (client_id, seq, floor, typed))
@@ -308,12 +310,7 @@ def decode_logged_command(raw) -> ClientCommand:
         raise ValueError(f"undecodable command: {type(e).__name__}") from None
     if type(decoded) is not list or len(decoded) != 4:
         raise ValueError("a logged command is [client_id, seq, floor, command]")
-    client_id, seq, floor, command = decoded
-    _check_session(client_id, seq, floor, " in a logged command")
-    typed = decode_command(command)
-    typed.check_sizes()
-    decoded[3] = typed
-    return _new(ClientCommand, decoded)
+    return client_command(*decoded, " in a logged command")
 
 
 def session_of(raw: bytes) -> tuple:
