@@ -13,6 +13,7 @@ from kvstore.commands import OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry, Snapshot
 from kvstore.machine.replica import ShardWrite, encode_client_command
 from kvstore.node.storage import WAL_DIR, WalReplicaStorage
+from kvstore.storage.replay import commit_point
 
 BALLOT = 65536
 
@@ -338,14 +339,20 @@ def test_an_append_torn_before_its_promise_loses_only_what_it_never_announced():
     """A save appends a shard's promise after its records (so that a promise on disk
     implies them: a wiped node's first promise marks it recovered). A crash that tears
     the append after the records keeps acceptances above the commit point at a ballot
-    above the promise on disk: nothing of that save was announced, so recovery drops
-    them (they were refused as an inconsistent state). Chosen records (at or below the
-    commit point) stay whatever their ballot."""
-    from kvstore.node.storage import check_recovered, drop_torn_acceptances
-    chosen = encode_record(0, 2 * BALLOT, KIND_BATCH, b"\x90")
-    torn = encode_record(1, 2 * BALLOT, KIND_BATCH, b"\x90")
-    kept = encode_record(2, BALLOT, KIND_BATCH, b"\x90")
-    hard, records = [[BALLOT, 0, 0, -1]], [{0: chosen, 1: torn, 2: kept}]
-    drop_torn_acceptances(hard, records)
-    assert records == [{0: chosen, 2: kept}]
-    check_recovered("/nowhere", hard, records)
+    above the promise on disk: nothing of that save was announced, so the replay drops
+    them (they were refused as an inconsistent state), and an acceptance they replaced,
+    durable before, stands again. Chosen records (at or below the commit point) stay
+    whatever their ballot."""
+    from kvstore.storage.replay import LogEntry, entry_record, replay
+    from kvstore.storage.wal import KIND_PROMISE, Record
+    durable = LogEntry(3, BALLOT, KIND_BATCH, b"\x90")
+    log = [Record(KIND_PROMISE, 0, ballot=BALLOT), entry_record(0, durable),
+           commit_point([(0, 0)])]  # an earlier, whole append
+    torn = [entry_record(0, LogEntry(0, 2 * BALLOT, KIND_BATCH, b"\x90")),  # chosen
+            entry_record(0, LogEntry(1, 2 * BALLOT, KIND_BATCH, b"\x90")),  # torn
+            entry_record(0, LogEntry(2, BALLOT, KIND_BATCH, b"\x90")),  # kept
+            entry_record(0, LogEntry(3, 2 * BALLOT, KIND_BATCH, b"\x91"))]  # torn, over slot 3
+    shard, = replay([(p, p, r) for p, r in enumerate(log + torn)], 1)
+    assert (shard.promised, shard.commit) == (BALLOT, 0)
+    assert sorted(shard.entries) == [0, 2, 3]
+    assert shard.entries[0].ballot == 2 * BALLOT and shard.entries[3] == durable

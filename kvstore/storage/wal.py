@@ -23,10 +23,19 @@ header and payload) whose payload starts with a 20-byte prefix::
     19     1    reserved, 0
 
 followed by the caller's payload. The record kinds serve an embedded store
-and a cluster node alike: ``KIND_ENTRY`` (a shard's log entry at slot and
-ballot), ``KIND_PROMISE`` (a shard's promised ballot, its hard state),
-``KIND_COMMIT_POINT`` (a shard's highest chosen slot), ``KIND_CHECKPOINT``
-(the state is durable up to the position in ``slot``).
+and a cluster node alike: ``KIND_ENTRY`` (a shard's log entry: the header's
+slot and ballot, the prefix's tag its entry kind, the payload the entry's
+payload; the one checksum is the log record's), ``KIND_PROMISE`` (a shard's
+promised ballot, its hard state), ``KIND_COMMIT_POINT`` (chosen slots: the
+header's ``(shard, slot)``, more pairs in the payload), ``KIND_CHECKPOINT``
+(the state is durable up to the position in ``slot``). ``kvstore.storage.replay``
+reads them back, for both.
+
+Format versions (the segment header's): 1 wrapped a cluster node's whole
+Paxos record (its own header and CRC) in an entry's payload; 2 (this one)
+carries the entry's fields in the log record itself. A segment of another
+version is refused (``StorageError`` naming the directory and what to do),
+never read as this one.
 
 Recovery (``WriteAheadLog.open``) reads every segment. A record that does not
 validate at offset X of the LAST segment is a torn tail, cut at X, when no
@@ -75,9 +84,11 @@ KIND_COMMIT_POINT = 3
 KIND_CHECKPOINT = 4
 KINDS = (KIND_ENTRY, KIND_PROMISE, KIND_COMMIT_POINT, KIND_CHECKPOINT)
 
+#: The log's directory inside a data directory (an embedded store's and a node's alike).
+WAL_DIR = "wal"
 SEGMENT_SUFFIX = ".wal"
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
-WAL_FORMAT_VERSION = 1
+WAL_FORMAT_VERSION = 2
 _MAGIC = b"kvstore-wal\0"
 _PREFIX = struct.Struct("<QQHBx")
 PREFIX_SIZE = _PREFIX.size
@@ -174,7 +185,7 @@ def segment_name(start: int) -> str:
 
 
 def _encode(position: int, group: int, record: Record) -> bytes:
-    payload = _PREFIX.pack(position, group, record.shard, record.tag) + bytes(record.payload)
+    payload = _PREFIX.pack(position, group, record.shard, record.tag) + record.payload
     return _native.encode_record(record.slot, record.ballot, record.kind, payload)
 
 
@@ -194,6 +205,25 @@ def _read_at(data: bytes, offset: int, start: int):
     if position != start + offset or group > position:
         return None
     return Record(kind, shard, slot, ballot, payload[PREFIX_SIZE:], tag), end, group
+
+
+def _check_version(payload: bytes, path: str) -> None:
+    """Refuse a segment header of another format version, in one line saying what to do."""
+    if not payload.startswith(_MAGIC) or payload == _SEGMENT_PAYLOAD \
+            or len(payload) != len(_SEGMENT_PAYLOAD):
+        return
+    (version,) = _U32.unpack_from(payload, len(_MAGIC))
+    directory = os.path.dirname(os.path.dirname(path))
+    if version < WAL_FORMAT_VERSION:
+        todo = (f"open it with the kvstore release that wrote it and close it cleanly (an "
+                f"embedded store then holds every write in LMDB: delete {os.path.dirname(path)} "
+                f"and open it with this release), or, for a cluster node, wipe the directory "
+                f"and let the node rejoin from its peers")
+    else:
+        todo = "open it with a newer kvstore release"
+    raise StorageError(
+        f"the write-ahead log of {directory} is in log format {version}; this kvstore reads "
+        f"format {WAL_FORMAT_VERSION}: {todo}", directory)
 
 
 def _later_append_after(data: bytes, offset: int, start: int) -> int | None:
@@ -217,6 +247,8 @@ def _scan(data: bytes, start: int, path: str, last: bool):
     """
     first = _read_at(data, 0, start)
     records: list[tuple[int, Record]] = []
+    if first is not None and first[0].kind == KIND_SEGMENT:
+        _check_version(first[0].payload, path)
     if first is None or first[0].kind != KIND_SEGMENT or first[0].payload != _SEGMENT_PAYLOAD:
         offset = 0
     else:
@@ -513,7 +545,7 @@ class WriteAheadLog:
 
 
 __all__ = [
-    "WriteAheadLog", "Record", "OsFiles", "segment_name",
+    "WriteAheadLog", "Record", "OsFiles", "segment_name", "WAL_DIR", "WAL_FORMAT_VERSION",
     "KIND_ENTRY", "KIND_PROMISE", "KIND_COMMIT_POINT", "KIND_CHECKPOINT", "KINDS",
     "RECORD_OVERHEAD", "SEGMENT_HEADER_SIZE", "DEFAULT_SEGMENT_BYTES",
 ]
