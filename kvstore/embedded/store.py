@@ -13,8 +13,10 @@ every ``(shard, slot)`` the group chose: recovery applies an entry only once
 it has read that record, so a torn last append (a multi-shard transaction's
 entries included) is applied wholly or not at all. The log's records, and
 their replay, are a cluster node's (``kvstore.storage.replay``); what is the
-embedded store's own is in ``kvstore.embedded.recovery`` (its entries, and
-applying them at open) and ``kvstore.embedded.verify``.
+embedded store's own is in ``kvstore.embedded.commit`` (the write path: a
+group applied, appended, published), ``kvstore.embedded.recovery`` (its
+entries, and applying them at open) and ``kvstore.embedded.verify``. This
+module keeps the store's API and its transaction classes.
 
 Once appended, a group's writes go to the in-memory overlay
 (``kvstore.storage.overlay``) that reads consult before LMDB; a background
@@ -27,20 +29,21 @@ checkpoint with an empty log.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import os
 import threading
 import weakref
-from typing import Sequence
 
 from kvstore import _native
 from kvstore.api import KV, Txn
-from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES
+from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError,
                             TransactionConflict)
+from kvstore.embedded.commit import commit_batch
 from kvstore.embedded.groupcommit import GroupCommitter, Request
-from kvstore.embedded.recovery import checkpointed_point, entry, recover
+from kvstore.embedded.recovery import checkpointed_point, recover
 from kvstore.embedded.verify import verify_store
 from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
@@ -49,11 +52,8 @@ from kvstore.storage import Storage
 from kvstore.txnbuffer import WriteBuffer, entry_bytes
 from kvstore.storage.checkpoint import Checkpointer
 from kvstore.storage.environment import META_LOG_FIRST, THIRD_PARTY_ERRORS, translate
-from kvstore.storage.overlay import (MISSING, LazyRead, Overlay, ShardView, items_in_range,
-                                     lookup, merge_rows)
-from kvstore.machine.data import (apply_command, apply_writes, reads_still_valid,
-                                   revision_of, scan_rows, scan_values, value_of)
-from kvstore.storage.replay import commit_point
+from kvstore.storage.overlay import MISSING, Overlay, items_in_range, lookup, merge_rows
+from kvstore.machine.data import revision_of, scan_rows, scan_values, value_of
 from kvstore.storage.wal import KIND_CHECKPOINT, WAL_DIR, Record, WriteAheadLog
 from kvstore._native import unpack_rows
 
@@ -93,7 +93,7 @@ class EmbeddedKV(KV):
         self._db0 = self._data[0] if self._nshards == 1 else None
         self._closed = False
         self._close_lock = threading.Lock()
-        self._committer = GroupCommitter(self._commit_batch)
+        self._committer = GroupCommitter(functools.partial(commit_batch, self))
         self._wal: WriteAheadLog | None = None
         self._checkpointer: Checkpointer | None = None
         self._checkpoint_record: Record | None = None  # rides on the next append
@@ -276,124 +276,6 @@ class EmbeddedKV(KV):
             return self._submit((shard, (OP_TXN, r, g, w)), size)
         return self._submit(_MultiShardTxn(parts), size)
 
-    # -- the commit path -----------------------------------------------------------------
-
-    def _commit_batch(self, batch: Sequence[Request]) -> None:
-        """Apply a batch onto the overlay's view, append its entries (one ``fdatasync``),
-        then publish its writes: nothing is visible, nor answered, before it is durable.
-
-        Only the group-commit leader runs this, one at a time, so the state the
-        batch was computed on cannot change before its writes are published.
-        If the append fails, nothing of the batch is published and every
-        request of it gets the error.
-        """
-        if self._storage.env is None:
-            raise KVError(f"the store at {self.path} is closed")
-        self._checkpointer.wait_for_room()
-        overlay, storage = self._overlay, self._storage
-        # No lock: only this thread publishes into ``active``; a freeze in between
-        # makes ``frozen`` the ``active`` read here (or a later one), a drop leaves its
-        # writes in LMDB, and the read transaction below is begun after both reads.
-        active = overlay.active
-        frozen = overlay.frozen
-
-        def begin():
-            # Begun after the generations were taken: whatever a checkpoint moved from
-            # them into LMDB meanwhile, this snapshot holds it with the same values.
-            with overlay.lock:
-                return storage.begin_read()
-
-        txn = LazyRead(begin)
-        pending: dict[int, dict] = {}
-        views: dict[int, ShardView] = {}
-
-        def view(shard: int) -> ShardView:
-            v = views.get(shard)
-            if v is None:
-                levels = [pending.setdefault(shard, {}), active[shard]]
-                if frozen is not None:
-                    levels.append(frozen[shard])
-                v = views[shard] = ShardView(levels, txn, self._data[shard])
-            return v
-
-        try:
-            results = self._apply_batch(view, batch)
-        except THIRD_PARTY_ERRORS as e:
-            raise translate(e, self.path, "applying a write") from e
-        finally:
-            if txn.txn is not None:
-                storage.end_read(txn.txn)
-        entries = results.entries
-        if entries:  # else barriers only (close waits behind in-flight commits)
-            records = [entry(shard, slot, commands) for shard, slot, commands in entries]
-            slots = [(shard, slot) for shard, slot, _ in entries]
-            records.append(commit_point(slots))
-            checkpoint = self._checkpoint_record  # set by the checkpoint thread
-            if checkpoint is not None:
-                records.append(checkpoint)
-            try:
-                end = self._wal.append(records)
-            except StorageError as e:  # nothing of the batch is published
-                raise self._log_error(e) from e
-            if self._checkpoint_record is checkpoint:
-                self._checkpoint_record = None
-            overlay.publish(pending, slots, end)
-        for request, result in zip(batch, results):
-            if type(result) is _Failed:
-                request.error = result.error
-            else:
-                request.result = result
-
-    def _log_error(self, e: StorageError) -> StorageError:
-        """A failed append as the store's error: it names the data directory."""
-        if e.path == self.path or isinstance(e, CorruptRecord):
-            return e
-        hint = ("" if "disk full" in str(e) else
-                "; the log refuses writes until the store is closed and opened again")
-        return StorageError(f"{e}{hint}", self.path)
-
-    def _apply_batch(self, view, batch: Sequence[Request]) -> "_BatchResults":
-        applied = self._overlay.applied
-        data = self._data
-        entries: dict[int, list] = {}
-        results = _BatchResults()
-        for request in batch:
-            payload = request.payload
-            if payload is None:  # a barrier (close waits behind in-flight commits)
-                results.append(None)
-            elif type(payload) is tuple:
-                shard, command = payload
-                try:
-                    result = apply_command(view(shard), data[shard], applied[shard] + 1,
-                                           command)
-                except CorruptRecord as e:  # a corrupt value read by this command: it alone
-                    results.append(_Failed(translate(e, self.path, "applying a write")))
-                    continue
-                commands = entries.get(shard)
-                if commands is None:
-                    commands = entries[shard] = []
-                commands.append(command)
-                results.append(result)
-            else:
-                try:
-                    results.append(self._apply_multi_shard(view, payload, entries))
-                except CorruptRecord as e:
-                    results.append(_Failed(translate(e, self.path, "applying a transaction")))
-        results.entries = [(shard, applied[shard] + 1, commands)
-                           for shard, commands in sorted(entries.items())]
-        return results
-
-    def _apply_multi_shard(self, view, payload: _MultiShardTxn, entries: dict) -> bool:
-        data, applied = self._data, self._overlay.applied
-        for shard, (reads, ranges, _writes) in payload.parts.items():
-            if not reads_still_valid(view(shard), data[shard], reads, ranges):
-                return False
-        for shard, (_reads, _ranges, writes) in payload.parts.items():
-            if writes:
-                apply_writes(view(shard), data[shard], applied[shard] + 1, writes)
-                entries.setdefault(shard, []).append((OP_TXN_WRITES, writes))
-        return True
-
     # -- checkpoints and recovery (``kvstore.embedded.recovery``) ---------------------------
 
     def _after_checkpoint(self, position: int) -> None:
@@ -484,15 +366,6 @@ class EmbeddedKV(KV):
         return f"<kvstore.EmbeddedKV {self.path!r} shards={self._nshards} {state}>"
 
 
-class _Failed:
-    """A request of a batch that failed alone (the others commit)."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 def _txn_size(parts: dict) -> int:
     """The bytes a transaction's command adds to a log entry, about."""
     return sum(entry_bytes(reads, ranges, writes) for reads, ranges, writes in parts.values())
@@ -508,15 +381,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _BatchResults(list):
-    """Per-request results of one batch, plus the ``(shard, slot, commands)`` entries
-    it makes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entries: list[tuple[int, int, list]] = []
 
 
 def merged_rows(txn, db, over: list, lo: bytes, hi: bytes | None,
