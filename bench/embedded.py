@@ -585,10 +585,7 @@ def main(argv=None) -> int:
         args.puts, args.keys, args.gets, args.rounds, args.strace_puts = \
             200, 20_000, 20_000, 1, 100
         args.strace_threads = (1,)
-    results = run(args)
-    print_table(results)
-    figures.write(results, args.json)
-    return 0
+    return figures.report(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":

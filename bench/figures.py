@@ -25,3 +25,10 @@ def write(results: object, path: str) -> None:
         json.dump(results, f, indent=2)
         f.write("\n")
     print(f"\nfigures written to {os.path.relpath(path)}")
+
+
+def report(results: object, print_table, path: str) -> int:
+    """The end of every benchmark: the table on stdout, the figures to ``path``; exit 0."""
+    print_table(results)
+    write(results, path)
+    return 0

@@ -149,10 +149,7 @@ def main(argv=None) -> int:
                         help="where to write the figures")
     args = parser.parse_args(argv)
     args.puts, args.rounds, args.pings = (50, 1, 2000) if args.quick else (1000, 5, 20000)
-    results = run(args)
-    print_table(results)
-    figures.write(results, args.json)
-    return 0
+    return figures.report(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -148,10 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=figures.default_path("kernels"),
                    help="where to write the figures (default: %(default)s)")
     args = p.parse_args(argv)
-    results = run(0.3 if args.quick else 1.5)
-    print_table(results)
-    figures.write(results, args.json)
-    return 0
+    return figures.report(run(0.3 if args.quick else 1.5), print_table, args.json)
 
 
 if __name__ == "__main__":

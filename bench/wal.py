@@ -271,10 +271,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.groups, args.rounds = 40, 1
-    results = run(args)
-    print_table(results)
-    figures.write(results, args.json)
-    return 0
+    return figures.report(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":
