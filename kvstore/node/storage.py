@@ -15,8 +15,10 @@ directory layout. Each ``save`` (one loop turn, every shard):
    results reach the node (``applied``: early answers) before the fsync, as
    before;
 3. **one log append** for all shards: a ``PROMISE`` record per shard whose
-   promise moved, the Paxos records as ``ENTRY`` records, a ``COMMIT_POINT``
-   per shard whose commit point moved: one ``pwrite`` and one ``fdatasync``.
+   promise moved, an ``ENTRY`` record per Paxos record (its slot, ballot,
+   kind and payload in the log record's fields, checksummed once by it:
+   ``_entry_record``), a ``COMMIT_POINT`` per shard whose commit point moved:
+   one ``pwrite`` and one ``fdatasync``.
    Nothing is sent or answered from it before this returns (safety rule 1).
    A save that only moves commit points and applies (a leader learning that
    its entries are chosen) appends nothing: a commit point needs no fsync
@@ -33,7 +35,9 @@ The checkpointer (``kvstore.storage.checkpoint``) writes a frozen generation of
 all four tables of every shard in one synced LMDB transaction with the log
 position it covers (``META_LOG_POSITION``), then deletes the log segments below
 it. Recovery (``__init__``): LMDB's tables as of the last checkpoint, then the
-log kept: promises, records (a later one for a slot wins) and commit points.
+log kept, read by the replay both engines share (``kvstore.storage.replay``:
+promises, entries (a later one for a slot wins, a torn append's dropped) and
+commit points), the Paxos records rebuilt from the entries.
 What the replay adds is durable in the log only, so it is published into the
 overlay as its first generation: the first checkpoint, which moves LMDB's log
 position past it, holds it (issue 19: without that, the replicas alone held
