@@ -60,11 +60,10 @@ overlay's generations, then LMDB, in that order (``kvstore.storage.overlay``).
 from __future__ import annotations
 
 import os
-import struct
 
 import msgpack
 
-from kvstore._native import RECORD_HEADER_SIZE, decode_record, encode_record, key_slot, slot_key
+from kvstore._native import decode_record, encode_record, key_slot, record_fields, slot_key
 from kvstore.errors import CorruptRecord
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import PersistedState
@@ -89,8 +88,6 @@ WAL_SEGMENT_BYTES = 64 * 1024 * 1024
 #: A shard's four tables, in the overlay: shard s, table t at index 4 * s + t.
 LOG, META, DATA, TXNS = range(4)
 _TABLES = ("log", "meta", "data", "txns")
-#: A Paxos record's header (``kvstore._native``): version, kind, reserved, length, slot, ballot.
-_PAXOS_HEADER = struct.Struct("<BBHIQQ")
 
 
 class _View:
@@ -445,8 +442,8 @@ def _entry_record(shard: int, rec: bytes) -> Record:
     kind in the log record's, its payload as the entry's (checksummed once, by the
     log record; ``_replay`` rebuilds the Paxos record). The replica's own record is
     trusted (this process made it): its header is read, its CRC not checked again."""
-    _version, kind, _reserved, _length, slot, ballot = _PAXOS_HEADER.unpack_from(rec)
-    return Record(KIND_ENTRY, shard, slot, ballot, memoryview(rec)[RECORD_HEADER_SIZE:], kind)
+    slot, ballot, kind, payload = record_fields(rec)
+    return Record(KIND_ENTRY, shard, slot, ballot, payload, kind)
 
 
 def _skip_first_append_past(records, position: int):
