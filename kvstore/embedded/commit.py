@@ -69,7 +69,8 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
             storage.end_read(txn.txn)
     entries = results.entries
     if entries:  # else barriers only (close waits behind in-flight commits)
-        records = [entry(shard, slot, commands) for shard, slot, commands in entries]
+        pack = store._pack_command
+        records = [entry(shard, slot, commands, pack) for shard, slot, commands in entries]
         slots = [(shard, slot) for shard, slot, _ in entries]
         records.append(commit_point(slots))
         checkpoint = store._checkpoint_record  # set by the checkpoint thread

@@ -36,10 +36,19 @@ BALLOT = 0
 _REPLAY_CHUNK = 256
 
 
-def entry(shard: int, slot: int, commands: list) -> Record:
-    """The log record of an entry of ``commands`` (bare commands, ``kvstore.commands``)."""
-    payload = encode_batch([msgpack.packb(c, use_bin_type=True) for c in commands])
+def entry(shard: int, slot: int, commands: list, pack=None) -> Record:
+    """The log record of an entry of ``commands`` (bare commands, ``kvstore.commands``).
+
+    ``pack``: a ``command_packer()``'s, reused by the one thread that commits a group
+    (making a ``msgpack.Packer`` costs more than packing a few commands with it)."""
+    pack = pack or command_packer()
+    payload = encode_batch([pack(c) for c in commands])
     return entry_record(shard, LogEntry(slot, BALLOT, KIND_BATCH, payload))
+
+
+def command_packer():
+    """What ``entry`` packs each command with: msgpack, bytes as bin (never pickle)."""
+    return msgpack.Packer(use_bin_type=True).pack
 
 
 def entry_commands(e: LogEntry) -> list:
@@ -151,5 +160,5 @@ def _apply(store, shard: int, entries: list[LogEntry]) -> None:
     overlay.publish({shard: pending}, [(shard, entries[-1].slot)], overlay.position)
 
 
-__all__ = ["entry", "entry_commands", "chosen_logs", "checkpointed_point", "applied_point",
+__all__ = ["entry", "command_packer", "entry_commands", "chosen_logs", "checkpointed_point", "applied_point",
            "recover", "BALLOT"]

@@ -43,7 +43,7 @@ from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageErro
                             TransactionConflict)
 from kvstore.embedded.commit import commit_batch
 from kvstore.embedded.groupcommit import GroupCommitter, Request
-from kvstore.embedded.recovery import checkpointed_point, recover
+from kvstore.embedded.recovery import checkpointed_point, command_packer, recover
 from kvstore.embedded.verify import verify_store
 from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
@@ -94,6 +94,7 @@ class EmbeddedKV(KV):
         self._closed = False
         self._close_lock = threading.Lock()
         self._committer = GroupCommitter(functools.partial(commit_batch, self))
+        self._pack_command = command_packer()  # the committing thread's (one at a time)
         self._wal: WriteAheadLog | None = None
         self._checkpointer: Checkpointer | None = None
         self._checkpoint_record: Record | None = None  # rides on the next append
