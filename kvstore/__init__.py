@@ -49,7 +49,7 @@ def connect(addresses, timeout: float = 5.0, *, keys=None) -> KV:
     also every call's deadline. ``keys``: the ``kvstore keygen`` directory of a
     cluster with ``[security]`` (default ``$KVSTORE_KEYS``).
     """
-    from kvstore.client.core import connect as _connect
+    from kvstore.client import connect as _connect
     return _connect(addresses, timeout, keys)
 
 

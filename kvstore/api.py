@@ -111,7 +111,7 @@ class KV(abc.ABC):
     def _attempt_transaction(self, previous: Txn | None, attempt: int) -> Txn:
         """The transaction for ``run_transaction``'s attempt ``attempt`` (0 first), given
         the one that lost the previous attempt; a cluster takes the reads of a
-        transaction that keeps losing by locking them (``kvstore.client.core``)."""
+        transaction that keeps losing by locking them (``kvstore.client.txn``)."""
         return self.transaction()
 
     def __enter__(self):

@@ -126,3 +126,14 @@ def scan_range(prefix: object, start: object, end: object) -> tuple[bytes, bytes
     if end_b is not None and (hi is None or end_b < hi):
         hi = end_b
     return lo, hi
+
+
+def check_scan(prefix: object, start: object, end: object,
+               limit: object) -> tuple[bytes, bytes | None, int | None] | None:
+    """A scan's checked ``(lo, hi, limit)`` (``scan_range``, ``check_limit``), or None
+    when it can answer nothing (an empty range, or ``limit`` 0): then no engine is asked."""
+    lo, hi = scan_range(prefix, start, end)
+    limit = check_limit(limit)
+    if (hi is not None and hi <= lo) or limit == 0:
+        return None
+    return lo, hi, limit

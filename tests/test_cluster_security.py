@@ -12,7 +12,7 @@ import time
 import pytest
 
 import kvstore
-from kvstore.client.core import AuthenticationFailed
+from kvstore.client import AuthenticationFailed
 from kvstore.node.loop import Node, NodeConfig
 from kvstore.server.local import free_port
 from kvstore.transport.security import keygen
@@ -211,7 +211,7 @@ def test_a_client_key_never_speaks_the_peer_protocol(secure_cluster, keys):
 
 
 def test_an_operator_adds_a_client_and_revokes_it_without_a_restart(secure_cluster, keys):
-    from kvstore.client.core import AuthenticationFailed
+    from kvstore.client import AuthenticationFailed
     lc = secure_cluster
     r = subprocess.run([PYTHON, "-m", "kvstore.cli", "keygen", "--client", "alice", keys],
                        capture_output=True, env=child_env(), timeout=30)

@@ -183,7 +183,7 @@ def test_a_snapshot_carries_prepared_transactions_and_their_locks(tmp_path):
 
 
 def test_run_transaction_locks_the_reads_of_a_cross_shard_transaction_that_keeps_losing(start_node):
-    from kvstore.client.core import LOCKING_AFTER_CONFLICTS, ClusterTxn
+    from kvstore.client import LOCKING_AFTER_CONFLICTS, ClusterTxn
     n = start_node(shards=2)
     keys = keys_by_shard(2)
     a, b, other = keys[0][0], keys[1][0], keys[1][1]
@@ -221,7 +221,7 @@ def test_run_transaction_locks_the_reads_of_a_cross_shard_transaction_that_keeps
 
 
 def test_a_locked_transfer_prepares_its_writes_under_its_own_locks(start_node):
-    from kvstore.client.core import LOCKING_AFTER_CONFLICTS
+    from kvstore.client import LOCKING_AFTER_CONFLICTS
     n = start_node(shards=2)
     keys = keys_by_shard(2)
     a, b = keys[0][0], keys[1][0]
@@ -247,7 +247,7 @@ def test_a_locked_transfer_prepares_its_writes_under_its_own_locks(start_node):
 
 
 def test_a_locked_read_whose_locks_a_resolver_freed_is_a_conflict(start_node):
-    from kvstore.client.core import ClusterTxn
+    from kvstore.client import ClusterTxn
     n = start_node(shards=2)
     keys = keys_by_shard(2)
     a, b = keys[0][0], keys[1][0]

@@ -139,13 +139,13 @@ def test_replay_applies_nothing_twice_and_keeps_revisions(tmp_path, small_segmen
         txn.put(b"n", b"%d" % (int(txn.get(b"n")) + 1))
     db.delete(b"c")
     before = [s["commit_index"] for s in db.status()["shards"]]
-    revisions = db.run_transaction(lambda t: (t.get(b"n"), dict(t._reads)))
+    revisions = db.run_transaction(lambda t: (t.get(b"n"), dict(t._buffer.reads)))
     crash(db, files)
     for _ in range(2):  # and a second open replays the same log to the same state
         db = EmbeddedKV(path, wal_files=files)
         assert db.get(b"c") is None and db.get(b"n") == b"2"
         assert [s["commit_index"] for s in db.status()["shards"]] == before
-        assert db.run_transaction(lambda t: (t.get(b"n"), dict(t._reads))) == revisions
+        assert db.run_transaction(lambda t: (t.get(b"n"), dict(t._buffer.reads))) == revisions
         db.verify()
         crash(db, files)
 

@@ -118,7 +118,7 @@ def test_a_seed_replays_byte_for_byte_whatever_the_hash_seed():
     assert len(outputs[0].splitlines()) > 100
 
 
-# kvstore.client.core's read-only locking transaction trusts its values once every shard voted yes;
+# kvstore.client.txn's read-only locking transaction trusts its values once every shard voted yes;
 # but a shard whose lock passed its deadline may have been released by its resolver (ABORT
 # recorded in the coordinator shard) before the slowest shard's yes came, so the values are no
 # single cut. The simulator's processes record COMMIT in the coordinator shard first (then no

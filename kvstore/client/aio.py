@@ -26,11 +26,10 @@ import threading
 from collections import deque
 
 from kvstore.api import check_run_transaction, retry_backoff_seconds
-from kvstore.client.core import ClusterKV, ClusterTxn, Detached, lock_keys_for
-from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT
+from kvstore.client import requests
+from kvstore.client.kv import ClusterKV
+from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
 from kvstore.errors import KVError, TransactionConflict
-from kvstore.keys import check_key, check_limit, check_optional_value, check_value, scan_range
-from kvstore.transport import wire
 
 
 async def connect(addresses, timeout: float = 5.0, *, keys=None) -> "AsyncKV":
@@ -81,33 +80,21 @@ class AsyncKV:
                 waiter.set_result(future.result())
 
     async def get(self, key):
-        key = check_key(key)
-        shard = self._kv._shard(key)
-        return await self._call(wire.OP_GET, shard, [shard, key, False])
+        return await self._call(*requests.get(self._kv.nshards, key))
 
     async def put(self, key, value) -> None:
-        key = check_key(key)
-        await self._call(wire.OP_WRITE, self._kv._shard(key), [OP_PUT, key, check_value(value)])
+        await self._call(*requests.put(self._kv.nshards, key, value))
 
     async def delete(self, key) -> bool:
-        key = check_key(key)
-        return bool(await self._call(wire.OP_WRITE, self._kv._shard(key), [OP_DELETE, key]))
+        return bool(await self._call(*requests.delete(self._kv.nshards, key)))
 
     async def cas(self, key, expected, new) -> bool:
-        key = check_key(key)
-        command = [OP_CAS, key, check_optional_value(expected, "expected"),
-                   check_optional_value(new, "new")]
-        return bool(await self._call(wire.OP_WRITE, self._kv._shard(key), command))
+        return bool(await self._call(*requests.cas(self._kv.nshards, key, expected, new)))
 
     async def scan(self, prefix=b"", start=None, end=None, limit=None):
-        lo, hi = scan_range(prefix, start, end)
-        limit = check_limit(limit)
-        if (hi is not None and hi <= lo) or limit == 0:
-            return []
-        parts = await asyncio.gather(*(self._call(wire.OP_SCAN, s, [s, lo, hi, limit, False])
-                                       for s in range(self._kv.nshards)))
-        rows = sorted((k, v) for part in parts for k, v in part)
-        return rows if limit is None else rows[:limit]
+        batch, limit = requests.scan(self._kv.nshards, prefix, start, end, limit)
+        parts = await asyncio.gather(*(self._call(*r) for r in batch))
+        return requests.merge_scan(parts, limit)
 
     def transaction(self) -> "AsyncTxn":
         self._kv._core_check()
@@ -201,11 +188,8 @@ class AsyncTxn:
         await self._run(self._t.commit_plan())
 
     async def discard(self) -> None:
-        t = self._t
-        if t._state in ("new", "open"):
-            t._state = "discarded"
         try:
-            await self._run(t.release_plan())
+            await self._run(self._t.discard_plan())
         except KVError:
             pass  # its resolvers free the locks after the deadline
 

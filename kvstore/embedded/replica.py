@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 
-from kvstore.client.core import ClusterKV
+from kvstore.client import ClusterKV
 from kvstore.errors import InvalidArgument, KVError
 
 

@@ -37,7 +37,7 @@ import threading
 import weakref
 
 from kvstore import _native
-from kvstore.api import KV, Txn
+from kvstore.api import KV
 from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError,
                             TransactionConflict)
@@ -49,7 +49,7 @@ from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
                           check_limit, check_optional_value, check_value, scan_range)
 from kvstore.storage import Storage
-from kvstore.txnbuffer import WriteBuffer, entry_bytes
+from kvstore.txnbuffer import NOT_WRITTEN, BufferedTxn, TxnBuffer, entry_bytes
 from kvstore.storage.checkpoint import Checkpointer
 from kvstore.storage.environment import META_LOG_FIRST, THIRD_PARTY_ERRORS, translate
 from kvstore.storage.overlay import MISSING, Overlay, items_in_range, lookup, merge_rows
@@ -66,6 +66,8 @@ CHECKPOINT_SECONDS = 1.0
 CHECKPOINT_BYTES = 8 * 1024 * 1024
 #: Writers wait (for a checkpoint) while the overlay holds this many bytes.
 OVERLAY_LIMIT_BYTES = 64 * 1024 * 1024
+
+
 class _MultiShardTxn:
     """A transaction spanning shards: validated and applied as one, in one LMDB commit."""
 
@@ -402,7 +404,7 @@ def merged_values(txn, db, over: list, lo: bytes, hi: bytes | None,
     return unpack_rows(merged_rows(txn, db, over, lo, hi, limit))
 
 
-class EmbeddedTxn(Txn):
+class EmbeddedTxn(BufferedTxn):
     """Optimistic, serializable: reads come from one snapshot (taken at the first read:
     the overlay's generations and an LMDB read transaction) plus this transaction's own
     writes; at commit the keys and ranges it read are
@@ -417,33 +419,17 @@ class EmbeddedTxn(Txn):
         self._snapshot = None
         self._levels: list = []
         self._finalizer = None
-        self._reads: dict[int, dict[bytes, int]] = {}
-        self._ranges: dict[int, list] = {}
-        self._writes = WriteBuffer(MAX_TXN_SIZE, "MAX_TXN_SIZE")
+        self._buffer = TxnBuffer(MAX_TXN_SIZE, "MAX_TXN_SIZE")  # reads, ranges, writes
         self._state = "new"  # new -> open -> committed | discarded
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def __enter__(self) -> "EmbeddedTxn":
-        if self._state != "new":
-            raise InvalidArgument(f"this transaction is {self._state}; start a new one with "
-                                  f"db.transaction()")
-        self._state = "open"
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._state != "open":
-            return
-        if exc_type is not None:
-            self._finish("discarded")
-            return
-        self.commit()
+    # -- lifecycle (``BufferedTxn``) ---------------------------------------------------------
 
     def commit(self) -> None:
         """Commit now (the context manager does this on a clean exit)."""
         self._check_usable()
         try:
-            ok = self._store._commit_txn(self._reads, self._ranges, self._writes)
+            buffer = self._buffer
+            ok = self._store._commit_txn(buffer.reads, buffer.ranges, buffer.writes)
         finally:
             self._finish("committed")
         if not ok:
@@ -465,12 +451,8 @@ class EmbeddedTxn(Txn):
         self._snapshot = None
 
     def _check_usable(self) -> None:
-        if self._state == "open":
-            self._store._check_open()
-            return
-        if self._state == "new":
-            raise InvalidArgument("use the transaction inside 'with db.transaction() as txn:'")
-        raise InvalidArgument(f"this transaction is already {self._state}; start a new one")
+        self._check_state()
+        self._store._check_open()
 
     def _view(self):
         """The LMDB snapshot, and beside it ``self._levels``: per shard, the overlay's
@@ -490,9 +472,8 @@ class EmbeddedTxn(Txn):
     def get(self, key):
         self._check_usable()
         key = check_key(key)
-        if key in self._writes:
-            return self._writes[key]
-        return self._read(key)
+        value = self._buffer.written(key)
+        return self._read(key) if value is NOT_WRITTEN else value
 
     def _read(self, key: bytes) -> bytes | None:
         store = self._store
@@ -506,54 +487,36 @@ class EmbeddedTxn(Txn):
             revision = revision_of(raw)
         except (CorruptRecord, *THIRD_PARTY_ERRORS) as e:
             raise translate(e, store.path, "reading in a transaction") from e
-        shard_reads = self._reads.setdefault(shard, {})
-        shard_reads.setdefault(key, revision)
+        self._buffer.record_read(shard, key, revision)
         return value
 
     def put(self, key, value) -> None:
         self._check_usable()
         key = check_key(key)
-        value = check_value(value)
-        self._writes.write(key, value)
+        self._buffer.put(key, check_value(value))
 
     def delete(self, key) -> bool:
         self._check_usable()
         key = check_key(key)
-        self._writes.size_with(key, None)  # past the limit: raise before reading anything
-        existed = (self._writes[key] if key in self._writes else self._read(key)) is not None
-        self._writes.write(key, None)
+        self._buffer.check_delete(key)  # past the limit: raise before reading anything
+        existed = self.get(key) is not None
+        self._buffer.delete(key)
         return existed
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):
         self._check_usable()
-        lo, hi = scan_range(prefix, start, end)
-        limit = check_limit(limit)
-        if (hi is not None and hi <= lo) or limit == 0:
+        scan = self._buffer.scan(prefix, start, end, limit)
+        if scan is None:
             return []
-        local = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
-        # Enough underlying rows that local deletes cannot starve the limit.
-        fetch = None if limit is None else limit + sum(1 for v in local.values() if v is None)
+        lo, hi = scan.lo, scan.hi
         view = self._view()
-        merged: dict[bytes, bytes | None] = {}
-        seen_hi = hi  # every shard's rows are complete below this bound
         for shard, db in enumerate(self._store._data):
             try:
                 over = items_in_range(self._levels[shard], lo, hi)
-                rows = merged_rows(view, db, over, lo, hi, fetch)
+                rows = merged_rows(view, db, over, lo, hi, scan.fetch)
                 values = unpack_rows(rows)  # every checksum verified
-                revisions = [(k, revision_of(raw)) for k, raw in rows]
+                scan.add(shard, [(k, v, revision_of(raw))
+                                 for (k, v), (_k, raw) in zip(values, rows)])
             except (CorruptRecord, *THIRD_PARTY_ERRORS) as e:
                 raise translate(e, self._store.path, "scanning in a transaction") from e
-            covered_hi = hi
-            if fetch is not None and len(rows) == fetch:
-                covered_hi = rows[-1][0] + b"\x00"  # this shard was read only up to here
-                if seen_hi is None or covered_hi < seen_hi:
-                    seen_hi = covered_hi
-            self._ranges.setdefault(shard, []).append((lo, covered_hi, revisions))
-            merged.update(values)
-        merged.update(local)
-        # A shard cut at ``seen_hi`` alone holds >= limit live rows below it, so
-        # the first ``limit`` results all lie below it.
-        out = [(k, v) for k, v in sorted(merged.items())
-               if v is not None and (seen_hi is None or k < seen_hi)]
-        return out if limit is None else out[:limit]
+        return scan.result()

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--node-bug", action="append", default=[], choices=NODE_BUG_NAMES,
                    help="with --real-node: plant a bug in the node or its storage")
     p.add_argument("--locking-audit-trusts-votes", action="store_true",
-                   help="with --bank --paxos: a locking audit trusts its votes, as kvstore.client.core does today")
+                   help="with --bank --paxos: a locking audit trusts its votes, as kvstore.client.txn does today")
     p.add_argument("--txn-bug", action="append", default=[], choices=TXN_BUG_NAMES,
                    help="with --bank: plant a two-phase-commit bug")
     a = p.parse_args(argv)

@@ -11,7 +11,7 @@ coordinator processes crash at any moment, mid-commit included, losing all they
 held, and restart. One seed drives one ``random.Random``; a failure prints the
 seed, the command that replays it and the trace.
 
-The processes model ``kvstore.client.core``: they propose the prepares and ask the
+The processes model ``kvstore.client.txn``: they propose the prepares and ask the
 coordinator shard for a decision (a TxnDecision request naming the
 participants); the node that records it, not the process, proposes the
 TxnResolve entries on every participant (``carry_out``), as ``kvstore.node.loop``
@@ -75,11 +75,11 @@ class BankConfig:
     # background re-proposals and resolvers wait that long. 1: no backoff (an abstract log answers
     # in a few ticks; a Paxos group under load must not be flooded with retries)
     retry_backoff_max: int = 1
-    # as kvstore.client.core does: a cross-shard operation that lost this many attempts to conflicts
+    # as kvstore.client.txn does: a cross-shard operation that lost this many attempts to conflicts
     # takes its reads by locking them in every shard at once (0: an aborted operation is not
     # retried, and reads are always optimistic)
     locking_after_conflicts: int = 0
-    # kvstore.client.core's read-only locking transaction as it is today: its values are trusted once
+    # kvstore.client.txn's read-only locking transaction as it is today: its values are trusted once
     # every shard voted yes. Not serializable: a lock past its deadline may have been released by
     # a resolver (ABORT recorded) before the last shard's vote came (bank-paxos seed 1208 on 3
     # shards). Off: the audit first records COMMIT in the coordinator shard, which no resolver's
@@ -245,7 +245,7 @@ class Process:
 
     # ------------------------------------------------------------------ operations
     def start(self, again: dict | None = None) -> None:
-        """A new operation, or ``again`` one that lost to a conflict (as kvstore.client.core retries)."""
+        """A new operation, or ``again`` one that lost to a conflict (as kvstore.client.txn retries)."""
         sim = self.sim
         rng = sim.rng
         if again is not None:

@@ -1,0 +1,231 @@
+"""``kvstore.connect(addresses, timeout=...)``: the synchronous ``KV`` of a cluster.
+
+``ClusterKV`` checks a call's arguments, builds its request and waits on the
+engine (``kvstore.client.core.ClientCore``), which routes and retries it.
+``scan`` asks every shard and merges; each shard's part is linearizable, the
+whole is not one snapshot across shards. Its transactions are
+``kvstore.client.txn.ClusterTxn``. ``status`` asks every node for its view and
+names a node whose cluster shape differs from the others'.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kvstore.api import KV
+from kvstore.client import requests
+from kvstore.client.core import ClientCore
+from kvstore.client.txn import ClusterTxn, lock_keys_for
+from kvstore.errors import InvalidArgument, KVError, Unavailable
+from kvstore.transport import wire
+
+def parse_addresses(addresses) -> list:
+    """``"tcp://a:1,tcp://b:2"`` or a list of them, as a checked list."""
+    if isinstance(addresses, str):
+        items = [a.strip() for a in addresses.split(",")]
+    elif isinstance(addresses, (list, tuple)):
+        items = list(addresses)
+    else:
+        raise InvalidArgument(f"addresses must be a str or a list of str, not "
+                              f"{type(addresses).__name__}")
+    out = []
+    for a in items:
+        if not isinstance(a, str) or not a.startswith("tcp://") or ":" not in a[6:]:
+            raise InvalidArgument(f"a server address looks like tcp://127.0.0.1:7001, got {a!r}")
+        if a not in out:
+            out.append(a)
+    if not out:
+        raise InvalidArgument("no server address given")
+    return out
+
+
+def _check_timeout(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidArgument(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    return float(timeout)
+
+
+class ClusterKV(KV):
+    """``kvstore.connect(...)``: the ``KV`` interface over a running cluster; thread-safe."""
+
+    def __init__(self, addresses, timeout: float = 5.0, keys=None) -> None:
+        self._addresses = parse_addresses(addresses)
+        self.timeout = _check_timeout(timeout)
+        keys = keys if keys is not None else os.environ.get("KVSTORE_KEYS") or None
+        if keys is not None:
+            from kvstore.transport.security import CurveKeys
+            keys = CurveKeys(os.fspath(keys), "client")
+        self._core = ClientCore(self._addresses, self.timeout, keys)
+        try:
+            futures = [self._core.submit(wire.OP_HELLO, None, [], target=a) for a in self._addresses]
+            self._hello = self._first_answer(futures)
+        except BaseException:
+            self._core.close()
+            raise
+        self.nshards = self._core.nshards
+
+    def _first_answer(self, futures: list):
+        """The first successful answer among ``futures``; the last error if none."""
+        error = None
+        pending = list(futures)
+        while pending:
+            for f in list(pending):
+                if f.done():
+                    pending.remove(f)
+                    if f.exception() is None:
+                        return f.result()
+                    error = f.exception()
+            if pending:
+                from concurrent.futures import FIRST_COMPLETED, wait
+                wait(pending, timeout=self.timeout + 5.0, return_when=FIRST_COMPLETED)
+        raise error
+
+    def _shard(self, key: bytes) -> int:
+        return requests.shard_for(self.nshards, key)
+
+    # -- KV (the requests are built in ``kvstore.client.requests``) -------------------------
+    def get(self, key):
+        return self._core.call(*requests.get(self.nshards, key))
+
+    def put(self, key, value) -> None:
+        self._core.call(*requests.put(self.nshards, key, value))
+
+    def delete(self, key) -> bool:
+        return bool(self._core.call(*requests.delete(self.nshards, key)))
+
+    def cas(self, key, expected, new) -> bool:
+        return bool(self._core.call(*requests.cas(self.nshards, key, expected, new)))
+
+    def scan(self, prefix=b"", start=None, end=None, limit=None):
+        batch, limit = requests.scan(self.nshards, prefix, start, end, limit)
+        futures = [self._core.submit(*r) for r in batch]
+        return requests.merge_scan([self._core.wait(f) for f in futures], limit)
+
+    def transaction(self) -> "ClusterTxn":
+        self._core_check()
+        return ClusterTxn(self)
+
+    def _attempt_transaction(self, previous, attempt: int) -> "ClusterTxn":
+        return ClusterTxn(self, lock_keys_for(previous, attempt))
+
+    def _core_check(self) -> None:
+        if self._core._closed:
+            raise KVError("this connection is closed")
+
+    def status(self) -> dict:
+        """Every node's view: ``{"nodes": [...], "shards": [...]}`` (API.md section 1)."""
+        core = self._core
+        while True:
+            try:
+                down = set(core._down)  # known down (their connection dropped): not asked
+                break
+            except RuntimeError:  # the I/O thread changed it meanwhile
+                continue
+        futures = [(a, None if a in down else
+                    core.submit(wire.OP_STATUS, None, [], timeout=min(self.timeout, 2.0), target=a))
+                   for a in core.nodes]
+        views = {}
+        for address, f in futures:
+            try:
+                views[address] = None if f is None else core.wait(f)
+            except Unavailable:
+                views[address] = None
+        known = {n.get("address"): n.get("id") for n in (self._hello or {}).get("nodes", [])}
+        nodes, names, problems = [], {}, []
+        reference = _common_shape(views.values(), (self.nshards, _members(self._hello)))
+        nshards = reference[0] if reference[0] is not None else self.nshards
+        for address, v in list(views.items()):
+            if v is None:
+                nodes.append({"id": known.get(address), "address": address, "state": "down",
+                              "role": ""})
+                continue
+            mismatch = _shape_mismatch(v, reference)
+            if mismatch:
+                name = v.get("node") if isinstance(v, dict) else None
+                problems.append(f"{name or 'the node'} at {address} {mismatch}: its cluster.toml "
+                                f"differs from the others' and its peers refuse it")
+                nodes.append({"id": name, "address": address, "state": "mismatch", "role": ""})
+                views[address] = None
+                continue
+            names[address] = v["node"]
+            roles = sorted({s["role"] for s in v["shards"]})
+            leads = [s["shard"] for s in v["shards"] if s["role"] == "leader"]
+            nodes.append({"id": v["node"], "address": address, "state": "up",
+                          "role": f"leader of {leads}" if leads else ",".join(roles)})
+        shards = []
+        for s in range(nshards):
+            leader, commit, replicas, states = None, -1, {}, {}
+            for address, v in views.items():
+                if v is None:
+                    continue
+                sv = v["shards"][s]
+                replicas[v["node"]] = sv["applied_index"]
+                states[v["node"]] = sv.get("state", "ok")
+                commit = max(commit, sv["commit_index"])
+                if sv["role"] == "leader":
+                    leader = v["node"]
+            shards.append({"shard": s, "leader": leader, "commit_index": commit,
+                           "applied_index": replicas.get(leader) if leader else None,
+                           "replicas": replicas, "states": states})
+        out = {"mode": "cluster", "nodes": nodes, "shards": shards}
+        if problems:
+            out["problems"] = problems
+        return out
+
+    def close(self) -> None:
+        self._core.close()
+
+    def __repr__(self) -> str:
+        return f"<kvstore.ClusterKV {','.join(self._addresses)} shards={self.nshards}>"
+
+
+def _members(view) -> tuple | None:
+    try:
+        return tuple(sorted((n["id"], n["address"]) for n in view["nodes"]))
+    except (KeyError, TypeError):
+        return None
+
+
+def _shape(view) -> tuple:
+    """``(shard count, members)`` a node's status reports; None where unreadable."""
+    try:
+        nshards = int(view["nshards"])
+        if len(view["shards"]) != nshards:
+            nshards = None
+    except (KeyError, TypeError, ValueError):
+        nshards = None
+    return nshards, _members(view)
+
+
+def _common_shape(views, fallback: tuple) -> tuple:
+    """The shape most nodes report (on a tie, the one this client learned first)."""
+    counts: dict = {}
+    for v in views:
+        if v is not None:
+            shape = _shape(v)
+            counts[shape] = counts.get(shape, 0) + 1
+    if not counts:
+        return fallback
+    best = max(counts.values())
+    return fallback if counts.get(fallback) == best else max(counts, key=counts.get)
+
+
+def _shape_mismatch(view, reference: tuple) -> str | None:
+    """How a node's status differs from the cluster's shape (shard count, members), or
+    None if it agrees."""
+    nshards, members = _shape(view)
+    if nshards is None or members is None:
+        return "answers with a status this client cannot read"
+    if nshards != reference[0]:
+        return f"reports {nshards} shard(s) where the cluster has {reference[0]}"
+    if members != reference[1]:
+        return "lists other members or addresses than the cluster"
+    return None
+
+
+def connect(addresses, timeout: float = 5.0, keys=None) -> ClusterKV:
+    """A client of the cluster at ``addresses`` (one is enough; it learns the others).
+
+    ``keys``: a ``kvstore keygen`` directory for a cluster with ``[security]``
+    (default: ``$KVSTORE_KEYS``)."""
+    return ClusterKV(addresses, timeout, keys)

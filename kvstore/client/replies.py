@@ -1,0 +1,75 @@
+"""What a node may answer: every reply the client acts on is checked here first.
+
+``check_result`` passes a result of the shape a kvstore node sends for the
+call's operation and raises ``MalformedReply`` for anything else; the engine
+(``kvstore.client.core``) then fails that call with ``Unavailable`` naming the
+endpoint, never with an exception of another class.
+"""
+
+from __future__ import annotations
+
+from kvstore.commands import OP_2PC, OP_PUT
+from kvstore.transport import wire
+from kvstore.txn import ABORT, COMMIT
+
+class MalformedReply(ValueError):
+    """A reply no kvstore node sends (``check_result``): the call fails as ``Unavailable``."""
+
+
+def _optional_bytes(v) -> bool:
+    return v is None or type(v) is bytes
+
+
+def check_status(value) -> dict:
+    """A node's hello or status answer, checked in every part the client reads."""
+    if type(value) is not dict:
+        raise MalformedReply("a status that is not a map")
+    nodes, shards, nshards = value.get("nodes"), value.get("shards"), value.get("nshards")
+    if type(value.get("node")) is not str or type(nodes) is not list or not nodes or not all(
+            type(n) is dict and type(n.get("id")) is str and type(n.get("address")) is str
+            and n["address"].startswith("tcp://") for n in nodes):
+        raise MalformedReply("a status that names no nodes")
+    if (type(nshards) is not int or not 0 < nshards <= 1 << 16 or type(shards) is not list
+            or len(shards) != nshards):
+        raise MalformedReply("a status without its shards")
+    for sh in shards:
+        leader = sh.get("leader_index") if type(sh) is dict else None
+        if not (type(sh) is dict and type(sh.get("role")) is str
+                and type(sh.get("commit_index")) is int and type(sh.get("applied_index")) is int
+                and (leader is None or (type(leader) is int and 0 <= leader < len(nodes)))):
+            raise MalformedReply("a status with a malformed shard")
+    return value
+
+
+def check_result(call, value):
+    """``value`` if it is what a node answers to ``call``; ``MalformedReply`` otherwise."""
+    op = call.op
+    if op == wire.OP_HELLO or op == wire.OP_STATUS:
+        return check_status(value)
+    if op == wire.OP_GET:
+        ok = ((type(value) is list and len(value) == 2 and _optional_bytes(value[0])
+               and type(value[1]) is int) if call.payload[2] else _optional_bytes(value))
+    elif op == wire.OP_SCAN:
+        width = 3 if call.payload[4] else 2
+        ok = type(value) is list and all(
+            type(r) is list and len(r) == width and type(r[0]) is bytes and type(r[1]) is bytes
+            and (width == 2 or type(r[2]) is int) for r in value)
+    elif op == wire.OP_DECIDE:
+        ok = type(value) is int and value in (COMMIT, ABORT)
+    elif op == wire.OP_WRITE:
+        kind = call.payload[0]
+        if kind == OP_PUT:
+            ok = value is None
+        elif kind == OP_2PC:  # a vote, or with locking reads [vote, [[key, value, revision]]]
+            ok = type(value) is bool or (
+                type(value) is list and len(value) == 2 and type(value[0]) is bool
+                and type(value[1]) is list and all(
+                    type(r) is list and len(r) == 3 and type(r[0]) is bytes
+                    and _optional_bytes(r[1]) and type(r[2]) is int for r in value[1]))
+        else:
+            ok = type(value) is bool
+    else:
+        ok = True
+    if not ok:
+        raise MalformedReply(f"a result of the wrong shape ({type(value).__name__})")
+    return value

@@ -1,0 +1,66 @@
+"""The requests of the ``KV`` calls, built once for the sync and the asyncio client.
+
+Each function checks a call's arguments (``InvalidArgument`` before anything is
+sent) and returns the ``(op, shard, payload)`` the engine
+(``kvstore.client.core.ClientCore.submit``) carries out; ``ClusterKV`` waits on
+the answer, ``AsyncKV`` awaits it. ``nshards`` is the cluster's shard count.
+"""
+
+from __future__ import annotations
+
+from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT
+from kvstore.keys import check_key, check_optional_value, check_scan, check_value
+from kvstore.sharding import shard_of
+from kvstore.transport import wire
+
+#: ``(op, shard, payload)``: one request for ``ClientCore.submit``.
+Request = tuple
+
+
+def shard_for(nshards: int, key: bytes) -> int:
+    """The shard that holds ``key``."""
+    return 0 if nshards == 1 else shard_of(key, nshards)
+
+
+def get(nshards: int, key) -> Request:
+    """A linearizable read of ``key``: answered by its value, or None."""
+    key = check_key(key)
+    shard = shard_for(nshards, key)
+    return wire.OP_GET, shard, [shard, key, False]
+
+
+def put(nshards: int, key, value) -> Request:
+    """A write of ``value`` at ``key``: answered by None once it is applied."""
+    key = check_key(key)
+    return wire.OP_WRITE, shard_for(nshards, key), [OP_PUT, key, check_value(value)]
+
+
+def delete(nshards: int, key) -> Request:
+    """A delete of ``key``: answered True if it existed."""
+    key = check_key(key)
+    return wire.OP_WRITE, shard_for(nshards, key), [OP_DELETE, key]
+
+
+def cas(nshards: int, key, expected, new) -> Request:
+    """Set ``key`` to ``new`` if it holds ``expected`` (None: absent / delete): answered
+    True if it did."""
+    key = check_key(key)
+    return wire.OP_WRITE, shard_for(nshards, key), [
+        OP_CAS, key, check_optional_value(expected, "expected"), check_optional_value(new, "new")]
+
+
+def scan(nshards: int, prefix, start, end, limit) -> tuple[list[Request], int | None]:
+    """The requests of a scan, one per shard (none if it can answer nothing), and its
+    checked limit, for ``merge_scan``."""
+    args = check_scan(prefix, start, end, limit)
+    if args is None:
+        return [], 0
+    lo, hi, limit = args
+    return [(wire.OP_SCAN, s, [s, lo, hi, limit, False]) for s in range(nshards)], limit
+
+
+def merge_scan(parts, limit: int | None) -> list[tuple[bytes, bytes]]:
+    """The shards' answers to ``scan``'s requests as one scan's rows: in key order, at most
+    ``limit``. Each shard's part is linearizable; the whole is not one snapshot."""
+    rows = sorted((k, v) for part in parts for k, v in part)
+    return rows if limit is None else rows[:limit]
