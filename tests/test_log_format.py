@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import pytest
 
@@ -56,16 +55,9 @@ def test_a_node_directory_in_the_old_log_format_is_refused_and_left_as_it_was(tm
 
 
 def test_kvstore_server_refuses_an_old_log_format_in_one_line(tmp_path):
-    from conftest import PYTHON, child_env
+    from conftest import refused_start
     path, _segment, _before = old_directory(tmp_path, "node")
-    config = tmp_path / "cluster.toml"
-    config.write_text('shards = 2\n[nodes.n1]\naddress = "tcp://127.0.0.1:1"\n'
-                      f'data = "{path}"\n')
-    r = subprocess.run([PYTHON, "-m", "kvstore.server", "--config", str(config), "--id", "n1"],
-                       capture_output=True, env=child_env(), timeout=60)
-    err = r.stderr.decode()
-    assert r.returncode == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    err = refused_start(tmp_path, path, 2)
     assert f"the write-ahead log of {path} is in log format 1" in err, err
 
 

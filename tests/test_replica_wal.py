@@ -314,23 +314,14 @@ def test_a_save_whose_append_failed_leaves_nothing_behind(open_storage):
 def test_kvstore_server_refuses_an_inconsistent_directory_in_one_line(tmp_path):
     """Issue 19, defect 1: the node died with an AssertionError from its replica's first
     Ready; now the recovery check refuses the directory: exit 2, one line naming it."""
-    import subprocess
-
-    from conftest import PYTHON, child_env
+    from conftest import refused_start
     data = str(tmp_path / "n1")
     st = WalReplicaStorage(data, 1)
     rec, entry = put_entry(0, b"k", b"v")
     st.save([ShardWrite(0, promised=BALLOT, commit_index=0, records=[rec], committed=[entry])])
     st.close()
     damage(data, 1, 0, put_hard([BALLOT, 7, 0, -1]))  # a commit point past the records
-    config = tmp_path / "cluster.toml"
-    config.write_text('shards = 1\n[nodes.n1]\naddress = "tcp://127.0.0.1:1"\n'
-                      f'data = "{data}"\n')
-    r = subprocess.run([PYTHON, "-m", "kvstore.server", "--config", str(config), "--id", "n1"],
-                       capture_output=True, env=child_env(), timeout=60)
-    err = r.stderr.decode()
-    assert r.returncode == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    err = refused_start(tmp_path, data, 1)
     assert err.startswith("kvstore-server: the persisted state of shard 0 in " + data), err
     assert "slots 1-7, at or below the commit point, are not in the log" in err, err
 
