@@ -102,7 +102,7 @@ def applied_point(store, txn, shard: int) -> int:
                 raise CorruptRecord(f"the last log record of shard {shard} is malformed "
                                     f"({len(key)}-byte key, {len(raw)} bytes)")
             last = _native.key_slot(key)
-            said = int.from_bytes(bytes(raw[8:16]), "little")  # the header's slot
+            said = _native.record_fields(raw)[0]  # the header's slot
             if said != last:
                 raise CorruptRecord(f"the last log record of shard {shard} is stored "
                                     f"under slot {last} but says slot {said}", slot=last)
