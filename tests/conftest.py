@@ -115,7 +115,7 @@ PURE = (
     "test_hashing.py", "test_logcodec.py", "test_quorum.py", "test_native_selection.py",
     # what calls them on its hot path: the wire codec (records checked on receipt), the
     # write-ahead log and recovery over it, the Paxos core's tallies
-    "test_transport.py", "test_wal.py", "test_replica_wal.py",
+    "test_transport.py", "test_wal.py", "test_replica_wal.py", "test_log_format.py",
     "test_paxos_core.py", "test_paxos_safety.py", "test_peer_input.py",
     # the real node under the simulator: the log codec and the tallies on every step
     "test_sim_realnode.py::test_clean_seeds_pass",
