@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import zmq
 
 from kvstore.commands import POISONED, DecodedCommands, decode_logged_command
-from kvstore._native import record_slot
+from kvstore._native import record_fields
 from kvstore.errors import CorruptRecord
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
@@ -461,7 +461,7 @@ class Node(Intake, Resolver):
                           or rd.snapshot is not None or rd.compacted_through is not None
                           or rd.committed)]
             # slots whose records this save makes durable: their writes wait for it
-            self._fresh_slots = {(w.shard, record_slot(r)) for w in writes for r in w.records}
+            self._fresh_slots = {(w.shard, record_fields(r)[0]) for w in writes for r in w.records}
             outbox: dict = defaultdict(list)
             early: dict = defaultdict(list)
             for s, rd in readies:

@@ -129,7 +129,7 @@ or lost its disk, and the leader resends from there (or sends a snapshot).
 
 from __future__ import annotations
 
-from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority, record_slot
+from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority, record_fields
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import ballot_node, ballot_round, format_ballot, make_ballot, next_round
 from kvstore.paxos.batch import decode_batch, encode_batch
@@ -552,7 +552,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
                     and not self.bugs.snapshot_from_anyone)
         if t == M.ACCEPT or t == M.PROMISE:
             top = self.commit_index + SLOT_SPAN_MAX
-            return any(record_slot(rec) > top for rec in m.records)
+            return any(record_fields(rec)[0] > top for rec in m.records)
         if (t == M.ACCEPTED or t == M.HEARTBEAT_REPLY) and not m.reject:
             # a follower can have accepted only what this leader proposed (slots < next_slot)
             return self.role == LEADER and m.ballot == self.ballot and m.match_index >= self.next_slot
