@@ -82,8 +82,8 @@ def test_an_embedded_store_in_log_format_1_opens_with_every_write_and_moves_to_f
 
 
 def test_a_node_directory_in_log_format_1_recovers_its_paxos_records(tmp_path):
-    from kvstore.commands import OP_PUT
-    from kvstore.machine.replica import ShardWrite, encode_client_command
+    from kvstore.commands import OP_PUT, encode_client_command
+    from kvstore.machine.replica import ShardWrite
     from kvstore.paxos.replica import KIND_BATCH
 
     path = old_directory(tmp_path, "node")
