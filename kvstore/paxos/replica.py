@@ -10,7 +10,7 @@ phases 1 and 2, the commit point, compaction and the ``Ready``); ``kvstore.paxos
 the linearizable reads, ``kvstore.paxos.snapshots`` the snapshot transfer,
 ``kvstore.paxos.recovery`` the wiped-node recovery, each a mixin of ``Replica`` sharing
 its state; ``kvstore.paxos.interface`` what the driver sees (``Config``, ``Ready``...).
-This module stays over 600 lines on purpose: its handlers (``_on_prepare``,
+Long module: it stays over 600 lines on purpose: its handlers (``_on_prepare``,
 ``_on_promise``, ``_on_accept``, ``_on_accepted``, ``_become_leader``...) keep the
 invariants stated below together (a Promise shows every accepted value above the
 candidate's commit point; every entry at or below ``commit_index`` is chosen), and

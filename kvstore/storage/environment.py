@@ -29,7 +29,7 @@ What this layer does so that users never meet LMDB's sharp edges:
 - every LMDB, OS, struct or msgpack error is translated at one choke point
   (``translate``) into a ``StorageError`` naming the path.
 
-Why one module of 800 lines: ``Storage`` is one object's life, and its parts
+Long module: 800 lines on purpose. ``Storage`` is one object's life, and its parts
 share one protocol: the checks at open decide the map's size, map growth pauses
 the readers that ``begin_read``/``end_read`` count and the writer that
 ``write`` holds, and a fork's child must find all of it closed. Split by topic,
