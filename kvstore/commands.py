@@ -1,31 +1,55 @@
-"""Encoding of state-machine commands, the payload of a log record.
+"""The command vocabulary: what a write asks the state machine to do, built, checked and
+decoded here and nowhere else.
 
-A log entry carries a batch of commands (``encode_commands``); msgpack with a
-schema we own: lists of small ints, bytes and None, checked on the way in.
+A command is a small typed record, one class per operation. Each is a
+``NamedTuple`` whose first field is its op code, so its msgpack encoding is the
+list that the wire and the logs have always carried (old data directories and
+nodes of the previous version read and write the same bytes); only the
+in-memory form is typed. Build them with the constructors (``put``, ``delete``,
+``cas``, ``txn``, ``txn_writes``, ``two_pc``), never as bare lists.
+
+- ``Put(OP_PUT, key, value)``                 -> None
+- ``Delete(OP_DELETE, key)``                  -> bool, the key existed
+- ``Cas(OP_CAS, key, expected, new)``         -> bool, swapped (None: absent / delete)
+- ``Txn(OP_TXN, reads, ranges, writes)``      -> bool, committed (False: conflict)
+    reads  = [(key, revision)]                   revision 0 = read as absent
+    ranges = [(lo, hi, [(key, revision)])]       hi None = unbounded; the rows seen
+    writes = [(key, value or None)]              None deletes
+- ``TxnWrites(OP_TXN_WRITES, writes)``        -> True: the part of a transaction already
+  validated across shards (its decision was commit; the embedded store's)
+- ``TwoPC(OP_2PC, raw, entry)``               -> a cluster's two-phase-commit step:
+  ``raw`` a ``kvstore.txn.records`` encoding, ``entry`` the same decoded (TxnPrepare ->
+  vote, TxnDecision -> recorded outcome, TxnResolve -> changed); applied by
+  ``kvstore.machine.twopc``. On the wire it is ``[OP_2PC, raw]`` (``TwoPC.wire``). A
+  client sends only TxnPrepare; decisions and resolves are written by the nodes.
+
+A cluster node logs each client write inside its session (``ClientCommand``:
+client id, seq, floor, command; ``kvstore.machine.replica`` applies it at most
+once per ``(client, seq)``). A write is decoded once where it enters a node: a
+client's request by ``client_command`` (the node's intake), a peer's record by
+``decode_logged_command`` (checked before it is accepted, ``Node._on_paxos``, or
+when a restart replays it); the typed record travels from there to apply
+(``DecodedCommands``). Everything that decodes here raises ``ValueError``
+(``InvalidArgument`` is one) for input it refuses, and changes nothing.
+
+Results that are not values (``Result``) are here too: a client tells ``LOCKED``
+apart without importing the server's state machine.
+
 Never pickle: log payloads come back from disk and, in a cluster, from peers.
-
-Commands (tuples; the first item is the op code):
-
-- ``(OP_PUT, key, value)``                 -> None
-- ``(OP_DELETE, key)``                     -> bool, the key existed
-- ``(OP_CAS, key, expected, new)``         -> bool, swapped (None: absent / delete)
-- ``(OP_TXN, reads, ranges, writes)``      -> bool, committed (False: conflict)
-    reads  = [(key, revision)]                revision 0 = read as absent
-    ranges = [(lo, hi, [(key, revision)])]    hi None = unbounded; the rows seen
-    writes = [(key, value or None)]           None deletes
-- ``(OP_TXN_WRITES, writes)``              -> True: the part of a transaction
-  already validated across shards (its decision was commit)
-- ``(OP_2PC, entry)``                      -> a cluster's two-phase-commit step, ``entry``
-  a ``kvstore.txn.records`` encoding (TxnPrepare -> vote, TxnDecision -> recorded
-  outcome, TxnResolve -> changed); applied by ``kvstore.machine.twopc``. A client
-  sends only TxnPrepare; decisions and resolves are written by the nodes
 """
 
 from __future__ import annotations
 
+import enum
+from typing import NamedTuple, Union
+
 import msgpack
 
 from kvstore.errors import CorruptRecord
+from kvstore.keys import check_key, check_value
+from kvstore.txn import TxnDecision, TxnPrepare, TxnResolve
+from kvstore.txn import decode as decode_2pc
+from kvstore.txn import encode as encode_2pc
 
 OP_PUT = 1
 OP_DELETE = 2
@@ -38,9 +62,304 @@ OP_2PC = 6
 KIND_NOOP = 0
 KIND_COMMANDS = 1
 
+#: Client ids in a logged command are at most this long.
+CLIENT_ID_MAX_BYTES = 64
 
+
+class Result(str, enum.Enum):
+    """Results of a write that are not its value. A ``str`` enum: ``LOCKED`` crosses the
+    wire and sits in session tables as the string ``"locked"``, which compares equal."""
+
+    #: A plain write that met a prepared transaction's lock: nothing applied, retry it.
+    LOCKED = "locked"
+    #: A command ``(client, seq)`` below its session's floor: already answered, ignored.
+    STALE = "stale"
+    #: A chosen value that could not be applied (``kvstore.machine.replica``): a no-op.
+    POISONED = "poisoned"
+
+    __str__ = str.__str__  # "locked" in messages and logs, as it reads on the wire
+    __format__ = str.__format__
+
+
+LOCKED = Result.LOCKED
+STALE = Result.STALE
+POISONED = Result.POISONED
+
+
+# ------------------------------------------------------------------ the commands
+class Put(NamedTuple):
+    op: int
+    key: bytes
+    value: bytes
+
+    def keys(self) -> list:
+        return [self.key]
+
+    def check_sizes(self) -> None:
+        check_key(self.key)
+        check_value(self.value)
+
+
+class Delete(NamedTuple):
+    op: int
+    key: bytes
+
+    def keys(self) -> list:
+        return [self.key]
+
+    def check_sizes(self) -> None:
+        check_key(self.key)
+
+
+class Cas(NamedTuple):
+    op: int
+    key: bytes
+    expected: bytes | None
+    new: bytes | None
+
+    def keys(self) -> list:
+        return [self.key]
+
+    def check_sizes(self) -> None:
+        check_key(self.key)
+        for v in (self.expected, self.new):
+            if v is not None:
+                check_value(v)
+
+
+class Txn(NamedTuple):
+    op: int
+    reads: list
+    ranges: list
+    writes: list
+
+    def keys(self) -> list:
+        return ([k for k, _ in self.reads] + [k for k, _ in self.writes]
+                + [k for g in self.ranges for k, _ in g[2]])
+
+    def check_sizes(self) -> None:
+        for key, _revision in self.reads:
+            check_key(key)
+        _check_writes(self.writes)
+
+
+class TxnWrites(NamedTuple):
+    op: int
+    writes: list
+
+    def keys(self) -> list:
+        return [k for k, _ in self.writes]
+
+    def check_sizes(self) -> None:
+        _check_writes(self.writes)
+
+
+class TwoPC(NamedTuple):
+    op: int
+    raw: bytes
+    entry: TxnPrepare | TxnDecision | TxnResolve
+
+    def wire(self) -> tuple:
+        """What travels and is logged: ``[OP_2PC, raw]``."""
+        return (self.op, self.raw)
+
+    def keys(self) -> list:
+        """The keys a TxnPrepare reads or writes; a decision or a resolve has none."""
+        entry = self.entry
+        if isinstance(entry, TxnPrepare):
+            return [k for k, _ in entry.reads] + [k for k, _ in entry.writes]
+        return []
+
+    def check_sizes(self) -> None:
+        entry = self.entry
+        if isinstance(entry, TxnPrepare):
+            _check_writes(entry.writes)
+            for key, _revision in entry.reads:
+                check_key(key)
+
+
+Command = Union[Put, Delete, Cas, Txn, TxnWrites, TwoPC]
+
+
+def _check_writes(writes) -> None:
+    for key, value in writes:
+        check_key(key)
+        if value is not None:
+            check_value(value)
+
+
+def put(key: bytes, value: bytes) -> Put:
+    return Put(OP_PUT, key, value)
+
+
+def delete(key: bytes) -> Delete:
+    return Delete(OP_DELETE, key)
+
+
+def cas(key: bytes, expected: bytes | None, new: bytes | None) -> Cas:
+    return Cas(OP_CAS, key, expected, new)
+
+
+def txn(reads: list, ranges: list, writes: list) -> Txn:
+    return Txn(OP_TXN, reads, ranges, writes)
+
+
+def txn_writes(writes: list) -> TxnWrites:
+    return TxnWrites(OP_TXN_WRITES, writes)
+
+
+def two_pc(entry: TxnPrepare | TxnDecision | TxnResolve) -> TwoPC:
+    return TwoPC(OP_2PC, encode_2pc(entry), entry)
+
+
+def command_wire(command):
+    """``command`` as msgpack carries it (every command is its own wire form but TwoPC)."""
+    return command.wire() if type(command) is TwoPC else command
+
+
+# ------------------------------------------------------------------ decoding
+def _is_bytes(v) -> bool:
+    return type(v) is bytes
+
+
+def _is_pair(r) -> bool:
+    """``[key, revision]`` as a read or a scanned row carries it."""
+    return type(r) is list and len(r) == 2 and type(r[0]) is bytes and type(r[1]) is int and r[1] >= 0
+
+
+_new = tuple.__new__  # a NamedTuple from a checked list, without its __new__'s call
+
+
+def decode_command(command) -> Command:
+    """A command as msgpack decoded it (a list), checked and typed; ``ValueError`` if
+    malformed (the sizes are ``check_sizes``'). Checked where it enters a node, so
+    every replica applies only commands ``apply_command`` accepts (an error at apply
+    would differ nowhere, but would waste a slot)."""
+    if type(command) is not list or not command:
+        raise ValueError("a command is a non-empty list")
+    op, n = command[0], len(command)
+    if op == OP_PUT and n == 3 and type(command[1]) is bytes and type(command[2]) is bytes:
+        return _new(Put, command)
+    if op == OP_DELETE and n == 2 and type(command[1]) is bytes:
+        return _new(Delete, command)
+    if (op == OP_CAS and n == 4 and type(command[1]) is bytes
+            and (command[2] is None or type(command[2]) is bytes)
+            and (command[3] is None or type(command[3]) is bytes)):
+        return _new(Cas, command)
+    if op == OP_TXN and n == 4:
+        _, reads, ranges, writes = command
+        if (type(reads) is list and all(_is_pair(r) for r in reads)
+                and type(ranges) is list
+                and all(type(g) is list and len(g) == 3 and _is_bytes(g[0])
+                        and (g[1] is None or _is_bytes(g[1])) and type(g[2]) is list
+                        and all(_is_pair(s) for s in g[2]) for g in ranges)
+                and type(writes) is list
+                and all(type(w) is list and len(w) == 2 and _is_bytes(w[0])
+                        and (w[1] is None or _is_bytes(w[1])) for w in writes)):
+            return _new(Txn, command)
+    if op == OP_2PC and n == 2 and _is_bytes(command[1]):
+        return TwoPC(OP_2PC, command[1], decode_2pc(command[1]))  # ValueError if malformed
+    raise ValueError("malformed command")
+
+
+class ClientCommand(NamedTuple):
+    """A client's write as a node logs it: the command inside the client's session (a
+    retry takes effect once; ``seq`` below ``floor`` were all answered)."""
+
+    client_id: bytes
+    seq: int
+    floor: int
+    command: Command
+
+
+def _check_session(client_id, seq, floor, where: str) -> None:
+    """``ValueError`` unless ``(client_id, seq, floor)`` is a session a node logs."""
+    if type(client_id) is not bytes or not 0 < len(client_id) <= CLIENT_ID_MAX_BYTES:
+        raise ValueError("bad client id" + where)
+    if type(seq) is not int or type(floor) is not int or not 0 <= floor <= seq < 1 << 64:
+        raise ValueError("bad sequence numbers" + where)
+
+
+def client_command(client_id: bytes, seq: int, floor: int, command: list,
+                   where: str = "") -> ClientCommand:
+    """A client's write as a request carries it (msgpack's lists), checked and typed
+    (sizes included); ``ValueError`` if anything is out of shape (``where`` ends its
+    message)."""
+    _check_session(client_id, seq, floor, where)
+    typed = decode_command(command)
+    typed.check_sizes()
+    return _new(ClientCommand, (client_id, seq, floor, typed))
+
+
+def encode_client_command(client_id: bytes, seq: int, floor: int, command) -> bytes:
+    """A client write as a log command: msgpack ``[client_id, seq, floor, command]``
+    (``command`` typed, or a list as msgpack decoded it)."""
+    return msgpack.packb((client_id, seq, floor, command_wire(command)), use_bin_type=True)
+
+
+def decode_logged_command(raw) -> ClientCommand:
+    """A log command (``encode_client_command``'s bytes) checked and typed, as
+    ``apply_client_command`` takes it; ``ValueError`` for anything it could not apply:
+    bytes that do not decode, a bad session, an unknown op or shape, a key or value
+    over its size limit."""
+    if type(raw) is not bytes:
+        raise ValueError("a logged command is bytes")
+    try:
+        decoded = msgpack.unpackb(raw, raw=False, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated classes
+        raise ValueError(f"undecodable command: {type(e).__name__}") from None
+    if type(decoded) is not list or len(decoded) != 4:
+        raise ValueError("a logged command is [client_id, seq, floor, command]")
+    return client_command(*decoded, " in a logged command")
+
+
+def session_of(raw: bytes) -> tuple:
+    """``(client_id, seq)`` of a log command this node encoded (a dropped proposal)."""
+    client_id, seq, _floor, _command = msgpack.unpackb(raw, raw=False, use_list=True)
+    return client_id, seq
+
+
+class DecodedCommands:
+    """Log commands this node has decoded, by their bytes, until they are applied: a
+    write is decoded once on each node (its intake, or the check of a peer's record),
+    and apply takes the typed record from here. Bounded in bytes: past the bound it is
+    emptied, and apply decodes what it does not find (the same bytes decode to the same
+    command, so a stale entry is never wrong, only kept too long)."""
+
+    BYTES_MAX = 64 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._typed: dict = {}
+        self._bytes = 0
+
+    def add(self, raw: bytes, command: ClientCommand) -> None:
+        if self._bytes + len(raw) > self.BYTES_MAX:
+            self._typed.clear()
+            self._bytes = 0
+        if raw not in self._typed:
+            self._bytes += len(raw)
+        self._typed[raw] = command
+
+    def take(self, raw: bytes) -> ClientCommand:
+        """The typed command for ``raw`` (forgotten here), decoding it if not known;
+        ``ValueError`` as ``decode_logged_command``."""
+        typed = self._typed.pop(raw, None)
+        if typed is None:
+            return decode_logged_command(raw)
+        self._bytes -= len(raw)
+        return typed
+
+    def forget(self, raw: bytes) -> None:
+        if self._typed.pop(raw, None) is not None:
+            self._bytes -= len(raw)
+
+    def __len__(self) -> int:
+        return len(self._typed)
+
+
+# ------------------------------------------------------------------ embedded log batches
 def encode_commands(commands: list) -> bytes:
-    """The payload of one log entry holding ``commands``."""
+    """The payload of one embedded log entry holding ``commands``."""
     return msgpack.packb(commands, use_bin_type=True)
 
 

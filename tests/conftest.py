@@ -78,6 +78,21 @@ def child_env() -> dict:
 PYTHON = sys.executable
 
 
+def refused_start(tmp_path, data: str, shards: int) -> str:
+    """Start ``kvstore-server`` on the node directory ``data`` and expect it refused at once:
+    exit 2 with one line on stderr and no traceback; that line."""
+    import subprocess
+    config = tmp_path / "cluster.toml"
+    config.write_text(f'shards = {shards}\n[nodes.n1]\naddress = "tcp://127.0.0.1:1"\n'
+                      f'data = "{data}"\n')
+    r = subprocess.run([PYTHON, "-m", "kvstore.server", "--config", str(config), "--id", "n1"],
+                       capture_output=True, env=child_env(), timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 def seed_chunks(count: int, per_test: int) -> list:
     """``range(count)`` cut into ranges of at most ``per_test`` seeds: a long seed sweep as
     several tests (parametrize with ``ids=seeds_id``), each far inside its timeout, and
@@ -100,7 +115,7 @@ PURE = (
     "test_hashing.py", "test_logcodec.py", "test_quorum.py", "test_native_selection.py",
     # what calls them on its hot path: the wire codec (records checked on receipt), the
     # write-ahead log and recovery over it, the Paxos core's tallies
-    "test_transport.py", "test_wal.py", "test_replica_wal.py",
+    "test_transport.py", "test_wal.py", "test_replica_wal.py", "test_log_format.py",
     "test_paxos_core.py", "test_paxos_safety.py", "test_peer_input.py",
     # the real node under the simulator: the log codec and the tallies on every step
     "test_sim_realnode.py::test_clean_seeds_pass",

@@ -21,7 +21,8 @@ import kvstore.aio
 from conftest import child_env
 from kvstore.commands import OP_2PC, OP_PUT, OP_TXN
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, MAX_VALUE_SIZE
-from kvstore.machine.twopc import LOCKED, TXN_DEADLINE_MAX_MS
+from kvstore.commands import LOCKED
+from kvstore.machine.twopc import TXN_DEADLINE_MAX_MS
 from kvstore.server.local import LocalCluster
 from kvstore.sharding import shard_of
 from kvstore.transport import wire

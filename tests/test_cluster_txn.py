@@ -16,9 +16,9 @@ import pytest
 import kvstore
 from kvstore.commands import OP_2PC, OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry
-from kvstore.machine.replica import ShardWrite, encode_client_command
+from kvstore.commands import LOCKED, encode_client_command
+from kvstore.machine.replica import ShardWrite
 from kvstore.node.storage import WalReplicaStorage
-from kvstore.machine.twopc import LOCKED
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT, TxnDecision, TxnPrepare, TxnResolve, encode

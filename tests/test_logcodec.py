@@ -232,3 +232,14 @@ def test_collect_values_stops_at_the_bound_and_the_limit(impl):
                                                                for i in range(3)]
     assert codec.collect_values(iter(rows), None, 2) == [(b"k0", b"v0"), (b"k1", b"v1")]
     assert codec.collect_values(iter(rows), None, 0) == []
+
+
+@given(U64, U64, st.integers(0, 255), st.binary(max_size=300))
+def test_record_fields_reads_what_decode_record_checks(slot, ballot, kind, payload):
+    """``record_fields`` (the header of a record this process made, unchecked) agrees with
+    ``decode_record``: the node writes a Paxos record's fields into the log record this way."""
+    from kvstore._native import encode_record, record_fields
+    record = encode_record(slot, ballot, kind, payload)
+    got = record_fields(record)
+    assert got[:3] == (slot, ballot, kind) and bytes(got[3]) == payload
+    assert got[:3] + (bytes(got[3]),) == tuple(pure.logcodec.decode_record(record))

@@ -15,7 +15,8 @@ import kvstore
 from kvstore.commands import OP_CAS, OP_PUT
 from kvstore.node.loop import Node, NodeConfig
 from kvstore.paxos.replica import KIND_BATCH, Entry
-from kvstore.machine.replica import ShardWrite, encode_client_command
+from kvstore.commands import encode_client_command
+from kvstore.machine.replica import ShardWrite
 from kvstore.node.storage import WalReplicaStorage
 from kvstore._native import encode_record
 from kvstore.server.local import free_port
@@ -287,7 +288,7 @@ def test_a_client_that_disconnects_mid_request_costs_the_node_nothing(start_node
 def test_big_concurrent_writes_are_cut_into_entries_that_fit_a_frame(start_node, tmp_path):
     import asyncio
     import kvstore.client.aio
-    from kvstore.node.loop import PROPOSE_BYTES_PER_TURN
+    from kvstore.node.intake import PROPOSE_BYTES_PER_TURN
     n = start_node(name="big")
     value = bytes(kvstore.MAX_VALUE_SIZE)
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from kvstore._native import encode_record
 from kvstore.commands import OP_CAS, OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry
-from kvstore.machine.replica import STALE, ShardWrite, encode_client_command
+from kvstore.commands import STALE, encode_client_command
+from kvstore.machine.replica import ShardWrite
 from kvstore.node.storage import WalReplicaStorage
 
 # One step: a client sends (or re-sends) write ``seq``; ``floor`` is its lowest

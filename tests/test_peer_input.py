@@ -22,8 +22,8 @@ from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, ROUND_MAX
 from kvstore.paxos.batch import encode_batch
 from kvstore.paxos.replica import ROUND_JUMP_MAX, SLOT_SPAN_MAX
-from kvstore.machine.replica import (POISONED, ShardWrite, check_logged_command, check_snapshot_data,
-                                     encode_client_command)
+from kvstore.commands import POISONED, decode_logged_command, encode_client_command
+from kvstore.machine.replica import ShardWrite, check_snapshot_data
 from kvstore.node.storage import WalReplicaStorage
 from kvstore.sim.network import Cluster
 from kvstore.transport import wire
@@ -202,7 +202,7 @@ def test_a_record_whose_commands_the_node_cannot_apply_is_refused():
     def accept(*commands):
         rec = encode_record(0, b, KIND_BATCH, encode_batch(list(commands)))
         m = Message(M.ACCEPT, B, A, ballot=b, commit_index=-1, records=(rec,))
-        return wire.check_paxos_message(m, B, 3, check_logged_command)
+        return wire.check_paxos_message(m, B, 3, decode_logged_command)
 
     assert accept(put(b"k", b"v")) is None
     assert "slot 0" in accept(put(b"k", b"v"), b"junk")
@@ -216,4 +216,4 @@ def test_a_record_whose_commands_the_node_cannot_apply_is_refused():
 @pytest.mark.parametrize("frm,to", [(3, B), (A, 3), (B, B), (A, C)])
 def test_a_message_from_or_to_a_node_outside_this_one_is_refused(frm, to):
     m = Message(M.HEARTBEAT, to, frm, ballot=make_ballot(1, frm))
-    assert wire.check_paxos_message(m, B, 3, check_logged_command) is not None
+    assert wire.check_paxos_message(m, B, 3, decode_logged_command) is not None

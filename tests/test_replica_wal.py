@@ -11,8 +11,10 @@ import pytest
 from kvstore._native import encode_record
 from kvstore.commands import OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry, Snapshot
-from kvstore.machine.replica import ShardWrite, encode_client_command
+from kvstore.commands import encode_client_command
+from kvstore.machine.replica import ShardWrite
 from kvstore.node.storage import WAL_DIR, WalReplicaStorage
+from kvstore.storage.replay import commit_point
 
 BALLOT = 65536
 
@@ -313,23 +315,14 @@ def test_a_save_whose_append_failed_leaves_nothing_behind(open_storage):
 def test_kvstore_server_refuses_an_inconsistent_directory_in_one_line(tmp_path):
     """Issue 19, defect 1: the node died with an AssertionError from its replica's first
     Ready; now the recovery check refuses the directory: exit 2, one line naming it."""
-    import subprocess
-
-    from conftest import PYTHON, child_env
+    from conftest import refused_start
     data = str(tmp_path / "n1")
     st = WalReplicaStorage(data, 1)
     rec, entry = put_entry(0, b"k", b"v")
     st.save([ShardWrite(0, promised=BALLOT, commit_index=0, records=[rec], committed=[entry])])
     st.close()
     damage(data, 1, 0, put_hard([BALLOT, 7, 0, -1]))  # a commit point past the records
-    config = tmp_path / "cluster.toml"
-    config.write_text('shards = 1\n[nodes.n1]\naddress = "tcp://127.0.0.1:1"\n'
-                      f'data = "{data}"\n')
-    r = subprocess.run([PYTHON, "-m", "kvstore.server", "--config", str(config), "--id", "n1"],
-                       capture_output=True, env=child_env(), timeout=60)
-    err = r.stderr.decode()
-    assert r.returncode == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    err = refused_start(tmp_path, data, 1)
     assert err.startswith("kvstore-server: the persisted state of shard 0 in " + data), err
     assert "slots 1-7, at or below the commit point, are not in the log" in err, err
 
@@ -338,14 +331,20 @@ def test_an_append_torn_before_its_promise_loses_only_what_it_never_announced():
     """A save appends a shard's promise after its records (so that a promise on disk
     implies them: a wiped node's first promise marks it recovered). A crash that tears
     the append after the records keeps acceptances above the commit point at a ballot
-    above the promise on disk: nothing of that save was announced, so recovery drops
-    them (they were refused as an inconsistent state). Chosen records (at or below the
-    commit point) stay whatever their ballot."""
-    from kvstore.node.storage import check_recovered, drop_torn_acceptances
-    chosen = encode_record(0, 2 * BALLOT, KIND_BATCH, b"\x90")
-    torn = encode_record(1, 2 * BALLOT, KIND_BATCH, b"\x90")
-    kept = encode_record(2, BALLOT, KIND_BATCH, b"\x90")
-    hard, records = [[BALLOT, 0, 0, -1]], [{0: chosen, 1: torn, 2: kept}]
-    drop_torn_acceptances(hard, records)
-    assert records == [{0: chosen, 2: kept}]
-    check_recovered("/nowhere", hard, records)
+    above the promise on disk: nothing of that save was announced, so the replay drops
+    them (they were refused as an inconsistent state), and an acceptance they replaced,
+    durable before, stands again. Chosen records (at or below the commit point) stay
+    whatever their ballot."""
+    from kvstore.storage.replay import LogEntry, entry_record, replay
+    from kvstore.storage.wal import KIND_PROMISE, Record
+    durable = LogEntry(3, BALLOT, KIND_BATCH, b"\x90")
+    log = [Record(KIND_PROMISE, 0, ballot=BALLOT), entry_record(0, durable),
+           commit_point([(0, 0)])]  # an earlier, whole append
+    torn = [entry_record(0, LogEntry(0, 2 * BALLOT, KIND_BATCH, b"\x90")),  # chosen
+            entry_record(0, LogEntry(1, 2 * BALLOT, KIND_BATCH, b"\x90")),  # torn
+            entry_record(0, LogEntry(2, BALLOT, KIND_BATCH, b"\x90")),  # kept
+            entry_record(0, LogEntry(3, 2 * BALLOT, KIND_BATCH, b"\x91"))]  # torn, over slot 3
+    shard, = replay([(p, p, r) for p, r in enumerate(log + torn)], 1)
+    assert (shard.promised, shard.commit) == (BALLOT, 0)
+    assert sorted(shard.entries) == [0, 2, 3]
+    assert shard.entries[0].ballot == 2 * BALLOT and shard.entries[3] == durable

@@ -425,6 +425,8 @@ def test_sigkill_mid_append_keeps_every_acknowledged_record(tmp_path):
 def test_the_segment_format_is_pinned(tmp_path):
     # The directory format is shared by an embedded store and a cluster node: a change to
     # these bytes is a format change (bump WAL_FORMAT_VERSION and say how old logs are read).
+    # Format 2 (issue 20): the segment header's version; entries carry their fields in the
+    # log record's header and prefix (format 1 wrapped a node's Paxos record whole).
     path = str(tmp_path / "wal")
     with WriteAheadLog.open(path, segment_bytes=4096) as log:
         end = log.append([Record(KIND_PROMISE, shard=3, ballot=(7 << 16) | 2, payload=b"hs"),
@@ -434,7 +436,7 @@ def test_the_segment_format_is_pinned(tmp_path):
         data = f.read()
     assert len(data) == 4096 and end == 165 and data[end:] == bytes(4096 - end)
     assert data[:end].hex() == (
-        "010000002400000000000000000000000000000000000000eb30f548000000000000000000000000"
-        "00000000000000006b7673746f72652d77616c00010000000102000016000000000000000000000002"
+        "010000002400000000000000000000000000000000000000d2b9d72a000000000000000000000000"
+        "00000000000000006b7673746f72652d77616c00020000000102000016000000000000000000000002"
         "0007000000000059f0c1d740000000000000004000000000000000030000006873010100001700000009"
         "00000000000000020007000000000087b5f1aa7200000000000000400000000000000003000100636d64")

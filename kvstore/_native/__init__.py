@@ -4,7 +4,7 @@ One API whichever is in use (the pure twins in ``*_py.py`` define it):
 
 - hashing: ``xxh64``, ``jump_consistent_hash``, ``shard_of``, ``shard_of_many``
 - log records: ``crc32c``, ``encode_record``, ``encode_batch``, ``decode_record``,
-  ``decode_batch``, ``append_log``, ``slot_key``, ``key_slot``,
+  ``decode_batch``, ``append_log``, ``slot_key``, ``key_slot``, ``record_fields``,
   ``RECORD_HEADER_SIZE``, ``FORMAT_VERSION``
 - stored values: ``pack_value``, ``unpack_value``, ``unpack_revision``, ``unpack_rows``,
   ``collect_values``,
@@ -60,6 +60,7 @@ unpack_rows = _logcodec.unpack_rows
 collect_values = _logcodec.collect_values
 VALUE_HEADER_SIZE = logcodec_py.VALUE_HEADER_SIZE
 slot_key = logcodec_py.slot_key
+record_fields = logcodec_py.record_fields  # a header read: as fast in Python
 key_slot = logcodec_py.key_slot
 RECORD_HEADER_SIZE = logcodec_py.RECORD_HEADER_SIZE
 FORMAT_VERSION = logcodec_py.FORMAT_VERSION
@@ -72,7 +73,7 @@ __all__ = [
     "IMPLEMENTATION", "NATIVE_IMPORT_ERROR", "pure", "native",
     "xxh64", "jump_consistent_hash", "shard_of", "shard_of_many",
     "crc32c", "encode_record", "encode_batch", "decode_record", "decode_batch",
-    "append_log", "slot_key", "key_slot", "RECORD_HEADER_SIZE", "FORMAT_VERSION",
+    "append_log", "slot_key", "key_slot", "record_fields", "RECORD_HEADER_SIZE", "FORMAT_VERSION",
     "pack_value", "unpack_value", "unpack_revision", "unpack_rows", "collect_values",
     "VALUE_HEADER_SIZE",
     "QuorumTally", "PromiseTally", "majority",

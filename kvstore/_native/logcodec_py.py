@@ -106,6 +106,14 @@ def encode_record(slot: int, ballot: int, kind: int, payload: bytes) -> bytes:
     return header + _CRC.pack(crc32c(payload, crc32c(header))) + payload
 
 
+def record_fields(record) -> tuple[int, int, int, memoryview]:
+    """``(slot, ballot, kind, payload)`` of a record this process encoded, the payload a
+    view into it: the header is read, the checksum not verified (``decode_record``
+    verifies it, for a record that comes from a disk or a peer)."""
+    _version, kind, _reserved, length, slot, ballot = _HEADER.unpack_from(record)
+    return slot, ballot, kind, memoryview(record)[RECORD_HEADER_SIZE:RECORD_HEADER_SIZE + length]
+
+
 def encode_batch(records: Iterable[tuple[int, int, int, bytes]]) -> bytes:
     """Records ``(slot, ballot, kind, payload)`` laid end to end."""
     return b"".join(encode_record(s, b, k, p) for s, b, k, p in records)

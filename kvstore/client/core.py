@@ -52,7 +52,7 @@ import zmq
 
 from kvstore.client.replies import MalformedReply, check_result
 from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable
-from kvstore.machine.twopc import LOCKED
+from kvstore.commands import LOCKED
 from kvstore.transport import wire
 
 ATTEMPT_SECONDS = 1.0
@@ -79,7 +79,7 @@ def _approx_bytes(obj, depth: int = 0) -> int:
     """About how many bytes ``obj`` (a request's args) encodes to."""
     if type(obj) is bytes:
         return len(obj) + 5
-    if (type(obj) is list or type(obj) is tuple) and depth < 6:
+    if isinstance(obj, (list, tuple)) and depth < 6:  # commands are NamedTuples
         return 5 + sum(_approx_bytes(x, depth + 1) for x in obj)
     return 9
 

@@ -8,7 +8,7 @@ the answer, ``AsyncKV`` awaits it. ``nshards`` is the cluster's shard count.
 
 from __future__ import annotations
 
-from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT
+from kvstore import commands
 from kvstore.keys import check_key, check_optional_value, check_scan, check_value
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
@@ -32,21 +32,21 @@ def get(nshards: int, key) -> Request:
 def put(nshards: int, key, value) -> Request:
     """A write of ``value`` at ``key``: answered by None once it is applied."""
     key = check_key(key)
-    return wire.OP_WRITE, shard_for(nshards, key), [OP_PUT, key, check_value(value)]
+    return wire.OP_WRITE, shard_for(nshards, key), commands.put(key, check_value(value))
 
 
 def delete(nshards: int, key) -> Request:
     """A delete of ``key``: answered True if it existed."""
     key = check_key(key)
-    return wire.OP_WRITE, shard_for(nshards, key), [OP_DELETE, key]
+    return wire.OP_WRITE, shard_for(nshards, key), commands.delete(key)
 
 
 def cas(nshards: int, key, expected, new) -> Request:
     """Set ``key`` to ``new`` if it holds ``expected`` (None: absent / delete): answered
     True if it did."""
     key = check_key(key)
-    return wire.OP_WRITE, shard_for(nshards, key), [
-        OP_CAS, key, check_optional_value(expected, "expected"), check_optional_value(new, "new")]
+    return wire.OP_WRITE, shard_for(nshards, key), commands.cas(
+        key, check_optional_value(expected, "expected"), check_optional_value(new, "new"))
 
 
 def scan(nshards: int, prefix, start, end, limit) -> tuple[list[Request], int | None]:

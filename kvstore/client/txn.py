@@ -20,12 +20,11 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from kvstore.commands import OP_2PC, OP_TXN
+from kvstore.commands import two_pc, txn
 from kvstore.errors import InvalidArgument, KVError, TransactionConflict
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key, check_value
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TXN_ID_BYTES, Coordinator, TxnPrepare
-from kvstore.txn import encode as encode_2pc
 from kvstore.txn.coordinator import DECIDING
 from kvstore.txnbuffer import NOT_WRITTEN, BufferedTxn, TxnBuffer
 
@@ -55,7 +54,7 @@ class Detached(list):
 
 def _step(shard: int, entry: TxnPrepare) -> tuple:
     """A TxnPrepare as one write of a plan's batch: a command of ``shard``'s log."""
-    return wire.OP_WRITE, shard, [OP_2PC, encode_2pc(entry)]
+    return wire.OP_WRITE, shard, two_pc(entry).wire()
 
 
 def _decide(shard: int, txn_id: bytes, outcome: int, participants) -> tuple:
@@ -299,8 +298,8 @@ class ClusterTxn(BufferedTxn):
                 return
             if len(self._shards) == 1 and locked is None:
                 (shard,) = self._shards
-                command = [OP_TXN, list(buffer.reads.get(shard, {}).items()),
-                           buffer.ranges.get(shard, []), list(buffer.writes.items())]
+                command = txn(list(buffer.reads.get(shard, {}).items()),
+                              buffer.ranges.get(shard, []), list(buffer.writes.items()))
                 (ok,) = yield [(wire.OP_WRITE, shard, command)]
                 if not _answer(ok):
                     raise _conflict()

@@ -9,9 +9,14 @@ one append (``GroupCommitter``): many commands per entry, one entry per shard
 per group, one ``fdatasync`` per group.
 
 An append holds, after its entries, one ``KIND_COMMIT_POINT`` record naming
-every ``(shard, slot)`` the group chose: recovery applies a group's entries
-only once it has read that record, so a torn last append (a multi-shard
-transaction's entries included) is applied wholly or not at all.
+every ``(shard, slot)`` the group chose: recovery applies an entry only once
+it has read that record, so a torn last append (a multi-shard transaction's
+entries included) is applied wholly or not at all. The log's records, and
+their replay, are a cluster node's (``kvstore.storage.replay``); what is the
+embedded store's own is in ``kvstore.embedded.commit`` (the write path: a
+group applied, appended, published), ``kvstore.embedded.recovery`` (its
+entries, and applying them at open) and ``kvstore.embedded.verify``. This
+module keeps the store's API and its transaction classes.
 
 Once appended, a group's writes go to the in-memory overlay
 (``kvstore.storage.overlay``) that reads consult before LMDB; a background
@@ -24,39 +29,34 @@ checkpoint with an empty log.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import os
-import struct
 import threading
 import weakref
-from typing import Sequence
 
 from kvstore import _native
 from kvstore.api import KV
-from kvstore.commands import (KIND_COMMANDS, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES,
-                           decode_commands, encode_commands)
+from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
 from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError,
                             TransactionConflict)
+from kvstore.embedded.commit import commit_batch
 from kvstore.embedded.groupcommit import GroupCommitter, Request
+from kvstore.embedded.recovery import checkpointed_point, command_packer, recover
+from kvstore.embedded.verify import verify_store
 from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
                           check_limit, check_optional_value, check_value, scan_range)
 from kvstore.storage import Storage
 from kvstore.txnbuffer import NOT_WRITTEN, BufferedTxn, TxnBuffer, entry_bytes
 from kvstore.storage.checkpoint import Checkpointer
-from kvstore.storage.environment import (META_APPLIED, META_LOG_CLOSED, META_LOG_FIRST,
-                                         META_LOG_POSITION, THIRD_PARTY_ERRORS, translate)
-from kvstore.storage.overlay import (MISSING, LazyRead, Overlay, ShardView, items_in_range,
-                                     lookup, merge_rows)
-from kvstore.machine.data import (apply_command, apply_writes, reads_still_valid,
-                                   revision_of, scan_rows, scan_values, value_of)
-from kvstore.storage.wal import (KIND_CHECKPOINT, KIND_COMMIT_POINT, KIND_ENTRY,
-                                 RECORD_OVERHEAD, Record, WriteAheadLog)
+from kvstore.storage.environment import META_LOG_FIRST, THIRD_PARTY_ERRORS, translate
+from kvstore.storage.overlay import MISSING, Overlay, items_in_range, lookup, merge_rows
+from kvstore.machine.data import revision_of, scan_rows, scan_values, value_of
+from kvstore.storage.wal import KIND_CHECKPOINT, WAL_DIR, Record, WriteAheadLog
 from kvstore._native import unpack_rows
 
-#: The log's directory inside the data directory (a cluster node uses the same one).
-WAL_DIR = "wal"
 #: Bytes of one log segment (preallocated; smaller ones on a nearly full disk). Opening
 #: reads the segments after the checkpoint whole: 4 MiB keeps that near 10 ms.
 WAL_SEGMENT_BYTES = 4 * 1024 * 1024
@@ -66,52 +66,6 @@ CHECKPOINT_SECONDS = 1.0
 CHECKPOINT_BYTES = 8 * 1024 * 1024
 #: Writers wait (for a checkpoint) while the overlay holds this many bytes.
 OVERLAY_LIMIT_BYTES = 64 * 1024 * 1024
-_BALLOT = 0  # a single replica never needs a higher ballot than its first
-_PAIR = struct.Struct("<HQ")  # (shard, slot) in a commit point's payload
-
-
-def commit_point(chosen: list[tuple[int, int]]) -> Record:
-    """The record that chooses a group's entries: its first ``(shard, slot)`` in the
-    header (as a cluster node's per-shard commit point), any others in the payload."""
-    (shard, slot), rest = chosen[0], chosen[1:]
-    return Record(KIND_COMMIT_POINT, shard, slot, _BALLOT,
-                  b"".join(_PAIR.pack(s, n) for s, n in rest))
-
-
-def commit_pairs(record: Record) -> list[tuple[int, int]]:
-    """Inverse of ``commit_point``."""
-    payload = record.payload
-    if len(payload) % _PAIR.size:
-        raise CorruptRecord(f"a commit point of {len(payload)} payload bytes")
-    return [(record.shard, record.slot)] + [_PAIR.unpack_from(payload, i)
-                                            for i in range(0, len(payload), _PAIR.size)]
-
-
-def chosen_entries(records, shards: int):
-    """``(entries, end)`` per group of ``(position, group, Record)`` whose commit point
-    was read (``WriteAheadLog.replay_groups``).
-
-    ``entries`` are the group's ``KIND_ENTRY`` records in log order; ``end`` the
-    position just past its commit point. A commit point chooses the entries of
-    its own append only: those of an append whose commit point was torn off
-    (its entries survived, it was never acknowledged, and the next append
-    reuses its slots) are never chosen, then or later.
-    """
-    pending: list[Record] = []
-    pending_group = None
-    for position, group, record in records:
-        if group != pending_group:  # a new append: what the last one left is orphaned
-            pending, pending_group = [], group
-        if record.kind == KIND_ENTRY:
-            if record.shard >= shards:
-                raise CorruptRecord(f"a log entry of shard {record.shard} at position "
-                                    f"{position}; the store has {shards} shard(s)")
-            pending.append(record)
-        elif record.kind == KIND_COMMIT_POINT:
-            chosen = dict(commit_pairs(record))
-            entries = [e for e in pending if e.slot <= chosen.get(e.shard, -1)]
-            pending = [e for e in pending if e.slot > chosen.get(e.shard, -1)]
-            yield entries, position + RECORD_OVERHEAD + len(record.payload)
 
 
 class _MultiShardTxn:
@@ -141,13 +95,14 @@ class EmbeddedKV(KV):
         self._db0 = self._data[0] if self._nshards == 1 else None
         self._closed = False
         self._close_lock = threading.Lock()
-        self._committer = GroupCommitter(self._commit_batch)
+        self._committer = GroupCommitter(functools.partial(commit_batch, self))
+        self._pack_command = command_packer()  # the committing thread's (one at a time)
         self._wal: WriteAheadLog | None = None
         self._checkpointer: Checkpointer | None = None
         self._checkpoint_record: Record | None = None  # rides on the next append
         try:
             applied, position, closed_at = self._storage.read(
-                self._checkpointed_point, "reading the applied points", True)
+                lambda txn: checkpointed_point(self, txn), "reading the applied points", True)
             self._overlay = Overlay(self._nshards, applied, position)
             self._wal = WriteAheadLog.open(os.path.join(self.path, WAL_DIR), wal_files,
                                            segment_bytes=WAL_SEGMENT_BYTES)
@@ -155,7 +110,7 @@ class EmbeddedKV(KV):
                 self._overlay, lambda fn: self._storage.write(fn), self._tables,
                 self._after_checkpoint, CHECKPOINT_SECONDS, CHECKPOINT_BYTES,
                 OVERLAY_LIMIT_BYTES, self.path)
-            self._recover(position, closed_at)
+            recover(self, position, closed_at)
             self._checkpointer.start()
             weakref.finalize(self, self._wal.close)  # dropped without close(): its files
         except BaseException:
@@ -324,203 +279,7 @@ class EmbeddedKV(KV):
             return self._submit((shard, (OP_TXN, r, g, w)), size)
         return self._submit(_MultiShardTxn(parts), size)
 
-    # -- the commit path -----------------------------------------------------------------
-
-    def _commit_batch(self, batch: Sequence[Request]) -> None:
-        """Apply a batch onto the overlay's view, append its entries (one ``fdatasync``),
-        then publish its writes: nothing is visible, nor answered, before it is durable.
-
-        Only the group-commit leader runs this, one at a time, so the state the
-        batch was computed on cannot change before its writes are published.
-        If the append fails, nothing of the batch is published and every
-        request of it gets the error.
-        """
-        if self._storage.env is None:
-            raise KVError(f"the store at {self.path} is closed")
-        self._checkpointer.wait_for_room()
-        overlay, storage = self._overlay, self._storage
-        # No lock: only this thread publishes into ``active``; a freeze in between
-        # makes ``frozen`` the ``active`` read here (or a later one), a drop leaves its
-        # writes in LMDB, and the read transaction below is begun after both reads.
-        active = overlay.active
-        frozen = overlay.frozen
-
-        def begin():
-            # Begun after the generations were taken: whatever a checkpoint moved from
-            # them into LMDB meanwhile, this snapshot holds it with the same values.
-            with overlay.lock:
-                return storage.begin_read()
-
-        txn = LazyRead(begin)
-        pending: dict[int, dict] = {}
-        views: dict[int, ShardView] = {}
-
-        def view(shard: int) -> ShardView:
-            v = views.get(shard)
-            if v is None:
-                levels = [pending.setdefault(shard, {}), active[shard]]
-                if frozen is not None:
-                    levels.append(frozen[shard])
-                v = views[shard] = ShardView(levels, txn, self._data[shard])
-            return v
-
-        try:
-            results = self._apply_batch(view, batch)
-        except THIRD_PARTY_ERRORS as e:
-            raise translate(e, self.path, "applying a write") from e
-        finally:
-            if txn.txn is not None:
-                storage.end_read(txn.txn)
-        entries = results.entries
-        if entries:  # else barriers only (close waits behind in-flight commits)
-            records = [Record(KIND_ENTRY, shard, slot, _BALLOT, encode_commands(commands),
-                              KIND_COMMANDS) for shard, slot, commands in entries]
-            slots = [(shard, slot) for shard, slot, _ in entries]
-            records.append(commit_point(slots))
-            checkpoint = self._checkpoint_record  # set by the checkpoint thread
-            if checkpoint is not None:
-                records.append(checkpoint)
-            try:
-                end = self._wal.append(records)
-            except StorageError as e:  # nothing of the batch is published
-                raise self._log_error(e) from e
-            if self._checkpoint_record is checkpoint:
-                self._checkpoint_record = None
-            overlay.publish(pending, slots, end)
-        for request, result in zip(batch, results):
-            if type(result) is _Failed:
-                request.error = result.error
-            else:
-                request.result = result
-
-    def _log_error(self, e: StorageError) -> StorageError:
-        """A failed append as the store's error: it names the data directory."""
-        if e.path == self.path or isinstance(e, CorruptRecord):
-            return e
-        hint = ("" if "disk full" in str(e) else
-                "; the log refuses writes until the store is closed and opened again")
-        return StorageError(f"{e}{hint}", self.path)
-
-    def _apply_batch(self, view, batch: Sequence[Request]) -> "_BatchResults":
-        applied = self._overlay.applied
-        data = self._data
-        entries: dict[int, list] = {}
-        results = _BatchResults()
-        for request in batch:
-            payload = request.payload
-            if payload is None:  # a barrier (close waits behind in-flight commits)
-                results.append(None)
-            elif type(payload) is tuple:
-                shard, command = payload
-                try:
-                    result = apply_command(view(shard), data[shard], applied[shard] + 1,
-                                           command)
-                except CorruptRecord as e:  # a corrupt value read by this command: it alone
-                    results.append(_Failed(translate(e, self.path, "applying a write")))
-                    continue
-                commands = entries.get(shard)
-                if commands is None:
-                    commands = entries[shard] = []
-                commands.append(command)
-                results.append(result)
-            else:
-                try:
-                    results.append(self._apply_multi_shard(view, payload, entries))
-                except CorruptRecord as e:
-                    results.append(_Failed(translate(e, self.path, "applying a transaction")))
-        results.entries = [(shard, applied[shard] + 1, commands)
-                           for shard, commands in sorted(entries.items())]
-        return results
-
-    def _apply_multi_shard(self, view, payload: _MultiShardTxn, entries: dict) -> bool:
-        data, applied = self._data, self._overlay.applied
-        for shard, (reads, ranges, _writes) in payload.parts.items():
-            if not reads_still_valid(view(shard), data[shard], reads, ranges):
-                return False
-        for shard, (_reads, _ranges, writes) in payload.parts.items():
-            if writes:
-                apply_writes(view(shard), data[shard], applied[shard] + 1, writes)
-                entries.setdefault(shard, []).append((OP_TXN_WRITES, writes))
-        return True
-
-    # -- checkpoints and recovery ----------------------------------------------------------
-
-    def _checkpointed_point(self, txn) -> tuple[list[int], int, int]:
-        """``(applied slot per shard, log position, closed at)`` of LMDB's last
-        checkpoint; ``closed at`` is its position if a clean close made it, else 0.
-
-        A directory written before the log existed has no log position: 0.
-        """
-        applied = [self._applied_point(txn, s) for s in range(self._nshards)]
-        meta = self._storage.meta_int
-        position = min(meta(txn, s, META_LOG_POSITION) for s in range(self._nshards))
-        closed_at = min(meta(txn, s, META_LOG_CLOSED) for s in range(self._nshards))
-        return applied, position, closed_at
-
-    def _applied_point(self, txn, shard: int) -> int:
-        """The shard's applied point in LMDB: what its checkpoints recorded in meta, or,
-        in a directory written before the log existed (whose commits each appended to
-        the ``log`` table and recorded meta only at compactions), the last slot there.
-        """
-        recorded = self._storage.meta_int(txn, shard, META_APPLIED)
-        cursor = txn.cursor(self._tables[shard].log)
-        try:
-            last = 0
-            if cursor.last():
-                key, raw = cursor.key(), cursor.value()
-                if len(key) != 8 or len(raw) < _native.RECORD_HEADER_SIZE:
-                    raise CorruptRecord(f"the last log record of shard {shard} is malformed "
-                                        f"({len(key)}-byte key, {len(raw)} bytes)")
-                last = _native.key_slot(key)
-                said = int.from_bytes(bytes(raw[8:16]), "little")  # the header's slot
-                if said != last:
-                    raise CorruptRecord(f"the last log record of shard {shard} is stored "
-                                        f"under slot {last} but says slot {said}", slot=last)
-        finally:
-            cursor.close()
-        return max(recorded, last)
-
-    def _recover(self, position: int, closed_at: int) -> None:
-        """Replay the log after LMDB's checkpoint into the overlay (nothing twice)."""
-        wal = self._wal
-        if wal.end < position and closed_at == position:
-            wal.restart_at(position)  # a clean close checkpointed all of it: nothing lost
-        if wal.end < position:
-            raise CorruptRecord(
-                f"corrupt log record in {wal.path}: the log ends at position {wal.end} but "
-                f"the state in {self.path} was checkpointed up to position {position}, so "
-                f"records it held are missing or were cut as corrupt; restore it from a "
-                f"replica or a backup", offset=wal.end, path=self.path)
-        for entries, end in chosen_entries(wal.replay_groups(position), self._nshards):
-            self._replay_group(entries, end)
-            if self._overlay.active_bytes >= CHECKPOINT_BYTES:
-                self._checkpointer.checkpoint()
-
-    def _replay_group(self, entries: list[Record], end: int) -> None:
-        """Apply one recovered group's entries (those the checkpoint lacks) to the overlay."""
-        overlay = self._overlay
-        applied = list(overlay.applied)
-        pending: dict[int, dict] = {}
-        slots = []
-
-        def replay(txn):
-            for record in entries:
-                shard, slot = record.shard, record.slot
-                if slot <= applied[shard]:
-                    continue  # already in LMDB's checkpoint
-                if slot != applied[shard] + 1:
-                    raise CorruptRecord(
-                        f"the log of {self.path} jumps from slot {applied[shard]} to {slot} "
-                        f"in shard {shard}: entries are missing", slot=slot, path=self.path)
-                view = ShardView([pending.setdefault(shard, {}), *overlay.levels(shard)],
-                                 txn, self._data[shard])
-                for command in decode_commands(record.payload, slot):
-                    apply_command(view, self._data[shard], slot, command)
-                applied[shard] = slot
-                slots.append((shard, slot))
-
-        self._storage.read(replay, "replaying the log", False)
-        overlay.publish(pending, slots, end)
+    # -- checkpoints and recovery (``kvstore.embedded.recovery``) ---------------------------
 
     def _after_checkpoint(self, position: int) -> None:
         """LMDB holds everything below ``position``: say so in the log, drop what it covers."""
@@ -530,119 +289,11 @@ class EmbeddedKV(KV):
     # -- introspection --------------------------------------------------------------------
 
     def verify(self) -> dict:
-        """Check everything that carries a checksum, and the state against the log.
-
-        Every log record still kept (the write-ahead log's, and the ``log``
-        table's of a directory written before it) is decoded and checksummed,
-        every stored value's checksum is verified (LMDB's and the overlay's),
-        and the state (the overlay over LMDB, one snapshot) is compared with
-        the log where the log still covers it (``_compare_with_log``). The
-        first problem raises ``CorruptRecord`` naming the path, shard and key
-        or slot.
-
-        Before that, every page of LMDB's B-trees is checked (``storage.pages``).
-
-        Returns ``{"pages": n, "records": n, "bytes": n, "values": n, "keys_compared": n}``.
-        """
+        """Check everything that carries a checksum, and the state against the log
+        (``kvstore.embedded.verify``). Returns ``{"pages": n, "records": n, "bytes": n,
+        "values": n, "keys_compared": n}``; the first problem raises ``CorruptRecord``."""
         self._check_open()
-        try:  # LMDB then holds every acknowledged write, and its pages are checked below
-            self._checkpointer.checkpoint()
-        except CorruptRecord:
-            raise
-        except StorageError:
-            pass  # a full disk: the overlay is compared all the same
-        pages = self._storage.check_pages()
-        with self._checkpointer.holding():  # no segment is deleted while we read them
-            def read(txn, levels, position):
-                wal_ops = self._verify_wal(position)  # the log up to the snapshot's point
-                out = {"pages": pages, "records": 0, "bytes": 0, "values": 0,
-                       "keys_compared": 0}
-                for shard, tables in enumerate(self._tables):
-                    ops, first, last = self._verify_log(txn, shard, out)
-                    first, last = _join_ranges(ops, first, last, wal_ops[shard], out)
-                    view = ShardView([{}, *levels[shard]], txn, tables.data)
-                    for key, raw in scan_rows(view, tables.data, b"", None, None):
-                        try:
-                            value = value_of(key, raw)
-                        except CorruptRecord as e:
-                            raise CorruptRecord(f"{e} in {self.path}, shard {shard}; "
-                                                f"restore it from a replica or a backup",
-                                                path=self.path) from e
-                        out["values"] += 1
-                        key_ops = ops.pop(key, None)
-                        if first is not None:
-                            problem = _compare_with_log(revision_of(raw), value, key_ops,
-                                                        first, last)
-                            if problem:
-                                self._disagree(shard, key, problem)
-                            out["keys_compared"] += 1
-                    for key, key_ops in ops.items():  # written in the log, absent in the state
-                        slot, kind, value, _expected = key_ops[-1]
-                        if kind == "put":
-                            self._disagree(shard, key, f"the log writes it at slot {slot} and "
-                                                       f"nothing after, but the state lacks it")
-                        out["keys_compared"] += 1
-                return out
-
-            return self._snapshot(read, "checking")
-
-    def _verify_wal(self, position: int) -> list:
-        """Per shard, ``(ops by key, first slot, last slot, records, bytes)`` of the
-        write-ahead log's chosen entries below ``position`` (checksummed as read)."""
-        found = [({}, None, None, 0, 0) for _ in range(self._nshards)]
-        records = ((p, g, r) for p, g, r in self._wal.replay_groups(0) if p < position)
-        for entries, _end in chosen_entries(records, self._nshards):
-            for record in entries:
-                ops, first, last, count, size = found[record.shard]
-                slot = record.slot
-                try:
-                    for command in decode_commands(record.payload, slot):
-                        _collect_ops(ops, slot, command)
-                except (TypeError, ValueError, IndexError) as e:
-                    raise CorruptRecord(f"corrupt command in the log of {self.path}, shard "
-                                        f"{record.shard} slot {slot}: {e}", slot=slot,
-                                        path=self.path) from e
-                found[record.shard] = (ops, slot if first is None else first, slot,
-                                       count + 1, size + RECORD_OVERHEAD + len(record.payload))
-        return found
-    def _verify_log(self, txn, shard: int, out: dict):
-        """Checksum the shard's log; ``(ops by key, first slot, last slot)`` it covers."""
-        ops: dict[bytes, list] = {}
-        first = last = None
-        cursor = txn.cursor(self._tables[shard].log)
-        try:
-            for raw_key, raw in cursor:
-                try:
-                    if len(raw_key) != 8:
-                        raise CorruptRecord(f"a log key of {len(raw_key)} bytes")
-                    slot = _native.key_slot(raw_key)
-                    _, _, kind, payload = _native.decode_record(raw, slot)
-                    if kind == KIND_COMMANDS:
-                        for command in decode_commands(payload, slot):
-                            _collect_ops(ops, slot, command)
-                except CorruptRecord as e:
-                    where = f"slot {e.slot}" if e.slot is not None else f"key {raw_key!r}"
-                    raise CorruptRecord(f"corrupt log record in {self.path}, shard {shard} "
-                                        f"{where}: {e}", slot=e.slot, offset=e.offset,
-                                        path=self.path) from e
-                except (TypeError, ValueError, IndexError) as e:  # a command of a bad shape
-                    raise CorruptRecord(f"corrupt command in the log of {self.path}, shard "
-                                        f"{shard} slot {slot}: {e}", slot=slot,
-                                        path=self.path) from e
-                if first is None:
-                    first = slot
-                last = slot
-                out["records"] += 1
-                out["bytes"] += len(raw)
-        finally:
-            cursor.close()
-        return ops, first, last
-
-    def _disagree(self, shard: int, key: bytes, problem: str) -> None:
-        shown = key[:64] + (b"..." if len(key) > 64 else b"")
-        raise CorruptRecord(f"the state of {self.path}, shard {shard}, disagrees with its log "
-                            f"on key {shown!r}: {problem}; restore it from a replica or a "
-                            f"backup", path=self.path)
+        return verify_store(self)
 
     def status(self) -> dict:
         self._check_open()
@@ -718,83 +369,6 @@ class EmbeddedKV(KV):
         return f"<kvstore.EmbeddedKV {self.path!r} shards={self._nshards} {state}>"
 
 
-def _join_ranges(ops: dict, first: int | None, last: int | None, found: tuple,
-                 out: dict) -> tuple[int | None, int | None]:
-    """Add the write-ahead log's ``found`` (``_verify_wal``) to the ``log`` table's
-    ``ops`` of one shard; the ``(first, last)`` slots the two cover without a gap."""
-    wal_ops, wal_first, wal_last, count, size = found
-    out["records"] += count
-    out["bytes"] += size
-    if wal_first is None:
-        return first, last
-    for key, key_ops in wal_ops.items():  # the log table's slots all come before
-        ops.setdefault(key, []).extend(key_ops)
-    if first is None or last + 1 < wal_first:  # only the log's own range is covered
-        first = wal_first
-    return first, wal_last
-
-
-def _collect_ops(ops: dict, slot: int, command) -> None:
-    """Record what ``command`` (of the entry at ``slot``) may have written, per key.
-
-    ``kind`` is "put" or "del" for writes that always take effect (a delete leaves
-    the key absent either way), "cas" and "cond" for writes that depend on what
-    they found (a transaction's writes depend on its reads).
-    """
-    op = command[0]
-    if op == OP_PUT:
-        ops.setdefault(command[1], []).append((slot, "put", command[2], None))
-    elif op == OP_DELETE:
-        ops.setdefault(command[1], []).append((slot, "del", None, None))
-    elif op == OP_CAS:
-        _, key, expected, new = command
-        ops.setdefault(key, []).append((slot, "cas", new, expected))
-    elif op == OP_TXN:
-        for key, value in command[3]:
-            ops.setdefault(key, []).append((slot, "cond", value, None))
-    elif op == OP_TXN_WRITES:
-        for key, value in command[1]:
-            ops.setdefault(key, []).append(
-                (slot, "put" if value is not None else "del", value, None))
-    else:
-        raise CorruptRecord(f"unknown command op {op!r} in slot {slot}", slot=slot)
-
-
-def _compare_with_log(revision: int, value: bytes, key_ops: list | None, first: int,
-                      last: int) -> str | None:
-    """Why a stored ``(revision, value)`` cannot be what the log ``[first, last]`` wrote,
-    or None if it can."""
-    key_ops = key_ops or []
-    if revision > last:
-        return f"its revision {revision} is past the log's last slot {last}"
-    if revision >= first:
-        at = [op for op in key_ops if op[0] == revision]
-        if not at:
-            return f"its revision is {revision}, but the log entry at that slot does not write it"
-        last_sure = max((i for i, op in enumerate(at) if op[1] in ("put", "del")), default=-1)
-        possible = [op[2] for op in at[max(last_sure, 0):] if op[1] != "del"]
-        if value not in possible:
-            return (f"the log entry at slot {revision} writes another value "
-                    f"({len(value)} bytes in the state)")
-    for slot, kind, _new, expected in key_ops:
-        if slot <= revision:
-            continue
-        if kind in ("put", "del"):
-            return f"the log {'writes' if kind == 'put' else 'deletes'} it later, at slot {slot}"
-        if kind == "cas" and expected == value:
-            return f"a compare-and-set at slot {slot} would have replaced it"
-    return None
-
-
-class _Failed:
-    """A request of a batch that failed alone (the others commit)."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 def _txn_size(parts: dict) -> int:
     """The bytes a transaction's command adds to a log entry, about."""
     return sum(entry_bytes(reads, ranges, writes) for reads, ranges, writes in parts.values())
@@ -810,15 +384,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _BatchResults(list):
-    """Per-request results of one batch, plus the ``(shard, slot, commands)`` entries
-    it makes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entries: list[tuple[int, int, list]] = []
 
 
 def merged_rows(txn, db, over: list, lo: bytes, hi: bytes | None,

@@ -23,7 +23,7 @@ decode, a command of a bad shape or size) is applied as a no-op, logged and
 reported as ``POISONED``: every replica skips the same one at the same slot, so
 their states stay equal, and a restart replays it the same way instead of failing
 at every start. Peers' records are checked before they are accepted
-(``check_logged_command``, ``Node._on_paxos``), so only a log written before that
+(``kvstore.commands.decode_logged_command``, ``Node._on_paxos``), so only a log written before that
 check can hold one.
 """
 
@@ -31,24 +31,34 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import msgpack
 
-from kvstore.commands import OP_2PC, OP_CAS, OP_DELETE, OP_PUT, OP_TXN
+from kvstore.commands import LOCKED, POISONED, STALE, ClientCommand, DecodedCommands, Txn, TwoPC
 from kvstore.errors import CorruptRecord
-from kvstore.keys import check_key, check_value
 from kvstore.paxos.replica import KIND_BATCH, PersistedState, Snapshot
-from kvstore.machine.twopc import LOCKED, any_locked, apply_2pc
+from kvstore.machine.twopc import any_locked, apply_2pc
 from kvstore.machine.data import apply_command, scan_rows
-from kvstore.txn import TxnPrepare
-from kvstore.txn import decode as decode_2pc
 
-#: This node's Paxos hard state in each shard's meta table:
-#: msgpack [promised, commit, applied, compacted] (compacted: log records at or below it
-#: are deleted, -1 if none; then a restart hands the replica a snapshot of the state).
+#: Where a shard's ``HardState`` lives in its meta table (msgpack, a 4-item list).
 META_PAXOS = b"paxos.hard"
-_NO_HARD_STATE = (0, -1, -1, -1)
+
+
+class HardState(NamedTuple):
+    """This node's Paxos hard state of one shard, as its meta table keeps it (msgpack
+    ``[promised, commit, applied, compacted]``, the fields' order)."""
+
+    promised: int  # the promise ballot
+    commit: int  # the commit point (-1: none)
+    applied: int  # the applied point, moved with the state it describes (rule 4)
+    #: log records at or below it are deleted (-1: none); a restart then hands the
+    #: replica a snapshot of the state
+    compacted: int
+
+
+#: A shard that has never saved anything.
+NO_HARD_STATE = HardState(0, -1, -1, -1)
 #: Client sessions live in the shard's txn table under this prefix (issue 14's
 #: transaction records use other keys of that table).
 SESSION_PREFIX = b"\x00session\x00"
@@ -61,13 +71,6 @@ SESSION_TTL_SLOTS = 200_000
 SESSION_SWEEP_EVERY = 4096
 #: Results kept per session at most (one per write the client has in flight).
 SESSION_RESULTS_MAX = 4096
-
-#: A command ``(client, seq)`` at or below its session's floor: already answered, ignored.
-STALE = "stale"
-#: The result of a chosen value that could not be applied (module docstring): a no-op.
-POISONED = "poisoned"
-#: Client ids in a logged command are at most this long (the node checks the same).
-CLIENT_ID_MAX_BYTES = 64
 
 log = logging.getLogger("kvstore.node")
 
@@ -84,6 +87,8 @@ class ShardWrite:
     compacted_through: int | None = None
     committed: list = field(default_factory=list)  # paxos Entry list, slot order
     applied_index: int | None = None  # set by the storage after applying ``committed``
+    #: The node's commands decoded where they entered it, for apply (``apply_entries``).
+    decoded: DecodedCommands | None = None
 
 
 class ReplicaStorage(Protocol):
@@ -113,70 +118,6 @@ class ReplicaStorage(Protocol):
     def close(self) -> None: ...
 
 
-def encode_client_command(client_id: bytes, seq: int, floor: int, command: list) -> bytes:
-    """A client write as a log command: msgpack ``[client_id, seq, floor, command]``."""
-    return msgpack.packb([client_id, seq, floor, command], use_bin_type=True)
-
-
-def decode_client_command(raw: bytes) -> tuple:
-    client_id, seq, floor, command = msgpack.unpackb(raw, raw=False, use_list=True)
-    return client_id, seq, floor, command
-
-
-def check_logged_command(raw) -> tuple:
-    """A log command as ``apply_client_command`` takes it, ``(client_id, seq, floor,
-    command)``; ``ValueError`` for anything it could not apply: bytes that do not decode,
-    a bad session, an unknown op or shape, a key or value over its size limit."""
-    if type(raw) is not bytes:
-        raise ValueError("a logged command is bytes")
-    try:
-        decoded = msgpack.unpackb(raw, raw=False, use_list=True)
-    except Exception as e:  # msgpack raises several unrelated classes
-        raise ValueError(f"undecodable command: {type(e).__name__}") from None
-    if type(decoded) is not list or len(decoded) != 4:
-        raise ValueError("a logged command is [client_id, seq, floor, command]")
-    client_id, seq, floor, command = decoded
-    if type(client_id) is not bytes or not 0 < len(client_id) <= CLIENT_ID_MAX_BYTES:
-        raise ValueError("bad client id in a logged command")
-    if type(seq) is not int or type(floor) is not int or not 0 <= floor <= seq < 1 << 64:
-        raise ValueError("bad sequence numbers in a logged command")
-    check_command_sizes(check_command(command))
-    return client_id, seq, floor, command
-
-
-def check_command_sizes(command: list) -> None:
-    """Every key and value of a (shape-checked) command within its limit
-    (``InvalidArgument``, a ``ValueError``, otherwise)."""
-    op = command[0]
-    if op == OP_PUT:
-        check_key(command[1])
-        check_value(command[2])
-    elif op == OP_DELETE:
-        check_key(command[1])
-    elif op == OP_CAS:
-        check_key(command[1])
-        for v in command[2:]:
-            if v is not None:
-                check_value(v)
-    elif op == OP_TXN:
-        _, reads, ranges, writes = command
-        for key, _revision in reads:
-            check_key(key)
-        for key, value in writes:
-            check_key(key)
-            if value is not None:
-                check_value(value)
-    elif op == OP_2PC:
-        entry = decode_2pc(command[1])
-        if isinstance(entry, TxnPrepare):
-            for key, value in entry.writes:
-                check_key(key)
-                if value is not None:
-                    check_value(value)
-            for key, _revision in entry.reads:
-                check_key(key)
-
-
 def check_snapshot_data(data: bytes) -> bool:
     """Whether ``data`` is a shard's state as ``install_snapshot`` takes it (checked
     before an installed snapshot replaces anything: ``Config.snapshot_ok``)."""
@@ -187,62 +128,6 @@ def check_snapshot_data(data: bytes) -> bool:
     return (type(rows) is list and type(txn_rows) is list
             and all(type(r) is list and len(r) == 2 and type(r[0]) is bytes and type(r[1]) is bytes
                     for table in (rows, txn_rows) for r in table))
-
-
-def check_command(command) -> list:
-    """A client's command as the state code takes it; ``ValueError`` if malformed.
-
-    Checked on the node that proposes it, so every replica applies only
-    commands ``apply_command`` accepts (an error at apply would differ nowhere,
-    but would waste a slot).
-    """
-    if type(command) is not list or not command:
-        raise ValueError("a command is a non-empty list")
-    op = command[0]
-
-    def is_bytes(v, optional=False):
-        return type(v) is bytes or (optional and v is None)
-
-    if op == OP_PUT and len(command) == 3 and is_bytes(command[1]) and is_bytes(command[2]):
-        return command
-    if op == OP_DELETE and len(command) == 2 and is_bytes(command[1]):
-        return command
-    if (op == OP_CAS and len(command) == 4 and is_bytes(command[1])
-            and is_bytes(command[2], True) and is_bytes(command[3], True)):
-        return command
-    if op == OP_TXN and len(command) == 4:
-        _, reads, ranges, writes = command
-        ok = (type(reads) is list and all(type(r) is list and len(r) == 2 and is_bytes(r[0])
-                                          and type(r[1]) is int and r[1] >= 0 for r in reads)
-              and type(ranges) is list
-              and all(type(g) is list and len(g) == 3 and is_bytes(g[0]) and is_bytes(g[1], True)
-                      and type(g[2]) is list
-                      and all(type(s) is list and len(s) == 2 and is_bytes(s[0])
-                              and type(s[1]) is int and s[1] >= 0 for s in g[2])
-                      for g in ranges)
-              and type(writes) is list
-              and all(type(w) is list and len(w) == 2 and is_bytes(w[0]) and is_bytes(w[1], True)
-                      for w in writes))
-        if ok:
-            return command
-    if op == OP_2PC and len(command) == 2 and is_bytes(command[1]):
-        decode_2pc(command[1])  # ValueError if malformed
-        return command
-    raise ValueError("malformed command")
-
-
-def command_keys(command: list) -> list:
-    """The keys a (checked) command reads or writes; a 2PC decision or resolve has none."""
-    op = command[0]
-    if op == OP_TXN:
-        _, reads, ranges, writes = command
-        return [k for k, _ in reads] + [k for k, _ in writes] + [k for g in ranges for k, _ in g[2]]
-    if op == OP_2PC:
-        entry = decode_2pc(command[1])
-        if isinstance(entry, TxnPrepare):
-            return [k for k, _ in entry.reads] + [k for k, _ in entry.writes]
-        return []
-    return [command[1]]
 
 
 class SessionCache:
@@ -279,14 +164,15 @@ class SessionCache:
         self.dirty.clear()
 
 
-def apply_client_command(txn, tables, slot: int, logged: tuple, sessions: SessionCache) -> tuple:
+def apply_client_command(txn, tables, slot: int, logged: ClientCommand, sessions: SessionCache) -> tuple:
     """Apply one client command of the entry at ``slot``, at most once per ``(client, seq)``.
 
     The session of a client holds its floor (every seq below it was answered,
     so a late duplicate of one is ignored) and the results of its seqs at or
     above the floor (a retry of one gets the first result back, with no
-    second effect). ``logged`` is what ``check_logged_command`` returned. Returns
-    ``((client_id, seq), result)``; ``result`` is ``STALE`` for an ignored late duplicate.
+    second effect). ``logged`` is typed (``kvstore.commands.decode_logged_command``).
+    Returns ``((client_id, seq), result)``; ``result`` is ``STALE`` for an ignored late
+    duplicate.
     """
     client_id, seq, floor, command = logged
     session = sessions.get(client_id)
@@ -299,11 +185,11 @@ def apply_client_command(txn, tables, slot: int, logged: tuple, sessions: Sessio
     results = session[2]
     if seq in results:
         return key, results[seq]
-    if command[0] == OP_2PC:
-        result = apply_2pc(txn, tables, slot + 1, command[1])
-    elif any_locked(txn, tables, command_keys(command)):
+    if type(command) is TwoPC:
+        result = apply_2pc(txn, tables, slot + 1, command.entry)
+    elif any_locked(txn, tables, command.keys()):
         # a prepared cross-shard transaction holds one of its keys: nothing applied
-        result = False if command[0] == OP_TXN else LOCKED
+        result = False if type(command) is Txn else LOCKED
     else:
         result = apply_command(txn, tables.data, slot + 1, command)
     session[1] = slot
@@ -326,10 +212,15 @@ def install_snapshot(txn, t, snapshot: Snapshot) -> None:
         txn.put(key, raw, db=t.txns)
 
 
-def apply_entries(txn, tables, shard: int, entries, applied: int, results: list) -> int:
+def apply_entries(txn, tables, shard: int, entries, applied: int, results: list,
+                  decoded: DecodedCommands | None = None) -> int:
     """Apply a shard's committed ``entries`` above ``applied`` on ``txn`` (an LMDB write
     transaction, or a view of the overlay over one); append ``(shard, slot, key,
-    result)`` to ``results`` for every client command; return the new applied point."""
+    result)`` to ``results`` for every client command; return the new applied point.
+    ``decoded``: the node's commands decoded where they entered it (a command not there,
+    as after a restart, is decoded and checked here)."""
+    if decoded is None:
+        decoded = DecodedCommands()
     sessions = SessionCache(txn, tables.txns)
     for entry in entries:
         if entry.slot <= applied:
@@ -339,7 +230,7 @@ def apply_entries(txn, tables, shard: int, entries, applied: int, results: list)
         elif entry.kind == KIND_BATCH:
             for raw_cmd in entry.commands:
                 try:
-                    logged = check_logged_command(raw_cmd)
+                    logged = decoded.take(raw_cmd)
                 except ValueError as e:
                     _poisoned(shard, entry.slot, str(e), results)
                     continue

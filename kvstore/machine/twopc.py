@@ -1,7 +1,7 @@
 """Two-phase commit as a shard's replicated state: the pure core over a shard's LMDB tables.
 
 A cross-shard transaction's steps are log entries of the shards it touches
-(``kvstore.txn.records``), carried as client commands ``[OP_2PC, entry]``: a
+(``kvstore.txn.records``), carried as client commands (``kvstore.commands.TwoPC``): a
 client's TxnPrepare, bounded by ``bound_client_2pc`` where it enters a node,
 and the TxnDecision and TxnResolve entries that only nodes write (a client asks
 for a decision with ``check_decide``'s request; ``kvstore.node.loop``). Every
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from kvstore.commands import TwoPC, two_pc
 from kvstore.machine.data import apply_writes, read_value, revision_of
 from kvstore.txn import (LOCK_ONLY, OUTCOMES, TXN_ID_BYTES, DecisionTable, ParticipantState, TxnDecision,
                          TxnPrepare, TxnResolve)
@@ -46,8 +47,6 @@ TXN_PREPARED = b"\x00txn.prepared\x00"
 TXN_LOCK = b"\x00txn.lock\x00"
 TXN_FINISHED = b"\x00txn.finished\x00"
 TXN_DECIDED = b"\x00txn.decided\x00"
-#: The result of a plain write that met a lock: nothing applied, retry it.
-LOCKED = "locked"
 #: The longest a client's prepared record may hold its locks, in the node's wall-clock
 #: milliseconds: the node that takes a client's TxnPrepare cuts its deadline to at
 #: most this far past its own clock (``bound_client_2pc``). A lock of a client that
@@ -149,11 +148,10 @@ def participant(txn, tables, writes=()) -> ParticipantState:
         finished=_TableMap(txn, db, TXN_FINISHED, _encode_outcome, _decode_outcome))
 
 
-def apply_2pc(txn, tables, revision: int, raw_entry: bytes):
-    """Apply one 2PC entry at ``revision``: TxnPrepare -> vote (bool; with locking reads
-    ``[vote, [[key, value, revision], ...]]``), TxnDecision -> the recorded outcome
-    (int), TxnResolve -> whether it changed anything (bool)."""
-    entry = decode_entry(raw_entry)
+def apply_2pc(txn, tables, revision: int, entry):
+    """Apply one (decoded) 2PC entry at ``revision``: TxnPrepare -> vote (bool; with
+    locking reads ``[vote, [[key, value, revision], ...]]``), TxnDecision -> the recorded
+    outcome (int), TxnResolve -> whether it changed anything (bool)."""
     store = _ShardData(txn, tables.data, revision)
     if isinstance(entry, TxnPrepare):
         vote = participant(txn, tables, (k for k, _ in entry.writes)).apply_prepare(store, entry)
@@ -172,9 +170,9 @@ def apply_2pc(txn, tables, revision: int, raw_entry: bytes):
     raise ValueError(f"not a 2PC entry: {entry!r}")
 
 
-def bound_client_2pc(raw: bytes, shard: int, nshards: int, now_ms: int,
-                     internal: bool = False) -> bytes:
-    """The 2PC entry a client asks ``shard`` to log, as the node proposes it; ValueError
+def bound_client_2pc(command: TwoPC, shard: int, nshards: int, now_ms: int,
+                     internal: bool = False) -> TwoPC:
+    """The 2PC command a client asks ``shard`` to log, as the node proposes it; ValueError
     (the client's InvalidArgument) if the entry is refused. Nothing is changed then.
     ``internal``: the node's own write (or a peer's): its decisions and resolves pass.
 
@@ -186,9 +184,9 @@ def bound_client_2pc(raw: bytes, shard: int, nshards: int, now_ms: int,
     ``LOCK_ONLY``. Its deadline, in the client's clock, is cut to ``now_ms +
     TXN_DEADLINE_MAX_MS`` in this node's: the resolvers compare it with the leader's
     wall clock, so no client can hold a lock past that (a shorter one is kept)."""
-    entry = decode_entry(raw)
+    entry = command.entry
     if internal and not isinstance(entry, TxnPrepare):
-        return raw
+        return command
     if not isinstance(entry, TxnPrepare):
         raise ValueError(f"a client may not send a {type(entry).__name__}: decisions and "
                          f"resolves are written by the nodes (ask for a decision with the "
@@ -205,8 +203,8 @@ def bound_client_2pc(raw: bytes, shard: int, nshards: int, now_ms: int,
         raise ValueError(f"a read's revision is >= 0 (0: absent) or {LOCK_ONLY} (lock only)")
     deadline = min(entry.deadline, now_ms + TXN_DEADLINE_MAX_MS)
     if deadline == entry.deadline:
-        return raw
-    return encode_entry(replace(entry, deadline=deadline))
+        return command
+    return two_pc(replace(entry, deadline=deadline))
 
 
 def check_txn_id(txn_id) -> bytes:

@@ -45,10 +45,20 @@ is one turn of the loop, the same for both. Each turn:
       inside the save, once its result is computed: ``_answer_durable_early``),
       reads whose read index is now applied (rule 6), and a redirect for
       proposals and reads the replica dropped;
-   d. ``advance``.
+   d. ``advance`` (a no-op: ``Replica.ready`` already counted the Ready as done,
+      which is why nothing here calls into a replica between its ``ready`` and
+      the end of c; a save that fails raises out of ``turn``: the node stops, and
+      starts again from its disk).
 
 Clients are never answered from anywhere else, and nothing is sent before it
-is persisted. The protocol retransmits on its own timers (heartbeats reset a
+is persisted.
+
+The node is one class in three rooms: this module (the loop: ``turn``, receive,
+persist/send/answer in that order, roles, snapshots, status), request intake
+(``kvstore.node.intake.Intake``: a client's request checked, decoded once, queued,
+forwarded or answered) and the 2PC resolver (``kvstore.node.resolver.Resolver``:
+the decide request and the settlement of abandoned transactions). ``Node`` mixes
+the two rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
 follower's progress), so a dropped frame only costs time.
 """
 
@@ -63,21 +73,17 @@ from dataclasses import dataclass
 
 import zmq
 
-from kvstore.commands import OP_2PC
+from kvstore.commands import POISONED, DecodedCommands, decode_logged_command
+from kvstore._native import record_fields
 from kvstore.errors import CorruptRecord
-from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
-from kvstore.paxos.replica import LEADER, Config, NotLeader, Replica
+from kvstore.paxos.replica import LEADER, Config, Replica
+from kvstore.node.intake import Intake
 from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
-from kvstore.machine.replica import (POISONED, STALE, ReplicaStorage, ShardWrite,
-                                     check_command, check_command_sizes, check_logged_command,
-                                     check_snapshot_data, command_keys, decode_client_command, encode_client_command)
-from kvstore.machine.twopc import LOCKED, bound_client_2pc, check_decide
+from kvstore.node.resolver import RESOLVE_EVERY_SECONDS, Resolver
+from kvstore.machine.replica import ReplicaStorage, ShardWrite, check_snapshot_data
 from kvstore.node.storage import WalReplicaStorage
-from kvstore.txn import ABORT, TxnDecision, TxnPrepare, TxnResolve
-from kvstore.txn import encode as encode_2pc
-from kvstore.sharding import shard_of
 from kvstore.transport import wire
 from kvstore.transport.sockets import (CLIENT, NodeSockets, derived_peer_address,
                                       peer_identity, shape_fingerprint)
@@ -90,23 +96,8 @@ MAX_TICKS_PER_TURN = 3
 MAX_READY_ROUNDS = 4
 #: A peer frame is cut into several above this many bytes (estimated).
 PEER_FRAME_TARGET_BYTES = 8 * 1024 * 1024
-#: Requests a node keeps waiting at most; beyond, new ones are told to retry.
-WAITING_MAX = 100_000
-#: A waiting write or read older than this is forgotten (its client has long retried).
-WAITING_EXPIRE_SECONDS = 60.0
-CLIENT_ID_MAX_BYTES = 64
-#: Bytes of client commands handed to one replica per loop turn at most (~ one entry).
-PROPOSE_BYTES_PER_TURN = 4 * 1024 * 1024
-#: Bytes of commands a leader keeps proposed but uncommitted per shard at most: a new
-#: leader's Promises carry them all, and must fit a 64 MiB frame.
-UNCOMMITTED_BYTES_MAX = 24 * 1024 * 1024
 #: Messages a leader may send before the persist of their Ready (see the module docstring).
 EARLY_TYPES = frozenset((M.ACCEPT, M.HEARTBEAT))
-#: How often a shard's leader looks for prepared cross-shard transactions past their
-#: deadline (their coordinator went quiet) to settle them (``_resolve_abandoned``).
-RESOLVE_EVERY_SECONDS = 0.25
-#: A settlement of an abandoned transaction not finished in this long is started again.
-RESOLVE_RETRY_SECONDS = 3.0
 #: Frame kinds of the peer protocol: accepted only on the peer socket.
 PEER_KINDS = frozenset((wire.PAXOS, wire.FORWARD, wire.FORWARDED))
 #: How often the node looks for a client key added to or revoked from ``clients/``.
@@ -162,7 +153,7 @@ class NodeConfig:
         return given if given is not None else derived_peer_address(self.addresses[name])
 
 
-class Node:
+class Node(Intake, Resolver):
     """A cluster node; ``run()`` is its loop (blocking), ``stop()`` ends it from anywhere."""
 
     def __init__(self, config: NodeConfig, storage: ReplicaStorage | None = None,
@@ -198,15 +189,16 @@ class Node:
         except BaseException:
             self.storage.close()
             raise
-        self.waiting_writes: dict = {}  # (client_id, seq) -> (identity, request_id, shard, t)
-        self.waiting_reads: dict = {}  # token -> (identity, request_id, shard, op, args, t)
+        self.waiting_writes: dict = {}  # (client_id, seq) -> WaitingWrite
+        self.waiting_reads: dict = {}  # token -> WaitingRead
         self._replies: dict = {}  # identity -> [(request_id, status, value)], sent once per turn
         # writes waiting to be handed to each shard's replica (see _feed_proposals)
         self._proposals = [deque() for _ in range(self.nshards)]
         self._uncommitted_bytes = [0] * self.nshards
-        self._forwarded: dict = {}  # forward id -> (client identity, request_id, t)
+        self._forwarded: dict = {}  # forward id -> Forwarded
         self._forward_out: dict = defaultdict(list)  # peer -> [(forward_id, op, args)]
         self._fresh_slots: set | None = None  # (shard, slot) made durable by the save running
+        self._decoded = DecodedCommands()  # log commands decoded at intake, until applied
         self._tokens = itertools.count(1)
         self._roles = [(r.role, r.leader_hint) for r in self.replicas]
         self._stopping = False
@@ -216,7 +208,7 @@ class Node:
         # the resolver: this node's own writes (2PC settlements) go through _on_request
         # under the identity ("self", token) with their own client session
         self._resolver_id = b"resolver-" + self.rng.randbytes(8)
-        # token (= its seq) -> (callback(result), started at, on_failure, shard)
+        # token (= its seq) -> OwnWrite
         self._own_writes: dict = {}
         self._resolving: dict = {}  # txn id -> monotonic time its settlement started
         self._last_resolve = self.clock.monotonic()
@@ -413,7 +405,7 @@ class Node:
                     for forward_id, _op, _args in items:  # the leader is unreachable from here
                         w = self._forwarded.pop(forward_id, None)
                         if w is not None:
-                            self._reply(w[0], w[1], wire.STATUS_NOT_LEADER, None)
+                            self._reply(w.identity, w.request_id, wire.STATUS_NOT_LEADER, None)
 
     def _drop(self, why: str, detail) -> None:
         self.counters["dropped_" + why] += 1
@@ -435,7 +427,7 @@ class Node:
             if not (0 <= shard < self.nshards):
                 self._drop("malformed", f"paxos message for shard {shard}")
                 continue
-            why = wire.check_paxos_message(m, self.index, self.n, check_logged_command)
+            why = wire.check_paxos_message(m, self.index, self.n, self._check_peer_command)
             if why is not None and not self.bugs.paxos.unchecked_peer_input:
                 self._drop("invalid", f"paxos {m.type}: {why}")
                 continue
@@ -444,176 +436,11 @@ class Node:
             except (ValueError, TypeError, KeyError, CorruptRecord) as e:
                 self._drop("malformed", f"paxos message rejected by the replica: {e!r}")
 
-    def _on_request(self, identity: bytes, request_id: int, op: str, args: list) -> None:
-        if self._stopping:
-            self._reply(identity, request_id, wire.STATUS_RETRY, "stopping")
-            return
-        try:
-            if op == wire.OP_HELLO or op == wire.OP_STATUS:
-                self._reply(identity, request_id, wire.STATUS_OK, self.status())
-                return
-            if len(self.waiting_writes) + len(self.waiting_reads) >= WAITING_MAX:
-                self._reply(identity, request_id, wire.STATUS_RETRY, "overloaded")
-                return
-            if op == wire.OP_WRITE:
-                self._on_write(identity, request_id, args)
-            elif op == wire.OP_DECIDE:
-                self._on_decide(identity, request_id, args)
-            else:
-                self._on_read(identity, request_id, op, args)
-        except (ValueError, TypeError) as e:
-            name = type(e).__name__ if type(e).__name__ == "InvalidArgument" else "InvalidArgument"
-            self._reply(identity, request_id, wire.STATUS_ERROR, [name, str(e)[:500]])
+    def _check_peer_command(self, raw: bytes) -> None:
+        """A command of a peer's record, decoded once here (``ValueError`` if this node
+        could not apply it); the typed command waits for apply in ``_decoded``."""
+        self._decoded.add(raw, decode_logged_command(raw))
 
-    def _shard_arg(self, v) -> int:
-        if type(v) is not int or not 0 <= v < self.nshards:
-            raise ValueError(f"no shard {v!r} (this cluster has {self.nshards})")
-        return v
-
-    def _not_leader(self, identity, request_id: int, op: str, args: list, hint) -> None:
-        """Not the shard's leader: forward a client's request to the leader this node
-        knows (its answer comes back through here, naming the leader so the client goes
-        straight there next time); a forwarded request is never forwarded again."""
-        forwardable = type(identity) is bytes or identity[0] == "self"
-        if forwardable and hint is not None and hint != self.index:
-            forward_id = next(self._tokens)
-            self._forwarded[forward_id] = (identity, request_id, self.clock.monotonic())
-            self._forward_out[hint].append((forward_id, op, args))
-            return
-        self._reply(identity, request_id, wire.STATUS_NOT_LEADER, hint)
-
-    def _on_forwarded(self, frm: int, replies: list) -> None:
-        for forward_id, status, value in replies:
-            w = self._forwarded.pop(forward_id, None)
-            if w is None:
-                continue
-            if status == wire.STATUS_OK:
-                self._reply(w[0], w[1], wire.STATUS_OK_FORWARDED, [value, frm])
-            else:
-                self._reply(w[0], w[1], status, value)
-
-    def _check_keys_in_shard(self, shard: int, keys) -> None:
-        if self.nshards == 1:
-            return
-        for key in keys:
-            if shard_of(key, self.nshards) != shard:
-                raise ValueError(f"key {key[:40]!r} belongs to shard {shard_of(key, self.nshards)}, "
-                                 f"not {shard}")
-
-    def _on_write(self, identity: bytes, request_id: int, args: list) -> None:
-        if len(args) != 5:
-            raise ValueError("write takes [shard, client_id, seq, floor, command]")
-        shard, client_id, seq, floor, command = args
-        shard = self._shard_arg(shard)
-        if type(client_id) is not bytes or not 0 < len(client_id) <= CLIENT_ID_MAX_BYTES:
-            raise ValueError("bad client id")
-        if type(seq) is not int or type(floor) is not int or not 0 <= floor <= seq:
-            raise ValueError("bad sequence numbers")
-        command = check_command(command)
-        if command[0] == OP_2PC:
-            # a client's TxnPrepare bounded (its deadline cut to this node's clock + a cap);
-            # a decision or a resolve only from this node's own writes, or a peer's
-            # (forwarded after that peer checked it): never from a client
-            command = [OP_2PC, bound_client_2pc(command[1], shard, self.nshards,
-                                                int(self.clock.time() * 1000), _internal(identity))]
-            args = [shard, client_id, seq, floor, command]
-        check_command_sizes(command)
-        self._check_keys_in_shard(shard, command_keys(command))
-        r = self.replicas[shard]
-        if not r.is_leader:
-            self._not_leader(identity, request_id, wire.OP_WRITE, args, r.leader_hint)
-            return
-        raw = encode_client_command(client_id, seq, floor, command)
-        if len(raw) > MAX_COMMAND_BYTES:
-            raise ValueError(f"a write command of {len(raw)} bytes is over the cluster's limit "
-                             f"of {MAX_COMMAND_BYTES} (a transaction writes at most "
-                             f"MAX_CLUSTER_TXN_SIZE = {MAX_CLUSTER_TXN_SIZE} bytes)")
-        self._proposals[shard].append((raw, identity, request_id, args))
-        self.waiting_writes[(client_id, seq)] = (identity, request_id, shard, self.clock.monotonic())
-
-    def _on_decide(self, identity, request_id: int, args: list) -> None:
-        """A coordinator (a client) asks for its transaction's decision: this node, if it
-        leads the coordinator shard, proposes the TxnDecision as its own write, answers
-        the recorded outcome (first recorded wins: maybe a resolver's ABORT), then
-        carries it out on every participant (``_resolve_everywhere``). The client never
-        writes a decision or a resolve itself; a lost resolve is done by the resolvers."""
-        shard, decision, participants = check_decide(args, self.nshards)
-        r = self.replicas[shard]
-        if not r.is_leader:
-            self._not_leader(identity, request_id, wire.OP_DECIDE, args, r.leader_hint)
-            return
-        self.counters["txn_decide_requests"] += 1
-
-        def recorded(outcome) -> None:
-            self._reply(identity, request_id, wire.STATUS_OK, outcome)
-            self._resolve_everywhere(decision.txn_id, outcome, participants)
-
-        def failed(status: int, value) -> None:
-            self._reply(identity, request_id, status, value)
-
-        self._own_write(shard, [OP_2PC, encode_2pc(decision)], recorded, failed)
-
-    def _feed_proposals(self) -> None:
-        """Hand queued writes to the replicas, bounded in bytes.
-
-        The core cuts entries by command count only; a node bounds their bytes
-        so that no entry, Accept or Promise outgrows a frame (``MAXMSGSIZE``,
-        which a peer enforces by dropping the connection, so an oversized
-        message would stall the shard for good): commands go to a replica only
-        when its own queue is empty, at most ``PROPOSE_BYTES_PER_TURN`` per
-        turn (one entry), a command larger than that in an entry of its own
-        (at most ``MAX_COMMAND_BYTES``, checked at intake), and while less than
-        ``UNCOMMITTED_BYTES_MAX`` it leads with are still uncommitted.
-        """
-        for shard, queue in enumerate(self._proposals):
-            if not queue:
-                continue
-            r = self.replicas[shard]
-            if not r.is_leader:
-                while queue:
-                    raw, identity, request_id, args = queue.popleft()
-                    client_id, seq = args[1], args[2]
-                    self.waiting_writes.pop((client_id, seq), None)
-                    self._not_leader(identity, request_id, wire.OP_WRITE, args, r.leader_hint)
-                continue
-            if r.pending_commands:
-                continue
-            fed = 0
-            while queue and self._uncommitted_bytes[shard] < UNCOMMITTED_BYTES_MAX:
-                if fed and fed + len(queue[0][0]) > PROPOSE_BYTES_PER_TURN:
-                    break  # the next entry's
-                raw = queue.popleft()[0]
-                r.propose(raw)
-                fed += len(raw)
-                self._uncommitted_bytes[shard] += len(raw)
-
-    def _on_read(self, identity: bytes, request_id: int, op: str, args: list) -> None:
-        if op == wire.OP_GET:
-            if len(args) != 3:
-                raise ValueError("get takes [shard, key, with_revision]")
-            check_key(args[1])
-            if type(args[1]) is not bytes:
-                raise ValueError("key must be bytes")
-        elif op == wire.OP_SCAN:
-            if len(args) != 5:
-                raise ValueError("scan takes [shard, lo, hi, limit, with_revision]")
-            lo, hi, limit = args[1], args[2], args[3]
-            if type(lo) is not bytes or (hi is not None and type(hi) is not bytes):
-                raise ValueError("scan bounds must be bytes")
-            if limit is not None and (type(limit) is not int or limit < 0):
-                raise ValueError("scan limit must be an int >= 0")
-        else:
-            raise ValueError(f"unknown op {op!r}")
-        shard = self._shard_arg(args[0])
-        if op == wire.OP_GET:
-            self._check_keys_in_shard(shard, (args[1],))
-        token = next(self._tokens)
-        try:
-            self.replicas[shard].read(token)
-        except NotLeader as e:
-            self._not_leader(identity, request_id, op, args, e.leader_hint)
-            return
-        self.waiting_reads[token] = (identity, request_id, shard, op, args, self.clock.monotonic())
 
     # ------------------------------------------------------------------ 3. drive
     def _drive(self) -> None:
@@ -629,14 +456,13 @@ class Node:
                     self._uncommitted_bytes[s] = max(0, self._uncommitted_bytes[s] - done)
             # a. persist (and apply) everything, one durable write for all shards
             writes = [ShardWrite(s, rd.promised, rd.commit_index, rd.records, rd.snapshot,
-                                 rd.compacted_through, rd.committed)
+                                 rd.compacted_through, rd.committed, decoded=self._decoded)
                       for s, rd in readies
                       if (rd.promised is not None or rd.commit_index is not None or rd.records
                           or rd.snapshot is not None or rd.compacted_through is not None
                           or rd.committed)]
             # slots whose records this save makes durable: their writes wait for it
-            self._fresh_slots = {(w.shard, int.from_bytes(r[8:16], "little"))
-                                 for w in writes for r in w.records}
+            self._fresh_slots = {(w.shard, record_fields(r)[0]) for w in writes for r in w.records}
             outbox: dict = defaultdict(list)
             early: dict = defaultdict(list)
             for s, rd in readies:
@@ -706,56 +532,6 @@ class Node:
             self._answer_writes(early)
             self._flush_replies()
 
-    def _answer_writes(self, results: list) -> None:
-        waiting = self.waiting_writes
-        if not waiting:
-            return
-        for _shard, _slot, key, result in results:
-            w = waiting.pop(key, None)
-            if w is not None and result is not STALE:
-                self._reply(w[0], w[1], wire.STATUS_OK, result)
-
-    def _serve_reads(self, tokens: list) -> None:
-        for token in tokens:
-            w = self.waiting_reads.pop(token, None)
-            if w is None:
-                continue
-            identity, request_id, shard, op, args, _t = w
-            client = type(identity) is bytes
-            if client and not self.sockets.reply_room(identity):
-                continue  # a client that does not read its replies: cut off (counted)
-            if op == wire.OP_GET:
-                found = self.storage.get(shard, args[1])
-                if found is LOCKED:  # a prepared transaction writes it: its value may change
-                    self._reply(identity, request_id, wire.STATUS_RETRY, LOCKED)
-                    continue
-                result = [found[0], found[1]] if args[2] else found[0]
-                size = len(found[0] or b"")
-            else:
-                rows = self.storage.scan(shard, args[1], args[2], args[3])
-                if rows is LOCKED:
-                    self._reply(identity, request_id, wire.STATUS_RETRY, LOCKED)
-                    continue
-                result = ([[k, v, rev] for k, v, rev in rows] if args[4]
-                          else [[k, v] for k, v, _rev in rows])
-                size = sum(len(k) + len(v) + 16 for k, v, _rev in rows)
-            if client:
-                self.sockets.charge(identity, size)
-            self._reply(identity, request_id, wire.STATUS_OK, result)
-
-    def _answer_dropped(self, shard: int, rd) -> None:
-        hint = self.replicas[shard].leader_hint
-        status = wire.STATUS_NOT_LEADER if hint != self.index else wire.STATUS_RETRY
-        value = hint if status == wire.STATUS_NOT_LEADER else "dropped"
-        for raw in rd.dropped_commands:
-            client_id, seq, _floor, _command = decode_client_command(raw)
-            w = self.waiting_writes.pop((client_id, seq), None)
-            if w is not None:
-                self._reply(w[0], w[1], status, value)
-        for token in rd.dropped_reads:
-            w = self.waiting_reads.pop(token, None)
-            if w is not None:
-                self._reply(w[0], w[1], status, value)
 
     def _observe_roles(self) -> None:
         for s, r in enumerate(self.replicas):
@@ -782,99 +558,9 @@ class Node:
                 self._uncommitted_bytes[s] = 0
                 self._fail_waiting_writes(s, now[1])
 
-    def _fail_waiting_writes(self, shard: int, hint) -> None:
-        """This node stopped leading ``shard``: its clients should retry at the new leader
-        (a command already in the log may still be chosen; the retry is then answered
-        from the session table, not applied twice)."""
-        self._proposals[shard].clear()  # their waiting entries are answered just below
-        for key, w in list(self.waiting_writes.items()):
-            if w[2] == shard:
-                del self.waiting_writes[key]
-                self._reply(w[0], w[1], wire.STATUS_NOT_LEADER, hint)
-
-    def _expire_waiting(self, now: float) -> None:
-        self._last_expiry = now
-        cutoff = now - WAITING_EXPIRE_SECONDS
-        for table, at in ((self.waiting_writes, 3), (self.waiting_reads, 5),
-                          (self._forwarded, 2)):
-            for key in [k for k, w in table.items() if w[at] < cutoff]:
-                del table[key]
 
     # ------------------------------------------------------------------ 2PC resolver
-    def _resolve_abandoned(self, now: float) -> None:
-        """Settle the prepared cross-shard transactions of the shards this node leads
-        whose deadline passed (their coordinator, a client, went quiet or died): ask
-        the coordinator shard to decide ABORT (a decision already recorded wins: first
-        writer), then carry the recorded outcome out here. Any node may do this at any
-        time (``kvstore.txn``): each step is an idempotent log entry, so a duplicate
-        or a race with the live coordinator changes nothing. Rule 7 holds because a
-        resolver only ever proposes ABORT and acts on what the log recorded."""
-        self._last_resolve = now
-        for txn_id in [t for t, at in self._resolving.items() if now - at > RESOLVE_RETRY_SECONDS]:
-            del self._resolving[txn_id]
-        for token in [t for t, w in self._own_writes.items() if now - w[1] > RESOLVE_RETRY_SECONDS]:
-            del self._own_writes[token]
-        now_ms = int(self.clock.time() * 1000)
-        for shard, r in enumerate(self.replicas):
-            if not r.is_leader:
-                continue
-            for prepare in self.storage.expired_prepares(shard, now_ms):
-                if prepare.txn_id in self._resolving:
-                    continue
-                self._resolving[prepare.txn_id] = now
-                if not 0 <= prepare.coordinator < self.nshards:
-                    # no such shard can ever record a decision (a record older than the
-                    # intake checks): only ABORT is possible, carried out here
-                    self._carry_out(shard, prepare, ABORT)
-                    continue
-                self.counters["txn_settlements_started"] += 1
-                log.info("shard %d: settling transaction %s (prepared, past its deadline)",
-                         shard, prepare.txn_id.hex(),
-                         extra={"event": "txn_settle", "node": self.name, "shard": shard,
-                                "txn": prepare.txn_id.hex()})
-                self._own_write(prepare.coordinator,
-                                [OP_2PC, encode_2pc(TxnDecision(prepare.txn_id, ABORT))],
-                                lambda outcome, s=shard, p=prepare: self._carry_out(s, p, outcome))
 
-    def _carry_out(self, shard: int, prepare: TxnPrepare, outcome) -> None:
-        """The coordinator shard recorded ``outcome`` for ``prepare``: resolve it here."""
-        def done(_changed) -> None:
-            self._resolving.pop(prepare.txn_id, None)
-            self.counters["txn_settled"] += 1
-
-        self._own_write(shard, [OP_2PC, encode_2pc(TxnResolve(prepare.txn_id, outcome))], done)
-
-    def _resolve_everywhere(self, txn_id: bytes, outcome: int, participants) -> None:
-        """Carry out a recorded decision on every participant shard (the resolves of a
-        decide request); one that fails is done by that shard's resolver later."""
-        entry = [OP_2PC, encode_2pc(TxnResolve(txn_id, outcome))]
-        for shard in participants:
-            self._own_write(shard, entry, _ignore)
-
-    def _own_write(self, shard: int, command: list, callback, on_failure=None) -> None:
-        """Propose ``command`` to ``shard`` as this node's own client (routed like any
-        client write: here if this node leads the shard, else forwarded to its leader);
-        ``callback(result)`` runs once it is applied. A failure goes to
-        ``on_failure(status, value)`` if given, else is dropped: the resolver starts
-        the settlement again later."""
-        token = next(self._tokens)
-        # the shard's session floor: its oldest own write still unanswered (2PC entries
-        # are idempotent; the floor only keeps that session's results few)
-        floor = min((t for t, w in self._own_writes.items() if w[3] == shard), default=token)
-        self._own_writes[token] = (callback, self.clock.monotonic(), on_failure, shard)
-        self._on_request(("self", token), token, wire.OP_WRITE,
-                         [shard, self._resolver_id, token, floor, command])
-
-    def _on_own_reply(self, token: int, status: int, value) -> None:
-        w = self._own_writes.pop(token, None)
-        if w is None:
-            return
-        if status == wire.STATUS_OK_FORWARDED and type(value) is list and len(value) == 2:
-            status, value = wire.STATUS_OK, value[0]
-        if status == wire.STATUS_OK:
-            w[0](value)
-        elif w[2] is not None:
-            w[2](status, value)
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
@@ -902,16 +588,6 @@ class Node:
                 "nodes": [{"id": nm, "address": self.config.addresses[nm]} for nm in names],
                 "nshards": self.nshards, "shards": shards,
                 "counters": dict(self.counters) | dict(self.sockets.counters)}
-
-
-def _internal(identity) -> bool:
-    """A request of this node's own (``("self", token)``) or forwarded by a peer
-    (``("peer", index)``, checked by that peer when its client sent it)."""
-    return type(identity) is tuple
-
-
-def _ignore(_result) -> None:
-    pass
 
 
 def _frames(frm: int, items: list):

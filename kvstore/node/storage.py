@@ -15,8 +15,10 @@ directory layout. Each ``save`` (one loop turn, every shard):
    results reach the node (``applied``: early answers) before the fsync, as
    before;
 3. **one log append** for all shards: a ``PROMISE`` record per shard whose
-   promise moved, the Paxos records as ``ENTRY`` records, a ``COMMIT_POINT``
-   per shard whose commit point moved: one ``pwrite`` and one ``fdatasync``.
+   promise moved, an ``ENTRY`` record per Paxos record (its slot, ballot,
+   kind and payload in the log record's fields, checksummed once by it:
+   ``_entry_record``), a ``COMMIT_POINT`` per shard whose commit point moved:
+   one ``pwrite`` and one ``fdatasync``.
    Nothing is sent or answered from it before this returns (safety rule 1).
    A save that only moves commit points and applies (a leader learning that
    its entries are chosen) appends nothing: a commit point needs no fsync
@@ -33,7 +35,9 @@ The checkpointer (``kvstore.storage.checkpoint``) writes a frozen generation of
 all four tables of every shard in one synced LMDB transaction with the log
 position it covers (``META_LOG_POSITION``), then deletes the log segments below
 it. Recovery (``__init__``): LMDB's tables as of the last checkpoint, then the
-log kept: promises, records (a later one for a slot wins) and commit points.
+log kept, read by the replay both engines share (``kvstore.storage.replay``:
+promises, entries (a later one for a slot wins, a torn append's dropped) and
+commit points), the Paxos records rebuilt from the entries.
 What the replay adds is durable in the log only, so it is published into the
 overlay as its first generation: the first checkpoint, which moves LMDB's log
 position past it, holds it (issue 19: without that, the replicas alone held
@@ -59,31 +63,38 @@ import os
 
 import msgpack
 
-from kvstore._native import decode_record, key_slot, slot_key
+from kvstore._native import decode_record, encode_record, key_slot, record_fields, slot_key
 from kvstore.errors import CorruptRecord
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import PersistedState
 from kvstore.node.ports import NO_BUGS, NodeBugs
-from kvstore.machine.replica import META_PAXOS, _NO_HARD_STATE, apply_entries, install_snapshot
-from kvstore.machine.twopc import LOCKED, expired_prepares, key_write_locked, range_write_locked
+from kvstore.machine.replica import META_PAXOS, NO_HARD_STATE, apply_entries, install_snapshot
+from kvstore.commands import LOCKED
+from kvstore.machine.twopc import expired_prepares, key_write_locked, range_write_locked
 from kvstore.storage import Storage
 from kvstore.storage.checkpoint import Checkpointer
 from kvstore.storage.environment import META_LOG_POSITION, ShardTables, pack_u64, unpack_u64
 from kvstore.storage.overlay import Overlay, ShardView
 from kvstore.machine.data import read_value, scan_rows
-from kvstore.storage.wal import (KIND_COMMIT_POINT, KIND_ENTRY, KIND_PROMISE, Record,
+from kvstore.storage.replay import commit_point, replay
+from kvstore.storage.wal import (KIND_COMMIT_POINT, KIND_ENTRY, KIND_PROMISE, WAL_DIR, Record,
                                  WriteAheadLog)
 
-WAL_DIR = "wal"
 #: A checkpoint runs this often, or once the overlay holds CHECKPOINT_BYTES.
 CHECKPOINT_SECONDS = 0.5
 CHECKPOINT_BYTES = 32 * 1024 * 1024
 #: Beyond this the node's loop waits for a checkpoint (bounded memory).
 OVERLAY_LIMIT_BYTES = 512 * 1024 * 1024
 WAL_SEGMENT_BYTES = 64 * 1024 * 1024
-#: A shard's four tables, in the overlay: shard s, table t at index 4 * s + t.
+#: A shard's four tables, in the overlay: shard s, table t at ``overlay_index(s, t)``.
 LOG, META, DATA, TXNS = range(4)
 _TABLES = ("log", "meta", "data", "txns")
+
+
+def overlay_index(shard: int, table: int) -> int:
+    """Where ``table`` (``LOG``, ``META``... the index in ``_TABLES``) of ``shard`` sits
+    in the overlay."""
+    return len(_TABLES) * shard + table
 
 
 class _View:
@@ -135,8 +146,7 @@ class WalReplicaStorage:
                                           segment_bytes=segment_bytes)
             self._check_log_covers(position)
             checkpointed = [dict(r) for r in records]
-            displaced = self._replay(hard, records, position)
-            drop_torn_acceptances(hard, records, displaced)
+            self._replay(hard, records, position)
             check_recovered(self.path, hard, records)
             self._hard = hard  # per shard [promised, commit, applied, compacted]
             self._records = records  # per shard {slot: record}, handed to load() once
@@ -165,7 +175,7 @@ class WalReplicaStorage:
         hard, records, positions = [], [], []
         for shard, t in enumerate(self.tables):
             raw = txn.get(META_PAXOS, db=t.meta)
-            value = list(_NO_HARD_STATE) if raw is None else msgpack.unpackb(raw)
+            value = list(NO_HARD_STATE) if raw is None else msgpack.unpackb(raw)
             if type(value) is not list or len(value) != 4 or \
                     any(type(v) is not int for v in value):
                 raise _inconsistent(self.path, shard,
@@ -190,37 +200,29 @@ class WalReplicaStorage:
             f"directory whole, or wipe it and let the node rejoin from its peers (it then "
             f"receives a snapshot)", offset=wal.end, path=wal.path)
 
-    def _replay(self, hard: list, records: list, checkpoint_position: int) -> dict:
-        """The hard state and records the log adds to the checkpoint's.
+    def _replay(self, hard: list, records: list, checkpoint_position: int) -> None:
+        """Lay what the log adds over the checkpoint's hard state and records
+        (``kvstore.storage.replay``: a later record for a slot wins, torn
+        acceptances dropped), the Paxos records rebuilt from the log's entries.
 
         The whole log kept is replayed, not only what lies past the checkpoint's
         position: a record it holds is never older than LMDB's for its slot (LMDB
         has only what the log held before that position, and the log kept is
         its newest part), and a directory written before issue 19's fix may have
-        checkpointed a position past records that never reached LMDB.
+        checkpointed a position past records that never reached LMDB."""
+        logs = replay(self._log_records(checkpoint_position), self.nshards,
+                      [(h[0], h[1]) for h in hard])
+        for shard_hard, shard_records, log in zip(hard, records, logs):
+            shard_hard[0], shard_hard[1] = log.promised, log.commit
+            for slot, e in log.entries.items():
+                shard_records[slot] = encode_record(slot, e.ballot, e.kind, e.payload)
 
-        Returns the records a later one replaced, per ``(shard, slot)`` oldest first: a
-        torn append's record must not take its slot's acknowledged one with it
-        (``drop_torn_acceptances``)."""
-        skipped_group = None
-        displaced: dict = {}
-        for position, group, r in self.wal.replay_groups(self.wal.first_position):
-            if self.bugs.replay_past_checkpoint and position >= checkpoint_position and \
-                    skipped_group in (None, group):
-                skipped_group = group  # planted: the first append past the checkpoint
-                continue
-            if not 0 <= r.shard < self.nshards:
-                continue  # not a record of this node's shards (an embedded store's, say)
-            if r.kind == KIND_ENTRY:
-                before = records[r.shard].get(r.slot)
-                if before is not None and before != r.payload:
-                    displaced.setdefault((r.shard, r.slot), []).append(before)
-                records[r.shard][r.slot] = r.payload
-            elif r.kind == KIND_PROMISE:
-                hard[r.shard][0] = max(hard[r.shard][0], r.ballot)
-            elif r.kind == KIND_COMMIT_POINT:
-                hard[r.shard][1] = max(hard[r.shard][1], r.slot)
-        return displaced
+    def _log_records(self, checkpoint_position: int):
+        """The log kept, as ``replay`` reads it (less the append the planted bug skips)."""
+        records = self.wal.replay_groups(self.wal.first_position)
+        if not self.bugs.replay_past_checkpoint:
+            return records
+        return _skip_first_append_past(records, checkpoint_position)
 
     def _replayed(self, hard: list, records: list, checkpointed: list) -> dict:
         """The overlay's first generation: per shard, the hard state and every record
@@ -231,8 +233,8 @@ class WalReplicaStorage:
             log_level = {slot_key(slot): rec for slot, rec in shard_records.items()
                          if slot > shard_hard[3] and before.get(slot) != rec}
             if log_level:
-                generation[4 * s + LOG] = log_level
-            generation[4 * s + META] = {META_PAXOS: msgpack.packb(shard_hard)}
+                generation[overlay_index(s, LOG)] = log_level
+            generation[overlay_index(s, META)] = {META_PAXOS: msgpack.packb(shard_hard)}
         return generation
 
     def load(self, shard: int) -> PersistedState:
@@ -255,7 +257,7 @@ class WalReplicaStorage:
         the LMDB read transaction they are read with begins (data only moves from the
         overlay into LMDB, and is in LMDB before it leaves the overlay, so a reader
         that looks at the generations first and LMDB second misses nothing)."""
-        return [self.overlay.levels(4 * shard + i) for i in range(4)]
+        return [self.overlay.levels(overlay_index(shard, i)) for i in range(4)]
 
     def _view(self, txn, shard: int, levels: list, pending: list | None = None) -> _View:
         """``shard``'s tables in ``txn`` under ``levels`` (``_levels``), and first the
@@ -303,9 +305,9 @@ class WalReplicaStorage:
                     hard[0] = w.promised
                     promises.append(Record(KIND_PROMISE, s, ballot=w.promised))
                 for rec in w.records:
-                    slot = int.from_bytes(rec[8:16], "little")
-                    records.append(Record(KIND_ENTRY, s, slot=slot, payload=rec))
-                    pending[LOG][slot_key(slot)] = rec
+                    record = _entry_record(s, rec)
+                    records.append(record)
+                    pending[LOG][slot_key(record.slot)] = rec
                 if w.commit_index is not None and w.commit_index > hard[1]:
                     hard[1] = w.commit_index
                     commit_points[s] = w.commit_index
@@ -314,15 +316,16 @@ class WalReplicaStorage:
                     hard[3] = w.compacted_through
                 if w.committed:
                     view = self._view(txn, s, levels[s], pending)
-                    hard[2] = apply_entries(view, self.tables[s], s, w.committed, hard[2], results)
+                    hard[2] = apply_entries(view, self.tables[s], s, w.committed, hard[2], results,
+                                             w.decoded)
                 w.applied_index = hard[2]
                 pending[META][META_PAXOS] = msgpack.packb(hard)
                 for i, level in enumerate(pending):
                     if level:
-                        published[4 * s + i] = level
+                        published[overlay_index(s, i)] = level
                 # the overlay's applied slots end up as META_APPLIED (the embedded store's
                 # name; the node's own point is in META_PAXOS): never negative there
-                slots.extend((4 * s + i, max(hard[2], 0)) for i in range(4))
+                slots.extend((overlay_index(s, i), max(hard[2], 0)) for i in range(4))
 
         if self._checkpoint_thread:
             self.checkpointer.wait_for_room()
@@ -336,7 +339,7 @@ class WalReplicaStorage:
             applied(results)
         if records or promises:
             # the commit points ride with the next append that has to be synced anyway
-            records += [Record(KIND_COMMIT_POINT, s, slot=c) for s, c in commit_points.items()]
+            records += [commit_point([(s, c)]) for s, c in commit_points.items()]
             records += promises  # last: a promise on disk implies what came before it
             commit_points.clear()
             if self.bugs.commit_point_before_records:  # planted: the commit points first
@@ -442,34 +445,24 @@ class WalReplicaStorage:
             self.storage.close()
 
 
-def drop_torn_acceptances(hard: list, records: list, displaced: dict | None = None) -> None:
-    """Forget acceptances above the commit point at a ballot above the promise.
+def _entry_record(shard: int, rec: bytes) -> Record:
+    """The log record of a Paxos record the replica made: its header's slot, ballot and
+    kind in the log record's, its payload as the entry's (checksummed once, by the
+    log record; ``_replay`` rebuilds the Paxos record). The replica's own record is
+    trusted (this process made it): its header is read, its CRC not checked again."""
+    slot, ballot, kind, payload = record_fields(rec)
+    return Record(KIND_ENTRY, shard, slot, ballot, payload, kind)
 
-    A save appends a shard's promise after its records (``save``), so an append
-    torn by a crash can keep records accepted at a ballot whose promise it lost.
-    Nothing of that save was announced (messages leave only once it returned), so
-    those acceptances were never counted by anyone: dropping them is what the
-    crash did anyway. (At or below the commit point a record is a chosen value,
-    whatever the ballot it carries.) But the slot keeps the newest record the
-    torn one replaced (``displaced``, from the replay) that the promise covers:
-    that acceptance was durable and maybe announced, and forgetting it would make
-    this node an amnesiac acceptor (the real-node simulator found it: a leader's
-    Accept for a slot this node had acknowledged at a lower ballot, torn before
-    its promise)."""
-    displaced = displaced or {}
-    for shard, (shard_hard, shard_records) in enumerate(zip(hard, records)):
-        promised, commit = shard_hard[0], shard_hard[1]
-        for slot in [s for s in shard_records if s > commit]:
-            try:
-                _slot, ballot, _kind, _payload = decode_record(shard_records[slot])
-            except CorruptRecord:
-                continue  # check_recovered names it
-            if ballot > promised:
-                del shard_records[slot]
-                for older in reversed(displaced.get((shard, slot), ())):
-                    if decode_record(older)[1] <= promised:
-                        shard_records[slot] = older
-                        break
+
+def _skip_first_append_past(records, position: int):
+    """``records`` without the first append at or past ``position`` (a planted bug:
+    ``NodeBugs.replay_past_checkpoint``)."""
+    skipped = None
+    for item in records:
+        if item[0] >= position and skipped in (None, item[1]):
+            skipped = item[1]
+            continue
+        yield item
 
 
 def check_recovered(path: str, hard: list, records: list) -> None:
@@ -479,8 +472,8 @@ def check_recovered(path: str, hard: list, records: list) -> None:
     ``[promised, commit, applied, compacted]`` and the records above the
     compaction point: ``-1 <= compacted <= applied <= commit``; every record
     validates, sits at its own slot, and above the commit point was accepted at
-    a ballot the promise covers (``drop_torn_acceptances`` ran first); and every slot above the compaction point up to the commit point is
-    held (the replica applies them, and serves them to its peers). A state
+    a ballot the promise covers (the replay dropped torn acceptances); and every slot above
+    the compaction point up to the commit point is held (the replica applies them, and serves them to its peers). A state
     that fails this was damaged on disk, or by a bug: the node must not vote
     with it."""
     for shard, (shard_hard, shard_records) in enumerate(zip(hard, records)):
@@ -538,4 +531,4 @@ def _slot_ranges(slots: list, shown: int = 4) -> str:
     return f"{word} {', '.join(text[:-1]) + ' and ' if len(text) > 1 else ''}{text[-1]}"
 
 
-__all__ = ["WalReplicaStorage", "check_recovered"]
+__all__ = ["WalReplicaStorage", "check_recovered", "WAL_DIR"]

@@ -1,4 +1,9 @@
-"""Multi-Paxos for one shard, as a pure state machine (see ``replica.py``)."""
+"""Multi-Paxos for one shard, as a pure state machine (see ``replica.py``).
+
+``replica`` (the core protocol), ``reads``, ``snapshots``, ``recovery`` (rooms of
+``Replica``), ``interface`` (``Config``, ``Ready``, ``Entry``... what a driver sees),
+``messages``, ``ballot``, ``batch``.
+"""
 
 from kvstore.paxos.ballot import ballot_node, ballot_round, make_ballot
 from kvstore.paxos.messages import Message, from_wire, to_wire

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from kvstore.paxos.ballot import BALLOT_MAX, ballot_node, ballot_round
+from kvstore.paxos.ballot import BALLOT_MAX, ballot_node, ballot_round, format_ballot
 
 PRE_VOTE = "PreVote"
 PRE_VOTE_REPLY = "PreVoteReply"
@@ -112,7 +112,7 @@ class Message:
     done: bool = False
 
     def __str__(self) -> str:
-        parts = [f"{self.type} {self.frm}->{self.to} b={self.ballot >> 16}.{self.ballot & 0xFFFF}"]
+        parts = [f"{self.type} {self.frm}->{self.to} b={format_ballot(self.ballot)}"]
         for f in fields(self)[4:]:
             v = getattr(self, f.name)
             if v != f.default:

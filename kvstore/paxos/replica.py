@@ -5,12 +5,23 @@ reads (``read``), and hands back what must happen next as a :class:`Ready`. It
 does no I/O, reads no clock and uses no global randomness (the config carries a
 seeded ``random.Random``, or anything with its ``randrange``).
 
+The replica is one class in rooms: this module holds the core protocol (elections,
+phases 1 and 2, the commit point, compaction and the ``Ready``); ``kvstore.paxos.reads``
+the linearizable reads, ``kvstore.paxos.snapshots`` the snapshot transfer,
+``kvstore.paxos.recovery`` the wiped-node recovery, each a mixin of ``Replica`` sharing
+its state; ``kvstore.paxos.interface`` what the driver sees (``Config``, ``Ready``...).
+Long module: it stays over 600 lines on purpose: its handlers (``_on_prepare``,
+``_on_promise``, ``_on_accept``, ``_on_accepted``, ``_become_leader``...) keep the
+invariants stated below together (a Promise shows every accepted value above the
+candidate's commit point; every entry at or below ``commit_index`` is chosen), and
+cutting them apart would put one invariant's halves in two files.
+
 Driver loop (the node's, or the simulator's) -- the ordering contract::
 
     while True:
         feed replica.step(m) / replica.tick() / replica.propose(cmd) / replica.read(rid)
         if replica.has_ready():
-            rd = replica.ready()
+            rd = replica.ready()    # handed out: from here the replica counts rd as done
             1. persist rd.promised / rd.commit_index, rd.records (overwrite by slot),
                rd.snapshot, and delete log records <= rd.compacted_through,
                in ONE durable (synced) write;
@@ -19,7 +30,15 @@ Driver loop (the node's, or the simulator's) -- the ordering contract::
                rd.committed in order (slot order, each exactly once; rule 4);
             4. serve rd.reads (their read index is now applied; rule 6);
             5. fail rd.dropped_commands / rd.dropped_reads back to their clients;
-            6. replica.advance(rd)
+            6. replica.advance(rd)  (nothing left to do: see ``advance``)
+
+``ready()`` does the bookkeeping that etcd's raft leaves to ``Advance``: it moves
+``applied_index`` to the commit point and empties the replica's outboxes as it
+builds the Ready. So the driver must carry out all of ``rd`` (steps 1-5) before it
+calls into the replica again, and if it cannot (a save that fails), it must drop
+the replica and restart from what is durable (the node's loop raises out of
+``turn`` and the process exits: ``kvstore.server``); a replica never sees a Ready
+half done.
 
 The phases: a candidate picks a ballot above any it has seen, runs phase 1 for
 every slot above its commit point (one Prepare covers them all), re-proposes in
@@ -110,22 +129,21 @@ or lost its disk, and the leader resends from there (or sends a snapshot).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
-
-from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority
+from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority, record_fields
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import ballot_node, ballot_round, format_ballot, make_ballot, next_round
 from kvstore.paxos.batch import decode_batch, encode_batch
+from kvstore.paxos.interface import (CANDIDATE, FOLLOWER, KIND_BATCH, KIND_NOOP, LEADER, PRE_CANDIDATE, Bugs,
+                                     Config, Entry, NotLeader, PersistedState, Ready, Snapshot)
 from kvstore.paxos.messages import Message
+from kvstore.paxos.reads import Reads, _ReadIndexAsk, _ReadRound
+from kvstore.paxos.recovery import WipedRecovery, _Recovery
+from kvstore.paxos.snapshots import SnapshotTransfer, _SnapshotIn
 
-KIND_NOOP = 0
-KIND_BATCH = 1  # payload: msgpack list of command bytes
-
-FOLLOWER = "follower"
-PRE_CANDIDATE = "pre-candidate"
-CANDIDATE = "candidate"
-LEADER = "leader"
+#: The driver's vocabulary, importable from here as before the replica had rooms.
+__all__ = ["Replica", "Config", "Bugs", "PersistedState", "Entry", "Snapshot", "Ready", "NotLeader",
+           "KIND_NOOP", "KIND_BATCH", "FOLLOWER", "PRE_CANDIDATE", "CANDIDATE", "LEADER",
+           "TALLY_WINDOW", "SLOT_SPAN_MAX", "ROUND_JUMP_MAX"]
 
 TALLY_WINDOW = 4096
 #: A peer's message is ignored when it names a slot this far above the commit point
@@ -139,163 +157,6 @@ SLOT_SPAN_MAX = 1 << 24
 ROUND_JUMP_MAX = 1 << 32
 
 
-class NotLeader(Exception):
-    """This replica does not lead; ``leader_hint`` is the node it believes does (or None)."""
-
-    def __init__(self, leader_hint: int | None) -> None:
-        super().__init__(f"not the leader (hint: {leader_hint})")
-        self.leader_hint = leader_hint
-
-
-@dataclass(frozen=True)
-class Bugs:
-    """Planted bugs, for tests of the simulator only. All off by default."""
-
-    # (a) acceptances go to a write-behind buffer flushed every election timeout (like a
-    # journal synced on a timer), so Accepted is announced before the acceptance is durable
-    announce_before_persist: bool = False
-    repropose_lowest: bool = False  # (b) new leader re-proposes the lowest-ballot value
-    apply_out_of_order: bool = False  # (c) committed entries handed out in reverse slot order
-    read_without_quorum: bool = False  # (d) reads answered without the confirmation round
-    # (e) promise handling: a duplicate of a Prepare already promised is answered without the
-    # compaction check, and the candidate trusts whatever records a Promise shows (issue 10)
-    duplicate_prepare_unchecked: bool = False
-    # (f) phase-1 recovery: the new leader re-proposes from its own log only, ignoring the
-    # values its promisers reported
-    recover_from_own_log: bool = False
-    accept_below_promise: bool = False  # (g) a follower accepts an Accept below its promise
-    election_quorum_short: bool = False  # (h) quorum counting: one promise short of a majority elects
-    # (i) commit-point propagation: a follower commits whatever it holds up to the leader's
-    # commit point, whatever ballot its entries were accepted at
-    commit_any_ballot: bool = False
-    snapshot_backwards: bool = False  # (j) a snapshot at or below the commit point is installed
-    # (k) read index: a new leader serves reads before its own no-op commits, i.e. before it
-    # knows every slot chosen under earlier leaders
-    read_before_own_noop: bool = False
-    # (l) follower reads: a follower serves a read as soon as the leader's read index comes
-    # back, without waiting until it has applied up to that index
-    follower_read_before_apply: bool = False
-    # (m) lease reads: the leader keeps its lease across a clock jump (a pause it slept
-    # through), i.e. ``clock_jumped`` is ignored
-    lease_survives_clock_jump: bool = False
-    # (n) peer input: the simulator's byzantine sender reaches the replica without the wire's
-    # range checks or the node's payload checks, and the replica's own guards (``_ignored``,
-    # ``snapshot_ok``) are off
-    unchecked_peer_input: bool = False
-    # (o) snapshots: one is installed from any sender at any ballot (the rule before issue 18)
-    snapshot_from_anyone: bool = False
-    # (p) a node that restarts with no Paxos state (a wiped disk) votes at once, as if it
-    # had never promised or accepted anything (no recovery: see "Wiped nodes" above)
-    wiped_votes_at_once: bool = False
-
-
-class Jitter(Protocol):
-    """The one thing the replica asks of randomness: a seeded ``random.Random`` has it."""
-
-    def randrange(self, stop: int) -> int: ...
-
-
-@dataclass
-class Config:
-    node: int
-    num_nodes: int
-    rng: Jitter
-    election_timeout_ticks: int = 10
-    heartbeat_interval_ticks: int = 2
-    pipeline_window: int = 32  # slots in flight above the commit point, at most
-    batch_commands_max: int = 64  # commands per log entry
-    entries_per_message_max: int = 32
-    pending_commands_max: int = 4096  # proposals waiting for the window; beyond: dropped
-    snapshot_chunk_bytes: int = 4096
-    #: Snapshot chunks a sender keeps in flight to one receiver, at most: each SnapshotAck
-    #: slides the window; with no ack for ``snapshot_resend_ticks`` it goes back to the
-    #: last acknowledged offset (go-back-N), never to the start.
-    snapshot_window_chunks: int = 8
-    snapshot_resend_ticks: int = 4
-    log_retain_slots: int = 32  # entries kept below a snapshot point, for cheap catch-up
-    pre_vote: bool = True
-    #: The application's check of a snapshot's state (it decodes), run before an
-    #: installed snapshot replaces anything; None accepts any bytes.
-    snapshot_ok: Callable[[bytes], bool] | None = None
-    #: Lease reads, off (0) by default. When > 0, a leader whose confirmation round (a
-    #: heartbeat quorum) started at its tick T serves reads without a round of their own
-    #: until its tick T + lease_read_ticks; and every replica refuses to promise a new
-    #: leader for an election timeout after it last heard the old one, or after it started.
-    #: The clock assumption: over one election timeout, the tick clocks of any two nodes
-    #: drift apart by at most D ticks, and lease_read_ticks <= election_timeout_ticks - D - 2
-    #: (a tick of granularity on each side); the driver delivers every elapsed tick before
-    #: it hands in a read, or calls ``clock_jumped()`` when it cannot (it stalled). Then no
-    #: other leader can be chosen while the lease holds, so the leader's commit point is a
-    #: read index without a quorum round.
-    lease_read_ticks: int = 0
-    bugs: Bugs = field(default_factory=Bugs)
-
-
-@dataclass
-class PersistedState:
-    """What a replica restarts from: everything a Ready asked to persist."""
-
-    promised: int = 0
-    commit_index: int = -1
-    records: list = field(default_factory=list)  # encoded records, any order
-    snapshot_index: int = -1
-    snapshot_data: bytes = b""
-    applied_index: int | None = None  # the application's applied point (>= snapshot_index)
-
-
-@dataclass
-class Entry:
-    """A committed log entry, to apply. ``commands`` is empty for a no-op."""
-
-    slot: int
-    ballot: int
-    kind: int
-    commands: list
-    #: Why the chosen value is not a batch of commands (it is applied as a no-op), or None.
-    #: Peers' records are checked before they are accepted, so only a log written
-    #: before that check can hold one; the node logs and counts it.
-    error: str | None = None
-
-
-@dataclass
-class Snapshot:
-    index: int  # every slot <= index is in it
-    data: bytes  # opaque, produced by the application
-
-
-@dataclass
-class Ready:
-    """Everything the driver must do, in field order (see the module docstring).
-
-    - ``promised``: the promise ballot to persist, or None if unchanged.
-      Durable BEFORE any of ``messages`` is sent.
-    - ``commit_index``: the commit point to persist (with the records), or None.
-    - ``records``: encoded log records (slot ascending) to persist, overwriting
-      any record at the same slot. Durable BEFORE ``messages`` are sent.
-    - ``snapshot``: an installed snapshot to persist, then restore the state
-      machine from BEFORE applying ``committed``; log records at slots <= its
-      index may be dropped.
-    - ``compacted_through``: log records at slots <= this may be deleted (the
-      application's snapshot covering them is already durable).
-    - ``messages``: to send, ONLY after the persist above is durable.
-    - ``committed``: entries to apply, in slot order, each exactly once.
-    - ``reads``: request ids of reads that may be served once ``committed`` is applied.
-    - ``dropped_commands`` / ``dropped_reads``: proposals and reads this replica
-      will not carry out (it lost leadership or was full); tell their clients.
-    """
-
-    promised: int | None = None
-    commit_index: int | None = None
-    records: list = field(default_factory=list)
-    snapshot: Snapshot | None = None
-    compacted_through: int | None = None
-    messages: list = field(default_factory=list)
-    committed: list = field(default_factory=list)
-    reads: list = field(default_factory=list)
-    dropped_commands: list = field(default_factory=list)
-    dropped_reads: list = field(default_factory=list)
-
-
 class _Progress:
     """The leader's view of one follower. Invariant: match < next."""
 
@@ -307,81 +168,7 @@ class _Progress:
         self.snapshot_sent_tick = -(1 << 30)
 
 
-class _SnapshotOut:
-    """A snapshot transfer to one receiver: a window of chunks in flight past ``acked``."""
-
-    __slots__ = ("index", "data", "ballot", "acked", "sent", "progress_tick", "retry_tick", "backoff")
-
-    def __init__(self, index: int, data: bytes, ballot: int, tick: int) -> None:
-        self.index = index
-        self.data = data
-        self.ballot = ballot
-        self.acked = 0  # bytes the receiver holds
-        self.sent = 0  # bytes sent (acked <= sent)
-        self.progress_tick = tick  # when ``acked`` last moved (or the transfer began)
-        self.retry_tick = tick  # when the window was last (re)sent from ``acked``
-        self.backoff = 1  # the resend interval's multiplier: doubles while nothing moves
-
-
-class _SnapshotIn:
-    """A snapshot transfer being received: the bytes held in order, a few chunks past them."""
-
-    __slots__ = ("key", "buf", "ahead")
-
-    def __init__(self, key: tuple) -> None:
-        self.key = key  # (sender, index, size): chunks of one sender's one transfer only
-        self.buf = bytearray()
-        self.ahead: dict = {}  # offset -> chunk, received out of order (at most a window)
-
-
-class _Recovery:
-    """A node without Paxos state finding out what it may have forgotten (module docstring).
-
-    ``phase`` 1: every other node reports its promise (a majority empty, this node
-    included, ends it: a fresh cluster); 2: every other node raises its promise to the
-    fence and reports again (promise, highest slot held); 3: this node learns the chosen
-    values up to ``target``, then raises its own promise to ``promise`` and votes.
-    """
-
-    __slots__ = ("nonce", "phase", "reports", "fence", "target", "promise", "asked_tick")
-
-    def __init__(self, nonce: int) -> None:
-        self.nonce = nonce
-        self.phase = 1
-        self.reports: dict = {}  # node -> (promise, highest slot held)
-        self.fence = 0
-        self.target = -1
-        self.promise = 0
-        self.asked_tick = 0
-
-
-class _ReadRound:
-    __slots__ = ("seq", "read_index", "request_ids", "remote", "acks", "start_tick")
-
-    def __init__(self, seq: int, read_index: int, request_ids: list, remote: list, me: int,
-                 start_tick: int = 0) -> None:
-        self.seq = seq
-        self.start_tick = start_tick  # the leader's tick when the round's heartbeats were made
-        self.read_index = read_index
-        self.request_ids = request_ids
-        self.remote = remote  # (follower, context) of ReadIndex requests answered by this round
-        self.acks = 1 << me
-
-
-class _ReadIndexAsk:
-    """A follower's ReadIndex request in flight (one at a time; it carries a batch of reads)."""
-
-    __slots__ = ("context", "leader", "ballot", "sent_tick", "request_ids")
-
-    def __init__(self, context: int, leader: int, ballot: int, sent_tick: int, request_ids: list) -> None:
-        self.context = context
-        self.leader = leader
-        self.ballot = ballot
-        self.sent_tick = sent_tick
-        self.request_ids = request_ids
-
-
-class Replica:
+class Replica(Reads, SnapshotTransfer, WipedRecovery):
     def __init__(self, config: Config, persisted: PersistedState | None = None) -> None:
         if not (1 <= config.num_nodes <= 64) or not (0 <= config.node < config.num_nodes):
             raise ValueError("bad node/num_nodes")
@@ -539,7 +326,7 @@ class Replica:
     # ------------------------------------------------------------------ role changes
     def _become_follower(self, leader: int | None) -> None:
         if self.role != FOLLOWER or leader != self.leader:
-            self._log_event(f"follower (leader {leader}, promised {self.promised >> 16}.{self.promised & 0xFFFF})")
+            self._log_event(f"follower (leader {leader}, promised {format_ballot(self.promised)})")
         if self.role == LEADER:
             self._out_dropped_commands.extend(self.pending_commands)
             self.pending_commands = []
@@ -575,7 +362,7 @@ class Replica:
             # a partition and delivered after the heal, when its granter follows a new
             # leader, would start a campaign that deposes that leader.
             self.campaign_context = self.rng.randrange(1 << 40) << 20
-            self._log_event(f"pre-vote for {b >> 16}.{self.id}")
+            self._log_event(f"pre-vote for {format_ballot(b)}")
             for i in range(self.n):
                 if i != self.id:
                     self._send(Message(M.PRE_VOTE, i, self.id, ballot=b, commit_index=self.commit_index,
@@ -598,7 +385,7 @@ class Replica:
         self.election_elapsed = 0
         self.attempts += 1
         self._reset_timeout()
-        self._log_event(f"campaign ballot {b >> 16}.{self.id}")
+        self._log_event(f"campaign ballot {format_ballot(b)}")
         self.promise_tally.reset(b)
         self.campaign_context = self.rng.randrange(1 << 40) << 20
         self.reports = {self.id: ([(s, *self.log[s]) for s in sorted(self.log) if s > self.commit_index],
@@ -659,7 +446,7 @@ class Replica:
         self.heartbeat_elapsed = 0
         self.election_elapsed = 0
         self.recent_active = 1 << self.id
-        self._log_event(f"leader at ballot {b >> 16}.{self.id}, re-proposing {c + 1}..{top}")
+        self._log_event(f"leader at ballot {format_ballot(b)}, re-proposing {c + 1}..{top}")
         self.tally.reset(b, c)
         for slot in range(c + 1, top + 1):
             v = best.get(slot)
@@ -725,37 +512,6 @@ class Replica:
         self.pending_commands.append(command)  # cut into entries at the next ready()
         return True
 
-    def read(self, request_id) -> None:
-        """Ask for a linearizable read; it comes back in ``Ready.reads`` when it may be served.
-
-        On the leader: batched into the next confirmation round (rule 6). On a follower that
-        knows a leader: batched into one ReadIndex request to it; the leader answers with the
-        read index once its own round confirms it still leads, and the read comes back once
-        this replica has applied up to that index. It comes back in ``Ready.dropped_reads``
-        instead if the leader changes (or this replica stops following it) before then, or if
-        no answer comes within an election timeout. Raises NotLeader when this replica
-        neither leads nor follows a known leader.
-        """
-        if self.role == LEADER:
-            if self.bugs.read_without_quorum or (self.ticks < self.lease_until and self._own_noop_committed()):
-                self.reads_confirmed.append((self.commit_index, request_id))  # (a lease read)
-                return
-            self.reads_queued.append(request_id)  # the confirmation round starts at the next ready()
-            return
-        self._check_follower_reads()
-        if self.role != FOLLOWER or self.leader is None:
-            raise NotLeader(self.leader)
-        self.follower_reads_leader = (self.leader, self._followed_ballot())
-        self.follower_reads_queued.append(request_id)  # asked at the next ready()
-
-    def clock_jumped(self) -> None:
-        """The driver could not deliver every elapsed tick (it stalled): a lease is void."""
-        if not self.bugs.lease_survives_clock_jump:
-            self.lease_until = -1
-            if self.read_round is not None:
-                # Its start was measured on the clock that jumped: it confirms its reads, but
-                # it starts no lease.
-                self.read_round.start_tick = -(1 << 62)
 
     def compact(self, index: int, data: bytes) -> None:
         """The application has durably saved a snapshot of its state through ``index``.
@@ -796,7 +552,7 @@ class Replica:
                     and not self.bugs.snapshot_from_anyone)
         if t == M.ACCEPT or t == M.PROMISE:
             top = self.commit_index + SLOT_SPAN_MAX
-            return any(int.from_bytes(rec[8:16], "little") > top for rec in m.records)
+            return any(record_fields(rec)[0] > top for rec in m.records)
         if (t == M.ACCEPTED or t == M.HEARTBEAT_REPLY) and not m.reject:
             # a follower can have accepted only what this leader proposed (slots < next_slot)
             return self.role == LEADER and m.ballot == self.ballot and m.match_index >= self.next_slot
@@ -971,7 +727,7 @@ class Replica:
             if m.hint > self.promised:
                 self.max_round = max(self.max_round, ballot_round(m.hint))
                 if self.role == LEADER:
-                    self._log_event(f"rejected by {m.frm} (promised {m.hint >> 16}.{m.hint & 0xFFFF})")
+                    self._log_event(f"rejected by {m.frm} (promised {format_ballot(m.hint)})")
                     self._become_follower(None)
             elif m.hint == 0 and self.role == LEADER and m.ballot == self.ballot:
                 # A node that does not vote yet (it is recovering: ``_learn``) holds the chosen
@@ -1057,100 +813,10 @@ class Replica:
                                    commit_index=self.commit_index, context=ctx))
 
     # ------------------------------------------------------------------ reads (rule 6)
-    def _own_noop_committed(self) -> bool:
-        return self.commit_index >= self.own_first_slot or self.bugs.read_before_own_noop
 
-    def _maybe_start_read_round(self) -> None:
-        if (self.role != LEADER or self.read_round is not None
-                or not (self.reads_queued or self.remote_queued) or not self._own_noop_committed()):
-            return
-        self._start_read_round()
-
-    def _start_read_round(self) -> None:
-        self.read_seq += 1
-        self.read_round = _ReadRound(self.read_seq, self.commit_index, self.reads_queued,
-                                     self.remote_queued, self.id, self.ticks)
-        self.reads_queued = []
-        self.remote_queued = []
-        if self.n > 1:
-            self._broadcast_heartbeat()
-        self._maybe_confirm_reads()
-
-    def _maybe_confirm_reads(self) -> None:
-        rr = self.read_round
-        if rr is None or bin(rr.acks).count("1") < majority(self.n):
-            return
-        self.reads_confirmed.extend((rr.read_index, rid) for rid in rr.request_ids)
-        if self.config.lease_read_ticks:
-            self.lease_until = max(self.lease_until, rr.start_tick + self.config.lease_read_ticks)
-        for follower, context in rr.remote:
-            self._send(Message(M.READ_INDEX_REPLY, follower, self.id, ballot=self.ballot,
-                               commit_index=rr.read_index, context=context))
-        self.read_round = None
-        self._maybe_start_read_round()
 
     # ------------------------------------------------------------------ follower reads
-    def _on_read_index(self, m: Message) -> None:
-        """The leader: a follower asks for a read index; it joins the next confirmation round."""
-        if self.role != LEADER or m.ballot != self.ballot:
-            self._send(Message(M.READ_INDEX_REPLY, m.frm, self.id, ballot=m.ballot, context=m.context,
-                               reject=True, hint=self.promised))
-            return
-        if self.bugs.read_without_quorum or (self.ticks < self.lease_until and self._own_noop_committed()):
-            self._send(Message(M.READ_INDEX_REPLY, m.frm, self.id, ballot=self.ballot,
-                               commit_index=self.commit_index, context=m.context))
-            return
-        self.remote_queued.append((m.frm, m.context))  # the round starts at the next ready()
 
-    def _on_read_index_reply(self, m: Message) -> None:
-        ask = self.read_ask
-        # Only the answer to the request in flight, from the leader (and ballot) it was asked
-        # of; that leader is still the one followed (``_check_follower_reads`` after every
-        # step drops the request the moment it is not).
-        if ask is None or m.context != ask.context or m.frm != ask.leader or m.ballot != ask.ballot:
-            return
-        self.read_ask = None
-        if m.reject:
-            self._out_dropped_reads.extend(ask.request_ids)
-            return
-        index = -1 if self.bugs.follower_read_before_apply else m.commit_index
-        self.reads_confirmed.extend((index, rid) for rid in ask.request_ids)
-
-    def _maybe_ask_read_index(self) -> None:
-        fl = self.follower_reads_leader
-        if self.read_ask is not None or not self.follower_reads_queued or fl is None:
-            return
-        self.read_ask_seq += 1
-        self.read_ask = _ReadIndexAsk(self.read_ask_seq, fl[0], fl[1], self.ticks, self.follower_reads_queued)
-        self.follower_reads_queued = []
-        self._send(Message(M.READ_INDEX, fl[0], self.id, ballot=fl[1], context=self.read_ask_seq))
-
-    def _drop_follower_reads(self) -> None:
-        """Every follower read not yet served fails back: the leader it relied on is gone."""
-        if self.follower_reads_leader is None:
-            return
-        dropped = list(self.follower_reads_queued)
-        if self.read_ask is not None:
-            dropped.extend(self.read_ask.request_ids)
-        dropped.extend(rid for _, rid in self.reads_confirmed)
-        self._out_dropped_reads.extend(dropped)
-        self.follower_reads_queued, self.read_ask, self.reads_confirmed = [], None, []
-        self.follower_reads_leader = None
-
-    def _check_follower_reads(self) -> None:
-        fl = self.follower_reads_leader
-        if fl is None:
-            return
-        if self.role != FOLLOWER or (self.leader, self._followed_ballot()) != fl:
-            self._drop_follower_reads()
-            return
-        ask = self.read_ask
-        if ask is not None and self.ticks - ask.sent_tick >= self.config.election_timeout_ticks:
-            self._log_event(f"no read index from {ask.leader} within an election timeout")
-            self._out_dropped_reads.extend(ask.request_ids)
-            self.read_ask = None
-        if not (self.follower_reads_queued or self.read_ask or self.reads_confirmed):
-            self.follower_reads_leader = None
 
     # ------------------------------------------------------------------ snapshots
     # Flow control: a sender keeps at most ``snapshot_window_chunks`` chunks in flight to one
@@ -1161,214 +827,10 @@ class Replica:
     # is dropped (the leader starts it again if the follower still needs it, and the
     # receiver's first ack moves it to where it stands). So a snapshot of any size finishes
     # over a network that loses, duplicates and reorders, at a window's pace.
-    def _send_snapshot(self, to: int, ballot: int) -> None:
-        if self.snapshot_index < 0:
-            return
-        out = self.snapshots_out.get(to)
-        if out is not None and out.index == self.snapshot_index:
-            return  # under way: its own timer resends
-        self.snapshots_out[to] = _SnapshotOut(self.snapshot_index, self.snapshot_data, ballot, self.ticks)
-        self._pump_snapshot(to)
 
-    def _pump_snapshot(self, to: int) -> None:
-        """Send the chunks of the window past what was sent already."""
-        out = self.snapshots_out[to]
-        size = len(out.data)
-        if size == 0:
-            self._send(Message(M.SNAPSHOT, to, self.id, ballot=out.ballot, snapshot_index=out.index,
-                               offset=0, size=0, data=b"", done=True))
-            return
-        step = max(1, self.config.snapshot_chunk_bytes)
-        end = min(size, out.acked + self.config.snapshot_window_chunks * step)
-        while out.sent < end:
-            chunk = out.data[out.sent:out.sent + step]
-            self._send(Message(M.SNAPSHOT, to, self.id, ballot=out.ballot, snapshot_index=out.index,
-                               offset=out.sent, size=size, data=chunk, done=out.sent + len(chunk) >= size))
-            out.sent += len(chunk)
-
-    def _on_snapshot_ack(self, m: Message) -> None:
-        out = self.snapshots_out.get(m.frm)
-        if out is None or out.index != m.snapshot_index or m.size != len(out.data):
-            return
-        if m.offset >= len(out.data):
-            del self.snapshots_out[m.frm]  # received whole (or not needed any more)
-            return
-        if m.offset > out.acked:
-            out.acked = m.offset
-            out.sent = max(out.sent, m.offset)
-            out.progress_tick = out.retry_tick = self.ticks
-            out.backoff = 1
-        elif m.offset == 0 and out.acked > 0:
-            out.acked = out.sent = 0  # the receiver holds none of it (it restarted): again
-        else:
-            return  # a duplicate or a late ack: the timer deals with a lost chunk
-        self._pump_snapshot(m.frm)
-
-    def _tick_snapshots(self) -> None:
-        cfg = self.config
-        for to, out in list(self.snapshots_out.items()):
-            if self.ticks - out.progress_tick >= 10 * cfg.election_timeout_ticks or out.index != self.snapshot_index:
-                del self.snapshots_out[to]
-                continue
-            wait = min(cfg.snapshot_resend_ticks * out.backoff, 2 * cfg.election_timeout_ticks)
-            if self.ticks - out.retry_tick >= wait:
-                out.retry_tick = self.ticks
-                out.backoff = min(out.backoff * 2, 64)
-                out.sent = out.acked  # go back N: from the last acknowledged offset
-                self._pump_snapshot(to)
-
-    def _ack_snapshot(self, m: Message, held: int) -> None:
-        self._send(Message(M.SNAPSHOT_ACK, m.frm, self.id, ballot=m.ballot, snapshot_index=m.snapshot_index,
-                           offset=held, size=m.size))
-
-    def _on_snapshot(self, m: Message) -> None:
-        # A snapshot holds only chosen values, so it is safe to install at any point above
-        # the commit point, but only from a replica that holds them: the leader of the
-        # ballot followed (``_ignored``), its content checked (``snapshot_ok``) before it
-        # replaces anything. Any other sender, a stale ballot or a forged chunk is ignored.
-        if self.role == LEADER or m.snapshot_index < 0 or m.size < 0:
-            return  # a leader's tally counts from its own commit point; it never jumps
-        stale = m.snapshot_index <= self.commit_index and not self.bugs.snapshot_backwards
-        if stale:
-            self._ack_snapshot(m, m.size)  # nothing more of it is needed here
-            return
-        key = (m.frm, m.snapshot_index, m.size)
-        sin = self.snapshot_inbound
-        # Chunks are joined only from one sender's one transfer: two nodes' snapshots of the
-        # same index need not be the same bytes, and a late chunk of an older transfer must not
-        # be spliced into a newer one.
-        if sin is None or sin.key != key:
-            if m.offset != 0:
-                self._ack_snapshot(m, 0)  # not the transfer held here: from the start, please
-                return
-            sin = self.snapshot_inbound = _SnapshotIn(key)
-        window = self.config.snapshot_window_chunks * max(1, self.config.snapshot_chunk_bytes)
-        held = len(sin.buf)
-        if m.offset == held:
-            sin.buf.extend(m.data)
-            while len(sin.buf) in sin.ahead:
-                sin.buf.extend(sin.ahead.pop(len(sin.buf)))
-        elif held < m.offset < held + window and m.data and len(sin.ahead) < self.config.snapshot_window_chunks:
-            sin.ahead[m.offset] = m.data
-        if len(sin.buf) > m.size:
-            self.snapshot_inbound = None  # inconsistent chunks: drop the transfer
-            return
-        self._ack_snapshot(m, len(sin.buf))
-        if len(sin.buf) != m.size:
-            return
-        self.snapshot_inbound = None
-        check = self.config.snapshot_ok
-        if check is not None and not self.bugs.unchecked_peer_input and not check(bytes(sin.buf)):
-            self._log_event(f"snapshot through {m.snapshot_index} from {m.frm} does not decode; ignored")
-            return
-        index, data = m.snapshot_index, bytes(sin.buf)
-        self._log_event(f"installing snapshot through {index}")
-        self.snapshot_index = index
-        self.snapshot_data = data
-        for s in [s for s in self.log if s <= index]:
-            del self.log[s]
-        self.log_start = index + 1
-        self.commit_index = index
-        self.applied_index = index
-        self._hard_dirty = True
-        self._out_snapshot = Snapshot(index, data)
-        self._out_records = {s: r for s, r in self._out_records.items() if s > index}
-        self._deferred_records = {s: r for s, r in self._deferred_records.items() if s > index}
-        if self.role == FOLLOWER and self.leader == m.frm:
-            if self.recovery is not None:
-                self._send_progress(M.ACCEPTED, m.frm, m.ballot, 0)
-            else:
-                b = self.promised
-                self._send(Message(M.ACCEPTED, m.frm, self.id, ballot=b, match_index=self._match(b),
-                                   commit_index=self.commit_index))
 
     # ------------------------------------------------------------------ wiped nodes
-    @property
-    def recovering(self) -> bool:
-        """True while this replica does not vote (it restarted with no Paxos state)."""
-        return self.recovery is not None
 
-    def _followed_ballot(self) -> int:
-        return self.learn_ballot if self.recovery is not None else self.promised
-
-    def _highest_held(self) -> int:
-        """The highest slot this replica holds anything at: accepted, chosen or snapshotted."""
-        return max(self._last_slot(), self.commit_index)
-
-    def _holds_nothing(self) -> bool:
-        return self.promised == 0 and not self.log and self.commit_index < 0 and self.snapshot_index < 0
-
-    def _recovery_ask(self) -> None:
-        rc = self.recovery
-        rc.asked_tick = self.ticks
-        for i in range(self.n):
-            if i != self.id and (rc.phase == 3 or i not in rc.reports):
-                self._send(Message(M.RECOVER, i, self.id, ballot=rc.fence, context=rc.nonce,
-                                   commit_index=rc.target if rc.phase == 3 else -1))
-
-    def _on_recover(self, m: Message) -> None:
-        """Any node, any role: report what a recovering node needs, after the fence.
-
-        The fence is a promise like any other: durable before the reply that announces it
-        leaves (rule 1), so the reporter accepts nothing below it afterwards. A node that is
-        recovering itself raises nothing: its promise stays 0 until it has recovered (its
-        durable marker), and it does not accept anything before then anyway.
-        """
-        if m.ballot > self.promised and self.recovery is None and m.ballot > 0:
-            self._set_promised(m.ballot)
-            if self.role != FOLLOWER:
-                self._become_follower(None)
-            self.leader = None
-        if self.role == LEADER and m.commit_index >= self.next_slot:
-            self.noop_target = max(self.noop_target, m.commit_index)
-        self._send(Message(M.RECOVER_REPLY, m.frm, self.id, hint=self.promised,
-                           match_index=self._highest_held(), commit_index=self.commit_index,
-                           context=m.context))
-
-    def _on_recover_reply(self, m: Message) -> None:
-        rc = self.recovery
-        if rc is None or rc.phase == 3 or m.context != rc.nonce:
-            return  # an answer to an earlier question (or an earlier incarnation's)
-        rc.reports[m.frm] = (m.hint, m.match_index)
-
-    def _advance_recovery(self) -> None:
-        rc = self.recovery
-        if rc.phase == 1:
-            if self._holds_nothing():
-                empty = 1 + sum(1 for p, h in rc.reports.values() if p == 0 and h < 0)
-                if empty >= majority(self.n):
-                    self._log_event("recovered: a majority holds no state (a new cluster); voting")
-                    self.recovery = None
-                    return
-            if len(rc.reports) < self.n - 1:
-                return
-            top = max(p for p, _h in rc.reports.values())
-            # Every ballot this node led before it lost its disk is <= top; the fence must be
-            # above them all, and need not be above top otherwise (no election for it).
-            rc.fence = make_ballot(ballot_round(top) + 1, 0) if top and ballot_node(top) == self.id else top
-            rc.phase, rc.reports, rc.nonce = 2, {}, rc.nonce + 1
-            self._log_event(f"recovering: fence {format_ballot(rc.fence)}")
-            self._recovery_ask()
-            return
-        if rc.phase == 2:
-            if len(rc.reports) < self.n - 1:
-                return
-            rc.promise = max(rc.fence, max(p for p, _h in rc.reports.values()))
-            rc.target = max(h for _p, h in rc.reports.values())
-            if self.n % 2 == 0:
-                # Any two majorities of an even cluster share two nodes: one that forgot its
-                # votes never is the only witness of a chosen value; and the others could not
-                # choose the slots up to the target without this node (in a 2-node cluster).
-                rc.target = -1
-            rc.phase = 3
-            self._log_event(f"recovering: learning the chosen values through {rc.target}")
-            self._recovery_ask()  # the leader fills slots up to the target if it must
-        if self.commit_index >= rc.target:
-            self.recovery = None
-            self._set_promised(max(rc.promise, self.promised))
-            self.learn_ballot = 0
-            self._log_event(f"recovered: promise {format_ballot(self.promised)}, chosen values held "
-                            f"through {self.commit_index}; voting")
 
     def _send_progress(self, reply_type: str, to: int, ballot: int, context: int) -> None:
         """A recovering node's answer to an Accept or Heartbeat: no vote (``reject``, no
@@ -1395,11 +857,6 @@ class Replica:
         self._send_progress(reply_type, m.frm, m.ballot, m.context)
 
     # ------------------------------------------------------------------ Ready
-    def _reads_due(self, applied: int) -> list:
-        due = [rid for idx, rid in self.reads_confirmed if idx <= applied]
-        if due:
-            self.reads_confirmed = [(i, r) for i, r in self.reads_confirmed if i > applied]
-        return due
 
     def has_ready(self) -> bool:
         if self.role == LEADER:
@@ -1418,7 +875,9 @@ class Replica:
                     or any(idx <= self.applied_index for idx, _ in self.reads_confirmed))
 
     def ready(self) -> Ready:
-        """Everything to do now; the replica treats it as handed out (call ``advance`` after)."""
+        """Everything to do now. The replica counts it as carried out from here (its
+        applied point moves to the commit point; its outboxes are emptied): the driver
+        does all of it before it calls into the replica again (module docstring)."""
         self._flush_proposals()
         self._maybe_start_read_round()
         self._maybe_ask_read_index()
@@ -1451,8 +910,9 @@ class Replica:
         return rd
 
     def advance(self, rd: Ready) -> None:
-        """The driver carried out ``rd`` (persisted, sent, applied)."""
-        # All bookkeeping happened in ready(); kept for the etcd-style contract.
+        """The driver carried out ``rd`` (persisted, sent, applied). A no-op: ``ready``
+        already did the bookkeeping (module docstring); drivers call it so that the
+        loop keeps etcd's shape and a replica that needs it later has its hook."""
         return None
 
     def status(self) -> dict:

@@ -38,7 +38,7 @@ import types
 
 from kvstore.client import txn as client_module
 from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
-from kvstore.machine.twopc import LOCKED
+from kvstore.commands import LOCKED
 from kvstore.errors import KVError, TransactionConflict, Unavailable
 from kvstore.sharding import shard_of
 from kvstore.transport import wire

@@ -1,8 +1,11 @@
-"""LMDB storage: one environment per data directory, four tables per shard.
+"""Storage: the write-ahead log and its one replay, the overlay, checkpoints, LMDB.
 
-``Storage`` owns the environment, the directory lock, map growth and the
-translation of LMDB errors into ``StorageError``; ``state`` applies commands to
-a shard's data table inside a transaction handed to it.
+``wal`` is the log both engines write (one record format), ``replay`` reads it
+back for both; ``overlay`` holds what the log has beyond the last checkpoint,
+``checkpoint`` moves it into LMDB. ``Storage`` owns the LMDB environment, the
+directory lock, map growth and the translation of LMDB errors into
+``StorageError``; ``kvstore.machine.data`` applies commands to a shard's data
+table inside a transaction handed to it.
 """
 
 from kvstore.storage.environment import ShardTables, Storage

@@ -28,6 +28,12 @@ What this layer does so that users never meet LMDB's sharp edges:
   process gets, best effort (a full disk must not stop an open);
 - every LMDB, OS, struct or msgpack error is translated at one choke point
   (``translate``) into a ``StorageError`` naming the path.
+
+Long module: 800 lines on purpose. ``Storage`` is one object's life, and its parts
+share one protocol: the checks at open decide the map's size, map growth pauses
+the readers that ``begin_read``/``end_read`` count and the writer that
+``write`` holds, and a fork's child must find all of it closed. Split by topic,
+each file would reach into the others' state. (Issue 20 left it whole.)
 """
 
 from __future__ import annotations

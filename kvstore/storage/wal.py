@@ -23,10 +23,22 @@ header and payload) whose payload starts with a 20-byte prefix::
     19     1    reserved, 0
 
 followed by the caller's payload. The record kinds serve an embedded store
-and a cluster node alike: ``KIND_ENTRY`` (a shard's log entry at slot and
-ballot), ``KIND_PROMISE`` (a shard's promised ballot, its hard state),
-``KIND_COMMIT_POINT`` (a shard's highest chosen slot), ``KIND_CHECKPOINT``
-(the state is durable up to the position in ``slot``).
+and a cluster node alike: ``KIND_ENTRY`` (a shard's log entry: the header's
+slot and ballot, the prefix's tag its entry kind, the payload the entry's
+payload; the one checksum is the log record's), ``KIND_PROMISE`` (a shard's
+promised ballot, its hard state), ``KIND_COMMIT_POINT`` (chosen slots: the
+header's ``(shard, slot)``, more pairs in the payload), ``KIND_CHECKPOINT``
+(the state is durable up to the position in ``slot``). ``kvstore.storage.replay``
+reads them back, for both.
+
+Format versions (the segment header's): 1 wrapped a cluster node's whole
+Paxos record (its own header and CRC) in an entry's payload; 2 (this one)
+carries the entry's fields in the log record itself. Read 1, write 2: the
+records of a format-1 segment are read translated into format 2
+(``kvstore.storage.legacy``, the upgrade path), and appends never go to such
+a segment but to a new one, in format 2. A segment of any other version (a
+newer release's) is refused (``StorageError`` naming the directory, in one
+line), never read, and nothing is changed.
 
 Recovery (``WriteAheadLog.open``) reads every segment. A record that does not
 validate at offset X of the LAST segment is a torn tail, cut at X, when no
@@ -66,6 +78,7 @@ from typing import Iterator, NamedTuple, Sequence
 from kvstore import _native
 from kvstore._native import RECORD_HEADER_SIZE
 from kvstore.errors import CorruptRecord, InvalidArgument, StorageError
+from kvstore.storage import legacy
 from kvstore.storage.environment import translate
 
 KIND_SEGMENT = 0
@@ -75,15 +88,19 @@ KIND_COMMIT_POINT = 3
 KIND_CHECKPOINT = 4
 KINDS = (KIND_ENTRY, KIND_PROMISE, KIND_COMMIT_POINT, KIND_CHECKPOINT)
 
+#: The log's directory inside a data directory (an embedded store's and a node's alike).
+WAL_DIR = "wal"
 SEGMENT_SUFFIX = ".wal"
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
-WAL_FORMAT_VERSION = 1
+WAL_FORMAT_VERSION = 2
 _MAGIC = b"kvstore-wal\0"
 _PREFIX = struct.Struct("<QQHBx")
 PREFIX_SIZE = _PREFIX.size
 RECORD_OVERHEAD = RECORD_HEADER_SIZE + PREFIX_SIZE
 _U32 = struct.Struct("<I")
 _SEGMENT_PAYLOAD = _MAGIC + struct.pack("<I", WAL_FORMAT_VERSION)
+#: The segment format versions this release reads (it writes WAL_FORMAT_VERSION only).
+READABLE_VERSIONS = (legacy.FORMAT, WAL_FORMAT_VERSION)
 SEGMENT_HEADER_SIZE = RECORD_OVERHEAD + len(_SEGMENT_PAYLOAD)
 _VERSION_BYTE = bytes([_native.FORMAT_VERSION])
 
@@ -160,13 +177,15 @@ class OsFiles:
 
 
 class _Segment:
-    __slots__ = ("start", "path", "end", "size")
+    __slots__ = ("start", "path", "end", "size", "version")
 
-    def __init__(self, start: int, path: str, end: int, size: int) -> None:
+    def __init__(self, start: int, path: str, end: int, size: int,
+                 version: int = WAL_FORMAT_VERSION) -> None:
         self.start = start  # position of byte 0 of the file
         self.path = path
         self.end = end  # position just past the segment's last record
         self.size = size  # bytes in the file
+        self.version = version  # its format (READABLE_VERSIONS)
 
 
 def segment_name(start: int) -> str:
@@ -174,7 +193,7 @@ def segment_name(start: int) -> str:
 
 
 def _encode(position: int, group: int, record: Record) -> bytes:
-    payload = _PREFIX.pack(position, group, record.shard, record.tag) + bytes(record.payload)
+    payload = _PREFIX.pack(position, group, record.shard, record.tag) + record.payload
     return _native.encode_record(record.slot, record.ballot, record.kind, payload)
 
 
@@ -196,6 +215,39 @@ def _read_at(data: bytes, offset: int, start: int):
     return Record(kind, shard, slot, ballot, payload[PREFIX_SIZE:], tag), end, group
 
 
+def _segment_version(first, path: str) -> int | None:
+    """The format version of a segment whose first record read is ``first`` (``_read_at``),
+    or None when that is no segment header (a torn creation). A version this release does
+    not read is refused, in one line naming the directory."""
+    if first is None or first[0].kind != KIND_SEGMENT:
+        return None
+    payload = first[0].payload
+    if len(payload) != len(_SEGMENT_PAYLOAD) or not payload.startswith(_MAGIC):
+        return None
+    (version,) = _U32.unpack_from(payload, len(_MAGIC))
+    if version not in READABLE_VERSIONS:
+        directory = os.path.dirname(os.path.dirname(path))
+        raise StorageError(
+            f"the write-ahead log of {directory} is in log format {version} ({path}); this "
+            f"kvstore reads formats {' and '.join(map(str, READABLE_VERSIONS))}: open it with "
+            f"the newer kvstore release that wrote it", directory)
+    return version
+
+
+def _upgraded(records: list, version: int, path: str) -> list:
+    """``records`` (``_scan``'s) of a segment of format ``version``, in this format."""
+    if version == WAL_FORMAT_VERSION:
+        return records
+    upgraded = []
+    for position, record, group in records:
+        if record.kind == KIND_ENTRY:
+            ballot, kind, payload = legacy.upgrade_entry(record.slot, record.tag,
+                                                         record.payload, path, position)
+            record = record._replace(ballot=ballot, tag=kind, payload=payload)
+        upgraded.append((position, record, group))
+    return upgraded
+
+
 def _later_append_after(data: bytes, offset: int, start: int) -> int | None:
     """Offset of a valid record after ``offset`` written by a later append, or None."""
     y = offset + 1
@@ -210,14 +262,16 @@ def _later_append_after(data: bytes, offset: int, start: int) -> int | None:
 
 
 def _scan(data: bytes, start: int, path: str, last: bool):
-    """``(records, end_offset, junk_end)`` of one segment's bytes.
+    """``(records, end_offset, junk_end, version)`` of one segment's bytes.
 
-    ``records`` is ``[(position, Record, group)]`` without the segment record;
-    ``end_offset`` None means the segment's own header is torn (last only).
+    ``records`` is ``[(position, Record, group)]`` without the segment record,
+    as the segment's format ``version`` wrote them; ``end_offset`` None means
+    the segment's own header is torn (last only; ``version`` is then None).
     """
     first = _read_at(data, 0, start)
     records: list[tuple[int, Record]] = []
-    if first is None or first[0].kind != KIND_SEGMENT or first[0].payload != _SEGMENT_PAYLOAD:
+    version = _segment_version(first, path)
+    if version is None:
         offset = 0
     else:
         offset = first[1]
@@ -229,7 +283,7 @@ def _scan(data: bytes, start: int, path: str, last: bool):
             offset = found[1]
     junk_end = len(data.rstrip(b"\0"))
     if junk_end <= offset:
-        return records, (offset if offset > 0 else None), offset
+        return records, (offset if offset > 0 else None), offset, version
     later = _later_append_after(data, offset, start) if last else None
     if not last or later is not None:
         why = (f"a record written by a later append follows at offset {later}"
@@ -238,7 +292,7 @@ def _scan(data: bytes, start: int, path: str, last: bool):
             f"corrupt log record in {path} at offset {offset} (log position "
             f"{start + offset}); not a torn tail: {why}. Nothing from it on is applied",
             offset=offset, path=path)
-    return records, (offset if offset > 0 else None), junk_end
+    return records, (offset if offset > 0 else None), junk_end, version
 
 
 class WriteAheadLog:
@@ -292,7 +346,7 @@ class WriteAheadLog:
             fd = self._os("opening a log segment", seg_path, f.open, seg_path)
             try:
                 data = self._os("reading a log segment", seg_path, f.read_all, fd)
-                _records, end_offset, junk_end = _scan(data, start, seg_path, last)
+                _records, end_offset, junk_end, version = _scan(data, start, seg_path, last)
                 if previous_end is not None and start != previous_end and end_offset is not None:
                     raise CorruptRecord(
                         f"log segment {seg_path} starts at position {start} but the one "
@@ -313,8 +367,10 @@ class WriteAheadLog:
                                  bytes(junk_end - end_offset), end_offset)
                     # What survived may be in the page cache only (a killed process).
                     self._os("syncing the log", seg_path, f.fdatasync, fd)
-                    self._fd, fd = fd, None
-                self._segments.append(_Segment(start, seg_path, start + end_offset, len(data)))
+                    if version == WAL_FORMAT_VERSION:  # else the next append starts one
+                        self._fd, fd = fd, None
+                self._segments.append(_Segment(start, seg_path, start + end_offset, len(data),
+                                               version))
                 previous_end = start + end_offset
             finally:
                 if fd is not None:
@@ -351,9 +407,9 @@ class WriteAheadLog:
                 data = self._os("reading a log segment", segment.path, f.read_all, fd)
             finally:
                 self._os("closing a log segment", segment.path, f.close, fd)
-            records, _end, _junk = _scan(data[:end - segment.start], segment.start,
-                                         segment.path, last=False)
-            for position, record, group in records:
+            records, _end, _junk, version = _scan(data[:end - segment.start], segment.start,
+                                                  segment.path, last=False)
+            for position, record, group in _upgraded(records, version, segment.path):
                 if position >= start:
                     yield position, group, record
 
@@ -513,7 +569,8 @@ class WriteAheadLog:
 
 
 __all__ = [
-    "WriteAheadLog", "Record", "OsFiles", "segment_name",
+    "WriteAheadLog", "Record", "OsFiles", "segment_name", "WAL_DIR", "WAL_FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "KIND_ENTRY", "KIND_PROMISE", "KIND_COMMIT_POINT", "KIND_CHECKPOINT", "KINDS",
     "RECORD_OVERHEAD", "SEGMENT_HEADER_SIZE", "DEFAULT_SEGMENT_BYTES",
 ]

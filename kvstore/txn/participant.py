@@ -11,7 +11,7 @@ state at that slot), and the lock keeps it so until the transaction is
 resolved. A transaction that lost its optimistic reads to writers several times
 takes its reads this way, prepared in every shard at once: once every shard has
 voted yes, every value read holds at one moment (all locks held), so it is
-serializable without a revision check (see ``kvstore.client.core``). If it writes,
+serializable without a revision check (see ``kvstore.client.txn``). If it writes,
 it then prepares its writes under the same transaction id: that prepare adds
 them to what the transaction holds (its locks are its own, so nothing another
 transaction did since can fail it but a lock on a key it did not lock), and it

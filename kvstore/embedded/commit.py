@@ -1,0 +1,164 @@
+"""The embedded store's write path: one group commit's batch applied, appended, published.
+
+``GroupCommitter`` hands the batch of requests the writers queued to one
+thread at a time (``commit_batch``): each request is applied onto a view of the
+overlay and LMDB (its result computed), the group's entries (one per shard,
+``kvstore.embedded.recovery.entry``) and their commit point are appended to the
+log in one ``pwrite`` and one ``fdatasync``, and only then are the writes
+published into the overlay and the results handed back.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from kvstore.commands import OP_TXN_WRITES
+from kvstore.embedded.groupcommit import Request
+from kvstore.embedded.recovery import entry
+from kvstore.errors import CorruptRecord, KVError, StorageError
+from kvstore.machine.data import apply_command, apply_writes, reads_still_valid
+from kvstore.storage.environment import THIRD_PARTY_ERRORS, translate
+from kvstore.storage.overlay import LazyRead, ShardView
+from kvstore.storage.replay import commit_point
+
+
+def commit_batch(store, batch: Sequence[Request]) -> None:
+    """Apply a batch onto the overlay's view, append its entries (one ``fdatasync``),
+    then publish its writes: nothing is visible, nor answered, before it is durable.
+
+    Only the group-commit leader runs this, one at a time, so the state the
+    batch was computed on cannot change before its writes are published.
+    If the append fails, nothing of the batch is published and every
+    request of it gets the error.
+    """
+    if store._storage.env is None:
+        raise KVError(f"the store at {store.path} is closed")
+    store._checkpointer.wait_for_room()
+    overlay, storage = store._overlay, store._storage
+    # No lock: only this thread publishes into ``active``; a freeze in between
+    # makes ``frozen`` the ``active`` read here (or a later one), a drop leaves its
+    # writes in LMDB, and the read transaction below is begun after both reads.
+    active = overlay.active
+    frozen = overlay.frozen
+
+    def begin():
+        # Begun after the generations were taken: whatever a checkpoint moved from
+        # them into LMDB meanwhile, this snapshot holds it with the same values.
+        with overlay.lock:
+            return storage.begin_read()
+
+    txn = LazyRead(begin)
+    pending: dict[int, dict] = {}
+    views: dict[int, ShardView] = {}
+
+    def view(shard: int) -> ShardView:
+        v = views.get(shard)
+        if v is None:
+            levels = [pending.setdefault(shard, {}), active[shard]]
+            if frozen is not None:
+                levels.append(frozen[shard])
+            v = views[shard] = ShardView(levels, txn, store._data[shard])
+        return v
+
+    try:
+        results = _apply_batch(store, view, batch)
+    except THIRD_PARTY_ERRORS as e:
+        raise translate(e, store.path, "applying a write") from e
+    finally:
+        if txn.txn is not None:
+            storage.end_read(txn.txn)
+    entries = results.entries
+    if entries:  # else barriers only (close waits behind in-flight commits)
+        pack = store._pack_command
+        records = [entry(shard, slot, commands, pack) for shard, slot, commands in entries]
+        slots = [(shard, slot) for shard, slot, _ in entries]
+        records.append(commit_point(slots))
+        checkpoint = store._checkpoint_record  # set by the checkpoint thread
+        if checkpoint is not None:
+            records.append(checkpoint)
+        try:
+            end = store._wal.append(records)
+        except StorageError as e:  # nothing of the batch is published
+            raise _log_error(store, e) from e
+        if store._checkpoint_record is checkpoint:
+            store._checkpoint_record = None
+        overlay.publish(pending, slots, end)
+    for request, result in zip(batch, results):
+        if type(result) is _Failed:
+            request.error = result.error
+        else:
+            request.result = result
+
+
+def _log_error(store, e: StorageError) -> StorageError:
+    """A failed append as the store's error: it names the data directory."""
+    if e.path == store.path or isinstance(e, CorruptRecord):
+        return e
+    hint = ("" if "disk full" in str(e) else
+            "; the log refuses writes until the store is closed and opened again")
+    return StorageError(f"{e}{hint}", store.path)
+
+
+def _apply_batch(store, view, batch: Sequence[Request]) -> "_BatchResults":
+    applied = store._overlay.applied
+    data = store._data
+    entries: dict[int, list] = {}
+    results = _BatchResults()
+    for request in batch:
+        payload = request.payload
+        if payload is None:  # a barrier (close waits behind in-flight commits)
+            results.append(None)
+        elif type(payload) is tuple:
+            shard, command = payload
+            try:
+                result = apply_command(view(shard), data[shard], applied[shard] + 1,
+                                       command)
+            except CorruptRecord as e:  # a corrupt value read by this command: it alone
+                results.append(_Failed(translate(e, store.path, "applying a write")))
+                continue
+            commands = entries.get(shard)
+            if commands is None:
+                commands = entries[shard] = []
+            commands.append(command)
+            results.append(result)
+        else:
+            try:
+                results.append(_apply_multi_shard(store, view, payload, entries))
+            except CorruptRecord as e:
+                results.append(_Failed(translate(e, store.path, "applying a transaction")))
+    results.entries = [(shard, applied[shard] + 1, commands)
+                       for shard, commands in sorted(entries.items())]
+    return results
+
+
+def _apply_multi_shard(store, view, payload, entries: dict) -> bool:
+    data, applied = store._data, store._overlay.applied
+    for shard, (reads, ranges, _writes) in payload.parts.items():
+        if not reads_still_valid(view(shard), data[shard], reads, ranges):
+            return False
+    for shard, (_reads, _ranges, writes) in payload.parts.items():
+        if writes:
+            apply_writes(view(shard), data[shard], applied[shard] + 1, writes)
+            entries.setdefault(shard, []).append((OP_TXN_WRITES, writes))
+    return True
+
+
+class _Failed:
+    """A request of a batch that failed alone (the others commit)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _BatchResults(list):
+    """Per-request results of one batch, plus the ``(shard, slot, commands)`` entries
+    it makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: list[tuple[int, int, list]] = []
+
+
+__all__ = ["commit_batch"]
