@@ -32,6 +32,10 @@ and at the end, after a liveness phase with every fault healed:
 - atomicity: each transaction's participants all carried out its recorded
   decision, and a client told "committed" got exactly that;
 - the money is all there.
+
+Long module: one seed's world of the abstract bank (its network, its participants and
+coordinators, the clients' plans, the faults and the checks) shares one random stream
+and one schedule; the checks read the world's private tables as the faults change them.
 """
 
 from __future__ import annotations

@@ -33,6 +33,12 @@ Checks on every run:
 - durability: every acknowledged write is in the chosen log;
 - linearizability of the client history (``check_history``);
 - liveness as above.
+
+Long module: the core simulator's world (nodes, network, clients, faults, checks) in one
+place. It keeps a driver loop of its own around the pure core, which issue 19 retires in
+favour of ``kvstore.sim.realnode``; it stays (``--core``) while three planted core bugs
+(``read_before_own_noop``, ``lease_survives_clock_jump``, ``duplicate_prepare_unchecked``)
+are found only here.
 """
 
 from __future__ import annotations

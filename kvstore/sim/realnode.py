@@ -55,6 +55,11 @@ Checks at restarts and at the end:
   (on 3 nodes or more: on 2, the one left is no majority).
 
 A failing seed prints the command that replays it exactly.
+
+Long module: one seed's world (the nodes and their ports, the network, the disks, the
+faults, the register clients and the per-step checks) draws from one random stream in one
+order; the bank workload (``realbank``), the byzantine sender (``realbyzantine``), the
+disk (``disk``) and the oracle (``oracle``) are their own modules already.
 """
 
 from __future__ import annotations
