@@ -242,6 +242,8 @@ def test_an_operator_adds_a_client_and_revokes_it_without_a_restart(secure_clust
             except AuthenticationFailed as e:
                 assert "authentication failed" in str(e)
                 break
+            except kvstore.Unavailable:
+                pass  # no answer in time (a loaded machine): alice was not let in; ask again
             assert time.monotonic() < deadline, "alice was still let in after revocation"
         with pytest.raises(kvstore.Unavailable):  # its open connection is heard no more
             kept.get(b"from-alice")
