@@ -169,6 +169,6 @@ def test_planted_2pc_bug_is_found(bug):
         ok, text = run_bank_seed(BankConfig(seed=seed, bugs=TxnBugs(**{bug: True})))
         if not ok:
             assert any(f in text.splitlines()[0] for f in BANK_FINDINGS[bug]), text.splitlines()[0]
-            assert f"python -m kvstore.sim --bank --seed {seed} --txn-bug {bug}" in text
+            assert f"python -m kvstore.sim --bank --model --seed {seed} --txn-bug {bug}" in text
             return
     pytest.fail(f"{bug} not found in 200 seeds")
