@@ -287,6 +287,27 @@ def test_an_inconsistent_persisted_state_is_refused_at_recovery(open_storage, tm
     assert "shard 0" in str(info.value) and "rejoin" in str(info.value)
 
 
+def test_a_recovering_node_that_learned_past_a_hole_restarts(open_storage, tmp_path):
+    """A node recovering from a lost disk (promise 0: it holds no vote) learns chosen
+    values as the leader sends them, with holes below some (slot 42 before 4-41): its
+    commit point stays below them. Seed 103221 of a 3-node sweep restarted such a node
+    after a checkpoint and the recovery check refused it ('slot 42 was accepted at ballot
+    1.1, above the promise 0.0'). What it learned is no vote: it starts (its replica
+    drops what lies above its commit point and learns it again)."""
+    st = open_storage(shards=1)
+    held = [put_entry(slot, b"k%d" % slot, b"v") for slot in (0, 1, 2, 3)]
+    learned, _ = put_entry(42, b"k42", b"v")
+    st.save([ShardWrite(0, commit_index=3, records=[rec for rec, _ in held] + [learned],
+                        committed=[entry for _, entry in held])])
+    st.close()  # checkpointed: the learned record is in LMDB now, with promise 0
+    again = WalReplicaStorage(str(tmp_path / "s"), 1)
+    try:
+        state = again.load(0)
+        assert (state.promised, state.commit_index) == (0, 3)
+    finally:
+        again.close()
+
+
 def test_a_save_whose_append_failed_leaves_nothing_behind(open_storage):
     """A full disk fails a save's append: nothing of it may reach LMDB by a later save
     or the checkpoint at close (its commit point there, without its records, would be

@@ -257,3 +257,11 @@ def test_the_oracle_lets_a_node_hold_the_chosen_value_instead_of_its_later_accep
     with pytest.raises(InvariantViolation, match="acceptance forgotten"):
         oracle.check(1, replica(b"another"))
     assert run(RealNodeConfig(seed=22515, nodes=3)).ok
+
+
+def test_a_wiped_node_that_learned_past_a_hole_restarts():
+    """Seed 103221 of a 3-node sweep: n0's disk was replaced, it learned slot 42 (chosen)
+    before slots 4-41, a checkpoint put it in LMDB with its promise still 0, and after a
+    power loss it could not restart ('accepted at ballot 1.1, above the promise 0.0'):
+    learned values are no vote (tests/test_replica_wal.py has the storage-level case)."""
+    assert run(RealNodeConfig(seed=103221, nodes=3)).ok

@@ -472,7 +472,8 @@ def check_recovered(path: str, hard: list, records: list) -> None:
     ``[promised, commit, applied, compacted]`` and the records above the
     compaction point: ``-1 <= compacted <= applied <= commit``; every record
     validates, sits at its own slot, and above the commit point was accepted at
-    a ballot the promise covers (the replay dropped torn acceptances); and every slot above
+    a ballot the promise covers (the replay dropped torn acceptances; a promise of 0, a
+    node recovering from a lost disk, covers what it learned); and every slot above
     the compaction point up to the commit point is held (the replica applies them, and serves them to its peers). A state
     that fails this was damaged on disk, or by a bug: the node must not vote
     with it."""
@@ -505,7 +506,10 @@ def _inconsistency(hard: list, records: dict) -> str | None:
             return f"the log record at slot {slot} does not validate ({e})"
         if record_slot != slot:
             return f"the log record kept at slot {slot} is slot {record_slot}'s"
-        if ballot > promised and slot > commit:
+        if ballot > promised and slot > commit and promised > 0:
+            # (A promise of 0 is a node recovering from a lost disk: it holds no vote, and
+            # what it holds above its commit point are chosen values it learned with holes
+            # below them, which its replica drops at start: paxos/replica.py, "Wiped nodes".)
             return (f"slot {slot} was accepted at ballot {format_ballot(ballot)}, above the "
                     f"promise {points}")
     missing = [slot for slot in range(compacted + 1, commit + 1) if slot not in records]
