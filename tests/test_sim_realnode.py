@@ -265,3 +265,12 @@ def test_a_wiped_node_that_learned_past_a_hole_restarts():
     power loss it could not restart ('accepted at ballot 1.1, above the promise 0.0'):
     learned values are no vote (tests/test_replica_wal.py has the storage-level case)."""
     assert run(RealNodeConfig(seed=103221, nodes=3)).ok
+
+
+def test_an_answer_to_a_request_forwarded_before_a_crash_completes_nothing_after_it():
+    """Seed 103726 of a 3-node sweep: n0 forwarded a client's put to the leader as forward
+    id 1, crashed, restarted and forwarded the same client's compare-and-set as forward id 1
+    again (its ids started over); the leader's late answer to the put (None) completed the
+    compare-and-set, whose effect took place: the history was not linearizable. Forward ids
+    now start at random per incarnation, and only the peer asked may answer."""
+    assert run(RealNodeConfig(seed=103726, nodes=3)).ok

@@ -63,6 +63,7 @@ class Forwarded:
     identity: object
     request_id: int
     since: float
+    to: int  # the peer it was forwarded to: only its answer counts
 
 
 class Intake:
@@ -101,16 +102,17 @@ class Intake:
         forwardable = type(identity) is bytes or identity[0] == "self"
         if forwardable and hint is not None and hint != self.index:
             forward_id = next(self._tokens)
-            self._forwarded[forward_id] = Forwarded(identity, request_id, self.clock.monotonic())
+            self._forwarded[forward_id] = Forwarded(identity, request_id, self.clock.monotonic(), hint)
             self._forward_out[hint].append((forward_id, op, args))
             return
         self._reply(identity, request_id, wire.STATUS_NOT_LEADER, hint)
 
     def _on_forwarded(self, frm: int, replies: list) -> None:
         for forward_id, status, value in replies:
-            w = self._forwarded.pop(forward_id, None)
-            if w is None:
-                continue
+            w = self._forwarded.get(forward_id)
+            if w is None or w.to != frm:
+                continue  # not an answer to a request this incarnation sent that peer
+            del self._forwarded[forward_id]
             if status == wire.STATUS_OK:
                 self._reply(w.identity, w.request_id, wire.STATUS_OK_FORWARDED, [value, frm])
             else:

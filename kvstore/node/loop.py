@@ -199,7 +199,11 @@ class Node(Intake, Resolver):
         self._forward_out: dict = defaultdict(list)  # peer -> [(forward_id, op, args)]
         self._fresh_slots: set | None = None  # (shard, slot) made durable by the save running
         self._decoded = DecodedCommands()  # log commands decoded at intake, until applied
-        self._tokens = itertools.count(1)
+        # Ids of what this node asks others (forwarded requests, 2PC requests): the answers
+        # come back by id, so an incarnation must not reuse its predecessor's ids (an answer
+        # to a request forwarded before a crash completed another one after the restart:
+        # a compare-and-set answered with a put's result, real-node sweep seed 103726).
+        self._tokens = itertools.count(self.rng.randrange(1 << 40) << 20)
         self._roles = [(r.role, r.leader_hint) for r in self.replicas]
         self._stopping = False
         self._ticks = 0
