@@ -274,3 +274,12 @@ def test_an_answer_to_a_request_forwarded_before_a_crash_completes_nothing_after
     compare-and-set, whose effect took place: the history was not linearizable. Forward ids
     now start at random per incarnation, and only the peer asked may answer."""
     assert run(RealNodeConfig(seed=103726, nodes=3)).ok
+
+
+def test_a_chosen_value_learned_at_its_original_ballot_is_no_vote_at_that_ballot():
+    """Seed 108613 of a 3-node sweep: a node recovering from a lost disk learned slot 7's
+    chosen value as a peer held it, at its original ballot 5.2, while the value was chosen
+    at 7.1 after ballot 6.0 had proposed a no-op there. The oracle counted the learned
+    record as the node's vote at 5.2 when it restarted, which made 5.2 'chosen' against
+    6.0's proposal: a check too strict, not a safety bug (oracle.recovered)."""
+    assert run(RealNodeConfig(seed=108613, nodes=3)).ok

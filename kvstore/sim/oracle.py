@@ -75,13 +75,23 @@ class Oracle:
         self.points[node] = (replica.commit_index, replica.applied_index)
         self.check(node, replica)
 
-    def recovered(self, node: int, log: dict) -> None:
-        """``node`` restarted holding ``log`` (slot -> (ballot, kind, payload, ...)): each is
-        an acceptance on its disk, a vote whether or not it was announced (the power may
-        have gone after a save's records were synced, before its messages left)."""
+    def recovered(self, node: int, log: dict, commit_index: int) -> None:
+        """``node`` restarted holding ``log`` (slot -> (ballot, kind, payload, ...)). Above
+        its commit point each record is an acceptance on its disk, a vote whether or not it
+        was announced (the power may have gone after a save's records were synced, before
+        its messages left). At or below it a record is a chosen value the node holds, not
+        necessarily its vote at the record's ballot: a node recovering from a lost disk
+        learns chosen values as the leader holds them, at their original ballot (seed
+        108613: slot 7 learned at ballot 5.2, the value chosen later at a higher ballot
+        after 6.0 had proposed another one; counted as a vote at 5.2 it made 5.2 look
+        chosen). Where the chosen value is known it must be that value; where it is not,
+        the record counts as a vote, as above."""
         for slot, (ballot, kind, payload, *_rest) in sorted(log.items()):
             self._proposed(slot, ballot, (kind, payload))
-            self._accepted(node, slot, ballot)
+            if slot <= commit_index and slot in self.chosen:
+                self._claimed_chosen(node, slot, (kind, payload))
+            else:  # a vote (on 1 node, its own vote chose it, maybe unannounced)
+                self._accepted(node, slot, ballot)
 
     def wiped(self, node: int) -> None:
         """``node`` lost its disk: what it announced is forgotten with it (that is the fault);

@@ -296,7 +296,7 @@ class SimNode:
         self.check_memory()
         self.applied_seen = [r.applied_index for r in self.node.replicas]
         for shard, r in enumerate(self.node.replicas):
-            sim.oracles[shard].recovered(self.index, r.log)
+            sim.oracles[shard].recovered(self.index, r.log, r.commit_index)
             sim.oracles[shard].restarted(self.index, r)
         self.promised_sent, self.matched_sent = {}, {}
         sim.log(f"n{self.index} starts (incarnation {self.incarnation})")
