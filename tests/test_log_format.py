@@ -6,6 +6,7 @@ later format is refused in one line and the directory left as it was."""
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -137,6 +138,15 @@ def test_a_format_1_batch_is_the_bytes_format_2_writes():
     assert legacy.batch_payload(commands) == entry(0, 1, commands).payload
 
 
+def fresh_ports(config: str) -> str:
+    """``config`` with each node's fixed address (the captured cluster's, in the kernel's
+    ephemeral range) moved to a port free now, and its peer port named beside it."""
+    from kvstore.server.local import free_port
+    return re.sub(r'address = "tcp://127\.0\.0\.1:\d+"',
+                  lambda _: f'address = "tcp://127.0.0.1:{free_port()}"\n'
+                            f'peer_address = "tcp://127.0.0.1:{free_port()}"', config)
+
+
 def served(tmp_path, data: str, shards: int, name: str = "n1", config: str | None = None
            ) -> str:
     """Start ``kvstore-server`` on ``data`` (or as ``name`` of ``config``), wait until it
@@ -144,7 +154,10 @@ def served(tmp_path, data: str, shards: int, name: str = "n1", config: str | Non
     from kvstore.server.local import free_port
     if config is None:
         config = str(tmp_path / "served.toml")
+        # Both ports named: the derived peer port (client port + 10000) can fall in the
+        # kernel's ephemeral range, where a busy machine's connections may hold it.
         Path(config).write_text(f'shards = {shards}\n[nodes.{name}]\naddress = '
+                                f'"tcp://127.0.0.1:{free_port()}"\npeer_address = '
                                 f'"tcp://127.0.0.1:{free_port()}"\ndata = "{data}"\n')
     p = subprocess.Popen([PYTHON, "-m", "kvstore.server", "--config", config, "--id", name],
                          stderr=subprocess.PIPE, env=child_env())
@@ -187,7 +200,7 @@ def test_the_captured_restart_crash_directory_is_read_whole_and_its_node_starts(
     with tarfile.open(REPRO) as tar:
         tar.extractall(tmp_path, filter="data")
     config = tmp_path / "cluster.toml"
-    config.write_text(config.read_text().replace("@DIR@", str(tmp_path)))
+    config.write_text(fresh_ports(config.read_text().replace("@DIR@", str(tmp_path))))
     data = str(tmp_path / "data" / "n2")
     assert segment_versions(data) == [1]
     st = WalReplicaStorage(data, 3, checkpoint_seconds=3600)
