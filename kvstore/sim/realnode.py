@@ -65,6 +65,7 @@ disk (``disk``) and the oracle (``oracle``) are their own modules already.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 import logging
 import os
 import random
@@ -130,6 +131,8 @@ class RealNodeConfig:
     # elect another and write; it wakes to the requests that waited in its inbox
     leader_pause_rate: float = 0.0
     lease_read_ticks: int = 0  # lease reads (0: off); swarm turns them on in some seeds
+    replay_rate: float = 0.0  # per tick: a peer frame sent lately arrives again
+    probe_rate: float = 0.0  # per tick: the read prober's gets (``Simulation.probe``)
     checkpoint_rate: float = 0.05  # per node per tick
     election_timeout_ticks: int = 10
     heartbeat_interval_ticks: int = 2
@@ -162,6 +165,7 @@ def swarm(config: RealNodeConfig, rng: random.Random) -> RealNodeConfig:
                    duplicate_rate=pick(0.0, 0.03, 0.1),
                    delay_max_ticks=pick(1, 3, 6),
                    long_delay_rate=pick(0.0, 0.005, 0.02),
+                   replay_rate=pick(0.0, 0.01, 0.05),
                    partition_rate=pick(0.0, 0.01, 0.03),
                    crash_rate=pick(0.003, 0.01, 0.02),
                    crash_in_save_rate=pick(0.2, 0.5, 0.8),
@@ -226,6 +230,10 @@ class SimTransport:
     def reply(self, identity: bytes, items: list) -> None:
         client = self.sim.client_by_identity.get(identity)
         if client is not None:
+            node = self.sim.nodes[self.index].node
+            if node is not None and type(client) is SimClient:
+                client.answered_at(self.index, items,
+                                   tuple(r.applied_index for r in node.replicas))
             self.sim.send(("node", self.index), ("client", client.index), CLIENT, identity,
                           wire.encode_replies(items))
 
@@ -293,6 +301,7 @@ class SimNode:
                          bugs=c.bugs)
         self.made, self.durable_upto = [], 0
         self.watch_readies()
+        self.watch_reads()
         self.check_memory()
         self.applied_seen = [r.applied_index for r in self.node.replicas]
         for shard, r in enumerate(self.node.replicas):
@@ -346,9 +355,12 @@ class SimNode:
         oracle), and every slot it applied holds the value chosen there, the one every
         other node applied (while the slot is still in its log)."""
         oracles, applied_values = self.sim.oracles, self.sim.applied_values
+        committed_high = self.sim.committed_high
         for shard, r in enumerate(self.node.replicas):
             oracle = oracles[shard]
             oracle.check(self.index, r)
+            if r.commit_index > committed_high[shard]:
+                committed_high[shard] = r.commit_index
             seen, now = self.applied_seen[shard], r.applied_index
             if now <= seen:
                 continue
@@ -444,6 +456,37 @@ class SimNode:
                 return rd
             r.ready = ready
 
+    def watch_reads(self) -> None:
+        """The read-index rule, checked where a read is served (the core simulator's "stale
+        read", here on the real node): a slot any node had committed when a read reached
+        this node's replica was chosen, so the read must be served with that slot applied,
+        on a leader (its read index, or its lease) as on a follower (the leader's read
+        index). Committed anywhere, not acknowledged: a read that comes while a new leader
+        has not yet learned what the old one committed is the case this catches, and it
+        needs no client to have seen the write."""
+        node, bounds = self.node, {}
+        committed_high = self.sim.committed_high
+        for shard, r in enumerate(node.replicas):
+            def read(token, read=r.read, shard=shard):
+                bounds[token] = committed_high[shard]
+                return read(token)
+            r.read = read
+        serve = node._serve_reads
+
+        def serve_reads(tokens: list) -> None:
+            for token in tokens:
+                w, bound = node.waiting_reads.get(token), bounds.pop(token, None)
+                if w is None or bound is None:
+                    continue
+                applied = node.replicas[w.shard].applied_index
+                if applied < bound:
+                    raise SimulationFailure(
+                        f"stale read: n{self.index} served a read of shard {w.shard} with "
+                        f"slot {applied} applied, but slot {bound} was committed before the "
+                        f"read reached it")
+            serve(tokens)
+        node._serve_reads = serve_reads
+
     def close(self) -> None:
         if self.node is not None:
             node, self.node = self.node, None
@@ -465,6 +508,8 @@ class SimClient:
         self.op: dict | None = None  # the operation in flight
         self.target = sim.rng.randrange(sim.config.nodes)
         self.last_value = {}  # key -> last value this client saw (for its cas)
+        # request id -> the lowest applied point (per shard) of the nodes that answered it OK
+        self.answer_points: dict = {}
 
     def start(self) -> None:
         sim, rng = self.sim, self.sim.rng
@@ -484,14 +529,38 @@ class SimClient:
             # one write at a time: every earlier one is answered or given up (floor = seq)
             op, args = wire.OP_WRITE, [shard, self.client_id, self.seq, self.seq, command]
         self.op = {"op": op, "args": args, "kind": kind, "key": key, "hist_args": hist_args,
-                   "call": sim.now, "request_id": None, "sent": None}
+                   "call": sim.now, "request_id": None, "sent": None, "shard": shard,
+                   "acked_before": sim.acked_high[shard]}
         self.send()
 
     def start_get(self, key: bytes) -> None:
         shard = shard_of(key, self.sim.config.shards)
         self.op = {"op": wire.OP_GET, "args": [shard, key, False], "kind": "get", "key": key,
-                   "hist_args": (), "call": self.sim.now, "request_id": None, "sent": None}
+                   "hist_args": (), "call": self.sim.now, "request_id": None, "sent": None,
+                   "shard": shard, "acked_before": self.sim.acked_high[shard]}
         self.send()
+
+    def answered_at(self, node: int, items: list, points: tuple) -> None:
+        """Node ``node`` answers this client, its shards applied up to ``points``.
+
+        The read-index check (the core simulator's "stale read"): every slot a node had
+        applied when it answered an operation was chosen, so a linearizable read that
+        starts after that answer reached its client must be served at that slot or later,
+        whatever key either touched (a read index covers every slot chosen before it).
+        A read answered below it is stale even when no key of the history shows it."""
+        op = self.op
+        for request_id, status, _value in items:
+            if op is None or request_id != op["request_id"] or status != wire.STATUS_OK:
+                continue
+            known = self.answer_points.get(request_id)
+            self.answer_points[request_id] = (points if known is None else
+                                              tuple(map(min, known, points)))
+            shard = op["shard"]
+            if op["kind"] == "get" and points[shard] < op["acked_before"]:
+                raise SimulationFailure(
+                    f"stale read: n{node} answered client {self.index}'s get of {op['key']!r} "
+                    f"with shard {shard} applied to {points[shard]}, but an answer given "
+                    f"before the get was called showed slot {op['acked_before']} applied")
 
     def send(self) -> None:
         """Send (or resend) the operation, under one request id for all its attempts as
@@ -525,6 +594,9 @@ class SimClient:
     def finish(self, result) -> None:
         op, self.op = self.op, None
         sim = self.sim
+        points = self.answer_points.pop(op["request_id"], None)
+        if points is not None:  # None: answered through a forward (the leader's point unseen)
+            sim.acked_high = list(map(max, sim.acked_high, points))
         kind, key = op["kind"], op["key"]
         if kind == "put":
             result = None
@@ -549,6 +621,7 @@ class SimClient:
             sim.history.append(Operation(self.index, op["key"], op["kind"], op["hist_args"],
                                          op["call"], None))
             self.op = None
+            self.answer_points.pop(op["request_id"], None)
             self.last_value.pop(op["key"], None)
             return
         if sim.now - op["sent"] >= c.client_retry_ticks:
@@ -573,12 +646,23 @@ class Simulation:
         self.queue: list = []  # (due, sequence, destination, source, identity, frame)
         self.sequence = 0
         self.cut: set = set()  # (a, b): node a's frames do not reach node b
+        self.recent: deque = deque(maxlen=256)  # peer frames sent lately, for replays
+        self.old: list = []  # a sample of older peer frames (1 in 32, 256 at most), too
+        self.prepares: deque = deque(maxlen=32)  # (node, shard, Prepare): the last campaigns'
         self.history: list = []
         # checked after every step: the Paxos invariants per shard, the values applied per slot
         self.oracles = [Oracle(config.nodes) for _ in range(config.shards)]
         self.applied_values = [{} for _ in range(config.shards)]
+        # per shard: the highest applied point any answer a client has received showed
+        self.acked_high = [-1] * config.shards
+        # per shard: the highest commit point any node has reached (after each turn)
+        self.committed_high = [-1] * config.shards
         byzantine = config.byzantine if config.byzantine is not None else config.seed % 3 == 2
         self.byzantine = RealNodeByzantine(self, config.seed) if byzantine else None
+        self.probe_rng = random.Random(config.seed * 2 + 1)
+        self.probe_requests = 0
+        if config.swarm:
+            config = self.config = replace(config, probe_rate=self.probe_rng.choice((0.0, 0.5, 1.0)))
         self.nodes = [SimNode(self, i, root) for i in range(config.nodes)]
         self.registers = [SimClient(self, i) for i in range(config.clients)]
         self.clients = list(self.registers)
@@ -616,6 +700,11 @@ class Simulation:
             self.sequence += 1
             heapq.heappush(self.queue, (self.now + 1 + delay, self.sequence, to, source,
                                         identity, frame))
+        if to[0] == "node" and c.replay_rate:
+            self.recent.append((to, source, identity, frame))
+            if rng.random() < 1 / 32:  # and a sample of older ones, kept far longer
+                self.old[rng.randrange(len(self.old)) if len(self.old) == 256 else len(self.old):
+                         ][:1] = [(to, source, identity, frame)]
 
     def deliver(self) -> None:
         while self.queue and self.queue[0][0] <= self.now:
@@ -639,6 +728,8 @@ class Simulation:
         oracles = self.oracles
         for shard, m in messages:
             oracles[shard].sent(index, m)
+            if m.type == M.PREPARE and self.config.replay_rate:
+                self.prepares.append((index, shard, m))
             if m.type not in (M.PROMISE, M.ACCEPTED, M.HEARTBEAT_REPLY):
                 continue
             # a granted Promise or Accepted announces its ballot; a refusal, its promise
@@ -690,6 +781,18 @@ class Simulation:
                 node = self.nodes[leaders[rng.randrange(len(leaders))]]
                 node.paused_until = self.now + c.election_timeout_ticks * rng.randint(1, 8)
                 self.log(f"n{node.index} (a leader) stalls until t{node.paused_until}")
+        if self.recent and rng.random() < c.replay_rate:
+            # a frame sent lately, or long ago, arrives again (a network that duplicated
+            # it): an old Prepare after a snapshot, an old Accept after a new leader's
+            pool = rng.choice((self.old or self.recent, self.recent, self.prepares or self.recent))
+            item = pool[rng.randrange(len(pool))]
+            if pool is self.prepares:  # a campaign's Prepare, after its leader wrote for long
+                frm, shard, m = item
+                item = (("node", m.to), PEER, b"node-%d" % frm, wire.encode_paxos(frm, [(shard, m)]))
+            to, source, identity, frame = item
+            self.log(f"an old frame to n{to[1]} arrives again")
+            self.sequence += 1
+            heapq.heappush(self.queue, (self.now + 1, self.sequence, to, source, identity, frame))
         for node in self.nodes:
             if node.up and rng.random() < c.checkpoint_rate:
                 try:
@@ -728,11 +831,30 @@ class Simulation:
         self.restarts()
         if self.byzantine is not None and self.byzantine.rng.random() < self.config.byzantine_rate:
             self.byzantine.inject()
+        self.probe()
         for node in self.nodes:
             if node.up:
                 node.turn()
         for client in self.clients:
             client.on_tick(may_start)
+
+    def probe(self) -> None:
+        """The read prober, in the seeds swarm gives one: a linearizable get now and then to
+        a node picked at random, its answer dropped. It is not in the history; it is there so
+        that reads reach every node at every moment (a leader just elected, a leader waking
+        from a stall with a lease), where ``watch_reads`` checks each one served. Its own
+        random stream: its draws move nothing else's."""
+        rng = self.probe_rng
+        if not self.config.probe_rate or rng.random() >= self.config.probe_rate:
+            return
+        target = rng.randrange(self.config.nodes)
+        key = rng.choice(KEYS)
+        self.probe_requests += 1
+        frame = wire.encode_request(self.probe_requests, wire.OP_GET,
+                                    [shard_of(key, self.config.shards), key, False])
+        self.sequence += 1
+        heapq.heappush(self.queue, (self.now + 1 + rng.randint(0, self.config.delay_max_ticks),
+                                    self.sequence, ("node", target), CLIENT, b"probe", frame))
 
     def leaders(self) -> list:
         """Per shard, the node every live node follows (None: not settled)."""
