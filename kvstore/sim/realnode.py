@@ -1,7 +1,8 @@
 """Deterministic simulation of the real node: ``python -m kvstore.sim`` (the default).
 
-Where ``kvstore.sim.cluster`` (``--core``) proves the Paxos core under a driver
-of its own, this module builds N real ``kvstore.node.loop.Node`` objects with
+The one simulator of the replicated store (the core's own driver, a copy of the
+node's loop, is retired: one driver, the one that runs). It builds N real
+``kvstore.node.loop.Node`` objects with
 real ``WalReplicaStorage``, and drives them through their ports
 (``kvstore.node.ports``): an in-memory transport, a clock the simulation moves, and
 per node a data directory whose write-ahead log lives in the power-loss twin
