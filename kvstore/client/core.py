@@ -17,7 +17,12 @@ awaits the same futures). The I/O thread:
   the same command: the replicated session table (``kvstore.machine.replica``)
   applies it once and answers retries with the first result. Each write
   carries the client's floor (its lowest write still in flight): the node
-  forgets the results below it, and ignores a late duplicate below it.
+  forgets the results below it, and ignores a late duplicate below it, never
+  answering it. So a seq is drawn only by the I/O thread, as the write enters
+  flight (``_admit``): every seq drawn later is above every floor already sent.
+  (Drawn by the caller thread, a seq could reach the I/O thread after a higher
+  one whose floor had passed it, and that write waited unanswered until its
+  deadline: ``Unavailable`` on a healthy cluster when threads share a client.)
 
 Reads (``get``, ``scan``) are linearizable by read index, and spread over the
 nodes: a read's first attempt goes to a node picked at random (among those not
@@ -94,7 +99,7 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED
 
 class _Call:
     __slots__ = ("request_id", "op", "shard", "payload", "deadline", "future", "target",
-                 "retry_at", "resend", "reached", "is_write", "sent_to")
+                 "retry_at", "resend", "reached", "is_write", "sent_to", "seq")
 
     def __init__(self, request_id, op, shard, payload, deadline, target=None) -> None:
         self.request_id = request_id
@@ -109,6 +114,7 @@ class _Call:
         self.reached = False
         self.is_write = op == wire.OP_WRITE
         self.sent_to = None  # the address of the last attempt
+        self.seq = 0  # a write's session seq: drawn by the I/O thread (``ClientCore._admit``)
 
 
 class ClientCore:
@@ -122,7 +128,8 @@ class ClientCore:
         self.nodes: list = list(addresses)  # addresses by node index, once known
         self.nshards = 0
         self.leaders: dict = {}  # shard -> node index
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(1)  # request ids: match replies to calls
+        self._seqs = itertools.count(1)  # write seqs: the I/O thread's alone, in admit order
         self._lock = threading.Lock()
         self._queue: deque = deque()
         self._closed = False
@@ -144,8 +151,7 @@ class ClientCore:
         self._inflight: dict = {}  # request_id -> _Call
         self._timers: list = []  # (time, request_id)
         self._out: dict = {}  # address -> [(request_id, op, args)] to send this turn
-        # heap of (seq, write call) in flight, for the floor: calls reach the I/O thread in
-        # any order of their seqs (several caller threads submit at once)
+        # heap of (seq, write call) in flight, for the floor (the lowest seq still unanswered)
         self._writes_inflight: list = []
         self._rotation = random.randrange(1 << 16)
         self._thread = threading.Thread(target=self._run, name="kvstore-client-io", daemon=True)
@@ -155,10 +161,10 @@ class ClientCore:
     def submit(self, op: str, shard, payload, timeout: float | None = None,
                target: str | None = None) -> Future:
         deadline = time.monotonic() + (timeout or self.timeout)
-        call = _Call(next(self._ids), op, shard, payload, deadline, target)
         with self._lock:
             if self._closed:
                 raise KVError("this connection is closed")
+            call = _Call(next(self._ids), op, shard, payload, deadline, target)
             self._queue.append(call)
             if len(self._queue) == 1:  # the I/O thread takes the whole queue per wake-up
                 self._wake_out.send(b"", zmq.NOBLOCK)
@@ -265,9 +271,7 @@ class ClientCore:
                 if closed:
                     break
                 for call in calls:
-                    self._inflight[call.request_id] = call
-                    if call.is_write:
-                        heapq.heappush(self._writes_inflight, (call.request_id, call))
+                    self._admit(call)
                     self._send(call)
                 for s in events:
                     if s in self._monitors:
@@ -293,6 +297,13 @@ class ClientCore:
             for m in self._monitors:
                 m.close(0)
             self._wake_in.close(0)
+
+    def _admit(self, call: _Call) -> None:
+        """``call`` enters flight; a write draws its seq now, above every floor sent so far."""
+        self._inflight[call.request_id] = call
+        if call.is_write:
+            call.seq = next(self._seqs)
+            heapq.heappush(self._writes_inflight, (call.seq, call))
 
     def _pick(self, call: _Call) -> str:
         if call.target is not None:
@@ -328,8 +339,8 @@ class ClientCore:
             writes = self._writes_inflight  # the lowest seq on top; answered ones leave it
             while writes and writes[0][1].future.done():
                 heapq.heappop(writes)
-            floor = writes[0][0] if writes else call.request_id
-            args = [call.shard, self.client_id, call.request_id, floor, call.payload]
+            floor = writes[0][0] if writes else call.seq
+            args = [call.shard, self.client_id, call.seq, floor, call.payload]
         else:
             args = call.payload
         out = self._out.get(address)
@@ -517,11 +528,12 @@ class ClientCore:
         again after a backoff as a NEW write (the session table keeps the first answer
         of a seq). The old call stays in the floor heap until the shared future is
         done, so the floor never passes a seq still in flight."""
-        retry = _Call(next(self._ids), call.op, call.shard, call.payload, call.deadline)
+        with self._lock:
+            rid = next(self._ids)
+        retry = _Call(rid, call.op, call.shard, call.payload, call.deadline)
         retry.future = call.future
         retry.reached = True
-        self._inflight[retry.request_id] = retry
-        heapq.heappush(self._writes_inflight, (retry.request_id, retry))
+        self._admit(retry)
         self._retry_later(retry, LOCKED_BACKOFF_SECONDS)
 
     def _retry_later(self, call: _Call, backoff: float = RETRY_BACKOFF_SECONDS) -> None:
