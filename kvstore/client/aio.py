@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import deque
 
 from kvstore.api import check_run_transaction, retry_backoff_seconds
 from kvstore.client import requests
+from kvstore.client.core import renew_locks_after_fork
 from kvstore.client.kv import ClusterKV
 from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
 from kvstore.errors import KVError, TransactionConflict
@@ -45,31 +45,44 @@ class AsyncKV:
     def __init__(self, kv: ClusterKV) -> None:
         self._kv = kv
         self._core = kv._core
-        self._loop = asyncio.get_running_loop()
-        self._done: deque = deque()  # (engine future, asyncio future), completed
+        self._done: dict = {}  # event loop -> [(engine future, asyncio future)], completed
         self._done_lock = threading.Lock()
+        renew_locks_after_fork(self)
+
+    def _renew_locks(self) -> None:
+        """In a child, right after ``os.fork()``: the parent's I/O thread may have held
+        the lock, and what it queued was for the parent's loops."""
+        self._done_lock = threading.Lock()
+        self._done = {}
 
     async def _call(self, op: str, shard, payload):
-        waiter = self._loop.create_future()
+        # the loop that awaits now, not the one that connected: a client made under one
+        # asyncio.run() (or before a fork) serves the next loop too
+        waiter = asyncio.get_running_loop().create_future()
         self._core.submit(op, shard, payload).add_done_callback(
             lambda f: self._completed(f, waiter))
         return await waiter
 
     def _completed(self, future, waiter) -> None:
-        """On the engine's I/O thread: queue the outcome; wake the event loop once per
-        batch of completions (``call_soon_threadsafe`` writes to the loop's self-pipe)."""
+        """On the engine's I/O thread: queue the outcome; wake the waiter's event loop
+        once per batch of completions (``call_soon_threadsafe`` writes to its self-pipe)."""
+        loop = waiter.get_loop()
         with self._done_lock:
-            self._done.append((future, waiter))
-            first = len(self._done) == 1
+            done = self._done.get(loop)
+            first = done is None
+            if first:
+                done = self._done[loop] = []
+            done.append((future, waiter))
         if first:
             try:
-                self._loop.call_soon_threadsafe(self._deliver)
+                loop.call_soon_threadsafe(self._deliver, loop)
             except RuntimeError:  # the loop is closed: nobody awaits any more
-                pass
+                with self._done_lock:
+                    self._done.pop(loop, None)
 
-    def _deliver(self) -> None:
+    def _deliver(self, loop) -> None:
         with self._done_lock:
-            done, self._done = self._done, deque()
+            done = self._done.pop(loop, ())
         for future, waiter in done:
             if waiter.cancelled():
                 continue

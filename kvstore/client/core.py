@@ -49,6 +49,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -87,6 +88,25 @@ def _approx_bytes(obj, depth: int = 0) -> int:
     if isinstance(obj, (list, tuple)) and depth < 6:  # commands are NamedTuples
         return 5 + sum(_approx_bytes(x, depth + 1) for x in obj)
     return 9
+
+
+#: Objects whose locks a fork renews in the child (``_renew_locks()``): a lock another
+#: thread of the parent held at the fork would stay held for ever in the child.
+_RENEW_AFTER_FORK: weakref.WeakSet = weakref.WeakSet()
+
+
+def renew_locks_after_fork(obj) -> None:
+    """Have ``obj._renew_locks()`` run in every child right after ``os.fork()``."""
+    _RENEW_AFTER_FORK.add(obj)
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_RENEW_AFTER_FORK):
+        obj._renew_locks()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class AuthenticationFailed(Unavailable):
@@ -129,12 +149,20 @@ class ClientCore:
         self.nshards = 0
         self.leaders: dict = {}  # shard -> node index
         self._ids = itertools.count(1)  # request ids: match replies to calls
-        self._seqs = itertools.count(1)  # write seqs: the I/O thread's alone, in admit order
         self._lock = threading.Lock()
-        self._queue: deque = deque()
         self._closed = False
+        renew_locks_after_fork(self)
+        self._start()
+
+    def _start(self) -> None:
+        """This process's part of the connection: a ZeroMQ context, its sockets and the
+        I/O thread, and the state only they touch. Run at creation, and again in a
+        child on its first call after ``os.fork()`` (``_start_in_child``)."""
+        self._pid = os.getpid()
+        self._seqs = itertools.count(1)  # write seqs: the I/O thread's alone, in admit order
+        self._queue: deque = deque()
         self.context = zmq.Context()
-        name = f"inproc://kvstore-client-{os.getpid()}-{next(_client_counter)}"
+        name = f"inproc://kvstore-client-{self._pid}-{next(_client_counter)}"
         self._wake_in = self.context.socket(zmq.PAIR)
         self._wake_in.bind(name)
         self._wake_out = self.context.socket(zmq.PAIR)
@@ -164,6 +192,8 @@ class ClientCore:
         with self._lock:
             if self._closed:
                 raise KVError("this connection is closed")
+            if self._pid != os.getpid():
+                self._start_in_child()
             call = _Call(next(self._ids), op, shard, payload, deadline, target)
             self._queue.append(call)
             if len(self._queue) == 1:  # the I/O thread takes the whole queue per wake-up
@@ -179,11 +209,31 @@ class ClientCore:
     def call(self, op: str, shard, payload, timeout=None, target=None):
         return self.wait(self.submit(op, shard, payload, timeout, target))
 
+    def _start_in_child(self) -> None:
+        """The first call in a child after ``os.fork()`` (under ``self._lock``): start
+        this process's own context, sockets and I/O thread, as a new session.
+
+        The parent's are left untouched: a ZeroMQ context must not be used across a
+        fork (pyzmq itself makes closing a parent's socket in a child a no-op), and
+        the parent's I/O thread did not survive it, so a call handed to them would
+        wait for ever. The calls the parent had in flight are the parent's: nobody in
+        the child waits on them. A new client id, so that the child's writes are
+        never taken for retries of the parent's (the two number their seqs alike);
+        the topology learned is kept."""
+        self.client_id = os.urandom(16)
+        self._start()
+
+    def _renew_locks(self) -> None:
+        """In a child, right after ``os.fork()`` (``renew_locks_after_fork``)."""
+        self._lock = threading.Lock()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            if self._pid != os.getpid():
+                return  # a child that never used it: the sockets and thread are the parent's
             self._wake_out.send(b"", zmq.NOBLOCK)
         self._thread.join(10)
         self._wake_out.close(0)
