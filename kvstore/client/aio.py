@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from kvstore.api import check_run_transaction, retry_backoff_seconds
+from kvstore.api import TransactionRetry
 from kvstore.client import requests
 from kvstore.client.core import renew_locks_after_fork
 from kvstore.client.kv import ClusterKV
@@ -113,23 +113,22 @@ class AsyncKV:
         self._kv._core_check()
         return AsyncTxn(self)
 
-    async def run_transaction(self, fn, retries: int = 10):
-        """``await fn(txn)`` in a transaction, retried on ``TransactionConflict``."""
-        check_run_transaction(fn, retries)
-        attempt = 0
+    async def run_transaction(self, fn, retries: int | None = None, *,
+                              timeout: float | None = None):
+        """``await fn(txn)`` in a transaction, retried on ``TransactionConflict`` as
+        ``kvstore.KV.run_transaction`` retries (``kvstore.api.TransactionRetry``)."""
+        retry = TransactionRetry(fn, retries, timeout, self._kv._run_transaction_timeout())
         txn = None
         while True:
             self._kv._core_check()
-            txn = AsyncTxn(self, lock_keys_for(txn and txn._t, attempt))
+            txn = AsyncTxn(self, lock_keys_for(txn and txn._t, retry.attempt))
             try:
                 async with txn:
                     result = await fn(txn)
                 return result
-            except TransactionConflict:
-                if attempt >= retries:
-                    raise
-                attempt += 1
-                await asyncio.sleep(retry_backoff_seconds(attempt))
+            except TransactionConflict as conflict:
+                pause = retry.after_conflict(conflict)
+            await asyncio.sleep(pause)
 
     async def status(self) -> dict:
         return await asyncio.get_running_loop().run_in_executor(None, self._kv.status)
