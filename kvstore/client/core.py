@@ -34,6 +34,12 @@ known, the leader changed, no answer in time) answers ``NOT_LEADER`` and the
 retry goes to the leader. A read served by a follower teaches nothing about
 leaders; only writes and redirects do.
 
+A client created before ``os.fork()`` works in the child: the child's first
+call (``submit``, which sees the pid change) starts the child's own context,
+sockets and I/O thread under a new client id and leaves the parent's
+untouched (``_start_in_child``); an ``os.register_at_fork`` hook renews the
+locks another parent thread may have held at the fork.
+
 Every reply is checked before it is acted on (``kvstore.client.replies``): an
 endpoint that is not a kvstore node yields ``Unavailable`` saying so. A plain
 write that meets a prepared transaction's lock is answered ``LOCKED`` (nothing
