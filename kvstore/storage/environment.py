@@ -53,7 +53,7 @@ from typing import Callable, TypeVar
 import lmdb
 import msgpack
 
-from kvstore.errors import CorruptRecord, InvalidArgument, KVError, StorageError
+from kvstore.errors import CorruptRecord, InvalidArgument, StorageError
 from kvstore.storage.pages import PageError, check_tree
 
 #: 2: stored values carry a CRC32C (``kvstore._native.pack_value``).
@@ -679,11 +679,7 @@ class Storage:
         """
         try:
             return fn(txn)
-        except CorruptRecord as e:
-            raise translate(e, self.path, doing) from e
-        except KVError:
-            raise
-        except THIRD_PARTY_ERRORS as e:
+        except (CorruptRecord, *THIRD_PARTY_ERRORS) as e:  # any other error passes as it is
             raise translate(e, self.path, doing) from e
         finally:
             self.end_read(txn)
@@ -710,17 +706,10 @@ class Storage:
                 return result
             except lmdb.MapFullError:
                 self._grow(txn)
-            except CorruptRecord as e:
+            except BaseException as e:
                 self._abort_write(txn)
-                raise translate(e, self.path, doing) from e
-            except KVError:
-                self._abort_write(txn)
-                raise
-            except THIRD_PARTY_ERRORS as e:
-                self._abort_write(txn)
-                raise translate(e, self.path, doing) from e
-            except BaseException:
-                self._abort_write(txn)
+                if isinstance(e, (CorruptRecord, *THIRD_PARTY_ERRORS)):  # as run_read does
+                    raise translate(e, self.path, doing) from e
                 raise
 
     def _commit(self, txn) -> None:
