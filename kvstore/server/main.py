@@ -8,8 +8,13 @@ systemd unit).
 
 - SIGTERM or SIGINT: the node finishes its loop turn (persists, sends and
   answers what is decided), closes its sockets and its storage, exit 0.
-- A bad config or an unusable data directory (its persisted state fails the
-  recovery check included): one line on stderr, exit 2.
+- SIGHUP: the same, logged as SIGHUP. A node reloads nothing by signal (client
+  keys are reread every 2 s on their own, the cluster's shape is fixed at start),
+  so a hang-up means what it says: the terminal or session went away, and a node
+  must not go on without a place for its logs, nor die without a word.
+- A bad config, a port it cannot listen on (named) or an unusable data directory
+  (its persisted state fails the recovery check included): one line on stderr,
+  exit 2.
 - The disk refuses a write while the node runs (full, read-only, failing): the
   node stops at once, before it sends or answers anything that write was to
   make durable, and exits 4 with one line naming the path. Restarted once the
@@ -118,8 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StorageError, InvalidArgument) as e:
         return _fail(_naming(config.data_dir, e))
     except zmq.ZMQError as e:
-        return _fail(f"cannot listen on {config.addresses[config.name]} (clients) and "
-                     f"{config.peer_address(config.name)} (peers): {e}")
+        return _fail(_bind_failure(config, e))
 
     def on_signal(signum, _frame) -> None:
         logging.getLogger("kvstore.server").info(
@@ -127,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra={"event": "signal", "node": config.name})
         node.stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     tune_garbage_collector()
     profile_dir = os.environ.get("KVSTORE_SERVER_PROFILE")
     try:
@@ -146,6 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # held was neither sent nor answered. One line, no traceback.
         return _fail(f"stopped: storage error: {_naming(config.data_dir, e)}", EXIT_STORAGE)
     return EXIT_OK
+
+
+def _bind_failure(config, e: BaseException) -> str:
+    """Which of the node's two ports it could not listen on, and why, in one line."""
+    from kvstore.server.local import port_in_use
+    for role, address in (("clients", config.addresses[config.name]),
+                          ("peers", config.peer_address(config.name))):
+        why = port_in_use(address)
+        if why is not None:
+            return (f"cannot listen for {role} on {address} (port "
+                    f"{address.rsplit(':', 1)[1]}): {why}")
+    return (f"cannot listen on {config.addresses[config.name]} (clients) and "
+            f"{config.peer_address(config.name)} (peers): {e}")
 
 
 def _naming(data_dir: str, e: BaseException) -> str:
