@@ -49,6 +49,8 @@ def test_the_site_builds_strictly(tmp_path):
     # The API reference is generated from the docstrings.
     api = (site / "api" / "index.html").read_text()
     assert 'id="kvstore.api.KV.run_transaction"' in api
+    # Nothing the site shows (docstrings included) sends a reader to the team's files.
+    assert not [p for p in site.rglob("*.html") if "shared/API.md" in p.read_text()]
 
 
 def _copy_of_the_docs(tmp_path: pathlib.Path) -> pathlib.Path:

@@ -1,6 +1,6 @@
 """``kvstore-server --config cluster.toml --id n1 [--data DIR] [--log-format text|json]``.
 
-One cluster node as its own process (shared/API.md section 3). The code lives
+One cluster node as its own process (docs/operations.md). The code lives
 in the package, not in the top-level ``server/`` directory, so that the
 ``kvstore-server`` console script exists after a plain ``pip install .``;
 ``server/`` holds what a deployment needs around it (an example config, a
