@@ -129,7 +129,8 @@ def format_status(status: dict) -> str:
         commit = s.get("commit_index", 0)
         replicas = s.get("replicas") or {}
         lag = max((commit - applied for applied in replicas.values()), default=0)
-        rows.append([s.get("shard"), s.get("leader") or "(none)", commit, s.get("applied_index", ""),
+        leader = s.get("leader") or "(none)"
+        rows.append([s.get("shard"), leader, commit, s.get("applied_index", ""),
                      lag, s.get("keys", ""), _attention(s)])
     out.append(format_table(["shard", "leader", "commit", "applied", "lag", "keys", "attention"], rows))
     extra = []
@@ -265,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Store VALUE under KEY; prints OK once it is durable.")
     p.add_argument("key", metavar="KEY",
                    help="the key (as the shell passes it: UTF-8, other bytes kept)")
-    p.add_argument("value", metavar="VALUE", help="the value; '-' reads it from stdin to its end, byte for "
-                                 "byte (a trailing newline is kept)")
+    p.add_argument("value", metavar="VALUE",
+                   help="the value; '-' reads it from stdin to its end, byte for byte (a "
+                        "trailing newline is kept)")
     p.set_defaults(fn=_cmd_put)
     p = sub.add_parser("get", parents=[common], help="print a value (exit 1 if missing)",
                        description="Print the value of KEY and a newline; exit 1 if there "
@@ -275,12 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(fn=_cmd_get)
     p = sub.add_parser("delete", parents=[common], help="remove a key (exit 1 if missing)")
-    p.add_argument("key", metavar="KEY", help="the key")
+    p.add_argument("key")
     p.set_defaults(fn=_cmd_delete)
-    p = sub.add_parser("scan", parents=[common], help="list keys and values in key order",
-                       description="Print KEY<TAB>VALUE lines in key order (--json: JSON "
-                                   "lines).")
-    p.add_argument("prefix", nargs="?", default="", metavar="PREFIX", help="only keys starting with it")
+    p = sub.add_parser("scan", parents=[common], help="list keys and values in key order")
+    p.description = "Print KEY<TAB>VALUE lines in key order (--json: JSON lines)."
+    p.add_argument("prefix", nargs="?", default="", metavar="PREFIX",
+                   help="only keys starting with it")
     p.add_argument("--start", help="first key (inclusive)")
     p.add_argument("--end", help="end key (exclusive)")
     p.add_argument("--limit", type=int, help="at most this many pairs")
@@ -323,22 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _enable_completion(parser: argparse.ArgumentParser) -> None:
-    """Shell completion through argcomplete, when it is installed and the shell asks
-    (docs/cli.md); without it, nothing changes."""
+def _complete_if_asked() -> None:
+    """Shell completion through argcomplete, when the shell asks and it is installed
+    (docs/cli.md): it prints the completions and exits. Otherwise nothing happens."""
     if "_ARGCOMPLETE" not in os.environ:  # not completing: spare every call the import
         return
     try:
         import argcomplete
     except ImportError:
         return
-    argcomplete.autocomplete(parser)
+    argcomplete.autocomplete(build_parser())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    _enable_completion(parser)
-    args = parser.parse_args(argv)
+    _complete_if_asked()
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
             return _cmd_demo(args)

@@ -13,7 +13,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -278,7 +277,8 @@ def test_local_cluster_stops_when_a_node_cannot_start_again(tmp_path):
                 os.kill(proc.pid, signal.SIGCONT)
                 assert proc.wait(30) == 2
         finally:
-            os.kill(proc.pid, signal.SIGCONT) if proc.poll() is None else None
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
         err = proc.stderr.read().decode()
         assert f"n1 cannot run (kvstore-server: cannot listen for clients on " \
                f"tcp://127.0.0.1:{n1_port} (port {n1_port})" in err, err

@@ -131,8 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra={"event": "signal", "node": config.name})
         node.stop()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)  # a hang-up stops it too, logged: not a silent death
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     tune_garbage_collector()
     profile_dir = os.environ.get("KVSTORE_SERVER_PROFILE")
     try:
@@ -152,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _naming(data_dir: str, e: BaseException) -> str:
+    """``e``'s message on one line, naming the data directory (once)."""
+    message = " ".join(str(e).split())
+    return message if data_dir in message else f"data directory {data_dir}: {message}"
+
+
 def _bind_failure(config, e: BaseException) -> str:
     """Which of the node's two ports it could not listen on, and why, in one line."""
     from kvstore.server.local import port_in_use
@@ -163,12 +170,6 @@ def _bind_failure(config, e: BaseException) -> str:
                     f"{address.rsplit(':', 1)[1]}): {why}")
     return (f"cannot listen on {config.addresses[config.name]} (clients) and "
             f"{config.peer_address(config.name)} (peers): {e}")
-
-
-def _naming(data_dir: str, e: BaseException) -> str:
-    """``e``'s message on one line, naming the data directory (once)."""
-    message = " ".join(str(e).split())
-    return message if data_dir in message else f"data directory {data_dir}: {message}"
 
 
 if __name__ == "__main__":
