@@ -254,6 +254,18 @@ def _add_common_options(parser: argparse.ArgumentParser, defaults: bool) -> None
                         help="seconds to wait for a cluster (default 5)")
 
 
+def _complete_if_asked() -> None:
+    """Shell completion through argcomplete, when the shell asks and it is installed
+    (docs/cli.md): it prints the completions and exits. Otherwise nothing happens."""
+    if "_ARGCOMPLETE" not in os.environ:  # not completing: spare every call the import
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(build_parser())
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_common_options(common, defaults=False)
@@ -323,18 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show the store working: writes, reads, transactions, threads")
     p.set_defaults(fn=None)
     return parser
-
-
-def _complete_if_asked() -> None:
-    """Shell completion through argcomplete, when the shell asks and it is installed
-    (docs/cli.md): it prints the completions and exits. Otherwise nothing happens."""
-    if "_ARGCOMPLETE" not in os.environ:  # not completing: spare every call the import
-        return
-    try:
-        import argcomplete
-    except ImportError:
-        return
-    argcomplete.autocomplete(build_parser())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
