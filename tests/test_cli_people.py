@@ -249,6 +249,18 @@ def test_local_cluster_with_a_taken_port_fails_at_once_naming_it(tmp_path, demo)
     assert elapsed < 10
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--nodes", "0"], "--nodes must be in 1..64, got 0"),
+    (["--shards", "0", "--demo"], "--shards must be in 1..256, got 0"),
+    (["--port-base", "99999"], "--port-base must be in 1..55533 for 3 node(s)"),
+])
+def test_local_cluster_refuses_bad_numbers_in_one_line(tmp_path, args, says):
+    r = cli("local-cluster", "--dir", str(tmp_path / "lc"), *args, timeout=30)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert says.encode() in r.stderr and b"Traceback" not in r.stderr
+    assert b"unexpected error" not in r.stderr
+
+
 def test_local_cluster_stops_when_a_node_cannot_start_again(tmp_path):
     """A node that dies is restarted, but one that exits 2 (here: its port was taken
     meanwhile) would fail the same way for ever: the cluster stops, naming it."""

@@ -96,8 +96,12 @@ class LocalCluster:
                  log_format: str = "text", env: dict | None = None,
                  python: str = sys.executable, tuning: dict | None = None,
                  keys: str | None = None, port_base: int | None = None) -> None:
-        if not 1 <= nodes <= 64:
-            raise ValueError("nodes must be in 1..64")
+        from kvstore.node.config import MAX_SHARDS
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 64:
+            raise InvalidArgument(f"--nodes must be in 1..64, got {nodes}")
+        if isinstance(shards, bool) or not isinstance(shards, int) \
+                or not 1 <= shards <= MAX_SHARDS:
+            raise InvalidArgument(f"--shards must be in 1..{MAX_SHARDS}, got {shards}")
         if port_base is not None and not 1 <= port_base <= 65535 - 10000 - (nodes - 1):
             raise InvalidArgument(f"--port-base must be in 1..{65535 - 10000 - (nodes - 1)} "
                                   f"for {nodes} node(s) (their peer ports are 10000 above), "
