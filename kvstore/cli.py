@@ -313,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_check)
     p = sub.add_parser("local-cluster", parents=[common],
                        help="run a cluster of kvstore-server nodes on 127.0.0.1 (foreground)")
+    p.description = ("Run NODES kvstore-server processes on 127.0.0.1 in the foreground, "
+                     "print how to reach them, restart one that dies; Ctrl-C, SIGTERM or "
+                     "SIGHUP stop them all (exit 0). A port that is not free stops it before "
+                     "it starts anything, naming the port (exit 2).")
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     p.add_argument("--shards", type=int, default=None,
                    help="number of shards (default 1; 2 with --demo, to show transactions "
