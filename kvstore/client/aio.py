@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from kvstore.api import TransactionRetry
+from kvstore.api import DEFAULT_RETRIES, TransactionRetry
 from kvstore.client import requests
 from kvstore.client.core import renew_locks_after_fork
 from kvstore.client.kv import ClusterKV
@@ -118,7 +118,7 @@ class AsyncKV:
         self._kv._core_check()
         return AsyncTxn(self)
 
-    async def run_transaction(self, fn, retries: int | None = None, *,
+    async def run_transaction(self, fn, retries: int | None = DEFAULT_RETRIES, *,
                               timeout: float | None = None):
         """``await fn(txn)`` in a transaction, retried on ``TransactionConflict`` as
         ``kvstore.KV.run_transaction`` retries (``kvstore.api.TransactionRetry``)."""
