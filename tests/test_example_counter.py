@@ -69,6 +69,25 @@ def test_kvstore_errors_are_http_statuses_with_their_class_named(error, status):
         assert ("Retry-After" in response.headers) == (status == 503)
 
 
+def test_the_sqlite3_variant_counts_every_post_once_from_threads(tmp_path):
+    """The comparison's sqlite3 service is a fair one: exact under 8 threads too."""
+    module = _counter_app()
+    app = module.create_app(module.SqliteCounter(str(tmp_path / "counter.sqlite3")))
+    counts: list = []
+
+    def post(n: int) -> None:
+        client = app.test_client()
+        counts.extend(client.post("/counters/c").json["count"] for _ in range(n))
+
+    pool = [threading.Thread(target=post, args=(20,)) for _ in range(THREADS)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    assert sorted(counts) == list(range(1, THREADS * 20 + 1))
+    assert app.test_client().get("/counters/c").json["count"] == THREADS * 20
+
+
 def _settings(**kv) -> dict:
     return {"COUNTER_THREADS": "4", **{f"COUNTER_{k.upper()}": v for k, v in kv.items()}}
 
