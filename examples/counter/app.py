@@ -60,6 +60,14 @@ def http_status(error: KVError) -> int:
     return next(status for cls, status in STATUS_OF if isinstance(error, cls))
 
 
+def _count(key: bytes, value: bytes | None) -> int:
+    """The count a stored value holds (absent: 0), as ``incr`` reads it."""
+    try:
+        return 0 if value is None else int(value)
+    except ValueError:
+        raise InvalidArgument(f"{key!r} holds {value[:40]!r}, not a count") from None
+
+
 class KvstoreCounter:
     """Counts in kvstore: the embedded store in ``path`` or the cluster at ``addresses``,
     by ``incr`` or by a transaction. The store is made on first use in each process."""
@@ -92,14 +100,14 @@ class KvstoreCounter:
             return self.store().incr(key)
 
         def read_and_write(txn) -> int:
-            count = int(txn.get(key) or b"0") + 1
+            count = _count(key, txn.get(key)) + 1
             txn.put(key, b"%d" % count)
             return count
 
         return self.store().run_transaction(read_and_write)
 
     def read(self, key: bytes) -> int:
-        return int(self.store().get(key) or b"0")
+        return _count(key, self.store().get(key))
 
     def close(self) -> None:
         with self._lock:

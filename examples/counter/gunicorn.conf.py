@@ -41,3 +41,16 @@ preload_app = False  # the app, and with it the store, made in each worker
 timeout = 30
 graceful_timeout = 10
 accesslog = None
+# Recent gunicorn's (27 here) runtime control socket is one path per user (~/.gunicorn/gunicorn.ctl):
+# two services on one machine (or the tests, run side by side) would share it. This
+# service does not use it. (Older gunicorn ignores the name.)
+control_socket_disable = True
+
+
+def worker_exit(server, worker) -> None:
+    """Close this worker's store as the worker exits (an embedded store releases its
+    directory; a cluster client its sockets and thread)."""
+    app = getattr(worker, "wsgi", None)
+    counter = getattr(app, "extensions", {}).get("counter")
+    if counter is not None:
+        counter.close()
