@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 import pytest
 
@@ -133,14 +132,12 @@ def test_cluster_counter_under_gunicorn_is_exact_through_a_leader_kill(tmp_path,
                              cluster=",".join(lc.address_list))
         with serve(settings, str(tmp_path / "gunicorn.log"), env=child_env()) as url:
             load = Load(url, THREADS, posts, counter="hits")
+            a_third = load.milestone(total // 3)
             outcome: dict = {}
             runner = threading.Thread(target=lambda: outcome.update(load.run()))
             runner.start()
             try:
-                deadline = time.monotonic() + 60
-                while load.done < total // 3 and runner.is_alive() and time.monotonic() < deadline:
-                    time.sleep(0.005)  # polling the load threads' progress: no event to await
-                assert load.done >= total // 3, f"the POSTs did not flow: {load.done} answered"
+                assert a_third.wait(60), f"the POSTs did not flow: {load.done} answered"
                 assert load.done < total, "every POST was answered before the kill"
                 lc.kill(leader, signal.SIGKILL)
                 answered_before_kill = [len(answers) for answers in load.answers]

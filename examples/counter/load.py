@@ -24,7 +24,7 @@ import urllib.parse
 class Load:
     """``threads`` x ``requests`` requests of ``method`` to ``url``/counters/``counter``.
     ``run()`` returns the summary; meanwhile ``done`` counts answered or failed
-    requests (another thread may watch it), and afterwards ``answers`` holds, per
+    requests (``milestone(n)`` is an event set once ``n`` are), and ``answers`` holds, per
     thread, ``(status, count)`` for each request: status None for a connection error,
     count None where the body had none."""
 
@@ -41,7 +41,14 @@ class Load:
         self.answers: list = [[] for _ in range(threads)]
         self.error_messages: list = []
         self.done = 0
+        self._milestones: list = []  # (count, event)
         self._lock = threading.Lock()
+
+    def milestone(self, count: int) -> threading.Event:
+        """An event set once ``count`` requests are answered or failed (call before ``run``)."""
+        event = threading.Event()
+        self._milestones.append((count, event))
+        return event
 
     def _one(self, conn: http.client.HTTPConnection) -> tuple:
         conn.request(self.method, self.path, body=b"" if self.method == "POST" else None)
@@ -68,6 +75,9 @@ class Load:
                 self.answers[index].append(answer)
                 with self._lock:
                     self.done += 1
+                    for count, event in self._milestones:
+                        if self.done >= count:
+                            event.set()
         finally:
             conn.close()
 
