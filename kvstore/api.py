@@ -1,4 +1,4 @@
-"""The interface every store object has (shared/API.md section 1).
+"""The interface every store object has (docs/api.md).
 
 ``kvstore.open()`` and ``kvstore.connect()`` both return a ``KV``. The
 derived conveniences (context manager, ``run_transaction``) live here once so

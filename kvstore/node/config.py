@@ -1,4 +1,4 @@
-"""``cluster.toml`` (shared/API.md section 3): read, check, and turn into a ``NodeConfig``.
+"""``cluster.toml`` (docs/configuration.md): read, check, and turn into a ``NodeConfig``.
 
 ```toml
 shards = 3                        # Paxos groups the key space is split into; default 1
