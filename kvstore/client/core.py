@@ -443,14 +443,16 @@ class ClientCore:
             call = self._inflight.get(rid)
             if call is None or call.future.done() or at != call.retry_at:
                 continue
-            if now >= call.deadline:
-                self._fail(call)
-                continue
+            # No answer in time: forget the leader we believed in; the next node is asked.
+            # Also when this was the call's last attempt (a deadline of one attempt,
+            # timeout <= ATTEMPT_SECONDS): else every later call went to a dead leader.
             if not call.resend and call.shard is not None:
-                # No answer in time: forget the leader we believed in; the next node is asked.
                 self.leaders.pop(call.shard, None)
             if not call.resend and call.sent_to is not None:
                 self._silent[call.sent_to] = now + SILENT_SECONDS  # a stalled node, maybe
+            if now >= call.deadline:
+                self._fail(call)
+                continue
             self._send(call)
 
     def _refused(self, address: str, event: int) -> None:
