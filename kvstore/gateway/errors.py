@@ -50,7 +50,9 @@ RETRY_AFTER_SECONDS = 1
 def error_response(exc: BaseException) -> JSONResponse:
     """The one translation of an exception into an HTTP answer with a JSON body."""
     status, name, message = _classify(exc)
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    headers = dict(getattr(exc, "headers", None) or {})  # a 405's Allow, from the router
+    if status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return JSONResponse({"error": name, "message": message}, status_code=status,
                         headers=headers)
 
@@ -65,7 +67,7 @@ def _classify(exc: BaseException) -> tuple[int, str, str]:
         if exc.status_code == 404:
             return 404, "NotFound", "no such route (the routes are under /v1/; see docs/gateway.md)"
         if exc.status_code == 405:
-            return 405, "MethodNotAllowed", f"this route does not take that method: {exc.detail}"
+            return 405, "MethodNotAllowed", "this route does not take that method (see Allow)"
         if exc.status_code < 500:
             return exc.status_code, "InvalidArgument", str(exc.detail)
     return 500, "InternalError", (f"unexpected error in the gateway ({type(exc).__name__}); "
