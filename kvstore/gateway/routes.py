@@ -58,6 +58,12 @@ async def delete_key(request: Request) -> Response:
     return JSONResponse({"deleted": await _db(request).delete(key)})
 
 
+async def key_route(request: Request) -> Response:
+    """One route for the three methods of ``/v1/kv/``, so a 405 lists them all in Allow."""
+    handler = {"PUT": put_key, "DELETE": delete_key}.get(request.method, get_key)
+    return await handler(request)
+
+
 async def cas_key(request: Request) -> Response:
     """``{"expected": B64 or null, "new": B64 or null}``: null expected means "must be
     absent", null new means delete (``KV.cas``). A compare that fails is not an error:
@@ -155,9 +161,7 @@ def _json(doc: object) -> Response:
 ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
-    Route("/v1/kv/{key:path}", get_key, methods=["GET"]),
-    Route("/v1/kv/{key:path}", put_key, methods=["PUT"]),
-    Route("/v1/kv/{key:path}", delete_key, methods=["DELETE"]),
+    Route("/v1/kv/{key:path}", key_route, methods=["GET", "PUT", "DELETE"]),
     Route("/v1/cas/{key:path}", cas_key, methods=["POST"]),
     Route("/v1/incr/{key:path}", incr_key, methods=["POST"]),
     Route("/v1/scan", scan, methods=["GET"]),

@@ -10,7 +10,6 @@ The shape is etcd's v3 ``Txn`` (if every compare holds, run ``success``, else
     OP = {"op": "get",    "key": B64}
        | {"op": "put",    "key": B64, "value": B64}
        | {"op": "delete", "key": B64}
-       | {"op": "scan",   "prefix": B64, "start": B64, "end": B64, "limit": N}  (all optional)
 
 A compare holds when the key's value equals ``value`` byte for byte (``null``: the key
 is absent). Compares and the chosen branch run in one transaction (``run_transaction``):
@@ -20,6 +19,10 @@ the whole request, compares included, as ``run_transaction`` does, so the answer
 the one a run at the commit point gives; past the retries it is 409 and nothing was
 applied. The answer: ``{"succeeded": bool, "results": [one per operation of the branch
 that ran]}``.
+
+There is no scan inside a transaction: a cluster transaction validates the keys it
+read, not ranges, so the client refuses a scan in one that spans shards; scan with
+``GET /v1/scan`` outside it.
 """
 
 from __future__ import annotations
@@ -71,22 +74,9 @@ def parse(doc: object) -> TxnRequest:
 
 def _operation(doc: object, what: str) -> Operation:
     """One operation of a branch, checked, as a coroutine function of the transaction."""
-    if not isinstance(doc, dict) or doc.get("op") not in ("get", "put", "delete", "scan"):
-        raise InvalidArgument(f'{what} must be an object whose "op" is get, put, delete or scan')
+    if not isinstance(doc, dict) or doc.get("op") not in ("get", "put", "delete"):
+        raise InvalidArgument(f'{what} must be an object whose "op" is get, put or delete')
     op = doc["op"]
-    if op == "scan":
-        doc = codec.json_object(doc, what, {"op": True, "prefix": False, "start": False,
-                                            "end": False, "limit": False})
-        prefix = codec.b64decode(doc.get("prefix", ""), f"{what}.prefix")
-        start = codec.optional_b64decode(doc.get("start"), f"{what}.start")
-        end = codec.optional_b64decode(doc.get("end"), f"{what}.end")
-        limit = None if doc.get("limit") is None else codec.json_int(doc["limit"], f"{what}.limit")
-
-        async def scan(txn) -> dict:
-            rows = await txn.scan(prefix, start=start, end=end, limit=limit)
-            return {"items": [{"key": codec.b64encode(k), "value": codec.b64encode(v)}
-                              for k, v in rows]}
-        return scan
     fields = {"op": True, "key": True, "value": op == "put"}
     doc = codec.json_object(doc, what, fields)
     key = codec.b64decode(doc["key"], f"{what}.key")
