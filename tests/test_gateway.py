@@ -335,8 +335,9 @@ def test_each_error_class_has_its_status(monkeypatch):
 
 def test_unreachable_cluster_then_quorum_lost_503_504_and_readiness(tmp_path):
     """A gateway whose cluster is not up yet lives (/healthz) and answers 503 until the
-    cluster answers, then serves; with two of three nodes stopped, /readyz says so and a
-    write is 503 or 504 (Unavailable or Timeout: outcome unknown), never another 5xx."""
+    cluster answers, then serves; with both followers stopped, a write the leader took but
+    could not replicate is 504 (Timeout: outcome unknown; 503 if a node said it cannot
+    serve), never another 5xx, and /readyz says the shard has no quorum."""
     lc = LocalCluster(str(tmp_path / "cluster"), 3, 1, env=child_env())
     gw = Gateway(lc.address_list, tmp_path / "gateway.log", timeout=1.0)
     try:
@@ -347,14 +348,15 @@ def test_unreachable_cluster_then_quorum_lost_503_504_and_readiness(tmp_path):
             assert r.headers["retry-after"] == "1" and "not reached the cluster" in body["message"]
             assert_error(http.get("/readyz"), 503, "Unavailable")
             lc.start_all()
-            lc.wait_ready()
+            leader = lc.wait_ready()["shards"][0]["leader"]
             deadline = time.monotonic() + 30
             while http.get("/readyz").status_code != 200:  # it keeps connecting
                 assert time.monotonic() < deadline, gw.log()[-2000:]
                 time.sleep(0.1)
             assert http.put(kv_url(b"k"), content=b"v").status_code == 204
-            for name in lc.names[:2]:
-                lc.kill(name, signal.SIGSTOP)  # stopped, not dead: requests wait, then time out
+            followers = [n for n in lc.names if n != leader]
+            for name in followers:  # stopped, not dead: the leader takes the write and
+                lc.kill(name, signal.SIGSTOP)  # waits for a quorum until the deadline
             statuses = set()
             for _ in range(3):
                 r = http.put(kv_url(b"k"), content=b"w")
@@ -364,7 +366,7 @@ def test_unreachable_cluster_then_quorum_lost_503_504_and_readiness(tmp_path):
             assert 504 in statuses, statuses
             body = assert_error(http.get("/readyz"), 503, "Unavailable")
             assert "shard 0" in body["message"]
-            for name in lc.names[:2]:
+            for name in followers:
                 lc.kill(name, signal.SIGCONT)
     finally:
         gw.close()
