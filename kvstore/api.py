@@ -70,6 +70,16 @@ class KV(abc.ABC):
         """Set ``key`` to ``new`` if it holds ``expected`` (None: absent / delete)."""
 
     @abc.abstractmethod
+    def incr(self, key: bytes | str, delta: int = 1) -> int:
+        """Add ``delta`` to the decimal integer at ``key`` (absent: 0) and return the sum:
+        one command in the state machine, exact under any concurrency, never a conflict.
+
+        The value is ASCII decimal with an optional sign, in signed 64 bits (written
+        back as ``b"%d"``); ``delta`` an int in signed 64 bits. A value that is not such
+        an integer, or a sum past 64 bits, raises ``InvalidArgument`` and changes
+        nothing (``kvstore.commands.incremented``)."""
+
+    @abc.abstractmethod
     def scan(self, prefix: bytes | str = b"", start: bytes | str | None = None,
              end: bytes | str | None = None, limit: int | None = None
              ) -> list[tuple[bytes, bytes]]:

@@ -1,10 +1,12 @@
-"""The ``kvstore`` command: put, get, delete, scan, status (shared/API.md section 4), and demo.
+"""The ``kvstore`` command: put, get, delete, incr, cas, scan, status (shared/API.md section 4),
+and demo.
 
 With ``--cluster ADDRS`` (or ``KVSTORE_CLUSTER``) the commands talk to running
 servers; without it they act on the embedded store at ``--data DIR``
 (default ``./kvstore-data``).
 
-Exit codes: 0 success; 1 the key was not there (get, delete); 2 bad usage or
+Exit codes: 0 success; 1 the key was not there (get, delete) or did not hold the
+expected value (cas); 2 bad usage or
 bad input; 3 unavailable or timed out; 4 storage error.
 """
 
@@ -127,6 +129,34 @@ def _cmd_delete(db, args) -> int:
     return EXIT_NOT_FOUND
 
 
+def _cmd_incr(db, args) -> int:
+    try:
+        delta = int(args.delta, 10)
+    except ValueError:
+        raise InvalidArgument(f"DELTA must be a decimal integer, got {args.delta!r}") from None
+    print(db.incr(_arg_bytes(args.key), delta))
+    return 0
+
+
+def _cmd_cas(db, args) -> int:
+    """``cas KEY EXPECTED NEW``; ``--absent`` stands for EXPECTED (the key must be absent)
+    and ``--delete`` for NEW (delete it), so the positionals left are the ones given."""
+    wanted = 2 - args.absent - args.delete
+    if len(args.values) != wanted:
+        names = ["EXPECTED"] * (not args.absent) + ["NEW"] * (not args.delete)
+        raise InvalidArgument(f"cas takes KEY {' '.join(names)}".rstrip()
+                              + f" here; got {len(args.values)} value(s) after KEY")
+    values = iter(_arg_bytes(v) for v in args.values)
+    expected = None if args.absent else next(values)
+    new = None if args.delete else next(values)
+    if db.cas(_arg_bytes(args.key), expected, new):
+        print("OK")
+        return 0
+    print(f"kvstore: not swapped: {args.key} does not hold the expected value",
+          file=sys.stderr)
+    return EXIT_NOT_FOUND
+
+
 def _cmd_scan(db, args) -> int:
     start = None if args.start is None else _arg_bytes(args.start)
     end = None if args.end is None else _arg_bytes(args.end)
@@ -209,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", parents=[common], help="remove a key (exit 1 if missing)")
     p.add_argument("key")
     p.set_defaults(fn=_cmd_delete)
+    p = sub.add_parser("incr", parents=[common],
+                       help="add DELTA (default 1) to a decimal integer value (absent: 0); "
+                            "print the new value")
+    p.add_argument("key")
+    p.add_argument("delta", nargs="?", default="1", help="an integer, may be negative")
+    p.set_defaults(fn=_cmd_incr)
+    p = sub.add_parser("cas", parents=[common],
+                       help="set KEY to NEW if it holds EXPECTED (exit 1 if it does not)")
+    p.add_argument("key")
+    p.add_argument("values", nargs="*", metavar="EXPECTED NEW",
+                   help="the value KEY must hold, then its new value")
+    p.add_argument("--absent", action="store_true",
+                   help="KEY must be absent (instead of EXPECTED)")
+    p.add_argument("--delete", action="store_true", help="delete KEY (instead of NEW)")
+    p.set_defaults(fn=_cmd_cas)
     p = sub.add_parser("scan", parents=[common], help="list keys and values in key order")
     p.add_argument("prefix", nargs="?", default="")
     p.add_argument("--start", help="first key (inclusive)")
@@ -251,8 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed. ``cas``'s flags may stand between its values
+    (``cas KEY --absent NEW``): argparse leaves the values after a flag over, and they
+    are ``cas``'s; anything left over by another command is an error."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "cas" and not any(e.startswith("-") for e in extra):
+        args.values += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command == "demo":
             return _cmd_demo(args)

@@ -6,11 +6,13 @@ A command is a small typed record, one class per operation. Each is a
 list that the wire and the logs have always carried (old data directories and
 nodes of the previous version read and write the same bytes); only the
 in-memory form is typed. Build them with the constructors (``put``, ``delete``,
-``cas``, ``txn``, ``txn_writes``, ``two_pc``), never as bare lists.
+``cas``, ``incr``, ``txn``, ``txn_writes``, ``two_pc``), never as bare lists.
 
 - ``Put(OP_PUT, key, value)``                 -> None
 - ``Delete(OP_DELETE, key)``                  -> bool, the key existed
 - ``Cas(OP_CAS, key, expected, new)``         -> bool, swapped (None: absent / delete)
+- ``Incr(OP_INCR, key, delta)``               -> int, the new value (``incremented``: the
+  value format, its bounds and the two refusals, ``NOT_INTEGER`` and ``OVERFLOW``)
 - ``Txn(OP_TXN, reads, ranges, writes)``      -> bool, committed (False: conflict)
     reads  = [(key, revision)]                   revision 0 = read as absent
     ranges = [(lo, hi, [(key, revision)])]       hi None = unbounded; the rows seen
@@ -45,7 +47,7 @@ from typing import NamedTuple, Union
 
 import msgpack
 
-from kvstore.errors import CorruptRecord
+from kvstore.errors import CorruptRecord, InvalidArgument, KVError
 from kvstore.keys import check_key, check_value
 from kvstore.txn import TxnDecision, TxnPrepare, TxnResolve
 from kvstore.txn import decode as decode_2pc
@@ -57,6 +59,7 @@ OP_CAS = 3
 OP_TXN = 4
 OP_TXN_WRITES = 5
 OP_2PC = 6
+OP_INCR = 7
 
 #: Log record kinds (the ``kind`` byte of a record header).
 KIND_NOOP = 0
@@ -76,6 +79,10 @@ class Result(str, enum.Enum):
     STALE = "stale"
     #: A chosen value that could not be applied (``kvstore.machine.replica``): a no-op.
     POISONED = "poisoned"
+    #: An incr of a key whose value is not a decimal integer in 64 bits: nothing applied.
+    NOT_INTEGER = "not_integer"
+    #: An incr whose result would leave the signed 64-bit range: nothing applied.
+    OVERFLOW = "overflow"
 
     __str__ = str.__str__  # "locked" in messages and logs, as it reads on the wire
     __format__ = str.__format__
@@ -84,6 +91,8 @@ class Result(str, enum.Enum):
 LOCKED = Result.LOCKED
 STALE = Result.STALE
 POISONED = Result.POISONED
+NOT_INTEGER = Result.NOT_INTEGER
+OVERFLOW = Result.OVERFLOW
 
 
 # ------------------------------------------------------------------ the commands
@@ -125,6 +134,18 @@ class Cas(NamedTuple):
         for v in (self.expected, self.new):
             if v is not None:
                 check_value(v)
+
+
+class Incr(NamedTuple):
+    op: int
+    key: bytes
+    delta: int
+
+    def keys(self) -> list:
+        return [self.key]
+
+    def check_sizes(self) -> None:
+        check_key(self.key)
 
 
 class Txn(NamedTuple):
@@ -178,7 +199,7 @@ class TwoPC(NamedTuple):
                 check_key(key)
 
 
-Command = Union[Put, Delete, Cas, Txn, TxnWrites, TwoPC]
+Command = Union[Put, Delete, Cas, Incr, Txn, TxnWrites, TwoPC]
 
 
 def _check_writes(writes) -> None:
@@ -200,6 +221,10 @@ def cas(key: bytes, expected: bytes | None, new: bytes | None) -> Cas:
     return Cas(OP_CAS, key, expected, new)
 
 
+def incr(key: bytes, delta: int) -> Incr:
+    return Incr(OP_INCR, key, delta)
+
+
 def txn(reads: list, ranges: list, writes: list) -> Txn:
     return Txn(OP_TXN, reads, ranges, writes)
 
@@ -215,6 +240,85 @@ def two_pc(entry: TxnPrepare | TxnDecision | TxnResolve) -> TwoPC:
 def command_wire(command):
     """``command`` as msgpack carries it (every command is its own wire form but TwoPC)."""
     return command.wire() if type(command) is TwoPC else command
+
+
+# ------------------------------------------------------------------ incr
+#: An incr's delta, and every value it reads or writes, is a signed 64-bit integer (as
+#: Redis's INCRBY: a result past it is refused, never wrapped nor widened).
+INCR_MIN = -(1 << 63)
+INCR_MAX = (1 << 63) - 1
+#: The longest stored value an incr reads as an integer: ``-9223372036854775808``.
+COUNTER_BYTES_MAX = 20
+
+
+def is_int64(number) -> bool:
+    """Whether ``number`` is an int (not a bool) in the signed 64-bit range: an incr's
+    delta as a command carries it, and its result."""
+    return type(number) is int and INCR_MIN <= number <= INCR_MAX
+
+
+def check_delta(delta) -> int:
+    """An incr's ``delta`` argument as the API takes it (an int, not a bool, in signed 64
+    bits); ``InvalidArgument`` otherwise."""
+    if isinstance(delta, bool) or not isinstance(delta, int):
+        raise InvalidArgument(f"incr's delta must be an int, not {type(delta).__name__}")
+    if not INCR_MIN <= delta <= INCR_MAX:
+        raise InvalidArgument(f"incr's delta must be a signed 64-bit integer "
+                              f"({INCR_MIN}..{INCR_MAX}), got {delta}")
+    return int(delta)  # an int subclass (an IntEnum, say) travels as a plain int
+
+
+def counter_value(value: bytes | None) -> int | None:
+    """The integer a stored value holds for incr (absent: 0), or None if it holds none.
+
+    The format: ASCII decimal digits with an optional ``+`` or ``-`` sign, at most
+    ``COUNTER_BYTES_MAX`` bytes in all, within the signed 64-bit range (``b"42"``,
+    ``b"-7"``, ``b"+007"``; not ``b""``, ``b" 1"``, ``b"1.0"``, ``b"1_000"``, ``b"0x10"``).
+    Checked byte by byte before ``int()`` sees it, so what Python's ``int()`` would
+    also take (spaces, underscores, non-ASCII digits) is refused, and no value's length
+    costs anything."""
+    if value is None:
+        return 0
+    if not 0 < len(value) <= COUNTER_BYTES_MAX:
+        return None
+    digits = value[1:] if value[:1] in (b"+", b"-") else value
+    if not digits.isdigit():  # bytes.isdigit: ASCII 0-9 only, False for b""
+        return None
+    number = int(value)
+    return number if INCR_MIN <= number <= INCR_MAX else None
+
+
+def incremented(current: bytes | None, delta) -> int | Result:
+    """What an incr of ``delta`` makes of the value ``current`` (None: absent): the new
+    value, written back as its canonical decimal (``b"%d"``); or ``NOT_INTEGER`` when
+    ``current`` is not a counter (``counter_value``), ``OVERFLOW`` when the sum would leave
+    the signed 64-bit range. A refusal changes nothing. Total: a delta that is no int64
+    (refused where a command is decoded, so never logged) is an ``OVERFLOW``, not a crash."""
+    number = counter_value(current)
+    if number is None:
+        return NOT_INTEGER
+    if not is_int64(delta):
+        return OVERFLOW
+    total = number + delta
+    return total if INCR_MIN <= total <= INCR_MAX else OVERFLOW
+
+
+def incr_result(command: Incr, result) -> int:
+    """The caller's answer to ``command`` from its applied result, the same on every
+    engine: the new value, or ``InvalidArgument`` for a refusal (nothing was changed)."""
+    if type(result) is int:
+        return result
+    shown = command.key[:64] + (b"..." if len(command.key) > 64 else b"")
+    if result == NOT_INTEGER:
+        raise InvalidArgument(
+            f"incr: the value of key {shown!r} is not a decimal integer in signed 64 bits "
+            f"(ASCII digits, an optional sign, at most {COUNTER_BYTES_MAX} bytes); nothing "
+            f"was changed")
+    if result == OVERFLOW:
+        raise InvalidArgument(
+            f"incr: adding {command.delta} to key {shown!r} would leave the signed 64-bit "
+            f"range ({INCR_MIN}..{INCR_MAX}); nothing was changed")
+    raise KVError(f"incr: an answer that is no incr result: {result!r}"[:200])
 
 
 # ------------------------------------------------------------------ decoding
@@ -246,6 +350,8 @@ def decode_command(command) -> Command:
             and (command[2] is None or type(command[2]) is bytes)
             and (command[3] is None or type(command[3]) is bytes)):
         return _new(Cas, command)
+    if op == OP_INCR and n == 3 and type(command[1]) is bytes and is_int64(command[2]):
+        return _new(Incr, command)
     if op == OP_TXN and n == 4:
         _, reads, ranges, writes = command
         if (type(reads) is list and all(_is_pair(r) for r in reads)

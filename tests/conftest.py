@@ -132,6 +132,7 @@ PURE = (
     "test_hostile_files.py::test_a_log_key_that_disagrees_with_its_record_is_refused_at_open",
     # smoke: the whole embedded store's API, one node, a cluster of processes, 2PC
     "test_embedded_api.py",
+    "test_incr.py::test_embedded_incr_adds_to_a_decimal_value_and_refuses_anything_else",
     "test_node.py::test_single_node_cluster_serves_the_kv_interface_and_survives_restart",
     "test_cluster.py::test_put_and_get_through_every_node",
     "test_cluster.py::test_sigkill_of_the_leader_under_writes_loses_no_acknowledged_write",

@@ -29,6 +29,7 @@ from kvstore.api import check_run_transaction, retry_backoff_seconds
 from kvstore.client import requests
 from kvstore.client.kv import ClusterKV
 from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
+from kvstore.commands import incr_result
 from kvstore.errors import KVError, TransactionConflict
 
 
@@ -90,6 +91,10 @@ class AsyncKV:
 
     async def cas(self, key, expected, new) -> bool:
         return bool(await self._call(*requests.cas(self._kv.nshards, key, expected, new)))
+
+    async def incr(self, key, delta=1) -> int:
+        request = requests.incr(self._kv.nshards, key, delta)
+        return incr_result(request[2], await self._call(*request))
 
     async def scan(self, prefix=b"", start=None, end=None, limit=None):
         batch, limit = requests.scan(self._kv.nshards, prefix, start, end, limit)

@@ -14,6 +14,7 @@ import os
 
 from kvstore.api import KV
 from kvstore.client import requests
+from kvstore.commands import incr_result
 from kvstore.client.core import ClientCore
 from kvstore.client.txn import ClusterTxn, lock_keys_for
 from kvstore.errors import InvalidArgument, KVError, Unavailable
@@ -95,6 +96,10 @@ class ClusterKV(KV):
 
     def cas(self, key, expected, new) -> bool:
         return bool(self._core.call(*requests.cas(self.nshards, key, expected, new)))
+
+    def incr(self, key, delta=1) -> int:
+        request = requests.incr(self.nshards, key, delta)
+        return incr_result(request[2], self._core.call(*request))
 
     def scan(self, prefix=b"", start=None, end=None, limit=None):
         batch, limit = requests.scan(self.nshards, prefix, start, end, limit)

@@ -8,7 +8,7 @@ endpoint, never with an exception of another class.
 
 from __future__ import annotations
 
-from kvstore.commands import OP_2PC, OP_PUT
+from kvstore.commands import NOT_INTEGER, OP_2PC, OP_INCR, OP_PUT, OVERFLOW, is_int64
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT
 
@@ -60,6 +60,8 @@ def check_result(call, value):
         kind = call.payload[0]
         if kind == OP_PUT:
             ok = value is None
+        elif kind == OP_INCR:  # the new value, or a refusal (not an integer, overflow)
+            ok = is_int64(value) or value == NOT_INTEGER or value == OVERFLOW
         elif kind == OP_2PC:  # a vote, or with locking reads [vote, [[key, value, revision]]]
             ok = type(value) is bool or (
                 type(value) is list and len(value) == 2 and type(value[0]) is bool

@@ -49,6 +49,13 @@ def cas(nshards: int, key, expected, new) -> Request:
         key, check_optional_value(expected, "expected"), check_optional_value(new, "new"))
 
 
+def incr(nshards: int, key, delta) -> Request:
+    """An atomic add of ``delta`` to the integer at ``key``: answered by the new value, or
+    a refusal that ``commands.incr_result`` turns into ``InvalidArgument``."""
+    key = check_key(key)
+    return wire.OP_WRITE, shard_for(nshards, key), commands.incr(key, commands.check_delta(delta))
+
+
 def scan(nshards: int, prefix, start, end, limit) -> tuple[list[Request], int | None]:
     """The requests of a scan, one per shard (none if it can answer nothing), and its
     checked limit, for ``merge_scan``."""

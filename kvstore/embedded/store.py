@@ -38,7 +38,7 @@ import weakref
 
 from kvstore import _native
 from kvstore.api import KV
-from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT, OP_TXN
+from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT, OP_TXN, check_delta, incr, incr_result
 from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError,
                             TransactionConflict)
 from kvstore.embedded.commit import commit_batch
@@ -243,6 +243,11 @@ class EmbeddedKV(KV):
         new = check_optional_value(new, "new")
         size = len(key) + len(expected or b"") + len(new or b"")
         return self._submit((self._shard(key), (OP_CAS, key, expected, new)), size)
+
+    def incr(self, key, delta=1) -> int:
+        command = incr(check_key(key), check_delta(delta))
+        return incr_result(command, self._submit((self._shard(command.key), command),
+                                                 len(command.key) + 8))
 
     # -- transactions ---------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ B-trees is checked (``storage.pages``).
 from __future__ import annotations
 
 from kvstore import _native
-from kvstore.commands import (KIND_COMMANDS, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES,
-                              decode_commands)
+from kvstore.commands import (KIND_COMMANDS, OP_CAS, OP_DELETE, OP_INCR, OP_PUT, OP_TXN,
+                              OP_TXN_WRITES, counter_value, decode_commands)
 from kvstore.embedded.recovery import chosen_logs, entry_commands
 from kvstore.errors import CorruptRecord, StorageError
 from kvstore.machine.data import revision_of, scan_rows, value_of
@@ -69,7 +69,7 @@ def verify_store(store) -> dict:
                         out["keys_compared"] += 1
                 for key, key_ops in ops.items():  # written in the log, absent in the state
                     slot, kind, value, _expected = key_ops[-1]
-                    if kind == "put":
+                    if kind in ("put", "incr"):
                         _disagree(store, shard, key, f"the log writes it at slot {slot} and "
                                                    f"nothing after, but the state lacks it")
                     out["keys_compared"] += 1
@@ -163,7 +163,8 @@ def _collect_ops(ops: dict, slot: int, command) -> None:
 
     ``kind`` is "put" or "del" for writes that always take effect (a delete leaves
     the key absent either way), "cas" and "cond" for writes that depend on what
-    they found (a transaction's writes depend on its reads).
+    they found (a transaction's writes depend on its reads), "incr" for an incr (its
+    value depends on what it found; the key is present after it either way).
     """
     op = command[0]
     if op == OP_PUT:
@@ -173,6 +174,8 @@ def _collect_ops(ops: dict, slot: int, command) -> None:
     elif op == OP_CAS:
         _, key, expected, new = command
         ops.setdefault(key, []).append((slot, "cas", new, expected))
+    elif op == OP_INCR:
+        ops.setdefault(command[1], []).append((slot, "incr", None, None))
     elif op == OP_TXN:
         for key, value in command[3]:
             ops.setdefault(key, []).append((slot, "cond", value, None))
@@ -196,8 +199,10 @@ def _compare_with_log(revision: int, value: bytes, key_ops: list | None, first: 
         if not at:
             return f"its revision is {revision}, but the log entry at that slot does not write it"
         last_sure = max((i for i, op in enumerate(at) if op[1] in ("put", "del")), default=-1)
-        possible = [op[2] for op in at[max(last_sure, 0):] if op[1] != "del"]
-        if value not in possible:
+        since = at[max(last_sure, 0):]
+        possible = [op[2] for op in since if op[1] != "del"]
+        counted = any(op[1] == "incr" for op in since) and counter_value(value) is not None
+        if value not in possible and not counted:
             return (f"the log entry at slot {revision} writes another value "
                     f"({len(value)} bytes in the state)")
     for slot, kind, _new, expected in key_ops:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from kvstore import _native
-from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT, OP_TXN, OP_TXN_WRITES
+from kvstore.commands import OP_CAS, OP_DELETE, OP_INCR, OP_PUT, OP_TXN, OP_TXN_WRITES, incremented
 from kvstore.errors import CorruptRecord
 
 #: Bytes of the revision at the start of a stored value.
@@ -132,6 +132,12 @@ def apply_command(txn, db, revision: int, command) -> object:
         else:
             txn.put(key, _pack(key, revision, new), db=db)
         return True
+    if op == OP_INCR:
+        key = command[1]
+        result = incremented(value_of(key, txn.get(key, db=db)), command[2])
+        if type(result) is int:  # else a refusal (not an integer, overflow): nothing written
+            txn.put(key, _pack(key, revision, b"%d" % result), db=db)
+        return result
     if op == OP_TXN:
         _, reads, ranges, writes = command
         if not reads_still_valid(txn, db, reads, ranges):
