@@ -171,6 +171,33 @@ def test_cas_sets_compares_and_deletes(http):
     assert_error(http.post(url, json={"new": b64(b"x")}), 400, "InvalidArgument")
 
 
+def test_incr_is_exact_under_concurrent_callers(gateway, http):
+    url = "/v1/incr/" + quote(b"incr/\xffhits", safe="")
+    assert http.post(url).json() == {"value": 1}  # absent counts as 0; delta 1 by default
+    assert http.post(url, json={"delta": 10}).json() == {"value": 11}
+    assert http.post(url, json={"delta": -2}).json() == {"value": 9}
+
+    def incrementer() -> None:
+        with gateway.client() as c:
+            for _ in range(25):
+                assert c.post(url).status_code == 200
+    threads = [threading.Thread(target=incrementer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert http.get("/v1/kv/" + quote(b"incr/\xffhits", safe="")).content == b"109"
+    # Refusals change nothing: a delta that is no integer, a value that is no number.
+    assert_error(http.post(url, json={"delta": "1"}), 400, "InvalidArgument")
+    assert_error(http.post(url, json={"delta": 1.5}), 400, "InvalidArgument")
+    assert_error(http.post(url, json={"delta": 2 ** 64}), 400, "InvalidArgument")
+    http.put(kv_url(b"incr/text"), content=b"ten")
+    body = assert_error(http.post("/v1/incr/incr/text"), 400, "InvalidArgument")
+    assert "not a decimal integer" in body["message"]
+    assert http.get(kv_url(b"incr/text")).content == b"ten"
+    assert http.get("/v1/kv/" + quote(b"incr/\xffhits", safe="")).content == b"109"
+
+
 def test_scan_in_byte_order_with_bounds_and_pages(http):
     keys = [b"scan/\x00", b"scan/a", b"scan/b", b"scan/c\xff", b"scan/d", b"scanx"]
     for k in keys:
