@@ -331,6 +331,30 @@ def test_a_body_over_the_bound_is_refused_with_413_before_it_is_read(gateway, ht
     assert_error(http.get(kv_url(b"big/over")), 404, "NotFound")
 
 
+def test_requests_in_flight_are_bounded_and_healthz_never_waits(gateway, http):
+    """MAX_REQUESTS_IN_FLIGHT requests whose bodies never come hold every slot: the next
+    request waits (it is not refused, and takes no memory for a body), /healthz still
+    answers, and once those clients go the waiting request is served."""
+    from kvstore.gateway.app import MAX_REQUESTS_IN_FLIGHT
+    http.put(kv_url(b"inflight/k"), content=b"v")
+    stalled = []
+    try:
+        for i in range(MAX_REQUESTS_IN_FLIGHT):
+            s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+            s.sendall(b"PUT /v1/kv/stalled/%d HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                      b"\r\n" % i)
+            stalled.append(s)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.get(gateway.url + kv_url(b"inflight/k"), timeout=1.0)
+        assert httpx.get(gateway.url + "/healthz", timeout=5.0).status_code == 200
+    finally:
+        for s in stalled:
+            s.close()
+    assert http.get(kv_url(b"inflight/k"), timeout=30).content == b"v"
+    assert_error(http.get(kv_url(b"stalled/0")), 404, "NotFound")
+    assert "Traceback" not in gateway.log()
+
+
 def test_each_error_class_has_its_status(monkeypatch):
     """The one translation function, for every class of the contract (the classes a
     healthy test cluster cannot be made to raise on demand are here, 409 and 507)."""
@@ -499,14 +523,28 @@ def test_kvstore_server_runs_the_gateway_of_its_config_and_it_ends_with_the_node
     assert "Traceback" not in lc.tail("n1", 200)
 
 
-def test_kvstore_server_refuses_a_bad_gateway_address_in_one_line(tmp_path):
+def test_a_bad_or_taken_gateway_address_is_refused_at_once_in_one_line(tmp_path):
+    """By kvstore-server (before the node starts) and by kvstore gateway: exit 2, one
+    line naming the address, no traceback."""
     lc = LocalCluster(str(tmp_path / "cluster"), 1, 1, env=child_env())
-    r = subprocess.run([PYTHON, "-m", "kvstore.server", "--config", lc.config_path, "--id", "n1",
-                        "--gateway", "localhost"], capture_output=True, env=child_env(),
-                       timeout=60)
-    err = r.stderr.decode()
-    assert r.returncode == 2 and "--gateway" in err and "127.0.0.1:8080" in err, err
-    assert len(err.strip().splitlines()) == 1
+    env = child_env()
+    env.pop("KVSTORE_CLUSTER", None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = "127.0.0.1:%d" % taken.getsockname()[1]
+        server = [PYTHON, "-m", "kvstore.server", "--config", lc.config_path, "--id", "n1"]
+        gateway = [PYTHON, "-m", "kvstore.cli", "gateway", "--cluster", lc.address_list[0]]
+        for argv, expected in ((server + ["--gateway", "localhost"], "127.0.0.1:8080"),
+                               (server + ["--gateway", busy], busy),
+                               (gateway + ["--listen", "localhost"], "127.0.0.1:8080"),
+                               (gateway + ["--listen", busy], busy),
+                               (gateway[:4] + ["--listen", "127.0.0.1:1"], "--cluster")):
+            r = subprocess.run(argv, capture_output=True, env=env, timeout=60)
+            err = r.stderr.decode()
+            assert r.returncode == 2 and expected in err, (argv, err)
+            assert len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(lc.directory, "n1")), "the node started"
 
 
 def assert_gone(url: str, seconds: float = 20.0) -> None:

@@ -23,6 +23,7 @@ from typing import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -79,6 +80,32 @@ class ClusterLink:
             self.db = None
 
 
+#: Requests inside the application at once; more wait for a slot (holding only their
+#: headers: a body is read inside). With every body bounded (``codec``), this bounds the
+#: memory request bodies take: 128 x ~5.6 MB at the very worst.
+MAX_REQUESTS_IN_FLIGHT = 128
+
+
+class InFlightLimit:
+    """ASGI middleware: at most ``limit`` requests past it at once, the others queued in
+    arrival order (backpressure, not a refusal). ``/healthz`` never waits, so a busy
+    gateway is not taken for a dead one."""
+
+    def __init__(self, app, limit: int = MAX_REQUESTS_IN_FLIGHT) -> None:
+        self.app = app
+        self.limit = limit
+        self._slots: asyncio.Semaphore | None = None  # made on the server's event loop
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limit)
+        async with self._slots:
+            await self.app(scope, receive, send)
+
+
 async def _on_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
@@ -108,4 +135,5 @@ def create_app(cluster: str | list, timeout: float = 5.0, keys: str | None = Non
     # exception (a bug) through its ServerErrorMiddleware, which answers with the same
     # JSON and re-raises it so the server logs the traceback.
     handlers = {KVError: _on_error, HTTPException: _on_error, Exception: _on_error}
-    return Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=handlers)
+    return Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=handlers,
+                     middleware=[Middleware(InFlightLimit)])

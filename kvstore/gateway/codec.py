@@ -15,7 +15,7 @@ import binascii
 import json
 from urllib.parse import unquote_to_bytes
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from kvstore.errors import InvalidArgument
 from kvstore.gateway.errors import PayloadTooLarge
@@ -131,12 +131,16 @@ async def read_body(request: Request, limit: int) -> bytes:
                                   f"{limit} (MAX_VALUE_SIZE = {MAX_VALUE_SIZE} for a value)")
     parts = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over {limit} bytes, the most this route takes "
-                                  f"(MAX_VALUE_SIZE = {MAX_VALUE_SIZE} for a value)")
-        parts.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is over {limit} bytes, the most this route "
+                                      f"takes (MAX_VALUE_SIZE = {MAX_VALUE_SIZE} for a value)")
+            parts.append(chunk)
+    except ClientDisconnect:  # nobody reads the answer; nothing was done
+        raise InvalidArgument("the client closed the connection before its body was "
+                              "whole") from None
     return b"".join(parts)
 
 

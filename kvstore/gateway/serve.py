@@ -12,6 +12,7 @@ so a node that dies, even by SIGKILL, never leaves its gateway behind.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +34,19 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return m.group(1) or m.group(2), int(m.group(3))
 
 
+def check_can_listen(listen: str) -> None:
+    """InvalidArgument naming the address when it cannot be bound now (taken, not this
+    host's), so a node or ``kvstore gateway`` refuses at once instead of failing later."""
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        raise InvalidArgument(f"cannot listen on {listen}: {e.strerror or e}") from None
+
+
 def check_installed() -> None:
     """InvalidArgument naming the extra to install when Starlette or uvicorn is missing."""
     try:
@@ -49,6 +63,7 @@ def run(cluster: str, listen: str, timeout: float = 5.0, keys: str | None = None
     not listen there)."""
     host, port = parse_listen(listen)
     check_installed()
+    check_can_listen(listen)
     import uvicorn
     from kvstore.gateway.app import create_app
     app = create_app(cluster, timeout, keys)

@@ -167,15 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _gateway_listen(args) -> str | None:
     """Where to serve the gateway (``--gateway``, else the node's ``gateway`` setting),
-    checked now with the rest of the config: a bad address, or the gateway extra not
-    installed, is the one-line refusal (exit 2), not a child that dies later."""
+    checked now with the rest of the config: a bad or taken address, or the gateway extra
+    not installed, is the one-line refusal (exit 2), not a child that dies later."""
     from kvstore.node.config import node_gateway
     listen = args.gateway or node_gateway(args.config, args.id)
     if listen:
-        from kvstore.gateway.serve import check_installed, parse_listen
+        from kvstore.gateway.serve import check_can_listen, check_installed
         try:
-            parse_listen(listen)
             check_installed()
+            check_can_listen(listen)
         except InvalidArgument as e:
             source = "--gateway" if args.gateway else f"{args.config}: [nodes.{args.id}] gateway"
             raise InvalidArgument(f"{source}: {e}") from None
