@@ -547,6 +547,23 @@ def test_a_bad_or_taken_gateway_address_is_refused_at_once_in_one_line(tmp_path)
     assert not os.path.exists(os.path.join(lc.directory, "n1")), "the node started"
 
 
+def test_the_gateway_setting_of_a_node_is_checked_with_its_config(tmp_path):
+    from kvstore.errors import InvalidArgument
+    from kvstore.node.config import node_gateway
+    config = tmp_path / "cluster.toml"
+    config.write_text('[nodes.n1]\naddress = "tcp://127.0.0.1:7001"\ngateway = "127.0.0.1:8080"\n'
+                      '[nodes.n2]\naddress = "tcp://127.0.0.1:7002"\n')
+    assert node_gateway(str(config), "n1") == "127.0.0.1:8080"
+    assert node_gateway(str(config), "n2") is None
+    config.write_text('[nodes.n1]\naddress = "tcp://127.0.0.1:7001"\ngateway = 8080\n')
+    with pytest.raises(InvalidArgument, match=r"\[nodes.n1\] gateway"):
+        node_gateway(str(config), "n1")
+    r = subprocess.run([PYTHON, "-m", "kvstore.server", "--config", str(config), "--id", "n1",
+                        "--data", str(tmp_path / "n1")], capture_output=True, env=child_env(),
+                       timeout=60)
+    assert r.returncode == 2 and "gateway" in r.stderr.decode(), r.stderr
+
+
 def assert_gone(url: str, seconds: float = 20.0) -> None:
     """The gateway at ``url`` stops answering within ``seconds``."""
     deadline = time.monotonic() + seconds
