@@ -283,6 +283,7 @@ def test_bad_input_is_400_with_the_contract_class_and_changes_nothing(http):
                  400, "InvalidArgument")
     assert_error(http.get("/v1/scan?limit=ten"), 400, "InvalidArgument")
     assert_error(http.get("/v1/scan?limit=1000000"), 400, "InvalidArgument")
+    assert_error(http.get("/v1/scan?limit=0"), 400, "InvalidArgument")
     assert_error(http.get("/v1/scan?prefix=a&prefix=b"), 400, "InvalidArgument")
     assert_error(http.get("/v1/scan?prfix=a"), 400, "InvalidArgument")
     assert_error(http.get(url), 404, "NotFound")  # none of the above wrote anything

@@ -96,8 +96,8 @@ async def scan(request: Request) -> Response:
         raise InvalidArgument(f"scan has no parameter {', '.join(unknown)} "
                               f"(known: prefix, start, end, limit)")
     limit = codec.query_int(params, "limit", SCAN_LIMIT_MAX)
-    if not 0 <= limit <= SCAN_LIMIT_MAX:
-        raise InvalidArgument(f"limit must be in 0..{SCAN_LIMIT_MAX}; page through more with "
+    if not 1 <= limit <= SCAN_LIMIT_MAX:
+        raise InvalidArgument(f"limit must be in 1..{SCAN_LIMIT_MAX}; page through more with "
                               f"start (the answer's next)")
     rows = await _db(request).scan(params.get("prefix", b""), start=params.get("start"),
                                    end=params.get("end"), limit=limit + 1)
@@ -105,8 +105,8 @@ async def scan(request: Request) -> Response:
     rows = rows[:limit]
     out = {"items": [{"key": codec.b64encode(k), "value": codec.b64encode(v)} for k, v in rows],
            "count": len(rows), "more": more}
-    if more:
-        out["next"] = codec.b64encode(rows[-1][0] + b"\x00") if rows else None
+    if more:  # the smallest key after the last one answered
+        out["next"] = codec.b64encode(rows[-1][0] + b"\x00")
     return JSONResponse(out)
 
 
