@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from kvstore.errors import (InvalidArgument, KVError, StorageError, Timeout,
                             TransactionConflict, Unavailable)
 
+
 class NotFound(KVError):
     """The key is absent (GET), or no route answers the path."""
 
