@@ -138,6 +138,13 @@ def test_put_get_delete_round_trip_any_bytes_raw_and_as_json(http):
         assert r.headers["content-type"] == "application/octet-stream"
         r = http.get(kv_url(key), headers={"Accept": "application/json"})
         assert r.json() == {"key": b64(key), "value": b64(value)}
+    # Accept chooses: JSON when it ranks application/json first (wildcards do not outrank it).
+    for accept, wanted in (("application/json, text/plain, */*", "json"),
+                           ("application/json;q=0.5, */*", "raw"),
+                           ("application/octet-stream, application/json;q=0.9", "raw"),
+                           ("*/*", "raw"), ("text/html", "raw")):
+        r = http.get(kv_url(keys[0]), headers={"Accept": accept})
+        assert (r.json()["value"] == b64(value)) if wanted == "json" else (r.content == value)
     # A key's slashes may be sent as they are: the path after /v1/kv/ is the key.
     assert http.get("/v1/kv/rt/a/b/c").content == value
     # A JSON envelope: Content-Type application/json, the value in base64.

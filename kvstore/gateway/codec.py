@@ -91,12 +91,12 @@ def query_int(params: dict[str, bytes], name: str, default: int | None) -> int |
 
 
 def wants_json(request: Request) -> bool:
-    """Content negotiation for a value's answer: JSON (base64) when the Accept header
-    prefers ``application/json`` to ``application/octet-stream``; raw bytes otherwise
-    (no Accept, ``*/*``, ``application/*``: what curl and browsers send)."""
-    accept = request.headers.get("accept", "")
-    best_json = best_raw = 0.0
-    for media_range in accept.split(","):
+    """Content negotiation for a value's answer: JSON (base64) when the Accept header names
+    ``application/json`` with a quality above that of ``application/octet-stream`` and
+    no lower than any wildcard's (``application/json, text/plain, */*``, what many
+    JavaScript clients send, is JSON); raw bytes otherwise (no Accept, ``*/*``: curl)."""
+    quality: dict[str, float] = {}
+    for media_range in request.headers.get("accept", "").split(","):
         kind, *params = [p.strip() for p in media_range.split(";")]
         q = 1.0
         for p in params:
@@ -106,11 +106,10 @@ def wants_json(request: Request) -> bool:
                 except ValueError:
                     q = 0.0
         kind = kind.lower()
-        if kind == JSON_TYPE:
-            best_json = max(best_json, q)
-        elif kind in (RAW_TYPE, "application/*", "*/*"):
-            best_raw = max(best_raw, q)
-    return best_json > best_raw
+        quality[kind] = max(q, quality.get(kind, 0.0))
+    json_q = quality.get(JSON_TYPE, 0.0)
+    wildcard_q = max(quality.get("*/*", 0.0), quality.get("application/*", 0.0))
+    return json_q > 0 and json_q > quality.get(RAW_TYPE, 0.0) and json_q >= wildcard_q
 
 
 def is_json_body(request: Request) -> bool:
