@@ -363,7 +363,7 @@ def test_requests_in_flight_are_bounded_and_healthz_never_waits(gateway, http):
     assert "Traceback" not in gateway.log()
 
 
-def test_each_error_class_has_its_status(monkeypatch):
+def test_each_error_class_has_its_status():
     """The one translation function, for every class of the contract (the classes a
     healthy test cluster cannot be made to raise on demand are here, 409 and 507)."""
     from starlette.exceptions import HTTPException
