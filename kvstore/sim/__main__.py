@@ -1,13 +1,10 @@
 """``python -m kvstore.sim --seeds 1000 --nodes 5`` / ``--seed N --verbose`` to replay one.
 
-By default real ``kvstore.node.Node`` objects, with the storage ``kvstore-server`` runs,
-over a simulated network, clock and disk (``kvstore/sim/realnode.py``); ``--bank`` adds
+Real ``kvstore.node.Node`` objects, with the storage ``kvstore-server`` runs, over a
+simulated network, clock and disk (``kvstore/sim/realnode.py``); ``--bank`` adds
 clients that move money across shards with ``kvstore.client``'s transactions.
-
-The models, for what the real node does not reach yet (README): ``--core``, the Paxos
-core under the simulator's own driver (``kvstore/sim/cluster.py``); ``--bank --model``,
-two-phase commit over abstract shards (``bank.py``); ``--bank --paxos``, over groups of
-cores (``bank_paxos.py``).
+``--bank --model`` runs the model of two-phase commit over abstract shards
+(``bank.py``), where the transaction core's planted bugs are found in a few seeds.
 
 A sweep ends with the liveness figures of its runs, counted from the last heal (median,
 99th percentile, worst).
@@ -22,11 +19,9 @@ from dataclasses import fields
 
 from kvstore.paxos.replica import Bugs
 from kvstore.sim.bank import BankConfig, run_bank_seed
-from kvstore.sim.bank_paxos import BankPaxosConfig, run_bank_paxos_seed
 from kvstore.txn import TxnBugs
-from kvstore.sim.cluster import RunResult, SimConfig, run
 from kvstore.node.ports import NodeBugs
-from kvstore.sim.realnode import RealNodeConfig
+from kvstore.sim.realnode import RealNodeConfig, RunResult
 from kvstore.sim.realnode import run as real_node_run
 
 BUG_NAMES = tuple(f.name for f in fields(Bugs))
@@ -77,26 +72,25 @@ def main(argv=None) -> int:
                         "by default in a third of the seeds")
     p.add_argument("--bank", action="store_true",
                    help="bank clients too: transfers across shards over two-phase commit")
-    p.add_argument("--core", action="store_true",
-                   help="the Paxos core under the simulator's own driver (kvstore/sim/cluster.py), "
-                        "not the real node")
     p.add_argument("--model", action="store_true",
                    help="with --bank: abstract shards, not real nodes (kvstore/sim/bank.py)")
-    p.add_argument("--paxos", action="store_true",
-                   help="with --bank: each shard a real Paxos group of --nodes replicas (kvstore/sim/bank_paxos.py)")
     p.add_argument("--shards", type=int, default=None,
-                   help="1-3 (default: drawn per seed); with --model or --paxos: default 3")
+                   help="1-3 (default: drawn per seed); with --model: default 3")
     p.add_argument("--real-node", action="store_true",
                    help="real nodes (the default; accepted for older replay lines)")
     p.add_argument("--node-bug", action="append", default=[], choices=NODE_BUG_NAMES,
                    help="plant a bug in the node or its storage")
-    p.add_argument("--locking-audit-trusts-votes", action="store_true",
-                   help="with --bank --paxos: a locking audit trusts its votes, as kvstore.client.txn does today")
     p.add_argument("--txn-bug", action="append", default=[], choices=TXN_BUG_NAMES,
                    help="with --bank: plant a two-phase-commit bug")
     a = p.parse_args(argv)
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
-    if not (a.core or (a.bank and (a.model or a.paxos))):
+    if a.model and not a.bank:
+        p.error("--model goes with --bank (the model of two-phase commit over abstract shards)")
+    if a.bank and a.model:
+        txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
+        results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_seed(
+            BankConfig(seed=s, shards=a.shards or 3, bugs=txn_bugs, verbose=a.verbose))), "bank seeds")
+    else:
         node_bugs = NodeBugs(**{name: True for name in a.node_bug},
                              paxos=Bugs(**{name: True for name in a.bug}))
         ticks = a.ticks or RealNodeConfig.ticks
@@ -110,24 +104,6 @@ def main(argv=None) -> int:
                   f"{ok[len(ok) // 2]}, p99 {ok[min(len(ok) - 1, 99 * len(ok) // 100)]}, "
                   f"worst {ok[-1]}; histories the checker gave up on: "
                   f"{sum('NOT CHECKED' in r.text for r in results)}")
-    elif a.bank and a.paxos:
-        txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
-        bugs = Bugs(**{name: True for name in a.bug})
-        results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_paxos_seed(
-            BankPaxosConfig(seed=s, shards=a.shards or 3, nodes=a.nodes, bugs=txn_bugs, paxos_bugs=bugs,
-                            ticks=a.ticks or SimConfig.ticks, locking_audit_trusts_votes=a.locking_audit_trusts_votes,
-                            verbose=a.verbose))), "bank-paxos seeds")
-    elif a.bank and a.model:
-        txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
-        results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_seed(
-            BankConfig(seed=s, shards=a.shards or 3, bugs=txn_bugs, verbose=a.verbose))), "bank seeds")
-    else:
-        bugs = Bugs(**{name: True for name in a.bug})
-        results = sweep(seeds, a.seed is not None, lambda s: run(
-            SimConfig(seed=s, nodes=a.nodes, ticks=a.ticks or SimConfig.ticks, bugs=bugs, verbose=a.verbose,
-                      byzantine=a.byzantine)), "seeds")
-        if a.seed is None and any(r.ok for r in results):
-            print(liveness_table(results))
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -173,21 +149,6 @@ def _collect(seeds, outcomes, progress, replay: bool) -> list:
     if progress is not None:
         progress.clear()
     return results
-
-
-def liveness_table(results: list) -> str:
-    """Median, p99 and worst of each liveness figure over the runs that passed."""
-    ok = [r for r in results if r.ok]
-    rows = [("ticks to one followed leader", [r.settle_ticks for r in ok]),
-            ("elections after the heal", [r.elections for r in ok]),
-            ("leader changes after the heal", [r.leader_changes for r in ok])]
-    lines = [f"liveness after the last heal, {len(ok)} runs:   median    p99  worst"]
-    for name, values in rows:
-        values = sorted(values)
-        p99 = values[min(len(values) - 1, (99 * len(values)) // 100)]
-        lines.append(f"  {name:<34}{values[len(values) // 2]:>7}{p99:>7}{values[-1]:>7}")
-    return "\n".join(lines)
-
 
 
 if __name__ == "__main__":

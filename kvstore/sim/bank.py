@@ -1,7 +1,8 @@
 """Deterministic simulation of cross-shard bank transfers over two-phase commit.
 
-Layered on what ``cluster.py`` proves of one shard (its log is linearizable and
-applies every entry once, in order, under every fault it injects), this
+Layered on what the real-node simulator (``realnode.py``) proves of one shard (its
+log is linearizable and applies every entry once, in order, under every fault it
+injects), this
 simulator treats each shard as such a log that may be unreachable for a while
 (no quorum: a leader election, a partitioned majority), and puts the faults
 where two-phase commit can go wrong: between the processes that coordinate

@@ -39,7 +39,6 @@ from kvstore.paxos.batch import encode_batch
 from kvstore.paxos.messages import Message
 from kvstore.paxos.replica import KIND_BATCH, KIND_NOOP, LEADER, ROUND_JUMP_MAX, SLOT_SPAN_MAX
 from kvstore.sim.kv import KV, encode_command
-from kvstore.transport import wire
 
 U64_MAX = (1 << 64) - 1
 I64_MIN = -(1 << 63)
@@ -57,7 +56,7 @@ def _state(r) -> tuple:
 
 
 class Byzantine:
-    """The fuzzing endpoint of one simulation (``Simulation.byzantine``)."""
+    """The fuzzing state of one simulation (``realbyzantine.RealNodeByzantine`` sends what it makes)."""
 
     def __init__(self, sim, seed: int) -> None:
         self.sim = sim
@@ -68,51 +67,6 @@ class Byzantine:
         self.refused_at_decode = 0
         self.refused_by_node = 0
         self.attacks = [getattr(self, name) for name in sorted(dir(self)) if name.startswith("_attack_")]
-
-    # ------------------------------------------------------------------ driving
-    def inject(self) -> None:
-        """Send one fuzzed message to an awake node, delivered now."""
-        sim, rng = self.sim, self.rng
-        targets = [n for n in sim.nodes if n.up and n.paused_until <= sim.tick]
-        if not targets:
-            return
-        node = targets[rng.randrange(len(targets))]
-        attack = self.attacks[rng.randrange(len(self.attacks))]
-        made = attack(node)
-        if made is None:
-            return
-        envelope, m = made
-        self.sent += 1
-        sim.log(f"byzantine {attack.__name__[8:]} -> n{node.id}: {m}")
-        self.deliver(node, envelope, m)
-
-    def deliver(self, node, envelope: int, m: Message) -> None:
-        """Through the node's decode path (module docstring), then the replica, which
-        must not act on it: its state and outputs are the same after the step."""
-        sim = self.sim
-        bugs = sim.config.bugs
-        unchecked = bugs.unchecked_peer_input
-        if unchecked:
-            items = [(0, m)]
-        else:
-            try:
-                items = wire.decode(wire.encode_paxos(envelope, [(0, m)]))[2]
-            except wire.FrameError:
-                self.refused_at_decode += 1
-                return
-        for _shard, msg in items:
-            if not unchecked:
-                why = wire.check_paxos_message(msg, node.id, sim.config.nodes, sim.check_command)
-                if why is not None:
-                    self.refused_by_node += 1
-                    continue
-            before = _state(node.replica)
-            node.replica.step(msg)
-            if _state(node.replica) != before and not (unchecked or bugs.snapshot_from_anyone):
-                sim.fail(f"byzantine: n{node.id} acted on a fuzzed message: {msg}")
-            sim.oracle.check(node.id, node.replica)
-        sim.flush_trace(node)
-        node.drain()
 
     def summary(self) -> str:
         return (f"byzantine: {self.sent} sent, {self.refused_at_decode} refused at decode, "

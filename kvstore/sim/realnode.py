@@ -1,7 +1,8 @@
 """Deterministic simulation of the real node: ``python -m kvstore.sim`` (the default).
 
-Where ``kvstore.sim.cluster`` (``--core``) proves the Paxos core under a driver
-of its own, this module builds N real ``kvstore.node.loop.Node`` objects with
+The one simulator of the replicated store (the core's own driver, a copy of the
+node's loop, is retired: one driver, the one that runs). It builds N real
+``kvstore.node.loop.Node`` objects with
 real ``WalReplicaStorage``, and drives them through their ports
 (``kvstore.node.ports``): an in-memory transport, a clock the simulation moves, and
 per node a data directory whose write-ahead log lives in the power-loss twin
@@ -230,10 +231,6 @@ class SimTransport:
     def reply(self, identity: bytes, items: list) -> None:
         client = self.sim.client_by_identity.get(identity)
         if client is not None:
-            node = self.sim.nodes[self.index].node
-            if node is not None and type(client) is SimClient:
-                client.answered_at(self.index, items,
-                                   tuple(r.applied_index for r in node.replicas))
             self.sim.send(("node", self.index), ("client", client.index), CLIENT, identity,
                           wire.encode_replies(items))
 
@@ -508,8 +505,6 @@ class SimClient:
         self.op: dict | None = None  # the operation in flight
         self.target = sim.rng.randrange(sim.config.nodes)
         self.last_value = {}  # key -> last value this client saw (for its cas)
-        # request id -> the lowest applied point (per shard) of the nodes that answered it OK
-        self.answer_points: dict = {}
 
     def start(self) -> None:
         sim, rng = self.sim, self.sim.rng
@@ -529,38 +524,14 @@ class SimClient:
             # one write at a time: every earlier one is answered or given up (floor = seq)
             op, args = wire.OP_WRITE, [shard, self.client_id, self.seq, self.seq, command]
         self.op = {"op": op, "args": args, "kind": kind, "key": key, "hist_args": hist_args,
-                   "call": sim.now, "request_id": None, "sent": None, "shard": shard,
-                   "acked_before": sim.acked_high[shard]}
+                   "call": sim.now, "request_id": None, "sent": None}
         self.send()
 
     def start_get(self, key: bytes) -> None:
         shard = shard_of(key, self.sim.config.shards)
         self.op = {"op": wire.OP_GET, "args": [shard, key, False], "kind": "get", "key": key,
-                   "hist_args": (), "call": self.sim.now, "request_id": None, "sent": None,
-                   "shard": shard, "acked_before": self.sim.acked_high[shard]}
+                   "hist_args": (), "call": self.sim.now, "request_id": None, "sent": None}
         self.send()
-
-    def answered_at(self, node: int, items: list, points: tuple) -> None:
-        """Node ``node`` answers this client, its shards applied up to ``points``.
-
-        The read-index check (the core simulator's "stale read"): every slot a node had
-        applied when it answered an operation was chosen, so a linearizable read that
-        starts after that answer reached its client must be served at that slot or later,
-        whatever key either touched (a read index covers every slot chosen before it).
-        A read answered below it is stale even when no key of the history shows it."""
-        op = self.op
-        for request_id, status, _value in items:
-            if op is None or request_id != op["request_id"] or status != wire.STATUS_OK:
-                continue
-            known = self.answer_points.get(request_id)
-            self.answer_points[request_id] = (points if known is None else
-                                              tuple(map(min, known, points)))
-            shard = op["shard"]
-            if op["kind"] == "get" and points[shard] < op["acked_before"]:
-                raise SimulationFailure(
-                    f"stale read: n{node} answered client {self.index}'s get of {op['key']!r} "
-                    f"with shard {shard} applied to {points[shard]}, but an answer given "
-                    f"before the get was called showed slot {op['acked_before']} applied")
 
     def send(self) -> None:
         """Send (or resend) the operation, under one request id for all its attempts as
@@ -594,9 +565,6 @@ class SimClient:
     def finish(self, result) -> None:
         op, self.op = self.op, None
         sim = self.sim
-        points = self.answer_points.pop(op["request_id"], None)
-        if points is not None:  # None: answered through a forward (the leader's point unseen)
-            sim.acked_high = list(map(max, sim.acked_high, points))
         kind, key = op["kind"], op["key"]
         if kind == "put":
             result = None
@@ -621,7 +589,6 @@ class SimClient:
             sim.history.append(Operation(self.index, op["key"], op["kind"], op["hist_args"],
                                          op["call"], None))
             self.op = None
-            self.answer_points.pop(op["request_id"], None)
             self.last_value.pop(op["key"], None)
             return
         if sim.now - op["sent"] >= c.client_retry_ticks:
@@ -653,8 +620,6 @@ class Simulation:
         # checked after every step: the Paxos invariants per shard, the values applied per slot
         self.oracles = [Oracle(config.nodes) for _ in range(config.shards)]
         self.applied_values = [{} for _ in range(config.shards)]
-        # per shard: the highest applied point any answer a client has received showed
-        self.acked_high = [-1] * config.shards
         # per shard: the highest commit point any node has reached (after each turn)
         self.committed_high = [-1] * config.shards
         byzantine = config.byzantine if config.byzantine is not None else config.seed % 3 == 2
@@ -703,8 +668,10 @@ class Simulation:
         if to[0] == "node" and c.replay_rate:
             self.recent.append((to, source, identity, frame))
             if rng.random() < 1 / 32:  # and a sample of older ones, kept far longer
-                self.old[rng.randrange(len(self.old)) if len(self.old) == 256 else len(self.old):
-                         ][:1] = [(to, source, identity, frame)]
+                if len(self.old) < 256:
+                    self.old.append((to, source, identity, frame))
+                else:
+                    self.old[rng.randrange(256)] = (to, source, identity, frame)
 
     def deliver(self) -> None:
         while self.queue and self.queue[0][0] <= self.now:
