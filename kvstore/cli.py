@@ -284,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory and allow it (clients/NAME.key; remove that file to revoke)")
     p.set_defaults(fn=None)
     p = sub.add_parser("gateway", parents=[common],
-                       help="serve the cluster over HTTP/JSON (docs/gateway.md)")
+                       help="serve the cluster over HTTP/JSON (docs/gateway.md)",
+                       description="Serve the cluster at --cluster (or $KVSTORE_CLUSTER) over "
+                                   "HTTP/JSON until SIGINT or SIGTERM; --data does not apply. "
+                                   "Routes: docs/gateway.md.")
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                    help="where to serve HTTP (default 127.0.0.1:8080)")
     p.add_argument("--access-log", action="store_true", help="log every request to stdout")
