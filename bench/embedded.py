@@ -45,6 +45,7 @@ import lmdb
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import kvstore  # noqa: E402
+from kvstore.embedded.demo import ops_per_second  # noqa: E402
 import figures  # noqa: E402  (bench/figures.py, beside this script)
 
 KEY_SIZE = 16
@@ -247,12 +248,10 @@ def put_slice(put, threads: int, n_per_thread: int, sequence, value: bytes,
               latencies: list) -> float:
     """ops/s of ``put(key, value)`` from ``threads`` threads started together; each
     put's latency appended to ``latencies`` (seconds)."""
-    barrier = threading.Barrier(threads + 1)
     clock = time.perf_counter
 
-    def work() -> None:
+    def work(_t: int) -> None:
         mine = []
-        barrier.wait()
         for _ in range(n_per_thread):
             k = key(next(sequence))  # next() on a count is atomic under the GIL
             t0 = clock()
@@ -260,14 +259,7 @@ def put_slice(put, threads: int, n_per_thread: int, sequence, value: bytes,
             mine.append(clock() - t0)
         latencies.extend(mine)
 
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    barrier.wait()
-    t0 = clock()
-    for w in workers:
-        w.join()
-    return threads * n_per_thread / (clock() - t0)
+    return ops_per_second(work, threads, n_per_thread)
 
 
 def put_threads(put, threads: int, n_per_thread: int, base: int, value: bytes) -> float:

@@ -30,14 +30,27 @@ import sys
 import figures
 
 
+def skip(reason: str) -> bool:
+    """Say on stderr why a chart is not drawn (the others still are); False."""
+    print(f"skipped: {reason}", file=sys.stderr)
+    return False
+
+
+def save(plt, fig, out: str) -> bool:
+    """Lay ``fig`` out, write it to ``out`` as a PNG and free it: every chart alike; True."""
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def load(results_dir: str, name: str) -> dict | None:
     path = os.path.join(results_dir, f"{name}.json")
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        print(f"skipped: {os.path.relpath(path)} not found; run bench/{name}.py first",
-              file=sys.stderr)
+        skip(f"{os.path.relpath(path)} not found; run bench/{name}.py first")
         return None
 
 
@@ -46,9 +59,7 @@ def plot_put_scaling(plt, results: dict, out: str) -> bool:
     (results that predate the peers: kvstore beside raw LMDB)."""
     points = results.get("put_scaling")
     if not points:
-        print("skipped: embedded.json has no put_scaling sweep; rerun bench/embedded.py",
-              file=sys.stderr)
-        return False
+        return skip("embedded.json has no put_scaling sweep; rerun bench/embedded.py")
     threads = [p["threads"] for p in points]
     peers = points[0].get("peers") or {"kvstore": None, "raw LMDB": None}
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
@@ -71,18 +82,13 @@ def plot_put_scaling(plt, results: dict, out: str) -> bool:
                  f"{cfg.get('value_size', '?')}-byte values, same run")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="x-small", loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return save(plt, fig, out)
 
 
 def plot_paxos_core(plt, results: dict, out: str) -> bool:
     rows = results.get("table") or []
     if not rows:
-        print("skipped: paxos_core.json has no table; rerun bench/paxos_core.py",
-              file=sys.stderr)
-        return False
+        return skip("paxos_core.json has no table; rerun bench/paxos_core.py")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     windows = sorted({r["pipeline_window"] for r in rows})
     colours = {w: f"C{i}" for i, w in enumerate(windows)}  # a colour per window
@@ -103,17 +109,13 @@ def plot_paxos_core(plt, results: dict, out: str) -> bool:
     ax.set_title(f"Pure Multi-Paxos core, {results.get('replicas', 3)} replicas, no I/O")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return save(plt, fig, out)
 
 
 def plot_cluster(plt, results: dict, out: str) -> bool:
     rows = results.get("rows") or []
     if not rows:
-        print("skipped: cluster.json has no rows; rerun bench/cluster.py", file=sys.stderr)
-        return False
+        return skip("cluster.json has no rows; rerun bench/cluster.py")
     with_cdf = [("", r) for r in rows if r.get("cdf_ms")]
     with_cdf += [("embedded ", r) for r in (results.get("embedded") or {}).get("rows") or []
                  if r.get("cdf_ms")]
@@ -161,10 +163,7 @@ def plot_cluster(plt, results: dict, out: str) -> bool:
         cdf.set_title("Latency CDF")
         cdf.grid(True, which="both", alpha=0.3)
         cdf.legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return save(plt, fig, out)
 
 
 def main(argv=None) -> int:

@@ -33,12 +33,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import lmdb
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kvstore import _native  # noqa: E402
+from kvstore.embedded.demo import ops_per_second  # noqa: E402
 from kvstore.embedded.groupcommit import GroupCommitter, Request  # noqa: E402
 from kvstore.storage.wal import KIND_ENTRY, Record, WriteAheadLog  # noqa: E402
 import figures  # noqa: E402
@@ -125,61 +125,45 @@ class Sides:
 
 def groups_per_second(append, threads: int, groups_per_thread: int, n: int,
                       base: int) -> float:
-    barrier = threading.Barrier(threads + 1)
+    """Groups of ``n`` records appended per second by ``threads`` threads, each its own
+    keys from ``base`` on."""
 
     def work(t: int) -> None:
         first = base + t * groups_per_thread * n
-        barrier.wait()
         for g in range(groups_per_thread):
             append(first + g * n, n)
 
-    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for w in workers:
-        w.join()
-    return threads * groups_per_thread / (time.perf_counter() - t0)
+    return ops_per_second(work, threads, groups_per_thread)
 
 
 def run(args) -> dict:
     rows = []
     sides = Sides(args.dir)
+    appends = {"wal": sides.wal_append, "merged": sides.wal_merged, "lmdb": sides.lmdb_commit}
     base = 0
     try:
         for threads in args.threads:
             for n in args.records:
-                best = {"wal": 0.0, "lmdb": 0.0, "merged": 0.0}
-                wal_syncs = merged_syncs = 0
-                wal_groups = merged_groups = 0
+                best = dict.fromkeys(appends, 0.0)
+                syncs = dict.fromkeys(appends, 0)
                 per_thread = max(1, args.groups // threads)
-                for _round in range(args.rounds):  # interleaved: the disk's mood hits both
-                    with SyncCounter() as counter:
-                        rate = groups_per_second(sides.wal_append, threads, per_thread, n, base)
-                    wal_syncs += counter.calls
-                    wal_groups += threads * per_thread
-                    base += threads * per_thread * n
-                    best["wal"] = max(best["wal"], rate)
-                    with SyncCounter() as counter:
-                        rate = groups_per_second(sides.wal_merged, threads, per_thread, n, base)
-                    merged_syncs += counter.calls
-                    merged_groups += threads * per_thread
-                    base += threads * per_thread * n
-                    best["merged"] = max(best["merged"], rate)
-                    rate = groups_per_second(sides.lmdb_commit, threads, per_thread, n, base)
-                    base += threads * per_thread * n
-                    best["lmdb"] = max(best["lmdb"], rate)
+                groups = threads * per_thread * args.rounds  # by each side, in all
+                for _round in range(args.rounds):  # interleaved: the disk's mood hits all
+                    for side, append in appends.items():
+                        with SyncCounter() as counter:  # (LMDB syncs from C: it counts 0)
+                            rate = groups_per_second(append, threads, per_thread, n, base)
+                        syncs[side] += counter.calls
+                        base += threads * per_thread * n
+                        best[side] = max(best[side], rate)
                 rows.append({
                     "threads": threads, "records_per_group": n,
                     "wal_groups_per_s": round(best["wal"], 1),
                     "lmdb_groups_per_s": round(best["lmdb"], 1),
                     "wal_records_per_s": round(best["wal"] * n, 1),
                     "ratio": round(best["wal"] / best["lmdb"], 2),
-                    "wal_fsync_calls_per_group_python": round(wal_syncs / wal_groups, 3),
+                    "wal_fsync_calls_per_group_python": round(syncs["wal"] / groups, 3),
                     "merged_groups_per_s": round(best["merged"], 1),
-                    "merged_fsync_calls_per_group_python": round(merged_syncs / merged_groups,
-                                                                 3),
+                    "merged_fsync_calls_per_group_python": round(syncs["merged"] / groups, 3),
                 })
     finally:
         sides.close()

@@ -5,7 +5,7 @@
         db.put(b"k", b"v")
         assert db.get(b"k") == b"v"
 
-The public surface is ``shared/API.md``: ``open``, ``connect``, ``KV``, ``Txn``,
+The public surface (docs/api.md): ``open``, ``connect``, ``KV``, ``Txn``,
 the errors, ``MAX_KEY_SIZE`` and ``MAX_VALUE_SIZE``.
 """
 

@@ -1,4 +1,4 @@
-"""The interface every store object has (shared/API.md section 1).
+"""The interface every store object has (docs/api.md).
 
 ``kvstore.open()`` and ``kvstore.connect()`` both return a ``KV``. The
 derived conveniences (context manager, ``run_transaction``) live here once so
@@ -17,18 +17,72 @@ from kvstore.errors import InvalidArgument, TransactionConflict
 R = TypeVar("R")
 
 
-def check_run_transaction(fn, retries) -> None:
-    """The arguments of ``run_transaction`` (sync and asyncio alike)."""
-    if not callable(fn):
-        raise InvalidArgument(f"run_transaction needs a callable, not {type(fn).__name__}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise InvalidArgument(f"retries must be an int >= 0, got {retries!r}")
+#: How long ``run_transaction`` keeps retrying by default, when no ``retries`` count is
+#: given either: a cluster client's own ``timeout`` (``kvstore.connect``), else this.
+RUN_TRANSACTION_SECONDS = 5.0
+#: Its backoff before retry n: a random pause in [0, min(BASE * 2**n, MAX)) ("full
+#: jitter"): racing retries spread out instead of colliding again, and the pause grows
+#: with the contention a transaction keeps meeting.
+BACKOFF_BASE_SECONDS = 0.0005
+BACKOFF_MAX_SECONDS = 0.05
 
 
-def retry_backoff_seconds(attempt: int) -> float:
-    """Jittered backoff before retry ``attempt``, so racing retries spread out instead of
-    colliding again."""
-    return random.random() * min(0.0005 * (1 << attempt), 0.05)
+class TransactionRetry:
+    """``run_transaction``'s retry policy, one for every engine (the sync ``KV`` below,
+    ``kvstore.aio``'s ``run_transaction``): which attempt this is, whether a conflict
+    is retried, and after what pause.
+
+    A transaction that lost to a concurrent one is retried, with jittered
+    exponential backoff, until the deadline (``timeout`` seconds from the call) or
+    ``retries`` retries, whichever comes first: ``retries=None`` counts none, and a
+    ``timeout`` of None means the store's default (``default_timeout``) unless a
+    ``retries`` count is given, which then stands alone, as it did before deadlines
+    (``retries=0``: one attempt). An attempt is never cut short: the deadline only
+    stops new ones. When it gives up, ``TransactionConflict`` says what was tried."""
+
+    def __init__(self, fn, retries: int | None, timeout: float | None,
+                 default_timeout: float) -> None:
+        if not callable(fn):
+            raise InvalidArgument(f"run_transaction needs a callable, not {type(fn).__name__}")
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                    or retries < 0):
+            raise InvalidArgument(f"retries must be an int >= 0 or None, got {retries!r}")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float))
+                                    or not 0 <= timeout < float("inf")):
+            raise InvalidArgument(f"timeout must be a number of seconds >= 0 or None, "
+                                  f"got {timeout!r}")
+        if timeout is None and retries is None:
+            timeout = default_timeout
+        self.retries = retries
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.deadline = None if timeout is None else self.started + timeout
+        self.attempt = 0  # of the attempt under way: 0 first
+
+    def after_conflict(self, conflict: TransactionConflict) -> float:
+        """The attempt under way lost: the seconds to pause before the next one, or
+        ``TransactionConflict`` (from ``conflict``) saying what was tried."""
+        now = time.monotonic()
+        spent = self.retries is not None and self.attempt >= self.retries
+        late = self.deadline is not None and now >= self.deadline
+        if spent or late:
+            attempts = self.attempt + 1
+            limits = " and ".join(
+                ([f"retries={self.retries}"] if self.retries is not None else [])
+                + ([f"timeout={self.timeout:g} s"] if self.timeout is not None else []))
+            raise TransactionConflict(
+                f"run_transaction gave up after {attempts} attempt{'s' * (attempts > 1)} in "
+                f"{now - self.started:.2f} s ({limits}, with backoff), each lost to a "
+                f"concurrent transaction; nothing of the last was applied. Raise timeout= "
+                f"to keep trying longer, or make fewer transactions write the same keys"
+            ) from conflict
+        self.attempt += 1
+        pause = random.random() * min(BACKOFF_BASE_SECONDS * (1 << min(self.attempt, 20)),
+                                      BACKOFF_MAX_SECONDS)
+        if self.deadline is not None:
+            pause = min(pause, self.deadline - now)
+        return max(0.0, pause)
 
 
 class Txn(abc.ABC):
@@ -97,26 +151,35 @@ class KV(abc.ABC):
     def close(self) -> None:
         """Release everything; further calls raise ``KVError``."""
 
-    def run_transaction(self, fn: Callable[[Txn], R], retries: int = 10) -> R:
-        """``fn(txn)`` in a transaction, retried on ``TransactionConflict``.
+    def run_transaction(self, fn: Callable[[Txn], R], retries: int | None = None, *,
+                        timeout: float | None = None) -> R:
+        """``fn(txn)`` in a transaction, retried on ``TransactionConflict``; its result.
 
-        ``fn`` may run up to ``retries + 1`` times, so it must not have side
-        effects outside the transaction. The last conflict is re-raised.
+        A conflict is retried with jittered exponential backoff until ``timeout``
+        seconds have passed since the call or ``retries`` retries were made,
+        whichever comes first (``TransactionRetry``). By default (neither given) it
+        retries for the store's default: a cluster client's ``timeout``, 5 s for the
+        embedded store. ``retries`` alone bounds only the count (``retries=0``: one
+        attempt); ``timeout`` alone only the time. Then ``TransactionConflict`` says
+        how many attempts were made in how long. ``fn`` may run several times, so it
+        must not have side effects outside the transaction; any other error is
+        raised at once, without retry.
         """
-        check_run_transaction(fn, retries)
-        attempt = 0
+        retry = TransactionRetry(fn, retries, timeout, self._run_transaction_timeout())
         txn = None
         while True:
-            txn = self._attempt_transaction(txn, attempt)
+            txn = self._attempt_transaction(txn, retry.attempt)
             try:
                 with txn:
                     result = fn(txn)
                 return result
-            except TransactionConflict:
-                if attempt >= retries:
-                    raise
-                attempt += 1
-                time.sleep(retry_backoff_seconds(attempt))
+            except TransactionConflict as conflict:
+                pause = retry.after_conflict(conflict)
+            time.sleep(pause)
+
+    def _run_transaction_timeout(self) -> float:
+        """``run_transaction``'s default deadline, in seconds."""
+        return RUN_TRANSACTION_SECONDS
 
     def _attempt_transaction(self, previous: Txn | None, attempt: int) -> Txn:
         """The transaction for ``run_transaction``'s attempt ``attempt`` (0 first), given

@@ -1,18 +1,21 @@
-"""The ``kvstore`` command: put, get, delete, incr, cas, scan, status (shared/API.md section 4),
-and demo.
+# PYTHON_ARGCOMPLETE_OK  (argcomplete's global completion looks for this line)
+"""The ``kvstore`` command: put, get, delete, incr, cas, scan, status, check, local-cluster,
+keygen, demo (docs/cli.md).
 
 With ``--cluster ADDRS`` (or ``KVSTORE_CLUSTER``) the commands talk to running
 servers; without it they act on the embedded store at ``--data DIR``
-(default ``./kvstore-data``).
+(default ``./kvstore-data``), and a write that creates that store says so on stderr.
 
 Exit codes: 0 success; 1 the key was not there (get, delete) or did not hold the
-expected value (cas); 2 bad usage or
-bad input; 3 unavailable or timed out; 4 storage error.
+expected value (cas); 2 bad usage or bad input; 3 unavailable or timed out, or
+(status) a shard without a leader or quorum; 4 storage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
 import sys
 from typing import Sequence
@@ -36,6 +39,34 @@ def _out(data: bytes) -> None:
     sys.stdout.buffer.write(data + b"\n")
 
 
+#: What --json says about its encoding (the help of get and scan).
+JSON_HELP = ("print JSON lines {\"key\": ..., \"value\": ...} with the key and the value in "
+             "base64 (RFC 4648, standard alphabet, padded): faithful for any bytes")
+
+
+def _out_json(key: bytes, value: bytes) -> None:
+    """One pair as a JSON line, key and value in base64: round-trips any bytes."""
+    pair = {"key": base64.b64encode(key).decode("ascii"),
+            "value": base64.b64encode(value).decode("ascii")}
+    sys.stdout.buffer.write(json.dumps(pair).encode("ascii") + b"\n")
+
+
+#: ``put KEY -``: the value is read from stdin.
+STDIN_VALUE = "-"
+
+
+def _read_stdin_value() -> bytes:
+    """Stdin to its end, byte for byte, refused (before anything is written) past
+    ``MAX_VALUE_SIZE`` without reading more than one byte beyond it."""
+    if sys.stdin is None:
+        raise InvalidArgument("the value is '-' (read stdin), but this process has no stdin")
+    value = sys.stdin.buffer.read(kvstore.MAX_VALUE_SIZE + 1)
+    if len(value) > kvstore.MAX_VALUE_SIZE:
+        raise InvalidArgument(f"the value on stdin is longer than kvstore.MAX_VALUE_SIZE "
+                              f"({kvstore.MAX_VALUE_SIZE} bytes); nothing was written")
+    return value
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain aligned text table (no dependency; readable in any terminal or log)."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
@@ -47,6 +78,28 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 #: A replica this many slots behind its shard's commit point is shown as lagging.
 LAGGING_SLOTS = 100
+
+
+def quorum_problems(status: dict) -> list:
+    """Each shard of a cluster that cannot serve now, as a sentence: fewer nodes that
+    answer and vote (a recovering node does not vote yet) than a majority of the
+    members, or no leader. Empty for an embedded store."""
+    if status.get("mode") == "embedded":
+        return []
+    members = len(status.get("nodes", []))
+    needed = members // 2 + 1
+    problems = []
+    for shard in status.get("shards", []):
+        states = shard.get("states") or {}
+        voters = sorted(n for n, state in states.items() if state != "recovering")
+        if len(voters) < needed:
+            problems.append(f"shard {shard.get('shard')} has no quorum: {len(voters)} of "
+                            f"{members} nodes answer and vote ({', '.join(voters) or 'none'}), "
+                            f"{needed} needed")
+        elif shard.get("leader") is None:
+            problems.append(f"shard {shard.get('shard')} has no leader (an election may be "
+                            f"under way)")
+    return problems
 
 
 def _attention(shard: dict) -> str:
@@ -76,7 +129,8 @@ def format_status(status: dict) -> str:
         commit = s.get("commit_index", 0)
         replicas = s.get("replicas") or {}
         lag = max((commit - applied for applied in replicas.values()), default=0)
-        rows.append([s.get("shard"), s.get("leader"), commit, s.get("applied_index", ""),
+        leader = s.get("leader") or "(none)"
+        rows.append([s.get("shard"), leader, commit, s.get("applied_index", ""),
                      lag, s.get("keys", ""), _attention(s)])
     out.append(format_table(["shard", "leader", "commit", "applied", "lag", "keys", "attention"], rows))
     extra = []
@@ -103,11 +157,18 @@ def _open(args) -> kvstore.KV:
     if args.command in READ_ONLY_COMMANDS:
         from kvstore.embedded.store import EmbeddedKV
         return EmbeddedKV(args.data, create=False)
-    return kvstore.open(args.data)
+    from kvstore.storage.environment import DATA_FILE
+    existed = os.path.lexists(os.path.join(args.data, DATA_FILE))
+    db = kvstore.open(args.data)
+    if not existed:  # a forgotten --cluster must not write to a new local store unnoticed
+        print(f"kvstore: no --cluster or KVSTORE_CLUSTER given: created a new embedded store "
+              f"in {db.path}", file=sys.stderr)
+    return db
 
 
 def _cmd_put(db, args) -> int:
-    db.put(_arg_bytes(args.key), _arg_bytes(args.value))
+    value = args.stdin_value if args.value == STDIN_VALUE else _arg_bytes(args.value)
+    db.put(_arg_bytes(args.key), value)
     print("OK")
     return 0
 
@@ -117,7 +178,10 @@ def _cmd_get(db, args) -> int:
     if value is None:
         print(f"kvstore: key not found: {args.key}", file=sys.stderr)
         return EXIT_NOT_FOUND
-    _out(value)
+    if args.json:
+        _out_json(_arg_bytes(args.key), value)
+    else:
+        _out(value)
     return 0
 
 
@@ -161,19 +225,26 @@ def _cmd_scan(db, args) -> int:
     start = None if args.start is None else _arg_bytes(args.start)
     end = None if args.end is None else _arg_bytes(args.end)
     for key, value in db.scan(_arg_bytes(args.prefix), start=start, end=end, limit=args.limit):
-        _out(key + b"\t" + value)
+        if args.json:
+            _out_json(key, value)
+        else:
+            _out(key + b"\t" + value)
     return 0
 
 
 def _cmd_status(db, args) -> int:
     status = db.status()
     if args.json:
-        import json
         print(json.dumps(status, indent=2, default=str))
     else:
         print(format_status(status))
     for problem in status.get("problems", []):  # a node whose cluster shape differs
         print(f"kvstore: {problem}", file=sys.stderr)
+    unavailable = quorum_problems(status)
+    for problem in unavailable:
+        print(f"kvstore: {problem}", file=sys.stderr)
+    if unavailable:
+        return EXIT_UNAVAILABLE
     return EXIT_USAGE if status.get("problems") else 0
 
 
@@ -221,6 +292,18 @@ def _add_common_options(parser: argparse.ArgumentParser, defaults: bool) -> None
                         help="seconds to wait for a cluster (default 5)")
 
 
+def _complete_if_asked() -> None:
+    """Shell completion through argcomplete, when the shell asks and it is installed
+    (docs/cli.md): it prints the completions and exits. Otherwise nothing happens."""
+    if "_ARGCOMPLETE" not in os.environ:  # not completing: spare every call the import
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(build_parser())
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_common_options(common, defaults=False)
@@ -229,12 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvstore {kvstore.__version__}")
     _add_common_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("put", parents=[common], help="store a value")
-    p.add_argument("key")
-    p.add_argument("value")
+    p = sub.add_parser("put", parents=[common], help="store a value",
+                       description="Store VALUE under KEY; prints OK once it is durable.")
+    p.add_argument("key", metavar="KEY",
+                   help="the key (as the shell passes it: UTF-8, other bytes kept)")
+    p.add_argument("value", metavar="VALUE",
+                   help="the value; '-' reads it from stdin to its end, byte for byte (a "
+                        "trailing newline is kept)")
     p.set_defaults(fn=_cmd_put)
-    p = sub.add_parser("get", parents=[common], help="print a value (exit 1 if missing)")
-    p.add_argument("key")
+    p = sub.add_parser("get", parents=[common], help="print a value (exit 1 if missing)",
+                       description="Print the value of KEY and a newline; exit 1 if there "
+                                   "is no such key.")
+    p.add_argument("key", metavar="KEY", help="the key")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(fn=_cmd_get)
     p = sub.add_parser("delete", parents=[common], help="remove a key (exit 1 if missing)")
     p.add_argument("key")
@@ -255,12 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete", action="store_true", help="delete KEY (instead of NEW)")
     p.set_defaults(fn=_cmd_cas)
     p = sub.add_parser("scan", parents=[common], help="list keys and values in key order")
-    p.add_argument("prefix", nargs="?", default="")
+    p.description = "Print KEY<TAB>VALUE lines in key order (--json: JSON lines)."
+    p.add_argument("prefix", nargs="?", default="", metavar="PREFIX",
+                   help="only keys starting with it")
     p.add_argument("--start", help="first key (inclusive)")
     p.add_argument("--end", help="end key (exclusive)")
     p.add_argument("--limit", type=int, help="at most this many pairs")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(fn=_cmd_scan)
-    p = sub.add_parser("status", parents=[common], help="nodes, shards, leaders, commit indexes")
+    p = sub.add_parser("status", parents=[common], help="nodes, shards, leaders, commit indexes",
+                       description="Nodes, and per shard its leader, commit index, lag and "
+                                   "the nodes to watch (recovering, catching up, lagging). "
+                                   "Exit 3 when a shard has no leader or fewer voting nodes "
+                                   "answer than a majority; 2 when a node's cluster.toml "
+                                   "differs from the others'.")
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.set_defaults(fn=_cmd_status)
     p = sub.add_parser("check", parents=[common],
@@ -268,11 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_check)
     p = sub.add_parser("local-cluster", parents=[common],
                        help="run a cluster of kvstore-server nodes on 127.0.0.1 (foreground)")
+    p.description = ("Run NODES kvstore-server processes on 127.0.0.1 in the foreground, "
+                     "print how to reach them, restart one that dies; Ctrl-C, SIGTERM or "
+                     "SIGHUP stop them all (exit 0). A port that is not free stops it before "
+                     "it starts anything, naming the port (exit 2).")
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     p.add_argument("--shards", type=int, default=None,
                    help="number of shards (default 1; 2 with --demo, to show transactions "
                         "across shards)")
     p.add_argument("--dir", help="data, logs and cluster.toml (default: a new temporary dir)")
+    p.add_argument("--port-base", type=int, metavar="N",
+                   help="node i (from 0) listens for clients on port N+i and for peers on "
+                        "N+i+10000 (default: free ports chosen at random)")
     p.add_argument("--demo", action="store_true",
                    help="instead: show the cluster working and failing over, then stop")
     p.set_defaults(fn=None)
@@ -313,6 +418,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _complete_if_asked()
     args = parse_args(argv)
     try:
         if args.command == "demo":
@@ -328,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kvstore.server.local import run_cluster_demo, run_local_cluster
             run = run_cluster_demo if args.demo else run_local_cluster
             shards = args.shards if args.shards is not None else (2 if args.demo else 1)
-            return run(args.nodes, shards, args.dir)
+            return run(args.nodes, shards, args.dir, port_base=args.port_base)
+        if getattr(args, "value", None) == STDIN_VALUE:  # read before anything is opened
+            args.stdin_value = _read_stdin_value()
         with _open(args) as db:
             code = args.fn(db, args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below

@@ -1,4 +1,4 @@
-"""The error classes of the public contract (shared/API.md section 2).
+"""The error classes of the public contract (docs/api.md, "Errors").
 
 Every failure a user can see is one of these. Internals translate third-party
 errors (lmdb, zmq, msgpack) at one choke point with ``raise ... from e`` so the

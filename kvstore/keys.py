@@ -34,12 +34,23 @@ def _type_name(obj: object) -> str:
     return type(obj).__name__
 
 
-def _utf8(text: str, what: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate: not text UTF-8 can carry
-        raise InvalidArgument(f"{what} is a str that is not valid Unicode ({e.reason} at "
-                              f"position {e.start}); pass bytes instead") from None
+def _as_bytes(obj: object, what: str, accepted: str = "bytes or str") -> bytes:
+    """``obj`` as bytes: a str encoded as UTF-8, a bytearray or memoryview copied; anything
+    else is an ``InvalidArgument`` naming ``what`` and the ``accepted`` types.
+
+    Keys, values and scan bounds convert through this one function, so they agree on
+    what a str or a buffer means. Plain ``bytes`` never get here: each check returns
+    them on its own fast path, before any call.
+    """
+    if isinstance(obj, str):
+        try:
+            return obj.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: not text UTF-8 can carry
+            raise InvalidArgument(f"{what} is a str that is not valid Unicode ({e.reason} "
+                                  f"at position {e.start}); pass bytes instead") from None
+    if isinstance(obj, (bytearray, memoryview)):
+        return bytes(obj)
+    raise InvalidArgument(f"{what} must be {accepted}, not {_type_name(obj)}")
 
 
 def check_key(key: object, what: str = "key") -> bytes:
@@ -48,12 +59,8 @@ def check_key(key: object, what: str = "key") -> bytes:
         n = len(key)
         if 0 < n <= MAX_KEY_SIZE:
             return key  # the fast path: most calls end here
-    elif isinstance(key, str):
-        key = _utf8(key, what)
-    elif isinstance(key, (bytearray, memoryview)):
-        key = bytes(key)
     else:
-        raise InvalidArgument(f"{what} must be bytes or str, not {_type_name(key)}")
+        key = _as_bytes(key, what)
     if not key:
         raise InvalidArgument(f"{what} must not be empty")
     if len(key) > MAX_KEY_SIZE:
@@ -65,12 +72,7 @@ def check_key(key: object, what: str = "key") -> bytes:
 def check_value(value: object, what: str = "value") -> bytes:
     """``value`` as bytes (empty allowed), or ``InvalidArgument``."""
     if type(value) is not bytes:
-        if isinstance(value, str):
-            value = _utf8(value, what)
-        elif isinstance(value, (bytearray, memoryview)):
-            value = bytes(value)
-        else:
-            raise InvalidArgument(f"{what} must be bytes or str, not {_type_name(value)}")
+        value = _as_bytes(value, what)
     if len(value) > MAX_VALUE_SIZE:
         raise InvalidArgument(
             f"{what} is {len(value)} bytes; the largest allowed is "
@@ -87,11 +89,9 @@ def check_bound(bound: object, what: str) -> bytes | None:
     """A scan bound: ``None`` or bytes/str (may be empty, may exceed no limit but the key's)."""
     if bound is None:
         return None
-    if isinstance(bound, str):
-        return _utf8(bound, what)
-    if isinstance(bound, (bytes, bytearray, memoryview)):
-        return bytes(bound)
-    raise InvalidArgument(f"{what} must be bytes, str or None, not {_type_name(bound)}")
+    if isinstance(bound, bytes):
+        return bytes(bound)  # (a subclass of bytes, as plain bytes)
+    return _as_bytes(bound, what, "bytes, str or None")
 
 
 def check_limit(limit: object) -> int | None:

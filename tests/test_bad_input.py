@@ -233,12 +233,21 @@ def test_run_transaction_non_callable(seeded, bad):
     raises_invalid(db, lambda: db.run_transaction(bad))
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "3", None], ids=repr)
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", True], ids=repr)
 def test_run_transaction_bad_retries(seeded, bad):
     db = seeded
     calls = []
     raises_invalid(db, lambda: db.run_transaction(lambda txn: calls.append(txn.put(b"x", b"1")),
                                                   retries=bad))
+    assert calls == []
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "3", True], ids=repr)
+def test_run_transaction_bad_timeout(seeded, bad):
+    db = seeded
+    calls = []
+    raises_invalid(db, lambda: db.run_transaction(lambda txn: calls.append(txn.put(b"x", b"1")),
+                                                  timeout=bad))
     assert calls == []
 
 

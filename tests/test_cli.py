@@ -1,4 +1,4 @@
-"""The ``kvstore`` command on an embedded store, run as a real process (API.md section 4)."""
+"""The ``kvstore`` command on an embedded store, run as a real process (docs/cli.md)."""
 
 from __future__ import annotations
 

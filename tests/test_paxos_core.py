@@ -524,6 +524,23 @@ def test_follower_read_dropped_when_no_read_index_comes_within_an_election_timeo
     assert c.reads[2] == [] and c.dropped_reads[2] == ["r"]
 
 
+def test_a_leader_that_steps_down_drops_every_read_it_has_not_served():
+    """Reads queued for the next round and those of the round in flight come back in
+    ``dropped_reads`` (rule 6: none is served on a leadership that may have passed)."""
+    c = Cluster(3, election_timeout_ticks=10)
+    c.campaign(0)
+    c.tick(2)
+    leader = c.replicas[0]
+    leader.read("in round")
+    c.process()  # its confirmation round starts: the heartbeats are in the inbox
+    leader.read("queued")  # waits for the next round
+    c.inbox = []  # the round's heartbeats are lost
+    c.isolate(0)
+    c.tick(20, nodes=[0])  # no majority answers it: it steps down
+    assert not leader.is_leader
+    assert c.reads[0] == [] and sorted(c.dropped_reads[0]) == ["in round", "queued"]
+
+
 def test_leader_answers_read_index_only_after_its_own_noop_and_a_quorum_round():
     c = Cluster(3)
     c.campaign(0)

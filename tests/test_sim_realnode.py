@@ -245,6 +245,54 @@ def test_a_torn_acceptance_does_not_take_the_acknowledged_one_with_it(tmp_path):
     assert acknowledged in state.records
 
 
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["log", "checkpoint"])
+def test_an_acceptance_torn_from_its_promise_stays_dropped_after_a_later_promise(
+        tmp_path, checkpointed):
+    """Found by the 3-node sweep (seed 3755: "chosen value lost"). A node's save of slot 29
+    at ballot 4.2 lost its promise of 4.2 to the power (the entry record stayed whole); the
+    restart dropped the entry (no promise covers it), and the node, not holding it, then
+    promised 5.0 to a leader that chose another value there. Its next save was torn too.
+    At the restart after that, the replay judged the old entry by the newest promise (the
+    log's, or the checkpoint's, made after 5.0) and brought it back: a vote for 4.2 the
+    node had never had since, and two values chosen at slot 29. The entry must stay
+    dropped."""
+    from kvstore._native import encode_record
+    from kvstore.paxos.ballot import make_ballot
+    from kvstore.paxos.replica import KIND_BATCH
+    from kvstore.machine.replica import ShardWrite
+    from kvstore.node.storage import WalReplicaStorage
+    from kvstore.sim.disk import FaultyFiles, PowerLoss
+
+    b1, b2, b3 = make_ballot(3, 2), make_ballot(4, 2), make_ballot(5, 0)
+    files = FaultyFiles(seed=1)
+
+    def open_storage():
+        return WalReplicaStorage(str(tmp_path), 1, files=files, checkpoint_thread=False)
+
+    def torn_save(st, write, keep):
+        files.crash_after_syncs = 0  # the power goes at this save's fdatasync
+        with pytest.raises(PowerLoss):
+            st.save([write])
+        st.storage.close()
+        files.power_loss(keep, "prefix")
+
+    st = open_storage()
+    st.save([ShardWrite(0, promised=b1, records=[encode_record(0, b1, KIND_BATCH, b"\x90")])])
+    torn_save(st, ShardWrite(0, promised=b2, records=[encode_record(1, b2, KIND_BATCH, b"\x90")]),
+              keep=-24)  # the entry whole, the promise (last) lost
+    st = open_storage()
+    state = st.load(0)
+    assert state.promised == b1 and [r[8:16] for r in state.records] == [(0).to_bytes(8, "little")]
+    st.save([ShardWrite(0, promised=b3)])
+    if checkpointed:
+        st.checkpointer.checkpoint()
+    torn_save(st, ShardWrite(0, records=[encode_record(1, b3, KIND_BATCH, b"\x91\xa1x")]),
+              keep=0)  # nothing of it
+    state = open_storage().load(0)
+    assert state.promised == b3
+    assert [int.from_bytes(r[8:16], "little") for r in state.records] == [0]
+
+
 @pytest.mark.parametrize("args", [["--seed", "8"], ["--bank", "--seed", "4"]])
 def test_the_default_cli_runs_real_nodes_and_replays_byte_for_byte_whatever_the_hash_seed(args):
     import os

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import deque
 
-from kvstore.api import check_run_transaction, retry_backoff_seconds
+from kvstore.api import TransactionRetry
 from kvstore.client import requests
+from kvstore.client.core import renew_locks_after_fork
 from kvstore.client.kv import ClusterKV
 from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
 from kvstore.commands import incr_result
@@ -46,31 +46,44 @@ class AsyncKV:
     def __init__(self, kv: ClusterKV) -> None:
         self._kv = kv
         self._core = kv._core
-        self._loop = asyncio.get_running_loop()
-        self._done: deque = deque()  # (engine future, asyncio future), completed
+        self._done: dict = {}  # event loop -> [(engine future, asyncio future)], completed
         self._done_lock = threading.Lock()
+        renew_locks_after_fork(self)
+
+    def _renew_locks(self) -> None:
+        """In a child, right after ``os.fork()``: the parent's I/O thread may have held
+        the lock, and what it queued was for the parent's loops."""
+        self._done_lock = threading.Lock()
+        self._done = {}
 
     async def _call(self, op: str, shard, payload):
-        waiter = self._loop.create_future()
+        # the loop that awaits now, not the one that connected: a client made under one
+        # asyncio.run() (or before a fork) serves the next loop too
+        waiter = asyncio.get_running_loop().create_future()
         self._core.submit(op, shard, payload).add_done_callback(
             lambda f: self._completed(f, waiter))
         return await waiter
 
     def _completed(self, future, waiter) -> None:
-        """On the engine's I/O thread: queue the outcome; wake the event loop once per
-        batch of completions (``call_soon_threadsafe`` writes to the loop's self-pipe)."""
+        """On the engine's I/O thread: queue the outcome; wake the waiter's event loop
+        once per batch of completions (``call_soon_threadsafe`` writes to its self-pipe)."""
+        loop = waiter.get_loop()
         with self._done_lock:
-            self._done.append((future, waiter))
-            first = len(self._done) == 1
+            done = self._done.get(loop)
+            first = done is None
+            if first:
+                done = self._done[loop] = []
+            done.append((future, waiter))
         if first:
             try:
-                self._loop.call_soon_threadsafe(self._deliver)
+                loop.call_soon_threadsafe(self._deliver, loop)
             except RuntimeError:  # the loop is closed: nobody awaits any more
-                pass
+                with self._done_lock:
+                    self._done.pop(loop, None)
 
-    def _deliver(self) -> None:
+    def _deliver(self, loop) -> None:
         with self._done_lock:
-            done, self._done = self._done, deque()
+            done = self._done.pop(loop, ())
         for future, waiter in done:
             if waiter.cancelled():
                 continue
@@ -105,23 +118,22 @@ class AsyncKV:
         self._kv._core_check()
         return AsyncTxn(self)
 
-    async def run_transaction(self, fn, retries: int = 10):
-        """``await fn(txn)`` in a transaction, retried on ``TransactionConflict``."""
-        check_run_transaction(fn, retries)
-        attempt = 0
+    async def run_transaction(self, fn, retries: int | None = None, *,
+                              timeout: float | None = None):
+        """``await fn(txn)`` in a transaction, retried on ``TransactionConflict`` as
+        ``kvstore.KV.run_transaction`` retries (``kvstore.api.TransactionRetry``)."""
+        retry = TransactionRetry(fn, retries, timeout, self._kv._run_transaction_timeout())
         txn = None
         while True:
             self._kv._core_check()
-            txn = AsyncTxn(self, lock_keys_for(txn and txn._t, attempt))
+            txn = AsyncTxn(self, lock_keys_for(txn and txn._t, retry.attempt))
             try:
                 async with txn:
                     result = await fn(txn)
                 return result
-            except TransactionConflict:
-                if attempt >= retries:
-                    raise
-                attempt += 1
-                await asyncio.sleep(retry_backoff_seconds(attempt))
+            except TransactionConflict as conflict:
+                pause = retry.after_conflict(conflict)
+            await asyncio.sleep(pause)
 
     async def status(self) -> dict:
         return await asyncio.get_running_loop().run_in_executor(None, self._kv.status)

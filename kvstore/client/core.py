@@ -17,7 +17,12 @@ awaits the same futures). The I/O thread:
   the same command: the replicated session table (``kvstore.machine.replica``)
   applies it once and answers retries with the first result. Each write
   carries the client's floor (its lowest write still in flight): the node
-  forgets the results below it, and ignores a late duplicate below it.
+  forgets the results below it, and ignores a late duplicate below it, never
+  answering it. So a seq is drawn only by the I/O thread, as the write enters
+  flight (``_admit``): every seq drawn later is above every floor already sent.
+  (Drawn by the caller thread, a seq could reach the I/O thread after a higher
+  one whose floor had passed it, and that write waited unanswered until its
+  deadline: ``Unavailable`` on a healthy cluster when threads share a client.)
 
 Reads (``get``, ``scan``) are linearizable by read index, and spread over the
 nodes: a read's first attempt goes to a node picked at random (among those not
@@ -28,6 +33,12 @@ and answers once its own state covers it. A follower that cannot (no leader
 known, the leader changed, no answer in time) answers ``NOT_LEADER`` and the
 retry goes to the leader. A read served by a follower teaches nothing about
 leaders; only writes and redirects do.
+
+A client created before ``os.fork()`` works in the child: the child's first
+call (``submit``, which sees the pid change) starts the child's own context,
+sockets and I/O thread under a new client id and leaves the parent's
+untouched (``_start_in_child``); an ``os.register_at_fork`` hook renews the
+locks another parent thread may have held at the fork.
 
 Every reply is checked before it is acted on (``kvstore.client.replies``): an
 endpoint that is not a kvstore node yields ``Unavailable`` saying so. A plain
@@ -44,6 +55,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -84,6 +96,25 @@ def _approx_bytes(obj, depth: int = 0) -> int:
     return 9
 
 
+#: Objects whose locks a fork renews in the child (``_renew_locks()``): a lock another
+#: thread of the parent held at the fork would stay held for ever in the child.
+_RENEW_AFTER_FORK: weakref.WeakSet = weakref.WeakSet()
+
+
+def renew_locks_after_fork(obj) -> None:
+    """Have ``obj._renew_locks()`` run in every child right after ``os.fork()``."""
+    _RENEW_AFTER_FORK.add(obj)
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_RENEW_AFTER_FORK):
+        obj._renew_locks()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class AuthenticationFailed(Unavailable):
     """A node refused this client's CurveZMQ handshake (no key, or a key it does not allow)."""
 
@@ -94,7 +125,7 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED
 
 class _Call:
     __slots__ = ("request_id", "op", "shard", "payload", "deadline", "future", "target",
-                 "retry_at", "resend", "reached", "is_write", "sent_to")
+                 "retry_at", "resend", "reached", "is_write", "sent_to", "seq")
 
     def __init__(self, request_id, op, shard, payload, deadline, target=None) -> None:
         self.request_id = request_id
@@ -109,6 +140,7 @@ class _Call:
         self.reached = False
         self.is_write = op == wire.OP_WRITE
         self.sent_to = None  # the address of the last attempt
+        self.seq = 0  # a write's session seq: drawn by the I/O thread (``ClientCore._admit``)
 
 
 class ClientCore:
@@ -122,12 +154,21 @@ class ClientCore:
         self.nodes: list = list(addresses)  # addresses by node index, once known
         self.nshards = 0
         self.leaders: dict = {}  # shard -> node index
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(1)  # request ids: match replies to calls
         self._lock = threading.Lock()
-        self._queue: deque = deque()
         self._closed = False
+        renew_locks_after_fork(self)
+        self._start()
+
+    def _start(self) -> None:
+        """This process's part of the connection: a ZeroMQ context, its sockets and the
+        I/O thread, and the state only they touch. Run at creation, and again in a
+        child on its first call after ``os.fork()`` (``_start_in_child``)."""
+        self._pid = os.getpid()
+        self._seqs = itertools.count(1)  # write seqs: the I/O thread's alone, in admit order
+        self._queue: deque = deque()
         self.context = zmq.Context()
-        name = f"inproc://kvstore-client-{os.getpid()}-{next(_client_counter)}"
+        name = f"inproc://kvstore-client-{self._pid}-{next(_client_counter)}"
         self._wake_in = self.context.socket(zmq.PAIR)
         self._wake_in.bind(name)
         self._wake_out = self.context.socket(zmq.PAIR)
@@ -144,8 +185,7 @@ class ClientCore:
         self._inflight: dict = {}  # request_id -> _Call
         self._timers: list = []  # (time, request_id)
         self._out: dict = {}  # address -> [(request_id, op, args)] to send this turn
-        # heap of (seq, write call) in flight, for the floor: calls reach the I/O thread in
-        # any order of their seqs (several caller threads submit at once)
+        # heap of (seq, write call) in flight, for the floor (the lowest seq still unanswered)
         self._writes_inflight: list = []
         self._rotation = random.randrange(1 << 16)
         self._thread = threading.Thread(target=self._run, name="kvstore-client-io", daemon=True)
@@ -155,10 +195,12 @@ class ClientCore:
     def submit(self, op: str, shard, payload, timeout: float | None = None,
                target: str | None = None) -> Future:
         deadline = time.monotonic() + (timeout or self.timeout)
-        call = _Call(next(self._ids), op, shard, payload, deadline, target)
         with self._lock:
             if self._closed:
                 raise KVError("this connection is closed")
+            if self._pid != os.getpid():
+                self._start_in_child()
+            call = _Call(next(self._ids), op, shard, payload, deadline, target)
             self._queue.append(call)
             if len(self._queue) == 1:  # the I/O thread takes the whole queue per wake-up
                 self._wake_out.send(b"", zmq.NOBLOCK)
@@ -173,11 +215,31 @@ class ClientCore:
     def call(self, op: str, shard, payload, timeout=None, target=None):
         return self.wait(self.submit(op, shard, payload, timeout, target))
 
+    def _start_in_child(self) -> None:
+        """The first call in a child after ``os.fork()`` (under ``self._lock``): start
+        this process's own context, sockets and I/O thread, as a new session.
+
+        The parent's are left untouched: a ZeroMQ context must not be used across a
+        fork (pyzmq itself makes closing a parent's socket in a child a no-op), and
+        the parent's I/O thread did not survive it, so a call handed to them would
+        wait for ever. The calls the parent had in flight are the parent's: nobody in
+        the child waits on them. A new client id, so that the child's writes are
+        never taken for retries of the parent's (the two number their seqs alike);
+        the topology learned is kept."""
+        self.client_id = os.urandom(16)
+        self._start()
+
+    def _renew_locks(self) -> None:
+        """In a child, right after ``os.fork()`` (``renew_locks_after_fork``)."""
+        self._lock = threading.Lock()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            if self._pid != os.getpid():
+                return  # a child that never used it: the sockets and thread are the parent's
             self._wake_out.send(b"", zmq.NOBLOCK)
         self._thread.join(10)
         self._wake_out.close(0)
@@ -265,9 +327,7 @@ class ClientCore:
                 if closed:
                     break
                 for call in calls:
-                    self._inflight[call.request_id] = call
-                    if call.is_write:
-                        heapq.heappush(self._writes_inflight, (call.request_id, call))
+                    self._admit(call)
                     self._send(call)
                 for s in events:
                     if s in self._monitors:
@@ -293,6 +353,13 @@ class ClientCore:
             for m in self._monitors:
                 m.close(0)
             self._wake_in.close(0)
+
+    def _admit(self, call: _Call) -> None:
+        """``call`` enters flight; a write draws its seq now, above every floor sent so far."""
+        self._inflight[call.request_id] = call
+        if call.is_write:
+            call.seq = next(self._seqs)
+            heapq.heappush(self._writes_inflight, (call.seq, call))
 
     def _pick(self, call: _Call) -> str:
         if call.target is not None:
@@ -328,8 +395,8 @@ class ClientCore:
             writes = self._writes_inflight  # the lowest seq on top; answered ones leave it
             while writes and writes[0][1].future.done():
                 heapq.heappop(writes)
-            floor = writes[0][0] if writes else call.request_id
-            args = [call.shard, self.client_id, call.request_id, floor, call.payload]
+            floor = writes[0][0] if writes else call.seq
+            args = [call.shard, self.client_id, call.seq, floor, call.payload]
         else:
             args = call.payload
         out = self._out.get(address)
@@ -517,11 +584,12 @@ class ClientCore:
         again after a backoff as a NEW write (the session table keeps the first answer
         of a seq). The old call stays in the floor heap until the shared future is
         done, so the floor never passes a seq still in flight."""
-        retry = _Call(next(self._ids), call.op, call.shard, call.payload, call.deadline)
+        with self._lock:
+            rid = next(self._ids)
+        retry = _Call(rid, call.op, call.shard, call.payload, call.deadline)
         retry.future = call.future
         retry.reached = True
-        self._inflight[retry.request_id] = retry
-        heapq.heappush(self._writes_inflight, (retry.request_id, retry))
+        self._admit(retry)
         self._retry_later(retry, LOCKED_BACKOFF_SECONDS)
 
     def _retry_later(self, call: _Call, backoff: float = RETRY_BACKOFF_SECONDS) -> None:

@@ -113,6 +113,10 @@ class ClusterKV(KV):
     def _attempt_transaction(self, previous, attempt: int) -> "ClusterTxn":
         return ClusterTxn(self, lock_keys_for(previous, attempt))
 
+    def _run_transaction_timeout(self) -> float:
+        """``run_transaction`` retries for this client's timeout by default."""
+        return self.timeout
+
     def _core_check(self) -> None:
         if self._core._closed:
             raise KVError("this connection is closed")

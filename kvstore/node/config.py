@@ -1,4 +1,4 @@
-"""``cluster.toml`` (shared/API.md section 3): read, check, and turn into a ``NodeConfig``.
+"""``cluster.toml`` (docs/configuration.md): read, check, and turn into a ``NodeConfig``.
 
 ```toml
 shards = 3                        # Paxos groups the key space is split into; default 1
@@ -79,29 +79,21 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
             raise InvalidArgument(f"{path}: [nodes.{name}] has unknown setting(s) "
                                   f"{', '.join(sorted(extra))}")
         address = table.get("address")
-        if not isinstance(address, str) or not _ADDRESS.match(address) \
-                or not 0 < int(_ADDRESS.match(address).group(2)) < 65536:
+        if not _is_tcp_address(address):
             raise InvalidArgument(f"{path}: [nodes.{name}] address must look like "
                                   f"\"tcp://127.0.0.1:7001\", got {address!r}")
-        if address in seen:
-            raise InvalidArgument(f"{path}: nodes {seen[address]} and {name} share the "
-                                  f"address {address}")
-        seen[address] = name
+        _claim_address(seen, address, name, path)
         peer_address = table.get("peer_address")
         if peer_address is None:
             try:
                 peer_address = derived_peer_address(address)
             except ValueError as e:
                 raise InvalidArgument(f"{path}: [nodes.{name}]: {e}") from None
-        elif not isinstance(peer_address, str) or not _ADDRESS.match(peer_address) \
-                or not 0 < int(_ADDRESS.match(peer_address).group(2)) < 65536:
+        elif not _is_tcp_address(peer_address):
             raise InvalidArgument(f"{path}: [nodes.{name}] peer_address must look like "
                                   f"\"tcp://127.0.0.1:17001\", got {peer_address!r}")
-        if peer_address in seen:
-            raise InvalidArgument(f"{path}: nodes {seen[peer_address]} and {name} share the "
-                                  f"address {peer_address} (a peer address is the client port "
-                                  f"+ 10000 unless peer_address is set)")
-        seen[peer_address] = name
+        _claim_address(seen, peer_address, name, path, " (a peer address is the client port "
+                       "+ 10000 unless peer_address is set)")
         data = table.get("data")
         if data is not None and (not isinstance(data, str) or not data):
             raise InvalidArgument(f"{path}: [nodes.{name}] data must be a directory path")
@@ -112,6 +104,23 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
         out[name] = {"address": address, "peer_address": peer_address, "data": data,
                      "gateway": gateway}
     return shards, out
+
+
+def _is_tcp_address(value: object) -> bool:
+    """Whether ``value`` is ``tcp://HOST:PORT`` with a port in 1..65535: one rule for a
+    node's client address and its peer address."""
+    match = _ADDRESS.match(value) if isinstance(value, str) else None
+    return match is not None and 0 < int(match.group(2)) < 65536
+
+
+def _claim_address(seen: dict, address: str, name: str, path: str, hint: str = "") -> None:
+    """Record that node ``name`` listens on ``address`` (in ``seen``: address -> node);
+    an ``InvalidArgument`` if another node, or this node's other port, has it already.
+    Client and peer addresses share ``seen``: no two sockets of a cluster may bind one."""
+    if address in seen:
+        raise InvalidArgument(f"{path}: nodes {seen[address]} and {name} share the "
+                              f"address {address}{hint}")
+    seen[address] = name
 
 
 def parse_security(doc: dict, path: str) -> str | None:

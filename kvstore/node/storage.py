@@ -211,7 +211,7 @@ class WalReplicaStorage:
         its newest part), and a directory written before issue 19's fix may have
         checkpointed a position past records that never reached LMDB."""
         logs = replay(self._log_records(checkpoint_position), self.nshards,
-                      [(h[0], h[1]) for h in hard])
+                      [(h[0], h[1]) for h in hard], checkpoint_position)
         for shard_hard, shard_records, log in zip(hard, records, logs):
             shard_hard[0], shard_hard[1] = log.promised, log.commit
             for slot, e in log.entries.items():

@@ -146,13 +146,23 @@ class Reads:
         """Every follower read not yet served fails back: the leader it relied on is gone."""
         if self.follower_reads_leader is None:
             return
-        dropped = list(self.follower_reads_queued)
-        if self.read_ask is not None:
-            dropped.extend(self.read_ask.request_ids)
+        self._fail_back_reads(self.follower_reads_queued, self.read_ask)
+        self.follower_reads_queued, self.read_ask = [], None
+        self.follower_reads_leader = None
+
+    def _fail_back_reads(self, queued: list, in_flight: _ReadRound | _ReadIndexAsk | None) -> None:
+        """Every read not yet served goes to ``Ready.dropped_reads`` and ``reads_confirmed``
+        is emptied: those ``queued``, those of the round or ask ``in_flight``, and those
+        confirmed but not yet applied, in that order. A leader that steps down and a
+        follower whose leader is gone end their reads alike: no read is served on the
+        word of a leadership that may have passed (safety rule 6). The caller clears
+        ``queued`` and ``in_flight``, which are its own."""
+        dropped = list(queued)
+        if in_flight is not None:
+            dropped.extend(in_flight.request_ids)
         dropped.extend(rid for _, rid in self.reads_confirmed)
         self._out_dropped_reads.extend(dropped)
-        self.follower_reads_queued, self.read_ask, self.reads_confirmed = [], None, []
-        self.follower_reads_leader = None
+        self.reads_confirmed = []
 
     def _check_follower_reads(self) -> None:
         fl = self.follower_reads_leader

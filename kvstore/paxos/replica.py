@@ -330,12 +330,8 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         if self.role == LEADER:
             self._out_dropped_commands.extend(self.pending_commands)
             self.pending_commands = []
-            dropped = list(self.reads_queued)
-            if self.read_round is not None:
-                dropped.extend(self.read_round.request_ids)
-            dropped.extend(rid for _, rid in self.reads_confirmed)
-            self._out_dropped_reads.extend(dropped)
-            self.reads_queued, self.read_round, self.reads_confirmed = [], None, []
+            self._fail_back_reads(self.reads_queued, self.read_round)
+            self.reads_queued, self.read_round = [], None
             self.remote_queued = []
             self.lease_until = -1
         self.role = FOLLOWER

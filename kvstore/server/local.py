@@ -2,10 +2,15 @@
 the process-level tests and the benchmark.
 
 ``LocalCluster(dir, nodes=3, shards=1)`` writes ``dir/cluster.toml`` with free
-ports (a client and a peer port per node), starts one ``python -m kvstore.server`` per node (logs in
+ports (a client and a peer port per node; ``port_base=N``: N+i and N+i+10000 for node
+i), starts one ``python -m kvstore.server`` per node (logs in
 ``dir/NAME.log``, data in ``dir/NAME``), and can kill (any signal), restart
 and stop them. Every wait is bounded; ``close()`` always leaves no process
 behind.
+
+``kvstore local-cluster`` (``run_local_cluster``) checks every port before it starts a
+node, stops on SIGINT, SIGTERM or SIGHUP (its terminal went away) by stopping every
+node, and restarts a node that dies, unless it exited with a configuration error.
 """
 
 from __future__ import annotations
@@ -17,8 +22,14 @@ import subprocess
 import sys
 import time
 
-from kvstore.errors import KVError, Unavailable
+from kvstore.errors import InvalidArgument, KVError, Unavailable
 from kvstore.sharding import shard_of
+
+#: What kvstore-server exits with when it cannot start (bad config, a port it cannot
+#: bind, an unusable data directory): restarting it would fail the same way.
+EXIT_CONFIG = 2
+#: The signals that stop ``kvstore local-cluster`` and the demo cleanly.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 #: Every port ``free_port`` handed out in this process: a cluster's ports are all chosen
@@ -49,6 +60,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(address: str) -> str | None:
+    """Why ``tcp://HOST:PORT`` cannot be listened on now (the OS's words), or None.
+
+    Binds the way ZeroMQ does (SO_REUSEADDR), so a port whose old connections linger in
+    TIME_WAIT, as after a restart, counts as free."""
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, ValueError) as e:
+        return str(e)
+    family, kind, proto, _name, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(sockaddr)
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
 def _same_kvstore(env: dict | None) -> dict:
     """``env`` (default: ours) with the kvstore this process runs first on PYTHONPATH,
     so the servers run the same code as their parent (not an installed copy)."""
@@ -63,9 +95,17 @@ class LocalCluster:
     def __init__(self, directory: str, nodes: int = 3, shards: int = 1, *,
                  log_format: str = "text", env: dict | None = None,
                  python: str = sys.executable, tuning: dict | None = None,
-                 keys: str | None = None) -> None:
-        if not 1 <= nodes <= 64:
-            raise ValueError("nodes must be in 1..64")
+                 keys: str | None = None, port_base: int | None = None) -> None:
+        from kvstore.node.config import MAX_SHARDS
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 64:
+            raise InvalidArgument(f"--nodes must be in 1..64, got {nodes}")
+        if isinstance(shards, bool) or not isinstance(shards, int) \
+                or not 1 <= shards <= MAX_SHARDS:
+            raise InvalidArgument(f"--shards must be in 1..{MAX_SHARDS}, got {shards}")
+        if port_base is not None and not 1 <= port_base <= 65535 - 10000 - (nodes - 1):
+            raise InvalidArgument(f"--port-base must be in 1..{65535 - 10000 - (nodes - 1)} "
+                                  f"for {nodes} node(s) (their peer ports are 10000 above), "
+                                  f"got {port_base}")
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.names = [f"n{i + 1}" for i in range(nodes)]
@@ -83,11 +123,22 @@ class LocalCluster:
             self.names = sorted(nodes_cfg)
             self.addresses = {n: nodes_cfg[n]["address"] for n in self.names}
             self.peer_addresses = {n: nodes_cfg[n]["peer_address"] for n in self.names}
+            first = self.addresses[self.names[0]]
+            if port_base is not None and first != f"tcp://127.0.0.1:{port_base}":
+                raise InvalidArgument(f"{self.config_path} already names the ports of its "
+                                      f"cluster ({self.names[0]} at {first}); leave out "
+                                      f"--port-base, or choose a new --dir")
+        elif port_base is not None:
+            self.addresses = {n: f"tcp://127.0.0.1:{port_base + i}"
+                              for i, n in enumerate(self.names)}
+            self.peer_addresses = {n: f"tcp://127.0.0.1:{port_base + i + 10000}"
+                                   for i, n in enumerate(self.names)}
         else:
             # both ports chosen free: a derived peer port (client + 10000) may be taken
             self.addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in self.names}
             self.peer_addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in self.names}
-            lines = [f"shards = {shards}", ""]
+        if not os.path.exists(self.config_path):
+            lines = [f"shards = {self.shards}", ""]
             if tuning:
                 lines += ["[tuning]"] + [f"{k} = {v}" for k, v in tuning.items()] + [""]
             if keys:
@@ -121,6 +172,17 @@ class LocalCluster:
     def start_all(self) -> None:
         for n in self.names:
             self.start(n)
+
+    def check_ports(self) -> None:
+        """Before starting: a KVError naming the first port a node could not listen on
+        (its node, the port's role and the reason), rather than a node that dies."""
+        for n in self.names:
+            for role, address in (("clients", self.addresses[n]),
+                                  ("peers", self.peer_addresses[n])):
+                why = port_in_use(address)
+                if why is not None:
+                    raise KVError(f"port {address.rsplit(':', 1)[1]} is not free: {n} cannot "
+                                  f"listen for {role} on {address} ({why})")
 
     def kill(self, name: str, sig: int = signal.SIGKILL, wait: float = 10.0) -> int | None:
         """Send ``sig``; for SIGKILL/SIGTERM/SIGINT wait (bounded) for the exit code."""
@@ -231,10 +293,18 @@ class LocalCluster:
         self.close()
 
 
+def _log_line(lc: LocalCluster, name: str) -> str:
+    """The last line a node logged (why it exited), for a one-line message."""
+    lines = lc.tail(name, 1).strip()
+    return lines or f"no log: {lc.log_path(name)}"
+
+
 def run_local_cluster(nodes: int = 3, shards: int = 1, directory: str | None = None,
-                      out=None) -> int:
+                      out=None, port_base: int | None = None) -> int:
     """``kvstore local-cluster``: start a cluster, print how to reach it, run until
-    SIGINT/SIGTERM, then stop every node. Exit code 0, or 3 if it never became ready."""
+    SIGINT, SIGTERM or SIGHUP, then stop every node. Exit code 0; 2 if a port is taken
+    (nothing started) or a node cannot start (exit 2 of kvstore-server: everything
+    stopped); 3 if it never became ready."""
     import tempfile
     out = out or sys.stdout
     directory = directory or tempfile.mkdtemp(prefix="kvstore-cluster-")
@@ -243,8 +313,15 @@ def run_local_cluster(nodes: int = 3, shards: int = 1, directory: str | None = N
     def on_signal(signum, _frame) -> None:
         stopping.append(signum)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    lc = LocalCluster(directory, nodes, shards)
+    old = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    try:
+        lc = LocalCluster(directory, nodes, shards, port_base=port_base)
+        lc.check_ports()
+    except KVError as e:
+        for s, h in old.items():
+            signal.signal(s, h)
+        print(f"kvstore: the local cluster cannot start: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         lc.start_all()
         try:
@@ -262,16 +339,27 @@ def run_local_cluster(nodes: int = 3, shards: int = 1, directory: str | None = N
               file=out)
         print(f"\n  export KVSTORE_CLUSTER={addrs}\n  kvstore put hello world && kvstore get hello"
               f"\n\nCtrl-C stops the cluster.", file=out, flush=True)
-        while not stopping:
+        failed = None
+        while not stopping and failed is None:
             for n, p in lc.procs.items():
-                if p.poll() is not None and not stopping:
-                    print(f"kvstore: {n} exited with {p.returncode}; restarting it "
-                          f"(log: {lc.log_path(n)})", file=out, flush=True)
-                    lc.start(n)
+                if p.poll() is None or stopping:
+                    continue
+                if p.returncode == EXIT_CONFIG:  # it would fail the same way again
+                    failed = n
+                    break
+                print(f"kvstore: {n} exited with {p.returncode}; restarting it "
+                      f"(log: {lc.log_path(n)})", file=out, flush=True)
+                lc.start(n)
             time.sleep(0.2)  # a supervisor poll; signals set `stopping`
+        if failed is not None:
+            print(f"kvstore: {failed} cannot run ({_log_line(lc, failed)}); stopping the "
+                  f"cluster", file=sys.stderr, flush=True)
+        else:
+            print(f"kvstore: {signal.Signals(stopping[0]).name}: stopping the cluster",
+                  file=out, flush=True)
         codes = lc.stop_all()
         print("stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()), file=out)
-        return 0
+        return EXIT_CONFIG if failed is not None else 0
     finally:
         lc.close()
         for s, h in old.items():
@@ -295,7 +383,7 @@ def _accounts(shards: int) -> list:
 
 
 def run_cluster_demo(nodes: int = 3, shards: int = 2, directory: str | None = None,
-                     out=None) -> int:
+                     out=None, port_base: int | None = None) -> int:
     """``kvstore local-cluster --demo``: the cluster at work and failing over, then stopped.
 
     Starts ``nodes`` servers, writes and reads through every node, SIGKILLs the
@@ -303,7 +391,8 @@ def run_cluster_demo(nodes: int = 3, shards: int = 2, directory: str | None = No
     accounts of different shards, shows the new leader, that every
     acknowledged write is still there and the accounts' total unchanged,
     restarts the killed node and shows it catch up. Returns 0, or 1 if
-    something did not hold.
+    something did not hold. A port that is not free stops it before it starts anything
+    (KVError naming the port); SIGINT, SIGTERM or SIGHUP stop it with every node.
     """
     import shutil
     import tempfile
@@ -315,8 +404,17 @@ def run_cluster_demo(nodes: int = 3, shards: int = 2, directory: str | None = No
     def say(text: str) -> None:
         print(text, file=out, flush=True)
 
-    lc = LocalCluster(directory, nodes, shards)
+    def on_signal(signum, _frame) -> None:
+        print(f"kvstore: {signal.Signals(signum).name}: stopping the demo", file=sys.stderr,
+              flush=True)
+        raise KeyboardInterrupt  # unwinds to the finally below, which stops every node
+
+    stop = threading.Event()  # ends the demo's writer threads, however the demo ends
+    lc = None
+    old = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS if s != signal.SIGINT}
     try:
+        lc = LocalCluster(directory, nodes, shards, port_base=port_base)
+        lc.check_ports()
         t = time.monotonic()
         lc.start_all()
         st = lc.wait_ready(timeout=30)
@@ -342,7 +440,6 @@ def run_cluster_demo(nodes: int = 3, shards: int = 2, directory: str | None = No
 
         acked: list = []
         transfers: list = []
-        stop = threading.Event()
 
         def transferrer() -> None:
             with lc.client(timeout=10) as c:
@@ -375,9 +472,9 @@ def run_cluster_demo(nodes: int = 3, shards: int = 2, directory: str | None = No
                         continue
                     acked.append(key)
 
-        w = threading.Thread(target=writer)
+        w = threading.Thread(target=writer, daemon=True)
         w.start()
-        tr = threading.Thread(target=transferrer)
+        tr = threading.Thread(target=transferrer, daemon=True)
         tr.start()
         deadline = time.monotonic() + 10
         while len(acked) < 300 and time.monotonic() < deadline:
@@ -431,6 +528,10 @@ def run_cluster_demo(nodes: int = 3, shards: int = 2, directory: str | None = No
             else "SOMETHING DID NOT HOLD: see the node logs in " + lc.directory)
         return 0 if ok else 1
     finally:
-        lc.close()
+        stop.set()
+        if lc is not None:
+            lc.close()
+        for s, h in old.items():
+            signal.signal(s, h)
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)

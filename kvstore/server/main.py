@@ -1,6 +1,6 @@
 """``kvstore-server --config cluster.toml --id n1 [--data DIR] [--log-format text|json]``.
 
-One cluster node as its own process (shared/API.md section 3). The code lives
+One cluster node as its own process (docs/operations.md). The code lives
 in the package, not in the top-level ``server/`` directory, so that the
 ``kvstore-server`` console script exists after a plain ``pip install .``;
 ``server/`` holds what a deployment needs around it (an example config, a
@@ -8,8 +8,13 @@ systemd unit).
 
 - SIGTERM or SIGINT: the node finishes its loop turn (persists, sends and
   answers what is decided), closes its sockets and its storage, exit 0.
-- A bad config or an unusable data directory (its persisted state fails the
-  recovery check included): one line on stderr, exit 2.
+- SIGHUP: the same, logged as SIGHUP. A node reloads nothing by signal (client
+  keys are reread every 2 s on their own, the cluster's shape is fixed at start),
+  so a hang-up means what it says: the terminal or session went away, and a node
+  must not go on without a place for its logs, nor die without a word.
+- A bad config, a port it cannot listen on (named) or an unusable data directory
+  (its persisted state fails the recovery check included): one line on stderr,
+  exit 2.
 - The disk refuses a write while the node runs (full, read-only, failing): the
   node stops at once, before it sends or answers anything that write was to
   make durable, and exits 4 with one line naming the path. Restarted once the
@@ -127,8 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StorageError, InvalidArgument) as e:
         return _fail(_naming(config.data_dir, e))
     except zmq.ZMQError as e:
-        return _fail(f"cannot listen on {config.addresses[config.name]} (clients) and "
-                     f"{config.peer_address(config.name)} (peers): {e}")
+        return _fail(_bind_failure(config, e))
 
     def on_signal(signum, _frame) -> None:
         logging.getLogger("kvstore.server").info(
@@ -136,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra={"event": "signal", "node": config.name})
         node.stop()
 
+    signal.signal(signal.SIGHUP, on_signal)  # a hang-up stops it too, logged: not a silent death
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     gateway = None
@@ -186,6 +191,19 @@ def _naming(data_dir: str, e: BaseException) -> str:
     """``e``'s message on one line, naming the data directory (once)."""
     message = " ".join(str(e).split())
     return message if data_dir in message else f"data directory {data_dir}: {message}"
+
+
+def _bind_failure(config, e: BaseException) -> str:
+    """Which of the node's two ports it could not listen on, and why, in one line."""
+    from kvstore.server.local import port_in_use
+    for role, address in (("clients", config.addresses[config.name]),
+                          ("peers", config.peer_address(config.name))):
+        why = port_in_use(address)
+        if why is not None:
+            return (f"cannot listen for {role} on {address} (port "
+                    f"{address.rsplit(':', 1)[1]}): {why}")
+    return (f"cannot listen on {config.addresses[config.name]} (clients) and "
+            f"{config.peer_address(config.name)} (peers): {e}")
 
 
 if __name__ == "__main__":

@@ -81,11 +81,14 @@ def main(argv=None) -> int:
     p.add_argument("--node-bug", action="append", default=[], choices=NODE_BUG_NAMES,
                    help="plant a bug in the node or its storage")
     p.add_argument("--txn-bug", action="append", default=[], choices=TXN_BUG_NAMES,
-                   help="with --bank: plant a two-phase-commit bug")
+                   help="with --bank --model: plant a two-phase-commit bug")
     a = p.parse_args(argv)
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
     if a.model and not a.bank:
         p.error("--model goes with --bank (the model of two-phase commit over abstract shards)")
+    if a.txn_bug and not a.model:
+        p.error("--txn-bug goes with --bank --model (on real nodes, tests/test_sim_realnode.py "
+                "plants the participant's bugs)")
     if a.bank and a.model:
         txn_bugs = TxnBugs(**{name: True for name in a.txn_bug})
         results = sweep(seeds, a.seed is not None, lambda s: RunResult(*run_bank_seed(

@@ -53,7 +53,7 @@ from typing import Callable, TypeVar
 import lmdb
 import msgpack
 
-from kvstore.errors import CorruptRecord, InvalidArgument, KVError, StorageError
+from kvstore.errors import CorruptRecord, InvalidArgument, StorageError
 from kvstore.storage.pages import PageError, check_tree
 
 #: 2: stored values carry a CRC32C (``kvstore._native.pack_value``).
@@ -366,6 +366,26 @@ class Storage:
         finally:
             os.close(fd)
 
+    def _open_regular_file(self, name: str, flags: int) -> tuple[int, int]:
+        """``(fd, size)`` of the directory's file ``name``, opened with ``flags``; a
+        ``StorageError`` if it is not a regular file.
+
+        LMDB maps both of its files: a FIFO, a device or a directory planted under
+        their names must be refused before that. ``O_NONBLOCK`` keeps a FIFO from
+        hanging the open itself. ``OSError`` is the caller's to translate (a missing
+        ``data.mdb`` means "no store yet"); the descriptor is closed on any failure.
+        """
+        path = os.path.join(self.path, name)
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StorageError(f"{path} is not a regular file", self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st.st_size
+
     def _check_data_file(self, create: bool) -> int:
         """The bytes of data.mdb in use (0: the directory holds no store yet); refuses a
         truncated or unreadable one.
@@ -375,8 +395,8 @@ class Storage:
         here, before LMDB maps anything.
         """
         data_path = os.path.join(self.path, DATA_FILE)
-        try:  # O_NONBLOCK: a FIFO planted as data.mdb must not hang the open
-            fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fd, size = self._open_regular_file(DATA_FILE, os.O_RDONLY)
         except FileNotFoundError:
             if not create:
                 raise StorageError(f"no kvstore in {self.path} (no {DATA_FILE}; is the path "
@@ -385,10 +405,6 @@ class Storage:
         except OSError as e:
             raise translate(e, self.path, f"opening {DATA_FILE}") from e
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise StorageError(f"{data_path} is not a regular file", self.path)
-            size = st.st_size
             head = os.pread(fd, 2 * 65536, 0)
         except OSError as e:
             raise translate(e, self.path, f"reading {DATA_FILE}") from e
@@ -490,17 +506,12 @@ class Storage:
         LMDB sizes it with ftruncate, which on a full disk (tmpfs) succeeds
         sparse; its first write through the map is then a SIGBUS.
         """
-        lock_path = os.path.join(self.path, LMDB_LOCK_FILE)
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+            fd, size = self._open_regular_file(LMDB_LOCK_FILE, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise translate(e, self.path, f"opening {LMDB_LOCK_FILE}") from e
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise StorageError(f"{lock_path} is not a regular file", self.path)
-            size = max(st.st_size, _LMDB_LOCK_BYTES)
-            os.posix_fallocate(fd, 0, size)
+            os.posix_fallocate(fd, 0, max(size, _LMDB_LOCK_BYTES))
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise translate(e, self.path, f"allocating {LMDB_LOCK_FILE}") from e
@@ -668,11 +679,7 @@ class Storage:
         """
         try:
             return fn(txn)
-        except CorruptRecord as e:
-            raise translate(e, self.path, doing) from e
-        except KVError:
-            raise
-        except THIRD_PARTY_ERRORS as e:
+        except (CorruptRecord, *THIRD_PARTY_ERRORS) as e:  # any other error passes as it is
             raise translate(e, self.path, doing) from e
         finally:
             self.end_read(txn)
@@ -699,17 +706,10 @@ class Storage:
                 return result
             except lmdb.MapFullError:
                 self._grow(txn)
-            except CorruptRecord as e:
+            except BaseException as e:
                 self._abort_write(txn)
-                raise translate(e, self.path, doing) from e
-            except KVError:
-                self._abort_write(txn)
-                raise
-            except THIRD_PARTY_ERRORS as e:
-                self._abort_write(txn)
-                raise translate(e, self.path, doing) from e
-            except BaseException:
-                self._abort_write(txn)
+                if isinstance(e, (CorruptRecord, *THIRD_PARTY_ERRORS)):  # as run_read does
+                    raise translate(e, self.path, doing) from e
                 raise
 
     def _commit(self, txn) -> None:

@@ -13,13 +13,20 @@ A torn append is handled here, once for both engines. The log itself cuts a
 torn tail (``WriteAheadLog.open``); what stays are whole records of an append
 the crash cut short, never acknowledged. Each append puts a shard's commit
 point after its entries and a node's promise last, so such an append can
-leave entries whose commit point or promise was lost: an entry above its
-shard's commit point accepted at a ballot the promise does not cover is one
-of those, and is dropped (the entry it replaced, from an earlier, durable
-append, stands again). The embedded store makes no promise (its ``promised``
-stays -1): an entry of it above the commit point is always one whose commit
-point was torn off, so it is never chosen. At or below the commit point an
-entry is a chosen value, whatever its ballot.
+leave entries whose commit point or promise was lost. An entry stands if a
+promise made by the end of its own append covers its ballot, or if it is at
+or below the shard's commit point (a chosen value, whatever its ballot).
+Otherwise it is one of those, and is dropped: the entry it replaced, from an
+earlier append, stands again. The promise is the one of its own append's end,
+not the log's last: the whole records of a torn append stay in the log, and a
+promise the node made in a later life (which never held them) must not bring
+them back (seed 3755 of the real-node sweep: an acceptance at 4.2 torn from
+its promise, dropped at the next restart, the node then promised 5.0 without
+it and lost its next append; at the restart after that, the promise of 5.0
+covered the old record, and a value the new leader had overwritten came back
+as a vote for 4.2: two values chosen at one slot). The embedded store makes
+no promise (its ``promised`` stays -1): an entry of it above the commit point
+is always one whose commit point was torn off, so it is never chosen.
 
 What each engine then does with the result is its own: the embedded store
 applies each shard's entries up to its commit point
@@ -79,24 +86,42 @@ class ShardLog:
 
 
 def replay(records: Iterable[tuple[int, int, Record]], shards: int,
-           base: list[tuple[int, int]] | None = None) -> list[ShardLog]:
+           base: list[tuple[int, int]] | None = None,
+           base_position: int = 0) -> list[ShardLog]:
     """Per shard, the promise, commit point and entries of ``records``
     (``WriteAheadLog.replay_groups``), torn acceptances dropped (module docstring).
 
     ``base``: per shard, the checkpoint's ``(promised, commit)``, which the log's
-    only raise. A record of a shard past ``shards`` is ``CorruptRecord``.
+    only raise. Its promise covers the appends from ``base_position`` (the checkpoint's
+    log position) on: an append before it is judged by the promises the log shows up to
+    its end, as when it was first replayed (a checkpoint made after a later promise does
+    not vouch for records the node had already dropped; the checkpoint holds what the
+    node held, and stands where the log says nothing). A record of a shard past
+    ``shards`` is ``CorruptRecord``.
     """
-    logs = [ShardLog() if base is None else ShardLog(*base[s]) for s in range(shards)]
-    replaced: list[dict] = [{} for _ in range(shards)]  # slot -> the entry a later one replaced
-    for position, _group, r in records:
+    logs = [ShardLog() for _ in range(shards)]
+    if base is not None:
+        for log, (promised, commit) in zip(logs, base):
+            log.commit = commit
+            log.promised = promised if base_position <= 0 else -1
+    # slot -> (position, entry) per shard: the last entry its append's promise covered,
+    # and the last one it did not (standing only if the final commit point covers it)
+    covered: list[dict] = [{} for _ in range(shards)]
+    uncovered: list[dict] = [{} for _ in range(shards)]
+    appended: list = []  # (shard, position, entry) of the append being read
+    current = None
+    pending_base = base is not None and base_position > 0
+    for position, group, r in records:
+        if group != current:
+            _settle(appended, logs, covered, uncovered)
+            current = group
+            if pending_base and group >= base_position:
+                _raise_promises(logs, base)
+                pending_base = False
         kind = r.kind
         if kind == KIND_ENTRY:
-            log = _shard_log(logs, r.shard, position)
-            entries = log.entries
-            old = entries.get(r.slot)
-            if old is not None:
-                replaced[r.shard][r.slot] = old
-            entries[r.slot] = LogEntry(r.slot, r.ballot, r.tag, r.payload)
+            _shard_log(logs, r.shard, position)
+            appended.append((r.shard, position, LogEntry(r.slot, r.ballot, r.tag, r.payload)))
         elif kind == KIND_PROMISE:
             log = _shard_log(logs, r.shard, position)
             if r.ballot > log.promised:
@@ -106,9 +131,29 @@ def replay(records: Iterable[tuple[int, int, Record]], shards: int,
                 log = _shard_log(logs, shard, position)
                 if slot > log.commit:
                     log.commit = slot
-    for log, earlier in zip(logs, replaced):
-        _drop_torn(log, earlier)
+    _settle(appended, logs, covered, uncovered)
+    if pending_base:
+        _raise_promises(logs, base)
+    for log, kept, rest in zip(logs, covered, uncovered):
+        for slot, (position, entry) in rest.items():
+            if slot <= log.commit and position > kept.get(slot, (-1,))[0]:
+                kept[slot] = (position, entry)  # a chosen value: its ballot does not matter
+        log.entries = {slot: entry for slot, (_position, entry) in sorted(kept.items())}
     return logs
+
+
+def _raise_promises(logs: list, base: list) -> None:
+    for log, (promised, _commit) in zip(logs, base):
+        if promised > log.promised:
+            log.promised = promised
+
+
+def _settle(appended: list, logs: list, covered: list, uncovered: list) -> None:
+    """Sort the entries of the append just read by the promise made by its end."""
+    for shard, position, entry in appended:
+        side = covered if entry.ballot <= logs[shard].promised else uncovered
+        side[shard][entry.slot] = (position, entry)
+    appended.clear()
 
 
 def _shard_log(logs: list, shard: int, position: int) -> ShardLog:
@@ -116,17 +161,6 @@ def _shard_log(logs: list, shard: int, position: int) -> ShardLog:
         raise CorruptRecord(f"a log record of shard {shard} at position {position}; this "
                             f"directory has {len(logs)} shard(s)", offset=position)
     return logs[shard]
-
-
-def _drop_torn(log: ShardLog, replaced: dict) -> None:
-    """Drop the entries of a torn append (module docstring); what they replaced stands."""
-    promised, commit, entries = log.promised, log.commit, log.entries
-    for slot in [s for s, e in entries.items() if s > commit and e.ballot > promised]:
-        earlier = replaced.get(slot)
-        if earlier is not None and earlier.ballot <= promised:
-            entries[slot] = earlier
-        else:
-            del entries[slot]
 
 
 __all__ = ["LogEntry", "ShardLog", "replay", "entry_record", "commit_point", "commit_pairs"]

@@ -37,6 +37,8 @@ calls on each message before its replica sees it.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import msgpack
 
 from kvstore._native import decode_record
@@ -203,22 +205,25 @@ def decode(frame: bytes, max_frame_bytes: int = MAX_PEER_FRAME_BYTES) -> list:
         if len(body) != 3 or type(body[2]) is not list:
             raise FrameError("malformed forward batch")
         _int(body[1], "sender")
-        check = _check_request if kind == FORWARD else _check_reply
-        for item in body[2]:
-            if type(item) is not list or len(item) != 3:
-                raise FrameError("malformed forward item")
-            check(item)
+        _check_items(body[2], _check_request if kind == FORWARD else _check_reply,
+                     "forward item")
         return body
     if kind == REQUESTS or kind == REPLIES:
         if len(body) != 2 or type(body[1]) is not list:
             raise FrameError("malformed batch")
-        check = _check_request if kind == REQUESTS else _check_reply
-        for item in body[1]:
-            if type(item) is not list or len(item) != 3:
-                raise FrameError("malformed batch item")
-            check(item)
+        _check_items(body[1], _check_request if kind == REQUESTS else _check_reply,
+                     "batch item")
         return body
     raise FrameError(f"unknown frame kind {kind!r}"[:80])
+
+
+def _check_items(items: list, check: Callable[[list], None], what: str) -> None:
+    """Each item of a batch is a ``[request id, op or status, args or value]`` list that
+    ``check`` accepts: a batched or forwarded request (reply) is checked as a lone one is."""
+    for item in items:
+        if type(item) is not list or len(item) != 3:
+            raise FrameError(f"malformed {what}")
+        check(item)
 
 
 def _check_request(item: list) -> None:
