@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from kvstore.cli import quorum_problems
 from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.gateway import codec, txn
 from kvstore.gateway.errors import NotFound
@@ -127,30 +128,14 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Ready when every shard has a leader and a quorum of its replicas answering
-    (``status``); else 503 naming the shards that have not."""
+    (``status``), by the rule ``kvstore status`` exits 3 on; else 503 naming the shards
+    that have not."""
     st = await _db(request).status()
     problems = quorum_problems(st)
     if problems:
         raise Unavailable("not ready: " + "; ".join(problems))
     return JSONResponse({"ok": True, "shards": [
         {"shard": s["shard"], "leader": s["leader"]} for s in st["shards"]]})
-
-
-def quorum_problems(status: dict) -> list[str]:
-    """What keeps each shard of a ``status()`` from serving: no leader, or fewer than a
-    majority of the members answering with that shard in a voting state."""
-    members = len(status.get("nodes", []))
-    majority = members // 2 + 1
-    problems = []
-    for s in status.get("shards", []):
-        states = s.get("states") or {}
-        voting = sum(1 for state in states.values() if state == "ok")
-        if s.get("leader") is None:
-            problems.append(f"shard {s['shard']} has no leader")
-        elif voting < majority:
-            problems.append(f"shard {s['shard']} has {voting} of {members} replicas "
-                            f"answering (a quorum is {majority})")
-    return problems
 
 
 def _json(doc: object) -> Response:
