@@ -265,6 +265,16 @@ def _cmd_demo(args) -> int:
     return run_demo(args.data if args.data != DEFAULT_DATA else None)
 
 
+def _cmd_gateway(args) -> int:
+    from kvstore.gateway.serve import run
+    cluster = args.cluster or os.environ.get("KVSTORE_CLUSTER")
+    if not cluster:
+        raise InvalidArgument("kvstore gateway serves a cluster: pass --cluster ADDRS "
+                              "(or set KVSTORE_CLUSTER)")
+    return run(cluster, args.listen, args.timeout, access_log=args.access_log,
+               exit_with_stdin=args.exit_with_stdin)
+
+
 def _add_common_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """--cluster/--data/--timeout, accepted before the command and after it.
 
@@ -378,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add one client key pair NAME.key/NAME.key_secret to an existing key "
                         "directory and allow it (clients/NAME.key; remove that file to revoke)")
     p.set_defaults(fn=None)
+    p = sub.add_parser("gateway", parents=[common],
+                       help="serve the cluster over HTTP/JSON (docs/gateway.md)",
+                       description="Serve the cluster at --cluster (or $KVSTORE_CLUSTER) over "
+                                   "HTTP/JSON until SIGINT or SIGTERM; --data does not apply. "
+                                   "Routes: docs/gateway.md.")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="where to serve HTTP (default 127.0.0.1:8080)")
+    p.add_argument("--access-log", action="store_true", help="log every request to stdout")
+    p.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(fn=None)
     p = sub.add_parser("demo", parents=[common],
                        help="show the store working: writes, reads, transactions, threads")
     p.set_defaults(fn=None)
@@ -408,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in keygen(args.dir, client=args.client):
                 print(path)
             return 0
+        if args.command == "gateway":
+            return _cmd_gateway(args)
         if args.command == "local-cluster":
             from kvstore.server.local import run_cluster_demo, run_local_cluster
             run = run_cluster_demo if args.demo else run_local_cluster

@@ -8,6 +8,8 @@ address = "tcp://127.0.0.1:7001"  # where clients connect
 peer_address = "tcp://127.0.0.1:17001"  # optional: where peers connect (default: the
                                   # client port + 10000 on the same host)
 data = "/var/lib/kvstore/n1"      # optional; --data overrides (relative: to this file)
+gateway = "127.0.0.1:8080"        # optional: serve HTTP/JSON here too (docs/gateway.md);
+                                  # --gateway overrides
 ```
 
 Clients and peers use separate ports (``kvstore.transport.sockets``): the
@@ -72,7 +74,7 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
                                   f"'_', '.' or '-'")
         if not isinstance(table, dict):
             raise InvalidArgument(f"{path}: [nodes.{name}] must be a table")
-        extra = set(table) - {"address", "peer_address", "data"}
+        extra = set(table) - {"address", "peer_address", "data", "gateway"}
         if extra:
             raise InvalidArgument(f"{path}: [nodes.{name}] has unknown setting(s) "
                                   f"{', '.join(sorted(extra))}")
@@ -95,7 +97,12 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
         data = table.get("data")
         if data is not None and (not isinstance(data, str) or not data):
             raise InvalidArgument(f"{path}: [nodes.{name}] data must be a directory path")
-        out[name] = {"address": address, "peer_address": peer_address, "data": data}
+        gateway = table.get("gateway")
+        if gateway is not None and (not isinstance(gateway, str) or not gateway):
+            raise InvalidArgument(f"{path}: [nodes.{name}] gateway must look like "
+                                  f"\"127.0.0.1:8080\", got {gateway!r}")
+        out[name] = {"address": address, "peer_address": peer_address, "data": data,
+                     "gateway": gateway}
     return shards, out
 
 
@@ -195,6 +202,13 @@ def load_node_config(path: str, node_id: str, data: str | None = None, **tuning)
                       addresses={nm: nodes[nm]["address"] for nm in names},
                       peer_addresses={nm: nodes[nm]["peer_address"] for nm in names},
                       shards=shards, data_dir=os.path.abspath(data_dir), **tuning)
+
+
+def node_gateway(path: str, node_id: str) -> str | None:
+    """``[nodes.NAME] gateway``: where ``kvstore-server`` serves the HTTP gateway beside
+    the node (``kvstore.gateway.serve.spawn``), or None."""
+    _shards, nodes = parse_cluster(read_toml(path), path)
+    return nodes[node_id]["gateway"] if node_id in nodes else None
 
 
 def cluster_addresses(path: str) -> list:

@@ -21,6 +21,11 @@ systemd unit).
   disk has room, it recovers from the log and rejoins.
 - Logs go to stderr, as text or one JSON object per line (``--log-format
   json``): start, stop, elections and leader changes per shard, dropped frames.
+- ``[nodes.NAME] gateway = "127.0.0.1:8080"`` (or ``--gateway ADDR``): the node also
+  serves the HTTP/JSON gateway there, as a child process (``kvstore.gateway.serve``)
+  with its own interpreter, so HTTP work never slows the node's loop; it reaches the
+  node through the node's client address, stops with the node, and exits by itself if
+  the node dies.
 """
 
 from __future__ import annotations
@@ -81,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, metavar="FILE", help="cluster.toml")
     p.add_argument("--id", required=True, metavar="NAME", help="this node's name in the config")
     p.add_argument("--data", metavar="DIR", help="data directory (overrides the config's)")
+    p.add_argument("--gateway", metavar="HOST:PORT",
+                   help="also serve the HTTP/JSON gateway here (overrides the config's "
+                        "[nodes.NAME] gateway)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -115,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kvstore.node.config import load_node_config
     try:
         config = load_node_config(args.config, args.id, args.data)
+        gateway_listen = _gateway_listen(args)
     except InvalidArgument as e:
         return _fail(str(e))
     setup_logging(args.log_format, args.log_level)
@@ -134,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, on_signal)  # a hang-up stops it too, logged: not a silent death
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    gateway = None
+    if gateway_listen:
+        from kvstore.gateway.serve import spawn
+        gateway = spawn(config.addresses[config.name], gateway_listen)
     tune_garbage_collector()
     profile_dir = os.environ.get("KVSTORE_SERVER_PROFILE")
     try:
@@ -150,7 +163,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The loop ended inside a save (node.run closed what it could): what the save
         # held was neither sent nor answered. One line, no traceback.
         return _fail(f"stopped: storage error: {_naming(config.data_dir, e)}", EXIT_STORAGE)
+    finally:
+        if gateway is not None:
+            from kvstore.gateway.serve import stop
+            stop(gateway)
     return EXIT_OK
+
+
+def _gateway_listen(args) -> str | None:
+    """Where to serve the gateway (``--gateway``, else the node's ``gateway`` setting),
+    checked now with the rest of the config: a bad or taken address, or the gateway extra
+    not installed, is the one-line refusal (exit 2), not a child that dies later."""
+    from kvstore.node.config import node_gateway
+    listen = args.gateway or node_gateway(args.config, args.id)
+    if listen:
+        from kvstore.gateway.serve import check_can_listen, check_installed
+        try:
+            check_installed()
+            check_can_listen(listen)
+        except InvalidArgument as e:
+            source = "--gateway" if args.gateway else f"{args.config}: [nodes.{args.id}] gateway"
+            raise InvalidArgument(f"{source}: {e}") from None
+    return listen
 
 
 def _naming(data_dir: str, e: BaseException) -> str:
