@@ -49,6 +49,11 @@ class CorruptRecord(StorageError):
         self.offset = offset
 
 
+class LeaseExpired(KVError):
+    """The lease is gone (it expired, or was revoked): its keys were deleted. A put with
+    it applied nothing; a keep-alive cannot bring it back (make a new lease)."""
+
+
 __all__ = [
     "KVError",
     "InvalidArgument",
@@ -57,4 +62,5 @@ __all__ = [
     "Timeout",
     "StorageError",
     "CorruptRecord",
+    "LeaseExpired",
 ]

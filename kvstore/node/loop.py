@@ -53,12 +53,13 @@ is one turn of the loop, the same for both. Each turn:
 Clients are never answered from anywhere else, and nothing is sent before it
 is persisted.
 
-The node is one class in three rooms: this module (the loop: ``turn``, receive,
+The node is one class in four rooms: this module (the loop: ``turn``, receive,
 persist/send/answer in that order, roles, snapshots, status), request intake
 (``kvstore.node.intake.Intake``: a client's request checked, decoded once, queued,
-forwarded or answered) and the 2PC resolver (``kvstore.node.resolver.Resolver``:
-the decide request and the settlement of abandoned transactions). ``Node`` mixes
-the two rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
+forwarded or answered), the 2PC resolver (``kvstore.node.resolver.Resolver``:
+the decide request and the settlement of abandoned transactions) and lease expiry
+(``kvstore.node.leases.LeaseExpiry``: deadlines noted at apply, the leader's
+LeaseExpire entries). ``Node`` mixes the three rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
 follower's progress), so a dropped frame only costs time.
 """
 
@@ -80,6 +81,7 @@ from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, Replica
 from kvstore.node.intake import Intake
+from kvstore.node.leases import LeaseExpiry
 from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
 from kvstore.node.resolver import RESOLVE_EVERY_SECONDS, Resolver
 from kvstore.machine.replica import ReplicaStorage, ShardWrite, check_snapshot_data
@@ -153,7 +155,7 @@ class NodeConfig:
         return given if given is not None else derived_peer_address(self.addresses[name])
 
 
-class Node(Intake, Resolver):
+class Node(Intake, Resolver, LeaseExpiry):
     """A cluster node; ``run()`` is its loop (blocking), ``stop()`` ends it from anywhere."""
 
     def __init__(self, config: NodeConfig, storage: ReplicaStorage | None = None,
@@ -219,6 +221,7 @@ class Node(Intake, Resolver):
         self._refusals_logged: set = set()  # peer routing ids whose refusal was logged
         self._next_tick = self.clock.monotonic() + config.tick_seconds
         self._next_reload = self.clock.monotonic()
+        self._init_leases()  # lease expiry (``kvstore.node.leases``)
 
     def _make_replica(self, shard: int) -> Replica:
         c = self.config
@@ -302,6 +305,7 @@ class Node(Intake, Resolver):
                 self._expire_waiting(now)
             if now - self._last_resolve > RESOLVE_EVERY_SECONDS:
                 self._resolve_abandoned(now)
+            self._expire_leases(now)
             if now >= self._next_reload:  # a client key added to or revoked from clients/
                 self._next_reload = now + RELOAD_KEYS_SECONDS
                 self.sockets.reload_keys()
@@ -477,6 +481,7 @@ class Node(Intake, Resolver):
                     self.sockets.send_peer(peer, frame)
             results = self.storage.save(writes, self._answer_durable_early) if writes else []
             self._fresh_slots = None
+            self._note_leases(writes)
             self.counters["poisoned_values"] += sum(1 for r in results if r[3] is POISONED)
             # b. send: one frame (or a few, if huge) per peer, across shards
             for peer, items in outbox.items():
