@@ -24,6 +24,11 @@ in-memory form is typed. Build them with the constructors (``put``, ``delete``,
   vote, TxnDecision -> recorded outcome, TxnResolve -> changed); applied by
   ``kvstore.machine.twopc``. On the wire it is ``[OP_2PC, raw]`` (``TwoPC.wire``). A
   client sends only TxnPrepare; decisions and resolves are written by the nodes.
+- Leases (``kvstore.machine.leases``; ids 1..2**63-1, ttls 1 ms..365 days, checked
+  where decoded): ``LeaseGrant(op, id, ttl_ms)`` -> True, ``LeaseKeepAlive(op, id)`` ->
+  bool, ``LeaseRevoke(op, id)`` -> keys deleted or False, ``PutLease(op, key, value, id)``
+  -> None or ``NO_LEASE``, ``PutTTL(op, key, value, ttl_ms)`` -> None, ``LeaseExpire(op,
+  id, refreshed_revision)`` -> keys deleted or False (a shard leader's; never a client's).
 
 A cluster node logs each client write inside its session (``ClientCommand``:
 client id, seq, floor, command; ``kvstore.machine.replica`` applies it at most
@@ -229,12 +234,6 @@ class LeaseGrant(NamedTuple):
     lease_id: int
     ttl_ms: int
 
-    def keys(self) -> list:
-        return []
-
-    def check_sizes(self) -> None:
-        pass
-
 
 class LeaseKeepAlive(NamedTuple):
     """Refresh lease ``lease_id`` -> True, or False if the shard does not know it."""
@@ -242,24 +241,12 @@ class LeaseKeepAlive(NamedTuple):
     op: int
     lease_id: int
 
-    def keys(self) -> list:
-        return []
-
-    def check_sizes(self) -> None:
-        pass
-
 
 class LeaseRevoke(NamedTuple):
     """End lease ``lease_id`` now, deleting its keys -> their number, or False if unknown."""
 
     op: int
     lease_id: int
-
-    def keys(self) -> list:
-        return []
-
-    def check_sizes(self) -> None:
-        pass
 
 
 class PutLease(NamedTuple):
@@ -270,13 +257,6 @@ class PutLease(NamedTuple):
     value: bytes
     lease_id: int
 
-    def keys(self) -> list:
-        return [self.key]
-
-    def check_sizes(self) -> None:
-        check_key(self.key)
-        check_value(self.value)
-
 
 class PutTTL(NamedTuple):
     """A put whose key lives ``ttl_ms`` (an anonymous lease of its own, no keep-alive)."""
@@ -285,13 +265,6 @@ class PutTTL(NamedTuple):
     key: bytes
     value: bytes
     ttl_ms: int
-
-    def keys(self) -> list:
-        return [self.key]
-
-    def check_sizes(self) -> None:
-        check_key(self.key)
-        check_value(self.value)
 
 
 class LeaseExpire(NamedTuple):
@@ -302,12 +275,19 @@ class LeaseExpire(NamedTuple):
     lease_id: int
     refreshed_revision: int
 
-    def keys(self) -> list:
-        return []
 
-    def check_sizes(self) -> None:
-        pass
+def _no_keys(self) -> list:
+    return []
 
+
+def _no_sizes(self) -> None:
+    pass
+
+
+for _lease_command in (LeaseGrant, LeaseKeepAlive, LeaseRevoke, LeaseExpire):
+    _lease_command.keys, _lease_command.check_sizes = _no_keys, _no_sizes
+for _lease_command in (PutLease, PutTTL):  # a put's key and value, with a lease
+    _lease_command.keys, _lease_command.check_sizes = Put.keys, Put.check_sizes
 
 Command = Union[Put, Delete, Cas, Incr, Txn, TxnWrites, TwoPC, LeaseGrant, LeaseKeepAlive,
                 LeaseRevoke, PutLease, PutTTL, LeaseExpire]

@@ -75,8 +75,8 @@ class Lease:
             raise LeaseExpired(f"lease {self.id} was revoked")
         if self._expired or not self._store._lease_keepalive(self.id):
             self._expired = True
-            raise LeaseExpired(f"lease {self.id} expired (its ttl of {self.ttl:g} s passed "
-                               f"without a keep-alive); its keys were deleted")
+            raise LeaseExpired(f"lease {self.id} is gone (its ttl passed without a keep-alive, "
+                               f"or it was revoked): its keys were deleted")
 
     def revoke(self) -> int:
         """End the lease now, deleting its keys: how many were deleted (0 if it had
