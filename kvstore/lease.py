@@ -95,7 +95,7 @@ class Lease:
             log.warning("lease %d expired before its keep-alive (ttl %g s)", self.id, self.ttl)
             return False
         except KVError as e:  # unavailable, closed...: tried again at the next period
-            if getattr(self._store, "_closed", False):
+            if _closed(self._store):
                 return False
             log.info("lease %d: keep-alive failed, trying again: %s", self.id, e)
         return True
@@ -110,6 +110,12 @@ class Lease:
     def __repr__(self) -> str:
         state = "expired" if self._expired else "revoked" if self._revoked else "active"
         return f"<kvstore.Lease id={self.id} ttl={self.ttl:g} {state}>"
+
+
+def _closed(store) -> bool:
+    """The store (embedded) or the connection (cluster) was closed: nothing to keep."""
+    return bool(getattr(store, "_closed", False)
+                or getattr(getattr(store, "_core", None), "_closed", False))
 
 
 class _KeepAliveTimer:

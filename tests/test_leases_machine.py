@@ -126,6 +126,11 @@ def test_put_ttl_makes_an_anonymous_lease_per_put(apply):
     lid_a = apply.lease_of(b"a")
     assert apply(C.lease_expire(lid_a, 1)) == 1
     assert (apply.get(b"a"), apply.get(b"b")) == (None, b"2")
+    apply(C.put(b"b", b"for good"))  # its anonymous lease held only b: it ends with it
+    assert apply.leases() == [] and apply.attached() == 0
+    apply(C.put_ttl(b"c", b"1", 500))
+    apply(C.put_ttl(b"c", b"2", 900))  # a new ttl: the first anonymous lease ends
+    assert [ttl for _lid, ttl, _rev in apply.leases()] == [900]
 
 
 def test_no_lease_lookup_on_a_shard_without_attached_keys(shard):

@@ -115,6 +115,7 @@ class LeaseTable:
             return
         if current is not None:
             self._unlink(key, current)
+            self._end_if_anonymous(current)
         else:
             self._count(1)
         self.txn.put(LEASE_OF + key, _id_bytes(lease_id), db=self.db)
@@ -127,9 +128,17 @@ class LeaseTable:
             self._unlink(key, current)
             self.txn.delete(LEASE_OF + key, db=self.db)
             self._count(-1)
+            self._end_if_anonymous(current)
 
     def _unlink(self, key: bytes, lease_id: int) -> None:
         self.txn.delete(LEASE_KEYS + _id_bytes(lease_id) + key, db=self.db)
+
+    def _end_if_anonymous(self, lease_id: int) -> None:
+        """A ``PutTTL``'s lease held its one key, now written again: it ends here (no
+        expiry entry is needed for a lease with nothing left to delete)."""
+        if lease_id >= ANON_BASE:
+            self.txn.delete(LEASE_RECORD + _id_bytes(lease_id), db=self.db)
+            self.events.append((lease_id, None, None))
 
     def detach_written(self, command, result) -> None:
         """After a plain command applied: detach every key it wrote (only when
