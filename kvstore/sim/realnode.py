@@ -87,6 +87,7 @@ from kvstore.sim.disk import FaultyFiles, PowerLoss
 from kvstore.sim.oracle import InvariantViolation, Oracle
 from kvstore.sim.realbyzantine import RealNodeByzantine
 from kvstore.sim.realbank import BankClient, Ledger
+from kvstore.sim.realleases import LeaseCheck, LeaseHolder
 from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
 from kvstore.sim.trace import Trace, failure_report
 from kvstore.transport import wire
@@ -147,6 +148,7 @@ class RealNodeConfig:
     # a byzantine-input sender (realbyzantine.py); None: in the seeds where seed % 3 == 2
     byzantine: bool | None = None
     byzantine_rate: float = 0.15  # per tick: it sends one fuzzed frame to an awake node
+    leases: bool = False  # a lease holder that dies, and the expiry checks (realleases.py)
     bugs: NodeBugs = NO_BUGS
     swarm: bool = True
     trace_lines: int = 60
@@ -306,6 +308,8 @@ class SimNode:
             sim.oracles[shard].restarted(self.index, r)
         self.promised_sent, self.matched_sent = {}, {}
         sim.log(f"n{self.index} starts (incarnation {self.incarnation})")
+        if sim.lease_check is not None:
+            sim.lease_check.started()
         if sim.phase == "faults" and sim.rng.random() < c.crash_after_restart_rate:
             self.files.crash_after_syncs = sim.rng.randint(0, 3)  # while it catches up
             sim.log(f"n{self.index}: the power will go again at a coming sync")
@@ -338,6 +342,8 @@ class SimNode:
 
         def saved(writes: list, applied=None) -> list:
             results = save(writes, applied)
+            if self.sim.lease_check is not None:
+                self.sim.lease_check.saved(writes)
             self.durable_upto = len(self.made)  # its messages go now
             if self.node is not None:
                 for w in writes:
@@ -637,6 +643,11 @@ class Simulation:
             self.clients += [BankClient(self, i, self.ledger)
                              for i in range(len(self.clients), len(self.clients) + config.bank_clients)]
         self.client_by_identity = {c.identity: c for c in self.clients}
+        self.lease_holder = self.lease_check = None
+        if config.leases:
+            self.lease_holder = LeaseHolder(self, "lease", TICK)
+            self.lease_check = LeaseCheck(self, self.lease_holder)
+            self.client_by_identity[self.lease_holder.identity] = self.lease_holder
         self.unchecked = False  # the linearizability checker gave up
         self.settled_at: int | None = None
         for n in self.nodes:
@@ -677,7 +688,7 @@ class Simulation:
         while self.queue and self.queue[0][0] <= self.now:
             _due, _seq, to, source, identity, frame = heapq.heappop(self.queue)
             if to[0] == "client":
-                self.clients[to[1]].on_frame(frame)
+                (self.lease_holder if to[1] == "lease" else self.clients[to[1]]).on_frame(frame)
                 continue
             node = self.nodes[to[1]]
             if node.up and not (source == PEER and (node.transport.peer_index(identity), to[1])
@@ -804,6 +815,8 @@ class Simulation:
                 node.turn()
         for client in self.clients:
             client.on_tick(may_start)
+        if self.lease_holder is not None:
+            self.lease_holder.on_tick(may_start)
 
     def probe(self) -> None:
         """The read prober, in the seeds swarm gives one: a linearizable get now and then to
@@ -858,6 +871,7 @@ class Simulation:
                     f"no progress {c.settle_ticks} ticks after the faults stopped: leaders "
                     f"{self.leaders()}, clients still waiting {pending}")
         self.settled_at = self.now - (deadline - c.settle_ticks)
+        settled_tick = self.now
         self.log(f"settled after {self.settled_at} ticks: leaders {self.leaders()}")
         # a fault-free tail: clients run, a follower crashes and rejoins; no leader deposed
         leaders = self.leaders()
@@ -884,6 +898,8 @@ class Simulation:
             self.finish_operations()
             self.ledger.check_end(banker.final)
         self.check_agreement()
+        if self.lease_check is not None:
+            self.lease_check.check_end(settled_tick, TICK)
         self.check_history()
 
     def finish_operations(self) -> None:
@@ -949,6 +965,7 @@ def replay_command(config: RealNodeConfig) -> str:
                     if getattr(config.bugs.paxos, f.name))
     shards = f" --shards {config.shards}" if config.shards else ""
     bank = " --bank" if config.bank else ""
+    bank += " --leases" if config.leases else ""
     if config.byzantine is not None and config.byzantine != (config.seed % 3 == 2):
         bugs += " --byzantine" if config.byzantine else " --no-byzantine"
     return (f"python -m kvstore.sim{bank} --seed {config.seed} --nodes {config.nodes}"
