@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 
 from kvstore.api import KV, Txn
-from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError, Timeout,
+from kvstore.errors import (Compacted, CorruptRecord, InvalidArgument, KVError, StorageError, Timeout,
                             TransactionConflict, Unavailable)
+from kvstore.events import Event
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE
 
 __version__ = "0.1.0"
@@ -72,5 +73,5 @@ __all__ = [
     "open", "connect", "status", "KV", "Txn", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
     "MAX_TXN_SIZE", "MAX_CLUSTER_TXN_SIZE",
     "KVError", "InvalidArgument", "TransactionConflict", "Unavailable", "Timeout",
-    "StorageError", "CorruptRecord", "__version__",
+    "StorageError", "CorruptRecord", "Compacted", "Event", "__version__",
 ]
