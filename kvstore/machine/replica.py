@@ -89,6 +89,9 @@ class ShardWrite:
     applied_index: int | None = None  # set by the storage after applying ``committed``
     #: The node's commands decoded where they entered it, for apply (``apply_entries``).
     decoded: DecodedCommands | None = None
+    #: A list to collect what the applied entries changed (``apply_entries``'s ``changes``:
+    #: ``(revision, [(key, value, prev), ...])``), or None: nothing collected.
+    changes: list | None = None
 
 
 class ReplicaStorage(Protocol):
