@@ -32,8 +32,9 @@ pytestmark = pytest.mark.timeout(120)
 def cluster(tmp_path):
     clusters = []
 
-    def make(nodes=3, shards=1, history_bytes=None):
-        lc = LocalCluster(str(tmp_path / f"c{len(clusters)}"), nodes, shards, env=child_env())
+    def make(nodes=3, shards=1, history_bytes=None, tuning=None):
+        lc = LocalCluster(str(tmp_path / f"c{len(clusters)}"), nodes, shards, env=child_env(),
+                          tuning=tuning)
         if history_bytes is not None:
             with open(lc.config_path, "a") as f:
                 f.write(f"\n[watch]\nhistory_bytes = {history_bytes}\n")
@@ -187,6 +188,39 @@ def test_a_poll_below_the_history_is_compacted_naming_the_oldest(cluster):
         assert events[-1][1][0][1] == b"c/59"
     finally:
         raw.close()
+
+
+def test_a_follower_that_installs_a_snapshot_starts_its_history_after_it(cluster):
+    lc = cluster(3, 1, tuning={"snapshot_every_slots": 20, "log_retain_slots": 2})
+    leader = lc.wait_ready()["shards"][0]["leader"]
+    behind = next(n for n in lc.names if n != leader)
+    with lc.client(timeout=10) as c:
+        c.put(b"s/before", b"1")
+        before, _ = drain(lc.addresses[leader], 1, 1, b"s/")
+        lc.kill(behind)
+        for i in range(80):  # many snapshots past what the stopped node holds
+            c.put(b"s/%02d" % i, b"%d" % i)
+        lc.start(behind)
+        deadline = time.monotonic() + 60
+        raw = RawClient(lc.addresses[behind])
+        try:
+            while True:  # until it holds the last write
+                status, value = raw.call(wire.OP_GET, [0, b"s/79", False])
+                if status == wire.STATUS_OK and value == b"79":
+                    break
+                assert time.monotonic() < deadline, lc.tail(behind)
+                time.sleep(0.05)
+            assert "installed a snapshot" in open(lc.log_path(behind)).read()
+            # the gap the snapshot covered is not in its history: a poll from just after
+            # the write it had is compacted, never answered with the changes missing
+            status, (events, oldest, _through, current) = raw.watch(before[0][0] + 1)
+            assert events is None and oldest > before[0][0] + 2 and current is False
+            c.put(b"s/after", b"2")
+            on_behind, _ = drain(lc.addresses[behind], oldest, 1, b"s/after")
+            on_leader, _ = drain(lc.addresses[leader], oldest, 1, b"s/after")
+            assert on_behind == on_leader
+        finally:
+            raw.close()
 
 
 def test_write_with_want_revision_answers_its_revision(cluster):
