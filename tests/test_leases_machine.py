@@ -187,7 +187,7 @@ def test_client_sessions_apply_lease_commands_and_a_2pc_commit_detaches(shard):
             sessions = SessionCache(txn, t.txns)
             leases = LeaseTable(txn, t.txns)
             results.append(apply_client_command(
-                txn, t, slot, C.ClientCommand(b"c", slot, 0, command), sessions, leases)[1])
+                txn, t, slot, C.ClientCommand(b"c", slot, 0, command), sessions, leases=leases)[1])
             sessions.flush()
         storage.write(fn)
 

@@ -50,6 +50,8 @@ from kvstore.embedded.recovery import checkpointed_point, command_packer, recove
 from kvstore.lease import lease_id_of
 from kvstore.machine.leases import LeaseTable
 from kvstore.embedded.verify import verify_store
+from kvstore.embedded.watch import DEFAULT_HISTORY_BYTES, Watch, WatchHub
+from kvstore.events import watch_range
 from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
                           check_limit, check_optional_value, check_value, scan_range)
@@ -87,9 +89,10 @@ class EmbeddedKV(KV):
 
     def __init__(self, path: str | os.PathLike, *, shards: int | None = None,
                  map_size: int | None = None, create: bool = True,
-                 wal_files=None) -> None:
+                 wal_files=None, watch_history_bytes: int = DEFAULT_HISTORY_BYTES) -> None:
         """``wal_files``: the log's file system port (``wal.OsFiles`` by default);
-        tests pass a twin that loses what was not synced at a simulated power loss."""
+        tests pass a twin that loses what was not synced at a simulated power loss.
+        ``watch_history_bytes``: the changes kept in memory for watchers (all shards)."""
         self._storage = Storage(path, shards=shards, map_size=map_size, create=create)
         self.path = self._storage.path
         self._nshards = self._storage.nshards
@@ -105,6 +108,7 @@ class EmbeddedKV(KV):
         self._wal: WriteAheadLog | None = None
         self._checkpointer: Checkpointer | None = None
         self._checkpoint_record: Record | None = None  # rides on the next append
+        self._watch: WatchHub | None = None  # set once recovered: watchers see what follows
         #: per shard: it has (had) a lease, so plain writes detach keys (``commit``)
         self._lease_shards = [False] * self._nshards
         self._reaper = LeaseReaper(self)
@@ -123,6 +127,8 @@ class EmbeddedKV(KV):
                 OVERLAY_LIMIT_BYTES, self.path)
             recover(self, position, closed_at)
             self._load_leases()
+            self._watch = WatchHub(self._nshards, watch_history_bytes,
+                                   self._overlay.applied[:self._nshards], self.path)
             self._checkpointer.start()
             weakref.finalize(self, self._wal.close)  # dropped without close(): its files
         except BaseException:
@@ -312,6 +318,17 @@ class EmbeddedKV(KV):
 
     # -- transactions ---------------------------------------------------------------------
 
+    def watch(self, key=None, prefix=None, start_revision=None, *,
+              prev_value: bool = False) -> Watch:
+        """Every change of ``key``, of keys under ``prefix``, or of every key (neither),
+        from ``start_revision`` on (None: from now; an int: that revision of every shard
+        concerned; a dict: a ``Watch.position``): a ``Watch`` (docs/watch.md)."""
+        self._check_open()
+        lo, _hi, key = watch_range(key, prefix)
+        shards = [self._shard(key)] if key is not None else list(range(self._nshards))
+        return Watch(self._watch, shards, key=key, prefix=None if key is not None else lo,
+                     start_revision=start_revision, prev_value=prev_value)
+
     def transaction(self) -> "EmbeddedTxn":
         self._check_open()
         return EmbeddedTxn(self)
@@ -414,6 +431,8 @@ class EmbeddedKV(KV):
             if self._closed:
                 return
             self._closed = True
+        if self._watch is not None:
+            self._watch.close()  # waiting watchers end with "the store is closed"
         self._reaper.stop()  # no expiry is written after close
         # Wait for an in-flight commit by queueing behind it: submit a no-op batch.
         try:
