@@ -88,11 +88,13 @@ class Holder:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            word, value = line.split()
-            if word == "ready":
+            words = line.split()
+            if len(words) != 2 or not line.endswith("\n"):
+                continue  # a line cut by the SIGKILL
+            if words[0] == "ready":
                 self.ready.set()
             else:
-                self.last_kept = float(value)
+                self.last_kept = float(words[1])
 
     def kill(self) -> float:
         self.proc.kill()
