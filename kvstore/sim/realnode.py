@@ -345,6 +345,9 @@ class SimNode:
         def saved(writes: list, applied=None) -> list:
             results = save(writes, applied)
             self.durable_upto = len(self.made)  # its messages go now
+            for w in writes:
+                for entry in w.committed:
+                    self.sim.watch_checks.note_entry(w.shard, entry)
             if self.node is not None:
                 for w in writes:
                     self.sim.oracles[w.shard].synced(self.index, self.node.replicas[w.shard],
@@ -638,10 +641,13 @@ class Simulation:
         self.registers = [SimClient(self, i) for i in range(config.clients)]
         self.clients = list(self.registers)
         self.ledger = None
+        self.bank_clients: list = []
         if config.bank:
             self.ledger = Ledger(self, config.accounts)
-            self.clients += [BankClient(self, i, self.ledger)
-                             for i in range(len(self.clients), len(self.clients) + config.bank_clients)]
+            self.bank_clients = [BankClient(self, i, self.ledger)
+                                 for i in range(len(self.clients),
+                                                len(self.clients) + config.bank_clients)]
+            self.clients += self.bank_clients
         # lease holders and watchers draw from streams of their own: they move none of the
         # other draws, so a seed's faults and register clients stay what they were
         lease_rng = random.Random(config.seed * 5 + 3)
@@ -903,7 +909,7 @@ class Simulation:
             self.registers[i % len(self.registers)].start_get(key)
             self.finish_operations()
         if self.ledger is not None:
-            banker = self.clients[-1]
+            banker = self.bank_clients[-1]
             banker.begin("final")
             self.finish_operations()
             self.ledger.check_end(banker.final)

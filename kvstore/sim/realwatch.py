@@ -18,7 +18,7 @@ Checks (``WatchChecks``), after every answer and at the end:
   (the first delivery of a revision, by any node to any watcher, is the
   reference every later one must equal);
 - **from the log**: every event is the write of a command in the batch chosen
-  at that slot (``Simulation.applied_values``: what every node applied there);
+  at that slot (noted as each node's save applies it: ``note_entry``);
 - **complete**: every write a register client saw acknowledged reaches every
   watcher that covered its shard without a gap (a gap: every node had
   compacted the revision asked for; the watcher then moves to the oldest one
@@ -32,7 +32,6 @@ from __future__ import annotations
 import random
 
 from kvstore.commands import Cas, Put, decode_logged_command
-from kvstore.paxos.batch import decode_batch
 from kvstore.paxos.replica import KIND_BATCH
 from kvstore.transport import wire
 from kvstore.transport.sockets import CLIENT
@@ -158,6 +157,14 @@ class WatchChecks:
     def __init__(self, sim) -> None:
         self.sim = sim
         self.reference: list = [{} for _ in range(sim.config.shards)]  # revision -> changes
+        # per shard, slot -> the commands of the entry some node applied there (every node
+        # applies the same: the agreement check); noted at each save, before a snapshot
+        # can compact it away
+        self.entries: list = [{} for _ in range(sim.config.shards)]
+
+    def note_entry(self, shard: int, entry) -> None:
+        if entry.kind == KIND_BATCH and entry.error is None:
+            self.entries[shard].setdefault(entry.slot, entry.commands)
 
     def agree(self, shard: int, revision: int, changes: list, node: int) -> None:
         ref = self.reference[shard]
@@ -170,20 +177,18 @@ class WatchChecks:
                                f"{changes!r}, n{first[1]} sent {first[0]!r}")
 
     def from_the_log(self, shard: int, revision: int, changes: list) -> None:
-        entry = self.sim.applied_values[shard].get(revision - 1)
-        if entry is None:
+        commands = self.entries[shard].get(revision - 1)
+        if commands is None:
             raise WatchFailure(f"shard {shard}: events at revision {revision}, but no node "
-                               f"applied slot {revision - 1}")
-        kind, payload = entry
+                               f"applied a batch at slot {revision - 1}")
         writes = set()
-        if kind == KIND_BATCH:
-            for raw in decode_batch(payload):
-                command = decode_logged_command(raw).command
-                if type(command) is Put:
-                    writes.add((PUT, command.key, command.value))
-                elif type(command) is Cas:
-                    writes.add((PUT, command.key, command.new) if command.new is not None
-                               else (DELETE, command.key, None))
+        for raw in commands:
+            command = decode_logged_command(raw).command
+            if type(command) is Put:
+                writes.add((PUT, command.key, command.value))
+            elif type(command) is Cas:
+                writes.add((PUT, command.key, command.new) if command.new is not None
+                           else (DELETE, command.key, None))
         for kind, key, value, _prev in changes:
             if not self.sim.is_register_key(key):
                 continue  # bank and lease keys: written by transactions and expiry
