@@ -56,10 +56,14 @@ _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"m
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the record's extras."""
+    """One JSON object per line: time (``ts``, seconds since the epoch, and ``time``, the
+    same in ISO 8601 UTC to the millisecond, for log shippers), level, logger, message,
+    and the record's extras."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 6), "level": record.levelname.lower(),
+        iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out = {"ts": round(record.created, 6), "time": f"{iso}.{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(),
                "logger": record.name, "msg": record.getMessage()}
         for k, v in vars(record).items():
             if k not in _STANDARD_ATTRS and not k.startswith("_"):
