@@ -1,10 +1,10 @@
 """``kvstore-server --config cluster.toml --id n1 [--data DIR] [--log-format text|json]``.
 
 One cluster node as its own process (docs/operations.md). The code lives
-in the package, not in the top-level ``server/`` directory, so that the
+in the package, not in the top-level ``deploy/`` directory, so that the
 ``kvstore-server`` console script exists after a plain ``pip install .``;
-``server/`` holds what a deployment needs around it (an example config, a
-systemd unit).
+``deploy/`` holds what a deployment needs around it (an example config, a
+systemd unit, a container image, compose and Kubernetes files, a Grafana dashboard).
 
 - SIGTERM or SIGINT: the node finishes its loop turn (persists, sends and
   answers what is decided), closes its sockets and its storage, exit 0.
