@@ -14,6 +14,8 @@ from __future__ import annotations
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, InfoMetricFamily)
 
+from kvstore.ops.health import node_problems
+
 #: Shard roles (``kvstore.paxos.interface``), one series each per shard (1: the current).
 ROLES = ("leader", "follower", "candidate", "pre-candidate")
 #: Shard states (``Node.status()``): "catching up" is exported as ``catching_up``.
@@ -74,6 +76,10 @@ def _node(v: dict, now: float):
     info.add_metric([], {"node": st["node"], "nodes": str(len(st["nodes"])),
                          "shards": str(st["nshards"])})
     yield info
+    ready = GaugeMetricFamily("kvstore_ready", "1 when this node is in a quorum and caught "
+                              "up in every shard (what /readyz answers 200 on)")
+    ready.add_metric([], 0 if node_problems(st) else 1)
+    yield ready
     age = GaugeMetricFamily("kvstore_loop_publish_age_seconds",
                             "Seconds since the node's loop last published its state "
                             "(every 0.1 s while it turns)")
