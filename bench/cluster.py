@@ -27,9 +27,10 @@ as ``server_embedded`` documents). Its CPU share is that whole process.
     python bench/cluster.py --metrics      # also: puts/s without and with --metrics
 
 ``--metrics`` measures what a node's Prometheus endpoint costs (``kvstore-server
---metrics``): in the same run, alternating rounds on two fresh clusters, one plain and one
-whose nodes serve ``/metrics`` and are scraped every second (a busy Prometheus scrapes
-every 15 s), puts at each concurrency; the median ops/s of each side and their ratio.
+--metrics``): in the same run, alternating rounds (ABBA) on fresh clusters, plain ones
+and ones whose nodes serve ``/metrics`` and are scraped every second (a busy Prometheus
+scrapes every 15 s), puts at each concurrency; the median ops/s of each side and their
+ratio. ``--metrics-only`` runs that alone (bench/results/cluster_metrics.json).
 
 Last, the profile of one put at a time (``profile_lone_put``): where its
 time goes on the leader, from timing wrappers on an embedded leader's
@@ -214,6 +215,23 @@ def _scrape_every(addresses: list, every: float, stop: threading.Event) -> None:
                 r.read()
 
 
+def _started_cluster(directory: str, shards: int, metrics: bool, attempts: int = 3):
+    """A started, ready 3-node LocalCluster; on a shared machine another process may take
+    one of its free ports before a node binds it: then again on fresh ports (bounded)."""
+    for attempt in range(attempts):
+        lc = LocalCluster(f"{directory}-{attempt}", 3, shards, metrics=metrics)
+        try:
+            lc.start_all()
+            lc.wait_ready(timeout=60)
+            return lc
+        except kvstore.KVError as e:
+            lc.close()
+            if attempt == attempts - 1 or "already in use" not in str(e):
+                raise
+            print(f"  (a port was taken meanwhile, again on others: {str(e)[-80:]})")
+    raise AssertionError("unreachable")
+
+
 def compare_metrics(base: str, shards: int, concurrency: list, seconds: float,
                     rounds: int) -> dict:
     """Put ops/s on a plain cluster and on one serving --metrics (scraped every second),
@@ -221,14 +239,14 @@ def compare_metrics(base: str, shards: int, concurrency: list, seconds: float,
     results: dict = {"plain": {c: [] for c in concurrency}, "metrics": {c: [] for c in concurrency}}
     print("\nputs without and with --metrics (scraped every 1 s), alternating rounds:")
     for round_ in range(rounds):
-        for side in ("plain", "metrics"):
-            lc = LocalCluster(os.path.join(base, f"{side}-{round_}"), 3, shards,
-                              metrics=side == "metrics")
+        # ABBA: each side goes first in every other round (the disk and the neighbours'
+        # load drift over a run)
+        for side in ("plain", "metrics") if round_ % 2 == 0 else ("metrics", "plain"):
+            lc = _started_cluster(os.path.join(base, f"{side}-{round_}"), shards,
+                                  metrics=side == "metrics")
             stop = threading.Event()
             scraper = None
             try:
-                lc.start_all()
-                lc.wait_ready(timeout=60)
                 if side == "metrics":
                     scraper = threading.Thread(target=_scrape_every, daemon=True, args=(
                         list(lc.metrics_addresses.values()), 1.0, stop))
@@ -535,7 +553,7 @@ def main(argv=None) -> int:
                    help="also compare puts/s without and with --metrics on the nodes")
     p.add_argument("--metrics-only", action="store_true",
                    help="only that comparison (implies --metrics)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of each side of --metrics")
+    p.add_argument("--rounds", type=int, default=4, help="rounds of each side of --metrics")
     args = p.parse_args(argv)
     concurrency = [int(x) for x in args.in_flight.split(",")]
     seconds = 0.5 if args.quick else args.seconds
