@@ -49,6 +49,23 @@ class CorruptRecord(StorageError):
         self.offset = offset
 
 
+class Compacted(KVError):
+    """A watch asked for revisions older than the history kept (``docs/watch.md``).
+
+    ``oldest``: the oldest revision still available (an int), or a dict shard -> oldest
+    revision where it is known per shard. Re-read the data, then watch from there.
+    """
+
+    def __init__(self, message: str, oldest=None) -> None:
+        super().__init__(message)
+        self.oldest = oldest
+
+
+class LeaseExpired(KVError):
+    """The lease is gone (it expired, or was revoked): its keys were deleted. A put with
+    it applied nothing; a keep-alive cannot bring it back (make a new lease)."""
+
+
 __all__ = [
     "KVError",
     "InvalidArgument",
@@ -57,4 +74,6 @@ __all__ = [
     "Timeout",
     "StorageError",
     "CorruptRecord",
+    "Compacted",
+    "LeaseExpired",
 ]

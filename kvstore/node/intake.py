@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvstore.commands import LOCKED, STALE, TwoPC, client_command, command_wire, encode_client_command, session_of
+from kvstore.commands import LOCKED, STALE, LeaseExpire, TwoPC, client_command, command_wire, encode_client_command, session_of
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key
 from kvstore.machine.twopc import bound_client_2pc
 from kvstore.node.stats import OP_INDEX
@@ -44,6 +44,7 @@ class WaitingWrite:
     request_id: int
     shard: int
     since: float  # monotonic; forgotten after WAITING_EXPIRE_SECONDS
+    want_revision: bool = False  # answer [result, revision] (OP_WRITE's sixth argument)
 
 
 @dataclass(slots=True)
@@ -81,6 +82,9 @@ class Intake:
             if op == wire.OP_HELLO or op == wire.OP_STATUS:
                 self.stats.count(op, wire.STATUS_OK)
                 self._reply(identity, request_id, wire.STATUS_OK, self.status())
+                return
+            if op == wire.OP_WATCH:  # bounded on its own (kvstore.node.watching)
+                self._on_watch(identity, request_id, args)
                 return
             if len(self.waiting_writes) + len(self.waiting_reads) >= WAITING_MAX:
                 self.stats.count(op, wire.STATUS_RETRY)
@@ -145,10 +149,16 @@ class Intake:
                                  f"not {shard}")
 
     def _on_write(self, identity: bytes, request_id: int, args: list) -> None:
-        if len(args) != 5:
-            raise ValueError("write takes [shard, client_id, seq, floor, command]")
+        if len(args) == 6:
+            want_revision = args[5]
+            if type(want_revision) is not bool:
+                raise ValueError("a write's want_revision is a bool")
+        elif len(args) == 5:
+            want_revision = False
+        else:
+            raise ValueError("write takes [shard, client_id, seq, floor, command(, want_revision)]")
         shard = self._shard_arg(args[0])
-        write = client_command(*args[1:])  # decoded, checked and typed: once, here
+        write = client_command(*args[1:5])  # decoded, checked and typed: once, here
         command = write.command
         if type(command) is TwoPC:
             # a client's TxnPrepare bounded (its deadline cut to this node's clock + a cap);
@@ -160,11 +170,14 @@ class Intake:
                 write = write._replace(command=bounded)
             if type(bounded.entry) is TxnPrepare:
                 self.stats.txn_prepares += 1
+        elif type(command) is LeaseExpire and not _internal(identity):
+            raise ValueError("a LeaseExpire is written by the shard leader only (revoke a "
+                             "lease with LeaseRevoke)")
         self._check_keys_in_shard(shard, write.command.keys())
         r = self.replicas[shard]
         if not r.is_leader:
-            self._not_leader(identity, request_id, wire.OP_WRITE, _write_args(shard, write),
-                             r.leader_hint)
+            self._not_leader(identity, request_id, wire.OP_WRITE,
+                             _write_args(shard, write, want_revision), r.leader_hint)
             return
         raw = encode_client_command(*write)
         if len(raw) > MAX_COMMAND_BYTES:
@@ -174,7 +187,7 @@ class Intake:
         self._decoded.add(raw, write)
         self._proposals[shard].append((raw, identity, request_id, shard, write))
         self.waiting_writes[(write.client_id, write.seq)] = WaitingWrite(
-            identity, request_id, shard, self.clock.monotonic())
+            identity, request_id, shard, self.clock.monotonic(), want_revision)
 
     def _feed_proposals(self) -> None:
         """Hand queued writes to the replicas, bounded in bytes.
@@ -196,9 +209,10 @@ class Intake:
                 while queue:
                     raw, identity, request_id, _shard, write = queue.popleft()
                     self._decoded.forget(raw)
-                    self.waiting_writes.pop((write.client_id, write.seq), None)
+                    w = self.waiting_writes.pop((write.client_id, write.seq), None)
                     self._not_leader(identity, request_id, wire.OP_WRITE,
-                                     _write_args(shard, write), r.leader_hint)
+                                     _write_args(shard, write, w is not None and w.want_revision),
+                                     r.leader_hint)
                 continue
             if r.pending_commands:
                 continue
@@ -247,10 +261,13 @@ class Intake:
         now = self.clock.monotonic()
         latency = self.stats.latency[wire.OP_WRITE]
         ok = self.stats.requests[OP_INDEX[wire.OP_WRITE]]
-        for _shard, _slot, key, result in results:
+        for _shard, slot, key, result in results:
             w = waiting.pop(key, None)
             if w is not None and result is not STALE:
-                self._reply(w.identity, w.request_id, wire.STATUS_OK, result)
+                # the revision of the entry answering: a retried duplicate's is a later slot
+                # than its first application, whose effect the state at it contains
+                self._reply(w.identity, w.request_id, wire.STATUS_OK,
+                            [result, slot + 1] if w.want_revision else result)
                 ok[wire.STATUS_OK] += 1
                 latency.observe(now - w.since)
 
@@ -331,6 +348,9 @@ def _internal(identity) -> bool:
     return type(identity) is tuple
 
 
-def _write_args(shard: int, write) -> list:
+def _write_args(shard: int, write, want_revision: bool = False) -> list:
     """A write's request arguments, as a client sends them (forwarded to the leader)."""
-    return [shard, write.client_id, write.seq, write.floor, command_wire(write.command)]
+    args = [shard, write.client_id, write.seq, write.floor, command_wire(write.command)]
+    if want_revision:
+        args.append(True)
+    return args

@@ -20,7 +20,8 @@ PUBLISH_EVERY_SECONDS = 0.1
 CLIENT_WINDOW_SECONDS = 10.0
 
 #: Request kinds, as counted (``hello`` counts as ``status``; anything else as ``other``).
-OPS = (wire.OP_GET, wire.OP_SCAN, wire.OP_WRITE, wire.OP_DECIDE, wire.OP_STATUS, "other")
+OPS = (wire.OP_GET, wire.OP_SCAN, wire.OP_WRITE, wire.OP_DECIDE, wire.OP_WATCH, wire.OP_STATUS,
+       "other")
 OP_INDEX = {op: i for i, op in enumerate(OPS)} | {wire.OP_HELLO: OPS.index(wire.OP_STATUS)}
 OTHER = OPS.index("other")
 #: Outcomes, indexed by the reply's ``wire.STATUS_*`` code.
