@@ -88,6 +88,7 @@ def test_the_statefulset_its_service_and_its_config_agree():
     # probes on the metrics port: readiness /readyz, liveness /healthz
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["startupProbe"]["httpGet"] == container["livenessProbe"]["httpGet"]
     # not root; one node at a time may be disrupted
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
     assert pdb["spec"]["maxUnavailable"] == 1

@@ -191,6 +191,25 @@ def test_a_metrics_setting_in_the_config_is_checked_like_the_flag(tmp_path):
     assert "[nodes.n1] metrics: a metrics address looks like" in r.stderr, r.stderr
 
 
+def test_healthz_is_503_once_the_loop_stops_publishing():
+    """A loop that stopped turning (a hung disk) shows as a stale view: /healthz 503, and
+    /readyz with it; before the first view, both 503 too."""
+    from kvstore.ops.http import LIVENESS_SECONDS, MetricsServer
+    server = MetricsServer(f"127.0.0.1:{free_port()}")
+    try:
+        assert server.health()[0] == 503 and server.readiness()[0] == 503
+        status = {"node": "n1", "shards": [_shard(0)]}
+        server.publish({"at": time.monotonic(), "status": status})
+        assert server.health() == (200, {"alive": True, "node": "n1"})
+        assert server.readiness()[0] == 200
+        server.publish({"at": time.monotonic() - LIVENESS_SECONDS - 1, "status": status})
+        code, body = server.health()
+        assert code == 503 and "has not turned for" in body["reason"]
+        assert server.readiness() == (503, {"ready": False, "problems": [body["reason"]]})
+    finally:
+        server.stop()
+
+
 # -- the rules, pure -----------------------------------------------------------------------
 
 def _shard(s, **kw):
