@@ -241,3 +241,37 @@ def test_a_histogram_counts_each_value_in_the_first_bucket_whose_bound_holds_it(
         h.observe(v)
     bounds, counts, total = h.snapshot()
     assert counts == [2, 2, 1] and total == pytest.approx(5.0135)
+
+
+class _Clock:
+    """A clock the test moves (``Node``'s clock port)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.7e9 + self.now
+
+
+def test_the_window_of_active_clients_rolls_without_metrics_too(tmp_path):
+    """A node without --metrics still forgets the clients of a past window: the set of
+    active clients cannot grow with every client a long-lived node ever saw."""
+    from kvstore.node.loop import Node, NodeConfig
+    from kvstore.node.stats import CLIENT_WINDOW_SECONDS
+    clock = _Clock()
+    node = Node(NodeConfig(name="n1", names=["n1"], shards=1, data_dir=str(tmp_path),
+                           addresses={"n1": f"tcp://127.0.0.1:{free_port()}"},
+                           peer_addresses={"n1": f"tcp://127.0.0.1:{free_port()}"}),
+                clock=clock)
+    try:
+        assert node.publish is None
+        node.turn(False)
+        node.stats.clients.update(b"client-%d" % i for i in range(100))
+        clock.now += CLIENT_WINDOW_SECONDS + 1
+        node.turn(False)
+        assert node.stats.clients == set() and node.stats.clients_before == 100
+    finally:
+        node.close()

@@ -326,9 +326,11 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
             if now >= self._next_reload:  # a client key added to or revoked from clients/
                 self._next_reload = now + RELOAD_KEYS_SECONDS
                 self.sockets.reload_keys()
-            if self.publish is not None and now >= self._next_publish:
+            if now >= self._next_publish:  # the stats' window rolls; a copy goes out
                 self._next_publish = now + PUBLISH_EVERY_SECONDS
-                self.publish(view(self, now))
+                self.stats.roll(now)
+                if self.publish is not None:
+                    self.publish(view(self, now))
         self._drive()
         self._flush_replies()
 

@@ -3,7 +3,7 @@
 The loop (one thread) owns ``NodeStats`` and adds to it where a request is answered,
 a leader changes or a snapshot moves: an integer add, or a ``Histogram.observe``
 (a ``bisect`` and two adds), never a lock. Every ``PUBLISH_EVERY_SECONDS`` the loop
-builds ``view(node, now)`` (copies: plain lists, ints, the node's status) and hands
+rolls the window of active clients (``NodeStats.roll``) and builds ``view(node, now)`` (copies: plain lists, ints, the node's status) and hands
 it to ``Node.publish`` if set (``kvstore-server --metrics``: ``kvstore.ops.http``),
 whose thread reads only that. A node without ``--metrics`` counts the same and
 publishes nothing.
@@ -52,14 +52,19 @@ class NodeStats:
         """One request answered (or forwarded) with ``status``."""
         self.requests[OP_INDEX.get(op, OTHER)][status] += 1
 
+    def roll(self, now: float) -> None:
+        """Start a new window of active clients once the current one is over (the loop
+        calls it every ``PUBLISH_EVERY_SECONDS``, published or not: the set stays bounded
+        by the clients of one window)."""
+        if now >= self.window_ends:
+            self.clients_before, self.clients = len(self.clients), set()
+            self.window_ends = now + CLIENT_WINDOW_SECONDS
+
 
 def view(node, now: float) -> dict:
     """What the loop publishes: a copy of everything an operator reads, taken in the loop
     thread (so consistent with one turn) and never touched again by it."""
     st = node.stats
-    if now >= st.window_ends:
-        st.clients_before, st.clients = len(st.clients), set()
-        st.window_ends = now + CLIENT_WINDOW_SECONDS
     status = node.status()
     for s, shard in enumerate(status["shards"]):
         r = node.replicas[s]
