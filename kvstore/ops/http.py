@@ -129,6 +129,7 @@ class MetricsServer:
 def _handler(server: MetricsServer):
     class Handler(BaseHTTPRequestHandler):
         server_version = "kvstore-metrics"
+        timeout = 10  # seconds a connection may take to send its request: no slow hold-ups
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
