@@ -22,6 +22,7 @@ from typing import Sequence
 
 import kvstore
 from kvstore.errors import InvalidArgument, KVError, LeaseExpired, StorageError, Unavailable
+from kvstore.ops.health import quorum_problems  # the rule the gateway and a node judge by too
 
 DEFAULT_DATA = "./kvstore-data"
 EXIT_NOT_FOUND = 1
@@ -78,28 +79,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 #: A replica this many slots behind its shard's commit point is shown as lagging.
 LAGGING_SLOTS = 100
-
-
-def quorum_problems(status: dict) -> list:
-    """Each shard of a cluster that cannot serve now, as a sentence: fewer nodes that
-    answer and vote (a recovering node does not vote yet) than a majority of the
-    members, or no leader. Empty for an embedded store."""
-    if status.get("mode") == "embedded":
-        return []
-    members = len(status.get("nodes", []))
-    needed = members // 2 + 1
-    problems = []
-    for shard in status.get("shards", []):
-        states = shard.get("states") or {}
-        voters = sorted(n for n, state in states.items() if state != "recovering")
-        if len(voters) < needed:
-            problems.append(f"shard {shard.get('shard')} has no quorum: {len(voters)} of "
-                            f"{members} nodes answer and vote ({', '.join(voters) or 'none'}), "
-                            f"{needed} needed")
-        elif shard.get("leader") is None:
-            problems.append(f"shard {shard.get('shard')} has no leader (an election may be "
-                            f"under way)")
-    return problems
 
 
 def _attention(shard: dict) -> str:
