@@ -13,8 +13,8 @@ import pytest
 
 from kvstore.client.cache import MISS, UNCACHED, CoherentCache
 from kvstore.client.replies import MalformedReply, check_watch
-from kvstore.client.watch import FROM_NOW, AsyncWatch, Compacted, Watch
-from kvstore.errors import InvalidArgument, KVError
+from kvstore.client.watch import AsyncWatch, Watch
+from kvstore.errors import Compacted, InvalidArgument, KVError
 
 from watch_fake import FakeCore
 
@@ -41,7 +41,7 @@ def test_from_now_starts_after_the_applied_point_and_delivers_in_order():
     core = FakeCore()
     core.write(0, [put(b"a", b"old")])
     w = Watch(core, 1, prefix=b"")
-    assert core.polls[0][0][3] == FROM_NOW
+    assert core.statuses == 1 and core.polls[0][0][3] == 2
     assert w.position == {0: 2}
     core.write(0, [put(b"a", b"1")])
     core.write(0, [put(b"b", b"2"), delete(b"a")])
@@ -191,7 +191,7 @@ def test_bad_start_revision_is_refused(bad):
     core = FakeCore()
     with pytest.raises(InvalidArgument):
         Watch(core, 1, prefix=b"", start_revision=bad)
-    assert core.polls == []
+    assert core.polls == [] and core.statuses == 0
 
 
 def test_key_and_prefix_together_are_refused():
@@ -298,6 +298,16 @@ def test_cache_fills_serves_and_follows_events():
     assert cached_get(cache, core, b"c/absent") == ("hit", b"now")
     s = cache.stats()
     assert (s["hits"], s["misses"], s["stale"]) == (5, 2, 0)
+
+
+def test_cache_applies_every_change_of_a_key_in_one_revision():
+    """One log entry may change a key twice (a batch of increments): the last one wins."""
+    core = FakeCore()
+    core.write(0, [put(b"k", b"1")])
+    cache = CoherentCache(core, 1, True)
+    assert cached_get(cache, core, b"k") == ("miss", b"1")
+    core.write(0, [put(b"k", b"2"), put(b"k", b"3")])
+    assert cached_get(cache, core, b"k") == ("hit", b"3")
 
 
 def test_cache_read_your_writes_waits_for_the_watch_to_deliver_the_write():

@@ -16,7 +16,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from kvstore.client.replies import check_watch
-from kvstore.client.watch import FROM_NOW, OP_WATCH
+from kvstore.client.watch import OP_WATCH
 from kvstore.errors import Unavailable
 from kvstore.transport import wire
 
@@ -50,7 +50,7 @@ class FakeNode:
         """The reply to a poll, or None to keep it parked."""
         shard, lo, hi, frm, max_bytes, wait_ms, prev = args
         oldest, applied = self.oldest[shard], self.applied[shard]
-        if frm < oldest and frm != FROM_NOW:
+        if frm < oldest:
             return [None, oldest, applied, self.current]
         out, size, through = [], 0, applied
         for rev, changes in self.history[shard]:
@@ -83,11 +83,16 @@ class FakeCore:
         self._closed = False
         self.pending: list = []  # [future, op, args, node address, target]
         self.polls: list = []  # every poll submitted: (args, target)
+        self.statuses = 0  # OP_STATUS calls (a watch from now asks where the shards stand)
+        self.leaders: dict = {}
 
     # -- ClientCore's surface --------------------------------------------------------------
     def submit(self, op, shard, payload, timeout=None, target=None, attempt=None) -> Future:
         f = Future()
-        self.polls.append((list(payload), target))
+        if op == wire.OP_STATUS:
+            self.statuses += 1
+        else:
+            self.polls.append((list(payload), target))
         node = target if target is not None else self._route()
         self.pending.append([f, op, payload, node, target])
         self.step()
@@ -141,6 +146,9 @@ class FakeCore:
                     if reply is None:
                         continue
                     check_watch(args, reply)  # the fake answers only what a node may
+                elif op == wire.OP_STATUS:  # a slot is a revision - 1
+                    reply = {"shards": [{"commit_index": n.applied[s] - 1}
+                                        for s in range(self.nshards)]}
                 elif op == wire.OP_GET:
                     value, rev = n.data[args[0]].get(args[1], (None, 0))
                     reply = [value, rev] if args[2] else value

@@ -14,8 +14,9 @@ Gets of keys under a cached prefix are answered from memory when all of these ho
 
 Entries carry the revision that wrote them; an event applies only when it is
 newer (a fill can be ahead of the watch). A fill is dropped when an event for
-its key arrived while the get was in flight, or the watch was restarted
-meanwhile. Events update entries present, never add keys; LRU by bytes. One
+its key newer than the revision it read arrived while the get was in flight
+(a present key's revision is the one that wrote it: any later change is newer), or
+the watch was restarted meanwhile. Events update entries present, never add keys; LRU by bytes. One
 lock guards it all: events arrive on the engine's I/O thread, gets on any.
 """
 
@@ -114,18 +115,24 @@ class CoherentCache:
         self._bytes = 0
         self._written: dict = {}  # shard -> the revision of this client's last write
         self._barrier: dict = {}  # shard -> when a write of unknown revision ended
-        self._filling: dict = {}  # key -> fills in flight; an event for it spoils them
-        self._spoiled: set = set()
+        self._filling: dict = {}  # key -> fills in flight
+        self._spoiled: dict = {}  # key -> the newest event for it while fills were in flight
         self.hits = self.misses = self.stale = 0
         self.restarts = 0
         self.last_error = None
         self._closed = False
+        self._started = threading.Event()  # every stream knows where its shards stand
         self._streams = [_Stream(self, i, p) for i, p in enumerate(check_prefixes(prefixes))]
         core.revision_hook = self._wrote
         for s in self._streams:
             s.start()
 
     # -- the engine's hooks ----------------------------------------------------------------
+    def wait_started(self, timeout: float) -> bool:
+        """Until every cached prefix's watch knows where its shards stand (fills before
+        that are not kept); False if that took longer than ``timeout``."""
+        return self._started.wait(timeout)
+
     def _wrote(self, shard: int, revision) -> None:
         with self._lock:
             if revision is None:
@@ -138,13 +145,17 @@ class CoherentCache:
         entries = self._entries
         with self._lock:
             for e in events:
-                if e.key in self._filling:
-                    self._spoiled.add(e.key)
+                if e.key in self._filling and e.revision > self._spoiled.get(e.key, 0):
+                    self._spoiled[e.key] = e.revision
                 entry = entries.get(e.key)
-                if entry is not None and e.revision > entry[1]:
+                # >=: one revision (one log entry) may change a key several times, in order
+                if entry is not None and e.revision >= entry[1]:
                     self._bytes += len(e.value or b"") - len(entry[0] or b"")
                     entries[e.key] = (e.value, e.revision)
             stream.applied[shard] = next_from - 1
+            if not self._started.is_set() and all(
+                    len(st.applied) == self.nshards for st in self._streams):
+                self._started.set()
             if current and sent_at > stream.fresh_sent.get(shard, 0.0):
                 stream.fresh_sent[shard] = sent_at
             self._evict()
@@ -209,12 +220,15 @@ class CoherentCache:
         key, stream, generation = ticket
         with self._lock:
             n = self._filling.pop(key) - 1
-            spoiled = key in self._spoiled
+            newer = self._spoiled.get(key, 0)
             if n:
                 self._filling[key] = n
             else:
-                self._spoiled.discard(key)
-            if spoiled or generation is None or generation != stream.generation \
+                self._spoiled.pop(key, None)
+            # an event after the revision read came meanwhile: the read may be older
+            # than it (an absent key reads revision 0: any event), and that event passed
+            # while the entry did not exist yet
+            if newer > revision or generation is None or generation != stream.generation \
                     or self.max_bytes == 0:
                 return
             entry = self._entries.get(key)
@@ -234,7 +248,7 @@ class CoherentCache:
             if n:
                 self._filling[key] = n
             else:
-                self._spoiled.discard(key)
+                self._spoiled.pop(key, None)
 
     def _drop(self, key: bytes) -> None:
         value, _ = self._entries.pop(key)

@@ -573,6 +573,8 @@ class ClientCore:
             del self._inflight[rid]
             if call.op == wire.OP_HELLO:
                 self._learn(value)
+            elif call.op == wire.OP_WATCH and status == wire.STATUS_OK:
+                self._learn_from_watch(call.shard, address, value[3])
             elif call.op == wire.OP_DECIDE and self.revision_hook is not None:
                 self.revision_hook(call.shard, None)  # a 2PC decision: its revision is unknown
             elif call.shard is not None and leader in self.nodes and (
@@ -595,6 +597,18 @@ class ClientCore:
         else:  # STATUS_RETRY
             self._retry_later(call, LOCKED_BACKOFF_SECONDS if value == LOCKED else
                               RETRY_BACKOFF_SECONDS)
+
+    def _learn_from_watch(self, shard: int, address: str, current: bool) -> None:
+        """Only a shard's leader answers a watch ``current`` (it knows it is up to date):
+        the next polls go to it. A node believed to lead that answers not current
+        no longer does: the next poll tries another node."""
+        if address not in self.nodes:
+            return
+        index = self.nodes.index(address)
+        if current:
+            self.leaders[shard] = index
+        elif self.leaders.get(shard) == index:
+            del self.leaders[shard]
 
     def _take_revision(self, call: _Call, value):
         """The result of a write sent with ``want_revision``: ``[result, revision]`` (a

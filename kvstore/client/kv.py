@@ -69,6 +69,7 @@ class ClusterKV(KV):
             if cache is not None and cache is not False:
                 self._cache = CoherentCache(self._core, self.nshards, cache, cache_staleness,
                                             cache_bytes)
+                self._cache.wait_started(self.timeout)  # else it fills once it knows
         except BaseException:
             self._core.close()
             raise

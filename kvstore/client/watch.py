@@ -34,86 +34,29 @@ from collections import deque
 
 from kvstore.client.core import ATTEMPT_SECONDS, AuthenticationFailed, renew_locks_after_fork
 from kvstore.client.requests import shard_for
-from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable
-from kvstore.keys import check_bound, check_key, prefix_end
+from kvstore.errors import Compacted, KVError, Timeout, Unavailable
+from kvstore.events import check_start_revision, events_of, watch_range
 from kvstore.transport import wire
 
-try:  # the server side (events, Compacted, OP_WATCH) lands from another branch
-    from kvstore.events import Event
-except ImportError:  # pragma: no cover - until kvstore.events is on main
-    from typing import NamedTuple
-
-    class Event(NamedTuple):
-        type: str
-        key: bytes
-        value: bytes | None
-        revision: int
-        prev_value: bytes | None
-        shard: int
-try:
-    from kvstore.errors import Compacted
-except ImportError:  # pragma: no cover - until kvstore.errors has it
-    class Compacted(KVError):
-        def __init__(self, message: str, oldest=None) -> None:
-            super().__init__(message)
-            self.oldest = oldest
-
-OP_WATCH = getattr(wire, "OP_WATCH", "watch")
-#: The first poll of a watch "from now" asks from this revision, beyond any node's
-#: applied point, with no wait: the answer's ``through`` is the node's applied revision.
-FROM_NOW = 1 << 62
+OP_WATCH = wire.OP_WATCH
 #: How long a node parks a user watch's poll with nothing to report. A node that
 #: stops answering (SIGSTOP) is left after this plus ``ATTEMPT_SECONDS``.
 POLL_WAIT_MS = 2_000
 #: Bytes of events one poll asks for (a reply holds at least one revision).
 POLL_MAX_BYTES = 1 << 20
-_TYPES = ("put", "delete")
-
-
-def watch_range(key, prefix) -> tuple[bytes, bytes | None, bytes | None]:
-    """``(lo, hi, key)`` of ``watch(key=..., prefix=...)``: a key, a prefix, or everything."""
-    if key is not None and prefix is not None:
-        raise InvalidArgument("watch takes a key or a prefix, not both")
-    if key is not None:
-        key = check_key(key)
-        return key, key + b"\x00", key
-    prefix = check_bound(prefix, "prefix") or b""
-    return prefix, (prefix_end(prefix) if prefix else None), None
 
 
 def start_positions(start_revision, shards: list) -> dict:
     """``{shard: first revision}`` (None: from now) of ``start_revision``: None, an
     int for every shard, or a ``{shard: revision}`` dict (``Watch.position``)."""
-    def check(rev, what):
-        if isinstance(rev, bool) or not isinstance(rev, int) or rev < 1:
-            raise InvalidArgument(f"{what} must be a revision >= 1, got {rev!r}")
-        return rev
-    if start_revision is None:
-        return {s: None for s in shards}
-    if isinstance(start_revision, dict):
-        for s in start_revision:
-            if s not in shards:
-                raise InvalidArgument(f"start_revision names shard {s!r}, which this watch "
-                                      f"does not concern (its shards: {shards})")
-        return {s: (None if start_revision.get(s) is None
-                    else check(start_revision[s], f"start_revision[{s}]")) for s in shards}
-    rev = check(start_revision, "start_revision")
-    return {s: rev for s in shards}
-
-
-def to_events(shard: int, revisions: list, prev: bool) -> list:
-    """A checked reply's ``events`` as ``Event`` tuples, in order."""
-    out = []
-    for revision, changes in revisions:
-        for kind, key, value, prev_value in changes:
-            out.append(Event(_TYPES[kind], key, value if kind == 0 else None, revision,
-                             prev_value if prev else None, shard))
-    return out
+    start = check_start_revision(start_revision, shards)
+    return {s: (None if start is None else start[s]) for s in shards}
 
 
 class _Cursor:
     """One shard's polling state (under ``WatchPoller._lock``)."""
-    __slots__ = ("shard", "next_from", "token", "polling", "target", "candidates", "oldest")
+    __slots__ = ("shard", "next_from", "token", "polling", "target", "candidates", "oldest",
+                 "eager")
 
     def __init__(self, shard: int, next_from) -> None:
         self.shard = shard
@@ -123,6 +66,7 @@ class _Cursor:
         self.target = None  # None: the engine routes; an address while asking after "compacted"
         self.candidates: list = []  # nodes still to ask after a "compacted" answer
         self.oldest: list = []  # the oldest revisions the nodes that said "compacted" keep
+        self.eager = True  # the first poll waits for nothing: a node's word on it at once
 
 
 class WatchPoller:
@@ -147,8 +91,47 @@ class WatchPoller:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        for s in self._cursors:
-            self.resume(s)
+        """Learn where the shards watched "from now" stand, then poll every shard."""
+        if any(c.next_from is None for c in self._cursors.values()):
+            self._resolve()
+        else:
+            for s in self._cursors:
+                self.resume(s)
+
+    def _resolve(self) -> None:
+        """"From now" is the revision after each shard's commit point: one ``OP_STATUS``
+        (to the first such shard's leader if known: its commit point is the latest),
+        whose ``commit_index`` is a slot (revision ``commit_index + 1``)."""
+        core = self._core
+        first = next(c.shard for c in self._cursors.values() if c.next_from is None)
+        leader = core.leaders.get(first)
+        target = core.nodes[leader] if leader is not None and leader < len(core.nodes) else None
+        try:
+            future = core.submit(wire.OP_STATUS, first, [], target=target)
+        except KVError as e:  # the connection is closed
+            self._end(e)
+            return
+        future.add_done_callback(self._resolved)
+
+    def _resolved(self, future) -> None:
+        error = future.exception()
+        if error is not None:
+            if isinstance(error, Unavailable) and not isinstance(error, AuthenticationFailed):
+                if not self._closed:
+                    self._resolve()  # the engine tried every node it could: again
+                return
+            self._end(error)
+            return
+        shards = future.result()["shards"]
+        now = []
+        with self._lock:
+            for c in self._cursors.values():
+                if c.next_from is None and not self._closed:
+                    c.next_from = shards[c.shard]["commit_index"] + 2
+                    now.append(c)
+        for c in now:
+            if self._sink.delivered(c.shard, [], c.next_from, False, 0.0):
+                self.resume(c.shard)
 
     def close(self) -> None:
         """No more polls; an answer still on its way is dropped."""
@@ -171,8 +154,11 @@ class WatchPoller:
                 return
             self._pid = os.getpid()
             requests = [self._next_poll(c) for c in self._cursors.values() if c.polling]
+            unresolved = any(c.next_from is None for c in self._cursors.values())
         for r in requests:
             self._submit(r)
+        if unresolved:
+            self._resolve()
 
     # -- under the lock: what to send ---------------------------------------------------
     def _next_poll(self, c: _Cursor):
@@ -180,10 +166,9 @@ class WatchPoller:
             return None
         c.token += 1
         c.polling = True
-        resolving = c.next_from is None
-        wait_ms = 0 if resolving else self._wait_ms
-        args = [c.shard, self._lo, self._hi, FROM_NOW if resolving else c.next_from,
-                self._max_bytes, wait_ms, self._prev]
+        wait_ms = 0 if c.eager else self._wait_ms
+        c.eager = False
+        args = [c.shard, self._lo, self._hi, c.next_from, self._max_bytes, wait_ms, self._prev]
         return c, c.token, args, c.target, wait_ms / 1000.0
 
     def _submit(self, request) -> None:
@@ -235,10 +220,7 @@ class WatchPoller:
                 c.candidates = list(self._core.nodes)
             return self._ask_next_node(c)
         c.target, c.candidates, c.oldest = None, [], []
-        if c.next_from is None:
-            c.next_from = through + 1
-            return "deliver", ([], current)
-        events = to_events(c.shard, [r for r in revisions if r[0] >= c.next_from], self._prev)
+        events = events_of(c.shard, [r for r in revisions if r[0] >= c.next_from], self._prev)
         last = revisions[-1][0] if revisions else 0
         c.next_from = max(c.next_from, through + 1, last + 1)
         return "deliver", (events, current)
