@@ -147,7 +147,7 @@ def format_status(status: dict) -> str:
 
 #: Commands that only read: on a directory with no store they say so (exit 4)
 #: instead of creating an empty store at a mistyped --data.
-READ_ONLY_COMMANDS = ("get", "scan", "status", "check")
+READ_ONLY_COMMANDS = ("get", "scan", "watch", "status", "check")
 
 
 def _open(args) -> kvstore.KV:
@@ -258,6 +258,8 @@ def _cmd_watch(db, args) -> int:
         raise InvalidArgument(f"--from must be a revision >= 1, got {start}")
     watch = db.watch(prefix=_arg_bytes(args.prefix), start_revision=start,
                      prev_value=args.prev)
+    print(f"kvstore: watching {args.prefix or 'every key'!r} (Ctrl-C to stop)", file=sys.stderr,
+          flush=True)
     try:
         while True:
             event = watch.get(timeout=0.5)  # wakes up now and then: Ctrl-C is seen at once

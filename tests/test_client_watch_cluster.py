@@ -233,6 +233,7 @@ def test_cli_watch_prints_events_and_ends_on_ctrl_c(cluster):
     p = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "watch", "app/", "--prev"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
+        _wait_watching(p)
         lines = []
         deadline = time.monotonic() + 30
         while len(lines) < 2 and time.monotonic() < deadline:  # until it watches
@@ -260,3 +261,39 @@ def test_cli_watch_prints_events_and_ends_on_ctrl_c(cluster):
             p.kill()
             p.wait(10)
     writer.close()
+
+
+def _wait_watching(p) -> None:
+    """Until ``kvstore watch`` says on stderr that it watches (bounded)."""
+    import select
+    ready, _, _ = select.select([p.stderr], [], [], 60)
+    assert ready, "kvstore watch never started"
+    line = p.stderr.readline()
+    assert line.startswith(b"kvstore: watching"), line
+
+
+def test_cli_watch_on_the_embedded_store_ends_on_ctrl_c(tmp_path):
+    env = child_env()
+    env.pop("KVSTORE_CLUSTER", None)
+    data = str(tmp_path / "db")
+    missing = subprocess.run([sys.executable, "-m", "kvstore.cli", "watch", "--data", data],
+                             capture_output=True, env=env, timeout=60)
+    assert missing.returncode == 4 and not os.path.exists(data), missing.stderr  # not created
+    with kvstore.open(data) as db:  # revisions 1-2, older than a new opening's history
+        db.put(b"a", b"1")
+        db.put(b"a", b"2")
+    p = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "watch", "--data", data, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        _wait_watching(p)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        assert (p.returncode, out) == (0, b""), err
+        assert b"Traceback" not in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    r = subprocess.run([sys.executable, "-m", "kvstore.cli", "watch", "--data", data,
+                        "--from", "1"], capture_output=True, env=env, timeout=60)
+    assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr
