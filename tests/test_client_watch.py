@@ -448,3 +448,12 @@ def test_watch_and_cache_survive_a_fork():
     os.close(wfd)
     assert os.read(r, 1) == b"\x00"
     os.waitpid(pid, 0)
+
+
+def test_a_write_answer_with_its_revision_is_checked():
+    from kvstore.client.replies import split_revision
+    assert split_revision([None, 5]) == (None, 5)
+    assert split_revision("locked") == ("locked", None)  # nothing applied: no revision
+    for bad in (None, [None], [None, "5"], [None, 5, 6]):
+        with pytest.raises(MalformedReply):
+            split_revision(bad)

@@ -62,7 +62,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import zmq
 
-from kvstore.client.replies import MalformedReply, check_result
+from kvstore.client.replies import MalformedReply, check_result, split_revision
 from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable
 from kvstore.commands import LOCKED
 from kvstore.transport import wire
@@ -161,10 +161,8 @@ class ClientCore:
         self._ids = itertools.count(1)  # request ids: match replies to calls
         self._lock = threading.Lock()
         self._closed = False
-        #: ``hook(shard, revision or None)``, called on the I/O thread after each write:
-        #: set, writes ask for their revision (``OP_WRITE``'s ``want_revision``) and the
-        #: hook gets it; None when a write's effect has no known revision (a 2PC
-        #: decision, a write whose outcome is unknown). The coherent cache sets it.
+        #: The coherent cache's ``hook(shard, revision)`` on the I/O thread: set, writes ask
+        #: for their revision; None for a write of unknown revision (a 2PC decision, a timeout).
         self.revision_hook = None
         renew_locks_after_fork(self)
         self._start()
@@ -557,10 +555,12 @@ class ClientCore:
                     leader = self.nodes[index]
             if call.want_revision:
                 try:
-                    value = self._take_revision(call, value)
+                    value, revision = split_revision(value)
                 except MalformedReply as e:
                     self._malformed(call, address, str(e))
                     return
+                if revision is not None and self.revision_hook is not None:
+                    self.revision_hook(call.shard, revision)
             if value == LOCKED and call.is_write:
                 del self._inflight[rid]
                 self._retry_as_new_write(call)
@@ -599,28 +599,13 @@ class ClientCore:
                               RETRY_BACKOFF_SECONDS)
 
     def _learn_from_watch(self, shard: int, address: str, current: bool) -> None:
-        """Only a shard's leader answers a watch ``current`` (it knows it is up to date):
-        the next polls go to it. A node believed to lead that answers not current
-        no longer does: the next poll tries another node."""
-        if address not in self.nodes:
-            return
-        index = self.nodes.index(address)
-        if current:
+        """Only a shard's leader answers a watch ``current``: polls go to it; a node
+        believed to lead that answers not current no longer does: try another."""
+        index = self.nodes.index(address) if address in self.nodes else None
+        if current and index is not None:
             self.leaders[shard] = index
-        elif self.leaders.get(shard) == index:
+        elif index is not None and self.leaders.get(shard) == index:
             del self.leaders[shard]
-
-    def _take_revision(self, call: _Call, value):
-        """The result of a write sent with ``want_revision``: ``[result, revision]`` (a
-        bare ``LOCKED`` too: nothing was applied). The revision goes to the hook."""
-        if value == LOCKED:
-            return value
-        if type(value) is not list or len(value) != 2 or type(value[1]) is not int:
-            raise MalformedReply("a write's answer that is not [result, revision]")
-        result, revision = value
-        if result != LOCKED and self.revision_hook is not None:
-            self.revision_hook(call.shard, revision)
-        return result
 
     def _malformed(self, call: _Call, address: str, why: str) -> None:
         """A reply of the wrong shape: the call fails with ``Unavailable`` (the outcome

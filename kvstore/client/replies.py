@@ -8,7 +8,7 @@ endpoint, never with an exception of another class.
 
 from __future__ import annotations
 
-from kvstore.commands import (NO_LEASE, NOT_INTEGER, OP_2PC, OP_INCR, OP_LEASE_REVOKE, OP_PUT,
+from kvstore.commands import (LOCKED, NO_LEASE, NOT_INTEGER, OP_2PC, OP_INCR, OP_LEASE_REVOKE, OP_PUT,
                               OP_PUT_LEASE, OP_PUT_TTL, OVERFLOW, is_int64)
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT
@@ -76,6 +76,16 @@ def check_watch(args, value):
     if revisions and through < last:
         raise MalformedReply("a watch answer whose through is below its last revision")
     return value
+
+
+def split_revision(value) -> tuple:
+    """``(result, revision)`` of a write sent with ``want_revision``: ``[result,
+    revision]``; a bare ``LOCKED`` (nothing applied) or a locked result has no revision."""
+    if value == LOCKED:
+        return value, None
+    if type(value) is not list or len(value) != 2 or type(value[1]) is not int:
+        raise MalformedReply("a write's answer that is not [result, revision]")
+    return value[0], (None if value[0] == LOCKED else value[1])
 
 
 def check_result(call, value):
