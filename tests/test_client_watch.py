@@ -457,3 +457,15 @@ def test_a_write_answer_with_its_revision_is_checked():
     for bad in (None, [None], [None, "5"], [None, 5, 6]):
         with pytest.raises(MalformedReply):
             split_revision(bad)
+
+
+def test_a_watch_its_user_dropped_stops_polling():
+    import gc
+    core = FakeCore()
+    w = Watch(core, 1, prefix=b"")
+    assert core.outstanding() == 1
+    del w
+    gc.collect()
+    polls = len(core.polls)
+    core.expire()  # the parked poll's progress report: nobody to poll again for
+    assert len(core.polls) == polls and core.outstanding() == 0

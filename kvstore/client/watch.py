@@ -30,6 +30,7 @@ import asyncio
 import os
 import threading
 import time
+import weakref
 from collections import deque
 
 from kvstore.client.core import ATTEMPT_SECONDS, AuthenticationFailed, renew_locks_after_fork
@@ -79,7 +80,7 @@ class WatchPoller:
                  wait_ms: int = POLL_WAIT_MS, max_bytes: int = POLL_MAX_BYTES) -> None:
         self._core = core
         self._lo, self._hi, self._prev = lo, hi, bool(prev)
-        self._sink = sink
+        self._sink = weakref.ref(sink)  # a watch its user dropped stops polling
         self._wait_ms, self._max_bytes = int(wait_ms), int(max_bytes)
         self._cursors = {s: _Cursor(s, start.get(s)) for s in shards}
         self._lock = threading.Lock()
@@ -130,7 +131,7 @@ class WatchPoller:
                     c.next_from = shards[c.shard]["commit_index"] + 2
                     now.append(c)
         for c in now:
-            if self._sink.delivered(c.shard, [], c.next_from, False, 0.0):
+            if self._deliver(c.shard, [], c.next_from, False, 0.0):
                 self.resume(c.shard)
 
     def close(self) -> None:
@@ -202,7 +203,7 @@ class WatchPoller:
             self._end(what)
         else:
             events, current = what
-            if self._sink.delivered(c.shard, events, c.next_from, current, sent_at):
+            if self._deliver(c.shard, events, c.next_from, current, sent_at):
                 self.resume(c.shard)
 
     def _on_failure(self, c: _Cursor, error: BaseException):
@@ -241,7 +242,16 @@ class WatchPoller:
             if self._closed:
                 return
             self._closed = True
-        self._sink.failed(error)
+        sink = self._sink()
+        if sink is not None:
+            sink.failed(error)
+
+    def _deliver(self, *reply) -> bool:
+        sink = self._sink()
+        if sink is None:
+            self.close()
+            return False
+        return sink.delivered(*reply)
 
 
 class Watch:
