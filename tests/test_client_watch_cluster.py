@@ -34,8 +34,11 @@ pytestmark = pytest.mark.timeout(180)
 def cluster(tmp_path):
     made = []
 
-    def make(nodes=3, shards=1):
+    def make(nodes=3, shards=1, history_bytes=None):
         lc = LocalCluster(str(tmp_path / f"c{len(made)}"), nodes, shards, env=child_env())
+        if history_bytes is not None:
+            with open(lc.config_path, "a") as f:
+                f.write(f"\n[watch]\nhistory_bytes = {history_bytes}\n")
         made.append(lc)
         lc.start_all()
         lc.wait_ready()
@@ -150,7 +153,45 @@ def test_async_watch_across_a_leader_kill(cluster):
 
     events = asyncio.run(main())
     _check_stream(events, acked, unknown)
+
+    async def cached():
+        db = await kvstore.aio.connect(lc.address_list, timeout=10, cache=True)
+        await db.put(b"c", b"1")
+        assert await db.get(b"c") == b"1"
+        deadline = time.monotonic() + 30
+        while db.cache_stats()["hits"] == 0 and time.monotonic() < deadline:
+            assert await db.get(b"c") == b"1"
+        await db.put(b"c", b"2")  # read-your-writes through the cache
+        assert await db.get(b"c") == b"2"
+        stats = db.cache_stats()
+        await db.close()
+        return stats
+
+    assert asyncio.run(cached())["hits"] > 0
     writer.close()
+
+
+def test_compacted_only_when_no_node_has_the_revision(cluster):
+    lc = cluster(3, 1, history_bytes=20_000)
+    db = lc.client(timeout=10)
+    db.put(b"first", b"x")
+    with db.watch(prefix=b"") as w:  # from now: the history still holds it
+        for i in range(300):
+            db.put(b"k%03d" % i, b"v" * 200)  # about 60 kB: the first revisions go
+        assert w.get(timeout=30).key == b"k000"
+    with db.watch(prefix=b"", start_revision=1) as w, pytest.raises(kvstore.Compacted) as e:
+        w.get(timeout=30)  # every node was asked: none keeps revision 1
+    oldest = e.value.oldest[0]
+    assert oldest > 2, e.value
+    # from what is still kept, the watch goes on: the last write comes in order
+    with db.watch(prefix=b"k", start_revision=oldest) as w:
+        revisions = []
+        while not revisions or revisions[-1][1] != b"k299":
+            ev = w.get(timeout=30)
+            assert ev is not None
+            revisions.append((ev.revision, ev.key))
+        assert [r for r, _ in revisions] == sorted({r for r, _ in revisions})
+    db.close()
 
 
 def test_cache_reads_its_own_writes_under_concurrent_writers(cluster):
