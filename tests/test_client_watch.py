@@ -227,7 +227,8 @@ def test_async_watch():
 
     async def main():
         async with AsyncWatch(Watch(core, 1, prefix=b"", wait_for_start=False)) as w:
-            await w.started()
+            assert w.position == {0: 1}  # known once entered
+            assert (await w) is w
             loop = asyncio.get_running_loop()
             loop.call_later(0.02, core.write, 0, [put(b"a", b"1")])
             loop.call_later(0.03, core.write, 0, [put(b"b", b"2")])

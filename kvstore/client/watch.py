@@ -391,10 +391,10 @@ class Watch:
 
 class AsyncWatch:
     """``db.watch(...)`` on ``kvstore.aio``: ``async for event in watch``; ``await
-    watch.get(timeout)``; ``close()``; ``async with``; ``position``. The shards'
-    "now" is asked for when it is created, so writes made after ``watch()``
-    returned are delivered once the answers arrive (``await watch.started()``
-    waits for them)."""
+    watch.get(timeout)``; ``close()``; ``async with``; ``position``. Where the
+    shards stand "now" is asked when it is created, without blocking the loop;
+    ``w = await db.watch(...)`` and ``async with db.watch(...) as w`` return once the
+    answer is in, so every write made after that is delivered."""
 
     def __init__(self, watch: Watch) -> None:
         self._w = watch
@@ -463,6 +463,12 @@ class AsyncWatch:
         return event
 
     async def __aenter__(self) -> "AsyncWatch":
+        await self.started()
+        return self
+
+    def __await__(self):
+        """``w = await db.watch(...)``: once every shard's position is known."""
+        yield from self.started().__await__()
         return self
 
     async def __aexit__(self, *exc) -> None:
