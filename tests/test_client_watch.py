@@ -331,7 +331,10 @@ def test_cache_write_of_unknown_revision_waits_for_a_fresh_current_answer():
     core = FakeCore()
     cache = CoherentCache(core, 1, True)
     assert cached_get(cache, core, b"k") == ("miss", None)
-    core.revision_hook(0, None)  # a 2PC decision or a timed-out write
+    ticket = cache.lookup(b"j")  # a fill begun before: dropped
+    core.revision_hook(0, None)  # a 2PC decision or a timed-out write: entries forgotten
+    cache.fill(ticket[1], b"old", 0)
+    assert cache.stats()["entries"] == 0
     assert cached_get(cache, core, b"k")[0] == "miss"
     core.expire()  # the parked poll answers (it was sent before the write): not enough
     core.expire()  # the next poll, sent after it, answers current: serving again

@@ -224,6 +224,28 @@ def test_cache_reads_its_own_writes_under_concurrent_writers(cluster):
         db.close()
 
 
+def test_cache_reads_its_own_cross_shard_transaction(cluster):
+    """A 2PC commit's revisions are unknown to the client, and the participants apply
+    it a moment after the decision: the cache forgets those shards' entries, and the
+    linearizable gets that refill them wait for the transaction's locks."""
+    from kvstore.client.requests import shard_for
+    lc = cluster(3, 2)
+    # polls answered every 10 ms: the watch passes the prepare before the resolve lands
+    db = kvstore.connect(lc.address_list, cache=True, cache_staleness=0.03, timeout=10)
+    keys = {}
+    for i in range(100):
+        keys.setdefault(shard_for(2, b"t%d" % i), b"t%d" % i)
+    a, b = keys[0], keys[1]
+    for round_ in range(50):
+        for k in (a, b):
+            db.get(k)  # cached (or a fill)
+        with db.transaction() as txn:
+            txn.put(a, b"%d" % round_)
+            txn.put(b, b"%d" % round_)
+        assert (db.get(a), db.get(b)) == (b"%d" % round_, b"%d" % round_)
+    db.close()
+
+
 def test_cache_stops_serving_when_its_watch_stalls_then_follows_the_new_leader(cluster):
     staleness = 0.5
     lc = cluster(3, 1)

@@ -9,8 +9,9 @@ Gets of keys under a cached prefix are answered from memory when all of these ho
   up to date) and that poll was sent at most ``staleness`` seconds ago;
 - read-your-writes: the watch has applied every revision up to this client's
   last write to that shard (writes ask for their revision: ``ClientCore.
-  revision_hook``); after a write whose revision is unknown (a 2PC decision, a
-  timed-out write) only a ``current`` answer to a poll sent after it will do.
+  revision_hook``); after a write whose revision is unknown (a 2PC decision: its
+  participants apply it just after; a timed-out write) the shard's entries are
+  forgotten, and only a ``current`` answer to a poll sent after it will do.
 
 Entries carry the revision that wrote them; an event applies only when it is
 newer (a fill can be ahead of the watch). A fill is dropped when an event for
@@ -115,6 +116,7 @@ class CoherentCache:
         self._bytes = 0
         self._written: dict = {}  # shard -> the revision of this client's last write
         self._barrier: dict = {}  # shard -> when a write of unknown revision ended
+        self._epochs: dict = {}  # shard -> writes of unknown revision so far
         self._filling: dict = {}  # key -> fills in flight
         self._spoiled: dict = {}  # key -> the newest event for it while fills were in flight
         self.hits = self.misses = self.stale = 0
@@ -136,7 +138,13 @@ class CoherentCache:
     def _wrote(self, shard: int, revision) -> None:
         with self._lock:
             if revision is None:
+                # A write whose revision is unknown (a 2PC decision: the participants
+                # apply it a moment later; a write that timed out): forget the shard's
+                # entries, and fills begun before; gets refill them linearizably.
                 self._barrier[shard] = time.monotonic()
+                self._epochs[shard] = self._epochs.get(shard, 0) + 1
+                for key in [k for k in self._entries if shard_for(self.nshards, k) == shard]:
+                    self._drop(key)
             elif revision > self._written.get(shard, 0):
                 self._written[shard] = revision
 
@@ -213,11 +221,12 @@ class CoherentCache:
                 self.stale += 1
             started = shard in stream.applied
             self._filling[key] = self._filling.get(key, 0) + 1
-        return MISS, (key, stream, stream.generation if started else None)
+        return MISS, (key, stream, stream.generation if started else None,
+                      self._epochs.get(shard, 0))
 
     def fill(self, ticket, value, revision: int) -> None:
         """A linearizable get of ``ticket``'s key answered ``(value, revision)``."""
-        key, stream, generation = ticket
+        key, stream, generation, epoch = ticket
         with self._lock:
             n = self._filling.pop(key) - 1
             newer = self._spoiled.get(key, 0)
@@ -229,6 +238,7 @@ class CoherentCache:
             # than it (an absent key reads revision 0: any event), and that event passed
             # while the entry did not exist yet
             if newer > revision or generation is None or generation != stream.generation \
+                    or epoch != self._epochs.get(shard_for(self.nshards, key), 0) \
                     or self.max_bytes == 0:
                 return
             entry = self._entries.get(key)

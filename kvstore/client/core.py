@@ -576,7 +576,8 @@ class ClientCore:
             elif call.op == wire.OP_WATCH and status == wire.STATUS_OK:
                 self._learn_from_watch(call.shard, address, value[3])
             elif call.op == wire.OP_DECIDE and self.revision_hook is not None:
-                self.revision_hook(call.shard, None)  # a 2PC decision: its revision is unknown
+                for shard in call.payload[3]:  # a 2PC decision: its participants' revisions
+                    self.revision_hook(shard, None)  # are unknown
             elif call.shard is not None and leader in self.nodes and (
                     status == wire.STATUS_OK_FORWARDED or call.op in _LEADER_OPS):
                 self.leaders[call.shard] = self.nodes.index(leader)  # only a leader does these
