@@ -473,3 +473,30 @@ def test_a_watch_its_user_dropped_stops_polling():
     polls = len(core.polls)
     core.expire()  # the parked poll's progress report: nobody to poll again for
     assert len(core.polls) == polls and core.outstanding() == 0
+
+
+def test_cache_works_in_a_forked_child():
+    core = FakeCore()
+    core.write(0, [put(b"k", b"1")])
+    cache = CoherentCache(core, 1, True)
+    assert cached_get(cache, core, b"k") == ("miss", b"1")
+    cache._lock.acquire()  # as if the I/O thread held it at the fork
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            core.pending.clear()  # the parent's polls are the parent's
+            core.write(0, [put(b"k", b"2")])
+            code = 0 if cached_get(cache, core, b"k") == ("hit", b"2") else 3
+        finally:
+            os.write(wfd, bytes([code]))
+            os._exit(0)
+    cache._lock.release()
+    os.close(wfd)
+    import select
+    ready, _, _ = select.select([r], [], [], 20)
+    if not ready:
+        os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    assert ready and os.read(r, 1) == b"\x00", "the child hung on the parent's lock"

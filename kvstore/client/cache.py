@@ -27,6 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 
+from kvstore.client.core import renew_locks_after_fork
 from kvstore.client.requests import shard_for
 from kvstore.client.watch import Compacted, WatchPoller
 from kvstore.errors import InvalidArgument
@@ -126,10 +127,18 @@ class CoherentCache:
         self._started = threading.Event()  # every stream knows where its shards stand
         self._streams = [_Stream(self, i, p) for i, p in enumerate(check_prefixes(prefixes))]
         core.revision_hook = self._wrote
+        renew_locks_after_fork(self)
         for s in self._streams:
             s.start()
 
     # -- the engine's hooks ----------------------------------------------------------------
+    def _renew_locks(self) -> None:
+        """In a child after ``os.fork()``: the parent's I/O thread may have held them."""
+        self._lock = threading.Lock()
+        started, self._started = self._started.is_set(), threading.Event()
+        if started:
+            self._started.set()
+
     def wait_started(self, timeout: float) -> bool:
         """Until every cached prefix's watch knows where its shards stand (fills before
         that are not kept); False if that took longer than ``timeout``."""
