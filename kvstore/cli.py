@@ -302,9 +302,9 @@ def _cmd_watch(db, args) -> int:
         raise InvalidArgument(f"--from must be a revision >= 1, got {start}")
     watch = db.watch(prefix=_arg_bytes(args.prefix), start_revision=start,
                      prev_value=args.prev)
-    print(f"kvstore: watching {args.prefix or 'every key'!r} (Ctrl-C to stop)", file=sys.stderr,
-          flush=True)
-    try:
+    try:  # Ctrl-C from the moment it says it watches ends it with 0
+        print(f"kvstore: watching {args.prefix or 'every key'!r} (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
         while True:
             event = watch.get(timeout=0.5)  # wakes up now and then: Ctrl-C is seen at once
             if event is None:
