@@ -360,3 +360,13 @@ def test_cli_watch_on_the_embedded_store_ends_on_ctrl_c(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvstore.cli", "watch", "--data", data,
                         "--from", "1"], capture_output=True, env=env, timeout=60)
     assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr
+
+
+def test_bench_watch_runs_end_to_end():
+    """``bench/watch.py --quick``: the README's figures come from it."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                         "watch.py")
+    r = subprocess.run([sys.executable, bench, "--quick"], capture_output=True, text=True,
+                       env=child_env(), timeout=170)
+    assert r.returncode == 0, r.stderr
+    assert "events/s delivered" in r.stdout and "hit ratio" in r.stdout, r.stdout

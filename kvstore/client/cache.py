@@ -13,12 +13,14 @@ Gets of keys under a cached prefix are answered from memory when all of these ho
   participants apply it just after; a timed-out write) the shard's entries are
   forgotten, and only a ``current`` answer to a poll sent after it will do.
 
-Entries carry the revision that wrote them; an event applies only when it is
-newer (a fill can be ahead of the watch). A fill is dropped when an event for
-its key newer than the revision it read arrived while the get was in flight
-(a present key's revision is the one that wrote it: any later change is newer), or
-the watch was restarted meanwhile. Events update entries present, never add keys; LRU by bytes. One
-lock guards it all: events arrive on the engine's I/O thread, gets on any.
+Entries carry the revision that wrote them; an event applies when it is not
+older (a fill can be ahead of the watch; one revision may change a key twice).
+A fill is dropped when an event for its key newer than the revision it read
+arrived while the get was in flight (a present key's revision is the one that
+wrote it: any later change is newer), or the watch restarted meanwhile, or a
+write of unknown revision hit its shard. Events update entries present, never add
+keys; LRU by bytes. One lock guards it all: events arrive on the engine's I/O
+thread, gets on any thread.
 """
 
 from __future__ import annotations

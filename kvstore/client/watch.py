@@ -1,6 +1,6 @@
 """Watch on the cluster clients: ``db.watch(...)`` on ``kvstore.connect`` and ``kvstore.aio``.
 
-A watch long-polls ``OP_WATCH`` (``docs/spec``: any node answers from its own
+A watch long-polls ``OP_WATCH`` (docs/watch.md: any node answers from its own
 history) on every shard it concerns, one outstanding poll per shard, and keeps
 per shard the next revision to ask for. Every poll names that position, so a poll
 is idempotent: the engine (``kvstore.client.core``) may send it to another node
@@ -10,10 +10,11 @@ position are never delivered again, a node that lags simply parks the poll until
 it catches up: exactly once, in order, per shard.
 
 - ``WatchPoller`` is the polling, shared by the user's ``Watch`` and the coherent
-  cache (``kvstore.client.cache``): routing by the engine (the shard's leader
-  first, then any node), "compacted" answers (the other nodes are asked one by
-  one; ``kvstore.Compacted`` only when none has the revision), a resumed poll
-  after ``os.fork()``.
+  cache (``kvstore.client.cache``): "from now" (the commit point in a node's
+  status), routing by the engine (the shard's leader first, learned from answers
+  marked ``current``; then any node), "compacted" answers (the other nodes are
+  asked one by one; ``kvstore.Compacted`` only when none has the revision), a
+  resumed poll after ``os.fork()``.
 - ``Watch`` (sync) buffers ONE reply's events per shard and polls that shard
   again only once its consumer took them all: the client's memory is bounded by
   ``max_bytes`` per shard, and a slow consumer just polls later (the node holds
