@@ -171,6 +171,18 @@ def test_async_watch_across_a_leader_kill(cluster):
     writer.close()
 
 
+def test_many_watches_on_one_connection_each_see_the_write(cluster):
+    lc = cluster(3, 1)
+    db = lc.client(timeout=10)
+    watches = [db.watch(key=b"hot") for _ in range(300)]
+    db.put(b"hot", b"1")
+    for w in watches:
+        e = w.get(timeout=30)
+        assert e is not None and (e.key, e.value) == (b"hot", b"1")
+        w.close()
+    db.close()
+
+
 def test_compacted_only_when_no_node_has_the_revision(cluster):
     lc = cluster(3, 1, history_bytes=20_000)
     db = lc.client(timeout=10)
