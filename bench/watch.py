@@ -16,7 +16,11 @@ in this process (``kvstore.connect``: one engine I/O thread each).
   ``cache=PREFIX`` and from a plain client (linearizable gets: a read-index round
   each), gets/s and the cache's hit ratio; then the same while another client
   rewrites the hot keys (``--update-rate`` puts/s), which costs misses and stale
-  fallbacks.
+  fallbacks;
+- **etcd in the same sitting** (where ``etcd`` is installed: three members on
+  loopback, ``bench/etcd_local.py``): the same live events/s (64 puts in flight
+  through its v3 JSON gateway, a prefix watch on the leader) and put-to-event
+  latency, with kvstore/etcd ratios. Without the binary etcd is skipped, said so.
 
     python bench/watch.py              # full run, writes bench/results/watch.json
     python bench/watch.py --quick      # smoke run
@@ -40,6 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import kvstore  # noqa: E402
+import etcd_local  # noqa: E402
 import kvstore.aio  # noqa: E402
 from kvstore.server.local import LocalCluster  # noqa: E402
 
@@ -124,6 +129,72 @@ def put_to_event(lc, n: int) -> dict:
             "mean_ms": statistics.mean(latencies) * 1e3}
 
 
+async def _etcd_put_many(url: str, keys: list, value: bytes, inflight: int) -> None:
+    import httpx
+    limits = httpx.Limits(max_connections=inflight, max_keepalive_connections=inflight)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+        queue = list(keys)
+
+        async def worker():
+            while queue:
+                key = queue.pop()
+                r = await http.post("/v3/kv/put", json={"key": etcd_local.b64(key),
+                                                        "value": etcd_local.b64(value)})
+                r.raise_for_status()
+
+        await asyncio.gather(*(worker() for _ in range(inflight)))
+
+
+def etcd_live_events(url: str, n: int, inflight: int) -> dict:
+    """``live_events``' load on etcd: n puts of 128 bytes, ``inflight`` at a time, a
+    prefix watch taking every event."""
+    keys = [b"live/%08d" % i for i in range(n)]
+    with etcd_local.EtcdWatch(url, b"live/") as w:
+        start = time.perf_counter()
+        asyncio.run(_etcd_put_many(url, keys, b"v" * 128, inflight))
+        written = time.perf_counter()
+        last, count = None, 0
+        while count < n:
+            e = w.get(timeout=60)
+            if e is None:
+                break
+            last, count = e[0], count + 1
+    assert count == n, f"etcd: {count} of {n} events"
+    return {"events": n, "writes_per_s": n / (written - start), "events_per_s": n / (last - start)}
+
+
+def etcd_put_to_event(url: str, n: int) -> dict:
+    """``put_to_event`` on etcd: one put at a time, then its event from the watch."""
+    client = etcd_local.EtcdClient(url)
+    latencies = []
+    with client.watch(b"lat/") as w:
+        for i in range(n):
+            start = time.perf_counter()
+            client.put(b"lat/%d" % i, b"x")
+            e = w.get(timeout=30)
+            latencies.append(time.perf_counter() - start)
+            assert e is not None and e[2] == b"lat/%d" % i
+    client.close()
+    return {"puts": n, "p50_ms": _pct(latencies, 0.5) * 1e3, "p99_ms": _pct(latencies, 0.99) * 1e3,
+            "mean_ms": statistics.mean(latencies) * 1e3}
+
+
+def etcd_figures(directory: str, events: int, latency_puts: int) -> dict | None:
+    """etcd's watch under the same load, or None (said why) where it is not installed."""
+    binary = etcd_local.find_etcd()
+    if binary is None:
+        print("etcd: not installed (no etcd on PATH, $ETCD unset): skipped", file=sys.stderr)
+        return None
+    with etcd_local.EtcdCluster(os.path.join(directory, "etcd"), binary) as ec:
+        url = ec.leader_url()
+        return {"version": etcd_local.etcd_version(binary), "members": 3,
+                "client": "v3 JSON gateway over HTTP/1.1 (httpx)",
+                "live": etcd_live_events(url, events, 64),
+                # Its gateway does better with fewer puts in flight: shown too, to be fair.
+                "live_8_in_flight": etcd_live_events(url, events, 8),
+                "put_to_event": etcd_put_to_event(url, latency_puts)}
+
+
 def cached_gets(lc, hot: int, seconds: float, update_rate: float) -> dict:
     writer = kvstore.connect(lc.address_list, timeout=30)
     keys = [b"hot/%05d" % i for i in range(hot)]
@@ -176,7 +247,10 @@ def main() -> int:
     parser.add_argument("--hot", type=int, default=1_000, help="hot keys the cache holds")
     parser.add_argument("--seconds", type=float, default=5.0, help="per cached-gets row")
     parser.add_argument("--update-rate", type=float, default=50.0)
-    parser.add_argument("--json", default=os.path.join(HERE, "results", "watch.json"))
+    parser.add_argument("--no-etcd", action="store_true", help="kvstore alone")
+    parser.add_argument("--json", default=None,
+                        help="where the figures go (default bench/results/watch.json; "
+                             "a --quick run writes only where told)")
     args = parser.parse_args()
     if args.quick:
         args.events, args.latency_puts, args.hot, args.seconds = 500, 50, 100, 0.5
@@ -190,6 +264,9 @@ def main() -> int:
             figures["catch_up"] = catch_up_events(lc, args.events)
             figures["put_to_event"] = put_to_event(lc, args.latency_puts)
             figures["cache"] = cached_gets(lc, args.hot, args.seconds, args.update_rate)
+        # etcd after kvstore's nodes stopped: the same machine, never both at once.
+        if not args.no_etcd:
+            figures["etcd"] = etcd_figures(directory, args.events, args.latency_puts)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     live, cu, lat = figures["live"], figures["catch_up"], figures["put_to_event"]
@@ -202,9 +279,23 @@ def main() -> int:
         extra = (f", hit ratio {row['hit_ratio']:.3f} (stale fallbacks {row['stale']})"
                  if "hit_ratio" in row else "")
         print(f"gets, {name}: {row['gets_per_s']:,.0f}/s{extra}")
+    etcd = figures.get("etcd")
+    if etcd:
+        el, elat = etcd["live"], etcd["put_to_event"]
+        print(f"\netcd {etcd['version']}, 3 members, same load ({etcd['client']}):")
+        print(f"{'':32}{'kvstore':>12}{'etcd':>12}{'kvstore/etcd':>14}")
+        for label, k, e in (("live events/s", live["events_per_s"], el["events_per_s"]),
+                            ("writes/s (64 in flight)", live["writes_per_s"], el["writes_per_s"]),
+                            ("live events/s (etcd 8 in flight)", live["events_per_s"],
+                             etcd["live_8_in_flight"]["events_per_s"]),
+                            ("put-to-event p50 ms", lat["p50_ms"], elat["p50_ms"]),
+                            ("put-to-event p99 ms", lat["p99_ms"], elat["p99_ms"])):
+            print(f"{label:32}{k:>12,.2f}{e:>12,.2f}{k / e:>14.2f}")
     live.pop("position", None)
-    if args.json and not args.quick:
-        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    if args.json is None and not args.quick:
+        args.json = os.path.join(HERE, "results", "watch.json")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
     return 0

@@ -1,0 +1,235 @@
+"""etcd beside kvstore in the benchmarks: three local etcd members, and a small client.
+
+``EtcdCluster(directory)`` starts three ``etcd`` members (Debian's etcd 3.4 is
+``/usr/bin/etcd``) on free loopback ports in ``directory``, waits until they
+answer, and stops them (SIGTERM, then SIGKILL) on exit. ``find_etcd()`` says where
+the binary is, or None: the benchmarks then skip etcd with a message.
+
+``EtcdClient`` speaks etcd's v3 JSON gateway (grpc-gateway, served on the client
+port) over ``httpx``: no gRPC stubs, no new dependency. Keys and values are base64
+in the JSON; a watch is ``POST /v3/watch`` whose response streams one JSON object
+per line. The gateway transcodes JSON to gRPC inside each member, so etcd's figures
+here include that cost (a Go client over gRPC would do better): the tables say so.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+
+
+def find_etcd() -> str | None:
+    """The etcd binary: ``$ETCD``, else ``etcd`` on PATH, else None."""
+    return os.environ.get("ETCD") or shutil.which("etcd")
+
+
+def etcd_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    return out.stdout.splitlines()[0].split()[-1] if out.stdout else "?"
+
+
+def _free_ports(count: int) -> list:
+    """``count`` distinct ports free on 127.0.0.1 now (bound together, then released)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str | None) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+class EtcdCluster:
+    """Three etcd members on 127.0.0.1 (``client_urls``), data in ``directory``."""
+
+    def __init__(self, directory: str, binary: str, members: int = 3) -> None:
+        self.directory, self.binary, self.members = directory, binary, members
+        self.procs: list = []
+        self.client_urls: list = []
+
+    def __enter__(self) -> "EtcdCluster":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 30.0) -> None:
+        ports = _free_ports(2 * self.members)
+        names = [f"e{i}" for i in range(self.members)]
+        peers = [f"http://127.0.0.1:{ports[2 * i + 1]}" for i in range(self.members)]
+        self.client_urls = [f"http://127.0.0.1:{ports[2 * i]}" for i in range(self.members)]
+        initial = ",".join(f"{n}={p}" for n, p in zip(names, peers))
+        for name, client, peer in zip(names, self.client_urls, peers):
+            data = os.path.join(self.directory, name)
+            os.makedirs(data, exist_ok=True)
+            log = open(os.path.join(self.directory, f"{name}.log"), "wb")
+            self.procs.append(subprocess.Popen(
+                [self.binary, "--name", name, "--data-dir", data,
+                 "--listen-client-urls", client, "--advertise-client-urls", client,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", initial, "--initial-cluster-state", "new",
+                 "--initial-cluster-token", "kvstore-bench", "--logger", "zap",
+                 "--log-level", "warn"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            log.close()
+        deadline = time.monotonic() + timeout
+        for url in self.client_urls:
+            while True:
+                try:
+                    if httpx.get(url + "/health", timeout=2).json().get("health") == "true":
+                        break
+                except (httpx.HTTPError, ValueError):
+                    pass
+                if any(p.poll() is not None for p in self.procs):
+                    raise RuntimeError(f"an etcd member exited; see {self.directory}/e*.log")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"etcd not healthy within {timeout} s")
+                time.sleep(0.1)
+
+    def leader_url(self) -> str:
+        """The client URL of the member that leads now (kvstore's client also talks to
+        its leader): the one whose own id is the leader its status names."""
+        for url in self.client_urls:
+            status = httpx.post(url + "/v3/maintenance/status", json={}, timeout=5).json()
+            if status.get("leader") == status.get("header", {}).get("member_id"):
+                return url
+        return self.client_urls[0]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        self.procs = []
+
+
+class EtcdClient:
+    """etcd's v3 JSON gateway at ``url`` (one member): put, get, leases, watch."""
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, path: str, body: dict) -> dict:
+        r = self.http.post(path, json=body)
+        r.raise_for_status()
+        return r.json()
+
+    def put(self, key: bytes, value: bytes, lease: int | None = None) -> int:
+        """The revision of the put."""
+        body = {"key": b64(key), "value": b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        return int(self._call("/v3/kv/put", body)["header"]["revision"])
+
+    def get(self, key: bytes) -> bytes | None:
+        kvs = self._call("/v3/kv/range", {"key": b64(key)}).get("kvs")
+        return unb64(kvs[0].get("value")) if kvs else None
+
+    def lease_grant(self, ttl_s: int) -> int:
+        """A lease of ``ttl_s`` whole seconds (etcd raises a ttl below its minimum)."""
+        reply = self._call("/v3/lease/grant", {"TTL": str(ttl_s)})
+        return int(reply["ID"])
+
+    def lease_keepalive(self, lease: int) -> int:
+        """One keep-alive (the gateway ends the stream after one answer): the ttl left."""
+        reply = self._call("/v3/lease/keepalive", {"ID": str(lease)})
+        return int(reply.get("result", reply).get("TTL", 0))
+
+    def watch(self, prefix: bytes) -> "EtcdWatch":
+        return EtcdWatch(self.url, prefix)
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """etcd's range_end for a prefix: the prefix with its last byte plus one."""
+    p = bytearray(prefix)
+    while p and p[-1] == 0xFF:
+        p.pop()
+    if not p:
+        return b"\x00"
+    p[-1] += 1
+    return bytes(p)
+
+
+class EtcdWatch:
+    """A prefix watch on one member from now: a thread reads the stream and queues
+    ``(perf_counter at arrival, type, key, value, revision)`` per event."""
+
+    def __init__(self, url: str, prefix: bytes) -> None:
+        self.events: queue.Queue = queue.Queue()
+        self._created = threading.Event()
+        self._client = httpx.Client(base_url=url, timeout=httpx.Timeout(10, read=None))
+        self._body = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}}
+        self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-watch")
+        self._thread.start()
+        if not self._created.wait(30):
+            raise TimeoutError("etcd watch not created within 30 s")
+
+    def _run(self) -> None:
+        try:
+            with self._client.stream("POST", "/v3/watch", json=self._body) as r:
+                for line in r.iter_lines():
+                    if not line:
+                        continue
+                    now = time.perf_counter()
+                    result = json.loads(line).get("result", {})
+                    if result.get("created"):
+                        self._created.set()
+                    for e in result.get("events", ()):
+                        kv = e["kv"]
+                        self.events.put((now, e.get("type", "PUT"), unb64(kv.get("key")),
+                                         unb64(kv.get("value")), int(kv.get("mod_revision", 0))))
+        except (httpx.HTTPError, ValueError, RuntimeError):
+            pass  # closed
+        finally:
+            self.events.put(None)
+
+    def get(self, timeout: float | None = None):
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._client.close()
+        self._thread.join(10)
+
+    def __enter__(self) -> "EtcdWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
