@@ -66,3 +66,30 @@ def test_bad_thread_counts_are_refused():
     result = run_script("embedded.py", "--quick", "--threads", "0,x")
     assert result.returncode == 2
     assert "--threads" in result.stderr
+
+
+def test_watch_and_lease_benches_run_kvstore_and_etcd_side_by_side(tmp_path):
+    """bench/watch.py and bench/leases.py (smoke size) print their tables and write
+    figures for kvstore, and for etcd in the same run where etcd is installed."""
+    import shutil
+    has_etcd = shutil.which("etcd") is not None
+    leases = run_script("leases.py", "--quick", "--json", str(tmp_path / "leases.json"))
+    assert leases.returncode == 0, leases.stderr
+    rows = json.loads((tmp_path / "leases.json").read_text())["rows"]
+    assert {"kvstore embedded", "kvstore 3 nodes"} <= set(rows)
+    assert any(name.startswith("etcd") for name in rows) == has_etcd
+    for row in rows.values():
+        assert row["samples"] == 4 and len(row["delays_ms"]) == 4
+        assert row["min_ms"] <= row["p50_ms"] <= row["max_ms"]
+    assert "lease expiry" in leases.stdout
+
+    watch = run_script("watch.py", "--quick", "--json", str(tmp_path / "watch.json"))
+    assert watch.returncode == 0, watch.stderr
+    figures = json.loads((tmp_path / "watch.json").read_text())
+    assert figures["live"]["events_per_s"] > 0 and figures["put_to_event"]["p99_ms"] > 0
+    if has_etcd:
+        assert figures["etcd"]["live"]["events"] == figures["live"]["events"]
+        assert figures["etcd"]["put_to_event"]["p50_ms"] > 0
+        assert "kvstore/etcd" in watch.stdout
+    else:
+        assert "etcd: not installed" in watch.stderr
