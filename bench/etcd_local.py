@@ -15,6 +15,7 @@ here include that cost (a Go client over gRPC would do better): the tables say s
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import queue
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 
 import httpx
 
@@ -122,12 +124,14 @@ class EtcdCluster:
         return self.client_urls[0]
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 2 s (a member shutting down gracefully can take
+        seconds; its data is a temporary directory, nothing to keep)."""
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs:
             try:
-                p.wait(10)
+                p.wait(2)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
@@ -187,33 +191,41 @@ def prefix_end(prefix: bytes) -> bytes:
 
 class EtcdWatch:
     """A prefix watch on one member from now: a thread reads the stream and queues
-    ``(perf_counter at arrival, type, key, value, revision)`` per event."""
+    ``(perf_counter at arrival, type, key, value, revision)`` per event. The stream is
+    an ``http.client`` connection, so ``close()`` can shut its socket down and the
+    reading thread ends at once."""
 
     def __init__(self, url: str, prefix: bytes) -> None:
         self.events: queue.Queue = queue.Queue()
         self._created = threading.Event()
-        self._client = httpx.Client(base_url=url, timeout=httpx.Timeout(10, read=None))
-        self._body = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}}
+        parts = urllib.parse.urlsplit(url)
+        self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        body = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}}
+        self._conn.request("POST", "/v3/watch", body=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+        self._response = self._conn.getresponse()
+        self._conn.sock.settimeout(None)  # a watch waits as long as it takes
         self._thread = threading.Thread(target=self._run, daemon=True, name="etcd-watch")
         self._thread.start()
         if not self._created.wait(30):
+            self.close()
             raise TimeoutError("etcd watch not created within 30 s")
 
     def _run(self) -> None:
         try:
-            with self._client.stream("POST", "/v3/watch", json=self._body) as r:
-                for line in r.iter_lines():
-                    if not line:
-                        continue
-                    now = time.perf_counter()
-                    result = json.loads(line).get("result", {})
-                    if result.get("created"):
-                        self._created.set()
-                    for e in result.get("events", ()):
-                        kv = e["kv"]
-                        self.events.put((now, e.get("type", "PUT"), unb64(kv.get("key")),
-                                         unb64(kv.get("value")), int(kv.get("mod_revision", 0))))
-        except (httpx.HTTPError, ValueError, RuntimeError):
+            while True:
+                line = self._response.readline()
+                if not line:
+                    return
+                now = time.perf_counter()
+                result = json.loads(line).get("result", {})
+                if result.get("created"):
+                    self._created.set()
+                for e in result.get("events", ()):
+                    kv = e["kv"]
+                    self.events.put((now, e.get("type", "PUT"), unb64(kv.get("key")),
+                                     unb64(kv.get("value")), int(kv.get("mod_revision", 0))))
+        except (OSError, ValueError, http.client.HTTPException):
             pass  # closed
         finally:
             self.events.put(None)
@@ -225,8 +237,15 @@ class EtcdWatch:
             return None
 
     def close(self) -> None:
-        self._client.close()
-        self._thread.join(10)
+        """Shut the stream's socket down: the reading thread wakes up and ends."""
+        sock = self._conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join(5)
+        self._conn.close()
 
     def __enter__(self) -> "EtcdWatch":
         return self
