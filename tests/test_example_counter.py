@@ -29,7 +29,7 @@ EXAMPLE = os.path.join(REPO_ROOT, "examples", "counter")
 sys.path.insert(0, EXAMPLE)
 
 from compare import serve  # noqa: E402  (examples/counter, not a package)
-from load import Load  # noqa: E402
+from load import CounterWatcher, Load  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -133,6 +133,9 @@ def test_cluster_counter_under_gunicorn_is_exact_through_a_leader_kill(tmp_path,
         # answer 503 while the test runs, and the unknowns are accounted for
         settings = _settings(store="cluster", method=method, workers="2", timeout="1",
                              cluster=",".join(lc.address_list))
+        watcher_db = kvstore.connect(lc.address_list, timeout=10)
+        # attached before the load, through the leader's death: checks every event
+        watcher = CounterWatcher(watcher_db, "hits")
         with serve(settings, str(tmp_path / "gunicorn.log"), env=child_env()) as url:
             load = Load(url, THREADS, posts, counter="hits")
             a_third = load.milestone(total // 3)
@@ -165,5 +168,38 @@ def test_cluster_counter_under_gunicorn_is_exact_through_a_leader_kill(tmp_path,
         assert final == final_through_service
         assert max(counts) <= final
         assert acked <= final <= acked + unknown, (acked, unknown, final)
+        # the watcher saw every applied increment once, in order: 1, 2, ..., final
+        assert watcher.finish(counts, final) == []
+        assert watcher.values == list(range(1, final + 1))
+        watcher_db.close()
     finally:
         lc.close()
+
+
+class _Event:
+    def __init__(self, value, type="put") -> None:
+        self.type, self.key, self.value = type, b"counter/c", value
+
+
+def _watcher_seeing(initial: int, values: list) -> CounterWatcher:
+    """A ``CounterWatcher`` as if it had taken ``values`` (bytes or None) after reading
+    ``initial``: its check alone, no cluster."""
+    watcher = CounterWatcher.__new__(CounterWatcher)
+    watcher.initial, watcher.values, watcher.wrong = initial, [], []
+    for value in values:
+        watcher._take(_Event(value, "delete" if value is None else "put"))
+    return watcher
+
+
+@pytest.mark.parametrize("values, acked, final, complaint", [
+    ([b"3", b"4", b"4", b"5"], [3, 4, 5], 5, "4 delivered after 4"),  # twice
+    ([b"3", b"5"], [3, 5], 5, "5 delivered after 3"),  # a gap
+    ([b"3", b"4"], [3, 4, 5], 5, "acknowledged counts never delivered"),
+    ([b"3", b"4"], [3, 4], 5, "last count delivered is 4, the final read 5"),
+    ([b"3", None, b"4"], [3, 4], 4, "is no count"),
+])
+def test_the_counter_watcher_names_each_way_a_stream_can_be_wrong(values, acked, final,
+                                                                  complaint):
+    assert _watcher_seeing(2, [b"3", b"4", b"5"]).problems([3, 4, 5], 5) == []
+    problems = _watcher_seeing(2, values).problems(acked, final)
+    assert any(complaint in p for p in problems), problems

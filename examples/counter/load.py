@@ -7,6 +7,13 @@ prints requests/s, the statuses and the errors, and, with ``--json``, one JSON l
 Every POST goes to the same counter, so every request contends for one key. A
 connection that fails (refused, reset, timed out) is an error, counted; the thread
 reconnects and goes on.
+
+With ``--watch tcp://h:p,...`` (the service's cluster) a watcher attached to the
+cluster (``CounterWatcher``: ``kvstore.connect(...).watch(key=...)``) checks every
+event of the counter's key during the run: the values delivered go up by exactly one
+each (every applied increment, once, in order), every count a POST was answered with
+is among them, and the last is the count read at the end. Its verdict is printed, and
+a failed check is exit status 1.
 """
 
 from __future__ import annotations
@@ -103,6 +110,64 @@ class Load:
                 "error_examples": self.error_messages[:3]}
 
 
+class CounterWatcher:
+    """A watch of the counter ``counter`` (its key ``counter/<name>``) on ``db`` (a
+    ``kvstore.connect`` client), opened before a load starts; ``finish(acked, final)``
+    takes the events up to the final count and says what is wrong (empty: nothing)."""
+
+    def __init__(self, db, counter: str = "load", timeout: float = 30.0) -> None:
+        self.key = b"counter/" + counter.encode()
+        self.timeout = timeout
+        self.values: list = []  # the count each event carried, in delivery order
+        self.wrong: list = []  # events that are no count (a delete, a foreign value)
+        self.watch = db.watch(key=self.key)
+        # "From now" is resolved by the watch's first exchange with the cluster: the
+        # count is read after it, so no increment falls between the read and the watch.
+        deadline = time.monotonic() + timeout
+        while not self.watch.position and time.monotonic() < deadline:
+            event = self.watch.get(timeout=0.05)
+            if event is not None:
+                self._take(event)
+        if not self.watch.position:
+            raise TimeoutError(f"the watch did not start within {timeout} s")
+        value = db.get(self.key)
+        self.initial = 0 if value is None else int(value)
+
+    def _take(self, event) -> None:
+        try:
+            self.values.append(int(event.value))
+        except (TypeError, ValueError):
+            self.wrong.append(event)
+
+    def finish(self, acked: list, final: int) -> list:
+        """Take events until the one carrying ``final`` (bounded), close the watch, and
+        list every way the stream differs from the acknowledged increments."""
+        deadline = time.monotonic() + self.timeout
+        while (not self.values or self.values[-1] < final) and time.monotonic() < deadline:
+            event = self.watch.get(timeout=max(0.0, deadline - time.monotonic()))
+            if event is None:
+                break
+            self._take(event)
+        self.watch.close()
+        return self.problems(acked, final)
+
+    def problems(self, acked: list, final: int) -> list:
+        wrong = [f"event {e.type} {e.key!r} {e.value!r} is no count" for e in self.wrong]
+        previous = self.initial
+        for value in self.values:
+            if value != previous + 1:
+                wrong.append(f"{value} delivered after {previous} (each increment is one)")
+            previous = value
+        delivered = set(self.values)
+        missing = sorted(set(acked) - delivered)
+        if missing:
+            wrong.append(f"{len(missing)} acknowledged counts never delivered, "
+                         f"e.g. {missing[:5]}")
+        if previous != final:
+            wrong.append(f"the last count delivered is {previous}, the final read {final}")
+        return wrong
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
@@ -111,16 +176,36 @@ def main(argv=None) -> int:
     parser.add_argument("--method", choices=("POST", "GET"), default="POST")
     parser.add_argument("--counter", default="load")
     parser.add_argument("--json", action="store_true", help="one JSON line")
+    parser.add_argument("--watch", metavar="ADDRESSES",
+                        help="the service's cluster (tcp://h:p,...): check every event")
     args = parser.parse_args(argv)
-    result = Load(args.url, args.threads, args.requests, method=args.method,
-                  counter=args.counter).run()
+    load = Load(args.url, args.threads, args.requests, method=args.method,
+                counter=args.counter)
+    watcher = db = None
+    if args.watch:
+        import kvstore  # only this option needs it
+
+        db = kvstore.connect(args.watch.split(","), timeout=10)
+        watcher = CounterWatcher(db, args.counter)
+    result = load.run()
+    if watcher is not None:
+        final = Load(args.url, 1, 1, method="GET", counter=args.counter)
+        final.run()
+        [[(_, count)]] = final.answers
+        acked = [c for answers in load.answers for status, c in answers if status == 200]
+        wrong = watcher.finish(acked, count) if count is not None else ["no final count read"]
+        db.close()
+        result["watch"] = {"events": len(watcher.values), "problems": wrong[:10]}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{result['requests']} {args.method}s from {args.threads} threads in "
               f"{result['seconds']} s: {result['requests_per_second']} requests/s; "
               f"statuses {result['statuses']}; errors {result['errors']}")
-    return 0 if result["errors"] == 0 else 1
+        if "watch" in result:
+            verdict = "; ".join(result["watch"]["problems"]) or "every event checked, all right"
+            print(f"watcher: {result['watch']['events']} events: {verdict}")
+    return 0 if result["errors"] == 0 and not result.get("watch", {}).get("problems") else 1
 
 
 if __name__ == "__main__":
