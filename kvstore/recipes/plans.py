@@ -1,0 +1,365 @@
+"""The recipes' logic, once for the sync and the asyncio API: plans that yield steps.
+
+A plan is a generator. It yields a step (``Call``, ``ReadRevision``, ``OpenWatch``...:
+what it needs done to the store), gets the step's result sent back (or its
+error thrown in), and returns its outcome. ``kvstore.recipes.drive`` carries the
+steps out on a ``KV`` (``run``) or awaits them on ``kvstore.aio`` (``run_async``),
+so a lock, an election and a queue behave the same on every engine, and a test
+can drive a plan against an in-memory double. Plans read no clock and touch no
+socket: ``Now`` asks the driver for the time.
+
+Waiting is never a spin: a contender reads the key with its revision and watches
+the key from the revision after (``OpenWatch``): every change after what it read
+is delivered, so it wakes exactly when the key is deleted, and no earlier.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import NamedTuple
+
+from kvstore import errors
+from kvstore.recipes.keys import HOLDER_CHARS, QueueKeys
+
+
+class _Never(Exception):
+    """Stands for an error class this version of kvstore does not have yet."""
+
+
+#: Raised by a write with a lease that has expired or was revoked.
+LeaseExpired = getattr(errors, "LeaseExpired", _Never)
+#: Raised by a watch asked for a revision older than the history kept.
+Compacted = getattr(errors, "Compacted", _Never)
+
+
+# ------------------------------------------------------------------ steps
+class Call(NamedTuple):
+    """``db.<method>(*args, **kwargs)``: its result."""
+    method: str
+    args: tuple
+    kwargs: dict = {}
+
+
+class ReadRevision(NamedTuple):
+    """A linearizable read of ``key``: ``(value or None, revision)``, revision 0 if absent."""
+    key: bytes
+
+
+class ScanRevisions(NamedTuple):
+    """A linearizable scan of ``prefix`` on ``shard``: ``[(key, value, revision)]``."""
+    prefix: bytes
+    shard: int
+
+
+class NewLease(NamedTuple):
+    """``db.lease(ttl)``: a ``Lease`` (the driver revokes it if the plan fails)."""
+    ttl: float
+
+
+class Revoke(NamedTuple):
+    """``lease.revoke()``, errors ignored: it expires on its own within its TTL."""
+    lease: object
+
+
+class OpenWatch(NamedTuple):
+    """``db.watch(**kwargs)``: a watch (the driver closes it when the plan ends)."""
+    kwargs: dict
+
+
+class NextEvent(NamedTuple):
+    """The watch's next event, waiting at most ``timeout`` seconds (None: no limit; 0:
+    only one already there): an ``Event``, or None if none came."""
+    watch: object
+    timeout: float | None
+
+
+class CloseWatch(NamedTuple):
+    watch: object
+
+
+class Now(NamedTuple):
+    """The driver's monotonic clock, in seconds."""
+
+
+class NShards(NamedTuple):
+    """The store's number of shards."""
+
+
+class Emit(NamedTuple):
+    """Not a step: a value for the iterator that runs the plan (``observe``)."""
+    value: object
+
+
+def _remaining(deadline: float | None, now: float) -> float | None:
+    return None if deadline is None else max(0.0, deadline - now)
+
+
+# ------------------------------------------------------------------ lock and election
+def acquire(key: bytes, value: bytes, lease, timeout: float | None):
+    """Create ``key`` = ``value`` held by ``lease``, waiting while another holds it.
+
+    Returns ``(lease, token)`` (the lease may be a new one: see below), or None if
+    ``timeout`` seconds passed first. The token is the revision of the write that
+    created the key: ``value`` is unique to this acquisition, so the read after the
+    swap that still finds it names exactly that write; every later acquisition of
+    the key writes at a later revision of the same shard.
+    """
+    deadline = None if timeout is None else (yield Now()) + timeout
+    while True:
+        try:
+            yield Call("cas", (key, None, value), {"lease": lease})
+        except LeaseExpired:  # the lease lapsed while this waited (a pause, a partition)
+            yield Revoke(lease)
+            lease = yield NewLease(lease.ttl)
+            continue
+        current, revision = yield ReadRevision(key)
+        if current == value:  # ours (the swap, or an earlier attempt whose answer was lost)
+            return lease, revision
+        if current is None:  # freed since the swap failed, or ours expired at once
+            continue
+        freed = yield from _wait_for_delete(key, revision, deadline)
+        if not freed:
+            return None
+
+
+def acquire_with_new_lease(key: bytes, value: bytes, ttl: float, timeout: float | None):
+    """``acquire`` with a lease of its own (revoked if it gives up, by the driver if it
+    fails): ``(lease, token)`` or None."""
+    lease = yield NewLease(ttl)
+    got = yield from acquire(key, value, lease, timeout)
+    if got is None:
+        yield Revoke(lease)
+    return got
+
+
+def _wait_for_delete(key: bytes, revision: int, deadline: float | None):
+    """Wait until ``key``, seen at ``revision``, is deleted (True) or ``deadline`` (False).
+    The watch starts at ``revision + 1``: no change after the read can be missed."""
+    watch = yield OpenWatch({"key": key, "start_revision": revision + 1})
+    while True:  # on an error, the driver closes the watch
+        now = yield Now()
+        if deadline is not None and now >= deadline:
+            freed = False
+            break
+        try:
+            event = yield NextEvent(watch, _remaining(deadline, now))
+        except Compacted:  # fell behind the history: look again
+            freed = True
+            break
+        if event is not None and event.type == "delete":
+            freed = True
+            break
+    yield CloseWatch(watch)
+    return freed
+
+
+def release(key: bytes, value: bytes, lease):
+    """Delete ``key`` if it still holds ``value``, then revoke ``lease``. Returns whether
+    it was still held (False: the lease had expired, the key was freed without us)."""
+    try:
+        held = yield Call("cas", (key, value, None))
+    except Exception:
+        yield Revoke(lease)  # deletes the key too
+        raise
+    yield Revoke(lease)
+    return bool(held)
+
+
+def read_holder(key: bytes):
+    """``(value, revision)`` of the key (None, 0 if nobody holds it)."""
+    return (yield ReadRevision(key))
+
+
+def strip_holder(value: bytes | None) -> bytes | None:
+    """An election key's value without its holder id: the leader's value."""
+    return None if value is None else value[HOLDER_CHARS:]
+
+
+def observe(key: bytes):
+    """Emit the leader's value now (None: no leader), then at every change of leader:
+    a new holder's value, or None when the office falls vacant."""
+    while True:
+        current, revision = yield ReadRevision(key)
+        yield Emit(strip_holder(current))
+        watch = yield OpenWatch({"key": key, "start_revision": revision + 1})
+        while True:  # the driver closes the watch when the iterator is closed
+            try:
+                event = yield NextEvent(watch, None)
+            except Compacted:
+                break  # read again, emit the leader then, go on from there
+            if event is None:
+                continue
+            new = event.value if event.type == "put" else None
+            if new != current:
+                current = new
+                yield Emit(strip_holder(new))
+        yield CloseWatch(watch)
+
+
+# ------------------------------------------------------------------ queue
+class Message(NamedTuple):
+    """What ``Queue.get`` hands out."""
+    id: bytes
+    value: bytes
+    revision: int
+
+
+class QueueView:
+    """What one consumer knows of its queue, from a scan and the watch after it: the
+    items (by id, with the revision of their put), which are claimed by another
+    consumer, and which this consumer holds. Pure bookkeeping; ``next_candidate``
+    answers the oldest item this consumer may try to claim."""
+
+    def __init__(self, keys: QueueKeys, me: bytes) -> None:
+        self.keys = keys
+        self.me = me
+        self.items: dict = {}      # id -> revision of its put
+        self.claimed: set = set()  # ids claimed by another consumer
+        self.mine: set = set()     # ids this consumer was handed and holds unacked
+        self.seen: dict = {}       # key -> revision of the last change applied
+        self._heap: list = []      # (revision, id): candidates, stale entries skipped
+        self._queued: set = set()  # ids in the heap
+
+    def load(self, rows) -> None:
+        """The rows of a scan of the queue's prefix: ``(key, value, revision)``."""
+        for key, value, revision in rows:
+            self.apply("put", key, value, revision)
+
+    def apply(self, kind: str, key: bytes, value: bytes | None, revision: int) -> None:
+        """One change of one of the queue's keys (a scan's row counts as a put). A change
+        no newer than the last one applied to its key is skipped: a watch replays from
+        a revision the scan may already include."""
+        if self.seen.get(key, 0) >= revision:
+            return
+        parsed = self.keys.parse(key)
+        if parsed is None:
+            return
+        what, item_id = parsed
+        self.seen[key] = revision
+        if what == b"i":
+            if kind == "put":
+                self.items[item_id] = revision
+                self._offer(item_id)
+            else:
+                self.items.pop(item_id, None)
+                self.claimed.discard(item_id)
+                self.mine.discard(item_id)
+                self.seen.pop(key, None)  # an item id is never put again
+        elif what == b"c":
+            if kind == "put":
+                if value != self.me:
+                    self.claimed.add(item_id)
+            else:  # a claim ended (acked, released, its consumer's lease ended)
+                self.claimed.discard(item_id)
+                self.mine.discard(item_id)
+                self._offer(item_id)
+
+    def apply_event(self, event) -> None:
+        self.apply(event.type, event.key, event.value, event.revision)
+
+    def _offer(self, item_id: bytes) -> None:
+        revision = self.items.get(item_id)
+        if revision is not None and item_id not in self._queued:
+            self._queued.add(item_id)
+            heapq.heappush(self._heap, (revision, item_id))
+
+    def next_candidate(self) -> tuple[bytes, int] | None:
+        """``(id, revision)`` of the oldest item not claimed by anyone as far as this view
+        knows, or None."""
+        heap = self._heap
+        while heap:
+            revision, item_id = heapq.heappop(heap)
+            self._queued.discard(item_id)
+            if (self.items.get(item_id) == revision and item_id not in self.claimed
+                    and item_id not in self.mine):
+                return item_id, revision
+        return None
+
+    def lost(self, item_id: bytes) -> None:
+        """Another consumer holds ``item_id``'s claim: not a candidate until it ends
+        (its delete event offers the item again)."""
+        self.claimed.add(item_id)
+
+    def forget(self, item_id: bytes) -> None:
+        self.items.pop(item_id, None)
+        self.claimed.discard(item_id)
+        self.mine.discard(item_id)
+
+
+def open_consumer(keys: QueueKeys, me: bytes, ttl: float):
+    """Register consumer ``me`` (its key, held by its lease, on the queue's shard), read
+    the queue, and watch it from just after the registration: returns
+    ``(view, watch, lease)``; the lease (``ttl`` seconds) holds the consumer's claims.
+
+    The registration's revision R is on the queue's shard; the scan after it sees at
+    least R; the watch replays every change from R + 1; ``QueueView.apply`` skips what
+    the scan already showed. So nothing between the scan and the watch is missed."""
+    lease = yield NewLease(ttl)
+    registration = keys.consumer(me)
+    yield Call("put", (registration, me), {"lease": lease})
+    _value, revision = yield ReadRevision(registration)
+    rows = yield ScanRevisions(keys.base, keys.home)
+    view = QueueView(keys, me)
+    view.load(rows)
+    watch = yield OpenWatch({"prefix": keys.base,
+                             "start_revision": {keys.home: revision + 1}})
+    return view, watch, lease
+
+
+def take(view: QueueView, watch, lease, timeout: float | None):
+    """Claim and return the oldest available item (a ``Message``), or None once
+    ``timeout`` seconds passed with none. Blocks on the watch, never polls.
+
+    A claim is the key ``c/ID`` created only if absent, held by the consumer's lease:
+    if the consumer dies, the lease expires, the claim is deleted, and every
+    consumer's watch offers the item again (at-least-once). The item is read AFTER the
+    claim: an item acked (deleted) before the claim is never handed out again."""
+    keys, me = view.keys, view.me
+    deadline = None if timeout is None else (yield Now()) + timeout
+    while True:
+        while True:  # what the watch already has: acks, claims, new items
+            event = yield NextEvent(watch, 0)
+            if event is None:
+                break
+            view.apply_event(event)
+        candidate = view.next_candidate()
+        if candidate is None:
+            now = yield Now()
+            if deadline is not None and now >= deadline:
+                return None
+            event = yield NextEvent(watch, _remaining(deadline, now))
+            if event is not None:
+                view.apply_event(event)
+            continue
+        item_id, revision = candidate
+        claim = keys.claim(item_id)
+        swapped = yield Call("cas", (claim, None, me), {"lease": lease})
+        if not swapped and (yield Call("get", (claim,))) != me:
+            view.lost(item_id)
+            continue
+        value = yield Call("get", (keys.item(item_id),))
+        if value is None:  # acked by another before our claim
+            yield Call("cas", (claim, me, None))
+            view.forget(item_id)
+            continue
+        view.mine.add(item_id)
+        return Message(item_id, value, revision)
+
+
+def ack(keys: QueueKeys, view: QueueView | None, me: bytes, item_id: bytes):
+    """Delete the item (it is done: never handed out again), then its claim if it is
+    still ours. Returns whether the claim was still ours (False: it had expired and the
+    item may have been handed to another consumer too: at-least-once)."""
+    yield Call("delete", (keys.item(item_id),))
+    still = yield Call("cas", (keys.claim(item_id), me, None))
+    if view is not None:
+        view.forget(item_id)
+    return bool(still)
+
+
+def release_item(keys: QueueKeys, view: QueueView | None, me: bytes, item_id: bytes):
+    """Give the item back unprocessed: its claim is deleted, so it is offered again."""
+    still = yield Call("cas", (keys.claim(item_id), me, None))
+    if view is not None:
+        view.mine.discard(item_id)
+    return bool(still)
