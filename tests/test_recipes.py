@@ -227,6 +227,8 @@ def test_one_consumer_gets_items_in_put_order_and_an_acked_item_never_again(kv):
         assert g.ack() is True
     assert consumer.get(timeout=0.05) is None
     assert kv.scan("_kvstore/queue/jobs/i/") == []
+    view = consumer._state.view
+    assert view.items == {} and view.seen == {}, "nothing kept of acked items"
     consumer.close()
 
 

@@ -197,6 +197,11 @@ def observe(key: bytes):
 
 
 # ------------------------------------------------------------------ queue
+#: Events a ``take`` applies before it claims (the rest wait for its next turn): a busy
+#: queue's stream never keeps a consumer from handing out an item.
+DRAIN_EVENTS_MAX = 1000
+
+
 class Message(NamedTuple):
     """What ``Queue.get`` hands out."""
     id: bytes
@@ -221,35 +226,40 @@ class QueueView:
         self._queued: set = set()  # ids in the heap
 
     def load(self, rows) -> None:
-        """The rows of a scan of the queue's prefix: ``(key, value, revision)``."""
-        for key, value, revision in rows:
+        """The rows of a scan of the queue's prefix: ``(key, value, revision)``; items
+        first, so that their claims find them."""
+        rows = list(rows)
+        items = self.keys.base + b"i/"
+        for key, value, revision in sorted(rows, key=lambda r: not r[0].startswith(items)):
             self.apply("put", key, value, revision)
 
     def apply(self, kind: str, key: bytes, value: bytes | None, revision: int) -> None:
         """One change of one of the queue's keys (a scan's row counts as a put). A change
         no newer than the last one applied to its key is skipped: a watch replays from
-        a revision the scan may already include."""
-        if self.seen.get(key, 0) >= revision:
-            return
+        a revision the scan may already include. What the view keeps is bounded by the
+        items present: an item's entries go with it, a claim of an unknown item (acked
+        already) is ignored."""
         parsed = self.keys.parse(key)
         if parsed is None:
             return
         what, item_id = parsed
-        self.seen[key] = revision
         if what == b"i":
+            if self.seen.get(key, 0) >= revision:
+                return
             if kind == "put":
+                self.seen[key] = revision
                 self.items[item_id] = revision
                 self._offer(item_id)
-            else:
-                self.items.pop(item_id, None)
-                self.claimed.discard(item_id)
-                self.mine.discard(item_id)
-                self.seen.pop(key, None)  # an item id is never put again
-        elif what == b"c":
+            else:  # acked: an item id is never put again
+                self.forget(item_id)
+        elif what == b"c" and item_id in self.items:
+            if self.seen.get(key, 0) >= revision:
+                return
+            self.seen[key] = revision
             if kind == "put":
                 if value != self.me:
                     self.claimed.add(item_id)
-            else:  # a claim ended (acked, released, its consumer's lease ended)
+            else:  # a claim ended (released, its consumer's lease ended)
                 self.claimed.discard(item_id)
                 self.mine.discard(item_id)
                 self._offer(item_id)
@@ -281,9 +291,12 @@ class QueueView:
         self.claimed.add(item_id)
 
     def forget(self, item_id: bytes) -> None:
+        """The item is gone (acked): nothing of it is kept."""
         self.items.pop(item_id, None)
         self.claimed.discard(item_id)
         self.mine.discard(item_id)
+        self.seen.pop(self.keys.item(item_id), None)
+        self.seen.pop(self.keys.claim(item_id), None)
 
 
 def open_consumer(keys: QueueKeys, me: bytes, ttl: float):
@@ -317,7 +330,7 @@ def take(view: QueueView, watch, lease, timeout: float | None):
     keys, me = view.keys, view.me
     deadline = None if timeout is None else (yield Now()) + timeout
     while True:
-        while True:  # what the watch already has: acks, claims, new items
+        for _ in range(DRAIN_EVENTS_MAX):  # what the watch already has: acks, claims, items
             event = yield NextEvent(watch, 0)
             if event is None:
                 break
