@@ -213,7 +213,6 @@ def test_queue_keys_all_live_on_the_queue_shard():
             item_id = keys.new_item_id()
             assert shard_for(keys.item(item_id), nshards) == keys.home
             assert shard_for(keys.claim(item_id), nshards) == keys.home
-        assert shard_for(keys.consumer(keys.new_consumer_id()), nshards) == keys.home
 
 
 def test_one_consumer_gets_items_in_put_order_and_an_acked_item_never_again(kv):

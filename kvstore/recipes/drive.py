@@ -202,6 +202,9 @@ async def _perform_async(db, step, owned: _Owned):
     if kind is plans.OpenWatch:
         watch = await _maybe_await(db.watch(**step.kwargs))
         owned.watches.append(watch)
+        started = getattr(watch, "started", None)  # kvstore.aio: where the shards stand
+        if started is not None:
+            await started()
         return watch
     if kind is plans.CloseWatch:
         _forget(owned.watches, step.watch)

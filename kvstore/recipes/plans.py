@@ -300,22 +300,19 @@ class QueueView:
 
 
 def open_consumer(keys: QueueKeys, me: bytes, ttl: float):
-    """Register consumer ``me`` (its key, held by its lease, on the queue's shard), read
-    the queue, and watch it from just after the registration: returns
-    ``(view, watch, lease)``; the lease (``ttl`` seconds) holds the consumer's claims.
+    """Start consumer ``me``: its lease (``ttl`` seconds: it holds the consumer's claims),
+    a watch of the queue from now, then a scan of the queue: returns
+    ``(view, watch, lease)``.
 
-    The registration's revision R is on the queue's shard; the scan after it sees at
-    least R; the watch replays every change from R + 1; ``QueueView.apply`` skips what
-    the scan already showed. So nothing between the scan and the watch is missed."""
+    The watch's "now" is fixed when ``watch()`` returns (every engine learns where each
+    shard stands before it returns), before the scan begins, so it is no later than the
+    scan's snapshot: every change after the scan is in the watch, and what the watch
+    replays of the scan's past, ``QueueView.apply`` skips by revision."""
     lease = yield NewLease(ttl)
-    registration = keys.consumer(me)
-    yield Call("put", (registration, me), {"lease": lease})
-    _value, revision = yield ReadRevision(registration)
+    watch = yield OpenWatch({"prefix": keys.base})
     rows = yield ScanRevisions(keys.base, keys.home)
     view = QueueView(keys, me)
     view.load(rows)
-    watch = yield OpenWatch({"prefix": keys.base,
-                             "start_revision": {keys.home: revision + 1}})
     return view, watch, lease
 
 
