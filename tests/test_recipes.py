@@ -244,6 +244,19 @@ def test_a_waiting_consumer_is_woken_by_the_put_not_by_polling(kv):
     consumer.close()
 
 
+def test_an_item_is_acked_while_its_consumer_waits_in_get_in_another_thread(kv):
+    consumer = Queue(kv, "jobs")
+    consumer.put("first")
+    first = consumer.get(timeout=1)
+    t, box = in_thread(consumer.get, WAIT)
+    wait_until(lambda: kv.calls["watch.get"] >= 3, "the get waits on the watch")
+    acking, ack_box = in_thread(first.ack)
+    assert result_of(acking, ack_box) is True, "an ack does not wait for the get"
+    consumer.put("second")
+    assert result_of(t, box).value == b"second"
+    consumer.close()
+
+
 def test_an_item_held_by_a_dead_consumer_is_delivered_again_after_its_lease(kv):
     producer = Queue(kv, "jobs")
     first, second = Queue(kv, "jobs", visibility_timeout=5), Queue(kv, "jobs")

@@ -151,16 +151,12 @@ class Queue:
             raise KVError(f"the queue {state.name!r}: this consumer's lease keeps lapsing")
 
     async def _ack(self, item_id: bytes, consumer: bytes):
-        state = self._state
-        async with self._mutex:
-            return await drive.run_async(plans.ack(state.keys, state.view_of(consumer),
-                                                   consumer, item_id), self.db)
+        # not under the mutex: a get may be waiting in another task
+        return await drive.run_async(plans.ack(self._state.keys, consumer, item_id), self.db)
 
     async def _release(self, item_id: bytes, consumer: bytes):
-        state = self._state
-        async with self._mutex:
-            return await drive.run_async(plans.release_item(
-                state.keys, state.view_of(consumer), consumer, item_id), self.db)
+        return await drive.run_async(plans.release_item(self._state.keys, consumer, item_id),
+                                     self.db)
 
     async def _end_consumer(self) -> None:
         watch, lease = self._state.drop_consumer()

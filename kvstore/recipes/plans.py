@@ -356,20 +356,18 @@ def take(view: QueueView, watch, lease, timeout: float | None):
         return Message(item_id, value, revision)
 
 
-def ack(keys: QueueKeys, view: QueueView | None, me: bytes, item_id: bytes):
+def ack(keys: QueueKeys, me: bytes, item_id: bytes):
     """Delete the item (it is done: never handed out again), then its claim if it is
     still ours. Returns whether the claim was still ours (False: it had expired and the
-    item may have been handed to another consumer too: at-least-once)."""
+    item may have been handed to another consumer too: at-least-once). The consumer's
+    view learns it from the watch (it touches no view: a get may be waiting on it)."""
     yield Call("delete", (keys.item(item_id),))
     still = yield Call("cas", (keys.claim(item_id), me, None))
-    if view is not None:
-        view.forget(item_id)
     return bool(still)
 
 
-def release_item(keys: QueueKeys, view: QueueView | None, me: bytes, item_id: bytes):
-    """Give the item back unprocessed: its claim is deleted, so it is offered again."""
+def release_item(keys: QueueKeys, me: bytes, item_id: bytes):
+    """Give the item back unprocessed: its claim is deleted, so the watch of every
+    consumer, this one's too, offers it again."""
     still = yield Call("cas", (keys.claim(item_id), me, None))
-    if view is not None:
-        view.mine.discard(item_id)
     return bool(still)

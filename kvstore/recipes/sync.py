@@ -224,10 +224,6 @@ class _QueueState:
         if self.closed:
             raise KVError(f"the queue {self.name!r} was closed")
 
-    def view_of(self, consumer: bytes):
-        """The view of ``consumer`` if it is still this queue's consumer, else None."""
-        return self.view if consumer == self.me else None
-
     def opened(self, got) -> None:
         self.view, self.watch, self.lease = got
 
@@ -290,16 +286,11 @@ class Queue:
                           f"process paused for longer than that?")
 
     def _ack(self, item_id: bytes, consumer: bytes):
-        state = self._state
-        with self._mutex:
-            return drive.run(plans.ack(state.keys, state.view_of(consumer), consumer,
-                                       item_id), self.db)
+        # not under the mutex: a get may be waiting in another thread
+        return drive.run(plans.ack(self._state.keys, consumer, item_id), self.db)
 
     def _release(self, item_id: bytes, consumer: bytes):
-        state = self._state
-        with self._mutex:
-            return drive.run(plans.release_item(state.keys, state.view_of(consumer),
-                                                consumer, item_id), self.db)
+        return drive.run(plans.release_item(self._state.keys, consumer, item_id), self.db)
 
     def _end_consumer(self) -> None:
         watch, lease = self._state.drop_consumer()
