@@ -187,6 +187,29 @@ def test_the_cli_runs_a_command_holding_the_lock(cluster, cdb):
     assert held.token > token
 
 
+def test_the_cli_lock_on_an_embedded_store_passes_the_exit_code_and_the_token(tmp_path):
+    data = str(tmp_path / "db")
+    runs = []
+    for code in (0, 3):
+        r = subprocess.run([PYTHON, "-m", "kvstore.cli", "--data", data, "lock", "job", "--",
+                            sh_path(), "-c", f'echo "$KVSTORE_LOCK_TOKEN"; exit {code}'],
+                           capture_output=True, text=True, env=child_env(), timeout=60)
+        assert r.returncode == code, r.stderr
+        runs.append(int(r.stdout))
+    assert runs[0] < runs[1], "a later holding has a larger token"
+    r = subprocess.run([PYTHON, "-m", "kvstore.cli", "--data", data, "lock", "job", "--",
+                        str(tmp_path / "no-such-command")], capture_output=True, text=True,
+                       env=child_env(), timeout=60)
+    assert r.returncode == 127 and "cannot run" in r.stderr
+    r = subprocess.run([PYTHON, "-m", "kvstore.cli", "--data", data, "lock", "job"],
+                       capture_output=True, text=True, env=child_env(), timeout=60)
+    assert r.returncode == 2 and "needs a command" in r.stderr
+
+
+def sh_path() -> str:
+    return "/bin/sh"
+
+
 # ------------------------------------------------------------------ election
 def test_an_election_hands_over_on_resign(db):
     a, b = Election(db, "office", ttl=10), Election(db, "office", ttl=10)
