@@ -14,21 +14,25 @@ from __future__ import annotations
 import os
 
 from kvstore.api import KV, Txn
-from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError, Timeout,
+from kvstore.errors import (Compacted, CorruptRecord, InvalidArgument, KVError, StorageError, Timeout,
                             TransactionConflict, Unavailable)
+from kvstore.events import Event
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE
 
 __version__ = "0.1.0"
 
 
 def open(path: str | os.PathLike, *, node_id: str | None = None, cluster: str | None = None,
-         shards: int | None = None, map_size: int | None = None) -> KV:
+         shards: int | None = None, map_size: int | None = None,
+         watch_history_bytes: int | None = None) -> KV:
     """Open (creating if needed) the store in directory ``path``.
 
     ``shards`` fixes the number of shards when the directory is created (default 1)
     and must match afterwards. ``map_size`` is the least LMDB map reserved, in bytes:
     at least 1 TiB of address space (not of disk) is reserved anyway, so the map never
     has to grow under open readers (it still grows past it, should a store fill it).
+    ``watch_history_bytes``: the recent changes kept in memory for ``watch`` (all shards
+    together; default 64 MiB): a watch further behind gets ``Compacted``.
     """
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise InvalidArgument(f"path must be a str or os.PathLike, not {type(path).__name__}")
@@ -39,7 +43,10 @@ def open(path: str | os.PathLike, *, node_id: str | None = None, cluster: str | 
         from kvstore.embedded.replica import open_replica
         return open_replica(path, node_id, cluster)
     from kvstore.embedded.store import EmbeddedKV
-    return EmbeddedKV(path, shards=shards, map_size=map_size)
+    if watch_history_bytes is None:
+        return EmbeddedKV(path, shards=shards, map_size=map_size)
+    return EmbeddedKV(path, shards=shards, map_size=map_size,
+                      watch_history_bytes=watch_history_bytes)
 
 
 def connect(addresses, timeout: float = 5.0, *, keys=None) -> KV:
@@ -72,5 +79,5 @@ __all__ = [
     "open", "connect", "status", "KV", "Txn", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
     "MAX_TXN_SIZE", "MAX_CLUSTER_TXN_SIZE",
     "KVError", "InvalidArgument", "TransactionConflict", "Unavailable", "Timeout",
-    "StorageError", "CorruptRecord", "__version__",
+    "StorageError", "CorruptRecord", "Compacted", "Event", "__version__",
 ]

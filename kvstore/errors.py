@@ -49,6 +49,18 @@ class CorruptRecord(StorageError):
         self.offset = offset
 
 
+class Compacted(KVError):
+    """A watch asked for revisions older than the history kept (``docs/watch.md``).
+
+    ``oldest``: the oldest revision still available (an int), or a dict shard -> oldest
+    revision where it is known per shard. Re-read the data, then watch from there.
+    """
+
+    def __init__(self, message: str, oldest=None) -> None:
+        super().__init__(message)
+        self.oldest = oldest
+
+
 __all__ = [
     "KVError",
     "InvalidArgument",
@@ -57,4 +69,5 @@ __all__ = [
     "Timeout",
     "StorageError",
     "CorruptRecord",
+    "Compacted",
 ]

@@ -48,6 +48,8 @@ RULES = [
                          "kvstore.embedded", "kvstore.server", "kvstore.paxos", "kvstore.txn",
                          "kvstore.transport", "kvstore.sim"),
      "the gateway is a client of the cluster: it reaches it through kvstore.aio only", ()),
+    ("kvstore.watch", ("kvstore.",), "the watch history is pure: it may use only itself, "
+     "the events and the errors", ("kvstore.watch", "kvstore.events", "kvstore.errors")),
     ("kvstore.embedded.store", ("kvstore.node", "kvstore.client", "kvstore.server",
                                 "kvstore.sim"),
      "the embedded store is one replica in this process, no cluster", ()),
@@ -57,6 +59,7 @@ RULES = [
 #: machine works inside a transaction handed to it (it may log what it refuses), but it
 #: opens nothing, waits for nothing and reads no clock.
 PURE = {"kvstore.paxos": IO_MODULES, "kvstore.txn": IO_MODULES, "kvstore.commands": IO_MODULES,
+        "kvstore.watch": IO_MODULES,
         "kvstore.machine": tuple(m for m in IO_MODULES if m != "logging")}
 
 

@@ -5,7 +5,9 @@ thread at a time (``commit_batch``): each request is applied onto a view of the
 overlay and LMDB (its result computed), the group's entries (one per shard,
 ``kvstore.embedded.recovery.entry``) and their commit point are appended to the
 log in one ``pwrite`` and one ``fdatasync``, and only then are the writes
-published into the overlay and the results handed back.
+published into the overlay, what they changed handed to the watch histories
+(``kvstore.embedded.watch.WatchHub``: durable changes only) and the results
+handed back.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
         if store._checkpoint_record is checkpoint:
             store._checkpoint_record = None
         overlay.publish(pending, slots, end)
+        hub = store._watch
+        if hub is not None:
+            hub.publish([(shard, slot, results.changes.get(shard, ()))
+                         for shard, slot, _commands in entries])
     for request, result in zip(batch, results):
         if type(result) is _Failed:
             request.error = result.error
@@ -104,15 +110,19 @@ def _apply_batch(store, view, batch: Sequence[Request]) -> "_BatchResults":
     data = store._data
     entries: dict[int, list] = {}
     results = _BatchResults()
+    changes = results.changes
     for request in batch:
         payload = request.payload
         if payload is None:  # a barrier (close waits behind in-flight commits)
             results.append(None)
         elif type(payload) is tuple:
             shard, command = payload
+            shard_changes = changes.get(shard)
+            if shard_changes is None:
+                shard_changes = changes[shard] = []
             try:
                 result = apply_command(view(shard), data[shard], applied[shard] + 1,
-                                       command)
+                                       command, shard_changes)
             except CorruptRecord as e:  # a corrupt value read by this command: it alone
                 results.append(_Failed(translate(e, store.path, "applying a write")))
                 continue
@@ -123,7 +133,7 @@ def _apply_batch(store, view, batch: Sequence[Request]) -> "_BatchResults":
             results.append(result)
         else:
             try:
-                results.append(_apply_multi_shard(store, view, payload, entries))
+                results.append(_apply_multi_shard(store, view, payload, entries, changes))
             except CorruptRecord as e:
                 results.append(_Failed(translate(e, store.path, "applying a transaction")))
     results.entries = [(shard, applied[shard] + 1, commands)
@@ -131,14 +141,15 @@ def _apply_batch(store, view, batch: Sequence[Request]) -> "_BatchResults":
     return results
 
 
-def _apply_multi_shard(store, view, payload, entries: dict) -> bool:
+def _apply_multi_shard(store, view, payload, entries: dict, changes: dict) -> bool:
     data, applied = store._data, store._overlay.applied
     for shard, (reads, ranges, _writes) in payload.parts.items():
         if not reads_still_valid(view(shard), data[shard], reads, ranges):
             return False
     for shard, (_reads, _ranges, writes) in payload.parts.items():
         if writes:
-            apply_writes(view(shard), data[shard], applied[shard] + 1, writes)
+            apply_writes(view(shard), data[shard], applied[shard] + 1, writes,
+                         changes.setdefault(shard, []))
             entries.setdefault(shard, []).append((OP_TXN_WRITES, writes))
     return True
 
@@ -154,11 +165,12 @@ class _Failed:
 
 class _BatchResults(list):
     """Per-request results of one batch, plus the ``(shard, slot, commands)`` entries
-    it makes."""
+    it makes, and per shard what they changed (``(key, value, prev)``, for watchers)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.entries: list[tuple[int, int, list]] = []
+        self.changes: dict[int, list] = {}
 
 
 __all__ = ["commit_batch"]

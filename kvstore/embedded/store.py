@@ -45,6 +45,8 @@ from kvstore.embedded.commit import commit_batch
 from kvstore.embedded.groupcommit import GroupCommitter, Request
 from kvstore.embedded.recovery import checkpointed_point, command_packer, recover
 from kvstore.embedded.verify import verify_store
+from kvstore.embedded.watch import DEFAULT_HISTORY_BYTES, Watch, WatchHub
+from kvstore.events import watch_range
 from kvstore.sharding import shard_of
 from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
                           check_limit, check_optional_value, check_value, scan_range)
@@ -82,9 +84,10 @@ class EmbeddedKV(KV):
 
     def __init__(self, path: str | os.PathLike, *, shards: int | None = None,
                  map_size: int | None = None, create: bool = True,
-                 wal_files=None) -> None:
+                 wal_files=None, watch_history_bytes: int = DEFAULT_HISTORY_BYTES) -> None:
         """``wal_files``: the log's file system port (``wal.OsFiles`` by default);
-        tests pass a twin that loses what was not synced at a simulated power loss."""
+        tests pass a twin that loses what was not synced at a simulated power loss.
+        ``watch_history_bytes``: the changes kept in memory for watchers (all shards)."""
         self._storage = Storage(path, shards=shards, map_size=map_size, create=create)
         self.path = self._storage.path
         self._nshards = self._storage.nshards
@@ -100,6 +103,7 @@ class EmbeddedKV(KV):
         self._wal: WriteAheadLog | None = None
         self._checkpointer: Checkpointer | None = None
         self._checkpoint_record: Record | None = None  # rides on the next append
+        self._watch: WatchHub | None = None  # set once recovered: watchers see what follows
         try:
             applied, position, closed_at = self._storage.read(
                 lambda txn: checkpointed_point(self, txn), "reading the applied points", True)
@@ -111,6 +115,8 @@ class EmbeddedKV(KV):
                 self._after_checkpoint, CHECKPOINT_SECONDS, CHECKPOINT_BYTES,
                 OVERLAY_LIMIT_BYTES, self.path)
             recover(self, position, closed_at)
+            self._watch = WatchHub(self._nshards, watch_history_bytes,
+                                   list(self._overlay.applied), self.path)
             self._checkpointer.start()
             weakref.finalize(self, self._wal.close)  # dropped without close(): its files
         except BaseException:
@@ -251,6 +257,17 @@ class EmbeddedKV(KV):
 
     # -- transactions ---------------------------------------------------------------------
 
+    def watch(self, key=None, prefix=None, start_revision=None, *,
+              prev_value: bool = False) -> Watch:
+        """Every change of ``key``, of keys under ``prefix``, or of every key (neither),
+        from ``start_revision`` on (None: from now; an int: that revision of every shard
+        concerned; a dict: a ``Watch.position``): a ``Watch`` (docs/watch.md)."""
+        self._check_open()
+        lo, _hi, key = watch_range(key, prefix)
+        shards = [self._shard(key)] if key is not None else list(range(self._nshards))
+        return Watch(self._watch, shards, key=key, prefix=None if key is not None else lo,
+                     start_revision=start_revision, prev_value=prev_value)
+
     def transaction(self) -> "EmbeddedTxn":
         self._check_open()
         return EmbeddedTxn(self)
@@ -353,6 +370,8 @@ class EmbeddedKV(KV):
             if self._closed:
                 return
             self._closed = True
+        if self._watch is not None:
+            self._watch.close()  # waiting watchers end with "the store is closed"
         # Wait for an in-flight commit by queueing behind it: submit a no-op batch.
         try:
             self._committer.submit(Request(None))

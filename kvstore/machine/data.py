@@ -102,24 +102,65 @@ def reads_still_valid(txn, db, reads: Iterable, ranges: Iterable) -> bool:
     return True
 
 
-def apply_writes(txn, db, revision: int, writes: Iterable) -> None:
-    """Write a transaction's ``(key, value or None)`` list at ``revision``."""
+def apply_writes(txn, db, revision: int, writes: Iterable, changes: list | None = None) -> None:
+    """Write a transaction's ``(key, value or None)`` list at ``revision``.
+
+    ``changes``: if a list, ``(key, value or None, previous value or None)`` is appended
+    for each key changed (a delete of an absent key changes nothing); None costs nothing."""
     put, delete = txn.put, txn.delete
+    if changes is None:
+        for key, value in writes:
+            if value is None:
+                delete(key, db=db)
+            else:
+                put(key, _pack(key, revision, value), db=db)
+        return
+    get = txn.get
     for key, value in writes:
+        raw = get(key, db=db)
         if value is None:
-            delete(key, db=db)
+            if raw is not None:
+                delete(key, db=db)
+                changes.append((key, None, previous_value(key, raw)))
         else:
             put(key, _pack(key, revision, value), db=db)
+            changes.append((key, value, previous_value(key, raw)))
 
 
-def apply_command(txn, db, revision: int, command) -> object:
-    """Apply one command (see ``kvstore.commands``) at ``revision``; its result."""
+def previous_value(key: bytes, raw) -> bytes | None:
+    """The user's value of a stored value about to be replaced, for a change's report:
+    None if absent, or if its checksum fails (the report is not the state: a corrupt
+    old value must not make the write fail here when it would not without a watcher)."""
+    if raw is None:
+        return None
+    try:
+        return value_of(key, raw)
+    except CorruptRecord:
+        return None
+
+
+def apply_command(txn, db, revision: int, command, changes: list | None = None) -> object:
+    """Apply one command (see ``kvstore.commands``) at ``revision``; its result.
+
+    ``changes``: as for ``apply_writes`` (what a watch is told); None costs nothing."""
     op = command[0]
     if op == OP_PUT:
-        txn.put(command[1], _pack(command[1], revision, command[2]), db=db)
+        key = command[1]
+        if changes is not None:
+            changes.append((key, command[2], previous_value(key, txn.get(key, db=db))))
+        txn.put(key, _pack(key, revision, command[2]), db=db)
         return None
     if op == OP_DELETE:
-        return txn.delete(command[1], db=db)
+        if changes is None:
+            return txn.delete(command[1], db=db)
+        key = command[1]
+        raw = txn.get(key, db=db)
+        if raw is None:
+            return False
+        prev = previous_value(key, raw)
+        txn.delete(key, db=db)
+        changes.append((key, None, prev))
+        return True
     if op == OP_CAS:
         _, key, expected, new = command
         raw = txn.get(key, db=db)
@@ -129,22 +170,30 @@ def apply_command(txn, db, revision: int, command) -> object:
         if new is None:
             if raw is not None:
                 txn.delete(key, db=db)
+                if changes is not None:
+                    changes.append((key, None, current))
         else:
             txn.put(key, _pack(key, revision, new), db=db)
+            if changes is not None:
+                changes.append((key, new, current))
         return True
     if op == OP_INCR:
         key = command[1]
-        result = incremented(value_of(key, txn.get(key, db=db)), command[2])
+        before = value_of(key, txn.get(key, db=db))
+        result = incremented(before, command[2])
         if type(result) is int:  # else a refusal (not an integer, overflow): nothing written
-            txn.put(key, _pack(key, revision, b"%d" % result), db=db)
+            value = b"%d" % result
+            txn.put(key, _pack(key, revision, value), db=db)
+            if changes is not None:
+                changes.append((key, value, before))
         return result
     if op == OP_TXN:
         _, reads, ranges, writes = command
         if not reads_still_valid(txn, db, reads, ranges):
             return False
-        apply_writes(txn, db, revision, writes)
+        apply_writes(txn, db, revision, writes, changes)
         return True
     if op == OP_TXN_WRITES:
-        apply_writes(txn, db, revision, command[1])
+        apply_writes(txn, db, revision, command[1], changes)
         return True
     raise CorruptRecord(f"unknown command op {op!r} at revision {revision}")

@@ -89,6 +89,9 @@ class ShardWrite:
     applied_index: int | None = None  # set by the storage after applying ``committed``
     #: The node's commands decoded where they entered it, for apply (``apply_entries``).
     decoded: DecodedCommands | None = None
+    #: A list to collect what the applied entries changed (``apply_entries``'s ``changes``:
+    #: ``(revision, [(key, value, prev), ...])``), or None: nothing collected.
+    changes: list | None = None
 
 
 class ReplicaStorage(Protocol):
@@ -164,7 +167,8 @@ class SessionCache:
         self.dirty.clear()
 
 
-def apply_client_command(txn, tables, slot: int, logged: ClientCommand, sessions: SessionCache) -> tuple:
+def apply_client_command(txn, tables, slot: int, logged: ClientCommand, sessions: SessionCache,
+                         changes: list | None = None) -> tuple:
     """Apply one client command of the entry at ``slot``, at most once per ``(client, seq)``.
 
     The session of a client holds its floor (every seq below it was answered,
@@ -172,7 +176,7 @@ def apply_client_command(txn, tables, slot: int, logged: ClientCommand, sessions
     above the floor (a retry of one gets the first result back, with no
     second effect). ``logged`` is typed (``kvstore.commands.decode_logged_command``).
     Returns ``((client_id, seq), result)``; ``result`` is ``STALE`` for an ignored late
-    duplicate.
+    duplicate. ``changes``: the keys it changed (``kvstore.machine.data.apply_writes``).
     """
     client_id, seq, floor, command = logged
     session = sessions.get(client_id)
@@ -186,12 +190,12 @@ def apply_client_command(txn, tables, slot: int, logged: ClientCommand, sessions
     if seq in results:
         return key, results[seq]
     if type(command) is TwoPC:
-        result = apply_2pc(txn, tables, slot + 1, command.entry)
+        result = apply_2pc(txn, tables, slot + 1, command.entry, changes)
     elif any_locked(txn, tables, command.keys()):
         # a prepared cross-shard transaction holds one of its keys: nothing applied
         result = False if type(command) is Txn else LOCKED
     else:
-        result = apply_command(txn, tables.data, slot + 1, command)
+        result = apply_command(txn, tables.data, slot + 1, command, changes)
     session[1] = slot
     results[seq] = result
     sessions.dirty.add(client_id)
@@ -213,18 +217,21 @@ def install_snapshot(txn, t, snapshot: Snapshot) -> None:
 
 
 def apply_entries(txn, tables, shard: int, entries, applied: int, results: list,
-                  decoded: DecodedCommands | None = None) -> int:
+                  decoded: DecodedCommands | None = None, changes: list | None = None) -> int:
     """Apply a shard's committed ``entries`` above ``applied`` on ``txn`` (an LMDB write
     transaction, or a view of the overlay over one); append ``(shard, slot, key,
     result)`` to ``results`` for every client command; return the new applied point.
     ``decoded``: the node's commands decoded where they entered it (a command not there,
-    as after a restart, is decoded and checked here)."""
+    as after a restart, is decoded and checked here). ``changes``: if a list,
+    ``(revision, [(key, value or None, previous value or None), ...])`` is appended for
+    every entry that changed a key (what the node's watch history takes)."""
     if decoded is None:
         decoded = DecodedCommands()
     sessions = SessionCache(txn, tables.txns)
     for entry in entries:
         if entry.slot <= applied:
             continue  # already in the state (a snapshot covered it)
+        entry_changes = None if changes is None else []
         if entry.error is not None:
             _poisoned(shard, entry.slot, entry.error, results)
         elif entry.kind == KIND_BATCH:
@@ -234,8 +241,11 @@ def apply_entries(txn, tables, shard: int, entries, applied: int, results: list,
                 except ValueError as e:
                     _poisoned(shard, entry.slot, str(e), results)
                     continue
-                key, result = apply_client_command(txn, tables, entry.slot, logged, sessions)
+                key, result = apply_client_command(txn, tables, entry.slot, logged, sessions,
+                                                   entry_changes)
                 results.append((shard, entry.slot, key, result))
+        if entry_changes:
+            changes.append((entry.slot + 1, entry_changes))
         if entry.slot % SESSION_SWEEP_EVERY == 0:
             sessions.flush()
             sessions = SessionCache(txn, tables.txns)

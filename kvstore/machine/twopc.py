@@ -129,14 +129,15 @@ class _Locks(_TableMap):
 class _ShardData:
     """``kvstore.txn.Store`` over a shard's data table, writing at one revision."""
 
-    def __init__(self, txn, db, revision: int) -> None:
+    def __init__(self, txn, db, revision: int, changes: list | None = None) -> None:
         self.txn, self.db, self.revision_now = txn, db, revision
+        self.changes = changes
 
     def revision(self, key: bytes) -> int:
         return revision_of(self.txn.get(key, db=self.db))
 
     def write(self, key: bytes, value: bytes | None) -> None:
-        apply_writes(self.txn, self.db, self.revision_now, ((key, value),))
+        apply_writes(self.txn, self.db, self.revision_now, ((key, value),), self.changes)
 
 
 def participant(txn, tables, writes=()) -> ParticipantState:
@@ -148,11 +149,12 @@ def participant(txn, tables, writes=()) -> ParticipantState:
         finished=_TableMap(txn, db, TXN_FINISHED, _encode_outcome, _decode_outcome))
 
 
-def apply_2pc(txn, tables, revision: int, entry):
+def apply_2pc(txn, tables, revision: int, entry, changes: list | None = None):
     """Apply one (decoded) 2PC entry at ``revision``: TxnPrepare -> vote (bool; with
     locking reads ``[vote, [[key, value, revision], ...]]``), TxnDecision -> the recorded
-    outcome (int), TxnResolve -> whether it changed anything (bool)."""
-    store = _ShardData(txn, tables.data, revision)
+    outcome (int), TxnResolve -> whether it changed anything (bool). ``changes``: the
+    data changes (a resolve's writes) reported as ``kvstore.machine.data.apply_writes``."""
+    store = _ShardData(txn, tables.data, revision, changes)
     if isinstance(entry, TxnPrepare):
         vote = participant(txn, tables, (k for k, _ in entry.writes)).apply_prepare(store, entry)
         locking = [key for key, revision in entry.reads if revision == LOCK_ONLY]

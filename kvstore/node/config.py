@@ -10,6 +10,10 @@ peer_address = "tcp://127.0.0.1:17001"  # optional: where peers connect (default
 data = "/var/lib/kvstore/n1"      # optional; --data overrides (relative: to this file)
 gateway = "127.0.0.1:8080"        # optional: serve HTTP/JSON here too (docs/gateway.md);
                                   # --gateway overrides
+
+[watch]
+history_bytes = 67108864          # optional: the watch history each node keeps, all shards
+                                  # together (docs/watch.md); default 64 MiB
 ```
 
 Clients and peers use separate ports (``kvstore.transport.sockets``): the
@@ -55,7 +59,7 @@ def read_toml(path: str) -> dict:
 
 def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
     """``(shards, {name: {"address", "peer_address", "data"}})`` from a parsed cluster.toml."""
-    unknown = set(doc) - {"shards", "nodes", "security", "tuning"}
+    unknown = set(doc) - {"shards", "nodes", "security", "tuning", "watch"}
     if unknown:
         raise InvalidArgument(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
     shards = doc.get("shards", 1)
@@ -181,11 +185,34 @@ def parse_tuning(doc: dict, path: str) -> dict:
     return out
 
 
+def parse_watch(doc: dict, path: str) -> dict:
+    """``[watch]``: ``history_bytes``, the watch history a node keeps (all shards)."""
+    table = doc.get("watch", {})
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"{path}: [watch] must be a table")
+    extra = set(table) - {"history_bytes"}
+    if extra:
+        raise InvalidArgument(f"{path}: [watch] has unknown setting(s) {', '.join(sorted(extra))} "
+                              f"(known: history_bytes)")
+    if "history_bytes" not in table:
+        return {}
+    v = table["history_bytes"]
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_HISTORY_BYTES:
+        raise InvalidArgument(f"{path}: [watch] history_bytes must be an integer number of bytes "
+                              f"in 0..{MAX_HISTORY_BYTES} (memory each node keeps for watchers; "
+                              f"default 67108864 = 64 MiB), got {v!r}")
+    return {"watch_history_bytes": v}
+
+
+#: ``[watch] history_bytes`` at most (64 GiB): beyond is a typo, not a plan.
+MAX_HISTORY_BYTES = 1 << 36
+
+
 def load_node_config(path: str, node_id: str, data: str | None = None, **tuning) -> NodeConfig:
     """The ``NodeConfig`` of node ``node_id`` from the cluster file at ``path``."""
     doc = read_toml(path)
     shards, nodes = parse_cluster(doc, path)
-    tuning = {**parse_tuning(doc, path), **tuning}
+    tuning = {**parse_tuning(doc, path), **parse_watch(doc, path), **tuning}
     tuning.setdefault("curve_keys", parse_security(doc, path))
     if node_id not in nodes:
         raise InvalidArgument(f"{path}: no node {node_id!r} (nodes: {', '.join(nodes)})")

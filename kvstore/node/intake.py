@@ -42,6 +42,7 @@ class WaitingWrite:
     request_id: int
     shard: int
     since: float  # monotonic; forgotten after WAITING_EXPIRE_SECONDS
+    want_revision: bool = False  # answer [result, revision] (OP_WRITE's sixth argument)
 
 
 @dataclass(slots=True)
@@ -76,6 +77,9 @@ class Intake:
         try:
             if op == wire.OP_HELLO or op == wire.OP_STATUS:
                 self._reply(identity, request_id, wire.STATUS_OK, self.status())
+                return
+            if op == wire.OP_WATCH:  # bounded on its own (kvstore.node.watching)
+                self._on_watch(identity, request_id, args)
                 return
             if len(self.waiting_writes) + len(self.waiting_reads) >= WAITING_MAX:
                 self._reply(identity, request_id, wire.STATUS_RETRY, "overloaded")
@@ -127,10 +131,16 @@ class Intake:
                                  f"not {shard}")
 
     def _on_write(self, identity: bytes, request_id: int, args: list) -> None:
-        if len(args) != 5:
-            raise ValueError("write takes [shard, client_id, seq, floor, command]")
+        if len(args) == 6:
+            want_revision = args[5]
+            if type(want_revision) is not bool:
+                raise ValueError("a write's want_revision is a bool")
+        elif len(args) == 5:
+            want_revision = False
+        else:
+            raise ValueError("write takes [shard, client_id, seq, floor, command(, want_revision)]")
         shard = self._shard_arg(args[0])
-        write = client_command(*args[1:])  # decoded, checked and typed: once, here
+        write = client_command(*args[1:5])  # decoded, checked and typed: once, here
         command = write.command
         if type(command) is TwoPC:
             # a client's TxnPrepare bounded (its deadline cut to this node's clock + a cap);
@@ -143,8 +153,8 @@ class Intake:
         self._check_keys_in_shard(shard, write.command.keys())
         r = self.replicas[shard]
         if not r.is_leader:
-            self._not_leader(identity, request_id, wire.OP_WRITE, _write_args(shard, write),
-                             r.leader_hint)
+            self._not_leader(identity, request_id, wire.OP_WRITE,
+                             _write_args(shard, write, want_revision), r.leader_hint)
             return
         raw = encode_client_command(*write)
         if len(raw) > MAX_COMMAND_BYTES:
@@ -154,7 +164,7 @@ class Intake:
         self._decoded.add(raw, write)
         self._proposals[shard].append((raw, identity, request_id, shard, write))
         self.waiting_writes[(write.client_id, write.seq)] = WaitingWrite(
-            identity, request_id, shard, self.clock.monotonic())
+            identity, request_id, shard, self.clock.monotonic(), want_revision)
 
     def _feed_proposals(self) -> None:
         """Hand queued writes to the replicas, bounded in bytes.
@@ -176,9 +186,10 @@ class Intake:
                 while queue:
                     raw, identity, request_id, _shard, write = queue.popleft()
                     self._decoded.forget(raw)
-                    self.waiting_writes.pop((write.client_id, write.seq), None)
+                    w = self.waiting_writes.pop((write.client_id, write.seq), None)
                     self._not_leader(identity, request_id, wire.OP_WRITE,
-                                     _write_args(shard, write), r.leader_hint)
+                                     _write_args(shard, write, w is not None and w.want_revision),
+                                     r.leader_hint)
                 continue
             if r.pending_commands:
                 continue
@@ -224,10 +235,13 @@ class Intake:
         waiting = self.waiting_writes
         if not waiting:
             return
-        for _shard, _slot, key, result in results:
+        for _shard, slot, key, result in results:
             w = waiting.pop(key, None)
             if w is not None and result is not STALE:
-                self._reply(w.identity, w.request_id, wire.STATUS_OK, result)
+                # the revision of the entry answering: a retried duplicate's is a later slot
+                # than its first application, whose effect the state at it contains
+                self._reply(w.identity, w.request_id, wire.STATUS_OK,
+                            [result, slot + 1] if w.want_revision else result)
 
     def _serve_reads(self, tokens: list) -> None:
         for token in tokens:
@@ -297,6 +311,9 @@ def _internal(identity) -> bool:
     return type(identity) is tuple
 
 
-def _write_args(shard: int, write) -> list:
+def _write_args(shard: int, write, want_revision: bool = False) -> list:
     """A write's request arguments, as a client sends them (forwarded to the leader)."""
-    return [shard, write.client_id, write.seq, write.floor, command_wire(write.command)]
+    args = [shard, write.client_id, write.seq, write.floor, command_wire(write.command)]
+    if want_revision:
+        args.append(True)
+    return args

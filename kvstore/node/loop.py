@@ -43,8 +43,11 @@ is one turn of the loop, the same for both. Each turn:
    c. **answer** clients: writes whose commands were applied here (rule 5;
       a write whose entry was durable here before this save is answered from
       inside the save, once its result is computed: ``_answer_durable_early``),
-      reads whose read index is now applied (rule 6), and a redirect for
-      proposals and reads the replica dropped;
+      then the watch history: the changes this save applied, durable now, join
+      each shard's history (a snapshot installed resets it) and the parked
+      watch polls they match are answered (``kvstore.node.watching``; never
+      before (a) returned), then reads whose read index is now applied (rule 6),
+      and a redirect for proposals and reads the replica dropped;
    d. ``advance`` (a no-op: ``Replica.ready`` already counted the Ready as done,
       which is why nothing here calls into a replica between its ``ready`` and
       the end of c; a save that fails raises out of ``turn``: the node stops, and
@@ -53,12 +56,13 @@ is one turn of the loop, the same for both. Each turn:
 Clients are never answered from anywhere else, and nothing is sent before it
 is persisted.
 
-The node is one class in three rooms: this module (the loop: ``turn``, receive,
+The node is one class in four rooms: this module (the loop: ``turn``, receive,
 persist/send/answer in that order, roles, snapshots, status), request intake
 (``kvstore.node.intake.Intake``: a client's request checked, decoded once, queued,
-forwarded or answered) and the 2PC resolver (``kvstore.node.resolver.Resolver``:
-the decide request and the settlement of abandoned transactions). ``Node`` mixes
-the two rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
+forwarded or answered), the 2PC resolver (``kvstore.node.resolver.Resolver``:
+the decide request and the settlement of abandoned transactions) and watch
+(``kvstore.node.watching.Watching``: the histories and the parked ``OP_WATCH``
+polls, whose waits end on the tick step). ``Node`` mixes the three rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
 follower's progress), so a dropped frame only costs time.
 """
 
@@ -82,6 +86,7 @@ from kvstore.paxos.replica import LEADER, Config, Replica
 from kvstore.node.intake import Intake
 from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
 from kvstore.node.resolver import RESOLVE_EVERY_SECONDS, Resolver
+from kvstore.node.watching import DEFAULT_HISTORY_BYTES, Watching
 from kvstore.machine.replica import ReplicaStorage, ShardWrite, check_snapshot_data
 from kvstore.node.storage import WalReplicaStorage
 from kvstore.transport import wire
@@ -142,6 +147,8 @@ class NodeConfig:
     #: name -> "tcp://host:port" where the node's peers connect (``[nodes.NAME]
     #: peer_address``); a node missing here listens on its client port + 10000.
     peer_addresses: dict | None = None
+    #: ``[watch] history_bytes``: the watch histories of all shards of the node together.
+    watch_history_bytes: int = DEFAULT_HISTORY_BYTES
 
     @property
     def index(self) -> int:
@@ -153,7 +160,7 @@ class NodeConfig:
         return given if given is not None else derived_peer_address(self.addresses[name])
 
 
-class Node(Intake, Resolver):
+class Node(Intake, Resolver, Watching):
     """A cluster node; ``run()`` is its loop (blocking), ``stop()`` ends it from anywhere."""
 
     def __init__(self, config: NodeConfig, storage: ReplicaStorage | None = None,
@@ -219,6 +226,7 @@ class Node(Intake, Resolver):
         self._refusals_logged: set = set()  # peer routing ids whose refusal was logged
         self._next_tick = self.clock.monotonic() + config.tick_seconds
         self._next_reload = self.clock.monotonic()
+        self._init_watching(config.watch_history_bytes)
 
     def _make_replica(self, shard: int) -> Replica:
         c = self.config
@@ -298,6 +306,8 @@ class Node(Intake, Resolver):
                 del self._campaign_at[0]
                 self._campaign_for_preferred_shards()
             self._next_tick = max(self._next_tick + due * tick, now)
+            if self.parked:
+                self._expire_watches(now)
             if now - self._last_expiry > 1.0:
                 self._expire_waiting(now)
             if now - self._last_resolve > RESOLVE_EVERY_SECONDS:
@@ -312,6 +322,7 @@ class Node(Intake, Resolver):
         """After ``stop()``: finish in-flight work that is already decided (one last
         persist/send/answer)."""
         self._drive()
+        self._release_watches()
         self._flush_replies()
 
     def _clock_jumped(self) -> None:
@@ -460,7 +471,8 @@ class Node(Intake, Resolver):
                     self._uncommitted_bytes[s] = max(0, self._uncommitted_bytes[s] - done)
             # a. persist (and apply) everything, one durable write for all shards
             writes = [ShardWrite(s, rd.promised, rd.commit_index, rd.records, rd.snapshot,
-                                 rd.compacted_through, rd.committed, decoded=self._decoded)
+                                 rd.compacted_through, rd.committed, decoded=self._decoded,
+                                 changes=[])
                       for s, rd in readies
                       if (rd.promised is not None or rd.commit_index is not None or rd.records
                           or rd.snapshot is not None or rd.compacted_through is not None
@@ -484,6 +496,7 @@ class Node(Intake, Resolver):
                     self.sockets.send_peer(peer, frame)
             # c. answer
             self._answer_writes(results)
+            self._feed_history(writes)
             for s, rd in readies:
                 if rd.reads:
                     self._serve_reads(rd.reads)

@@ -317,7 +317,7 @@ class WalReplicaStorage:
                 if w.committed:
                     view = self._view(txn, s, levels[s], pending)
                     hard[2] = apply_entries(view, self.tables[s], s, w.committed, hard[2], results,
-                                             w.decoded)
+                                             w.decoded, w.changes)
                 w.applied_index = hard[2]
                 pending[META][META_PAXOS] = msgpack.packb(hard)
                 for i, level in enumerate(pending):

@@ -66,6 +66,17 @@ class Reads:
         self.follower_reads_leader = (self.leader, self._followed_ballot())
         self.follower_reads_queued.append(request_id)  # asked at the next ready()
 
+    def up_to_date(self) -> bool:
+        """Whether this replica knows now that its applied state is the shard's latest
+        (a watch reply's ``current``): it leads, its own no-op is committed, it applied
+        its commit point, and it holds a read lease or heard from a majority within the
+        current check-quorum window (at most one election timeout). A follower does not
+        know it: False."""
+        if (self.role != LEADER or self.applied_index != self.commit_index
+                or not self._own_noop_committed()):
+            return False
+        return self.ticks < self.lease_until or bin(self.recent_active).count("1") >= majority(self.n)
+
     def clock_jumped(self) -> None:
         """The driver could not deliver every elapsed tick (it stalled): a lease is void."""
         if not self.bugs.lease_survives_clock_jump:

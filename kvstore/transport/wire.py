@@ -69,12 +69,20 @@ OP_HELLO = "hello"      # []                      -> the node's status (topology
 OP_STATUS = "status"    # []                      -> the node's status
 OP_GET = "get"          # [shard, key, with_revision]          -> value | [value, revision]
 OP_SCAN = "scan"        # [shard, lo, hi, limit, with_revision] -> [[key, value(, revision)]...]
-OP_WRITE = "write"      # [shard, client_id, seq, floor, command] -> the command's result
+#: A write's optional sixth argument ``want_revision`` (True): the reply is then
+#: ``[result, revision]``, the revision (``slot + 1``) of the entry the answer came from.
+OP_WRITE = "write"      # [shard, client_id, seq, floor, command(, want_revision)] -> result
 #: Ask the coordinator shard's leader to record a cross-shard transaction's decision
 #: (first recorded wins) and carry it out on every participant: the node writes the
 #: TxnDecision and the TxnResolve entries itself; a client never sends those.
 OP_DECIDE = "decide"    # [shard, txn_id, outcome, participants] -> the recorded outcome
-OPS = (OP_HELLO, OP_STATUS, OP_GET, OP_SCAN, OP_WRITE, OP_DECIDE)
+#: A watch's long poll, answered by any node from its own history (docs/watch.md;
+#: ``kvstore.node.watching``): ``args = [shard, lo, hi, from_revision, max_bytes, wait_ms,
+#: prev]`` -> ``[events, oldest, through, current]``, ``events`` =
+#: ``[[revision, [[type, key, value, prev], ...]], ...]`` (type 0 put, 1 delete) or None
+#: when ``from_revision`` is older than this node's history (compacted here).
+OP_WATCH = "watch"
+OPS = (OP_HELLO, OP_STATUS, OP_GET, OP_SCAN, OP_WRITE, OP_DECIDE, OP_WATCH)
 
 # REPLY ``status`` and ``value``:
 STATUS_OK = 0           # value: the result
