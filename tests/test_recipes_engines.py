@@ -166,6 +166,21 @@ def test_a_sigkilled_holder_frees_the_lock_after_the_ttl_and_the_next_token_is_l
     waiter.release()
 
 
+def test_an_embedded_lock_whose_holder_vanished_is_free_after_the_ttl(edb):
+    import gc
+    holder, waiter = Lock(edb, "vanished", ttl=1), Lock(edb, "vanished", ttl=1)
+    holder.acquire()
+    dead_token = holder.token
+    holder._state.lease = None  # the holder is gone: nothing keeps its lease alive
+    gc.collect()
+    gone = time.monotonic()
+    assert waiter.acquire(timeout=WAIT) is True
+    waited = time.monotonic() - gone
+    assert waiter.token > dead_token
+    assert 2 / 3 - 0.1 <= waited <= 1 + 2.0, waited
+    waiter.release()
+
+
 def test_the_cli_runs_a_command_holding_the_lock(cluster, cdb):
     env = dict(child_env(), KVSTORE_CLUSTER=_addresses(cluster))
     script = 'echo "token=$KVSTORE_LOCK_TOKEN name=$KVSTORE_LOCK_NAME"; exit 7'
