@@ -193,13 +193,13 @@ def test_the_cli_runs_a_command_holding_the_lock(cluster, cdb):
     assert cdb.get("_kvstore/lock/cli") is None, "released when the command ended"
     held = Lock(cdb, "cli")
     held.acquire()
+    assert held.token > token
     try:
         r = subprocess.run([PYTHON, "-m", "kvstore.cli", "lock", "cli", "--wait", "0.2", "--",
                             "true"], capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 1 and "still held" in r.stderr
     finally:
         held.release()
-    assert held.token > token
 
 
 def test_the_cli_lock_on_an_embedded_store_passes_the_exit_code_and_the_token(tmp_path):

@@ -138,7 +138,7 @@ class Queue:
             state.check_open()
             for _attempt in range(3):
                 if state.view is None:
-                    state.me = new_holder()
+                    state.me = state.keys.new_consumer_id()
                     state.opened(await drive.run_async(plans.open_consumer(
                         state.keys, state.me, state.visibility_timeout), self.db))
                 try:

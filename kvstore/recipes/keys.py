@@ -8,6 +8,7 @@ prefixes never meet them:
 - a queue:      ``_kvstore/queue/NAME/i/ID``    an item (value: the item)
                 ``_kvstore/queue/NAME/c/ID``    the claim of item ID (value: the consumer's id),
                                                 held by the consumer's lease
+                ``_kvstore/queue/NAME/r/ID``    a consumer (value: its id), held by its lease
 
 A lock or an election is one key, so one shard: its revisions (the fencing
 tokens) are that shard's and strictly increase. A queue's keys all live on ONE
@@ -71,8 +72,11 @@ class QueueKeys:
     def claim(self, item_id: bytes) -> bytes:
         return self.base + b"c/" + item_id
 
+    def consumer(self, consumer_id: bytes) -> bytes:
+        return self.base + b"r/" + consumer_id
+
     def parse(self, key: bytes) -> tuple[bytes, bytes] | None:
-        """``(kind, id)`` of one of this queue's keys (kind ``b"i"`` or ``b"c"``)."""
+        """``(kind, id)`` of one of this queue's keys (kind ``b"i"``, ``b"c"`` or ``b"r"``)."""
         if not key.startswith(self.base) or key[len(self.base) + 1:len(self.base) + 2] != b"/":
             return None
         return key[len(self.base):len(self.base) + 1], key[len(self.base) + 2:]
@@ -88,3 +92,10 @@ class QueueKeys:
                 return item_id
         raise RuntimeError("no item id found on the queue's shard")  # pragma: no cover
 
+    def new_consumer_id(self) -> bytes:
+        """A random consumer id whose registration key lives on the home shard."""
+        for _ in range(ID_TRIES_MAX):
+            consumer_id = new_holder()
+            if self._home(self.consumer(consumer_id)):
+                return consumer_id
+        raise RuntimeError("no consumer id found on the queue's shard")  # pragma: no cover

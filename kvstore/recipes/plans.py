@@ -73,6 +73,13 @@ class NextEvent(NamedTuple):
     timeout: float | None
 
 
+class WatchFrom(NamedTuple):
+    """A prefix watch's ``start_revision``: ``revision`` on ``shard``; on the others, from
+    now (no key of the prefix lives there: ``kvstore.recipes.store.start_revision``)."""
+    shard: int
+    revision: int
+
+
 class CloseWatch(NamedTuple):
     watch: object
 
@@ -301,15 +308,21 @@ class QueueView:
 
 def open_consumer(keys: QueueKeys, me: bytes, ttl: float):
     """Start consumer ``me``: its lease (``ttl`` seconds: it holds the consumer's claims),
-    a watch of the queue from now, then a scan of the queue: returns
+    its registration, a watch of the queue and a scan of it: returns
     ``(view, watch, lease)``.
 
-    The watch's "now" is fixed when ``watch()`` returns (every engine learns where each
-    shard stands before it returns), before the scan begins, so it is no later than the
-    scan's snapshot: every change after the scan is in the watch, and what the watch
-    replays of the scan's past, ``QueueView.apply`` skips by revision."""
+    The registration (a key on the queue's shard, held by the lease) is written at some
+    revision R of that shard; the watch starts at R + 1 there (``WatchFrom``), the scan
+    after the write sees at least R: every change after the scan is in the watch, and
+    what the watch replays of the scan's past, ``QueueView.apply`` skips by revision.
+    Anchored on a revision it wrote, the consumer depends on no engine's idea of
+    "now", and R is recent, so never older than the history kept."""
     lease = yield NewLease(ttl)
-    watch = yield OpenWatch({"prefix": keys.base})
+    registration = keys.consumer(me)
+    yield Call("put", (registration, me), {"lease": lease})
+    _value, revision = yield ReadRevision(registration)
+    watch = yield OpenWatch({"prefix": keys.base,
+                             "start_revision": WatchFrom(keys.home, revision + 1)})
     rows = yield ScanRevisions(keys.base, keys.home)
     view = QueueView(keys, me)
     view.load(rows)

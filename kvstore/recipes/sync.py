@@ -271,7 +271,7 @@ class Queue:
             state.check_open()
             for _attempt in range(3):
                 if state.view is None:
-                    state.me = new_holder()
+                    state.me = state.keys.new_consumer_id()
                     state.opened(drive.run(plans.open_consumer(
                         state.keys, state.me, state.visibility_timeout), self.db))
                 try:
