@@ -148,6 +148,37 @@ def test_a_lock_contended_by_processes_excludes_and_its_tokens_increase(children
         assert before["token"] < after["token"], "tokens follow the holdings"
 
 
+def test_tokens_increase_and_holders_never_overlap_across_a_leader_failover(tmp_path):
+    """Three processes take a lock in turns while the leader of its shard is SIGKILLed: a
+    new leader never frees a lock early (it gives every lease its full ttl), and its
+    revisions, the tokens, go on from the old leader's."""
+    from kvstore.sharding import shard_of
+    from kvstore.recipes.keys import lock_key
+    lc = LocalCluster(str(tmp_path / "c"), 3, 2, env=child_env())
+    children = Children(",".join(lc.addresses[n] for n in lc.names))
+    try:
+        lc.start_all()
+        status = lc.wait_ready(timeout=60)
+        shard = shard_of(lock_key("failover"), 2)
+        leader = status["shards"][shard]["leader"]
+        procs = [children.start("loop", "failover", 3, 15) for _ in range(3)]
+        first = json.loads(children.line(procs[0]))  # the processes are taking turns
+        lc.kill(leader)
+        holdings = [first]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-2000:]
+            holdings += [json.loads(line) for line in out.splitlines()]
+        holdings.sort(key=lambda h: h["start"])
+        assert len(holdings) == 45
+        for before, after in zip(holdings, holdings[1:]):
+            assert before["end"] <= after["start"], "two holders at once"
+            assert before["token"] < after["token"], "tokens follow the holdings"
+    finally:
+        children.close()
+        lc.close()
+
+
 def test_a_sigkilled_holder_frees_the_lock_after_the_ttl_and_the_next_token_is_larger(
         cdb, children):
     holder = children.start("hold", "killed", TTL)
