@@ -213,6 +213,9 @@ def test_queue_keys_all_live_on_the_queue_shard():
             item_id = keys.new_item_id()
             assert shard_for(keys.item(item_id), nshards) == keys.home
             assert shard_for(keys.claim(item_id), nshards) == keys.home
+        consumer = keys.new_consumer_id()
+        for shard in range(nshards):
+            assert shard_for(keys.anchor(consumer, shard), nshards) == shard
 
 
 def test_one_consumer_gets_items_in_put_order_and_an_acked_item_never_again(kv):

@@ -51,7 +51,7 @@ def _perform(db, step, owned: _Owned):
             pass  # it expires on its own within its TTL
         return None
     if kind is plans.OpenWatch:
-        watch = db.watch(**_watch_args(db, step.kwargs))
+        watch = db.watch(**step.kwargs)
         owned.watches.append(watch)
         return watch
     if kind is plans.CloseWatch:
@@ -61,12 +61,6 @@ def _perform(db, step, owned: _Owned):
     if kind is plans.NShards:
         return store.nshards(db)
     raise TypeError(f"not a recipe step: {step!r}")
-
-
-def _watch_args(db, kwargs: dict) -> dict:
-    if "start_revision" in kwargs:
-        kwargs = dict(kwargs, start_revision=store.start_revision(db, kwargs["start_revision"]))
-    return kwargs
 
 
 def _forget(items: list, item) -> None:
@@ -206,7 +200,7 @@ async def _perform_async(db, step, owned: _Owned):
             pass
         return None
     if kind is plans.OpenWatch:
-        watch = await _maybe_await(db.watch(**_watch_args(db, step.kwargs)))
+        watch = await _maybe_await(db.watch(**step.kwargs))
         owned.watches.append(watch)
         started = getattr(watch, "started", None)  # kvstore.aio: where the shards stand
         if started is not None:

@@ -8,7 +8,8 @@ prefixes never meet them:
 - a queue:      ``_kvstore/queue/NAME/i/ID``    an item (value: the item)
                 ``_kvstore/queue/NAME/c/ID``    the claim of item ID (value: the consumer's id),
                                                 held by the consumer's lease
-                ``_kvstore/queue/NAME/r/ID``    a consumer (value: its id), held by its lease
+                ``_kvstore/queue/NAME/r/ID[/N]`` a consumer's registration on each shard
+                                                (value: its id), held by its lease
 
 A lock or an election is one key, so one shard: its revisions (the fencing
 tokens) are that shard's and strictly increase. A queue's keys all live on ONE
@@ -74,6 +75,17 @@ class QueueKeys:
 
     def consumer(self, consumer_id: bytes) -> bytes:
         return self.base + b"r/" + consumer_id
+
+    def anchor(self, consumer_id: bytes, shard: int) -> bytes:
+        """The consumer's registration key on ``shard``: ``r/ID`` on the home shard,
+        ``r/ID/N`` (the first N that hashes there) on the others."""
+        if shard == self.home:
+            return self.consumer(consumer_id)
+        for n in range(ID_TRIES_MAX):
+            key = self.consumer(consumer_id) + b"/%d" % n
+            if shard_for(key, self.nshards) == shard:
+                return key
+        raise RuntimeError("no registration key found on the shard")  # pragma: no cover
 
     def parse(self, key: bytes) -> tuple[bytes, bytes] | None:
         """``(kind, id)`` of one of this queue's keys (kind ``b"i"``, ``b"c"`` or ``b"r"``)."""

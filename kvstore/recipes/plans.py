@@ -73,13 +73,6 @@ class NextEvent(NamedTuple):
     timeout: float | None
 
 
-class WatchFrom(NamedTuple):
-    """A prefix watch's ``start_revision``: ``revision`` on ``shard``; on the others, from
-    now (no key of the prefix lives there: ``kvstore.recipes.store.start_revision``)."""
-    shard: int
-    revision: int
-
-
 class CloseWatch(NamedTuple):
     watch: object
 
@@ -311,18 +304,20 @@ def open_consumer(keys: QueueKeys, me: bytes, ttl: float):
     its registration, a watch of the queue and a scan of it: returns
     ``(view, watch, lease)``.
 
-    The registration (a key on the queue's shard, held by the lease) is written at some
-    revision R of that shard; the watch starts at R + 1 there (``WatchFrom``), the scan
-    after the write sees at least R: every change after the scan is in the watch, and
-    what the watch replays of the scan's past, ``QueueView.apply`` skips by revision.
-    Anchored on a revision it wrote, the consumer depends on no engine's idea of
-    "now", and R is recent, so never older than the history kept."""
+    The registration is one key per shard (held by the lease), each written at some
+    revision R of its shard; the watch starts at R + 1 on each, the scan of the queue's
+    shard after its write sees at least R: every change after the scan is in the
+    watch, and what the watch replays of the scan's past, ``QueueView.apply`` skips by
+    revision. Anchored on revisions it wrote, the consumer depends on no engine's idea
+    of "now", and every start is recent, so never older than the history kept."""
     lease = yield NewLease(ttl)
-    registration = keys.consumer(me)
-    yield Call("put", (registration, me), {"lease": lease})
-    _value, revision = yield ReadRevision(registration)
-    watch = yield OpenWatch({"prefix": keys.base,
-                             "start_revision": WatchFrom(keys.home, revision + 1)})
+    start = {}
+    for shard in range(keys.nshards):
+        anchor = keys.anchor(me, shard)
+        yield Call("put", (anchor, me), {"lease": lease})
+        _value, revision = yield ReadRevision(anchor)
+        start[shard] = revision + 1
+    watch = yield OpenWatch({"prefix": keys.base, "start_revision": start})
     rows = yield ScanRevisions(keys.base, keys.home)
     view = QueueView(keys, me)
     view.load(rows)

@@ -106,21 +106,6 @@ async def _await_rows(call):
     return [tuple(row) for row in await call]
 
 
-def start_revision(db, start):
-    """A watch's ``start_revision`` argument for ``db``: a ``plans.WatchFrom`` (one shard's
-    revision, the others from now) becomes what the engine takes. The embedded store
-    wants every shard of a prefix watch: the others start after its applied point;
-    the cluster clients take the one shard and start the others from now."""
-    from kvstore.recipes.plans import WatchFrom
-    if type(start) is not WatchFrom:
-        return start
-    if _engine(db) == "embedded":
-        applied = db._overlay.applied
-        return {s: (start.revision if s == start.shard else applied[s] + 1)
-                for s in range(db._nshards)}
-    return {start.shard: start.revision}
-
-
 def _embedded_read(db, key: bytes):
     from kvstore.machine.data import read_value
     from kvstore.storage.overlay import MISSING, lookup
