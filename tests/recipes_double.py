@@ -11,7 +11,9 @@ What it models, as the spec states it for the real engines:
   lease is gone, nothing changed); any other write of the key detaches it;
 - ``watch(key=, prefix=, start_revision=)``: every change, in revision order per shard,
   from ``start_revision`` (None: from now; an int: every shard; a dict: per shard);
-- ``read_revision`` and ``scan_revisions``, the seam ``kvstore.recipes.store`` uses.
+- ``read_revision`` and ``scan_revisions``, the seam ``kvstore.recipes.store`` uses;
+- ``compact()``: the histories forget everything so far (``Compacted`` for a watch
+  from before), as a store's bounded history does on a busy shard.
 
 It counts the calls (``calls``), so a test can tell a waiter that watches from one
 that spins.
@@ -24,7 +26,7 @@ import itertools
 import threading
 import time
 
-from kvstore.errors import KVError
+from kvstore.errors import Compacted, KVError
 from kvstore.recipes import plans
 from kvstore.recipes.keys import shard_for
 
@@ -83,6 +85,10 @@ class DoubleWatch:
         history = self.store.history
         for shard in self.position:
             pending = self.pending.setdefault(shard, collections.deque())
+            oldest = self.store.oldest[shard]
+            if not pending and self.position[shard] < oldest:
+                raise Compacted(f"revision {self.position[shard]} of shard {shard} is older "
+                                f"than the history kept", {shard: oldest})
             while not pending:
                 start = self.position[shard]
                 if start - 1 >= len(history[shard]):
@@ -131,6 +137,7 @@ class DoubleKV:
         self.data: dict = {}  # key -> (value, revision, lease id or None)
         self.leases: dict = {}  # id -> {"ttl", "deadline", "keys", "alive"}
         self.history: list = [[] for _ in range(nshards)]  # [(revision, [Event])]
+        self.oldest = [1] * nshards  # the oldest revision a watch can start from
         self.calls = collections.Counter()
         self._ids = itertools.count(1)
 
@@ -293,6 +300,11 @@ class DoubleKV:
                 else:
                     position[s] = start_revision
             return DoubleWatch(self, lo, hi, position)
+
+    def compact(self) -> None:
+        """Forget every shard's history so far (a store whose window moved on)."""
+        with self.cond:
+            self.oldest = [r + 1 for r in self.revision]
 
     def close(self) -> None:
         pass

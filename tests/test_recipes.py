@@ -127,6 +127,24 @@ def test_a_dead_holder_frees_the_lock_after_its_ttl_and_the_next_token_is_larger
     assert waiter.locked() and kv.get(waiter.key) is not None
 
 
+def test_a_waiter_behind_the_history_kept_watches_from_its_oldest_and_does_not_spin(kv):
+    holder, waiter = Lock(kv, "job"), Lock(kv, "job")
+    holder.acquire()
+    shard = shard_for(holder.key, kv.nshards)
+    others = [k for k in (b"other%d" % i for i in range(100))
+              if shard_for(k, kv.nshards) == shard][:3]
+    for k in others:  # later writes on the lock's shard
+        kv.put(k, b"x")
+    kv.compact()  # the holder's write is older than any watch can start from
+    t, box = in_thread(waiter.acquire)
+    wait_until(lambda: kv.calls["watch"] >= 2, "the waiter watches from the oldest kept")
+    first = holder.token
+    holder.release()
+    assert result_of(t, box) is True and waiter.token > first
+    # the holder's acquire and release, the waiter's attempt and its success: no spin
+    assert kv.calls["cas"] == 4
+
+
 def test_a_lock_is_mutual_exclusion_among_threads_with_increasing_tokens(kv):
     inside, tokens, errors = [0], [], []
 
@@ -203,6 +221,36 @@ def test_observe_reports_the_leader_now_and_every_change(kv):
     assert next(seen) == b"b"
     seen.close()
     assert kv.calls["watch"] >= 1
+
+
+def test_observe_goes_on_after_the_history_moved_past_the_office(kv):
+    a, b = Election(kv, "office"), Election(kv, "office")
+    a.campaign("a")
+    seen = b.observe()
+    assert next(seen) == b"a"
+    shard = shard_for(a.key, kv.nshards)
+    for k in [k for k in (b"o%d" % i for i in range(100)) if shard_for(k, kv.nshards) == shard][:3]:
+        kv.put(k, b"x")
+    kv.compact()  # the observer's next revision is no longer kept
+    t, box = in_thread(next, seen)
+    wait_until(lambda: kv.calls["watch"] >= 2, "the observer watches from the oldest kept")
+    a.resign()
+    assert result_of(t, box) is None, "the change, not the leader it already reported"
+    b.campaign("b")
+    assert next(seen) == b"b"
+    seen.close()
+
+
+def test_a_consumer_behind_the_history_kept_starts_afresh_and_loses_nothing(kv):
+    producer, consumer = Queue(kv, "jobs"), Queue(kv, "jobs")
+    producer.put("a")
+    assert consumer.get(timeout=1).ack() is True
+    producer.put("b")
+    kv.compact()  # the consumer's watch has not read "b" yet: it is compacted away
+    item = consumer.get(timeout=1)
+    assert item is not None and item.value == b"b"
+    item.ack()
+    consumer.close()
 
 
 # ------------------------------------------------------------------ queue

@@ -18,18 +18,8 @@ from __future__ import annotations
 import heapq
 from typing import NamedTuple
 
-from kvstore import errors
+from kvstore.errors import Compacted, LeaseExpired
 from kvstore.recipes.keys import HOLDER_CHARS, QueueKeys
-
-
-class _Never(Exception):
-    """Stands for an error class this version of kvstore does not have yet."""
-
-
-#: Raised by a write with a lease that has expired or was revoked.
-LeaseExpired = getattr(errors, "LeaseExpired", _Never)
-#: Raised by a watch asked for a revision older than the history kept.
-Compacted = getattr(errors, "Compacted", _Never)
 
 
 # ------------------------------------------------------------------ steps
@@ -117,7 +107,7 @@ def acquire(key: bytes, value: bytes, lease, timeout: float | None):
             return lease, revision
         if current is None:  # freed since the swap failed, or ours expired at once
             continue
-        freed = yield from _wait_for_delete(key, revision, deadline)
+        freed = yield from _wait_for_delete(key, current, revision, deadline)
         if not freed:
             return None
 
@@ -132,25 +122,52 @@ def acquire_with_new_lease(key: bytes, value: bytes, ttl: float, timeout: float 
     return got
 
 
-def _wait_for_delete(key: bytes, revision: int, deadline: float | None):
-    """Wait until ``key``, seen at ``revision``, is deleted (True) or ``deadline`` (False).
-    The watch starts at ``revision + 1``: no change after the read can be missed."""
-    watch = yield OpenWatch({"key": key, "start_revision": revision + 1})
-    while True:  # on an error, the driver closes the watch
-        now = yield Now()
-        if deadline is not None and now >= deadline:
-            freed = False
-            break
+def _wait_for_delete(key: bytes, held: bytes, revision: int, deadline: float | None):
+    """Wait until ``key``, read at ``revision`` holding another's value ``held``, is
+    deleted (True), or ``deadline`` passes (False). The watch starts at ``revision + 1``:
+    no change after the read can be missed."""
+    start = revision + 1
+    while True:
         try:
+            return (yield from _watch_for_delete(key, start, deadline))
+        except Compacted as e:
+            # the key was written before the history kept began (held for long on a
+            # busy shard): read it again, and watch from the oldest revision kept, which
+            # is no later than the revision after that read
+            floor = oldest_of(e)
+            current, revision = yield ReadRevision(key)
+            if current != held:
+                return True  # freed (or taken again) meanwhile: try again
+            start = max(revision + 1, floor)
+
+
+def _watch_for_delete(key: bytes, start: int, deadline: float | None):
+    """``_wait_for_delete`` from ``start``; ``Compacted`` if the history no longer has it."""
+    watch = yield OpenWatch({"key": key, "start_revision": start})
+    try:
+        while True:  # on another error, the driver closes the watch
+            now = yield Now()
+            if deadline is not None and now >= deadline:
+                freed = False
+                break
             event = yield NextEvent(watch, _remaining(deadline, now))
-        except Compacted:  # fell behind the history: look again
-            freed = True
-            break
-        if event is not None and event.type == "delete":
-            freed = True
-            break
+            if event is not None and event.type == "delete":
+                freed = True
+                break
+    except Compacted:
+        yield CloseWatch(watch)
+        raise
     yield CloseWatch(watch)
     return freed
+
+
+def oldest_of(error: Compacted) -> int:
+    """The oldest revision a ``Compacted`` names (per shard: the largest; a key's watch
+    has one shard), 1 if it names none."""
+    oldest = getattr(error, "oldest", None)
+    if isinstance(oldest, dict):
+        oldest = max((r for r in oldest.values() if isinstance(r, int)), default=None)
+    return oldest if isinstance(oldest, int) and oldest >= 1 else 1
 
 
 def release(key: bytes, value: bytes, lease):
@@ -178,22 +195,32 @@ def strip_holder(value: bytes | None) -> bytes | None:
 def observe(key: bytes):
     """Emit the leader's value now (None: no leader), then at every change of leader:
     a new holder's value, or None when the office falls vacant."""
+    current, revision = yield ReadRevision(key)
+    yield Emit(strip_holder(current))
+    start = revision + 1
     while True:
-        current, revision = yield ReadRevision(key)
-        yield Emit(strip_holder(current))
-        watch = yield OpenWatch({"key": key, "start_revision": revision + 1})
-        while True:  # the driver closes the watch when the iterator is closed
-            try:
+        watch = None
+        try:
+            watch = yield OpenWatch({"key": key, "start_revision": start})
+            while True:  # the driver closes the watch when the iterator is closed
                 event = yield NextEvent(watch, None)
-            except Compacted:
-                break  # read again, emit the leader then, go on from there
-            if event is None:
-                continue
-            new = event.value if event.type == "put" else None
+                if event is None:
+                    continue
+                new = event.value if event.type == "put" else None
+                if new != current:
+                    current = new
+                    yield Emit(strip_holder(new))
+        except Compacted as e:
+            # behind the history kept (an office unchanged for long): read it again,
+            # report a change missed meanwhile, watch from the oldest revision kept
+            if watch is not None:
+                yield CloseWatch(watch)
+            floor = oldest_of(e)
+            new, revision = yield ReadRevision(key)
             if new != current:
                 current = new
                 yield Emit(strip_holder(new))
-        yield CloseWatch(watch)
+            start = max(revision + 1, floor)
 
 
 # ------------------------------------------------------------------ queue
