@@ -8,8 +8,9 @@ endpoint, never with an exception of another class.
 
 from __future__ import annotations
 
-from kvstore.commands import (NO_LEASE, NOT_INTEGER, OP_2PC, OP_CAS_LEASE, OP_INCR, OP_LEASE_REVOKE, OP_PUT,
+from kvstore.commands import (NO_LEASE, NOT_INTEGER, OP_2PC, OP_INCR, OP_LEASE_REVOKE, OP_PUT,
                               OP_PUT_LEASE, OP_PUT_TTL, OVERFLOW, is_int64)
+from kvstore.commands import OP_CAS_LEASE
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT
 
