@@ -305,43 +305,8 @@ def _cmd_check(db, args) -> int:
 
 
 def _cmd_lock(db, args) -> int:
-    """``lock NAME [--ttl S] [--wait S] -- COMMAND...``: run COMMAND holding the lock NAME
-    (``kvstore.recipes.Lock``), its fencing token in ``$KVSTORE_LOCK_TOKEN``; the exit code
-    is COMMAND's (128 + N if a signal N ended it; 127 if it cannot be run)."""
-    import signal
-    import subprocess
-    from kvstore.recipes import Lock
-    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if not argv:
-        raise InvalidArgument("lock needs a command to run: kvstore lock NAME -- COMMAND...")
-    lock = Lock(db, args.name, ttl=args.ttl)
-    if not lock.acquire(timeout=args.wait):
-        print(f"kvstore: lock {args.name} is still held by another after {args.wait:g} s",
-              file=sys.stderr)
-        return EXIT_NOT_FOUND
-    try:
-        print(f"kvstore: holding lock {args.name}, token {lock.token}", file=sys.stderr)
-        env = dict(os.environ, KVSTORE_LOCK_TOKEN=str(lock.token), KVSTORE_LOCK_NAME=args.name)
-        try:
-            child = subprocess.Popen(argv, env=env)
-        except OSError as e:
-            print(f"kvstore: cannot run {argv[0]}: {e.strerror or e}", file=sys.stderr)
-            return 127
-        forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
-        try:
-            while True:
-                try:
-                    code = child.wait()
-                    break
-                except KeyboardInterrupt:  # the terminal's Ctrl-C reached the child too
-                    continue
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        return code if code >= 0 else 128 - code
-    finally:
-        lock.release()
+    from kvstore.recipes.command import run_locked
+    return run_locked(db, args.name, args.ttl, args.wait, args.argv)
 
 
 def _cmd_demo(args) -> int:
@@ -498,34 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true", help="log every request to stdout")
     p.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(fn=None)
-    p = sub.add_parser("lock", parents=[common],
-                       help="run a command holding a lock (kvstore.recipes.Lock)",
-                       description="Wait for the lock NAME, run COMMAND holding it, release "
-                                   "it when COMMAND ends; exit with COMMAND's code. The "
-                                   "fencing token (larger at every acquisition) is in "
-                                   "$KVSTORE_LOCK_TOKEN and printed on stderr. If this "
-                                   "process dies, the lock is free after --ttl seconds.")
-    p.add_argument("name", metavar="NAME", help="the lock's name")
-    p.add_argument("--ttl", type=float, default=10.0,
-                   help="seconds the lock outlives this process if it dies (default 10)")
-    p.add_argument("--wait", type=float, default=None, metavar="S",
-                   help="give up (exit 1) if the lock is not ours within S seconds "
-                        "(default: wait as long as it takes)")
-    p.add_argument("argv", nargs="*", metavar="-- COMMAND...",
-                   help="the command and its arguments")
-    p.set_defaults(fn=_cmd_lock)
+    from kvstore.recipes.command import add_lock_parser
+    add_lock_parser(sub, common).set_defaults(fn=_cmd_lock)
     p = sub.add_parser("demo", parents=[common],
                        help="show the store working: writes, reads, transactions, threads")
     p.set_defaults(fn=None)
     return parser
-
-
-def _command_index(argv: list) -> int:
-    """Where the command's name is in ``argv``: after the options given before it."""
-    at = 0
-    while at < len(argv) and argv[at].startswith("-"):
-        at += 2 if argv[at] in ("--cluster", "--data", "--timeout") else 1
-    return at
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -533,14 +476,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     (``cas KEY --absent NEW``): argparse leaves the values after a flag over, and they
     are ``cas``'s; anything left over by another command is an error."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = None
-    at = _command_index(argv)
-    if at < len(argv) and argv[at] == "lock" and "--" in argv[at:]:  # lock's -- COMMAND...
-        cut = argv.index("--", at)
-        argv, command = argv[:cut], argv[cut + 1:]
+    from kvstore.recipes.command import split_lock_command
+    argv, command = split_lock_command(list(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
-    if command is not None:
+    if command is not None:  # ``lock NAME [options] -- COMMAND...``
         if args.command != "lock" or args.argv:
             parser.error(f"unrecognized arguments: {' '.join(args.argv + ['--'] + command)}")
         args.argv = command
