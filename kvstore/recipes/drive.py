@@ -58,8 +58,6 @@ def _perform(db, step, owned: _Owned):
         _forget(owned.watches, step.watch)
         step.watch.close()
         return None
-    if kind is plans.NShards:
-        return store.nshards(db)
     raise TypeError(f"not a recipe step: {step!r}")
 
 
@@ -210,8 +208,6 @@ async def _perform_async(db, step, owned: _Owned):
         _forget(owned.watches, step.watch)
         await _maybe_await(step.watch.close())
         return None
-    if kind is plans.NShards:
-        return store.nshards(db)
     raise TypeError(f"not a recipe step: {step!r}")
 
 

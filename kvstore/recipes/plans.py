@@ -71,10 +71,6 @@ class Now(NamedTuple):
     """The driver's monotonic clock, in seconds."""
 
 
-class NShards(NamedTuple):
-    """The store's number of shards."""
-
-
 class Emit(NamedTuple):
     """Not a step: a value for the iterator that runs the plan (``observe``)."""
     value: object
