@@ -386,3 +386,27 @@ def test_the_asyncio_recipes_on_a_cluster(cluster):
             await db.close()
 
     asyncio.run(main())
+
+
+def test_the_asyncio_recipes_on_an_embedded_store(edb):
+    async def main():
+        a, b = recipes_aio.Lock(edb, "aio"), recipes_aio.Lock(edb, "aio")
+        async with a:
+            waiting = asyncio.ensure_future(b.acquire())
+            assert not await asyncio.wait_for(asyncio.shield(_done_soon(waiting)), WAIT)
+            first = a.token
+        assert await asyncio.wait_for(waiting, WAIT) is True and b.token > first
+        await b.release()
+        q = recipes_aio.Queue(edb, "aio")
+        await q.put("x")
+        item = await q.get(timeout=WAIT)
+        assert item.value == b"x" and await item.ack() is True
+        await q.close()
+
+    asyncio.run(main())
+
+
+async def _done_soon(task) -> bool:
+    """Whether ``task`` finishes within a moment (it should not: it waits for a lock)."""
+    done, _ = await asyncio.wait([task], timeout=0.1)
+    return bool(done)
