@@ -185,9 +185,9 @@ def test_a_sigkilled_holder_frees_the_lock_after_the_ttl_and_the_next_token_is_l
     dead_token = int(children.line(holder))
     waiter = Lock(cdb, "killed", ttl=TTL)
     assert waiter.acquire(timeout=0.2) is False, "held by the living holder"
+    killed = time.monotonic()  # before the signal: the lower bound below stays a bound
     holder.send_signal(signal.SIGKILL)
     holder.wait(10)
-    killed = time.monotonic()
     assert waiter.acquire(timeout=WAIT) is True
     waited = time.monotonic() - killed
     assert waiter.token > dead_token
