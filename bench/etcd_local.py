@@ -30,9 +30,16 @@ import urllib.parse
 import httpx
 
 
+#: What the benchmarks print (stderr) when they run without etcd.
+MISSING = "etcd: not installed (no executable $ETCD, no etcd on PATH): skipped, kvstore alone"
+
+
 def find_etcd() -> str | None:
-    """The etcd binary: ``$ETCD``, else ``etcd`` on PATH, else None."""
-    return os.environ.get("ETCD") or shutil.which("etcd")
+    """The etcd binary: ``$ETCD`` (if executable), else ``etcd`` on PATH, else None."""
+    named = os.environ.get("ETCD")
+    if named:
+        return shutil.which(named)
+    return shutil.which("etcd")
 
 
 def etcd_version(binary: str) -> str:

@@ -180,7 +180,7 @@ def main() -> int:
                 db.close()
         binary = None if args.no_etcd else etcd_local.find_etcd()
         if binary is None and not args.no_etcd:
-            print("etcd: not installed (no etcd on PATH, $ETCD unset): skipped", file=sys.stderr)
+            print(etcd_local.MISSING, file=sys.stderr)
         if binary:
             figures["etcd_version"] = etcd_local.etcd_version(binary)
             with etcd_local.EtcdCluster(os.path.join(directory, "etcd"), binary) as ec:

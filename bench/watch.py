@@ -183,7 +183,7 @@ def etcd_figures(directory: str, events: int, latency_puts: int) -> dict | None:
     """etcd's watch under the same load, or None (said why) where it is not installed."""
     binary = etcd_local.find_etcd()
     if binary is None:
-        print("etcd: not installed (no etcd on PATH, $ETCD unset): skipped", file=sys.stderr)
+        print(etcd_local.MISSING, file=sys.stderr)
         return None
     with etcd_local.EtcdCluster(os.path.join(directory, "etcd"), binary) as ec:
         url = ec.leader_url()
