@@ -93,3 +93,22 @@ def test_watch_and_lease_benches_run_kvstore_and_etcd_side_by_side(tmp_path):
         assert "kvstore/etcd" in watch.stdout
     else:
         assert "etcd: not installed" in watch.stderr
+
+
+def test_etcd_is_looked_for_where_the_user_says_and_missing_when_not_executable(
+        tmp_path, monkeypatch):
+    """Without an etcd binary the benchmarks measure kvstore alone (a message on stderr):
+    ``find_etcd`` is None for a ``$ETCD`` that is not executable, and that binary if it is."""
+    sys.path.insert(0, BENCH)
+    try:
+        import etcd_local
+    finally:
+        sys.path.remove(BENCH)
+    monkeypatch.setenv("ETCD", str(tmp_path / "no-etcd"))
+    assert etcd_local.find_etcd() is None
+    fake = tmp_path / "etcd"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("ETCD", str(fake))
+    assert etcd_local.find_etcd() == str(fake)
+    assert "not installed" in etcd_local.MISSING
