@@ -20,7 +20,8 @@ import pytest
 import zmq
 
 from kvstore.commands import OP_DELETE, OP_PUT
-from kvstore.node.watching import MAX_PARKED_PER_CONNECTION
+from kvstore.node.watching import (MAX_PARKED_PER_CONNECTION, MAX_WATCH_REPLY_BYTES,
+                                   MAX_WATCH_WAIT_MS, check_watch_args)
 from kvstore.server.local import LocalCluster
 from kvstore.transport import wire
 from conftest import child_env
@@ -244,6 +245,22 @@ def test_write_with_want_revision_answers_its_revision(cluster):
                                                                           (deleted_at, 1)]
         status, value = raw.call(wire.OP_WRITE, [0, client_id, 4, 0, [OP_PUT, b"r", b"3"], 1])
         assert status == wire.STATUS_ERROR and value[0] == "InvalidArgument"
+        # a retried duplicate: its first result, at the revision of the entry answering it
+        # (a later one, whose state contains the write)
+        status, value = raw.call(wire.OP_WRITE, [0, client_id, 1, 0, [OP_PUT, b"r", b"1"], True])
+        assert status == wire.STATUS_OK and value[0] is None and value[1] > deleted_at
+    finally:
+        raw.close()
+    # through a follower: forwarded to the leader with want_revision, relayed
+    lc3 = cluster(3, 1)
+    leader = lc3.wait_ready()["shards"][0]["leader"]
+    follower = next(n for n in lc3.names if n != leader)
+    raw = RawClient(lc3.addresses[follower])
+    try:
+        status, value = raw.call(wire.OP_WRITE, [0, client_id, 1, 0, [OP_PUT, b"f", b"1"], True])
+        assert status == wire.STATUS_OK_FORWARDED, value
+        (result, revision), _leader_index = value
+        assert result is None and revision >= 1
     finally:
         raw.close()
 
@@ -271,6 +288,11 @@ def test_malformed_watches_are_invalid_arguments_and_change_nothing(cluster):
         raw.close()
 
 
+def test_a_forged_wait_and_answer_size_are_capped_by_the_node():
+    args = check_watch_args([0, b"k", b"k\x00", 1, 1 << 62, 10**12, False], 1)
+    assert args[4] == MAX_WATCH_REPLY_BYTES and args[5] == MAX_WATCH_WAIT_MS
+
+
 def test_thousands_of_parked_polls_from_one_connection_are_bounded(cluster):
     lc = cluster(1, 1)
     raw = RawClient(lc.addresses["n1"])
@@ -288,7 +310,6 @@ def test_thousands_of_parked_polls_from_one_connection_are_bounded(cluster):
             c.put(b"q", b"1")
         status, value = other.replies({poll}, 9.0)[poll]
         assert status == wire.STATUS_OK and value[0][0][1][0][1] == b"q"
-        # a forged wait is capped: the poll ends within the node's cap, not 10**9 ms
     finally:
         raw.close()  # never reads its parked polls' answers: the node drops them on expiry
         other.close()
