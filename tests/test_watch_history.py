@@ -208,3 +208,11 @@ def test_thousands_of_parked_polls_cost_little_per_batch():
     elapsed = time.perf_counter() - started
     assert len(due) == 100 and len(parked) == 10_900
     assert elapsed < 0.05, elapsed
+
+
+def test_polls_answered_early_leave_no_growing_deadline_heap():
+    parked = ParkedPolls(1, 100, 100, 1 << 30, 1 << 30)
+    for token in range(20_000):  # park, then a batch answers it: over and over
+        parked.park(ParkedPoll(token, "c", 0, b"k", b"k\x00", 1, 100, False, 1e9))
+        assert len(parked.due(0, [(2, [(b"k", b"v", None)])])) == 1
+    assert len(parked._deadlines) <= 1024 + 3
