@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 
 from kvstore.api import KV, Txn
-from kvstore.errors import (Compacted, CorruptRecord, InvalidArgument, KVError, StorageError, Timeout,
-                            TransactionConflict, Unavailable)
+from kvstore.errors import (Compacted, CorruptRecord, InvalidArgument, KVError, LeaseExpired,
+                            StorageError, Timeout, TransactionConflict, Unavailable)
 from kvstore.events import Event
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE
+from kvstore.lease import Lease
 
 __version__ = "0.1.0"
 
@@ -79,5 +80,6 @@ __all__ = [
     "open", "connect", "status", "KV", "Txn", "MAX_KEY_SIZE", "MAX_VALUE_SIZE",
     "MAX_TXN_SIZE", "MAX_CLUSTER_TXN_SIZE",
     "KVError", "InvalidArgument", "TransactionConflict", "Unavailable", "Timeout",
-    "StorageError", "CorruptRecord", "Compacted", "Event", "__version__",
+    "StorageError", "CorruptRecord", "Compacted", "Event", "LeaseExpired", "Lease",
+    "__version__",
 ]

@@ -4,6 +4,6 @@ The code lives in ``kvstore.client.aio`` beside the synchronous client whose
 engine it shares; this module is the public name (docs/api.md).
 """
 
-from kvstore.client.aio import AsyncKV, AsyncTxn, connect
+from kvstore.client.aio import AsyncKV, AsyncLease, AsyncTxn, connect
 
-__all__ = ["connect", "AsyncKV", "AsyncTxn"]
+__all__ = ["connect", "AsyncKV", "AsyncTxn", "AsyncLease"]

@@ -131,8 +131,11 @@ class KV(abc.ABC):
         """The value of ``key`` (linearizable), or None."""
 
     @abc.abstractmethod
-    def put(self, key: bytes | str, value: bytes | str) -> None:
-        """Store ``value``; durable when this returns."""
+    def put(self, key: bytes | str, value: bytes | str, lease=None, ttl: float | None = None) -> None:
+        """Store ``value``; durable when this returns. ``lease`` (a ``Lease`` or its id):
+        the key lives as long as that lease (``LeaseExpired`` if it is gone: nothing
+        written); ``ttl``: the key lives ``ttl`` seconds (a lease of its own, never kept
+        alive). A later plain write of the key makes it permanent again (docs/leases.md)."""
 
     @abc.abstractmethod
     def delete(self, key: bytes | str) -> bool:
@@ -170,6 +173,28 @@ class KV(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release everything; further calls raise ``KVError``."""
+
+    def lease(self, ttl: float):
+        """A ``kvstore.Lease`` of ``ttl`` seconds, granted on every shard and kept alive by
+        a background timer (every ``ttl / 3``) while the object lives (docs/leases.md)."""
+        from kvstore.commands import check_ttl
+        from kvstore.lease import Lease, new_lease_id
+        ttl_ms = check_ttl(ttl)
+        lease_id = new_lease_id()
+        self._lease_grant(lease_id, ttl_ms)
+        return Lease(self, lease_id, ttl_ms / 1000)
+
+    def _lease_grant(self, lease_id: int, ttl_ms: int) -> None:
+        """Grant lease ``lease_id`` on every shard (each engine's own)."""
+        raise InvalidArgument(f"{type(self).__name__} has no leases")
+
+    def _lease_keepalive(self, lease_id: int) -> bool:
+        """Refresh it on every shard: False if any shard no longer has it."""
+        raise InvalidArgument(f"{type(self).__name__} has no leases")
+
+    def _lease_revoke(self, lease_id: int) -> int:
+        """End it on every shard: the keys deleted."""
+        raise InvalidArgument(f"{type(self).__name__} has no leases")
 
     def run_transaction(self, fn: Callable[[Txn], R], retries: int | None = DEFAULT_RETRIES, *,
                         timeout: float | None = None) -> R:

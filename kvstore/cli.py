@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 import kvstore
-from kvstore.errors import InvalidArgument, KVError, StorageError, Unavailable
+from kvstore.errors import InvalidArgument, KVError, LeaseExpired, StorageError, Unavailable
 
 DEFAULT_DATA = "./kvstore-data"
 EXIT_NOT_FOUND = 1
@@ -168,9 +168,53 @@ def _open(args) -> kvstore.KV:
 
 def _cmd_put(db, args) -> int:
     value = args.stdin_value if args.value == STDIN_VALUE else _arg_bytes(args.value)
-    db.put(_arg_bytes(args.key), value)
+    db.put(_arg_bytes(args.key), value, lease=_lease_id_arg(args.lease), ttl=args.ttl)
     print("OK")
     return 0
+
+
+def _lease_id_arg(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise InvalidArgument(f"a lease ID is a decimal integer (as 'kvstore lease grant' "
+                              f"prints it), got {text!r}") from None
+
+
+def _cmd_lease(db, args) -> int:
+    """``lease grant TTL`` (prints the id), ``lease keepalive ID`` (until Ctrl-C: exit 0;
+    exit 1 once the lease is gone), ``lease revoke ID`` (prints the keys deleted)."""
+    import time
+    from kvstore.commands import check_ttl
+    from kvstore.lease import Lease, new_lease_id
+    if args.action == "grant":
+        lease_id = new_lease_id()
+        db._lease_grant(lease_id, check_ttl(float(args.arg) if _is_number(args.arg) else args.arg))
+        print(lease_id)
+        return 0
+    lease = Lease(db, _lease_id_arg(args.arg), 3 * args.every, keep_alive=False)
+    if args.action == "revoke":
+        print(lease.revoke())
+        return 0
+    try:
+        while True:
+            lease.keepalive()
+            time.sleep(args.every)
+    except LeaseExpired as e:
+        print(f"kvstore: {e}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except KeyboardInterrupt:
+        return 0
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _cmd_get(db, args) -> int:
@@ -319,7 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("value", metavar="VALUE",
                    help="the value; '-' reads it from stdin to its end, byte for byte (a "
                         "trailing newline is kept)")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--lease", metavar="ID", help="the key lives as long as lease ID "
+                      "('kvstore lease grant'); exit 2 if the lease is gone")
+    held.add_argument("--ttl", metavar="S", type=float,
+                      help="the key lives S seconds (then it is deleted)")
     p.set_defaults(fn=_cmd_put)
+    p = sub.add_parser("lease", parents=[common], help="grant, keep alive or revoke a lease",
+                       description="grant TTL: grant a lease of TTL seconds on every shard "
+                                   "and print its ID; keepalive ID: keep it alive until "
+                                   "Ctrl-C (exit 1 once it is gone); revoke ID: end it, "
+                                   "deleting its keys (prints how many).")
+    p.add_argument("action", choices=["grant", "keepalive", "revoke"])
+    p.add_argument("arg", metavar="TTL|ID")
+    p.add_argument("--every", metavar="S", type=float, default=1.0,
+                   help="keepalive: seconds between two keep-alives (default 1; keep it "
+                        "under a third of the lease's ttl)")
+    p.set_defaults(fn=_cmd_lease)
     p = sub.add_parser("get", parents=[common], help="print a value (exit 1 if missing)",
                        description="Print the value of KEY and a newline; exit 1 if there "
                                    "is no such key.")

@@ -24,6 +24,11 @@ in-memory form is typed. Build them with the constructors (``put``, ``delete``,
   vote, TxnDecision -> recorded outcome, TxnResolve -> changed); applied by
   ``kvstore.machine.twopc``. On the wire it is ``[OP_2PC, raw]`` (``TwoPC.wire``). A
   client sends only TxnPrepare; decisions and resolves are written by the nodes.
+- Leases (``kvstore.machine.leases``; ids 1..2**63-1, ttls 1 ms..365 days, checked
+  where decoded): ``LeaseGrant(op, id, ttl_ms)`` -> True, ``LeaseKeepAlive(op, id)`` ->
+  bool, ``LeaseRevoke(op, id)`` -> keys deleted or False, ``PutLease(op, key, value, id)``
+  -> None or ``NO_LEASE``, ``PutTTL(op, key, value, ttl_ms)`` -> None, ``LeaseExpire(op,
+  id, refreshed_revision)`` -> keys deleted or False (a shard leader's; never a client's).
 
 A cluster node logs each client write inside its session (``ClientCommand``:
 client id, seq, floor, command; ``kvstore.machine.replica`` applies it at most
@@ -60,6 +65,25 @@ OP_TXN = 4
 OP_TXN_WRITES = 5
 OP_2PC = 6
 OP_INCR = 7
+OP_LEASE_GRANT = 8
+OP_LEASE_KEEPALIVE = 9
+OP_LEASE_REVOKE = 10
+OP_PUT_LEASE = 11
+OP_PUT_TTL = 12
+OP_LEASE_EXPIRE = 13
+#: The lease commands (``kvstore.machine.leases`` applies them).
+LEASE_OPS = frozenset((OP_LEASE_GRANT, OP_LEASE_KEEPALIVE, OP_LEASE_REVOKE, OP_PUT_LEASE,
+                       OP_PUT_TTL, OP_LEASE_EXPIRE))
+
+#: A lease's time to live, in ms: 1 ms .. 365 days (a longer one is no lease; a forged
+#: one is refused where it enters, never logged).
+TTL_MS_MIN = 1
+TTL_MS_MAX = 365 * 24 * 3600 * 1000
+#: A lease id a client chooses is in 1 .. LEASE_ID_MAX (random 63 bits); the ids from
+#: LEASE_ID_MAX + 1 on are the anonymous leases of ``PutTTL`` (made by the state machine).
+LEASE_ID_MAX = (1 << 63) - 1
+#: Any lease id a log entry may name (a node's LeaseExpire may name an anonymous lease).
+LEASE_ID_ANY_MAX = (1 << 64) - 1
 
 #: Log record kinds (the ``kind`` byte of a record header).
 KIND_NOOP = 0
@@ -83,6 +107,9 @@ class Result(str, enum.Enum):
     NOT_INTEGER = "not_integer"
     #: An incr whose result would leave the signed 64-bit range: nothing applied.
     OVERFLOW = "overflow"
+    #: A put with a lease this shard does not know (never granted, revoked or expired):
+    #: nothing applied (the client raises ``kvstore.LeaseExpired``).
+    NO_LEASE = "no_lease"
 
     __str__ = str.__str__  # "locked" in messages and logs, as it reads on the wire
     __format__ = str.__format__
@@ -93,6 +120,7 @@ STALE = Result.STALE
 POISONED = Result.POISONED
 NOT_INTEGER = Result.NOT_INTEGER
 OVERFLOW = Result.OVERFLOW
+NO_LEASE = Result.NO_LEASE
 
 
 # ------------------------------------------------------------------ the commands
@@ -199,7 +227,70 @@ class TwoPC(NamedTuple):
                 check_key(key)
 
 
-Command = Union[Put, Delete, Cas, Incr, Txn, TxnWrites, TwoPC]
+class LeaseGrant(NamedTuple):
+    """Grant (or re-grant: a refresh with this ttl) lease ``lease_id`` on a shard -> True."""
+
+    op: int
+    lease_id: int
+    ttl_ms: int
+
+
+class LeaseKeepAlive(NamedTuple):
+    """Refresh lease ``lease_id`` -> True, or False if the shard does not know it."""
+
+    op: int
+    lease_id: int
+
+
+class LeaseRevoke(NamedTuple):
+    """End lease ``lease_id`` now, deleting its keys -> their number, or False if unknown."""
+
+    op: int
+    lease_id: int
+
+
+class PutLease(NamedTuple):
+    """A put whose key lives as long as lease ``lease_id`` -> None, or ``NO_LEASE``."""
+
+    op: int
+    key: bytes
+    value: bytes
+    lease_id: int
+
+
+class PutTTL(NamedTuple):
+    """A put whose key lives ``ttl_ms`` (an anonymous lease of its own, no keep-alive)."""
+
+    op: int
+    key: bytes
+    value: bytes
+    ttl_ms: int
+
+
+class LeaseExpire(NamedTuple):
+    """Written by the shard leader (never a client): end lease ``lease_id`` unless it was
+    refreshed since ``refreshed_revision`` -> the number of keys deleted, or False."""
+
+    op: int
+    lease_id: int
+    refreshed_revision: int
+
+
+def _no_keys(self) -> list:
+    return []
+
+
+def _no_sizes(self) -> None:
+    pass
+
+
+for _lease_command in (LeaseGrant, LeaseKeepAlive, LeaseRevoke, LeaseExpire):
+    _lease_command.keys, _lease_command.check_sizes = _no_keys, _no_sizes
+for _lease_command in (PutLease, PutTTL):  # a put's key and value, with a lease
+    _lease_command.keys, _lease_command.check_sizes = Put.keys, Put.check_sizes
+
+Command = Union[Put, Delete, Cas, Incr, Txn, TxnWrites, TwoPC, LeaseGrant, LeaseKeepAlive,
+                LeaseRevoke, PutLease, PutTTL, LeaseExpire]
 
 
 def _check_writes(writes) -> None:
@@ -235,6 +326,51 @@ def txn_writes(writes: list) -> TxnWrites:
 
 def two_pc(entry: TxnPrepare | TxnDecision | TxnResolve) -> TwoPC:
     return TwoPC(OP_2PC, encode_2pc(entry), entry)
+
+
+def check_lease_id(lease_id) -> int:
+    """A lease id as a client names it (an int, not a bool, in 1..``LEASE_ID_MAX``);
+    ``InvalidArgument`` otherwise."""
+    if isinstance(lease_id, bool) or not isinstance(lease_id, int):
+        raise InvalidArgument(f"a lease id is an int, not {type(lease_id).__name__}")
+    if not 1 <= lease_id <= LEASE_ID_MAX:
+        raise InvalidArgument(f"a lease id is in 1..{LEASE_ID_MAX} (63 bits), got {lease_id}")
+    return int(lease_id)
+
+
+def check_ttl(ttl) -> int:
+    """A time to live in seconds (int or float) as the API takes it, in ms; between
+    ``TTL_MS_MIN`` (1 ms) and ``TTL_MS_MAX`` (365 days); ``InvalidArgument`` otherwise."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise InvalidArgument(f"a ttl is a number of seconds, not {type(ttl).__name__}")
+    if not TTL_MS_MIN / 1000 <= ttl <= TTL_MS_MAX / 1000:  # False for nan
+        raise InvalidArgument(f"a ttl is between {TTL_MS_MIN / 1000} s and "
+                              f"{TTL_MS_MAX // 1000} s (365 days), got {ttl!r}")
+    return max(TTL_MS_MIN, round(ttl * 1000))
+
+
+def lease_grant(lease_id: int, ttl_ms: int) -> LeaseGrant:
+    return LeaseGrant(OP_LEASE_GRANT, lease_id, ttl_ms)
+
+
+def lease_keepalive(lease_id: int) -> LeaseKeepAlive:
+    return LeaseKeepAlive(OP_LEASE_KEEPALIVE, lease_id)
+
+
+def lease_revoke(lease_id: int) -> LeaseRevoke:
+    return LeaseRevoke(OP_LEASE_REVOKE, lease_id)
+
+
+def put_lease(key: bytes, value: bytes, lease_id: int) -> PutLease:
+    return PutLease(OP_PUT_LEASE, key, value, lease_id)
+
+
+def put_ttl(key: bytes, value: bytes, ttl_ms: int) -> PutTTL:
+    return PutTTL(OP_PUT_TTL, key, value, ttl_ms)
+
+
+def lease_expire(lease_id: int, refreshed_revision: int) -> LeaseExpire:
+    return LeaseExpire(OP_LEASE_EXPIRE, lease_id, refreshed_revision)
 
 
 def command_wire(command):
@@ -365,7 +501,41 @@ def decode_command(command) -> Command:
             return _new(Txn, command)
     if op == OP_2PC and n == 2 and _is_bytes(command[1]):
         return TwoPC(OP_2PC, command[1], decode_2pc(command[1]))  # ValueError if malformed
+    if op in LEASE_OPS:
+        return _decode_lease_command(command)
     raise ValueError("malformed command")
+
+
+def _is_lease_id(v) -> bool:
+    return type(v) is int and 1 <= v <= LEASE_ID_MAX
+
+
+def _is_ttl_ms(v) -> bool:
+    return type(v) is int and TTL_MS_MIN <= v <= TTL_MS_MAX
+
+
+def _decode_lease_command(command: list) -> Command:
+    """A lease command, range-checked: a forged id or ttl is a ``ValueError`` (the
+    client's ``InvalidArgument``), never logged."""
+    op, n = command[0], len(command)
+    if op == OP_LEASE_GRANT and n == 3 and _is_lease_id(command[1]) and _is_ttl_ms(command[2]):
+        return _new(LeaseGrant, command)
+    if op == OP_LEASE_KEEPALIVE and n == 2 and _is_lease_id(command[1]):
+        return _new(LeaseKeepAlive, command)
+    if op == OP_LEASE_REVOKE and n == 2 and _is_lease_id(command[1]):
+        return _new(LeaseRevoke, command)
+    if (op == OP_PUT_LEASE and n == 4 and type(command[1]) is bytes
+            and type(command[2]) is bytes and _is_lease_id(command[3])):
+        return _new(PutLease, command)
+    if (op == OP_PUT_TTL and n == 4 and type(command[1]) is bytes
+            and type(command[2]) is bytes and _is_ttl_ms(command[3])):
+        return _new(PutTTL, command)
+    if (op == OP_LEASE_EXPIRE and n == 3 and type(command[1]) is int
+            and 1 <= command[1] <= LEASE_ID_ANY_MAX and type(command[2]) is int
+            and 0 <= command[2] < 1 << 64):
+        return _new(LeaseExpire, command)
+    raise ValueError(f"malformed lease command (op {op}): a lease id is in 1..{LEASE_ID_MAX}, "
+                     f"a ttl in {TTL_MS_MIN}..{TTL_MS_MAX} ms")
 
 
 class ClientCommand(NamedTuple):

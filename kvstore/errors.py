@@ -61,6 +61,11 @@ class Compacted(KVError):
         self.oldest = oldest
 
 
+class LeaseExpired(KVError):
+    """The lease is gone (it expired, or was revoked): its keys were deleted. A put with
+    it applied nothing; a keep-alive cannot bring it back (make a new lease)."""
+
+
 __all__ = [
     "KVError",
     "InvalidArgument",
@@ -70,4 +75,5 @@ __all__ = [
     "StorageError",
     "CorruptRecord",
     "Compacted",
+    "LeaseExpired",
 ]

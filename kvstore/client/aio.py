@@ -29,7 +29,9 @@ from kvstore.client import requests
 from kvstore.client.core import renew_locks_after_fork
 from kvstore.client.kv import ClusterKV
 from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
-from kvstore.commands import incr_result
+from kvstore.client.lease import AsyncLease
+from kvstore.commands import check_ttl, incr_result
+from kvstore.lease import new_lease_id
 from kvstore.errors import KVError, TransactionConflict
 
 
@@ -96,8 +98,18 @@ class AsyncKV:
     async def get(self, key):
         return await self._call(*requests.get(self._kv.nshards, key))
 
-    async def put(self, key, value) -> None:
-        await self._call(*requests.put(self._kv.nshards, key, value))
+    async def put(self, key, value, lease=None, ttl=None) -> None:
+        request = requests.put(self._kv.nshards, key, value, lease, ttl)
+        requests.put_result(request, await self._call(*request))
+
+    async def lease(self, ttl: float) -> "AsyncLease":
+        """A lease of ``ttl`` seconds granted on every shard, kept alive by a task of this
+        event loop while the object lives (``kvstore.client.lease``)."""
+        ttl_ms = check_ttl(ttl)
+        lease_id = new_lease_id()
+        await asyncio.gather(*(self._call(*r) for r in
+                               requests.lease_grant(self._kv.nshards, lease_id, ttl_ms)))
+        return AsyncLease(self, lease_id, ttl_ms / 1000)
 
     async def delete(self, key) -> bool:
         return bool(await self._call(*requests.delete(self._kv.nshards, key)))
@@ -211,4 +223,4 @@ class AsyncTxn:
             pass  # its resolvers free the locks after the deadline
 
 
-__all__ = ["connect", "AsyncKV", "AsyncTxn", "KVError"]
+__all__ = ["connect", "AsyncKV", "AsyncTxn", "AsyncLease", "KVError"]

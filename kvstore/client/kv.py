@@ -88,8 +88,23 @@ class ClusterKV(KV):
     def get(self, key):
         return self._core.call(*requests.get(self.nshards, key))
 
-    def put(self, key, value) -> None:
-        self._core.call(*requests.put(self.nshards, key, value))
+    def put(self, key, value, lease=None, ttl=None) -> None:
+        request = requests.put(self.nshards, key, value, lease, ttl)
+        requests.put_result(request, self._core.call(*request))
+
+    def _all_shards(self, batch: list) -> list:
+        futures = [self._core.submit(*r) for r in batch]
+        return [self._core.wait(f) for f in futures]
+
+    def _lease_grant(self, lease_id: int, ttl_ms: int) -> None:
+        self._all_shards(requests.lease_grant(self.nshards, lease_id, ttl_ms))
+
+    def _lease_keepalive(self, lease_id: int) -> bool:
+        return all(self._all_shards(requests.lease_keepalive(self.nshards, lease_id)))
+
+    def _lease_revoke(self, lease_id: int) -> int:
+        return requests.revoked_count(self._all_shards(requests.lease_revoke(self.nshards,
+                                                                              lease_id)))
 
     def delete(self, key) -> bool:
         return bool(self._core.call(*requests.delete(self.nshards, key)))

@@ -8,7 +8,8 @@ endpoint, never with an exception of another class.
 
 from __future__ import annotations
 
-from kvstore.commands import NOT_INTEGER, OP_2PC, OP_INCR, OP_PUT, OVERFLOW, is_int64
+from kvstore.commands import (NO_LEASE, NOT_INTEGER, OP_2PC, OP_INCR, OP_LEASE_REVOKE, OP_PUT,
+                              OP_PUT_LEASE, OP_PUT_TTL, OVERFLOW, is_int64)
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT
 
@@ -58,8 +59,12 @@ def check_result(call, value):
         ok = type(value) is int and value in (COMMIT, ABORT)
     elif op == wire.OP_WRITE:
         kind = call.payload[0]
-        if kind == OP_PUT:
+        if kind == OP_PUT or kind == OP_PUT_TTL:
             ok = value is None
+        elif kind == OP_PUT_LEASE:  # or its lease was gone
+            ok = value is None or value == NO_LEASE
+        elif kind == OP_LEASE_REVOKE:  # the keys deleted, or False: unknown
+            ok = value is False or (type(value) is int and value >= 0)
         elif kind == OP_INCR:  # the new value, or a refusal (not an integer, overflow)
             ok = is_int64(value) or value == NOT_INTEGER or value == OVERFLOW
         elif kind == OP_2PC:  # a vote, or with locking reads [vote, [[key, value, revision]]]

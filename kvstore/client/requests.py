@@ -9,7 +9,9 @@ the answer, ``AsyncKV`` awaits it. ``nshards`` is the cluster's shard count.
 from __future__ import annotations
 
 from kvstore import commands
+from kvstore.errors import InvalidArgument, LeaseExpired
 from kvstore.keys import check_key, check_optional_value, check_scan, check_value
+from kvstore.lease import lease_id_of
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
 
@@ -29,10 +31,48 @@ def get(nshards: int, key) -> Request:
     return wire.OP_GET, shard, [shard, key, False]
 
 
-def put(nshards: int, key, value) -> Request:
-    """A write of ``value`` at ``key``: answered by None once it is applied."""
+def put(nshards: int, key, value, lease=None, ttl=None) -> Request:
+    """A write of ``value`` at ``key``: answered by None once it is applied. With
+    ``lease`` (a lease or its id) the key lives as long as it (answered ``NO_LEASE``,
+    nothing written, if it is gone: ``put_result``); with ``ttl`` seconds, that long."""
     key = check_key(key)
-    return wire.OP_WRITE, shard_for(nshards, key), commands.put(key, check_value(value))
+    value = check_value(value)
+    shard = shard_for(nshards, key)
+    if lease is None and ttl is None:
+        return wire.OP_WRITE, shard, commands.put(key, value)
+    if lease is not None and ttl is not None:
+        raise InvalidArgument("put takes lease= or ttl=, not both")
+    if lease is not None:
+        return wire.OP_WRITE, shard, commands.put_lease(key, value, lease_id_of(lease))
+    return wire.OP_WRITE, shard, commands.put_ttl(key, value, commands.check_ttl(ttl))
+
+
+def put_result(request: Request, result) -> None:
+    """A put's answer: None, or ``LeaseExpired`` if its lease was gone."""
+    if result == commands.NO_LEASE:
+        command = request[2]
+        raise LeaseExpired(f"lease {command.lease_id} is gone (expired or revoked): "
+                           f"{command.key[:40]!r} was not written")
+
+
+def lease_grant(nshards: int, lease_id: int, ttl_ms: int) -> list[Request]:
+    """Grant a lease on every shard (answered True each)."""
+    return [(wire.OP_WRITE, s, commands.lease_grant(lease_id, ttl_ms)) for s in range(nshards)]
+
+
+def lease_keepalive(nshards: int, lease_id: int) -> list[Request]:
+    """Refresh a lease on every shard (answered False by a shard that lost it)."""
+    return [(wire.OP_WRITE, s, commands.lease_keepalive(lease_id)) for s in range(nshards)]
+
+
+def lease_revoke(nshards: int, lease_id: int) -> list[Request]:
+    """End a lease on every shard (answered by the keys deleted, False if unknown)."""
+    return [(wire.OP_WRITE, s, commands.lease_revoke(lease_id)) for s in range(nshards)]
+
+
+def revoked_count(answers) -> int:
+    """The keys a revoke deleted across shards."""
+    return sum(a for a in answers if type(a) is int and type(a) is not bool)
 
 
 def delete(nshards: int, key) -> Request:

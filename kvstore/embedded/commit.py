@@ -8,17 +8,23 @@ log in one ``pwrite`` and one ``fdatasync``, and only then are the writes
 published into the overlay, what they changed handed to the watch histories
 (``kvstore.embedded.watch.WatchHub``: durable changes only) and the results
 handed back.
+
+A shard's txns table (its leases: ``kvstore.machine.leases``) sits in the overlay at
+index ``nshards + shard`` (its data table at ``shard``), so lease state is written,
+published and checkpointed with the data it describes. A shard that never had a
+lease (``store._lease_shards``) applies plain commands without a look at it.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from kvstore.commands import OP_TXN_WRITES
+from kvstore.commands import OP_LEASE_GRANT, OP_TXN_WRITES
 from kvstore.embedded.groupcommit import Request
 from kvstore.embedded.recovery import entry
 from kvstore.errors import CorruptRecord, KVError, StorageError
 from kvstore.machine.data import apply_command, apply_writes, reads_still_valid
+from kvstore.machine.leases import LeaseTable, apply_leased
 from kvstore.storage.environment import THIRD_PARTY_ERRORS, translate
 from kvstore.storage.overlay import LazyRead, ShardView
 from kvstore.storage.replay import commit_point
@@ -52,18 +58,28 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
     txn = LazyRead(begin)
     pending: dict[int, dict] = {}
     views: dict[int, ShardView] = {}
+    leases: dict[int, LeaseTable] = {}
 
-    def view(shard: int) -> ShardView:
-        v = views.get(shard)
+    def view(shard: int, table: int = 0) -> ShardView:
+        """The shard's data table (``table`` 0) or txns table (1), as the batch sees it."""
+        index = shard + table * store._nshards
+        v = views.get(index)
         if v is None:
-            levels = [pending.setdefault(shard, {}), active[shard]]
+            levels = [pending.setdefault(index, {}), active[index]]
             if frozen is not None:
-                levels.append(frozen[shard])
-            v = views[shard] = ShardView(levels, txn, store._data[shard])
+                levels.append(frozen[index])
+            db = store._data[shard] if table == 0 else store._tables[shard].txns
+            v = views[index] = ShardView(levels, txn, db)
         return v
 
+    def lease_table(shard: int) -> LeaseTable:
+        t = leases.get(shard)
+        if t is None:
+            t = leases[shard] = LeaseTable(view(shard, 1), store._tables[shard].txns)
+        return t
+
     try:
-        results = _apply_batch(store, view, batch)
+        results = _apply_batch(store, view, batch, lease_table)
     except THIRD_PARTY_ERRORS as e:
         raise translate(e, store.path, "applying a write") from e
     finally:
@@ -75,6 +91,8 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
         records = [entry(shard, slot, commands, pack) for shard, slot, commands in entries]
         slots = [(shard, slot) for shard, slot, _ in entries]
         records.append(commit_point(slots))
+        # the txns tables' overlay slots move with their shards' (the checkpoint's meta)
+        slots += [(shard + store._nshards, slot) for shard, slot in slots]
         checkpoint = store._checkpoint_record  # set by the checkpoint thread
         if checkpoint is not None:
             records.append(checkpoint)
@@ -89,6 +107,8 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
         if hub is not None:
             hub.publish([(shard, slot, results.changes.get(shard, ()))
                          for shard, slot, _commands in entries])
+        for shard, table in leases.items():
+            store._reaper.note(shard, table.events)
     for request, result in zip(batch, results):
         if type(result) is _Failed:
             request.error = result.error
@@ -105,9 +125,10 @@ def _log_error(store, e: StorageError) -> StorageError:
     return StorageError(f"{e}{hint}", store.path)
 
 
-def _apply_batch(store, view, batch: Sequence[Request]) -> "_BatchResults":
+def _apply_batch(store, view, batch: Sequence[Request], lease_table) -> "_BatchResults":
     applied = store._overlay.applied
     data = store._data
+    lease_shards = store._lease_shards
     entries: dict[int, list] = {}
     results = _BatchResults()
     changes = results.changes
@@ -121,8 +142,13 @@ def _apply_batch(store, view, batch: Sequence[Request]) -> "_BatchResults":
             if shard_changes is None:
                 shard_changes = changes[shard] = []
             try:
-                result = apply_command(view(shard), data[shard], applied[shard] + 1,
-                                       command, shard_changes)
+                if command[0] >= OP_LEASE_GRANT or lease_shards[shard]:
+                    lease_shards[shard] = True  # from now on, plain writes detach keys
+                    result = apply_leased(view(shard), data[shard], applied[shard] + 1,
+                                          command, lease_table(shard), shard_changes)
+                else:
+                    result = apply_command(view(shard), data[shard], applied[shard] + 1,
+                                           command, shard_changes)
             except CorruptRecord as e:  # a corrupt value read by this command: it alone
                 results.append(_Failed(translate(e, store.path, "applying a write")))
                 continue
@@ -133,7 +159,8 @@ def _apply_batch(store, view, batch: Sequence[Request]) -> "_BatchResults":
             results.append(result)
         else:
             try:
-                results.append(_apply_multi_shard(store, view, payload, entries, changes))
+                results.append(_apply_multi_shard(store, view, payload, entries, changes,
+                                                  lease_table))
             except CorruptRecord as e:
                 results.append(_Failed(translate(e, store.path, "applying a transaction")))
     results.entries = [(shard, applied[shard] + 1, commands)
@@ -141,7 +168,8 @@ def _apply_batch(store, view, batch: Sequence[Request]) -> "_BatchResults":
     return results
 
 
-def _apply_multi_shard(store, view, payload, entries: dict, changes: dict) -> bool:
+def _apply_multi_shard(store, view, payload, entries: dict, changes: dict,
+                       lease_table) -> bool:
     data, applied = store._data, store._overlay.applied
     for shard, (reads, ranges, _writes) in payload.parts.items():
         if not reads_still_valid(view(shard), data[shard], reads, ranges):
@@ -150,6 +178,10 @@ def _apply_multi_shard(store, view, payload, entries: dict, changes: dict) -> bo
         if writes:
             apply_writes(view(shard), data[shard], applied[shard] + 1, writes,
                          changes.setdefault(shard, []))
+            if store._lease_shards[shard]:
+                leases = lease_table(shard)
+                if leases.attached:
+                    leases.detach_written((OP_TXN_WRITES, writes), True)
             entries.setdefault(shard, []).append((OP_TXN_WRITES, writes))
     return True
 

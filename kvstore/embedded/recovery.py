@@ -22,7 +22,7 @@ import msgpack
 
 from kvstore import _native
 from kvstore.errors import CorruptRecord
-from kvstore.machine.data import apply_command
+from kvstore.machine.leases import LeaseTable, apply_leased
 from kvstore.paxos.batch import decode_batch, encode_batch
 from kvstore.paxos.replica import KIND_BATCH
 from kvstore.storage.environment import META_APPLIED, META_LOG_CLOSED, META_LOG_POSITION
@@ -148,16 +148,23 @@ def _apply(store, shard: int, entries: list[LogEntry]) -> None:
     """Apply one shard's recovered entries (consecutive slots) to the overlay."""
     overlay = store._overlay
     pending: dict = {}
+    pending_txns: dict = {}  # the shard's txns table (its leases) sits at nshards + shard
+    txns_index = store._nshards + shard
     db = store._data[shard]
+    txns_db = store._tables[shard].txns
 
     def apply(txn):
         view = ShardView([pending, *overlay.levels(shard)], txn, db)
+        leases = LeaseTable(ShardView([pending_txns, *overlay.levels(txns_index)], txn, txns_db),
+                            txns_db)
         for e in entries:
             for command in entry_commands(e):
-                apply_command(view, db, e.slot, command)
+                apply_leased(view, db, e.slot, command, leases)
 
     store._storage.read(apply, "replaying the log", False)
-    overlay.publish({shard: pending}, [(shard, entries[-1].slot)], overlay.position)
+    slot = entries[-1].slot
+    overlay.publish({shard: pending, txns_index: pending_txns},
+                    [(shard, slot), (txns_index, slot)], overlay.position)
 
 
 __all__ = ["entry", "command_packer", "entry_commands", "chosen_logs", "checkpointed_point", "applied_point",

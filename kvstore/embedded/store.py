@@ -38,12 +38,17 @@ import weakref
 
 from kvstore import _native
 from kvstore.api import KV
-from kvstore.commands import OP_CAS, OP_DELETE, OP_PUT, OP_TXN, check_delta, incr, incr_result
-from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, StorageError,
+from kvstore.commands import (NO_LEASE, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, check_delta,
+                              check_ttl, incr, incr_result, lease_grant, lease_keepalive,
+                              lease_revoke, put_lease, put_ttl)
+from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, LeaseExpired, StorageError,
                             TransactionConflict)
 from kvstore.embedded.commit import commit_batch
 from kvstore.embedded.groupcommit import GroupCommitter, Request
+from kvstore.embedded.reaper import LeaseReaper
 from kvstore.embedded.recovery import checkpointed_point, command_packer, recover
+from kvstore.lease import lease_id_of
+from kvstore.machine.leases import LeaseTable
 from kvstore.embedded.verify import verify_store
 from kvstore.embedded.watch import DEFAULT_HISTORY_BYTES, Watch, WatchHub
 from kvstore.events import watch_range
@@ -53,8 +58,8 @@ from kvstore.keys import (MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE, check_key,
 from kvstore.storage import Storage
 from kvstore.txnbuffer import NOT_WRITTEN, BufferedTxn, TxnBuffer, entry_bytes
 from kvstore.storage.checkpoint import Checkpointer
-from kvstore.storage.environment import META_LOG_FIRST, THIRD_PARTY_ERRORS, translate
-from kvstore.storage.overlay import MISSING, Overlay, items_in_range, lookup, merge_rows
+from kvstore.storage.environment import META_LOG_FIRST, THIRD_PARTY_ERRORS, ShardTables, translate
+from kvstore.storage.overlay import MISSING, Overlay, ShardView, items_in_range, lookup, merge_rows
 from kvstore.machine.data import revision_of, scan_rows, scan_values, value_of
 from kvstore.storage.wal import KIND_CHECKPOINT, WAL_DIR, Record, WriteAheadLog
 from kvstore._native import unpack_rows
@@ -104,19 +109,26 @@ class EmbeddedKV(KV):
         self._checkpointer: Checkpointer | None = None
         self._checkpoint_record: Record | None = None  # rides on the next append
         self._watch: WatchHub | None = None  # set once recovered: watchers see what follows
+        #: per shard: it has (had) a lease, so plain writes detach keys (``commit``)
+        self._lease_shards = [False] * self._nshards
+        self._reaper = LeaseReaper(self)
         try:
             applied, position, closed_at = self._storage.read(
                 lambda txn: checkpointed_point(self, txn), "reading the applied points", True)
-            self._overlay = Overlay(self._nshards, applied, position)
+            # the overlay holds every shard's data table at ``shard`` and its txns table
+            # (leases) at ``nshards + shard`` (``kvstore.embedded.commit``)
+            self._overlay = Overlay(2 * self._nshards, applied + applied, position)
             self._wal = WriteAheadLog.open(os.path.join(self.path, WAL_DIR), wal_files,
                                            segment_bytes=WAL_SEGMENT_BYTES)
             self._checkpointer = Checkpointer(
-                self._overlay, lambda fn: self._storage.write(fn), self._tables,
+                self._overlay, lambda fn: self._storage.write(fn),
+                self._tables + [ShardTables(t.log, t.meta, t.txns, t.txns) for t in self._tables],
                 self._after_checkpoint, CHECKPOINT_SECONDS, CHECKPOINT_BYTES,
                 OVERLAY_LIMIT_BYTES, self.path)
             recover(self, position, closed_at)
+            self._load_leases()
             self._watch = WatchHub(self._nshards, watch_history_bytes,
-                                   list(self._overlay.applied), self.path)
+                                   self._overlay.applied[:self._nshards], self.path)
             self._checkpointer.start()
             weakref.finalize(self, self._wal.close)  # dropped without close(): its files
         except BaseException:
@@ -141,6 +153,53 @@ class EmbeddedKV(KV):
     def _submit(self, payload, size: int) -> object:
         self._check_open()
         return self._committer.submit(Request(payload, size))
+
+    # -- leases (``kvstore.machine.leases``, ``kvstore.embedded.reaper``) -----------------
+
+    def _load_leases(self) -> None:
+        """At open: which shards have leases, and a full ttl for each lease from now."""
+        n = self._nshards
+
+        def read(txn, levels, _position):
+            return [LeaseTable(ShardView([{}, *levels[n + s]], txn, t.txns), t.txns).all_records()
+                    for s, t in enumerate(self._tables)]
+
+        for shard, records in enumerate(self._snapshot(read, "reading the leases")):
+            if records:
+                self._lease_shards[shard] = True
+                self._reaper.load(shard, records)
+
+    def _lease_grant(self, lease_id: int, ttl_ms: int) -> None:
+        for shard in range(self._nshards):
+            self._submit((shard, lease_grant(lease_id, ttl_ms)), 16)
+
+    def _lease_keepalive(self, lease_id: int) -> bool:
+        return all([self._submit((shard, lease_keepalive(lease_id)), 8)
+                    for shard in range(self._nshards)])
+
+    def _lease_revoke(self, lease_id: int) -> int:
+        deleted = [self._submit((shard, lease_revoke(lease_id)), 8)
+                   for shard in range(self._nshards)]
+        return sum(d for d in deleted if type(d) is int)
+
+    def _expire_lease(self, shard: int, command) -> object:
+        """The reaper's LeaseExpire, through group commit like any write."""
+        return self._submit((shard, command), 16)
+
+    def _put_leased(self, key, value, lease, ttl) -> None:
+        """``put`` with ``lease=`` or ``ttl=`` (one of them)."""
+        key, value = check_key(key), check_value(value)
+        if lease is not None and ttl is not None:
+            raise InvalidArgument("put takes lease= or ttl=, not both")
+        if lease is not None:
+            lease_id = lease_id_of(lease)
+            if self._submit((self._shard(key), put_lease(key, value, lease_id)),
+                            len(key) + len(value)) == NO_LEASE:
+                raise LeaseExpired(f"lease {lease_id} is gone (expired or revoked): "
+                                   f"{key[:40]!r} was not written")
+        else:
+            self._submit((self._shard(key), put_ttl(key, value, check_ttl(ttl))),
+                         len(key) + len(value))
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -213,7 +272,7 @@ class EmbeddedKV(KV):
         with overlay.lock:  # the overlay and the LMDB snapshot together; a copy of the
             levels = overlay.snapshot_levels()  # active generation (a C loop) holds the
             txn = self._storage.begin_read(True)  # lock less long than filtering it would
-        over = [items_in_range(shard_levels, lo, hi) for shard_levels in levels]
+        over = [items_in_range(shard_levels, lo, hi) for shard_levels in levels[:self._nshards]]
 
         def read(txn):
             per_shard = [scan_values(txn, db, lo, hi, limit) if not over[s]
@@ -228,8 +287,10 @@ class EmbeddedKV(KV):
 
     # -- single-key writes -------------------------------------------------------------------
 
-    def put(self, key, value) -> None:
+    def put(self, key, value, lease=None, ttl=None) -> None:
         # The hot write path, flat like get's: the checks' slow paths only off bytes.
+        if lease is not None or ttl is not None:
+            return self._put_leased(key, value, lease, ttl)
         if type(key) is not bytes or not 0 < len(key) <= MAX_KEY_SIZE:
             key = check_key(key)
         if type(value) is not bytes or len(value) > MAX_VALUE_SIZE:
@@ -372,6 +433,7 @@ class EmbeddedKV(KV):
             self._closed = True
         if self._watch is not None:
             self._watch.close()  # waiting watchers end with "the store is closed"
+        self._reaper.stop()  # no expiry is written after close
         # Wait for an in-flight commit by queueing behind it: submit a no-op batch.
         try:
             self._committer.submit(Request(None))

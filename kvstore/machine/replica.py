@@ -40,6 +40,7 @@ from kvstore.errors import CorruptRecord
 from kvstore.paxos.replica import KIND_BATCH, PersistedState, Snapshot
 from kvstore.machine.twopc import any_locked, apply_2pc
 from kvstore.machine.data import apply_command, scan_rows
+from kvstore.machine.leases import LeaseTable, apply_leased
 
 #: Where a shard's ``HardState`` lives in its meta table (msgpack, a 4-item list).
 META_PAXOS = b"paxos.hard"
@@ -92,6 +93,9 @@ class ShardWrite:
     #: A list to collect what the applied entries changed (``apply_entries``'s ``changes``:
     #: ``(revision, [(key, value, prev), ...])``), or None: nothing collected.
     changes: list | None = None
+    #: Set by the storage: the leases this save's entries granted, refreshed or ended
+    #: (``LeaseTable.events``), for the node's expiry clock (``kvstore.node.leases``).
+    lease_events: list = field(default_factory=list)
 
 
 class ReplicaStorage(Protocol):
@@ -117,6 +121,9 @@ class ReplicaStorage(Protocol):
 
     def expired_prepares(self, shard: int, now_ms: int) -> list:
         """Prepared cross-shard transactions past their deadline (``kvstore.machine.twopc``)."""
+
+    def leases(self, shard: int) -> list:
+        """Every lease of the shard: ``[(lease_id, ttl_ms, refreshed_revision)]``."""
 
     def close(self) -> None: ...
 
@@ -168,13 +175,15 @@ class SessionCache:
 
 
 def apply_client_command(txn, tables, slot: int, logged: ClientCommand, sessions: SessionCache,
-                         changes: list | None = None) -> tuple:
+                         changes: list | None = None, leases: LeaseTable | None = None) -> tuple:
     """Apply one client command of the entry at ``slot``, at most once per ``(client, seq)``.
 
     The session of a client holds its floor (every seq below it was answered,
     so a late duplicate of one is ignored) and the results of its seqs at or
     above the floor (a retry of one gets the first result back, with no
     second effect). ``logged`` is typed (``kvstore.commands.decode_logged_command``).
+    ``leases``: the shard's ``LeaseTable`` in ``txn`` (lease commands, and plain writes
+    detaching their keys); None applies no lease command.
     Returns ``((client_id, seq), result)``; ``result`` is ``STALE`` for an ignored late
     duplicate. ``changes``: the keys it changed (``kvstore.machine.data.apply_writes``).
     """
@@ -190,10 +199,14 @@ def apply_client_command(txn, tables, slot: int, logged: ClientCommand, sessions
     if seq in results:
         return key, results[seq]
     if type(command) is TwoPC:
+        if leases is not None and leases.attached:
+            leases.before_2pc(command.entry)
         result = apply_2pc(txn, tables, slot + 1, command.entry, changes)
     elif any_locked(txn, tables, command.keys()):
         # a prepared cross-shard transaction holds one of its keys: nothing applied
         result = False if type(command) is Txn else LOCKED
+    elif leases is not None:
+        result = apply_leased(txn, tables.data, slot + 1, command, leases, changes)
     else:
         result = apply_command(txn, tables.data, slot + 1, command, changes)
     session[1] = slot
@@ -217,17 +230,21 @@ def install_snapshot(txn, t, snapshot: Snapshot) -> None:
 
 
 def apply_entries(txn, tables, shard: int, entries, applied: int, results: list,
-                  decoded: DecodedCommands | None = None, changes: list | None = None) -> int:
+                  decoded: DecodedCommands | None = None, changes: list | None = None,
+                  lease_events: list | None = None) -> int:
     """Apply a shard's committed ``entries`` above ``applied`` on ``txn`` (an LMDB write
     transaction, or a view of the overlay over one); append ``(shard, slot, key,
     result)`` to ``results`` for every client command; return the new applied point.
     ``decoded``: the node's commands decoded where they entered it (a command not there,
     as after a restart, is decoded and checked here). ``changes``: if a list,
     ``(revision, [(key, value or None, previous value or None), ...])`` is appended for
-    every entry that changed a key (what the node's watch history takes)."""
+    every entry that changed a key (what the node's watch history takes).
+    ``lease_events``: if a list, the leases granted, refreshed or ended are appended
+    (``LeaseTable.events``)."""
     if decoded is None:
         decoded = DecodedCommands()
     sessions = SessionCache(txn, tables.txns)
+    leases = LeaseTable(txn, tables.txns)
     for entry in entries:
         if entry.slot <= applied:
             continue  # already in the state (a snapshot covered it)
@@ -242,7 +259,7 @@ def apply_entries(txn, tables, shard: int, entries, applied: int, results: list,
                     _poisoned(shard, entry.slot, str(e), results)
                     continue
                 key, result = apply_client_command(txn, tables, entry.slot, logged, sessions,
-                                                   entry_changes)
+                                                   changes=entry_changes, leases=leases)
                 results.append((shard, entry.slot, key, result))
         if entry_changes:
             changes.append((entry.slot + 1, entry_changes))
@@ -252,7 +269,15 @@ def apply_entries(txn, tables, shard: int, entries, applied: int, results: list,
             expire_sessions(txn, tables.txns, entry.slot)
         applied = entry.slot
     sessions.flush()
+    if lease_events is not None:
+        lease_events.extend(leases.events)
     return applied
+
+
+def lease_records(txn, tables) -> list:
+    """Every lease of a shard: ``[(lease_id, ttl_ms, refreshed_revision)]`` (the node's
+    expiry clock starts from these at start and after a snapshot is installed)."""
+    return LeaseTable(txn, tables.txns).all_records()
 
 
 _poisoned_count = 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvstore.commands import LOCKED, STALE, TwoPC, client_command, command_wire, encode_client_command, session_of
+from kvstore.commands import LOCKED, STALE, LeaseExpire, TwoPC, client_command, command_wire, encode_client_command, session_of
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key
 from kvstore.machine.twopc import bound_client_2pc
 from kvstore.paxos.replica import NotLeader
@@ -150,6 +150,9 @@ class Intake:
                                        int(self.clock.time() * 1000), _internal(identity))
             if bounded is not command:
                 write = write._replace(command=bounded)
+        elif type(command) is LeaseExpire and not _internal(identity):
+            raise ValueError("a LeaseExpire is written by the shard leader only (revoke a "
+                             "lease with LeaseRevoke)")
         self._check_keys_in_shard(shard, write.command.keys())
         r = self.replicas[shard]
         if not r.is_leader:

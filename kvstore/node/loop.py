@@ -60,9 +60,11 @@ The node is one class in four rooms: this module (the loop: ``turn``, receive,
 persist/send/answer in that order, roles, snapshots, status), request intake
 (``kvstore.node.intake.Intake``: a client's request checked, decoded once, queued,
 forwarded or answered), the 2PC resolver (``kvstore.node.resolver.Resolver``:
-the decide request and the settlement of abandoned transactions) and watch
+the decide request and the settlement of abandoned transactions), watch
 (``kvstore.node.watching.Watching``: the histories and the parked ``OP_WATCH``
-polls, whose waits end on the tick step). ``Node`` mixes the three rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
+polls, whose waits end on the tick step) and lease expiry
+(``kvstore.node.leases.LeaseExpiry``: deadlines noted at apply, the leader's
+LeaseExpire entries). ``Node`` mixes the four rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
 follower's progress), so a dropped frame only costs time.
 """
 
@@ -84,6 +86,7 @@ from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, Replica
 from kvstore.node.intake import Intake
+from kvstore.node.leases import LeaseExpiry
 from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
 from kvstore.node.resolver import RESOLVE_EVERY_SECONDS, Resolver
 from kvstore.node.watching import DEFAULT_HISTORY_BYTES, Watching
@@ -160,7 +163,7 @@ class NodeConfig:
         return given if given is not None else derived_peer_address(self.addresses[name])
 
 
-class Node(Intake, Resolver, Watching):
+class Node(Intake, Resolver, Watching, LeaseExpiry):
     """A cluster node; ``run()`` is its loop (blocking), ``stop()`` ends it from anywhere."""
 
     def __init__(self, config: NodeConfig, storage: ReplicaStorage | None = None,
@@ -227,6 +230,7 @@ class Node(Intake, Resolver, Watching):
         self._next_tick = self.clock.monotonic() + config.tick_seconds
         self._next_reload = self.clock.monotonic()
         self._init_watching(config.watch_history_bytes)
+        self._init_leases()  # lease expiry (``kvstore.node.leases``)
 
     def _make_replica(self, shard: int) -> Replica:
         c = self.config
@@ -312,6 +316,7 @@ class Node(Intake, Resolver, Watching):
                 self._expire_waiting(now)
             if now - self._last_resolve > RESOLVE_EVERY_SECONDS:
                 self._resolve_abandoned(now)
+            self._expire_leases(now)
             if now >= self._next_reload:  # a client key added to or revoked from clients/
                 self._next_reload = now + RELOAD_KEYS_SECONDS
                 self.sockets.reload_keys()
@@ -489,6 +494,7 @@ class Node(Intake, Resolver, Watching):
                     self.sockets.send_peer(peer, frame)
             results = self.storage.save(writes, self._answer_durable_early) if writes else []
             self._fresh_slots = None
+            self._note_leases(writes)
             self.counters["poisoned_values"] += sum(1 for r in results if r[3] is POISONED)
             # b. send: one frame (or a few, if huge) per peer, across shards
             for peer, items in outbox.items():

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from kvstore.commands import TwoPC, two_pc
+from kvstore.commands import TwoPC, command_wire, two_pc
 from kvstore.machine.twopc import check_decide
 from kvstore.txn import ABORT, TxnDecision, TxnPrepare, TxnResolve
 from kvstore.transport import wire
@@ -117,7 +117,7 @@ class Resolver:
         for shard in participants:
             self._own_write(shard, entry, _ignore)
 
-    def _own_write(self, shard: int, command: TwoPC, callback, on_failure=None) -> None:
+    def _own_write(self, shard: int, command, callback, on_failure=None) -> None:
         """Propose ``command`` to ``shard`` as this node's own client (routed like any
         client write: here if this node leads the shard, else forwarded to its leader);
         ``callback(result)`` runs once it is applied. A failure goes to
@@ -129,7 +129,7 @@ class Resolver:
         floor = min((t for t, w in self._own_writes.items() if w.shard == shard), default=token)
         self._own_writes[token] = OwnWrite(callback, self.clock.monotonic(), on_failure, shard)
         self._on_request(("self", token), token, wire.OP_WRITE,
-                         [shard, self._resolver_id, token, floor, list(command.wire())])
+                         [shard, self._resolver_id, token, floor, list(command_wire(command))])
 
     def _on_own_reply(self, token: int, status: int, value) -> None:
         w = self._own_writes.pop(token, None)

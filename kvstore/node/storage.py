@@ -68,7 +68,8 @@ from kvstore.errors import CorruptRecord
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import PersistedState
 from kvstore.node.ports import NO_BUGS, NodeBugs
-from kvstore.machine.replica import META_PAXOS, NO_HARD_STATE, apply_entries, install_snapshot
+from kvstore.machine.replica import (META_PAXOS, NO_HARD_STATE, apply_entries, install_snapshot,
+                                     lease_records)
 from kvstore.commands import LOCKED
 from kvstore.machine.twopc import expired_prepares, key_write_locked, range_write_locked
 from kvstore.storage import Storage
@@ -317,7 +318,7 @@ class WalReplicaStorage:
                 if w.committed:
                     view = self._view(txn, s, levels[s], pending)
                     hard[2] = apply_entries(view, self.tables[s], s, w.committed, hard[2], results,
-                                             w.decoded, w.changes)
+                                             w.decoded, w.changes, w.lease_events)
                 w.applied_index = hard[2]
                 pending[META][META_PAXOS] = msgpack.packb(hard)
                 for i, level in enumerate(pending):
@@ -427,6 +428,10 @@ class WalReplicaStorage:
 
     def expired_prepares(self, shard: int, now_ms: int) -> list:
         return self._read(shard, lambda view, t: expired_prepares(view, t, now_ms))
+
+    def leases(self, shard: int) -> list:
+        """Every lease of ``shard``: ``[(lease_id, ttl_ms, refreshed_revision)]``."""
+        return self._read(shard, lease_records)
 
     def close(self) -> None:
         """Checkpoint what the log holds (a clean stop restarts without a replay), and close."""
