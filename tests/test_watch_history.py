@@ -212,6 +212,7 @@ def test_thousands_of_parked_polls_cost_little_per_batch():
 
 def test_polls_answered_early_leave_no_growing_deadline_heap():
     parked = ParkedPolls(1, 100, 100, 1 << 30, 1 << 30)
+    parked.park(ParkedPoll(-1, "c", 0, b"z", None, 1, 100, False, 1e9))  # parked throughout
     for token in range(20_000):  # park, then a batch answers it: over and over
         parked.park(ParkedPoll(token, "c", 0, b"k", b"k\x00", 1, 100, False, 1e9))
         assert len(parked.due(0, [(2, [(b"k", b"v", None)])])) == 1
