@@ -313,3 +313,12 @@ def test_thousands_of_parked_polls_from_one_connection_are_bounded(cluster):
     finally:
         raw.close()  # never reads its parked polls' answers: the node drops them on expiry
         other.close()
+
+
+def test_a_lease_expiring_on_the_cluster_is_a_delete_event(cluster):
+    lc = cluster(1, 1)
+    with lc.client() as c:
+        c.put(b"e/key", b"v", ttl=0.3)
+    stream, _ = drain(lc.addresses["n1"], 1, 2, b"e/")
+    assert [(t, k, v) for _rev, t, k, v in stream] == [(0, b"e/key", b"v"), (1, b"e/key", None)]
+    assert stream[1][0] > stream[0][0]
