@@ -15,9 +15,10 @@ import itertools
 import os
 import time
 
-import msgpack
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore.commands import OP_DELETE, OP_PUT
 from kvstore.node.watching import (MAX_PARKED_PER_CONNECTION, MAX_WATCH_REPLY_BYTES,
@@ -291,6 +292,22 @@ def test_malformed_watches_are_invalid_arguments_and_change_nothing(cluster):
 def test_a_forged_wait_and_answer_size_are_capped_by_the_node():
     args = check_watch_args([0, b"k", b"k\x00", 1, 1 << 62, 10**12, False], 1)
     assert args[4] == MAX_WATCH_REPLY_BYTES and args[5] == MAX_WATCH_WAIT_MS
+
+
+plain = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 64) - 1),
+                  st.binary(max_size=600), st.text(max_size=5), st.floats(allow_nan=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.lists(plain, max_size=9), st.lists(plain, min_size=7, max_size=7), plain))
+def test_any_watch_arguments_are_checked_or_refused_with_a_value_error(args):
+    try:
+        shard, lo, hi, from_revision, max_bytes, wait_ms, prev = check_watch_args(args, 4)
+    except ValueError:
+        return
+    assert 0 <= shard < 4 and type(lo) is bytes and (hi is None or type(hi) is bytes)
+    assert 1 <= from_revision < 1 << 63 and 1 <= max_bytes <= MAX_WATCH_REPLY_BYTES
+    assert 0 <= wait_ms <= MAX_WATCH_WAIT_MS and type(prev) is bool
 
 
 def test_thousands_of_parked_polls_from_one_connection_are_bounded(cluster):
