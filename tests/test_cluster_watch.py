@@ -339,3 +339,63 @@ def test_a_lease_expiring_on_the_cluster_is_a_delete_event(cluster):
     stream, _ = drain(lc.addresses["n1"], 1, 2, b"e/")
     assert [(t, k, v) for _rev, t, k, v in stream] == [(0, b"e/key", b"v"), (1, b"e/key", None)]
     assert stream[1][0] > stream[0][0]
+
+
+def test_a_watch_hopping_between_nodes_while_the_leader_is_killed_mid_writes_sees_each_once(
+        cluster):
+    """Writes go on while the leader is SIGKILLed; the watcher asks a different node at
+    every poll (the dead one too: a failed poll is retried elsewhere from the same
+    position). Every acknowledged write is delivered once, in order; one whose outcome
+    is unknown (its call failed) at most once; revisions only grow."""
+    import threading
+
+    from kvstore.errors import KVError
+    lc = cluster(3, 1)
+    leader = lc.wait_ready()["shards"][0]["leader"]
+    acked, unknown = [], []
+    done = threading.Event()
+
+    def write() -> None:
+        with lc.client(timeout=10) as c:
+            for i in range(150):
+                value = b"%d" % i
+                try:
+                    c.put(b"h/key", value)
+                    acked.append(value)
+                except KVError:
+                    unknown.append(value)
+                if i == 50:
+                    lc.kill(leader)
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    stream, position = [], 1
+    clients = {n: RawClient(lc.addresses[n]) for n in lc.names}
+    try:
+        deadline = time.monotonic() + 60
+        for node in itertools.cycle(lc.names):
+            assert time.monotonic() < deadline, "the watch did not catch up"
+            caught_up = done.is_set() and (not acked or any(v == acked[-1] for *_x, v in stream))
+            raw = clients[node]
+            [i] = raw.send([(wire.OP_WATCH, [0, b"h/", b"h0", position, 1 << 20, 100, False])])
+            got = raw.replies({i}, 0.4).get(i)
+            if got is None or got[0] != wire.STATUS_OK:
+                continue  # the dead node, or no answer in time: ask the next one
+            events, _oldest, through, _current = got[1]
+            if caught_up and not events:
+                break  # everything acknowledged arrived, and nothing more is coming
+            assert events is not None
+            for revision, changes in events:
+                assert revision >= position
+                stream.extend((revision, t, k, v) for t, k, v, _p in changes)
+            position = through + 1
+    finally:
+        writer.join(60)
+        for raw in clients.values():
+            raw.close()
+    values = [v for _r, _t, _k, v in stream]
+    assert [r for r, *_ in stream] == sorted({r for r, *_ in stream})  # once each, in order
+    assert len(values) == len(set(values))
+    assert [v for v in values if v in set(acked)] == acked  # every acknowledged, in order
+    assert set(values) <= set(acked) | set(unknown)
