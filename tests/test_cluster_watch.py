@@ -177,7 +177,7 @@ def test_parked_poll_is_answered_when_a_matching_write_applies_and_reports_progr
 
 
 def test_a_poll_below_the_history_is_compacted_naming_the_oldest(cluster):
-    lc = cluster(1, 1, history_bytes=4000)
+    lc = cluster(1, 1, history_bytes=20000)
     with lc.client() as c:
         for i in range(60):
             c.put(b"c/%d" % i, b"x" * 100)

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore.watch import COMPACTED, DELETE, PUT, ParkedPoll, ParkedPolls, ShardHistory
-from kvstore.watch.history import change_bytes
+from kvstore.watch.history import REVISION_OVERHEAD_BYTES, change_bytes
 
 KEYS = [b"a", b"a/1", b"a/2", b"b", b"b/x", b"c"]
 RANGES = [(b"a", b"a\x00"), (b"a/", b"a0"), (b"", None), (b"b", b"c"), (b"zz", None)]
@@ -48,7 +48,7 @@ class Model:
         one revision) is kept, the rest dropped oldest first."""
         kept, size = 0, 0
         for revision, changes in reversed(self.revisions):
-            size += change_bytes(changes)
+            size += change_bytes(changes) + REVISION_OVERHEAD_BYTES
             if kept and size > self.max_bytes:
                 return revision + 1
             kept += 1
