@@ -217,3 +217,22 @@ def test_polls_answered_early_leave_no_growing_deadline_heap():
         parked.park(ParkedPoll(token, "c", 0, b"k", b"k\x00", 1, 100, False, 1e9))
         assert len(parked.due(0, [(2, [(b"k", b"v", None)])])) == 1
     assert len(parked._deadlines) <= 1024 + 3
+
+
+def test_a_leader_knows_it_is_current_only_while_a_majority_answered_lately():
+    """``Replica.up_to_date`` (a watch reply's ``current``): a 3-node shard's leader is
+    current through every check-quorum window while its followers answer (not only after
+    one answered in the window), and not once cut off from them for an election timeout;
+    a follower never is."""
+    from kvstore.sim.network import Cluster
+    c = Cluster(3, election_timeout_ticks=10, heartbeat_interval_ticks=3)
+    c.campaign(0)
+    c.tick(2)
+    leader = c.replicas[0]
+    for _ in range(25):  # across two window boundaries: current at every tick
+        assert leader.is_leader and leader.up_to_date()
+        assert not c.replicas[1].up_to_date() and not c.replicas[2].up_to_date()
+        c.tick(1)
+    c.isolate(0)
+    c.tick(10, nodes=[0])
+    assert not leader.up_to_date()
