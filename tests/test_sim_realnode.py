@@ -41,18 +41,23 @@ def test_a_sweep_of_real_nodes_passes(nodes, bank):
         assert result.ok, result.text
 
 
-@pytest.mark.parametrize("bug, nodes", [
-    ("answer_before_fsync", 1),  # with one node its own fsync is the only copy
-    ("commit_point_before_records", 3),
-    ("skip_promise_fsync", 3),
-    ("replay_past_checkpoint", 3),
+@pytest.mark.parametrize("bug, nodes, found_by", [
+    ("answer_before_fsync", 1, ""),  # with one node its own fsync is the only copy
+    ("commit_point_before_records", 3, ""),
+    ("skip_promise_fsync", 3, ""),
+    ("replay_past_checkpoint", 3, ""),
+    # the watchers' checks (realwatch.py) and the lease holders' (reallease.py)
+    ("watch_through_head", 3, "watcher"),
+    ("watch_history_kept_over_snapshot", 3, "watcher"),
+    ("lease_restart_no_grace", 3, "ended early"),
 ])
-def test_each_planted_bug_is_caught_by_the_default_seeds(bug, nodes):
+def test_each_planted_bug_is_caught_by_the_default_seeds(bug, nodes, found_by):
     bugs = NodeBugs(**{bug: True})
     for seed in range(BUG_SEEDS):
         result = run(RealNodeConfig(seed=seed, nodes=nodes, bugs=bugs))
         if not result.ok:
             assert f"--node-bug {bug}" in result.text
+            assert found_by in result.text.splitlines()[0], result.text
             return
     pytest.fail(f"{bug} was not caught in {BUG_SEEDS} seeds on {nodes} node(s)")
 
@@ -138,7 +143,8 @@ CORE_FINDINGS = {
                                    "leaders", "agreement")),
     "commit_any_ballot": (40, ("agreement", "commit:", "chosen value lost")),
     # the byzantine sender's (a third of the seeds): its frames reach the replica unchecked
-    "unchecked_peer_input": (12, ("FrameError", "CorruptRecord", "byzantine:", "commit:",
+    "unchecked_peer_input": (12, ("FrameError", "CorruptRecord", "undecodable", "byzantine:",
+                                  "commit:",
                                   "agreement", "chosen value lost", "promise:", "state differs")),
     # found by the read-index check within the first seeds since it came (they needed up
     # to 100 seeds of histories before)
@@ -147,6 +153,11 @@ CORE_FINDINGS = {
     "snapshot_from_anyone": (12, ("state differs", "monotonic", "commit:", "agreement", "stale read",
                                   "linearizable")),
 }
+#: What the watchers' and lease holders' checks say (``realwatch.py``, ``reallease.py``): a
+#: core bug that breaks the applied sequence may show first as a watch stream that is not
+#: the log's, or a lease ended before its time, for any of the bugs.
+WATCH_FINDINGS = ("watcher", "delivered twice", "no command of slot", "no node applied",
+                  "ended early", "outlived")
 #: caught, but after 10-150 seeds: the opt-in sweep (``KVSTORE_SWEEP_SEEDS``)
 SLOW_CORE_FINDINGS = {
     "snapshot_backwards": (150, ("monotonic",)),
@@ -182,7 +193,7 @@ def _core_bug_is_caught(bug: str, seeds: int, findings: tuple) -> None:
         result = run(RealNodeConfig(seed=seed, nodes=3, bugs=bugs))
         if not result.ok:
             first = result.text.splitlines()[0]
-            assert any(finding in first for finding in findings), first
+            assert any(finding in first for finding in findings + WATCH_FINDINGS), first
             assert f"--bug {bug} --verbose" in result.text
             return
     pytest.fail(f"{bug} was not caught in {seeds} seeds")

@@ -56,7 +56,8 @@ class LeaseExpiry:
         self._lease_deadlines[shard].clear()
         self._leases_due[shard].clear()
         for lease_id, ttl_ms, revision in self.storage.leases(shard):
-            self._set_deadline(shard, lease_id, now + ttl_ms / 1000, revision)
+            grace = 0 if self.bugs.lease_restart_no_grace else ttl_ms / 1000
+            self._set_deadline(shard, lease_id, now + grace, revision)
 
     def _set_deadline(self, shard: int, lease_id: int, deadline: float, revision: int) -> None:
         self._lease_deadlines[shard][lease_id] = (deadline, revision)

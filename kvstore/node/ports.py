@@ -82,6 +82,15 @@ class NodeBugs:
     #: at recovery, replay the log from past the checkpoint's position (its first append
     #: after the checkpoint is skipped), not from the first record kept
     replay_past_checkpoint: bool = False
+    #: answer a watch poll "through" the history's head even when its answer stopped
+    #: short of it (at ``max_bytes``): the revisions between are skipped
+    watch_through_head: bool = False
+    #: keep a shard's watch history across a snapshot installed on it (not start it
+    #: again after the snapshot): a poll is answered across the revisions it skipped
+    watch_history_kept_over_snapshot: bool = False
+    #: after a start (or a snapshot installed) give every lease no grace: its deadline is
+    #: the start itself, not a full ttl after it
+    lease_restart_no_grace: bool = False
     #: bugs planted in the Paxos core of every replica (``kvstore.paxos.replica.Bugs``)
     paxos: Bugs = field(default_factory=Bugs)
 

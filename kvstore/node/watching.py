@@ -108,7 +108,8 @@ class Watching:
         if answer is COMPACTED:
             value = [None, history.oldest, history.head, current]
         else:
-            value = [answer[0], history.oldest, answer[1], current]
+            through = history.head if self.bugs.watch_through_head else answer[1]
+            value = [answer[0], history.oldest, through, current]
         self._reply(identity, request_id, wire.STATUS_OK, value)
 
     def _answer_poll(self, poll: ParkedPoll, from_revision: int) -> None:
@@ -122,7 +123,7 @@ class Watching:
         answered. A snapshot installed on a shard starts its history again after it."""
         for w in writes:
             history = self.histories[w.shard]
-            if w.snapshot is not None:
+            if w.snapshot is not None and not self.bugs.watch_history_kept_over_snapshot:
                 history.reset(w.snapshot.index + 2)
                 for poll in self.parked.of_shard(w.shard):
                     if poll.from_revision < history.oldest:  # the snapshot skipped its changes

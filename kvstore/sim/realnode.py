@@ -89,6 +89,8 @@ from kvstore.sim.disk import FaultyFiles, PowerLoss
 from kvstore.sim.oracle import InvariantViolation, Oracle
 from kvstore.sim.realbyzantine import RealNodeByzantine
 from kvstore.sim.realbank import BankClient, Ledger
+from kvstore.sim.reallease import LeaseChecks, LeaseClient, LeaseFailure
+from kvstore.sim.realwatch import WatchChecks, Watcher, WatchFailure
 from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
 from kvstore.sim.trace import Trace, failure_report
 from kvstore.transport import wire
@@ -143,6 +145,10 @@ class RealNodeConfig:
     log_retain_slots: int = 8
     client_retry_ticks: int = 12
     client_give_up_ticks: int = 80
+    # watchers of every shard (``realwatch.py``); None: the seed's own stream draws 0-2
+    watchers: int | None = None
+    # lease holders (``reallease.py``); None: their own stream draws 0-2
+    lease_clients: int | None = None
     bank: bool = False  # bank clients too: transfers and audits across shards (realbank.py)
     bank_clients: int = 3
     accounts: int = 6
@@ -342,6 +348,9 @@ class SimNode:
         def saved(writes: list, applied=None) -> list:
             results = save(writes, applied)
             self.durable_upto = len(self.made)  # its messages go now
+            for w in writes:
+                for entry in w.committed:
+                    self.sim.watch_checks.note_entry(w.shard, entry)
             if self.node is not None:
                 for w in writes:
                     self.sim.oracles[w.shard].synced(self.index, self.node.replicas[w.shard],
@@ -662,11 +671,29 @@ class Simulation:
         self.registers = [SimClient(self, i) for i in range(config.clients)]
         self.clients = list(self.registers)
         self.ledger = None
+        self.bank_clients: list = []
         if config.bank:
             self.ledger = Ledger(self, config.accounts)
-            self.clients += [BankClient(self, i, self.ledger)
-                             for i in range(len(self.clients), len(self.clients) + config.bank_clients)]
-        self.client_by_identity = {c.identity: c for c in self.clients}
+            self.bank_clients = [BankClient(self, i, self.ledger)
+                                 for i in range(len(self.clients),
+                                                len(self.clients) + config.bank_clients)]
+            self.clients += self.bank_clients
+        # lease holders and watchers draw from streams of their own: they move none of the
+        # other draws, so a seed's faults and register clients stay what they were
+        lease_rng = random.Random(config.seed * 5 + 3)
+        count = (config.lease_clients if config.lease_clients is not None
+                 else lease_rng.choice((0, 1, 2)))
+        holders = [LeaseClient(self, len(self.clients) + i, random.Random(lease_rng.random()))
+                   for i in range(count)]
+        self.clients += holders
+        self.leases = LeaseChecks(self, holders)
+        watch_rng = random.Random(config.seed * 3 + 5)
+        count = config.watchers if config.watchers is not None else watch_rng.choice((0, 1, 2))
+        self.watch_checks = WatchChecks(self)
+        self.watchers = [Watcher(self, len(self.clients) + i, random.Random(watch_rng.random()))
+                         for i in range(count)]
+        self.endpoints = self.clients + self.watchers  # what a "client" address names
+        self.client_by_identity = {c.identity: c for c in self.endpoints}
         self.unchecked = False  # the linearizability checker gave up
         self.settled_at: int | None = None
         for n in self.nodes:
@@ -707,7 +734,7 @@ class Simulation:
         while self.queue and self.queue[0][0] <= self.now:
             _due, _seq, to, source, identity, frame = heapq.heappop(self.queue)
             if to[0] == "client":
-                self.clients[to[1]].on_frame(frame)
+                self.endpoints[to[1]].on_frame(frame)
                 continue
             node = self.nodes[to[1]]
             if node.up and not (source == PEER and (node.transport.peer_index(identity), to[1])
@@ -834,6 +861,9 @@ class Simulation:
                 node.turn()
         for client in self.clients:
             client.on_tick(may_start)
+        for watcher in self.watchers:
+            watcher.on_tick(may_start)
+        self.leases.check_step()
 
     def probe(self) -> None:
         """The read prober, in the seeds swarm gives one: a linearizable get now and then to
@@ -909,12 +939,39 @@ class Simulation:
             self.registers[i % len(self.registers)].start_get(key)
             self.finish_operations()
         if self.ledger is not None:
-            banker = self.clients[-1]
+            banker = self.bank_clients[-1]
             banker.begin("final")
             self.finish_operations()
             self.ledger.check_end(banker.final)
         self.check_agreement()
         self.check_history()
+        self.finish_watchers()
+
+    # -- what the watchers ask of the world (``realwatch.py``) ----------------------------------
+
+    clock_tick = TICK
+
+    def is_register_key(self, key: bytes) -> bool:
+        return key in KEYS
+
+    def is_register_value(self, key: bytes, value: bytes) -> bool:
+        return key in KEYS  # every register write's value is unique (client.tick)
+
+    def shard_of(self, key: bytes) -> int:
+        return shard_of(key, self.config.shards)
+
+    def finish_watchers(self) -> None:
+        """Live: every watcher reaches every shard's applied point once quiet; then every
+        acknowledged write reached each watcher that has no gap on its shard."""
+        deadline = self.now + self.config.settle_ticks
+        while not all(w.caught_up() for w in self.watchers):
+            if self.now >= deadline:
+                behind = {w.index: w.position for w in self.watchers if not w.caught_up()}
+                raise SimulationFailure(f"watchers did not catch up with no faults: positions "
+                                        f"{behind}, applied "
+                                        f"{[r.applied_index for r in self.nodes[0].node.replicas]}")
+            self.step(may_start=False)
+        self.watch_checks.check_complete(self.watchers)
 
     def finish_operations(self) -> None:
         deadline = self.now + self.config.settle_ticks
@@ -953,6 +1010,12 @@ class Simulation:
             raise SimulationFailure(f"not linearizable (key {result.key!r}):\n{result.explanation}")
 
     def summary(self) -> str:
+        watched = (f", {sum(w.delivered for w in self.watchers)} events to "
+                   f"{len(self.watchers)} watcher(s)" if self.watchers else "")
+        leases = self.leases.summary() if self.leases.clients else ""
+        return watched + leases + self._bank_summary()
+
+    def _bank_summary(self) -> str:
         ledger = self.ledger
         if ledger is None:
             return "" if self.byzantine is None else f"; {self.byzantine.summary()}"
@@ -996,7 +1059,9 @@ def run(config: RealNodeConfig) -> RunResult:
         sim.run()
     except Exception as e:  # noqa: BLE001 - a crash of the node is a finding like any other
         trace = sim.trace if sim is not None else Trace(0, False)
-        return RunResult(False, failure_report(f"seed {config.seed}", e, (SimulationFailure, InvariantViolation),
+        return RunResult(False, failure_report(f"seed {config.seed}", e,
+                                               (SimulationFailure, InvariantViolation, WatchFailure,
+                                                LeaseFailure),
                                                replay_command(config), trace))
     finally:
         if sim is not None:

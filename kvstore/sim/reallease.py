@@ -1,0 +1,243 @@
+"""Lease holders in the real-node simulator: expiry checked against the clock's promise.
+
+A lease client does what ``kvstore.client``'s ``Lease`` does over the wire, with
+a client session like every writer: it grants a lease on its key's shard
+(``LeaseGrant``), puts its key under it (``PutLease``), keeps it alive
+(``LeaseKeepAlive``, every third of the TTL), and now and then revokes it
+(``LeaseRevoke``) or dies: it stops keeping it alive and the shard's leader must
+expire it (``LeaseExpire``, written by the node). Then it may start over with a
+new lease. Its draws come from a stream of its own.
+
+Checks (``LeaseChecks``), after every step:
+
+- **never early**: a lease whose last acknowledged refresh (grant or keep-alive)
+  was *called* at time ``c`` never ends before ``c + ttl``: not on any node (its
+  key, seen there, vanishes there only after that), and not in an answer (a
+  keep-alive answered False, or a put answered ``NO_LEASE``, before that is a
+  lease ended early). The node's deadlines run from when it applied the
+  refresh, which is after the call, by its clock (the simulation's, shared);
+- **not kept**: with no faults (the stable phase), the key of a dead holder is
+  gone from its shard's leader at most ``ttl`` + one election timeout (and a
+  few ticks to commit) after its last refresh was sent, or after the faults
+  stopped if that is later (a leader elected in the faults may have granted a
+  full TTL from its election: never early, at most that late).
+"""
+
+from __future__ import annotations
+
+import random
+
+from kvstore.commands import NO_LEASE, lease_grant, lease_keepalive, lease_revoke, put_lease
+from kvstore.transport import wire
+from kvstore.transport.sockets import CLIENT
+
+#: Ticks a commit and apply may take after the leader decides to expire, with no faults
+#: (an Accept round trip, each way 0-1 tick, and the turns around it).
+COMMIT_TICKS = 8
+
+
+class LeaseFailure(Exception):
+    """A lease check failed (reported as a simulation failure)."""
+
+
+class LeaseClient:
+    """One holder of one lease at a time, on one key of its own."""
+
+    def __init__(self, sim, index: int, rng: random.Random) -> None:
+        self.sim = sim
+        self.index = index
+        self.identity = b"lease-client-%d" % index
+        self.client_id = b"sim-lease-%d" % index
+        self.rng = rng
+        self.key = b"lease-key-%d" % index
+        self.shard = sim.shard_of(self.key)
+        self.seq = 0
+        self.request_ids = 0
+        self.target = rng.randrange(sim.config.nodes)
+        self.op: dict | None = None
+        self.lease: dict | None = None
+        self.generation = 0
+        # a multiple of 8 ticks: the TTL in milliseconds is then exact (a tick is 1/64 s)
+        self.ttl_ticks = rng.choice((32, 48, 80))
+        self.ttl_ms = self.ttl_ticks * 1000 // 64
+        self.last_sent = -10**9  # the last time any refresh of the current lease was sent
+        self.expired = 0
+        self.revoked = 0
+
+    # -- one operation at a time, as ``realnode.SimClient`` ---------------------------------
+
+    def start(self, kind: str, command) -> None:
+        self.seq += 1
+        args = [self.shard, self.client_id, self.seq, self.seq, list(command)]
+        self.op = {"kind": kind, "args": args, "call": self.sim.now, "sent": None,
+                   "request_id": None}
+        self.send()
+
+    def send(self) -> None:
+        op = self.op
+        if op["request_id"] is None:
+            self.request_ids += 1
+            op["request_id"] = self.request_ids
+        op["sent"] = self.sim.now
+        if op["kind"] in ("grant", "keepalive"):
+            self.last_sent = self.sim.now
+        frame = wire.encode_request(op["request_id"], wire.OP_WRITE, op["args"])
+        self.sim.send(("client", self.index), ("node", self.target), CLIENT, self.identity, frame)
+
+    def on_frame(self, frame: bytes) -> None:
+        body = wire.decode(frame)
+        for request_id, status, value in body[1]:
+            op = self.op
+            if op is None or request_id != op["request_id"]:
+                continue
+            if status == wire.STATUS_OK_FORWARDED:
+                status, value = wire.STATUS_OK, value[0]
+            if status == wire.STATUS_OK:
+                self.finish(value)
+            elif status == wire.STATUS_NOT_LEADER and type(value) is int and value != self.target:
+                self.target = value
+                self.send()
+            elif status == wire.STATUS_ERROR:
+                raise LeaseFailure(f"lease client {self.index}: a valid request refused: {value}")
+            else:
+                self.target = self.rng.randrange(self.sim.config.nodes)
+
+    def on_tick(self, may_start: bool) -> None:
+        sim, c = self.sim, self.sim.config
+        op = self.op
+        if op is not None:
+            if sim.now - op["call"] > c.client_give_up_ticks and sim.phase == "faults":
+                self.op = None  # given up: applied or not, the checks only trust answers
+                if op["kind"] in ("grant", "revoke"):
+                    self.lease = None  # start over with a lease of its own
+            elif sim.now - op["sent"] >= c.client_retry_ticks:
+                self.target = self.rng.randrange(c.nodes)
+                self.send()
+            return
+        if not may_start:
+            return
+        lease = self.lease
+        if lease is None:
+            if self.rng.random() < 0.2:
+                self.generation += 1
+                self.lease = {"id": self.rng.randrange(1, 1 << 63), "refreshed": None,
+                              "attached": False, "dead_at": None, "value": None}
+                self.last_sent = sim.now
+                self.start("grant", lease_grant(self.lease["id"], self.ttl_ms))
+        elif lease["dead_at"] is not None:
+            if self.sim.leases.gone_everywhere(self):
+                self.lease = None  # expired as it should: start over
+        elif lease["refreshed"] is None:
+            pass  # its grant was given up: wait for the lease to be dropped
+        elif not lease["attached"]:
+            lease["value"] = b"%d.%d.%d" % (self.index, self.generation, sim.now)
+            self.start("put", put_lease(self.key, lease["value"], lease["id"]))
+        elif self.rng.random() < 0.01:
+            lease["dead_at"] = sim.now  # the holder dies: no keep-alive from now on
+            sim.log(f"lease client {self.index}: dies holding lease {lease['id']:x}")
+        elif self.rng.random() < 0.005:
+            self.start("revoke", lease_revoke(lease["id"]))
+        elif sim.now - lease["refreshed"] >= self.ttl_ticks // 3:
+            self.start("keepalive", lease_keepalive(lease["id"]))
+
+    def finish(self, result) -> None:
+        op, self.op = self.op, None
+        sim, lease, kind = self.sim, self.lease, op["kind"]
+        sim.log(f"lease client {self.index}: {kind} -> {result!r}")
+        if lease is None:
+            return
+        if kind == "grant":
+            lease["refreshed"] = op["call"]
+        elif kind == "keepalive" and result is True:
+            lease["refreshed"] = op["call"]
+        elif (kind == "keepalive" and result is False) or (kind == "put" and result == NO_LEASE):
+            self.sim.leases.ended_in_answer(self, kind)
+            self.expired += 1
+            self.lease = None
+        elif kind == "put":
+            lease["attached"] = True
+        elif kind == "revoke":
+            self.revoked += 1
+            self.lease = None
+
+
+class LeaseChecks:
+    """The expiry checks, over every lease client, after every step."""
+
+    def __init__(self, sim, clients: list) -> None:
+        self.sim = sim
+        self.clients = clients
+        self.present: dict = {}  # (node index, incarnation, client index) -> value seen there
+        self.stable_since: int | None = None
+
+    def ended_in_answer(self, client: LeaseClient, kind: str) -> None:
+        lease = client.lease
+        if lease["refreshed"] is not None and self.sim.now < lease["refreshed"] + client.ttl_ticks:
+            raise LeaseFailure(
+                f"lease {lease['id']:x} of client {client.index} ended early: a {kind} found "
+                f"it gone at t{self.sim.now}, its last refresh was called at "
+                f"t{lease['refreshed']} with a TTL of {client.ttl_ticks} ticks")
+
+    def gone_everywhere(self, client: LeaseClient) -> bool:
+        for node in self.sim.nodes:
+            if node.up and self.value_on(node, client) is not None:
+                return False
+        return True
+
+    def value_on(self, node, client: LeaseClient):
+        got = node.node.storage.get(client.shard, client.key)
+        return got[0] if type(got) is tuple else None
+
+    def check_step(self) -> None:
+        sim = self.sim
+        if sim.phase == "stable" and self.stable_since is None:
+            self.stable_since = sim.now
+        for client in self.clients:
+            lease = client.lease
+            if lease is None or lease["value"] is None or lease["refreshed"] is None:
+                continue
+            if client.op is not None and client.op["kind"] == "revoke":
+                continue
+            for node in sim.nodes:
+                if not node.up:
+                    continue
+                mark = (node.index, node.incarnation, client.index)
+                value = self.value_on(node, client)
+                if value == lease["value"]:
+                    self.present[mark] = value
+                elif self.present.get(mark) == lease["value"] and \
+                        sim.now < lease["refreshed"] + client.ttl_ticks:
+                    raise LeaseFailure(
+                        f"lease {lease['id']:x} of client {client.index} ended early on "
+                        f"n{node.index} at t{sim.now}: its last refresh was called at "
+                        f"t{lease['refreshed']}, TTL {client.ttl_ticks} ticks")
+            self.check_not_kept(client)
+
+    def check_not_kept(self, client: LeaseClient) -> None:
+        sim, lease = self.sim, client.lease
+        if self.stable_since is None or lease["dead_at"] is None or not lease["attached"]:
+            return
+        c = sim.config
+        bound = (max(client.last_sent, self.stable_since) + client.ttl_ticks
+                 + c.election_timeout_ticks + COMMIT_TICKS)
+        if sim.now <= bound:
+            return
+        leader = sim.leaders()[client.shard]
+        if leader is None or self.value_on(sim.nodes[leader], client) != lease["value"]:
+            return
+        if any(client.client_id in item[5] for item in sim.queue):
+            return  # a refresh of its is still on the way (sent in the faults, held long)
+        raise LeaseFailure(
+            f"lease {lease['id']:x} of client {client.index} outlived its TTL: its holder died "
+            f"at t{lease['dead_at']}, its last refresh was sent at t{client.last_sent}, the "
+            f"faults stopped at t{self.stable_since}; at t{sim.now} its key is still on the "
+            f"leader n{leader} (TTL {client.ttl_ticks} + election "
+            f"{c.election_timeout_ticks} + {COMMIT_TICKS} ticks)")
+
+    def summary(self) -> str:
+        return (f", leases: {sum(c.generation for c in self.clients)} granted, "
+                f"{sum(c.expired for c in self.clients)} found expired, "
+                f"{sum(c.revoked for c in self.clients)} revoked")
+
+
+__all__ = ["LeaseClient", "LeaseChecks", "LeaseFailure"]
