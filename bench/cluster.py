@@ -24,6 +24,13 @@ as ``server_embedded`` documents). Its CPU share is that whole process.
     python bench/cluster.py                # full run, writes bench/results/cluster.json
     python bench/cluster.py --quick        # smoke run
     python bench/cluster.py --no-embedded  # skip the embedded replica's rows
+    python bench/cluster.py --metrics      # also: puts/s without and with --metrics
+
+``--metrics`` measures what a node's Prometheus endpoint costs (``kvstore-server
+--metrics``): in the same run, alternating rounds (ABBA) on fresh clusters, plain ones
+and ones whose nodes serve ``/metrics`` and are scraped every second (a busy Prometheus
+scrapes every 15 s), puts at each concurrency; the median ops/s of each side and their
+ratio. ``--metrics-only`` runs that alone (bench/results/cluster_metrics.json).
 
 Last, the profile of one put at a time (``profile_lone_put``): where its
 time goes on the leader, from timing wrappers on an embedded leader's
@@ -197,6 +204,78 @@ async def run_rows(db, keys: list, concurrency: list, seconds: float, server_pid
 async def run_load(addresses: list, concurrency: list, seconds: float, server_pids: dict) -> list:
     async with await kvstore.aio.connect(addresses, timeout=30) as db:
         return await run_rows(db, bench_keys(), concurrency, seconds, server_pids)
+
+
+def _scrape_every(addresses: list, every: float, stop: threading.Event) -> None:
+    """Fetch every node's /metrics each ``every`` seconds until ``stop`` (a scraper)."""
+    import urllib.request
+    while not stop.wait(every):
+        for a in addresses:
+            with urllib.request.urlopen(f"http://{a}/metrics", timeout=5) as r:
+                r.read()
+
+
+def _started_cluster(directory: str, shards: int, metrics: bool, attempts: int = 3):
+    """A started, ready 3-node LocalCluster; on a shared machine another process may take
+    one of its free ports before a node binds it: then again on fresh ports (bounded)."""
+    for attempt in range(attempts):
+        lc = LocalCluster(f"{directory}-{attempt}", 3, shards, metrics=metrics)
+        try:
+            lc.start_all()
+            lc.wait_ready(timeout=60)
+            return lc
+        except kvstore.KVError as e:
+            lc.close()
+            if attempt == attempts - 1 or "already in use" not in str(e):
+                raise
+            print(f"  (a port was taken meanwhile, again on others: {str(e)[-80:]})")
+    raise AssertionError("unreachable")
+
+
+def compare_metrics(base: str, shards: int, concurrency: list, seconds: float,
+                    rounds: int) -> dict:
+    """Put ops/s on a plain cluster and on one serving --metrics (scraped every second),
+    ``rounds`` alternating rounds each, same run: the medians and their ratio."""
+    results: dict = {"plain": {c: [] for c in concurrency}, "metrics": {c: [] for c in concurrency}}
+    print("\nputs without and with --metrics (scraped every 1 s), alternating rounds:")
+    for round_ in range(rounds):
+        # ABBA: each side goes first in every other round (the disk and the neighbours'
+        # load drift over a run)
+        for side in ("plain", "metrics") if round_ % 2 == 0 else ("metrics", "plain"):
+            lc = _started_cluster(os.path.join(base, f"{side}-{round_}"), shards,
+                                  metrics=side == "metrics")
+            stop = threading.Event()
+            scraper = None
+            try:
+                if side == "metrics":
+                    scraper = threading.Thread(target=_scrape_every, daemon=True, args=(
+                        list(lc.metrics_addresses.values()), 1.0, stop))
+                    scraper.start()
+
+                async def puts() -> list:
+                    async with await kvstore.aio.connect(lc.address_list, timeout=30) as db:
+                        value = os.urandom(VALUE_BYTES)
+                        return [await load(db, "put", c, seconds, bench_keys(), value)
+                                for c in concurrency]
+                for row in asyncio.run(puts()):
+                    results[side][row["in_flight"]].append(row["ops_per_s"])
+            finally:
+                stop.set()
+                if scraper is not None:
+                    scraper.join(10)
+                lc.stop_all()
+                lc.close()
+    summary = []
+    for c in concurrency:
+        plain = statistics.median(results["plain"][c])
+        with_metrics = statistics.median(results["metrics"][c])
+        summary.append({"in_flight": c, "plain_ops_per_s": plain,
+                        "metrics_ops_per_s": with_metrics,
+                        "ratio": round(with_metrics / plain, 3) if plain else None,
+                        "rounds": {k: results[k][c] for k in results}})
+        print(f"put  in flight {c:4}: {plain:>10,.0f} ops/s plain   {with_metrics:>10,.0f} "
+              f"ops/s with --metrics   ratio {with_metrics / plain:.3f}", flush=True)
+    return {"rounds": rounds, "scrape_every_s": 1.0, "rows": summary}
 
 
 def lead_from_embedded(lc: LocalCluster, db, want: int = 1, timeout: float = 60.0) -> list:
@@ -462,16 +541,33 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--in-flight", default="1,16,64,256")
     p.add_argument("--dir", default=None, help="where the cluster's data goes (default: a temp dir)")
-    p.add_argument("--json", default=figures.default_path("cluster"))
+    p.add_argument("--json", default=None,
+                   help="where the figures go (default: bench/results/cluster.json, "
+                        "cluster_metrics.json with --metrics-only)")
     p.add_argument("--no-pysyncobj", action="store_true", help="skip the PySyncObj comparison")
     p.add_argument("--no-profile", action="store_true",
                    help="skip the profile of one put at a time")
     p.add_argument("--no-embedded", action="store_true",
                    help="skip the rows of the embedded replica (load in the leader's process)")
+    p.add_argument("--metrics", action="store_true",
+                   help="also compare puts/s without and with --metrics on the nodes")
+    p.add_argument("--metrics-only", action="store_true",
+                   help="only that comparison (implies --metrics)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds of each side of --metrics")
     args = p.parse_args(argv)
     concurrency = [int(x) for x in args.in_flight.split(",")]
     seconds = 0.5 if args.quick else args.seconds
     base = tempfile.mkdtemp(prefix="kvstore-bench-cluster-", dir=args.dir)
+    if args.metrics_only:
+        try:
+            compared = compare_metrics(base, args.shards, concurrency, seconds,
+                                       1 if args.quick else args.rounds)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        figures.write({"nodes": 3, "shards": args.shards, "metrics_cost": compared},
+                      args.json or figures.default_path("cluster_metrics"))
+        return 0
+    compared = None
     try:
         fsync_s = fsync_floor(base)
         rtt_s = loopback_floor(300 if args.quick else 3000)
@@ -489,6 +585,9 @@ def main(argv=None) -> int:
         if profile:
             print_profile(profile)
         pysyncobj = None if args.no_pysyncobj else run_pysyncobj(concurrency, seconds)
+        if args.metrics:
+            compared = compare_metrics(base, args.shards, concurrency, seconds,
+                                       1 if args.quick else args.rounds)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if pysyncobj:
@@ -505,14 +604,14 @@ def main(argv=None) -> int:
                "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
                             "loopback_rtt": round(rtt_s * 1e3, 3)},
                "rows": rows, "embedded": embedded, "lone_put_profile": profile,
-               "pysyncobj": pysyncobj}
+               "pysyncobj": pysyncobj, "metrics_cost": compared}
     floor = (fsync_s + rtt_s) * 1e3
     for label, source in (("", rows), (" (embedded replica)", (embedded or {}).get("rows", []))):
         single = next((r for r in source if r["op"] == "put" and r["in_flight"] == 1), None)
         if single:
             print(f"\none put at a time{label}: p50 {single['p50_ms']:.3f} ms = "
                   f"{single['p50_ms'] / floor:.1f}x the floor ({floor:.3f} ms)")
-    figures.write(results, args.json)
+    figures.write(results, args.json or figures.default_path("cluster"))
     return 0
 
 

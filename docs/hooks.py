@@ -1,7 +1,7 @@
 """mkdocs hooks: the repository files the docs link to, brought into the site.
 
 The pages link to the rest of the repository as a clone or GitHub shows it
-(``../README.md#cluster``, ``../server/cluster.example.toml``), so one Markdown file reads
+(``../README.md#cluster``, ``../deploy/cluster.example.toml``), so one Markdown file reads
 right everywhere. Those targets lie outside ``docs/``, where mkdocs looks for nothing;
 these hooks add each one to the site (``README.md`` as the page ``readme.md``, any other
 file as a copy under ``repo/``), follow the links of the Markdown files they add, and

@@ -50,15 +50,18 @@ def open(path: str | os.PathLike, *, node_id: str | None = None, cluster: str | 
                       watch_history_bytes=watch_history_bytes)
 
 
-def connect(addresses, timeout: float = 5.0, *, keys=None) -> KV:
+def connect(addresses, timeout: float = 5.0, *, keys=None, cache=None,
+            cache_staleness: float = 1.0, cache_bytes: int = 64 * 1024 * 1024) -> KV:
     """A client of running ``kvstore-server`` nodes: ``"tcp://h:p,tcp://h:p"`` or a list.
 
     Raises ``Unavailable`` if no node answers within ``timeout`` seconds, which is
     also every call's deadline. ``keys``: the ``kvstore keygen`` directory of a
-    cluster with ``[security]`` (default ``$KVSTORE_KEYS``).
+    cluster with ``[security]`` (default ``$KVSTORE_KEYS``). ``cache``: a prefix, a
+    list of them, or True: a coherent client cache of those keys (docs/cache.md).
     """
     from kvstore.client import connect as _connect
-    return _connect(addresses, timeout, keys)
+    return _connect(addresses, timeout, keys, cache=cache, cache_staleness=cache_staleness,
+                    cache_bytes=cache_bytes)
 
 
 def __getattr__(name: str):

@@ -1,6 +1,6 @@
 # PYTHON_ARGCOMPLETE_OK  (argcomplete's global completion looks for this line)
-"""The ``kvstore`` command: put, get, delete, incr, cas, scan, status, check, local-cluster,
-keygen, demo (docs/cli.md).
+"""The ``kvstore`` command: put, get, delete, incr, cas, scan, watch, status, check,
+local-cluster, keygen, demo (docs/cli.md).
 
 With ``--cluster ADDRS`` (or ``KVSTORE_CLUSTER``) the commands talk to running
 servers; without it they act on the embedded store at ``--data DIR``
@@ -22,6 +22,7 @@ from typing import Sequence
 
 import kvstore
 from kvstore.errors import InvalidArgument, KVError, LeaseExpired, StorageError, Unavailable
+from kvstore.ops.health import quorum_problems  # the rule the gateway and a node judge by too
 
 DEFAULT_DATA = "./kvstore-data"
 EXIT_NOT_FOUND = 1
@@ -80,28 +81,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 LAGGING_SLOTS = 100
 
 
-def quorum_problems(status: dict) -> list:
-    """Each shard of a cluster that cannot serve now, as a sentence: fewer nodes that
-    answer and vote (a recovering node does not vote yet) than a majority of the
-    members, or no leader. Empty for an embedded store."""
-    if status.get("mode") == "embedded":
-        return []
-    members = len(status.get("nodes", []))
-    needed = members // 2 + 1
-    problems = []
-    for shard in status.get("shards", []):
-        states = shard.get("states") or {}
-        voters = sorted(n for n, state in states.items() if state != "recovering")
-        if len(voters) < needed:
-            problems.append(f"shard {shard.get('shard')} has no quorum: {len(voters)} of "
-                            f"{members} nodes answer and vote ({', '.join(voters) or 'none'}), "
-                            f"{needed} needed")
-        elif shard.get("leader") is None:
-            problems.append(f"shard {shard.get('shard')} has no leader (an election may be "
-                            f"under way)")
-    return problems
-
-
 def _attention(shard: dict) -> str:
     """The nodes of a shard an operator should know about: recovering (a wiped node that
     does not vote yet), catching up (receiving a snapshot or far behind) or lagging."""
@@ -147,7 +126,7 @@ def format_status(status: dict) -> str:
 
 #: Commands that only read: on a directory with no store they say so (exit 4)
 #: instead of creating an empty store at a mistyped --data.
-READ_ONLY_COMMANDS = ("get", "scan", "status", "check")
+READ_ONLY_COMMANDS = ("get", "scan", "watch", "status", "check")
 
 
 def _open(args) -> kvstore.KV:
@@ -274,6 +253,49 @@ def _cmd_scan(db, args) -> int:
         else:
             _out(key + b"\t" + value)
     return 0
+
+
+def _event_line(event, prev: bool, as_json: bool) -> bytes:
+    """One event as a line: ``REVISION<TAB>put|delete<TAB>KEY<TAB>VALUE`` (an empty
+    VALUE for a delete; ``--prev`` adds ``<TAB>PREV``), or a JSON object whose key and
+    values are base64 (null when absent)."""
+    if as_json:
+        def b64(b):
+            return None if b is None else base64.b64encode(b).decode("ascii")
+        out = {"type": event.type, "key": b64(event.key), "value": b64(event.value),
+               "revision": event.revision, "shard": event.shard}
+        if prev:
+            out["prev_value"] = b64(event.prev_value)
+        return json.dumps(out).encode("ascii")
+    fields = [b"%d" % event.revision, event.type.encode(), event.key, event.value or b""]
+    if prev:
+        fields.append(event.prev_value or b"")
+    return b"\t".join(fields)
+
+
+def _cmd_watch(db, args) -> int:
+    """Print every change under PREFIX as it happens, one line each, until Ctrl-C
+    (exit 0) or the history no longer holds ``--from`` (``Compacted``: exit 2)."""
+    start = args.from_revision
+    if start is not None and start < 1:
+        raise InvalidArgument(f"--from must be a revision >= 1, got {start}")
+    watch = db.watch(prefix=_arg_bytes(args.prefix), start_revision=start,
+                     prev_value=args.prev)
+    try:  # Ctrl-C from the moment it says it watches ends it with 0
+        print(f"kvstore: watching {args.prefix or 'every key'!r} (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
+        while True:
+            event = watch.get(timeout=0.5)  # wakes up now and then: Ctrl-C is seen at once
+            if event is None:
+                if getattr(watch, "closed", False):
+                    return 0
+                continue
+            _out(_event_line(event, args.prev, args.json))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        watch.close()
 
 
 def _cmd_status(db, args) -> int:
@@ -413,6 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most this many pairs")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(fn=_cmd_scan)
+    p = sub.add_parser("watch", parents=[common], help="print every change under a prefix",
+                       description="Print each change under PREFIX as it is committed, one "
+                                   "line each, in revision order per shard: REVISION, put or "
+                                   "delete, KEY, VALUE, tab-separated (--json: JSON lines). "
+                                   "Runs until Ctrl-C (exit 0).")
+    p.add_argument("prefix", nargs="?", default="", metavar="PREFIX",
+                   help="only keys starting with it (default: every key)")
+    p.add_argument("--from", dest="from_revision", type=int, metavar="REV",
+                   help="start at this revision (default: changes from now on); exit 2 if "
+                        "the history no longer holds it")
+    p.add_argument("--prev", action="store_true",
+                   help="also print each change's previous value")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON lines {\"type\", \"key\", \"value\", \"revision\", "
+                        "\"shard\"} with key and values in base64 (null when absent)")
+    p.set_defaults(fn=_cmd_watch)
     p = sub.add_parser("status", parents=[common], help="nodes, shards, leaders, commit indexes",
                        description="Nodes, and per shard its leader, commit index, lag and "
                                    "the nodes to watch (recovering, catching up, lagging). "

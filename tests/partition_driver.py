@@ -50,7 +50,7 @@ from kvstore.node.config import read_toml  # noqa: E402
 from kvstore.server.local import LocalCluster  # noqa: E402
 from kvstore.sharding import shard_of  # noqa: E402
 from kvstore.transport import wire  # noqa: E402
-from workloads import BankWorkload, RegisterWorkload  # noqa: E402
+from workloads import BankWorkload, LeaseWorkload, RegisterWorkload, WatchWorkload  # noqa: E402
 
 NODES = 3
 SHARDS = 2
@@ -75,6 +75,11 @@ FROZEN_AGAINST_SLOTS = 10
 #: A cut lasts at least this long (some seven election timeouts: the cut-off node
 #: campaigns, TCP backs its retransmissions off) and until the others have served.
 CUT_SECONDS = 2.0
+#: The lease holders' TTL, and how late past it (after the holder died) a key may still be
+#: read: one election timeout at most (60 ticks of 10 ms), and a second of slack for a
+#: loaded two-core machine.
+LEASE_TTL = 1.0
+LEASE_LATE_SLACK = 0.6 + 1.0
 
 
 def run(argv: list, stdin: str | None = None) -> None:
@@ -300,6 +305,8 @@ class Run:
                                          client_timeout=3.0, seed=seed)
         self.bank = BankWorkload(self.lc.client, transfer_threads=2, auditors=1,
                                  client_timeout=10.0)
+        self.watch = WatchWorkload(self.lc.client, b"reg")
+        self.leases = LeaseWorkload(self.lc.client, LEASE_TTL, LEASE_LATE_SLACK, seed=seed)
 
     def clock(self) -> float:
         return time.monotonic() - self.t0
@@ -357,6 +364,8 @@ class Run:
             self.bank.setup(c)
         self.register.start()
         self.bank.start()
+        self.watch.start()
+        self.leases.start()
         self.note(f"cluster up, workloads running; leaders {self.obs.leaders()}")
         self.facts["phases"]["warm_up_seconds"] = self.wait_serving("at warm-up")
 
@@ -403,7 +412,23 @@ class Run:
         """Stop the clients, SIGKILL every node, restart, read back, check."""
         self.register.stop()
         self.bank.stop()
+        self.leases.stop()
         self.facts["bank_problems"] = self.bank.problems()
+        self.facts["lease_problems"] = self.leases.problems()
+        self.facts["leases_timed"] = self.leases.leases
+        ends = sorted(self.leases.expired_after)
+        self.facts["lease_end_after_ttl_seconds"] = (
+            {"median": ends[len(ends) // 2], "max": ends[-1]} if ends else None)
+        commits = self.obs.commits(self.obs.views())
+        deadline = time.monotonic() + CATCH_UP_SECONDS
+        while not self.watch.caught_up(commits) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the watcher's position, polled
+        self.watch.stop()
+        self.facts["watch_events"] = self.watch.events
+        self.facts["watch_problems"] = (self.watch.check(self.register.history)
+                                        if self.watch.caught_up(commits) else
+                                        [f"the watcher did not reach the commit points {commits} "
+                                         f"within {CATCH_UP_SECONDS} s: at {self.watch.position}"])
         self.note("clients stopped")
         self.obs.close()
         for name in self.lc.names:
@@ -435,6 +460,8 @@ class Run:
         self.facts["events"].sort()
         self.register.stop_event.set()
         self.bank.stop_event.set()
+        self.watch.stop_event.set()
+        self.leases.stop_event.set()
         if self.obs is not None:
             self.obs.close()
         self.lc.close()

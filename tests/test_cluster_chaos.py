@@ -4,7 +4,11 @@ Three ``kvstore-server`` processes, two shards, eight concurrent clients; every
 second or so one node (never two at once) is SIGKILLed, SIGSTOPped,
 SIGCONTed, or restarted; at the end everything is restarted (all SIGKILLed
 together first), final reads join the history, and the whole history must be
-linearizable. ``KVSTORE_CHAOS_SEED`` replays a fault schedule.
+linearizable. A watcher of every key (``workloads.WatchWorkload``) must be given
+every acknowledged write exactly once, in order, whichever node it is moved to; lease
+holders (``workloads.LeaseWorkload``) must never see a key of theirs end before its
+TTL (here the late bound is loose: a node restarted by the chaos gives every lease a
+full TTL from its restart). ``KVSTORE_CHAOS_SEED`` replays a fault schedule.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import kvstore
 from kvstore.server.local import LocalCluster
 from kvstore.sim.linearizability import Operation, check_history
 from conftest import child_env
+from workloads import LeaseWorkload, WatchWorkload
 
 SECONDS = float(os.environ.get("KVSTORE_CHAOS_SECONDS", "0"))
 # Opt-in: without KVSTORE_CHAOS_SECONDS, conftest.py deselects this file (never a skip
@@ -70,6 +75,10 @@ def test_chaos_history_is_linearizable(tmp_path):
         threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
         for t in threads:
             t.start()
+        watch = WatchWorkload(lc.client, b"")
+        leases = LeaseWorkload(lc.client, ttl=1.0, late_slack=30.0, seed=seed)
+        watch.start()
+        leases.start()
         end = time.monotonic() + SECONDS
         troubled: str | None = None  # the one node currently killed or paused
         state = None
@@ -94,6 +103,19 @@ def test_chaos_history_is_linearizable(tmp_path):
         stop.set()
         for t in threads:
             t.join(60)
+        leases.stop()
+        acked = {(op.key, op.args[0] if op.kind == "put" else op.args[1]) for op in history
+                 if op.ret is not None and (op.kind == "put" or (
+                     op.kind == "cas" and op.result is True and op.args[1] is not None))}
+        deadline = time.monotonic() + 60
+        while not acked <= set(watch.seen) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the watcher's deliveries, polled
+        watch.stop()
+        watch_problems = watch.check(history)
+        lease_problems = leases.problems()
+        print(f"watch: {watch.events} events; leases: {leases.leases} timed, ended "
+              f"{sorted(leases.expired_after)[len(leases.expired_after) // 2:][:1]} s (median) "
+              f"after the TTL")
         for n in lc.names:  # then everything at once
             lc.kill(n, signal.SIGKILL)
         lc.close()
@@ -114,3 +136,5 @@ def test_chaos_history_is_linearizable(tmp_path):
     print(f"{len(history)} operations, {done} completed, {len(faults)} fault steps")
     res = check_history(history)
     assert res.ok, f"seed {seed}: not linearizable on {res.key!r}\n{res.explanation}"
+    assert not watch_problems, f"seed {seed}: {watch_problems}"
+    assert not lease_problems, f"seed {seed}: {lease_problems}"

@@ -6,7 +6,9 @@ touched), each node as its own uid, nftables dropping what one node's uid sends 
 another node's ports. Register and bank clients run throughout (never cut off);
 the cut is healed, every node must catch up, then everything is SIGKILLed and
 restarted. The history must be linearizable, every audit must see the bank's
-total, no acknowledged write or transfer may be lost, and the cluster must serve
+total, no acknowledged write or transfer may be lost, a watcher must be given every
+acknowledged write exactly once, in order, a lease-held key must outlive neither end
+of its lease's bounds, and the cluster must serve
 while cut (a majority is up) and after the heal without a healthy leader deposed.
 
 Needs root, ``unshare``, ``nft`` (package nftables), ``setpriv`` and ``ip``; the
@@ -113,6 +115,11 @@ def check(result: dict, rejoined: str | None = None, evidence: dict | None = Non
     assert result["transfers"]["acknowledged"] > 0 and result["transfers"]["audits"] > 0, \
         result["transfers"]
     assert not result["bank_final_problems"], result["bank_final_problems"]
+    # the watcher (exactly once, in order) and the lease holders (never early, not late)
+    assert not result["watch_problems"], result["watch_problems"]
+    assert result["watch_events"] > 0
+    assert not result["lease_problems"], result["lease_problems"]
+    assert result["leases_timed"] > 0, result
     changed = result["leaders_changed_after_heal"]
     campaigned = result["campaigns_after_heal"].get(rejoined) if rejoined is not None else None
     assert changed == {}, (f"a leader was deposed after the heal {where}: {changed}; the node "

@@ -93,7 +93,7 @@ def test_a_missing_api_reference_fails_the_build(tmp_path):
 
 #: The Markdown a clone carries: READMEs and docs.
 def markdown_files() -> list:
-    files = [ROOT / "README.md", ROOT / "server" / "README.md"]
+    files = [ROOT / "README.md", ROOT / "deploy" / "README.md"]
     return files + sorted((ROOT / "docs").rglob("*.md"))
 
 

@@ -88,11 +88,13 @@ class Holder:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            word, value = line.split()
-            if word == "ready":
+            words = line.split()
+            if len(words) != 2 or not line.endswith("\n"):
+                continue  # a line cut by the SIGKILL
+            if words[0] == "ready":
                 self.ready.set()
             else:
-                self.last_kept = float(value)
+                self.last_kept = float(words[1])
 
     def kill(self) -> float:
         self.proc.kill()
@@ -155,6 +157,22 @@ def test_a_dead_holders_keys_vanish_when_the_shard_leader_dies_too(tmp_path):
         lc.close()
 
 
+def deleted_in_history(c, address: str, shard: int, key: bytes, timeout: float = 10.0) -> bool:
+    """Whether the node at ``address`` reports the deletion of ``key`` in its watch history
+    (a raw OP_WATCH poll: the expiry is a delete event like any other)."""
+    deadline = time.monotonic() + timeout
+    position = 1
+    while time.monotonic() < deadline:
+        events, _oldest, through, _current = c._core.call(
+            wire.OP_WATCH, shard, [shard, key, key + b"\x00", position, 1 << 20, 500, True],
+            target=address)
+        for _revision, changes in events or ():
+            if any(kind == 1 and k == key for kind, k, _value, _prev in changes):
+                return True
+        position = through + 1
+    return False
+
+
 def test_ttl_put_and_revoke_over_the_cluster(shared):
     with shared.client() as c:
         before = time.monotonic()
@@ -163,6 +181,9 @@ def test_ttl_put_and_revoke_over_the_cluster(shared):
         gone = all_gone(c, [b"ttl"], after + 0.5 + ELECTION_TIMEOUT + SLACK)
         assert gone >= before + 0.5
         print(f"cluster ttl expiry: {1000 * (gone - after - 0.5):.0f} ms after the ttl")
+        shard = shard_of(b"ttl", SHARDS)
+        for address in shared.address_list:  # every node's watch history has the delete
+            assert deleted_in_history(c, address, shard, b"ttl"), address
         lease = c.lease(30)
         keys = [key_of_shard(0, b"r"), key_of_shard(1, b"r")]
         for k in keys:

@@ -144,3 +144,23 @@ def test_reaper_expires_through_group_commit_with_a_command_that_lost_the_race(s
     assert db._expire_lease(shard, lease_expire(lease_id, revision)) is False
     assert db.get(b"a") == b"1"
 
+
+
+def test_an_expiry_and_a_revoke_are_delete_events_at_one_revision(db):
+    with db.watch(prefix=b"w/", prev_value=True) as watch:
+        lease = db.lease(30)
+        db.put(b"w/a", b"1", lease=lease)
+        db.put(b"w/b", b"2", lease=lease)
+        db.put(b"w/t", b"3", ttl=0.2)
+        lease.revoke()
+        events = [watch.get(timeout=10) for _ in range(6)]
+    # in order within a shard, interleaved across shards
+    assert sorted((e.type, e.key, e.prev_value) for e in events) == [
+        ("delete", b"w/a", b"1"), ("delete", b"w/b", b"2"), ("delete", b"w/t", b"3"),
+        ("put", b"w/a", None), ("put", b"w/b", None), ("put", b"w/t", None)]
+    for key in (b"w/a", b"w/b", b"w/t"):
+        put, delete = [e for e in events if e.key == key]
+        assert (put.type, delete.type) == ("put", "delete") and delete.revision > put.revision
+    revoked = [e for e in events if e.type == "delete" and e.key != b"w/t"]
+    if revoked[0].shard == revoked[1].shard:  # one command: one revision on its shard
+        assert revoked[0].revision == revoked[1].revision

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from kvstore.commands import LOCKED, LeaseExpire
 from kvstore.node.leases import LEASE_RETRY_SECONDS, LeaseExpiry
+from kvstore.node.ports import NO_BUGS
 
 
 class Clock:
@@ -25,6 +26,7 @@ class FakeNode(LeaseExpiry):
 
     def __init__(self, records=(), shards: int = 2, leader=(True, True)) -> None:
         self.clock = Clock()
+        self.bugs = NO_BUGS
         self.nshards = shards
         self.name = "n1"
         self.counters = Counter()

@@ -10,7 +10,17 @@
   final reads after a restart included, so an acknowledged write that was lost
   shows as a history no order explains.
 
-Both run in threads against a ``connect(timeout)`` factory (``LocalCluster.client``),
+- ``WatchWorkload``: a watcher of the register keys from revision 1, through
+  everything the cluster goes through. Per shard the revisions it is given never go
+  back; every acknowledged register write (each value is unique) reaches it exactly
+  once, none twice.
+- ``LeaseWorkload``: holders that take a lease, put keys under it, keep it alive a
+  while, then die (their connection closed: no keep-alive from then on). A
+  linearizable reader checks each key: never gone before the last keep-alive sent +
+  TTL, never still there once TTL + one election timeout (+ slack) passed after the
+  holder died.
+
+All run in threads against a ``connect(timeout)`` factory (``LocalCluster.client``),
 stop on ``stop()``, bounded; a failure that is not part of the contract
 (``Unavailable`` is: the outcome is unknown) is collected, never raised in a thread.
 """
@@ -237,3 +247,178 @@ class RegisterWorkload:
     def check(self):
         """The checker's result on the history (``.ok``, ``.key``, ``.explanation``)."""
         return check_history(self.history)
+
+
+class WatchWorkload:
+    """A watcher of ``prefix`` from revision 1 (``kvstore.connect``'s ``watch``), checked
+    against the register writes that were acknowledged (``check``)."""
+
+    def __init__(self, connect, prefix: bytes, client_timeout: float = 5.0) -> None:
+        self.connect = connect
+        self.prefix = prefix
+        self.client_timeout = client_timeout
+        self.failures: list = []
+        self.seen: Counter = Counter()  # (key, value) of each put delivered -> times
+        self.events = 0
+        self.position: dict = {}
+        self.last_revision: dict = {}  # shard -> revision of the last event delivered
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _watch(self) -> None:
+        try:
+            with self.connect(timeout=self.client_timeout) as c, \
+                    c.watch(prefix=self.prefix, start_revision=1) as w:
+                while not self.stop_event.is_set():
+                    event = w.get(timeout=0.2)
+                    self.position = dict(w.position)
+                    if event is None:
+                        continue
+                    self.events += 1
+                    last = self.last_revision.get(event.shard, 0)
+                    if event.revision < last:
+                        self.failures.append(f"shard {event.shard}: revision {event.revision} "
+                                             f"after {last}")
+                    self.last_revision[event.shard] = event.revision
+                    if event.type == "put":
+                        self.seen[(event.key, event.value)] += 1
+        except BaseException as e:  # reported by check()
+            self.failures.append(f"the watch ended: {e!r}")
+
+    def caught_up(self, commits: list) -> bool:
+        """Whether the watch has asked past every shard's commit point (revision = slot + 1)."""
+        return all(self.position.get(s, 0) > commit + 1 for s, commit in enumerate(commits))
+
+    def stop(self, join_seconds: float = 10.0) -> None:
+        self.stop_event.set()
+        self.thread.join(join_seconds)
+        if self.thread.is_alive():
+            self.failures.append(f"the watcher still runs {join_seconds} s after stop")
+
+    def check(self, history: list) -> list:
+        """Problems: every acknowledged put or successful cas of the register history
+        delivered exactly once; no value twice."""
+        problems = list(self.failures)
+        for op in history:
+            if op.ret is None or op.kind not in ("put", "cas"):
+                continue
+            if op.kind == "cas" and (op.result is not True or op.args[1] is None):
+                continue
+            value = op.args[0] if op.kind == "put" else op.args[1]
+            times = self.seen.get((op.key, value), 0)
+            if times != 1:
+                problems.append(f"the acknowledged write of {value!r} to {op.key!r} was "
+                                f"delivered {times} times")
+        problems += [f"{kv!r} delivered {n} times" for kv, n in self.seen.items() if n > 1]
+        return problems[:20]
+
+
+class LeaseWorkload:
+    """Lease holders that die, and a linearizable reader that times their keys' end."""
+
+    def __init__(self, connect, ttl: float, late_slack: float, holders: int = 2,
+                 client_timeout: float = 3.0, seed: int = 0) -> None:
+        self.connect = connect
+        self.ttl = ttl
+        self.late_slack = late_slack  # one election timeout, and the machine's slack
+        self.client_timeout = client_timeout
+        self.failures: list = []
+        self.leases = 0
+        self.expired_after: list = []  # seconds from the holder's death to the first absence
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._holder, args=(seed * 100 + n, n),
+                                         daemon=True) for n in range(holders)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self, join_seconds: float = 30.0) -> None:
+        self.stop_event.set()
+        deadline = time.monotonic() + join_seconds
+        for t in self.threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self.threads):
+            self.failures.append(f"lease holders still running {join_seconds} s after stop")
+
+    def _holder(self, seed: int, n: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with self.connect(timeout=self.client_timeout) as reader:
+                generation = 0
+                while not self.stop_event.is_set():
+                    generation += 1
+                    self._one_lease(reader, rng, b"lease%d-%d-" % (n, generation))
+        except BaseException as e:  # reported by problems()
+            self.failures.append(f"lease holder {n}: {e!r}")
+
+    def _one_lease(self, reader, rng: random.Random, prefix: bytes) -> None:
+        keys = [prefix + b"%d" % i for i in range(3)]  # over the shards
+        holder = self.connect(timeout=self.client_timeout)
+        # ``last_ok``: when the last refresh that was acknowledged (the grant, a keep-alive)
+        # was sent: the lease's end is at least a TTL after it was applied, so after this
+        last_ok = time.monotonic()
+        try:
+            lease = holder.lease(self.ttl)
+            for key in keys:
+                holder.put(key, key, lease=lease)
+            alive_until = time.monotonic() + rng.uniform(0.2, 2.0)
+            while time.monotonic() < alive_until and not self.stop_event.is_set():
+                time.sleep(self.ttl / 4)  # the holder's own keep-alive schedule
+                sent = time.monotonic()
+                try:
+                    lease.keepalive()
+                    last_ok = sent
+                except kvstore.Unavailable:
+                    pass  # it may or may not have been applied: the bound keeps the last one
+        except kvstore.LeaseExpired:
+            if time.monotonic() < last_ok + self.ttl:
+                self.failures.append(f"a keep-alive or put found the lease of {prefix!r} gone "
+                                     f"{last_ok + self.ttl - time.monotonic():.3f} s before "
+                                     f"its TTL from the last acknowledged keep-alive")
+            holder.close()
+            return
+        except kvstore.Unavailable:
+            holder.close()
+            return  # a lease the cut cluster could not grant or fill: nothing to time
+        holder.close()  # the holder dies: its keep-alive timer stops with the connection
+        died = time.monotonic()
+        self.leases += 1
+        self._time_the_end(reader, keys, last_ok, died)
+
+    def _time_the_end(self, reader, keys: list, last_ok: float, died: float) -> None:
+        """Read the keys until gone: none absent before ``last_ok + ttl``; none present
+        in a read begun after ``died + ttl + late_slack``."""
+        late = died + self.ttl + self.late_slack
+        pending = set(keys)
+        while pending:
+            if time.monotonic() > late + 30:
+                self.failures.append(f"{sorted(pending)!r}: no read answered for 30 s")
+                return
+            for key in sorted(pending):
+                call = time.monotonic()
+                try:
+                    value = reader.get(key)
+                except kvstore.Unavailable:
+                    continue
+                ret = time.monotonic()
+                if value is None:
+                    if ret < last_ok + self.ttl:
+                        self.failures.append(
+                            f"{key!r} gone {last_ok + self.ttl - ret:.3f} s before its "
+                            f"lease's TTL from the last acknowledged keep-alive")
+                    self.expired_after.append(round(ret - died - self.ttl, 3))
+                    pending.discard(key)
+                elif call > late:
+                    self.failures.append(f"{key!r} still readable {call - died:.3f} s after "
+                                         f"its holder died (TTL {self.ttl} s + "
+                                         f"{self.late_slack} s)")
+                    pending.discard(key)
+            if pending:
+                time.sleep(0.02)  # reading again: the end is timed by the reads
+
+    def problems(self) -> list:
+        return self.failures[:20]

@@ -26,6 +26,8 @@ import threading
 
 from kvstore.api import DEFAULT_RETRIES, TransactionRetry
 from kvstore.client import requests
+from kvstore.client.cache import DEFAULT_BYTES, DEFAULT_STALENESS, MISS, UNCACHED
+from kvstore.client.watch import AsyncWatch, Watch
 from kvstore.client.core import renew_locks_after_fork
 from kvstore.client.kv import ClusterKV
 from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
@@ -35,10 +37,14 @@ from kvstore.lease import new_lease_id
 from kvstore.errors import KVError, TransactionConflict
 
 
-async def connect(addresses, timeout: float = 5.0, *, keys=None) -> "AsyncKV":
-    """Connect to the cluster at ``addresses`` (``Unavailable`` if no node answers)."""
+async def connect(addresses, timeout: float = 5.0, *, keys=None, cache=None,
+                  cache_staleness: float = DEFAULT_STALENESS,
+                  cache_bytes: int = DEFAULT_BYTES) -> "AsyncKV":
+    """Connect to the cluster at ``addresses`` (``Unavailable`` if no node answers);
+    ``cache``: as ``kvstore.connect``'s (docs/cache.md)."""
     loop = asyncio.get_running_loop()
-    kv = await loop.run_in_executor(None, ClusterKV, addresses, timeout, keys)
+    kv = await loop.run_in_executor(None, ClusterKV, addresses, timeout, keys, cache,
+                                    cache_staleness, cache_bytes)
     return AsyncKV(kv)
 
 
@@ -96,7 +102,33 @@ class AsyncKV:
                 waiter.set_result(future.result())
 
     async def get(self, key):
-        return await self._call(*requests.get(self._kv.nshards, key))
+        request = requests.get(self._kv.nshards, key)
+        cache = self._kv._cache
+        cached = UNCACHED if cache is None else cache.lookup(request[2][1])
+        if cached is UNCACHED:
+            return await self._call(*request)
+        if type(cached) is not tuple or cached[0] is not MISS:
+            return cached
+        ticket = cached[1]
+        try:
+            value, revision = await self._call(*requests.get_with_revision(request))
+        except BaseException:
+            cache.abandon(ticket)
+            raise
+        cache.fill(ticket, value, revision)
+        return value
+
+    def watch(self, key=None, prefix=None, start_revision=None, *,
+              prev_value: bool = False) -> AsyncWatch:
+        """``async for event in db.watch(prefix=...)``: as ``kvstore.connect``'s watch.
+        Where the shards stand now is asked at once, without blocking the loop;
+        ``await w.started()`` waits for the answers."""
+        self._kv._core_check()
+        return AsyncWatch(Watch(self._core, self._kv.nshards, key, prefix, start_revision,
+                                prev_value, wait_for_start=False))
+
+    def cache_stats(self) -> dict:
+        return self._kv.cache_stats()
 
     async def put(self, key, value, lease=None, ttl=None) -> None:
         request = requests.put(self._kv.nshards, key, value, lease, ttl)

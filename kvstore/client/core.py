@@ -62,7 +62,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import zmq
 
-from kvstore.client.replies import MalformedReply, check_result
+from kvstore.client.replies import MalformedReply, check_result, split_revision
 from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable
 from kvstore.commands import LOCKED
 from kvstore.transport import wire
@@ -125,9 +125,11 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED
 
 class _Call:
     __slots__ = ("request_id", "op", "shard", "payload", "deadline", "future", "target",
-                 "retry_at", "resend", "reached", "is_write", "sent_to", "seq")
+                 "retry_at", "resend", "reached", "is_write", "sent_to", "seq", "attempt",
+                 "want_revision")
 
-    def __init__(self, request_id, op, shard, payload, deadline, target=None) -> None:
+    def __init__(self, request_id, op, shard, payload, deadline, target=None,
+                 attempt=ATTEMPT_SECONDS) -> None:
         self.request_id = request_id
         self.op = op
         self.shard = shard
@@ -141,6 +143,8 @@ class _Call:
         self.is_write = op == wire.OP_WRITE
         self.sent_to = None  # the address of the last attempt
         self.seq = 0  # a write's session seq: drawn by the I/O thread (``ClientCore._admit``)
+        self.attempt = attempt  # seconds an attempt waits for its answer (a long poll: longer)
+        self.want_revision = False  # a write sent asking for its revision (``revision_hook``)
 
 
 class ClientCore:
@@ -157,6 +161,9 @@ class ClientCore:
         self._ids = itertools.count(1)  # request ids: match replies to calls
         self._lock = threading.Lock()
         self._closed = False
+        #: The coherent cache's ``hook(shard, revision)`` on the I/O thread: set, writes ask
+        #: for their revision; None for a write of unknown revision (a 2PC decision, a timeout).
+        self.revision_hook = None
         renew_locks_after_fork(self)
         self._start()
 
@@ -193,14 +200,16 @@ class ClientCore:
 
     # ------------------------------------------------------------------ caller side
     def submit(self, op: str, shard, payload, timeout: float | None = None,
-               target: str | None = None) -> Future:
+               target: str | None = None, attempt: float = ATTEMPT_SECONDS) -> Future:
+        """Hand ``op`` to the I/O thread; ``attempt``: seconds one attempt waits for its
+        answer before the next node is asked (a watch's long poll waits longer)."""
         deadline = time.monotonic() + (timeout or self.timeout)
         with self._lock:
             if self._closed:
                 raise KVError("this connection is closed")
             if self._pid != os.getpid():
                 self._start_in_child()
-            call = _Call(next(self._ids), op, shard, payload, deadline, target)
+            call = _Call(next(self._ids), op, shard, payload, deadline, target, attempt)
             self._queue.append(call)
             if len(self._queue) == 1:  # the I/O thread takes the whole queue per wake-up
                 self._wake_out.send(b"", zmq.NOBLOCK)
@@ -397,6 +406,9 @@ class ClientCore:
                 heapq.heappop(writes)
             floor = writes[0][0] if writes else call.seq
             args = [call.shard, self.client_id, call.seq, floor, call.payload]
+            if self.revision_hook is not None:
+                call.want_revision = True
+                args.append(True)
         else:
             args = call.payload
         out = self._out.get(address)
@@ -405,7 +417,7 @@ class ClientCore:
         else:
             out.append((call.request_id, call.op, args))
         call.resend = False
-        call.retry_at = min(now + ATTEMPT_SECONDS, call.deadline)
+        call.retry_at = min(now + call.attempt, call.deadline)
         heapq.heappush(self._timers, (call.retry_at, call.request_id))
 
     def _flush(self) -> None:
@@ -484,6 +496,8 @@ class ClientCore:
         self._inflight.pop(call.request_id, None)
         if call.future.done():
             return
+        if call.is_write and self.revision_hook is not None:
+            self.revision_hook(call.shard, None)  # its outcome is unknown: so is its revision
         if not call.reached and self._refusals:
             err = next(iter(self._refusals.values()))
         elif not call.reached and self._aliens:
@@ -539,6 +553,14 @@ class ClientCore:
                 value, index = value
                 if type(index) is int and 0 <= index < len(self.nodes):
                     leader = self.nodes[index]
+            if call.want_revision:
+                try:
+                    value, revision = split_revision(value)
+                except MalformedReply as e:
+                    self._malformed(call, address, str(e))
+                    return
+                if revision is not None and self.revision_hook is not None:
+                    self.revision_hook(call.shard, revision)
             if value == LOCKED and call.is_write:
                 del self._inflight[rid]
                 self._retry_as_new_write(call)
@@ -551,6 +573,11 @@ class ClientCore:
             del self._inflight[rid]
             if call.op == wire.OP_HELLO:
                 self._learn(value)
+            elif call.op == wire.OP_WATCH and status == wire.STATUS_OK:
+                self._learn_from_watch(call.shard, address, value[3])
+            elif call.op == wire.OP_DECIDE and self.revision_hook is not None:
+                for shard in call.payload[3]:  # a 2PC decision: its participants' revisions
+                    self.revision_hook(shard, None)  # are unknown
             elif call.shard is not None and leader in self.nodes and (
                     status == wire.STATUS_OK_FORWARDED or call.op in _LEADER_OPS):
                 self.leaders[call.shard] = self.nodes.index(leader)  # only a leader does these
@@ -572,11 +599,22 @@ class ClientCore:
             self._retry_later(call, LOCKED_BACKOFF_SECONDS if value == LOCKED else
                               RETRY_BACKOFF_SECONDS)
 
+    def _learn_from_watch(self, shard: int, address: str, current: bool) -> None:
+        """Only a shard's leader answers a watch ``current``: polls go to it; a node
+        believed to lead that answers not current no longer does: try another."""
+        index = self.nodes.index(address) if address in self.nodes else None
+        if current and index is not None:
+            self.leaders[shard] = index
+        elif index is not None and self.leaders.get(shard) == index:
+            del self.leaders[shard]
+
     def _malformed(self, call: _Call, address: str, why: str) -> None:
         """A reply of the wrong shape: the call fails with ``Unavailable`` (the outcome
         of a write is unknown), never with an exception of another class."""
         self._inflight.pop(call.request_id, None)
         self.dropped_replies += 1
+        if call.is_write and self.revision_hook is not None:
+            self.revision_hook(call.shard, None)
         call.future.set_exception(Unavailable(
             f"{address} answered {call.op!r} with {why}: it is not a kvstore node, or not one "
             f"of this version"))

@@ -14,6 +14,8 @@ import os
 
 from kvstore.api import KV
 from kvstore.client import requests
+from kvstore.client.cache import DEFAULT_BYTES, DEFAULT_STALENESS, MISS, UNCACHED, CoherentCache
+from kvstore.client.watch import Watch
 from kvstore.commands import incr_result
 from kvstore.client.core import ClientCore
 from kvstore.client.txn import ClusterTxn, lock_keys_for
@@ -49,7 +51,9 @@ def _check_timeout(timeout) -> float:
 class ClusterKV(KV):
     """``kvstore.connect(...)``: the ``KV`` interface over a running cluster; thread-safe."""
 
-    def __init__(self, addresses, timeout: float = 5.0, keys=None) -> None:
+    def __init__(self, addresses, timeout: float = 5.0, keys=None, cache=None,
+                 cache_staleness: float = DEFAULT_STALENESS,
+                 cache_bytes: int = DEFAULT_BYTES) -> None:
         self._addresses = parse_addresses(addresses)
         self.timeout = _check_timeout(timeout)
         keys = keys if keys is not None else os.environ.get("KVSTORE_KEYS") or None
@@ -60,10 +64,15 @@ class ClusterKV(KV):
         try:
             futures = [self._core.submit(wire.OP_HELLO, None, [], target=a) for a in self._addresses]
             self._hello = self._first_answer(futures)
+            self.nshards = self._core.nshards
+            self._cache = None
+            if cache is not None and cache is not False:
+                self._cache = CoherentCache(self._core, self.nshards, cache, cache_staleness,
+                                            cache_bytes)
+                self._cache.wait_started(self.timeout)  # else it fills once it knows
         except BaseException:
             self._core.close()
             raise
-        self.nshards = self._core.nshards
 
     def _first_answer(self, futures: list):
         """The first successful answer among ``futures``; the last error if none."""
@@ -86,7 +95,34 @@ class ClusterKV(KV):
 
     # -- KV (the requests are built in ``kvstore.client.requests``) -------------------------
     def get(self, key):
-        return self._core.call(*requests.get(self.nshards, key))
+        request = requests.get(self.nshards, key)
+        if self._cache is None:
+            return self._core.call(*request)
+        cached = self._cache.lookup(request[2][1])
+        if cached is UNCACHED:
+            return self._core.call(*request)
+        if type(cached) is not tuple or cached[0] is not MISS:
+            return cached
+        ticket = cached[1]
+        try:
+            value, revision = self._core.call(*requests.get_with_revision(request))
+        except BaseException:
+            self._cache.abandon(ticket)
+            raise
+        self._cache.fill(ticket, value, revision)
+        return value
+
+    def watch(self, key=None, prefix=None, start_revision=None, *,
+              prev_value: bool = False) -> Watch:
+        """Every change of ``key`` or under ``prefix`` (everything if neither) from
+        ``start_revision`` (None: from now; an int; or a ``Watch.position``), exactly
+        once and in order per shard, across failovers (``kvstore.client.watch``)."""
+        self._core_check()
+        return Watch(self._core, self.nshards, key, prefix, start_revision, prev_value)
+
+    def cache_stats(self) -> dict:
+        """The coherent cache's counters (``kvstore.client.cache``); empty without one."""
+        return {} if self._cache is None else self._cache.stats()
 
     def put(self, key, value, lease=None, ttl=None) -> None:
         request = requests.put(self.nshards, key, value, lease, ttl)
@@ -197,6 +233,8 @@ class ClusterKV(KV):
         return out
 
     def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
         self._core.close()
 
     def __repr__(self) -> str:
@@ -247,9 +285,13 @@ def _shape_mismatch(view, reference: tuple) -> str | None:
     return None
 
 
-def connect(addresses, timeout: float = 5.0, keys=None) -> ClusterKV:
+def connect(addresses, timeout: float = 5.0, keys=None, *, cache=None,
+            cache_staleness: float = DEFAULT_STALENESS,
+            cache_bytes: int = DEFAULT_BYTES) -> ClusterKV:
     """A client of the cluster at ``addresses`` (one is enough; it learns the others).
 
     ``keys``: a ``kvstore keygen`` directory for a cluster with ``[security]``
-    (default: ``$KVSTORE_KEYS``)."""
-    return ClusterKV(addresses, timeout, keys)
+    (default: ``$KVSTORE_KEYS``). ``cache``: a prefix, a list of them, or True: gets
+    of those keys are served from a coherent cache at most ``cache_staleness``
+    seconds behind, never behind this client's writes (docs/cache.md)."""
+    return ClusterKV(addresses, timeout, keys, cache, cache_staleness, cache_bytes)

@@ -8,7 +8,7 @@ endpoint, never with an exception of another class.
 
 from __future__ import annotations
 
-from kvstore.commands import (NO_LEASE, NOT_INTEGER, OP_2PC, OP_INCR, OP_LEASE_REVOKE, OP_PUT,
+from kvstore.commands import (LOCKED, NO_LEASE, NOT_INTEGER, OP_2PC, OP_INCR, OP_LEASE_REVOKE, OP_PUT,
                               OP_PUT_LEASE, OP_PUT_TTL, OVERFLOW, is_int64)
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT
@@ -42,6 +42,52 @@ def check_status(value) -> dict:
     return value
 
 
+_OP_WATCH = getattr(wire, "OP_WATCH", "watch")
+
+
+def check_watch(args, value):
+    """An ``OP_WATCH`` answer ``[events, oldest, through, current]`` for the poll
+    ``args = [shard, lo, hi, from_revision, ...]``: whole revisions ascending, none
+    below ``from_revision``, none past ``through``, every key in ``[lo, hi)``, a put
+    with a value and a delete without; ``events`` None (compacted here)."""
+    if type(value) is not list or len(value) != 4:
+        raise MalformedReply("a watch answer that is not [events, oldest, through, current]")
+    revisions, oldest, through, current = value
+    if type(oldest) is not int or type(through) is not int or type(current) is not bool:
+        raise MalformedReply("a watch answer without its oldest, through and current")
+    if revisions is None:
+        return value
+    if type(revisions) is not list:
+        raise MalformedReply("a watch answer whose events are not a list")
+    lo, hi, last = args[1], args[2], args[3] - 1
+    for r in revisions:
+        if type(r) is not list or len(r) != 2 or type(r[0]) is not int or r[0] <= last \
+                or type(r[1]) is not list or not r[1]:
+            raise MalformedReply("a watch answer whose revisions are out of order or empty")
+        last = r[0]
+        for change in r[1]:
+            if (type(change) is not list or len(change) != 4 or change[0] not in (0, 1)
+                    or type(change[0]) is not int or type(change[1]) is not bytes
+                    or change[1] < lo or (hi is not None and change[1] >= hi)
+                    or (type(change[2]) is not bytes if change[0] == 0 else change[2] is not None)
+                    or not _optional_bytes(change[3])):
+                raise MalformedReply("a watch answer with a change outside the watch or "
+                                     "of the wrong shape")
+    if revisions and through < last:
+        raise MalformedReply("a watch answer whose through is below its last revision")
+    return value
+
+
+def split_revision(value) -> tuple:
+    """``(result, revision)`` of a write sent with ``want_revision``: ``[result,
+    revision]``; a bare ``LOCKED`` (nothing applied) or a locked result has no revision."""
+    if value == LOCKED:
+        return value, None
+    if type(value) is not list or len(value) != 2 or type(value[1]) is not int:
+        raise MalformedReply("a write's answer that is not [result, revision]")
+    return value[0], (None if value[0] == LOCKED else value[1])
+
+
 def check_result(call, value):
     """``value`` if it is what a node answers to ``call``; ``MalformedReply`` otherwise."""
     op = call.op
@@ -55,6 +101,8 @@ def check_result(call, value):
         ok = type(value) is list and all(
             type(r) is list and len(r) == width and type(r[0]) is bytes and type(r[1]) is bytes
             and (width == 2 or type(r[2]) is int) for r in value)
+    elif op == _OP_WATCH:
+        return check_watch(call.payload, value)
     elif op == wire.OP_DECIDE:
         ok = type(value) is int and value in (COMMIT, ABORT)
     elif op == wire.OP_WRITE:

@@ -31,6 +31,13 @@ def get(nshards: int, key) -> Request:
     return wire.OP_GET, shard, [shard, key, False]
 
 
+def get_with_revision(request: Request) -> Request:
+    """``get``'s request answered by ``[value, revision]`` (the revision that wrote it;
+    0 for an absent key)."""
+    op, shard, (s, key, _) = request
+    return op, shard, [s, key, True]
+
+
 def put(nshards: int, key, value, lease=None, ttl=None) -> Request:
     """A write of ``value`` at ``key``: answered by None once it is applied. With
     ``lease`` (a lease or its id) the key lives as long as it (answered ``NO_LEASE``,

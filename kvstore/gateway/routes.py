@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kvstore.cli import quorum_problems
+from kvstore.ops.health import quorum_problems
 from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.gateway import codec, txn
 from kvstore.gateway.errors import NotFound

@@ -255,21 +255,17 @@ def apply_leased(txn, db, revision: int, command, leases: LeaseTable | None,
                  changes: list | None = None):
     """``kvstore.machine.data.apply_command`` with leases: a lease command goes to
     ``leases``, a plain write detaches the keys it wrote from theirs. ``leases`` None
-    (the embedded store's shard that never saw a lease) is the plain apply."""
+    (the embedded store's shard that never saw a lease), or no key attached, is the
+    plain apply, with one test more."""
+    op = command[0]
+    if op < OP_LEASE_GRANT or op not in LEASE_OPS:  # the lease ops follow the plain ones
+        result = apply_command(txn, db, revision, command, changes)
+        if leases is not None and leases.attached:
+            leases.detach_written(command, result)
+        return result
     if leases is None:
-        return _apply_plain(txn, db, revision, command, changes)
-    if command[0] in LEASE_OPS:
-        return leases.apply(txn, db, revision, command, changes)
-    result = _apply_plain(txn, db, revision, command, changes)
-    if leases.attached:
-        leases.detach_written(command, result)
-    return result
-
-
-def _apply_plain(txn, db, revision, command, changes):
-    if changes is None:
-        return apply_command(txn, db, revision, command)
-    return apply_command(txn, db, revision, command, changes)
+        raise CorruptRecord(f"a lease command (op {op}) with no lease table")
+    return leases.apply(txn, db, revision, command, changes)
 
 
 def _prefixed(txn, db, prefix: bytes):

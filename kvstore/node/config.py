@@ -10,6 +10,8 @@ peer_address = "tcp://127.0.0.1:17001"  # optional: where peers connect (default
 data = "/var/lib/kvstore/n1"      # optional; --data overrides (relative: to this file)
 gateway = "127.0.0.1:8080"        # optional: serve HTTP/JSON here too (docs/gateway.md);
                                   # --gateway overrides
+metrics = "127.0.0.1:9100"        # optional: Prometheus /metrics, /healthz, /readyz here
+                                  # (docs/operations.md); --metrics overrides
 
 [watch]
 history_bytes = 67108864          # optional: the watch history each node keeps, all shards
@@ -78,7 +80,7 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
                                   f"'_', '.' or '-'")
         if not isinstance(table, dict):
             raise InvalidArgument(f"{path}: [nodes.{name}] must be a table")
-        extra = set(table) - {"address", "peer_address", "data", "gateway"}
+        extra = set(table) - {"address", "peer_address", "data", "gateway", "metrics"}
         if extra:
             raise InvalidArgument(f"{path}: [nodes.{name}] has unknown setting(s) "
                                   f"{', '.join(sorted(extra))}")
@@ -105,8 +107,12 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
         if gateway is not None and (not isinstance(gateway, str) or not gateway):
             raise InvalidArgument(f"{path}: [nodes.{name}] gateway must look like "
                                   f"\"127.0.0.1:8080\", got {gateway!r}")
+        metrics = table.get("metrics")
+        if metrics is not None and (not isinstance(metrics, str) or not metrics):
+            raise InvalidArgument(f"{path}: [nodes.{name}] metrics must look like "
+                                  f"\"127.0.0.1:9100\", got {metrics!r}")
         out[name] = {"address": address, "peer_address": peer_address, "data": data,
-                     "gateway": gateway}
+                     "gateway": gateway, "metrics": metrics}
     return shards, out
 
 
@@ -236,6 +242,13 @@ def node_gateway(path: str, node_id: str) -> str | None:
     the node (``kvstore.gateway.serve.spawn``), or None."""
     _shards, nodes = parse_cluster(read_toml(path), path)
     return nodes[node_id]["gateway"] if node_id in nodes else None
+
+
+def node_metrics(path: str, node_id: str) -> str | None:
+    """``[nodes.NAME] metrics``: where ``kvstore-server`` serves its Prometheus metrics and
+    health (``kvstore.ops.http``), or None."""
+    _shards, nodes = parse_cluster(read_toml(path), path)
+    return nodes[node_id]["metrics"] if node_id in nodes else None
 
 
 def cluster_addresses(path: str) -> list:

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from kvstore.commands import LOCKED, STALE, LeaseExpire, TwoPC, client_command, command_wire, encode_client_command, session_of
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key
 from kvstore.machine.twopc import bound_client_2pc
+from kvstore.node.stats import OP_INDEX
 from kvstore.paxos.replica import NotLeader
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
+from kvstore.txn import TxnPrepare
 
 #: Requests a node keeps waiting at most; beyond, new ones are told to retry.
 WAITING_MAX = 100_000
@@ -65,6 +67,7 @@ class Forwarded:
     request_id: int
     since: float
     to: int  # the peer it was forwarded to: only its answer counts
+    op: str  # counted (``NodeStats``) when its answer comes back
 
 
 class Intake:
@@ -72,16 +75,19 @@ class Intake:
 
     def _on_request(self, identity: bytes, request_id: int, op: str, args: list) -> None:
         if self._stopping:
+            self.stats.count(op, wire.STATUS_RETRY)
             self._reply(identity, request_id, wire.STATUS_RETRY, "stopping")
             return
         try:
             if op == wire.OP_HELLO or op == wire.OP_STATUS:
+                self.stats.count(op, wire.STATUS_OK)
                 self._reply(identity, request_id, wire.STATUS_OK, self.status())
                 return
             if op == wire.OP_WATCH:  # bounded on its own (kvstore.node.watching)
                 self._on_watch(identity, request_id, args)
                 return
             if len(self.waiting_writes) + len(self.waiting_reads) >= WAITING_MAX:
+                self.stats.count(op, wire.STATUS_RETRY)
                 self._reply(identity, request_id, wire.STATUS_RETRY, "overloaded")
                 return
             if op == wire.OP_WRITE:
@@ -92,6 +98,7 @@ class Intake:
                 self._on_read(identity, request_id, op, args)
         except (ValueError, TypeError) as e:
             name = type(e).__name__ if type(e).__name__ == "InvalidArgument" else "InvalidArgument"
+            self.stats.count(op, wire.STATUS_ERROR)
             self._reply(identity, request_id, wire.STATUS_ERROR, [name, str(e)[:500]])
 
     def _shard_arg(self, v) -> int:
@@ -106,9 +113,11 @@ class Intake:
         forwardable = type(identity) is bytes or identity[0] == "self"
         if forwardable and hint is not None and hint != self.index:
             forward_id = next(self._tokens)
-            self._forwarded[forward_id] = Forwarded(identity, request_id, self.clock.monotonic(), hint)
+            self._forwarded[forward_id] = Forwarded(identity, request_id, self.clock.monotonic(),
+                                                    hint, op)
             self._forward_out[hint].append((forward_id, op, args))
             return
+        self.stats.count(op, wire.STATUS_NOT_LEADER)
         self._reply(identity, request_id, wire.STATUS_NOT_LEADER, hint)
 
     def _on_forwarded(self, frm: int, replies: list) -> None:
@@ -118,9 +127,18 @@ class Intake:
                 continue  # not an answer to a request this incarnation sent that peer
             del self._forwarded[forward_id]
             if status == wire.STATUS_OK:
+                self._timed(w.op, w.since)
+                self.stats.count(w.op, wire.STATUS_OK_FORWARDED)
                 self._reply(w.identity, w.request_id, wire.STATUS_OK_FORWARDED, [value, frm])
             else:
+                self.stats.count(w.op, status)  # one of wire.STATUSES (wire.decode checked)
                 self._reply(w.identity, w.request_id, status, value)
+
+    def _timed(self, op: str, since: float) -> None:
+        """A request answered after a wait (a forward): its latency observed."""
+        latency = self.stats.latency.get(op)
+        if latency is not None:
+            latency.observe(self.clock.monotonic() - since)
 
     def _check_keys_in_shard(self, shard: int, keys) -> None:
         if self.nshards == 1:
@@ -150,6 +168,8 @@ class Intake:
                                        int(self.clock.time() * 1000), _internal(identity))
             if bounded is not command:
                 write = write._replace(command=bounded)
+            if type(bounded.entry) is TxnPrepare:
+                self.stats.txn_prepares += 1
         elif type(command) is LeaseExpire and not _internal(identity):
             raise ValueError("a LeaseExpire is written by the shard leader only (revoke a "
                              "lease with LeaseRevoke)")
@@ -238,6 +258,9 @@ class Intake:
         waiting = self.waiting_writes
         if not waiting:
             return
+        now = self.clock.monotonic()
+        latency = self.stats.latency[wire.OP_WRITE]
+        ok = self.stats.requests[OP_INDEX[wire.OP_WRITE]]
         for _shard, slot, key, result in results:
             w = waiting.pop(key, None)
             if w is not None and result is not STALE:
@@ -245,8 +268,12 @@ class Intake:
                 # than its first application, whose effect the state at it contains
                 self._reply(w.identity, w.request_id, wire.STATUS_OK,
                             [result, slot + 1] if w.want_revision else result)
+                ok[wire.STATUS_OK] += 1
+                latency.observe(now - w.since)
 
     def _serve_reads(self, tokens: list) -> None:
+        now = self.clock.monotonic()
+        stats = self.stats
         for token in tokens:
             w = self.waiting_reads.pop(token, None)
             if w is None:
@@ -258,6 +285,7 @@ class Intake:
             if op == wire.OP_GET:
                 found = self.storage.get(shard, args[1])
                 if found is LOCKED:  # a prepared transaction writes it: its value may change
+                    stats.count(op, wire.STATUS_RETRY)
                     self._reply(identity, request_id, wire.STATUS_RETRY, LOCKED)
                     continue
                 result = [found[0], found[1]] if args[2] else found[0]
@@ -265,6 +293,7 @@ class Intake:
             else:
                 rows = self.storage.scan(shard, args[1], args[2], args[3])
                 if rows is LOCKED:
+                    stats.count(op, wire.STATUS_RETRY)
                     self._reply(identity, request_id, wire.STATUS_RETRY, LOCKED)
                     continue
                 result = ([[k, v, rev] for k, v, rev in rows] if args[4]
@@ -273,6 +302,8 @@ class Intake:
             if client:
                 self.sockets.charge(identity, size)
             self._reply(identity, request_id, wire.STATUS_OK, result)
+            stats.count(op, wire.STATUS_OK)
+            stats.latency[op].observe(now - w.since)
 
     def _answer_dropped(self, shard: int, rd) -> None:
         hint = self.replicas[shard].leader_hint
@@ -282,10 +313,12 @@ class Intake:
             self._decoded.forget(raw)
             w = self.waiting_writes.pop(session_of(raw), None)
             if w is not None:
+                self.stats.count(wire.OP_WRITE, status)
                 self._reply(w.identity, w.request_id, status, value)
         for token in rd.dropped_reads:
             w = self.waiting_reads.pop(token, None)
             if w is not None:
+                self.stats.count(w.op, status)
                 self._reply(w.identity, w.request_id, status, value)
 
     def _fail_waiting_writes(self, shard: int, hint) -> None:
@@ -298,6 +331,7 @@ class Intake:
         for key, w in list(self.waiting_writes.items()):
             if w.shard == shard:
                 del self.waiting_writes[key]
+                self.stats.count(wire.OP_WRITE, wire.STATUS_NOT_LEADER)
                 self._reply(w.identity, w.request_id, wire.STATUS_NOT_LEADER, hint)
 
     def _expire_waiting(self, now: float) -> None:

@@ -89,6 +89,7 @@ from kvstore.node.intake import Intake
 from kvstore.node.leases import LeaseExpiry
 from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
 from kvstore.node.resolver import RESOLVE_EVERY_SECONDS, Resolver
+from kvstore.node.stats import PUBLISH_EVERY_SECONDS, NodeStats, view
 from kvstore.node.watching import DEFAULT_HISTORY_BYTES, Watching
 from kvstore.machine.replica import ReplicaStorage, ShardWrite, check_snapshot_data
 from kvstore.node.storage import WalReplicaStorage
@@ -182,6 +183,11 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
         self.storage = storage or WalReplicaStorage(config.data_dir, config.shards)
         self.nshards = self.storage.nshards
         self.counters: Counter = Counter()
+        self.stats = NodeStats(self.nshards)  # requests, latencies, leader changes (stats.py)
+        #: ``publish(view)``: called by the loop every ``PUBLISH_EVERY_SECONDS`` with a copy
+        #: of its stats and status (``kvstore-server --metrics``); None: nothing published.
+        self.publish = None
+        self._next_publish = 0.0
         try:
             self.replicas = [self._make_replica(s) for s in range(self.nshards)]
             names = config.names
@@ -320,6 +326,11 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
             if now >= self._next_reload:  # a client key added to or revoked from clients/
                 self._next_reload = now + RELOAD_KEYS_SECONDS
                 self.sockets.reload_keys()
+            if now >= self._next_publish:  # the stats' window rolls; a copy goes out
+                self._next_publish = now + PUBLISH_EVERY_SECONDS
+                self.stats.roll(now)
+                if self.publish is not None:
+                    self.publish(view(self, now))
         self._drive()
         self._flush_replies()
 
@@ -356,6 +367,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
                 continue
             kind = body[0]
             if role == CLIENT:
+                self.stats.clients.add(identity)
                 if kind == wire.REQUEST or kind == wire.REQUESTS:
                     for request_id, op, args in ([body[1:]] if kind == wire.REQUEST else body[1]):
                         self._on_request(identity, request_id, op, args)
@@ -512,6 +524,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
             for s, rd in readies:
                 replicas[s].advance(rd)
                 if rd.snapshot is not None:
+                    self.stats.snapshots_installed[s] += 1
                     log.info("shard %d: installed a snapshot through slot %d from the leader",
                              s, rd.snapshot.index,
                              extra={"event": "snapshot_installed", "node": self.name, "shard": s,
@@ -537,6 +550,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
                 index = r.applied_index
                 data = self.storage.snapshot_data(s)
                 r.compact(index, data)
+                self.stats.snapshots_taken[s] += 1
                 log.info("shard %d: snapshot through slot %d (%d bytes)", s, index, len(data),
                          extra={"event": "snapshot", "node": self.name, "shard": s,
                                 "index": index, "bytes": len(data)})
@@ -569,6 +583,8 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
             if now == before:
                 continue
             self._roles[s] = now
+            if now[1] is not None and now[1] != before[1]:
+                self.stats.leader_changes[s] += 1
             leader = None if now[1] is None else self.config.names[now[1]]
             event = "elected" if now[0] == LEADER else "leader_change"
             log.info("shard %d: %s%s (ballot %s)", s,
@@ -603,7 +619,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
                      "leader": None if hint is None else names[hint],
                      "leader_index": hint, "commit_index": r.commit_index,
                      "applied_index": r.applied_index, "ballot": format_ballot(r.promised),
-                     "state": state, "recovery_phase": st["recovering"]}
+                     "state": state, "recovery_phase": st["recovering"], "behind": st["behind"]}
             if "match" in st:
                 shard["followers"] = {names[i]: m for i, m in enumerate(st["match"])}
             shards.append(shard)

@@ -60,10 +60,13 @@ class Resolver:
         self.counters["txn_decide_requests"] += 1
 
         def recorded(outcome) -> None:
+            self.stats.count(wire.OP_DECIDE, wire.STATUS_OK)
+            self.stats.txn_decisions["abort" if outcome == ABORT else "commit"] += 1
             self._reply(identity, request_id, wire.STATUS_OK, outcome)
             self._resolve_everywhere(decision.txn_id, outcome, participants)
 
         def failed(status: int, value) -> None:
+            self.stats.count(wire.OP_DECIDE, status)
             self._reply(identity, request_id, status, value)
 
         self._own_write(shard, two_pc(decision), recorded, failed)

@@ -245,6 +245,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         self.trace: list | None = None  # a driver may set a list to collect state changes
         # Snapshot transfers this node sends (any role): receiver -> _SnapshotOut.
         self.snapshots_out: dict = {}
+        self.snapshots_sent = 0  # transfers started (a count for the operator's metrics)
         # Campaign nonce: a Promise counts only if it echoes the Prepare's (see messages).
         self.campaign_context = 0
         # Wiped nodes ("Wiped nodes" in the module docstring). A node whose durable promise is 0

@@ -50,6 +50,7 @@ class SnapshotTransfer:
         if out is not None and out.index == self.snapshot_index:
             return  # under way: its own timer resends
         self.snapshots_out[to] = _SnapshotOut(self.snapshot_index, self.snapshot_data, ballot, self.ticks)
+        self.snapshots_sent += 1
         self._pump_snapshot(to)
 
     def _pump_snapshot(self, to: int) -> None:

@@ -95,7 +95,10 @@ class LocalCluster:
     def __init__(self, directory: str, nodes: int = 3, shards: int = 1, *,
                  log_format: str = "text", env: dict | None = None,
                  python: str = sys.executable, tuning: dict | None = None,
-                 keys: str | None = None, port_base: int | None = None) -> None:
+                 keys: str | None = None, port_base: int | None = None,
+                 metrics: bool = False) -> None:
+        """``metrics=True``: each node also serves ``/metrics``, ``/healthz`` and
+        ``/readyz`` on a free port of 127.0.0.1 (``metrics_addresses``: name -> HOST:PORT)."""
         from kvstore.node.config import MAX_SHARDS
         if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 64:
             raise InvalidArgument(f"--nodes must be in 1..64, got {nodes}")
@@ -123,6 +126,8 @@ class LocalCluster:
             self.names = sorted(nodes_cfg)
             self.addresses = {n: nodes_cfg[n]["address"] for n in self.names}
             self.peer_addresses = {n: nodes_cfg[n]["peer_address"] for n in self.names}
+            self.metrics_addresses = {n: nodes_cfg[n]["metrics"] for n in self.names
+                                      if nodes_cfg[n]["metrics"]}
             first = self.addresses[self.names[0]]
             if port_base is not None and first != f"tcp://127.0.0.1:{port_base}":
                 raise InvalidArgument(f"{self.config_path} already names the ports of its "
@@ -138,6 +143,8 @@ class LocalCluster:
             self.addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in self.names}
             self.peer_addresses = {n: f"tcp://127.0.0.1:{free_port()}" for n in self.names}
         if not os.path.exists(self.config_path):
+            self.metrics_addresses = ({n: f"127.0.0.1:{free_port()}" for n in self.names}
+                                      if metrics else {})
             lines = [f"shards = {self.shards}", ""]
             if tuning:
                 lines += ["[tuning]"] + [f"{k} = {v}" for k, v in tuning.items()] + [""]
@@ -145,7 +152,10 @@ class LocalCluster:
                 lines += ["[security]", "curve = true", f'keys = "{os.path.abspath(keys)}"', ""]
             for n in self.names:
                 lines += [f"[nodes.{n}]", f'address = "{self.addresses[n]}"',
-                          f'peer_address = "{self.peer_addresses[n]}"', f'data = "{n}"', ""]
+                          f'peer_address = "{self.peer_addresses[n]}"', f'data = "{n}"']
+                if n in self.metrics_addresses:
+                    lines.append(f'metrics = "{self.metrics_addresses[n]}"')
+                lines.append("")
             with open(self.config_path, "w") as f:
                 f.write("\n".join(lines))
 

@@ -1,10 +1,10 @@
 """``kvstore-server --config cluster.toml --id n1 [--data DIR] [--log-format text|json]``.
 
 One cluster node as its own process (docs/operations.md). The code lives
-in the package, not in the top-level ``server/`` directory, so that the
+in the package, not in the top-level ``deploy/`` directory, so that the
 ``kvstore-server`` console script exists after a plain ``pip install .``;
-``server/`` holds what a deployment needs around it (an example config, a
-systemd unit).
+``deploy/`` holds what a deployment needs around it (an example config, a
+systemd unit, a container image, compose and Kubernetes files, a Grafana dashboard).
 
 - SIGTERM or SIGINT: the node finishes its loop turn (persists, sends and
   answers what is decided), closes its sockets and its storage, exit 0.
@@ -26,6 +26,10 @@ systemd unit).
   with its own interpreter, so HTTP work never slows the node's loop; it reaches the
   node through the node's client address, stops with the node, and exits by itself if
   the node dies.
+- ``[nodes.NAME] metrics = "127.0.0.1:9100"`` (or ``--metrics ADDR``): the node also
+  serves Prometheus ``/metrics``, ``/healthz`` and ``/readyz`` there, from a thread that
+  reads only what the loop publishes every 0.1 s (``kvstore.ops.http``). The address is
+  bound before the node starts: a bad or taken one is the one-line refusal (exit 2).
 """
 
 from __future__ import annotations
@@ -52,10 +56,14 @@ _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"m
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the record's extras."""
+    """One JSON object per line: time (``ts``, seconds since the epoch, and ``time``, the
+    same in ISO 8601 UTC to the millisecond, for log shippers), level, logger, message,
+    and the record's extras."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 6), "level": record.levelname.lower(),
+        iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out = {"ts": round(record.created, 6), "time": f"{iso}.{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(),
                "logger": record.name, "msg": record.getMessage()}
         for k, v in vars(record).items():
             if k not in _STANDARD_ATTRS and not k.startswith("_"):
@@ -89,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway", metavar="HOST:PORT",
                    help="also serve the HTTP/JSON gateway here (overrides the config's "
                         "[nodes.NAME] gateway)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics, /healthz and /readyz here (overrides the "
+                        "config's [nodes.NAME] metrics; needs the metrics extra)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -124,15 +135,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_node_config(args.config, args.id, args.data)
         gateway_listen = _gateway_listen(args)
+        metrics = _metrics_server(args)
     except InvalidArgument as e:
         return _fail(str(e))
     setup_logging(args.log_format, args.log_level)
     try:
         node = Node(config)
     except (StorageError, InvalidArgument) as e:
+        _stop_metrics(metrics)
         return _fail(_naming(config.data_dir, e))
     except zmq.ZMQError as e:
+        _stop_metrics(metrics)
         return _fail(_bind_failure(config, e))
+    if metrics is not None:
+        node.publish = metrics.publish
+        metrics.start()
 
     def on_signal(signum, _frame) -> None:
         logging.getLogger("kvstore.server").info(
@@ -167,7 +184,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if gateway is not None:
             from kvstore.gateway.serve import stop
             stop(gateway)
+        _stop_metrics(metrics)
     return EXIT_OK
+
+
+def _metrics_server(args):
+    """The node's metrics and health server (``--metrics``, else the node's ``metrics``
+    setting), bound now with the rest of the config checks, or None."""
+    from kvstore.node.config import node_metrics
+    listen = args.metrics or node_metrics(args.config, args.id)
+    if not listen:
+        return None
+    from kvstore.ops.http import MetricsServer
+    try:
+        return MetricsServer(listen)
+    except InvalidArgument as e:
+        source = "--metrics" if args.metrics else f"{args.config}: [nodes.{args.id}] metrics"
+        raise InvalidArgument(f"{source}: {e}") from None
+
+
+def _stop_metrics(metrics) -> None:
+    if metrics is not None:
+        metrics.stop()
 
 
 def _gateway_listen(args) -> str | None:

@@ -19,7 +19,11 @@ Checks (``WatchChecks``), after every answer and at the end:
   reference every later one must equal);
 - **from the log**: every event is the write of a command in the batch chosen
   at that slot (noted as each node's save applies it: ``note_entry``);
-- **complete**: every write a register client saw acknowledged reaches every
+- **the bank's**: an account's event is a committed write (``Ledger.read``: one of a
+  transfer whose abort was recorded is a dirty read), and counts as seen for the
+  ledger's atomicity checks;
+- **complete**: every write a register client saw acknowledged, and every write of
+  a transfer that committed, reaches every
   watcher that covered its shard without a gap (a gap: every node had
   compacted the revision asked for; the watcher then moves to the oldest one
   any node still has, and that shard is no longer checked for completeness);
@@ -136,12 +140,18 @@ class Watcher:
     def deliver(self, shard: int, revision: int, change) -> None:
         kind, key, value, _prev = change
         self.delivered += 1
-        if kind == PUT and value is not None and self.sim.is_register_value(key, value):
-            seen = self.seen_values[shard]
-            if value in seen:
-                raise WatchFailure(f"watcher {self.index}: the write of {value!r} to {key!r} "
-                                   f"delivered twice (again at revision {revision})")
-            seen.add(value)
+        if kind != PUT or value is None:
+            return
+        ledger = self.sim.ledger
+        if ledger is not None and key in ledger.keys:
+            ledger.read(key, value)  # a committed write: an aborted transfer's is a dirty one
+        elif not self.sim.is_register_value(key, value):
+            return
+        seen = self.seen_values[shard]  # register values, and the bank's (balance:tag)
+        if (key, value) in seen:
+            raise WatchFailure(f"watcher {self.index}: the write of {value!r} to {key!r} "
+                               f"delivered twice (again at revision {revision})")
+        seen.add((key, value))
 
     def caught_up(self) -> bool:
         for shard, position in enumerate(self.position):
@@ -209,11 +219,21 @@ class WatchChecks:
                 value = op.args[1]
             else:
                 continue
-            shard = self.sim.shard_of(op.key)
-            for w in watchers:
-                if not w.gapped[shard] and value not in w.seen_values[shard]:
-                    raise WatchFailure(f"watcher {w.index} never received the acknowledged "
-                                       f"write of {value!r} to {op.key!r} (shard {shard})")
+            self.must_have_reached(watchers, op.key, value, "acknowledged write")
+        ledger = self.sim.ledger
+        if ledger is not None:  # and every write of every transfer that committed
+            for tag, writes in ledger.writes.items():
+                if ledger.outcome.get(tag) == "committed":
+                    for key, value in writes.items():
+                        self.must_have_reached(watchers, key, value,
+                                               f"committed transfer {tag}'s write")
+
+    def must_have_reached(self, watchers: list, key: bytes, value: bytes, what: str) -> None:
+        shard = self.sim.shard_of(key)
+        for w in watchers:
+            if not w.gapped[shard] and (key, value) not in w.seen_values[shard]:
+                raise WatchFailure(f"watcher {w.index} never received the {what} of "
+                                   f"{value!r} to {key!r} (shard {shard})")
 
 
 __all__ = ["Watcher", "WatchChecks", "WatchFailure"]

@@ -25,6 +25,7 @@ import weakref
 from typing import Callable, Sequence
 
 from kvstore.errors import StorageError
+from kvstore.ops.histogram import CHECKPOINT_BUCKETS, Histogram
 from kvstore.storage.environment import (META_APPLIED, META_COMMIT, META_LOG_CLOSED,
                                          META_LOG_POSITION, ShardTables, pack_u64)
 from kvstore.storage.overlay import Overlay
@@ -97,6 +98,7 @@ class Checkpointer:
         self.error: StorageError | None = None  # the last checkpoint's, until one succeeds
         self.checkpoints = 0
         self.last_seconds = 0.0
+        self.latency = Histogram(CHECKPOINT_BUCKETS)  # seconds per checkpoint (one writer)
         self._since = time.monotonic()  # when the thread's last round started
 
     def start(self) -> None:
@@ -157,6 +159,7 @@ class Checkpointer:
         self.error = None
         self.checkpoints += 1
         self.last_seconds = time.perf_counter() - started
+        self.latency.observe(self.last_seconds)
         self._after(position)
 
     def wait_for_room(self) -> None:

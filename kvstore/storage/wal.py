@@ -73,11 +73,13 @@ import errno
 import os
 import struct
 import threading
+import time
 from typing import Iterator, NamedTuple, Sequence
 
 from kvstore import _native
 from kvstore._native import RECORD_HEADER_SIZE
 from kvstore.errors import CorruptRecord, InvalidArgument, StorageError
+from kvstore.ops.histogram import FSYNC_BUCKETS, Histogram
 from kvstore.storage import legacy
 from kvstore.storage.environment import translate
 
@@ -309,6 +311,8 @@ class WriteAheadLog:
         self._closed = False
         self._base = 0  # where the first segment starts when there is none
         self.appends = 0  # groups appended (one fdatasync each), for tests and benchmarks
+        self.appended_bytes = 0  # bytes appended since open (the node's metrics)
+        self.sync_latency = Histogram(FSYNC_BUCKETS)  # seconds per append's fdatasync
 
     @classmethod
     def open(cls, path: str, files=None, segment_bytes: int = DEFAULT_SEGMENT_BYTES
@@ -452,14 +456,22 @@ class WriteAheadLog:
             try:
                 self._files.pwrite(self._fd, data, offset)
                 if sync:
+                    started = time.perf_counter()
                     self._files.fdatasync(self._fd)
+                    self.sync_latency.observe(time.perf_counter() - started)
             except OSError as e:
                 self._failed = translate(e, segment.path, "appending to the log")
                 self._erase(data, offset)
                 raise self._failed from e
             segment.end = position
             self.appends += 1
+            self.appended_bytes += total
             return position
+
+    def size_bytes(self) -> int:
+        """Bytes of records the log holds now, over its live segments (any thread)."""
+        with self._lock:
+            return sum(seg.end - seg.start for seg in self._segments)
 
     def _erase(self, data: bytes, offset: int) -> None:
         """Zero (and sync) what a failed append may have left in the page cache, best
