@@ -32,6 +32,7 @@ from kvstore.client.kv import parse_addresses
 from kvstore.errors import KVError, Unavailable
 from kvstore.gateway.errors import error_response
 from kvstore.gateway.routes import ROUTES
+from kvstore.gateway.watch import WatchCount
 
 log = logging.getLogger("kvstore.gateway")
 
@@ -86,10 +87,16 @@ class ClusterLink:
 MAX_REQUESTS_IN_FLIGHT = 128
 
 
+#: Paths that never wait for a slot: the liveness probe, and watch streams (they last
+#: as long as their client wants; ``watch.MAX_WATCHES`` bounds them instead).
+UNLIMITED_PATHS = ("/healthz", "/v1/watch")
+
+
 class InFlightLimit:
     """ASGI middleware: at most ``limit`` requests past it at once, the others queued in
     arrival order (backpressure, not a refusal). ``/healthz`` never waits, so a busy
-    gateway is not taken for a dead one."""
+    gateway is not taken for a dead one; nor does a watch stream, which would hold its
+    slot for as long as it lasts."""
 
     def __init__(self, app, limit: int = MAX_REQUESTS_IN_FLIGHT) -> None:
         self.app = app
@@ -97,7 +104,7 @@ class InFlightLimit:
         self._slots: asyncio.Semaphore | None = None  # made on the server's event loop
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/healthz":
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
         if self._slots is None:
@@ -119,6 +126,7 @@ def create_app(cluster: str | list, timeout: float = 5.0, keys: str | None = Non
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.link = link
+        app.state.watches = WatchCount()
         retrying = None
         if not await link.connect():
             retrying = asyncio.create_task(link.keep_connecting())
