@@ -203,7 +203,7 @@ class WatchStream(Response):
         self.sse, self.prev_value = spec.sse, spec.prev_value
         self.status_code = 200
         self.background = None
-        self.media_type = SSE_TYPE if sse else NDJSON_TYPE
+        self.media_type = SSE_TYPE if self.sse else NDJSON_TYPE
         self.init_headers({"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope, receive, send) -> None:
@@ -218,7 +218,9 @@ class WatchStream(Response):
                 for task in (pump, left):
                     task.cancel()
                 await asyncio.gather(pump, left, return_exceptions=True)
-            if pump.done() and not pump.cancelled() and pump.exception() is None:
+            if pump.done() and not pump.cancelled():
+                if pump.exception() is not None:  # a bug: the stream cannot say it any more
+                    log.error("a watch stream failed", exc_info=pump.exception())
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.w.close()
@@ -237,9 +239,7 @@ class WatchStream(Response):
             if event is not None:
                 if position.take(event):
                     await line(event.type, _event_doc(event, self.prev_value), position.after(w.position))
-            elif w.closed:
-                return
-            else:
+            else:  # PROGRESS_SECONDS without an event (only this stream closes the watch)
                 await line("progress", {"progress": True}, position.after(w.position))
             try:
                 event = await w.get(timeout=PROGRESS_SECONDS)
