@@ -11,6 +11,7 @@ that changes nothing. Every wait is bounded; every process is stopped at teardow
 from __future__ import annotations
 
 import json
+import time
 from urllib.parse import quote
 
 import httpx
@@ -38,6 +39,7 @@ def gateway(tmp_path_factory):
         lc.start_all()
         lc.wait_ready()
         gw = Gateway(lc.address_list, directory / "gateway.log")
+        gw.addresses = lc.address_list
         yield gw
     finally:
         if gw is not None:
@@ -220,6 +222,37 @@ def test_watch_from_a_compacted_revision_is_410_naming_the_oldest(gateway, http)
     body = r.json()
     assert body["error"] == "Compacted" and "oldest" in body["message"]
     assert set(body["oldest"]) <= {"0", "1"} and all(v > 1 for v in body["oldest"].values())
+
+
+def test_closing_the_connection_ends_the_watch(gateway, tmp_path):
+    """With room for two streams, a third is a 503 until one of the two is cut: the cut
+    ends that watch (even an idle one, waiting for events) and frees its place."""
+    small = Gateway(gateway.addresses, tmp_path / "small.log", extra_args=["--max-watches", "2"])
+    try:
+        with small.client() as c1, small.client() as c2, small.client() as http:
+            s1, s2 = Stream(c1, "prefix=w6/"), Stream(c2, "key=w6/k")
+            try:
+                assert s1.next()["created"] and s2.next()["created"]
+                r = http.get("/v1/watch?prefix=w6/")
+                assert_error(r, 503, "Unavailable")
+                assert "MAX_WATCHES" in r.json()["message"]
+                assert http.get("/v1/status").status_code == 200  # other routes still serve
+                s1.close()
+                deadline = time.monotonic() + 30
+                while True:
+                    with http.stream("GET", "/v1/watch?prefix=w6/") as r:
+                        if r.status_code == 200:
+                            break
+                    assert r.status_code == 503 and time.monotonic() < deadline
+                    time.sleep(0.05)  # the gateway notices the cut on its own time
+                put(http, b"w6/k", b"still")  # the stream left open is still served
+                assert event(s2.next_event()) == ("put", b"w6/k", b"still")
+            finally:
+                s1.close()
+                s2.close()
+    finally:
+        small.close()
+    assert "Traceback" not in small.log() and "ERROR" not in small.log(), small.log()
 
 
 # -- leases and ttls -------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from kvstore.client.kv import parse_addresses
 from kvstore.errors import KVError, Unavailable
 from kvstore.gateway.errors import error_response
 from kvstore.gateway.routes import ROUTES
-from kvstore.gateway.watch import WatchCount
+from kvstore.gateway.watch import MAX_WATCHES, WatchCount
 
 log = logging.getLogger("kvstore.gateway")
 
@@ -117,16 +117,19 @@ async def _on_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-def create_app(cluster: str | list, timeout: float = 5.0, keys: str | None = None) -> Starlette:
+def create_app(cluster: str | list, timeout: float = 5.0, keys: str | None = None,
+               max_watches: int | None = None) -> Starlette:
     """The gateway over the cluster at ``cluster`` (addresses as ``kvstore.connect`` takes
     them, checked now: ``InvalidArgument``); each call waits at most ``timeout`` seconds
-    for the cluster (then 504)."""
+    for the cluster (then 504); at most ``max_watches`` watch streams at once (default
+    ``watch.MAX_WATCHES``)."""
     link = ClusterLink(parse_addresses(cluster), timeout, keys)
+    watches = WatchCount(MAX_WATCHES if max_watches is None else max_watches)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.link = link
-        app.state.watches = WatchCount()
+        app.state.watches = watches
         retrying = None
         if not await link.connect():
             retrying = asyncio.create_task(link.keep_connecting())

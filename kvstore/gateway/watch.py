@@ -155,6 +155,8 @@ class WatchCount:
     """The watch streams open in this process, bounded by ``MAX_WATCHES``."""
 
     def __init__(self, limit: int = MAX_WATCHES) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidArgument(f"--max-watches must be a positive integer, got {limit!r}")
         self.limit = limit
         self.open = 0
 
