@@ -43,6 +43,10 @@ PROGRESS_SECONDS = 5.0
 #: With a start revision or position, how long the answer's headers wait for the first
 #: event: a ``Compacted`` found by then is a 410; later, it ends the stream (an error line).
 FIRST_ANSWER_SECONDS = 2.0
+#: Bytes of events one poll of a stream's watch asks for: what a stream buffers per shard
+#: beyond the socket's buffer and the line being written (a revision bigger than this
+#: comes whole). The client's default (1 MiB) times thousands of slow readers is too much.
+POLL_BYTES = 64 * 1024
 #: Watch streams open at once in one gateway process; over it a new one is a 503. They
 #: do not take the request slots (``app.MAX_REQUESTS_IN_FLIGHT``): they last.
 MAX_WATCHES = 4096
@@ -181,7 +185,7 @@ async def watch(request: Request) -> Response:
     try:
         start = spec.start_revision if spec.position is None else spec.position.revisions
         w = db.watch(key=spec.key, prefix=spec.prefix, start_revision=start,
-                     prev_value=spec.prev_value)
+                     prev_value=spec.prev_value, max_bytes=POLL_BYTES)
         await w.started()
         position = spec.position or Position({}, {})
         first = None
