@@ -143,7 +143,8 @@ def test_watch_of_one_key_and_from_a_revision(gateway, http):
         # From a revision: the history replays it (the write before the watch existed).
         s = Stream(reader, f"key=w2/k&start_revision={first['revision']}")
         try:
-            assert s.next()["created"]
+            assert s.next() == {"created": True,
+                                "position": f"{first['shard']}:{first['revision']}"}
             assert event(s.next_event()) == ("put", b"w2/k", b"new")
         finally:
             s.close()

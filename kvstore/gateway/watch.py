@@ -188,10 +188,11 @@ async def watch(request: Request) -> Response:
                      prev_value=spec.prev_value, max_bytes=POLL_BYTES)
         await w.started()
         position = spec.position or Position({}, {})
+        created = position.after(w.position)
         first = None
         if start is not None:  # a revision the cluster may no longer keep: know it now
             first = await w.get(timeout=FIRST_ANSWER_SECONDS)
-        return WatchStream(w, position, first, spec, count)
+        return WatchStream(w, position, created, first, spec, count)
     except BaseException:
         if w is not None:
             w.close()
@@ -203,9 +204,10 @@ class WatchStream(Response):
     """The streamed answer: the ``created`` line, then events and ``progress`` lines, and
     an error line if the watch fails; ends (closing the watch) when the client leaves."""
 
-    def __init__(self, w, position: Position, first, spec: WatchRequest,
+    def __init__(self, w, position: Position, created: str, first, spec: WatchRequest,
                  count: WatchCount) -> None:
         self.w, self.position, self.first, self.count = w, position, first, count
+        self.created = created  # the position before ``first``, the event already taken
         self.sse, self.prev_value = spec.sse, spec.prev_value
         self.status_code = 200
         self.background = None
@@ -239,16 +241,16 @@ class WatchStream(Response):
             await send({"type": "http.response.body", "body": self._line(kind, doc, pos),
                         "more_body": True})
 
-        await line("created", {"created": True}, position.after(w.position))
+        await line("created", {"created": True}, self.created)
         event = self.first
         while True:
-            if event is not None:
-                if position.take(event):
-                    await line(event.type, _event_doc(event, self.prev_value), position.after(w.position))
-            else:  # PROGRESS_SECONDS without an event (only this stream closes the watch)
-                await line("progress", {"progress": True}, position.after(w.position))
+            if event is not None and position.take(event):
+                await line(event.type, _event_doc(event, self.prev_value),
+                           position.after(w.position))
             try:
                 event = await w.get(timeout=PROGRESS_SECONDS)
+                if event is None:  # that long without one (only this stream closes the watch)
+                    await line("progress", {"progress": True}, position.after(w.position))
             except KVError as e:  # Compacted after the headers, the client closed...
                 status, doc = describe_error(e)
                 await line("failure", dict(doc, status=status), position.after(w.position))
