@@ -143,8 +143,12 @@ class KV(abc.ABC):
 
     @abc.abstractmethod
     def cas(self, key: bytes | str, expected: bytes | str | None,
-            new: bytes | str | None) -> bool:
-        """Set ``key`` to ``new`` if it holds ``expected`` (None: absent / delete)."""
+            new: bytes | str | None, *, lease=None) -> bool:
+        """Set ``key`` to ``new`` if it holds ``expected`` (None: absent / delete).
+        ``lease`` (a ``Lease`` or its id): the new value lives as long as that lease, as
+        with ``put(..., lease=)`` (``LeaseExpired`` if it is gone: nothing compared or
+        written); ``cas(key, None, value, lease=lease)`` creates a key only if absent,
+        held by the lease, in one command (``kvstore.recipes.Lock``)."""
 
     @abc.abstractmethod
     def incr(self, key: bytes | str, delta: int = 1) -> int:

@@ -326,6 +326,11 @@ def _cmd_check(db, args) -> int:
     return 0
 
 
+def _cmd_lock(db, args) -> int:
+    from kvstore.recipes.command import run_locked
+    return run_locked(db, args.name, args.ttl, args.wait, args.argv)
+
+
 def _cmd_demo(args) -> int:
     from kvstore.embedded.demo import run_demo
     return run_demo(args.data if args.data != DEFAULT_DATA else None)
@@ -498,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="watch streams open at once; more are refused 503 (default 4096)")
     p.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(fn=None)
+    from kvstore.recipes.command import add_lock_parser
+    add_lock_parser(sub, common).set_defaults(fn=_cmd_lock)
     p = sub.add_parser("demo", parents=[common],
                        help="show the store working: writes, reads, transactions, threads")
     p.set_defaults(fn=None)
@@ -509,7 +516,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     (``cas KEY --absent NEW``): argparse leaves the values after a flag over, and they
     are ``cas``'s; anything left over by another command is an error."""
     parser = build_parser()
+    from kvstore.recipes.command import split_lock_command
+    argv, command = split_lock_command(list(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
+    if command is not None:  # ``lock NAME [options] -- COMMAND...``
+        if args.command != "lock" or args.argv:
+            parser.error(f"unrecognized arguments: {' '.join(args.argv + ['--'] + command)}")
+        args.argv = command
     if extra and args.command == "cas" and not any(e.startswith("-") for e in extra):
         args.values += extra
     elif extra:

@@ -28,7 +28,9 @@ in-memory form is typed. Build them with the constructors (``put``, ``delete``,
   where decoded): ``LeaseGrant(op, id, ttl_ms)`` -> True, ``LeaseKeepAlive(op, id)`` ->
   bool, ``LeaseRevoke(op, id)`` -> keys deleted or False, ``PutLease(op, key, value, id)``
   -> None or ``NO_LEASE``, ``PutTTL(op, key, value, ttl_ms)`` -> None, ``LeaseExpire(op,
-  id, refreshed_revision)`` -> keys deleted or False (a shard leader's; never a client's).
+  id, refreshed_revision)`` -> keys deleted or False (a shard leader's; never a client's),
+  ``CasLease(op, key, expected, new, id)`` -> bool or ``NO_LEASE`` (a cas whose new value
+  lives with the lease: the lock recipe's "create if absent, held by my lease").
 
 A cluster node logs each client write inside its session (``ClientCommand``:
 client id, seq, floor, command; ``kvstore.machine.replica`` applies it at most
@@ -43,6 +45,9 @@ Results that are not values (``Result``) are here too: a client tells ``LOCKED``
 apart without importing the server's state machine.
 
 Never pickle: log payloads come back from disk and, in a cluster, from peers.
+
+Long module: the vocabulary is one list, every command's record, constructor and
+decoding side by side, so that an op is added (and reviewed) in one place.
 """
 
 from __future__ import annotations
@@ -71,9 +76,10 @@ OP_LEASE_REVOKE = 10
 OP_PUT_LEASE = 11
 OP_PUT_TTL = 12
 OP_LEASE_EXPIRE = 13
+OP_CAS_LEASE = 14
 #: The lease commands (``kvstore.machine.leases`` applies them).
 LEASE_OPS = frozenset((OP_LEASE_GRANT, OP_LEASE_KEEPALIVE, OP_LEASE_REVOKE, OP_PUT_LEASE,
-                       OP_PUT_TTL, OP_LEASE_EXPIRE))
+                       OP_PUT_TTL, OP_LEASE_EXPIRE, OP_CAS_LEASE))
 
 #: A lease's time to live, in ms: 1 ms .. 365 days (a longer one is no lease; a forged
 #: one is refused where it enters, never logged).
@@ -267,6 +273,28 @@ class PutTTL(NamedTuple):
     ttl_ms: int
 
 
+class CasLease(NamedTuple):
+    """A cas whose new value lives as long as lease ``lease_id`` -> bool (swapped), or
+    ``NO_LEASE`` (the lease is gone: nothing compared, nothing written). ``new`` None
+    deletes (the lease is then only checked). The lock recipe's "create only if absent,
+    held by my lease" in one command (``kvstore.recipes``)."""
+
+    op: int
+    key: bytes
+    expected: bytes | None
+    new: bytes | None
+    lease_id: int
+
+    def keys(self) -> list:
+        return [self.key]
+
+    def check_sizes(self) -> None:
+        check_key(self.key)
+        for v in (self.expected, self.new):
+            if v is not None:
+                check_value(v)
+
+
 class LeaseExpire(NamedTuple):
     """Written by the shard leader (never a client): end lease ``lease_id`` unless it was
     refreshed since ``refreshed_revision`` -> the number of keys deleted, or False."""
@@ -290,7 +318,7 @@ for _lease_command in (PutLease, PutTTL):  # a put's key and value, with a lease
     _lease_command.keys, _lease_command.check_sizes = Put.keys, Put.check_sizes
 
 Command = Union[Put, Delete, Cas, Incr, Txn, TxnWrites, TwoPC, LeaseGrant, LeaseKeepAlive,
-                LeaseRevoke, PutLease, PutTTL, LeaseExpire]
+                LeaseRevoke, PutLease, PutTTL, LeaseExpire, CasLease]
 
 
 def _check_writes(writes) -> None:
@@ -367,6 +395,11 @@ def put_lease(key: bytes, value: bytes, lease_id: int) -> PutLease:
 
 def put_ttl(key: bytes, value: bytes, ttl_ms: int) -> PutTTL:
     return PutTTL(OP_PUT_TTL, key, value, ttl_ms)
+
+
+def cas_lease(key: bytes, expected: bytes | None, new: bytes | None,
+              lease_id: int) -> CasLease:
+    return CasLease(OP_CAS_LEASE, key, expected, new, lease_id)
 
 
 def lease_expire(lease_id: int, refreshed_revision: int) -> LeaseExpire:
@@ -530,6 +563,10 @@ def _decode_lease_command(command: list) -> Command:
     if (op == OP_PUT_TTL and n == 4 and type(command[1]) is bytes
             and type(command[2]) is bytes and _is_ttl_ms(command[3])):
         return _new(PutTTL, command)
+    if (op == OP_CAS_LEASE and n == 5 and type(command[1]) is bytes
+            and (command[2] is None or type(command[2]) is bytes)
+            and (command[3] is None or type(command[3]) is bytes) and _is_lease_id(command[4])):
+        return _new(CasLease, command)
     if (op == OP_LEASE_EXPIRE and n == 3 and type(command[1]) is int
             and 1 <= command[1] <= LEASE_ID_ANY_MAX and type(command[2]) is int
             and 0 <= command[2] < 1 << 64):

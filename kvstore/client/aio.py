@@ -150,8 +150,9 @@ class AsyncKV:
     async def delete(self, key) -> bool:
         return bool(await self._call(*requests.delete(self._kv.nshards, key)))
 
-    async def cas(self, key, expected, new) -> bool:
-        return bool(await self._call(*requests.cas(self._kv.nshards, key, expected, new)))
+    async def cas(self, key, expected, new, *, lease=None) -> bool:
+        request = requests.cas(self._kv.nshards, key, expected, new, lease)
+        return requests.cas_result(request, await self._call(*request))
 
     async def incr(self, key, delta=1) -> int:
         request = requests.incr(self._kv.nshards, key, delta)

@@ -145,8 +145,9 @@ class ClusterKV(KV):
     def delete(self, key) -> bool:
         return bool(self._core.call(*requests.delete(self.nshards, key)))
 
-    def cas(self, key, expected, new) -> bool:
-        return bool(self._core.call(*requests.cas(self.nshards, key, expected, new)))
+    def cas(self, key, expected, new, *, lease=None) -> bool:
+        request = requests.cas(self.nshards, key, expected, new, lease)
+        return requests.cas_result(request, self._core.call(*request))
 
     def incr(self, key, delta=1) -> int:
         request = requests.incr(self.nshards, key, delta)

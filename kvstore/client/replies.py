@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from kvstore.commands import (LOCKED, NO_LEASE, NOT_INTEGER, OP_2PC, OP_INCR, OP_LEASE_REVOKE, OP_PUT,
                               OP_PUT_LEASE, OP_PUT_TTL, OVERFLOW, is_int64)
+from kvstore.commands import OP_CAS_LEASE
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT
 
@@ -111,6 +112,8 @@ def check_result(call, value):
             ok = value is None
         elif kind == OP_PUT_LEASE:  # or its lease was gone
             ok = value is None or value == NO_LEASE
+        elif kind == OP_CAS_LEASE:  # swapped, or its lease was gone
+            ok = type(value) is bool or value == NO_LEASE
         elif kind == OP_LEASE_REVOKE:  # the keys deleted, or False: unknown
             ok = value is False or (type(value) is int and value >= 0)
         elif kind == OP_INCR:  # the new value, or a refusal (not an integer, overflow)

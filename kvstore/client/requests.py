@@ -88,12 +88,26 @@ def delete(nshards: int, key) -> Request:
     return wire.OP_WRITE, shard_for(nshards, key), commands.delete(key)
 
 
-def cas(nshards: int, key, expected, new) -> Request:
+def cas(nshards: int, key, expected, new, lease=None) -> Request:
     """Set ``key`` to ``new`` if it holds ``expected`` (None: absent / delete): answered
-    True if it did."""
+    True if it did. With ``lease`` the new value lives as long as it (answered
+    ``NO_LEASE``, nothing compared or written, if it is gone: ``cas_result``)."""
     key = check_key(key)
-    return wire.OP_WRITE, shard_for(nshards, key), commands.cas(
-        key, check_optional_value(expected, "expected"), check_optional_value(new, "new"))
+    expected = check_optional_value(expected, "expected")
+    new = check_optional_value(new, "new")
+    shard = shard_for(nshards, key)
+    if lease is None:
+        return wire.OP_WRITE, shard, commands.cas(key, expected, new)
+    return wire.OP_WRITE, shard, commands.cas_lease(key, expected, new, lease_id_of(lease))
+
+
+def cas_result(request: Request, result) -> bool:
+    """A cas's answer: whether it swapped; ``LeaseExpired`` if its lease was gone."""
+    if result == commands.NO_LEASE:
+        command = request[2]
+        raise LeaseExpired(f"lease {command.lease_id} is gone (expired or revoked): "
+                           f"{command.key[:40]!r} was not compared nor written")
+    return bool(result)
 
 
 def incr(nshards: int, key, delta) -> Request:

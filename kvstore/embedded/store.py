@@ -38,9 +38,9 @@ import weakref
 
 from kvstore import _native
 from kvstore.api import KV
-from kvstore.commands import (NO_LEASE, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, check_delta,
-                              check_ttl, incr, incr_result, lease_grant, lease_keepalive,
-                              lease_revoke, put_lease, put_ttl)
+from kvstore.commands import (NO_LEASE, OP_CAS, OP_DELETE, OP_PUT, OP_TXN, cas_lease,
+                              check_delta, check_ttl, incr, incr_result, lease_grant,
+                              lease_keepalive, lease_revoke, put_lease, put_ttl)
 from kvstore.errors import (CorruptRecord, InvalidArgument, KVError, LeaseExpired, StorageError,
                             TransactionConflict)
 from kvstore.embedded.commit import commit_batch
@@ -304,12 +304,19 @@ class EmbeddedKV(KV):
         key = check_key(key)
         return self._submit((self._shard(key), (OP_DELETE, key)), len(key))
 
-    def cas(self, key, expected, new) -> bool:
+    def cas(self, key, expected, new, *, lease=None) -> bool:
         key = check_key(key)
         expected = check_optional_value(expected, "expected")
         new = check_optional_value(new, "new")
         size = len(key) + len(expected or b"") + len(new or b"")
-        return self._submit((self._shard(key), (OP_CAS, key, expected, new)), size)
+        if lease is None:
+            return self._submit((self._shard(key), (OP_CAS, key, expected, new)), size)
+        lease_id = lease_id_of(lease)
+        result = self._submit((self._shard(key), cas_lease(key, expected, new, lease_id)), size)
+        if result == NO_LEASE:
+            raise LeaseExpired(f"lease {lease_id} is gone (expired or revoked): {key[:40]!r} "
+                               f"was not compared nor written")
+        return bool(result)
 
     def incr(self, key, delta=1) -> int:
         command = incr(check_key(key), check_delta(delta))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from kvstore import _native
 from kvstore.commands import (KIND_COMMANDS, OP_CAS, OP_DELETE, OP_INCR, OP_PUT, OP_TXN,
-                              OP_TXN_WRITES, OP_PUT_LEASE, OP_PUT_TTL, LEASE_OPS,
+                              OP_TXN_WRITES, OP_CAS_LEASE, OP_PUT_LEASE, OP_PUT_TTL, LEASE_OPS,
                               counter_value, decode_commands)
 from kvstore.embedded.recovery import chosen_logs, entry_commands
 from kvstore.errors import CorruptRecord, StorageError
@@ -184,6 +184,8 @@ def _collect_ops(ops: dict, slot: int, command) -> None:
         for key, value in command[1]:
             ops.setdefault(key, []).append(
                 (slot, "put" if value is not None else "del", value, None))
+    elif op == OP_CAS_LEASE:  # refused without its lease, or when it does not compare
+        ops.setdefault(command[1], []).append((slot, "cond", command[3], None))
     elif op == OP_PUT_LEASE or op == OP_PUT_TTL:
         # refused without its lease; and a revoke or an expiry may delete it later
         ops.setdefault(command[1], []).append((slot, "cond", command[2], None))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import msgpack
 
 from kvstore.commands import (LEASE_ID_MAX, LEASE_OPS, LOCKED, NO_LEASE, OP_CAS, OP_DELETE,
-                              OP_INCR, OP_LEASE_EXPIRE, OP_LEASE_GRANT, OP_LEASE_KEEPALIVE,
+                              OP_CAS_LEASE, OP_INCR, OP_LEASE_EXPIRE, OP_LEASE_GRANT, OP_LEASE_KEEPALIVE,
                               OP_LEASE_REVOKE, OP_PUT, OP_PUT_LEASE, OP_PUT_TTL, OP_TXN,
                               OP_TXN_WRITES)
 from kvstore.errors import CorruptRecord
@@ -203,6 +203,8 @@ class LeaseTable:
             self._put(data_txn, data_db, revision, key, value, changes)
             self.attach(key, lease_id)
             return None
+        if op == OP_CAS_LEASE:
+            return self._cas(data_txn, data_db, revision, command, changes)
         if op == OP_PUT_TTL:
             _, key, value, ttl_ms = command
             lease_id = self._anonymous_id(revision)
@@ -211,6 +213,29 @@ class LeaseTable:
             self.attach(key, lease_id)
             return None
         raise CorruptRecord(f"unknown lease op {op!r} at revision {revision}")
+
+    def _cas(self, data_txn, data_db, revision: int, command, changes) -> object:
+        """``CasLease``: refused (``NO_LEASE``) without its lease; else a cas whose new
+        value is attached to the lease (a delete leaves the key's lease behind)."""
+        _, key, expected, new, lease_id = command
+        if self.record(lease_id) is None:
+            return NO_LEASE
+        raw = data_txn.get(key, db=data_db)
+        current = value_of(key, raw)  # a corrupt value fails this command alone
+        if current != expected:
+            return False
+        if new is None:
+            if raw is not None:
+                data_txn.delete(key, db=data_db)
+                if changes is not None:
+                    changes.append((key, None, current))
+                self.detach(key)
+            return True
+        if changes is not None:
+            changes.append((key, new, current))
+        data_txn.put(key, stored(key, revision, new), db=data_db)
+        self.attach(key, lease_id)
+        return True
 
     def _anonymous_id(self, revision: int) -> int:
         lease_id = ANON_BASE + ((revision << 12) & LEASE_ID_MAX)
