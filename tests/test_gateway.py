@@ -283,7 +283,7 @@ def test_bad_input_is_400_with_the_contract_class_and_changes_nothing(http):
     assert_error(http.put(url, content=b"{not json", headers={"Content-Type": "application/json"}),
                  400, "InvalidArgument")
     assert_error(http.put(url, json={"value": "not base64!"}), 400, "InvalidArgument")
-    assert_error(http.put(url, json={"value": b64(b"v"), "ttl": 3}), 400, "InvalidArgument")
+    assert_error(http.put(url, json={"value": b64(b"v"), "colour": 3}), 400, "InvalidArgument")
     assert_error(http.put(url, json=["a list"]), 400, "InvalidArgument")
     assert_error(http.post("/v1/txn", content=b"[1, 2"), 400, "InvalidArgument")
     assert_error(http.post("/v1/txn", json={"success": [{"op": "drop", "key": b64(b"k")}]}),
