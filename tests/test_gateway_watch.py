@@ -301,6 +301,24 @@ def test_lease_grant_keepalive_revoke(gateway, http):
     assert_error(http.get(kv_url(b"l2/late")), 404, "NotFound")
 
 
+def test_a_lease_kept_alive_over_http_outlives_its_ttl(gateway, http):
+    """Keep-alives every ttl / 5 for 1.5 ttl: the key is still there; then none: gone."""
+    lease = http.post("/v1/lease", json={"ttl": 2}).json()
+    put(http, b"l4/held", b"v", lease=lease["id"])
+    with gateway.client() as reader:
+        s = Stream(reader, "key=l4/held")
+        try:
+            s.next()
+            end = time.monotonic() + 3.0
+            while time.monotonic() < end:  # the client's job: a keep-alive timer
+                assert http.post(f"/v1/lease/{lease['id']}/keepalive").status_code == 200
+                time.sleep(0.4)
+            assert http.get(kv_url(b"l4/held")).content == b"v"
+            await_delete(s, b"l4/held")  # no more keep-alives
+        finally:
+            s.close()
+
+
 def test_a_lease_not_kept_alive_expires_with_its_keys(gateway, http):
     """The gateway does not keep a lease alive: the HTTP client's job."""
     lease = http.post("/v1/lease", json={"ttl": 1}).json()
