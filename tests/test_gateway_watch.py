@@ -248,12 +248,18 @@ def test_closing_the_connection_ends_the_watch(gateway, tmp_path):
                     time.sleep(0.05)  # the gateway notices the cut on its own time
                 put(http, b"w6/k", b"still")  # the stream left open is still served
                 assert event(s2.next_event()) == ("put", b"w6/k", b"still")
+                assert http.head("/v1/watch?prefix=w6/").status_code == 200  # ends at once
+                # SIGTERM: the open stream ends cleanly (its client resumes by position)
+                # rather than holding the graceful shutdown until it is cut.
+                small.close()
+                assert [json.loads(line) for line in s2._lines if line] == []
             finally:
                 s1.close()
                 s2.close()
     finally:
         small.close()
     assert "Traceback" not in small.log() and "ERROR" not in small.log(), small.log()
+    assert "graceful shutdown exceeded" not in small.log()
 
 
 # -- leases and ttls -------------------------------------------------------------------------

@@ -129,7 +129,6 @@ def create_app(cluster: str | list, timeout: float = 5.0, keys: str | None = Non
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.link = link
-        app.state.watches = watches
         retrying = None
         if not await link.connect():
             retrying = asyncio.create_task(link.keep_connecting())
@@ -146,5 +145,12 @@ def create_app(cluster: str | list, timeout: float = 5.0, keys: str | None = Non
     # exception (a bug) through its ServerErrorMiddleware, which answers with the same
     # JSON and re-raises it so the server logs the traceback.
     handlers = {KVError: _on_error, HTTPException: _on_error, Exception: _on_error}
-    return Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=handlers,
-                     middleware=[Middleware(InFlightLimit)])
+    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=handlers,
+                    middleware=[Middleware(InFlightLimit)])
+    app.state.watches = watches
+    return app
+
+
+def stop_watches(app: Starlette) -> None:
+    """End every watch stream now (the server is stopping: ``serve``)."""
+    app.state.watches.stop()

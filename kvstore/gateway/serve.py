@@ -66,13 +66,19 @@ def run(cluster: str, listen: str, timeout: float = 5.0, keys: str | None = None
     check_installed()
     check_can_listen(listen)
     import uvicorn
-    from kvstore.gateway.app import create_app
+    from kvstore.gateway.app import create_app, stop_watches
     app = create_app(cluster, timeout, keys, max_watches)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            stop_watches(app)  # streams last: they would hold the graceful shutdown
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(app, host=host, port=port, lifespan="on", access_log=access_log,
                             log_level="info", server_header=False,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     _log_to_stderr()
-    server = uvicorn.Server(config)
+    server = Server(config)
     if exit_with_stdin:
         threading.Thread(target=_exit_at_eof, args=(server,), daemon=True,
                          name="gateway-stdin").start()

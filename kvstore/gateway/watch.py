@@ -163,8 +163,21 @@ class WatchCount:
             raise InvalidArgument(f"--max-watches must be a positive integer, got {limit!r}")
         self.limit = limit
         self.open = 0
+        self._stop: asyncio.Event | None = None  # made on the server's event loop
+
+    def stopping(self) -> asyncio.Event:
+        """Set when the server stops: every stream ends (its clients resume by position)
+        instead of holding the graceful shutdown for its whole timeout."""
+        if self._stop is None:
+            self._stop = asyncio.Event()
+        return self._stop
+
+    def stop(self) -> None:
+        self.stopping().set()
 
     def enter(self) -> None:
+        if self.stopping().is_set():
+            raise Unavailable("this gateway is stopping; try another one")
         if self.open >= self.limit:
             raise Unavailable(f"this gateway already streams {self.open} watches (its "
                               f"limit, MAX_WATCHES); try another gateway or later")
@@ -218,17 +231,22 @@ class WatchStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": self.raw_headers})
+            if scope.get("method") == "HEAD":  # the headers GET would have; no stream
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
             pump = asyncio.ensure_future(self._pump(send))
             left = asyncio.ensure_future(_until_disconnect(receive))
+            stop = asyncio.ensure_future(self.count.stopping().wait())
             try:
-                await asyncio.wait({pump, left}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({pump, left, stop}, return_when=asyncio.FIRST_COMPLETED)
+                client_left = left.done()
             finally:
-                for task in (pump, left):
+                for task in (pump, left, stop):
                     task.cancel()
-                await asyncio.gather(pump, left, return_exceptions=True)
-            if pump.done() and not pump.cancelled():
-                if pump.exception() is not None:  # a bug: the stream cannot say it any more
-                    log.error("a watch stream failed", exc_info=pump.exception())
+                await asyncio.gather(pump, left, stop, return_exceptions=True)
+            if pump.done() and not pump.cancelled() and pump.exception() is not None:
+                log.error("a watch stream failed", exc_info=pump.exception())  # a bug
+            if not client_left:  # the watch failed, or the server stops: end the answer
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.w.close()
