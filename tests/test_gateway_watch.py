@@ -370,3 +370,58 @@ def test_bad_lease_requests_are_4xx(http):
     assert_error(http.post("/v1/lease/abc/keepalive"), 400, "InvalidArgument")
     assert_error(http.delete("/v1/lease/0"), 400, "InvalidArgument")
     assert_error(http.post("/v1/lease/12345/keepalive"), 404, "LeaseExpired")
+
+
+# -- the stream itself, over a scripted watch (no cluster) ---------------------------------------
+
+class ScriptedWatch:
+    """A ``kvstore.aio`` watch that yields ``script`` (events, then an error to raise)."""
+
+    def __init__(self, script, position) -> None:
+        self.script, self.position, self.closed = list(script), position, False
+
+    async def get(self, timeout=None):
+        item = self.script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        self.position = {item.shard: item.revision + 1}
+        return item
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_stream_that_falls_behind_the_history_ends_with_a_failure_line():
+    """Compacted after the headers (a reader slower than the history window): the
+    stream's last line is the 410 error naming the oldest revision, then a clean end."""
+    import asyncio
+    from types import SimpleNamespace
+    import kvstore
+    from kvstore.gateway.watch import Position, WatchCount, WatchStream
+
+    w = ScriptedWatch([kvstore.Event("put", b"k", b"v", 5, None, 0),
+                       kvstore.Compacted("gone", oldest={0: 40})], {0: 5})
+    count = WatchCount(10)
+    sent = []
+
+    async def run() -> None:
+        count.open = 1
+        spec = SimpleNamespace(sse=False, prev_value=False)
+        stream = WatchStream(w, Position({}, {}), "0:5", None, spec, count)
+
+        async def receive():
+            await asyncio.Event().wait()  # the client stays
+
+        async def send(message):
+            sent.append(message)
+        await asyncio.wait_for(stream({"type": "http", "method": "GET"}, receive, send), 10)
+
+    asyncio.run(run())
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert lines[0] == {"created": True, "position": "0:5"}
+    assert lines[1]["type"] == "put" and lines[1]["position"] == "0:6"
+    assert lines[2]["error"] == "Compacted" and lines[2]["status"] == 410
+    assert lines[2]["oldest"] == {"0": 40} and lines[2]["position"] == "0:6"
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert w.closed and count.open == 0
