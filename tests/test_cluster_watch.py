@@ -15,12 +15,14 @@ import itertools
 import os
 import time
 
-import msgpack
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore.commands import OP_DELETE, OP_PUT
-from kvstore.node.watching import MAX_PARKED_PER_CONNECTION
+from kvstore.node.watching import (MAX_PARKED_PER_CONNECTION, MAX_WATCH_REPLY_BYTES,
+                                   MAX_WATCH_WAIT_MS, check_watch_args)
 from kvstore.server.local import LocalCluster
 from kvstore.transport import wire
 from conftest import child_env
@@ -175,7 +177,7 @@ def test_parked_poll_is_answered_when_a_matching_write_applies_and_reports_progr
 
 
 def test_a_poll_below_the_history_is_compacted_naming_the_oldest(cluster):
-    lc = cluster(1, 1, history_bytes=4000)
+    lc = cluster(1, 1, history_bytes=20000)
     with lc.client() as c:
         for i in range(60):
             c.put(b"c/%d" % i, b"x" * 100)
@@ -244,6 +246,22 @@ def test_write_with_want_revision_answers_its_revision(cluster):
                                                                           (deleted_at, 1)]
         status, value = raw.call(wire.OP_WRITE, [0, client_id, 4, 0, [OP_PUT, b"r", b"3"], 1])
         assert status == wire.STATUS_ERROR and value[0] == "InvalidArgument"
+        # a retried duplicate: its first result, at the revision of the entry answering it
+        # (a later one, whose state contains the write)
+        status, value = raw.call(wire.OP_WRITE, [0, client_id, 1, 0, [OP_PUT, b"r", b"1"], True])
+        assert status == wire.STATUS_OK and value[0] is None and value[1] > deleted_at
+    finally:
+        raw.close()
+    # through a follower: forwarded to the leader with want_revision, relayed
+    lc3 = cluster(3, 1)
+    leader = lc3.wait_ready()["shards"][0]["leader"]
+    follower = next(n for n in lc3.names if n != leader)
+    raw = RawClient(lc3.addresses[follower])
+    try:
+        status, value = raw.call(wire.OP_WRITE, [0, client_id, 1, 0, [OP_PUT, b"f", b"1"], True])
+        assert status == wire.STATUS_OK_FORWARDED, value
+        (result, revision), _leader_index = value
+        assert result is None and revision >= 1
     finally:
         raw.close()
 
@@ -271,6 +289,27 @@ def test_malformed_watches_are_invalid_arguments_and_change_nothing(cluster):
         raw.close()
 
 
+def test_a_forged_wait_and_answer_size_are_capped_by_the_node():
+    args = check_watch_args([0, b"k", b"k\x00", 1, 1 << 62, 10**12, False], 1)
+    assert args[4] == MAX_WATCH_REPLY_BYTES and args[5] == MAX_WATCH_WAIT_MS
+
+
+plain = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 64) - 1),
+                  st.binary(max_size=600), st.text(max_size=5), st.floats(allow_nan=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.lists(plain, max_size=9), st.lists(plain, min_size=7, max_size=7), plain))
+def test_any_watch_arguments_are_checked_or_refused_with_a_value_error(args):
+    try:
+        shard, lo, hi, from_revision, max_bytes, wait_ms, prev = check_watch_args(args, 4)
+    except ValueError:
+        return
+    assert 0 <= shard < 4 and type(lo) is bytes and (hi is None or type(hi) is bytes)
+    assert 1 <= from_revision < 1 << 63 and 1 <= max_bytes <= MAX_WATCH_REPLY_BYTES
+    assert 0 <= wait_ms <= MAX_WATCH_WAIT_MS and type(prev) is bool
+
+
 def test_thousands_of_parked_polls_from_one_connection_are_bounded(cluster):
     lc = cluster(1, 1)
     raw = RawClient(lc.addresses["n1"])
@@ -288,7 +327,75 @@ def test_thousands_of_parked_polls_from_one_connection_are_bounded(cluster):
             c.put(b"q", b"1")
         status, value = other.replies({poll}, 9.0)[poll]
         assert status == wire.STATUS_OK and value[0][0][1][0][1] == b"q"
-        # a forged wait is capped: the poll ends within the node's cap, not 10**9 ms
     finally:
         raw.close()  # never reads its parked polls' answers: the node drops them on expiry
         other.close()
+
+
+def test_a_lease_expiring_on_the_cluster_is_a_delete_event(cluster):
+    lc = cluster(1, 1)
+    with lc.client() as c:
+        c.put(b"e/key", b"v", ttl=0.3)
+    stream, _ = drain(lc.addresses["n1"], 1, 2, b"e/")
+    assert [(t, k, v) for _rev, t, k, v in stream] == [(0, b"e/key", b"v"), (1, b"e/key", None)]
+    assert stream[1][0] > stream[0][0]
+
+
+def test_a_watch_hopping_between_nodes_while_the_leader_is_killed_mid_writes_sees_each_once(
+        cluster):
+    """Writes go on while the leader is SIGKILLed; the watcher asks a different node at
+    every poll (the dead one too: a failed poll is retried elsewhere from the same
+    position). Every acknowledged write is delivered once, in order; one whose outcome
+    is unknown (its call failed) at most once; revisions only grow."""
+    import threading
+
+    from kvstore.errors import KVError
+    lc = cluster(3, 1)
+    leader = lc.wait_ready()["shards"][0]["leader"]
+    acked, unknown = [], []
+    done = threading.Event()
+
+    def write() -> None:
+        with lc.client(timeout=10) as c:
+            for i in range(150):
+                value = b"%d" % i
+                try:
+                    c.put(b"h/key", value)
+                    acked.append(value)
+                except KVError:
+                    unknown.append(value)
+                if i == 50:
+                    lc.kill(leader)
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    stream, position = [], 1
+    clients = {n: RawClient(lc.addresses[n]) for n in lc.names}
+    try:
+        deadline = time.monotonic() + 60
+        for node in itertools.cycle(lc.names):
+            assert time.monotonic() < deadline, "the watch did not catch up"
+            caught_up = done.is_set() and (not acked or any(v == acked[-1] for *_x, v in stream))
+            raw = clients[node]
+            [i] = raw.send([(wire.OP_WATCH, [0, b"h/", b"h0", position, 1 << 20, 100, False])])
+            got = raw.replies({i}, 0.4).get(i)
+            if got is None or got[0] != wire.STATUS_OK:
+                continue  # the dead node, or no answer in time: ask the next one
+            events, _oldest, through, _current = got[1]
+            if caught_up and not events:
+                break  # everything acknowledged arrived, and nothing more is coming
+            assert events is not None
+            for revision, changes in events:
+                assert revision >= position
+                stream.extend((revision, t, k, v) for t, k, v, _p in changes)
+            position = through + 1
+    finally:
+        writer.join(60)
+        for raw in clients.values():
+            raw.close()
+    values = [v for _r, _t, _k, v in stream]
+    assert [r for r, *_ in stream] == sorted({r for r, *_ in stream})  # once each, in order
+    assert len(values) == len(set(values))
+    assert [v for v in values if v in set(acked)] == acked  # every acknowledged, in order
+    assert set(values) <= set(acked) | set(unknown)

@@ -145,3 +145,18 @@ def test_bad_watch_arguments_are_invalid(store, tmp_path):
     for bad in (-1, 1.5, True, "64MiB"):
         with pytest.raises(InvalidArgument):
             kvstore.open(str(tmp_path / "bad"), watch_history_bytes=bad)
+
+
+def test_a_key_whose_lease_expires_is_a_delete_event_and_a_revoke_too(store):
+    db = store(shards=2)
+    with db.watch(prefix=b"l/", prev_value=True) as watch:
+        db.put(b"l/ttl", b"1", ttl=0.2)
+        lease = db.lease(ttl=30)
+        db.put(b"l/held", b"2", lease=lease)
+        lease.revoke()
+        events = take(watch, 4)
+    by_key = {}
+    for e in events:
+        by_key.setdefault(e.key, []).append((e.type, e.value, e.prev_value))
+    assert by_key == {b"l/ttl": [("put", b"1", None), ("delete", None, b"1")],
+                      b"l/held": [("put", b"2", None), ("delete", None, b"2")]}

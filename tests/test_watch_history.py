@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore.watch import COMPACTED, DELETE, PUT, ParkedPoll, ParkedPolls, ShardHistory
-from kvstore.watch.history import change_bytes
+from kvstore.watch.history import REVISION_OVERHEAD_BYTES, change_bytes
 
 KEYS = [b"a", b"a/1", b"a/2", b"b", b"b/x", b"c"]
 RANGES = [(b"a", b"a\x00"), (b"a/", b"a0"), (b"", None), (b"b", b"c"), (b"zz", None)]
@@ -48,7 +48,7 @@ class Model:
         one revision) is kept, the rest dropped oldest first."""
         kept, size = 0, 0
         for revision, changes in reversed(self.revisions):
-            size += change_bytes(changes)
+            size += change_bytes(changes) + REVISION_OVERHEAD_BYTES
             if kept and size > self.max_bytes:
                 return revision + 1
             kept += 1
@@ -208,3 +208,31 @@ def test_thousands_of_parked_polls_cost_little_per_batch():
     elapsed = time.perf_counter() - started
     assert len(due) == 100 and len(parked) == 10_900
     assert elapsed < 0.05, elapsed
+
+
+def test_polls_answered_early_leave_no_growing_deadline_heap():
+    parked = ParkedPolls(1, 100, 100, 1 << 30, 1 << 30)
+    parked.park(ParkedPoll(-1, "c", 0, b"z", None, 1, 100, False, 1e9))  # parked throughout
+    for token in range(20_000):  # park, then a batch answers it: over and over
+        parked.park(ParkedPoll(token, "c", 0, b"k", b"k\x00", 1, 100, False, 1e9))
+        assert len(parked.due(0, [(2, [(b"k", b"v", None)])])) == 1
+    assert len(parked._deadlines) <= 1024 + 3
+
+
+def test_a_leader_knows_it_is_current_only_while_a_majority_answered_lately():
+    """``Replica.up_to_date`` (a watch reply's ``current``): a 3-node shard's leader is
+    current through every check-quorum window while its followers answer (not only after
+    one answered in the window), and not once cut off from them for an election timeout;
+    a follower never is."""
+    from kvstore.sim.network import Cluster
+    c = Cluster(3, election_timeout_ticks=10, heartbeat_interval_ticks=3)
+    c.campaign(0)
+    c.tick(2)
+    leader = c.replicas[0]
+    for _ in range(25):  # across two window boundaries: current at every tick
+        assert leader.is_leader and leader.up_to_date()
+        assert not c.replicas[1].up_to_date() and not c.replicas[2].up_to_date()
+        c.tick(1)
+    c.isolate(0)
+    c.tick(10, nodes=[0])
+    assert not leader.up_to_date()

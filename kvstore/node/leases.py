@@ -56,8 +56,7 @@ class LeaseExpiry:
         self._lease_deadlines[shard].clear()
         self._leases_due[shard].clear()
         for lease_id, ttl_ms, revision in self.storage.leases(shard):
-            grace = 0 if self.bugs.lease_restart_no_grace else ttl_ms / 1000
-            self._set_deadline(shard, lease_id, now + grace, revision)
+            self._set_deadline(shard, lease_id, now + ttl_ms / 1000, revision)
 
     def _set_deadline(self, shard: int, lease_id: int, deadline: float, revision: int) -> None:
         self._lease_deadlines[shard][lease_id] = (deadline, revision)
@@ -80,7 +79,8 @@ class LeaseExpiry:
                     self._leases_due[w.shard].pop(lease_id, None)
                     self._expiring.pop((w.shard, lease_id), None)
                 else:
-                    self._set_deadline(w.shard, lease_id, now + ttl_ms / 1000, revision)
+                    ttl = ttl_ms / (2000 if self.bugs.lease_deadline_half_ttl else 1000)
+                    self._set_deadline(w.shard, lease_id, now + ttl, revision)
 
     def _expire_leases(self, now: float) -> None:
         """Move the leases whose deadline passed to the due list; on the shards this node

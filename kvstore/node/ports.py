@@ -88,9 +88,9 @@ class NodeBugs:
     #: keep a shard's watch history across a snapshot installed on it (not start it
     #: again after the snapshot): a poll is answered across the revisions it skipped
     watch_history_kept_over_snapshot: bool = False
-    #: after a start (or a snapshot installed) give every lease no grace: its deadline is
-    #: the start itself, not a full ttl after it
-    lease_restart_no_grace: bool = False
+    #: note a lease's deadline half a ttl after the grant or keep-alive is applied (a
+    #: slip of units), so a keep-alive a little late finds the lease expired early
+    lease_deadline_half_ttl: bool = False
     #: bugs planted in the Paxos core of every replica (``kvstore.paxos.replica.Bugs``)
     paxos: Bugs = field(default_factory=Bugs)
 

@@ -70,12 +70,17 @@ class Reads:
         """Whether this replica knows now that its applied state is the shard's latest
         (a watch reply's ``current``): it leads, its own no-op is committed, it applied
         its commit point, and it holds a read lease or heard from a majority within the
-        current check-quorum window (at most one election timeout). A follower does not
-        know it: False."""
+        last election timeout (each of a majority replied at this ballot since then). A
+        follower does not know it: False."""
         if (self.role != LEADER or self.applied_index != self.commit_index
                 or not self._own_noop_committed()):
             return False
-        return self.ticks < self.lease_until or bin(self.recent_active).count("1") >= majority(self.n)
+        if self.ticks < self.lease_until:
+            return True
+        since = self.ticks - self.config.election_timeout_ticks
+        heard = 1 + sum(1 for i, pr in enumerate(self.progress)
+                        if i != self.id and pr.heard_tick > since)
+        return heard >= majority(self.n)
 
     def clock_jumped(self) -> None:
         """The driver could not deliver every elapsed tick (it stalled): a lease is void."""

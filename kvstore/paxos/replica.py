@@ -160,12 +160,13 @@ ROUND_JUMP_MAX = 1 << 32
 class _Progress:
     """The leader's view of one follower. Invariant: match < next."""
 
-    __slots__ = ("match", "next", "snapshot_sent_tick")
+    __slots__ = ("match", "next", "snapshot_sent_tick", "heard_tick")
 
     def __init__(self, next_slot: int) -> None:
         self.match = -1
         self.next = next_slot
         self.snapshot_sent_tick = -(1 << 30)
+        self.heard_tick = -(1 << 30)  # the leader's tick of its last reply at this ballot
 
 
 class Replica(Reads, SnapshotTransfer, WipedRecovery):
@@ -739,6 +740,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             return
         self.recent_active |= 1 << m.frm
         pr = self.progress[m.frm]
+        pr.heard_tick = self.ticks
         if m.match_index > pr.match or m.type == M.HEARTBEAT_REPLY:
             # A heartbeat reply says where the follower is now: lower than we thought if it
             # restarted or lost its disk since (then resend from there, or a snapshot).

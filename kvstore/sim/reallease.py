@@ -8,6 +8,14 @@ a client session like every writer: it grants a lease on its key's shard
 expire it (``LeaseExpire``, written by the node). Then it may start over with a
 new lease. Its draws come from a stream of its own.
 
+The holders also contend for one lock, as ``kvstore.recipes.Lock`` takes it: the
+lock key created only if absent and held by the lease (``CasLease``), then read
+with its revision: if it still holds the holder's value, that revision (the
+acquiring write's) is the fencing token. A holder holds it from that read's answer
+until it releases it (a compare-and-delete of its own value, or revoking its lease)
+or until its lease's TTL after the last refresh it saw acknowledged was sent,
+whichever is first (an acquisition whose read comes after that holds nothing).
+
 Checks (``LeaseChecks``), after every step:
 
 - **never early**: a lease whose last acknowledged refresh (grant or keep-alive)
@@ -16,6 +24,10 @@ Checks (``LeaseChecks``), after every step:
   keep-alive answered False, or a put answered ``NO_LEASE``, before that is a
   lease ended early). The node's deadlines run from when it applied the
   refresh, which is after the call, by its clock (the simulation's, shared);
+- **the lock**: every acquisition's fencing token is above every earlier one, and
+  none is acknowledged while another holder may still believe it holds the lock
+  (its release not yet called, and its lease's TTL from its last acknowledged
+  refresh not yet passed: the clock assumption);
 - **not kept**: with no faults (the stable phase), the key of a dead holder is
   gone from its shard's leader at most ``ttl`` + one election timeout (and a
   few ticks to commit) after its last refresh was sent, or after the faults
@@ -27,9 +39,13 @@ from __future__ import annotations
 
 import random
 
-from kvstore.commands import NO_LEASE, lease_grant, lease_keepalive, lease_revoke, put_lease
+from kvstore.commands import (NO_LEASE, cas, cas_lease, lease_grant, lease_keepalive, lease_revoke,
+                              put_lease)
 from kvstore.transport import wire
 from kvstore.transport.sockets import CLIENT
+
+#: The lock the holders contend for (a key of its own, on one shard).
+LOCK_KEY = b"lease-lock"
 
 #: Ticks a commit and apply may take after the leader decides to expire, with no faults
 #: (an Accept round trip, each way 0-1 tick, and the turns around it).
@@ -63,14 +79,24 @@ class LeaseClient:
         self.last_sent = -10**9  # the last time any refresh of the current lease was sent
         self.expired = 0
         self.revoked = 0
+        self.lock: dict | None = None  # {"token", "value", "released"}: held (it believes)
+        self.locks = 0
 
     # -- one operation at a time, as ``realnode.SimClient`` ---------------------------------
 
-    def start(self, kind: str, command) -> None:
+    def start(self, kind: str, command, shard: int | None = None) -> None:
         self.seq += 1
-        args = [self.shard, self.client_id, self.seq, self.seq, list(command)]
+        args = [self.shard if shard is None else shard, self.client_id, self.seq, self.seq,
+                list(command)]
         self.op = {"kind": kind, "args": args, "call": self.sim.now, "sent": None,
-                   "request_id": None}
+                   "request_id": None, "wire_op": wire.OP_WRITE}
+        self.send()
+
+    def read_lock(self, lock_value: bytes) -> None:
+        """Read the lock key with its revision (after a ``CasLease`` that took it)."""
+        args = [self.sim.shard_of(LOCK_KEY), LOCK_KEY, True]
+        self.op = {"kind": "lockread", "args": args, "call": self.sim.now, "sent": None,
+                   "request_id": None, "wire_op": wire.OP_GET, "lock_value": lock_value}
         self.send()
 
     def send(self) -> None:
@@ -81,7 +107,7 @@ class LeaseClient:
         op["sent"] = self.sim.now
         if op["kind"] in ("grant", "keepalive"):
             self.last_sent = self.sim.now
-        frame = wire.encode_request(op["request_id"], wire.OP_WRITE, op["args"])
+        frame = wire.encode_request(op["request_id"], op["wire_op"], op["args"])
         self.sim.send(("client", self.index), ("node", self.target), CLIENT, self.identity, frame)
 
     def on_frame(self, frame: bytes) -> None:
@@ -126,7 +152,7 @@ class LeaseClient:
                 self.start("grant", lease_grant(self.lease["id"], self.ttl_ms))
         elif lease["dead_at"] is not None:
             if self.sim.leases.gone_everywhere(self):
-                self.lease = None  # expired as it should: start over
+                self.lease = self.lock = None  # expired as it should: start over
         elif lease["refreshed"] is None:
             pass  # its grant was given up: wait for the lease to be dropped
         elif not lease["attached"]:
@@ -134,8 +160,18 @@ class LeaseClient:
             self.start("put", put_lease(self.key, lease["value"], lease["id"]))
         elif self.rng.random() < 0.01:
             lease["dead_at"] = sim.now  # the holder dies: no keep-alive from now on
+        elif self.lock is None and self.rng.random() < 0.05:
+            lock_value = b"%d.%d.%d" % (self.index, self.generation, sim.now)
+            self.start("lock", cas_lease(LOCK_KEY, None, lock_value, lease["id"]),
+                       sim.shard_of(LOCK_KEY))
+            self.op["lock_value"] = lock_value
+        elif self.lock is not None and self.rng.random() < 0.03:
+            self.lock["released"] = sim.now  # from the call on, it no longer uses the lock
+            self.start("unlock", cas(LOCK_KEY, self.lock["value"], None), sim.shard_of(LOCK_KEY))
             sim.log(f"lease client {self.index}: dies holding lease {lease['id']:x}")
         elif self.rng.random() < 0.005:
+            if self.lock is not None:
+                self.lock["released"] = sim.now  # revoking its lease gives the lock up
             self.start("revoke", lease_revoke(lease["id"]))
         elif sim.now - lease["refreshed"] >= self.ttl_ticks // 3:
             self.start("keepalive", lease_keepalive(lease["id"]))
@@ -144,7 +180,22 @@ class LeaseClient:
         op, self.op = self.op, None
         sim, lease, kind = self.sim, self.lease, op["kind"]
         sim.log(f"lease client {self.index}: {kind} -> {result!r}")
+        if kind == "unlock":
+            self.lock = None
+            return
         if lease is None:
+            return
+        if kind == "lock":
+            if result is True:
+                self.read_lock(op["lock_value"])
+            return
+        if kind == "lockread":
+            value, token = result
+            if value == op["lock_value"] and lease["refreshed"] is not None and \
+                    sim.now < lease["refreshed"] + self.ttl_ticks:
+                self.sim.leases.acquired(self, token)
+                self.lock = {"token": token, "value": op["lock_value"], "released": None}
+                self.locks += 1
             return
         if kind == "grant":
             lease["refreshed"] = op["call"]
@@ -154,11 +205,12 @@ class LeaseClient:
             self.sim.leases.ended_in_answer(self, kind)
             self.expired += 1
             self.lease = None
+            self.lock = None  # its lease is gone, so is the lock (it knows now)
         elif kind == "put":
             lease["attached"] = True
         elif kind == "revoke":
             self.revoked += 1
-            self.lease = None
+            self.lease = self.lock = None
 
 
 class LeaseChecks:
@@ -168,7 +220,29 @@ class LeaseChecks:
         self.sim = sim
         self.clients = clients
         self.present: dict = {}  # (node index, incarnation, client index) -> value seen there
+        self.last_token = 0  # the lock's last fencing token
         self.stable_since: int | None = None
+
+    def acquired(self, client: LeaseClient, token: int) -> None:
+        """``client`` was told it holds the lock, now, with ``token``."""
+        now = self.sim.now
+        if token <= self.last_token:
+            raise LeaseFailure(f"lock: client {client.index} acquired it with fencing token "
+                               f"{token}, not above the last one, {self.last_token}")
+        self.last_token = token
+        for other in self.clients:
+            if other is client or other.lock is None:
+                continue
+            lease, released = other.lease, other.lock["released"]
+            until = (lease["refreshed"] + other.ttl_ticks
+                     if lease is not None and lease["refreshed"] is not None else -1)
+            if released is not None:
+                until = min(until, released)
+            if until > now:
+                raise LeaseFailure(
+                    f"lock: client {client.index} acquired it (token {token}) at t{now} while "
+                    f"client {other.index} holds it (token {other.lock['token']}) until "
+                    f"t{until} by its lease")
 
     def ended_in_answer(self, client: LeaseClient, kind: str) -> None:
         lease = client.lease
@@ -236,6 +310,7 @@ class LeaseChecks:
 
     def summary(self) -> str:
         return (f", leases: {sum(c.generation for c in self.clients)} granted, "
+                f"{sum(c.locks for c in self.clients)} locks taken, "
                 f"{sum(c.expired for c in self.clients)} found expired, "
                 f"{sum(c.revoked for c in self.clients)} revoked")
 

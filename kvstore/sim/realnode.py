@@ -37,7 +37,9 @@ third of the seeds, the byzantine sender (``realbyzantine.py``).
 
 Checks after every step: the core's oracle per shard (``oracle.py``), fed what
 each node's replicas made, in order, once its save returned; every slot any
-node applies holds what every other applied there; the bank's (``realbank.py``).
+node applies holds what every other applied there; every revision in any node's
+watch history holds what every other's held there (``check_watch``); the bank's
+(``realbank.py``).
 Checks at restarts and at the end:
 
 - acceptor memory, at every restart: the recovered promise covers every
@@ -307,6 +309,7 @@ class SimNode:
         self.watch_reads()
         self.check_memory()
         self.applied_seen = [r.applied_index for r in self.node.replicas]
+        self.watch_seen = [h.head for h in self.node.histories]  # its history starts anew
         for shard, r in enumerate(self.node.replicas):
             sim.oracles[shard].recovered(self.index, r.log, r.commit_index)
             sim.oracles[shard].restarted(self.index, r)
@@ -382,6 +385,32 @@ class SimNode:
                                             f"slot {slot} a value other than another node did")
                 oracle.applied(self.index, slot, *value)
             self.applied_seen[shard] = now
+        self.check_watch()
+
+    def check_watch(self) -> None:
+        """The node's watch histories (``kvstore.node.watching``): none runs past what
+        its replica applied, and every revision one holds (the changes applied there, or
+        none) is what every other node's held there: what a watcher is told does not
+        depend on the node it asks. Each revision is checked once per incarnation."""
+        watch_values = self.sim.watch_values
+        for shard, history in enumerate(self.node.histories):
+            if history.head > self.node.replicas[shard].applied_index + 1:
+                raise SimulationFailure(f"watch: n{self.index} shard {shard}'s history holds "
+                                        f"revision {history.head}, past its applied point")
+            start = max(self.watch_seen[shard] + 1, history.oldest)
+            values = watch_values[shard]
+            while start <= history.head:
+                events, through = history.since(start, b"", None, 1 << 62)
+                changes_at = {revision: changes for revision, changes in events}
+                for revision in range(start, through + 1):
+                    changes = [tuple(c) for c in changes_at.get(revision, ())]
+                    first = values.setdefault(revision, changes)
+                    if first != changes:
+                        raise SimulationFailure(
+                            f"watch: n{self.index} shard {shard} holds at revision {revision} "
+                            f"changes {changes!r:.200} where another node held {first!r:.200}")
+                start = through + 1
+            self.watch_seen[shard] = max(self.watch_seen[shard], history.head)
 
     def check_memory(self) -> None:
         """The restarted node remembers every promise and acceptance it announced."""
@@ -629,6 +658,7 @@ class Simulation:
         # checked after every step: the Paxos invariants per shard, the values applied per slot
         self.oracles = [Oracle(config.nodes) for _ in range(config.shards)]
         self.applied_values = [{} for _ in range(config.shards)]
+        self.watch_values = [{} for _ in range(config.shards)]  # revision -> changes seen
         # per shard: the highest commit point any node has reached (after each turn)
         self.committed_high = [-1] * config.shards
         byzantine = config.byzantine if config.byzantine is not None else config.seed % 3 == 2

@@ -27,8 +27,11 @@ PUT = 0
 DELETE = 1
 #: What ``since`` returns for a revision older than the history kept.
 COMPACTED = None
-#: Bytes counted per change besides its key and values (tuple and list overhead).
-CHANGE_OVERHEAD_BYTES = 64
+#: Bytes counted per change besides its key and values (the tuple, three bytes objects'
+#: headers, its list slot), and per revision (its list, ints and slots): measured with
+#: tracemalloc, so that ``max_bytes`` bounds the memory the history really holds.
+CHANGE_OVERHEAD_BYTES = 176
+REVISION_OVERHEAD_BYTES = 160
 #: Revisions walked by one ``since`` at most.
 SCAN_REVISIONS_MAX = 20_000
 
@@ -73,7 +76,7 @@ class ShardHistory:
         if revision <= self.head:
             raise ValueError(f"revision {revision} is not above the history's head {self.head}")
         if changes:
-            size = change_bytes(changes)
+            size = change_bytes(changes) + REVISION_OVERHEAD_BYTES
             self._revisions.append(revision)
             self._changes.append(changes)
             self._sizes.append(size)

@@ -11,7 +11,8 @@ the history still holds even when the revisions it waited through were dropped s
 Matching costs O(keys changed in the batch) for key watches (a dict from key to its
 polls) plus O(range polls x log keys changed) for range and prefix watches (a bisect
 into the batch's sorted keys), once per applied batch, not per event. Deadlines are
-a heap (``expired``). Bounds (count and bytes, per owner and in total) are checked
+a heap (``expired``), rebuilt from the live polls when the entries of polls answered
+early outnumber them (so it stays within a constant factor of the parked count). Bounds (count and bytes, per owner and in total) are checked
 by ``park``, which says why it refused.
 """
 
@@ -106,7 +107,11 @@ class ParkedPolls:
         used[0] += 1
         used[1] += poll.bytes
         self.bytes += poll.bytes
-        heapq.heappush(self._deadlines, (poll.deadline, poll.token))
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * len(self._polls) + 1024:  # entries of polls answered early
+            deadlines[:] = [(p.deadline, t) for t, p in self._polls.items() if t != poll.token]
+            heapq.heapify(deadlines)
+        heapq.heappush(deadlines, (poll.deadline, poll.token))
         return None
 
     def remove(self, token) -> ParkedPoll | None:
