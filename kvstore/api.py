@@ -178,6 +178,14 @@ class KV(abc.ABC):
     def close(self) -> None:
         """Release everything; further calls raise ``KVError``."""
 
+    @abc.abstractmethod
+    def watch(self, key: bytes | str | None = None, prefix: bytes | str | None = None,
+              start_revision=None, *, prev_value: bool = False):
+        """Every committed change of ``key``, of keys under ``prefix`` (or of every key)
+        as ``kvstore.Event``s: exactly once, in revision order per shard, resumable from
+        ``Watch.position``; ``Compacted`` when ``start_revision`` is older than the
+        history kept (docs/watch.md)."""
+
     def lease(self, ttl: float):
         """A ``kvstore.Lease`` of ``ttl`` seconds, granted on every shard and kept alive by
         a background timer (every ``ttl / 3``) while the object lives (docs/leases.md)."""

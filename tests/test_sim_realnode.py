@@ -158,7 +158,7 @@ CORE_FINDINGS = {
 #: core bug that breaks the applied sequence may show first as a watch stream that is not
 #: the log's, or a lease ended before its time, for any of the bugs.
 WATCH_FINDINGS = ("watcher", "delivered twice", "no command of slot", "no node applied",
-                  "ended early", "outlived",
+                  "ended early", "outlived", "lock:",
                   # the nodes' watch histories disagree (SimNode.check_watch)
                   "holds at revision", "past its applied point")
 #: caught, but after 10-150 seeds: the opt-in sweep (``KVSTORE_SWEEP_SEEDS``)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import msgpack
 
-from kvstore.commands import (LEASE_ID_MAX, LEASE_OPS, LOCKED, NO_LEASE, OP_CAS, OP_DELETE,
+from kvstore.commands import (Cas, LEASE_ID_MAX, LEASE_OPS, LOCKED, NO_LEASE, OP_CAS, OP_DELETE,
                               OP_CAS_LEASE, OP_INCR, OP_LEASE_EXPIRE, OP_LEASE_GRANT, OP_LEASE_KEEPALIVE,
                               OP_LEASE_REVOKE, OP_PUT, OP_PUT_LEASE, OP_PUT_TTL, OP_TXN,
                               OP_TXN_WRITES)
@@ -220,21 +220,14 @@ class LeaseTable:
         _, key, expected, new, lease_id = command
         if self.record(lease_id) is None:
             return NO_LEASE
-        raw = data_txn.get(key, db=data_db)
-        current = value_of(key, raw)  # a corrupt value fails this command alone
-        if current != expected:
+        # the cas itself is the plain one (``kvstore.machine.data``): one rule for both
+        if apply_command(data_txn, data_db, revision, Cas(OP_CAS, key, expected, new),
+                         changes) is not True:
             return False
         if new is None:
-            if raw is not None:
-                data_txn.delete(key, db=data_db)
-                if changes is not None:
-                    changes.append((key, None, current))
-                self.detach(key)
-            return True
-        if changes is not None:
-            changes.append((key, new, current))
-        data_txn.put(key, stored(key, revision, new), db=data_db)
-        self.attach(key, lease_id)
+            self.detach(key)
+        else:
+            self.attach(key, lease_id)
         return True
 
     def _anonymous_id(self, revision: int) -> int:
