@@ -343,7 +343,7 @@ def _cmd_gateway(args) -> int:
         raise InvalidArgument("kvstore gateway serves a cluster: pass --cluster ADDRS "
                               "(or set KVSTORE_CLUSTER)")
     return run(cluster, args.listen, args.timeout, access_log=args.access_log,
-               exit_with_stdin=args.exit_with_stdin)
+               exit_with_stdin=args.exit_with_stdin, max_watches=args.max_watches)
 
 
 def _add_common_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -499,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                    help="where to serve HTTP (default 127.0.0.1:8080)")
     p.add_argument("--access-log", action="store_true", help="log every request to stdout")
+    p.add_argument("--max-watches", type=int, default=None, metavar="N",
+                   help="watch streams open at once; more are refused 503 (default 4096)")
     p.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(fn=None)
     from kvstore.recipes.command import add_lock_parser

@@ -45,14 +45,14 @@ def kv_url(key: bytes) -> str:
 class Gateway:
     """``kvstore gateway`` as a child process, its log in a file; ``close`` always ends it."""
 
-    def __init__(self, addresses, log_path, timeout: float = 5.0) -> None:
+    def __init__(self, addresses, log_path, timeout: float = 5.0, extra_args=()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = str(log_path)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "kvstore.cli", "gateway", "--cluster", ",".join(addresses),
-             "--listen", f"127.0.0.1:{self.port}", "--timeout", str(timeout)],
+             "--listen", f"127.0.0.1:{self.port}", "--timeout", str(timeout), *extra_args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, env=child_env())
         wait_healthy(self.url, self.proc, self.log_path)
 
@@ -283,7 +283,7 @@ def test_bad_input_is_400_with_the_contract_class_and_changes_nothing(http):
     assert_error(http.put(url, content=b"{not json", headers={"Content-Type": "application/json"}),
                  400, "InvalidArgument")
     assert_error(http.put(url, json={"value": "not base64!"}), 400, "InvalidArgument")
-    assert_error(http.put(url, json={"value": b64(b"v"), "ttl": 3}), 400, "InvalidArgument")
+    assert_error(http.put(url, json={"value": b64(b"v"), "colour": 3}), 400, "InvalidArgument")
     assert_error(http.put(url, json=["a list"]), 400, "InvalidArgument")
     assert_error(http.post("/v1/txn", content=b"[1, 2"), 400, "InvalidArgument")
     assert_error(http.post("/v1/txn", json={"success": [{"op": "drop", "key": b64(b"k")}]}),

@@ -27,14 +27,14 @@ import threading
 from kvstore.api import DEFAULT_RETRIES, TransactionRetry
 from kvstore.client import requests
 from kvstore.client.cache import DEFAULT_BYTES, DEFAULT_STALENESS, MISS, UNCACHED
-from kvstore.client.watch import AsyncWatch, Watch
+from kvstore.client.watch import POLL_MAX_BYTES, AsyncWatch, Watch
 from kvstore.client.core import renew_locks_after_fork
 from kvstore.client.kv import ClusterKV
 from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
 from kvstore.client.lease import AsyncLease
 from kvstore.commands import check_ttl, incr_result
 from kvstore.lease import new_lease_id
-from kvstore.errors import KVError, TransactionConflict
+from kvstore.errors import InvalidArgument, KVError, TransactionConflict
 
 
 async def connect(addresses, timeout: float = 5.0, *, keys=None, cache=None,
@@ -119,13 +119,17 @@ class AsyncKV:
         return value
 
     def watch(self, key=None, prefix=None, start_revision=None, *,
-              prev_value: bool = False) -> AsyncWatch:
+              prev_value: bool = False, max_bytes: int = POLL_MAX_BYTES) -> AsyncWatch:
         """``async for event in db.watch(prefix=...)``: as ``kvstore.connect``'s watch.
         Where the shards stand now is asked at once, without blocking the loop;
-        ``await w.started()`` waits for the answers."""
+        ``await w.started()`` waits for the answers. ``max_bytes``: the events one poll
+        asks for, so what the watch buffers per shard (at least one revision); a process
+        holding many watches for slow consumers (the HTTP gateway) asks for less."""
         self._kv._core_check()
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise InvalidArgument(f"max_bytes must be a positive int, got {max_bytes!r}")
         return AsyncWatch(Watch(self._core, self._kv.nshards, key, prefix, start_revision,
-                                prev_value, wait_for_start=False))
+                                prev_value, wait_for_start=False, max_bytes=max_bytes))
 
     def cache_stats(self) -> dict:
         return self._kv.cache_stats()

@@ -24,14 +24,16 @@ log = logging.getLogger("kvstore.lease")
 class AsyncLease:
     """A granted lease on a cluster, kept alive by an asyncio task (the module docstring)."""
 
-    def __init__(self, db, lease_id: int, ttl: float) -> None:
+    def __init__(self, db, lease_id: int, ttl: float, keep_alive: bool = True) -> None:
         self._db = db
         self.id = lease_id
         self.ttl = ttl
         self._expired = False
         self._revoked = False
-        self._task = asyncio.get_running_loop().create_task(
-            _keep_alive(weakref.ref(self), ttl / KEEPALIVES_PER_TTL))
+        self._task = None  # keep_alive=False: a handle on a lease someone else keeps alive
+        if keep_alive:
+            self._task = asyncio.get_running_loop().create_task(
+                _keep_alive(weakref.ref(self), ttl / KEEPALIVES_PER_TTL))
 
     @property
     def expired(self) -> bool:
@@ -59,7 +61,8 @@ class AsyncLease:
     async def revoke(self) -> int:
         """End the lease now, deleting its keys: how many were deleted."""
         self._revoked = True
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
         nshards = self._db._kv.nshards
         answers = await asyncio.gather(*(self._db._call(*r) for r in
                                          requests.lease_revoke(nshards, self.id)))

@@ -32,6 +32,7 @@ from kvstore.client.kv import parse_addresses
 from kvstore.errors import KVError, Unavailable
 from kvstore.gateway.errors import error_response
 from kvstore.gateway.routes import ROUTES
+from kvstore.gateway.watch import MAX_WATCHES, WatchCount
 
 log = logging.getLogger("kvstore.gateway")
 
@@ -86,10 +87,16 @@ class ClusterLink:
 MAX_REQUESTS_IN_FLIGHT = 128
 
 
+#: Paths that never wait for a slot: the liveness probe, and watch streams (they last
+#: as long as their client wants; ``watch.MAX_WATCHES`` bounds them instead).
+UNLIMITED_PATHS = ("/healthz", "/v1/watch")
+
+
 class InFlightLimit:
     """ASGI middleware: at most ``limit`` requests past it at once, the others queued in
     arrival order (backpressure, not a refusal). ``/healthz`` never waits, so a busy
-    gateway is not taken for a dead one."""
+    gateway is not taken for a dead one; nor does a watch stream, which would hold its
+    slot for as long as it lasts."""
 
     def __init__(self, app, limit: int = MAX_REQUESTS_IN_FLIGHT) -> None:
         self.app = app
@@ -97,7 +104,7 @@ class InFlightLimit:
         self._slots: asyncio.Semaphore | None = None  # made on the server's event loop
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/healthz":
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
         if self._slots is None:
@@ -110,11 +117,14 @@ async def _on_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-def create_app(cluster: str | list, timeout: float = 5.0, keys: str | None = None) -> Starlette:
+def create_app(cluster: str | list, timeout: float = 5.0, keys: str | None = None,
+               max_watches: int | None = None) -> Starlette:
     """The gateway over the cluster at ``cluster`` (addresses as ``kvstore.connect`` takes
     them, checked now: ``InvalidArgument``); each call waits at most ``timeout`` seconds
-    for the cluster (then 504)."""
+    for the cluster (then 504); at most ``max_watches`` watch streams at once (default
+    ``watch.MAX_WATCHES``)."""
     link = ClusterLink(parse_addresses(cluster), timeout, keys)
+    watches = WatchCount(MAX_WATCHES if max_watches is None else max_watches)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -135,5 +145,12 @@ def create_app(cluster: str | list, timeout: float = 5.0, keys: str | None = Non
     # exception (a bug) through its ServerErrorMiddleware, which answers with the same
     # JSON and re-raises it so the server logs the traceback.
     handlers = {KVError: _on_error, HTTPException: _on_error, Exception: _on_error}
-    return Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=handlers,
-                     middleware=[Middleware(InFlightLimit)])
+    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=handlers,
+                    middleware=[Middleware(InFlightLimit)])
+    app.state.watches = watches
+    return app
+
+
+def stop_watches(app: Starlette) -> None:
+    """End every watch stream now (the server is stopping: ``serve``)."""
+    app.state.watches.stop()

@@ -112,6 +112,23 @@ def wants_json(request: Request) -> bool:
     return json_q > 0 and json_q > quality.get(RAW_TYPE, 0.0) and json_q >= wildcard_q
 
 
+def accepts(request: Request, media_type: str) -> bool:
+    """The request's Accept names ``media_type`` itself with a quality above zero
+    (a wildcard does not count: ``text/event-stream`` is asked for by name)."""
+    for media_range in request.headers.get("accept", "").split(","):
+        kind, *params = [p.strip() for p in media_range.split(";")]
+        if kind.lower() == media_type:
+            return all(_quality(p) > 0 for p in params if p.startswith("q="))
+    return False
+
+
+def _quality(param: str) -> float:
+    try:
+        return float(param[2:])
+    except ValueError:
+        return 0.0
+
+
 def is_json_body(request: Request) -> bool:
     """A PUT's body is a JSON envelope ``{"value": base64}`` when its Content-Type is
     ``application/json``; any other type (or none) is the value itself, as bytes."""

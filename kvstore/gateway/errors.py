@@ -17,8 +17,8 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from kvstore.errors import (InvalidArgument, KVError, StorageError, Timeout,
-                            TransactionConflict, Unavailable)
+from kvstore.errors import (Compacted, InvalidArgument, KVError, LeaseExpired, StorageError,
+                            Timeout, TransactionConflict, Unavailable)
 
 
 class NotFound(KVError):
@@ -34,8 +34,12 @@ class PayloadTooLarge(InvalidArgument):
 #: StorageError is 507 (Insufficient Storage), not 500, so a client can tell "the store's
 #: disk refused" (full, read-only, corrupt: an operator's problem) from a gateway bug.
 #: Unavailable (503) and Timeout (504) leave a write's outcome unknown, as in Python.
+#: Compacted is 410 (Gone): the revisions asked for are gone for good, the body's
+#: ``oldest`` says from where a watch can start. LeaseExpired is 404: no such lease.
 STATUSES = (
     (NotFound, 404, "NotFound"),
+    (LeaseExpired, 404, "LeaseExpired"),
+    (Compacted, 410, "Compacted"),
     (PayloadTooLarge, 413, "InvalidArgument"),
     (InvalidArgument, 400, "InvalidArgument"),
     (TransactionConflict, 409, "TransactionConflict"),
@@ -50,12 +54,23 @@ RETRY_AFTER_SECONDS = 1
 
 def error_response(exc: BaseException) -> JSONResponse:
     """The one translation of an exception into an HTTP answer with a JSON body."""
-    status, name, message = _classify(exc)
+    status, body = describe_error(exc)
     headers = dict(getattr(exc, "headers", None) or {})  # a 405's Allow, from the router
     if status == 503:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    return JSONResponse({"error": name, "message": message}, status_code=status,
-                        headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def describe_error(exc: BaseException) -> tuple[int, dict]:
+    """The status and the JSON body of ``exc`` (also a watch stream's error line):
+    ``{"error", "message"}``, and ``oldest`` (``{"SHARD": REVISION}``) for Compacted."""
+    status, name, message = _classify(exc)
+    body = {"error": name, "message": message}
+    if isinstance(exc, Compacted) and exc.oldest is not None:
+        oldest = exc.oldest
+        body["oldest"] = ({str(s): r for s, r in oldest.items()} if isinstance(oldest, dict)
+                          else oldest)
+    return status, body
 
 
 def _classify(exc: BaseException) -> tuple[int, str, str]:

@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from kvstore.ops.health import quorum_problems
 from kvstore.errors import InvalidArgument, Unavailable
-from kvstore.gateway import codec, txn
+from kvstore.gateway import codec, leases, txn, watch
 from kvstore.gateway.errors import NotFound
 
 #: Rows one scan answers at most; without ``limit`` a scan answers this many and says
@@ -44,13 +44,30 @@ async def get_key(request: Request) -> Response:
 
 
 async def put_key(request: Request) -> Response:
+    """The value raw or in ``{"value": B64}``; the key held by a lease (``lease=ID``) or
+    for ``ttl=SECONDS``, in the query or in the JSON envelope, not both."""
     key = codec.path_key(request, "/v1/kv/")
+    params = codec.query_bytes(request)
+    unknown = sorted(set(params) - {"lease", "ttl"})
+    if unknown:
+        raise InvalidArgument(f"PUT has no parameter {', '.join(unknown)} (known: lease, ttl)")
+    held = dict(params)
     if codec.is_json_body(request):
-        doc = codec.json_object(await codec.read_json(request), "the body", {"value": True})
+        doc = codec.json_object(await codec.read_json(request), "the body",
+                                {"value": True, "lease": False, "ttl": False})
         value = codec.b64decode(doc["value"], "value")
+        for name in ("lease", "ttl"):
+            if name in doc:
+                if name in held:
+                    raise InvalidArgument(f"{name} is given in the query and in the body")
+                held[name] = doc[name]
     else:
         value = await codec.read_body(request, codec.RAW_BODY_MAX_BYTES)
-    await _db(request).put(key, value)
+    if "lease" in held and "ttl" in held:
+        raise InvalidArgument("put takes lease or ttl, not both")
+    lease = leases.lease_id(held["lease"], "lease") if "lease" in held else None
+    ttl = leases.ttl_seconds(held["ttl"]) if "ttl" in held else None
+    await _db(request).put(key, value, lease=lease, ttl=ttl)
     return Response(status_code=204)
 
 
@@ -152,4 +169,8 @@ ROUTES = [
     Route("/v1/scan", scan, methods=["GET"]),
     Route("/v1/txn", transaction, methods=["POST"]),
     Route("/v1/status", status, methods=["GET"]),
+    Route("/v1/watch", watch.watch, methods=["GET"]),
+    Route("/v1/lease", leases.grant, methods=["POST"]),
+    Route("/v1/lease/{id}", leases.revoke, methods=["DELETE"]),
+    Route("/v1/lease/{id}/keepalive", leases.keepalive, methods=["POST"]),
 ]

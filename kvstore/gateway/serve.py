@@ -58,20 +58,27 @@ def check_installed() -> None:
 
 
 def run(cluster: str, listen: str, timeout: float = 5.0, keys: str | None = None, *,
-        access_log: bool = False, exit_with_stdin: bool = False) -> int:
+        access_log: bool = False, exit_with_stdin: bool = False,
+        max_watches: int | None = None) -> int:
     """Serve the gateway on ``listen`` until a signal; the exit code (0, or 2 when it could
     not listen there)."""
     host, port = parse_listen(listen)
     check_installed()
     check_can_listen(listen)
     import uvicorn
-    from kvstore.gateway.app import create_app
-    app = create_app(cluster, timeout, keys)
+    from kvstore.gateway.app import create_app, stop_watches
+    app = create_app(cluster, timeout, keys, max_watches)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            stop_watches(app)  # streams last: they would hold the graceful shutdown
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(app, host=host, port=port, lifespan="on", access_log=access_log,
                             log_level="info", server_header=False,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     _log_to_stderr()
-    server = uvicorn.Server(config)
+    server = Server(config)
     if exit_with_stdin:
         threading.Thread(target=_exit_at_eof, args=(server,), daemon=True,
                          name="gateway-stdin").start()

@@ -41,6 +41,7 @@ import random
 
 from kvstore.commands import (NO_LEASE, cas, cas_lease, lease_grant, lease_keepalive, lease_revoke,
                               put_lease)
+from kvstore.sim.endpoint import OneOpAtATime
 from kvstore.transport import wire
 from kvstore.transport.sockets import CLIENT
 
@@ -56,7 +57,7 @@ class LeaseFailure(Exception):
     """A lease check failed (reported as a simulation failure)."""
 
 
-class LeaseClient:
+class LeaseClient(OneOpAtATime):
     """One holder of one lease at a time, on one key of its own."""
 
     def __init__(self, sim, index: int, rng: random.Random) -> None:
@@ -110,23 +111,11 @@ class LeaseClient:
         frame = wire.encode_request(op["request_id"], op["wire_op"], op["args"])
         self.sim.send(("client", self.index), ("node", self.target), CLIENT, self.identity, frame)
 
-    def on_frame(self, frame: bytes) -> None:
-        body = wire.decode(frame)
-        for request_id, status, value in body[1]:
-            op = self.op
-            if op is None or request_id != op["request_id"]:
-                continue
-            if status == wire.STATUS_OK_FORWARDED:
-                status, value = wire.STATUS_OK, value[0]
-            if status == wire.STATUS_OK:
-                self.finish(value)
-            elif status == wire.STATUS_NOT_LEADER and type(value) is int and value != self.target:
-                self.target = value
-                self.send()
-            elif status == wire.STATUS_ERROR:
-                raise LeaseFailure(f"lease client {self.index}: a valid request refused: {value}")
-            else:
-                self.target = self.rng.randrange(self.sim.config.nodes)
+    def refused(self, value) -> None:
+        raise LeaseFailure(f"lease client {self.index}: a valid request refused: {value}")
+
+    def retarget(self) -> None:
+        self.target = self.rng.randrange(self.sim.config.nodes)
 
     def on_tick(self, may_start: bool) -> None:
         sim, c = self.sim, self.sim.config

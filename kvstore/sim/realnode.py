@@ -86,6 +86,7 @@ from kvstore.transport.sockets import CLIENT, PEER
 from kvstore.node.storage import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.sim.disk import FaultyFiles, PowerLoss
+from kvstore.sim.endpoint import OneOpAtATime
 from kvstore.sim.oracle import InvariantViolation, Oracle
 from kvstore.sim.realbyzantine import RealNodeByzantine
 from kvstore.sim.realbank import BankClient, Ledger
@@ -530,7 +531,7 @@ class SimNode:
 
 # ---------------------------------------------------------------------------------- clients
 
-class SimClient:
+class SimClient(OneOpAtATime):
     """A client of the wire protocol, one operation at a time (as ``kvstore.client.core``)."""
 
     def __init__(self, sim: "Simulation", index: int) -> None:
@@ -582,23 +583,11 @@ class SimClient:
         frame = wire.encode_request(op["request_id"], op["op"], op["args"])
         self.sim.send(("client", self.index), ("node", self.target), CLIENT, self.identity, frame)
 
-    def on_frame(self, frame: bytes) -> None:
-        body = wire.decode(frame)
-        for request_id, status, value in body[1]:
-            op = self.op
-            if op is None or request_id != op["request_id"]:
-                continue  # an answer to an attempt already retried or given up
-            if status == wire.STATUS_OK_FORWARDED:
-                status, value = wire.STATUS_OK, value[0]
-            if status == wire.STATUS_OK:
-                self.finish(value)
-            elif status == wire.STATUS_NOT_LEADER and type(value) is int and value != self.target:
-                self.target = value
-                self.send()
-            elif status == wire.STATUS_ERROR:
-                raise SimulationFailure(f"client {self.index}: a valid request refused: {value}")
-            else:  # retry elsewhere, at the next retry tick
-                self.target = self.sim.rng.randrange(self.sim.config.nodes)
+    def refused(self, value) -> None:
+        raise SimulationFailure(f"client {self.index}: a valid request refused: {value}")
+
+    def retarget(self) -> None:
+        self.target = self.sim.rng.randrange(self.sim.config.nodes)
 
     def finish(self, result) -> None:
         op, self.op = self.op, None
