@@ -459,7 +459,10 @@ def lone_put_breakdown(puts: list, events: list) -> dict:
         rep = next((e for e in window[s2:] if e[0] == "reply"), None) if s2 else None
         if None in (s1_end, acc, s2, hook, rep):
             continue
-        busy = max(0, prev_saved - sent) if prev_saved is not None else 0
+        # the leader still busy with the previous put's save when this one was sent; the
+        # "saved" taken for it may be a later save's (it had none of its own before the
+        # answer), so it counts only up to this put's arrival at the leader
+        busy = max(0, min(prev_saved, write) - sent) if prev_saved is not None else 0
         seg["total"].append(answered - sent)
         seg["leader_busy_before"].append(busy)
         seg["to_leader"].append(write - sent - busy)
