@@ -37,6 +37,6 @@ def test_cluster_benchmark_smoke_run_writes_its_figures(tmp_path):
     assert profile["puts_profiled"] >= profile["puts"] // 2 and profile["saves_per_put"] >= 1
     assert 0 < profile["save_1"] < profile["total"]
     assert all(profile[k] >= 0 for k in ("to_leader", "propose_to_save", "wait_accepted",
-                                          "save_2_to_answer", "answer_to_client"))
+                                          "save_2_to_answer", "answer_to_client")), profile
     assert "where one put at a time spends its time" in r.stdout
     assert figures["floor_ms"]["fdatasync"] > 0 and "the floor" in r.stdout
