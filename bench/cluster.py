@@ -469,8 +469,10 @@ def lone_put_breakdown(puts: list, events: list) -> dict:
         seg["propose_to_save"].append(window[s1][1] - write)
         seg["save_1"].append(s1_end - window[s1][1])
         seg["wait_accepted"].append(max(0, acc - s1_end))
-        seg["save_2_to_answer"].append(rep[2] - window[s2][1])
-        seg["answer_to_client"].append(answered - rep[2])
+        # cut at the start of the reply's send: the client process may hold its answer
+        # before the node's thread, descheduled after the send under load, notes its end
+        seg["save_2_to_answer"].append(rep[1] - window[s2][1])
+        seg["answer_to_client"].append(answered - rep[1])
         # the rest of save 2 may run after the answer (an LMDB commit did; a log append
         # of commit points only does not happen): the next put arriving meanwhile waits
         # for it (leader_busy_before of the next put)
