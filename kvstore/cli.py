@@ -396,17 +396,6 @@ def build_parser() -> argparse.ArgumentParser:
     held.add_argument("--ttl", metavar="S", type=float,
                       help="the key lives S seconds (then it is deleted)")
     p.set_defaults(fn=_cmd_put)
-    p = sub.add_parser("lease", parents=[common], help="grant, keep alive or revoke a lease",
-                       description="grant TTL: grant a lease of TTL seconds on every shard "
-                                   "and print its ID; keepalive ID: keep it alive until "
-                                   "Ctrl-C (exit 1 once it is gone); revoke ID: end it, "
-                                   "deleting its keys (prints how many).")
-    p.add_argument("action", choices=["grant", "keepalive", "revoke"])
-    p.add_argument("arg", metavar="TTL|ID")
-    p.add_argument("--every", metavar="S", type=float, default=1.0,
-                   help="keepalive: seconds between two keep-alives (default 1; keep it "
-                        "under a third of the lease's ttl)")
-    p.set_defaults(fn=_cmd_lease)
     p = sub.add_parser("get", parents=[common], help="print a value (exit 1 if missing)",
                        description="Print the value of KEY and a newline; exit 1 if there "
                                    "is no such key.")
@@ -456,6 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print JSON lines {\"type\", \"key\", \"value\", \"revision\", "
                         "\"shard\"} with key and values in base64 (null when absent)")
     p.set_defaults(fn=_cmd_watch)
+    p = sub.add_parser("lease", parents=[common], help="grant, keep alive or revoke a lease",
+                       description="grant TTL: grant a lease of TTL seconds on every shard "
+                                   "and print its ID; keepalive ID: keep it alive until "
+                                   "Ctrl-C (exit 1 once it is gone); revoke ID: end it, "
+                                   "deleting its keys (prints how many).")
+    p.add_argument("action", choices=["grant", "keepalive", "revoke"])
+    p.add_argument("arg", metavar="TTL|ID")
+    p.add_argument("--every", metavar="S", type=float, default=1.0,
+                   help="keepalive: seconds between two keep-alives (default 1; keep it "
+                        "under a third of the lease's ttl)")
+    p.set_defaults(fn=_cmd_lease)
     p = sub.add_parser("status", parents=[common], help="nodes, shards, leaders, commit indexes",
                        description="Nodes, and per shard its leader, commit index, lag and "
                                    "the nodes to watch (recovering, catching up, lagging). "
