@@ -1,4 +1,4 @@
-"""Where the benchmark scripts keep their figures, and how they write them.
+"""Where the benchmark scripts keep their figures, and how they compute and write them.
 
 Each script writes one JSON file under ``bench/results/``; the README quotes
 those files, so they are tracked, and a rerun on another machine shows up as
@@ -11,6 +11,13 @@ import json
 import os
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def percentile(values: list, q: float) -> float:
+    """The ``q`` quantile (0 to 1) of ``values``: the value at rank ``int(q * n)`` of
+    them sorted (the largest for ``q`` near 1)."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def default_path(name: str) -> str:

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import kvstore  # noqa: E402
 import etcd_local  # noqa: E402
+from figures import percentile  # noqa: E402
 from kvstore.server.local import LocalCluster  # noqa: E402
 
 
@@ -47,16 +48,11 @@ def _env() -> dict:
     return env
 
 
-def _pct(values: list, q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def summary(delays_s: list) -> dict:
     """The distribution of lateness, in ms."""
     ms = [d * 1e3 for d in delays_s]
-    return {"samples": len(ms), "min_ms": min(ms), "p50_ms": _pct(ms, 0.5),
-            "p90_ms": _pct(ms, 0.9), "p99_ms": _pct(ms, 0.99), "max_ms": max(ms),
+    return {"samples": len(ms), "min_ms": min(ms), "p50_ms": percentile(ms, 0.5),
+            "p90_ms": percentile(ms, 0.9), "p99_ms": percentile(ms, 0.99), "max_ms": max(ms),
             "delays_ms": sorted(ms)}
 
 

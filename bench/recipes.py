@@ -21,11 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kvstore  # noqa: E402
 from kvstore.recipes import Lock, Queue  # noqa: E402
-
-
-def percentile(values: list, q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+from figures import percentile  # noqa: E402
 
 
 def lock_round_trips(db, n: int) -> dict:

@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import kvstore  # noqa: E402
 import etcd_local  # noqa: E402
+from figures import percentile  # noqa: E402
 import kvstore.aio  # noqa: E402
 from kvstore.server.local import LocalCluster  # noqa: E402
 
@@ -54,11 +55,6 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-def _pct(values: list, q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def _put_many(addresses, keys: list, value: bytes, inflight: int) -> None:
@@ -126,7 +122,8 @@ def put_to_event(lc, n: int) -> dict:
             assert e is not None and e.key == b"lat/%d" % i
     writer.close()
     watcher.close()
-    return {"puts": n, "p50_ms": _pct(latencies, 0.5) * 1e3, "p99_ms": _pct(latencies, 0.99) * 1e3,
+    return {"puts": n, "p50_ms": percentile(latencies, 0.5) * 1e3,
+            "p99_ms": percentile(latencies, 0.99) * 1e3,
             "mean_ms": statistics.mean(latencies) * 1e3}
 
 
@@ -191,7 +188,8 @@ def etcd_put_to_event(url: str, n: int) -> dict:
             latencies.append(time.perf_counter() - start)
             assert e is not None and e[2] == b"lat/%d" % i
     client.close()
-    return {"puts": n, "p50_ms": _pct(latencies, 0.5) * 1e3, "p99_ms": _pct(latencies, 0.99) * 1e3,
+    return {"puts": n, "p50_ms": percentile(latencies, 0.5) * 1e3,
+            "p99_ms": percentile(latencies, 0.99) * 1e3,
             "mean_ms": statistics.mean(latencies) * 1e3}
 
 
