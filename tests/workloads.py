@@ -42,6 +42,19 @@ ACCOUNTS = [b"acct%02d" % i for i in range(9)]
 INITIAL = 100
 
 
+def stop_threads(stop_event: threading.Event, threads: list, join_seconds: float, what: str,
+                 failures: list) -> None:
+    """Tell a workload's ``threads`` to stop and join them within ``join_seconds`` in all;
+    those still running then are a failure of the workload (``what`` names them)."""
+    stop_event.set()
+    deadline = time.monotonic() + join_seconds
+    for t in threads:
+        t.join(max(0.1, deadline - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    if stuck:
+        failures.append(f"{what} still running {join_seconds} s after stop: {stuck}")
+
+
 def wait_for(predicate, timeout: float, what: str, progress=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -80,13 +93,7 @@ class BankWorkload:
             t.start()
 
     def stop(self, join_seconds: float = 60.0) -> None:
-        self.stop_event.set()
-        deadline = time.monotonic() + join_seconds
-        for t in self.threads:
-            t.join(max(0.1, deadline - time.monotonic()))
-        stuck = [t.name for t in self.threads if t.is_alive()]
-        if stuck:
-            self.failures.append(f"bank threads still running {join_seconds} s after stop: {stuck}")
+        stop_threads(self.stop_event, self.threads, join_seconds, "bank threads", self.failures)
 
     def progress(self) -> str:
         return (f"{len(self.acked)} transfers acknowledged, {len(self.unknown)} unknown, "
@@ -188,14 +195,8 @@ class RegisterWorkload:
             t.start()
 
     def stop(self, join_seconds: float = 30.0) -> None:
-        self.stop_event.set()
-        deadline = time.monotonic() + join_seconds
-        for t in self.threads:
-            t.join(max(0.1, deadline - time.monotonic()))
-        stuck = [t.name for t in self.threads if t.is_alive()]
-        if stuck:
-            self.failures.append(f"register threads still running {join_seconds} s after stop: "
-                                 f"{stuck}")
+        stop_threads(self.stop_event, self.threads, join_seconds, "register threads",
+                     self.failures)
 
     def shard(self, key: bytes) -> int:
         return shard_of(key, self.nshards)
@@ -293,10 +294,7 @@ class WatchWorkload:
         return all(self.position.get(s, 0) > commit + 1 for s, commit in enumerate(commits))
 
     def stop(self, join_seconds: float = 10.0) -> None:
-        self.stop_event.set()
-        self.thread.join(join_seconds)
-        if self.thread.is_alive():
-            self.failures.append(f"the watcher still runs {join_seconds} s after stop")
+        stop_threads(self.stop_event, [self.thread], join_seconds, "the watcher", self.failures)
 
     def check(self, history: list) -> list:
         """Problems: every acknowledged put or successful cas of the register history
@@ -337,12 +335,8 @@ class LeaseWorkload:
             t.start()
 
     def stop(self, join_seconds: float = 30.0) -> None:
-        self.stop_event.set()
-        deadline = time.monotonic() + join_seconds
-        for t in self.threads:
-            t.join(max(0.1, deadline - time.monotonic()))
-        if any(t.is_alive() for t in self.threads):
-            self.failures.append(f"lease holders still running {join_seconds} s after stop")
+        stop_threads(self.stop_event, self.threads, join_seconds, "lease holders",
+                     self.failures)
 
     def _holder(self, seed: int, n: int) -> None:
         rng = random.Random(seed)
