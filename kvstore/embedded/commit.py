@@ -23,7 +23,7 @@ from kvstore.commands import OP_LEASE_GRANT, OP_TXN_WRITES
 from kvstore.embedded.groupcommit import Request
 from kvstore.embedded.recovery import entry
 from kvstore.errors import CorruptRecord, KVError, StorageError
-from kvstore.machine.data import apply_command, apply_writes, reads_still_valid
+from kvstore.machine.data import apply_command, reads_still_valid
 from kvstore.machine.leases import LeaseTable, apply_leased
 from kvstore.storage.environment import THIRD_PARTY_ERRORS, translate
 from kvstore.storage.overlay import LazyRead, ShardView
@@ -176,13 +176,11 @@ def _apply_multi_shard(store, view, payload, entries: dict, changes: dict,
             return False
     for shard, (_reads, _ranges, writes) in payload.parts.items():
         if writes:
-            apply_writes(view(shard), data[shard], applied[shard] + 1, writes,
+            command = (OP_TXN_WRITES, writes)
+            apply_leased(view(shard), data[shard], applied[shard] + 1, command,
+                         lease_table(shard) if store._lease_shards[shard] else None,
                          changes.setdefault(shard, []))
-            if store._lease_shards[shard]:
-                leases = lease_table(shard)
-                if leases.attached:
-                    leases.detach_written((OP_TXN_WRITES, writes), True)
-            entries.setdefault(shard, []).append((OP_TXN_WRITES, writes))
+            entries.setdefault(shard, []).append(command)
     return True
 
 
