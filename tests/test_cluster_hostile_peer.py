@@ -27,6 +27,7 @@ from kvstore.paxos.messages import Message
 from kvstore.node.config import load_node_config, read_toml
 from kvstore.server.local import LocalCluster
 from kvstore.transport import wire
+from kvstore.node.membership import bootstrap_info, cluster_id
 from kvstore.transport.sockets import peer_identity, shape_fingerprint
 import test_node
 from conftest import child_env
@@ -56,8 +57,7 @@ class Peer:
         self.ctx = zmq.Context()
         self.sockets = {}
         cfg = load_node_config(lc.config_path, lc.names[0])
-        peer_addresses = {nm: cfg.peer_address(nm) for nm in cfg.names}
-        self.shape = shape_fingerprint(cfg.shards, cfg.names, cfg.addresses, peer_addresses)
+        self.shape = shape_fingerprint(cfg.shards, cluster_id(bootstrap_info(cfg)))
         self.shards = cfg.shards
         self.statuses = {}
 

@@ -28,11 +28,12 @@ field, so ``kvstore-server`` can print it as its one line before exiting 2.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 from kvstore.errors import InvalidArgument
 from kvstore.node.loop import NodeConfig
+from kvstore.transport.members import NAME as _NAME
+from kvstore.transport.members import is_tcp_address as _is_tcp_address
 from kvstore.transport.sockets import derived_peer_address
 
 if sys.version_info >= (3, 11):
@@ -41,8 +42,6 @@ else:  # pragma: no cover - exercised on older Pythons only
     import tomli as tomllib
 
 MAX_SHARDS = 256
-_ADDRESS = re.compile(r"^tcp://([^:/\s]+|\[[0-9a-fA-F:.]+\]):(\d{1,5})$")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def read_toml(path: str) -> dict:
@@ -114,13 +113,6 @@ def parse_cluster(doc: dict, path: str = "cluster.toml") -> tuple:
         out[name] = {"address": address, "peer_address": peer_address, "data": data,
                      "gateway": gateway, "metrics": metrics}
     return shards, out
-
-
-def _is_tcp_address(value: object) -> bool:
-    """Whether ``value`` is ``tcp://HOST:PORT`` with a port in 1..65535: one rule for a
-    node's client address and its peer address."""
-    match = _ADDRESS.match(value) if isinstance(value, str) else None
-    return match is not None and 0 < int(match.group(2)) < 65536
 
 
 def _claim_address(seen: dict, address: str, name: str, path: str, hint: str = "") -> None:
@@ -230,7 +222,7 @@ def load_node_config(path: str, node_id: str, data: str | None = None, **tuning)
     if not data_dir:
         raise InvalidArgument(f"no data directory for node {node_id}: pass --data DIR or set "
                               f"data in [nodes.{node_id}] of {path}")
-    names = sorted(nodes)
+    names = list(nodes)  # a node's bootstrap index is its position in the file
     return NodeConfig(name=node_id, names=names,
                       addresses={nm: nodes[nm]["address"] for nm in names},
                       peer_addresses={nm: nodes[nm]["peer_address"] for nm in names},
@@ -254,4 +246,4 @@ def node_metrics(path: str, node_id: str) -> str | None:
 def cluster_addresses(path: str) -> list:
     """Every node's client address in a cluster file (for clients and the CLI)."""
     _shards, nodes = parse_cluster(read_toml(path), path)
-    return [nodes[nm]["address"] for nm in sorted(nodes)]
+    return [nodes[nm]["address"] for nm in nodes]

@@ -56,7 +56,7 @@ is one turn of the loop, the same for both. Each turn:
 Clients are never answered from anywhere else, and nothing is sent before it
 is persisted.
 
-The node is one class in four rooms: this module (the loop: ``turn``, receive,
+The node is one class in five rooms: this module (the loop: ``turn``, receive,
 persist/send/answer in that order, roles, snapshots, status), request intake
 (``kvstore.node.intake.Intake``: a client's request checked, decoded once, queued,
 forwarded or answered), the 2PC resolver (``kvstore.node.resolver.Resolver``:
@@ -64,7 +64,8 @@ the decide request and the settlement of abandoned transactions), watch
 (``kvstore.node.watching.Watching``: the histories and the parked ``OP_WATCH``
 polls, whose waits end on the tick step) and lease expiry
 (``kvstore.node.leases.LeaseExpiry``: deadlines noted at apply, the leader's
-LeaseExpire entries). ``Node`` mixes the four rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
+LeaseExpire entries) and the members (``kvstore.node.membership.MemberDirectory``:
+who they are, the links to them, membership changes). ``Node`` mixes the rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
 follower's progress), so a dropped frame only costs time.
 """
 
@@ -87,6 +88,7 @@ from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, Replica
 from kvstore.node.intake import Intake
 from kvstore.node.leases import LeaseExpiry
+from kvstore.node.membership import MemberDirectory
 from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
 from kvstore.node.resolver import RESOLVE_EVERY_SECONDS, Resolver
 from kvstore.node.stats import PUBLISH_EVERY_SECONDS, NodeStats, view
@@ -94,8 +96,8 @@ from kvstore.node.watching import DEFAULT_HISTORY_BYTES, Watching
 from kvstore.machine.replica import ReplicaStorage, ShardWrite, check_snapshot_data
 from kvstore.node.storage import WalReplicaStorage
 from kvstore.transport import wire
-from kvstore.transport.sockets import (CLIENT, NodeSockets, derived_peer_address,
-                                      peer_identity, shape_fingerprint)
+from kvstore.transport.members import MAX_NODES
+from kvstore.transport.sockets import CLIENT, derived_peer_address
 
 log = logging.getLogger("kvstore.node")
 
@@ -153,6 +155,9 @@ class NodeConfig:
     peer_addresses: dict | None = None
     #: ``[watch] history_bytes``: the watch histories of all shards of the node together.
     watch_history_bytes: int = DEFAULT_HISTORY_BYTES
+    #: The cluster's identity for a node that joins (given by the cluster, ``--join``);
+    #: None: the data directory's, else cluster.toml's (``kvstore.node.membership``).
+    cluster_id: bytes | None = None
 
     @property
     def index(self) -> int:
@@ -164,7 +169,7 @@ class NodeConfig:
         return given if given is not None else derived_peer_address(self.addresses[name])
 
 
-class Node(Intake, Resolver, Watching, LeaseExpiry):
+class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
     """A cluster node; ``run()`` is its loop (blocking), ``stop()`` ends it from anywhere."""
 
     def __init__(self, config: NodeConfig, storage: ReplicaStorage | None = None,
@@ -190,18 +195,10 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
         self._next_publish = 0.0
         try:
             self.replicas = [self._make_replica(s) for s in range(self.nshards)]
-            names = config.names
-            peer_addresses = {nm: config.peer_address(nm) for nm in names}
-            peers = {i: peer_addresses[nm] for i, nm in enumerate(names) if i != self.index}
-            keys = None
-            if config.curve_keys:
-                from kvstore.transport.security import CurveKeys
-                keys = CurveKeys(config.curve_keys, "node")
-            # peers agree on the cluster's shape, or refuse each other's frames
-            shape = shape_fingerprint(self.nshards, names, config.addresses, peer_addresses)
-            self.sockets = transport or NodeSockets(
-                config.addresses[self.name], peer_addresses[self.name], peers, keys=keys,
-                identity=peer_identity(self.index, self.nshards, shape))
+            #: index -> Member: every node this one knows an address for (the members of
+            #: every shard's current epoch; ``kvstore.node.membership`` keeps it current)
+            self.members = self._bootstrap_members()
+            self.sockets = transport or self._open_sockets()
         except BaseException:
             self.storage.close()
             raise
@@ -233,6 +230,8 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
         self._resolving: dict = {}  # txn id -> monotonic time its settlement started
         self._last_resolve = self.clock.monotonic()
         self._refusals_logged: set = set()  # peer routing ids whose refusal was logged
+        self._removed: set = set()  # indexes this node saw removed, not added again since
+        self._provisional: dict = {}  # index -> peer address of a node no membership names yet
         self._next_tick = self.clock.monotonic() + config.tick_seconds
         self._next_reload = self.clock.monotonic()
         self._init_watching(config.watch_history_bytes)
@@ -386,10 +385,13 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
                            f"the link of node {sockets.peer_index(identity)}")
                 continue
             if kind == wire.PAXOS:
+                if body[1] not in self.members and body[1] not in self._provisional \
+                        and not self._link_unknown_peer(body[1], identity):
+                    continue
                 self._on_paxos(body[1], body[2])
             else:
                 frm = body[1]
-                if not (0 <= frm < self.n) or frm == self.index:
+                if frm not in self.members or frm == self.index:
                     self._drop("malformed", f"forward from unknown node {frm}")
                 elif kind == wire.FORWARDED:
                     self._on_forwarded(frm, body[2])
@@ -452,14 +454,14 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
         is checked against this node (its sender and addressee, every command its
         records carry: ``wire.check_paxos_message``) before its replica sees it; one
         that fails is dropped and counted, and changes nothing."""
-        if not (0 <= frm < self.n) or frm == self.index:
+        if frm == self.index or (frm not in self.members and frm not in self._provisional):
             self._drop("malformed", f"paxos batch from unknown node {frm}")
             return
         for shard, m in items:
             if not (0 <= shard < self.nshards):
                 self._drop("malformed", f"paxos message for shard {shard}")
                 continue
-            why = wire.check_paxos_message(m, self.index, self.n, self._check_peer_command)
+            why = wire.check_paxos_message(m, self.index, MAX_NODES, self._check_peer_command)
             if why is not None and not self.bugs.paxos.unchecked_peer_input:
                 self._drop("invalid", f"paxos {m.type}: {why}")
                 continue
@@ -585,7 +587,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
             self._roles[s] = now
             if now[1] is not None and now[1] != before[1]:
                 self.stats.leader_changes[s] += 1
-            leader = None if now[1] is None else self.config.names[now[1]]
+            leader = None if now[1] is None else self._name_of(now[1])
             event = "elected" if now[0] == LEADER else "leader_change"
             log.info("shard %d: %s%s (ballot %s)", s,
                      "this node leads" if now[0] == LEADER else f"{now[0]}, leader {leader}",
@@ -608,7 +610,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
         "A node that lost its disk"), "catching up" (receiving a snapshot, or more than
         ``CATCHING_UP_SLOTS`` behind the commit point its leader told it) or "ok"; on the
         leader, ``followers``: how far it knows each node holds the log."""
-        names = self.config.names
+        names = self._name_of
         shards = []
         for s, r in enumerate(self.replicas):
             hint = r.leader_hint
@@ -616,15 +618,16 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
             state = ("recovering" if st["recovering"] else
                      "catching up" if st["receiving_snapshot"] or st["behind"] > CATCHING_UP_SLOTS else "ok")
             shard = {"shard": s, "role": r.role,
-                     "leader": None if hint is None else names[hint],
+                     "leader": None if hint is None else names(hint),
                      "leader_index": hint, "commit_index": r.commit_index,
                      "applied_index": r.applied_index, "ballot": format_ballot(r.promised),
                      "state": state, "recovery_phase": st["recovering"], "behind": st["behind"]}
             if "match" in st:
-                shard["followers"] = {names[i]: m for i, m in enumerate(st["match"])}
+                shard["followers"] = {names(i): m for i, m in enumerate(st["match"])
+                                      if i in self.members}
             shards.append(shard)
         return {"node": self.name, "index": self.index,
-                "nodes": [{"id": nm, "address": self.config.addresses[nm]} for nm in names],
+                "nodes": self._nodes_by_index(),
                 "nshards": self.nshards, "shards": shards,
                 "counters": dict(self.counters) | dict(self.sockets.counters)}
 

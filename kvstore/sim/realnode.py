@@ -237,6 +237,15 @@ class SimTransport:
         self.sim.send(("node", self.index), ("node", index), PEER, b"node-%d" % self.index, frame)
         return True
 
+    def peer_address_of(self, identity: bytes) -> str | None:
+        return None  # a simulated node reaches only the nodes of the simulation
+
+    def add_peer(self, index: int, address: str) -> None:
+        pass  # every simulated node is reachable by its index
+
+    def remove_peer(self, index: int) -> None:
+        pass
+
     def reply(self, identity: bytes, items: list) -> None:
         client = self.sim.client_by_identity.get(identity)
         if client is not None:

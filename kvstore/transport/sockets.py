@@ -8,10 +8,12 @@ Clients are not nodes. Each node binds two addresses:
 - the **peer ROUTER** (``peer_address``; by default the client port + 10000 on
   the same host, Redis Cluster's bus-port convention): other nodes' DEALERs
   send their Paxos batches and forwarded requests there, nothing else is read
-  from it. Every peer DEALER presents a routing id that names its sender and
-  the cluster's shape (``peer_identity``): a frame from a connection without
-  one, or from a node whose shard count or members differ, is dropped before
-  it is decoded (``NodeSockets.refusals`` says why, once per peer).
+  from it. Every peer DEALER presents a routing id that names its sender, the
+  cluster's shape (shard count and identity, not its members: they change at
+  run time) and the sender's peer address (``peer_identity``): a frame from a
+  connection without one, or from a node of another shape, is dropped before
+  it is decoded (``NodeSockets.refusals`` says why, once per peer). Links to
+  peers come and go with the membership (``add_peer``, ``remove_peer``).
 
 The client ROUTER lives in a ZeroMQ context of its own, so libzmq decodes
 what clients send on another I/O thread than the peers' traffic: a client's
@@ -84,6 +86,7 @@ from collections import Counter, deque
 import zmq
 
 from kvstore.transport import wire
+from kvstore.transport.members import is_tcp_address
 from kvstore.transport.wire import MAX_PEER_FRAME_BYTES, MAX_REQUEST_FRAME_BYTES
 
 #: The derived peer port is the client port plus this (Redis Cluster's bus port).
@@ -129,16 +132,23 @@ def derived_peer_address(client_address: str) -> str:
     return f"{host}:{peer_port}"
 
 
-def shape_fingerprint(shards: int, names: list, client_addresses: dict,
-                      peer_addresses: dict) -> bytes:
-    """What two nodes must agree on to be peers: shard count, members and their addresses."""
-    text = repr((shards, [(n, client_addresses[n], peer_addresses[n]) for n in sorted(names)]))
-    return hashlib.sha256(text.encode()).digest()[:8]
+def shape_fingerprint(shards: int, cluster_id: bytes) -> bytes:
+    """What two nodes must agree on to be peers: the shard count and the cluster's
+    identity (``kvstore.node.membership.cluster_id``: fixed when the cluster was
+    bootstrapped). Not the members: they change through consensus, at run time."""
+    return hashlib.sha256(repr((shards, bytes(cluster_id))).encode()).digest()[:8]
 
 
-def peer_identity(index: int, shards: int, fingerprint: bytes) -> bytes:
-    """The routing id a node's DEALERs present: prefix, sender index, shard count, shape."""
-    return _PEER_ID_PREFIX + index.to_bytes(2, "big") + shards.to_bytes(2, "big") + fingerprint
+def peer_identity(index: int, shards: int, fingerprint: bytes, peer_address: str = "") -> bytes:
+    """The routing id a node's DEALERs present: prefix, sender index, shard count, shape,
+    then the sender's own peer address: a node that does not know the sender yet (a
+    member added in an epoch it has not reached) can answer it there."""
+    return (_PEER_ID_PREFIX + index.to_bytes(2, "big") + shards.to_bytes(2, "big") + fingerprint
+            + peer_address.encode())
+
+
+#: Bytes of a peer routing id before the sender's address.
+_PEER_ID_FIXED = len(_PEER_ID_PREFIX) + 2 + 2 + 8
 
 
 class NodeSockets:
@@ -152,7 +162,8 @@ class NodeSockets:
         self.client_context = zmq.Context()  # the client ROUTER
         self.counters: Counter = Counter()
         self.client_router = self.peer_router = None
-        self.peers: dict = {}
+        self.peers: dict = {}  # index -> DEALER
+        self._addresses: dict = {}  # index -> the address its DEALER connects to
         self._identity = identity
         self._auth = None
         self._client_auth = None
@@ -182,19 +193,38 @@ class NodeSockets:
             self.close()
             raise
         for index, address in peers.items():
-            d = self.context.socket(zmq.DEALER)
-            if keys is not None:
-                keys.make_client(d)
-            if identity:
-                d.setsockopt(zmq.ROUTING_ID, identity)
-            d.setsockopt(zmq.LINGER, 0)
-            d.setsockopt(zmq.IMMEDIATE, 1)
-            d.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
-            d.setsockopt(zmq.RCVHWM, 16)  # peers never answer on this link
-            d.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-            d.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-            d.connect(address)
-            self.peers[index] = d
+            self.add_peer(index, address)
+
+    def add_peer(self, index: int, address: str) -> None:
+        """A DEALER to node ``index`` at ``address`` (a member added at run time, or one
+        that moved: the old link is closed); nothing if it is there already."""
+        d = self.peers.get(index)
+        if d is not None:
+            if self._addresses.get(index) == address:
+                return
+            self.remove_peer(index)
+        keys, identity = self._keys, self._identity
+        d = self.context.socket(zmq.DEALER)
+        if keys is not None:
+            keys.make_client(d)
+        if identity:
+            d.setsockopt(zmq.ROUTING_ID, identity)
+        d.setsockopt(zmq.LINGER, 0)
+        d.setsockopt(zmq.IMMEDIATE, 1)
+        d.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
+        d.setsockopt(zmq.RCVHWM, 16)  # peers never answer on this link
+        d.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        d.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        d.connect(address)
+        self.peers[index] = d
+        self._addresses[index] = address
+
+    def remove_peer(self, index: int) -> None:
+        """Close the link to node ``index`` (a member removed); nothing if there is none."""
+        d = self.peers.pop(index, None)
+        self._addresses.pop(index, None)
+        if d is not None:
+            d.close(0)
 
     @staticmethod
     def _router(context, address: str, keys, domain: str, sndhwm: int, rcvhwm: int,
@@ -273,10 +303,12 @@ class NodeSockets:
         return False
 
     def _is_peer(self, identity: bytes) -> bool:
-        """A peer ROUTER frame's routing id: this cluster's prefix, shape and a sender."""
+        """A peer ROUTER frame's routing id: this cluster's prefix and shape, a sender,
+        and (optionally) the sender's peer address."""
         own = self._identity
-        if identity[:len(_PEER_ID_PREFIX)] == _PEER_ID_PREFIX and len(identity) == len(own) \
-                and identity[len(_PEER_ID_PREFIX) + 2:] == own[len(_PEER_ID_PREFIX) + 2:]:
+        fixed = _PEER_ID_FIXED
+        if identity[:len(_PEER_ID_PREFIX)] == _PEER_ID_PREFIX and len(identity) >= fixed \
+                and identity[len(_PEER_ID_PREFIX) + 2:fixed] == own[len(_PEER_ID_PREFIX) + 2:fixed]:
             return True
         self.counters["dropped_not_a_peer" if identity[:len(_PEER_ID_PREFIX)] != _PEER_ID_PREFIX
                       else "dropped_peer_shape_differs"] += 1
@@ -286,7 +318,7 @@ class NodeSockets:
 
     def _why_refused(self, identity: bytes) -> str:
         p = len(_PEER_ID_PREFIX)
-        if identity[:p] != _PEER_ID_PREFIX or len(identity) != len(self._identity):
+        if identity[:p] != _PEER_ID_PREFIX or len(identity) < _PEER_ID_FIXED:
             return "a connection to the peer port that is not a kvstore node of this version"
         index = int.from_bytes(identity[p:p + 2], "big")
         shards = int.from_bytes(identity[p + 2:p + 4], "big")
@@ -294,18 +326,30 @@ class NodeSockets:
         if shards != own_shards:
             return (f"node #{index} has {shards} shard(s) and this node {own_shards}: "
                     f"their cluster.toml files differ")
-        return (f"node #{index} lists other members or addresses than this node: "
-                f"their cluster.toml files differ")
+        return (f"node #{index} belongs to another cluster (or its cluster.toml differs "
+                f"from the one this cluster was bootstrapped with)")
 
     def peer_index(self, identity: bytes) -> int:
         """The sender index a peer's routing id names (checked by ``_is_peer``)."""
         p = len(_PEER_ID_PREFIX)
         return int.from_bytes(identity[p:p + 2], "big")
 
+    def peer_address_of(self, identity: bytes) -> str | None:
+        """The peer address a peer's routing id names (checked by ``_is_peer``), if any."""
+        try:
+            address = identity[_PEER_ID_FIXED:].decode()
+        except UnicodeDecodeError:
+            return None
+        return address if is_tcp_address(address) else None
+
     # ------------------------------------------------------------------ send
     def send_peer(self, index: int, frame: bytes) -> bool:
+        d = self.peers.get(index)
+        if d is None:  # no address known for it (yet): Paxos retransmits
+            self.counters["dropped_peer_unknown"] += 1
+            return False
         try:
-            self.peers[index].send(frame, zmq.NOBLOCK)
+            d.send(frame, zmq.NOBLOCK)
             self.counters["sent_peer_frames"] += 1
             return True
         except zmq.Again:  # the peer is down (IMMEDIATE) or its queue is full
