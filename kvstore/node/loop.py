@@ -623,8 +623,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
                      "applied_index": r.applied_index, "ballot": format_ballot(r.promised),
                      "state": state, "recovery_phase": st["recovering"], "behind": st["behind"]}
             if "match" in st:
-                shard["followers"] = {names(i): m for i, m in enumerate(st["match"])
-                                      if i in self.members}
+                shard["followers"] = {names(i): m for i, m in st["match"].items()}
             shards.append(shard)
         return {"node": self.name, "index": self.index,
                 "nodes": self._nodes_by_index(),
