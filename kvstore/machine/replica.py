@@ -37,13 +37,19 @@ import msgpack
 
 from kvstore.commands import LOCKED, POISONED, STALE, ClientCommand, DecodedCommands, Txn, TwoPC
 from kvstore.errors import CorruptRecord
-from kvstore.paxos.replica import KIND_BATCH, PersistedState, Snapshot
+from kvstore.paxos.membership import check_membership
+from kvstore.paxos.replica import KIND_BATCH, KIND_CONFIG, Membership, PersistedState, Snapshot
 from kvstore.machine.twopc import any_locked, apply_2pc
 from kvstore.machine.data import apply_command, scan_rows
 from kvstore.machine.leases import LeaseTable, apply_leased
 
 #: Where a shard's ``HardState`` lives in its meta table (msgpack, a 4-item list).
 META_PAXOS = b"paxos.hard"
+#: Where a shard's membership lives in its meta table once a change was applied (msgpack
+#: ``[epoch, start, voters, learners, info]``); absent: the bootstrap one (cluster.toml's).
+#: Part of the replicated state: written by the entry that changes it, at its slot, with
+#: the applied point (rule 4), and by an installed snapshot.
+META_MEMBERSHIP = b"paxos.membership"
 
 
 class HardState(NamedTuple):
@@ -215,8 +221,37 @@ def apply_client_command(txn, tables, slot: int, logged: ClientCommand, sessions
     return key, result
 
 
+def pack_membership(m: Membership) -> bytes:
+    """A membership as the meta table keeps it (``META_MEMBERSHIP``)."""
+    return msgpack.packb([m.epoch, m.start, list(m.voters), list(m.learners), m.info],
+                         use_bin_type=True)
+
+
+def read_membership(txn, t) -> Membership | None:
+    """The membership a shard's meta table holds (tables ``t``), or None (the bootstrap
+    one); ``CorruptRecord`` if what it holds is not one."""
+    raw = txn.get(META_MEMBERSHIP, db=t.meta)
+    if raw is None:
+        return None
+    try:
+        epoch, start, voters, learners, info = msgpack.unpackb(bytes(raw), raw=False)
+        m = Membership(epoch, start, tuple(voters), tuple(learners), info)
+        if type(epoch) is not int or type(start) is not int or epoch < 1 or start < 1 \
+                or list(m.voters) != sorted(set(m.voters)) or type(info) is not bytes \
+                or list(m.learners) != sorted(set(m.learners)):
+            raise ValueError("fields out of range")
+        check_membership(m)
+    except (ValueError, TypeError) as e:
+        raise CorruptRecord(f"the shard's membership on disk is not one: {e}") from None
+    except Exception as e:  # msgpack's own classes
+        raise CorruptRecord(f"the shard's membership on disk does not decode: "
+                            f"{type(e).__name__}") from None
+    return m
+
+
 def install_snapshot(txn, t, snapshot: Snapshot) -> None:
-    """Replace a shard's state (data, sessions, 2PC records: tables ``t``) with a snapshot's."""
+    """Replace a shard's state (data, sessions, 2PC records: tables ``t``) with a snapshot's,
+    its membership included (none: the bootstrap one)."""
     try:
         rows, txn_rows = msgpack.unpackb(snapshot.data, raw=False)
     except Exception as e:
@@ -227,6 +262,10 @@ def install_snapshot(txn, t, snapshot: Snapshot) -> None:
     txn.drop(t.txns, delete=False)  # sessions and 2PC records: the snapshot's replace them
     for key, raw in txn_rows:
         txn.put(key, raw, db=t.txns)
+    if snapshot.membership is not None and snapshot.membership.epoch > 0:
+        txn.put(META_MEMBERSHIP, pack_membership(snapshot.membership), db=t.meta)
+    else:
+        txn.delete(META_MEMBERSHIP, db=t.meta)
 
 
 def apply_entries(txn, tables, shard: int, entries, applied: int, results: list,
@@ -261,6 +300,8 @@ def apply_entries(txn, tables, shard: int, entries, applied: int, results: list,
                 key, result = apply_client_command(txn, tables, entry.slot, logged, sessions,
                                                    changes=entry_changes, leases=leases)
                 results.append((shard, entry.slot, key, result))
+        elif entry.kind == KIND_CONFIG and entry.membership is not None:
+            txn.put(META_MEMBERSHIP, pack_membership(entry.membership), db=tables.meta)
         if entry_changes:
             changes.append((entry.slot + 1, entry_changes))
         if entry.slot % SESSION_SWEEP_EVERY == 0:

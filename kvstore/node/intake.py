@@ -86,6 +86,9 @@ class Intake:
             if op == wire.OP_WATCH:  # bounded on its own (kvstore.node.watching)
                 self._on_watch(identity, request_id, args)
                 return
+            if op == wire.OP_MEMBER:  # a few at a time (kvstore.node.membership)
+                self._on_member(identity, request_id, args)
+                return
             if len(self.waiting_writes) + len(self.waiting_reads) >= WAITING_MAX:
                 self.stats.count(op, wire.STATUS_RETRY)
                 self._reply(identity, request_id, wire.STATUS_RETRY, "overloaded")
@@ -333,9 +336,12 @@ class Intake:
                 del self.waiting_writes[key]
                 self.stats.count(wire.OP_WRITE, wire.STATUS_NOT_LEADER)
                 self._reply(w.identity, w.request_id, wire.STATUS_NOT_LEADER, hint)
+        self._fail_member_waits(shard, "the leader changed while the membership change was "
+                                       "proposed")
 
     def _expire_waiting(self, now: float) -> None:
         self._last_expiry = now
+        self._fail_member_waits(None, "the membership change has not taken effect yet")
         cutoff = now - WAITING_EXPIRE_SECONDS
         for table in (self.waiting_writes, self.waiting_reads, self._forwarded):
             for key in [k for k, w in table.items() if w.since < cutoff]:

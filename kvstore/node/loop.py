@@ -159,9 +159,14 @@ class NodeConfig:
     #: None: the data directory's, else cluster.toml's (``kvstore.node.membership``).
     cluster_id: bytes | None = None
 
+    #: A node that joins a running cluster (``kvstore-server --join``): its index and each
+    #: shard's membership as the cluster told it (None: cluster.toml bootstraps them).
+    node_index: int | None = None
+    memberships: list | None = None
+
     @property
     def index(self) -> int:
-        return self.names.index(self.name)
+        return self.node_index if self.node_index is not None else self.names.index(self.name)
 
     def peer_address(self, name: str) -> str:
         """Where node ``name`` listens for its peers (see ``kvstore.transport.sockets``)."""
@@ -182,7 +187,6 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
         self.clock = clock or SystemClock()
         self.bugs = bugs
         self.name = config.name
-        self.index = config.index
         self.n = len(config.names)
         self.rng = rng or random.Random(int.from_bytes(os.urandom(8), "little"))
         self.storage = storage or WalReplicaStorage(config.data_dir, config.shards)
@@ -194,10 +198,13 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
         self.publish = None
         self._next_publish = 0.0
         try:
+            # this node's index and the cluster's identity (its data directory keeps them)
+            self.index, self.cluster = self._identity(own_directory=transport is None)
             self.replicas = [self._make_replica(s) for s in range(self.nshards)]
             #: index -> Member: every node this one knows an address for (the members of
             #: every shard's current epoch; ``kvstore.node.membership`` keeps it current)
-            self.members = self._bootstrap_members()
+            self.members = self._current_members()
+            self._check_members(checked=transport is None)
             self.sockets = transport or self._open_sockets()
         except BaseException:
             self.storage.close()
@@ -220,7 +227,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
         self._roles = [(r.role, r.leader_hint) for r in self.replicas]
         self._stopping = False
         self._ticks = 0
-        self._campaign_at = list(PREFERRED_CAMPAIGN_TICKS) if self.n > 1 else []
+        self._campaign_at = list(PREFERRED_CAMPAIGN_TICKS) if len(self.members) > 1 else []
         self._last_expiry = self.clock.monotonic()
         # the resolver: this node's own writes (2PC settlements) go through _on_request
         # under the identity ("self", token) with their own client session
@@ -230,8 +237,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
         self._resolving: dict = {}  # txn id -> monotonic time its settlement started
         self._last_resolve = self.clock.monotonic()
         self._refusals_logged: set = set()  # peer routing ids whose refusal was logged
-        self._removed: set = set()  # indexes this node saw removed, not added again since
-        self._provisional: dict = {}  # index -> peer address of a node no membership names yet
+        self._init_member_links()
         self._next_tick = self.clock.monotonic() + config.tick_seconds
         self._next_reload = self.clock.monotonic()
         self._init_watching(config.watch_history_bytes)
@@ -239,7 +245,8 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
 
     def _make_replica(self, shard: int) -> Replica:
         c = self.config
-        cfg = Config(node=self.index, num_nodes=self.n, rng=self.rng,
+        cfg = Config(node=self.index, num_nodes=max(1, self.n), rng=self.rng,
+                     membership=self._start_membership(shard),
                      election_timeout_ticks=c.election_timeout_ticks,
                      heartbeat_interval_ticks=c.heartbeat_interval_ticks,
                      pipeline_window=c.pipeline_window, batch_commands_max=c.batch_commands_max,
@@ -400,17 +407,6 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
                         self._on_request(("peer", frm), forward_id, op, args)
         self._log_refused_peers()
 
-    def _log_refused_peers(self) -> None:
-        """One line per peer connection refused for its shape (``NodeSockets.refusals``)."""
-        refusals = self.sockets.refusals
-        if len(refusals) == len(self._refusals_logged):
-            return
-        for identity, why in refusals.items():
-            if identity not in self._refusals_logged:
-                self._refusals_logged.add(identity)
-                log.error("refused a peer: %s; it takes no part in this cluster", why,
-                          extra={"event": "peer_refused", "node": self.name, "why": why})
-
     def _reply(self, identity: bytes, request_id: int, status: int, value=None) -> None:
         """Queue a reply; ``_flush_replies`` sends each client's in one frame per turn."""
         pending = self._replies.get(identity)
@@ -508,6 +504,9 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
                     self.sockets.send_peer(peer, frame)
             results = self.storage.save(writes, self._answer_durable_early) if writes else []
             self._fresh_slots = None
+            for s, rd in readies:
+                if rd.membership is not None:  # a new epoch: links to its members first
+                    self._on_membership(s, rd.membership)
             self._note_leases(writes)
             self.counters["poisoned_values"] += sum(1 for r in results if r[3] is POISONED)
             # b. send: one frame (or a few, if huge) per peer, across shards
@@ -536,7 +535,8 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
 
     def _campaign_for_preferred_shards(self) -> None:
         for s, r in enumerate(self.replicas):
-            if s % self.n == self.index and r.leader_hint is None:
+            voters = r.membership.voters
+            if r.is_voter and voters[s % len(voters)] == self.index and r.leader_hint is None:
                 r.campaign()
 
     def _maybe_snapshot(self) -> None:

@@ -25,11 +25,19 @@ import os
 
 from kvstore.errors import InvalidArgument
 from kvstore.transport.sockets import NodeSockets, peer_identity, shape_fingerprint
-from kvstore.transport.members import MAX_NODES, Member, decode_info, describe, encode_info
+from kvstore.paxos.replica import Membership
+from kvstore.transport import wire
+from kvstore.transport.members import (MAX_NODES, NAME, Member, decode_info, describe,
+                                       encode_info)
 
 log = logging.getLogger("kvstore.node")
 
-#: The cluster's identity in a node's data directory: 16 hex digits and a newline.
+#: A ``member change`` request waits this long for its change at most, then is told to
+#: look again (``STATUS_RETRY``).
+MEMBER_CHANGE_WAIT_SECONDS = 20.0
+
+#: The cluster's identity in a node's data directory, with this node's index and name:
+#: ``<16 hex digits> <index> <name>`` and a newline. A node's index never changes.
 CLUSTER_ID_FILE = "cluster-id"
 
 
@@ -44,34 +52,36 @@ def cluster_id(info: bytes) -> bytes:
     return hashlib.sha256(b"kvstore-cluster\0" + info).digest()[:8]
 
 
-def read_cluster_id(data_dir: str) -> bytes | None:
-    """The cluster identity kept in ``data_dir``, or None if it keeps none (a new
+def read_identity(data_dir: str) -> tuple | None:
+    """``(cluster_id, index, name)`` kept in ``data_dir``, or None if it keeps none (a new
     directory, or one written before membership changes existed)."""
     path = os.path.join(data_dir, CLUSTER_ID_FILE)
     try:
         with open(path, "rb") as f:
-            text = f.read(64).strip()
+            fields = f.read(256).split()
     except FileNotFoundError:
         return None
     except OSError as e:
         raise InvalidArgument(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        value = bytes.fromhex(text.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        value = b""
-    if len(value) != 8:
-        raise InvalidArgument(f"{path} does not hold a cluster identity (16 hex digits): "
-                              f"restore it from another node of the cluster")
-    return value
+        value, index, name = bytes.fromhex(fields[0].decode("ascii")), int(fields[1]), \
+            fields[2].decode("ascii")
+    except (IndexError, UnicodeDecodeError, ValueError):
+        value, index, name = b"", -1, ""
+    if len(value) != 8 or not 0 <= index < MAX_NODES or not NAME.match(name):
+        raise InvalidArgument(f"{path} does not hold a cluster identity (16 hex digits, this "
+                              f"node's index and name): wipe the directory and add the node "
+                              f"to the cluster again")
+    return value, index, name
 
 
-def write_cluster_id(data_dir: str, value: bytes) -> None:
-    """Keep ``value`` in ``data_dir``, durably (written aside, synced, renamed, the
-    directory synced)."""
+def write_identity(data_dir: str, value: bytes, index: int, name: str) -> None:
+    """Keep the cluster's identity and this node's index and name in ``data_dir``, durably
+    (written aside, synced, renamed, the directory synced)."""
     path = os.path.join(data_dir, CLUSTER_ID_FILE)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(value.hex().encode() + b"\n")
+        f.write(f"{value.hex()} {index} {name}\n".encode())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -119,16 +129,60 @@ class MemberDirectory:
         c = self.config
         return {i: Member(nm, c.addresses[nm], c.peer_address(nm)) for i, nm in enumerate(c.names)}
 
-    def _cluster_id(self) -> bytes:
-        """The cluster's identity (``kvstore.node.membership``): kept in the data directory;
-        a directory that keeps none (new, or older than membership changes) takes the
-        one of cluster.toml's bootstrap membership, or the one a joining node was given."""
+    def _identity(self, own_directory: bool) -> tuple:
+        """``(index, cluster id)`` of this node: as its data directory keeps them; a
+        directory that keeps none (new, or older than membership changes) takes the
+        index a joining node was given, else its place in cluster.toml, and the identity
+        of cluster.toml's bootstrap membership, or the one a joining node was given.
+        ``own_directory`` False (the simulator): the config's index, no identity."""
         c = self.config
-        value = read_cluster_id(c.data_dir)
-        if value is None:
-            value = c.cluster_id or cluster_id(bootstrap_info(c))
-            write_cluster_id(c.data_dir, value)
-        return value
+        if not own_directory:
+            return c.index, b""
+        kept = read_identity(c.data_dir)
+        if kept is not None:
+            value, index, name = kept
+            if name != c.name:
+                raise InvalidArgument(f"data directory {c.data_dir} is node {name}'s, not "
+                                      f"{c.name}'s: start it as {name}, or wipe it")
+            return index, value
+        index = c.index
+        value = c.cluster_id or cluster_id(bootstrap_info(c))
+        write_identity(c.data_dir, value, index, c.name)
+        return index, value
+
+    def _start_membership(self, shard: int) -> Membership:
+        """The membership a shard starts from when its data directory holds none: the one
+        the cluster told a joining node, else the bootstrap one (cluster.toml's nodes,
+        epoch 0). A simulated node's addresses are no TCP ones: its ``info`` is empty."""
+        c = self.config
+        if c.memberships is not None:
+            return c.memberships[shard]
+        try:
+            info = bootstrap_info(c)
+        except ValueError:
+            info = b""
+        return Membership(0, 0, tuple(range(len(c.names))), (), info)
+
+    def _current_members(self) -> dict:
+        """``{index: Member}`` over every shard's current membership (``directory``); the
+        bootstrap members where no membership carries them (the simulator's)."""
+        return directory(r.membership for r in self.replicas) or self._bootstrap_members()
+
+    def _check_members(self, checked: bool) -> None:
+        """Refuse to start a node whose cluster.toml disagrees with the members its data
+        directory holds once they changed (epoch > 0), or that is no member any more."""
+        if not checked:
+            return
+        c = self.config
+        if c.memberships is None and any(r.membership.epoch > 0 for r in self.replicas):
+            named = self._bootstrap_members()
+            if not same_members(named, self.members):
+                raise InvalidArgument(disagreement("cluster.toml", named,
+                                                   self.members))
+        if self.index not in self.members:
+            raise InvalidArgument(f"node {self.name} is no member of the cluster any more (the "
+                                  f"members are {describe(self.members)}): to bring it back, wipe "
+                                  f"{c.data_dir} and add it again (`kvstore member add`)")
 
     def _open_sockets(self):
         """The node's ZeroMQ sockets: peers agree on the shard count and the cluster's
@@ -138,11 +192,29 @@ class MemberDirectory:
             from kvstore.transport.security import CurveKeys
             keys = CurveKeys(self.config.curve_keys, "node")
         own = self.members[self.index]
-        shape = shape_fingerprint(self.nshards, self._cluster_id())
+        shape = shape_fingerprint(self.nshards, self.cluster)
         return NodeSockets(own.address, own.peer_address,
                            {i: m.peer_address for i, m in self.members.items() if i != self.index},
                            keys=keys, identity=peer_identity(self.index, self.nshards, shape,
                                                              own.peer_address))
+
+    def _init_member_links(self) -> None:
+        self._removed: set = set()  # indexes this node saw removed, not added again since
+        self._provisional: dict = {}  # index -> peer address of a node no membership names yet
+        #: ``member change`` requests waiting for their change:
+        #: ``(identity, request_id, shard, epoch, since)``
+        self._member_waits: list = []
+
+    def _log_refused_peers(self) -> None:
+        """One line per peer connection refused for its shape (``NodeSockets.refusals``)."""
+        refusals = self.sockets.refusals
+        if len(refusals) == len(self._refusals_logged):
+            return
+        for identity, why in refusals.items():
+            if identity not in self._refusals_logged:
+                self._refusals_logged.add(identity)
+                log.error("refused a peer: %s; it takes no part in this cluster", why,
+                          extra={"event": "peer_refused", "node": self.name, "why": why})
 
     def _link_unknown_peer(self, frm: int, identity: bytes) -> bool:
         """A Paxos batch from node ``frm``, which no membership this node holds names (a
@@ -177,3 +249,97 @@ class MemberDirectory:
         return [{"id": members[i].name, "address": members[i].address} if i in members
                 else {"id": f"#{i}", "address": own, "removed": True}
                 for i in range(max(members) + 1)]
+
+    # ------------------------------------------------------------------ changes
+    def _on_membership(self, shard: int, m: Membership) -> None:
+        """Shard ``shard`` moved to epoch ``m`` (its change is durable here): links to new
+        members opened, to removed ones closed (once no shard names them), logged, and
+        the ``member change`` requests waiting for it answered."""
+        before, self.members = self.members, self._current_members()
+        for index in before.keys() - self.members.keys() - {self.index}:
+            self.sockets.remove_peer(index)
+            self._removed.add(index)
+        for index, member in self.members.items():
+            if index != self.index:
+                self.sockets.add_peer(index, member.peer_address)
+                self._removed.discard(index)
+                self._provisional.pop(index, None)
+        names = decode_info(m.info)
+        voters = [names[i].name if i in names else f"#{i}" for i in m.voters]
+        learners = [names[i].name if i in names else f"#{i}" for i in m.learners]
+        log.info("shard %d: membership epoch %d from slot %d: voters %s, learners %s%s", shard,
+                 m.epoch, m.start, ", ".join(voters), ", ".join(learners) or "none",
+                 "" if self.index in m.voters or self.index in m.learners else
+                 "; this node is no member of the shard any more",
+                 extra={"event": "membership", "node": self.name, "shard": shard,
+                        "epoch": m.epoch, "voters": voters, "learners": learners})
+        waits, self._member_waits = self._member_waits, []
+        for w in waits:
+            if w[2] == shard and m.epoch >= w[3]:
+                self._reply(w[0], w[1], wire.STATUS_OK, {"epoch": m.epoch})
+            else:
+                self._member_waits.append(w)
+
+    def _on_member(self, identity, request_id: int, args: list) -> None:
+        """``OP_MEMBER``: ``["list"]`` (any node: ``member_view``) or ``["change", shard,
+        epoch, voters, learners, info]`` (the shard's leader proposes it; answered once
+        it took effect, ``_on_membership``)."""
+        if not args or args[0] not in ("list", "change"):
+            raise ValueError("member takes [\"list\"] or [\"change\", shard, epoch, voters, "
+                             "learners, info]")
+        if args[0] == "list":
+            self._reply(identity, request_id, wire.STATUS_OK, self.member_view())
+            return
+        if len(args) != 6:
+            raise ValueError("member change takes [shard, epoch, voters, learners, info]")
+        _change, shard, epoch, voters, learners, info = args
+        shard = self._shard_arg(shard)
+        r = self.replicas[shard]
+        if not r.is_leader:
+            self._not_leader(identity, request_id, wire.OP_MEMBER, args, r.leader_hint)
+            return
+        if type(epoch) is not int or type(info) is not bytes or not all(
+                type(v) is list and all(type(i) is int for i in v) for v in (voters, learners)):
+            raise ValueError("member change takes an epoch, voter and learner indexes, info bytes")
+        m = r.membership
+        if (list(m.voters), list(m.learners), m.info) == (sorted(voters), sorted(learners), info):
+            self._reply(identity, request_id, wire.STATUS_OK, {"epoch": m.epoch})  # done already
+            return
+        if m.epoch != epoch:
+            raise ValueError(f"shard {shard}'s membership changed meanwhile (it is at epoch "
+                             f"{m.epoch}, not {epoch}): look again with `kvstore member list`")
+        named = decode_info(info)
+        if set(named) != set(voters) | set(learners):
+            raise ValueError("a membership's info must name every voter and learner, no other")
+        r.propose_membership(voters, learners, info)
+        self._member_waits.append((identity, request_id, shard, epoch + 1,
+                                   self.clock.monotonic()))
+
+    def _fail_member_waits(self, shard: int | None, why: str) -> None:
+        """``member change`` requests of ``shard`` (None: waiting too long, any shard) told
+        to look again: their change may or may not take effect (a retry finds out)."""
+        now = self.clock.monotonic()
+        waits, self._member_waits = self._member_waits, []
+        for w in waits:
+            if w[2] == shard or (shard is None and now - w[4] > MEMBER_CHANGE_WAIT_SECONDS):
+                self._reply(w[0], w[1], wire.STATUS_RETRY, why)
+            else:
+                self._member_waits.append(w)
+
+    def member_view(self) -> dict:
+        """``member list``'s answer from this node: the cluster's identity, and per shard
+        its membership as this replica knows it (epoch, first slot, voters, learners,
+        info) with its role, leader and commit point, and on the leader how far it knows
+        each member holds the log (``match``: ``[[index, slot], ...]``)."""
+        shards = []
+        for s, r in enumerate(self.replicas):
+            m = r.membership
+            shard = {"shard": s, "epoch": m.epoch, "start": m.start, "voters": list(m.voters),
+                     "learners": list(m.learners), "info": m.info, "role": r.role,
+                     "leader_index": r.leader_hint, "commit_index": r.commit_index}
+            st = r.status()
+            if "match" in st:
+                shard["match"] = sorted([i, v] for i, v in st["match"].items())
+            shards.append(shard)
+        return {"cluster": self.cluster.hex(), "node": self.name, "index": self.index,
+                "nshards": self.nshards, "shards": shards}

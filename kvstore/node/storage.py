@@ -69,7 +69,7 @@ from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import PersistedState
 from kvstore.node.ports import NO_BUGS, NodeBugs
 from kvstore.machine.replica import (META_PAXOS, NO_HARD_STATE, apply_entries, install_snapshot,
-                                     lease_records)
+                                     lease_records, read_membership)
 from kvstore.commands import LOCKED
 from kvstore.machine.twopc import expired_prepares, key_write_locked, range_write_locked
 from kvstore.storage import Storage
@@ -243,7 +243,7 @@ class WalReplicaStorage:
         records = [rec for slot, rec in sorted(self._records[shard].items()) if slot > compacted]
         self._records[shard] = {}  # the replica holds them from now on
         state = PersistedState(promised=promised, commit_index=commit, records=records,
-                               applied_index=applied)
+                               applied_index=applied, membership=self.membership(shard))
         if compacted >= 0:
             # Log records below the applied point are gone: the state itself, at the
             # applied point, is the snapshot a lagging peer will need.
@@ -407,6 +407,14 @@ class WalReplicaStorage:
             return msgpack.packb([rows, txn_rows], use_bin_type=True)
 
         return self._read(shard, read)
+
+    def membership(self, shard: int):
+        """The shard's membership at its applied point (None: the bootstrap one), as its
+        replicated state holds it (``kvstore.machine.replica.META_MEMBERSHIP``)."""
+        try:
+            return self._read(shard, read_membership)
+        except CorruptRecord as e:
+            raise CorruptRecord(f"shard {shard} in {self.path}: {e}", path=self.path) from None
 
     def get(self, shard: int, key: bytes) -> tuple | str:
         """``(value or None, revision)``; ``LOCKED`` while a prepared transaction writes it."""

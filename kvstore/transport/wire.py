@@ -83,7 +83,11 @@ OP_DECIDE = "decide"    # [shard, txn_id, outcome, participants] -> the recorded
 #: ``[[revision, [[type, key, value, prev], ...]], ...]`` (type 0 put, 1 delete) or None
 #: when ``from_revision`` is older than this node's history (compacted here).
 OP_WATCH = "watch"
-OPS = (OP_HELLO, OP_STATUS, OP_GET, OP_SCAN, OP_WRITE, OP_DECIDE, OP_WATCH)
+#: ["list"] -> the node's view of every shard's membership (``Node.member_view``);
+#: ["change", shard, epoch, voters, learners, info] -> {"epoch": e} once the shard's leader
+#: made it (``kvstore.node.membership``; ``kvstore member``)
+OP_MEMBER = "member"
+OPS = (OP_HELLO, OP_STATUS, OP_GET, OP_SCAN, OP_WRITE, OP_DECIDE, OP_WATCH, OP_MEMBER)
 
 # REPLY ``status`` and ``value``:
 STATUS_OK = 0           # value: the result
