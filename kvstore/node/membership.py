@@ -144,6 +144,13 @@ class MemberDirectory:
             if name != c.name:
                 raise InvalidArgument(f"data directory {c.data_dir} is node {name}'s, not "
                                       f"{c.name}'s: start it as {name}, or wipe it")
+            if (c.node_index is not None and c.node_index != index) or \
+                    (c.cluster_id is not None and c.cluster_id != value):
+                raise InvalidArgument(f"data directory {c.data_dir} holds node {name} of an "
+                                      f"earlier membership (node #{index} of cluster "
+                                      f"{value.hex()}); the cluster now has it as node "
+                                      f"#{c.node_index} of {(c.cluster_id or b'').hex()}: "
+                                      f"wipe the directory to join again")
             return index, value
         index = c.index
         value = c.cluster_id or cluster_id(bootstrap_info(c))

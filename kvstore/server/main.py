@@ -91,8 +91,12 @@ def setup_logging(fmt: str, level: str = "INFO") -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvstore-server",
                                 description="Run one node of a kvstore cluster.")
-    p.add_argument("--config", required=True, metavar="FILE", help="cluster.toml")
-    p.add_argument("--id", required=True, metavar="NAME", help="this node's name in the config")
+    p.add_argument("--config", metavar="FILE", help="cluster.toml (bootstraps a new cluster)")
+    p.add_argument("--id", "--node", dest="id", required=True, metavar="NAME",
+                   help="this node's name")
+    p.add_argument("--join", metavar="ADDRS",
+                   help="join the running cluster at these client addresses (comma-separated) "
+                        "as the member NAME added with `kvstore member add`; no --config")
     p.add_argument("--data", metavar="DIR", help="data directory (overrides the config's)")
     p.add_argument("--gateway", metavar="HOST:PORT",
                    help="also serve the HTTP/JSON gateway here (overrides the config's "
@@ -133,7 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kvstore.node.loop import Node
     from kvstore.node.config import load_node_config
     try:
-        config = load_node_config(args.config, args.id, args.data)
+        if bool(args.join) == bool(args.config):
+            raise InvalidArgument("pass --config cluster.toml (a node of a new or running "
+                                  "cluster) or --join ADDRS (a member added at run time)")
+        if args.join:
+            from kvstore.server.join import join_config
+            config = join_config(args.join, args.id, args.data)
+        else:
+            config = load_node_config(args.config, args.id, args.data)
         gateway_listen = _gateway_listen(args)
         metrics = _metrics_server(args)
     except InvalidArgument as e:
@@ -192,7 +203,7 @@ def _metrics_server(args):
     """The node's metrics and health server (``--metrics``, else the node's ``metrics``
     setting), bound now with the rest of the config checks, or None."""
     from kvstore.node.config import node_metrics
-    listen = args.metrics or node_metrics(args.config, args.id)
+    listen = args.metrics or (args.config and node_metrics(args.config, args.id))
     if not listen:
         return None
     from kvstore.ops.http import MetricsServer
@@ -213,7 +224,7 @@ def _gateway_listen(args) -> str | None:
     checked now with the rest of the config: a bad or taken address, or the gateway extra
     not installed, is the one-line refusal (exit 2), not a child that dies later."""
     from kvstore.node.config import node_gateway
-    listen = args.gateway or node_gateway(args.config, args.id)
+    listen = args.gateway or (args.config and node_gateway(args.config, args.id))
     if listen:
         from kvstore.gateway.serve import check_can_listen, check_installed
         try:
