@@ -1,0 +1,237 @@
+"""Membership changes with real ``kvstore-server`` processes (issue 23, item 1): grow a
+cluster 3 -> 5 -> 3 while a client writes, refuse a cluster.toml that disagrees with the
+members, and replace a wiped node by the documented procedure (docs/operations.md,
+"Membership": remove, wipe, add, promote). Every wait is bounded; every process started
+here is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from kvstore.cli import main as cli_main
+from kvstore.client.members import Members
+from kvstore.errors import KVError
+from kvstore.server.local import LocalCluster, free_port
+from conftest import child_env
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class Cluster:
+    """A ``LocalCluster`` of three nodes and the members added to it (``--join``)."""
+
+    def __init__(self, directory: str, shards: int = 2) -> None:
+        self.lc = LocalCluster(directory, 3, shards, env=child_env())
+        self.directory = directory
+        self.joined: dict = {}  # name -> Popen
+        self.addresses: dict = dict(self.lc.addresses)
+
+    def start(self) -> None:
+        self.lc.start_all()
+        self.lc.wait_ready()
+
+    def client(self, timeout: float = 5.0):
+        import kvstore
+        return kvstore.connect(list(self.addresses.values()), timeout=timeout)
+
+    def cli(self, *args: str) -> int:
+        return cli_main(["--cluster", ",".join(self.addresses.values()), "--timeout", "10",
+                         *args])
+
+    def join(self, name: str, address: str, data: str | None = None) -> subprocess.Popen:
+        log = open(os.path.join(self.directory, f"{name}.log"), "ab")
+        p = subprocess.Popen(
+            [sys.executable, "-m", "kvstore.server", "--join", ",".join(self.addresses.values()),
+             "--node", name, "--data", data or os.path.join(self.directory, name)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=child_env())
+        log.close()
+        self.joined[name] = p
+        self.addresses[name] = address
+        return p
+
+    def stop(self, name: str) -> None:
+        if name in self.joined:
+            p = self.joined[name]
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        else:
+            self.lc.kill(name, signal.SIGTERM)
+
+    def close(self) -> None:
+        for p in self.joined.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        self.lc.close()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made = []
+
+    def make(shards: int = 2) -> Cluster:
+        c = Cluster(str(tmp_path / f"c{len(made)}"), shards)
+        made.append(c)
+        c.start()
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def wait_for(what: str, check, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except KVError as e:
+            last = e
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what} (last error: {last})")
+
+
+def roles(c: Cluster) -> dict:
+    """name -> (role, caught up) as ``member list`` shows it."""
+    with c.client() as db:
+        return {row[0]: (row[4], row[6]) for row in Members(db).view().rows()}
+
+
+def add_and_promote(c: Cluster, name: str) -> None:
+    """The documented scale-out: ``member add`` (a learner), start it with ``--join``,
+    wait until it is caught up, ``member promote``."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    peer = f"tcp://127.0.0.1:{free_port()}"
+    assert c.cli("member", "add", name, "--address", address, "--peer-address", peer) == 0
+    assert roles(c)[name][0] == "learner"
+    c.join(name, address)
+    wait_for(f"{name} caught up", lambda: roles(c)[name] == ("learner", "yes"))
+    assert c.cli("member", "promote", name) == 0
+    assert roles(c)[name][0] == "voter"
+
+
+class Writer:
+    """A client writing distinct keys in a thread; every acknowledged key is kept."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.c = c
+        self.acked: list = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with self.c.client(timeout=3.0) as db:
+            i = 0
+            while not self._stop.is_set():
+                key = b"w%06d" % i
+                try:
+                    db.put(key, key)
+                    self.acked.append(key)
+                except KVError:
+                    self.failed += 1
+                i += 1
+
+    def progress(self, more: int = 20, timeout: float = 30.0) -> None:
+        """Until ``more`` writes were acknowledged from now on: the cluster serves writes."""
+        target = len(self.acked) + more
+        wait_for(f"{more} more acknowledged writes", lambda: len(self.acked) >= target, timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(30)
+
+
+def leader_of_shard(c: Cluster, shard: int) -> str:
+    with c.client() as db:
+        return db.status()["shards"][shard]["leader"]
+
+
+def test_grow_3_to_5_and_shrink_back_to_3_while_a_client_writes(cluster):
+    c = cluster(shards=2)
+    writer = Writer(c)
+    try:
+        writer.progress()
+        add_and_promote(c, "n4")
+        writer.progress()
+        add_and_promote(c, "n5")
+        writer.progress()  # five voters serve writes
+        assert {n for n, (role, _up) in roles(c).items() if role == "voter"} == \
+            {"n1", "n2", "n3", "n4", "n5"}
+        leader = leader_of_shard(c, 0)
+        other = next(n for n in ("n1", "n2", "n3") if n != leader)
+        for name in (leader, other):  # the leader of shard 0 among them
+            assert c.cli("member", "remove", name) == 0
+            c.addresses.pop(name)
+            c.stop(name)
+            writer.progress()
+        assert sorted(roles(c)) == sorted(n for n in ("n1", "n2", "n3", "n4", "n5")
+                                          if n not in (leader, other))
+        writer.progress()
+    finally:
+        writer.stop()
+    assert writer.acked
+    with c.client() as db:  # every acknowledged write is there
+        for key in writer.acked:
+            assert db.get(key) == key, key
+
+
+def test_a_cluster_toml_that_disagrees_with_the_members_is_refused(cluster, capsys):
+    c = cluster(shards=1)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    assert c.cli("member", "add", "n4", "--address", address) == 0
+    c.stop("n1")
+    p = c.lc.start("n1")  # its cluster.toml still names n1, n2, n3 only
+    assert p.wait(30) == 2
+    with open(c.lc.log_path("n1")) as f:
+        lines = f.read().strip().splitlines()
+    assert "cluster.toml only bootstraps a new cluster; the members are now" in lines[-1]
+    assert "n4 (" + address + ")" in lines[-1]
+    # the file brought up to date: the node starts, with its index of before
+    with open(c.lc.config_path, "a") as f:
+        f.write(f'\n[nodes.n4]\naddress = "{address}"\n')
+    c.lc.start("n1")
+    c.lc.wait_ready(names=["n1", "n2", "n3"])
+    with c.client() as db:
+        db.put(b"k", b"v")
+        assert db.get(b"k") == b"v"
+
+
+def test_a_wiped_node_is_replaced_by_remove_wipe_add_promote(cluster):
+    c = cluster(shards=2)
+    with c.client() as db:
+        for i in range(100):
+            db.put(b"before%d" % i, b"x")
+    assert c.cli("member", "remove", "n3") == 0
+    c.stop("n3")
+    shutil.rmtree(os.path.join(c.directory, "n3"))  # its disk is gone
+    c.addresses.pop("n3")
+    with c.client() as db:
+        db.put(b"between", b"y")
+    add_and_promote(c, "n3")  # a new disk, new ports
+    assert roles(c) == {"n1": ("voter", roles(c)["n1"][1]), "n2": ("voter", roles(c)["n2"][1]),
+                        "n3": ("voter", roles(c)["n3"][1])}
+    # n3 counts in a majority now: with n2 stopped, n1 and n3 serve
+    c.stop("n2")
+    c.addresses.pop("n2")
+    with c.client(timeout=20.0) as db:
+        db.put(b"after", b"z")
+        assert db.get(b"between") == b"y"
+        assert all(db.get(b"before%d" % i) == b"x" for i in range(100))
