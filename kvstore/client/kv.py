@@ -215,7 +215,7 @@ class ClusterKV(KV):
                           "role": f"leader of {leads}" if leads else ",".join(roles)})
         shards = []
         for s in range(nshards):
-            leader, commit, replicas, states = None, -1, {}, {}
+            leader, commit, replicas, states, voters = None, -1, {}, {}, None
             for address, v in views.items():
                 if v is None:
                     continue
@@ -225,9 +225,13 @@ class ClusterKV(KV):
                 commit = max(commit, sv["commit_index"])
                 if sv["role"] == "leader":
                     leader = v["node"]
+                if sv.get("voters") and (voters is None or sv["role"] == "leader"):
+                    voters = sv["voters"]  # the leader's word, else any node's
             shards.append({"shard": s, "leader": leader, "commit_index": commit,
                            "applied_index": replicas.get(leader) if leader else None,
                            "replicas": replicas, "states": states})
+            if voters is not None:
+                shards[-1]["voters"] = voters
         out = {"mode": "cluster", "nodes": nodes, "shards": shards}
         if problems:
             out["problems"] = problems

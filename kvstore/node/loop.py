@@ -621,7 +621,8 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
                      "leader": None if hint is None else names(hint),
                      "leader_index": hint, "commit_index": r.commit_index,
                      "applied_index": r.applied_index, "ballot": format_ballot(r.promised),
-                     "state": state, "recovery_phase": st["recovering"], "behind": st["behind"]}
+                     "state": state, "recovery_phase": st["recovering"], "behind": st["behind"],
+                     "voters": self._voter_names(r)}
             if "match" in st:
                 shard["followers"] = {names(i): m for i, m in st["match"].items()}
             shards.append(shard)

@@ -250,12 +250,18 @@ class MemberDirectory:
     def _nodes_by_index(self) -> list:
         """``status()["nodes"]``: the members by Paxos index (a client maps a leader's index
         to its address with it). An index no member holds (a node removed) is filled with
-        this node's address, marked ``removed``: no leader has it, and a client that
-        spreads reads over the list only sends this node a little more."""
-        members, own = self.members, self.members[self.index].address
+        the address of the lowest-indexed member, marked ``removed``: no leader has it, a
+        client that spreads reads over the list only sends that node a little more, and
+        nodes of the same members report the same list (``kvstore status`` compares them)."""
+        members = self.members
+        first = members[min(members)].address
         return [{"id": members[i].name, "address": members[i].address} if i in members
-                else {"id": f"#{i}", "address": own, "removed": True}
+                else {"id": f"#{i}", "address": first, "removed": True}
                 for i in range(max(members) + 1)]
+
+    def _voter_names(self, replica) -> list:
+        """The names of a shard's voters (``status()``: the quorum a cluster needs)."""
+        return [self._name_of(i) for i in replica.membership.voters]
 
     # ------------------------------------------------------------------ changes
     def _on_membership(self, shard: int, m: Membership) -> None:

@@ -28,15 +28,18 @@ def _no_leader(shard) -> str:
 def quorum_problems(status: dict) -> list:
     """Each shard of a cluster that cannot serve now, as a sentence: fewer nodes that
     answer and vote (a recovering node does not vote yet) than a majority of the
-    members, or no leader. Empty for an embedded store."""
+    members (of the shard's voters where the status names them: learners do not vote),
+    or no leader. Empty for an embedded store."""
     if status.get("mode") == "embedded":
         return []
-    members = len(status.get("nodes", []))
-    needed = members // 2 + 1
     problems = []
     for shard in status.get("shards", []):
         states = shard.get("states") or {}
-        voters = sorted(n for n, state in states.items() if state != RECOVERING)
+        named = shard.get("voters")
+        members = len(named) if named else len(status.get("nodes", []))
+        needed = members // 2 + 1
+        voters = sorted(n for n, state in states.items() if state != RECOVERING
+                        and (not named or n in named))
         if len(voters) < needed:
             problems.append(f"shard {shard.get('shard')} has no quorum: {len(voters)} of "
                             f"{members} nodes answer and vote ({', '.join(voters) or 'none'}), "

@@ -25,7 +25,8 @@ STATES = ("ok", "catching up", "recovering")
 DROP_REASONS = ("malformed", "invalid", "unexpected", "peer_frame_from_client",
                 "client_frame_from_peer", "bad_envelope", "many_parts", "revoked_client",
                 "not_a_peer", "peer_shape_differs", "peer_unreachable", "reply_slow_client",
-                "reply_node_full", "reply_gone", "reply_full", "reply_too_big")
+                "reply_node_full", "reply_gone", "reply_full", "reply_too_big",
+                "peer_unknown", "unknown_peer")
 #: The resolver's counters (``kvstore.node.resolver``) and the action label they get.
 RESOLVER_ACTIONS = {"txn_settlements_started": "settlement_started", "txn_settled": "settled",
                     "txn_decide_requests": "decide"}
