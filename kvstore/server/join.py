@@ -17,15 +17,20 @@ from kvstore.node.loop import NodeConfig
 from kvstore.paxos.replica import Membership
 
 
-def join_config(addresses: str, name: str, data_dir: str | None,
-                timeout: float = 5.0) -> NodeConfig:
-    """The ``NodeConfig`` of member ``name`` of the cluster at ``addresses``."""
+def join_config(addresses: str, name: str, data_dir: str | None, timeout: float = 5.0,
+                keys: str | None = None) -> NodeConfig:
+    """The ``NodeConfig`` of member ``name`` of the cluster at ``addresses``; ``keys``: the
+    ``kvstore keygen`` directory of a cluster with CurveZMQ (asked with its client key,
+    joined with its node key)."""
     import kvstore
     from kvstore.client.members import Members
     if not data_dir:
         raise InvalidArgument("--join needs --data DIR (an empty directory for a new member)")
     try:
-        with kvstore.connect(addresses, timeout=timeout) as db:
+        if keys is not None:
+            from kvstore.transport.security import CurveKeys
+            CurveKeys(keys, "node")  # every key file there and readable, or one clear error
+        with kvstore.connect(addresses, timeout=timeout, keys=keys) as db:
             view = Members(db).view()
     except InvalidArgument:
         raise
@@ -40,6 +45,7 @@ def join_config(addresses: str, name: str, data_dir: str | None,
         name=name, names=[name], addresses={name: me.address},
         peer_addresses={name: me.peer_address}, shards=len(view.shards),
         data_dir=os.path.abspath(data_dir), cluster_id=bytes.fromhex(view.cluster),
+        curve_keys=keys,
         node_index=index,
         memberships=[Membership(sh.epoch, sh.start, sh.voters, sh.learners, sh.info)
                      for sh in view.shards])

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--join", metavar="ADDRS",
                    help="join the running cluster at these client addresses (comma-separated) "
                         "as the member NAME added with `kvstore member add`; no --config")
+    p.add_argument("--keys", metavar="DIR",
+                   help="with --join, for a cluster with [security] curve: the `kvstore "
+                        "keygen` directory (node and client keys)")
     p.add_argument("--data", metavar="DIR", help="data directory (overrides the config's)")
     p.add_argument("--gateway", metavar="HOST:PORT",
                    help="also serve the HTTP/JSON gateway here (overrides the config's "
@@ -142,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "cluster) or --join ADDRS (a member added at run time)")
         if args.join:
             from kvstore.server.join import join_config
-            config = join_config(args.join, args.id, args.data)
+            config = join_config(args.join, args.id, args.data, keys=args.keys)
         else:
             config = load_node_config(args.config, args.id, args.data)
         gateway_listen = _gateway_listen(args)
