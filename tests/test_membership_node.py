@@ -179,3 +179,20 @@ def test_a_directory_of_another_node_is_refused(node, tmp_path):
                        addresses=cfg.addresses, peer_addresses=cfg.peer_addresses)
     with pytest.raises(InvalidArgument, match="is node n1's, not n2's"):
         Node(other)
+
+
+def test_a_cluster_toml_changed_before_any_membership_change_is_refused(node):
+    """Epoch 0: the members are cluster.toml's; a node given another list, order or
+    address would number its peers differently from them."""
+    n, cfg, _ctx = node
+    n.close()
+    reordered = NodeConfig(name="n1", names=["n2", "n1"], shards=1, data_dir=cfg.data_dir,
+                           addresses=cfg.addresses, peer_addresses=cfg.peer_addresses)
+    with pytest.raises(InvalidArgument, match="bootstrapped with another one"):
+        Node(reordered)
+    moved = NodeConfig(name="n1", names=cfg.names, shards=1, data_dir=cfg.data_dir,
+                       addresses={**cfg.addresses, "n2": f"tcp://127.0.0.1:{free_port()}"},
+                       peer_addresses=cfg.peer_addresses)
+    with pytest.raises(InvalidArgument, match="bootstrapped with another one"):
+        Node(moved)
+    Node(cfg).close()  # the file it was bootstrapped with: it starts

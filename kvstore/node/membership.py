@@ -23,7 +23,7 @@ import hashlib
 import logging
 import os
 
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, StorageError
 from kvstore.transport.sockets import NodeSockets, peer_identity, shape_fingerprint
 from kvstore.paxos.replica import Membership
 from kvstore.transport import wire
@@ -154,7 +154,11 @@ class MemberDirectory:
             return index, value
         index = c.index
         value = c.cluster_id or cluster_id(bootstrap_info(c))
-        write_identity(c.data_dir, value, index, c.name)
+        try:
+            write_identity(c.data_dir, value, index, c.name)
+        except OSError as e:
+            raise StorageError(f"cannot write {os.path.join(c.data_dir, CLUSTER_ID_FILE)}: "
+                               f"{e.strerror or e}", c.data_dir) from None
         return index, value
 
     def _start_membership(self, shard: int) -> Membership:
@@ -177,15 +181,23 @@ class MemberDirectory:
 
     def _check_members(self, checked: bool) -> None:
         """Refuse to start a node whose cluster.toml disagrees with the members its data
-        directory holds once they changed (epoch > 0), or that is no member any more."""
+        directory holds once they changed (epoch > 0), or with the file the cluster was
+        bootstrapped with before they did (another list, order or address: the nodes
+        would number each other differently), or that is no member any more."""
         if not checked:
             return
         c = self.config
+        named = self._bootstrap_members()
         if c.memberships is None and any(r.membership.epoch > 0 for r in self.replicas):
-            named = self._bootstrap_members()
             if not same_members(named, self.members):
-                raise InvalidArgument(disagreement("cluster.toml", named,
-                                                   self.members))
+                raise InvalidArgument(disagreement("cluster.toml", named, self.members))
+        elif c.memberships is None and c.cluster_id is None \
+                and cluster_id(bootstrap_info(c)) != self.cluster:
+            raise InvalidArgument(
+                f"cluster.toml only bootstraps a new cluster, and this node's cluster was "
+                f"bootstrapped with another one (other nodes, addresses or their order; the "
+                f"file names {describe(named)}): start the node with the file it was "
+                f"bootstrapped with, and change the members with `kvstore member`")
         if self.index not in self.members:
             raise InvalidArgument(f"node {self.name} is no member of the cluster any more (the "
                                   f"members are {describe(self.members)}): to bring it back, wipe "
