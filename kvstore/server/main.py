@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus /metrics, /healthz and /readyz here (overrides the "
                         "config's [nodes.NAME] metrics; needs the metrics extra)")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="make this node's data directory from the embedded store at DIR "
+                        "(a one-member cluster; the others join with `kvstore member add`), "
+                        "then exit (docs/operations.md)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -130,6 +134,9 @@ def tune_garbage_collector() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.init_from is not None:
+        from kvstore.server import initfrom
+        return initfrom.run(args)
     from kvstore.node.loop import Node
     from kvstore.node.config import load_node_config
     try:
