@@ -26,6 +26,9 @@ systemd unit, a container image, compose and Kubernetes files, a Grafana dashboa
   with its own interpreter, so HTTP work never slows the node's loop; it reaches the
   node through the node's client address, stops with the node, and exits by itself if
   the node dies.
+- ``--init-from DIR``: make the node's data directory from an embedded store's
+  directory (a one-member cluster), print one line and exit; the node then starts as
+  usual (``kvstore.server.initfrom``).
 - ``[nodes.NAME] metrics = "127.0.0.1:9100"`` (or ``--metrics ADDR``): the node also
   serves Prometheus ``/metrics``, ``/healthz`` and ``/readyz`` there, from a thread that
   reads only what the loop publishes every 0.1 s (``kvstore.ops.http``). The address is
