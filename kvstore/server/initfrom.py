@@ -71,11 +71,11 @@ position 0 (a new, empty ``wal/``). Why those numbers:
   (``WalReplicaStorage.load``), applies nothing at or below it, and serves that snapshot
   to a learner that joins later. ``check_recovered`` accepts it (no slot between the
   compaction and the commit point is missing).
-- **Promise 0** is a new node's promise. A replica with promise 0 in a cluster of more
-  than one node recovers as a wiped node before it votes; alone in its cluster
-  (``Replica``: only ``n > 1`` recovers) it votes at once, elects itself, and fills its
-  first slot with a no-op of its ballot: it is a new cluster, whose state happens to
-  start at a snapshot.
+- **Promise 0** is a new node's promise. A replica with promise 0 among several voters
+  recovers as a wiped node before it votes; the only voter of its cluster (``Replica``:
+  recovery needs more than one voter) votes at once, elects itself, and fills its first
+  slot with a no-op of its ballot: a new cluster, whose state starts at a snapshot. The
+  directory holds no membership: the node bootstraps it from ``cluster.toml`` (n1 alone).
 - **Leases and TTLs** are rows of the ``txn`` table, copied with it; the node starts
   each lease's clock with a full ttl at its start, as the store does at each open.
 """
