@@ -154,6 +154,29 @@ def test_a_store_not_closed_cleanly_is_recovered_before_it_is_copied(tmp_path):
         storage.close()
 
 
+def test_a_store_whose_log_outruns_its_checkpoint_when_copied_is_refused(tmp_path):
+    """The copy is taken only when LMDB holds the whole log. Were the store recovered and
+    then opened and written by another process before the copy (simulated: the recovery
+    step skipped on a store killed with writes in its log only), its copy would miss
+    acknowledged writes: refused, and nothing left behind."""
+    source = str(tmp_path / "store")
+    child = ("import kvstore, os, signal\n"
+             f"db = kvstore.open({source!r}, shards={SHARDS})\n"
+             "db.put(b'k', b'v')\n"
+             "os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([PYTHON, "-c", child], env=child_env(),
+                          timeout=60).returncode == -signal.SIGKILL
+    node_dir = str(tmp_path / "n1")
+    skip_recovery = ("import sys\nfrom kvstore.server import initfrom, main\n"
+                     "initfrom._recover_store = lambda source: None\n"
+                     "sys.exit(main.main(sys.argv[1:]))\n")
+    r = subprocess.run([PYTHON, "-c", skip_recovery, "--init-from", source, "--config",
+                        write_config(tmp_path), "--id", "n1", "--data", node_dir],
+                       capture_output=True, text=True, env=child_env(), timeout=60)
+    refused(r, "opened by another process", "run --init-from again")
+    assert not os.path.exists(node_dir)
+
+
 def write_config(tmp_path, shards: int = SHARDS, nodes=("n1",)) -> str:
     path = tmp_path / "cluster.toml"
     path.write_text(f"shards = {shards}\n" + "".join(
