@@ -173,7 +173,7 @@ def _check_distinct(source: str, target: str) -> None:
     if dst == src or dst.startswith(src + os.sep):
         raise InvalidArgument(
             f"the node's data directory {target} must be a new directory outside the "
-            f"embedded store {source} (the store is copied, never changed); pass --data NEW")
+            f"embedded store {source} (the store is copied, not converted in place); pass --data NEW")
 
 
 def _check_target_empty(target: str) -> None:
@@ -197,7 +197,7 @@ def _check_target_empty(target: str) -> None:
 def _check_not_in_use(source: str) -> None:
     """Refuse a store another process has open (its ``flock``), naming that process."""
     if not os.path.isdir(source):
-        raise InvalidArgument(f"no embedded store at {source}: the directory does not exist")
+        raise InvalidArgument(f"no embedded store at {source} (no such directory)")
     try:
         with _Locked(source, f"the embedded store {source}"):
             pass
