@@ -267,3 +267,13 @@ def _fuzz(seed: int, steps: int = 260) -> Cluster:
 @pytest.mark.parametrize("seed", range(40))
 def test_random_membership_changes_under_faults_never_split_a_slot(seed):
     _fuzz(seed)
+
+
+def test_a_peer_record_of_a_membership_change_is_checked_at_the_wire():
+    from kvstore._native import encode_record
+    from kvstore.transport import wire
+    good = encode_record(5, make_ballot(1, 1), KIND_CONFIG, encode_membership(Membership(1, 0, (0, 1))))
+    wire._check_record(good)
+    for payload in (b"junk", encode_membership(Membership(1, 0, ()))):
+        with pytest.raises(wire.FrameError, match="slot 5"):
+            wire._check_record(encode_record(5, make_ballot(1, 1), KIND_CONFIG, payload))
