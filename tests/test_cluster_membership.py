@@ -29,8 +29,8 @@ pytestmark = pytest.mark.timeout(180)
 class Cluster:
     """A ``LocalCluster`` of three nodes and the members added to it (``--join``)."""
 
-    def __init__(self, directory: str, shards: int = 2) -> None:
-        self.lc = LocalCluster(directory, 3, shards, env=child_env())
+    def __init__(self, directory: str, shards: int = 2, nodes: int = 3) -> None:
+        self.lc = LocalCluster(directory, nodes, shards, env=child_env())
         self.directory = directory
         self.joined: dict = {}  # name -> Popen
         self.addresses: dict = dict(self.lc.addresses)
@@ -82,10 +82,11 @@ class Cluster:
 def cluster(tmp_path):
     made = []
 
-    def make(shards: int = 2) -> Cluster:
-        c = Cluster(str(tmp_path / f"c{len(made)}"), shards)
+    def make(shards: int = 2, nodes: int = 3, start: bool = True) -> Cluster:
+        c = Cluster(str(tmp_path / f"c{len(made)}"), shards, nodes)
         made.append(c)
-        c.start()
+        if start:
+            c.start()
         return c
 
     yield make
@@ -237,3 +238,29 @@ def test_a_wiped_node_is_replaced_by_remove_wipe_add_promote(cluster):
         db.put(b"after", b"z")
         assert db.get(b"between") == b"y"
         assert all(db.get(b"before%d" % i) == b"x" for i in range(100))
+
+
+def test_an_embedded_store_grows_into_a_three_node_cluster(cluster, tmp_path):
+    """Issue 23 item 2's path: ``--init-from`` makes node n1 of a one-member cluster from
+    an embedded store; n2 and n3 join as learners (the log below the store's point is
+    compacted: they receive a snapshot), are promoted, and serve every key without n1."""
+    import kvstore
+    source = str(tmp_path / "store")
+    with kvstore.open(source, shards=2) as db:
+        for i in range(200):
+            db.put(b"k%03d" % i, b"v%d" % i)
+    c = cluster(shards=2, nodes=1, start=False)
+    r = subprocess.run([sys.executable, "-m", "kvstore.server", "--init-from", source,
+                        "--config", c.lc.config_path, "--id", "n1"], capture_output=True,
+                       text=True, env=child_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    c.start()
+    add_and_promote(c, "n2")
+    add_and_promote(c, "n3")
+    with c.client() as db:
+        db.put(b"three", b"voters")
+    c.stop("n1")
+    c.addresses.pop("n1")
+    with c.client(timeout=20.0) as db:
+        assert db.get(b"three") == b"voters"
+        assert dict(db.scan(b"k")) == {b"k%03d" % i: b"v%d" % i for i in range(200)}

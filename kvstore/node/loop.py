@@ -548,7 +548,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
         """
         every = self.config.snapshot_every_slots
         for s, r in enumerate(self.replicas):
-            if r.applied_index - max(r.snapshot_index, -1) >= every:
+            if r.applied_index - max(r.snapshot_index, -1) >= every or self._snapshot_due(s, r):
                 index = r.applied_index
                 data = self.storage.snapshot_data(s)
                 r.compact(index, data)

@@ -223,6 +223,7 @@ class MemberDirectory:
         #: ``member change`` requests waiting for their change:
         #: ``(identity, request_id, shard, epoch, since)``
         self._member_waits: list = []
+        self._snapshots_due: set = set()  # shards to snapshot once their change is applied
 
     def _log_refused_peers(self) -> None:
         """One line per peer connection refused for its shape (``NodeSockets.refusals``)."""
@@ -298,12 +299,24 @@ class MemberDirectory:
                  "; this node is no member of the shard any more",
                  extra={"event": "membership", "node": self.name, "shard": shard,
                         "epoch": m.epoch, "voters": voters, "learners": learners})
+        if self.replicas[shard].snapshot_index >= 0:
+            self._snapshots_due.add(shard)
         waits, self._member_waits = self._member_waits, []
         for w in waits:
             if w[2] == shard and m.epoch >= w[3]:
                 self._reply(w[0], w[1], wire.STATUS_OK, {"epoch": m.epoch})
             else:
                 self._member_waits.append(w)
+
+    def _snapshot_due(self, shard: int, replica) -> bool:
+        """Whether to snapshot ``shard`` now: its log is compacted, and a change it applied
+        since began an epoch its snapshot is older than. A replica sends no snapshot of an
+        ended epoch, and one of this epoch's members that joined after it began (a
+        learner just added) needs one: the log below the snapshot is gone."""
+        if shard in self._snapshots_due and replica.applied_index >= replica.membership.start - 1:
+            self._snapshots_due.discard(shard)
+            return True
+        return False
 
     def _on_member(self, identity, request_id: int, args: list) -> None:
         """``OP_MEMBER``: ``["list"]`` (any node: ``member_view``) or ``["change", shard,

@@ -145,6 +145,8 @@ def tune_garbage_collector() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.init_from is not None:
+        if not args.config:
+            return _fail("--init-from needs --config cluster.toml (listing this node alone)")
         from kvstore.server import initfrom
         return initfrom.run(args)
     from kvstore.node.loop import Node
