@@ -200,6 +200,16 @@ def test_a_cluster_toml_that_disagrees_with_the_members_is_refused(cluster, caps
     c = cluster(shards=1)
     address = f"tcp://127.0.0.1:{free_port()}"
     assert c.cli("member", "add", "n4", "--address", address) == 0
+    capsys.readouterr()
+    assert c.cli("member", "list") == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].split()[:3] == ["member", "index", "address"]
+    assert [line.split()[:2] + [line.split()[4]] for line in listed[2:]] == [
+        ["n1", "0", "voter"], ["n2", "1", "voter"], ["n3", "2", "voter"], ["n4", "3", "learner"]]
+    # n4 never started: it holds nothing, and is not promoted
+    assert c.cli("member", "promote", "n4") == 3
+    assert "n4 is not caught up in shard 0" in capsys.readouterr().err
+    assert roles(c)["n4"][0] == "learner"
     c.stop("n1")
     p = c.lc.start("n1")  # its cluster.toml still names n1, n2, n3 only
     assert p.wait(30) == 2

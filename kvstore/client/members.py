@@ -12,7 +12,8 @@ timeout) is finished by running it again.
 What ``list`` reports comes from every member (``OP_MEMBER`` "list"): per shard the
 answer of its leader (its epoch is the newest), with how far the leader knows each
 member holds the log. A member is caught up when, in every shard, the leader knows it
-holds the log to within ``CAUGHT_UP_SLOTS`` of the commit point.
+holds the log through the change that began the shard's epoch, and to within
+``CAUGHT_UP_SLOTS`` of the commit point.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ class ShardMembership:
         return VOTER if index in self.voters else LEARNER if index in self.learners else None
 
     def caught_up(self, index: int) -> bool | None:
+        """Whether the leader knows ``index`` holds the log through this epoch's change at
+        least, and to within ``CAUGHT_UP_SLOTS`` of its commit point (None: no leader)."""
         if self.match is None:
             return None
-        return self.match.get(index, -1) >= self.commit_index - CAUGHT_UP_SLOTS
+        return self.match.get(index, -1) >= max(self.start - 1, self.commit_index - CAUGHT_UP_SLOTS)
 
 
 @dataclass
