@@ -22,6 +22,7 @@ from kvstore.client.members import Members
 from kvstore.errors import KVError
 from kvstore.server.local import LocalCluster, free_port
 from conftest import child_env
+from workloads import RegisterWorkload
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -166,8 +167,12 @@ def leader_of_shard(c: Cluster, shard: int) -> str:
 
 
 def test_grow_3_to_5_and_shrink_back_to_3_while_a_client_writes(cluster):
+    """Every acknowledged write is there at the end, and the history of clients working on
+    a few keys meanwhile is linearizable (the project's checker)."""
     c = cluster(shards=2)
     writer = Writer(c)
+    registers = RegisterWorkload(c.client, [b"a", b"b", b"c", b"d"], nshards=2, clients=3)
+    registers.start()
     try:
         writer.progress()
         add_and_promote(c, "n4")
@@ -190,10 +195,15 @@ def test_grow_3_to_5_and_shrink_back_to_3_while_a_client_writes(cluster):
         writer.progress()
     finally:
         writer.stop()
-    assert writer.acked
+        registers.stop()
+    assert writer.acked and not registers.failures, registers.failures
     with c.client() as db:  # every acknowledged write is there
         for key in writer.acked:
             assert db.get(key) == key, key
+        registers.final_reads(db)
+    assert sum(op.ret is not None for op in registers.history) > 100
+    result = registers.check()
+    assert result.ok, f"not linearizable on key {result.key!r}:\n{result.explanation}"
 
 
 def test_a_cluster_toml_that_disagrees_with_the_members_is_refused(cluster, capsys):
