@@ -30,8 +30,9 @@ pytestmark = pytest.mark.timeout(180)
 class Cluster:
     """A ``LocalCluster`` of three nodes and the members added to it (``--join``)."""
 
-    def __init__(self, directory: str, shards: int = 2, nodes: int = 3) -> None:
-        self.lc = LocalCluster(directory, nodes, shards, env=child_env())
+    def __init__(self, directory: str, shards: int = 2, nodes: int = 3, keys=None) -> None:
+        self.keys = keys
+        self.lc = LocalCluster(directory, nodes, shards, env=child_env(), keys=keys)
         self.directory = directory
         self.joined: dict = {}  # name -> Popen
         self.addresses: dict = dict(self.lc.addresses)
@@ -42,7 +43,7 @@ class Cluster:
 
     def client(self, timeout: float = 5.0):
         import kvstore
-        return kvstore.connect(list(self.addresses.values()), timeout=timeout)
+        return kvstore.connect(list(self.addresses.values()), timeout=timeout, keys=self.keys)
 
     def cli(self, *args: str) -> int:
         return cli_main(["--cluster", ",".join(self.addresses.values()), "--timeout", "10",
@@ -52,7 +53,8 @@ class Cluster:
         log = open(os.path.join(self.directory, f"{name}.log"), "ab")
         p = subprocess.Popen(
             [sys.executable, "-m", "kvstore.server", "--join", ",".join(self.addresses.values()),
-             "--node", name, "--data", data or os.path.join(self.directory, name)],
+             "--node", name, "--data", data or os.path.join(self.directory, name),
+             *(["--keys", self.keys] if self.keys else [])],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=child_env())
         log.close()
         self.joined[name] = p
@@ -83,8 +85,8 @@ class Cluster:
 def cluster(tmp_path):
     made = []
 
-    def make(shards: int = 2, nodes: int = 3, start: bool = True) -> Cluster:
-        c = Cluster(str(tmp_path / f"c{len(made)}"), shards, nodes)
+    def make(shards: int = 2, nodes: int = 3, start: bool = True, keys=None) -> Cluster:
+        c = Cluster(str(tmp_path / f"c{len(made)}"), shards, nodes, keys)
         made.append(c)
         if start:
             c.start()
@@ -284,3 +286,21 @@ def test_an_embedded_store_grows_into_a_three_node_cluster(cluster, tmp_path):
     with c.client(timeout=20.0) as db:
         assert db.get(b"three") == b"voters"
         assert dict(db.scan(b"k")) == {b"k%03d" % i: b"v%d" % i for i in range(200)}
+
+
+def test_a_member_joins_a_cluster_with_curve_keys(cluster, tmp_path, monkeypatch):
+    """With ``[security]``: the new member asks the cluster with its client key and joins
+    its peers with the node key (``--keys``); the operator's commands use $KVSTORE_KEYS."""
+    from kvstore.transport.security import keygen
+    keys = str(tmp_path / "keys")
+    keygen(keys)
+    monkeypatch.setenv("KVSTORE_KEYS", keys)
+    c = cluster(shards=1, keys=keys)
+    add_and_promote(c, "n4")
+    with c.client() as db:
+        db.put(b"k", b"v")
+    c.stop("n1")  # three of the four voters are needed: n4 is one of them
+    c.addresses.pop("n1")
+    with c.client(timeout=20.0) as db:
+        assert db.get(b"k") == b"v"
+        db.put(b"k2", b"v2")
