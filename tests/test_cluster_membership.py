@@ -304,3 +304,35 @@ def test_a_member_joins_a_cluster_with_curve_keys(cluster, tmp_path, monkeypatch
     with c.client(timeout=20.0) as db:
         assert db.get(b"k") == b"v"
         db.put(b"k2", b"v2")
+
+
+def test_a_node_bootstrapped_with_another_cluster_toml_is_refused_and_status_says_so(cluster):
+    """The shape check pins the shard count and the cluster's identity, not the members:
+    n3 started with a file that lists another address for n1 belongs to another cluster
+    (its bootstrap differs); its peers refuse it, it refuses them, and `kvstore status`
+    names it."""
+    c = cluster(shards=1, start=False)
+    lc = c.lc
+    with open(lc.config_path) as f:
+        text = f.read()
+    other = os.path.join(lc.directory, "n3-other.toml")
+    with open(other, "w") as f:
+        f.write(text.replace(lc.addresses["n1"], f"tcp://127.0.0.1:{free_port()}", 1))
+    lc.start("n1")
+    lc.start("n2")
+    log = open(lc.log_path("n3"), "ab")
+    n3 = subprocess.Popen([sys.executable, "-m", "kvstore.server", "--config", other, "--id", "n3"],
+                          stdout=log, stderr=log, env=child_env(), cwd=lc.directory)
+    log.close()
+    try:
+        lc.wait_ready(names=["n1", "n2"])
+        wait_for("n1 refused n3", lambda: "node #2 belongs to another cluster" in lc.tail("n1", 200))
+        wait_for("n3 refused n1", lambda: "belongs to another cluster" in lc.tail("n3", 200))
+        r = subprocess.run([sys.executable, "-m", "kvstore.cli", "status", "--cluster",
+                            lc.addresses["n1"]], capture_output=True, text=True,
+                           env=child_env(), timeout=60)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "n3 at" in r.stderr and "belongs to another cluster" in r.stderr
+    finally:
+        n3.kill()
+        n3.wait(10)

@@ -11,6 +11,7 @@ names a node whose cluster shape differs from the others'.
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 from kvstore.api import KV
 from kvstore.client import requests
@@ -194,13 +195,17 @@ class ClusterKV(KV):
         known = {n.get("address"): n.get("id") for n in (self._hello or {}).get("nodes", [])}
         nodes, names, problems = [], {}, []
         reference = _common_shape(views.values(), (self.nshards, _members(self._hello)))
+        clusters = Counter(v.get("cluster") for v in views.values() if isinstance(v, dict))
+        cluster = (self._hello or {}).get("cluster")  # the most reported, the hello's on a tie
+        if clusters and clusters.get(cluster, 0) < max(clusters.values()):
+            cluster = clusters.most_common(1)[0][0]
         nshards = reference[0] if reference[0] is not None else self.nshards
         for address, v in list(views.items()):
             if v is None:
                 nodes.append({"id": known.get(address), "address": address, "state": "down",
                               "role": ""})
                 continue
-            mismatch = _shape_mismatch(v, reference)
+            mismatch = _shape_mismatch(v, reference, cluster)
             if mismatch:
                 name = v.get("node") if isinstance(v, dict) else None
                 problems.append(f"{name or 'the node'} at {address} {mismatch}: its cluster.toml "
@@ -277,16 +282,17 @@ def _common_shape(views, fallback: tuple) -> tuple:
     return fallback if counts.get(fallback) == best else max(counts, key=counts.get)
 
 
-def _shape_mismatch(view, reference: tuple) -> str | None:
-    """How a node's status differs from the cluster's shape (shard count, members), or
-    None if it agrees."""
+def _shape_mismatch(view, reference: tuple, cluster: str | None = None) -> str | None:
+    """How a node's status differs from the cluster's shape (shard count, and the cluster's
+    identity where nodes report it), or None if it agrees. Not the members: a membership
+    change reaches the nodes one by one, so they may list others for a while."""
     nshards, members = _shape(view)
     if nshards is None or members is None:
         return "answers with a status this client cannot read"
     if nshards != reference[0]:
         return f"reports {nshards} shard(s) where the cluster has {reference[0]}"
-    if members != reference[1]:
-        return "lists other members or addresses than the cluster"
+    if cluster is not None and view.get("cluster") not in (None, cluster):
+        return "belongs to another cluster (another cluster.toml bootstrapped it)"
     return None
 
 

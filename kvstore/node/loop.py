@@ -626,7 +626,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
             if "match" in st:
                 shard["followers"] = {names(i): m for i, m in st["match"].items()}
             shards.append(shard)
-        return {"node": self.name, "index": self.index,
+        return {"node": self.name, "index": self.index, "cluster": self.cluster.hex(),
                 "nodes": self._nodes_by_index(),
                 "nshards": self.nshards, "shards": shards,
                 "counters": dict(self.counters) | dict(self.sockets.counters)}
