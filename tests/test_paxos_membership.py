@@ -16,6 +16,7 @@ from kvstore.paxos.interface import KIND_CONFIG, Membership
 from kvstore.paxos.membership import (check_change, decode_membership, encode_membership, unwrap_snapshot,
                                       wrap_snapshot)
 from kvstore.sim.network import Cluster
+from kvstore.sim.oracle import Oracle
 
 
 def leader_of(c: Cluster, max_ticks: int = 400) -> int:
@@ -198,9 +199,10 @@ def test_membership_codecs_refuse_what_is_not_one():
 
 def _fuzz(seed: int, steps: int = 260) -> Cluster:
     """Random membership changes (add a learner, promote it, remove a voter: one at a time)
-    under crashes, restarts, cuts and lost messages; agreement is checked at the end."""
+    under crashes, restarts, cuts and lost messages; the oracle (``kvstore.sim.oracle``,
+    epoch-aware) checks every step, agreement is checked after every tick."""
     rng = random.Random(seed)
-    c = Cluster(3, seed=seed, nodes=6)
+    c = Cluster(3, seed=seed, nodes=6, oracle=Oracle(6, voters=3))
     lossy_deliver = c.deliver
 
     def deliver(max_rounds: int = 1000) -> None:
@@ -214,6 +216,7 @@ def _fuzz(seed: int, steps: int = 260) -> Cluster:
                 r = c.replicas[m.to]
                 if r is not None and (m.frm, m.to) not in c.cut_links and rng.random() > 0.05:
                     r.step(m)
+                    c.oracle.check(m.to, r)
         raise AssertionError("messages did not settle")
 
     c.deliver = deliver
