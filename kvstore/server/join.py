@@ -36,10 +36,17 @@ def join_config(addresses: str, name: str, data_dir: str | None, timeout: float 
         raise
     except KVError as e:
         raise InvalidArgument(f"--join {addresses}: cannot reach the cluster: {e}") from None
-    index = view.index_of(name)
-    if index is None:
+    if view.index_of(name) is None:
         raise InvalidArgument(f"{name} is no member of the cluster at {addresses}: add it first "
                               f"(`kvstore member add {name} --address tcp://HOST:PORT`)")
+    return config_from_view(view, name, data_dir, keys)
+
+
+def config_from_view(view, name: str, data_dir: str, keys: str | None = None) -> NodeConfig:
+    """The ``NodeConfig`` of member ``name`` (one ``view`` names) joining: its index, the
+    cluster's identity and each shard's membership as the cluster holds them (also what
+    the simulator's joining nodes start with, ``kvstore.sim.realmembers``)."""
+    index = view.index_of(name)
     me = view.members()[index]
     return NodeConfig(
         name=name, names=[name], addresses={name: me.address},

@@ -72,6 +72,9 @@ def main(argv=None) -> int:
                         "by default in a third of the seeds")
     p.add_argument("--bank", action="store_true",
                    help="bank clients too: transfers across shards over two-phase commit")
+    p.add_argument("--members", action="store_true",
+                   help="an operator adds, promotes and removes members during the faults "
+                        "(kvstore/sim/realmembers.py; 3 nodes or more)")
     p.add_argument("--model", action="store_true",
                    help="with --bank: abstract shards, not real nodes (kvstore/sim/bank.py)")
     p.add_argument("--shards", type=int, default=None,
@@ -86,6 +89,8 @@ def main(argv=None) -> int:
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
     if a.model and not a.bank:
         p.error("--model goes with --bank (the model of two-phase commit over abstract shards)")
+    if a.members and (a.model or a.nodes < 3):
+        p.error("--members runs real nodes, 3 or more (the operator keeps 3 to 5 voters)")
     if a.txn_bug and not a.model:
         p.error("--txn-bug goes with --bank --model (on real nodes, tests/test_sim_realnode.py "
                 "plants the participant's bugs)")
@@ -100,6 +105,7 @@ def main(argv=None) -> int:
         results = sweep(seeds, a.seed is not None, real_node_run, "real-node seeds", a.jobs,
                         lambda s: RealNodeConfig(seed=s, nodes=a.nodes, shards=a.shards or 0,
                                                  ticks=ticks, bugs=node_bugs, bank=a.bank,
+                                                 membership_changes=a.members,
                                                  byzantine=a.byzantine, verbose=a.verbose))
         if a.seed is None and any(r.ok for r in results):
             ok = sorted(r.settle_ticks for r in results if r.ok)

@@ -306,7 +306,7 @@ class BankClient:
         if call.target is None:
             leader = self.leaders.get(call.shard)
             call.target = leader if leader is not None and call.op != wire.OP_GET \
-                else sim.rng.randrange(sim.config.nodes)
+                else sim.rng.randrange(len(sim.nodes))
         call.sent = sim.now
         if call.started is None:
             call.started = sim.now

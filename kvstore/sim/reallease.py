@@ -70,7 +70,7 @@ class LeaseClient(OneOpAtATime):
         self.shard = sim.shard_of(self.key)
         self.seq = 0
         self.request_ids = 0
-        self.target = rng.randrange(sim.config.nodes)
+        self.target = rng.randrange(len(sim.nodes))
         self.op: dict | None = None
         self.lease: dict | None = None
         self.generation = 0
@@ -115,7 +115,7 @@ class LeaseClient(OneOpAtATime):
         raise LeaseFailure(f"lease client {self.index}: a valid request refused: {value}")
 
     def retarget(self) -> None:
-        self.target = self.rng.randrange(self.sim.config.nodes)
+        self.target = self.rng.randrange(len(self.sim.nodes))
 
     def on_tick(self, may_start: bool) -> None:
         sim, c = self.sim, self.sim.config
@@ -126,7 +126,7 @@ class LeaseClient(OneOpAtATime):
                 if op["kind"] in ("grant", "revoke"):
                     self.lease = None  # start over with a lease of its own
             elif sim.now - op["sent"] >= c.client_retry_ticks:
-                self.target = self.rng.randrange(c.nodes)
+                self.target = self.rng.randrange(len(self.sim.nodes))
                 self.send()
             return
         if not may_start:

@@ -80,6 +80,7 @@ from kvstore.commands import OP_CAS, OP_PUT
 from kvstore.errors import CorruptRecord
 from kvstore.node.loop import EARLY_TYPES, Node, NodeConfig
 from kvstore.paxos import messages as M
+from kvstore.paxos.ballot import ballot_epoch, format_ballot
 from kvstore.paxos.replica import LEADER
 from kvstore.node.ports import NO_BUGS, NodeBugs
 from kvstore.transport.sockets import CLIENT, PEER
@@ -90,6 +91,7 @@ from kvstore.sim.endpoint import OneOpAtATime
 from kvstore.sim.oracle import InvariantViolation, Oracle
 from kvstore.sim.realbyzantine import RealNodeByzantine
 from kvstore.sim.realbank import BankClient, Ledger
+from kvstore.sim.realmembers import MAX_VOTERS, Operator, client_address, peer_address
 from kvstore.sim.reallease import LeaseChecks, LeaseClient, LeaseFailure
 from kvstore.sim.realwatch import WatchChecks, Watcher, WatchFailure
 from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
@@ -156,6 +158,8 @@ class RealNodeConfig:
     # a byzantine-input sender (realbyzantine.py); None: in the seeds where seed % 3 == 2
     byzantine: bool | None = None
     byzantine_rate: float = 0.15  # per tick: it sends one fuzzed frame to an awake node
+    # an operator adds, promotes and removes members during the faults (realmembers.py)
+    membership_changes: bool = False
     bugs: NodeBugs = NO_BUGS
     swarm: bool = True
     trace_lines: int = 60
@@ -219,6 +223,7 @@ class SimTransport:
         self.first_only: int | None = None  # the next recv_many returns this many, at most
         self.counters: dict = {}
         self.refusals: dict = {}  # no peer of another cluster shape here
+        self.links: dict = {}  # index -> peer address, as the node opened them (add_peer)
 
     def recv_many(self) -> list:
         if self.first_only is not None:  # after a stall: the rest comes at the next turn
@@ -232,19 +237,31 @@ class SimTransport:
         return int(identity[len(b"node-"):])
 
     def send_peer(self, index: int, frame: bytes) -> bool:
-        if not self.sim.nodes[index].up:
+        sim = self.sim
+        if not 0 <= index < len(sim.nodes) or not sim.nodes[index].up:
             return False  # as IMMEDIATE does: nothing is queued for a peer that is down
-        self.sim.send(("node", self.index), ("node", index), PEER, b"node-%d" % self.index, frame)
+        target = sim.nodes[index]
+        if sim.config.membership_changes and self.links.get(index) != target.peer_address:
+            return False  # no link to the node now at that index (a new one, or removed)
+        sim.send(("node", self.index), ("node", index, target.generation), PEER,
+                 b"node-%d" % self.index, frame)
         return True
 
     def peer_address_of(self, identity: bytes) -> str | None:
-        return None  # a simulated node reaches only the nodes of the simulation
+        """The peer address a real routing id names: the node's now at that index (with
+        membership changes; else None: the nodes of a fixed simulation know each other)."""
+        sim = self.sim
+        if not sim.config.membership_changes:
+            return None
+        index = self.peer_index(identity)
+        node = sim.nodes[index] if 0 <= index < len(sim.nodes) else None
+        return node.peer_address if node is not None and node.present else None
 
     def add_peer(self, index: int, address: str) -> None:
-        pass  # every simulated node is reachable by its index
+        self.links[index] = address
 
     def remove_peer(self, index: int) -> None:
-        pass
+        self.links.pop(index, None)
 
     def reply(self, identity: bytes, items: list) -> None:
         client = self.sim.client_by_identity.get(identity)
@@ -270,10 +287,21 @@ class SimTransport:
 class SimNode:
     """One node's incarnations over one data directory (LMDB on tmpfs, the log in a twin)."""
 
-    def __init__(self, sim: "Simulation", index: int, root: str) -> None:
+    def __init__(self, sim: "Simulation", index: int, root: str, generation: int = 0,
+                 name: str | None = None) -> None:
         self.sim = sim
         self.index = index
-        self.dir = os.path.join(root, f"n{index}")
+        # a node index a removed node had is given to a new node (``member add`` numbers a
+        # new node with the lowest free index): a new generation, name, disk and addresses
+        self.generation = generation
+        self.name = name or f"n{index}"
+        self.present = generation == 0 and index < sim.config.nodes  # a member started
+        self.join: NodeConfig | None = None  # what it starts with (``--join``), else cluster.toml
+        if sim.config.membership_changes:
+            self.address, self.peer_address = client_address(self.name), peer_address(self.name)
+        else:
+            self.address, self.peer_address = f"sim://{self.name}", f"sim://{self.name}-peers"
+        self.dir = os.path.join(root, f"n{index}" + (f".{generation}" if generation else ""))
         os.makedirs(self.dir)
         self.files = FaultyFiles(seed=sim.rng.randrange(1 << 30))
         self.transport = SimTransport(sim, index)
@@ -294,16 +322,23 @@ class SimNode:
     def start(self) -> None:
         sim, c = self.sim, self.sim.config
         self.incarnation += 1
-        names = [f"n{i}" for i in range(c.nodes)]
-        cfg = NodeConfig(name=names[self.index], names=names,
-                         addresses={nm: f"sim://{nm}" for nm in names},
-                         peer_addresses={nm: f"sim://{nm}-peers" for nm in names}, shards=c.shards,
-                         data_dir=self.dir, tick_seconds=TICK,
-                         election_timeout_ticks=c.election_timeout_ticks,
-                         heartbeat_interval_ticks=c.heartbeat_interval_ticks,
-                         snapshot_every_slots=c.snapshot_every_slots,
-                         log_retain_slots=c.log_retain_slots, snapshot_chunk_bytes=256,
-                         lease_read_ticks=c.lease_read_ticks)
+        timing = dict(data_dir=self.dir, tick_seconds=TICK,
+                      election_timeout_ticks=c.election_timeout_ticks,
+                      heartbeat_interval_ticks=c.heartbeat_interval_ticks,
+                      snapshot_every_slots=c.snapshot_every_slots,
+                      log_retain_slots=c.log_retain_slots, snapshot_chunk_bytes=256,
+                      lease_read_ticks=c.lease_read_ticks)
+        if self.join is not None:
+            cfg = replace(self.join, **timing)
+        else:
+            names = [f"n{i}" for i in range(c.nodes)]  # cluster.toml's
+            tcp = c.membership_changes  # an info that names them needs tcp:// addresses
+            cfg = NodeConfig(name=self.name, names=names,
+                             addresses={nm: client_address(nm) if tcp else f"sim://{nm}"
+                                        for nm in names},
+                             peer_addresses={nm: peer_address(nm) if tcp else f"sim://{nm}-peers"
+                                             for nm in names},
+                             shards=c.shards, **timing)
         try:
             storage = WalReplicaStorage(self.dir, c.shards, files=self.files,
                                         checkpoint_thread=False, segment_bytes=SEGMENT_BYTES,
@@ -314,6 +349,8 @@ class SimNode:
         rng = random.Random(sim.rng.randrange(1 << 62))
         self.node = Node(cfg, storage, rng, transport=self.transport, clock=sim.clock,
                          bugs=c.bugs)
+        self.transport.links = {i: m.peer_address for i, m in self.node.members.items()
+                                if i != self.index}
         self.made, self.durable_upto = [], 0
         self.watch_readies()
         self.watch_reads()
@@ -551,7 +588,7 @@ class SimClient(OneOpAtATime):
         self.seq = 0
         self.request_ids = 0
         self.op: dict | None = None  # the operation in flight
-        self.target = sim.rng.randrange(sim.config.nodes)
+        self.target = sim.rng.randrange(len(sim.nodes))
         self.last_value = {}  # key -> last value this client saw (for its cas)
 
     def start(self) -> None:
@@ -596,7 +633,7 @@ class SimClient(OneOpAtATime):
         raise SimulationFailure(f"client {self.index}: a valid request refused: {value}")
 
     def retarget(self) -> None:
-        self.target = self.sim.rng.randrange(self.sim.config.nodes)
+        self.target = self.sim.rng.randrange(len(self.sim.nodes))
 
     def finish(self, result) -> None:
         op, self.op = self.op, None
@@ -628,7 +665,7 @@ class SimClient(OneOpAtATime):
             self.last_value.pop(op["key"], None)
             return
         if sim.now - op["sent"] >= c.client_retry_ticks:
-            self.target = sim.rng.randrange(c.nodes)
+            self.target = sim.rng.randrange(len(sim.nodes))
             self.send()
 
 
@@ -654,7 +691,9 @@ class Simulation:
         self.prepares: deque = deque(maxlen=32)  # (node, shard, Prepare): the last campaigns'
         self.history: list = []
         # checked after every step: the Paxos invariants per shard, the values applied per slot
-        self.oracles = [Oracle(config.nodes) for _ in range(config.shards)]
+        # with membership changes, room for nodes past the bootstrap ones (absent at first)
+        slots = max(config.nodes, MAX_VOTERS) if config.membership_changes else config.nodes
+        self.oracles = [Oracle(slots, voters=config.nodes) for _ in range(config.shards)]
         self.applied_values = [{} for _ in range(config.shards)]
         self.watch_values = [{} for _ in range(config.shards)]  # revision -> changes seen
         # per shard: the highest commit point any node has reached (after each turn)
@@ -665,7 +704,9 @@ class Simulation:
         self.probe_requests = 0
         if config.swarm:
             config = self.config = replace(config, probe_rate=self.probe_rng.choice((0.0, 0.5, 1.0)))
-        self.nodes = [SimNode(self, i, root) for i in range(config.nodes)]
+        self.root = root
+        self.nodes = [SimNode(self, i, root) for i in range(slots)]
+        self.address_index = {n.address: n.index for n in self.nodes if n.present}
         self.registers = [SimClient(self, i) for i in range(config.clients)]
         self.clients = list(self.registers)
         self.ledger = None
@@ -691,11 +732,16 @@ class Simulation:
         self.watchers = [Watcher(self, len(self.clients) + i, random.Random(watch_rng.random()))
                          for i in range(count)]
         self.endpoints = self.clients + self.watchers  # what a "client" address names
+        self.operator = None
+        if config.membership_changes:
+            self.operator = Operator(self, len(self.endpoints), random.Random(config.seed * 7 + 1))
+            self.endpoints.append(self.operator)
         self.client_by_identity = {c.identity: c for c in self.endpoints}
         self.unchecked = False  # the linearizability checker gave up
         self.settled_at: int | None = None
         for n in self.nodes:
-            n.start()
+            if n.present:
+                n.start()
 
     def log(self, line: str) -> None:
         self.trace.add(self.now, line)
@@ -735,6 +781,8 @@ class Simulation:
                 self.endpoints[to[1]].on_frame(frame)
                 continue
             node = self.nodes[to[1]]
+            if len(to) > 2 and to[2] != node.generation:
+                continue  # sent to a node no longer there (its index is a new node's)
             if node.up and not (source == PEER and (node.transport.peer_index(identity), to[1])
                                 in self.cut):
                 node.transport.inbox.append((source, identity, frame))
@@ -750,6 +798,8 @@ class Simulation:
         oracles = self.oracles
         for shard, m in messages:
             oracles[shard].sent(index, m)
+            if m.type == M.PREPARE:
+                self.check_campaign(index, shard, m.ballot)
             if m.type == M.PREPARE and self.config.replay_rate:
                 self.prepares.append((index, shard, m))
             if m.type not in (M.PROMISE, M.ACCEPTED, M.HEARTBEAT_REPLY):
@@ -762,11 +812,84 @@ class Simulation:
                     m.match_index > node.matched_sent.get(shard, -1):
                 node.matched_sent[shard] = m.match_index
 
+    def check_campaign(self, index: int, shard: int, ballot: int) -> None:
+        """Only a voter of a ballot's epoch campaigns with it: never a learner, never a
+        node removed (the epoch's voters as the changes chosen say, once known)."""
+        epoch = ballot_epoch(ballot)
+        voters = self.oracles[shard].voters.get(epoch)
+        if voters is not None and index not in voters:
+            raise SimulationFailure(f"membership: n{index} campaigned in shard {shard} at ballot "
+                                    f"{format_ballot(ballot)}, but epoch {epoch}'s voters are "
+                                    f"{sorted(voters)}")
+
+    # -- members (``realmembers.py``): what the operator does to the nodes ----------------------
+
+    def live(self) -> list:
+        """The nodes that are members (started, not removed): up or down."""
+        return [node for node in self.nodes if node.present]
+
+    def join_node(self, name: str, view) -> None:
+        """``kvstore-server --join``: the new member ``name`` starts empty with what the
+        cluster told it (its index, each shard's membership)."""
+        from kvstore.server.join import config_from_view
+        index = view.index_of(name)
+        old = self.nodes[index]
+        if old.present:
+            self.fail(f"member add gave index {index}, which n{index} ({old.name}) still has")
+        node = SimNode(self, index, self.root, old.generation + 1, name)
+        node.present = True
+        node.join = config_from_view(view, name, node.dir)
+        self.nodes[index] = node
+        self.address_index[node.address] = index
+        for oracle in self.oracles:  # a new node: nothing it announced before
+            oracle.wiped(index)
+        node.start()
+
+    def retire_node(self, name: str) -> None:
+        """A removed member's node is stopped (the operator's procedure), for good."""
+        node = next((n for n in self.nodes if n.present and n.name == name), None)
+        if node is None:
+            return
+        node.close()
+        node.present = False
+        self.address_index.pop(node.address, None)
+        self.log(f"n{node.index} ({name}) stopped: no member any more")
+
+    def rejoin_config(self, node: "SimNode") -> NodeConfig:
+        """What a wiped member restarts with (``kvstore-server --join`` with its name):
+        each shard's membership as the most advanced member up holds it."""
+        best = []
+        for s in range(self.config.shards):
+            held = [n.node.replicas[s].membership for n in self.live() if n.up]
+            best.append(max(held, key=lambda m: m.epoch))
+        return NodeConfig(name=node.name, names=[node.name], addresses={node.name: node.address},
+                          peer_addresses={node.name: node.peer_address},
+                          shards=self.config.shards, data_dir=node.dir, cluster_id=b"",
+                          node_index=node.index, memberships=best)
+
+    def check_members(self) -> None:
+        """At the end, healed: every member's node holds the same membership of each shard,
+        and its voters and learners are the nodes running, voters within the bounds."""
+        for s in range(self.config.shards):
+            held = {(n.index, n.name): n.node.replicas[s].membership for n in self.live()}
+            kinds = {(m.epoch, m.voters, m.learners) for m in held.values()}
+            if len(kinds) != 1:
+                raise SimulationFailure(f"membership: shard {s}'s members disagree when healed: "
+                                        + ", ".join(f"n{i} epoch {m.epoch} voters "
+                                                    f"{list(m.voters)} learners {list(m.learners)}"
+                                                    for (i, _), m in sorted(held.items())))
+            epoch, voters, learners = kinds.pop()
+            running = {n.index for n in self.live()}
+            if set(voters) | set(learners) != running:
+                raise SimulationFailure(f"membership: shard {s} epoch {epoch} names voters "
+                                        f"{list(voters)}, learners {list(learners)}; the nodes "
+                                        f"running are {sorted(running)}")
+
     # -- faults --------------------------------------------------------------------------------
 
     def faults(self) -> None:
         c, rng = self.config, self.rng
-        n = c.nodes
+        n = len(self.nodes)
         if rng.random() < c.partition_rate and n > 1:
             if rng.random() < 0.5:
                 victim = rng.randrange(n)
@@ -825,17 +948,19 @@ class Simulation:
     def restarts(self) -> None:
         c = self.config
         for node in self.nodes:
-            if not node.up and self.now >= node.down_until:
+            if node.present and not node.up and self.now >= node.down_until:
                 if self.phase == "faults" and c.wipe_rate and self.rng.random() < c.wipe_rate \
                         and self.may_wipe(node):
                     node.wipe()
+                    if c.membership_changes:
+                        node.join = self.rejoin_config(node)
                 node.start()
 
     def may_wipe(self, node: SimNode) -> bool:
         """The fault model of wiped nodes (README, "A node that lost its disk"): one node
         without its state at a time, so every other node has voted durably (a promise on
         its disk in every shard) and has recovered, if it once lost its disk itself."""
-        for other in self.nodes:
+        for other in self.live():
             if other is node:
                 continue
             if not other.healed() or not other.up or any(
@@ -853,6 +978,8 @@ class Simulation:
         self.restarts()
         if self.byzantine is not None and self.byzantine.rng.random() < self.config.byzantine_rate:
             self.byzantine.inject()
+        if self.operator is not None:
+            self.operator.on_tick(may_start)
         self.probe()
         for node in self.nodes:
             if node.up:
@@ -872,7 +999,7 @@ class Simulation:
         rng = self.probe_rng
         if not self.config.probe_rate or rng.random() >= self.config.probe_rate:
             return
-        target = rng.randrange(self.config.nodes)
+        target = rng.randrange(len(self.nodes))
         key = rng.choice(KEYS)
         self.probe_requests += 1
         frame = wire.encode_request(self.probe_requests, wire.OP_GET,
@@ -908,20 +1035,24 @@ class Simulation:
         deadline = self.now + c.settle_ticks
         while True:
             self.step(may_start=False)
-            if None not in self.leaders() and all(cl.op is None for cl in self.clients):
+            if None not in self.leaders() and all(cl.op is None for cl in self.clients) \
+                    and (self.operator is None or self.operator.idle()):
                 break
             if self.now >= deadline:
                 pending = [cl.index for cl in self.clients if cl.op is not None]
+                operator = "" if self.operator is None or self.operator.idle() else \
+                    f", the operator's {self.operator.command} not done"
                 raise SimulationFailure(
                     f"no progress {c.settle_ticks} ticks after the faults stopped: leaders "
-                    f"{self.leaders()}, clients still waiting {pending}")
+                    f"{self.leaders()}, clients still waiting {pending}{operator}")
         self.settled_at = self.now - (deadline - c.settle_ticks)
         self.log(f"settled after {self.settled_at} ticks: leaders {self.leaders()}")
         # a fault-free tail: clients run, a follower crashes and rejoins; no leader deposed
         leaders = self.leaders()
         self.phase = "stable"
         # a follower that crashes and rejoins (only where the rest still is a majority)
-        followers = [i for i in range(c.nodes) if i not in leaders] if c.nodes >= 3 else []
+        followers = [n.index for n in self.live() if n.index not in leaders] \
+            if len(self.live()) >= 3 else []
         rejoin_at = self.now + c.stable_ticks // 3
         for _ in range(c.stable_ticks):
             if followers and self.now == rejoin_at:
@@ -942,6 +1073,8 @@ class Simulation:
             self.finish_operations()
             self.ledger.check_end(banker.final)
         self.check_agreement()
+        if c.membership_changes:
+            self.check_members()
         self.check_history()
         self.finish_watchers()
 
@@ -967,7 +1100,7 @@ class Simulation:
                 behind = {w.index: w.position for w in self.watchers if not w.caught_up()}
                 raise SimulationFailure(f"watchers did not catch up with no faults: positions "
                                         f"{behind}, applied "
-                                        f"{[r.applied_index for r in self.nodes[0].node.replicas]}")
+                                        f"{[r.applied_index for r in self.live()[0].node.replicas]}")
             self.step(may_start=False)
         self.watch_checks.check_complete(self.watchers)
 
@@ -982,7 +1115,7 @@ class Simulation:
         """Every node applies the same point, then holds the same state, per shard."""
         deadline = self.now + self.config.settle_ticks
         while True:
-            applied = [[node.node.replicas[s].applied_index for node in self.nodes]
+            applied = [[node.node.replicas[s].applied_index for node in self.live()]
                        for s in range(self.config.shards)]
             if all(len(set(a)) == 1 for a in applied):
                 break
@@ -990,12 +1123,13 @@ class Simulation:
                 raise SimulationFailure(f"the nodes did not converge: applied points {applied}")
             self.step(may_start=False)
         for s in range(self.config.shards):
-            states = [node.node.storage.snapshot_data(s) for node in self.nodes]
-            for i, state in enumerate(states[1:], 1):
+            live = self.live()
+            states = [node.node.storage.snapshot_data(s) for node in live]
+            for node, state in zip(live[1:], states[1:]):
                 if state != states[0]:
                     raise SimulationFailure(
-                        f"shard {s}: n{i}'s state differs from n0's at applied slot "
-                        f"{applied[s][0]}")
+                        f"shard {s}: n{node.index}'s state differs from n{live[0].index}'s at "
+                        f"applied slot {applied[s][0]}")
 
     def check_history(self) -> None:
         try:
@@ -1011,7 +1145,8 @@ class Simulation:
         watched = (f", {sum(w.delivered for w in self.watchers)} events to "
                    f"{len(self.watchers)} watcher(s)" if self.watchers else "")
         leases = self.leases.summary() if self.leases.clients else ""
-        return watched + leases + self._bank_summary()
+        members = self.operator.summary() if self.operator is not None else ""
+        return watched + leases + members + self._bank_summary()
 
     def _bank_summary(self) -> str:
         ledger = self.ledger
@@ -1040,6 +1175,7 @@ def replay_command(config: RealNodeConfig) -> str:
                     if getattr(config.bugs.paxos, f.name))
     shards = f" --shards {config.shards}" if config.shards else ""
     bank = " --bank" if config.bank else ""
+    bank += " --members" if config.membership_changes else ""
     if config.byzantine is not None and config.byzantine != (config.seed % 3 == 2):
         bugs += " --byzantine" if config.byzantine else " --no-byzantine"
     return (f"python -m kvstore.sim{bank} --seed {config.seed} --nodes {config.nodes}"

@@ -73,7 +73,7 @@ class Watcher:
     def poll(self, shard: int, target: int | None = None) -> None:
         sim = self.sim
         if target is None:
-            target = self.rng.randrange(sim.config.nodes)
+            target = self.rng.randrange(len(sim.nodes))
         self.request_ids += 1
         wait_ticks = int(self.wait_ms / 1000 / sim.clock_tick) + 1
         self.polls[shard] = {"request_id": self.request_ids, "target": target,
@@ -117,7 +117,7 @@ class Watcher:
                 self.compacted[shard].clear()
                 self.sim.log(f"watcher {self.index}: shard {shard} compacted on every node; "
                              f"resumes at {self.position[shard]}")
-            others = [i for i in range(self.sim.config.nodes) if i not in self.compacted[shard]]
+            others = [i for i in range(len(self.sim.nodes)) if i not in self.compacted[shard]]
             self.poll(shard, self.rng.choice(others) if others else None)
             return
         self.compacted[shard].clear()
