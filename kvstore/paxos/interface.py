@@ -66,6 +66,9 @@ class Bugs:
     # (p) a node that restarts with no Paxos state (a wiped disk) votes at once, as if it
     # had never promised or accepted anything (no recovery: see "Wiped nodes" above)
     wiped_votes_at_once: bool = False
+    # (q) membership: a learner's acceptance is counted towards a commit, in the place of a
+    # voter (its index modulo the voters'), as if learners voted
+    learner_votes: bool = False
 
 
 @dataclass(frozen=True)

@@ -946,7 +946,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             # A heartbeat reply says where the follower is now: lower than we thought if it
             # restarted or lost its disk since (then resend from there, or a snapshot).
             pr.match = m.match_index
-        pos = self.vpos.get(m.frm)
+        pos = self.vpos.get(m.frm, m.frm % len(self.voters) if self.bugs.learner_votes else None)
         if m.match_index > self.commit_index and pos is not None:  # a learner's acceptance is no vote
             self._on_commit(self.tally.record(pos, self.commit_index + 1, m.match_index, self.ballot))
             if self.role != LEADER:
