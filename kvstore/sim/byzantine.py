@@ -216,7 +216,9 @@ class Byzantine:
         """Messages claiming a sender the frame does not come from, one outside the
         cluster, or the receiver itself; or addressed to another node."""
         r = node.replica
-        n = self.sim.config.nodes
+        # every index the simulation may give a node (with membership changes, past the
+        # bootstrap ones): "outside the cluster" is past them all
+        n = len(self.sim.nodes)
         leader, b = self._leader_view(node)
         how = self.rng.randrange(4)
         m = Message(M.HEARTBEAT, node.id, leader, ballot=b if b else make_ballot(1, leader),
