@@ -133,6 +133,7 @@ class Operator:
         self.joined = 0  # names given to new nodes: j0, j1, ...
         self.done: list = []  # completed commands, for the summary
         self.failures = 0
+        self.leaders_removed = 0  # removals chosen while the node led shard 0
 
     # ------------------------------------------------------------------ the network
     def new_call(self, op, shard, payload, timeout, target) -> SimCall:
@@ -299,6 +300,8 @@ class Operator:
         if may_remove:
             leader = view.shards[0].leader
             if leader in voters and leader in members and rng.random() < 0.35:
+                self.sim.log(f"operator: n{leader} leads shard 0; it goes")
+                self.leaders_removed += 1
                 return ("remove", members[leader].name)
             index = sorted(voters & set(members))[rng.randrange(len(voters & set(members)))]
             return ("remove", members[index].name)
@@ -307,4 +310,5 @@ class Operator:
     def summary(self) -> str:
         counts = {k: self.done.count(k) for k in ("join", "promote", "remove")}
         return (f"; members: {counts['join']} added, {counts['promote']} promoted, "
-                f"{counts['remove']} removed, {self.failures} commands run again")
+                f"{counts['remove']} removed ({self.leaders_removed} chosen as a leader), "
+                f"{self.failures} commands run again")

@@ -842,6 +842,7 @@ class Simulation:
         if old.present:
             self.fail(f"member add gave index {index}, which n{index} ({old.name}) still has")
         node = SimNode(self, index, self.root, old.generation + 1, name)
+        node.incarnation = old.incarnation  # (index, incarnation) names one run of one node
         node.present = True
         node.join = config_from_view(view, name, node.dir)
         self.nodes[index] = node
