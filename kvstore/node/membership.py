@@ -119,7 +119,7 @@ def read_starts(data_dir: str, nshards: int) -> list | None:
     except Exception as e:  # msgpack's classes, a bad shape, a membership that is not one
         raise InvalidArgument(f"{path} does not hold the shards' first memberships "
                               f"({type(e).__name__}: {e})"[:300] + ": wipe the directory and "
-                              f"add the node to the cluster again") from None
+                              "add the node to the cluster again") from None
     return out
 
 
