@@ -85,6 +85,7 @@ from kvstore.errors import CorruptRecord
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, Replica
+from kvstore.node.backups import Backups
 from kvstore.node.intake import Intake
 from kvstore.node.leases import LeaseExpiry
 from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
@@ -164,7 +165,7 @@ class NodeConfig:
         return given if given is not None else derived_peer_address(self.addresses[name])
 
 
-class Node(Intake, Resolver, Watching, LeaseExpiry):
+class Node(Intake, Resolver, Watching, LeaseExpiry, Backups):
     """A cluster node; ``run()`` is its loop (blocking), ``stop()`` ends it from anywhere."""
 
     def __init__(self, config: NodeConfig, storage: ReplicaStorage | None = None,
@@ -237,6 +238,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
         self._next_reload = self.clock.monotonic()
         self._init_watching(config.watch_history_bytes)
         self._init_leases()  # lease expiry (``kvstore.node.leases``)
+        self._init_backups()  # backup read points (``kvstore.node.backups``)
 
     def _make_replica(self, shard: int) -> Replica:
         c = self.config
@@ -323,6 +325,8 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
             if now - self._last_resolve > RESOLVE_EVERY_SECONDS:
                 self._resolve_abandoned(now)
             self._expire_leases(now)
+            if self._backup_sessions:
+                self._expire_backups(now)
             if now >= self._next_reload:  # a client key added to or revoked from clients/
                 self._next_reload = now + RELOAD_KEYS_SECONDS
                 self.sockets.reload_keys()
@@ -349,6 +353,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry):
         sockets, self.sockets = getattr(self, "sockets", None), None
         if sockets is not None:
             sockets.close()
+            self._close_backups()  # their read transactions end before the environment
             self.storage.close()
             log.info("node %s stopped", self.name, extra={"event": "stop", "node": self.name})
 
