@@ -183,6 +183,9 @@ def test_directory_backup_while_another_process_writes(tmp_path):
 
 
 def test_cluster_backup_during_cross_shard_transfers(cluster, tmp_path):  # noqa: F811
+    """Backups of a 3-node, 3-shard cluster while transfers cross shards: the CLI's, then
+    more through the API (a cut that split a transfer shows in one of them: without
+    the drain of prepared transactions, about one backup in fifteen splits one)."""
     lc = cluster(shards=3, directory=tmp_path / "c")
     lc.start_all()
     lc.wait_ready()
@@ -190,27 +193,33 @@ def test_cluster_backup_during_cross_shard_transfers(cluster, tmp_path):  # noqa
     with lc.client(timeout=10) as c:
         bank.setup(c)
     bank.start()
+    taken = []  # (file, transfers acknowledged before the backup began)
     try:
         wait_for(lambda: len(bank.acked) >= 60, 30, "transfers did not flow", bank.progress)
-        acked_before = [r for r, *_ in bank.acked]
+        taken.append((tmp_path / "cli.kvb", [r for r, *_ in bank.acked]))
         result = subprocess.run(
             [sys.executable, "-m", "kvstore.cli", "backup", "--cluster",
-             ",".join(lc.address_list), str(tmp_path / "cluster.kvb")],
+             ",".join(lc.address_list), str(taken[0][0])],
             capture_output=True, text=True, timeout=60, env=lc_env())
         assert result.returncode == 0, result.stderr
-        n = len(bank.acked)
-        wait_for(lambda: len(bank.acked) >= n + 20, 30, "transfers stopped after the backup",
-                 bank.progress)
+        with lc.client(timeout=10) as c:
+            for i in range(12):
+                n = len(bank.acked)
+                wait_for(lambda: len(bank.acked) >= n + 3, 30, "transfers stopped",
+                         bank.progress)
+                taken.append((tmp_path / f"api{i}.kvb", [r for r, *_ in bank.acked]))
+                backups.backup(c, taken[-1][0])
     finally:
         bank.stop()
     assert not bank.failures, bank.failures
-    info = backups.verify(tmp_path / "cluster.kvb")
-    assert info["shards"] == 3 and info["source"]["kind"] == "cluster"
-    backups.restore(tmp_path / "cluster.kvb", tmp_path / "restored")
-    attempted = {r for r, *_ in bank.acked} | set(bank.unknown) | _all_records(bank)
-    with kvstore.open(str(tmp_path / "restored")) as copy:
-        problems = bank_problems(copy, acked_before, attempted)
-        assert not problems, problems
+    attempted = _all_records(bank)
+    for i, (path, acked_before) in enumerate(taken):
+        info = backups.verify(path)
+        assert info["shards"] == 3 and info["source"]["kind"] == "cluster"
+        backups.restore(path, tmp_path / f"restored{i}")
+        with kvstore.open(str(tmp_path / f"restored{i}")) as copy:
+            problems = bank_problems(copy, acked_before, attempted)
+            assert not problems, (path.name, problems)
 
 
 def _all_records(bank: BankWorkload) -> set:
