@@ -116,23 +116,28 @@ def bank_store(tmp_path):
 
 
 def test_embedded_backup_during_transfers_restores_an_exact_bank(bank_store, tmp_path):
+    """Backups of an open 3-shard store while threads transfer (each backup one cut)."""
     db = bank_store
+    taken = []
     with EmbeddedBank(db) as bank:
-        wait_for(lambda: len(bank.acked) >= 100, 20, "transfers did not flow")
-        acked_before = list(bank.acked)
-        summary = backups.backup(db, tmp_path / "bank.kvb")
-        n = len(bank.acked)
-        wait_for(lambda: len(bank.acked) >= n + 20, 20, "transfers stopped during the backup")
+        for i in range(10):
+            n = len(bank.acked)
+            wait_for(lambda: len(bank.acked) >= n + 20, 20, "transfers did not flow")
+            taken.append((tmp_path / f"bank{i}.kvb", list(bank.acked)))
+            summary = backups.backup(db, taken[-1][0])
     assert summary["shards"] == 3
-    backups.restore(tmp_path / "bank.kvb", tmp_path / "restored")
-    with kvstore.open(str(tmp_path / "restored")) as copy:
-        problems = bank_problems(copy, acked_before, bank.attempted)
-        assert not problems, problems
+    for i, (path, acked_before) in enumerate(taken):
+        backups.restore(path, tmp_path / f"restored{i}")
+        with kvstore.open(str(tmp_path / f"restored{i}")) as copy:
+            problems = bank_problems(copy, acked_before, bank.attempted)
+            assert not problems, (path.name, problems)
+    with kvstore.open(str(tmp_path / "restored0")) as copy:
         # the copy is a store of its own: new writes get revisions above the cut's
+        shard = shard_of(ACCOUNTS[0], 3)
+        cut = backups.verify(taken[0][0])["revisions"][shard]
         with copy.transaction() as t:
             t.put(ACCOUNTS[0], t.get(ACCOUNTS[0]))
-        assert copy.status()["shards"][shard_of(ACCOUNTS[0], 3)]["commit_index"] > \
-            summary["revisions"][shard_of(ACCOUNTS[0], 3)]
+        assert copy.status()["shards"][shard]["commit_index"] == cut + 1
 
 
 WRITER = """
