@@ -197,6 +197,7 @@ def test_cluster_backup_during_cross_shard_transfers(cluster, tmp_path):  # noqa
     bank = BankWorkload(lc.client, transfer_threads=3, auditors=0)
     with lc.client(timeout=10) as c:
         bank.setup(c)
+        c.put(b"ttl-key", b"lives an hour", ttl=3600)  # lease state goes with the backup
     bank.start()
     taken = []  # (file, transfers acknowledged before the backup began)
     try:
@@ -214,6 +215,7 @@ def test_cluster_backup_during_cross_shard_transfers(cluster, tmp_path):  # noqa
                          bank.progress)
                 taken.append((tmp_path / f"api{i}.kvb", [r for r, *_ in bank.acked]))
                 backups.backup(c, taken[-1][0])
+            refused_backup_requests(c, lc.address_list[0])
     finally:
         bank.stop()
     assert not bank.failures, bank.failures
@@ -225,6 +227,24 @@ def test_cluster_backup_during_cross_shard_transfers(cluster, tmp_path):  # noqa
         with kvstore.open(str(tmp_path / f"restored{i}")) as copy:
             problems = bank_problems(copy, acked_before, attempted)
             assert not problems, (path.name, problems)
+            assert copy.get(b"ttl-key") == b"lives an hour"
+            assert any(s["keys"] for s in copy.status()["shards"])
+
+
+def refused_backup_requests(c, address: str) -> None:
+    """Malformed backup requests are refused with InvalidArgument, and change nothing."""
+    from kvstore.transport import wire
+    core = c._core
+    for op, args in [(wire.OP_BACKUP_OPEN, [b"short"]), (wire.OP_BACKUP_OPEN, []),
+                     (wire.OP_BACKUP_PAGE, [b"no such session", 0, 0, None, 100]),
+                     (wire.OP_BACKUP_PAGE, [b"x", 99, 0, None, 100]),
+                     (wire.OP_BACKUP_PAGE, [b"x", 0, 7, None, 100]),
+                     (wire.OP_BACKUP_PAGE, [b"x", 0, 0, 5, 100]),
+                     (wire.OP_BACKUP_PAGE, [b"x", 0, 0, None, -1]),
+                     (wire.OP_BACKUP_CLOSE, [1])]:
+        with pytest.raises(InvalidArgument):
+            core.call(op, None, args, 5, target=address)
+    assert core.call(wire.OP_BACKUP_CLOSE, None, [b"unknown"], 5, target=address) is False
 
 
 def _all_records(bank: BankWorkload) -> set:
