@@ -364,3 +364,21 @@ def test_backup_writes_tmp_then_renames(small_backup, tmp_path):
     assert not os.path.exists(str(path) + ".tmp")
     with BackupReader(path) as r:
         assert r.header.shards == 2 and r.header.source["kind"] == "embedded"
+
+
+def test_a_value_corrupt_in_the_store_fails_the_backup_not_the_restore(tmp_path):
+    """A value whose checksum fails on the source's disk stops the backup (CorruptRecord,
+    naming it), instead of writing a backup that no restore would take."""
+    from kvstore import _native
+    from kvstore.storage import Storage
+    with kvstore.open(str(tmp_path / "src")) as db:
+        db.put(b"good", b"1")
+    storage = Storage(str(tmp_path / "src"))
+    bad = bytearray(_native.pack_value(b"bad", 1, b"value"))
+    bad[-1] ^= 1
+    storage.write(lambda txn: txn.put(b"bad", bytes(bad), db=storage.shards[0].data))
+    storage.close()
+    with kvstore.open(str(tmp_path / "src")) as db:
+        with pytest.raises(CorruptRecord, match="fails its checksum"):
+            backups.backup(db, tmp_path / "b.kvb")
+    assert not os.path.exists(tmp_path / "b.kvb") and not os.path.exists(tmp_path / "b.kvb.tmp")

@@ -179,7 +179,7 @@ def _stream(calls: BackupCalls, opened: tuple, path, timeout: float, page_bytes:
                     while True:
                         rows, done = calls.page(address, session_id, shard, table, after,
                                                 page_bytes, timeout)
-                        writer.add(shard, table, rows)
+                        writer.add(shard, table, rows, check=True)
                         if done:
                             break
                         if not rows:

@@ -31,7 +31,7 @@ import os
 
 from kvstore.backup.format import DATA, LEASES, BackupWriter, Header, now_iso
 from kvstore.machine.leases import LEASE_ROW_RANGES
-from kvstore.storage.environment import check_path
+from kvstore.storage.environment import THIRD_PARTY_ERRORS, check_path, translate
 from kvstore.storage.readpoint import ReadPoint, directory_in_use, open_checkpoint
 
 PAGE_BYTES = 1024 * 1024
@@ -97,8 +97,11 @@ def _write(point: ReadPoint, tables: list, revisions: list, path, source: dict,
                                              (LEASES, txns_index, t.txns, LEASE_ROW_RANGES)):
                 after = None
                 while True:
-                    rows, done = point.page(index, db, after, PAGE_BYTES, ranges)
-                    writer.add(shard, table, rows)
+                    try:
+                        rows, done = point.page(index, db, after, PAGE_BYTES, ranges)
+                    except THIRD_PARTY_ERRORS as e:  # the store closed under it, a bad page
+                        raise translate(e, source.get("path", ""), "reading it for a backup")
+                    writer.add(shard, table, rows, check=True)
                     if done or not rows:
                         break
                     after = rows[-1][0]

@@ -140,6 +140,32 @@ def decode_map(payload: bytes) -> dict:
     return value
 
 
+# -- rows ---------------------------------------------------------------------------------
+
+def row_problem(shard: int, table: int, key: bytes, value: bytes, cut: int) -> str | None:
+    """What is wrong with a row of ``shard``'s ``table`` in a backup whose cut holds
+    revisions up to ``cut``, or None: a data row's key is a key, its value passes its
+    own checksum and its revision is at most the cut's; a lease row's key is a lease
+    row's (``kvstore.machine.leases.LEASE_ROW_RANGES``). Checked when a backup is
+    written and when it is restored."""
+    from kvstore.machine.leases import LEASE_ROW_RANGES
+    if table == LEASES:
+        if not any(lo <= key < hi for lo, hi in LEASE_ROW_RANGES):
+            return f"a lease row of shard {shard} has a key that is no lease's"
+        return None
+    if not 0 < len(key) <= MAX_KEY_SIZE:
+        return f"a key of {len(key)} bytes in shard {shard}"
+    try:
+        _native.unpack_value(key, value)  # its own checksum
+    except CorruptRecord as e:
+        return f"the value of {key[:40]!r} in shard {shard} fails its checksum ({e})"
+    revision = _native.unpack_revision(value)
+    if revision > cut:
+        return (f"the value of {key[:40]!r} in shard {shard} has revision {revision}, past "
+                f"the cut's {cut}")
+    return None
+
+
 # -- the header and the trailer ---------------------------------------------------------------
 
 @dataclass
@@ -228,11 +254,21 @@ class BackupWriter:
         self._crc = _native.crc32c(data, self._crc)
         self.bytes += len(data)
 
-    def add(self, shard: int, table: int, rows: list) -> None:
+    def add(self, shard: int, table: int, rows: list, check: bool = False) -> None:
         """Append ``rows`` (``(key, value)``, keys ascending, after every row added
-        before to this shard and table) of ``shard``'s ``table``."""
+        before to this shard and table) of ``shard``'s ``table``. ``check``: each row
+        passes ``row_problem`` first, or ``CorruptRecord`` (the source served a row
+        no restore would take: a value corrupt on its disk)."""
         if not 0 <= shard < self.header.shards or table not in TABLES:
             raise ValueError(f"no table {table} of shard {shard}")
+        if check:
+            cut = self.header.revisions[shard]
+            for key, value in rows:
+                problem = row_problem(shard, table, key, value, cut)
+                if problem is not None:
+                    raise CorruptRecord(f"the backup's source {self.header.source} served a "
+                                        f"row it should not hold: {problem}; nothing was "
+                                        f"written to {self.path}"[:600])
         for key, value in rows:
             where = (shard, table, key)
             if self._last is not None and where <= self._last:

@@ -24,11 +24,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from kvstore import _native
-from kvstore.backup.format import DATA, BackupReader, Header
-from kvstore.errors import CorruptRecord, InvalidArgument
-from kvstore.keys import MAX_KEY_SIZE
-from kvstore.machine.leases import LEASE_ROW_RANGES
+from kvstore.backup.format import DATA, BackupReader, Header, row_problem
+from kvstore.errors import InvalidArgument
 from kvstore.storage import Storage
 from kvstore.storage.environment import (META_APPLIED, META_COMMIT, META_LOG_CLOSED,
                                          META_LOG_POSITION, check_path, pack_u64)
@@ -125,24 +122,12 @@ def _write_rows(storage: Storage, pending: list) -> None:
 
 def _check_rows(reader: BackupReader, header: Header, shard: int, table: int,
                 rows: list) -> None:
-    """Each row is what its table holds, checked before it is written."""
+    """Each row is what its table holds (``row_problem``), checked before it is written."""
     cut = header.revisions[shard]
     for key, value in rows:
-        if table == DATA:
-            if not 0 < len(key) <= MAX_KEY_SIZE:
-                reader._corrupt(reader.offset, f"a key of {len(key)} bytes in shard {shard}")
-            try:
-                _native.unpack_value(key, value)  # its own checksum
-            except CorruptRecord as e:
-                reader._corrupt(reader.offset, f"a value of shard {shard} fails its checksum "
-                                               f"({e})")
-            if _native.unpack_revision(value) > cut:
-                reader._corrupt(reader.offset, f"a value of shard {shard} has revision "
-                                               f"{_native.unpack_revision(value)}, past the "
-                                               f"cut's {cut}")
-        elif not any(lo <= key < hi for lo, hi in LEASE_ROW_RANGES):
-            reader._corrupt(reader.offset, f"a lease row of shard {shard} has a key that is "
-                                           f"no lease's")
+        problem = row_problem(shard, table, key, value, cut)
+        if problem is not None:
+            reader._corrupt(reader.offset, problem)
 
 
 def _fsync_directory(path: str) -> None:

@@ -27,6 +27,7 @@ from kvstore.commands import FENCE_ID_BYTES
 from kvstore.machine.fence import fence_of, prepared_any
 from kvstore.machine.leases import LEASE_ROW_RANGES
 from kvstore.node.storage import DATA, TXNS, WalReplicaStorage, _View, overlay_index
+from kvstore.storage.environment import THIRD_PARTY_ERRORS, translate
 from kvstore.storage.readpoint import ReadPoint
 from kvstore.transport import wire
 
@@ -130,8 +131,16 @@ class Backups:
             return
         which, ranges = _TABLES[table]
         db = getattr(self.storage.tables[shard], "data" if which == DATA else "txns")
-        rows, done = session.point.page(overlay_index(shard, which), db, after,
-                                         min(max_bytes, PAGE_BYTES_MAX), ranges)
+        try:
+            rows, done = session.point.page(overlay_index(shard, which), db, after,
+                                             min(max_bytes, PAGE_BYTES_MAX), ranges)
+        except THIRD_PARTY_ERRORS as e:  # a page LMDB cannot read: this backup ends here
+            del self._backup_sessions[session_id]
+            session.point.close()
+            error = translate(e, self.storage.path, "reading for a backup")
+            self._backup_reply(identity, request_id, op, wire.STATUS_ERROR,
+                               ["StorageError", str(error)[:500]])
+            return
         session.last_used = self.clock.monotonic()
         if client:
             self.sockets.charge(identity, sum(len(k) + len(v) + 8 for k, v in rows))
