@@ -626,7 +626,8 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups):
                      "applied_index": r.applied_index, "ballot": format_ballot(r.promised),
                      "state": state, "recovery_phase": st["recovering"], "behind": st["behind"]}
             if "match" in st:
-                shard["followers"] = {names[i]: m for i, m in enumerate(st["match"])}
+                shard["followers"] = {names[i] if i < len(names) else str(i): m
+                                      for i, m in st["match"].items()}
             shards.append(shard)
         return {"node": self.name, "index": self.index,
                 "nodes": [{"id": nm, "address": self.config.addresses[nm]} for nm in names],

@@ -10,6 +10,7 @@ from typing import Callable, Protocol
 
 KIND_NOOP = 0
 KIND_BATCH = 1  # payload: msgpack list of command bytes
+KIND_CONFIG = 2  # payload: the next membership (``kvstore.paxos.membership``); ends an epoch
 
 FOLLOWER = "follower"
 PRE_CANDIDATE = "pre-candidate"
@@ -67,6 +68,27 @@ class Bugs:
     wiped_votes_at_once: bool = False
 
 
+@dataclass(frozen=True)
+class Membership:
+    """Who decides a range of slots: the voters of one epoch (``kvstore.paxos.membership``).
+
+    ``start`` is the first slot the epoch decides (the slot after the ``KIND_CONFIG``
+    entry that began it; 0 for the bootstrap, epoch 0). ``info`` is the driver's (the
+    node keeps its members' names and addresses there), carried and persisted with the
+    membership but never read by Paxos.
+    """
+
+    epoch: int = 0
+    start: int = 0
+    voters: tuple = ()
+    learners: tuple = ()
+    info: bytes = b""
+
+    @property
+    def members(self) -> tuple:
+        return tuple(sorted(set(self.voters) | set(self.learners)))
+
+
 class Jitter(Protocol):
     """The one thing the replica asks of randomness: a seeded ``random.Random`` has it."""
 
@@ -106,6 +128,8 @@ class Config:
     #: other leader can be chosen while the lease holds, so the leader's commit point is a
     #: read index without a quorum round.
     lease_read_ticks: int = 0
+    #: The bootstrap membership (epoch 0); None: every node 0..num_nodes-1 votes.
+    membership: Membership | None = None
     bugs: Bugs = field(default_factory=Bugs)
 
 
@@ -119,6 +143,9 @@ class PersistedState:
     snapshot_index: int = -1
     snapshot_data: bytes = b""
     applied_index: int | None = None  # the application's applied point (>= snapshot_index)
+    #: The membership as of the applied point (the application keeps it in its state, from
+    #: ``Entry.membership`` and ``Snapshot.membership``); None: the config's bootstrap.
+    membership: Membership | None = None
 
 
 @dataclass
@@ -133,12 +160,15 @@ class Entry:
     #: Peers' records are checked before they are accepted, so only a log written
     #: before that check can hold one; the node logs and counts it.
     error: str | None = None
+    #: On a ``KIND_CONFIG`` entry: the membership that begins right after this slot.
+    membership: Membership | None = None
 
 
 @dataclass
 class Snapshot:
     index: int  # every slot <= index is in it
     data: bytes  # opaque, produced by the application
+    membership: Membership | None = None  # the membership at ``index``
 
 
 @dataclass
@@ -160,6 +190,8 @@ class Ready:
     - ``reads``: request ids of reads that may be served once ``committed`` is applied.
     - ``dropped_commands`` / ``dropped_reads``: proposals and reads this replica
       will not carry out (it lost leadership or was full); tell their clients.
+    - ``membership``: this Ready moved the replica to a new epoch (the latest, if several):
+      connect to new members, stop talking to removed ones.
     """
 
     promised: int | None = None
@@ -172,3 +204,4 @@ class Ready:
     reads: list = field(default_factory=list)
     dropped_commands: list = field(default_factory=list)
     dropped_reads: list = field(default_factory=list)
+    membership: Membership | None = None

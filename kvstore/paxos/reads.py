@@ -8,7 +8,6 @@ its reads once applied up to it. Pure: no I/O, no clock but ticks.
 
 from __future__ import annotations
 
-from kvstore._native import majority
 from kvstore.paxos import messages as M
 from kvstore.paxos.interface import FOLLOWER, LEADER, NotLeader
 from kvstore.paxos.messages import Message
@@ -78,9 +77,8 @@ class Reads:
         if self.ticks < self.lease_until:
             return True
         since = self.ticks - self.config.election_timeout_ticks
-        heard = 1 + sum(1 for i, pr in enumerate(self.progress)
-                        if i != self.id and pr.heard_tick > since)
-        return heard >= majority(self.n)
+        heard = 1 + sum(1 for i, pr in self.progress.items() if i in self.vpos and pr.heard_tick > since)
+        return heard >= self.quorum
 
     def clock_jumped(self) -> None:
         """The driver could not deliver every elapsed tick (it stalled): a lease is void."""
@@ -106,13 +104,13 @@ class Reads:
                                      self.remote_queued, self.id, self.ticks)
         self.reads_queued = []
         self.remote_queued = []
-        if self.n > 1:
+        if self.peers:
             self._broadcast_heartbeat()
         self._maybe_confirm_reads()
 
     def _maybe_confirm_reads(self) -> None:
         rr = self.read_round
-        if rr is None or bin(rr.acks).count("1") < majority(self.n):
+        if rr is None or self._votes(rr.acks) < self.quorum:
             return
         self.reads_confirmed.extend((rr.read_index, rid) for rid in rr.request_ids)
         if self.config.lease_read_ticks:

@@ -8,7 +8,6 @@ highest slot it holds, and this replica learned the chosen values up to there
 
 from __future__ import annotations
 
-from kvstore._native import majority
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import ballot_node, ballot_round, format_ballot, make_ballot
 from kvstore.paxos.interface import FOLLOWER, LEADER
@@ -57,7 +56,7 @@ class WipedRecovery:
     def _recovery_ask(self) -> None:
         rc = self.recovery
         rc.asked_tick = self.ticks
-        for i in range(self.n):
+        for i in self.voters:
             if i != self.id and (rc.phase == 3 or i not in rc.reports):
                 self._send(Message(M.RECOVER, i, self.id, ballot=rc.fence, context=rc.nonce,
                                    commit_index=rc.target if rc.phase == 3 else -1))
@@ -83,20 +82,29 @@ class WipedRecovery:
 
     def _on_recover_reply(self, m: Message) -> None:
         rc = self.recovery
-        if rc is None or rc.phase == 3 or m.context != rc.nonce:
-            return  # an answer to an earlier question (or an earlier incarnation's)
+        if rc is None or rc.phase == 3 or m.context != rc.nonce or m.frm not in self.vpos:
+            return  # an answer to an earlier question (or an earlier incarnation's), or a non-voter's
         rc.reports[m.frm] = (m.hint, m.match_index)
+
+    def _every_other_voter_reported(self) -> bool:
+        return all(v in self.recovery.reports for v in self.voters if v != self.id)
+
+    def _restart_recovery(self) -> None:
+        """The membership changed while recovering: ask the new voters from the start."""
+        self.recovery = _Recovery(self.rng.randrange(1 << 40) << 20)
+        self._log_event("recovering: the voters changed; asking them from the start")
+        self._recovery_ask()
 
     def _advance_recovery(self) -> None:
         rc = self.recovery
         if rc.phase == 1:
             if self._holds_nothing():
                 empty = 1 + sum(1 for p, h in rc.reports.values() if p == 0 and h < 0)
-                if empty >= majority(self.n):
+                if empty >= self.quorum:
                     self._log_event("recovered: a majority holds no state (a new cluster); voting")
                     self.recovery = None
                     return
-            if len(rc.reports) < self.n - 1:
+            if not self._every_other_voter_reported():
                 return
             top = max(p for p, _h in rc.reports.values())
             # Every ballot this node led before it lost its disk is <= top; the fence must be
@@ -107,11 +115,11 @@ class WipedRecovery:
             self._recovery_ask()
             return
         if rc.phase == 2:
-            if len(rc.reports) < self.n - 1:
+            if not self._every_other_voter_reported():
                 return
             rc.promise = max(rc.fence, max(p for p, _h in rc.reports.values()))
             rc.target = max(h for _p, h in rc.reports.values())
-            if self.n % 2 == 0:
+            if len(self.voters) % 2 == 0:
                 # Any two majorities of an even cluster share two nodes: one that forgot its
                 # votes never is the only witness of a chosen value; and the others could not
                 # choose the slots up to the target without this node (in a 2-node cluster).

@@ -122,7 +122,38 @@ another node of a 3-node cluster down the wiped node stays a non-voter until tha
 returns (etcd has the operator remove and re-add the member instead).
 The simulator wipes nodes' disks and catches ``Bugs.wiped_votes_at_once``.
 
-The leader's view of a follower (``_Progress``) goes down as well as up: a heartbeat
+Membership (issue 23). Who votes changes through the log: a ``KIND_CONFIG`` entry at
+slot s, proposed by the leader (``propose_membership``) and chosen by the current voters
+like any value, ENDS the current epoch at s; slots above s belong to the next epoch, a
+Paxos instance of its own with the new voters (stoppable Paxos: Lamport, Malkhi and
+Zhou). The epoch is in a ballot's top bits (``ballot.py``), so every ballot of the new
+epoch outranks every ballot of the old. What each replica does:
+
+- the commit point never passes a change of its epoch (``_set_commit`` stops at its slot
+  and moves the replica to the next epoch, ``_enter_membership``): so every entry at or
+  below the commit point is chosen in the epoch that decides its slot;
+- a leader proposes nothing after its change (``config_slot``): in its epoch it would be
+  void; commands that wait go back to their clients at the switch, who retry with the new
+  leader. A new leader that finds a change among the values it re-proposes stops there too;
+- at the switch the old leader tells the old members that the change is chosen (a
+  heartbeat with the commit point) and steps down; the new epoch's voters raise their
+  promise to the new epoch's floor, so no Accept or Prepare of the old epoch is taken
+  again; acceptances above s at old-epoch ballots are void and dropped (``_void_old_epochs``),
+  and a candidate ignores them in the promises it counts;
+- only a voter of the epoch a replica knows campaigns; one that has seen a ballot of a later
+  epoch waits to learn it (from a leader of that epoch: a message from a node it does not
+  know is taken when its ballot is of a later epoch); learners receive the log and answer,
+  but their answers count for nothing; a replica of a removed node neither votes nor
+  campaigns;
+- a snapshot travels with the membership at its index (``membership.wrap_snapshot``) and
+  installing one past a change moves the replica to that epoch.
+
+Why one voter at a time, though safety does not need it (no slot is decided by two
+epochs): the new epoch elects only with a majority of its voters, and with one voter
+added or removed, any majority of the new voters includes a voter of the old majority
+that chose s, which knows it is chosen and brings the others there.
+
+ a heartbeat
 reply carries the follower's point now, lower than the leader thought if it restarted
 or lost its disk, and the leader resends from there (or sends a snapshot).
 """
@@ -131,19 +162,21 @@ from __future__ import annotations
 
 from kvstore._native import PromiseTally, QuorumTally, decode_record, encode_record, majority, record_fields
 from kvstore.paxos import messages as M
-from kvstore.paxos.ballot import ballot_node, ballot_round, format_ballot, make_ballot, next_round
+from kvstore.paxos.ballot import (EPOCH_SHIFT, ballot_epoch, ballot_node, ballot_round, epoch_floor, epoch_of_round,
+                                  format_ballot, make_ballot, next_round)
 from kvstore.paxos.batch import decode_batch, encode_batch
-from kvstore.paxos.interface import (CANDIDATE, FOLLOWER, KIND_BATCH, KIND_NOOP, LEADER, PRE_CANDIDATE, Bugs,
-                                     Config, Entry, NotLeader, PersistedState, Ready, Snapshot)
-from kvstore.paxos.messages import Message
+from kvstore.paxos.interface import (CANDIDATE, FOLLOWER, KIND_BATCH, KIND_CONFIG, KIND_NOOP, LEADER, PRE_CANDIDATE,
+                                     Bugs, Config, Entry, Membership, NotLeader, PersistedState, Ready, Snapshot)
+from kvstore.paxos.membership import bootstrap, check_change, check_membership, decode_membership, encode_membership
+from kvstore.paxos.messages import NODES_MAX, Message
 from kvstore.paxos.reads import Reads, _ReadIndexAsk, _ReadRound
 from kvstore.paxos.recovery import WipedRecovery, _Recovery
 from kvstore.paxos.snapshots import SnapshotTransfer, _SnapshotIn
 
 #: The driver's vocabulary, importable from here as before the replica had rooms.
 __all__ = ["Replica", "Config", "Bugs", "PersistedState", "Entry", "Snapshot", "Ready", "NotLeader",
-           "KIND_NOOP", "KIND_BATCH", "FOLLOWER", "PRE_CANDIDATE", "CANDIDATE", "LEADER",
-           "TALLY_WINDOW", "SLOT_SPAN_MAX", "ROUND_JUMP_MAX"]
+           "Membership", "KIND_NOOP", "KIND_BATCH", "KIND_CONFIG", "FOLLOWER", "PRE_CANDIDATE", "CANDIDATE",
+           "LEADER", "TALLY_WINDOW", "SLOT_SPAN_MAX", "ROUND_JUMP_MAX", "EPOCH_JUMP_MAX"]
 
 TALLY_WINDOW = 4096
 #: A peer's message is ignored when it names a slot this far above the commit point
@@ -154,7 +187,10 @@ TALLY_WINDOW = 4096
 #: snapshot), a candidate that far behind a promiser is not the one to lead, and a
 #: round grows by one per campaign.
 SLOT_SPAN_MAX = 1 << 24
-ROUND_JUMP_MAX = 1 << 32
+ROUND_JUMP_MAX = 1 << 20  # within one epoch (whose rounds are 2**30: ``ballot.py``)
+#: A peer's message naming an epoch this far above this replica's is ignored (a replica
+#: that far behind learns the memberships in between from the log, one by one).
+EPOCH_JUMP_MAX = 1 << 10
 
 
 class _Progress:
@@ -171,14 +207,13 @@ class _Progress:
 
 class Replica(Reads, SnapshotTransfer, WipedRecovery):
     def __init__(self, config: Config, persisted: PersistedState | None = None) -> None:
-        if not (1 <= config.num_nodes <= 64) or not (0 <= config.node < config.num_nodes):
+        if not (1 <= config.num_nodes <= NODES_MAX) or not (0 <= config.node < NODES_MAX):
             raise ValueError("bad node/num_nodes")
         if config.lease_read_ticks and not (0 < config.lease_read_ticks <= config.election_timeout_ticks - 2):
             raise ValueError("lease_read_ticks must be 0 (off) or at most election_timeout_ticks - 2 "
                              "(less the clock drift over an election timeout)")
         self.config = config
         self.id = config.node
-        self.n = config.num_nodes
         self.rng = config.rng
         self.bugs = config.bugs
         p = persisted or PersistedState()
@@ -199,6 +234,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         self.commit_index = max(self.commit_index, self.snapshot_index)
         self.applied_index = p.applied_index if p.applied_index is not None else self.snapshot_index
         self.max_round = ballot_round(self.promised)
+        self._membership_on_disk = p.membership
         # Volatile.
         self.role = FOLLOWER
         self.leader: int | None = None
@@ -209,11 +245,16 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         self.attempts = 0
         self.randomized_timeout = 0
         self._reset_timeout()
-        self.promise_tally = PromiseTally(self.n)
         self.prevote_granted = 0
+        self.prevote_round = 0
         self.reports: dict = {}
-        self.tally = QuorumTally(self.n, TALLY_WINDOW)
-        self.progress: list = []
+        self.progress: dict = {}  # a leader's: node -> _Progress, for every other member
+        self.config_slot: int | None = None  # a leader's: the slot of its membership change
+        self.pending_config: bytes | None = None  # a leader's: a change waiting for the window
+        self._out_membership: Membership | None = None
+        membership = p.membership or config.membership or bootstrap(config.num_nodes)
+        check_membership(membership)
+        self._set_membership(membership)
         self.next_slot = 0
         self.own_first_slot = 0  # first slot proposed at this leader's ballot
         self.pending_commands: list = []
@@ -255,7 +296,11 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         self.learn_ballot = 0  # a recovering node: the ballot of the leader it learns from
         self.noop_target = -1  # a leader: a recovering node waits for this slot to commit
         self.heard_commit = self.commit_index  # the highest commit point a leader told us
-        if self.promised == 0 and self.n > 1 and not self.bugs.wiped_votes_at_once:
+        # Memberships chosen above the applied point (entries the application applies again).
+        self.snapshot_membership = self.membership if self.snapshot_index >= self.membership.start - 1 else None
+        self._walk_memberships()
+        if (self.promised == 0 and self.is_voter and len(self.membership.voters) > 1
+                and not self.bugs.wiped_votes_at_once):
             self.recovery = _Recovery(self.rng.randrange(1 << 40) << 20)
             # Records above the commit point are not known chosen and were not announced
             # (a vote is announced only once its promise is durable): a learner drops them.
@@ -297,9 +342,135 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         self.max_round = max(self.max_round, ballot_round(b))
 
     def _set_commit(self, c: int) -> None:
-        if c > self.commit_index:
-            self.commit_index = c
-            self._hard_dirty = True
+        """Move the commit point to ``c``, but never past a membership change of this epoch:
+        the commit point stops at its slot and the replica moves to the next epoch
+        ("Membership"); what lies above is decided by the new voters, and learned again."""
+        if c <= self.commit_index:
+            return
+        log = self.log
+        start = max(self.commit_index + 1, self.membership.start)
+        for slot in range(start, c + 1):
+            e = log.get(slot)
+            if e is not None and e[1] == KIND_CONFIG:
+                self.commit_index = slot
+                self._hard_dirty = True
+                self._enter_config_entry(slot)
+                return
+        self.commit_index = c
+        self._hard_dirty = True
+
+    # ------------------------------------------------------------------ membership
+    def _set_membership(self, m: Membership) -> None:
+        """Make ``m`` the membership this replica votes and counts in."""
+        self.membership = m
+        self.voters = m.voters
+        self.vpos = {node: i for i, node in enumerate(m.voters)}  # dense, for the tallies
+        self.voter_mask = sum(1 << v for v in m.voters)
+        self.member_set = frozenset(m.voters) | frozenset(m.learners)
+        self.peers = tuple(i for i in m.members if i != self.id)
+        self.quorum = majority(len(m.voters))
+        self.promise_tally = PromiseTally(len(m.voters))
+        self.tally = QuorumTally(len(m.voters), TALLY_WINDOW)
+
+    @property
+    def is_voter(self) -> bool:
+        return self.id in self.vpos
+
+    @property
+    def removed(self) -> bool:
+        """This node is not a member of the epoch this replica is in: it neither votes nor
+        campaigns (it keeps answering what it knows; its node may stop serving the shard)."""
+        return self.id not in self.member_set
+
+    def _votes(self, mask: int) -> int:
+        return bin(mask & self.voter_mask).count("1")
+
+    def _walk_memberships(self) -> None:
+        """At start: move through the membership changes chosen above the application's
+        applied point (up to the commit point, in slot order), then drop what this epoch
+        voids (``_void_old_epochs``)."""
+        for slot in sorted(s for s in self.log if self.membership.start <= s <= self.commit_index):
+            if self.log[slot][1] == KIND_CONFIG:
+                self._enter_config_entry(slot, starting=True)
+        self._void_old_epochs()
+
+    def _void_old_epochs(self) -> None:
+        """An acceptance above this epoch's start at an earlier epoch's ballot is void (that
+        epoch ended before its slot): forget it, so that it is never reported or committed."""
+        m = self.membership
+        if m.epoch:
+            for slot in [s for s, e in self.log.items() if s >= m.start and ballot_epoch(e[0]) < m.epoch]:
+                del self.log[slot]
+
+    def _enter_config_entry(self, slot: int, starting: bool = False) -> None:
+        try:
+            m = decode_membership(self.log[slot][2], slot)
+        except ValueError as e:  # a chosen change that is not one: applied as a no-op
+            self._log_event(f"slot {slot}: membership change ignored: {e}")
+            return
+        if m.epoch != self.membership.epoch + 1:
+            self._log_event(f"slot {slot}: membership epoch {m.epoch} does not follow "
+                            f"{self.membership.epoch}; ignored")
+            return
+        self._enter_membership(m, starting)
+
+    def _enter_membership(self, m: Membership, starting: bool = False) -> None:
+        """Move to epoch ``m`` (its change is chosen, or a snapshot past it installed).
+
+        The old epoch's leader steps down (its proposals and reads go back to their
+        clients); every voter of the new epoch raises its promise to the new epoch's
+        floor, so no message of the old epoch is accepted here again (and a voter that
+        was a learner has a durable promise: it is not taken for a wiped node later);
+        acceptances above the change at old ballots are void; the old leader, if it
+        still votes, campaigns at once.
+        """
+        was_leader = self.role == LEADER
+        self._log_event(f"membership epoch {m.epoch} from slot {m.start}: voters {list(m.voters)}, "
+                        f"learners {list(m.learners)}")
+        if was_leader:
+            # The change is chosen: say so to the old epoch's members (a heartbeat with the
+            # commit point), so they move on now, not after an election of the old epoch.
+            for i in self.peers:
+                self._send(Message(M.HEARTBEAT, i, self.id, ballot=self.ballot, commit_index=self.commit_index,
+                                   context=self.read_seq))
+        if self.role != FOLLOWER:
+            self._become_follower(None)
+        self._drop_follower_reads()
+        self._set_membership(m)
+        self.progress = {}
+        self.config_slot = None
+        self.pending_config = None
+        self.snapshots_out = {}
+        self.reports = {}
+        self.prevote_granted = 0
+        self.leader = None
+        self._out_membership = m
+        if not starting:
+            self._void_old_epochs()
+        if self.recovery is not None:
+            if self.is_voter and len(m.voters) > 1:
+                self._restart_recovery()
+            else:
+                self.recovery = None
+                self.learn_ballot = 0
+        elif self.promised < epoch_floor(m.epoch) and not starting:
+            self._set_promised(epoch_floor(m.epoch))
+        if was_leader and self.is_voter:
+            self.election_elapsed = self.randomized_timeout  # campaign at the next tick
+
+    def propose_membership(self, voters, learners, info: bytes = b"") -> None:
+        """Propose the next membership (the leader only). It takes effect when its entry
+        commits (``Ready.membership``). Raises ``NotLeader``, or ``ValueError`` saying why
+        the change cannot be made (``membership.check_change``; one at a time)."""
+        if self.role != LEADER:
+            raise NotLeader(self.leader_hint)
+        if self.config_slot is not None or self.pending_config is not None:
+            raise ValueError(f"a membership change (to epoch {self.membership.epoch + 1}) is already "
+                             f"in progress; wait until it commits")
+        nxt = check_change(self.membership, voters, learners, info)
+        self.pending_config = encode_membership(nxt)
+        self._log_event(f"proposing membership epoch {nxt.epoch}: voters {list(nxt.voters)}, "
+                        f"learners {list(nxt.learners)}")
 
     def _last_slot(self) -> int:
         return max(self.log) if self.log else self.snapshot_index
@@ -342,26 +513,32 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         self._reset_timeout()
 
     def campaign(self) -> None:
-        """Start an election now (pre-vote first when configured)."""
-        if self.role == LEADER or self.recovery is not None:
+        """Start an election now (pre-vote first when configured). Only a voter of the
+        epoch it knows campaigns; one that has seen a later epoch waits to learn it."""
+        if self.role == LEADER or self.recovery is not None or not self.is_voter:
             return
-        if next_round(self.max_round) is None:  # unreachable legitimately (ballot.py)
-            self._log_event("no ballot left to campaign with (round cap)")
-            self._become_follower(None)
+        r = next_round(self.max_round, self.membership.epoch)
+        if r is None:
+            if epoch_of_round(self.max_round) > self.membership.epoch:
+                self._log_event("a later membership epoch exists; learning it before campaigning")
+            else:  # unreachable legitimately (ballot.py)
+                self._log_event("no ballot left to campaign with (round cap)")
+            self._become_follower(self.leader if self.role == FOLLOWER else None)
             return
         self._drop_follower_reads()
-        if self.config.pre_vote and self.n > 1:
+        if self.config.pre_vote and len(self.voters) > 1:
             self.role = PRE_CANDIDATE
             self.leader = None
             self.election_elapsed = 0
             self.prevote_granted = 1 << self.id
-            b = make_ballot(self.max_round + 1, self.id)
+            self.prevote_round = r
+            b = make_ballot(r, self.id)
             # A grant counts only for this attempt (its reply echoes the nonce): one held by
             # a partition and delivered after the heal, when its granter follows a new
             # leader, would start a campaign that deposes that leader.
             self.campaign_context = self.rng.randrange(1 << 40) << 20
             self._log_event(f"pre-vote for {format_ballot(b)}")
-            for i in range(self.n):
+            for i in self.voters:
                 if i != self.id:
                     self._send(Message(M.PRE_VOTE, i, self.id, ballot=b, commit_index=self.commit_index,
                                        context=self.campaign_context))
@@ -370,11 +547,11 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         self._campaign_real()
 
     def _campaign_real(self) -> None:
-        if next_round(self.max_round) is None:  # unreachable legitimately (ballot.py)
-            self._log_event("no ballot left to campaign with (round cap)")
+        r = next_round(self.max_round, self.membership.epoch)
+        if r is None or not self.is_voter:  # a later epoch seen meanwhile (``campaign``)
             self._become_follower(None)
             return
-        self.max_round += 1
+        self.max_round = r
         b = make_ballot(self.max_round, self.id)
         self._set_promised(b)
         self.role = CANDIDATE
@@ -391,7 +568,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         if self._promises_elect(self.id):
             self._become_leader()
             return
-        for i in range(self.n):
+        for i in self.voters:
             if i != self.id:
                 self._send(Message(M.PREPARE, i, self.id, ballot=b, commit_index=self.commit_index,
                                    context=self.campaign_context))
@@ -417,16 +594,20 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             rb, kind, payload, rec = chosen[slot]
             self._store(slot, rb, kind, payload, rec)
         if chosen:
+            epoch = self.membership.epoch
             self._set_commit(max(chosen))
+            if self.membership.epoch != epoch:
+                return  # a membership change was among them: this epoch's campaign is over
         c = self.commit_index
+        start = self.membership.start
         # Rule 3: per slot above the commit point, the value accepted at the highest
         # ballot among the promises (a majority), a no-op where none.
         best: dict = {}
         reporters = [self.id] if self.bugs.recover_from_own_log else sorted(self.reports)
         for node in reporters:
             for slot, rb, kind, payload, _rec in self.reports[node][0]:
-                if slot <= c:
-                    continue
+                if slot <= c or (slot >= start and ballot_epoch(rb) < self.membership.epoch):
+                    continue  # chosen already, or void (accepted in an epoch that had ended)
                 cur = best.get(slot)
                 if cur is None:
                     best[slot] = (rb, kind, payload)
@@ -446,19 +627,21 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         self.recent_active = 1 << self.id
         self._log_event(f"leader at ballot {format_ballot(b)}, re-proposing {c + 1}..{top}")
         self.tally.reset(b, c)
+        self.config_slot = self.pending_config = None
         for slot in range(c + 1, top + 1):
             v = best.get(slot)
             kind, payload = (v[1], v[2]) if v is not None else (KIND_NOOP, b"")
             self._store(slot, b, kind, payload)
+            if kind == KIND_CONFIG and self.config_slot is None:
+                self.config_slot = slot  # a change under way: nothing new is proposed after it
         self.own_first_slot = top + 1
         self.noop_target = -1
         self._store(top + 1, b, KIND_NOOP, b"")
         self.next_slot = top + 2
-        commit = self.tally.record(self.id, c + 1, top + 1, b)
-        self.progress = [_Progress(c + 1) for _ in range(self.n)]
-        for i in range(self.n):
-            if i != self.id:
-                self._send_entries(i)
+        commit = self.tally.record(self.vpos[self.id], c + 1, top + 1, b)
+        self.progress = {i: _Progress(c + 1) for i in self.peers}
+        for i in self.peers:
+            self._send_entries(i)
         self._on_commit(commit)
 
     # ------------------------------------------------------------------ public inputs
@@ -478,7 +661,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             if self.election_elapsed >= self.config.election_timeout_ticks:
                 # Check quorum: step down if we did not hear from a majority lately.
                 self.election_elapsed = 0
-                if bin(self.recent_active).count("1") < majority(self.n):
+                if self._votes(self.recent_active) < self.quorum:
                     self._log_event("lost contact with a majority; stepping down")
                     self._become_follower(None)
                     return
@@ -517,10 +700,11 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         The replica keeps it to send to lagging followers and drops log entries
         more than ``log_retain_slots`` below it.
         """
-        if index <= self.snapshot_index or index > self.applied_index:
-            return
+        if index <= self.snapshot_index or index > self.applied_index or index < self.membership.start - 1:
+            return  # (a point before this epoch began: its voters are not the current ones)
         self.snapshot_index = index
         self.snapshot_data = data
+        self.snapshot_membership = self.membership
         cut = index - self.config.log_retain_slots
         if cut >= self.log_start:
             for s in range(self.log_start, cut + 1):
@@ -532,13 +716,14 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         """Guards against what no honest peer sends (``messages.from_wire`` checked each
         field's range; these need this replica's state). Ignoring a message is always
         safe in Paxos: it only costs a retransmission."""
-        if m.to != self.id or not (0 <= m.frm < self.n) or m.frm == self.id:
+        if m.to != self.id or m.frm == self.id:
             return True
+        if m.frm not in self.member_set and ballot_epoch(m.ballot) <= self.membership.epoch:
+            return True  # not a member of this epoch, and not of a later one that we would learn
         if self.bugs.unchecked_peer_input:
             return False
         t = m.type
-        if (ballot_round(m.ballot) > self.max_round + ROUND_JUMP_MAX
-                or ballot_round(m.hint) > self.max_round + ROUND_JUMP_MAX):
+        if self._round_too_far(ballot_round(m.ballot)) or self._round_too_far(ballot_round(m.hint)):
             return True
         if t == M.SNAPSHOT:
             # A snapshot replaces the state whole, past every per-slot check; only the
@@ -555,6 +740,15 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             # a follower can have accepted only what this leader proposed (slots < next_slot)
             return self.role == LEADER and m.ballot == self.ballot and m.match_index >= self.next_slot
         return False
+
+    def _round_too_far(self, r: int) -> bool:
+        """A round no honest peer sends yet: in an epoch far above ours, or far above the
+        highest round we have seen in its own epoch (``ROUND_JUMP_MAX``, ``EPOCH_JUMP_MAX``)."""
+        e = epoch_of_round(r)
+        if e > self.membership.epoch + EPOCH_JUMP_MAX:
+            return True
+        seen = self.max_round if epoch_of_round(self.max_round) == e else e << EPOCH_SHIFT
+        return r > seen + ROUND_JUMP_MAX
 
     def step(self, m: Message) -> None:
         if self._ignored(m):
@@ -609,10 +803,10 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         if m.reject:
             self.max_round = max(self.max_round, ballot_round(m.hint))
             return
-        if ballot_round(m.ballot) != self.max_round + 1 or m.context != self.campaign_context:
+        if ballot_round(m.ballot) != self.prevote_round or m.context != self.campaign_context:
             return  # a grant to another attempt (held by the network, or a replay)
         self.prevote_granted |= 1 << m.frm
-        if bin(self.prevote_granted).count("1") >= majority(self.n):
+        if self._votes(self.prevote_granted) >= self.quorum:
             self._campaign_real()
 
     def _on_prepare(self, m: Message) -> None:
@@ -670,9 +864,12 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
 
     def _promises_elect(self, node: int) -> bool:
         """Count ``node``'s promise for our ballot (once); True when they make a majority."""
-        elected = self.promise_tally.record(node, self.ballot)
+        pos = self.vpos.get(node)
+        if pos is None:
+            return False  # a learner's promise is not a vote
+        elected = self.promise_tally.record(pos, self.ballot)
         if self.bugs.election_quorum_short:
-            return elected or len(self.reports) >= majority(self.n) - 1
+            return elected or len(self.reports) >= self.quorum - 1
         return elected
 
     # ------------------------------------------------------------------ phase 2
@@ -730,7 +927,9 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             elif m.hint == 0 and self.role == LEADER and m.ballot == self.ballot:
                 # A node that does not vote yet (it is recovering: ``_learn``) holds the chosen
                 # values through ``match_index``: send it what follows (or a snapshot).
-                pr = self.progress[m.frm]
+                pr = self.progress.get(m.frm)
+                if pr is None:
+                    return
                 pr.match = m.match_index
                 if m.type == M.HEARTBEAT_REPLY or pr.next <= pr.match:
                     pr.next = pr.match + 1
@@ -738,15 +937,20 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             return
         if self.role != LEADER or m.ballot != self.ballot:
             return
+        pr = self.progress.get(m.frm)
+        if pr is None:
+            return  # not a member of this epoch (a late reply of one removed)
         self.recent_active |= 1 << m.frm
-        pr = self.progress[m.frm]
         pr.heard_tick = self.ticks
         if m.match_index > pr.match or m.type == M.HEARTBEAT_REPLY:
             # A heartbeat reply says where the follower is now: lower than we thought if it
             # restarted or lost its disk since (then resend from there, or a snapshot).
             pr.match = m.match_index
-        if m.match_index > self.commit_index:
-            self._on_commit(self.tally.record(m.frm, self.commit_index + 1, m.match_index, self.ballot))
+        pos = self.vpos.get(m.frm)
+        if m.match_index > self.commit_index and pos is not None:  # a learner's acceptance is no vote
+            self._on_commit(self.tally.record(pos, self.commit_index + 1, m.match_index, self.ballot))
+            if self.role != LEADER:
+                return  # the commit ended this epoch (a membership change)
         if m.type == M.HEARTBEAT_REPLY:
             pr.next = pr.match + 1  # retransmit whatever was lost
             rr = self.read_round
@@ -781,8 +985,11 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         pr.next = hi + 1
 
     def _flush_proposals(self) -> None:
-        if self.role != LEADER or not (self.pending_commands or self.noop_target >= self.next_slot):
+        if self.role != LEADER or not (self.pending_commands or self.noop_target >= self.next_slot
+                                       or self.pending_config is not None):
             return
+        if self.config_slot is not None:
+            return  # nothing follows a membership change in its epoch (it would be void)
         first = self.next_slot
         cfg = self.config
         while self.noop_target >= self.next_slot and self.next_slot <= self.commit_index + cfg.pipeline_window:
@@ -795,19 +1002,25 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             del self.pending_commands[:cfg.batch_commands_max]
             self._store(self.next_slot, self.ballot, KIND_BATCH, encode_batch(batch))
             self.next_slot += 1
+        if (self.pending_config is not None and not self.pending_commands
+                and self.next_slot <= self.commit_index + cfg.pipeline_window):
+            # after every command proposed before it, and then nothing more in this epoch
+            self._store(self.next_slot, self.ballot, KIND_CONFIG, self.pending_config)
+            self.config_slot, self.pending_config = self.next_slot, None
+            self.next_slot += 1
         if self.next_slot == first:
             return
-        commit = self.tally.record(self.id, first, self.next_slot - 1, self.ballot)
-        for i in range(self.n):
-            if i != self.id and self.progress[i].next == first:
+        commit = self.tally.record(self.vpos[self.id], first, self.next_slot - 1, self.ballot)
+        for i, pr in self.progress.items():
+            if pr.next == first:
                 self._send_entries(i)
         if commit > self.commit_index:
             self._on_commit(commit)
 
     def _broadcast_heartbeat(self) -> None:
         ctx = self.read_round.seq if self.read_round is not None else self.read_seq
-        for i in range(self.n):
-            if i != self.id:
+        for i in self.peers:
+            if True:
                 self._send(Message(M.HEARTBEAT, i, self.id, ballot=self.ballot,
                                    commit_index=self.commit_index, context=ctx))
 
@@ -859,7 +1072,8 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
 
     def has_ready(self) -> bool:
         if self.role == LEADER:
-            if ((self.pending_commands or self.noop_target >= self.next_slot)
+            if ((self.pending_commands or self.noop_target >= self.next_slot or self.pending_config is not None)
+                    and self.config_slot is None
                     and self.next_slot <= self.commit_index + self.config.pipeline_window):
                 return True
             if ((self.reads_queued or self.remote_queued) and self.read_round is None
@@ -868,6 +1082,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         elif self.follower_reads_queued and self.read_ask is None:
             return True
         return bool(self._hard_dirty or self._out_records or self._out_snapshot
+                    or self._out_membership is not None
                     or self._out_messages or self.applied_index < self.commit_index
                     or self._out_compacted is not None or self._out_dropped_commands
                     or self._out_dropped_reads
@@ -906,6 +1121,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         rd.reads = self._reads_due(self.applied_index)
         rd.dropped_commands, self._out_dropped_commands = self._out_dropped_commands, []
         rd.dropped_reads, self._out_dropped_reads = self._out_dropped_reads, []
+        rd.membership, self._out_membership = self._out_membership, None
         return rd
 
     def advance(self, rd: Ready) -> None:
@@ -923,15 +1139,23 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
               "applied_index": self.applied_index, "snapshot_index": self.snapshot_index,
               "recovering": 0 if self.recovery is None else self.recovery.phase,
               "receiving_snapshot": self.snapshot_inbound is not None,
-              "behind": max(0, max(self.heard_commit, self.commit_index) - self.applied_index)}
+              "behind": max(0, max(self.heard_commit, self.commit_index) - self.applied_index),
+              "epoch": self.membership.epoch, "voters": list(self.voters),
+              "learners": list(self.membership.learners)}
         if self.role == LEADER:
-            st["match"] = [self.next_slot - 1 if i == self.id else p.match for i, p in enumerate(self.progress)]
+            st["match"] = {i: (self.next_slot - 1 if i == self.id else self.progress[i].match)
+                           for i in self.membership.members if i == self.id or i in self.progress}
         return st
 
 
 def _committed_entry(slot: int, ballot: int, kind: int, payload: bytes) -> Entry:
     """A chosen value as an Entry; one that is not a batch (a poisoned value) is a no-op
     with its ``error`` said, never an exception in the driver's loop."""
+    if kind == KIND_CONFIG:
+        try:
+            return Entry(slot, ballot, kind, [], membership=decode_membership(payload, slot))
+        except ValueError as e:
+            return Entry(slot, ballot, KIND_NOOP, [], f"slot {slot}: {e}")
     if kind == KIND_NOOP:
         return Entry(slot, ballot, kind, [], None if not payload else f"slot {slot}: a no-op with a payload")
     if kind != KIND_BATCH:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from kvstore.paxos import messages as M
 from kvstore.paxos.interface import FOLLOWER, LEADER, Snapshot
+from kvstore.paxos.membership import unwrap_snapshot, wrap_snapshot
 from kvstore.paxos.messages import Message
 
 
@@ -44,12 +45,13 @@ class SnapshotTransfer:
     """Snapshot transfer, a part of ``Replica`` (the module docstring)."""
 
     def _send_snapshot(self, to: int, ballot: int) -> None:
-        if self.snapshot_index < 0:
-            return
+        if self.snapshot_index < 0 or self.snapshot_membership is None:
+            return  # none, or one from before this epoch (whose voters we no longer know)
         out = self.snapshots_out.get(to)
         if out is not None and out.index == self.snapshot_index:
             return  # under way: its own timer resends
-        self.snapshots_out[to] = _SnapshotOut(self.snapshot_index, self.snapshot_data, ballot, self.ticks)
+        data = wrap_snapshot(self.snapshot_membership, self.snapshot_data)
+        self.snapshots_out[to] = _SnapshotOut(self.snapshot_index, data, ballot, self.ticks)
         self.snapshots_sent += 1
         self._pump_snapshot(to)
 
@@ -140,11 +142,24 @@ class SnapshotTransfer:
         if len(sin.buf) != m.size:
             return
         self.snapshot_inbound = None
+        try:
+            membership, data = unwrap_snapshot(bytes(sin.buf), m.snapshot_index)
+        except ValueError as e:
+            self._log_event(f"snapshot through {m.snapshot_index} from {m.frm}: {e}; ignored")
+            return
+        if membership is None:  # a bare snapshot: epoch 0's (``wrap_snapshot``)
+            if self.membership.epoch != 0:
+                self._log_event(f"snapshot through {m.snapshot_index} from {m.frm} is of epoch 0; ignored")
+                return
+            membership = self.membership
+        if membership.epoch < self.membership.epoch:
+            self._log_event(f"snapshot through {m.snapshot_index} from {m.frm} is of an ended epoch; ignored")
+            return
         check = self.config.snapshot_ok
-        if check is not None and not self.bugs.unchecked_peer_input and not check(bytes(sin.buf)):
+        if check is not None and not self.bugs.unchecked_peer_input and not check(data):
             self._log_event(f"snapshot through {m.snapshot_index} from {m.frm} does not decode; ignored")
             return
-        index, data = m.snapshot_index, bytes(sin.buf)
+        index = m.snapshot_index
         self._log_event(f"installing snapshot through {index}")
         self.snapshot_index = index
         self.snapshot_data = data
@@ -154,9 +169,14 @@ class SnapshotTransfer:
         self.commit_index = index
         self.applied_index = index
         self._hard_dirty = True
-        self._out_snapshot = Snapshot(index, data)
+        self._out_snapshot = Snapshot(index, data, membership)
+        self.snapshot_membership = membership
         self._out_records = {s: r for s, r in self._out_records.items() if s > index}
         self._deferred_records = {s: r for s, r in self._deferred_records.items() if s > index}
+        if membership.epoch > self.membership.epoch:
+            leader = self.leader
+            self._enter_membership(membership)
+            self.leader = leader  # the sender still leads the epoch whose ballot we follow
         if self.role == FOLLOWER and self.leader == m.frm:
             if self.recovery is not None:
                 self._send_progress(M.ACCEPTED, m.frm, m.ballot, 0)

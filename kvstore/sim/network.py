@@ -3,6 +3,12 @@
 Messages are delivered only when the test says ``deliver()``; ``cut``, ``isolate``,
 ``crash`` and ``restart`` shape what gets through. The driver contract is the
 real one: persist (here: into a ``PersistedState`` per node), then send, then apply.
+
+Memberships: ``Cluster(n, nodes=N)`` has room for N nodes of which the first n form the
+bootstrap membership; the others start with ``join(i)`` (an empty disk, told the current
+membership, as a node started with ``--join`` is). Each node keeps the membership as of
+its applied point (``Entry.membership``, ``Snapshot.membership``) on its "disk", as the
+real node keeps it in the shard's state.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from kvstore.paxos.replica import Config, PersistedState, Replica
 
 
 class Cluster:
-    def __init__(self, n: int, seed: int = 0, **config) -> None:
-        self.n = n
+    def __init__(self, n: int, seed: int = 0, nodes: int | None = None, **config) -> None:
+        self.bootstrap = n
+        self.n = n = max(n, nodes or n)
         self.rng = random.Random(seed)
         self.config = config
         self.disks = [PersistedState() for _ in range(n)]
@@ -25,10 +32,11 @@ class Cluster:
         self.snapshots: list = [[] for _ in range(n)]
         self.dropped: list = [[] for _ in range(n)]
         self.dropped_reads: list = [[] for _ in range(n)]
+        self.memberships: list = [[] for _ in range(n)]  # Ready.membership, in order
         self.inbox: list = []
         self.cut_links: set = set()
         self.sent: list = []  # every message sent, for assertions
-        for i in range(n):
+        for i in range(self.bootstrap):
             self.restart(i)
         self.deliver()  # a new cluster: its nodes find a majority holds no state, and vote
 
@@ -51,11 +59,28 @@ class Cluster:
     def restart(self, i: int) -> Replica:
         d = self.disks[i]
         d.records = [self.records[i][s] for s in sorted(self.records[i])]
-        cfg = Config(node=i, num_nodes=self.n, rng=self.rng, **self.config)
+        cfg = Config(node=i, num_nodes=self.bootstrap, rng=self.rng, **self.config)
         self.replicas[i] = Replica(cfg, PersistedState(d.promised, d.commit_index, list(d.records),
-                                                       d.snapshot_index, d.snapshot_data))
+                                                       d.snapshot_index, d.snapshot_data,
+                                                       membership=d.membership))
         self.applied[i] = []
         return self.replicas[i]
+
+    def join(self, i: int, membership) -> Replica:
+        """Start node ``i`` with an empty disk, told ``membership`` (the cluster's current one,
+        in which it is a learner) as its bootstrap."""
+        self.disks[i] = PersistedState(membership=membership)  # as ``--join`` keeps it
+        self.records[i] = {}
+        cfg = Config(node=i, num_nodes=self.bootstrap, rng=self.rng, membership=membership, **self.config)
+        self.replicas[i] = Replica(cfg, PersistedState())
+        self.applied[i] = []
+        return self.replicas[i]
+
+    def wipe(self, i: int) -> None:
+        """Node ``i`` loses its disk (it restarts empty with ``restart``)."""
+        self.crash(i)
+        self.disks[i] = PersistedState()
+        self.records[i] = {}
 
     # ------------------------------------------------------------------ driving
     def process(self) -> None:
@@ -70,6 +95,8 @@ class Cluster:
                     self.records[i][int.from_bytes(rec[8:16], "little")] = rec
                 if rd.snapshot is not None:
                     d.snapshot_index, d.snapshot_data = rd.snapshot.index, rd.snapshot.data
+                    if rd.snapshot.membership is not None:
+                        d.membership = rd.snapshot.membership
                     self.snapshots[i].append(rd.snapshot)
                 if rd.compacted_through is not None:
                     for s in [s for s in self.records[i] if s <= rd.compacted_through]:
@@ -79,6 +106,12 @@ class Cluster:
                     if (m.frm, m.to) not in self.cut_links and self.replicas[m.to] is not None:
                         self.inbox.append(m)
                 self.applied[i].extend(rd.committed)
+                for e in rd.committed:  # (re-applied after a restart: never back to an older one)
+                    if e.membership is not None and (d.membership is None
+                                                     or e.membership.epoch > d.membership.epoch):
+                        d.membership = e.membership
+                if rd.membership is not None:
+                    self.memberships[i].append(rd.membership)
                 self.reads[i].extend(rd.reads)
                 self.dropped[i].extend(rd.dropped_commands)
                 self.dropped_reads[i].extend(rd.dropped_reads)

@@ -46,7 +46,8 @@ from kvstore.errors import CorruptRecord
 from kvstore.paxos.ballot import BALLOT_MAX
 from kvstore.paxos.batch import decode_batch
 from kvstore.paxos.messages import SLOT_MAX, Message, from_wire, to_wire
-from kvstore.paxos.replica import KIND_BATCH, KIND_NOOP
+from kvstore.paxos.membership import decode_membership
+from kvstore.paxos.replica import KIND_BATCH, KIND_CONFIG, KIND_NOOP
 
 WIRE_VERSION = 1
 
@@ -297,6 +298,11 @@ def _check_record(rec: bytes) -> None:
     elif kind == KIND_BATCH:
         try:
             decode_batch(payload)
+        except ValueError as e:
+            raise FrameError(f"record at slot {slot}: {e}") from None
+    elif kind == KIND_CONFIG:
+        try:
+            decode_membership(payload, slot)
         except ValueError as e:
             raise FrameError(f"record at slot {slot}: {e}") from None
     else:

@@ -1,0 +1,279 @@
+"""Membership changes in the Paxos core (``kvstore.paxos.membership``, "Membership" in
+``kvstore.paxos.replica``), as scripts over the in-memory network, and a randomized run
+of changes under crashes, wipes, cuts and message loss that checks that no two replicas
+ever apply different values at one slot."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvstore.paxos import NotLeader
+from kvstore.paxos import messages as M
+from kvstore.paxos.ballot import ballot_epoch, make_ballot
+from kvstore.paxos.interface import KIND_CONFIG, Membership
+from kvstore.paxos.membership import (check_change, decode_membership, encode_membership, unwrap_snapshot,
+                                      wrap_snapshot)
+from kvstore.sim.network import Cluster
+
+
+def leader_of(c: Cluster, max_ticks: int = 400) -> int:
+    for _ in range(max_ticks):
+        ls = [i for i in c.leaders() if c.replicas[i] is not None and not c.replicas[i].removed]
+        if len(ls) == 1 and c.replicas[ls[0]]._own_noop_committed():
+            return ls[0]
+        c.tick()
+    raise AssertionError("no leader")
+
+
+def change(c: Cluster, voters, learners=()) -> int:
+    """Make the change through the current leader and wait until it commits there."""
+    lead = leader_of(c)
+    r = c.replicas[lead]
+    epoch = r.membership.epoch
+    r.propose_membership(voters, learners)
+    c.deliver()
+    for _ in range(200):
+        if any(x is not None and x.membership.epoch > epoch for x in c.replicas):
+            return lead
+        c.tick()
+    raise AssertionError("the change did not commit")
+
+
+def write(c: Cluster, *values: bytes) -> None:
+    lead = leader_of(c)
+    c.propose(lead, *values)
+    for _ in range(50):
+        if all(v in c.commands(lead) for v in values):
+            return
+        c.tick()
+    raise AssertionError(f"{values} not committed")
+
+
+def sequences_agree(c: Cluster) -> None:
+    """No two replicas applied different values at one slot."""
+    seen: dict = {}
+    for i in range(c.n):
+        for e in c.applied[i]:
+            v = (e.kind, tuple(e.commands), e.membership)
+            assert seen.setdefault(e.slot, v) == v, f"slot {e.slot}: {seen[e.slot]} vs {v} at n{i}"
+
+
+def test_a_learner_joins_catches_up_is_promoted_then_the_leader_is_removed():
+    c = Cluster(3, seed=1, nodes=4)
+    write(c, b"a", b"b")
+    m0 = c.replicas[leader_of(c)].membership
+    assert (m0.epoch, m0.voters, m0.learners) == (0, (0, 1, 2), ())
+    change(c, (0, 1, 2), (3,))
+    c.join(3, c.replicas[leader_of(c)].membership)
+    write(c, b"c")
+    c.tick(20)
+    assert c.commands(3)[-3:] == [b"a", b"b", b"c"]  # the learner holds the log
+    assert not c.replicas[3].is_voter and c.replicas[3].role == "follower"
+    change(c, (0, 1, 2, 3))
+    write(c, b"d")
+    assert c.replicas[3].is_voter and c.replicas[3].membership.epoch == 2
+    old = leader_of(c)
+    change(c, tuple(v for v in (0, 1, 2, 3) if v != old))
+    new = leader_of(c)
+    assert new != old and c.replicas[old].removed and not c.replicas[old].is_leader
+    write(c, b"e")
+    c.tick(5)  # followers learn the commit point from the next heartbeat
+    for i in (0, 1, 2, 3):
+        if i != old:
+            assert c.commands(i)[-1] == b"e"
+    sequences_agree(c)
+
+
+def test_each_node_reports_every_epoch_it_enters_once():
+    c = Cluster(3, seed=2, nodes=4)
+    change(c, (0, 1, 2), (3,))
+    c.tick(5)
+    assert [m.epoch for m in c.memberships[1]] == [1]
+    entry = [e for e in c.applied[1] if e.kind == KIND_CONFIG]
+    assert len(entry) == 1 and entry[0].membership.learners == (3,)
+    assert entry[0].membership.start == entry[0].slot + 1
+
+
+def test_the_core_refuses_what_it_cannot_do():
+    c = Cluster(3, seed=3, nodes=5)
+    lead = leader_of(c)
+    follower = next(i for i in range(3) if i != lead)
+    with pytest.raises(NotLeader):
+        c.replicas[follower].propose_membership((0, 1, 2), (3,))
+    r = c.replicas[lead]
+    with pytest.raises(ValueError, match="one voter at a time"):
+        r.propose_membership((0, 1, 2, 3, 4), ())
+    with pytest.raises(ValueError, match="both vote and learn"):
+        r.propose_membership((0, 1, 2), (2,))
+    with pytest.raises(ValueError, match="at least one voter"):
+        r.propose_membership((), ())
+    r.propose_membership((0, 1, 2), (3,))
+    with pytest.raises(ValueError, match="already in progress"):
+        r.propose_membership((0, 1, 2), (4,))
+
+
+def test_commands_proposed_after_a_change_wait_for_the_next_epoch_and_are_never_applied_in_the_old():
+    c = Cluster(3, seed=4, nodes=4)
+    lead = leader_of(c)
+    r = c.replicas[lead]
+    r.propose_membership((0, 1, 2), (3,))
+    r.ready()  # the change takes its slot (nothing delivered yet)
+    assert r.config_slot is not None
+    assert r.propose(b"late")  # queued behind the change
+    c.deliver()
+    c.tick(5)
+    cfg_slot = next(e.slot for e in c.applied[lead] if e.kind == KIND_CONFIG)
+    after = [e for e in c.applied[lead] if e.slot > cfg_slot]
+    assert all(ballot_epoch(e.ballot) == 1 for e in after)  # nothing after it in epoch 0
+    assert b"late" in c.dropped[lead]  # handed back to its client (who retries)
+    sequences_agree(c)
+
+
+def test_a_replica_that_moved_on_refuses_the_old_epochs_leader():
+    c = Cluster(3, seed=5, nodes=4)
+    change(c, (0, 1, 2), (3,))
+    c.tick(3)
+    r = c.replicas[1]
+    assert r.membership.epoch == 1 and ballot_epoch(r.promised) >= 1
+    stale = make_ballot(50, 2)  # a high round, but of epoch 0
+    r.step(M.Message(M.ACCEPT, 1, 2, ballot=stale, commit_index=-1))
+    rd = r.ready()
+    assert [m.reject for m in rd.messages if m.type == M.ACCEPTED] == [True]
+
+
+def test_a_restart_comes_back_in_the_epoch_its_disk_holds():
+    c = Cluster(3, seed=6, nodes=4)
+    change(c, (0, 1, 2), (3,))
+    c.join(3, c.replicas[leader_of(c)].membership)
+    change(c, (0, 1, 2, 3))
+    write(c, b"x")
+    c.tick(20)  # node 3 catches up (heartbeat replies move the leader back to what it lacks)
+    for i in range(4):
+        c.crash(i)
+    for i in range(4):
+        c.restart(i)
+        assert c.replicas[i].membership.epoch == 2 and c.replicas[i].voters == (0, 1, 2, 3)
+    write(c, b"y")
+    sequences_agree(c)
+
+
+def test_a_learner_far_behind_gets_a_snapshot_that_carries_the_membership():
+    c = Cluster(3, seed=7, nodes=4, log_retain_slots=2)
+    change(c, (0, 1, 2), (3,))
+    for k in range(12):
+        write(c, b"v%d" % k)
+    for i in range(3):
+        r = c.replicas[i]
+        r.compact(r.applied_index, b"state")
+    c.join(3, c.replicas[leader_of(c)].membership)
+    c.tick(30)
+    snaps = c.snapshots[3]
+    assert snaps and snaps[-1].membership.epoch == 1 and snaps[-1].membership.learners == (3,)
+    write(c, b"after")
+    c.tick(5)
+    assert c.commands(3)[-1] == b"after"
+
+
+def test_membership_codecs_refuse_what_is_not_one():
+    m = check_change(Membership(0, 0, (0, 1, 2)), (0, 1, 2, 3), (5,), b"info")
+    payload = encode_membership(m)
+    assert decode_membership(payload, 41) == Membership(1, 42, (0, 1, 2, 3), (5,), b"info")
+    for bad in (b"", b"\xc1", encode_membership(Membership(0, 0, (0,))),
+                encode_membership(Membership(1, 0, (3, 1))), encode_membership(Membership(1, 0, (64,)))):
+        with pytest.raises(ValueError):
+            decode_membership(bad, 0)
+    blob = wrap_snapshot(Membership(2, 5, (0, 1), (2,), b"i"), b"data")
+    assert unwrap_snapshot(blob, 9) == (Membership(2, 5, (0, 1), (2,), b"i"), b"data")
+    with pytest.raises(ValueError):
+        unwrap_snapshot(blob, 2)  # an epoch starting after the snapshot's index
+    for cut in range(5, len(blob) - 4):
+        try:
+            unwrap_snapshot(blob[:cut], 9)
+        except ValueError:
+            pass
+    assert unwrap_snapshot(b"plain", 3) == (None, b"plain")  # epoch 0's, as before
+
+
+def _fuzz(seed: int, steps: int = 260) -> Cluster:
+    """Random membership changes (add a learner, promote it, remove a voter: one at a time)
+    under crashes, restarts, cuts and lost messages; agreement is checked at the end."""
+    rng = random.Random(seed)
+    c = Cluster(3, seed=seed, nodes=6)
+    lossy_deliver = c.deliver
+
+    def deliver(max_rounds: int = 1000) -> None:
+        for _ in range(max_rounds):
+            c.process()
+            if not c.inbox:
+                return
+            batch, c.inbox = c.inbox, []
+            rng.shuffle(batch)
+            for m in batch:
+                r = c.replicas[m.to]
+                if r is not None and (m.frm, m.to) not in c.cut_links and rng.random() > 0.05:
+                    r.step(m)
+        raise AssertionError("messages did not settle")
+
+    c.deliver = deliver
+    values = 0
+    for _ in range(steps):
+        x = rng.random()
+        up = [i for i in range(c.n) if c.replicas[i] is not None]
+        if x < 0.05 and len(up) > 1:
+            c.crash(rng.choice(up))
+        elif x < 0.12:
+            down = [i for i in range(c.n) if c.replicas[i] is None and (c.disks[i].promised or c.records[i])]
+            if down:
+                c.restart(rng.choice(down))
+        elif x < 0.16:
+            a, b = rng.sample(range(c.n), 2)
+            c.cut(a, b)
+        elif x < 0.22:
+            c.heal()
+        elif x < 0.32:
+            leads = [i for i in c.leaders() if not c.replicas[i].removed]
+            if leads:
+                r = c.replicas[leads[0]]
+                m = r.membership
+                outside = [i for i in range(c.n) if i not in m.members]
+                try:
+                    if m.learners and rng.random() < 0.6:
+                        lr = rng.choice(m.learners)
+                        r.propose_membership(m.voters + (lr,), tuple(x for x in m.learners if x != lr))
+                    elif len(m.voters) > 2 and rng.random() < 0.5:
+                        gone = rng.choice(m.voters)
+                        r.propose_membership(tuple(v for v in m.voters if v != gone), m.learners)
+                    elif outside:
+                        new = rng.choice(outside)
+                        r.propose_membership(m.voters, m.learners + (new,))
+                        c.join(new, m) if c.replicas[new] is None else None
+                except ValueError:
+                    pass
+        else:
+            leads = [i for i in c.leaders() if not c.replicas[i].removed]
+            if leads:
+                values += 1
+                c.replicas[leads[0]].propose(b"v%d" % values)
+        c.tick()
+        sequences_agree(c)
+    c.heal()
+    c.tick(100)
+    sequences_agree(c)
+    return c
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_membership_changes_under_faults_never_split_a_slot(seed):
+    _fuzz(seed)
+
+
+def test_a_peer_record_of_a_membership_change_is_checked_at_the_wire():
+    from kvstore._native import encode_record
+    from kvstore.transport import wire
+    good = encode_record(5, make_ballot(1, 1), KIND_CONFIG, encode_membership(Membership(1, 0, (0, 1))))
+    wire._check_record(good)
+    for payload in (b"junk", encode_membership(Membership(1, 0, ()))):
+        with pytest.raises(wire.FrameError, match="slot 5"):
+            wire._check_record(encode_record(5, make_ballot(1, 1), KIND_CONFIG, payload))
