@@ -10,6 +10,9 @@ A store of ``--mb`` MB of user data (``--value-bytes`` values under 16-byte keys
 - ``kvstore verify``: every checksum and count of the file read back;
 - ``kvstore restore``: ``kvstore.backup.restore(FILE, NEWDIR)``, every row's
   checksum checked, into a new store;
+- ``kvstore backup (3-node cluster)``: ``kvstore backup --cluster`` of a local
+  3-node cluster holding ``--cluster-mb`` MB (the fence, the read point, the rows
+  paged over ZeroMQ a megabyte at a time); 0 skips it;
 - ``lmdb Environment.copy``: ``mdb_copy``'s API on the store's raw LMDB
   (``compact=True``): a byte-level copy of the B-trees, no checksum of its own,
   no consistency across a write-ahead log (the baseline of "just copy the files");
@@ -58,6 +61,33 @@ def build(directory: str, mb: int, value_bytes: int, shards: int) -> tuple[int, 
                     t.put(b"key%013d" % i, value)
         db.checkpoint()
     return rows, rows * (KEY_BYTES + value_bytes)
+
+
+def cluster_backup(directory: str, mb: int, value_bytes: int, shards: int) -> tuple:
+    """``(seconds, file bytes, user bytes)`` of a backup of a local 3-node cluster
+    holding about ``mb`` MB, loaded in single-shard transactions of ~1 MB."""
+    from kvstore.server.local import LocalCluster
+    from kvstore.sharding import shard_of
+    rows = mb * 1_000_000 // (KEY_BYTES + value_bytes)
+    value = os.urandom(value_bytes)
+    keys_by_shard: dict = {}
+    for i in range(rows):
+        key = b"key%013d" % i
+        keys_by_shard.setdefault(shard_of(key, shards), []).append(key)
+    per_txn = max(1, 1_000_000 // value_bytes)
+    with LocalCluster(os.path.join(directory, "cluster"), 3, shards) as lc:
+        lc.start_all()
+        lc.wait_ready(timeout=60)
+        with lc.client(timeout=30) as c:
+            for keys in keys_by_shard.values():
+                for first in range(0, len(keys), per_txn):
+                    with c.transaction() as t:
+                        for key in keys[first:first + per_txn]:
+                            t.put(key, value)
+            path = os.path.join(directory, "cluster.kvb")
+            seconds = timed(lambda: backups.backup(c, path))
+        lc.stop_all()
+    return seconds, os.path.getsize(path), rows * (KEY_BYTES + value_bytes)
 
 
 def sqlite_copy(directory: str, rows: int, value_bytes: int) -> tuple[float, int]:
@@ -135,6 +165,12 @@ def run(args) -> dict:
         restored = os.path.join(root, "restored")
         row("kvstore restore", timed(lambda: backups.restore(file2, restored)),
             disk_bytes(os.path.join(restored, "data.mdb")))
+        if args.cluster_mb:
+            seconds, size, cluster_user = cluster_backup(root, args.cluster_mb,
+                                                         args.value_bytes, args.shards)
+            results["rows_timed"].append({
+                "name": f"kvstore backup (3-node cluster, {args.cluster_mb} MB)",
+                "seconds": seconds, "mb_per_s": cluster_user / 1e6 / seconds, "bytes": size})
         seconds, size = lmdb_copy(store, os.path.join(root, "lmdb-copy"))
         row("lmdb Environment.copy (compact)", seconds, size)
         seconds, size = sqlite_copy(root, rows, args.value_bytes)
@@ -149,9 +185,9 @@ def print_table(results: dict) -> None:
           f"({results['value_bytes']}-byte values), {results['shards']} shard(s); "
           f"data.mdb {results['data_mdb_bytes'] / 1e6:.0f} MB; built in "
           f"{results['build_seconds']:.1f} s\n")
-    print(f"{'':34} {'seconds':>8} {'MB/s':>8} {'output MB':>10}")
+    print(f"{'':42} {'seconds':>8} {'MB/s':>8} {'output MB':>10}")
     for r in results["rows_timed"]:
-        print(f"{r['name']:34} {r['seconds']:8.2f} {r['mb_per_s']:8.1f} {r['bytes'] / 1e6:10.1f}")
+        print(f"{r['name']:42} {r['seconds']:8.2f} {r['mb_per_s']:8.1f} {r['bytes'] / 1e6:10.1f}")
 
 
 def main(argv=None) -> int:
@@ -160,11 +196,14 @@ def main(argv=None) -> int:
     p.add_argument("--mb", type=int, default=300, help="MB of user data")
     p.add_argument("--value-bytes", type=int, default=1000)
     p.add_argument("--shards", type=int, default=3)
+    p.add_argument("--cluster-mb", type=int, default=100,
+                   help="MB of user data in the cluster backed up (0: no cluster row)")
     p.add_argument("--dir", default=None, help="where to build the stores (default: $TMPDIR)")
     p.add_argument("--json", default=default_path("backup"))
     args = p.parse_args(argv)
     if args.quick:
         args.mb = 5
+        args.cluster_mb = min(args.cluster_mb, 2)
     return report(run(args), print_table, args.json)
 
 

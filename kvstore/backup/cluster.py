@@ -129,13 +129,16 @@ def _open_cut(calls: BackupCalls, timeout: float):
     proven cut, or None (a fence lapsed: try again)."""
     fence_id = os.urandom(16)
     until_ms = int((time.time() + FENCE_SECONDS) * 1000)
-    calls.fence_all(fence_id, until_ms, timeout)
-    opened = None
     try:
-        opened = _open_somewhere(calls, fence_id)
-    finally:
-        held = calls.unfence_all(fence_id, timeout)
-    address, session_id, revisions = opened
+        calls.fence_all(fence_id, until_ms, timeout)
+        address, session_id, revisions = _open_somewhere(calls, fence_id)
+    except BaseException:
+        try:  # lift what was set; a fence left behind lapses by itself
+            calls.unfence_all(fence_id, timeout)
+        except KVError:
+            pass
+        raise
+    held = calls.unfence_all(fence_id, timeout)
     if not all(held):
         _close_quietly(calls, address, session_id, timeout)
         return None
