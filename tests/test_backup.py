@@ -218,6 +218,8 @@ def test_cluster_backup_during_cross_shard_transfers(cluster, tmp_path):  # noqa
             refused_backup_requests(c, lc.address_list[0])
     finally:
         bank.stop()
+    with lc.client(timeout=10) as c:
+        abandoned_prepare_drains(c, tmp_path)
     assert not bank.failures, bank.failures
     attempted = _all_records(bank)
     for i, (path, acked_before) in enumerate(taken):
@@ -229,6 +231,28 @@ def test_cluster_backup_during_cross_shard_transfers(cluster, tmp_path):  # noqa
             assert not problems, (path.name, problems)
             assert copy.get(b"ttl-key") == b"lives an hour"
             assert any(s["keys"] for s in copy.status()["shards"])
+
+
+def abandoned_prepare_drains(c, tmp_path) -> None:
+    """A transaction prepared on two shards by a client that then went away: the backup
+    waits for the resolvers to abort it (its deadline, 1.5 s) instead of cutting through
+    it, and the restored copy has none of its writes."""
+    import time
+    from kvstore.commands import two_pc
+    from kvstore.transport import wire
+    from kvstore.txn import TxnPrepare
+    keys = {shard_of(k, 3): k for k in (b"orphan%d" % i for i in range(40))}
+    txn_id = os.urandom(16)
+    deadline = int(time.time() * 1000) + 1500
+    for shard in (0, 1):
+        prepare = TxnPrepare(txn_id, 0, (0, 1), (), ((keys[shard], b"half"),), deadline)
+        assert c._core.call(wire.OP_WRITE, shard, two_pc(prepare).wire()) is True
+    backups.backup(c, tmp_path / "drained.kvb")
+    assert time.time() * 1000 >= deadline  # nobody decides it: only its deadline ends it
+    backups.restore(tmp_path / "drained.kvb", tmp_path / "drained")
+    with kvstore.open(str(tmp_path / "drained")) as copy:
+        assert copy.get(keys[0]) is None and copy.get(keys[1]) is None
+    c.put(keys[0], b"free")  # its locks are gone
 
 
 def refused_backup_requests(c, address: str) -> None:
@@ -382,3 +406,39 @@ def test_a_value_corrupt_in_the_store_fails_the_backup_not_the_restore(tmp_path)
         with pytest.raises(CorruptRecord, match="fails its checksum"):
             backups.backup(db, tmp_path / "b.kvb")
     assert not os.path.exists(tmp_path / "b.kvb") and not os.path.exists(tmp_path / "b.kvb.tmp")
+
+
+class FakeCalls:
+    """``BackupCalls`` whose fences always lapse before they are lifted."""
+
+    nshards = 2
+    addresses = ["tcp://a"]
+
+    def __init__(self) -> None:
+        self.closed = 0
+        self.fences: list = []
+
+    def fence_all(self, fence_id, until_ms, timeout) -> None:
+        self.fences.append(fence_id)
+
+    def open(self, address, fence_id, timeout):
+        return b"session", [1, 1]
+
+    def unfence_all(self, fence_id, timeout) -> list:
+        return [True, False]
+
+    def close(self, address, session_id, timeout) -> bool:
+        self.closed += 1
+        return True
+
+
+def test_a_backup_whose_fence_lapsed_is_thrown_away_and_tried_again(monkeypatch, tmp_path):
+    from kvstore.backup import cluster as cluster_backup
+    from kvstore.errors import Unavailable
+    fake = FakeCalls()
+    monkeypatch.setattr(cluster_backup, "BackupCalls", lambda kv: fake)
+    with pytest.raises(Unavailable, match="lapsed"):
+        cluster_backup.backup_client(None, tmp_path / "x.kvb")
+    assert len(set(fake.fences)) == cluster_backup.ATTEMPTS  # a new fence each time
+    assert fake.closed == cluster_backup.ATTEMPTS  # every read point closed
+    assert not os.listdir(tmp_path)
