@@ -64,7 +64,7 @@ import os
 import msgpack
 
 from kvstore._native import decode_record, encode_record, key_slot, record_fields, slot_key
-from kvstore.errors import CorruptRecord
+from kvstore.errors import CorruptRecord, StorageError
 from kvstore.paxos.ballot import format_ballot
 from kvstore.paxos.replica import PersistedState
 from kvstore.node.ports import NO_BUGS, NodeBugs
@@ -74,7 +74,8 @@ from kvstore.commands import LOCKED
 from kvstore.machine.twopc import expired_prepares, key_write_locked, range_write_locked
 from kvstore.storage import Storage
 from kvstore.storage.checkpoint import Checkpointer
-from kvstore.storage.environment import META_LOG_POSITION, ShardTables, pack_u64, unpack_u64
+from kvstore.storage.environment import (META_APPLIED, META_LOG_POSITION, ShardTables, pack_u64,
+                                         unpack_u64)
 from kvstore.storage.overlay import Overlay, ShardView
 from kvstore.machine.data import read_value, scan_rows
 from kvstore.storage.replay import commit_point, replay
@@ -176,6 +177,8 @@ class WalReplicaStorage:
         hard, records, positions = [], [], []
         for shard, t in enumerate(self.tables):
             raw = txn.get(META_PAXOS, db=t.meta)
+            if raw is None and txn.get(META_APPLIED, db=t.meta) is not None:
+                raise _embedded_store(self.path)
             value = list(NO_HARD_STATE) if raw is None else msgpack.unpackb(raw)
             if type(value) is not list or len(value) != 4 or \
                     any(type(v) is not int for v in value):
@@ -486,6 +489,17 @@ def check_recovered(path: str, hard: list, records: list) -> None:
         problem = _inconsistency(shard_hard, shard_records)
         if problem is not None:
             raise _inconsistent(path, shard, problem)
+
+
+def _embedded_store(path: str) -> StorageError:
+    """A node started on an embedded store's directory: its checkpoints wrote an applied
+    point (``META_APPLIED``) but never a Paxos hard state, which a node's always write
+    together. Its log holds bare commands, not a node's: refused, never read as one."""
+    return StorageError(
+        f"{path} is an embedded store's directory (kvstore.open), not a node's: make a "
+        f"node's directory from it with kvstore-server --init-from {path} --config FILE "
+        f"--id NAME --data NEW_DIR (docs/operations.md, \"From one process to a cluster\")",
+        path)
 
 
 def _inconsistent(path: str, shard: int, problem: str) -> CorruptRecord:

@@ -26,6 +26,9 @@ systemd unit, a container image, compose and Kubernetes files, a Grafana dashboa
   with its own interpreter, so HTTP work never slows the node's loop; it reaches the
   node through the node's client address, stops with the node, and exits by itself if
   the node dies.
+- ``--init-from DIR``: make the node's data directory from an embedded store's
+  directory (a one-member cluster), print one line and exit; the node then starts as
+  usual (``kvstore.server.initfrom``).
 - ``[nodes.NAME] metrics = "127.0.0.1:9100"`` (or ``--metrics ADDR``): the node also
   serves Prometheus ``/metrics``, ``/healthz`` and ``/readyz`` there, from a thread that
   reads only what the loop publishes every 0.1 s (``kvstore.ops.http``). The address is
@@ -100,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus /metrics, /healthz and /readyz here (overrides the "
                         "config's [nodes.NAME] metrics; needs the metrics extra)")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="make this node's data directory from the embedded store at DIR "
+                        "(a one-member cluster; the others join with `kvstore member add`), "
+                        "then exit (docs/operations.md)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -130,6 +137,9 @@ def tune_garbage_collector() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.init_from is not None:
+        from kvstore.server import initfrom
+        return initfrom.run(args)
     from kvstore.node.loop import Node
     from kvstore.node.config import load_node_config
     try:
