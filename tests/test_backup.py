@@ -230,7 +230,24 @@ def test_cluster_backup_during_cross_shard_transfers(cluster, tmp_path):  # noqa
             problems = bank_problems(copy, acked_before, attempted)
             assert not problems, (path.name, problems)
             assert copy.get(b"ttl-key") == b"lives an hour"
-            assert any(s["keys"] for s in copy.status()["shards"])
+    restored_into_a_new_cluster(tmp_path / "restored0", tmp_path, taken[0][1], attempted)
+
+
+def restored_into_a_new_cluster(restored, tmp_path, acked_before: list, attempted: set) -> None:
+    """The restored directory seeds node 1 of a new cluster (``kvstore-server --init-from``),
+    which serves the backup's bank exactly."""
+    from kvstore.server.local import LocalCluster
+    with LocalCluster(str(tmp_path / "new"), nodes=1, shards=3, env=lc_env()) as new:
+        made = subprocess.run([sys.executable, "-m", "kvstore.server", "--init-from",
+                               str(restored), "--config", new.config_path, "--id", "n1"],
+                              capture_output=True, text=True, env=lc_env(), timeout=60)
+        assert made.returncode == 0, made.stderr
+        new.start("n1")
+        new.wait_ready()
+        with new.client(timeout=10) as c:
+            problems = bank_problems(c, acked_before, attempted)
+            assert not problems, problems
+            assert c.get(b"ttl-key") == b"lives an hour"
 
 
 def abandoned_prepare_drains(c, tmp_path) -> None:
