@@ -216,6 +216,8 @@ def test_cluster_backup_during_cross_shard_transfers(cluster, tmp_path):  # noqa
                 taken.append((tmp_path / f"api{i}.kvb", [r for r, *_ in bank.acked]))
                 backups.backup(c, taken[-1][0])
             refused_backup_requests(c, lc.address_list[0])
+        with pytest.raises(InvalidArgument, match="--cluster"):  # a running node's directory
+            backups.backup(os.path.join(lc.directory, "n1"), tmp_path / "node.kvb")
     finally:
         bank.stop()
     with lc.client(timeout=10) as c:

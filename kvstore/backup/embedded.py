@@ -30,6 +30,8 @@ from __future__ import annotations
 import os
 
 from kvstore.backup.format import DATA, LEASES, BackupWriter, Header, now_iso
+from kvstore.errors import InvalidArgument, StorageError
+from kvstore.machine.replica import META_PAXOS
 from kvstore.machine.leases import LEASE_ROW_RANGES
 from kvstore.storage.environment import THIRD_PARTY_ERRORS, check_path, translate
 from kvstore.storage.readpoint import ReadPoint, directory_in_use, open_checkpoint
@@ -57,7 +59,6 @@ def backup_directory(directory: str | os.PathLike, path: str | os.PathLike) -> d
     process has it open (the module docstring)."""
     directory = check_path(directory)
     from kvstore.storage.environment import DATA_FILE
-    from kvstore.errors import StorageError
     if not os.path.isfile(os.path.join(directory, DATA_FILE)):
         raise StorageError(f"no kvstore in {directory} (no {DATA_FILE}; is the path right?)",
                            directory)
@@ -65,24 +66,29 @@ def backup_directory(directory: str | os.PathLike, path: str | os.PathLike) -> d
     for store in list(_open_stores):  # this process has it open: its own snapshot
         if store.path == directory and not store._closed:
             return backup_store(store, path)
-    if not directory_in_use(directory):
-        try:
-            store = EmbeddedKV(directory, create=False)
-        except StorageError:
-            if not directory_in_use(directory):
-                raise
-        else:
-            with store:
-                return backup_store(store, path)
     point, shard_tables, applied = open_checkpoint(directory)
     try:
-        tables = [(None, None, t) for t in shard_tables]
-        return _write(point, tables, applied, path,
-                      {"kind": "embedded", "path": directory, "how": "checkpoint of a store "
-                       "another process has open"},
-                      {"snapshot": "last checkpoint"})
+        if any(point.txn.get(META_PAXOS, db=t.meta) is not None for t in shard_tables):
+            raise InvalidArgument(
+                f"{directory} is a cluster node's data directory, not an embedded store's: "
+                f"back up the cluster with --cluster ADDRS (a consistent cut across its "
+                f"shards and nodes)")
+        if directory_in_use(directory):
+            tables = [(None, None, t) for t in shard_tables]
+            return _write(point, tables, applied, path,
+                          {"kind": "embedded", "path": directory, "how": "checkpoint of a "
+                           "store another process has open"},
+                          {"snapshot": "last checkpoint"})
     finally:
         point.close()
+    try:  # nobody has it open: open it here (its log replayed), back it up, close it
+        store = EmbeddedKV(directory, create=False)
+    except StorageError:
+        if directory_in_use(directory):  # opened by another process meanwhile: try again
+            return backup_directory(directory, path)
+        raise
+    with store:
+        return backup_store(store, path)
 
 
 def _write(point: ReadPoint, tables: list, revisions: list, path, source: dict,
