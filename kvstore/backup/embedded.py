@@ -33,6 +33,7 @@ from kvstore.backup.format import DATA, LEASES, BackupWriter, Header, now_iso
 from kvstore.errors import InvalidArgument, StorageError
 from kvstore.machine.replica import META_PAXOS
 from kvstore.machine.leases import LEASE_ROW_RANGES
+from kvstore.storage import Storage
 from kvstore.storage.environment import THIRD_PARTY_ERRORS, check_path, translate
 from kvstore.storage.readpoint import ReadPoint, directory_in_use, open_checkpoint
 
@@ -66,29 +67,33 @@ def backup_directory(directory: str | os.PathLike, path: str | os.PathLike) -> d
     for store in list(_open_stores):  # this process has it open: its own snapshot
         if store.path == directory and not store._closed:
             return backup_store(store, path)
-    point, shard_tables, applied = open_checkpoint(directory)
-    try:
-        if any(point.txn.get(META_PAXOS, db=t.meta) is not None for t in shard_tables):
-            raise InvalidArgument(
-                f"{directory} is a cluster node's data directory, not an embedded store's: "
-                f"back up the cluster with --cluster ADDRS (a consistent cut across its "
-                f"shards and nodes)")
-        if directory_in_use(directory):
-            tables = [(None, None, t) for t in shard_tables]
-            return _write(point, tables, applied, path,
+    if directory_in_use(directory):
+        # its owner checked the files when it opened them (a truncated data.mdb would be a
+        # SIGBUS here): LMDB read-only beside it
+        point, shard_tables, applied = open_checkpoint(directory)
+        try:
+            _refuse_node_directory(directory, point.txn, shard_tables)
+            return _write(point, [(None, None, t) for t in shard_tables], applied, path,
                           {"kind": "embedded", "path": directory, "how": "checkpoint of a "
                            "store another process has open"},
                           {"snapshot": "last checkpoint"})
+        finally:
+            point.close()
+    # nobody has it open: open it here (checked, its log replayed), back it up, close it
+    storage = Storage(directory, create=False)
+    try:
+        storage.read(lambda txn: _refuse_node_directory(directory, txn, storage.shards))
     finally:
-        point.close()
-    try:  # nobody has it open: open it here (its log replayed), back it up, close it
-        store = EmbeddedKV(directory, create=False)
-    except StorageError:
-        if directory_in_use(directory):  # opened by another process meanwhile: try again
-            return backup_directory(directory, path)
-        raise
-    with store:
+        storage.close()
+    with EmbeddedKV(directory, create=False) as store:
         return backup_store(store, path)
+
+
+def _refuse_node_directory(directory: str, txn, shard_tables) -> None:
+    if any(txn.get(META_PAXOS, db=t.meta) is not None for t in shard_tables):
+        raise InvalidArgument(
+            f"{directory} is a cluster node's data directory, not an embedded store's: back "
+            f"up the cluster with --cluster ADDRS (a consistent cut across its shards)")
 
 
 def _write(point: ReadPoint, tables: list, revisions: list, path, source: dict,
