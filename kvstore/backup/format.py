@@ -364,14 +364,14 @@ class BackupReader:
         try:
             magic = self._read(len(MAGIC), "the file's magic")
             if magic != MAGIC:
-                self._corrupt(0, "it is not a kvstore backup (no KVBACKUP magic)")
+                self.refuse(0, "it is not a kvstore backup (no KVBACKUP magic)")
             kind, payload, at = self._frame()
             if kind != HEADER:
-                self._corrupt(at, f"the first frame is of kind {kind}, not the header")
+                self.refuse(at, f"the first frame is of kind {kind}, not the header")
             try:
                 self.header = Header.decode(payload)
             except ValueError as e:
-                self._corrupt(at, f"its header is invalid: {e}")
+                self.refuse(at, f"its header is invalid: {e}")
         except BaseException:
             self._file.close()
             raise
@@ -385,7 +385,9 @@ class BackupReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _corrupt(self, offset: int, what: str):
+    def refuse(self, offset: int, what: str):
+        """Raise the ``CorruptRecord`` that refuses this backup: ``what`` is wrong at
+        byte ``offset``."""
         raise CorruptRecord(f"the backup {self.path} is corrupt or incomplete at byte "
                             f"{offset}: {what}; nothing was restored from it",
                             offset=offset, path=self.path)
@@ -396,7 +398,7 @@ class BackupReader:
         except OSError as e:
             raise _storage_error(e, self.path, "reading the backup") from e
         if len(data) != n:
-            self._corrupt(self.offset + len(data),
+            self.refuse(self.offset + len(data),
                           f"the file ends inside {what} (truncated: a backup cut short)")
         self.offset += n
         self._crc = _native.crc32c(data, self._crc)
@@ -408,13 +410,13 @@ class BackupReader:
         head = self._read(_FRAME_HEAD.size, "a frame header")
         kind, length = _FRAME_HEAD.unpack(head)
         if kind not in KINDS:
-            self._corrupt(at, f"unknown frame kind {kind}")
+            self.refuse(at, f"unknown frame kind {kind}")
         if length > FRAME_BYTES_MAX:
-            self._corrupt(at, f"a frame claims {length} bytes (at most {FRAME_BYTES_MAX})")
+            self.refuse(at, f"a frame claims {length} bytes (at most {FRAME_BYTES_MAX})")
         payload = self._read(length, "a frame")
         (crc,) = _CRC.unpack(self._read(_CRC.size, "a frame's checksum"))
         if crc != _native.crc32c(payload, _native.crc32c(head)):
-            self._corrupt(at, "a frame's checksum does not match its bytes")
+            self.refuse(at, "a frame's checksum does not match its bytes")
         return kind, payload, at
 
     def chunks(self) -> Iterator[tuple[int, int, list]]:
@@ -431,35 +433,35 @@ class BackupReader:
             if kind == TRAILER:
                 break
             if kind != ROWS:
-                self._corrupt(at, f"a frame of kind {kind} among the rows")
+                self.refuse(at, f"a frame of kind {kind} among the rows")
             try:
                 shard, table, rows = decode_rows(payload)
             except ValueError as e:
-                self._corrupt(at, f"a rows frame is malformed: {e}")
+                self.refuse(at, f"a rows frame is malformed: {e}")
             if shard >= shards:
-                self._corrupt(at, f"rows of shard {shard}, but the header says {shards} "
+                self.refuse(at, f"rows of shard {shard}, but the header says {shards} "
                                   f"shard(s)")
             for key, _value in rows:
                 where = (shard, table, key)
                 if last is not None and where <= last:
-                    self._corrupt(at, "rows out of order")
+                    self.refuse(at, "rows out of order")
                 last = where
                 if not 0 < len(key) <= MAX_KEY_SIZE + 64:
-                    self._corrupt(at, f"a key of {len(key)} bytes")
+                    self.refuse(at, f"a key of {len(key)} bytes")
             frames += 1
             counts[shard][table] += len(rows)
             yield shard, table, rows
         try:
             trailer = decode_map(payload)
         except ValueError as e:
-            self._corrupt(at, f"its trailer is invalid: {e}")
+            self.refuse(at, f"its trailer is invalid: {e}")
         expected = {"rows": counts, "frames": frames, "bytes": bytes_before, "crc32c": crc_before}
         for name, value in expected.items():
             if trailer.get(name) != value:
-                self._corrupt(at, f"its trailer says {name} {str(trailer.get(name))[:80]}, "
+                self.refuse(at, f"its trailer says {name} {str(trailer.get(name))[:80]}, "
                                   f"the file holds {str(value)[:80]}")
         if self._file.read(1):
-            self._corrupt(self.offset, "bytes after the trailer")
+            self.refuse(self.offset, "bytes after the trailer")
 
 
 def read_all(path: str | os.PathLike) -> tuple[Header, list]:

@@ -127,7 +127,7 @@ def _check_rows(reader: BackupReader, header: Header, shard: int, table: int,
     for key, value in rows:
         problem = row_problem(shard, table, key, value, cut)
         if problem is not None:
-            reader._corrupt(reader.offset, problem)
+            reader.refuse(reader.offset, problem)
 
 
 def _fsync_directory(path: str) -> None:
