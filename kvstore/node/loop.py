@@ -56,15 +56,17 @@ is one turn of the loop, the same for both. Each turn:
 Clients are never answered from anywhere else, and nothing is sent before it
 is persisted.
 
-The node is one class in four rooms: this module (the loop: ``turn``, receive,
+The node is one class in several rooms: this module (the loop: ``turn``, receive,
 persist/send/answer in that order, roles, snapshots, status), request intake
 (``kvstore.node.intake.Intake``: a client's request checked, decoded once, queued,
 forwarded or answered), the 2PC resolver (``kvstore.node.resolver.Resolver``:
 the decide request and the settlement of abandoned transactions), watch
 (``kvstore.node.watching.Watching``: the histories and the parked ``OP_WATCH``
-polls, whose waits end on the tick step) and lease expiry
+polls, whose waits end on the tick step), lease expiry
 (``kvstore.node.leases.LeaseExpiry``: deadlines noted at apply, the leader's
-LeaseExpire entries). ``Node`` mixes the four rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
+LeaseExpire entries) and backup read points (``kvstore.node.backups.Backups``: a
+consistent view of every shard held open for a backup to page through). ``Node`` mixes
+the rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
 follower's progress), so a dropped frame only costs time.
 """
 
