@@ -353,6 +353,23 @@ def test_every_flipped_byte_is_refused(tmp_path):
             backups.verify(tmp_path / "x.kvb")
 
 
+def test_restore_into_an_existing_empty_directory(small_backup, tmp_path):
+    """As into a mounted volume's root: the store appears inside it, nothing else."""
+    path, expected = small_backup
+    (tmp_path / "volume").mkdir()
+    backups.restore(path, tmp_path / "volume")
+    assert "data.mdb" in os.listdir(tmp_path / "volume")
+    assert ".restoring" not in os.listdir(tmp_path / "volume")
+    with kvstore.open(str(tmp_path / "volume")) as copy:
+        assert copy.scan() == expected
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad.kvb"
+    bad.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(CorruptRecord):
+        backups.restore(bad, tmp_path / "empty")
+    assert os.listdir(tmp_path / "empty") == []  # empty again
+
+
 def test_restore_refuses_a_non_empty_directory(small_backup, tmp_path):
     path, _ = small_backup
     (tmp_path / "busy").mkdir()

@@ -1,14 +1,17 @@
 """Restore a backup into a new embedded store directory, all or nothing.
 
-The rows go into a staging directory beside the target (``DIR.restoring-...``):
-a new store (``kvstore.storage.Storage``) of the backup's shard count, its
-tables filled in large synced LMDB commits (rows come sorted: LMDB's append
+The rows go into a staging directory inside the target (``DIR/.restoring``, so on
+the target's file system even when ``DIR`` is a mounted volume): a new store
+(``kvstore.storage.Storage``) of the backup's shard count, its tables filled in large synced LMDB commits (rows come sorted: LMDB's append
 mode), each row checked on the way (a data row's own checksum and key, its
 revision at or below the cut's; a lease row's key is a lease's). Only once the
 trailer was read and every count and the whole file's checksum matched
-(``kvstore.backup.format.BackupReader``) is the staging directory renamed to
-``DIR``; any failure (a truncated or corrupt backup, a full disk, Ctrl-C)
-removes it, and ``DIR`` is as it was.
+(``kvstore.backup.format.BackupReader``) do its files move up into ``DIR``,
+``data.mdb`` last (a directory holds a store once it holds ``data.mdb``); any
+failure (a truncated or corrupt backup, a full disk, Ctrl-C) removes what was
+made, and ``DIR`` is as it was (absent, or empty). A restore killed outright
+(SIGKILL, power) leaves ``DIR/.restoring``: no store, and a second restore
+refuses the non-empty ``DIR`` until it is removed.
 
 Each shard's applied point is set to the cut's revision: the restored store's
 next write on a shard gets a revision above every revision in it, so
@@ -27,9 +30,13 @@ import shutil
 from kvstore.backup.format import DATA, BackupReader, Header, row_problem
 from kvstore.errors import InvalidArgument
 from kvstore.storage import Storage
-from kvstore.storage.environment import (META_APPLIED, META_COMMIT, META_LOG_CLOSED,
-                                         META_LOG_POSITION, check_path, pack_u64)
+from kvstore.storage.environment import (DATA_FILE, META_APPLIED, META_COMMIT,
+                                         META_LOG_CLOSED, META_LOG_POSITION, check_path,
+                                         pack_u64, translate)
 
+#: Where the store is built inside the target directory (on its file system even when the
+#: target is a mounted volume, whose root cannot be renamed over).
+STAGING_DIR = ".restoring"
 #: Bytes of rows per LMDB commit while restoring.
 BATCH_BYTES = 64 * 1024 * 1024
 
@@ -43,21 +50,33 @@ def restore(backup_path: str | os.PathLike, directory: str | os.PathLike) -> dic
     way nothing is left behind."""
     directory = check_path(directory)
     _check_target(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(directory)}.restoring-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)  # a leftover of a killed restore of ours
+    created = not os.path.lexists(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise translate(e, directory, "creating the directory to restore into") from e
+    staging = os.path.join(directory, STAGING_DIR)
     try:
         with BackupReader(backup_path) as reader:
             header = reader.header
             counts = _fill(reader, header, staging)
-        _check_target(directory)
-        if os.path.isdir(directory):
-            os.rmdir(directory)  # empty (checked): the rename puts the store in its place
-        os.rename(staging, directory)
-        _fsync_directory(parent)
+        # the store's files move up, data.mdb last: a directory holds a store once it
+        # holds data.mdb (``kvstore.storage``), so a crash before leaves none
+        names = sorted(os.listdir(staging), key=lambda name: name == DATA_FILE)
+        for name in names:
+            os.rename(os.path.join(staging, name), os.path.join(directory, name))
+        os.rmdir(staging)
+        _fsync_directory(directory)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        else:  # it was empty: empty it again
+            for name in os.listdir(directory):
+                path = os.path.join(directory, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
         raise
     return {"shards": header.shards, "rows": counts, "revisions": list(header.revisions),
             "path": directory}
@@ -68,7 +87,11 @@ def _check_target(directory: str) -> None:
         if not os.path.isdir(directory) or os.path.islink(directory):
             raise InvalidArgument(f"{directory} exists and is not a directory: restore into a "
                                   f"new or empty directory")
-        if os.listdir(directory):
+        names = os.listdir(directory)
+        if names == [STAGING_DIR]:
+            raise InvalidArgument(f"{directory} holds {STAGING_DIR}, left by a restore that "
+                                  f"was killed: remove it, then restore again")
+        if names:
             raise InvalidArgument(f"{directory} is not empty: restore into a new or empty "
                                   f"directory (a restore never overwrites a store)")
 
