@@ -222,6 +222,7 @@ def test_cluster_backup_during_cross_shard_transfers(cluster, tmp_path):  # noqa
         bank.stop()
     with lc.client(timeout=10) as c:
         abandoned_prepare_drains(c, tmp_path)
+        read_point_node_dies(lc, c, tmp_path)
     assert not bank.failures, bank.failures
     attempted = _all_records(bank)
     for i, (path, acked_before) in enumerate(taken):
@@ -272,6 +273,33 @@ def abandoned_prepare_drains(c, tmp_path) -> None:
     with kvstore.open(str(tmp_path / "drained")) as copy:
         assert copy.get(keys[0]) is None and copy.get(keys[1]) is None
     c.put(keys[0], b"free")  # its locks are gone
+
+
+def read_point_node_dies(lc, c, tmp_path, monkeypatch=None) -> None:
+    """The node streaming the backup is SIGKILLed after its first page: the backup fails
+    (Unavailable), leaves no file, and the next one is taken from another node."""
+    import signal
+    from kvstore.client.backup import BackupCalls
+    from kvstore.errors import Unavailable
+    pages = []
+    real_page = BackupCalls.page
+
+    def page_then_kill(self, address, *args):
+        if not pages:
+            lc.kill(lc.names[lc.address_list.index(address)], signal.SIGKILL)
+        pages.append(address)
+        return real_page(self, address, *args)
+
+    BackupCalls.page = page_then_kill
+    try:
+        with pytest.raises(Unavailable):
+            backups.backup(c, tmp_path / "died.kvb", timeout=2)
+    finally:
+        BackupCalls.page = real_page
+    assert not os.path.exists(tmp_path / "died.kvb")
+    assert not os.path.exists(str(tmp_path / "died.kvb") + ".tmp")
+    summary = backups.backup(c, tmp_path / "after.kvb")
+    assert summary["node"] != pages[0]
 
 
 def refused_backup_requests(c, address: str) -> None:
@@ -449,6 +477,9 @@ class FakeCalls:
 
     nshards = 2
     addresses = ["tcp://a"]
+
+    def addresses_to_try(self) -> list:
+        return self.addresses
 
     def __init__(self) -> None:
         self.closed = 0

@@ -146,8 +146,9 @@ def _open_cut(calls: BackupCalls, timeout: float):
 
 
 def _open_somewhere(calls: BackupCalls, fence_id: bytes) -> tuple:
-    """A read point on the first node (in the cluster's order) that opens one in time."""
-    addresses = calls.addresses
+    """A read point on the first node (in the cluster's order, those known to be down
+    last) that opens one in time."""
+    addresses = calls.addresses_to_try()
     deadline = time.monotonic() + OPEN_SECONDS
     last: KVError | None = None
     for i, address in enumerate(addresses):

@@ -24,6 +24,12 @@ class BackupCalls:
         """Every node's client address, by node index (as the cluster told it)."""
         return list(self._core.nodes)
 
+    def addresses_to_try(self) -> list:
+        """``addresses``, those whose connection is known to be down last (a snapshot
+        of the I/O thread's view: a hint for the order, nothing more)."""
+        down = self._core._down.copy()
+        return sorted(self._core.nodes, key=lambda address: address in down)
+
     def fence_all(self, fence_id: bytes, until_ms: int, timeout: float) -> None:
         """Log ``BackupFence`` on every shard (in parallel); returns once each is applied."""
         futures = [self._core.submit(wire.OP_WRITE, shard, backup_fence(fence_id, until_ms),
