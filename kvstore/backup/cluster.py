@@ -98,16 +98,17 @@ PAGE_BYTES = 1024 * 1024
 
 
 def backup_cluster(addresses, path: str | os.PathLike, *, timeout: float = 10.0,
-                   page_bytes: int = PAGE_BYTES) -> dict:
+                   page_bytes: int = PAGE_BYTES, keys=None) -> dict:
     """Back up the cluster at ``addresses`` (as ``kvstore.connect`` takes them) to the
     file ``path``, consistently across shards (the module docstring); returns a
     summary (``shards``, ``rows``, ``bytes``, ``node``, ``revisions``).
 
     Raises ``Unavailable`` if no node could open a read point, ``StorageError`` if
     the file cannot be written. On any error nothing is left at ``path`` (nor at
-    ``path + ".tmp"``)."""
+    ``path + ".tmp"``). ``keys``: as ``kvstore.connect`` takes them, for a cluster with
+    ``[security]`` (default ``$KVSTORE_KEYS``)."""
     import kvstore
-    with kvstore.connect(addresses, timeout=timeout) as kv:
+    with kvstore.connect(addresses, timeout=timeout, keys=keys) as kv:
         return backup_client(kv, path, timeout=timeout, page_bytes=page_bytes)
 
 
