@@ -148,6 +148,7 @@ class Backups:
                            [[[k, v] for k, v in rows], done])
 
     def _expire_backups(self, now: float) -> None:
+        """Close the read points idle for ``IDLE_SECONDS`` (called on the tick step)."""
         for session_id, session in list(self._backup_sessions.items()):
             if now - session.last_used > IDLE_SECONDS:
                 del self._backup_sessions[session_id]

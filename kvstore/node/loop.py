@@ -64,9 +64,7 @@ the decide request and the settlement of abandoned transactions), watch
 (``kvstore.node.watching.Watching``: the histories and the parked ``OP_WATCH``
 polls, whose waits end on the tick step), lease expiry
 (``kvstore.node.leases.LeaseExpiry``: deadlines noted at apply, the leader's
-LeaseExpire entries) and backup read points (``kvstore.node.backups.Backups``: a
-consistent view of every shard held open for a backup to page through). ``Node`` mixes
-the rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
+LeaseExpire entries) and backups (``kvstore.node.backups``). ``Node`` mixes them in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
 follower's progress), so a dropped frame only costs time.
 """
 
@@ -327,8 +325,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups):
             if now - self._last_resolve > RESOLVE_EVERY_SECONDS:
                 self._resolve_abandoned(now)
             self._expire_leases(now)
-            if self._backup_sessions:
-                self._expire_backups(now)
+            self._expire_backups(now)
             if now >= self._next_reload:  # a client key added to or revoked from clients/
                 self._next_reload = now + RELOAD_KEYS_SECONDS
                 self.sockets.reload_keys()
