@@ -358,6 +358,29 @@ def _cmd_check(db, args) -> int:
     return 0
 
 
+def _cmd_backup_restore(args) -> int:
+    """``backup FILE`` (--cluster, else --data) and ``restore FILE --data DIR``: one line
+    of what was done (``kvstore.backup`` does it)."""
+    import kvstore.backup as backups
+    if args.command == "restore":
+        done = backups.restore(args.file, args.data)
+        what = f"restored {_rows_text(done['rows'])} into {done['path']}"
+    else:
+        cluster = args.cluster or os.environ.get("KVSTORE_CLUSTER")
+        if cluster:
+            done = backups.backup_cluster(cluster, args.file, timeout=args.timeout)
+        else:
+            done = backups.backup(args.data, args.file)
+        what = f"backed up {_rows_text(done['rows'])} to {done['path']} ({done['bytes']} bytes)"
+    print(f"OK: {what}, {done['shards']} shard(s)")
+    return 0
+
+
+def _rows_text(rows: list) -> str:
+    data, leases = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    return f"{data} keys and {leases} lease rows"
+
+
 def _cmd_lock(db, args) -> int:
     from kvstore.recipes.command import run_locked
     return run_locked(db, args.name, args.ttl, args.wait, args.argv)
@@ -512,6 +535,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", parents=[common],
                        help="verify the checksum of every log record (embedded store)")
     p.set_defaults(fn=_cmd_check)
+    p = sub.add_parser("backup", parents=[common],
+                       help="write a consistent backup of a cluster or an embedded store",
+                       description="Write a consistent, checksummed backup of the cluster "
+                                   "(--cluster) or of the embedded store at --data (online: "
+                                   "another process may have it open and write) to FILE "
+                                   "(docs/backup.md). A transaction across shards is wholly "
+                                   "in it or wholly absent.")
+    p.add_argument("file", metavar="FILE", help="the backup file (written as FILE.tmp, then "
+                                                "renamed)")
+    p = sub.add_parser("restore", parents=[common],
+                       help="seed a new embedded store directory from a backup",
+                       description="Restore the backup FILE into --data DIR (new or empty), "
+                                   "all or nothing: a truncated or corrupt backup is refused "
+                                   "(exit 4) and leaves nothing behind.")
+    p.add_argument("file", metavar="FILE", help="a file written by 'kvstore backup'")
     p = sub.add_parser("local-cluster", parents=[common],
                        help="run a cluster of kvstore-server nodes on 127.0.0.1 (foreground)")
     p.description = ("Run NODES kvstore-server processes on 127.0.0.1 in the foreground, "
@@ -588,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "gateway":
             return _cmd_gateway(args)
+        if args.command in ("backup", "restore"):
+            return _cmd_backup_restore(args)
         if args.command == "local-cluster":
             from kvstore.server.local import run_cluster_demo, run_local_cluster
             run = run_cluster_demo if args.demo else run_local_cluster

@@ -19,7 +19,10 @@ from kvstore.paxos.replica import Config, PersistedState, Replica
 
 
 class Cluster:
-    def __init__(self, n: int, seed: int = 0, nodes: int | None = None, **config) -> None:
+    def __init__(self, n: int, seed: int = 0, nodes: int | None = None, oracle=None, **config) -> None:
+        """``oracle``: a ``kvstore.sim.oracle.Oracle`` told what every node persists, sends,
+        applies, and how it restarts (its checks run after every step), or None."""
+        self.oracle = oracle
         self.bootstrap = n
         self.n = n = max(n, nodes or n)
         self.rng = random.Random(seed)
@@ -64,7 +67,14 @@ class Cluster:
                                                        d.snapshot_index, d.snapshot_data,
                                                        membership=d.membership))
         self.applied[i] = []
+        self._restarted(i)
         return self.replicas[i]
+
+    def _restarted(self, i: int) -> None:
+        if self.oracle is not None:
+            r = self.replicas[i]
+            self.oracle.recovered(i, r.log, r.commit_index)
+            self.oracle.restarted(i, r)
 
     def join(self, i: int, membership) -> Replica:
         """Start node ``i`` with an empty disk, told ``membership`` (the cluster's current one,
@@ -74,6 +84,9 @@ class Cluster:
         cfg = Config(node=i, num_nodes=self.bootstrap, rng=self.rng, membership=membership, **self.config)
         self.replicas[i] = Replica(cfg, PersistedState())
         self.applied[i] = []
+        if self.oracle is not None:
+            self.oracle.wiped(i)
+        self._restarted(i)
         return self.replicas[i]
 
     def wipe(self, i: int) -> None:
@@ -81,6 +94,8 @@ class Cluster:
         self.crash(i)
         self.disks[i] = PersistedState()
         self.records[i] = {}
+        if self.oracle is not None:
+            self.oracle.wiped(i)
 
     # ------------------------------------------------------------------ driving
     def process(self) -> None:
@@ -101,7 +116,16 @@ class Cluster:
                 if rd.compacted_through is not None:
                     for s in [s for s in self.records[i] if s <= rd.compacted_through]:
                         del self.records[i][s]
+                o = self.oracle
+                if o is not None:
+                    o.synced(i, r, d.commit_index, rd.records)
+                    for e in rd.committed:
+                        held = r.log.get(e.slot)
+                        if held is not None:
+                            o.applied(i, e.slot, held[1], held[2])
                 for m in rd.messages:
+                    if o is not None:
+                        o.sent(i, m)
                     self.sent.append(m)
                     if (m.frm, m.to) not in self.cut_links and self.replicas[m.to] is not None:
                         self.inbox.append(m)
@@ -128,6 +152,8 @@ class Cluster:
                 r = self.replicas[m.to]
                 if r is not None and (m.frm, m.to) not in self.cut_links:
                     r.step(m)
+                    if self.oracle is not None:
+                        self.oracle.check(m.to, r)
         raise AssertionError("messages did not settle")
 
     def tick(self, ticks: int = 1, nodes=None) -> None:

@@ -21,14 +21,21 @@ something it already announced:
 - a replica applies only chosen values (a majority accepted them at one ballot);
 - the state every replica applied equals a replay of the chosen log, slot by slot,
   across snapshots and restarts (so exactly-once apply is checked, not assumed).
+
+Memberships (issue 23): a value is chosen at a slot when a majority of the voters of its
+ballot's epoch accepted it there; a membership change chosen at slot s ends its epoch, so
+what that epoch accepts above s is void (never chosen, and a replica may forget it); the
+next epoch's voters are the change's. The oracle learns each epoch's voters from the
+changes it sees chosen.
 """
 
 from __future__ import annotations
 
 from kvstore._native import decode_record
 from kvstore.paxos import messages as M
-from kvstore.paxos.ballot import format_ballot
-from kvstore.paxos.replica import KIND_BATCH, LEADER
+from kvstore.paxos.ballot import ballot_epoch, format_ballot
+from kvstore.paxos.membership import decode_membership
+from kvstore.paxos.replica import KIND_BATCH, KIND_CONFIG, LEADER
 from kvstore.sim.kv import KV
 
 
@@ -45,8 +52,12 @@ def _is_chosen(chosen, entry) -> bool:
 
 
 class Oracle:
-    def __init__(self, nodes: int, machine=KV) -> None:
+    def __init__(self, nodes: int, machine=KV, voters: int | None = None) -> None:
+        """``nodes`` node indexes exist; the first ``voters`` (default all) vote in epoch 0."""
         self.majority = nodes // 2 + 1
+        self.voters: dict = {0: frozenset(range(nodes if voters is None else voters))}  # epoch -> voters
+        self.stops: dict = {}  # epoch -> the slot of the change that ended it
+        self.waiting: dict = {}  # epoch -> [(node, slot, ballot)] votes of an epoch not known yet
         self.proposals: dict = {}  # slot -> {ballot: (kind, payload)}
         self.votes: dict = {}  # (slot, ballot) -> bitmask of nodes that accepted it
         self.chosen: dict = {}  # slot -> (lowest ballot it was chosen at, kind, payload)
@@ -141,15 +152,27 @@ class Oracle:
         if first != value:
             self.fail(f"proposals: ballot {format_ballot(ballot)} proposed two values at slot {slot}")
         chosen = self.chosen.get(slot)
-        if chosen is not None and ballot > chosen[0] and value != chosen[1:]:
+        if chosen is not None and ballot > chosen[0] and value != chosen[1:] and not self.void(slot, ballot):
             self.fail(f"chosen value lost: slot {slot} was chosen at ballot {format_ballot(chosen[0])}, "
                       f"and ballot {format_ballot(ballot)} proposes another value there")
+
+    def void(self, slot: int, ballot: int) -> bool:
+        """An acceptance at ``slot`` at ``ballot`` is void: its epoch had ended below it."""
+        stop = self.stops.get(ballot_epoch(ballot))
+        return stop is not None and slot > stop
 
     def _accepted(self, node: int, slot: int, ballot: int) -> None:
         key = (slot, ballot)
         votes = self.votes.get(key, 0) | (1 << node)
         self.votes[key] = votes
-        if bin(votes).count("1") < self.majority:
+        epoch = ballot_epoch(ballot)
+        voters = self.voters.get(epoch)
+        if voters is None:
+            self.waiting.setdefault(epoch, []).append((node, slot, ballot))
+            return
+        if self.void(slot, ballot):
+            return
+        if sum(1 for v in voters if votes >> v & 1) < len(voters) // 2 + 1:
             return
         chosen = self.chosen.get(slot)
         if chosen is not None and chosen[0] <= ballot:
@@ -159,9 +182,31 @@ class Oracle:
             self.fail(f"acceptance: slot {slot} accepted at ballot {format_ballot(ballot)}, never proposed")
         self.chosen[slot] = (ballot, *value)
         for other, proposed in self.proposals[slot].items():
-            if other > ballot and proposed != value:
+            if other > ballot and proposed != value and not self.void(slot, other):
                 self.fail(f"chosen value lost: slot {slot} is chosen at ballot {format_ballot(ballot)}, "
                           f"and ballot {format_ballot(other)} proposed another value there")
+        if value[0] == KIND_CONFIG:
+            self._epoch_ended(epoch, slot, value[1])
+
+    def _epoch_ended(self, epoch: int, slot: int, payload: bytes) -> None:
+        """The change at ``slot`` is chosen: ``epoch`` ends there; the next one's voters are
+        known (its waiting votes count now); what ``epoch`` chose above ``slot`` is void."""
+        if epoch in self.stops:
+            if self.stops[epoch] != slot:
+                self.fail(f"membership: epoch {epoch} ended at slot {self.stops[epoch]} and at {slot}")
+            return
+        try:
+            nxt = decode_membership(payload, slot)
+        except ValueError as e:
+            self.fail(f"membership: the change chosen at slot {slot} does not decode: {e}")
+        if nxt.epoch != epoch + 1:
+            self.fail(f"membership: the change chosen at slot {slot} in epoch {epoch} begins epoch {nxt.epoch}")
+        self.stops[epoch] = slot
+        self.voters[nxt.epoch] = frozenset(nxt.voters)
+        for s in [s for s, c in self.chosen.items() if s > slot and ballot_epoch(c[0]) == epoch]:
+            del self.chosen[s]  # counted before the change was known chosen: void
+        for node, s, b in self.waiting.pop(nxt.epoch, []):
+            self._accepted(node, s, b)
 
     def applied(self, node: int, slot: int, kind: int, payload: bytes) -> None:
         chosen = self.chosen.get(slot)
@@ -208,7 +253,7 @@ class Oracle:
         log = replica.log
         chosen = self.chosen
         for slot, ballot in self.acked[node].items():
-            if slot > commit:
+            if slot > commit and not self.void(slot, ballot):
                 entry = log.get(slot)
                 if entry is None or (entry[0] < ballot and not _is_chosen(chosen.get(slot), entry)):
                     held = "nothing" if entry is None else f"ballot {format_ballot(entry[0])}"
