@@ -314,38 +314,6 @@ def _cmd_status(db, args) -> int:
     return EXIT_USAGE if status.get("problems") else 0
 
 
-def _cmd_member(db, args) -> int:
-    """``kvstore member list | add | remove | promote`` (kvstore.client.members)."""
-    from kvstore.client.members import Members
-    members = Members(db)
-    def done(shard: int) -> None:
-        print(f"shard {shard}: done", file=sys.stderr)
-    if args.action == "list":
-        view = members.view()
-        if args.json:
-            print(json.dumps(view.as_dict(), indent=2))
-        else:
-            print(format_table(["member", "index", "address", "peer address", "role", "epoch",
-                                "caught up"], view.rows()))
-        for address in view.unreachable:
-            print(f"kvstore: {address} did not answer", file=sys.stderr)
-        return 0
-    if args.action == "add":
-        if not args.address:
-            raise InvalidArgument("member add NAME needs --address tcp://HOST:PORT")
-        index = members.add(args.name, args.address, args.peer_address, progress=done)
-        print(f"{args.name} is a learner (node #{index}): start it with `kvstore-server --join "
-              f"ADDRS --node {args.name} --data DIR`, then `kvstore member promote {args.name}`")
-    elif args.action == "promote":
-        members.promote(args.name, progress=done)
-        print(f"{args.name} votes")
-    else:
-        members.remove(args.name, progress=done)
-        print(f"{args.name} is no member any more: stop it (and wipe its data directory "
-              f"before it joins again)")
-    return 0
-
-
 def _cmd_check(db, args) -> int:
     if not hasattr(db, "verify"):
         print("kvstore: check runs on an embedded store (--data DIR)", file=sys.stderr)
@@ -519,19 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "differs from the others'.")
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.set_defaults(fn=_cmd_status)
-    p = sub.add_parser("member", parents=[common], help="list, add, remove or promote members",
-                       description="The cluster's members, changed through consensus, one "
-                                   "shard at a time (docs/operations.md, \"Membership\"): add "
-                                   "makes a learner, promote a caught-up learner a voter, "
-                                   "remove takes any member out (the leader too). Run again, "
-                                   "a change finishes what an interrupted one left.")
-    p.add_argument("action", choices=("list", "add", "remove", "promote"))
-    p.add_argument("name", metavar="NAME", nargs="?", help="the member (add, remove, promote)")
-    p.add_argument("--address", metavar="tcp://HOST:PORT", help="add: where clients reach it")
-    p.add_argument("--peer-address", metavar="tcp://HOST:PORT",
-                   help="add: where its peers reach it (default: the client port + 10000)")
-    p.add_argument("--json", action="store_true", help="list: print the members as JSON")
-    p.set_defaults(fn=_cmd_member)
+    from kvstore.client.members import add_member_parser
+    add_member_parser(sub, common)
     p = sub.add_parser("check", parents=[common],
                        help="verify the checksum of every log record (embedded store)")
     p.set_defaults(fn=_cmd_check)
@@ -635,9 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args.nodes, shards, args.dir, port_base=args.port_base)
         if getattr(args, "value", None) == STDIN_VALUE:  # read before anything is opened
             args.stdin_value = _read_stdin_value()
-        if args.command == "member" and (args.action == "list") == bool(args.name):
-            raise InvalidArgument(f"member {args.action} " + ("takes no NAME" if args.name
-                                                              else "needs a NAME"))
+        if args.command == "member" and not (args.cluster or os.environ.get("KVSTORE_CLUSTER")):
+            raise InvalidArgument("member commands act on a cluster: pass --cluster ADDRS")
         with _open(args) as db:
             code = args.fn(db, args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
