@@ -91,6 +91,7 @@ class Intake:
                 return
             if op == wire.OP_MEMBER:  # a few at a time (kvstore.node.membership)
                 self._on_member(identity, request_id, args)
+                return
             if op in BACKUP_OPS:  # bounded on its own (kvstore.node.backups)
                 self._on_backup(identity, request_id, op, args)
                 return
