@@ -314,38 +314,6 @@ def _cmd_status(db, args) -> int:
     return EXIT_USAGE if status.get("problems") else 0
 
 
-def _cmd_member(db, args) -> int:
-    """``kvstore member list | add | remove | promote`` (kvstore.client.members)."""
-    from kvstore.client.members import Members
-    members = Members(db)
-    def done(shard: int) -> None:
-        print(f"shard {shard}: done", file=sys.stderr)
-    if args.action == "list":
-        view = members.view()
-        if args.json:
-            print(json.dumps(view.as_dict(), indent=2))
-        else:
-            print(format_table(["member", "index", "address", "peer address", "role", "epoch",
-                                "caught up"], view.rows()))
-        for address in view.unreachable:
-            print(f"kvstore: {address} did not answer", file=sys.stderr)
-        return 0
-    if args.action == "add":
-        if not args.address:
-            raise InvalidArgument("member add NAME needs --address tcp://HOST:PORT")
-        index = members.add(args.name, args.address, args.peer_address, progress=done)
-        print(f"{args.name} is a learner (node #{index}): start it with `kvstore-server --join "
-              f"ADDRS --node {args.name} --data DIR`, then `kvstore member promote {args.name}`")
-    elif args.action == "promote":
-        members.promote(args.name, progress=done)
-        print(f"{args.name} votes")
-    else:
-        members.remove(args.name, progress=done)
-        print(f"{args.name} is no member any more: stop it (and wipe its data directory "
-              f"before it joins again)")
-    return 0
-
-
 def _cmd_check(db, args) -> int:
     if not hasattr(db, "verify"):
         print("kvstore: check runs on an embedded store (--data DIR)", file=sys.stderr)
@@ -356,6 +324,29 @@ def _cmd_check(db, args) -> int:
           f"{result['values']} values verified; the state agrees with the log on "
           f"{result['keys_compared']} keys it covers")
     return 0
+
+
+def _cmd_backup_restore(args) -> int:
+    """``backup FILE`` (--cluster, else --data) and ``restore FILE --data DIR``: one line
+    of what was done (``kvstore.backup`` does it)."""
+    import kvstore.backup as backups
+    if args.command == "restore":
+        done = backups.restore(args.file, args.data)
+        what = f"restored {_rows_text(done['rows'])} into {done['path']}"
+    else:
+        cluster = args.cluster or os.environ.get("KVSTORE_CLUSTER")
+        if cluster:
+            done = backups.backup_cluster(cluster, args.file, timeout=args.timeout)
+        else:
+            done = backups.backup(args.data, args.file)
+        what = f"backed up {_rows_text(done['rows'])} to {done['path']} ({done['bytes']} bytes)"
+    print(f"OK: {what}, {done['shards']} shard(s)")
+    return 0
+
+
+def _rows_text(rows: list) -> str:
+    data, leases = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    return f"{data} keys and {leases} lease rows"
 
 
 def _cmd_lock(db, args) -> int:
@@ -496,22 +487,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "differs from the others'.")
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.set_defaults(fn=_cmd_status)
-    p = sub.add_parser("member", parents=[common], help="list, add, remove or promote members",
-                       description="The cluster's members, changed through consensus, one "
-                                   "shard at a time (docs/operations.md, \"Membership\"): add "
-                                   "makes a learner, promote a caught-up learner a voter, "
-                                   "remove takes any member out (the leader too). Run again, "
-                                   "a change finishes what an interrupted one left.")
-    p.add_argument("action", choices=("list", "add", "remove", "promote"))
-    p.add_argument("name", metavar="NAME", nargs="?", help="the member (add, remove, promote)")
-    p.add_argument("--address", metavar="tcp://HOST:PORT", help="add: where clients reach it")
-    p.add_argument("--peer-address", metavar="tcp://HOST:PORT",
-                   help="add: where its peers reach it (default: the client port + 10000)")
-    p.add_argument("--json", action="store_true", help="list: print the members as JSON")
-    p.set_defaults(fn=_cmd_member)
+    from kvstore.client.members import add_member_parser
+    add_member_parser(sub, common)
     p = sub.add_parser("check", parents=[common],
                        help="verify the checksum of every log record (embedded store)")
     p.set_defaults(fn=_cmd_check)
+    p = sub.add_parser("backup", parents=[common],
+                       help="write a consistent backup of a cluster or an embedded store",
+                       description="Write a consistent, checksummed backup of the cluster "
+                                   "(--cluster) or of the embedded store at --data (online: "
+                                   "another process may have it open and write) to FILE "
+                                   "(docs/backup.md). A transaction across shards is wholly "
+                                   "in it or wholly absent.")
+    p.add_argument("file", metavar="FILE", help="the backup file (written as FILE.tmp, then "
+                                                "renamed)")
+    p = sub.add_parser("restore", parents=[common],
+                       help="seed a new embedded store directory from a backup",
+                       description="Restore the backup FILE into --data DIR (new or empty), "
+                                   "all or nothing: a truncated or corrupt backup is refused "
+                                   "(exit 4) and leaves nothing behind.")
+    p.add_argument("file", metavar="FILE", help="a file written by 'kvstore backup'")
     p = sub.add_parser("local-cluster", parents=[common],
                        help="run a cluster of kvstore-server nodes on 127.0.0.1 (foreground)")
     p.description = ("Run NODES kvstore-server processes on 127.0.0.1 in the foreground, "
@@ -588,6 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "gateway":
             return _cmd_gateway(args)
+        if args.command in ("backup", "restore"):
+            return _cmd_backup_restore(args)
         if args.command == "local-cluster":
             from kvstore.server.local import run_cluster_demo, run_local_cluster
             run = run_cluster_demo if args.demo else run_local_cluster
@@ -595,9 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args.nodes, shards, args.dir, port_base=args.port_base)
         if getattr(args, "value", None) == STDIN_VALUE:  # read before anything is opened
             args.stdin_value = _read_stdin_value()
-        if args.command == "member" and (args.action == "list") == bool(args.name):
-            raise InvalidArgument(f"member {args.action} " + ("takes no NAME" if args.name
-                                                              else "needs a NAME"))
+        if args.command == "member" and not (args.cluster or os.environ.get("KVSTORE_CLUSTER")):
+            raise InvalidArgument("member commands act on a cluster: pass --cluster ADDRS")
         with _open(args) as db:
             code = args.fn(db, args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below

@@ -31,6 +31,9 @@ in-memory form is typed. Build them with the constructors (``put``, ``delete``,
   id, refreshed_revision)`` -> keys deleted or False (a shard leader's; never a client's),
   ``CasLease(op, key, expected, new, id)`` -> bool or ``NO_LEASE`` (a cas whose new value
   lives with the lease: the lock recipe's "create if absent, held by my lease").
+- ``BackupFence(op, fence_id, until_ms)`` -> True, ``BackupUnfence(op, fence_id)`` ->
+  bool (this fence held and is lifted now): a cluster backup's cut
+  (``kvstore.machine.fence``, ``kvstore.backup.cluster``).
 
 A cluster node logs each client write inside its session (``ClientCommand``:
 client id, seq, floor, command; ``kvstore.machine.replica`` applies it at most
@@ -77,6 +80,12 @@ OP_PUT_LEASE = 11
 OP_PUT_TTL = 12
 OP_LEASE_EXPIRE = 13
 OP_CAS_LEASE = 14
+OP_BACKUP_FENCE = 15
+OP_BACKUP_UNFENCE = 16
+#: The backup fence commands (``kvstore.machine.fence`` applies them).
+FENCE_OPS = frozenset((OP_BACKUP_FENCE, OP_BACKUP_UNFENCE))
+#: A backup fence's id: random bytes of this length.
+FENCE_ID_BYTES = 16
 #: The lease commands (``kvstore.machine.leases`` applies them).
 LEASE_OPS = frozenset((OP_LEASE_GRANT, OP_LEASE_KEEPALIVE, OP_LEASE_REVOKE, OP_PUT_LEASE,
                        OP_PUT_TTL, OP_LEASE_EXPIRE, OP_CAS_LEASE))
@@ -304,6 +313,23 @@ class LeaseExpire(NamedTuple):
     refreshed_revision: int
 
 
+class BackupFence(NamedTuple):
+    """While it holds, the shard refuses new cross-shard prepares (``kvstore.machine.fence``);
+    ``until_ms``: the wall-clock ms (the node's, bounded where it enters) after which it
+    lapses on its own -> True."""
+
+    op: int
+    fence_id: bytes
+    until_ms: int
+
+
+class BackupUnfence(NamedTuple):
+    """Lift fence ``fence_id`` -> True if it still held (it is lifted now), else False."""
+
+    op: int
+    fence_id: bytes
+
+
 def _no_keys(self) -> list:
     return []
 
@@ -312,13 +338,14 @@ def _no_sizes(self) -> None:
     pass
 
 
-for _lease_command in (LeaseGrant, LeaseKeepAlive, LeaseRevoke, LeaseExpire):
+for _lease_command in (LeaseGrant, LeaseKeepAlive, LeaseRevoke, LeaseExpire, BackupFence,
+                       BackupUnfence):
     _lease_command.keys, _lease_command.check_sizes = _no_keys, _no_sizes
 for _lease_command in (PutLease, PutTTL):  # a put's key and value, with a lease
     _lease_command.keys, _lease_command.check_sizes = Put.keys, Put.check_sizes
 
 Command = Union[Put, Delete, Cas, Incr, Txn, TxnWrites, TwoPC, LeaseGrant, LeaseKeepAlive,
-                LeaseRevoke, PutLease, PutTTL, LeaseExpire, CasLease]
+                LeaseRevoke, PutLease, PutTTL, LeaseExpire, CasLease, BackupFence, BackupUnfence]
 
 
 def _check_writes(writes) -> None:
@@ -404,6 +431,14 @@ def cas_lease(key: bytes, expected: bytes | None, new: bytes | None,
 
 def lease_expire(lease_id: int, refreshed_revision: int) -> LeaseExpire:
     return LeaseExpire(OP_LEASE_EXPIRE, lease_id, refreshed_revision)
+
+
+def backup_fence(fence_id: bytes, until_ms: int) -> BackupFence:
+    return BackupFence(OP_BACKUP_FENCE, fence_id, until_ms)
+
+
+def backup_unfence(fence_id: bytes) -> BackupUnfence:
+    return BackupUnfence(OP_BACKUP_UNFENCE, fence_id)
 
 
 def command_wire(command):
@@ -536,7 +571,22 @@ def decode_command(command) -> Command:
         return TwoPC(OP_2PC, command[1], decode_2pc(command[1]))  # ValueError if malformed
     if op in LEASE_OPS:
         return _decode_lease_command(command)
+    if op in FENCE_OPS:
+        return _decode_fence_command(command)
     raise ValueError("malformed command")
+
+
+def _decode_fence_command(command: list) -> Command:
+    op, n = command[0], len(command)
+    fence_id = command[1] if n > 1 else None
+    if type(fence_id) is bytes and len(fence_id) == FENCE_ID_BYTES:
+        if op == OP_BACKUP_FENCE and n == 3 and type(command[2]) is int \
+                and 0 <= command[2] < 1 << 63:
+            return _new(BackupFence, command)
+        if op == OP_BACKUP_UNFENCE and n == 2:
+            return _new(BackupUnfence, command)
+    raise ValueError(f"malformed backup fence command (op {op}): a fence id is "
+                     f"{FENCE_ID_BYTES} bytes, its end a wall-clock time in ms")
 
 
 def _is_lease_id(v) -> bool:

@@ -112,3 +112,14 @@ def test_etcd_is_looked_for_where_the_user_says_and_missing_when_not_executable(
     monkeypatch.setenv("ETCD", str(fake))
     assert etcd_local.find_etcd() == str(fake)
     assert "not installed" in etcd_local.MISSING
+
+
+def test_backup_bench_times_backup_and_restore_beside_the_alternatives(tmp_path):
+    result = run_script("backup.py", "--quick", "--dir", str(tmp_path),
+                        "--json", str(tmp_path / "backup.json"))
+    assert result.returncode == 0, result.stderr
+    rows = {r["name"].split(" (")[0]: r for r in
+            json.loads((tmp_path / "backup.json").read_text())["rows_timed"]}
+    assert {"kvstore backup", "kvstore verify", "kvstore restore", "lmdb Environment.copy",
+            "sqlite3 backup API"} <= set(rows)
+    assert all(r["mb_per_s"] > 0 for r in rows.values())

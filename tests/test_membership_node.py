@@ -7,6 +7,7 @@ The whole, with real processes: ``tests/test_cluster_membership.py``."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -181,18 +182,31 @@ def test_a_directory_of_another_node_is_refused(node, tmp_path):
         Node(other)
 
 
-def test_a_cluster_toml_changed_before_any_membership_change_is_refused(node):
-    """Epoch 0: the members are cluster.toml's; a node given another list, order or
-    address would number its peers differently from them."""
+def test_cluster_toml_counts_at_the_first_start_only(node):
+    """Before any membership change too: a file naming other members (another address) is
+    refused; the same members in another order change nothing (the directory keeps the
+    node's index and each shard's first membership)."""
     n, cfg, _ctx = node
     n.close()
-    reordered = NodeConfig(name="n1", names=["n2", "n1"], shards=1, data_dir=cfg.data_dir,
-                           addresses=cfg.addresses, peer_addresses=cfg.peer_addresses)
-    with pytest.raises(InvalidArgument, match="bootstrapped with another one"):
-        Node(reordered)
     moved = NodeConfig(name="n1", names=cfg.names, shards=1, data_dir=cfg.data_dir,
                        addresses={**cfg.addresses, "n2": f"tcp://127.0.0.1:{free_port()}"},
                        peer_addresses=cfg.peer_addresses)
-    with pytest.raises(InvalidArgument, match="bootstrapped with another one"):
+    with pytest.raises(InvalidArgument, match="only bootstraps a new cluster; the members are now"):
         Node(moved)
-    Node(cfg).close()  # the file it was bootstrapped with: it starts
+    reordered = NodeConfig(name="n1", names=["n2", "n1"], shards=1, data_dir=cfg.data_dir,
+                           addresses=cfg.addresses, peer_addresses=cfg.peer_addresses)
+    again = Node(reordered)
+    try:
+        assert again.index == 0
+        assert again.replicas[0].membership.voters == (0, 1)
+        assert again.members[0].name == "n1" and again.members[1].name == "n2"
+    finally:
+        again.close()
+
+
+def test_a_damaged_record_of_the_first_memberships_is_refused(node):
+    n, cfg, _ctx = node
+    n.close()
+    (Path(cfg.data_dir) / "start-memberships").write_bytes(msgpack.packb([[0, 0, [], [], b""]]))
+    with pytest.raises(InvalidArgument, match="does not hold the shards' first memberships"):
+        Node(cfg)

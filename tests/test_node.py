@@ -24,10 +24,12 @@ from kvstore.transport import wire
 
 
 class RunningNode:
-    def __init__(self, data_dir: str, shards: int = 1, address: str | None = None) -> None:
+    def __init__(self, data_dir: str, shards: int = 1, address: str | None = None,
+                 peer_address: str | None = None) -> None:
         self.address = address or f"tcp://127.0.0.1:{free_port()}"
+        self.peer_address = peer_address or f"tcp://127.0.0.1:{free_port()}"
         cfg = NodeConfig(name="n1", names=["n1"], addresses={"n1": self.address},
-                         peer_addresses={"n1": f"tcp://127.0.0.1:{free_port()}"},
+                         peer_addresses={"n1": self.peer_address},
                          shards=shards, data_dir=data_dir)
         self.node = Node(cfg)
         self.thread = threading.Thread(target=self.node.run, daemon=True)
@@ -43,8 +45,8 @@ class RunningNode:
 def start_node(tmp_path):
     nodes = []
 
-    def start(shards=1, name="d", address=None):
-        n = RunningNode(str(tmp_path / name), shards, address)
+    def start(shards=1, name="d", address=None, peer_address=None):
+        n = RunningNode(str(tmp_path / name), shards, address, peer_address)
         nodes.append(n)
         return n
 
@@ -198,9 +200,9 @@ def test_single_node_cluster_serves_the_kv_interface_and_survives_restart(start_
         assert len(st["shards"]) == 3 and all(s["leader"] == "n1" for s in st["shards"])
         with pytest.raises(kvstore.InvalidArgument):
             c.put(b"", b"x")
-    address = n.address
+    address, peer_address = n.address, n.peer_address
     n.stop()
-    n2 = start_node(shards=3, name="restart", address=address)
+    n2 = start_node(shards=3, name="restart", address=address, peer_address=peer_address)
     with kvstore.connect(n2.address, timeout=5) as c:
         assert c.get(b"k29") == b"v29"
         assert len(c.scan(b"k")) == 30

@@ -280,3 +280,42 @@ def test_a_peer_record_of_a_membership_change_is_checked_at_the_wire():
     for payload in (b"junk", encode_membership(Membership(1, 0, ()))):
         with pytest.raises(wire.FrameError, match="slot 5"):
             wire._check_record(encode_record(5, make_ballot(1, 1), KIND_CONFIG, payload))
+
+
+def test_a_ballot_of_an_epoch_not_reached_is_learned_from_but_never_promised():
+    """A replica behind by some membership changes learns them from the later epoch's
+    leader; but it promises no ballot of an epoch it does not know, so a forged one (a
+    round 2**33 up: epoch 8) cannot silence it: it still campaigns in its own epoch."""
+    c = Cluster(3, seed=8)
+    lead = leader_of(c)
+    r = c.replicas[(lead + 1) % 3]
+    promised = r.promised
+    forged = make_ballot((8 << 30) | 5, lead)
+    for t in (M.HEARTBEAT, M.ACCEPT, M.PREPARE, M.PRE_VOTE):
+        r.step(M.Message(t, r.id, lead, ballot=forged, commit_index=-1))
+    rd = r.ready()
+    assert r.promised == promised and ballot_epoch(r.max_round << 16) == 0
+    assert all(m.reject for m in rd.messages)
+    c.crash(lead)
+    for _ in range(200):
+        if any(x is not None and x.is_leader for x in c.replicas):
+            break
+        c.tick()
+    assert any(x is not None and x.is_leader for x in c.replicas)
+
+
+def test_a_voter_that_missed_two_changes_catches_up_from_the_new_leader():
+    c = Cluster(3, seed=9, nodes=5)
+    lag = next(i for i in range(3) if i != leader_of(c))
+    c.isolate(lag)
+    change(c, tuple(v for v in range(3)), (3,))
+    c.join(3, c.replicas[leader_of(c)].membership)
+    c.tick(10)
+    change(c, (0, 1, 2, 3))
+    write(c, b"while away")
+    assert c.replicas[lag].membership.epoch == 0
+    c.heal()
+    c.tick(40)
+    r = c.replicas[lag]
+    assert r.membership.epoch == 2 and b"while away" in c.commands(lag)
+    sequences_agree(c)

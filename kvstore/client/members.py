@@ -262,3 +262,61 @@ class Members:
                                   f"run the command again: it finishes what is not done") from None
             if progress is not None:
                 progress(sh.shard)
+
+
+# ---------------------------------------------------------------------- the command line
+
+def add_member_parser(sub, common) -> None:
+    """``kvstore member ...`` in ``kvstore.cli``'s parser."""
+    p = sub.add_parser("member", parents=[common], help="list, add, remove or promote members",
+                       description="The cluster's members, changed through consensus, one "
+                                   "shard at a time (docs/operations.md, \"Membership\"): add "
+                                   "makes a learner, promote a caught-up learner a voter, "
+                                   "remove takes any member out (the leader too). Run again, "
+                                   "a change finishes what an interrupted one left.")
+    p.add_argument("action", choices=("list", "add", "remove", "promote"))
+    p.add_argument("name", metavar="NAME", nargs="?", help="the member (add, remove, promote)")
+    p.add_argument("--address", metavar="tcp://HOST:PORT", help="add: where clients reach it")
+    p.add_argument("--peer-address", metavar="tcp://HOST:PORT",
+                   help="add: where its peers reach it (default: the client port + 10000)")
+    p.add_argument("--json", action="store_true", help="list: print the members as JSON")
+    p.set_defaults(fn=member_command)
+
+
+def member_command(db, args) -> int:
+    """``kvstore member list | add | remove | promote``: what it did on stdout, each shard
+    done on stderr; errors raise (``kvstore.cli`` prints them and sets the exit code)."""
+    import json
+    import sys
+    from kvstore.cli import format_table
+    if (args.action == "list") == bool(args.name):
+        raise InvalidArgument(f"member {args.action} " + ("takes no NAME" if args.name
+                                                          else "needs a NAME"))
+    members = Members(db)
+
+    def done(shard: int) -> None:
+        print(f"shard {shard}: done", file=sys.stderr)
+    if args.action == "list":
+        view = members.view()
+        if args.json:
+            print(json.dumps(view.as_dict(), indent=2))
+        else:
+            print(format_table(["member", "index", "address", "peer address", "role", "epoch",
+                                "caught up"], view.rows()))
+        for address in view.unreachable:
+            print(f"kvstore: {address} did not answer", file=sys.stderr)
+        return 0
+    if args.action == "add":
+        if not args.address:
+            raise InvalidArgument("member add NAME needs --address tcp://HOST:PORT")
+        index = members.add(args.name, args.address, args.peer_address, progress=done)
+        print(f"{args.name} is a learner (node #{index}): start it with `kvstore-server --join "
+              f"ADDRS --node {args.name} --data DIR`, then `kvstore member promote {args.name}`")
+    elif args.action == "promote":
+        members.promote(args.name, progress=done)
+        print(f"{args.name} votes")
+    else:
+        members.remove(args.name, progress=done)
+        print(f"{args.name} is no member any more: stop it (and wipe its data directory "
+              f"before it joins again)")
+    return 0

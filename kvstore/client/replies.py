@@ -106,6 +106,16 @@ def check_result(call, value):
         return check_watch(call.payload, value)
     elif op == wire.OP_DECIDE:
         ok = type(value) is int and value in (COMMIT, ABORT)
+    elif op == wire.OP_BACKUP_OPEN:  # [session id, [revision per shard]]
+        ok = (type(value) is list and len(value) == 2 and type(value[0]) is bytes
+              and type(value[1]) is list and all(type(r) is int and r >= 0 for r in value[1]))
+    elif op == wire.OP_BACKUP_PAGE:  # [[[key, value], ...], done]
+        ok = (type(value) is list and len(value) == 2 and type(value[0]) is list
+              and type(value[1]) is bool and all(
+                  type(r) is list and len(r) == 2 and type(r[0]) is bytes and type(r[1]) is bytes
+                  for r in value[0]))
+    elif op == wire.OP_BACKUP_CLOSE:
+        ok = type(value) is bool
     elif op == wire.OP_WRITE:
         kind = call.payload[0]
         if kind == OP_PUT or kind == OP_PUT_TTL:

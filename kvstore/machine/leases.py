@@ -42,6 +42,17 @@ LEASE_RECORD = b"\x00lease.rec\x00"
 LEASE_KEYS = b"\x00lease.keys\x00"
 LEASE_OF = b"\x00lease.of\x00"
 LEASE_ATTACHED = b"\x00lease.attached"
+
+
+def _prefix_range(prefix: bytes) -> tuple[bytes, bytes]:
+    return prefix, prefix[:-1] + bytes((prefix[-1] + 1,))
+
+
+#: Every row of the leases in a shard's ``txns`` table, as sorted disjoint ``[lo, hi)``
+#: ranges (what a backup copies of that table: sessions and 2PC records are not leases).
+LEASE_ROW_RANGES = tuple(sorted([(LEASE_ATTACHED, LEASE_ATTACHED + b"\x00"),
+                                 _prefix_range(LEASE_KEYS), _prefix_range(LEASE_OF),
+                                 _prefix_range(LEASE_RECORD)]))
 #: Anonymous leases (``PutTTL``) have ids from here on: no client can name one.
 ANON_BASE = LEASE_ID_MAX + 1
 
@@ -302,4 +313,4 @@ def _prefixed(txn, db, prefix: bytes):
 
 
 __all__ = ["LeaseTable", "apply_leased", "LEASE_RECORD", "LEASE_KEYS", "LEASE_OF",
-           "LEASE_ATTACHED", "ANON_BASE"]
+           "LEASE_ATTACHED", "LEASE_ROW_RANGES", "ANON_BASE"]

@@ -35,10 +35,12 @@ from typing import NamedTuple, Protocol
 
 import msgpack
 
-from kvstore.commands import LOCKED, POISONED, STALE, ClientCommand, DecodedCommands, Txn, TwoPC
+from kvstore.commands import (FENCE_OPS, LOCKED, POISONED, STALE, ClientCommand, DecodedCommands,
+                              Txn, TwoPC)
 from kvstore.errors import CorruptRecord
 from kvstore.paxos.membership import check_membership
 from kvstore.paxos.replica import KIND_BATCH, KIND_CONFIG, Membership, PersistedState, Snapshot
+from kvstore.machine.fence import apply_fence, fenced_vote
 from kvstore.machine.twopc import any_locked, apply_2pc
 from kvstore.machine.data import apply_command, scan_rows
 from kvstore.machine.leases import LeaseTable, apply_leased
@@ -205,9 +207,13 @@ def apply_client_command(txn, tables, slot: int, logged: ClientCommand, sessions
     if seq in results:
         return key, results[seq]
     if type(command) is TwoPC:
-        if leases is not None and leases.attached:
-            leases.before_2pc(command.entry)
-        result = apply_2pc(txn, tables, slot + 1, command.entry, changes)
+        result = fenced_vote(txn, tables, command.entry)  # a backup's fence refuses it
+        if result is None:
+            if leases is not None and leases.attached:
+                leases.before_2pc(command.entry)
+            result = apply_2pc(txn, tables, slot + 1, command.entry, changes)
+    elif command.op in FENCE_OPS:
+        result = apply_fence(txn, tables, command)
     elif any_locked(txn, tables, command.keys()):
         # a prepared cross-shard transaction holds one of its keys: nothing applied
         result = False if type(command) is Txn else LOCKED

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvstore.commands import LOCKED, STALE, LeaseExpire, TwoPC, client_command, command_wire, encode_client_command, session_of
+from kvstore.commands import LOCKED, STALE, BackupFence, LeaseExpire, TwoPC, client_command, command_wire, encode_client_command, session_of
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key
+from kvstore.machine.fence import bound_fence
 from kvstore.machine.twopc import bound_client_2pc
 from kvstore.node.stats import OP_INDEX
 from kvstore.paxos.replica import NotLeader
@@ -25,6 +26,8 @@ from kvstore.sharding import shard_of
 from kvstore.transport import wire
 from kvstore.txn import TxnPrepare
 
+#: A backup's read point requests (``kvstore.node.backups``).
+BACKUP_OPS = (wire.OP_BACKUP_OPEN, wire.OP_BACKUP_PAGE, wire.OP_BACKUP_CLOSE)
 #: Requests a node keeps waiting at most; beyond, new ones are told to retry.
 WAITING_MAX = 100_000
 #: A waiting write or read older than this is forgotten (its client has long retried).
@@ -88,6 +91,9 @@ class Intake:
                 return
             if op == wire.OP_MEMBER:  # a few at a time (kvstore.node.membership)
                 self._on_member(identity, request_id, args)
+                return
+            if op in BACKUP_OPS:  # bounded on its own (kvstore.node.backups)
+                self._on_backup(identity, request_id, op, args)
                 return
             if len(self.waiting_writes) + len(self.waiting_reads) >= WAITING_MAX:
                 self.stats.count(op, wire.STATUS_RETRY)
@@ -173,6 +179,8 @@ class Intake:
                 write = write._replace(command=bounded)
             if type(bounded.entry) is TxnPrepare:
                 self.stats.txn_prepares += 1
+        elif type(command) is BackupFence:  # it lapses by this node's clock at the latest
+            write = write._replace(command=bound_fence(command, int(self.clock.time() * 1000)))
         elif type(command) is LeaseExpire and not _internal(identity):
             raise ValueError("a LeaseExpire is written by the shard leader only (revoke a "
                              "lease with LeaseRevoke)")

@@ -56,16 +56,16 @@ is one turn of the loop, the same for both. Each turn:
 Clients are never answered from anywhere else, and nothing is sent before it
 is persisted.
 
-The node is one class in five rooms: this module (the loop: ``turn``, receive,
+The node is one class in several rooms: this module (the loop: ``turn``, receive,
 persist/send/answer in that order, roles, snapshots, status), request intake
 (``kvstore.node.intake.Intake``: a client's request checked, decoded once, queued,
 forwarded or answered), the 2PC resolver (``kvstore.node.resolver.Resolver``:
 the decide request and the settlement of abandoned transactions), watch
 (``kvstore.node.watching.Watching``: the histories and the parked ``OP_WATCH``
-polls, whose waits end on the tick step) and lease expiry
+polls, whose waits end on the tick step), lease expiry
 (``kvstore.node.leases.LeaseExpiry``: deadlines noted at apply, the leader's
-LeaseExpire entries) and the members (``kvstore.node.membership.MemberDirectory``:
-who they are, the links to them, membership changes). ``Node`` mixes the rooms in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
+LeaseExpire entries), backups (``kvstore.node.backups``) and members
+(``kvstore.node.membership``: who, the links to them, changes). ``Node`` mixes them in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
 follower's progress), so a dropped frame only costs time.
 """
 
@@ -86,6 +86,7 @@ from kvstore.errors import CorruptRecord
 from kvstore.paxos import messages as M
 from kvstore.paxos.ballot import BALLOT_MAX, format_ballot
 from kvstore.paxos.replica import LEADER, Config, Replica
+from kvstore.node.backups import Backups
 from kvstore.node.intake import Intake
 from kvstore.node.leases import LeaseExpiry
 from kvstore.node.membership import MemberDirectory
@@ -174,7 +175,7 @@ class NodeConfig:
         return given if given is not None else derived_peer_address(self.addresses[name])
 
 
-class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
+class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory):
     """A cluster node; ``run()`` is its loop (blocking), ``stop()`` ends it from anywhere."""
 
     def __init__(self, config: NodeConfig, storage: ReplicaStorage | None = None,
@@ -242,6 +243,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
         self._next_reload = self.clock.monotonic()
         self._init_watching(config.watch_history_bytes)
         self._init_leases()  # lease expiry (``kvstore.node.leases``)
+        self._init_backups()  # backup read points (``kvstore.node.backups``)
 
     def _make_replica(self, shard: int) -> Replica:
         c = self.config
@@ -329,6 +331,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
             if now - self._last_resolve > RESOLVE_EVERY_SECONDS:
                 self._resolve_abandoned(now)
             self._expire_leases(now)
+            self._expire_backups(now)
             if now >= self._next_reload:  # a client key added to or revoked from clients/
                 self._next_reload = now + RELOAD_KEYS_SECONDS
                 self.sockets.reload_keys()
@@ -355,6 +358,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, MemberDirectory):
         sockets, self.sockets = getattr(self, "sockets", None), None
         if sockets is not None:
             sockets.close()
+            self._close_backups()  # their read transactions end before the environment
             self.storage.close()
             log.info("node %s stopped", self.name, extra={"event": "stop", "node": self.name})
 

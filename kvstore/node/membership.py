@@ -23,12 +23,15 @@ import hashlib
 import logging
 import os
 
+import msgpack
+
 from kvstore.errors import InvalidArgument, StorageError
 from kvstore.transport.sockets import NodeSockets, peer_identity, shape_fingerprint
+from kvstore.paxos.membership import check_membership
 from kvstore.paxos.replica import Membership
 from kvstore.transport import wire
-from kvstore.transport.members import (MAX_NODES, NAME, Member, decode_info, describe,
-                                       encode_info)
+from kvstore.transport.members import (MAX_INFO_BYTES, MAX_NODES, NAME, Member, decode_info,
+                                       describe, encode_info)
 
 log = logging.getLogger("kvstore.node")
 
@@ -39,6 +42,11 @@ MEMBER_CHANGE_WAIT_SECONDS = 20.0
 #: The cluster's identity in a node's data directory, with this node's index and name:
 #: ``<16 hex digits> <index> <name>`` and a newline. A node's index never changes.
 CLUSTER_ID_FILE = "cluster-id"
+#: The membership each shard of a node started from (msgpack, per shard ``[epoch, start,
+#: voters, learners, info]``): cluster.toml's epoch 0, or what the cluster told a node
+#: that joined. A replica starts from it whenever its shard's state holds no membership
+#: of its own (``PersistedState.membership``): cluster.toml counts at the first start only.
+START_FILE = "start-memberships"
 
 
 def bootstrap_info(config) -> bytes:
@@ -76,16 +84,54 @@ def read_identity(data_dir: str) -> tuple | None:
 
 
 def write_identity(data_dir: str, value: bytes, index: int, name: str) -> None:
-    """Keep the cluster's identity and this node's index and name in ``data_dir``, durably
-    (written aside, synced, renamed, the directory synced)."""
-    path = os.path.join(data_dir, CLUSTER_ID_FILE)
+    """Keep the cluster's identity and this node's index and name in ``data_dir``, durably."""
+    _write_durably(os.path.join(data_dir, CLUSTER_ID_FILE), f"{value.hex()} {index} {name}\n".encode())
+
+
+def write_starts(data_dir: str, memberships: list) -> None:
+    """Keep the membership each shard started from in ``data_dir`` (``START_FILE``)."""
+    _write_durably(os.path.join(data_dir, START_FILE), msgpack.packb(
+        [[m.epoch, m.start, list(m.voters), list(m.learners), m.info] for m in memberships],
+        use_bin_type=True))
+
+
+def read_starts(data_dir: str, nshards: int) -> list | None:
+    """The memberships the shards started from (``write_starts``), checked; None if the
+    directory keeps none."""
+    path = os.path.join(data_dir, START_FILE)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_NODES * MAX_INFO_BYTES)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise InvalidArgument(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        items = msgpack.unpackb(raw, raw=False)
+        out = [Membership(e, s, tuple(v), tuple(ln), info) for e, s, v, ln, info in items]
+        if len(out) != nshards:
+            raise ValueError(f"{len(out)} shards, not {nshards}")
+        for m in out:
+            if type(m.epoch) is not int or type(m.start) is not int or type(m.info) is not bytes:
+                raise ValueError("a field of the wrong type")
+            check_membership(m)
+            decode_info(m.info)
+    except Exception as e:  # msgpack's classes, a bad shape, a membership that is not one
+        raise InvalidArgument(f"{path} does not hold the shards' first memberships "
+                              f"({type(e).__name__}: {e})"[:300] + ": wipe the directory and "
+                              "add the node to the cluster again") from None
+    return out
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    """``data`` in ``path``: written aside, synced, renamed, the directory synced."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(f"{value.hex()} {index} {name}\n".encode())
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(data_dir, os.O_RDONLY)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -130,12 +176,14 @@ class MemberDirectory:
         return {i: Member(nm, c.addresses[nm], c.peer_address(nm)) for i, nm in enumerate(c.names)}
 
     def _identity(self, own_directory: bool) -> tuple:
-        """``(index, cluster id)`` of this node: as its data directory keeps them; a
-        directory that keeps none (new, or older than membership changes) takes the
-        index a joining node was given, else its place in cluster.toml, and the identity
-        of cluster.toml's bootstrap membership, or the one a joining node was given.
-        ``own_directory`` False (the simulator): the config's index, no identity."""
+        """``(index, cluster id)`` of this node, as its data directory keeps them, with the
+        memberships its shards start from (``START_FILE``, ``self._starts``). A directory
+        that keeps none (new, or older than membership changes) takes the index and the
+        memberships a joining node was given, else its place in cluster.toml and
+        cluster.toml's nodes (epoch 0), and keeps them. ``own_directory`` False (the
+        simulator): the config's, nothing kept."""
         c = self.config
+        self._starts = [self._fresh_start(s) for s in range(self.nshards)]
         if not own_directory:
             return c.index, b""
         kept = read_identity(c.data_dir)
@@ -151,20 +199,26 @@ class MemberDirectory:
                                       f"{value.hex()}); the cluster now has it as node "
                                       f"#{c.node_index} of {(c.cluster_id or b'').hex()}: "
                                       f"wipe the directory to join again")
+            self._starts = read_starts(c.data_dir, self.nshards) or self._starts
             return index, value
         index = c.index
         value = c.cluster_id or cluster_id(bootstrap_info(c))
-        try:
+        try:  # the memberships first: a directory with an identity has them
+            write_starts(c.data_dir, self._starts)
             write_identity(c.data_dir, value, index, c.name)
         except OSError as e:
-            raise StorageError(f"cannot write {os.path.join(c.data_dir, CLUSTER_ID_FILE)}: "
+            raise StorageError(f"cannot write the node's identity in {c.data_dir}: "
                                f"{e.strerror or e}", c.data_dir) from None
         return index, value
 
     def _start_membership(self, shard: int) -> Membership:
-        """The membership a shard starts from when its data directory holds none: the one
-        the cluster told a joining node, else the bootstrap one (cluster.toml's nodes,
-        epoch 0). A simulated node's addresses are no TCP ones: its ``info`` is empty."""
+        """The membership a shard starts from when its state holds none (``_identity``)."""
+        return self._starts[shard]
+
+    def _fresh_start(self, shard: int) -> Membership:
+        """A shard's first membership: the one the cluster told a joining node, else the
+        bootstrap one (cluster.toml's nodes, epoch 0). A simulated node's addresses are no
+        TCP ones: its ``info`` is empty."""
         c = self.config
         if c.memberships is not None:
             return c.memberships[shard]
@@ -180,24 +234,15 @@ class MemberDirectory:
         return directory(r.membership for r in self.replicas) or self._bootstrap_members()
 
     def _check_members(self, checked: bool) -> None:
-        """Refuse to start a node whose cluster.toml disagrees with the members its data
-        directory holds once they changed (epoch > 0), or with the file the cluster was
-        bootstrapped with before they did (another list, order or address: the nodes
-        would number each other differently), or that is no member any more."""
+        """Refuse to start a node whose cluster.toml names other members than its data
+        directory holds (those it started with, or those a change made since: the file
+        counts at the first start only), or that is no member any more."""
         if not checked:
             return
         c = self.config
         named = self._bootstrap_members()
-        if c.memberships is None and any(r.membership.epoch > 0 for r in self.replicas):
-            if not same_members(named, self.members):
-                raise InvalidArgument(disagreement("cluster.toml", named, self.members))
-        elif c.memberships is None and c.cluster_id is None \
-                and cluster_id(bootstrap_info(c)) != self.cluster:
-            raise InvalidArgument(
-                f"cluster.toml only bootstraps a new cluster, and this node's cluster was "
-                f"bootstrapped with another one (other nodes, addresses or their order; the "
-                f"file names {describe(named)}): start the node with the file it was "
-                f"bootstrapped with, and change the members with `kvstore member`")
+        if c.memberships is None and not same_members(named, self.members):
+            raise InvalidArgument(disagreement("cluster.toml", named, self.members))
         if self.index not in self.members:
             raise InvalidArgument(f"node {self.name} is no member of the cluster any more (the "
                                   f"members are {describe(self.members)}): to bring it back, wipe "

@@ -9,7 +9,7 @@ highest slot it holds, and this replica learned the chosen values up to there
 from __future__ import annotations
 
 from kvstore.paxos import messages as M
-from kvstore.paxos.ballot import ballot_node, ballot_round, format_ballot, make_ballot
+from kvstore.paxos.ballot import ballot_epoch, ballot_node, ballot_round, format_ballot, make_ballot
 from kvstore.paxos.interface import FOLLOWER, LEADER
 from kvstore.paxos.messages import Message
 
@@ -44,7 +44,11 @@ class WipedRecovery:
         return self.recovery is not None
 
     def _followed_ballot(self) -> int:
-        return self.learn_ballot if self.recovery is not None else self.promised
+        """The ballot whose leader may send this replica a snapshot: the one it promised, or
+        while it only learns (recovering, or behind a later epoch) the one it learns from."""
+        if self.recovery is not None or ballot_epoch(self.learn_ballot) > self.membership.epoch:
+            return self.learn_ballot
+        return self.promised
 
     def _highest_held(self) -> int:
         """The highest slot this replica holds anything at: accepted, chosen or snapshotted."""

@@ -741,6 +741,13 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             return self.role == LEADER and m.ballot == self.ballot and m.match_index >= self.next_slot
         return False
 
+    def _saw_round(self, r: int) -> None:
+        """A peer's promise told us of round ``r``: campaign above it next time. A round of
+        an epoch this replica has not reached is not taken (it learns that epoch from the log
+        first; one forged would otherwise stop it campaigning for good)."""
+        if epoch_of_round(r) <= self.membership.epoch and r > self.max_round:
+            self.max_round = r
+
     def _round_too_far(self, r: int) -> bool:
         """A round no honest peer sends yet: in an epoch far above ours, or far above the
         highest round we have seen in its own epoch (``ROUND_JUMP_MAX``, ``EPOCH_JUMP_MAX``)."""
@@ -754,6 +761,9 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         if self._ignored(m):
             return
         t = m.type
+        if t in _PROPOSALS and ballot_epoch(m.ballot) > self.membership.epoch:
+            self._from_later_epoch(m)
+            return
         if t == M.PRE_VOTE:
             self._on_pre_vote(m)
         elif t == M.PRE_VOTE_REPLY:
@@ -801,7 +811,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         if self.role != PRE_CANDIDATE:
             return
         if m.reject:
-            self.max_round = max(self.max_round, ballot_round(m.hint))
+            self._saw_round(ballot_round(m.hint))
             return
         if ballot_round(m.ballot) != self.prevote_round or m.context != self.campaign_context:
             return  # a grant to another attempt (held by the network, or a replay)
@@ -841,7 +851,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
     def _on_promise(self, m: Message) -> None:
         if m.reject:
             if m.hint > self.promised or (self.role == CANDIDATE and m.hint > self.ballot):
-                self.max_round = max(self.max_round, ballot_round(m.hint))
+                self._saw_round(ballot_round(m.hint))
                 if self.role in (CANDIDATE, LEADER) and m.hint > self.ballot:
                     self._become_follower(None)
             return
@@ -920,7 +930,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
     def _on_accepted(self, m: Message) -> None:
         if m.reject:
             if m.hint > self.promised:
-                self.max_round = max(self.max_round, ballot_round(m.hint))
+                self._saw_round(ballot_round(m.hint))
                 if self.role == LEADER:
                     self._log_event(f"rejected by {m.frm} (promised {format_ballot(m.hint)})")
                     self._become_follower(None)
@@ -1044,6 +1054,40 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
     # ------------------------------------------------------------------ wiped nodes
 
 
+    def _from_later_epoch(self, m: Message) -> None:
+        """A leader or candidate of an epoch this replica has not reached (it missed
+        membership changes). It promises nothing at a ballot of an epoch it does not know
+        (a forged one would silence it for good), and votes for no one there; from a
+        leader it learns the chosen values (records at or below its commit point) until
+        its own commit point passes the changes in between, and says how far it holds
+        them so that the leader sends what follows (or a snapshot)."""
+        if m.type in (M.PREPARE, M.PRE_VOTE):
+            reply = M.PROMISE if m.type == M.PREPARE else M.PRE_VOTE_REPLY
+            self._send(Message(reply, m.frm, self.id, ballot=m.ballot, reject=True, hint=self.promised,
+                               context=m.context if reply == M.PRE_VOTE_REPLY else 0))
+            return
+        if self.recovery is not None:
+            self._learn(m, M.ACCEPTED if m.type == M.ACCEPT else M.HEARTBEAT_REPLY)
+            return
+        if m.ballot >= self.learn_ballot:
+            self.learn_ballot = m.ballot
+            if self.role != FOLLOWER:
+                self._become_follower(m.frm)
+            self.leader = m.frm
+            self.election_elapsed = 0
+        learned = set()
+        for rec in m.records:
+            slot, rb, kind, payload = decode_record(rec)
+            if self.commit_index < slot <= m.commit_index and slot >= self.log_start:
+                learned.add(slot)
+                if self.log.get(slot, (None, None, None, None))[3] != rec:
+                    self._store(slot, rb, kind, payload, rec)
+        commit = self.commit_index
+        while commit < m.commit_index and (commit + 1) in learned:
+            commit += 1
+        self._set_commit(commit)
+        self._send_progress(M.ACCEPTED if m.type == M.ACCEPT else M.HEARTBEAT_REPLY, m.frm, m.ballot, m.context)
+
     def _send_progress(self, reply_type: str, to: int, ballot: int, context: int) -> None:
         """A recovering node's answer to an Accept or Heartbeat: no vote (``reject``, no
         promise), only how far it holds the chosen values, so the leader resends from there."""
@@ -1146,6 +1190,11 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             st["match"] = {i: (self.next_slot - 1 if i == self.id else self.progress[i].match)
                            for i in self.membership.members if i == self.id or i in self.progress}
         return st
+
+
+#: Messages whose ballot is the sender's own proposal (``_from_later_epoch`` handles those of
+#: an epoch this replica has not reached).
+_PROPOSALS = frozenset((M.PREPARE, M.PRE_VOTE, M.ACCEPT, M.HEARTBEAT))
 
 
 def _committed_entry(slot: int, ballot: int, kind: int, payload: bytes) -> Entry:

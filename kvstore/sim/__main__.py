@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--members", action="store_true",
                    help="an operator adds, promotes and removes members during the faults "
                         "(kvstore/sim/realmembers.py; 3 nodes or more)")
+    p.add_argument("--backups", type=int, default=None,
+                   help="with --bank: cluster backups taken meanwhile (default: 0 or 1, drawn "
+                        "per seed; kvstore/sim/realbackup.py)")
     p.add_argument("--model", action="store_true",
                    help="with --bank: abstract shards, not real nodes (kvstore/sim/bank.py)")
     p.add_argument("--shards", type=int, default=None,
@@ -106,7 +109,8 @@ def main(argv=None) -> int:
                         lambda s: RealNodeConfig(seed=s, nodes=a.nodes, shards=a.shards or 0,
                                                  ticks=ticks, bugs=node_bugs, bank=a.bank,
                                                  membership_changes=a.members,
-                                                 byzantine=a.byzantine, verbose=a.verbose))
+                                                 byzantine=a.byzantine, backups=a.backups,
+                                                 verbose=a.verbose))
         if a.seed is None and any(r.ok for r in results):
             ok = sorted(r.settle_ticks for r in results if r.ok)
             print(f"ticks to settle after the faults stop, {len(ok)} runs: median "

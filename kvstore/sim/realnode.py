@@ -90,6 +90,7 @@ from kvstore.sim.disk import FaultyFiles, PowerLoss
 from kvstore.sim.endpoint import OneOpAtATime
 from kvstore.sim.oracle import InvariantViolation, Oracle
 from kvstore.sim.realbyzantine import RealNodeByzantine
+from kvstore.sim.realbackup import BackupTaker
 from kvstore.sim.realbank import BankClient, Ledger
 from kvstore.sim.realmembers import MAX_VOTERS, Operator, client_address, peer_address
 from kvstore.sim.reallease import LeaseChecks, LeaseClient, LeaseFailure
@@ -155,6 +156,8 @@ class RealNodeConfig:
     bank: bool = False  # bank clients too: transfers and audits across shards (realbank.py)
     bank_clients: int = 3
     accounts: int = 6
+    # with bank: cluster backups taken meanwhile (realbackup.py); None: its own stream draws 0-1
+    backups: int | None = None
     # a byzantine-input sender (realbyzantine.py); None: in the seeds where seed % 3 == 2
     byzantine: bool | None = None
     byzantine_rate: float = 0.15  # per tick: it sends one fuzzed frame to an awake node
@@ -722,6 +725,14 @@ class Simulation:
                                  for i in range(len(self.clients),
                                                 len(self.clients) + config.bank_clients)]
             self.clients += self.bank_clients
+        self.backup_takers: list = []
+        if config.bank:  # a stream of their own: no other draw moves
+            backup_rng = random.Random(config.seed * 7 + 1)
+            count = config.backups if config.backups is not None else backup_rng.choice((0, 1))
+            self.backup_takers = [BackupTaker(self, len(self.clients) + i, self.ledger,
+                                              random.Random(backup_rng.random()))
+                                  for i in range(count)]
+            self.clients += self.backup_takers
         # lease holders and watchers draw from streams of their own: they move none of the
         # other draws, so a seed's faults and register clients stay what they were
         lease_rng = random.Random(config.seed * 5 + 3)
@@ -1158,8 +1169,11 @@ class Simulation:
         ledger = self.ledger
         if ledger is None:
             return "" if self.byzantine is None else f"; {self.byzantine.summary()}"
+        backups = (f", {sum(t.kept for t in self.backup_takers)} backups kept of "
+                   f"{sum(t.kept + t.thrown_away for t in self.backup_takers)}"
+                   if self.backup_takers else "")
         return (f", bank: {ledger.committed} of {len(ledger.writes)} transfers committed, "
-                f"{ledger.audits} audits"
+                f"{ledger.audits} audits{backups}"
                 f"{'' if self.byzantine is None else '; ' + self.byzantine.summary()}")
 
     def close(self) -> None:
@@ -1182,6 +1196,8 @@ def replay_command(config: RealNodeConfig) -> str:
     shards = f" --shards {config.shards}" if config.shards else ""
     bank = " --bank" if config.bank else ""
     bank += " --members" if config.membership_changes else ""
+    if config.bank and config.backups is not None:
+        bank += f" --backups {config.backups}"
     if config.byzantine is not None and config.byzantine != (config.seed % 3 == 2):
         bugs += " --byzantine" if config.byzantine else " --no-byzantine"
     return (f"python -m kvstore.sim{bank} --seed {config.seed} --nodes {config.nodes}"

@@ -99,5 +99,6 @@ def decode_info(raw: bytes) -> dict:
 
 
 def describe(members: dict) -> str:
-    """``n1 (tcp://...), n2 (tcp://...)``: members for a message, in index order."""
-    return ", ".join(f"{m.name} ({m.address})" for _i, m in sorted(members.items())) or "none"
+    """``n1 (tcp://A, peers tcp://P), ...``: members for a message, in index order."""
+    return ", ".join(f"{m.name} ({m.address}, peers {m.peer_address})"
+                     for _i, m in sorted(members.items())) or "none"

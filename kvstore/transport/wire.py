@@ -83,11 +83,21 @@ OP_DECIDE = "decide"    # [shard, txn_id, outcome, participants] -> the recorded
 #: ``[[revision, [[type, key, value, prev], ...]], ...]`` (type 0 put, 1 delete) or None
 #: when ``from_revision`` is older than this node's history (compacted here).
 OP_WATCH = "watch"
+#: A backup's read point on the node asked, never forwarded (``kvstore.node.backups``):
+#: open it once every shard holds the fence ``fence_id`` and no prepared transaction ->
+#: ``[session id, [revision per shard]]`` (RETRY while not yet); then the rows of a
+#: shard's table (0 data, 1 leases) after a key, about ``max_bytes`` -> ``[[[key, value],
+#: ...], done]``; then close it -> True.
+OP_BACKUP_OPEN = "backup_open"    # [fence_id]
+OP_BACKUP_PAGE = "backup_page"    # [session id, shard, table, after or None, max_bytes]
+OP_BACKUP_CLOSE = "backup_close"  # [session id]
+
 #: ["list"] -> the node's view of every shard's membership (``Node.member_view``);
 #: ["change", shard, epoch, voters, learners, info] -> {"epoch": e} once the shard's leader
 #: made it (``kvstore.node.membership``; ``kvstore member``)
 OP_MEMBER = "member"
-OPS = (OP_HELLO, OP_STATUS, OP_GET, OP_SCAN, OP_WRITE, OP_DECIDE, OP_WATCH, OP_MEMBER)
+OPS = (OP_HELLO, OP_STATUS, OP_GET, OP_SCAN, OP_WRITE, OP_DECIDE, OP_WATCH, OP_BACKUP_OPEN,
+       OP_BACKUP_PAGE, OP_BACKUP_CLOSE, OP_MEMBER)
 
 # REPLY ``status`` and ``value``:
 STATUS_OK = 0           # value: the result
