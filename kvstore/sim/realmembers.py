@@ -104,6 +104,15 @@ class SimCore:
         return self.wait(self.submit(op, shard, payload, timeout, target))
 
 
+def _joining(view, name: str):
+    """``view`` for ``--join name`` (``kvstore.server.join``): it must name the node, else the
+    join is refused (the members answering may be behind the change; it is run again)."""
+    if view.index_of(name) is None:
+        raise InvalidArgument(f"{name} is no member of the cluster as the nodes that answered "
+                              f"see it: add it first")
+    return view
+
+
 class Stage:
     """One ``Members`` command (``run(members)``), replayed until it returns or raises."""
 
@@ -237,7 +246,7 @@ class Operator:
             return Stage(f"member add {name}", lambda m: m.add(name, client_address(name),
                                                                peer_address(name)))
         if kind == "join":
-            return Stage(f"--join {name}", lambda m: m.view())
+            return Stage(f"--join {name}", lambda m: _joining(m.view(), name))
         if kind == "promote":
             return Stage(f"member promote {name}", lambda m: m.promote(name))
         return Stage(f"member remove {name}", lambda m: m.remove(name))
