@@ -907,12 +907,15 @@ class Simulation:
     def faults(self) -> None:
         c, rng = self.config, self.rng
         n = len(self.nodes)
-        if rng.random() < c.partition_rate and n > 1:
+        # the nodes a fault strikes: with membership changes, the members (not an index
+        # no node has now); the same draws as range(n) otherwise
+        pool = [node.index for node in self.live()] if c.membership_changes else range(n)
+        if rng.random() < c.partition_rate and len(pool) > 1:
             if rng.random() < 0.5:
-                victim = rng.randrange(n)
+                victim = pool[rng.randrange(len(pool))]
                 side = {victim}
             else:
-                side = set(rng.sample(range(n), rng.randint(1, n - 1)))
+                side = set(rng.sample(pool, rng.randint(1, len(pool) - 1)))
             oneway = rng.random() < 0.2
             self.cut = {(a, b) for a in sorted(side) for b in range(n) if b not in side}
             if not oneway:
@@ -933,7 +936,7 @@ class Simulation:
                 else:
                     node.crash(in_save=False)
         if rng.random() < c.pause_rate:
-            node = self.nodes[rng.randrange(n)]
+            node = self.nodes[pool[rng.randrange(len(pool))]]
             node.paused_until = self.now + rng.randint(1, 4 * c.election_timeout_ticks)
             self.log(f"n{node.index} stalls until t{node.paused_until}")
         if c.leader_pause_rate and rng.random() < c.leader_pause_rate:
