@@ -1060,6 +1060,7 @@ class Simulation:
                 break
             if self.now >= deadline:
                 pending = [cl.index for cl in self.clients if cl.op is not None]
+                self.check_history_so_far()  # a stuck cluster may have broken safety first
                 operator = "" if self.operator is None or self.operator.idle() else \
                     f", the operator's {self.operator.command} not done"
                 raise SimulationFailure(
@@ -1150,6 +1151,22 @@ class Simulation:
                     raise SimulationFailure(
                         f"shard {s}: n{node.index}'s state differs from n{live[0].index}'s at "
                         f"applied slot {applied[s][0]}")
+
+    def check_history_so_far(self) -> None:
+        """The register history as it stands, operations in flight left open (they may or
+        may not have taken effect): a run that fails on liveness still says whether a
+        client saw something no linearization allows, which would be the worse finding."""
+        history = list(self.history)
+        for client in self.registers:
+            op = client.op
+            if op is not None:
+                history.append(Operation(client.index, op["key"], op["kind"], op["hist_args"],
+                                         op["call"], None))
+        saved, self.history = self.history, history
+        try:
+            self.check_history()
+        finally:
+            self.history = saved
 
     def check_history(self) -> None:
         try:
