@@ -49,10 +49,20 @@ class Cluster:
         return cli_main(["--cluster", ",".join(self.addresses.values()), "--timeout", "10",
                          *args])
 
-    def join(self, name: str, address: str, data: str | None = None) -> subprocess.Popen:
+    def join(self, name: str, address: str, data: str | None = None,
+             via_file: bool = False) -> subprocess.Popen:
+        """Start the member ``name`` with ``--join ADDRS``, or (``via_file``) with a config
+        file naming only how to reach the cluster and its tuning."""
         log = open(os.path.join(self.directory, f"{name}.log"), "ab")
+        how = ["--join", ",".join(self.addresses.values())]
+        if via_file:
+            path = os.path.join(self.directory, f"join-{name}.toml")
+            with open(path, "w") as f:
+                f.write(f'join = {list(self.addresses.values())!r}\n\n[tuning]\ntick_ms = 10\n'
+                        .replace("'", '"'))
+            how = ["--config", path]
         p = subprocess.Popen(
-            [sys.executable, "-m", "kvstore.server", "--join", ",".join(self.addresses.values()),
+            [sys.executable, "-m", "kvstore.server", *how,
              "--node", name, "--data", data or os.path.join(self.directory, name),
              *(["--keys", self.keys] if self.keys else [])],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=child_env())
@@ -117,14 +127,14 @@ def roles(c: Cluster) -> dict:
         return {row[0]: (row[4], row[6]) for row in Members(db).view().rows()}
 
 
-def add_and_promote(c: Cluster, name: str) -> None:
+def add_and_promote(c: Cluster, name: str, via_file: bool = False) -> None:
     """The documented scale-out: ``member add`` (a learner), start it with ``--join``,
     wait until it is caught up, ``member promote``."""
     address = f"tcp://127.0.0.1:{free_port()}"
     peer = f"tcp://127.0.0.1:{free_port()}"
     assert c.cli("member", "add", name, "--address", address, "--peer-address", peer) == 0
     assert roles(c)[name][0] == "learner"
-    c.join(name, address)
+    c.join(name, address, via_file=via_file)
     wait_for(f"{name} caught up", lambda: roles(c)[name] == ("learner", "yes"))
     assert c.cli("member", "promote", name) == 0
     assert roles(c)[name][0] == "voter"
@@ -278,7 +288,7 @@ def test_an_embedded_store_grows_into_a_three_node_cluster(cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     c.start()
     add_and_promote(c, "n2")
-    add_and_promote(c, "n3")
+    add_and_promote(c, "n3", via_file=True)  # a config file naming only how to reach it
     with c.client() as db:
         db.put(b"three", b"voters")
     c.stop("n1")

@@ -210,3 +210,19 @@ def test_a_damaged_record_of_the_first_memberships_is_refused(node):
     (Path(cfg.data_dir) / "start-memberships").write_bytes(msgpack.packb([[0, 0, [], [], b""]]))
     with pytest.raises(InvalidArgument, match="does not hold the shards' first memberships"):
         Node(cfg)
+
+
+def test_a_join_file_names_how_to_reach_the_cluster_and_nothing_of_its_members(tmp_path):
+    from kvstore.node.config import join_settings
+    path = tmp_path / "join.toml"
+    path.write_text('join = ["tcp://10.0.0.1:7001", "tcp://10.0.0.2:7001"]\n[tuning]\ntick_ms = 20\n')
+    assert join_settings(str(path)) == ("tcp://10.0.0.1:7001,tcp://10.0.0.2:7001",
+                                        {"tick_seconds": 0.02, "curve_keys": None})
+    path.write_text('join = "tcp://10.0.0.1:7001"\n[nodes.n1]\naddress = "tcp://10.0.0.1:7001"\n')
+    with pytest.raises(InvalidArgument, match="not nodes"):
+        join_settings(str(path))
+    path.write_text('join = "10.0.0.1:7001"\n')
+    with pytest.raises(InvalidArgument, match="join must list client addresses"):
+        join_settings(str(path))
+    path.write_text('shards = 1\n[nodes.n1]\naddress = "tcp://10.0.0.1:7001"\n')
+    assert join_settings(str(path)) is None  # a cluster.toml

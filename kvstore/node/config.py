@@ -229,6 +229,31 @@ def load_node_config(path: str, node_id: str, data: str | None = None, **tuning)
                       shards=shards, data_dir=os.path.abspath(data_dir), **tuning)
 
 
+def join_settings(path: str) -> tuple | None:
+    """A config file for a node that joins a running cluster (``join = "tcp://A,tcp://B"``
+    at the top level, no ``[nodes]``: docs/operations.md, "Membership"): ``(addresses,
+    settings)``, the settings being its ``[tuning]``, ``[watch]`` and ``[security]`` as
+    ``NodeConfig`` fields; None for a file without ``join`` (a cluster.toml)."""
+    doc = read_toml(path)
+    if "join" not in doc:
+        return None
+    unknown = set(doc) - {"join", "security", "tuning", "watch"}
+    if unknown:
+        raise InvalidArgument(f"{path}: a file with join names how to reach the cluster only "
+                              f"(join, [tuning], [watch], [security]), not "
+                              f"{', '.join(sorted(unknown))}")
+    join = doc["join"]
+    if isinstance(join, list):
+        join = ",".join(a for a in join if isinstance(a, str))
+    if not isinstance(join, str) or not join or not all(
+            _is_tcp_address(a.strip()) for a in join.split(",")):
+        raise InvalidArgument(f"{path}: join must list client addresses like "
+                              f"\"tcp://10.0.0.1:7001\", got {doc['join']!r}")
+    settings = {**parse_tuning(doc, path), **parse_watch(doc, path),
+                "curve_keys": parse_security(doc, path)}
+    return join, settings
+
+
 def node_gateway(path: str, node_id: str) -> str | None:
     """``[nodes.NAME] gateway``: where ``kvstore-server`` serves the HTTP gateway beside
     the node (``kvstore.gateway.serve.spawn``), or None."""

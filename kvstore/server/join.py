@@ -18,10 +18,11 @@ from kvstore.paxos.replica import Membership
 
 
 def join_config(addresses: str, name: str, data_dir: str | None, timeout: float = 5.0,
-                keys: str | None = None) -> NodeConfig:
+                keys: str | None = None, **settings) -> NodeConfig:
     """The ``NodeConfig`` of member ``name`` of the cluster at ``addresses``; ``keys``: the
     ``kvstore keygen`` directory of a cluster with CurveZMQ (asked with its client key,
-    joined with its node key)."""
+    joined with its node key); ``settings``: other ``NodeConfig`` fields (a join file's
+    ``[tuning]`` and ``[watch]``: ``kvstore.node.config.join_settings``)."""
     import kvstore
     from kvstore.client.members import Members
     if not data_dir:
@@ -52,7 +53,7 @@ def config_from_view(view, name: str, data_dir: str, keys: str | None = None) ->
         name=name, names=[name], addresses={name: me.address},
         peer_addresses={name: me.peer_address}, shards=len(view.shards),
         data_dir=os.path.abspath(data_dir), cluster_id=bytes.fromhex(view.cluster),
-        curve_keys=keys,
+        curve_keys=keys, **settings,
         node_index=index,
         memberships=[Membership(sh.epoch, sh.start, sh.voters, sh.learners, sh.info)
                      for sh in view.shards])

@@ -94,7 +94,9 @@ def setup_logging(fmt: str, level: str = "INFO") -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvstore-server",
                                 description="Run one node of a kvstore cluster.")
-    p.add_argument("--config", metavar="FILE", help="cluster.toml (bootstraps a new cluster)")
+    p.add_argument("--config", metavar="FILE",
+                   help="cluster.toml (bootstraps a new cluster), or a file with join = ADDRS "
+                        "(and [tuning], [security]) for a member added at run time")
     p.add_argument("--id", "--node", dest="id", required=True, metavar="NAME",
                    help="this node's name")
     p.add_argument("--join", metavar="ADDRS",
@@ -155,9 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bool(args.join) == bool(args.config):
             raise InvalidArgument("pass --config cluster.toml (a node of a new or running "
                                   "cluster) or --join ADDRS (a member added at run time)")
-        if args.join:
+        from kvstore.node.config import join_settings
+        joining = join_settings(args.config) if args.config else None  # a join file
+        if args.join or joining:
             from kvstore.server.join import join_config
-            config = join_config(args.join, args.id, args.data, keys=args.keys)
+            addresses, settings = (args.join, {"curve_keys": args.keys}) if args.join else joining
+            keys = settings.pop("curve_keys")
+            config = join_config(addresses, args.id, args.data, keys=keys, **settings)
+            args.config = None  # no [nodes] table: no gateway or metrics settings there
         else:
             config = load_node_config(args.config, args.id, args.data)
         gateway_listen = _gateway_listen(args)
