@@ -40,10 +40,11 @@ def join_config(addresses: str, name: str, data_dir: str | None, timeout: float 
     if view.index_of(name) is None:
         raise InvalidArgument(f"{name} is no member of the cluster at {addresses}: add it first "
                               f"(`kvstore member add {name} --address tcp://HOST:PORT`)")
-    return config_from_view(view, name, data_dir, keys)
+    return config_from_view(view, name, data_dir, keys, **settings)
 
 
-def config_from_view(view, name: str, data_dir: str, keys: str | None = None) -> NodeConfig:
+def config_from_view(view, name: str, data_dir: str, keys: str | None = None,
+                     **settings) -> NodeConfig:
     """The ``NodeConfig`` of member ``name`` (one ``view`` names) joining: its index, the
     cluster's identity and each shard's membership as the cluster holds them (also what
     the simulator's joining nodes start with, ``kvstore.sim.realmembers``)."""
