@@ -35,6 +35,14 @@ between its write and its fsync, tearing the write), some with an empty disk
 (one node without its state at a time); checkpoints at random times; in a
 third of the seeds, the byzantine sender (``realbyzantine.py``).
 
+With ``membership_changes`` (``--members``), an operator (``realmembers.py``) adds,
+promotes and removes members through ``kvstore.client.members`` during the faults; the
+simulation has room for nodes past the bootstrap ones, a removed node is stopped and its
+index may go to a new node (a new generation: frames meant for the old one never reach
+it), and a wiped member restarts with what ``--join`` gets. Its checks: only a voter of
+a ballot's epoch campaigns with it (``check_campaign``), and at the end every member
+holds one membership per shard naming the nodes running (``check_members``).
+
 Checks after every step: the core's oracle per shard (``oracle.py``), fed what
 each node's replicas made, in order, once its save returned; every slot any
 node applies holds what every other applied there; every revision in any node's
