@@ -92,7 +92,8 @@ def test_only_a_voter_of_a_ballots_epoch_may_campaign():
 def test_the_members_check_fails_a_disagreement_and_a_member_not_running():
     def node(index, membership):
         replica = SimpleNamespace(membership=membership)
-        return SimpleNamespace(index=index, name=f"n{index}", node=SimpleNamespace(replicas=[replica]))
+        return SimpleNamespace(index=index, name=f"n{index}",
+                               node=SimpleNamespace(replicas=[replica]))
 
     m1 = Membership(1, 10, (0, 1, 2), (), b"")
     m2 = Membership(2, 20, (0, 1, 2, 3), (), b"")

@@ -1124,12 +1124,13 @@ class Simulation:
         """Live: every watcher reaches every shard's applied point once quiet; then every
         acknowledged write reached each watcher that has no gap on its shard."""
         deadline = self.now + self.config.settle_ticks
+        first = self.live()[0]
         while not all(w.caught_up() for w in self.watchers):
             if self.now >= deadline:
                 behind = {w.index: w.position for w in self.watchers if not w.caught_up()}
                 raise SimulationFailure(f"watchers did not catch up with no faults: positions "
                                         f"{behind}, applied "
-                                        f"{[r.applied_index for r in self.live()[0].node.replicas]}")
+                                        f"{[r.applied_index for r in first.node.replicas]}")
             self.step(may_start=False)
         self.watch_checks.check_complete(self.watchers)
 
