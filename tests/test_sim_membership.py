@@ -134,3 +134,12 @@ def test_a_sweep_of_membership_changes_passes(nodes):
     for seed in range(int(os.environ.get("KVSTORE_SWEEP_SEEDS", "0"))):
         result = run(RealNodeConfig(seed=seed, nodes=nodes, membership_changes=True))
         assert result.ok, result.text
+
+
+def test_an_add_is_not_taken_as_done_where_a_lagging_view_shows_the_index_as_a_removed_node():
+    """Seed 21 of a 4-node sweep: n2 was removed and j1 given its index 2; when `member add`
+    changed the shards, its view of shard 1 came from a node still at the epoch where index
+    2 was n2, so the add took shard 1 as done (the index had a role) and reported success:
+    j1 ran, a member of no membership of shard 1, and no leader was ever followed by every
+    node. The add now looks again until the shard shows the index as the new member."""
+    assert run(RealNodeConfig(seed=21, nodes=4, membership_changes=True)).ok

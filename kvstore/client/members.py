@@ -195,6 +195,9 @@ class Members:
 
         def change(sh: ShardMembership):
             if sh.role(index) is not None:
+                if sh.members.get(index) != member:  # a node removed, as a lagging node saw it
+                    raise Unavailable(f"add {name}: shard {sh.shard} still shows index {index} "
+                                      f"as another member; run the command again")
                 return None
             return sh.voters, sh.learners + (index,), {**sh.members, index: member}
         self._each_shard(change, f"add {name}", progress)
