@@ -63,6 +63,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import zmq
 
 from kvstore.client.replies import MalformedReply, check_result, split_revision
+from kvstore.client.topology import relearn
 from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable
 from kvstore.commands import LOCKED
 from kvstore.transport import wire
@@ -81,8 +82,6 @@ HWM_MESSAGES = 100_000
 _client_counter = itertools.count()
 #: Operations whose first attempt goes to any node, not only the shard's leader.
 _SPREAD_OPS = (wire.OP_GET, wire.OP_SCAN)
-#: A client asks for the topology again at most this often (``ClientCore._relearn``).
-RELEARN_SECONDS = 1.0
 #: Operations only a shard's leader carries out: a direct answer names the leader.
 _LEADER_OPS = (wire.OP_WRITE, wire.OP_DECIDE)
 #: Requests to one node go in one frame up to about this many bytes.
@@ -175,7 +174,6 @@ class ClientCore:
         child on its first call after ``os.fork()`` (``_start_in_child``)."""
         self._pid = os.getpid()
         self._seqs = itertools.count(1)  # write seqs: the I/O thread's alone, in admit order
-        self._relearn_after = 0.0  # when the topology may be asked for again (``_relearn``)
         self._queue: deque = deque()
         self.context = zmq.Context()
         name = f"inproc://kvstore-client-{self._pid}-{next(_client_counter)}"
@@ -556,8 +554,8 @@ class ClientCore:
                 value, index = value
                 if type(index) is int and 0 <= index < len(self.nodes):
                     leader = self.nodes[index]
-                elif type(index) is int:  # a member this client has not heard of
-                    self._relearn(address)
+                elif type(index) is int:  # a member added since: ask again (topology.py)
+                    relearn(self, address, _Call)
             if call.want_revision:
                 try:
                     value, revision = split_revision(value)
@@ -594,8 +592,8 @@ class ClientCore:
             call.future.set_exception(cls(f"server refused the request: {message}"))
         elif status == wire.STATUS_NOT_LEADER:
             hint = value if type(value) is int and 0 <= value < len(self.nodes) else None
-            if hint is None and type(value) is int:  # a member this client has not heard of
-                self._relearn(address)
+            if hint is None and type(value) is int:
+                relearn(self, address, _Call)
             if hint is not None and self.nodes[hint] != address:
                 self.leaders[call.shard] = hint
                 self._send(call, self.nodes[hint])
@@ -643,21 +641,6 @@ class ClientCore:
         call.resend = True
         call.retry_at = min(time.monotonic() + backoff * (0.5 + random.random()), call.deadline)
         heapq.heappush(self._timers, (call.retry_at, call.request_id))
-
-    def _relearn(self, address: str) -> None:
-        """Ask ``address`` for the topology again (on the I/O thread; at most once a
-        second): a node named a member by an index this client does not know, one added
-        since it connected (``kvstore member``). Its answer goes to ``_learn``; node
-        indexes never change, so what the client knows of leaders stays true."""
-        now = time.monotonic()
-        if now < self._relearn_after:
-            return
-        self._relearn_after = now + RELEARN_SECONDS
-        with self._lock:
-            rid = next(self._ids)
-        call = _Call(rid, wire.OP_HELLO, None, [], now + RELEARN_SECONDS, address)
-        self._admit(call)
-        self._send(call, address)
 
     def _learn(self, hello: dict) -> None:
         """The topology a node's (checked) hello answer gives."""
