@@ -144,7 +144,8 @@ CORE_FINDINGS = {
                                    "leaders", "agreement")),
     "commit_any_ballot": (40, ("agreement", "commit:", "chosen value lost")),
     # the byzantine sender's (a third of the seeds): its frames reach the replica unchecked
-    "unchecked_peer_input": (12, ("FrameError", "CorruptRecord", "undecodable", "byzantine:",
+    "unchecked_peer_input": (12, ("FrameError", "CorruptRecord", "undecodable", "a command batch is",
+                                  "byzantine:",
                                   "commit:",
                                   "agreement", "chosen value lost", "promise:", "state differs")),
     # found by the read-index check within the first seeds since it came (they needed up
