@@ -163,3 +163,33 @@ def test_every_call_answered_with_the_wrong_shape_raises_a_kverror(endpoint):
         assert c._core.dropped_replies >= len(calls)
         status = c.status()  # a status answer of the right shape is still read
         assert status["nodes"][0]["state"] == "up"
+
+
+def test_a_client_learns_a_member_added_since_it_connected(endpoint):
+    """A node answers naming a leader by an index the client does not know (a member
+    added at run time): the client asks for the topology again and learns it."""
+    hellos = []
+    other = f"tcp://127.0.0.1:{free_port()}"
+
+    def answer(frame, address):
+        out = []
+        for request_id, op, _args in _requests(frame):
+            if op == wire.OP_HELLO:
+                st = _status(address=address)
+                if hellos:  # from the second hello on, node #1 is a member
+                    st["nodes"].append({"id": "n2", "address": other})
+                hellos.append(op)
+                out.append(wire.encode_reply(request_id, wire.STATUS_OK, st))
+            else:  # done by the leader, node #1, this node forwarded the write to
+                out.append(wire.encode_reply(request_id, wire.STATUS_OK_FORWARDED, [None, 1]))
+        return out
+
+    e = endpoint(answer)
+    with kvstore.connect(e.address, timeout=5) as c:
+        assert c._core.nodes == [e.address]
+        c.put(b"k", b"v")
+        deadline = time.monotonic() + 5
+        while c._core.nodes != [e.address, other]:
+            assert time.monotonic() < deadline, f"never learned n2: {c._core.nodes}"
+            time.sleep(0.01)
+    assert len(hellos) == 2

@@ -226,3 +226,20 @@ def test_a_join_file_names_how_to_reach_the_cluster_and_nothing_of_its_members(t
         join_settings(str(path))
     path.write_text('shards = 1\n[nodes.n1]\naddress = "tcp://10.0.0.1:7001"\n')
     assert join_settings(str(path)) is None  # a cluster.toml
+
+
+def test_bootstrap_indexes_are_the_names_sorted_as_before_membership_changes(tmp_path):
+    """A directory written before memberships could change knows its node by the index of
+    its name among the names sorted; a cluster.toml listing them in another order must give
+    the same indexes, or an upgraded node would answer to another node's votes."""
+    from kvstore.node.config import load_node_config
+    from kvstore.node.membership import bootstrap_info
+    from kvstore.transport.members import decode_info
+    path = tmp_path / "cluster.toml"
+    path.write_text('[nodes.zeta]\naddress = "tcp://127.0.0.1:7003"\n'
+                    '[nodes.alpha]\naddress = "tcp://127.0.0.1:7001"\n'
+                    '[nodes.mid]\naddress = "tcp://127.0.0.1:7002"\n')
+    cfg = load_node_config(str(path), "zeta", data=str(tmp_path / "d"))
+    assert cfg.index == 2 and cfg.names == ["alpha", "mid", "zeta"]
+    info = decode_info(bootstrap_info(cfg))
+    assert [info[i].name for i in sorted(info)] == ["alpha", "mid", "zeta"]

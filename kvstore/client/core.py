@@ -63,6 +63,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import zmq
 
 from kvstore.client.replies import MalformedReply, check_result, split_revision
+from kvstore.client.topology import relearn
 from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable
 from kvstore.commands import LOCKED
 from kvstore.transport import wire
@@ -553,6 +554,8 @@ class ClientCore:
                 value, index = value
                 if type(index) is int and 0 <= index < len(self.nodes):
                     leader = self.nodes[index]
+                elif type(index) is int:  # a member added since: ask again (topology.py)
+                    relearn(self, address, _Call)
             if call.want_revision:
                 try:
                     value, revision = split_revision(value)
@@ -589,6 +592,8 @@ class ClientCore:
             call.future.set_exception(cls(f"server refused the request: {message}"))
         elif status == wire.STATUS_NOT_LEADER:
             hint = value if type(value) is int and 0 <= value < len(self.nodes) else None
+            if hint is None and type(value) is int:
+                relearn(self, address, _Call)
             if hint is not None and self.nodes[hint] != address:
                 self.leaders[call.shard] = hint
                 self._send(call, self.nodes[hint])

@@ -188,7 +188,9 @@ class Members:
             free = [i for i in range(MAX_NODES) if i not in taken]
             if not free:
                 raise InvalidArgument(f"the cluster has {MAX_NODES} members, the most it can have")
-            index = free[0]
+            # above every index in use while there is one: a client that knew a removed
+            # node by its index finds no other node there (kvstore.client.topology)
+            index = max(taken) + 1 if max(taken) + 1 < MAX_NODES else free[0]
         elif view.members()[index] != member:
             raise InvalidArgument(f"{name} is a member already, as {view.members()[index]}: "
                                   f"remove it first to change its addresses")

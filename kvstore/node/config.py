@@ -222,7 +222,9 @@ def load_node_config(path: str, node_id: str, data: str | None = None, **tuning)
     if not data_dir:
         raise InvalidArgument(f"no data directory for node {node_id}: pass --data DIR or set "
                               f"data in [nodes.{node_id}] of {path}")
-    names = list(nodes)  # a node's bootstrap index is its position in the file
+    # a node's bootstrap index is its place among the names sorted, as before membership
+    # changes existed: a directory written then keeps its index
+    names = sorted(nodes)
     return NodeConfig(name=node_id, names=names,
                       addresses={nm: nodes[nm]["address"] for nm in names},
                       peer_addresses={nm: nodes[nm]["peer_address"] for nm in names},

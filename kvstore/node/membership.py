@@ -11,7 +11,7 @@ shard wins for the members it names.
 
 The cluster's identity (``cluster_id``) is what peers must share beyond the
 shard count (``kvstore.transport.sockets.shape_fingerprint``): a digest of the
-membership the cluster was bootstrapped with (cluster.toml's nodes in file order).
+membership the cluster was bootstrapped with (cluster.toml's nodes, sorted by name).
 It is fixed for the cluster's life, while the members change, so a node keeps it
 in its data directory (``CLUSTER_ID_FILE``); a node that joins later receives it
 from the cluster.
@@ -50,7 +50,7 @@ START_FILE = "start-memberships"
 
 
 def bootstrap_info(config) -> bytes:
-    """The ``info`` of epoch 0: cluster.toml's nodes, indexes in file order."""
+    """The ``info`` of epoch 0: cluster.toml's nodes, indexed in name order."""
     return encode_info({i: Member(nm, config.addresses[nm], config.peer_address(nm))
                         for i, nm in enumerate(config.names)})
 
@@ -171,7 +171,7 @@ class MemberDirectory:
     ``kvstore.node.loop``'s docstring that membership changes live in)."""
 
     def _bootstrap_members(self) -> dict:
-        """``{index: Member}`` of cluster.toml's nodes, indexes in file order."""
+        """``{index: Member}`` of cluster.toml's nodes, indexed in name order."""
         c = self.config
         return {i: Member(nm, c.addresses[nm], c.peer_address(nm)) for i, nm in enumerate(c.names)}
 
