@@ -16,10 +16,9 @@ ends that run (``Pending``) until an answer or its deadline comes. The calls are
 deterministic given their answers (checked: a run that asks something else than the
 one before is a failure of the simulator).
 
-Node indexes: the simulation has room for a few nodes past the bootstrap ones
-(``RealNodeConfig.spare_nodes``); ``member add`` numbers a new node with the lowest
-free index, so an index a removed node had is given to a new node (a new machine: a
-new name, new addresses, an empty disk).
+Node indexes: ``member add`` numbers a new node (above every index in use, or the lowest
+free one past 63); the simulation makes room for it as it joins. An index a removed node
+had may go to a new node (a new machine: a new name, new addresses, an empty disk).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from types import SimpleNamespace
 from kvstore.client.members import LEARNER, Members
 from kvstore.errors import InvalidArgument, KVError, Timeout
 from kvstore.transport import wire
-from kvstore.transport.members import MAX_NODES
 from kvstore.transport.sockets import CLIENT
 
 MIN_VOTERS = 3
@@ -286,7 +284,7 @@ class Operator:
     def choose(self, view) -> tuple | None:
         """The next change, from ``member list``: promote a learner once it is caught up
         (it is a learner of some shard); else add a node (while under ``MAX_VOTERS``
-        voters, a free index the simulation has room for) or remove a voter (while over
+        voters) or remove a voter (while over
         ``MIN_VOTERS``), sometimes shard 0's leader."""
         rng = self.rng
         members = view.members()
@@ -298,10 +296,7 @@ class Operator:
                 return ("promote", members[index].name)
             return None
         voters = set().union(*(sh.voters for sh in view.shards))
-        taken = set(members).union(*(set(sh.voters) | set(sh.learners) for sh in view.shards))
-        free = next((i for i in range(MAX_NODES) if i not in taken), None)
-        may_add = len(voters) < MAX_VOTERS and free is not None and free < len(self.sim.nodes) \
-            and not self.sim.nodes[free].present
+        may_add = len(voters) < MAX_VOTERS
         may_remove = len(voters) > MIN_VOTERS
         if may_add and (not may_remove or rng.random() < 0.5):
             self.joined += 1

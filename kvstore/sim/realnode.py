@@ -100,7 +100,8 @@ from kvstore.sim.oracle import InvariantViolation, Oracle
 from kvstore.sim.realbyzantine import RealNodeByzantine
 from kvstore.sim.realbackup import BackupTaker
 from kvstore.sim.realbank import BankClient, Ledger
-from kvstore.sim.realmembers import MAX_VOTERS, Operator, client_address, peer_address
+from kvstore.sim.realmembers import Operator, client_address, peer_address
+from kvstore.transport.members import MAX_NODES
 from kvstore.sim.reallease import LeaseChecks, LeaseClient, LeaseFailure
 from kvstore.sim.realwatch import WatchChecks, Watcher, WatchFailure
 from kvstore.sim.linearizability import CheckerGaveUp, Operation, check_history
@@ -707,9 +708,10 @@ class Simulation:
         self.prepares: deque = deque(maxlen=32)  # (node, shard, Prepare): the last campaigns'
         self.history: list = []
         # checked after every step: the Paxos invariants per shard, the values applied per slot
-        # with membership changes, room for nodes past the bootstrap ones (absent at first)
-        slots = max(config.nodes, MAX_VOTERS) if config.membership_changes else config.nodes
-        self.oracles = [Oracle(slots, voters=config.nodes) for _ in range(config.shards)]
+        # with membership changes, any node index may come to be used (``self.nodes`` grows
+        # as nodes join: ``join_node``)
+        indexes = MAX_NODES if config.membership_changes else config.nodes
+        self.oracles = [Oracle(indexes, voters=config.nodes) for _ in range(config.shards)]
         self.applied_values = [{} for _ in range(config.shards)]
         self.watch_values = [{} for _ in range(config.shards)]  # revision -> changes seen
         # per shard: the highest commit point any node has reached (after each turn)
@@ -721,7 +723,7 @@ class Simulation:
         if config.swarm:
             config = self.config = replace(config, probe_rate=self.probe_rng.choice((0.0, 0.5, 1.0)))
         self.root = root
-        self.nodes = [SimNode(self, i, root) for i in range(slots)]
+        self.nodes = [SimNode(self, i, root) for i in range(config.nodes)]
         self.address_index = {n.address: n.index for n in self.nodes if n.present}
         self.registers = [SimClient(self, i) for i in range(config.clients)]
         self.clients = list(self.registers)
@@ -857,6 +859,8 @@ class Simulation:
         cluster told it (its index, each shard's membership)."""
         from kvstore.server.join import config_from_view
         index = view.index_of(name)
+        while len(self.nodes) <= index:  # an index no node had yet: room for it
+            self.nodes.append(SimNode(self, len(self.nodes), self.root))
         old = self.nodes[index]
         if old.present:
             self.fail(f"member add gave index {index}, which n{index} ({old.name}) still has")
