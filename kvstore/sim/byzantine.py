@@ -216,9 +216,9 @@ class Byzantine:
         """Messages claiming a sender the frame does not come from, one outside the
         cluster, or the receiver itself; or addressed to another node."""
         r = node.replica
-        # every index the simulation may give a node (with membership changes, past the
-        # bootstrap ones): "outside the cluster" is past them all
-        n = len(self.sim.nodes)
+        # "outside the cluster": past every index a node has, or a membership names (with
+        # membership changes, a learner added that has not joined yet is a member)
+        n = self.sim.indexes_in_use()
         leader, b = self._leader_view(node)
         how = self.rng.randrange(4)
         m = Message(M.HEARTBEAT, node.id, leader, ballot=b if b else make_ballot(1, leader),

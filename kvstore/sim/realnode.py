@@ -850,6 +850,12 @@ class Simulation:
 
     # -- members (``realmembers.py``): what the operator does to the nodes ----------------------
 
+    def indexes_in_use(self) -> int:
+        """One past the highest node index a node has or any membership held names."""
+        named = [i for node in self.nodes if node.up for r in node.node.replicas
+                 for i in (*r.membership.voters, *r.membership.learners)]
+        return max(len(self.nodes), max(named, default=-1) + 1)
+
     def live(self) -> list:
         """The nodes that are members (started, not removed): up or down."""
         return [node for node in self.nodes if node.present]
