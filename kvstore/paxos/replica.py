@@ -899,6 +899,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             self._set_promised(b)
         if self.role != FOLLOWER or self.leader != m.frm:
             self._become_follower(m.frm)
+        self.learn_ballot = 0  # following a leader of our epoch: no later one to learn from
         self.election_elapsed = 0
         self.attempts = 0
         learned = set()
