@@ -73,6 +73,8 @@ class WipedRecovery:
         recovering itself raises nothing: its promise stays 0 until it has recovered (its
         durable marker), and it does not accept anything before then anyway.
         """
+        if ballot_epoch(m.ballot) > self.membership.epoch:
+            return  # a fence of an epoch not reached: promised once this replica is there
         if m.ballot > self.promised and self.recovery is None and m.ballot > 0:
             self._set_promised(m.ballot)
             if self.role != FOLLOWER:

@@ -741,6 +741,13 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             return self.role == LEADER and m.ballot == self.ballot and m.match_index >= self.next_slot
         return False
 
+    def _ahead_of_us(self, hint: int) -> bool:
+        """A rejection by a replica of a later epoch: it only withholds its vote. This epoch's
+        leader or candidate goes on with the others: it may be the one that must commit the
+        change that ends the epoch (the replica ahead learned it; the others wait for it),
+        and stepping down would leave both epochs without a leader (sim seed 1021)."""
+        return ballot_epoch(hint) > self.membership.epoch
+
     def _saw_round(self, r: int) -> None:
         """A peer's promise told us of round ``r``: campaign above it next time. A round of
         an epoch this replica has not reached is not taken (it learns that epoch from the log
@@ -852,7 +859,8 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         if m.reject:
             if m.hint > self.promised or (self.role == CANDIDATE and m.hint > self.ballot):
                 self._saw_round(ballot_round(m.hint))
-                if self.role in (CANDIDATE, LEADER) and m.hint > self.ballot:
+                if (self.role in (CANDIDATE, LEADER) and m.hint > self.ballot
+                        and not self._ahead_of_us(m.hint)):
                     self._become_follower(None)
             return
         if self.role != CANDIDATE or m.ballot != self.ballot or m.context != self.campaign_context:
@@ -932,7 +940,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         if m.reject:
             if m.hint > self.promised:
                 self._saw_round(ballot_round(m.hint))
-                if self.role == LEADER:
+                if self.role == LEADER and not self._ahead_of_us(m.hint):
                     self._log_event(f"rejected by {m.frm} (promised {format_ballot(m.hint)})")
                     self._become_follower(None)
             elif m.hint == 0 and self.role == LEADER and m.ballot == self.ballot:
@@ -1076,16 +1084,23 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
                 self._become_follower(m.frm)
             self.leader = m.frm
             self.election_elapsed = 0
-        learned = set()
+        # Only the chosen values that extend the commit point, through the first change
+        # among them: everything stored is then at or below the commit point (nothing
+        # held above the promise: ``check_recovered`` refuses that at a restart), and what
+        # follows a change is learned again under the epoch it begins.
+        chosen = {}
         for rec in m.records:
             slot, rb, kind, payload = decode_record(rec)
             if self.commit_index < slot <= m.commit_index and slot >= self.log_start:
-                learned.add(slot)
-                if self.log.get(slot, (None, None, None, None))[3] != rec:
-                    self._store(slot, rb, kind, payload, rec)
+                chosen[slot] = (rb, kind, payload, rec)
         commit = self.commit_index
-        while commit < m.commit_index and (commit + 1) in learned:
+        while commit + 1 in chosen:
             commit += 1
+            rb, kind, payload, rec = chosen[commit]
+            if self.log.get(commit, (None, None, None, None))[3] != rec:
+                self._store(commit, rb, kind, payload, rec)
+            if kind == KIND_CONFIG:
+                break
         self._set_commit(commit)
         self._send_progress(M.ACCEPTED if m.type == M.ACCEPT else M.HEARTBEAT_REPLY, m.frm, m.ballot, m.context)
 
