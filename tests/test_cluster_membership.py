@@ -261,8 +261,10 @@ def test_a_wiped_node_is_replaced_by_remove_wipe_add_promote(cluster):
     with c.client() as db:
         db.put(b"between", b"y")
     add_and_promote(c, "n3")  # a new disk, new ports
-    assert roles(c) == {"n1": ("voter", roles(c)["n1"][1]), "n2": ("voter", roles(c)["n2"][1]),
-                        "n3": ("voter", roles(c)["n3"][1])}
+    # one listing, its roles only (the caught-up column moves between two listings: CI run
+    # at 7ce3306 compared three listings taken one after the other)
+    assert {name: role for name, (role, _caught_up) in roles(c).items()} == {
+        "n1": "voter", "n2": "voter", "n3": "voter"}
     # n3 counts in a majority now: with n2 stopped, n1 and n3 serve
     c.stop("n2")
     c.addresses.pop("n2")
