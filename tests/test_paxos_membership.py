@@ -383,6 +383,34 @@ def test_a_learner_promoted_while_cut_off_learns_it_from_a_candidate_it_refuses(
     sequences_agree(c)
 
 
+def test_a_promoted_learner_behind_a_compaction_takes_a_snapshot_from_a_candidate():
+    """As above, but the others compacted their logs past what the learner holds: the
+    candidate it refuses offers its snapshot (``Chosen`` with a snapshot index) and the
+    learner lets that sender's transfer in (real-node sim: --members --nodes 3 --seed 9139)."""
+    c = Cluster(3, seed=13, nodes=4, log_retain_slots=2)
+    change(c, (0, 1, 2), (3,))
+    c.join(3, c.replicas[leader_of(c)].membership)
+    write(c, b"before")
+    c.tick(10)
+    c.isolate(3)
+    change(c, (0, 1, 2, 3))
+    for k in range(8):
+        write(c, b"v%d" % k)
+    c.tick(5)
+    for i in range(3):
+        r = c.replicas[i]
+        r.compact(r.applied_index, b"state")
+    assert c.replicas[0].log_start > c.replicas[3].commit_index + 1
+    c.crash(leader_of(c))
+    c.heal()
+    new = leader_of(c, max_ticks=600)
+    assert c.replicas[new].membership.epoch == 2
+    write(c, b"after")
+    c.tick(5)
+    r = c.replicas[3]
+    assert r.is_voter and c.snapshots[3] and c.commands(3)[-1] == b"after"
+
+
 def test_after_a_forged_later_epoch_the_leader_of_our_epoch_is_followed_again_for_reads():
     """A forged heartbeat of an unknown epoch (learned from, never promised) left the
     replica asking its follower reads of that ballot: no leader answered them, and the

@@ -37,7 +37,9 @@ words only (Prepare, Promise, Accept, Accepted), never shared with two-phase com
 |                 | commit point it told, through the first membership change among them),   |
 |                 | ``commit_index`` = the sender's; ``ballot`` = the sender's promise. Sent  |
 |                 | by any member to one behind: a recovering node, or one of an earlier      |
-|                 | epoch; never a vote, never a promise                                      |
+|                 | epoch; never a vote, never a promise. Where the sender compacted those    |
+|                 | slots: no records, ``snapshot_index`` = its snapshot's, and the transfer  |
+|                 | follows (the addressee lets in that sender's Snapshot chunks)             |
 
 Prepare and Promise carry ``context`` too: the candidate's nonce for this campaign,
 echoed, so that a Promise answering a Prepare of an earlier incarnation (one that lost

@@ -286,6 +286,9 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         self.trace: list | None = None  # a driver may set a list to collect state changes
         # Snapshot transfers this node sends (any role): receiver -> _SnapshotOut.
         self.snapshots_out: dict = {}
+        # (sender, ballot) of a member that offered this replica, behind, its snapshot
+        # (``Chosen`` with a snapshot index): its transfer is let in like a leader's
+        self.snapshot_source: tuple | None = None
         self.snapshots_sent = 0  # transfers started (a count for the operator's metrics)
         # Campaign nonce: a Promise counts only if it echoes the Prepare's (see messages).
         self.campaign_context = 0
@@ -732,7 +735,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             # (A recovering replica has promised nothing yet: it follows the ballot of the
             # leader it learns from, ``_followed_ballot``.)
             return ((m.ballot != self._followed_ballot() or ballot_node(m.ballot) != m.frm)
-                    and not self.bugs.snapshot_from_anyone)
+                    and (m.frm, m.ballot) != self.snapshot_source and not self.bugs.snapshot_from_anyone)
         if t == M.ACCEPT or t == M.PROMISE or t == M.CHOSEN:
             top = self.commit_index + SLOT_SPAN_MAX
             return any(record_fields(rec)[0] > top for rec in m.records)
@@ -1132,7 +1135,15 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         (it may be the very voter the new epoch needs: sim seed 6 on 5 nodes). Slots this
         replica has compacted are not sent (its snapshot goes only from a leader)."""
         lo = after + 1
-        if lo < self.log_start or lo > self.commit_index:
+        if lo > self.commit_index:
+            return
+        if lo < self.log_start:
+            # compacted here: offer the snapshot (it then takes a transfer from us), and the
+            # log above it follows once its commit point is there
+            if self.snapshot_index > after and self.snapshot_membership is not None:
+                self._send(Message(M.CHOSEN, to, self.id, ballot=self.promised, commit_index=self.commit_index,
+                                   snapshot_index=self.snapshot_index))
+                self._send_snapshot(to, self.promised)
             return
         hi = min(self.commit_index, lo + self.config.entries_per_message_max - 1)
         recs = []
@@ -1156,6 +1167,9 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             return
         if self.role != FOLLOWER:
             self._become_follower(None)
+        if m.snapshot_index > self.commit_index and not m.records:
+            self.snapshot_source = (m.frm, m.ballot)  # its transfer is let in (``_ignored``)
+            return
         self._take_chosen(m.records, m.commit_index)
 
     def _send_progress(self, reply_type: str, to: int, ballot: int, context: int) -> None:
