@@ -142,7 +142,15 @@ epoch outranks every ballot of the old. What each replica does:
   and a candidate ignores them in the promises it counts;
 - only a voter of the epoch a replica knows campaigns; one that has seen a ballot of a later
   epoch waits to learn it (from a leader of that epoch: a message from a node it does not
-  know is taken when its ballot is of a later epoch); learners receive the log and answer,
+  know is taken when its ballot is of a later epoch);
+- a member that sees a node behind it by a change (an old epoch's Prepare, PreVote, Accept
+  or Heartbeat; a refusal whose promise is of an earlier epoch, with the refuser's commit
+  point; a wiped node's Recover, with the asker's) sends it the chosen values it lacks, up
+  to the first change (``Chosen``; its snapshot where its log is compacted): a chosen value
+  is a fact whoever tells it, and the new epoch may have no leader to tell it, because
+  the node behind is the vote it needs (a learner promoted while cut off; a wiped voter
+  still waiting for a report from one removed since);
+- learners receive the log and answer,
   but their answers count for nothing; a replica of a removed node neither votes nor
   campaigns;
 - a snapshot travels with the membership at its index (``membership.wrap_snapshot``) and
