@@ -452,6 +452,7 @@ def test_after_a_forged_later_epoch_the_leader_of_our_epoch_is_followed_again_fo
 
 
 @pytest.mark.sweep
+@pytest.mark.timeout(0)  # an opt-in long run: thousands of seeds take minutes
 def test_a_sweep_of_membership_changes_under_faults():
     """``KVSTORE_SWEEP_SEEDS`` seeds of the randomized run above, from seed 1000 on (the
     default suite runs 0-39): ``KVSTORE_SWEEP_SEEDS=2000 python -m pytest -m sweep
