@@ -87,3 +87,43 @@ def test_a_direct_write_unanswered_is_handed_over_as_the_same_write_below_every_
         assert outcome == {"incr": 1, "puts": [None, None, None]}, outcome
         assert c.incr(b"n") == 2  # the first incr was applied once
         assert [c.get(b"p%d" % i) for i in range(3)] == [b"x"] * 3
+
+
+def test_the_asyncio_client_goes_direct_one_call_at_a_time_and_hands_over_when_unanswered(
+        cluster):
+    """The event loop sends a lone put or get itself and awaits the answer on the direct
+    socket's descriptor; with the leader stopped, the incr goes to the I/O thread as the
+    same write (applied once) while the loop stays free for other coroutines."""
+    import asyncio
+
+    import kvstore.aio
+    lc, leader = cluster
+
+    async def main():
+        async with await kvstore.aio.connect(lc.address_list, timeout=15) as db:
+            await db.put(b"warm", b"up")
+            core = db._core
+            before = core.direct_calls
+            for i in range(10):
+                await db.put(b"a%d" % i, b"%d" % i)
+            assert [await db.get(b"a%d" % i) for i in range(10)] == [b"%d" % i
+                                                                    for i in range(10)]
+            assert core.direct_calls - before == 20
+            many = await asyncio.gather(*(db.get(b"a%d" % (i % 10)) for i in range(200)))
+            assert many == [b"%d" % (i % 10) for i in range(200)]
+            pid = lc.procs[leader].pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                incr = asyncio.ensure_future(db.incr(b"n"))
+                ticks = 0
+                while core.direct_handed_over == 0:  # the loop is not blocked meanwhile
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+                    assert ticks < 1000
+                assert ticks >= 5
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert await incr == 1
+            assert await db.incr(b"n") == 2
+
+    asyncio.run(main())

@@ -36,16 +36,7 @@ known, the leader changed, no answer in time) answers ``NOT_LEADER`` and the
 retry goes to the leader. A read served by a follower teaches nothing about
 leaders; only writes and redirects do.
 
-One call at a time, a blocking call skips the I/O thread (``_call_direct``): when
-nothing else is in flight or queued on the connection, the caller's own thread
-sends its put or get to the shard's known leader on a socket of its own and polls
-for the answer there: two thread wake-ups fewer (the hand-over to the I/O thread
-and the future's back), about 0.1 ms of a 1 ms get here. Only the plain answer is
-taken there; anything else (a redirect, a retry, a lock, no answer within
-``DIRECT_ATTEMPT_SECONDS``) hands the same call (the same write seq: the same
-command) to the I/O thread, which carries it on as usual. One direct call at a
-time per connection: while it is in flight the I/O thread's floors stay at or
-below its seq, and other threads' calls take the I/O thread.
+One call at a time, a blocking call skips the I/O thread (``kvstore.client.direct``).
 
 A client created before ``os.fork()`` works in the child: the child's first
 call (``submit``, which sees the pid change) starts the child's own context,
@@ -76,6 +67,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import zmq
 
 from kvstore.client.replies import MalformedReply, check_result, split_revision
+from kvstore.client.connections import HANDSHAKE_FAILED, ConnectionEvents
+from kvstore.client.connections import AuthenticationFailed  # noqa: F401 (kvstore.client's)
+from kvstore.client.direct import DIRECT_ATTEMPT_SECONDS, DIRECT_OPS, DirectPath
 from kvstore.client.topology import relearn
 from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable
 from kvstore.commands import LOCKED
@@ -103,10 +97,6 @@ _LEADER_OPS = (wire.OP_WRITE, wire.OP_DECIDE)
 #: hops more (a lone get 1.5 ms against 0.9 on this machine). Under load, spreading the
 #: reads spreads their cost over the nodes.
 SPREAD_FROM_IN_FLIGHT = 4
-#: Operations a blocking call may carry out on its own thread (``ClientCore._call_direct``).
-_DIRECT_OPS = (wire.OP_WRITE, wire.OP_GET)
-#: Seconds a direct call waits for its answer before the I/O thread takes it over.
-DIRECT_ATTEMPT_SECONDS = 0.2
 #: Requests to one node go in one frame up to about this many bytes.
 FRAME_TARGET_BYTES = 4 * 1024 * 1024
 
@@ -139,14 +129,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class AuthenticationFailed(Unavailable):
-    """A node refused this client's CurveZMQ handshake (no key, or a key it does not allow)."""
-
-
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-
-
 class _Call:
     __slots__ = ("request_id", "op", "shard", "payload", "deadline", "future", "target",
                  "retry_at", "resend", "reached", "is_write", "sent_to", "seq", "attempt",
@@ -171,7 +153,7 @@ class _Call:
         self.want_revision = False  # a write sent asking for its revision (``revision_hook``)
 
 
-class ClientCore:
+class ClientCore(ConnectionEvents, DirectPath):
     """Sockets, routing and retries of one connection; thread-safe ``submit``."""
 
     def __init__(self, addresses: list, timeout: float, keys=None) -> None:
@@ -221,14 +203,7 @@ class ClientCore:
         # heap of (seq, write call) in flight, for the floor (the lowest seq still unanswered)
         self._writes_inflight: list = []
         self._rotation = random.randrange(1 << 16)
-        # the direct path (``_call_direct``): its sockets, used by one caller at a time
-        # (``_direct_active``, under the lock); ``_direct_call``, a write of its while its
-        # seq must bound the floors the I/O thread sends (until that thread admits it)
-        self._direct_sockets: dict = {}
-        self._direct_active = False
-        self._direct_call = None
-        self._direct_free = threading.Event()
-        self._direct_free.set()
+        self._start_direct()
         self._thread = threading.Thread(target=self._run, name="kvstore-client-io", daemon=True)
         self._thread.start()
 
@@ -256,134 +231,14 @@ class ClientCore:
             raise Timeout(f"no answer within {self.timeout:.1f} s") from None
 
     def call(self, op: str, shard, payload, timeout=None, target=None):
-        if target is None and op in _DIRECT_OPS:
+        if target is None and op in DIRECT_OPS:
             call = self._claim_direct(op, shard, payload, timeout)
             if call is not None:
                 return self._call_direct(call)
         return self.wait(self.submit(op, shard, payload, timeout, target))
 
-    # ------------------------------------------------------------------ the direct path
-    def _claim_direct(self, op: str, shard, payload, timeout) -> "_Call | None":
-        """A call this thread may carry out itself, or None: only when the connection is
-        idle (nothing queued, nothing in flight, no direct call), the shard's leader is
-        known and connected, and no cache wants revisions."""
-        with self._lock:
-            if (self._closed or self._direct_active or self._queue or self._inflight
-                    or self._pid != os.getpid() or self.revision_hook is not None):
-                return None
-            leader = self.leaders.get(shard)
-            if leader is None or leader >= len(self.nodes):
-                return None
-            address = self.nodes[leader]
-            if address not in self._connected or address in self._down:
-                return None
-            call = _Call(next(self._ids), op, shard, payload,
-                         time.monotonic() + (timeout or self.timeout))
-            call.sent_to = address
-            if call.is_write:  # drawn under the lock, as the I/O thread's (``_admit``)
-                call.seq = next(self._seqs)
-                self._direct_call = call
-            self._direct_active = True
-            self._direct_free.clear()
-            self.direct_calls += 1
-        return call
-
-    def _call_direct(self, call: _Call):
-        """Send ``call`` from this thread and poll for its answer; a plain answer is
-        returned (or its error raised), anything else hands the call to the I/O thread."""
-        handed = False
-        try:
-            address = call.sent_to
-            sock = self._direct_socket(address)
-            if call.is_write:  # nothing else in flight: the floor is this write's seq
-                args = [call.shard, self.client_id, call.seq, call.seq, call.payload]
-            else:
-                args = call.payload
-            try:
-                sock.send(wire.encode_request(call.request_id, call.op, args), zmq.NOBLOCK)
-                reply = self._direct_answer(sock, call, address)
-            except zmq.ZMQError:
-                reply = None
-            if reply is not None:
-                status, value = reply
-                call.reached = True
-                if status == wire.STATUS_OK and not (value == LOCKED and call.is_write):
-                    try:
-                        return check_result(call, value)
-                    except MalformedReply as e:
-                        self.dropped_replies += 1
-                        raise self._malformed_error(call, address, str(e)) from None
-                if status == wire.STATUS_ERROR:
-                    raise self._refusal_error(value)
-                if status == wire.STATUS_OK:  # LOCKED: applied nothing; a new write, later
-                    return self.wait(self.submit(call.op, call.shard, call.payload,
-                                                 max(0.001, call.deadline - time.monotonic())))
-            # no answer in time, a redirect, a retry: the I/O thread carries it on
-            handed = self._hand_over(call)
-            return self.wait(call.future)
-        finally:
-            with self._lock:
-                self._direct_active = False
-                if not handed and self._direct_call is call:
-                    self._direct_call = None
-                self._direct_free.set()
-
-    def _direct_answer(self, sock, call: _Call, address: str):
-        """``(status, value)`` of ``call``'s reply on ``sock``, or None when none came
-        within ``DIRECT_ATTEMPT_SECONDS`` (nor by the deadline). Replies to earlier
-        direct calls handed over since are skipped."""
-        end = min(time.monotonic() + DIRECT_ATTEMPT_SECONDS, call.deadline)
-        rid = call.request_id
-        while True:
-            left = end - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
-                return None
-            while True:
-                try:
-                    frame = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    body = wire.decode(frame)
-                except wire.FrameError as e:
-                    self._alien(address, f"a frame that is not kvstore's wire format ({e})")
-                    continue
-                if body[0] == wire.REPLY:
-                    if body[1] == rid:
-                        return body[2], body[3]
-                elif body[0] == wire.REPLIES:
-                    for r, status, value in body[1]:
-                        if r == rid:
-                            return status, value
-                else:
-                    self._alien(address, f"a frame of kind {body[0]}, not a reply")
-
-    def _hand_over(self, call: _Call) -> bool:
-        """Queue a direct call for the I/O thread, its seq kept (``_admit``)."""
-        with self._lock:
-            if self._closed:
-                call.future.set_exception(KVError("this connection is closed"))
-                return False
-            self._queue.append(call)
-            if len(self._queue) == 1:
-                self._wake_out.send(b"", zmq.NOBLOCK)
-            self.direct_handed_over += 1
-        return True
-
-    def _direct_socket(self, address: str):
-        """The direct path's DEALER to ``address`` (one per node, made on first use)."""
-        s = self._direct_sockets.get(address)
-        if s is None:
-            s = self.context.socket(zmq.DEALER)
-            if self.keys is not None:
-                self.keys.make_client(s)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RECONNECT_IVL, 50)
-            s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_PEER_FRAME_BYTES)
-            s.connect(address)
-            self._direct_sockets[address] = s
-        return s
+    def _new_call(self, op: str, shard, payload, deadline: float) -> "_Call":
+        return _Call(next(self._ids), op, shard, payload, deadline)
 
     def _start_in_child(self) -> None:
         """The first call in a child after ``os.fork()`` (under ``self._lock``): start
@@ -438,7 +293,7 @@ class ClientCore:
             # reports a refused CurveZMQ handshake. Attached before connect(), so that
             # it sees the first attempt too.
             events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED
-            for e in _HANDSHAKE_FAILED:
+            for e in HANDSHAKE_FAILED:
                 events |= e
             monitor = s.get_monitor_socket(events)
             self._monitors[monitor] = address
@@ -448,35 +303,6 @@ class ClientCore:
             self._by_socket[s] = address
             self._poller.register(s, zmq.POLLIN)
         return s
-
-    def _on_monitor(self, monitor) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-        address = self._monitors[monitor]
-        lost = False
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if event["event"] in _HANDSHAKE_FAILED:
-                self._refused(address, event["event"])
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                lost = True
-                self._down.add(address)
-                self._connected.discard(address)
-            elif event["event"] == zmq.EVENT_CONNECTED:
-                lost = False
-                self._down.discard(address)
-                self._connected.add(address)
-        if not lost:
-            return
-        if address in self.nodes:
-            gone = self.nodes.index(address)
-            for shard in [sh for sh, i in self.leaders.items() if i == gone]:
-                del self.leaders[shard]
-        for call in list(self._inflight.values()):
-            if call.sent_to == address and not call.future.done() and call.target is None:
-                self._send(call)  # elsewhere: the leader cache no longer names it
 
     def _run(self) -> None:
         self._poller = zmq.Poller()
@@ -641,31 +467,6 @@ class ClientCore:
                 self._fail(call)
                 continue
             self._send(call)
-
-    def _refused(self, address: str, event: int) -> None:
-        """``address`` refused our handshake: fail what waits on it, saying why."""
-        if self.keys is None:
-            why = ("the server requires CurveZMQ keys: pass keys=DIR to kvstore.connect() "
-                   "or set KVSTORE_KEYS (`kvstore keygen DIR` writes them)")
-        else:
-            why = (f"the server refused the CurveZMQ handshake: its clients/ must hold this "
-                   f"client's {self.keys.directory}/{self.keys.name}.key (a revoked key is "
-                   f"refused), and server.key must be the cluster's")
-        err = AuthenticationFailed(f"authentication failed at {address}: {why}")
-        self._refusals[address] = err
-        self._down.add(address)
-        everyone = all(a in self._refusals for a in self.nodes)
-        for rid, call in list(self._inflight.items()):
-            if call.sent_to != address or call.future.done():
-                continue
-            if call.target is not None or everyone:
-                del self._inflight[rid]
-                call.future.set_exception(err)
-            else:
-                if call.shard is not None and self.leaders.get(call.shard) is not None \
-                        and self.nodes[self.leaders[call.shard]] == address:
-                    del self.leaders[call.shard]
-                self._send(call)  # another node may let us in
 
     def _fail(self, call: _Call) -> None:
         self._inflight.pop(call.request_id, None)
