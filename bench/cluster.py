@@ -43,9 +43,10 @@ them per figure, and the ratios kvstore / etcd. etcd is reached over gRPC (the
 ``grpcio`` of the ``[bench]`` extra; its JSON gateway without it), the clients on
 its leader.
 
-Last, the profile of one put at a time (``profile_lone_put``): where its
-time goes on the leader, from timing wrappers on an embedded leader's
-``Node`` instance and a client process on the same clock.
+Last, the profiles of one put and one get at a time (``profile_lone_put``,
+``profile_lone_get``): where their time goes on the leader, from timing
+wrappers on an embedded leader's ``Node`` instance and a client process on
+the same clock.
 """
 
 from __future__ import annotations
@@ -520,6 +521,118 @@ def print_profile(p: dict) -> None:
             print(f"  {label:68} {p[k]:7.3f}" + ("" if k == "saves_per_put" else " ms"))
 
 
+LONE_GET_CLIENT = LONE_PUT_CLIENT.replace('c.put(b"%016d" % (i % 10_000), value)',
+                                          'c.get(b"%016d" % (i % 10_000))')
+
+
+def profile_lone_get(base: str, n: int) -> dict:
+    """Where one linearizable get at a time spends its time, as ``profile_lone_put``:
+    the leader is an embedded replica with timing wrappers (the read's arrival, the
+    Heartbeats of its read-index round, the first HeartbeatReply, the read served, the
+    answer sent); the client another process making ``n`` gets one after the other."""
+    import bisect
+    import json
+    import subprocess
+    from kvstore.paxos import messages as M
+    lc = LocalCluster(os.path.join(base, "profile-get"), 3, 1)
+    db = None
+    events: list = []
+    try:
+        db = kvstore.open(os.path.join(lc.directory, "n1"), node_id="n1",
+                          cluster=lc.config_path)
+        lc.start("n2")
+        lc.start("n3")
+        lead_from_embedded(lc, db)
+        db.put(b"%016d" % 0, b"x")
+        node = db._node
+        now = time.monotonic_ns
+        saved = (node._on_read, node._on_paxos, node._serve_reads, node.sockets.send_peer,
+                 node.sockets.reply)
+        on_read, on_paxos, serve, send_peer, reply = saved
+
+        def timed_on_read(*a):
+            events.append(("read", now()))
+            return on_read(*a)
+
+        def timed_on_paxos(frm, items):
+            if any(m.type == M.HEARTBEAT_REPLY for _s, m in items):
+                events.append(("ack", now()))
+            return on_paxos(frm, items)
+
+        def timed_serve(tokens):
+            events.append(("serve", now()))
+            return serve(tokens)
+
+        def timed_send_peer(to, frame):
+            t = now()
+            try:
+                return send_peer(to, frame)
+            finally:
+                events.append(("sent_peer", t, now()))
+
+        def timed_reply(to, items):
+            t = now()
+            try:
+                return reply(to, items)
+            finally:
+                events.append(("reply", t, now()))
+
+        node._on_read, node._on_paxos, node._serve_reads = timed_on_read, timed_on_paxos, timed_serve
+        node.sockets.send_peer, node.sockets.reply = timed_send_peer, timed_reply
+        r = subprocess.run([sys.executable, "-c", LONE_GET_CLIENT, lc.addresses["n1"], str(n)],
+                           capture_output=True, text=True, timeout=60 + n * 0.05,
+                           env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+        (node._on_read, node._on_paxos, node._serve_reads, node.sockets.send_peer,
+         node.sockets.reply) = saved
+        if r.returncode != 0:
+            raise RuntimeError(f"the lone-get client failed: {r.stderr[-2000:]}")
+        gets = json.loads(r.stdout)
+    finally:
+        if db is not None:
+            db.close()
+        lc.stop_all()
+        lc.close()
+    events = list(events)
+    times = [e[1] for e in events]
+    seg: dict = {k: [] for k in ("total", "to_leader", "read_to_heartbeat_sent", "wait_ack",
+                                 "ack_to_answer_send", "answer_to_client")}
+    for sent, answered in gets:
+        window = events[bisect.bisect_left(times, sent):bisect.bisect_right(times, answered)]
+        read = next((e[1] for e in window if e[0] == "read"), None)
+        beats = [e for e in window if e[0] == "sent_peer" and read is not None and e[1] > read]
+        ack = next((e[1] for e in window if e[0] == "ack" and beats and e[1] > beats[0][1]), None)
+        rep = next((e for e in window if e[0] == "reply" and ack is not None and e[1] > ack), None)
+        if None in (read, ack, rep) or not beats:
+            continue
+        first_beat = beats[0][2]  # a follower can answer once the first one is out
+        seg["total"].append(answered - sent)
+        seg["to_leader"].append(read - sent)
+        seg["read_to_heartbeat_sent"].append(first_beat - read)
+        seg["wait_ack"].append(max(0, ack - first_beat))
+        # cut at the start of the answer's send, as the put's profile (the node's thread
+        # may be descheduled after the send, past the client's return)
+        seg["ack_to_answer_send"].append(rep[1] - ack)
+        seg["answer_to_client"].append(answered - rep[1])
+    out = {k: round(statistics.median(v) / 1e6, 3) for k, v in seg.items() if v}
+    out["gets_profiled"], out["gets"] = len(seg["total"]), len(gets)
+    return out
+
+
+def print_get_profile(p: dict) -> None:
+    print(f"\nwhere one linearizable get at a time spends its time (median over "
+          f"{p['gets_profiled']} of {p['gets']} lone gets, the leader timed in-process):")
+    for label, k in (("total, client send to client answer", "total"),
+                     ("  client send to the leader's _on_read", "to_leader"),
+                     ("  _on_read to the first read-index Heartbeat sent", "read_to_heartbeat_sent"),
+                     ("  then to the first HeartbeatReply read (the other one sent too)",
+                      "wait_ack"),
+                     ("  HeartbeatReply to the answer's send (serve, encode)",
+                      "ack_to_answer_send"),
+                     ("  answer's send to the client's return", "answer_to_client")):
+        if k in p:
+            print(f"  {label:68} {p[k]:7.3f} ms")
+
+
 def run_pysyncobj(concurrency: list, seconds: float) -> list | None:
     """PySyncObj's 3-node ``ReplDict`` on the same machine (``bench/pysyncobj_node.py``):
     rows like ours, or None when ``pysyncobj`` is not installed (``pip install '.[bench]'``)."""
@@ -776,6 +889,10 @@ def main(argv=None) -> int:
         profile = None if args.no_profile else profile_lone_put(base, 200 if args.quick else 2000)
         if profile:
             print_profile(profile)
+        get_profile = None if args.no_profile else profile_lone_get(base,
+                                                                    200 if args.quick else 2000)
+        if get_profile:
+            print_get_profile(get_profile)
         pysyncobj = None if args.no_pysyncobj else run_pysyncobj(concurrency, seconds)
         if args.metrics:
             compared = compare_metrics(base, args.shards, concurrency, seconds,
@@ -796,6 +913,7 @@ def main(argv=None) -> int:
                "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
                             "loopback_rtt": round(rtt_s * 1e3, 3)},
                "rows": rows, "embedded": embedded, "lone_put_profile": profile,
+               "lone_get_profile": get_profile,
                "pysyncobj": pysyncobj, "metrics_cost": compared, "versus_etcd": versus}
     floor = (fsync_s + rtt_s) * 1e3
     for label, source in (("", rows), (" (embedded replica)", (embedded or {}).get("rows", []))):
