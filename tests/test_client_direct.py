@@ -127,3 +127,30 @@ def test_the_asyncio_client_goes_direct_one_call_at_a_time_and_hands_over_when_u
             assert await db.incr(b"n") == 2
 
     asyncio.run(main())
+
+
+def test_an_event_loop_that_cannot_watch_a_descriptor_takes_the_io_threads_way(cluster):
+    """A loop without ``add_reader`` (Windows' proactor): the first direct call is handed
+    over (answered all the same), and the client goes through the I/O thread after."""
+    import asyncio
+
+    import kvstore.aio
+    lc, _leader = cluster
+
+    class NoReaders(asyncio.SelectorEventLoop):
+        def add_reader(self, *args):
+            raise NotImplementedError
+
+    async def main():
+        async with await kvstore.aio.connect(lc.address_list, timeout=10) as db:
+            for i in range(5):
+                await db.put(b"k%d" % i, b"v")
+            assert await db.get(b"k4") == b"v" and await db.incr(b"n") == 1
+            return db._core.direct_calls, db._core.direct_handed_over
+
+    loop = NoReaders()
+    try:
+        direct, handed = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert direct == handed == 1  # the first went direct, was handed over; none after

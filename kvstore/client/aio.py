@@ -64,6 +64,7 @@ class AsyncKV:
         self._core = kv._core
         self._done: dict = {}  # event loop -> [(engine future, asyncio future)], completed
         self._done_lock = threading.Lock()
+        self._direct_unsupported = False  # this event loop cannot watch a descriptor
         renew_locks_after_fork(self)
 
     def _renew_locks(self) -> None:
@@ -73,7 +74,7 @@ class AsyncKV:
         self._done = {}
 
     async def _call(self, op: str, shard, payload):
-        if op in DIRECT_OPS:
+        if op in DIRECT_OPS and not self._direct_unsupported:
             call = self._core._claim_direct(op, shard, payload, None)
             if call is not None:
                 return await self._call_direct(call)
@@ -128,7 +129,11 @@ class AsyncKV:
                 return None
             ready = loop.create_future()
             wake = lambda: ready.done() or ready.set_result(None)  # noqa: E731
-            loop.add_reader(fd, wake)
+            try:
+                loop.add_reader(fd, wake)
+            except NotImplementedError:  # a loop without readers (Windows' proactor):
+                self._direct_unsupported = True  # the I/O thread's way from now on
+                return None
             timer = loop.call_later(left, wake)
             try:
                 await ready
