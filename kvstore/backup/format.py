@@ -45,7 +45,7 @@ from typing import BinaryIO, Iterator
 
 import msgpack
 
-from kvstore import _native
+from kvstore import _native, msgmap
 from kvstore.errors import CorruptRecord, InvalidArgument, StorageError
 from kvstore.keys import MAX_KEY_SIZE
 
@@ -129,15 +129,7 @@ def encode_map(value: dict) -> bytes:
 
 def decode_map(payload: bytes) -> dict:
     """A header's or trailer's map; ``ValueError`` if it is none."""
-    if len(payload) > MAP_BYTES_MAX:
-        raise ValueError(f"a map of {len(payload)} bytes")
-    try:
-        value = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated classes
-        raise ValueError(f"undecodable map ({type(e).__name__})") from None
-    if type(value) is not dict:
-        raise ValueError("not a map")
-    return value
+    return msgmap.decode_map(payload, MAP_BYTES_MAX, "the header or trailer")
 
 
 # -- rows ---------------------------------------------------------------------------------
