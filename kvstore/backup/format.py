@@ -48,6 +48,7 @@ import msgpack
 from kvstore import _native, msgmap
 from kvstore.errors import CorruptRecord, InvalidArgument, StorageError
 from kvstore.keys import MAX_KEY_SIZE
+from kvstore.storage.staging import fsync_directory
 
 MAGIC = b"KVBACKUP"
 FORMAT_VERSION = 1
@@ -292,7 +293,7 @@ class BackupWriter:
             os.fsync(f.fileno())
             f.close()
             os.rename(self.tmp_path, self.path)
-            _fsync_directory(os.path.dirname(self.path))
+            fsync_directory(os.path.dirname(self.path) or ".")
         except OSError as e:
             f.close()
             self.abort()
@@ -315,14 +316,6 @@ class BackupWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or self._file is not None:
             self.abort()
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _storage_error(e: OSError, path: str, doing: str) -> StorageError:
