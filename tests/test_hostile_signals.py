@@ -119,7 +119,7 @@ def test_interrupts_with_three_shards(tmp_path):
 # blocking wait (and at a loop's back edge); an exception from it appears there. A
 # profile function sees those points ("call", "c_return", "c_call" of a blocking call):
 # raising KeyboardInterrupt from it at the n-th interrupts the main thread's write there.
-SWEEP = r"""
+INTERRUPTING = r"""
 import faulthandler, inspect, json, os, sys, threading, time
 faulthandler.dump_traceback_later(80, exit=True)  # a wedge: its stacks, then exit
 import kvstore
@@ -141,8 +141,9 @@ def interrupting_at(n):
                 raise KeyboardInterrupt
     sys.setprofile(profile)
     return seen
+"""
 
-
+SWEEP = INTERRUPTING + r"""
 db = kvstore.open(sys.argv[1])
 db.put(b"k", b"v")
 db.checkpoint()  # "k" in LMDB: a read takes an LMDB snapshot
@@ -273,3 +274,42 @@ def test_an_interrupt_at_any_point_of_a_main_thread_call_reaches_it_alone(tmp_pa
         assert result["points"] > 10 and result["interrupted"] == result["points"], (case, result)
     assert helpers_left == 0  # a helper stuck in Thread.start, say
     assert proc.stderr == b"", proc.stderr.decode()[-3000:]
+
+
+CLOSE_SWEEP = INTERRUPTING + r"""
+path, wrong = sys.argv[1], []
+for n in range(1, 10000):
+    db = kvstore.open(path)
+    db.put(b"k%d" % n, b"v")
+    seen = interrupting_at(n)
+    try:
+        db.close()
+    except KeyboardInterrupt:
+        pass
+    except BaseException as e:
+        wrong.append(f"point {n}: {e!r}")
+    finally:
+        sys.setprofile(None)
+    try:
+        db.close()  # finishes what the interrupted one left
+        with kvstore.open(path) as again:  # the directory was released
+            assert again.get(b"k%d" % n) == b"v"
+    except BaseException as e:
+        wrong.append(f"point {n}, then: {e!r}")
+        break
+    if seen[0] < n:
+        break
+print(json.dumps({"points": n - 1, "wrong": wrong}), flush=True)
+"""
+
+
+def test_a_close_interrupted_at_any_point_is_finished_by_the_next(tmp_path):
+    """close() interrupted at each point where a signal handler can raise, then called
+    again: it finishes (the directory is released: the store opens again in this
+    process, its writes there). Before, the second close() returned at once and the
+    directory stayed locked; or it hung on the lease reaper's Condition lock."""
+    proc = subprocess.run([PYTHON, "-c", CLOSE_SWEEP, str(tmp_path / "kv")],
+                          capture_output=True, env=child_env(), timeout=90)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    report = json.loads(proc.stdout.decode().splitlines()[-1])
+    assert report["wrong"] == [] and report["points"] > 50, report

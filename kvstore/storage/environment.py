@@ -818,9 +818,11 @@ class Storage:
             self._close_dir_fd()
 
     def _close_dir_fd(self) -> None:
-        fd, self._dir_fd = self._dir_fd, -1
-        if fd >= 0:
-            self._dir_fd_finalizer()  # os.close: releases the flock (after fork(), our copy)
+        """Close the directory's fd: releases the flock (after fork(), our copy)."""
+        if self._dir_fd >= 0:
+            self._dir_fd_finalizer.detach()  # closed here, not at collection
+            fd, self._dir_fd = self._dir_fd, -1
+            os.close(fd)  # no call since taking it: an interrupt cannot leave it open
 
     @property
     def env(self):
