@@ -115,6 +115,36 @@ def test_the_core_refuses_what_it_cannot_do():
         r.propose_membership((0, 1, 2), (4,))
 
 
+def test_a_change_that_leaves_the_new_voters_no_majority_that_answers_is_refused():
+    """With one follower down, removing the other would leave the leader and the dead
+    node: the change would commit and the new epoch elect no one. Refused, naming who
+    answers; removing the dead one is fine. A voter still recovering counts as not
+    answering (sim: --members --nodes 5 --seed 424)."""
+    c = Cluster(3, seed=14)
+    lead = leader_of(c)
+    up, down = [i for i in range(3) if i != lead]
+    c.crash(down)
+    c.tick(c.config.get("election_timeout_ticks", 10) + 2)  # its last answer grows old
+    r = c.replicas[lead]
+    with pytest.raises(ValueError, match="no majority that votes"):
+        r.propose_membership((lead, down), ())
+    assert r.pending_config is None
+    change(c, (lead, up))
+    write(c, b"two voters")
+
+    c = Cluster(5, seed=15)
+    lead = leader_of(c)
+    a, b, x, y = [i for i in range(5) if i != lead]
+    for i in (a, b):  # lose their disks: they recover, and do not vote meanwhile
+        c.wipe(i)
+        c.restart(i)
+        c.cut(i, y)  # y's report never reaches them: they stay recovering, yet answer the leader
+    c.tick(12)
+    assert c.replicas[a].recovering and c.replicas[b].recovering
+    with pytest.raises(ValueError, match="no majority that votes"):
+        c.replicas[lead].propose_membership(tuple(v for v in range(5) if v != x), ())
+
+
 def test_commands_proposed_after_a_change_wait_for_the_next_epoch_and_are_never_applied_in_the_old():
     c = Cluster(3, seed=4, nodes=4)
     lead = leader_of(c)

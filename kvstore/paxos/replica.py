@@ -479,9 +479,27 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             raise ValueError(f"a membership change (to epoch {self.membership.epoch + 1}) is already "
                              f"in progress; wait until it commits")
         nxt = check_change(self.membership, voters, learners, info)
+        self._check_new_voters_answer(nxt)
         self.pending_config = encode_membership(nxt)
         self._log_event(f"proposing membership epoch {nxt.epoch}: voters {list(nxt.voters)}, "
                         f"learners {list(nxt.learners)}")
+
+    def _check_new_voters_answer(self, nxt: Membership) -> None:
+        """Refuse a change of voters after which the new voters would hold no majority that
+        answers this leader now (etcd's strict reconfiguration check): it would commit, and
+        the new epoch could elect no one. A voter answers if it acknowledged this ballot
+        within the last election timeout; one that does not vote yet (it is recovering)
+        does not. Found by the simulator: a voter removed while two others were recovering
+        (--members --nodes 5 --seed 424); the shard never had a leader again."""
+        if set(nxt.voters) == set(self.membership.voters):
+            return
+        t = self.config.election_timeout_ticks
+        answering = [v for v in nxt.voters if v == self.id or (
+            (pr := self.progress.get(v)) is not None and self.ticks - pr.heard_tick <= t)]
+        if len(answering) < majority(len(nxt.voters)):
+            raise ValueError(f"the new voters {list(nxt.voters)} would have no majority that votes: only "
+                             f"{answering} answer the leader now (the others are down, cut off, or "
+                             f"still recovering); bring them back first")
 
     def _last_slot(self) -> int:
         return max(self.log) if self.log else self.snapshot_index
