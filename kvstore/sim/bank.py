@@ -46,8 +46,8 @@ import random
 from dataclasses import dataclass, field, fields, replace
 
 from kvstore.sim.trace import Trace, failure_report
-from kvstore.txn import (ABORT, COMMIT, LOCK_ONLY, Coordinator, DecisionTable, ParticipantState,
-                         TxnBugs, TxnDecision, TxnPrepare, TxnResolve)
+from kvstore.txn import (ABORT, COMMIT, LOCK_ONLY, Coordinator, DecisionTable, ParticipantState, Recovery,
+                         TxnBugs, TxnDecision, TxnFence, TxnPrepare, TxnResolve)
 
 INITIAL_BALANCE = 100
 #: The tags of requests whose entry is a TxnDecision: ``(kind, txn id, participants)``.
@@ -91,6 +91,9 @@ class BankConfig:
     # ABORT can then have preceded, so every lock was still held when the last one was taken.
     locking_audit_trusts_votes: bool = False
     audit_share: float = 0.3
+    # the share of (optimistic) cross-shard transfers committed in one round (parallel commits,
+    # kvstore.txn.coordinator); the others in two, as a client that was not told to (an upgrade)
+    one_round_share: float = 1.0
     bugs: TxnBugs = field(default_factory=TxnBugs)
     swarm: bool = True
     trace_lines: int = 80
@@ -104,6 +107,7 @@ def swarm(c: BankConfig, rng: random.Random) -> BankConfig:
                    outage_rate=pick(0.0, 0.005, 0.02), crash_rate=pick(0.0, 0.005, 0.02),
                    txn_deadline_ticks=pick(10, 30, 60), retry_ticks=pick(3, 6, 12),
                    audit_share=pick(0.1, 0.3, 0.5), accounts=pick(3, 6, 12),
+                   one_round_share=pick(1.0, 1.0, 0.5),
                    processes=pick(2, 3, 5))
 
 
@@ -137,6 +141,7 @@ class Shard:
         self.down_until = -1
         self.applying: object = None  # the entry being applied (the write oracle looks)
         self.asked: dict = {}  # resolver: txn id -> tick it last asked the coordinator shard
+        self.recoveries: dict = {}  # resolver: txn id -> Recovery of a one-round transaction
         self.singles: dict = {}  # txn id -> result: a retried one-shard transaction applies once
 
     # Store, for ParticipantState
@@ -181,7 +186,13 @@ class Shard:
         if isinstance(entry, TxnDecision):
             if entry.txn_id in sim.coordinator_of and sim.coordinator_of[entry.txn_id] != self.id:
                 sim.fail(f"decision for {entry.txn_id!r} proposed to s{self.id}, not its coordinator shard")
-            return self.decisions.apply_decision(entry.txn_id, entry.outcome)
+            recorded = self.decisions.apply_decision(entry.txn_id, entry.outcome)
+            told = sim.told.get(entry.txn_id)
+            if told is not None and told != recorded:  # a one-round client hears it first
+                sim.fail(f"decision: {entry.txn_id!r}'s client was told {told}, {recorded} is recorded")
+            return recorded
+        if isinstance(entry, TxnFence):
+            return self.participant.apply_fence(entry.txn_id)
         if isinstance(entry, TxnResolve):
             recorded = sim.recorded_decision(entry.txn_id)
             # every resolve carries out a recorded decision (a locking read's release too: its
@@ -207,15 +218,52 @@ class Shard:
         return value, rev
 
     def resolve_expired(self, now: int) -> None:
-        """The shard's resolver: ask the coordinator shard about prepared records past their deadline."""
+        """The shard's resolver: ask the coordinator shard about prepared records past their
+        deadline; a one-round one is recovered from its prepares (``recover``)."""
         sim = self.sim
         for p in self.participant.expired(now):
             if now - self.asked.get(p.txn_id, -10**9) < sim.config.retry_ticks * sim.config.retry_backoff_max:
                 continue
             self.asked[p.txn_id] = now
+            if p.one_round:
+                self.recover(p)
+                continue
             sim.log(f"s{self.id} resolver asks s{p.coordinator} about {p.txn_id!r}")
             sim.send(Propose(p.coordinator, ("resolver", self.id), ("decide", p.txn_id, p.participants),
                              TxnDecision(p.txn_id, ABORT)))
+
+
+    def recover(self, p: TxnPrepare) -> None:
+        """Fence every participant, then decide what the fences imply (``Recovery``); a
+        recovery already under way proposes again what it has no answer to."""
+        sim = self.sim
+        rec = self.recoveries.get(p.txn_id)
+        if rec is None:
+            rec = self.recoveries[p.txn_id] = Recovery(p.txn_id, p.coordinator, p.participants,
+                                                       sim.config.bugs)
+            sim.log(f"s{self.id} resolver recovers one-round {p.txn_id!r} from its prepares")
+        self.propose(rec, rec.proposals())
+
+    def propose(self, rec: Recovery, proposals: list) -> None:
+        for shard, entry in proposals:
+            tag = (("fence", rec.txn_id, shard) if isinstance(entry, TxnFence)
+                   else ("decide", rec.txn_id, rec.participants))
+            self.sim.send(Propose(shard, ("resolver", self.id), tag, entry))
+
+    def on_answer(self, a: "Answer") -> None:
+        """A recovery's fence or decision was applied (other answers: nothing to do here)."""
+        rec = self.recoveries.get(a.tag[1])
+        if rec is None:
+            return
+        if a.tag[0] == "fence":
+            self.propose(rec, rec.on_fenced(a.tag[2], a.result))
+        elif a.tag[0] == "decide":
+            rec.on_decision(a.result)  # carried out by the node that recorded it
+            del self.recoveries[a.tag[1]]
+
+    def lose_volatile(self) -> None:
+        """A leader change: the resolver's recoveries under way are lost (started again)."""
+        self.recoveries.clear()
 
 
 class Process:
@@ -398,8 +446,10 @@ class Process:
             self.arm()
             return
         coordinator_shard = op["shards"][0] if locked else sorted(parts)[sim.rng.randrange(len(parts))]
+        one_round = not locked and sim.rng.random() < sim.config.one_round_share
         co = Coordinator(txn_id, coordinator_shard, parts, sim.tick + sim.config.txn_deadline_ticks,
-                         decision_not_replicated=sim.config.bugs.decision_not_replicated)
+                         decision_not_replicated=sim.config.bugs.decision_not_replicated,
+                         one_round=one_round)
         sim.coordinator_of[txn_id] = coordinator_shard
         op["coordinator"] = co
         self.propose(co, co.proposals())
@@ -551,7 +601,10 @@ class BankSimulation:
     def answer(self, m: Answer) -> None:
         """What a shard's log answered reaches its proposer (a process's dead run hears nothing)."""
         if m.to[0] == "resolver":
-            return  # its decisions are carried out where they are recorded (``carry_out``)
+            # its decisions are carried out where they are recorded (``carry_out``); a
+            # recovery's fences and decision go on from what they answered
+            self.shards[m.to[1]].on_answer(m)
+            return
         process = self.processes[m.to[0]]
         if process.up and process.incarnation == m.to[1]:
             process.on_answer(m)
@@ -563,6 +616,7 @@ class BankSimulation:
         for shard in self.shards:
             if shard.down_until <= self.tick and rng.random() < c.outage_rate:
                 shard.down_until = self.tick + 1 + rng.randrange(c.outage_ticks_max)
+                shard.lose_volatile()
                 self.log(f"OUTAGE s{shard.id} until t{shard.down_until}")
         self._process_faults()
 
