@@ -26,7 +26,7 @@ from kvstore.machine.twopc import TXN_DEADLINE_MAX_MS
 from kvstore.server.local import LocalCluster
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
-from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TxnDecision, TxnPrepare, TxnResolve, encode
+from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TxnDecision, TxnFence, TxnPrepare, TxnResolve, encode
 from test_node import Raw
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,6 +136,11 @@ def test_a_prepare_with_a_deadline_far_away_is_capped_and_its_keys_free_within_t
     ("bad revision", lambda k: TxnPrepare(txn_id(), 0, (0,), ((k, -7),), (), 0)),
     ("a decision", lambda k: TxnDecision(txn_id(), COMMIT)),
     ("a resolve", lambda k: TxnResolve(txn_id(), ABORT)),
+    ("a fence", lambda k: TxnFence(txn_id())),
+    ("one-round, locking", lambda k: TxnPrepare(txn_id(), 0, (0,), ((k, LOCK_ONLY),), ((k, b"v"),), 0,
+                                                one_round=True)),
+    ("one-round, read-only", lambda k: TxnPrepare(txn_id(), 0, (0,), ((k, 0),), (), 0, True,
+                                                  one_round=True)),
 ])
 def test_a_hostile_2pc_command_is_refused_and_locks_nothing(lc, raws, why, entry):
     key = fresh_key(0)
