@@ -23,7 +23,7 @@ from typing import Callable
 
 from kvstore.commands import TwoPC, command_wire, two_pc
 from kvstore.machine.twopc import check_decide
-from kvstore.txn import ABORT, Recovery, TxnDecision, TxnFence, TxnPrepare, TxnResolve
+from kvstore.txn import ABORT, OUTCOMES, Recovery, TxnDecision, TxnFence, TxnPrepare, TxnResolve
 from kvstore.transport import wire
 
 log = logging.getLogger("kvstore.node")
@@ -122,12 +122,17 @@ class Resolver:
         def step(proposals: list) -> None:
             for target, entry in proposals:
                 if type(entry) is TxnFence:
-                    self._own_write(target, two_pc(entry),
-                                    lambda held, t=target: step(recovery.on_fenced(t, held is True)))
+                    self._own_write(target, two_pc(entry), lambda held, t=target: fenced(t, held))
                 else:
                     self._own_write(target, two_pc(entry), recorded)
 
+        def fenced(target: int, held) -> None:
+            if type(held) is bool:  # anything else (a late duplicate's answer): no answer
+                step(recovery.on_fenced(target, held))
+
         def recorded(outcome) -> None:
+            if outcome not in OUTCOMES:
+                return
             recovery.on_decision(outcome)
             self._carry_out(shard, prepare, outcome)
             self._resolve_everywhere(prepare.txn_id, outcome,
