@@ -183,6 +183,9 @@ def test_a_client_cannot_resolve_a_prepared_transaction_only_ask_for_its_decisio
     [0, b"T", ABORT, [0]],  # a guessable id
     [0, b"T" * 16, ABORT],
     [0, b"T" * 16, ABORT, "all"],
+    [0, b"T" * 16, ABORT, [0], False],  # "implied by the votes" is true or absent
+    [0, b"T" * 16, ABORT, [0], 1],
+    [0, b"T" * 16, ABORT, [0], True, True],
 ])
 def test_a_malformed_decide_request_is_refused(lc, raws, args):
     assert refused(request(raws[0], wire.OP_DECIDE, args))

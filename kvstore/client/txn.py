@@ -57,12 +57,14 @@ def _step(shard: int, entry: TxnPrepare) -> tuple:
     return wire.OP_WRITE, shard, two_pc(entry).wire()
 
 
-def _decide(shard: int, txn_id: bytes, outcome: int, participants) -> tuple:
+def _decide(shard: int, txn_id: bytes, outcome: int, participants, implied: bool = False) -> tuple:
     """Ask the leader of ``shard`` (the coordinator shard) to record ``outcome`` for
     ``txn_id`` (first recorded wins) and carry it out on ``participants``: one request
     of a plan's batch, answered with the recorded outcome. The node writes the
-    TxnDecision and the TxnResolve entries; a client never does."""
-    return wire.OP_DECIDE, shard, [shard, txn_id, outcome, list(participants)]
+    TxnDecision and the TxnResolve entries; a client never does. ``implied``: a
+    one-round transaction's outcome, fixed by its votes: carried out as it is recorded."""
+    args = [shard, txn_id, outcome, list(participants)]
+    return wire.OP_DECIDE, shard, args + [True] if implied else args
 
 
 def _deadline_ms() -> int:
@@ -115,7 +117,8 @@ def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard
     if coordinator.one_round:
         if coordinator.decided:  # the implicit outcome: record it, not waiting
             (shard, entry), = coordinator.proposals()
-            yield Detached([_decide(shard, entry.txn_id, entry.outcome, coordinator.participants)])
+            yield Detached([_decide(shard, entry.txn_id, entry.outcome, coordinator.participants,
+                                    implied=True)])
             if coordinator.outcome == COMMIT:
                 return
             raise _conflict()

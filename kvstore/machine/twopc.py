@@ -233,17 +233,22 @@ def check_participants(participants, nshards: int) -> tuple:
 
 
 def check_decide(args, nshards: int) -> tuple:
-    """A client's decide request ``[shard, txn_id, outcome, participants]``, checked:
-    ``(shard, TxnDecision, participants)``; ValueError if malformed."""
-    if type(args) is not list or len(args) != 4:
-        raise ValueError("decide takes [shard, txn_id, outcome, participants]")
-    shard, txn_id, outcome, participants = args
+    """A client's decide request ``[shard, txn_id, outcome, participants(, implied)]``,
+    checked: ``(shard, TxnDecision, participants, implied)``; ValueError if malformed.
+    ``implied`` (True, or absent: False): a one-round transaction's outcome, fixed by
+    the votes its client heard, so the node carries it out as it records it
+    (``kvstore.node.resolver``)."""
+    if type(args) is not list or len(args) not in (4, 5):
+        raise ValueError("decide takes [shard, txn_id, outcome, participants(, implied)]")
+    if len(args) == 5 and args[4] is not True:
+        raise ValueError("a decide request's fifth field (implied by the votes) is true or absent")
+    shard, txn_id, outcome, participants = args[:4]
     participants = check_participants(participants, nshards)
     if type(shard) is not int or shard not in participants:
         raise ValueError(f"the coordinator shard {shard!r} must be one of the participants")
     if type(outcome) is not int or outcome not in OUTCOMES:
         raise ValueError(f"a decision's outcome is one of {OUTCOMES}")
-    return shard, TxnDecision(check_txn_id(txn_id), outcome), participants
+    return shard, TxnDecision(check_txn_id(txn_id), outcome), participants, len(args) == 5
 
 
 def any_locked(txn, tables, keys) -> bool:

@@ -54,7 +54,7 @@ class Resolver:
         the recorded outcome (first recorded wins: maybe a resolver's ABORT), then
         carries it out on every participant (``_resolve_everywhere``). The client never
         writes a decision or a resolve itself; a lost resolve is done by the resolvers."""
-        shard, decision, participants = check_decide(args, self.nshards)
+        shard, decision, participants, implied = check_decide(args, self.nshards)
         r = self.replicas[shard]
         if not r.is_leader:
             self._not_leader(identity, request_id, wire.OP_DECIDE, args, r.leader_hint)
@@ -65,13 +65,19 @@ class Resolver:
             self.stats.count(wire.OP_DECIDE, wire.STATUS_OK)
             self.stats.txn_decisions["abort" if outcome == ABORT else "commit"] += 1
             self._reply(identity, request_id, wire.STATUS_OK, outcome)
-            self._resolve_everywhere(decision.txn_id, outcome, participants)
+            if not implied:
+                self._resolve_everywhere(decision.txn_id, outcome, participants)
 
         def failed(status: int, value) -> None:
             self.stats.count(wire.OP_DECIDE, status)
             self._reply(identity, request_id, status, value)
 
         self._own_write(shard, two_pc(decision), recorded, failed)
+        if implied:
+            # a one-round transaction's outcome is fixed by its votes (kvstore.txn.coordinator):
+            # carried out alongside the record, in the same round (the coordinator shard's
+            # resolve in the decision's batch), not after it
+            self._resolve_everywhere(decision.txn_id, decision.outcome, participants)
 
     def _resolve_abandoned(self, now: float) -> None:
         """Settle the prepared cross-shard transactions of the shards this node leads

@@ -50,8 +50,9 @@ from kvstore.txn import (ABORT, COMMIT, LOCK_ONLY, Coordinator, DecisionTable, P
                          TxnBugs, TxnDecision, TxnFence, TxnPrepare, TxnResolve)
 
 INITIAL_BALANCE = 100
-#: The tags of requests whose entry is a TxnDecision: ``(kind, txn id, participants)``.
-DECISION_REQUESTS = ("decide", "confirm", "release")
+#: The tags of requests whose entry is a TxnDecision: ``(kind, txn id, participants)``;
+#: "implied": a one-round transaction's outcome, carried out as it is recorded, not after.
+DECISION_REQUESTS = ("decide", "confirm", "release", "implied")
 
 
 class BankFailure(Exception):
@@ -142,6 +143,7 @@ class Shard:
         self.applying: object = None  # the entry being applied (the write oracle looks)
         self.asked: dict = {}  # resolver: txn id -> tick it last asked the coordinator shard
         self.recoveries: dict = {}  # resolver: txn id -> Recovery of a one-round transaction
+        self.resolving_outcome = None  # the outcome the resolve being applied must carry out
         self.singles: dict = {}  # txn id -> result: a retried one-shard transaction applies once
 
     # Store, for ParticipantState
@@ -151,10 +153,9 @@ class Shard:
     def write(self, key: bytes, value: bytes | None) -> None:
         entry = self.applying
         if isinstance(entry, TxnResolve):
-            recorded = self.sim.recorded_decision(entry.txn_id)
-            if entry.outcome != COMMIT or recorded != COMMIT:
-                self.sim.fail(f"atomicity: s{self.id} wrote {key!r} for {entry.txn_id!r}, whose recorded "
-                              f"decision is {recorded}")
+            if entry.outcome != COMMIT or self.resolving_outcome != COMMIT:
+                self.sim.fail(f"atomicity: s{self.id} wrote {key!r} for {entry.txn_id!r}, whose outcome "
+                              f"(recorded, or implied by its one-round votes) is {self.resolving_outcome}")
         elif not (isinstance(entry, tuple) and entry[0] == "single"):
             self.sim.fail(f"atomicity: s{self.id} wrote {key!r} while applying {type(entry).__name__}, "
                           f"before any decision")
@@ -194,12 +195,14 @@ class Shard:
         if isinstance(entry, TxnFence):
             return self.participant.apply_fence(entry.txn_id)
         if isinstance(entry, TxnResolve):
-            recorded = sim.recorded_decision(entry.txn_id)
             # every resolve carries out a recorded decision (a locking read's release too: its
-            # coordinator shard records ABORT first, kvstore.node.loop ``_on_decide``)
-            if recorded != entry.outcome:
+            # coordinator shard records ABORT first, kvstore.node.loop ``_on_decide``), or the
+            # outcome a one-round transaction's votes imply (its decision may come later)
+            self.resolving_outcome = sim.outcome_of(entry.txn_id)
+            if self.resolving_outcome != entry.outcome:
                 sim.fail(f"decision: s{self.id} carries out {entry.outcome} for {entry.txn_id!r}, "
-                         f"but the recorded decision is {recorded}")
+                         f"but its outcome is {self.resolving_outcome} (recorded "
+                         f"{sim.recorded_decision(entry.txn_id)}, implied {sim.implied(entry.txn_id)})")
             if self.participant.apply_resolve(self, entry):
                 sim.carried_out.setdefault(entry.txn_id, {})[self.id] = entry.outcome
             return True
@@ -391,7 +394,7 @@ class Process:
     def on_answer(self, a: Answer) -> None:
         sim = self.sim
         tag = a.tag
-        if tag[0] in ("prepare", "decide", "resolve"):
+        if tag[0] in ("prepare", "decide", "implied", "resolve"):
             txn_id = tag[1]
             co = self.op["coordinator"] if self.op and self.op.get("txn_id") == txn_id else self.background.get(txn_id)
             if co is None:
@@ -399,7 +402,7 @@ class Process:
             proposals = []
             if tag[0] == "prepare":
                 proposals = co.on_vote(tag[2], a.result)
-            elif tag[0] == "decide":
+            elif tag[0] in ("decide", "implied"):
                 co.on_decision(a.result)  # the node that recorded it carries it out
             self.propose(co, proposals)
             if co.state == "done":
@@ -451,6 +454,8 @@ class Process:
                          decision_not_replicated=sim.config.bugs.decision_not_replicated,
                          one_round=one_round)
         sim.coordinator_of[txn_id] = coordinator_shard
+        if co.one_round:
+            sim.one_round_participants[txn_id] = co.participants
         op["coordinator"] = co
         self.propose(co, co.proposals())
 
@@ -458,8 +463,10 @@ class Process:
         sim = self.sim
         for shard, entry in proposals:
             kind = {TxnPrepare: "prepare", TxnDecision: "decide", TxnResolve: "resolve"}[type(entry)]
+            if kind == "decide" and co.one_round:
+                kind = "implied"  # the votes fixed it: the node carries it out as it records it
             # a decide request names the participants: the node that records it resolves them
-            tag = (kind, co.txn_id, co.participants if kind == "decide" else shard)
+            tag = (kind, co.txn_id, co.participants if kind in DECISION_REQUESTS else shard)
             sim.send(Propose(shard, self.address, tag, entry))
         if self.op is not None and self.op.get("coordinator") is co:
             self.arm()
@@ -534,6 +541,7 @@ class BankSimulation:
                        for s in range(config.shards)]
         self.processes = [Process(self, p) for p in range(config.processes)]
         self.coordinator_of: dict = {}  # txn id -> its coordinator shard
+        self.one_round_participants: dict = {}  # txn id -> participants, of a one-round one
         self.carried_out: dict = {}  # txn id -> {shard: outcome} of the resolves applied
         self.told: dict = {}  # txn id -> the outcome its client was told
         self.unknown: set = set()  # transactions whose client died before hearing
@@ -553,6 +561,27 @@ class BankSimulation:
     def recorded_decision(self, txn_id: bytes) -> int | None:
         shard = self.coordinator_of.get(txn_id)
         return None if shard is None else self.shards[shard].decisions.decisions.get(txn_id)
+
+    def implied(self, txn_id: bytes) -> int | None:
+        """The outcome a one-round transaction's votes imply (kvstore.txn.coordinator): COMMIT
+        once every participant holds its yes vote (or carried out COMMIT), ABORT once one is
+        finished there as ABORT (it voted no or was fenced), else None (or not one-round)."""
+        participants = self.one_round_participants.get(txn_id)
+        if participants is None:
+            return None
+        states = []
+        for s in participants:
+            part = self.shards[s].participant
+            held = part.prepared.get(txn_id)
+            states.append(COMMIT if (held is not None and held.one_round) else part.finished.get(txn_id))
+        if ABORT in states:
+            return ABORT
+        return COMMIT if all(state == COMMIT for state in states) else None
+
+    def outcome_of(self, txn_id: bytes) -> int | None:
+        """The recorded decision, or else what the one-round votes imply."""
+        recorded = self.recorded_decision(txn_id)
+        return recorded if recorded is not None else self.implied(txn_id)
 
     def check_locks(self, shard: Shard) -> None:
         held: dict = {}
@@ -580,6 +609,8 @@ class BankSimulation:
         if isinstance(m, Answer):
             self.answer(m)
             return
+        if m.tag[0] == "implied":  # the node carries it out as it records it, quorum or not
+            self.resolve_everywhere(m, m.entry.outcome)
         shard = self.shards[m.to]
         if shard.down_until > self.tick:
             return  # no quorum: the proposal is lost
@@ -592,11 +623,14 @@ class BankSimulation:
         """A decision request (a process's decide, confirm or release, or a resolver's decide)
         was recorded: the node that recorded it, not the process, resolves it on every
         participant (kvstore.node.loop ``_on_decide``), whether or not its answer arrives."""
-        if m.tag[0] in DECISION_REQUESTS:
-            _kind, txn_id, participants = m.tag
-            for shard in participants:
-                self.send(Propose(shard, ("resolver", m.to), ("resolve", txn_id, shard),
-                                  TxnResolve(txn_id, result)))
+        if m.tag[0] in DECISION_REQUESTS and m.tag[0] != "implied":
+            self.resolve_everywhere(m, result)
+
+    def resolve_everywhere(self, m: Propose, outcome: int) -> None:
+        _kind, txn_id, participants = m.tag
+        for shard in participants:
+            self.send(Propose(shard, ("resolver", m.to), ("resolve", txn_id, shard),
+                              TxnResolve(txn_id, outcome)))
 
     def answer(self, m: Answer) -> None:
         """What a shard's log answered reaches its proposer (a process's dead run hears nothing)."""
@@ -683,7 +717,7 @@ class BankSimulation:
             if shard.participant.locks:
                 self.fail(f"liveness: s{shard.id} still locks {sorted(shard.participant.locks)}")
         for txn_id, by_shard in self.carried_out.items():
-            recorded = self.recorded_decision(txn_id)
+            recorded = self.outcome_of(txn_id)
             participants = None
             for shard in self.shards:
                 if txn_id in shard.participant.finished:
@@ -700,6 +734,11 @@ class BankSimulation:
             recorded = self.recorded_decision(txn_id)
             if recorded is not None and recorded != outcome:
                 self.fail(f"decision: {txn_id!r}'s client was told {outcome}, the record says {recorded}")
+            participants = self.one_round_participants.get(txn_id, ())
+            if outcome == COMMIT and any(self.shards[s].participant.finished.get(txn_id) != COMMIT
+                                         for s in participants):
+                self.fail(f"atomicity: {txn_id!r}'s client was told COMMIT, carried out as "
+                          f"{[self.shards[s].participant.finished.get(txn_id) for s in participants]}")
         total = sum(int(v) for s in self.shards for _, v in s.data.values())
         if total != self.total:
             self.fail(f"atomicity: the accounts hold {total}, not {self.total}")

@@ -26,9 +26,11 @@ every participant's yes vote is chosen in its shard's log (the *implicit*
 outcome), and ABORTED as soon as one participant can never hold one (it voted
 no: it is then finished as ABORT there, and any later copy of the prepare votes
 no). The client is answered when it has heard every vote (commit) or one no
-(abort); the TxnDecision and the resolves are written after the answer, as in
-two rounds, by the coordinator shard's leader. The recorded decision stays
-first writer wins, and the argument is that whoever writes it writes the
+(abort); the TxnDecision and the resolves are written after the answer by the
+coordinator shard's leader, in one round: the resolves carry out the implicit
+outcome, so they need not wait for its record (the client's decide request
+says so: "implied"). The recorded decision stays first writer wins, and the
+argument is that whoever writes it, or carries an outcome out, writes the
 implicit outcome:
 
 - the client proposes COMMIT only having heard every yes, ABORT only having
@@ -48,6 +50,12 @@ implicit outcome:
 - Hence a client told COMMIT (every prepare chosen yes before any fence) can
   only ever see COMMIT recorded, and one told ABORT only ABORT. A recovery
   racing the client, or another recovery, reads the same final answers.
+- A resolve applied before the record changes no fence's answer (a COMMIT
+  resolve leaves COMMIT carried out, reported as a yes; an ABORT one leaves
+  ABORT). If the record is lost while every resolve is applied, nothing is
+  recorded, and nothing needs to be: no participant holds the prepare, so no
+  resolver asks, and a late copy of the prepare finds it finished. While one
+  still holds it, its resolver's recovery records the implied outcome.
 
 A fence of a two-round transaction's record reports no yes (its recovery may
 only abort: the client waits for the recorded decision there), and a locking
