@@ -321,6 +321,96 @@ def test_a_voter_that_missed_two_changes_catches_up_from_the_new_leader():
     sequences_agree(c)
 
 
+def test_two_wiped_voters_that_missed_a_removal_learn_it_from_followers_and_recover_in_the_new_epoch():
+    """Two voters lose their disks after a change they missed (they start in the bootstrap
+    epoch); the node the change removed is gone for good. The new epoch needs one of them
+    to elect a leader, and they waited for a report from every voter of the old epoch,
+    the removed one included: no leader ever again (real-node sim: --members --nodes 5
+    --seed 6). Any member that sees them behind now sends the chosen values they lack
+    (``Chosen``), they move to the new epoch and recover among its voters."""
+    c = Cluster(5, seed=11)
+    lead = leader_of(c)
+    a, b, removed, other = [i for i in range(5) if i != lead]
+    c.isolate(a)
+    c.isolate(b)
+    for x in (lead, removed, other):  # the three still talk to each other
+        for y in (lead, removed, other):
+            c.cut_links.discard((x, y))
+    change(c, tuple(v for v in range(5) if v != removed))
+    c.tick(5)  # the others learn it is chosen
+    assert c.replicas[other].membership.epoch == 1
+    c.crash(removed)
+    for i in (a, b):
+        c.wipe(i)
+        c.restart(i)
+    assert c.replicas[a].recovering and c.replicas[a].membership.epoch == 0
+    c.heal()
+    c.cut(removed, lead)  # (it is down anyway)
+    new = leader_of(c, max_ticks=600)
+    assert c.replicas[new].membership.epoch == 1
+    write(c, b"after")
+    c.tick(5)
+    for i in (a, b):
+        r = c.replicas[i]
+        assert not r.recovering and r.membership.epoch == 1 and r.is_voter
+        assert b"after" in c.commands(i)
+    sequences_agree(c)
+
+
+def test_a_learner_promoted_while_cut_off_learns_it_from_a_candidate_it_refuses():
+    """A learner misses its own promotion; then a voter is lost, so the new epoch needs
+    the learner's vote to elect anyone, and there is no leader it could learn the change
+    from. It refused the candidates' votes and stayed behind for good (real-node sim:
+    --members --nodes 3 --seed 9055). A refusal now says how far it holds the chosen
+    values, and the candidate sends what it lacks (``Chosen``)."""
+    c = Cluster(3, seed=12, nodes=4)
+    change(c, (0, 1, 2), (3,))
+    c.join(3, c.replicas[leader_of(c)].membership)
+    write(c, b"before")
+    c.tick(10)
+    assert b"before" in c.commands(3)
+    c.isolate(3)
+    change(c, (0, 1, 2, 3))
+    c.tick(5)
+    assert c.replicas[3].membership.epoch == 1 and not c.replicas[3].is_voter
+    c.crash(leader_of(c))
+    c.heal()
+    new = leader_of(c, max_ticks=600)
+    assert c.replicas[new].membership.epoch == 2
+    write(c, b"after")
+    c.tick(5)
+    assert c.replicas[3].is_voter and b"after" in c.commands(3)
+    sequences_agree(c)
+
+
+def test_a_promoted_learner_behind_a_compaction_takes_a_snapshot_from_a_candidate():
+    """As above, but the others compacted their logs past what the learner holds: the
+    candidate it refuses offers its snapshot (``Chosen`` with a snapshot index) and the
+    learner lets that sender's transfer in (real-node sim: --members --nodes 3 --seed 9139)."""
+    c = Cluster(3, seed=13, nodes=4, log_retain_slots=2)
+    change(c, (0, 1, 2), (3,))
+    c.join(3, c.replicas[leader_of(c)].membership)
+    write(c, b"before")
+    c.tick(10)
+    c.isolate(3)
+    change(c, (0, 1, 2, 3))
+    for k in range(8):
+        write(c, b"v%d" % k)
+    c.tick(5)
+    for i in range(3):
+        r = c.replicas[i]
+        r.compact(r.applied_index, b"state")
+    assert c.replicas[0].log_start > c.replicas[3].commit_index + 1
+    c.crash(leader_of(c))
+    c.heal()
+    new = leader_of(c, max_ticks=600)
+    assert c.replicas[new].membership.epoch == 2
+    write(c, b"after")
+    c.tick(5)
+    r = c.replicas[3]
+    assert r.is_voter and c.snapshots[3] and c.commands(3)[-1] == b"after"
+
+
 def test_after_a_forged_later_epoch_the_leader_of_our_epoch_is_followed_again_for_reads():
     """A forged heartbeat of an unknown epoch (learned from, never promised) left the
     replica asking its follower reads of that ballot: no leader answered them, and the

@@ -7,10 +7,11 @@ words only (Prepare, Promise, Accept, Accepted), never shared with two-phase com
 | type            | meaning and fields used                                                   |
 | --------------- | ------------------------------------------------------------------------- |
 | PreVote         | "would you promise ``ballot``?" (changes nothing); ``commit_index``        |
-| PreVoteReply    | ``reject``; ``hint`` = the voter's promise                                 |
+| PreVoteReply    | ``reject``; ``hint`` = the voter's promise; ``commit_index`` = the voter's  |
 | Prepare         | phase 1a for all slots above ``commit_index`` at ``ballot``                |
 | Promise         | phase 1b: ``records`` = accepted entries above the candidate's commit index, |
-|                 | ``commit_index`` = the promiser's; ``reject`` + ``hint`` = higher promise   |
+|                 | ``commit_index`` = the promiser's (a refusal's too); ``reject`` + ``hint`` |
+|                 | = higher promise                                                           |
 | Accept          | phase 2a: ``records`` at ``ballot`` (or already chosen ones at slots        |
 |                 | <= ``commit_index``), the leader's ``commit_index``                        |
 | Accepted        | phase 2b: ``match_index`` = every slot up to it is accepted at ``ballot``   |
@@ -27,10 +28,18 @@ words only (Prepare, Promise, Accept, Accepted), never shared with two-phase com
 | Recover         | a node that restarted with no Paxos state asks for a report; ``ballot`` = |
 |                 | a fence (0: none) the addressee raises its promise to first;              |
 |                 | ``context`` = the asker's nonce; ``commit_index`` = a slot the asker      |
-|                 | waits to see committed (-1: none; a leader fills slots up to it)          |
+|                 | waits to see committed (-1: none; a leader fills slots up to it);         |
+|                 | ``match_index`` = the asker's commit point (what it has learned)          |
 | RecoverReply    | ``hint`` = the reporter's promise (after the fence), ``match_index`` = the |
 |                 | highest slot it holds anything at (accepted, chosen or snapshotted),      |
 |                 | ``commit_index``; ``context`` echoed                                      |
+| Chosen          | ``records`` = chosen values the addressee lacks (slots right above the    |
+|                 | commit point it told, through the first membership change among them),   |
+|                 | ``commit_index`` = the sender's; ``ballot`` = the sender's promise. Sent  |
+|                 | by any member to one behind: a recovering node, or one of an earlier      |
+|                 | epoch; never a vote, never a promise. Where the sender compacted those    |
+|                 | slots: no records, ``snapshot_index`` = its snapshot's, and the transfer  |
+|                 | follows (the addressee lets in that sender's Snapshot chunks)             |
 
 Prepare and Promise carry ``context`` too: the candidate's nonce for this campaign,
 echoed, so that a Promise answering a Prepare of an earlier incarnation (one that lost
@@ -71,10 +80,11 @@ READ_INDEX_REPLY = "ReadIndexReply"
 SNAPSHOT_ACK = "SnapshotAck"
 RECOVER = "Recover"
 RECOVER_REPLY = "RecoverReply"
+CHOSEN = "Chosen"
 
 MESSAGE_TYPES = (PRE_VOTE, PRE_VOTE_REPLY, PREPARE, PROMISE, ACCEPT, ACCEPTED,
                  HEARTBEAT, HEARTBEAT_REPLY, SNAPSHOT, READ_INDEX, READ_INDEX_REPLY,
-                 SNAPSHOT_ACK, RECOVER, RECOVER_REPLY)
+                 SNAPSHOT_ACK, RECOVER, RECOVER_REPLY, CHOSEN)
 _TYPE_CODE = {t: i for i, t in enumerate(MESSAGE_TYPES)}
 
 #: Nodes in a group at most (``Replica`` refuses more; votes are 64-bit masks).
@@ -180,7 +190,7 @@ def _check_ranges(m: Message) -> None:
     if m.to == m.frm:
         raise ValueError("paxos message addressed to its own sender")
     t = m.type
-    if m.records and t not in (ACCEPT, PROMISE):
+    if m.records and t not in (ACCEPT, PROMISE, CHOSEN):
         raise ValueError(f"a {t} carries no records")
     if len(m.records) > RECORDS_MAX:
         raise ValueError(f"{len(m.records)} records in one message, over {RECORDS_MAX}")

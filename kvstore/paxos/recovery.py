@@ -63,7 +63,8 @@ class WipedRecovery:
         for i in self.voters:
             if i != self.id and (rc.phase == 3 or i not in rc.reports):
                 self._send(Message(M.RECOVER, i, self.id, ballot=rc.fence, context=rc.nonce,
-                                   commit_index=rc.target if rc.phase == 3 else -1))
+                                   commit_index=rc.target if rc.phase == 3 else -1,
+                                   match_index=self.commit_index))
 
     def _on_recover(self, m: Message) -> None:
         """Any node, any role: report what a recovering node needs, after the fence.
@@ -85,6 +86,10 @@ class WipedRecovery:
         self._send(Message(M.RECOVER_REPLY, m.frm, self.id, hint=self.promised,
                            match_index=self._highest_held(), commit_index=self.commit_index,
                            context=m.context))
+        # What it lacks of the chosen values: through a membership change it missed, it
+        # moves to the epoch that followed and asks that epoch's voters (their reports are
+        # the ones it needs; one removed since may never answer again).
+        self._send_chosen(m.frm, m.match_index)
 
     def _on_recover_reply(self, m: Message) -> None:
         rc = self.recovery

@@ -142,7 +142,15 @@ epoch outranks every ballot of the old. What each replica does:
   and a candidate ignores them in the promises it counts;
 - only a voter of the epoch a replica knows campaigns; one that has seen a ballot of a later
   epoch waits to learn it (from a leader of that epoch: a message from a node it does not
-  know is taken when its ballot is of a later epoch); learners receive the log and answer,
+  know is taken when its ballot is of a later epoch);
+- a member that sees a node behind it by a change (an old epoch's Prepare, PreVote, Accept
+  or Heartbeat; a refusal whose promise is of an earlier epoch, with the refuser's commit
+  point; a wiped node's Recover, with the asker's) sends it the chosen values it lacks, up
+  to the first change (``Chosen``; its snapshot where its log is compacted): a chosen value
+  is a fact whoever tells it, and the new epoch may have no leader to tell it, because
+  the node behind is the vote it needs (a learner promoted while cut off; a wiped voter
+  still waiting for a report from one removed since);
+- learners receive the log and answer,
   but their answers count for nothing; a replica of a removed node neither votes nor
   campaigns;
 - a snapshot travels with the membership at its index (``membership.wrap_snapshot``) and
@@ -286,6 +294,9 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         self.trace: list | None = None  # a driver may set a list to collect state changes
         # Snapshot transfers this node sends (any role): receiver -> _SnapshotOut.
         self.snapshots_out: dict = {}
+        # (sender, ballot) of a member that offered this replica, behind, its snapshot
+        # (``Chosen`` with a snapshot index): its transfer is let in like a leader's
+        self.snapshot_source: tuple | None = None
         self.snapshots_sent = 0  # transfers started (a count for the operator's metrics)
         # Campaign nonce: a Promise counts only if it echoes the Prepare's (see messages).
         self.campaign_context = 0
@@ -732,8 +743,8 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             # (A recovering replica has promised nothing yet: it follows the ballot of the
             # leader it learns from, ``_followed_ballot``.)
             return ((m.ballot != self._followed_ballot() or ballot_node(m.ballot) != m.frm)
-                    and not self.bugs.snapshot_from_anyone)
-        if t == M.ACCEPT or t == M.PROMISE:
+                    and (m.frm, m.ballot) != self.snapshot_source and not self.bugs.snapshot_from_anyone)
+        if t == M.ACCEPT or t == M.PROMISE or t == M.CHOSEN:
             top = self.commit_index + SLOT_SPAN_MAX
             return any(record_fields(rec)[0] > top for rec in m.records)
         if (t == M.ACCEPTED or t == M.HEARTBEAT_REPLY) and not m.reject:
@@ -768,9 +779,18 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         if self._ignored(m):
             return
         t = m.type
-        if t in _PROPOSALS and ballot_epoch(m.ballot) > self.membership.epoch:
-            self._from_later_epoch(m)
-            return
+        if t in _PROPOSALS:
+            e = ballot_epoch(m.ballot)
+            if e > self.membership.epoch:
+                self._from_later_epoch(m)
+                return
+            if e < self.membership.epoch and m.commit_index < self.commit_index:
+                self._send_chosen(m.frm, m.commit_index)  # it missed a change: tell it
+        elif (m.reject and (t == M.PROMISE or t == M.PRE_VOTE_REPLY) and m.commit_index < self.commit_index
+              and ballot_epoch(m.hint) < self.membership.epoch):
+            # a voter of our epoch that has not reached it (a learner promoted by a change it
+            # missed, or a recovering one) refuses us: it must learn the change first
+            self._send_chosen(m.frm, m.commit_index)
         if t == M.PRE_VOTE:
             self._on_pre_vote(m)
         elif t == M.PRE_VOTE_REPLY:
@@ -795,6 +815,8 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             self._on_recover(m)
         elif t == M.RECOVER_REPLY:
             self._on_recover_reply(m)
+        elif t == M.CHOSEN:
+            self._on_chosen(m)
         if self.recovery is not None:
             self._advance_recovery()
         if self.follower_reads_leader is not None:
@@ -812,7 +834,8 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         grant = (self.recovery is None and m.ballot > self.promised and not self._heard_leader_recently()
                  and m.commit_index + 1 >= self.log_start)
         self._send(Message(M.PRE_VOTE_REPLY, m.frm, self.id, ballot=m.ballot,
-                           reject=not grant, hint=self.promised, context=m.context))
+                           reject=not grant, hint=self.promised, context=m.context,
+                           commit_index=self.commit_index))
 
     def _on_pre_vote_reply(self, m: Message) -> None:
         if self.role != PRE_CANDIDATE:
@@ -831,11 +854,13 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             return  # no vote before recovery; a lost message, to the candidate
         b = m.ballot
         if b < self.promised or (b == self.promised and ballot_node(b) != m.frm):
-            self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
+            self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised,
+                               commit_index=self.commit_index))
             return
         # Leader stickiness: a follower that hears a live leader does not depose it.
         if b > self.promised and self._heard_leader_recently() and self.leader != m.frm:
-            self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
+            self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised,
+                               commit_index=self.commit_index))
             return
         # A Promise must carry every accepted value above the candidate's commit point. If we
         # compacted slots it has not committed, we cannot: it must catch up first. Checked on
@@ -843,7 +868,8 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         # installed (or a compaction) between two copies drops slots the first answer held.
         duplicate = b == self.promised
         if m.commit_index + 1 < self.log_start and not (duplicate and self.bugs.duplicate_prepare_unchecked):
-            self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised))
+            self._send(Message(M.PROMISE, m.frm, self.id, ballot=b, reject=True, hint=self.promised,
+                               commit_index=self.commit_index))
             self._send_snapshot(m.frm, b)  # ignored by the candidate now (``_ignored``): issue 18
             return
         if b > self.promised:
@@ -1073,6 +1099,7 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         if m.type in (M.PREPARE, M.PRE_VOTE):
             reply = M.PROMISE if m.type == M.PREPARE else M.PRE_VOTE_REPLY
             self._send(Message(reply, m.frm, self.id, ballot=m.ballot, reject=True, hint=self.promised,
+                               commit_index=self.commit_index,
                                context=m.context if reply == M.PRE_VOTE_REPLY else 0))
             return
         if self.recovery is not None:
@@ -1084,14 +1111,19 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
                 self._become_follower(m.frm)
             self.leader = m.frm
             self.election_elapsed = 0
-        # Only the chosen values that extend the commit point, through the first change
-        # among them: everything stored is then at or below the commit point (nothing
-        # held above the promise: ``check_recovered`` refuses that at a restart), and what
-        # follows a change is learned again under the epoch it begins.
+        self._take_chosen(m.records, m.commit_index)
+        self._send_progress(M.ACCEPTED if m.type == M.ACCEPT else M.HEARTBEAT_REPLY, m.frm, m.ballot, m.context)
+
+    def _take_chosen(self, records: tuple, upto: int) -> None:
+        """Store the chosen values (records at or below ``upto``, a peer's commit point) that
+        extend the commit point, through the first membership change among them: everything
+        stored is then at or below the commit point (nothing held above the promise:
+        ``check_recovered`` refuses that at a restart), and what follows a change is learned
+        again under the epoch it begins."""
         chosen = {}
-        for rec in m.records:
+        for rec in records:
             slot, rb, kind, payload = decode_record(rec)
-            if self.commit_index < slot <= m.commit_index and slot >= self.log_start:
+            if self.commit_index < slot <= upto and slot >= self.log_start:
                 chosen[slot] = (rb, kind, payload, rec)
         commit = self.commit_index
         while commit + 1 in chosen:
@@ -1102,7 +1134,51 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             if kind == KIND_CONFIG:
                 break
         self._set_commit(commit)
-        self._send_progress(M.ACCEPTED if m.type == M.ACCEPT else M.HEARTBEAT_REPLY, m.frm, m.ballot, m.context)
+
+    def _send_chosen(self, to: int, after: int) -> None:
+        """Send ``to`` the chosen values right above its commit point ``after``, through the
+        first membership change among them (``Chosen``). Any member may: a chosen value is a
+        fact, whoever tells it. This is how a node that missed a change, or is recovering
+        from a lost disk, learns that its epoch ended when the new epoch has no leader yet
+        (it may be the very voter the new epoch needs: sim seed 6 on 5 nodes). Slots this
+        replica has compacted are not sent (its snapshot goes only from a leader)."""
+        lo = after + 1
+        if lo > self.commit_index:
+            return
+        if lo < self.log_start:
+            # compacted here: offer the snapshot (it then takes a transfer from us), and the
+            # log above it follows once its commit point is there
+            if self.snapshot_index > after and self.snapshot_membership is not None:
+                self._send(Message(M.CHOSEN, to, self.id, ballot=self.promised, commit_index=self.commit_index,
+                                   snapshot_index=self.snapshot_index))
+                self._send_snapshot(to, self.promised)
+            return
+        hi = min(self.commit_index, lo + self.config.entries_per_message_max - 1)
+        recs = []
+        for slot in range(lo, hi + 1):
+            e = self.log.get(slot)
+            if e is None:
+                break
+            recs.append(e[3])
+            if e[1] == KIND_CONFIG:
+                break
+        if recs:
+            self._send(Message(M.CHOSEN, to, self.id, ballot=self.promised, commit_index=self.commit_index,
+                               records=tuple(recs)))
+
+    def _on_chosen(self, m: Message) -> None:
+        """Chosen values from a member that saw this replica behind (``_send_chosen``): taken
+        only where they extend the commit point (a recovering replica too: it learns, it does
+        not vote). A leader or candidate that is told of values chosen past its commit point
+        is of an epoch that ended: it steps down first, and the change moves it on."""
+        if m.commit_index <= self.commit_index:
+            return
+        if self.role != FOLLOWER:
+            self._become_follower(None)
+        if m.snapshot_index > self.commit_index and not m.records:
+            self.snapshot_source = (m.frm, m.ballot)  # its transfer is let in (``_ignored``)
+            return
+        self._take_chosen(m.records, m.commit_index)
 
     def _send_progress(self, reply_type: str, to: int, ballot: int, context: int) -> None:
         """A recovering node's answer to an Accept or Heartbeat: no vote (``reject``, no

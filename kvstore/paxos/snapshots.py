@@ -161,6 +161,7 @@ class SnapshotTransfer:
             return
         index = m.snapshot_index
         self._log_event(f"installing snapshot through {index}")
+        self.snapshot_source = None
         self.snapshot_index = index
         self.snapshot_data = data
         for s in [s for s in self.log if s <= index]:

@@ -125,6 +125,13 @@ class Oracle:
                     self._proposed(slot, ballot, (kind, payload))  # its own vote counts at ``synced``
                 elif slot <= m.commit_index:
                     self._claimed_chosen(node, slot, (kind, payload))
+        elif m.type == M.CHOSEN:  # every record it tells is a claim that its value is chosen
+            for rec in m.records:
+                slot, _ballot, kind, payload = decode_record(rec)
+                if slot > m.commit_index:
+                    self.fail(f"chosen: n{node} told slot {slot} as chosen above its commit point "
+                              f"{m.commit_index}")
+                self._claimed_chosen(node, slot, (kind, payload))
         elif m.type == M.PROMISE:
             self.promised[node] = max(self.promised[node], m.ballot)
             shown = {decode_record(rec)[0] for rec in m.records}
