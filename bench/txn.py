@@ -72,7 +72,8 @@ def pairs(by_shard: dict, cross: bool, rnd: random.Random):
             yield a, b
 
 
-async def transfer_load(db, by_shard: dict, cross: bool, in_flight: int, seconds: float) -> dict:
+async def transfer_load(db, by_shard: dict, cross: bool, in_flight: int, seconds: float,
+                        pause: float = 0.0) -> dict:
     latencies, attempts = [], 0
     deadline = time.perf_counter() + seconds
 
@@ -91,6 +92,8 @@ async def transfer_load(db, by_shard: dict, cross: bool, in_flight: int, seconds
             t0 = time.perf_counter()
             await db.run_transaction(move, retries=1000)
             latencies.append(time.perf_counter() - t0)
+            if pause:
+                await asyncio.sleep(pause)  # a lone transfer: the last one's background is done
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(in_flight)))
@@ -101,6 +104,11 @@ async def transfer_load(db, by_shard: dict, cross: bool, in_flight: int, seconds
             "p99_ms": round(percentile(latencies, 99) * 1e3, 2),
             "abort_rate": round(1 - len(latencies) / attempts, 3) if attempts else 0.0}
 
+
+#: "lone" rows: one transfer at a time with this pause after each (not counted in its
+#: latency), so that the previous transfer's resolves are done: a transfer as an
+#: occasional web request sees it. The "1 in flight" rows run back to back.
+LONE_PAUSE = 0.02
 
 CASES = (("one shard", False, False), ("cross-shard, 2 rounds", True, False),
          ("cross-shard, 1 round", True, True))
@@ -113,9 +121,11 @@ async def run_cluster_rows(addresses: list, nshards: int, in_flight: list, secon
             await kvstore.aio.connect(addresses, timeout=30, one_round_commit=True) as one:
         spread = accounts_by_shard(nshards, 10_000 // nshards)
         for r in range(rounds):
-            for n in in_flight:
+            for n in ["lone", *in_flight]:
                 for label, cross, one_round in CASES:
-                    row = await transfer_load(one if one_round else two, spread, cross, n, seconds)
+                    row = await transfer_load(one if one_round else two, spread, cross,
+                                              1 if n == "lone" else n, seconds,
+                                              LONE_PAUSE if n == "lone" else 0.0)
                     row.update(shards=nshards, kind=label, in_flight=n, accounts=10_000, round=r)
                     rows.append(row)
                     print_row(row)
@@ -141,13 +151,13 @@ def print_ratios(rows: list) -> list:
             ratio = round(r["p50_ms"] / base[key], 2)
             out.append({"shards": key[0], "in_flight": key[1], "round": key[2],
                         "kind": r["kind"], "p50_over_one_shard": ratio})
-            print(f"{key[0]} shards {key[1]:3} in flight, round {key[2]}: {r['kind']:22} "
+            print(f"{key[0]} shards {key[1]:>4} in flight, round {key[2]}: {r['kind']:22} "
                   f"p50 {r['p50_ms']:.2f} ms = {ratio:.2f}x one shard ({base[key]:.2f} ms)")
     return out
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['shards']} shards  {r['kind']:26} {r['in_flight']:3} in flight "
+    print(f"{r['shards']} shards  {r['kind']:26} {r['in_flight']:>4} in flight "
           f"({r['accounts']:>6} accounts): {r['txns_per_s']:>8,.0f} txn/s  p50 {r['p50_ms']:7.2f} ms  "
           f"p99 {r['p99_ms']:7.2f} ms  aborts {r['abort_rate']:.1%}", flush=True)
 
