@@ -53,7 +53,9 @@ class Resolver:
         leads the coordinator shard, proposes the TxnDecision as its own write, answers
         the recorded outcome (first recorded wins: maybe a resolver's ABORT), then
         carries it out on every participant (``_resolve_everywhere``). The client never
-        writes a decision or a resolve itself; a lost resolve is done by the resolvers."""
+        writes a decision or a resolve itself; a lost resolve is done by the resolvers.
+        ``implied`` (a one-round transaction: its votes fixed the outcome) carries it out
+        while it is recorded, in the same round (``kvstore.txn.coordinator``)."""
         shard, decision, participants, implied = check_decide(args, self.nshards)
         r = self.replicas[shard]
         if not r.is_leader:
