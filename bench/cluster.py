@@ -25,6 +25,8 @@ as ``server_embedded`` documents). Its CPU share is that whole process.
     python bench/cluster.py --quick        # smoke run
     python bench/cluster.py --no-embedded  # skip the embedded replica's rows
     python bench/cluster.py --metrics      # also: puts/s without and with --metrics
+    python bench/cluster.py --etcd-only    # only the same-sitting table against etcd
+                                           # (bench/results/cluster_etcd.json)
 
 ``--metrics`` measures what a node's Prometheus endpoint costs (``kvstore-server
 --metrics``): in the same run, alternating rounds (ABBA) on fresh clusters, plain ones
@@ -32,9 +34,19 @@ and ones whose nodes serve ``/metrics`` and are scraped every second (a busy Pro
 scrapes every 15 s), puts at each concurrency; the median ops/s of each side and their
 ratio. ``--metrics-only`` runs that alone (bench/results/cluster_metrics.json).
 
-Last, the profile of one put at a time (``profile_lone_put``): where its
-time goes on the leader, from timing wrappers on an embedded leader's
-``Node`` instance and a client process on the same clock.
+First of all, kvstore beside etcd 3.4 in the same sitting (``versus_etcd``, where
+``etcd`` is installed; skipped, said so, where it is not): three members each,
+never both at once, the same rows (durable puts and linearizable gets with 256
+and 1 in flight through each asyncio client; put and get one after the other
+through each blocking client), ``--etcd-rounds`` interleaved rounds, the best of
+them per figure, and the ratios kvstore / etcd. etcd is reached over gRPC (the
+``grpcio`` of the ``[bench]`` extra; its JSON gateway without it), the clients on
+its leader.
+
+Last, the profiles of one put and one get at a time (``profile_lone_put``,
+``profile_lone_get``): where their time goes on the leader, from timing
+wrappers on an embedded leader's ``Node`` instance and a client process on
+the same clock.
 """
 
 from __future__ import annotations
@@ -509,6 +521,118 @@ def print_profile(p: dict) -> None:
             print(f"  {label:68} {p[k]:7.3f}" + ("" if k == "saves_per_put" else " ms"))
 
 
+LONE_GET_CLIENT = LONE_PUT_CLIENT.replace('c.put(b"%016d" % (i % 10_000), value)',
+                                          'c.get(b"%016d" % (i % 10_000))')
+
+
+def profile_lone_get(base: str, n: int) -> dict:
+    """Where one linearizable get at a time spends its time, as ``profile_lone_put``:
+    the leader is an embedded replica with timing wrappers (the read's arrival, the
+    Heartbeats of its read-index round, the first HeartbeatReply, the read served, the
+    answer sent); the client another process making ``n`` gets one after the other."""
+    import bisect
+    import json
+    import subprocess
+    from kvstore.paxos import messages as M
+    lc = LocalCluster(os.path.join(base, "profile-get"), 3, 1)
+    db = None
+    events: list = []
+    try:
+        db = kvstore.open(os.path.join(lc.directory, "n1"), node_id="n1",
+                          cluster=lc.config_path)
+        lc.start("n2")
+        lc.start("n3")
+        lead_from_embedded(lc, db)
+        db.put(b"%016d" % 0, b"x")
+        node = db._node
+        now = time.monotonic_ns
+        saved = (node._on_read, node._on_paxos, node._serve_reads, node.sockets.send_peer,
+                 node.sockets.reply)
+        on_read, on_paxos, serve, send_peer, reply = saved
+
+        def timed_on_read(*a):
+            events.append(("read", now()))
+            return on_read(*a)
+
+        def timed_on_paxos(frm, items):
+            if any(m.type == M.HEARTBEAT_REPLY for _s, m in items):
+                events.append(("ack", now()))
+            return on_paxos(frm, items)
+
+        def timed_serve(tokens):
+            events.append(("serve", now()))
+            return serve(tokens)
+
+        def timed_send_peer(to, frame):
+            t = now()
+            try:
+                return send_peer(to, frame)
+            finally:
+                events.append(("sent_peer", t, now()))
+
+        def timed_reply(to, items):
+            t = now()
+            try:
+                return reply(to, items)
+            finally:
+                events.append(("reply", t, now()))
+
+        node._on_read, node._on_paxos, node._serve_reads = timed_on_read, timed_on_paxos, timed_serve
+        node.sockets.send_peer, node.sockets.reply = timed_send_peer, timed_reply
+        r = subprocess.run([sys.executable, "-c", LONE_GET_CLIENT, lc.addresses["n1"], str(n)],
+                           capture_output=True, text=True, timeout=60 + n * 0.05,
+                           env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+        (node._on_read, node._on_paxos, node._serve_reads, node.sockets.send_peer,
+         node.sockets.reply) = saved
+        if r.returncode != 0:
+            raise RuntimeError(f"the lone-get client failed: {r.stderr[-2000:]}")
+        gets = json.loads(r.stdout)
+    finally:
+        if db is not None:
+            db.close()
+        lc.stop_all()
+        lc.close()
+    events = list(events)
+    times = [e[1] for e in events]
+    seg: dict = {k: [] for k in ("total", "to_leader", "read_to_heartbeat_sent", "wait_ack",
+                                 "ack_to_answer_send", "answer_to_client")}
+    for sent, answered in gets:
+        window = events[bisect.bisect_left(times, sent):bisect.bisect_right(times, answered)]
+        read = next((e[1] for e in window if e[0] == "read"), None)
+        beats = [e for e in window if e[0] == "sent_peer" and read is not None and e[1] > read]
+        ack = next((e[1] for e in window if e[0] == "ack" and beats and e[1] > beats[0][1]), None)
+        rep = next((e for e in window if e[0] == "reply" and ack is not None and e[1] > ack), None)
+        if None in (read, ack, rep) or not beats:
+            continue
+        first_beat = beats[0][2]  # a follower can answer once the first one is out
+        seg["total"].append(answered - sent)
+        seg["to_leader"].append(read - sent)
+        seg["read_to_heartbeat_sent"].append(first_beat - read)
+        seg["wait_ack"].append(max(0, ack - first_beat))
+        # cut at the start of the answer's send, as the put's profile (the node's thread
+        # may be descheduled after the send, past the client's return)
+        seg["ack_to_answer_send"].append(rep[1] - ack)
+        seg["answer_to_client"].append(answered - rep[1])
+    out = {k: round(statistics.median(v) / 1e6, 3) for k, v in seg.items() if v}
+    out["gets_profiled"], out["gets"] = len(seg["total"]), len(gets)
+    return out
+
+
+def print_get_profile(p: dict) -> None:
+    print(f"\nwhere one linearizable get at a time spends its time (median over "
+          f"{p['gets_profiled']} of {p['gets']} lone gets, the leader timed in-process):")
+    for label, k in (("total, client send to client answer", "total"),
+                     ("  client send to the leader's _on_read", "to_leader"),
+                     ("  _on_read to the first read-index Heartbeat sent", "read_to_heartbeat_sent"),
+                     ("  then to the first HeartbeatReply read (the other one sent too)",
+                      "wait_ack"),
+                     ("  HeartbeatReply to the answer's send (serve, encode)",
+                      "ack_to_answer_send"),
+                     ("  answer's send to the client's return", "answer_to_client")):
+        if k in p:
+            print(f"  {label:68} {p[k]:7.3f} ms")
+
+
 def run_pysyncobj(concurrency: list, seconds: float) -> list | None:
     """PySyncObj's 3-node ``ReplDict`` on the same machine (``bench/pysyncobj_node.py``):
     rows like ours, or None when ``pysyncobj`` is not installed (``pip install '.[bench]'``)."""
@@ -539,6 +663,164 @@ def run_pysyncobj(concurrency: list, seconds: float) -> list | None:
     return [dict(r, op="put") for r in rows if "in_flight" in r]
 
 
+#: The rows measured on kvstore and on etcd alike (``versus_etcd``): (name, how, op, in flight).
+VERSUS_ROWS = (("put, 256 in flight, asyncio", "aio", "put", 256),
+               ("get, 256 in flight, asyncio", "aio", "get", 256),
+               ("put, 1 in flight, asyncio", "aio", "put", 1),
+               ("get, 1 in flight, asyncio", "aio", "get", 1),
+               ("put, sequential, sync client", "sync", "put", 1),
+               ("get, sequential, sync client", "sync", "get", 1))
+
+
+def sequential(client, kind: str, seconds: float, keys: list, value: bytes) -> dict:
+    """One request after the other on a blocking client, for ``seconds``: ``load``'s row."""
+    latencies: list = []
+    nkeys = len(keys)
+    start = time.perf_counter()
+    deadline = start + seconds
+    i = 0
+    while time.perf_counter() < deadline:
+        key = keys[i % nkeys]
+        i += 1
+        t = time.perf_counter()
+        if kind == "put":
+            client.put(key, value)
+        else:
+            client.get(key)
+        latencies.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"op": kind, "in_flight": 1, "ops": len(latencies),
+            "ops_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(percentile(latencies, 50) * 1e3, 3),
+            "p99_ms": round(percentile(latencies, 99) * 1e3, 3),
+            "cdf_ms": {str(q): round(percentile(latencies, q) * 1e3, 3)
+                       for q in (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)}}
+
+
+def versus_rows(sync_client, async_connect, seconds: float) -> dict:
+    """Every ``VERSUS_ROWS`` row on one system: ``sync_client`` has put/get;
+    ``async_connect()`` makes, inside the running loop, an async context manager with
+    coroutine put/get. The keys are put once first, so that gets find them."""
+    keys, value = bench_keys(), os.urandom(VALUE_BYTES)
+    rows: dict = {}
+
+    async def aio_rows() -> None:
+        async with await async_connect() as db:
+            await asyncio.gather(*(db.put(k, value) for k in keys[:2000]))
+            for name, how, kind, c in VERSUS_ROWS:
+                if how == "aio":
+                    rows[name] = await load(db, kind, c, seconds, keys[:2000], value)
+
+    asyncio.run(aio_rows())
+    for name, how, kind, _c in VERSUS_ROWS:
+        if how == "sync":
+            rows[name] = sequential(sync_client, kind, seconds, keys[:2000], value)
+    return rows
+
+
+def kvstore_versus_rows(base: str, shards: int, seconds: float) -> dict:
+    lc = _started_cluster(base, shards, metrics=False)
+    try:
+        async def connect():
+            return await kvstore.aio.connect(lc.address_list, timeout=30)
+        with kvstore.connect(lc.address_list, timeout=30) as sync_client:
+            return versus_rows(sync_client, connect, seconds)
+    finally:
+        lc.stop_all()
+        lc.close()
+
+
+def etcd_versus_rows(base: str, binary: str, seconds: float) -> dict:
+    """The same rows on three etcd members, the clients on its leader (as kvstore's
+    writes go to theirs): over gRPC where ``grpcio`` is installed, else its JSON gateway
+    (blocking calls only: the asyncio rows are then left out)."""
+    import etcd_local
+    with etcd_local.EtcdCluster(base, binary) as ec:
+        url = ec.leader_url()
+        if etcd_local.has_grpc():
+            async def connect():
+                return etcd_local.AsyncEtcdGrpc(url)
+            with etcd_local.EtcdGrpc(url) as sync_client:
+                return versus_rows(sync_client, connect, seconds)
+        client = etcd_local.EtcdClient(url)
+        try:
+            keys, value = bench_keys(), os.urandom(VALUE_BYTES)
+            for k in keys[:2000]:
+                client.put(k, value)
+            return {name: sequential(client, kind, seconds, keys[:2000], value)
+                    for name, how, kind, _c in VERSUS_ROWS if how == "sync"}
+        finally:
+            client.close()
+
+
+def versus_etcd(base: str, shards: int, seconds: float, rounds: int) -> dict | None:
+    """kvstore and etcd 3.4, three members each on this machine, the same rows in the
+    same sitting: ``rounds`` rounds, each side first in every other round (ABAB..
+    alternating), never both running at once. Best of the rounds per figure (the
+    highest ops/s, the lowest p50 and p99: the neighbours' load only ever slows a
+    round down). None, said why, where etcd is not installed."""
+    import etcd_local
+    binary = etcd_local.find_etcd()
+    if binary is None:
+        print(etcd_local.MISSING, file=sys.stderr)
+        return None
+    client = ("gRPC (grpcio, hand-encoded protobuf), sync channel and grpc.aio"
+              if etcd_local.has_grpc() else "JSON gateway over http.client (no grpcio)")
+    print(f"\nkvstore against etcd {etcd_local.etcd_version(binary)} (3 members, the "
+          f"clients on its leader; {client}), {rounds} interleaved rounds:", flush=True)
+    runs: dict = {"kvstore": [], "etcd": []}
+    for round_ in range(rounds):
+        for side in ("kvstore", "etcd") if round_ % 2 == 0 else ("etcd", "kvstore"):
+            where = os.path.join(base, f"versus-{side}-{round_}")
+            rows = (kvstore_versus_rows(where, shards, seconds) if side == "kvstore"
+                    else etcd_versus_rows(where, binary, seconds))
+            runs[side].append(rows)
+            print(f"  round {round_ + 1} {side:8} " + "  ".join(
+                f"{n.split(',')[0]}/{r['in_flight']}: " + (
+                    f"{r['ops_per_s']:,.0f}/s" if r["in_flight"] > 1 else f"{r['p50_ms']:.3f} ms")
+                for n, r in rows.items()), flush=True)
+    table = []
+    for name, how, kind, c in VERSUS_ROWS:
+        row: dict = {"row": name, "op": kind, "client": how, "in_flight": c}
+        for side in runs:
+            got = [r[name] for r in runs[side] if name in r]
+            if got:
+                row[side] = {"ops_per_s": max(r["ops_per_s"] for r in got),
+                             "p50_ms": min(r["p50_ms"] for r in got),
+                             "p99_ms": min(r["p99_ms"] for r in got),
+                             "rounds_p50_ms": [r["p50_ms"] for r in got],
+                             "rounds_ops_per_s": [r["ops_per_s"] for r in got],
+                             "cdf_ms": min(got, key=lambda r: r["p50_ms"])["cdf_ms"]}
+        table.append(row)
+    return {"etcd_version": etcd_local.etcd_version(binary), "etcd_client": client,
+            "rounds": rounds, "seconds_per_row": seconds, "load": os.getloadavg(),
+            "rows": table}
+
+
+def print_versus(v: dict) -> None:
+    """The table: throughput rows as ops/s, one-at-a-time rows as p50/p99, and
+    kvstore / etcd (for ops/s above 1 is better; for latency below 1 is)."""
+    print(f"\nkvstore / etcd {v['etcd_version']}, same sitting, best of {v['rounds']} "
+          f"interleaved rounds (load average {v['load'][0]:.2f} at the end):")
+    print(f"  {'row (3 nodes, 1 shard)':32}{'kvstore':>26}{'etcd':>26}{'kvstore/etcd':>14}")
+    for r in v["rows"]:
+        kv, et = r.get("kvstore"), r.get("etcd")
+
+        def cell(x):
+            if x is None:
+                return "n/a"
+            if r["in_flight"] > 1:
+                return f"{x['ops_per_s']:,.0f}/s"
+            return f"p50 {x['p50_ms']:.3f} p99 {x['p99_ms']:.2f} ms"
+        if kv and et:
+            key = "ops_per_s" if r["in_flight"] > 1 else "p50_ms"
+            ratio = f"{kv[key] / et[key]:.2f}" if et[key] else "n/a"
+        else:
+            ratio = "n/a"
+        print(f"  {r['row']:32}{cell(kv):>26}{cell(et):>26}{ratio:>14}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small smoke run")
@@ -550,6 +832,12 @@ def main(argv=None) -> int:
                    help="where the figures go (default: bench/results/cluster.json, "
                         "cluster_metrics.json with --metrics-only)")
     p.add_argument("--no-pysyncobj", action="store_true", help="skip the PySyncObj comparison")
+    p.add_argument("--no-etcd", action="store_true",
+                   help="skip the same-sitting comparison with etcd")
+    p.add_argument("--etcd-only", action="store_true",
+                   help="only the comparison with etcd (and the floor)")
+    p.add_argument("--etcd-rounds", type=int, default=3,
+                   help="interleaved rounds of the etcd comparison (best of them)")
     p.add_argument("--no-profile", action="store_true",
                    help="skip the profile of one put at a time")
     p.add_argument("--no-embedded", action="store_true",
@@ -572,12 +860,24 @@ def main(argv=None) -> int:
         figures.write({"nodes": 3, "shards": args.shards, "metrics_cost": compared},
                       args.json or figures.default_path("cluster_metrics"))
         return 0
-    compared = None
+    compared = versus = None
     try:
         fsync_s = fsync_floor(base)
         rtt_s = loopback_floor(300 if args.quick else 3000)
         print(f"floor: fdatasync {fsync_s * 1e3:.3f} ms + loopback round trip "
               f"{rtt_s * 1e3:.3f} ms = {(fsync_s + rtt_s) * 1e3:.3f} ms\n")
+        versus = None if args.no_etcd else versus_etcd(
+            base, args.shards, seconds, 1 if args.quick else args.etcd_rounds)
+        if versus:
+            print_versus(versus)
+        if args.etcd_only:
+            figures.write({"nodes": 3, "shards": args.shards, "key_bytes": KEY_BYTES,
+                           "value_bytes": VALUE_BYTES,
+                           "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
+                                        "loopback_rtt": round(rtt_s * 1e3, 3)},
+                           "versus_etcd": versus},
+                          args.json or figures.default_path("cluster_etcd"))
+            return 0
         with LocalCluster(os.path.join(base, "cluster"), 3, args.shards) as lc:
             lc.start_all()
             lc.wait_ready(timeout=60)
@@ -589,6 +889,10 @@ def main(argv=None) -> int:
         profile = None if args.no_profile else profile_lone_put(base, 200 if args.quick else 2000)
         if profile:
             print_profile(profile)
+        get_profile = None if args.no_profile else profile_lone_get(base,
+                                                                    200 if args.quick else 2000)
+        if get_profile:
+            print_get_profile(get_profile)
         pysyncobj = None if args.no_pysyncobj else run_pysyncobj(concurrency, seconds)
         if args.metrics:
             compared = compare_metrics(base, args.shards, concurrency, seconds,
@@ -609,13 +913,16 @@ def main(argv=None) -> int:
                "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
                             "loopback_rtt": round(rtt_s * 1e3, 3)},
                "rows": rows, "embedded": embedded, "lone_put_profile": profile,
-               "pysyncobj": pysyncobj, "metrics_cost": compared}
+               "lone_get_profile": get_profile,
+               "pysyncobj": pysyncobj, "metrics_cost": compared, "versus_etcd": versus}
     floor = (fsync_s + rtt_s) * 1e3
     for label, source in (("", rows), (" (embedded replica)", (embedded or {}).get("rows", []))):
         single = next((r for r in source if r["op"] == "put" and r["in_flight"] == 1), None)
         if single:
             print(f"\none put at a time{label}: p50 {single['p50_ms']:.3f} ms = "
                   f"{single['p50_ms'] / floor:.1f}x the floor ({floor:.3f} ms)")
+    if versus:
+        print_versus(versus)
     figures.write(results, args.json or figures.default_path("cluster"))
     return 0
 

@@ -16,6 +16,9 @@ Two pictures say more than their tables:
   sets beside them (it never fsyncs), the same load run inside the process
   of an embedded replica that leads (dashed), and the latency CDF of each
   row where the results carry one.
+- ``cluster_etcd.png``: one put, one get at a time, kvstore beside etcd 3.4 in
+  the same sitting (``bench/cluster.py``'s ``versus_etcd``): the latency CDFs
+  of the sync and asyncio clients' rows.
 
 A results file that is missing (or predates the sweep) is skipped with a note.
 """
@@ -166,6 +169,35 @@ def plot_cluster(plt, results: dict, out: str) -> bool:
     return save(plt, fig, out)
 
 
+def plot_versus_etcd(plt, results: dict, out: str) -> bool:
+    """One request at a time, kvstore beside etcd in the same sitting (``versus_etcd`` of
+    cluster.json): the latency CDF of each one-in-flight row, the best round's."""
+    versus = results.get("versus_etcd") or {}
+    rows = [r for r in versus.get("rows") or [] if r["in_flight"] == 1]
+    if not rows:
+        return skip("cluster.json has no etcd comparison; rerun bench/cluster.py with etcd")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
+    for ax, op in zip(axes[0], ("put", "get")):
+        for i, r in enumerate(x for x in rows if x["op"] == op):
+            for side, style in (("kvstore", "-"), ("etcd", "--")):
+                cdf = (r.get(side) or {}).get("cdf_ms")
+                if cdf:
+                    points = sorted((float(q), ms) for q, ms in cdf.items())
+                    ax.plot([ms for _, ms in points], [q / 100 for q, _ in points], style,
+                            color=f"C{i}", label=f"{side}, {r['client']} client")
+        ax.set_xscale("log")
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"one {'durable put' if op == 'put' else 'linearizable get'} at a time, "
+                     f"3 nodes (etcd {versus.get('etcd_version', '?')})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    return save(plt, fig, out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", default=figures.RESULTS_DIR,
@@ -183,7 +215,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     charts = [("embedded", "embedded_put_scaling.png", plot_put_scaling),
               ("paxos_core", "paxos_core.png", plot_paxos_core),
-              ("cluster", "cluster.png", plot_cluster)]
+              ("cluster", "cluster.png", plot_cluster),
+              ("cluster", "cluster_etcd.png", plot_versus_etcd)]
     for name, filename, draw in charts:
         results = load(args.results, name)
         out = os.path.join(args.out, filename)

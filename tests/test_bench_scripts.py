@@ -123,3 +123,44 @@ def test_backup_bench_times_backup_and_restore_beside_the_alternatives(tmp_path)
     assert {"kvstore backup", "kvstore verify", "kvstore restore", "lmdb Environment.copy",
             "sqlite3 backup API"} <= set(rows)
     assert all(r["mb_per_s"] > 0 for r in rows.values())
+
+
+def test_cluster_bench_measures_kvstore_and_etcd_in_the_same_sitting(tmp_path):
+    """``bench/cluster.py --etcd-only``: the same rows for kvstore and for etcd (where it
+    is installed) and their ratios; without etcd, kvstore's figures are skipped with the
+    message, not a traceback."""
+    import shutil
+    has_etcd = shutil.which("etcd") is not None
+    out = tmp_path / "cluster_etcd.json"
+    result = run_script("cluster.py", "--etcd-only", "--quick", "--seconds", "0.2",
+                        "--dir", str(tmp_path), "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    versus = json.loads(out.read_text())["versus_etcd"]
+    if not has_etcd:
+        assert versus is None and "etcd: not installed" in result.stderr
+        return
+    names = [r["row"] for r in versus["rows"]]
+    assert names == ["put, 256 in flight, asyncio", "get, 256 in flight, asyncio",
+                     "put, 1 in flight, asyncio", "get, 1 in flight, asyncio",
+                     "put, sequential, sync client", "get, sequential, sync client"]
+    for row in versus["rows"]:
+        assert row["kvstore"]["ops_per_s"] > 0 and row["kvstore"]["p50_ms"] > 0
+        if row["client"] == "sync" or importlib.util.find_spec("grpc") is not None:
+            assert row["etcd"]["ops_per_s"] > 0 and row["etcd"]["p50_ms"] > 0
+    assert "kvstore/etcd" in result.stdout
+
+
+def test_etcd_messages_are_encoded_and_read_as_protobuf():
+    """The two hand-encoded etcd messages and the get's answer (no generated code)."""
+    sys.path.insert(0, BENCH)
+    try:
+        import etcd_local
+    finally:
+        sys.path.remove(BENCH)
+    big = b"v" * 300  # a two-byte varint length
+    assert etcd_local.put_request(b"k", big) == b"\x0a\x01k\x12\xac\x02" + big
+    assert etcd_local.range_request(b"key") == b"\x0a\x03key"
+    kv = etcd_local._field(1, b"k") + b"\x10\x05" + etcd_local._field(5, big)  # key, revision, value
+    header = etcd_local._field(1, b"\x08\x01")
+    assert etcd_local.range_value(header + etcd_local._field(2, kv) + b"\x20\x01") == big
+    assert etcd_local.range_value(header + b"\x20\x00") is None

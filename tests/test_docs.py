@@ -140,7 +140,7 @@ def _distribution_name(requirement: str) -> str:
 #: The distribution that provides each third-party module bench/ imports.
 DISTRIBUTION_OF = {"lmdb": "lmdb", "zmq": "pyzmq", "msgpack": "msgpack", "xxhash": "xxhash",
                    "matplotlib": "matplotlib", "plyvel": "plyvel", "rocksdict": "rocksdict",
-                   "pysyncobj": "pysyncobj", "pytest": "pytest"}
+                   "pysyncobj": "pysyncobj", "pytest": "pytest", "grpc": "grpcio"}
 
 
 def _is_standard_library(module: str) -> bool:

@@ -267,9 +267,32 @@ def _fuzz(seed: int, steps: int = 260) -> Cluster:
     return c
 
 
+def _all_back_elect(c: Cluster, seed: int) -> None:
+    """Liveness after the faults: every node that ever ran starts again (a wiped one
+    empty), the network heals, and a member of the latest epoch must lead and commit a
+    value. Before ``Chosen`` (a node behind a change learns it from any member), 211 of
+    300 fuzz seeds ended with no leader here."""
+    for i in range(c.n):
+        d = c.disks[i]
+        if c.replicas[i] is None and (i < c.bootstrap or d.membership is not None or d.promised or c.records[i]):
+            c.restart(i)
+    c.heal()
+    for _ in range(600):
+        c.tick()
+        ls = [i for i in c.leaders() if not c.replicas[i].removed and c.replicas[i]._own_noop_committed()]
+        if ls:
+            c.propose(ls[0], b"after the faults")
+            c.tick(20)
+            assert b"after the faults" in c.commands(ls[0]), f"seed {seed}: the leader did not commit"
+            sequences_agree(c)
+            return
+    where = [(i, r.membership.epoch, r.role, r.recovering) for i, r in enumerate(c.replicas) if r is not None]
+    raise AssertionError(f"seed {seed}: no leader 600 ticks after every node restarted: {where}")
+
+
 @pytest.mark.parametrize("seed", range(40))
-def test_random_membership_changes_under_faults_never_split_a_slot(seed):
-    _fuzz(seed)
+def test_random_membership_changes_under_faults_never_split_a_slot_and_elect_again(seed):
+    _all_back_elect(_fuzz(seed), seed)
 
 
 def test_a_peer_record_of_a_membership_change_is_checked_at_the_wire():
@@ -429,10 +452,11 @@ def test_after_a_forged_later_epoch_the_leader_of_our_epoch_is_followed_again_fo
 
 
 @pytest.mark.sweep
+@pytest.mark.timeout(0)  # an opt-in long run: thousands of seeds take minutes
 def test_a_sweep_of_membership_changes_under_faults():
     """``KVSTORE_SWEEP_SEEDS`` seeds of the randomized run above, from seed 1000 on (the
     default suite runs 0-39): ``KVSTORE_SWEEP_SEEDS=2000 python -m pytest -m sweep
     tests/test_paxos_membership.py``."""
     import os
     for seed in range(1000, 1000 + int(os.environ["KVSTORE_SWEEP_SEEDS"])):
-        _fuzz(seed)
+        _all_back_elect(_fuzz(seed), seed)

@@ -6,7 +6,10 @@ coroutines, with the same errors. It shares the synchronous client's engine
 leader hints, retries with a request id, deadlines): each call hands it a
 request and awaits its ``concurrent.futures.Future`` through
 ``asyncio.wrap_future``, so any number of requests are in flight on one
-connection and the event loop never blocks on a socket.
+connection and the event loop never blocks on a socket. One call at a time, a put or
+a get skips the I/O thread: the event loop sends it on the engine's direct socket and
+awaits its answer on that socket's descriptor (``AsyncKV._call_direct``; the rules of
+``ClientCore._call_direct``).
 
     import asyncio, kvstore.aio
 
@@ -23,12 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+
+import zmq
 
 from kvstore.api import DEFAULT_RETRIES, TransactionRetry
 from kvstore.client import requests
 from kvstore.client.cache import DEFAULT_BYTES, DEFAULT_STALENESS, MISS, UNCACHED
 from kvstore.client.watch import POLL_MAX_BYTES, AsyncWatch, Watch
 from kvstore.client.core import renew_locks_after_fork
+from kvstore.client.direct import (DIRECT_ATTEMPT_SECONDS, DIRECT_HAND_OVER, DIRECT_NEW_WRITE,
+                                   DIRECT_OPS)
 from kvstore.client.kv import ClusterKV
 from kvstore.client.txn import ClusterTxn, Detached, lock_keys_for
 from kvstore.client.lease import AsyncLease
@@ -56,6 +64,7 @@ class AsyncKV:
         self._core = kv._core
         self._done: dict = {}  # event loop -> [(engine future, asyncio future)], completed
         self._done_lock = threading.Lock()
+        self._direct_unsupported = False  # this event loop cannot watch a descriptor
         renew_locks_after_fork(self)
 
     def _renew_locks(self) -> None:
@@ -65,12 +74,72 @@ class AsyncKV:
         self._done = {}
 
     async def _call(self, op: str, shard, payload):
+        if op in DIRECT_OPS and not self._direct_unsupported:
+            call = self._core._claim_direct(op, shard, payload, None)
+            if call is not None:
+                return await self._call_direct(call)
+        return await self._await(self._core.submit(op, shard, payload))
+
+    async def _await(self, future):
+        """The outcome of an engine ``future``, awaited in the running loop."""
         # the loop that awaits now, not the one that connected: a client made under one
         # asyncio.run() (or before a fork) serves the next loop too
         waiter = asyncio.get_running_loop().create_future()
-        self._core.submit(op, shard, payload).add_done_callback(
-            lambda f: self._completed(f, waiter))
+        future.add_done_callback(lambda f: self._completed(f, waiter))
         return await waiter
+
+    async def _call_direct(self, call):
+        """One call at a time, from the event loop itself (``ClientCore._call_direct``):
+        sent on the engine's direct socket, its answer awaited on that socket's file
+        descriptor in this loop; no hand-over to the I/O thread and back (two thread
+        wake-ups) unless the plain answer does not come."""
+        core = self._core
+        handed = False
+        try:
+            sock = core._direct_send(call)
+            reply = None if sock is None else await self._direct_reply(sock, call)
+            outcome = core._direct_outcome(call, reply)
+            if outcome is DIRECT_NEW_WRITE:
+                return await self._await(core.submit(
+                    call.op, call.shard, call.payload,
+                    max(0.001, call.deadline - time.monotonic())))
+            if outcome is DIRECT_HAND_OVER:
+                handed = core._hand_over(call)
+                return await self._await(call.future)
+            return outcome
+        finally:
+            core._direct_release(call, handed)
+
+    async def _direct_reply(self, sock, call):
+        """``(status, value)`` of ``call``'s reply on ``sock``, or None after
+        ``DIRECT_ATTEMPT_SECONDS`` (or the deadline). ZeroMQ's descriptor only says
+        that its events may have changed: ``EVENTS`` is read before each wait (which
+        also rearms it), so no arrival is missed."""
+        loop = asyncio.get_running_loop()
+        end = min(time.monotonic() + DIRECT_ATTEMPT_SECONDS, call.deadline)
+        fd = sock.getsockopt(zmq.FD)
+        while True:
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                reply = self._core._direct_take(sock, call)
+                if reply is not None:
+                    return reply
+                continue
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            ready = loop.create_future()
+            wake = lambda: ready.done() or ready.set_result(None)  # noqa: E731
+            try:
+                loop.add_reader(fd, wake)
+            except NotImplementedError:  # a loop without readers (Windows' proactor):
+                self._direct_unsupported = True  # the I/O thread's way from now on
+                return None
+            timer = loop.call_later(left, wake)
+            try:
+                await ready
+            finally:
+                timer.cancel()
+                loop.remove_reader(fd)
 
     def _completed(self, future, waiter) -> None:
         """On the engine's I/O thread: queue the outcome; wake the waiter's event loop

@@ -1169,14 +1169,17 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
     def _on_chosen(self, m: Message) -> None:
         """Chosen values from a member that saw this replica behind (``_send_chosen``): taken
         only where they extend the commit point (a recovering replica too: it learns, it does
-        not vote). A leader or candidate that is told of values chosen past its commit point
-        is of an epoch that ended: it steps down first, and the change moves it on."""
+        not vote). A leader learns its epoch's values through its own rounds: only a sender
+        of a later epoch (its epoch ended) makes it step down and learn."""
         if m.commit_index <= self.commit_index:
             return
-        if self.role != FOLLOWER:
+        if self.role == LEADER:
+            if ballot_epoch(m.ballot) <= self.membership.epoch:
+                return
             self._become_follower(None)
-        if m.snapshot_index > self.commit_index and not m.records:
-            self.snapshot_source = (m.frm, m.ballot)  # its transfer is let in (``_ignored``)
+        if not m.records:
+            if m.snapshot_index > self.commit_index:
+                self.snapshot_source = (m.frm, m.ballot)  # its transfer is let in (``_ignored``)
             return
         self._take_chosen(m.records, m.commit_index)
 

@@ -12,8 +12,9 @@ above any in use, slots and commit points past any log, match indexes past what 
 leader proposed, records with a valid checksum whose payload is not a command batch
 (or holds commands the machine cannot apply), snapshots from a node that is not the
 leader of the ballot the receiver promised (holding a valid, empty state: only the
-sender rule stands in the way), snapshots from that leader whose state does not
-decode or whose chunks do not add up, messages claiming another sender than the
+sender rule stands in the way), chosen values above the commit point they are sent
+with (or sent to a leader by a member of its own epoch), snapshots from that leader
+whose state does not decode or whose chunks do not add up, messages claiming another sender than the
 frame's, a node outside the cluster, or the receiver itself.
 
 A message an honest replica could have sent (a well-formed Accept from the leader at
@@ -178,6 +179,21 @@ class Byzantine:
         return leader, Message(M.ACCEPT, node.id, leader, ballot=b, commit_index=r.commit_index + 1,
                                records=records)
 
+    def _attack_chosen_out_of_line(self, node):
+        """A ``Chosen`` no honest member sends: a record above the commit point it gives
+        (only values at or below it are chosen), or, to a leader, chosen values from a
+        member of its own epoch (a leader learns its epoch's values by its own rounds)."""
+        r = node.replica
+        frm = self._other(node.id)
+        if frm == node.id:
+            return None
+        c = r.commit_index
+        if r.role == LEADER and self.rng.random() < 0.5:
+            rec = encode_record(c + 1, r.ballot, KIND_NOOP, b"")
+            return frm, Message(M.CHOSEN, node.id, frm, ballot=r.promised, commit_index=c + 1, records=(rec,))
+        rec = encode_record(c + 2 + self.rng.randrange(4), r.promised, KIND_NOOP, b"")
+        return frm, Message(M.CHOSEN, node.id, frm, ballot=r.promised, commit_index=c + 1, records=(rec,))
+
     def _attack_snapshot_from_a_non_leader(self, node):
         """Attack 3 of issue 18: a valid (empty) state that would wipe the receiver, from
         a node that is not the leader of the ballot it promised."""
@@ -187,8 +203,8 @@ class Byzantine:
         if sender == leader or sender == node.id:
             return None
         ballot = b if self.rng.random() < 0.5 else make_ballot(r.max_round + self.rng.randrange(3), sender)
-        if ballot == b and ballot_node(b) == sender:
-            return None
+        if (ballot == b and ballot_node(b) == sender) or (sender, ballot) == r.snapshot_source:
+            return None  # (a member that offered its snapshot to a node behind is let in)
         data = KV().snapshot()
         index = r.commit_index + 1 + self.rng.randrange(8)
         return sender, Message(M.SNAPSHOT, node.id, sender, ballot=ballot, snapshot_index=index,
