@@ -231,6 +231,25 @@ def test_a_one_round_client_commits_across_shards_and_aborts_on_a_conflict(start
     assert [co.one_round for co in made] == [True, True, False]  # the last one is read-only
 
 
+def test_the_asyncio_client_commits_in_one_round_too(start_node):
+    import asyncio
+
+    import kvstore.aio
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][0], keys[1][0]
+
+    async def main():
+        async with await kvstore.aio.connect(n.address, timeout=5, one_round_commit=True) as db:
+            assert db._kv.one_round_commit
+            async with db.transaction() as t:
+                await t.put(a, b"1")
+                await t.put(b, b"2")
+            return [await db.get(a), await db.get(b)]
+
+    assert asyncio.run(main()) == [b"1", b"2"]
+
+
 def test_a_malformed_2pc_entry_is_refused_and_changes_nothing(start_node):
     n = start_node(shards=2)
     raw = Raw(n.address)
