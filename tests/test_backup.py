@@ -409,6 +409,17 @@ def test_restore_refuses_a_non_empty_directory(small_backup, tmp_path):
     assert os.listdir(tmp_path / "busy") == ["something"]
 
 
+def test_restore_refuses_a_directory_another_run_holds(small_backup, tmp_path):
+    """Its lock is held (another restore, a store being opened on it): refused, kept."""
+    from kvstore.storage.staging import DirectoryLock
+    path, _ = small_backup
+    (tmp_path / "held").mkdir()
+    with DirectoryLock(str(tmp_path / "held"), "a directory"):
+        with pytest.raises(InvalidArgument, match="is in use by another process"):
+            backups.restore(path, tmp_path / "held")
+    assert os.listdir(tmp_path / "held") == []
+
+
 def test_a_wrong_shard_count_is_refused(tmp_path):
     """A header that says fewer shards than the rows name: refused, nothing restored."""
     from kvstore.backup.format import BackupWriter, Header

@@ -259,7 +259,7 @@ def test_kvstore_server_refuses_an_embedded_store_directory_naming_init_from(tmp
     refused(r, "is an embedded store's directory", "--init-from")
 
 
-@pytest.mark.parametrize("step", ["_as_node", "_install"])
+@pytest.mark.parametrize("step", ["initfrom._as_node", "staging._install"])
 def test_a_conversion_killed_half_way_leaves_no_node_and_a_rerun_finishes_it(tmp_path, step):
     """SIGKILL after the copy (before its meta is a node's), and just before the rename:
     the target holds no data file, and ``--init-from`` again removes the leftover and
@@ -271,8 +271,9 @@ def test_a_conversion_killed_half_way_leaves_no_node_and_a_rerun_finishes_it(tmp
     node_dir = str(tmp_path / "n1")
     child = ("import os, signal, sys\n"
              "from kvstore.server import initfrom, main\n"
+             "from kvstore.storage import staging\n"
              f"def killed(*args):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
-             f"initfrom.{step} = killed\n"
+             f"{step} = killed\n"
              "sys.exit(main.main(sys.argv[1:]))\n")
     r = subprocess.run([PYTHON, "-c", child, "--init-from", source, "--config", config,
                         "--id", "n1", "--data", node_dir], capture_output=True, text=True,

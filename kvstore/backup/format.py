@@ -45,9 +45,10 @@ from typing import BinaryIO, Iterator
 
 import msgpack
 
-from kvstore import _native
+from kvstore import _native, msgmap
 from kvstore.errors import CorruptRecord, InvalidArgument, StorageError
 from kvstore.keys import MAX_KEY_SIZE
+from kvstore.storage.staging import fsync_directory
 
 MAGIC = b"KVBACKUP"
 FORMAT_VERSION = 1
@@ -129,15 +130,7 @@ def encode_map(value: dict) -> bytes:
 
 def decode_map(payload: bytes) -> dict:
     """A header's or trailer's map; ``ValueError`` if it is none."""
-    if len(payload) > MAP_BYTES_MAX:
-        raise ValueError(f"a map of {len(payload)} bytes")
-    try:
-        value = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated classes
-        raise ValueError(f"undecodable map ({type(e).__name__})") from None
-    if type(value) is not dict:
-        raise ValueError("not a map")
-    return value
+    return msgmap.decode_map(payload, MAP_BYTES_MAX, "the header or trailer")
 
 
 # -- rows ---------------------------------------------------------------------------------
@@ -300,7 +293,7 @@ class BackupWriter:
             os.fsync(f.fileno())
             f.close()
             os.rename(self.tmp_path, self.path)
-            _fsync_directory(os.path.dirname(self.path))
+            fsync_directory(os.path.dirname(self.path) or ".")
         except OSError as e:
             f.close()
             self.abort()
@@ -323,14 +316,6 @@ class BackupWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or self._file is not None:
             self.abort()
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _storage_error(e: OSError, path: str, doing: str) -> StorageError:

@@ -1,13 +1,13 @@
 """Restore a backup into a new embedded store directory, all or nothing.
 
-The rows go into a staging directory inside the target (``DIR/.restoring``, so on
-the target's file system even when ``DIR`` is a mounted volume): a new store
-(``kvstore.storage.Storage``) of the backup's shard count, its tables filled in large synced LMDB commits (rows come sorted: LMDB's append
-mode), each row checked on the way (a data row's own checksum and key, its
-revision at or below the cut's; a lease row's key is a lease's). Only once the
-trailer was read and every count and the whole file's checksum matched
-(``kvstore.backup.format.BackupReader``) do its files move up into ``DIR``,
-``data.mdb`` last (a directory holds a store once it holds ``data.mdb``); any
+The rows go into a store staged inside the target (``DIR/.restoring``, installed
+by moving its ``data.mdb`` into ``DIR`` last: ``kvstore.storage.staging``, which
+also locks ``DIR`` meanwhile): a new store (``kvstore.storage.Storage``) of the
+backup's shard count, its tables filled in large synced LMDB commits (rows come
+sorted: LMDB's append mode), each row checked on the way (a data row's own
+checksum and key, its revision at or below the cut's; a lease row's key is a
+lease's). Only once the trailer was read and every count and the whole file's
+checksum matched (``kvstore.backup.format.BackupReader``) is it installed; any
 failure (a truncated or corrupt backup, a full disk, Ctrl-C) removes what was
 made, and ``DIR`` is as it was (absent, or empty). A restore killed outright
 (SIGKILL, power) leaves ``DIR/.restoring``: no store, and a second restore
@@ -25,14 +25,13 @@ the store that opens them gives each a full time to live from then
 from __future__ import annotations
 
 import os
-import shutil
 
 from kvstore.backup.format import DATA, BackupReader, Header, row_problem
 from kvstore.errors import InvalidArgument
 from kvstore.storage import Storage
-from kvstore.storage.environment import (DATA_FILE, META_APPLIED, META_COMMIT,
-                                         META_LOG_CLOSED, META_LOG_POSITION, check_path,
-                                         pack_u64, translate)
+from kvstore.storage.environment import (META_APPLIED, META_COMMIT, META_LOG_CLOSED,
+                                         META_LOG_POSITION, check_path, pack_u64)
+from kvstore.storage.staging import DirectoryBusy, stage_and_install
 
 #: Where the store is built inside the target directory (on its file system even when the
 #: target is a mounted volume, whose root cannot be renamed over).
@@ -50,34 +49,18 @@ def restore(backup_path: str | os.PathLike, directory: str | os.PathLike) -> dic
     way nothing is left behind."""
     directory = check_path(directory)
     _check_target(directory)
-    created = not os.path.lexists(directory)
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise translate(e, directory, "creating the directory to restore into") from e
-    staging = os.path.join(directory, STAGING_DIR)
-    try:
+
+    def build(staging: str) -> tuple[Header, list]:
+        _check_target(directory)  # again, now that it is locked
         with BackupReader(backup_path) as reader:
-            header = reader.header
-            counts = _fill(reader, header, staging)
-        # the store's files move up, data.mdb last: a directory holds a store once it
-        # holds data.mdb (``kvstore.storage``), so a crash before leaves none
-        names = sorted(os.listdir(staging), key=lambda name: name == DATA_FILE)
-        for name in names:
-            os.rename(os.path.join(staging, name), os.path.join(directory, name))
-        os.rmdir(staging)
-        _fsync_directory(directory)
-    except BaseException:
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
-        else:  # it was empty: empty it again
-            for name in os.listdir(directory):
-                path = os.path.join(directory, name)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    os.unlink(path)
-        raise
+            return reader.header, _fill(reader, reader.header, staging)
+
+    try:
+        header, counts = stage_and_install(directory, STAGING_DIR, build,
+                                           "the directory to restore into")
+    except DirectoryBusy as e:
+        raise InvalidArgument(f"{directory} is in use by {e.holder}: restore into a new or "
+                              f"empty directory") from None
     return {"shards": header.shards, "rows": counts, "revisions": list(header.revisions),
             "path": directory}
 
@@ -152,10 +135,3 @@ def _check_rows(reader: BackupReader, header: Header, shard: int, table: int,
         if problem is not None:
             reader.refuse(reader.offset, problem)
 
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

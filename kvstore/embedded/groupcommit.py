@@ -22,6 +22,12 @@ others' requests unanswered forever, or hand them the main thread's
 atomic C call (``SimpleQueue.put``) to a helper thread, which submits it as
 any other thread would; the main thread only waits, and an interrupt there
 reaches it alone: its write is then applied or not, wholly, as one request.
+Nor does the main thread start that helper with ``Thread.start``: its wait
+for the new thread (an ``Event``, a ``Condition``: Python code) is not safe
+against an exception between two bytecodes (one there left the Event's lock
+released twice: a ``RuntimeError`` instead of the ``KeyboardInterrupt``, or
+held for ever). It makes one C call, ``_thread.start_new_thread``, and that
+new thread starts the named helper.
 
 A batch holds at most ``MAX_BATCH`` requests and ``MAX_BATCH_BYTES`` of
 payload (``Request.size``): one large transaction never makes its
@@ -30,6 +36,7 @@ neighbours' commit fail or wait on a record too large to write.
 
 from __future__ import annotations
 
+import _thread
 import queue
 import threading
 import weakref
@@ -44,6 +51,7 @@ MAX_BATCH_BYTES = 256 * 1024 * 1024
 _allocate_lock = threading.Lock
 _get_ident = threading.get_ident
 _main_thread = threading.main_thread
+_start_new_thread = _thread.start_new_thread
 _STOP = object()
 #: A helper thread with nothing to do for this long ends (a store dropped without
 #: close() does not keep a thread, nor itself, alive).
@@ -82,11 +90,10 @@ class GroupCommitter:
         self._commit_batch = commit_batch
         self._linger_seconds = linger_seconds
         self._max_batch_bytes = max_batch_bytes
-        # The main thread's requests go through here to a helper thread (see the module doc).
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._helper: threading.Thread | None = None
+        # The main thread's requests go through the inbox a helper thread serves (see the
+        # module doc); None: no helper runs (or one does that ends unused).
+        self._helper_inbox: queue.SimpleQueue | None = None
         self._helper_lock = threading.Lock()
-        self._helper_stopper: weakref.finalize | None = None
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[Request] = []
         self._busy = False
@@ -158,31 +165,39 @@ class GroupCommitter:
 
         Every step is safe against an exception from a signal handler between
         any two of them: before the ``put`` nothing was queued; after it the
-        helper owns the request and answers it whether anyone waits or not.
+        helper owns the request and answers it whether anyone waits or not. An
+        interrupt between starting a helper and recording its inbox leaves a
+        helper nobody feeds: it ends once idle, and the next request starts another.
         """
         answered = _allocate_lock()
         answered.acquire()
         with self._helper_lock:  # so an idle helper cannot leave between check and put
-            if self._helper is None:
-                helper = threading.Thread(target=_helper_loop, name="kvstore-commit",
-                                          args=(weakref.ref(self), self._inbox), daemon=True)
-                helper.start()
-                self._helper = helper
-                if self._helper_stopper is not None:
-                    self._helper_stopper.detach()
-                # collected without stop(): end the helper at once
-                self._helper_stopper = weakref.finalize(self, self._inbox.put, _STOP)
-            self._inbox.put((request, answered))
+            inbox = self._helper_inbox
+            if inbox is None:
+                inbox = queue.SimpleQueue()
+                _start_new_thread(_start_helper, (weakref.ref(self), inbox))  # one C call
+                self._helper_inbox = inbox
+            inbox.put((request, answered))
         answered.acquire()  # released by the helper once the request is answered
         return request.outcome()
 
     def stop(self) -> None:
         """End the helper thread (after the requests already handed to it)."""
         with self._helper_lock:
-            if self._helper is not None:
-                self._inbox.put(_STOP)
-                self._inbox = queue.SimpleQueue()  # a later helper never shares its queue
-                self._helper = None
+            inbox, self._helper_inbox = self._helper_inbox, None  # no call: not interruptible
+            if inbox is not None:
+                inbox.put(_STOP)  # an interrupt before this: the helper ends once idle
+
+
+def _start_helper(committer_ref, inbox: queue.SimpleQueue) -> None:
+    """A bare thread's work (never the main thread's: no signal lands here): start the
+    named helper thread that serves ``inbox``, and end. If no thread can be started
+    now, serve it here."""
+    try:
+        threading.Thread(target=_helper_loop, name="kvstore-commit",
+                         args=(committer_ref, inbox), daemon=True).start()
+    except RuntimeError:  # can't start new thread
+        _helper_loop(committer_ref, inbox)
 
 
 def _helper_loop(committer_ref, inbox: queue.SimpleQueue) -> None:
@@ -200,7 +215,8 @@ def _helper_loop(committer_ref, inbox: queue.SimpleQueue) -> None:
                 return
             with committer._helper_lock:  # idle: end, unless a request came meanwhile
                 if inbox.empty():
-                    committer._helper = None
+                    if committer._helper_inbox is inbox:
+                        committer._helper_inbox = None
                     return
             committer = None
             continue

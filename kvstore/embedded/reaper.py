@@ -38,7 +38,11 @@ class LeaseReaper:
     def __init__(self, store, clock=time.monotonic) -> None:
         self._store = weakref.ref(store)
         self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
+        # note() and stop() take the lock itself, not ``with self._cond``: the main thread
+        # runs them (open, close) and a Condition's enter is unsafe against its interrupts
+        # (kvstore.storage.wakeups); only the reaper's own thread waits on the condition.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._deadlines: dict = {}  # (shard, lease id) -> (deadline, refreshed revision)
         self._heap: list = []  # (deadline, shard, lease id, revision); lazily stale
         self._thread: threading.Thread | None = None
@@ -56,7 +60,7 @@ class LeaseReaper:
         if not events:
             return
         now = self._clock() if now is None else now
-        with self._cond:
+        with self._lock:
             for lease_id, ttl_ms, revision in events:
                 if ttl_ms is None:
                     self._deadlines.pop((shard, lease_id), None)
@@ -71,7 +75,7 @@ class LeaseReaper:
             self._cond.notify()
 
     def stop(self) -> None:
-        with self._cond:
+        with self._lock:
             self._stopped = True
             self._cond.notify()
         thread = self._thread

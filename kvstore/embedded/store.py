@@ -101,7 +101,8 @@ class EmbeddedKV(KV):
         self._begin = self._storage.env.begin
         self._active_readers = self._storage._active_readers
         self._db0 = self._data[0] if self._nshards == 1 else None
-        self._closed = False
+        self._closed = False  # close() was called: every call refused
+        self._close_done = False  # and it ran to its end (else the next close() finishes it)
         self._close_lock = threading.Lock()
         self._committer = GroupCommitter(functools.partial(commit_batch, self))
         self._pack_command = command_packer()  # the committing thread's (one at a time)
@@ -434,16 +435,23 @@ class EmbeddedKV(KV):
         return self._checkpointer.checkpoint()
 
     def close(self) -> None:
-        with self._close_lock:
-            if self._closed:
-                return
+        """Close the store: wait for writes in flight, checkpoint, release the directory.
+        A close() interrupted (Ctrl-C) is finished by the next one."""
+        with self._close_lock:  # held throughout: a second close() waits for the first
             self._closed = True
+            if self._close_done or self._storage.forked:  # a child of fork() leaves the
+                return  # parent's store alone
+            self._close()
+            self._close_done = True
+
+    def _close(self) -> None:
         if self._watch is not None:
             self._watch.close()  # waiting watchers end with "the store is closed"
         self._reaper.stop()  # no expiry is written after close
         # Wait for an in-flight commit by queueing behind it: submit a no-op batch.
         try:
-            self._committer.submit(Request(None))
+            if self._storage.env is not None:  # else an interrupted close() got this far
+                self._committer.submit(Request(None))
         finally:
             self._committer.stop()
             try:

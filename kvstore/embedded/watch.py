@@ -18,12 +18,11 @@ Closing the store wakes every waiting watcher with a ``KVError`` saying so.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import deque
 
 from kvstore.errors import Compacted, InvalidArgument, KVError
 from kvstore.events import Event, check_start_revision, events_of, watch_range
+from kvstore.storage.wakeups import Wakeups
 from kvstore.watch import COMPACTED, ShardHistory
 
 #: ``kvstore.open(..., watch_history_bytes=)``: all shards' histories together.
@@ -43,13 +42,15 @@ class WatchHub:
         self.path = path
         self.histories = [ShardHistory(history_bytes // nshards, applied[s] + 1)
                           for s in range(nshards)]
-        self.cond = threading.Condition()
+        # Guards the histories; the watchers wait on it (a watch is often read in the main
+        # thread, where a Condition is unsafe against Ctrl-C: kvstore.storage.wakeups).
+        self.wakeups = Wakeups()
+        self.lock = self.wakeups.lock
         self.closed = False
-        self._waiting = 0
 
     def publish(self, entries: list) -> None:
         """A group's ``[(shard, revision, changes)]``, durable and published."""
-        with self.cond:
+        with self.lock:
             for shard, revision, changes in entries:
                 history = self.histories[shard]
                 if revision > history.head:
@@ -57,13 +58,13 @@ class WatchHub:
                         history.add(revision, changes)
                     else:
                         history.advance(revision)
-            if self._waiting:
-                self.cond.notify_all()
+            if self.wakeups.waiting:
+                self.wakeups.notify_all()
 
     def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
+        self.closed = True
+        with self.lock:
+            self.wakeups.notify_all()
 
 
 class Watch:
@@ -84,7 +85,7 @@ class Watch:
         self._hub = hub
         self._prev = prev_value
         start = check_start_revision(start_revision, shards)
-        with hub.cond:
+        with hub.lock:
             self._check_store()
             #: shard -> the next revision to deliver (a revision boundary)
             self.position = (start if start is not None else
@@ -117,23 +118,11 @@ class Watch:
 
     def _fill(self, timeout: float | None) -> bool:
         """Read the next events into the buffer, waiting for them; False on timeout."""
-        hub = self._hub
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with hub.cond:
-            while True:
-                self._check_store()
-                if self._closed:
-                    return False
-                if self._read():
-                    return True
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                hub._waiting += 1
-                try:
-                    hub.cond.wait(remaining)
-                finally:
-                    hub._waiting -= 1
+        def done() -> bool:
+            self._check_store()
+            return self._closed or self._read()
+
+        return self._hub.wakeups.wait_for(done, timeout) and bool(self._buffer)
 
     def _read(self) -> bool:
         """One pass over the shards (round-robin, under the hub's lock): the first with
@@ -171,8 +160,8 @@ class Watch:
     def close(self) -> None:
         """End the watch: iteration stops; a ``get`` waiting in another thread returns None."""
         self._closed = True
-        with self._hub.cond:
-            self._hub.cond.notify_all()
+        with self._hub.lock:
+            self._hub.wakeups.notify_all()
 
     def __enter__(self) -> "Watch":
         return self

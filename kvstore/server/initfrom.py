@@ -45,7 +45,8 @@ Decisions, and why:
   as on any empty directory), and a later ``--init-from`` removes the leftover and starts
   over. The target directory is ``flock``-ed for the whole run, so two runs, or a node
   starting on it, cannot interleave. A refusal leaves nothing behind (a target directory
-  this run created is removed).
+  this run created is removed). (``kvstore.storage.staging``: a backup's restore makes
+  its store the same way.)
 - **A one-member cluster only.** ``cluster.toml`` must list n1 alone; the others join
   with ``kvstore member add NAME --address A`` once n1 runs, as learners that receive a
   snapshot. Starting three nodes of which two have empty disks would be unsafe: a node
@@ -82,10 +83,7 @@ position 0 (a new, empty ``wal/``). Why those numbers:
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -95,9 +93,11 @@ import msgpack
 from kvstore.errors import InvalidArgument, KVError
 from kvstore.machine.replica import META_PAXOS, HardState
 from kvstore.storage import Storage
-from kvstore.storage.environment import (DATA_FILE, LOCK_FILE, META_APPLIED, META_COMMIT,
-                                         META_LOG_CLOSED, META_LOG_FIRST, META_LOG_POSITION,
-                                         check_path, pack_u64, translate)
+from kvstore.storage.environment import (META_APPLIED, META_COMMIT, META_LOG_CLOSED,
+                                         META_LOG_FIRST, META_LOG_POSITION, check_path,
+                                         pack_u64, translate)
+from kvstore.storage.staging import (DirectoryBusy, DirectoryLock, remove_tree,
+                                     stage_and_install)
 from kvstore.storage.wal import WAL_DIR, WriteAheadLog
 
 #: Where the new directory is built, inside the target (``NEW/.init-from/``).
@@ -129,26 +129,16 @@ def init_from(source: str, config) -> InitResult:
     _check_target_empty(target)
     _check_not_in_use(source)
     _check_is_store(source, config.shards)
-    created = not os.path.exists(target)
+
+    def build(staging: str) -> tuple[int, int]:
+        _check_target_empty(target)  # again, now that no one else can fill it
+        remove_tree(staging, "removing a partial --init-from directory")  # a killed run's
+        _recover_store(source)
+        return _stage(source, staging, config.shards)
+
     try:
-        os.makedirs(target, exist_ok=True)
-    except OSError as e:
-        raise translate(e, target, "creating the node's data directory") from e
-    staging = os.path.join(target, STAGING_DIR)
-    try:
-        with _Locked(target, f"the node's data directory {target}"):
-            try:
-                _check_target_empty(target)  # again, now that no one else can fill it
-                _remove(staging)  # a killed run's leftover
-                _recover_store(source)
-                keys, size = _stage(source, staging, config.shards)
-                _install(staging, target)
-            except BaseException:
-                _remove(staging)
-                if created:
-                    _remove(target)
-                raise
-    except _Busy as e:
+        keys, size = stage_and_install(target, STAGING_DIR, build, "the node's data directory")
+    except DirectoryBusy as e:
         raise InvalidArgument(f"the node's data directory {target} is in use by {e.holder} "
                               f"(a node, or another --init-from)") from None
     return InitResult(target, config.shards, keys, size, time.monotonic() - started)
@@ -199,9 +189,9 @@ def _check_not_in_use(source: str) -> None:
     if not os.path.isdir(source):
         raise InvalidArgument(f"no embedded store at {source} (no such directory)")
     try:
-        with _Locked(source, f"the embedded store {source}"):
+        with DirectoryLock(source, f"the embedded store {source}"):
             pass
-    except _Busy as e:
+    except DirectoryBusy as e:
         raise InvalidArgument(
             f"the embedded store {source} is open in {e.holder}: close it there (stop the "
             f"program using it), then run --init-from again; a store being written cannot "
@@ -258,7 +248,6 @@ def _stage(source: str, staging: str, shards: int) -> tuple[int, int]:
         size = node.disk_usage()
     finally:
         node.close()
-    _fsync(os.path.join(staging, DATA_FILE))
     return keys, size
 
 
@@ -291,90 +280,6 @@ def _as_node(txn, storage: Storage, applied: list[int]) -> int:
         txn.put(META_LOG_POSITION, pack_u64(0), db=t.meta)  # a new node's empty log
         keys += txn.stat(t.data)["entries"]
     return keys
-
-
-def _install(staging: str, target: str) -> None:
-    """The one step that makes ``target`` a node: rename the finished ``data.mdb`` into
-    it (synced), then drop what is left of the staging directory."""
-    src, dst = os.path.join(staging, DATA_FILE), os.path.join(target, DATA_FILE)
-    try:
-        os.rename(src, dst)
-        _fsync_dir(target)
-    except OSError as e:
-        raise translate(e, target, "moving the new data file into place") from e
-    _remove(staging)
-
-
-# -- file system helpers ----------------------------------------------------------------------
-
-class _Busy(Exception):
-    def __init__(self, holder: str) -> None:
-        super().__init__(holder)
-        self.holder = holder
-
-
-class _Locked:
-    """An exclusive ``flock`` on a directory (the one ``kvstore.storage`` takes on a data
-    directory) held for a ``with`` block; ``_Busy`` naming the holder if taken."""
-
-    def __init__(self, path: str, what: str) -> None:
-        self.path = path
-        self.what = what
-        self.fd = -1
-
-    def __enter__(self) -> "_Locked":
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise translate(e, self.path, f"opening {self.what}") from e
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(self.fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise _Busy(_holder(self.path)) from None
-            raise translate(e, self.path, f"locking {self.what}") from e
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
-
-
-def _holder(path: str) -> str:
-    """Who holds a directory's lock, as ``kvstore.lock`` says (best effort)."""
-    try:
-        with open(os.path.join(path, LOCK_FILE), "rb") as f:
-            text = f.read(32).decode("ascii", "replace").strip()
-    except OSError:
-        text = ""
-    if text == str(os.getpid()):
-        return "this process"
-    return f"process {text}" if text.isdigit() else "another process"
-
-
-def _remove(path: str) -> None:
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise translate(e, path, "removing a partial --init-from directory") from e
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- kvstore-server --init-from ---------------------------------------------------------------

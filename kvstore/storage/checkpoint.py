@@ -108,11 +108,11 @@ class Checkpointer:
         self._thread = threading.Thread(target=_run, name="kvstore-checkpoint", daemon=True,
                                         args=(weakref.ref(self), self._overlay.changed))
         self._thread.start()
-        weakref.finalize(self, _wake, self._overlay.changed)
+        weakref.finalize(self, _wake, self._overlay.lock, self._overlay.changed)
 
     def stop(self) -> None:
         """End the thread (after the checkpoint under way, if any)."""
-        with self._overlay.changed:
+        with self._overlay.lock:  # changed's lock (not ``with changed``: kvstore.storage.wakeups)
             self._stop = True
             self._overlay.changed.notify_all()
         thread, self._thread = self._thread, None
@@ -151,7 +151,7 @@ class Checkpointer:
             self._write(lambda txn: write_generation(txn, self._tables, frozen, applied,
                                                      position, closing, self._yield_gil))
         except StorageError as e:
-            with ov.changed:
+            with ov.lock:  # changed's lock
                 self.error = e  # the frozen generation stays; the next round retries it
                 ov.changed.notify_all()
             raise
@@ -225,8 +225,8 @@ def _run(ref, changed: threading.Condition) -> None:
                 changed.wait(wait)
 
 
-def _wake(changed: threading.Condition) -> None:
-    with changed:
+def _wake(lock: threading.Lock, changed: threading.Condition) -> None:
+    with lock:  # changed's; not ``with changed`` (kvstore.storage.wakeups): any thread runs this
         changed.notify_all()
 
 

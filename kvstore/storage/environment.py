@@ -55,6 +55,7 @@ import msgpack
 
 from kvstore.errors import CorruptRecord, InvalidArgument, StorageError
 from kvstore.storage.pages import PageError, check_tree
+from kvstore.storage.wakeups import Wakeups
 
 #: 2: stored values carry a CRC32C (``kvstore._native.pack_value``).
 FORMAT_VERSION = 2
@@ -254,8 +255,7 @@ class Storage:
         self._page_size = 4096
         self._active_readers: list[None] = []
         self._growing = False
-        self._grown = threading.Event()
-        self._grown.set()
+        self._grown = Wakeups()  # readers held back while _growing (not an Event: see wakeups)
         # Held by every write transaction and by close(): the environment is
         # never closed under a commit in flight.
         self._write_lock = threading.Lock()
@@ -263,7 +263,7 @@ class Storage:
         # its snapshot wait for the commit, and so for its fsync, to finish.
         self.committing = False
         self._committing_id = 0
-        self._committed = threading.Condition(threading.Lock())
+        self._committed = Wakeups()  # readers waiting for the commit in flight
         self._prepare_directory(create)
         self._lock_directory()
         created_data_file = False
@@ -631,7 +631,7 @@ class Storage:
             if not self._growing:
                 break
             active.pop()
-            self._grown.wait()
+            self._grown.wait_for(lambda: not self._growing)
         try:
             txn = self._env.begin(buffers=buffers)
             if self.committing:
@@ -653,11 +653,9 @@ class Storage:
         so a reader whose snapshot is the commit in flight waits for it. When
         no commit is in flight (most reads) the caller skips this call.
         """
-        if txn.id() < self._committing_id:
-            return
-        with self._committed:
-            while self.committing and txn.id() >= self._committing_id:
-                self._committed.wait()
+        txn_id = txn.id()
+        self._committed.wait_for(
+            lambda: not self.committing or txn_id < self._committing_id)
 
     def end_read(self, txn) -> None:
         try:
@@ -719,12 +717,13 @@ class Storage:
         try:
             txn.commit()
         finally:
+            self.committing = False  # first, and no call: no interrupt leaves it set
             self._commit_finished()
         self._after_commit()
 
     def _commit_finished(self) -> None:
-        with self._committed:
-            self.committing = False
+        """Wake the readers waiting for the commit (they also look on their own)."""
+        with self._committed.lock:
             self._committed.notify_all()
 
     def _pause_readers(self) -> bool:
@@ -732,7 +731,6 @@ class Storage:
 
         Pair with ``_resume_readers``.
         """
-        self._grown.clear()
         self._growing = True
         deadline = time.monotonic() + GROW_WAIT_SECONDS
         while self._active_readers:
@@ -743,7 +741,8 @@ class Storage:
 
     def _resume_readers(self) -> None:
         self._growing = False
-        self._grown.set()
+        with self._grown.lock:
+            self._grown.notify_all()
 
     def _abort_write(self, txn) -> None:
         """Abort a write transaction with this process's readers paused.
@@ -756,7 +755,6 @@ class Storage:
             return
         # Holding new reads back is enough: the abort then waits only for the
         # LMDB calls already in flight (open snapshots need not end).
-        self._grown.clear()
         self._growing = True
         try:
             txn.abort()
@@ -820,9 +818,11 @@ class Storage:
             self._close_dir_fd()
 
     def _close_dir_fd(self) -> None:
-        fd, self._dir_fd = self._dir_fd, -1
-        if fd >= 0:
-            self._dir_fd_finalizer()  # os.close: releases the flock (after fork(), our copy)
+        """Close the directory's fd: releases the flock (after fork(), our copy)."""
+        if self._dir_fd >= 0:
+            self._dir_fd_finalizer.detach()  # closed here, not at collection
+            fd, self._dir_fd = self._dir_fd, -1
+            os.close(fd)  # no call since taking it: an interrupt cannot leave it open
 
     @property
     def env(self):

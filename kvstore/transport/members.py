@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import msgpack
 
+from kvstore.msgmap import decode_map
+
 #: Node indexes are 0..MAX_NODES-1 (the quorum kernels' limit).
 MAX_NODES = 64
 #: An encoded ``info`` is at most this many bytes (64 members of long names and hosts fit).
@@ -63,14 +65,8 @@ def decode_info(raw: bytes) -> dict:
         raise ValueError("a membership's info is bytes")
     if not raw:
         return {}
-    if len(raw) > MAX_INFO_BYTES:
-        raise ValueError(f"a membership's info of {len(raw)} bytes is over {MAX_INFO_BYTES}")
-    try:
-        doc = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=False)
-    except Exception as e:  # msgpack raises several unrelated classes
-        raise ValueError(f"a membership's info does not decode: {type(e).__name__}") from None
-    if type(doc) is not dict:
-        raise ValueError("a membership's info is not a map of index to member")
+    doc = decode_map(raw, MAX_INFO_BYTES, "a membership's info",
+                     shape="a map of index to member", strict_map_key=False)
     out = {}
     claimed: dict = {}
     names: dict = {}
