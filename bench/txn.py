@@ -2,9 +2,13 @@
 
 A transfer reads two accounts and writes both. Inside one shard it is one log
 entry whose reads are validated at apply (one consensus round); across two
-shards it is two-phase commit coordinated by the client (the prepares in
-parallel, then the decision in the coordinator shard's log, then the resolves:
-three rounds before the client returns, two before the outcome is fixed).
+shards it is two-phase commit coordinated by the client: in two rounds (the
+prepares in parallel, then the decision in the coordinator shard's log; the
+resolves after the answer), or in one (``one_round_commit``: the client is
+answered once every prepare is chosen; the decision and the resolves follow).
+The three kinds run interleaved in each of ``--rounds`` rounds on the same
+cluster, and the ratios of the cross-shard p50s to the one-shard p50 of the
+same round are printed at the end.
 Each row runs on a fresh ``kvstore-server`` cluster with 2 and with 4 shards,
 the load from this process through the asyncio client with 1 and 32
 transactions in flight, over 10,000 accounts (little contention). The last
@@ -68,7 +72,8 @@ def pairs(by_shard: dict, cross: bool, rnd: random.Random):
             yield a, b
 
 
-async def transfer_load(db, by_shard: dict, cross: bool, in_flight: int, seconds: float) -> dict:
+async def transfer_load(db, by_shard: dict, cross: bool, in_flight: int, seconds: float,
+                        pause: float = 0.0) -> dict:
     latencies, attempts = [], 0
     deadline = time.perf_counter() + seconds
 
@@ -87,6 +92,8 @@ async def transfer_load(db, by_shard: dict, cross: bool, in_flight: int, seconds
             t0 = time.perf_counter()
             await db.run_transaction(move, retries=1000)
             latencies.append(time.perf_counter() - t0)
+            if pause:
+                await asyncio.sleep(pause)  # a lone transfer: the last one's background is done
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(in_flight)))
@@ -98,30 +105,59 @@ async def transfer_load(db, by_shard: dict, cross: bool, in_flight: int, seconds
             "abort_rate": round(1 - len(latencies) / attempts, 3) if attempts else 0.0}
 
 
+#: "lone" rows: one transfer at a time with this pause after each (not counted in its
+#: latency), so that the previous transfer's resolves are done: a transfer as an
+#: occasional web request sees it. The "1 in flight" rows run back to back.
+LONE_PAUSE = 0.02
+
+CASES = (("one shard", False, False), ("cross-shard, 2 rounds", True, False),
+         ("cross-shard, 1 round", True, True))
+
+
 async def run_cluster_rows(addresses: list, nshards: int, in_flight: list, seconds: float,
-                           hot: bool) -> list:
+                           hot: bool, rounds: int) -> list:
     rows = []
-    async with await kvstore.aio.connect(addresses, timeout=30) as db:
+    async with await kvstore.aio.connect(addresses, timeout=30) as two, \
+            await kvstore.aio.connect(addresses, timeout=30, one_round_commit=True) as one:
         spread = accounts_by_shard(nshards, 10_000 // nshards)
-        cases = [("one shard", False, spread), ("cross-shard", True, spread)]
-        for label, cross, by_shard in cases:
-            for n in in_flight:
-                row = await transfer_load(db, by_shard, cross, n, seconds)
-                row.update(shards=nshards, kind=label, in_flight=n, accounts=10_000)
-                rows.append(row)
-                print_row(row)
+        for r in range(rounds):
+            for n in ["lone", *in_flight]:
+                for label, cross, one_round in CASES:
+                    row = await transfer_load(one if one_round else two, spread, cross,
+                                              1 if n == "lone" else n, seconds,
+                                              LONE_PAUSE if n == "lone" else 0.0)
+                    row.update(shards=nshards, kind=label, in_flight=n, accounts=10_000, round=r)
+                    rows.append(row)
+                    print_row(row)
         if hot:
             by_shard = accounts_by_shard(nshards, max(1, 8 // nshards))
-            row = await transfer_load(db, by_shard, True, max(in_flight), seconds)
-            row.update(shards=nshards, kind="cross-shard, hot", in_flight=max(in_flight),
-                       accounts=sum(len(v) for v in by_shard.values()))
-            rows.append(row)
-            print_row(row)
+            for label, db in (("cross-shard, hot, 2 rounds", two), ("cross-shard, hot, 1 round", one)):
+                row = await transfer_load(db, by_shard, True, max(in_flight), seconds)
+                row.update(shards=nshards, kind=label, in_flight=max(in_flight),
+                           accounts=sum(len(v) for v in by_shard.values()), round=0)
+                rows.append(row)
+                print_row(row)
     return rows
 
 
+def print_ratios(rows: list) -> list:
+    """Per shard count, load and round: each cross-shard p50 over the one-shard p50."""
+    out = []
+    base = {(r["shards"], r["in_flight"], r["round"]): r["p50_ms"] for r in rows
+            if r["kind"] == "one shard"}
+    for r in rows:
+        key = (r["shards"], r["in_flight"], r["round"])
+        if r["kind"].startswith("cross-shard, ") and "hot" not in r["kind"] and key in base:
+            ratio = round(r["p50_ms"] / base[key], 2)
+            out.append({"shards": key[0], "in_flight": key[1], "round": key[2],
+                        "kind": r["kind"], "p50_over_one_shard": ratio})
+            print(f"{key[0]} shards {key[1]:>4} in flight, round {key[2]}: {r['kind']:22} "
+                  f"p50 {r['p50_ms']:.2f} ms = {ratio:.2f}x one shard ({base[key]:.2f} ms)")
+    return out
+
+
 def print_row(r: dict) -> None:
-    print(f"{r['shards']} shards  {r['kind']:17} {r['in_flight']:3} in flight "
+    print(f"{r['shards']} shards  {r['kind']:26} {r['in_flight']:>4} in flight "
           f"({r['accounts']:>6} accounts): {r['txns_per_s']:>8,.0f} txn/s  p50 {r['p50_ms']:7.2f} ms  "
           f"p99 {r['p99_ms']:7.2f} ms  aborts {r['abort_rate']:.1%}", flush=True)
 
@@ -132,6 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="per row")
     p.add_argument("--shards", default="2,4")
     p.add_argument("--in-flight", default="1,32")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three kinds")
     p.add_argument("--dir", default=None, help="where the clusters' data goes (default: a temp dir)")
     p.add_argument("--json", default=figures.default_path("txn"))
     args = p.parse_args(argv)
@@ -148,11 +185,14 @@ def main(argv=None) -> int:
                 lc.start_all()
                 lc.wait_ready(timeout=60)
                 rows += asyncio.run(run_cluster_rows(lc.address_list, nshards, in_flight,
-                                                     seconds, hot=True))
+                                                     seconds, hot=True,
+                                                     rounds=1 if args.quick else args.rounds))
     finally:
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
-    figures.write({"seconds_per_row": seconds, "nodes": 3, "rows": rows}, args.json)
+    ratios = print_ratios(rows)
+    figures.write({"seconds_per_row": seconds, "nodes": 3, "load": os.getloadavg(),
+                   "rows": rows, "ratios": ratios}, args.json)
     return 0
 
 

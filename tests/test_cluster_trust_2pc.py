@@ -26,7 +26,7 @@ from kvstore.machine.twopc import TXN_DEADLINE_MAX_MS
 from kvstore.server.local import LocalCluster
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
-from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TxnDecision, TxnPrepare, TxnResolve, encode
+from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TxnDecision, TxnFence, TxnPrepare, TxnResolve, encode
 from test_node import Raw
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,6 +136,11 @@ def test_a_prepare_with_a_deadline_far_away_is_capped_and_its_keys_free_within_t
     ("bad revision", lambda k: TxnPrepare(txn_id(), 0, (0,), ((k, -7),), (), 0)),
     ("a decision", lambda k: TxnDecision(txn_id(), COMMIT)),
     ("a resolve", lambda k: TxnResolve(txn_id(), ABORT)),
+    ("a fence", lambda k: TxnFence(txn_id())),
+    ("one-round, locking", lambda k: TxnPrepare(txn_id(), 0, (0,), ((k, LOCK_ONLY),), ((k, b"v"),), 0,
+                                                one_round=True)),
+    ("one-round, read-only", lambda k: TxnPrepare(txn_id(), 0, (0,), ((k, 0),), (), 0, True,
+                                                  one_round=True)),
 ])
 def test_a_hostile_2pc_command_is_refused_and_locks_nothing(lc, raws, why, entry):
     key = fresh_key(0)
@@ -178,6 +183,9 @@ def test_a_client_cannot_resolve_a_prepared_transaction_only_ask_for_its_decisio
     [0, b"T", ABORT, [0]],  # a guessable id
     [0, b"T" * 16, ABORT],
     [0, b"T" * 16, ABORT, "all"],
+    [0, b"T" * 16, ABORT, [0], False],  # "implied by the votes" is true or absent
+    [0, b"T" * 16, ABORT, [0], 1],
+    [0, b"T" * 16, ABORT, [0], True, True],
 ])
 def test_a_malformed_decide_request_is_refused(lc, raws, args):
     assert refused(request(raws[0], wire.OP_DECIDE, args))

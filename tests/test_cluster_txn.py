@@ -21,7 +21,7 @@ from kvstore.machine.replica import ShardWrite
 from kvstore.node.storage import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
-from kvstore.txn import ABORT, COMMIT, TxnDecision, TxnPrepare, TxnResolve, encode
+from kvstore.txn import ABORT, COMMIT, TxnDecision, TxnFence, TxnPrepare, TxnResolve, encode
 from kvstore._native import encode_record
 from test_node import Raw, start_node, wait_leader  # noqa: F401  (fixture)
 
@@ -145,6 +145,109 @@ def test_a_recorded_commit_whose_coordinator_vanished_is_carried_out_by_the_reso
         assert raw_decide(raw, 0, txn, ABORT, (0, 1)) == (wire.STATUS_OK, COMMIT)
     finally:
         raw.close()
+
+
+def test_a_one_round_transaction_whose_client_vanished_after_every_yes_is_committed(start_node):
+    """Its client may have been told COMMIT once every yes vote was chosen: the resolver
+    must not record ABORT (as it does for a two-round one) but recover the outcome from
+    the fenced prepares."""
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][0], keys[1][0]
+    raw = Raw(n.address)
+    try:
+        wait_leader(raw, shards=2)
+        deadline = int((time.time() + 1.0) * 1000)
+        txn = b"O" * 16
+        for seq, (shard, key) in enumerate(((0, a), (1, b)), 1):
+            p = TxnPrepare(txn, 1, (0, 1), ((key, 0),), ((key, b"one-round"),), deadline,
+                           one_round=True)
+            assert raw_2pc(raw, shard, seq, p) == (wire.STATUS_OK, True)
+        # no decide request: the resolvers fence both shards, find both yes votes, commit
+        for shard, key in ((0, a), (1, b)):
+            wait_until(lambda: raw.request(wire.OP_GET, [shard, key, False])
+                       == (wire.STATUS_OK, b"one-round"), what=f"the commit at shard {shard}")
+        assert raw_decide(raw, 1, txn, ABORT, (0, 1)) == (wire.STATUS_OK, COMMIT)
+    finally:
+        raw.close()
+
+
+def test_a_one_round_prepare_still_in_flight_is_fenced_and_the_transaction_aborted(start_node):
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][1], keys[1][1]
+    raw = Raw(n.address)
+    try:
+        wait_leader(raw, shards=2)
+        deadline = int((time.time() + 1.0) * 1000)
+        txn = b"F" * 16
+        late = TxnPrepare(txn, 0, (0, 1), ((b, 0),), ((b, b"late"),), deadline, one_round=True)
+        p = TxnPrepare(txn, 0, (0, 1), ((a, 0),), ((a, b"early"),), deadline, one_round=True)
+        assert raw_2pc(raw, 0, 1, p) == (wire.STATUS_OK, True)
+        # shard 1's prepare has not arrived when shard 0's resolver recovers the transaction
+        wait_until(lambda: raw.request(wire.OP_GET, [0, a, False]) == (wire.STATUS_OK, None),
+                   what="the recovery's abort at shard 0")
+        assert raw_decide(raw, 0, txn, COMMIT, (0, 1)) == (wire.STATUS_OK, ABORT)
+        # the fence makes the late prepare vote no: it can never commit the transaction
+        assert raw_2pc(raw, 1, 2, late) == (wire.STATUS_OK, False)
+        assert raw.request(wire.OP_GET, [1, b, False]) == (wire.STATUS_OK, None)
+    finally:
+        raw.close()
+
+
+def test_a_one_round_client_commits_across_shards_and_aborts_on_a_conflict(start_node, monkeypatch):
+    from kvstore.client import txn as client_txn
+    made = []
+
+    class Spy(client_txn.Coordinator):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(client_txn, "Coordinator", Spy)
+    n = start_node(shards=3)
+    keys = keys_by_shard(3)
+    a, b, c_ = keys[0][0], keys[1][0], keys[2][0]
+    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as c:
+        for k in (a, b, c_):
+            c.put(k, b"100")
+        with c.transaction() as t:
+            t.put(a, str(int(t.get(a)) - 10))
+            t.put(b, str(int(t.get(b)) + 4))
+            t.put(c_, str(int(t.get(c_)) + 6))
+        # answered after the votes; the reads wait for the decision to be carried out
+        assert [c.get(k) for k in (a, b, c_)] == [b"90", b"104", b"106"]
+        with pytest.raises(kvstore.TransactionConflict):
+            with c.transaction() as t:
+                t.get(a)
+                t.get(b)
+                c.put(b, b"500")
+                t.put(a, b"0")
+                t.put(c_, b"0")
+        assert [c.get(k) for k in (a, b, c_)] == [b"90", b"500", b"106"]
+        c.put(a, b"1")  # every lock was freed
+        c.put(c_, b"1")
+        assert c.run_transaction(lambda t: [t.get(k) for k in (a, b, c_)]) == [b"1", b"500", b"1"]
+    assert [co.one_round for co in made] == [True, True, False]  # the last one is read-only
+
+
+def test_the_asyncio_client_commits_in_one_round_too(start_node):
+    import asyncio
+
+    import kvstore.aio
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][0], keys[1][0]
+
+    async def main():
+        async with await kvstore.aio.connect(n.address, timeout=5, one_round_commit=True) as db:
+            assert db._kv.one_round_commit
+            async with db.transaction() as t:
+                await t.put(a, b"1")
+                await t.put(b, b"2")
+            return [await db.get(a), await db.get(b)]
+
+    assert asyncio.run(main()) == [b"1", b"2"]
 
 
 def test_a_malformed_2pc_entry_is_refused_and_changes_nothing(start_node):

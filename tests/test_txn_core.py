@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore.sim.bank import BankConfig, run_bank_seed
-from kvstore.txn import (ABORT, COMMIT, Coordinator, DecisionTable, ParticipantState, TxnBugs,
-                         TxnDecision, TxnPrepare, TxnResolve, decode, encode)
+import msgpack
+
+from kvstore.txn import (ABORT, COMMIT, Coordinator, DecisionTable, ParticipantState, Recovery, TxnBugs,
+                         TxnDecision, TxnFence, TxnPrepare, TxnResolve, decode, encode)
 
 BANK_SEEDS = int(os.environ.get("KVSTORE_BANK_SEEDS", "300"))
 
@@ -35,8 +37,9 @@ class DictStore:
             self.data[key] = (self.slot, value)
 
 
-def prepare(txn_id=b"t1", reads=((b"a", 1),), writes=((b"a", b"9"),), read_only=False, deadline=10):
-    return TxnPrepare(txn_id, 0, (0, 1), reads, writes, deadline, read_only)
+def prepare(txn_id=b"t1", reads=((b"a", 1),), writes=((b"a", b"9"),), read_only=False, deadline=10,
+            one_round=False):
+    return TxnPrepare(txn_id, 0, (0, 1), reads, writes, deadline, read_only, one_round)
 
 
 keys = st.binary(min_size=1, max_size=8)
@@ -44,7 +47,8 @@ entries = st.one_of(
     st.builds(TxnPrepare, keys, st.integers(0, 7), st.tuples(st.integers(0, 7)),
               st.lists(st.tuples(keys, st.integers(0, 2**40)), max_size=4).map(tuple),
               st.lists(st.tuples(keys, st.one_of(st.none(), keys)), max_size=4).map(tuple),
-              st.integers(0, 2**40), st.booleans()),
+              st.integers(0, 2**40), st.booleans(), st.booleans()),
+    st.builds(TxnFence, keys),
     st.builds(TxnDecision, keys, st.sampled_from([COMMIT, ABORT])),
     st.builds(TxnResolve, keys, st.sampled_from([COMMIT, ABORT])),
 )
@@ -63,6 +67,17 @@ def test_junk_is_a_value_error(data):
         decode(data)
     except ValueError:
         pass
+
+
+def test_a_two_round_prepare_keeps_the_form_earlier_versions_read():
+    """Rolling upgrade: a two-round prepare is the eight fields of earlier versions; only a
+    one-round one (and a fence) carries what an earlier node refuses as unknown."""
+    assert len(msgpack.unpackb(encode(prepare()))) == 8
+    assert len(msgpack.unpackb(encode(prepare(one_round=True)))) == 9
+    body = msgpack.unpackb(encode(prepare(one_round=True)))
+    body[8] = False  # the ninth field is only ever True
+    with pytest.raises(ValueError):
+        decode(msgpack.packb(body))
 
 
 def test_prepare_validates_reads_and_locks():
@@ -107,6 +122,35 @@ def test_expired_prepared_records_are_listed():
     assert [p.txn_id for p in part.expired(10)] == [b"t1"]
 
 
+def test_a_fence_before_the_prepare_makes_it_vote_no_for_ever():
+    store = DictStore(a=b"1")
+    part = ParticipantState()
+    assert part.apply_fence(b"t1") is False  # nothing held: finished here as ABORT
+    assert part.apply_prepare(store, prepare(one_round=True)) is False
+    assert part.apply_fence(b"t1") is False and part.locks == {} and part.prepared == {}
+
+
+def test_a_fence_after_the_prepare_reports_the_yes_vote_and_changes_nothing():
+    store = DictStore(a=b"1")
+    part = ParticipantState()
+    assert part.apply_prepare(store, prepare(one_round=True)) is True
+    assert part.apply_fence(b"t1") is True
+    assert part.locks == {b"a": b"t1"}  # still prepared: the decision carries it out
+    part.apply_resolve(store, TxnResolve(b"t1", COMMIT))
+    assert part.apply_fence(b"t1") is True  # carried out as COMMIT: the answer stays
+    assert store.data[b"a"][1] == b"9"
+
+
+def test_a_fence_of_a_two_round_prepare_reports_no_yes_vote():
+    """A two-round transaction's yes votes do not commit it (its client waits for the
+    recorded decision; a locking read's lock-only votes commit nothing)."""
+    store = DictStore(a=b"1")
+    part = ParticipantState()
+    assert part.apply_prepare(store, prepare()) is True
+    assert part.apply_fence(b"t1") is False
+    assert part.locks == {b"a": b"t1"}
+
+
 def test_decision_is_written_once():
     table = DecisionTable()
     assert table.apply_decision(b"t", ABORT) == ABORT  # a resolver's ABORT came first
@@ -129,6 +173,57 @@ def test_coordinator_two_rounds_then_follows_the_recorded_outcome():
 def test_coordinator_decides_abort_on_the_first_no():
     co = Coordinator(b"t", 1, {0: ([], [(b"a", b"1")]), 1: ([], [(b"b", b"2")])}, 50)
     assert co.on_vote(1, False) == [(1, TxnDecision(b"t", ABORT))]
+
+
+PARTS = {0: ([(b"a", 1)], [(b"a", b"1")]), 1: ([(b"b", 1)], [(b"b", b"2")])}
+
+
+def test_one_round_coordinator_is_decided_by_the_votes_and_records_after():
+    co = Coordinator(b"t", 0, PARTS, 50, one_round=True)
+    assert all(e.one_round for _s, e in co.proposals())
+    assert co.on_vote(0, True) == [] and not co.decided
+    assert co.on_vote(1, True) == [(0, TxnDecision(b"t", COMMIT))]
+    assert co.decided and co.outcome == COMMIT  # the client is answered now
+    co.on_decision(COMMIT)
+    assert co.outcome == COMMIT and co.proposals() == []
+
+
+def test_one_round_coordinator_aborts_on_a_no_and_waits_for_nothing():
+    co = Coordinator(b"t", 0, PARTS, 50, one_round=True)
+    assert co.on_vote(1, False) == [(0, TxnDecision(b"t", ABORT))]
+    assert co.decided and co.outcome == ABORT
+
+
+def test_one_round_coordinator_that_heard_no_vote_leaves_it_to_recovery():
+    """An error instead of a vote: the prepare may be chosen yet, so no ABORT (two rounds
+    may: nothing is decided before the record)."""
+    co = Coordinator(b"t", 0, PARTS, 50, one_round=True)
+    co.on_vote(0, True)
+    co.on_vote_unknown(1)
+    assert not co.decided and co.state == "preparing"
+    two = Coordinator(b"t", 0, PARTS, 50)
+    two.on_vote_unknown(1)
+    assert two.proposals() == [(0, TxnDecision(b"t", ABORT))]
+
+
+def test_one_round_is_never_used_for_read_only_transactions():
+    co = Coordinator(b"t", 0, {0: ([(b"a", 1)], []), 1: ([(b"b", 1)], [])}, 50, one_round=True)
+    assert not co.one_round and not any(e.one_round for _s, e in co.proposals())
+
+
+def test_recovery_commits_only_when_every_fence_finds_a_yes_vote():
+    rec = Recovery(b"t", 1, (0, 1, 2))
+    assert rec.proposals() == [(s, TxnFence(b"t")) for s in (0, 1, 2)]
+    assert rec.on_fenced(0, True) == [] and rec.on_fenced(2, True) == []
+    assert rec.on_fenced(1, True) == [(1, TxnDecision(b"t", COMMIT))]
+    rec.on_decision(COMMIT)
+    assert rec.outcome == COMMIT and rec.proposals() == []
+
+
+def test_recovery_aborts_at_the_first_fence_without_a_yes_vote():
+    rec = Recovery(b"t", 0, (0, 1, 2))
+    assert rec.on_fenced(2, False) == [(0, TxnDecision(b"t", ABORT))]
+    assert rec.on_fenced(0, True) == []  # decided: later answers change nothing
 
 
 def test_read_only_coordinator_decides_nothing():
@@ -159,6 +254,9 @@ BANK_FINDINGS = {
     # lost updates: an audit sees a wrong total, or the money is wrong at the end
     "prepare_skips_read_validation": ("isolation", "the accounts hold"),
     "locks_released_at_vote": ("isolation",),
+    # a one-round client told COMMIT, then ABORT recorded: caught when it is recorded
+    "one_round_recovery_aborts": ("decision:",),
+    "one_round_recovery_unfenced": ("decision:",),
 }
 
 

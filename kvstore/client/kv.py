@@ -54,8 +54,10 @@ class ClusterKV(KV):
 
     def __init__(self, addresses, timeout: float = 5.0, keys=None, cache=None,
                  cache_staleness: float = DEFAULT_STALENESS,
-                 cache_bytes: int = DEFAULT_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_BYTES, one_round_commit: bool = False) -> None:
         self._addresses = parse_addresses(addresses)
+        #: cross-shard transactions commit in one round (``kvstore.client.txn``)
+        self.one_round_commit = bool(one_round_commit)
         self.timeout = _check_timeout(timeout)
         keys = keys if keys is not None else os.environ.get("KVSTORE_KEYS") or None
         if keys is not None:
@@ -298,11 +300,12 @@ def _shape_mismatch(view, reference: tuple, cluster: str | None = None) -> str |
 
 def connect(addresses, timeout: float = 5.0, keys=None, *, cache=None,
             cache_staleness: float = DEFAULT_STALENESS,
-            cache_bytes: int = DEFAULT_BYTES) -> ClusterKV:
+            cache_bytes: int = DEFAULT_BYTES, one_round_commit: bool = False) -> ClusterKV:
     """A client of the cluster at ``addresses`` (one is enough; it learns the others).
 
     ``keys``: a ``kvstore keygen`` directory for a cluster with ``[security]``
     (default: ``$KVSTORE_KEYS``). ``cache``: a prefix, a list of them, or True: gets
     of those keys are served from a coherent cache at most ``cache_staleness``
     seconds behind, never behind this client's writes (docs/cache.md)."""
-    return ClusterKV(addresses, timeout, keys, cache, cache_staleness, cache_bytes)
+    return ClusterKV(addresses, timeout, keys, cache, cache_staleness, cache_bytes,
+                     one_round_commit)

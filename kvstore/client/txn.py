@@ -57,12 +57,14 @@ def _step(shard: int, entry: TxnPrepare) -> tuple:
     return wire.OP_WRITE, shard, two_pc(entry).wire()
 
 
-def _decide(shard: int, txn_id: bytes, outcome: int, participants) -> tuple:
+def _decide(shard: int, txn_id: bytes, outcome: int, participants, implied: bool = False) -> tuple:
     """Ask the leader of ``shard`` (the coordinator shard) to record ``outcome`` for
     ``txn_id`` (first recorded wins) and carry it out on ``participants``: one request
     of a plan's batch, answered with the recorded outcome. The node writes the
-    TxnDecision and the TxnResolve entries; a client never does."""
-    return wire.OP_DECIDE, shard, [shard, txn_id, outcome, list(participants)]
+    TxnDecision and the TxnResolve entries; a client never does. ``implied``: a
+    one-round transaction's outcome, fixed by its votes: carried out as it is recorded."""
+    args = [shard, txn_id, outcome, list(participants)]
+    return wire.OP_DECIDE, shard, args + [True] if implied else args
 
 
 def _deadline_ms() -> int:
@@ -80,7 +82,8 @@ def _answer(answer):
 # returns is the outcome. One plan serves the sync client (``run_plan``) and the asyncio
 # one (``kvstore.client.aio``): a transaction's logic lives once, its I/O twice.
 
-def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard: int | None = None):
+def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard: int | None = None,
+                     one_round: bool = False):
     """Plan: commit a transaction across shards (``parts``: shard -> ``(reads, writes)``).
 
     ``kvstore.txn.Coordinator`` says what to propose: every participant's
@@ -91,18 +94,35 @@ def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard
     if COMMIT was proposed). ``txn_id`` and ``coordinator_shard`` are a locking
     read's when its transaction writes: its prepares then add the writes to the
     locks it holds.
+
+    ``one_round`` (parallel commits, ``kvstore.txn.coordinator``): the votes are the
+    outcome, heard after one consensus round; the decision is asked for without
+    waiting (its node records and carries it out; if the request is lost, the
+    resolvers recover the transaction from its prepares after its deadline). A
+    prepare that failed with no vote heard leaves the outcome unknown: its error
+    is raised, and the resolvers settle it.
     """
     coordinator = Coordinator(txn_id or os.urandom(TXN_ID_BYTES),
                               min(parts) if coordinator_shard is None else coordinator_shard,
-                              parts, _deadline_ms())
+                              parts, _deadline_ms(), one_round=one_round)
     error = None
     prepares = coordinator.proposals()
     answers = yield [_step(shard, entry) for shard, entry in prepares]
     for (shard, _entry), answer in zip(prepares, answers):
         if isinstance(answer, BaseException):
             error = error or answer
-            answer = False  # no vote heard: this coordinator may only abort now
-        coordinator.on_vote(shard, bool(answer))
+            coordinator.on_vote_unknown(shard)  # two rounds: abort now; one: recovery's
+        else:
+            coordinator.on_vote(shard, bool(answer))
+    if coordinator.one_round:
+        if coordinator.decided:  # the implicit outcome: record it, not waiting
+            (shard, entry), = coordinator.proposals()
+            yield Detached([_decide(shard, entry.txn_id, entry.outcome, coordinator.participants,
+                                    implied=True)])
+            if coordinator.outcome == COMMIT:
+                return
+            raise _conflict()
+        raise error
     if coordinator.state == DECIDING:
         (shard, entry), = coordinator.proposals()
         (answer,) = yield [_decide(shard, entry.txn_id, entry.outcome, coordinator.participants)]
@@ -310,7 +330,7 @@ class ClusterTxn(BufferedTxn):
             for key, value in buffer.writes.items():
                 parts[self._kv._shard(key)][1].append((key, value))
             if locked is None:
-                yield from two_phase_commit(parts)
+                yield from two_phase_commit(parts, one_round=getattr(self._kv, "one_round_commit", False))
             else:  # prepare its writes under the locks it holds: its reads cannot have moved
                 self._locked = None
                 yield from two_phase_commit(parts, locked[0], locked[1][0])

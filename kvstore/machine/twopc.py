@@ -39,7 +39,7 @@ from dataclasses import replace
 from kvstore.commands import TwoPC, two_pc
 from kvstore.machine.data import apply_writes, read_value, revision_of
 from kvstore.txn import (LOCK_ONLY, OUTCOMES, TXN_ID_BYTES, DecisionTable, ParticipantState, TxnDecision,
-                         TxnPrepare, TxnResolve)
+                         TxnFence, TxnPrepare, TxnResolve)
 from kvstore.txn import decode as decode_entry
 from kvstore.txn import encode as encode_entry
 
@@ -152,7 +152,8 @@ def participant(txn, tables, writes=()) -> ParticipantState:
 def apply_2pc(txn, tables, revision: int, entry, changes: list | None = None):
     """Apply one (decoded) 2PC entry at ``revision``: TxnPrepare -> vote (bool; with
     locking reads ``[vote, [[key, value, revision], ...]]``), TxnDecision -> the recorded
-    outcome (int), TxnResolve -> whether it changed anything (bool). ``changes``: the
+    outcome (int), TxnResolve -> whether it changed anything (bool), TxnFence -> whether
+    the shard holds the transaction's one-round yes vote (bool). ``changes``: the
     data changes (a resolve's writes) reported as ``kvstore.machine.data.apply_writes``."""
     store = _ShardData(txn, tables.data, revision, changes)
     if isinstance(entry, TxnPrepare):
@@ -169,6 +170,8 @@ def apply_2pc(txn, tables, revision: int, entry, changes: list | None = None):
         return decisions.apply_decision(entry.txn_id, entry.outcome)
     if isinstance(entry, TxnResolve):
         return participant(txn, tables).apply_resolve(store, entry)
+    if isinstance(entry, TxnFence):
+        return participant(txn, tables).apply_fence(entry.txn_id)
     raise ValueError(f"not a 2PC entry: {entry!r}")
 
 
@@ -178,8 +181,9 @@ def bound_client_2pc(command: TwoPC, shard: int, nshards: int, now_ms: int,
     (the client's InvalidArgument) if the entry is refused. Nothing is changed then.
     ``internal``: the node's own write (or a peer's): its decisions and resolves pass.
 
-    A client may send only a TxnPrepare (read-only, locking or writing): decisions
-    and resolves are node-internal (``kvstore.node.loop``: the decide request, the
+    A client may send only a TxnPrepare (read-only, locking or writing; one-round
+    only if it writes and locks no read): decisions, resolves and fences are
+    node-internal (``kvstore.node.loop``: the decide request, the
     resolver). Its id must be ``TXN_ID_BYTES`` long; its participants this cluster's
     shards, sorted, once each, with ``shard`` and its coordinator among them (so the
     resolver can always reach the coordinator shard); its reads' revisions >= 0 or
@@ -203,6 +207,9 @@ def bound_client_2pc(command: TwoPC, shard: int, nshards: int, now_ms: int,
         raise ValueError("a TxnPrepare's deadline is a wall-clock time in ms >= 0")
     if any(type(r) is not int or (r < 0 and r != LOCK_ONLY) for _k, r in entry.reads):
         raise ValueError(f"a read's revision is >= 0 (0: absent) or {LOCK_ONLY} (lock only)")
+    if entry.one_round and (entry.read_only or any(r == LOCK_ONLY for _k, r in entry.reads)):
+        raise ValueError("a one-round TxnPrepare neither is read-only nor locks reads (its yes "
+                         "votes commit the transaction: a locking read's would commit nothing)")
     deadline = min(entry.deadline, now_ms + TXN_DEADLINE_MAX_MS)
     if deadline == entry.deadline:
         return command
@@ -226,17 +233,22 @@ def check_participants(participants, nshards: int) -> tuple:
 
 
 def check_decide(args, nshards: int) -> tuple:
-    """A client's decide request ``[shard, txn_id, outcome, participants]``, checked:
-    ``(shard, TxnDecision, participants)``; ValueError if malformed."""
-    if type(args) is not list or len(args) != 4:
-        raise ValueError("decide takes [shard, txn_id, outcome, participants]")
-    shard, txn_id, outcome, participants = args
+    """A client's decide request ``[shard, txn_id, outcome, participants(, implied)]``,
+    checked: ``(shard, TxnDecision, participants, implied)``; ValueError if malformed.
+    ``implied`` (True, or absent: False): a one-round transaction's outcome, fixed by
+    the votes its client heard, so the node carries it out as it records it
+    (``kvstore.node.resolver``)."""
+    if type(args) is not list or len(args) not in (4, 5):
+        raise ValueError("decide takes [shard, txn_id, outcome, participants(, implied)]")
+    if len(args) == 5 and args[4] is not True:
+        raise ValueError("a decide request's fifth field (implied by the votes) is true or absent")
+    shard, txn_id, outcome, participants = args[:4]
     participants = check_participants(participants, nshards)
     if type(shard) is not int or shard not in participants:
         raise ValueError(f"the coordinator shard {shard!r} must be one of the participants")
     if type(outcome) is not int or outcome not in OUTCOMES:
         raise ValueError(f"a decision's outcome is one of {OUTCOMES}")
-    return shard, TxnDecision(check_txn_id(txn_id), outcome), participants
+    return shard, TxnDecision(check_txn_id(txn_id), outcome), participants, len(args) == 5
 
 
 def any_locked(txn, tables, keys) -> bool:

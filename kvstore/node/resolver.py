@@ -6,7 +6,9 @@ for a decision (``_on_decide``); that node proposes the TxnDecision as its own
 write, answers the recorded outcome and carries it out on every participant. The
 shard leaders settle prepared transactions whose coordinator went quiet
 (``_resolve_abandoned``): ask the coordinator shard to decide ABORT (a decision
-already recorded wins), then carry out what was recorded. Every step is an
+already recorded wins), then carry out what was recorded; a one-round
+transaction is recovered from its prepares instead (``_recover``: a TxnFence on
+every participant, then the outcome they imply, ``kvstore.txn.Recovery``). Every step is an
 idempotent log entry (``kvstore.txn``), so a duplicate or a race changes nothing.
 The node's own writes go through the same intake as a client's
 (``Intake._on_request``), under the identity ``("self", token)`` and a client
@@ -21,7 +23,7 @@ from typing import Callable
 
 from kvstore.commands import TwoPC, command_wire, two_pc
 from kvstore.machine.twopc import check_decide
-from kvstore.txn import ABORT, TxnDecision, TxnPrepare, TxnResolve
+from kvstore.txn import ABORT, OUTCOMES, Recovery, TxnDecision, TxnFence, TxnPrepare, TxnResolve
 from kvstore.transport import wire
 
 log = logging.getLogger("kvstore.node")
@@ -51,8 +53,10 @@ class Resolver:
         leads the coordinator shard, proposes the TxnDecision as its own write, answers
         the recorded outcome (first recorded wins: maybe a resolver's ABORT), then
         carries it out on every participant (``_resolve_everywhere``). The client never
-        writes a decision or a resolve itself; a lost resolve is done by the resolvers."""
-        shard, decision, participants = check_decide(args, self.nshards)
+        writes a decision or a resolve itself; a lost resolve is done by the resolvers.
+        ``implied`` (a one-round transaction: its votes fixed the outcome) carries it out
+        while it is recorded, in the same round (``kvstore.txn.coordinator``)."""
+        shard, decision, participants, implied = check_decide(args, self.nshards)
         r = self.replicas[shard]
         if not r.is_leader:
             self._not_leader(identity, request_id, wire.OP_DECIDE, args, r.leader_hint)
@@ -63,13 +67,19 @@ class Resolver:
             self.stats.count(wire.OP_DECIDE, wire.STATUS_OK)
             self.stats.txn_decisions["abort" if outcome == ABORT else "commit"] += 1
             self._reply(identity, request_id, wire.STATUS_OK, outcome)
-            self._resolve_everywhere(decision.txn_id, outcome, participants)
+            if not implied:
+                self._resolve_everywhere(decision.txn_id, outcome, participants)
 
         def failed(status: int, value) -> None:
             self.stats.count(wire.OP_DECIDE, status)
             self._reply(identity, request_id, status, value)
 
         self._own_write(shard, two_pc(decision), recorded, failed)
+        if implied:
+            # a one-round transaction's outcome is fixed by its votes (kvstore.txn.coordinator):
+            # carried out alongside the record, in the same round (the coordinator shard's
+            # resolve in the decision's batch), not after it
+            self._resolve_everywhere(decision.txn_id, decision.outcome, participants)
 
     def _resolve_abandoned(self, now: float) -> None:
         """Settle the prepared cross-shard transactions of the shards this node leads
@@ -78,7 +88,9 @@ class Resolver:
         writer), then carry the recorded outcome out here. Any node may do this at any
         time (``kvstore.txn``): each step is an idempotent log entry, so a duplicate
         or a race with the live coordinator changes nothing. Rule 7 holds because a
-        resolver only ever proposes ABORT and acts on what the log recorded."""
+        resolver only ever proposes ABORT and acts on what the log recorded; for a
+        one-round transaction, whose client may have been told COMMIT already, it
+        proposes what the fenced prepares imply (``_recover``)."""
         self._last_resolve = now
         for txn_id in [t for t, at in self._resolving.items() if now - at > RESOLVE_RETRY_SECONDS]:
             del self._resolving[txn_id]
@@ -102,8 +114,39 @@ class Resolver:
                          shard, prepare.txn_id.hex(),
                          extra={"event": "txn_settle", "node": self.name, "shard": shard,
                                 "txn": prepare.txn_id.hex()})
+                if prepare.one_round:
+                    self._recover(shard, prepare)
+                    continue
                 self._own_write(prepare.coordinator, two_pc(TxnDecision(prepare.txn_id, ABORT)),
                                 lambda outcome, s=shard, p=prepare: self._carry_out(s, p, outcome))
+
+    def _recover(self, shard: int, prepare: TxnPrepare) -> None:
+        """Settle a one-round transaction from its prepares (``kvstore.txn.Recovery``): a
+        TxnFence in every participant's log, in parallel, then the outcome their answers
+        imply as the decision, carried out everywhere. A step that fails ends it; the
+        resolver starts again after ``RESOLVE_RETRY_SECONDS`` (all steps idempotent)."""
+        recovery = Recovery(prepare.txn_id, prepare.coordinator, prepare.participants)
+
+        def step(proposals: list) -> None:
+            for target, entry in proposals:
+                if type(entry) is TxnFence:
+                    self._own_write(target, two_pc(entry), lambda held, t=target: fenced(t, held))
+                else:
+                    self._own_write(target, two_pc(entry), recorded)
+
+        def fenced(target: int, held) -> None:
+            if type(held) is bool:  # anything else (a late duplicate's answer): no answer
+                step(recovery.on_fenced(target, held))
+
+        def recorded(outcome) -> None:
+            if outcome not in OUTCOMES:
+                return
+            recovery.on_decision(outcome)
+            self._carry_out(shard, prepare, outcome)
+            self._resolve_everywhere(prepare.txn_id, outcome,
+                                     [s for s in prepare.participants if s != shard])
+
+        step(recovery.proposals())
 
     def _carry_out(self, shard: int, prepare: TxnPrepare, outcome) -> None:
         """The coordinator shard recorded ``outcome`` for ``prepare``: resolve it here."""

@@ -46,12 +46,13 @@ import random
 from dataclasses import dataclass, field, fields, replace
 
 from kvstore.sim.trace import Trace, failure_report
-from kvstore.txn import (ABORT, COMMIT, LOCK_ONLY, Coordinator, DecisionTable, ParticipantState,
-                         TxnBugs, TxnDecision, TxnPrepare, TxnResolve)
+from kvstore.txn import (ABORT, COMMIT, LOCK_ONLY, Coordinator, DecisionTable, ParticipantState, Recovery,
+                         TxnBugs, TxnDecision, TxnFence, TxnPrepare, TxnResolve)
 
 INITIAL_BALANCE = 100
-#: The tags of requests whose entry is a TxnDecision: ``(kind, txn id, participants)``.
-DECISION_REQUESTS = ("decide", "confirm", "release")
+#: The tags of requests whose entry is a TxnDecision: ``(kind, txn id, participants)``;
+#: "implied": a one-round transaction's outcome, carried out as it is recorded, not after.
+DECISION_REQUESTS = ("decide", "confirm", "release", "implied")
 
 
 class BankFailure(Exception):
@@ -91,6 +92,9 @@ class BankConfig:
     # ABORT can then have preceded, so every lock was still held when the last one was taken.
     locking_audit_trusts_votes: bool = False
     audit_share: float = 0.3
+    # the share of (optimistic) cross-shard transfers committed in one round (parallel commits,
+    # kvstore.txn.coordinator); the others in two, as a client that was not told to (an upgrade)
+    one_round_share: float = 1.0
     bugs: TxnBugs = field(default_factory=TxnBugs)
     swarm: bool = True
     trace_lines: int = 80
@@ -104,6 +108,7 @@ def swarm(c: BankConfig, rng: random.Random) -> BankConfig:
                    outage_rate=pick(0.0, 0.005, 0.02), crash_rate=pick(0.0, 0.005, 0.02),
                    txn_deadline_ticks=pick(10, 30, 60), retry_ticks=pick(3, 6, 12),
                    audit_share=pick(0.1, 0.3, 0.5), accounts=pick(3, 6, 12),
+                   one_round_share=pick(1.0, 1.0, 0.5),
                    processes=pick(2, 3, 5))
 
 
@@ -137,6 +142,8 @@ class Shard:
         self.down_until = -1
         self.applying: object = None  # the entry being applied (the write oracle looks)
         self.asked: dict = {}  # resolver: txn id -> tick it last asked the coordinator shard
+        self.recoveries: dict = {}  # resolver: txn id -> Recovery of a one-round transaction
+        self.resolving_outcome = None  # the outcome the resolve being applied must carry out
         self.singles: dict = {}  # txn id -> result: a retried one-shard transaction applies once
 
     # Store, for ParticipantState
@@ -146,10 +153,9 @@ class Shard:
     def write(self, key: bytes, value: bytes | None) -> None:
         entry = self.applying
         if isinstance(entry, TxnResolve):
-            recorded = self.sim.recorded_decision(entry.txn_id)
-            if entry.outcome != COMMIT or recorded != COMMIT:
-                self.sim.fail(f"atomicity: s{self.id} wrote {key!r} for {entry.txn_id!r}, whose recorded "
-                              f"decision is {recorded}")
+            if entry.outcome != COMMIT or self.resolving_outcome != COMMIT:
+                self.sim.fail(f"atomicity: s{self.id} wrote {key!r} for {entry.txn_id!r}, whose outcome "
+                              f"(recorded, or implied by its one-round votes) is {self.resolving_outcome}")
         elif not (isinstance(entry, tuple) and entry[0] == "single"):
             self.sim.fail(f"atomicity: s{self.id} wrote {key!r} while applying {type(entry).__name__}, "
                           f"before any decision")
@@ -181,14 +187,22 @@ class Shard:
         if isinstance(entry, TxnDecision):
             if entry.txn_id in sim.coordinator_of and sim.coordinator_of[entry.txn_id] != self.id:
                 sim.fail(f"decision for {entry.txn_id!r} proposed to s{self.id}, not its coordinator shard")
-            return self.decisions.apply_decision(entry.txn_id, entry.outcome)
+            recorded = self.decisions.apply_decision(entry.txn_id, entry.outcome)
+            told = sim.told.get(entry.txn_id)
+            if told is not None and told != recorded:  # a one-round client hears it first
+                sim.fail(f"decision: {entry.txn_id!r}'s client was told {told}, {recorded} is recorded")
+            return recorded
+        if isinstance(entry, TxnFence):
+            return self.participant.apply_fence(entry.txn_id)
         if isinstance(entry, TxnResolve):
-            recorded = sim.recorded_decision(entry.txn_id)
             # every resolve carries out a recorded decision (a locking read's release too: its
-            # coordinator shard records ABORT first, kvstore.node.loop ``_on_decide``)
-            if recorded != entry.outcome:
+            # coordinator shard records ABORT first, kvstore.node.loop ``_on_decide``), or the
+            # outcome a one-round transaction's votes imply (its decision may come later)
+            self.resolving_outcome = sim.outcome_of(entry.txn_id)
+            if self.resolving_outcome != entry.outcome:
                 sim.fail(f"decision: s{self.id} carries out {entry.outcome} for {entry.txn_id!r}, "
-                         f"but the recorded decision is {recorded}")
+                         f"but its outcome is {self.resolving_outcome} (recorded "
+                         f"{sim.recorded_decision(entry.txn_id)}, implied {sim.implied(entry.txn_id)})")
             if self.participant.apply_resolve(self, entry):
                 sim.carried_out.setdefault(entry.txn_id, {})[self.id] = entry.outcome
             return True
@@ -207,15 +221,52 @@ class Shard:
         return value, rev
 
     def resolve_expired(self, now: int) -> None:
-        """The shard's resolver: ask the coordinator shard about prepared records past their deadline."""
+        """The shard's resolver: ask the coordinator shard about prepared records past their
+        deadline; a one-round one is recovered from its prepares (``recover``)."""
         sim = self.sim
         for p in self.participant.expired(now):
             if now - self.asked.get(p.txn_id, -10**9) < sim.config.retry_ticks * sim.config.retry_backoff_max:
                 continue
             self.asked[p.txn_id] = now
+            if p.one_round:
+                self.recover(p)
+                continue
             sim.log(f"s{self.id} resolver asks s{p.coordinator} about {p.txn_id!r}")
             sim.send(Propose(p.coordinator, ("resolver", self.id), ("decide", p.txn_id, p.participants),
                              TxnDecision(p.txn_id, ABORT)))
+
+
+    def recover(self, p: TxnPrepare) -> None:
+        """Fence every participant, then decide what the fences imply (``Recovery``); a
+        recovery already under way proposes again what it has no answer to."""
+        sim = self.sim
+        rec = self.recoveries.get(p.txn_id)
+        if rec is None:
+            rec = self.recoveries[p.txn_id] = Recovery(p.txn_id, p.coordinator, p.participants,
+                                                       sim.config.bugs)
+            sim.log(f"s{self.id} resolver recovers one-round {p.txn_id!r} from its prepares")
+        self.propose(rec, rec.proposals())
+
+    def propose(self, rec: Recovery, proposals: list) -> None:
+        for shard, entry in proposals:
+            tag = (("fence", rec.txn_id, shard) if isinstance(entry, TxnFence)
+                   else ("decide", rec.txn_id, rec.participants))
+            self.sim.send(Propose(shard, ("resolver", self.id), tag, entry))
+
+    def on_answer(self, a: "Answer") -> None:
+        """A recovery's fence or decision was applied (other answers: nothing to do here)."""
+        rec = self.recoveries.get(a.tag[1])
+        if rec is None:
+            return
+        if a.tag[0] == "fence":
+            self.propose(rec, rec.on_fenced(a.tag[2], a.result))
+        elif a.tag[0] == "decide":
+            rec.on_decision(a.result)  # carried out by the node that recorded it
+            del self.recoveries[a.tag[1]]
+
+    def lose_volatile(self) -> None:
+        """A leader change: the resolver's recoveries under way are lost (started again)."""
+        self.recoveries.clear()
 
 
 class Process:
@@ -343,7 +394,7 @@ class Process:
     def on_answer(self, a: Answer) -> None:
         sim = self.sim
         tag = a.tag
-        if tag[0] in ("prepare", "decide", "resolve"):
+        if tag[0] in ("prepare", "decide", "implied", "resolve"):
             txn_id = tag[1]
             co = self.op["coordinator"] if self.op and self.op.get("txn_id") == txn_id else self.background.get(txn_id)
             if co is None:
@@ -351,7 +402,7 @@ class Process:
             proposals = []
             if tag[0] == "prepare":
                 proposals = co.on_vote(tag[2], a.result)
-            elif tag[0] == "decide":
+            elif tag[0] in ("decide", "implied"):
                 co.on_decision(a.result)  # the node that recorded it carries it out
             self.propose(co, proposals)
             if co.state == "done":
@@ -398,9 +449,13 @@ class Process:
             self.arm()
             return
         coordinator_shard = op["shards"][0] if locked else sorted(parts)[sim.rng.randrange(len(parts))]
+        one_round = not locked and sim.rng.random() < sim.config.one_round_share
         co = Coordinator(txn_id, coordinator_shard, parts, sim.tick + sim.config.txn_deadline_ticks,
-                         decision_not_replicated=sim.config.bugs.decision_not_replicated)
+                         decision_not_replicated=sim.config.bugs.decision_not_replicated,
+                         one_round=one_round)
         sim.coordinator_of[txn_id] = coordinator_shard
+        if co.one_round:
+            sim.one_round_participants[txn_id] = co.participants
         op["coordinator"] = co
         self.propose(co, co.proposals())
 
@@ -408,8 +463,10 @@ class Process:
         sim = self.sim
         for shard, entry in proposals:
             kind = {TxnPrepare: "prepare", TxnDecision: "decide", TxnResolve: "resolve"}[type(entry)]
+            if kind == "decide" and co.one_round:
+                kind = "implied"  # the votes fixed it: the node carries it out as it records it
             # a decide request names the participants: the node that records it resolves them
-            tag = (kind, co.txn_id, co.participants if kind == "decide" else shard)
+            tag = (kind, co.txn_id, co.participants if kind in DECISION_REQUESTS else shard)
             sim.send(Propose(shard, self.address, tag, entry))
         if self.op is not None and self.op.get("coordinator") is co:
             self.arm()
@@ -484,6 +541,7 @@ class BankSimulation:
                        for s in range(config.shards)]
         self.processes = [Process(self, p) for p in range(config.processes)]
         self.coordinator_of: dict = {}  # txn id -> its coordinator shard
+        self.one_round_participants: dict = {}  # txn id -> participants, of a one-round one
         self.carried_out: dict = {}  # txn id -> {shard: outcome} of the resolves applied
         self.told: dict = {}  # txn id -> the outcome its client was told
         self.unknown: set = set()  # transactions whose client died before hearing
@@ -503,6 +561,27 @@ class BankSimulation:
     def recorded_decision(self, txn_id: bytes) -> int | None:
         shard = self.coordinator_of.get(txn_id)
         return None if shard is None else self.shards[shard].decisions.decisions.get(txn_id)
+
+    def implied(self, txn_id: bytes) -> int | None:
+        """The outcome a one-round transaction's votes imply (kvstore.txn.coordinator): COMMIT
+        once every participant holds its yes vote (or carried out COMMIT), ABORT once one is
+        finished there as ABORT (it voted no or was fenced), else None (or not one-round)."""
+        participants = self.one_round_participants.get(txn_id)
+        if participants is None:
+            return None
+        states = []
+        for s in participants:
+            part = self.shards[s].participant
+            held = part.prepared.get(txn_id)
+            states.append(COMMIT if (held is not None and held.one_round) else part.finished.get(txn_id))
+        if ABORT in states:
+            return ABORT
+        return COMMIT if all(state == COMMIT for state in states) else None
+
+    def outcome_of(self, txn_id: bytes) -> int | None:
+        """The recorded decision, or else what the one-round votes imply."""
+        recorded = self.recorded_decision(txn_id)
+        return recorded if recorded is not None else self.implied(txn_id)
 
     def check_locks(self, shard: Shard) -> None:
         held: dict = {}
@@ -530,6 +609,8 @@ class BankSimulation:
         if isinstance(m, Answer):
             self.answer(m)
             return
+        if m.tag[0] == "implied":  # the node carries it out as it records it, quorum or not
+            self.resolve_everywhere(m, m.entry.outcome)
         shard = self.shards[m.to]
         if shard.down_until > self.tick:
             return  # no quorum: the proposal is lost
@@ -542,16 +623,22 @@ class BankSimulation:
         """A decision request (a process's decide, confirm or release, or a resolver's decide)
         was recorded: the node that recorded it, not the process, resolves it on every
         participant (kvstore.node.loop ``_on_decide``), whether or not its answer arrives."""
-        if m.tag[0] in DECISION_REQUESTS:
-            _kind, txn_id, participants = m.tag
-            for shard in participants:
-                self.send(Propose(shard, ("resolver", m.to), ("resolve", txn_id, shard),
-                                  TxnResolve(txn_id, result)))
+        if m.tag[0] in DECISION_REQUESTS and m.tag[0] != "implied":
+            self.resolve_everywhere(m, result)
+
+    def resolve_everywhere(self, m: Propose, outcome: int) -> None:
+        _kind, txn_id, participants = m.tag
+        for shard in participants:
+            self.send(Propose(shard, ("resolver", m.to), ("resolve", txn_id, shard),
+                              TxnResolve(txn_id, outcome)))
 
     def answer(self, m: Answer) -> None:
         """What a shard's log answered reaches its proposer (a process's dead run hears nothing)."""
         if m.to[0] == "resolver":
-            return  # its decisions are carried out where they are recorded (``carry_out``)
+            # its decisions are carried out where they are recorded (``carry_out``); a
+            # recovery's fences and decision go on from what they answered
+            self.shards[m.to[1]].on_answer(m)
+            return
         process = self.processes[m.to[0]]
         if process.up and process.incarnation == m.to[1]:
             process.on_answer(m)
@@ -563,6 +650,7 @@ class BankSimulation:
         for shard in self.shards:
             if shard.down_until <= self.tick and rng.random() < c.outage_rate:
                 shard.down_until = self.tick + 1 + rng.randrange(c.outage_ticks_max)
+                shard.lose_volatile()
                 self.log(f"OUTAGE s{shard.id} until t{shard.down_until}")
         self._process_faults()
 
@@ -629,7 +717,7 @@ class BankSimulation:
             if shard.participant.locks:
                 self.fail(f"liveness: s{shard.id} still locks {sorted(shard.participant.locks)}")
         for txn_id, by_shard in self.carried_out.items():
-            recorded = self.recorded_decision(txn_id)
+            recorded = self.outcome_of(txn_id)
             participants = None
             for shard in self.shards:
                 if txn_id in shard.participant.finished:
@@ -646,6 +734,11 @@ class BankSimulation:
             recorded = self.recorded_decision(txn_id)
             if recorded is not None and recorded != outcome:
                 self.fail(f"decision: {txn_id!r}'s client was told {outcome}, the record says {recorded}")
+            participants = self.one_round_participants.get(txn_id, ())
+            if outcome == COMMIT and any(self.shards[s].participant.finished.get(txn_id) != COMMIT
+                                         for s in participants):
+                self.fail(f"atomicity: {txn_id!r}'s client was told COMMIT, carried out as "
+                          f"{[self.shards[s].participant.finished.get(txn_id) for s in participants]}")
         total = sum(int(v) for s in self.shards for _, v in s.data.values())
         if total != self.total:
             self.fail(f"atomicity: the accounts hold {total}, not {self.total}")

@@ -182,6 +182,9 @@ class BankClient:
         self.identity = b"bank-%d" % index
         self.client_id = b"sim-bank-%d" % index
         self.topology = _Topology(sim.config.shards)
+        # most clients commit across shards in one round, some in two (as during an
+        # upgrade): both kinds meet on the same keys and in the same resolvers
+        self.topology.one_round_commit = sim.rng.random() < 0.75
         self.seq = 0
         self.request_ids = 0
         self.leaders: dict = {}  # shard -> the node believed to lead it

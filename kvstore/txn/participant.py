@@ -50,6 +50,12 @@ class TxnBugs:
     apply_before_decision: bool = False  # a participant writes at prepare, not at the decision
     prepare_skips_read_validation: bool = False  # a prepare does not check what was read
     locks_released_at_vote: bool = False  # a prepared transaction holds no locks
+    # a one-round transaction's recovery decides ABORT, as a two-round one's does, without
+    # fencing the participants or looking at their votes (its client may have heard COMMIT)
+    one_round_recovery_aborts: bool = False
+    # a one-round recovery looks at the participants' votes without fencing them: a prepare
+    # still in flight is taken for one that never happened, and chosen after the look
+    one_round_recovery_unfenced: bool = False
 
 
 class Store(Protocol):
@@ -107,6 +113,30 @@ class ParticipantState:
             for key, _ in (*p.reads, *p.writes):
                 self.locks[key] = p.txn_id
         return True
+
+    def apply_fence(self, txn_id: bytes) -> bool:
+        """Apply a TxnFence: True if this shard holds the transaction's one-round yes
+        vote (or carried out its COMMIT). Otherwise the transaction is finished here as
+        ABORT, unless it is already: a prepare of it applied later votes no, so from this
+        slot on the answer can never change (``kvstore.txn.coordinator``, "Recovery")."""
+        if self.bugs.one_round_recovery_unfenced:
+            return self.peek_vote(txn_id)
+        done = self.finished.get(txn_id)
+        if done is not None:
+            return done == COMMIT
+        held = self.prepared.get(txn_id)
+        if held is not None:
+            return held.one_round  # a two-round transaction: its recovery may only abort
+        self.finished[txn_id] = ABORT
+        return False
+
+    def peek_vote(self, txn_id: bytes) -> bool:
+        """The planted bug's fence (``one_round_recovery_unfenced``): a look, no fence."""
+        done = self.finished.get(txn_id)
+        if done is not None:
+            return done == COMMIT
+        held = self.prepared.get(txn_id)
+        return held is not None and held.one_round
 
     def _writes(self, holder: bytes, key: bytes) -> bool:
         p = self.prepared.get(holder)

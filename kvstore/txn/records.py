@@ -12,6 +12,18 @@ some shard's Paxos log, applied by every replica of that shard alike:
   written once, never changed (DESIGN.md rule 7).
 - ``TxnResolve`` (participant shard): carry out a recorded decision: apply the
   writes on commit, and release the locks either way.
+- ``TxnFence`` (participant shard): a recovery of a one-round transaction
+  (``kvstore.txn.coordinator``) makes sure no yes vote of it can be chosen
+  there any more: applying it yields whether the shard holds the
+  transaction's one-round yes prepare (or carried out its COMMIT); if it holds
+  nothing, the transaction is finished there as ABORT, so a later copy of its
+  prepare votes no.
+
+A one-round prepare (``one_round``: the transaction is committed as soon as
+every participant holds its yes vote) is encoded with a ninth field; a
+two-round one keeps the eight of the earlier versions, so nodes of an earlier
+version read it. They refuse a one-round prepare and a TxnFence as an
+unknown entry (docs/operations.md, "Upgrade").
 
 Words are 2PC's only (TxnPrepare, TxnVote, TxnDecision), never Paxos's Prepare,
 Promise, Accept. Encoded as msgpack lists with a tag; never pickle.
@@ -33,6 +45,7 @@ TXN_ID_BYTES = 16
 _TAG_PREPARE = "TxnPrepare"
 _TAG_DECISION = "TxnDecision"
 _TAG_RESOLVE = "TxnResolve"
+_TAG_FENCE = "TxnFence"
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,9 @@ class TxnPrepare:
     writes: tuple  # ((key, value or None), ...); None deletes
     deadline: int  # after this (the driver's clock), anyone may ask the coordinator shard
     read_only: bool = False
+    # committed once every participant holds its yes vote; the decision is recorded
+    # after the client is answered (kvstore.txn.coordinator, "One round")
+    one_round: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,11 +74,20 @@ class TxnResolve:
     outcome: int  # the recorded decision
 
 
+@dataclass(frozen=True)
+class TxnFence:
+    txn_id: bytes  # of a one-round transaction being recovered: no yes vote of it after this
+
+
 def encode(entry) -> bytes:
     if isinstance(entry, TxnPrepare):
         body = [_TAG_PREPARE, entry.txn_id, entry.coordinator, list(entry.participants),
                 [list(r) for r in entry.reads], [list(w) for w in entry.writes], entry.deadline,
                 entry.read_only]
+        if entry.one_round:
+            body.append(True)
+    elif isinstance(entry, TxnFence):
+        body = [_TAG_FENCE, entry.txn_id]
     elif isinstance(entry, (TxnDecision, TxnResolve)):
         tag = _TAG_DECISION if isinstance(entry, TxnDecision) else _TAG_RESOLVE
         body = [tag, entry.txn_id, entry.outcome]
@@ -90,14 +115,18 @@ def decode(data: bytes):
     if not isinstance(body, list) or not body or not isinstance(body[1] if len(body) > 1 else None, bytes):
         raise ValueError("malformed 2PC entry")
     tag = body[0]
-    if tag == _TAG_PREPARE and len(body) == 8:
-        _, txn_id, coordinator, participants, reads, writes, deadline, read_only = body
+    if tag == _TAG_PREPARE and len(body) in (8, 9):
+        _, txn_id, coordinator, participants, reads, writes, deadline, read_only = body[:8]
+        one_round = body[8] if len(body) == 9 else False
         if not (isinstance(coordinator, int) and isinstance(participants, list)
                 and all(isinstance(p, int) for p in participants) and isinstance(deadline, int)
-                and isinstance(read_only, bool)):
+                and isinstance(read_only, bool)
+                and (len(body) == 8 or one_round is True)):
             raise ValueError("malformed TxnPrepare")
         return TxnPrepare(txn_id, coordinator, tuple(participants), _pairs(reads, int),
-                          _pairs(writes, (bytes, type(None))), deadline, read_only)
+                          _pairs(writes, (bytes, type(None))), deadline, read_only, one_round)
+    if tag == _TAG_FENCE and len(body) == 2:
+        return TxnFence(body[1])
     if tag in (_TAG_DECISION, _TAG_RESOLVE) and len(body) == 3 and body[2] in OUTCOMES:
         cls = TxnDecision if tag == _TAG_DECISION else TxnResolve
         return cls(body[1], body[2])
