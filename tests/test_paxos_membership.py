@@ -410,13 +410,10 @@ def test_two_wiped_voters_that_missed_a_removal_learn_it_from_followers_and_reco
     sequences_agree(c)
 
 
-def test_a_learner_promoted_while_cut_off_learns_it_from_a_candidate_it_refuses():
-    """A learner misses its own promotion; then a voter is lost, so the new epoch needs
-    the learner's vote to elect anyone, and there is no leader it could learn the change
-    from. It refused the candidates' votes and stayed behind for good (real-node sim:
-    --members --nodes 3 --seed 9055). A refusal now says how far it holds the chosen
-    values, and the candidate sends what it lacks (``Chosen``)."""
-    c = Cluster(3, seed=12, nodes=4)
+def _learner_promoted_while_cut_off(seed: int, writes_after: int = 0, **config) -> Cluster:
+    """Three voters and a learner (node 3) that misses its own promotion: it stays in
+    epoch 1 while the others write ``writes_after`` values in epoch 2."""
+    c = Cluster(3, seed=seed, nodes=4, **config)
     change(c, (0, 1, 2), (3,))
     c.join(3, c.replicas[leader_of(c)].membership)
     write(c, b"before")
@@ -424,44 +421,45 @@ def test_a_learner_promoted_while_cut_off_learns_it_from_a_candidate_it_refuses(
     assert b"before" in c.commands(3)
     c.isolate(3)
     change(c, (0, 1, 2, 3))
+    for k in range(writes_after):
+        write(c, b"v%d" % k)
     c.tick(5)
     assert c.replicas[3].membership.epoch == 1 and not c.replicas[3].is_voter
+    return c
+
+
+def _lose_a_voter_and_elect(c: Cluster) -> None:
+    """The leader dies, the learner is heard again: epoch 2 needs its vote to elect."""
     c.crash(leader_of(c))
     c.heal()
     new = leader_of(c, max_ticks=600)
     assert c.replicas[new].membership.epoch == 2
     write(c, b"after")
     c.tick(5)
-    assert c.replicas[3].is_voter and b"after" in c.commands(3)
+    assert c.replicas[3].is_voter and c.commands(3)[-1] == b"after"
     sequences_agree(c)
+
+
+def test_a_learner_promoted_while_cut_off_learns_it_from_a_candidate_it_refuses():
+    """A learner misses its own promotion; then a voter is lost, so the new epoch needs
+    the learner's vote to elect anyone, and there is no leader it could learn the change
+    from. It refused the candidates' votes and stayed behind for good (real-node sim:
+    --members --nodes 3 --seed 9055). A refusal now says how far it holds the chosen
+    values, and the candidate sends what it lacks (``Chosen``)."""
+    _lose_a_voter_and_elect(_learner_promoted_while_cut_off(12))
 
 
 def test_a_promoted_learner_behind_a_compaction_takes_a_snapshot_from_a_candidate():
     """As above, but the others compacted their logs past what the learner holds: the
     candidate it refuses offers its snapshot (``Chosen`` with a snapshot index) and the
     learner lets that sender's transfer in (real-node sim: --members --nodes 3 --seed 9139)."""
-    c = Cluster(3, seed=13, nodes=4, log_retain_slots=2)
-    change(c, (0, 1, 2), (3,))
-    c.join(3, c.replicas[leader_of(c)].membership)
-    write(c, b"before")
-    c.tick(10)
-    c.isolate(3)
-    change(c, (0, 1, 2, 3))
-    for k in range(8):
-        write(c, b"v%d" % k)
-    c.tick(5)
+    c = _learner_promoted_while_cut_off(13, writes_after=8, log_retain_slots=2)
     for i in range(3):
         r = c.replicas[i]
         r.compact(r.applied_index, b"state")
     assert c.replicas[0].log_start > c.replicas[3].commit_index + 1
-    c.crash(leader_of(c))
-    c.heal()
-    new = leader_of(c, max_ticks=600)
-    assert c.replicas[new].membership.epoch == 2
-    write(c, b"after")
-    c.tick(5)
-    r = c.replicas[3]
-    assert r.is_voter and c.snapshots[3] and c.commands(3)[-1] == b"after"
+    _lose_a_voter_and_elect(c)
+    assert c.snapshots[3]
 
 
 def test_after_a_forged_later_epoch_the_leader_of_our_epoch_is_followed_again_for_reads():

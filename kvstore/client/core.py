@@ -276,18 +276,24 @@ class ClientCore(ConnectionEvents, DirectPath):
             self.context.term()  # every socket is closed by now: term() does not block
 
     # ------------------------------------------------------------------ the I/O thread
+    def _dealer(self):
+        """A DEALER to a node, as every socket of this client is made: Curve keys, no
+        linger, quick reconnects, frames bounded in bytes (connect is the caller's)."""
+        s = self.context.socket(zmq.DEALER)
+        if self.keys is not None:
+            self.keys.make_client(s)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RECONNECT_IVL, 50)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_PEER_FRAME_BYTES)
+        return s
+
     def _socket(self, address: str):
         s = self._sockets.get(address)
         if s is None:
-            s = self.context.socket(zmq.DEALER)
-            if self.keys is not None:
-                self.keys.make_client(s)
-            s.setsockopt(zmq.LINGER, 0)
+            s = self._dealer()
             s.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
             s.setsockopt(zmq.RCVHWM, HWM_MESSAGES)
-            s.setsockopt(zmq.RECONNECT_IVL, 50)
-            s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_PEER_FRAME_BYTES)
             # A node that dies (SIGKILL, crash) closes its TCP connection: the monitor
             # says so at once, and what was in flight there is sent elsewhere. It also
             # reports a refused CurveZMQ handshake. Attached before connect(), so that

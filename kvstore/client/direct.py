@@ -186,13 +186,7 @@ class DirectPath:
         """The direct path's DEALER to ``address`` (one per node, made on first use)."""
         s = self._direct_sockets.get(address)
         if s is None:
-            s = self.context.socket(zmq.DEALER)
-            if self.keys is not None:
-                self.keys.make_client(s)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RECONNECT_IVL, 50)
-            s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_PEER_FRAME_BYTES)
+            s = self._dealer()  # (``ClientCore._dealer``)
             s.connect(address)
             self._direct_sockets[address] = s
         return s
