@@ -1158,8 +1158,8 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
         first membership change among them (``Chosen``). Any member may: a chosen value is a
         fact, whoever tells it. This is how a node that missed a change, or is recovering
         from a lost disk, learns that its epoch ended when the new epoch has no leader yet
-        (it may be the very voter the new epoch needs: sim seed 6 on 5 nodes). Slots this
-        replica has compacted are not sent (its snapshot goes only from a leader)."""
+        (it may be the very voter the new epoch needs: sim seed 6 on 5 nodes). Where this
+        replica compacted those slots, it offers its snapshot instead and sends it."""
         lo = after + 1
         if lo > self.commit_index:
             return
@@ -1167,9 +1167,11 @@ class Replica(Reads, SnapshotTransfer, WipedRecovery):
             # compacted here: offer the snapshot (it then takes a transfer from us), and the
             # log above it follows once its commit point is there
             if self.snapshot_index > after and self.snapshot_membership is not None:
-                self._send(Message(M.CHOSEN, to, self.id, ballot=self.promised, commit_index=self.commit_index,
+                out = self.snapshots_out.get(to)  # one under way: offer it at its own ballot
+                b = out.ballot if out is not None and out.index == self.snapshot_index else self.promised
+                self._send(Message(M.CHOSEN, to, self.id, ballot=b, commit_index=self.commit_index,
                                    snapshot_index=self.snapshot_index))
-                self._send_snapshot(to, self.promised)
+                self._send_snapshot(to, b)
             return
         hi = min(self.commit_index, lo + self.config.entries_per_message_max - 1)
         recs = []
