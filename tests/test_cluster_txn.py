@@ -371,3 +371,21 @@ def test_a_locked_read_whose_locks_a_resolver_freed_is_a_conflict(start_node):
         # the values are not trusted, and the locks are freed
         c.put(a, b"3")
         assert c.run_transaction(lambda t: [t.get(a), t.get(b)]) == [b"3", b"2"]
+
+
+def test_a_one_round_commit_then_close_at_once_leaves_no_lock_behind(start_node):
+    """A one-round transaction is answered before its decide is sent; a client closed at
+    once used to drop the decide with its sockets, and the keys stayed locked until a
+    resolver recovered the transaction (its deadline, 2 s): a reader within 1 s failed.
+    ``close`` now waits (up to 2 s) for the calls still under way."""
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][0], keys[1][0]
+    for attempt in range(5):
+        c = kvstore.connect(n.address, timeout=5, one_round_commit=True)
+        with c.transaction() as t:
+            t.put(a, b"%d" % attempt)
+            t.put(b, b"%d" % attempt)
+        c.close()
+        with kvstore.connect(n.address, timeout=1) as r:
+            assert [r.get(a), r.get(b)] == [b"%d" % attempt] * 2

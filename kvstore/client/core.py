@@ -62,6 +62,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import zmq
@@ -86,6 +87,9 @@ LOCKED_BACKOFF_SECONDS = 0.002
 #: The I/O thread wakes at least this often to run timers.
 POLL_MAX_SECONDS = 0.05
 HWM_MESSAGES = 100_000
+#: Seconds ``close`` waits for calls under way but parked watch polls (a one-round decide sent
+#: after its answer: lost, its locks would hold until a resolver recovers it).
+CLOSE_DRAIN_SECONDS = 2.0
 _client_counter = itertools.count()
 #: Operations whose first attempt goes to any node, not only the shard's leader.
 _SPREAD_OPS = (wire.OP_GET, wire.OP_SCAN)
@@ -259,6 +263,13 @@ class ClientCore(ConnectionEvents, DirectPath):
         self._lock = threading.Lock()
 
     def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            pending = [c.future for c in (*self._queue, *self._inflight.values()) if c.op != wire.OP_WATCH] \
+                if self._pid == os.getpid() else []
+        if pending:
+            wait_futures(pending, timeout=CLOSE_DRAIN_SECONDS)
         with self._lock:
             if self._closed:
                 return
