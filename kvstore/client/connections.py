@@ -1,6 +1,7 @@
-"""What the engine's connections tell it: a node's connection dropped or came back, or a
-node refused the CurveZMQ handshake (``ConnectionEvents``, a part of
-``kvstore.client.core.ClientCore``: the socket monitors its I/O thread reads).
+"""What the engine's connections tell it: the replies waiting on a socket (and frames no
+node sends), a node's connection dropped or came back, or a node refused the CurveZMQ
+handshake (``ConnectionEvents``, a part of ``kvstore.client.core.ClientCore``: the
+sockets and socket monitors its I/O thread reads; the direct path reads replies too).
 
 A node that dies (SIGKILL, crash) closes its TCP connection: the monitor says so at
 once, and what was in flight there is sent elsewhere; a node that refuses our key
@@ -12,6 +13,7 @@ from __future__ import annotations
 import zmq
 
 from kvstore.errors import Unavailable
+from kvstore.transport import wire
 
 
 class AuthenticationFailed(Unavailable):
@@ -23,7 +25,34 @@ HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_
 
 
 class ConnectionEvents:
-    """The monitors' events, on the I/O thread (mixed into ``ClientCore``)."""
+    """The sockets' replies and the monitors' events (mixed into ``ClientCore``)."""
+
+    def _replies(self, sock, address: str, frames_max: int):
+        """``(request id, status, value)`` of every reply in the frames waiting on ``sock``
+        (at most ``frames_max`` frames, without blocking); a frame no node sends is
+        dropped and counted (``_alien``). The I/O thread's sockets and the direct path's."""
+        for _ in range(frames_max):
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                body = wire.decode(frame)
+            except wire.FrameError as e:
+                self._alien(address, f"a frame that is not kvstore's wire format ({e})")
+                continue
+            if body[0] == wire.REPLIES:
+                yield from body[1]
+            elif body[0] == wire.REPLY:
+                yield body[1], body[2], body[3]
+            else:
+                self._alien(address, f"a frame of kind {body[0]}, not a reply")
+
+    def _alien(self, address: str, what: str) -> None:
+        """``address`` sent something no kvstore node sends: dropped, counted, and named
+        in the error of a call that no node answers (``_fail``)."""
+        self.dropped_replies += 1
+        self._aliens[address] = what[:200]
 
     def _on_monitor(self, monitor) -> None:
         from zmq.utils.monitor import recv_monitor_message

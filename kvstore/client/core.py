@@ -507,29 +507,8 @@ class ClientCore(ConnectionEvents, DirectPath):
 
     def _receive(self, sock) -> None:
         address = self._by_socket[sock]
-        for _ in range(10_000):
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                body = wire.decode(frame)
-            except wire.FrameError as e:
-                self._alien(address, f"a frame that is not kvstore's wire format ({e})")
-                continue
-            if body[0] == wire.REPLIES:
-                for rid, status, value in body[1]:
-                    self._on_reply(address, rid, status, value)
-            elif body[0] == wire.REPLY:
-                self._on_reply(address, body[1], body[2], body[3])
-            else:
-                self._alien(address, f"a frame of kind {body[0]}, not a reply")
-
-    def _alien(self, address: str, what: str) -> None:
-        """``address`` sent something no kvstore node sends: dropped, counted, and named
-        in the error of a call that no node answers (``_fail``)."""
-        self.dropped_replies += 1
-        self._aliens[address] = what[:200]
+        for rid, status, value in self._replies(sock, address, 10_000):
+            self._on_reply(address, rid, status, value)
 
     def _on_reply(self, address: str, rid: int, status: int, value) -> None:
         self._silent.pop(address, None)

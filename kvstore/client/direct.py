@@ -120,26 +120,11 @@ class DirectPath:
         """``(status, value)`` of ``call``'s reply among the frames waiting on ``sock``
         (without blocking), or None. Replies to earlier direct calls handed over since
         are skipped."""
-        rid, address = call.request_id, call.sent_to
-        while True:
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return None
-            try:
-                body = wire.decode(frame)
-            except wire.FrameError as e:
-                self._alien(address, f"a frame that is not kvstore's wire format ({e})")
-                continue
-            if body[0] == wire.REPLY:
-                if body[1] == rid:
-                    return body[2], body[3]
-            elif body[0] == wire.REPLIES:
-                for r, status, value in body[1]:
-                    if r == rid:
-                        return status, value
-            else:
-                self._alien(address, f"a frame of kind {body[0]}, not a reply")
+        rid = call.request_id
+        for r, status, value in self._replies(sock, call.sent_to, 1 << 30):  # (``ConnectionEvents``)
+            if r == rid:
+                return status, value
+        return None
 
     def _direct_outcome(self, call, reply):
         """What a direct call's ``reply`` (None: none in time) comes to: its result (or
