@@ -56,6 +56,18 @@ def store(tmp_path):
         factory.close_all()
 
 
+@pytest.fixture
+def three_nodes(tmp_path):
+    """Three ``kvstore-server`` processes with one shard, ready: ``(LocalCluster, the
+    index of shard 0's leader)``."""
+    from kvstore.server.local import LocalCluster
+    lc = LocalCluster(str(tmp_path / "c"), 3, 1, env=child_env())
+    lc.start_all()
+    st = lc.wait_ready()
+    yield lc, st["shards"][0]["leader"]
+    lc.close()
+
+
 @pytest.fixture(params=[1, 3], ids=["1shard", "3shards"])
 def shards(request) -> int:
     return request.param

@@ -13,19 +13,8 @@ import pytest
 
 import kvstore
 from kvstore.client.core import DIRECT_ATTEMPT_SECONDS
-from kvstore.server.local import LocalCluster
-from conftest import child_env
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    lc = LocalCluster(str(tmp_path / "c"), 3, 1, env=child_env())
-    lc.start_all()
-    st = lc.wait_ready()
-    yield lc, st["shards"][0]["leader"]
-    lc.close()
 
 
 def _until(predicate, seconds: float = 10.0) -> None:
@@ -36,8 +25,8 @@ def _until(predicate, seconds: float = 10.0) -> None:
         time.sleep(0.001)
 
 
-def test_lone_calls_go_direct_and_answer_as_through_the_io_thread(cluster):
-    lc, _leader = cluster
+def test_lone_calls_go_direct_and_answer_as_through_the_io_thread(three_nodes):
+    lc, _leader = three_nodes
     with kvstore.connect(lc.address_list, timeout=10) as c:
         c.put(b"k", b"v")  # learns the leader
         before = c._core.direct_calls
@@ -52,13 +41,13 @@ def test_lone_calls_go_direct_and_answer_as_through_the_io_thread(cluster):
         assert c._core.direct_handed_over == 0
 
 
-def test_a_direct_write_unanswered_is_handed_over_as_the_same_write_below_every_floor(cluster):
+def test_a_direct_write_unanswered_is_handed_over_as_the_same_write_below_every_floor(three_nodes):
     """The leader stopped: a direct incr gets no answer in time and goes to the I/O thread
     with its seq; meanwhile another thread's puts take the I/O thread, their floor at
     most that seq. Once the leader runs again, every call is answered and the incr was
     applied once (a new seq would apply it twice; a floor above it would leave it
     unanswered until its deadline)."""
-    lc, leader = cluster
+    lc, leader = three_nodes
     with kvstore.connect(lc.address_list, timeout=15) as c:
         c.put(b"warm", b"up")
         core = c._core
@@ -90,14 +79,14 @@ def test_a_direct_write_unanswered_is_handed_over_as_the_same_write_below_every_
 
 
 def test_the_asyncio_client_goes_direct_one_call_at_a_time_and_hands_over_when_unanswered(
-        cluster):
+        three_nodes):
     """The event loop sends a lone put or get itself and awaits the answer on the direct
     socket's descriptor; with the leader stopped, the incr goes to the I/O thread as the
     same write (applied once) while the loop stays free for other coroutines."""
     import asyncio
 
     import kvstore.aio
-    lc, leader = cluster
+    lc, leader = three_nodes
 
     async def main():
         async with await kvstore.aio.connect(lc.address_list, timeout=15) as db:
@@ -129,13 +118,13 @@ def test_the_asyncio_client_goes_direct_one_call_at_a_time_and_hands_over_when_u
     asyncio.run(main())
 
 
-def test_an_event_loop_that_cannot_watch_a_descriptor_takes_the_io_threads_way(cluster):
+def test_an_event_loop_that_cannot_watch_a_descriptor_takes_the_io_threads_way(three_nodes):
     """A loop without ``add_reader`` (Windows' proactor): the first direct call is handed
     over (answered all the same), and the client goes through the I/O thread after."""
     import asyncio
 
     import kvstore.aio
-    lc, _leader = cluster
+    lc, _leader = three_nodes
 
     class NoReaders(asyncio.SelectorEventLoop):
         def add_reader(self, *args):

@@ -22,19 +22,8 @@ import pytest
 
 import kvstore
 import kvstore.aio
-from kvstore.server.local import LocalCluster
-from conftest import child_env
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    lc = LocalCluster(str(tmp_path / "c"), 3, 1, env=child_env())
-    lc.start_all()
-    st = lc.wait_ready()
-    yield lc, st["shards"][0]["leader"]
-    lc.close()
 
 
 class Counter:
@@ -87,12 +76,12 @@ class Counter:
 
 
 @pytest.mark.parametrize("nthreads", [8, 32])
-def test_one_client_shared_by_threads_through_a_leader_kill(cluster, nthreads):
+def test_one_client_shared_by_threads_through_a_leader_kill(three_nodes, nthreads):
     """Every thread of a web server shares one client. Before the fix, a write's seq was
     drawn by the caller thread and could reach the I/O thread after a higher one whose
     floor had already passed it: the node ignored it and the call ended, on a healthy
     cluster, in ``Unavailable: no server answered within 5.0 s``."""
-    lc, leader = cluster
+    lc, leader = three_nodes
     old = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)  # threads switch often: races show in fewer calls
     try:
@@ -163,12 +152,12 @@ def run_in_child(fn, timeout: float = 20.0) -> None:
     assert report == b"ok" and os.waitstatus_to_exitcode(status) == 0, report.decode()
 
 
-def test_a_client_made_before_fork_works_in_the_child_and_still_in_the_parent(cluster):
+def test_a_client_made_before_fork_works_in_the_child_and_still_in_the_parent(three_nodes):
     """``gunicorn --preload``: the app connects, then the server forks its workers. The
     child's first call starts its own sockets and I/O thread (before the fix it waited
     on the parent's, which the fork left behind, and failed with ``Timeout`` after
     10 s); the parent's client goes on working, even with calls in flight at the fork."""
-    lc, _leader = cluster
+    lc, _leader = three_nodes
     with lc.client() as c:
         c.put(b"k", b"parent")
         stop = threading.Event()
@@ -215,11 +204,11 @@ def test_a_client_made_before_fork_works_in_the_child_and_still_in_the_parent(cl
         assert c.get(b"after") == b"fork"
 
 
-def test_an_asyncio_client_serves_a_new_event_loop_and_a_forked_child(cluster):
+def test_an_asyncio_client_serves_a_new_event_loop_and_a_forked_child(three_nodes):
     """An ``AsyncKV`` made under one ``asyncio.run()`` (the loop then closes) serves the
     next loop, in the parent and in a forked child; before the fix its answers went to
     the closed loop and every later call hung."""
-    lc, _leader = cluster
+    lc, _leader = three_nodes
 
     async def make():
         a = await kvstore.aio.connect(lc.address_list)

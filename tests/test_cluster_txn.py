@@ -21,7 +21,7 @@ from kvstore.machine.replica import ShardWrite
 from kvstore.node.storage import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
-from kvstore.txn import ABORT, COMMIT, TxnDecision, TxnFence, TxnPrepare, TxnResolve, encode
+from kvstore.txn import ABORT, COMMIT, TxnPrepare, encode
 from kvstore._native import encode_record
 from test_node import Raw, start_node, wait_leader  # noqa: F401  (fixture)
 
@@ -58,27 +58,33 @@ def wait_until(predicate, timeout=20.0, what="the condition"):
     raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
+def commit_then_conflict(c, a: bytes, b: bytes, c_: bytes) -> None:
+    """A transfer across the shards of ``a``, ``b`` and ``c_`` commits everywhere; then one
+    whose read key is written behind its back applies nothing anywhere."""
+    for k in (a, b, c_):
+        c.put(k, b"100")
+    with c.transaction() as t:
+        t.put(a, str(int(t.get(a)) - 10))
+        t.put(b, str(int(t.get(b)) + 4))
+        t.put(c_, str(int(t.get(c_)) + 6))
+    assert [c.get(k) for k in (a, b, c_)] == [b"90", b"104", b"106"]
+    # a write behind the transaction's back to one key it read: nothing applied anywhere
+    with pytest.raises(kvstore.TransactionConflict):
+        with c.transaction() as t:
+            t.get(a)
+            t.get(b)
+            c.put(b, b"500")
+            t.put(a, b"0")
+            t.put(c_, b"0")
+    assert [c.get(k) for k in (a, b, c_)] == [b"90", b"500", b"106"]
+
+
 def test_a_cross_shard_transaction_commits_everywhere_or_nowhere(start_node):
     n = start_node(shards=3)
     keys = keys_by_shard(3)
     a, b, c_ = keys[0][0], keys[1][0], keys[2][0]
     with kvstore.connect(n.address, timeout=5) as c:
-        for k in (a, b, c_):
-            c.put(k, b"100")
-        with c.transaction() as t:
-            t.put(a, str(int(t.get(a)) - 10))
-            t.put(b, str(int(t.get(b)) + 4))
-            t.put(c_, str(int(t.get(c_)) + 6))
-        assert [c.get(k) for k in (a, b, c_)] == [b"90", b"104", b"106"]
-        # a write behind the transaction's back to one key it read: nothing applied anywhere
-        with pytest.raises(kvstore.TransactionConflict):
-            with c.transaction() as t:
-                t.get(a)
-                t.get(b)
-                c.put(b, b"500")
-                t.put(a, b"0")
-                t.put(c_, b"0")
-        assert [c.get(k) for k in (a, b, c_)] == [b"90", b"500", b"106"]
+        commit_then_conflict(c, a, b, c_)
         # read-only across shards: validated, nothing written
         assert c.run_transaction(lambda t: [t.get(k) for k in (a, b, c_)]) == [b"90", b"500", b"106"]
         # deletes across shards
@@ -209,22 +215,8 @@ def test_a_one_round_client_commits_across_shards_and_aborts_on_a_conflict(start
     keys = keys_by_shard(3)
     a, b, c_ = keys[0][0], keys[1][0], keys[2][0]
     with kvstore.connect(n.address, timeout=5, one_round_commit=True) as c:
-        for k in (a, b, c_):
-            c.put(k, b"100")
-        with c.transaction() as t:
-            t.put(a, str(int(t.get(a)) - 10))
-            t.put(b, str(int(t.get(b)) + 4))
-            t.put(c_, str(int(t.get(c_)) + 6))
-        # answered after the votes; the reads wait for the decision to be carried out
-        assert [c.get(k) for k in (a, b, c_)] == [b"90", b"104", b"106"]
-        with pytest.raises(kvstore.TransactionConflict):
-            with c.transaction() as t:
-                t.get(a)
-                t.get(b)
-                c.put(b, b"500")
-                t.put(a, b"0")
-                t.put(c_, b"0")
-        assert [c.get(k) for k in (a, b, c_)] == [b"90", b"500", b"106"]
+        commit_then_conflict(c, a, b, c_)  # one round: answered after the votes, and
+        # the reads wait for the decision to be carried out
         c.put(a, b"1")  # every lock was freed
         c.put(c_, b"1")
         assert c.run_transaction(lambda t: [t.get(k) for k in (a, b, c_)]) == [b"1", b"500", b"1"]
