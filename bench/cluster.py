@@ -361,6 +361,27 @@ print(json.dumps(out))
 """
 
 
+def stamped(events: list, kind: str, fn, when=None):
+    """``fn``, noting ``(kind, monotonic ns)`` in ``events`` as each call starts (only the
+    calls whose arguments ``when`` accepts, if given): the profiles' timing wrappers."""
+    def wrapper(*args):
+        if when is None or when(*args):
+            events.append((kind, time.monotonic_ns()))
+        return fn(*args)
+    return wrapper
+
+
+def timed(events: list, kind: str, fn):
+    """``fn``, noting ``(kind, start ns, end ns)`` of each call in ``events``."""
+    def wrapper(*args):
+        t = time.monotonic_ns()
+        try:
+            return fn(*args)
+        finally:
+            events.append((kind, t, time.monotonic_ns()))
+    return wrapper
+
+
 def profile_lone_put(base: str, n: int) -> dict:
     """Where one put at a time spends its time, on the leader and around it.
 
@@ -392,14 +413,9 @@ def profile_lone_put(base: str, n: int) -> dict:
         save = node.storage.save
         send_peer, reply = node.sockets.send_peer, node.sockets.reply
 
-        def timed_on_write(*a):
-            events.append(("write", now()))
-            return on_write(*a)
-
-        def timed_on_paxos(frm, items):
-            if any(m.type == M.ACCEPTED for _s, m in items):
-                events.append(("accepted", now()))
-            return on_paxos(frm, items)
+        timed_on_write = stamped(events, "write", on_write)
+        timed_on_paxos = stamped(events, "accepted", on_paxos,
+                                 lambda _frm, items: any(m.type == M.ACCEPTED for _s, m in items))
 
         def timed_save(writes, applied=None):
             events.append(("save", now()))
@@ -413,17 +429,8 @@ def profile_lone_put(base: str, n: int) -> dict:
             finally:
                 events.append(("saved", now()))
 
-        def timed_send(kind, send):
-            def timed(to, frame):
-                t = now()
-                try:
-                    return send(to, frame)
-                finally:
-                    events.append((kind, t, now()))
-            return timed
-
-        timed_send_peer = timed_send("send_peer", send_peer)
-        timed_reply = timed_send("reply", reply)
+        timed_send_peer = timed(events, "send_peer", send_peer)
+        timed_reply = timed(events, "reply", reply)
         node._on_write, node._on_paxos = timed_on_write, timed_on_paxos
         node.storage.save = timed_save
         node.sockets.send_peer, node.sockets.reply = timed_send_peer, timed_reply
@@ -545,40 +552,16 @@ def profile_lone_get(base: str, n: int) -> dict:
         lead_from_embedded(lc, db)
         db.put(b"%016d" % 0, b"x")
         node = db._node
-        now = time.monotonic_ns
         saved = (node._on_read, node._on_paxos, node._serve_reads, node.sockets.send_peer,
                  node.sockets.reply)
         on_read, on_paxos, serve, send_peer, reply = saved
 
-        def timed_on_read(*a):
-            events.append(("read", now()))
-            return on_read(*a)
-
-        def timed_on_paxos(frm, items):
-            if any(m.type == M.HEARTBEAT_REPLY for _s, m in items):
-                events.append(("ack", now()))
-            return on_paxos(frm, items)
-
-        def timed_serve(tokens):
-            events.append(("serve", now()))
-            return serve(tokens)
-
-        def timed_send_peer(to, frame):
-            t = now()
-            try:
-                return send_peer(to, frame)
-            finally:
-                events.append(("sent_peer", t, now()))
-
-        def timed_reply(to, items):
-            t = now()
-            try:
-                return reply(to, items)
-            finally:
-                events.append(("reply", t, now()))
-
-        node._on_read, node._on_paxos, node._serve_reads = timed_on_read, timed_on_paxos, timed_serve
-        node.sockets.send_peer, node.sockets.reply = timed_send_peer, timed_reply
+        node._on_read = stamped(events, "read", on_read)
+        node._on_paxos = stamped(events, "ack", on_paxos,
+                                 lambda _frm, items: any(m.type == M.HEARTBEAT_REPLY for _s, m in items))
+        node._serve_reads = stamped(events, "serve", serve)
+        node.sockets.send_peer = timed(events, "sent_peer", send_peer)
+        node.sockets.reply = timed(events, "reply", reply)
         r = subprocess.run([sys.executable, "-c", LONE_GET_CLIENT, lc.addresses["n1"], str(n)],
                            capture_output=True, text=True, timeout=60 + n * 0.05,
                            env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
