@@ -159,12 +159,14 @@ async def load(db, kind: str, in_flight: int, seconds: float, keys: list, value:
                 await db.get(key)
             latencies.append(time.perf_counter() - t)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     await asyncio.gather(*(worker(w) for w in range(in_flight)))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     latencies.sort()
     return {"op": kind, "in_flight": in_flight, "ops": len(latencies),
             "ops_per_s": round(len(latencies) / elapsed, 1),
+            # this process's CPU (every thread: the client's I/O thread, grpc's) per call
+            "client_cpu_us_per_op": round(cpu / max(1, len(latencies)) * 1e6, 1),
             "p50_ms": round(percentile(latencies, 50) * 1e3, 3),
             "p99_ms": round(percentile(latencies, 99) * 1e3, 3),
             # the latency CDF, for a plot: percentile -> ms
@@ -832,7 +834,9 @@ def versus_etcd(base: str, shards: int, seconds: float, rounds: int) -> dict | N
         for side in runs:
             got = [r[name] for r in runs[side] if name in r]
             if got:
+                cpu = [r["client_cpu_us_per_op"] for r in got if "client_cpu_us_per_op" in r]
                 row[side] = {"ops_per_s": max(r["ops_per_s"] for r in got),
+                             "client_cpu_us_per_op": min(cpu) if cpu else None,
                              "p50_ms": min(r["p50_ms"] for r in got),
                              "p99_ms": min(r["p99_ms"] for r in got),
                              "rounds_p50_ms": [r["p50_ms"] for r in got],
@@ -865,6 +869,12 @@ def print_versus(v: dict) -> None:
         else:
             ratio = "n/a"
         print(f"  {r['row']:44}{cell(kv):>26}{cell(et):>26}{ratio:>14}")
+    print("  the asyncio client's CPU per call (its process, every thread), best round:")
+    for r in v["rows"]:
+        kv, et = r.get("kvstore") or {}, r.get("etcd") or {}
+        a, b = kv.get("client_cpu_us_per_op"), et.get("client_cpu_us_per_op")
+        if a and b:
+            print(f"    {r['row']:42} kvstore {a:7.1f} us   etcd {b:7.1f} us   {a / b:.2f}")
 
 
 def main(argv=None) -> int:
