@@ -698,7 +698,7 @@ PAUSED_ROWS = (("put, sequential, sync, a follower stopped", "put"),
 #: kvstore's lease reads (``[tuning] lease_read_ticks``, off by default: they assume
 #: bounded clock drift, README "Lease reads"): the leader answers a get without a quorum
 #: round. etcd 3.4 has no such option for linearizable reads: its row is its read-index get.
-LEASE_ROW = "get, sequential, sync, kvstore lease reads"
+LEASE_ROW = "get, sequential, sync, kvstore's lease reads"
 LEASE_READ_TICKS = 20
 
 
