@@ -27,7 +27,7 @@ from kvstore.transport.members import (MAX_NODES, NAME, Member, decode_info, enc
 from kvstore.transport.sockets import derived_peer_address
 
 #: A member this many slots behind its leader's commit point (or closer) is caught up
-#: (the node's own "catching up" threshold: ``kvstore.node.loop.CATCHING_UP_SLOTS``).
+#: (the node's own "catching up" threshold: ``kvstore.node.status.CATCHING_UP_SLOTS``).
 CAUGHT_UP_SLOTS = 100
 #: Seconds one shard's change may take, at most (a leader election included).
 CHANGE_TIMEOUT = 30.0

@@ -64,7 +64,7 @@ Clients are never answered from anywhere else, and nothing is sent before it
 is persisted.
 
 The node is one class in several rooms: this module (the loop: ``turn``, receive,
-persist/send/answer in that order, roles, snapshots, status), request intake
+persist/send/answer in that order, roles, snapshots), request intake
 (``kvstore.node.intake.Intake``: a client's request checked, decoded once, queued,
 forwarded or answered), the 2PC resolver (``kvstore.node.resolver.Resolver``:
 the decide request and the settlement of abandoned transactions), watch
@@ -72,7 +72,8 @@ the decide request and the settlement of abandoned transactions), watch
 polls, whose waits end on the tick step), lease expiry
 (``kvstore.node.leases.LeaseExpiry``: deadlines noted at apply, the leader's
 LeaseExpire entries), backups (``kvstore.node.backups``) and members
-(``kvstore.node.membership``: who, the links to them, changes). ``Node`` mixes them in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
+(``kvstore.node.membership``: who, the links to them, changes) and status
+(``kvstore.node.status``). ``Node`` mixes them in; they share its state and never reorder its side effects. The protocol retransmits on its own timers (heartbeats reset a
 follower's progress), so a dropped frame only costs time.
 """
 
@@ -100,6 +101,7 @@ from kvstore.node.membership import MemberDirectory
 from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
 from kvstore.node.resolver import RESOLVE_EVERY_SECONDS, Resolver
 from kvstore.node.stats import PUBLISH_EVERY_SECONDS, NodeStats, view
+from kvstore.node.status import NodeStatus
 from kvstore.node.watching import DEFAULT_HISTORY_BYTES, Watching
 from kvstore.machine.replica import ReplicaStorage, ShardWrite, check_snapshot_data
 from kvstore.node.storage import WalReplicaStorage
@@ -121,8 +123,6 @@ EARLY_TYPES = frozenset((M.ACCEPT, M.HEARTBEAT))
 PEER_KINDS = frozenset((wire.PAXOS, wire.FORWARD, wire.FORWARDED))
 #: How often the node looks for a client key added to or revoked from ``clients/``.
 RELOAD_KEYS_SECONDS = 2.0
-#: A replica this many slots behind the commit point its leader last told it is "catching up".
-CATCHING_UP_SLOTS = 100
 #: Ticks after start at which a node campaigns for the shards it prefers to lead
 #: (shard % nodes == its index) if they have no leader yet: leaders spread over nodes.
 PREFERRED_CAMPAIGN_TICKS = (15, 40)
@@ -182,7 +182,7 @@ class NodeConfig:
         return given if given is not None else derived_peer_address(self.addresses[name])
 
 
-class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory):
+class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, NodeStatus):
     """A cluster node; ``run()`` is its loop (blocking), ``stop()`` ends it from anywhere."""
 
     def __init__(self, config: NodeConfig, storage: ReplicaStorage | None = None,
@@ -512,7 +512,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory):
                 for m in rd.messages:
                     (early if m.type in EARLY_TYPES and writes else outbox)[m.to].append((s, m))
             for peer, items in early.items():  # the leader's Accepts overlap its own fsync
-                for frame in _frames(self.index, items):
+                for frame in wire.encode_paxos_frames(self.index, items, PEER_FRAME_TARGET_BYTES):
                     self.sockets.send_peer(peer, frame)
             results = self.storage.save(writes, self._answer_durable_early) if writes else []
             self._fresh_slots = None
@@ -523,7 +523,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory):
             self.counters["poisoned_values"] += sum(1 for r in results if r[3] is POISONED)
             # b. send: one frame (or a few, if huge) per peer, across shards
             for peer, items in outbox.items():
-                for frame in _frames(self.index, items):
+                for frame in wire.encode_paxos_frames(self.index, items, PEER_FRAME_TARGET_BYTES):
                     self.sockets.send_peer(peer, frame)
             if applies:  # a'. nobody waits here for these entries: applied after the send
                 results = self.storage.save(applies)
@@ -641,46 +641,3 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory):
 
 
     # ------------------------------------------------------------------ 2PC resolver
-
-
-    # ------------------------------------------------------------------ status
-    def status(self) -> dict:
-        """Per shard: this replica's role, leader, commit and applied points, and ``state``:
-        "recovering" (it restarted without its Paxos state and does not vote yet: README,
-        "A node that lost its disk"), "catching up" (receiving a snapshot, or more than
-        ``CATCHING_UP_SLOTS`` behind the commit point its leader told it) or "ok"; on the
-        leader, ``followers``: how far it knows each node holds the log."""
-        names = self._name_of
-        shards = []
-        for s, r in enumerate(self.replicas):
-            hint = r.leader_hint
-            st = r.status()
-            state = ("recovering" if st["recovering"] else
-                     "catching up" if st["receiving_snapshot"] or st["behind"] > CATCHING_UP_SLOTS else "ok")
-            shard = {"shard": s, "role": r.role,
-                     "leader": None if hint is None else names(hint),
-                     "leader_index": hint, "commit_index": r.commit_index,
-                     "applied_index": r.applied_index, "ballot": format_ballot(r.promised),
-                     "state": state, "recovery_phase": st["recovering"], "behind": st["behind"],
-                     "voters": self._voter_names(r)}
-            if "match" in st:
-                shard["followers"] = {names(i): m for i, m in st["match"].items()}
-            shards.append(shard)
-        return {"node": self.name, "index": self.index, "cluster": self.cluster.hex(),
-                "nodes": self._nodes_by_index(),
-                "nshards": self.nshards, "shards": shards,
-                "counters": dict(self.counters) | dict(self.sockets.counters)}
-
-
-def _frames(frm: int, items: list):
-    """``items`` for one peer as frames of about ``PEER_FRAME_TARGET_BYTES`` at most."""
-    batch, size = [], 0
-    for shard, m in items:
-        n = wire.paxos_message_bytes(m)
-        if batch and size + n > PEER_FRAME_TARGET_BYTES:
-            yield wire.encode_paxos(frm, batch)
-            batch, size = [], 0
-        batch.append((shard, m))
-        size += n
-    if batch:
-        yield wire.encode_paxos(frm, batch)

@@ -17,7 +17,7 @@ from __future__ import annotations
 #: relearning its promises (README, "A node that lost its disk").
 RECOVERING = "recovering"
 #: A shard state in which a node is far behind its leader (more than
-#: ``kvstore.node.loop.CATCHING_UP_SLOTS`` slots) or receiving a snapshot.
+#: ``kvstore.node.status.CATCHING_UP_SLOTS`` slots) or receiving a snapshot.
 CATCHING_UP = "catching up"
 
 

@@ -185,6 +185,21 @@ def paxos_message_bytes(m: Message) -> int:
     return 96 + sum(len(r) + 8 for r in m.records) + len(m.data)
 
 
+def encode_paxos_frames(from_node: int, messages: list, target_bytes: int):
+    """``[(shard, Message), ...]`` for one peer as PAXOS frames of about ``target_bytes``
+    at most by ``paxos_message_bytes`` (one message bigger than that goes alone)."""
+    batch, size = [], 0
+    for shard, m in messages:
+        n = paxos_message_bytes(m)
+        if batch and size + n > target_bytes:
+            yield encode_paxos(from_node, batch)
+            batch, size = [], 0
+        batch.append((shard, m))
+        size += n
+    if batch:
+        yield encode_paxos(from_node, batch)
+
+
 # ---------------------------------------------------------------------- decoding
 
 def decode(frame: bytes, max_frame_bytes: int = MAX_PEER_FRAME_BYTES) -> list:
