@@ -19,15 +19,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from kvstore.commands import OP_LEASE_GRANT, OP_TXN_WRITES
+from kvstore.commands import OP_LEASE_GRANT, OP_PUT, OP_TXN_WRITES
 from kvstore.embedded.groupcommit import Request
 from kvstore.embedded.recovery import entry
 from kvstore.errors import CorruptRecord, KVError, StorageError
-from kvstore.machine.data import apply_command, reads_still_valid
+from kvstore.machine.data import apply_command, previous_value, reads_still_valid, stored
 from kvstore.machine.leases import LeaseTable, apply_leased
 from kvstore.storage.environment import THIRD_PARTY_ERRORS, translate
-from kvstore.storage.overlay import LazyRead, ShardView
+from kvstore.storage.overlay import MISSING, LazyRead, ShardView
 from kvstore.storage.replay import commit_point
+
+
+_pack_value = stored
 
 
 def commit_batch(store, batch: Sequence[Request]) -> None:
@@ -39,10 +42,13 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
     If the append fails, nothing of the batch is published and every
     request of it gets the error.
     """
-    if store._storage.env is None:
+    storage = store._storage
+    if storage.env is None:
         raise KVError(f"the store at {store.path} is closed")
-    store._checkpointer.wait_for_room()
-    overlay, storage = store._overlay, store._storage
+    overlay = store._overlay
+    checkpointer = store._checkpointer
+    if overlay.active_bytes + overlay.frozen_bytes >= checkpointer.limit_bytes:
+        checkpointer.wait_for_room()
     # No lock: only this thread publishes into ``active``; a freeze in between
     # makes ``frozen`` the ``active`` read here (or a later one), a drop leaves its
     # writes in LMDB, and the read transaction below is begun after both reads.
@@ -51,9 +57,11 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
 
     def begin():
         # Begun after the generations were taken: whatever a checkpoint moved from
-        # them into LMDB meanwhile, this snapshot holds it with the same values.
+        # them into LMDB meanwhile, this snapshot holds it with the same values. Not
+        # waiting for a checkpoint's commit to be durable: it holds only writes the
+        # log made durable already.
         with overlay.lock:
-            return storage.begin_read()
+            return storage.begin_read(durable=False)
 
     txn = LazyRead(begin)
     pending: dict[int, dict] = {}
@@ -79,7 +87,7 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
         return t
 
     try:
-        results = _apply_batch(store, view, batch, lease_table)
+        results = _apply_batch(store, view, batch, lease_table, pending, active, frozen, txn)
     except THIRD_PARTY_ERRORS as e:
         raise translate(e, store.path, "applying a write") from e
     finally:
@@ -89,10 +97,16 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
     if entries:  # else barriers only (close waits behind in-flight commits)
         pack = store._pack_command
         records = [entry(shard, slot, commands, pack) for shard, slot, commands in entries]
-        slots = [(shard, slot) for shard, slot, _ in entries]
-        records.append(commit_point(slots))
-        # the txns tables' overlay slots move with their shards' (the checkpoint's meta)
-        slots += [(shard + store._nshards, slot) for shard, slot in slots]
+        if len(entries) == 1:
+            shard, slot, _commands = entries[0]
+            slots = [(shard, slot)]
+            records.append(commit_point(slots))
+            slots.append((shard + store._nshards, slot))
+        else:
+            slots = [(shard, slot) for shard, slot, _ in entries]
+            records.append(commit_point(slots))
+            # the txns tables' overlay slots move with their shards' (the checkpoint's meta)
+            slots += [(shard + store._nshards, slot) for shard, slot in slots]
         checkpoint = store._checkpoint_record  # set by the checkpoint thread
         if checkpoint is not None:
             records.append(checkpoint)
@@ -105,15 +119,17 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
         overlay.publish(pending, slots, end)
         hub = store._watch
         if hub is not None:
-            hub.publish([(shard, slot, results.changes.get(shard, ()))
+            changes = results.changes
+            hub.publish([(shard, slot, changes.get(shard, ()))
                          for shard, slot, _commands in entries])
         for shard, table in leases.items():
             store._reaper.note(shard, table.events)
-    for request, result in zip(batch, results):
-        if type(result) is _Failed:
-            request.error = result.error
-        else:
-            request.result = result
+    if results.failed or results.answers:
+        for request, result in zip(batch, results):
+            if type(result) is _Failed:
+                request.error = result.error
+            else:
+                request.result = result
 
 
 def _log_error(store, e: StorageError) -> StorageError:
@@ -125,7 +141,8 @@ def _log_error(store, e: StorageError) -> StorageError:
     return StorageError(f"{e}{hint}", store.path)
 
 
-def _apply_batch(store, view, batch: Sequence[Request], lease_table) -> "_BatchResults":
+def _apply_batch(store, view, batch: Sequence[Request], lease_table, pending: dict,
+                 active: list, frozen: list | None, txn) -> "_BatchResults":
     applied = store._overlay.applied
     data = store._data
     lease_shards = store._lease_shards
@@ -141,6 +158,27 @@ def _apply_batch(store, view, batch: Sequence[Request], lease_table) -> "_BatchR
             shard_changes = changes.get(shard)
             if shard_changes is None:
                 shard_changes = changes[shard] = []
+            commands = entries.get(shard)
+            if commands is None:
+                commands = entries[shard] = []
+            if command[0] == OP_PUT and not lease_shards[shard]:
+                # The most common write, inline: ``apply_command``'s put on the view.
+                key, value = command[1], command[2]
+                level = pending.get(shard)
+                if level is None:
+                    level = pending[shard] = {}
+                raw = level.get(key, MISSING)
+                if raw is MISSING:
+                    raw = active[shard].get(key, MISSING)
+                    if raw is MISSING:
+                        raw = MISSING if frozen is None else frozen[shard].get(key, MISSING)
+                        if raw is MISSING:
+                            raw = txn.get(key, None, data[shard])
+                level[key] = _pack_value(key, applied[shard] + 1, value)
+                shard_changes.append((key, value, previous_value(key, raw)))
+                commands.append(command)
+                results.append(None)
+                continue
             try:
                 if command[0] >= OP_LEASE_GRANT or lease_shards[shard]:
                     lease_shards[shard] = True  # from now on, plain writes detach keys
@@ -150,21 +188,22 @@ def _apply_batch(store, view, batch: Sequence[Request], lease_table) -> "_BatchR
                     result = apply_command(view(shard), data[shard], applied[shard] + 1,
                                            command, shard_changes)
             except CorruptRecord as e:  # a corrupt value read by this command: it alone
+                results.failed = True
                 results.append(_Failed(translate(e, store.path, "applying a write")))
                 continue
-            commands = entries.get(shard)
-            if commands is None:
-                commands = entries[shard] = []
             commands.append(command)
+            results.answers = True
             results.append(result)
         else:
+            results.answers = True
             try:
                 results.append(_apply_multi_shard(store, view, payload, entries, changes,
                                                   lease_table))
             except CorruptRecord as e:
+                results.failed = True
                 results.append(_Failed(translate(e, store.path, "applying a transaction")))
     results.entries = [(shard, applied[shard] + 1, commands)
-                       for shard, commands in sorted(entries.items())]
+                       for shard, commands in sorted(entries.items()) if commands]
     return results
 
 
@@ -195,11 +234,15 @@ class _Failed:
 
 class _BatchResults(list):
     """Per-request results of one batch, plus the ``(shard, slot, commands)`` entries
-    it makes, and per shard what they changed (``(key, value, prev)``, for watchers)."""
+    it makes, and per shard what they changed (``(key, value, prev)``, for watchers).
+    ``answers``: some result is not None (a plain put's is); ``failed``: some is ``_Failed``."""
+
+    entries: list = []
+    answers = False
+    failed = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.entries: list[tuple[int, int, list]] = []
         self.changes: dict[int, list] = {}
 
 
