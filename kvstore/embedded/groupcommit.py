@@ -180,7 +180,8 @@ class GroupCommitter:
                 r.done = True
                 if r is not own:
                     woken.append(r.wakeup)
-            release_all(woken)  # the GIL released meanwhile (``kvstore._native.wakeup_py``)
+            if woken:
+                release_all(woken)  # the GIL released meanwhile (``kvstore._native.wakeup_py``)
 
     # -- the main thread's requests --------------------------------------------------------
 
