@@ -64,12 +64,35 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
             return storage.begin_read(durable=False)
 
     txn = LazyRead(begin)
-    pending: dict[int, dict] = {}
+    try:
+        puts = _apply_puts(store, batch, active, frozen, txn)
+        if puts is not None:
+            pending, entries, changes = puts
+            _append_and_publish(store, pending, entries, changes, {})
+            return  # a put's result is None, as a Request's is
+        pending: dict[int, dict] = {}
+        leases: dict[int, LeaseTable] = {}
+        view, lease_table = _views(store, pending, active, frozen, txn, leases)
+        results = _apply_batch(store, view, batch, lease_table)
+    except THIRD_PARTY_ERRORS as e:
+        raise translate(e, store.path, "applying a write") from e
+    finally:
+        if txn.txn is not None:
+            storage.end_read(txn.txn)
+    _append_and_publish(store, pending, results.entries, results.changes, leases)
+    for request, result in zip(batch, results):
+        if type(result) is _Failed:
+            request.error = result.error
+        else:
+            request.result = result
+
+
+def _views(store, pending: dict, active: list, frozen: list | None, txn, leases: dict):
+    """``view(shard, table)`` and ``lease_table(shard)``: the batch's view of a shard's
+    data table (``table`` 0) or txns table (1), and of its leases, made on first use."""
     views: dict[int, ShardView] = {}
-    leases: dict[int, LeaseTable] = {}
 
     def view(shard: int, table: int = 0) -> ShardView:
-        """The shard's data table (``table`` 0) or txns table (1), as the batch sees it."""
         index = shard + table * store._nshards
         v = views.get(index)
         if v is None:
@@ -86,50 +109,84 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
             t = leases[shard] = LeaseTable(view(shard, 1), store._tables[shard].txns)
         return t
 
+    return view, lease_table
+
+
+def _apply_puts(store, batch: Sequence[Request], active: list, frozen: list | None, txn):
+    """The most common batch, every request a plain put to a shard that never had a
+    lease, applied with no view objects: ``(pending, entries, changes)`` as
+    ``_apply_batch`` makes them. None, having done nothing, for any other batch.
+
+    A put is ``apply_command``'s: the value stored at the entry's slot, and the
+    change (with the value it replaces, for watchers) noted.
+    """
+    lease_shards = store._lease_shards
+    for request in batch:
+        payload = request.payload
+        if type(payload) is not tuple or payload[1][0] != OP_PUT or lease_shards[payload[0]]:
+            return None
+    applied = store._overlay.applied
+    data = store._data
+    pending: dict[int, dict] = {}
+    commands_of: dict[int, list] = {}
+    changes: dict[int, list] = {}
+    for request in batch:
+        shard, command = request.payload
+        level = pending.get(shard)
+        if level is None:
+            level = pending[shard] = {}
+            commands_of[shard] = []
+            changes[shard] = []
+        key, value = command[1], command[2]
+        raw = level.get(key, MISSING)  # the view's levels, newest first, then LMDB
+        if raw is MISSING:
+            raw = active[shard].get(key, MISSING)
+            if raw is MISSING:
+                raw = MISSING if frozen is None else frozen[shard].get(key, MISSING)
+                if raw is MISSING:
+                    raw = txn.get(key, None, data[shard])
+        level[key] = _pack_value(key, applied[shard] + 1, value)
+        changes[shard].append((key, value, previous_value(key, raw)))
+        commands_of[shard].append(command)
+    entries = [(shard, applied[shard] + 1, commands)
+               for shard, commands in sorted(commands_of.items())]
+    return pending, entries, changes
+
+
+def _append_and_publish(store, pending: dict, entries: list, changes: dict,
+                        leases: dict) -> None:
+    """Append the batch's ``entries`` (and their commit point) in one durable append,
+    then publish its ``pending`` writes, its ``changes`` and its lease events."""
+    if not entries:  # barriers only (close waits behind in-flight commits)
+        return
+    pack = store._pack_command
+    records = [entry(shard, slot, commands, pack) for shard, slot, commands in entries]
+    if len(entries) == 1:
+        shard, slot, _commands = entries[0]
+        slots = [(shard, slot)]
+        records.append(commit_point(slots))
+        slots.append((shard + store._nshards, slot))
+    else:
+        slots = [(shard, slot) for shard, slot, _ in entries]
+        records.append(commit_point(slots))
+        # the txns tables' overlay slots move with their shards' (the checkpoint's meta)
+        slots += [(shard + store._nshards, slot) for shard, slot in slots]
+    checkpoint = store._checkpoint_record  # set by the checkpoint thread
+    if checkpoint is not None:
+        records.append(checkpoint)
     try:
-        results = _apply_batch(store, view, batch, lease_table, pending, active, frozen, txn)
-    except THIRD_PARTY_ERRORS as e:
-        raise translate(e, store.path, "applying a write") from e
-    finally:
-        if txn.txn is not None:
-            storage.end_read(txn.txn)
-    entries = results.entries
-    if entries:  # else barriers only (close waits behind in-flight commits)
-        pack = store._pack_command
-        records = [entry(shard, slot, commands, pack) for shard, slot, commands in entries]
-        if len(entries) == 1:
-            shard, slot, _commands = entries[0]
-            slots = [(shard, slot)]
-            records.append(commit_point(slots))
-            slots.append((shard + store._nshards, slot))
-        else:
-            slots = [(shard, slot) for shard, slot, _ in entries]
-            records.append(commit_point(slots))
-            # the txns tables' overlay slots move with their shards' (the checkpoint's meta)
-            slots += [(shard + store._nshards, slot) for shard, slot in slots]
-        checkpoint = store._checkpoint_record  # set by the checkpoint thread
-        if checkpoint is not None:
-            records.append(checkpoint)
-        try:
-            end = store._wal.append(records)
-        except StorageError as e:  # nothing of the batch is published
-            raise _log_error(store, e) from e
-        if store._checkpoint_record is checkpoint:
-            store._checkpoint_record = None
-        overlay.publish(pending, slots, end)
-        hub = store._watch
-        if hub is not None:
-            changes = results.changes
-            hub.publish([(shard, slot, changes.get(shard, ()))
-                         for shard, slot, _commands in entries])
-        for shard, table in leases.items():
-            store._reaper.note(shard, table.events)
-    if results.failed or results.answers:
-        for request, result in zip(batch, results):
-            if type(result) is _Failed:
-                request.error = result.error
-            else:
-                request.result = result
+        end = store._wal.append(records)
+    except StorageError as e:  # nothing of the batch is published
+        raise _log_error(store, e) from e
+    if store._checkpoint_record is checkpoint:
+        store._checkpoint_record = None
+    store._overlay.publish(pending, slots, end)
+    hub = store._watch
+    if hub is not None:
+        hub.publish([(shard, slot, changes.get(shard, ()))
+                      for shard, slot, _commands in entries])
+    for shard, table in leases.items():
+        store._reaper.note(shard, table.events)
 
 
 def _log_error(store, e: StorageError) -> StorageError:
@@ -141,8 +198,7 @@ def _log_error(store, e: StorageError) -> StorageError:
     return StorageError(f"{e}{hint}", store.path)
 
 
-def _apply_batch(store, view, batch: Sequence[Request], lease_table, pending: dict,
-                 active: list, frozen: list | None, txn) -> "_BatchResults":
+def _apply_batch(store, view, batch: Sequence[Request], lease_table) -> "_BatchResults":
     applied = store._overlay.applied
     data = store._data
     lease_shards = store._lease_shards
@@ -158,27 +214,6 @@ def _apply_batch(store, view, batch: Sequence[Request], lease_table, pending: di
             shard_changes = changes.get(shard)
             if shard_changes is None:
                 shard_changes = changes[shard] = []
-            commands = entries.get(shard)
-            if commands is None:
-                commands = entries[shard] = []
-            if command[0] == OP_PUT and not lease_shards[shard]:
-                # The most common write, inline: ``apply_command``'s put on the view.
-                key, value = command[1], command[2]
-                level = pending.get(shard)
-                if level is None:
-                    level = pending[shard] = {}
-                raw = level.get(key, MISSING)
-                if raw is MISSING:
-                    raw = active[shard].get(key, MISSING)
-                    if raw is MISSING:
-                        raw = MISSING if frozen is None else frozen[shard].get(key, MISSING)
-                        if raw is MISSING:
-                            raw = txn.get(key, None, data[shard])
-                level[key] = _pack_value(key, applied[shard] + 1, value)
-                shard_changes.append((key, value, previous_value(key, raw)))
-                commands.append(command)
-                results.append(None)
-                continue
             try:
                 if command[0] >= OP_LEASE_GRANT or lease_shards[shard]:
                     lease_shards[shard] = True  # from now on, plain writes detach keys
@@ -188,22 +223,21 @@ def _apply_batch(store, view, batch: Sequence[Request], lease_table, pending: di
                     result = apply_command(view(shard), data[shard], applied[shard] + 1,
                                            command, shard_changes)
             except CorruptRecord as e:  # a corrupt value read by this command: it alone
-                results.failed = True
                 results.append(_Failed(translate(e, store.path, "applying a write")))
                 continue
+            commands = entries.get(shard)
+            if commands is None:
+                commands = entries[shard] = []
             commands.append(command)
-            results.answers = True
             results.append(result)
         else:
-            results.answers = True
             try:
                 results.append(_apply_multi_shard(store, view, payload, entries, changes,
                                                   lease_table))
             except CorruptRecord as e:
-                results.failed = True
                 results.append(_Failed(translate(e, store.path, "applying a transaction")))
     results.entries = [(shard, applied[shard] + 1, commands)
-                       for shard, commands in sorted(entries.items()) if commands]
+                       for shard, commands in sorted(entries.items())]
     return results
 
 
@@ -234,12 +268,9 @@ class _Failed:
 
 class _BatchResults(list):
     """Per-request results of one batch, plus the ``(shard, slot, commands)`` entries
-    it makes, and per shard what they changed (``(key, value, prev)``, for watchers).
-    ``answers``: some result is not None (a plain put's is); ``failed``: some is ``_Failed``."""
+    it makes, and per shard what they changed (``(key, value, prev)``, for watchers)."""
 
     entries: list = []
-    answers = False
-    failed = False
 
     def __init__(self) -> None:
         super().__init__()
