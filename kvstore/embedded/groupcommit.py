@@ -69,7 +69,7 @@ _STOP = object()
 #: close() does not keep a thread, nor itself, alive).
 HELPER_IDLE_SECONDS = 2.0
 #: Batches a leader commits in a row (its own first) while requests keep queueing.
-LEAD_ROUNDS = 8
+LEAD_ROUNDS = 4
 
 
 class Request:
