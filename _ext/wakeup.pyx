@@ -65,8 +65,10 @@ def release_all(list waiters) -> None:
     cdef PyThread_type_lock chunk[CHUNK]
     cdef Waiter w
     for i in range(n):
-        w = waiters[i]  # TypeError if not a Waiter
-        if w._released:
+        item = waiters[i]
+        if type(item) is not Waiter:  # None too: a typed variable would take it
+            raise TypeError(f"expected a Waiter, not {type(item).__name__}")
+        if (<Waiter>item)._released:
             raise RuntimeError("a Waiter was released already")
     start = 0
     while start < n:

@@ -68,12 +68,12 @@ def test_release_all_wakes_every_waiter(impl, n):
 def test_release_all_refuses_a_list_it_cannot_release_whole(impl):
     """A non-Waiter or one released before: an error, and none released."""
     kernel = WAKEUP[impl]
-    for bad in ("not a waiter", "released"):
+    for bad in ("not a waiter", "None", "released"):
         waiters = [kernel.Waiter() for _ in range(3)]
         if bad == "released":
             waiters[2].release()
         else:
-            waiters.append(object())
+            waiters.append(object() if bad == "not a waiter" else None)
         with pytest.raises(RuntimeError if bad == "released" else TypeError):
             kernel.release_all(waiters)
         assert [w.released for w in waiters[:2]] == [False, False]
