@@ -360,3 +360,54 @@ def test_the_main_thread_never_leads_a_batch():
     assert len(committers) == 2
     assert all(t is not threading.main_thread() for t in committers)
     gc.stop()
+
+
+def test_a_leader_that_fails_to_take_the_next_batch_passes_the_lead_on():
+    """An error between two batches (a MemoryError while taking the next) reaches the
+    leader's caller; the request it had taken off the queue still commits, in its own
+    thread, instead of waiting for ever."""
+    committing_threads = []
+    first_entered = threading.Event()
+    release_first = threading.Event()
+
+    def commit(batch):
+        committing_threads.append((threading.current_thread().name,
+                                   [r.payload for r in batch]))
+        if batch[0].payload == 0:
+            first_entered.set()
+            assert release_first.wait(10)
+        for r in batch:
+            r.result = r.payload
+
+    gc = GroupCommitter(commit, lead_rounds=4)
+    take = gc._take
+    calls = []
+
+    def failing_take(batch):
+        calls.append(len(calls))
+        if len(calls) == 2:  # the leader's second batch
+            raise MemoryError
+        return take(batch)
+
+    gc._take = failing_take
+    outcomes = {}
+
+    def submit(i):
+        try:
+            outcomes[i] = gc.submit(Request(i))
+        except MemoryError as e:
+            outcomes[i] = e
+
+    first = threading.Thread(name="T0", target=submit, args=(0,), daemon=True)
+    first.start()
+    assert first_entered.wait(10)
+    second = threading.Thread(name="T1", target=submit, args=(1,), daemon=True)
+    second.start()
+    wait_queued(gc, 1)
+    release_first.set()
+    for t in (first, second):
+        t.join(10)
+        assert not t.is_alive(), "a submitter hung"
+    assert isinstance(outcomes[0], MemoryError) and outcomes[1] == 1
+    assert committing_threads == [("T0", [0]), ("T1", [1])]
+    assert gc._busy is False and gc._queue == []

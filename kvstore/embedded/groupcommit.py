@@ -148,7 +148,12 @@ class GroupCommitter:
                 if rounds <= 0:
                     queued.pop(0).wakeup.release()  # not done: it leads the next batch
                     return
-                batch = self._take([queued.pop(0)])
+                head = queued.pop(0)
+                try:
+                    batch = self._take([head])
+                except BaseException:  # (MemoryError) the lead passes on: nobody waits for ever
+                    head.wakeup.release()
+                    raise
 
     def _take(self, batch: list) -> list:
         """``batch`` (one request) and what follows it in the queue, within the bounds;
