@@ -67,7 +67,7 @@ def run_threads(n, target):
 def wait_queued(gc: GroupCommitter, n: int) -> None:
     """Until ``n`` requests wait in the queue (a condition, polled on the committer's lock)."""
     for _ in range(1_000_000):
-        with gc._cond:
+        with gc._lock:
             if len(gc._queue) >= n:
                 return
         threading.Event().wait(0.0005)
@@ -86,7 +86,7 @@ def test_lone_writer_commits_alone_and_gets_its_result():
 def test_requests_queued_behind_a_leader_share_one_commit():
     fake = FakeCommit()
     fake.gate = threading.Event()
-    gc = GroupCommitter(fake, linger_seconds=0)
+    gc = GroupCommitter(fake)
     results = {}
     leader = threading.Thread(target=lambda: results.__setitem__(0, gc.submit(Request(0))))
     leader.start()
@@ -138,7 +138,7 @@ def test_error_reaches_every_request_of_its_batch_and_next_batch_works():
     fake = FakeCommit()
     fake.gate = threading.Event()
     fake.fail_payloads = {3}
-    gc = GroupCommitter(fake, linger_seconds=0)
+    gc = GroupCommitter(fake)
     outcomes = {}
 
     def submit(i):
@@ -200,8 +200,8 @@ def test_base_exception_in_commit_does_not_wedge():
 
 
 def test_leadership_hands_off_to_a_queued_request():
-    """The leader answers its batch and hands leadership to a request queued meanwhile;
-    that request's own thread commits the next batch."""
+    """A leader that led ``lead_rounds`` batches answers its last and hands leadership
+    to a request queued meanwhile; that request's own thread commits the next batch."""
     committing_threads = []
     first_entered = threading.Event()
     release_first = threading.Event()
@@ -214,7 +214,7 @@ def test_leadership_hands_off_to_a_queued_request():
         for r in batch:
             r.result = r.payload
 
-    gc = GroupCommitter(commit, linger_seconds=0)
+    gc = GroupCommitter(commit, lead_rounds=1)
     results = {}
     first = threading.Thread(name="T-first", target=lambda: results.__setitem__(
         "first", gc.submit(Request("first"))))
@@ -238,7 +238,7 @@ def test_batches_are_bounded_by_max_batch(monkeypatch):
     monkeypatch.setattr(groupcommit, "MAX_BATCH", 4)
     fake = FakeCommit()
     fake.gate = threading.Event()
-    gc = GroupCommitter(fake, linger_seconds=0)
+    gc = GroupCommitter(fake)
     results = {}
     leader = threading.Thread(target=lambda: results.__setitem__(0, gc.submit(Request(0))))
     leader.start()
@@ -257,52 +257,79 @@ def test_batches_are_bounded_by_max_batch(monkeypatch):
     assert sorted(p for b in fake.batches for p in b) == list(range(11))
 
 
-def test_lingering_leader_gathers_the_writers_of_its_previous_batch():
-    """After a batch of 5, a lone leader waits for 4 more requests (woken by the queue,
-    long before its linger time runs out) and commits all 5 together."""
-    fake = FakeCommit()
-    fake.gate = threading.Event()
-    gc = GroupCommitter(fake, linger_seconds=30.0)
-    first = threading.Thread(target=gc.submit, args=(Request(0),))
+def test_a_leader_commits_what_queued_meanwhile_before_it_returns():
+    """The batch queued behind a leader's commit is committed by the same thread, with no
+    hand-off (a thread wake-up and a GIL switch) in between, and every writer answered."""
+    committing_threads = []
+    first_entered = threading.Event()
+    release_first = threading.Event()
+
+    def commit(batch):
+        committing_threads.append((threading.current_thread().name,
+                                   sorted(r.payload for r in batch)))
+        if batch[0].payload == 0:
+            first_entered.set()
+            assert release_first.wait(10)
+        for r in batch:
+            r.result = r.payload
+
+    gc = GroupCommitter(commit, lead_rounds=2)
+    first = threading.Thread(name="T-first", target=gc.submit, args=(Request(0),))
     first.start()
-    assert fake.entered.wait(10)
-    followers = [threading.Thread(target=gc.submit, args=(Request(i),)) for i in range(1, 6)]
+    assert first_entered.wait(10)
+    followers = [threading.Thread(target=gc.submit, args=(Request(i),)) for i in range(1, 4)]
     for t in followers:
         t.start()
-    wait_queued(gc, 5)
-    fake.gate.set()
+    wait_queued(gc, 3)
+    release_first.set()
     for t in [first, *followers]:
         t.join(10)
         assert not t.is_alive()
-    assert [sorted(b) for b in fake.batches] == [[0], [1, 2, 3, 4, 5]]
+    assert committing_threads == [("T-first", [0]), ("T-first", [1, 2, 3])]
+    assert gc._busy is False and gc._queue == []
 
-    lone = threading.Thread(target=gc.submit, args=(Request(10),))
-    lone.start()
-    wait_for_leader_lingering(gc)
-    assert len(fake.batches) == 2  # it lingers rather than committing alone
-    late = [threading.Thread(target=gc.submit, args=(Request(i),)) for i in range(11, 15)]
-    for t in late:
-        t.start()
-    for t in [lone, *late]:
-        t.join(10)  # far less than the 30 s linger: the fourth arrival woke the leader
+
+def test_a_leader_hands_off_after_lead_rounds_batches():
+    """Its own caller waits for at most ``lead_rounds`` batches: then the first request
+    still queued leads, in its own thread."""
+    committing_threads = []
+    entered = {0: threading.Event(), 1: threading.Event()}
+    release = {0: threading.Event(), 1: threading.Event()}
+
+    def commit(batch):
+        committing_threads.append((threading.current_thread().name,
+                                   sorted(r.payload for r in batch)))
+        first = batch[0].payload
+        if first in entered:
+            entered[first].set()
+            assert release[first].wait(10)
+        for r in batch:
+            r.result = r.payload
+
+    gc = GroupCommitter(commit, lead_rounds=2)
+    threads = {0: threading.Thread(name="T0", target=gc.submit, args=(Request(0),))}
+    threads[0].start()
+    assert entered[0].wait(10)
+    threads[1] = threading.Thread(name="T1", target=gc.submit, args=(Request(1),))
+    threads[1].start()
+    wait_queued(gc, 1)
+    release[0].set()
+    assert entered[1].wait(10)  # T0 commits the second batch too
+    threads[2] = threading.Thread(name="T2", target=gc.submit, args=(Request(2),))
+    threads[2].start()
+    wait_queued(gc, 1)
+    release[1].set()
+    for t in threads.values():
+        t.join(10)
         assert not t.is_alive()
-    assert [sorted(b) for b in fake.batches[2:]] == [[10, 11, 12, 13, 14]]
-
-
-def wait_for_leader_lingering(gc: GroupCommitter) -> None:
-    for _ in range(1_000_000):
-        with gc._cond:
-            if gc._wake_at != MAX_BATCH:  # set only while a leader lingers
-                return
-        threading.Event().wait(0.0005)
-    raise AssertionError("the leader never lingered")
+    assert committing_threads == [("T0", [0]), ("T0", [1]), ("T2", [2])]
 
 
 def test_batches_are_bounded_in_bytes_and_a_large_request_commits_alone():
     """Issue 11 #9: one oversized request must not make its neighbours' commit fail."""
     fake = FakeCommit()
     fake.gate = threading.Event()
-    gc = GroupCommitter(fake, linger_seconds=0, max_batch_bytes=100)
+    gc = GroupCommitter(fake, max_batch_bytes=100)
     results = {}
     leader = threading.Thread(target=lambda: results.__setitem__(0, gc.submit(Request(0, 10))))
     leader.start()
@@ -333,3 +360,54 @@ def test_the_main_thread_never_leads_a_batch():
     assert len(committers) == 2
     assert all(t is not threading.main_thread() for t in committers)
     gc.stop()
+
+
+def test_a_leader_that_fails_to_take_the_next_batch_passes_the_lead_on():
+    """An error between two batches (a MemoryError while taking the next) reaches the
+    leader's caller; the request it had taken off the queue still commits, in its own
+    thread, instead of waiting for ever."""
+    committing_threads = []
+    first_entered = threading.Event()
+    release_first = threading.Event()
+
+    def commit(batch):
+        committing_threads.append((threading.current_thread().name,
+                                   [r.payload for r in batch]))
+        if batch[0].payload == 0:
+            first_entered.set()
+            assert release_first.wait(10)
+        for r in batch:
+            r.result = r.payload
+
+    gc = GroupCommitter(commit, lead_rounds=4)
+    take = gc._take
+    calls = []
+
+    def failing_take(batch):
+        calls.append(len(calls))
+        if len(calls) == 2:  # the leader's second batch
+            raise MemoryError
+        return take(batch)
+
+    gc._take = failing_take
+    outcomes = {}
+
+    def submit(i):
+        try:
+            outcomes[i] = gc.submit(Request(i))
+        except MemoryError as e:
+            outcomes[i] = e
+
+    first = threading.Thread(name="T0", target=submit, args=(0,), daemon=True)
+    first.start()
+    assert first_entered.wait(10)
+    second = threading.Thread(name="T1", target=submit, args=(1,), daemon=True)
+    second.start()
+    wait_queued(gc, 1)
+    release_first.set()
+    for t in (first, second):
+        t.join(10)
+        assert not t.is_alive(), "a submitter hung"
+    assert isinstance(outcomes[0], MemoryError) and outcomes[1] == 1
+    assert committing_threads == [("T0", [0]), ("T1", [1])]
+    assert gc._busy is False and gc._queue == []

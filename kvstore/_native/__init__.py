@@ -10,6 +10,7 @@ One API whichever is in use (the pure twins in ``*_py.py`` define it):
   ``collect_values``,
   ``VALUE_HEADER_SIZE``
 - quorum: ``QuorumTally``, ``PromiseTally``, ``majority``
+- wake-ups: ``Waiter``, ``release_all`` (a group commit's writers, woken without the GIL)
 
 ``KVSTORE_PURE=1`` in the environment forces the pure-Python reference (as
 msgpack-python does); ``IMPLEMENTATION`` says which one was chosen and
@@ -21,25 +22,27 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-from kvstore._native import hashing_py, logcodec_py, quorum_py
+from kvstore._native import hashing_py, logcodec_py, quorum_py, wakeup_py
 
-pure = SimpleNamespace(hashing=hashing_py, logcodec=logcodec_py, quorum=quorum_py)
+pure = SimpleNamespace(hashing=hashing_py, logcodec=logcodec_py, quorum=quorum_py,
+                       wakeup=wakeup_py)
 
 IMPLEMENTATION = "pure"
 NATIVE_IMPORT_ERROR: str | None = None
 
 if os.environ.get("KVSTORE_PURE", "") not in ("", "0"):
     NATIVE_IMPORT_ERROR = "KVSTORE_PURE is set"
-    _hashing, _logcodec, _quorum = hashing_py, logcodec_py, quorum_py
+    _hashing, _logcodec, _quorum, _wakeup = hashing_py, logcodec_py, quorum_py, wakeup_py
 else:
     try:
-        from kvstore._native import _hashing, _logcodec, _quorum  # type: ignore[attr-defined]
+        from kvstore._native import (_hashing, _logcodec, _quorum,  # type: ignore[attr-defined]
+                                     _wakeup)
         IMPLEMENTATION = "native"
     except ImportError as e:  # not built (e.g. a source checkout without build_ext)
         NATIVE_IMPORT_ERROR = str(e)
-        _hashing, _logcodec, _quorum = hashing_py, logcodec_py, quorum_py
+        _hashing, _logcodec, _quorum, _wakeup = hashing_py, logcodec_py, quorum_py, wakeup_py
 
-native = (SimpleNamespace(hashing=_hashing, logcodec=_logcodec, quorum=_quorum)
+native = (SimpleNamespace(hashing=_hashing, logcodec=_logcodec, quorum=_quorum, wakeup=_wakeup)
           if IMPLEMENTATION == "native" else None)
 
 xxh64 = _hashing.xxh64
@@ -69,6 +72,9 @@ QuorumTally = _quorum.QuorumTally
 PromiseTally = _quorum.PromiseTally
 majority = quorum_py.majority
 
+Waiter = _wakeup.Waiter
+release_all = _wakeup.release_all
+
 __all__ = [
     "IMPLEMENTATION", "NATIVE_IMPORT_ERROR", "pure", "native",
     "xxh64", "jump_consistent_hash", "shard_of", "shard_of_many",
@@ -77,4 +83,5 @@ __all__ = [
     "pack_value", "unpack_value", "unpack_revision", "unpack_rows", "collect_values",
     "VALUE_HEADER_SIZE",
     "QuorumTally", "PromiseTally", "majority",
+    "Waiter", "release_all",
 ]

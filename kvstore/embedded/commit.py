@@ -19,15 +19,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from kvstore.commands import OP_LEASE_GRANT, OP_TXN_WRITES
+from kvstore.commands import OP_LEASE_GRANT, OP_PUT, OP_TXN_WRITES
 from kvstore.embedded.groupcommit import Request
 from kvstore.embedded.recovery import entry
 from kvstore.errors import CorruptRecord, KVError, StorageError
-from kvstore.machine.data import apply_command, reads_still_valid
+from kvstore.machine.data import apply_command, previous_value, reads_still_valid, stored
 from kvstore.machine.leases import LeaseTable, apply_leased
 from kvstore.storage.environment import THIRD_PARTY_ERRORS, translate
-from kvstore.storage.overlay import LazyRead, ShardView
+from kvstore.storage.overlay import MISSING, LazyRead, ShardView
 from kvstore.storage.replay import commit_point
+
+
+_pack_value = stored
 
 
 def commit_batch(store, batch: Sequence[Request]) -> None:
@@ -39,10 +42,13 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
     If the append fails, nothing of the batch is published and every
     request of it gets the error.
     """
-    if store._storage.env is None:
+    storage = store._storage
+    if storage.env is None:
         raise KVError(f"the store at {store.path} is closed")
-    store._checkpointer.wait_for_room()
-    overlay, storage = store._overlay, store._storage
+    overlay = store._overlay
+    checkpointer = store._checkpointer
+    if overlay.active_bytes + overlay.frozen_bytes >= checkpointer.limit_bytes:
+        checkpointer.wait_for_room()
     # No lock: only this thread publishes into ``active``; a freeze in between
     # makes ``frozen`` the ``active`` read here (or a later one), a drop leaves its
     # writes in LMDB, and the read transaction below is begun after both reads.
@@ -51,17 +57,42 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
 
     def begin():
         # Begun after the generations were taken: whatever a checkpoint moved from
-        # them into LMDB meanwhile, this snapshot holds it with the same values.
+        # them into LMDB meanwhile, this snapshot holds it with the same values. Not
+        # waiting for a checkpoint's commit to be durable: it holds only writes the
+        # log made durable already.
         with overlay.lock:
-            return storage.begin_read()
+            return storage.begin_read(durable=False)
 
     txn = LazyRead(begin)
-    pending: dict[int, dict] = {}
+    try:
+        puts = _apply_puts(store, batch, active, frozen, txn)
+        if puts is not None:
+            pending, entries, changes = puts
+            _append_and_publish(store, pending, entries, changes, {})
+            return  # a put's result is None, as a Request's is
+        pending: dict[int, dict] = {}
+        leases: dict[int, LeaseTable] = {}
+        view, lease_table = _views(store, pending, active, frozen, txn, leases)
+        results = _apply_batch(store, view, batch, lease_table)
+    except THIRD_PARTY_ERRORS as e:
+        raise translate(e, store.path, "applying a write") from e
+    finally:
+        if txn.txn is not None:
+            storage.end_read(txn.txn)
+    _append_and_publish(store, pending, results.entries, results.changes, leases)
+    for request, result in zip(batch, results):
+        if type(result) is _Failed:
+            request.error = result.error
+        else:
+            request.result = result
+
+
+def _views(store, pending: dict, active: list, frozen: list | None, txn, leases: dict):
+    """``view(shard, table)`` and ``lease_table(shard)``: the batch's view of a shard's
+    data table (``table`` 0) or txns table (1), and of its leases, made on first use."""
     views: dict[int, ShardView] = {}
-    leases: dict[int, LeaseTable] = {}
 
     def view(shard: int, table: int = 0) -> ShardView:
-        """The shard's data table (``table`` 0) or txns table (1), as the batch sees it."""
         index = shard + table * store._nshards
         v = views.get(index)
         if v is None:
@@ -78,42 +109,84 @@ def commit_batch(store, batch: Sequence[Request]) -> None:
             t = leases[shard] = LeaseTable(view(shard, 1), store._tables[shard].txns)
         return t
 
-    try:
-        results = _apply_batch(store, view, batch, lease_table)
-    except THIRD_PARTY_ERRORS as e:
-        raise translate(e, store.path, "applying a write") from e
-    finally:
-        if txn.txn is not None:
-            storage.end_read(txn.txn)
-    entries = results.entries
-    if entries:  # else barriers only (close waits behind in-flight commits)
-        pack = store._pack_command
-        records = [entry(shard, slot, commands, pack) for shard, slot, commands in entries]
+    return view, lease_table
+
+
+def _apply_puts(store, batch: Sequence[Request], active: list, frozen: list | None, txn):
+    """The most common batch, every request a plain put to a shard that never had a
+    lease, applied with no view objects: ``(pending, entries, changes)`` as
+    ``_apply_batch`` makes them. None, having done nothing, for any other batch.
+
+    A put is ``apply_command``'s: the value stored at the entry's slot, and the
+    change (with the value it replaces, for watchers) noted.
+    """
+    lease_shards = store._lease_shards
+    for request in batch:
+        payload = request.payload
+        if type(payload) is not tuple or payload[1][0] != OP_PUT or lease_shards[payload[0]]:
+            return None
+    applied = store._overlay.applied
+    data = store._data
+    pending: dict[int, dict] = {}
+    commands_of: dict[int, list] = {}
+    changes: dict[int, list] = {}
+    for request in batch:
+        shard, command = request.payload
+        level = pending.get(shard)
+        if level is None:
+            level = pending[shard] = {}
+            commands_of[shard] = []
+            changes[shard] = []
+        key, value = command[1], command[2]
+        raw = level.get(key, MISSING)  # the view's levels, newest first, then LMDB
+        if raw is MISSING:
+            raw = active[shard].get(key, MISSING)
+            if raw is MISSING:
+                raw = MISSING if frozen is None else frozen[shard].get(key, MISSING)
+                if raw is MISSING:
+                    raw = txn.get(key, None, data[shard])
+        level[key] = _pack_value(key, applied[shard] + 1, value)
+        changes[shard].append((key, value, previous_value(key, raw)))
+        commands_of[shard].append(command)
+    entries = [(shard, applied[shard] + 1, commands)
+               for shard, commands in sorted(commands_of.items())]
+    return pending, entries, changes
+
+
+def _append_and_publish(store, pending: dict, entries: list, changes: dict,
+                        leases: dict) -> None:
+    """Append the batch's ``entries`` (and their commit point) in one durable append,
+    then publish its ``pending`` writes, its ``changes`` and its lease events."""
+    if not entries:  # barriers only (close waits behind in-flight commits)
+        return
+    pack = store._pack_command
+    records = [entry(shard, slot, commands, pack) for shard, slot, commands in entries]
+    if len(entries) == 1:
+        shard, slot, _commands = entries[0]
+        slots = [(shard, slot)]
+        records.append(commit_point(slots))
+        slots.append((shard + store._nshards, slot))
+    else:
         slots = [(shard, slot) for shard, slot, _ in entries]
         records.append(commit_point(slots))
         # the txns tables' overlay slots move with their shards' (the checkpoint's meta)
         slots += [(shard + store._nshards, slot) for shard, slot in slots]
-        checkpoint = store._checkpoint_record  # set by the checkpoint thread
-        if checkpoint is not None:
-            records.append(checkpoint)
-        try:
-            end = store._wal.append(records)
-        except StorageError as e:  # nothing of the batch is published
-            raise _log_error(store, e) from e
-        if store._checkpoint_record is checkpoint:
-            store._checkpoint_record = None
-        overlay.publish(pending, slots, end)
-        hub = store._watch
-        if hub is not None:
-            hub.publish([(shard, slot, results.changes.get(shard, ()))
-                         for shard, slot, _commands in entries])
-        for shard, table in leases.items():
-            store._reaper.note(shard, table.events)
-    for request, result in zip(batch, results):
-        if type(result) is _Failed:
-            request.error = result.error
-        else:
-            request.result = result
+    checkpoint = store._checkpoint_record  # set by the checkpoint thread
+    if checkpoint is not None:
+        records.append(checkpoint)
+    try:
+        end = store._wal.append(records)
+    except StorageError as e:  # nothing of the batch is published
+        raise _log_error(store, e) from e
+    if store._checkpoint_record is checkpoint:
+        store._checkpoint_record = None
+    store._overlay.publish(pending, slots, end)
+    hub = store._watch
+    if hub is not None:
+        hub.publish([(shard, slot, changes.get(shard, ()))
+                      for shard, slot, _commands in entries])
+    for shard, table in leases.items():
+        store._reaper.note(shard, table.events)
 
 
 def _log_error(store, e: StorageError) -> StorageError:
@@ -197,9 +270,10 @@ class _BatchResults(list):
     """Per-request results of one batch, plus the ``(shard, slot, commands)`` entries
     it makes, and per shard what they changed (``(key, value, prev)``, for watchers)."""
 
+    entries: list = []
+
     def __init__(self) -> None:
         super().__init__()
-        self.entries: list[tuple[int, int, list]] = []
         self.changes: dict[int, list] = {}
 
 

@@ -1,18 +1,29 @@
 """Group commit: concurrent writers share one durable commit.
 
 A writer that finds nobody committing becomes the leader: it takes every
-request queued so far, commits them in one transaction (one fsync), answers
-them, and hands leadership to the first request that queued meanwhile. A lone
-writer therefore pays no thread hand-off at all, and N concurrent writers pay
-about one fsync per batch instead of N. Each thread leads at most one batch,
-so nobody is stuck committing for others forever.
+request queued so far, commits them in one transaction (one fsync) and answers
+them; then, while requests queued during that commit, it commits them too, up
+to ``LEAD_ROUNDS`` batches in all, and hands leadership to the first request
+still queued. A lone writer therefore pays no thread hand-off at all, and N
+concurrent writers pay about one fsync per batch instead of N.
 
-Without more, batches alternate between one and N-1: the writers answered by
-a commit come back one at a time, and the first finds nobody committing. So a
-leader whose previous batch held several writers lingers (at most
-``LINGER_SECONDS``, far less than an fsync) until as many have queued again, as
-MySQL's binlog group commit and Kafka's ``linger.ms`` do. A lone writer never
-lingers.
+Measured on the 2-core VM (issue 24), three things set the rate at 16 writers,
+all of them the GIL's: waking a thread that sleeps (several microseconds of
+system call, an inter-processor interrupt on a VM); the writers' hand-offs of
+the GIL as each one returns; and the leader's own Python per batch. Hence:
+
+- the leader wakes its batch's writers with the GIL released
+  (``kvstore._native.release_all``): the writers woken first run Python
+  meanwhile, where holding the GIL for the wake-ups stopped every thread;
+- the leader goes on with the batch that queued during its fsync instead of
+  handing it to a sleeping thread, so the next ``pwrite`` and ``fdatasync``
+  start without a wake-up and a GIL switch in between, and the answered
+  writers come back (one GIL hand-off each) while that fsync runs;
+- no leader lingers for writers to come back (an earlier version waited up to
+  0.2 ms for as many as its previous batch held): that wait ran while the disk
+  stood idle, and the writers' hand-offs then never overlapped an fsync.
+  ``LEAD_ROUNDS`` bounds how long a leader's own caller waits for it (and
+  keeps one thread from committing for others for ever).
 
 The main thread never commits for others. Python runs signal handlers in the
 main thread only, between any two of its bytecodes: a Ctrl-C (or a SIGALRM
@@ -42,6 +53,7 @@ import threading
 import weakref
 from typing import Callable, Sequence
 
+from kvstore._native import Waiter, release_all
 from kvstore.errors import KVError
 
 #: Requests taken into one commit at most; a bound keeps one commit's latency bounded.
@@ -56,8 +68,8 @@ _STOP = object()
 #: A helper thread with nothing to do for this long ends (a store dropped without
 #: close() does not keep a thread, nor itself, alive).
 HELPER_IDLE_SECONDS = 2.0
-#: The longest a leader waits for the writers of its previous batch to come back.
-LINGER_SECONDS = 0.0002
+#: Batches a leader commits in a row (its own first) while requests keep queueing.
+LEAD_ROUNDS = 4
 
 
 class Request:
@@ -71,9 +83,9 @@ class Request:
         self.result: object = None
         self.error: BaseException | None = None
         self.done = False
-        # A lock held from queueing until the request is answered or handed
-        # leadership: a bare lock is the cheapest one-shot wake-up CPython has.
-        self.wakeup: threading.Lock | None = None
+        # Released once the request is answered or handed leadership (a one-shot
+        # wake-up the leader can release without the GIL: ``kvstore._native.Waiter``).
+        self.wakeup: Waiter | None = None
 
     def outcome(self) -> object:
         if self.error is not None:
@@ -85,60 +97,81 @@ class GroupCommitter:
     """Serialises commits; ``commit_batch(requests)`` sets each request's result or error."""
 
     def __init__(self, commit_batch: Callable[[Sequence[Request]], None],
-                 linger_seconds: float = LINGER_SECONDS,
+                 lead_rounds: int = LEAD_ROUNDS,
                  max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
         self._commit_batch = commit_batch
-        self._linger_seconds = linger_seconds
         self._max_batch_bytes = max_batch_bytes
         # The main thread's requests go through the inbox a helper thread serves (see the
         # module doc); None: no helper runs (or one does that ends unused).
         self._helper_inbox: queue.SimpleQueue | None = None
         self._helper_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        self._lead_rounds = lead_rounds
+        self._lock = threading.Lock()
         self._queue: list[Request] = []
         self._busy = False
-        self._last_batch = 1
-        self._wake_at = MAX_BATCH  # queue length at which a lingering leader wakes
         self.commits = 0  # batches committed (or failed), for tests and status
 
     def submit(self, request: Request) -> object:
         """Commit ``request`` (alone or with others); its result, or raise its error."""
         if _get_ident() == _main_thread().ident:
             return self._submit_through_helper(request)
-        cond = self._cond
-        with cond:
+        lock = self._lock
+        with lock:
             if self._busy:
-                request.wakeup = _allocate_lock()
-                request.wakeup.acquire()
+                wakeup = request.wakeup = Waiter()
                 self._queue.append(request)
-                if len(self._queue) >= self._wake_at:
-                    cond.notify()
-                leader = False
             else:
                 self._busy = True
-                leader = True
-        if not leader:
-            request.wakeup.acquire()  # released by the leader that answers us
+                wakeup = None
+        if wakeup is not None:
+            wakeup.wait()  # released by the leader that answers us or hands us the lead
             if request.done:
                 return request.outcome()
-            # Handed leadership: our request was taken off the queue for us to commit.
-        with cond:
-            expected = min(self._last_batch - 1, MAX_BATCH - 1)
-            if len(self._queue) < expected and self._linger_seconds > 0:
-                self._wake_at = expected
-                cond.wait(self._linger_seconds)
-                self._wake_at = MAX_BATCH
-            batch = [request]
-            queued = self._queue
-            budget = self._max_batch_bytes - request.size
-            take = 0
-            limit = min(len(queued), MAX_BATCH - 1)
-            while take < limit and queued[take].size <= budget:
-                budget -= queued[take].size
-                take += 1
+        self._lead(request)
+        return request.outcome()
+
+    def _lead(self, request: Request) -> None:
+        """Commit ``request``'s batch, then the batches queued meanwhile, up to
+        ``lead_rounds`` in all; then hand the lead to the first request still queued."""
+        lock = self._lock
+        with lock:
+            batch = self._take([request])
+        rounds = self._lead_rounds
+        while True:
+            self._commit(batch, request)
+            rounds -= 1
+            with lock:
+                queued = self._queue
+                if not queued:
+                    self._busy = False
+                    return
+                if rounds <= 0:
+                    queued.pop(0).wakeup.release()  # not done: it leads the next batch
+                    return
+                head = queued.pop(0)
+                try:
+                    batch = self._take([head])
+                except BaseException:  # (MemoryError) the lead passes on: nobody waits for ever
+                    head.wakeup.release()
+                    raise
+
+    def _take(self, batch: list) -> list:
+        """``batch`` (one request) and what follows it in the queue, within the bounds;
+        call it holding the lock."""
+        queued = self._queue
+        budget = self._max_batch_bytes - batch[0].size
+        take = 0
+        limit = min(len(queued), MAX_BATCH - 1)
+        while take < limit and queued[take].size <= budget:
+            budget -= queued[take].size
+            take += 1
+        if take:
             batch.extend(queued[:take])
             del queued[:take]
-        self._last_batch = len(batch)
+        return batch
+
+    def _commit(self, batch: list, own: Request) -> None:
+        """Commit ``batch`` and answer its requests (but ``own``, the leader's)."""
         try:
             self._commit_batch(batch)
         except BaseException as e:  # the whole commit failed: every request learns why
@@ -147,16 +180,13 @@ class GroupCommitter:
                     r.error = e
         finally:
             self.commits += 1
+            woken = []
             for r in batch:
                 r.done = True
-                if r is not request:
-                    r.wakeup.release()
-            with cond:
-                if self._queue:
-                    self._queue.pop(0).wakeup.release()  # not done: it leads the next batch
-                else:
-                    self._busy = False
-        return request.outcome()
+                if r is not own:
+                    woken.append(r.wakeup)
+            if woken:
+                release_all(woken)  # the GIL released meanwhile (``kvstore._native.wakeup_py``)
 
     # -- the main thread's requests --------------------------------------------------------
 

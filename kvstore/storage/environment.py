@@ -617,11 +617,15 @@ class Storage:
 
     # -- reading ------------------------------------------------------------------------
 
-    def begin_read(self, buffers: bool = False):
+    def begin_read(self, buffers: bool = False, durable: bool = True):
         """A read-only LMDB transaction; pair every call with ``end_read(txn)``.
 
         ``buffers=True``: its reads return buffers into the map, valid until the
         transaction ends, whose length can be checked before any byte is read.
+        ``durable=False``: do not wait for a commit in flight to be on disk
+        (``await_durable``): for a reader of a store whose every LMDB commit is
+        a checkpoint of writes already durable in its log (the embedded store's
+        group commit), a snapshot is durable as soon as LMDB shows it.
         """
         if self._env is None or self.forked:
             self.check_usable()
@@ -634,7 +638,7 @@ class Storage:
             self._grown.wait_for(lambda: not self._growing)
         try:
             txn = self._env.begin(buffers=buffers)
-            if self.committing:
+            if self.committing and durable:
                 self.await_durable(txn)
             return txn
         except BaseException as e:

@@ -80,14 +80,15 @@ class Overlay:
             added = 0
             for shard, shard_writes in writes.items():
                 level = active[shard]
+                get = level.get
                 for key, raw in shard_writes.items():
-                    old = level.get(key, MISSING)
-                    if old is MISSING:
-                        added += entry_bytes(key, raw)
+                    old = get(key, MISSING)
+                    size = 0 if raw is None else len(raw)
+                    if old is MISSING:  # entry_bytes, inline: once per write
+                        added += len(key) + size + ENTRY_OVERHEAD
                     else:
-                        added += (0 if raw is None else len(raw)) - \
-                            (0 if old is None else len(old))
-                    level[key] = raw
+                        added += size - (0 if old is None else len(old))
+                level.update(shard_writes)
             for shard, slot in slots:
                 self.applied[shard] = slot
             self.position = position

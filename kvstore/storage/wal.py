@@ -152,7 +152,11 @@ class OsFiles:
         return b"".join(parts)
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> None:
-        view = memoryview(data)
+        n = os.pwrite(fd, data, offset)
+        if n == len(data):  # the usual case: one call wrote it all
+            return
+        view = memoryview(data)[n:]
+        offset += n
         while view:
             n = os.pwrite(fd, view, offset)
             view = view[n:]
@@ -431,11 +435,11 @@ class WriteAheadLog:
         """
         if not records:
             raise InvalidArgument("append needs at least one record")
-        sizes = [RECORD_OVERHEAD + len(r.payload) for r in records]
-        total = sum(sizes)
+        total = 0
         for r in records:
             if r.kind not in KINDS:
                 raise InvalidArgument(f"unknown record kind {r.kind}")
+            total += RECORD_OVERHEAD + len(r.payload)
         with self._lock:
             if self._closed:
                 raise InvalidArgument("the log is closed")
@@ -448,10 +452,11 @@ class WriteAheadLog:
                 segment = self._roll(total)
             position = group = segment.end
             parts = []
-            for record, size in zip(records, sizes):
-                parts.append(_encode(position, group, record))
-                position += size
-            data = b"".join(parts)
+            for record in records:
+                encoded = _encode(position, group, record)
+                parts.append(encoded)
+                position += len(encoded)
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
             offset = segment.end - segment.start
             try:
                 self._files.pwrite(self._fd, data, offset)
