@@ -18,6 +18,7 @@ from kvstore.commands import OP_2PC, OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry
 from kvstore.commands import LOCKED, encode_client_command
 from kvstore.machine.replica import ShardWrite
+from kvstore.node import resolver
 from kvstore.node.storage import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
@@ -153,10 +154,11 @@ def test_a_recorded_commit_whose_coordinator_vanished_is_carried_out_by_the_reso
         raw.close()
 
 
-def test_a_one_round_transaction_whose_client_vanished_after_every_yes_is_committed(start_node):
+def test_a_one_round_transaction_whose_client_vanished_after_every_yes_is_committed(start_node, monkeypatch):
     """Its client may have been told COMMIT once every yes vote was chosen: the resolver
     must not record ABORT (as it does for a two-round one) but recover the outcome from
     the fenced prepares."""
+    monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 3600.0)  # asked about below
     n = start_node(shards=2)
     keys = keys_by_shard(2)
     a, b = keys[0][0], keys[1][0]
@@ -178,7 +180,8 @@ def test_a_one_round_transaction_whose_client_vanished_after_every_yes_is_commit
         raw.close()
 
 
-def test_a_one_round_prepare_still_in_flight_is_fenced_and_the_transaction_aborted(start_node):
+def test_a_one_round_prepare_still_in_flight_is_fenced_and_the_transaction_aborted(start_node, monkeypatch):
+    monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 3600.0)  # asked about below
     n = start_node(shards=2)
     keys = keys_by_shard(2)
     a, b = keys[0][1], keys[1][1]
@@ -381,3 +384,96 @@ def test_a_one_round_commit_then_close_at_once_leaves_no_lock_behind(start_node)
         c.close()
         with kvstore.connect(n.address, timeout=1) as r:
             assert [r.get(a), r.get(b)] == [b"%d" % attempt] * 2
+
+
+# ---------------------------------------------------------------- forgetting what was carried out
+
+
+def kept_outcomes(n, shards: int) -> int:
+    """The finished and decided records the node's shards keep."""
+    counts = [n.node.storage.txn_records(s) for s in range(shards)]
+    return sum(c["finished"] + c["decided"] for c in counts)
+
+
+def transfers(c, keys, count: int) -> None:
+    """``count`` transfers across the shards of ``keys``, and one that conflicts."""
+    a, b = keys[0][0], keys[1][0]
+    for _ in range(count):
+        with c.transaction() as t:
+            t.put(a, b"%d" % (int(t.get(a) or 0) - 1))
+            t.put(b, b"%d" % (int(t.get(b) or 0) + 1))
+    with pytest.raises(kvstore.TransactionConflict):
+        with c.transaction() as t:
+            t.get(a)
+            c.put(a, b"0")
+            t.put(b, b"lost")
+
+
+def test_the_outcomes_of_transactions_carried_out_everywhere_are_forgotten(start_node, monkeypatch):
+    """Each cross-shard transaction used to leave its outcome on every participant and its
+    decision on the coordinator shard for ever (~40 bytes each, without bound). Once the
+    outcome is carried out everywhere, the node that did it forgets them (one- and
+    two-round alike, the aborted ones too)."""
+    monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 0.0)
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as one, \
+            kvstore.connect(n.address, timeout=5, one_round_commit=False) as two:
+        transfers(one, keys, 10)
+        transfers(two, keys, 10)
+        wait_until(lambda: kept_outcomes(n, 2) == 0, what="every outcome forgotten")
+        assert [one.get(keys[0][0]), one.get(keys[1][0])] == [b"0", b"20"]
+
+
+def test_outcomes_whose_forget_was_lost_are_swept_by_the_shard_leaders(start_node, monkeypatch):
+    """The node that carried outcomes out crashed before its forgets (here: its queue of
+    them is dropped); among them a recovery's, whose fence left an outcome on a shard that
+    never saw the prepare. Two sweeps in a row find them and forget them."""
+    monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 3600.0)
+    monkeypatch.setattr(resolver, "SWEEP_EVERY_SECONDS", 0.2)
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a = keys[0][1]
+    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as c:
+        transfers(c, keys, 3)
+        raw = Raw(n.address)
+        try:  # a one-round prepare on shard 0 alone, its client gone: recovered as ABORT
+            p = TxnPrepare(b"L" * 16, 0, (0, 1), ((a, 0),), ((a, b"x"),),
+                           int((time.time() + 0.2) * 1000), one_round=True)
+            assert raw_2pc(raw, 0, 1, p) == (wire.STATUS_OK, True)
+            wait_until(lambda: raw.request(wire.OP_GET, [0, a, False]) == (wire.STATUS_OK, None),
+                       what="the recovery's abort")
+        finally:
+            raw.close()
+        wait_until(lambda: len(n.node._to_forget) >= 4 + 1, what="every forget queued")
+        assert kept_outcomes(n, 2) > 0
+        monkeypatch.setattr(n.node, "_to_forget", [])  # lost with the node that queued them
+        monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 0.0)
+        wait_until(lambda: kept_outcomes(n, 2) == 0, what="every lingering outcome forgotten")
+
+
+def test_a_late_commit_decision_of_an_aborted_and_forgotten_transaction_is_not_recorded(start_node,
+                                                                                       monkeypatch):
+    """A two-round coordinator whose decide (COMMIT) arrives after the resolvers aborted
+    its transaction, carried it out and forgot it must not be told COMMIT: the
+    coordinator shard no longer holds its yes vote, so nothing is recorded and the
+    answer is "unknown" (None: the client raises Unavailable)."""
+    monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 0.0)
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as c:
+        transfers(c, keys, 1)  # the shards take TxnForget from now on
+        a, b = keys[0][1], keys[1][1]
+        raw = Raw(n.address)
+        try:
+            txn = b"Z" * 16
+            deadline = int((time.time() + 0.3) * 1000)
+            for seq, (shard, key) in enumerate(((0, a), (1, b)), 1):
+                p = TxnPrepare(txn, 0, (0, 1), ((key, 0),), ((key, b"late"),), deadline)
+                assert raw_2pc(raw, shard, seq, p) == (wire.STATUS_OK, True)
+            wait_until(lambda: c.get(a) is None and kept_outcomes(n, 2) == 0,
+                       what="the abort carried out and forgotten")
+            assert raw_decide(raw, 0, txn, COMMIT, (0, 1)) == (wire.STATUS_OK, None)
+            assert [c.get(a), c.get(b)] == [None, None]
+        finally:
+            raw.close()

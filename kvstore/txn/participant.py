@@ -28,6 +28,44 @@ deadlock; a lock lives at most until its transaction's decision is resolved,
 and a prepared record whose coordinator went quiet is resolved by anyone once
 its deadline passes (``expired``), so no key stays locked for long: a hot key
 is never starved by a dead holder, only contended by live ones.
+
+Forgetting. A shard remembers each transaction's outcome (``finished``; and,
+as coordinator shard, ``DecisionTable``) so that nothing can act on the
+transaction again in a way that contradicts it. These records are forgotten
+(``forget``, a ``TxnForget`` entry) once the outcome is carried out on *every*
+participant (the node that carried it out heard each resolve applied;
+``kvstore.node.resolver``). Why nothing can still need them then:
+
+- A participant that recovers late (its resolve not applied): nothing is
+  forgotten until it is, and it settles itself through its resolver, which
+  carries the outcome out everywhere and forgets after.
+- A copy of a prepare applied after the forget: a copy of a request already
+  applied is answered from the client's session (applied once per
+  ``(client, seq)``), so only a *first* application can come late, and that
+  never happens to a committed transaction (every prepare was applied before
+  it could commit). An aborted one prepared late is settled again as ABORT:
+  a fence finds nothing and reports no, and an ABORT decision may always be
+  recorded.
+- A coordinator (client) that retries its decide after the forget: a
+  decision COMMIT is recorded only where the coordinator shard still holds the
+  transaction's yes vote or carried out its COMMIT (``DecisionTable``); a
+  two-round transaction's shard keeps its yes vote until a decision is
+  recorded, and a one-round's carried-out COMMIT until the forget. If it
+  holds nothing, nothing is recorded and the answer is "unknown" (None): the
+  client raises ``Unavailable``, never a wrong outcome.
+- A recovery still in flight: it only starts from a prepared record, which the
+  forget waits for; a stale one whose decision finds nothing records nothing.
+
+The node that carried an outcome out may crash before its forget: a record that
+lingers is found by its shard leader's sweep. One whose participants are known
+(``parts``: it was prepared or voted no here) is carried out everywhere again and
+then forgotten, as above. One without (a fence or a resolve found nothing here)
+is an ABORT of a transaction never prepared here, or a COMMIT re-made by a late
+duplicate resolve of one carried out and forgotten everywhere: it is forgotten
+on its shard alone. Safe, because the coordinator shard's decision stays until
+every participant carried it out: a prepare applied here late is settled
+again as that decision, or as ABORT when nothing was ever recorded (then no
+client was told anything: no fence's no was acted on, and no yes was missing).
 """
 
 from __future__ import annotations
@@ -72,6 +110,14 @@ class ParticipantState:
     locks: dict = field(default_factory=dict)  # key -> txn id
     finished: dict = field(default_factory=dict)  # txn id -> COMMIT / ABORT, as carried out here
     bugs: TxnBugs = field(default_factory=TxnBugs)
+    # txn id -> its participants, where a finished one's are known (it was prepared here, or
+    # voted no): whoever finds its record lingering can carry it out everywhere and forget it
+    parts: dict = field(default_factory=dict)
+
+    def _finish(self, txn_id: bytes, outcome: int, participants=None) -> None:
+        self.finished[txn_id] = outcome
+        if participants is not None:
+            self.parts[txn_id] = tuple(participants)
 
     def _valid(self, store: Store, txn_id: bytes, reads, writes, read_only: bool = False) -> bool:
         for key, _ in (*reads, *writes):
@@ -101,7 +147,7 @@ class ParticipantState:
             p = replace(p, reads=p.reads + tuple(r for r in held.reads if r[0] not in seen))
         elif not self._valid(store, p.txn_id, p.reads, p.writes, p.read_only):
             if not p.read_only:
-                self.finished[p.txn_id] = ABORT  # a later copy must not prepare it after all
+                self._finish(p.txn_id, ABORT, p.participants)  # a later copy must not prepare it
             return False
         if p.read_only:
             return True  # validated now, after all its reads: nothing to hold
@@ -130,6 +176,22 @@ class ParticipantState:
         self.finished[txn_id] = ABORT
         return False
 
+    def carried(self, txn_id: bytes) -> int | None:
+        """What a decision COMMIT may rest on here (``DecisionTable.apply_decision``):
+        COMMIT if this shard holds the transaction's yes vote or carried out its
+        COMMIT, ABORT if it carried out ABORT, None if it holds nothing of it."""
+        if self.prepared.get(txn_id) is not None:
+            return COMMIT
+        return self.finished.get(txn_id)
+
+    def forget(self, txn_id: bytes) -> None:
+        """Apply a TxnForget: the outcome carried out here goes (the module docstring,
+        "Forgetting"); a prepared record (a late first prepare) stays until resolved."""
+        if txn_id in self.finished:
+            del self.finished[txn_id]
+        if txn_id in self.parts:
+            del self.parts[txn_id]
+
     def peek_vote(self, txn_id: bytes) -> bool:
         """The planted bug's fence (``one_round_recovery_unfenced``): a look, no fence."""
         done = self.finished.get(txn_id)
@@ -156,7 +218,7 @@ class ParticipantState:
         for key, _ in (*p.reads, *p.writes):
             if self.locks.get(key) == r.txn_id:
                 del self.locks[key]
-        self.finished[r.txn_id] = r.outcome
+        self._finish(r.txn_id, r.outcome, p.participants)
         return True
 
     def apply_single(self, store: Store, reads, writes) -> bool:
@@ -178,6 +240,29 @@ class DecisionTable:
 
     decisions: dict = field(default_factory=dict)  # txn id -> COMMIT / ABORT
 
-    def apply_decision(self, txn_id: bytes, outcome: int) -> int:
-        """Record ``outcome`` unless one is recorded already; return the recorded one."""
-        return self.decisions.setdefault(txn_id, outcome)
+    def apply_decision(self, txn_id: bytes, outcome: int,
+                       here: ParticipantState | None = None) -> int | None:
+        """Record ``outcome`` unless one is recorded already; return the recorded one.
+
+        ``here``: the coordinator shard's own participant state (it is always a
+        participant). A COMMIT is recorded only if it holds the transaction's yes vote
+        or carried out its COMMIT; if it carried out ABORT, ABORT is what was decided
+        (and forgotten); if it holds nothing, the transaction is over and forgotten (a
+        coordinator's late retry) or never prepared here: nothing is recorded and None
+        returned ("unknown"), so a forgotten outcome is never contradicted (the module
+        docstring, "Forgetting")."""
+        recorded = self.decisions.get(txn_id)
+        if recorded is not None:
+            return recorded
+        if outcome == COMMIT and here is not None:
+            carried = here.carried(txn_id)
+            if carried is None:
+                return None
+            outcome = carried
+        self.decisions[txn_id] = outcome
+        return outcome
+
+    def forget(self, txn_id: bytes) -> None:
+        """Apply a TxnForget here: the recorded outcome goes (it was carried out everywhere)."""
+        if txn_id in self.decisions:
+            del self.decisions[txn_id]

@@ -18,6 +18,9 @@ some shard's Paxos log, applied by every replica of that shard alike:
   transaction's one-round yes prepare (or carried out its COMMIT); if it holds
   nothing, the transaction is finished there as ABORT, so a later copy of its
   prepare votes no.
+- ``TxnForget`` (any shard, node-internal): forget the finished and decided
+  outcomes of transactions carried out on every participant, so that these
+  records stay bounded (``kvstore.txn.participant``, "Forgetting").
 
 A one-round prepare (``one_round``: the transaction is committed as soon as
 every participant holds its yes vote) is encoded with a ninth field; a
@@ -46,6 +49,9 @@ _TAG_PREPARE = "TxnPrepare"
 _TAG_DECISION = "TxnDecision"
 _TAG_RESOLVE = "TxnResolve"
 _TAG_FENCE = "TxnFence"
+_TAG_FORGET = "TxnForget"
+#: A TxnForget names at most this many transactions (one entry per shard and flush).
+FORGET_MAX_IDS = 1024
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,11 @@ class TxnFence:
     txn_id: bytes  # of a one-round transaction being recovered: no yes vote of it after this
 
 
+@dataclass(frozen=True)
+class TxnForget:
+    txn_ids: tuple  # transactions carried out on every participant: their outcomes go
+
+
 def encode(entry) -> bytes:
     if isinstance(entry, TxnPrepare):
         body = [_TAG_PREPARE, entry.txn_id, entry.coordinator, list(entry.participants),
@@ -88,6 +99,8 @@ def encode(entry) -> bytes:
             body.append(True)
     elif isinstance(entry, TxnFence):
         body = [_TAG_FENCE, entry.txn_id]
+    elif isinstance(entry, TxnForget):
+        body = [_TAG_FORGET, list(entry.txn_ids)]
     elif isinstance(entry, (TxnDecision, TxnResolve)):
         tag = _TAG_DECISION if isinstance(entry, TxnDecision) else _TAG_RESOLVE
         body = [tag, entry.txn_id, entry.outcome]
@@ -112,6 +125,12 @@ def decode(data: bytes):
         body = msgpack.unpackb(data, raw=False)
     except Exception as e:  # msgpack raises several unrelated classes
         raise ValueError(f"undecodable 2PC entry: {e}") from e
+    if isinstance(body, list) and len(body) == 2 and body[0] == _TAG_FORGET:
+        ids = body[1]
+        if not (isinstance(ids, list) and 0 < len(ids) <= FORGET_MAX_IDS
+                and all(isinstance(t, bytes) and 0 < len(t) <= 64 for t in ids)):
+            raise ValueError("malformed TxnForget")
+        return TxnForget(tuple(ids))
     if not isinstance(body, list) or not body or not isinstance(body[1] if len(body) > 1 else None, bytes):
         raise ValueError("malformed 2PC entry")
     tag = body[0]
