@@ -477,3 +477,38 @@ def test_a_late_commit_decision_of_an_aborted_and_forgotten_transaction_is_not_r
             assert [c.get(a), c.get(b)] == [None, None]
         finally:
             raw.close()
+
+
+def test_a_lone_cross_shard_commit_sends_its_prepares_on_the_direct_path(start_node):
+    """A lone transaction's reads and its prepares (one per shard, at once) skip the I/O
+    thread, as a lone get or put does: the sync client sent all of them through it, the
+    asyncio client one prepare of two (two thread hand-offs more than a one-shard commit)."""
+    import asyncio
+
+    import kvstore.aio
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][0], keys[1][0]
+    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as c:
+        c.put(a, b"10")
+        c.put(b, b"10")
+        before = c._core.direct_calls
+        with c.transaction() as t:
+            t.put(a, b"%d" % (int(t.get(a)) - 1))
+            t.put(b, b"%d" % (int(t.get(b)) + 1))
+        assert c._core.direct_calls - before == 4  # two reads, two prepares
+        assert [c.get(a), c.get(b)] == [b"9", b"11"]
+
+    async def transfer() -> int:
+        async with await kvstore.aio.connect(n.address, timeout=5, one_round_commit=True) as db:
+            await db.get(a)
+            await db.get(b)
+            before = db._core.direct_calls
+            async with db.transaction() as t:
+                await t.put(a, b"%d" % (int(await t.get(a)) - 1))
+                await t.put(b, b"%d" % (int(await t.get(b)) + 1))
+            return db._core.direct_calls - before
+
+    assert asyncio.run(transfer()) == 4
+    with kvstore.connect(n.address, timeout=5) as c:
+        assert [c.get(a), c.get(b)] == [b"8", b"12"]
