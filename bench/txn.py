@@ -117,7 +117,7 @@ CASES = (("one shard", False, False), ("cross-shard, 2 rounds", True, False),
 async def run_cluster_rows(addresses: list, nshards: int, in_flight: list, seconds: float,
                            hot: bool, rounds: int) -> list:
     rows = []
-    async with await kvstore.aio.connect(addresses, timeout=30) as two, \
+    async with await kvstore.aio.connect(addresses, timeout=30, one_round_commit=False) as two, \
             await kvstore.aio.connect(addresses, timeout=30, one_round_commit=True) as one:
         spread = accounts_by_shard(nshards, 10_000 // nshards)
         for r in range(rounds):

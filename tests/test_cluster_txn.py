@@ -204,7 +204,8 @@ def test_a_one_round_prepare_still_in_flight_is_fenced_and_the_transaction_abort
         raw.close()
 
 
-def test_a_one_round_client_commits_across_shards_and_aborts_on_a_conflict(start_node, monkeypatch):
+def test_a_client_commits_across_shards_in_one_round_by_default_and_in_two_when_asked(start_node,
+                                                                                     monkeypatch):
     from kvstore.client import txn as client_txn
     made = []
 
@@ -217,13 +218,19 @@ def test_a_one_round_client_commits_across_shards_and_aborts_on_a_conflict(start
     n = start_node(shards=3)
     keys = keys_by_shard(3)
     a, b, c_ = keys[0][0], keys[1][0], keys[2][0]
-    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as c:
+    with kvstore.connect(n.address, timeout=5) as c:
         commit_then_conflict(c, a, b, c_)  # one round: answered after the votes, and
         # the reads wait for the decision to be carried out
         c.put(a, b"1")  # every lock was freed
         c.put(c_, b"1")
         assert c.run_transaction(lambda t: [t.get(k) for k in (a, b, c_)]) == [b"1", b"500", b"1"]
     assert [co.one_round for co in made] == [True, True, False]  # the last one is read-only
+    with kvstore.connect(n.address, timeout=5, one_round_commit=False) as c:
+        with c.transaction() as t:  # two rounds, as nodes of earlier versions take
+            t.put(a, b"2")
+            t.put(b, b"2")
+        assert [c.get(a), c.get(b)] == [b"2", b"2"]
+    assert not made[-1].one_round
 
 
 def test_the_asyncio_client_commits_in_one_round_too(start_node):
@@ -235,8 +242,8 @@ def test_the_asyncio_client_commits_in_one_round_too(start_node):
     a, b = keys[0][0], keys[1][0]
 
     async def main():
-        async with await kvstore.aio.connect(n.address, timeout=5, one_round_commit=True) as db:
-            assert db._kv.one_round_commit
+        async with await kvstore.aio.connect(n.address, timeout=5) as db:
+            assert db._kv.one_round_commit  # the default
             async with db.transaction() as t:
                 await t.put(a, b"1")
                 await t.put(b, b"2")

@@ -47,9 +47,9 @@ from kvstore.errors import InvalidArgument, KVError, TransactionConflict
 
 async def connect(addresses, timeout: float = 5.0, *, keys=None, cache=None,
                   cache_staleness: float = DEFAULT_STALENESS,
-                  cache_bytes: int = DEFAULT_BYTES, one_round_commit: bool = False) -> "AsyncKV":
+                  cache_bytes: int = DEFAULT_BYTES, one_round_commit: bool = True) -> "AsyncKV":
     """Connect to the cluster at ``addresses`` (``Unavailable`` if no node answers);
-    ``cache``: as ``kvstore.connect``'s (docs/cache.md)."""
+    ``cache`` and ``one_round_commit``: as ``kvstore.connect``'s (docs/cache.md)."""
     loop = asyncio.get_running_loop()
     kv = await loop.run_in_executor(None, ClusterKV, addresses, timeout, keys, cache,
                                     cache_staleness, cache_bytes, one_round_commit)

@@ -345,7 +345,7 @@ class ClusterTxn(BufferedTxn):
             for key, value in buffer.writes.items():
                 parts[self._kv._shard(key)][1].append((key, value))
             if locked is None:
-                yield from two_phase_commit(parts, one_round=getattr(self._kv, "one_round_commit", False))
+                yield from two_phase_commit(parts, one_round=self._kv.one_round_commit)
             else:  # prepare its writes under the locks it holds: its reads cannot have moved
                 self._locked = None
                 yield from two_phase_commit(parts, locked[0], locked[1][0])
