@@ -41,7 +41,11 @@ and 1 in flight through each asyncio client; put and get one after the other
 through each blocking client), ``--etcd-rounds`` interleaved rounds, the best of
 them per figure, and the ratios kvstore / etcd. etcd is reached over gRPC (the
 ``grpcio`` of the ``[bench]`` extra; its JSON gateway without it), the clients on
-its leader.
+its leader. Three more rows in each sitting: the blocking put and get with one
+follower stopped (SIGSTOP; the leader and the other follower are a majority), which
+shows what the second follower's share of the two cores costs a lone request here
+(``PAUSED_ROWS``), and kvstore's get with lease reads on (a cluster with ``[tuning]
+lease_read_ticks = 20``) beside etcd's read-index get (``LEASE_ROW``).
 
 Last, the profiles of one put and one get at a time (``profile_lone_put``,
 ``profile_lone_get``): where their time goes on the leader, from timing
@@ -155,12 +159,14 @@ async def load(db, kind: str, in_flight: int, seconds: float, keys: list, value:
                 await db.get(key)
             latencies.append(time.perf_counter() - t)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     await asyncio.gather(*(worker(w) for w in range(in_flight)))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     latencies.sort()
     return {"op": kind, "in_flight": in_flight, "ops": len(latencies),
             "ops_per_s": round(len(latencies) / elapsed, 1),
+            # this process's CPU (every thread: the client's I/O thread, grpc's) per call
+            "client_cpu_us_per_op": round(cpu / max(1, len(latencies)) * 1e6, 1),
             "p50_ms": round(percentile(latencies, 50) * 1e3, 3),
             "p99_ms": round(percentile(latencies, 99) * 1e3, 3),
             # the latency CDF, for a plot: percentile -> ms
@@ -227,11 +233,12 @@ def _scrape_every(addresses: list, every: float, stop: threading.Event) -> None:
                 r.read()
 
 
-def _started_cluster(directory: str, shards: int, metrics: bool, attempts: int = 3):
+def _started_cluster(directory: str, shards: int, metrics: bool, attempts: int = 3,
+                     tuning: dict | None = None):
     """A started, ready 3-node LocalCluster; on a shared machine another process may take
     one of its free ports before a node binds it: then again on fresh ports (bounded)."""
     for attempt in range(attempts):
-        lc = LocalCluster(f"{directory}-{attempt}", 3, shards, metrics=metrics)
+        lc = LocalCluster(f"{directory}-{attempt}", 3, shards, metrics=metrics, tuning=tuning)
         try:
             lc.start_all()
             lc.wait_ready(timeout=60)
@@ -681,6 +688,42 @@ def sequential(client, kind: str, seconds: float, keys: list, value: bytes) -> d
                        for q in (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)}}
 
 
+#: Rows after ``VERSUS_ROWS``, one request at a time with the sync client, while one
+#: follower (a member that does not lead) is stopped (SIGSTOP): the leader and one
+#: follower are still a majority. Here three members share two cores, so the second
+#: follower's work on every request competes with the two that answer it; these rows
+#: show what one request costs without that (what members on machines of their own see).
+PAUSED_ROWS = (("put, sequential, sync, a follower stopped", "put"),
+               ("get, sequential, sync, a follower stopped", "get"))
+#: kvstore's lease reads (``[tuning] lease_read_ticks``, off by default: they assume
+#: bounded clock drift, README "Lease reads"): the leader answers a get without a quorum
+#: round. etcd 3.4 has no such option for linearizable reads: its row is its read-index get.
+LEASE_ROW = "get, sequential, sync, kvstore's lease reads"
+LEASE_READ_TICKS = 20
+
+
+def paused_rows(sync_client, pause, seconds: float) -> dict:
+    """``PAUSED_ROWS`` on one system: ``pause()`` is a context manager that stops one
+    follower for as long as it is open."""
+    keys, value = bench_keys(), os.urandom(VALUE_BYTES)
+    with pause():
+        return {name: sequential(sync_client, kind, seconds, keys[:2000], value)
+                for name, kind in PAUSED_ROWS}
+
+
+class stopped:
+    """SIGSTOP ``pid`` for the block, SIGCONT after (whatever happens in it)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __enter__(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def __exit__(self, *exc) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
 def versus_rows(sync_client, async_connect, seconds: float) -> dict:
     """Every ``VERSUS_ROWS`` row on one system: ``sync_client`` has put/get;
     ``async_connect()`` makes, inside the running loop, an async context manager with
@@ -708,10 +751,26 @@ def kvstore_versus_rows(base: str, shards: int, seconds: float) -> dict:
         async def connect():
             return await kvstore.aio.connect(lc.address_list, timeout=30)
         with kvstore.connect(lc.address_list, timeout=30) as sync_client:
-            return versus_rows(sync_client, connect, seconds)
+            rows = versus_rows(sync_client, connect, seconds)
+            leader = sync_client.status()["shards"][0]["leader"]
+            follower = next(n for n in lc.names if n != leader)
+            rows.update(paused_rows(sync_client, lambda: stopped(lc.procs[follower].pid),
+                                    seconds))
     finally:
         lc.stop_all()
         lc.close()
+    lc = _started_cluster(base + "-lease", shards, metrics=False,
+                          tuning={"lease_read_ticks": LEASE_READ_TICKS})
+    try:
+        with kvstore.connect(lc.address_list, timeout=30) as sync_client:
+            keys, value = bench_keys(), os.urandom(VALUE_BYTES)
+            for k in keys[:2000]:
+                sync_client.put(k, value)
+            rows[LEASE_ROW] = sequential(sync_client, "get", seconds, keys[:2000], value)
+    finally:
+        lc.stop_all()
+        lc.close()
+    return rows
 
 
 def etcd_versus_rows(base: str, binary: str, seconds: float) -> dict:
@@ -725,7 +784,12 @@ def etcd_versus_rows(base: str, binary: str, seconds: float) -> dict:
             async def connect():
                 return etcd_local.AsyncEtcdGrpc(url)
             with etcd_local.EtcdGrpc(url) as sync_client:
-                return versus_rows(sync_client, connect, seconds)
+                rows = versus_rows(sync_client, connect, seconds)
+                keys, value = bench_keys(), os.urandom(VALUE_BYTES)
+                rows[LEASE_ROW] = sequential(sync_client, "get", seconds, keys[:2000], value)
+                follower = next(p for u, p in zip(ec.client_urls, ec.procs) if u != url)
+                rows.update(paused_rows(sync_client, lambda: stopped(follower.pid), seconds))
+                return rows
         client = etcd_local.EtcdClient(url)
         try:
             keys, value = bench_keys(), os.urandom(VALUE_BYTES)
@@ -764,12 +828,15 @@ def versus_etcd(base: str, shards: int, seconds: float, rounds: int) -> dict | N
                     f"{r['ops_per_s']:,.0f}/s" if r["in_flight"] > 1 else f"{r['p50_ms']:.3f} ms")
                 for n, r in rows.items()), flush=True)
     table = []
-    for name, how, kind, c in VERSUS_ROWS:
+    extra = [(name, "sync", kind, 1) for name, kind in PAUSED_ROWS] + [(LEASE_ROW, "sync", "get", 1)]
+    for name, how, kind, c in list(VERSUS_ROWS) + extra:
         row: dict = {"row": name, "op": kind, "client": how, "in_flight": c}
         for side in runs:
             got = [r[name] for r in runs[side] if name in r]
             if got:
+                cpu = [r["client_cpu_us_per_op"] for r in got if "client_cpu_us_per_op" in r]
                 row[side] = {"ops_per_s": max(r["ops_per_s"] for r in got),
+                             "client_cpu_us_per_op": min(cpu) if cpu else None,
                              "p50_ms": min(r["p50_ms"] for r in got),
                              "p99_ms": min(r["p99_ms"] for r in got),
                              "rounds_p50_ms": [r["p50_ms"] for r in got],
@@ -786,7 +853,7 @@ def print_versus(v: dict) -> None:
     kvstore / etcd (for ops/s above 1 is better; for latency below 1 is)."""
     print(f"\nkvstore / etcd {v['etcd_version']}, same sitting, best of {v['rounds']} "
           f"interleaved rounds (load average {v['load'][0]:.2f} at the end):")
-    print(f"  {'row (3 nodes, 1 shard)':32}{'kvstore':>26}{'etcd':>26}{'kvstore/etcd':>14}")
+    print(f"  {'row (3 nodes, 1 shard)':44}{'kvstore':>26}{'etcd':>26}{'kvstore/etcd':>14}")
     for r in v["rows"]:
         kv, et = r.get("kvstore"), r.get("etcd")
 
@@ -801,7 +868,13 @@ def print_versus(v: dict) -> None:
             ratio = f"{kv[key] / et[key]:.2f}" if et[key] else "n/a"
         else:
             ratio = "n/a"
-        print(f"  {r['row']:32}{cell(kv):>26}{cell(et):>26}{ratio:>14}")
+        print(f"  {r['row']:44}{cell(kv):>26}{cell(et):>26}{ratio:>14}")
+    print("  the asyncio client's CPU per call (its process, every thread), best round:")
+    for r in v["rows"]:
+        kv, et = r.get("kvstore") or {}, r.get("etcd") or {}
+        a, b = kv.get("client_cpu_us_per_op"), et.get("client_cpu_us_per_op")
+        if a and b:
+            print(f"    {r['row']:42} kvstore {a:7.1f} us   etcd {b:7.1f} us   {a / b:.2f}")
 
 
 def main(argv=None) -> int:

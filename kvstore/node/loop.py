@@ -40,6 +40,12 @@ is one turn of the loop, the same for both. Each turn:
       only when a follower's Accepted arrives, and this loop reads nothing
       before (a) returns: the leader's vote is effectively counted once
       durable;
+
+      a'. when no client waits on this node for the entries this round
+      committed (a follower, mostly), they are applied after (b), in a
+      save of their own (``_apply_after_send``): a follower's Accepted or
+      HeartbeatReply does not wait for the apply of earlier entries (the
+      state changes still reach the overlay with their applied point, rule 4);
    c. **answer** clients: writes whose commands were applied here (rule 5;
       a write whose entry was durable here before this save is answered from
       inside the save, once its result is computed: ``_answer_durable_early``),
@@ -490,6 +496,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory):
                       if (rd.promised is not None or rd.commit_index is not None or rd.records
                           or rd.snapshot is not None or rd.compacted_through is not None
                           or rd.committed)]
+            applies = self._apply_after_send(writes)
             # slots whose records this save makes durable: their writes wait for it
             self._fresh_slots = {(w.shard, record_fields(r)[0]) for w in writes for r in w.records}
             outbox: dict = defaultdict(list)
@@ -511,6 +518,11 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory):
             for peer, items in outbox.items():
                 for frame in _frames(self.index, items):
                     self.sockets.send_peer(peer, frame)
+            if applies:  # a'. nobody waits here for these entries: applied after the send
+                results = self.storage.save(applies)
+                writes = writes + applies
+                self._note_leases(applies)
+                self.counters["poisoned_values"] += sum(1 for r in results if r[3] is POISONED)
             # c. answer
             self._answer_writes(results)
             self._feed_history(writes)
@@ -530,6 +542,28 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory):
                                     "index": rd.snapshot.index})
         self._observe_roles()
         self._maybe_snapshot()
+
+    def _apply_after_send(self, writes: list) -> list:
+        """Take the committed entries out of ``writes`` (into writes of their own, returned)
+        when no client waits on this node for any of them and something is to be appended:
+        then the messages of this Ready (a follower's Accepted, its HeartbeatReply to a read
+        index round) leave once the log append is durable, without waiting for the apply,
+        which follows them in a save of its own (``_drive``, a'.). The apply needs no append
+        (the entries are in the log already, their commit point rides with the next append),
+        and nothing is answered or served before it. A leader with writes waiting keeps
+        one save: it answers them from inside it, before its fsync
+        (``_answer_durable_early``). Empty: nothing split, one save as before."""
+        if self.waiting_writes or not any(w.committed for w in writes) or not any(
+                w.records or w.promised is not None or w.snapshot is not None
+                or w.compacted_through is not None for w in writes):
+            return []
+        applies = []
+        for w in writes:
+            if w.committed:
+                applies.append(ShardWrite(w.shard, None, w.commit_index, committed=w.committed,
+                                          decoded=w.decoded, changes=[]))
+                w.committed = []
+        return applies
 
     def _campaign_for_preferred_shards(self) -> None:
         for s, r in enumerate(self.replicas):
