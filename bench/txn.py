@@ -180,7 +180,8 @@ async def run_cluster_rows(addresses: list, nshards: int, in_flight: list, secon
             for label, db in (("cross-shard, hot, 2 rounds", two), ("cross-shard, hot, 1 round", one)):
                 row = await transfer_load(db, by_shard, True, max(in_flight), seconds)
                 row.update(shards=nshards, kind=label, in_flight=max(in_flight),
-                           accounts=sum(len(v) for v in by_shard.values()), round=0)
+                           accounts=sum(len(v) for v in by_shard.values()), round=0,
+                           load=os.getloadavg()[0])
                 rows.append(row)
                 print_row(row)
     return rows
