@@ -396,10 +396,9 @@ def test_a_one_round_commit_then_close_at_once_leaves_no_lock_behind(start_node)
 # ---------------------------------------------------------------- forgetting what was carried out
 
 
-def kept_outcomes(n, shards: int) -> int:
-    """The finished and decided records the node's shards keep."""
-    counts = [n.node.storage.txn_records(s) for s in range(shards)]
-    return sum(c["finished"] + c["decided"] for c in counts)
+def kept(n, shards: int, table: str, outcome: int) -> int:
+    """How many ``table`` ("finished", "decided") records of ``outcome`` the shards keep."""
+    return sum(n.node.storage.txn_records(s)[table][outcome] for s in range(shards))
 
 
 def transfers(c, keys, count: int) -> None:
@@ -416,72 +415,70 @@ def transfers(c, keys, count: int) -> None:
             t.put(b, b"lost")
 
 
-def test_the_outcomes_of_transactions_carried_out_everywhere_are_forgotten(start_node, monkeypatch):
+def test_the_commits_carried_out_everywhere_are_forgotten(start_node, monkeypatch):
     """Each cross-shard transaction used to leave its outcome on every participant and its
-    decision on the coordinator shard for ever (~40 bytes each, without bound). Once the
-    outcome is carried out everywhere, the node that did it forgets them (one- and
-    two-round alike, the aborted ones too)."""
+    decision on the coordinator shard for ever (~40 bytes each, without bound). Once a
+    COMMIT is carried out everywhere, the node that did it forgets it there (and, for a
+    one-round transaction, its recorded decision); the ABORTs are kept."""
     monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 0.0)
     n = start_node(shards=2)
     keys = keys_by_shard(2)
-    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as one, \
+    with kvstore.connect(n.address, timeout=5) as one, \
             kvstore.connect(n.address, timeout=5, one_round_commit=False) as two:
         transfers(one, keys, 10)
         transfers(two, keys, 10)
-        wait_until(lambda: kept_outcomes(n, 2) == 0, what="every outcome forgotten")
+        wait_until(lambda: kept(n, 2, "finished", COMMIT) == 0, what="every COMMIT forgotten")
+        assert kept(n, 2, "decided", COMMIT) == 10  # the two-round ones' (a retried decide reads it)
+        assert (kept(n, 2, "finished", ABORT), kept(n, 2, "decided", ABORT)) == (4, 2)
         assert [one.get(keys[0][0]), one.get(keys[1][0])] == [b"0", b"20"]
 
 
-def test_outcomes_whose_forget_was_lost_are_swept_by_the_shard_leaders(start_node, monkeypatch):
-    """The node that carried outcomes out crashed before its forgets (here: its queue of
-    them is dropped); among them a recovery's, whose fence left an outcome on a shard that
-    never saw the prepare. Two sweeps in a row find them and forget them."""
+def test_commits_whose_forget_was_lost_are_swept_by_the_shard_leaders(start_node, monkeypatch):
+    """The node that carried COMMITs out crashed before its forgets (here: its queue of
+    them is dropped). Two sweeps in a row find them, carry them out everywhere again and
+    forget them."""
     monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 3600.0)
     monkeypatch.setattr(resolver, "SWEEP_EVERY_SECONDS", 0.2)
     n = start_node(shards=2)
     keys = keys_by_shard(2)
-    a = keys[0][1]
-    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as c:
+    with kvstore.connect(n.address, timeout=5) as c:
         transfers(c, keys, 3)
-        raw = Raw(n.address)
-        try:  # a one-round prepare on shard 0 alone, its client gone: recovered as ABORT
-            p = TxnPrepare(b"L" * 16, 0, (0, 1), ((a, 0),), ((a, b"x"),),
-                           int((time.time() + 0.2) * 1000), one_round=True)
-            assert raw_2pc(raw, 0, 1, p) == (wire.STATUS_OK, True)
-            wait_until(lambda: raw.request(wire.OP_GET, [0, a, False]) == (wire.STATUS_OK, None),
-                       what="the recovery's abort")
-        finally:
-            raw.close()
-        wait_until(lambda: len(n.node._to_forget) >= 4 + 1, what="every forget queued")
-        assert kept_outcomes(n, 2) > 0
+        wait_until(lambda: len(n.node._to_forget) >= 3, what="every forget queued")
+        assert kept(n, 2, "finished", COMMIT) == 6
         monkeypatch.setattr(n.node, "_to_forget", [])  # lost with the node that queued them
         monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 0.0)
-        wait_until(lambda: kept_outcomes(n, 2) == 0, what="every lingering outcome forgotten")
+        wait_until(lambda: kept(n, 2, "finished", COMMIT) == 0, what="every lingering COMMIT forgotten")
+        assert kept(n, 2, "finished", ABORT) == 2  # the conflict's, kept
 
 
-def test_a_late_commit_decision_of_an_aborted_and_forgotten_transaction_is_not_recorded(start_node,
-                                                                                       monkeypatch):
-    """A two-round coordinator whose decide (COMMIT) arrives after the resolvers aborted
-    its transaction, carried it out and forgot it must not be told COMMIT: the
-    coordinator shard no longer holds its yes vote, so nothing is recorded and the
-    answer is "unknown" (None: the client raises Unavailable)."""
+def test_a_coordinator_retrying_after_its_commit_was_forgotten_hears_commit_and_applies_nothing_twice(
+        start_node, monkeypatch):
+    """After the forget, a retried prepare is answered from the client's session (no
+    second lock, no second vote), and a two-round coordinator retrying its decide still
+    hears COMMIT: the recorded decision of a two-round transaction is kept."""
     monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 0.0)
     n = start_node(shards=2)
     keys = keys_by_shard(2)
-    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as c:
-        transfers(c, keys, 1)  # the shards take TxnForget from now on
-        a, b = keys[0][1], keys[1][1]
+    a, b = keys[0][1], keys[1][1]
+    with kvstore.connect(n.address, timeout=5) as c:
+        transfers(c, keys, 1)  # one-round: the shards take TxnForget from now on
         raw = Raw(n.address)
         try:
             txn = b"Z" * 16
-            deadline = int((time.time() + 0.3) * 1000)
-            for seq, (shard, key) in enumerate(((0, a), (1, b)), 1):
-                p = TxnPrepare(txn, 0, (0, 1), ((key, 0),), ((key, b"late"),), deadline)
+            deadline = int((time.time() + 5) * 1000)
+            prepares = [(shard, seq, TxnPrepare(txn, 0, (0, 1), ((key, 0),), ((key, b"once"),),
+                                                deadline))
+                        for seq, (shard, key) in enumerate(((0, a), (1, b)), 10)]
+            for shard, seq, p in prepares:
                 assert raw_2pc(raw, shard, seq, p) == (wire.STATUS_OK, True)
-            wait_until(lambda: c.get(a) is None and kept_outcomes(n, 2) == 0,
-                       what="the abort carried out and forgotten")
-            assert raw_decide(raw, 0, txn, COMMIT, (0, 1)) == (wire.STATUS_OK, None)
-            assert [c.get(a), c.get(b)] == [None, None]
+            assert raw_decide(raw, 0, txn, COMMIT, (0, 1)) == (wire.STATUS_OK, COMMIT)
+            wait_until(lambda: kept(n, 2, "finished", COMMIT) == 0, what="the COMMIT forgotten")
+            c.put(a, b"after")
+            for shard, seq, p in prepares:  # a late copy: its first answer, nothing locked
+                assert raw_2pc(raw, shard, seq, p) == (wire.STATUS_OK, True)
+            assert raw_decide(raw, 0, txn, COMMIT, (0, 1)) == (wire.STATUS_OK, COMMIT)
+            c.put(b, b"after")  # nothing holds b (a second prepare would have locked it)
+            assert [c.get(a), c.get(b)] == [b"after", b"after"]
         finally:
             raw.close()
 

@@ -51,7 +51,8 @@ entries = st.one_of(
     st.builds(TxnFence, keys),
     st.builds(TxnDecision, keys, st.sampled_from([COMMIT, ABORT])),
     st.builds(TxnResolve, keys, st.sampled_from([COMMIT, ABORT])),
-    st.builds(TxnForget, st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=5).map(tuple)),
+    st.builds(TxnForget, st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=5).map(tuple),
+              st.booleans()),
 )
 
 
@@ -160,54 +161,32 @@ def test_decision_is_written_once():
 
 
 def test_a_forget_of_nothing_or_of_too_many_is_refused():
-    for body in (["TxnForget", []], ["TxnForget", [b"t" * 16] * 1025], ["TxnForget", [b""]],
-                 ["TxnForget", [7]], ["TxnForget", b"t" * 16]):
+    for body in (["TxnForget", [], True], ["TxnForget", [b"t" * 16] * 1025, True],
+                 ["TxnForget", [b""], True], ["TxnForget", [7], True], ["TxnForget", b"t" * 16, True],
+                 ["TxnForget", [b"t" * 16], 1], ["TxnForget", [b"t" * 16]]):
         with pytest.raises(ValueError):
             decode(msgpack.packb(body, use_bin_type=True))
 
 
-def test_a_forgotten_outcome_goes_and_a_prepared_record_stays():
-    store, part = DictStore(a=b"1", b=b"2"), ParticipantState()
+def test_a_forget_drops_a_commit_and_keeps_an_abort_and_a_prepared_record():
+    """Forgetting (``kvstore.txn.participant``): a COMMIT carried out everywhere is never
+    needed again; an ABORT is (a late first prepare of the transaction must vote no)."""
+    store, part = DictStore(a=b"1", b=b"2", c=b"3"), ParticipantState()
     assert part.apply_prepare(store, prepare(b"t1"))
     part.apply_resolve(store, TxnResolve(b"t1", COMMIT))
     assert part.finished == {b"t1": COMMIT} and part.parts == {b"t1": (0, 1)}
-    assert part.apply_prepare(store, prepare(b"t2", reads=((b"b", 1),), writes=((b"b", b"3"),)))
-    part.forget(b"t1")
-    part.forget(b"t2")  # a late first prepare of a forgotten one: held until its resolve
-    assert part.finished == {} and part.parts == {} and set(part.prepared) == {b"t2"}
+    assert part.apply_fence(b"t2") is False  # finished as ABORT here, never prepared
+    assert part.apply_prepare(store, prepare(b"t3", reads=((b"b", 1),), writes=((b"b", b"3"),)))
+    for t in (b"t1", b"t2", b"t3"):
+        part.forget(t)
+    assert part.finished == {b"t2": ABORT} and part.parts == {} and set(part.prepared) == {b"t3"}
+    assert part.apply_prepare(store, prepare(b"t2", reads=((b"c", 1),), writes=((b"c", b"x"),))) is False
     table = DecisionTable()
     table.apply_decision(b"t1", COMMIT)
+    table.apply_decision(b"t2", ABORT)
     table.forget(b"t1")
-    assert table.decisions == {}
-
-
-def test_a_commit_decision_rests_on_the_coordinator_shards_own_yes_vote():
-    """Forgetting (``kvstore.txn.participant``): a coordinator retrying its decide after its
-    transaction was aborted, carried out and forgotten everywhere must not have COMMIT
-    recorded (and be told it). COMMIT is recorded only where the coordinator shard holds
-    the yes vote or carried out the COMMIT; nothing held: nothing recorded, None."""
-    store, part = DictStore(a=b"1"), ParticipantState()
-    assert DecisionTable().apply_decision(b"t1", COMMIT, part) is None  # holds nothing
-    assert DecisionTable().apply_decision(b"t1", ABORT, part) == ABORT  # ABORT always may be
-    assert part.apply_prepare(store, prepare(b"t1"))
-    assert DecisionTable().apply_decision(b"t1", COMMIT, part) == COMMIT  # holds its yes
-    part.apply_resolve(store, TxnResolve(b"t1", COMMIT))  # a one-round resolve came first
-    assert DecisionTable().apply_decision(b"t1", COMMIT, part) == COMMIT
-    part.apply_prepare(store, prepare(b"t2", reads=((b"a", 1),)))  # a no vote: stale read
-    assert DecisionTable().apply_decision(b"t2", COMMIT, part) == ABORT
-
-
-def test_a_decide_answered_unknown_raises_unavailable_not_a_conflict():
-    """A decide that reaches the coordinator shard after its transaction was carried out
-    and forgotten is answered None (nothing recorded): the outcome is unknown to the
-    client, who must not take it for an abort (and run the transaction again)."""
-    from kvstore.client.txn import two_phase_commit
-    from kvstore.errors import Unavailable
-    plan = two_phase_commit({0: ([(b"a", 1)], [(b"a", b"1")]), 1: ([(b"b", 1)], [(b"b", b"2")])})
-    next(plan)  # the prepares
-    plan.send([True, True])  # every yes: the decide
-    with pytest.raises(Unavailable, match="unknown"):
-        plan.send([None])
+    table.forget(b"t2")
+    assert table.decisions == {b"t2": ABORT}
 
 
 def test_coordinator_two_rounds_then_follows_the_recorded_outcome():

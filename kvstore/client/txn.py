@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kvstore.commands import two_pc, txn
-from kvstore.errors import InvalidArgument, KVError, TransactionConflict, Unavailable
+from kvstore.errors import InvalidArgument, KVError, TransactionConflict
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_COMMAND_BYTES, check_key, check_value
 from kvstore.transport import wire
 from kvstore.txn import ABORT, COMMIT, LOCK_ONLY, TXN_ID_BYTES, Coordinator, TxnPrepare
@@ -69,17 +69,6 @@ def _decide(shard: int, txn_id: bytes, outcome: int, participants, implied: bool
 
 def _deadline_ms() -> int:
     return int((time.time() + TXN_DEADLINE_SECONDS) * 1000)
-
-
-def _recorded(outcome):
-    """A decide request's answer: the recorded outcome, or ``Unavailable`` if the node
-    knows none any more (the transaction was carried out and forgotten before this
-    request, a retry, reached it: ``kvstore.txn.participant``, "Forgetting")."""
-    if outcome is None:
-        raise Unavailable("the outcome of this transaction is unknown: its decision was "
-                          "carried out and forgotten before this retry of the commit reached "
-                          "the cluster; read the keys to see whether it was applied")
-    return outcome
 
 
 def _answer(answer):
@@ -140,7 +129,7 @@ def two_phase_commit(parts: dict, txn_id: bytes | None = None, coordinator_shard
         # The outcome is recorded, and the node resolves it everywhere (two rounds, not
         # three). Until a resolve is applied, reads and writes of the keys it frees wait
         # (LOCKED), so nobody sees the gap; a lost resolve is done by the resolvers.
-        coordinator.on_decision(_recorded(_answer(answer)))
+        coordinator.on_decision(_answer(answer))
     if coordinator.outcome == COMMIT:
         return
     raise error or _conflict()

@@ -27,16 +27,14 @@ answered "retry" by the node until the decision is carried out: the value
 there may be about to change, and returning the old one after the decision
 was recorded would not be linearizable.
 
-Finished and decided outcomes are kept until the outcome is carried out on
-every participant, then forgotten (a ``TxnForget`` the node writes once it
-heard every resolve applied, ``kvstore.node.resolver``): what could still ask
-about the transaction then is answered right without them
+A committed transaction's outcomes are forgotten once the COMMIT is carried
+out on every participant (a ``TxnForget`` the node writes once it heard every
+resolve applied, ``kvstore.node.resolver``): what could still ask about the
+transaction then is answered right without them; an aborted one's are kept
 (``kvstore.txn.participant``, "Forgetting"). Nodes of an earlier version refuse
 a ``TxnForget``, so a shard is sent one only once it applied a one-round
 prepare (``one_round_seen``: the new feature is in use, which needs every node
-upgraded; docs/operations.md, "Upgrade"); the rule that a decision COMMIT needs
-the coordinator shard's own yes vote applies from then on too, so replicas of
-both versions apply the same log alike until then.
+upgraded; docs/operations.md, "Upgrade").
 """
 
 from __future__ import annotations
@@ -179,9 +177,7 @@ def apply_2pc(txn, tables, revision: int, entry, changes: list | None = None):
     """Apply one (decoded) 2PC entry at ``revision``: TxnPrepare -> vote (bool; with
     locking reads ``[vote, [[key, value, revision], ...]]``), TxnDecision -> the recorded
     outcome (int), TxnResolve -> whether it changed anything (bool), TxnFence -> whether
-    the shard holds the transaction's one-round yes vote (bool), TxnForget -> True. A
-    TxnDecision yields None where a COMMIT has nothing here to rest on
-    (``DecisionTable.apply_decision``: forgotten, "unknown"). ``changes``: the
+    the shard holds the transaction's one-round yes vote (bool), TxnForget -> True. ``changes``: the
     data changes (a resolve's writes) reported as ``kvstore.machine.data.apply_writes``."""
     store = _ShardData(txn, tables.data, revision, changes)
     if isinstance(entry, TxnPrepare):
@@ -195,8 +191,7 @@ def apply_2pc(txn, tables, revision: int, entry, changes: list | None = None):
         return [vote, [[key, *read_value(key, txn.get(key, db=tables.data))] for key in locking]
                 if vote else []]
     if isinstance(entry, TxnDecision):
-        here = participant(txn, tables) if one_round_seen(txn, tables) else None
-        return _decisions(txn, tables).apply_decision(entry.txn_id, entry.outcome, here)
+        return _decisions(txn, tables).apply_decision(entry.txn_id, entry.outcome)
     if isinstance(entry, TxnResolve):
         return participant(txn, tables).apply_resolve(store, entry)
     if isinstance(entry, TxnFence):
@@ -205,7 +200,8 @@ def apply_2pc(txn, tables, revision: int, entry, changes: list | None = None):
         here, decisions = participant(txn, tables), _decisions(txn, tables)
         for txn_id in entry.txn_ids:
             here.forget(txn_id)
-            decisions.forget(txn_id)
+            if entry.decisions:
+                decisions.forget(txn_id)
         return True
     raise ValueError(f"not a 2PC entry: {entry!r}")
 
@@ -227,11 +223,17 @@ def finished_outcomes(txn, tables, limit: int) -> list:
 
 
 def txn_records(txn, tables) -> dict:
-    """How many outcomes the shard remembers: ``{"finished": n, "decided": n, "prepared": n}``
-    (what ``TxnForget`` bounds, and the transactions still prepared)."""
-    return {name: sum(1 for _ in _prefixed(txn, tables.txns, prefix))
-            for name, prefix in (("finished", TXN_FINISHED), ("decided", TXN_DECIDED),
-                                 ("prepared", TXN_PREPARED))}
+    """How many outcomes the shard remembers, and transactions it holds prepared:
+    ``{"finished": {COMMIT: n, ABORT: n}, "decided": {...}, "prepared": n}``."""
+    counts = {}
+    for name, prefix in (("finished", TXN_FINISHED), ("decided", TXN_DECIDED)):
+        by_outcome = {outcome: 0 for outcome in OUTCOMES}
+        for _txn_id, raw in _prefixed(txn, tables.txns, prefix):
+            outcome = _decode_outcome(bytes(raw))
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+        counts[name] = by_outcome
+    counts["prepared"] = sum(1 for _ in _prefixed(txn, tables.txns, TXN_PREPARED))
+    return counts
 
 
 def bound_client_2pc(command: TwoPC, shard: int, nshards: int, now_ms: int,

@@ -10,10 +10,11 @@ already recorded wins), then carry out what was recorded; a one-round
 transaction is recovered from its prepares instead (``_recover``: a TxnFence on
 every participant, then the outcome they imply, ``kvstore.txn.Recovery``). Every step is an
 idempotent log entry (``kvstore.txn``), so a duplicate or a race changes nothing.
-Whoever carries an outcome out on every participant forgets it once each resolve
+Whoever carries a COMMIT out on every participant forgets it once each resolve
 (and the decision) is applied: a ``TxnForget`` per shard, batched, some seconds
-later (``_forget_later``; why that is safe: ``kvstore.txn.participant``,
-"Forgetting"), so the shards' finished and decided records stay bounded.
+later (``_forget_later``; why that is safe, and why an ABORT is kept:
+``kvstore.txn.participant``, "Forgetting"), so the shards' records do not grow
+with every committed transaction.
 The node's own writes go through the same intake as a client's
 (``Intake._on_request``), under the identity ``("self", token)`` and a client
 session of their own.
@@ -28,7 +29,7 @@ from typing import Callable
 
 from kvstore.commands import TwoPC, command_wire, two_pc
 from kvstore.machine.twopc import check_decide
-from kvstore.txn import ABORT, OUTCOMES, Recovery, TxnDecision, TxnFence, TxnForget, TxnPrepare, TxnResolve
+from kvstore.txn import ABORT, COMMIT, OUTCOMES, Recovery, TxnDecision, TxnFence, TxnForget, TxnPrepare, TxnResolve
 from kvstore.txn.records import FORGET_MAX_IDS
 from kvstore.transport import wire
 
@@ -39,11 +40,10 @@ log = logging.getLogger("kvstore.node")
 RESOLVE_EVERY_SECONDS = 0.25
 #: A settlement of an abandoned transaction not finished in this long is started again.
 RESOLVE_RETRY_SECONDS = 3.0
-#: A transaction carried out everywhere is forgotten this long after (liveness only: a
-#: coordinator retrying its decide meanwhile still hears the recorded outcome; after,
-#: "unknown", never a wrong one).
+#: A COMMIT carried out everywhere is forgotten this long after (the resolves and
+#: decisions still in flight for it are in by then, mostly: see ``_forget_later``).
 FORGET_AFTER_SECONDS = 3.0
-#: How often a shard's leader looks for outcomes still kept (their forget was lost with
+#: How often a shard's leader looks for COMMITs still kept (their forget was lost with
 #: the node that carried them out): one found by two sweeps in a row is forgotten
 #: (``_sweep_lingering``).
 SWEEP_EVERY_SECONDS = 5.0
@@ -93,12 +93,11 @@ class Resolver:
 
         def recorded(outcome) -> None:
             self.stats.count(wire.OP_DECIDE, wire.STATUS_OK)
-            if outcome in OUTCOMES:
-                self.stats.txn_decisions["abort" if outcome == ABORT else "commit"] += 1
+            self.stats.txn_decisions["abort" if outcome == ABORT else "commit"] += 1
             self._reply(identity, request_id, wire.STATUS_OK, outcome)
             if carried_out is not None:
                 carried_out()  # the record is one of the steps its forget waits for
-            elif outcome in OUTCOMES:  # None: forgotten, nothing to carry out
+            else:
                 self._resolve_everywhere(decision.txn_id, outcome, participants)
 
         def failed(status: int, value) -> None:
@@ -110,7 +109,7 @@ class Resolver:
             # carried out alongside the record, in the same round (the coordinator shard's
             # resolve in the decision's batch), not after it
             carried_out = self._resolve_everywhere(decision.txn_id, decision.outcome,
-                                                   participants, also=1)
+                                                   participants, also=1, one_round=True)
         self._own_write(shard, two_pc(decision), recorded, failed)
 
     def _resolve_abandoned(self, now: float) -> None:
@@ -175,7 +174,7 @@ class Resolver:
                 step(recovery.on_fenced(target, held))
 
         def recorded(outcome) -> None:
-            if outcome not in OUTCOMES:  # None: carried out and forgotten meanwhile
+            if outcome not in OUTCOMES:
                 return
             recovery.on_decision(outcome)
             self._carry_out(shard, prepare, outcome, everywhere=True)
@@ -185,10 +184,6 @@ class Resolver:
     def _carry_out(self, shard: int, prepare: TxnPrepare, outcome, everywhere: bool = False) -> None:
         """The coordinator shard recorded ``outcome`` for ``prepare``: resolve it here, and
         with ``everywhere`` on its other participants too (then forget it)."""
-        if outcome not in OUTCOMES:
-            self._resolving.pop(prepare.txn_id, None)  # forgotten meanwhile: nothing to do
-            return
-
         def done(_changed) -> None:
             self._resolving.pop(prepare.txn_id, None)
             self.counters["txn_settled"] += 1
@@ -197,23 +192,23 @@ class Resolver:
             self._own_write(shard, two_pc(TxnResolve(prepare.txn_id, outcome)), done)
             return
         self._resolve_everywhere(prepare.txn_id, outcome, prepare.participants,
-                                 on_applied={shard: done})
+                                 on_applied={shard: done}, one_round=prepare.one_round)
 
     def _resolve_everywhere(self, txn_id: bytes, outcome: int, participants, also: int = 0,
-                            on_applied: dict | None = None):
-        """Carry out a recorded decision on every participant shard, then forget it
-        (``_forget_later``) once every resolve is applied and ``also`` more steps are
-        done: each calls the function returned. A resolve that fails leaves it to that
-        shard's resolver, or to the sweep of lingering outcomes, which carry it out
-        everywhere again (and forget it then). ``on_applied``: shard -> called with its
-        result too."""
+                            on_applied: dict | None = None, one_round: bool = False):
+        """Carry out a recorded decision on every participant shard, then, a COMMIT,
+        forget it (``_forget_later``; its recorded COMMIT too if ``one_round``) once
+        every resolve is applied and ``also`` more steps are done: each calls the
+        function returned. A resolve that fails leaves it to that shard's resolver, or
+        to the sweep of lingering COMMITs, which carry it out everywhere again (and
+        forget it then). ``on_applied``: shard -> called with its result too."""
         participants = tuple(participants)
         waiting = [len(participants) + also]
 
         def step_done(_result=None) -> None:
             waiting[0] -= 1
-            if waiting[0] == 0:
-                self._forget_later(txn_id, participants)
+            if waiting[0] == 0 and outcome == COMMIT:
+                self._forget_later(txn_id, participants, one_round)
 
         entry = two_pc(TxnResolve(txn_id, outcome))
         for shard in participants:
@@ -222,11 +217,13 @@ class Resolver:
                             else lambda result, f=extra: (f(result), step_done()))
         return step_done
 
-    def _forget_later(self, txn_id: bytes, participants) -> None:
-        """``txn_id`` is carried out on every participant: forget its records there (its
-        coordinator shard is one of them) after ``FORGET_AFTER_SECONDS``."""
+    def _forget_later(self, txn_id: bytes, participants, decisions: bool) -> None:
+        """``txn_id``'s COMMIT is carried out on every participant: forget it there (and
+        the recorded COMMIT on its coordinator shard, one of them, with ``decisions``)
+        after ``FORGET_AFTER_SECONDS``."""
         heapq.heappush(self._to_forget, (self.clock.monotonic() + FORGET_AFTER_SECONDS,
-                                         next(self._tokens), txn_id, tuple(participants)))
+                                         next(self._tokens), txn_id, tuple(participants),
+                                         decisions))
 
     def _flush_forgets(self, now: float) -> None:
         """One TxnForget per shard for the transactions due; one that fails leaves their
@@ -234,45 +231,47 @@ class Resolver:
         due: dict = {}
         queue = self._to_forget
         while queue and queue[0][0] <= now:
-            _at, _n, txn_id, participants = heapq.heappop(queue)
+            _at, _n, txn_id, participants, decisions = heapq.heappop(queue)
             for shard in participants:
-                due.setdefault(shard, []).append(txn_id)
-        for shard, ids in due.items():
-            self._forget(shard, ids)
+                due.setdefault((shard, decisions), []).append(txn_id)
+        for (shard, decisions), ids in due.items():
+            self._forget(shard, ids, decisions)
 
-    def _forget(self, shard: int, txn_ids: list) -> None:
+    def _forget(self, shard: int, txn_ids: list, decisions: bool) -> None:
         """TxnForget ``txn_ids`` on ``shard``, if it takes one (``one_round_seen``: nodes of
         an earlier version refuse it; until then the records stay, as they did there)."""
         if not self.storage.one_round_seen(shard):
             return
         for i in range(0, len(txn_ids), FORGET_MAX_IDS):
-            self._own_write(shard, two_pc(TxnForget(tuple(txn_ids[i:i + FORGET_MAX_IDS]))), _ignore)
+            entry = TxnForget(tuple(txn_ids[i:i + FORGET_MAX_IDS]), decisions)
+            self._own_write(shard, two_pc(entry), _ignore)
 
     def _sweep_lingering(self, now: float) -> None:
-        """The outcomes the shards this node leads still keep after two sweeps in a row
+        """The COMMITs the shards this node leads still keep after two sweeps in a row
         (their forget was lost, with the node that carried them out): one whose
         participants are known is carried out everywhere again and then forgotten; one
-        without (a fence's or a resolve's of a transaction never prepared here) is
-        forgotten here alone. Why either is safe: ``kvstore.txn.participant``,
-        "Forgetting"."""
+        without (made again by a late resolve) is forgotten here alone. The recorded
+        COMMIT is kept (whether the transaction was one-round is not known here). Why
+        this is safe: ``kvstore.txn.participant``, "Forgetting"."""
         self._last_sweep = now
         for shard, r in enumerate(self.replicas):
             if not r.is_leader or not self.storage.one_round_seen(shard):
                 self._lingering.pop(shard, None)
                 continue
-            found = self.storage.finished_outcomes(shard, SWEEP_MAX)
+            found = [(t, p) for t, outcome, p in self.storage.finished_outcomes(shard, SWEEP_MAX)
+                     if outcome == COMMIT]
             before = self._lingering.get(shard, set())
-            self._lingering[shard] = {txn_id for txn_id, _o, _p in found}
+            self._lingering[shard] = {txn_id for txn_id, _p in found}
             alone = []
-            for txn_id, outcome, parts in found:
+            for txn_id, parts in found:
                 if txn_id not in before:
                     continue
                 if parts and shard in parts and all(0 <= s < self.nshards for s in parts):
-                    self._resolve_everywhere(txn_id, outcome, parts)
+                    self._resolve_everywhere(txn_id, COMMIT, parts)
                 else:
                     alone.append(txn_id)
             if alone:
-                self._forget(shard, alone)
+                self._forget(shard, alone, False)
 
     def _own_write(self, shard: int, command, callback, on_failure=None) -> None:
         """Propose ``command`` to ``shard`` as this node's own client (routed like any

@@ -1165,17 +1165,22 @@ class Simulation:
     def count_txn_records(self) -> None:
         """Bank, once the nodes agree and the resolvers had time to forget: nothing stays
         prepared, and a shard that took a one-round prepare (so takes ``TxnForget``)
-        keeps no outcome (``kvstore.txn.participant``, "Forgetting")."""
+        keeps no COMMIT it carried out (``kvstore.txn.participant``, "Forgetting"; the
+        ABORTs are kept)."""
+        from kvstore.txn import ABORT, COMMIT
         node = self.live()[0].node
         counts = {s: node.storage.txn_records(s) for s in range(self.config.shards)}
-        self.txn_records_left = {k: sum(c[k] for c in counts.values())
-                                 for k in ("finished", "decided", "prepared")}
-        if self.txn_records_left["prepared"]:
+        self.txn_records_left = {
+            "commits": sum(c["finished"][COMMIT] for c in counts.values()),
+            "aborts": sum(c["finished"][ABORT] for c in counts.values()),
+            "decided": sum(sum(c["decided"].values()) for c in counts.values())}
+        if any(c["prepared"] for c in counts.values()):
             raise SimulationFailure(f"transactions still prepared once quiet: {counts}")
         kept = {s: c for s, c in counts.items()
-                if node.storage.one_round_seen(s) and (c["finished"] or c["decided"])}
+                if node.storage.one_round_seen(s) and c["finished"][COMMIT]}
         if kept:
-            raise SimulationFailure(f"2PC outcomes still kept once quiet (never forgotten): {kept}")
+            raise SimulationFailure(f"COMMITs carried out everywhere still kept once quiet "
+                                    f"(never forgotten): {kept}")
 
     def check_agreement(self) -> None:
         """Every node applies the same point, then holds the same state, per shard."""
@@ -1239,7 +1244,8 @@ class Simulation:
                    if self.backup_takers else "")
         left = getattr(self, "txn_records_left", None)
         records = ("" if left is None else
-                   f", 2PC records left {left['finished']} finished {left['decided']} decided")
+                   f", 2PC outcomes kept: {left['commits']} commits, {left['aborts']} aborts, "
+                   f"{left['decided']} decisions")
         return (f", bank: {ledger.committed} of {len(ledger.writes)} transfers committed, "
                 f"{ledger.audits} audits{records}{backups}"
                 f"{'' if self.byzantine is None else '; ' + self.byzantine.summary()}")

@@ -31,41 +31,41 @@ is never starved by a dead holder, only contended by live ones.
 
 Forgetting. A shard remembers each transaction's outcome (``finished``; and,
 as coordinator shard, ``DecisionTable``) so that nothing can act on the
-transaction again in a way that contradicts it. These records are forgotten
-(``forget``, a ``TxnForget`` entry) once the outcome is carried out on *every*
-participant (the node that carried it out heard each resolve applied;
-``kvstore.node.resolver``). Why nothing can still need them then:
+transaction again in a way that contradicts it. The outcomes of *committed*
+transactions are forgotten (``forget``, a ``TxnForget`` entry) once the COMMIT
+is carried out on every participant (the node that carried it out heard each
+resolve applied; ``kvstore.node.resolver``). Nothing can need them then:
 
-- A participant that recovers late (its resolve not applied): nothing is
-  forgotten until it is, and it settles itself through its resolver, which
-  carries the outcome out everywhere and forgets after.
-- A copy of a prepare applied after the forget: a copy of a request already
-  applied is answered from the client's session (applied once per
-  ``(client, seq)``), so only a *first* application can come late, and that
-  never happens to a committed transaction (every prepare was applied before
-  it could commit). An aborted one prepared late is settled again as ABORT:
-  a fence finds nothing and reports no, and an ABORT decision may always be
-  recorded.
-- A coordinator (client) that retries its decide after the forget: a
-  decision COMMIT is recorded only where the coordinator shard still holds the
-  transaction's yes vote or carried out its COMMIT (``DecisionTable``); a
-  two-round transaction's shard keeps its yes vote until a decision is
-  recorded, and a one-round's carried-out COMMIT until the forget. If it
-  holds nothing, nothing is recorded and the answer is "unknown" (None): the
-  client raises ``Unavailable``, never a wrong outcome.
-- A recovery still in flight: it only starts from a prepared record, which the
-  forget waits for; a stale one whose decision finds nothing records nothing.
+- A committed transaction had every prepare of it applied (its client, or a
+  recovery, saw every yes vote), so no prepare of it can be applied for the
+  first time any more; a copy of one already applied is answered from the
+  client's session (applied once per ``(client, seq)``).
+- A participant that recovers late (its resolve not applied) still holds the
+  prepare, and nothing is forgotten until it is resolved.
+- A recovery starts only from a prepared record, which the forget waits for; a
+  stale one still running may find no yes vote and record ABORT, which nothing
+  acts on (every participant carried the COMMIT out; its resolves find nothing
+  prepared).
+- The coordinator shard's recorded COMMIT goes too for a one-round transaction
+  (``TxnForget.decisions``): its client never reads the record (its votes are
+  its answer), and a retried decide records the same implied COMMIT again. A
+  two-round transaction's stays: its client, retrying a decide whose answer was
+  lost, reads it, and a resolver's ABORT still in flight (sent before the last
+  resolve was applied) could otherwise be recorded in its place.
 
-The node that carried an outcome out may crash before its forget: a record that
+ABORT outcomes are kept: a prepare of an aborted transaction may still be
+applied for the first time (it was late) while its client waits for the votes;
+the outcome kept (a fence's, a resolve's, a no vote's) makes it vote no. Were
+it forgotten, that late yes could complete the client's votes and be taken for
+a COMMIT. Bounding them needs an expiry the log itself can check (a prepare
+valid only up to a slot of each participant), not a clock.
+
+The node that carried a COMMIT out may crash before its forget: a COMMIT that
 lingers is found by its shard leader's sweep. One whose participants are known
-(``parts``: it was prepared or voted no here) is carried out everywhere again and
-then forgotten, as above. One without (a fence or a resolve found nothing here)
-is an ABORT of a transaction never prepared here, or a COMMIT re-made by a late
-duplicate resolve of one carried out and forgotten everywhere: it is forgotten
-on its shard alone. Safe, because the coordinator shard's decision stays until
-every participant carried it out: a prepare applied here late is settled
-again as that decision, or as ABORT when nothing was ever recorded (then no
-client was told anything: no fence's no was acted on, and no yes was missing).
+(``parts``: it was prepared here) is carried out everywhere again and then
+forgotten, as above; one without was made again by a late duplicate resolve of
+a transaction carried out and forgotten everywhere, and is forgotten on its
+shard alone.
 """
 
 from __future__ import annotations
@@ -176,21 +176,13 @@ class ParticipantState:
         self.finished[txn_id] = ABORT
         return False
 
-    def carried(self, txn_id: bytes) -> int | None:
-        """What a decision COMMIT may rest on here (``DecisionTable.apply_decision``):
-        COMMIT if this shard holds the transaction's yes vote or carried out its
-        COMMIT, ABORT if it carried out ABORT, None if it holds nothing of it."""
-        if self.prepared.get(txn_id) is not None:
-            return COMMIT
-        return self.finished.get(txn_id)
-
     def forget(self, txn_id: bytes) -> None:
-        """Apply a TxnForget: the outcome carried out here goes (the module docstring,
-        "Forgetting"); a prepared record (a late first prepare) stays until resolved."""
-        if txn_id in self.finished:
+        """Apply a TxnForget: a COMMIT carried out here goes (the module docstring,
+        "Forgetting"); an ABORT stays, and so does a prepared record."""
+        if self.finished.get(txn_id) == COMMIT:
             del self.finished[txn_id]
-        if txn_id in self.parts:
-            del self.parts[txn_id]
+            if txn_id in self.parts:
+                del self.parts[txn_id]
 
     def peek_vote(self, txn_id: bytes) -> bool:
         """The planted bug's fence (``one_round_recovery_unfenced``): a look, no fence."""
@@ -240,29 +232,12 @@ class DecisionTable:
 
     decisions: dict = field(default_factory=dict)  # txn id -> COMMIT / ABORT
 
-    def apply_decision(self, txn_id: bytes, outcome: int,
-                       here: ParticipantState | None = None) -> int | None:
-        """Record ``outcome`` unless one is recorded already; return the recorded one.
-
-        ``here``: the coordinator shard's own participant state (it is always a
-        participant). A COMMIT is recorded only if it holds the transaction's yes vote
-        or carried out its COMMIT; if it carried out ABORT, ABORT is what was decided
-        (and forgotten); if it holds nothing, the transaction is over and forgotten (a
-        coordinator's late retry) or never prepared here: nothing is recorded and None
-        returned ("unknown"), so a forgotten outcome is never contradicted (the module
-        docstring, "Forgetting")."""
-        recorded = self.decisions.get(txn_id)
-        if recorded is not None:
-            return recorded
-        if outcome == COMMIT and here is not None:
-            carried = here.carried(txn_id)
-            if carried is None:
-                return None
-            outcome = carried
-        self.decisions[txn_id] = outcome
-        return outcome
+    def apply_decision(self, txn_id: bytes, outcome: int) -> int:
+        """Record ``outcome`` unless one is recorded already; return the recorded one."""
+        return self.decisions.setdefault(txn_id, outcome)
 
     def forget(self, txn_id: bytes) -> None:
-        """Apply a TxnForget here: the recorded outcome goes (it was carried out everywhere)."""
-        if txn_id in self.decisions:
+        """Apply a TxnForget here: a recorded COMMIT goes (carried out everywhere); an
+        ABORT stays (``ParticipantState``'s module docstring, "Forgetting")."""
+        if self.decisions.get(txn_id) == COMMIT:
             del self.decisions[txn_id]
