@@ -68,15 +68,24 @@ def _hook(node, log: list) -> None:
         return reply(identity, items)
 
     node.turn, node.storage.save = noted_turn, noted_save
+    for replica in node.replicas:  # a drive round starts with the replicas' ready()
+        ready = replica.ready
+
+        def noted_ready(ready=ready):
+            if not log or log[-1] != ("round",):
+                log.append(("round",))
+            return ready()
+        replica.ready = noted_ready
     node.sockets.send_peer, node.sockets.reply = noted_send, noted_reply
 
 
-def _turns(log: list) -> list:
+def _turns(log: list, start: str = "turn") -> list:
+    """``log`` cut into turns (or drive rounds: ``start="round"``)."""
     out: list = []
     for e in log:
-        if e[0] == "turn":
+        if e[0] == start:
             out.append([])
-        elif out:
+        elif out and e[0] not in ("turn", "round"):
             out[-1].append(e)
     return out
 
@@ -99,6 +108,21 @@ def test_a_follower_sends_its_accepted_before_applying_what_the_round_committed(
                 split += 1
     assert split > 10, "no follower round applied its committed entries after the send"
     assert combined == 0
+
+
+def test_a_follower_answers_a_heartbeat_before_applying_what_it_committed():
+    events = _noted_run(QUIET)
+    before = 0
+    for log in events.values():
+        for turn in _turns(log, "round"):
+            replies = [i for i, e in enumerate(turn) if e[0] == "send" and M.HEARTBEAT_REPLY in e[1]]
+            applies = [i for i, e in enumerate(turn) if e[0] == "save" and e[2] and not e[1]
+                       and not e[3]]
+            appends = [e for e in turn if e[0] == "save" and e[1]]
+            if replies and applies and not appends:  # nothing to append: the reply goes first
+                assert replies[0] < applies[0], turn
+                before += 1
+    assert before > 10, "no HeartbeatReply went out before its round's apply"
 
 
 def test_a_leader_with_writes_waiting_answers_from_one_save():

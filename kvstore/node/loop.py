@@ -44,8 +44,9 @@ is one turn of the loop, the same for both. Each turn:
       a'. when no client waits on this node for the entries this round
       committed (a follower, mostly), they are applied after (b), in a
       save of their own (``_apply_after_send``): a follower's Accepted or
-      HeartbeatReply does not wait for the apply of earlier entries (the
-      state changes still reach the overlay with their applied point, rule 4);
+      HeartbeatReply waits for its append only, not for the apply of the
+      entries its leader's message committed (the state changes still reach
+      the overlay with their applied point, rule 4);
    c. **answer** clients: writes whose commands were applied here (rule 5;
       a write whose entry was durable here before this save is answered from
       inside the save, once its result is computed: ``_answer_durable_early``),
@@ -545,17 +546,16 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory):
 
     def _apply_after_send(self, writes: list) -> list:
         """Take the committed entries out of ``writes`` (into writes of their own, returned)
-        when no client waits on this node for any of them and something is to be appended:
-        then the messages of this Ready (a follower's Accepted, its HeartbeatReply to a read
-        index round) leave once the log append is durable, without waiting for the apply,
+        when no client waits on this node for any of them: then the messages of this Ready
+        (a follower's Accepted, its HeartbeatReply to a read index round) leave once what
+        they announce is durable (the log append, if any), without waiting for the apply,
         which follows them in a save of its own (``_drive``, a'.). The apply needs no append
         (the entries are in the log already, their commit point rides with the next append),
-        and nothing is answered or served before it. A leader with writes waiting keeps
-        one save: it answers them from inside it, before its fsync
+        and nothing is answered or served before it. A write left with nothing but its
+        commit point is dropped from ``writes`` (the apply's write carries it). A leader
+        with writes waiting keeps one save: it answers them from inside it, before its fsync
         (``_answer_durable_early``). Empty: nothing split, one save as before."""
-        if self.waiting_writes or not any(w.committed for w in writes) or not any(
-                w.records or w.promised is not None or w.snapshot is not None
-                or w.compacted_through is not None for w in writes):
+        if self.waiting_writes or not any(w.committed for w in writes):
             return []
         applies = []
         for w in writes:
@@ -563,6 +563,8 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory):
                 applies.append(ShardWrite(w.shard, None, w.commit_index, committed=w.committed,
                                           decoded=w.decoded, changes=[]))
                 w.committed = []
+        writes[:] = [w for w in writes if w.records or w.promised is not None
+                     or w.snapshot is not None or w.compacted_through is not None]
         return applies
 
     def _campaign_for_preferred_shards(self) -> None:
