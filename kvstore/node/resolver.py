@@ -29,7 +29,8 @@ from typing import Callable
 
 from kvstore.commands import TwoPC, command_wire, two_pc
 from kvstore.machine.twopc import check_decide
-from kvstore.txn import ABORT, COMMIT, OUTCOMES, Recovery, TxnDecision, TxnFence, TxnForget, TxnPrepare, TxnResolve
+from kvstore.txn import (ABORT, COMMIT, OUTCOMES, Recovery, TxnDecision, TxnFence, TxnForget, TxnPrepare,
+                         TxnResolve)
 from kvstore.txn.records import FORGET_MAX_IDS
 from kvstore.transport import wire
 
