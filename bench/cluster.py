@@ -50,7 +50,8 @@ lease_read_ticks = 20``) beside etcd's read-index get (``LEASE_ROW``).
 Last, the profiles of one put and one get at a time (``profile_lone_put``,
 ``profile_lone_get``): where their time goes on the leader, from timing
 wrappers on an embedded leader's ``Node`` instance and a client process on
-the same clock.
+the same clock; and a follower's turn for each of those puts
+(``profile_follower_put``: the embedded replica follows).
 """
 
 from __future__ import annotations
@@ -380,10 +381,10 @@ def stamped(events: list, kind: str, fn, when=None):
 
 def timed(events: list, kind: str, fn):
     """``fn``, noting ``(kind, start ns, end ns)`` of each call in ``events``."""
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         t = time.monotonic_ns()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             events.append((kind, t, time.monotonic_ns()))
     return wrapper
@@ -619,6 +620,109 @@ def print_get_profile(p: dict) -> None:
                      ("  HeartbeatReply to the answer's send (serve, encode)",
                       "ack_to_answer_send"),
                      ("  answer's send to the client's return", "answer_to_client")):
+        if k in p:
+            print(f"  {label:68} {p[k]:7.3f} ms")
+
+
+def profile_follower_put(base: str, n: int) -> dict:
+    """Where a follower's turn goes while a client makes ``n`` puts one at a time on the
+    leader: the turn that takes an Accept in and sends its Accepted out.
+
+    n1 is an embedded replica that joins after n2 and n3 elected a leader, so it
+    follows; timing wrappers on its ``Node`` instance (no code changed) note each loop
+    turn, its receive, each save, the log append and its fdatasync, and each send.
+    Per turn with an append and a send after it: the medians of each segment, in ms.
+    """
+    import bisect
+    import json
+    import subprocess
+    lc = LocalCluster(os.path.join(base, "profile-follower"), 3, 1)
+    db = None
+    events: list = []
+    try:
+        lc.start("n2")
+        lc.start("n3")
+        lc.wait_ready(timeout=60, names=["n2", "n3"])
+        db = kvstore.open(os.path.join(lc.directory, "n1"), node_id="n1",
+                          cluster=lc.config_path)
+        leader = _leader_other_than(db, "n1")
+        node = db._node
+        wal = node.storage.wal
+        wrapped = [(node, "turn"), (node, "_receive"), (node.storage, "save"),
+                   (wal, "append"), (wal._files, "fdatasync"), (node.sockets, "send_peer")]
+        saved = [getattr(obj, name) for obj, name in wrapped]
+        for (obj, name), fn in zip(wrapped, saved):
+            setattr(obj, name, timed(events, name, fn))
+        try:
+            r = subprocess.run([sys.executable, "-c", LONE_PUT_CLIENT, lc.addresses[leader],
+                                str(n)], capture_output=True, text=True,
+                               timeout=60 + n * 0.05,
+                               env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+        finally:
+            for (obj, name), fn in zip(wrapped, saved):
+                setattr(obj, name, fn)
+        if r.returncode != 0:
+            raise RuntimeError(f"the lone-put client failed: {r.stderr[-2000:]}")
+    finally:
+        if db is not None:
+            db.close()
+        lc.stop_all()
+        lc.close()
+    events.sort(key=lambda e: e[1])
+    starts = [e[1] for e in events]
+    seg: dict = {k: [] for k in ("turn_to_send", "receive", "receive_to_save",
+                                 "save_to_append", "append_to_fdatasync", "fdatasync",
+                                 "after_append_to_send", "send", "after_send")}
+    for t in (e for e in events if e[0] == "turn"):
+        inside = events[bisect.bisect_left(starts, t[1]):bisect.bisect_right(starts, t[2])]
+        rc = next((e for e in inside if e[0] == "_receive"), None)
+        sv = next((e for e in inside if e[0] == "save"), None)
+        ap = next((e for e in inside if e[0] == "append"), None)
+        fs = next((e for e in inside if e[0] == "fdatasync"), None)
+        sd = next((e for e in inside if e[0] == "send_peer" and ap and e[1] > ap[2]), None)
+        if None in (rc, sv, ap, fs, sd):
+            continue
+        seg["turn_to_send"].append(sd[2] - t[1])
+        seg["receive"].append(rc[2] - rc[1])
+        seg["receive_to_save"].append(sv[1] - rc[2])
+        seg["save_to_append"].append(ap[1] - sv[1])
+        seg["append_to_fdatasync"].append(fs[1] - ap[1])
+        seg["fdatasync"].append(fs[2] - fs[1])
+        seg["after_append_to_send"].append(sd[1] - fs[2])
+        seg["send"].append(sd[2] - sd[1])
+        seg["after_send"].append(t[2] - sd[2])
+    out = {k: round(statistics.median(v) / 1e6, 3) for k, v in seg.items() if v}
+    out["turns_profiled"] = len(seg["receive"])
+    return out
+
+
+def _leader_other_than(db, name: str, timeout: float = 60.0) -> str:
+    """The node, not ``name``, that leads shard 0 as ``db`` (an embedded replica) sees it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        leader = db.status()["shards"][0]["leader"]
+        if leader is not None and leader != name:
+            return leader
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no leader but {name} within {timeout} s (leader: {leader})")
+        time.sleep(0.2)  # a status poll: leadership is no event this process can await
+
+
+def print_follower_profile(p: dict) -> None:
+    print(f"\na follower's turn for one put at a time (median over {p['turns_profiled']} "
+          f"turns that took an Accept in and sent its Accepted; the follower an embedded "
+          f"replica, timed in-process):")
+    for label, k in (("turn start to the Accepted sent", "turn_to_send"),
+                     ("  receive (recv, decode, checks, the replica's step)", "receive"),
+                     ("  then to the save (ready, the write built)", "receive_to_save"),
+                     ("  save to the log append (hard state, records)", "save_to_append"),
+                     ("  append to its fdatasync (encode, pwrite)", "append_to_fdatasync"),
+                     ("  fdatasync", "fdatasync"),
+                     ("  fdatasync to the send (publish, the frame encoded)",
+                      "after_append_to_send"),
+                     ("  the send", "send"),
+                     ("(after the send: the apply of what the leader committed)",
+                      "after_send")):
         if k in p:
             print(f"  {label:68} {p[k]:7.3f} ms")
 
@@ -949,6 +1053,10 @@ def main(argv=None) -> int:
                                                                     200 if args.quick else 2000)
         if get_profile:
             print_get_profile(get_profile)
+        follower_profile = None if args.no_profile else profile_follower_put(
+            base, 200 if args.quick else 2000)
+        if follower_profile:
+            print_follower_profile(follower_profile)
         pysyncobj = None if args.no_pysyncobj else run_pysyncobj(concurrency, seconds)
         if args.metrics:
             compared = compare_metrics(base, args.shards, concurrency, seconds,
@@ -969,7 +1077,7 @@ def main(argv=None) -> int:
                "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
                             "loopback_rtt": round(rtt_s * 1e3, 3)},
                "rows": rows, "embedded": embedded, "lone_put_profile": profile,
-               "lone_get_profile": get_profile,
+               "lone_get_profile": get_profile, "follower_put_profile": follower_profile,
                "pysyncobj": pysyncobj, "metrics_cost": compared, "versus_etcd": versus}
     floor = (fsync_s + rtt_s) * 1e3
     for label, source in (("", rows), (" (embedded replica)", (embedded or {}).get("rows", []))):
