@@ -2,10 +2,11 @@
 
 A transfer reads two accounts and writes both. Inside one shard it is one log
 entry whose reads are validated at apply (one consensus round); across two
-shards it is two-phase commit coordinated by the client: in two rounds (the
-prepares in parallel, then the decision in the coordinator shard's log; the
-resolves after the answer), or in one (``one_round_commit``: the client is
-answered once every prepare is chosen; the decision and the resolves follow).
+shards it is two-phase commit coordinated by the client: in one round (the
+default: the client is answered once every prepare is chosen; the decision and
+the resolves follow), or in two (``one_round_commit=False``: the prepares in
+parallel, then the decision in the coordinator shard's log; the resolves after
+the answer).
 The three kinds run interleaved in each of ``--rounds`` rounds on the same
 cluster, and the ratios of the cross-shard p50s to the one-shard p50 of the
 same round are printed at the end.
@@ -105,9 +106,48 @@ async def transfer_load(db, by_shard: dict, cross: bool, in_flight: int, seconds
             "abort_rate": round(1 - len(latencies) / attempts, 3) if attempts else 0.0}
 
 
+async def lone_transfers(kinds: list, by_shard: dict, seconds: float) -> list:
+    """One transfer at a time, the kinds (``[(db, cross)]``) taking turns transfer by
+    transfer, with ``LONE_PAUSE`` after each: a row per kind, each measured under the same
+    load as the others (the machine is shared: blocks of seconds drift apart)."""
+    streams = [pairs(by_shard, cross, random.Random(i)) for i, (_db, cross) in enumerate(kinds)]
+    latencies: list = [[] for _ in kinds]
+    attempts = [0] * len(kinds)
+    start = time.perf_counter()
+    deadline = start + seconds * len(kinds)
+    turn = 0
+    while time.perf_counter() < deadline:
+        for i in (turn + k for k in range(len(kinds))):  # who goes first rotates
+            i %= len(kinds)
+            db = kinds[i][0]
+            a, b = next(streams[i])
+
+            async def move(t, i=i):
+                attempts[i] += 1
+                x, y = await t.get(a), await t.get(b)
+                await t.put(a, b"%d" % (int(x or 0) - 1))
+                await t.put(b, b"%d" % (int(y or 0) + 1))
+
+            t0 = time.perf_counter()
+            await db.run_transaction(move, retries=1000)
+            latencies[i].append(time.perf_counter() - t0)
+            await asyncio.sleep(LONE_PAUSE)  # the last one's background is done
+        turn += 1
+    elapsed = time.perf_counter() - start
+    rows = []
+    for values, tried in zip(latencies, attempts):
+        values.sort()
+        rows.append({"txns": len(values), "txns_per_s": round(len(values) / elapsed, 1),
+                     "p50_ms": round(percentile(values, 50) * 1e3, 2),
+                     "p99_ms": round(percentile(values, 99) * 1e3, 2),
+                     "abort_rate": round(1 - len(values) / tried, 3) if tried else 0.0})
+    return rows
+
+
 #: "lone" rows: one transfer at a time with this pause after each (not counted in its
 #: latency), so that the previous transfer's resolves are done: a transfer as an
-#: occasional web request sees it. The "1 in flight" rows run back to back.
+#: occasional web request sees it; the three kinds take turns (``lone_transfers``). The
+#: "1 in flight" rows run each kind back to back for ``--seconds``.
 LONE_PAUSE = 0.02
 
 CASES = (("one shard", False, False), ("cross-shard, 2 rounds", True, False),
@@ -117,16 +157,22 @@ CASES = (("one shard", False, False), ("cross-shard, 2 rounds", True, False),
 async def run_cluster_rows(addresses: list, nshards: int, in_flight: list, seconds: float,
                            hot: bool, rounds: int) -> list:
     rows = []
-    async with await kvstore.aio.connect(addresses, timeout=30) as two, \
+    async with await kvstore.aio.connect(addresses, timeout=30, one_round_commit=False) as two, \
             await kvstore.aio.connect(addresses, timeout=30, one_round_commit=True) as one:
         spread = accounts_by_shard(nshards, 10_000 // nshards)
         for r in range(rounds):
-            for n in ["lone", *in_flight]:
+            lone = await lone_transfers([(one if one_round else two, cross)
+                                         for _label, cross, one_round in CASES], spread, seconds)
+            for (label, _cross, _one_round), row in zip(CASES, lone):
+                row.update(shards=nshards, kind=label, in_flight="lone", accounts=10_000, round=r,
+                           load=os.getloadavg()[0])
+                rows.append(row)
+                print_row(row)
+            for n in in_flight:
                 for label, cross, one_round in CASES:
-                    row = await transfer_load(one if one_round else two, spread, cross,
-                                              1 if n == "lone" else n, seconds,
-                                              LONE_PAUSE if n == "lone" else 0.0)
-                    row.update(shards=nshards, kind=label, in_flight=n, accounts=10_000, round=r)
+                    row = await transfer_load(one if one_round else two, spread, cross, n, seconds)
+                    row.update(shards=nshards, kind=label, in_flight=n, accounts=10_000, round=r,
+                               load=os.getloadavg()[0])
                     rows.append(row)
                     print_row(row)
         if hot:
@@ -134,7 +180,8 @@ async def run_cluster_rows(addresses: list, nshards: int, in_flight: list, secon
             for label, db in (("cross-shard, hot, 2 rounds", two), ("cross-shard, hot, 1 round", one)):
                 row = await transfer_load(db, by_shard, True, max(in_flight), seconds)
                 row.update(shards=nshards, kind=label, in_flight=max(in_flight),
-                           accounts=sum(len(v) for v in by_shard.values()), round=0)
+                           accounts=sum(len(v) for v in by_shard.values()), round=0,
+                           load=os.getloadavg()[0])
                 rows.append(row)
                 print_row(row)
     return rows
@@ -159,7 +206,8 @@ def print_ratios(rows: list) -> list:
 def print_row(r: dict) -> None:
     print(f"{r['shards']} shards  {r['kind']:26} {r['in_flight']:>4} in flight "
           f"({r['accounts']:>6} accounts): {r['txns_per_s']:>8,.0f} txn/s  p50 {r['p50_ms']:7.2f} ms  "
-          f"p99 {r['p99_ms']:7.2f} ms  aborts {r['abort_rate']:.1%}", flush=True)
+          f"p99 {r['p99_ms']:7.2f} ms  aborts {r['abort_rate']:.1%}  (load {r.get('load', 0):.1f})",
+          flush=True)
 
 
 def main(argv=None) -> int:

@@ -52,16 +52,17 @@ def open(path: str | os.PathLike, *, node_id: str | None = None, cluster: str | 
 
 def connect(addresses, timeout: float = 5.0, *, keys=None, cache=None,
             cache_staleness: float = 1.0, cache_bytes: int = 64 * 1024 * 1024,
-            one_round_commit: bool = False) -> KV:
+            one_round_commit: bool = True) -> KV:
     """A client of running ``kvstore-server`` nodes: ``"tcp://h:p,tcp://h:p"`` or a list.
 
     Raises ``Unavailable`` if no node answers within ``timeout`` seconds, which is
     also every call's deadline. ``keys``: the ``kvstore keygen`` directory of a
     cluster with ``[security]`` (default ``$KVSTORE_KEYS``). ``cache``: a prefix, a
     list of them, or True: a coherent client cache of those keys (docs/cache.md).
-    ``one_round_commit``: cross-shard transactions commit in one consensus round
-    (parallel commits); every node must run a version that knows them
-    (docs/operations.md, "Upgrade").
+    ``one_round_commit`` (default True): cross-shard transactions commit in one
+    consensus round (parallel commits); False asks for two (the prepares, then the
+    decision), which nodes of earlier versions take too: use it while an upgrade from
+    a version without one-round commits is under way (docs/operations.md, "Upgrade").
     """
     from kvstore.client import connect as _connect
     return _connect(addresses, timeout, keys, cache=cache, cache_staleness=cache_staleness,

@@ -18,6 +18,7 @@ from kvstore.commands import OP_2PC, OP_PUT
 from kvstore.paxos.replica import KIND_BATCH, Entry
 from kvstore.commands import LOCKED, encode_client_command
 from kvstore.machine.replica import ShardWrite
+from kvstore.node import resolver
 from kvstore.node.storage import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.transport import wire
@@ -153,10 +154,11 @@ def test_a_recorded_commit_whose_coordinator_vanished_is_carried_out_by_the_reso
         raw.close()
 
 
-def test_a_one_round_transaction_whose_client_vanished_after_every_yes_is_committed(start_node):
+def test_a_one_round_transaction_whose_client_vanished_after_every_yes_is_committed(start_node, monkeypatch):
     """Its client may have been told COMMIT once every yes vote was chosen: the resolver
     must not record ABORT (as it does for a two-round one) but recover the outcome from
     the fenced prepares."""
+    monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 3600.0)  # asked about below
     n = start_node(shards=2)
     keys = keys_by_shard(2)
     a, b = keys[0][0], keys[1][0]
@@ -178,7 +180,8 @@ def test_a_one_round_transaction_whose_client_vanished_after_every_yes_is_commit
         raw.close()
 
 
-def test_a_one_round_prepare_still_in_flight_is_fenced_and_the_transaction_aborted(start_node):
+def test_a_one_round_prepare_still_in_flight_is_fenced_and_the_transaction_aborted(start_node, monkeypatch):
+    monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 3600.0)  # asked about below
     n = start_node(shards=2)
     keys = keys_by_shard(2)
     a, b = keys[0][1], keys[1][1]
@@ -201,7 +204,8 @@ def test_a_one_round_prepare_still_in_flight_is_fenced_and_the_transaction_abort
         raw.close()
 
 
-def test_a_one_round_client_commits_across_shards_and_aborts_on_a_conflict(start_node, monkeypatch):
+def test_a_client_commits_across_shards_in_one_round_by_default_and_in_two_when_asked(start_node,
+                                                                                     monkeypatch):
     from kvstore.client import txn as client_txn
     made = []
 
@@ -214,13 +218,19 @@ def test_a_one_round_client_commits_across_shards_and_aborts_on_a_conflict(start
     n = start_node(shards=3)
     keys = keys_by_shard(3)
     a, b, c_ = keys[0][0], keys[1][0], keys[2][0]
-    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as c:
+    with kvstore.connect(n.address, timeout=5) as c:
         commit_then_conflict(c, a, b, c_)  # one round: answered after the votes, and
         # the reads wait for the decision to be carried out
         c.put(a, b"1")  # every lock was freed
         c.put(c_, b"1")
         assert c.run_transaction(lambda t: [t.get(k) for k in (a, b, c_)]) == [b"1", b"500", b"1"]
     assert [co.one_round for co in made] == [True, True, False]  # the last one is read-only
+    with kvstore.connect(n.address, timeout=5, one_round_commit=False) as c:
+        with c.transaction() as t:  # two rounds, as nodes of earlier versions take
+            t.put(a, b"2")
+            t.put(b, b"2")
+        assert [c.get(a), c.get(b)] == [b"2", b"2"]
+    assert not made[-1].one_round
 
 
 def test_the_asyncio_client_commits_in_one_round_too(start_node):
@@ -232,8 +242,8 @@ def test_the_asyncio_client_commits_in_one_round_too(start_node):
     a, b = keys[0][0], keys[1][0]
 
     async def main():
-        async with await kvstore.aio.connect(n.address, timeout=5, one_round_commit=True) as db:
-            assert db._kv.one_round_commit
+        async with await kvstore.aio.connect(n.address, timeout=5) as db:
+            assert db._kv.one_round_commit  # the default
             async with db.transaction() as t:
                 await t.put(a, b"1")
                 await t.put(b, b"2")
@@ -381,3 +391,128 @@ def test_a_one_round_commit_then_close_at_once_leaves_no_lock_behind(start_node)
         c.close()
         with kvstore.connect(n.address, timeout=1) as r:
             assert [r.get(a), r.get(b)] == [b"%d" % attempt] * 2
+
+
+# ---------------------------------------------------------------- forgetting what was carried out
+
+
+def kept(n, shards: int, table: str, outcome: int) -> int:
+    """How many ``table`` ("finished", "decided") records of ``outcome`` the shards keep."""
+    return sum(n.node.storage.txn_records(s)[table][outcome] for s in range(shards))
+
+
+def transfers(c, keys, count: int) -> None:
+    """``count`` transfers across the shards of ``keys``, and one that conflicts."""
+    a, b = keys[0][0], keys[1][0]
+    for _ in range(count):
+        with c.transaction() as t:
+            t.put(a, b"%d" % (int(t.get(a) or 0) - 1))
+            t.put(b, b"%d" % (int(t.get(b) or 0) + 1))
+    with pytest.raises(kvstore.TransactionConflict):
+        with c.transaction() as t:
+            t.get(a)
+            c.put(a, b"0")
+            t.put(b, b"lost")
+
+
+def test_the_commits_carried_out_everywhere_are_forgotten(start_node, monkeypatch):
+    """Each cross-shard transaction used to leave its outcome on every participant and its
+    decision on the coordinator shard for ever (~40 bytes each, without bound). Once a
+    COMMIT is carried out everywhere, the node that did it forgets it there (and, for a
+    one-round transaction, its recorded decision); the ABORTs are kept."""
+    monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 0.0)
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    with kvstore.connect(n.address, timeout=5) as one, \
+            kvstore.connect(n.address, timeout=5, one_round_commit=False) as two:
+        transfers(one, keys, 10)
+        transfers(two, keys, 10)
+        wait_until(lambda: kept(n, 2, "finished", COMMIT) == 0, what="every COMMIT forgotten")
+        assert kept(n, 2, "decided", COMMIT) == 10  # the two-round ones' (a retried decide reads it)
+        assert (kept(n, 2, "finished", ABORT), kept(n, 2, "decided", ABORT)) == (4, 2)
+        assert [one.get(keys[0][0]), one.get(keys[1][0])] == [b"0", b"20"]
+
+
+def test_commits_whose_forget_was_lost_are_swept_by_the_shard_leaders(start_node, monkeypatch):
+    """The node that carried COMMITs out crashed before its forgets (here: its queue of
+    them is dropped). Two sweeps in a row find them, carry them out everywhere again and
+    forget them."""
+    monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 3600.0)
+    monkeypatch.setattr(resolver, "SWEEP_EVERY_SECONDS", 0.2)
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    with kvstore.connect(n.address, timeout=5) as c:
+        transfers(c, keys, 3)
+        wait_until(lambda: len(n.node._to_forget) >= 3, what="every forget queued")
+        assert kept(n, 2, "finished", COMMIT) == 6
+        monkeypatch.setattr(n.node, "_to_forget", [])  # lost with the node that queued them
+        monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 0.0)
+        wait_until(lambda: kept(n, 2, "finished", COMMIT) == 0, what="every lingering COMMIT forgotten")
+        assert kept(n, 2, "finished", ABORT) == 2  # the conflict's, kept
+
+
+def test_a_coordinator_retrying_after_its_commit_was_forgotten_hears_commit_and_applies_nothing_twice(
+        start_node, monkeypatch):
+    """After the forget, a retried prepare is answered from the client's session (no
+    second lock, no second vote), and a two-round coordinator retrying its decide still
+    hears COMMIT: the recorded decision of a two-round transaction is kept."""
+    monkeypatch.setattr(resolver, "FORGET_AFTER_SECONDS", 0.0)
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][1], keys[1][1]
+    with kvstore.connect(n.address, timeout=5) as c:
+        transfers(c, keys, 1)  # one-round: the shards take TxnForget from now on
+        raw = Raw(n.address)
+        try:
+            txn = b"Z" * 16
+            deadline = int((time.time() + 5) * 1000)
+            prepares = [(shard, seq, TxnPrepare(txn, 0, (0, 1), ((key, 0),), ((key, b"once"),),
+                                                deadline))
+                        for seq, (shard, key) in enumerate(((0, a), (1, b)), 10)]
+            for shard, seq, p in prepares:
+                assert raw_2pc(raw, shard, seq, p) == (wire.STATUS_OK, True)
+            assert raw_decide(raw, 0, txn, COMMIT, (0, 1)) == (wire.STATUS_OK, COMMIT)
+            wait_until(lambda: kept(n, 2, "finished", COMMIT) == 0, what="the COMMIT forgotten")
+            c.put(a, b"after")
+            for shard, seq, p in prepares:  # a late copy: its first answer, nothing locked
+                assert raw_2pc(raw, shard, seq, p) == (wire.STATUS_OK, True)
+            assert raw_decide(raw, 0, txn, COMMIT, (0, 1)) == (wire.STATUS_OK, COMMIT)
+            c.put(b, b"after")  # nothing holds b (a second prepare would have locked it)
+            assert [c.get(a), c.get(b)] == [b"after", b"after"]
+        finally:
+            raw.close()
+
+
+def test_a_lone_cross_shard_commit_sends_its_prepares_on_the_direct_path(start_node):
+    """A lone transaction's reads and its prepares (one per shard, at once) skip the I/O
+    thread, as a lone get or put does: the sync client sent all of them through it, the
+    asyncio client one prepare of two (two thread hand-offs more than a one-shard commit)."""
+    import asyncio
+
+    import kvstore.aio
+    n = start_node(shards=2)
+    keys = keys_by_shard(2)
+    a, b = keys[0][0], keys[1][0]
+    with kvstore.connect(n.address, timeout=5, one_round_commit=True) as c:
+        c.put(a, b"10")
+        c.put(b, b"10")
+        before = c._core.direct_calls
+        with c.transaction() as t:
+            t.put(a, b"%d" % (int(t.get(a)) - 1))
+            t.put(b, b"%d" % (int(t.get(b)) + 1))
+        assert c._core.direct_calls - before == 4  # two reads, two prepares
+        assert [c.get(a), c.get(b)] == [b"9", b"11"]
+
+    async def transfer() -> int:
+        async with await kvstore.aio.connect(n.address, timeout=5, one_round_commit=True) as db:
+            await db.get(a)
+            await db.get(b)
+            before = db._core.direct_calls
+            async with db.transaction() as t:
+                await t.put(a, b"%d" % (int(await t.get(a)) - 1))
+                await t.put(b, b"%d" % (int(await t.get(b)) + 1))
+            return db._core.direct_calls - before
+
+    assert asyncio.run(transfer()) == 4
+    with kvstore.connect(n.address, timeout=5) as c:
+        assert [c.get(a), c.get(b)] == [b"8", b"12"]

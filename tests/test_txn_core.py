@@ -16,7 +16,7 @@ from kvstore.sim.bank import BankConfig, run_bank_seed
 import msgpack
 
 from kvstore.txn import (ABORT, COMMIT, Coordinator, DecisionTable, ParticipantState, Recovery, TxnBugs,
-                         TxnDecision, TxnFence, TxnPrepare, TxnResolve, decode, encode)
+                         TxnDecision, TxnFence, TxnForget, TxnPrepare, TxnResolve, decode, encode)
 
 BANK_SEEDS = int(os.environ.get("KVSTORE_BANK_SEEDS", "300"))
 
@@ -51,6 +51,8 @@ entries = st.one_of(
     st.builds(TxnFence, keys),
     st.builds(TxnDecision, keys, st.sampled_from([COMMIT, ABORT])),
     st.builds(TxnResolve, keys, st.sampled_from([COMMIT, ABORT])),
+    st.builds(TxnForget, st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=5).map(tuple),
+              st.booleans()),
 )
 
 
@@ -156,6 +158,35 @@ def test_decision_is_written_once():
     assert table.apply_decision(b"t", ABORT) == ABORT  # a resolver's ABORT came first
     assert table.apply_decision(b"t", COMMIT) == ABORT  # the slow coordinator learns it lost
     assert table.decisions == {b"t": ABORT}
+
+
+def test_a_forget_of_nothing_or_of_too_many_is_refused():
+    for body in (["TxnForget", [], True], ["TxnForget", [b"t" * 16] * 1025, True],
+                 ["TxnForget", [b""], True], ["TxnForget", [7], True], ["TxnForget", b"t" * 16, True],
+                 ["TxnForget", [b"t" * 16], 1], ["TxnForget", [b"t" * 16]]):
+        with pytest.raises(ValueError):
+            decode(msgpack.packb(body, use_bin_type=True))
+
+
+def test_a_forget_drops_a_commit_and_keeps_an_abort_and_a_prepared_record():
+    """Forgetting (``kvstore.txn.participant``): a COMMIT carried out everywhere is never
+    needed again; an ABORT is (a late first prepare of the transaction must vote no)."""
+    store, part = DictStore(a=b"1", b=b"2", c=b"3"), ParticipantState()
+    assert part.apply_prepare(store, prepare(b"t1"))
+    part.apply_resolve(store, TxnResolve(b"t1", COMMIT))
+    assert part.finished == {b"t1": COMMIT} and part.parts == {b"t1": (0, 1)}
+    assert part.apply_fence(b"t2") is False  # finished as ABORT here, never prepared
+    assert part.apply_prepare(store, prepare(b"t3", reads=((b"b", 1),), writes=((b"b", b"3"),)))
+    for t in (b"t1", b"t2", b"t3"):
+        part.forget(t)
+    assert part.finished == {b"t2": ABORT} and part.parts == {} and set(part.prepared) == {b"t3"}
+    assert part.apply_prepare(store, prepare(b"t2", reads=((b"c", 1),), writes=((b"c", b"x"),))) is False
+    table = DecisionTable()
+    table.apply_decision(b"t1", COMMIT)
+    table.apply_decision(b"t2", ABORT)
+    table.forget(b"t1")
+    table.forget(b"t2")
+    assert table.decisions == {b"t2": ABORT}
 
 
 def test_coordinator_two_rounds_then_follows_the_recorded_outcome():

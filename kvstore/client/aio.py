@@ -47,9 +47,9 @@ from kvstore.errors import InvalidArgument, KVError, TransactionConflict
 
 async def connect(addresses, timeout: float = 5.0, *, keys=None, cache=None,
                   cache_staleness: float = DEFAULT_STALENESS,
-                  cache_bytes: int = DEFAULT_BYTES, one_round_commit: bool = False) -> "AsyncKV":
+                  cache_bytes: int = DEFAULT_BYTES, one_round_commit: bool = True) -> "AsyncKV":
     """Connect to the cluster at ``addresses`` (``Unavailable`` if no node answers);
-    ``cache``: as ``kvstore.connect``'s (docs/cache.md)."""
+    ``cache`` and ``one_round_commit``: as ``kvstore.connect``'s (docs/cache.md)."""
     loop = asyncio.get_running_loop()
     kv = await loop.run_in_executor(None, ClusterKV, addresses, timeout, keys, cache,
                                     cache_staleness, cache_bytes, one_round_commit)
@@ -79,6 +79,83 @@ class AsyncKV:
             if call is not None:
                 return await self._call_direct(call)
         return await self._await(self._core.submit(op, shard, payload))
+
+    async def _call_batch(self, batch) -> list:
+        """Every call of ``batch`` (``[(op, shard, payload)]``) at once; their results, or
+        the ``KVError`` each raised. On the direct path when it is free (a transaction's
+        prepares: no hand-over to the I/O thread and back for any of them), else each
+        as ``_call``."""
+        core = self._core
+        calls = None if self._direct_unsupported else core._claim_direct_batch(batch, None)
+        if calls is None:
+            return await asyncio.gather(*(self._call(op, shard, payload)
+                                          for op, shard, payload in batch),
+                                        return_exceptions=True)
+        handed: set = set()
+        try:
+            socks = core._direct_send_batch(calls)
+            replies = await self._direct_replies(calls, socks)
+
+            async def outcome(call, sock):
+                reply = replies.get(call.request_id) if sock is not None else None
+                result = core._direct_outcome(call, reply)
+                if result is DIRECT_NEW_WRITE:
+                    return await self._await(core.submit(
+                        call.op, call.shard, call.payload,
+                        max(0.001, call.deadline - time.monotonic())))
+                if result is DIRECT_HAND_OVER:
+                    if core._hand_over(call):
+                        handed.add(call.request_id)
+                    return await self._await(call.future)
+                return result
+
+            async def settle(call, sock):
+                try:
+                    return await outcome(call, sock)
+                except KVError as e:
+                    return e
+
+            return await asyncio.gather(*(settle(c, s) for c, s in zip(calls, socks)))
+        finally:
+            core._direct_release_batch(calls, handed)
+
+    async def _direct_replies(self, calls, socks) -> dict:
+        """Request id -> ``(status, value)`` of the replies to ``calls`` on their direct
+        sockets (None: not sent), as they come, until all are in or
+        ``DIRECT_ATTEMPT_SECONDS`` (or the deadline) pass; as ``_direct_reply``."""
+        loop = asyncio.get_running_loop()
+        by_id = {c.request_id: c for c, s in zip(calls, socks) if s is not None}
+        watched = {c.sent_to: s for c, s in zip(calls, socks) if s is not None}
+        replies: dict = {}
+        end = min(time.monotonic() + DIRECT_ATTEMPT_SECONDS, min(c.deadline for c in calls))
+        while len(replies) < len(by_id):
+            ready_now = False
+            for address, sock in watched.items():
+                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._core._direct_take_batch(sock, address, by_id, replies)
+                    ready_now = True
+            if ready_now:
+                continue
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            ready = loop.create_future()
+            wake = lambda: ready.done() or ready.set_result(None)  # noqa: E731
+            fds = [sock.getsockopt(zmq.FD) for sock in watched.values()]
+            try:
+                for fd in fds:
+                    loop.add_reader(fd, wake)
+            except NotImplementedError:  # a loop without readers: the I/O thread's way
+                self._direct_unsupported = True
+                break
+            timer = loop.call_later(left, wake)
+            try:
+                await ready
+            finally:
+                timer.cancel()
+                for fd in fds:
+                    loop.remove_reader(fd)
+        return replies
 
     async def _await(self, future):
         """The outcome of an engine ``future``, awaited in the running loop."""
@@ -284,9 +361,10 @@ class AsyncTxn:
                         self._db._core.submit(op, shard, payload)
                     batch = plan.send([None] * len(batch))
                     continue
-                answers = await asyncio.gather(*(self._db._call(op, shard, payload)
-                                                 for op, shard, payload in batch),
-                                               return_exceptions=True)
+                answers = await (self._db._call_batch(batch) if len(batch) > 1 else
+                                 asyncio.gather(*(self._db._call(op, shard, payload)
+                                                  for op, shard, payload in batch),
+                                                return_exceptions=True))
                 for a in answers:
                     if isinstance(a, BaseException) and not isinstance(a, KVError):
                         raise a

@@ -78,6 +78,112 @@ class DirectPath:
             self.direct_calls += 1
         return call
 
+    def _claim_direct_batch(self, batch, timeout) -> "list | None":
+        """Claim the direct path for every call of ``batch`` (``[(op, shard, payload)]``: a
+        transaction's prepares, one per shard, sent at once), all or none: as
+        ``_claim_direct``, for each call's shard. The lowest write seq bounds the I/O
+        thread's floors while the batch is out (``_direct_call``)."""
+        with self._lock:
+            if (self._closed or self._direct_active or self._queue or self._inflight
+                    or self._pid != os.getpid() or self.revision_hook is not None):
+                return None
+            addresses = []
+            for op, shard, _payload in batch:
+                leader = self.leaders.get(shard)
+                if op not in DIRECT_OPS or leader is None or leader >= len(self.nodes):
+                    return None
+                address = self.nodes[leader]
+                if address not in self._connected or address in self._down:
+                    return None
+                addresses.append(address)
+            deadline = time.monotonic() + (timeout or self.timeout)
+            calls = []
+            for (op, shard, payload), address in zip(batch, addresses):
+                call = self._new_call(op, shard, payload, deadline)
+                call.sent_to = address
+                if call.is_write:
+                    call.seq = next(self._seqs)
+                    if self._direct_call is None:
+                        self._direct_call = call  # the first drawn: the lowest seq
+                calls.append(call)
+            self._direct_active = True
+            self._direct_free.clear()
+            self.direct_calls += len(calls)
+        return calls
+
+    def _direct_send_batch(self, calls) -> list:
+        """Send a claimed batch; each call's socket, or None where it could not be sent.
+        Every write's floor is the batch's lowest seq (all of them are in flight)."""
+        floor = min((c.seq for c in calls if c.is_write), default=None)
+        return [self._direct_send(c, floor) for c in calls]
+
+    def _direct_take_batch(self, sock, address: str, by_id: dict, replies: dict) -> None:
+        """Move the replies waiting on ``sock`` to calls of the batch (``by_id``: request
+        id -> call) into ``replies``; others (earlier calls handed over) are skipped."""
+        for r, status, value in self._replies(sock, address, 1 << 30):
+            if r in by_id:
+                replies[r] = (status, value)
+
+    def _direct_release_batch(self, calls, handed: set) -> None:
+        """The direct path is free again; ``handed``: request ids the I/O thread took on."""
+        with self._lock:
+            self._direct_active = False
+            if self._direct_call in calls:
+                # a write handed over bounds the floors until the I/O thread admits it
+                waiting = [c for c in calls if c.is_write and c.request_id in handed
+                           and c.request_id not in self._inflight]
+                self._direct_call = min(waiting, key=lambda c: c.seq, default=None)
+            self._direct_free.set()
+
+    def call_batch(self, batch) -> list:
+        """Every call of ``batch`` (``[(op, shard, payload)]``) at once, from this thread:
+        their results, or the ``KVError`` each raised. On the direct path when it is free
+        (``_claim_direct_batch``: a transaction's prepares skip the I/O thread), else
+        through the I/O thread."""
+        calls = self._claim_direct_batch(batch, None)
+        if calls is None:
+            futures = [self.submit(op, shard, payload) for op, shard, payload in batch]
+            return [_settled(lambda f=f: self.wait(f)) for f in futures]
+        handed: set = set()
+        try:
+            socks = self._direct_send_batch(calls)
+            replies = self._direct_poll_batch(calls, socks)
+            out, later = [], {}  # later: index -> the future the I/O thread answers
+            for call, sock in zip(calls, socks):
+                outcome = _settled(lambda c=call, s=sock: self._direct_outcome(
+                    c, replies.get(c.request_id) if s is not None else None))
+                if outcome is DIRECT_NEW_WRITE:
+                    later[len(out)] = self.submit(call.op, call.shard, call.payload,
+                                                  max(0.001, call.deadline - time.monotonic()))
+                elif outcome is DIRECT_HAND_OVER:
+                    if self._hand_over(call):
+                        handed.add(call.request_id)
+                    later[len(out)] = call.future
+                out.append(outcome)
+            for i, future in later.items():
+                out[i] = _settled(lambda f=future: self.wait(f))
+            return out
+        finally:
+            self._direct_release_batch(calls, handed)
+
+    def _direct_poll_batch(self, calls, socks) -> dict:
+        """Request id -> ``(status, value)`` of the replies to ``calls`` on their direct
+        sockets, as they come, until all are in or ``DIRECT_ATTEMPT_SECONDS`` pass."""
+        by_id = {c.request_id: c for c, s in zip(calls, socks) if s is not None}
+        watched = {s: c.sent_to for c, s in zip(calls, socks) if s is not None}
+        poller = zmq.Poller()
+        for sock in watched:
+            poller.register(sock, zmq.POLLIN)
+        replies: dict = {}
+        end = min(time.monotonic() + DIRECT_ATTEMPT_SECONDS, min(c.deadline for c in calls))
+        while len(replies) < len(by_id):
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            for sock, _event in poller.poll(int(left * 1000) + 1):
+                self._direct_take_batch(sock, watched[sock], by_id, replies)
+        return replies
+
     def _call_direct(self, call):
         """Send ``call`` from this thread and poll for its answer; a plain answer is
         returned (or its error raised), anything else hands the call to the I/O thread."""
@@ -103,11 +209,13 @@ class DirectPath:
         finally:
             self._direct_release(call, handed)
 
-    def _direct_send(self, call):
-        """Send a claimed direct call on its socket: the socket, or None if it could not."""
+    def _direct_send(self, call, floor: int | None = None):
+        """Send a claimed direct call on its socket: the socket, or None if it could not.
+        ``floor``: the lowest seq in flight (a batch's), if not this write's own."""
         sock = self._direct_socket(call.sent_to)
         if call.is_write:  # nothing else in flight: the floor is this write's seq
-            args = [call.shard, self.client_id, call.seq, call.seq, call.payload]
+            args = [call.shard, self.client_id, call.seq, call.seq if floor is None else floor,
+                    call.payload]
         else:
             args = call.payload
         try:
@@ -175,3 +283,11 @@ class DirectPath:
             s.connect(address)
             self._direct_sockets[address] = s
         return s
+
+
+def _settled(fn):
+    """``fn()``, or the ``KVError`` it raised (a batch answers each call's own)."""
+    try:
+        return fn()
+    except KVError as e:
+        return e

@@ -54,7 +54,7 @@ class ClusterKV(KV):
 
     def __init__(self, addresses, timeout: float = 5.0, keys=None, cache=None,
                  cache_staleness: float = DEFAULT_STALENESS,
-                 cache_bytes: int = DEFAULT_BYTES, one_round_commit: bool = False) -> None:
+                 cache_bytes: int = DEFAULT_BYTES, one_round_commit: bool = True) -> None:
         self._addresses = parse_addresses(addresses)
         #: cross-shard transactions commit in one round (``kvstore.client.txn``)
         self.one_round_commit = bool(one_round_commit)
@@ -300,12 +300,14 @@ def _shape_mismatch(view, reference: tuple, cluster: str | None = None) -> str |
 
 def connect(addresses, timeout: float = 5.0, keys=None, *, cache=None,
             cache_staleness: float = DEFAULT_STALENESS,
-            cache_bytes: int = DEFAULT_BYTES, one_round_commit: bool = False) -> ClusterKV:
+            cache_bytes: int = DEFAULT_BYTES, one_round_commit: bool = True) -> ClusterKV:
     """A client of the cluster at ``addresses`` (one is enough; it learns the others).
 
     ``keys``: a ``kvstore keygen`` directory for a cluster with ``[security]``
     (default: ``$KVSTORE_KEYS``). ``cache``: a prefix, a list of them, or True: gets
     of those keys are served from a coherent cache at most ``cache_staleness``
-    seconds behind, never behind this client's writes (docs/cache.md)."""
+    seconds behind, never behind this client's writes (docs/cache.md).
+    ``one_round_commit``: as ``kvstore.connect``'s (True: cross-shard transactions
+    commit in one consensus round; False: in two, as earlier versions did)."""
     return ClusterKV(addresses, timeout, keys, cache, cache_staleness, cache_bytes,
                      one_round_commit)

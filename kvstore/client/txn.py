@@ -176,21 +176,25 @@ def release_locks(txn_id: bytes, shards) -> None:
 
 
 def run_plan(core: "ClientCore", plan):
-    """Drive ``plan`` on the sync client: each batch sent at once, answers awaited."""
+    """Drive ``plan`` on the sync client: each batch sent at once, answers awaited; on
+    the direct path when the connection is idle (``kvstore.client.direct``: no
+    hand-over to the I/O thread and back)."""
     try:
         batch = next(plan)
         while True:
-            futures = [core.submit(op, shard, payload) for op, shard, payload in batch]
-            if isinstance(batch, Detached):
-                batch = plan.send([None] * len(futures))
-                continue
-            answers = []
-            for f in futures:
+            if len(batch) == 1 and not isinstance(batch, Detached):
                 try:
-                    answers.append(core.wait(f))
+                    answer = core.call(*batch[0])
                 except KVError as e:
-                    answers.append(e)
-            batch = plan.send(answers)
+                    answer = e
+                batch = plan.send([answer])
+                continue
+            if isinstance(batch, Detached):
+                for op, shard, payload in batch:
+                    core.submit(op, shard, payload)
+                batch = plan.send([None] * len(batch))
+                continue
+            batch = plan.send(core.call_batch(batch))
     except StopIteration as done:
         return done.value
 
@@ -330,7 +334,7 @@ class ClusterTxn(BufferedTxn):
             for key, value in buffer.writes.items():
                 parts[self._kv._shard(key)][1].append((key, value))
             if locked is None:
-                yield from two_phase_commit(parts, one_round=getattr(self._kv, "one_round_commit", False))
+                yield from two_phase_commit(parts, one_round=self._kv.one_round_commit)
             else:  # prepare its writes under the locks it holds: its reads cannot have moved
                 self._locked = None
                 yield from two_phase_commit(parts, locked[0], locked[1][0])

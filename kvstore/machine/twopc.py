@@ -14,6 +14,8 @@ and the applied point (safety rule 4), under keys of their own::
     TXN_LOCK + key         -> 1 byte (1: the holder writes the key) + holder's txn id
     TXN_FINISHED + txn id  -> outcome carried out here (1 byte)
     TXN_DECIDED + txn id   -> outcome recorded here as coordinator shard (1 byte)
+    TXN_PARTS + txn id     -> a finished transaction's participants (msgpack), where known
+    TXN_ONE_ROUND          -> present once a one-round TxnPrepare was applied here
 
 Locks are no-wait (the rule is in ``kvstore.txn.participant``): a prepare or a
 single-shard write that meets another transaction's lock loses at once. A plain
@@ -25,21 +27,26 @@ answered "retry" by the node until the decision is carried out: the value
 there may be about to change, and returning the old one after the decision
 was recorded would not be linearizable.
 
-Finished and decided outcomes are kept (never expired): a late TxnPrepare of a
-finished transaction must not prepare it again, and a resolver asking about a
-transaction long after must get its recorded decision, never a fresh ABORT.
-They cost ~40 bytes per cross-shard transaction; bounding them needs a
-"forget" round once every participant has carried out the decision.
+A committed transaction's outcomes are forgotten once the COMMIT is carried
+out on every participant (a ``TxnForget`` the node writes once it heard every
+resolve applied, ``kvstore.node.resolver``): what could still ask about the
+transaction then is answered right without them; an aborted one's are kept
+(``kvstore.txn.participant``, "Forgetting"). Nodes of an earlier version refuse
+a ``TxnForget``, so a shard is sent one only once it applied a one-round
+prepare (``one_round_seen``: the new feature is in use, which needs every node
+upgraded; docs/operations.md, "Upgrade").
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+import msgpack
+
 from kvstore.commands import TwoPC, two_pc
 from kvstore.machine.data import apply_writes, read_value, revision_of
 from kvstore.txn import (LOCK_ONLY, OUTCOMES, TXN_ID_BYTES, DecisionTable, ParticipantState, TxnDecision,
-                         TxnFence, TxnPrepare, TxnResolve)
+                         TxnFence, TxnForget, TxnPrepare, TxnResolve)
 from kvstore.txn import decode as decode_entry
 from kvstore.txn import encode as encode_entry
 
@@ -47,6 +54,8 @@ TXN_PREPARED = b"\x00txn.prepared\x00"
 TXN_LOCK = b"\x00txn.lock\x00"
 TXN_FINISHED = b"\x00txn.finished\x00"
 TXN_DECIDED = b"\x00txn.decided\x00"
+TXN_PARTS = b"\x00txn.parts\x00"
+TXN_ONE_ROUND = b"\x00txn.one-round\x00"
 #: The longest a client's prepared record may hold its locks, in the node's wall-clock
 #: milliseconds: the node that takes a client's TxnPrepare cuts its deadline to at
 #: most this far past its own clock (``bound_client_2pc``). A lock of a client that
@@ -140,23 +149,40 @@ class _ShardData:
         apply_writes(self.txn, self.db, self.revision_now, ((key, value),), self.changes)
 
 
+def _encode_parts(participants) -> bytes:
+    return msgpack.packb(list(participants))
+
+
+def _decode_parts(raw: bytes):
+    parts = msgpack.unpackb(raw)
+    return tuple(parts) if isinstance(parts, list) and all(type(p) is int for p in parts) else None
+
+
 def participant(txn, tables, writes=()) -> ParticipantState:
     """The shard's ``ParticipantState`` on its txn table, inside ``txn``."""
     db = tables.txns
     return ParticipantState(
         prepared=_TableMap(txn, db, TXN_PREPARED, encode_entry, decode_entry),
         locks=_Locks(txn, db, frozenset(writes)),
-        finished=_TableMap(txn, db, TXN_FINISHED, _encode_outcome, _decode_outcome))
+        finished=_TableMap(txn, db, TXN_FINISHED, _encode_outcome, _decode_outcome),
+        parts=_TableMap(txn, db, TXN_PARTS, _encode_parts, _decode_parts))
+
+
+def one_round_seen(txn, tables) -> bool:
+    """Whether this shard applied a one-round TxnPrepare: TxnForget may be written to it."""
+    return txn.get(TXN_ONE_ROUND, db=tables.txns) is not None
 
 
 def apply_2pc(txn, tables, revision: int, entry, changes: list | None = None):
     """Apply one (decoded) 2PC entry at ``revision``: TxnPrepare -> vote (bool; with
     locking reads ``[vote, [[key, value, revision], ...]]``), TxnDecision -> the recorded
     outcome (int), TxnResolve -> whether it changed anything (bool), TxnFence -> whether
-    the shard holds the transaction's one-round yes vote (bool). ``changes``: the
+    the shard holds the transaction's one-round yes vote (bool), TxnForget -> True. ``changes``: the
     data changes (a resolve's writes) reported as ``kvstore.machine.data.apply_writes``."""
     store = _ShardData(txn, tables.data, revision, changes)
     if isinstance(entry, TxnPrepare):
+        if entry.one_round and not one_round_seen(txn, tables):
+            txn.put(TXN_ONE_ROUND, b"\x01", db=tables.txns)
         vote = participant(txn, tables, (k for k, _ in entry.writes)).apply_prepare(store, entry)
         locking = [key for key, revision in entry.reads if revision == LOCK_ONLY]
         if not locking:
@@ -165,14 +191,49 @@ def apply_2pc(txn, tables, revision: int, entry, changes: list | None = None):
         return [vote, [[key, *read_value(key, txn.get(key, db=tables.data))] for key in locking]
                 if vote else []]
     if isinstance(entry, TxnDecision):
-        decisions = DecisionTable(_TableMap(txn, tables.txns, TXN_DECIDED, _encode_outcome,
-                                            _decode_outcome))
-        return decisions.apply_decision(entry.txn_id, entry.outcome)
+        return _decisions(txn, tables).apply_decision(entry.txn_id, entry.outcome)
     if isinstance(entry, TxnResolve):
         return participant(txn, tables).apply_resolve(store, entry)
     if isinstance(entry, TxnFence):
         return participant(txn, tables).apply_fence(entry.txn_id)
+    if isinstance(entry, TxnForget):
+        here, decisions = participant(txn, tables), _decisions(txn, tables)
+        for txn_id in entry.txn_ids:
+            here.forget(txn_id)
+            if entry.decisions:
+                decisions.forget(txn_id)
+        return True
     raise ValueError(f"not a 2PC entry: {entry!r}")
+
+
+def _decisions(txn, tables) -> DecisionTable:
+    return DecisionTable(_TableMap(txn, tables.txns, TXN_DECIDED, _encode_outcome, _decode_outcome))
+
+
+def finished_outcomes(txn, tables, limit: int) -> list:
+    """Up to ``limit`` outcomes this shard carried out and still keeps:
+    ``[(txn_id, outcome, participants or None)]`` (what a sweep finds lingering)."""
+    state = participant(txn, tables)
+    out = []
+    for txn_id, raw in _prefixed(txn, tables.txns, TXN_FINISHED):
+        if len(out) >= limit:
+            break
+        out.append((txn_id, _decode_outcome(bytes(raw)), state.parts.get(txn_id)))
+    return out
+
+
+def txn_records(txn, tables) -> dict:
+    """How many outcomes the shard remembers, and transactions it holds prepared:
+    ``{"finished": {COMMIT: n, ABORT: n}, "decided": {...}, "prepared": n}``."""
+    counts = {}
+    for name, prefix in (("finished", TXN_FINISHED), ("decided", TXN_DECIDED)):
+        by_outcome = {outcome: 0 for outcome in OUTCOMES}
+        for _txn_id, raw in _prefixed(txn, tables.txns, prefix):
+            outcome = _decode_outcome(bytes(raw))
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+        counts[name] = by_outcome
+    counts["prepared"] = sum(1 for _ in _prefixed(txn, tables.txns, TXN_PREPARED))
+    return counts
 
 
 def bound_client_2pc(command: TwoPC, shard: int, nshards: int, now_ms: int,

@@ -237,13 +237,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
         self._ticks = 0
         self._campaign_at = list(PREFERRED_CAMPAIGN_TICKS) if len(self.members) > 1 else []
         self._last_expiry = self.clock.monotonic()
-        # the resolver: this node's own writes (2PC settlements) go through _on_request
-        # under the identity ("self", token) with their own client session
-        self._resolver_id = b"resolver-" + self.rng.randbytes(8)
-        # token (= its seq) -> OwnWrite
-        self._own_writes: dict = {}
-        self._resolving: dict = {}  # txn id -> monotonic time its settlement started
-        self._last_resolve = self.clock.monotonic()
+        self._init_resolver()
         self._refusals_logged: set = set()  # peer routing ids whose refusal was logged
         self._init_member_links()
         self._next_tick = self.clock.monotonic() + config.tick_seconds

@@ -71,7 +71,8 @@ from kvstore.node.ports import NO_BUGS, NodeBugs
 from kvstore.machine.replica import (META_PAXOS, NO_HARD_STATE, apply_entries, install_snapshot,
                                      lease_records, read_membership)
 from kvstore.commands import LOCKED
-from kvstore.machine.twopc import expired_prepares, key_write_locked, range_write_locked
+from kvstore.machine.twopc import (expired_prepares, finished_outcomes, key_write_locked, one_round_seen,
+                                  range_write_locked, txn_records)
 from kvstore.storage import Storage
 from kvstore.storage.checkpoint import Checkpointer
 from kvstore.storage.environment import (META_APPLIED, META_LOG_POSITION, ShardTables, pack_u64,
@@ -439,6 +440,18 @@ class WalReplicaStorage:
 
     def expired_prepares(self, shard: int, now_ms: int) -> list:
         return self._read(shard, lambda view, t: expired_prepares(view, t, now_ms))
+
+    def txn_records(self, shard: int) -> dict:
+        """The 2PC records ``shard`` keeps: ``{"finished", "decided", "prepared": count}``."""
+        return self._read(shard, txn_records)
+
+    def finished_outcomes(self, shard: int, limit: int) -> list:
+        """``[(txn_id, outcome, participants or None)]`` that ``shard`` keeps (the resolver's sweep)."""
+        return self._read(shard, lambda view, t: finished_outcomes(view, t, limit))
+
+    def one_round_seen(self, shard: int) -> bool:
+        """Whether ``shard`` applied a one-round prepare (then it takes ``TxnForget``)."""
+        return self._read(shard, one_round_seen)
 
     def leases(self, shard: int) -> list:
         """Every lease of ``shard``: ``[(lease_id, ttl_ms, refreshed_revision)]``."""

@@ -92,6 +92,7 @@ from kvstore.paxos.ballot import ballot_epoch, format_ballot
 from kvstore.paxos.replica import LEADER
 from kvstore.node.ports import NO_BUGS, NodeBugs
 from kvstore.transport.sockets import CLIENT, PEER
+from kvstore.node.resolver import FORGET_AFTER_SECONDS, RESOLVE_EVERY_SECONDS, SWEEP_EVERY_SECONDS
 from kvstore.node.storage import WalReplicaStorage
 from kvstore.sharding import shard_of
 from kvstore.sim.disk import FaultyFiles, PowerLoss
@@ -1111,7 +1112,10 @@ class Simulation:
             banker.begin("final")
             self.finish_operations()
             self.ledger.check_end(banker.final)
+            self.let_forgets_happen()
         self.check_agreement()
+        if self.ledger is not None:
+            self.count_txn_records()
         if c.membership_changes:
             self.check_members()
         self.check_history()
@@ -1150,6 +1154,33 @@ class Simulation:
             if self.now >= deadline:
                 raise SimulationFailure("client operations did not finish with no faults")
             self.step(may_start=False)
+
+    def let_forgets_happen(self) -> None:
+        """Bank: quiet for as long as the resolvers take to forget what was carried out,
+        their forget lost in a crash included (two sweeps)."""
+        seconds = FORGET_AFTER_SECONDS + 2 * SWEEP_EVERY_SECONDS + 4 * RESOLVE_EVERY_SECONDS
+        for _ in range(int(seconds / TICK)):
+            self.step(may_start=False)
+
+    def count_txn_records(self) -> None:
+        """Bank, once the nodes agree and the resolvers had time to forget: nothing stays
+        prepared, and a shard that took a one-round prepare (so takes ``TxnForget``)
+        keeps no COMMIT it carried out (``kvstore.txn.participant``, "Forgetting"; the
+        ABORTs are kept)."""
+        from kvstore.txn import ABORT, COMMIT
+        node = self.live()[0].node
+        counts = {s: node.storage.txn_records(s) for s in range(self.config.shards)}
+        self.txn_records_left = {
+            "commits": sum(c["finished"][COMMIT] for c in counts.values()),
+            "aborts": sum(c["finished"][ABORT] for c in counts.values()),
+            "decided": sum(sum(c["decided"].values()) for c in counts.values())}
+        if any(c["prepared"] for c in counts.values()):
+            raise SimulationFailure(f"transactions still prepared once quiet: {counts}")
+        kept = {s: c for s, c in counts.items()
+                if node.storage.one_round_seen(s) and c["finished"][COMMIT]}
+        if kept:
+            raise SimulationFailure(f"COMMITs carried out everywhere still kept once quiet "
+                                    f"(never forgotten): {kept}")
 
     def check_agreement(self) -> None:
         """Every node applies the same point, then holds the same state, per shard."""
@@ -1211,8 +1242,12 @@ class Simulation:
         backups = (f", {sum(t.kept for t in self.backup_takers)} backups kept of "
                    f"{sum(t.kept + t.thrown_away for t in self.backup_takers)}"
                    if self.backup_takers else "")
+        left = getattr(self, "txn_records_left", None)
+        records = ("" if left is None else
+                   f", 2PC outcomes kept: {left['commits']} commits, {left['aborts']} aborts, "
+                   f"{left['decided']} decisions")
         return (f", bank: {ledger.committed} of {len(ledger.writes)} transfers committed, "
-                f"{ledger.audits} audits{backups}"
+                f"{ledger.audits} audits{records}{backups}"
                 f"{'' if self.byzantine is None else '; ' + self.byzantine.summary()}")
 
     def close(self) -> None:

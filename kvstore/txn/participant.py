@@ -28,6 +28,44 @@ deadlock; a lock lives at most until its transaction's decision is resolved,
 and a prepared record whose coordinator went quiet is resolved by anyone once
 its deadline passes (``expired``), so no key stays locked for long: a hot key
 is never starved by a dead holder, only contended by live ones.
+
+Forgetting. A shard remembers each transaction's outcome (``finished``; and,
+as coordinator shard, ``DecisionTable``) so that nothing can act on the
+transaction again in a way that contradicts it. The outcomes of *committed*
+transactions are forgotten (``forget``, a ``TxnForget`` entry) once the COMMIT
+is carried out on every participant (the node that carried it out heard each
+resolve applied; ``kvstore.node.resolver``). Nothing can need them then:
+
+- A committed transaction had every prepare of it applied (its client, or a
+  recovery, saw every yes vote), so no prepare of it can be applied for the
+  first time any more; a copy of one already applied is answered from the
+  client's session (applied once per ``(client, seq)``).
+- A participant that recovers late (its resolve not applied) still holds the
+  prepare, and nothing is forgotten until it is resolved.
+- A recovery starts only from a prepared record, which the forget waits for; a
+  stale one still running may find no yes vote and record ABORT, which nothing
+  acts on (every participant carried the COMMIT out; its resolves find nothing
+  prepared).
+- The coordinator shard's recorded COMMIT goes too for a one-round transaction
+  (``TxnForget.decisions``): its client never reads the record (its votes are
+  its answer), and a retried decide records the same implied COMMIT again. A
+  two-round transaction's stays: its client, retrying a decide whose answer was
+  lost, reads it, and a resolver's ABORT still in flight (sent before the last
+  resolve was applied) could otherwise be recorded in its place.
+
+ABORT outcomes are kept: a prepare of an aborted transaction may still be
+applied for the first time (it was late) while its client waits for the votes;
+the outcome kept (a fence's, a resolve's, a no vote's) makes it vote no. Were
+it forgotten, that late yes could complete the client's votes and be taken for
+a COMMIT. Bounding them needs an expiry the log itself can check (a prepare
+valid only up to a slot of each participant), not a clock.
+
+The node that carried a COMMIT out may crash before its forget: a COMMIT that
+lingers is found by its shard leader's sweep. One whose participants are known
+(``parts``: it was prepared here) is carried out everywhere again and then
+forgotten, as above; one without was made again by a late duplicate resolve of
+a transaction carried out and forgotten everywhere, and is forgotten on its
+shard alone.
 """
 
 from __future__ import annotations
@@ -72,6 +110,14 @@ class ParticipantState:
     locks: dict = field(default_factory=dict)  # key -> txn id
     finished: dict = field(default_factory=dict)  # txn id -> COMMIT / ABORT, as carried out here
     bugs: TxnBugs = field(default_factory=TxnBugs)
+    # txn id -> its participants, where a finished one's are known (it was prepared here, or
+    # voted no): whoever finds its record lingering can carry it out everywhere and forget it
+    parts: dict = field(default_factory=dict)
+
+    def _finish(self, txn_id: bytes, outcome: int, participants=None) -> None:
+        self.finished[txn_id] = outcome
+        if participants is not None:
+            self.parts[txn_id] = tuple(participants)
 
     def _valid(self, store: Store, txn_id: bytes, reads, writes, read_only: bool = False) -> bool:
         for key, _ in (*reads, *writes):
@@ -101,7 +147,7 @@ class ParticipantState:
             p = replace(p, reads=p.reads + tuple(r for r in held.reads if r[0] not in seen))
         elif not self._valid(store, p.txn_id, p.reads, p.writes, p.read_only):
             if not p.read_only:
-                self.finished[p.txn_id] = ABORT  # a later copy must not prepare it after all
+                self._finish(p.txn_id, ABORT, p.participants)  # a later copy must not prepare it
             return False
         if p.read_only:
             return True  # validated now, after all its reads: nothing to hold
@@ -130,6 +176,14 @@ class ParticipantState:
         self.finished[txn_id] = ABORT
         return False
 
+    def forget(self, txn_id: bytes) -> None:
+        """Apply a TxnForget: a COMMIT carried out here goes (the module docstring,
+        "Forgetting"); an ABORT stays, and so does a prepared record."""
+        if self.finished.get(txn_id) == COMMIT:
+            del self.finished[txn_id]
+            if txn_id in self.parts:
+                del self.parts[txn_id]
+
     def peek_vote(self, txn_id: bytes) -> bool:
         """The planted bug's fence (``one_round_recovery_unfenced``): a look, no fence."""
         done = self.finished.get(txn_id)
@@ -156,7 +210,7 @@ class ParticipantState:
         for key, _ in (*p.reads, *p.writes):
             if self.locks.get(key) == r.txn_id:
                 del self.locks[key]
-        self.finished[r.txn_id] = r.outcome
+        self._finish(r.txn_id, r.outcome, p.participants)
         return True
 
     def apply_single(self, store: Store, reads, writes) -> bool:
@@ -181,3 +235,9 @@ class DecisionTable:
     def apply_decision(self, txn_id: bytes, outcome: int) -> int:
         """Record ``outcome`` unless one is recorded already; return the recorded one."""
         return self.decisions.setdefault(txn_id, outcome)
+
+    def forget(self, txn_id: bytes) -> None:
+        """Apply a TxnForget here: a recorded COMMIT goes (carried out everywhere); an
+        ABORT stays (``ParticipantState``'s module docstring, "Forgetting")."""
+        if self.decisions.get(txn_id) == COMMIT:
+            del self.decisions[txn_id]

@@ -18,6 +18,10 @@ some shard's Paxos log, applied by every replica of that shard alike:
   transaction's one-round yes prepare (or carried out its COMMIT); if it holds
   nothing, the transaction is finished there as ABORT, so a later copy of its
   prepare votes no.
+- ``TxnForget`` (any shard, node-internal): forget the COMMIT outcomes of
+  transactions committed on every participant (and, for one-round ones, the
+  recorded COMMIT), so that these records do not grow with every transaction
+  (``kvstore.txn.participant``, "Forgetting").
 
 A one-round prepare (``one_round``: the transaction is committed as soon as
 every participant holds its yes vote) is encoded with a ninth field; a
@@ -46,6 +50,9 @@ _TAG_PREPARE = "TxnPrepare"
 _TAG_DECISION = "TxnDecision"
 _TAG_RESOLVE = "TxnResolve"
 _TAG_FENCE = "TxnFence"
+_TAG_FORGET = "TxnForget"
+#: A TxnForget names at most this many transactions (one entry per shard and flush).
+FORGET_MAX_IDS = 1024
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,12 @@ class TxnFence:
     txn_id: bytes  # of a one-round transaction being recovered: no yes vote of it after this
 
 
+@dataclass(frozen=True)
+class TxnForget:
+    txn_ids: tuple  # transactions committed on every participant: their COMMITs go
+    decisions: bool = True  # the recorded COMMIT too (one-round transactions)
+
+
 def encode(entry) -> bytes:
     if isinstance(entry, TxnPrepare):
         body = [_TAG_PREPARE, entry.txn_id, entry.coordinator, list(entry.participants),
@@ -88,6 +101,8 @@ def encode(entry) -> bytes:
             body.append(True)
     elif isinstance(entry, TxnFence):
         body = [_TAG_FENCE, entry.txn_id]
+    elif isinstance(entry, TxnForget):
+        body = [_TAG_FORGET, list(entry.txn_ids), entry.decisions]
     elif isinstance(entry, (TxnDecision, TxnResolve)):
         tag = _TAG_DECISION if isinstance(entry, TxnDecision) else _TAG_RESOLVE
         body = [tag, entry.txn_id, entry.outcome]
@@ -112,6 +127,12 @@ def decode(data: bytes):
         body = msgpack.unpackb(data, raw=False)
     except Exception as e:  # msgpack raises several unrelated classes
         raise ValueError(f"undecodable 2PC entry: {e}") from e
+    if isinstance(body, list) and len(body) == 3 and body[0] == _TAG_FORGET:
+        ids, decisions = body[1], body[2]
+        if not (isinstance(ids, list) and 0 < len(ids) <= FORGET_MAX_IDS and type(decisions) is bool
+                and all(isinstance(t, bytes) and 0 < len(t) <= 64 for t in ids)):
+            raise ValueError("malformed TxnForget")
+        return TxnForget(tuple(ids), decisions)
     if not isinstance(body, list) or not body or not isinstance(body[1] if len(body) > 1 else None, bytes):
         raise ValueError("malformed 2PC entry")
     tag = body[0]
