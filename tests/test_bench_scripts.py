@@ -140,14 +140,24 @@ def test_cluster_bench_measures_kvstore_and_etcd_in_the_same_sitting(tmp_path):
         assert versus is None and "etcd: not installed" in result.stderr
         return
     names = [r["row"] for r in versus["rows"]]
+    grpc = importlib.util.find_spec("grpc") is not None
     assert names == ["put, 256 in flight, asyncio", "get, 256 in flight, asyncio",
                      "put, 1 in flight, asyncio", "get, 1 in flight, asyncio",
-                     "put, sequential, sync client", "get, sequential, sync client"]
+                     "put, sequential, sync client", "get, sequential, sync client",
+                     "put, sequential, sync, a follower stopped",
+                     "get, sequential, sync, a follower stopped",
+                     "get, sequential, sync, kvstore's lease reads"]
     for row in versus["rows"]:
         assert row["kvstore"]["ops_per_s"] > 0 and row["kvstore"]["p50_ms"] > 0
-        if row["client"] == "sync" or importlib.util.find_spec("grpc") is not None:
+        if grpc or row["client"] == "sync" and "stopped" not in row["row"] \
+                and "lease" not in row["row"]:
             assert row["etcd"]["ops_per_s"] > 0 and row["etcd"]["p50_ms"] > 0
+        if row["client"] == "aio":  # the client's CPU per call, both sides
+            assert row["kvstore"]["client_cpu_us_per_op"] > 0
+            if grpc:
+                assert row["etcd"]["client_cpu_us_per_op"] > 0
     assert "kvstore/etcd" in result.stdout
+    assert "CPU per call" in result.stdout
 
 
 def test_etcd_messages_are_encoded_and_read_as_protobuf():
