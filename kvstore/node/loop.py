@@ -632,6 +632,3 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
             if before[0] == LEADER and now[0] != LEADER:
                 self._uncommitted_bytes[s] = 0
                 self._fail_waiting_writes(s, now[1])
-
-
-    # ------------------------------------------------------------------ 2PC resolver
