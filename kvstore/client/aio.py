@@ -96,22 +96,11 @@ class AsyncKV:
             socks = core._direct_send_batch(calls)
             replies = await self._direct_replies(calls, socks)
 
-            async def outcome(call, sock):
-                reply = replies.get(call.request_id) if sock is not None else None
-                result = core._direct_outcome(call, reply)
-                if result is DIRECT_NEW_WRITE:
-                    return await self._await(core.submit(
-                        call.op, call.shard, call.payload,
-                        max(0.001, call.deadline - time.monotonic())))
-                if result is DIRECT_HAND_OVER:
-                    if core._hand_over(call):
-                        handed.add(call.request_id)
-                    return await self._await(call.future)
-                return result
-
             async def settle(call, sock):
+                reply = replies.get(call.request_id) if sock is not None else None
                 try:
-                    return await outcome(call, sock)
+                    return await self._direct_result(call, core._direct_outcome(call, reply),
+                                                     handed)
                 except KVError as e:
                     return e
 
@@ -171,21 +160,27 @@ class AsyncKV:
         descriptor in this loop; no hand-over to the I/O thread and back (two thread
         wake-ups) unless the plain answer does not come."""
         core = self._core
-        handed = False
+        handed: set = set()
         try:
             sock = core._direct_send(call)
             reply = None if sock is None else await self._direct_reply(sock, call)
-            outcome = core._direct_outcome(call, reply)
-            if outcome is DIRECT_NEW_WRITE:
-                return await self._await(core.submit(
-                    call.op, call.shard, call.payload,
-                    max(0.001, call.deadline - time.monotonic())))
-            if outcome is DIRECT_HAND_OVER:
-                handed = core._hand_over(call)
-                return await self._await(call.future)
-            return outcome
+            return await self._direct_result(call, core._direct_outcome(call, reply), handed)
         finally:
-            core._direct_release(call, handed)
+            core._direct_release(call, bool(handed))
+
+    async def _direct_result(self, call, outcome, handed: set):
+        """The answer to a direct ``call`` whose ``_direct_outcome`` is ``outcome``: a write
+        the engine must send anew goes through it; a call handed over to the I/O thread
+        (its request id then joins ``handed``) is awaited from there; else ``outcome``."""
+        core = self._core
+        if outcome is DIRECT_NEW_WRITE:
+            return await self._await(core.submit(call.op, call.shard, call.payload,
+                                                 max(0.001, call.deadline - time.monotonic())))
+        if outcome is DIRECT_HAND_OVER:
+            if core._hand_over(call):
+                handed.add(call.request_id)
+            return await self._await(call.future)
+        return outcome
 
     async def _direct_reply(self, sock, call):
         """``(status, value)`` of ``call``'s reply on ``sock``, or None after
