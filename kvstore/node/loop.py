@@ -514,16 +514,15 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
                 if rd.membership is not None:  # a new epoch: links to its members first
                     self._on_membership(s, rd.membership)
             self._note_leases(writes)
-            self.counters["poisoned_values"] += sum(1 for r in results if r[3] is POISONED)
             # b. send: one frame (or a few, if huge) per peer, across shards
             for peer, items in outbox.items():
                 for frame in wire.encode_paxos_frames(self.index, items, PEER_FRAME_TARGET_BYTES):
                     self.sockets.send_peer(peer, frame)
             if applies:  # a'. nobody waits here for these entries: applied after the send
-                results = self.storage.save(applies)
+                results = results + self.storage.save(applies)
                 writes = writes + applies
                 self._note_leases(applies)
-                self.counters["poisoned_values"] += sum(1 for r in results if r[3] is POISONED)
+            self.counters["poisoned_values"] += sum(1 for r in results if r[3] is POISONED)
             # c. answer
             self._answer_writes(results)
             self._feed_history(writes)
