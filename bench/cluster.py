@@ -369,6 +369,19 @@ print(json.dumps(out))
 """
 
 
+def lone_client(script: str, address: str, n: int) -> list:
+    """Run ``script`` (``LONE_PUT_CLIENT``, ``LONE_GET_CLIENT``) in another process against
+    ``address`` for ``n`` calls: its ``[(sent ns, answered ns), ...]``."""
+    import json
+    import subprocess
+    r = subprocess.run([sys.executable, "-c", script, address, str(n)], capture_output=True,
+                       text=True, timeout=60 + n * 0.05,
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+    if r.returncode != 0:
+        raise RuntimeError(f"the lone-call client failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout)
+
+
 def stamped(events: list, kind: str, fn, when=None):
     """``fn``, noting ``(kind, monotonic ns)`` in ``events`` as each call starts (only the
     calls whose arguments ``when`` accepts, if given): the profiles' timing wrappers."""
@@ -403,8 +416,6 @@ def profile_lone_put(base: str, n: int) -> dict:
     CLOCK_MONOTONIC, so the timelines align). Medians over the puts, in ms.
     One shard: a lone put touches one shard whatever their number.
     """
-    import json
-    import subprocess
     from kvstore.paxos import messages as M
     lc = LocalCluster(os.path.join(base, "profile"), 3, 1)
     db = None
@@ -442,12 +453,7 @@ def profile_lone_put(base: str, n: int) -> dict:
         node._on_write, node._on_paxos = timed_on_write, timed_on_paxos
         node.storage.save = timed_save
         node.sockets.send_peer, node.sockets.reply = timed_send_peer, timed_reply
-        r = subprocess.run([sys.executable, "-c", LONE_PUT_CLIENT, lc.addresses["n1"], str(n)],
-                           capture_output=True, text=True, timeout=60 + n * 0.05,
-                           env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
-        if r.returncode != 0:
-            raise RuntimeError(f"the lone-put client failed: {r.stderr[-2000:]}")
-        puts = json.loads(r.stdout)
+        puts = lone_client(LONE_PUT_CLIENT, lc.addresses["n1"], n)
         node._on_write, node._on_paxos = on_write, on_paxos
         node.storage.save = save
         node.sockets.send_peer, node.sockets.reply = send_peer, reply
@@ -546,8 +552,6 @@ def profile_lone_get(base: str, n: int) -> dict:
     Heartbeats of its read-index round, the first HeartbeatReply, the read served, the
     answer sent); the client another process making ``n`` gets one after the other."""
     import bisect
-    import json
-    import subprocess
     from kvstore.paxos import messages as M
     lc = LocalCluster(os.path.join(base, "profile-get"), 3, 1)
     db = None
@@ -570,14 +574,11 @@ def profile_lone_get(base: str, n: int) -> dict:
         node._serve_reads = stamped(events, "serve", serve)
         node.sockets.send_peer = timed(events, "sent_peer", send_peer)
         node.sockets.reply = timed(events, "reply", reply)
-        r = subprocess.run([sys.executable, "-c", LONE_GET_CLIENT, lc.addresses["n1"], str(n)],
-                           capture_output=True, text=True, timeout=60 + n * 0.05,
-                           env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
-        (node._on_read, node._on_paxos, node._serve_reads, node.sockets.send_peer,
-         node.sockets.reply) = saved
-        if r.returncode != 0:
-            raise RuntimeError(f"the lone-get client failed: {r.stderr[-2000:]}")
-        gets = json.loads(r.stdout)
+        try:
+            gets = lone_client(LONE_GET_CLIENT, lc.addresses["n1"], n)
+        finally:
+            (node._on_read, node._on_paxos, node._serve_reads, node.sockets.send_peer,
+             node.sockets.reply) = saved
     finally:
         if db is not None:
             db.close()
@@ -634,8 +635,6 @@ def profile_follower_put(base: str, n: int) -> dict:
     Per turn with an append and a send after it: the medians of each segment, in ms.
     """
     import bisect
-    import json
-    import subprocess
     lc = LocalCluster(os.path.join(base, "profile-follower"), 3, 1)
     db = None
     events: list = []
@@ -654,15 +653,10 @@ def profile_follower_put(base: str, n: int) -> dict:
         for (obj, name), fn in zip(wrapped, saved):
             setattr(obj, name, timed(events, name, fn))
         try:
-            r = subprocess.run([sys.executable, "-c", LONE_PUT_CLIENT, lc.addresses[leader],
-                                str(n)], capture_output=True, text=True,
-                               timeout=60 + n * 0.05,
-                               env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+            lone_client(LONE_PUT_CLIENT, lc.addresses[leader], n)
         finally:
             for (obj, name), fn in zip(wrapped, saved):
                 setattr(obj, name, fn)
-        if r.returncode != 0:
-            raise RuntimeError(f"the lone-put client failed: {r.stderr[-2000:]}")
     finally:
         if db is not None:
             db.close()
