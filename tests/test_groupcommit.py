@@ -199,21 +199,31 @@ def test_base_exception_in_commit_does_not_wedge():
     assert gc.submit(Request(2)) == "ok"
 
 
-def test_leadership_hands_off_to_a_queued_request():
-    """A leader that led ``lead_rounds`` batches answers its last and hands leadership
-    to a request queued meanwhile; that request's own thread commits the next batch."""
-    committing_threads = []
-    first_entered = threading.Event()
-    release_first = threading.Event()
+class GatedCommit:
+    """A commit that notes ``(its thread's name, the batch's payloads sorted)`` in
+    ``threads`` and answers each request with its payload; a batch whose first payload is
+    in ``gated`` sets ``entered[payload]`` and waits for ``release[payload]``."""
 
-    def commit(batch):
-        committing_threads.append((threading.current_thread().name, [r.payload for r in batch]))
-        if batch[0].payload == "first":
-            first_entered.set()
-            assert release_first.wait(10)
+    def __init__(self, gated=(0,)) -> None:
+        self.threads: list = []
+        self.entered = {p: threading.Event() for p in gated}
+        self.release = {p: threading.Event() for p in gated}
+
+    def __call__(self, batch) -> None:
+        self.threads.append((threading.current_thread().name,
+                             sorted(r.payload for r in batch)))
+        first = batch[0].payload
+        if first in self.entered:
+            self.entered[first].set()
+            assert self.release[first].wait(10)
         for r in batch:
             r.result = r.payload
 
+
+def test_leadership_hands_off_to_a_queued_request():
+    """A leader that led ``lead_rounds`` batches answers its last and hands leadership
+    to a request queued meanwhile; that request's own thread commits the next batch."""
+    commit = GatedCommit(gated=("first",))
     gc = GroupCommitter(commit, lead_rounds=1)
     results = {}
     first = threading.Thread(name="T-first", target=lambda: results.__setitem__(
@@ -221,14 +231,14 @@ def test_leadership_hands_off_to_a_queued_request():
     second = threading.Thread(name="T-second", target=lambda: results.__setitem__(
         "second", gc.submit(Request("second"))))
     first.start()
-    assert first_entered.wait(10)
+    assert commit.entered["first"].wait(10)
     second.start()
     wait_queued(gc, 1)
-    release_first.set()
+    commit.release["first"].set()
     first.join(10)
     second.join(10)
     assert results == {"first": "first", "second": "second"}
-    assert committing_threads == [("T-first", ["first"]), ("T-second", ["second"])]
+    assert commit.threads == [("T-first", ["first"]), ("T-second", ["second"])]
     assert gc._busy is False and gc._queue == []
     assert gc.submit(Request("third")) == "third"
 
@@ -260,52 +270,28 @@ def test_batches_are_bounded_by_max_batch(monkeypatch):
 def test_a_leader_commits_what_queued_meanwhile_before_it_returns():
     """The batch queued behind a leader's commit is committed by the same thread, with no
     hand-off (a thread wake-up and a GIL switch) in between, and every writer answered."""
-    committing_threads = []
-    first_entered = threading.Event()
-    release_first = threading.Event()
-
-    def commit(batch):
-        committing_threads.append((threading.current_thread().name,
-                                   sorted(r.payload for r in batch)))
-        if batch[0].payload == 0:
-            first_entered.set()
-            assert release_first.wait(10)
-        for r in batch:
-            r.result = r.payload
-
+    commit = GatedCommit()
     gc = GroupCommitter(commit, lead_rounds=2)
     first = threading.Thread(name="T-first", target=gc.submit, args=(Request(0),))
     first.start()
-    assert first_entered.wait(10)
+    assert commit.entered[0].wait(10)
     followers = [threading.Thread(target=gc.submit, args=(Request(i),)) for i in range(1, 4)]
     for t in followers:
         t.start()
     wait_queued(gc, 3)
-    release_first.set()
+    commit.release[0].set()
     for t in [first, *followers]:
         t.join(10)
         assert not t.is_alive()
-    assert committing_threads == [("T-first", [0]), ("T-first", [1, 2, 3])]
+    assert commit.threads == [("T-first", [0]), ("T-first", [1, 2, 3])]
     assert gc._busy is False and gc._queue == []
 
 
 def test_a_leader_hands_off_after_lead_rounds_batches():
     """Its own caller waits for at most ``lead_rounds`` batches: then the first request
     still queued leads, in its own thread."""
-    committing_threads = []
-    entered = {0: threading.Event(), 1: threading.Event()}
-    release = {0: threading.Event(), 1: threading.Event()}
-
-    def commit(batch):
-        committing_threads.append((threading.current_thread().name,
-                                   sorted(r.payload for r in batch)))
-        first = batch[0].payload
-        if first in entered:
-            entered[first].set()
-            assert release[first].wait(10)
-        for r in batch:
-            r.result = r.payload
-
+    commit = GatedCommit(gated=(0, 1))
+    entered, release = commit.entered, commit.release
     gc = GroupCommitter(commit, lead_rounds=2)
     threads = {0: threading.Thread(name="T0", target=gc.submit, args=(Request(0),))}
     threads[0].start()
@@ -322,7 +308,7 @@ def test_a_leader_hands_off_after_lead_rounds_batches():
     for t in threads.values():
         t.join(10)
         assert not t.is_alive()
-    assert committing_threads == [("T0", [0]), ("T0", [1]), ("T2", [2])]
+    assert commit.threads == [("T0", [0]), ("T0", [1]), ("T2", [2])]
 
 
 def test_batches_are_bounded_in_bytes_and_a_large_request_commits_alone():
@@ -366,19 +352,7 @@ def test_a_leader_that_fails_to_take_the_next_batch_passes_the_lead_on():
     """An error between two batches (a MemoryError while taking the next) reaches the
     leader's caller; the request it had taken off the queue still commits, in its own
     thread, instead of waiting for ever."""
-    committing_threads = []
-    first_entered = threading.Event()
-    release_first = threading.Event()
-
-    def commit(batch):
-        committing_threads.append((threading.current_thread().name,
-                                   [r.payload for r in batch]))
-        if batch[0].payload == 0:
-            first_entered.set()
-            assert release_first.wait(10)
-        for r in batch:
-            r.result = r.payload
-
+    commit = GatedCommit()
     gc = GroupCommitter(commit, lead_rounds=4)
     take = gc._take
     calls = []
@@ -400,14 +374,14 @@ def test_a_leader_that_fails_to_take_the_next_batch_passes_the_lead_on():
 
     first = threading.Thread(name="T0", target=submit, args=(0,), daemon=True)
     first.start()
-    assert first_entered.wait(10)
+    assert commit.entered[0].wait(10)
     second = threading.Thread(name="T1", target=submit, args=(1,), daemon=True)
     second.start()
     wait_queued(gc, 1)
-    release_first.set()
+    commit.release[0].set()
     for t in (first, second):
         t.join(10)
         assert not t.is_alive(), "a submitter hung"
     assert isinstance(outcomes[0], MemoryError) and outcomes[1] == 1
-    assert committing_threads == [("T0", [0]), ("T1", [1])]
+    assert commit.threads == [("T0", [0]), ("T1", [1])]
     assert gc._busy is False and gc._queue == []
