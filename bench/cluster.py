@@ -72,6 +72,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+import bare_pipeline  # noqa: E402  (bench/bare_pipeline.py, beside this script)
 import figures  # noqa: E402  (bench/figures.py, beside this script)
 
 import kvstore  # noqa: E402
@@ -143,7 +144,10 @@ def loopback_floor(n: int = 2000) -> float:
     return statistics.median(times[n // 10:])
 
 
-async def load(db, kind: str, in_flight: int, seconds: float, keys: list, value: bytes) -> dict:
+async def load(db, kind: str, in_flight: int, seconds: float, keys: list, value: bytes,
+               servers: list = ()) -> dict:
+    """``in_flight`` coroutines calling ``db`` for ``seconds``: the row (ops/s, p50/p99,
+    the CDF, this process's CPU per call and, with ``servers``, the members')."""
     latencies: list = []
     deadline = time.perf_counter() + seconds
     nkeys = len(keys)
@@ -160,14 +164,18 @@ async def load(db, kind: str, in_flight: int, seconds: float, keys: list, value:
                 await db.get(key)
             latencies.append(time.perf_counter() - t)
 
+    servers_start = sum(cpu_seconds(pid) for pid in servers)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     await asyncio.gather(*(worker(w) for w in range(in_flight)))
     elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    servers_cpu = sum(cpu_seconds(pid) for pid in servers) - servers_start
     latencies.sort()
     return {"op": kind, "in_flight": in_flight, "ops": len(latencies),
             "ops_per_s": round(len(latencies) / elapsed, 1),
             # this process's CPU (every thread: the client's I/O thread, grpc's) per call
             "client_cpu_us_per_op": round(cpu / max(1, len(latencies)) * 1e6, 1),
+            **({"servers_cpu_us_per_op": round(servers_cpu / max(1, len(latencies)) * 1e6, 1)}
+               if servers else {}),
             "p50_ms": round(percentile(latencies, 50) * 1e3, 3),
             "p99_ms": round(percentile(latencies, 99) * 1e3, 3),
             # the latency CDF, for a plot: percentile -> ms
@@ -760,10 +768,15 @@ VERSUS_ROWS = (("put, 256 in flight, asyncio", "aio", "put", 256),
                ("get, sequential, sync client", "sync", "get", 1))
 
 
-def sequential(client, kind: str, seconds: float, keys: list, value: bytes) -> dict:
-    """One request after the other on a blocking client, for ``seconds``: ``load``'s row."""
+def sequential(client, kind: str, seconds: float, keys: list, value: bytes,
+               servers: list = ()) -> dict:
+    """One request after the other on a blocking client, for ``seconds``: ``load``'s row,
+    with the CPU per call of this process (every thread) and, summed, of ``servers``
+    (the members' pids): where the machine's two cores go for one request."""
     latencies: list = []
     nkeys = len(keys)
+    cpu_start = cpu_seconds()
+    servers_start = sum(cpu_seconds(pid) for pid in servers)
     start = time.perf_counter()
     deadline = start + seconds
     i = 0
@@ -777,9 +790,14 @@ def sequential(client, kind: str, seconds: float, keys: list, value: bytes) -> d
             client.get(key)
         latencies.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu_start
+    servers_cpu = sum(cpu_seconds(pid) for pid in servers) - servers_start
     latencies.sort()
     return {"op": kind, "in_flight": 1, "ops": len(latencies),
             "ops_per_s": round(len(latencies) / elapsed, 1),
+            "client_cpu_us_per_op": round(cpu / max(1, len(latencies)) * 1e6, 1),
+            **({"servers_cpu_us_per_op": round(servers_cpu / max(1, len(latencies)) * 1e6, 1)}
+               if servers else {}),
             "p50_ms": round(percentile(latencies, 50) * 1e3, 3),
             "p99_ms": round(percentile(latencies, 99) * 1e3, 3),
             "cdf_ms": {str(q): round(percentile(latencies, q) * 1e3, 3)
@@ -800,12 +818,12 @@ LEASE_ROW = "get, sequential, sync, kvstore's lease reads"
 LEASE_READ_TICKS = 20
 
 
-def paused_rows(sync_client, pause, seconds: float) -> dict:
+def paused_rows(sync_client, pause, seconds: float, servers: list = ()) -> dict:
     """``PAUSED_ROWS`` on one system: ``pause()`` is a context manager that stops one
     follower for as long as it is open."""
     keys, value = bench_keys(), os.urandom(VALUE_BYTES)
     with pause():
-        return {name: sequential(sync_client, kind, seconds, keys[:2000], value)
+        return {name: sequential(sync_client, kind, seconds, keys[:2000], value, servers)
                 for name, kind in PAUSED_ROWS}
 
 
@@ -822,10 +840,11 @@ class stopped:
         os.kill(self.pid, signal.SIGCONT)
 
 
-def versus_rows(sync_client, async_connect, seconds: float) -> dict:
+def versus_rows(sync_client, async_connect, seconds: float, servers: list = ()) -> dict:
     """Every ``VERSUS_ROWS`` row on one system: ``sync_client`` has put/get;
     ``async_connect()`` makes, inside the running loop, an async context manager with
-    coroutine put/get. The keys are put once first, so that gets find them."""
+    coroutine put/get; ``servers``: the members' pids (their CPU per call is noted).
+    The keys are put once first, so that gets find them."""
     keys, value = bench_keys(), os.urandom(VALUE_BYTES)
     rows: dict = {}
 
@@ -834,12 +853,12 @@ def versus_rows(sync_client, async_connect, seconds: float) -> dict:
             await asyncio.gather(*(db.put(k, value) for k in keys[:2000]))
             for name, how, kind, c in VERSUS_ROWS:
                 if how == "aio":
-                    rows[name] = await load(db, kind, c, seconds, keys[:2000], value)
+                    rows[name] = await load(db, kind, c, seconds, keys[:2000], value, servers)
 
     asyncio.run(aio_rows())
     for name, how, kind, _c in VERSUS_ROWS:
         if how == "sync":
-            rows[name] = sequential(sync_client, kind, seconds, keys[:2000], value)
+            rows[name] = sequential(sync_client, kind, seconds, keys[:2000], value, servers)
     return rows
 
 
@@ -848,12 +867,13 @@ def kvstore_versus_rows(base: str, shards: int, seconds: float) -> dict:
     try:
         async def connect():
             return await kvstore.aio.connect(lc.address_list, timeout=30)
+        pids = [p.pid for p in lc.procs.values()]
         with kvstore.connect(lc.address_list, timeout=30) as sync_client:
-            rows = versus_rows(sync_client, connect, seconds)
+            rows = versus_rows(sync_client, connect, seconds, pids)
             leader = sync_client.status()["shards"][0]["leader"]
             follower = next(n for n in lc.names if n != leader)
             rows.update(paused_rows(sync_client, lambda: stopped(lc.procs[follower].pid),
-                                    seconds))
+                                    seconds, pids))
     finally:
         lc.stop_all()
         lc.close()
@@ -864,7 +884,8 @@ def kvstore_versus_rows(base: str, shards: int, seconds: float) -> dict:
             keys, value = bench_keys(), os.urandom(VALUE_BYTES)
             for k in keys[:2000]:
                 sync_client.put(k, value)
-            rows[LEASE_ROW] = sequential(sync_client, "get", seconds, keys[:2000], value)
+            rows[LEASE_ROW] = sequential(sync_client, "get", seconds, keys[:2000], value,
+                                         [p.pid for p in lc.procs.values()])
     finally:
         lc.stop_all()
         lc.close()
@@ -881,12 +902,15 @@ def etcd_versus_rows(base: str, binary: str, seconds: float) -> dict:
         if etcd_local.has_grpc():
             async def connect():
                 return etcd_local.AsyncEtcdGrpc(url)
+            pids = [p.pid for p in ec.procs]
             with etcd_local.EtcdGrpc(url) as sync_client:
-                rows = versus_rows(sync_client, connect, seconds)
+                rows = versus_rows(sync_client, connect, seconds, pids)
                 keys, value = bench_keys(), os.urandom(VALUE_BYTES)
-                rows[LEASE_ROW] = sequential(sync_client, "get", seconds, keys[:2000], value)
+                rows[LEASE_ROW] = sequential(sync_client, "get", seconds, keys[:2000], value,
+                                             pids)
                 follower = next(p for u, p in zip(ec.client_urls, ec.procs) if u != url)
-                rows.update(paused_rows(sync_client, lambda: stopped(follower.pid), seconds))
+                rows.update(paused_rows(sync_client, lambda: stopped(follower.pid), seconds,
+                                        pids))
                 return rows
         client = etcd_local.EtcdClient(url)
         try:
@@ -933,8 +957,11 @@ def versus_etcd(base: str, shards: int, seconds: float, rounds: int) -> dict | N
             got = [r[name] for r in runs[side] if name in r]
             if got:
                 cpu = [r["client_cpu_us_per_op"] for r in got if "client_cpu_us_per_op" in r]
+                servers = [r["servers_cpu_us_per_op"] for r in got
+                           if "servers_cpu_us_per_op" in r]
                 row[side] = {"ops_per_s": max(r["ops_per_s"] for r in got),
                              "client_cpu_us_per_op": min(cpu) if cpu else None,
+                             "servers_cpu_us_per_op": min(servers) if servers else None,
                              "p50_ms": min(r["p50_ms"] for r in got),
                              "p99_ms": min(r["p99_ms"] for r in got),
                              "rounds_p50_ms": [r["p50_ms"] for r in got],
@@ -967,12 +994,17 @@ def print_versus(v: dict) -> None:
         else:
             ratio = "n/a"
         print(f"  {r['row']:44}{cell(kv):>26}{cell(et):>26}{ratio:>14}")
-    print("  the asyncio client's CPU per call (its process, every thread), best round:")
+    print("  CPU per call, best round: the client's process (every thread) and the three "
+          "members' together:")
     for r in v["rows"]:
         kv, et = r.get("kvstore") or {}, r.get("etcd") or {}
         a, b = kv.get("client_cpu_us_per_op"), et.get("client_cpu_us_per_op")
+        sa, sb = kv.get("servers_cpu_us_per_op"), et.get("servers_cpu_us_per_op")
         if a and b:
-            print(f"    {r['row']:42} kvstore {a:7.1f} us   etcd {b:7.1f} us   {a / b:.2f}")
+            line = f"    {r['row']:42} client: kvstore {a:7.1f} us  etcd {b:7.1f} us  {a / b:.2f}"
+            if sa and sb:
+                line += f"   members: kvstore {sa:7.1f} us  etcd {sb:7.1f} us  {sa / sb:.2f}"
+            print(line)
 
 
 def main(argv=None) -> int:
@@ -1019,7 +1051,10 @@ def main(argv=None) -> int:
         fsync_s = fsync_floor(base)
         rtt_s = loopback_floor(300 if args.quick else 3000)
         print(f"floor: fdatasync {fsync_s * 1e3:.3f} ms + loopback round trip "
-              f"{rtt_s * 1e3:.3f} ms = {(fsync_s + rtt_s) * 1e3:.3f} ms\n")
+              f"{rtt_s * 1e3:.3f} ms = {(fsync_s + rtt_s) * 1e3:.3f} ms")
+        bare = bare_pipeline.floor(base, 300 if args.quick else 3000)
+        bare_pipeline.print_floor(bare)
+        print()
         versus = None if args.no_etcd else versus_etcd(
             base, args.shards, seconds, 1 if args.quick else args.etcd_rounds)
         if versus:
@@ -1029,7 +1064,7 @@ def main(argv=None) -> int:
                            "value_bytes": VALUE_BYTES,
                            "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
                                         "loopback_rtt": round(rtt_s * 1e3, 3)},
-                           "versus_etcd": versus},
+                           "bare_pipeline": bare, "versus_etcd": versus},
                           args.json or figures.default_path("cluster_etcd"))
             return 0
         with LocalCluster(os.path.join(base, "cluster"), 3, args.shards) as lc:
@@ -1070,7 +1105,7 @@ def main(argv=None) -> int:
                "value_bytes": VALUE_BYTES, "seconds_per_row": seconds,
                "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
                             "loopback_rtt": round(rtt_s * 1e3, 3)},
-               "rows": rows, "embedded": embedded, "lone_put_profile": profile,
+               "bare_pipeline": bare, "rows": rows, "embedded": embedded, "lone_put_profile": profile,
                "lone_get_profile": get_profile, "follower_put_profile": follower_profile,
                "pysyncobj": pysyncobj, "metrics_cost": compared, "versus_etcd": versus}
     floor = (fsync_s + rtt_s) * 1e3

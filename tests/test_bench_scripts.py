@@ -135,7 +135,14 @@ def test_cluster_bench_measures_kvstore_and_etcd_in_the_same_sitting(tmp_path):
     result = run_script("cluster.py", "--etcd-only", "--quick", "--seconds", "0.2",
                         "--dir", str(tmp_path), "--json", str(out))
     assert result.returncode == 0, result.stderr
-    versus = json.loads(out.read_text())["versus_etcd"]
+    data = json.loads(out.read_text())
+    # the bare pipeline: a put's hops and flushes with no protocol, beside both systems
+    for way in ("with_fdatasync", "without_fdatasync"):
+        bare = data["bare_pipeline"][way]
+        assert bare["p50_ms"] > 0 and bare["puts"] == 300
+        assert set(bare["cpu_us_per_put"]) == {"leader", "followers", "client"}
+    assert "the bare pipeline" in result.stdout
+    versus = data["versus_etcd"]
     if not has_etcd:
         assert versus is None and "etcd: not installed" in result.stderr
         return
@@ -152,10 +159,12 @@ def test_cluster_bench_measures_kvstore_and_etcd_in_the_same_sitting(tmp_path):
         if grpc or row["client"] == "sync" and "stopped" not in row["row"] \
                 and "lease" not in row["row"]:
             assert row["etcd"]["ops_per_s"] > 0 and row["etcd"]["p50_ms"] > 0
-        if row["client"] == "aio":  # the client's CPU per call, both sides
-            assert row["kvstore"]["client_cpu_us_per_op"] > 0
-            if grpc:
-                assert row["etcd"]["client_cpu_us_per_op"] > 0
+        # the CPU per call of the client's process and of the three members, both sides
+        assert row["kvstore"]["client_cpu_us_per_op"] > 0
+        assert row["kvstore"]["servers_cpu_us_per_op"] > 0
+        if grpc:
+            assert row["etcd"]["client_cpu_us_per_op"] > 0
+            assert row["etcd"]["servers_cpu_us_per_op"] > 0
     assert "kvstore/etcd" in result.stdout
     assert "CPU per call" in result.stdout
 
