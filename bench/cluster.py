@@ -816,6 +816,11 @@ PAUSED_ROWS = (("put, sequential, sync, a follower stopped", "put"),
 #: round. etcd 3.4 has no such option for linearizable reads: its row is its read-index get.
 LEASE_ROW = "get, sequential, sync, kvstore's lease reads"
 LEASE_READ_TICKS = 20
+#: kvstore only: the sequential rows again with busy polling off (``[tuning] busy_poll_us
+#: = 0``; a server polls awake between close messages by default, ``kvstore.node.waiter``),
+#: to show in the same sitting what it buys and what it costs in CPU.
+BUSY_OFF_ROWS = (("put, sequential, sync, kvstore's busy polling off", "put"),
+                 ("get, sequential, sync, kvstore's busy polling off", "get"))
 
 
 def paused_rows(sync_client, pause, seconds: float, servers: list = ()) -> dict:
@@ -889,6 +894,18 @@ def kvstore_versus_rows(base: str, shards: int, seconds: float) -> dict:
     finally:
         lc.stop_all()
         lc.close()
+    lc = _started_cluster(base + "-awake", shards, metrics=False, tuning={"busy_poll_us": 0})
+    try:
+        with kvstore.connect(lc.address_list, timeout=30) as sync_client:
+            keys, value = bench_keys(), os.urandom(VALUE_BYTES)
+            for k in keys[:2000]:
+                sync_client.put(k, value)
+            for name, kind in BUSY_OFF_ROWS:
+                rows[name] = sequential(sync_client, kind, seconds, keys[:2000], value,
+                                        [p.pid for p in lc.procs.values()])
+    finally:
+        lc.stop_all()
+        lc.close()
     return rows
 
 
@@ -950,7 +967,9 @@ def versus_etcd(base: str, shards: int, seconds: float, rounds: int) -> dict | N
                     f"{r['ops_per_s']:,.0f}/s" if r["in_flight"] > 1 else f"{r['p50_ms']:.3f} ms")
                 for n, r in rows.items()), flush=True)
     table = []
-    extra = [(name, "sync", kind, 1) for name, kind in PAUSED_ROWS] + [(LEASE_ROW, "sync", "get", 1)]
+    extra = ([(name, "sync", kind, 1) for name, kind in PAUSED_ROWS]
+             + [(LEASE_ROW, "sync", "get", 1)]
+             + [(name, "sync", kind, 1) for name, kind in BUSY_OFF_ROWS])
     for name, how, kind, c in list(VERSUS_ROWS) + extra:
         row: dict = {"row": name, "op": kind, "client": how, "in_flight": c}
         for side in runs:

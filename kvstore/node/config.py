@@ -154,7 +154,10 @@ def parse_security(doc: dict, path: str) -> str | None:
 #: ``[tuning]`` settings (all optional): timing and batching of every node.
 TUNING = {"tick_ms": int, "election_timeout_ticks": int, "heartbeat_interval_ticks": int,
           "pipeline_window": int, "batch_commands_max": int, "snapshot_every_slots": int,
-          "log_retain_slots": int, "lease_read_ticks": int, "snapshot_chunk_bytes": int}
+          "log_retain_slots": int, "lease_read_ticks": int, "snapshot_chunk_bytes": int,
+          "busy_poll_us": int}
+#: ``[tuning]`` settings that may be 0 (off).
+TUNING_MAY_BE_ZERO = ("lease_read_ticks", "busy_poll_us")
 #: The node's default election timeout, for checking a lease against it.
 _ELECTION_TIMEOUT_TICKS_DEFAULT = 30
 
@@ -168,7 +171,7 @@ def parse_tuning(doc: dict, path: str) -> dict:
         if k not in TUNING:
             raise InvalidArgument(f"{path}: [tuning] has no setting {k!r} "
                                   f"(known: {', '.join(TUNING)})")
-        least = 0 if k == "lease_read_ticks" else 1  # a lease of 0 ticks: lease reads off
+        least = 0 if k in TUNING_MAY_BE_ZERO else 1  # a lease of 0 ticks: lease reads off
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise InvalidArgument(f"{path}: [tuning] {k} must be an integer >= {least}, got {v!r}")
         out[k] = v

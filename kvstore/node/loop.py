@@ -7,7 +7,8 @@ for peers, a DEALER per peer) and a monotonic clock, and runs them from a single
 thread in one loop. The sockets and the clock are ports (``kvstore.node.ports``):
 the deterministic simulator (``kvstore.sim.realnode``) drives this same class
 over an in-memory transport, its own clock and a simulated disk. ``run()`` is
-the production shell (poll the sockets until the next tick is due); ``turn()``
+the production shell (poll the sockets until the next tick is due, awake for a
+moment first while messages come close together: ``kvstore.node.waiter``); ``turn()``
 is one turn of the loop, the same for both. Each turn:
 
 1. **receive**: read what waits on the ROUTERs (bounded; client kinds only from
@@ -86,8 +87,6 @@ import random
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 
-import zmq
-
 from kvstore.commands import POISONED, DecodedCommands, decode_logged_command
 from kvstore._native import record_fields
 from kvstore.errors import CorruptRecord
@@ -102,6 +101,7 @@ from kvstore.node.ports import NO_BUGS, NodeBugs, SystemClock
 from kvstore.node.resolver import RESOLVE_EVERY_SECONDS, Resolver
 from kvstore.node.stats import PUBLISH_EVERY_SECONDS, NodeStats, view
 from kvstore.node.status import NodeStatus
+from kvstore.node.waiter import LoopWaiter
 from kvstore.node.watching import DEFAULT_HISTORY_BYTES, Watching
 from kvstore.machine.replica import ReplicaStorage, ShardWrite, check_snapshot_data
 from kvstore.node.storage import WalReplicaStorage
@@ -156,6 +156,11 @@ class NodeConfig:
     #: (``clock_jumped``) when it wakes more than a tick late (a stall, SIGSTOP, a GC pause)
     #: before it reads a request, and when it cannot deliver every elapsed tick.
     lease_read_ticks: int = 0
+    #: ``[tuning] busy_poll_us``: after a turn that received something, while messages
+    #: come close together, the loop polls awake for up to this long before it sleeps
+    #: (``kvstore.node.waiter``). None: the process decides (``kvstore-server``:
+    #: ``SERVER_BUSY_POLL_US``; an embedded replica, which shares the application's GIL: off).
+    busy_poll_us: int | None = None
     #: A ``kvstore keygen`` directory: CurveZMQ on every socket (``[security]``), or None.
     curve_keys: str | None = None
     #: name -> "tcp://host:port" where the node's peers connect (``[nodes.NAME]
@@ -234,6 +239,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
         self._tokens = itertools.count(self.rng.randrange(1 << 40) << 20)
         self._roles = [(r.role, r.leader_hint) for r in self.replicas]
         self._stopping = False
+        self._received = False  # the last receive read a frame (the loop waits awake after it)
         self._ticks = 0
         self._campaign_at = list(PREFERRED_CAMPAIGN_TICKS) if len(self.members) > 1 else []
         self._last_expiry = self.clock.monotonic()
@@ -283,10 +289,10 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
 
     def run(self) -> None:
         """The production loop's shell: wait on the sockets until the next tick is due,
-        then one ``turn``. Returns after ``stop()``."""
-        poller = zmq.Poller()
-        poller.register(self.sockets.peer_router, zmq.POLLIN)
-        poller.register(self.sockets.client_router, zmq.POLLIN)
+        then one ``turn`` (``kvstore.node.waiter``: awake for a moment first while messages
+        come close together). Returns after ``stop()``."""
+        waiter = LoopWaiter([self.sockets.peer_router, self.sockets.client_router], self.clock,
+                            (self.config.busy_poll_us or 0) / 1e6, self.counters)
         self._next_reload = self.clock.monotonic()
         self._next_tick = self.clock.monotonic() + self.config.tick_seconds
         log.info("node %s up at %s (peers at %s): %d shard(s), %d node(s)", self.name,
@@ -295,8 +301,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
                  extra={"event": "start", "node": self.name})
         try:
             while not self._stopping:
-                wait = self._next_tick - self.clock.monotonic()
-                self.turn(bool(poller.poll(max(0, int(wait * 1000) + 1) if wait > 0 else 0)))
+                self.turn(waiter.wait(self._next_tick, self._received))
             self.finish()
         finally:
             self.close()
@@ -307,6 +312,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
         loop calls it once its poll returns; the simulator calls it once per step."""
         tick = self.config.tick_seconds
         lease = self.config.lease_read_ticks > 0
+        self._received = False
         if inbox_ready:
             if lease and self.clock.monotonic() - self._next_tick > tick:
                 self._clock_jumped()  # before any read: the ticks lag the clock
@@ -369,7 +375,9 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
         protocol only from the peer socket (``kvstore.transport.sockets``); anything
         else is dropped and counted by reason before it is decoded further."""
         sockets = self.sockets
-        for role, identity, frame in sockets.recv_many():
+        frames = sockets.recv_many()
+        self._received = bool(frames)
+        for role, identity, frame in frames:
             try:
                 body = wire.decode(frame, wire.MAX_REQUEST_FRAME_BYTES if role == CLIENT
                                    else wire.MAX_PEER_FRAME_BYTES)

@@ -153,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return initfrom.run(args)
     from kvstore.node.loop import Node
     from kvstore.node.config import load_node_config
+    from kvstore.node.waiter import SERVER_BUSY_POLL_US
     try:
         if bool(args.join) == bool(args.config):
             raise InvalidArgument("pass --config cluster.toml (a node of a new or running "
@@ -171,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = _metrics_server(args)
     except InvalidArgument as e:
         return _fail(str(e))
+    if config.busy_poll_us is None:  # a server of its own: awake between close messages
+        config.busy_poll_us = SERVER_BUSY_POLL_US
     setup_logging(args.log_format, args.log_level)
     try:
         node = Node(config)
