@@ -97,7 +97,9 @@ def test_requests_are_counted_by_op_and_outcome_with_their_latency(cluster):
                 and delta("kvstore_requests_total", op="get", outcome="ok")
                 + delta("kvstore_requests_total", op="get", outcome="forwarded") >= 10
                 and delta("kvstore_wal_fsync_duration_seconds_count") > 0
-                and delta("kvstore_wal_appended_bytes_total") > 40 * len(b"v"))
+                and delta("kvstore_wal_appended_bytes_total") > 40 * len(b"v")
+                # one put after the other: the loops caught messages awake (busy polling)
+                and delta("kvstore_busy_poll_hits_total") > 0)
     wait_for(counted, 5.0)
     samples = scrape(cluster.metrics_addresses[names[0]])
     # a histogram as Prometheus reads it: cumulative buckets, +Inf == count

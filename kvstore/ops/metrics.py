@@ -222,3 +222,8 @@ def _drops(counters: dict):
     peer = CounterMetricFamily("kvstore_peer_frames_sent", "Frames sent to peers")
     peer.add_metric([], counters.get("sent_peer_frames", 0))
     yield peer
+    busy = CounterMetricFamily("kvstore_busy_poll_hits",
+                               "Loop waits a busy poll ended (a wake-up saved; [tuning] "
+                               "busy_poll_us)")
+    busy.add_metric([], counters.get("busy_poll_hits", 0))
+    yield busy
