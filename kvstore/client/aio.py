@@ -43,6 +43,7 @@ from kvstore.client.lease import AsyncLease
 from kvstore.commands import check_ttl, incr_result
 from kvstore.lease import new_lease_id
 from kvstore.errors import InvalidArgument, KVError, TransactionConflict
+from kvstore.transport.sockets import EVENTS, POLLIN
 
 
 async def connect(addresses, timeout: float = 5.0, *, keys=None, cache=None,
@@ -120,7 +121,7 @@ class AsyncKV:
         while len(replies) < len(by_id):
             ready_now = False
             for address, sock in watched.items():
-                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if sock.getsockopt(EVENTS) & POLLIN:
                     self._core._direct_take_batch(sock, address, by_id, replies)
                     ready_now = True
             if ready_now:
@@ -191,7 +192,7 @@ class AsyncKV:
         end = min(time.monotonic() + DIRECT_ATTEMPT_SECONDS, call.deadline)
         fd = sock.getsockopt(zmq.FD)
         while True:
-            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if sock.getsockopt(EVENTS) & POLLIN:
                 reply = self._core._direct_take(sock, call)
                 if reply is not None:
                     return reply

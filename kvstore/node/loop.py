@@ -612,7 +612,6 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
             self._answer_writes(early)
             self._flush_replies()
 
-
     def _observe_roles(self) -> None:
         for s, r in enumerate(self.replicas):
             if r.trace:

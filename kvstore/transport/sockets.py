@@ -91,6 +91,9 @@ from kvstore.transport.wire import MAX_PEER_FRAME_BYTES, MAX_REQUEST_FRAME_BYTES
 
 #: The derived peer port is the client port plus this (Redis Cluster's bus port).
 PEER_PORT_OFFSET = 10000
+#: ``ZMQ_EVENTS`` and ``POLLIN`` as plain ints: ``&`` on pyzmq's enum flags builds an
+#: enum member each time (about 1 us; several per message on the receive path).
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 HWM_MESSAGES = 10_000
 CLIENT_SNDHWM = 16
 CLIENT_RCVHWM = 4
@@ -266,7 +269,7 @@ class NodeSockets:
         events = sock.getsockopt
         for _ in range(limit):
             # asked, not tried: a recv that finds nothing raises, and a raise costs more
-            if not events(zmq.EVENTS) & zmq.POLLIN:
+            if not events(EVENTS) & POLLIN:
                 return
             try:
                 identity = sock.recv(zmq.NOBLOCK)
