@@ -1124,7 +1124,8 @@ def main(argv=None) -> int:
                "value_bytes": VALUE_BYTES, "seconds_per_row": seconds,
                "floor_ms": {"fdatasync": round(fsync_s * 1e3, 3),
                             "loopback_rtt": round(rtt_s * 1e3, 3)},
-               "bare_pipeline": bare, "rows": rows, "embedded": embedded, "lone_put_profile": profile,
+               "bare_pipeline": bare, "rows": rows, "embedded": embedded,
+               "lone_put_profile": profile,
                "lone_get_profile": get_profile, "follower_put_profile": follower_profile,
                "pysyncobj": pysyncobj, "metrics_cost": compared, "versus_etcd": versus}
     floor = (fsync_s + rtt_s) * 1e3
