@@ -73,6 +73,31 @@ def test_without_traffic_or_with_busy_polling_off_the_loop_sleeps(pair):
         assert counters["busy_poll_hits"] == 0, (busy, received)
 
 
+class StoppedClock:
+    """A clock that moves only when told (the waiter's notion of time between receives)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("gap, polls", [(0.0015, True), (0.003, False)])
+def test_only_messages_a_window_apart_or_closer_are_polled_for(pair, gap, polls):
+    """A 2 ms window: after a receive 1.5 ms after the last, the loop polls awake; after
+    one 3 ms after, it does not (a spin would mostly end in the sleep it meant to save)."""
+    receiver, sender = pair
+    clock, counters = StoppedClock(), Counter()
+    waiter = LoopWaiter([receiver], clock, 0.002, counters)
+    waiter.wait(clock.now, received=True)
+    clock.now += gap
+    sender.send(b"x")  # inproc: in the pipe at once, so a poll of any kind finds it
+    assert waiter.wait(clock.now, received=True) is True
+    assert (counters["busy_poll_hits"] == 1) is polls
+    receiver.recv()
+
+
 def test_busy_polling_never_runs_past_the_next_tick(pair):
     receiver, _sender = pair
     clock = SystemClock()

@@ -8,20 +8,21 @@ microseconds (a pyzmq DEALER to ROUTER round trip inside one process takes 60-70
 us, two of them), and a put one at a time wakes a loop three times on its critical
 path (the leader for the request, a follower for the Accept, the leader for the
 Accepted), a get twice. A loop that is already running when the message lands
-reads it at once. Measured (3 nodes, the sync client, interleaved rounds, two
-evenings' A/Bs): a lone put 1.01-1.13 ms asleep against 0.95-1.05 ms with a 2 ms
-window; a lone get 0.65-0.70 against 0.54-0.62 ms; a cross-shard transaction back
+reads it at once. Measured (3 nodes, the sync client, interleaved rounds, three
+A/Bs): a lone put 1.01-1.13 ms asleep against 0.93-1.05 ms with a 2 ms window; a
+lone get 0.64-0.70 against 0.53-0.62 ms; a cross-shard transaction back
 to back 10-25% faster; 256 in flight unchanged (a busy node never sleeps anyway).
 
 What it costs, and why it is bounded. After a turn that received something, and
-only if the turn before that which received something was at most two windows
-earlier (traffic is dense: the next message is likely within the window), the
-loop polls without blocking for up to ``busy_poll_seconds`` (never past the next
+only if the turn before that which received something was at most one window
+earlier (traffic is dense: the next message is likely within the window; a gap
+any longer, and a spin would mostly end in the sleep it meant to save), the loop
+polls without blocking for up to ``busy_poll_seconds`` (never past the next
 tick), yielding its core between polls (``sched_yield``: any other runnable
 thread goes first). An idle cluster never spins (heartbeats are ticks apart:
 measured, 130 ms/s of CPU for three idle nodes against 122 without); a steady
-stream of more than one message every two windows keeps a node polling, up to a
-core while it lasts, as Go's spinning scheduler does for etcd (whose three
+stream of a message every window or sooner keeps a node polling, up to a core
+while it lasts (with a 2 ms window: 500 messages a second and more), as Go's spinning scheduler does for etcd (whose three
 members burn 1.2 ms of CPU per lone put here, kvstore's 1.5-1.7). ``[tuning]
 busy_poll_us = 0`` turns it off; an embedded replica (a node in a thread of the
 application, sharing its GIL) has it off unless its cluster file asks.
@@ -55,7 +56,7 @@ class LoopWaiter:
     def wait(self, until: float, received: bool) -> bool:
         now = self.clock.monotonic()
         if self.busy > 0 and received:
-            dense = now - self._last_received <= 2 * self.busy
+            dense = now - self._last_received <= self.busy
             self._last_received = now
             if dense and self._spin(min(now + self.busy, until)):
                 self.counters["busy_poll_hits"] += 1
