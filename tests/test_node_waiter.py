@@ -83,19 +83,35 @@ class StoppedClock:
         return self.now
 
 
-@pytest.mark.parametrize("gap, polls", [(0.0015, True), (0.003, False)])
-def test_only_messages_a_window_apart_or_closer_are_polled_for(pair, gap, polls):
-    """A 2 ms window: after a receive 1.5 ms after the last, the loop polls awake; after
-    one 3 ms after, it does not (a spin would mostly end in the sleep it meant to save)."""
+def test_messages_a_window_apart_are_polled_for_and_two_only_while_spins_catch(pair):
+    """A 2 ms window. Receives 1.5 ms apart: the loop polls awake. 3 ms apart: only if
+    the last spin caught its message; after a spin that missed, not until a gap of one
+    window again (a steady stream 3 ms apart would have every spin miss)."""
     receiver, sender = pair
     clock, counters = StoppedClock(), Counter()
     waiter = LoopWaiter([receiver], clock, 0.002, counters)
-    waiter.wait(clock.now, received=True)
-    clock.now += gap
-    sender.send(b"x")  # inproc: in the pipe at once, so a poll of any kind finds it
-    assert waiter.wait(clock.now, received=True) is True
-    assert (counters["busy_poll_hits"] == 1) is polls
-    receiver.recv()
+
+    def receive_after(gap: float, message: bool) -> None:
+        clock.now += gap
+        if message:
+            sender.send(b"x")  # inproc: in the pipe at once, so any poll finds it
+        # until = now: a spin that finds nothing ends at once (the clock stands still)
+        assert waiter.wait(clock.now, received=True) is message
+        if message:
+            receiver.recv()
+
+    receive_after(0.0, False)     # the first: nothing before it, no spin
+    receive_after(0.003, True)    # 3 ms, no spin has caught anything yet: no spin
+    assert counters["busy_poll_hits"] == 0
+    receive_after(0.0015, True)   # 1.5 ms: spins, and catches
+    assert counters["busy_poll_hits"] == 1
+    receive_after(0.003, True)    # 3 ms after a spin that caught: spins again
+    assert counters["busy_poll_hits"] == 2
+    receive_after(0.003, False)   # 3 ms: spins, and misses
+    receive_after(0.003, True)    # 3 ms after a miss: no spin
+    assert counters["busy_poll_hits"] == 2
+    receive_after(0.001, True)    # one window or less: spins again
+    assert counters["busy_poll_hits"] == 3
 
 
 def test_busy_polling_never_runs_past_the_next_tick(pair):
