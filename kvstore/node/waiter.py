@@ -10,8 +10,9 @@ path (the leader for the request, a follower for the Accept, the leader for the
 Accepted), a get twice. A loop that is already running when the message lands
 reads it at once. Measured (3 nodes, the sync client, interleaved rounds, three
 A/Bs): a lone put 1.01-1.13 ms asleep against 0.93-1.05 ms with a 2 ms window; a
-lone get 0.64-0.70 against 0.53-0.62 ms; a cross-shard transaction back
-to back 10-25% faster; 256 in flight unchanged (a busy node never sleeps anyway).
+lone get 0.64-0.70 against 0.53-0.62 ms; cross-shard transactions back
+to back 10-25% faster in one pair of runs, within the noise in another; 256 in
+flight unchanged (a busy node never sleeps anyway).
 
 What it costs, and why it is bounded. After a turn that received something, the
 loop polls without blocking for up to ``busy_poll_seconds`` (never past the next
