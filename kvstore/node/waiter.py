@@ -25,10 +25,11 @@ sleep it meant to save: one miss, and the loop stops trying until a gap of one
 window). An idle cluster never spins (heartbeats are ticks apart: measured, 130
 ms/s of CPU for three idle nodes against 122 without); a steady stream of a
 message every window or sooner keeps a node polling, up to a core while it lasts
-(with a 2 ms window: 500 messages a second and more), as Go's spinning scheduler does for etcd (whose three
-members burn 1.2 ms of CPU per lone put here, kvstore's 1.5-1.7). ``[tuning]
-busy_poll_us = 0`` turns it off; an embedded replica (a node in a thread of the
-application, sharing its GIL) has it off unless its cluster file asks.
+(with a 2 ms window: 500 messages a second and more), as Go's spinning scheduler
+does for etcd (whose three members burn 1.2-1.4 ms of CPU per lone put here;
+kvstore's 1.4 asleep, 1.6-1.9 polling). ``[tuning] busy_poll_us = 0`` turns it
+off; an embedded replica (a node in a thread of the application, sharing its GIL)
+has it off unless its cluster file asks.
 """
 
 from __future__ import annotations
