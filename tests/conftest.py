@@ -79,6 +79,19 @@ def db(store, shards):
     return store(shards=shards)
 
 
+class ManualClock:
+    """A clock the test moves by setting ``now`` (``kvstore.node.ports.Clock``)."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.7e9 + self.now
+
+
 def child_env() -> dict:
     """The environment for a child Python process that imports this checkout's kvstore."""
     env = dict(os.environ)

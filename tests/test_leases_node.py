@@ -7,17 +7,10 @@ from __future__ import annotations
 from collections import Counter
 from types import SimpleNamespace
 
+from conftest import ManualClock
 from kvstore.commands import LOCKED, LeaseExpire
 from kvstore.node.leases import LEASE_RETRY_SECONDS, LeaseExpiry
 from kvstore.node.ports import NO_BUGS
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 class FakeNode(LeaseExpiry):
@@ -25,7 +18,7 @@ class FakeNode(LeaseExpiry):
     roles, and ``_own_write`` (recorded here instead of proposed)."""
 
     def __init__(self, records=(), shards: int = 2, leader=(True, True)) -> None:
-        self.clock = Clock()
+        self.clock = ManualClock()
         self.bugs = NO_BUGS
         self.nshards = shards
         self.name = "n1"

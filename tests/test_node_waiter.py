@@ -5,13 +5,13 @@ moment, and a ``kvstore-server`` has it on unless its cluster file says 0."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 import pytest
 import zmq
 
 import kvstore
+from conftest import ManualClock
 from kvstore.errors import InvalidArgument
 from kvstore.node.config import load_node_config
 from kvstore.node.ports import SystemClock
@@ -73,22 +73,12 @@ def test_without_traffic_or_with_busy_polling_off_the_loop_sleeps(pair):
         assert counters["busy_poll_hits"] == 0, (busy, received)
 
 
-class StoppedClock:
-    """A clock that moves only when told (the waiter's notion of time between receives)."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-
 def test_messages_a_window_apart_are_polled_for_and_two_only_while_spins_catch(pair):
     """A 2 ms window. Receives 1.5 ms apart: the loop polls awake. 3 ms apart: only if
     the last spin caught its message; after a spin that missed, not until a gap of one
     window again (a steady stream 3 ms apart would have every spin miss)."""
     receiver, sender = pair
-    clock, counters = StoppedClock(), Counter()
+    clock, counters = ManualClock(), Counter()
     waiter = LoopWaiter([receiver], clock, 0.002, counters)
 
     def receive_after(gap: float, message: bool) -> None:

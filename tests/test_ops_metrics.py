@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("prometheus_client")  # the test extra installs it; a skip is not a pass
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from conftest import PYTHON, child_env  # noqa: E402
+from conftest import PYTHON, ManualClock, child_env  # noqa: E402
 from kvstore.ops.health import node_problems, quorum_problems  # noqa: E402
 from kvstore.ops.histogram import Histogram  # noqa: E402
 from kvstore.server.local import LocalCluster, free_port  # noqa: E402
@@ -245,25 +245,12 @@ def test_a_histogram_counts_each_value_in_the_first_bucket_whose_bound_holds_it(
     assert counts == [2, 2, 1] and total == pytest.approx(5.0135)
 
 
-class _Clock:
-    """A clock the test moves (``Node``'s clock port)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1.7e9 + self.now
-
-
 def test_the_window_of_active_clients_rolls_without_metrics_too(tmp_path):
     """A node without --metrics still forgets the clients of a past window: the set of
     active clients cannot grow with every client a long-lived node ever saw."""
     from kvstore.node.loop import Node, NodeConfig
     from kvstore.node.stats import CLIENT_WINDOW_SECONDS
-    clock = _Clock()
+    clock = ManualClock(1000.0)
     node = Node(NodeConfig(name="n1", names=["n1"], shards=1, data_dir=str(tmp_path),
                            addresses={"n1": f"tcp://127.0.0.1:{free_port()}"},
                            peer_addresses={"n1": f"tcp://127.0.0.1:{free_port()}"}),
