@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from figures import cpu_seconds  # bench/figures.py, beside this script
+
 #: The processes' code: ``leader PORT FOLLOWER_PORT... DIR SYNC`` or ``follower PORT DIR SYNC``.
 NODE_SCRIPT = r"""
 import os, sys, zmq
@@ -84,17 +86,6 @@ else:
 """
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _self_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def run(directory: str, n: int = 3000, sync: bool = True, value_bytes: int = 200) -> dict:
     """``n`` puts one after the other through the bare pipeline: p50/p99 ms and the CPU
     per put of the client, the leader and the followers (microseconds)."""
@@ -119,14 +110,14 @@ def run(directory: str, n: int = 3000, sync: bool = True, value_bytes: int = 200
         for _ in range(200):  # connections made, files warm
             s.send(value)
             s.recv()
-        cpu0 = [_cpu_seconds(p.pid) for p in procs] + [_self_cpu()]
+        cpu0 = [cpu_seconds(p.pid) for p in procs] + [cpu_seconds()]
         times = []
         for _ in range(n):
             t = time.perf_counter_ns()
             s.send(value)
             s.recv()
             times.append(time.perf_counter_ns() - t)
-        cpu1 = [_cpu_seconds(p.pid) for p in procs] + [_self_cpu()]
+        cpu1 = [cpu_seconds(p.pid) for p in procs] + [cpu_seconds()]
         s.send(b"stop")
         for p in procs:
             p.wait(30)

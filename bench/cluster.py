@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import shutil
 import signal
 import statistics
@@ -74,6 +73,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import bare_pipeline  # noqa: E402  (bench/bare_pipeline.py, beside this script)
 import figures  # noqa: E402  (bench/figures.py, beside this script)
+from figures import cpu_seconds  # noqa: E402
 
 import kvstore  # noqa: E402
 import kvstore.aio  # noqa: E402
@@ -181,16 +181,6 @@ async def load(db, kind: str, in_flight: int, seconds: float, keys: list, value:
             # the latency CDF, for a plot: percentile -> ms
             "cdf_ms": {str(q): round(percentile(latencies, q) * 1e3, 3)
                        for q in (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)}}
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of this process (all threads) or of ``pid``."""
-    if pid is None:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_keys(nshards: int = 1, shards=None) -> list:
@@ -882,31 +872,28 @@ def kvstore_versus_rows(base: str, shards: int, seconds: float) -> dict:
     finally:
         lc.stop_all()
         lc.close()
-    lc = _started_cluster(base + "-lease", shards, metrics=False,
-                          tuning={"lease_read_ticks": LEASE_READ_TICKS})
-    try:
-        with kvstore.connect(lc.address_list, timeout=30) as sync_client:
-            keys, value = bench_keys(), os.urandom(VALUE_BYTES)
-            for k in keys[:2000]:
-                sync_client.put(k, value)
-            rows[LEASE_ROW] = sequential(sync_client, "get", seconds, keys[:2000], value,
-                                         [p.pid for p in lc.procs.values()])
-    finally:
-        lc.stop_all()
-        lc.close()
-    lc = _started_cluster(base + "-awake", shards, metrics=False, tuning={"busy_poll_us": 0})
-    try:
-        with kvstore.connect(lc.address_list, timeout=30) as sync_client:
-            keys, value = bench_keys(), os.urandom(VALUE_BYTES)
-            for k in keys[:2000]:
-                sync_client.put(k, value)
-            for name, kind in BUSY_OFF_ROWS:
-                rows[name] = sequential(sync_client, kind, seconds, keys[:2000], value,
-                                        [p.pid for p in lc.procs.values()])
-    finally:
-        lc.stop_all()
-        lc.close()
+    rows.update(tuned_rows(base + "-lease", shards, {"lease_read_ticks": LEASE_READ_TICKS},
+                           ((LEASE_ROW, "get"),), seconds))
+    rows.update(tuned_rows(base + "-awake", shards, {"busy_poll_us": 0}, BUSY_OFF_ROWS, seconds))
     return rows
+
+
+def tuned_rows(base: str, shards: int, tuning: dict, rows: tuple, seconds: float) -> dict:
+    """``rows`` (``(name, "put" | "get")``), one request after the other, on a cluster of
+    its own with ``[tuning]`` ``tuning``; the keys are put once first, so that gets find
+    them."""
+    lc = _started_cluster(base, shards, metrics=False, tuning=tuning)
+    try:
+        pids = [p.pid for p in lc.procs.values()]
+        with kvstore.connect(lc.address_list, timeout=30) as sync_client:
+            keys, value = bench_keys(), os.urandom(VALUE_BYTES)
+            for k in keys[:2000]:
+                sync_client.put(k, value)
+            return {name: sequential(sync_client, kind, seconds, keys[:2000], value, pids)
+                    for name, kind in rows}
+    finally:
+        lc.stop_all()
+        lc.close()
 
 
 def etcd_versus_rows(base: str, binary: str, seconds: float) -> dict:

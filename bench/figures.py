@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -18,6 +19,16 @@ def percentile(values: list, q: float) -> float:
     them sorted (the largest for ``q`` near 1)."""
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process (all threads) or of ``pid``."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def default_path(name: str) -> str:
