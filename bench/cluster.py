@@ -164,18 +164,37 @@ async def load(db, kind: str, in_flight: int, seconds: float, keys: list, value:
                 await db.get(key)
             latencies.append(time.perf_counter() - t)
 
-    servers_start = sum(cpu_seconds(pid) for pid in servers)
-    start, cpu_start = time.perf_counter(), cpu_seconds()
+    cpu = CpuMeter(servers)
+    start = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(in_flight)))
-    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    servers_cpu = sum(cpu_seconds(pid) for pid in servers) - servers_start
+    return load_row(kind, in_flight, latencies, time.perf_counter() - start, cpu)
+
+
+class CpuMeter:
+    """CPU seconds spent since it was made: this process's (every thread: the client's
+    I/O thread, grpc's) and, summed, the ``servers``' (the members' pids)."""
+
+    def __init__(self, servers: list = ()) -> None:
+        self.servers = servers
+        self.start = (cpu_seconds(), sum(cpu_seconds(pid) for pid in servers))
+
+    def per_call(self, calls: int) -> dict:
+        """The microseconds of each per call since: ``client_cpu_us_per_op`` and, with
+        servers, ``servers_cpu_us_per_op``."""
+        client = cpu_seconds() - self.start[0]
+        out = {"client_cpu_us_per_op": round(client / max(1, calls) * 1e6, 1)}
+        if self.servers:
+            servers = sum(cpu_seconds(pid) for pid in self.servers) - self.start[1]
+            out["servers_cpu_us_per_op"] = round(servers / max(1, calls) * 1e6, 1)
+        return out
+
+
+def load_row(kind: str, in_flight: int, latencies: list, elapsed: float, cpu: CpuMeter) -> dict:
+    """A row of ``load`` or ``sequential``: ops/s, the CPU per call, p50/p99 and the CDF."""
     latencies.sort()
     return {"op": kind, "in_flight": in_flight, "ops": len(latencies),
             "ops_per_s": round(len(latencies) / elapsed, 1),
-            # this process's CPU (every thread: the client's I/O thread, grpc's) per call
-            "client_cpu_us_per_op": round(cpu / max(1, len(latencies)) * 1e6, 1),
-            **({"servers_cpu_us_per_op": round(servers_cpu / max(1, len(latencies)) * 1e6, 1)}
-               if servers else {}),
+            **cpu.per_call(len(latencies)),
             "p50_ms": round(percentile(latencies, 50) * 1e3, 3),
             "p99_ms": round(percentile(latencies, 99) * 1e3, 3),
             # the latency CDF, for a plot: percentile -> ms
@@ -765,8 +784,7 @@ def sequential(client, kind: str, seconds: float, keys: list, value: bytes,
     (the members' pids): where the machine's two cores go for one request."""
     latencies: list = []
     nkeys = len(keys)
-    cpu_start = cpu_seconds()
-    servers_start = sum(cpu_seconds(pid) for pid in servers)
+    cpu = CpuMeter(servers)
     start = time.perf_counter()
     deadline = start + seconds
     i = 0
@@ -779,19 +797,7 @@ def sequential(client, kind: str, seconds: float, keys: list, value: bytes,
         else:
             client.get(key)
         latencies.append(time.perf_counter() - t)
-    elapsed = time.perf_counter() - start
-    cpu = cpu_seconds() - cpu_start
-    servers_cpu = sum(cpu_seconds(pid) for pid in servers) - servers_start
-    latencies.sort()
-    return {"op": kind, "in_flight": 1, "ops": len(latencies),
-            "ops_per_s": round(len(latencies) / elapsed, 1),
-            "client_cpu_us_per_op": round(cpu / max(1, len(latencies)) * 1e6, 1),
-            **({"servers_cpu_us_per_op": round(servers_cpu / max(1, len(latencies)) * 1e6, 1)}
-               if servers else {}),
-            "p50_ms": round(percentile(latencies, 50) * 1e3, 3),
-            "p99_ms": round(percentile(latencies, 99) * 1e3, 3),
-            "cdf_ms": {str(q): round(percentile(latencies, q) * 1e3, 3)
-                       for q in (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)}}
+    return load_row(kind, 1, latencies, time.perf_counter() - start, cpu)
 
 
 #: Rows after ``VERSUS_ROWS``, one request at a time with the sync client, while one
