@@ -171,7 +171,7 @@ def parse_tuning(doc: dict, path: str) -> dict:
         if k not in TUNING:
             raise InvalidArgument(f"{path}: [tuning] has no setting {k!r} "
                                   f"(known: {', '.join(TUNING)})")
-        least = 0 if k in TUNING_MAY_BE_ZERO else 1  # a lease of 0 ticks: lease reads off
+        least = 0 if k in TUNING_MAY_BE_ZERO else 1  # 0: lease reads, busy polling off
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise InvalidArgument(f"{path}: [tuning] {k} must be an integer >= {least}, got {v!r}")
         out[k] = v

@@ -239,7 +239,6 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
         self._tokens = itertools.count(self.rng.randrange(1 << 40) << 20)
         self._roles = [(r.role, r.leader_hint) for r in self.replicas]
         self._stopping = False
-        self._received = False  # the last receive read a frame (the loop waits awake after it)
         self._ticks = 0
         self._campaign_at = list(PREFERRED_CAMPAIGN_TICKS) if len(self.members) > 1 else []
         self._last_expiry = self.clock.monotonic()
@@ -299,24 +298,26 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
                  self.config.addresses[self.name], self.config.peer_address(self.name),
                  self.nshards, self.n,
                  extra={"event": "start", "node": self.name})
+        received = False
         try:
             while not self._stopping:
-                self.turn(waiter.wait(self._next_tick, self._received))
+                received = self.turn(waiter.wait(self._next_tick, received))
             self.finish()
         finally:
             self.close()
 
-    def turn(self, inbox_ready: bool = True) -> None:
+    def turn(self, inbox_ready: bool = True) -> bool:
         """One turn of the loop (the module docstring): receive (if ``inbox_ready``),
         tick if a tick is due on the clock, drive, flush the replies. The production
-        loop calls it once its poll returns; the simulator calls it once per step."""
+        loop calls it once its poll returns; the simulator calls it once per step.
+        True if it received a frame (the production loop then waits awake a moment)."""
         tick = self.config.tick_seconds
         lease = self.config.lease_read_ticks > 0
-        self._received = False
+        received = False
         if inbox_ready:
             if lease and self.clock.monotonic() - self._next_tick > tick:
                 self._clock_jumped()  # before any read: the ticks lag the clock
-            self._receive()
+            received = self._receive()
         now = self.clock.monotonic()
         if now >= self._next_tick:
             owed = int((now - self._next_tick) / tick) + 1
@@ -349,6 +350,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
                     self.publish(view(self, now))
         self._drive()
         self._flush_replies()
+        return received
 
     def finish(self) -> None:
         """After ``stop()``: finish in-flight work that is already decided (one last
@@ -370,13 +372,13 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
             log.info("node %s stopped", self.name, extra={"event": "stop", "node": self.name})
 
     # ------------------------------------------------------------------ 1. receive
-    def _receive(self) -> None:
+    def _receive(self) -> bool:
         """Frames from both ROUTERs: client kinds only from the client socket, the peer
         protocol only from the peer socket (``kvstore.transport.sockets``); anything
-        else is dropped and counted by reason before it is decoded further."""
+        else is dropped and counted by reason before it is decoded further. True if a
+        frame was read."""
         sockets = self.sockets
         frames = sockets.recv_many()
-        self._received = bool(frames)
         for role, identity, frame in frames:
             try:
                 body = wire.decode(frame, wire.MAX_REQUEST_FRAME_BYTES if role == CLIENT
@@ -419,6 +421,7 @@ class Node(Intake, Resolver, Watching, LeaseExpiry, Backups, MemberDirectory, No
                     for forward_id, op, args in body[2]:
                         self._on_request(("peer", frm), forward_id, op, args)
         self._log_refused_peers()
+        return bool(frames)
 
     def _reply(self, identity: bytes, request_id: int, status: int, value=None) -> None:
         """Queue a reply; ``_flush_replies`` sends each client's in one frame per turn."""
