@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,9 +145,7 @@ def floor(directory: str, n: int = 3000) -> dict:
     try:
         return {"with_fdatasync": run(where, n, True), "without_fdatasync": run(where, n, False)}
     finally:
-        for name in os.listdir(where):
-            os.unlink(os.path.join(where, name))
-        os.rmdir(where)
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def print_floor(f: dict) -> None:
