@@ -262,7 +262,8 @@ class WalReplicaStorage:
         the LMDB read transaction they are read with begins (data only moves from the
         overlay into LMDB, and is in LMDB before it leaves the overlay, so a reader
         that looks at the generations first and LMDB second misses nothing)."""
-        return [self.overlay.levels(overlay_index(shard, i)) for i in range(4)]
+        levels, first = self.overlay.levels, overlay_index(shard, LOG)
+        return [levels(first), levels(first + 1), levels(first + 2), levels(first + 3)]
 
     def _view(self, txn, shard: int, levels: list, pending: list | None = None) -> _View:
         """``shard``'s tables in ``txn`` under ``levels`` (``_levels``), and first the
@@ -299,7 +300,10 @@ class WalReplicaStorage:
         hards: dict = {}
         commit_points = dict(self._commit_points)
 
-        levels = {w.shard: self._levels(w.shard) for w in writes}  # before the transaction
+        # the overlay's generations, before the transaction: only a write that reads
+        # (applies entries, or compacts the log) needs them
+        levels = {w.shard: self._levels(w.shard) for w in writes
+                  if w.committed or w.compacted_through is not None}
 
         def apply(txn):
             for w in writes:
@@ -325,12 +329,15 @@ class WalReplicaStorage:
                                              w.decoded, w.changes, w.lease_events)
                 w.applied_index = hard[2]
                 pending[META][META_PAXOS] = msgpack.packb(hard)
+                first = overlay_index(s, LOG)  # the shard's four tables follow in _TABLES' order
                 for i, level in enumerate(pending):
                     if level:
-                        published[overlay_index(s, i)] = level
+                        published[first + i] = level
                 # the overlay's applied slots end up as META_APPLIED (the embedded store's
                 # name; the node's own point is in META_PAXOS): never negative there
-                slots.extend((overlay_index(s, i), max(hard[2], 0)) for i in range(4))
+                applied_slot = max(hard[2], 0)
+                slots.extend(((first, applied_slot), (first + 1, applied_slot),
+                              (first + 2, applied_slot), (first + 3, applied_slot)))
 
         if self._checkpoint_thread:
             self.checkpointer.wait_for_room()

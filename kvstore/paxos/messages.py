@@ -63,6 +63,7 @@ replica's guards).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from operator import attrgetter
 
 from kvstore.paxos.ballot import BALLOT_MAX, ballot_node, ballot_round, format_ballot
 
@@ -135,11 +136,12 @@ class Message:
 
 
 _FIELDS = [f.name for f in fields(Message)]
+_FIELD_VALUES = attrgetter(*_FIELDS)  # one C call for all fields: a message per send
 
 
 def to_wire(m: Message) -> list:
     """A msgpack-able list: [type code, to, frm, ballot, ...] in field order."""
-    out = [getattr(m, name) for name in _FIELDS]
+    out = list(_FIELD_VALUES(m))
     out[0] = _TYPE_CODE[m.type]
     out[6] = list(m.records)
     return out
