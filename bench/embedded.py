@@ -262,6 +262,23 @@ def put_slice(put, threads: int, n_per_thread: int, sequence, value: bytes,
     return ops_per_second(work, threads, n_per_thread)
 
 
+def main_thread_slice(put, n: int, sequence, value: bytes, latencies: list) -> float:
+    """``put_slice`` of one writer that is this (the main) thread, as a script's one writer
+    is: kvstore's main thread hands its commits to a helper thread
+    (``kvstore.embedded.groupcommit``), which a worker thread's puts do not."""
+    clock = time.perf_counter
+    mine = []
+    t0 = clock()
+    for _ in range(n):
+        k = key(next(sequence))
+        t1 = clock()
+        put(k, value)
+        mine.append(clock() - t1)
+    elapsed = clock() - t0
+    latencies.extend(mine)
+    return n / elapsed
+
+
 def put_threads(put, threads: int, n_per_thread: int, base: int, value: bytes) -> float:
     """ops/s of ``put(key, value)`` from ``threads`` threads sharing one key sequence
     from ``base`` (for bench/group_commit.py)."""
@@ -370,6 +387,8 @@ def run(args) -> dict:
         quiet_sequence = itertools.count()
         best = {(n, t): 0.0 for n in names for t in args.threads}
         latencies = {(n, t): [] for n in names for t in args.threads}
+        main_best = {n: 0.0 for n in names}  # one writer that is the main thread
+        main_latencies: dict = {n: [] for n in names}
         sequences = {n: itertools.count() for n in names}
         checkpoints_before = ours.checkpoints()
         put_seconds = 0.0
@@ -388,6 +407,11 @@ def run(args) -> dict:
                 ops = put_slice(quiet.put, t, per_thread, quiet_sequence, value,
                                 quiet_latencies[t])
                 quiet_best[t] = max(quiet_best[t], ops)
+                if t == 1:
+                    for n in names:
+                        ops = main_thread_slice(opened[n].put, args.puts, sequences[n], value,
+                                                main_latencies[n])
+                        main_best[n] = max(main_best[n], ops)
             print(f"  round {r + 1}: " + ", ".join(
                 f"{n} {best[n, 1]:,.0f}/s" for n in names) + " (1 thread, best so far)",
                 file=sys.stderr)
@@ -399,6 +423,10 @@ def run(args) -> dict:
              "p50_ms": {n: percentile(latencies[n, t], 50) * 1e3 for n in names},
              "p99_ms": {n: percentile(latencies[n, t], 99) * 1e3 for n in names}}
             for t in args.threads]
+        results["main_thread"] = {
+            "peers": main_best,
+            "p50_ms": {n: percentile(main_latencies[n], 50) * 1e3 for n in names},
+            "p99_ms": {n: percentile(main_latencies[n], 99) * 1e3 for n in names}}
         results["without_checkpoints"] = [
             {"threads": t, "kvstore_ops": quiet_best[t],
              "p50_ms": percentile(quiet_latencies[t], 50) * 1e3,
@@ -440,6 +468,9 @@ def run(args) -> dict:
                      else [("LevelDB", 1.0)] if t in (8, 16) else [])
             row(f"put, {t} thread{'s' if t > 1 else ''} (durable)",
                 {n: best[n, t] for n in names}, goals, "best slice of each engine")
+            if t == 1 and any(main_best.values()):
+                row("put, 1 thread, the main thread", dict(main_best), goals,
+                    "a script's one writer: kvstore's commits go through a helper thread")
         row(f"get, random over {args.keys:,} keys", get_best, [("raw LMDB", 0.7)],
             "raw LMDB: a read txn per get")
 
@@ -509,6 +540,10 @@ def print_table(results: dict) -> None:
                           f"{'yes' if g['met'] else 'NO'}" for g in r["goals"])
         ratio = "" if goals else f"ratio to raw LMDB {r['ratio']:.2f}"
         print(f"{r['name']:34}{cells}   {goals or ratio}")
+    main = results.get("main_thread")
+    if main:
+        print("\none writer that is the main thread, p50 / p99 ms: " + ", ".join(
+            f"{n} {main['p50_ms'][n]:.2f} / {main['p99_ms'][n]:.2f}" for n in names))
     print("\ndurable puts/s by writer threads (bench/plot.py draws it), and put latency "
           "p50 / p99 in ms\n")
     print(f"{'threads':>7}" + "".join(f"{n:>22}" for n in names))

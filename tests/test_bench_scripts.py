@@ -23,11 +23,14 @@ def test_benchmarks_write_their_figures_and_plot_draws_them(tmp_path):
                           "--dir", str(tmp_path), "--json", str(tmp_path / "embedded.json"))
     assert embedded.returncode == 0, embedded.stderr
     figures = json.loads((tmp_path / "embedded.json").read_text())
-    assert [r["name"].split(",")[0] for r in figures["rows"]] == ["put", "put", "get",
-                                                                  "prefix scan (10"]
+    assert [r["name"] for r in figures["rows"]][:3] == [
+        "put, 1 thread (durable)", "put, 1 thread, the main thread", "put, 2 threads (durable)"]
+    assert [r["name"].split(",")[0] for r in figures["rows"]][3:] == ["get", "prefix scan (10"]
+    assert set(figures["main_thread"]["peers"]) == set(figures["put_scaling"][0]["peers"])
     assert all(r["kvstore_ops"] > 0 and r["raw_lmdb_ops"] > 0 for r in figures["rows"])
     assert [p["threads"] for p in figures["put_scaling"]] == [1, 2]
     assert "ratio" in embedded.stdout and "durable puts/s by writer threads" in embedded.stdout
+    assert "one writer that is the main thread" in embedded.stdout
 
     paxos = run_script("paxos_core.py", "--quick", "--json", str(tmp_path / "paxos_core.json"))
     assert paxos.returncode == 0, paxos.stderr
