@@ -415,6 +415,24 @@ def test_messages_round_trip_through_msgpack():
         from_wire([99] + to_wire(m)[1:])
 
 
+def test_a_message_is_made_with_its_fields_in_order_and_defaults_and_stays_frozen():
+    # Message writes its own __init__ (speed): it must take exactly the dataclass's fields.
+    import dataclasses
+    import inspect
+
+    params = list(inspect.signature(Message.__init__).parameters.values())[1:]
+    assert [(p.name, p.default) for p in params] == [
+        (f.name, inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(Message)]
+    m = Message(M.ACCEPT, 1, 0, make_ballot(2, 0), 3, 4, (b"r",), True, 5, 6, 7, 8, 9, b"d", True)
+    assert [getattr(m, f.name) for f in dataclasses.fields(Message)] == [
+        M.ACCEPT, 1, 0, make_ballot(2, 0), 3, 4, (b"r",), True, 5, 6, 7, 8, 9, b"d", True]
+    assert m == Message(**{f.name: getattr(m, f.name) for f in dataclasses.fields(Message)})
+    assert dataclasses.replace(m, to=2).to == 2 and m.to == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.to = 2
+
+
 def test_core_is_pure():
     root = pathlib.Path(__file__).resolve().parent.parent / "kvstore" / "paxos"
     # Indented imports count too: one under ``if TYPE_CHECKING:`` is still a dependency.
