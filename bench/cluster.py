@@ -83,11 +83,9 @@ KEY_BYTES = 16
 VALUE_BYTES = 128
 
 
-def percentile(sorted_values: list, p: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    i = min(len(sorted_values) - 1, max(0, int(round(p / 100 * (len(sorted_values) - 1)))))
-    return sorted_values[i]
+def percentile(values: list, p: float) -> float:
+    """The ``p`` th percentile (0 to 100): ``figures.percentile``'s rank."""
+    return figures.percentile(values, p / 100)
 
 
 def fsync_floor(directory: str, n: int = 200) -> float:

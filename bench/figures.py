@@ -16,7 +16,10 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 def percentile(values: list, q: float) -> float:
     """The ``q`` quantile (0 to 1) of ``values``: the value at rank ``int(q * n)`` of
-    them sorted (the largest for ``q`` near 1)."""
+    them sorted (the largest for ``q`` near 1); NaN for no values. Every benchmark's
+    quantiles are this one's, so that their p50s and p99s compare."""
+    if not values:
+        return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
 

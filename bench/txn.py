@@ -45,10 +45,9 @@ from kvstore.server.local import LocalCluster  # noqa: E402
 from kvstore.sharding import shard_of  # noqa: E402
 
 
-def percentile(sorted_values: list, p: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p / 100))]
+def percentile(values: list, p: float) -> float:
+    """The ``p`` th percentile (0 to 100): ``figures.percentile``'s rank."""
+    return figures.percentile(values, p / 100)
 
 
 def accounts_by_shard(nshards: int, per_shard: int) -> dict:
