@@ -15,7 +15,8 @@ import os
 
 from kvstore.api import KV, Txn
 from kvstore.errors import (Compacted, CorruptRecord, InvalidArgument, KVError, LeaseExpired,
-                            StorageError, Timeout, TransactionConflict, Unavailable)
+                            PermissionDenied, StorageError, Timeout, TransactionConflict,
+                            Unavailable)
 from kvstore.events import Event
 from kvstore.keys import MAX_CLUSTER_TXN_SIZE, MAX_KEY_SIZE, MAX_TXN_SIZE, MAX_VALUE_SIZE
 from kvstore.lease import Lease
@@ -89,5 +90,6 @@ __all__ = [
     "MAX_TXN_SIZE", "MAX_CLUSTER_TXN_SIZE",
     "KVError", "InvalidArgument", "TransactionConflict", "Unavailable", "Timeout",
     "StorageError", "CorruptRecord", "Compacted", "Event", "LeaseExpired", "Lease",
+    "PermissionDenied",
     "__version__",
 ]

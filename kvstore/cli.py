@@ -530,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", metavar="NAME",
                    help="add one client key pair NAME.key/NAME.key_secret to an existing key "
                         "directory and allow it (clients/NAME.key; remove that file to revoke)")
+    p.add_argument("--admin", action="store_true",
+                   help="with --client: also let NAME change the membership (admins/NAME.key; "
+                        "without it NAME reads, writes and lists the members only)")
     p.set_defaults(fn=None)
     p = sub.add_parser("gateway", parents=[common],
                        help="serve the cluster over HTTP/JSON (docs/gateway.md)",
@@ -578,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_demo(args)
         if args.command == "keygen":
             from kvstore.transport.security import keygen
-            for path in keygen(args.dir, client=args.client):
+            for path in keygen(args.dir, client=args.client, admin=args.admin):
                 print(path)
             return 0
         if args.command == "gateway":

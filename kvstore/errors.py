@@ -66,6 +66,12 @@ class LeaseExpired(KVError):
     it applied nothing; a keep-alive cannot bring it back (make a new lease)."""
 
 
+class PermissionDenied(KVError):
+    """The cluster refused an administrative request (``kvstore member add``, ``promote``,
+    ``remove``) from a client key that is not listed in the key directory's ``admins/``;
+    nothing was changed."""
+
+
 __all__ = [
     "KVError",
     "InvalidArgument",
@@ -76,4 +82,5 @@ __all__ = [
     "CorruptRecord",
     "Compacted",
     "LeaseExpired",
+    "PermissionDenied",
 ]

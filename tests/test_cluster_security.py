@@ -267,3 +267,82 @@ def test_a_key_directory_in_the_old_layout_is_refused_in_one_line(tmp_path, keys
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "old layout" in r.stderr
     assert "kvstore keygen" in r.stderr
+
+
+def test_admins_are_the_keys_listed_in_admins_and_every_client_without_that_list(tmp_path):
+    """``keygen`` lists the first client key in ``admins/``; ``--client NAME`` is a data
+    client unless ``--admin``; a directory without ``admins/`` (written before it existed)
+    keeps every allowed client an admin, and the node's keys follow the directory."""
+    from kvstore.transport.security import CurveKeys
+    d = str(tmp_path / "k")
+    keygen(d)
+    assert os.listdir(os.path.join(d, "admins")) == ["client.key"]
+    keygen(d, client="bob")
+    keygen(d, client="carol", admin=True)
+    assert sorted(os.listdir(os.path.join(d, "admins"))) == ["carol.key", "client.key"]
+    assert sorted(os.listdir(os.path.join(d, "clients"))) == ["bob.key", "carol.key", "client.key"]
+    node = CurveKeys(d, "node")
+    user = {n: CurveKeys(os.path.join(d, f"{n}.key_secret"), "client").public.decode()
+            for n in ("client", "bob", "carol")}
+    assert node.reload_admins(force=True)
+    assert [node.is_admin(user[n]) for n in ("client", "bob", "carol")] == [True, False, True]
+    assert not node.is_admin(None)  # a frame with no key (no Curve on its socket)
+    os.remove(os.path.join(d, "admins", "carol.key"))  # revoked, without a restart
+    assert node.reload_admins() and not node.is_admin(user["carol"])
+    assert not node.reload_admins()  # nothing changed since
+    shutil.rmtree(os.path.join(d, "admins"))  # the old layout: everyone, as before
+    assert node.reload_admins() and node.is_admin(user["bob"]) and node.allowed_admins is None
+    with pytest.raises(kvstore.InvalidArgument, match="--client"):
+        keygen(str(tmp_path / "k2"), admin=True)
+
+
+def test_only_an_admin_key_changes_the_membership(secure_cluster, keys):
+    """A data client's key reads, writes and lists the members, but a change of them is
+    refused (``PermissionDenied``, saying how to get an admin key) by whichever node it asks,
+    the leader or a follower that would forward it, and nothing changes; the cluster's
+    first client key, listed in ``admins/``, changes it."""
+    from kvstore.client.members import Members
+    from kvstore.transport import wire
+    lc = secure_cluster
+    r = subprocess.run([PYTHON, "-m", "kvstore.cli", "keygen", "--client", "bob", keys],
+                       capture_output=True, env=child_env(), timeout=30)
+    assert r.returncode == 0, r.stderr
+    bob = os.path.join(keys, "bob.key_secret")
+    deadline = time.monotonic() + 15  # each node rereads clients/ every 2 s, on its own
+    for address in lc.address_list:
+        while True:
+            try:
+                with kvstore.connect(address, timeout=5, keys=bob) as one:
+                    one._core.call(wire.OP_STATUS, None, [], target=address)
+                break
+            except AuthenticationFailed:
+                assert time.monotonic() < deadline, f"bob was never let in at {address}"
+    c = kvstore.connect(lc.address_list, timeout=5, keys=bob)
+    c.put(b"from-bob", b"1")
+    try:
+        members = Members(c)
+        before = members.view()
+        assert len(before.members()) == 3
+        with pytest.raises(kvstore.PermissionDenied, match="admins/"):
+            members.add("n4", f"tcp://127.0.0.1:{free_port()}")
+        sh = before.shards[0]
+        change = ["change", 0, sh.epoch, list(sh.voters), list(sh.learners) + [9], b"x"]
+        for address in lc.address_list:  # the leader, and the followers that would forward
+            with pytest.raises(kvstore.PermissionDenied):
+                c._core.call(wire.OP_MEMBER, None, change, target=address)
+        assert members.view().shards[0].epoch == sh.epoch
+        assert c.get(b"from-bob") == b"1"
+    finally:
+        c.close()
+    cli = subprocess.run([PYTHON, "-m", "kvstore.cli", "--cluster", ",".join(lc.address_list),
+                          "member", "remove", "n3"],
+                         capture_output=True, env={**child_env(), "KVSTORE_KEYS": bob},
+                         timeout=60)
+    assert cli.returncode != 0 and b"admin" in cli.stderr
+    assert len(cli.stderr.decode().strip().splitlines()) == 1, cli.stderr
+    with lc.client() as admin:  # the cluster's own client key is an admin
+        members = Members(admin)
+        members.add("n4", f"tcp://127.0.0.1:{free_port()}")
+        assert "n4" in [m.name for m in members.view().members().values()]
+        members.remove("n4")
+        assert len(members.view().members()) == 3

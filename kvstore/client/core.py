@@ -72,7 +72,7 @@ from kvstore.client.connections import HANDSHAKE_FAILED, ConnectionEvents
 from kvstore.client.connections import AuthenticationFailed  # noqa: F401 (kvstore.client's)
 from kvstore.client.direct import DIRECT_ATTEMPT_SECONDS, DIRECT_OPS, DirectPath
 from kvstore.client.topology import relearn
-from kvstore.errors import InvalidArgument, KVError, Timeout, Unavailable
+from kvstore.errors import InvalidArgument, KVError, PermissionDenied, Timeout, Unavailable
 from kvstore.commands import LOCKED
 from kvstore.transport import wire
 
@@ -600,7 +600,8 @@ class ClientCore(ConnectionEvents, DirectPath):
     def _refusal_error(value) -> KVError:
         """The error of a ``STATUS_ERROR`` answer: ``[class name, message]``."""
         name, message = (value + [None, None])[:2] if isinstance(value, list) else (None, value)
-        cls = InvalidArgument if name == "InvalidArgument" else KVError
+        cls = {"InvalidArgument": InvalidArgument,
+               "PermissionDenied": PermissionDenied}.get(name, KVError)
         return cls(f"server refused the request: {message}")
 
     def _retry_as_new_write(self, call: _Call) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvstore.errors import InvalidArgument, KVError, Unavailable
+from kvstore.errors import InvalidArgument, KVError, PermissionDenied, Unavailable
 from kvstore.transport import wire
 from kvstore.transport.members import (MAX_NODES, NAME, Member, decode_info, encode_info,
                                        is_tcp_address)
@@ -261,6 +261,9 @@ class Members:
                 self.core.call(wire.OP_MEMBER, sh.shard, args, timeout=CHANGE_TIMEOUT)
             except InvalidArgument as e:
                 raise InvalidArgument(f"{what}: shard {sh.shard}: {e}".replace(
+                    "server refused the request: ", "")) from None
+            except PermissionDenied as e:  # nothing changed: a retry would not either
+                raise PermissionDenied(f"{what}: {e}".replace(
                     "server refused the request: ", "")) from None
             except KVError as e:
                 raise Unavailable(f"{what}: shard {sh.shard} did not confirm the change ({e}); "

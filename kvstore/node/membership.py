@@ -373,6 +373,16 @@ class MemberDirectory:
         if args[0] == "list":
             self._reply(identity, request_id, wire.STATUS_OK, self.member_view())
             return
+        if type(identity) is bytes and not self.sockets.may_administer(identity):
+            # a client's key that is not an admin's (a forwarded change was checked by the
+            # node its client asked; this node's own requests are its operator's)
+            self.counters["refused_not_admin"] += 1
+            self.stats.count(wire.OP_MEMBER, wire.STATUS_ERROR)
+            self._reply(identity, request_id, wire.STATUS_ERROR, [
+                "PermissionDenied", "changing the membership takes an admin key: this "
+                "client's key is not listed in the key directory's admins/ (`kvstore keygen "
+                "--client NAME --admin DIR` writes one)"])
+            return
         if len(args) != 6:
             raise ValueError("member change takes [shard, epoch, voters, learners, info]")
         _change, shard, epoch, voters, learners, info = args

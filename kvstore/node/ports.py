@@ -46,7 +46,9 @@ class Transport(Protocol):
     frame)``: ``source`` the socket it came on (``sockets.CLIENT`` or
     ``sockets.PEER``). Sends never block: a frame that cannot go is dropped and
     counted. ``reply_room``/``charge`` bound what a client that does not read its
-    replies costs; ``refusals`` names peers refused for their cluster shape.
+    replies costs; ``refusals`` names peers refused for their cluster shape;
+    ``may_administer`` says whether a client frame read this turn may change the
+    membership (its key is an admin's).
     """
 
     counters: dict
@@ -71,6 +73,8 @@ class Transport(Protocol):
     def charge(self, identity: bytes, size: int) -> None: ...
 
     def reload_keys(self) -> None: ...
+
+    def may_administer(self, identity: bytes) -> bool: ...
 
     def close(self) -> None: ...
 

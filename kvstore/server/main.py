@@ -186,6 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if metrics is not None:
         node.publish = metrics.publish
         metrics.start()
+    keys = node.sockets.keys
+    if keys is not None and keys.allowed_admins is None:
+        logging.getLogger("kvstore.server").warning(
+            "the Curve key directory %s has no admins/: every allowed client key may change "
+            "the membership (kvstore member add/promote/remove); list the operators' keys "
+            "in %s to keep the others to data", keys.directory, keys.admins,
+            extra={"event": "no_admins", "node": config.name})
 
     def on_signal(signum, _frame) -> None:
         logging.getLogger("kvstore.server").info(

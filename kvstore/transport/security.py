@@ -11,7 +11,13 @@ and secret ``NAME.key_secret``):
   ``KVSTORE_KEYS=DIR``);
 - ``nodes/``: the node public keys the **peer** ROUTER lets in (``node.key``);
 - ``clients/``: the client public keys the **client** ROUTER lets in
-  (``client.key`` to begin with).
+  (``client.key`` to begin with);
+- ``admins/``: the client public keys that may also change the cluster's
+  membership (``kvstore member add/promote/remove``; ``client.key`` to begin
+  with). Any allowed client may read and write data, and list the members; only
+  these may change them, as only etcd's root may. A key directory written before
+  ``admins/`` existed has none: every allowed client is then an admin, as it was,
+  and each node says so in its log when it starts.
 
 Each ROUTER has its own ZAP domain (libzmq's authentication protocol, run by
 ``zmq.auth``'s thread) with its own allow-list, so a client key does not
@@ -20,8 +26,8 @@ complete the handshake on the peer port, and a node key is no client.
 Clients: ``kvstore keygen --client NAME DIR`` writes ``NAME.key`` and
 ``NAME.key_secret`` and allows ``NAME.key`` (a copy in ``clients/``); the
 client uses ``keys="DIR/NAME.key_secret"`` (``server.key`` is read beside it).
-To revoke one, remove its file from ``clients/``: every node rereads the
-directory when it changes (looked at every ``kvstore.node.loop.RELOAD_KEYS_SECONDS``, 2 s), refuses the
+``--admin`` also lists it in ``admins/``. To revoke one, remove its file from
+``clients/`` (and ``admins/``): every node rereads both directories when they change (looked at every ``kvstore.node.loop.RELOAD_KEYS_SECONDS``, 2 s), refuses the
 key's new handshakes, and drops the requests of its open connections.
 
 A refused client learns it from its socket monitor (a failed handshake) and
@@ -40,6 +46,7 @@ NODE = "node"
 CLIENT = "client"
 NODES = "nodes"
 CLIENTS = "clients"
+ADMINS = "admins"
 OLD_ALLOWED = "allowed"
 #: ZAP domains of the two ROUTERs (``zmq.Socket.zap_domain``).
 PEER_DOMAIN = "kvstore-peers"
@@ -57,11 +64,15 @@ def _create(directory: str, name: str) -> list:
     return [public, secret]
 
 
-def keygen(directory: str, client: str | None = None) -> list:
+def keygen(directory: str, client: str | None = None, admin: bool = False) -> list:
     """Write the cluster's key pairs and allow-lists into ``directory``, or with
-    ``client``, one more client key pair (allowed in ``clients/``); the files written."""
+    ``client``, one more client key pair (allowed in ``clients/``, and with ``admin`` in
+    ``admins/``); the files written."""
     if client is not None:
-        return add_client(directory, client)
+        return add_client(directory, client, admin)
+    if admin:
+        raise InvalidArgument("--admin goes with --client NAME: the cluster's first client "
+                              "key is an admin already")
     if os.path.isdir(os.path.join(directory, OLD_ALLOWED)):
         raise InvalidArgument(f"{directory} holds keys in the old layout (allowed/); write a new "
                               f"key directory with `kvstore keygen NEWDIR`")
@@ -73,7 +84,7 @@ def keygen(directory: str, client: str | None = None) -> list:
                                   f"use another directory or remove them first")
     for name in (SERVER, NODE, CLIENT):
         written += _create(directory, name)
-    for sub, name in ((NODES, NODE), (CLIENTS, CLIENT)):
+    for sub, name in ((NODES, NODE), (CLIENTS, CLIENT), (ADMINS, CLIENT)):
         os.makedirs(os.path.join(directory, sub), exist_ok=True)
         dst = os.path.join(directory, sub, f"{name}.key")
         shutil.copyfile(os.path.join(directory, f"{name}.key"), dst)
@@ -81,17 +92,22 @@ def keygen(directory: str, client: str | None = None) -> list:
     return written
 
 
-def add_client(directory: str, name: str) -> list:
-    """``kvstore keygen --client NAME DIR``: a client key pair, allowed in ``clients/``."""
+def add_client(directory: str, name: str, admin: bool = False) -> list:
+    """``kvstore keygen --client NAME [--admin] DIR``: a client key pair, allowed in
+    ``clients/`` (and with ``admin`` in ``admins/``, which is made if missing: from then
+    on only the keys it lists are admins)."""
     import re
     if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name) or name in (SERVER, NODE) or name[0] == ".":
         raise InvalidArgument(f"client name {name!r} must be 1-64 letters, digits, '_', '.' "
                               f"or '-', and not {SERVER!r} or {NODE!r}")
     _check_layout(os.path.abspath(directory))
     written = _create(directory, name)
-    dst = os.path.join(directory, CLIENTS, f"{name}.key")
-    shutil.copyfile(os.path.join(directory, f"{name}.key"), dst)
-    return written + [dst]
+    for sub in (CLIENTS, ADMINS) if admin else (CLIENTS,):
+        os.makedirs(os.path.join(directory, sub), exist_ok=True)
+        dst = os.path.join(directory, sub, f"{name}.key")
+        shutil.copyfile(os.path.join(directory, f"{name}.key"), dst)
+        written.append(dst)
+    return written
 
 
 def _check_layout(directory: str) -> None:
@@ -148,8 +164,12 @@ class CurveKeys:
             self.public, self.secret = _load(self.directory, NODE, secret=True)
             self.nodes = os.path.join(self.directory, NODES)
             self.clients = os.path.join(self.directory, CLIENTS)
+            self.admins = os.path.join(self.directory, ADMINS)
             self._clients_seen = None
             self.allowed_clients: frozenset = frozenset()
+            self._admins_seen = None
+            #: the Z85 public keys of ``admins/``; None: no ``admins/`` (every client is one)
+            self.allowed_admins: frozenset | None = None
         else:
             self.public, self.secret = _load(self.directory, name, secret=True)
 
@@ -165,12 +185,45 @@ class CurveKeys:
         socket.curve_publickey = self.public
         socket.curve_serverkey = self.server_public
 
-    def _clients_state(self):
+    @staticmethod
+    def _state(directory: str):
         try:
             return [(e.name, e.stat().st_mtime_ns, e.stat().st_size)
-                    for e in sorted(os.scandir(self.clients), key=lambda e: e.name)]
+                    for e in sorted(os.scandir(directory), key=lambda e: e.name)]
         except OSError:
             return None
+
+    def _clients_state(self):
+        return self._state(self.clients)
+
+    def is_admin(self, user_id: str | None) -> bool:
+        """May the client of this Z85 public key (a frame's ``User-Id``) change the
+        membership? Every allowed client may while there is no ``admins/``."""
+        return self.allowed_admins is None or user_id in self.allowed_admins
+
+    def reload_admins(self, force: bool = False) -> bool:
+        """Reread ``admins/`` if it changed (appeared, a key added or removed); True if it
+        did. Its keys are ``zmq.auth`` public key files, as ``clients/``'s are."""
+        if not os.path.isdir(self.admins):
+            changed = self.allowed_admins is not None or force
+            self._admins_seen, self.allowed_admins = None, None
+            return changed
+        state = self._state(self.admins)
+        if state is None or (state == self._admins_seen and not force):
+            return False
+        import zmq.auth
+        self._admins_seen = state
+        admins = set()
+        for name, _mtime, _size in state:
+            if not name.endswith(".key"):
+                continue
+            try:
+                public, _secret = zmq.auth.load_certificate(os.path.join(self.admins, name))
+            except (OSError, ValueError):
+                continue  # half written, or not a key: looked at again once it changes
+            admins.add(public.decode() if type(public) is bytes else public)
+        self.allowed_admins = frozenset(admins)
+        return True
 
     def reload_clients(self, auth, force: bool = False) -> bool:
         """Reread ``clients/`` into ``auth`` if it changed; True if it did."""

@@ -179,12 +179,16 @@ class NodeSockets:
         self.queued_bytes = 0
         self._pending: dict = {}  # client identity -> bytes of answers computed this turn
         self.pending_bytes = 0
+        # client identities whose frames this turn's recv_many read were sent with an admin
+        # key (``may_administer``): renewed each turn, so bounded by one turn's frames
+        self._admin_senders: set = set()
         self.refusals: dict = {}  # peer routing id -> why its frames are dropped
         try:
             if keys is not None:  # CurveZMQ (transport/security.py): before any socket binds
                 from kvstore.transport.security import start_authenticator
                 self._auth = start_authenticator(self.context, keys, "peers")
                 self._client_auth = start_authenticator(self.client_context, keys, "clients")
+                keys.reload_admins(force=True)
             self.peer_router = self._router(self.context, peer_address, keys, "peers",
                                             HWM_MESSAGES, HWM_MESSAGES, MAX_PEER_FRAME_BYTES)
             self.peer_router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer takes over
@@ -258,6 +262,8 @@ class NodeSockets:
         cluster's shape is dropped before it is decoded.
         """
         out: list = []
+        if self._admin_senders:
+            self._admin_senders = set()
         self._recv_from(self.peer_router, PEER, limit, out)
         self._recv_from(self.client_router, CLIENT, limit, out)
         return out
@@ -289,9 +295,12 @@ class NodeSockets:
             if role == PEER and self._identity and not self._is_peer(identity):
                 continue
             if check_user:  # a client whose key was revoked since its handshake
-                if frame.get("User-Id") not in self._keys.allowed_clients:
+                user = frame.get("User-Id")
+                if user not in self._keys.allowed_clients:
                     self.counters["dropped_revoked_client"] += 1
                     continue
+                if self._keys.is_admin(user):
+                    self._admin_senders.add(identity)
                 frame = frame.bytes
             out.append((role, identity, frame))
             received += len(frame)
@@ -443,9 +452,22 @@ class NodeSockets:
                 del self._tracked[identity]
 
     def reload_keys(self) -> None:
-        """Reload the client allow-list if it changed (a client added or revoked)."""
+        """Reload the client and admin allow-lists if they changed (a client added or
+        revoked)."""
         if self._client_auth is not None:
             self._keys.reload_clients(self._client_auth)
+            self._keys.reload_admins()
+
+    @property
+    def keys(self):
+        """The node's ``security.CurveKeys``, or None without Curve."""
+        return self._keys
+
+    def may_administer(self, identity: bytes) -> bool:
+        """May the client whose frame ``identity`` sent this turn change the membership?
+        Without Curve every client may (as every client of etcd without auth may); with
+        it, a frame signed by a key of ``admins/`` (``security.CurveKeys.is_admin``)."""
+        return self._keys is None or identity in self._admin_senders
 
     def close(self) -> None:
         for d in getattr(self, "peers", {}).values():
