@@ -217,6 +217,13 @@ class ClientCore(ConnectionEvents, DirectPath):
         """Hand ``op`` to the I/O thread; ``attempt``: seconds one attempt waits for its
         answer before the next node is asked (a watch's long poll waits longer)."""
         deadline = time.monotonic() + (timeout or self.timeout)
+        if op == wire.OP_DECIDE and self.revision_hook is not None:
+            # A decision's participants change at revisions nobody tells: the cache forgets
+            # their shards now, before the caller goes on. A one-round commit does not wait
+            # for the decision's answer (whose arrival says it again), and the caller's next
+            # get must not be served from before its own transaction.
+            for participant in payload[3]:
+                self.revision_hook(participant, None)
         with self._lock:
             if self._closed:
                 raise KVError("this connection is closed")
