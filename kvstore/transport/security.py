@@ -27,8 +27,9 @@ Clients: ``kvstore keygen --client NAME DIR`` writes ``NAME.key`` and
 ``NAME.key_secret`` and allows ``NAME.key`` (a copy in ``clients/``); the
 client uses ``keys="DIR/NAME.key_secret"`` (``server.key`` is read beside it).
 ``--admin`` also lists it in ``admins/``. To revoke one, remove its file from
-``clients/`` (and ``admins/``): every node rereads both directories when they change (looked at every ``kvstore.node.loop.RELOAD_KEYS_SECONDS``, 2 s), refuses the
-key's new handshakes, and drops the requests of its open connections.
+``clients/`` (and ``admins/``): every node rereads both directories when they
+change (looked at every ``kvstore.node.loop.RELOAD_KEYS_SECONDS``, 2 s), refuses
+the key's new handshakes, and drops the requests of its open connections.
 
 A refused client learns it from its socket monitor (a failed handshake) and
 its error says authentication failed.
