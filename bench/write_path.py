@@ -8,6 +8,14 @@ replica's apply. The log's files are the simulator's in-memory twin
 Reports CPU seconds per 1,000 writes (best of ``--repeat`` runs).
 
     python bench/write_path.py --writes 20000 --repeat 3
+    python bench/write_path.py --writes 3000 --batch 1 --turns-per-tick 10   # lone writes
+
+CPU seconds drift with the machine's other load; instructions do not. For a figure to
+compare two versions by, run it under ``valgrind --tool=callgrind`` with N and 2N writes
+(``--repeat 1``) and divide the difference of the totals by N (issue 24: 2.03M -> 1.84M
+instructions a lone write). Under valgrind LMDB cannot map its default 1 TiB: run it
+from a script that first sets ``kvstore.storage.environment.DEFAULT_MAP_SIZE = 1 << 28``
+and then calls ``main()``.
 """
 
 from __future__ import annotations
