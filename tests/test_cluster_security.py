@@ -290,6 +290,11 @@ def test_admins_are_the_keys_listed_in_admins_and_every_client_without_that_list
     os.remove(os.path.join(d, "admins", "carol.key"))  # revoked, without a restart
     assert node.reload_admins() and not node.is_admin(user["carol"])
     assert not node.reload_admins()  # nothing changed since
+    with open(os.path.join(d, "admins", "stray.key"), "w") as f:  # not a key: skipped,
+        f.write("not a certificate\n")  # and the revocations after it still count
+    os.remove(os.path.join(d, "admins", "client.key"))
+    assert node.reload_admins() and node.allowed_admins == frozenset()
+    os.remove(os.path.join(d, "admins", "stray.key"))
     shutil.rmtree(os.path.join(d, "admins"))  # the old layout: everyone, as before
     assert node.reload_admins() and node.is_admin(user["bob"]) and node.allowed_admins is None
     with pytest.raises(kvstore.InvalidArgument, match="--client"):

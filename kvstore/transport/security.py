@@ -194,9 +194,6 @@ class CurveKeys:
         except OSError:
             return None
 
-    def _clients_state(self):
-        return self._state(self.clients)
-
     def is_admin(self, user_id: str | None) -> bool:
         """May the client of this Z85 public key (a frame's ``User-Id``) change the
         membership? Every allowed client may while there is no ``admins/``."""
@@ -204,7 +201,10 @@ class CurveKeys:
 
     def reload_admins(self, force: bool = False) -> bool:
         """Reread ``admins/`` if it changed (appeared, a key added or removed); True if it
-        did. Its keys are ``zmq.auth`` public key files, as ``clients/``'s are."""
+        did. Its keys are ``zmq.auth`` public key files, as ``clients/``'s are, read one by
+        one rather than with ``zmq.auth.load_certificates``, which gives up on the whole
+        directory at the first file that is not a key: one stray file would then freeze
+        the list, and with it every revocation after."""
         if not os.path.isdir(self.admins):
             changed = self.allowed_admins is not None or force
             self._admins_seen, self.allowed_admins = None, None
@@ -228,7 +228,7 @@ class CurveKeys:
 
     def reload_clients(self, auth, force: bool = False) -> bool:
         """Reread ``clients/`` into ``auth`` if it changed; True if it did."""
-        state = self._clients_state()
+        state = self._state(self.clients)
         if state is None or (state == self._clients_seen and not force):
             return False
         self._clients_seen = state
